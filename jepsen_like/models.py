@@ -1,0 +1,351 @@
+"""Sequential specifications for the linearizability checker (Porcupine style).
+
+A model is pure: ``init()`` gives the initial state, ``step(state, input,
+output) -> (ok, new_state)`` says whether an operation with that input may
+return that output in ``state`` (and the state afterwards), and
+``partition(ops)`` splits a history into independent sub-histories
+(P-compositionality: a history is linearizable iff every partition is).
+States must be hashable and are never mutated.
+
+Two more hooks feed the checker:
+
+* ``encode(op) -> (input, output) | None`` turns a history :class:`Op` into the
+  model's input/output; ``None`` drops the op (it can neither affect the state
+  nor be observed, e.g. an indeterminate read).  Indeterminate ops get
+  ``output = UNKNOWN``; a model's step must accept any state for them (it only
+  decides *how* the state changes), so they may always be linearized last.
+* ``compile(input, output)`` returns a one-argument function ``state ->
+  new_state`` or ``ILLEGAL``; the search calls it in its inner loop, so it is a
+  precomputed closure instead of a generic ``step`` with branches.
+
+Models: :class:`KVModel` (register / per-key map with get/put/cas/delete and
+append; ``None`` = absent), the etcd register of the corpus and the corpus kv
+append model are instances of it; :class:`TxnModel` for multi-key transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from .history import UNKNOWN, Op
+
+__all__ = [
+    "ILLEGAL",
+    "Model",
+    "KVModel",
+    "TxnModel",
+    "MODEL_NAMES",
+    "get_model",
+    "default_model_for",
+]
+
+
+class _Illegal:
+    def __repr__(self) -> str:
+        return "ILLEGAL"
+
+
+ILLEGAL: Any = _Illegal()
+"""Returned by compiled steps when the output is impossible in that state."""
+
+Transition = Callable[[Any], Any]
+
+
+def freeze(v: Any) -> Any:
+    """Make JSON values hashable: lists become tuples, dicts sorted item tuples."""
+    if isinstance(v, list | tuple):
+        return tuple(freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, freeze(x)) for k, x in v.items()))
+    return v
+
+
+class Model:
+    """Base class: subclasses implement ``init``, ``encode`` and ``compile``."""
+
+    name = "model"
+
+    def init(self) -> Hashable:
+        """The initial state."""
+        raise NotImplementedError
+
+    def encode(self, op: Op) -> tuple[Any, Any] | None:
+        """Model input/output for ``op``; ``None`` when the op constrains nothing."""
+        raise NotImplementedError
+
+    def compile(self, input: Any, output: Any) -> Transition:
+        """A function ``state -> new_state | ILLEGAL`` for this input/output."""
+        raise NotImplementedError
+
+    def step(self, state: Any, input: Any, output: Any) -> tuple[bool, Any]:
+        """Porcupine's ``Step``: ``(ok, new_state)``; the state is unchanged when not ok."""
+        new = self.compile(input, output)(state)
+        return (False, state) if new is ILLEGAL else (True, new)
+
+    def partition(self, ops: Sequence[Op]) -> list[list[Op]]:
+        """Independent sub-histories; the default is the whole history."""
+        return [list(ops)] if ops else []
+
+    def describe_state(self, state: Any) -> str:
+        """Short text for a state (used in reports)."""
+        return repr(state)
+
+
+# ---------------------------------------------------------------- key-value / register
+
+_READ = {"get", "read", "r"}
+_WRITE = {"put", "write", "set", "w"}
+_DELETE = {"delete", "del", "remove"}
+
+
+class KVModel(Model):
+    """A register per key: get/read, put/write, cas, delete, append.
+
+    * ``get`` must return the current value (``None`` = absent / never written);
+    * ``put v`` sets it; ``delete`` makes it absent; ``append s`` concatenates
+      (absent counts as ``""``);
+    * ``cas [expected, new]``: a completed cas succeeded (value was
+      ``expected``, now ``new``) unless its output is ``False``, in which case
+      the value was not ``expected`` and nothing changed; an indeterminate cas
+      changes the value only if the compare matches.
+
+    ``partitioned=True`` checks every key alone (P-compositionality), else the
+    whole history is one register and keys are ignored.  ``initial`` is every
+    key's starting value (``""`` for Porcupine's kv data).
+    """
+
+    def __init__(self, name: str = "kv", initial: Any = None, partitioned: bool = True) -> None:
+        self.name = name
+        self.initial = initial
+        self.partitioned = partitioned
+
+    def __repr__(self) -> str:
+        return f"KVModel(name={self.name!r}, initial={self.initial!r}, partitioned={self.partitioned})"
+
+    def init(self) -> Any:
+        return self.initial
+
+    def partition(self, ops: Sequence[Op]) -> list[list[Op]]:
+        if not self.partitioned:
+            return super().partition(ops)
+        parts: dict[Any, list[Op]] = {}
+        for op in ops:
+            parts.setdefault(freeze(op.key), []).append(op)
+        return list(parts.values())
+
+    def encode(self, op: Op) -> tuple[Any, Any] | None:
+        if op.status == "fail":
+            return None
+        f = op.f
+        out = op.output if op.status == "ok" else UNKNOWN
+        if f in _READ:
+            return None if out is UNKNOWN else (("get",), freeze(out))
+        if f in _WRITE:
+            return ("put", freeze(op.input)), None
+        if f == "append":
+            return ("append", op.input), None
+        if f in _DELETE:
+            return ("delete",), None
+        if f == "cas":
+            exp, new = op.input
+            if out is not UNKNOWN:
+                out = out if isinstance(out, bool) else True
+            return ("cas", freeze(exp), freeze(new)), out
+        raise ValueError(f"{self.name} model: unsupported operation {f!r} in {op.describe()}")
+
+    def compile(self, input: Any, output: Any) -> Transition:
+        kind = input[0]
+        illegal = ILLEGAL
+        if kind == "get":
+            out = output
+            return lambda s: s if s == out else illegal
+        if kind == "put":
+            v = input[1]
+            return lambda s: v
+        if kind == "append":
+            a = input[1]
+            return lambda s: a if s is None else s + a
+        if kind == "delete":
+            return lambda s: None
+        if kind == "cas":
+            exp, new = input[1], input[2]
+            if output is UNKNOWN:
+                return lambda s: new if s == exp else s
+            if output:
+                return lambda s: new if s == exp else illegal
+            return lambda s: s if s != exp else illegal
+        raise ValueError(f"unknown input {input!r}")
+
+
+# ---------------------------------------------------------------- multi-key transactions
+
+
+def _micro(m: Any) -> tuple[bool, Any, Any]:
+    kind, key, val = m
+    if kind in ("r", "read", "get"):
+        return False, freeze(key), freeze(val)
+    if kind in ("w", "write", "put"):
+        return True, freeze(key), freeze(val)
+    raise ValueError(f"unknown micro-op {m!r}")
+
+
+class TxnModel(Model):
+    """Strictly serializable multi-key transactions over registers (``None`` = absent).
+
+    An op's ``input`` is either a list of micro-ops ``[["r", k, None], ["w", k, v]]``
+    (completion value: the same list with the values read filled in), or a
+    conditional txn ``{"if": [[k, v], ...], "then": [micro-ops], "else": [micro-ops]}``
+    (all compares must hold for the then-branch; completion value
+    ``{"branch": "then"|"else", "ops": [micro-ops of that branch, reads filled]}``).
+    Reads see the txn's own earlier writes.  Plain get/put/delete ops on one key
+    are accepted as one-op transactions.  ``partition`` = connected components
+    of keys touched by the same op.  State: sorted tuple of ``(key, value)``.
+    """
+
+    name = "txn"
+
+    def init(self) -> Any:
+        return ()
+
+    @staticmethod
+    def keys(op: Op) -> set[Any]:
+        """The keys an op touches (reads, writes and compares)."""
+        inp = op.input
+        if op.f != "txn" and op.key is not None:
+            return {freeze(op.key)}
+        if isinstance(inp, dict):
+            ks = {freeze(c[0]) for c in inp.get("if", ())}
+            for br in ("then", "else"):
+                ks.update(freeze(m[1]) for m in inp.get(br, ()))
+            return ks
+        return {freeze(m[1]) for m in inp or ()}
+
+    def partition(self, ops: Sequence[Op]) -> list[list[Op]]:
+        parent: dict[Any, Any] = {}
+
+        def find(k: Any) -> Any:
+            while parent[k] != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+
+        op_keys = []
+        for op in ops:
+            ks = self.keys(op)
+            op_keys.append(ks)
+            for k in ks:
+                parent.setdefault(k, k)
+            it = iter(ks)
+            first = next(it, None)
+            for k in it:
+                a, b = find(first), find(k)
+                if a != b:
+                    parent[b] = a
+        parts: dict[Any, list[Op]] = {}
+        for op, ks in zip(ops, op_keys, strict=True):
+            root = find(next(iter(ks))) if ks else ("__nokey__", op.index)
+            parts.setdefault(root, []).append(op)
+        return list(parts.values())
+
+    def encode(self, op: Op) -> tuple[Any, Any] | None:
+        if op.status == "fail":
+            return None
+        unknown = op.status != "ok"
+        inp, out = op.input, op.output
+        if op.f != "txn" and op.key is not None:
+            if op.f in _READ:
+                if unknown:
+                    return None
+                inp, out = [["r", op.key, None]], [["r", op.key, out]]
+            elif op.f in _WRITE:
+                inp, out = [["w", op.key, inp]], None
+            elif op.f in _DELETE:
+                inp, out = [["w", op.key, None]], None
+            else:
+                raise ValueError(f"txn model: unsupported operation {op.f!r} in {op.describe()}")
+        if isinstance(inp, dict):
+            cmps = tuple((freeze(k), freeze(v)) for k, v in inp.get("if", ()))
+            then = tuple(_micro(m) for m in inp.get("then", ()))
+            els = tuple(_micro(m) for m in inp.get("else", ()))
+            if unknown:
+                return ("cond", cmps, then, els), UNKNOWN
+            if isinstance(out, dict):
+                branch = out.get("branch", "then") in ("then", True)
+                done = out.get("ops")
+            else:
+                branch, done = out in ("then", True), None
+            micro = then if branch else els
+            return ("cond", cmps, then, els), (branch, self._reads(micro, done))
+        micro = tuple(_micro(m) for m in inp)
+        if unknown:
+            return ("txn", micro), UNKNOWN
+        return ("txn", micro), self._reads(micro, out)
+
+    @staticmethod
+    def _reads(micro: tuple, done: Any) -> tuple | None:
+        """Values read, in order; ``None`` when the completion does not say."""
+        if not isinstance(done, list | tuple) or len(done) != len(micro):
+            return None
+        return tuple(freeze(d[2]) for m, d in zip(micro, done, strict=True) if not m[0])
+
+    def compile(self, input: Any, output: Any) -> Transition:
+        illegal = ILLEGAL
+
+        def run(state: Any, micro: tuple, reads: tuple | None) -> Any:
+            d = dict(state)
+            i = 0
+            for is_write, k, v in micro:
+                if is_write:
+                    if v is None:
+                        d.pop(k, None)
+                    else:
+                        d[k] = v
+                else:
+                    if reads is not None and d.get(k) != reads[i]:
+                        return illegal
+                    i += 1
+            return tuple(sorted(d.items()))
+
+        if input[0] == "txn":
+            micro = input[1]
+            reads = None if output is UNKNOWN else output
+            return lambda s: run(s, micro, reads)
+        _, cmps, then, els = input
+
+        def cond(s: Any) -> Any:
+            d = dict(s)
+            holds = all(d.get(k) == v for k, v in cmps)
+            if output is UNKNOWN:
+                return run(s, then if holds else els, None)
+            branch, reads = output
+            if holds != branch:
+                return illegal
+            return run(s, then if holds else els, reads)
+
+        return cond
+
+
+# ---------------------------------------------------------------- registry
+
+MODEL_NAMES = ("register", "kv", "kv-append", "etcd", "txn")
+
+
+def get_model(name: str) -> Model:
+    """A fresh model by name (see ``MODEL_NAMES``)."""
+    if name == "register":
+        return KVModel("register", None, partitioned=False)
+    if name == "kv":
+        return KVModel("kv", None, partitioned=True)
+    if name in ("kv-append", "append"):
+        return KVModel("kv-append", "", partitioned=True)
+    if name == "etcd":
+        return KVModel("etcd", None, partitioned=False)
+    if name == "txn":
+        return TxnModel()
+    raise ValueError(f"unknown model {name!r} (expected one of {', '.join(MODEL_NAMES)})")
+
+
+def default_model_for(fmt: str) -> Model:
+    """The model that fits a history format: jepsen-log -> etcd, porcupine-kv -> kv-append, jsonl -> kv."""
+    return get_model({"jepsen-log": "etcd", "porcupine-kv": "kv-append"}.get(fmt, "kv"))
