@@ -117,7 +117,8 @@ class Op:
         key = "" if self.key is None else f" {self.key!r}"
         out = "?" if self.output is UNKNOWN else repr(self.output)
         ret = "inf" if self.ret == math.inf else _num(self.ret)
-        return f"#{self.index} p{self.client} {self.f}{key} {self.input!r} -> {out} ({self.status}) [{_num(self.call)}, {ret}]"
+        inp = "" if self.input is None else f" {self.input!r}"
+        return f"#{self.index} p{self.client} {self.f}{key}{inp} -> {out} ({self.status}) [{_num(self.call)}, {ret}]"
 
 
 def _num(x: float) -> str:
