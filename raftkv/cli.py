@@ -1,0 +1,212 @@
+"""The ``raftkv`` command line (click).
+
+Commands that talk to a cluster find it through ``--cluster FILE``, the
+``RAFTKV_CLUSTER`` environment variable, or ``./.raftkv/cluster.toml``.
+Exit status: 0 success, 1 "not found"/false (``get`` of a missing key, a CAS
+that did not swap), 2 an error (unavailable, unknown outcome, bad input).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from raftkv.client import Client, IndeterminateError, RaftKVError
+from raftkv.cluster import DEFAULT_DIR, ClusterError, LocalCluster
+
+cluster_option = click.option(
+    "--cluster", "cluster_file", envvar="RAFTKV_CLUSTER", default=None, metavar="FILE",
+    help="cluster file (default: $RAFTKV_CLUSTER or ./.raftkv/cluster.toml)")
+
+
+def _cluster_path(cluster_file: str | None) -> str:
+    path = cluster_file or os.path.join(DEFAULT_DIR, "cluster.toml")
+    if not os.path.exists(path):
+        raise click.ClickException(
+            f"no cluster file at {path}: start one with 'raftkv cluster up' or pass --cluster FILE")
+    return path
+
+
+def _client(cluster_file: str | None, timeout: float = 10.0) -> Client:
+    return Client(cluster=_cluster_path(cluster_file), timeout=timeout)
+
+
+def _fail(e: Exception) -> None:
+    kind = "outcome unknown" if isinstance(e, IndeterminateError) else "error"
+    click.echo(f"raftkv: {kind}: {e}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="raftkv")
+def main() -> None:
+    """raftkv: a sharded, Raft-replicated key-value store."""
+
+
+# -- cluster lifecycle -------------------------------------------------------------
+
+@main.group()
+def cluster() -> None:
+    """Start and stop a local cluster (the embedded default)."""
+
+
+@cluster.command("up")
+@click.option("--dir", "directory", default=DEFAULT_DIR, show_default=True, help="cluster directory")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 9))
+@click.option("--shards", default=3, show_default=True, type=click.IntRange(1, 64))
+@click.option("--base-port", default=None, type=int, help="first client port (default: 7001, or a free range)")
+@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for every shard to have a leader")
+def cluster_up(directory: str, nodes: int, shards: int, base_port: int | None, timeout: float) -> None:
+    """Write DIR/cluster.toml, start the nodes in the background, wait until every shard has a leader."""
+    config = Path(directory) / "cluster.toml"
+    try:
+        if config.exists():
+            lc = LocalCluster(directory)
+            click.echo(f"using existing {config} ({len(lc.map.nodes)} nodes, {lc.map.nshards} shards)")
+        else:
+            from raftkv.cluster import _port_free
+
+            base = base_port or 7001
+            if base_port is None and not all(_port_free("127.0.0.1", base + i) for i in range(nodes)):
+                from raftkv.cluster import free_base_port
+
+                base = free_base_port(nodes, shards)
+            lc = LocalCluster.create(directory, nodes=nodes, shards=shards, base_port=base)
+        lc.start()
+        started = time.monotonic()
+        lc.wait_ready(timeout)
+    except ClusterError as e:
+        raise click.ClickException(str(e)) from None
+    for name, info in lc.map.nodes.items():
+        click.echo(f"{name}: {info.host}:{info.client_port} pid {lc.pid(name)} log {lc.log_file(name)}")
+    click.echo(f"cluster ready in {time.monotonic() - started:.1f} s: every shard has a leader "
+               f"(cluster file {lc.config})")
+
+
+@cluster.command("down")
+@click.option("--dir", "directory", default=DEFAULT_DIR, show_default=True)
+@click.option("--purge", is_flag=True, help="also delete the cluster directory (all data)")
+def cluster_down(directory: str, purge: bool) -> None:
+    """Stop the nodes started by 'cluster up'."""
+    try:
+        lc = LocalCluster(directory)
+    except ClusterError as e:
+        raise click.ClickException(str(e)) from None
+    running = lc.running()
+    lc.stop()
+    click.echo(f"stopped {len(running)} node(s): {', '.join(running) or '-'}")
+    if purge:
+        import shutil
+
+        shutil.rmtree(lc.dir)
+        click.echo(f"deleted {lc.dir}")
+
+
+@main.command()
+@click.option("--config", required=True, type=click.Path(exists=True, dir_okay=False), help="cluster file")
+@click.option("--node", "node_name", required=True, help="this node's name in the cluster file")
+@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--unsafe-local-reads", is_flag=True,
+              help="DANGEROUS, for fault-injection demos only: answer reads from the local copy")
+def serve(config: str, node_name: str, log_level: str, unsafe_local_reads: bool) -> None:
+    """Run one node in the foreground."""
+    from raftkv.node import run_node
+
+    try:
+        run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+# -- data commands -------------------------------------------------------------------
+
+@main.command()
+@click.argument("key")
+@click.argument("value")
+@cluster_option
+def put(key: str, value: str, cluster_file: str | None) -> None:
+    """Set KEY to VALUE (durable on a majority when this returns)."""
+    with _client(cluster_file) as c:
+        try:
+            c.put(key, value)
+        except RaftKVError as e:
+            _fail(e)
+    click.echo("OK")
+
+
+@main.command()
+@click.argument("key")
+@click.option("--stale", is_flag=True, help="read any replica's local copy (may be stale)")
+@cluster_option
+def get(key: str, stale: bool, cluster_file: str | None) -> None:
+    """Print the value of KEY (exit 1 if it does not exist)."""
+    with _client(cluster_file) as c:
+        try:
+            value = c.stale_get(key) if stale else c.get(key)
+        except RaftKVError as e:
+            _fail(e)
+    if value is None:
+        click.echo(f"raftkv: key {key!r} not found", err=True)
+        sys.exit(1)
+    click.echo(value.decode(errors="replace"))
+
+
+@main.command("del")
+@click.argument("key")
+@cluster_option
+def delete(key: str, cluster_file: str | None) -> None:
+    """Delete KEY (exit 1 if it did not exist)."""
+    with _client(cluster_file) as c:
+        try:
+            existed = c.delete(key)
+        except RaftKVError as e:
+            _fail(e)
+    click.echo("1" if existed else "0")
+    if not existed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("key")
+@click.argument("expected")
+@click.argument("new")
+@click.option("--absent", is_flag=True, help="swap only if KEY does not exist (EXPECTED is ignored)")
+@cluster_option
+def cas(key: str, expected: str, new: str, absent: bool, cluster_file: str | None) -> None:
+    """Set KEY to NEW only if its value is EXPECTED (exit 1 if it was not)."""
+    with _client(cluster_file) as c:
+        try:
+            swapped = c.cas(key, None if absent else expected, new)
+        except RaftKVError as e:
+            _fail(e)
+    click.echo("OK" if swapped else "NOT SWAPPED")
+    if not swapped:
+        sys.exit(1)
+
+
+# -- status ------------------------------------------------------------------------------
+
+@main.command()
+@cluster_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(cluster_file: str | None, as_json: bool) -> None:
+    """Per shard: leader, term, commit index, replicas up; warns when a shard has no quorum."""
+    from raftkv.status import cluster_report, render_table
+
+    with _client(cluster_file, timeout=3.0) as c:
+        report = cluster_report(c.map, c.node_status())
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render_table(report))
+    if report["verdict"] != "ok":
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

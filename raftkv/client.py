@@ -1,0 +1,301 @@
+"""``raftkv.Client``: the Python client library.
+
+Routing: the client knows the shard map (from the cluster file, or fetched
+from any node with ``RAFTKV.CLUSTER``), hashes each key to its shard with the
+same ring as the nodes, and sends the command straight to the node it believes
+leads that shard (a leader cache filled from ``RAFTKV.SHARDS``).  A node that
+does not lead forwards the command, so a stale cache costs a hop, never an error.
+
+Retries: writes carry a session id and a sequence number
+(``RAFTKV.REQ sid seq ...``); the shard's state machine applies each sequence
+number at most once, so the client can retry a write whose outcome was unknown
+(lost connection, leader change) and get the first result.  When the retry
+budget runs out after a request may have reached a leader, the client raises
+``IndeterminateError``: the write may or may not have happened.  It never
+guesses.
+
+Thread safety: one ``Client`` may be shared by threads.  Each thread gets its
+own connections and its own session (a session has one request in flight).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from raftkv import protocol
+from raftkv.protocol import ReplyError
+from shards.shardmap import ShardMap
+
+Bytesish = bytes | str
+
+# Error codes after which the same request may be sent again unchanged.
+_RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY"}
+
+
+class RaftKVError(Exception):
+    """A request failed; ``code`` is the stable error code (see raftkv.protocol.ERROR_CODES)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+        self.message = message
+
+
+class IndeterminateError(RaftKVError):
+    """The write may or may not have been applied; read the key to find out."""
+
+
+class UnavailableError(RaftKVError):
+    """The request was not applied: no leader or no node reachable within the timeout."""
+
+
+def _b(x: Bytesish) -> bytes:
+    return x.encode() if isinstance(x, str) else x
+
+
+class _Conn:
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = protocol.reply_reader()
+
+    def call(self, args: list[bytes], timeout: float) -> Any:
+        self.sock.settimeout(timeout)
+        self.sock.sendall(protocol.encode_command(*args))
+        while True:
+            reply = self.reader.gets()
+            if reply is not False:
+                return reply
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("connection closed by node")
+            self.reader.feed(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Client:
+    """A thread-safe client for a raftkv cluster.
+
+    ``Client(cluster="path/cluster.toml")`` or ``Client(nodes=["127.0.0.1:7001", ...])``.
+    ``timeout`` bounds each call including retries (seconds).
+    """
+
+    def __init__(self, nodes: list[str] | None = None, cluster: str | os.PathLike | ShardMap | None = None,
+                 timeout: float = 10.0, password: str | None = None) -> None:
+        if cluster is None and not nodes:
+            raise ValueError("give a cluster file (cluster=...) or node addresses (nodes=['host:port', ...])")
+        self.timeout = timeout
+        self.password = password
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._client_id = uuid.uuid4().hex[:16]
+        self._sessions = 0
+        self._leaders: dict[int, str] = {}
+        self._closed = False
+        if isinstance(cluster, ShardMap):
+            self.map: ShardMap | None = cluster
+        elif cluster is not None:
+            self.map = ShardMap.load(cluster)
+        else:
+            self.map = None
+        self._seeds = [_parse_addr(a) for a in nodes] if nodes else [
+            n.client_addr for n in self.map.nodes.values()]  # type: ignore[union-attr]
+        if self.map is None:
+            self.map = self._fetch_map()
+
+    # -- context manager --------------------------------------------------------
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close this thread's connections (other threads' close when they exit)."""
+        conns = getattr(self._local, "conns", {})
+        for c in conns.values():
+            c.close()
+        conns.clear()
+
+    # -- the API ------------------------------------------------------------------
+    def get(self, key: Bytesish) -> bytes | None:
+        """Linearizable read: the latest committed value, or None."""
+        key = _b(key)
+        return self._read(self._shard(key), [b"GET", key])
+
+    def stale_get(self, key: Bytesish) -> bytes | None:
+        """Read any replica's local copy (fast, may be stale)."""
+        key = _b(key)
+        return self._read(self._shard(key), [b"RAFTKV.STALEGET", key])
+
+    def mget(self, keys: list[Bytesish]) -> list[bytes | None]:
+        """Linearizable read of each key (not one atomic snapshot across shards; use txn for that)."""
+        return [self.get(k) for k in keys]
+
+    def put(self, key: Bytesish, value: Bytesish) -> None:
+        """Write ``value``; returns once it is committed and durable on a majority."""
+        key = _b(key)
+        self._write(self._shard(key), [b"SET", key, _b(value)])
+
+    set = put
+
+    def delete(self, key: Bytesish) -> bool:
+        """Delete ``key``; True if it existed."""
+        key = _b(key)
+        return bool(self._write(self._shard(key), [b"DEL", key]))
+
+    def cas(self, key: Bytesish, expected: Bytesish | None, new: Bytesish) -> bool:
+        """Set ``key`` to ``new`` only if its value is ``expected`` (None: only if absent)."""
+        key = _b(key)
+        if expected is None:
+            return bool(self._write(self._shard(key), [b"RAFTKV.CASNX", key, _b(new)]))
+        return bool(self._write(self._shard(key), [b"CAS", key, _b(expected), _b(new)]))
+
+    def node_status(self) -> dict[str, Any]:
+        """``RAFTKV.STATUS`` of every node: name -> status dict, or an ``error`` entry."""
+        import json
+
+        out: dict[str, Any] = {}
+        assert self.map is not None
+        for name, info in self.map.nodes.items():
+            try:
+                out[name] = json.loads(self._call_node(info.client_addr, [b"RAFTKV.STATUS"], 2.0))
+            except (OSError, ConnectionError, RaftKVError) as e:
+                out[name] = {"error": str(e)}
+        return out
+
+    # -- routing and retries -------------------------------------------------------
+    def _shard(self, key: bytes) -> int:
+        assert self.map is not None
+        return self.map.shard_for_key(key)
+
+    def _session(self) -> tuple[bytes, list[int]]:
+        sess = getattr(self._local, "session", None)
+        if sess is None:
+            with self._lock:
+                self._sessions += 1
+                n = self._sessions
+            sess = self._local.session = (f"{self._client_id}-{n}".encode(), [0])
+        return sess
+
+    def _write(self, shard: int, args: list[bytes]) -> Any:
+        sid, counter = self._session()
+        counter[0] += 1
+        return self._request(shard, [b"RAFTKV.REQ", sid, str(counter[0]).encode(), *args], write=True)
+
+    def _read(self, shard: int, args: list[bytes]) -> Any:
+        return self._request(shard, args, write=False)
+
+    def _request(self, shard: int, args: list[bytes], write: bool) -> Any:
+        deadline = time.monotonic() + self.timeout
+        maybe_applied = False
+        last = "no attempt"
+        attempt = 0
+        while True:
+            addr = self._leader_addr(shard)
+            remaining = deadline - time.monotonic()
+            try:
+                reply = self._call_node(addr, args, max(0.1, remaining))
+            except (OSError, ConnectionError) as e:
+                # The request may have reached the node before the connection broke.
+                maybe_applied = maybe_applied or write
+                last = f"{addr[0]}:{addr[1]}: {e}"
+                self._forget_leader(shard)
+            except ReplyError as e:
+                if e.code == "UNKNOWN":
+                    maybe_applied = True
+                elif e.code not in _RETRY_CODES:
+                    raise RaftKVError(e.code, e.message) from None
+                last = str(e)
+                self._forget_leader(shard)
+            else:
+                return reply
+            attempt += 1
+            if time.monotonic() + 0.01 > deadline:
+                if maybe_applied:
+                    raise IndeterminateError("UNKNOWN", f"shard {shard}: outcome unknown after {attempt} attempts "
+                                                        f"(last: {last})")
+                raise UnavailableError("UNAVAILABLE", f"shard {shard}: not applied after {attempt} attempts "
+                                                      f"(last: {last})")
+            time.sleep(min(0.5, 0.01 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0))
+
+    def _leader_addr(self, shard: int) -> tuple[str, int]:
+        assert self.map is not None
+        name = self._leaders.get(shard)
+        if name is None:
+            self._refresh_leaders()
+            name = self._leaders.get(shard)
+        if name is not None and name in self.map.nodes:
+            return self.map.nodes[name].client_addr
+        # No leader known: any replica of the shard forwards (or says NOQUORUM).
+        replicas = self.map.replicas(shard)
+        return random.choice(replicas).client_addr if replicas else random.choice(self._seeds)
+
+    def _forget_leader(self, shard: int) -> None:
+        self._leaders.pop(shard, None)
+
+    def _refresh_leaders(self) -> None:
+        assert self.map is not None
+        for addr in random.sample(self._seeds, len(self._seeds)):
+            try:
+                rows = self._call_node(addr, [b"RAFTKV.SHARDS"], 1.0)
+            except (OSError, ConnectionError, ReplyError):
+                continue
+            for shard, leader, _term in rows:
+                if leader is not None:
+                    self._leaders[shard] = leader.decode()
+            if len(self._leaders) >= self.map.nshards:
+                return
+
+    def _fetch_map(self) -> ShardMap:
+        import tomllib
+
+        for addr in self._seeds:
+            try:
+                text = self._call_node(addr, [b"RAFTKV.CLUSTER"], 2.0)
+            except (OSError, ConnectionError, ReplyError):
+                continue
+            return ShardMap.from_dict(tomllib.loads(text.decode()))
+        raise UnavailableError("UNAVAILABLE", f"no node reachable to fetch the cluster map from {self._seeds}")
+
+    def _call_node(self, addr: tuple[str, int], args: list[bytes], timeout: float) -> Any:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(addr)
+        try:
+            if conn is None:
+                conn = conns[addr] = _Conn(addr[0], addr[1], min(timeout, 2.0))
+                if self.password:
+                    _raise_if_error(conn.call([b"AUTH", self.password.encode()], timeout))
+            reply = conn.call(args, timeout)
+        except (OSError, ConnectionError):
+            conns.pop(addr, None)
+            if conn is not None:
+                conn.close()
+            raise
+        _raise_if_error(reply)
+        return reply
+
+
+def _raise_if_error(reply: Any) -> None:
+    if isinstance(reply, ReplyError):
+        raise reply
+
+
+def _parse_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"bad node address {addr!r}; want host:port")
+    return host, int(port)

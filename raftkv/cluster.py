@@ -1,0 +1,246 @@
+"""Run a cluster of node processes on this machine (the embedded default).
+
+Used by ``raftkv cluster up/down``, the tests, the benchmarks and the fault
+harness.  Each node is a real ``raftkv serve`` process started in its own
+session; its pid and log live in the cluster directory (``DIR/n1.pid``,
+``DIR/n1.log``), so a later command (``cluster down``) can find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from raftkv import protocol
+from shards.shardmap import ShardMap, local_cluster
+
+DEFAULT_DIR = ".raftkv"
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not be started or did not become ready."""
+
+
+def free_base_port(n_nodes: int = 3, n_shards: int = 3, host: str = "127.0.0.1") -> int:
+    """A base port whose client and raft ports (see ``local_cluster``) are all free now."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 50000)
+        ports = [base + i for i in range(n_nodes)]
+        ports += [base + 1000 + i * 100 + s for i in range(n_nodes) for s in range(n_shards)]
+        if all(_port_free(host, p) for p in ports):
+            return base
+    raise ClusterError("no free port range found")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def call(addr: tuple[str, int], *args: bytes | str, timeout: float = 2.0) -> object:
+    """One RESP command to one node (for status and readiness checks)."""
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.sendall(protocol.encode_command(*args))
+        reader = protocol.reply_reader()
+        while True:
+            reply = reader.gets()
+            if reply is not False:
+                return reply
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            reader.feed(data)
+
+
+class LocalCluster:
+    """Node processes of one cluster file, managed through ``DIR``."""
+
+    def __init__(self, directory: str | os.PathLike, shardmap: ShardMap | None = None,
+                 node_args: list[str] | None = None, env: dict | None = None) -> None:
+        self.dir = Path(directory).resolve()
+        self.config = self.dir / "cluster.toml"
+        self.node_args = list(node_args or [])
+        self.env = env
+        self.procs: dict[str, subprocess.Popen] = {}
+        if shardmap is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shardmap.save(self.config)
+        if not self.config.exists():
+            raise ClusterError(f"{self.config} does not exist; run 'raftkv cluster up' first")
+        self.map = ShardMap.load(self.config)
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike, nodes: int = 3, shards: int = 3,
+               base_port: int | None = None, **kw: object) -> LocalCluster:
+        """Write a fresh loopback cluster file into ``directory``."""
+        d = Path(directory).resolve()
+        base = base_port if base_port is not None else free_base_port(nodes, shards)
+        m = local_cluster(nodes, shards, base_port=base, data_dir=str(d / "data"))
+        return cls(d, m, **kw)  # type: ignore[arg-type]
+
+    # -- processes ---------------------------------------------------------------
+    def pid_file(self, name: str) -> Path:
+        return self.dir / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.dir / f"{name}.log"
+
+    def pid(self, name: str) -> int | None:
+        try:
+            pid = int(self.pid_file(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def start_node(self, name: str) -> int:
+        if self.pid(name) is not None:
+            return self.pid(name)  # type: ignore[return-value]
+        log = open(self.log_file(name), "ab")
+        env = dict(os.environ if self.env is None else self.env)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        p = subprocess.Popen(
+            [sys.executable, "-m", "raftkv", "serve", "--config", str(self.config), "--node", name,
+             *self.node_args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        log.close()
+        self.procs[name] = p
+        self.pid_file(name).write_text(str(p.pid))
+        return p.pid
+
+    def start(self) -> None:
+        for name in self.map.nodes:
+            self.start_node(name)
+
+    def signal_node(self, name: str, sig: int) -> bool:
+        pid = self.pid(name)
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill_node(self, name: str) -> None:
+        """``kill -9`` the node and reap it."""
+        self.signal_node(name, signal.SIGKILL)
+        self._reap(name, 5.0)
+
+    def stop_node(self, name: str, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``."""
+        if self.signal_node(name, signal.SIGCONT) and self.signal_node(name, signal.SIGTERM):
+            if not self._reap(name, timeout):
+                self.signal_node(name, signal.SIGKILL)
+                self._reap(name, 5.0)
+        self.pid_file(name).unlink(missing_ok=True)
+
+    def _reap(self, name: str, timeout: float) -> bool:
+        pid = self.pid(name)
+        p = self.procs.get(name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p is not None:
+                if p.poll() is not None:
+                    return True
+            elif pid is None or not _alive(pid):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        for name in self.map.nodes:
+            self.stop_node(name)
+
+    def running(self) -> list[str]:
+        return [n for n in self.map.nodes if self.pid(n) is not None]
+
+    # -- readiness and leadership ------------------------------------------------
+    def shard_views(self) -> dict[str, dict]:
+        """Each reachable node's ``RAFTKV.STATUS``."""
+        out = {}
+        for name, info in self.map.nodes.items():
+            try:
+                out[name] = json.loads(call(info.client_addr, "RAFTKV.STATUS", timeout=1.0))  # type: ignore[arg-type]
+            except (OSError, ConnectionError, ValueError, TypeError):
+                continue
+        return out
+
+    def leaders(self) -> dict[int, str | None]:
+        """Shard -> node that is leader in the highest term any node reports."""
+        best: dict[int, tuple[int, str]] = {}
+        for name, st in self.shard_views().items():
+            for s, sh in st["shards"].items():
+                if sh["role"] == "leader":
+                    term = sh["term"]
+                    if int(s) not in best or term > best[int(s)][0]:
+                        best[int(s)] = (term, name)
+        return {s: (best[s][1] if s in best else None) for s in range(self.map.nshards)}
+
+    def leader_of(self, shard: int) -> str | None:
+        return self.leaders().get(shard)
+
+    def wait_ready(self, timeout: float = 30.0, nodes: list[str] | None = None) -> None:
+        """Until every shard has a leader that answers a write-free read barrier."""
+        deadline = time.monotonic() + timeout
+        names = nodes or list(self.map.nodes)
+        while True:
+            leaders = self.leaders()
+            if all(v is not None for v in leaders.values()) and self._serving(names):
+                return
+            if time.monotonic() > deadline:
+                dead = [n for n in names if self.pid(n) is None]
+                hint = f"; not running: {', '.join(dead)} (see {self.dir}/<node>.log)" if dead else ""
+                raise ClusterError(f"cluster not ready after {timeout:.0f} s: leaders {leaders}{hint}")
+            time.sleep(0.1)
+
+    def _serving(self, names: list[str]) -> bool:
+        # A linearizable read of one key per shard through some node proves each
+        # shard has a leader that can commit.
+        name = names[0]
+        addr = self.map.nodes[name].client_addr
+        for s in range(self.map.nshards):
+            key = _key_on_shard(self.map, s)
+            try:
+                reply = call(addr, "GET", key, timeout=5.0)
+            except (OSError, ConnectionError):
+                return False
+            if isinstance(reply, protocol.ReplyError):
+                return False
+        return True
+
+
+def _key_on_shard(m: ShardMap, shard: int) -> bytes:
+    for i in range(100000):
+        k = f"__probe{i}".encode()
+        if m.shard_for_key(k) == shard:
+            return k
+    raise ClusterError(f"no probe key found for shard {shard}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by us) is not alive.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True

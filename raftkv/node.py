@@ -1,0 +1,757 @@
+"""A raftkv node process: hosts shard replicas and serves clients over RESP.
+
+Theory of operation
+-------------------
+A node hosts one ``ShardReplica`` per shard placed on it and one client port.
+A client command names keys; the ring maps each key to its shard.  For a shard
+this node leads, the command joins the shard's ``Proposer`` batch: everything
+that arrives in one event-loop turn becomes ONE Raft entry (group commit of the
+log write, the replication round trip and the fsync).  Otherwise the node
+forwards the command to the node its replica names as leader, over a pipelined
+RESP connection (one hop, with a hop limit so forwarding never loops).
+
+Linearizable reads go through the log like writes (inside the same batches),
+so a deposed leader, which cannot commit, can never answer from a stale copy.
+Stale reads (``READONLY`` connections, ``RAFTKV.STALEGET``) read the local
+replica and say so by being asked for explicitly.
+
+Every outcome is one of: applied (reply with the result), not applied (safe to
+retry; the node retries internally until ``request_timeout_s``), or unknown
+(``-UNKNOWN``: the write may or may not have happened).  Writes wrapped in a
+client session (``RAFTKV.REQ sid seq ...``) are de-duplicated by the state
+machine, so the node may retry those internally even after an unknown outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+
+from raftkv import protocol
+from raftkv.protocol import OK, PONG, Error
+from raftkv.replica import APPLIED, UNKNOWN, ShardReplica
+from raftkv.state import CmdError, Locked
+from shards.shardmap import ShardMap
+
+log = logging.getLogger("raftkv.node")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Protective limits of a node; every one answers with a clear error."""
+
+    request_bytes_max: int = 1536 * 1024  # like etcd's --max-request-bytes (1.5 MiB)
+    key_bytes_max: int = 64 * 1024
+    value_bytes_max: int = 1024 * 1024
+    clients_max: int = 10_000
+    pipeline_depth_max: int = 1024  # in-flight commands per connection (back-pressure beyond)
+    idle_timeout_s: float = 0.0  # 0 = never close idle connections (Redis default)
+    batch_cmds_max: int = 2048
+
+
+@dataclass(frozen=True)
+class Timing:
+    request_timeout_s: float = 5.0  # give up (unknown/noquorum) after this long
+    leader_wait_s: float = 3.0  # how long to wait for a shard to elect a leader
+    retry_sleep_s: float = 0.02
+
+
+class Proposer:
+    """Batches commands for one shard into Raft entries (runs on the event loop)."""
+
+    def __init__(self, replica: ShardReplica, loop: asyncio.AbstractEventLoop, batch_max: int) -> None:
+        self.replica = replica
+        self.loop = loop
+        self.batch_max = batch_max
+        self.pending: list[tuple[tuple, asyncio.Future]] = []
+        self.scheduled = False
+
+    def submit(self, cmd: tuple) -> asyncio.Future:
+        fut = self.loop.create_future()
+        self.pending.append((cmd, fut))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        while self.pending:
+            batch, self.pending = self.pending[: self.batch_max], self.pending[self.batch_max:]
+            cmds = [c for c, _ in batch]
+            futs = [f for _, f in batch]
+            def done(kind: str, res: Any, futs: list = futs, loop: asyncio.AbstractEventLoop = self.loop) -> None:
+                loop.call_soon_threadsafe(_resolve, futs, kind, res)
+
+            self.replica.propose(cmds, int(time.time() * 1000), done)
+
+
+def _resolve(futs: list[asyncio.Future], kind: str, res: Any) -> None:
+    if kind == APPLIED:
+        for f, r in zip(futs, res, strict=True):
+            if not f.done():
+                f.set_result((APPLIED, r))
+    else:
+        for f in futs:
+            if not f.done():
+                f.set_result((kind, res))
+
+
+class PeerLink:
+    """One pipelined RESP connection to another node, for forwarding."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.waiting: list[asyncio.Future] = []
+        self.lock = asyncio.Lock()
+        self.pump: asyncio.Task | None = None
+
+    async def call(self, args: list[bytes], timeout: float) -> Any:
+        """Send one command and wait for its reply; raises ConnectionError/TimeoutError."""
+        async with self.lock:
+            if self.writer is None or self.writer.is_closing():
+                self.reader, self.writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port), timeout=min(timeout, 1.0))
+                self.pump = asyncio.create_task(self._pump(self.reader))
+            fut = asyncio.get_running_loop().create_future()
+            self.waiting.append(fut)
+            self.writer.write(protocol.encode_command(*args))
+        return await asyncio.wait_for(fut, timeout)
+
+    async def _pump(self, reader: asyncio.StreamReader) -> None:
+        parser = protocol.reply_reader()
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    fut = self.waiting.pop(0)
+                    if not fut.done():
+                        fut.set_result(reply)
+        except (ConnectionError, hiredis.ProtocolError, IndexError):
+            pass
+        finally:
+            waiting, self.waiting = self.waiting, []
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"connection to {self.host}:{self.port} lost"))
+            if self.writer is not None:
+                self.writer.close()
+            self.writer = None
+
+
+class Conn:
+    """Per-connection state."""
+
+    __slots__ = ("readonly", "peer", "resp3")
+
+    def __init__(self, peer: str) -> None:
+        self.readonly = False
+        self.peer = peer
+        self.resp3 = False
+
+
+class Node:
+    """A node: replicas of its shards plus the RESP server."""
+
+    def __init__(self, shardmap: ShardMap, name: str, limits: Limits | None = None,
+                 timing: Timing | None = None, unsafe_local_reads: bool = False,
+                 raft_overrides: dict | None = None) -> None:
+        if name not in shardmap.nodes:
+            raise ValueError(f"node {name!r} is not in the cluster file (nodes: {', '.join(shardmap.nodes)})")
+        self.map = shardmap
+        self.name = name
+        self.info = shardmap.nodes[name]
+        self.limits = limits or Limits()
+        self.timing = timing or Timing()
+        # Deliberately unsafe mode for the fault harness: serve reads from the
+        # local copy without proving leadership.  Never use it for real data.
+        self.unsafe_local_reads = unsafe_local_reads
+        self.replicas: dict[int, ShardReplica] = {}
+        data_dir = shardmap.node_data_dir(name)
+        for shard in shardmap.shards_on(name):
+            peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
+            self.replicas[shard] = ShardReplica(
+                shard, self.info.raft_addr(shard), peers, os.path.join(data_dir, f"shard-{shard}"),
+                conf_overrides=raft_overrides)
+        self.proposers: dict[int, Proposer] = {}
+        self.peers: dict[str, PeerLink] = {}
+        self.clients = 0
+        self.started = time.time()
+        self.stats = {"commands": 0, "errors": 0, "forwarded": 0}
+
+    # -- serving -------------------------------------------------------------
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self.proposers = {s: Proposer(r, loop, self.limits.batch_cmds_max) for s, r in self.replicas.items()}
+        server = await asyncio.start_server(self._handle, self.info.host, self.info.client_port,
+                                            limit=1 << 20, backlog=1024)
+        log.info("event=serving node=%s addr=%s:%d shards=%s", self.name, self.info.host,
+                 self.info.client_port, sorted(self.replicas))
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        if ready is not None:
+            ready.set()
+        async with server:
+            await stop.wait()
+        log.info("event=stopping node=%s", self.name)
+
+    def close(self) -> None:
+        for r in self.replicas.values():
+            r.destroy()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        conn = Conn(f"{peername[0]}:{peername[1]}" if peername else "?")
+        if self.clients >= self.limits.clients_max:
+            writer.write(protocol.encode(Error("BUSY", f"max number of clients reached ({self.limits.clients_max})")))
+            writer.close()
+            return
+        self.clients += 1
+        parser = protocol.RequestParser(self.limits.request_bytes_max)
+        replies: asyncio.Queue = asyncio.Queue(maxsize=self.limits.pipeline_depth_max)
+        writer_task = asyncio.create_task(self._write_replies(replies, writer, conn))
+        idle = self.limits.idle_timeout_s or None
+        try:
+            while True:
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), idle)
+                except TimeoutError:
+                    await replies.put(Error("ERR", f"idle for more than {idle:g} s (idle_timeout_s); closing"))
+                    break
+                if not data:
+                    break
+                parser.feed(data)
+                try:
+                    reqs = parser.requests()
+                except protocol.ProtocolError as e:
+                    await replies.put(Error("PROTO", f"Protocol error: {e}"))
+                    break
+                except protocol.RequestTooBig as e:
+                    await replies.put(Error("TOOBIG", str(e)))
+                    break
+                for req in reqs:
+                    await replies.put(self.dispatch(conn, req))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await replies.put(None)
+            try:
+                await writer_task
+            except (ConnectionError, OSError):
+                pass
+            writer.close()
+            self.clients -= 1
+
+    async def _write_replies(self, replies: asyncio.Queue, writer: asyncio.StreamWriter, conn: Conn) -> None:
+        while True:
+            item = await replies.get()
+            if item is None:
+                break
+            if asyncio.isfuture(item):
+                try:
+                    item = await item
+                except Exception as e:  # a bug in a handler must not kill the connection
+                    log.exception("event=handler_error")
+                    item = Error("ERR", f"internal error: {type(e).__name__}: {e}")
+            if isinstance(item, Error):
+                self.stats["errors"] += 1
+            writer.write(protocol.encode(item, conn.resp3))
+            if replies.empty():
+                await writer.drain()
+        await writer.drain()
+
+    # -- dispatch ----------------------------------------------------------------
+    def dispatch(self, conn: Conn, req: list[bytes], hops: int = 0) -> Any:
+        """Reply value, or a future of one.  Futures start now, so order is kept."""
+        self.stats["commands"] += 1
+        name = req[0].upper()
+        spec = COMMANDS.get(name)
+        if spec is None:
+            return Error("ERR", f"unknown command '{req[0].decode(errors='replace')}'")
+        arity, method = spec
+        n = len(req)
+        if (arity >= 0 and n != arity) or (arity < 0 and n < -arity):
+            return Error("WRONGARGS", f"wrong number of arguments for '{name.decode().lower()}' command")
+        try:
+            return method(self, conn, req, hops)
+        except _BadRequest as e:
+            return e.error
+
+    def _check_key(self, key: bytes) -> None:
+        if len(key) > self.limits.key_bytes_max:
+            raise _BadRequest(Error("TOOBIG", f"key of {len(key)} bytes exceeds key_bytes_max={self.limits.key_bytes_max}"))
+
+    def _check_value(self, value: bytes) -> None:
+        if len(value) > self.limits.value_bytes_max:
+            raise _BadRequest(Error("TOOBIG",
+                                    f"value of {len(value)} bytes exceeds value_bytes_max={self.limits.value_bytes_max}"))
+
+    def shard_of(self, key: bytes) -> int:
+        self._check_key(key)
+        return self.map.shard_for_key(key)
+
+    def run(self, coro: Any) -> asyncio.Future:
+        return asyncio.ensure_future(coro)
+
+    # -- the core: run one state-machine command on its shard's leader -----------
+    async def execute(self, shard: int, cmd: tuple, req: list[bytes], hops: int, *,
+                      read: bool = False, idempotent: bool = False) -> Any:
+        """Run ``cmd`` on ``shard``: locally when leading, else forward ``req``.
+
+        ``read``: the command changes nothing, so any failure may be retried.
+        ``idempotent``: the command is session-wrapped, so even an unknown
+        outcome may be retried (the state machine de-duplicates).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timing.request_timeout_s
+        no_leader_since: float | None = None
+        retryable = read or idempotent
+        while True:
+            now = loop.time()
+            replica = self.replicas.get(shard)
+            if replica is not None and replica.is_leader():
+                no_leader_since = None
+                fut = self.proposers[shard].submit(cmd)
+                try:
+                    kind, res = await asyncio.wait_for(fut, max(0.05, deadline - now))
+                except TimeoutError:
+                    kind, res = UNKNOWN, "timeout"
+                if kind == APPLIED:
+                    if isinstance(res, Locked):
+                        # Until the transaction resolves, wait and retry (reads and writes alike).
+                        if loop.time() > deadline:
+                            return Error("LOCKED", f"key {res.key!r} is locked by transaction {res.txid}")
+                        await asyncio.sleep(self.timing.retry_sleep_s)
+                        continue
+                    return res
+                if kind == UNKNOWN and not retryable:
+                    return Error("UNKNOWN", f"shard {shard}: outcome unknown ({res}); the write may or may not "
+                                            "have been applied")
+                if loop.time() > deadline:
+                    if kind == UNKNOWN:
+                        return Error("UNKNOWN", f"shard {shard}: outcome unknown ({res}) after retries")
+                    return Error("TRYAGAIN", f"shard {shard}: not applied ({res}); retry")
+                await asyncio.sleep(self.timing.retry_sleep_s)
+                continue
+            # Not the leader here: find one to forward to.
+            target = self._leader_node(shard)
+            if target is not None and target != self.name and hops < 2:
+                no_leader_since = None
+                reply = await self._forward(target, req, hops, deadline - now)
+                if isinstance(reply, _ForwardFailed):
+                    if not retryable and reply.sent:
+                        return Error("UNKNOWN", f"shard {shard}: lost contact with leader {target} after "
+                                                "sending; the write may or may not have been applied")
+                    if loop.time() > deadline:
+                        return Error("TRYAGAIN", f"shard {shard}: leader {target} unreachable; retry")
+                    await asyncio.sleep(self.timing.retry_sleep_s)
+                    continue
+                if isinstance(reply, Error) and reply.code in ("MOVED", "TRYAGAIN", "NOQUORUM") \
+                        and loop.time() < deadline:
+                    await asyncio.sleep(self.timing.retry_sleep_s)
+                    continue
+                return reply
+            if hops >= 2 or (target == self.name and replica is None):
+                return Error("MOVED", f"{shard} this node does not lead shard {shard}")
+            # No leader known.
+            if no_leader_since is None:
+                no_leader_since = now
+            if now - no_leader_since > self.timing.leader_wait_s or now > deadline:
+                return Error("NOQUORUM", f"shard {shard} has no leader (waited {now - no_leader_since:.1f} s); "
+                                         "is a majority of its replicas up and connected?")
+            await asyncio.sleep(self.timing.retry_sleep_s)
+
+    def _leader_node(self, shard: int) -> str | None:
+        replica = self.replicas.get(shard)
+        if replica is not None:
+            addr = replica.leader_addr()
+            return None if addr is None else self.map.node_for_raft_addr(addr)
+        # Not hosted here: forward to a replica node; it forwards on to its leader.
+        names = [n.name for n in self.map.replicas(shard)]
+        return names[0] if names else None
+
+    async def _forward(self, target: str, req: list[bytes], hops: int, timeout: float) -> Any:
+        link = self.peers.get(target)
+        if link is None:
+            info = self.map.nodes[target]
+            link = self.peers[target] = PeerLink(info.host, info.client_port)
+        self.stats["forwarded"] += 1
+        sent = False
+        try:
+            fwd = [b"RAFTKV.FWD", str(hops + 1).encode(), *req]
+            sent = True
+            reply = await link.call(fwd, max(0.05, timeout))
+        except (ConnectionError, OSError, TimeoutError) as e:
+            return _ForwardFailed(sent and not isinstance(e, ConnectionRefusedError))
+        return _from_reply(reply)
+
+    # -- helpers for commands ------------------------------------------------------
+    async def _stale_read(self, shard: int, cmd: tuple, req: list[bytes], hops: int) -> Any:
+        replica = self.replicas.get(shard)
+        if replica is None:
+            return await self.execute(shard, cmd, req, hops, read=True)
+        key = cmd[1]
+        entry = replica.state.peek(key)
+        if cmd[0] == "get":
+            return None if entry is None else entry[0]
+        return entry
+
+    def status(self) -> dict:
+        shards = {}
+        for s, r in sorted(self.replicas.items()):
+            st = r.status()
+            leader = r.leader_addr()
+            peers = {}
+            for n in self.map.replicas(s):
+                if n.name == self.name:
+                    continue
+                addr = n.raft_addr(s)
+                peers[n.name] = {
+                    "connected": bool(st.get(f"partner_node_status_server_{addr}", 0) == 2),
+                    "match_idx": st.get(f"match_idx_server_{addr}"),
+                }
+            shards[str(s)] = {
+                "role": {0: "follower", 1: "candidate", 2: "leader"}.get(st["state"], str(st["state"])),
+                "leader": None if leader is None else self.map.node_for_raft_addr(leader),
+                "term": st["raft_term"],
+                "commit_idx": st["commit_idx"],
+                "last_applied": st["last_applied"],
+                "log_len": st.get("log_len"),
+                "keys": st["keys"],
+                "revision": st["revision"],
+                "peers": peers,
+            }
+        return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
+                "stats": dict(self.stats), "shards": shards}
+
+
+class _BadRequest(Exception):
+    def __init__(self, error: Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(frozen=True)
+class _ForwardFailed:
+    sent: bool
+
+
+def _from_reply(reply: Any) -> Any:
+    """A forwarded node's reply, back into our reply values."""
+    if isinstance(reply, protocol.ReplyError):
+        return Error(reply.code, reply.message)
+    if isinstance(reply, list):
+        return [_from_reply(r) for r in reply]
+    return reply
+
+
+def _result_to_reply(res: Any) -> Any:
+    if isinstance(res, CmdError):
+        return Error(res.code, res.message)
+    return res
+
+
+# -- commands ----------------------------------------------------------------------
+
+def _cmd_ping(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    return PONG if len(req) == 1 else req[1]
+
+
+def _cmd_echo(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    return req[1]
+
+
+def _cmd_get(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    key = req[1]
+    shard = node.shard_of(key)
+    cmd = ("get", key)
+    if conn.readonly or node.unsafe_local_reads:
+        return node.run(node._stale_read(shard, cmd, req, hops))
+    return node.run(_finish(node.execute(shard, cmd, req, hops, read=True)))
+
+
+def _cmd_staleget(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    key = req[1]
+    return node.run(node._stale_read(node.shard_of(key), ("get", key), req, hops))
+
+
+async def _finish(aw: Any) -> Any:
+    return _result_to_reply(await aw)
+
+
+def _write(node: Node, req: list[bytes], hops: int, shard: int, cmd: tuple, session: tuple | None,
+           convert: Any = None) -> Any:
+    if session is not None:
+        cmd = ("session", session[0], session[1], cmd)
+
+    async def go() -> Any:
+        res = await node.execute(shard, cmd, req, hops, idempotent=session is not None)
+        res = _result_to_reply(res)
+        return convert(res) if convert is not None and not isinstance(res, Error) else res
+    return node.run(go())
+
+
+def _cmd_set(node: Node, conn: Conn, req: list[bytes], hops: int, session: tuple | None = None) -> Any:
+    if len(req) != 3:
+        return Error("ERR", "SET options (EX, NX, XX, ...) are not supported; use SET key value")
+    key, value = req[1], req[2]
+    shard = node.shard_of(key)
+    node._check_value(value)
+    return _write(node, req, hops, shard, ("set", key, value), session, lambda _rev: OK)
+
+
+def _cmd_del(node: Node, conn: Conn, req: list[bytes], hops: int, session: tuple | None = None) -> Any:
+    keys = req[1:]
+    by_shard = _group(node, keys)
+    if len(by_shard) == 1:
+        ((shard, ks),) = by_shard.items()
+        return _write(node, req, hops, shard, ("del", ks), session)
+
+    # Keys on several shards: one DEL per shard (not atomic across shards; MSET/TXN are).
+    async def go() -> Any:
+        parts = await asyncio.gather(*[
+            node.execute(s, ("del", ks), [b"DEL", *ks], hops) for s, ks in by_shard.items()])
+        total = 0
+        for p in parts:
+            p = _result_to_reply(p)
+            if isinstance(p, Error):
+                return p
+            total += p
+        return total
+    return node.run(go())
+
+
+def _group(node: Node, keys: list[bytes]) -> dict[int, list[bytes]]:
+    by_shard: dict[int, list[bytes]] = {}
+    for k in keys:
+        by_shard.setdefault(node.shard_of(k), []).append(k)
+    return by_shard
+
+
+def _multi_read(node: Node, conn: Conn, req: list[bytes], hops: int, op: str) -> Any:
+    keys = req[1:]
+    by_shard = _group(node, keys)
+
+    async def go() -> Any:
+        shards = list(by_shard)
+        parts = await asyncio.gather(*[
+            node.execute(s, (op, by_shard[s]), [req[0], *by_shard[s]], hops, read=True) for s in shards])
+        results = {}
+        for s, p in zip(shards, parts, strict=True):
+            p = _result_to_reply(p)
+            if isinstance(p, Error):
+                return p
+            results[s] = p
+        if op == "exists":
+            return sum(results.values())
+        pos = {s: 0 for s in shards}
+        out = []
+        for k in keys:
+            s = node.shard_of(k)
+            out.append(results[s][pos[s]])
+            pos[s] += 1
+        return out
+    return node.run(go())
+
+
+def _cmd_mget(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    return _multi_read(node, conn, req, hops, "mget")
+
+
+def _cmd_exists(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    return _multi_read(node, conn, req, hops, "exists")
+
+
+def _cmd_cas(node: Node, conn: Conn, req: list[bytes], hops: int, session: tuple | None = None) -> Any:
+    """CAS key expected new -> 1 if swapped, else 0.  RAFTKV.CASNX key new: swap only if absent."""
+    key, expected, new = req[1], req[2], req[3]
+    node._check_value(new)
+    return _write(node, req, hops, node.shard_of(key), ("cas", key, expected, new), session,
+                  lambda r: 1 if r[0] else 0)
+
+
+def _cmd_casnx(node: Node, conn: Conn, req: list[bytes], hops: int, session: tuple | None = None) -> Any:
+    key, new = req[1], req[2]
+    node._check_value(new)
+    return _write(node, req, hops, node.shard_of(key), ("cas", key, None, new), session,
+                  lambda r: 1 if r[0] else 0)
+
+
+_SESSION_WRITES: dict[bytes, Any] = {}
+
+
+def _cmd_req(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    """RAFTKV.REQ session seq COMMAND args...: a de-duplicated write (client library)."""
+    sid, seq_b, inner = req[1], req[2], req[3:]
+    try:
+        seq = int(seq_b)
+    except ValueError:
+        return Error("ERR", "RAFTKV.REQ: seq must be an integer")
+    name = inner[0].upper()
+    handler = _SESSION_WRITES.get(name)
+    if handler is None:
+        return Error("ERR", f"RAFTKV.REQ supports {', '.join(sorted(k.decode() for k in _SESSION_WRITES))}")
+    arity, _ = COMMANDS[name]
+    if (arity >= 0 and len(inner) != arity) or (arity < 0 and len(inner) < -arity):
+        return Error("WRONGARGS", f"wrong number of arguments for '{name.decode().lower()}' command")
+    return handler(node, conn, inner, hops, session=(sid, seq))
+
+
+def _cmd_fwd(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    try:
+        hops = int(req[1])
+    except ValueError:
+        return Error("ERR", "RAFTKV.FWD: bad hop count")
+    return node.dispatch(conn, req[2:], hops)
+
+
+def _cmd_readonly(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    conn.readonly = True
+    return OK
+
+
+def _cmd_readwrite(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    conn.readonly = False
+    return OK
+
+
+def _cmd_status(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    return json.dumps(node.status()).encode()
+
+
+def _cmd_cluster(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    """The cluster file (TOML), so a client given only addresses can route by itself."""
+    return node.map.to_toml().encode()
+
+
+def _cmd_shards(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    """Per shard: [id, leader node or nil, term] as this node believes."""
+    out = []
+    for s in range(node.map.nshards):
+        r = node.replicas.get(s)
+        if r is None:
+            out.append([s, None, -1])
+            continue
+        addr = r.leader_addr()
+        leader = None if addr is None else node.map.node_for_raft_addr(addr)
+        out.append([s, None if leader is None else leader.encode(), r.raftCurrentTerm])
+    return out
+
+
+def _cmd_info(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    st = node.status()
+    lines = ["# Server", "redis_version:7.0.0-raftkv", f"raftkv_node:{node.name}",
+             f"process_id:{st['pid']}", f"uptime_in_seconds:{int(st['uptime_s'])}",
+             "# Clients", f"connected_clients:{st['clients']}",
+             "# Stats", f"total_commands_processed:{st['stats']['commands']}",
+             f"forwarded_commands:{st['stats']['forwarded']}",
+             "# Replication", "role:master", "# Raft"]
+    for s, sh in st["shards"].items():
+        lines.append(f"shard{s}:role={sh['role']},leader={sh['leader']},term={sh['term']},"
+                     f"commit_idx={sh['commit_idx']},last_applied={sh['last_applied']},keys={sh['keys']}")
+    lines.append("# Keyspace")
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def _cmd_ok(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    return OK
+
+
+def _cmd_command(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    # redis-cli asks for COMMAND DOCS at start-up; an empty answer is valid.
+    return []
+
+
+def _cmd_config(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    # redis-benchmark reads a couple of settings; report none rather than fail.
+    if len(req) >= 2 and req[1].upper() == b"GET":
+        return []
+    return Error("ERR", "CONFIG SET is not supported; raftkv is configured by its cluster file and flags")
+
+
+def _cmd_dbsize(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    return sum(len(r.state) for r in node.replicas.values()) // max(1, node.map.replication)
+
+
+def _cmd_quit(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    return OK
+
+
+def _cmd_hello(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    if len(req) >= 2:
+        if req[1] not in (b"2", b"3"):
+            return Error("NOPROTO", "unsupported protocol version; use 2 or 3")
+        conn.resp3 = req[1] == b"3"
+    return protocol.Map((b"server", b"raftkv", b"version", b"0.1.0", b"proto", 3 if conn.resp3 else 2,
+                         b"id", 1, b"mode", b"standalone", b"role", b"master", b"modules", []))
+
+
+# name -> (arity as in Redis: n exact, -n at least n, including the name; handler)
+COMMANDS: dict[bytes, tuple[int, Any]] = {
+    b"PING": (-1, _cmd_ping),
+    b"ECHO": (2, _cmd_echo),
+    b"GET": (2, _cmd_get),
+    b"SET": (-3, _cmd_set),
+    b"DEL": (-2, _cmd_del),
+    b"EXISTS": (-2, _cmd_exists),
+    b"MGET": (-2, _cmd_mget),
+    b"CAS": (4, _cmd_cas),
+    b"RAFTKV.CASNX": (3, _cmd_casnx),
+    b"RAFTKV.STALEGET": (2, _cmd_staleget),
+    b"RAFTKV.REQ": (-4, _cmd_req),
+    b"RAFTKV.FWD": (-3, _cmd_fwd),
+    b"RAFTKV.STATUS": (1, _cmd_status),
+    b"RAFTKV.SHARDS": (1, _cmd_shards),
+    b"RAFTKV.CLUSTER": (1, _cmd_cluster),
+    b"READONLY": (1, _cmd_readonly),
+    b"READWRITE": (1, _cmd_readwrite),
+    b"INFO": (-1, _cmd_info),
+    b"COMMAND": (-1, _cmd_command),
+    b"CONFIG": (-2, _cmd_config),
+    b"CLIENT": (-2, _cmd_ok),
+    b"SELECT": (2, _cmd_ok),
+    b"DBSIZE": (1, _cmd_dbsize),
+    b"QUIT": (1, _cmd_quit),
+    b"HELLO": (-1, _cmd_hello),
+}
+_SESSION_WRITES.update({b"SET": _cmd_set, b"DEL": _cmd_del, b"CAS": _cmd_cas, b"RAFTKV.CASNX": _cmd_casnx})
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One line per event, key=value, to stderr (the node's log file)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+
+
+def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_level: str = "INFO",
+             limits: Limits | None = None) -> None:
+    """Run one node in the foreground until SIGTERM/SIGINT."""
+    setup_logging(log_level)
+    shardmap = ShardMap.load(config)
+    node = Node(shardmap, name, limits=limits, unsafe_local_reads=unsafe_local_reads)
+    if unsafe_local_reads:
+        log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
+    try:
+        asyncio.run(node.serve())
+    finally:
+        node.close()

@@ -1,0 +1,156 @@
+"""One replica of one shard: a pysyncobj Raft group member wrapping ``KVState``.
+
+This is the only module (with ``raftkv.raftfix``) that knows pysyncobj.  It
+turns pysyncobj's callback outcomes into three kinds the rest of raftkv uses:
+``applied`` (the entry committed and this is its result), ``not applied``
+(definitely never took effect: safe to retry anywhere) and ``unknown`` (may or
+may not take effect: only a de-duplicated retry is safe).
+
+Concurrency contract: ``propose`` may be called from any thread; the callback
+it takes runs on the replica's tick thread and must not block.  ``state`` is
+mutated only on the tick thread, so reading it from elsewhere is a stale read
+by definition (used only for explicitly stale GETs and for status).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from pysyncobj import FAIL_REASON, replicated
+
+try:
+    from raftkv.raftfix import SafeSyncObj, tuned_conf
+except ImportError:  # TEMP until raftfix lands
+    from pysyncobj import SyncObj as SafeSyncObj
+    from pysyncobj import SyncObjConf
+
+    def tuned_conf(**kw):
+        base = dict(raftMinTimeout=0.15, raftMaxTimeout=0.35, appendEntriesPeriod=0.03, autoTickPeriod=0.01,
+                    connectionTimeout=1.0, connectionRetryTime=0.3, leaderFallbackTimeout=1.0,
+                    commandsWaitLeader=False, appendEntriesUseBatch=False, dynamicMembershipChange=True)
+        base.update(kw)
+        return SyncObjConf(**base)
+from raftkv.state import KVState
+
+log = logging.getLogger("raftkv.replica")
+
+APPLIED = "applied"
+NOT_APPLIED = "not_applied"
+UNKNOWN = "unknown"
+
+# Definitely-not-applied failures: the entry never entered a log that could commit it.
+_NOT_APPLIED = {
+    FAIL_REASON.QUEUE_FULL,
+    FAIL_REASON.MISSING_LEADER,
+    FAIL_REASON.NOT_LEADER,
+    FAIL_REASON.DISCARDED,
+    FAIL_REASON.REQUEST_DENIED,
+}
+
+SNAPSHOT_MAGIC = b"RKVSNAP1"
+
+Outcome = Callable[[str, Any], None]
+
+
+class ShardReplica(SafeSyncObj):
+    """A member of shard ``shard``'s Raft group hosting a ``KVState``."""
+
+    def __init__(
+        self,
+        shard: int,
+        self_addr: str,
+        peer_addrs: list[str],
+        data_dir: str,
+        on_role_change: Callable[[int, int, int], None] | None = None,
+        conf_overrides: dict | None = None,
+    ) -> None:
+        os.makedirs(data_dir, exist_ok=True)
+        self.shard = shard
+        self.state = KVState()
+        self._on_role_change = on_role_change
+        base = os.path.join(data_dir, f"shard-{shard}")
+        conf = tuned_conf(
+            journalFile=base + ".journal",
+            fullDumpFile=base + ".snapshot",
+            serializer=self._write_snapshot,
+            deserializer=self._read_snapshot,
+            onStateChanged=self._state_changed,
+            **(conf_overrides or {}),
+        )
+        super().__init__(self_addr, peer_addrs, conf)
+
+    # -- replicated: runs on every replica, in log order -----------------------
+    @replicated
+    def apply_entry(self, cmds: list, now_ms: int) -> list:
+        """One Raft entry = a batch of state-machine commands (see raftkv.state)."""
+        return self.state.apply_batch(cmds, now_ms)
+
+    def propose(self, cmds: list, now_ms: int, done: Outcome) -> None:
+        """Append ``cmds`` as one entry; ``done(kind, results_or_reason)`` on the tick thread."""
+
+        def callback(result: Any, err: int) -> None:
+            if err == FAIL_REASON.SUCCESS:
+                done(APPLIED, result)
+            elif err in _NOT_APPLIED:
+                done(NOT_APPLIED, _reason(err))
+            else:  # LEADER_CHANGED, UNKNOWN_OUTCOME: the entry may still commit
+                done(UNKNOWN, _reason(err))
+
+        self.apply_entry(cmds, now_ms, callback=callback)
+
+    # -- leadership, as this replica believes it (never proof of leadership) ----
+    def is_leader(self) -> bool:
+        return self._isLeader()
+
+    def leader_addr(self) -> str | None:
+        leader = self._getLeader()
+        return None if leader is None else leader.id
+
+    def status(self) -> dict:
+        """pysyncobj's status plus ours; safe to call from any thread (racy reads)."""
+        st = self.getStatus()
+        st["shard"] = self.shard
+        st["keys"] = len(self.state)
+        st["revision"] = self.state.revision
+        return st
+
+    def _state_changed(self, old: int, new: int) -> None:
+        log.info("event=role_change shard=%d old=%s new=%s term=%s", self.shard, _ROLE[old], _ROLE[new],
+                 self.raftCurrentTerm)
+        if self._on_role_change is not None:
+            self._on_role_change(self.shard, old, new)
+
+    # -- snapshots: our own format, written without fork -----------------------
+    def _write_snapshot(self, path: str, raft_data: Any) -> None:
+        body = pickle.dumps((self.state.snapshot(), raft_data), protocol=pickle.HIGHEST_PROTOCOL)
+        with open(path, "wb") as f:
+            f.write(SNAPSHOT_MAGIC + zlib.crc32(body).to_bytes(4, "big") + body)
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("event=snapshot shard=%d keys=%d bytes=%d", self.shard, len(self.state), len(body))
+
+    def _read_snapshot(self, path: str) -> Any:
+        with open(path, "rb") as f:
+            blob = f.read()
+        if blob[:8] != SNAPSHOT_MAGIC:
+            raise ValueError(f"{path}: not a raftkv snapshot")
+        body = blob[12:]
+        if zlib.crc32(body).to_bytes(4, "big") != blob[8:12]:
+            raise ValueError(f"{path}: snapshot checksum mismatch")
+        state_blob, raft_data = pickle.loads(body)
+        self.state = KVState.restore(state_blob)
+        log.info("event=snapshot_loaded shard=%d keys=%d", self.shard, len(self.state))
+        return raft_data
+
+
+_ROLE = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+def _reason(err: Any) -> str:
+    names = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
+    return names.get(err, str(err))

@@ -1,0 +1,286 @@
+"""The key-value state machine of one shard: pure, deterministic, no I/O.
+
+Theory of operation
+-------------------
+Every replica of a shard applies the same Raft log entries in the same order to
+a ``KVState``; the result of an entry depends only on the state and the entry,
+never on the clock, the replica or the thread.  Time enters through ``now_ms``,
+which the leader stamps into each log entry.
+
+Each key holds a value and its *modification revision*: the shard's revision
+counter, bumped by every write that changes something.  Revisions let clients
+and transactions compare "has this key changed since I read it?".
+
+Commands are plain tuples (cheap to pickle into the Raft log):
+
+========================================  ======================================
+command                                   result
+========================================  ======================================
+``("get", key)``                          value or ``None``
+``("getrev", key)``                       ``(value, mod_revision)`` or ``None``
+``("mget", [key, ...])``                  list of values / ``None``
+``("exists", [key, ...])``                number of keys that exist
+``("set", key, value)``                   new modification revision
+``("del", [key, ...])``                   number of keys deleted
+``("cas", key, expected, new)``           ``(swapped, value before)``;
+                                          ``expected=None`` means "absent"
+``("txn", compares, then_ops, else_ops)`` ``TxnResult`` (see ``raftkv.txn``)
+``("session", client, seq, command)``     the command's result, once per seq
+``("noop",)``                             ``None`` (a read barrier)
+========================================  ======================================
+
+Retried commands are de-duplicated through *sessions*: a client wraps a command
+as ``("session", client_id, seq, command)``; a session is one logical caller
+with at most one request in flight, so the state keeps only the last sequence
+number and its result per session.  A retry of that sequence number returns the
+stored result without applying twice.  Idle sessions expire after
+``SESSION_TTL_MS`` of log time so the table stays bounded.
+
+Errors are returned, not raised (every replica must reach the same state):
+``CmdError(code, message)`` with a stable code.  Keys locked by a prepared
+cross-shard transaction (``raftkv.txn``) answer ``Locked`` instead of a value so
+that the node can wait for, or resolve, the lock.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+SNAPSHOT_VERSION = 1
+SESSION_TTL_MS = 10 * 60 * 1000
+SESSIONS_MAX = 100_000
+
+
+@dataclass(frozen=True)
+class CmdError:
+    """A deterministic command failure; ``code`` is stable (e.g. ``WRONGTYPE``)."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Locked:
+    """The key is locked by prepared transaction ``txid`` whose home is ``home_shard``."""
+
+    key: bytes
+    txid: str
+    home_shard: int
+    since_ms: int
+
+
+@dataclass
+class KVState:
+    """All data of one shard replica.  ``apply`` is the only way to change it."""
+
+    data: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
+    revision: int = 0
+    # session id -> (last seq, its result, log time of last use in ms)
+    sessions: dict[bytes, tuple[int, Any, int]] = field(default_factory=dict)
+    # transaction-layer state (locks, staged writes, coordinator records) lives
+    # in raftkv.txn.TxnTable so the state machine stays one concept per module.
+    txns: Any = None
+    applied: int = 0
+
+    def __post_init__(self) -> None:
+        if self.txns is None:
+            from raftkv.txn import TxnTable
+
+            self.txns = TxnTable()
+
+    # -- the entry point --------------------------------------------------
+    def apply(self, cmd: tuple, now_ms: int) -> Any:
+        """Apply one command at log time ``now_ms`` and return its result."""
+        self.applied += 1
+        op = cmd[0]
+        handler = _HANDLERS.get(op)
+        if handler is None:
+            return CmdError("ERR", f"unknown state machine command {op!r}")
+        return handler(self, cmd, now_ms)
+
+    def apply_batch(self, cmds: list, now_ms: int) -> list:
+        """Apply a batch of commands (one Raft entry) in order."""
+        apply = self.apply
+        return [apply(c, now_ms) for c in cmds]
+
+    # -- local (possibly stale) reads, for explicitly stale GETs ------------
+    def peek(self, key: bytes) -> tuple[bytes, int] | None:
+        """The local ``(value, revision)`` of ``key`` without going through the log."""
+        return self.data.get(key)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    # -- snapshots ----------------------------------------------------------
+    def snapshot(self) -> bytes:
+        """Serialize the whole state (data, revision, sessions, transactions)."""
+        return pickle.dumps(
+            (SNAPSHOT_VERSION, self.data, self.revision, self.sessions, self.txns.dump(), self.applied),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+
+    @classmethod
+    def restore(cls, blob: bytes) -> KVState:
+        """Rebuild a state from ``snapshot()`` output; refuses unknown versions."""
+        from raftkv.txn import TxnTable
+
+        parts = pickle.loads(blob)
+        if not isinstance(parts, tuple) or parts[0] != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported snapshot version {parts[0] if parts else None!r}")
+        _, data, revision, sessions, txns, applied = parts
+        return cls(data=data, revision=revision, sessions=sessions, txns=TxnTable.load(txns), applied=applied)
+
+    # -- primitives shared with the transaction layer -----------------------
+    def write(self, key: bytes, value: bytes | None) -> int:
+        """Set (or delete, when ``value`` is None) ``key``; returns the new revision."""
+        self.revision += 1
+        if value is None:
+            self.data.pop(key, None)
+        else:
+            self.data[key] = (value, self.revision)
+        return self.revision
+
+    def lock_of(self, key: bytes) -> Locked | None:
+        """The lock a prepared transaction holds on ``key``, if any."""
+        return self.txns.lock_of(key)
+
+
+def _get(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    key = cmd[1]
+    lock = s.txns.lock_of(key)
+    if lock is not None:
+        return lock
+    entry = s.data.get(key)
+    return None if entry is None else entry[0]
+
+
+def _getrev(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    key = cmd[1]
+    lock = s.txns.lock_of(key)
+    if lock is not None:
+        return lock
+    return s.data.get(key)
+
+
+def _mget(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    out = []
+    for key in cmd[1]:
+        lock = s.txns.lock_of(key)
+        if lock is not None:
+            return lock
+        entry = s.data.get(key)
+        out.append(None if entry is None else entry[0])
+    return out
+
+
+def _exists(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    for key in cmd[1]:
+        lock = s.txns.lock_of(key)
+        if lock is not None:
+            return lock
+    return sum(1 for key in cmd[1] if key in s.data)
+
+
+def _set(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    _, key, value = cmd
+    lock = s.txns.lock_of(key)
+    if lock is not None:
+        return lock
+    return s.write(key, value)
+
+
+def _del(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    keys = cmd[1]
+    for key in keys:
+        lock = s.txns.lock_of(key)
+        if lock is not None:
+            return lock
+    n = 0
+    for key in keys:
+        if key in s.data:
+            s.write(key, None)
+            n += 1
+    return n
+
+
+def _cas(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    _, key, expected, new = cmd
+    lock = s.txns.lock_of(key)
+    if lock is not None:
+        return lock
+    entry = s.data.get(key)
+    current = None if entry is None else entry[0]
+    if current != expected:
+        return (False, current)
+    s.write(key, new)
+    return (True, current)
+
+
+def _session(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    _, client, seq, inner = cmd
+    known = s.sessions.get(client)
+    if known is not None:
+        last_seq, last_result, _ = known
+        if seq == last_seq:
+            s.sessions[client] = (last_seq, last_result, now_ms)
+            return last_result
+        if seq < last_seq:
+            return CmdError("STALEREQ", f"request {seq} of session is older than {last_seq}; not applied")
+    result = s.apply(inner, now_ms)
+    s.applied -= 1  # the inner command is part of this entry
+    if isinstance(result, Locked):
+        # Not applied: the caller will retry the same seq after the lock clears.
+        return result
+    s.sessions[client] = (seq, result, now_ms)
+    if len(s.sessions) > SESSIONS_MAX or s.applied % 1024 == 0:
+        _expire_sessions(s, now_ms)
+    return result
+
+
+def _expire_sessions(s: KVState, now_ms: int) -> None:
+    horizon = now_ms - SESSION_TTL_MS
+    stale = [c for c, (_, _, t) in s.sessions.items() if t < horizon]
+    for c in stale:
+        del s.sessions[c]
+    if len(s.sessions) > SESSIONS_MAX:
+        # Oldest first; deterministic because ties break on the session id.
+        by_age = sorted(s.sessions.items(), key=lambda kv: (kv[1][2], kv[0]))
+        for c, _ in by_age[: len(s.sessions) - SESSIONS_MAX]:
+            del s.sessions[c]
+
+
+def _noop(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    return None
+
+
+def _txn(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    from raftkv.txn import apply_local_txn
+
+    return apply_local_txn(s, cmd[1], cmd[2], cmd[3])
+
+
+def _txn_layer(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    return s.txns.apply(s, cmd, now_ms)
+
+
+_HANDLERS = {
+    "get": _get,
+    "getrev": _getrev,
+    "mget": _mget,
+    "exists": _exists,
+    "set": _set,
+    "del": _del,
+    "cas": _cas,
+    "session": _session,
+    "noop": _noop,
+    "txn": _txn,
+    # cross-shard transaction messages, see raftkv.txn
+    "tx_begin": _txn_layer,
+    "tx_prepare": _txn_layer,
+    "tx_decide": _txn_layer,
+    "tx_finish": _txn_layer,
+    "tx_resolve": _txn_layer,
+    "tx_gc": _txn_layer,
+}
