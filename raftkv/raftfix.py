@@ -1,0 +1,737 @@
+"""raftkv.raftfix: the one module that knows pysyncobj internals.
+
+Theory of operation
+-------------------
+pysyncobj 0.3.17 has three problems that break the guarantees raftkv makes (see docs/pysyncobj-patches.md and
+../shared/notes/pysyncobj.md §9):
+
+1. **Follower truncation.** A follower that receives AppendEntries deletes *every* entry after ``prevLogIdx``
+   whenever it holds more, without checking for a conflict (Raft §5.3 says: delete only from the first entry
+   whose term differs). A duplicated, delayed or merely re-sent AppendEntries therefore erases entries the
+   follower has already acknowledged, and a committed write can vanish from the replica that made it a
+   majority. Its commit rule ``commitIndex = min(leaderCommit, lastLogIndex)`` also trusts a stale log tail.
+2. **Leader progress tracking.** ``next_node_idx`` replies carry no term, and a success reply *overwrites*
+   ``nextIndex`` with an older value. So a late ack from an earlier term can raise ``matchIndex`` wrongly,
+   and a late ack from this term rewinds ``nextIndex`` so that the leader re-sends entries (which door 1 then
+   turns into a truncation, even over FIFO TCP). Duplicated ``response_vote`` messages are counted twice.
+3. **No durability.** The journal is an mmap that is never flushed on the commit path: followers ack and
+   leaders count themselves toward a majority with data only in the page cache.
+
+``SafeSyncObj`` is a ``SyncObj`` subclass that closes these doors by overriding the name-mangled internals it
+needs (``_SyncObj__onMessageReceived`` and a few others). Every override runs on the tick thread, like the code
+it replaces. Doors closed:
+
+* AppendEntries (``_rf_on_append_entries``): stale terms are ignored; each incoming entry is compared with the
+  local one at the same index: same term -> skip, different term -> truncate from there (refused, with a
+  CRITICAL log and no ack, if that is at or below the commit index), then append the rest. The ack and the
+  new commit index cover only ``prevLogIdx + len(entries)``: the prefix verified to match the leader.
+* Chunked entries (``transmission``): reassembled per (term, prevLogIdx, prevLogTerm) with a sequence number
+  the leader adds, so reordered or duplicated chunks cannot splice.
+* Snapshot install (``serialized``): the leader tags each chunk with the snapshot's last index/term; a
+  follower ignores a snapshot that is not newer than what it knows is committed, or that it already holds
+  as a matching log entry (installing it would wipe acknowledged entries after it).
+* ``next_node_idx`` on the leader: replies carry the follower's term and stale ones are ignored; success only
+  ever raises ``matchIndex``/``nextIndex``; a rejection at or below ``matchIndex`` is stale and ignored
+  (etcd's ``maybeDecrTo`` rule).
+* ``response_vote``: votes are counted as a set of voters per term.
+
+Durability (group commit): the journal records whether it holds unflushed writes. With ``durable=True`` a
+follower's ``next_node_idx`` replies are queued, and released after one flush (msync + fsync) at the end of
+the tick that processed them, so one flush covers every AppendEntries received in one poll. The leader flushes
+before its commit computation (start of tick), after appending a batch (end of tick) and right after an
+election's no-op, so it never counts an unflushed entry of its own toward a majority. Term/vote metadata is
+fsynced before the vote is sent. This relies on storage being durable: with ``durable=False`` an OS crash can
+forget acknowledged entries, exactly as stock pysyncobj does.
+
+Keepalive: followers never talk to each other, so their TCP connection idles past ``connectionTimeout`` and the
+first ``request_vote`` sent on it kills it (notes §5). Every node sends a tiny ``raftfix_keepalive`` message on
+every connection every ``connectionTimeout / 4``; pysyncobj (stock or patched) ignores unknown message types.
+
+All members of a group must run ``SafeSyncObj``: a stock follower's untagged replies are still accepted, but
+then a very late ack from an earlier term cannot be told apart (door 2 stays open for that peer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pysyncobj.version
+from pysyncobj import syncobj as _so
+from pysyncobj.config import SyncObjConf
+from pysyncobj.journal import FileJournal, Journal, MemoryJournal, MetaStorer
+from pysyncobj.node import Node, TCPNode
+from pysyncobj.syncobj import SyncObj
+from pysyncobj.transport import TCPTransport
+
+SUPPORTED_PYSYNCOBJ_VERSION = "0.3.17"
+
+# Refuse to patch internals we have not read: every override below mirrors 0.3.17's private code.
+if pysyncobj.version.VERSION != SUPPORTED_PYSYNCOBJ_VERSION:
+    raise RuntimeError(
+        f"raftkv.raftfix supports only pysyncobj {SUPPORTED_PYSYNCOBJ_VERSION} "
+        f"(found {pysyncobj.version.VERSION}); review the patched internals before changing the pin"
+    )
+
+__all__ = [
+    "SUPPORTED_PYSYNCOBJ_VERSION",
+    "DurableFileJournal",
+    "FlushStats",
+    "SafeSyncObj",
+    "TrackedMemoryJournal",
+    "tuned_conf",
+]
+
+logger = logging.getLogger(__name__)
+
+_RAFT_STATE = _so._RAFT_STATE
+
+#: Message type of the connection keepalive. pysyncobj dispatches on ``message['type']`` and ignores types it
+#: does not know, so stock peers drop it silently.
+KEEPALIVE_TYPE = "raftfix_keepalive"
+#: Extra keys added to stock messages. Stock peers ignore unknown keys.
+TERM_KEY = "raftfix_term"  # on next_node_idx: the follower's term when it answered
+CHUNK_SEQ_KEY = "raftfix_seq"  # on chunked entries / snapshot chunks: 0 for the first chunk, then +1
+SNAP_IDX_KEY = "raftfix_snap_idx"  # on snapshot chunks: index of the snapshot's last entry
+SNAP_TERM_KEY = "raftfix_snap_term"  # on snapshot chunks: term of the snapshot's last entry
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Journals
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: str) -> None:
+    """fsync the directory holding ``path`` so a create/rename in it survives power loss."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    """fsync an existing file by name (used for pysyncobj's dump file, which it writes without fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DurableMetaStorer(MetaStorer):
+    """``MetaStorer`` whose write is durable: fsync the temp file, rename, fsync the directory.
+
+    Stock only ``f.flush()``es Python's buffer, so after power loss a node could forget its vote and vote twice
+    in one term.
+    """
+
+    def storeMeta(self, meta: dict[str, Any]) -> None:  # noqa: N802 - pysyncobj's name
+        path = self.getPath()
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(_so.pickle.dumps(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path)
+
+
+class DurableFileJournal(FileJournal):
+    """pysyncobj's mmap ``FileJournal`` plus a dirty flag and a real ``flush()``.
+
+    ``flush()`` msyncs the mapping (MS_SYNC: data and the size needed to read it back on Linux) and, when the
+    file size changed since the last flush (the mapping was resized/extended), also ``os.fsync``s the file.
+    The directory is fsynced once, on the first flush, so the file's creation is durable.
+    """
+
+    def __init__(self, journalFile: str) -> None:  # noqa: N803 - pysyncobj's name
+        super().__init__(journalFile)
+        self._path = journalFile
+        self.needs_flush = False
+        self._synced_size = -1  # forces one fsync + directory fsync on the first flush
+        # Term/vote must be durable before a vote is sent: swap in the fsyncing storer.
+        self._FileJournal__metaStorer = DurableMetaStorer(journalFile + ".meta")
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        super().add(command, idx, term)
+        self.needs_flush = True
+
+    def clear(self) -> None:
+        super().clear()
+        self.needs_flush = True
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802,N803
+        super().deleteEntriesFrom(entryFrom)
+        self.needs_flush = True
+
+    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802,N803
+        super().deleteEntriesTo(entryTo)
+        self.needs_flush = True
+
+    def flush(self) -> None:
+        """Make every write so far durable (one call covers any number of appended entries)."""
+        rfile = self._FileJournal__journalFile
+        rfile.flush()  # mmap.flush() == msync(MS_SYNC)
+        fd = rfile._ResizableFile__f.fileno()
+        size = os.fstat(fd).st_size
+        if size != self._synced_size:
+            os.fsync(fd)  # belt and braces for the resize/extend paths (ftruncate / append + remap)
+            if self._synced_size < 0:
+                _fsync_dir(self._path)
+            self._synced_size = size
+        self.needs_flush = False
+
+    def getRaftCommitIndex(self) -> int:  # noqa: N802
+        # .meta is written lazily (once a second) and may be ahead of a journal that lost its unflushed tail
+        # in an OS crash; a commit index past the log would make the follower refuse legitimate truncations.
+        stored = super().getRaftCommitIndex()
+        return min(stored, self[-1][1]) if len(self) else stored
+
+
+class TrackedMemoryJournal(MemoryJournal):
+    """In-memory journal with the same ``needs_flush``/``flush()`` interface (flush is a no-op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.needs_flush = False
+
+    def flush(self) -> None:
+        """Nothing to make durable; kept so ``SafeSyncObj`` treats every journal the same way."""
+        self.needs_flush = False
+
+
+# pysyncobj builds its journal with ``createJournal(conf.journalFile)`` inside ``SyncObj.__init__``. We replace
+# the module-level name once, with a dispatcher that uses the factory a ``SafeSyncObj`` constructor registered
+# on *this thread* and falls back to stock otherwise, so stock ``SyncObj`` instances are unaffected and
+# concurrent constructions in other threads cannot pick up our factory.
+_stock_create_journal = _so.createJournal
+_pending_factory = threading.local()
+
+
+def _dispatch_create_journal(journalFile: str | None = None) -> Journal:  # noqa: N803
+    factory = getattr(_pending_factory, "factory", None)
+    if factory is None:
+        return _stock_create_journal(journalFile)
+    _pending_factory.factory = None
+    return factory(journalFile)
+
+
+_so.createJournal = _dispatch_create_journal
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conf
+# --------------------------------------------------------------------------------------------------------------
+
+
+def tuned_conf(**overrides: Any) -> SyncObjConf:
+    """A per-group ``SyncObjConf`` tuned for fast failover and low write latency (notes §5).
+
+    Elections start after 0.12-0.30 s of silence; heartbeats every 25 ms; a deposed or partitioned leader steps
+    down after 1 s without a majority (stock: 30 s, during which it serves stale reads); reconnects are retried
+    every 0.3 s. ``appendEntriesUseBatch=False`` ships each command at once (the latency win); it is safe only
+    with ``SafeSyncObj``. Pass any ``SyncObjConf`` keyword to override. Returns a fresh conf (callbacks such as
+    ``onStateChanged`` carry no group id, so never share one conf between groups).
+    """
+    params: dict[str, Any] = {
+        "raftMinTimeout": 0.12,
+        "raftMaxTimeout": 0.30,
+        "appendEntriesPeriod": 0.025,
+        "autoTickPeriod": 0.01,
+        "connectionTimeout": 1.0,
+        "connectionRetryTime": 0.3,
+        "leaderFallbackTimeout": 1.0,
+        "commandsWaitLeader": False,
+        "appendEntriesUseBatch": False,
+        "dynamicMembershipChange": True,
+    }
+    params.update(overrides)
+    conf = SyncObjConf(**params)
+    try:
+        conf.validate()
+    except AssertionError as exc:  # validate() uses bare asserts; say what was rejected
+        raise ValueError(f"invalid SyncObjConf overrides {overrides!r}") from exc
+    return conf
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SafeSyncObj
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FlushStats:
+    """Journal flush counters (for metrics): how many flushes and how long they took, in seconds."""
+
+    count: int = 0
+    total_s: float = 0.0
+    last_s: float = 0.0
+    max_s: float = 0.0
+
+
+class _AnnotatingTransport:
+    """Wraps the transport while the leader sends AppendEntries, to tag chunks with a sequence number and
+    snapshot chunks with the snapshot's last index/term (stock messages carry neither, so a follower cannot
+    tell a stale or spliced transfer from a fresh one)."""
+
+    def __init__(self, inner: Any, owner: SafeSyncObj) -> None:
+        self._inner = inner
+        self._owner = owner
+
+    def send(self, node: Node, message: dict[str, Any]) -> bool:
+        owner = self._owner
+        if "transmission" in message:
+            seqs = owner._rf_chunk_seq
+            seqs[node] = 0 if message["transmission"] == "start" else seqs.get(node, 0) + 1
+            message[CHUNK_SEQ_KEY] = seqs[node]
+        elif message.get("serialized") is not None:
+            log = owner._SyncObj__raftLog
+            # After compaction (or a snapshot load) the log is [entry S-1, entry S, ...] and the dump on disk
+            # covers entry S; pysyncobj's sender itself assumes this (nextIndex = log[1].idx + 1 when done).
+            message[SNAP_IDX_KEY] = log[1][1]
+            message[SNAP_TERM_KEY] = log[1][2]
+            seqs = owner._rf_snap_seq
+            seqs[node] = 0 if message["serialized"][1] else seqs.get(node, 0) + 1
+            message[CHUNK_SEQ_KEY] = seqs[node]
+        return self._inner.send(node, message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class SafeSyncObj(SyncObj):
+    """``SyncObj`` with Raft §5.3-safe AppendEntries handling and durable, group-committed acknowledgements.
+
+    Same constructor as ``SyncObj`` plus keyword-only options:
+
+    * ``durable`` (default True): flush the journal before acking / before the leader counts itself.
+    * ``journalFactory``: ``f(journalFile or None) -> Journal`` with ``needs_flush`` and ``flush()`` (tests use
+      it to record flushes or simulate a disk); default ``DurableFileJournal`` / ``TrackedMemoryJournal``.
+    * ``keepalive`` (default True): send ``raftfix_keepalive`` on idle connections (see module doc).
+
+    Concurrency contract: as for ``SyncObj``, internal state is touched only on the tick thread (or the thread
+    driving ``doTick`` when ``autoTick=False``); ``flushStats()`` and ``getStatus()`` are best-effort reads.
+    """
+
+    def __init__(
+        self,
+        selfNode: Any,  # noqa: N803 - pysyncobj's signature
+        otherNodes: Any,  # noqa: N803
+        conf: SyncObjConf | None = None,
+        consumers: list[Any] | None = None,
+        nodeClass: type[Node] = TCPNode,  # noqa: N803
+        transport: Any = None,
+        transportClass: type = TCPTransport,  # noqa: N803
+        *,
+        durable: bool = True,
+        journalFactory: Callable[[str | None], Journal] | None = None,  # noqa: N803
+        keepalive: bool = True,
+    ) -> None:
+        effective = conf if conf is not None else SyncObjConf()
+        if effective.journalFile is not None and effective.fullDumpFile is None:
+            # Stock compaction then keeps the snapshot in memory only and truncates the journal: a restarted
+            # node comes back empty and the group stops accepting writes (notes §3).
+            raise ValueError("journalFile requires fullDumpFile (pysyncobj loses data on restart otherwise)")
+        # Every attribute must exist before SyncObj.__init__ runs: it records the attribute names present at
+        # its end as "internal" and pickles every *other* attribute into snapshots.
+        self._rf_durable = durable
+        self._rf_keepalive = keepalive
+        self._rf_journal_factory = journalFactory
+        self._rf_journal: Any = None
+        self._rf_pending_acks: list[tuple[Node, dict[str, Any]]] = []
+        self._rf_flush = FlushStats()
+        self._rf_flush_lock = threading.Lock()  # guards _rf_flush copies for readers on other threads
+        self._rf_last_keepalive = 0.0
+        self._rf_votes: tuple[int, set[Node]] = (-1, set())
+        self._rf_chunk_rx: list[Any] | None = None  # [key, seq, data] of the entry being reassembled
+        self._rf_snap_rx: tuple[Any, int] | None = None  # (key, seq) of the snapshot being received
+        self._rf_chunk_seq: dict[Node, int] = {}
+        self._rf_snap_seq: dict[Node, int] = {}
+        self._rf_warned_legacy = False
+        _pending_factory.factory = self._rf_make_journal
+        try:
+            super().__init__(selfNode, otherNodes, conf, consumers, nodeClass, transport, transportClass)
+        finally:
+            _pending_factory.factory = None
+
+    # ---- journal / durability --------------------------------------------------------------------------------
+
+    def _rf_make_journal(self, journalFile: str | None) -> Journal:  # noqa: N803
+        if self._rf_journal_factory is not None:
+            journal = self._rf_journal_factory(journalFile)
+        elif journalFile is None:
+            journal = TrackedMemoryJournal()
+        else:
+            journal = DurableFileJournal(journalFile)
+        self._rf_journal = journal
+        return journal
+
+    def _rf_flush_if_needed(self) -> None:
+        """One flush covers every entry appended since the previous one (group commit)."""
+        journal = self._rf_journal
+        if not self._rf_durable or journal is None or not journal.needs_flush:
+            return
+        t0 = time.perf_counter()
+        journal.flush()
+        dt = time.perf_counter() - t0
+        with self._rf_flush_lock:
+            stats = self._rf_flush
+            stats.count += 1
+            stats.total_s += dt
+            stats.last_s = dt
+            stats.max_s = max(stats.max_s, dt)
+
+    def _rf_sync(self) -> None:
+        """Flush, then release the acks that were waiting for it (in the order they were produced)."""
+        self._rf_flush_if_needed()
+        if self._rf_pending_acks:
+            acks, self._rf_pending_acks = self._rf_pending_acks, []
+            transport = self._SyncObj__transport
+            for node, message in acks:
+                transport.send(node, message)
+
+    def flushStats(self) -> FlushStats:  # noqa: N802 - pysyncobj naming style
+        """A copy of the flush counters (count, total/last/max seconds)."""
+        with self._rf_flush_lock:
+            return dataclasses.replace(self._rf_flush)
+
+    def getStatus(self) -> dict[str, Any]:  # noqa: N802
+        status = super().getStatus()
+        stats = self.flushStats()
+        status["raftfix_durable"] = self._rf_durable
+        status["raftfix_flush_count"] = stats.count
+        status["raftfix_flush_total_s"] = stats.total_s
+        status["raftfix_flush_last_s"] = stats.last_s
+        return status
+
+    # ---- tick ------------------------------------------------------------------------------------------------
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802,N803
+        # Before: the leader's commit computation (first thing in SyncObj._onTick) counts the leader itself,
+        # so its own entries must be durable first. After: entries appended this tick (leader) or received
+        # in this poll (follower) are flushed once, and the follower's queued acks go out.
+        self._rf_sync()
+        super()._onTick(timeToWait)
+        self._rf_sync()
+        if self._rf_keepalive:
+            self._rf_send_keepalives()
+
+    def _rf_send_keepalives(self) -> None:
+        transport = self._SyncObj__transport
+        now = _so.monotonicTime()
+        if not transport.ready or now - self._rf_last_keepalive < self.conf.connectionTimeout / 4:
+            return
+        self._rf_last_keepalive = now
+        for node in self._SyncObj__otherNodes:
+            transport.send(node, {"type": KEEPALIVE_TYPE})
+
+    def _SyncObj__onBecomeLeader(self) -> None:  # noqa: N802
+        SyncObj._SyncObj__onBecomeLeader(self)
+        # The election's no-op may be counted in this very tick (single-member group): make it durable now.
+        self._rf_flush_if_needed()
+
+    def _SyncObj__deleteEntriesTo(self, toIDx: int) -> None:  # noqa: N802,N803
+        # Only log compaction calls this, after writing the dump file without fsync. Make the dump durable
+        # before the journal entries it replaces are dropped.
+        dump = self.conf.fullDumpFile
+        if self._rf_durable and dump is not None and os.path.exists(dump):
+            _fsync_file(dump)
+            _fsync_dir(dump)
+        SyncObj._SyncObj__deleteEntriesTo(self, toIDx)
+
+    def _SyncObj__sendNextNodeIdx(  # noqa: N802
+        self,
+        node: Node,
+        reset: bool = False,
+        nextNodeIdx: int | None = None,  # noqa: N803
+        success: bool = False,
+    ) -> None:
+        if nextNodeIdx is None:
+            nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+        message = {
+            "type": "next_node_idx",
+            "next_node_idx": nextNodeIdx,
+            "reset": reset,
+            "success": success,
+            TERM_KEY: self._SyncObj__raftCurrentTerm,
+        }
+        if self._rf_durable:
+            # Queued until the end-of-tick flush: an ack must never leave before the entries it covers are on
+            # disk. Failure replies are queued too, so replies leave in the order they were produced.
+            self._rf_pending_acks.append((node, message))
+        else:
+            self._SyncObj__transport.send(node, message)
+
+    def _SyncObj__sendAppendEntries(self) -> None:  # noqa: N802
+        real = self._SyncObj__transport
+        self._SyncObj__transport = _AnnotatingTransport(real, self)
+        try:
+            SyncObj._SyncObj__sendAppendEntries(self)
+        finally:
+            self._SyncObj__transport = real
+
+    # ---- message dispatch ------------------------------------------------------------------------------------
+
+    def _SyncObj__onMessageReceived(self, node: Node, message: Any) -> None:  # noqa: N802
+        mtype = message.get("type") if isinstance(message, dict) else None
+        if mtype == KEEPALIVE_TYPE:
+            return
+        if mtype == "append_entries":
+            if message["term"] < self._SyncObj__raftCurrentTerm:
+                return  # from a deposed leader (Raft §5.1); stock ignores these too
+            if "prevLogIdx" in message:
+                self._rf_on_append_entries(node, message)
+                return
+            if message.get(SNAP_IDX_KEY) is not None:
+                self._rf_on_snapshot_chunk(node, message)
+                return
+            if message.get("serialized") is None:
+                # The leader's snapshot is not ready yet: only a heartbeat. Stock would also set
+                # commitIndex = min(leaderCommit, lastLogIndex), trusting an unverified tail.
+                self._rf_accept_leader(node, message)
+                return
+            # Untagged snapshot chunk (a stock leader): cannot judge staleness, fall back to stock.
+        elif mtype == "next_node_idx":
+            self._rf_on_next_node_idx(node, message)
+            return
+        elif mtype == "response_vote":
+            self._rf_on_response_vote(node, message)
+            return
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _rf_accept_leader(self, node: Node, message: dict[str, Any]) -> None:
+        """The bookkeeping stock does for any AppendEntries with term >= ours (verbatim semantics)."""
+        term = message["term"]
+        if term > self._SyncObj__raftCurrentTerm:
+            self._SyncObj__transferInProgress = False  # a newer leader supersedes a pending transfer
+        if not self._SyncObj__transferInProgress:
+            self._SyncObj__raftElectionDeadline = _so.monotonicTime() + self._SyncObj__generateRaftTimeout()
+        if self._SyncObj__raftLeader != node:
+            self._SyncObj__onLeaderChanged()
+        self._SyncObj__raftLeader = node
+        if term > self._SyncObj__raftCurrentTerm:
+            self._SyncObj__setCurrentTerm(term, None)
+        self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+        # The leader's commit index only grows; a reordered older message must not move it back.
+        self._SyncObj__leaderCommitIndex = max(self._SyncObj__leaderCommitIndex or 0, message["commit_index"])
+
+    def _rf_known_committed(self) -> int:
+        # Applied entries were committed even if .meta's lazily saved commit index lags after a restart.
+        return max(self._SyncObj__raftCommitIndex, self._SyncObj__raftLastApplied)
+
+    def _rf_set_commit(self, index: int) -> None:
+        if index > self._SyncObj__raftCommitIndex:
+            self._SyncObj__raftCommitIndex = index
+            self._SyncObj__raftLog.setRaftCommitIndex(index)
+
+    def _rf_on_append_entries(self, node: Node, message: dict[str, Any]) -> None:
+        """Raft §5.3 AppendEntries receiver, replacing pysyncobj's delete-everything-after-prevLogIdx."""
+        self._rf_accept_leader(node, message)
+        if "transmission" in message:
+            entries = self._rf_reassemble_chunk(node, message)
+            if entries is None:
+                return
+        else:
+            entries = list(message.get("entries", ()))
+        prev_idx: int = message["prevLogIdx"]
+        prev_term: int = message["prevLogTerm"]
+        for k, entry in enumerate(entries):
+            if entry[1] != prev_idx + 1 + k:
+                logger.error("dropping AppendEntries with non-contiguous entries after %d", prev_idx)
+                return
+
+        log = self._SyncObj__raftLog
+        first_idx, last_idx = log[0][1], log[-1][1]
+        committed = self._rf_known_committed()
+
+        # 1. Consistency check on prevLogIdx. Indexes below our first (compacted) entry are committed, and
+        #    committed entries are in every later leader's log (Leader Completeness), so they match.
+        if prev_idx >= first_idx:
+            if prev_idx > last_idx:
+                self._SyncObj__sendNextNodeIdx(node, reset=True, nextNodeIdx=last_idx + 1)
+                return
+            if log[prev_idx - first_idx][2] != prev_term:
+                if prev_idx <= committed:
+                    logger.critical(
+                        "leader %s disagrees with committed entry %d (term %d, leader says %d)",
+                        node, prev_idx, log[prev_idx - first_idx][2], prev_term)
+                self._SyncObj__sendNextNodeIdx(node, reset=True, nextNodeIdx=prev_idx)
+                return
+
+        # 2. Find the first entry that is new or conflicts; entries already held with the same term are kept.
+        start = len(entries)
+        for k, entry in enumerate(entries):
+            idx = entry[1]
+            if idx < first_idx:
+                continue  # compacted here, committed, hence identical
+            if idx > last_idx:
+                start = k
+                break
+            held_term = log[idx - first_idx][2]
+            if held_term == entry[2]:
+                continue
+            if idx <= committed:
+                # Never truncate committed (possibly applied) entries. Under Raft this cannot happen; if it
+                # does, refusing (no ack) keeps this replica's committed prefix intact.
+                logger.critical(
+                    "refusing to truncate committed entry %d (held term %d, leader %s sends term %d; "
+                    "commit index %d); dropping AppendEntries", idx, held_term, node, entry[2], committed)
+                return
+            self._rf_truncate_from(idx)
+            start = k
+            break
+
+        # 3. Append what is new.
+        new_entries = entries[start:]
+        for entry in new_entries:
+            log.add(*entry)
+        if self.conf.dynamicMembershipChange:
+            for entry in new_entries:
+                request = self._SyncObj__parseChangeClusterRequest(entry[0])
+                if request is not None:
+                    self._SyncObj__doChangeCluster(request)
+
+        # 4. Ack and commit only the prefix verified to match the leader: a heartbeat with no conflict leaves a
+        #    possibly stale tail after prev_idx + len(entries) in place, which must not count as acknowledged
+        #    or committed.
+        matched = prev_idx + len(entries)
+        self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=matched + 1, success=True)
+        self._rf_set_commit(min(message["commit_index"], matched))
+
+    def _rf_truncate_from(self, idx: int) -> None:
+        """Delete entries >= idx (all uncommitted), undoing membership changes they applied on append."""
+        if self.conf.dynamicMembershipChange:
+            for entry in reversed(self._SyncObj__getEntries(idx)):
+                request = self._SyncObj__parseChangeClusterRequest(entry[0])
+                if request is not None:
+                    self._SyncObj__doChangeCluster(request, reverse=True)
+        self._SyncObj__deleteEntriesFrom(idx)
+
+    def _rf_reassemble_chunk(self, node: Node, message: dict[str, Any]) -> list[Any] | None:
+        """Reassemble an entry sent in chunks; return ``[entry]`` when complete, else None."""
+        key = (message["term"], message["prevLogIdx"], message["prevLogTerm"])
+        seq = message.get(CHUNK_SEQ_KEY)
+        kind = message["transmission"]
+        if kind == "start":
+            self._rf_chunk_rx = [key, 0, message["data"]]
+        else:
+            rx = self._rf_chunk_rx
+            if rx is None or rx[0] != key or (seq is not None and seq != rx[1] + 1):
+                self._rf_chunk_rx = None  # duplicated, reordered or foreign chunk: drop the transfer
+                return None
+            rx[1] += 1
+            rx[2] += message["data"]
+            if kind == "finish":
+                # Stock flags 'finish' by the command length, not the pickled length, so a final short chunk
+                # can follow it; a truncated pickle fails to load and we keep collecting.
+                try:
+                    entry = _so.pickle.loads(rx[2])
+                except Exception:
+                    return None
+                self._rf_chunk_rx = None
+                return [entry]
+            if kind != "process":
+                logger.error("unknown transmission type %r", kind)
+                self._rf_chunk_rx = None
+                return None
+        # Stock answers each partial chunk with a no-op reply (keeps the leader's lastResponseTime fresh).
+        self._SyncObj__sendNextNodeIdx(node, success=False, reset=False)
+        return None
+
+    def _rf_on_snapshot_chunk(self, node: Node, message: dict[str, Any]) -> None:
+        """Snapshot install (InstallSnapshot, Raft §7) that never goes back in time."""
+        self._rf_accept_leader(node, message)
+        chunk = message["serialized"]
+        snap_idx: int = message[SNAP_IDX_KEY]
+        snap_term: int = message[SNAP_TERM_KEY]
+        seq: int = message[CHUNK_SEQ_KEY]
+        _data, is_first, is_last = chunk
+        log = self._SyncObj__raftLog
+        first_idx, last_idx = log[0][1], log[-1][1]
+        held = first_idx <= snap_idx <= last_idx and log[snap_idx - first_idx][2] == snap_term
+        if snap_idx <= self._rf_known_committed() or held:
+            # Stale (we already know more is committed) or redundant (we hold its last entry, so by Log
+            # Matching the whole prefix). Installing it would throw away entries after it that we may have
+            # acknowledged. Do not even hand it to the serializer: that would overwrite our own dump file.
+            self._rf_snap_rx = None
+            if is_last:
+                self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=snap_idx + 1, success=True)
+                if held:
+                    self._rf_set_commit(min(message["commit_index"], snap_idx))
+            return
+        key = (message["term"], snap_idx, snap_term)
+        if is_first:
+            self._rf_snap_rx = (key, 0)
+        else:
+            rx = self._rf_snap_rx
+            if rx is None or rx[0] != key or seq != rx[1] + 1:
+                self._rf_snap_rx = None  # gap, duplicate or foreign chunk: the leader will restart the transfer
+                return
+            self._rf_snap_rx = (key, seq)
+        serializer = self._SyncObj__serializer
+        if not serializer.setTransmissionData(chunk):
+            return
+        self._rf_snap_rx = None
+        dump = self.conf.fullDumpFile
+        if self._rf_durable and dump is not None and os.path.exists(dump):
+            _fsync_file(dump)
+            _fsync_dir(dump)
+        self._SyncObj__loadDumpFile(clearJournal=True)
+        # The snapshot is applied state, hence committed; the journal now holds its last two entries.
+        self._rf_set_commit(self._SyncObj__raftLastApplied)
+        self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=snap_idx + 1, success=True)
+
+    def _rf_on_next_node_idx(self, node: Node, message: dict[str, Any]) -> None:
+        """Leader side of AppendEntries replies: only fresh replies move progress, and only forward."""
+        if self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            return
+        term = message.get(TERM_KEY)
+        if term is None:
+            if not self._rf_warned_legacy:
+                logger.warning("peer %s runs unpatched pysyncobj: its replies carry no term", node)
+                self._rf_warned_legacy = True
+        elif term != self._SyncObj__raftCurrentTerm:
+            return  # a reply to an earlier leader (ours or someone else's): says nothing about this term
+        match_index = self._SyncObj__raftMatchIndex
+        next_index = self._SyncObj__raftNextIndex
+        if node not in match_index:
+            return  # removed from the group meanwhile
+        reply_next: int = message["next_node_idx"]
+        last_idx = self._SyncObj__getCurrentLogIndex()
+        if message["success"]:
+            acked = reply_next - 1
+            if acked > last_idx:
+                logger.error("peer %s acked %d beyond our last index %d; ignored", node, acked, last_idx)
+                return
+            # Stock assigned nextIndex from every matchIndex raise, so a late ack rewound it and the leader
+            # re-sent entries the follower already had. Both only move forward here.
+            if acked > match_index[node]:
+                match_index[node] = acked
+            next_index[node] = max(next_index[node], reply_next)
+        elif message["reset"]:
+            # A rejection at or below matchIndex is stale (that prefix was acked in this term). Requires
+            # durable storage on the follower, as in etcd's maybeDecrTo.
+            if reply_next > match_index[node]:
+                next_index[node] = min(reply_next, last_idx + 1)
+        self._SyncObj__lastResponseTime[node] = _so.monotonicTime()
+
+    def _rf_on_response_vote(self, node: Node, message: dict[str, Any]) -> None:
+        """Count each voter once per term (stock counts messages, so a duplicate is a second vote)."""
+        term = self._SyncObj__raftCurrentTerm
+        if self._SyncObj__raftState != _RAFT_STATE.CANDIDATE or message["term"] != term:
+            return
+        if node not in self._SyncObj__otherNodes:
+            return
+        if self._rf_votes[0] != term:
+            self._rf_votes = (term, set())
+        voters = self._rf_votes[1]
+        voters.add(node)
+        self._SyncObj__votesCount = 1 + len(voters)
+        if self._SyncObj__votesCount > (len(self._SyncObj__otherNodes) + 1) / 2:
+            self._SyncObj__onBecomeLeader()
