@@ -36,7 +36,7 @@ from typing import Any
 import hiredis
 
 from raftkv import protocol
-from raftkv.protocol import OK, PONG, Error
+from raftkv.protocol import OK, PONG, Error, Raw
 from raftkv.replica import APPLIED, UNKNOWN, ShardReplica
 from raftkv.state import CmdError, Locked
 from shards.shardmap import ShardMap
@@ -248,6 +248,9 @@ class Node:
                     break
                 for req in reqs:
                     await replies.put(self.dispatch(conn, req))
+                if parser.broken:
+                    await replies.put(Error("PROTO", f"Protocol error: {parser.broken}"))
+                    break
         except (ConnectionError, OSError):
             pass
         finally:
@@ -400,7 +403,14 @@ class Node:
             reply = await link.call(fwd, max(0.05, timeout))
         except (ConnectionError, OSError, TimeoutError) as e:
             return _ForwardFailed(sent and not isinstance(e, ConnectionRefusedError))
-        return _from_reply(reply)
+        if isinstance(reply, protocol.ReplyError):  # RAFTKV.FWD itself failed
+            return Error(reply.code, reply.message)
+        # The peer's reply arrives encoded inside a bulk string, so simple strings,
+        # errors and nils pass through exactly.
+        value = protocol.decode_reply(reply)
+        if isinstance(value, protocol.ReplyError):
+            return Error(value.code, value.message)
+        return Raw(reply, _from_reply(value))
 
     # -- helpers for commands ------------------------------------------------------
     async def _stale_read(self, shard: int, cmd: tuple, req: list[bytes], hops: int) -> Any:
@@ -454,6 +464,8 @@ class _ForwardFailed:
     sent: bool
 
 
+
+
 def _from_reply(reply: Any) -> Any:
     """A forwarded node's reply, back into our reply values."""
     if isinstance(reply, protocol.ReplyError):
@@ -463,9 +475,14 @@ def _from_reply(reply: Any) -> Any:
     return reply
 
 
-def _result_to_reply(res: Any) -> Any:
+def _result_to_reply(res: Any, convert: Any = None) -> Any:
+    """A state-machine result (or a forwarded reply) as the reply to send."""
+    if isinstance(res, Raw):
+        return res
     if isinstance(res, CmdError):
         return Error(res.code, res.message)
+    if convert is not None and not isinstance(res, Error):
+        return convert(res)
     return res
 
 
@@ -504,8 +521,7 @@ def _write(node: Node, req: list[bytes], hops: int, shard: int, cmd: tuple, sess
 
     async def go() -> Any:
         res = await node.execute(shard, cmd, req, hops, idempotent=session is not None)
-        res = _result_to_reply(res)
-        return convert(res) if convert is not None and not isinstance(res, Error) else res
+        return _result_to_reply(res, convert)
     return node.run(go())
 
 
@@ -534,7 +550,7 @@ def _cmd_del(node: Node, conn: Conn, req: list[bytes], hops: int, session: tuple
             p = _result_to_reply(p)
             if isinstance(p, Error):
                 return p
-            total += p
+            total += p.value if isinstance(p, Raw) else p
         return total
     return node.run(go())
 
@@ -559,7 +575,7 @@ def _multi_read(node: Node, conn: Conn, req: list[bytes], hops: int, op: str) ->
             p = _result_to_reply(p)
             if isinstance(p, Error):
                 return p
-            results[s] = p
+            results[s] = p.value if isinstance(p, Raw) else p
         if op == "exists":
             return sum(results.values())
         pos = {s: 0 for s in shards}
@@ -616,11 +632,16 @@ def _cmd_req(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
 
 
 def _cmd_fwd(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    """RAFTKV.FWD hops COMMAND...: run a command another node forwarded; reply = its encoding."""
     try:
         hops = int(req[1])
     except ValueError:
         return Error("ERR", "RAFTKV.FWD: bad hop count")
-    return node.dispatch(conn, req[2:], hops)
+    reply = node.dispatch(conn, req[2:], hops)
+
+    async def wrap() -> bytes:
+        return protocol.encode(await reply if asyncio.isfuture(reply) else reply)
+    return node.run(wrap())
 
 
 def _cmd_readonly(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:

@@ -58,6 +58,14 @@ class Error:
         return f"{self.code} {self.message}"
 
 
+@dataclass(frozen=True)
+class Raw:
+    """A reply another node already encoded (RESP2); ``value`` is its decoded form."""
+
+    data: bytes
+    value: Any
+
+
 class _NilArray:
     def __repr__(self) -> str:
         return "NIL_ARRAY"
@@ -100,6 +108,11 @@ def _encode_into(v: Any, out: list[bytes], resp3: bool = False) -> None:
         out.append(b"*%d\r\n" % len(v))
         for item in v:
             _encode_into(item, out, resp3)
+    elif isinstance(v, Raw):
+        if resp3:
+            _encode_into(v.value, out, resp3)
+        else:
+            out.append(v.data)
     elif isinstance(v, Map):
         out.append((b"%%%d\r\n" if resp3 else b"*%d\r\n") % (len(v.items) // (2 if resp3 else 1)))
         for item in v.items:
@@ -149,26 +162,38 @@ class RequestParser:
         self._reader = hiredis.Reader()
         self._limit = request_bytes_max
         self._pending = 0  # bytes fed since the last complete request
+        self._broken: ProtocolError | None = None
+
+    @property
+    def broken(self) -> ProtocolError | None:
+        """The framing error met after the requests last returned, if any."""
+        return self._broken
 
     def feed(self, data: bytes) -> None:
         self._pending += len(data)
         self._reader.feed(data)
 
     def requests(self) -> list[list[bytes]]:
+        # Requests before a garbage frame are still served; the error comes next call.
+        if self._broken is not None:
+            raise self._broken
         out = []
         while True:
             try:
                 req = self._reader.gets()
-            except hiredis.ProtocolError as e:
-                raise ProtocolError(str(e)) from None
-            if req is False:
-                break
-            if not isinstance(req, list) or not req or not all(isinstance(a, bytes) for a in req):
-                raise ProtocolError("expected an array of bulk strings")
+                if req is False:
+                    break
+                if not isinstance(req, list) or not req or not all(isinstance(a, bytes) for a in req):
+                    raise ProtocolError("expected an array of bulk strings")
+            except (hiredis.ProtocolError, ProtocolError) as e:
+                self._broken = ProtocolError(str(e))
+                if out:
+                    return out
+                raise self._broken from None
             out.append(req)
         if out:
-            # Bytes still buffered belong to the next, incomplete request.
-            self._pending = self._reader.len() if hasattr(self._reader, "len") else 0
+            # What is still buffered belongs to the next request: at most one read's worth.
+            self._pending = 0
         if self._pending > self._limit:
             raise RequestTooBig(f"request exceeds {self._limit} bytes (request_bytes_max)")
         return out
@@ -182,6 +207,16 @@ class ReplyError(Exception):
         super().__init__(text)
         self.code = code
         self.message = message
+
+
+def decode_reply(data: bytes) -> Any:
+    """Decode one complete encoded reply."""
+    r = reply_reader()
+    r.feed(data)
+    v = r.gets()
+    if v is False:
+        raise ProtocolError("incomplete reply")
+    return v
 
 
 def reply_reader() -> hiredis.Reader:

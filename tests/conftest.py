@@ -1,0 +1,53 @@
+"""Shared fixtures: real clusters of node processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from raftkv.cluster import LocalCluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def start_cluster(directory: str, nodes: int = 3, shards: int = 3, node_args: list[str] | None = None,
+                  timeout: float = 60.0) -> LocalCluster:
+    """A fresh cluster in ``directory`` on a free port range, every shard with a leader."""
+    lc = LocalCluster.create(directory, nodes=nodes, shards=shards, node_args=node_args)
+    lc.start()
+    try:
+        lc.wait_ready(timeout)
+    except Exception:
+        dump_logs(lc)
+        lc.stop()
+        raise
+    return lc
+
+
+def dump_logs(lc: LocalCluster, lines: int = 40) -> None:
+    for name in lc.map.nodes:
+        path = lc.log_file(name)
+        if path.exists():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            print(f"--- {name}.log (last {len(tail)} lines)\n" + "\n".join(tail))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One 3-node, 3-shard cluster shared by a test module (tests must not kill nodes)."""
+    lc = start_cluster(str(tmp_path_factory.mktemp("cluster")))
+    yield lc
+    lc.stop()
+
+
+@pytest.fixture
+def fresh_cluster(tmp_path) -> Iterator[LocalCluster]:
+    """A cluster of its own, for tests that kill or restart nodes."""
+    lc = start_cluster(str(tmp_path / "c"))
+    yield lc
+    lc.stop()

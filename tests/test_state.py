@@ -1,0 +1,160 @@
+"""The shard state machine against a plain-dict model (raftkv.state)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raftkv.state import CmdError, KVState
+from raftkv.txn import TxnResult
+
+keys = st.sampled_from([b"a", b"b", b"c", b"d"])
+values = st.sampled_from([b"1", b"2", b"3"])
+maybe_values = st.one_of(st.none(), values)
+
+plain = st.one_of(
+    st.tuples(st.just("get"), keys),
+    st.tuples(st.just("set"), keys, values),
+    st.tuples(st.just("del"), st.lists(keys, min_size=1, max_size=3)),
+    st.tuples(st.just("cas"), keys, maybe_values, values),
+    st.tuples(st.just("mget"), st.lists(keys, min_size=1, max_size=3)),
+    st.tuples(st.just("exists"), st.lists(keys, min_size=1, max_size=3)),
+    st.tuples(st.just("noop")),
+)
+
+
+class Model:
+    """What the commands mean, written as plainly as possible."""
+
+    def __init__(self) -> None:
+        self.d: dict[bytes, bytes] = {}
+        self.rev: dict[bytes, int] = {}
+        self.revision = 0
+        self.sessions: dict[bytes, tuple[int, object]] = {}
+
+    def run(self, cmd: tuple) -> object:
+        op = cmd[0]
+        if op == "get":
+            return self.d.get(cmd[1])
+        if op == "mget":
+            return [self.d.get(k) for k in cmd[1]]
+        if op == "exists":
+            return sum(k in self.d for k in cmd[1])
+        if op == "noop":
+            return None
+        if op == "set":
+            self.revision += 1
+            self.d[cmd[1]] = cmd[2]
+            self.rev[cmd[1]] = self.revision
+            return self.revision
+        if op == "del":
+            n = 0
+            for k in cmd[1]:
+                if k in self.d:
+                    self.revision += 1
+                    del self.d[k]
+                    n += 1
+            return n
+        if op == "cas":
+            cur = self.d.get(cmd[1])
+            if cur != cmd[2]:
+                return (False, cur)
+            self.revision += 1
+            self.d[cmd[1]] = cmd[3]
+            self.rev[cmd[1]] = self.revision
+            return (True, cur)
+        if op == "session":
+            _, client, seq, inner = cmd
+            if client in self.sessions:
+                last, res = self.sessions[client]
+                if seq == last:
+                    return res
+                if seq < last:
+                    return "stale"
+            res = self.run(inner)
+            self.sessions[client] = (seq, res)
+            return res
+        raise AssertionError(op)
+
+
+@st.composite
+def session_commands(draw: st.DrawFn) -> list[tuple]:
+    """Commands from two clients, each retrying some requests (same seq) as a client does."""
+    out = []
+    seq = {b"c1": 0, b"c2": 0}
+    for _ in range(draw(st.integers(1, 40))):
+        client = draw(st.sampled_from([b"c1", b"c2"]))
+        if draw(st.booleans()) and seq[client] > 0:
+            # a retry of the client's last request (same seq, same command)
+            last = next(c for c in reversed(out) if c[0] == "session" and c[1] == client)
+            out.append(last)
+        elif draw(st.integers(0, 3)) == 0:
+            out.append(draw(plain))
+        else:
+            seq[client] += 1
+            out.append(("session", client, seq[client], draw(plain)))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(plain, max_size=60))
+def test_plain_commands_match_a_dict(cmds: list[tuple]) -> None:
+    s, m = KVState(), Model()
+    for i, cmd in enumerate(cmds):
+        assert s.apply(cmd, now_ms=i) == m.run(cmd), cmd
+    assert {k: v for k, (v, _) in s.data.items()} == m.d
+    assert s.revision == m.revision
+    assert {k: r for k, (_, r) in s.data.items()} == {k: m.rev[k] for k in m.d}
+
+
+@settings(max_examples=300, deadline=None)
+@given(session_commands())
+def test_retries_never_apply_twice_and_return_the_first_result(cmds: list[tuple]) -> None:
+    s, m = KVState(), Model()
+    for i, cmd in enumerate(cmds):
+        got = s.apply(cmd, now_ms=i)
+        want = m.run(cmd)
+        if want == "stale":
+            assert isinstance(got, CmdError) and got.code == "STALEREQ"
+        else:
+            assert got == want, cmd
+    assert {k: v for k, (v, _) in s.data.items()} == m.d
+
+
+@settings(max_examples=100, deadline=None)
+@given(session_commands(), st.integers(0, 40))
+def test_snapshot_restore_is_the_same_state(cmds: list[tuple], cut: int) -> None:
+    s = KVState()
+    for i, cmd in enumerate(cmds[:cut]):
+        s.apply(cmd, now_ms=i)
+    r = KVState.restore(s.snapshot())
+    for i, cmd in enumerate(cmds[cut:], start=cut):
+        assert r.apply(cmd, now_ms=i) == s.apply(cmd, now_ms=i)
+    assert r.data == s.data and r.revision == s.revision and r.sessions == s.sessions
+
+
+def test_session_expires_after_ttl_of_log_time() -> None:
+    from raftkv.state import SESSION_TTL_MS
+
+    s = KVState()
+    s.apply(("session", b"old", 1, ("set", b"k", b"v")), now_ms=0)
+    for i in range(1024):  # expiry runs every 1024 applies
+        s.apply(("session", b"new", i + 1, ("get", b"k")), now_ms=SESSION_TTL_MS + 1 + i)
+    assert b"old" not in s.sessions and b"new" in s.sessions
+
+
+def test_unknown_command_is_an_error_not_an_exception() -> None:
+    res = KVState().apply(("frobnicate", b"k"), now_ms=0)
+    assert isinstance(res, CmdError) and res.code == "ERR"
+
+
+def test_single_shard_txn_branches() -> None:
+    s = KVState()
+    s.apply(("set", b"a", b"1"), 0)
+    ok = s.apply(("txn", [(b"a", "value", b"1")], [("put", b"b", b"2"), ("get", b"a")], [("get", b"b")]), 1)
+    assert ok == TxnResult(True, (2, b"1"))
+    no = s.apply(("txn", [(b"a", "missing", None)], [("put", b"c", b"x")], [("get", b"b"), ("del", b"a")]), 2)
+    assert no == TxnResult(False, (b"2", 1))
+    assert s.peek(b"a") is None and s.peek(b"c") is None
+    rev = s.peek(b"b")[1]
+    assert s.apply(("txn", [(b"b", "rev", rev), (b"b", "exists", None)], [("del", b"b")], []), 3).succeeded
