@@ -23,18 +23,7 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, replicated
 
-try:
-    from raftkv.raftfix import SafeSyncObj, tuned_conf
-except ImportError:  # TEMP until raftfix lands
-    from pysyncobj import SyncObj as SafeSyncObj
-    from pysyncobj import SyncObjConf
-
-    def tuned_conf(**kw):
-        base = dict(raftMinTimeout=0.15, raftMaxTimeout=0.35, appendEntriesPeriod=0.03, autoTickPeriod=0.01,
-                    connectionTimeout=1.0, connectionRetryTime=0.3, leaderFallbackTimeout=1.0,
-                    commandsWaitLeader=False, appendEntriesUseBatch=False, dynamicMembershipChange=True)
-        base.update(kw)
-        return SyncObjConf(**base)
+from raftkv.raftfix import SafeSyncObj, tuned_conf
 from raftkv.state import KVState
 
 log = logging.getLogger("raftkv.replica")
