@@ -8,27 +8,74 @@ every compare holds, else the *else* ops.
 * compare: ``(key, kind, arg)`` with kind ``"value"`` (value equals ``arg``;
   ``None`` means absent), ``"rev"`` (modification revision equals ``arg``; 0
   means absent), ``"exists"`` or ``"missing"``.
-* op: ``("put", key, value)``, ``("del", key)`` or ``("get", key)``.
+* op: ``("put", key, value)``, ``("del", key)`` or ``("get", key)``.  Ops of a
+  branch run in order; a ``get`` after a ``put`` of the same key sees the put.
 
 When all keys live on one shard the whole transaction is one Raft entry
-(``("txn", compares, then_ops, else_ops)`` in ``raftkv.state``).
+(``("txn", compares, then_ops, else_ops)`` in ``raftkv.state``).  Otherwise it
+runs two-phase commit (2PC) over the shards' Raft groups:
 
-``TxnTable`` holds the cross-shard (2PC) state of a shard: the locks and staged
-writes of prepared transactions (participant side) and the transaction records
-(coordinator side).  Until a transaction prepares here, the table is empty and
-every key is unlocked.
+1. ``tx_begin`` on the *home* shard (the shard of the first key) replicates a
+   transaction record in state PENDING, before any participant hears of it.
+2. ``tx_prepare`` on every participant: if any key is locked by another
+   transaction the participant votes NO at once (no-wait: nothing waits, so
+   nothing deadlocks) and remembers the transaction as ABORTED; otherwise it
+   locks every key the transaction reads or writes (both branches), evaluates
+   its compares, computes the results both branches would give, and votes YES
+   with them.
+3. ``tx_decide`` on the home shard is a compare-and-set PENDING -> COMMITTED or
+   ABORTED.  The first decision wins; a later one (a recovering leader, a
+   resolver, a duplicate coordinator) gets the first one back.  The branch of
+   a conditional transaction is part of the decision: the then-branch runs iff
+   every compare on every participant held.
+4. ``tx_finish`` on every participant applies the decided branch's staged
+   writes (COMMITTED) or drops them (ABORTED), unlocks, and keeps a tombstone
+   so a late or duplicate PREPARE cannot lock again.  ``tx_ack`` on the home
+   shard marks the record finished.
+5. ``tx_resolve`` on the home shard answers the outcome for a participant or
+   reader that met an old lock: a PENDING record older than the caller's
+   timeout is aborted (CAS), a missing record gets an ABORTED tombstone.
+6. ``tx_gc`` forgets finished records and tombstones older than
+   ``TOMBSTONE_TTL_MS`` of log time.
+
+Every message is idempotent by transaction id, so the I/O layer retries any
+message whose outcome is unknown.  ``TxnRun`` is the coordinator as a sans-IO
+state machine (commands out, results in); ``raftkv.coordinator`` drives it
+with real Raft writes, the tests drive it through a lossy simulation.
+
+Legal record transitions (anything else is refused and leaves state as is)::
+
+    (none) --begin--> PENDING --decide--> COMMITTED | ABORTED
+    (none) --resolve/decide--> ABORTED (tombstone)
+    PENDING --resolve (older than timeout)--> ABORTED
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from raftkv.state import KVState, Locked
 
 COMPARE_KINDS = ("value", "rev", "exists", "missing")
 OP_KINDS = ("put", "del", "get")
+
+PENDING = "PENDING"
+COMMITTED = "COMMITTED"
+ABORTED = "ABORTED"
+OUTCOMES = (COMMITTED, ABORTED)
+
+# Abort reasons (the node maps them to error codes).
+REASON_CONFLICT = "conflict"  # a participant met another transaction's lock (-TXNCONFLICT)
+REASON_TIMEOUT = "timeout"  # a participant did not vote in time, or a resolver aborted (-TRYAGAIN)
+REASON_UNKNOWN = "unknown"  # no record (garbage-collected or never begun): aborted by tombstone
+
+TOMBSTONE_TTL_MS = 10 * 60 * 1000  # keep finished records/tombstones this long (log time)
+TXN_RECORDS_MAX = 100_000  # open + finished records on one home shard
+TXN_KEYS_MAX = 10_000  # keys in one transaction
 
 
 @dataclass(frozen=True)
@@ -49,6 +96,8 @@ def validate(compares: list, then_ops: list, else_ops: list) -> str | None:
             return f"bad op {op!r}: want (put key value) / (del key) / (get key)"
         if op[0] == "put" and (len(op) != 3 or not isinstance(op[2], bytes)):
             return f"bad put {op!r}: want (put key value)"
+    if len(keys_of(compares, then_ops, else_ops)) > TXN_KEYS_MAX:
+        return f"transaction touches more than {TXN_KEYS_MAX} keys (TXN_KEYS_MAX)"
     return None
 
 
@@ -82,8 +131,12 @@ def apply_local_txn(s: KVState, compares: list, then_ops: list, else_ops: list) 
         if lock is not None:
             return lock
     ok = all(compare_holds(s.data.get(k), kind, arg) for k, kind, arg in compares)
-    results = []
-    for op in then_ops if ok else else_ops:
+    return TxnResult(ok, tuple(_apply_ops(s, then_ops if ok else else_ops)))
+
+
+def _apply_ops(s: KVState, ops: Any) -> list:
+    results: list = []
+    for op in ops:
         kind, key = op[0], op[1]
         if kind == "get":
             entry = s.data.get(key)
@@ -95,14 +148,71 @@ def apply_local_txn(s: KVState, compares: list, then_ops: list, else_ops: list) 
             if existed:
                 s.write(key, None)
             results.append(1 if existed else 0)
-    return TxnResult(ok, tuple(results))
+    return results
 
 
+def _simulate_ops(data: dict, ops: Any) -> tuple:
+    """The results ``ops`` would give if applied now (puts answer True): used at PREPARE."""
+    overlay: dict[bytes, bytes | None] = {}
+    out: list = []
+    for op in ops:
+        kind, key = op[0], op[1]
+        if key in overlay:
+            cur = overlay[key]
+        else:
+            entry = data.get(key)
+            cur = None if entry is None else entry[0]
+        if kind == "get":
+            out.append(cur)
+        elif kind == "put":
+            overlay[key] = op[2]
+            out.append(True)
+        else:
+            out.append(1 if cur is not None else 0)
+            overlay[key] = None
+    return tuple(out)
+
+
+# -- replicated state ------------------------------------------------------------------
+
+@dataclass
+class Record:
+    """Coordinator-side transaction record, on the home shard."""
+
+    state: str
+    participants: tuple[int, ...]
+    created_ms: int
+    branch: bool | None = None
+    results: tuple | None = None
+    reason: str = ""
+    acked: bool = False  # every participant has applied tx_finish
+    finished_ms: int | None = None
+
+    def answer(self) -> tuple:
+        """What begin/decide/resolve reply: ``(state, branch, results, reason, participants)``."""
+        return (self.state, self.branch, self.results, self.reason, self.participants)
+
+
+@dataclass
+class Prepared:
+    """Participant-side state of a prepared transaction: its locks and staged branches."""
+
+    home: int
+    keys: tuple[bytes, ...]
+    then_ops: tuple
+    else_ops: tuple
+    vote: tuple
+    since_ms: int
+
+
+@dataclass
 class TxnTable:
     """Cross-shard transaction state of one shard (locks, staged writes, records)."""
 
-    def __init__(self) -> None:
-        self.locks: dict[bytes, Any] = {}
+    locks: dict[bytes, Any] = field(default_factory=dict)  # key -> Locked
+    prepared: dict[str, Prepared] = field(default_factory=dict)
+    done: dict[str, tuple[str, int]] = field(default_factory=dict)  # participant tombstones
+    records: dict[str, Record] = field(default_factory=dict)
 
     def lock_of(self, key: bytes) -> Locked | None:
         """The lock held on ``key`` by a prepared transaction, if any."""
@@ -111,18 +221,344 @@ class TxnTable:
         return self.locks.get(key)
 
     def apply(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
-        """Apply one 2PC message (``tx_*`` command)."""
+        """Apply one 2PC message (``tx_*`` command); errors are returned, never raised."""
         from raftkv.state import CmdError
 
-        return CmdError("ERR", f"{cmd[0]}: cross-shard transactions are not enabled in this build")
+        handler = _TX_HANDLERS.get(cmd[0])
+        if handler is None:
+            return CmdError("ERR", f"unknown transaction message {cmd[0]!r}")
+        try:
+            return handler(self, s, cmd, now_ms)
+        except (ValueError, TypeError, IndexError) as e:  # malformed message: refuse, change nothing
+            return CmdError("ERR", f"{cmd[0]}: malformed message: {e}")
 
+    # -- coordinator side (home shard) ------------------------------------------------
+    def _begin(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        from raftkv.state import CmdError
+
+        _, txid, participants = cmd
+        rec = self.records.get(txid)
+        if rec is not None:  # duplicate begin (client retry, second coordinator): idempotent
+            return rec.answer()
+        if len(self.records) >= TXN_RECORDS_MAX:
+            return CmdError("BUSY", f"too many transaction records on this shard ({TXN_RECORDS_MAX})")
+        if not participants:
+            raise ValueError("no participants")
+        rec = self.records[txid] = Record(PENDING, tuple(participants), now_ms)
+        return rec.answer()
+
+    def _decide(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        _, txid, outcome, branch, results, reason = cmd
+        if outcome not in OUTCOMES:
+            raise ValueError(f"bad outcome {outcome!r}")
+        rec = self.records.get(txid)
+        if rec is None:
+            # Never begun here or long forgotten: only abort is safe (see module doc).
+            return self._tombstone(txid, now_ms).answer()
+        if rec.state == PENDING:
+            rec.state = outcome
+            rec.branch = branch if outcome == COMMITTED else None
+            rec.results = results if outcome == COMMITTED else None
+            rec.reason = reason if outcome == ABORTED else ""
+        return rec.answer()
+
+    def _resolve(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        _, txid, abort_after_ms = cmd
+        rec = self.records.get(txid)
+        if rec is None:
+            return self._tombstone(txid, now_ms).answer()
+        if rec.state == PENDING and now_ms - rec.created_ms >= abort_after_ms:
+            rec.state, rec.reason = ABORTED, REASON_TIMEOUT
+        return rec.answer()
+
+    def _tombstone(self, txid: str, now_ms: int) -> Record:
+        rec = self.records[txid] = Record(ABORTED, (), now_ms, reason=REASON_UNKNOWN, acked=True,
+                                          finished_ms=now_ms)
+        return rec
+
+    def _ack(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        _, txid = cmd
+        rec = self.records.get(txid)
+        if rec is None:
+            return False
+        if rec.state == PENDING:
+            raise ValueError("ack of an undecided transaction")
+        if not rec.acked:
+            rec.acked, rec.finished_ms = True, now_ms
+        return True
+
+    # -- participant side ----------------------------------------------------------------
+    def _prepare(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        from raftkv.state import Locked
+
+        _, txid, home, compares, then_ops, else_ops = cmd
+        done = self.done.get(txid)
+        if done is not None:  # finished here already: a late or duplicate PREPARE
+            return ("done", done[0])
+        prep = self.prepared.get(txid)
+        if prep is not None:
+            return prep.vote
+        keys = tuple(keys_of(compares, then_ops, else_ops))
+        for k in keys:
+            other = self.locks.get(k)
+            if other is not None:
+                # No-wait: vote NO, lock nothing, and remember the abort (this vote is final).
+                self.done[txid] = (ABORTED, now_ms)
+                return ("no", REASON_CONFLICT, (k, other.txid, other.home_shard, other.since_ms))
+        ok = all(compare_holds(s.data.get(k), kind, arg) for k, kind, arg in compares)
+        vote = ("yes", ok, _simulate_ops(s.data, then_ops), _simulate_ops(s.data, else_ops))
+        for k in keys:
+            self.locks[k] = Locked(k, txid, home, now_ms)
+        self.prepared[txid] = Prepared(home, keys, tuple(then_ops), tuple(else_ops), vote, now_ms)
+        return vote
+
+    def _finish(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        from raftkv.state import CmdError
+
+        _, txid, outcome, branch = cmd
+        if outcome not in OUTCOMES:
+            raise ValueError(f"bad outcome {outcome!r}")
+        done = self.done.get(txid)
+        if done is not None:
+            if done[0] != outcome:  # an invariant broke: two outcomes for one transaction
+                return CmdError("TXNBUG", f"transaction {txid} finished {done[0]} here, now told {outcome}")
+            return outcome
+        prep = self.prepared.pop(txid, None)
+        if prep is not None:
+            for k in prep.keys:
+                lock = self.locks.get(k)
+                if lock is not None and lock.txid == txid:
+                    del self.locks[k]
+            if outcome == COMMITTED:
+                _apply_ops(s, prep.then_ops if branch else prep.else_ops)
+        self.done[txid] = (outcome, now_ms)
+        return outcome
+
+    def _gc(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        horizon = now_ms - TOMBSTONE_TTL_MS
+        old_records = [t for t, r in self.records.items() if r.finished_ms is not None and r.finished_ms < horizon]
+        for t in old_records:
+            del self.records[t]
+        old_done = [t for t, (_, at) in self.done.items() if at < horizon]
+        for t in old_done:
+            del self.done[t]
+        return len(old_records) + len(old_done)
+
+    # -- snapshots -------------------------------------------------------------------------
     def dump(self) -> Any:
-        """Picklable form for snapshots."""
-        return {"locks": self.locks}
+        """Picklable form for snapshots (everything: locks, staged writes, records, tombstones)."""
+        return {"locks": dict(self.locks), "prepared": {t: replace(p) for t, p in self.prepared.items()},
+                "done": dict(self.done), "records": {t: replace(r) for t, r in self.records.items()}}
 
     @classmethod
     def load(cls, blob: Any) -> TxnTable:
         """Inverse of ``dump``."""
-        t = cls()
-        t.locks = dict(blob.get("locks", {}))
-        return t
+        return cls(locks=dict(blob.get("locks", {})),
+                   prepared={t: replace(p) for t, p in blob.get("prepared", {}).items()},
+                   done=dict(blob.get("done", {})),
+                   records={t: replace(r) for t, r in blob.get("records", {}).items()})
+
+    def check_invariants(self) -> None:
+        """Assert the table's internal consistency (tests call this after every step)."""
+        for k, lock in self.locks.items():
+            prep = self.prepared.get(lock.txid)
+            assert prep is not None and k in prep.keys, f"lock on {k!r} without its prepared txn"
+        for t, prep in self.prepared.items():
+            assert t not in self.done, f"{t} both prepared and finished"
+            for k in prep.keys:
+                assert self.locks[k].txid == t, f"prepared {t} lost its lock on {k!r}"
+        for t, rec in self.records.items():
+            assert rec.state in (PENDING, *OUTCOMES)
+            assert not (rec.acked and rec.state == PENDING), f"{t} acked while pending"
+
+
+_TX_HANDLERS: dict[str, Callable[..., Any]] = {
+    "tx_begin": TxnTable._begin,
+    "tx_decide": TxnTable._decide,
+    "tx_resolve": TxnTable._resolve,
+    "tx_ack": TxnTable._ack,
+    "tx_prepare": TxnTable._prepare,
+    "tx_finish": TxnTable._finish,
+    "tx_gc": TxnTable._gc,
+}
+
+
+# -- the coordinator: pure decisions and a sans-IO run -----------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """A cross-shard transaction split by shard, with where each op's result goes."""
+
+    txid: str
+    home: int
+    participants: tuple[int, ...]
+    parts: dict  # shard -> (compares, then_ops, else_ops)
+    then_pos: dict  # shard -> positions of its then-ops in the whole then list
+    else_pos: dict
+    n_then: int
+    n_else: int
+
+    def prepare_cmd(self, shard: int) -> tuple:
+        c, t, e = self.parts[shard]
+        return ("tx_prepare", self.txid, self.home, c, t, e)
+
+
+def plan_txn(txid: str, compares: list, then_ops: list, else_ops: list,
+             shard_of: Callable[[bytes], int]) -> Plan:
+    """Split a transaction by shard; the home shard is the shard of its first key."""
+    keys = keys_of(compares, then_ops, else_ops)
+    if not keys:
+        raise ValueError("a transaction needs at least one key")
+    home = shard_of(keys[0])
+    parts: dict[int, tuple[list, list, list]] = {}
+    then_pos: dict[int, list[int]] = {}
+    else_pos: dict[int, list[int]] = {}
+    for k in keys:
+        parts.setdefault(shard_of(k), ([], [], []))
+    for c in compares:
+        parts[shard_of(c[0])][0].append(tuple(c))
+    for i, op in enumerate(then_ops):
+        s = shard_of(op[1])
+        parts[s][1].append(tuple(op))
+        then_pos.setdefault(s, []).append(i)
+    for i, op in enumerate(else_ops):
+        s = shard_of(op[1])
+        parts[s][2].append(tuple(op))
+        else_pos.setdefault(s, []).append(i)
+    frozen = {s: (tuple(c), tuple(t), tuple(e)) for s, (c, t, e) in parts.items()}
+    return Plan(txid, home, tuple(sorted(parts)), frozen,
+                {s: tuple(p) for s, p in then_pos.items()}, {s: tuple(p) for s, p in else_pos.items()},
+                len(then_ops), len(else_ops))
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str
+    branch: bool | None
+    results: tuple | None
+    reason: str
+
+
+def decide(plan: Plan, votes: dict[int, tuple]) -> Decision:
+    """COMMIT iff every participant voted YES; the then-branch iff every compare held."""
+    for s in plan.participants:
+        v = votes.get(s)
+        if v is None:
+            return Decision(ABORTED, None, None, REASON_TIMEOUT)
+        if v[0] != "yes":
+            return Decision(ABORTED, None, None, REASON_CONFLICT if v[0] == "no" else REASON_UNKNOWN)
+    branch = all(votes[s][1] for s in plan.participants)
+    results: list = [None] * (plan.n_then if branch else plan.n_else)
+    pos = plan.then_pos if branch else plan.else_pos
+    for s in plan.participants:
+        mine = votes[s][2] if branch else votes[s][3]
+        for i, r in zip(pos.get(s, ()), mine, strict=True):
+            results[i] = r
+    return Decision(COMMITTED, branch, tuple(results), "")
+
+
+def conflict_of(votes: dict[int, tuple]) -> tuple | None:
+    """The ``(key, txid, home, since_ms)`` lock a NO vote met, if any."""
+    for v in votes.values():
+        if v[0] == "no" and len(v) > 2 and v[2] is not None:
+            return v[2]
+    return None
+
+
+class TxnRun:
+    """One coordinator run of a cross-shard transaction, sans I/O.
+
+    ``commands()`` lists the ``(shard, command)`` messages outstanding in the
+    current phase; the driver sends them (again and again if their outcome is
+    unknown: every message is idempotent) and feeds each applied result to
+    ``on_result``.  ``expire()`` tells the run that the prepare phase timed
+    out (missing votes count as NO).  Phases: begin, prepare, decide, finish,
+    ack, done.  ``decision`` is set once the home shard has applied one; the
+    client may be answered from then on.
+    """
+
+    def __init__(self, plan: Plan, phase: str = "begin", decision: tuple | None = None) -> None:
+        self.plan = plan
+        self.phase = phase
+        self.votes: dict[int, tuple] = {}
+        self.finished: set[int] = set()
+        self.proposal: Decision | None = None
+        self.decision: tuple | None = decision  # (state, branch, results, reason, participants)
+        self.conflict: tuple | None = None
+
+    @classmethod
+    def recover(cls, txid: str, home: int, record: tuple) -> TxnRun:
+        """A run that finishes an existing record: abort if PENDING, else resend the outcome."""
+        state, _branch, _results, _reason, participants = record
+        plan = Plan(txid, home, tuple(participants), {}, {}, {}, 0, 0)
+        if state == PENDING:
+            run = cls(plan, "decide")
+            run.proposal = Decision(ABORTED, None, None, REASON_TIMEOUT)
+            return run
+        return cls(plan, "finish" if participants else "ack", tuple(record))
+
+    def commands(self) -> list[tuple[int, tuple]]:
+        p = self.plan
+        if self.phase == "begin":
+            return [(p.home, ("tx_begin", p.txid, p.participants))]
+        if self.phase == "prepare":
+            return [(s, p.prepare_cmd(s)) for s in p.participants if s not in self.votes]
+        if self.phase == "decide":
+            d = self.proposal
+            assert d is not None
+            return [(p.home, ("tx_decide", p.txid, d.outcome, d.branch, d.results, d.reason))]
+        if self.phase == "finish":
+            assert self.decision is not None
+            state, branch = self.decision[0], self.decision[1]
+            return [(s, ("tx_finish", p.txid, state, branch)) for s in p.participants if s not in self.finished]
+        if self.phase == "ack":
+            return [(p.home, ("tx_ack", p.txid))]
+        return []
+
+    def on_result(self, shard: int, cmd: tuple, result: Any) -> None:
+        """Feed the applied result of ``cmd`` on ``shard``; stale results are ignored."""
+        op = cmd[0]
+        if op == "tx_begin" and self.phase == "begin":
+            if result[0] == PENDING:
+                self.phase = "prepare"
+            else:  # decided already (a retry of a known txid): skip straight to finishing
+                self._decided(result)
+        elif op == "tx_prepare" and self.phase == "prepare":
+            self.votes.setdefault(shard, result)
+            if result[0] != "yes":  # one NO decides: abort without waiting for the others
+                self.conflict = conflict_of({shard: result})
+                self._propose(decide(self.plan, self.votes))
+            elif len(self.votes) == len(self.plan.participants):
+                self._propose(decide(self.plan, self.votes))
+        elif op == "tx_decide" and self.phase == "decide":
+            self._decided(result)
+        elif op == "tx_finish" and self.phase == "finish":
+            self.finished.add(shard)
+            if len(self.finished) == len(self.plan.participants):
+                self.phase = "ack"
+        elif op == "tx_ack" and self.phase == "ack":
+            self.phase = "done"
+
+    def expire(self) -> None:
+        """The prepare phase ran out of time: decide ABORTED for the missing votes."""
+        if self.phase in ("begin", "prepare"):
+            self._propose(Decision(ABORTED, None, None, REASON_TIMEOUT))
+
+    def _propose(self, d: Decision) -> None:
+        self.proposal = d
+        self.phase = "decide"
+
+    def _decided(self, record: tuple) -> None:
+        assert record[0] in OUTCOMES, f"decision {record!r} is not final"
+        self.decision = tuple(record)
+        # A tombstone (no participants recorded) still finishes on the planned participants.
+        self.phase = "finish" if self.plan.participants else "ack"
+
+
+def recovery_action(record: Record, now_ms: int, pending_timeout_ms: int) -> str | None:
+    """What a home-shard leader should do about a record: ``"abort"``, ``"finish"`` or None."""
+    if record.state == PENDING:
+        return "abort" if now_ms - record.created_ms >= pending_timeout_ms else None
+    if not record.acked:
+        return "finish"
+    return None
