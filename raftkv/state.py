@@ -283,4 +283,5 @@ _HANDLERS = {
     "tx_finish": _txn_layer,
     "tx_resolve": _txn_layer,
     "tx_gc": _txn_layer,
+    "tx_ack": _txn_layer,
 }
