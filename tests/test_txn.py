@@ -1,0 +1,478 @@
+"""The 2PC transaction layer as pure code: table-driven transitions and a lossy simulation.
+
+No processes, no sockets, no clock: shards are ``KVState`` objects fed through an
+in-memory "log"; time is an integer the test advances.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from raftkv.state import CmdError, KVState, Locked
+from raftkv.txn import (
+    ABORTED,
+    COMMITTED,
+    PENDING,
+    REASON_CONFLICT,
+    REASON_TIMEOUT,
+    REASON_UNKNOWN,
+    TOMBSTONE_TTL_MS,
+    Record,
+    TxnRun,
+    decide,
+    plan_txn,
+    recovery_action,
+)
+
+T0 = 1_000_000
+
+
+def fresh(**data: bytes) -> KVState:
+    s = KVState()
+    for k, v in data.items():
+        s.apply(("set", k.encode(), v), T0)
+    return s
+
+
+# -- coordinator record transitions (home shard) -------------------------------------
+
+RECORD_CASES = [
+    # (name, [(command, expected state in the answer)])
+    ("begin then commit", [(("tx_begin", "t", (0, 1)), PENDING),
+                           (("tx_decide", "t", COMMITTED, True, (1,), ""), COMMITTED)]),
+    ("begin is idempotent", [(("tx_begin", "t", (0, 1)), PENDING), (("tx_begin", "t", (0, 1)), PENDING)]),
+    ("first decision wins", [(("tx_begin", "t", (0, 1)), PENDING),
+                             (("tx_decide", "t", ABORTED, None, None, REASON_CONFLICT), ABORTED),
+                             (("tx_decide", "t", COMMITTED, True, (), ""), ABORTED)]),
+    ("commit then abort keeps commit", [(("tx_begin", "t", (0, 1)), PENDING),
+                                        (("tx_decide", "t", COMMITTED, True, (), ""), COMMITTED),
+                                        (("tx_decide", "t", ABORTED, None, None, ""), COMMITTED),
+                                        (("tx_resolve", "t", 0), COMMITTED)]),
+    ("resolve of a missing record aborts", [(("tx_resolve", "t", 5000), ABORTED),
+                                            (("tx_begin", "t", (0, 1)), ABORTED),
+                                            (("tx_decide", "t", COMMITTED, True, (), ""), ABORTED)]),
+    ("decide without begin aborts", [(("tx_decide", "t", COMMITTED, True, (), ""), ABORTED)]),
+    ("young pending survives resolve", [(("tx_begin", "t", (0, 1)), PENDING), (("tx_resolve", "t", 5000), PENDING),
+                                        (("tx_decide", "t", COMMITTED, True, (), ""), COMMITTED)]),
+    ("old pending is aborted by resolve", [(("tx_begin", "t", (0, 1)), PENDING), (("tx_resolve", "t", 0), ABORTED),
+                                           (("tx_decide", "t", COMMITTED, True, (), ""), ABORTED)]),
+]
+
+
+@pytest.mark.parametrize("name,steps", RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_record_transitions(name: str, steps: list) -> None:
+    s = fresh()
+    for cmd, want in steps:
+        res = s.apply(cmd, T0)
+        assert res[0] == want, (cmd, res)
+        s.txns.check_invariants()
+
+
+def test_decision_carries_branch_and_results() -> None:
+    s = fresh()
+    s.apply(("tx_begin", "t", (0, 1)), T0)
+    ans = s.apply(("tx_decide", "t", COMMITTED, False, (b"x",), ""), T0)
+    assert ans == (COMMITTED, False, (b"x",), "", (0, 1))
+    assert s.apply(("tx_resolve", "t", 0), T0) == ans
+
+
+def test_ack_of_pending_is_refused_and_changes_nothing() -> None:
+    s = fresh()
+    s.apply(("tx_begin", "t", (0, 1)), T0)
+    before = s.txns.dump()
+    assert isinstance(s.apply(("tx_ack", "t"), T0), CmdError)
+    assert s.txns.dump() == before
+
+
+def test_malformed_messages_are_refused() -> None:
+    s = fresh(a=b"1")
+    before = s.txns.dump()
+    for cmd in [("tx_decide", "t", "MAYBE", None, None, ""), ("tx_finish", "t", "MAYBE", True),
+                ("tx_begin", "t"), ("tx_begin", "t", ())]:
+        assert isinstance(s.apply(cmd, T0), CmdError), cmd
+    assert s.txns.dump() == before
+
+
+def test_recovery_action() -> None:
+    assert recovery_action(Record(PENDING, (0, 1), T0), T0 + 10, 100) is None
+    assert recovery_action(Record(PENDING, (0, 1), T0), T0 + 100, 100) == "abort"
+    assert recovery_action(Record(COMMITTED, (0, 1), T0), T0, 100) == "finish"
+    assert recovery_action(Record(ABORTED, (0, 1), T0, acked=True), T0, 100) is None
+
+
+# -- participant transitions ---------------------------------------------------------------
+
+def prep(txid: str, compares=(), then_ops=(), else_ops=(), home: int = 0) -> tuple:
+    return ("tx_prepare", txid, home, tuple(compares), tuple(then_ops), tuple(else_ops))
+
+
+def test_prepare_locks_and_commit_applies() -> None:
+    s = fresh(a=b"1")
+    vote = s.apply(prep("t", [(b"a", "value", b"1")], [("put", b"a", b"2"), ("get", b"a")], [("get", b"a")]),
+                   T0)
+    assert vote == ("yes", True, (True, b"2"), (b"1",))
+    assert isinstance(s.apply(("get", b"a"), T0), Locked)
+    assert isinstance(s.apply(("set", b"a", b"9"), T0), Locked)
+    lock = s.apply(("get", b"a"), T0)
+    assert (lock.txid, lock.home_shard, lock.since_ms) == ("t", 0, T0)
+    assert s.apply(prep("t", [(b"a", "value", b"1")], [("put", b"a", b"2")]), T0 + 5) == vote  # duplicate
+    assert s.apply(("tx_finish", "t", COMMITTED, True), T0) == COMMITTED
+    assert s.apply(("get", b"a"), T0) == b"2"
+    assert s.apply(("tx_finish", "t", COMMITTED, True), T0) == COMMITTED  # duplicate: no second write
+    assert s.revision == 2
+    s.txns.check_invariants()
+
+
+def test_prepare_conflict_votes_no_and_locks_nothing() -> None:
+    s = fresh(a=b"1", b=b"1")
+    s.apply(prep("t1", then_ops=[("put", b"a", b"2")]), T0)
+    vote = s.apply(prep("t2", then_ops=[("put", b"b", b"2"), ("put", b"a", b"3")]), T0 + 1)
+    assert vote[:2] == ("no", REASON_CONFLICT) and vote[2][:2] == (b"a", "t1")
+    assert s.apply(("get", b"b"), T0) == b"1"  # t2 locked nothing
+    # t2's NO is final: after t1 finishes, a re-sent PREPARE of t2 still cannot lock.
+    s.apply(("tx_finish", "t1", ABORTED, None), T0)
+    assert s.apply(prep("t2", then_ops=[("put", b"b", b"2")]), T0 + 2) == ("done", ABORTED)
+    assert s.txns.locks == {}
+    s.txns.check_invariants()
+
+
+def test_abort_drops_staged_writes() -> None:
+    s = fresh(a=b"1")
+    s.apply(prep("t", then_ops=[("put", b"a", b"2"), ("del", b"a")]), T0)
+    assert s.apply(("tx_finish", "t", ABORTED, None), T0) == ABORTED
+    assert s.apply(("get", b"a"), T0) == b"1" and s.txns.locks == {}
+
+
+def test_finish_before_prepare_leaves_tombstone() -> None:
+    """A lost PREPARE that arrives after the abort must not lock (reordered messages)."""
+    s = fresh(a=b"1")
+    assert s.apply(("tx_finish", "t", ABORTED, None), T0) == ABORTED
+    assert s.apply(prep("t", then_ops=[("put", b"a", b"2")]), T0) == ("done", ABORTED)
+    assert s.txns.locks == {}
+
+
+def test_contradicting_finish_is_reported_and_changes_nothing() -> None:
+    s = fresh(a=b"1")
+    s.apply(("tx_finish", "t", ABORTED, None), T0)
+    before = s.txns.dump()
+    res = s.apply(("tx_finish", "t", COMMITTED, True), T0)
+    assert isinstance(res, CmdError) and res.code == "TXNBUG"
+    assert s.txns.dump() == before
+
+
+def test_conditional_else_branch() -> None:
+    s = fresh(a=b"1")
+    vote = s.apply(prep("t", [(b"a", "value", b"7")], [("put", b"a", b"2")], [("put", b"b", b"x"), ("get", b"a")]),
+                   T0)
+    assert vote == ("yes", False, (True,), (True, b"1"))
+    assert isinstance(s.apply(("get", b"b"), T0), Locked)  # both branches' keys are locked
+    s.apply(("tx_finish", "t", COMMITTED, False), T0)
+    assert s.apply(("mget", [b"a", b"b"]), T0) == [b"1", b"x"]
+
+
+def test_compare_kinds_at_prepare() -> None:
+    s = fresh(a=b"1")
+    rev = s.peek(b"a")[1]
+    for compares, ok in [([(b"a", "rev", rev)], True), ([(b"a", "rev", rev + 1)], False),
+                         ([(b"a", "exists", None)], True), ([(b"z", "missing", None)], True),
+                         ([(b"z", "rev", 0)], True), ([(b"a", "missing", None)], False)]:
+        vote = s.apply(prep(f"t{compares}", compares, [("get", b"a")]), T0)
+        assert vote[1] is ok, compares
+        s.apply(("tx_finish", f"t{compares}", ABORTED, None), T0)
+
+
+def test_single_shard_txn_waits_for_lock() -> None:
+    s = fresh(a=b"1")
+    s.apply(prep("t", then_ops=[("put", b"a", b"2")]), T0)
+    assert isinstance(s.apply(("txn", [(b"a", "exists", None)], [("put", b"a", b"3")], []), T0), Locked)
+
+
+def test_gc_forgets_only_old_finished_state() -> None:
+    s = fresh()
+    s.apply(("tx_begin", "open", (0, 1)), T0)
+    s.apply(("tx_begin", "t", (0, 1)), T0)
+    s.apply(("tx_decide", "t", COMMITTED, True, (), ""), T0)
+    s.apply(("tx_ack", "t"), T0)
+    s.apply(("tx_finish", "p", ABORTED, None), T0)
+    assert s.apply(("tx_gc",), T0 + TOMBSTONE_TTL_MS - 1) == 0
+    assert s.apply(("tx_gc",), T0 + TOMBSTONE_TTL_MS + 1) == 2
+    assert set(s.txns.records) == {"open"} and s.txns.done == {}
+
+
+def test_snapshot_keeps_everything() -> None:
+    s = fresh(a=b"1")
+    s.apply(prep("t", then_ops=[("put", b"a", b"2")]), T0)
+    s.apply(("tx_begin", "h", (0, 2)), T0)
+    s.apply(("tx_finish", "x", ABORTED, None), T0)
+    r = KVState.restore(s.snapshot())
+    assert r.txns == s.txns and r.data == s.data
+    r.apply(("tx_finish", "t", COMMITTED, True), T0)
+    assert r.apply(("get", b"a"), T0) == b"2"
+    assert isinstance(s.apply(("get", b"a"), T0), Locked)  # the original is untouched
+
+
+# -- pure coordinator decisions --------------------------------------------------------------
+
+SHARD = {b"a": 0, b"b": 1, b"c": 2, b"a2": 0}
+
+
+def test_plan_and_decide_assemble_results_in_op_order() -> None:
+    plan = plan_txn("t", [(b"b", "value", b"1"), (b"a", "exists", None)],
+                    [("put", b"a", b"x"), ("get", b"c"), ("get", b"a2")], [("get", b"b")], SHARD.__getitem__)
+    assert plan.home == 1 and plan.participants == (0, 1, 2)
+    votes = {0: ("yes", True, (True, b"A2"), ()), 1: ("yes", True, (), (b"B",)), 2: ("yes", True, (b"C",), ())}
+    assert decide(plan, votes).results == (True, b"C", b"A2") and decide(plan, votes).branch is True
+    votes[1] = ("yes", False, (), (b"B",))
+    d = decide(plan, votes)
+    assert (d.outcome, d.branch, d.results) == (COMMITTED, False, (b"B",))
+    assert decide(plan, {0: votes[0], 1: votes[1]}).outcome == ABORTED  # a missing vote
+    votes[2] = ("no", REASON_CONFLICT, (b"c", "u", 2, 0))
+    assert decide(plan, votes).reason == REASON_CONFLICT
+
+
+def test_run_skips_to_finish_when_record_is_decided() -> None:
+    plan = plan_txn("t", [], [("put", b"a", b"1"), ("put", b"b", b"1")], [], SHARD.__getitem__)
+    run = TxnRun(plan)
+    (shard, cmd), = run.commands()
+    run.on_result(shard, cmd, (COMMITTED, True, (True, True), "", (0, 1)))
+    assert run.phase == "finish" and {c[1][0] for c in run.commands()} == {"tx_finish"}
+    run2 = TxnRun(plan)
+    run2.on_result(0, run2.commands()[0][1], (ABORTED, None, None, REASON_UNKNOWN, ()))
+    assert run2.phase == "finish" and len(run2.commands()) == 2  # tombstone: abort on every participant
+
+
+def test_run_aborts_on_first_no_and_on_expiry() -> None:
+    plan = plan_txn("t", [], [("put", b"a", b"1"), ("put", b"b", b"1")], [], SHARD.__getitem__)
+    run = TxnRun(plan)
+    run.on_result(0, run.commands()[0][1], (PENDING, None, None, "", (0, 1)))
+    cmds = dict(run.commands())
+    run.on_result(1, cmds[1], ("no", REASON_CONFLICT, (b"b", "u", 1, T0)))
+    assert run.phase == "decide" and run.proposal.outcome == ABORTED and run.conflict[1] == "u"
+    run.on_result(0, cmds[0], ("yes", True, (True,), ()))  # a late vote changes nothing
+    assert run.proposal.outcome == ABORTED
+    run3 = TxnRun(plan)
+    run3.on_result(0, run3.commands()[0][1], (PENDING, None, None, "", (0, 1)))
+    run3.expire()
+    assert run3.proposal.reason == REASON_TIMEOUT
+
+
+# -- the simulation: several shards, lossy messages, coordinator crashes, leader restarts ---
+
+NSHARDS = 3
+ACCOUNTS = [f"acct{i}".encode() for i in range(6)]
+ACCOUNT_SHARD = {k: i % NSHARDS for i, k in enumerate(ACCOUNTS)}
+START = 10
+PENDING_TIMEOUT_MS = 50
+LOCK_TIMEOUT_MS = 80
+
+
+class Shard:
+    """One shard's replicated log plus the state of its current leader."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[tuple, int]] = []
+        self.state = KVState()
+
+    def apply(self, cmd: tuple, now_ms: int) -> object:
+        self.log.append((cmd, now_ms))
+        res = self.state.apply(cmd, now_ms)
+        self.state.txns.check_invariants()
+        return res
+
+    def restart(self, snapshot_at: int) -> None:
+        """A new leader: state rebuilt from a snapshot of a log prefix plus the rest of the log."""
+        s = KVState()
+        cut = min(snapshot_at, len(self.log))
+        for cmd, t in self.log[:cut]:
+            s.apply(cmd, t)
+        s = KVState.restore(s.snapshot())
+        for cmd, t in self.log[cut:]:
+            s.apply(cmd, t)
+        assert s.data == self.state.data and s.txns == self.state.txns and s.revision == self.state.revision
+        self.state = s
+
+
+class Sim:
+    def __init__(self) -> None:
+        self.now = T0
+        self.shards = [Shard() for _ in range(NSHARDS)]
+        for k in ACCOUNTS:
+            self.shards[ACCOUNT_SHARD[k]].apply(("set", k, str(START).encode()), self.now)
+        self.runs: list[TxnRun] = []
+        self.ntx = 0
+        self.replies: dict[str, tuple] = {}  # txid -> decision a coordinator reported
+        self.reads: list[tuple] = []  # results of committed read-all transactions
+        self.homes: dict[str, int] = {}
+
+    def value(self, k: bytes) -> int:
+        entry = self.shards[ACCOUNT_SHARD[k]].state.data.get(k)
+        return int(entry[0]) if entry else 0
+
+    def start_transfer(self, a: bytes, b: bytes) -> None:
+        va, vb = self.value(a), self.value(b)  # a possibly stale read: the compares decide
+        if va <= 0:
+            return
+        self._start([(a, "value", str(va).encode()), (b, "value", str(vb).encode())],
+                    [("put", a, str(va - 1).encode()), ("put", b, str(vb + 1).encode())], [("get", a)])
+
+    def start_read_all(self) -> None:
+        self._start([], [("get", k) for k in ACCOUNTS], [])
+
+    def _start(self, compares: list, then_ops: list, else_ops: list) -> None:
+        self.ntx += 1
+        plan = plan_txn(f"tx{self.ntx}", compares, then_ops, else_ops, ACCOUNT_SHARD.__getitem__)
+        self.homes[plan.txid] = plan.home
+        self.runs.append(TxnRun(plan))
+
+    def deliver(self, run: TxnRun, i: int, fate: str) -> None:
+        cmds = run.commands()
+        if not cmds:
+            return
+        shard, cmd = cmds[i % len(cmds)]
+        if fate == "lost":
+            return
+        res = self.shards[shard].apply(cmd, self.now)
+        if fate == "dup":
+            res = self.shards[shard].apply(cmd, self.now)
+        if fate == "noreply":
+            return
+        assert not isinstance(res, CmdError), (cmd, res)
+        run.on_result(shard, cmd, res)
+        self._observe(run)
+
+    def _observe(self, run: TxnRun) -> None:
+        if run.decision is None:
+            return
+        txid = run.plan.txid
+        prev = self.replies.setdefault(txid, run.decision[:3])
+        assert prev == run.decision[:3], f"{txid}: two decisions reported: {prev} vs {run.decision}"
+        if run.decision[0] == COMMITTED and run.plan.n_then == len(ACCOUNTS) and run.decision[2]:
+            self.reads.append(run.decision[2])
+
+    def recover(self, shard: int) -> None:
+        """What a (new) leader of ``shard`` does: finish open records, resolve old locks."""
+        st = self.shards[shard].state
+        for txid, rec in list(st.txns.records.items()):
+            if recovery_action(rec, self.now, PENDING_TIMEOUT_MS) is not None:
+                self.runs.append(TxnRun.recover(txid, shard, rec.answer()))
+        for lock in list(st.txns.locks.values()):
+            if self.now - lock.since_ms >= LOCK_TIMEOUT_MS:
+                ans = self.shards[lock.home_shard].apply(("tx_resolve", lock.txid, PENDING_TIMEOUT_MS), self.now)
+                if ans[0] != PENDING:
+                    res = self.shards[shard].apply(("tx_finish", lock.txid, ans[0], ans[1]), self.now)
+                    assert not isinstance(res, CmdError), res
+
+    def quiesce(self) -> None:
+        for _ in range(50):
+            self.now += LOCK_TIMEOUT_MS + PENDING_TIMEOUT_MS
+            for run in self.runs:  # surviving coordinators carry on; nothing is lost any more
+                while run.commands():
+                    self.deliver(run, 0, "ok")
+            self.runs = []
+            for s in range(NSHARDS):
+                self.recover(s)
+            if not self.runs and not any(sh.state.txns.locks for sh in self.shards):
+                return
+        raise AssertionError("the simulation did not settle")
+
+    def check(self) -> None:
+        balances = [self.value(k) for k in ACCOUNTS]
+        assert sum(balances) == START * len(ACCOUNTS), balances
+        assert min(balances) >= 0, balances
+        for read in self.reads:
+            assert sum(int(v) for v in read) == START * len(ACCOUNTS), read
+        for sh in self.shards:
+            assert sh.state.txns.locks == {} and sh.state.txns.prepared == {}
+        for txid, home in self.homes.items():
+            rec = self.shards[home].state.txns.records.get(txid)
+            outcomes = {sh.state.txns.done[txid][0] for sh in self.shards if txid in sh.state.txns.done}
+            if rec is None:  # never begun: nothing may have happened anywhere
+                assert outcomes <= {ABORTED}, (txid, outcomes)
+                continue
+            assert rec.state != PENDING
+            assert outcomes <= {rec.state}, f"{txid}: home says {rec.state}, participants {outcomes}"
+            if rec.state == COMMITTED:
+                for s in rec.participants:
+                    assert self.shards[s].state.txns.done[txid][0] == COMMITTED
+            if txid in self.replies:
+                assert self.replies[txid][0] == rec.state
+        # GC after the horizon forgets everything that is finished.
+        self.now += TOMBSTONE_TTL_MS + 1
+        for sh in self.shards:
+            sh.apply(("tx_gc",), self.now)
+            assert all(r.state != PENDING for r in sh.state.txns.records.values())
+            assert not sh.state.txns.done and not sh.state.txns.records
+
+
+ACTIONS = st.one_of(
+    st.tuples(st.just("transfer"), st.sampled_from(ACCOUNTS), st.sampled_from(ACCOUNTS)),
+    st.tuples(st.just("read_all")),
+    st.tuples(st.just("step"), st.integers(0, 7), st.integers(0, 3),
+              st.lists(st.sampled_from(["ok", "ok", "ok", "ok", "lost", "noreply", "dup"]), min_size=1,
+                       max_size=8)),
+    st.tuples(st.just("crash"), st.integers(0, 7)),
+    st.tuples(st.just("expire"), st.integers(0, 7)),
+    st.tuples(st.just("restart"), st.integers(0, NSHARDS - 1), st.integers(0, 200)),
+    st.tuples(st.just("recover"), st.integers(0, NSHARDS - 1)),
+    st.tuples(st.just("tick"), st.integers(1, 60)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ACTIONS, min_size=1, max_size=80))
+def test_simulation_atomicity(actions: list) -> None:
+    """Every transaction is applied on all its shards or on none; no lock outlives recovery."""
+    sim = Sim()
+    for act in actions:
+        kind = act[0]
+        if kind == "transfer" and act[1] != act[2]:
+            sim.start_transfer(act[1], act[2])
+        elif kind == "read_all":
+            sim.start_read_all()
+        elif kind == "step" and sim.runs:
+            run = sim.runs[act[1] % len(sim.runs)]
+            for fate in act[3]:
+                sim.deliver(run, act[2], fate)
+        elif kind == "crash" and sim.runs:
+            sim.runs.pop(act[1] % len(sim.runs))  # the coordinator's process died
+        elif kind == "expire" and sim.runs:
+            sim.runs[act[1] % len(sim.runs)].expire()
+        elif kind == "restart":
+            sim.shards[act[1]].restart(act[2])
+        elif kind == "recover":
+            sim.recover(act[1])
+        elif kind == "tick":
+            sim.now += act[1]
+    sim.quiesce()
+    sim.check()
+
+
+def test_simulation_crash_after_prepare_then_recovery() -> None:
+    """A scripted run: coordinator dies after every participant voted YES; recovery aborts."""
+    sim = Sim()
+    sim.start_transfer(ACCOUNTS[0], ACCOUNTS[1])
+    run = sim.runs[0]
+    sim.deliver(run, 0, "ok")  # begin
+    sim.deliver(run, 0, "ok")
+    sim.deliver(run, 0, "ok")  # both prepared
+    assert run.phase == "decide"
+    sim.runs.clear()  # kill -9
+    assert isinstance(sim.shards[0].state.apply(("get", ACCOUNTS[0]), sim.now), Locked)
+    sim.quiesce()
+    sim.check()
+    assert sim.value(ACCOUNTS[0]) == START
+
+
+def test_simulation_crash_after_decision_then_recovery() -> None:
+    sim = Sim()
+    sim.start_transfer(ACCOUNTS[0], ACCOUNTS[1])
+    run = sim.runs[0]
+    for _ in range(4):  # begin, 2 prepares, decide
+        sim.deliver(run, 0, "ok")
+    assert run.phase == "finish" and run.decision[0] == COMMITTED
+    sim.runs.clear()
+    sim.quiesce()
+    sim.check()
+    assert (sim.value(ACCOUNTS[0]), sim.value(ACCOUNTS[1])) == (START - 1, START + 1)
