@@ -193,6 +193,20 @@ class LocalCluster:
     def leader_of(self, shard: int) -> str | None:
         return self.leaders().get(shard)
 
+    def transfer_leader(self, shard: int, target: str, timeout: float = 20.0) -> None:
+        """Make ``target`` the leader of ``shard`` (retries until it is caught up and elected)."""
+        deadline = time.monotonic() + timeout
+        while self.leader_of(shard) != target:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"could not move shard {shard}'s leadership to {target} in {timeout:.0f} s")
+            for info in self.map.nodes.values():
+                try:
+                    call(info.client_addr, "RAFTKV.TRANSFER", str(shard), target, timeout=2.0)
+                    break
+                except (OSError, ConnectionError):
+                    continue
+            time.sleep(0.3)
+
     def wait_ready(self, timeout: float = 30.0, nodes: list[str] | None = None) -> None:
         """Until every shard has a leader that answers a write-free read barrier."""
         deadline = time.monotonic() + timeout

@@ -658,6 +658,41 @@ def _cmd_status(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
     return json.dumps(node.status()).encode()
 
 
+def _cmd_transfer(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    """RAFTKV.TRANSFER shard [node]: hand the shard's leadership to a node (best effort)."""
+    try:
+        shard = int(req[1])
+    except ValueError:
+        return Error("ERR", "RAFTKV.TRANSFER: shard must be an integer")
+    if not 0 <= shard < node.map.nshards:
+        return Error("ERR", f"RAFTKV.TRANSFER: no shard {shard}")
+    target = req[2].decode() if len(req) > 2 else None
+    if target is not None and target not in [n.name for n in node.map.replicas(shard)]:
+        return Error("ERR", f"RAFTKV.TRANSFER: {target} holds no replica of shard {shard}")
+    replica = node.replicas.get(shard)
+    if replica is None or not replica.is_leader():
+        leader = node._leader_node(shard)
+        if leader is None or leader == node.name or hops >= 2:
+            return Error("NOQUORUM", f"shard {shard} has no leader to transfer from")
+
+        async def fwd() -> Any:
+            r = await node._forward(leader, req, hops, node.timing.request_timeout_s)
+            return Error("TRYAGAIN", f"leader {leader} unreachable") if isinstance(r, _ForwardFailed) else r
+        return node.run(fwd())
+    if target == node.name:
+        return OK
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    addr = None if target is None else node.map.nodes[target].raft_addr(shard)
+
+    def done(ok: bool, reason: str) -> None:
+        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(
+            OK if ok else Error("TRYAGAIN", f"transfer refused ({reason}): the target must be connected and "
+                                             "fully caught up; retry")))
+    replica.transfer_leadership(addr, done)
+    return fut
+
+
 def _cmd_cluster(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
     """The cluster file (TOML), so a client given only addresses can route by itself."""
     return node.map.to_toml().encode()
@@ -742,6 +777,7 @@ COMMANDS: dict[bytes, tuple[int, Any]] = {
     b"RAFTKV.STATUS": (1, _cmd_status),
     b"RAFTKV.SHARDS": (1, _cmd_shards),
     b"RAFTKV.CLUSTER": (1, _cmd_cluster),
+    b"RAFTKV.TRANSFER": (-2, _cmd_transfer),
     b"READONLY": (1, _cmd_readonly),
     b"READWRITE": (1, _cmd_readwrite),
     b"INFO": (-1, _cmd_info),

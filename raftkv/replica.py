@@ -14,6 +14,7 @@ by definition (used only for explicitly stale GETs and for status).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -72,6 +73,8 @@ class ShardReplica(SafeSyncObj):
             **(conf_overrides or {}),
         )
         super().__init__(self_addr, peer_addrs, conf)
+        self._tick_actions: collections.deque[Callable[[], None]] = collections.deque()
+        self.addOnTickCallback(self._run_tick_actions)
 
     # -- replicated: runs on every replica, in log order -----------------------
     @replicated
@@ -99,6 +102,27 @@ class ShardReplica(SafeSyncObj):
     def leader_addr(self) -> str | None:
         leader = self._getLeader()
         return None if leader is None else leader.id
+
+    def transfer_leadership(self, target_addr: str | None, done: Callable[[bool, str], None]) -> None:
+        """Ask this leader to hand over to ``target_addr`` (best effort; None = most caught-up peer).
+
+        pysyncobj's ``transferLeadership`` touches Raft state, so it runs on the tick thread.
+        """
+
+        def cb(_res: Any, err: int) -> None:
+            done(err == FAIL_REASON.SUCCESS, _reason(err))
+
+        self.on_tick_thread(lambda: self.transferLeadership(target_addr, callback=cb))
+
+    def on_tick_thread(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once on the tick thread (where Raft state may be touched)."""
+        self._tick_actions.append(action)
+
+    def _run_tick_actions(self) -> None:
+        # Registered once: pysyncobj holds a non-reentrant lock while it calls tick
+        # callbacks, so a callback must never add or remove callbacks itself.
+        while self._tick_actions:
+            self._tick_actions.popleft()()
 
     def status(self) -> dict:
         """pysyncobj's status plus ours; safe to call from any thread (racy reads)."""
