@@ -559,8 +559,8 @@ class SafeSyncObj(SyncObj):
             if log[prev_idx - first_idx][2] != prev_term:
                 if prev_idx <= committed:
                     logger.critical(
-                        "leader %s disagrees with committed entry %d (term %d, leader says %d)",
-                        node, prev_idx, log[prev_idx - first_idx][2], prev_term)
+                        "leader %r disagrees with committed entry %d (term %d, leader says %d)",
+                        node.id, prev_idx, log[prev_idx - first_idx][2], prev_term)
                 self._SyncObj__sendNextNodeIdx(node, reset=True, nextNodeIdx=prev_idx)
                 return
 
@@ -580,8 +580,8 @@ class SafeSyncObj(SyncObj):
                 # Never truncate committed (possibly applied) entries. Under Raft this cannot happen; if it
                 # does, refusing (no ack) keeps this replica's committed prefix intact.
                 logger.critical(
-                    "refusing to truncate committed entry %d (held term %d, leader %s sends term %d; "
-                    "commit index %d); dropping AppendEntries", idx, held_term, node, entry[2], committed)
+                    "refusing to truncate committed entry %d (held term %d, leader %r sends term %d; "
+                    "commit index %d); dropping AppendEntries", idx, held_term, node.id, entry[2], committed)
                 return
             self._rf_truncate_from(idx)
             start = k
@@ -694,7 +694,7 @@ class SafeSyncObj(SyncObj):
         term = message.get(TERM_KEY)
         if term is None:
             if not self._rf_warned_legacy:
-                logger.warning("peer %s runs unpatched pysyncobj: its replies carry no term", node)
+                logger.warning("peer %r runs unpatched pysyncobj: its replies carry no term", node.id)
                 self._rf_warned_legacy = True
         elif term != self._SyncObj__raftCurrentTerm:
             return  # a reply to an earlier leader (ours or someone else's): says nothing about this term
@@ -707,7 +707,7 @@ class SafeSyncObj(SyncObj):
         if message["success"]:
             acked = reply_next - 1
             if acked > last_idx:
-                logger.error("peer %s acked %d beyond our last index %d; ignored", node, acked, last_idx)
+                logger.error("peer %r acked %d beyond our last index %d; ignored", node.id, acked, last_idx)
                 return
             # Stock assigned nextIndex from every matchIndex raise, so a late ack rewound it and the leader
             # re-sent entries the follower already had. Both only move forward here.

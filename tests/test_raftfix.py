@@ -4,7 +4,8 @@ Everything here runs real pysyncobj replicas in one process on a simulated netwo
 in-process ``Transport`` whose messages the test delivers, delays, reorders, duplicates or drops, with
 ``autoTick=False`` and pysyncobj's clock and RNG replaced by a fake clock and a seeded ``random.Random``. A run
 is therefore a pure function of its seed and script, and a failing seed replays exactly
-(``RAFTFIX_SEED=<seed> pytest tests/test_raftfix.py -k replay``).
+(``RAFTFIX_SEED=<seed> pytest tests/test_raftfix.py -k replay``; ``RAFTFIX_EXAMPLES`` sets how many seeds
+hypothesis tries, default 150).
 """
 
 from __future__ import annotations
@@ -639,7 +640,7 @@ def check_prefixes(c: Cluster, seed: int) -> None:
             assert long_[: len(short)] == short, f"seed {seed}: applied sequences diverged"
 
 
-@settings(max_examples=int(os.environ.get("RAFTFIX_EXAMPLES", "30")), deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("RAFTFIX_EXAMPLES", "150")), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_stress_random_faults(seed: int) -> None:
@@ -650,9 +651,9 @@ def test_stress_random_faults(seed: int) -> None:
         raise
 
 
-@pytest.mark.skipif("RAFTFIX_SEED" not in os.environ, reason="set RAFTFIX_SEED=<seed> to replay one run")
 def test_replay_seed() -> None:
-    run_stress(int(os.environ["RAFTFIX_SEED"]), safe=os.environ.get("RAFTFIX_STOCK") is None)
+    """Replay one run: ``RAFTFIX_SEED=<seed>`` (add ``RAFTFIX_STOCK=1`` for stock); default: a fixed seed."""
+    run_stress(int(os.environ.get("RAFTFIX_SEED", "5")), safe=os.environ.get("RAFTFIX_STOCK") is None)
 
 
 def test_stress_finds_divergence_on_stock() -> None:
