@@ -35,7 +35,7 @@ from typing import Any
 
 import hiredis
 
-from raftkv import protocol
+from raftkv import coordinator, protocol, txncmds
 from raftkv.protocol import OK, PONG, Error, Raw
 from raftkv.replica import APPLIED, UNKNOWN, ShardReplica
 from raftkv.state import CmdError, Locked
@@ -155,12 +155,13 @@ class PeerLink:
 class Conn:
     """Per-connection state."""
 
-    __slots__ = ("readonly", "peer", "resp3")
+    __slots__ = ("readonly", "peer", "resp3", "txn")
 
     def __init__(self, peer: str) -> None:
         self.readonly = False
         self.peer = peer
         self.resp3 = False
+        self.txn = None  # WATCH/MULTI state (raftkv.txncmds.ConnTxn)
 
 
 class Node:
@@ -196,6 +197,7 @@ class Node:
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.proposers = {s: Proposer(r, loop, self.limits.batch_cmds_max) for s, r in self.replicas.items()}
+        coordinator.start(self)  # 2PC recovery: finish open records, resolve old locks
         server = await asyncio.start_server(self._handle, self.info.host, self.info.client_port,
                                             limit=1 << 20, backlog=1024)
         log.info("event=serving node=%s addr=%s:%d shards=%s", self.name, self.info.host,
@@ -292,6 +294,8 @@ class Node:
         n = len(req)
         if (arity >= 0 and n != arity) or (arity < 0 and n < -arity):
             return Error("WRONGARGS", f"wrong number of arguments for '{name.decode().lower()}' command")
+        if conn.txn is not None and conn.txn.queuing and name not in txncmds.CONTROL:
+            return txncmds.queue(self, conn, req, name)  # inside MULTI: queue for EXEC
         try:
             return method(self, conn, req, hops)
         except _BadRequest as e:
@@ -338,9 +342,13 @@ class Node:
                     kind, res = UNKNOWN, "timeout"
                 if kind == APPLIED:
                     if isinstance(res, Locked):
-                        # Until the transaction resolves, wait and retry (reads and writes alike).
+                        # Until the transaction resolves, wait and retry (reads and writes alike);
+                        # a lock older than the lock timeout is resolved at its home shard.
                         if loop.time() > deadline:
                             return Error("LOCKED", f"key {res.key!r} is locked by transaction {res.txid}")
+                        if coordinator.lock_is_old(res):
+                            await asyncio.wait([coordinator.service(self).resolve_soon(shard, res)],
+                                               timeout=max(0.05, deadline - loop.time()))
                         await asyncio.sleep(self.timing.retry_sleep_s)
                         continue
                     return res
@@ -790,6 +798,7 @@ COMMANDS: dict[bytes, tuple[int, Any]] = {
     b"HELLO": (-1, _cmd_hello),
 }
 _SESSION_WRITES.update({b"SET": _cmd_set, b"DEL": _cmd_del, b"CAS": _cmd_cas, b"RAFTKV.CASNX": _cmd_casnx})
+COMMANDS.update(txncmds.COMMANDS)  # MSET, RAFTKV.TXN, WATCH/MULTI/EXEC/DISCARD (cross-shard 2PC)
 
 
 def setup_logging(level: str = "INFO") -> None:

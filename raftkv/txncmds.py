@@ -1,0 +1,287 @@
+"""RESP commands for transactions: MSET, RAFTKV.TXN, WATCH/MULTI/EXEC/DISCARD/UNWATCH.
+
+``RAFTKV.TXN`` grammar (tokens are bulk strings, keywords case-insensitive)::
+
+    RAFTKV.TXN [ID txid] <ncompares> <compare>... <nthen> <op>... <nelse> <op>...
+    compare := key VALUE v | key REV n | key EXISTS | key MISSING
+    op      := PUT key value | DEL key | GET key
+
+The reply is ``[succeeded (1|0), [result...]]``, one result per op of the
+branch that ran: ``PUT`` -> ``OK``, ``DEL`` -> 1/0, ``GET`` -> value or nil.
+``ID`` names the transaction (1-64 characters): resending the same ID after an
+unknown outcome finds the first attempt instead of running twice.
+
+Per connection, ``WATCH`` records each key's modification revision (a
+linearizable read); ``MULTI`` starts queueing (``SET``, ``DEL``, ``GET``,
+``MSET`` answer ``+QUEUED``); ``EXEC`` runs the queue as ONE transaction whose
+compares are "revision unchanged since WATCH" and returns the array of
+replies, or a nil array when a watched key changed.  ``MSET`` and ``EXEC``
+retry a no-wait conflict internally (with backoff) before answering
+``-TXNCONFLICT``, since plain Redis clients do not know that error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from raftkv import coordinator
+from raftkv.protocol import NIL_ARRAY, OK, QUEUED, Error
+from raftkv.txn import TxnResult
+
+CONFLICT_RETRIES = 8
+
+
+class _Syntax(Exception):
+    pass
+
+
+def parse_txn(args: list[bytes]) -> tuple[str | None, list, list, list]:
+    """``RAFTKV.TXN`` arguments (without the command name) -> (txid, compares, then, else)."""
+    pos = 0
+    txid = None
+
+    def take() -> bytes:
+        nonlocal pos
+        if pos >= len(args):
+            raise _Syntax("unexpected end of arguments")
+        pos += 1
+        return args[pos - 1]
+
+    def count() -> int:
+        tok = take()
+        try:
+            n = int(tok)
+        except ValueError:
+            raise _Syntax(f"expected a count, got {tok!r}") from None
+        if n < 0 or n > len(args):
+            raise _Syntax(f"bad count {n}")
+        return n
+
+    if args and args[0].upper() == b"ID":
+        take()
+        txid = take().decode(errors="replace")
+    compares = []
+    for _ in range(count()):
+        key, kind = take(), take().upper()
+        if kind == b"VALUE":
+            compares.append((key, "value", take()))
+        elif kind == b"REV":
+            try:
+                compares.append((key, "rev", int(take())))
+            except ValueError:
+                raise _Syntax("REV needs an integer revision") from None
+        elif kind == b"EXISTS":
+            compares.append((key, "exists", None))
+        elif kind == b"MISSING":
+            compares.append((key, "missing", None))
+        else:
+            raise _Syntax(f"unknown compare {kind!r}: want VALUE, REV, EXISTS or MISSING")
+    branches: list[list] = []
+    for _ in range(2):
+        ops = []
+        for _ in range(count()):
+            kind = take().upper()
+            if kind == b"PUT":
+                key = take()
+                ops.append(("put", key, take()))
+            elif kind == b"DEL":
+                ops.append(("del", take()))
+            elif kind == b"GET":
+                ops.append(("get", take()))
+            else:
+                raise _Syntax(f"unknown op {kind!r}: want PUT, DEL or GET")
+        branches.append(ops)
+    if pos != len(args):
+        raise _Syntax(f"{len(args) - pos} extra argument(s)")
+    return txid, compares, branches[0], branches[1]
+
+
+def op_replies(ops: list, results: tuple) -> list:
+    """Results of a branch's ops as RESP replies (PUT -> OK whatever the shard count)."""
+    out = []
+    for op, r in zip(ops, results, strict=True):
+        out.append(OK if op[0] == "put" else (int(r) if op[0] == "del" else r))
+    return out
+
+
+async def _with_retries(node: Any, compares: list, then_ops: list, else_ops: list, retries: int) -> Any:
+    delay = 0.005
+    for attempt in range(retries + 1):
+        res = await coordinator.coordinate(node, coordinator.new_txid(), compares, then_ops, else_ops)
+        if not (isinstance(res, Error) and res.code == "TXNCONFLICT") or attempt == retries:
+            return res
+        await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(0.2, delay * 2)
+    return res
+
+
+def _check(node: Any, keys: list[bytes], values: list[bytes]) -> None:
+    for k in keys:
+        node.shard_of(k)  # raises the node's TOOBIG error for oversize keys
+    for v in values:
+        node._check_value(v)
+
+
+def cmd_mset(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    args = req[1:]
+    if len(args) % 2:
+        return Error("WRONGARGS", "wrong number of arguments for 'mset' command")
+    puts = [("put", args[i], args[i + 1]) for i in range(0, len(args), 2)]
+    _check(node, args[0::2], args[1::2])
+
+    async def go() -> Any:
+        res = await _with_retries(node, [], puts, [], CONFLICT_RETRIES)
+        return res if isinstance(res, Error) else OK
+    return node.run(go())
+
+
+def cmd_txn(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    try:
+        txid, compares, then_ops, else_ops = parse_txn(req[1:])
+    except _Syntax as e:
+        return Error("ERR", f"RAFTKV.TXN syntax: {e} (see 'RAFTKV.TXN [ID id] n key VALUE v ... n PUT k v ... n ...')")
+    keys = [c[0] for c in compares] + [op[1] for op in then_ops + else_ops]
+    if not keys:
+        return Error("ERR", "RAFTKV.TXN: a transaction needs at least one key")
+    _check(node, keys, [op[2] for op in then_ops + else_ops if op[0] == "put"])
+
+    async def go() -> Any:
+        res = await coordinator.coordinate(node, txid or coordinator.new_txid(), compares, then_ops, else_ops)
+        if isinstance(res, Error):
+            return res
+        assert isinstance(res, TxnResult)
+        return [1 if res.succeeded else 0, op_replies(then_ops if res.succeeded else else_ops, res.results)]
+    return node.run(go())
+
+
+# -- WATCH / MULTI / EXEC ---------------------------------------------------------------
+
+class ConnTxn:
+    """One connection's optimistic-transaction state."""
+
+    def __init__(self) -> None:
+        self.watches: list[tuple[bytes, asyncio.Future]] = []
+        self.queuing = False
+        self.queued: list[tuple[bytes, list]] = []  # (command name, ops)
+        self.dirty: str | None = None
+
+
+def _state(conn: Any) -> ConnTxn:
+    if conn.txn is None:
+        conn.txn = ConnTxn()
+    return conn.txn
+
+
+CONTROL = {b"EXEC", b"DISCARD", b"MULTI", b"WATCH", b"UNWATCH", b"QUIT", b"RAFTKV.FWD"}
+
+
+def in_multi(conn: Any) -> bool:
+    return conn.txn is not None and conn.txn.queuing
+
+
+def queue(node: Any, conn: Any, req: list[bytes], name: bytes) -> Any:
+    """Called by ``Node.dispatch`` for every non-control command inside MULTI."""
+    t = conn.txn
+    args = req[1:]
+    if name == b"SET" and len(args) == 2:
+        ops = [("put", args[0], args[1])]
+    elif name == b"MSET" and args and len(args) % 2 == 0:
+        ops = [("put", args[i], args[i + 1]) for i in range(0, len(args), 2)]
+    elif name == b"DEL" and args:
+        ops = [("del", k) for k in args]
+    elif name == b"GET" and len(args) == 1:
+        ops = [("get", args[0])]
+    else:
+        t.dirty = f"{name.decode(errors='replace')} is not supported inside MULTI"
+        return Error("ERR", f"{t.dirty} (raftkv queues SET, MSET, DEL and GET)")
+    try:
+        _check(node, [op[1] for op in ops], [op[2] for op in ops if op[0] == "put"])
+    except Exception as e:  # the node's _BadRequest carries the error reply
+        t.dirty = str(e)
+        return getattr(e, "error", Error("ERR", str(e)))
+    t.queued.append((name, ops))
+    return QUEUED
+
+
+def cmd_watch(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    if in_multi(conn):
+        return Error("ERR", "WATCH inside MULTI is not allowed")
+    t = _state(conn)
+    for key in req[1:]:
+        shard = node.shard_of(key)
+        t.watches.append((key, asyncio.ensure_future(coordinator.tx_call(node, shard, ("getrev", key),
+                                                                         node.timing.request_timeout_s))))
+    return OK
+
+
+def cmd_unwatch(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    if conn.txn is not None:
+        for _, f in conn.txn.watches:
+            f.cancel()
+        conn.txn.watches.clear()
+    return OK
+
+
+def cmd_multi(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    if in_multi(conn):
+        return Error("ERR", "MULTI calls can not be nested")
+    _state(conn).queuing = True
+    return OK
+
+
+def cmd_discard(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    if not in_multi(conn):
+        return Error("ERR", "DISCARD without MULTI")
+    cmd_unwatch(node, conn, req, hops)
+    conn.txn = None
+    return OK
+
+
+def cmd_exec(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    if not in_multi(conn):
+        return Error("ERR", "EXEC without MULTI")
+    t, conn.txn = conn.txn, None
+    if t.dirty is not None:
+        for _, f in t.watches:
+            f.cancel()
+        return Error("EXECABORT", f"Transaction discarded because of previous errors: {t.dirty}")
+
+    async def go() -> Any:
+        compares = []
+        for key, fut in t.watches:
+            try:
+                entry = await fut
+            except coordinator.TxnCallFailed as e:
+                return Error("EXECABORT", f"WATCH {key!r} could not be read: {e}")
+            compares.append((key, "rev", 0 if entry is None else entry[1]))
+        then_ops = [op for _, ops in t.queued for op in ops]
+        if not then_ops and not compares:
+            return []
+        res = await _with_retries(node, compares, then_ops, [], CONFLICT_RETRIES)
+        if isinstance(res, Error):
+            return res
+        if not res.succeeded:
+            return NIL_ARRAY
+        replies, pos = [], 0
+        for name, ops in t.queued:
+            part = op_replies(ops, res.results[pos:pos + len(ops)])
+            pos += len(ops)
+            replies.append(sum(part) if name == b"DEL" else (OK if name == b"MSET" else part[0]))
+        return replies
+    return node.run(go())
+
+
+# name -> (arity as in Redis, handler); merged into raftkv.node.COMMANDS
+COMMANDS: dict[bytes, tuple[int, Any]] = {
+    b"MSET": (-3, cmd_mset),
+    b"RAFTKV.TXN": (-4, cmd_txn),
+    b"RAFTKV.TXMSG": (3, coordinator.cmd_txmsg),
+    b"RAFTKV.TXRUN": (3, coordinator.cmd_txrun),
+    b"WATCH": (-2, cmd_watch),
+    b"UNWATCH": (1, cmd_unwatch),
+    b"MULTI": (1, cmd_multi),
+    b"EXEC": (1, cmd_exec),
+    b"DISCARD": (1, cmd_discard),
+}
