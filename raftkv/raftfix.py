@@ -380,6 +380,11 @@ class SafeSyncObj(SyncObj):
         t0 = time.perf_counter()
         journal.flush()
         dt = time.perf_counter() - t0
+        if self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            # The election timer measures leader silence. While we sat in fsync, the leader's heartbeats
+            # queued up unread in our socket; without this, a slow disk (measured: up to 180 ms under load)
+            # makes a healthy follower start an election before it reads them, deposing the leader.
+            self._SyncObj__raftElectionDeadline += dt
         with self._rf_flush_lock:
             stats = self._rf_flush
             stats.count += 1
