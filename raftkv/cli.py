@@ -113,12 +113,16 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--unsafe-local-reads", is_flag=True,
               help="DANGEROUS, for fault-injection demos only: answer reads from the local copy")
-def serve(config: str, node_name: str, log_level: str, unsafe_local_reads: bool) -> None:
+@click.option("--metrics-port", type=int, default=None,
+              help="Prometheus /metrics, /health, /ready port (default: the node's metrics_port in the "
+                   "cluster file; 0 disables)")
+def serve(config: str, node_name: str, log_level: str, unsafe_local_reads: bool, metrics_port: int | None) -> None:
     """Run one node in the foreground."""
     from raftkv.node import run_node
 
     try:
-        run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level)
+        run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level,
+                 metrics_port=metrics_port)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 

@@ -36,6 +36,7 @@ from typing import Any
 import hiredis
 
 from raftkv import coordinator, protocol, txncmds
+from raftkv.metrics import NodeMetrics, serve_http
 from raftkv.protocol import OK, PONG, Error, Raw
 from raftkv.replica import APPLIED, UNKNOWN, ShardReplica
 from raftkv.state import CmdError, Locked
@@ -67,8 +68,10 @@ class Timing:
 class Proposer:
     """Batches commands for one shard into Raft entries (runs on the event loop)."""
 
-    def __init__(self, replica: ShardReplica, loop: asyncio.AbstractEventLoop, batch_max: int) -> None:
+    def __init__(self, replica: ShardReplica, loop: asyncio.AbstractEventLoop, batch_max: int,
+                 outcomes: Any = None) -> None:
         self.replica = replica
+        self.outcomes = outcomes  # counter with labels (shard, outcome), or None
         self.loop = loop
         self.batch_max = batch_max
         self.pending: list[tuple[tuple, asyncio.Future]] = []
@@ -89,6 +92,8 @@ class Proposer:
             cmds = [c for c, _ in batch]
             futs = [f for _, f in batch]
             def done(kind: str, res: Any, futs: list = futs, loop: asyncio.AbstractEventLoop = self.loop) -> None:
+                if self.outcomes is not None:
+                    self.outcomes.labels(str(self.replica.shard), kind).inc(len(futs))
                 loop.call_soon_threadsafe(_resolve, futs, kind, res)
 
             self.replica.propose(cmds, int(time.time() * 1000), done)
@@ -169,7 +174,7 @@ class Node:
 
     def __init__(self, shardmap: ShardMap, name: str, limits: Limits | None = None,
                  timing: Timing | None = None, unsafe_local_reads: bool = False,
-                 raft_overrides: dict | None = None) -> None:
+                 raft_overrides: dict | None = None, metrics_port: int | None = None) -> None:
         if name not in shardmap.nodes:
             raise ValueError(f"node {name!r} is not in the cluster file (nodes: {', '.join(shardmap.nodes)})")
         self.map = shardmap
@@ -186,17 +191,29 @@ class Node:
             peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
             self.replicas[shard] = ShardReplica(
                 shard, self.info.raft_addr(shard), peers, os.path.join(data_dir, f"shard-{shard}"),
-                conf_overrides=raft_overrides)
+                on_role_change=self._role_changed, conf_overrides=raft_overrides)
         self.proposers: dict[int, Proposer] = {}
         self.peers: dict[str, PeerLink] = {}
         self.clients = 0
         self.started = time.time()
         self.stats = {"commands": 0, "errors": 0, "forwarded": 0}
+        self.metrics = NodeMetrics(self)
+        self.metrics_port = metrics_port if metrics_port is not None else self.info.metrics_port
+
+    def _role_changed(self, shard: int, old: int, new: int) -> None:
+        # Runs on the shard's tick thread: only thread-safe work here.
+        if new == 2 or old == 2:
+            self.metrics.leader_changes.labels(str(shard)).inc()
 
     # -- serving -------------------------------------------------------------
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
-        self.proposers = {s: Proposer(r, loop, self.limits.batch_cmds_max) for s, r in self.replicas.items()}
+        self.proposers = {s: Proposer(r, loop, self.limits.batch_cmds_max, self.metrics.proposals)
+                          for s, r in self.replicas.items()}
+        if self.metrics_port:
+            await serve_http(self, self.metrics, self.info.host, self.metrics_port)
+            log.info("event=metrics node=%s addr=http://%s:%d/metrics", self.name, self.info.host,
+                     self.metrics_port)
         coordinator.start(self)  # 2PC recovery: finish open records, resolve old locks
         server = await asyncio.start_server(self._handle, self.info.host, self.info.client_port,
                                             limit=1 << 20, backlog=1024)
@@ -249,7 +266,7 @@ class Node:
                     await replies.put(Error("TOOBIG", str(e)))
                     break
                 for req in reqs:
-                    await replies.put(self.dispatch(conn, req))
+                    await replies.put((self.dispatch(conn, req), req[0], time.perf_counter()))
                 if parser.broken:
                     await replies.put(Error("PROTO", f"Protocol error: {parser.broken}"))
                     break
@@ -269,6 +286,9 @@ class Node:
             item = await replies.get()
             if item is None:
                 break
+            name = None
+            if type(item) is tuple:
+                item, name, started = item
             if asyncio.isfuture(item):
                 try:
                     item = await item
@@ -277,6 +297,10 @@ class Node:
                     item = Error("ERR", f"internal error: {type(e).__name__}: {e}")
             if isinstance(item, Error):
                 self.stats["errors"] += 1
+                self.metrics.errors.labels(item.code).inc()
+            if name is not None:
+                cmd = name.upper() if name.upper() in COMMANDS else b"unknown"
+                self.metrics.requests.labels(cmd.decode().lower()).observe(time.perf_counter() - started)
             writer.write(protocol.encode(item, conn.resp3))
             if replies.empty():
                 await writer.drain()
@@ -810,11 +834,11 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_level: str = "INFO",
-             limits: Limits | None = None) -> None:
+             limits: Limits | None = None, metrics_port: int | None = None) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT."""
     setup_logging(log_level)
     shardmap = ShardMap.load(config)
-    node = Node(shardmap, name, limits=limits, unsafe_local_reads=unsafe_local_reads)
+    node = Node(shardmap, name, limits=limits, unsafe_local_reads=unsafe_local_reads, metrics_port=metrics_port)
     if unsafe_local_reads:
         log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
     try:

@@ -1,0 +1,193 @@
+"""Prometheus metrics, ``/health`` and ``/ready`` for one node.
+
+Raft figures (role, term, indexes, lag, journal sizes, fsync) are read from the
+replicas when Prometheus scrapes (a custom collector), so they cost nothing on
+the request path.  Request latencies, errors and proposal outcomes are counted
+as they happen.  Every node has its own ``CollectorRegistry`` so that several
+nodes (or tests) can live in one process.
+
+HTTP is served by a tiny asyncio handler on the node's event loop (GET only):
+``/metrics`` (text exposition format), ``/health`` (200 when every hosted
+replica's tick thread is alive) and ``/ready`` (200 when every hosted shard has
+a leader this node can reach).  Both answer a JSON body saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from raftkv.node import Node
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class NodeMetrics:
+    """The metrics of one node (see module doc)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Histogram("raftkv_request_duration_seconds", "Client request latency by command",
+                                  ["command"], buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("raftkv_errors_total", "Error replies by error code", ["code"], registry=r)
+        self.proposals = Counter("raftkv_proposals_total",
+                                 "State-machine commands proposed by this node, by outcome "
+                                 "(applied / not_applied / unknown)", ["shard", "outcome"], registry=r)
+        self.leader_changes = Counter("raftkv_raft_leader_changes_total",
+                                      "Times this replica saw the shard's leader change", ["shard"], registry=r)
+        self.txn_outcomes = Counter("raftkv_txn_outcomes_total",
+                                    "Cross-shard transactions coordinated by this node, by outcome",
+                                    ["outcome"], registry=r)
+        self.connections = Gauge("raftkv_connections", "Open client connections", registry=r)
+        self.connections.set_function(lambda: node.clients)
+        r.register(_RaftCollector(node))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _RaftCollector:
+    """Per-shard Raft state, read at scrape time."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        node = self.node
+        role = GaugeMetricFamily("raftkv_raft_role", "Raft role: 0 follower, 1 candidate, 2 leader", labels=["shard"])
+        is_leader = GaugeMetricFamily("raftkv_raft_is_leader", "1 if this replica believes it leads",
+                                      labels=["shard"])
+        has_leader = GaugeMetricFamily("raftkv_raft_has_leader", "1 if this replica knows a leader",
+                                       labels=["shard"])
+        term = GaugeMetricFamily("raftkv_raft_term", "Current Raft term", labels=["shard"])
+        commit = GaugeMetricFamily("raftkv_raft_commit_index", "Raft commit index", labels=["shard"])
+        applied = GaugeMetricFamily("raftkv_raft_applied_index", "Last applied log index", labels=["shard"])
+        lag = GaugeMetricFamily("raftkv_raft_replica_lag_entries",
+                                "Leader only: entries a peer's log is behind the leader's commit index",
+                                labels=["shard", "peer"])
+        peer_up = GaugeMetricFamily("raftkv_raft_peer_connected", "1 if the Raft connection to a peer is up",
+                                    labels=["shard", "peer"])
+        keys = GaugeMetricFamily("raftkv_keys", "Keys stored in this replica", labels=["shard"])
+        journal = GaugeMetricFamily("raftkv_journal_bytes", "Size of the Raft journal file", labels=["shard"])
+        snap = GaugeMetricFamily("raftkv_snapshot_bytes", "Size of the last snapshot file", labels=["shard"])
+        open_txns = GaugeMetricFamily("raftkv_txn_open", "Cross-shard transactions open in this shard "
+                                      "(coordinator records not finished + prepared locks held)", labels=["shard"])
+        fsync_count = CounterMetricFamily("raftkv_fsync", "Journal flushes (msync+fsync) of this replica",
+                                          labels=["shard"])
+        fsync_sum = CounterMetricFamily("raftkv_fsync_seconds", "Total time spent in journal flushes",
+                                        labels=["shard"])
+        fsync_max = GaugeMetricFamily("raftkv_fsync_max_seconds", "Slowest journal flush so far", labels=["shard"])
+        ticking = GaugeMetricFamily("raftkv_raft_ticking", "1 if the replica's tick thread is alive",
+                                    labels=["shard"])
+        for s, r in sorted(node.replicas.items()):
+            sh = str(s)
+            st = r.status()
+            role.add_metric([sh], st["state"])
+            is_leader.add_metric([sh], 1 if st["state"] == 2 else 0)
+            has_leader.add_metric([sh], 0 if st.get("leader") is None else 1)
+            term.add_metric([sh], st["raft_term"])
+            commit.add_metric([sh], st["commit_idx"])
+            applied.add_metric([sh], st["last_applied"])
+            keys.add_metric([sh], st["keys"])
+            for n in node.map.replicas(s):
+                if n.name == node.name:
+                    continue
+                addr = n.raft_addr(s)
+                peer_up.add_metric([sh, n.name], 1 if st.get(f"partner_node_status_server_{addr}") == 2 else 0)
+                match = st.get(f"match_idx_server_{addr}")
+                if st["state"] == 2 and match is not None:
+                    lag.add_metric([sh, n.name], max(0, st["commit_idx"] - match))
+            journal.add_metric([sh], _size(r.conf.journalFile))
+            snap.add_metric([sh], _size(r.conf.fullDumpFile))
+            open_txns.add_metric([sh], _open_txns(r))
+            fs = r.flushStats()
+            fsync_count.add_metric([sh], fs.count)
+            fsync_sum.add_metric([sh], fs.total_s)
+            fsync_max.add_metric([sh], fs.max_s)
+            ticking.add_metric([sh], 1 if r.tick_thread_alive() else 0)
+        yield from (role, is_leader, has_leader, term, commit, applied, lag, peer_up, keys, journal, snap,
+                    open_txns, fsync_count, fsync_sum, fsync_max, ticking)
+        disk = GaugeMetricFamily("raftkv_disk_free_ratio", "Free fraction of the data directory's filesystem")
+        disk.add_metric([], disk_free_ratio(node.map.node_data_dir(node.name)))
+        yield disk
+
+
+def _size(path: str | None) -> int:
+    try:
+        return os.path.getsize(path) if path else 0
+    except OSError:
+        return 0
+
+
+def _open_txns(replica: Any) -> int:
+    count = getattr(replica.state.txns, "open_count", None)
+    return int(count()) if callable(count) else len(getattr(replica.state.txns, "locks", {}))
+
+
+def disk_free_ratio(path: str) -> float:
+    """Free fraction of the filesystem holding ``path`` (its nearest existing parent)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    usage = shutil.disk_usage(p)
+    return usage.free / usage.total if usage.total else 0.0
+
+
+def health(node: Node) -> tuple[bool, dict]:
+    """Process up and every hosted replica ticking."""
+    dead = [s for s, r in node.replicas.items() if not r.tick_thread_alive()]
+    return not dead, {"ok": not dead, "node": node.name, "replicas_not_ticking": dead}
+
+
+def ready(node: Node) -> tuple[bool, dict]:
+    """Every shard this node hosts has a leader this node can reach."""
+    problems = {}
+    for s, r in node.replicas.items():
+        leader = r.leader_addr()
+        if leader is None:
+            problems[s] = "no leader"
+        elif leader != r.selfNode.id and not r.isNodeConnected(r._getLeader()):
+            problems[s] = f"leader {node.map.node_for_raft_addr(leader)} not reachable"
+    return not problems, {"ok": not problems, "node": node.name, "shards_not_ready": problems}
+
+
+async def serve_http(node: Node, metrics: NodeMetrics, host: str, port: int) -> asyncio.AbstractServer:
+    """Start the metrics/health HTTP listener on the running loop."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
+            if path == "/metrics":
+                body, status, ctype = metrics.render(), 200, "text/plain; version=0.0.4; charset=utf-8"
+            elif path in ("/health", "/ready"):
+                ok, info = (health if path == "/health" else ready)(node)
+                body, status, ctype = json.dumps(info).encode(), 200 if ok else 503, "application/json"
+            else:
+                body, status, ctype = b"not found: try /metrics, /health, /ready\n", 404, "text/plain"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
