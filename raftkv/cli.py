@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -195,21 +196,58 @@ def cas(key: str, expected: str, new: str, absent: bool, cluster_file: str | Non
 
 # -- status ------------------------------------------------------------------------------
 
+def _threshold_options(f: Any) -> Any:
+    f = click.option("--lag-entries", default=1000, show_default=True, help="replica lag alert threshold")(f)
+    f = click.option("--flaps-per-min", default=3, show_default=True, help="leader changes per minute")(f)
+    f = click.option("--disk-free-min", default=0.10, show_default=True, help="free disk fraction")(f)
+    f = click.option("--txn-stuck-s", default=30.0, show_default=True, help="open transaction age, seconds")(f)
+    return f
+
+
+def _report(cluster_file: str | None, lag_entries: int, flaps_per_min: int, disk_free_min: float,
+            txn_stuck_s: float) -> dict:
+    from raftkv.status import Thresholds, cluster_report
+
+    with _client(cluster_file, timeout=3.0) as c:
+        return cluster_report(c.map, c.node_status(),
+                              Thresholds(lag_entries, flaps_per_min, disk_free_min, txn_stuck_s))
+
+
 @main.command()
 @cluster_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status(cluster_file: str | None, as_json: bool) -> None:
-    """Per shard: leader, term, commit index, replicas up; warns when a shard has no quorum."""
-    from raftkv.status import cluster_report, render_table
+@click.option("--watch", "watch", type=float, default=None, metavar="SECONDS", help="refresh every SECONDS")
+@_threshold_options
+def status(cluster_file: str | None, as_json: bool, watch: float | None, **th: Any) -> None:
+    """Per shard: leader, term, commit index, replicas up and their lag, and the alerts that fire.
 
-    with _client(cluster_file, timeout=3.0) as c:
-        report = cluster_report(c.map, c.node_status())
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        click.echo(render_table(report))
-    if report["verdict"] != "ok":
-        sys.exit(2)
+    Exit status 0 when healthy, 2 when any alert fires (no quorum, bare majority, lag, flapping,
+    disk nearly full, stuck transactions, node down).
+    """
+    from raftkv.status import render_table
+
+    while True:
+        report = _report(cluster_file, **th)
+        out = json.dumps(report, indent=2) if as_json else render_table(report)
+        if watch is None:
+            click.echo(out)
+            sys.exit(0 if report["verdict"] == "ok" else 2)
+        click.clear()
+        click.echo(time.strftime("%H:%M:%S ") + out)
+        time.sleep(watch)
+
+
+@main.command()
+@cluster_option
+@_threshold_options
+def alerts(cluster_file: str | None, **th: Any) -> None:
+    """The alert checks as a list, one per line, for cron or a monitoring system (exit 2 if any)."""
+    report = _report(cluster_file, **th)
+    for line in report["warnings"]:
+        click.echo(line)
+    if not report["warnings"]:
+        click.echo("OK no alerts")
+    sys.exit(0 if not report["warnings"] else 2)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ machine, so the node may retry those internally even after an unknown outcome.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from typing import Any
 import hiredis
 
 from raftkv import coordinator, protocol, txncmds
-from raftkv.metrics import NodeMetrics, serve_http
+from raftkv.metrics import NodeMetrics, disk_free_ratio, serve_http, txn_summary
 from raftkv.protocol import OK, PONG, Error, Raw
 from raftkv.replica import APPLIED, UNKNOWN, ShardReplica
 from raftkv.state import CmdError, Locked
@@ -198,12 +199,14 @@ class Node:
         self.started = time.time()
         self.stats = {"commands": 0, "errors": 0, "forwarded": 0}
         self.metrics = NodeMetrics(self)
+        self.leader_changes = {s: collections.deque(maxlen=64) for s in self.replicas}
         self.metrics_port = metrics_port if metrics_port is not None else self.info.metrics_port
 
     def _role_changed(self, shard: int, old: int, new: int) -> None:
-        # Runs on the shard's tick thread: only thread-safe work here.
+        # Runs on the shard's tick thread: only thread-safe work here (deque.append is atomic).
         if new == 2 or old == 2:
             self.metrics.leader_changes.labels(str(shard)).inc()
+            self.leader_changes[shard].append(time.monotonic())
 
     # -- serving -------------------------------------------------------------
     async def serve(self, ready: asyncio.Event | None = None) -> None:
@@ -460,6 +463,7 @@ class Node:
         for s, r in sorted(self.replicas.items()):
             st = r.status()
             leader = r.leader_addr()
+            open_txns, oldest_txn = txn_summary(r.state.txns, int(time.time() * 1000))
             peers = {}
             for n in self.map.replicas(s):
                 if n.name == self.name:
@@ -479,8 +483,13 @@ class Node:
                 "keys": st["keys"],
                 "revision": st["revision"],
                 "peers": peers,
+                "leader_changes_1m": sum(1 for t in list(self.leader_changes[s]) if t > time.monotonic() - 60),
+                "txns_open": open_txns,
+                "oldest_txn_age_s": oldest_txn,
+                "ticking": r.tick_thread_alive(),
             }
         return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(),
+                "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),
                 "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
                 "stats": dict(self.stats), "shards": shards}
 
