@@ -112,9 +112,18 @@ class TxnCallFailed(Exception):
         self.error = error
 
 
+def _plain(res: Any) -> Any:
+    """A reply another node produced (``protocol.Raw``/``node.Forwarded``), as a plain value."""
+    kind = type(res).__name__
+    if kind == "Raw":
+        return res.value
+    if kind == "Forwarded":
+        return _plain(res.reply)
+    return res
+
+
 def _unwrap(res: Any) -> Any:
-    if type(res).__name__ == "Forwarded":  # a reply another node produced (raftkv.node)
-        res = res.reply
+    res = _plain(res)
     if isinstance(res, bytes):
         return decode_msg(res)
     return res
@@ -147,9 +156,7 @@ def cmd_txmsg(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
         return Error("ERR", "RAFTKV.TXMSG: not a transaction message")
 
     async def go() -> Any:
-        res = await node.execute(shard, cmd, req, hops, idempotent=True)
-        if type(res).__name__ == "Forwarded":
-            res = res.reply
+        res = _plain(await node.execute(shard, cmd, req, hops, idempotent=True))
         if isinstance(res, CmdError):
             return Error(res.code, res.message)
         if isinstance(res, (Error, bytes)):
@@ -192,8 +199,8 @@ async def coordinate(node: Any, txid: str, compares: Any, then_ops: Any, else_op
     if target is not None and target != node.name:
         # The coordinator is the home shard's leader: hand the transaction over.
         payload = encode_msg((tuple(compares), tuple(then_ops), tuple(else_ops)))
-        reply = await node._forward(target, [b"RAFTKV.TXRUN", txid.encode(), payload], hops,
-                                    node.timing.request_timeout_s)
+        reply = _plain(await node._forward(target, [b"RAFTKV.TXRUN", txid.encode(), payload], hops,
+                                           node.timing.request_timeout_s))
         if isinstance(reply, bytes):
             return decode_msg(reply)
         if isinstance(reply, Error) and reply.code not in ("MOVED", "NOQUORUM"):
