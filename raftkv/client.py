@@ -162,6 +162,20 @@ class Client:
             return bool(self._write(self._shard(key), [b"RAFTKV.CASNX", key, _b(new)]))
         return bool(self._write(self._shard(key), [b"CAS", key, _b(expected), _b(new)]))
 
+    # -- transactions (raftkv.txnclient) ---------------------------------------------
+    def txn(self) -> Any:
+        """An etcd-style conditional transaction builder, atomic across shards."""
+        from raftkv.txnclient import Txn
+
+        return Txn(self)
+
+    def mset(self, mapping: dict, retries: int = 10) -> None:
+        """Write every key of ``mapping`` atomically (all or none), across shards."""
+        t = self.txn()
+        for k, v in mapping.items():
+            t.then_put(k, v)
+        t.commit(retries=retries)
+
     def node_status(self) -> dict[str, Any]:
         """``RAFTKV.STATUS`` of every node: name -> status dict, or an ``error`` entry."""
         import json

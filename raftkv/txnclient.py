@@ -1,0 +1,138 @@
+"""The transaction builder behind ``Client.txn()`` and ``Client.mset()``.
+
+    r = c.txn().if_value("a", "1").then_put("a", "2").then_put("b", "3").else_get("a").commit()
+    r.succeeded, r.results
+
+Every commit carries a client-chosen transaction id (``RAFTKV.TXN ID ...``): a
+resend after an unknown outcome finds the first attempt's record instead of
+running the transaction twice.  ``commit(retries=n)`` retries a transaction
+that was definitely aborted (``TXNCONFLICT``: a no-wait conflict;
+``TRYAGAIN``: a participant did not vote in time) with a fresh id and
+exponential backoff with jitter.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from raftkv.client import Client
+
+RETRYABLE = ("TXNCONFLICT", "TRYAGAIN")
+
+
+def _b(x: bytes | str) -> bytes:
+    return x.encode() if isinstance(x, str) else x
+
+
+@dataclass(frozen=True)
+class TxnResponse:
+    """``succeeded``: the compares held (then-branch ran); ``results``: one per op of that branch
+    (``put`` -> True, ``delete`` -> 1/0, ``get`` -> value or None)."""
+
+    succeeded: bool
+    results: list
+
+
+class Txn:
+    """An etcd-style conditional transaction; build it, then ``commit()``."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.compares: list[list[bytes]] = []
+        self.then_ops: list[list[bytes]] = []
+        self.else_ops: list[list[bytes]] = []
+
+    # compares
+    def if_value(self, key: bytes | str, value: bytes | str | None) -> Txn:
+        """``key`` holds ``value`` (None: ``key`` is missing)."""
+        if value is None:
+            return self.if_missing(key)
+        self.compares.append([_b(key), b"VALUE", _b(value)])
+        return self
+
+    def if_revision(self, key: bytes | str, revision: int) -> Txn:
+        """``key``'s modification revision is ``revision`` (0: missing)."""
+        self.compares.append([_b(key), b"REV", str(int(revision)).encode()])
+        return self
+
+    def if_exists(self, key: bytes | str) -> Txn:
+        self.compares.append([_b(key), b"EXISTS"])
+        return self
+
+    def if_missing(self, key: bytes | str) -> Txn:
+        self.compares.append([_b(key), b"MISSING"])
+        return self
+
+    # ops
+    def then_put(self, key: bytes | str, value: bytes | str) -> Txn:
+        self.then_ops.append([b"PUT", _b(key), _b(value)])
+        return self
+
+    def then_delete(self, key: bytes | str) -> Txn:
+        self.then_ops.append([b"DEL", _b(key)])
+        return self
+
+    def then_get(self, key: bytes | str) -> Txn:
+        self.then_ops.append([b"GET", _b(key)])
+        return self
+
+    def else_put(self, key: bytes | str, value: bytes | str) -> Txn:
+        self.else_ops.append([b"PUT", _b(key), _b(value)])
+        return self
+
+    def else_delete(self, key: bytes | str) -> Txn:
+        self.else_ops.append([b"DEL", _b(key)])
+        return self
+
+    def else_get(self, key: bytes | str) -> Txn:
+        self.else_ops.append([b"GET", _b(key)])
+        return self
+
+    def args(self, txid: str) -> list[bytes]:
+        """The ``RAFTKV.TXN`` command for this transaction."""
+        out = [b"RAFTKV.TXN", b"ID", txid.encode(), str(len(self.compares)).encode()]
+        for c in self.compares:
+            out += c
+        for ops in (self.then_ops, self.else_ops):
+            out.append(str(len(ops)).encode())
+            for op in ops:
+                out += op
+        return out
+
+    def first_key(self) -> bytes:
+        for c in self.compares:
+            return c[0]
+        for op in self.then_ops + self.else_ops:
+            return op[1]
+        raise ValueError("a transaction needs at least one key")
+
+    def commit(self, retries: int = 0, backoff_s: float = 0.01, backoff_max_s: float = 0.5) -> TxnResponse:
+        """Run it; on TXNCONFLICT/TRYAGAIN retry up to ``retries`` times with a fresh id."""
+        from raftkv.client import RaftKVError
+
+        home = self._client._shard(self.first_key())
+        attempt = 0
+        while True:
+            try:
+                reply = self._client._request(home, self.args(uuid.uuid4().hex), write=True)
+            except RaftKVError as e:
+                if e.code not in RETRYABLE or attempt >= retries:
+                    raise
+                attempt += 1
+                time.sleep(min(backoff_max_s, backoff_s * 2 ** attempt) * random.uniform(0.5, 1.5))
+                continue
+            return _response(self, reply)
+
+
+def _response(txn: Txn, reply: Any) -> TxnResponse:
+    ok = bool(reply[0])
+    ops = txn.then_ops if ok else txn.else_ops
+    results = []
+    for op, r in zip(ops, reply[1], strict=True):
+        results.append(True if op[0] == b"PUT" else (int(r) if op[0] == b"DEL" else r))
+    return TxnResponse(ok, results)
