@@ -126,7 +126,8 @@ def write_plots(directory: Path, ops: Sequence[Op], faults: Sequence[dict[str, A
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("latency (ms, log)")
     ax.set_title(f"{title}: latency of every operation (shaded: faults)")
-    ax.legend(loc="upper left", fontsize=7, ncol=4, markerscale=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", fontsize=7, ncol=4, markerscale=2)
     fig.tight_layout()
     p = directory / "latency.png"
     fig.savefig(p, dpi=110)
@@ -143,7 +144,8 @@ def write_plots(directory: Path, ops: Sequence[Op], faults: Sequence[dict[str, A
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("completions / s")
     ax.set_title(f"{title}: throughput (shaded: faults)")
-    ax.legend(loc="upper left", fontsize=8, ncol=6)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", fontsize=8, ncol=6)
     fig.tight_layout()
     p = directory / "throughput.png"
     fig.savefig(p, dpi=110)

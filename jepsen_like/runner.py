@@ -1,0 +1,418 @@
+"""``raftkv-jepsen run``: one fault-injection run, end to end.
+
+Theory of operation
+===================
+
+1. *Namespace.*  Unless ``--netns off``, the harness first checks that it can
+   build a private network namespace with working iptables
+   (:func:`jepsen_like.netns.probe`) and re-executes itself inside one; the
+   outer process only waits for the inner one and returns its exit code.
+   Without a namespace the run still happens on ``127.0.0.1`` with every
+   nemesis except ``partition`` (``--nemesis all`` drops it and says so;
+   ``--nemesis partition`` exits 3, "unavailable").
+2. *Cluster.*  A fresh cluster (``--nodes`` x ``--shards``) in
+   ``store/<workload>-<timestamp>/nodes/``: node *i* on ``127.0.0.i`` inside
+   the namespace, all on ``127.0.0.1`` outside; ``--unsafe-local-reads``
+   passes the flag of the same name to every node.
+3. *Load.*  ``--clients`` threads, each with its own ``raftkv.Client``,
+   closed-loop (``--rate 0``) or open-loop at ``--rate`` ops/s in total
+   (Poisson arrivals per client).  Every invocation and completion is
+   recorded with ``time.monotonic()`` relative to the start.  After an
+   ``info`` (indeterminate) op the thread continues as a new process id
+   (``p + clients``), as in Jepsen: the old op may still take effect.
+4. *Faults.*  A nemesis thread runs a seeded schedule (:mod:`jepsen_like.nemesis`).
+5. *End.*  Clients stop after ``--time`` s; every fault is healed; the run
+   waits (at most ``--recovery`` s) until every shard has a leader that
+   serves reads; then one final read of every key used, recorded in the
+   history (process ``final``): a lost acknowledged write shows up there.
+6. *Checks and report.*  The workload's checks plus ``recovered`` (every shard
+   served reads after the heal) and ``final-reads`` (every final read
+   succeeded); :mod:`jepsen_like.report` writes results.json, plots, the
+   timeline on a violation, and the summary.  Exit 0 only if every check
+   passed, 1 if one failed, 2 if a check was inconclusive or the harness
+   failed, 3 if the workload or nemesis is unavailable here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jepsen_like import netns
+from jepsen_like.history import Event, ops_from_events
+from jepsen_like.nemesis import FAULT_KINDS, Nemesis, make_schedule
+from jepsen_like.report import availability_windows, check_to_dict, op_counts, verdict_of, write_report
+from jepsen_like.workloads import WorkloadUnavailable, make_workload
+
+__all__ = ["RunConfig", "run", "EXIT_PASS", "EXIT_FAIL", "EXIT_UNKNOWN", "EXIT_UNAVAILABLE"]
+
+EXIT_PASS, EXIT_FAIL, EXIT_UNKNOWN, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+@dataclass
+class RunConfig:
+    workload: str = "register"
+    nemesis: str = "none"
+    time: float = 60.0
+    clients: int = 10
+    rate: float = 100.0
+    nodes: int = 3
+    shards: int = 3
+    seed: int | None = None
+    store: str = "store"
+    unsafe_local_reads: bool = False
+    read_any_node: bool = False
+    op_timeout: float = 4.0
+    recovery: float = 30.0
+    keys_per_shard: int = 2
+    key_period: float = 5.0
+    check_timeout: float = 120.0
+    netns: str = "auto"
+    keep_data: bool = False
+    fault_min: float = 2.0
+    fault_max: float = 4.0
+    quiet_min: float = 2.0
+    quiet_max: float = 4.0
+
+    def to_argv(self) -> list[str]:
+        """Command-line options reproducing this config (for the re-exec inside the namespace)."""
+        out = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            opt = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                if v:
+                    out.append(opt)
+            elif v is not None:
+                out += [opt, str(v)]
+        return out
+
+
+class Recorder:
+    """The history: events with times on one monotonic clock; thread-safe; closable."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.events: list[Event] = []
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def add(self, process: Any, type_: str, f: str, key: Any, value: Any) -> None:
+        with self._lock:
+            if not self.closed:
+                self.events.append(Event(process, type_, f, key, value, round(self.now(), 6)))
+
+    def close(self) -> list[Event]:
+        with self._lock:
+            self.closed = True
+            return list(self.events)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(cfg: RunConfig) -> int:
+    """Run once; returns the exit code (see the module docstring)."""
+    if cfg.seed is None:
+        cfg.seed = random.SystemRandom().randrange(1 << 31)
+    note = ""
+    if cfg.netns != "off" and not netns.inside():
+        avail = netns.probe()
+        if avail.ok:
+            return _reexec(avail, cfg)
+        note = f"no private network namespace ({avail.reason}): partition nemesis skipped, all nodes on 127.0.0.1"
+        if cfg.netns == "require" or cfg.nemesis == "partition":
+            _say(f"raftkv-jepsen: partition nemesis unavailable: {avail.reason}")
+            return EXIT_UNAVAILABLE
+        _say(f"raftkv-jepsen: note: {note}")
+    elif cfg.netns == "off" and cfg.nemesis == "partition":
+        _say("raftkv-jepsen: partition nemesis needs the network namespace (--netns off given)")
+        return EXIT_UNAVAILABLE
+    return _run_here(cfg, note)
+
+
+def _reexec(avail: netns.Availability, cfg: RunConfig) -> int:
+    cmd, env = netns.reexec_command(avail, ["run", *cfg.to_argv()])
+    p = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, _frame: Any) -> None:
+        p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return p.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _run_dir(store: str, workload: str) -> Path:
+    base = Path(store).resolve()
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    d = base / f"{workload}-{stamp}"
+    i = 1
+    while d.exists():
+        i += 1
+        d = base / f"{workload}-{stamp}-{i}"
+    d.mkdir(parents=True)
+    return d
+
+
+def _run_here(cfg: RunConfig, note: str) -> int:
+    from raftkv.client import Client
+    from raftkv.cluster import LocalCluster, free_base_port
+    from shards.shardmap import local_cluster
+
+    inside = netns.inside()
+    firewall = None
+    if inside:
+        netns.setup_inside()
+        firewall = netns.Firewall()
+        firewall.heal()
+    kinds = list(FAULT_KINDS) if cfg.nemesis == "all" else ([] if cfg.nemesis == "none" else [cfg.nemesis])
+    if firewall is None and "partition" in kinds:
+        kinds.remove("partition")
+    run_dir = _run_dir(cfg.store, cfg.workload)
+    node_dir = run_dir / "nodes"
+    base = 7001 if inside else free_base_port(cfg.nodes, cfg.shards)
+    shardmap = local_cluster(cfg.nodes, cfg.shards, base_port=base, data_dir=str(node_dir / "data"),
+                             per_node_hosts=inside)
+    try:
+        workload = make_workload(cfg.workload, shardmap, cfg.seed, keys_per_shard=cfg.keys_per_shard,
+                                 key_period=cfg.key_period, op_timeout=cfg.op_timeout,
+                                 read_any_node=cfg.read_any_node)
+    except WorkloadUnavailable as e:
+        _say(f"raftkv-jepsen: {e}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return EXIT_UNAVAILABLE
+    env = None
+    if inside:
+        shim = netns.write_bind_shim(run_dir / "nodes" / "shim")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(shim) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env[netns.BIND_ENV] = ",".join(f"{n}={i.host}" for n, i in shardmap.nodes.items())
+    node_args = ["--unsafe-local-reads"] if cfg.unsafe_local_reads else []
+    cluster = LocalCluster(node_dir, shardmap, node_args=node_args, env=env)
+    mode = ("private netns, node i on 127.0.0.i, iptables: " + os.environ.get(netns.ENV_MARK, "")) if inside \
+        else "host loopback 127.0.0.1 (no partitions)"
+    _say(f"raftkv-jepsen: {cfg.workload} / nemesis {cfg.nemesis} for {cfg.time:g} s, seed {cfg.seed}, "
+         f"{cfg.nodes} nodes x {cfg.shards} shards{', UNSAFE local reads' if cfg.unsafe_local_reads else ''}; "
+         f"{mode}; writing {run_dir}")
+    rec = Recorder()
+    rng = random.Random(cfg.seed)
+    nemesis = Nemesis(cluster, random.Random(rng.random()), rec.now, firewall, log=_say)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    results: dict[str, Any] = {}
+    harness_error = ""
+    recovered: dict[str, Any] = {"valid": False, "verdict": "not reached", "summary": "not reached"}
+    final: dict[str, Any] = {"valid": False, "verdict": "not reached", "summary": "not reached"}
+    schedule: list = []
+    t_load_end = 0.0
+    try:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        cluster.start()
+        _wait_started(cluster, timeout=90)
+        rec.t0 = time.monotonic()
+        schedule = make_schedule(kinds, cfg.time, random.Random(rng.random()),
+                                 fault=(cfg.fault_min, cfg.fault_max), quiet=(cfg.quiet_min, cfg.quiet_max))
+        for p in range(cfg.clients):
+            t = threading.Thread(target=_client_loop, name=f"client-{p}", daemon=True,
+                                 args=(workload, rec, stop, p, cfg, random.Random(f"{cfg.seed}-{p}")))
+            threads.append(t)
+            t.start()
+        nem_t = threading.Thread(target=nemesis.run, args=(schedule, stop), name="nemesis", daemon=True)
+        nem_t.start()
+        while rec.now() < cfg.time:
+            time.sleep(min(0.2, cfg.time - rec.now() + 0.001))
+        stop.set()
+        t_load_end = rec.now()
+        for t in threads:
+            t.join(timeout=cfg.op_timeout + 10)
+        nem_t.join(timeout=30)
+        healed = nemesis.heal_all()
+        _say(f"raftkv-jepsen: load stopped at {t_load_end:.1f} s; healed ({', '.join(healed) or 'nothing to do'}); "
+             "waiting for recovery")
+        t_heal = rec.now()
+        try:
+            cluster.wait_ready(timeout=cfg.recovery)
+            recovered = {"valid": True, "verdict": "ok",
+                         "summary": f"every shard served reads {rec.now() - t_heal:.1f} s after the heal"}
+        except Exception as e:  # noqa: BLE001
+            recovered = {"valid": False, "verdict": "not recovered", "summary": str(e)}
+        final = _final_reads(workload, Client, shardmap, rec, cfg)
+    except KeyboardInterrupt:
+        harness_error = "interrupted"
+        stop.set()
+    except Exception as e:  # noqa: BLE001 - reported, the cluster is still stopped below
+        harness_error = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+        stop.set()
+    finally:
+        events = rec.close()
+        try:
+            nemesis.heal_all()
+        except Exception:  # noqa: BLE001
+            pass
+        cluster.stop()
+        if not cfg.keep_data:
+            shutil.rmtree(node_dir / "data", ignore_errors=True)
+    duration = rec.now()
+    _write_history(run_dir / "history.jsonl", events)
+    ops = ops_from_events(events)
+    info_done = _info_done(events)
+    checks_raw = {}
+    checks: dict[str, dict[str, Any]] = {}
+    if not harness_error:
+        _say(f"raftkv-jepsen: checking {len(ops)} ops")
+        checks_raw = workload.check(ops, cfg.check_timeout)
+        checks = {name: check_to_dict(r) for name, r in checks_raw.items()}
+        checks["recovered"] = recovered
+        checks["final-reads"] = final
+    else:
+        checks["harness"] = {"valid": None, "verdict": "unknown", "summary": f"harness error: {harness_error}"}
+    faults = [f.to_dict() for f in nemesis.faults]
+    results.update({
+        "workload": cfg.workload,
+        "dir": str(run_dir),
+        "verdict": verdict_of(checks),
+        "duration_s": round(duration, 3),
+        "load_end_s": round(t_load_end, 3),
+        "config": asdict(cfg) | {"nemesis_kinds": kinds},
+        "network": {"mode": mode, "note": note,
+                    "node_hosts": {n: i.host for n, i in shardmap.nodes.items()}},
+        "counts": op_counts(ops),
+        "checks": checks,
+        "schedule": [{"start": s, "kind": k, "length": n} for s, k, n in schedule],
+        "faults": faults,
+        "availability": availability_windows([op for op in ops if op.client != "final"], faults, t_load_end),
+        "harness_error": harness_error,
+        "command": "raftkv-jepsen run " + " ".join(cfg.to_argv()),
+    })
+    text = write_report(run_dir, results, ops, checks_raw, info_done)
+    _say(text)
+    return {"pass": EXIT_PASS, "fail": EXIT_FAIL}.get(results["verdict"], EXIT_UNKNOWN)
+
+
+def _wait_started(cluster: Any, timeout: float) -> None:
+    """``wait_ready``, but give up at once when a node process has exited (e.g. a crash at start-up)."""
+    from raftkv.cluster import ClusterError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cluster.wait_ready(timeout=3)
+            return
+        except ClusterError:
+            dead = [n for n in cluster.map.nodes if cluster.pid(n) is None]
+            if dead:
+                log = cluster.log_file(dead[0])
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+                raise ClusterError(f"node(s) {', '.join(dead)} exited at start-up; {log}: {tail}") from None
+            if time.monotonic() > deadline:
+                raise
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _client_loop(workload: Any, rec: Recorder, stop: threading.Event, p: int, cfg: RunConfig,
+                 rng: random.Random) -> None:
+    worker = workload.worker(p, rng)
+    process = p
+    per_client = cfg.rate / cfg.clients if cfg.rate > 0 else 0.0
+    next_t = rec.now()
+    try:
+        while not stop.is_set():
+            if per_client:
+                next_t = max(next_t + rng.expovariate(per_client), rec.now() - 1.0)
+                if stop.wait(max(0.0, next_t - rec.now())):
+                    break
+            f, key, value = worker.next_op(rec.now())
+            rec.add(process, "invoke", f, key, value)
+            typ, out = worker.invoke(f, key, value)
+            rec.add(process, typ, f, key, out)
+            if typ == "info":
+                process += cfg.clients
+    finally:
+        worker.close()
+
+
+def _final_reads(workload: Any, client_cls: Any, shardmap: Any, rec: Recorder, cfg: RunConfig) -> dict[str, Any]:
+    """Read every key used once more, retrying until ``cfg.recovery`` s have passed."""
+    deadline = time.monotonic() + cfg.recovery
+    keys = workload.used_keys()
+    failed = []
+    with client_cls(cluster=shardmap, timeout=max(cfg.op_timeout, 5.0)) as client:
+        for key in keys:
+            while True:
+                rec.add("final", "invoke", "get", key, None)
+                try:
+                    v = workload.final_read(client, key)
+                except Exception as e:  # noqa: BLE001
+                    rec.add("final", "fail", "get", key, str(e)[:200])
+                    if time.monotonic() < deadline:
+                        time.sleep(0.5)
+                        continue
+                    failed.append(key)
+                else:
+                    rec.add("final", "ok", "get", key, v)
+                break
+    ok = not failed
+    return {"valid": ok, "verdict": "ok" if ok else "failed",
+            "summary": f"{len(keys) - len(failed)}/{len(keys)} keys read after recovery"
+                       + (f"; unreadable: {failed[:5]}" if failed else "")}
+
+
+def _write_history(path: Path, events: list[Event]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for e in events:
+            fh.write(json.dumps({"process": e.process, "type": e.type, "f": e.f, "key": e.key,
+                                 "value": e.value, "time": e.time}) + "\n")
+
+
+def _info_done(events: list[Event]) -> dict[int, float]:
+    """Op index -> time the client gave up, for ``info`` ops (op index = rank of its invoke event)."""
+    pending: dict[Any, int] = {}
+    out = {}
+    n = 0
+    for e in events:
+        if e.type == "invoke":
+            pending[e.process] = n
+            n += 1
+        elif e.process in pending:
+            i = pending.pop(e.process)
+            if e.type == "info" and e.time is not None:
+                out[i] = e.time
+    return out
+
+
+def main_argv(argv: list[str]) -> int:  # pragma: no cover - convenience for `python -m jepsen_like.runner`
+    from jepsen_like.cli import main
+
+    try:
+        main(["run", *argv])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main_argv(sys.argv[1:]))
