@@ -28,9 +28,10 @@ Time here is wall-clock milliseconds compared with the ``now_ms`` the leaders
 stamp into entries: a skewed clock only makes recovery earlier or later, never
 unsafe, because every decision is a CAS in the home shard's log.
 
-Test-only fault hook: ``RAFTKV_TEST_TXN_PAUSE=<point>:<seconds>`` (point is
-``after_prepare`` or ``after_decide``) makes a coordinator sleep there so a
-test can ``kill -9`` it at that moment.  Never set it in production.
+Test-only fault hook: on a node started with ``RAFTKV_TEST_TXN_PAUSE=1`` in
+its environment, a transaction whose id is ``pause:<point>:<seconds>:<anything>``
+(point ``after_prepare`` or ``after_decide``) makes its coordinator sleep there,
+so a test can ``kill -9`` it at that moment.  Never set it in production.
 """
 
 from __future__ import annotations
@@ -238,10 +239,14 @@ def _answer(run: TxnRun) -> TxnResult | Error:
     return Error("TRYAGAIN", f"transaction {run.plan.txid} aborted ({reason}); not applied, retry")
 
 
-def _pause(point: str) -> float:
-    spec = os.environ.get("RAFTKV_TEST_TXN_PAUSE", "")
-    name, _, secs = spec.partition(":")
-    return float(secs or 0) if name == point else 0.0
+def _pause(point: str, txid: str) -> float:
+    if os.environ.get("RAFTKV_TEST_TXN_PAUSE") != "1" or not txid.startswith("pause:"):
+        return 0.0
+    parts = txid.split(":")
+    try:
+        return float(parts[2]) if len(parts) > 3 and parts[1] == point else 0.0
+    except ValueError:
+        return 0.0
 
 
 async def _drive(node: Any, run: TxnRun, decided: asyncio.Future | None = None) -> None:
@@ -270,12 +275,12 @@ async def _drive(node: Any, run: TxnRun, decided: asyncio.Future | None = None) 
             progressed = True
         if run.conflict is not None:
             _maybe_resolve_conflict(node, run.conflict)
-        if phase_before == "prepare" and run.phase == "decide" and (secs := _pause("after_prepare")):
+        if phase_before == "prepare" and run.phase == "decide" and (secs := _pause("after_prepare", run.plan.txid)):
             log.warning("event=test_pause point=after_prepare txid=%s secs=%s", run.plan.txid, secs)
             await asyncio.sleep(secs)
         if run.decision is not None and decided is not None and not decided.done():
             decided.set_result(_answer(run))
-            if secs := _pause("after_decide"):
+            if secs := _pause("after_decide", run.plan.txid):
                 log.warning("event=test_pause point=after_decide txid=%s secs=%s", run.plan.txid, secs)
                 await asyncio.sleep(secs)
         if progressed:
@@ -394,6 +399,21 @@ def start(node: Any) -> TxnService:
     if svc.loop_task is None:
         svc.loop_task = asyncio.ensure_future(svc.recovery_loop())
     return svc
+
+
+def cmd_txstats(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    """RAFTKV.TXSTATS: this node's local view per shard: [shard, role, locks, prepared, open records,
+    records, tombstones] (a racy local read, for operators and tests)."""
+    out = []
+    for shard, r in sorted(node.replicas.items()):
+        t = r.state.txns
+        try:
+            open_records = sum(1 for rec in list(t.records.values()) if rec.state == PENDING or not rec.acked)
+            out.append([shard, b"leader" if r.is_leader() else b"follower", len(t.locks), len(t.prepared),
+                        open_records, len(t.records), len(t.done)])
+        except RuntimeError:
+            continue
+    return out
 
 
 __all__ = ["ABORTED", "COMMITTED", "coordinate", "start", "resolve_lock", "tx_call", "cmd_txmsg", "cmd_txrun"]

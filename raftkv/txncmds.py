@@ -279,6 +279,7 @@ COMMANDS: dict[bytes, tuple[int, Any]] = {
     b"RAFTKV.TXN": (-4, cmd_txn),
     b"RAFTKV.TXMSG": (3, coordinator.cmd_txmsg),
     b"RAFTKV.TXRUN": (3, coordinator.cmd_txrun),
+    b"RAFTKV.TXSTATS": (1, coordinator.cmd_txstats),
     b"WATCH": (-2, cmd_watch),
     b"UNWATCH": (1, cmd_unwatch),
     b"MULTI": (1, cmd_multi),
