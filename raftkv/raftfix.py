@@ -290,7 +290,7 @@ class _AnnotatingTransport:
             seqs = owner._rf_chunk_seq
             seqs[node] = 0 if message["transmission"] == "start" else seqs.get(node, 0) + 1
             message[CHUNK_SEQ_KEY] = seqs[node]
-        elif message.get("serialized") is not None:
+        elif message.get("serialized") is not None and len(owner._SyncObj__raftLog) >= 2:
             log = owner._SyncObj__raftLog
             # After compaction (or a snapshot load) the log is [entry S-1, entry S, ...] and the dump on disk
             # covers entry S; pysyncobj's sender itself assumes this (nextIndex = log[1].idx + 1 when done).

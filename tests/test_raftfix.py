@@ -282,8 +282,10 @@ def sim_conf(batch: bool = False) -> SyncObjConf:
 class Cluster:
     """Three replicas on a SimNet. ``safe`` picks SafeSyncObj (on SimDisk journals) or stock SyncObj."""
 
-    def __init__(self, net: SimNet, safe: bool, durable: bool = True, batch: bool = False) -> None:
+    def __init__(self, net: SimNet, safe: bool, durable: bool = True, batch: bool = False,
+                 safe_cls: type[SafeSyncObj] | None = None) -> None:
         self.net, self.safe, self.durable, self.batch = net, safe, durable, batch
+        self.safe_cls = safe_cls or SafeReplica
         self.disks = {n: SimDisk() for n in NODE_IDS}
         self.nodes: dict[int, Any] = {}
         self.acked: dict[str, Any] = {}  # cid -> result, for SUCCESS callbacks
@@ -302,7 +304,7 @@ class Cluster:
                 journal_box.append(SimDiskJournal(disk))
                 return journal_box[0]
 
-            node = SafeReplica(n, others, sim_conf(self.batch), nodeClass=Node, transport=transport,
+            node = self.safe_cls(n, others, sim_conf(self.batch), nodeClass=Node, transport=transport,
                                durable=self.durable, journalFactory=factory, keepalive=False)
             journal_box[0].owner = node
             transport.journal = journal_box[0]  # type: ignore[attr-defined]
@@ -494,6 +496,54 @@ def test_conflicting_suffix_is_truncated_but_never_committed_entries() -> None:
         # because our entry 3 has not been verified against this leader.
         ae(2, 4, [], commit=3)
         assert f.raftCommitIndex == 2
+
+
+class SnapshotReplica(_AppliedLog, SafeSyncObj):
+    """State set *after* SyncObj.__init__ is what pysyncobj puts in snapshots."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.applied = []
+
+
+def test_snapshot_install_and_stale_snapshot_ignored() -> None:
+    """A follower that missed compacted entries catches up by snapshot (chunked path kept working); replaying
+    that snapshot later, when the follower knows more is committed, changes nothing."""
+    net = SimNet(random.Random(5))
+    with sim_clock(net, 5):
+        c = Cluster(net, safe=True, safe_cls=SnapshotReplica)
+        assert c.run(3.0, until=lambda: c.leader() is not None)
+        c.run(0.2)
+        lead = c.leader()
+        f = next(n for n in NODE_IDS if n != lead)
+        net.blocked.add(f)
+        for i in range(30):
+            c.submit(lead, f"s{i}")
+        assert c.run(2.0, until=lambda: len(c.acked) == 30)
+        c.nodes[lead].forceLogCompaction()
+        c.run(0.2)
+        assert c.nodes[lead]._SyncObj__raftLog[0][1] > 2, "setup: leader must have compacted"
+
+        snapshots: list[tuple[float, int, int, int, bytes]] = []
+        inner_send = net.send
+
+        def tap(src: int, dst: int, message: Any) -> None:
+            if dst == f and message.get("serialized") is not None:
+                snapshots.append((0.0, 0, src, dst, pickle.dumps(message)))
+            inner_send(src, dst, message)
+
+        net.send = tap  # type: ignore[method-assign]
+        net.blocked.discard(f)
+        assert c.run(3.0, until=lambda: c.nodes[f].applied == c.nodes[lead].applied)
+        assert snapshots, "setup: the follower must have been sent a snapshot"
+        for i in range(5):
+            c.submit(lead, f"t{i}")
+        assert c.run(2.0, until=lambda: len(c.acked) == 35 and c.nodes[f].applied == c.nodes[lead].applied)
+        before = (list(c.nodes[f].applied), c.log_of(f))
+        for m in snapshots:
+            net.deliver(m)
+        c.tick()
+        assert (c.nodes[f].applied, c.log_of(f)) == before
 
 
 # --------------------------------------------------------------------------------------------------------------
