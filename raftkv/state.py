@@ -83,6 +83,8 @@ class KVState:
     # in raftkv.txn.TxnTable so the state machine stays one concept per module.
     txns: Any = None
     applied: int = 0
+    # backup fences (raftkv.backup_state): backup id -> log time (ms) the fence lapses
+    fences: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.txns is None:
@@ -117,7 +119,8 @@ class KVState:
     def snapshot(self) -> bytes:
         """Serialize the whole state (data, revision, sessions, transactions)."""
         return pickle.dumps(
-            (SNAPSHOT_VERSION, self.data, self.revision, self.sessions, self.txns.dump(), self.applied),
+            (SNAPSHOT_VERSION, self.data, self.revision, self.sessions, self.txns.dump(), self.applied,
+             self.fences),
             protocol=pickle.HIGHEST_PROTOCOL,
         )
 
@@ -129,8 +132,10 @@ class KVState:
         parts = pickle.loads(blob)
         if not isinstance(parts, tuple) or parts[0] != SNAPSHOT_VERSION:
             raise ValueError(f"unsupported snapshot version {parts[0] if parts else None!r}")
-        _, data, revision, sessions, txns, applied = parts
-        return cls(data=data, revision=revision, sessions=sessions, txns=TxnTable.load(txns), applied=applied)
+        _, data, revision, sessions, txns, applied = parts[:6]
+        fences = dict(parts[6]) if len(parts) > 6 else {}  # backup fences (older snapshots have none)
+        return cls(data=data, revision=revision, sessions=sessions, txns=TxnTable.load(txns), applied=applied,
+                   fences=fences)
 
     # -- primitives shared with the transaction layer -----------------------
     def write(self, key: bytes, value: bytes | None) -> int:
@@ -285,3 +290,7 @@ _HANDLERS = {
     "tx_gc": _txn_layer,
     "tx_ack": _txn_layer,
 }
+# -- backup fence and restore load (raftkv.backup_state); tx_prepare honours the fence --
+from raftkv.backup_state import HANDLERS as _BACKUP_HANDLERS  # noqa: E402
+
+_HANDLERS.update(_BACKUP_HANDLERS)
