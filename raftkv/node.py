@@ -314,6 +314,9 @@ class Node:
         """Reply value, or a future of one.  Futures start now, so order is kept."""
         self.stats["commands"] += 1
         name = req[0].upper()
+        if conn.txn is not None and conn.txn.queuing and name not in txncmds.CONTROL:
+            # Inside MULTI (which needed auth): queue for EXEC; unknown commands abort EXEC.
+            return txncmds.queue(self, conn, req, name)
         spec = COMMANDS.get(name)
         if spec is None:
             return Error("ERR", f"unknown command '{req[0].decode(errors='replace')}'")
