@@ -1,0 +1,378 @@
+"""Cross-shard transactions against real node processes (3 nodes x 3 shards).
+
+Fault tests use the node's test-only pause hook (``RAFTKV_TEST_TXN_PAUSE=1`` and a
+``pause:<point>:<seconds>:...`` transaction id, see raftkv.coordinator) to stop a
+coordinator at a chosen point, then ``kill -9`` it.  Assertions are on outcomes
+(all-or-nothing, no lock left), never on timings.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from raftkv.client import Client, IndeterminateError, RaftKVError, UnavailableError
+from raftkv.cluster import LocalCluster, call
+from raftkv.txnclient import Txn
+from tests.conftest import dump_logs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    env = dict(os.environ, RAFTKV_TEST_TXN_PAUSE="1")
+    c = LocalCluster.create(str(tmp_path_factory.mktemp("txn")), nodes=3, shards=3, env=env)
+    c.start()
+    try:
+        c.wait_ready(60)
+        yield c
+    except BaseException:
+        dump_logs(c)
+        raise
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(lc: LocalCluster) -> Iterator[Client]:
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        yield c
+
+
+def keys_on(lc: LocalCluster, shard: int, n: int, prefix: str) -> list[str]:
+    out, i = [], 0
+    while len(out) < n:
+        k = f"{prefix}{i}"
+        if lc.map.shard_for_key(k.encode()) == shard:
+            out.append(k)
+        i += 1
+    return out
+
+
+def redis_on(lc: LocalCluster, node: str, protocol: int = 3) -> redis.Redis:
+    host, port = lc.map.nodes[node].client_addr
+    return redis.Redis(host=host, port=port, protocol=protocol, socket_timeout=20)
+
+
+def txstats(lc: LocalCluster) -> dict[str, list]:
+    out = {}
+    for name, info in lc.map.nodes.items():
+        if lc.pid(name) is not None:
+            out[name] = call(info.client_addr, "RAFTKV.TXSTATS", timeout=3.0)
+    return out
+
+
+def wait_no_txn_state(lc: LocalCluster, timeout: float = 30.0) -> None:
+    """Every running replica: no lock, nothing prepared, no open record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = txstats(lc)
+        busy = {n: rows for n, rows in stats.items() if any(r[2] or r[3] or r[4] for r in rows)}
+        if not busy:
+            return
+        assert time.monotonic() < deadline, f"transaction state left behind: {busy}"
+        time.sleep(0.2)
+
+
+def restart(lc: LocalCluster, node: str) -> None:
+    lc.start_node(node)
+    lc.wait_ready(60)
+
+
+def wait_log(lc: LocalCluster, node: str, needle: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in lc.log_file(node).read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{needle!r} never logged by {node}"
+        time.sleep(0.05)
+
+
+def place_leaders(lc: LocalCluster, wanted: dict[int, str]) -> None:
+    """Best effort: move shard leaders (RAFTKV.TRANSFER) until ``wanted`` holds."""
+    for _ in range(50):
+        leaders = lc.leaders()
+        if all(leaders[s] == n for s, n in wanted.items()):
+            return
+        for s, n in wanted.items():
+            if leaders[s] != n and leaders[s] is not None:
+                try:
+                    call(lc.map.nodes[leaders[s]].client_addr, "RAFTKV.TRANSFER", str(s), n, timeout=3.0)
+                except (OSError, ConnectionError):
+                    pass
+        time.sleep(0.3)
+    pytest.skip(f"could not place leaders as {wanted}: {lc.leaders()}")
+
+
+# -- happy paths ---------------------------------------------------------------------------
+
+def test_mset_across_three_shards_redis_py(lc: LocalCluster) -> None:
+    keys = [k for s in range(3) for k in keys_on(lc, s, 2, "ms")]
+    for node in lc.map.nodes:  # any node accepts it (forwards to the home leader)
+        r = redis_on(lc, node)
+        assert r.mset({k: f"{node}-{k}" for k in keys}) is True
+        assert r.mget(keys) == [f"{node}-{k}".encode() for k in keys]
+    r2 = redis_on(lc, "n1", protocol=2)
+    assert r2.mset({k: "p2" for k in keys}) is True and r2.mget(keys) == [b"p2"] * len(keys)
+
+
+def test_conditional_txn_redis_py_both_branches(lc: LocalCluster) -> None:
+    a, b, c = keys_on(lc, 0, 1, "ca")[0], keys_on(lc, 1, 1, "cb")[0], keys_on(lc, 2, 1, "cc")[0]
+    r = redis_on(lc, "n2")
+    r.mset({a: "1", b: "x", c: "y"})
+    rev_b = r.execute_command("RAFTKV.TXN", 0, 1, "GET", b, 0)
+    assert rev_b == [1, [b"x"]]
+    got = r.execute_command("RAFTKV.TXN", 2, a, "VALUE", "1", c, "EXISTS", 3, "PUT", a, "2", "PUT", b, "3",
+                            "GET", c, 1, "GET", a)
+    assert got == [1, [b"OK", b"OK", b"y"]]
+    got = r.execute_command("RAFTKV.TXN", 1, a, "VALUE", "1", 1, "PUT", b, "no", 2, "GET", a, "DEL", c)
+    assert got == [0, [b"2", 1]]
+    assert r.mget([a, b, c]) == [b"2", b"3", None]
+    with pytest.raises(redis.ResponseError, match="syntax"):
+        r.execute_command("RAFTKV.TXN", 1, a, "BOGUS", 0, 0)
+
+
+def test_client_txn_builder_and_mset(lc: LocalCluster, client: Client) -> None:
+    a, b, c = keys_on(lc, 0, 1, "la")[0], keys_on(lc, 1, 1, "lb")[0], keys_on(lc, 2, 1, "lc")[0]
+    client.mset({a: "1", b: "2", c: "3"})
+    assert [client.get(k) for k in (a, b, c)] == [b"1", b"2", b"3"]
+    r = client.txn().if_value(a, "1").if_exists(c).then_put(a, "2").then_put(b, "3").then_get(c).commit()
+    assert r.succeeded and r.results == [True, True, b"3"]
+    r = client.txn().if_value(a, "1").then_put(a, "x").else_get(a).else_delete(c).commit()
+    assert not r.succeeded and r.results == [b"2", 1]
+    assert client.txn().if_missing(c).then_put(c, "back").commit().succeeded
+    assert [client.get(k) for k in (a, b, c)] == [b"2", b"3", b"back"]
+
+
+def test_single_shard_txn_is_one_entry(lc: LocalCluster, client: Client) -> None:
+    k1, k2 = keys_on(lc, 1, 2, "one")
+
+    def records_of_shard1() -> int:
+        return sum(r[5] for rows in txstats(lc).values() for r in rows if r[0] == 1)
+    before = records_of_shard1()
+    assert client.txn().if_missing(k1).then_put(k1, "a").then_put(k2, "b").commit().succeeded
+    assert client.get(k1) == b"a" and client.get(k2) == b"b"
+    assert records_of_shard1() == before  # no 2PC record: one Raft entry
+
+
+def test_watch_multi_exec(lc: LocalCluster) -> None:
+    a, b = keys_on(lc, 0, 1, "wa")[0], keys_on(lc, 2, 1, "wb")[0]
+    r = redis_on(lc, "n3")
+    r.mset({a: "1", b: "1"})
+    with r.pipeline() as p:
+        p.watch(a, b)
+        p.multi()
+        p.set(a, "2")
+        p.get(b)
+        p.delete(b)
+        assert p.execute() == [True, b"1", 1]
+    assert r.mget([a, b]) == [b"2", None]
+    # A watched key changed by someone else: EXEC returns nil (WatchError in redis-py).
+    other = redis_on(lc, "n1")
+    with r.pipeline() as p:
+        p.watch(a)
+        other.set(a, "changed")
+        p.multi()
+        p.set(a, "mine")
+        p.set(b, "mine")
+        with pytest.raises(redis.WatchError):
+            p.execute()
+    assert r.mget([a, b]) == [b"changed", None]
+    # DISCARD and errors inside MULTI.
+    with r.pipeline() as p:
+        p.multi()
+        p.set(a, "discarded")
+        p.reset()
+    assert r.get(a) == b"changed"
+    with pytest.raises(redis.ResponseError, match="without MULTI"):
+        r.execute_command("EXEC")
+    assert r.execute_command("MULTI") == b"OK"
+    with pytest.raises(redis.ResponseError, match="not supported inside MULTI"):
+        r.execute_command("INCR", a)  # refused while queueing: EXEC aborts
+    with pytest.raises(redis.ResponseError, match="EXECABORT"):
+        r.execute_command("EXEC")
+
+
+def test_concurrent_conflicting_txns_never_both_commit(lc: LocalCluster) -> None:
+    a, b = keys_on(lc, 0, 1, "ra")[0], keys_on(lc, 1, 1, "rb")[0]
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        c.mset({a: "free", b: "free"})
+    winners: list[int] = []
+    errors: list[Exception] = []
+
+    def racer(i: int) -> None:
+        with Client(cluster=lc.config, timeout=20.0) as c:
+            try:
+                r = c.txn().if_value(a, "free").then_put(a, f"owner{i}").then_put(b, f"owner{i}").commit(
+                    retries=50)
+            except RaftKVError as e:
+                errors.append(e)
+                return
+            if r.succeeded:
+                winners.append(i)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(winners) == 1, winners
+    with Client(cluster=lc.config) as c:
+        assert c.get(a) == c.get(b) == f"owner{winners[0]}".encode()
+    wait_no_txn_state(lc)
+
+
+# -- faults --------------------------------------------------------------------------------
+
+def _paused_txn(lc: LocalCluster, node: str, txid: str, a: str, b: str, value: str, out: dict) -> threading.Thread:
+    """Send a cross-shard MSET-like transaction with a pause id straight to ``node``."""
+    def run() -> None:
+        try:
+            out["reply"] = redis_on(lc, node).execute_command("RAFTKV.TXN", "ID", txid, 0, 2, "PUT", a, value,
+                                                              "PUT", b, value, 0)
+        except (redis.RedisError, OSError) as e:
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _read_pair(lc: LocalCluster, a: str, b: str) -> tuple:
+    with Client(cluster=lc.config, timeout=30.0) as c:
+        return c.get(a), c.get(b)
+
+
+def test_kill_coordinator_between_prepare_and_decision(lc: LocalCluster) -> None:
+    a, b = keys_on(lc, 0, 1, "k1a")[0], keys_on(lc, 1, 1, "k1b")[0]
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        c.mset({a: "old", b: "old"})
+    home = lc.leader_of(0)
+    out: dict = {}
+    t = _paused_txn(lc, home, "pause:after_prepare:60:k1", a, b, "new", out)
+    wait_log(lc, home, "point=after_prepare txid=pause:after_prepare:60:k1")
+    lc.kill_node(home)
+    t.join(10)
+    assert "reply" not in out  # the client never heard a decision
+    lc.wait_ready(60, nodes=[n for n in lc.map.nodes if n != home])
+    assert _read_pair(lc, a, b) == (b"old", b"old")  # PENDING -> ABORTED by the new home leader
+    wait_no_txn_state(lc)
+    restart(lc, home)
+    wait_no_txn_state(lc)
+    with Client(cluster=lc.config, timeout=20.0) as c:  # still serving, and the keys are writable
+        c.mset({a: "after", b: "after"})
+        assert (c.get(a), c.get(b)) == (b"after", b"after")
+
+
+def test_kill_coordinator_after_decision_before_resolution(lc: LocalCluster) -> None:
+    a, b = keys_on(lc, 0, 1, "k2a")[0], keys_on(lc, 2, 1, "k2b")[0]
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        c.mset({a: "old", b: "old"})
+    home = lc.leader_of(0)
+    out: dict = {}
+    t = _paused_txn(lc, home, "pause:after_decide:60:k2", a, b, "new", out)
+    wait_log(lc, home, "point=after_decide txid=pause:after_decide:60:k2")
+    t.join(10)
+    assert out.get("reply") == [1, [b"OK", b"OK"]]  # the client was told COMMITTED
+    lc.kill_node(home)
+    lc.wait_ready(60, nodes=[n for n in lc.map.nodes if n != home])
+    assert _read_pair(lc, a, b) == (b"new", b"new")  # the new leader re-sends COMMIT
+    wait_no_txn_state(lc)
+    restart(lc, home)
+    wait_no_txn_state(lc)
+
+
+def test_kill_participant_leader_after_it_voted(lc: LocalCluster) -> None:
+    a, b = keys_on(lc, 0, 1, "k3a")[0], keys_on(lc, 1, 1, "k3b")[0]
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        c.mset({a: "old", b: "old"})
+    place_leaders(lc, {0: "n1", 1: "n2"})
+    out: dict = {}
+    t = _paused_txn(lc, "n1", "pause:after_prepare:2:k3", a, b, "new", out)
+    wait_log(lc, "n1", "point=after_prepare txid=pause:after_prepare:2:k3")
+    lc.kill_node("n2")  # the participant leader of shard 1, which voted YES
+    t.join(60)
+    assert out.get("reply") == [1, [b"OK", b"OK"]], out  # the prepare was replicated: COMMIT lands
+    assert _read_pair(lc, a, b) == (b"new", b"new")
+    wait_no_txn_state(lc)
+    restart(lc, "n2")
+    wait_no_txn_state(lc)
+
+
+# -- the bank --------------------------------------------------------------------------------
+
+def test_bank_transfers_while_leaders_are_killed(lc: LocalCluster) -> None:
+    accounts = [k for s in range(3) for k in keys_on(lc, s, 3, "acct")]
+    start, total = 100, 100 * len(accounts)
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        c.mset({k: str(start) for k in accounts})
+    stop = threading.Event()
+    problems: list[str] = []
+    stats = {"transfers": 0, "reads": 0, "aborted": 0, "unknown": 0}
+
+    def read_all(c: Client) -> list[int]:
+        t: Txn = c.txn()
+        for k in accounts:
+            t.then_get(k)
+        r = t.commit(retries=20)
+        return [int(v) for v in r.results]
+
+    def transferer(seed: int) -> None:
+        rng = random.Random(seed)
+        with Client(cluster=lc.config, timeout=15.0) as c:
+            while not stop.is_set():
+                a, b = rng.sample(accounts, 2)
+                try:
+                    r = c.txn().then_get(a).then_get(b).commit(retries=5)
+                    va, vb = (int(x) for x in r.results)
+                    amount = rng.randint(1, 30)
+                    if va < amount:
+                        continue
+                    r = (c.txn().if_value(a, str(va)).if_value(b, str(vb))
+                         .then_put(a, str(va - amount)).then_put(b, str(vb + amount)).commit(retries=5))
+                    stats["transfers" if r.succeeded else "aborted"] += 1
+                except IndeterminateError:
+                    stats["unknown"] += 1
+                except (UnavailableError, RaftKVError):
+                    stats["aborted"] += 1
+
+    def reader() -> None:
+        with Client(cluster=lc.config, timeout=15.0) as c:
+            while not stop.is_set():
+                try:
+                    balances = read_all(c)
+                except RaftKVError:
+                    continue
+                stats["reads"] += 1
+                if sum(balances) != total or min(balances) < 0:
+                    problems.append(f"read {balances} (sum {sum(balances)})")
+
+    threads = [threading.Thread(target=transferer, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=reader))
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(2):  # kill the leader of a shard, let the rest run, bring it back
+            time.sleep(3)
+            victim = lc.leader_of(random.randrange(3)) or "n1"
+            lc.kill_node(victim)
+            time.sleep(4)
+            lc.start_node(victim)
+        time.sleep(3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    lc.wait_ready(60)
+    with Client(cluster=lc.config, timeout=30.0) as c:
+        final = read_all(c)
+    assert not problems, problems[:5]
+    assert sum(final) == total and min(final) >= 0, final
+    assert stats["transfers"] > 0 and stats["reads"] > 0, stats
+    wait_no_txn_state(lc)
+    print("bank:", stats)
