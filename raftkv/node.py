@@ -324,8 +324,6 @@ class Node:
         n = len(req)
         if (arity >= 0 and n != arity) or (arity < 0 and n < -arity):
             return Error("WRONGARGS", f"wrong number of arguments for '{name.decode().lower()}' command")
-        if conn.txn is not None and conn.txn.queuing and name not in txncmds.CONTROL:
-            return txncmds.queue(self, conn, req, name)  # inside MULTI: queue for EXEC
         try:
             return method(self, conn, req, hops)
         except _BadRequest as e:
