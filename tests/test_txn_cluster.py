@@ -65,7 +65,10 @@ def txstats(lc: LocalCluster) -> dict[str, list]:
     out = {}
     for name, info in lc.map.nodes.items():
         if lc.pid(name) is not None:
-            out[name] = call(info.client_addr, "RAFTKV.TXSTATS", timeout=3.0)
+            try:
+                out[name] = call(info.client_addr, "RAFTKV.TXSTATS", timeout=3.0)
+            except (OSError, ConnectionError):  # starting up: not serving yet
+                out[name] = [[-1, b"starting", 1, 0, 0, 0, 0]]
     return out
 
 
