@@ -250,5 +250,11 @@ def alerts(cluster_file: str | None, **th: Any) -> None:
     sys.exit(0 if not report["warnings"] else 2)
 
 
+# -- operations: backup, restore, node add/remove/replace, leaders balance (raftkv.ops_cli) --
+from raftkv.ops_cli import register as _register_ops  # noqa: E402
+
+_register_ops(main)
+# -- end operations --
+
 if __name__ == "__main__":
     main()

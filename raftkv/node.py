@@ -833,6 +833,11 @@ COMMANDS: dict[bytes, tuple[int, Any]] = {
 }
 _SESSION_WRITES.update({b"SET": _cmd_set, b"DEL": _cmd_del, b"CAS": _cmd_cas, b"RAFTKV.CASNX": _cmd_casnx})
 COMMANDS.update(txncmds.COMMANDS)  # MSET, RAFTKV.TXN, WATCH/MULTI/EXEC/DISCARD (cross-shard 2PC)
+# -- backup/restore and membership (raftkv.backup, raftkv.membership) --
+from raftkv import backup as _backup  # noqa: E402
+
+COMMANDS.update(_backup.COMMANDS)  # RAFTKV.BACKUP
+# -- end backup/membership --
 
 
 def setup_logging(level: str = "INFO") -> None:

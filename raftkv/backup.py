@@ -1,0 +1,473 @@
+"""Online backup and restore: ``raftkv backup FILE`` / ``raftkv restore FILE --dir DIR``.
+
+Theory of operation
+-------------------
+A backup is taken while the cluster serves, by a client (the CLI) talking to
+the shard leaders with ``RAFTKV.BACKUP`` (below):
+
+1. **Fence.**  Raise backup fence ``id`` on every shard (a Raft write,
+   ``bk_fence``, with a TTL so a crashed backup cannot block transactions for
+   long).  While a shard is fenced, a PREPARE of a transaction it has not seen
+   votes NO (the coordinator aborts; MSET/EXEC retry internally and clients see
+   at worst a retryable ``-TXNCONFLICT``).  Single-shard writes and single-shard
+   transactions are not affected.
+2. **Dump.**  For each shard, the leader appends ``bk_check id`` to the shard's
+   log and, in the commit callback on the Raft tick thread (right after that
+   entry is applied, before any later one), copies the state: a linearizable
+   per-shard snapshot.  A dump is only accepted if the fence is up and no
+   transaction is prepared on the shard; otherwise the leader answers
+   ``-TRYAGAIN`` and the client retries (a fenced shard's prepared set only
+   shrinks, so this drains).
+3. **Check.**  ``bk_check id`` again on every shard: the fence must still be up.
+   An expired fence is deleted by the first state-machine command that notices,
+   so "still up" proves no PREPARE was accepted on that shard at any time
+   between step 1 and step 3.  Then the fences are lifted and the file written.
+
+Why no transaction is half in the backup: a cross-shard transaction T commits
+only after every participant voted YES at PREPARE, and (step 3) no shard
+accepted a PREPARE between its fence and the end of the backup, so every
+participant of a committed T prepared T *before* the fences went up, i.e.
+before any dump.  A dump of shard S is only taken when S has nothing prepared,
+so T had already finished on S, with T's one decided outcome: if T committed,
+its writes on S are in S's dump.  That holds for every participant, so T's
+writes are in the backup on all its shards or (aborted / never prepared
+everywhere) on none.  Every write acknowledged before the backup started is
+in it because each dump is a linearizable read taken after the start.  Plain
+single-key writes to *different* shards are captured at each shard's own dump
+point (per-shard consistency, like any sharded store without a global clock).
+
+File format (version 1)::
+
+    b"RAFTKVBK"  u32 header length  header (UTF-8 JSON)  body  SHA-256 (32 bytes)
+
+The header holds the format version, creation time, the shard map (TOML, with
+any ``[security]`` secrets removed), and per shard its key count, revision and
+the byte range of its block in the body.  A shard block is
+``>IQQ`` (shard, revision, key count) then per key ``>I`` key length, key,
+``>I`` value length, value, ``>Q`` modification revision.  The checksum covers
+everything before it.  The file is written to a temp file, fsynced and renamed.
+
+Restore starts the new cluster's nodes (``raftkv.cluster.LocalCluster``), loads
+every shard's rows through its Raft log with ``bk_load`` in batches (so the
+journals, snapshots and Raft metadata are all written by the normal code
+path), verifies per-shard key counts and revisions, and stops the nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from raftkv.protocol import OK, Error
+from raftkv.replica import APPLIED
+
+MAGIC = b"RAFTKVBK"
+FORMAT_VERSION = 1
+DEFAULT_FENCE_TTL_S = 60.0
+LOAD_BATCH_BYTES = 512 * 1024
+LOAD_BATCH_ROWS = 5000
+
+_BLOCK_HEAD = struct.Struct(">IQQ")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+class BackupError(Exception):
+    """A backup could not be taken, or a backup file is unusable; the message says why."""
+
+
+# -- shard blocks: a small, safe binary format (never pickle from a file) -----------------
+
+def encode_block(shard: int, revision: int, rows: list[tuple[bytes, bytes, int]]) -> bytes:
+    parts = [_BLOCK_HEAD.pack(shard, revision, len(rows))]
+    for key, value, rev in rows:
+        parts += [_U32.pack(len(key)), key, _U32.pack(len(value)), value, _U64.pack(rev)]
+    return b"".join(parts)
+
+
+def decode_block(data: bytes | memoryview) -> tuple[int, int, list[tuple[bytes, bytes, int]]]:
+    """Inverse of ``encode_block``; raises ``BackupError`` on any inconsistency."""
+    mv = memoryview(data)
+    try:
+        shard, revision, n = _BLOCK_HEAD.unpack_from(mv, 0)
+        pos = _BLOCK_HEAD.size
+        rows = []
+        for _ in range(n):
+            (kl,) = _U32.unpack_from(mv, pos)
+            pos += 4
+            key = bytes(mv[pos:pos + kl])
+            pos += kl
+            (vl,) = _U32.unpack_from(mv, pos)
+            pos += 4
+            value = bytes(mv[pos:pos + vl])
+            pos += vl
+            (rev,) = _U64.unpack_from(mv, pos)
+            pos += 8
+            if len(key) != kl or len(value) != vl:
+                raise struct.error("short")
+            rows.append((key, value, rev))
+    except struct.error:
+        raise BackupError("shard block is truncated") from None
+    if pos != len(mv):
+        raise BackupError(f"shard block has {len(mv) - pos} trailing bytes")
+    return shard, revision, rows
+
+
+# -- node side: RAFTKV.BACKUP ----------------------------------------------------------------
+
+def cmd_backup(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    """RAFTKV.BACKUP FENCE|CHECK|LIFT|DUMP shard id [ttl_ms] | LOAD shard revision block."""
+    action = req[1].upper()
+    try:
+        shard = int(req[2])
+    except ValueError:
+        return Error("ERR", "RAFTKV.BACKUP: shard must be an integer")
+    if not 0 <= shard < node.map.nshards:
+        return Error("ERR", f"RAFTKV.BACKUP: no shard {shard}")
+    arg = req[3].decode(errors="replace") if len(req) > 3 else ""
+    if action == b"FENCE" and len(req) == 5:
+        try:
+            ttl_ms = int(req[4])
+        except ValueError:
+            return Error("ERR", "RAFTKV.BACKUP FENCE: ttl_ms must be an integer")
+        return node.run(_sm(node, shard, ("bk_fence", arg, ttl_ms), req, hops, lambda _r: OK))
+    if action == b"CHECK" and len(req) == 4:
+        return node.run(_sm(node, shard, ("bk_check", arg), req, hops, lambda r: [int(x) for x in r]))
+    if action == b"LIFT" and len(req) == 4:
+        return node.run(_sm(node, shard, ("bk_lift", arg), req, hops, lambda r: int(r)))
+    if action == b"DUMP" and len(req) == 4:
+        return node.run(_dump(node, shard, arg, req, hops))
+    if action == b"LOAD" and len(req) == 5:
+        try:
+            bshard, revision, rows = decode_block(req[4])
+        except BackupError as e:
+            return Error("ERR", f"RAFTKV.BACKUP LOAD: {e}")
+        if bshard != shard:
+            return Error("ERR", f"RAFTKV.BACKUP LOAD: block is for shard {bshard}, not {shard}")
+        for key, _v, _r in rows:
+            if node.map.shard_for_key(key) != shard:
+                return Error("ERR", f"RAFTKV.BACKUP LOAD: key {key!r} does not belong to shard {shard} "
+                                    "(the backup's shard count or vnodes differ from this cluster's)")
+        return node.run(_sm(node, shard, ("bk_load", rows, revision), req, hops, lambda r: int(r)))
+    return Error("ERR", "usage: RAFTKV.BACKUP FENCE shard id ttl_ms | CHECK shard id | LIFT shard id | "
+                        "DUMP shard id | LOAD shard revision block")
+
+
+async def _sm(node: Any, shard: int, cmd: tuple, req: list[bytes], hops: int, convert: Any) -> Any:
+    """Run a (repeatable) backup command on the shard leader and convert its result."""
+    from raftkv.protocol import Raw
+    from raftkv.state import CmdError, Locked
+
+    res = await node.execute(shard, cmd, req, hops, idempotent=True)
+    if isinstance(res, (Raw, Error)):
+        return res
+    if isinstance(res, CmdError):
+        return Error(res.code, res.message)
+    if isinstance(res, Locked):
+        return Error("LOCKED", f"key {res.key!r} is locked by transaction {res.txid}")
+    return convert(res)
+
+
+async def _dump(node: Any, shard: int, bid: str, req: list[bytes], hops: int) -> Any:
+    """DUMP on the shard's leader: a read through the log, the state copied right after it applies."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + node.timing.request_timeout_s
+    while True:
+        replica = node.replicas.get(shard)
+        if replica is not None and replica.is_leader():
+            break
+        leader = node._leader_node(shard)
+        if leader is not None and leader != node.name and hops < 2:
+            reply = await node._forward(leader, req, hops, max(0.1, deadline - loop.time()))
+            if type(reply).__name__ == "_ForwardFailed":
+                return Error("TRYAGAIN", f"shard {shard}: leader {leader} unreachable; retry")
+            return reply
+        if loop.time() > deadline:
+            return Error("NOQUORUM", f"shard {shard} has no leader; retry")
+        await asyncio.sleep(0.05)
+
+    fut = loop.create_future()
+
+    def done(kind: str, res: Any) -> None:  # on the Raft tick thread, right after the entry applied
+        out: Any
+        if kind != APPLIED:
+            out = Error("TRYAGAIN", f"shard {shard}: dump not applied ({res}); retry")
+        else:
+            active, prepared, _keys, _rev = res[0]
+            st = replica.state
+            if not active:
+                out = Error("FENCELOST", f"shard {shard}: backup fence {bid} is not up (expired or never "
+                                         "raised); start the backup again")
+            elif prepared or st.txns.prepared:
+                out = Error("TRYAGAIN", f"shard {shard}: {prepared} transaction(s) still prepared; retry")
+            else:
+                out = (st.revision, dict(st.data))
+        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
+
+    replica.propose([("bk_check", bid)], int(time.time() * 1000), done)
+    try:
+        out = await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
+    except TimeoutError:
+        return Error("TRYAGAIN", f"shard {shard}: dump timed out; retry")
+    if isinstance(out, Error):
+        return out
+    revision, data = out
+    rows = [(k, v, r) for k, (v, r) in data.items()]
+    return await loop.run_in_executor(None, encode_block, shard, revision, rows)
+
+
+COMMANDS = {b"RAFTKV.BACKUP": (-4, cmd_backup)}
+
+
+# -- client side: taking a backup --------------------------------------------------------------
+
+def _strip_secrets(m: Any) -> Any:
+    if getattr(m, "security", None):
+        return dataclasses.replace(m, security={})
+    return m
+
+
+def take_backup(client: Any, path: str | os.PathLike, fence_ttl_s: float = DEFAULT_FENCE_TTL_S,
+                log: Any = None) -> dict:
+    """Write an online, consistent backup of every shard to ``path``; returns the header."""
+    from raftkv.client import RaftKVError
+
+    m = client.map
+    bid = uuid.uuid4().hex
+    ttl = str(int(fence_ttl_s * 1000)).encode()
+    say = log or (lambda _msg: None)
+    started = time.time()
+    blocks: dict[int, bytes] = {}
+    fenced: list[int] = []
+    try:
+        for s in range(m.nshards):
+            client._request(s, [b"RAFTKV.BACKUP", b"FENCE", str(s).encode(), bid.encode(), ttl], write=False)
+            fenced.append(s)
+        say(f"fence {bid} up on {m.nshards} shard(s)")
+        for s in range(m.nshards):
+            blocks[s] = client._request(s, [b"RAFTKV.BACKUP", b"DUMP", str(s).encode(), bid.encode()],
+                                        write=False)
+            say(f"shard {s}: dumped {len(blocks[s])} bytes")
+        for s in range(m.nshards):
+            active = client._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), bid.encode()],
+                                     write=False)[0]
+            if not active:
+                raise BackupError(f"shard {s}: the backup fence lapsed before the backup finished (fence TTL "
+                                  f"{fence_ttl_s:g} s); nothing was written, run the backup again with a "
+                                  "larger --fence-ttl")
+    except RaftKVError as e:
+        raise BackupError(f"backup failed, nothing was written: {e}") from None
+    finally:
+        for s in fenced:
+            try:
+                client._request(s, [b"RAFTKV.BACKUP", b"LIFT", str(s).encode(), bid.encode()], write=False)
+            except RaftKVError:
+                pass  # the fence lapses by itself after its TTL
+    per_shard = []
+    offset = 0
+    total = 0
+    for s in range(m.nshards):
+        shard, revision, rows = decode_block(blocks[s])
+        if shard != s:
+            raise BackupError(f"shard {s}: node returned a block for shard {shard}")
+        per_shard.append({"shard": s, "keys": len(rows), "revision": revision, "offset": offset,
+                          "length": len(blocks[s])})
+        offset += len(blocks[s])
+        total += len(rows)
+    header = {
+        "format": "raftkv-backup",
+        "version": FORMAT_VERSION,
+        "backup_id": bid,
+        "created_unix": started,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": round(time.time() - started, 3),
+        "cluster": m.name,
+        "epoch": m.epoch,
+        "shards": m.nshards,
+        "vnodes": m.vnodes,
+        "replication": m.replication,
+        "nodes": sorted(m.nodes),
+        "shard_map": _strip_secrets(m).to_toml(),
+        "key_count": total,
+        "per_shard": per_shard,
+        "body_bytes": offset,
+        "consistency": "each shard: a linearizable snapshot; across shards: no partial transaction "
+                       "(backup fence)",
+    }
+    _write_file(path, header, [blocks[s] for s in range(m.nshards)])
+    return header
+
+
+def _write_file(path: str | os.PathLike, header: dict, blocks: list[bytes]) -> None:
+    path = os.fspath(path)
+    head = json.dumps(header, indent=1, sort_keys=True).encode()
+    h = hashlib.sha256()
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for part in (MAGIC, _U32.pack(len(head)), head, *blocks):
+                h.update(part)
+                f.write(part)
+            f.write(h.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# -- reading and verifying a backup file ---------------------------------------------------------
+
+@dataclasses.dataclass
+class Backup:
+    header: dict
+    shards: dict[int, tuple[int, list[tuple[bytes, bytes, int]]]]  # shard -> (revision, rows)
+
+    @property
+    def shardmap(self) -> Any:
+        import tomllib
+
+        from shards.shardmap import ShardMap
+
+        return ShardMap.from_dict(tomllib.loads(self.header["shard_map"]), source="backup shard map")
+
+
+def read_backup(path: str | os.PathLike) -> Backup:
+    """Read and fully verify a backup file; ``BackupError`` says exactly what is wrong."""
+    path = os.fspath(path)
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise BackupError(f"{path}: cannot read: {e.strerror}") from None
+    if len(blob) < len(MAGIC) + 4 + 32 or blob[:len(MAGIC)] != MAGIC:
+        raise BackupError(f"{path}: not a raftkv backup file (bad magic)")
+    (hlen,) = _U32.unpack_from(blob, len(MAGIC))
+    hstart = len(MAGIC) + 4
+    if hstart + hlen + 32 > len(blob):
+        raise BackupError(f"{path}: truncated (header runs past the end of the file)")
+    try:
+        header = json.loads(blob[hstart:hstart + hlen])
+    except ValueError:
+        raise BackupError(f"{path}: corrupt header (not JSON)") from None
+    if not isinstance(header, dict) or header.get("format") != "raftkv-backup":
+        raise BackupError(f"{path}: corrupt header (not a raftkv backup header)")
+    if header.get("version") != FORMAT_VERSION:
+        raise BackupError(f"{path}: backup format version {header.get('version')!r} is not supported "
+                          f"(this raftkv reads version {FORMAT_VERSION})")
+    body_start = hstart + hlen
+    expected = body_start + int(header.get("body_bytes", -1)) + 32
+    if len(blob) < expected:
+        raise BackupError(f"{path}: truncated: {len(blob)} bytes, the header promises {expected}")
+    if len(blob) > expected:
+        raise BackupError(f"{path}: {len(blob) - expected} unexpected trailing bytes")
+    if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+        raise BackupError(f"{path}: checksum mismatch: the file is corrupt (SHA-256 does not match)")
+    shards: dict[int, tuple[int, list]] = {}
+    body = memoryview(blob)[body_start:-32]
+    for info in header["per_shard"]:
+        s, rev, rows = decode_block(body[info["offset"]:info["offset"] + info["length"]])
+        if s != info["shard"] or len(rows) != info["keys"] or rev != info["revision"]:
+            raise BackupError(f"{path}: shard {info['shard']} block disagrees with the header")
+        shards[s] = (rev, rows)
+    if sorted(shards) != list(range(header["shards"])):
+        raise BackupError(f"{path}: expected blocks for shards 0..{header['shards'] - 1}, found {sorted(shards)}")
+    return Backup(header, shards)
+
+
+# -- restore -----------------------------------------------------------------------------------------
+
+def restore(path: str | os.PathLike, directory: str | os.PathLike, config: str | None = None,
+            keep_running: bool = False, base_port: int | None = None, log: Any = None,
+            timeout: float = 60.0) -> Any:
+    """Create a new cluster's data in ``directory`` from a backup; returns the ``LocalCluster``.
+
+    Without ``config``, the new cluster copies the backup's layout (node count, shards, vnodes,
+    replication) on a free loopback port range with data under ``directory/data``.  With
+    ``config``, its shard count and vnodes must equal the backup's.
+    """
+    from raftkv.client import Client, RaftKVError
+    from raftkv.cluster import ClusterError, LocalCluster, free_base_port
+    from shards.shardmap import ShardMap, ShardMapError, local_cluster
+
+    say = log or (lambda _msg: None)
+    bk = read_backup(path)
+    hdr = bk.header
+    d = Path(directory).resolve()
+    if (d / "cluster.toml").exists():
+        raise BackupError(f"{d}/cluster.toml exists: restore creates a NEW cluster; choose an empty --dir")
+    try:
+        old = bk.shardmap
+        if config is not None:
+            target = ShardMap.load(config)
+        else:
+            n = len(old.nodes)
+            target = local_cluster(n, old.nshards, base_port=base_port or free_base_port(n, old.nshards),
+                                   data_dir=str(d / "data"), vnodes=old.vnodes, replication=old.replication,
+                                   name=old.name)
+    except ShardMapError as e:
+        raise BackupError(str(e)) from None
+    if target.nshards != hdr["shards"] or target.vnodes != hdr["vnodes"]:
+        raise BackupError(f"backup/cluster mismatch: the backup has {hdr['shards']} shards and vnodes="
+                          f"{hdr['vnodes']}, the target cluster {target.nshards} shards and vnodes="
+                          f"{target.vnodes}; keys would land on the wrong shards")
+    for name in target.nodes:
+        nd = Path(target.node_data_dir(name))
+        if nd.exists() and any(nd.iterdir()):
+            raise BackupError(f"{nd} is not empty: restore only writes into empty data directories")
+    lc = LocalCluster(d, target)
+    lc.start()
+    ok = False
+    try:
+        lc.wait_ready(timeout)
+        with Client(cluster=lc.config, timeout=timeout) as c:
+            for s in range(target.nshards):
+                _check, _prep, keys, _rev = c._request(
+                    s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"], write=False)
+                if keys:
+                    raise BackupError(f"shard {s} of the target cluster already holds {keys} keys")
+            for s in range(target.nshards):
+                revision, rows = bk.shards[s]
+                for batch in _batches(rows):
+                    block = encode_block(s, revision, batch)
+                    c._request(s, [b"RAFTKV.BACKUP", b"LOAD", str(s).encode(), str(revision).encode(), block],
+                               write=False)
+                _a, _p, keys, rev = c._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"],
+                                               write=False)
+                if keys != len(rows) or rev < revision:
+                    raise BackupError(f"shard {s}: after loading, {keys} keys / revision {rev}; expected "
+                                      f"{len(rows)} keys / revision >= {revision}")
+                say(f"shard {s}: restored {len(rows)} keys (revision {revision})")
+        ok = True
+    except (RaftKVError, ClusterError) as e:
+        raise BackupError(f"restore failed: {e}") from None
+    finally:
+        if not (ok and keep_running):
+            lc.stop()
+    return lc
+
+
+def _batches(rows: list) -> Any:
+    batch: list = []
+    size = 0
+    for row in rows:
+        batch.append(row)
+        size += len(row[0]) + len(row[1]) + 16
+        if size >= LOAD_BATCH_BYTES or len(batch) >= LOAD_BATCH_ROWS:
+            yield batch
+            batch, size = [], 0
+    if batch or not rows:
+        yield batch
