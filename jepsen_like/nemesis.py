@@ -124,7 +124,12 @@ class Nemesis:
     """Injects faults into a LocalCluster; thread-safe; records every fault."""
 
     def __init__(self, cluster: Any, rng: random.Random, clock: Callable[[], float],
-                 firewall: Any | None = None, log: Callable[[str], None] | None = None) -> None:
+                 firewall: Any | None = None, log: Callable[[str], None] | None = None,
+                 shapes: tuple[str, ...] = PARTITION_SHAPES) -> None:
+        bad = [x for x in shapes if x not in PARTITION_SHAPES]
+        if bad or not shapes:
+            raise ValueError(f"unknown partition shape(s) {bad} (expected some of {', '.join(PARTITION_SHAPES)})")
+        self.shapes = tuple(shapes)
         self.cluster = cluster
         self.rng = rng
         self.clock = clock
@@ -166,7 +171,7 @@ class Nemesis:
             elif kind == "partition":
                 if self.firewall is None:
                     raise RuntimeError("partition nemesis unavailable (no network namespace / iptables)")
-                shape = self.rng.choice(PARTITION_SHAPES)
+                shape = self.rng.choice(self.shapes)
                 leader = None
                 if shape == "isolate-leader":
                     leader = self._leaders().get(self.rng.randrange(self.cluster.map.nshards))

@@ -85,6 +85,7 @@ class RunConfig:
     fault_max: float = 4.0
     quiet_min: float = 2.0
     quiet_max: float = 4.0
+    partition_shapes: str = "halves,isolate-leader,majority-ring"
 
     def to_argv(self) -> list[str]:
         """Command-line options reproducing this config (for the re-exec inside the namespace)."""
@@ -216,7 +217,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
          f"{mode}; writing {run_dir}")
     rec = Recorder()
     rng = random.Random(cfg.seed)
-    nemesis = Nemesis(cluster, random.Random(rng.random()), rec.now, firewall, log=_say)
+    nemesis = Nemesis(cluster, random.Random(rng.random()), rec.now, firewall, log=_say,
+                      shapes=tuple(x.strip() for x in cfg.partition_shapes.split(",") if x.strip()))
     stop = threading.Event()
     threads: list[threading.Thread] = []
     results: dict[str, Any] = {}

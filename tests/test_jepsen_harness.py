@@ -1,0 +1,219 @@
+"""The fault harness (`raftkv-jepsen run`) end to end against real clusters, plus its pure parts.
+
+Each run is ~15 s of load plus start-up, recovery and checking (~20 s) and
+asserts the run's verdict, never its latency.  The unsafe-mode test runs the
+nodes with ``--unsafe-local-reads`` under partitions and must see the checker
+report a violation (up to 3 runs).  Partition runs skip, with the reason,
+where no private network namespace with working iptables can be made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jepsen_like import netns
+from jepsen_like.history import Op
+from jepsen_like.nemesis import make_schedule, partition_edges
+from jepsen_like.report import availability_windows, verdict_of
+from jepsen_like.runner import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIME = 15
+RUN_TIMEOUT = 240
+
+_avail: netns.Availability | None = None
+
+
+def netns_availability() -> netns.Availability:
+    global _avail
+    if _avail is None:
+        _avail = netns.probe()
+    return _avail
+
+
+def needs_netns() -> None:
+    a = netns_availability()
+    if not a.ok:
+        pytest.skip(f"partition nemesis unavailable here: {a.reason}")
+
+
+def harness(store: Path, *args: str) -> tuple[int, dict, str]:
+    """Run `python -m jepsen_like.cli run ...` into ``store``; return (exit code, results.json, output)."""
+    cmd = [sys.executable, "-m", "jepsen_like.cli", "run", "--store", str(store), *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = p.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGTERM)  # the harness stops its cluster on SIGTERM
+        try:
+            out, _ = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+        _stop_leftover_nodes(store)
+        pytest.fail(f"harness run did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}")
+    runs = sorted(store.glob("*/results.json"), key=lambda q: q.stat().st_mtime)
+    results = json.loads(runs[-1].read_text()) if runs else {}
+    print(out)
+    return p.returncode, results, out
+
+
+def _stop_leftover_nodes(store: Path) -> None:
+    from raftkv.cluster import LocalCluster
+
+    for cfg in store.glob("*/nodes/cluster.toml"):
+        try:
+            LocalCluster(cfg.parent).stop()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def common(seed: int) -> list[str]:
+    return ["--time", str(RUN_TIME), "--clients", "8", "--rate", "80", "--seed", str(seed)]
+
+
+def assert_pass(rc: int, res: dict, out: str) -> None:
+    assert rc == 0, f"expected a passing run, exit {rc}:\n{out[-4000:]}"
+    assert res["verdict"] == "pass"
+    assert all(c["valid"] is True for c in res["checks"].values()), res["checks"]
+    assert res["counts"]["ok"] > 100
+    run_dir = Path(res["dir"])
+    for f in ("history.jsonl", "results.json", "summary.txt", "latency.png", "throughput.png"):
+        assert (run_dir / f).is_file(), f
+    assert list((run_dir / "nodes").glob("n*.log"))
+
+
+# -- real runs -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_run_no_faults_passes(tmp_path: Path) -> None:
+    rc, res, out = harness(tmp_path, "--nemesis", "none", *common(11))
+    assert_pass(rc, res, out)
+    assert res["faults"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nemesis", ["kill", "pause"])
+def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str) -> None:
+    rc, res, out = harness(tmp_path, "--nemesis", nemesis, *common(12))
+    assert_pass(rc, res, out)
+    faults = [f for f in res["faults"] if not f["error"]]
+    assert faults and all(f["kind"] == nemesis and f["end"] is not None for f in faults), res["faults"]
+    assert any(w["window"] == nemesis for w in res["availability"])
+
+
+@pytest.mark.slow
+def test_run_with_partitions_passes(tmp_path: Path) -> None:
+    needs_netns()
+    rc, res, out = harness(tmp_path, "--nemesis", "partition", *common(13))
+    assert_pass(rc, res, out)
+    assert res["network"]["node_hosts"] == {"n1": "127.0.0.1", "n2": "127.0.0.2", "n3": "127.0.0.3"}
+    assert [f for f in res["faults"] if f["kind"] == "partition" and not f["error"]], res["faults"]
+
+
+@pytest.mark.slow
+def test_unsafe_local_reads_are_caught(tmp_path: Path) -> None:
+    """Nodes answering reads from their local copy, read through a pinned node while it is cut
+    off from its shard's majority, must be reported as not linearizable."""
+    needs_netns()
+    outs = []
+    for attempt in range(3):
+        store = tmp_path / f"attempt{attempt}"
+        rc, res, out = harness(store, "--nemesis", "partition", "--unsafe-local-reads", "--read-any-node",
+                               "--partition-shapes", "isolate-leader,halves", *common(100 + attempt))
+        outs.append(out)
+        if rc == 1:
+            lin = res["checks"]["linearizable"]
+            assert res["verdict"] == "fail" and lin["valid"] is False and lin["failing_ops"]
+            assert (Path(res["dir"]) / "timeline-linearizable.html").is_file()
+            return
+        assert rc == 0, f"unexpected exit {rc}:\n{out[-4000:]}"
+    pytest.fail("unsafe local reads were not detected in 3 runs:\n" + "\n".join(o[-1500:] for o in outs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", ["bank", "txn"])
+def test_transactional_workloads(tmp_path: Path, workload: str) -> None:
+    rc, res, out = harness(tmp_path, "--workload", workload, "--nemesis", "kill", *common(14))
+    if rc == 3 and "not available in this build" in out:
+        pytest.skip(out.strip().splitlines()[-1])
+    assert_pass(rc, res, out)
+
+
+def test_partition_without_namespace_is_reported_unavailable(tmp_path: Path) -> None:
+    rc, res, out = harness(tmp_path, "--nemesis", "partition", "--netns", "off", "--time", "1")
+    assert rc == 3
+    assert "partition nemesis needs the network namespace" in out
+    assert res == {}
+
+
+# -- pure parts ------------------------------------------------------------------------------
+
+def test_schedule_is_seeded_and_within_the_run() -> None:
+    a = make_schedule(["kill", "pause"], 60, random.Random(7))
+    assert a == make_schedule(["kill", "pause"], 60, random.Random(7))
+    assert a and a != make_schedule(["kill", "pause"], 60, random.Random(8))
+    assert make_schedule([], 60, random.Random(7)) == []
+    prev_end = 0.0
+    for start, kind, length in a:
+        assert kind in ("kill", "pause")
+        assert start >= prev_end and length >= 1.0
+        prev_end = start + length
+    assert prev_end <= 59.0
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 7])
+def test_partition_shapes(n: int) -> None:
+    nodes = [f"n{i}" for i in range(1, n + 1)]
+    rng = random.Random(n)
+    cut = lambda edges: {frozenset(e) for e in edges}  # noqa: E731
+
+    edges, groups, _ = partition_edges("halves", nodes, rng)
+    assert sorted(len(g) for g in groups) == [n // 2, n - n // 2]
+    assert len(cut(edges)) == (n // 2) * (n - n // 2)
+
+    edges, groups, _ = partition_edges("isolate-leader", nodes, rng, leader="n2")
+    assert groups[0] == ["n2"] and cut(edges) == {frozenset(("n2", x)) for x in nodes if x != "n2"}
+
+    edges, _, _ = partition_edges("majority-ring", nodes, rng)
+    assert edges
+    for x in nodes:  # every node still sees a majority (itself included)
+        seen = 1 + sum(1 for y in nodes if y != x and frozenset((x, y)) not in cut(edges))
+        assert seen >= n // 2 + 1
+    views = {frozenset([x] + [y for y in nodes if y != x and frozenset((x, y)) not in cut(edges)]) for x in nodes}
+    assert len(views) > 1  # not everyone sees the same majority
+
+
+def _op(i: int, call: float, ret: float, status: str) -> Op:
+    return Op(i, 0, "get", "k", None, None, call, ret, status)
+
+
+def test_availability_windows_and_verdict() -> None:
+    ops = [_op(0, 0.5, 0.6, "ok"), _op(1, 2.5, 2.6, "fail"), _op(2, 3.0, 3.5, "ok"), _op(3, 6.0, 6.1, "ok")]
+    w = availability_windows(ops, [{"kind": "kill", "detail": "kill -9 n1", "start": 2.0, "end": 4.0}], 8.0)
+    assert [x["window"] for x in w] == ["quiet", "kill", "quiet"]
+    assert w[1]["ops"] == 2 and w[1]["availability"] == 0.5
+    assert w[0]["availability"] == 1.0 and w[2]["availability"] == 1.0
+    assert verdict_of({"a": {"valid": True}, "b": {"valid": True}}) == "pass"
+    assert verdict_of({"a": {"valid": True}, "b": {"valid": False, "verdict": "not_linearizable"}}) == "fail"
+    assert verdict_of({"a": {"valid": False, "verdict": "unknown"}}) == "unknown"
+
+
+def test_config_round_trips_through_argv() -> None:
+    cfg = RunConfig(nemesis="all", time=12.5, seed=3, unsafe_local_reads=True)
+    argv = cfg.to_argv()
+    assert "--unsafe-local-reads" in argv and "--read-any-node" not in argv
+    assert argv[argv.index("--time") + 1] == "12.5"
+    from jepsen_like.cli import run_cmd
+
+    params = run_cmd.make_context("run", argv).params  # the CLI accepts every option the re-exec passes
+    assert params["time_s"] == 12.5 and params["nemesis"] == "all" and params["unsafe_local_reads"] is True
