@@ -256,5 +256,63 @@ from raftkv.ops_cli import register as _register_ops  # noqa: E402
 _register_ops(main)
 # -- end operations --
 
+# -- transactions (raftkv.txnclient) -------------------------------------------------------
+
+@main.command()
+@click.argument("pairs", nargs=-1, required=True)
+@cluster_option
+def mset(pairs: tuple[str, ...], cluster_file: str | None) -> None:
+    """Set KEY1 VALUE1 KEY2 VALUE2 ... atomically (all or none, across shards)."""
+    if len(pairs) % 2:
+        raise click.UsageError("mset takes KEY VALUE pairs")
+    with _client(cluster_file) as c:
+        try:
+            c.mset(dict(zip(pairs[0::2], pairs[1::2], strict=True)))
+        except RaftKVError as e:
+            _fail(e)
+    click.echo("OK")
+
+
+@main.command()
+@click.option("--if", "ifs", multiple=True, metavar="'KEY = V'|'KEY rev N'|'KEY exists'|'KEY missing'")
+@click.option("--then", "thens", multiple=True, metavar="'put K V'|'del K'|'get K'")
+@click.option("--else", "elses", multiple=True, metavar="'put K V'|'del K'|'get K'")
+@click.option("--file", "doc", type=click.File("r"), default=None,
+              help='JSON {"if": [...], "then": [...], "else": [...]} of the same strings; - for stdin')
+@click.option("--retries", default=5, show_default=True, help="retries after a TXNCONFLICT/TRYAGAIN abort")
+@cluster_option
+def txn(ifs: tuple[str, ...], thens: tuple[str, ...], elses: tuple[str, ...], doc, retries: int,
+        cluster_file: str | None) -> None:
+    """Conditional transaction: if every compare holds run the then-ops, else the else-ops.
+
+    Prints SUCCEEDED or FAILED (the branch), then one line per op result; exit 0 when the
+    then-branch ran, 1 when the else-branch ran, 2 on error.
+    """
+    from raftkv.txnclient import build_from_spec
+
+    ifs_l, thens_l, elses_l = list(ifs), list(thens), list(elses)
+    if doc is not None:
+        try:
+            spec = json.load(doc)
+        except ValueError as e:
+            raise click.UsageError(f"--file: not JSON: {e}") from None
+        ifs_l += spec.get("if", [])
+        thens_l += spec.get("then", [])
+        elses_l += spec.get("else", [])
+    with _client(cluster_file) as c:
+        try:
+            t = build_from_spec(c.txn(), ifs_l, thens_l, elses_l)
+            r = t.commit(retries=retries)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        except RaftKVError as e:
+            _fail(e)
+    click.echo("SUCCEEDED" if r.succeeded else "FAILED")
+    for v in r.results:
+        click.echo("(nil)" if v is None else ("OK" if v is True else (v.decode(errors="replace")
+                                                                     if isinstance(v, bytes) else str(v))))
+    sys.exit(0 if r.succeeded else 1)
+
+
 if __name__ == "__main__":
     main()

@@ -136,3 +136,39 @@ def _response(txn: Txn, reply: Any) -> TxnResponse:
     for op, r in zip(ops, reply[1], strict=True):
         results.append(True if op[0] == b"PUT" else (int(r) if op[0] == b"DEL" else r))
     return TxnResponse(ok, results)
+
+
+def build_from_spec(txn: Txn, ifs: list[str], thens: list[str], elses: list[str]) -> Txn:
+    """Fill ``txn`` from the CLI's strings (shell-quoted tokens).
+
+    compare: ``KEY = VALUE`` | ``KEY rev N`` | ``KEY exists`` | ``KEY missing``;
+    op: ``put KEY VALUE`` | ``del KEY`` | ``get KEY``.  Raises ValueError on bad input.
+    """
+    import shlex
+
+    for spec in ifs:
+        t = shlex.split(spec)
+        if len(t) == 3 and t[1] in ("=", "=="):
+            txn.if_value(t[0], t[2])
+        elif len(t) == 3 and t[1].lower() in ("rev", "rev="):
+            txn.if_revision(t[0], int(t[2]))
+        elif len(t) == 2 and t[1].lower() == "exists":
+            txn.if_exists(t[0])
+        elif len(t) == 2 and t[1].lower() == "missing":
+            txn.if_missing(t[0])
+        else:
+            raise ValueError(f"bad compare {spec!r}: want 'KEY = VALUE', 'KEY rev N', 'KEY exists' or 'KEY missing'")
+    for specs, put, delete, get in ((thens, txn.then_put, txn.then_delete, txn.then_get),
+                                    (elses, txn.else_put, txn.else_delete, txn.else_get)):
+        for spec in specs:
+            t = shlex.split(spec)
+            kind = t[0].lower() if t else ""
+            if kind == "put" and len(t) == 3:
+                put(t[1], t[2])
+            elif kind in ("del", "delete") and len(t) == 2:
+                delete(t[1])
+            elif kind == "get" and len(t) == 2:
+                get(t[1])
+            else:
+                raise ValueError(f"bad op {spec!r}: want 'put KEY VALUE', 'del KEY' or 'get KEY'")
+    return txn
