@@ -379,3 +379,26 @@ def test_bank_transfers_while_leaders_are_killed(lc: LocalCluster) -> None:
     assert stats["transfers"] > 0 and stats["reads"] > 0, stats
     wait_no_txn_state(lc)
     print("bank:", stats)
+
+
+def test_cli_mset_and_txn(lc: LocalCluster) -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "raftkv", *args, "--cluster", str(lc.config)],
+                              capture_output=True, text=True, input=stdin, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=root))
+
+    a, b = keys_on(lc, 0, 1, "cli_a")[0], keys_on(lc, 2, 1, "cli_b")[0]
+    assert cli("mset", a, "1", b, "2").stdout.strip() == "OK"
+    p = cli("txn", "--if", f"{a} = 1", "--then", f"put {a} 10", "--then", f"get {b}", "--else", f"get {a}")
+    assert (p.returncode, p.stdout.split()) == (0, ["SUCCEEDED", "OK", "2"]), p.stderr
+    doc = json.dumps({"if": [f"{a} = 1"], "then": [f"put {a} 11"], "else": [f"get {a}", f"del {b}"]})
+    p = cli("txn", "--file", "-", stdin=doc)
+    assert (p.returncode, p.stdout.split()) == (1, ["FAILED", "10", "1"]), p.stderr
+    p = cli("txn", "--if", f"{a} bogus")
+    assert p.returncode == 2 and "bad compare" in p.stderr
