@@ -34,7 +34,9 @@ def _cluster_path(cluster_file: str | None) -> str:
 
 
 def _client(cluster_file: str | None, timeout: float = 10.0) -> Client:
-    return Client(cluster=_cluster_path(cluster_file), timeout=timeout)
+    opts = (click.get_current_context().find_root().obj or {})
+    return Client(cluster=_cluster_path(cluster_file), timeout=timeout, password=opts.get("password"),
+                  username=opts.get("user"), tls=opts.get("tls", False))
 
 
 def _fail(e: Exception) -> None:
@@ -45,8 +47,14 @@ def _fail(e: Exception) -> None:
 
 @click.group()
 @click.version_option(package_name="raftkv")
-def main() -> None:
+@click.option("--password", envvar="RAFTKV_PASSWORD", default=None,
+              help="client password (default: $RAFTKV_PASSWORD or [security] password in the cluster file)")
+@click.option("--user", envvar="RAFTKV_USER", default=None, help="ACL-style user name for AUTH")
+@click.option("--tls", is_flag=True, help="connect to nodes with TLS (self-signed certificates accepted)")
+@click.pass_context
+def main(ctx: click.Context, password: str | None, user: str | None, tls: bool) -> None:
     """raftkv: a sharded, Raft-replicated key-value store."""
+    ctx.obj = {"password": password, "user": user, "tls": tls}
 
 
 # -- cluster lifecycle -------------------------------------------------------------
@@ -117,13 +125,31 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--metrics-port", type=int, default=None,
               help="Prometheus /metrics, /health, /ready port (default: the node's metrics_port in the "
                    "cluster file; 0 disables)")
-def serve(config: str, node_name: str, log_level: str, unsafe_local_reads: bool, metrics_port: int | None) -> None:
+@click.option("--insecure", is_flag=True,
+              help="allow listening beyond loopback without a cluster secret (trusted networks only)")
+@click.option("--max-clients", type=click.IntRange(1), default=10_000, show_default=True)
+@click.option("--max-request-bytes", type=click.IntRange(1024), default=1536 * 1024, show_default=True)
+@click.option("--max-key-bytes", type=click.IntRange(1), default=64 * 1024, show_default=True)
+@click.option("--max-value-bytes", type=click.IntRange(1), default=1024 * 1024, show_default=True)
+@click.option("--pipeline-depth", type=click.IntRange(1), default=1024, show_default=True,
+              help="commands in flight per connection before -BUSY")
+@click.option("--idle-timeout", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="close client connections idle this many seconds (0 = never)")
+def serve(config: str, node_name: str, log_level: str, unsafe_local_reads: bool, metrics_port: int | None,
+          insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
+          pipeline_depth: int, idle_timeout: float) -> None:
     """Run one node in the foreground."""
-    from raftkv.node import run_node
+    from raftkv.node import Limits, run_node
+    from raftkv.security import InsecureBindError
 
+    limits = Limits(request_bytes_max=max_request_bytes, key_bytes_max=max_key_bytes,
+                    value_bytes_max=max_value_bytes, clients_max=max_clients, pipeline_depth_max=pipeline_depth,
+                    idle_timeout_s=idle_timeout)
     try:
         run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level,
-                 metrics_port=metrics_port)
+                 metrics_port=metrics_port, insecure=insecure, limits=limits)
+    except InsecureBindError as e:
+        raise click.ClickException(str(e)) from None
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 

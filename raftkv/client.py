@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -60,9 +61,10 @@ def _b(x: Bytesish) -> bytes:
 
 
 class _Conn:
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
         self.reader = protocol.reply_reader()
 
     def call(self, args: list[bytes], timeout: float) -> Any:
@@ -88,15 +90,25 @@ class Client:
     """A thread-safe client for a raftkv cluster.
 
     ``Client(cluster="path/cluster.toml")`` or ``Client(nodes=["127.0.0.1:7001", ...])``.
-    ``timeout`` bounds each call including retries (seconds).
+    ``timeout`` bounds each call including retries (seconds).  ``password`` (and
+    ``username`` for ACL-style users) default to ``RAFTKV_PASSWORD`` or the
+    cluster file's ``[security] password``.  ``tls=True`` (or an
+    ``ssl.SSLContext``) for nodes with TLS on the client port; ``True`` accepts
+    self-signed certificates.
     """
 
     def __init__(self, nodes: list[str] | None = None, cluster: str | os.PathLike | ShardMap | None = None,
-                 timeout: float = 10.0, password: str | None = None) -> None:
+                 timeout: float = 10.0, password: str | None = None, username: str | None = None,
+                 tls: bool | ssl.SSLContext = False) -> None:
         if cluster is None and not nodes:
             raise ValueError("give a cluster file (cluster=...) or node addresses (nodes=['host:port', ...])")
         self.timeout = timeout
-        self.password = password
+        self.username = username
+        if tls is True:
+            tls = ssl.create_default_context()
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE
+        self.tls: ssl.SSLContext | None = tls or None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._client_id = uuid.uuid4().hex[:16]
@@ -109,6 +121,8 @@ class Client:
             self.map = ShardMap.load(cluster)
         else:
             self.map = None
+        self.password = (password or os.environ.get("RAFTKV_PASSWORD")
+                         or (self.map.security.get("password") if self.map is not None else None))
         self._seeds = [_parse_addr(a) for a in nodes] if nodes else [
             n.client_addr for n in self.map.nodes.values()]  # type: ignore[union-attr]
         if self.map is None:
@@ -290,9 +304,16 @@ class Client:
         conn = conns.get(addr)
         try:
             if conn is None:
-                conn = conns[addr] = _Conn(addr[0], addr[1], min(timeout, 2.0))
+                conn = conns[addr] = _Conn(addr[0], addr[1], min(timeout, 2.0), self.tls)
                 if self.password:
-                    _raise_if_error(conn.call([b"AUTH", self.password.encode()], timeout))
+                    auth = [b"AUTH", self.password.encode()]
+                    if self.username:
+                        auth.insert(1, self.username.encode())
+                    reply = conn.call(auth, timeout)
+                    if isinstance(reply, ReplyError):
+                        conns.pop(addr, None)
+                        conn.close()
+                        raise RaftKVError(reply.code, reply.message)
             reply = conn.call(args, timeout)
         except (OSError, ConnectionError):
             conns.pop(addr, None)

@@ -12,12 +12,14 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from raftkv import protocol
+from raftkv.security import Security
 from shards.shardmap import ShardMap, local_cluster
 
 DEFAULT_DIR = ".raftkv"
@@ -50,15 +52,26 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def call(addr: tuple[str, int], *args: bytes | str, timeout: float = 2.0) -> object:
-    """One RESP command to one node (for status and readiness checks)."""
-    with socket.create_connection(addr, timeout=timeout) as s:
-        s.sendall(protocol.encode_command(*args))
+def call(addr: tuple[str, int], *args: bytes | str, timeout: float = 2.0, auth: list[bytes] | None = None,
+         tls: ssl.SSLContext | None = None) -> object:
+    """One RESP command to one node (for status and readiness checks), after AUTH if given."""
+    with socket.create_connection(addr, timeout=timeout) as raw:
+        s = tls.wrap_socket(raw, server_hostname=addr[0]) if tls is not None else raw
+        payload = protocol.encode_command(*args)
+        if auth:
+            payload = protocol.encode_command(*auth) + payload
+        s.sendall(payload)
         reader = protocol.reply_reader()
+        replies = []
         while True:
             reply = reader.gets()
             if reply is not False:
-                return reply
+                replies.append(reply)
+                if len(replies) == (2 if auth else 1):
+                    if auth and isinstance(replies[0], protocol.ReplyError):
+                        return replies[0]
+                    return replies[-1]
+                continue
             data = s.recv(65536)
             if not data:
                 raise ConnectionError("closed")
@@ -81,6 +94,12 @@ class LocalCluster:
         if not self.config.exists():
             raise ClusterError(f"{self.config} does not exist; run 'raftkv cluster up' first")
         self.map = ShardMap.load(self.config)
+        sec = Security.from_config(self.map.security)
+        self._auth, self._tls = sec.peer_credentials(), sec.peer_ssl()
+
+    def call(self, name: str, *args: bytes | str, timeout: float = 2.0) -> object:
+        """One command to node ``name`` (authenticated as the cluster file says)."""
+        return call(self.map.nodes[name].client_addr, *args, timeout=timeout, auth=self._auth, tls=self._tls)
 
     @classmethod
     def create(cls, directory: str | os.PathLike, nodes: int = 3, shards: int = 3,
@@ -172,9 +191,9 @@ class LocalCluster:
     def shard_views(self) -> dict[str, dict]:
         """Each reachable node's ``RAFTKV.STATUS``."""
         out = {}
-        for name, info in self.map.nodes.items():
+        for name in self.map.nodes:
             try:
-                out[name] = json.loads(call(info.client_addr, "RAFTKV.STATUS", timeout=1.0))  # type: ignore[arg-type]
+                out[name] = json.loads(self.call(name, "RAFTKV.STATUS", timeout=1.0))  # type: ignore[arg-type]
             except (OSError, ConnectionError, ValueError, TypeError):
                 continue
         return out
@@ -199,9 +218,9 @@ class LocalCluster:
         while self.leader_of(shard) != target:
             if time.monotonic() > deadline:
                 raise ClusterError(f"could not move shard {shard}'s leadership to {target} in {timeout:.0f} s")
-            for info in self.map.nodes.values():
+            for name in self.map.nodes:
                 try:
-                    call(info.client_addr, "RAFTKV.TRANSFER", str(shard), target, timeout=2.0)
+                    self.call(name, "RAFTKV.TRANSFER", str(shard), target, timeout=2.0)
                     break
                 except (OSError, ConnectionError):
                     continue
@@ -225,11 +244,10 @@ class LocalCluster:
         # A linearizable read of one key per shard through some node proves each
         # shard has a leader that can commit.
         name = names[0]
-        addr = self.map.nodes[name].client_addr
         for s in range(self.map.nshards):
             key = _key_on_shard(self.map, s)
             try:
-                reply = call(addr, "GET", key, timeout=5.0)
+                reply = self.call(name, "GET", key, timeout=5.0)
             except (OSError, ConnectionError):
                 return False
             if isinstance(reply, protocol.ReplyError):

@@ -40,6 +40,7 @@ from raftkv import coordinator, protocol, txncmds
 from raftkv.metrics import NodeMetrics, disk_free_ratio, serve_http, txn_summary
 from raftkv.protocol import OK, PONG, Error, Raw
 from raftkv.replica import APPLIED, UNKNOWN, ShardReplica
+from raftkv.security import Security, check_bind
 from raftkv.state import CmdError, Locked
 from shards.shardmap import ShardMap
 
@@ -114,8 +115,10 @@ def _resolve(futs: list[asyncio.Future], kind: str, res: Any) -> None:
 class PeerLink:
     """One pipelined RESP connection to another node, for forwarding."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, ssl_ctx: Any = None, credentials: list[bytes] | None = None) -> None:
         self.host, self.port = host, port
+        self.ssl = ssl_ctx
+        self.credentials = credentials
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.waiting: list[asyncio.Future] = []
@@ -127,8 +130,13 @@ class PeerLink:
         async with self.lock:
             if self.writer is None or self.writer.is_closing():
                 self.reader, self.writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), timeout=min(timeout, 1.0))
+                    asyncio.open_connection(self.host, self.port, ssl=self.ssl), timeout=min(timeout, 1.0))
                 self.pump = asyncio.create_task(self._pump(self.reader))
+                if self.credentials:
+                    # Pipelined ahead of the first command; its reply is checked by that command's caller.
+                    auth = asyncio.get_running_loop().create_future()
+                    self.waiting.append(auth)
+                    self.writer.write(protocol.encode_command(*self.credentials))
             fut = asyncio.get_running_loop().create_future()
             self.waiting.append(fut)
             self.writer.write(protocol.encode_command(*args))
@@ -161,9 +169,10 @@ class PeerLink:
 class Conn:
     """Per-connection state."""
 
-    __slots__ = ("readonly", "peer", "resp3", "txn")
+    __slots__ = ("readonly", "peer", "resp3", "txn", "authed")
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, authed: bool = True) -> None:
+        self.authed = authed
         self.readonly = False
         self.peer = peer
         self.resp3 = False
@@ -175,7 +184,8 @@ class Node:
 
     def __init__(self, shardmap: ShardMap, name: str, limits: Limits | None = None,
                  timing: Timing | None = None, unsafe_local_reads: bool = False,
-                 raft_overrides: dict | None = None, metrics_port: int | None = None) -> None:
+                 raft_overrides: dict | None = None, metrics_port: int | None = None,
+                 security: Security | None = None, insecure: bool = False) -> None:
         if name not in shardmap.nodes:
             raise ValueError(f"node {name!r} is not in the cluster file (nodes: {', '.join(shardmap.nodes)})")
         self.map = shardmap
@@ -186,6 +196,10 @@ class Node:
         # Deliberately unsafe mode for the fault harness: serve reads from the
         # local copy without proving leadership.  Never use it for real data.
         self.unsafe_local_reads = unsafe_local_reads
+        self.security = security or Security.from_config(shardmap.security)
+        check_bind([self.info.host], self.security, insecure)
+        if self.security.secret:
+            raft_overrides = {**(raft_overrides or {}), "password": self.security.secret}
         self.replicas: dict[int, ShardReplica] = {}
         data_dir = shardmap.node_data_dir(name)
         for shard in shardmap.shards_on(name):
@@ -200,6 +214,8 @@ class Node:
         self.stats = {"commands": 0, "errors": 0, "forwarded": 0}
         self.metrics = NodeMetrics(self)
         self.leader_changes = {s: collections.deque(maxlen=64) for s in self.replicas}
+        for shard in self.replicas:
+            self.metrics.leader_changes.labels(str(shard))  # export 0 before the first change
         self.metrics_port = metrics_port if metrics_port is not None else self.info.metrics_port
 
     def _role_changed(self, shard: int, old: int, new: int) -> None:
@@ -219,7 +235,7 @@ class Node:
                      self.metrics_port)
         coordinator.start(self)  # 2PC recovery: finish open records, resolve old locks
         server = await asyncio.start_server(self._handle, self.info.host, self.info.client_port,
-                                            limit=1 << 20, backlog=1024)
+                                            limit=1 << 20, backlog=1024, ssl=self.security.server_ssl())
         log.info("event=serving node=%s addr=%s:%d shards=%s", self.name, self.info.host,
                  self.info.client_port, sorted(self.replicas))
         stop = asyncio.Event()
@@ -240,14 +256,14 @@ class Node:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
-        conn = Conn(f"{peername[0]}:{peername[1]}" if peername else "?")
+        conn = Conn(f"{peername[0]}:{peername[1]}" if peername else "?", not self.security.auth_required)
         if self.clients >= self.limits.clients_max:
             writer.write(protocol.encode(Error("BUSY", f"max number of clients reached ({self.limits.clients_max})")))
             writer.close()
             return
         self.clients += 1
         parser = protocol.RequestParser(self.limits.request_bytes_max)
-        replies: asyncio.Queue = asyncio.Queue(maxsize=self.limits.pipeline_depth_max)
+        replies: asyncio.Queue = asyncio.Queue(maxsize=2 * self.limits.pipeline_depth_max)
         writer_task = asyncio.create_task(self._write_replies(replies, writer, conn))
         idle = self.limits.idle_timeout_s or None
         try:
@@ -269,6 +285,13 @@ class Node:
                     await replies.put(Error("TOOBIG", str(e)))
                     break
                 for req in reqs:
+                    if replies.qsize() >= self.limits.pipeline_depth_max:
+                        # Over the in-flight limit: refuse this command (the queue keeps one slot
+                        # per refusal, so a client that never reads is throttled by TCP after that).
+                        await replies.put(Error("BUSY", f"more than {self.limits.pipeline_depth_max} commands "
+                                                        "in flight on this connection (pipeline_depth_max); "
+                                                        "read replies before sending more"))
+                        continue
                     await replies.put((self.dispatch(conn, req), req[0], time.perf_counter()))
                 if parser.broken:
                     await replies.put(Error("PROTO", f"Protocol error: {parser.broken}"))
@@ -324,6 +347,8 @@ class Node:
         n = len(req)
         if (arity >= 0 and n != arity) or (arity < 0 and n < -arity):
             return Error("WRONGARGS", f"wrong number of arguments for '{name.decode().lower()}' command")
+        if not conn.authed and name not in _NO_AUTH_NEEDED:
+            return Error("NOAUTH", "Authentication required.")
         try:
             return method(self, conn, req, hops)
         except _BadRequest as e:
@@ -430,7 +455,8 @@ class Node:
         link = self.peers.get(target)
         if link is None:
             info = self.map.nodes[target]
-            link = self.peers[target] = PeerLink(info.host, info.client_port)
+            link = self.peers[target] = PeerLink(info.host, info.client_port, self.security.peer_ssl(),
+                                                 self.security.peer_credentials())
         self.stats["forwarded"] += 1
         sent = False
         try:
@@ -736,8 +762,8 @@ def _cmd_transfer(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
 
 
 def _cmd_cluster(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
-    """The cluster file (TOML), so a client given only addresses can route by itself."""
-    return node.map.to_toml().encode()
+    """The cluster file (TOML, without [security]), so a client given only addresses can route."""
+    return node.map.to_toml(include_secrets=False).encode()
 
 
 def _cmd_shards(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
@@ -793,10 +819,37 @@ def _cmd_quit(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
     return OK
 
 
+def _cmd_auth(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    """AUTH password | AUTH user password."""
+    if len(req) > 3:
+        return Error("WRONGARGS", "wrong number of arguments for 'auth' command")
+    if not node.security.auth_required:
+        return Error("ERR", "AUTH <password> called without any password configured for this node")
+    user = req[1].decode(errors="replace") if len(req) == 3 else None
+    if node.security.check(user, req[-1].decode(errors="replace")):
+        conn.authed = True
+        return OK
+    return Error("WRONGPASS", "invalid username-password pair or user is disabled.")
+
+
+_NO_AUTH_NEEDED = {b"AUTH", b"HELLO", b"QUIT"}
+
+
 def _cmd_hello(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
+    """HELLO [protover [AUTH user password] [SETNAME name]]."""
     if len(req) >= 2:
         if req[1] not in (b"2", b"3"):
             return Error("NOPROTO", "unsupported protocol version; use 2 or 3")
+        upper = [a.upper() for a in req]
+        if b"AUTH" in upper:
+            i = upper.index(b"AUTH")
+            if len(req) < i + 3:
+                return Error("WRONGARGS", "HELLO AUTH needs a username and a password")
+            reply = _cmd_auth(node, conn, [b"AUTH", req[i + 1], req[i + 2]], hops)
+            if reply is not OK:
+                return reply
+        elif not conn.authed:
+            return Error("NOAUTH", "HELLO must be called with the client's AUTH credentials.")
         conn.resp3 = req[1] == b"3"
     return protocol.Map((b"server", b"raftkv", b"version", b"0.1.0", b"proto", 3 if conn.resp3 else 2,
                          b"id", 1, b"mode", b"standalone", b"role", b"master", b"modules", []))
@@ -830,6 +883,7 @@ COMMANDS: dict[bytes, tuple[int, Any]] = {
     b"DBSIZE": (1, _cmd_dbsize),
     b"QUIT": (1, _cmd_quit),
     b"HELLO": (-1, _cmd_hello),
+    b"AUTH": (-2, _cmd_auth),
 }
 _SESSION_WRITES.update({b"SET": _cmd_set, b"DEL": _cmd_del, b"CAS": _cmd_cas, b"RAFTKV.CASNX": _cmd_casnx})
 COMMANDS.update(txncmds.COMMANDS)  # MSET, RAFTKV.TXN, WATCH/MULTI/EXEC/DISCARD (cross-shard 2PC)
@@ -849,11 +903,12 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_level: str = "INFO",
-             limits: Limits | None = None, metrics_port: int | None = None) -> None:
+             limits: Limits | None = None, metrics_port: int | None = None, insecure: bool = False) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT."""
     setup_logging(log_level)
     shardmap = ShardMap.load(config)
-    node = Node(shardmap, name, limits=limits, unsafe_local_reads=unsafe_local_reads, metrics_port=metrics_port)
+    node = Node(shardmap, name, limits=limits, unsafe_local_reads=unsafe_local_reads, metrics_port=metrics_port,
+                insecure=insecure)
     if unsafe_local_reads:
         log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
     try:

@@ -53,6 +53,7 @@ from shards.ring import DEFAULT_VNODES, VNODES_MAX, Ring
 
 __all__ = ["NodeInfo", "ShardMap", "ShardMapError", "local_cluster"]
 
+_SECURITY_KEYS = ("secret", "password", "users", "tls_cert", "tls_key")
 SHARDS_MAX = 1024  # a limit on everything: one Raft group (and port) per shard per node
 NODES_MAX = 256
 PORT_MIN, PORT_MAX = 1, 65535
@@ -136,6 +137,8 @@ class ShardMap:
     data_dir: str
     nodes: Mapping[str, NodeInfo]
     placement: Mapping[int, tuple[str, ...]]
+    # [security]: secret (Raft encryption), password / users (client AUTH), tls_cert / tls_key.
+    security: Mapping[str, Any] = field(default_factory=dict, repr=False)
     ring: Ring = field(init=False, compare=False, repr=False)
     _raft_addr_index: Mapping[str, str] = field(init=False, compare=False, repr=False)
 
@@ -161,6 +164,7 @@ class ShardMap:
         self._check_ports(nodes)
         set_ = object.__setattr__  # frozen: normalise to read-only views once, here
         set_(self, "nodes", MappingProxyType(nodes))
+        set_(self, "security", MappingProxyType(dict(self.security)))
         set_(self, "placement", MappingProxyType(dict(sorted(placement.items()))))
         set_(self, "ring", Ring(range(self.nshards), self.vnodes))
         index = {n.raft_addr(s): n.name for n in nodes.values() for s in range(self.nshards)}
@@ -260,7 +264,15 @@ class ShardMap:
 
     @classmethod
     def _from_dict(cls, d: Mapping[str, Any], base_dir: str | None) -> ShardMap:
-        _reject_unknown(d, ("cluster", "nodes", "placement"), "")
+        _reject_unknown(d, ("cluster", "nodes", "placement", "security"), "")
+        security = dict(_table(d, "security", required=False))
+        _reject_unknown(security, _SECURITY_KEYS, "security")
+        for key in ("secret", "password", "tls_cert", "tls_key"):
+            if key in security:
+                _check_str(security[key], f"security.{key}")
+        users = security.get("users", {})
+        if not isinstance(users, Mapping) or not all(isinstance(v, str) and v for v in users.values()):
+            raise ShardMapError("security.users must be a table of user = \"password\"")
         cluster = _table(d, "cluster", required=True)
         _reject_unknown(cluster, _CLUSTER_KEYS, "cluster")
         raw_nodes = _table(d, "nodes", required=True)
@@ -294,6 +306,7 @@ class ShardMap:
             data_dir=data_dir,
             nodes=nodes,
             placement=placement,
+            security=security,
         )
 
     @classmethod
@@ -309,8 +322,11 @@ class ShardMap:
             raise ShardMapError(f"{path}: not valid TOML: {e}") from None
         return cls.from_dict(parsed, os.path.dirname(os.path.abspath(path)), source=path)
 
-    def to_toml(self) -> str:
-        """The cluster file text; ``from_dict(tomllib.loads(m.to_toml())) == m``."""
+    def to_toml(self, include_secrets: bool = True) -> str:
+        """The cluster file text; ``from_dict(tomllib.loads(m.to_toml())) == m``.
+
+        ``include_secrets=False`` leaves out ``[security]`` (what nodes send to clients).
+        """
         lines = [
             "# raftkv cluster file (shards.shardmap); shard s listens for Raft on raft_port + s",
             "[cluster]",
@@ -331,6 +347,14 @@ class ShardMap:
             lines += [f"client_port = {info.client_port}", f"raft_port = {info.raft_port}"]
             if info.metrics_port is not None:
                 lines.append(f"metrics_port = {info.metrics_port}")
+        if include_secrets and self.security:
+            lines += ["", "[security]"]
+            for key in _SECURITY_KEYS:
+                if key in self.security and key != "users":
+                    lines.append(f"{key} = {_toml_str(self.security[key])}")
+            if self.security.get("users"):
+                lines += ["", "[security.users]"]
+                lines += [f"{_toml_key(u)} = {_toml_str(p)}" for u, p in sorted(self.security["users"].items())]
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | os.PathLike[str]) -> None:

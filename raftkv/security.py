@@ -1,0 +1,122 @@
+"""Who may talk to a node: the Raft secret, client passwords, TLS, the loopback rule.
+
+Security model
+--------------
+* **Raft traffic** is pysyncobj's pickle protocol: whoever reaches a Raft port
+  can run code in the node.  With a cluster ``secret`` it is encrypted and
+  authenticated (pysyncobj's ``password``: Fernet, PBKDF2 key).  Without one,
+  a node refuses to bind anything but loopback unless ``--insecure`` is given.
+* **Clients** authenticate with ``AUTH password`` (Redis ``requirepass``) or
+  ``AUTH user password`` (ACL style, ``[security.users]``) when a password or
+  users are configured; before that every command but AUTH/HELLO/QUIT answers
+  ``-NOAUTH``, a wrong password ``-WRONGPASS``.  Nodes forwarding to each
+  other authenticate the same way.
+* **TLS** on the client port when ``tls_cert``/``tls_key`` are set; nodes
+  forwarding to a TLS peer use TLS without verifying its certificate (they
+  already share the cluster file; the Raft secret is the trust anchor).
+
+Secrets come from ``[security]`` in the cluster file or the environment
+(``RAFTKV_SECRET``, ``RAFTKV_PASSWORD``); ``RAFTKV.CLUSTER`` never sends them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import socket
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class InsecureBindError(RuntimeError):
+    """A node was asked to listen beyond loopback without a cluster secret."""
+
+
+@dataclass(frozen=True)
+class Security:
+    """A node's security settings (see module doc)."""
+
+    secret: str | None = None
+    password: str | None = None
+    users: Mapping[str, str] = field(default_factory=dict)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @classmethod
+    def from_config(cls, security: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Security:
+        env = os.environ if env is None else env
+        return cls(
+            secret=env.get("RAFTKV_SECRET") or security.get("secret") or None,
+            password=env.get("RAFTKV_PASSWORD") or security.get("password") or None,
+            users=dict(security.get("users", {})),
+            tls_cert=security.get("tls_cert") or None,
+            tls_key=security.get("tls_key") or None,
+        )
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.password or self.users)
+
+    def check(self, user: str | None, password: str) -> bool:
+        """Constant-time check of one AUTH attempt."""
+        if user is None or user == "default":
+            if self.password is not None and hmac.compare_digest(password.encode(), self.password.encode()):
+                return True
+            if user is None:
+                return False
+        expected = self.users.get(user or "")
+        return expected is not None and hmac.compare_digest(password.encode(), expected.encode())
+
+    def peer_credentials(self) -> list[bytes] | None:
+        """What a node sends to AUTH to another node."""
+        if self.password:
+            return [b"AUTH", self.password.encode()]
+        if self.users:
+            user, pw = sorted(self.users.items())[0]
+            return [b"AUTH", user.encode(), pw.encode()]
+        return None
+
+    def server_ssl(self) -> ssl.SSLContext | None:
+        if not self.tls_cert:
+            return None
+        if not self.tls_key:
+            raise ValueError("tls_cert is set but tls_key is not")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        return ctx
+
+    def peer_ssl(self) -> ssl.SSLContext | None:
+        if not self.tls_cert:
+            return None
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` names (or resolves only to) loopback addresses."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def check_bind(hosts: list[str], sec: Security, insecure: bool) -> None:
+    """Refuse to listen beyond loopback without a Raft secret (pysyncobj unpickles what it receives)."""
+    if sec.secret or insecure:
+        return
+    exposed = sorted({h for h in hosts if not is_loopback(h)})
+    if exposed:
+        raise InsecureBindError(
+            f"refusing to listen on {', '.join(exposed)} without a cluster secret: Raft traffic is "
+            "unauthenticated pickle (anyone who reaches the port can run code). Set [security] secret in "
+            "the cluster file or RAFTKV_SECRET, or pass --insecure if the network is trusted.")
