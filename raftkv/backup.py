@@ -355,27 +355,28 @@ def read_backup(path: str | os.PathLike) -> Backup:
         raise BackupError(f"{path}: cannot read: {e.strerror}") from None
     if len(blob) < len(MAGIC) + 4 + 32 or blob[:len(MAGIC)] != MAGIC:
         raise BackupError(f"{path}: not a raftkv backup file (bad magic)")
+    sum_ok = hashlib.sha256(blob[:-32]).digest() == blob[-32:]
     (hlen,) = _U32.unpack_from(blob, len(MAGIC))
     hstart = len(MAGIC) + 4
-    if hstart + hlen + 32 > len(blob):
-        raise BackupError(f"{path}: truncated (header runs past the end of the file)")
     try:
-        header = json.loads(blob[hstart:hstart + hlen])
-    except ValueError:
-        raise BackupError(f"{path}: corrupt header (not JSON)") from None
+        header = json.loads(blob[hstart:hstart + hlen]) if hstart + hlen + 32 <= len(blob) else None
+        expected = hstart + hlen + int(header["body_bytes"]) + 32 if isinstance(header, dict) else None
+    except (ValueError, KeyError, TypeError):
+        header = expected = None
+    if not sum_ok:
+        if expected is not None and len(blob) < expected:
+            raise BackupError(f"{path}: truncated: {len(blob)} bytes, the header promises {expected}")
+        if hstart + hlen + 32 > len(blob):
+            raise BackupError(f"{path}: truncated (header runs past the end of the file)")
+        raise BackupError(f"{path}: checksum mismatch: the file is corrupt (SHA-256 does not match)")
     if not isinstance(header, dict) or header.get("format") != "raftkv-backup":
         raise BackupError(f"{path}: corrupt header (not a raftkv backup header)")
     if header.get("version") != FORMAT_VERSION:
         raise BackupError(f"{path}: backup format version {header.get('version')!r} is not supported "
                           f"(this raftkv reads version {FORMAT_VERSION})")
+    if len(blob) != expected:
+        raise BackupError(f"{path}: {len(blob)} bytes, but the header says {expected}")
     body_start = hstart + hlen
-    expected = body_start + int(header.get("body_bytes", -1)) + 32
-    if len(blob) < expected:
-        raise BackupError(f"{path}: truncated: {len(blob)} bytes, the header promises {expected}")
-    if len(blob) > expected:
-        raise BackupError(f"{path}: {len(blob) - expected} unexpected trailing bytes")
-    if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
-        raise BackupError(f"{path}: checksum mismatch: the file is corrupt (SHA-256 does not match)")
     shards: dict[int, tuple[int, list]] = {}
     body = memoryview(blob)[body_start:-32]
     for info in header["per_shard"]:
