@@ -120,6 +120,9 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--config", required=True, type=click.Path(exists=True, dir_okay=False), help="cluster file")
 @click.option("--node", "node_name", required=True, help="this node's name in the cluster file")
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option("--balance-leaders", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda _c, _p, v: v and os.environ.__setitem__("RAFTKV_BALANCE_LEADERS", "1"),
+              help="spread shard leaders evenly over the nodes by itself (after failovers too)")
 @click.option("--unsafe-local-reads", is_flag=True,
               help="DANGEROUS, for fault-injection demos only: answer reads from the local copy")
 @click.option("--metrics-port", type=int, default=None,

@@ -286,6 +286,16 @@ class Client:
             if len(self._leaders) >= self.map.nshards:
                 return
 
+    def _reload_map(self) -> None:
+        """Adopt a newer shard map (higher epoch) from the nodes; keeps every known node as a seed."""
+        try:
+            new = self._fetch_map()
+        except RaftKVError:
+            return
+        if self.map is None or new.epoch > self.map.epoch:
+            self.map = new
+            self._seeds = list(dict.fromkeys([*self._seeds, *(n.client_addr for n in new.nodes.values())]))
+
     def _fetch_map(self) -> ShardMap:
         import tomllib
 

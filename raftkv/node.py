@@ -234,6 +234,7 @@ class Node:
             log.info("event=metrics node=%s addr=http://%s:%d/metrics", self.name, self.info.host,
                      self.metrics_port)
         coordinator.start(self)  # 2PC recovery: finish open records, resolve old locks
+        _membership.start(self)  # leader balancer, if 'serve --balance-leaders' asked for it
         server = await asyncio.start_server(self._handle, self.info.host, self.info.client_port,
                                             limit=1 << 20, backlog=1024, ssl=self.security.server_ssl())
         log.info("event=serving node=%s addr=%s:%d shards=%s", self.name, self.info.host,

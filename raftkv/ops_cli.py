@@ -87,7 +87,110 @@ def restore_cmd(file: str, directory: str | None, config: str | None, check_only
     click.echo(f"restored into {lc.dir} (cluster file {lc.config}); nodes {state}")
 
 
+@click.group("node")
+def node_group() -> None:
+    """Change the cluster's members (every shard group, one server at a time)."""
+
+
+def _operator(cluster_file: str | None, timeout: float):
+    from raftkv.membership import Operator
+
+    return Operator(_cluster_path(cluster_file), timeout=timeout, say=lambda m: click.echo(m, err=True))
+
+
+def _membership_errors(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from raftkv.cluster import ClusterError
+        from raftkv.membership import MembershipError
+        from shards.shardmap import ShardMapError
+
+        try:
+            return fn(*a, **kw)
+        except (MembershipError, ShardMapError, ClusterError) as e:
+            _die(str(e))
+    return wrapper
+
+
+_start_option = click.option("--start/--no-start", default=True, show_default=True,
+                             help="start the new node on this machine (local clusters); with --no-start, "
+                                  "start it yourself: raftkv serve --config FILE --node NAME")
+_timeout_option = click.option("--timeout", default=30.0, show_default=True, help="seconds per step")
+
+
+@node_group.command("add")
+@click.argument("address", metavar="HOST:CLIENT_PORT")
+@click.option("--name", default=None, help="node name (default: the next free nN)")
+@click.option("--raft-port", type=int, default=None, help="first Raft port (default: a free block)")
+@_start_option
+@_timeout_option
+@cluster_option
+@_membership_errors
+def node_add(address: str, name: str | None, raft_port: int | None, start: bool, timeout: float,
+             cluster_file: str | None) -> None:
+    """Add a node at ADDRESS to every shard group (replication grows by one)."""
+    op = _operator(cluster_file, timeout)
+    added = op.add(address, name=name, raft_port=raft_port, start=start)
+    click.echo(f"added {added}: member of shards {op.map.shards_on(added)} (epoch {op.map.epoch})")
+
+
+@node_group.command("remove")
+@click.argument("name")
+@click.option("--stop/--no-stop", default=True, show_default=True, help="stop the node afterwards (local)")
+@_timeout_option
+@cluster_option
+@_membership_errors
+def node_remove(name: str, stop: bool, timeout: float, cluster_file: str | None) -> None:
+    """Remove node NAME from every shard group (replication shrinks by one)."""
+    op = _operator(cluster_file, timeout)
+    op.remove(name, stop=stop)
+    click.echo(f"removed {name} (epoch {op.map.epoch})")
+
+
+@node_group.command("replace")
+@click.argument("old")
+@click.argument("address", metavar="HOST:CLIENT_PORT")
+@click.option("--name", default=None, help="name of the new node (default: the next free nN)")
+@click.option("--raft-port", type=int, default=None, help="first Raft port (default: a free block)")
+@_start_option
+@_timeout_option
+@cluster_option
+@_membership_errors
+def node_replace(old: str, address: str, name: str | None, raft_port: int | None, start: bool, timeout: float,
+                 cluster_file: str | None) -> None:
+    """Replace node OLD (e.g. a dead machine) by a new, empty node at ADDRESS."""
+    op = _operator(cluster_file, timeout)
+    new = op.replace(old, address, name=name, raft_port=raft_port, start=start)
+    click.echo(f"replaced {old} by {new}: member of shards {op.map.shards_on(new)} (epoch {op.map.epoch})")
+
+
+@click.group("leaders")
+def leaders_group() -> None:
+    """Shard leadership."""
+
+
+@leaders_group.command("balance")
+@_timeout_option
+@cluster_option
+@_membership_errors
+def leaders_balance(timeout: float, cluster_file: str | None) -> None:
+    """Spread shard leaders evenly over the live nodes (Raft leadership transfer)."""
+    op = _operator(cluster_file, timeout)
+    moves = op.balance()
+    leaders = op.leaders()
+    counts: dict[str, int] = {}
+    for n in leaders.values():
+        if n is not None:
+            counts[n] = counts.get(n, 0) + 1
+    click.echo(f"{len(moves)} leadership move(s); leaders per node: "
+               + ", ".join(f"{n}={counts.get(n, 0)}" for n in sorted(op.map.nodes)))
+
+
 def register(main: click.Group) -> None:
     """Add the operations commands to the ``raftkv`` group."""
     main.add_command(backup_cmd)
     main.add_command(restore_cmd)
+    main.add_command(node_group)
+    main.add_command(leaders_group)

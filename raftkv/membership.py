@@ -1,0 +1,519 @@
+"""Membership changes and leader balancing: ``raftkv node add|remove|replace``, ``raftkv leaders balance``.
+
+Theory of operation
+-------------------
+Every shard is its own Raft group, so a node joins or leaves the cluster by
+joining or leaving each of its shard groups, **one server at a time**
+(pysyncobj's single-server dynamic membership; a change takes effect when it
+is appended and a second one is refused until the first commits).  The CLI
+drives the change; the shard leaders apply it:
+
+``RAFTKV.MEMBER shard ADD|REMOVE raft_addr``
+    on the shard's leader (forwarded there), ``addNodeToCluster`` /
+    ``removeNodeFromCluster`` on the Raft tick thread; answers once the change
+    has committed.  Idempotent: adding a member or removing a non-member is OK.
+    A leader asked to remove itself hands leadership to another member first
+    and answers ``-TRYAGAIN``.
+``RAFTKV.MEMBER shard LIST``
+    the group's members as the shard leader sees them.
+``RAFTKV.MAP toml``
+    install a newer shard map (higher epoch) in a running node, so it routes to
+    and reports new members; the CLI pushes it to every node after a change.
+
+* ``node add HOST:PORT``: write the cluster file (epoch + 1, the node added to
+  every shard's placement, replication + 1), add the node to every shard group
+  (3 -> 4 members: quorum 3, all old members are up), start it (local
+  clusters) with the existing members as peers, push the map, wait until it
+  has caught up.
+* ``node remove NAME``: remove it from every shard group (leadership moves
+  away first), write the file (replication - 1), push the map, stop it.
+* ``node replace OLD HOST:PORT`` (a dead machine): per shard, remove OLD first
+  (3 -> 2 members, both up: quorum 2) then add NEW (2 -> 3, quorum 2, so the
+  group stays writable even before NEW has caught up); the file is written
+  first so NEW starts with the right peers.  NEW gets a new name and an empty
+  data directory and catches up from the leaders (log or snapshot).
+
+Every step is idempotent, so a command that died half-way is simply run again.
+Clients discover the change through ``RAFTKV.CLUSTER`` (``raftkv.Client``
+refetches the map when a leader it hears of is not in its map).
+
+Leader balancing: ``plan_balance`` moves leadership from the node leading the
+most shards to the least loaded replica of that shard while that narrows the
+spread; ``raftkv leaders balance`` runs the plan with ``RAFTKV.TRANSFER``.
+With ``raftkv serve --balance-leaders`` each node checks every
+``RAFTKV_BALANCE_PERIOD_S`` (default 5 s) and, once every shard has had the
+same leader for two checks (the cluster has settled after a failover), hands
+away the shards the plan takes from it, one per check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pysyncobj import FAIL_REASON
+
+from raftkv.protocol import OK, Error
+
+log = logging.getLogger("raftkv.membership")
+
+BALANCE_ENV = "RAFTKV_BALANCE_LEADERS"
+BALANCE_PERIOD_ENV = "RAFTKV_BALANCE_PERIOD_S"
+
+
+class MembershipError(Exception):
+    """A membership change or balancing step could not be done; the message says why."""
+
+
+# -- pure planning --------------------------------------------------------------------------
+
+def plan_balance(leaders: Mapping[int, str | None], placement: Mapping[int, tuple[str, ...]],
+                 nodes: list[str]) -> list[tuple[int, str, str]]:
+    """Leadership moves ``(shard, from, to)`` that spread leaders evenly over ``nodes``.
+
+    Only nodes in ``nodes`` (e.g. the live ones) receive leadership, and only for shards
+    they hold a replica of.  Each move takes a shard from a node leading the most shards
+    to the least-loaded eligible replica when that narrows the gap by at least two.
+    """
+    count = {n: 0 for n in nodes}
+    led = {s: n for s, n in leaders.items() if n is not None}
+    for n in led.values():
+        count[n] = count.get(n, 0) + 1
+    moves: list[tuple[int, str, str]] = []
+    while True:
+        best = None
+        for s in sorted(led):
+            src = led[s]
+            cands = [n for n in placement.get(s, ()) if n in nodes and n != src]
+            if not cands:
+                continue
+            dst = min(cands, key=lambda n: (count[n], n))
+            gain = count[src] - count[dst]
+            if gain >= 2 and (best is None or gain > best[0]):
+                best = (gain, s, src, dst)
+        if best is None:
+            return moves
+        _, s, src, dst = best
+        moves.append((s, src, dst))
+        led[s] = dst
+        count[src] -= 1
+        count[dst] += 1
+
+
+def map_add(m: Any, info: Any) -> Any:
+    """The map with node ``info`` added to every shard (replication + 1), epoch + 1."""
+    from shards.shardmap import ShardMapError
+
+    if info.name in m.nodes:
+        raise ShardMapError(f"node {info.name} is already in the cluster file")
+    nodes = {**m.nodes, info.name: info}
+    placement = {s: (*names, info.name) for s, names in m.placement.items()}
+    return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes, placement=placement,
+                               replication=m.replication + 1)
+
+
+def map_remove(m: Any, name: str) -> Any:
+    """The map without ``name`` (replication - 1), epoch + 1; refuses if placement would be uneven."""
+    from shards.shardmap import ShardMapError
+
+    if name not in m.nodes:
+        raise ShardMapError(f"unknown node {name!r} (nodes: {', '.join(sorted(m.nodes))})")
+    if len(m.nodes) == 1:
+        raise ShardMapError("cannot remove the last node")
+    missing = [s for s, names in m.placement.items() if name not in names]
+    if missing:
+        raise ShardMapError(f"{name} holds no replica of shard(s) {missing}: removing it would leave shards with "
+                            "different replica counts; use 'raftkv node replace' to swap it for a new node")
+    nodes = {n: i for n, i in m.nodes.items() if n != name}
+    placement = {s: tuple(n for n in names if n != name) for s, names in m.placement.items()}
+    return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes, placement=placement,
+                               replication=m.replication - 1)
+
+
+def map_replace(m: Any, old: str, info: Any) -> Any:
+    """The map with ``old`` swapped for node ``info`` in every placement, epoch + 1."""
+    from shards.shardmap import ShardMapError
+
+    if old not in m.nodes:
+        raise ShardMapError(f"unknown node {old!r} (nodes: {', '.join(sorted(m.nodes))})")
+    if info.name in m.nodes:
+        raise ShardMapError(f"node {info.name} is already in the cluster file")
+    nodes = {n: i for n, i in m.nodes.items() if n != old}
+    nodes[info.name] = info
+    placement = {s: tuple(info.name if n == old else n for n in names) for s, names in m.placement.items()}
+    return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes, placement=placement)
+
+
+# -- node side ------------------------------------------------------------------------------------
+
+def cmd_member(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    """RAFTKV.MEMBER shard ADD|REMOVE host:raft_port | RAFTKV.MEMBER shard LIST."""
+    try:
+        shard = int(req[1])
+    except ValueError:
+        return Error("ERR", "RAFTKV.MEMBER: shard must be an integer")
+    if not 0 <= shard < node.map.nshards:
+        return Error("ERR", f"RAFTKV.MEMBER: no shard {shard}")
+    action = req[2].upper()
+    if action not in (b"ADD", b"REMOVE", b"LIST") or (action == b"LIST") != (len(req) == 3):
+        return Error("ERR", "usage: RAFTKV.MEMBER shard ADD|REMOVE host:raft_port | RAFTKV.MEMBER shard LIST")
+    return node.run(_member(node, shard, action, req[3].decode() if len(req) > 3 else "", req, hops))
+
+
+async def _member(node: Any, shard: int, action: bytes, addr: str, req: list[bytes], hops: int) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + node.timing.request_timeout_s
+    while True:
+        replica = node.replicas.get(shard)
+        if replica is not None and replica.is_leader():
+            break
+        leader = node._leader_node(shard)
+        if leader is not None and leader != node.name and hops < 2:
+            reply = await node._forward(leader, req, hops, max(0.1, deadline - loop.time()))
+            if type(reply).__name__ == "_ForwardFailed":
+                return Error("TRYAGAIN", f"shard {shard}: leader {leader} unreachable; retry")
+            return reply
+        if loop.time() > deadline:
+            return Error("NOQUORUM", f"shard {shard} has no leader; retry")
+        await asyncio.sleep(0.05)
+
+    fut = loop.create_future()
+
+    def answer(value: Any) -> None:
+        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
+
+    def action_on_tick() -> None:  # on the Raft tick thread
+        members = {n.id for n in replica.otherNodes} | {replica.selfNode.id}
+        if action == b"LIST":
+            answer(sorted(m.encode() for m in members))
+            return
+        if action == b"ADD" and addr in members:
+            answer(OK)
+            return
+        if action == b"REMOVE" and addr not in members:
+            answer(OK)
+            return
+        if action == b"REMOVE" and addr == replica.selfNode.id:
+            # A leader cannot remove itself: hand over to the most caught-up member, then retry.
+            replica.transferLeadership(None, callback=lambda *_: None)
+            answer(Error("TRYAGAIN", f"shard {shard}: the leader is the node being removed; leadership is "
+                                     "moving, retry"))
+            return
+
+        def cb(_res: Any, err: int) -> None:
+            if err == FAIL_REASON.SUCCESS:
+                answer(OK)
+            else:
+                answer(Error("TRYAGAIN", f"shard {shard}: membership change not applied (reason {err}: another "
+                                         "change may be in progress, or the leader changed); retry"))
+
+        log.info("event=membership_change shard=%d action=%s node=%s", shard, action.decode().lower(), addr)
+        if action == b"ADD":
+            replica.addNodeToCluster(addr, callback=cb)
+        else:
+            replica.removeNodeFromCluster(addr, callback=cb)
+
+    replica.on_tick_thread(action_on_tick)
+    try:
+        return await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
+    except TimeoutError:
+        return Error("UNKNOWN", f"shard {shard}: membership change not confirmed in time; run it again "
+                                "(it is idempotent)")
+
+
+def cmd_map(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+    """RAFTKV.MAP toml: install a newer shard map (routing, status); answers the node's epoch."""
+    import tomllib
+
+    from shards.shardmap import ShardMap, ShardMapError
+
+    try:
+        new = ShardMap.from_dict(tomllib.loads(req[1].decode()), source="RAFTKV.MAP")
+    except (ShardMapError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        return Error("ERR", f"RAFTKV.MAP: {e}")
+    if new.nshards != node.map.nshards or new.vnodes != node.map.vnodes:
+        return Error("ERR", "RAFTKV.MAP: shard count and vnodes cannot change")
+    if node.name not in new.nodes:
+        return Error("ERR", f"RAFTKV.MAP: this node ({node.name}) is not in the new map")
+    if new.epoch > node.map.epoch:
+        if getattr(node.map, "security", None):  # keep this node's own secrets; maps are pushed without them
+            new = dataclasses.replace(new, security=node.map.security)
+        node.map = new
+        node.info = new.nodes[node.name]
+        log.info("event=map_installed node=%s epoch=%d", node.name, new.epoch)
+    return node.map.epoch
+
+
+COMMANDS = {b"RAFTKV.MEMBER": (-3, cmd_member), b"RAFTKV.MAP": (2, cmd_map)}
+
+
+# -- node side: automatic leader balancing ---------------------------------------------------------
+
+def start(node: Any) -> None:
+    """Start the leader balancer if ``serve --balance-leaders`` asked for it (call on the node's loop)."""
+    if os.environ.get(BALANCE_ENV) == "1" and getattr(node, "_balancer", None) is None:
+        period = float(os.environ.get(BALANCE_PERIOD_ENV, "5"))
+        node._balancer = asyncio.ensure_future(_balance_loop(node, period))
+        log.info("event=leader_balancer node=%s period_s=%g", node.name, period)
+
+
+def _local_view(node: Any) -> tuple[dict[int, str | None], set[str]]:
+    leaders: dict[int, str | None] = {}
+    alive = {node.name}
+    for s in range(node.map.nshards):
+        r = node.replicas.get(s)
+        if r is None:
+            leaders[s] = None
+            continue
+        addr = r.leader_addr()
+        leaders[s] = None if addr is None else node.map.node_for_raft_addr(addr)
+        st = r.getStatus()
+        for n in node.map.replicas(s):
+            if st.get(f"partner_node_status_server_{n.raft_addr(s)}", 0) == 2:
+                alive.add(n.name)
+    return leaders, alive
+
+
+async def _balance_loop(node: Any, period: float) -> None:
+    previous: dict | None = None
+    while True:
+        await asyncio.sleep(period)
+        try:
+            leaders, alive = _local_view(node)
+            if any(v is None for v in leaders.values()) or leaders != previous:
+                previous = leaders  # wait until every shard has had the same leader for two checks
+                continue
+            for s, src, dst in plan_balance(leaders, node.map.placement, sorted(alive)):
+                replica = node.replicas.get(s)
+                if src == node.name and replica is not None and replica.is_leader():
+                    log.info("event=leader_balance shard=%d from=%s to=%s", s, src, dst)
+                    replica.transfer_leadership(node.map.nodes[dst].raft_addr(s), lambda ok, why: None)
+                    previous = None
+                    break
+        except Exception:  # never let the balancer take the node down
+            log.exception("event=leader_balancer_error")
+
+
+# -- CLI side --------------------------------------------------------------------------------------
+
+def _parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise MembershipError(f"bad address {address!r}: want HOST:CLIENT_PORT")
+    return host, int(port)
+
+
+def _new_node_info(m: Any, address: str, name: str | None, raft_port: int | None,
+                   metrics_port: int | None) -> Any:
+    from raftkv.cluster import _port_free
+    from shards.shardmap import NodeInfo
+
+    host, client_port = _parse_address(address)
+    if name is None:
+        i = len(m.nodes) + 1
+        while f"n{i}" in m.nodes:
+            i += 1
+        name = f"n{i}"
+    if raft_port is None:
+        # Default: the next 100-port block after every existing node's raft ports, free on this host.
+        raft_port = max(n.raft_port for n in m.nodes.values()) + 100
+        local = host in ("127.0.0.1", "localhost") or host.startswith("127.")
+        while local and not all(_port_free(host, raft_port + s) for s in range(m.nshards)):
+            raft_port += 100
+    return NodeInfo(name=name, host=host, client_port=client_port, raft_port=raft_port,
+                    metrics_port=metrics_port)
+
+
+class Operator:
+    """Drives membership changes and balancing against a cluster file (what the CLI runs)."""
+
+    def __init__(self, cluster_file: str | os.PathLike, timeout: float = 30.0, say: Any = None,
+                 client_kw: dict | None = None) -> None:
+        from shards.shardmap import ShardMap
+
+        self.path = os.fspath(cluster_file)
+        self.map = ShardMap.load(self.path)
+        self.timeout = timeout
+        self.say = say or (lambda _msg: None)
+        self.client_kw = client_kw or {}
+
+    def _client(self) -> Any:
+        from raftkv.client import Client
+
+        return Client(cluster=self.map, timeout=self.timeout, **self.client_kw)
+
+    def _save(self, m: Any) -> None:
+        m.save(self.path)
+        self.map = m
+        self.say(f"cluster file {self.path}: epoch {m.epoch}")
+
+    def _member(self, shard: int, action: str, addr: str) -> None:
+        from raftkv.client import RaftKVError
+
+        with self._client() as c:
+            try:
+                c._request(shard, [b"RAFTKV.MEMBER", str(shard).encode(), action.encode(), addr.encode()],
+                           write=False)
+            except RaftKVError as e:
+                raise MembershipError(f"shard {shard}: {action.lower()} {addr} failed: {e}; the command is "
+                                      "idempotent, run it again") from None
+        self.say(f"shard {shard}: {action.lower()} {addr}: committed")
+
+    def members(self, shard: int) -> list[str]:
+        with self._client() as c:
+            return sorted(x.decode() for x in c._request(shard, [b"RAFTKV.MEMBER", str(shard).encode(),
+                                                                 b"LIST"], write=False))
+
+    def push_map(self) -> None:
+        """Install the current map in every reachable node."""
+        from raftkv.cluster import call
+
+        text = self._public_map().to_toml()
+        for name, info in self.map.nodes.items():
+            try:
+                reply = call(info.client_addr, "RAFTKV.MAP", text, timeout=3.0)
+                self.say(f"{name}: map epoch {reply}")
+            except (OSError, ConnectionError):
+                self.say(f"{name}: unreachable (it reads the cluster file when it starts)")
+
+    def _public_map(self) -> Any:
+        if getattr(self.map, "security", None):
+            return dataclasses.replace(self.map, security={})
+        return self.map
+
+    def _local_cluster(self) -> Any:
+        from raftkv.cluster import LocalCluster
+
+        return LocalCluster(os.path.dirname(os.path.abspath(self.path)))
+
+    def wait_caught_up(self, name: str, timeout: float | None = None) -> None:
+        """Until ``name`` reports a leader for each of its shards and has applied what the leader had."""
+        import json
+
+        from raftkv.cluster import call
+
+        deadline = time.monotonic() + (timeout or self.timeout)
+        info = self.map.nodes[name]
+        while True:
+            try:
+                st = json.loads(call(info.client_addr, "RAFTKV.STATUS", timeout=2.0))  # type: ignore[arg-type]
+                shards = st["shards"]
+                if all(shards.get(str(s), {}).get("leader") for s in self.map.shards_on(name)):
+                    return
+            except (OSError, ConnectionError, ValueError, KeyError, TypeError):
+                pass
+            if time.monotonic() > deadline:
+                raise MembershipError(f"{name} did not catch up within {timeout or self.timeout:.0f} s "
+                                      f"(see its log)")
+            time.sleep(0.2)
+
+    # -- the operations -----------------------------------------------------------------------------
+    def add(self, address: str, name: str | None = None, raft_port: int | None = None,
+            metrics_port: int | None = None, start: bool = True) -> str:
+        info = _new_node_info(self.map, address, name, raft_port, metrics_port)
+        existing = self.map.nodes.get(info.name)
+        if existing is None:
+            self._save(map_add(self.map, info))
+        elif (existing.host, existing.client_port) != (info.host, info.client_port):
+            raise MembershipError(f"{info.name} is already in the cluster file with another address")
+        info = self.map.nodes[info.name]
+        for s in self.map.shards_on(info.name):
+            self._member(s, "ADD", info.raft_addr(s))
+        if start:
+            self._local_cluster().start_node(info.name)
+            self.say(f"{info.name}: started")
+        self.push_map()
+        if start:
+            self.wait_caught_up(info.name)
+        return info.name
+
+    def remove(self, name: str, stop: bool = True) -> None:
+        new = map_remove(self.map, name)
+        info = self.map.nodes[name]
+        for s in self.map.shards_on(name):
+            self._member(s, "REMOVE", info.raft_addr(s))
+        self._save(new)
+        self.push_map()
+        if stop:
+            self._local_cluster().stop_node(name)
+            self.say(f"{name}: stopped")
+
+    def replace(self, old: str, address: str, name: str | None = None, raft_port: int | None = None,
+                metrics_port: int | None = None, start: bool = True) -> str:
+        if old in self.map.nodes:
+            old_info = self.map.nodes[old]
+            info = _new_node_info(self.map, address, name, raft_port, metrics_port)
+            data = self.map.node_data_dir(info.name)
+            if os.path.isdir(data) and os.listdir(data):
+                raise MembershipError(f"{data} is not empty: a replacement node starts with no data")
+            shards = self.map.shards_on(old)
+            self._save(map_replace(self.map, old, info))  # first, so NEW starts with the right peers
+        else:  # a re-run after the file was written: finish the group changes
+            if name is None or name not in self.map.nodes:
+                raise MembershipError(f"{old} is not in the cluster file; to finish an interrupted replace, "
+                                      "run it again with --name NEW_NAME")
+            info = self.map.nodes[name]
+            old_info, shards = None, self.map.shards_on(name)
+        for s in shards:
+            if old_info is not None:
+                self._member(s, "REMOVE", old_info.raft_addr(s))  # first: the dead node never counts
+            self._member(s, "ADD", info.raft_addr(s))
+        if start:
+            self._local_cluster().start_node(info.name)
+            self.say(f"{info.name}: started")
+        self.push_map()
+        if start:
+            self.wait_caught_up(info.name)
+        return info.name
+
+    def leaders(self) -> dict[int, str | None]:
+        """Shard -> leader in the highest term any reachable node reports."""
+        best: dict[int, tuple[int, str]] = {}
+        with self._client() as c:
+            for name, st in c.node_status().items():
+                for s, sh in st.get("shards", {}).items():
+                    if sh.get("role") == "leader" and (int(s) not in best or sh["term"] > best[int(s)][0]):
+                        best[int(s)] = (sh["term"], name)
+        return {s: (best[s][1] if s in best else None) for s in range(self.map.nshards)}
+
+    def balance(self, rounds: int = 3) -> list[tuple[int, str, str]]:
+        """Spread shard leaders evenly over the live nodes; returns the moves made."""
+        from raftkv.cluster import call
+
+        done: list[tuple[int, str, str]] = []
+        for _ in range(rounds):
+            leaders = self.leaders()
+            live = sorted({n for n in self.map.nodes if self._reachable(n)})
+            moves = plan_balance(leaders, self.map.placement, live)
+            if not moves:
+                return done
+            for s, src, dst in moves:
+                deadline = time.monotonic() + 10.0
+                while True:
+                    try:
+                        call(self.map.nodes[src].client_addr, "RAFTKV.TRANSFER", str(s), dst, timeout=5.0)
+                    except (OSError, ConnectionError):
+                        pass
+                    time.sleep(0.3)
+                    if self.leaders().get(s) == dst:
+                        self.say(f"shard {s}: leader {src} -> {dst}")
+                        done.append((s, src, dst))
+                        break
+                    if time.monotonic() > deadline:
+                        self.say(f"shard {s}: could not move leadership {src} -> {dst} (will retry)")
+                        break
+        return done
+
+    def _reachable(self, name: str) -> bool:
+        from raftkv.cluster import call
+
+        try:
+            call(self.map.nodes[name].client_addr, "PING", timeout=1.0)
+            return True
+        except (OSError, ConnectionError):
+            return False
