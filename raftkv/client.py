@@ -283,6 +283,8 @@ class Client:
             for shard, leader, _term in rows:
                 if leader is not None:
                     self._leaders[shard] = leader.decode()
+            if any(n not in self.map.nodes for n in self._leaders.values()):
+                self._reload_map()  # a leader we do not know: membership changed (raftkv.membership)
             if len(self._leaders) >= self.map.nshards:
                 return
 

@@ -892,6 +892,9 @@ COMMANDS.update(txncmds.COMMANDS)  # MSET, RAFTKV.TXN, WATCH/MULTI/EXEC/DISCARD 
 from raftkv import backup as _backup  # noqa: E402
 
 COMMANDS.update(_backup.COMMANDS)  # RAFTKV.BACKUP
+from raftkv import membership as _membership  # noqa: E402
+
+COMMANDS.update(_membership.COMMANDS)  # RAFTKV.MEMBER, RAFTKV.MAP
 # -- end backup/membership --
 
 
