@@ -154,7 +154,12 @@ def write_plots(directory: Path, ops: Sequence[Op], faults: Sequence[dict[str, A
     return files
 
 
-def check_to_dict(res: CheckResult) -> dict[str, Any]:
+def check_to_dict(res: Any) -> dict[str, Any]:
+    """A check's outcome for results.json: a linearizability :class:`CheckResult`, or an invariant
+    with ``ok``, ``verdict``, ``summary()`` and ``bad`` (the ops that violate it)."""
+    if not isinstance(res, CheckResult):
+        return {"verdict": res.verdict, "valid": res.ok, "summary": res.summary(),
+                "violations": len(res.bad), "failing_ops": [op.describe() for op in res.bad[:10]]}
     d: dict[str, Any] = {
         "verdict": res.verdict,
         "valid": res.ok,
@@ -219,7 +224,7 @@ def summary_text(results: dict[str, Any]) -> str:
 
 
 def write_report(directory: Path, results: dict[str, Any], ops: Sequence[Op],
-                 checks_raw: dict[str, CheckResult], info_done: dict[int, float] | None = None) -> str:
+                 checks_raw: dict[str, Any], info_done: dict[int, float] | None = None) -> str:
     """Plots, the timeline on failure, results.json and summary.txt; returns the summary."""
     from jepsen_like.timeline import write_timeline
 
@@ -227,7 +232,7 @@ def write_report(directory: Path, results: dict[str, Any], ops: Sequence[Op],
     files.update(write_plots(directory, ops, results["faults"], results["duration_s"],
                              f"{results['workload']}/{results['config']['nemesis']}", info_done))
     for name, res in checks_raw.items():
-        if res.verdict != LINEARIZABLE:
+        if isinstance(res, CheckResult) and res.verdict != LINEARIZABLE:
             p = directory / f"timeline-{name}.html"
             shown = res.failed_partition or list(ops)
             write_timeline(p, shown, failing_ops=res.failing_ops, longest_prefix=res.longest_prefix,

@@ -176,7 +176,6 @@ def _run_dir(store: str, workload: str) -> Path:
 
 
 def _run_here(cfg: RunConfig, note: str) -> int:
-    from raftkv.client import Client
     from raftkv.cluster import LocalCluster, free_base_port
     from shards.shardmap import local_cluster
 
@@ -232,6 +231,7 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         cluster.start()
         _wait_started(cluster, timeout=90)
         rec.t0 = time.monotonic()
+        workload.setup(rec)
         schedule = make_schedule(kinds, cfg.time, random.Random(rng.random()),
                                  fault=(cfg.fault_min, cfg.fault_max), quiet=(cfg.quiet_min, cfg.quiet_max))
         for p in range(cfg.clients):
@@ -258,7 +258,7 @@ def _run_here(cfg: RunConfig, note: str) -> int:
                          "summary": f"every shard served reads {rec.now() - t_heal:.1f} s after the heal"}
         except Exception as e:  # noqa: BLE001
             recovered = {"valid": False, "verdict": "not recovered", "summary": str(e)}
-        final = _final_reads(workload, Client, shardmap, rec, cfg)
+        final = _final_reads(workload, rec, cfg)
     except KeyboardInterrupt:
         harness_error = "interrupted"
         stop.set()
@@ -357,30 +357,30 @@ def _client_loop(workload: Any, rec: Recorder, stop: threading.Event, p: int, cf
         worker.close()
 
 
-def _final_reads(workload: Any, client_cls: Any, shardmap: Any, rec: Recorder, cfg: RunConfig) -> dict[str, Any]:
-    """Read every key used once more, retrying until ``cfg.recovery`` s have passed."""
+def _final_reads(workload: Any, rec: Recorder, cfg: RunConfig) -> dict[str, Any]:
+    """The workload's final reads (through the routing client), each retried until ``cfg.recovery`` s passed."""
     deadline = time.monotonic() + cfg.recovery
-    keys = workload.used_keys()
+    todo = workload.final_ops()
     failed = []
-    with client_cls(cluster=shardmap, timeout=max(cfg.op_timeout, 5.0)) as client:
-        for key in keys:
+    worker = workload.worker("final", random.Random(cfg.seed), final=True)
+    try:
+        for f, key, value in todo:
             while True:
-                rec.add("final", "invoke", "get", key, None)
-                try:
-                    v = workload.final_read(client, key)
-                except Exception as e:  # noqa: BLE001
-                    rec.add("final", "fail", "get", key, str(e)[:200])
-                    if time.monotonic() < deadline:
-                        time.sleep(0.5)
-                        continue
-                    failed.append(key)
-                else:
-                    rec.add("final", "ok", "get", key, v)
+                rec.add("final", "invoke", f, key, value)
+                typ, out = worker.invoke(f, key, value)
+                rec.add("final", typ, f, key, out)
+                if typ != "ok" and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                if typ != "ok":
+                    failed.append(key if key is not None else f)
                 break
+    finally:
+        worker.close()
     ok = not failed
     return {"valid": ok, "verdict": "ok" if ok else "failed",
-            "summary": f"{len(keys) - len(failed)}/{len(keys)} keys read after recovery"
-                       + (f"; unreadable: {failed[:5]}" if failed else "")}
+            "summary": f"{len(todo) - len(failed)}/{len(todo)} final reads succeeded after recovery"
+                       + (f"; failed: {failed[:5]}" if failed else "")}
 
 
 def _write_history(path: Path, events: list[Event]) -> None:

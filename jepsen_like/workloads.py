@@ -151,11 +151,15 @@ class RegisterWorkload:
     def used_keys(self) -> list[str]:
         return [k for g in sorted(self._keys) for k in self._keys[g]]
 
-    def worker(self, process: int, rng: random.Random) -> Worker:
-        return _RegisterWorker(self, process, rng)
+    def setup(self, rec: Any) -> None:
+        pass
 
-    def final_read(self, client: Client, key: str) -> Any:
-        return _s(client.get(key))
+    def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
+        return _RegisterWorker(self, process, rng, pinned=self.read_any_node and not final)
+
+    def final_ops(self) -> list[tuple[str, Any, Any]]:
+        """One linearizable read of every key used (run after the heal)."""
+        return [("get", k, None) for k in self.used_keys()]
 
     def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
         res = check(ops, get_model(self.model), timeout_s=timeout_s)
@@ -163,16 +167,16 @@ class RegisterWorkload:
 
 
 class _RegisterWorker(Worker):
-    def __init__(self, wl: RegisterWorkload, process: int, rng: random.Random) -> None:
+    def __init__(self, wl: RegisterWorkload, process: Any, rng: random.Random, pinned: bool) -> None:
         self.wl = wl
         self.process = process
         self.rng = rng
         self.n = 0
         self.client = Client(cluster=wl.map, timeout=wl.op_timeout)
         self.node: NodeConn | None = None
-        if wl.read_any_node:
+        if pinned:
             names = sorted(wl.map.nodes)
-            info = wl.map.nodes[names[process % len(names)]]
+            info = wl.map.nodes[names[int(process) % len(names)]]
             self.node = NodeConn(info.client_addr, wl.op_timeout)
             self.node_name = info.name
 
@@ -220,7 +224,221 @@ def _txn_api_available() -> bool:
     return callable(getattr(Client, "txn", None))
 
 
-def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> RegisterWorkload:
+def _keys_per_shard(shardmap: Any, prefix: str, per_shard: int) -> list[str]:
+    """``per_shard`` key names on every shard (``prefix`` + counter), grouped by shard."""
+    per: dict[int, list[str]] = {s: [] for s in range(shardmap.nshards)}
+    i = 0
+    while any(len(v) < per_shard for v in per.values()):
+        k = f"{prefix}{i}"
+        s = shardmap.shard_for_key(k.encode())
+        if len(per[s]) < per_shard:
+            per[s].append(k)
+        i += 1
+    return [k for s in sorted(per) for k in per[s]]
+
+
+def _commit(client: Client, micro: list[list[Any]], compares: list[list[Any]] | None = None,
+            retries: int = 5) -> tuple[bool, list[list[Any]]]:
+    """Run micro-ops ``[["r", k, None] | ["w", k, v], ...]`` as one ``Client.txn()`` (then-branch
+    guarded by ``compares`` ``[[k, v], ...]``, empty else-branch); return (then ran?, ops with reads)."""
+    t = client.txn()
+    for k, v in compares or ():
+        t.if_value(k, v)
+    for kind, k, v in micro:
+        if kind == "r":
+            t.then_get(k)
+        else:
+            t.then_put(k, v)
+    r = t.commit(retries=retries)
+    if not r.succeeded:
+        return False, []
+    return True, [[kind, k, _s(res) if kind == "r" else v] for (kind, k, v), res in zip(micro, r.results, strict=True)]
+
+
+class _TxnWorkerBase(Worker):
+    def __init__(self, wl: Any, process: Any, rng: random.Random) -> None:
+        self.wl = wl
+        self.process = process
+        self.rng = rng
+        self.client = Client(cluster=wl.map, timeout=wl.op_timeout)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class BankWorkload:
+    """Transfers between accounts on different shards, by conditional transactions.
+
+    Set-up (recorded in the history as an ``ok`` txn of process ``setup``): every
+    account gets ``balance``.  Each client op is one of
+
+    * a *full read*: one transaction reading every account (an atomic snapshot);
+    * a *transfer*: a transaction reading two accounts on different shards,
+      then a conditional transaction ``if a == va and b == vb then a := va - x,
+      b := vb + x`` (two ops in the history; an amount above ``va`` is not tried).
+
+    Checks: ``total-constant`` (every full read sums to the initial total),
+    ``no-negative`` (no read returns a negative balance), ``linearizable`` (the
+    whole history under the transaction model: strict serializability).
+    """
+
+    name = "bank"
+
+    def __init__(self, shardmap: Any, seed: int, accounts_per_shard: int = 2, balance: int = 100,
+                 op_timeout: float = 4.0, **_: Any) -> None:
+        self.map = shardmap
+        self.op_timeout = op_timeout
+        self.balance = balance
+        self.accounts = _keys_per_shard(shardmap, "acct", accounts_per_shard)
+        self.total = balance * len(self.accounts)
+
+    def setup(self, rec: Any) -> None:
+        micro = [["w", a, str(self.balance)] for a in self.accounts]
+        rec.add("setup", "invoke", "txn", None, micro)
+        with Client(cluster=self.map, timeout=30.0) as c:
+            c.mset({a: str(self.balance) for a in self.accounts}, retries=20)
+        rec.add("setup", "ok", "txn", None, micro)
+
+    def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
+        return _BankWorker(self, process, rng)
+
+    def final_ops(self) -> list[tuple[str, Any, Any]]:
+        return [("txn", None, [["r", a, None] for a in self.accounts])]
+
+    def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
+        reads = [op for op in ops if op.status == "ok" and op.f == "txn" and isinstance(op.output, list)
+                 and all(m[0] == "r" for m in op.output)]
+        full = [op for op in reads if len(op.output) == len(self.accounts)]
+        bad_total = [op for op in full if sum(int(m[2]) for m in op.output if m[2] is not None) != self.total
+                     or any(m[2] is None for m in op.output)]
+        negative = [op for op in reads if any(m[2] is not None and int(m[2]) < 0 for m in op.output)]
+        return {
+            "total-constant": _Invariant(f"{len(full)} full reads, total {self.total}", bad_total),
+            "no-negative": _Invariant(f"{len(reads)} reads", negative),
+            "linearizable": check(ops, get_model("txn"), timeout_s=timeout_s),
+        }
+
+
+class _BankWorker(_TxnWorkerBase):
+    def __init__(self, wl: BankWorkload, process: Any, rng: random.Random) -> None:
+        super().__init__(wl, process, rng)
+        self.pending: tuple[str, str, int] | None = None
+        self.seen: dict[str, str] = {}
+
+    def next_op(self, t: float) -> tuple[str, Any, Any]:
+        wl = self.wl
+        if self.pending is not None:
+            a, b, amount = self.pending
+            self.pending = None
+            va, vb = self.seen.get(a), self.seen.get(b)
+            if va is not None and vb is not None and int(va) >= amount:
+                return "txn", None, {"if": [[a, va], [b, vb]],
+                                     "then": [["w", a, str(int(va) - amount)], ["w", b, str(int(vb) + amount)]],
+                                     "else": []}
+        if self.rng.random() < 0.3:
+            return "txn", None, [["r", a, None] for a in wl.accounts]
+        while True:
+            a, b = self.rng.sample(wl.accounts, 2)
+            if wl.map.shard_for_key(a.encode()) != wl.map.shard_for_key(b.encode()):
+                break
+        self.pending = (a, b, self.rng.randint(1, 5))
+        return "txn", None, [["r", a, None], ["r", b, None]]
+
+    def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
+        try:
+            if isinstance(value, dict):
+                ok, done = _commit(self.client, value["then"], value["if"])
+                return "ok", {"branch": "then" if ok else "else", "ops": done}
+            ok, done = _commit(self.client, value)
+            for _, k, v in done:
+                self.seen[k] = v
+            return "ok", done
+        except Exception as e:  # noqa: BLE001
+            self.pending = None
+            return classify(e, write=isinstance(value, dict)), str(e)[:200]
+
+
+class TxnWorkload:
+    """Random multi-key transactions (1-4 reads/writes, each key once) within a key group.
+
+    A group is ``keys_per_shard`` keys on every shard; groups rotate every
+    ``key_period`` seconds so that the transaction model's partitions (connected
+    components of keys) stay small.  Written values are unique.  Checked with
+    the transaction model (strict serializability), plus ``recovered`` and
+    ``final-reads`` (a plain read of every key used).
+    """
+
+    name = "txn"
+
+    def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
+                 op_timeout: float = 4.0, **_: Any) -> None:
+        self.map = shardmap
+        self.keys_per_shard = keys_per_shard
+        self.key_period = key_period
+        self.op_timeout = op_timeout
+        self._groups: dict[int, list[str]] = {}
+
+    def group_at(self, t: float) -> list[str]:
+        gen = int(t // self.key_period) if self.key_period > 0 else 0
+        if gen not in self._groups:
+            self._groups[gen] = _keys_per_shard(self.map, f"t{gen}.", self.keys_per_shard)
+        return self._groups[gen]
+
+    def used_keys(self) -> list[str]:
+        return [k for g in sorted(self._groups) for k in self._groups[g]]
+
+    def setup(self, rec: Any) -> None:
+        pass
+
+    def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
+        return _TxnWorker(self, process, rng)
+
+    def final_ops(self) -> list[tuple[str, Any, Any]]:
+        return [("get", k, None) for k in self.used_keys()]
+
+    def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
+        return {"linearizable": check(ops, get_model("txn"), timeout_s=timeout_s)}
+
+
+class _TxnWorker(_TxnWorkerBase):
+    n = 0
+
+    def next_op(self, t: float) -> tuple[str, Any, Any]:
+        group = self.wl.group_at(t)
+        keys = self.rng.sample(group, self.rng.randint(1, min(4, len(group))))
+        micro = []
+        for k in keys:
+            if self.rng.random() < 0.5:
+                micro.append(["r", k, None])
+            else:
+                self.n += 1
+                micro.append(["w", k, f"{self.process}.{self.n}"])
+        return "txn", None, micro
+
+    def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
+        try:
+            if f == "get":
+                return "ok", _s(self.client.get(key))
+            _, done = _commit(self.client, value)
+            return "ok", done
+        except Exception as e:  # noqa: BLE001
+            return classify(e, write=f != "get" and any(m[0] == "w" for m in value)), str(e)[:200]
+
+
+class _Invariant:
+    """A non-linearizability check result with the same surface the report uses (verdict, ok, summary)."""
+
+    def __init__(self, what: str, bad: list) -> None:
+        self.bad = bad
+        self.ok = not bad
+        self.verdict = "valid" if self.ok else "invalid"
+        self.what = what
+
+    def summary(self) -> str:
+        return f"{self.what}: " + ("all hold" if self.ok else f"{len(self.bad)} violate it")
+
+
+def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> Any:
     """The workload ``name``; raises :class:`WorkloadUnavailable` when this build cannot run it."""
     if name == "register":
         return RegisterWorkload(shardmap, seed, **kw)
@@ -229,6 +447,5 @@ def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> RegisterWor
             raise WorkloadUnavailable(
                 f"workload {name!r} is not available in this build: it needs the transaction API "
                 "(raftkv.Client.txn()), which this raftkv.Client does not have yet")
-        raise WorkloadUnavailable(f"workload {name!r} is not implemented in this harness version yet")
+        return (BankWorkload if name == "bank" else TxnWorkload)(shardmap, seed, **kw)
     raise ValueError(f"unknown workload {name!r} (expected one of {', '.join(WORKLOADS)})")
-
