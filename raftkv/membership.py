@@ -448,7 +448,7 @@ class Operator:
         if old in self.map.nodes:
             old_info = self.map.nodes[old]
             info = _new_node_info(self.map, address, name, raft_port, metrics_port)
-            data = self.map.node_data_dir(info.name)
+            data = os.path.join(self.map.data_dir, info.name)
             if os.path.isdir(data) and os.listdir(data):
                 raise MembershipError(f"{data} is not empty: a replacement node starts with no data")
             shards = self.map.shards_on(old)

@@ -1,0 +1,166 @@
+"""Membership changes and leader balancing: replace a killed node under load, spread leaders."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from raftkv import Client, IndeterminateError, RaftKVError
+from raftkv.cluster import LocalCluster
+from raftkv.membership import Operator, map_add, map_remove, map_replace, plan_balance
+from shards.shardmap import NodeInfo, ShardMapError, local_cluster
+
+from .conftest import dump_logs, start_cluster
+
+# -- pure -------------------------------------------------------------------------------------
+
+def _spread(leaders: dict, moves: list) -> dict:
+    led = dict(leaders)
+    for s, src, dst in moves:
+        assert led[s] == src
+        led[s] = dst
+    counts: dict = {}
+    for n in led.values():
+        counts[n] = counts.get(n, 0) + 1
+    return counts
+
+
+def test_plan_balance_spreads_leaders() -> None:
+    full = {s: ("n1", "n2", "n3") for s in range(3)}
+    moves = plan_balance({0: "n1", 1: "n1", 2: "n1"}, full, ["n1", "n2", "n3"])
+    assert _spread({0: "n1", 1: "n1", 2: "n1"}, moves) == {"n1": 1, "n2": 1, "n3": 1}
+    assert plan_balance({0: "n1", 1: "n2", 2: "n3"}, full, ["n1", "n2", "n3"]) == []
+    # a dead node (not listed) receives nothing; 5 shards over 2 live nodes -> 3/2
+    five = {s: ("n1", "n2", "n3") for s in range(5)}
+    leaders = {s: "n1" for s in range(5)}
+    counts = _spread(leaders, plan_balance(leaders, five, ["n1", "n2"]))
+    assert sorted(counts.values()) == [2, 3] and "n3" not in counts
+    # only replicas of a shard can lead it
+    part = {0: ("n1", "n2"), 1: ("n1", "n2"), 2: ("n1", "n3")}
+    moves = plan_balance({0: "n1", 1: "n1", 2: "n1"}, part, ["n1", "n2", "n3"])
+    assert all(dst in part[s] for s, _src, dst in moves)
+    assert max(_spread({0: "n1", 1: "n1", 2: "n1"}, moves).values()) == 1
+
+
+def test_map_changes() -> None:
+    m = local_cluster(3, 3, base_port=30000, data_dir="/tmp/x")
+    n4 = NodeInfo("n4", "127.0.0.1", 30003, 31300)
+    added = map_add(m, n4)
+    assert added.epoch == 2 and added.replication == 4 and all("n4" in p for p in added.placement.values())
+    removed = map_remove(added, "n2")
+    assert removed.replication == 3 and "n2" not in removed.nodes and removed.epoch == 3
+    swapped = map_replace(m, "n3", n4)
+    assert swapped.placement[0] == ("n1", "n2", "n4") and "n3" not in swapped.nodes
+    five = local_cluster(5, 3, base_port=30000, data_dir="/tmp/x")  # replication 3 of 5 nodes
+    with pytest.raises(ShardMapError, match="node replace"):
+        map_remove(five, "n1")
+
+
+# -- real processes ---------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Writer(threading.Thread):
+    def __init__(self, config: Path, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.client = Client(cluster=config, timeout=10.0)
+        self.prefix = prefix
+        self.acked: list[str] = []
+        self.errors = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            k = f"{self.prefix}-{i}"
+            i += 1
+            try:
+                self.client.put(k, k)
+                self.acked.append(k)
+            except (IndeterminateError, RaftKVError):
+                self.errors += 1
+
+
+def test_replace_killed_node_under_load_loses_no_acked_write(tmp_path: Path) -> None:
+    lc = start_cluster(str(tmp_path / "c"))
+    writers = [Writer(lc.config, f"w{i}") for i in range(3)]
+    for w in writers:
+        w.start()
+    try:
+        time.sleep(1.0)
+        lc.kill_node("n3")  # the machine dies
+        time.sleep(1.0)
+        op = Operator(lc.config, timeout=30.0, say=print)
+        new = op.replace("n3", f"127.0.0.1:{_free_port()}")
+        assert new == "n4"
+        for s in range(lc.map.nshards):
+            assert op.members(s) == sorted(op.map.nodes[n].raft_addr(s) for n in ("n1", "n2", "n4"))
+        time.sleep(1.5)
+        # n4 is a real voting member that holds the data: with n2 down too, n1 + n4 are the majority
+        lc.kill_node("n2")
+        time.sleep(1.0)  # failover of the shards n2 led
+        mid = sum(len(w.acked) for w in writers)
+        time.sleep(1.5)
+        assert sum(len(w.acked) for w in writers) > mid, "no write succeeded with n2 and n3 gone"
+    except Exception:
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        for w in writers:
+            w.stop.set()
+        for w in writers:
+            w.join(30)
+    try:
+        acked = [k for w in writers for k in w.acked]
+        assert len(acked) > 50
+        with Client(cluster=lc.config, timeout=30.0) as c:
+            missing = [k for k in acked if c.get(k) != k.encode()]
+        assert missing == [], f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
+        print(f"replace under load: {len(acked)} acked writes, none lost; "
+              f"{sum(w.errors for w in writers)} failed/unknown")
+    finally:
+        LocalCluster(lc.dir).stop()  # the cluster file now names n1, n2, n4
+        lc.stop()
+
+
+def test_leaders_balance_and_balancer_after_failover(tmp_path: Path) -> None:
+    lc = LocalCluster.create(tmp_path / "c", nodes=3, shards=3, node_args=["--balance-leaders"],
+                             env={**os.environ, "RAFTKV_BALANCE_PERIOD_S": "0.5"})
+    lc.start()
+    try:
+        lc.wait_ready(60)
+        # a failover piles leadership up: n2 restarts as a follower of everything
+        lc.kill_node("n2")
+        lc.wait_ready(60, nodes=["n1", "n3"])
+        lc.start_node("n2")
+        deadline = time.monotonic() + 45
+        while sorted(x for x in lc.leaders().values() if x) != ["n1", "n2", "n3"]:
+            assert time.monotonic() < deadline, f"leaders not spread by the balancer: {lc.leaders()}"
+            time.sleep(0.3)
+    except Exception:
+        dump_logs(lc)
+        raise
+    finally:
+        lc.stop()
+
+
+def test_leaders_balance_command(cluster: LocalCluster) -> None:
+    for s in range(cluster.map.nshards):
+        cluster.transfer_leader(s, "n1", timeout=30)
+    from click.testing import CliRunner
+
+    from raftkv.cli import main
+
+    r = CliRunner().invoke(main, ["leaders", "balance", "--cluster", str(cluster.config)])
+    assert r.exit_code == 0, r.output
+    assert "n1=1, n2=1, n3=1" in r.output
+    assert sorted(cluster.leaders().values()) == ["n1", "n2", "n3"]
