@@ -524,6 +524,7 @@ class Result:
     indeterminate: int
     error_codes: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)
+    txn_retries: int = 0  # transactions resent after TXNCONFLICT/TRYAGAIN (inside one measured op)
     server_cpu: float | None = None  # CPU-seconds of the server processes per wall second in the window
     hist: dict | None = None
 
@@ -558,6 +559,9 @@ class _VClient:
         self.ctx: Any = None
         self.sid = f"bench-{uuid.uuid4().hex[:12]}-{idx}".encode()
         self.seq = 0
+        self.txn_args: list[bytes] | None = None  # the transaction being retried (TXNCONFLICT/TRYAGAIN)
+        self.retries = 0
+        self.op = ""
 
     def conn(self, addr: tuple[str, int]) -> _Conn:
         c = self.conns.get(addr)
@@ -591,6 +595,7 @@ class _Worker:
         self.ops = 0
         self.errors: dict[str, int] = {}
         self.indeterminate = 0
+        self.txn_retries = 0
         self.stop_event = stop
         self.vcs = [_VClient(self, i) for i in client_ids]
         self.measure_from = 0.0
@@ -661,16 +666,20 @@ class _Worker:
 
     def issue(self, vc: _VClient) -> None:
         """Send ``vc``'s next request (a connection failure counts as an error, and we try again later)."""
-        op = self.op_name()
+        retry = vc.txn_args is not None
+        op = vc.op if retry else self.op_name()
+        vc.op = op
         vc.is_write = op in WRITES
         try:
             conn, payload = getattr(self, f"_req_{self.kind}")(vc, op)
-            vc.sent = time.perf_counter()
+            if not retry:
+                vc.sent = time.perf_counter()
             conn.sock.sendall(payload)
             vc.inflight = conn
         except OSError:
             self.error("CONN", vc, False, time.perf_counter())
             vc.inflight = None
+            vc.txn_args = None
             for c in list(vc.conns.values()):
                 vc.drop(c)
             if self.kind == "raftkv":
@@ -681,20 +690,23 @@ class _Worker:
     def _req_raftkv(self, vc: _VClient, op: str) -> tuple[_Conn, bytes]:
         enc = protocol.encode_command
         v = self.value
-        if op in ("mset2", "mset4"):
-            ks = self.keys_on_distinct_shards(2 if op == "mset2" else 4)
-            shard = self.shard(ks[0])
+        if op in ("mset2", "mset4", "txn"):
+            # As Client.mset()/Client.txn(): RAFTKV.TXN with a fresh ID, sent to the first key's shard leader.
+            if vc.txn_args is None:
+                if op == "txn":
+                    a, b = self.keys_on_distinct_shards(2)[:2]
+                    vc.txn_args = [b"2", a, b"VALUE", v, b, b"VALUE", v, b"2", b"PUT", a, v, b"PUT", b, v, b"0"]
+                else:
+                    ks = self.keys_on_distinct_shards(2 if op == "mset2" else 4)
+                    vc.txn_args = [b"0", b"%d" % len(ks)]
+                    for k in ks:
+                        vc.txn_args += [b"PUT", k, v]
+                    vc.txn_args.append(b"0")
+                vc.retries = 0
+            shard = self.shard(vc.txn_args[1] if op == "txn" else vc.txn_args[3])
             vc.ctx = shard
-            vc.seq += 1
-            args = [b"MSET"]
-            for k in ks:
-                args += [k, v]
-            return vc.conn(self.leader_addr(shard, vc)), enc(b"RAFTKV.REQ", vc.sid, b"%d" % vc.seq, *args)
-        if op == "txn":
-            a, b = self.keys_on_distinct_shards(2)[:2]
-            shard = self.shard(a)
-            vc.ctx = shard
-            return vc.conn(self.leader_addr(shard, vc)), enc(*_raftkv_txn_transfer(a, b, v))
+            return vc.conn(self.leader_addr(shard, vc)), enc(b"RAFTKV.TXN", b"ID", uuid.uuid4().hex.encode(),
+                                                            *vc.txn_args)
         k = key_name(self.keys.next())
         shard = self.shard(k)
         vc.ctx = shard
@@ -779,11 +791,18 @@ class _Worker:
                 self.member_of[vc.idx] = (self.member_of[vc.idx] + 1) % len(self.addrs)
                 return
         elif isinstance(reply, protocol.ReplyError):
+            if vc.txn_args is not None and reply.code in ("TXNCONFLICT", "TRYAGAIN") and vc.retries < 10 \
+                    and now < self.measure_to:
+                vc.retries += 1  # as Txn.commit(retries=10): a definite abort, resent with a fresh ID
+                self.txn_retries += 1
+                return
+            vc.txn_args = None
             self.error(reply.code, vc, reply.code == "UNKNOWN" and vc.is_write, now)
             if self.kind == "raftkv" and reply.code in _RETRY_CODES:
                 self.leaders.pop(vc.ctx, None)
                 self.refresh_leaders()
             return
+        vc.txn_args = None
         if self.in_window(vc.sent, now):
             self.hist.record(now - vc.sent)
             self.ops += 1
@@ -792,6 +811,7 @@ class _Worker:
         vc = c.vc
         if vc.inflight is c:
             self.error("CONN", vc, vc.is_write, now)
+            vc.txn_args = None
         vc.drop(c)
         if self.kind == "raftkv":
             self.leaders.clear()
@@ -842,6 +862,7 @@ class _Worker:
                         self.issue(vc)  # a client whose last attempt could not even connect
                     elif now - vc.sent > self.p.op_timeout:
                         self.error("TIMEOUT", vc, vc.is_write, now)
+                        vc.txn_args = None
                         vc.drop(vc.inflight)
                         self.issue(vc)
                 if self.kind == "raftkv" and len(self.leaders) < self.map.nshards:
@@ -852,7 +873,7 @@ class _Worker:
 
     def result(self) -> dict:
         return {"hist": self.hist.to_dict(), "ops": self.ops, "errors": self.errors,
-                "indeterminate": self.indeterminate}
+                "indeterminate": self.indeterminate, "txn_retries": self.txn_retries}
 
 
 _REDIS_CAS = """
@@ -865,11 +886,6 @@ end
 if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2]); return 1 end
 return 0
 """
-
-
-def _raftkv_txn_transfer(a: bytes, b: bytes, v: bytes) -> list[bytes]:
-    """A conditional transfer between two shards: if both values are as expected, rewrite both (RAFTKV.TXN)."""
-    return [b"RAFTKV.TXN", b"IF", b"2", a, v, b, v, b"THEN", b"2", a, v, b, v]
 
 
 def _client_thread(spec: dict, p: LoadParams, idx: int, t: dict, out: dict, lock: threading.Lock,
@@ -900,6 +916,9 @@ def _client_thread(spec: dict, p: LoadParams, idx: int, t: dict, out: dict, lock
                 client.cas(k, v, v)
             elif op in ("mset2", "mset4"):
                 client.mset({key_name(keys.next()): v for _ in range(2 if op == "mset2" else 4)})
+            elif op == "txn":
+                a, b = key_name(keys.next()), key_name(keys.next())
+                client.txn().if_value(a, v).if_value(b, v).then_put(a, v).then_put(b, v).commit(retries=10)
             else:
                 raise ValueError(f"workload {op} is not supported with --via client")
             ok = True
@@ -1010,6 +1029,7 @@ class LoadRun:
         hist = Hist()
         errors: dict[str, int] = {}
         ops = indet = 0
+        retries = sum(r.get("txn_retries", 0) for r in results)
         for r in results:
             hist.merge(Hist.from_dict(r["hist"]))
             ops += r["ops"]
@@ -1022,7 +1042,7 @@ class LoadRun:
                "via": self.p.via, "cpu_s_per_s": round(cpu / (seconds + self.p.warmup), 2)}
         return Result(self.name, self.p.workload, self.p.clients, ops, round(seconds, 3), round(ops / seconds, 1),
                       _r(hist.quantile(0.5)), _r(hist.quantile(0.99)), _r(hist.quantile(0.999)),
-                      sum(errors.values()), indet, errors, gen, server_cpu, hist.to_dict())
+                      sum(errors.values()), indet, errors, gen, retries, server_cpu, hist.to_dict())
 
 
 def _r(x: float | None) -> float | None:
@@ -1198,6 +1218,8 @@ def run_suite(cfg: SuiteConfig, out: Any = _say) -> dict:
         "not_available": {w: "not available in this build" for w in unavailable},
         "systems": {}, "results": [], "redis_benchmark": {},
     }
+    doc["loadavg_at_start"] = [round(x, 1) for x in os.getloadavg()]
+    out(f"load average at start: {doc['loadavg_at_start']} (other processes on this machine share the CPUs)")
     out(f"machine: {mach['nproc']} CPUs ({mach['cpu']}), Python {mach['python']}, kernel {mach['kernel']}")
     out(f"peers found: {', '.join(peers) or 'none'}; skipped: "
         + (", ".join(f"{p} ({why})" for p, why in skipped.items()) or "none"))
@@ -1212,45 +1234,57 @@ def run_suite(cfg: SuiteConfig, out: Any = _say) -> dict:
         f"keys {cfg.dist} over {cfg.keyspace} (preloaded), values {cfg.value_size} B")
     doc["generator"] = procs_desc
     base = Path(cfg.workdir or tempfile.mkdtemp(prefix="raftkv-bench-"))
-    systems = ["raftkv", *peers]
-    for sname in systems:
-        d = base / sname
-        d.mkdir(parents=True, exist_ok=True)
-        out(f"== {sname}: starting")
-        t0 = time.monotonic()
-        if sname == "raftkv":
-            sys_: System = RaftKVSystem(str(d), shards=cfg.shards)
-        elif sname == "etcd":
-            sys_ = EtcdSystem(str(d))
-        else:
-            sys_ = RedisSystem(str(d))
-        try:
+    # All systems run at once but only one is driven at a time: the points of one (workload, clients) pair
+    # are measured back to back, so background load on a shared machine hits each system alike.
+    running: dict[str, System] = {}
+    try:
+        for sname in ["raftkv", *peers]:
+            d = base / sname
+            d.mkdir(parents=True, exist_ok=True)
+            out(f"== {sname}: starting")
+            t0 = time.monotonic()
+            if sname == "raftkv":
+                running[sname] = RaftKVSystem(str(d), shards=cfg.shards)
+            elif sname == "etcd":
+                running[sname] = EtcdSystem(str(d))
+            else:
+                running[sname] = RedisSystem(str(d))
+            sys_ = running[sname]
             out(f"   {sys_.description()} (up in {time.monotonic() - t0:.1f} s)")
             doc["systems"][sname] = sys_.description()
             secs = preload(sys_, cfg.keyspace, cfg.value_size)
             out(f"   preloaded {cfg.keyspace} keys in {secs:.1f} s")
-            for w in workloads:
-                for n in cfg.clients:
+        for w in workloads:
+            for n in cfg.clients:
+                for sys_ in running.values():
                     p = LoadParams(w, n, cfg.duration, cfg.warmup, cfg.keyspace, cfg.value_size, cfg.dist,
                                    cfg.procs, via=cfg.via)
                     r = run_load(sys_, p)
-                    doc["results"].append(r.row())
-                    out("   " + _fmt_row(r.row()))
-            if cfg.redis_benchmark and shutil.which("redis-benchmark") and sname in ("raftkv", "redis"):
-                addr = (next(iter(sys_.lc.map.nodes.values())).client_addr if isinstance(sys_, RaftKVSystem)
-                        else tuple(sys_.spec()["addr"]))
-                for n in cfg.clients:
+                    row = r.row()
+                    row["loadavg_1m"] = round(os.getloadavg()[0], 1)
+                    doc["results"].append(row)
+                    out("   " + _fmt_row(row))
+        if cfg.redis_benchmark and shutil.which("redis-benchmark"):
+            for n in cfg.clients:
+                for sname, sys_ in running.items():
+                    if sname not in ("raftkv", "redis"):
+                        continue
+                    addr = (next(iter(sys_.lc.map.nodes.values())).client_addr if isinstance(sys_, RaftKVSystem)
+                            else tuple(sys_.spec()["addr"]))
                     try:
                         rb = run_redis_benchmark(addr, n, max(cfg.redis_benchmark_requests // (1 if n > 1 else 4),
                                                               1000), cfg.value_size, cfg.keyspace)
                     except (RuntimeError, subprocess.TimeoutExpired) as e:
-                        out(f"   redis-benchmark -c {n}: failed: {e}")
+                        out(f"   redis-benchmark {sname} -c {n}: failed: {e}")
                         continue
                     doc["redis_benchmark"].setdefault(sname, {})[str(n)] = rb
-                    out(f"   redis-benchmark -c {n}: " + ", ".join(
+                    out(f"   redis-benchmark {sname} -c {n}: " + ", ".join(
                         f"{t} {v['rps']:.0f}/s p50 {v['p50_ms']} ms p99 {v['p99_ms']} ms"
                         for t, v in rb.items() if t != "command"))
-        finally:
+        elif cfg.redis_benchmark:
+            out("redis-benchmark not on PATH (Debian: apt-get install redis-tools): skipped")
+    finally:
+        for sys_ in running.values():
             sys_.stop()
     _add_ratios(doc)
     out("")
@@ -1289,7 +1323,7 @@ def _fmt_row(r: dict) -> str:
     return (f"{r['system']:<7} {r['workload']:<9} c={r['clients']:<3} {r['ops_s']:>9.0f} ops/s  p50 "
             f"{_fmt_ms(r['p50_ms'])} p99 {_fmt_ms(r['p99_ms'])} p99.9 {_fmt_ms(r['p999_ms'])} ms  errors "
             f"{r['errors']} (indeterminate {r['indeterminate']})  server cpu {r['server_cpu']}  "
-            f"generator cpu {r['generator'].get('cpu_s_per_s')}")
+            f"generator cpu {r['generator'].get('cpu_s_per_s')}" + (f"  load avg {r['loadavg_1m']}" if "loadavg_1m" in r else ""))
 
 
 def render_table(doc: dict) -> str:
