@@ -343,5 +343,17 @@ def txn(ifs: tuple[str, ...], thens: tuple[str, ...], elses: tuple[str, ...], do
     sys.exit(0 if r.succeeded else 1)
 
 
+# -- bench (owned by raftkv/bench.py; keep this block small) ---------------------------------------
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Benchmark a fresh local cluster (and etcd/Redis if installed); 'raftkv bench --help' for options."""
+    from raftkv.bench import main as bench_main
+
+    sys.exit(bench_main(list(ctx.args)))
+# -- end bench -------------------------------------------------------------------------------------
+
+
 if __name__ == "__main__":
     main()
