@@ -30,12 +30,12 @@ class ClusterError(RuntimeError):
 
 
 def free_base_port(n_nodes: int = 3, n_shards: int = 3, host: str = "127.0.0.1") -> int:
-    """A base port whose client and raft ports (see ``local_cluster``) are all free now."""
+    """A base port whose client, metrics and raft ports (see ``local_cluster``) are all free now."""
     import random
 
     for _ in range(200):
         base = random.randrange(20000, 50000)
-        ports = [base + i for i in range(n_nodes)]
+        ports = [base + i for i in range(n_nodes)] + [base + 500 + i for i in range(n_nodes)]
         ports += [base + 1000 + i * 100 + s for i in range(n_nodes) for s in range(n_shards)]
         if all(_port_free(host, p) for p in ports):
             return base
