@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -56,8 +57,11 @@ def test_health_and_ready(cluster: LocalCluster) -> None:
     node = cluster.map.nodes["n2"]
     status, body = _get(f"http://{node.host}:{node.metrics_port}/health")
     assert status == 200 and json.loads(body)["ok"] is True
-    status, body = _get(f"http://{node.host}:{node.metrics_port}/ready")
-    assert status == 200 and json.loads(body)["shards_not_ready"] == {}
+    deadline = time.monotonic() + 15  # right after start-up a follower may still be connecting
+    while (reply := _get(f"http://{node.host}:{node.metrics_port}/ready"))[0] != 200:
+        assert time.monotonic() < deadline, reply
+        time.sleep(0.2)
+    assert json.loads(reply[1])["shards_not_ready"] == {}
     assert _get(f"http://{node.host}:{node.metrics_port}/nope")[0] == 404
 
 
