@@ -92,6 +92,14 @@ class Writer(threading.Thread):
 
 def test_replace_killed_node_under_load_loses_no_acked_write(tmp_path: Path) -> None:
     lc = start_cluster(str(tmp_path / "c"))
+    try:
+        _replace_under_load(lc)
+    finally:
+        LocalCluster(lc.dir).stop()  # the cluster file now names n1, n2, n4
+        lc.stop()
+
+
+def _replace_under_load(lc: LocalCluster) -> None:
     writers = [Writer(lc.config, f"w{i}") for i in range(3)]
     for w in writers:
         w.start()
@@ -119,17 +127,13 @@ def test_replace_killed_node_under_load_loses_no_acked_write(tmp_path: Path) -> 
             w.stop.set()
         for w in writers:
             w.join(30)
-    try:
-        acked = [k for w in writers for k in w.acked]
-        assert len(acked) > 50
-        with Client(cluster=lc.config, timeout=30.0) as c:
-            missing = [k for k in acked if c.get(k) != k.encode()]
-        assert missing == [], f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
-        print(f"replace under load: {len(acked)} acked writes, none lost; "
-              f"{sum(w.errors for w in writers)} failed/unknown")
-    finally:
-        LocalCluster(lc.dir).stop()  # the cluster file now names n1, n2, n4
-        lc.stop()
+    acked = [k for w in writers for k in w.acked]
+    assert len(acked) > 50
+    with Client(cluster=lc.config, timeout=30.0) as c:
+        missing = [k for k in acked if c.get(k) != k.encode()]
+    assert missing == [], f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
+    print(f"replace under load: {len(acked)} acked writes, none lost; "
+          f"{sum(w.errors for w in writers)} failed/unknown")
 
 
 def test_leaders_balance_and_balancer_after_failover(tmp_path: Path) -> None:
