@@ -49,10 +49,29 @@ every connection every ``connectionTimeout / 4``; pysyncobj (stock or patched) i
 
 All members of a group must run ``SafeSyncObj``: a stock follower's untagged replies are still accepted, but
 then a very late ack from an earlier term cannot be told apart (door 2 stays open for that peer).
+
+ReadIndex (Raft thesis §6.4, etcd's ``ReadOnlySafe``): ``readIndex(callback)`` gives linearizable reads without
+a log append. Any thread enqueues the callback (a deque, plus pysyncobj's pipe notifier to wake the poller);
+the tick thread serves it in ``_rf_service_reads`` (start of tick, right after log entries are applied, end of
+tick). Only a leader that has committed an entry of its current term (its election no-op) fixes
+``readIndex = commitIndex``; reads registered before that wait for it (bounded by ``readIndexTimeout``). Each
+read is bound to the next heartbeat *round*: while reads await confirmation, every ``__sendAppendEntries``
+call is a new round and the ``_AnnotatingTransport`` tags its AppendEntries with ``raftfix_round``; all reads
+registered between two sends share one round, and a new read forces a send in the same tick. A follower
+echoes the round in its ``next_node_idx`` reply (success or rejection: either way it accepted this leader for
+that term), and only for an AppendEntries it accepted (term >= its own; stale ones get no reply at all). The
+leader keeps, per follower, the highest round acked *in its current term* (``raftfix_term`` already tags each
+reply; rounds are process-wide monotonic and reset per term), so a late or duplicated ack of an earlier round
+or term cannot confirm a later read. A read is confirmed once a majority (the leader included) acked a round
+>= its own, and answered ``callback(readIndex, SUCCESS)`` on the tick thread as soon as ``lastApplied >=
+readIndex``: the caller reads the state machine inside the callback. Leadership lost or term changed first:
+``LEADER_CHANGED`` (not leader at registration: ``NOT_LEADER``); not confirmed within ``readIndexTimeout``:
+``MISSING_LEADER``. Every failure means the read did not happen and may be retried anywhere.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -63,7 +82,7 @@ from typing import Any
 
 import pysyncobj.version
 from pysyncobj import syncobj as _so
-from pysyncobj.config import SyncObjConf
+from pysyncobj.config import FAIL_REASON, SyncObjConf
 from pysyncobj.journal import FileJournal, Journal, MemoryJournal, MetaStorer
 from pysyncobj.node import Node, TCPNode
 from pysyncobj.syncobj import SyncObj
@@ -99,6 +118,7 @@ TERM_KEY = "raftfix_term"  # on next_node_idx: the follower's term when it answe
 CHUNK_SEQ_KEY = "raftfix_seq"  # on chunked entries / snapshot chunks: 0 for the first chunk, then +1
 SNAP_IDX_KEY = "raftfix_snap_idx"  # on snapshot chunks: index of the snapshot's last entry
 SNAP_TERM_KEY = "raftfix_snap_term"  # on snapshot chunks: term of the snapshot's last entry
+ROUND_KEY = "raftfix_round"  # on append_entries: the ReadIndex heartbeat round; echoed on next_node_idx
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,10 +295,22 @@ class FlushStats:
     max_s: float = 0.0
 
 
+@dataclasses.dataclass(eq=False)
+class _PendingRead:
+    """One ``readIndex`` call being served by a leader (tick thread only)."""
+
+    callback: Callable[[int | None, int], None]
+    term: int  # the leader's term when the read was registered; it must still lead in it to answer
+    deadline: float  # monotonicTime() after which the read fails with MISSING_LEADER
+    index: int | None = None  # commitIndex once an entry of ``term`` is committed
+    round: int | None = None  # heartbeat round that must be acked by a majority (sent after ``index`` is set)
+    confirmed: bool = False
+
+
 class _AnnotatingTransport:
     """Wraps the transport while the leader sends AppendEntries, to tag chunks with a sequence number and
     snapshot chunks with the snapshot's last index/term (stock messages carry neither, so a follower cannot
-    tell a stale or spliced transfer from a fresh one)."""
+    tell a stale or spliced transfer from a fresh one), and every message with the ReadIndex round, if any."""
 
     def __init__(self, inner: Any, owner: SafeSyncObj) -> None:
         self._inner = inner
@@ -299,6 +331,8 @@ class _AnnotatingTransport:
             seqs = owner._rf_snap_seq
             seqs[node] = 0 if message["serialized"][1] else seqs.get(node, 0) + 1
             message[CHUNK_SEQ_KEY] = seqs[node]
+        if owner._rf_tx_round is not None:
+            message[ROUND_KEY] = owner._rf_tx_round
         return self._inner.send(node, message)
 
     def __getattr__(self, name: str) -> Any:
@@ -314,6 +348,8 @@ class SafeSyncObj(SyncObj):
     * ``journalFactory``: ``f(journalFile or None) -> Journal`` with ``needs_flush`` and ``flush()`` (tests use
       it to record flushes or simulate a disk); default ``DurableFileJournal`` / ``TrackedMemoryJournal``.
     * ``keepalive`` (default True): send ``raftfix_keepalive`` on idle connections (see module doc).
+    * ``readIndexTimeout`` (default ``4 * raftMaxTimeout``): a ``readIndex`` not answered by then fails with
+      ``MISSING_LEADER`` (no majority confirmed this leader, or its election no-op did not commit).
 
     Concurrency contract: as for ``SyncObj``, internal state is touched only on the tick thread (or the thread
     driving ``doTick`` when ``autoTick=False``); ``flushStats()`` and ``getStatus()`` are best-effort reads.
@@ -332,6 +368,7 @@ class SafeSyncObj(SyncObj):
         durable: bool = True,
         journalFactory: Callable[[str | None], Journal] | None = None,  # noqa: N803
         keepalive: bool = True,
+        readIndexTimeout: float | None = None,  # noqa: N803
     ) -> None:
         effective = conf if conf is not None else SyncObjConf()
         if effective.journalFile is not None and effective.fullDumpFile is None:
@@ -354,6 +391,16 @@ class SafeSyncObj(SyncObj):
         self._rf_chunk_seq: dict[Node, int] = {}
         self._rf_snap_seq: dict[Node, int] = {}
         self._rf_warned_legacy = False
+        # ReadIndex (see module doc). The deque is the only state touched outside the tick thread.
+        self._rf_read_queue: collections.deque[Callable[[int | None, int], None]] = collections.deque()
+        self._rf_reads: list[_PendingRead] = []  # registered, unanswered; tick thread only
+        self._rf_read_timeout = (readIndexTimeout if readIndexTimeout is not None
+                                 else 4 * effective.raftMaxTimeout)
+        self._rf_round = 0  # last heartbeat round sent (monotonic for the life of this object)
+        self._rf_tx_round: int | None = None  # round tagged on the AppendEntries being sent right now
+        self._rf_round_acks: dict[Node, int] = {}  # follower -> highest round it acked in the current term
+        self._rf_echo_round: int | None = None  # follower: round of the AppendEntries being handled
+        self._rf_read_stats = {"rounds": 0, "served": 0, "failed": 0}
         _pending_factory.factory = self._rf_make_journal
         try:
             super().__init__(selfNode, otherNodes, conf, consumers, nodeClass, transport, transportClass)
@@ -422,8 +469,10 @@ class SafeSyncObj(SyncObj):
         # so its own entries must be durable first. After: entries appended this tick (leader) or received
         # in this poll (follower) are flushed once, and the follower's queued acks go out.
         self._rf_sync()
+        self._rf_service_reads()
         super()._onTick(timeToWait)
         self._rf_sync()
+        self._rf_service_reads()
         if self._rf_keepalive:
             self._rf_send_keepalives()
 
@@ -437,6 +486,7 @@ class SafeSyncObj(SyncObj):
             transport.send(node, {"type": KEEPALIVE_TYPE})
 
     def _SyncObj__onBecomeLeader(self) -> None:  # noqa: N802
+        self._rf_round_acks = {}  # acks count per term; a new term starts from nothing
         SyncObj._SyncObj__onBecomeLeader(self)
         # The election's no-op may be counted in this very tick (single-member group): make it durable now.
         self._rf_flush_if_needed()
@@ -466,6 +516,9 @@ class SafeSyncObj(SyncObj):
             "success": success,
             TERM_KEY: self._SyncObj__raftCurrentTerm,
         }
+        if self._rf_echo_round is not None:
+            # Set only while handling an AppendEntries whose term we accepted (now our term, in TERM_KEY).
+            message[ROUND_KEY] = self._rf_echo_round
         if self._rf_durable:
             # Queued until the end-of-tick flush: an ack must never leave before the entries it covers are on
             # disk. Failure replies are queued too, so replies leave in the order they were produced.
@@ -476,10 +529,126 @@ class SafeSyncObj(SyncObj):
     def _SyncObj__sendAppendEntries(self) -> None:  # noqa: N802
         real = self._SyncObj__transport
         self._SyncObj__transport = _AnnotatingTransport(real, self)
+        if any(r.round is not None and not r.confirmed for r in self._rf_reads):
+            # Reads await confirmation: this send is a new round (sent after every read bound to it).
+            self._rf_round += 1
+            self._rf_tx_round = self._rf_round
+            self._rf_read_stats["rounds"] += 1
         try:
             SyncObj._SyncObj__sendAppendEntries(self)
         finally:
             self._SyncObj__transport = real
+            self._rf_tx_round = None
+
+    def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802
+        # Reads waiting only for lastApplied >= readIndex are answered in the tick that applies it.
+        result = SyncObj._SyncObj__applyLogEntries(self)
+        self._rf_service_reads()
+        return result
+
+    # ---- ReadIndex -------------------------------------------------------------------------------------------
+
+    def readIndex(self, callback: Callable[[int | None, int], None]) -> None:  # noqa: N802 - pysyncobj style
+        """Linearizable read barrier (Raft ReadIndex); callable from any thread, never blocks.
+
+        ``callback(readIndex, FAIL_REASON.SUCCESS)`` runs on the tick thread once a majority has confirmed this
+        node's leadership by acking a heartbeat sent after the call, and ``lastApplied >= readIndex``: the state
+        machine, read *inside* the callback, reflects every write acknowledged before the call. Otherwise
+        ``callback(None, reason)``, also on the tick thread: ``NOT_LEADER`` (not leader when served),
+        ``LEADER_CHANGED`` (stepped down or term changed before confirmation) or ``MISSING_LEADER`` (not
+        confirmed within ``readIndexTimeout``). A failed read did not happen; it is safe to retry anywhere.
+        """
+        self._rf_read_queue.append(callback)
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:  # wake the poller (absent with appendEntriesUseBatch: autoTickPeriod latency)
+            try:
+                notifier.notify()
+            except OSError:
+                pass  # pipe full: a wake-up is already pending
+
+    def readIndexStats(self) -> dict[str, int]:  # noqa: N802
+        """Counters (best effort from other threads): heartbeat rounds sent for reads, reads served, failed."""
+        return dict(self._rf_read_stats)
+
+    def _rf_term_at(self, idx: int) -> int | None:
+        log = self._SyncObj__raftLog
+        first = log[0][1]
+        if first <= idx <= log[-1][1]:
+            return log[idx - first][2]
+        return None
+
+    def _rf_confirmed_round(self) -> int:
+        """Highest round acked by a majority (the leader included) in the current term."""
+        others = self._SyncObj__otherNodes
+        need = (len(others) + 1) // 2  # followers needed besides the leader for a majority of the voters
+        if need == 0:
+            return self._rf_round + 1  # single-node group: the leader alone is the majority
+        acks = sorted((self._rf_round_acks.get(node, 0) for node in others), reverse=True)
+        return acks[need - 1]
+
+    def _rf_service_reads(self) -> None:
+        """Register queued reads, fix their readIndex, confirm, answer or fail them (tick thread)."""
+        queue, reads = self._rf_read_queue, self._rf_reads
+        if not queue and not reads:
+            return
+        term = self._SyncObj__raftCurrentTerm
+        leader = self._SyncObj__raftState == _RAFT_STATE.LEADER
+        now = _so.monotonicTime()
+        answers: list[tuple[Callable[[int | None, int], None], int | None, int]] = []
+        while queue:
+            callback = queue.popleft()
+            if leader:
+                reads.append(_PendingRead(callback, term, now + self._rf_read_timeout))
+            else:
+                answers.append((callback, None, FAIL_REASON.NOT_LEADER))
+        if reads:
+            if not leader or any(r.term != term for r in reads):
+                # Leadership of the reads' term ended before they were confirmed (a node leaves a term's
+                # leadership only by stepping down or by a term change; it never regains the same term).
+                keep = [r for r in reads if leader and r.term == term]
+                answers.extend((r.callback, None, FAIL_REASON.LEADER_CHANGED) for r in reads if r not in keep)
+                reads = keep
+            if reads:
+                answers.extend(self._rf_progress_reads(reads, term, now))
+        self._rf_reads = reads
+        stats = self._rf_read_stats
+        for callback, index, err in answers:
+            stats["served" if err == FAIL_REASON.SUCCESS else "failed"] += 1
+            try:
+                callback(index, err)
+            except Exception:
+                logger.exception("readIndex callback failed")
+
+    def _rf_progress_reads(
+        self, reads: list[_PendingRead], term: int, now: float,
+    ) -> list[tuple[Callable[[int | None, int], None], int | None, int]]:
+        """Advance still-valid reads of the current term; removes answered ones from ``reads``."""
+        commit = self._SyncObj__raftCommitIndex
+        if self._rf_term_at(commit) == term:
+            # Thesis §6.4 step 1: once an entry of this term is committed, commitIndex covers every entry
+            # committed in earlier terms (Leader Completeness) and every write this leader acknowledged.
+            fresh = False
+            for r in reads:
+                if r.index is None:
+                    r.index, r.round = commit, self._rf_round + 1  # the next round goes out after this
+                    fresh = True
+            if fresh:
+                self._SyncObj__newAppendEntriesTime = 0.0  # heartbeat in this tick, not after the period
+        confirmed = self._rf_confirmed_round()
+        applied = self._SyncObj__raftLastApplied
+        answers = []
+        keep = []
+        for r in reads:
+            if r.round is not None and r.round <= confirmed:
+                r.confirmed = True
+            if r.confirmed and applied >= r.index:
+                answers.append((r.callback, r.index, FAIL_REASON.SUCCESS))
+            elif now > r.deadline:
+                answers.append((r.callback, None, FAIL_REASON.MISSING_LEADER))
+            else:
+                keep.append(r)
+        reads[:] = keep
+        return answers
 
     # ---- message dispatch ------------------------------------------------------------------------------------
 
@@ -489,26 +658,34 @@ class SafeSyncObj(SyncObj):
             return
         if mtype == "append_entries":
             if message["term"] < self._SyncObj__raftCurrentTerm:
-                return  # from a deposed leader (Raft §5.1); stock ignores these too
-            if "prevLogIdx" in message:
-                self._rf_on_append_entries(node, message)
-                return
-            if message.get(SNAP_IDX_KEY) is not None:
-                self._rf_on_snapshot_chunk(node, message)
-                return
-            if message.get("serialized") is None:
-                # The leader's snapshot is not ready yet: only a heartbeat. Stock would also set
-                # commitIndex = min(leaderCommit, lastLogIndex), trusting an unverified tail.
-                self._rf_accept_leader(node, message)
-                return
-            # Untagged snapshot chunk (a stock leader): cannot judge staleness, fall back to stock.
-        elif mtype == "next_node_idx":
+                return  # from a deposed leader (Raft §5.1); stock ignores these too; no reply, no round echo
+            self._rf_echo_round = message.get(ROUND_KEY)
+            try:
+                self._rf_dispatch_append_entries(node, message)
+            finally:
+                self._rf_echo_round = None
+            return
+        if mtype == "next_node_idx":
             self._rf_on_next_node_idx(node, message)
             return
-        elif mtype == "response_vote":
+        if mtype == "response_vote":
             self._rf_on_response_vote(node, message)
             return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _rf_dispatch_append_entries(self, node: Node, message: dict[str, Any]) -> None:
+        if "prevLogIdx" in message:
+            self._rf_on_append_entries(node, message)
+        elif message.get(SNAP_IDX_KEY) is not None:
+            self._rf_on_snapshot_chunk(node, message)
+        elif message.get("serialized") is None:
+            # The leader's snapshot is not ready yet: only a heartbeat. Stock would also set
+            # commitIndex = min(leaderCommit, lastLogIndex), trusting an unverified tail. No reply (as stock):
+            # such a heartbeat confirms no read round.
+            self._rf_accept_leader(node, message)
+        else:
+            # Untagged snapshot chunk (a stock leader): cannot judge staleness, fall back to stock.
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
 
     def _rf_accept_leader(self, node: Node, message: dict[str, Any]) -> None:
         """The bookkeeping stock does for any AppendEntries with term >= ours (verbatim semantics)."""
@@ -707,6 +884,11 @@ class SafeSyncObj(SyncObj):
         next_index = self._SyncObj__raftNextIndex
         if node not in match_index:
             return  # removed from the group meanwhile
+        rnd = message.get(ROUND_KEY)
+        if term is not None and rnd is not None and self._rf_round_acks.get(node, 0) < rnd <= self._rf_round:
+            # A reply in our term to a round we sent in it (rounds are never reused): the follower held our
+            # term when it answered an AppendEntries sent after every read bound to that round.
+            self._rf_round_acks[node] = rnd
         reply_next: int = message["next_node_idx"]
         last_idx = self._SyncObj__getCurrentLogIndex()
         if message["success"]:

@@ -95,6 +95,21 @@ class ShardReplica(SafeSyncObj):
 
         self.apply_entry(cmds, now_ms, callback=callback)
 
+    # -- ReadIndex read barrier (raftfix.SafeSyncObj.readIndex) -----------------
+    def read_barrier(self, done: Callable[[bool, str], None]) -> None:
+        """Linearizable read without a log entry: ``done(ok, reason)`` runs on the tick thread.
+
+        ``ok=True``: a majority confirmed this replica's leadership after the call and every entry up to the
+        read index is applied, so ``self.state``, read *inside* ``done``, reflects every write acknowledged
+        before the call.  ``ok=False`` (NOT_LEADER, LEADER_CHANGED, MISSING_LEADER): the read did not happen;
+        retry here or at the leader.  May be called from any thread; ``done`` must not block.
+        """
+
+        def callback(_index: Any, err: int) -> None:
+            done(err == FAIL_REASON.SUCCESS, _reason(err))
+
+        self.readIndex(callback)
+
     # -- leadership, as this replica believes it (never proof of leadership) ----
     def is_leader(self) -> bool:
         return self._isLeader()
