@@ -653,9 +653,18 @@ class _Worker:
         """``n`` keys spanning min(n, shards) shards (the first two always on different shards)."""
         want = min(n, self.map.nshards)
         while True:
-            ks = [key_name(self.keys.next()) for _ in range(n)]
+            ks = self.distinct_keys(n)
             if len({self.shard(k) for k in ks}) >= want and self.shard(ks[0]) != self.shard(ks[1]) or want < 2:
                 return ks
+
+    def distinct_keys(self, n: int) -> list[bytes]:
+        """``n`` different keys (etcd rejects a transaction that names a key twice)."""
+        ks: list[bytes] = []
+        while len(ks) < n:
+            k = key_name(self.keys.next())
+            if k not in ks:
+                ks.append(k)
+        return ks
 
     # -- building one request ------------------------------------------------------------------------
     def op_name(self) -> str:
@@ -730,12 +739,11 @@ class _Worker:
         c = vc.conn(self.addr)
         if op in ("mset2", "mset4"):
             args = [b"MSET"]
-            for _ in range(2 if op == "mset2" else 4):
-                args += [key_name(self.keys.next()), v]
+            for k in self.distinct_keys(2 if op == "mset2" else 4):
+                args += [k, v]
             return c, enc(*args)
         if op == "txn":
-            return c, enc(b"EVALSHA", self.cas_sha, b"2", key_name(self.keys.next()), key_name(self.keys.next()),
-                          v, v, b"txn")
+            return c, enc(b"EVALSHA", self.cas_sha, b"2", *self.distinct_keys(2), v, v, b"txn")
         k = key_name(self.keys.next())
         if op == "put":
             return c, enc(b"SET", k, v)
@@ -750,7 +758,7 @@ class _Worker:
         c = vc.conn((host, port))
         v = self.vb64
         if op in ("mset2", "mset4", "txn"):
-            ks = [b64(key_name(self.keys.next())) for _ in range(2 if op != "mset4" else 4)]
+            ks = [b64(k) for k in self.distinct_keys(2 if op != "mset4" else 4)]
             cmp = [{"key": k, "result": "EQUAL", "target": "VALUE", "value": v} for k in ks] if op == "txn" else []
             body = {"compare": cmp, "success": [{"requestPut": {"key": k, "value": v}} for k in ks]}
             return c, http_request(host, port, "/v3/kv/txn", body)
@@ -787,7 +795,7 @@ class _Worker:
                     code = "etcd:" + json.loads(body).get("error", str(status))[:40]
                 except ValueError:
                     code = f"HTTP{status}"
-                self.error(code, vc, vc.is_write, now)
+                self.error(code, vc, vc.is_write and status >= 500, now)  # a 4xx was rejected, not applied
                 self.member_of[vc.idx] = (self.member_of[vc.idx] + 1) % len(self.addrs)
                 return
         elif isinstance(reply, protocol.ReplyError):
