@@ -1379,7 +1379,8 @@ def plot(doc: dict, path: str) -> None:
         xs = [i + si * width for i in range(len(workloads))]
         axes[0].bar(xs, [by_w[w]["ops_s"] if w in by_w else 0 for w in workloads], width, label=s)
         axes[1].bar(xs, [(by_w[w]["p99_ms"] or 0) if w in by_w else 0 for w in workloads], width, label=s)
-    for ax, title in ((axes[0], f"throughput (ops/s), {cmax} clients"), (axes[1], f"p99 latency (ms), {cmax} clients")):
+    axes[0].set_yscale("log")
+    for ax, title in ((axes[0], f"throughput (ops/s, log scale), {cmax} clients"), (axes[1], f"p99 latency (ms), {cmax} clients")):
         ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(workloads))])
         ax.set_xticklabels(workloads)
         ax.set_title(title)
