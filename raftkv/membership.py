@@ -342,6 +342,14 @@ class Operator:
         self.say = say or (lambda _msg: None)
         self.client_kw = client_kw or {}
 
+    def _call(self, addr: tuple[str, int], *args: Any, timeout: float = 2.0) -> Any:
+        """One command to one node, authenticated (and over TLS) as the cluster file says."""
+        from raftkv.cluster import call
+        from raftkv.security import Security
+
+        sec = Security.from_config(self.map.security)
+        return call(addr, *args, timeout=timeout, auth=sec.peer_credentials(), tls=sec.peer_ssl())
+
     def _client(self) -> Any:
         from raftkv.client import Client
 
@@ -371,12 +379,11 @@ class Operator:
 
     def push_map(self) -> None:
         """Install the current map in every reachable node."""
-        from raftkv.cluster import call
 
         text = self._public_map().to_toml()
         for name, info in self.map.nodes.items():
             try:
-                reply = call(info.client_addr, "RAFTKV.MAP", text, timeout=3.0)
+                reply = self._call(info.client_addr, "RAFTKV.MAP", text, timeout=3.0)
                 self.say(f"{name}: map epoch {reply}")
             except (OSError, ConnectionError):
                 self.say(f"{name}: unreachable (it reads the cluster file when it starts)")
@@ -395,13 +402,12 @@ class Operator:
         """Until ``name`` reports a leader for each of its shards and has applied what the leader had."""
         import json
 
-        from raftkv.cluster import call
 
         deadline = time.monotonic() + (timeout or self.timeout)
         info = self.map.nodes[name]
         while True:
             try:
-                st = json.loads(call(info.client_addr, "RAFTKV.STATUS", timeout=2.0))  # type: ignore[arg-type]
+                st = json.loads(self._call(info.client_addr, "RAFTKV.STATUS", timeout=2.0))  # type: ignore[arg-type]
                 shards = st["shards"]
                 if all(shards.get(str(s), {}).get("leader") for s in self.map.shards_on(name)):
                     return
@@ -483,7 +489,6 @@ class Operator:
 
     def balance(self, rounds: int = 3) -> list[tuple[int, str, str]]:
         """Spread shard leaders evenly over the live nodes; returns the moves made."""
-        from raftkv.cluster import call
 
         done: list[tuple[int, str, str]] = []
         for _ in range(rounds):
@@ -496,7 +501,7 @@ class Operator:
                 deadline = time.monotonic() + 10.0
                 while True:
                     try:
-                        call(self.map.nodes[src].client_addr, "RAFTKV.TRANSFER", str(s), dst, timeout=5.0)
+                        self._call(self.map.nodes[src].client_addr, "RAFTKV.TRANSFER", str(s), dst, timeout=5.0)
                     except (OSError, ConnectionError):
                         pass
                     time.sleep(0.3)
@@ -510,10 +515,9 @@ class Operator:
         return done
 
     def _reachable(self, name: str) -> bool:
-        from raftkv.cluster import call
 
         try:
-            call(self.map.nodes[name].client_addr, "PING", timeout=1.0)
+            self._call(self.map.nodes[name].client_addr, "PING", timeout=1.0)
             return True
         except (OSError, ConnectionError):
             return False

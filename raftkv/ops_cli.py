@@ -23,6 +23,12 @@ def _cluster_path(cluster_file: str | None) -> str:
     return path
 
 
+def _client_kw() -> dict:
+    """The root command's --password/--user/--tls, for Client(...)."""
+    opts = click.get_current_context().find_root().obj or {}
+    return {"password": opts.get("password"), "username": opts.get("user"), "tls": opts.get("tls", False)}
+
+
 def _die(msg: str) -> None:
     click.echo(f"raftkv: error: {msg}", err=True)
     sys.exit(2)
@@ -48,7 +54,7 @@ def backup_cmd(file: str, cluster_file: str | None, fence_ttl: float, timeout: f
     from raftkv.backup import BackupError, take_backup
     from raftkv.client import Client
 
-    with Client(cluster=_cluster_path(cluster_file), timeout=timeout) as c:
+    with Client(cluster=_cluster_path(cluster_file), timeout=timeout, **_client_kw()) as c:
         try:
             hdr = take_backup(c, file, fence_ttl_s=fence_ttl, log=lambda m: click.echo(m, err=True))
         except BackupError as e:
@@ -95,7 +101,8 @@ def node_group() -> None:
 def _operator(cluster_file: str | None, timeout: float):
     from raftkv.membership import Operator
 
-    return Operator(_cluster_path(cluster_file), timeout=timeout, say=lambda m: click.echo(m, err=True))
+    return Operator(_cluster_path(cluster_file), timeout=timeout, say=lambda m: click.echo(m, err=True),
+                    client_kw=_client_kw())
 
 
 def _membership_errors(fn):
