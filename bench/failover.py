@@ -23,10 +23,11 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--load-clients", type=int, default=8)
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between a restart and the next kill")
+    ap.add_argument("--skip-raftkv", action="store_true", help="only the peers")
     ap.add_argument("--json")
     a = ap.parse_args()
     peers = () if a.peers == "none" else tuple(p for p in a.peers.split(",") if p)
-    doc = run_failover(a.trials, systems=("raftkv", *peers), shards=a.shards, load_clients=a.load_clients,
+    doc = run_failover(a.trials, systems=(() if a.skip_raftkv else ("raftkv",)) + peers, shards=a.shards, load_clients=a.load_clients,
                        settle=a.settle)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

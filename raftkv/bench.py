@@ -1424,8 +1424,10 @@ def _probe_write_etcd(es: EtcdSystem, exclude: str, deadline: float) -> tuple[fl
         n = survivors[attempts % len(survivors)]
         attempts += 1
         try:
+            # Short attempts: a member without a leader holds a proposal until its own request timeout,
+            # so a long attempt would measure our timeout, not the election.
             st, _ = http_call(es.addr(n), "/v3/kv/put", {"key": b64(b"__failover_probe"), "value": b64(b"x")},
-                              timeout=2.0)
+                              timeout=0.2)
         except OSError:
             continue
         if st == 200:
@@ -1443,7 +1445,7 @@ def run_failover(trials: int = 5, systems: tuple[str, ...] = ("raftkv", "etcd"),
     base = Path(workdir or tempfile.mkdtemp(prefix="raftkv-failover-"))
     out(f"failover: {trials} trials per system, put load from {load_clients} clients, {settle:g} s settle "
         f"before each kill; peers found {peers or 'none'}, skipped {skipped or 'none'}")
-    for sname in [s for s in systems if s == "raftkv" or s in peers]:
+    for sname in [s for s in systems if s == "raftkv" or s in peers]:  # raftkv first, when asked for
         d = base / sname
         d.mkdir(parents=True, exist_ok=True)
         sysobj: System = RaftKVSystem(str(d), shards=shards) if sname == "raftkv" else EtcdSystem(str(d))
