@@ -1064,7 +1064,7 @@ def run_load(system: System | dict, p: LoadParams, name: str | None = None) -> R
 # -- preloading ---------------------------------------------------------------------------------------------
 
 
-def preload(system: System, n: int, value_size: int = 100, start: int = 0, pipeline: int = 200,
+def preload(system: System, n: int, value_size: int = 100, start: int = 0, pipeline: int = 100,
             conns_per_node: int = 3) -> float:
     """SET keys ``start..n-1`` (pipelined, plain SET to each shard's leader); returns the seconds taken."""
     t0 = time.monotonic()
@@ -1083,6 +1083,7 @@ def preload(system: System, n: int, value_size: int = 100, start: int = 0, pipel
         groups = {tuple(system.spec()["addr"]): list(range(start, n))}  # type: ignore[dict-item]
     jobs = [(addr, idx[c::conns_per_node]) for addr, idx in groups.items() for c in range(conns_per_node)]
     errors: list[str] = []
+    retry: list[tuple[tuple[str, int], int]] = []
 
     def load(addr: tuple[str, int], idx: list[int]) -> None:
         with socket.create_connection(addr, timeout=60) as s:
@@ -1099,15 +1100,22 @@ def preload(system: System, n: int, value_size: int = 100, start: int = 0, pipel
                             raise ConnectionError("closed during preload")
                         r.feed(data)
                         continue
-                    got += 1
                     if isinstance(rep, protocol.ReplyError):
-                        errors.append(str(rep))
+                        if rep.code in _RETRY_CODES:  # BUSY (back-pressure), TRYAGAIN...: send again below
+                            retry.append((addr, chunk[got]))
+                        else:
+                            errors.append(str(rep))
+                    got += 1
 
     threads = [threading.Thread(target=load, args=job) for job in jobs if job[1]]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    for addr, i in retry:
+        rep = resp_call(addr, "SET", key_name(i), v, timeout=10)
+        if isinstance(rep, protocol.ReplyError):
+            errors.append(str(rep))
     if errors:
         raise RuntimeError(f"preload: {len(errors)} errors, first: {errors[0]}")
     return time.monotonic() - t0
