@@ -39,7 +39,7 @@ import hiredis
 from raftkv import coordinator, protocol, txncmds
 from raftkv.metrics import NodeMetrics, disk_free_ratio, serve_http, txn_summary
 from raftkv.protocol import OK, PONG, Error, Raw
-from raftkv.replica import APPLIED, UNKNOWN, ShardReplica
+from raftkv.replica import APPLIED, NOT_APPLIED, UNKNOWN, ShardReplica
 from raftkv.security import Security, check_bind
 from raftkv.state import CmdError, Locked
 from shards.shardmap import ShardMap
@@ -98,7 +98,31 @@ class Proposer:
                     self.outcomes.labels(str(self.replica.shard), kind).inc(len(futs))
                 loop.call_soon_threadsafe(_resolve, futs, kind, res)
 
-            self.replica.propose(cmds, int(time.time() * 1000), done)
+            self._send(cmds, done)
+
+    def _send(self, cmds: list, done: Any) -> None:
+        self.replica.propose(cmds, int(time.time() * 1000), done)
+
+
+class Reader(Proposer):
+    """Batches linearizable reads for one shard behind one ReadIndex round (no log entry).
+
+    The replica confirms its leadership with a majority after the reads arrived
+    and waits until everything committed before is applied; the reads then run
+    against the state on the tick thread, where it is consistent.
+    """
+
+    def _send(self, cmds: list, done: Any) -> None:
+        state_of = self.replica
+
+        def confirmed(ok: bool, reason: str) -> None:
+            if ok:
+                state = state_of.state
+                done(APPLIED, [state.read(c) for c in cmds])
+            else:
+                done(NOT_APPLIED, reason)  # the read did not happen; safe to retry
+
+        self.replica.read_barrier(confirmed)
 
 
 def _resolve(futs: list[asyncio.Future], kind: str, res: Any) -> None:
@@ -169,10 +193,13 @@ class PeerLink:
 class Conn:
     """Per-connection state."""
 
-    __slots__ = ("readonly", "peer", "resp3", "txn", "authed")
+    __slots__ = ("readonly", "peer", "resp3", "txn", "authed", "last_write")
 
     def __init__(self, peer: str, authed: bool = True) -> None:
         self.authed = authed
+        # The newest write still in flight on this connection: a pipelined read
+        # waits for it, so a connection reads its own writes (Redis pipeline order).
+        self.last_write: asyncio.Future | None = None
         self.readonly = False
         self.peer = peer
         self.resp3 = False
@@ -229,6 +256,7 @@ class Node:
         loop = asyncio.get_running_loop()
         self.proposers = {s: Proposer(r, loop, self.limits.batch_cmds_max, self.metrics.proposals)
                           for s, r in self.replicas.items()}
+        self.readers = {s: Reader(r, loop, self.limits.batch_cmds_max) for s, r in self.replicas.items()}
         if self.metrics_port:
             await serve_http(self, self.metrics, self.info.host, self.metrics_port)
             log.info("event=metrics node=%s addr=http://%s:%d/metrics", self.name, self.info.host,
@@ -293,7 +321,7 @@ class Node:
                                                         "in flight on this connection (pipeline_depth_max); "
                                                         "read replies before sending more"))
                         continue
-                    await replies.put((self.dispatch(conn, req), req[0], time.perf_counter()))
+                    await replies.put((self._ordered_dispatch(conn, req), req[0], time.perf_counter()))
                 if parser.broken:
                     await replies.put(Error("PROTO", f"Protocol error: {parser.broken}"))
                     break
@@ -307,6 +335,23 @@ class Node:
                 pass
             writer.close()
             self.clients -= 1
+
+    def _ordered_dispatch(self, conn: Conn, req: list[bytes]) -> Any:
+        """``dispatch``, but reads wait for this connection's earlier writes to finish."""
+        name = req[0].upper()
+        pending = conn.last_write
+        if name in _READ_COMMANDS:
+            if pending is not None and not pending.done():
+                async def after_writes() -> Any:
+                    await asyncio.wait([pending])
+                    reply = self.dispatch(conn, req)
+                    return await reply if asyncio.isfuture(reply) else reply
+                return self.run(after_writes())
+            return self.dispatch(conn, req)
+        reply = self.dispatch(conn, req)
+        if asyncio.isfuture(reply):
+            conn.last_write = reply
+        return reply
 
     async def _write_replies(self, replies: asyncio.Queue, writer: asyncio.StreamWriter, conn: Conn) -> None:
         while True:
@@ -389,7 +434,7 @@ class Node:
             replica = self.replicas.get(shard)
             if replica is not None and replica.is_leader():
                 no_leader_since = None
-                fut = self.proposers[shard].submit(cmd)
+                fut = (self.readers if read else self.proposers)[shard].submit(cmd)
                 try:
                     kind, res = await asyncio.wait_for(fut, max(0.05, deadline - now))
                 except TimeoutError:
@@ -834,6 +879,9 @@ def _cmd_auth(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
 
 
 _NO_AUTH_NEEDED = {b"AUTH", b"HELLO", b"QUIT"}
+# Served by ReadIndex (or locally when stale); everything else that answers
+# with a future is ordered as a write.
+_READ_COMMANDS = {b"GET", b"MGET", b"EXISTS", b"RAFTKV.STALEGET"}
 
 
 def _cmd_hello(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:

@@ -107,6 +107,17 @@ class KVState:
         apply = self.apply
         return [apply(c, now_ms) for c in cmds]
 
+    def read(self, cmd: tuple) -> Any:
+        """A read-only command (get/getrev/mget/exists) without going through the log.
+
+        Changes nothing, so it may run outside log order: at a ReadIndex point
+        (linearizable) or on any replica (stale).
+        """
+        handler = _READ_HANDLERS.get(cmd[0])
+        if handler is None:
+            return CmdError("ERR", f"{cmd[0]!r} is not a read-only command")
+        return handler(self, cmd, 0)
+
     # -- local (possibly stale) reads, for explicitly stale GETs ------------
     def peek(self, key: bytes) -> tuple[bytes, int] | None:
         """The local ``(value, revision)`` of ``key`` without going through the log."""
@@ -294,3 +305,5 @@ _HANDLERS = {
 from raftkv.backup_state import HANDLERS as _BACKUP_HANDLERS  # noqa: E402
 
 _HANDLERS.update(_BACKUP_HANDLERS)
+
+_READ_HANDLERS = {"get": _get, "getrev": _getrev, "mget": _mget, "exists": _exists}
