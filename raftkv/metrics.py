@@ -174,7 +174,14 @@ def ready(node: Node) -> tuple[bool, dict]:
         leader = r.leader_addr()
         if leader is None:
             problems[s] = "no leader"
-        elif leader != r.selfNode.id and not r.isNodeConnected(r._getLeader()):
+        elif leader == r.selfNode.id:
+            # A leader that lost its majority still believes it leads for a moment
+            # (leaderFallbackTimeout): it is ready only while connected to a majority.
+            peers = list(r.otherNodes)
+            connected = sum(1 for p in peers if r.isNodeConnected(p))
+            if connected + 1 <= (len(peers) + 1) // 2:
+                problems[s] = f"leads but reaches only {connected} of {len(peers)} peers (no majority)"
+        elif not r.isNodeConnected(r._getLeader()):
             problems[s] = f"leader {node.map.node_for_raft_addr(leader)} not reachable"
     return not problems, {"ok": not problems, "node": node.name, "shards_not_ready": problems}
 
