@@ -348,7 +348,7 @@ class RaftKVSystem(System):
 
     def description(self) -> str:
         return (f"raftkv: {len(self.lc.map.nodes)} nodes, {self.shards} shards, replication "
-                f"{self.lc.map.replication}, journal on disk, linearizable reads through the log")
+                f"{self.lc.map.replication}, journal on disk, linearizable reads by ReadIndex")
 
 
 class RedisSystem(System):
