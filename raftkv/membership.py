@@ -168,19 +168,10 @@ def cmd_member(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
 async def _member(node: Any, shard: int, action: bytes, addr: str, req: list[bytes], hops: int) -> Any:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + node.timing.request_timeout_s
-    while True:
-        replica = node.replicas.get(shard)
-        if replica is not None and replica.is_leader():
-            break
-        leader = node._leader_node(shard)
-        if leader is not None and leader != node.name and hops < 2:
-            reply = await node._forward(leader, req, hops, max(0.1, deadline - loop.time()))
-            if type(reply).__name__ == "_ForwardFailed":
-                return Error("TRYAGAIN", f"shard {shard}: leader {leader} unreachable; retry")
-            return reply
-        if loop.time() > deadline:
-            return Error("NOQUORUM", f"shard {shard} has no leader; retry")
-        await asyncio.sleep(0.05)
+    elsewhere = await node.leader_elsewhere(shard, req, hops)
+    if elsewhere is not None:
+        return elsewhere
+    replica = node.replicas[shard]
 
     fut = loop.create_future()
 

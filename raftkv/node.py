@@ -488,6 +488,29 @@ class Node:
                                          "is a majority of its replicas up and connected?")
             await asyncio.sleep(self.timing.retry_sleep_s)
 
+    async def leader_elsewhere(self, shard: int, req: list[bytes], hops: int) -> Any:
+        """None once this node's replica of ``shard`` leads; otherwise the reply of
+        forwarding ``req`` to the leader (or an error when there is none in time).
+
+        For commands that must act on the leader's replica itself (membership,
+        backup dumps, leadership transfer) rather than through a log entry.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timing.request_timeout_s
+        while True:
+            replica = self.replicas.get(shard)
+            if replica is not None and replica.is_leader():
+                return None
+            leader = self._leader_node(shard)
+            if leader is not None and leader != self.name and hops < 2:
+                reply = await self._forward(leader, req, hops, max(0.1, deadline - loop.time()))
+                if isinstance(reply, _ForwardFailed):
+                    return Error("TRYAGAIN", f"shard {shard}: leader {leader} unreachable; retry")
+                return reply
+            if loop.time() > deadline:
+                return Error("NOQUORUM", f"shard {shard} has no leader; retry")
+            await asyncio.sleep(0.05)
+
     def _leader_node(self, shard: int) -> str | None:
         replica = self.replicas.get(shard)
         if replica is not None:
@@ -783,28 +806,23 @@ def _cmd_transfer(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
     target = req[2].decode() if len(req) > 2 else None
     if target is not None and target not in [n.name for n in node.map.replicas(shard)]:
         return Error("ERR", f"RAFTKV.TRANSFER: {target} holds no replica of shard {shard}")
-    replica = node.replicas.get(shard)
-    if replica is None or not replica.is_leader():
-        leader = node._leader_node(shard)
-        if leader is None or leader == node.name or hops >= 2:
-            return Error("NOQUORUM", f"shard {shard} has no leader to transfer from")
+    async def transfer() -> Any:
+        elsewhere = await node.leader_elsewhere(shard, req, hops)
+        if elsewhere is not None:
+            return elsewhere
+        if target == node.name:
+            return OK
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        addr = None if target is None else node.map.nodes[target].raft_addr(shard)
 
-        async def fwd() -> Any:
-            r = await node._forward(leader, req, hops, node.timing.request_timeout_s)
-            return Error("TRYAGAIN", f"leader {leader} unreachable") if isinstance(r, _ForwardFailed) else r
-        return node.run(fwd())
-    if target == node.name:
-        return OK
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    addr = None if target is None else node.map.nodes[target].raft_addr(shard)
-
-    def done(ok: bool, reason: str) -> None:
-        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(
-            OK if ok else Error("TRYAGAIN", f"transfer refused ({reason}): the target must be connected and "
-                                             "fully caught up; retry")))
-    replica.transfer_leadership(addr, done)
-    return fut
+        def done(ok: bool, reason: str) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(
+                OK if ok else Error("TRYAGAIN", f"transfer refused ({reason}): the target must be connected "
+                                                 "and fully caught up; retry")))
+        node.replicas[shard].transfer_leadership(addr, done)
+        return await fut
+    return node.run(transfer())
 
 
 def _cmd_cluster(node: Node, conn: Conn, req: list[bytes], hops: int) -> Any:
