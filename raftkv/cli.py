@@ -19,24 +19,15 @@ import click
 
 from raftkv.client import Client, IndeterminateError, RaftKVError
 from raftkv.cluster import DEFAULT_DIR, ClusterError, LocalCluster
+from raftkv.ops_cli import client_kw, cluster_path
 
 cluster_option = click.option(
     "--cluster", "cluster_file", envvar="RAFTKV_CLUSTER", default=None, metavar="FILE",
     help="cluster file (default: $RAFTKV_CLUSTER or ./.raftkv/cluster.toml)")
 
 
-def _cluster_path(cluster_file: str | None) -> str:
-    path = cluster_file or os.path.join(DEFAULT_DIR, "cluster.toml")
-    if not os.path.exists(path):
-        raise click.ClickException(
-            f"no cluster file at {path}: start one with 'raftkv cluster up' or pass --cluster FILE")
-    return path
-
-
 def _client(cluster_file: str | None, timeout: float = 10.0) -> Client:
-    opts = (click.get_current_context().find_root().obj or {})
-    return Client(cluster=_cluster_path(cluster_file), timeout=timeout, password=opts.get("password"),
-                  username=opts.get("user"), tls=opts.get("tls", False))
+    return Client(cluster=cluster_path(cluster_file), timeout=timeout, **client_kw())
 
 
 def _fail(e: Exception) -> None:

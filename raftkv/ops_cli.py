@@ -13,7 +13,8 @@ import sys
 import click
 
 
-def _cluster_path(cluster_file: str | None) -> str:
+def cluster_path(cluster_file: str | None) -> str:
+    """The cluster file to use: --cluster / RAFTKV_CLUSTER, else ./.raftkv/cluster.toml (must exist)."""
     from raftkv.cluster import DEFAULT_DIR
 
     path = cluster_file or os.path.join(DEFAULT_DIR, "cluster.toml")
@@ -23,7 +24,7 @@ def _cluster_path(cluster_file: str | None) -> str:
     return path
 
 
-def _client_kw() -> dict:
+def client_kw() -> dict:
     """The root command's --password/--user/--tls, for Client(...)."""
     opts = click.get_current_context().find_root().obj or {}
     return {"password": opts.get("password"), "username": opts.get("user"), "tls": opts.get("tls", False)}
@@ -54,7 +55,7 @@ def backup_cmd(file: str, cluster_file: str | None, fence_ttl: float, timeout: f
     from raftkv.backup import BackupError, take_backup
     from raftkv.client import Client
 
-    with Client(cluster=_cluster_path(cluster_file), timeout=timeout, **_client_kw()) as c:
+    with Client(cluster=cluster_path(cluster_file), timeout=timeout, **client_kw()) as c:
         try:
             hdr = take_backup(c, file, fence_ttl_s=fence_ttl, log=lambda m: click.echo(m, err=True))
         except BackupError as e:
@@ -101,8 +102,8 @@ def node_group() -> None:
 def _operator(cluster_file: str | None, timeout: float):
     from raftkv.membership import Operator
 
-    return Operator(_cluster_path(cluster_file), timeout=timeout, say=lambda m: click.echo(m, err=True),
-                    client_kw=_client_kw())
+    return Operator(cluster_path(cluster_file), timeout=timeout, say=lambda m: click.echo(m, err=True),
+                    client_kw=client_kw())
 
 
 def _membership_errors(fn):
