@@ -168,7 +168,7 @@ def test_tls_client_port_with_redis_py_and_client(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory):
     lc = _start(tmp_path_factory.mktemp("limited"), {},
-                node_args=["--max-clients", "3", "--pipeline-depth", "4", "--idle-timeout", "1.0"])
+                node_args=["--max-clients", "6", "--pipeline-depth", "4", "--idle-timeout", "1.0"])
     yield lc
     lc.stop()
 
@@ -186,19 +186,43 @@ def _read_all(s: socket.socket, want: int, timeout: float = 5.0) -> bytes:
 
 
 def test_max_clients(limited: LocalCluster) -> None:
-    node = limited.map.nodes["n3"]
-    held = [socket.create_connection((node.host, node.client_port)) for _ in range(3)]
+    # Other nodes' forwarding links count as clients too, so open connections
+    # until the limit answers instead of assuming how many slots are free.
+    node = limited.map.nodes["n1"]
+    held, replies = [], []
     try:
-        time.sleep(0.2)
-        with socket.create_connection((node.host, node.client_port)) as extra:
-            assert _read_all(extra, 1).startswith(b"-BUSY max number of clients reached (3)")
+        for _ in range(8):
+            s = socket.create_connection((node.host, node.client_port))
+            held.append(s)
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            replies.append(_read_all(s, 1))
+            if replies[-1].startswith(b"-BUSY"):
+                break
     finally:
         for s in held:
             s.close()
+    assert replies[-1].startswith(b"-BUSY max number of clients reached (6)"), replies
+    assert all(r == b"+PONG\r\n" for r in replies[:-1]) and len(replies) <= 7
+
+
+def _wait_accepting(node, timeout: float = 10.0) -> None:
+    """Until the node takes a new client (max_clients: earlier tests' connections may still count)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((node.host, node.client_port), timeout=2) as s:
+                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                if _read_all(s, 1, timeout=2) == b"+PONG\r\n":
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "node does not accept clients"
+        time.sleep(0.1)
 
 
 def test_pipeline_depth(limited: LocalCluster) -> None:
     node = limited.map.nodes["n3"]
+    _wait_accepting(node)
     with socket.create_connection((node.host, node.client_port)) as s:
         s.sendall(b"*2\r\n$3\r\nGET\r\n$4\r\npipe\r\n" * 50)
         out = _read_all(s, 50)
@@ -208,6 +232,7 @@ def test_pipeline_depth(limited: LocalCluster) -> None:
 
 def test_idle_timeout(limited: LocalCluster) -> None:
     node = limited.map.nodes["n2"]
+    _wait_accepting(node)
     with socket.create_connection((node.host, node.client_port)) as s:
         s.sendall(b"*1\r\n$4\r\nPING\r\n")
         assert _read_all(s, 1) == b"+PONG\r\n"
