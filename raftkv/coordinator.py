@@ -255,6 +255,7 @@ async def _drive(node: Any, run: TxnRun, decided: asyncio.Future | None = None) 
     start = loop.time()
     prepare_deadline = start + PREPARE_TIMEOUT_S
     backoff = 0.01
+    counted = run.decision is not None  # a recovery run resends an outcome counted before
     while run.phase != "done" and loop.time() - start < DRIVE_BUDGET_S:
         if run.phase in ("begin", "prepare") and loop.time() > prepare_deadline:
             run.expire()
@@ -278,6 +279,9 @@ async def _drive(node: Any, run: TxnRun, decided: asyncio.Future | None = None) 
         if phase_before == "prepare" and run.phase == "decide" and (secs := _pause("after_prepare", run.plan.txid)):
             log.warning("event=test_pause point=after_prepare txid=%s secs=%s", run.plan.txid, secs)
             await asyncio.sleep(secs)
+        if run.decision is not None and not counted:
+            counted = True
+            node.metrics.txn_outcomes.labels(str(run.decision[0]).lower()).inc()
         if run.decision is not None and decided is not None and not decided.done():
             decided.set_result(_answer(run))
             if secs := _pause("after_decide", run.plan.txid):

@@ -37,6 +37,7 @@ def _cli(lc: LocalCluster, *args: str) -> subprocess.CompletedProcess:
 def test_every_metric_the_alert_rules_use_is_exported(cluster: LocalCluster) -> None:
     with Client(cluster=cluster.config) as c:
         c.put("metrics-key", "v")  # so request and proposal series exist
+        c.mset({f"metrics-{i}": "v" for i in range(6)})  # a cross-shard transaction: 2PC outcome series
     exported: set[str] = set()
     for node in cluster.map.nodes.values():  # per-leader series (lag) live on the leaders
         status, body = _get(f"http://{node.host}:{node.metrics_port}/metrics")
@@ -49,7 +50,8 @@ def test_every_metric_the_alert_rules_use_is_exported(cluster: LocalCluster) -> 
     assert wanted <= exported, f"alert rules use metrics no node exports: {sorted(wanted - exported)}"
     for name in ("raftkv_raft_term", "raftkv_raft_commit_index", "raftkv_raft_applied_index",
                  "raftkv_request_duration_seconds_bucket", "raftkv_proposals_total", "raftkv_connections",
-                 "raftkv_journal_bytes", "raftkv_snapshot_bytes", "raftkv_txn_open"):
+                 "raftkv_journal_bytes", "raftkv_snapshot_bytes", "raftkv_txn_open", "raftkv_txn_outcomes_total",
+                 "raftkv_fsync_seconds_total", "raftkv_raft_replica_lag_entries"):
         assert name in exported, name
 
 
