@@ -200,7 +200,7 @@ async def _dump(node: Any, shard: int, bid: str, req: list[bytes], hops: int) ->
             elif prepared or st.txns.prepared:
                 out = Error("TRYAGAIN", f"shard {shard}: {prepared} transaction(s) still prepared; retry")
             else:
-                out = (st.revision, dict(st.data))
+                out = (st.revision, st.data.copy())  # decoded off the tick thread, below
         loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
 
     replica.propose([("bk_check", bid)], int(time.time() * 1000), done)

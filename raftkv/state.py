@@ -48,7 +48,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: data as a Store (packed values); 1 (dict of tuples) still loads
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
 
@@ -71,11 +71,66 @@ class Locked:
     since_ms: int
 
 
+class Store(dict):
+    """``key -> (value, mod_revision)``, kept packed as one bytes object per key.
+
+    A tuple and an int per key cost ~100 bytes of Python objects, as much as a
+    typical value: the revision is stored as 8 bytes in front of the value
+    instead.  Reads unpack on the way out, so callers see ``(value, revision)``.
+    """
+
+    __slots__ = ()
+
+    def get(self, key: bytes, default: Any = None) -> Any:  # type: ignore[override]
+        raw = dict.get(self, key)
+        return default if raw is None else (raw[8:], int.from_bytes(raw[:8], "little"))
+
+    def __getitem__(self, key: bytes) -> tuple[bytes, int]:
+        raw = dict.__getitem__(self, key)
+        return raw[8:], int.from_bytes(raw[:8], "little")
+
+    def __setitem__(self, key: bytes, entry: tuple[bytes, int]) -> None:
+        value, rev = entry
+        dict.__setitem__(self, key, rev.to_bytes(8, "little") + value)
+
+    def items(self) -> Any:  # type: ignore[override]
+        for key, raw in dict.items(self):
+            yield key, (raw[8:], int.from_bytes(raw[:8], "little"))
+
+    def values(self) -> Any:  # type: ignore[override]
+        for raw in dict.values(self):
+            yield raw[8:], int.from_bytes(raw[:8], "little")
+
+    def pop(self, key: bytes, *default: Any) -> Any:
+        raw = dict.pop(self, key, *default)
+        return raw if raw is None or not isinstance(raw, bytes) else (raw[8:], int.from_bytes(raw[:8], "little"))
+
+    def copy(self) -> Store:  # type: ignore[override]
+        return _store_from_packed(dict.copy(self))
+
+    def __reduce__(self) -> Any:
+        return (_store_from_packed, (dict.copy(self),))
+
+    @classmethod
+    def of(cls, entries: dict[bytes, tuple[bytes, int]]) -> Store:
+        """A store holding ``entries`` (``key -> (value, revision)``)."""
+        st = cls()
+        for key, entry in entries.items():
+            st[key] = entry
+        return st
+
+
+def _store_from_packed(packed: dict[bytes, bytes]) -> Store:
+    st = Store()
+    dict.update(st, packed)
+    return st
+
+
 @dataclass
 class KVState:
     """All data of one shard replica.  ``apply`` is the only way to change it."""
 
-    data: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
+    data: Store = field(default_factory=Store)
     revision: int = 0
     # session id -> (last seq, its result, log time of last use in ms)
     sessions: dict[bytes, tuple[int, Any, int]] = field(default_factory=dict)
@@ -87,6 +142,8 @@ class KVState:
     fences: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data, Store):
+            self.data = Store.of(self.data)
         if self.txns is None:
             from raftkv.txn import TxnTable
 
@@ -141,7 +198,7 @@ class KVState:
         from raftkv.txn import TxnTable
 
         parts = pickle.loads(blob)
-        if not isinstance(parts, tuple) or parts[0] != SNAPSHOT_VERSION:
+        if not isinstance(parts, tuple) or parts[0] not in (1, SNAPSHOT_VERSION):
             raise ValueError(f"unsupported snapshot version {parts[0] if parts else None!r}")
         _, data, revision, sessions, txns, applied = parts[:6]
         fences = dict(parts[6]) if len(parts) > 6 else {}  # backup fences (older snapshots have none)

@@ -158,3 +158,30 @@ def test_single_shard_txn_branches() -> None:
     assert s.peek(b"a") is None and s.peek(b"c") is None
     rev = s.peek(b"b")[1]
     assert s.apply(("txn", [(b"b", "rev", rev), (b"b", "exists", None)], [("del", b"b")], []), 3).succeeded
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.binary(max_size=8), st.tuples(st.binary(max_size=20), st.integers(0, 2**63 - 1)),
+                       max_size=20))
+def test_store_keeps_value_and_revision_through_pickle(entries: dict) -> None:
+    import pickle
+
+    from raftkv.state import Store
+
+    s = Store.of(entries)
+    assert dict(s.items()) == entries and len(s) == len(entries)
+    for k, e in entries.items():
+        assert s.get(k) == e and s[k] == e and k in s
+    assert s.get(b"\xff" * 9) is None and s.get(b"\xff" * 9, 7) == 7
+    back = pickle.loads(pickle.dumps(s))
+    assert isinstance(back, Store) and dict(back.items()) == entries and back == s
+    assert dict(s.copy().items()) == entries
+
+
+def test_version_1_snapshots_still_load() -> None:
+    import pickle
+
+    old = pickle.dumps((1, {b"k": (b"v", 3)}, 3, {}, {"locks": {}}, 5))
+    s = KVState.restore(old)
+    assert s.peek(b"k") == (b"v", 3) and s.revision == 3
+    assert s.apply(("get", b"k"), 0) == b"v"
