@@ -15,17 +15,22 @@ by definition (used only for explicitly stale GETs and for status).
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import logging
 import os
 import pickle
+import threading
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import FAIL_REASON, replicated
+from pysyncobj.config import SERIALIZER_STATE
 
 from raftkv.raftfix import SafeSyncObj, tuned_conf
-from raftkv.state import KVState
+from raftkv.state import FrozenState, KVState
 
 log = logging.getLogger("raftkv.replica")
 
@@ -42,7 +47,7 @@ _NOT_APPLIED = {
     FAIL_REASON.REQUEST_DENIED,
 }
 
-SNAPSHOT_MAGIC = b"RKVSNAP1"
+SNAPSHOT_MAGIC = b"RKVSNAP2"
 
 Outcome = Callable[[str, Any], None]
 
@@ -62,6 +67,7 @@ class ShardReplica(SafeSyncObj):
         os.makedirs(data_dir, exist_ok=True)
         self.shard = shard
         self.state = KVState()
+        self._snap_status = SERIALIZER_STATE.NOT_SERIALIZING
         self._on_role_change = on_role_change
         base = os.path.join(data_dir, f"shard-{shard}")
         conf = tuned_conf(
@@ -69,6 +75,7 @@ class ShardReplica(SafeSyncObj):
             fullDumpFile=base + ".snapshot",
             serializer=self._write_snapshot,
             deserializer=self._read_snapshot,
+            serializeChecker=self._snapshot_status,
             onStateChanged=self._state_changed,
             **(conf_overrides or {}),
         )
@@ -153,27 +160,96 @@ class ShardReplica(SafeSyncObj):
         if self._on_role_change is not None:
             self._on_role_change(self.shard, old, new)
 
-    # -- snapshots: our own format, written without fork -----------------------
+    # -- snapshots: our own format, written in the background -------------------
+    #
+    # pysyncobj calls the serializer on the tick thread at the applied index that
+    # ``raft_data`` names, renames ``path`` over the dump right after it returns,
+    # and asks ``serializeChecker`` when the dump is complete before it drops the
+    # log entries the dump covers.  Serializing a large shard takes hundreds of
+    # milliseconds, longer than an election timeout, so only a cheap copy of the
+    # state is taken here; a thread writes it in slices (yielding between them)
+    # and renames it into place, and the checker reports SUCCESS only after that.
+    # Meanwhile ``path`` is a hard link to the current dump, so pysyncobj's rename
+    # changes nothing.  The first dump (no current one) is written in place.
     def _write_snapshot(self, path: str, raft_data: Any) -> None:
-        body = pickle.dumps((self.state.snapshot(), raft_data), protocol=pickle.HIGHEST_PROTOCOL)
+        frozen = self.state.freeze()
+        final = self.conf.fullDumpFile
+        if not os.path.exists(final):
+            self._write_snapshot_file(path, frozen, raft_data, yield_between=False)
+            self._snap_status = SERIALIZER_STATE.SUCCESS
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.link(final, path)
+        self._snap_status = SERIALIZER_STATE.SERIALIZING
+        threading.Thread(target=self._write_snapshot_bg, args=(final, path, frozen, raft_data),
+                         name=f"snapshot-{self.shard}", daemon=True).start()
+
+    def _write_snapshot_bg(self, final: str, link: str, frozen: FrozenState, raft_data: Any) -> None:
+        tmp = final + ".bg"
+        try:
+            self._write_snapshot_file(tmp, frozen, raft_data, yield_between=True)
+            os.replace(tmp, final)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)  # the hard link to the previous dump
+            dir_fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except Exception:
+            log.exception("event=snapshot_failed shard=%d", self.shard)
+            self._snap_status = SERIALIZER_STATE.FAILED
+            return
+        self._snap_status = SERIALIZER_STATE.SUCCESS
+
+    def _snapshot_status(self) -> int:
+        status = self._snap_status
+        if status in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+            self._snap_status = SERIALIZER_STATE.NOT_SERIALIZING  # reported once
+        return status
+
+    def _write_snapshot_file(self, path: str, frozen: FrozenState, raft_data: Any, yield_between: bool) -> None:
+        # MAGIC, CRC-32 of the body, then length-prefixed blobs: raft_data, then the state's chunks.
+        crc = 0
+        size = 0
         with open(path, "wb") as f:
-            f.write(SNAPSHOT_MAGIC + zlib.crc32(body).to_bytes(4, "big") + body)
+            f.write(SNAPSHOT_MAGIC + b"\0\0\0\0")
+            blobs = itertools.chain([pickle.dumps(raft_data, protocol=pickle.HIGHEST_PROTOCOL)], frozen.chunks())
+            for blob in blobs:
+                record = len(blob).to_bytes(8, "big") + blob
+                f.write(record)
+                crc = zlib.crc32(record, crc)
+                size += len(record)
+                if yield_between:
+                    time.sleep(0)  # let the Raft tick threads run between slices
+            f.seek(len(SNAPSHOT_MAGIC))
+            f.write(crc.to_bytes(4, "big"))
             f.flush()
             os.fsync(f.fileno())
-        log.info("event=snapshot shard=%d keys=%d bytes=%d", self.shard, len(self.state), len(body))
+        log.info("event=snapshot shard=%d keys=%d bytes=%d", self.shard, len(frozen.data), size)
 
     def _read_snapshot(self, path: str) -> Any:
         with open(path, "rb") as f:
             blob = f.read()
         if blob[:8] != SNAPSHOT_MAGIC:
             raise ValueError(f"{path}: not a raftkv snapshot")
-        body = blob[12:]
+        body = memoryview(blob)[12:]
         if zlib.crc32(body).to_bytes(4, "big") != blob[8:12]:
             raise ValueError(f"{path}: snapshot checksum mismatch")
-        state_blob, raft_data = pickle.loads(body)
-        self.state = KVState.restore(state_blob)
+        records = _records(body)
+        raft_data = pickle.loads(next(records))
+        self.state = KVState.from_chunks(records)
         log.info("event=snapshot_loaded shard=%d keys=%d", self.shard, len(self.state))
         return raft_data
+
+
+def _records(body: memoryview) -> Any:
+    pos = 0
+    while pos < len(body):
+        n = int.from_bytes(body[pos:pos + 8], "big")
+        yield body[pos + 8:pos + 8 + n]
+        pos += 8 + n
 
 
 _ROLE = {0: "follower", 1: "candidate", 2: "leader"}

@@ -44,10 +44,13 @@ that the node can wait for, or resolve, the lock.
 
 from __future__ import annotations
 
+import itertools
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+SNAPSHOT_CHUNK_KEYS = 20_000
 SNAPSHOT_VERSION = 2  # 2: data as a Store (packed values); 1 (dict of tuples) still loads
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
@@ -126,6 +129,30 @@ def _store_from_packed(packed: dict[bytes, bytes]) -> Store:
     return st
 
 
+@dataclass(frozen=True)
+class FrozenState:
+    """A copy of a ``KVState`` taken at one log index, for serializing off the applying thread."""
+
+    data: Store
+    revision: int
+    sessions: dict
+    txns: Any
+    applied: int
+    fences: dict
+
+    def chunks(self, keys_per_chunk: int = SNAPSHOT_CHUNK_KEYS) -> Iterator[bytes]:
+        """The state as pickled blobs: a header, then the keys in slices of ``keys_per_chunk``.
+
+        Each slice is one short C call, so a thread serializing a large state
+        lets the others (Raft heartbeats) run between slices.
+        """
+        yield pickle.dumps(("raftkv-state", SNAPSHOT_VERSION, self.revision, self.sessions, self.txns,
+                            self.applied, self.fences, len(self.data)), protocol=pickle.HIGHEST_PROTOCOL)
+        raw = iter(dict.items(self.data))
+        while batch := dict(itertools.islice(raw, keys_per_chunk)):
+            yield pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 @dataclass
 class KVState:
     """All data of one shard replica.  ``apply`` is the only way to change it."""
@@ -202,6 +229,32 @@ class KVState:
             raise ValueError(f"unsupported snapshot version {parts[0] if parts else None!r}")
         _, data, revision, sessions, txns, applied = parts[:6]
         fences = dict(parts[6]) if len(parts) > 6 else {}  # backup fences (older snapshots have none)
+        return cls(data=data, revision=revision, sessions=sessions, txns=TxnTable.load(txns), applied=applied,
+                   fences=fences)
+
+    def freeze(self) -> FrozenState:
+        """A point-in-time copy to serialize elsewhere (``FrozenState.chunks``).
+
+        Cheap (the key-value store is copied at C speed), so it can run on the
+        applying thread while the slow serialization runs on another.
+        """
+        return FrozenState(self.data.copy(), self.revision, dict(self.sessions), self.txns.dump(), self.applied,
+                           dict(self.fences))
+
+    @classmethod
+    def from_chunks(cls, blobs: Iterator[bytes]) -> KVState:
+        """Rebuild a state from ``FrozenState.chunks()`` output; refuses unknown formats."""
+        from raftkv.txn import TxnTable
+
+        head = pickle.loads(next(blobs))
+        if not isinstance(head, tuple) or head[:2] != ("raftkv-state", SNAPSHOT_VERSION):
+            raise ValueError(f"unsupported snapshot format {head[:2] if isinstance(head, tuple) else head!r}")
+        _, _, revision, sessions, txns, applied, fences, nkeys = head
+        data = Store()
+        for blob in blobs:
+            dict.update(data, pickle.loads(blob))
+        if len(data) != nkeys:
+            raise ValueError(f"snapshot holds {len(data)} keys, its header says {nkeys}")
         return cls(data=data, revision=revision, sessions=sessions, txns=TxnTable.load(txns), applied=applied,
                    fences=fences)
 
