@@ -48,6 +48,7 @@ _NOT_APPLIED = {
 }
 
 SNAPSHOT_MAGIC = b"RKVSNAP2"
+COMPACT_EVERY_CMDS = int(os.environ.get("RAFTKV_COMPACT_EVERY_CMDS", "50000"))
 
 Outcome = Callable[[str, Any], None]
 
@@ -68,6 +69,7 @@ class ShardReplica(SafeSyncObj):
         self.shard = shard
         self.state = KVState()
         self._snap_status = SERIALIZER_STATE.NOT_SERIALIZING
+        self._cmds_since_compaction = 0
         self._on_role_change = on_role_change
         base = os.path.join(data_dir, f"shard-{shard}")
         conf = tuned_conf(
@@ -87,6 +89,13 @@ class ShardReplica(SafeSyncObj):
     @replicated
     def apply_entry(self, cmds: list, now_ms: int) -> list:
         """One Raft entry = a batch of state-machine commands (see raftkv.state)."""
+        # pysyncobj compacts every 5,000 entries, but an entry can carry thousands of
+        # commands (batching): also compact by commands, so the log kept in memory
+        # and in the journal stays bounded.  A local decision, not replicated state.
+        self._cmds_since_compaction += len(cmds)
+        if self._cmds_since_compaction >= COMPACT_EVERY_CMDS:
+            self._cmds_since_compaction = 0
+            self.forceLogCompaction()
         return self.state.apply_batch(cmds, now_ms)
 
     def propose(self, cmds: list, now_ms: int, done: Outcome) -> None:

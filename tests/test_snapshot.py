@@ -40,7 +40,8 @@ def _log_len(r: ShardReplica) -> int:
     return len(r._SyncObj__raftLog)
 
 
-def test_background_snapshot_compacts_the_log_and_restores_exactly(tmp_path: Path) -> None:
+def test_background_snapshot_compacts_the_log_and_restores_exactly(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("raftkv.replica.COMPACT_EVERY_CMDS", 10**9)  # compactions only when forced here
     addr = f"127.0.0.1:{_free_port()}"
     data = str(tmp_path / "shard-0")
     r = ShardReplica(0, addr, [], data)
@@ -78,3 +79,17 @@ def test_background_snapshot_compacts_the_log_and_restores_exactly(tmp_path: Pat
         assert got == expected
     finally:
         again.destroy()
+
+
+def test_log_is_compacted_by_commands_not_only_by_entries(tmp_path: Path, monkeypatch) -> None:
+    # 30 entries of 1,000 commands: far below pysyncobj's 5,000-entry trigger.
+    monkeypatch.setattr("raftkv.replica.COMPACT_EVERY_CMDS", 10_000)
+    r = ShardReplica(0, f"127.0.0.1:{_free_port()}", [], str(tmp_path / "shard-0"))
+    try:
+        _wait(r.is_leader)
+        for batch in range(30):
+            _put_all(r, [(b"k%06d" % (batch * 1000 + i), b"v") for i in range(1000)])
+        _wait(lambda: os.path.exists(r.conf.fullDumpFile) and _log_len(r) < 25)
+        assert len(r.state) == 30_000
+    finally:
+        r.destroy()
