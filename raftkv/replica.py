@@ -93,10 +93,22 @@ class ShardReplica(SafeSyncObj):
         # commands (batching): also compact by commands, so the log kept in memory
         # and in the journal stays bounded.  A local decision, not replicated state.
         self._cmds_since_compaction += len(cmds)
-        if self._cmds_since_compaction >= COMPACT_EVERY_CMDS:
+        if self._cmds_since_compaction >= COMPACT_EVERY_CMDS and self._followers_caught_up():
             self._cmds_since_compaction = 0
             self.forceLogCompaction()
         return self.state.apply_batch(cmds, now_ms)
+
+    def _followers_caught_up(self) -> bool:
+        """On a leader: every follower holds the log up to what this replica applied.
+
+        A compaction cuts the log at the applied index; a follower behind it then
+        needs the whole snapshot sent, so a leader waits for its followers first.
+        """
+        if not self.is_leader():
+            return True
+        st = self.getStatus()
+        applied = st["last_applied"]
+        return all((st.get(f"match_idx_server_{n.id}") or 0) >= applied for n in self.otherNodes)
 
     def propose(self, cmds: list, now_ms: int, done: Outcome) -> None:
         """Append ``cmds`` as one entry; ``done(kind, results_or_reason)`` on the tick thread."""
