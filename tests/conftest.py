@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterable, Iterator
 
 import pytest
 
+from raftkv import Client, IndeterminateError, RaftKVError
 from raftkv.cluster import LocalCluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,3 +55,38 @@ def fresh_cluster(tmp_path) -> Iterator[LocalCluster]:
     lc = start_cluster(str(tmp_path / "c"))
     yield lc
     lc.stop()
+
+
+def unique_keys(prefix: str) -> Iterator[str]:
+    """``prefix-0``, ``prefix-1``, ... without end."""
+    return (f"{prefix}-{i}" for i in itertools.count())
+
+
+class PutWriter(threading.Thread):
+    """Writes ``keys`` (value = key) one after another until stopped; records every outcome.
+
+    ``acked``: ``(key, sent, acknowledged)`` monotonic times; ``unknown``: keys whose
+    write may or may not have happened; ``failed``: writes definitely not applied.
+    """
+
+    def __init__(self, cluster_file: str | os.PathLike, keys: Iterable[str], timeout: float = 10.0) -> None:
+        super().__init__(daemon=True)
+        self.client = Client(cluster=cluster_file, timeout=timeout)
+        self.keys = keys
+        self.acked: list[tuple[str, float, float]] = []
+        self.unknown: list[str] = []
+        self.failed = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for k in self.keys:
+            if self.stop.is_set():
+                break
+            sent = time.monotonic()
+            try:
+                self.client.put(k, k)
+                self.acked.append((k, sent, time.monotonic()))
+            except IndeterminateError:
+                self.unknown.append(k)
+            except RaftKVError:
+                self.failed += 1

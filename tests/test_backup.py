@@ -16,29 +16,7 @@ from raftkv.backup import MAGIC, BackupError, read_backup, restore, take_backup
 from raftkv.cluster import LocalCluster
 from shards.shardmap import local_cluster
 
-from .conftest import dump_logs, start_cluster
-
-
-class PutWriter(threading.Thread):
-    """Single-key writes of unique keys; records (key, ack time)."""
-
-    def __init__(self, lc: LocalCluster, prefix: str) -> None:
-        super().__init__(daemon=True)
-        self.client = Client(cluster=lc.config, timeout=10.0)
-        self.prefix = prefix
-        self.acked: list[tuple[str, float]] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        while not self.stop.is_set():
-            k = f"{self.prefix}-{i}"
-            i += 1
-            try:
-                self.client.put(k, k)
-                self.acked.append((k, time.monotonic()))
-            except (IndeterminateError, RaftKVError):
-                pass
+from .conftest import PutWriter, dump_logs, start_cluster, unique_keys
 
 
 class MsetWriter(threading.Thread):
@@ -85,7 +63,7 @@ def busy_cluster(tmp_path: Path):
 def test_backup_under_load_restores_acked_writes_and_no_partial_transaction(busy_cluster: LocalCluster,
                                                                                tmp_path: Path) -> None:
     lc = busy_cluster
-    puts = [PutWriter(lc, f"p{i}") for i in range(2)]
+    puts = [PutWriter(lc.config, unique_keys(f"p{i}")) for i in range(2)]
     msets = [MsetWriter(lc, f"m{i}") for i in range(2)]
     for w in puts + msets:
         w.start()
@@ -104,7 +82,7 @@ def test_backup_under_load_restores_acked_writes_and_no_partial_transaction(busy
     assert bk.header["key_count"] == header["key_count"] == sum(len(r) for _, r in bk.shards.values())
     data = {k: v for _, rows in bk.shards.values() for k, v, _ in rows}
     # every write acknowledged before the backup started is in it
-    before = [k for w in puts for k, t in w.acked if t < started]
+    before = [k for w in puts for k, _, acked in w.acked if acked < started]
     assert len(before) > 20
     assert [k for k in before if data.get(k.encode()) != k.encode()] == []
     mset_before = [keys for w in msets for keys, t in w.acked if t < started]

@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Iterator
 
-from raftkv import Client, IndeterminateError, RaftKVError
+from raftkv import Client
 from raftkv.cluster import LocalCluster
 
-from .conftest import dump_logs
+from .conftest import PutWriter, dump_logs, unique_keys
 
 
-def _keys_on(lc: LocalCluster, shard: int, n: int, prefix: str) -> list[str]:
-    out, i = [], 0
-    while len(out) < n:
-        k = f"{prefix}-{i}"
-        if lc.map.shard_for_key(k) == shard:
-            out.append(k)
-        i += 1
-    return out
-
-
-class Writer(threading.Thread):
-    """Writes unique keys on one shard as fast as it can; records what was acknowledged."""
-
-    def __init__(self, lc: LocalCluster, shard: int, prefix: str) -> None:
-        super().__init__(daemon=True)
-        self.client = Client(cluster=lc.config, timeout=5.0)
-        self.keys = _keys_on(lc, shard, 100000, prefix)
-        self.acked: list[tuple[str, float]] = []  # (key, time the write was sent)
-        self.unknown: list[str] = []
-        self.failed = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        for k in self.keys:
-            if self.stop.is_set():
-                break
-            try:
-                sent = time.monotonic()
-                self.client.put(k, k)
-                self.acked.append((k, sent))
-            except IndeterminateError:
-                self.unknown.append(k)
-            except RaftKVError:
-                self.failed += 1
+def _keys_on(lc: LocalCluster, shard: int, prefix: str) -> Iterator[str]:
+    """Unique keys that all live on ``shard``."""
+    return (k for k in unique_keys(prefix) if lc.map.shard_for_key(k) == shard)
 
 
 def _all_readable(lc: LocalCluster, keys: list[str]) -> None:
@@ -56,7 +25,7 @@ def _all_readable(lc: LocalCluster, keys: list[str]) -> None:
 def test_kill_leader_under_writes_fails_over_and_loses_nothing(fresh_cluster: LocalCluster) -> None:
     lc = fresh_cluster
     shard = 1
-    w = Writer(lc, shard, "fo")
+    w = PutWriter(lc.config, _keys_on(lc, shard, "fo"), timeout=5.0)
     w.start()
     try:
         time.sleep(1.0)
@@ -67,7 +36,7 @@ def test_kill_leader_under_writes_fails_over_and_loses_nothing(fresh_cluster: Lo
         lc.kill_node(victim)
         deadline = time.monotonic() + 20
         # A write sent after the kill has to be committed by a new leader.
-        while not any(t > killed_at for _, t in w.acked[before:]):
+        while not any(sent > killed_at for _, sent, _ in w.acked[before:]):
             assert time.monotonic() < deadline, "no write succeeded within 20 s of killing the leader"
             time.sleep(0.01)
         print(f"failover: a write sent {time.monotonic() - killed_at:.3f} s or less after kill -9 of {victim} "
@@ -82,7 +51,7 @@ def test_kill_leader_under_writes_fails_over_and_loses_nothing(fresh_cluster: Lo
     lc.start_node(victim)
     lc.wait_ready(60)
     assert len(w.acked) > 10
-    _all_readable(lc, [k for k, _ in w.acked])
+    _all_readable(lc, [k for k, _, _ in w.acked])
 
 
 def test_acknowledged_writes_survive_kill_9_of_every_node(fresh_cluster: LocalCluster) -> None:

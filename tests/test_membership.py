@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from raftkv import Client, IndeterminateError, RaftKVError
+from raftkv import Client
 from raftkv.cluster import LocalCluster
 from raftkv.membership import Operator, map_add, map_remove, map_replace, plan_balance
 from shards.shardmap import NodeInfo, ShardMapError, local_cluster
 
-from .conftest import dump_logs, start_cluster
+from .conftest import PutWriter, dump_logs, start_cluster, unique_keys
 
 # -- pure -------------------------------------------------------------------------------------
 
@@ -69,27 +68,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Writer(threading.Thread):
-    def __init__(self, config: Path, prefix: str) -> None:
-        super().__init__(daemon=True)
-        self.client = Client(cluster=config, timeout=10.0)
-        self.prefix = prefix
-        self.acked: list[str] = []
-        self.errors = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        while not self.stop.is_set():
-            k = f"{self.prefix}-{i}"
-            i += 1
-            try:
-                self.client.put(k, k)
-                self.acked.append(k)
-            except (IndeterminateError, RaftKVError):
-                self.errors += 1
-
-
 def test_replace_killed_node_under_load_loses_no_acked_write(tmp_path: Path) -> None:
     lc = start_cluster(str(tmp_path / "c"))
     try:
@@ -100,7 +78,7 @@ def test_replace_killed_node_under_load_loses_no_acked_write(tmp_path: Path) -> 
 
 
 def _replace_under_load(lc: LocalCluster) -> None:
-    writers = [Writer(lc.config, f"w{i}") for i in range(3)]
+    writers = [PutWriter(lc.config, unique_keys(f"w{i}")) for i in range(3)]
     for w in writers:
         w.start()
     try:
@@ -127,13 +105,13 @@ def _replace_under_load(lc: LocalCluster) -> None:
             w.stop.set()
         for w in writers:
             w.join(30)
-    acked = [k for w in writers for k in w.acked]
+    acked = [k for w in writers for k, _, _ in w.acked]
     assert len(acked) > 50
     with Client(cluster=lc.config, timeout=30.0) as c:
         missing = [k for k in acked if c.get(k) != k.encode()]
     assert missing == [], f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
     print(f"replace under load: {len(acked)} acked writes, none lost; "
-          f"{sum(w.errors for w in writers)} failed/unknown")
+          f"{sum(w.failed + len(w.unknown) for w in writers)} failed/unknown")
 
 
 def test_leaders_balance_and_balancer_after_failover(tmp_path: Path) -> None:
