@@ -421,13 +421,17 @@ class Operator:
         info = self.map.nodes[info.name]
         for s in self.map.shards_on(info.name):
             self._member(s, "ADD", info.raft_addr(s))
+        self._announce(info.name, start)
+        return info.name
+
+    def _announce(self, name: str, start: bool) -> None:
+        """After a node joined the groups: start it here (if asked), push the map, wait for it."""
         if start:
-            self._local_cluster().start_node(info.name)
-            self.say(f"{info.name}: started")
+            self._local_cluster().start_node(name)
+            self.say(f"{name}: started")
         self.push_map()
         if start:
-            self.wait_caught_up(info.name)
-        return info.name
+            self.wait_caught_up(name)
 
     def remove(self, name: str, stop: bool = True) -> None:
         new = map_remove(self.map, name)
@@ -460,12 +464,7 @@ class Operator:
             if old_info is not None:
                 self._member(s, "REMOVE", old_info.raft_addr(s))  # first: the dead node never counts
             self._member(s, "ADD", info.raft_addr(s))
-        if start:
-            self._local_cluster().start_node(info.name)
-            self.say(f"{info.name}: started")
-        self.push_map()
-        if start:
-            self.wait_caught_up(info.name)
+        self._announce(info.name, start)
         return info.name
 
     def leaders(self) -> dict[int, str | None]:
