@@ -55,7 +55,6 @@ path), verifies per-shard key counts and revisions, and stops the nodes.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import json
@@ -65,9 +64,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-
-from raftkv.protocol import OK, Error
-from raftkv.replica import APPLIED
 
 MAGIC = b"RAFTKVBK"
 FORMAT_VERSION = 1
@@ -119,103 +115,6 @@ def decode_block(data: bytes | memoryview) -> tuple[int, int, list[tuple[bytes, 
     if pos != len(mv):
         raise BackupError(f"shard block has {len(mv) - pos} trailing bytes")
     return shard, revision, rows
-
-
-# -- node side: RAFTKV.BACKUP ----------------------------------------------------------------
-
-def cmd_backup(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
-    """RAFTKV.BACKUP FENCE|CHECK|LIFT|DUMP shard id [ttl_ms] | LOAD shard revision block."""
-    action = req[1].upper()
-    try:
-        shard = int(req[2])
-    except ValueError:
-        return Error("ERR", "RAFTKV.BACKUP: shard must be an integer")
-    if not 0 <= shard < node.map.nshards:
-        return Error("ERR", f"RAFTKV.BACKUP: no shard {shard}")
-    arg = req[3].decode(errors="replace") if len(req) > 3 else ""
-    if action == b"FENCE" and len(req) == 5:
-        try:
-            ttl_ms = int(req[4])
-        except ValueError:
-            return Error("ERR", "RAFTKV.BACKUP FENCE: ttl_ms must be an integer")
-        return node.run(_sm(node, shard, ("bk_fence", arg, ttl_ms), req, hops, lambda _r: OK))
-    if action == b"CHECK" and len(req) == 4:
-        return node.run(_sm(node, shard, ("bk_check", arg), req, hops, lambda r: [int(x) for x in r]))
-    if action == b"LIFT" and len(req) == 4:
-        return node.run(_sm(node, shard, ("bk_lift", arg), req, hops, lambda r: int(r)))
-    if action == b"DUMP" and len(req) == 4:
-        return node.run(_dump(node, shard, arg, req, hops))
-    if action == b"LOAD" and len(req) == 5:
-        try:
-            bshard, revision, rows = decode_block(req[4])
-        except BackupError as e:
-            return Error("ERR", f"RAFTKV.BACKUP LOAD: {e}")
-        if bshard != shard:
-            return Error("ERR", f"RAFTKV.BACKUP LOAD: block is for shard {bshard}, not {shard}")
-        for key, _v, _r in rows:
-            if node.map.shard_for_key(key) != shard:
-                return Error("ERR", f"RAFTKV.BACKUP LOAD: key {key!r} does not belong to shard {shard} "
-                                    "(the backup's shard count or vnodes differ from this cluster's)")
-        return node.run(_sm(node, shard, ("bk_load", rows, revision), req, hops, lambda r: int(r)))
-    return Error("ERR", "usage: RAFTKV.BACKUP FENCE shard id ttl_ms | CHECK shard id | LIFT shard id | "
-                        "DUMP shard id | LOAD shard revision block")
-
-
-async def _sm(node: Any, shard: int, cmd: tuple, req: list[bytes], hops: int, convert: Any) -> Any:
-    """Run a (repeatable) backup command on the shard leader and convert its result."""
-    from raftkv.protocol import Raw
-    from raftkv.state import CmdError, Locked
-
-    res = await node.execute(shard, cmd, req, hops, idempotent=True)
-    if isinstance(res, (Raw, Error)):
-        return res
-    if isinstance(res, CmdError):
-        return Error(res.code, res.message)
-    if isinstance(res, Locked):
-        return Error("LOCKED", f"key {res.key!r} is locked by transaction {res.txid}")
-    return convert(res)
-
-
-async def _dump(node: Any, shard: int, bid: str, req: list[bytes], hops: int) -> Any:
-    """DUMP on the shard's leader: a read through the log, the state copied right after it applies."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + node.timing.request_timeout_s
-    elsewhere = await node.leader_elsewhere(shard, req, hops)
-    if elsewhere is not None:
-        return elsewhere
-    replica = node.replicas[shard]
-
-    fut = loop.create_future()
-
-    def done(kind: str, res: Any) -> None:  # on the Raft tick thread, right after the entry applied
-        out: Any
-        if kind != APPLIED:
-            out = Error("TRYAGAIN", f"shard {shard}: dump not applied ({res}); retry")
-        else:
-            active, prepared, _keys, _rev = res[0]
-            st = replica.state
-            if not active:
-                out = Error("FENCELOST", f"shard {shard}: backup fence {bid} is not up (expired or never "
-                                         "raised); start the backup again")
-            elif prepared or st.txns.prepared:
-                out = Error("TRYAGAIN", f"shard {shard}: {prepared} transaction(s) still prepared; retry")
-            else:
-                out = (st.revision, st.data.copy())  # decoded off the tick thread, below
-        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
-
-    replica.propose([("bk_check", bid)], int(time.time() * 1000), done)
-    try:
-        out = await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
-    except TimeoutError:
-        return Error("TRYAGAIN", f"shard {shard}: dump timed out; retry")
-    if isinstance(out, Error):
-        return out
-    revision, data = out
-    rows = [(k, v, r) for k, (v, r) in data.items()]
-    return await loop.run_in_executor(None, encode_block, shard, revision, rows)
-
-
-COMMANDS = {b"RAFTKV.BACKUP": (-4, cmd_backup)}
 
 
 # -- client side: taking a backup --------------------------------------------------------------

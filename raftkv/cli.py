@@ -9,7 +9,6 @@ that did not swap), 2 an error (unavailable, unknown outcome, bad input).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -111,9 +110,15 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--config", required=True, type=click.Path(exists=True, dir_okay=False), help="cluster file")
 @click.option("--node", "node_name", required=True, help="this node's name in the cluster file")
 @click.option("--log-level", default="INFO", show_default=True)
-@click.option("--balance-leaders", is_flag=True, expose_value=False, is_eager=True,
-              callback=lambda _c, _p, v: v and os.environ.__setitem__("RAFTKV_BALANCE_LEADERS", "1"),
+@click.option("--balance-leaders", is_flag=True,
               help="spread shard leaders evenly over the nodes by itself (after failovers too)")
+@click.option("--balance-period", type=click.FloatRange(0.05), default=5.0, show_default=True,
+              help="seconds between the leader balancer's checks (with --balance-leaders)")
+@click.option("--compact-every", type=click.IntRange(1), default=None,
+              help="compact a shard's Raft log every N commands (default 50,000): lower saves memory, "
+                   "higher loads faster")
+@click.option("--fault", "faults", multiple=True, metavar="POINT[:VALUE[:COUNT[:MATCH]]]",
+              help="TESTING ONLY: arm a fault point (see raftkv.server.api.FAULT_POINTS); repeatable")
 @click.option("--unsafe-local-reads", is_flag=True,
               help="DANGEROUS, for fault-injection demos only: answer reads from the local copy")
 @click.option("--metrics-port", type=int, default=None,
@@ -129,19 +134,26 @@ def cluster_down(directory: str, purge: bool) -> None:
               help="commands in flight per connection before -BUSY")
 @click.option("--idle-timeout", type=click.FloatRange(0), default=0.0, show_default=True,
               help="close client connections idle this many seconds (0 = never)")
-def serve(config: str, node_name: str, log_level: str, unsafe_local_reads: bool, metrics_port: int | None,
+def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, balance_period: float,
+          compact_every: int | None, faults: tuple[str, ...], unsafe_local_reads: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
           pipeline_depth: int, idle_timeout: float) -> None:
     """Run one node in the foreground."""
-    from raftkv.node import Limits, run_node
     from raftkv.security import InsecureBindError
+    from raftkv.server import Faults, Limits, Timing, run_node
 
     limits = Limits(request_bytes_max=max_request_bytes, key_bytes_max=max_key_bytes,
                     value_bytes_max=max_value_bytes, clients_max=max_clients, pipeline_depth_max=pipeline_depth,
                     idle_timeout_s=idle_timeout)
+    timing = Timing(balance_period_s=balance_period if balance_leaders else 0.0)
+    try:
+        armed = Faults.parse(faults)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--fault") from None
     try:
         run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level,
-                 metrics_port=metrics_port, insecure=insecure, limits=limits)
+                 metrics_port=metrics_port, insecure=insecure, limits=limits, timing=timing, faults=armed,
+                 compact_every_cmds=compact_every)
     except InsecureBindError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:

@@ -41,14 +41,13 @@ Leader balancing: ``plan_balance`` moves leadership from the node leading the
 most shards to the least loaded replica of that shard while that narrows the
 spread; ``raftkv leaders balance`` runs the plan with ``RAFTKV.TRANSFER``.
 With ``raftkv serve --balance-leaders`` each node checks every
-``RAFTKV_BALANCE_PERIOD_S`` (default 5 s) and, once every shard has had the
+``--balance-period`` seconds (default 5; ``raftkv.server.balancer``) and, once every shard has had the
 same leader for two checks (the cluster has settled after a failover), hands
 away the shards the plan takes from it, one per check.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -56,14 +55,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pysyncobj import FAIL_REASON
-
-from raftkv.protocol import OK, Error
-
 log = logging.getLogger("raftkv.membership")
 
-BALANCE_ENV = "RAFTKV_BALANCE_LEADERS"
-BALANCE_PERIOD_ENV = "RAFTKV_BALANCE_PERIOD_S"
 
 
 class MembershipError(Exception):
@@ -147,147 +140,6 @@ def map_replace(m: Any, old: str, info: Any) -> Any:
     nodes[info.name] = info
     placement = {s: tuple(info.name if n == old else n for n in names) for s, names in m.placement.items()}
     return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes, placement=placement)
-
-
-# -- node side ------------------------------------------------------------------------------------
-
-def cmd_member(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
-    """RAFTKV.MEMBER shard ADD|REMOVE host:raft_port | RAFTKV.MEMBER shard LIST."""
-    try:
-        shard = int(req[1])
-    except ValueError:
-        return Error("ERR", "RAFTKV.MEMBER: shard must be an integer")
-    if not 0 <= shard < node.map.nshards:
-        return Error("ERR", f"RAFTKV.MEMBER: no shard {shard}")
-    action = req[2].upper()
-    if action not in (b"ADD", b"REMOVE", b"LIST") or (action == b"LIST") != (len(req) == 3):
-        return Error("ERR", "usage: RAFTKV.MEMBER shard ADD|REMOVE host:raft_port | RAFTKV.MEMBER shard LIST")
-    return node.run(_member(node, shard, action, req[3].decode() if len(req) > 3 else "", req, hops))
-
-
-async def _member(node: Any, shard: int, action: bytes, addr: str, req: list[bytes], hops: int) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + node.timing.request_timeout_s
-    elsewhere = await node.leader_elsewhere(shard, req, hops)
-    if elsewhere is not None:
-        return elsewhere
-    replica = node.replicas[shard]
-
-    fut = loop.create_future()
-
-    def answer(value: Any) -> None:
-        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
-
-    def action_on_tick() -> None:  # on the Raft tick thread
-        members = {n.id for n in replica.otherNodes} | {replica.selfNode.id}
-        if action == b"LIST":
-            answer(sorted(m.encode() for m in members))
-            return
-        if action == b"ADD" and addr in members:
-            answer(OK)
-            return
-        if action == b"REMOVE" and addr not in members:
-            answer(OK)
-            return
-        if action == b"REMOVE" and addr == replica.selfNode.id:
-            # A leader cannot remove itself: hand over to the most caught-up member, then retry.
-            replica.transferLeadership(None, callback=lambda *_: None)
-            answer(Error("TRYAGAIN", f"shard {shard}: the leader is the node being removed; leadership is "
-                                     "moving, retry"))
-            return
-
-        def cb(_res: Any, err: int) -> None:
-            if err == FAIL_REASON.SUCCESS:
-                answer(OK)
-            else:
-                answer(Error("TRYAGAIN", f"shard {shard}: membership change not applied (reason {err}: another "
-                                         "change may be in progress, or the leader changed); retry"))
-
-        log.info("event=membership_change shard=%d action=%s node=%s", shard, action.decode().lower(), addr)
-        if action == b"ADD":
-            replica.addNodeToCluster(addr, callback=cb)
-        else:
-            replica.removeNodeFromCluster(addr, callback=cb)
-
-    replica.on_tick_thread(action_on_tick)
-    try:
-        return await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
-    except TimeoutError:
-        return Error("UNKNOWN", f"shard {shard}: membership change not confirmed in time; run it again "
-                                "(it is idempotent)")
-
-
-def cmd_map(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
-    """RAFTKV.MAP toml: install a newer shard map (routing, status); answers the node's epoch."""
-    import tomllib
-
-    from shards.shardmap import ShardMap, ShardMapError
-
-    try:
-        new = ShardMap.from_dict(tomllib.loads(req[1].decode()), source="RAFTKV.MAP")
-    except (ShardMapError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        return Error("ERR", f"RAFTKV.MAP: {e}")
-    if new.nshards != node.map.nshards or new.vnodes != node.map.vnodes:
-        return Error("ERR", "RAFTKV.MAP: shard count and vnodes cannot change")
-    if node.name not in new.nodes:
-        return Error("ERR", f"RAFTKV.MAP: this node ({node.name}) is not in the new map")
-    if new.epoch > node.map.epoch:
-        if getattr(node.map, "security", None):  # keep this node's own secrets; maps are pushed without them
-            new = dataclasses.replace(new, security=node.map.security)
-        node.map = new
-        node.info = new.nodes[node.name]
-        log.info("event=map_installed node=%s epoch=%d", node.name, new.epoch)
-    return node.map.epoch
-
-
-COMMANDS = {b"RAFTKV.MEMBER": (-3, cmd_member), b"RAFTKV.MAP": (2, cmd_map)}
-
-
-# -- node side: automatic leader balancing ---------------------------------------------------------
-
-def start(node: Any) -> None:
-    """Start the leader balancer if ``serve --balance-leaders`` asked for it (call on the node's loop)."""
-    if os.environ.get(BALANCE_ENV) == "1" and getattr(node, "_balancer", None) is None:
-        period = float(os.environ.get(BALANCE_PERIOD_ENV, "5"))
-        node._balancer = asyncio.ensure_future(_balance_loop(node, period))
-        log.info("event=leader_balancer node=%s period_s=%g", node.name, period)
-
-
-def _local_view(node: Any) -> tuple[dict[int, str | None], set[str]]:
-    leaders: dict[int, str | None] = {}
-    alive = {node.name}
-    for s in range(node.map.nshards):
-        r = node.replicas.get(s)
-        if r is None:
-            leaders[s] = None
-            continue
-        addr = r.leader_addr()
-        leaders[s] = None if addr is None else node.map.node_for_raft_addr(addr)
-        st = r.getStatus()
-        for n in node.map.replicas(s):
-            if st.get(f"partner_node_status_server_{n.raft_addr(s)}", 0) == 2:
-                alive.add(n.name)
-    return leaders, alive
-
-
-async def _balance_loop(node: Any, period: float) -> None:
-    previous: dict | None = None
-    while True:
-        await asyncio.sleep(period)
-        try:
-            leaders, alive = _local_view(node)
-            if any(v is None for v in leaders.values()) or leaders != previous:
-                previous = leaders  # wait until every shard has had the same leader for two checks
-                continue
-            for s, src, dst in plan_balance(leaders, node.map.placement, sorted(alive)):
-                replica = node.replicas.get(s)
-                if src == node.name and replica is not None and replica.is_leader():
-                    log.info("event=leader_balance shard=%d from=%s to=%s", s, src, dst)
-                    replica.transfer_leadership(node.map.nodes[dst].raft_addr(s), lambda ok, why: None)
-                    previous = None
-                    break
-        except Exception:  # never let the balancer take the node down
-            log.exception("event=leader_balancer_error")
 
 
 # -- CLI side --------------------------------------------------------------------------------------

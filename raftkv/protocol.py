@@ -58,14 +58,6 @@ class Error:
         return f"{self.code} {self.message}"
 
 
-@dataclass(frozen=True)
-class Raw:
-    """A reply another node already encoded (RESP2); ``value`` is its decoded form."""
-
-    data: bytes
-    value: Any
-
-
 class _NilArray:
     def __repr__(self) -> str:
         return "NIL_ARRAY"
@@ -108,11 +100,6 @@ def _encode_into(v: Any, out: list[bytes], resp3: bool = False) -> None:
         out.append(b"*%d\r\n" % len(v))
         for item in v:
             _encode_into(item, out, resp3)
-    elif isinstance(v, Raw):
-        if resp3:
-            _encode_into(v.value, out, resp3)
-        else:
-            out.append(v.data)
     elif isinstance(v, Map):
         out.append((b"%%%d\r\n" if resp3 else b"*%d\r\n") % (len(v.items) // (2 if resp3 else 1)))
         for item in v.items:
@@ -149,53 +136,122 @@ class RequestTooBig(Exception):
     """One request exceeded ``request_bytes_max``."""
 
 
+ARGS_MAX = 1024 * 1024  # like Redis: a multibulk length above this is a protocol error
+_HEADER_BYTES_MAX = 32  # b"*" or b"$", up to 20 digits, CRLF; longer is garbage
+
+
 class RequestParser:
-    """Incremental request framing with a size limit per request.
+    """Incremental request framing with limits checked at each header.
 
     ``feed(data)`` then ``requests()`` yields complete commands as lists of bytes.
-    Raises ``ProtocolError`` on garbage and ``RequestTooBig`` when the bytes
-    buffered towards one request exceed ``request_bytes_max`` (checked before
-    the whole oversize request is buffered).
+
+    Every array and bulk header is checked *as it is read*, before the bytes it
+    announces are awaited or allocated (Redis does the same): a multibulk length
+    above ``args_max`` or a malformed header is a ``ProtocolError``; a bulk, or a
+    request's declared total, above ``request_bytes_max`` is ``RequestTooBig``.
+    ``hiredis`` still does the parsing, but only of bytes that passed this scan,
+    so a declared length of 2**31 never reaches it.  Empty and nil arrays
+    (``*0``, ``*-1``) are skipped, as Redis does.
     """
 
-    def __init__(self, request_bytes_max: int) -> None:
+    def __init__(self, request_bytes_max: int, args_max: int = ARGS_MAX) -> None:
         self._reader = hiredis.Reader()
         self._limit = request_bytes_max
-        self._pending = 0  # bytes fed since the last complete request
-        self._broken: ProtocolError | None = None
+        self._args_max = args_max
+        self._line = b""  # a header split across reads
+        self._args_left = 0  # bulk headers still due in the current array
+        self._skip = 0  # bytes of the current bulk (and its CRLF) still due
+        self._declared = 0  # bytes declared so far by the current request
+        self._error: Exception | None = None  # met while scanning, raised after what preceded it
 
     @property
     def broken(self) -> ProtocolError | None:
         """The framing error met after the requests last returned, if any."""
-        return self._broken
+        return self._error if isinstance(self._error, ProtocolError) else None
 
     def feed(self, data: bytes) -> None:
-        self._pending += len(data)
-        self._reader.feed(data)
+        if self._error is not None:
+            return
+        good = self._scan(data)
+        if good:
+            self._reader.feed(data if good == len(data) else data[:good])
+
+    def _scan(self, data: bytes) -> int:
+        """Walk the frame headers in ``data``; return how many leading bytes are acceptable."""
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._skip:
+                step = min(self._skip, n - pos)
+                self._skip -= step
+                pos += step
+                continue
+            room = _HEADER_BYTES_MAX - len(self._line)
+            end = data.find(b"\n", pos, pos + room)
+            if end < 0:
+                if n - pos >= room:
+                    return self._fail(ProtocolError("header line too long"), pos)
+                self._line += data[pos:]
+                return n
+            line = self._line + data[pos:end + 1]
+            start = pos
+            self._line = b""
+            pos = end + 1
+            err = self._header(line)
+            if err is not None:
+                return self._fail(err, start)
+        return n
+
+    def _header(self, line: bytes) -> Exception | None:
+        kind = line[:1]
+        array = self._args_left == 0
+        if kind != (b"*" if array else b"$"):
+            return ProtocolError(f"expected {'*' if array else '$'} ({'an array' if array else 'a bulk string'}), "
+                                 f"got {kind!r}")
+        what = "multibulk" if array else "bulk"
+        if len(line) < 4 or line[-2:] != b"\r\n":
+            return ProtocolError(f"invalid {what} length")
+        try:
+            value = int(line[1:-2])
+        except ValueError:
+            return ProtocolError(f"invalid {what} length")
+        if array:
+            if value > self._args_max:
+                return ProtocolError(f"invalid multibulk length {value} (args_max={self._args_max})")
+            self._args_left = max(0, value)
+            self._declared = 0
+            return None
+        if value < 0:
+            return ProtocolError("invalid bulk length")
+        self._declared += value
+        if self._declared > self._limit:
+            return RequestTooBig(f"request exceeds {self._limit} bytes (request_bytes_max), by its declared lengths")
+        self._args_left -= 1
+        self._skip = value + 2
+        return None
+
+    def _fail(self, err: Exception, good: int) -> int:
+        self._error = err
+        return good
 
     def requests(self) -> list[list[bytes]]:
-        # Requests before a garbage frame are still served; the error comes next call.
-        if self._broken is not None:
-            raise self._broken
+        # Requests before a bad header are still served; the error comes next call.
         out = []
         while True:
             try:
                 req = self._reader.gets()
-                if req is False:
-                    break
-                if not isinstance(req, list) or not req or not all(isinstance(a, bytes) for a in req):
-                    raise ProtocolError("expected an array of bulk strings")
-            except (hiredis.ProtocolError, ProtocolError) as e:
-                self._broken = ProtocolError(str(e))
-                if out:
-                    return out
-                raise self._broken from None
+            except hiredis.ProtocolError as e:  # the scan should have caught it; never serve past it
+                self._error = ProtocolError(str(e))
+                break
+            if req is False:
+                break
+            if not req:  # *0 or *-1: nothing to run
+                continue
+            if not isinstance(req, list) or not all(isinstance(a, bytes) for a in req):
+                self._error = ProtocolError("expected an array of bulk strings")
+                break
             out.append(req)
-        if out:
-            # What is still buffered belongs to the next request: at most one read's worth.
-            self._pending = 0
-        if self._pending > self._limit:
-            raise RequestTooBig(f"request exceeds {self._limit} bytes (request_bytes_max)")
+        if not out and self._error is not None:
+            raise self._error
         return out
 
 

@@ -48,7 +48,7 @@ _NOT_APPLIED = {
 }
 
 SNAPSHOT_MAGIC = b"RKVSNAP2"
-COMPACT_EVERY_CMDS = int(os.environ.get("RAFTKV_COMPACT_EVERY_CMDS", "50000"))
+COMPACT_EVERY_CMDS = 50_000  # default; 'raftkv serve --compact-every' sets it per node
 
 Outcome = Callable[[str, Any], None]
 
@@ -64,9 +64,11 @@ class ShardReplica(SafeSyncObj):
         data_dir: str,
         on_role_change: Callable[[int, int, int], None] | None = None,
         conf_overrides: dict | None = None,
+        compact_every_cmds: int | None = None,
     ) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.shard = shard
+        self.compact_every_cmds = compact_every_cmds or COMPACT_EVERY_CMDS
         self.state = KVState()
         self._snap_status = SERIALIZER_STATE.NOT_SERIALIZING
         self._cmds_since_compaction = 0
@@ -93,7 +95,7 @@ class ShardReplica(SafeSyncObj):
         # commands (batching): also compact by commands, so the log kept in memory
         # and in the journal stays bounded.  A local decision, not replicated state.
         self._cmds_since_compaction += len(cmds)
-        if self._cmds_since_compaction >= COMPACT_EVERY_CMDS and self._followers_caught_up():
+        if self._cmds_since_compaction >= self.compact_every_cmds and self._followers_caught_up():
             self._cmds_since_compaction = 0
             self.forceLogCompaction()
         return self.state.apply_batch(cmds, now_ms)
@@ -145,6 +147,47 @@ class ShardReplica(SafeSyncObj):
     def leader_addr(self) -> str | None:
         leader = self._getLeader()
         return None if leader is None else leader.id
+
+    def term(self) -> int:
+        return self.raftCurrentTerm
+
+    def self_addr(self) -> str:
+        return self.selfNode.id
+
+    def member_addrs(self) -> list[str]:
+        """Every member's Raft address, this replica's included (racy read; for status and planning)."""
+        return sorted({n.id for n in self.otherNodes} | {self.selfNode.id})
+
+    def peer_connected(self, addr: str) -> bool:
+        """Whether the Raft link to member ``addr`` is up (racy read)."""
+        return any(n.id == addr and self.isNodeConnected(n) for n in self.otherNodes)
+
+    def leader_reachable(self) -> bool:
+        """This replica is the leader, or its Raft link to the leader is up."""
+        leader = self._getLeader()
+        return leader is not None and (leader.id == self.selfNode.id or self.isNodeConnected(leader))
+
+    @property
+    def journal_file(self) -> str:
+        return self.conf.journalFile
+
+    @property
+    def snapshot_file(self) -> str:
+        return self.conf.fullDumpFile
+
+    def change_members(self, action: str, addr: str, done: Callable[[bool, str], None]) -> None:
+        """``add`` or ``remove`` member ``addr`` (one at a time); call from the tick thread.
+
+        ``done(ok, reason)`` runs once the change committed (ok) or was refused.
+        """
+
+        def cb(_res: Any, err: int) -> None:
+            done(err == FAIL_REASON.SUCCESS, _reason(err))
+
+        if action == "add":
+            self.addNodeToCluster(addr, callback=cb)
+        else:
+            self.removeNodeFromCluster(addr, callback=cb)
 
     def transfer_leadership(self, target_addr: str | None, done: Callable[[bool, str], None]) -> None:
         """Ask this leader to hand over to ``target_addr`` (best effort; None = most caught-up peer).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -115,8 +114,7 @@ def _replace_under_load(lc: LocalCluster) -> None:
 
 
 def test_leaders_balance_and_balancer_after_failover(tmp_path: Path) -> None:
-    lc = LocalCluster.create(tmp_path / "c", nodes=3, shards=3, node_args=["--balance-leaders"],
-                             env={**os.environ, "RAFTKV_BALANCE_PERIOD_S": "0.5"})
+    lc = LocalCluster.create(tmp_path / "c", nodes=3, shards=3, node_args=["--balance-leaders", "--balance-period", "0.5"])
     lc.start()
     try:
         lc.wait_ready(60)

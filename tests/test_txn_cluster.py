@@ -1,8 +1,8 @@
 """Cross-shard transactions against real node processes (3 nodes x 3 shards).
 
-Fault tests use the node's test-only pause hook (``RAFTKV_TEST_TXN_PAUSE=1`` and a
-``pause:<point>:<seconds>:...`` transaction id, see raftkv.coordinator) to stop a
-coordinator at a chosen point, then ``kill -9`` it.  Assertions are on outcomes
+Fault tests arm the nodes' fault points when they start them (``raftkv serve --fault
+txn.after_prepare:SECONDS:1:TXID``, see raftkv.server.api) to stop a coordinator at a
+chosen point, then ``kill -9`` it.  Assertions are on outcomes
 (all-or-nothing, no lock left), never on timings.
 """
 
@@ -27,8 +27,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    env = dict(os.environ, RAFTKV_TEST_TXN_PAUSE="1")
-    c = LocalCluster.create(str(tmp_path_factory.mktemp("txn")), nodes=3, shards=3, env=env)
+    faults = ["--fault", "txn.after_prepare:60:1:pause-k1", "--fault", "txn.after_decide:60:1:pause-k2",
+              "--fault", "txn.after_prepare:0.5:1:pause-k3"]
+    c = LocalCluster.create(str(tmp_path_factory.mktemp("txn")), nodes=3, shards=3, node_args=faults)
     c.start()
     try:
         c.wait_ready(60)
@@ -257,8 +258,8 @@ def test_kill_coordinator_between_prepare_and_decision(lc: LocalCluster) -> None
         c.mset({a: "old", b: "old"})
     home = lc.leader_of(0)
     out: dict = {}
-    t = _paused_txn(lc, home, "pause:after_prepare:60:k1", a, b, "new", out)
-    wait_log(lc, home, "point=after_prepare txid=pause:after_prepare:60:k1")
+    t = _paused_txn(lc, home, "pause-k1", a, b, "new", out)
+    wait_log(lc, home, "point=txn.after_prepare txid=pause-k1")
     lc.kill_node(home)
     t.join(10)
     assert "reply" not in out  # the client never heard a decision
@@ -278,8 +279,8 @@ def test_kill_coordinator_after_decision_before_resolution(lc: LocalCluster) -> 
         c.mset({a: "old", b: "old"})
     home = lc.leader_of(0)
     out: dict = {}
-    t = _paused_txn(lc, home, "pause:after_decide:60:k2", a, b, "new", out)
-    wait_log(lc, home, "point=after_decide txid=pause:after_decide:60:k2")
+    t = _paused_txn(lc, home, "pause-k2", a, b, "new", out)
+    wait_log(lc, home, "point=txn.after_decide txid=pause-k2")
     t.join(10)
     assert out.get("reply") == [1, [b"OK", b"OK"]]  # the client was told COMMITTED
     lc.kill_node(home)
@@ -296,8 +297,8 @@ def test_kill_participant_leader_after_it_voted(lc: LocalCluster) -> None:
         c.mset({a: "old", b: "old"})
     place_leaders(lc, {0: "n1", 1: "n2"})
     out: dict = {}
-    t = _paused_txn(lc, "n1", "pause:after_prepare:0.5:k3", a, b, "new", out)
-    wait_log(lc, "n1", "point=after_prepare txid=pause:after_prepare:0.5:k3")
+    t = _paused_txn(lc, "n1", "pause-k3", a, b, "new", out)
+    wait_log(lc, "n1", "point=txn.after_prepare txid=pause-k3")
     lc.kill_node("n2")  # the participant leader of shard 1, which voted YES
     t.join(60)
     # The prepare was replicated, so COMMIT lands on shard 1's new leader.  (Only if the

@@ -26,9 +26,11 @@ import asyncio
 import random
 from typing import Any
 
-from raftkv import coordinator
 from raftkv.protocol import NIL_ARRAY, OK, QUEUED, Error
-from raftkv.txn import TxnResult
+from raftkv.server import coordinator
+from raftkv.server.api import BadRequest, Command, NodeAPI
+from raftkv.server.conn import Conn
+from raftkv.txn import PENDING, TxnResult
 
 CONFLICT_RETRIES = 8
 
@@ -106,10 +108,10 @@ def op_replies(ops: list, results: tuple) -> list:
     return out
 
 
-async def _with_retries(node: Any, compares: list, then_ops: list, else_ops: list, retries: int) -> Any:
+async def _with_retries(node: NodeAPI, compares: list, then_ops: list, else_ops: list, retries: int) -> Any:
     delay = 0.005
     for attempt in range(retries + 1):
-        res = await coordinator.coordinate(node, coordinator.new_txid(), compares, then_ops, else_ops)
+        res = await node.coordinate_at_home(coordinator.new_txid(), compares, then_ops, else_ops)
         if not (isinstance(res, Error) and res.code == "TXNCONFLICT") or attempt == retries:
             return res
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
@@ -117,14 +119,14 @@ async def _with_retries(node: Any, compares: list, then_ops: list, else_ops: lis
     return res
 
 
-def _check(node: Any, keys: list[bytes], values: list[bytes]) -> None:
+def _check(node: NodeAPI, keys: list[bytes], values: list[bytes]) -> None:
     for k in keys:
         node.shard_of(k)  # raises the node's TOOBIG error for oversize keys
     for v in values:
-        node._check_value(v)
+        node.check_value(v)
 
 
-def cmd_mset(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+def cmd_mset(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     args = req[1:]
     if len(args) % 2:
         return Error("WRONGARGS", "wrong number of arguments for 'mset' command")
@@ -137,7 +139,7 @@ def cmd_mset(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
     return node.run(go())
 
 
-def cmd_txn(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+def cmd_txn(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     try:
         txid, compares, then_ops, else_ops = parse_txn(req[1:])
     except _Syntax as e:
@@ -148,7 +150,7 @@ def cmd_txn(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
     _check(node, keys, [op[2] for op in then_ops + else_ops if op[0] == "put"])
 
     async def go() -> Any:
-        res = await coordinator.coordinate(node, txid or coordinator.new_txid(), compares, then_ops, else_ops)
+        res = await node.coordinate_at_home(txid or coordinator.new_txid(), compares, then_ops, else_ops)
         if isinstance(res, Error):
             return res
         assert isinstance(res, TxnResult)
@@ -168,20 +170,21 @@ class ConnTxn:
         self.dirty: str | None = None
 
 
-def _state(conn: Any) -> ConnTxn:
+def _state(conn: Conn) -> ConnTxn:
     if conn.txn is None:
         conn.txn = ConnTxn()
     return conn.txn
 
 
-CONTROL = {b"EXEC", b"DISCARD", b"MULTI", b"WATCH", b"UNWATCH", b"QUIT", b"RAFTKV.FWD"}
+# Commands that act on MULTI itself rather than being queued by it.
+CONTROL = {b"EXEC", b"DISCARD", b"MULTI", b"WATCH", b"UNWATCH", b"QUIT"}
 
 
-def in_multi(conn: Any) -> bool:
+def in_multi(conn: Conn) -> bool:
     return conn.txn is not None and conn.txn.queuing
 
 
-def queue(node: Any, conn: Any, req: list[bytes], name: bytes) -> Any:
+def queue(node: NodeAPI, conn: Conn, req: list[bytes], name: bytes) -> Any:
     """Called by ``Node.dispatch`` for every non-control command inside MULTI."""
     t = conn.txn
     args = req[1:]
@@ -198,25 +201,25 @@ def queue(node: Any, conn: Any, req: list[bytes], name: bytes) -> Any:
         return Error("ERR", f"{t.dirty} (raftkv queues SET, MSET, DEL and GET)")
     try:
         _check(node, [op[1] for op in ops], [op[2] for op in ops if op[0] == "put"])
-    except Exception as e:  # the node's _BadRequest carries the error reply
+    except BadRequest as e:
         t.dirty = str(e)
-        return getattr(e, "error", Error("ERR", str(e)))
+        return e.error
     t.queued.append((name, ops))
     return QUEUED
 
 
-def cmd_watch(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+def cmd_watch(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     if in_multi(conn):
         return Error("ERR", "WATCH inside MULTI is not allowed")
     t = _state(conn)
     for key in req[1:]:
         shard = node.shard_of(key)
-        t.watches.append((key, asyncio.ensure_future(coordinator.tx_call(node, shard, ("getrev", key),
-                                                                         node.timing.request_timeout_s))))
+        t.watches.append((key, asyncio.ensure_future(coordinator.tx_call(
+            node, shard, ("getrev", key), node.timing.request_timeout_s, read=True))))
     return OK
 
 
-def cmd_unwatch(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+def cmd_unwatch(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     if conn.txn is not None:
         for _, f in conn.txn.watches:
             f.cancel()
@@ -224,22 +227,22 @@ def cmd_unwatch(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
     return OK
 
 
-def cmd_multi(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+def cmd_multi(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     if in_multi(conn):
         return Error("ERR", "MULTI calls can not be nested")
     _state(conn).queuing = True
     return OK
 
 
-def cmd_discard(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+def cmd_discard(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     if not in_multi(conn):
         return Error("ERR", "DISCARD without MULTI")
-    cmd_unwatch(node, conn, req, hops)
+    cmd_unwatch(node, conn, req)
     conn.txn = None
     return OK
 
 
-def cmd_exec(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
+def cmd_exec(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     if not in_multi(conn):
         return Error("ERR", "EXEC without MULTI")
     t, conn.txn = conn.txn, None
@@ -273,16 +276,28 @@ def cmd_exec(node: Any, conn: Any, req: list[bytes], hops: int) -> Any:
     return node.run(go())
 
 
-# name -> (arity as in Redis, handler); merged into raftkv.node.COMMANDS
-COMMANDS: dict[bytes, tuple[int, Any]] = {
-    b"MSET": (-3, cmd_mset),
-    b"RAFTKV.TXN": (-4, cmd_txn),
-    b"RAFTKV.TXMSG": (3, coordinator.cmd_txmsg),
-    b"RAFTKV.TXRUN": (3, coordinator.cmd_txrun),
-    b"RAFTKV.TXSTATS": (1, coordinator.cmd_txstats),
-    b"WATCH": (-2, cmd_watch),
-    b"UNWATCH": (1, cmd_unwatch),
-    b"MULTI": (1, cmd_multi),
-    b"EXEC": (1, cmd_exec),
-    b"DISCARD": (1, cmd_discard),
+def cmd_txstats(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.TXSTATS: this node's local view per shard: [shard, role, locks, prepared, open records,
+    records, tombstones] (a racy local read, for operators and tests)."""
+    out = []
+    for shard, r in sorted(node.replicas.items()):
+        t = r.state.txns
+        try:
+            open_records = sum(1 for rec in list(t.records.values()) if rec.state == PENDING or not rec.acked)
+            out.append([shard, b"leader" if r.is_leader() else b"follower", len(t.locks), len(t.prepared),
+                        open_records, len(t.records), len(t.done)])
+        except RuntimeError:
+            continue
+    return out
+
+
+COMMANDS: dict[bytes, Command] = {
+    b"MSET": Command(-3, cmd_mset),
+    b"RAFTKV.TXN": Command(-4, cmd_txn),
+    b"RAFTKV.TXSTATS": Command(1, cmd_txstats),
+    b"WATCH": Command(-2, cmd_watch),
+    b"UNWATCH": Command(1, cmd_unwatch),
+    b"MULTI": Command(1, cmd_multi),
+    b"EXEC": Command(1, cmd_exec),
+    b"DISCARD": Command(1, cmd_discard),
 }

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from raftkv.node import Node
+    from raftkv.server.api import NodeAPI as Node
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -49,6 +49,9 @@ class NodeMetrics:
         self.txn_outcomes = Counter("raftkv_txn_outcomes_total",
                                     "Cross-shard transactions coordinated by this node, by outcome",
                                     ["outcome"], registry=r)
+        self.client_gone = Counter("raftkv_client_disconnects_total",
+                                   "Client connections that closed before their replies were written",
+                                   registry=r)
         self.connections = Gauge("raftkv_connections", "Open client connections", registry=r)
         self.connections.set_function(lambda: node.clients)
         r.register(_RaftCollector(node))
@@ -114,8 +117,8 @@ class _RaftCollector:
                 match = st.get(f"match_idx_server_{addr}")
                 if st["state"] == 2 and match is not None:
                     lag.add_metric([sh, n.name], max(0, st["commit_idx"] - match))
-            journal.add_metric([sh], _size(r.conf.journalFile))
-            snap.add_metric([sh], _size(r.conf.fullDumpFile))
+            journal.add_metric([sh], _size(r.journal_file))
+            snap.add_metric([sh], _size(r.snapshot_file))
             n_open, oldest = txn_summary(r.state.txns, int(time.time() * 1000))
             open_txns.add_metric([sh], n_open)
             txn_age.add_metric([sh], oldest)
@@ -174,14 +177,14 @@ def ready(node: Node) -> tuple[bool, dict]:
         leader = r.leader_addr()
         if leader is None:
             problems[s] = "no leader"
-        elif leader == r.selfNode.id:
+        elif leader == r.self_addr():
             # A leader that lost its majority still believes it leads for a moment
             # (leaderFallbackTimeout): it is ready only while connected to a majority.
-            peers = list(r.otherNodes)
-            connected = sum(1 for p in peers if r.isNodeConnected(p))
+            peers = [a for a in r.member_addrs() if a != leader]
+            connected = sum(1 for p in peers if r.peer_connected(p))
             if connected + 1 <= (len(peers) + 1) // 2:
                 problems[s] = f"leads but reaches only {connected} of {len(peers)} peers (no majority)"
-        elif not r.isNodeConnected(r._getLeader()):
+        elif not r.leader_reachable():
             problems[s] = f"leader {node.map.node_for_raft_addr(leader)} not reachable"
     return not problems, {"ok": not problems, "node": node.name, "shards_not_ready": problems}
 

@@ -1,0 +1,29 @@
+"""The command table: every RESP command a node serves, assembled explicitly from one module per area.
+
+=============  ==================================================================
+``kv``         GET SET DEL EXISTS MGET CAS RAFTKV.CASNX RAFTKV.STALEGET RAFTKV.REQ
+``txn``        MSET RAFTKV.TXN WATCH MULTI EXEC DISCARD UNWATCH RAFTKV.TXSTATS
+``admin``      PING ECHO HELLO AUTH INFO READONLY ... RAFTKV.STATUS/SHARDS/CLUSTER/TRANSFER
+``backup``     RAFTKV.BACKUP
+``member``     RAFTKV.MEMBER RAFTKV.MAP
+``internal``   RAFTKV.RPC (node to node)
+=============  ==================================================================
+
+A handler is ``handler(node: NodeAPI, conn: Conn, req) -> reply | future``.
+"""
+
+from __future__ import annotations
+
+from raftkv.server.api import Command
+from raftkv.server.commands import admin, backup, internal, kv, member, txn
+
+COMMANDS: dict[bytes, Command] = {}
+for _module in (kv, txn, admin, backup, member, internal):
+    _clash = COMMANDS.keys() & _module.COMMANDS.keys()
+    assert not _clash, f"command defined twice: {_clash}"
+    COMMANDS.update(_module.COMMANDS)
+
+MULTI_CONTROL = txn.CONTROL
+queue_in_multi = txn.queue
+
+__all__ = ["COMMANDS", "MULTI_CONTROL", "queue_in_multi"]

@@ -1,0 +1,180 @@
+"""Connection, introspection and operator commands: PING, HELLO, AUTH, INFO, RAFTKV.STATUS,
+RAFTKV.SHARDS, RAFTKV.CLUSTER, RAFTKV.TRANSFER, and the few Redis commands clients send at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from raftkv import protocol
+from raftkv.protocol import OK, PONG, Error
+from raftkv.server.api import BadRequest, Command, NodeAPI
+from raftkv.server.conn import Conn
+
+
+def cmd_ping(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    return PONG if len(req) == 1 else req[1]
+
+
+def cmd_echo(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    return req[1]
+
+
+def cmd_readonly(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    conn.readonly = True
+    return OK
+
+
+def cmd_readwrite(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    conn.readonly = False
+    return OK
+
+
+def cmd_status(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    return json.dumps(node.status()).encode()
+
+
+def parse_shard(node: NodeAPI, command: str, arg: bytes) -> int:
+    """``arg`` as a shard id of this cluster; raises ``BadRequest`` saying what is wrong."""
+    try:
+        shard = int(arg)
+    except ValueError:
+        raise BadRequest(Error("ERR", f"{command}: shard must be an integer")) from None
+    if not 0 <= shard < node.map.nshards:
+        raise BadRequest(Error("ERR", f"{command}: no shard {shard}"))
+    return shard
+
+
+def cmd_transfer(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.TRANSFER shard [node]: hand the shard's leadership to a node (best effort)."""
+    shard = parse_shard(node, "RAFTKV.TRANSFER", req[1])
+    target = req[2].decode() if len(req) > 2 else None
+    if target is not None and target not in [n.name for n in node.map.replicas(shard)]:
+        return Error("ERR", f"RAFTKV.TRANSFER: {target} holds no replica of shard {shard}")
+
+    async def transfer() -> Any:
+        elsewhere = await node.leader_elsewhere(shard, req, conn.hops)
+        if elsewhere is not None:
+            return elsewhere
+        if target == node.name:
+            return OK
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        addr = None if target is None else node.map.nodes[target].raft_addr(shard)
+
+        def done(ok: bool, reason: str) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(
+                OK if ok else Error("TRYAGAIN", f"transfer refused ({reason}): the target must be connected "
+                                                 "and fully caught up; retry")))
+        node.replicas[shard].transfer_leadership(addr, done)
+        return await fut
+    return node.run(transfer())
+
+
+def cmd_cluster(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """The cluster file (TOML, without [security]), so a client given only addresses can route."""
+    return node.map.to_toml(include_secrets=False).encode()
+
+
+def cmd_shards(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """Per shard: [id, leader node or nil, term] as this node believes."""
+    out = []
+    for s in range(node.map.nshards):
+        r = node.replicas.get(s)
+        if r is None:
+            out.append([s, None, -1])
+            continue
+        addr = r.leader_addr()
+        leader = None if addr is None else node.map.node_for_raft_addr(addr)
+        out.append([s, None if leader is None else leader.encode(), r.term()])
+    return out
+
+
+def cmd_info(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    st = node.status()
+    lines = ["# Server", "redis_version:7.0.0-raftkv", f"raftkv_node:{node.name}",
+             f"process_id:{st['pid']}", f"uptime_in_seconds:{int(st['uptime_s'])}",
+             "# Clients", f"connected_clients:{st['clients']}",
+             "# Stats", f"total_commands_processed:{st['stats']['commands']}",
+             f"forwarded_commands:{st['stats']['forwarded']}",
+             "# Replication", "role:master", "# Raft"]
+    for s, sh in st["shards"].items():
+        lines.append(f"shard{s}:role={sh['role']},leader={sh['leader']},term={sh['term']},"
+                     f"commit_idx={sh['commit_idx']},last_applied={sh['last_applied']},keys={sh['keys']}")
+    lines.append("# Keyspace")
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def cmd_ok(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    return OK
+
+
+def cmd_command(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    # redis-cli asks for COMMAND DOCS at start-up; an empty answer is valid.
+    return []
+
+
+def cmd_config(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    # redis-benchmark reads a couple of settings; report none rather than fail.
+    if len(req) >= 2 and req[1].upper() == b"GET":
+        return []
+    return Error("ERR", "CONFIG SET is not supported; raftkv is configured by its cluster file and flags")
+
+
+def cmd_dbsize(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    return sum(len(r.state) for r in node.replicas.values()) // max(1, node.map.replication)
+
+
+def cmd_auth(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """AUTH password | AUTH user password."""
+    if len(req) > 3:
+        return Error("WRONGARGS", "wrong number of arguments for 'auth' command")
+    if not node.security.auth_required:
+        return Error("ERR", "AUTH <password> called without any password configured for this node")
+    user = req[1].decode(errors="replace") if len(req) == 3 else None
+    if node.security.check(user, req[-1].decode(errors="replace")):
+        conn.authed = True
+        return OK
+    return Error("WRONGPASS", "invalid username-password pair or user is disabled.")
+
+
+def cmd_hello(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """HELLO [protover [AUTH user password] [SETNAME name]]."""
+    if len(req) >= 2:
+        if req[1] not in (b"2", b"3"):
+            return Error("NOPROTO", "unsupported protocol version; use 2 or 3")
+        upper = [a.upper() for a in req]
+        if b"AUTH" in upper:
+            i = upper.index(b"AUTH")
+            if len(req) < i + 3:
+                return Error("WRONGARGS", "HELLO AUTH needs a username and a password")
+            reply = cmd_auth(node, conn, [b"AUTH", req[i + 1], req[i + 2]])
+            if reply is not OK:
+                return reply
+        elif not conn.authed:
+            return Error("NOAUTH", "HELLO must be called with the client's AUTH credentials.")
+        conn.resp3 = req[1] == b"3"
+    return protocol.Map((b"server", b"raftkv", b"version", b"0.1.0", b"proto", 3 if conn.resp3 else 2,
+                         b"id", 1, b"mode", b"standalone", b"role", b"master", b"modules", []))
+
+
+COMMANDS: dict[bytes, Command] = {
+    b"PING": Command(-1, cmd_ping),
+    b"ECHO": Command(2, cmd_echo),
+    b"RAFTKV.STATUS": Command(1, cmd_status),
+    b"RAFTKV.SHARDS": Command(1, cmd_shards),
+    b"RAFTKV.CLUSTER": Command(1, cmd_cluster),
+    b"RAFTKV.TRANSFER": Command(-2, cmd_transfer),
+    b"READONLY": Command(1, cmd_readonly),
+    b"READWRITE": Command(1, cmd_readwrite),
+    b"INFO": Command(-1, cmd_info),
+    b"COMMAND": Command(-1, cmd_command),
+    b"CONFIG": Command(-2, cmd_config),
+    b"CLIENT": Command(-2, cmd_ok),
+    b"SELECT": Command(2, cmd_ok),
+    b"DBSIZE": Command(1, cmd_dbsize),
+    b"QUIT": Command(1, cmd_ok, no_auth=True),
+    b"HELLO": Command(-1, cmd_hello, no_auth=True),
+    b"AUTH": Command(-2, cmd_auth, no_auth=True),
+}

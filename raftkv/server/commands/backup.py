@@ -1,0 +1,98 @@
+"""``RAFTKV.BACKUP``: the node side of online backup and restore (see ``raftkv.backup``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from raftkv.backup import BackupError, decode_block, encode_block
+from raftkv.protocol import OK, Error
+from raftkv.replica import APPLIED
+from raftkv.server.api import Command, NodeAPI
+from raftkv.server.commands.admin import parse_shard
+from raftkv.server.commands.kv import to_reply
+from raftkv.server.conn import Conn
+
+
+def cmd_backup(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.BACKUP FENCE|CHECK|LIFT|DUMP shard id [ttl_ms] | LOAD shard revision block."""
+    action = req[1].upper()
+    shard = parse_shard(node, "RAFTKV.BACKUP", req[2])
+    arg = req[3].decode(errors="replace") if len(req) > 3 else ""
+    if action == b"FENCE" and len(req) == 5:
+        try:
+            ttl_ms = int(req[4])
+        except ValueError:
+            return Error("ERR", "RAFTKV.BACKUP FENCE: ttl_ms must be an integer")
+        return node.run(_sm(node, shard, ("bk_fence", arg, ttl_ms), lambda _r: OK))
+    if action == b"CHECK" and len(req) == 4:
+        return node.run(_sm(node, shard, ("bk_check", arg), lambda r: [int(x) for x in r]))
+    if action == b"LIFT" and len(req) == 4:
+        return node.run(_sm(node, shard, ("bk_lift", arg), lambda r: int(r)))
+    if action == b"DUMP" and len(req) == 4:
+        return node.run(_dump(node, shard, arg, req, conn.hops))
+    if action == b"LOAD" and len(req) == 5:
+        try:
+            bshard, revision, rows = decode_block(req[4])
+        except BackupError as e:
+            return Error("ERR", f"RAFTKV.BACKUP LOAD: {e}")
+        if bshard != shard:
+            return Error("ERR", f"RAFTKV.BACKUP LOAD: block is for shard {bshard}, not {shard}")
+        for key, _v, _r in rows:
+            if node.map.shard_for_key(key) != shard:
+                return Error("ERR", f"RAFTKV.BACKUP LOAD: key {key!r} does not belong to shard {shard} "
+                                    "(the backup's shard count or vnodes differ from this cluster's)")
+        return node.run(_sm(node, shard, ("bk_load", rows, revision), lambda r: int(r)))
+    return Error("ERR", "usage: RAFTKV.BACKUP FENCE shard id ttl_ms | CHECK shard id | LIFT shard id | "
+                        "DUMP shard id | LOAD shard revision block")
+
+
+async def _sm(node: NodeAPI, shard: int, cmd: tuple, convert: Callable[[Any], Any]) -> Any:
+    """Run a (repeatable) backup command on the shard leader and convert its result."""
+    return to_reply(await node.execute(shard, cmd, idempotent=True), convert)
+
+
+async def _dump(node: NodeAPI, shard: int, bid: str, req: list[bytes], hops: int) -> Any:
+    """DUMP on the shard's leader: a read through the log, the state copied right after it applies."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + node.timing.request_timeout_s
+    elsewhere = await node.leader_elsewhere(shard, req, hops)
+    if elsewhere is not None:
+        return elsewhere
+    replica = node.replicas[shard]
+
+    fut = loop.create_future()
+
+    def done(kind: str, res: Any) -> None:  # on the Raft tick thread, right after the entry applied
+        out: Any
+        if kind != APPLIED:
+            out = Error("TRYAGAIN", f"shard {shard}: dump not applied ({res}); retry")
+        else:
+            active, prepared, _keys, _rev = res[0]
+            st = replica.state
+            if not active:
+                out = Error("FENCELOST", f"shard {shard}: backup fence {bid} is not up (expired or never "
+                                         "raised); start the backup again")
+            elif prepared or st.txns.prepared:
+                out = Error("TRYAGAIN", f"shard {shard}: {prepared} transaction(s) still prepared; retry")
+            else:
+                out = (st.revision, st.data.copy())  # decoded off the tick thread, below
+        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
+
+    replica.propose([("bk_check", bid)], int(time.time() * 1000), done)
+    try:
+        out = await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
+    except TimeoutError:
+        return Error("TRYAGAIN", f"shard {shard}: dump timed out; retry")
+    if isinstance(out, Error):
+        return out
+    revision, data = out
+    rows = [(k, v, r) for k, (v, r) in data.items()]
+    return await loop.run_in_executor(None, encode_block, shard, revision, rows)
+
+
+COMMANDS: dict[bytes, Command] = {b"RAFTKV.BACKUP": Command(-4, cmd_backup, leader_only=True)}
+
+

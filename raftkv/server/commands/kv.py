@@ -1,0 +1,179 @@
+"""Key-value commands: GET, SET, DEL, EXISTS, MGET, CAS, RAFTKV.CASNX, RAFTKV.STALEGET, RAFTKV.REQ.
+
+Each handler turns a request into state-machine commands (``raftkv.state``),
+runs them through ``NodeAPI.execute`` and turns the results into replies.
+``RAFTKV.REQ session seq COMMAND ...`` wraps a write in a client session, so
+the state machine applies it at most once however often it is re-sent; the
+wrapped command travels to the leader as it is (``raftkv.server.router``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from raftkv.protocol import OK, Error
+from raftkv.server.api import Command, NodeAPI
+from raftkv.server.conn import Conn
+from raftkv.state import CmdError
+
+Session = tuple[bytes, int]
+
+
+def to_reply(res: Any, convert: Callable[[Any], Any] | None = None) -> Any:
+    """A state-machine result (or an ``Error``) as the reply to send."""
+    if isinstance(res, CmdError):
+        return Error(res.code, res.message)
+    if convert is not None and not isinstance(res, Error):
+        return convert(res)
+    return res
+
+
+def _write(node: NodeAPI, shard: int, cmd: tuple, session: Session | None,
+           convert: Callable[[Any], Any] | None = None) -> Any:
+    if session is not None:
+        cmd = ("session", session[0], session[1], cmd)
+
+    async def go() -> Any:
+        return to_reply(await node.execute(shard, cmd, idempotent=session is not None), convert)
+    return node.run(go())
+
+
+def group_by_shard(node: NodeAPI, keys: list[bytes]) -> dict[int, list[bytes]]:
+    by_shard: dict[int, list[bytes]] = {}
+    for k in keys:
+        by_shard.setdefault(node.shard_of(k), []).append(k)
+    return by_shard
+
+
+def cmd_get(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    key = req[1]
+    shard = node.shard_of(key)
+    if conn.readonly or node.unsafe_local_reads:
+        return node.run(node.stale_read(shard, ("get", key)))
+
+    async def go() -> Any:
+        return to_reply(await node.execute(shard, ("get", key), read=True))
+    return node.run(go())
+
+
+def cmd_staleget(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    key = req[1]
+    return node.run(node.stale_read(node.shard_of(key), ("get", key)))
+
+
+def cmd_set(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:
+    if len(req) != 3:
+        return Error("ERR", "SET options (EX, NX, XX, ...) are not supported; use SET key value")
+    key, value = req[1], req[2]
+    shard = node.shard_of(key)
+    node.check_value(value)
+    return _write(node, shard, ("set", key, value), session, lambda _rev: OK)
+
+
+def cmd_del(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:
+    by_shard = group_by_shard(node, req[1:])
+    if len(by_shard) == 1:
+        ((shard, ks),) = by_shard.items()
+        return _write(node, shard, ("del", ks), session)
+    if session is not None:
+        return Error("ERR", "RAFTKV.REQ DEL: keys on several shards; send one DEL per shard")
+
+    # Keys on several shards: one DEL per shard (not atomic across shards; MSET/TXN are).
+    async def go() -> Any:
+        parts = await asyncio.gather(*[node.execute(s, ("del", ks)) for s, ks in by_shard.items()])
+        total = 0
+        for p in parts:
+            p = to_reply(p)
+            if isinstance(p, Error):
+                return p
+            total += p
+        return total
+    return node.run(go())
+
+
+def _multi_read(node: NodeAPI, req: list[bytes], op: str) -> Any:
+    keys = req[1:]
+    by_shard = group_by_shard(node, keys)
+
+    async def go() -> Any:
+        shards = list(by_shard)
+        parts = await asyncio.gather(*[node.execute(s, (op, by_shard[s]), read=True) for s in shards])
+        results = {}
+        for s, p in zip(shards, parts, strict=True):
+            p = to_reply(p)
+            if isinstance(p, Error):
+                return p
+            results[s] = p
+        if op == "exists":
+            return sum(results.values())
+        pos = dict.fromkeys(shards, 0)
+        out = []
+        for k in keys:
+            s = node.shard_of(k)
+            out.append(results[s][pos[s]])
+            pos[s] += 1
+        return out
+    return node.run(go())
+
+
+def cmd_mget(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    return _multi_read(node, req, "mget")
+
+
+def cmd_exists(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    return _multi_read(node, req, "exists")
+
+
+def _swapped(r: Any) -> int:
+    return 1 if r[0] else 0
+
+
+def cmd_cas(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:
+    """CAS key expected new -> 1 if swapped, else 0."""
+    key, expected, new = req[1], req[2], req[3]
+    node.check_value(new)
+    return _write(node, node.shard_of(key), ("cas", key, expected, new), session, _swapped)
+
+
+def cmd_casnx(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:
+    """RAFTKV.CASNX key new -> 1 if the key was absent and is now set, else 0."""
+    key, new = req[1], req[2]
+    node.check_value(new)
+    return _write(node, node.shard_of(key), ("cas", key, None, new), session, _swapped)
+
+
+_SESSION_WRITES: dict[bytes, tuple[int, Callable[..., Any]]] = {
+    b"SET": (-3, cmd_set), b"DEL": (-2, cmd_del), b"CAS": (4, cmd_cas), b"RAFTKV.CASNX": (3, cmd_casnx),
+}
+
+
+def cmd_req(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.REQ session seq COMMAND args...: a de-duplicated write (client library)."""
+    sid, seq_b, inner = req[1], req[2], req[3:]
+    try:
+        seq = int(seq_b)
+    except ValueError:
+        return Error("ERR", "RAFTKV.REQ: seq must be an integer")
+    name = inner[0].upper()
+    spec = _SESSION_WRITES.get(name)
+    if spec is None:
+        return Error("ERR", f"RAFTKV.REQ supports {', '.join(sorted(k.decode() for k in _SESSION_WRITES))}")
+    arity, handler = spec
+    if (arity >= 0 and len(inner) != arity) or (arity < 0 and len(inner) < -arity):
+        return Error("WRONGARGS", f"wrong number of arguments for '{name.decode().lower()}' command")
+    return handler(node, conn, inner, session=(sid, seq))
+
+
+COMMANDS: dict[bytes, Command] = {
+    b"GET": Command(2, cmd_get, read=True),
+    b"MGET": Command(-2, cmd_mget, read=True),
+    b"EXISTS": Command(-2, cmd_exists, read=True),
+    b"RAFTKV.STALEGET": Command(2, cmd_staleget, read=True),
+    b"SET": Command(-3, cmd_set),
+    b"DEL": Command(-2, cmd_del),
+    b"CAS": Command(4, cmd_cas),
+    b"RAFTKV.CASNX": Command(3, cmd_casnx),
+    b"RAFTKV.REQ": Command(-4, cmd_req),
+}

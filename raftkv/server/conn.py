@@ -1,0 +1,143 @@
+"""One client connection: framing with limits, in-order replies, per-connection state.
+
+Theory of operation
+-------------------
+Bytes go through ``protocol.RequestParser``, which checks every declared array
+and bulk length at its header: a bad header is answered ``-PROTO``, an oversize
+one ``-TOOBIG``, and the connection closes before anything is allocated or
+awaited.  Each request is dispatched at once (so its future starts in arrival
+order) and its reply, or the future of one, goes into a bounded queue that one
+writer task drains in order.  Reads wait for the connection's earlier writes,
+so a pipelining client reads its own writes.
+
+A client that vanishes is normal: the writer stops writing to a closed
+transport (so asyncio never logs a flood of failed sends), the requests already
+running still finish, and the event is counted, logged at debug level only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from raftkv import protocol
+from raftkv.protocol import Error
+
+if TYPE_CHECKING:
+    from raftkv.server.node import Node
+
+log = logging.getLogger("raftkv.conn")
+
+
+class Conn:
+    """Per-connection state."""
+
+    __slots__ = ("readonly", "peer", "resp3", "txn", "authed", "last_write", "hops")
+
+    def __init__(self, peer: str, authed: bool = True, hops: int = 0) -> None:
+        self.authed = authed
+        # Times the request was handed between nodes (internal RPC); clients' connections are 0.
+        self.hops = hops
+        # The newest write still in flight on this connection: a pipelined read
+        # waits for it, so a connection reads its own writes (Redis pipeline order).
+        self.last_write: asyncio.Future | None = None
+        self.readonly = False
+        self.peer = peer
+        self.resp3 = False
+        self.txn: Any = None  # WATCH/MULTI state (raftkv.server.commands.txn.ConnTxn)
+
+
+async def serve_connection(node: Node, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Serve one client connection until it closes, breaks a limit or sends garbage."""
+    peername = writer.get_extra_info("peername")
+    conn = Conn(f"{peername[0]}:{peername[1]}" if peername else "?", not node.security.auth_required)
+    limits = node.limits
+    if node.clients >= limits.clients_max:
+        writer.write(protocol.encode(Error("BUSY", f"max number of clients reached ({limits.clients_max})")))
+        writer.close()
+        return
+    node.clients += 1
+    parser = protocol.RequestParser(limits.request_bytes_max, limits.args_max)
+    replies: asyncio.Queue = asyncio.Queue(maxsize=2 * limits.pipeline_depth_max)
+    writer_task = asyncio.create_task(_write_replies(node, replies, writer, conn))
+    idle = limits.idle_timeout_s or None
+    try:
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), idle)
+            except TimeoutError:
+                await replies.put(Error("ERR", f"idle for more than {idle:g} s (idle_timeout_s); closing"))
+                break
+            if not data:
+                break
+            parser.feed(data)
+            try:
+                reqs = parser.requests()
+            except protocol.ProtocolError as e:
+                await replies.put(Error("PROTO", f"Protocol error: {e}"))
+                break
+            except protocol.RequestTooBig as e:
+                await replies.put(Error("TOOBIG", str(e)))
+                break
+            for req in reqs:
+                if replies.qsize() >= limits.pipeline_depth_max:
+                    # Over the in-flight limit: refuse this command (the queue keeps one slot
+                    # per refusal, so a client that never reads is throttled by TCP after that).
+                    await replies.put(Error("BUSY", f"more than {limits.pipeline_depth_max} commands "
+                                                    "in flight on this connection (pipeline_depth_max); "
+                                                    "read replies before sending more"))
+                    continue
+                await replies.put((node.dispatch_ordered(conn, req), req[0], time.perf_counter()))
+            if parser.broken is not None:
+                await replies.put(Error("PROTO", f"Protocol error: {parser.broken}"))
+                break
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        await replies.put(None)
+        try:
+            await writer_task
+        except (ConnectionError, OSError):
+            pass
+        writer.close()
+        node.clients -= 1
+
+
+async def _write_replies(node: Node, replies: asyncio.Queue, writer: asyncio.StreamWriter, conn: Conn) -> None:
+    gone = False
+    while True:
+        item = await replies.get()
+        if item is None:
+            break
+        name = None
+        if type(item) is tuple:
+            item, name, started = item
+        if asyncio.isfuture(item):
+            try:
+                item = await item
+            except Exception as e:  # a bug in a handler must not kill the connection
+                log.exception("event=handler_error")
+                item = Error("ERR", f"internal error: {type(e).__name__}: {e}")
+        node.count_reply(item, name, started if name is not None else 0.0)
+        if gone:
+            continue  # keep consuming: the commands already running still finish
+        if writer.is_closing():
+            gone = True
+            node.metrics.client_gone.inc()
+            log.debug("event=client_gone peer=%s", conn.peer)
+            continue
+        writer.write(protocol.encode(item, conn.resp3))
+        if replies.empty():
+            try:
+                await writer.drain()
+            except (ConnectionError, OSError):
+                gone = True
+                node.metrics.client_gone.inc()
+                log.debug("event=client_gone peer=%s", conn.peer)
+    if not gone and not writer.is_closing():
+        try:
+            await writer.drain()
+        except (ConnectionError, OSError):
+            node.metrics.client_gone.inc()

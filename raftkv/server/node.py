@@ -1,0 +1,296 @@
+"""A raftkv node process: hosts shard replicas and serves clients over RESP.
+
+Theory of operation
+-------------------
+A node hosts one ``ShardReplica`` per shard placed on it and one client port.
+The request path, one module per step:
+
+``conn``        bytes -> requests (limits checked at each header) -> replies in order
+``commands``    one table: a request -> the state-machine commands it needs
+``router``      a command -> its shard's leader: proposed here, or sent to the
+                leader's node over the internal RPC (``rpc``, ``peer``); the
+                answer accounts for every attempt (applied / not applied / unknown)
+``batch``       on the leader, a turn's commands -> one Raft entry (writes) or
+                one ReadIndex round (linearizable reads, no log entry)
+
+Stale reads (``READONLY`` connections, ``RAFTKV.STALEGET``) read the local
+replica and say so by being asked for explicitly.  Cross-shard transactions are
+coordinated by ``raftkv.server.coordinator`` on the home shard's leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from raftkv.protocol import Error
+from raftkv.replica import ShardReplica
+from raftkv.security import Security, check_bind
+from raftkv.server import commands
+from raftkv.server.api import BadRequest, Faults, Limits, Timing
+from raftkv.server.balancer import balance_loop
+from raftkv.server.conn import Conn, serve_connection
+from raftkv.server.coordinator import TxnService
+from raftkv.server.metrics import NodeMetrics, disk_free_ratio, serve_http, txn_summary
+from raftkv.server.router import Router
+from shards.shardmap import ShardMap
+
+log = logging.getLogger("raftkv.node")
+
+
+class Node:
+    """A node: replicas of its shards plus the RESP server (implements ``NodeAPI``)."""
+
+    def __init__(self, shardmap: ShardMap, name: str, limits: Limits | None = None,
+                 timing: Timing | None = None, unsafe_local_reads: bool = False,
+                 raft_overrides: dict | None = None, metrics_port: int | None = None,
+                 security: Security | None = None, insecure: bool = False, faults: Faults | None = None,
+                 compact_every_cmds: int | None = None) -> None:
+        if name not in shardmap.nodes:
+            raise ValueError(f"node {name!r} is not in the cluster file (nodes: {', '.join(shardmap.nodes)})")
+        self.map = shardmap
+        self.name = name
+        self.info = shardmap.nodes[name]
+        self.limits = limits or Limits()
+        self.timing = timing or Timing()
+        self.faults = faults or Faults()
+        # Deliberately unsafe mode for the fault harness: serve reads from the
+        # local copy without proving leadership.  Never use it for real data.
+        self.unsafe_local_reads = unsafe_local_reads
+        self.security = security or Security.from_config(shardmap.security)
+        check_bind([self.info.host], self.security, insecure)
+        if self.security.secret:
+            raft_overrides = {**(raft_overrides or {}), "password": self.security.secret}
+        self._replicas: dict[int, ShardReplica] = {}
+        data_dir = shardmap.node_data_dir(name)
+        for shard in shardmap.shards_on(name):
+            peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
+            self._replicas[shard] = ShardReplica(
+                shard, self.info.raft_addr(shard), peers, os.path.join(data_dir, f"shard-{shard}"),
+                on_role_change=self._role_changed, conf_overrides=raft_overrides,
+                compact_every_cmds=compact_every_cmds)
+        self.clients = 0
+        self.started = time.time()
+        self.stats = {"commands": 0, "errors": 0}
+        self.metrics = NodeMetrics(self)
+        self.router = Router(self)
+        self.txns = TxnService(self)
+        self.leader_changes = {s: collections.deque(maxlen=64) for s in self._replicas}
+        for shard in self._replicas:
+            self.metrics.leader_changes.labels(str(shard))  # export 0 before the first change
+        self.metrics_port = metrics_port if metrics_port is not None else self.info.metrics_port
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def replicas(self) -> dict[int, ShardReplica]:
+        return self._replicas
+
+    def _role_changed(self, shard: int, old: int, new: int) -> None:
+        # Runs on the shard's tick thread: only thread-safe work here (deque.append is atomic).
+        if new == 2 or old == 2:
+            self.metrics.leader_changes.labels(str(shard)).inc()
+            self.leader_changes[shard].append(time.monotonic())
+
+    # -- serving -------------------------------------------------------------------------------
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Serve until SIGTERM/SIGINT."""
+        loop = asyncio.get_running_loop()
+        self.router.start(loop)
+        if self.metrics_port:
+            await serve_http(self, self.metrics, self.info.host, self.metrics_port)
+            log.info("event=metrics node=%s addr=http://%s:%d/metrics", self.name, self.info.host,
+                     self.metrics_port)
+        self._tasks.append(asyncio.create_task(self.txns.recovery_loop()))
+        if self.timing.balance_period_s > 0:
+            self._tasks.append(asyncio.create_task(balance_loop(self, self.timing.balance_period_s)))
+            log.info("event=leader_balancer node=%s period_s=%g", self.name, self.timing.balance_period_s)
+        server = await asyncio.start_server(lambda r, w: serve_connection(self, r, w), self.info.host,
+                                            self.info.client_port, limit=1 << 20, backlog=1024,
+                                            ssl=self.security.server_ssl())
+        log.info("event=serving node=%s addr=%s:%d shards=%s", self.name, self.info.host,
+                 self.info.client_port, sorted(self._replicas))
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        if ready is not None:
+            ready.set()
+        async with server:
+            await stop.wait()
+        log.info("event=stopping node=%s", self.name)
+
+    def close(self) -> None:
+        for r in self._replicas.values():
+            r.destroy()
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def dispatch(self, conn: Conn, req: list[bytes]) -> Any:
+        """Reply value, or a future of one.  Futures start now, so order is kept."""
+        self.stats["commands"] += 1
+        name = req[0].upper()
+        if conn.txn is not None and conn.txn.queuing and name not in commands.MULTI_CONTROL:
+            # Inside MULTI (which needed auth): queue for EXEC; unknown commands abort EXEC.
+            return commands.queue_in_multi(self, conn, req, name)
+        spec = commands.COMMANDS.get(name)
+        if spec is None:
+            return Error("ERR", f"unknown command '{req[0].decode(errors='replace')}'")
+        n = len(req)
+        if (spec.arity >= 0 and n != spec.arity) or (spec.arity < 0 and n < -spec.arity):
+            return Error("WRONGARGS", f"wrong number of arguments for '{name.decode().lower()}' command")
+        if not conn.authed and not spec.no_auth:
+            return Error("NOAUTH", "Authentication required.")
+        try:
+            return spec.handler(self, conn, req)
+        except BadRequest as e:
+            return e.error
+
+    def dispatch_ordered(self, conn: Conn, req: list[bytes]) -> Any:
+        """``dispatch``, but reads wait for this connection's earlier writes to finish."""
+        spec = commands.COMMANDS.get(req[0].upper())
+        pending = conn.last_write
+        if spec is not None and spec.read:
+            if pending is not None and not pending.done():
+                async def after_writes() -> Any:
+                    await asyncio.wait([pending])
+                    reply = self.dispatch(conn, req)
+                    return await reply if asyncio.isfuture(reply) else reply
+                return self.run(after_writes())
+            return self.dispatch(conn, req)
+        reply = self.dispatch(conn, req)
+        if asyncio.isfuture(reply):
+            conn.last_write = reply
+        return reply
+
+    def count_reply(self, reply: Any, name: bytes | None, started: float) -> None:
+        """Account one reply in the stats and metrics."""
+        if isinstance(reply, Error):
+            self.stats["errors"] += 1
+            self.metrics.errors.labels(reply.code).inc()
+        if name is not None:
+            upper = name.upper()
+            cmd = upper if upper in commands.COMMANDS else b"unknown"
+            self.metrics.requests.labels(cmd.decode(errors="replace").lower()).observe(time.perf_counter() - started)
+
+    # -- NodeAPI ---------------------------------------------------------------------------------
+    def shard_of(self, key: bytes) -> int:
+        if len(key) > self.limits.key_bytes_max:
+            raise BadRequest(Error("TOOBIG", f"key of {len(key)} bytes exceeds key_bytes_max="
+                                             f"{self.limits.key_bytes_max}"))
+        return self.map.shard_for_key(key)
+
+    def check_value(self, value: bytes) -> None:
+        if len(value) > self.limits.value_bytes_max:
+            raise BadRequest(Error("TOOBIG", f"value of {len(value)} bytes exceeds value_bytes_max="
+                                             f"{self.limits.value_bytes_max}"))
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future:
+        return asyncio.ensure_future(coro)
+
+    async def execute(self, shard: int, cmd: tuple, *, read: bool = False, idempotent: bool = False,
+                      hops: int = 0, budget_s: float | None = None) -> Any:
+        return await self.router.execute(shard, cmd, read=read, idempotent=idempotent, hops=hops,
+                                         budget_s=budget_s)
+
+    def leader_node(self, shard: int) -> str | None:
+        return self.router.leader_node(shard)
+
+    async def rpc(self, target: str, message: tuple, timeout: float) -> Any:
+        return await self.router.link(target).rpc(message, timeout)
+
+    async def stale_read(self, shard: int, cmd: tuple) -> Any:
+        return await self.router.stale_read(shard, cmd)
+
+    async def leader_elsewhere(self, shard: int, req: list[bytes], hops: int) -> Any:
+        return await self.router.leader_elsewhere(shard, req, hops)
+
+    async def coordinate_at_home(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
+                                 hops: int = 0) -> Any:
+        return await self.txns.coordinate(txid, compares, then_ops, else_ops, hops)
+
+    async def run_forwarded(self, req: list[bytes], hops: int, peer: str) -> Any:
+        spec = commands.COMMANDS.get(req[0].upper())
+        if spec is None or not spec.leader_only:
+            return Error("ERR", f"RAFTKV.RPC: {req[0]!r} is not a command run on a shard's leader")
+        try:
+            reply = spec.handler(self, Conn(peer, authed=True, hops=hops), req)
+        except BadRequest as e:
+            return e.error
+        return await reply if asyncio.isfuture(reply) else reply
+
+    def install_map(self, new: ShardMap) -> None:
+        if self.map.security:  # keep this node's own secrets; maps are pushed without them
+            new = dataclasses.replace(new, security=self.map.security)
+        self.map = new
+        self.info = new.nodes[self.name]
+        log.info("event=map_installed node=%s epoch=%d", self.name, new.epoch)
+
+    def status(self) -> dict:
+        shards = {}
+        for s, r in sorted(self._replicas.items()):
+            st = r.status()
+            leader = r.leader_addr()
+            open_txns, oldest_txn = txn_summary(r.state.txns, int(time.time() * 1000))
+            peers = {}
+            for n in self.map.replicas(s):
+                if n.name == self.name:
+                    continue
+                addr = n.raft_addr(s)
+                peers[n.name] = {
+                    "connected": bool(st.get(f"partner_node_status_server_{addr}", 0) == 2),
+                    "match_idx": st.get(f"match_idx_server_{addr}"),
+                }
+            shards[str(s)] = {
+                "role": {0: "follower", 1: "candidate", 2: "leader"}.get(st["state"], str(st["state"])),
+                "leader": None if leader is None else self.map.node_for_raft_addr(leader),
+                "term": st["raft_term"],
+                "commit_idx": st["commit_idx"],
+                "last_applied": st["last_applied"],
+                "log_len": st.get("log_len"),
+                "keys": st["keys"],
+                "revision": st["revision"],
+                "peers": peers,
+                "leader_changes_1m": sum(1 for t in list(self.leader_changes[s]) if t > time.monotonic() - 60),
+                "txns_open": open_txns,
+                "oldest_txn_age_s": oldest_txn,
+                "ticking": r.tick_thread_alive(),
+            }
+        return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(),
+                "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),
+                "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
+                "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards}
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One line per event, key=value, to stderr (the node's log file)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+
+
+def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_level: str = "INFO",
+             limits: Limits | None = None, timing: Timing | None = None, metrics_port: int | None = None,
+             insecure: bool = False, faults: Faults | None = None, compact_every_cmds: int | None = None) -> None:
+    """Run one node in the foreground until SIGTERM/SIGINT."""
+    setup_logging(log_level)
+    shardmap = ShardMap.load(config)
+    node = Node(shardmap, name, limits=limits, timing=timing, unsafe_local_reads=unsafe_local_reads,
+                metrics_port=metrics_port, insecure=insecure, faults=faults, compact_every_cmds=compact_every_cmds)
+    if unsafe_local_reads:
+        log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
+    if node.faults.armed:
+        log.warning("event=faults_armed node=%s faults=%s", name,
+                    ",".join(f"{f.point}:{f.value:g}:{f.count}:{f.match}" for f in node.faults.armed))
+    try:
+        asyncio.run(node.serve())
+    finally:
+        node.close()

@@ -1,0 +1,248 @@
+"""Run one state-machine command on its shard's leader, and account for every attempt.
+
+Theory of operation
+-------------------
+``execute(shard, cmd)`` proposes ``cmd`` locally when this node's replica leads
+the shard, and otherwise sends the *same command* to the leader's node over the
+internal RPC (``raftkv.server.rpc``), which runs ``execute`` there.  A command
+never changes form on its way: a session-wrapped write stays session-wrapped,
+so the state machine de-duplicates it wherever it lands.
+
+An attempt ends in one of three ways: *applied* (the result), *not applied*
+(nothing happened: retry anywhere) or *unknown* (the entry may still commit).
+The answer accounts for every attempt, not just the last:
+
+* a read may be retried after any failure;
+* a write the state machine de-duplicates (``idempotent``: session-wrapped,
+  2PC messages) may be retried after an unknown outcome too;
+* any other write answers ``-UNKNOWN`` as soon as an attempt ends unknown;
+* once any attempt of a write *may* have applied, the final answer is the
+  applied result or ``-UNKNOWN`` -- never ``-TRYAGAIN``/``-NOQUORUM``, which
+  promise "not applied, safe to retry".
+
+Keys locked by a prepared transaction make a command wait (and resolve the
+lock at its home shard once it is old), up to the request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from raftkv.protocol import Error
+from raftkv.replica import APPLIED, NOT_APPLIED, UNKNOWN
+from raftkv.server.batch import Proposer, Reader
+from raftkv.server.peer import PeerLink, PeerUnreachable
+from raftkv.state import Locked
+
+if TYPE_CHECKING:
+    from raftkv.server.node import Node
+
+HOPS_MAX = 2  # origin -> a replica node -> its leader; never further, so forwarding cannot loop
+# Errors a forwarded attempt answers when nothing ran there: retry (after re-resolving the leader).
+_NOT_RUN = {"MOVED", "TRYAGAIN", "NOQUORUM"}
+
+
+class Attempts:
+    """Outcome accounting over all attempts of one command (pure; see module doc)."""
+
+    def __init__(self, shard: int, read: bool, idempotent: bool) -> None:
+        self.shard = shard
+        self.read = read
+        self.retry_unknown = read or idempotent
+        self.maybe_applied = False  # some attempt of this write may have been applied
+        self.doubt = ""  # why, for the message
+        self.last = "no attempt"
+
+    def unknown(self, why: str) -> Error | None:
+        """An attempt ended unknown: the final answer now, or None to retry."""
+        self.last = why
+        if not self.read:
+            self.maybe_applied = True
+            self.doubt = self.doubt or why
+        if self.retry_unknown:
+            return None
+        return Error("UNKNOWN", f"shard {self.shard}: outcome unknown ({why}); the write may or may not "
+                                "have been applied")
+
+    def not_applied(self, why: str) -> None:
+        self.last = why
+
+    def give_up(self, code: str, message: str) -> Error:
+        """The answer when time is up: ``code`` unless an earlier attempt may have applied."""
+        if self.maybe_applied:
+            return Error("UNKNOWN", f"shard {self.shard}: outcome unknown: an earlier attempt may have been "
+                                    f"applied ({self.doubt}); then: {self.last}")
+        return Error(code, message)
+
+
+class Router:
+    """The request path below the command handlers: local batchers, leader lookup, forwarding."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.proposers: dict[int, Proposer] = {}
+        self.readers: dict[int, Reader] = {}
+        self.peers: dict[str, PeerLink] = {}
+        self.forwarded = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        node = self.node
+        self.proposers = {s: Proposer(r, loop, node.limits.batch_cmds_max, node.metrics.proposals)
+                          for s, r in node.replicas.items()}
+        self.readers = {s: Reader(r, loop, node.limits.batch_cmds_max) for s, r in node.replicas.items()}
+
+    # -- leaders ----------------------------------------------------------------------------
+    def leader_node(self, shard: int) -> str | None:
+        """The node to send ``shard``'s commands to, as this node believes (None: no leader known)."""
+        node = self.node
+        replica = node.replicas.get(shard)
+        if replica is not None:
+            addr = replica.leader_addr()
+            return None if addr is None else node.map.node_for_raft_addr(addr)
+        # Not hosted here: a replica node forwards on to its leader.
+        names = [n.name for n in node.map.replicas(shard)]
+        return names[0] if names else None
+
+    def link(self, target: str) -> PeerLink:
+        link = self.peers.get(target)
+        if link is None:
+            info = self.node.map.nodes[target]
+            sec = self.node.security
+            link = self.peers[target] = PeerLink(info.host, info.client_port, sec.peer_ssl(),
+                                                 sec.peer_credentials())
+        return link
+
+    # -- the core ---------------------------------------------------------------------------
+    async def execute(self, shard: int, cmd: tuple, *, read: bool = False, idempotent: bool = False,
+                      hops: int = 0, budget_s: float | None = None) -> Any:
+        """Run ``cmd`` on ``shard``'s leader: its result, or an ``Error`` (see module doc).
+
+        ``read``: the command changes nothing.  ``idempotent``: the state machine
+        de-duplicates it (session-wrapped, 2PC message), so it may be re-sent even
+        after an unknown outcome.  ``budget_s``: the caller's remaining time.
+        """
+        node = self.node
+        timing = node.timing
+        loop = asyncio.get_running_loop()
+        budget = timing.request_timeout_s if budget_s is None else min(budget_s, timing.request_timeout_s)
+        deadline = loop.time() + budget
+        acc = Attempts(shard, read, idempotent)
+        no_leader_since: float | None = None
+        while True:
+            now = loop.time()
+            if now > deadline:
+                return acc.give_up("TRYAGAIN", f"shard {shard}: not applied ({acc.last}); retry")
+            replica = node.replicas.get(shard)
+            if replica is not None and replica.is_leader():
+                no_leader_since = None
+                kind, res = await self._local(shard, cmd, read, deadline - now)
+                if kind == APPLIED:
+                    if isinstance(res, Locked):
+                        if loop.time() > deadline:
+                            return acc.give_up("LOCKED", f"key {res.key!r} is locked by transaction {res.txid}")
+                        await node.txns.wait_for_lock(shard, res, deadline - loop.time())
+                        continue
+                    return res
+                if kind == UNKNOWN:
+                    answer = acc.unknown(str(res))
+                    if answer is not None:
+                        return answer
+                else:
+                    acc.not_applied(str(res))
+                await asyncio.sleep(timing.retry_sleep_s)
+                continue
+            target = self.leader_node(shard)
+            if target is not None and target != node.name and hops < HOPS_MAX:
+                no_leader_since = None
+                reply = await self._forward(target, shard, cmd, read, idempotent, hops, deadline - now)
+                if isinstance(reply, PeerUnreachable):
+                    if reply.sent:
+                        answer = acc.unknown(f"lost contact with leader {target} after sending: {reply}")
+                        if answer is not None:
+                            return answer
+                    else:
+                        acc.not_applied(f"leader {target} unreachable: {reply}")
+                elif isinstance(reply, Error) and reply.code == "UNKNOWN":
+                    answer = acc.unknown(f"{target}: {reply.message}")
+                    if answer is not None:
+                        return answer
+                elif isinstance(reply, Error) and reply.code in _NOT_RUN:
+                    acc.not_applied(f"{target}: {reply}")
+                elif isinstance(reply, Error) and reply.code == "LOCKED":
+                    return acc.give_up("LOCKED", reply.message)
+                else:
+                    return reply
+                await asyncio.sleep(timing.retry_sleep_s)
+                continue
+            if hops >= HOPS_MAX or (target == node.name and replica is None):
+                return acc.give_up("MOVED", f"{shard} this node does not lead shard {shard}")
+            # No leader known (an election is under way, or no majority).
+            if no_leader_since is None:
+                no_leader_since = now
+            if now - no_leader_since > timing.leader_wait_s:
+                return acc.give_up("NOQUORUM", f"shard {shard} has no leader (waited "
+                                               f"{now - no_leader_since:.1f} s); is a majority of its replicas "
+                                               "up and connected?")
+            acc.not_applied("no leader")
+            await asyncio.sleep(timing.retry_sleep_s)
+
+    async def _local(self, shard: int, cmd: tuple, read: bool, timeout: float) -> tuple[str, Any]:
+        faults = self.node.faults
+        if not read and faults.fire("exec.not_applied", cmd):
+            return NOT_APPLIED, "fault point exec.not_applied"
+        fut = (self.readers if read else self.proposers)[shard].submit(cmd)
+        try:
+            kind, res = await asyncio.wait_for(fut, max(0.05, timeout))
+        except TimeoutError:
+            return UNKNOWN, "timeout"
+        if kind == APPLIED and not read and faults.fire("exec.unknown", cmd):
+            return UNKNOWN, "fault point exec.unknown (the entry was applied)"
+        return kind, res
+
+    async def _forward(self, target: str, shard: int, cmd: tuple, read: bool, idempotent: bool, hops: int,
+                       timeout: float) -> Any:
+        self.forwarded += 1
+        # The leader gets a little less time than we have, so its answer arrives before our deadline.
+        budget = max(0.05, timeout * 0.9 - 0.02)
+        try:
+            return await self.link(target).rpc(("exec", shard, cmd, read, idempotent, hops + 1, budget), timeout)
+        except PeerUnreachable as e:
+            return e
+
+    # -- commands that must act on the leader's replica itself --------------------------------
+    async def leader_elsewhere(self, shard: int, req: list[bytes], hops: int) -> Any:
+        """None once this node's replica of ``shard`` leads; otherwise the reply of running
+        ``req`` on the leader's node (or an error when there is none in time).
+
+        For commands that act on the leader's replica rather than through a log entry
+        (membership, backup dumps, leadership transfer).
+        """
+        node = self.node
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + node.timing.request_timeout_s
+        while True:
+            replica = node.replicas.get(shard)
+            if replica is not None and replica.is_leader():
+                return None
+            leader = self.leader_node(shard)
+            if leader is not None and leader != node.name and hops < HOPS_MAX:
+                try:
+                    return await self.link(leader).rpc(("leader", shard, tuple(req), hops + 1),
+                                                       max(0.1, deadline - loop.time()))
+                except PeerUnreachable as e:
+                    code = "UNKNOWN" if e.sent else "TRYAGAIN"
+                    return Error(code, f"shard {shard}: leader {leader} unreachable ({e}); retry")
+            if loop.time() > deadline:
+                return Error("NOQUORUM", f"shard {shard} has no leader; retry")
+            await asyncio.sleep(0.05)
+
+    async def stale_read(self, shard: int, cmd: tuple) -> Any:
+        """``cmd`` (a get) on the local copy, without proving leadership: may be stale."""
+        replica = self.node.replicas.get(shard)
+        if replica is None:
+            return await self.execute(shard, cmd, read=True)
+        entry = replica.state.peek(cmd[1])
+        if cmd[0] == "get":
+            return None if entry is None else entry[0]
+        return entry
