@@ -162,12 +162,12 @@ class RequestParser:
         self._args_left = 0  # bulk headers still due in the current array
         self._skip = 0  # bytes of the current bulk (and its CRLF) still due
         self._declared = 0  # bytes declared so far by the current request
-        self._error: Exception | None = None  # met while scanning, raised after what preceded it
+        self._error: ProtocolError | RequestTooBig | None = None  # raised after what preceded it
 
     @property
-    def broken(self) -> ProtocolError | None:
-        """The framing error met after the requests last returned, if any."""
-        return self._error if isinstance(self._error, ProtocolError) else None
+    def broken(self) -> ProtocolError | RequestTooBig | None:
+        """The error met after the requests last returned, if any: the connection must close."""
+        return self._error  # type: ignore[return-value]
 
     def feed(self, data: bytes) -> None:
         if self._error is not None:
@@ -185,6 +185,8 @@ class RequestParser:
                 self._skip -= step
                 pos += step
                 continue
+            if not self._line and data[pos:pos + 1] != (b"*" if self._args_left == 0 else b"$"):
+                return self._fail(self._unexpected(data[pos:pos + 1]), pos)
             room = _HEADER_BYTES_MAX - len(self._line)
             end = data.find(b"\n", pos, pos + room)
             if end < 0:
@@ -205,8 +207,7 @@ class RequestParser:
         kind = line[:1]
         array = self._args_left == 0
         if kind != (b"*" if array else b"$"):
-            return ProtocolError(f"expected {'*' if array else '$'} ({'an array' if array else 'a bulk string'}), "
-                                 f"got {kind!r}")
+            return self._unexpected(kind)
         what = "multibulk" if array else "bulk"
         if len(line) < 4 or line[-2:] != b"\r\n":
             return ProtocolError(f"invalid {what} length")
@@ -229,7 +230,12 @@ class RequestParser:
         self._skip = value + 2
         return None
 
-    def _fail(self, err: Exception, good: int) -> int:
+    def _unexpected(self, kind: bytes) -> ProtocolError:
+        if self._args_left == 0:
+            return ProtocolError(f"expected * (an array of bulk strings), got {kind!r}")
+        return ProtocolError(f"expected $ (a bulk string), got {kind!r}")
+
+    def _fail(self, err: ProtocolError | RequestTooBig, good: int) -> int:
         self._error = err
         return good
 

@@ -90,6 +90,9 @@ async def serve_connection(node: Node, reader: asyncio.StreamReader, writer: asy
                                                     "read replies before sending more"))
                     continue
                 await replies.put((node.dispatch_ordered(conn, req), req[0], time.perf_counter()))
+            if isinstance(parser.broken, protocol.RequestTooBig):
+                await replies.put(Error("TOOBIG", str(parser.broken)))
+                break
             if parser.broken is not None:
                 await replies.put(Error("PROTO", f"Protocol error: {parser.broken}"))
                 break

@@ -164,9 +164,8 @@ class Router:
                     else:
                         acc.not_applied(f"leader {target} unreachable: {reply}")
                 elif isinstance(reply, Error) and reply.code == "UNKNOWN":
-                    answer = acc.unknown(f"{target}: {reply.message}")
-                    if answer is not None:
-                        return answer
+                    if acc.unknown(f"{target}: {reply.message}") is not None:
+                        return reply  # the leader's own account of it
                 elif isinstance(reply, Error) and reply.code in _NOT_RUN:
                     acc.not_applied(f"{target}: {reply}")
                 elif isinstance(reply, Error) and reply.code == "LOCKED":
@@ -189,14 +188,16 @@ class Router:
 
     async def _local(self, shard: int, cmd: tuple, read: bool, timeout: float) -> tuple[str, Any]:
         faults = self.node.faults
-        if not read and faults.fire("exec.not_applied", cmd):
+        # Fault points (tests only): exec.unknown takes precedence over exec.not_applied.
+        report_unknown = not read and faults.fire("exec.unknown", cmd) is not None
+        if not read and not report_unknown and faults.fire("exec.not_applied", cmd):
             return NOT_APPLIED, "fault point exec.not_applied"
         fut = (self.readers if read else self.proposers)[shard].submit(cmd)
         try:
             kind, res = await asyncio.wait_for(fut, max(0.05, timeout))
         except TimeoutError:
             return UNKNOWN, "timeout"
-        if kind == APPLIED and not read and faults.fire("exec.unknown", cmd):
+        if kind == APPLIED and report_unknown:
             return UNKNOWN, "fault point exec.unknown (the entry was applied)"
         return kind, res
 
