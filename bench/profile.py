@@ -18,7 +18,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raftkv import bench  # noqa: E402
+from raftkv.bench.load import LoadParams, LoadRun  # noqa: E402
+from raftkv.bench.preload import preload  # noqa: E402
+from raftkv.bench.report import fmt_row  # noqa: E402
+from raftkv.bench.systems import RaftKVSystem  # noqa: E402
 
 
 def summarize(paths: list[str], top: int) -> str:
@@ -66,10 +69,10 @@ def main() -> int:
         print("py-spy not found (pip install py-spy); nothing to do")
         return 1
     d = tempfile.mkdtemp(prefix="raftkv-profile-")
-    s = bench.RaftKVSystem(d)
+    s = RaftKVSystem(d)
     try:
-        bench.preload(s, 10_000)
-        run = bench.LoadRun(s, bench.LoadParams(a.workload, a.clients, a.seconds + 3, warmup=1.0)).start()
+        preload(s, 10_000)
+        run = LoadRun(s, LoadParams(a.workload, a.clients, a.seconds + 3, warmup=1.0)).start()
         import time
 
         time.sleep(2.0)
@@ -86,7 +89,7 @@ def main() -> int:
             if p.returncode:
                 print(f"py-spy failed: {err.decode()[-300:]}")
         r = run.finish()
-        print(bench._fmt_row(r.row()))
+        print(fmt_row(r.row()))
         ok = [p for p in paths if os.path.exists(p)]
         print(summarize(ok, a.top))
     finally:

@@ -9,5 +9,5 @@ D=${1:-10}
 mkdir -p bench/results
 $PY -m raftkv bench --workload all --clients 1,32 --duration "$D" --peers etcd,redis \
     --json bench/results/suite.json --png bench/results/suite.png
-$PY bench/failover.py --trials 10 --json bench/results/failover.json
-$PY bench/scale.py --duration "$D" --json bench/results/scale.json
+$PY -m raftkv bench failover --trials 10 --json bench/results/failover.json
+$PY -m raftkv bench scale --duration "$D" --json bench/results/scale.json

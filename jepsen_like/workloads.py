@@ -31,13 +31,13 @@ without it they raise :class:`WorkloadUnavailable`.
 from __future__ import annotations
 
 import random
-import socket
 from typing import Any
 
 from jepsen_like.checker import check
 from jepsen_like.models import get_model
 from raftkv import protocol
 from raftkv.client import Client, IndeterminateError, RaftKVError
+from raftkv.connection import Connection
 
 __all__ = ["WORKLOADS", "WorkloadUnavailable", "Worker", "RegisterWorkload", "make_workload", "classify"]
 
@@ -62,43 +62,29 @@ def _s(v: Any) -> Any:
 
 
 class NodeConn:
-    """One plain RESP connection to a fixed node (used for ``--read-any-node`` reads)."""
+    """Plain RESP to one fixed node (``--read-any-node`` reads): no routing, no retries.
+
+    Connects on first use and again after a transport failure; an error reply
+    raises ``RaftKVError`` so that ``classify`` maps it like the client's errors.
+    """
 
     def __init__(self, addr: tuple[str, int], timeout: float) -> None:
         self.addr = addr
         self.timeout = timeout
-        self.sock: socket.socket | None = None
-        self.reader: Any = None
+        self.conn: Connection | None = None
 
     def call(self, *args: bytes | str) -> Any:
-        if self.sock is None:
-            self.sock = socket.create_connection(self.addr, timeout=min(self.timeout, 2.0))
-            self.reader = protocol.reply_reader()
-        try:
-            self.sock.settimeout(self.timeout)
-            self.sock.sendall(protocol.encode_command(*args))
-            while True:
-                reply = self.reader.gets()
-                if reply is not False:
-                    break
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ConnectionError("connection closed by node")
-                self.reader.feed(data)
-        except (OSError, ConnectionError):
-            self.close()
-            raise
+        if self.conn is None or self.conn.closed:
+            self.conn = Connection(self.addr[0], self.addr[1], timeout=min(self.timeout, 2.0))
+        reply = self.conn.call(*args, timeout=self.timeout)
         if isinstance(reply, protocol.ReplyError):
             raise RaftKVError(reply.code, reply.message)
         return reply
 
     def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-        self.sock = None
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
 
 
 class Worker:

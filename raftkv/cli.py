@@ -346,15 +346,10 @@ def txn(ifs: tuple[str, ...], thens: tuple[str, ...], elses: tuple[str, ...], do
     sys.exit(0 if r.succeeded else 1)
 
 
-# -- bench (owned by raftkv/bench.py; keep this block small) ---------------------------------------
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                "help_option_names": []})
-@click.pass_context
-def bench(ctx: click.Context) -> None:
-    """Benchmark a fresh local cluster (and etcd/Redis if installed); 'raftkv bench --help' for options."""
-    from raftkv.bench import main as bench_main
+# -- bench (owned by the raftkv/bench/ package; keep this block small) --------------------------------
+from raftkv.bench.cli import register as _register_bench  # noqa: E402
 
-    sys.exit(bench_main(list(ctx.args)))
+_register_bench(main)
 # -- end bench -------------------------------------------------------------------------------------
 
 

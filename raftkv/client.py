@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import ssl
 import threading
 import time
 import uuid
 from typing import Any
 
-from raftkv import protocol
+from raftkv.connection import Connection
 from raftkv.protocol import ReplyError
 from shards.shardmap import ShardMap
 
@@ -58,32 +57,6 @@ class UnavailableError(RaftKVError):
 
 def _b(x: Bytesish) -> bytes:
     return x.encode() if isinstance(x, str) else x
-
-
-class _Conn:
-    def __init__(self, host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
-        self.reader = protocol.reply_reader()
-
-    def call(self, args: list[bytes], timeout: float) -> Any:
-        self.sock.settimeout(timeout)
-        self.sock.sendall(protocol.encode_command(*args))
-        while True:
-            reply = self.reader.gets()
-            if reply is not False:
-                return reply
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("connection closed by node")
-            self.reader.feed(data)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 class Client:
@@ -316,18 +289,14 @@ class Client:
         conn = conns.get(addr)
         try:
             if conn is None:
-                conn = conns[addr] = _Conn(addr[0], addr[1], min(timeout, 2.0), self.tls)
-                if self.password:
-                    auth = [b"AUTH", self.password.encode()]
-                    if self.username:
-                        auth.insert(1, self.username.encode())
-                    reply = conn.call(auth, timeout)
-                    if isinstance(reply, ReplyError):
-                        conns.pop(addr, None)
-                        conn.close()
-                        raise RaftKVError(reply.code, reply.message)
-            reply = conn.call(args, timeout)
-        except (OSError, ConnectionError):
+                auth = [p.encode() for p in (self.username, self.password) if p] if self.password else None
+                try:
+                    conn = Connection(addr[0], addr[1], min(timeout, 2.0), self.tls, auth)
+                except ReplyError as e:  # AUTH refused
+                    raise RaftKVError(e.code, e.message) from None
+                conns[addr] = conn
+            reply = conn.call(*args, timeout=timeout)
+        except OSError:
             conns.pop(addr, None)
             if conn is not None:
                 conn.close()

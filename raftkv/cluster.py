@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from raftkv import protocol
+from raftkv.connection import Connection
 from raftkv.security import Security
 from shards.shardmap import ShardMap, local_cluster
 
@@ -54,28 +55,16 @@ def _port_free(host: str, port: int) -> bool:
 
 def call(addr: tuple[str, int], *args: bytes | str, timeout: float = 2.0, auth: list[bytes] | None = None,
          tls: ssl.SSLContext | None = None) -> object:
-    """One RESP command to one node (for status and readiness checks), after AUTH if given."""
-    with socket.create_connection(addr, timeout=timeout) as raw:
-        s = tls.wrap_socket(raw, server_hostname=addr[0]) if tls is not None else raw
-        payload = protocol.encode_command(*args)
-        if auth:
-            payload = protocol.encode_command(*auth) + payload
-        s.sendall(payload)
-        reader = protocol.reply_reader()
-        replies = []
-        while True:
-            reply = reader.gets()
-            if reply is not False:
-                replies.append(reply)
-                if len(replies) == (2 if auth else 1):
-                    if auth and isinstance(replies[0], protocol.ReplyError):
-                        return replies[0]
-                    return replies[-1]
-                continue
-            data = s.recv(65536)
-            if not data:
-                raise ConnectionError("closed")
-            reader.feed(data)
+    """One RESP command to one node (for status and readiness checks), after AUTH if given.
+
+    ``auth`` is a whole AUTH command (``Security.peer_credentials()``).  Error
+    replies, a refused AUTH included, are returned as ``ReplyError`` values.
+    """
+    try:
+        with Connection(addr[0], addr[1], timeout, tls, auth[1:] if auth else None) as conn:
+            return conn.call(*args)
+    except protocol.ReplyError as refused:
+        return refused
 
 
 class LocalCluster:

@@ -1,0 +1,113 @@
+"""What a benchmark run reports: the machine it ran on, one line per measured point, the Markdown table
+with raftkv's ratios against the peers, and the chart (matplotlib, optional: ``pip install -e '.[plot]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from pathlib import Path
+
+from raftkv.bench.systems import ALL_PEERS
+from raftkv.bench.workloads import WORKLOADS
+
+
+def machine() -> dict:
+    """CPU count and model, Python, kernel and memory of this machine (figures mean little without them)."""
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = None
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = f.readline().split()[1]
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "kernel": platform.release(), "mem_gb": round(int(mem) / 1024 / 1024, 1) if mem else None}
+
+
+def add_ratios(doc: dict) -> None:
+    """Add ``x_<peer>`` (raftkv ops/s ÷ the peer's at the same point) to raftkv's result rows."""
+    idx = {(r["system"], r["workload"], r["clients"]): r for r in doc["results"]}
+    for r in doc["results"]:
+        if r["system"] != "raftkv":
+            continue
+        for peer in ALL_PEERS:
+            q = idx.get((peer, r["workload"], r["clients"]))
+            if q and q["ops_s"]:
+                r[f"x_{peer}"] = round(r["ops_s"] / q["ops_s"], 2)
+
+
+def _fmt_ms(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.1f}")
+
+
+def fmt_row(r: dict) -> str:
+    """One result row as one line of progress output."""
+    return (f"{r['system']:<7} {r['workload']:<9} c={r['clients']:<3} {r['ops_s']:>9.0f} ops/s  p50 "
+            f"{_fmt_ms(r['p50_ms'])} p99 {_fmt_ms(r['p99_ms'])} p99.9 {_fmt_ms(r['p999_ms'])} ms  errors "
+            f"{r['errors']} (indeterminate {r['indeterminate']})  server cpu {r['server_cpu']}  "
+            f"generator cpu {r['generator'].get('cpu_s_per_s')}" + (f"  load avg {r['loadavg_1m']}" if "loadavg_1m" in r else ""))
+
+
+def render_table(doc: dict) -> str:
+    """Markdown table: one row per (workload, clients, system), with ratios against the peers."""
+    head = ("| workload | clients | system | ops/s | p50 ms | p99 ms | p99.9 ms | errors (indet.) | "
+            "raftkv ÷ etcd | raftkv ÷ redis |")
+    lines = [head, "|" + "---|" * 10]
+    order = {s: i for i, s in enumerate(["raftkv", *ALL_PEERS])}
+    rows = sorted(doc["results"], key=lambda r: (WORKLOADS.index(r["workload"]), r["clients"],
+                                                 order.get(r["system"], 9)))
+    for r in rows:
+        ratios = [f"{r[k]:.2f}×" if k in r else "" for k in ("x_etcd", "x_redis")]
+        lines.append(f"| {r['workload']} | {r['clients']} | {r['system']} | {r['ops_s']:.0f} | "
+                     f"{_fmt_ms(r['p50_ms'])} | {_fmt_ms(r['p99_ms'])} | {_fmt_ms(r['p999_ms'])} | "
+                     f"{r['errors']} ({r['indeterminate']}) | {ratios[0]} | {ratios[1]} |")
+    for w, why in doc.get("not_available", {}).items():
+        lines.append(f"| {w} | - | raftkv | {why} | | | | | | |")
+    rb = doc.get("redis_benchmark") or {}
+    if rb:
+        lines += ["", "redis-benchmark -t set,get (one node's port; raftkv forwards keys whose shard it does not lead):",
+                  "", "| target | clients | test | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+        for target, by_c in rb.items():
+            for c, tests in by_c.items():
+                for t, v in tests.items():
+                    if t != "command":
+                        lines.append(f"| {target} | {c} | {t} | {v['rps']:.0f} | {v['p50_ms']} | {v['p99_ms']} |")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: str) -> None:
+    """Throughput and p99 bars per workload at the highest concurrency; raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = doc["results"]
+    cmax = max((r["clients"] for r in res), default=1)
+    pts = [r for r in res if r["clients"] == cmax]
+    workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in pts)]
+    systems = [s for s in ["raftkv", *ALL_PEERS] if any(r["system"] == s for r in pts)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(systems))
+    for si, s in enumerate(systems):
+        by_w = {r["workload"]: r for r in pts if r["system"] == s}
+        xs = [i + si * width for i in range(len(workloads))]
+        axes[0].bar(xs, [by_w[w]["ops_s"] if w in by_w else 0 for w in workloads], width, label=s)
+        axes[1].bar(xs, [(by_w[w]["p99_ms"] or 0) if w in by_w else 0 for w in workloads], width, label=s)
+    axes[0].set_yscale("log")
+    for ax, title in ((axes[0], f"throughput (ops/s, log scale), {cmax} clients"), (axes[1], f"p99 latency (ms), {cmax} clients")):
+        ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(workloads))])
+        ax.set_xticklabels(workloads)
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+    m = doc.get("machine", {})
+    fig.suptitle(f"raftkv vs peers — {m.get('nproc')} CPUs {m.get('cpu')}, Python {m.get('python')}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

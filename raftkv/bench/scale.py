@@ -1,0 +1,113 @@
+"""The scale benchmark: put/get throughput and p99 vs shard count and vs keys loaded, RSS per node per
+million keys, and how long a node killed at the largest size takes to answer and to catch up after restart.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from raftkv.bench.load import LoadParams, run_load
+from raftkv.bench.preload import preload
+from raftkv.bench.report import fmt_row, machine
+from raftkv.bench.suite import say
+from raftkv.bench.systems import RaftKVSystem, proc_rss_mb
+from raftkv.cluster import LocalCluster
+
+
+def _status(lc: LocalCluster, node: str) -> dict | None:
+    try:
+        return json.loads(lc.call(node, "RAFTKV.STATUS", timeout=2.0))  # type: ignore[arg-type]
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def run_scale(shard_counts: tuple[int, ...] = (1, 3, 6), sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+              clients: int = 32, duration: float = 8.0, value_size: int = 100, out: Callable[[str], None] = say,
+              workdir: str | None = None) -> dict:
+    """Throughput/p99 vs shards and vs data size; RSS per million keys; restart catch-up time at the largest size."""
+    doc: dict[str, Any] = {"machine": machine(), "clients": clients, "duration_s": duration,
+                           "value_size": value_size, "by_shards": [], "by_size": [], "restart": None}
+    base = Path(workdir or tempfile.mkdtemp(prefix="raftkv-scale-"))
+    out(f"scale: put and get at {clients} clients, {duration:g} s per point")
+    for ns in shard_counts:
+        d = base / f"shards{ns}"
+        s = RaftKVSystem(str(d), shards=ns)
+        try:
+            preload(s, 10_000, value_size)
+            for w in ("put", "get"):
+                r = run_load(s, LoadParams(w, clients, duration, keyspace=10_000, value_size=value_size))
+                doc["by_shards"].append({"shards": ns, **r.row()})
+                out(f"   shards={ns} " + fmt_row(r.row()))
+        finally:
+            s.stop()
+    d = base / "size"
+    s = RaftKVSystem(str(d), shards=3)
+    try:
+        pids = s.node_pids()
+        rss0 = {n: proc_rss_mb(p) for n, p in pids.items() if p}
+        doc["rss_empty_mb"] = rss0
+        loaded = 0
+        for size in sizes:
+            secs = preload(s, size, value_size, start=loaded)
+            out(f"   loaded keys {loaded}..{size} in {secs:.1f} s ({(size - loaded) / secs:.0f} keys/s)")
+            loaded = size
+            time.sleep(1.0)
+            rss = {n: proc_rss_mb(p) for n, p in s.node_pids().items() if p}
+            entry: dict[str, Any] = {"keys": size, "load_s": round(secs, 1), "rss_mb": rss}
+            for w in ("put", "get"):
+                r = run_load(s, LoadParams(w, clients, duration, keyspace=size, value_size=value_size))
+                entry[w] = r.row()
+                out(f"   keys={size} " + fmt_row(r.row()))
+            doc["by_size"].append(entry)
+            out(f"   keys={size}: RSS per node (MB) " + ", ".join(f"{n} {v:.0f}" for n, v in rss.items() if v))
+        last = doc["by_size"][-1]
+        per_m = {n: round((last["rss_mb"][n] - (rss0.get(n) or 0)) / (last["keys"] / 1e6), 1)
+                 for n in last["rss_mb"] if last["rss_mb"][n]}
+        doc["rss_mb_per_million_keys"] = per_m
+        out(f"   RSS growth per million keys per node (MB): {per_m}")
+        # Restart and catch up: kill -9 a node, write more keys while it is down, start it, time until caught up.
+        lc = s.lc
+        victim = sorted(lc.map.nodes)[-1]
+        lc.kill_node(victim)
+        extra = 10_000
+        preload_after = RaftKVSystem.__new__(RaftKVSystem)
+        preload_after.lc, preload_after.shards = lc, s.shards
+        lc.wait_ready(60, nodes=[n for n in lc.map.nodes if n != victim])
+        preload(preload_after, loaded + extra, value_size, start=loaded)
+        target = {}
+        for n in lc.map.nodes:
+            if n == victim:
+                continue
+            st = _status(lc, n) or {"shards": {}}
+            for sh, v in st["shards"].items():
+                target[sh] = max(target.get(sh, 0), v["commit_idx"])
+        t0 = time.monotonic()
+        lc.start_node(victim)
+        serving_at = caught_at = None
+        while time.monotonic() - t0 < 300:
+            st = _status(lc, victim)
+            if st is not None and serving_at is None:
+                serving_at = time.monotonic() - t0
+            if st is not None and all(sh in st["shards"] and st["shards"][sh]["last_applied"] >= idx
+                                      for sh, idx in target.items()):
+                caught_at = time.monotonic() - t0
+                break
+            time.sleep(0.05)
+        rss = proc_rss_mb(lc.pid(victim) or 0)
+        doc["restart"] = {"keys": loaded + extra, "written_while_down": extra, "node": victim,
+                          "answers_status_s": None if serving_at is None else round(serving_at, 2),
+                          "caught_up_s": None if caught_at is None else round(caught_at, 2), "rss_mb_after": rss}
+        out(f"   restart of {victim} with {loaded + extra} keys ({extra} written while down): answers after "
+            f"{doc['restart']['answers_status_s']} s, caught up (last_applied >= leaders' commit index) after "
+            f"{doc['restart']['caught_up_s']} s, RSS {rss} MB")
+    finally:
+        s.stop()
+    if workdir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return doc
