@@ -30,6 +30,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from raftkv.results import CmdError
+from raftkv.txn import ABORTED, REASON_CONFLICT
+
 FENCE_TTL_MAX_MS = 10 * 60 * 1000
 FENCE_ID_MAX = 64
 LOAD_ROWS_MAX = 100_000
@@ -46,8 +49,6 @@ def fence_active(s: Any, now_ms: int) -> bool:
 
 
 def bk_fence(s: Any, cmd: tuple, now_ms: int) -> Any:
-    from raftkv.state import CmdError
-
     _, bid, ttl_ms = cmd
     if not isinstance(bid, str) or not 0 < len(bid) <= FENCE_ID_MAX:
         return CmdError("ERR", "backup id must be 1-64 characters")
@@ -71,8 +72,6 @@ def bk_lift(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def bk_load(s: Any, cmd: tuple, now_ms: int) -> Any:
-    from raftkv.state import CmdError
-
     _, rows, revision = cmd
     if len(rows) > LOAD_ROWS_MAX:
         return CmdError("ERR", f"at most {LOAD_ROWS_MAX} rows per load")
@@ -93,8 +92,6 @@ def bk_load(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 def tx_prepare_fenced(s: Any, cmd: tuple, now_ms: int) -> Any:
     """``tx_prepare``, refused with a NO vote for new transactions while a backup fence is up."""
-    from raftkv.txn import ABORTED, REASON_CONFLICT
-
     try:
         txid = cmd[1]
         known = txid in s.txns.prepared or txid in s.txns.done

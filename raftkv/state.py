@@ -50,28 +50,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from raftkv import backup_state, txn
+from raftkv.results import CmdError, Locked
+
 SNAPSHOT_CHUNK_KEYS = 20_000
 SNAPSHOT_VERSION = 2  # 2: data as a Store (packed values); 1 (dict of tuples) still loads
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
-
-
-@dataclass(frozen=True)
-class CmdError:
-    """A deterministic command failure; ``code`` is stable (e.g. ``WRONGTYPE``)."""
-
-    code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Locked:
-    """The key is locked by prepared transaction ``txid`` whose home is ``home_shard``."""
-
-    key: bytes
-    txid: str
-    home_shard: int
-    since_ms: int
 
 
 class Store(dict):
@@ -172,9 +157,7 @@ class KVState:
         if not isinstance(self.data, Store):
             self.data = Store.of(self.data)
         if self.txns is None:
-            from raftkv.txn import TxnTable
-
-            self.txns = TxnTable()
+            self.txns = txn.TxnTable()
 
     # -- the entry point --------------------------------------------------
     def apply(self, cmd: tuple, now_ms: int) -> Any:
@@ -222,14 +205,13 @@ class KVState:
     @classmethod
     def restore(cls, blob: bytes) -> KVState:
         """Rebuild a state from ``snapshot()`` output; refuses unknown versions."""
-        from raftkv.txn import TxnTable
 
         parts = pickle.loads(blob)
         if not isinstance(parts, tuple) or parts[0] not in (1, SNAPSHOT_VERSION):
             raise ValueError(f"unsupported snapshot version {parts[0] if parts else None!r}")
         _, data, revision, sessions, txns, applied = parts[:6]
         fences = dict(parts[6]) if len(parts) > 6 else {}  # backup fences (older snapshots have none)
-        return cls(data=data, revision=revision, sessions=sessions, txns=TxnTable.load(txns), applied=applied,
+        return cls(data=data, revision=revision, sessions=sessions, txns=txn.TxnTable.load(txns), applied=applied,
                    fences=fences)
 
     def freeze(self) -> FrozenState:
@@ -244,7 +226,6 @@ class KVState:
     @classmethod
     def from_chunks(cls, blobs: Iterator[bytes]) -> KVState:
         """Rebuild a state from ``FrozenState.chunks()`` output; refuses unknown formats."""
-        from raftkv.txn import TxnTable
 
         head = pickle.loads(next(blobs))
         if not isinstance(head, tuple) or head[:2] != ("raftkv-state", SNAPSHOT_VERSION):
@@ -255,7 +236,7 @@ class KVState:
             dict.update(data, pickle.loads(blob))
         if len(data) != nkeys:
             raise ValueError(f"snapshot holds {len(data)} keys, its header says {nkeys}")
-        return cls(data=data, revision=revision, sessions=sessions, txns=TxnTable.load(txns), applied=applied,
+        return cls(data=data, revision=revision, sessions=sessions, txns=txn.TxnTable.load(txns), applied=applied,
                    fences=fences)
 
     # -- primitives shared with the transaction layer -----------------------
@@ -382,9 +363,7 @@ def _noop(s: KVState, cmd: tuple, now_ms: int) -> Any:
 
 
 def _txn(s: KVState, cmd: tuple, now_ms: int) -> Any:
-    from raftkv.txn import apply_local_txn
-
-    return apply_local_txn(s, cmd[1], cmd[2], cmd[3])
+    return txn.apply_local_txn(s, cmd[1], cmd[2], cmd[3])
 
 
 def _txn_layer(s: KVState, cmd: tuple, now_ms: int) -> Any:
@@ -410,10 +389,8 @@ _HANDLERS = {
     "tx_resolve": _txn_layer,
     "tx_gc": _txn_layer,
     "tx_ack": _txn_layer,
+    # backup fence and restore load; tx_prepare honours the fence (it replaces the entry above)
+    **backup_state.HANDLERS,
 }
-# -- backup fence and restore load (raftkv.backup_state); tx_prepare honours the fence --
-from raftkv.backup_state import HANDLERS as _BACKUP_HANDLERS  # noqa: E402
-
-_HANDLERS.update(_BACKUP_HANDLERS)
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "mget": _mget, "exists": _exists}

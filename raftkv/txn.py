@@ -55,10 +55,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from raftkv.results import CmdError, Locked
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from raftkv.state import KVState, Locked
+    from raftkv.state import KVState
 
 COMPARE_KINDS = ("value", "rev", "exists", "missing")
 OP_KINDS = ("put", "del", "get")
@@ -222,8 +224,6 @@ class TxnTable:
 
     def apply(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
         """Apply one 2PC message (``tx_*`` command); errors are returned, never raised."""
-        from raftkv.state import CmdError
-
         handler = _TX_HANDLERS.get(cmd[0])
         if handler is None:
             return CmdError("ERR", f"unknown transaction message {cmd[0]!r}")
@@ -234,8 +234,6 @@ class TxnTable:
 
     # -- coordinator side (home shard) ------------------------------------------------
     def _begin(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
-        from raftkv.state import CmdError
-
         _, txid, participants = cmd
         rec = self.records.get(txid)
         if rec is not None:  # duplicate begin (client retry, second coordinator): idempotent
@@ -289,8 +287,6 @@ class TxnTable:
 
     # -- participant side ----------------------------------------------------------------
     def _prepare(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
-        from raftkv.state import Locked
-
         _, txid, home, compares, then_ops, else_ops = cmd
         done = self.done.get(txid)
         if done is not None:  # finished here already: a late or duplicate PREPARE
@@ -313,8 +309,6 @@ class TxnTable:
         return vote
 
     def _finish(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
-        from raftkv.state import CmdError
-
         _, txid, outcome, branch = cmd
         if outcome not in OUTCOMES:
             raise ValueError(f"bad outcome {outcome!r}")

@@ -43,9 +43,9 @@ import uuid
 from typing import Any
 
 from raftkv.protocol import Error
+from raftkv.results import CmdError, Locked
 from raftkv.server.api import NodeAPI
 from raftkv.server.peer import PeerUnreachable
-from raftkv.state import CmdError, Locked
 from raftkv.txn import (
     COMMITTED,
     PENDING,

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from raftkv.protocol import Error
 from raftkv.replica import APPLIED, NOT_APPLIED, UNKNOWN
+from raftkv.results import Locked
 from raftkv.server.batch import Proposer, Reader
 from raftkv.server.peer import PeerLink, PeerUnreachable
-from raftkv.state import Locked
 
 if TYPE_CHECKING:
     from raftkv.server.node import Node

@@ -35,7 +35,7 @@ from typing import Any
 import msgpack
 
 from raftkv.protocol import NIL_ARRAY, Error, Map, Simple
-from raftkv.state import CmdError
+from raftkv.results import CmdError
 from raftkv.txn import TxnResult
 
 COMMAND = b"RAFTKV.RPC"

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from raftkv.protocol import OK, Error
+from raftkv.results import CmdError
 from raftkv.server.api import Command, NodeAPI
 from raftkv.server.conn import Conn
-from raftkv.state import CmdError
 
 Session = tuple[bytes, int]
 
