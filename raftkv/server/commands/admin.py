@@ -165,7 +165,7 @@ COMMANDS: dict[bytes, Command] = {
     b"RAFTKV.STATUS": Command(1, cmd_status),
     b"RAFTKV.SHARDS": Command(1, cmd_shards),
     b"RAFTKV.CLUSTER": Command(1, cmd_cluster),
-    b"RAFTKV.TRANSFER": Command(-2, cmd_transfer),
+    b"RAFTKV.TRANSFER": Command(-2, cmd_transfer, leader_only=True),
     b"READONLY": Command(1, cmd_readonly),
     b"READWRITE": Command(1, cmd_readwrite),
     b"INFO": Command(-1, cmd_info),
