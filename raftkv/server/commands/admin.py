@@ -9,6 +9,7 @@ from typing import Any
 
 from raftkv import protocol
 from raftkv.protocol import OK, PONG, Error
+from raftkv.replica import ShardReplica
 from raftkv.server.api import BadRequest, Command, NodeAPI
 from raftkv.server.conn import Conn
 
@@ -46,6 +47,13 @@ def parse_shard(node: NodeAPI, command: str, arg: bytes) -> int:
     return shard
 
 
+async def leader_replica(node: NodeAPI, shard: int, req: list[bytes], hops: int) -> Any:
+    """This node's ``ShardReplica`` of ``shard`` once it leads; otherwise the reply of running
+    ``req`` on the leader's node (or an ``Error``), which the caller returns as it is."""
+    elsewhere = await node.leader_elsewhere(shard, req, hops)
+    return node.replicas[shard] if elsewhere is None else elsewhere
+
+
 def cmd_transfer(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     """RAFTKV.TRANSFER shard [node]: hand the shard's leadership to a node (best effort)."""
     shard = parse_shard(node, "RAFTKV.TRANSFER", req[1])
@@ -54,9 +62,9 @@ def cmd_transfer(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
         return Error("ERR", f"RAFTKV.TRANSFER: {target} holds no replica of shard {shard}")
 
     async def transfer() -> Any:
-        elsewhere = await node.leader_elsewhere(shard, req, conn.hops)
-        if elsewhere is not None:
-            return elsewhere
+        replica = await leader_replica(node, shard, req, conn.hops)
+        if not isinstance(replica, ShardReplica):
+            return replica
         if target == node.name:
             return OK
         loop = asyncio.get_running_loop()
@@ -67,7 +75,7 @@ def cmd_transfer(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(
                 OK if ok else Error("TRYAGAIN", f"transfer refused ({reason}): the target must be connected "
                                                  "and fully caught up; retry")))
-        node.replicas[shard].transfer_leadership(addr, done)
+        replica.transfer_leadership(addr, done)
         return await fut
     return node.run(transfer())
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from raftkv.backup import BackupError, decode_block, encode_block
 from raftkv.protocol import OK, Error
-from raftkv.replica import APPLIED
+from raftkv.replica import APPLIED, ShardReplica
 from raftkv.server.api import Command, NodeAPI
-from raftkv.server.commands.admin import parse_shard
+from raftkv.server.commands.admin import leader_replica, parse_shard
 from raftkv.server.commands.kv import to_reply
 from raftkv.server.conn import Conn
 
@@ -56,13 +56,11 @@ async def _sm(node: NodeAPI, shard: int, cmd: tuple, convert: Callable[[Any], An
 
 async def _dump(node: NodeAPI, shard: int, bid: str, req: list[bytes], hops: int) -> Any:
     """DUMP on the shard's leader: a read through the log, the state copied right after it applies."""
+    replica = await leader_replica(node, shard, req, hops)
+    if not isinstance(replica, ShardReplica):
+        return replica
     loop = asyncio.get_running_loop()
     deadline = loop.time() + node.timing.request_timeout_s
-    elsewhere = await node.leader_elsewhere(shard, req, hops)
-    if elsewhere is not None:
-        return elsewhere
-    replica = node.replicas[shard]
-
     fut = loop.create_future()
 
     def done(kind: str, res: Any) -> None:  # on the Raft tick thread, right after the entry applied

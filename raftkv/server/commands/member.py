@@ -8,8 +8,9 @@ import tomllib
 from typing import Any
 
 from raftkv.protocol import OK, Error
+from raftkv.replica import ShardReplica
 from raftkv.server.api import Command, NodeAPI
-from raftkv.server.commands.admin import parse_shard
+from raftkv.server.commands.admin import leader_replica, parse_shard
 from raftkv.server.conn import Conn
 from shards.shardmap import ShardMap, ShardMapError
 
@@ -26,13 +27,11 @@ def cmd_member(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
 
 async def _member(node: NodeAPI, shard: int, action: bytes, addr: str, req: list[bytes], hops: int) -> Any:
+    replica = await leader_replica(node, shard, req, hops)
+    if not isinstance(replica, ShardReplica):
+        return replica
     loop = asyncio.get_running_loop()
     deadline = loop.time() + node.timing.request_timeout_s
-    elsewhere = await node.leader_elsewhere(shard, req, hops)
-    if elsewhere is not None:
-        return elsewhere
-    replica = node.replicas[shard]
-
     fut = loop.create_future()
 
     def answer(value: Any) -> None:
