@@ -15,7 +15,7 @@ import redis
 from raftkv import Client, RaftKVError
 from raftkv.cluster import LocalCluster
 
-from .conftest import start_cluster
+from .conftest import PutWriter, start_cluster
 
 
 def _cli(lc: LocalCluster, *args: str) -> subprocess.CompletedProcess:
@@ -281,3 +281,30 @@ def test_errors_are_typed_in_the_client(cluster: LocalCluster) -> None:
     with Client(cluster=cluster.config) as c, pytest.raises(RaftKVError) as e:
         c.put("k" * 70000, "v")
     assert e.value.code == "TOOBIG"
+
+
+def test_put_writer_check_catches_a_failed_write_that_was_applied(cluster: LocalCluster) -> None:
+    """``PutWriter.check`` holds ``failed`` to "definitely not applied". Against a broken client
+    that reports some applied writes as failed, it must raise; against one whose failures
+    happen before sending, it passes and counts them."""
+    def before_sending(key: str, value: str) -> None:
+        raise RaftKVError("UNAVAILABLE", "refused before sending")
+
+    honest = PutWriter(cluster.config, [f"pw-honest-{i}" for i in range(6)])
+    real_put = honest.client.put
+    honest.client.put = lambda k, v: before_sending(k, v) if k.endswith(("1", "4")) else real_put(k, v)
+    honest.run()
+    assert honest.failed == ["pw-honest-1", "pw-honest-4"] and len(honest.acked) == 4
+    assert honest.check(cluster.config).startswith("4 acked (none lost), 2 failed (none applied)")
+
+    def applied_then_failed(key: str, value: str) -> None:
+        broken_put(key, value)
+        raise RaftKVError("ERR", "reported failed after it was applied")
+
+    broken = PutWriter(cluster.config, [f"pw-broken-{i}" for i in range(6)])
+    broken_put = broken.client.put
+    broken.client.put = lambda k, v: applied_then_failed(k, v) if k.endswith("2") else broken_put(k, v)
+    broken.run()
+    assert broken.failed == ["pw-broken-2"]
+    with pytest.raises(AssertionError, match="1 writes reported failed were applied"):
+        broken.check(cluster.config)
