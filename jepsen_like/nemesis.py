@@ -163,11 +163,11 @@ class Nemesis:
             if kind == "kill":
                 node, why = self._target()
                 f = Fault("kill", f"kill -9 {node} ({why})", [node], self.clock())
-                self.cluster.kill_node(node)
+                self.cluster.kill_node(node)  # raises unless the process is gone
             elif kind == "pause":
                 node, why = self._target()
                 f = Fault("pause", f"SIGSTOP {node} ({why})", [node], self.clock())
-                self.cluster.signal_node(node, signal.SIGSTOP)
+                self.cluster.pause_node(node)  # raises unless the kernel reports it stopped
             elif kind == "partition":
                 if self.firewall is None:
                     raise RuntimeError("partition nemesis unavailable (no network namespace / iptables)")
@@ -180,6 +180,11 @@ class Nemesis:
                           self.clock(), groups=groups)
                 for a, b in edges:
                     self.firewall.drop_between(self._host(a), self._host(b))
+                for a, b in edges:  # a probe packet must be dropped, or the fault did not happen
+                    port = self.cluster.map.nodes[b].client_port
+                    if not self.firewall.drops(self._host(a), self._host(b), port):
+                        self.firewall.heal()
+                        raise RuntimeError(f"partition not in effect: a connection from {a} to {b} got through")
             else:
                 raise ValueError(f"unknown fault kind {kind!r}")
             self.faults.append(f)
@@ -194,7 +199,7 @@ class Nemesis:
                         self.cluster.start_node(n)
                 elif f.kind == "pause":
                     for n in f.nodes:
-                        self.cluster.signal_node(n, signal.SIGCONT)
+                        self.cluster.resume_node(n)
                 elif f.kind == "partition" and self.firewall is not None:
                     self.firewall.heal()
             except Exception as e:  # noqa: BLE001 - recorded; heal_all retries

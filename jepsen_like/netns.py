@@ -200,6 +200,24 @@ class Firewall:
             self._ipt("-A", "OUTPUT", "-o", "lo", "-s", src, "-d", dst, "-j", "DROP")
         self.cut.add(frozenset((a, b)))
 
+    def drops(self, src: str, dst: str, port: int, timeout: float = 0.5) -> bool:
+        """True if a TCP connection from ``src`` to ``dst:port`` gets no answer (its SYN is dropped).
+
+        A connection that is accepted or refused got through: the rule is not in effect.
+        """
+        import socket
+
+        with socket.socket() as s:
+            s.bind((src, 0))
+            s.settimeout(timeout)
+            try:
+                s.connect((dst, port))
+            except TimeoutError:
+                return True
+            except OSError:
+                return False
+        return False
+
     def heal(self) -> None:
         """Remove every rule (flush INPUT and OUTPUT: the namespace is ours alone)."""
         self._ipt("-F", "INPUT")

@@ -143,10 +143,29 @@ class LocalCluster:
             return False
         return True
 
-    def kill_node(self, name: str) -> None:
-        """``kill -9`` the node and reap it."""
+    def kill_node(self, name: str, timeout: float = 10.0) -> None:
+        """``kill -9`` the node and wait until it is gone (reaped, or no longer running).
+
+        A node that is already down is fine (it is gone either way); one still running
+        ``timeout`` seconds after the signal raises :class:`ClusterError`: a fault that did
+        not happen must not be reported as one that did.
+        """
         self.signal_node(name, signal.SIGKILL)
-        self._reap(name, 5.0)
+        if not self._reap(name, timeout):
+            raise ClusterError(f"{name} (pid {self.pid(name)}) is still running {timeout:g} s after SIGKILL")
+
+    def pause_node(self, name: str, timeout: float = 10.0) -> None:
+        """SIGSTOP the node and wait until the kernel reports it stopped, or raise :class:`ClusterError`."""
+        if not self.signal_node(name, signal.SIGSTOP):
+            raise ClusterError(f"cannot pause {name}: it is not running")
+        if not _wait_state(self.pid(name), stopped=True, timeout=timeout):
+            raise ClusterError(f"{name} (pid {self.pid(name)}) is not stopped {timeout:g} s after SIGSTOP")
+
+    def resume_node(self, name: str, timeout: float = 10.0) -> None:
+        """SIGCONT the node and wait until it runs again (a node that is down is left down)."""
+        if self.signal_node(name, signal.SIGCONT) and not _wait_state(self.pid(name), stopped=False,
+                                                                       timeout=timeout):
+            raise ClusterError(f"{name} (pid {self.pid(name)}) is still stopped {timeout:g} s after SIGCONT")
 
     def stop_node(self, name: str, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``."""
@@ -250,6 +269,30 @@ def _key_on_shard(m: ShardMap, shard: int) -> bytes:
         if m.shard_for_key(k) == shard:
             return k
     raise ClusterError(f"no probe key found for shard {shard}")
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state in ``/proc/PID/stat`` (``T`` stopped, ``Z`` zombie), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]  # the name in (...) may contain spaces
+    except (OSError, IndexError):
+        return None
+
+
+def _wait_state(pid: int | None, stopped: bool, timeout: float) -> bool:
+    """Until ``pid`` is stopped (``T``/``t``) or not; False on timeout or if it is gone."""
+    deadline = time.monotonic() + timeout
+    while pid is not None and _alive(pid):
+        state = _proc_state(pid)
+        if state is None:
+            return False
+        if (state in "Tt") == stopped:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return False
 
 
 def _alive(pid: int) -> bool:

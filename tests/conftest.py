@@ -66,7 +66,8 @@ class PutWriter(threading.Thread):
     """Writes ``keys`` (value = key) one after another until stopped; records every outcome.
 
     ``acked``: ``(key, sent, acknowledged)`` monotonic times; ``unknown``: keys whose
-    write may or may not have happened; ``failed``: writes definitely not applied.
+    write may or may not have happened; ``failed``: keys whose write was definitely not
+    applied.  :meth:`check` reads them all back and holds each list to its promise.
     """
 
     def __init__(self, cluster_file: str | os.PathLike, keys: Iterable[str], timeout: float = 10.0) -> None:
@@ -75,7 +76,7 @@ class PutWriter(threading.Thread):
         self.keys = keys
         self.acked: list[tuple[str, float, float]] = []
         self.unknown: list[str] = []
-        self.failed = 0
+        self.failed: list[str] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -89,4 +90,17 @@ class PutWriter(threading.Thread):
             except IndeterminateError:
                 self.unknown.append(k)
             except RaftKVError:
-                self.failed += 1
+                self.failed.append(k)
+
+    def check(self, cluster_file: str | os.PathLike, timeout: float = 30.0) -> str:
+        """After the writer stopped: every acknowledged key holds its value, every ``failed``
+        key is absent (raises AssertionError otherwise); ``unknown`` keys may be either, and
+        the one-line report returned says how many were applied."""
+        with Client(cluster=cluster_file, timeout=timeout) as c:
+            lost = [k for k, _, _ in self.acked if c.get(k) != k.encode()]
+            phantom = [k for k in self.failed if c.get(k) is not None]
+            applied = [k for k in self.unknown if c.get(k) is not None]
+        assert lost == [], f"{len(lost)} acknowledged writes lost, e.g. {lost[:5]}"
+        assert phantom == [], f"{len(phantom)} writes reported failed were applied, e.g. {phantom[:5]}"
+        return (f"{len(self.acked)} acked (none lost), {len(self.failed)} failed (none applied), "
+                f"{len(self.unknown)} unknown ({len(applied)} applied)")

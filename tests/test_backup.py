@@ -98,6 +98,8 @@ def test_backup_under_load_restores_acked_writes_and_no_partial_transaction(busy
     assert partial == []
     print(f"backup: {len(data)} keys; {len(before)} puts and {len(mset_before)} msets acked before it; "
           f"{sum(len(w.acked) for w in puts + msets)} writes acked in all")
+    for w in puts:  # on the live cluster: acked writes kept, failed ones absent
+        print("puts under backup:", w.check(lc.config))
 
     # restore into a new cluster and read everything back through it
     new = restore(tmp_path / "b1.rkvb", tmp_path / "restored", keep_running=True)

