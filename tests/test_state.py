@@ -162,10 +162,13 @@ def test_a_state_machine_that_applies_stale_duplicates_is_caught(monkeypatch) ->
         return real(s, cmd, now_ms)
 
     monkeypatch.setitem(state._HANDLERS, "session", only_latest)
-    prop = test_retries_never_apply_twice_and_return_the_first_result.hypothesis.inner_test
-    quick = settings(max_examples=300, deadline=None, database=None, phases=[Phase.generate])  # no shrinking
+    @settings(max_examples=300, deadline=None, database=None, phases=[Phase.generate])  # no shrinking
+    @given(session_commands())
+    def prop(cmds: list[tuple]) -> None:
+        test_retries_never_apply_twice_and_return_the_first_result.hypothesis.inner_test(cmds)
+
     with pytest.raises((AssertionError, ExceptionGroup)):  # hypothesis may report several failures
-        given(session_commands())(quick(prop))()
+        prop()
 
 
 @settings(max_examples=100, deadline=None)
