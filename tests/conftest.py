@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from typing import NoReturn
 
 import pytest
 
@@ -17,6 +18,19 @@ from raftkv.cluster import LocalCluster
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def in_ci() -> bool:
+    """True under ``CI=true`` (the CI job sets it; GitHub Actions and most others do too)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing_capability(reason: str) -> NoReturn:
+    """A system capability a test needs is missing: skip with the reason on a developer
+    machine, fail under CI, where installing it is part of the job (``make sysdeps``)."""
+    if in_ci():
+        pytest.fail(f"{reason} [CI=true: a missing capability fails the test instead of skipping it]")
+    pytest.skip(reason)
 
 
 def start_cluster(directory: str, nodes: int = 3, shards: int = 3, node_args: list[str] | None = None,

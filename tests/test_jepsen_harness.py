@@ -3,8 +3,9 @@
 Each run is ~15 s of load plus start-up, recovery and checking (~20 s) and
 asserts the run's verdict, never its latency.  The unsafe-mode test runs the
 nodes with ``--unsafe-local-reads`` under partitions and must see the checker
-report a violation (up to 3 runs).  Partition runs skip, with the reason,
-where no private network namespace with working iptables can be made.
+report a violation (up to 3 runs).  Partition runs need a private network
+namespace with working iptables: where none can be made they skip with the
+reason on a developer machine and fail under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from jepsen_like.nemesis import make_schedule, partition_edges
 from jepsen_like.report import availability_windows, verdict_of
 from jepsen_like.runner import RunConfig
 
+from .conftest import missing_capability
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIME = 15
 RUN_TIMEOUT = 240
@@ -42,7 +45,7 @@ def netns_availability() -> netns.Availability:
 def needs_netns() -> None:
     a = netns_availability()
     if not a.ok:
-        pytest.skip(f"partition nemesis unavailable here: {a.reason}")
+        missing_capability(f"partition nemesis unavailable here: {a.reason}")
 
 
 def harness(store: Path, *args: str) -> tuple[int, dict, str]:
@@ -161,6 +164,41 @@ def test_partition_without_namespace_is_reported_unavailable(tmp_path: Path) -> 
 
 
 # -- pure parts ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_missing_namespace_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch, ci: str) -> None:
+    # A machine without the capability: probe() reports it missing, as it would without iptables.
+    monkeypatch.setattr(netns, "probe", lambda: netns.Availability(False, "iptables is not installed"))
+    monkeypatch.setattr(sys.modules[__name__], "_avail", None)
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    try:  # a skip must not escape (it would turn this test's failure into a skip)
+        needs_netns()
+    except (pytest.fail.Exception, pytest.skip.Exception) as e:
+        outcome = e
+    else:
+        pytest.fail("needs_netns() returned on a machine without the capability")
+    assert isinstance(outcome, expected), f"CI={ci!r}: {type(outcome).__name__}: {outcome}"
+    assert "partition nemesis unavailable here: iptables is not installed" in str(outcome)
+
+
+def test_sysdeps_fails_loudly_when_apt_fails(tmp_path: Path) -> None:
+    """As root in CI, a package that cannot be installed stops ``make sysdeps`` with apt's own
+    error, instead of a note and skipped tests (an apt-get that always fails stands in)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    apt = bin_dir / "apt-get"
+    apt.write_text("#!/bin/sh\necho \"E: Unable to locate package $*\" >&2\nexit 100\n")
+    apt.chmod(0o755)
+    fake_id = bin_dir / "id"
+    fake_id.write_text("#!/bin/sh\necho 0\n")  # root, whoever runs the test
+    fake_id.chmod(0o755)
+    env = {"PATH": str(bin_dir), "CI": "true"}  # no redis-cli on this PATH: something to install
+    out = subprocess.run(["/bin/bash", str(ROOT / ".ci" / "sysdeps")], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode != 0, out
+    assert "Unable to locate package" in out.stderr and "redis-tools" in out.stderr, out.stderr
+
 
 def test_schedule_is_seeded_and_within_the_run() -> None:
     a = make_schedule(["kill", "pause"], 60, random.Random(7))
