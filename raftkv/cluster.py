@@ -8,8 +8,10 @@ session; its pid and log live in the cluster directory (``DIR/n1.pid``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -97,6 +99,8 @@ class LocalCluster:
         d = Path(directory).resolve()
         base = base_port if base_port is not None else free_base_port(nodes, shards)
         m = local_cluster(nodes, shards, base_port=base, data_dir=str(d / "data"))
+        # A random node key: nodes prove to each other that they belong to this cluster (raftkv.security).
+        m = dataclasses.replace(m, security={**m.security, "node_key": secrets.token_hex(32)})
         return cls(d, m, **kw)  # type: ignore[arg-type]
 
     # -- processes ---------------------------------------------------------------

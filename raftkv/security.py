@@ -11,6 +11,15 @@ Security model
   users are configured; before that every command but AUTH/HELLO/QUIT answers
   ``-NOAUTH``, a wrong password ``-WRONGPASS``.  Nodes forwarding to each
   other authenticate the same way.
+* **Node identity**: the internal RPC (``RAFTKV.RPC``: forwarded commands,
+  2PC messages, operator commands run on a shard leader) runs only on a
+  connection that proved it comes from a node of this cluster: the node asks
+  ``RAFTKV.CHALLENGE`` for a fresh nonce and answers ``RAFTKV.NODEAUTH name
+  HMAC-SHA256(node_key, nonce, name)``.  A client sending an internal command
+  gets ``-NOPERM`` and nothing runs.  The key is ``[security] node_key``
+  (``raftkv cluster up`` writes a random one), else the Raft ``secret``; a
+  cluster file with neither falls back to a key derived from public cluster
+  facts, which keeps old files working but proves nothing (the node says so).
 * **TLS** on the client port when ``tls_cert``/``tls_key`` are set; nodes
   forwarding to a TLS peer use TLS without verifying its certificate (they
   already share the cluster file; the Raft secret is the trust anchor).
@@ -21,6 +30,7 @@ Secrets come from ``[security]`` in the cluster file or the environment
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -40,6 +50,7 @@ class Security:
     """A node's security settings (see module doc)."""
 
     secret: str | None = None
+    node_key: str | None = None
     password: str | None = None
     users: Mapping[str, str] = field(default_factory=dict)
     tls_cert: str | None = None
@@ -50,6 +61,7 @@ class Security:
         env = os.environ if env is None else env
         return cls(
             secret=env.get("RAFTKV_SECRET") or security.get("secret") or None,
+            node_key=env.get("RAFTKV_NODE_KEY") or security.get("node_key") or None,
             password=env.get("RAFTKV_PASSWORD") or security.get("password") or None,
             users=dict(security.get("users", {})),
             tls_cert=security.get("tls_cert") or None,
@@ -69,6 +81,21 @@ class Security:
                 return False
         expected = self.users.get(user or "")
         return expected is not None and hmac.compare_digest(password.encode(), expected.encode())
+
+    @property
+    def node_identity_is_secret(self) -> bool:
+        """False when nodes fall back to a key anyone with the cluster's name could derive."""
+        return bool(self.node_key or self.secret)
+
+    def node_mac(self, cluster: str, nonce: bytes, name: str) -> bytes:
+        """What node ``name`` answers to challenge ``nonce`` (hex HMAC-SHA256, domain-separated)."""
+        key = (self.node_key or self.secret or f"raftkv-public-fallback|{cluster}").encode()
+        msg = b"raftkv-node-v1|" + cluster.encode() + b"|" + nonce + b"|" + name.encode()
+        return hmac.new(key, msg, hashlib.sha256).hexdigest().encode()
+
+    def check_node(self, cluster: str, nonce: bytes, name: str, mac: bytes) -> bool:
+        """Constant-time check of a node's answer to a challenge."""
+        return bool(nonce) and hmac.compare_digest(self.node_mac(cluster, nonce, name), mac)
 
     def peer_credentials(self) -> list[bytes] | None:
         """What a node sends to AUTH to another node."""

@@ -53,7 +53,7 @@ from shards.ring import DEFAULT_VNODES, VNODES_MAX, Ring
 
 __all__ = ["NodeInfo", "ShardMap", "ShardMapError", "local_cluster"]
 
-_SECURITY_KEYS = ("secret", "password", "users", "tls_cert", "tls_key")
+_SECURITY_KEYS = ("secret", "node_key", "password", "users", "tls_cert", "tls_key")
 SHARDS_MAX = 1024  # a limit on everything: one Raft group (and port) per shard per node
 NODES_MAX = 256
 PORT_MIN, PORT_MAX = 1, 65535
@@ -137,7 +137,8 @@ class ShardMap:
     data_dir: str
     nodes: Mapping[str, NodeInfo]
     placement: Mapping[int, tuple[str, ...]]
-    # [security]: secret (Raft encryption), password / users (client AUTH), tls_cert / tls_key.
+    # [security]: secret (Raft encryption), node_key (node identity on node-to-node links),
+    # password / users (client AUTH), tls_cert / tls_key.
     security: Mapping[str, Any] = field(default_factory=dict, repr=False)
     ring: Ring = field(init=False, compare=False, repr=False)
     _raft_addr_index: Mapping[str, str] = field(init=False, compare=False, repr=False)
@@ -267,7 +268,7 @@ class ShardMap:
         _reject_unknown(d, ("cluster", "nodes", "placement", "security"), "")
         security = dict(_table(d, "security", required=False))
         _reject_unknown(security, _SECURITY_KEYS, "security")
-        for key in ("secret", "password", "tls_cert", "tls_key"):
+        for key in ("secret", "node_key", "password", "tls_cert", "tls_key"):
             if key in security:
                 _check_str(security[key], f"security.{key}")
         users = security.get("users", {})

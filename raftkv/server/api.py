@@ -61,6 +61,7 @@ class Command:
     arity: int
     handler: Callable[..., Any]  # (node: NodeAPI, conn: Conn, req: list[bytes]) -> reply | future
     leader_only: bool = False  # acts on the shard leader's replica; may be run there for another node
+    internal: bool = False  # node to node only: refused (-NOPERM) unless the connection proved it is a node
     read: bool = False  # served by ReadIndex (or locally when stale): waits for the connection's writes
     no_auth: bool = False  # allowed before AUTH
 
@@ -186,6 +187,10 @@ class NodeAPI(Protocol):
 
     def install_map(self, new: ShardMap) -> None:
         """Adopt a newer shard map (routing, status)."""
+        ...
+
+    def audit(self, action: str, conn: Any, outcome: str, detail: str = "") -> None:
+        """Record an administrative action or a refused identity (log line + metric)."""
         ...
 
     def status(self) -> dict:

@@ -34,10 +34,14 @@ log = logging.getLogger("raftkv.conn")
 class Conn:
     """Per-connection state."""
 
-    __slots__ = ("readonly", "peer", "resp3", "txn", "authed", "last_write", "hops")
+    __slots__ = ("readonly", "peer", "resp3", "txn", "authed", "last_write", "hops", "user", "node", "nonce")
 
-    def __init__(self, peer: str, authed: bool = True, hops: int = 0) -> None:
+    def __init__(self, peer: str, authed: bool = True, hops: int = 0, node: str | None = None) -> None:
         self.authed = authed
+        self.user: str | None = None  # who AUTHenticated on this connection (None: the default user)
+        # The cluster node this connection proved to be (RAFTKV.NODEAUTH): only then may it send RAFTKV.RPC.
+        self.node = node
+        self.nonce = b""  # the challenge this connection was last given
         # Times the request was handed between nodes (internal RPC); clients' connections are 0.
         self.hops = hops
         # The newest write still in flight on this connection: a pipelined read

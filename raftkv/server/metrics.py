@@ -49,6 +49,9 @@ class NodeMetrics:
         self.txn_outcomes = Counter("raftkv_txn_outcomes_total",
                                     "Cross-shard transactions coordinated by this node, by outcome",
                                     ["outcome"], registry=r)
+        self.audit = Counter("raftkv_audit_events_total",
+                             "Administrative actions and refused authentications, by action and outcome",
+                             ["action", "outcome"], registry=r)
         self.client_gone = Counter("raftkv_client_disconnects_total",
                                    "Client connections that closed before their replies were written",
                                    registry=r)

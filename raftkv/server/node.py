@@ -43,6 +43,7 @@ from raftkv.server.router import Router
 from shards.shardmap import ShardMap
 
 log = logging.getLogger("raftkv.node")
+audit_log = logging.getLogger("raftkv.audit")
 
 
 class Node:
@@ -148,6 +149,10 @@ class Node:
             return Error("WRONGARGS", f"wrong number of arguments for '{name.decode().lower()}' command")
         if not conn.authed and not spec.no_auth:
             return Error("NOAUTH", "Authentication required.")
+        if spec.internal and conn.node is None:
+            self.audit(name.decode(errors="replace").lower(), conn, "denied", "internal command from a client")
+            return Error("NOPERM", f"{name.decode(errors='replace')} is an internal command: only nodes of this "
+                                   "cluster may send it")
         try:
             return spec.handler(self, conn, req)
         except BadRequest as e:
@@ -169,6 +174,13 @@ class Node:
         if asyncio.isfuture(reply):
             conn.last_write = reply
         return reply
+
+    def audit(self, action: str, conn: Conn, outcome: str, detail: str = "") -> None:
+        """One structured line (and a metric) per administrative action or refused identity."""
+        self.metrics.audit.labels(action, outcome).inc()
+        audit_log.info("event=audit action=%s user=%s node=%s peer=%s outcome=%s%s", action,
+                       conn.user or ("-" if conn.node else "default"), conn.node or "-", conn.peer, outcome,
+                       f" detail={detail!r}" if detail else "")
 
     def count_reply(self, reply: Any, name: bytes | None, started: float) -> None:
         """Account one reply in the stats and metrics."""
@@ -287,6 +299,9 @@ def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_le
                 metrics_port=metrics_port, insecure=insecure, faults=faults, compact_every_cmds=compact_every_cmds)
     if unsafe_local_reads:
         log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
+    if not node.security.node_identity_is_secret:
+        log.warning("event=insecure_node_identity node=%s msg='no [security] node_key or secret in the cluster "
+                    "file: node identity is not secret, so clients can forge internal commands'", name)
     if node.faults.armed:
         log.warning("event=faults_armed node=%s faults=%s", name,
                     ",".join(f"{f.point}:{f.value:g}:{f.count}:{f.match}" for f in node.faults.armed))

@@ -1,6 +1,8 @@
 """Links to other nodes: one pipelined connection per peer, carrying ``RAFTKV.RPC``.
 
-A link reconnects on demand.  A call either returns the peer's decoded reply
+A link reconnects on demand and opens with the node-identity handshake
+(``RAFTKV.CHALLENGE`` -> nonce, ``RAFTKV.NODEAUTH name mac``; see
+``raftkv.security``); the RPCs pipeline behind it.  A call either returns the peer's decoded reply
 or raises ``PeerUnreachable``, whose ``sent`` says whether the message may
 have reached the peer (then its effect is unknown) or surely did not
 (connection refused or not yet open: nothing ran).
@@ -9,6 +11,7 @@ have reached the peer (then its effect is unknown) or surely did not
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -28,10 +31,10 @@ class PeerUnreachable(Exception):
 class PeerLink:
     """One pipelined RESP connection to another node."""
 
-    def __init__(self, host: str, port: int, ssl_ctx: Any = None, credentials: list[bytes] | None = None) -> None:
+    def __init__(self, host: str, port: int, identify: Callable[[bytes], list[bytes]], ssl_ctx: Any = None) -> None:
         self.host, self.port = host, port
         self.ssl = ssl_ctx
-        self.credentials = credentials
+        self.identify = identify  # challenge nonce -> the RAFTKV.NODEAUTH command that answers it
         self.writer: asyncio.StreamWriter | None = None
         self.waiting: list[asyncio.Future] = []
         self.lock = asyncio.Lock()
@@ -51,13 +54,7 @@ class PeerLink:
         try:
             async with self.lock:
                 if self.writer is None or self.writer.is_closing():
-                    reader, self.writer = await asyncio.wait_for(
-                        asyncio.open_connection(self.host, self.port, ssl=self.ssl), timeout=min(timeout, 1.0))
-                    asyncio.create_task(self._pump(reader, self.writer))
-                    if self.credentials:
-                        # Pipelined ahead of the first command; a refusal shows as that command's error.
-                        self.waiting.append(asyncio.get_running_loop().create_future())
-                        self.writer.write(protocol.encode_command(*self.credentials))
+                    await asyncio.wait_for(self._connect(), timeout=min(timeout, 1.0))
                 fut = asyncio.get_running_loop().create_future()
                 self.waiting.append(fut)
                 self.writer.write(protocol.encode_command(*args))
@@ -67,6 +64,21 @@ class PeerLink:
             return await asyncio.wait_for(fut, timeout)
         except (OSError, TimeoutError) as e:
             raise PeerUnreachable(f"{self.host}:{self.port}: {e or type(e).__name__}", sent=True) from None
+
+    async def _connect(self) -> None:
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
+        self.writer = writer
+        asyncio.create_task(self._pump(reader, writer))
+        challenge = asyncio.get_running_loop().create_future()
+        self.waiting.append(challenge)
+        writer.write(protocol.encode_command(b"RAFTKV.CHALLENGE"))
+        nonce = await challenge
+        if not isinstance(nonce, bytes):
+            writer.close()
+            raise ConnectionRefusedError(f"node handshake refused: {nonce}")
+        # Pipelined ahead of the first RPC; a refusal shows as that RPC's -NOPERM.
+        self.waiting.append(asyncio.get_running_loop().create_future())
+        writer.write(protocol.encode_command(*self.identify(nonce)))
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = protocol.reply_reader()

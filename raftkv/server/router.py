@@ -108,9 +108,13 @@ class Router:
         link = self.peers.get(target)
         if link is None:
             info = self.node.map.nodes[target]
-            sec = self.node.security
-            link = self.peers[target] = PeerLink(info.host, info.client_port, sec.peer_ssl(),
-                                                 sec.peer_credentials())
+            node = self.node
+
+            def identify(nonce: bytes) -> list[bytes]:
+                mac = node.security.node_mac(node.map.name, nonce, node.name)
+                return [b"RAFTKV.NODEAUTH", node.name.encode(), mac]
+
+            link = self.peers[target] = PeerLink(info.host, info.client_port, identify, node.security.peer_ssl())
         return link
 
     # -- the core ---------------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""``RAFTKV.RPC message``: the one internal command, sent by other nodes (``raftkv.server.rpc``).
+"""The node-to-node commands: ``RAFTKV.CHALLENGE``/``RAFTKV.NODEAUTH`` (a peer proves it is a
+node of this cluster, see ``raftkv.security``) and ``RAFTKV.RPC message`` (``raftkv.server.rpc``).
 
-The reply is always a bulk string holding the encoded result, so errors,
-nils and simple strings reach the origin exactly as the leader produced them.
+``RAFTKV.RPC`` runs only on a connection that proved node identity; the
+dispatcher answers ``-NOPERM`` to anyone else before the message is decoded.
+Its reply is always a bulk string holding the encoded result, so errors, nils
+and simple strings reach the origin exactly as the leader produced them.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
-from raftkv.protocol import Error
+from raftkv.protocol import OK, Error
 from raftkv.server import rpc
 from raftkv.server.api import Command, NodeAPI
 from raftkv.server.conn import Conn
@@ -44,4 +49,30 @@ async def _handle(node: NodeAPI, conn: Conn, msg: tuple) -> Any:
     return await node.run_forwarded([bytes(a) for a in request], int(hops), conn.peer)
 
 
-COMMANDS: dict[bytes, Command] = {b"RAFTKV.RPC": Command(2, cmd_rpc)}
+audit = logging.getLogger("raftkv.audit")
+
+
+def cmd_challenge(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.CHALLENGE -> a fresh nonce for this connection."""
+    conn.nonce = os.urandom(16).hex().encode()
+    return conn.nonce
+
+
+def cmd_nodeauth(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.NODEAUTH name mac: prove this connection comes from node ``name`` of this cluster."""
+    name = req[1].decode(errors="replace")
+    nonce, conn.nonce = conn.nonce, b""  # one answer per challenge
+    if name not in node.map.nodes or not node.security.check_node(node.map.name, nonce, name, req[2]):
+        node.audit("nodeauth", conn, "denied", f"claimed={name}")
+        return Error("NOPERM", "node authentication failed: ask RAFTKV.CHALLENGE first and answer with the "
+                               "cluster's node key")
+    conn.node = name
+    conn.authed = True
+    return OK
+
+
+COMMANDS: dict[bytes, Command] = {
+    b"RAFTKV.CHALLENGE": Command(1, cmd_challenge, no_auth=True),
+    b"RAFTKV.NODEAUTH": Command(3, cmd_nodeauth, no_auth=True),
+    b"RAFTKV.RPC": Command(2, cmd_rpc, internal=True),
+}
