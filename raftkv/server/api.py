@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from raftkv.acl import Access, AclTable
 from raftkv.protocol import Error
 
 if TYPE_CHECKING:
@@ -62,8 +63,15 @@ class Command:
     handler: Callable[..., Any]  # (node: NodeAPI, conn: Conn, req: list[bytes]) -> reply | future
     leader_only: bool = False  # acts on the shard leader's replica; may be run there for another node
     internal: bool = False  # node to node only: refused (-NOPERM) unless the connection proved it is a node
+    # What the request needs of a user's roles (raftkv.acl); None: a connection command, always allowed.
+    access: Callable[[list[bytes]], Access] | None = None
     read: bool = False  # served by ReadIndex (or locally when stale): waits for the connection's writes
     no_auth: bool = False  # allowed before AUTH
+
+
+def admin_access(req: list[bytes]) -> Access:
+    """Operator commands: the ``admin`` category, no keys."""
+    return Access("admin")
 
 
 # -- fault points ---------------------------------------------------------------------------------
@@ -187,6 +195,14 @@ class NodeAPI(Protocol):
 
     def install_map(self, new: ShardMap) -> None:
         """Adopt a newer shard map (routing, status)."""
+        ...
+
+    def acl(self) -> AclTable:
+        """The replicated user/role table as this node last applied it."""
+        ...
+
+    def auth_required(self) -> bool:
+        """Whether a connection must AUTH before running commands."""
         ...
 
     def audit(self, action: str, conn: Any, outcome: str, detail: str = "") -> None:

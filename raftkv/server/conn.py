@@ -34,7 +34,8 @@ log = logging.getLogger("raftkv.conn")
 class Conn:
     """Per-connection state."""
 
-    __slots__ = ("readonly", "peer", "resp3", "txn", "authed", "last_write", "hops", "user", "node", "nonce")
+    __slots__ = ("readonly", "peer", "resp3", "txn", "authed", "last_write", "hops", "user", "node", "nonce",
+                 "barrier")
 
     def __init__(self, peer: str, authed: bool = True, hops: int = 0, node: str | None = None) -> None:
         self.authed = authed
@@ -42,6 +43,7 @@ class Conn:
         # The cluster node this connection proved to be (RAFTKV.NODEAUTH): only then may it send RAFTKV.RPC.
         self.node = node
         self.nonce = b""  # the challenge this connection was last given
+        self.barrier: asyncio.Future | None = None  # an AUTH in progress: later commands wait for it
         # Times the request was handed between nodes (internal RPC); clients' connections are 0.
         self.hops = hops
         # The newest write still in flight on this connection: a pipelined read
@@ -56,7 +58,7 @@ class Conn:
 async def serve_connection(node: Node, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Serve one client connection until it closes, breaks a limit or sends garbage."""
     peername = writer.get_extra_info("peername")
-    conn = Conn(f"{peername[0]}:{peername[1]}" if peername else "?", not node.security.auth_required)
+    conn = Conn(f"{peername[0]}:{peername[1]}" if peername else "?", not node.auth_required())
     limits = node.limits
     if node.clients >= limits.clients_max:
         writer.write(protocol.encode(Error("BUSY", f"max number of clients reached ({limits.clients_max})")))

@@ -30,11 +30,12 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from raftkv.acl import ACL_KEY, RESERVED_PREFIX, AclError, AclTable, Permissions
 from raftkv.protocol import Error
 from raftkv.replica import ShardReplica
 from raftkv.security import Security, check_bind
 from raftkv.server import commands
-from raftkv.server.api import BadRequest, Faults, Limits, Timing
+from raftkv.server.api import BadRequest, Command, Faults, Limits, Timing, admin_access
 from raftkv.server.balancer import balance_loop
 from raftkv.server.conn import Conn, serve_connection
 from raftkv.server.coordinator import TxnService
@@ -88,6 +89,10 @@ class Node:
             self.metrics.leader_changes.labels(str(shard))  # export 0 before the first change
         self.metrics_port = metrics_port if metrics_port is not None else self.info.metrics_port
         self._tasks: list[asyncio.Task] = []
+        self._acl = AclTable()
+        self._acl_blob: bytes | None = None
+        self._acl_fetched: bytes | None = None  # the table, when this node hosts no replica of its shard
+        self._acl_perms: dict[str, Permissions | None] = {}
 
     @property
     def replicas(self) -> dict[int, ShardReplica]:
@@ -109,6 +114,8 @@ class Node:
             log.info("event=metrics node=%s addr=http://%s:%d/metrics", self.name, self.info.host,
                      self.metrics_port)
         self._tasks.append(asyncio.create_task(self.txns.recovery_loop()))
+        if self.map.shard_for_key(ACL_KEY) not in self._replicas:
+            self._tasks.append(asyncio.create_task(self._fetch_acl_loop()))
         if self.timing.balance_period_s > 0:
             self._tasks.append(asyncio.create_task(balance_loop(self, self.timing.balance_period_s)))
             log.info("event=leader_balancer node=%s period_s=%g", self.name, self.timing.balance_period_s)
@@ -129,6 +136,15 @@ class Node:
             await stop.wait()
         log.info("event=stopping node=%s", self.name)
 
+    async def _fetch_acl_loop(self) -> None:
+        """Keep a copy of the user/role table when its shard lives on other nodes."""
+        shard = self.map.shard_for_key(ACL_KEY)
+        while True:
+            res = await self.execute(shard, ("get", ACL_KEY), read=True)
+            if res is None or isinstance(res, bytes):
+                self._acl_fetched = res
+            await asyncio.sleep(1.0)
+
     def close(self) -> None:
         for r in self._replicas.values():
             r.destroy()
@@ -138,10 +154,14 @@ class Node:
         """Reply value, or a future of one.  Futures start now, so order is kept."""
         self.stats["commands"] += 1
         name = req[0].upper()
+        spec = commands.COMMANDS.get(name)
         if conn.txn is not None and conn.txn.queuing and name not in commands.MULTI_CONTROL:
             # Inside MULTI (which needed auth): queue for EXEC; unknown commands abort EXEC.
+            refused = self._refused(conn, spec, req)
+            if refused is not None:
+                conn.txn.dirty = refused.message
+                return refused
             return commands.queue_in_multi(self, conn, req, name)
-        spec = commands.COMMANDS.get(name)
         if spec is None:
             return Error("ERR", f"unknown command '{req[0].decode(errors='replace')}'")
         n = len(req)
@@ -153,13 +173,64 @@ class Node:
             self.audit(name.decode(errors="replace").lower(), conn, "denied", "internal command from a client")
             return Error("NOPERM", f"{name.decode(errors='replace')} is an internal command: only nodes of this "
                                    "cluster may send it")
+        refused = self._refused(conn, spec, req)
+        if refused is not None:
+            return refused
+        if spec.access is admin_access:
+            self.audit(name.decode(errors="replace").lower(), conn, "allowed")
         try:
             return spec.handler(self, conn, req)
         except BadRequest as e:
             return e.error
 
+    def _refused(self, conn: Conn, spec: Command | None, req: list[bytes]) -> Error | None:
+        """-NOPERM when the connection's user may not run ``req`` (every key is checked first)."""
+        if conn.user is None or spec is None or spec.access is None:
+            return None
+        perms = self.permissions(conn.user)
+        if perms is None:  # a user of the cluster file: every right, as before roles existed
+            return None
+        why = perms.check(spec.access(req))
+        if why is None:
+            return None
+        action = req[0].decode(errors="replace").lower()
+        if spec.access is admin_access:
+            self.audit(action, conn, "denied", why)
+        return Error("NOPERM", f"user {conn.user!r}: {why} ({action})")
+
+    # -- users and roles ---------------------------------------------------------------------------
+    def acl(self) -> AclTable:
+        """The replicated user/role table as this node last applied it (a local, possibly stale read)."""
+        replica = self._replicas.get(self.map.shard_for_key(ACL_KEY))
+        blob = None if replica is None else (replica.state.peek(ACL_KEY) or (None,))[0]
+        if replica is None:
+            blob = self._acl_fetched
+        if blob is not self._acl_blob:
+            try:
+                self._acl = AclTable.decode(blob)
+            except (AclError, ValueError) as e:
+                log.error("event=acl_table_unreadable err=%s", e)
+            self._acl_blob, self._acl_perms = blob, {}
+        return self._acl
+
+    def permissions(self, user: str) -> Permissions | None:
+        table = self.acl()
+        if user not in self._acl_perms:
+            self._acl_perms[user] = table.permissions(user)
+        return self._acl_perms[user]
+
+    def auth_required(self) -> bool:
+        return self.security.auth_required or bool(self.acl().users)
+
     def dispatch_ordered(self, conn: Conn, req: list[bytes]) -> Any:
         """``dispatch``, but reads wait for this connection's earlier writes to finish."""
+        barrier = conn.barrier
+        if barrier is not None and not barrier.done():
+            async def after_barrier() -> Any:
+                await asyncio.wait([barrier])
+                reply = self.dispatch_ordered(conn, req)
+                return await reply if asyncio.isfuture(reply) else reply
+            return self.run(after_barrier())
         spec = commands.COMMANDS.get(req[0].upper())
         pending = conn.last_write
         if spec is not None and spec.read:
@@ -194,6 +265,9 @@ class Node:
 
     # -- NodeAPI ---------------------------------------------------------------------------------
     def shard_of(self, key: bytes) -> int:
+        if key.startswith(RESERVED_PREFIX):
+            raise BadRequest(Error("NOPERM", f"keys starting with {RESERVED_PREFIX!r} are reserved for the cluster "
+                                             "(users and roles live there)"))
         if len(key) > self.limits.key_bytes_max:
             raise BadRequest(Error("TOOBIG", f"key of {len(key)} bytes exceeds key_bytes_max="
                                              f"{self.limits.key_bytes_max}"))

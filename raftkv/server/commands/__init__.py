@@ -6,7 +6,8 @@
 ``admin``      PING ECHO HELLO AUTH INFO READONLY ... RAFTKV.STATUS/SHARDS/CLUSTER/TRANSFER
 ``backup``     RAFTKV.BACKUP
 ``member``     RAFTKV.MEMBER RAFTKV.MAP
-``internal``   RAFTKV.RPC (node to node)
+``acl``        RAFTKV.USER RAFTKV.ROLE
+``internal``   RAFTKV.CHALLENGE RAFTKV.NODEAUTH RAFTKV.RPC (node to node)
 =============  ==================================================================
 
 A handler is ``handler(node: NodeAPI, conn: Conn, req) -> reply | future``.
@@ -15,10 +16,10 @@ A handler is ``handler(node: NodeAPI, conn: Conn, req) -> reply | future``.
 from __future__ import annotations
 
 from raftkv.server.api import Command
-from raftkv.server.commands import admin, backup, internal, kv, member, txn
+from raftkv.server.commands import acl, admin, backup, internal, kv, member, txn
 
 COMMANDS: dict[bytes, Command] = {}
-for _module in (kv, txn, admin, backup, member, internal):
+for _module in (kv, txn, admin, backup, member, acl, internal):
     _clash = COMMANDS.keys() & _module.COMMANDS.keys()
     assert not _clash, f"command defined twice: {_clash}"
     COMMANDS.update(_module.COMMANDS)

@@ -8,9 +8,10 @@ import json
 from typing import Any
 
 from raftkv import protocol
+from raftkv.acl import verify_password
 from raftkv.protocol import OK, PONG, Error
 from raftkv.replica import ShardReplica
-from raftkv.server.api import BadRequest, Command, NodeAPI
+from raftkv.server.api import BadRequest, Command, NodeAPI, admin_access
 from raftkv.server.conn import Conn
 
 
@@ -135,16 +136,32 @@ def cmd_dbsize(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
 
 def cmd_auth(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
-    """AUTH password | AUTH user password."""
+    """AUTH password | AUTH user password: users of the replicated table first, then the cluster file's."""
     if len(req) > 3:
         return Error("WRONGARGS", "wrong number of arguments for 'auth' command")
-    if not node.security.auth_required:
+    if not node.auth_required():
         return Error("ERR", "AUTH <password> called without any password configured for this node")
     user = req[1].decode(errors="replace") if len(req) == 3 else None
-    if node.security.check(user, req[-1].decode(errors="replace")):
-        conn.authed = True
-        return OK
-    return Error("WRONGPASS", "invalid username-password pair or user is disabled.")
+    password = req[-1].decode(errors="replace")
+    entry = node.acl().users.get(user) if user is not None else None
+    if entry is None:
+        return _auth_result(node, conn, user, node.security.check(user, password))
+
+    async def check() -> Any:
+        # scrypt is deliberately slow: off the event loop
+        ok = await asyncio.get_running_loop().run_in_executor(None, verify_password, password, entry.password_hash)
+        return _auth_result(node, conn, user, ok)
+    conn.barrier = node.run(check())  # commands pipelined behind AUTH wait for its answer
+    return conn.barrier
+
+
+def _auth_result(node: NodeAPI, conn: Conn, user: str | None, ok: bool) -> Any:
+    if not ok:
+        node.audit("auth", conn, "denied", f"user={user or 'default'}")
+        return Error("WRONGPASS", "invalid username-password pair or user is disabled.")
+    conn.authed = True
+    conn.user = user
+    return OK
 
 
 def cmd_hello(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
@@ -157,11 +174,19 @@ def cmd_hello(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
             i = upper.index(b"AUTH")
             if len(req) < i + 3:
                 return Error("WRONGARGS", "HELLO AUTH needs a username and a password")
-            reply = cmd_auth(node, conn, [b"AUTH", req[i + 1], req[i + 2]])
-            if reply is not OK:
-                return reply
-        elif not conn.authed:
+            authed = cmd_auth(node, conn, [b"AUTH", req[i + 1], req[i + 2]])
+
+            async def after_auth() -> Any:
+                reply = await authed if asyncio.isfuture(authed) else authed
+                return reply if reply is not OK else _hello(conn, req)
+            return node.run(after_auth())
+        if not conn.authed:
             return Error("NOAUTH", "HELLO must be called with the client's AUTH credentials.")
+    return _hello(conn, req)
+
+
+def _hello(conn: Conn, req: list[bytes]) -> Any:
+    if len(req) >= 2:
         conn.resp3 = req[1] == b"3"
     return protocol.Map((b"server", b"raftkv", b"version", b"0.1.0", b"proto", 3 if conn.resp3 else 2,
                          b"id", 1, b"mode", b"standalone", b"role", b"master", b"modules", []))
@@ -173,7 +198,7 @@ COMMANDS: dict[bytes, Command] = {
     b"RAFTKV.STATUS": Command(1, cmd_status),
     b"RAFTKV.SHARDS": Command(1, cmd_shards),
     b"RAFTKV.CLUSTER": Command(1, cmd_cluster),
-    b"RAFTKV.TRANSFER": Command(-2, cmd_transfer, leader_only=True),
+    b"RAFTKV.TRANSFER": Command(-2, cmd_transfer, leader_only=True, access=admin_access),
     b"READONLY": Command(1, cmd_readonly),
     b"READWRITE": Command(1, cmd_readwrite),
     b"INFO": Command(-1, cmd_info),

@@ -10,7 +10,7 @@ from typing import Any
 from raftkv.backup import BackupError, decode_block, encode_block
 from raftkv.protocol import OK, Error
 from raftkv.replica import APPLIED, ShardReplica
-from raftkv.server.api import Command, NodeAPI
+from raftkv.server.api import Command, NodeAPI, admin_access
 from raftkv.server.commands.admin import leader_replica, parse_shard
 from raftkv.server.commands.kv import to_reply
 from raftkv.server.conn import Conn
@@ -91,6 +91,6 @@ async def _dump(node: NodeAPI, shard: int, bid: str, req: list[bytes], hops: int
     return await loop.run_in_executor(None, encode_block, shard, revision, rows)
 
 
-COMMANDS: dict[bytes, Command] = {b"RAFTKV.BACKUP": Command(-4, cmd_backup, leader_only=True)}
+COMMANDS: dict[bytes, Command] = {b"RAFTKV.BACKUP": Command(-4, cmd_backup, leader_only=True, access=admin_access)}
 
 

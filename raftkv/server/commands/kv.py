@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from raftkv.acl import Access
 from raftkv.protocol import OK, Error
 from raftkv.results import CmdError
 from raftkv.server.api import Command, NodeAPI
@@ -166,14 +167,41 @@ def cmd_req(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     return handler(node, conn, inner, session=(sid, seq))
 
 
+def _reads_all(req: list[bytes]) -> Access:
+    return Access("read", tuple(req[1:]))
+
+
+def _writes_all(req: list[bytes]) -> Access:
+    return Access("write", writes=tuple(req[1:]))
+
+
+def _read_first(req: list[bytes]) -> Access:
+    return Access("read", (req[1],))
+
+
+def _write_first(req: list[bytes]) -> Access:
+    return Access("write", writes=(req[1],))
+
+
+def _swap_first(req: list[bytes]) -> Access:
+    return Access("write", (req[1],), (req[1],))  # a compare-and-set reads the key too
+
+
+def _req_access(req: list[bytes]) -> Access:
+    inner = COMMANDS.get(req[3].upper()) if len(req) > 3 else None
+    if inner is None or inner.access is None:
+        return Access("write")
+    return inner.access(req[3:])
+
+
 COMMANDS: dict[bytes, Command] = {
-    b"GET": Command(2, cmd_get, read=True),
-    b"MGET": Command(-2, cmd_mget, read=True),
-    b"EXISTS": Command(-2, cmd_exists, read=True),
-    b"RAFTKV.STALEGET": Command(2, cmd_staleget, read=True),
-    b"SET": Command(-3, cmd_set),
-    b"DEL": Command(-2, cmd_del),
-    b"CAS": Command(4, cmd_cas),
-    b"RAFTKV.CASNX": Command(3, cmd_casnx),
-    b"RAFTKV.REQ": Command(-4, cmd_req),
+    b"GET": Command(2, cmd_get, read=True, access=_read_first),
+    b"MGET": Command(-2, cmd_mget, read=True, access=_reads_all),
+    b"EXISTS": Command(-2, cmd_exists, read=True, access=_reads_all),
+    b"RAFTKV.STALEGET": Command(2, cmd_staleget, read=True, access=_read_first),
+    b"SET": Command(-3, cmd_set, access=_write_first),
+    b"DEL": Command(-2, cmd_del, access=_writes_all),
+    b"CAS": Command(4, cmd_cas, access=_swap_first),
+    b"RAFTKV.CASNX": Command(3, cmd_casnx, access=_swap_first),
+    b"RAFTKV.REQ": Command(-4, cmd_req, access=_req_access),
 }

@@ -9,7 +9,7 @@ from typing import Any
 
 from raftkv.protocol import OK, Error
 from raftkv.replica import ShardReplica
-from raftkv.server.api import Command, NodeAPI
+from raftkv.server.api import Command, NodeAPI, admin_access
 from raftkv.server.commands.admin import leader_replica, parse_shard
 from raftkv.server.conn import Conn
 from shards.shardmap import ShardMap, ShardMapError
@@ -89,8 +89,8 @@ def cmd_map(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
 
 COMMANDS: dict[bytes, Command] = {
-    b"RAFTKV.MEMBER": Command(-3, cmd_member, leader_only=True),
-    b"RAFTKV.MAP": Command(2, cmd_map),
+    b"RAFTKV.MEMBER": Command(-3, cmd_member, leader_only=True, access=admin_access),
+    b"RAFTKV.MAP": Command(2, cmd_map, access=admin_access),
 }
 
 

@@ -26,9 +26,10 @@ import asyncio
 import random
 from typing import Any
 
+from raftkv.acl import Access
 from raftkv.protocol import NIL_ARRAY, OK, QUEUED, Error
 from raftkv.server import coordinator
-from raftkv.server.api import BadRequest, Command, NodeAPI
+from raftkv.server.api import BadRequest, Command, NodeAPI, admin_access
 from raftkv.server.conn import Conn
 from raftkv.txn import PENDING, TxnResult
 
@@ -291,13 +292,35 @@ def cmd_txstats(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     return out
 
 
+def _mset_access(req: list[bytes]) -> Access:
+    return Access("write", writes=tuple(req[1::2]))
+
+
+def _txn_access(req: list[bytes]) -> Access:
+    try:
+        _txid, compares, then_ops, else_ops = parse_txn(req[1:])
+    except _Syntax:
+        return Access("txn")  # refused by the handler anyway
+    ops = then_ops + else_ops
+    reads = [c[0] for c in compares] + [op[1] for op in ops if op[0] == "get"]
+    return Access("txn", tuple(reads), tuple(op[1] for op in ops if op[0] != "get"))
+
+
+def _watch_access(req: list[bytes]) -> Access:
+    return Access("read", tuple(req[1:]))
+
+
+def _txn_control(req: list[bytes]) -> Access:
+    return Access("txn")
+
+
 COMMANDS: dict[bytes, Command] = {
-    b"MSET": Command(-3, cmd_mset),
-    b"RAFTKV.TXN": Command(-4, cmd_txn),
-    b"RAFTKV.TXSTATS": Command(1, cmd_txstats),
-    b"WATCH": Command(-2, cmd_watch),
-    b"UNWATCH": Command(1, cmd_unwatch),
-    b"MULTI": Command(1, cmd_multi),
-    b"EXEC": Command(1, cmd_exec),
-    b"DISCARD": Command(1, cmd_discard),
+    b"MSET": Command(-3, cmd_mset, access=_mset_access),
+    b"RAFTKV.TXN": Command(-4, cmd_txn, access=_txn_access),
+    b"RAFTKV.TXSTATS": Command(1, cmd_txstats, access=admin_access),
+    b"WATCH": Command(-2, cmd_watch, access=_watch_access),
+    b"UNWATCH": Command(1, cmd_unwatch, access=_txn_control),
+    b"MULTI": Command(1, cmd_multi, access=_txn_control),
+    b"EXEC": Command(1, cmd_exec, access=_txn_control),
+    b"DISCARD": Command(1, cmd_discard, access=_txn_control),
 }
