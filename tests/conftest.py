@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -45,6 +46,20 @@ def start_cluster(directory: str, nodes: int = 3, shards: int = 3, node_args: li
         lc.stop()
         raise
     return lc
+
+
+@contextlib.contextmanager
+def running(lc: LocalCluster, timeout: float = 60.0) -> Iterator[LocalCluster]:
+    """Start ``lc``, wait until every shard has a leader, stop it afterwards; node logs on failure."""
+    lc.start()
+    try:
+        lc.wait_ready(timeout)
+        yield lc
+    except BaseException:
+        dump_logs(lc)
+        raise
+    finally:
+        lc.stop()
 
 
 def dump_logs(lc: LocalCluster, lines: int = 40) -> None:

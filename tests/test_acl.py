@@ -24,7 +24,7 @@ from raftkv.acl import ACL_KEY, CATEGORIES, AclError, AclTable, Permissions, has
 from raftkv.cluster import LocalCluster
 from raftkv.protocol import encode_command
 from raftkv.server.commands import COMMANDS
-from tests.conftest import dump_logs
+from tests.conftest import running
 
 KEYS = [b"a", b"ab", b"b", b"ba", b"c"]
 PREFIXES = [b"", b"a", b"ab", b"b", b"c"]
@@ -135,16 +135,8 @@ def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     d = tmp_path_factory.mktemp("acl")
     m = local_cluster(3, 3, base_port=free_base_port(), data_dir=str(d / "data"))
     m = dataclasses.replace(m, security={"password": "opw", "node_key": "k" * 64})
-    c = LocalCluster(d, m)
-    c.start()
-    try:
-        c.wait_ready(60)
+    with running(LocalCluster(d, m)) as c:
         yield c
-    except BaseException:
-        dump_logs(c)
-        raise
-    finally:
-        c.stop()
 
 
 def r(lc: LocalCluster, node: str = "n1", **kw: object) -> redis.Redis:

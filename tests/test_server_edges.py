@@ -19,7 +19,7 @@ import pytest
 from raftkv import Client, IndeterminateError
 from raftkv.cluster import LocalCluster
 from raftkv.protocol import ReplyError, encode_command
-from tests.conftest import dump_logs, start_cluster
+from tests.conftest import running
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,8 @@ def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     args: list[str] = []
     for f in FAULTS:
         args += ["--fault", f]
-    c = start_cluster(str(tmp_path_factory.mktemp("edges")), node_args=args)
-    try:
+    with running(LocalCluster.create(str(tmp_path_factory.mktemp("edges")), node_args=args)) as c:
         yield c
-    except BaseException:
-        dump_logs(c)
-        raise
-    finally:
-        c.stop()
 
 
 def key_on(lc: LocalCluster, prefix: str, shard: int) -> str:

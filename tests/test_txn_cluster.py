@@ -20,7 +20,7 @@ import redis
 from raftkv.client import Client, IndeterminateError, RaftKVError, UnavailableError
 from raftkv.cluster import LocalCluster, call
 from raftkv.txnclient import Txn
-from tests.conftest import dump_logs
+from tests.conftest import running
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +29,8 @@ pytestmark = pytest.mark.slow
 def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     faults = ["--fault", "txn.after_prepare:60:1:pause-k1", "--fault", "txn.after_decide:60:1:pause-k2",
               "--fault", "txn.after_prepare:0.5:1:pause-k3"]
-    c = LocalCluster.create(str(tmp_path_factory.mktemp("txn")), nodes=3, shards=3, node_args=faults)
-    c.start()
-    try:
-        c.wait_ready(60)
+    with running(LocalCluster.create(str(tmp_path_factory.mktemp("txn")), nodes=3, shards=3, node_args=faults)) as c:
         yield c
-    except BaseException:
-        dump_logs(c)
-        raise
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

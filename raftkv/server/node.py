@@ -223,28 +223,26 @@ class Node:
         return self.security.auth_required or bool(self.acl().users)
 
     def dispatch_ordered(self, conn: Conn, req: list[bytes]) -> Any:
-        """``dispatch``, but reads wait for this connection's earlier writes to finish."""
+        """``dispatch``, but after an AUTH in progress, and reads after this connection's earlier writes."""
         barrier = conn.barrier
         if barrier is not None and not barrier.done():
-            async def after_barrier() -> Any:
-                await asyncio.wait([barrier])
-                reply = self.dispatch_ordered(conn, req)
-                return await reply if asyncio.isfuture(reply) else reply
-            return self.run(after_barrier())
+            return self.run(self._after(barrier, self.dispatch_ordered, conn, req))
         spec = commands.COMMANDS.get(req[0].upper())
         pending = conn.last_write
         if spec is not None and spec.read:
             if pending is not None and not pending.done():
-                async def after_writes() -> Any:
-                    await asyncio.wait([pending])
-                    reply = self.dispatch(conn, req)
-                    return await reply if asyncio.isfuture(reply) else reply
-                return self.run(after_writes())
+                return self.run(self._after(pending, self.dispatch, conn, req))
             return self.dispatch(conn, req)
         reply = self.dispatch(conn, req)
         if asyncio.isfuture(reply):
             conn.last_write = reply
         return reply
+
+    @staticmethod
+    async def _after(first: asyncio.Future, dispatch: Any, conn: Conn, req: list[bytes]) -> Any:
+        await asyncio.wait([first])
+        reply = dispatch(conn, req)
+        return await reply if asyncio.isfuture(reply) else reply
 
     def audit(self, action: str, conn: Conn, outcome: str, detail: str = "") -> None:
         """One structured line (and a metric) per administrative action or refused identity."""
