@@ -163,6 +163,22 @@ class Client:
             t.then_put(k, v)
         t.commit(retries=retries)
 
+    def command(self, *args: Bytesish) -> Any:
+        """Run one operator command (``RAFTKV.USER``, ``RAFTKV.ROLE``, ...) on the first node that answers.
+
+        Raises ``RaftKVError`` for an error reply, ``UnavailableError`` when no node answers.
+        """
+        request = [_b(a) for a in args]
+        last = "no node"
+        for addr in self._seeds:
+            try:
+                return self._call_node(addr, request, self.timeout)
+            except (OSError, ConnectionError) as e:
+                last = f"{addr[0]}:{addr[1]}: {e}"
+            except ReplyError as e:
+                raise RaftKVError(e.code, e.message) from None
+        raise UnavailableError("UNAVAILABLE", f"no node answered ({last})")
+
     def node_status(self) -> dict[str, Any]:
         """``RAFTKV.STATUS`` of every node: name -> status dict, or an ``error`` entry."""
         import json

@@ -196,8 +196,113 @@ def leaders_balance(timeout: float, cluster_file: str | None) -> None:
                + ", ".join(f"{n}={counts.get(n, 0)}" for n in sorted(op.map.nodes)))
 
 
+# -- users and roles (raftkv.acl; RAFTKV.USER / RAFTKV.ROLE) ---------------------------------------
+
+def _acl_command(cluster_file: str | None, *args: str | bytes) -> object:
+    from raftkv.client import Client, RaftKVError
+
+    with Client(cluster=cluster_path(cluster_file), **client_kw()) as c:
+        try:
+            return c.command(*args)
+        except RaftKVError as e:
+            _die(str(e))
+    return None
+
+
+@click.group("user")
+def user_group() -> None:
+    """Users: passwords (stored as salted scrypt hashes) and roles; replicated in the cluster."""
+
+
+@user_group.command("add")
+@click.argument("name")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+@click.option("--role", "roles", multiple=True, help="a role to grant (repeatable); 'root' grants everything")
+@cluster_option
+def user_add(name: str, password: str, roles: tuple[str, ...], cluster_file: str | None) -> None:
+    """Create (or replace) user NAME."""
+    _acl_command(cluster_file, "RAFTKV.USER", "ADD", name, password, *roles)
+    click.echo(f"user {name}: roles {', '.join(roles) or '-'}")
+
+
+@user_group.command("del")
+@click.argument("name")
+@cluster_option
+def user_del(name: str, cluster_file: str | None) -> None:
+    """Delete user NAME."""
+    _acl_command(cluster_file, "RAFTKV.USER", "DEL", name)
+    click.echo(f"deleted user {name}")
+
+
+@user_group.command("grant")
+@click.argument("name")
+@click.argument("role")
+@cluster_option
+def user_grant(name: str, role: str, cluster_file: str | None) -> None:
+    """Grant ROLE to user NAME."""
+    _acl_command(cluster_file, "RAFTKV.USER", "GRANT", name, role)
+    click.echo(f"granted {role} to {name}")
+
+
+@user_group.command("revoke")
+@click.argument("name")
+@click.argument("role")
+@cluster_option
+def user_revoke(name: str, role: str, cluster_file: str | None) -> None:
+    """Revoke ROLE from user NAME (effective on open connections too)."""
+    _acl_command(cluster_file, "RAFTKV.USER", "REVOKE", name, role)
+    click.echo(f"revoked {role} from {name}")
+
+
+@user_group.command("list")
+@cluster_option
+def user_list(cluster_file: str | None) -> None:
+    """Users and their roles."""
+    for name, roles in _acl_command(cluster_file, "RAFTKV.USER", "LIST") or []:  # type: ignore[union-attr]
+        click.echo(f"{name.decode()}\t{', '.join(r.decode() for r in roles) or '-'}")
+
+
+@click.group("role")
+def role_group() -> None:
+    """Roles: command categories (read, write, txn, admin) and key prefixes to read and write."""
+
+
+@role_group.command("set")
+@click.argument("name")
+@click.option("--category", "categories", multiple=True, type=click.Choice(["read", "write", "txn", "admin"]))
+@click.option("--read", "read", multiple=True, help="key prefix the role may read (repeatable; '' = all)")
+@click.option("--write", "write", multiple=True, help="key prefix the role may write (repeatable; '' = all)")
+@cluster_option
+def role_set(name: str, categories: tuple[str, ...], read: tuple[str, ...], write: tuple[str, ...],
+             cluster_file: str | None) -> None:
+    """Create (or replace) role NAME."""
+    _acl_command(cluster_file, "RAFTKV.ROLE", "SET", name, "CATEGORIES", ",".join(categories),
+                 "READ", *read, "WRITE", *write)
+    click.echo(f"role {name}: {', '.join(categories) or 'no categories'}; read {list(read)}; write {list(write)}")
+
+
+@role_group.command("del")
+@click.argument("name")
+@cluster_option
+def role_del(name: str, cluster_file: str | None) -> None:
+    """Delete role NAME (and revoke it from every user)."""
+    _acl_command(cluster_file, "RAFTKV.ROLE", "DEL", name)
+    click.echo(f"deleted role {name}")
+
+
+@role_group.command("list")
+@cluster_option
+def role_list(cluster_file: str | None) -> None:
+    """Roles and their grants."""
+    for name, cats, read, write in _acl_command(cluster_file, "RAFTKV.ROLE", "LIST") or []:  # type: ignore[union-attr]
+        click.echo(f"{name.decode()}\tcategories={','.join(c.decode() for c in cats) or '-'}\t"
+                   f"read={[p.decode(errors='replace') for p in read]}\twrite={[p.decode(errors='replace') for p in write]}")
+
+
 def register(main: click.Group) -> None:
     """Add the operations commands to the ``raftkv`` group."""
+    main.add_command(user_group)
+    main.add_command(role_group)
     main.add_command(backup_cmd)
     main.add_command(restore_cmd)
     main.add_command(node_group)

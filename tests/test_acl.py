@@ -199,3 +199,27 @@ def test_admin_actions_and_refusals_are_audited(lc: LocalCluster) -> None:
     assert "event=audit action=raftkv.user" in logs
     assert "event=audit action=raftkv.transfer user=alice" in logs and "outcome=denied" in logs
     assert "event=audit action=auth" in logs
+
+
+def test_cli_manages_users_and_roles(lc: LocalCluster) -> None:
+    from click.testing import CliRunner
+
+    from raftkv.cli import main
+
+    def run(*args: str) -> str:
+        res = CliRunner().invoke(main, ["--password", "opw", *args, "--cluster", str(lc.config)])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    run("role", "set", "reader", "--category", "read", "--read", "pub/")
+    run("user", "add", "bob", "--password", "bpw", "--role", "reader")
+    assert "bob\treader" in run("user", "list")
+    assert "reader\tcategories=read\tread=['pub/']\twrite=[]" in run("role", "list")
+    bob = r(lc, username="bob", password="bpw")
+    assert bob.get("pub/x") is None
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        bob.set("pub/x", "v")
+    run("role", "del", "reader")
+    assert "bob\t-" in run("user", "list")
+    run("user", "del", "bob")
+    assert "bob" not in run("user", "list")
