@@ -97,6 +97,8 @@ def check_cmd(history: Path, model: str | None, fmt: str, timeout_s: float | Non
 @click.option("--quiet-max", type=float, default=4.0, show_default=True)
 @click.option("--partition-shapes", default="halves,isolate-leader,majority-ring", show_default=True,
               help="comma-separated partition shapes the partition nemesis picks from")
+@click.option("--auth", is_flag=True,
+              help="run with authentication and roles: the clients' user may only read and write the workloads' keys")
 def run_cmd(time_s: float, **kw: object) -> None:
     """Start a fresh cluster, run a workload under faults, check it; exit 0 only if every check passed.
 

@@ -35,6 +35,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -54,7 +55,7 @@ from jepsen_like import netns
 from jepsen_like.history import Event, ops_from_events
 from jepsen_like.nemesis import FAULT_KINDS, Nemesis, make_schedule
 from jepsen_like.report import availability_windows, check_to_dict, op_counts, verdict_of, write_report
-from jepsen_like.workloads import WorkloadUnavailable, make_workload
+from jepsen_like.workloads import CLIENT_AUTH, KEY_PREFIXES, WorkloadUnavailable, make_workload
 
 __all__ = ["RunConfig", "run", "EXIT_PASS", "EXIT_FAIL", "EXIT_UNKNOWN", "EXIT_UNAVAILABLE"]
 
@@ -86,6 +87,7 @@ class RunConfig:
     quiet_min: float = 2.0
     quiet_max: float = 4.0
     partition_shapes: str = "halves,isolate-leader,majority-ring"
+    auth: bool = False
 
     def to_argv(self) -> list[str]:
         """Command-line options reproducing this config (for the re-exec inside the namespace)."""
@@ -175,6 +177,22 @@ def _run_dir(store: str, workload: str) -> Path:
     return d
 
 
+OPERATOR_PASSWORD = "jepsen-operator"
+
+
+def _restrict_clients(config: Path) -> None:
+    """``--auth``: the clients log in as a user whose role may only read and write the workloads' keys."""
+    from raftkv.client import Client
+
+    with Client(cluster=config, password=OPERATOR_PASSWORD, timeout=30.0) as op:
+        args = ["RAFTKV.ROLE", "SET", "jepsen-clients", "CATEGORIES", "read,write,txn",
+                "READ", *KEY_PREFIXES, "WRITE", *KEY_PREFIXES]
+        op.command(*args)
+        op.command("RAFTKV.USER", "ADD", "jepsen", "jepsen-client", "jepsen-clients")
+    CLIENT_AUTH.update(username="jepsen", password="jepsen-client")
+    _say("raftkv-jepsen: clients authenticate as 'jepsen', allowed keys " + ", ".join(p + "*" for p in KEY_PREFIXES))
+
+
 def _run_here(cfg: RunConfig, note: str) -> int:
     from raftkv.cluster import LocalCluster, free_base_port
     from shards.shardmap import local_cluster
@@ -193,6 +211,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     base = 7001 if inside else free_base_port(cfg.nodes, cfg.shards)
     shardmap = local_cluster(cfg.nodes, cfg.shards, base_port=base, data_dir=str(node_dir / "data"),
                              per_node_hosts=inside)
+    if cfg.auth:
+        shardmap = dataclasses.replace(shardmap, security={"password": OPERATOR_PASSWORD})
     try:
         workload = make_workload(cfg.workload, shardmap, cfg.seed, keys_per_shard=cfg.keys_per_shard,
                                  key_period=cfg.key_period, op_timeout=cfg.op_timeout,
@@ -230,6 +250,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         signal.signal(signal.SIGTERM, _raise_interrupt)
         cluster.start()
         _wait_started(cluster, timeout=90)
+        if cfg.auth:
+            _restrict_clients(cluster.config)
         rec.t0 = time.monotonic()
         workload.setup(rec)
         schedule = make_schedule(kinds, cfg.time, random.Random(rng.random()),

@@ -61,6 +61,12 @@ def _s(v: Any) -> Any:
     return v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else v
 
 
+# Every prefix a workload's keys start with: with ``--auth`` the clients' role may write only these.
+KEY_PREFIXES = ("r", "acct", "t")
+# Credentials of the harness's clients (``--auth``: a user whose role covers only KEY_PREFIXES).
+CLIENT_AUTH: dict[str, str] = {}
+
+
 class NodeConn:
     """Plain RESP to one fixed node (``--read-any-node`` reads): no routing, no retries.
 
@@ -75,7 +81,8 @@ class NodeConn:
 
     def call(self, *args: bytes | str) -> Any:
         if self.conn is None or self.conn.closed:
-            self.conn = Connection(self.addr[0], self.addr[1], timeout=min(self.timeout, 2.0))
+            auth = [CLIENT_AUTH["username"], CLIENT_AUTH["password"]] if CLIENT_AUTH else None
+            self.conn = Connection(self.addr[0], self.addr[1], timeout=min(self.timeout, 2.0), auth=auth)
         reply = self.conn.call(*args, timeout=self.timeout)
         if isinstance(reply, protocol.ReplyError):
             raise RaftKVError(reply.code, reply.message)
@@ -158,7 +165,7 @@ class _RegisterWorker(Worker):
         self.process = process
         self.rng = rng
         self.n = 0
-        self.client = Client(cluster=wl.map, timeout=wl.op_timeout)
+        self.client = Client(cluster=wl.map, timeout=wl.op_timeout, **CLIENT_AUTH)
         self.node: NodeConn | None = None
         if pinned:
             names = sorted(wl.map.nodes)
@@ -246,7 +253,7 @@ class _TxnWorkerBase(Worker):
         self.wl = wl
         self.process = process
         self.rng = rng
-        self.client = Client(cluster=wl.map, timeout=wl.op_timeout)
+        self.client = Client(cluster=wl.map, timeout=wl.op_timeout, **CLIENT_AUTH)
 
     def close(self) -> None:
         self.client.close()
@@ -281,7 +288,7 @@ class BankWorkload:
     def setup(self, rec: Any) -> None:
         micro = [["w", a, str(self.balance)] for a in self.accounts]
         rec.add("setup", "invoke", "txn", None, micro)
-        with Client(cluster=self.map, timeout=30.0) as c:
+        with Client(cluster=self.map, timeout=30.0, **CLIENT_AUTH) as c:
             c.mset({a: str(self.balance) for a in self.accounts}, retries=20)
         rec.add("setup", "ok", "txn", None, micro)
 

@@ -80,6 +80,10 @@ class LocalCluster:
         self.env = env
         self.procs: dict[str, subprocess.Popen] = {}
         if shardmap is not None:
+            if not (shardmap.security.get("node_key") or shardmap.security.get("secret")):
+                # A random node key: nodes prove to each other that they belong to this cluster (raftkv.security).
+                shardmap = dataclasses.replace(shardmap, security={**shardmap.security,
+                                                                   "node_key": secrets.token_hex(32)})
             self.dir.mkdir(parents=True, exist_ok=True)
             shardmap.save(self.config)
         if not self.config.exists():
@@ -99,8 +103,6 @@ class LocalCluster:
         d = Path(directory).resolve()
         base = base_port if base_port is not None else free_base_port(nodes, shards)
         m = local_cluster(nodes, shards, base_port=base, data_dir=str(d / "data"))
-        # A random node key: nodes prove to each other that they belong to this cluster (raftkv.security).
-        m = dataclasses.replace(m, security={**m.security, "node_key": secrets.token_hex(32)})
         return cls(d, m, **kw)  # type: ignore[arg-type]
 
     # -- processes ---------------------------------------------------------------
