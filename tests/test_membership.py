@@ -75,26 +75,38 @@ def test_replace_killed_node_under_load_loses_no_acked_write(tmp_path: Path) -> 
         lc.stop()
 
 
+def _wait_for_writes(writers: list[PutWriter], count: int, when: str, timeout: float = 60.0) -> None:
+    """Until ``count`` more writes are acknowledged (over all writers)."""
+    want = sum(len(w.acked) for w in writers) + count
+    deadline = time.monotonic() + timeout
+    while sum(len(w.acked) for w in writers) < want:
+        assert time.monotonic() < deadline, f"fewer than {count} writes acknowledged in {timeout:g} s {when}"
+        time.sleep(0.05)
+
+
 def _replace_under_load(lc: LocalCluster) -> None:
     writers = [PutWriter(lc.config, unique_keys(f"w{i}")) for i in range(3)]
     for w in writers:
         w.start()
     try:
-        time.sleep(1.0)
+        _wait_for_writes(writers, 20, "before the kill")
         lc.kill_node("n3")  # the machine dies
-        time.sleep(1.0)
+        _wait_for_writes(writers, 20, "with n3 down")
         op = Operator(lc.config, timeout=30.0, say=print)
         new = op.replace("n3", f"127.0.0.1:{_free_port()}")
         assert new == "n4"
         for s in range(lc.map.nshards):
             assert op.members(s) == sorted(op.map.nodes[n].raft_addr(s) for n in ("n1", "n2", "n4"))
-        time.sleep(1.5)
-        # n4 is a real voting member that holds the data: with n2 down too, n1 + n4 are the majority
+        _wait_for_writes(writers, 20, "after the replace")
+        # n4 is a real voting member that holds the data: with n2 down too, n1 + n4 are the majority.
+        # Every writer (their keys span all shards, including those n2 led) must get a write
+        # acknowledged that it sent after n2 died: the failover must happen, however long it takes.
         lc.kill_node("n2")
-        time.sleep(1.0)  # failover of the shards n2 led
-        mid = sum(len(w.acked) for w in writers)
-        time.sleep(1.5)
-        assert sum(len(w.acked) for w in writers) > mid, "no write succeeded with n2 and n3 gone"
+        killed_at = time.monotonic()
+        deadline = killed_at + 60
+        while not all(any(sent > killed_at for _, sent, _ in w.acked) for w in writers):
+            assert time.monotonic() < deadline, "no write succeeded within 60 s with n2 and n3 gone"
+            time.sleep(0.05)
     except Exception:
         dump_logs(LocalCluster(lc.dir))
         raise
