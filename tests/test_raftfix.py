@@ -276,26 +276,31 @@ def sim_conf(batch: bool = False) -> SyncObjConf:
         commandsWaitLeader=False,
         logCompactionMinEntries=10**6,
         logCompactionMinTime=10**6,
+        dynamicMembershipChange=True,
     )
 
 
 class Cluster:
-    """Three replicas on a SimNet. ``safe`` picks SafeSyncObj (on SimDisk journals) or stock SyncObj."""
+    """Replicas on a SimNet (by default the three ``NODE_IDS``, all members). ``safe`` picks SafeSyncObj (on
+    SimDisk journals) or stock SyncObj. ``spares`` get a disk and a connection to everyone but are not started:
+    ``start(n, others)`` boots one with the members it is told about (membership tests)."""
 
     def __init__(self, net: SimNet, safe: bool, durable: bool = True, batch: bool = False,
-                 safe_cls: type[SafeSyncObj] | None = None) -> None:
+                 safe_cls: type[SafeSyncObj] | None = None, spares: tuple[int, ...] = ()) -> None:
         self.net, self.safe, self.durable, self.batch = net, safe, durable, batch
         self.safe_cls = safe_cls or SafeReplica
-        self.disks = {n: SimDisk() for n in NODE_IDS}
+        self.all_ids = NODE_IDS + spares
+        self.disks = {n: SimDisk() for n in self.all_ids}
         self.nodes: dict[int, Any] = {}
         self.acked: dict[str, Any] = {}  # cid -> result, for SUCCESS callbacks
         self.ack_violations: list[str] = []
         for n in NODE_IDS:
             self.start(n)
 
-    def start(self, n: int) -> None:
+    def start(self, n: int, others: list[int] | None = None) -> None:
         transport = SimTransport(self.net, n)
-        others = [o for o in NODE_IDS if o != n]
+        if others is None:
+            others = [o for o in NODE_IDS if o != n]
         disk = self.disks[n]
         if self.safe:
             journal_box: list[SimDiskJournal] = []
@@ -316,8 +321,9 @@ class Cluster:
         self._watch_acks(transport)
         self.nodes[n] = node
         self.net.transports[n] = transport
-        for o in others:
-            transport._onNodeConnected(Node(o))
+        for o in self.all_ids:
+            if o != n:
+                transport._onNodeConnected(Node(o))
 
     def _watch_acks(self, transport: SimTransport) -> None:
         """Record every success ack that leaves a node before the entries it covers are flushed."""
@@ -622,6 +628,50 @@ def test_version_guard_and_tuned_conf() -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class FaultSchedule:
+    """Seeded crash-restarts and partitions for the stress tests: at most one node down and one cut off at a
+    time, each for a random number of steps."""
+
+    def __init__(self, rng: random.Random, p_crash: float, p_cut: float, down_steps_max: int = 120,
+                 cut_steps_max: int = 200) -> None:
+        self.rng, self.p_crash, self.p_cut = rng, p_crash, p_cut
+        self.down_steps_max, self.cut_steps_max = down_steps_max, cut_steps_max
+        self.down: dict[int, int] = {}  # node -> steps until restart
+        self.cut: dict[int, int] = {}  # node -> steps until it reconnects
+
+    def step(self, c: Cluster, crash_pool: tuple[int, ...] | list[int], cut_pool: tuple[int, ...],
+             restart: Callable[[int], None]) -> None:
+        rng = self.rng
+        if not self.down and crash_pool and rng.random() < self.p_crash:
+            victim = rng.choice(crash_pool)
+            c.crash(victim)
+            self.down[victim] = rng.randint(5, self.down_steps_max)
+        if not self.cut and rng.random() < self.p_cut:
+            victim = rng.choice(cut_pool)
+            c.net.blocked.add(victim)
+            self.cut[victim] = rng.randint(5, self.cut_steps_max)
+        for n in list(self.down):
+            self.down[n] -= 1
+            if self.down[n] <= 0:
+                del self.down[n]
+                restart(n)
+        for n in list(self.cut):
+            self.cut[n] -= 1
+            if self.cut[n] <= 0:
+                del self.cut[n]
+                c.net.blocked.discard(n)
+
+
+@contextlib.contextmanager
+def replay_hint(what: str, env: str, seed: int, path: str) -> Iterator[None]:
+    """Print how to replay ``seed`` if the block fails."""
+    try:
+        yield
+    except AssertionError:
+        print(f"\n{what} stress failure; replay with: {env}={seed} pytest {path} -k replay")
+        raise
+
+
 def run_stress(seed: int, safe: bool = True, fault_s: float = 4.0) -> None:
     """One seeded run; raises AssertionError naming the seed if a safety property fails.
 
@@ -633,36 +683,17 @@ def run_stress(seed: int, safe: bool = True, fault_s: float = 4.0) -> None:
     net = SimNet(random.Random(seed + 1), faults)
     with sim_clock(net, seed):
         c = Cluster(net, safe=safe, batch=rng.random() < 0.25)
-        down: dict[int, int] = {}  # node -> steps until restart
-        cut: dict[int, int] = {}  # node -> steps until it reconnects
-        p_crash, p_cut = rng.uniform(0, 0.02), rng.uniform(0, 0.02)
+        faults_sched = FaultSchedule(rng, rng.uniform(0, 0.02), rng.uniform(0, 0.02))
         cid = 0
         for _step in range(int(fault_s / 0.005)):
             if rng.random() < 0.3 and c.nodes:
                 cid += 1
                 c.submit(rng.choice(sorted(c.nodes)), f"c{cid}")
-            if not down and rng.random() < p_crash:
-                victim = rng.choice(NODE_IDS)
-                c.crash(victim)
-                down[victim] = rng.randint(5, 120)
-            if not cut and rng.random() < p_cut:
-                victim = rng.choice(NODE_IDS)
-                net.blocked.add(victim)
-                cut[victim] = rng.randint(5, 200)
-            for n in list(down):
-                down[n] -= 1
-                if down[n] <= 0:
-                    del down[n]
-                    c.start(n)
-            for n in list(cut):
-                cut[n] -= 1
-                if cut[n] <= 0:
-                    del cut[n]
-                    net.blocked.discard(n)
+            faults_sched.step(c, NODE_IDS, NODE_IDS, c.start)
             c.tick()
             check_prefixes(c, seed)
         # Heal and converge: everyone up, no faults, then one more command to commit the final term.
-        for n in list(down):
+        for n in list(faults_sched.down):
             c.start(n)
         net.blocked.clear()
         net.faults = Faults()
@@ -694,11 +725,8 @@ def check_prefixes(c: Cluster, seed: int) -> None:
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_stress_random_faults(seed: int) -> None:
-    try:
+    with replay_hint("raftfix", "RAFTFIX_SEED", seed, "tests/test_raftfix.py"):
         run_stress(seed)
-    except AssertionError:
-        print(f"\nraftfix stress failure; replay with: RAFTFIX_SEED={seed} pytest tests/test_raftfix.py -k replay")
-        raise
 
 
 def test_replay_seed() -> None:
