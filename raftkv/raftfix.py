@@ -598,6 +598,11 @@ class SafeSyncObj(SyncObj):
             except OSError:
                 pass  # pipe full: a wake-up is already pending
 
+    def appliedMembers(self) -> set[str]:  # noqa: N802 - pysyncobj style
+        """Member ids of the configuration in effect at lastApplied (no uncommitted change); tick thread only."""
+        others = self._rf_conf_changes[0].before if self._rf_conf_changes else self.otherNodes
+        return {n.id for n in others} | {self.selfNode.id}
+
     def readIndexStats(self) -> dict[str, int]:  # noqa: N802
         """Counters (best effort from other threads): heartbeat rounds sent for reads, reads served, failed."""
         return dict(self._rf_read_stats)

@@ -158,6 +158,10 @@ class ShardReplica(SafeSyncObj):
         """Every member's Raft address, this replica's included (racy read; for status and planning)."""
         return sorted({n.id for n in self.otherNodes} | {self.selfNode.id})
 
+    def applied_member_addrs(self) -> set[str]:
+        """The members as of the last applied entry: a change still uncommitted is not in it (tick thread)."""
+        return self.appliedMembers()
+
     def peer_connected(self, addr: str) -> bool:
         """Whether the Raft link to member ``addr`` is up (racy read)."""
         return any(n.id == addr and self.isNodeConnected(n) for n in self.otherNodes)

@@ -38,7 +38,10 @@ async def _member(node: NodeAPI, shard: int, action: bytes, addr: str, req: list
         loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
 
     def action_on_tick() -> None:  # on the Raft tick thread
-        members = set(replica.member_addrs())
+        # Answer "already done" only from the committed configuration: a change still
+        # uncommitted may be truncated away.  Re-sending it is safe: the leader answers an
+        # identical pending change when it commits (raftfix: one change at a time).
+        members = replica.applied_member_addrs()
         if action == b"LIST":
             answer(sorted(m.encode() for m in members))
             return
