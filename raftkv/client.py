@@ -149,6 +149,21 @@ class Client:
             return bool(self._write(self._shard(key), [b"RAFTKV.CASNX", key, _b(new)]))
         return bool(self._write(self._shard(key), [b"CAS", key, _b(expected), _b(new)]))
 
+    def incr(self, key: Bytesish, by: int = 1) -> int:
+        """Add ``by`` to the integer at ``key`` (absent counts as 0) and return the new value; applied once."""
+        key = _b(key)
+        return int(self._write(self._shard(key), [b"INCRBY", key, str(by).encode()]))
+
+    def append(self, key: Bytesish, suffix: Bytesish) -> int:
+        """Append ``suffix`` to the value at ``key`` (absent counts as empty); the new length."""
+        key = _b(key)
+        return int(self._write(self._shard(key), [b"APPEND", key, _b(suffix)]))
+
+    def getdel(self, key: Bytesish) -> bytes | None:
+        """Delete ``key`` and return the value it had (None if absent)."""
+        key = _b(key)
+        return self._write(self._shard(key), [b"GETDEL", key])
+
     # -- transactions (raftkv.txnclient) ---------------------------------------------
     def txn(self) -> Any:
         """An etcd-style conditional transaction builder, atomic across shards."""

@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftkv import backup_state, txn
+from raftkv import backup_state, strings, txn
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
@@ -391,6 +391,8 @@ _HANDLERS = {
     "tx_ack": _txn_layer,
     # backup fence and restore load; tx_prepare honours the fence (it replaces the entry above)
     **backup_state.HANDLERS,
+    # counters, append, conditional set (Redis string commands)
+    **strings.HANDLERS,
 }
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "mget": _mget, "exists": _exists}

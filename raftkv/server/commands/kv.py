@@ -31,7 +31,7 @@ def to_reply(res: Any, convert: Callable[[Any], Any] | None = None) -> Any:
     return res
 
 
-def _write(node: NodeAPI, shard: int, cmd: tuple, session: Session | None,
+def write(node: NodeAPI, shard: int, cmd: tuple, session: Session | None,
            convert: Callable[[Any], Any] | None = None) -> Any:
     if session is not None:
         cmd = ("session", session[0], session[1], cmd)
@@ -66,18 +66,42 @@ def cmd_staleget(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
 def cmd_set(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:
     if len(req) != 3:
-        return Error("ERR", "SET options (EX, NX, XX, ...) are not supported; use SET key value")
+        return _set_with_options(node, req, session)
     key, value = req[1], req[2]
     shard = node.shard_of(key)
     node.check_value(value)
-    return _write(node, shard, ("set", key, value), session, lambda _rev: OK)
+    return write(node, shard, ("set", key, value), session, lambda _rev: OK)
+
+
+def _set_with_options(node: NodeAPI, req: list[bytes], session: Session | None) -> Any:
+    """SET key value [NX | XX] [GET]: the reply is OK / nil, or with GET the value before."""
+    key, value = req[1], req[2]
+    cond, get = None, False
+    for opt in (a.upper() for a in req[3:]):
+        if opt in (b"NX", b"XX") and cond is None:
+            cond = opt.decode().lower()
+        elif opt == b"GET" and not get:
+            get = True
+        elif opt in (b"EX", b"PX", b"EXAT", b"PXAT", b"KEEPTTL"):
+            return Error("ERR", f"SET {opt.decode()} is not supported yet (no key expiry); use SET key value "
+                                "[NX|XX] [GET]")
+        else:
+            return Error("ERR", "syntax error")
+    node.check_value(value)
+
+    def reply(res: tuple) -> Any:
+        done, before = res
+        if get:
+            return before
+        return OK if done else None
+    return write(node, node.shard_of(key), ("setopt", key, value, cond), session, reply)
 
 
 def cmd_del(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:
     by_shard = group_by_shard(node, req[1:])
     if len(by_shard) == 1:
         ((shard, ks),) = by_shard.items()
-        return _write(node, shard, ("del", ks), session)
+        return write(node, shard, ("del", ks), session)
     if session is not None:
         return Error("ERR", "RAFTKV.REQ DEL: keys on several shards; send one DEL per shard")
 
@@ -135,17 +159,17 @@ def cmd_cas(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None
     """CAS key expected new -> 1 if swapped, else 0."""
     key, expected, new = req[1], req[2], req[3]
     node.check_value(new)
-    return _write(node, node.shard_of(key), ("cas", key, expected, new), session, _swapped)
+    return write(node, node.shard_of(key), ("cas", key, expected, new), session, _swapped)
 
 
 def cmd_casnx(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:
     """RAFTKV.CASNX key new -> 1 if the key was absent and is now set, else 0."""
     key, new = req[1], req[2]
     node.check_value(new)
-    return _write(node, node.shard_of(key), ("cas", key, None, new), session, _swapped)
+    return write(node, node.shard_of(key), ("cas", key, None, new), session, _swapped)
 
 
-_SESSION_WRITES: dict[bytes, tuple[int, Callable[..., Any]]] = {
+SESSION_WRITES: dict[bytes, tuple[int, Callable[..., Any]]] = {
     b"SET": (-3, cmd_set), b"DEL": (-2, cmd_del), b"CAS": (4, cmd_cas), b"RAFTKV.CASNX": (3, cmd_casnx),
 }
 
@@ -158,9 +182,9 @@ def cmd_req(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     except ValueError:
         return Error("ERR", "RAFTKV.REQ: seq must be an integer")
     name = inner[0].upper()
-    spec = _SESSION_WRITES.get(name)
+    spec = SESSION_WRITES.get(name)
     if spec is None:
-        return Error("ERR", f"RAFTKV.REQ supports {', '.join(sorted(k.decode() for k in _SESSION_WRITES))}")
+        return Error("ERR", f"RAFTKV.REQ supports {', '.join(sorted(k.decode() for k in SESSION_WRITES))}")
     arity, handler = spec
     if (arity >= 0 and len(inner) != arity) or (arity < 0 and len(inner) < -arity):
         return Error("WRONGARGS", f"wrong number of arguments for '{name.decode().lower()}' command")
@@ -179,8 +203,9 @@ def _read_first(req: list[bytes]) -> Access:
     return Access("read", (req[1],))
 
 
-def _write_first(req: list[bytes]) -> Access:
-    return Access("write", writes=(req[1],))
+def _set_access(req: list[bytes]) -> Access:
+    reads = (req[1],) if any(a.upper() == b"GET" for a in req[3:]) else ()  # SET ... GET reads the old value
+    return Access("write", reads, (req[1],))
 
 
 def _swap_first(req: list[bytes]) -> Access:
@@ -199,7 +224,7 @@ COMMANDS: dict[bytes, Command] = {
     b"MGET": Command(-2, cmd_mget, read=True, access=_reads_all),
     b"EXISTS": Command(-2, cmd_exists, read=True, access=_reads_all),
     b"RAFTKV.STALEGET": Command(2, cmd_staleget, read=True, access=_read_first),
-    b"SET": Command(-3, cmd_set, access=_write_first),
+    b"SET": Command(-3, cmd_set, access=_set_access),
     b"DEL": Command(-2, cmd_del, access=_writes_all),
     b"CAS": Command(4, cmd_cas, access=_swap_first),
     b"RAFTKV.CASNX": Command(3, cmd_casnx, access=_swap_first),

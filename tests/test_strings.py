@@ -1,0 +1,127 @@
+"""String commands: the state machine against a dict model, then Redis clients on a live cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raftkv import Client
+from raftkv.cluster import LocalCluster
+from raftkv.results import CmdError
+from raftkv.state import KVState
+from raftkv.strings import INT64_MAX, INT64_MIN
+from tests.conftest import running
+
+KEYS = [b"a", b"b"]
+VALUES = [b"0", b"7", b"-3", b"x", b"", b"007", b"+1", b" 1", str(INT64_MAX).encode(), str(INT64_MIN).encode()]
+
+
+def model_step(m: dict, cmd: tuple) -> object:
+    """What Redis does, on a plain dict of bytes."""
+    op, key = cmd[0], cmd[1]
+    if op == "set":
+        m[key] = cmd[2]
+        return "rev"
+    if op == "incrby":
+        raw = m.get(key, b"0")
+        try:
+            cur = int(raw)
+        except ValueError:
+            return "ERR"
+        if raw != str(cur).encode() or not INT64_MIN <= cur <= INT64_MAX:
+            return "ERR"  # Redis takes only the canonical base-10 form
+        new = cur + cmd[2]
+        if not INT64_MIN <= new <= INT64_MAX:
+            return "ERR"
+        m[key] = str(new).encode()
+        return new
+    if op == "append":
+        m[key] = m.get(key, b"") + cmd[2]
+        return len(m[key])
+    if op == "getdel":
+        return m.pop(key, None)
+    if op == "setopt":
+        before = m.get(key)
+        if (cmd[3] == "nx" and before is not None) or (cmd[3] == "xx" and before is None):
+            return (False, before)
+        m[key] = cmd[2]
+        return (True, before)
+    raise AssertionError(op)
+
+
+commands = st.one_of(
+    st.tuples(st.just("set"), st.sampled_from(KEYS), st.sampled_from(VALUES)),
+    st.tuples(st.just("incrby"), st.sampled_from(KEYS), st.sampled_from([1, -1, 5, INT64_MAX, INT64_MIN])),
+    st.tuples(st.just("append"), st.sampled_from(KEYS), st.sampled_from([b"z", b"1", b""]), st.just(1 << 20)),
+    st.tuples(st.just("getdel"), st.sampled_from(KEYS)),
+    st.tuples(st.just("setopt"), st.sampled_from(KEYS), st.sampled_from(VALUES), st.sampled_from([None, "nx", "xx"])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(commands, max_size=30))
+def test_string_commands_match_a_dict_model(cmds: list[tuple]) -> None:
+    state, model = KVState(), {}
+    for i, cmd in enumerate(cmds):
+        got = state.apply(cmd, now_ms=i)
+        want = model_step(model, cmd)
+        if want == "ERR":
+            assert isinstance(got, CmdError) and got.code == "ERR", (cmd, got)
+        elif want != "rev":
+            assert got == want, (cmd, got, want)
+        assert {k: v for k, (v, _r) in state.data.items()} == model
+
+
+def test_append_refuses_to_grow_past_the_value_limit() -> None:
+    s = KVState()
+    assert s.apply(("append", b"k", b"12345", 8), 0) == 5
+    got = s.apply(("append", b"k", b"6789", 8), 0)
+    assert isinstance(got, CmdError) and got.code == "TOOBIG"
+    assert s.data[b"k"][0] == b"12345"
+
+
+# -- live ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with running(LocalCluster.create(str(tmp_path_factory.mktemp("strings")))) as c:
+        yield c
+
+
+def test_redis_string_commands(lc: LocalCluster) -> None:
+    host, port = lc.map.nodes["n2"].client_addr
+    r = redis.Redis(host=host, port=port, protocol=3)
+    assert r.incr("cnt") == 1 and r.incrby("cnt", 41) == 42 and r.decr("cnt") == 41 and r.decrby("cnt", 40) == 1
+    r.set("word", "x")
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        r.incr("word")
+    r.set("big", str(INT64_MAX))
+    with pytest.raises(redis.ResponseError, match="overflow"):
+        r.incr("big")
+    assert r.append("s", "ab") == 2 and r.append("s", "cd") == 4 and r.strlen("s") == 4 and r.strlen("none") == 0
+    assert r.getdel("s") == b"abcd" and r.get("s") is None and r.getdel("s") is None
+    assert r.setnx("nx", "1") is True and r.setnx("nx", "2") is False and r.get("nx") == b"1"
+    assert r.set("opt", "a", nx=True) is True and r.set("opt", "b", nx=True) is None
+    assert r.set("opt", "c", xx=True) is True and r.set("missing", "c", xx=True) is None
+    assert r.set("opt", "d", get=True) == b"c" and r.get("opt") == b"d"
+    with pytest.raises(redis.ResponseError, match="not supported yet"):
+        r.set("opt", "e", ex=10)
+    with pytest.raises(redis.ResponseError, match="syntax error"):
+        r.execute_command("SET", "opt", "e", "NX", "XX")
+    assert r.msetnx({"m1": "1", "m2": "2", "m3": "3"}) is True
+    assert r.msetnx({"m3": "x", "m4": "4"}) is False and r.get("m4") is None and r.get("m3") == b"3"
+
+
+def test_client_counters_apply_once(lc: LocalCluster) -> None:
+    with Client(cluster=lc.config) as c:
+        assert [c.incr("lib-cnt") for _ in range(5)] == [1, 2, 3, 4, 5]
+        assert c.incr("lib-cnt", -10) == -5
+        assert c.append("lib-s", "x") == 1 and c.getdel("lib-s") == b"x"
+    # A re-sent session INCR (same session and seq) is answered from the session table, not applied again.
+    for _ in range(3):
+        assert lc.call("n1", "RAFTKV.REQ", "strings-s1", "1", "INCR", "dedup") == 1
+    assert lc.call("n3", "GET", "dedup") == b"1"
