@@ -55,6 +55,51 @@ class UnavailableError(RaftKVError):
     """The request was not applied: no leader or no node reachable within the timeout."""
 
 
+class Attempts:
+    """What a client may conclude from the attempts of one request so far (pure, shared by both clients).
+
+    A write that may have reached a leader (a transport failure after sending, or
+    ``-UNKNOWN``) can only end applied or indeterminate; a refusal that is not
+    retryable is raised at once; otherwise the request is re-sent after a
+    jittered exponential backoff until the deadline.
+    """
+
+    def __init__(self, shard: int, write: bool, deadline: float) -> None:
+        self.shard = shard
+        self.write = write
+        self.deadline = deadline
+        self.maybe_applied = False
+        self.last = "no attempt"
+        self.count = 0
+
+    def remaining(self, now: float) -> float:
+        return max(0.1, self.deadline - now)
+
+    def transport_failed(self, addr: tuple[str, int], error: BaseException) -> None:
+        # The request may have reached the node before the connection broke (not when refused).
+        self.maybe_applied = self.maybe_applied or (self.write and not isinstance(error, ConnectionRefusedError))
+        self.last = f"{addr[0]}:{addr[1]}: {error}"
+
+    def refused(self, error: ReplyError) -> None:
+        """An error reply: raises ``RaftKVError`` unless the request may be sent again."""
+        if error.code == "UNKNOWN":
+            self.maybe_applied = True
+        elif error.code not in _RETRY_CODES:
+            raise RaftKVError(error.code, error.message) from None
+        self.last = str(error)
+
+    def backoff(self, now: float) -> float:
+        """Seconds to wait before the next attempt; raises when the deadline has passed."""
+        self.count += 1
+        if now + 0.01 > self.deadline:
+            if self.maybe_applied:
+                raise IndeterminateError("UNKNOWN", f"shard {self.shard}: outcome unknown after {self.count} "
+                                                    f"attempts (last: {self.last})")
+            raise UnavailableError("UNAVAILABLE", f"shard {self.shard}: not applied after {self.count} attempts "
+                                                  f"(last: {self.last})")
+        return min(0.5, 0.01 * 2 ** min(self.count, 6)) * random.uniform(0.5, 1.0)
+
+
 def _b(x: Bytesish) -> bytes:
     return x.encode() if isinstance(x, str) else x
 
@@ -230,37 +275,17 @@ class Client:
         return self._request(shard, args, write=False)
 
     def _request(self, shard: int, args: list[bytes], write: bool) -> Any:
-        deadline = time.monotonic() + self.timeout
-        maybe_applied = False
-        last = "no attempt"
-        attempt = 0
+        attempts = Attempts(shard, write, time.monotonic() + self.timeout)
         while True:
             addr = self._leader_addr(shard)
-            remaining = deadline - time.monotonic()
             try:
-                reply = self._call_node(addr, args, max(0.1, remaining))
+                return self._call_node(addr, args, attempts.remaining(time.monotonic()))
             except (OSError, ConnectionError) as e:
-                # The request may have reached the node before the connection broke.
-                maybe_applied = maybe_applied or write
-                last = f"{addr[0]}:{addr[1]}: {e}"
-                self._forget_leader(shard)
+                attempts.transport_failed(addr, e)
             except ReplyError as e:
-                if e.code == "UNKNOWN":
-                    maybe_applied = True
-                elif e.code not in _RETRY_CODES:
-                    raise RaftKVError(e.code, e.message) from None
-                last = str(e)
-                self._forget_leader(shard)
-            else:
-                return reply
-            attempt += 1
-            if time.monotonic() + 0.01 > deadline:
-                if maybe_applied:
-                    raise IndeterminateError("UNKNOWN", f"shard {shard}: outcome unknown after {attempt} attempts "
-                                                        f"(last: {last})")
-                raise UnavailableError("UNAVAILABLE", f"shard {shard}: not applied after {attempt} attempts "
-                                                      f"(last: {last})")
-            time.sleep(min(0.5, 0.01 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0))
+                attempts.refused(e)
+            self._forget_leader(shard)
+            time.sleep(attempts.backoff(time.monotonic()))
 
     def _leader_addr(self, shard: int) -> tuple[str, int]:
         assert self.map is not None

@@ -1,0 +1,188 @@
+"""``raftkv.aio.AsyncClient``: the asyncio client, with the same guarantees as ``raftkv.Client``.
+
+::
+
+    async with AsyncClient(cluster="cluster.toml") as c:
+        await c.put("k", "v")
+        assert await c.get("k") == b"v"
+        await asyncio.gather(*(c.incr("hits") for _ in range(100)))
+
+Routing and retries are those of the threaded client: keys hash to shards with
+the nodes' ring, commands go to the node believed to lead the shard (a leader
+cache from ``RAFTKV.SHARDS``), writes carry a session and a sequence number so a
+retry after an unknown outcome is applied at most once, and a write whose
+outcome stays unknown raises ``IndeterminateError``, never a guess
+(``raftkv.client.Attempts`` is shared).  One pipelined connection per node
+serves every concurrent call; each write takes a session of its own from a pool,
+because a session has at most one request in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import ssl
+import tomllib
+import uuid
+from typing import Any
+
+from raftkv.aioconnection import AsyncConnection, ConnectionLost
+from raftkv.client import Attempts, Bytesish, RaftKVError, UnavailableError, _b, _parse_addr
+from raftkv.protocol import ReplyError
+from shards.shardmap import ShardMap
+
+
+class AsyncClient:
+    """An asyncio client for a raftkv cluster (see module doc); use it from one event loop."""
+
+    def __init__(self, nodes: list[str] | None = None, cluster: str | os.PathLike | ShardMap | None = None,
+                 timeout: float = 10.0, password: str | None = None, username: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        if cluster is None and not nodes:
+            raise ValueError("give a cluster file (cluster=...) or node addresses (nodes=['host:port', ...])")
+        self.timeout = timeout
+        self.tls = tls
+        self.map: ShardMap | None = cluster if isinstance(cluster, ShardMap) else (
+            ShardMap.load(cluster) if cluster is not None else None)
+        self.username = username
+        self.password = (password or os.environ.get("RAFTKV_PASSWORD")
+                         or (self.map.security.get("password") if self.map is not None else None))
+        self._seeds = [_parse_addr(a) for a in nodes] if nodes else [
+            n.client_addr for n in self.map.nodes.values()]  # type: ignore[union-attr]
+        self._conns: dict[tuple[str, int], AsyncConnection] = {}
+        self._leaders: dict[int, str] = {}
+        self._client_id = uuid.uuid4().hex[:16]
+        self._free_sessions: list[tuple[bytes, int]] = []
+        self._sessions = 0
+
+    async def __aenter__(self) -> AsyncClient:
+        if self.map is None:
+            self.map = await self._fetch_map()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+    # -- data -------------------------------------------------------------------------------
+    async def get(self, key: Bytesish) -> bytes | None:
+        """The value of ``key`` (linearizable), or None."""
+        key = _b(key)
+        return await self._request(self._shard(key), [b"GET", key], write=False)
+
+    async def mget(self, keys: list[Bytesish]) -> list[bytes | None]:
+        """Values of several keys (each linearizable; not one snapshot across shards)."""
+        return list(await asyncio.gather(*(self.get(k) for k in keys)))
+
+    async def put(self, key: Bytesish, value: Bytesish) -> None:
+        """Write ``value``; returns once it is committed and durable on a majority."""
+        key = _b(key)
+        await self._write(self._shard(key), [b"SET", key, _b(value)])
+
+    async def delete(self, key: Bytesish) -> bool:
+        """Delete ``key``; True if it existed."""
+        key = _b(key)
+        return bool(await self._write(self._shard(key), [b"DEL", key]))
+
+    async def cas(self, key: Bytesish, expected: Bytesish | None, new: Bytesish) -> bool:
+        """Set ``key`` to ``new`` only if its value is ``expected`` (None: only if absent)."""
+        key = _b(key)
+        if expected is None:
+            return bool(await self._write(self._shard(key), [b"RAFTKV.CASNX", key, _b(new)]))
+        return bool(await self._write(self._shard(key), [b"CAS", key, _b(expected), _b(new)]))
+
+    async def incr(self, key: Bytesish, by: int = 1) -> int:
+        """Add ``by`` to the integer at ``key`` and return the new value; applied once."""
+        key = _b(key)
+        return int(await self._write(self._shard(key), [b"INCRBY", key, str(by).encode()]))
+
+    async def mset(self, mapping: dict) -> None:
+        """Write several keys atomically (one transaction across shards)."""
+        args = [x for k, v in mapping.items() for x in (_b(k), _b(v))]
+        shard = self._shard(args[0])
+        await self._request(shard, [b"MSET", *args], write=True)
+
+    # -- routing and retries ------------------------------------------------------------------
+    def _shard(self, key: bytes) -> int:
+        assert self.map is not None, "use 'async with AsyncClient(...)' (it fetches the cluster map)"
+        return self.map.shard_for_key(key)
+
+    async def _write(self, shard: int, args: list[bytes]) -> Any:
+        session = self._free_sessions.pop() if self._free_sessions else self._new_session()
+        sid, seq = session[0], session[1] + 1
+        try:
+            return await self._request(shard, [b"RAFTKV.REQ", sid, str(seq).encode(), *args], write=True)
+        finally:
+            # The session's next request uses the next sequence number, whatever this one's outcome.
+            self._free_sessions.append((sid, seq))
+
+    def _new_session(self) -> tuple[bytes, int]:
+        self._sessions += 1
+        return f"{self._client_id}-a{self._sessions}".encode(), 0
+
+    async def _request(self, shard: int, args: list[bytes], write: bool) -> Any:
+        loop = asyncio.get_running_loop()
+        attempts = Attempts(shard, write, loop.time() + self.timeout)
+        while True:
+            addr = await self._leader_addr(shard)
+            try:
+                return await self._call(addr, args, attempts.remaining(loop.time()))
+            except (OSError, ConnectionError, ConnectionLost) as e:
+                attempts.transport_failed(addr, e if getattr(e, "sent", True) else ConnectionRefusedError(str(e)))
+            except ReplyError as e:
+                attempts.refused(e)
+            self._leaders.pop(shard, None)
+            await asyncio.sleep(attempts.backoff(loop.time()))
+
+    async def _leader_addr(self, shard: int) -> tuple[str, int]:
+        assert self.map is not None
+        if shard not in self._leaders:
+            await self._refresh_leaders()
+        name = self._leaders.get(shard)
+        if name is not None and name in self.map.nodes:
+            return self.map.nodes[name].client_addr
+        replicas = self.map.replicas(shard)
+        return random.choice(replicas).client_addr if replicas else random.choice(self._seeds)
+
+    async def _refresh_leaders(self) -> None:
+        for addr in random.sample(self._seeds, len(self._seeds)):
+            try:
+                rows = await self._call(addr, [b"RAFTKV.SHARDS"], 1.0)
+            except (OSError, ConnectionError, ConnectionLost, ReplyError):
+                continue
+            for shard, leader, _term in rows:
+                if leader is not None:
+                    self._leaders[shard] = leader.decode()
+            return
+
+    async def _fetch_map(self) -> ShardMap:
+        for addr in self._seeds:
+            try:
+                text = await self._call(addr, [b"RAFTKV.CLUSTER"], 2.0)
+            except (OSError, ConnectionError, ConnectionLost, ReplyError):
+                continue
+            return ShardMap.from_dict(tomllib.loads(text.decode()))
+        raise UnavailableError("UNAVAILABLE", f"no node reachable to fetch the cluster map from {self._seeds}")
+
+    async def _call(self, addr: tuple[str, int], args: list[bytes], timeout: float) -> Any:
+        conn = self._conns.get(addr)
+        if conn is None:
+            conn = self._conns[addr] = AsyncConnection(addr[0], addr[1], self.tls, opening=self._login)
+        reply = await conn.call(*args, timeout=timeout)
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+    async def _login(self, conn: AsyncConnection) -> None:
+        if not self.password:
+            return
+        creds = [self.username, self.password] if self.username else [self.password]
+        reply = await conn.send(b"AUTH", *[c.encode() for c in creds])
+        if isinstance(reply, ReplyError):
+            conn.close()
+            raise RaftKVError(reply.code, reply.message)
