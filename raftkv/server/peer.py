@@ -4,11 +4,20 @@ A link reconnects on demand.  A call either returns the peer's decoded reply
 or raises ``PeerUnreachable``, whose ``sent`` says whether the message may
 have reached the peer (then its effect is unknown) or surely did not
 (connection refused or not yet open: nothing ran).
+
+A call that times out drops the whole link (reset, unsent bytes discarded)
+and the next call reconnects: otherwise a message stuck behind a stalled peer
+would sit in the socket buffer and be delivered minutes later, long after its
+caller gave up and resent it.  (2PC refuses such a late PREPARE anyway, see
+``raftkv.txn``; this keeps the window small.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from typing import Any
 
 import hiredis
@@ -65,8 +74,22 @@ class PeerLink:
             raise PeerUnreachable(f"{self.host}:{self.port}: {e or type(e).__name__}", sent=False) from None
         try:
             return await asyncio.wait_for(fut, timeout)
-        except (OSError, TimeoutError) as e:
+        except TimeoutError as e:
+            self._drop()
             raise PeerUnreachable(f"{self.host}:{self.port}: {e or type(e).__name__}", sent=True) from None
+        except OSError as e:
+            raise PeerUnreachable(f"{self.host}:{self.port}: {e or type(e).__name__}", sent=True) from None
+
+    def _drop(self) -> None:
+        """Reset the connection, discarding what is still unsent; the next call reconnects."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # linger 0: close with RST, drop the send buffer
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = protocol.reply_reader()
