@@ -11,6 +11,9 @@ reached the peer (its effect is then unknown) or surely did not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,15 +48,22 @@ class AsyncConnection:
         try:
             async with self.lock:
                 if self.writer is None or self.writer.is_closing():
-                    await asyncio.wait_for(self._connect(), timeout=min(timeout, 1.0))
+                    try:
+                        await asyncio.wait_for(self._connect(), timeout=min(timeout, 1.0))
+                    except BaseException:
+                        self.reset()  # a half-opened connection (e.g. a stalled handshake) is not reused
+                        raise
                 fut = self.send(*args)
         except (OSError, TimeoutError) as e:
             raise ConnectionLost(f"{self.host}:{self.port}: {e or type(e).__name__}", sent=False) from None
         try:
             return await asyncio.wait_for(fut, timeout)
-        except (OSError, TimeoutError) as e:
-            # Do not keep a link whose replies may still arrive for requests we gave up on.
-            self.close()
+        except TimeoutError as e:
+            # A request given up on must not sit in a socket buffer and arrive minutes later,
+            # after its caller re-sent it: reset the connection, the next call reconnects.
+            self.reset()
+            raise ConnectionLost(f"{self.host}:{self.port}: {e or type(e).__name__}", sent=True) from None
+        except OSError as e:
             raise ConnectionLost(f"{self.host}:{self.port}: {e or type(e).__name__}", sent=True) from None
 
     def send(self, *args: bytes | str | int) -> asyncio.Future:
@@ -65,9 +75,21 @@ class AsyncConnection:
         return fut
 
     def close(self) -> None:
+        """Close gracefully (what was written is still delivered)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    def reset(self) -> None:
+        """Drop the connection at once: RST, and what is still unsent is discarded."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # linger 0: close with RST, drop the send buffer
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
 
     async def _connect(self) -> None:
         reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)

@@ -98,7 +98,7 @@ def tx_prepare_fenced(s: Any, cmd: tuple, now_ms: int) -> Any:
     except (IndexError, TypeError):  # malformed: let the transaction layer refuse it
         return s.txns.apply(s, cmd, now_ms)
     if not known and fence_active(s, now_ms):
-        s.txns.done[txid] = (ABORTED, now_ms)
+        s.txns.done[txid] = (ABORTED, now_ms, cmd[2], cmd[6] if len(cmd) > 6 else None)
         return ("no", REASON_CONFLICT, None)
     return s.txns.apply(s, cmd, now_ms)
 

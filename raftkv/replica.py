@@ -29,6 +29,7 @@ from typing import Any
 from pysyncobj import FAIL_REASON, replicated
 from pysyncobj.config import SERIALIZER_STATE
 
+from raftkv.logclock import LogClock
 from raftkv.raftfix import SafeSyncObj, tuned_conf
 from raftkv.state import FrozenState, KVState
 
@@ -70,6 +71,7 @@ class ShardReplica(SafeSyncObj):
         self.shard = shard
         self.compact_every_cmds = compact_every_cmds or COMPACT_EVERY_CMDS
         self.state = KVState()
+        self.log_clock = LogClock()
         self._snap_status = SERIALIZER_STATE.NOT_SERIALIZING
         self._cmds_since_compaction = 0
         self._on_role_change = on_role_change
@@ -111,6 +113,10 @@ class ShardReplica(SafeSyncObj):
         st = self.getStatus()
         applied = st["last_applied"]
         return all((st.get(f"match_idx_server_{n.id}") or 0) >= applied for n in self.otherNodes)
+
+    def log_now_ms(self) -> int:
+        """Log time now, as this replica would stamp an entry (``raftkv.logclock``); any thread."""
+        return self.log_clock.now_ms(self.raftCurrentTerm, int(time.monotonic() * 1000), self.state.log_ms)
 
     def propose(self, cmds: list, now_ms: int, done: Outcome) -> None:
         """Append ``cmds`` as one entry; ``done(kind, results_or_reason)`` on the tick thread."""

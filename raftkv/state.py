@@ -5,11 +5,18 @@ Theory of operation
 Every replica of a shard applies the same Raft log entries in the same order to
 a ``KVState``; the result of an entry depends only on the state and the entry,
 never on the clock, the replica or the thread.  Time enters through ``now_ms``,
-which the leader stamps into each log entry.
+which the leader stamps into each log entry: *log time* (``raftkv.logclock``).
+``apply`` clamps it to the previous entry's log time, so log time is replicated
+and never goes backwards, whatever the stamps say; every horizon (sessions,
+transaction GC, remembered transaction ids, fences) is measured in it.
 
 Each key holds a value and its *modification revision*: the shard's revision
 counter, bumped by every write that changes something.  Revisions let clients
-and transactions compare "has this key changed since I read it?".
+and transactions compare "has this key changed since I read it?".  A deleted key
+has no revision left, so the shard also keeps ``del_rev``, the revision of its
+newest deletion: WATCH of a missing key (``("watchrev", key)`` ->
+``("missing", revision)``) is still valid at EXEC only if no deletion came
+since, so a key created and deleted in between is noticed.
 
 Commands are plain tuples (cheap to pickle into the Raft log):
 
@@ -18,6 +25,8 @@ command                                   result
 ========================================  ======================================
 ``("get", key)``                          value or ``None``
 ``("getrev", key)``                       ``(value, mod_revision)`` or ``None``
+``("watchrev", key)``                     ``("rev", mod_revision)`` or
+                                          ``("missing", shard revision)``
 ``("mget", [key, ...])``                  list of values / ``None``
 ``("exists", [key, ...])``                number of keys that exist
 ``("set", key, value)``                   new modification revision
@@ -25,6 +34,8 @@ command                                   result
 ``("cas", key, expected, new)``           ``(swapped, value before)``;
                                           ``expected=None`` means "absent"
 ``("txn", compares, then_ops, else_ops)`` ``TxnResult`` (see ``raftkv.txn``)
+``("txn_once", txid, c, then, else)``     the same, at most once per ``txid``
+                                          for ``TOMBSTONE_TTL_MS`` of log time
 ``("session", client, seq, command)``     the command's result, once per seq
 ``("noop",)``                             ``None`` (a read barrier)
 ========================================  ======================================
@@ -54,7 +65,8 @@ from raftkv import backup_state, strings, txn
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
-SNAPSHOT_VERSION = 2  # 2: data as a Store (packed values); 1 (dict of tuples) still loads
+# 3: adds log time and the deletion revision; 2: data as a Store (packed values); 1 and 2 still load
+SNAPSHOT_VERSION = 3
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
 
@@ -124,6 +136,7 @@ class FrozenState:
     txns: Any
     applied: int
     fences: dict
+    extra: dict = field(default_factory=dict)  # log_ms, del_rev (see KVState.extra)
 
     def chunks(self, keys_per_chunk: int = SNAPSHOT_CHUNK_KEYS) -> Iterator[bytes]:
         """The state as pickled blobs: a header, then the keys in slices of ``keys_per_chunk``.
@@ -132,7 +145,7 @@ class FrozenState:
         lets the others (Raft heartbeats) run between slices.
         """
         yield pickle.dumps(("raftkv-state", SNAPSHOT_VERSION, self.revision, self.sessions, self.txns,
-                            self.applied, self.fences, len(self.data)), protocol=pickle.HIGHEST_PROTOCOL)
+                            self.applied, self.fences, len(self.data), self.extra), protocol=pickle.HIGHEST_PROTOCOL)
         raw = iter(dict.items(self.data))
         while batch := dict(itertools.islice(raw, keys_per_chunk)):
             yield pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
@@ -152,6 +165,10 @@ class KVState:
     applied: int = 0
     # backup fences (raftkv.backup_state): backup id -> log time (ms) the fence lapses
     fences: dict[str, int] = field(default_factory=dict)
+    # log time of the newest applied entry: log time never goes below it (raftkv.logclock)
+    log_ms: int = 0
+    # revision of the newest deletion on this shard (WATCH of a missing key compares it)
+    del_rev: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, Store):
@@ -162,6 +179,11 @@ class KVState:
     # -- the entry point --------------------------------------------------
     def apply(self, cmd: tuple, now_ms: int) -> Any:
         """Apply one command at log time ``now_ms`` and return its result."""
+        # Clamp: a leader whose stamp is behind the previous entry's cannot move log time back.
+        if now_ms < self.log_ms:
+            now_ms = self.log_ms
+        else:
+            self.log_ms = now_ms
         self.applied += 1
         op = cmd[0]
         handler = _HANDLERS.get(op)
@@ -198,7 +220,7 @@ class KVState:
         """Serialize the whole state (data, revision, sessions, transactions)."""
         return pickle.dumps(
             (SNAPSHOT_VERSION, self.data, self.revision, self.sessions, self.txns.dump(), self.applied,
-             self.fences),
+             self.fences, self.extra()),
             protocol=pickle.HIGHEST_PROTOCOL,
         )
 
@@ -207,12 +229,31 @@ class KVState:
         """Rebuild a state from ``snapshot()`` output; refuses unknown versions."""
 
         parts = pickle.loads(blob)
-        if not isinstance(parts, tuple) or parts[0] not in (1, SNAPSHOT_VERSION):
+        if not isinstance(parts, tuple) or parts[0] not in (1, 2, SNAPSHOT_VERSION):
             raise ValueError(f"unsupported snapshot version {parts[0] if parts else None!r}")
         _, data, revision, sessions, txns, applied = parts[:6]
         fences = dict(parts[6]) if len(parts) > 6 else {}  # backup fences (older snapshots have none)
-        return cls(data=data, revision=revision, sessions=sessions, txns=txn.TxnTable.load(txns), applied=applied,
-                   fences=fences)
+        s = cls(data=data, revision=revision, sessions=sessions, txns=txn.TxnTable.load(txns), applied=applied,
+                fences=fences)
+        s.load_extra(parts[7] if len(parts) > 7 else None)
+        return s
+
+    def extra(self) -> dict:
+        """State added in snapshot version 3, as a dict so later additions load the same way."""
+        return {"log_ms": self.log_ms, "del_rev": self.del_rev}
+
+    def load_extra(self, extra: dict | None) -> None:
+        """Inverse of ``extra``.  A version 1/2 snapshot lacks it: derive safe values.
+
+        The deletion revision becomes the current revision (a WATCH of a missing key
+        taken before then may abort once, spuriously, never commit wrongly); log time
+        becomes the newest time the state remembers, so it does not start from 0.
+        """
+        if extra is not None:
+            self.log_ms, self.del_rev = int(extra["log_ms"]), int(extra["del_rev"])
+            return
+        self.del_rev = self.revision
+        self.log_ms = max([self.txns.newest_ms(), *(t for _, _, t in self.sessions.values())], default=0)
 
     def freeze(self) -> FrozenState:
         """A point-in-time copy to serialize elsewhere (``FrozenState.chunks``).
@@ -221,30 +262,33 @@ class KVState:
         applying thread while the slow serialization runs on another.
         """
         return FrozenState(self.data.copy(), self.revision, dict(self.sessions), self.txns.dump(), self.applied,
-                           dict(self.fences))
+                           dict(self.fences), self.extra())
 
     @classmethod
     def from_chunks(cls, blobs: Iterator[bytes]) -> KVState:
         """Rebuild a state from ``FrozenState.chunks()`` output; refuses unknown formats."""
 
         head = pickle.loads(next(blobs))
-        if not isinstance(head, tuple) or head[:2] != ("raftkv-state", SNAPSHOT_VERSION):
+        if not isinstance(head, tuple) or head[:2] not in (("raftkv-state", 2), ("raftkv-state", SNAPSHOT_VERSION)):
             raise ValueError(f"unsupported snapshot format {head[:2] if isinstance(head, tuple) else head!r}")
-        _, _, revision, sessions, txns, applied, fences, nkeys = head
+        _, _, revision, sessions, txns, applied, fences, nkeys = head[:8]
         data = Store()
         for blob in blobs:
             dict.update(data, pickle.loads(blob))
         if len(data) != nkeys:
             raise ValueError(f"snapshot holds {len(data)} keys, its header says {nkeys}")
-        return cls(data=data, revision=revision, sessions=sessions, txns=txn.TxnTable.load(txns), applied=applied,
-                   fences=fences)
+        s = cls(data=data, revision=revision, sessions=sessions, txns=txn.TxnTable.load(txns), applied=applied,
+                fences=fences)
+        s.load_extra(head[8] if len(head) > 8 else None)
+        return s
 
     # -- primitives shared with the transaction layer -----------------------
     def write(self, key: bytes, value: bytes | None) -> int:
         """Set (or delete, when ``value`` is None) ``key``; returns the new revision."""
         self.revision += 1
         if value is None:
-            self.data.pop(key, None)
+            if self.data.pop(key, None) is not None:
+                self.del_rev = self.revision
         else:
             self.data[key] = (value, self.revision)
         return self.revision
@@ -269,6 +313,13 @@ def _getrev(s: KVState, cmd: tuple, now_ms: int) -> Any:
     if lock is not None:
         return lock
     return s.data.get(key)
+
+
+def _watchrev(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    entry = _getrev(s, cmd, now_ms)
+    if isinstance(entry, Locked):
+        return entry
+    return ("missing", s.revision) if entry is None else ("rev", entry[1])
 
 
 def _mget(s: KVState, cmd: tuple, now_ms: int) -> Any:
@@ -366,6 +417,10 @@ def _txn(s: KVState, cmd: tuple, now_ms: int) -> Any:
     return txn.apply_local_txn(s, cmd[1], cmd[2], cmd[3])
 
 
+def _txn_once(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    return s.txns.apply_once(s, cmd, now_ms)
+
+
 def _txn_layer(s: KVState, cmd: tuple, now_ms: int) -> Any:
     return s.txns.apply(s, cmd, now_ms)
 
@@ -381,6 +436,8 @@ _HANDLERS = {
     "session": _session,
     "noop": _noop,
     "txn": _txn,
+    "txn_once": _txn_once,
+    "watchrev": _watchrev,
     # cross-shard transaction messages, see raftkv.txn
     "tx_begin": _txn_layer,
     "tx_prepare": _txn_layer,
@@ -395,4 +452,4 @@ _HANDLERS = {
     **strings.HANDLERS,
 }
 
-_READ_HANDLERS = {"get": _get, "getrev": _getrev, "mget": _mget, "exists": _exists}
+_READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists}

@@ -7,17 +7,24 @@ every compare holds, else the *else* ops.
 
 * compare: ``(key, kind, arg)`` with kind ``"value"`` (value equals ``arg``;
   ``None`` means absent), ``"rev"`` (modification revision equals ``arg``; 0
-  means absent), ``"exists"`` or ``"missing"``.
+  means absent), ``"exists"``, ``"missing"``, or ``"watch"`` (internal, for
+  EXEC: ``arg`` is what ``("watchrev", key)`` answered at WATCH, and the
+  compare holds only if the key was not written or deleted since).
 * op: ``("put", key, value)``, ``("del", key)`` or ``("get", key)``.  Ops of a
   branch run in order; a ``get`` after a ``put`` of the same key sees the put.
 
 When all keys live on one shard the whole transaction is one Raft entry
-(``("txn", compares, then_ops, else_ops)`` in ``raftkv.state``).  Otherwise it
+(``("txn_once", txid, compares, then_ops, else_ops)``): its result is kept in
+``TxnTable.once`` under its id for ``TOMBSTONE_TTL_MS`` of log time, apart from
+the clients' sessions, so a retry finds it however busy the shard is.  Otherwise it
 runs two-phase commit (2PC) over the shards' Raft groups:
 
 1. ``tx_begin`` on the *home* shard (the shard of the first key) replicates a
    transaction record in state PENDING, before any participant hears of it.
-2. ``tx_prepare`` on every participant: if any key is locked by another
+2. ``tx_prepare`` on every participant (it carries the record's creation time
+   on the home shard, ``start_ms``, in the home's log time): a PREPARE that
+   started no later than a transaction whose tombstone this participant has
+   already forgotten is refused (``prepare_floor``, see 6).  If any key is locked by another
    transaction the participant votes NO at once (no-wait: nothing waits, so
    nothing deadlocks) and remembers the transaction as ABORTED; otherwise it
    locks every key the transaction reads or writes (both branches), evaluates
@@ -35,8 +42,13 @@ runs two-phase commit (2PC) over the shards' Raft groups:
 5. ``tx_resolve`` on the home shard answers the outcome for a participant or
    reader that met an old lock: a PENDING record older than the caller's
    timeout is aborted (CAS), a missing record gets an ABORTED tombstone.
-6. ``tx_gc`` forgets finished records and tombstones older than
-   ``TOMBSTONE_TTL_MS`` of log time.
+6. ``tx_gc`` forgets finished records, tombstones and remembered one-shard
+   ids older than ``TOMBSTONE_TTL_MS`` of log time.  Forgetting a tombstone
+   raises ``prepare_floor[home]`` to its transaction's ``start_ms``, so a
+   PREPARE that sat in a network buffer past the GC (its tombstone gone) is
+   refused instead of locking again; a later COMMIT re-sent for it then finds
+   nothing staged.  Only the home's own log times are compared, so no clock
+   skew between shards matters.
 
 Every message is idempotent by transaction id, so the I/O layer retries any
 message whose outcome is unknown.  ``TxnRun`` is the coordinator as a sans-IO
@@ -62,7 +74,7 @@ if TYPE_CHECKING:
 
     from raftkv.state import KVState
 
-COMPARE_KINDS = ("value", "rev", "exists", "missing")
+COMPARE_KINDS = ("value", "rev", "exists", "missing", "watch")
 OP_KINDS = ("put", "del", "get")
 
 PENDING = "PENDING"
@@ -74,10 +86,15 @@ OUTCOMES = (COMMITTED, ABORTED)
 REASON_CONFLICT = "conflict"  # a participant met another transaction's lock (-TXNCONFLICT)
 REASON_TIMEOUT = "timeout"  # a participant did not vote in time, or a resolver aborted (-TRYAGAIN)
 REASON_UNKNOWN = "unknown"  # no record (garbage-collected or never begun): aborted by tombstone
+REASON_STALE = "stale"  # a PREPARE older than the participant's GC horizon (-TRYAGAIN)
+# The tombstone of a refused stale PREPARE: the transaction's outcome is unknown here (it may
+# have committed with this shard's writes long ago), so any later outcome is accepted, as a no-op.
+STALE = "STALE"
 
 TOMBSTONE_TTL_MS = 10 * 60 * 1000  # keep finished records/tombstones this long (log time)
 TXN_RECORDS_MAX = 100_000  # open + finished records on one home shard
 TXN_KEYS_MAX = 10_000  # keys in one transaction
+TXN_IDS_MAX = 500_000  # remembered one-shard transaction ids on one shard (~830/s for the whole TTL)
 
 
 @dataclass(frozen=True)
@@ -113,8 +130,11 @@ def keys_of(compares: list, then_ops: list, else_ops: list) -> list[bytes]:
     return list(seen)
 
 
-def compare_holds(entry: tuple[bytes, int] | None, kind: str, arg: Any) -> bool:
-    """Does one compare hold for a key whose ``(value, revision)`` is ``entry``?"""
+def compare_holds(entry: tuple[bytes, int] | None, kind: str, arg: Any, del_rev: int = 0) -> bool:
+    """Does one compare hold for a key whose ``(value, revision)`` is ``entry``?
+
+    ``del_rev`` is the shard's newest deletion revision (only ``"watch"`` uses it).
+    """
     if kind == "value":
         return (None if entry is None else entry[0]) == arg
     if kind == "rev":
@@ -123,7 +143,29 @@ def compare_holds(entry: tuple[bytes, int] | None, kind: str, arg: Any) -> bool:
         return entry is not None
     if kind == "missing":
         return entry is None
+    if kind == "watch":
+        tag, n = arg
+        if tag == "rev":
+            return entry is not None and entry[1] == n
+        # Missing at WATCH, when the shard was at revision n: still missing, and no deletion since
+        # (a key created and deleted in between leaves no revision of its own to compare).
+        return entry is None and del_rev <= n
     raise ValueError(f"unknown compare kind {kind!r}")
+
+
+def watch_read(key: bytes) -> tuple:
+    """The read WATCH makes of ``key`` (its answer goes to ``watch_compare``)."""
+    return ("watchrev", key)
+
+
+def watch_compare(key: bytes, seen: Any) -> tuple:
+    """The compare EXEC checks for a key WATCH read as ``seen``: "nothing changed since"."""
+    return (key, "watch", tuple(seen))
+
+
+def single_shard_cmd(txid: str, compares: Any, then_ops: Any, else_ops: Any) -> tuple:
+    """A one-shard transaction as one state-machine command, applied at most once per ``txid``."""
+    return ("txn_once", txid, tuple(compares), tuple(then_ops), tuple(else_ops))
 
 
 def apply_local_txn(s: KVState, compares: list, then_ops: list, else_ops: list) -> TxnResult | Locked:
@@ -132,7 +174,7 @@ def apply_local_txn(s: KVState, compares: list, then_ops: list, else_ops: list) 
         lock = s.txns.lock_of(key)
         if lock is not None:
             return lock
-    ok = all(compare_holds(s.data.get(k), kind, arg) for k, kind, arg in compares)
+    ok = all(compare_holds(s.data.get(k), kind, arg, s.del_rev) for k, kind, arg in compares)
     return TxnResult(ok, tuple(_apply_ops(s, then_ops if ok else else_ops)))
 
 
@@ -191,8 +233,8 @@ class Record:
     finished_ms: int | None = None
 
     def answer(self) -> tuple:
-        """What begin/decide/resolve reply: ``(state, branch, results, reason, participants)``."""
-        return (self.state, self.branch, self.results, self.reason, self.participants)
+        """What begin/decide/resolve reply: ``(state, branch, results, reason, participants, created_ms)``."""
+        return (self.state, self.branch, self.results, self.reason, self.participants, self.created_ms)
 
 
 @dataclass
@@ -205,6 +247,7 @@ class Prepared:
     else_ops: tuple
     vote: tuple
     since_ms: int
+    start_ms: int | None = None  # the record's creation on the home shard (home log time)
 
 
 @dataclass
@@ -213,14 +256,47 @@ class TxnTable:
 
     locks: dict[bytes, Any] = field(default_factory=dict)  # key -> Locked
     prepared: dict[str, Prepared] = field(default_factory=dict)
-    done: dict[str, tuple[str, int]] = field(default_factory=dict)  # participant tombstones
+    # participant tombstones: txid -> (outcome, log time, home, start_ms); older ones lack the last two
+    done: dict[str, tuple] = field(default_factory=dict)
     records: dict[str, Record] = field(default_factory=dict)
+    # home shard -> newest start_ms of a forgotten tombstone: PREPAREs started no later are refused
+    prepare_floor: dict[int, int] = field(default_factory=dict)
+    # one-shard transactions: txid -> (result, log time)
+    once: dict[str, tuple] = field(default_factory=dict)
 
     def lock_of(self, key: bytes) -> Locked | None:
         """The lock held on ``key`` by a prepared transaction, if any."""
         if not self.locks:
             return None
         return self.locks.get(key)
+
+    def apply_once(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        """``("txn_once", txid, compares, then, else)``: a one-shard transaction, applied once per id."""
+        _, txid, compares, then_ops, else_ops = cmd
+        known = self.once.get(txid)
+        if known is not None:
+            return known[0]
+        if len(self.once) >= TXN_IDS_MAX:
+            self._forget_once(now_ms - TOMBSTONE_TTL_MS)
+            if len(self.once) >= TXN_IDS_MAX:  # refuse rather than evict: evicting shrinks the window
+                return CmdError("BUSY", f"too many transaction ids remembered on this shard ({TXN_IDS_MAX})")
+        result = apply_local_txn(s, compares, then_ops, else_ops)
+        if not isinstance(result, Locked):  # not applied: the caller retries once the lock clears
+            self.once[txid] = (result, now_ms)
+        return result
+
+    def _forget_once(self, horizon: int) -> int:
+        old = [t for t, (_, at) in self.once.items() if at < horizon]
+        for t in old:
+            del self.once[t]
+        return len(old)
+
+    def newest_ms(self) -> int:
+        """The newest log time this table remembers (to seed log time from an old snapshot)."""
+        times = [r.finished_ms or r.created_ms for r in self.records.values()]
+        times += [d[1] for d in self.done.values()] + [p.since_ms for p in self.prepared.values()]
+        times += [at for _, at in self.once.values()]
+        return max(times, default=0)
 
     def apply(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
         """Apply one 2PC message (``tx_*`` command); errors are returned, never raised."""
@@ -287,32 +363,48 @@ class TxnTable:
 
     # -- participant side ----------------------------------------------------------------
     def _prepare(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
-        _, txid, home, compares, then_ops, else_ops = cmd
+        # start_ms is absent in PREPAREs logged by older versions: they replay as they did.
+        _, txid, home, compares, then_ops, else_ops, *rest = cmd
+        start_ms = rest[0] if rest else None
+        if len(rest) > 1:
+            raise ValueError("too many fields")
         done = self.done.get(txid)
         if done is not None:  # finished here already: a late or duplicate PREPARE
             return ("done", done[0])
         prep = self.prepared.get(txid)
         if prep is not None:
             return prep.vote
+        floor = self.prepare_floor.get(home)
+        if start_ms is not None and floor is not None and start_ms <= floor:
+            # Started no later than a transaction whose tombstone is forgotten here: this may be
+            # a PREPARE delayed past its own tombstone's GC.  Refuse, for good (a tombstone again).
+            self.done[txid] = (STALE, now_ms, home, start_ms)
+            return ("no", REASON_STALE, None)
         keys = tuple(keys_of(compares, then_ops, else_ops))
         for k in keys:
             other = self.locks.get(k)
             if other is not None:
                 # No-wait: vote NO, lock nothing, and remember the abort (this vote is final).
-                self.done[txid] = (ABORTED, now_ms)
+                self.done[txid] = (ABORTED, now_ms, home, start_ms)
                 return ("no", REASON_CONFLICT, (k, other.txid, other.home_shard, other.since_ms))
-        ok = all(compare_holds(s.data.get(k), kind, arg) for k, kind, arg in compares)
+        ok = all(compare_holds(s.data.get(k), kind, arg, s.del_rev) for k, kind, arg in compares)
         vote = ("yes", ok, _simulate_ops(s.data, then_ops), _simulate_ops(s.data, else_ops))
         for k in keys:
             self.locks[k] = Locked(k, txid, home, now_ms)
-        self.prepared[txid] = Prepared(home, keys, tuple(then_ops), tuple(else_ops), vote, now_ms)
+        self.prepared[txid] = Prepared(home, keys, tuple(then_ops), tuple(else_ops), vote, now_ms, start_ms)
         return vote
 
     def _finish(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
-        _, txid, outcome, branch = cmd
+        # (home, start_ms) name the transaction's start for its tombstone when nothing was prepared
+        # here; absent in older messages.
+        _, txid, outcome, branch, *rest = cmd
+        home, start_ms = rest if rest else (None, None)
         if outcome not in OUTCOMES:
             raise ValueError(f"bad outcome {outcome!r}")
         done = self.done.get(txid)
+        if done is not None and done[0] == STALE:  # nothing was staged: record the outcome, apply nothing
+            self.done[txid] = (outcome, *done[1:])
+            return outcome
         if done is not None:
             if done[0] != outcome:  # an invariant broke: two outcomes for one transaction
                 return CmdError("TXNBUG", f"transaction {txid} finished {done[0]} here, now told {outcome}")
@@ -325,7 +417,8 @@ class TxnTable:
                     del self.locks[k]
             if outcome == COMMITTED:
                 _apply_ops(s, prep.then_ops if branch else prep.else_ops)
-        self.done[txid] = (outcome, now_ms)
+            home, start_ms = prep.home, prep.start_ms
+        self.done[txid] = (outcome, now_ms, home, start_ms)
         return outcome
 
     def _gc(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
@@ -333,16 +426,19 @@ class TxnTable:
         old_records = [t for t, r in self.records.items() if r.finished_ms is not None and r.finished_ms < horizon]
         for t in old_records:
             del self.records[t]
-        old_done = [t for t, (_, at) in self.done.items() if at < horizon]
+        old_done = [t for t, d in self.done.items() if d[1] < horizon]
         for t in old_done:
-            del self.done[t]
-        return len(old_records) + len(old_done)
+            d = self.done.pop(t)
+            if len(d) > 3 and d[2] is not None and d[3] is not None:
+                self.prepare_floor[d[2]] = max(self.prepare_floor.get(d[2], d[3]), d[3])
+        return len(old_records) + len(old_done) + self._forget_once(horizon)
 
     # -- snapshots -------------------------------------------------------------------------
     def dump(self) -> Any:
         """Picklable form for snapshots (everything: locks, staged writes, records, tombstones)."""
         return {"locks": dict(self.locks), "prepared": {t: replace(p) for t, p in self.prepared.items()},
-                "done": dict(self.done), "records": {t: replace(r) for t, r in self.records.items()}}
+                "done": dict(self.done), "records": {t: replace(r) for t, r in self.records.items()},
+                "prepare_floor": dict(self.prepare_floor), "once": dict(self.once)}
 
     @classmethod
     def load(cls, blob: Any) -> TxnTable:
@@ -350,7 +446,8 @@ class TxnTable:
         return cls(locks=dict(blob.get("locks", {})),
                    prepared={t: replace(p) for t, p in blob.get("prepared", {}).items()},
                    done=dict(blob.get("done", {})),
-                   records={t: replace(r) for t, r in blob.get("records", {}).items()})
+                   records={t: replace(r) for t, r in blob.get("records", {}).items()},
+                   prepare_floor=dict(blob.get("prepare_floor", {})), once=dict(blob.get("once", {})))
 
     def check_invariants(self) -> None:
         """Assert the table's internal consistency (tests call this after every step)."""
@@ -392,9 +489,11 @@ class Plan:
     n_then: int
     n_else: int
 
-    def prepare_cmd(self, shard: int) -> tuple:
+    def prepare_cmd(self, shard: int, start_ms: int | None) -> tuple:
         c, t, e = self.parts[shard]
-        return ("tx_prepare", self.txid, self.home, c, t, e)
+        if start_ms is None:  # the home answered in the older form (no creation time)
+            return ("tx_prepare", self.txid, self.home, c, t, e)
+        return ("tx_prepare", self.txid, self.home, c, t, e, start_ms)
 
 
 def plan_txn(txid: str, compares: list, then_ops: list, else_ops: list,
@@ -440,7 +539,9 @@ def decide(plan: Plan, votes: dict[int, tuple]) -> Decision:
         if v is None:
             return Decision(ABORTED, None, None, REASON_TIMEOUT)
         if v[0] != "yes":
-            return Decision(ABORTED, None, None, REASON_CONFLICT if v[0] == "no" else REASON_UNKNOWN)
+            if v[0] != "no":
+                return Decision(ABORTED, None, None, REASON_UNKNOWN)
+            return Decision(ABORTED, None, None, REASON_STALE if v[1] == REASON_STALE else REASON_CONFLICT)
     branch = all(votes[s][1] for s in plan.participants)
     results: list = [None] * (plan.n_then if branch else plan.n_else)
     pos = plan.then_pos if branch else plan.else_pos
@@ -477,16 +578,19 @@ class TxnRun:
         self.votes: dict[int, tuple] = {}
         self.finished: set[int] = set()
         self.proposal: Decision | None = None
-        self.decision: tuple | None = decision  # (state, branch, results, reason, participants)
+        self.decision: tuple | None = decision  # (state, branch, results, reason, participants, created_ms)
         self.conflict: tuple | None = None
+        # the record's creation time on the home shard (home log time), from its first answer
+        self.start_ms: int | None = None if decision is None else _start_of(decision)
 
     @classmethod
     def recover(cls, txid: str, home: int, record: tuple) -> TxnRun:
         """A run that finishes an existing record: abort if PENDING, else resend the outcome."""
-        state, _branch, _results, _reason, participants = record
+        state, participants, start_ms = record[0], record[4], _start_of(record)
         plan = Plan(txid, home, tuple(participants), {}, {}, {}, 0, 0)
         if state == PENDING:
             run = cls(plan, "decide")
+            run.start_ms = start_ms
             run.proposal = Decision(ABORTED, None, None, REASON_TIMEOUT)
             return run
         return cls(plan, "finish" if participants else "ack", tuple(record))
@@ -496,7 +600,7 @@ class TxnRun:
         if self.phase == "begin":
             return [(p.home, ("tx_begin", p.txid, p.participants))]
         if self.phase == "prepare":
-            return [(s, p.prepare_cmd(s)) for s in p.participants if s not in self.votes]
+            return [(s, p.prepare_cmd(s, self.start_ms)) for s in p.participants if s not in self.votes]
         if self.phase == "decide":
             d = self.proposal
             assert d is not None
@@ -504,7 +608,8 @@ class TxnRun:
         if self.phase == "finish":
             assert self.decision is not None
             state, branch = self.decision[0], self.decision[1]
-            return [(s, ("tx_finish", p.txid, state, branch)) for s in p.participants if s not in self.finished]
+            return [(s, ("tx_finish", p.txid, state, branch, p.home, self.start_ms)) for s in p.participants
+                    if s not in self.finished]
         if self.phase == "ack":
             return [(p.home, ("tx_ack", p.txid))]
         return []
@@ -513,6 +618,7 @@ class TxnRun:
         """Feed the applied result of ``cmd`` on ``shard``; stale results are ignored."""
         op = cmd[0]
         if op == "tx_begin" and self.phase == "begin":
+            self.start_ms = _start_of(result)
             if result[0] == PENDING:
                 self.phase = "prepare"
             else:  # decided already (a retry of a known txid): skip straight to finishing
@@ -545,8 +651,15 @@ class TxnRun:
     def _decided(self, record: tuple) -> None:
         assert record[0] in OUTCOMES, f"decision {record!r} is not final"
         self.decision = tuple(record)
+        if self.start_ms is None:
+            self.start_ms = _start_of(record)
         # A tombstone (no participants recorded) still finishes on the planned participants.
         self.phase = "finish" if self.plan.participants else "ack"
+
+
+def _start_of(record: tuple) -> int | None:
+    """The creation time in a record's answer (answers from older versions lack it)."""
+    return record[5] if len(record) > 5 else None
 
 
 def recovery_action(record: Record, now_ms: int, pending_timeout_ms: int) -> str | None:

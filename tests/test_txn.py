@@ -25,6 +25,9 @@ from raftkv.txn import (
     decide,
     plan_txn,
     recovery_action,
+    single_shard_cmd,
+    watch_compare,
+    watch_read,
 )
 
 T0 = 1_000_000
@@ -76,7 +79,7 @@ def test_decision_carries_branch_and_results() -> None:
     s = fresh()
     s.apply(("tx_begin", "t", (0, 1)), T0)
     ans = s.apply(("tx_decide", "t", COMMITTED, False, (b"x",), ""), T0)
-    assert ans == (COMMITTED, False, (b"x",), "", (0, 1))
+    assert ans == (COMMITTED, False, (b"x",), "", (0, 1), T0)
     assert s.apply(("tx_resolve", "t", 0), T0) == ans
 
 
@@ -307,6 +310,8 @@ class Sim:
         self.replies: dict[str, tuple] = {}  # txid -> decision a coordinator reported
         self.reads: list[tuple] = []  # results of committed read-all transactions
         self.homes: dict[str, int] = {}
+        self.delayed: list[tuple[int, tuple]] = []  # messages held in a network buffer
+        self.forgotten: set[str] = set()  # records garbage-collected mid-run: only balances tell
 
     def value(self, k: bytes) -> int:
         entry = self.shards[ACCOUNT_SHARD[k]].state.data.get(k)
@@ -335,6 +340,12 @@ class Sim:
         shard, cmd = cmds[i % len(cmds)]
         if fate == "lost":
             return
+        if fate == "delay":  # sits in a buffer; delivered (again) after every shard's GC, see late()
+            # Participant messages only: a begin or decide replayed after its record's GC starts the
+            # id afresh (documented: same id after GC is a new transaction), outside this property.
+            if cmd[0] in ("tx_prepare", "tx_finish"):
+                self.delayed.append((shard, cmd))
+            return
         res = self.shards[shard].apply(cmd, self.now)
         if fate == "dup":
             res = self.shards[shard].apply(cmd, self.now)
@@ -348,6 +359,8 @@ class Sim:
         if run.decision is None:
             return
         txid = run.plan.txid
+        if txid in self.forgotten:  # a message after GC finds no record: documented, a new transaction
+            return
         prev = self.replies.setdefault(txid, run.decision[:3])
         assert prev == run.decision[:3], f"{txid}: two decisions reported: {prev} vs {run.decision}"
         if run.decision[0] == COMMITTED and run.plan.n_then == len(ACCOUNTS) and run.decision[2]:
@@ -363,8 +376,24 @@ class Sim:
             if self.now - lock.since_ms >= LOCK_TIMEOUT_MS:
                 ans = self.shards[lock.home_shard].apply(("tx_resolve", lock.txid, PENDING_TIMEOUT_MS), self.now)
                 if ans[0] != PENDING:
-                    res = self.shards[shard].apply(("tx_finish", lock.txid, ans[0], ans[1]), self.now)
+                    res = self.shards[shard].apply(("tx_finish", lock.txid, ans[0], ans[1], lock.home_shard,
+                                                    ans[5]), self.now)
                     assert not isinstance(res, CmdError), res
+
+    def late(self) -> None:
+        """Time passes beyond the GC horizon, every shard collects, then the delayed messages arrive.
+
+        Coordinators gave up long before (``DRIVE_BUDGET_S``); home leaders' recovery carries on.
+        """
+        self.now += TOMBSTONE_TTL_MS + 1
+        self.runs = []
+        for sh in self.shards:
+            sh.apply(("tx_gc",), self.now)
+        self.forgotten |= set(self.homes)  # records or tombstones may be gone: only balances tell
+        for shard, cmd in self.delayed:
+            res = self.shards[shard].apply(cmd, self.now)
+            assert not isinstance(res, CmdError), (cmd, res)
+        self.delayed = []
 
     def quiesce(self) -> None:
         for _ in range(50):
@@ -388,6 +417,8 @@ class Sim:
         for sh in self.shards:
             assert sh.state.txns.locks == {} and sh.state.txns.prepared == {}
         for txid, home in self.homes.items():
+            if txid in self.forgotten:
+                continue
             rec = self.shards[home].state.txns.records.get(txid)
             outcomes = {sh.state.txns.done[txid][0] for sh in self.shards if txid in sh.state.txns.done}
             if rec is None:  # never begun: nothing may have happened anywhere
@@ -412,18 +443,19 @@ _ACTION_ARGS = {
     "transfer": st.tuples(st.sampled_from(ACCOUNTS), st.integers(1, len(ACCOUNTS) - 1)),  # to another account
     "read_all": st.tuples(),
     "step": st.tuples(st.integers(0, 7), st.integers(0, 3),
-                      st.lists(st.sampled_from(["ok"] * 5 + ["lost", "noreply", "dup", "die"]), min_size=1,
+                      st.lists(st.sampled_from(["ok"] * 5 + ["lost", "noreply", "dup", "delay", "die"]), min_size=1,
                                max_size=8)),
     "crash": st.tuples(st.integers(0, 7)),  # die before any message
     "expire": st.tuples(st.integers(0, 7)),
     "restart": st.tuples(st.integers(0, NSHARDS - 1), st.integers(0, 200)),
     "recover": st.tuples(st.integers(0, NSHARDS - 1)),
     "tick": st.tuples(st.integers(1, 60)),
+    "late": st.tuples(),  # past the GC horizon: delayed messages arrive after their tombstones are gone
 }
 # Weighted toward the interesting interleavings: many transfers in flight, messages moving
 # them along, coordinators crashing in whatever phase they are in, recovery racing them.
 _ACTION_WEIGHTS = {"transfer": 5, "read_all": 1, "step": 12, "crash": 1, "expire": 1, "restart": 1,
-                   "recover": 3, "tick": 3}
+                   "recover": 3, "tick": 3, "late": 1}
 ACTIONS = st.sampled_from([k for k, w in _ACTION_WEIGHTS.items() for _ in range(w)]).flatmap(
     lambda kind: _ACTION_ARGS[kind].map(lambda args: (kind, *args)))
 
@@ -453,6 +485,8 @@ def run_simulation(actions: list) -> None:
             sim.recover(act[1])
         elif kind == "tick":
             sim.now += act[1]
+        elif kind == "late":
+            sim.late()
     event(f"{min(sim.ntx // 5 * 5, 15)}+ transactions started")
     sim.quiesce()
     sim.check()
@@ -524,3 +558,62 @@ def test_simulation_crash_after_decision_then_recovery() -> None:
     sim.quiesce()
     sim.check()
     assert (sim.value(ACCOUNTS[0]), sim.value(ACCOUNTS[1])) == (START - 1, START + 1)
+
+
+# -- issue 12: edges of WATCH, late messages, log time and transaction ids -------------------
+
+def _committed_across_two_shards() -> tuple[KVState, KVState, list[tuple[int, tuple]]]:
+    """A transaction writing shard 0 (home) and shard 1, run to the end; every message it sent."""
+    shards = [fresh(a=b"1"), fresh(b=b"old0")]
+    run = TxnRun(plan_txn("late", [], [("put", b"a", b"2"), ("put", b"b", b"old")], [], {b"a": 0, b"b": 1}.__getitem__))
+    sent = []
+    while run.commands():
+        for shard, cmd in run.commands():
+            sent.append((shard, cmd))
+            run.on_result(shard, cmd, shards[shard].apply(cmd, T0))
+    assert run.decision[0] == COMMITTED and shards[1].peek(b"b")[0] == b"old"
+    return shards[0], shards[1], sent
+
+
+def test_watched_missing_key_created_and_deleted_aborts_exec() -> None:
+    """Redis aborts EXEC after any change to a watched key, even one that restores it."""
+    s = fresh()
+    seen = s.read(watch_read(b"k"))
+    s.apply(("set", b"k", b"x"), T0)
+    s.apply(("del", [b"k"]), T0)
+    res = s.apply(("txn", [watch_compare(b"k", seen)], [("put", b"k", b"mine")], []), T0)
+    assert not res.succeeded and s.peek(b"k") is None
+    # ...and untouched, it commits (positive space), also as a 2PC participant.
+    seen = s.read(watch_read(b"k"))
+    vote = s.apply(prep("w", [watch_compare(b"k", seen)], [("put", b"k", b"mine")]), T0)
+    assert vote[:2] == ("yes", True)
+
+
+def test_late_prepare_after_gc_cannot_lock_or_reapply_old_writes() -> None:
+    """A PREPARE held in a network buffer past the participant's GC must not lock again, and a
+    re-sent COMMIT must not bring back the old staged write over a newer acknowledged one."""
+    _home, part, sent = _committed_across_two_shards()
+    stale = next(c for s, c in sent if s == 1 and c[0] == "tx_prepare")
+    part.apply(("set", b"b", b"new"), T0 + 1)
+    part.apply(("tx_gc",), T0 + TOMBSTONE_TTL_MS + 1)
+    assert "late" not in part.txns.done
+    vote = part.apply(stale, T0 + TOMBSTONE_TTL_MS + 2)
+    assert vote[0] != "yes" and part.txns.locks == {}
+    part.apply(("tx_finish", "late", COMMITTED, True), T0 + TOMBSTONE_TTL_MS + 3)
+    assert part.peek(b"b")[0] == b"new"
+    part.txns.check_invariants()
+
+
+def test_single_shard_txn_id_outlives_session_eviction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retried RAFTKV.TXN ID finds its first attempt however many client sessions came since."""
+    import raftkv.state
+
+    monkeypatch.setattr(raftkv.state, "SESSIONS_MAX", 20)
+    s = fresh()
+    cmd = single_shard_cmd("once", [(b"c", "missing", None)], [("put", b"c", b"1")], [("get", b"c")])
+    first = s.apply(cmd, T0)
+    assert first.succeeded
+    for i in range(50):  # clients' sessions push the oldest out of the session table
+        s.apply(("session", f"client{i}".encode(), 1, ("get", b"c")), T0 + i)
+    assert s.apply(cmd, T0 + 100) == first
+    assert s.apply(cmd, T0 + TOMBSTONE_TTL_MS - 1) == first  # for the whole documented window

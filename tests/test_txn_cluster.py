@@ -8,6 +8,7 @@ chosen point, then ``kill -9`` it.  Assertions are on outcomes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     faults = ["--fault", "txn.after_prepare:60:1:pause-k1", "--fault", "txn.after_decide:60:1:pause-k2",
-              "--fault", "txn.after_prepare:0.5:1:pause-k3"]
+              "--fault", "txn.after_prepare:0.5:1:pause-k3", "--fault", "txn.after_prepare:2:0:hold-w"]
     with running(LocalCluster.create(str(tmp_path_factory.mktemp("txn")), nodes=3, shards=3, node_args=faults)) as c:
         yield c
 
@@ -192,6 +193,42 @@ def test_watch_multi_exec(lc: LocalCluster) -> None:
         r.execute_command("INCR", a)  # refused while queueing: EXEC aborts
     with pytest.raises(redis.ResponseError, match="discarded because of previous errors"):
         r.execute_command("EXEC")
+
+
+def test_watch_answers_after_reading_a_locked_key(lc: LocalCluster) -> None:
+    """Issue 12, item 1: WATCH of a key locked by a paused transaction answers only once it has
+    read the key's revision, so a write acknowledged after WATCH answered aborts the EXEC of the
+    standard WATCH/GET/MULTI/EXEC check-and-set loop instead of being overwritten."""
+    names = list(lc.map.nodes)
+    host, port = lc.map.nodes[names[0]].client_addr
+    a = redis.Redis(host=host, port=port, socket_timeout=20, single_connection_client=True)  # WATCH is per connection
+    b, c = redis_on(lc, names[1]), redis_on(lc, names[2])
+    for i in range(3):
+        k, other = keys_on(lc, 0, 1, f"wl{i}-")[0], keys_on(lc, 1, 1, f"wl{i}-")[0]
+        a.set(k, "1")
+        # Paused 2 s after prepare (fault txn.after_prepare:2:0:hold-w): k stays locked.
+        def hold(i: int = i, k: str = k, other: str = other) -> None:
+            with contextlib.suppress(redis.RedisError):  # commits, or is aborted by the lock resolver
+                c.execute_command("RAFTKV.TXN", "ID", f"hold-w{i}", "0", "2", "PUT", k, "10", "PUT", other, "20", "0")
+        holder = threading.Thread(target=hold)
+        holder.start()
+        deadline = time.monotonic() + 10
+        while not any(r[2] for rows in txstats(lc).values() for r in rows if r[0] == 0):
+            assert time.monotonic() < deadline, "the holding transaction never locked"
+            time.sleep(0.02)
+        assert a.execute_command("WATCH", k) is True
+        leader = lc.leader_of(0)
+        locks_now = [r[2] for r in txstats(lc)[leader] if r[0] == 0]
+        assert locks_now == [0], f"WATCH answered while {k} was still locked"
+        writer = threading.Thread(target=b.set, args=(k, f"v2-{i}"))
+        writer.start()
+        seen = a.get(k)
+        writer.join()  # B's write is acknowledged now, after WATCH answered
+        assert a.execute_command("MULTI") in (True, b"OK")
+        a.execute_command("SET", k, (seen or b"") + b"+1")
+        assert a.execute_command("EXEC") is None, "EXEC committed over a write made after WATCH"
+        assert a.get(k) == f"v2-{i}".encode()
+        holder.join()
 
 
 def test_concurrent_conflicting_txns_never_both_commit(lc: LocalCluster) -> None:

@@ -10,7 +10,6 @@ back with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +55,7 @@ class Proposer:
             self._send(cmds, done)
 
     def _send(self, cmds: list, done: Callable[[str, Any], None]) -> None:
-        self.replica.propose(cmds, int(time.time() * 1000), done)
+        self.replica.propose(cmds, self.replica.log_now_ms(), done)
 
 
 class Reader(Proposer):

@@ -24,9 +24,10 @@ sent again.
 * ``wait_for_lock``: called by the router when a command meets a lock; an
   old lock is resolved at once, so a reader never waits on a dead coordinator for long.
 
-Time here is wall-clock milliseconds compared with the ``now_ms`` the leaders
-stamp into entries: a skewed clock only makes recovery earlier or later, never
-unsafe, because every decision is a CAS in the home shard's log.
+Ages here (locks, PENDING records) are log time (``raftkv.logclock``): the
+replica's ``log_now_ms()`` compared with the log times stamped into its
+entries, never a wall clock.  A wrong estimate only makes recovery earlier or
+later, never unsafe, because every decision is a CAS in the home shard's log.
 
 Fault points (``raftkv.server.api.Faults``, armed only by tests and the fault
 harness with ``raftkv serve --fault``): ``txn.after_prepare`` and
@@ -54,6 +55,7 @@ from raftkv.txn import (
     TxnRun,
     plan_txn,
     recovery_action,
+    single_shard_cmd,
     validate,
 )
 
@@ -129,7 +131,7 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
 
 async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error:
     if len(plan.participants) == 1:
-        cmd = ("session", b"tx:" + plan.txid.encode(), 1, ("txn", tuple(compares), tuple(then_ops), tuple(else_ops)))
+        cmd = single_shard_cmd(plan.txid, compares, then_ops, else_ops)
         try:
             return await tx_call(node, plan.home, cmd, node.timing.request_timeout_s)
         except TxnCallFailed as e:
@@ -143,7 +145,7 @@ async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else
 
 
 def _answer(run: TxnRun) -> TxnResult | Error:
-    state, branch, results, reason, _ = run.decision  # type: ignore[misc]
+    state, branch, results, reason = run.decision[:4]  # type: ignore[index]
     if state == COMMITTED:
         return TxnResult(bool(branch), tuple(results or ()))
     if reason == REASON_CONFLICT:
@@ -211,9 +213,10 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
 def _maybe_resolve_conflict(node: NodeAPI, conflict: tuple) -> None:
     """A NO vote met an old lock: resolve it now rather than wait for the lock's shard."""
     key, txid, home, since_ms = conflict
-    if time.time() * 1000 - since_ms >= LOCK_TIMEOUT_MS:
-        shard = node.shard_of(key)
-        node.txns.resolve_soon(shard, Locked(key, txid, home, since_ms))
+    shard = node.shard_of(key)
+    lock = Locked(key, txid, home, since_ms)
+    if lock_is_old(node, shard, lock):
+        node.txns.resolve_soon(shard, lock)
 
 
 async def resolve_lock(node: NodeAPI, shard: int, lock: Locked) -> None:
@@ -222,14 +225,21 @@ async def resolve_lock(node: NodeAPI, shard: int, lock: Locked) -> None:
         ans = await tx_call(node, lock.home_shard, ("tx_resolve", lock.txid, PENDING_TIMEOUT_MS))
         if ans[0] == PENDING:
             return
-        await tx_call(node, shard, ("tx_finish", lock.txid, ans[0], ans[1]))
+        start_ms = ans[5] if len(ans) > 5 else None  # older homes answer without it
+        await tx_call(node, shard, ("tx_finish", lock.txid, ans[0], ans[1], lock.home_shard, start_ms))
         log.info("event=txn_lock_resolved txid=%s shard=%d outcome=%s", lock.txid, shard, ans[0])
     except TxnCallFailed as e:
         log.info("event=txn_lock_resolve_failed txid=%s shard=%d err=%s", lock.txid, shard, e)
 
 
-def lock_is_old(lock: Locked) -> bool:
-    return time.time() * 1000 - lock.since_ms >= LOCK_TIMEOUT_MS
+def lock_is_old(node: NodeAPI, shard: int, lock: Locked) -> bool:
+    """Is ``lock`` (stamped in ``shard``'s log time) older than ``LOCK_TIMEOUT_MS``?
+
+    Measured with this node's replica of ``shard``; without one, the lock counts as
+    young and that shard's leader resolves it in its own recovery loop.
+    """
+    replica = node.replicas.get(shard)
+    return replica is not None and replica.log_now_ms() - lock.since_ms >= LOCK_TIMEOUT_MS
 
 
 # -- per-node service: background runs and the recovery loop ------------------------------
@@ -250,7 +260,7 @@ class TxnService:
 
     async def wait_for_lock(self, shard: int, lock: Locked, remaining_s: float) -> None:
         """A command met ``lock``: wait a little, resolving the lock first once it is old."""
-        if lock_is_old(lock):
+        if lock_is_old(self.node, shard, lock):
             await asyncio.wait([self.resolve_soon(shard, lock)], timeout=max(0.05, remaining_s))
         await asyncio.sleep(self.node.timing.retry_sleep_s)
 
@@ -277,13 +287,13 @@ class TxnService:
             await asyncio.sleep(RECOVERY_PERIOD_S)
 
     def _recover_once(self) -> None:
-        now_ms = time.time() * 1000
         gc = time.monotonic() - self.last_gc > GC_PERIOD_S
         if gc:
             self.last_gc = time.monotonic()
         for shard, replica in self.node.replicas.items():
             if not replica.is_leader():
                 continue
+            now_ms = replica.log_now_ms()
             txns = replica.state.txns
             try:  # a racy read of the replica's state: only a trigger, every action is a Raft write
                 records = list(txns.records.items())
@@ -298,7 +308,7 @@ class TxnService:
                     log.info("event=txn_recover txid=%s shard=%d state=%s", txid, shard, rec.state)
                     self.spawn(txid, _drive(self.node, TxnRun.recover(txid, shard, rec.answer())))
             for lock in locks:
-                if lock.txid not in self.tasks and lock_is_old(lock):
+                if lock.txid not in self.tasks and now_ms - lock.since_ms >= LOCK_TIMEOUT_MS:
                     self.resolve_soon(shard, lock)
             if gc and (records or has_done):
                 self.spawn(f"gc-{shard}", _gc(self.node, shard))

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +121,7 @@ class _RaftCollector:
                     lag.add_metric([sh, n.name], max(0, st["commit_idx"] - match))
             journal.add_metric([sh], _size(r.journal_file))
             snap.add_metric([sh], _size(r.snapshot_file))
-            n_open, oldest = txn_summary(r.state.txns, int(time.time() * 1000))
+            n_open, oldest = txn_summary(r.state.txns, r.log_now_ms())
             open_txns.add_metric([sh], n_open)
             txn_age.add_metric([sh], oldest)
             fs = r.flushStats()

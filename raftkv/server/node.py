@@ -322,7 +322,7 @@ class Node:
         for s, r in sorted(self._replicas.items()):
             st = r.status()
             leader = r.leader_addr()
-            open_txns, oldest_txn = txn_summary(r.state.txns, int(time.time() * 1000))
+            open_txns, oldest_txn = txn_summary(r.state.txns, r.log_now_ms())
             peers = {}
             for n in self.map.replicas(s):
                 if n.name == self.name:

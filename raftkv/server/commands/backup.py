@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +78,7 @@ async def _dump(node: NodeAPI, shard: int, bid: str, req: list[bytes], hops: int
                 out = (st.revision, st.data.copy())  # decoded off the tick thread, below
         loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
 
-    replica.propose([("bk_check", bid)], int(time.time() * 1000), done)
+    replica.propose([("bk_check", bid)], replica.log_now_ms(), done)
     try:
         out = await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
     except TimeoutError:

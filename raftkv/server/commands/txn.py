@@ -12,7 +12,13 @@ branch that ran: ``PUT`` -> ``OK``, ``DEL`` -> 1/0, ``GET`` -> value or nil.
 unknown outcome finds the first attempt instead of running twice.
 
 Per connection, ``WATCH`` records each key's modification revision (a
-linearizable read); ``MULTI`` starts queueing (``SET``, ``DEL``, ``GET``,
+linearizable read; for a missing key, the shard's revision, checked against its
+newest deletion) and answers only once every read is done: a WATCH that said OK
+before its read would let a write acknowledged after the OK slip under the
+EXEC (the read, waiting on a lock, could apply after that write).  Because
+WATCH's reply is then this connection's newest write-like future, a read
+pipelined after it waits for it and sees at least the state WATCH saw.
+``MULTI`` starts queueing (``SET``, ``DEL``, ``GET``,
 ``MSET`` answer ``+QUEUED``); ``EXEC`` runs the queue as ONE transaction whose
 compares are "revision unchanged since WATCH" and returns the array of
 replies, or a nil array when a watched key changed.  ``MSET`` and ``EXEC``
@@ -31,7 +37,7 @@ from raftkv.protocol import NIL_ARRAY, OK, QUEUED, Error
 from raftkv.server import coordinator
 from raftkv.server.api import BadRequest, Command, NodeAPI, admin_access
 from raftkv.server.conn import Conn
-from raftkv.txn import PENDING, TxnResult
+from raftkv.txn import PENDING, TxnResult, watch_compare, watch_read
 
 CONFLICT_RETRIES = 8
 
@@ -213,11 +219,19 @@ def cmd_watch(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     if in_multi(conn):
         return Error("ERR", "WATCH inside MULTI is not allowed")
     t = _state(conn)
+    reads = []
     for key in req[1:]:
         shard = node.shard_of(key)
-        t.watches.append((key, asyncio.ensure_future(coordinator.tx_call(
-            node, shard, ("getrev", key), node.timing.request_timeout_s, read=True))))
-    return OK
+        fut = asyncio.ensure_future(coordinator.tx_call(node, shard, watch_read(key), node.timing.request_timeout_s,
+                                                        read=True))
+        t.watches.append((key, fut))  # registered now: an UNWATCH or EXEC right behind finds it
+        reads.append(fut)
+
+    async def read_all() -> Any:
+        # A failed read is reported by EXEC (-EXECABORT), as before; WATCH itself always says OK.
+        await asyncio.gather(*reads, return_exceptions=True)
+        return OK
+    return node.run(read_all())
 
 
 def cmd_unwatch(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
@@ -259,7 +273,7 @@ def cmd_exec(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
                 entry = await fut
             except coordinator.TxnCallFailed as e:
                 return Error("EXECABORT", f"WATCH {key!r} could not be read: {e}")
-            compares.append((key, "rev", 0 if entry is None else entry[1]))
+            compares.append(watch_compare(key, entry))
         then_ops = [op for _, ops in t.queued for op in ops]
         if not then_ops and not compares:
             return []
