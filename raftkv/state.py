@@ -61,7 +61,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftkv import backup_state, strings, txn
+from raftkv import backup_state, expiry, strings, txn
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
@@ -169,6 +169,8 @@ class KVState:
     log_ms: int = 0
     # revision of the newest deletion on this shard (WATCH of a missing key compares it)
     del_rev: int = 0
+    # key deadlines in log time (raftkv.expiry)
+    expiries: expiry.Expiries = field(default_factory=expiry.Expiries)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, Store):
@@ -184,6 +186,8 @@ class KVState:
             now_ms = self.log_ms
         else:
             self.log_ms = now_ms
+        if self.expiries:
+            self._reap(now_ms)
         self.applied += 1
         op = cmd[0]
         handler = _HANDLERS.get(op)
@@ -196,16 +200,38 @@ class KVState:
         apply = self.apply
         return [apply(c, now_ms) for c in cmds]
 
-    def read(self, cmd: tuple) -> Any:
-        """A read-only command (get/getrev/mget/exists) without going through the log.
+    def read(self, cmd: tuple, now_ms: int = 0) -> Any:
+        """A read-only command (get/getrev/mget/exists/pttl) without going through the log.
 
         Changes nothing, so it may run outside log order: at a ReadIndex point
-        (linearizable) or on any replica (stale).
+        (linearizable) or on any replica (stale).  ``now_ms`` is the log time the
+        reader stands at (the leader's): a key whose deadline has passed reads as
+        missing although no entry has deleted it yet.
         """
         handler = _READ_HANDLERS.get(cmd[0])
         if handler is None:
             return CmdError("ERR", f"{cmd[0]!r} is not a read-only command")
-        return handler(self, cmd, 0)
+        return handler(self, cmd, max(now_ms, self.log_ms))
+
+    def lookup(self, key: bytes, now_ms: int) -> tuple[bytes, int] | None:
+        """``(value, revision)`` of ``key`` at log time ``now_ms``: None if missing or expired."""
+        entry = self.data.get(key)
+        if entry is not None and self.expiries and self.expiries.expired(key, now_ms):
+            return None
+        return entry
+
+    def _reap(self, now_ms: int) -> None:
+        """Delete the keys whose deadline has come (each entry does, before its commands run)."""
+        held = []
+        for key in self.expiries.due(now_ms):
+            if self.txns.lock_of(key) is not None:
+                held.append(key)  # a prepared transaction holds it: expire once the lock is gone
+            elif key in self.data:
+                self.write(key, None)
+            else:
+                self.expiries.clear(key)
+        for key in held:
+            self.expiries.set(key, self.expiries.deadlines[key])
 
     # -- local (possibly stale) reads, for explicitly stale GETs ------------
     def peek(self, key: bytes) -> tuple[bytes, int] | None:
@@ -240,7 +266,7 @@ class KVState:
 
     def extra(self) -> dict:
         """State added in snapshot version 3, as a dict so later additions load the same way."""
-        return {"log_ms": self.log_ms, "del_rev": self.del_rev}
+        return {"log_ms": self.log_ms, "del_rev": self.del_rev, "expires": self.expiries.dump()}
 
     def load_extra(self, extra: dict | None) -> None:
         """Inverse of ``extra``.  A version 1/2 snapshot lacks it: derive safe values.
@@ -251,6 +277,7 @@ class KVState:
         """
         if extra is not None:
             self.log_ms, self.del_rev = int(extra["log_ms"]), int(extra["del_rev"])
+            self.expiries = expiry.Expiries(extra.get("expires"))  # snapshots before expiry have none
             return
         self.del_rev = self.revision
         self.log_ms = max([self.txns.newest_ms(), *(t for _, _, t in self.sessions.values())], default=0)
@@ -283,9 +310,14 @@ class KVState:
         return s
 
     # -- primitives shared with the transaction layer -----------------------
-    def write(self, key: bytes, value: bytes | None) -> int:
-        """Set (or delete, when ``value`` is None) ``key``; returns the new revision."""
+    def write(self, key: bytes, value: bytes | None, keep_ttl: bool = False) -> int:
+        """Set (or delete, when ``value`` is None) ``key``; returns the new revision.
+
+        A write clears the key's deadline (as in Redis) unless ``keep_ttl``.
+        """
         self.revision += 1
+        if self.expiries and not (keep_ttl and value is not None):
+            self.expiries.clear(key)
         if value is None:
             if self.data.pop(key, None) is not None:
                 self.del_rev = self.revision
@@ -303,7 +335,7 @@ def _get(s: KVState, cmd: tuple, now_ms: int) -> Any:
     lock = s.txns.lock_of(key)
     if lock is not None:
         return lock
-    entry = s.data.get(key)
+    entry = s.lookup(key, now_ms)
     return None if entry is None else entry[0]
 
 
@@ -312,7 +344,7 @@ def _getrev(s: KVState, cmd: tuple, now_ms: int) -> Any:
     lock = s.txns.lock_of(key)
     if lock is not None:
         return lock
-    return s.data.get(key)
+    return s.lookup(key, now_ms)
 
 
 def _watchrev(s: KVState, cmd: tuple, now_ms: int) -> Any:
@@ -328,7 +360,7 @@ def _mget(s: KVState, cmd: tuple, now_ms: int) -> Any:
         lock = s.txns.lock_of(key)
         if lock is not None:
             return lock
-        entry = s.data.get(key)
+        entry = s.lookup(key, now_ms)
         out.append(None if entry is None else entry[0])
     return out
 
@@ -338,7 +370,7 @@ def _exists(s: KVState, cmd: tuple, now_ms: int) -> Any:
         lock = s.txns.lock_of(key)
         if lock is not None:
             return lock
-    return sum(1 for key in cmd[1] if key in s.data)
+    return sum(1 for key in cmd[1] if s.lookup(key, now_ms) is not None)
 
 
 def _set(s: KVState, cmd: tuple, now_ms: int) -> Any:
@@ -450,6 +482,9 @@ _HANDLERS = {
     **backup_state.HANDLERS,
     # counters, append, conditional set (Redis string commands)
     **strings.HANDLERS,
+    # EXPIRE, PTTL, PERSIST
+    **expiry.HANDLERS,
 }
 
-_READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists}
+_READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists,
+                  **expiry.READ_HANDLERS}

@@ -9,8 +9,10 @@ command                                   result
 ``("incrby", key, delta)``                the new integer value
 ``("append", key, suffix, len_max)``      the new length
 ``("getdel", key)``                       the value it had, or ``None``
-``("setopt", key, value, cond)``          ``(set?, value before)``; ``cond``
-                                          is ``None``, ``"nx"`` or ``"xx"``
+``("setopt", key, value, cond[, ttl])``   ``(set?, value before)``; ``cond``
+                                          is ``None``, ``"nx"`` or ``"xx"``;
+                                          ``ttl``: ``("in", ms)``, ``("at", ms)``
+                                          (log time) or ``"keep"``
 ========================================  ======================================
 
 A key locked by a prepared transaction answers ``Locked`` (the node waits).
@@ -21,27 +23,17 @@ increment that overflows, is ``ERR``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
+from raftkv.expiry import on_live_key
 from raftkv.results import CmdError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _INTEGER = re.compile(rb"-?(0|[1-9][0-9]{0,19})")  # what Redis accepts: no sign '+', no spaces or zeros
 
 
-def _unlocked(op: Callable[[Any, tuple, Any], Any]) -> Callable[[Any, tuple, int], Any]:
-    """A handler of one key (``cmd[1]``): answers the lock if a prepared transaction holds the key,
-    else runs ``op(state, cmd, entry)`` with the key's ``(value, revision)`` or None."""
-
-    def handler(s: Any, cmd: tuple, now_ms: int) -> Any:
-        lock = s.txns.lock_of(cmd[1])
-        return lock if lock is not None else op(s, cmd, s.data.get(cmd[1]))
-    return handler
-
-
-@_unlocked
-def _incrby(s: Any, cmd: tuple, entry: Any) -> Any:
+@on_live_key
+def _incrby(s: Any, cmd: tuple, entry: Any, now_ms: int) -> Any:
     _, key, delta = cmd
     current = 0
     if entry is not None:
@@ -55,8 +47,8 @@ def _incrby(s: Any, cmd: tuple, entry: Any) -> Any:
     return new
 
 
-@_unlocked
-def _append(s: Any, cmd: tuple, entry: Any) -> Any:
+@on_live_key
+def _append(s: Any, cmd: tuple, entry: Any, now_ms: int) -> Any:
     _, key, suffix, len_max = cmd
     value = (b"" if entry is None else entry[0]) + suffix
     if len(value) > len_max:
@@ -65,21 +57,30 @@ def _append(s: Any, cmd: tuple, entry: Any) -> Any:
     return len(value)
 
 
-@_unlocked
-def _getdel(s: Any, cmd: tuple, entry: Any) -> Any:
+@on_live_key
+def _getdel(s: Any, cmd: tuple, entry: Any, now_ms: int) -> Any:
     if entry is None:
         return None
     s.write(cmd[1], None)
     return entry[0]
 
 
-@_unlocked
-def _setopt(s: Any, cmd: tuple, entry: Any) -> Any:
-    _, key, value, cond = cmd
+@on_live_key
+def _setopt(s: Any, cmd: tuple, entry: Any, now_ms: int) -> Any:
+    key, value, cond = cmd[1:4]
+    ttl = cmd[4] if len(cmd) > 4 else None
     before = None if entry is None else entry[0]
     if (cond == "nx" and entry is not None) or (cond == "xx" and entry is None):
         return (False, before)
-    s.write(key, value)
+    if isinstance(ttl, tuple):
+        deadline = now_ms + ttl[1] if ttl[0] == "in" else ttl[1]
+        if deadline <= now_ms:  # already past: the write happens and the key is gone at once
+            s.write(key, None)
+            return (True, before)
+        s.write(key, value)
+        s.expiries.set(key, deadline)
+        return (True, before)
+    s.write(key, value, keep_ttl=ttl == "keep")
     return (True, before)
 
 

@@ -108,8 +108,6 @@ def test_redis_string_commands(lc: LocalCluster) -> None:
     assert r.set("opt", "a", nx=True) is True and r.set("opt", "b", nx=True) is None
     assert r.set("opt", "c", xx=True) is True and r.set("missing", "c", xx=True) is None
     assert r.set("opt", "d", get=True) == b"c" and r.get("opt") == b"d"
-    with pytest.raises(redis.ResponseError, match="not supported yet"):
-        r.set("opt", "e", ex=10)
     with pytest.raises(redis.ResponseError, match="syntax error"):
         r.execute_command("SET", "opt", "e", "NX", "XX")
     assert r.msetnx({"m1": "1", "m2": "2", "m3": "3"}) is True

@@ -72,7 +72,8 @@ class Reader(Proposer):
         def confirmed(ok: bool, reason: str) -> None:
             if ok:
                 state = replica.state
-                done(APPLIED, [state.read(c) for c in cmds])
+                now_ms = replica.log_now_ms()  # expired keys read as missing at once
+                done(APPLIED, [state.read(c, now_ms) for c in cmds])
             else:
                 done(NOT_APPLIED, reason)  # the read did not happen; safe to retry
 

@@ -44,6 +44,7 @@ from raftkv.server.router import Router
 from shards.shardmap import ShardMap
 
 log = logging.getLogger("raftkv.node")
+REAP_PERIOD_S = 0.25  # how often a leader checks for expired keys no entry has deleted yet
 audit_log = logging.getLogger("raftkv.audit")
 
 
@@ -114,6 +115,7 @@ class Node:
             log.info("event=metrics node=%s addr=http://%s:%d/metrics", self.name, self.info.host,
                      self.metrics_port)
         self._tasks.append(asyncio.create_task(self.txns.recovery_loop()))
+        self._tasks.append(asyncio.create_task(self._reap_loop()))
         if self.map.shard_for_key(ACL_KEY) not in self._replicas:
             self._tasks.append(asyncio.create_task(self._fetch_acl_loop()))
         if self.timing.balance_period_s > 0:
@@ -135,6 +137,17 @@ class Node:
         async with server:
             await stop.wait()
         log.info("event=stopping node=%s", self.name)
+
+    async def _reap_loop(self) -> None:
+        """Reclaim expired keys through the log: when a leader's earliest deadline has passed and no
+        entry came to delete it, propose an empty one (``raftkv.expiry``; replicas never delete on
+        their own clocks)."""
+        while True:
+            await asyncio.sleep(REAP_PERIOD_S)
+            for shard, replica in self._replicas.items():
+                due = replica.state.expiries.earliest()
+                if due is not None and replica.is_leader() and due <= replica.log_now_ms():
+                    await self.execute(shard, ("noop",))
 
     async def _fetch_acl_loop(self) -> None:
         """Keep a copy of the user/role table when its shard lives on other nodes."""

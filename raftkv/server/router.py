@@ -247,7 +247,7 @@ class Router:
         replica = self.node.replicas.get(shard)
         if replica is None:
             return await self.execute(shard, cmd, read=True)
-        entry = replica.state.peek(cmd[1])
+        entry = replica.state.lookup(cmd[1], replica.log_now_ms())
         if cmd[0] == "get":
             return None if entry is None else entry[0]
         return entry

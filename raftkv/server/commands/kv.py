@@ -73,20 +73,40 @@ def cmd_set(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None
     return write(node, shard, ("set", key, value), session, lambda _rev: OK)
 
 
+_TTL_OPTIONS = {b"EX": ("in", 1000), b"PX": ("in", 1), b"EXAT": ("at", 1000), b"PXAT": ("at", 1)}
+
+
 def _set_with_options(node: NodeAPI, req: list[bytes], session: Session | None) -> Any:
-    """SET key value [NX | XX] [GET]: the reply is OK / nil, or with GET the value before."""
+    """SET key value [NX | XX] [GET] [EX s | PX ms | EXAT unix-s | PXAT unix-ms | KEEPTTL].
+
+    The reply is OK / nil, or with GET the value before.  Deadlines are kept in the
+    shard's log time (``raftkv.expiry``), which follows wall-clock time.
+    """
     key, value = req[1], req[2]
-    cond, get = None, False
-    for opt in (a.upper() for a in req[3:]):
+    cond, get, ttl = None, False, None
+    opts = [a.upper() for a in req[3:]]
+    i = 0
+    while i < len(opts):
+        opt = opts[i]
         if opt in (b"NX", b"XX") and cond is None:
             cond = opt.decode().lower()
         elif opt == b"GET" and not get:
             get = True
-        elif opt in (b"EX", b"PX", b"EXAT", b"PXAT", b"KEEPTTL"):
-            return Error("ERR", f"SET {opt.decode()} is not supported yet (no key expiry); use SET key value "
-                                "[NX|XX] [GET]")
+        elif opt == b"KEEPTTL" and ttl is None:
+            ttl = "keep"
+        elif opt in _TTL_OPTIONS and ttl is None and i + 1 < len(opts):
+            kind, unit = _TTL_OPTIONS[opt]
+            try:
+                amount = int(req[3 + i + 1])
+            except ValueError:
+                return Error("ERR", "value is not an integer or out of range")
+            if amount <= 0:
+                return Error("ERR", "invalid expire time in 'set' command")
+            ttl = (kind, amount * unit)
+            i += 1
         else:
             return Error("ERR", "syntax error")
+        i += 1
     node.check_value(value)
 
     def reply(res: tuple) -> Any:
@@ -94,7 +114,8 @@ def _set_with_options(node: NodeAPI, req: list[bytes], session: Session | None) 
         if get:
             return before
         return OK if done else None
-    return write(node, node.shard_of(key), ("setopt", key, value, cond), session, reply)
+    cmd = ("setopt", key, value, cond) if ttl is None else ("setopt", key, value, cond, ttl)
+    return write(node, node.shard_of(key), cmd, session, reply)
 
 
 def cmd_del(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:
