@@ -61,7 +61,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftkv import backup_state, expiry, strings, txn
+from raftkv import backup_state, expiry, keyspace, strings, txn
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
@@ -487,4 +487,4 @@ _HANDLERS = {
 }
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists,
-                  **expiry.READ_HANDLERS}
+                  **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS}

@@ -4,6 +4,7 @@
 ``kv``         GET SET DEL EXISTS MGET CAS RAFTKV.CASNX RAFTKV.STALEGET RAFTKV.REQ
 ``strings``    INCR INCRBY DECR DECRBY APPEND GETDEL SETNX MSETNX STRLEN
 ``expiry``     EXPIRE PEXPIRE EXPIREAT PEXPIREAT TTL PTTL PERSIST (and SET's EX/PX/EXAT/PXAT/KEEPTTL)
+``keyspace``   SCAN KEYS
 ``txn``        MSET RAFTKV.TXN WATCH MULTI EXEC DISCARD UNWATCH RAFTKV.TXSTATS
 ``admin``      PING ECHO HELLO AUTH INFO READONLY ... RAFTKV.STATUS/SHARDS/CLUSTER/TRANSFER
 ``backup``     RAFTKV.BACKUP
@@ -18,10 +19,10 @@ A handler is ``handler(node: NodeAPI, conn: Conn, req) -> reply | future``.
 from __future__ import annotations
 
 from raftkv.server.api import Command
-from raftkv.server.commands import acl, admin, backup, expiry, internal, kv, member, strings, txn
+from raftkv.server.commands import acl, admin, backup, expiry, internal, keyspace, kv, member, strings, txn
 
 COMMANDS: dict[bytes, Command] = {}
-for _module in (kv, strings, expiry, txn, admin, backup, member, acl, internal):
+for _module in (kv, strings, expiry, keyspace, txn, admin, backup, member, acl, internal):
     _clash = COMMANDS.keys() & _module.COMMANDS.keys()
     assert not _clash, f"command defined twice: {_clash}"
     COMMANDS.update(_module.COMMANDS)
