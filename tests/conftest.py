@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -60,6 +60,14 @@ def running(lc: LocalCluster, timeout: float = 60.0) -> Iterator[LocalCluster]:
         raise
     finally:
         lc.stop()
+
+
+def redis_to(lc: LocalCluster, node: str = "n1", **kw: object) -> Any:
+    """A redis-py client of node ``node`` (RESP3 unless ``protocol=`` says otherwise)."""
+    import redis
+
+    host, port = lc.map.nodes[node].client_addr
+    return redis.Redis(host=host, port=port, **{"protocol": 3, **kw})
 
 
 def dump_logs(lc: LocalCluster, lines: int = 40) -> None:

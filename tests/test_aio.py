@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
 from raftkv import Client
 from raftkv.aio import AsyncClient
 from raftkv.cluster import LocalCluster
-from tests.conftest import running
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with running(LocalCluster.create(str(tmp_path_factory.mktemp("aio")))) as c:
-        yield c
+@pytest.fixture
+def lc(cluster: LocalCluster) -> LocalCluster:
+    return cluster  # the module's shared 3-node cluster (conftest)
 
 
 def test_async_client_reads_writes_and_counts_once(lc: LocalCluster) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 from raftkv.cluster import LocalCluster
 from raftkv.expiry import Expiries
 from raftkv.state import KVState
-from tests.conftest import running
+from tests.conftest import redis_to
 
 KEYS = [b"a", b"b"]
 
@@ -119,10 +118,9 @@ def test_expiries_heap_skips_superseded_deadlines() -> None:
 
 # -- live ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with running(LocalCluster.create(str(tmp_path_factory.mktemp("expiry")))) as c:
-        yield c
+@pytest.fixture
+def lc(cluster: LocalCluster) -> LocalCluster:
+    return cluster  # the module's shared 3-node cluster (conftest)
 
 
 def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -133,8 +131,7 @@ def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-de
 
 
 def test_redis_expiry_commands(lc: LocalCluster) -> None:
-    host, port = lc.map.nodes["n2"].client_addr
-    r = redis.Redis(host=host, port=port, protocol=3)
+    r = redis_to(lc, "n2")
     assert r.set("tmp", "v", px=400) and r.get("tmp") == b"v"
     assert 0 < r.pttl("tmp") <= 400 and r.ttl("tmp") in (0, 1)
     wait_for(lambda: r.get("tmp") is None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 from hypothesis import given, settings
@@ -12,7 +10,7 @@ from hypothesis import strategies as st
 from raftkv.cluster import LocalCluster
 from raftkv.server.commands.keyspace import decode_cursor, encode_cursor
 from raftkv.state import KVState
-from tests.conftest import running
+from tests.conftest import redis_to
 
 
 @given(st.integers(1, 64), st.data())
@@ -44,15 +42,13 @@ def test_a_scan_returns_every_key_present_throughout(initial: set, count: int, c
     assert steady <= seen
 
 
-@pytest.fixture(scope="module")
-def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with running(LocalCluster.create(str(tmp_path_factory.mktemp("keyspace")))) as c:
-        yield c
+@pytest.fixture
+def lc(cluster: LocalCluster) -> LocalCluster:
+    return cluster  # the module's shared 3-node cluster (conftest)
 
 
 def test_scan_and_keys_on_a_live_cluster(lc: LocalCluster) -> None:
-    host, port = lc.map.nodes["n3"].client_addr
-    r = redis.Redis(host=host, port=port, protocol=3)
+    r = redis_to(lc, "n3")
     names = {f"ks:{i}".encode() for i in range(57)} | {b"other"}
     for k in names:
         r.set(k, "v")

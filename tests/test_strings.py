@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 from hypothesis import given, settings
@@ -14,7 +12,7 @@ from raftkv.cluster import LocalCluster
 from raftkv.results import CmdError
 from raftkv.state import KVState
 from raftkv.strings import INT64_MAX, INT64_MIN
-from tests.conftest import running
+from tests.conftest import redis_to
 
 KEYS = [b"a", b"b"]
 VALUES = [b"0", b"7", b"-3", b"x", b"", b"007", b"+1", b" 1", str(INT64_MAX).encode(), str(INT64_MIN).encode()]
@@ -86,15 +84,13 @@ def test_append_refuses_to_grow_past_the_value_limit() -> None:
 
 # -- live ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with running(LocalCluster.create(str(tmp_path_factory.mktemp("strings")))) as c:
-        yield c
+@pytest.fixture
+def lc(cluster: LocalCluster) -> LocalCluster:
+    return cluster  # the module's shared 3-node cluster (conftest)
 
 
 def test_redis_string_commands(lc: LocalCluster) -> None:
-    host, port = lc.map.nodes["n2"].client_addr
-    r = redis.Redis(host=host, port=port, protocol=3)
+    r = redis_to(lc, "n2")
     assert r.incr("cnt") == 1 and r.incrby("cnt", 41) == 42 and r.decr("cnt") == 41 and r.decrby("cnt", 40) == 1
     r.set("word", "x")
     with pytest.raises(redis.ResponseError, match="not an integer"):
