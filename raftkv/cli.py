@@ -9,6 +9,7 @@ that did not swap), 2 an error (unavailable, unknown outcome, bad input).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -344,6 +345,41 @@ def txn(ifs: tuple[str, ...], thens: tuple[str, ...], elses: tuple[str, ...], do
         click.echo("(nil)" if v is None else ("OK" if v is True else (v.decode(errors="replace")
                                                                      if isinstance(v, bytes) else str(v))))
     sys.exit(0 if r.succeeded else 1)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--ttl", default=10.0, show_default=True, help="seconds the lock outlives its last refresh")
+@click.option("--wait", default=None, type=float, help="seconds to wait for the lock (default: forever)")
+@cluster_option
+def lock(name: str, command: tuple[str, ...], ttl: float, wait: float | None, cluster_file: str | None) -> None:
+    """Run COMMAND while holding lock NAME (raftkv lock NAME -- cmd args...).
+
+    The command gets the fencing token in RAFTKV_FENCING_TOKEN; the exit status is the command's
+    (3 if the lock was lost while it ran, 4 if it could not be acquired in time).
+    """
+    import subprocess
+
+    from raftkv.client import LockTimeout
+
+    with _client(cluster_file) as c:
+        try:
+            held = c.lock(name, ttl=ttl, wait=wait)
+            held.acquire()
+        except LockTimeout as e:
+            click.echo(f"raftkv: {e}", err=True)
+            sys.exit(4)
+        except RaftKVError as e:
+            _fail(e)
+        try:
+            rc = subprocess.call(list(command), env={**os.environ, "RAFTKV_FENCING_TOKEN": str(held.token)})
+        finally:
+            held.release()
+        if held.lost:
+            click.echo(f"raftkv: lock {name} was lost while the command ran", err=True)
+            sys.exit(3)
+        sys.exit(rc)
 
 
 # -- bench (owned by the raftkv/bench/ package; keep this block small) --------------------------------

@@ -104,6 +104,71 @@ def _b(x: Bytesish) -> bytes:
     return x.encode() if isinstance(x, str) else x
 
 
+class LockTimeout(RaftKVError):
+    """The lock was held by someone else for longer than the caller was willing to wait."""
+
+
+class Lock:
+    """A held lock (``Client.lock``): ``token`` fences, ``lost`` says a refresh found another holder."""
+
+    def __init__(self, client: Client, name: bytes, ttl: float, wait: float | None) -> None:
+        self.client, self.name, self.ttl, self.wait = client, name, ttl, wait
+        self.owner = uuid.uuid4().hex.encode()
+        self.token: int | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def _try(self) -> tuple[int, Any]:
+        shard = self.client._shard(self.name)
+        ok, value = self.client._write(shard, [b"RAFTKV.LOCK", self.name, self.owner,
+                                               str(int(self.ttl * 1000)).encode()])
+        return int(ok), value
+
+    def acquire(self) -> int:
+        """Block until held (or ``wait`` runs out); the fencing token."""
+        deadline = None if self.wait is None else time.monotonic() + self.wait
+        delay = 0.01
+        while True:
+            ok, value = self._try()
+            if ok:
+                self.token = int(value)
+                self._refresher = threading.Thread(target=self._refresh, daemon=True,
+                                                   name=f"raftkv-lock-{self.name!r}")
+                self._refresher.start()
+                return self.token
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LockTimeout("LOCKTIMEOUT", f"lock {self.name!r} is held by {value!r}")
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(0.5, delay * 2)
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                ok, _ = self._try()
+            except RaftKVError:
+                continue  # unreachable for now: the lock lapses only after ttl
+            if not ok:
+                self.lost = True
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join()
+        if self.token is not None and not self.lost:
+            shard = self.client._shard(self.name)
+            self.client._write(shard, [b"RAFTKV.UNLOCK", self.name, self.owner])
+        self.token = None
+
+    def __enter__(self) -> Lock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class Client:
     """A thread-safe client for a raftkv cluster.
 
@@ -208,6 +273,17 @@ class Client:
         """Delete ``key`` and return the value it had (None if absent)."""
         key = _b(key)
         return self._write(self._shard(key), [b"GETDEL", key])
+
+    def lock(self, name: Bytesish, ttl: float = 10.0, wait: float | None = None) -> Lock:
+        """Acquire lock ``name`` (a key): a context manager whose ``token`` is the fencing token.
+
+        The lock lapses ``ttl`` seconds after the last refresh; a background thread
+        refreshes it every ``ttl/3`` while held and sets ``lost`` if it ever finds
+        another holder.  ``wait``: seconds to keep trying (None: forever).  Raises
+        ``LockTimeout`` when it could not be acquired in time.  Pass ``token`` to
+        whatever the lock protects and have it refuse lower tokens (``raftkv.locks``).
+        """
+        return Lock(self, _b(name), ttl, wait)
 
     # -- transactions (raftkv.txnclient) ---------------------------------------------
     def txn(self) -> Any:

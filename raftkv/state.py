@@ -61,7 +61,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftkv import backup_state, expiry, keyspace, strings, txn
+from raftkv import backup_state, expiry, keyspace, locks, strings, txn
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
@@ -484,6 +484,8 @@ _HANDLERS = {
     **strings.HANDLERS,
     # EXPIRE, PTTL, PERSIST
     **expiry.HANDLERS,
+    # locks with fencing tokens
+    **locks.HANDLERS,
 }
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists,

@@ -5,6 +5,7 @@
 ``strings``    INCR INCRBY DECR DECRBY APPEND GETDEL SETNX MSETNX STRLEN
 ``expiry``     EXPIRE PEXPIRE EXPIREAT PEXPIREAT TTL PTTL PERSIST (and SET's EX/PX/EXAT/PXAT/KEEPTTL)
 ``keyspace``   SCAN KEYS
+``locks``      RAFTKV.LOCK RAFTKV.UNLOCK
 ``txn``        MSET RAFTKV.TXN WATCH MULTI EXEC DISCARD UNWATCH RAFTKV.TXSTATS
 ``admin``      PING ECHO HELLO AUTH INFO READONLY ... RAFTKV.STATUS/SHARDS/CLUSTER/TRANSFER
 ``backup``     RAFTKV.BACKUP
@@ -19,10 +20,22 @@ A handler is ``handler(node: NodeAPI, conn: Conn, req) -> reply | future``.
 from __future__ import annotations
 
 from raftkv.server.api import Command
-from raftkv.server.commands import acl, admin, backup, expiry, internal, keyspace, kv, member, strings, txn
+from raftkv.server.commands import (
+    acl,
+    admin,
+    backup,
+    expiry,
+    internal,
+    keyspace,
+    kv,
+    locks,
+    member,
+    strings,
+    txn,
+)
 
 COMMANDS: dict[bytes, Command] = {}
-for _module in (kv, strings, expiry, keyspace, txn, admin, backup, member, acl, internal):
+for _module in (kv, strings, expiry, keyspace, locks, txn, admin, backup, member, acl, internal):
     _clash = COMMANDS.keys() & _module.COMMANDS.keys()
     assert not _clash, f"command defined twice: {_clash}"
     COMMANDS.update(_module.COMMANDS)
