@@ -28,6 +28,7 @@ command                                   result
 ``("watchrev", key)``                     ``("rev", mod_revision)`` or
                                           ``("missing", shard revision)``
 ``("mget", [key, ...])``                  list of values / ``None``
+``("entries", [key, ...])``               ``((value, rev) or None, ...), del_rev``
 ``("exists", [key, ...])``                number of keys that exist
 ``("set", key, value)``                   new modification revision
 ``("del", [key, ...])``                   number of keys deleted
@@ -354,6 +355,17 @@ def _watchrev(s: KVState, cmd: tuple, now_ms: int) -> Any:
     return ("missing", s.revision) if entry is None else ("rev", entry[1])
 
 
+def _entries(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    """``(entries, del_rev)``: every key's ``(value, revision)`` or None, and the newest deletion revision."""
+    out = []
+    for key in cmd[1]:
+        lock = s.txns.lock_of(key)
+        if lock is not None:
+            return lock
+        out.append(s.lookup(key, now_ms))
+    return (tuple(out), s.del_rev)
+
+
 def _mget(s: KVState, cmd: tuple, now_ms: int) -> Any:
     out = []
     for key in cmd[1]:
@@ -489,4 +501,5 @@ _HANDLERS = {
 }
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists,
+                  "entries": _entries,
                   **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS}

@@ -153,6 +153,20 @@ def compare_holds(entry: tuple[bytes, int] | None, kind: str, arg: Any, del_rev:
     raise ValueError(f"unknown compare kind {kind!r}")
 
 
+def is_read_only(then_ops: Any, else_ops: Any) -> bool:
+    """Neither branch writes: the transaction can be answered from a consistent read, without locks."""
+    return all(op[0] == "get" for op in list(then_ops) + list(else_ops))
+
+
+def answer_read_only(compares: Any, then_ops: Any, else_ops: Any, entries: dict[bytes, Any],
+                     del_revs: dict[bytes, int]) -> TxnResult:
+    """A read-only transaction's result from every key's ``(value, revision)`` at one instant
+    (``del_revs``: each key's shard's newest deletion revision at that instant)."""
+    ok = all(compare_holds(entries[k], kind, arg, del_revs[k]) for k, kind, arg in compares)
+    results = tuple(None if entries[op[1]] is None else entries[op[1]][0] for op in (then_ops if ok else else_ops))
+    return TxnResult(ok, results)
+
+
 def watch_read(key: bytes) -> tuple:
     """The read WATCH makes of ``key`` (its answer goes to ``watch_compare``)."""
     return ("watchrev", key)

@@ -53,6 +53,9 @@ from raftkv.txn import (
     REASON_CONFLICT,
     TxnResult,
     TxnRun,
+    answer_read_only,
+    is_read_only,
+    keys_of,
     plan_txn,
     recovery_action,
     single_shard_cmd,
@@ -110,6 +113,11 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
     if not txid or len(txid) > 64:
         return Error("ERR", "transaction id must be 1-64 characters")
     plan = plan_txn(txid, compares, then_ops, else_ops, node.shard_of)
+    if len(plan.participants) > 1 and is_read_only(then_ops, else_ops):
+        res = await read_only(node, compares, then_ops, else_ops)
+        if res is not None:
+            return res
+        # The keys kept changing under every pair of reads: take locks after all (2PC below).
     replica = node.replicas.get(plan.home)
     leading = replica is not None and replica.is_leader()
     target = None if leading or hops > 0 else node.leader_node(plan.home)
@@ -127,6 +135,47 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
         # Unreachable leader (maybe after it began): coordinate here with the same
         # txid; every message is idempotent, so two coordinators cannot disagree.
     return await _run_here(node, plan, compares, then_ops, else_ops)
+
+
+READ_ONLY_ROUNDS = 5  # pairs of reads a read-only transaction tries before it falls back to 2PC
+
+
+async def read_only(node: NodeAPI, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error | None:
+    """A cross-shard read-only transaction without locks: it never aborts a writer, nor is aborted by one.
+
+    Read every key (linearizably, on each shard's leader), then read them all again.
+    Every read of the first round finished before any of the second began, so if
+    nothing differs, every key held the value read throughout an interval common
+    to all of them: the answer is a consistent snapshot at an instant inside the
+    request, i.e. strictly serializable.  None when the keys kept changing.
+    """
+    by_shard: dict[int, list[bytes]] = {}
+    for k in keys_of(compares, then_ops, else_ops):
+        by_shard.setdefault(node.shard_of(k), []).append(k)
+
+    async def read_all() -> dict | Error:
+        parts = await asyncio.gather(*(node.execute(s, ("entries", tuple(ks)), read=True)
+                                       for s, ks in by_shard.items()))
+        seen: dict[bytes, tuple] = {}
+        for ks, part in zip(by_shard.values(), parts, strict=True):
+            if isinstance(part, (Error, CmdError)):
+                return part if isinstance(part, Error) else Error(part.code, part.message)
+            entries, del_rev = part
+            for k, entry in zip(ks, entries, strict=True):
+                seen[k] = (None if entry is None else tuple(entry), del_rev)
+        return seen
+
+    before = await read_all()
+    for _ in range(READ_ONLY_ROUNDS):
+        if isinstance(before, Error):
+            return before
+        after = await read_all()
+        if after == before:
+            assert isinstance(after, dict)
+            return answer_read_only(compares, then_ops, else_ops, {k: e for k, (e, _) in after.items()},
+                                    {k: d for k, (_, d) in after.items()})
+        before = after
+    return None
 
 
 async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error:
