@@ -43,6 +43,12 @@ election's no-op, so it never counts an unflushed entry of its own toward a majo
 fsynced before the vote is sent. This relies on storage being durable: with ``durable=False`` an OS crash can
 forget acknowledged entries, exactly as stock pysyncobj does.
 
+Crash windows (docs/pysyncobj-patches.md §11): a restart keeps the journal entries above the dump instead of
+discarding the journal when a crash fell between the dump rename and the journal compaction; the journal is
+rewritten by writing a new file and renaming it (never cleared and refilled in place); the commit index reaches
+``.meta`` only after a flush made the log it covers durable. Every fsync and rename goes through a ``Storage``
+passed in, whose named crash points let tests kill a node between any two persistence steps.
+
 Keepalive: followers never talk to each other, so their TCP connection idles past ``connectionTimeout`` and the
 first ``request_vote`` sent on it kills it (notes §5). Every node sends a tiny ``raftfix_keepalive`` message on
 every connection every ``connectionTimeout / 4``; pysyncobj (stock or patched) ignores unknown message types.
