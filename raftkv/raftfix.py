@@ -43,6 +43,12 @@ election's no-op, so it never counts an unflushed entry of its own toward a majo
 fsynced before the vote is sent. This relies on storage being durable: with ``durable=False`` an OS crash can
 forget acknowledged entries, exactly as stock pysyncobj does.
 
+Crash windows (docs/pysyncobj-patches.md §11): a restart keeps the journal entries above the dump instead of
+discarding the journal when a crash fell between the dump rename and the journal compaction; the journal is
+rewritten by writing a new file and renaming it (never cleared and refilled in place); the commit index reaches
+``.meta`` only after a flush made the log it covers durable. Every fsync and rename goes through a ``Storage``
+passed in, whose named crash points let tests kill a node between any two persistence steps.
+
 Keepalive: followers never talk to each other, so their TCP connection idles past ``connectionTimeout`` and the
 first ``request_vote`` sent on it kills it (notes §5). Every node sends a tiny ``raftfix_keepalive`` message on
 every connection every ``connectionTimeout / 4``; pysyncobj (stock or patched) ignores unknown message types.
@@ -89,6 +95,7 @@ import collections
 import dataclasses
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -98,8 +105,9 @@ from typing import Any
 import pysyncobj.version
 from pysyncobj import syncobj as _so
 from pysyncobj.config import FAIL_REASON, SyncObjConf
-from pysyncobj.journal import FileJournal, Journal, MemoryJournal, MetaStorer
+from pysyncobj.journal import FileJournal, Journal, MemoryJournal, MetaStorer, ResizableFile
 from pysyncobj.node import Node, TCPNode
+from pysyncobj.pickle import to_bytes
 from pysyncobj.syncobj import SyncObj
 from pysyncobj.transport import TCPTransport
 
@@ -114,9 +122,11 @@ if pysyncobj.version.VERSION != SUPPORTED_PYSYNCOBJ_VERSION:
 
 __all__ = [
     "SUPPORTED_PYSYNCOBJ_VERSION",
+    "DEFAULT_STORAGE",
     "DurableFileJournal",
     "FlushStats",
     "SafeSyncObj",
+    "Storage",
     "TrackedMemoryJournal",
     "tuned_conf",
 ]
@@ -141,22 +151,46 @@ ROUND_KEY = "raftfix_round"  # on append_entries: the ReadIndex heartbeat round;
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: str) -> None:
-    """fsync the directory holding ``path`` so a create/rename in it survives power loss."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
+class Storage:
+    """The durability primitives raftfix uses, and named crash points between them.
+
+    One object per node, passed in (``SafeSyncObj(storage=...)``); the default is the real thing. Tests substitute
+    a subclass that records which bytes a completed fsync made durable (to model power loss) and whose
+    ``point(name)`` kills the node at a chosen step (tests/test_crash_points.py). Points are named
+    ``area.step``; each marks a state the files can be left in by a process crash.
+    """
+
+    def fsync(self, fd: int) -> None:
+        """Make the file (or directory) open as ``fd`` durable."""
         os.fsync(fd)
-    finally:
-        os.close(fd)
+
+    def msync(self, mapped: Any, fd: int) -> None:
+        """Make the writes through the mapping ``mapped`` (a pysyncobj ``ResizableFile`` on ``fd``) durable."""
+        mapped.flush()  # mmap.flush() == msync(MS_SYNC)
+
+    def point(self, name: str) -> None:
+        """A crash point: the files are in a state a process crash can leave them in. Does nothing here."""
+
+    def fsync_path(self, path: str) -> None:
+        """fsync an existing file or directory by name."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fsync_dir(self, path: str) -> None:
+        """fsync the directory holding ``path`` so a create/rename in it survives power loss."""
+        self.fsync_path(os.path.dirname(os.path.abspath(path)) or ".")
+
+    def replace(self, tmp: str, path: str) -> None:
+        """Atomically and durably put ``tmp`` (already fsynced) in place of ``path``."""
+        os.replace(tmp, path)
+        self.point("replace.renamed")  # renamed in the page cache, the directory entry not yet durable
+        self.fsync_dir(path)
 
 
-def _fsync_file(path: str) -> None:
-    """fsync an existing file by name (used for pysyncobj's dump file, which it writes without fsync)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+DEFAULT_STORAGE = Storage()
 
 
 class DurableMetaStorer(MetaStorer):
@@ -166,36 +200,53 @@ class DurableMetaStorer(MetaStorer):
     in one term.
     """
 
+    def __init__(self, path: str, storage: Storage = DEFAULT_STORAGE) -> None:
+        super().__init__(path)
+        self._storage = storage
+
     def storeMeta(self, meta: dict[str, Any]) -> None:  # noqa: N802 - pysyncobj's name
         path = self.getPath()
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(_so.pickle.dumps(meta))
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path)
+            self._storage.fsync(f.fileno())
+        self._storage.point("meta.written")
+        self._storage.replace(tmp, path)
 
 
 class DurableFileJournal(FileJournal):
-    """pysyncobj's mmap ``FileJournal`` plus a dirty flag and a real ``flush()``.
+    """pysyncobj's mmap ``FileJournal`` plus a dirty flag, a real ``flush()`` and crash-safe rewrites.
 
     ``flush()`` msyncs the mapping (MS_SYNC: data and the size needed to read it back on Linux) and, when the
     file size changed since the last flush (the mapping was resized/extended), also ``os.fsync``s the file.
     The directory is fsynced once, on the first flush, so the file's creation is durable.
+
+    Two stock hazards closed here (docs/pysyncobj-patches.md §7):
+
+    * ``deleteEntriesTo`` (log compaction) clears the file and re-adds the kept entries in place, so a crash in
+      the middle leaves only some of them. Here the kept entries are written to a new file, fsynced, and
+      renamed over the journal (then the directory is fsynced): a crash leaves the old or the new journal.
+    * The commit index is kept in ``.meta``, which is written (and fsynced) whenever the term changes, possibly
+      before the entries the commit index covers are flushed. After power loss the journal can then hold an
+      older, never-committed entry at a "committed" index. Here ``setRaftCommitIndex`` only records the value;
+      it reaches ``.meta`` once a flush has made the whole log it refers to durable.
     """
 
-    def __init__(self, journalFile: str) -> None:  # noqa: N803 - pysyncobj's name
+    def __init__(self, journalFile: str, storage: Storage = DEFAULT_STORAGE) -> None:  # noqa: N803
         super().__init__(journalFile)
         self._path = journalFile
+        self._storage = storage
         self.needs_flush = False
         self._synced_size = -1  # forces one fsync + directory fsync on the first flush
+        self._commit_pending: int | None = None  # set in memory, not yet covered by a flush
         # Term/vote must be durable before a vote is sent: swap in the fsyncing storer.
-        self._FileJournal__metaStorer = DurableMetaStorer(journalFile + ".meta")
+        self._FileJournal__metaStorer = DurableMetaStorer(journalFile + ".meta", storage)
 
     def add(self, command: bytes, idx: int, term: int) -> None:
         super().add(command, idx, term)
         self.needs_flush = True
+        self._storage.point("journal.append")
 
     def clear(self) -> None:
         super().clear()
@@ -206,27 +257,84 @@ class DurableFileJournal(FileJournal):
         self.needs_flush = True
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802,N803
-        super().deleteEntriesTo(entryTo)
-        self.needs_flush = True
+        self.replace_entries(self[entryTo:])
+
+    def replace_entries(self, entries: list[tuple[bytes, int, int]]) -> None:
+        """Atomically make ``entries`` the whole journal (durable on return): new file, fsync, rename, fsync dir.
+
+        Everything in the old journal that is not in ``entries`` is dropped, so callers pass a suffix of the
+        log (compaction) or a snapshot's entries (install). Unflushed writes of the old journal are moot: the
+        new file holds every entry we keep, and is flushed.
+        """
+        storage = self._storage
+        tmp = self._path + ".rewrite"
+        header = self._FileJournal__getDefaultHeader()
+        body = bytearray()
+        for command, idx, term in entries:
+            record = struct.pack("<QQ", idx, term) + to_bytes(command)
+            size = struct.pack("<I", len(record))
+            body += size + record + size
+        offset = len(header) + len(body)
+        # LAST_RECORD_OFFSET is the header's last 4 bytes; stock writes FIRST_RECORD_OFFSET there.
+        data = header[:-4] + struct.pack("<I", offset) + bytes(body)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            storage.fsync(f.fileno())
+        storage.point("rewrite.written")
+        old = self._FileJournal__journalFile
+        storage.replace(tmp, self._path)
+        old._destroy()  # the old inode: its mapping is no longer the journal
+        self._FileJournal__journalFile = ResizableFile(self._path)
+        self._FileJournal__journal = list(entries)
+        self._FileJournal__currentOffset = offset
+        self._synced_size = os.path.getsize(self._path)
+        self.needs_flush = False
+        self._promote_commit()
 
     def flush(self) -> None:
         """Make every write so far durable (one call covers any number of appended entries)."""
+        storage = self._storage
+        storage.point("flush.before")
         rfile = self._FileJournal__journalFile
-        rfile.flush()  # mmap.flush() == msync(MS_SYNC)
         fd = rfile._ResizableFile__f.fileno()
+        storage.msync(rfile, fd)
         size = os.fstat(fd).st_size
         if size != self._synced_size:
-            os.fsync(fd)  # belt and braces for the resize/extend paths (ftruncate / append + remap)
+            storage.fsync(fd)  # belt and braces for the resize/extend paths (ftruncate / append + remap)
             if self._synced_size < 0:
-                _fsync_dir(self._path)
+                storage.fsync_dir(self._path)
             self._synced_size = size
         self.needs_flush = False
+        self._promote_commit()
+        storage.point("flush.after")
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802,N803
+        self._commit_pending = raftCommitIndex
+        if not self.needs_flush:
+            self._promote_commit()  # the whole log is durable already (a leader flushes before committing)
+
+    def _promote_commit(self) -> None:
+        if self._commit_pending is not None:
+            super().setRaftCommitIndex(self._commit_pending)  # saved with the next .meta write
+            self._commit_pending = None
 
     def getRaftCommitIndex(self) -> int:  # noqa: N802
-        # .meta is written lazily (once a second) and may be ahead of a journal that lost its unflushed tail
-        # in an OS crash; a commit index past the log would make the follower refuse legitimate truncations.
+        # A defence in depth for .meta files written by older builds: a commit index past the log would make
+        # the follower refuse legitimate truncations.
         stored = super().getRaftCommitIndex()
         return min(stored, self[-1][1]) if len(self) else stored
+
+
+def replace_journal(journal: Journal, entries: list[tuple[bytes, int, int]]) -> None:
+    """Make ``entries`` the whole of ``journal``: atomically where the journal supports it."""
+    replace = getattr(journal, "replace_entries", None)
+    if replace is not None:
+        replace(entries)
+        return
+    journal.clear()
+    for entry in entries:
+        journal.add(*entry)
 
 
 class TrackedMemoryJournal(MemoryJournal):
@@ -395,6 +503,7 @@ class SafeSyncObj(SyncObj):
         journalFactory: Callable[[str | None], Journal] | None = None,  # noqa: N803
         keepalive: bool = True,
         readIndexTimeout: float | None = None,  # noqa: N803
+        storage: Storage = DEFAULT_STORAGE,
     ) -> None:
         effective = conf if conf is not None else SyncObjConf()
         if effective.journalFile is not None and effective.fullDumpFile is None:
@@ -405,6 +514,7 @@ class SafeSyncObj(SyncObj):
         # its end as "internal" and pickles every *other* attribute into snapshots.
         self._rf_durable = durable
         self._rf_keepalive = keepalive
+        self._rf_storage = storage
         self._rf_journal_factory = journalFactory
         self._rf_journal: Any = None
         self._rf_pending_acks: list[tuple[Node, dict[str, Any]]] = []
@@ -444,7 +554,7 @@ class SafeSyncObj(SyncObj):
         elif journalFile is None:
             journal = TrackedMemoryJournal()
         else:
-            journal = DurableFileJournal(journalFile)
+            journal = DurableFileJournal(journalFile, self._rf_storage)
         self._rf_journal = journal
         return journal
 
@@ -523,13 +633,18 @@ class SafeSyncObj(SyncObj):
         self._rf_flush_if_needed()
 
     def _SyncObj__deleteEntriesTo(self, toIDx: int) -> None:  # noqa: N802,N803
-        # Only log compaction calls this, after writing the dump file without fsync. Make the dump durable
-        # before the journal entries it replaces are dropped.
+        # Only log compaction calls this, a tick after the new dump was renamed into place (without fsync).
+        # A crash here leaves the new dump and the whole journal: __loadDumpFile keeps the journal's entries
+        # above the dump. Make the dump durable before the journal entries it replaces are dropped.
+        self._rf_storage.point("compact.dump_renamed")
+        self._rf_sync_dump()
+        SyncObj._SyncObj__deleteEntriesTo(self, toIDx)
+
+    def _rf_sync_dump(self) -> None:
         dump = self.conf.fullDumpFile
         if self._rf_durable and dump is not None and os.path.exists(dump):
-            _fsync_file(dump)
-            _fsync_dir(dump)
-        SyncObj._SyncObj__deleteEntriesTo(self, toIDx)
+            self._rf_storage.fsync_path(dump)
+            self._rf_storage.fsync_dir(dump)
 
     def _SyncObj__sendNextNodeIdx(  # noqa: N802
         self,
@@ -833,9 +948,57 @@ class SafeSyncObj(SyncObj):
         return SyncObj._SyncObj__doApplyCommand(self, command)
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:  # noqa: N802,N803
+        """Stock 0.3.17's dump load, except for what happens to the journal (``_rf_journal_after_dump``)."""
         self._rf_conf_changes = []  # the dump's members replace the current ones
-        SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+        try:
+            data = self._SyncObj__serializer.deserialize()
+        except Exception:
+            logger.exception("failed to load full dump")
+            return
+        if data[0] is not None:
+            if self._SyncObj__consumers:
+                self_data, consumers_data = data[0][0], data[0][1:]
+            else:
+                self_data, consumers_data = data[0], []
+            self.__dict__.update(self_data)
+            for consumer, consumer_data in zip(self._SyncObj__consumers, consumers_data, strict=True):
+                consumer._deserialize(consumer_data)
+        self._rf_journal_after_dump(data[2], data[1], clearJournal)
+        self._SyncObj__raftLastApplied = data[1][1]
+        log_end = self._SyncObj__getCurrentLogIndex()
+        if self._SyncObj__raftCommitIndex > log_end:
+            logger.warning("raftCommitIndex (%d) exceeds journal end (%d) after loading dump; clamped",
+                           self._SyncObj__raftCommitIndex, log_end)
+            self._SyncObj__raftCommitIndex = log_end
+            self._SyncObj__raftLog.setRaftCommitIndex(log_end)
+        if self.conf.dynamicMembershipChange:
+            self._SyncObj__updateClusterConfiguration([n for n in data[3] if n != self._SyncObj__selfNode])
+        self._SyncObj__onSetCodeVersion(0)
         self._rf_conf_rebuild()  # the dump's members, then the configuration entries after it
+
+    def _rf_journal_after_dump(self, before: tuple[bytes, int, int], last: tuple[bytes, int, int],
+                               install: bool) -> None:
+        """Make the journal start with the dump's last two entries ``before``, ``last`` (index S-1, S).
+
+        Stock replaces the whole journal by those two entries unless its first two already equal them. On
+        restart that is wrong whenever the journal was not compacted after the dump was written: compaction
+        renames the dump first and drops the journal's prefix a tick later, so a crash in between loses every
+        entry after S that this node flushed and acknowledged. Here (restart, ``install=False``), if the journal
+        holds entry S (same index and term), only the entries before S-1 are dropped; entries after S stay.
+        Otherwise (a snapshot install, or a journal that does not hold S: it belongs to an older or divergent
+        history, or ends before S) the journal becomes the two entries, atomically.
+        """
+        log = self._SyncObj__raftLog
+        first, last_idx = log[0][1], log[-1][1]
+        holds = first <= last[1] - 1 and last[1] <= last_idx and log[last[1] - first][2] == last[2]
+        if not install and holds:
+            if first < before[1]:
+                replace_journal(log, list(log[before[1] - first:]))
+            return
+        if not install and first > last[1]:
+            logger.critical("dump ends at %d, before the journal's first entry %d: entries in between are "
+                            "missing; falling back to the dump", last[1], first)
+        replace_journal(log, [before, last])
 
     def _SyncObj__tryLogCompaction(self) -> None:  # noqa: N802
         # The dump covers entries up to lastApplied, but stock stores the *current* members in it, which may
@@ -1050,17 +1213,24 @@ class SafeSyncObj(SyncObj):
                 return
             self._rf_snap_rx = (key, seq)
         serializer = self._SyncObj__serializer
+        if is_last:
+            self.snapshotInstalling()
         if not serializer.setTransmissionData(chunk):
             return
         self._rf_snap_rx = None
-        dump = self.conf.fullDumpFile
-        if self._rf_durable and dump is not None and os.path.exists(dump):
-            _fsync_file(dump)
-            _fsync_dir(dump)
+        self._rf_storage.point("install.dump_renamed")
+        self._rf_sync_dump()
         self._SyncObj__loadDumpFile(clearJournal=True)
         # The snapshot is applied state, hence committed; the journal now holds its last two entries.
         self._rf_set_commit(self._SyncObj__raftLastApplied)
         self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=snap_idx + 1, success=True)
+
+    def snapshotInstalling(self) -> None:  # noqa: N802 - pysyncobj style
+        """Called on the tick thread just before a snapshot received from the leader is renamed over the dump.
+
+        A subclass whose serializer finishes dumps in the background (raftkv.replica) must make sure such a
+        dump, older than the one being installed, is never renamed over it afterwards. Nothing to do here.
+        """
 
     def _rf_on_next_node_idx(self, node: Node, message: dict[str, Any]) -> None:
         """Leader side of AppendEntries replies: only fresh replies move progress, and only forward."""

@@ -73,6 +73,10 @@ class ShardReplica(SafeSyncObj):
         self.state = KVState()
         self.log_clock = LogClock()
         self._snap_status = SERIALIZER_STATE.NOT_SERIALIZING
+        # A background dump may be renamed over the dump file only if no snapshot was installed from the
+        # leader since it started: the lock makes "check the generation, rename" atomic against the bump.
+        self._snap_lock = threading.Lock()
+        self._snap_generation = 0
         self._cmds_since_compaction = 0
         self._on_role_change = on_role_change
         base = os.path.join(data_dir, f"shard-{shard}")
@@ -245,6 +249,12 @@ class ShardReplica(SafeSyncObj):
     # and renames it into place, and the checker reports SUCCESS only after that.
     # Meanwhile ``path`` is a hard link to the current dump, so pysyncobj's rename
     # changes nothing.  The first dump (no current one) is written in place.
+    #
+    # A snapshot installed from the leader meanwhile is newer than the dump being
+    # written (it covers entries past our applied index): the background writer
+    # must then drop its dump, or a restart would load the older state with a
+    # journal that starts after it.  ``snapshotInstalling`` bumps a generation the
+    # writer checks, under a lock, right before its rename.
     def _write_snapshot(self, path: str, raft_data: Any) -> None:
         frozen = self.state.freeze()
         final = self.conf.fullDumpFile
@@ -256,14 +266,31 @@ class ShardReplica(SafeSyncObj):
             os.unlink(path)
         os.link(final, path)
         self._snap_status = SERIALIZER_STATE.SERIALIZING
-        threading.Thread(target=self._write_snapshot_bg, args=(final, path, frozen, raft_data),
+        with self._snap_lock:
+            generation = self._snap_generation
+        threading.Thread(target=self._write_snapshot_bg, args=(final, path, frozen, raft_data, generation),
                          name=f"snapshot-{self.shard}", daemon=True).start()
 
-    def _write_snapshot_bg(self, final: str, link: str, frozen: FrozenState, raft_data: Any) -> None:
+    def snapshotInstalling(self) -> None:  # noqa: N802 - raftfix/pysyncobj naming
+        with self._snap_lock:
+            self._snap_generation += 1  # a background dump started before this must not be renamed in
+
+    def _write_snapshot_bg(self, final: str, link: str, frozen: FrozenState, raft_data: Any,
+                           generation: int) -> None:
         tmp = final + ".bg"
         try:
             self._write_snapshot_file(tmp, frozen, raft_data, yield_between=True)
-            os.replace(tmp, final)
+            with self._snap_lock:
+                superseded = generation != self._snap_generation
+                if not superseded:
+                    os.replace(tmp, final)
+            if superseded:
+                os.unlink(tmp)
+                log.info("event=snapshot_superseded shard=%d", self.shard)
+                # Reported as done: pysyncobj then drops journal entries up to this dump's index, all of which
+                # are below the installed snapshot's journal start (a no-op).
+                self._snap_status = SERIALIZER_STATE.SUCCESS
+                return
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(link)  # the hard link to the previous dump
             dir_fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)

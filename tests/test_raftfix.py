@@ -301,6 +301,16 @@ class Cluster:
         transport = SimTransport(self.net, n)
         if others is None:
             others = [o for o in NODE_IDS if o != n]
+        node = self.make_node(n, others, transport)
+        self._watch_acks(transport)
+        self.nodes[n] = node
+        self.net.transports[n] = transport
+        for o in self.all_ids:
+            if o != n:
+                transport._onNodeConnected(Node(o))
+
+    def make_node(self, n: int, others: list[int], transport: SimTransport) -> Any:
+        """Build replica ``n`` on its disk (a restart if the disk holds anything)."""
         disk = self.disks[n]
         if self.safe:
             journal_box: list[SimDiskJournal] = []
@@ -310,20 +320,14 @@ class Cluster:
                 return journal_box[0]
 
             node = self.safe_cls(n, others, sim_conf(self.batch), nodeClass=Node, transport=transport,
-                               durable=self.durable, journalFactory=factory, keepalive=False)
+                                 durable=self.durable, journalFactory=factory, keepalive=False)
             journal_box[0].owner = node
             transport.journal = journal_box[0]  # type: ignore[attr-defined]
-        else:
-            # Stock SyncObj takes no journal argument; raftfix's createJournal dispatcher (thread-local, one
-            # shot) lets the test hand it a write-through SimDiskJournal so that restarts keep its log.
-            raftfix._pending_factory.factory = lambda _path: SimDiskJournal(disk, write_through=True)
-            node = StockReplica(n, others, sim_conf(self.batch), nodeClass=Node, transport=transport)
-        self._watch_acks(transport)
-        self.nodes[n] = node
-        self.net.transports[n] = transport
-        for o in self.all_ids:
-            if o != n:
-                transport._onNodeConnected(Node(o))
+            return node
+        # Stock SyncObj takes no journal argument; raftfix's createJournal dispatcher (thread-local, one
+        # shot) lets the test hand it a write-through SimDiskJournal so that restarts keep its log.
+        raftfix._pending_factory.factory = lambda _path: SimDiskJournal(disk, write_through=True)
+        return StockReplica(n, others, sim_conf(self.batch), nodeClass=Node, transport=transport)
 
     def _watch_acks(self, transport: SimTransport) -> None:
         """Record every success ack that leaves a node before the entries it covers are flushed."""

@@ -1,0 +1,435 @@
+"""Crash points: a replica killed at each persistence step, or losing power, keeps every entry it acknowledged.
+
+Same simulation as tests/test_raftfix.py (``SimNet``, fake clock, ``doTick``), but each replica runs on real files
+(``DurableFileJournal``, ``.meta``, pysyncobj's dump file) in its own directory, through a ``CrashDisk``: the
+``raftfix.Storage`` whose ``point(name)`` kills the replica at a chosen persistence step, and whose fsyncs record
+what they made durable. Two crash modes:
+
+* ``kill`` (kill -9): the process is gone, the page cache is kept. The files stay exactly as they are.
+* ``power`` (power loss): every write not covered by a completed fsync is lost. The directory is rebuilt from
+  the names a directory fsync made durable, each holding the bytes its file's last fsync (or msync) covered.
+
+The scenario (``run_crash_scenario``): L leads, F and G follow. F is cut off while L and G commit and compact, so
+F later catches up by snapshot install; then G is cut off and L commits with F alone. F is killed at the chosen
+point (every n-th time it is reached) and restarted at once; each restart checks that F's log (or dump) still
+holds the last entry F acknowledged. At the end L is lost for good and G comes back: F and G must elect a leader
+that has every write a client saw acknowledged, and every replica's applied sequence must be a prefix of the
+others'. Old behaviours are rebuilt as test subclasses and shown to fail (strict xfail).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import os
+import pickle
+import random
+import stat
+import time
+from typing import Any
+
+import pytest
+from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj import syncobj as _so
+from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.journal import FileJournal
+from pysyncobj.node import Node
+
+from raftkv.raftfix import DurableFileJournal, SafeSyncObj, Storage
+from raftkv.replica import ShardReplica
+
+from .test_raftfix import (
+    NODE_IDS,
+    Cluster,
+    SimNet,
+    SimTransport,
+    SnapshotReplica,
+    check_prefixes,
+    sim_clock,
+    sim_conf,
+)
+from .test_snapshot import _hold_background_dumps
+
+COMPACT_ENTRIES = 8  # pysyncobj compacts when the log holds more entries than this
+
+
+class Killed(BaseException):
+    """The replica's process died at a crash point. A BaseException: pysyncobj's ``except Exception`` blocks
+    must not swallow it (the process would not have carried on either)."""
+
+
+class CrashDisk(Storage):
+    """One replica's directory, with a kill switch and a model of what is durable."""
+
+    def __init__(self, root: str) -> None:
+        os.makedirs(root)
+        self.root = root
+        self.kill_point: str | None = None
+        self.kill_every = 1  # kill at the 1st, (1+n)th, (1+2n)th... time kill_point is reached
+        self.armed = False
+        self.reached: collections.Counter[str] = collections.Counter()
+        self.kills = 0
+        self.durable_names: dict[str, int] = {}  # name -> inode, as of the last directory fsync
+        self.durable_data: dict[int, bytes] = {}  # inode -> bytes, as of its last fsync/msync
+
+    def fsync(self, fd: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            assert os.path.samefile(os.readlink(f"/proc/self/fd/{fd}"), self.root)
+            self.durable_names = {name: os.stat(os.path.join(self.root, name)).st_ino
+                                  for name in os.listdir(self.root)}
+            return
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(" (deleted)"):
+            return
+        with open(path, "rb") as f:
+            self.durable_data[st.st_ino] = f.read()
+
+    def msync(self, mapped: Any, fd: int) -> None:
+        mapped.flush()
+        self.fsync(fd)
+
+    def point(self, name: str) -> None:
+        self.reached[name] += 1
+        if self.armed and name == self.kill_point and (self.reached[name] - 1) % self.kill_every == 0:
+            self.kills += 1
+            raise Killed(name)
+
+    def power_loss(self) -> None:
+        """Throw away everything no completed fsync covered."""
+        for name in os.listdir(self.root):
+            os.unlink(os.path.join(self.root, name))
+        names, data = self.durable_names, self.durable_data
+        for name, ino in names.items():
+            with open(os.path.join(self.root, name), "wb") as f:
+                f.write(data.get(ino, b""))
+        # New files get new inodes: re-key the image by them.
+        self.durable_names = {name: os.stat(os.path.join(self.root, name)).st_ino for name in names}
+        self.durable_data = {self.durable_names[name]: data.get(ino, b"") for name, ino in names.items()}
+
+
+class FileCluster(Cluster):
+    """``Cluster`` whose replicas run on real files through ``CrashDisk``s; a ``Killed`` replica is dropped,
+    its files left as the crash mode leaves them."""
+
+    def __init__(self, net: SimNet, root: str, mode: str, safe_cls: type[SafeSyncObj] = SnapshotReplica,
+                 journal_cls: type[DurableFileJournal] = DurableFileJournal) -> None:
+        self.mode, self.journal_cls = mode, journal_cls
+        self.crash_disks = {n: CrashDisk(os.path.join(root, str(n))) for n in NODE_IDS}
+        self.acked_by: dict[int, tuple[int, int]] = {}  # node -> (index, term) of the last entry it acked
+        self.killed: list[int] = []
+        super().__init__(net, safe=True, safe_cls=safe_cls)
+
+    def make_node(self, n: int, others: list[int], transport: SimTransport) -> Any:
+        disk = self.crash_disks[n]
+        conf = sim_conf_files(disk.root)
+        node = self.safe_cls(n, others, conf, nodeClass=Node, transport=transport, keepalive=False,
+                             storage=disk, journalFactory=lambda path: self.journal_cls(path, disk))
+        self._ledger(n, node, transport)
+        return node
+
+    def _ledger(self, n: int, node: Any, transport: SimTransport) -> None:
+        """Record the last entry ``n`` acknowledged (success replies, when they leave after the flush)."""
+        inner_send = transport.send
+
+        def send(dst: Node, message: Any) -> bool:
+            if message.get("type") == "next_node_idx" and message["success"]:
+                idx = message["next_node_idx"] - 1
+                term = node._rf_term_at(idx)
+                if term is not None and idx > self.acked_by.get(n, (0, 0))[0]:
+                    self.acked_by[n] = (idx, term)
+            return inner_send(dst, message)
+
+        transport.send = send  # type: ignore[method-assign]
+
+    def kill(self, n: int) -> None:
+        self.crash(n)
+        self.killed.append(n)
+        if self.mode == "power":
+            self.crash_disks[n].power_loss()
+
+    def restart(self, n: int) -> None:
+        """Start ``n`` from its files and check that it still holds the last entry it acknowledged."""
+        disk = self.crash_disks[n]
+        armed = disk.armed
+        for attempt in range(3):  # recovery itself may be killed (twice, then it is left alone)
+            disk.armed = armed and attempt < 2
+            self.start(n)
+            try:
+                self.nodes[n].doTick(0.0)  # loads the dump
+                break
+            except Killed:
+                self.crash(n)
+                if self.mode == "power":
+                    disk.power_loss()
+        disk.armed = armed
+        node = self.nodes[n]
+        if n in self.acked_by:
+            idx, term = self.acked_by[n]
+            held = node._rf_term_at(idx)
+            assert idx <= node.raftLastApplied or held == term, (
+                f"node {n} acknowledged entry {idx} (term {term}) but restarted without it "
+                f"(log {node._SyncObj__raftLog[0][1]}..{node._SyncObj__raftLog[-1][1]}, "
+                f"dump at {node.raftLastApplied})")
+
+    def tick(self, dt: float = 0.005) -> None:
+        net = self.net
+        net.now += dt
+        for n, node in list(self.nodes.items()):
+            try:
+                node.doTick(0.0)
+            except Killed:
+                self.kill(n)
+        if net.hold:
+            return
+        while net.queue and net.queue[0][0] <= net.now:
+            item = heapq.heappop(net.queue)
+            try:
+                net.deliver(item)
+            except Killed:
+                self.kill(item[3])
+        for n in list(self.killed):
+            self.killed.remove(n)
+            self.restart(n)
+
+
+def sim_conf_files(root: str) -> SyncObjConf:
+    conf = sim_conf()
+    conf.journalFile = os.path.join(root, "journal")
+    conf.fullDumpFile = os.path.join(root, "dump")
+    conf.useFork = False  # dump written synchronously on the tick thread; renamed, then compaction next tick
+    conf.logCompactionMinEntries = COMPACT_ENTRIES
+    return conf
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The scenario
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_crash_scenario(root: str, mode: str, point: str | None, every: int = 1,
+                       safe_cls: type[SafeSyncObj] = SnapshotReplica,
+                       journal_cls: type[DurableFileJournal] = DurableFileJournal,
+                       seed: int = 1) -> FileCluster:
+    """See the module docstring. ``point``/``every``: where F is killed (None: never)."""
+    net = SimNet(random.Random(seed))
+    with sim_clock(net, seed):
+        c = FileCluster(net, root, mode, safe_cls=safe_cls, journal_cls=journal_cls)
+        assert c.run(3.0, until=lambda: c.leader() is not None)
+        c.run(0.2)
+        lead = c.leader()
+        assert lead is not None
+        f, g = sorted(n for n in NODE_IDS if n != lead)
+        disk = c.crash_disks[f]
+        disk.kill_point, disk.kill_every = point, every
+
+        def write(prefix: str, count: int) -> None:
+            for i in range(count):
+                c.submit(lead, f"{prefix}{i}")
+                c.run(0.05, until=lambda i=i: f"{prefix}{i}" in c.acked)
+
+        # F misses a few compactions, then catches up from L's snapshot while G is cut off.
+        net.blocked.add(f)
+        write("a", 3 * COMPACT_ENTRIES)
+        net.blocked.discard(f)
+        net.blocked.add(g)
+        disk.armed = True  # from here on F holds writes no one else but L has
+        assert c.run(3.0, until=lambda: f in c.nodes and c.nodes[f].raftLastApplied >= c.nodes[lead].raftLastApplied)
+        # L commits with F alone: F is the only other copy of these writes.
+        write("b", 5 * COMPACT_ENTRIES)
+        disk.armed = False
+
+        # L is lost for good; F and G must carry on with every acknowledged write.
+        c.crash(lead)
+        net.blocked.discard(g)
+        converged = False
+        for attempt in range(10):
+            if not c.run(3.0, until=lambda: c.leader() is not None):
+                continue
+            c.submit(c.leader(), f"after{attempt}")
+            converged = c.run(1.0, until=lambda a=attempt: all(f"after{a}" in c.nodes[n].applied for n in (f, g)))
+            if converged:
+                break
+        assert converged, "F and G did not converge without L"
+        check_prefixes(c, seed)
+        for n in (f, g):
+            applied = c.nodes[n].applied
+            lost = [cid for cid in c.acked if applied.count(cid) != 1]
+            assert not lost, f"acked writes lost or doubled on {n}: {lost[:5]} (of {len(c.acked)} acked)"
+        return c
+
+
+# Where F is killed, and how often (kill at the 1st, 1+n-th, 1+2n-th... time the point is reached). Killing at
+# every term/vote write livelocks elections (each restart forgets the new term), hence 3 for those points; under
+# power loss a point that must be passed to make progress (the install) is killed every other time.
+CRASH_POINTS = {
+    "journal.append": 1,  # an entry appended (page cache), not flushed, not acked
+    "flush.before": 1,  # entries appended, acks queued behind the flush
+    "flush.after": 1,  # flushed, acks not yet sent
+    "meta.written": 3,  # .meta.tmp written and fsynced, not renamed
+    "replace.renamed": 3,  # .meta or the rewritten journal renamed, the directory not fsynced
+    "compact.dump_renamed": 1,  # compaction: new dump in place, journal not yet compacted
+    "rewrite.written": 1,  # journal rewrite: new file written and fsynced, not renamed
+    "install.dump_renamed": 1,  # snapshot install: leader's dump renamed in, journal not yet replaced
+}
+
+
+@pytest.mark.parametrize("mode", ["kill", "power"])
+@pytest.mark.parametrize("point", sorted(CRASH_POINTS))
+def test_killed_follower_keeps_every_acknowledged_entry(tmp_path: Any, mode: str, point: str) -> None:
+    every = CRASH_POINTS[point] if mode == "kill" else max(CRASH_POINTS[point], 2)
+    c = run_crash_scenario(str(tmp_path), mode, point, every)
+    f = sorted(n for n in NODE_IDS if n in c.nodes)[0]
+    assert c.crash_disks[f].kills or c.crash_disks[min(c.crash_disks)].kills, f"{point} was never reached"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The old behaviours, rebuilt, fail the same scenario
+# --------------------------------------------------------------------------------------------------------------
+
+OLD = pytest.mark.xfail(strict=True, raises=AssertionError, reason="crash window of pysyncobj 0.3.17, closed by raftfix")
+
+
+class StockDumpLoadReplica(SnapshotReplica):
+    """pysyncobj 0.3.17's dump load: the journal is replaced by the dump's two entries unless it starts with them."""
+
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:  # noqa: N802,N803
+        self._rf_conf_changes = []
+        SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+        self._rf_conf_rebuild()
+
+
+class InPlaceRewriteJournal(DurableFileJournal):
+    """pysyncobj 0.3.17's ``deleteEntriesTo``: clear the journal, then re-add the kept entries one by one."""
+
+    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802,N803
+        kept = self[entryTo:]
+        FileJournal.clear(self)
+        for k, entry in enumerate(kept):
+            FileJournal.add(self, *entry)
+            if k < len(kept) - 1:
+                self._storage.point("rewrite.partial")  # only some of the kept entries are back
+        self.needs_flush = True
+
+
+@OLD
+def test_old_dump_load_loses_entries_after_a_crash_between_dump_and_compaction(tmp_path: Any) -> None:
+    """Problem 1: killed between the dump rename and the journal compaction, F restarts with the dump's two
+    entries only; what it acknowledged after them is gone, and once L is lost, so are the acked writes."""
+    run_crash_scenario(str(tmp_path), "kill", "compact.dump_renamed", safe_cls=StockDumpLoadReplica)
+
+
+@OLD
+def test_old_in_place_rewrite_loses_entries_when_killed_midway(tmp_path: Any) -> None:
+    """Problem 2: killed while the kept entries are being re-added, F restarts with part of them."""
+    run_crash_scenario(str(tmp_path), "kill", "rewrite.partial", journal_cls=InPlaceRewriteJournal)
+
+
+@pytest.mark.parametrize("point", ["compact.dump_renamed", "rewrite.written"])
+def test_restart_keeps_journal_entries_above_the_dump(tmp_path: Any, point: str) -> None:
+    """The positive space of problems 1 and 2 on one replica: killed at the step, restarted, it holds the whole
+    log it had (entries after the dump included), and nothing else."""
+    c = run_crash_scenario(str(tmp_path), "kill", point, every=1)
+    assert sum(d.kills for d in c.crash_disks.values()) >= 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Problem 3: the commit index must never be persisted ahead of the durable log
+# --------------------------------------------------------------------------------------------------------------
+
+
+class CommitAtSetJournal(DurableFileJournal):
+    """The old ``DurableFileJournal``: the commit index goes into ``.meta`` as soon as it is set, so the next
+    term/vote write fsyncs it, possibly before the entries it covers are flushed."""
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802,N803
+        FileJournal.setRaftCommitIndex(self, raftCommitIndex)
+
+
+def run_commit_ahead_of_log(root: str, journal_cls: type[DurableFileJournal]) -> list[str]:
+    """Follower F on files, driven by hand-made messages, loses power; returns what it applied.
+
+    1. Leader 2 (term 2) sends entries 2..4 (``old*``), never committed; F flushes them.
+    2. In one poll, before F's end-of-tick flush: leader 3 (term 3) sends entries 2..6 (``new*``) with commit 6,
+       so F replaces 2..4 and sets commit 6; then a vote request for term 4 makes F write ``.meta``.
+    3. Power loss: F's journal is back to 1..4 (``old*``); its ``.meta`` says whatever step 2 fsynced.
+    4. F restarts, then a leader of term 5 repairs it with the ``new*`` entries.
+    """
+    net = SimNet(random.Random(4))
+    with sim_clock(net, 4):
+        c = FileCluster(net, root, "power", journal_cls=journal_cls)
+        net.hold = True
+        c.crash(2)
+        c.crash(3)
+        f = c.nodes[1]
+        put = f._methodToID[f._getFuncName("put")]
+
+        def cmd(cid: str) -> bytes:
+            return bytes([_so._COMMAND_TYPE.REGULAR]) + _so.pickle.dumps((put, (cid,)))
+
+        def send(src: int, message: dict[str, Any]) -> None:
+            net.deliver((net.now, 0, src, 1, pickle.dumps(message)))
+
+        def ae(src: int, term: int, names: list[str], entry_term: int, commit: int) -> None:
+            entries = [(cmd(name), 2 + k, entry_term) for k, name in enumerate(names)]
+            send(src, {"type": "append_entries", "term": term, "commit_index": commit, "entries": entries,
+                       "prevLogIdx": 1, "prevLogTerm": 0})
+
+        ae(2, 2, ["old1", "old2", "old3"], 2, commit=1)
+        c.nodes[1].doTick(0.0)  # flushed
+        new = [f"new{k}" for k in range(1, 6)]
+        ae(3, 3, new, 3, commit=6)
+        send(2, {"type": "request_vote", "term": 4, "last_log_index": 9, "last_log_term": 3})
+        c.kill(1)  # power loss before the next flush
+        c.start(1)
+        c.tick()
+        ae(3, 5, new, 3, commit=6)
+        c.tick()
+        c.tick()
+        return list(c.nodes[1].applied)
+
+
+def test_commit_index_never_ahead_of_the_durable_log(tmp_path: Any) -> None:
+    applied = run_commit_ahead_of_log(str(tmp_path), DurableFileJournal)
+    assert applied == [f"new{k}" for k in range(1, 6)]
+
+
+@OLD
+def test_old_commit_index_at_term_change_applies_uncommitted_entries(tmp_path: Any) -> None:
+    """Problem 3 before the fix: F 'commits' and applies the never-committed ``old*`` entries of term 2, then
+    refuses the leader's repair (it would truncate 'committed' entries)."""
+    applied = run_commit_ahead_of_log(str(tmp_path), CommitAtSetJournal)
+    assert applied == [f"new{k}" for k in range(1, 6)], f"applied {applied}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# raftkv.replica: a background dump never replaces a snapshot installed meanwhile
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("told", [pytest.param(False, id="old", marks=OLD), pytest.param(True, id="fixed")])
+def test_background_dump_never_replaces_an_installed_snapshot(tmp_path: Any, monkeypatch: Any, told: bool) -> None:
+    """A follower's background dump (applied index 10) is still being written when the leader's snapshot
+    (index 50) is installed. Renaming the older dump in afterwards would pair it, on restart, with a journal
+    that starts at 49. ``told=False`` is the writer before the fix: nothing told it about the install."""
+    r = ShardReplica(0, "127.0.0.1:1", [], str(tmp_path), conf_overrides={"autoTick": False})
+    try:
+        final = r.snapshot_file
+        r._write_snapshot_file(final, r.state.freeze(), (("c", 2, 1), ("c", 1, 1), set()), False)
+        started, release = _hold_background_dumps(monkeypatch)
+        r._write_snapshot(final + ".tmp", (("c", 10, 1), ("c", 9, 1), set()))
+        assert started.wait(10)
+        if told:
+            r.snapshotInstalling()
+        installed = (("c", 50, 2), ("c", 49, 2), set())
+        r._write_snapshot_file(final + ".1.tmp", r.state.freeze(), installed, False)
+        os.replace(final + ".1.tmp", final)  # what pysyncobj's serializer does with the leader's chunks
+        release.set()
+        deadline = time.monotonic() + 10
+        while r._snap_status == SERIALIZER_STATE.SERIALIZING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert r._snapshot_status() == SERIALIZER_STATE.SUCCESS
+        assert r._read_snapshot(final)[0] == installed[0], "an older dump replaced the installed snapshot"
+        assert not os.path.exists(final + ".bg")
+    finally:
+        r.destroy()
