@@ -53,6 +53,7 @@ RW_CASES: dict[str, list[Spec]] = {
     "lost-update": [ok(0, 0, 1, w("x", 1)), ok(1, 2, 3, r("x", 1), w("x", 2)), ok(2, 2, 3, r("x", 1), w("x", 3))],
     "internal": [ok(0, 0, 1, w("x", 1), r("x", 2)), ok(1, 0, 1, w("x", 2))],
     "garbage-read": [ok(0, 0, 1, r("x", 9))],
+    "future-read": [ok(0, 0, 1, r("x", 1), w("x", 1))],
     "G-single-realtime": [ok(0, 0, 1, w("x", 1)), ok(1, 2, 3, r("x", None))],
     # p0 reads z = 5 and then writes x = 1; p1 read that x and wrote z = 5
     "G1c-process": [ok(0, 0, 1, r("z", 5)), ok(0, 2, 3, w("x", 1)), ok(1, 0, 9, r("x", 1), w("z", 5))],
@@ -74,6 +75,7 @@ APPEND_CASES: dict[str, list[Spec]] = {
     "incompatible-order": [ok(0, 0, 1, a("x", 1)), ok(1, 0, 1, a("x", 2)), ok(2, 2, 3, r("x", [1, 2])),
                            ok(3, 2, 3, r("x", [2, 1]))],
     "garbage-read": [ok(0, 0, 1, r("x", [7]))],
+    "future-read": [ok(0, 0, 1, r("x", [1]), a("x", 1))],
     "G-single-realtime": [ok(0, 0, 1, a("x", 1)), ok(1, 2, 3, r("x", []))],
     # T0 missed T1's append, T1 missed T2's, and T2 had completed before T0 began
     "G2-item-realtime": [ok(0, 2, 3, r("x", [])), ok(1, 0, 9, a("x", 1), r("y", [])), ok(2, 0, 1, a("y", 1))],

@@ -45,6 +45,7 @@ IMPLIED_ANOMALIES: dict[str, list[str]] = {
     "lost-update": ["G2-item"],
     "incompatible-order": ["G1a"],
     "garbage-read": ["G1a"],
+    "future-read": ["G1c"],
 }
 
 MODELS: dict[str, list[str]] = {
@@ -67,7 +68,7 @@ PROSCRIBES: dict[str, list[str]] = {
     "cursor-stability": ["G1", "lost-update"],
     "monotonic-atomic-view": ["G1"],
     "consistent-view": ["G1", "G-single"],
-    "read-atomic": ["internal", "G1a"],
+    "read-atomic": ["internal", "G1a", "future-read"],
     "repeatable-read": ["G1", "G2-item", "lost-update"],
     "snapshot-isolation": ["internal", "G1", "G-single"],
     "serializable": ["internal", "G1", "G2"],

@@ -31,7 +31,8 @@ Non-cycle anomalies: ``internal`` (a read disagrees with the transaction's own
 earlier read plus its appends since), ``G1a`` (an element appended by a failed
 transaction is read), ``G1b`` (a read ends at an element that is not its
 appender's last append to that key), ``garbage-read`` (an element nobody
-appended), ``duplicate-elements``, ``incompatible-order``, ``lost-update``.
+appended), ``duplicate-elements``, ``incompatible-order``, ``lost-update``,
+``future-read`` (a read shows an element its own transaction appends later).
 """
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ class ListAppend:
         apps: dict[Any, list[Any]] = {}
         ok = t.status == "ok"
         state: dict[Any, tuple[tuple | None, list[Any]]] = {}  # key -> (last read, own appends since)
+        future = {(k, v) for f, k, v in t.mops if f == "append"}
         for f, k, v in t.mops:
             if f == "append":
+                future.discard((k, v))
                 apps.setdefault(k, []).append(v)
                 state.setdefault(k, (None, []))[1].append(v)
                 continue
@@ -102,6 +105,8 @@ class ListAppend:
             if is_ext:
                 ext[k] = v
             reads.setdefault(k, []).append((i, v, is_ext))
+            if any((k, x) in future for x in v):
+                found.setdefault("future-read", []).append({"op": t.op.describe(), "key": k, "read": list(v)})
             if k in state:
                 base, since = state[k]
                 if base is not None:

@@ -30,7 +30,8 @@ Non-cycle anomalies: ``internal`` (a read disagrees with the transaction's own
 earlier read or write of the key), ``G1a`` (a read of a failed transaction's
 write), ``G1b`` (a read of another transaction's intermediate write),
 ``garbage-read`` (a value nobody wrote), ``lost-update`` (two committed
-transactions read the same version of a key and both wrote it).
+transactions read the same version of a key and both wrote it), ``future-read``
+(a read of a value its own transaction writes later).
 """
 
 from __future__ import annotations
@@ -95,13 +96,17 @@ class RWRegister:
         inter = []
         seen: dict[Any, Any] = {}
         ok = t.status == "ok"
+        future = {(k, v) for f, k, v in t.mops if f == "w" and v is not None}
         for f, k, v in t.mops:
             if f == "w":
+                future.discard((k, v))
                 if k in writes:
                     inter.append((k, writes[k]))
                 writes[k] = v
                 seen[k] = v
             elif ok:
+                if (k, v) in future:
+                    found.setdefault("future-read", []).append({"op": t.op.describe(), "key": k, "read": v})
                 if k in seen and seen[k] != v:
                     found.setdefault("internal", []).append(
                         {"op": t.op.describe(), "key": k, "read": v, "expected": seen[k]})
