@@ -196,3 +196,19 @@ def test_cli_check_elle(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["check", str(path), "--model", "elle-rw", "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["verdict"] == "valid"
+
+
+def test_txn_workload_reports_an_elle_check() -> None:
+    from jepsen_like.report import check_to_dict
+    from jepsen_like.workloads import TxnWorkload
+
+    ops = history(ok(0, 0, 1, w("t0.0", "0.1"), w("t0.1", "0.2")), ok(1, 2, 3, r("t0.0", None), r("t0.1", "0.2")))
+    ops.append(Op(2, "final", "get", "t0.0", None, "0.1", 4, 5, "ok"))
+    checks = TxnWorkload(None, 0).check(ops, 10.0)
+    assert checks["linearizable"].verdict == "not_linearizable"
+    d = check_to_dict(checks["elle"])
+    assert d["valid"] is False and "G-single" in d["anomaly_types"]  # T1 saw half of T0: read skew
+    assert d["not"] == ["consistent-view", "repeatable-read"] and d["failing_ops"]
+    json.dumps(d, default=str)
+    dup = history(ok(0, 0, 1, w("x", 1)), ok(1, 0, 1, w("x", 1)))
+    assert check_to_dict(TxnWorkload(None, 0).check(dup, 10.0)["elle"])["verdict"] == "unknown"

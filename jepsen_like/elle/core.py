@@ -119,6 +119,8 @@ class ElleResult:
                 "summary": self.summary(), "workload": self.workload, "models": list(self.models),
                 "anomaly_types": sorted(self.anomalies), "anomalies": self.anomalies, "counts": self.counts,
                 "not": self.not_models, "also_not": self.also_not, "txns": self.txns,
+                "failing_ops": [f"{name}: {o}" for name, cases in sorted(self.anomalies.items())
+                                for o in (cases[0].get("ops") or [cases[0].get("op")])][:10],
                 "elapsed_s": round(self.elapsed, 3), "reason": self.reason}
 
     def lines(self) -> list[str]:
