@@ -173,7 +173,7 @@ def _agree(ops: list[Op], workload: str) -> None:
                 op.describe() for op in ops)
 
 
-_SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_SETTINGS
