@@ -4,23 +4,28 @@ Subcommands live in their own modules and are attached with
 ``main.add_command(...)``; this module only defines the group and ``check``.
 
 Exit codes of ``check``: 0 linearizable, 1 not linearizable, 2 unknown (time or
-state limit reached), 3 the history could not be read.
+state limit reached), 3 the history could not be read.  With ``--model
+elle-rw`` / ``elle-append`` the history is checked by the Elle checker
+(:mod:`jepsen_like.elle`) instead: 0 valid, 1 invalid, 2 unknown, 3 unreadable.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
+from . import elle
 from .checker import LINEARIZABLE, NOT_LINEARIZABLE, check_file
-from .history import FORMATS, HistoryError
+from .history import FORMATS, HistoryError, read_history
 from .models import MODEL_NAMES
 from .timeline import write_timeline
 
 EXIT_CODES = {LINEARIZABLE: 0, NOT_LINEARIZABLE: 1}
 EXIT_UNKNOWN = 2
 EXIT_BAD_INPUT = 3
+ELLE_MODELS = {"elle-rw": "rw-register", "elle-append": "list-append"}
 
 
 @click.group()
@@ -30,16 +35,25 @@ def main() -> None:
 
 @main.command("check")
 @click.argument("history", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--model", type=click.Choice(MODEL_NAMES), default=None,
-              help="Model (default: etcd for jepsen-log, kv-append for porcupine-kv, kv for jsonl).")
+@click.option("--model", type=click.Choice([*MODEL_NAMES, *ELLE_MODELS]), default=None,
+              help="Model (default: etcd for jepsen-log, kv-append for porcupine-kv, kv for jsonl); "
+                   "elle-rw / elle-append: transactions checked by the Elle checker.")
 @click.option("--format", "fmt", type=click.Choice(["auto", *FORMATS]), default="auto", show_default=True)
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Give up (verdict unknown) after S seconds.")
 @click.option("--max-states", type=int, default=None, help="Give up (verdict unknown) after N search states.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the HTML timeline here (default: <history>.timeline.html, only on a violation).")
+@click.option("--consistency-model", "consistency_models", multiple=True,
+              type=click.Choice(elle.MODEL_NAMES), help="Elle only: the model(s) to check "
+              "(repeatable; default strict-serializable).")
+@click.option("--json", "as_json", is_flag=True, help="Elle only: print the result as JSON.")
 def check_cmd(history: Path, model: str | None, fmt: str, timeout_s: float | None,
-              max_states: int | None, html_path: Path | None) -> None:
-    """Check HISTORY for linearizability; exit 0 (yes), 1 (no) or 2 (unknown)."""
+              max_states: int | None, html_path: Path | None, consistency_models: tuple[str, ...],
+              as_json: bool) -> None:
+    """Check HISTORY for linearizability (or, with an elle-* model, for transactional anomalies);
+    exit 0 (yes), 1 (no) or 2 (unknown)."""
+    if model in ELLE_MODELS:
+        _check_elle(history, ELLE_MODELS[model], fmt, consistency_models or ("strict-serializable",), as_json)
     try:
         res, ops, fmt = check_file(history, model=model, fmt=fmt, timeout_s=timeout_s, max_states=max_states)
     except (HistoryError, ValueError, OSError) as e:
@@ -60,6 +74,23 @@ def check_cmd(history: Path, model: str | None, fmt: str, timeout_s: float | Non
                        title=f"{history.name}: {res.verdict}", verdict=res.summary())
         click.echo(f"  timeline: {html_path}")
     raise SystemExit(EXIT_CODES.get(res.verdict, EXIT_UNKNOWN))
+
+
+def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...], as_json: bool) -> None:
+    try:
+        ops, fmt = read_history(history, fmt)
+        res = elle.check(ops, workload, models=models)
+    except (HistoryError, ValueError, OSError) as e:
+        click.echo(f"error: cannot check {history}: {e}", err=True)
+        raise SystemExit(EXIT_BAD_INPUT) from e
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=1, default=repr))
+    else:
+        click.echo(f"{history}: {res.verdict.upper()}")
+        click.echo(f"  format {fmt}, elle {workload}, checking {', '.join(models)}; {res.summary()}")
+        for line in res.lines():
+            click.echo(f"  {line}")
+    raise SystemExit({elle.VALID: 0, elle.INVALID: 1}.get(res.verdict, EXIT_UNKNOWN))
 
 
 # --- raftkv-jepsen run (jepsen_like.runner) ---------------------------------------- begin

@@ -156,7 +156,10 @@ def write_plots(directory: Path, ops: Sequence[Op], faults: Sequence[dict[str, A
 
 def check_to_dict(res: Any) -> dict[str, Any]:
     """A check's outcome for results.json: a linearizability :class:`CheckResult`, or an invariant
-    with ``ok``, ``verdict``, ``summary()`` and ``bad`` (the ops that violate it)."""
+    with ``ok``, ``verdict``, ``summary()`` and ``bad`` (the ops that violate it), or anything
+    with its own ``to_dict()`` (an :class:`jepsen_like.elle.ElleResult`)."""
+    if hasattr(res, "to_dict"):
+        return res.to_dict()
     if not isinstance(res, CheckResult):
         return {"verdict": res.verdict, "valid": res.ok, "summary": res.summary(),
                 "violations": len(res.bad), "failing_ops": [op.describe() for op in res.bad[:10]]}

@@ -33,6 +33,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from jepsen_like import elle
 from jepsen_like.checker import check
 from jepsen_like.models import get_model
 from raftkv import protocol
@@ -357,8 +358,10 @@ class TxnWorkload:
     A group is ``keys_per_shard`` keys on every shard; groups rotate every
     ``key_period`` seconds so that the transaction model's partitions (connected
     components of keys) stay small.  Written values are unique.  Checked with
-    the transaction model (strict serializability), plus ``recovered`` and
-    ``final-reads`` (a plain read of every key used).
+    the transaction model (strict serializability), by the Elle checker
+    (``elle``: the same history as rw-register transactions, anomalies named:
+    G0, G1a/b/c, G-single, G2-item, lost update, ... with the models they rule
+    out), plus ``recovered`` and ``final-reads`` (a plain read of every key used).
     """
 
     name = "txn"
@@ -390,7 +393,16 @@ class TxnWorkload:
         return [("get", k, None) for k in self.used_keys()]
 
     def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
-        return {"linearizable": check(ops, get_model("txn"), timeout_s=timeout_s)}
+        return {"linearizable": check(ops, get_model("txn"), timeout_s=timeout_s), "elle": _elle(ops)}
+
+
+def _elle(ops: list) -> Any:
+    """The Elle rw-register check; a history it cannot read is an unknown verdict, not a crash."""
+    try:
+        return elle.check(ops, "rw-register")
+    except elle.ElleError as e:
+        return elle.ElleResult(verdict=elle.UNKNOWN_VERDICT, workload="rw-register",
+                               models=("strict-serializable",), reason=f"cannot check: {e}")
 
 
 class _TxnWorker(_TxnWorkerBase):
