@@ -34,7 +34,7 @@ down: install
 
 test: install sysdeps
 	$(BIN)/ruff check raftkv shards jepsen_like tests bench
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -x --durations=20 tests
 
 lint: install
 	$(BIN)/ruff check raftkv shards jepsen_like tests bench
