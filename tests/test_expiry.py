@@ -143,6 +143,11 @@ def test_redis_expiry_commands(lc: LocalCluster) -> None:
     assert r.persist("keep") and r.ttl("keep") == -1
     r.set("gone", "x")
     assert r.pexpire("gone", -1) and r.get("gone") is None
+    # Absolute deadlines are Unix times (log time starts near 0 on a new cluster: they are converted).
+    r.set("at", "x")
+    assert r.expireat("at", int(time.time()) + 100) and 98 <= r.ttl("at") <= 100
+    assert r.set("at2", "y", pxat=int(time.time() * 1000) + 50_000) and 48_000 <= r.pttl("at2") <= 50_000
+    assert r.pexpireat("at", int(time.time() * 1000) - 1000) and r.get("at") is None
     with pytest.raises(redis.ResponseError, match="invalid expire time"):
         r.set("bad", "x", ex=0)
     with pytest.raises(redis.ResponseError, match="syntax error"):

@@ -7,6 +7,7 @@ through the log).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from raftkv.acl import Access
@@ -31,7 +32,12 @@ def _expire(node: NodeAPI, req: list[bytes], unit_ms: int, absolute: bool, sessi
         cond = _CONDITIONS.get(req[3].upper())
         if cond is None:
             return Error("ERR", f"Unsupported option {req[3].decode(errors='replace')}")
-    return write(node, node.shard_of(key), ("expire", key, amount * unit_ms, absolute, cond), session)
+    ms = amount * unit_ms
+    if absolute:
+        # A Unix time: the shard's deadlines are in log time, so convert to "from now" with this
+        # node's clock (its skew shifts this one deadline; log time itself never reads a wall clock).
+        ms -= int(time.time() * 1000)
+    return write(node, node.shard_of(key), ("expire", key, ms, False, cond), session)
 
 
 def cmd_expire(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:

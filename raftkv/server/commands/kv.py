@@ -10,6 +10,7 @@ wrapped command travels to the leader as it is (``raftkv.server.router``).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,7 @@ def _set_with_options(node: NodeAPI, req: list[bytes], session: Session | None) 
     """SET key value [NX | XX] [GET] [EX s | PX ms | EXAT unix-s | PXAT unix-ms | KEEPTTL].
 
     The reply is OK / nil, or with GET the value before.  Deadlines are kept in the
-    shard's log time (``raftkv.expiry``), which follows wall-clock time.
+    shard's log time (``raftkv.expiry``); an absolute one becomes "from now" here.
     """
     key, value = req[1], req[2]
     cond, get, ttl = None, False, None
@@ -102,7 +103,10 @@ def _set_with_options(node: NodeAPI, req: list[bytes], session: Session | None) 
                 return Error("ERR", "value is not an integer or out of range")
             if amount <= 0:
                 return Error("ERR", "invalid expire time in 'set' command")
-            ttl = (kind, amount * unit)
+            ms = amount * unit
+            if kind == "at":  # a Unix time: "from now" by this node's clock (deadlines are in log time)
+                ms -= int(time.time() * 1000)
+            ttl = ("in", ms)
             i += 1
         else:
             return Error("ERR", "syntax error")
