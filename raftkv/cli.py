@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,15 @@ cluster_option = click.option(
 
 def _client(cluster_file: str | None, timeout: float = 10.0) -> Client:
     return Client(cluster=cluster_path(cluster_file), timeout=timeout, **client_kw())
+
+
+def _with_client(cluster_file: str | None, op: Callable[[Client], Any]) -> Any:
+    """Run ``op`` on a client of the cluster; a raftkv error ends the command with its message."""
+    with _client(cluster_file) as c:
+        try:
+            return op(c)
+        except RaftKVError as e:
+            _fail(e)
 
 
 def _fail(e: Exception) -> None:
@@ -166,14 +176,11 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
 @main.command()
 @click.argument("key")
 @click.argument("value")
+@click.option("--ttl", type=click.FloatRange(min=0.001), default=None, help="expire the key after this many seconds")
 @cluster_option
-def put(key: str, value: str, cluster_file: str | None) -> None:
+def put(key: str, value: str, ttl: float | None, cluster_file: str | None) -> None:
     """Set KEY to VALUE (durable on a majority when this returns)."""
-    with _client(cluster_file) as c:
-        try:
-            c.put(key, value)
-        except RaftKVError as e:
-            _fail(e)
+    _with_client(cluster_file, lambda c: c.put(key, value, ttl=ttl))
     click.echo("OK")
 
 
@@ -183,11 +190,7 @@ def put(key: str, value: str, cluster_file: str | None) -> None:
 @cluster_option
 def get(key: str, stale: bool, cluster_file: str | None) -> None:
     """Print the value of KEY (exit 1 if it does not exist)."""
-    with _client(cluster_file) as c:
-        try:
-            value = c.stale_get(key) if stale else c.get(key)
-        except RaftKVError as e:
-            _fail(e)
+    value = _with_client(cluster_file, lambda c: c.stale_get(key) if stale else c.get(key))
     if value is None:
         click.echo(f"raftkv: key {key!r} not found", err=True)
         sys.exit(1)
@@ -199,11 +202,7 @@ def get(key: str, stale: bool, cluster_file: str | None) -> None:
 @cluster_option
 def delete(key: str, cluster_file: str | None) -> None:
     """Delete KEY (exit 1 if it did not exist)."""
-    with _client(cluster_file) as c:
-        try:
-            existed = c.delete(key)
-        except RaftKVError as e:
-            _fail(e)
+    existed = _with_client(cluster_file, lambda c: c.delete(key))
     click.echo("1" if existed else "0")
     if not existed:
         sys.exit(1)
@@ -217,14 +216,51 @@ def delete(key: str, cluster_file: str | None) -> None:
 @cluster_option
 def cas(key: str, expected: str, new: str, absent: bool, cluster_file: str | None) -> None:
     """Set KEY to NEW only if its value is EXPECTED (exit 1 if it was not)."""
-    with _client(cluster_file) as c:
-        try:
-            swapped = c.cas(key, None if absent else expected, new)
-        except RaftKVError as e:
-            _fail(e)
+    swapped = _with_client(cluster_file, lambda c: c.cas(key, None if absent else expected, new))
     click.echo("OK" if swapped else "NOT SWAPPED")
     if not swapped:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("key")
+@click.option("--by", type=int, default=1, show_default=True, help="amount to add (negative to subtract)")
+@cluster_option
+def incr(key: str, by: int, cluster_file: str | None) -> None:
+    """Add to the integer at KEY (absent counts as 0) and print the new value; applied exactly once."""
+    click.echo(str(_with_client(cluster_file, lambda c: c.incr(key, by))))
+
+
+@main.command()
+@click.argument("key")
+@click.argument("seconds", type=float)
+@cluster_option
+def expire(key: str, seconds: float, cluster_file: str | None) -> None:
+    """Make KEY expire SECONDS from now (exit 1 if it does not exist)."""
+    ok = _with_client(cluster_file, lambda c: c.expire(key, seconds))
+    click.echo("1" if ok else "0")
+    if not ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("key")
+@cluster_option
+def ttl(key: str, cluster_file: str | None) -> None:
+    """Print the seconds until KEY expires ('none' if it never does; exit 1 if it does not exist)."""
+    left = _with_client(cluster_file, lambda c: c.ttl(key))
+    if left is None:
+        click.echo(f"raftkv: key {key!r} not found", err=True)
+        sys.exit(1)
+    click.echo("none" if left == float("inf") else f"{left:.3f}")
+
+
+@main.command()
+@click.argument("pattern", required=False)
+@cluster_option
+def keys(pattern: str | None, cluster_file: str | None) -> None:
+    """List the keys (matching the Redis glob PATTERN), one per line, by SCAN."""
+    _with_client(cluster_file, lambda c: [click.echo(k.decode(errors="replace")) for k in c.keys(pattern)])
 
 
 # -- status ------------------------------------------------------------------------------

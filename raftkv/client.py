@@ -20,12 +20,14 @@ own connections and its own session (a session has one request in flight).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import ssl
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from raftkv.connection import Connection
@@ -240,10 +242,14 @@ class Client:
         """Linearizable read of each key (not one atomic snapshot across shards; use txn for that)."""
         return [self.get(k) for k in keys]
 
-    def put(self, key: Bytesish, value: Bytesish) -> None:
-        """Write ``value``; returns once it is committed and durable on a majority."""
+    def put(self, key: Bytesish, value: Bytesish, ttl: float | None = None) -> None:
+        """Write ``value``; returns once it is committed and durable on a majority.
+
+        ``ttl``: seconds after which the key expires (in the shard's log time).
+        """
         key = _b(key)
-        self._write(self._shard(key), [b"SET", key, _b(value)])
+        extra = [] if ttl is None else [b"PX", str(max(1, int(ttl * 1000))).encode()]
+        self._write(self._shard(key), [b"SET", key, _b(value), *extra])
 
     set = put
 
@@ -273,6 +279,29 @@ class Client:
         """Delete ``key`` and return the value it had (None if absent)."""
         key = _b(key)
         return self._write(self._shard(key), [b"GETDEL", key])
+
+    def expire(self, key: Bytesish, seconds: float) -> bool:
+        """Make ``key`` expire ``seconds`` from now; False if it does not exist."""
+        key = _b(key)
+        return bool(self._write(self._shard(key), [b"PEXPIRE", key, str(int(seconds * 1000)).encode()]))
+
+    def ttl(self, key: Bytesish) -> float | None:
+        """Seconds until ``key`` expires; ``math.inf`` if it never does; None if it does not exist."""
+        key = _b(key)
+        ms = int(self._read(self._shard(key), [b"PTTL", key]))
+        return None if ms == -2 else (math.inf if ms == -1 else ms / 1000)
+
+    def keys(self, match: Bytesish | None = None, count: int = 100) -> Iterator[bytes]:
+        """Every key (matching the Redis glob ``match``), by SCAN: each key present throughout is listed once."""
+        cursor = b"0"
+        while True:
+            args = [b"SCAN", cursor, b"COUNT", str(count).encode()]
+            if match is not None:
+                args += [b"MATCH", _b(match)]
+            cursor, batch = self.command(*args)
+            yield from batch
+            if cursor == b"0":
+                return
 
     def lock(self, name: Bytesish, ttl: float = 10.0, wait: float | None = None) -> Lock:
         """Acquire lock ``name`` (a key): a context manager whose ``token`` is the fencing token.

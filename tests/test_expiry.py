@@ -163,3 +163,32 @@ def test_expired_keys_are_reclaimed_through_the_log(lc: LocalCluster) -> None:
     for i in range(20):
         r.set(f"reap-{i}", "v", px=300)
     wait_for(lambda: all(redis.Redis(*lc.map.nodes[n].client_addr).dbsize() <= before for n in lc.map.nodes))
+
+
+def test_client_and_cli_expiry_counters_and_keys(lc: LocalCluster) -> None:
+    import math
+
+    from click.testing import CliRunner
+
+    from raftkv import Client
+    from raftkv.cli import main
+
+    with Client(cluster=lc.config) as c:
+        c.put("lib-ttl", "v", ttl=100)
+        assert 99 <= c.ttl("lib-ttl") <= 100
+        c.put("lib-forever", "v")
+        assert c.ttl("lib-forever") == math.inf and c.ttl("lib-none") is None
+        assert c.expire("lib-forever", 50) and not c.expire("lib-none", 5)
+        assert {b"lib-ttl", b"lib-forever"} <= set(c.keys("lib-*"))
+
+    def run(*args: str) -> tuple[int, str]:
+        res = CliRunner().invoke(main, [*args, "--cluster", str(lc.config)])
+        return res.exit_code, res.output.strip()
+
+    assert run("put", "cli-ttl", "v", "--ttl", "30") == (0, "OK")
+    code, out = run("ttl", "cli-ttl")
+    assert code == 0 and 29 <= float(out) <= 30
+    assert run("incr", "cli-cnt", "--by", "5") == (0, "5") and run("incr", "cli-cnt") == (0, "6")
+    assert run("expire", "cli-cnt", "100") == (0, "1") and run("ttl", "cli-missing")[0] == 1
+    code, out = run("keys", "cli-*")
+    assert code == 0 and set(out.split()) == {"cli-ttl", "cli-cnt"}
