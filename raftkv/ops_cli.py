@@ -225,33 +225,24 @@ def user_add(name: str, password: str, roles: tuple[str, ...], cluster_file: str
     click.echo(f"user {name}: roles {', '.join(roles) or '-'}")
 
 
-@user_group.command("del")
-@click.argument("name")
-@cluster_option
-def user_del(name: str, cluster_file: str | None) -> None:
-    """Delete user NAME."""
-    _acl_command(cluster_file, "RAFTKV.USER", "DEL", name)
-    click.echo(f"deleted user {name}")
+def _acl_verb(group: click.Group, verb: str, command: str, args: tuple[str, ...], doc: str, said: str) -> None:
+    """Add ``group verb ARGS...``: one RAFTKV.USER/ROLE action whose arguments are the ARGS, in order."""
+
+    def run(cluster_file: str | None, **kw: str) -> None:
+        _acl_command(cluster_file, command, verb.upper(), *(kw[a] for a in args))
+        click.echo(said.format(**kw))
+
+    run.__doc__ = doc
+    fn = cluster_option(run)
+    for a in reversed(args):
+        fn = click.argument(a)(fn)
+    group.command(verb)(fn)
 
 
-@user_group.command("grant")
-@click.argument("name")
-@click.argument("role")
-@cluster_option
-def user_grant(name: str, role: str, cluster_file: str | None) -> None:
-    """Grant ROLE to user NAME."""
-    _acl_command(cluster_file, "RAFTKV.USER", "GRANT", name, role)
-    click.echo(f"granted {role} to {name}")
-
-
-@user_group.command("revoke")
-@click.argument("name")
-@click.argument("role")
-@cluster_option
-def user_revoke(name: str, role: str, cluster_file: str | None) -> None:
-    """Revoke ROLE from user NAME (effective on open connections too)."""
-    _acl_command(cluster_file, "RAFTKV.USER", "REVOKE", name, role)
-    click.echo(f"revoked {role} from {name}")
+_acl_verb(user_group, "del", "RAFTKV.USER", ("name",), "Delete user NAME.", "deleted user {name}")
+_acl_verb(user_group, "grant", "RAFTKV.USER", ("name", "role"), "Grant ROLE to user NAME.", "granted {role} to {name}")
+_acl_verb(user_group, "revoke", "RAFTKV.USER", ("name", "role"),
+          "Revoke ROLE from user NAME (effective on open connections too).", "revoked {role} from {name}")
 
 
 @user_group.command("list")
@@ -281,13 +272,8 @@ def role_set(name: str, categories: tuple[str, ...], read: tuple[str, ...], writ
     click.echo(f"role {name}: {', '.join(categories) or 'no categories'}; read {list(read)}; write {list(write)}")
 
 
-@role_group.command("del")
-@click.argument("name")
-@cluster_option
-def role_del(name: str, cluster_file: str | None) -> None:
-    """Delete role NAME (and revoke it from every user)."""
-    _acl_command(cluster_file, "RAFTKV.ROLE", "DEL", name)
-    click.echo(f"deleted role {name}")
+_acl_verb(role_group, "del", "RAFTKV.ROLE", ("name",), "Delete role NAME (and revoke it from every user).",
+          "deleted role {name}")
 
 
 @role_group.command("list")

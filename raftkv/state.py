@@ -355,34 +355,29 @@ def _watchrev(s: KVState, cmd: tuple, now_ms: int) -> Any:
     return ("missing", s.revision) if entry is None else ("rev", entry[1])
 
 
-def _entries(s: KVState, cmd: tuple, now_ms: int) -> Any:
-    """``(entries, del_rev)``: every key's ``(value, revision)`` or None, and the newest deletion revision."""
-    out = []
-    for key in cmd[1]:
+def _lookup_all(s: KVState, keys: Any, now_ms: int) -> list | Locked:
+    """Every key's live ``(value, revision)`` or None; the first lock held on any of them instead."""
+    for key in keys:
         lock = s.txns.lock_of(key)
         if lock is not None:
             return lock
-        out.append(s.lookup(key, now_ms))
-    return (tuple(out), s.del_rev)
+    return [s.lookup(key, now_ms) for key in keys]
+
+
+def _entries(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    """``(entries, del_rev)``: every key's ``(value, revision)`` or None, and the newest deletion revision."""
+    found = _lookup_all(s, cmd[1], now_ms)
+    return found if isinstance(found, Locked) else (tuple(found), s.del_rev)
 
 
 def _mget(s: KVState, cmd: tuple, now_ms: int) -> Any:
-    out = []
-    for key in cmd[1]:
-        lock = s.txns.lock_of(key)
-        if lock is not None:
-            return lock
-        entry = s.lookup(key, now_ms)
-        out.append(None if entry is None else entry[0])
-    return out
+    found = _lookup_all(s, cmd[1], now_ms)
+    return found if isinstance(found, Locked) else [None if e is None else e[0] for e in found]
 
 
 def _exists(s: KVState, cmd: tuple, now_ms: int) -> Any:
-    for key in cmd[1]:
-        lock = s.txns.lock_of(key)
-        if lock is not None:
-            return lock
-    return sum(1 for key in cmd[1] if s.lookup(key, now_ms) is not None)
+    found = _lookup_all(s, cmd[1], now_ms)
+    return found if isinstance(found, Locked) else sum(1 for e in found if e is not None)
 
 
 def _set(s: KVState, cmd: tuple, now_ms: int) -> Any:
