@@ -31,30 +31,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from raftkv.connection import Connection
+from raftkv.errors import IndeterminateError, LockTimeout, RaftKVError, UnavailableError
 from raftkv.protocol import ReplyError
+from raftkv.txnclient import Txn
 from shards.shardmap import ShardMap
 
 Bytesish = bytes | str
+__all__ = ["Client", "IndeterminateError", "Lock", "LockTimeout", "RaftKVError", "UnavailableError"]
 
 # Error codes after which the same request may be sent again unchanged.
 _RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY"}
-
-
-class RaftKVError(Exception):
-    """A request failed; ``code`` is the stable error code (see raftkv.protocol.ERROR_CODES)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code} {message}")
-        self.code = code
-        self.message = message
-
-
-class IndeterminateError(RaftKVError):
-    """The write may or may not have been applied; read the key to find out."""
-
-
-class UnavailableError(RaftKVError):
-    """The request was not applied: no leader or no node reachable within the timeout."""
 
 
 class Attempts:
@@ -104,10 +90,6 @@ class Attempts:
 
 def _b(x: Bytesish) -> bytes:
     return x.encode() if isinstance(x, str) else x
-
-
-class LockTimeout(RaftKVError):
-    """The lock was held by someone else for longer than the caller was willing to wait."""
 
 
 class Lock:
@@ -315,11 +297,9 @@ class Client:
         return Lock(self, _b(name), ttl, wait)
 
     # -- transactions (raftkv.txnclient) ---------------------------------------------
-    def txn(self) -> Any:
+    def txn(self) -> Txn:
         """An etcd-style conditional transaction builder, atomic across shards."""
-        from raftkv.txnclient import Txn
-
-        return Txn(self)
+        return Txn(self._shard, lambda shard, args: self._request(shard, args, write=True))
 
     def mset(self, mapping: dict, retries: int = 10) -> None:
         """Write every key of ``mapping`` atomically (all or none), across shards."""

@@ -64,15 +64,22 @@ Legal record transitions (anything else is refused and leaves state as is)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from raftkv.results import CmdError, Locked
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
-    from raftkv.state import KVState
+class KVState(Protocol):
+    """What the transaction layer uses of a shard's state (``raftkv.state.KVState``, which holds a
+    ``TxnTable``): declared here so the two modules do not import each other."""
+
+    data: Any  # key -> (value, revision)
+    del_rev: int
+    txns: TxnTable
+
+    def write(self, key: bytes, value: bytes | None) -> int: ...
 
 COMPARE_KINDS = ("value", "rev", "exists", "missing", "watch")
 OP_KINDS = ("put", "del", "get")

@@ -16,11 +16,11 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from raftkv.client import Client
+from raftkv.errors import RaftKVError
 
 RETRYABLE = ("TXNCONFLICT", "TRYAGAIN")
 
@@ -41,8 +41,10 @@ class TxnResponse:
 class Txn:
     """An etcd-style conditional transaction; build it, then ``commit()``."""
 
-    def __init__(self, client: Client) -> None:
-        self._client = client
+    def __init__(self, shard_of: Callable[[bytes], int], request: Callable[[int, list[bytes]], Any]) -> None:
+        # The client's routing and its retrying, de-duplicated write path (``Client.txn()`` passes them).
+        self._shard_of = shard_of
+        self._request = request
         self.compares: list[list[bytes]] = []
         self.then_ops: list[list[bytes]] = []
         self.else_ops: list[list[bytes]] = []
@@ -113,13 +115,11 @@ class Txn:
 
     def commit(self, retries: int = 0, backoff_s: float = 0.01, backoff_max_s: float = 0.5) -> TxnResponse:
         """Run it; on TXNCONFLICT/TRYAGAIN retry up to ``retries`` times with a fresh id."""
-        from raftkv.client import RaftKVError
-
-        home = self._client._shard(self.first_key())
+        home = self._shard_of(self.first_key())
         attempt = 0
         while True:
             try:
-                reply = self._client._request(home, self.args(uuid.uuid4().hex), write=True)
+                reply = self._request(home, self.args(uuid.uuid4().hex))
             except RaftKVError as e:
                 if e.code not in RETRYABLE or attempt >= retries:
                     raise

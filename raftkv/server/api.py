@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from raftkv.acl import Access, AclTable
 from raftkv.protocol import Error
+from raftkv.results import Locked
 
 if TYPE_CHECKING:
     from raftkv.replica import ShardReplica
     from raftkv.security import Security
-    from raftkv.server.coordinator import TxnService
-    from raftkv.server.metrics import NodeMetrics
     from shards.shardmap import NodeInfo, ShardMap
 
 
@@ -131,6 +130,29 @@ class Faults:
 
 # -- the node as plug-ins see it ---------------------------------------------------------------------
 
+class TxnsAPI(Protocol):
+    """The node's transaction service as plug-ins use it (``raftkv.server.coordinator.TxnService``)."""
+
+    def spawn(self, txid: str, coro: Any) -> None: ...
+
+    def resolve_soon(self, shard: int, lock: Locked) -> asyncio.Task: ...
+
+    async def wait_for_lock(self, shard: int, lock: Locked, remaining_s: float) -> None: ...
+
+
+class MetricsAPI(Protocol):
+    """The node's counters as the request path uses them (``raftkv.server.metrics.NodeMetrics``;
+    each is a prometheus_client metric)."""
+
+    requests: Any
+    errors: Any
+    proposals: Any
+    leader_changes: Any
+    txn_outcomes: Any
+    audit: Any
+    client_gone: Any
+
+
 class NodeAPI(Protocol):
     """A node's surface for command modules, the coordinator and the balancer.
 
@@ -144,8 +166,8 @@ class NodeAPI(Protocol):
     timing: Timing
     faults: Faults
     security: Security
-    metrics: NodeMetrics
-    txns: TxnService
+    metrics: MetricsAPI
+    txns: TxnsAPI
     unsafe_local_reads: bool
 
     @property

@@ -20,15 +20,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from raftkv import protocol
 from raftkv.protocol import Error
+from raftkv.server.api import Limits, MetricsAPI
 
 if TYPE_CHECKING:
-    from raftkv.server.node import Node
+    from raftkv.security import Security
 
 log = logging.getLogger("raftkv.conn")
+
+
+class Server(Protocol):
+    """What serving a connection needs of the node (``raftkv.server.node.Node``)."""
+
+    clients: int
+    limits: Limits
+    security: Security
+    metrics: MetricsAPI
+
+    def auth_required(self) -> bool: ...
+
+    def dispatch_ordered(self, conn: Conn, req: list[bytes]) -> Any: ...
+
+    def count_reply(self, reply: Any, name: bytes | None, started: float) -> None: ...
 
 
 class Conn:
@@ -55,7 +71,7 @@ class Conn:
         self.txn: Any = None  # WATCH/MULTI state (raftkv.server.commands.txn.ConnTxn)
 
 
-async def serve_connection(node: Node, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def serve_connection(node: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Serve one client connection until it closes, breaks a limit or sends garbage."""
     peername = writer.get_extra_info("peername")
     conn = Conn(f"{peername[0]}:{peername[1]}" if peername else "?", not node.auth_required())
@@ -114,7 +130,7 @@ async def serve_connection(node: Node, reader: asyncio.StreamReader, writer: asy
         node.clients -= 1
 
 
-async def _write_replies(node: Node, replies: asyncio.Queue, writer: asyncio.StreamWriter, conn: Conn) -> None:
+async def _write_replies(node: Server, replies: asyncio.Queue, writer: asyncio.StreamWriter, conn: Conn) -> None:
     gone = False
     while True:
         item = await replies.get()

@@ -36,7 +36,7 @@ from raftkv.server.batch import Proposer, Reader
 from raftkv.server.peer import PeerLink, PeerUnreachable
 
 if TYPE_CHECKING:
-    from raftkv.server.node import Node
+    from raftkv.server.api import NodeAPI
 
 HOPS_MAX = 2  # origin -> a replica node -> its leader; never further, so forwarding cannot loop
 # Errors a forwarded attempt answers when nothing ran there: retry (after re-resolving the leader).
@@ -79,7 +79,7 @@ class Attempts:
 class Router:
     """The request path below the command handlers: local batchers, leader lookup, forwarding."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeAPI) -> None:
         self.node = node
         self.proposers: dict[int, Proposer] = {}
         self.readers: dict[int, Reader] = {}
