@@ -133,7 +133,7 @@ class AsyncClient:
             try:
                 return await self._call(addr, args, attempts.remaining(loop.time()))
             except (OSError, ConnectionError, ConnectionLost) as e:
-                attempts.transport_failed(addr, e if getattr(e, "sent", True) else ConnectionRefusedError(str(e)))
+                attempts.transport_failed(addr, e, sent=getattr(e, "sent", not isinstance(e, ConnectionRefusedError)))
             except ReplyError as e:
                 attempts.refused(e)
             self._leaders.pop(shard, None)

@@ -63,9 +63,9 @@ class Attempts:
     def remaining(self, now: float) -> float:
         return max(0.1, self.deadline - now)
 
-    def transport_failed(self, addr: tuple[str, int], error: BaseException) -> None:
-        # The request may have reached the node before the connection broke (not when refused).
-        self.maybe_applied = self.maybe_applied or (self.write and not isinstance(error, ConnectionRefusedError))
+    def transport_failed(self, addr: tuple[str, int], error: BaseException, sent: bool) -> None:
+        """No reply; ``sent``: the request may have reached the node before the connection broke."""
+        self.maybe_applied = self.maybe_applied or (self.write and sent)
         self.last = f"{addr[0]}:{addr[1]}: {error}"
 
     def refused(self, error: ReplyError) -> None:
@@ -366,7 +366,7 @@ class Client:
             try:
                 return self._call_node(addr, args, attempts.remaining(time.monotonic()))
             except (OSError, ConnectionError) as e:
-                attempts.transport_failed(addr, e)
+                attempts.transport_failed(addr, e, sent=not isinstance(e, ConnectionRefusedError))
             except ReplyError as e:
                 attempts.refused(e)
             self._forget_leader(shard)

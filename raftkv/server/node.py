@@ -215,10 +215,9 @@ class Node:
     def acl(self) -> AclTable:
         """The replicated user/role table as this node last applied it (a local, possibly stale read)."""
         replica = self._replicas.get(self.map.shard_for_key(ACL_KEY))
-        blob = None if replica is None else (replica.state.peek(ACL_KEY) or (None,))[0]
-        if replica is None:
-            blob = self._acl_fetched
-        if blob is not self._acl_blob:
+        blob = self._acl_fetched if replica is None else (replica.state.peek(ACL_KEY) or (None,))[0]
+        # Compared by value: the store hands out a new bytes object per read, and this runs per command.
+        if blob != self._acl_blob:
             try:
                 self._acl = AclTable.decode(blob)
             except (AclError, ValueError) as e:
