@@ -114,10 +114,7 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
         return Error("ERR", "transaction id must be 1-64 characters")
     plan = plan_txn(txid, compares, then_ops, else_ops, node.shard_of)
     if len(plan.participants) > 1 and is_read_only(then_ops, else_ops):
-        res = await read_only(node, compares, then_ops, else_ops)
-        if res is not None:
-            return res
-        # The keys kept changing under every pair of reads: take locks after all (2PC below).
+        return await read_only(node, compares, then_ops, else_ops)
     replica = node.replicas.get(plan.home)
     leading = replica is not None and replica.is_leader()
     target = None if leading or hops > 0 else node.leader_node(plan.home)
@@ -137,17 +134,16 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
     return await _run_here(node, plan, compares, then_ops, else_ops)
 
 
-READ_ONLY_ROUNDS = 5  # pairs of reads a read-only transaction tries before it falls back to 2PC
-
-
-async def read_only(node: NodeAPI, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error | None:
+async def read_only(node: NodeAPI, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error:
     """A cross-shard read-only transaction without locks: it never aborts a writer, nor is aborted by one.
 
     Read every key (linearizably, on each shard's leader), then read them all again.
     Every read of the first round finished before any of the second began, so if
     nothing differs, every key held the value read throughout an interval common
     to all of them: the answer is a consistent snapshot at an instant inside the
-    request, i.e. strictly serializable.  None when the keys kept changing.
+    request, i.e. strictly serializable.  While the keys keep changing it reads
+    again until the request timeout, then answers ``-TRYAGAIN`` (nothing was
+    written); it never falls back to locks, which could abort a writer.
     """
     by_shard: dict[int, list[bytes]] = {}
     for k in keys_of(compares, then_ops, else_ops):
@@ -165,17 +161,21 @@ async def read_only(node: NodeAPI, compares: Any, then_ops: Any, else_ops: Any) 
                 seen[k] = (None if entry is None else tuple(entry), del_rev)
         return seen
 
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + node.timing.request_timeout_s
     before = await read_all()
-    for _ in range(READ_ONLY_ROUNDS):
-        if isinstance(before, Error):
-            return before
+    while not isinstance(before, Error):
         after = await read_all()
         if after == before:
             assert isinstance(after, dict)
             return answer_read_only(compares, then_ops, else_ops, {k: e for k, (e, _) in after.items()},
                                     {k: d for k, (_, d) in after.items()})
+        if loop.time() > deadline:
+            return Error("TRYAGAIN", "read-only transaction: the keys kept changing between reads; not "
+                                     "applied (nothing to apply), retry")
+        await asyncio.sleep(node.timing.retry_sleep_s)
         before = after
-    return None
+    return before
 
 
 async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error:
