@@ -29,8 +29,10 @@ from typing import Any
 from pysyncobj import FAIL_REASON, replicated
 from pysyncobj.config import SERIALIZER_STATE
 
+from raftkv.engine import ENGINE_DIR, Engine
 from raftkv.logclock import LogClock
 from raftkv.raftfix import SafeSyncObj, tuned_conf
+from raftkv.raftlog import EngineJournal
 from raftkv.state import FrozenState, KVState
 
 log = logging.getLogger("raftkv.replica")
@@ -66,8 +68,13 @@ class ShardReplica(SafeSyncObj):
         on_role_change: Callable[[int, int, int], None] | None = None,
         conf_overrides: dict | None = None,
         compact_every_cmds: int | None = None,
+        engine: Engine | None = None,
     ) -> None:
         os.makedirs(data_dir, exist_ok=True)
+        # The log and hard state live in the node's engine (one commit per flush for all its groups); a replica
+        # made on its own (tests, tools) opens a private one in its data dir and closes it in destroy().
+        self._own_engine = engine is None
+        self.engine = engine if engine is not None else Engine(os.path.join(data_dir, ENGINE_DIR))
         self.shard = shard
         self.compact_every_cmds = compact_every_cmds or COMPACT_EVERY_CMDS
         self.state = KVState()
@@ -89,9 +96,15 @@ class ShardReplica(SafeSyncObj):
             onStateChanged=self._state_changed,
             **(conf_overrides or {}),
         )
-        super().__init__(self_addr, peer_addrs, conf)
+        super().__init__(self_addr, peer_addrs, conf,
+                         journalFactory=lambda path: EngineJournal.open(self.engine, shard, legacy_journal=path))
         self._tick_actions: collections.deque[Callable[[], None]] = collections.deque()
         self.addOnTickCallback(self._run_tick_actions)
+
+    def _doDestroy(self) -> None:  # noqa: N802 - pysyncobj's name; runs last, on the tick thread
+        super()._doDestroy()
+        if self._own_engine:
+            self.engine.close()
 
     # -- replicated: runs on every replica, in log order -----------------------
     @replicated

@@ -1,13 +1,21 @@
 """Crash points: a replica killed at each persistence step, or losing power, keeps every entry it acknowledged.
 
 Same simulation as tests/test_raftfix.py (``SimNet``, fake clock, ``doTick``), but each replica runs on real files
-(``DurableFileJournal``, ``.meta``, pysyncobj's dump file) in its own directory, through a ``CrashDisk``: the
-``raftfix.Storage`` whose ``point(name)`` kills the replica at a chosen persistence step, and whose fsyncs record
-what they made durable. Two crash modes:
+in its own directory, through a ``CrashDisk``: the ``raftfix.Storage`` whose ``point(name)`` kills the replica at
+a chosen persistence step, and whose fsyncs record what they made durable. Two journals:
+
+* ``engine`` (what raftkv's groups use): the log and hard state in the node's LMDB ``Engine``
+  (``raftkv.raftlog.EngineJournal``), plus pysyncobj's dump file for snapshots;
+* ``file``: raftfix's ``DurableFileJournal`` and ``.meta`` (stand-alone ``SafeSyncObj``).
+
+Two crash modes:
 
 * ``kill`` (kill -9): the process is gone, the page cache is kept. The files stay exactly as they are.
 * ``power`` (power loss): every write not covered by a completed fsync is lost. The directory is rebuilt from
   the names a directory fsync made durable, each holding the bytes its file's last fsync (or msync) covered.
+  LMDB fsyncs inside its own commit, out of our ``Storage``'s sight: the engine's files come back as they were
+  when its last commit completed (the disk image is taken at ``engine.commit.after``), which is what LMDB's
+  copy-on-write commit promises on a disk that honours fsync.
 
 The scenario (``run_crash_scenario``): L leads, F and G follow. F is cut off while L and G commit and compact, so
 F later catches up by snapshot install; then G is cut off and L commits with F alone. F is killed at the chosen
@@ -35,7 +43,9 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.journal import FileJournal
 from pysyncobj.node import Node
 
+from raftkv.engine import Engine
 from raftkv.raftfix import DurableFileJournal, SafeSyncObj, Storage
+from raftkv.raftlog import EngineJournal
 from raftkv.replica import ShardReplica
 
 from .test_raftfix import (
@@ -51,6 +61,7 @@ from .test_raftfix import (
 from .test_snapshot import _hold_background_dumps
 
 COMPACT_ENTRIES = 8  # pysyncobj compacts when the log holds more entries than this
+ENGINE = "engine"  # the engine's directory inside a replica's directory
 
 
 class Killed(BaseException):
@@ -71,13 +82,14 @@ class CrashDisk(Storage):
         self.kills = 0
         self.durable_names: dict[str, int] = {}  # name -> inode, as of the last directory fsync
         self.durable_data: dict[int, bytes] = {}  # inode -> bytes, as of its last fsync/msync
+        self.engine_image: dict[str, bytes] = {}  # the engine's files as of its last completed commit
 
     def fsync(self, fd: int) -> None:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             assert os.path.samefile(os.readlink(f"/proc/self/fd/{fd}"), self.root)
             self.durable_names = {name: os.stat(os.path.join(self.root, name)).st_ino
-                                  for name in os.listdir(self.root)}
+                                  for name in os.listdir(self.root) if name != ENGINE}
             return
         path = os.readlink(f"/proc/self/fd/{fd}")
         if path.endswith(" (deleted)"):
@@ -90,15 +102,30 @@ class CrashDisk(Storage):
         self.fsync(fd)
 
     def point(self, name: str) -> None:
+        if name == "engine.commit.after":
+            self._image_engine()  # the commit completed: this is what a power loss leaves from now on
         self.reached[name] += 1
         if self.armed and name == self.kill_point and (self.reached[name] - 1) % self.kill_every == 0:
             self.kills += 1
             raise Killed(name)
 
+    def _image_engine(self) -> None:
+        path = os.path.join(self.root, ENGINE)
+        self.engine_image = {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)
+                             if name != "lock.mdb"}
+
     def power_loss(self) -> None:
         """Throw away everything no completed fsync covered."""
+        engine = os.path.join(self.root, ENGINE)
+        if os.path.isdir(engine):
+            for name in os.listdir(engine):
+                os.unlink(os.path.join(engine, name))
+            for name, data in self.engine_image.items():
+                with open(os.path.join(engine, name), "wb") as f:
+                    f.write(data)
         for name in os.listdir(self.root):
-            os.unlink(os.path.join(self.root, name))
+            if name != ENGINE:
+                os.unlink(os.path.join(self.root, name))
         names, data = self.durable_names, self.durable_data
         for name, ino in names.items():
             with open(os.path.join(self.root, name), "wb") as f:
@@ -113,8 +140,10 @@ class FileCluster(Cluster):
     its files left as the crash mode leaves them."""
 
     def __init__(self, net: SimNet, root: str, mode: str, safe_cls: type[SafeSyncObj] = SnapshotReplica,
-                 journal_cls: type[DurableFileJournal] = DurableFileJournal) -> None:
+                 journal_cls: type[DurableFileJournal] | None = DurableFileJournal) -> None:
+        """``journal_cls`` None: the engine journal."""
         self.mode, self.journal_cls = mode, journal_cls
+        self.engines: dict[int, Engine] = {}
         self.crash_disks = {n: CrashDisk(os.path.join(root, str(n))) for n in NODE_IDS}
         self.acked_by: dict[int, tuple[int, int]] = {}  # node -> (index, term) of the last entry it acked
         self.killed: list[int] = []
@@ -123,8 +152,17 @@ class FileCluster(Cluster):
     def make_node(self, n: int, others: list[int], transport: SimTransport) -> Any:
         disk = self.crash_disks[n]
         conf = sim_conf_files(disk.root)
+        journal_cls = self.journal_cls
+        if journal_cls is None:
+            engine = self.engines[n] = Engine(os.path.join(disk.root, ENGINE), map_size=1 << 26, point=disk.point)
+
+            def factory(path: str) -> Any:
+                return EngineJournal.open(engine, 0, legacy_journal=path)
+        else:
+            def factory(path: str) -> Any:
+                return journal_cls(path, disk)
         node = self.safe_cls(n, others, conf, nodeClass=Node, transport=transport, keepalive=False,
-                             storage=disk, journalFactory=lambda path: self.journal_cls(path, disk))
+                             storage=disk, journalFactory=factory)
         self._ledger(n, node, transport)
         return node
 
@@ -141,6 +179,12 @@ class FileCluster(Cluster):
             return inner_send(dst, message)
 
         transport.send = send  # type: ignore[method-assign]
+
+    def crash(self, n: int) -> None:
+        super().crash(n)
+        engine = self.engines.pop(n, None)
+        if engine is not None:
+            engine.close()  # the process is gone: whatever it buffered and did not commit is lost
 
     def kill(self, n: int) -> None:
         self.crash(n)
@@ -209,7 +253,7 @@ def sim_conf_files(root: str) -> SyncObjConf:
 
 def run_crash_scenario(root: str, mode: str, point: str | None, every: int = 1,
                        safe_cls: type[SafeSyncObj] = SnapshotReplica,
-                       journal_cls: type[DurableFileJournal] = DurableFileJournal,
+                       journal_cls: type[DurableFileJournal] | None = DurableFileJournal,
                        seed: int = 1) -> FileCluster:
     """See the module docstring. ``point``/``every``: where F is killed (None: never)."""
     net = SimNet(random.Random(seed))
@@ -274,6 +318,16 @@ CRASH_POINTS = {
 }
 
 
+# The same for the engine journal: every engine commit (log entries, hard state, truncations, compaction) and
+# the dump steps that remain files.
+ENGINE_CRASH_POINTS = {
+    "engine.commit.before": 3,  # a batch taken from the buffer, not committed (term/vote writes commit too)
+    "engine.commit.after": 3,  # committed and durable, acks not yet sent
+    "compact.dump_renamed": 1,
+    "install.dump_renamed": 1,
+}
+
+
 @pytest.mark.parametrize("mode", ["kill", "power"])
 @pytest.mark.parametrize("point", sorted(CRASH_POINTS))
 def test_killed_follower_keeps_every_acknowledged_entry(tmp_path: Any, mode: str, point: str) -> None:
@@ -281,6 +335,15 @@ def test_killed_follower_keeps_every_acknowledged_entry(tmp_path: Any, mode: str
     c = run_crash_scenario(str(tmp_path), mode, point, every)
     f = sorted(n for n in NODE_IDS if n in c.nodes)[0]
     assert c.crash_disks[f].kills or c.crash_disks[min(c.crash_disks)].kills, f"{point} was never reached"
+
+
+@pytest.mark.parametrize("mode", ["kill", "power"])
+@pytest.mark.parametrize("point", sorted(ENGINE_CRASH_POINTS))
+def test_engine_journal_killed_follower_keeps_every_acknowledged_entry(tmp_path: Any, mode: str,
+                                                                      point: str) -> None:
+    every = ENGINE_CRASH_POINTS[point] if mode == "kill" else max(ENGINE_CRASH_POINTS[point], 2)
+    c = run_crash_scenario(str(tmp_path), mode, point, every, journal_cls=None)
+    assert sum(d.kills for d in c.crash_disks.values()), f"{point} was never reached"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -346,7 +409,7 @@ class CommitAtSetJournal(DurableFileJournal):
         FileJournal.setRaftCommitIndex(self, raftCommitIndex)
 
 
-def run_commit_ahead_of_log(root: str, journal_cls: type[DurableFileJournal]) -> list[str]:
+def run_commit_ahead_of_log(root: str, journal_cls: type[DurableFileJournal] | None) -> list[str]:
     """Follower F on files, driven by hand-made messages, loses power; returns what it applied.
 
     1. Leader 2 (term 2) sends entries 2..4 (``old*``), never committed; F flushes them.
@@ -389,8 +452,9 @@ def run_commit_ahead_of_log(root: str, journal_cls: type[DurableFileJournal]) ->
         return list(c.nodes[1].applied)
 
 
-def test_commit_index_never_ahead_of_the_durable_log(tmp_path: Any) -> None:
-    applied = run_commit_ahead_of_log(str(tmp_path), DurableFileJournal)
+@pytest.mark.parametrize("journal_cls", [DurableFileJournal, None], ids=["file", "engine"])
+def test_commit_index_never_ahead_of_the_durable_log(tmp_path: Any, journal_cls: Any) -> None:
+    applied = run_commit_ahead_of_log(str(tmp_path), journal_cls)
     assert applied == [f"new{k}" for k in range(1, 6)]
 
 

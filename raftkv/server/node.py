@@ -31,6 +31,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from raftkv.acl import ACL_KEY, RESERVED_PREFIX, AclError, AclTable, Permissions
+from raftkv.engine import ENGINE_DIR, Engine
 from raftkv.protocol import Error
 from raftkv.replica import ShardReplica
 from raftkv.security import Security, check_bind
@@ -73,12 +74,14 @@ class Node:
             raft_overrides = {**(raft_overrides or {}), "password": self.security.secret}
         self._replicas: dict[int, ShardReplica] = {}
         data_dir = shardmap.node_data_dir(name)
+        # One storage engine for every group on this node: one durable commit covers all their log writes.
+        self.engine = Engine(os.path.join(data_dir, ENGINE_DIR))
         for shard in shardmap.shards_on(name):
             peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
             self._replicas[shard] = ShardReplica(
                 shard, self.info.raft_addr(shard), peers, os.path.join(data_dir, f"shard-{shard}"),
                 on_role_change=self._role_changed, conf_overrides=raft_overrides,
-                compact_every_cmds=compact_every_cmds)
+                compact_every_cmds=compact_every_cmds, engine=self.engine)
         self.clients = 0
         self.started = time.time()
         self.stats = {"commands": 0, "errors": 0}

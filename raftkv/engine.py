@@ -1,0 +1,177 @@
+"""The node's storage engine: one LMDB environment holds every Raft group's log and hard state.
+
+Why LMDB (docs/engine.md has the measurements): a write transaction is a copy-on-write B+tree commit that
+becomes visible and durable atomically, with no write-ahead log of our own and no rename windows: a process
+killed at any instant leaves the database as of the last completed commit, and with ``sync`` on (the default)
+so does a power loss, given a disk that honours fsync. Pages live in the page cache, not in Python memory.
+
+Write path (group commit): callers buffer operations (``put``, ``delete``, ``delete_range``) from any thread;
+``sync()`` applies everything buffered so far, by every group, in ONE write transaction with one durable
+commit. Each buffered operation gets a sequence number, so a caller knows its writes are durable once
+``synced_seq`` has reached the number it was given (``covers``): the first group to flush in a driver loop
+syncs every group's entries, and the others find nothing left to do.
+
+Reads (``get``, ``scan``) see committed data only. The Raft log is also kept in memory by its journal
+(``raftkv.raftlog``); the engine is read at start-up.
+
+Crash points: ``point(name)`` is called at ``engine.commit.before`` (operations taken from the buffer, nothing
+committed) and ``engine.commit.after`` (committed and durable, the callers not yet told); tests pass a function
+that kills the node there (tests/test_crash_points.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import lmdb
+
+# Virtual address space reserved for the map, not disk or memory used: LMDB grows the file as data is written.
+DEFAULT_MAP_SIZE = 1 << 40
+ENGINE_DIR = "engine"
+
+_PUT, _DEL, _DEL_RANGE = 0, 1, 2
+
+
+class EngineError(Exception):
+    """The storage engine could not be opened or written (message says what and where)."""
+
+
+@dataclasses.dataclass
+class SyncStats:
+    """Durable commits: how many, how many operations they carried, and their time in seconds."""
+
+    count: int = 0
+    ops: int = 0
+    total_s: float = 0.0
+    last_s: float = 0.0
+    max_s: float = 0.0
+
+
+def _no_point(name: str) -> None:
+    """The production crash-point hook: does nothing."""
+
+
+class Engine:
+    """One LMDB environment in ``path`` (a directory, created if missing), shared by all groups of a node."""
+
+    def __init__(self, path: str, *, map_size: int = DEFAULT_MAP_SIZE,
+                 point: Callable[[str], None] = _no_point) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        try:
+            # sync/metasync on: a completed commit is durable. max_readers: reads are short and few threads read.
+            self._env = lmdb.open(path, map_size=map_size, subdir=True, sync=True, metasync=True,
+                                  max_dbs=0, max_readers=64, lock=True)
+        except lmdb.Error as exc:
+            raise EngineError(f"cannot open the storage engine in {path}: {exc}") from exc
+        self._point = point
+        self._lock = threading.Lock()  # guards _pending and _seq (any thread may buffer)
+        self._commit_lock = threading.Lock()  # one writer at a time, in buffer order
+        self._pending: list[tuple[int, bytes, bytes | None]] = []
+        self._seq = 0  # number of the last buffered operation
+        self._synced_seq = 0  # every operation numbered <= this is durable
+        self._stats = SyncStats()
+        self._closed = False
+
+    # ---- buffered writes -------------------------------------------------------------------------------------
+
+    def put(self, key: bytes, value: bytes) -> int:
+        """Buffer ``key = value``; returns the operation's sequence number."""
+        return self._buffer(_PUT, key, value)
+
+    def delete(self, key: bytes) -> int:
+        """Buffer the deletion of ``key`` (absent is fine)."""
+        return self._buffer(_DEL, key, None)
+
+    def delete_range(self, lo: bytes, hi: bytes) -> int:
+        """Buffer the deletion of every key in ``[lo, hi)``."""
+        return self._buffer(_DEL_RANGE, lo, hi)
+
+    def _buffer(self, op: int, key: bytes, value: bytes | None) -> int:
+        with self._lock:
+            self._pending.append((op, key, value))
+            self._seq += 1
+            return self._seq
+
+    @property
+    def synced_seq(self) -> int:
+        """Every buffered operation numbered up to this one is durable."""
+        return self._synced_seq
+
+    def covers(self, seq: int) -> bool:
+        """Whether the operation numbered ``seq`` (and all before it) is durable."""
+        return seq <= self._synced_seq
+
+    def sync(self) -> None:
+        """Commit everything buffered so far (by any caller) in one durable transaction; returns when durable."""
+        with self._commit_lock:
+            with self._lock:
+                ops, self._pending = self._pending, []
+                seq = self._seq
+            if not ops:
+                return
+            self._point("engine.commit.before")
+            t0 = time.perf_counter()
+            try:
+                with self._env.begin(write=True) as txn:
+                    for op, key, value in ops:
+                        if op == _PUT:
+                            txn.put(key, value)
+                        elif op == _DEL:
+                            txn.delete(key)
+                        else:
+                            _delete_range(txn, key, value)  # type: ignore[arg-type]
+            except lmdb.Error as exc:
+                # The batch is lost with the aborted transaction, and callers must not ack what it held: the node
+                # cannot go on safely without it.
+                raise EngineError(f"storage engine commit failed in {self.path}: {exc}") from exc
+            dt = time.perf_counter() - t0
+            self._synced_seq = seq
+            st = self._stats
+            st.count += 1
+            st.ops += len(ops)
+            st.total_s += dt
+            st.last_s = dt
+            st.max_s = max(st.max_s, dt)
+            self._point("engine.commit.after")
+
+    def stats(self) -> SyncStats:
+        """A copy of the commit counters."""
+        return dataclasses.replace(self._stats)
+
+    # ---- committed reads -------------------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        """The committed value of ``key``, or None."""
+        with self._env.begin() as txn:
+            return txn.get(key)
+
+    def scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Committed ``(key, value)`` pairs with ``lo <= key < hi``, in key order (one read snapshot)."""
+        with self._env.begin() as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(lo):
+                return
+            for key, value in cursor:
+                if key >= hi:
+                    return
+                yield key, value
+
+    def close(self) -> None:
+        """Close the environment; buffered operations that were not synced are dropped (as in a crash)."""
+        if not self._closed:
+            self._closed = True
+            self._env.close()
+
+
+def _delete_range(txn: lmdb.Transaction, lo: bytes, hi: bytes) -> None:
+    cursor = txn.cursor()
+    if not cursor.set_range(lo):
+        return
+    while cursor.key() and cursor.key() < hi:
+        if not cursor.delete():
+            break

@@ -1,0 +1,132 @@
+"""The engine journal (raftkv.raftlog) against a list model: what a restart finds is what the last sync covered.
+
+Random sequences of pysyncobj's journal operations (append, tail truncation, compaction, clear, atomic replace,
+term/vote and commit writes) run on an ``EngineJournal``; at random points the "process" dies (the engine is
+closed with whatever it buffered) and the journal is reopened from the engine. The reopened log and hard state
+must equal the model as of the last completed sync, and a term/vote write is durable when it returns.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pysyncobj.journal import FileJournal
+
+from raftkv.engine import Engine
+from raftkv.raftlog import EngineJournal
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 4)),
+    st.tuples(st.just("trunc_tail"), st.integers(0, 10)),
+    st.tuples(st.just("compact"), st.integers(0, 10)),
+    st.tuples(st.just("clear"), st.just(0)),
+    st.tuples(st.just("replace"), st.integers(0, 5)),
+    st.tuples(st.just("term"), st.integers(1, 3)),
+    st.tuples(st.just("commit"), st.just(0)),
+    st.tuples(st.just("sync"), st.just(0)),
+    st.tuples(st.just("crash"), st.just(0)),
+), max_size=60)
+
+
+class Model:
+    """What the journal holds now, and what it held at the last sync."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[bytes, int, int]] = []
+        self.hard: tuple[int, Any, int] = (0, None, 1)
+        self.durable = (list(self.entries), self.hard)
+
+    def synced(self) -> None:
+        self.durable = (list(self.entries), self.hard)
+
+
+def _open(path: str) -> tuple[Engine, EngineJournal]:
+    engine = Engine(path, map_size=1 << 24)
+    return engine, EngineJournal.open(engine, 7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=OPS)
+def test_reopened_journal_is_the_last_synced_state(tmp_path_factory: Any, ops: list[tuple[str, int]]) -> None:
+    path = str(tmp_path_factory.mktemp("engine"))
+    engine, journal = _open(path)
+    other = EngineJournal.open(engine, 8)  # a second group on the same engine must never be touched
+    other.add(b"other", 1, 1)
+    other.flush()
+    model = Model()
+    next_idx, term = 1, 1
+    try:
+        for op, arg in ops:
+            if op == "add":
+                for _ in range(arg):
+                    entry = (b"cmd%d" % next_idx, next_idx, term)
+                    journal.add(*entry)
+                    model.entries.append(entry)
+                    next_idx += 1
+            elif op == "trunc_tail" and model.entries:
+                pos = arg % len(model.entries)
+                journal.deleteEntriesFrom(pos)
+                del model.entries[pos:]
+                next_idx = model.entries[-1][1] + 1 if model.entries else next_idx
+            elif op == "compact":
+                journal.deleteEntriesTo(arg)
+                model.entries = model.entries[arg:]
+            elif op == "clear":
+                journal.clear()
+                model.entries = []
+            elif op == "replace":
+                new = [(b"snap%d" % k, next_idx + k, term) for k in range(arg)]
+                journal.replace_entries(new)
+                model.entries = list(new)
+                next_idx += arg
+                model.synced()  # replace_entries is durable on return
+            elif op == "term":
+                term += arg
+                journal.setCurrentTerm(term, f"node{term}")
+                model.hard = (term, f"node{term}", model.hard[2])
+                model.synced()  # a vote is durable before it can be sent
+            elif op == "commit" and model.entries:
+                journal.setRaftCommitIndex(model.entries[-1][1])
+                model.hard = (model.hard[0], model.hard[1], model.entries[-1][1])
+            elif op == "sync":
+                journal.flush()
+                assert not journal.needs_flush
+                model.synced()
+            elif op == "crash":
+                engine.close()
+                engine, journal = _open(path)
+                model.entries, model.hard = list(model.durable[0]), model.durable[1]
+                assert list(journal[i] for i in range(len(journal))) == model.entries
+                assert (journal.getCurrentTerm(), journal.getVotedForNodeId()) == model.hard[:2]
+                last = model.entries[-1][1] if model.entries else None
+                assert journal.getRaftCommitIndex() == (min(model.hard[2], last) if last else model.hard[2])
+                next_idx = (last + 1) if last else next_idx
+                assert [EngineJournal.open(engine, 8)[0]] == [(b"other", 1, 1)]
+    finally:
+        engine.close()
+
+
+def test_old_layout_journal_is_migrated_once(tmp_path: Any) -> None:
+    """A data dir of the old layout (pysyncobj's journal + .meta) is copied into the engine on first open."""
+    legacy = os.path.join(tmp_path, "shard-0.journal")
+    old = FileJournal(legacy)
+    for k in range(1, 6):
+        old.add(b"e%d" % k, k, 2)
+    old.setRaftCommitIndex(4)  # pysyncobj writes .meta (commit included) on a term change
+    old.setCurrentTerm(3, "127.0.0.1:9")
+    old.flush()
+    old._destroy()
+    engine = Engine(os.path.join(tmp_path, "engine"), map_size=1 << 24)
+    try:
+        journal = EngineJournal.open(engine, 0, legacy_journal=legacy)
+        assert [journal[i][1] for i in range(len(journal))] == [1, 2, 3, 4, 5]
+        assert (journal.getCurrentTerm(), journal.getVotedForNodeId(), journal.getRaftCommitIndex()) == (
+            3, "127.0.0.1:9", 4)
+        assert not os.path.exists(legacy) and os.path.exists(legacy + ".migrated")
+        again = EngineJournal.open(engine, 0, legacy_journal=legacy)
+        assert len(again) == 5
+    finally:
+        engine.close()
