@@ -24,6 +24,17 @@ correct node forwards or proves leadership first, so this changes nothing for
 the real store; a node in ``--unsafe-local-reads`` mode answers from its local
 copy, which is stale as soon as it is cut off from its shard's majority.
 
+``counter``: the classic lost-update check through Redis's optimistic
+transactions. Each increment is ``WATCH k; GET k`` (recorded as a ``get``)
+then ``MULTI; SET k v+1; EXEC`` (recorded as ``cas [v, v+1]``: EXEC commits
+only if ``k`` did not change since the WATCH, so a committed EXEC is exactly a
+compare-and-set from the value read; an aborted EXEC applied nothing and is a
+``fail`` -- it says the key changed after the WATCH, which may have come before
+the GET, so not that the value differed from ``v``). A client whose node does not
+answer moves on to the next node. Checked per key for linearizability
+(``kv`` model) and by ``lost-update``: each counter's final value lies between
+the acknowledged increments and those plus the indeterminate ones.
+
 ``bank`` and ``txn`` need the transaction API (``Client.txn()``); in a build
 without it they raise :class:`WorkloadUnavailable`.
 """
@@ -42,7 +53,7 @@ from raftkv.connection import Connection
 
 __all__ = ["WORKLOADS", "WorkloadUnavailable", "Worker", "RegisterWorkload", "make_workload", "classify"]
 
-WORKLOADS = ("register", "bank", "txn")
+WORKLOADS = ("register", "counter", "bank", "txn")
 
 
 class WorkloadUnavailable(RuntimeError):
@@ -63,7 +74,7 @@ def _s(v: Any) -> Any:
 
 
 # Every prefix a workload's keys start with: with ``--auth`` the clients' role may write only these.
-KEY_PREFIXES = ("r", "acct", "t")
+KEY_PREFIXES = ("r", "c", "acct", "t")
 # Credentials of the harness's clients (``--auth``: a user whose role covers only KEY_PREFIXES).
 CLIENT_AUTH: dict[str, str] = {}
 
@@ -86,6 +97,8 @@ class NodeConn:
             self.conn = Connection(self.addr[0], self.addr[1], timeout=min(self.timeout, 2.0), auth=auth)
         reply = self.conn.call(*args, timeout=self.timeout)
         if isinstance(reply, protocol.ReplyError):
+            if reply.code == "UNKNOWN":  # the node could not tell whether the write applied
+                raise IndeterminateError(reply.code, reply.message)
             raise RaftKVError(reply.code, reply.message)
         return reply
 
@@ -430,6 +443,112 @@ class _TxnWorker(_TxnWorkerBase):
             return classify(e, write=f != "get" and any(m[0] == "w" for m in value)), str(e)[:200]
 
 
+class CounterWorkload:
+    """WATCH/MULTI/EXEC increments of one counter per shard, a fresh set every ``key_period`` s (module doc)."""
+
+    name = "counter"
+
+    def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
+                 op_timeout: float = 4.0, **_: Any) -> None:
+        self.map = shardmap
+        self.keys_per_shard = keys_per_shard
+        self.key_period = key_period
+        self.op_timeout = op_timeout
+        self._keys: dict[int, list[str]] = {}
+
+    def keys_at(self, t: float) -> list[str]:
+        gen = int(t // self.key_period) if self.key_period > 0 else 0
+        if gen not in self._keys:
+            self._keys[gen] = _keys_per_shard(self.map, f"c{gen}.", self.keys_per_shard)
+        return self._keys[gen]
+
+    def used_keys(self) -> list[str]:
+        return [k for g in sorted(self._keys) for k in self._keys[g]]
+
+    def setup(self, rec: Any) -> None:
+        pass
+
+    def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
+        return _CounterWorker(self, process, rng, final)
+
+    def final_ops(self) -> list[tuple[str, Any, Any]]:
+        return [("get", k, None) for k in self.used_keys()]
+
+    def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
+        return {"linearizable": check(ops, get_model("kv"), timeout_s=timeout_s),
+                "lost-update": lost_updates(ops)}
+
+
+def lost_updates(ops: list) -> _Invariant:
+    """Every counter's final read (process ``final``) counts at least its acknowledged increments and at most
+    those plus its indeterminate ones; a key never read at the end is not judged."""
+    acked: dict[Any, int] = {}
+    maybe: dict[Any, int] = {}
+    final: dict[Any, int] = {}
+    for op in ops:
+        if op.f == "cas":
+            if op.status == "ok" and op.output is True:
+                acked[op.key] = acked.get(op.key, 0) + 1
+            elif op.status == "info":
+                maybe[op.key] = maybe.get(op.key, 0) + 1
+        elif op.f == "get" and op.client == "final" and op.status == "ok":
+            final[op.key] = int(op.output or 0)
+    bad = [(k, v, acked.get(k, 0), maybe.get(k, 0)) for k, v in sorted(final.items())
+           if not acked.get(k, 0) <= v <= acked.get(k, 0) + maybe.get(k, 0)]
+    return _Invariant(f"{len(final)} counters, {sum(acked.values())} acknowledged increments", bad)
+
+
+class _CounterWorker(Worker):
+    """A ``get`` under WATCH, then the ``cas`` that EXECs on it, on one connection to one node."""
+
+    def __init__(self, wl: CounterWorkload, process: Any, rng: random.Random, final: bool) -> None:
+        self.wl = wl
+        self.rng = rng
+        self.final = final
+        self.client = Client(cluster=wl.map, timeout=wl.op_timeout, **CLIENT_AUTH) if final else None
+        self.nodes = [wl.map.nodes[name].client_addr for name in sorted(wl.map.nodes)]
+        self.at = int(process) if isinstance(process, int) else 0
+        self.node = NodeConn(self.nodes[self.at % len(self.nodes)], wl.op_timeout)
+        self.watched: tuple[str, Any] | None = None  # key and value read under WATCH, awaiting its cas
+
+    def next_op(self, t: float) -> tuple[str, Any, Any]:
+        if self.watched is not None:
+            key, seen = self.watched
+            return "cas", key, [seen, str(int(seen or 0) + 1)]
+        return "get", self.rng.choice(self.wl.keys_at(t)), None
+
+    def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
+        if self.client is not None:  # final reads: the routing client, no WATCH
+            try:
+                return "ok", _s(self.client.get(key))
+            except Exception as e:  # noqa: BLE001
+                return classify(e, write=False), str(e)[:200]
+        try:
+            if f == "get":
+                self.node.call("WATCH", key)
+                seen = _s(self.node.call("GET", key))
+                self.watched = (key, seen)
+                return "ok", seen
+            self.watched = None
+            self.node.call("MULTI")
+            self.node.call("SET", key, value[1])
+            if self.node.call("EXEC") is None:
+                return "fail", "aborted: the key changed after WATCH"
+            return "ok", True
+        except Exception as e:  # noqa: BLE001 - every outcome goes into the history
+            self.watched = None
+            self.node.close()  # a fresh connection: no WATCH or MULTI left behind
+            if not isinstance(e, RaftKVError):  # the node did not answer: try the next one
+                self.at += 1
+                self.node = NodeConn(self.nodes[self.at % len(self.nodes)], self.wl.op_timeout)
+            return classify(e, write=f == "cas"), str(e)[:200]
+
+    def close(self) -> None:
+        self.node.close()
+        if self.client is not None:
+            self.client.close()
+
+
 class _Invariant:
     """A non-linearizability check result with the same surface the report uses (verdict, ok, summary)."""
 
@@ -447,6 +566,8 @@ def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> Any:
     """The workload ``name``; raises :class:`WorkloadUnavailable` when this build cannot run it."""
     if name == "register":
         return RegisterWorkload(shardmap, seed, **kw)
+    if name == "counter":
+        return CounterWorkload(shardmap, seed, **kw)
     if name in ("bank", "txn"):
         if not _txn_api_available():
             raise WorkloadUnavailable(

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from jepsen_like import netns
-from jepsen_like.history import Op
+from jepsen_like.history import Event, Op, ops_from_events
 from jepsen_like.nemesis import make_schedule, partition_edges
 from jepsen_like.report import availability_windows, verdict_of
 from jepsen_like.runner import RunConfig
+from jepsen_like.workloads import lost_updates
 
 from .conftest import missing_capability
 
@@ -148,7 +149,7 @@ def test_unsafe_local_reads_are_caught(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workload", ["bank", "txn"])
+@pytest.mark.parametrize("workload", ["bank", "txn", "counter"])
 def test_transactional_workloads(tmp_path: Path, workload: str) -> None:
     """bank runs with --auth: its clients log in as a user whose role may only touch the workloads' keys."""
     auth = ["--auth"] if workload == "bank" else []
@@ -265,3 +266,27 @@ def test_config_round_trips_through_argv() -> None:
 
     params = run_cmd.make_context("run", argv).params  # the CLI accepts every option the re-exec passes
     assert params["time_s"] == 12.5 and params["nemesis"] == "all" and params["unsafe_local_reads"] is True
+
+
+# -- the counter workload's lost-update check (negative control) ----------------------------
+
+def _counter_history(final: str, increments: list[str]) -> list:
+    """Completed WATCH increments of key ``c`` (``ok`` true, ``info``), then the final read ``final``."""
+    events, t = [], 0.0
+    for i, outcome in enumerate(increments):
+        seen = str(i) if i else None
+        events += [Event(i, "invoke", "get", "c", None, t), Event(i, "ok", "get", "c", seen, t + 0.1),
+                   Event(i, "invoke", "cas", "c", [seen, str(i + 1)], t + 0.2)]
+        events.append(Event(i, outcome, "cas", "c", True if outcome == "ok" else None, t + 0.3))
+        t += 1
+    events += [Event("final", "invoke", "get", "c", None, t), Event("final", "ok", "get", "c", final, t + 0.1)]
+    return ops_from_events(events)
+
+
+def test_lost_update_check_catches_a_lost_increment() -> None:
+    assert lost_updates(_counter_history("3", ["ok", "ok", "ok"])).ok
+    assert lost_updates(_counter_history("3", ["ok", "ok", "info", "ok"])).ok  # the unknown one was lost
+    assert lost_updates(_counter_history("4", ["ok", "ok", "info", "ok"])).ok  # ... or applied
+    lost = lost_updates(_counter_history("2", ["ok", "ok", "ok"]))
+    assert not lost.ok and lost.bad == [("c", 2, 3, 0)]
+    assert not lost_updates(_counter_history("5", ["ok", "ok", "ok"])).ok  # more than was ever tried
