@@ -1,15 +1,22 @@
-"""Smoke test of the benchmark suite: one workload, 2 clients, 2 s, raftkv only; JSON written.  No speed checks."""
+"""The benchmark's parts (histogram, HTTP parser, etcd's gRPC wire codec, ratios) and a smoke test of the
+suite: one workload, 2 clients, 2 s, raftkv only; JSON written.  No speed checks."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
+from raftkv.bench import etcd_grpc as eg
 from raftkv.bench.cli import bench
-from raftkv.bench.etcd_http import HttpReader
+from raftkv.bench.etcd_http import HttpReader, leader_index
 from raftkv.bench.hist import Hist
+from raftkv.bench.report import add_ratios, render_table
 
 
 def test_hist_quantiles() -> None:
@@ -57,3 +64,98 @@ def test_cli_rejects_bad_options_and_misplaced_suite_options() -> None:
     for args in (["--help"], ["failover", "--help"], ["scale", "--help"]):
         res = runner.invoke(bench, args)
         assert res.exit_code == 0 and "Usage:" in res.output
+
+
+# -- etcd's gRPC wire codec -----------------------------------------------------------------------
+@given(st.integers(0, 2**64 - 1))
+def test_varint_round_trip(n: int) -> None:
+    assert list(eg.iter_fields(eg.varint(1 << 3) + eg.varint(n))) == [(1, n)]
+
+
+def test_requests_encode_as_protobuf_does() -> None:
+    # The bytes protoc's encoders give for the same messages (fields in number order, defaults left out).
+    assert eg.put_request(b"foo", b"bar") == b"\n\x03foo\x12\x03bar"
+    assert eg.range_request(b"foo") == b"\n\x03foo"
+    assert eg.range_request(b"foo", serializable=True) == b"\n\x03foo8\x01"
+    # Compare{result EQUAL (0: left out), target VALUE, key, value}: the oneof member is sent even empty.
+    assert eg.compare_value(b"k", b"") == b"\x10\x03\x1a\x01k:\x00"
+    assert eg.txn_request([], [(b"k", b"v")]) == b"\x12\x08\x12\x06\n\x01k\x12\x01v"
+    assert eg.varint(300) == b"\xac\x02"
+
+
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_put_and_range_requests_round_trip(key: bytes, value: bytes) -> None:
+    assert {1: b"", 2: b""} | dict(eg.iter_fields(eg.put_request(key, value))) == {1: key, 2: value}
+    for ser in (False, True):
+        assert {1: b"", 7: 0} | dict(eg.iter_fields(eg.range_request(key, ser))) == {1: key, 7: int(ser)}
+
+
+@given(st.lists(st.tuples(st.binary(max_size=40), st.binary(max_size=200)), min_size=1, max_size=5),
+       st.booleans())
+def test_txn_request_round_trip(pairs: list[tuple[bytes, bytes]], compare: bool) -> None:
+    req = eg.txn_request([eg.compare_value(k, v) for k, v in pairs] if compare else [], pairs)
+    compares, puts = [], []
+    for num, val in eg.iter_fields(req):
+        assert isinstance(val, bytes) and num in (1, 2)
+        if num == 1:
+            c = {1: eg.EQUAL, 3: b""} | dict(eg.iter_fields(val))
+            compares.append((c[1], c[2], c[3], c[7]))
+        else:
+            ((op, put),) = eg.iter_fields(val)  # RequestOp: one member of its oneof
+            assert op == 2
+            puts.append(tuple(({1: b"", 2: b""} | dict(eg.iter_fields(put))).values()))
+    assert puts == pairs
+    assert compares == ([(eg.EQUAL, eg.VALUE, k, v) for k, v in pairs] if compare else [])
+
+
+def test_range_response_built_by_hand() -> None:
+    header = b"\x0a\x08\x08\x01\x10\x02\x18\x07\x20\x03"  # ResponseHeader: cluster, member, revision, term
+    kv1 = b"\x0a\x01a\x10\x05\x18\x07\x20\x02\x2a\x02xy\x30\x00"  # key, create/mod rev, version, value, lease
+    kv2 = b"\x0a\x05key:1\x10\x01"  # a value left out: empty
+    fixed = b"\x49" + bytes(8) + b"\x55" + bytes(4)  # unknown fixed64 and fixed32 fields are skipped
+    resp = header + b"\x12" + bytes([len(kv1)]) + kv1 + b"\x12" + bytes([len(kv2)]) + kv2 + b"\x18\x01\x20\x02" + fixed
+    assert eg.range_kvs(resp) == [(b"a", b"xy"), (b"key:1", b"")]
+    assert eg.range_kvs(header) == []
+    with pytest.raises(ValueError):
+        eg.range_kvs(resp[:-3])
+    with pytest.raises(ValueError):
+        eg.range_kvs(b"\x0b")  # wire type 3 (groups) is not used by etcd
+
+
+def test_txn_and_status_replies() -> None:
+    header = b"\x0a\x04\x10\x2a\x18\x09"
+    assert eg.txn_succeeded(header + b"\x10\x01") and not eg.txn_succeeded(header)
+    assert eg.status_ids(header + b"\x12\x063.4.23" + b"\x20" + eg.varint(2**63 + 5)) == (42, 2**63 + 5)
+    assert eg.status_ids(header) == (42, 0)
+    assert leader_index([(7, 9), None, (9, 9)]) == 2
+    assert leader_index([(7, 0), (9, 0)]) is None and leader_index([None, None]) is None
+
+
+def test_ratio_against_the_faster_etcd_api() -> None:
+    row = {"workload": "put", "clients": 32, "p50_ms": 1.0, "p99_ms": 2.0, "p999_ms": 3.0, "errors": 0,
+           "indeterminate": 0}
+    doc = {"results": [row | {"system": "raftkv", "ops_s": 3000.0}, row | {"system": "etcd", "ops_s": 1000.0},
+                       row | {"system": "etcd-grpc", "ops_s": 2000.0}, row | {"system": "redis", "ops_s": 6000.0}]}
+    add_ratios(doc)
+    r = doc["results"][0]
+    assert (r["x_etcd"], r["x_etcd_via"], r["x_redis"]) == (1.5, "etcd-grpc", 0.5) and "x_redis_via" not in r
+    assert "| 1.50× (etcd-grpc) | 0.50× |" in render_table(doc)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("etcd") is None or importlib.util.find_spec("grpc") is None,
+                    reason="needs etcd on PATH and grpcio")
+def test_etcd_grpc_driver_against_etcd(tmp_path) -> None:
+    from raftkv.bench.load import LoadParams, run_load
+    from raftkv.bench.preload import preload
+    from raftkv.bench.systems import EtcdGrpcSystem, EtcdSystem
+
+    es = EtcdGrpcSystem(EtcdSystem(str(tmp_path)))
+    try:
+        assert es.spec()["kind"] == "etcd-grpc" and es.spec()["leader"] is not None
+        preload(es, 200)
+        for w in ("put", "get", "cas", "txn"):  # cas and txn count a failed compare as an error
+            r = run_load(es, LoadParams(w, 4, duration=1.0, warmup=0.3, keyspace=200, procs=1))
+            assert r.system == "etcd-grpc" and r.ops > 0 and r.errors == 0, r.row()
+    finally:
+        es.stop()

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from raftkv.bench.systems import FAILOVER_PEERS
+from raftkv.bench.systems import ALL_PEERS, FAILOVER_PEERS
 from raftkv.bench.workloads import WORKLOADS
 
 # Every ``raftkv`` command, ``raftkv serve`` on each node included, builds this group: the benchmark's
@@ -62,8 +62,8 @@ json_option = click.option("--json", "json_path", metavar="PATH", help="write th
 @click.option("--duration", type=float, default=10.0, show_default=True, help="measured seconds per point")
 @click.option("--warmup", type=float, default=1.0, show_default=True, help="unmeasured seconds before each point")
 @click.option("--shards", type=int, default=3, show_default=True, help="raftkv shards")
-@click.option("--peers", default="etcd,redis", show_default=True, callback=_peers,
-              help="comma list (etcd,redis) or 'none'")
+@click.option("--peers", default=",".join(ALL_PEERS), show_default=True, callback=_peers,
+              help=f"comma list ({','.join(ALL_PEERS)}; etcd is the JSON gateway, etcd-grpc the gRPC API) or 'none'")
 @click.option("--keyspace", type=int, default=10_000, show_default=True, help="keys preloaded and used")
 @click.option("--value-size", type=int, default=100, show_default=True, help="bytes per value")
 @click.option("--dist", type=click.Choice(["uniform", "zipf"]), default="uniform", show_default=True,

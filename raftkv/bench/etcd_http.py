@@ -88,3 +88,23 @@ def http_call(addr: tuple[str, int], path: str, body: dict, timeout: float = 2.0
         return status, json.loads(raw or b"{}")
     except ValueError:
         return status, {"raw": raw.decode(errors="replace")}
+
+
+def leader_index(statuses: list[tuple[int, int] | None]) -> int | None:
+    """Which member leads, from each member's (own ID, leader's ID) or None where it did not answer."""
+    ids = {st[0]: i for i, st in enumerate(statuses) if st}
+    leaders = [st[1] for st in statuses if st and st[1]]
+    return ids.get(leaders[-1]) if leaders else None
+
+
+def find_leader(addrs: list[tuple[str, int]], timeout: float = 1.0) -> int | None:
+    """The index in ``addrs`` of the member the others call leader (``/v3/maintenance/status``), or None."""
+    statuses: list[tuple[int, int] | None] = []
+    for addr in addrs:
+        try:
+            st, body = http_call(addr, "/v3/maintenance/status", {}, timeout=timeout)
+        except OSError:
+            st = 0
+        # uint64 fields are strings in the gateway's JSON
+        statuses.append((int(body["header"]["member_id"]), int(body.get("leader", 0))) if st == 200 else None)
+    return leader_index(statuses)

@@ -7,8 +7,14 @@ default: the number of CPUs, capped by N).  Each process runs one ``selectors`` 
 non-blocking sockets, so one Python process never has to run 32 threads.  This is deliberately not
 ``raftkv.connection.Connection``: that one blocks on each reply, while a worker keeps dozens of requests in
 flight and feeds whatever bytes arrive into each connection's parser (hiredis for RESP, ``HttpReader`` for
-etcd).  Blocking calls made here for control (leader lookup, loading Redis's CAS script) do use
-``Connection``.
+etcd's JSON gateway).  Blocking calls made here for control (leader lookup, loading Redis's CAS script) do
+use ``Connection``.  etcd through its native gRPC API (``etcd-grpc``) cannot share that loop: its worker runs
+one asyncio loop instead, one coroutine per virtual client and one ``grpc.aio`` channel (one HTTP/2
+connection) per etcd member, shared by the process's clients as etcd's own clients share theirs.
+
+etcd is spoken to the same way through either API: writes go to the leader (from the spec, looked up again
+after a failed write), reads to the client's member (clients spread over the members); ranges are
+linearizable (serializable for ``stale_get``).
 
 raftkv is spoken to exactly as ``raftkv.Client`` does: writes are session-wrapped (``RAFTKV.REQ sid seq
 ...``, de-duplicated), every command goes to the shard's leader as learned from ``RAFTKV.SHARDS`` (a stale
@@ -19,6 +25,7 @@ requests sent and answered inside the measured window (after ``warmup``) count.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -37,7 +44,8 @@ from typing import Any
 import hiredis
 
 from raftkv import protocol
-from raftkv.bench.etcd_http import HttpReader, b64, http_request
+from raftkv.bench import etcd_grpc
+from raftkv.bench.etcd_http import HttpReader, b64, find_leader, http_request, leader_index
 from raftkv.bench.hist import Hist
 from raftkv.bench.systems import System, proc_cpu_s
 from raftkv.bench.workloads import WRITES, KeyGen, key_name, make_value
@@ -168,9 +176,11 @@ class _Worker:
             self.addr = tuple(spec["addr"])
             with Connection(*self.addr) as conn:
                 self.cas_sha = conn.call("SCRIPT", "LOAD", _REDIS_CAS).decode()
-        elif self.kind == "etcd":
+        else:  # etcd, through the JSON gateway or gRPC
             self.addrs = [tuple(a) for a in spec["addrs"]]
             self.member_of = {vc.idx: vc.idx % len(self.addrs) for vc in self.vcs}
+            self.leader: int | None = spec.get("leader")
+            self.last_refresh = 0.0
             self.vb64 = b64(self.value)
 
     # -- raftkv routing ----------------------------------------------------------------------
@@ -205,6 +215,24 @@ class _Worker:
             reps = self.map.replicas(shard)
             name = reps[(vc.idx + vc.seq) % len(reps)].name
         return self.nodes[name]
+
+    # -- etcd routing ---------------------------------------------------------------------------
+    def etcd_member(self, vc: _VClient) -> int:
+        """Writes go to the leader when it is known; reads to the client's member."""
+        return self.leader if vc.is_write and self.leader is not None else self.member_of[vc.idx]
+
+    def etcd_failed(self, vc: _VClient) -> None:
+        """After a failed request the client moves to the next member, and a write looks for the leader again."""
+        self.member_of[vc.idx] = (self.member_of[vc.idx] + 1) % len(self.addrs)
+        if vc.is_write:
+            self.leader = None
+            self.refresh_etcd_leader()
+
+    def refresh_etcd_leader(self) -> None:
+        now = time.monotonic()
+        if now - self.last_refresh >= 0.1:
+            self.last_refresh = now
+            self.leader = find_leader(self.addrs, timeout=0.3)
 
     def keys_on_distinct_shards(self, n: int) -> list[bytes]:
         """``n`` keys spanning min(n, shards) shards (the first two always on different shards)."""
@@ -251,7 +279,7 @@ class _Worker:
             if self.kind == "raftkv":
                 self.leaders.clear()
             elif self.kind == "etcd":
-                self.member_of[vc.idx] = (self.member_of[vc.idx] + 1) % len(self.addrs)
+                self.etcd_failed(vc)
 
     def _req_raftkv(self, vc: _VClient, op: str) -> tuple[_LoadConn, bytes]:
         enc = protocol.encode_command
@@ -311,7 +339,7 @@ class _Worker:
         raise ValueError(f"unknown op {op}")
 
     def _req_etcd(self, vc: _VClient, op: str) -> tuple[_LoadConn, bytes]:
-        host, port = self.addrs[self.member_of[vc.idx]]
+        host, port = self.addrs[self.etcd_member(vc)]
         c = vc.conn((host, port))
         v = self.vb64
         if op in ("mset2", "mset4", "txn"):
@@ -353,7 +381,7 @@ class _Worker:
                 except ValueError:
                     code = f"HTTP{status}"
                 self.error(code, vc, vc.is_write and status >= 500, now)  # a 4xx was rejected, not applied
-                self.member_of[vc.idx] = (self.member_of[vc.idx] + 1) % len(self.addrs)
+                self.etcd_failed(vc)
                 return
         elif isinstance(reply, protocol.ReplyError):
             if vc.txn_args is not None and reply.code in ("TXNCONFLICT", "TRYAGAIN") and vc.retries < 10 \
@@ -368,6 +396,10 @@ class _Worker:
                 self.refresh_leaders()
             return
         vc.txn_args = None
+        self.done(vc, now)
+
+    def done(self, vc: _VClient, now: float) -> None:
+        """``vc``'s request succeeded: its latency counts if it was sent and answered inside the window."""
         if self.in_window(vc.sent, now):
             self.hist.record(now - vc.sent)
             self.ops += 1
@@ -382,7 +414,7 @@ class _Worker:
             self.leaders.clear()
             self.refresh_leaders()
         elif self.kind == "etcd":
-            self.member_of[vc.idx] = (self.member_of[vc.idx] + 1) % len(self.addrs)
+            self.etcd_failed(vc)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, start_at: float, measure_from: float, measure_to: float) -> None:
@@ -432,6 +464,8 @@ class _Worker:
                         self.issue(vc)
                 if self.kind == "raftkv" and len(self.leaders) < self.map.nshards:
                     self.refresh_leaders()
+                elif self.kind == "etcd" and self.leader is None:
+                    self.refresh_etcd_leader()
         for vc in self.vcs:
             for c in list(vc.conns.values()):
                 vc.drop(c)
@@ -439,6 +473,96 @@ class _Worker:
     def result(self) -> dict:
         return {"hist": self.hist.to_dict(), "ops": self.ops, "errors": self.errors,
                 "indeterminate": self.indeterminate, "txn_retries": self.txn_retries}
+
+
+class _GrpcWorker(_Worker):
+    """etcd through its native gRPC API: one asyncio loop, one coroutine per virtual client, one ``grpc.aio``
+    channel per member shared by the process's clients."""
+
+    # A write that failed with one of these may have been applied (the others were rejected before).
+    MAYBE_APPLIED = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL", "CANCELLED"}
+
+    def run(self, start_at: float, measure_from: float, measure_to: float) -> None:
+        self.measure_from, self.measure_to = measure_from, measure_to
+        asyncio.run(self._run(start_at))
+
+    def stopped(self) -> bool:
+        return time.perf_counter() >= self.measure_to or (self.stop_event is not None and self.stop_event.is_set())
+
+    async def _run(self, start_at: float) -> None:
+        import grpc.aio
+
+        self.rpc_error = grpc.aio.AioRpcError
+        self.refreshing: asyncio.Task | None = None
+        self.chans = [etcd_grpc.Channel(a) for a in self.addrs]
+        try:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+            tasks = [asyncio.create_task(self._client(vc)) for vc in self.vcs]
+            while not self.stopped():
+                if self.leader is None:
+                    self.refresh_etcd_leader()
+                await asyncio.sleep(0.05)
+            for t in tasks:
+                t.cancel()
+            for r in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(r, Exception):
+                    raise r
+        finally:
+            for c in self.chans:
+                await c.close()
+
+    def _req_grpc(self, op: str) -> tuple[str, bytes]:
+        """(the ``etcd_grpc.Channel`` method, the request) for one operation."""
+        eg, v = etcd_grpc, self.value
+        if op in ("mset2", "mset4", "txn"):
+            ks = self.distinct_keys(2 if op != "mset4" else 4)
+            cmp = [eg.compare_value(k, v) for k in ks] if op == "txn" else []
+            return "txn", eg.txn_request(cmp, [(k, v) for k in ks])
+        k = key_name(self.keys.next())
+        if op == "put":
+            return "put", eg.put_request(k, v)
+        if op in ("get", "stale_get"):
+            return "range", eg.range_request(k, serializable=op == "stale_get")
+        if op == "cas":
+            return "txn", eg.txn_request([eg.compare_value(k, v)], [(k, v)])
+        raise ValueError(f"unknown op {op}")
+
+    async def _client(self, vc: _VClient) -> None:
+        """One closed-loop virtual client until the window closes."""
+        while True:
+            vc.op = self.op_name()
+            vc.is_write = vc.op in WRITES
+            method, req = self._req_grpc(vc.op)
+            call = getattr(self.chans[self.etcd_member(vc)], method)
+            vc.sent = time.perf_counter()
+            try:
+                rep = await call(req, timeout=self.p.op_timeout)
+            except self.rpc_error as e:
+                code = e.code().name
+                self.error(f"grpc:{code}", vc, vc.is_write and code in self.MAYBE_APPLIED, time.perf_counter())
+                self.etcd_failed(vc)
+                await asyncio.sleep(0.01)  # a member that is down fails at once: no busy loop
+                continue
+            if method == "txn" and not rep:  # the values never change, so every compare must hold
+                self.error("etcd:compare failed", vc, False, time.perf_counter())
+            else:
+                self.done(vc, time.perf_counter())
+
+    def refresh_etcd_leader(self) -> None:
+        """As the JSON driver's, but asking each member's Maintenance/Status over gRPC without blocking."""
+        now = time.monotonic()
+        if now - self.last_refresh >= 0.1 and (self.refreshing is None or self.refreshing.done()):
+            self.last_refresh = now
+            self.refreshing = asyncio.ensure_future(self._find_leader())
+
+    async def _find_leader(self) -> None:
+        async def status(c: etcd_grpc.Channel) -> tuple[int, int] | None:
+            try:
+                return await c.status(b"", timeout=0.3)
+            except self.rpc_error:
+                return None
+
+        self.leader = leader_index(list(await asyncio.gather(*(status(c) for c in self.chans))))
 
 
 _REDIS_CAS = """
@@ -524,7 +648,7 @@ def _worker_main(spec: dict, p: LoadParams, client_ids: list[int], times: tuple[
             res = {"hist": out["hist"].to_dict(), "ops": out["ops"], "errors": out["errors"],
                    "indeterminate": out["indeterminate"]}
         else:
-            w = _Worker(spec, p, client_ids, stop)
+            w = (_GrpcWorker if spec["kind"] == "etcd-grpc" else _Worker)(spec, p, client_ids, stop)
             w.run(*times)
             res = w.result()
     except Exception as e:  # noqa: BLE001 - report to the parent rather than hang it

@@ -14,7 +14,7 @@ import time
 from raftkv import protocol
 from raftkv.bench.etcd_http import b64
 from raftkv.bench.load import RETRY_CODES
-from raftkv.bench.systems import EtcdSystem, RaftKVSystem, System
+from raftkv.bench.systems import EtcdGrpcSystem, EtcdSystem, RaftKVSystem, System
 from raftkv.bench.workloads import key_name, make_value
 from raftkv.connection import Connection
 
@@ -24,6 +24,8 @@ def preload(system: System, n: int, value_size: int = 100, start: int = 0, pipel
     """SET keys ``start..n-1`` (pipelined, plain SET to each shard's leader); returns the seconds taken."""
     t0 = time.monotonic()
     v = make_value(value_size)
+    if isinstance(system, EtcdGrpcSystem):
+        system = system.etcd  # the keys are the same whichever API reads them
     if isinstance(system, EtcdSystem):
         _preload_etcd(system, range(start, n), v)
         return time.monotonic() - t0

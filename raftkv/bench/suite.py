@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 ``run_suite`` brings up a fresh local raftkv cluster (3 nodes, ``shards`` shards, durable, linearizable),
 and, when their binaries are on PATH, an etcd 3.4 cluster (3 members on loopback, driven through its v3
-HTTP/JSON gateway) and a single Redis (``appendonly yes``, ``appendfsync always``: the unreplicated
-ceiling).  All of them run at once but only one is driven at a time, and the points of one (workload,
+HTTP/JSON gateway as ``etcd`` and through its native gRPC API as ``etcd-grpc``: one cluster serves both)
+and a single Redis (``appendonly yes``, ``appendfsync always``: the unreplicated ceiling).  raftkv's ratio
+against etcd is taken against the faster of etcd's two APIs at each point.  All of them run at once but only one is driven at a time, and the points of one (workload,
 clients) pair are measured back to back, so background load on a shared machine hits each system alike.
 Each is preloaded with the key space, then driven by ``raftkv.bench.load`` for every (workload,
 concurrency) point.  ``redis-benchmark``, when on PATH, is run against one raftkv node and against Redis.
@@ -30,7 +31,15 @@ from typing import Any
 from raftkv.bench.load import LoadParams, run_load
 from raftkv.bench.preload import preload
 from raftkv.bench.report import add_ratios, fmt_row, machine, plot, render_table
-from raftkv.bench.systems import ALL_PEERS, EtcdSystem, RaftKVSystem, RedisSystem, System, found_peers
+from raftkv.bench.systems import (
+    ALL_PEERS,
+    EtcdGrpcSystem,
+    EtcdSystem,
+    RaftKVSystem,
+    RedisSystem,
+    System,
+    found_peers,
+)
 from raftkv.bench.workloads import COMMAND_NEEDED, WORKLOADS
 
 
@@ -116,10 +125,12 @@ def run_suite(cfg: SuiteConfig, out: Callable[[str], None] = say) -> dict:
             d.mkdir(parents=True, exist_ok=True)
             out(f"== {sname}: starting")
             t0 = time.monotonic()
+            etcd = _etcd_cluster(running)
             if sname == "raftkv":
                 running[sname] = RaftKVSystem(str(d), shards=cfg.shards)
-            elif sname == "etcd":
-                running[sname] = EtcdSystem(str(d))
+            elif sname in ("etcd", "etcd-grpc"):
+                cluster = etcd or EtcdSystem(str(d))
+                running[sname] = cluster if sname == "etcd" else EtcdGrpcSystem(cluster)
             else:
                 running[sname] = RedisSystem(str(d))
             sys_ = running[sname]
@@ -127,6 +138,9 @@ def run_suite(cfg: SuiteConfig, out: Callable[[str], None] = say) -> dict:
             doc["systems"][sname] = sys_.description()
             if isinstance(sys_, RaftKVSystem):
                 workloads = _offered(sys_, workloads, doc["not_available"], out)
+            if sname.startswith("etcd") and etcd is not None:
+                out("   the same etcd members and keys as above")
+                continue
             secs = preload(sys_, cfg.keyspace, cfg.value_size)
             out(f"   preloaded {cfg.keyspace} keys in {secs:.1f} s")
         for w in workloads:
@@ -177,6 +191,16 @@ def run_suite(cfg: SuiteConfig, out: Callable[[str], None] = say) -> dict:
     if cfg.workdir is None:
         shutil.rmtree(base, ignore_errors=True)
     return doc
+
+
+def _etcd_cluster(running: dict[str, System]) -> EtcdSystem | None:
+    """The etcd cluster already started for the other etcd API, if any."""
+    for s in running.values():
+        if isinstance(s, EtcdSystem):
+            return s
+        if isinstance(s, EtcdGrpcSystem):
+            return s.etcd
+    return None
 
 
 def _offered(raftkv: RaftKVSystem, workloads: list[str], not_available: dict, out: Callable[[str], None]) -> list[str]:

@@ -7,6 +7,7 @@ the load generator's worker processes connect with.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -15,11 +16,13 @@ import subprocess
 import time
 
 from raftkv import protocol
-from raftkv.bench.etcd_http import b64, http_call
+from raftkv.bench.etcd_http import b64, find_leader, http_call
 from raftkv.cluster import LocalCluster
 from raftkv.connection import Connection
 
-ALL_PEERS = ("etcd", "redis")
+ALL_PEERS = ("etcd", "etcd-grpc", "redis")
+# Peers that are one system driven through different APIs: raftkv is compared with the faster of each group.
+PEER_GROUPS = {"etcd": ("etcd", "etcd-grpc"), "redis": ("redis",)}
 # Peers with a leader to kill: Redis is one unreplicated node, so it has no failover to measure.
 FAILOVER_PEERS = ("etcd",)
 
@@ -28,11 +31,13 @@ def found_peers(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
     """(peers whose binaries are on PATH, {peer: reason skipped})."""
     found, skipped = [], {}
     for p in wanted:
-        binary = {"etcd": "etcd", "redis": "redis-server"}.get(p)
+        binary = {"etcd": "etcd", "etcd-grpc": "etcd", "redis": "redis-server"}.get(p)
         if binary is None:
             skipped[p] = "unknown peer"
         elif shutil.which(binary) is None:
-            skipped[p] = f"'{binary}' not on PATH (Debian: apt-get install {'etcd-server' if p == 'etcd' else 'redis-server'})"
+            skipped[p] = f"'{binary}' not on PATH (Debian: apt-get install {'etcd-server' if binary == 'etcd' else 'redis-server'})"
+        elif p == "etcd-grpc" and importlib.util.find_spec("grpc") is None:
+            skipped[p] = "Python package grpcio not installed (pip install -e '.[bench]')"
         else:
             found.append(p)
     return found, skipped
@@ -243,22 +248,15 @@ class EtcdSystem(System):
                 time.sleep(0.1)
 
     def leader(self) -> str | None:
-        ids = {}
-        leader_id = None
-        for n in self.names:
-            if self.procs[n].poll() is not None:
-                continue
-            try:
-                st, body = http_call(self.addr(n), "/v3/maintenance/status", {}, timeout=1.0)
-            except OSError:
-                continue
-            if st == 200:
-                ids[body["header"]["member_id"]] = n
-                leader_id = body.get("leader", leader_id)
-        return ids.get(leader_id)
+        alive = [n for n in self.names if self.procs[n].poll() is None]
+        i = find_leader([self.addr(n) for n in alive])
+        return None if i is None else alive[i]
 
     def spec(self) -> dict:
-        return {"kind": "etcd", "addrs": [list(self.addr(n)) for n in self.names]}
+        """``leader``: the index in ``addrs`` of the member writes go to first (None: spread them too)."""
+        leader = self.leader()
+        return {"kind": "etcd", "addrs": [list(self.addr(n)) for n in self.names],
+                "leader": None if leader is None else self.names.index(leader)}
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values() if p.poll() is None]
@@ -276,4 +274,30 @@ class EtcdSystem(System):
 
     def description(self) -> str:
         return (f"etcd {self.version}: {len(self.names)} members on loopback, default heartbeat/election, WAL fsync, "
-                "v3 HTTP/JSON gateway (linearizable range; serializable for stale_get)")
+                "v3 HTTP/JSON gateway (writes to the leader; linearizable range; serializable for stale_get)")
+
+
+class EtcdGrpcSystem(System):
+    """An etcd cluster driven through its native gRPC API (``etcdserverpb.KV``) instead of the JSON gateway.
+
+    It wraps an ``EtcdSystem``: when the suite runs both ``etcd`` and ``etcd-grpc`` they share one cluster,
+    so the two drivers are measured against the same members and data.
+    """
+
+    name = "etcd-grpc"
+
+    def __init__(self, etcd: EtcdSystem) -> None:
+        self.etcd = etcd
+
+    def spec(self) -> dict:
+        return {**self.etcd.spec(), "kind": "etcd-grpc"}
+
+    def pids(self) -> list[int]:
+        return self.etcd.pids()
+
+    def stop(self) -> None:
+        self.etcd.stop()
+
+    def description(self) -> str:
+        return (f"etcd {self.etcd.version}: the same members, native gRPC API (grpcio, one HTTP/2 channel per "
+                "member per generator process; writes to the leader; linearizable Range; serializable for stale_get)")
