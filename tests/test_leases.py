@@ -1,0 +1,332 @@
+"""Leases: the state machines of several shards against a one-table model, then a live cluster.
+
+The pure part drives three ``KVState`` shards the way nodes do (``raftkv.server.commands.leases``:
+``lease_use`` on the home shard before a remote attach, refreshes and drops fanned out to the
+shards that mirror a lease) and checks every key against a model that knows nothing of shards.
+Drops may be lost; the model then allows a key to outlive a *revoked* lease only until the next
+sweep or its lease's deadline, never an *expired* one, and never lets a key die early.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raftkv import Client, RaftKVError
+from raftkv.cli import main
+from raftkv.cluster import LocalCluster
+from raftkv.leases import DROPPED_GRACE_MS, home_of
+from raftkv.results import CmdError
+from raftkv.state import KVState
+from tests.conftest import redis_to
+
+SHARDS = 3
+KEYS = {b"a0": 0, b"a1": 0, b"b0": 1, b"b1": 1, b"c0": 2}
+
+
+@dataclass
+class Model:
+    """Leases as one table: id -> deadline; a key is alive with its lease (or with none)."""
+
+    deadlines: dict[int, int] = field(default_factory=dict)
+    ttl: dict[int, int] = field(default_factory=dict)
+    alive: dict[bytes, int | None] = field(default_factory=dict)  # key -> its lease (None: no lease)
+    # keys a revoked lease killed whose shard may not have heard yet: key -> (lease, its deadline then)
+    unheard: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+
+    def live(self, lid: int, now: int) -> bool:
+        return self.deadlines.get(lid, 0) > now
+
+    def end(self, lid: int, now: int, revoked: bool) -> None:
+        for key, held in list(self.alive.items()):
+            if held == lid:
+                del self.alive[key]
+                if revoked and KEYS[key] != home_of(lid):
+                    self.unheard[key] = (lid, self.deadlines[lid])
+        del self.deadlines[lid]
+
+    def advance(self, now: int) -> None:
+        for lid in [lid for lid, t in self.deadlines.items() if t <= now]:
+            self.end(lid, now, revoked=False)
+        self.unheard = {k: (lid, t) for k, (lid, t) in self.unheard.items() if t > now}
+
+
+class Cluster:
+    """Three shards' state machines and the node's side of leases, with drops that may be lost."""
+
+    def __init__(self) -> None:
+        self.shards = [KVState() for _ in range(SHARDS)]
+        self.now = 1000
+
+    def run(self, shard: int, cmd: tuple) -> object:
+        return self.shards[shard].apply(cmd, self.now)
+
+    def grant(self, home: int, ttl: int) -> int:
+        return self.run(home, ("lease_grant", home, ttl))
+
+    def attach(self, key: bytes, lid: int) -> object:
+        shard, home = KEYS[key], home_of(lid)
+        if shard == home:
+            return self.run(shard, ("lease_put", key, b"v", lid, None))
+        remaining = self.run(home, ("lease_use", lid, shard))
+        if isinstance(remaining, CmdError):
+            return remaining
+        return self.run(shard, ("lease_put", key, b"v", lid, remaining))
+
+    def keepalive(self, lid: int) -> object:
+        res = self.run(home_of(lid), ("lease_keepalive", lid))
+        if not isinstance(res, CmdError):
+            for s in res[1]:
+                self.run(s, ("lease_refresh", lid, res[0]))
+        return res
+
+    def deliver(self, home: int, lid: int, ttl: int, shards: tuple, lost: bool) -> None:
+        if lost:
+            return
+        for s in shards:
+            self.run(s, ("lease_drop", lid, ttl))
+        self.run(home, ("lease_dropped", lid, shards))
+
+    def revoke(self, lid: int, lost: bool) -> object:
+        res = self.run(home_of(lid), ("lease_revoke", lid))
+        if not isinstance(res, CmdError):
+            self.deliver(home_of(lid), lid, res[0], res[1], lost)
+        return res
+
+    def sweep(self) -> None:
+        for home in range(SHARDS):
+            for lid, ttl, shards in self.shards[home].read(("lease_pending",), self.now):
+                self.deliver(home, lid, ttl, shards, lost=False)
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+        for s in range(SHARDS):
+            self.run(s, ("noop",))  # the reaper's empty entry
+
+    def alive(self, key: bytes) -> bool:
+        return self.shards[KEYS[key]].read(("get", key), self.now) is not None
+
+
+lease_ops = st.one_of(
+    st.tuples(st.just("grant"), st.integers(0, SHARDS - 1), st.sampled_from([100, 250, 1000])),
+    st.tuples(st.just("attach"), st.sampled_from(sorted(KEYS)), st.integers(0, 5)),
+    st.tuples(st.just("keepalive"), st.integers(0, 5)),
+    st.tuples(st.just("revoke"), st.integers(0, 5), st.booleans()),
+    st.tuples(st.just("put"), st.sampled_from(sorted(KEYS))),
+    st.tuples(st.just("delete"), st.sampled_from(sorted(KEYS))),
+    st.tuples(st.just("advance"), st.integers(1, 400)),
+    st.tuples(st.just("sweep")),
+    st.tuples(st.just("restart")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(lease_ops, max_size=40))
+def test_keys_live_and_die_with_their_leases_across_shards(ops: list[tuple]) -> None:
+    c, m = Cluster(), Model()
+    granted: list[int] = []
+    for op in ops:
+        kind = op[0]
+        lid = None
+        if kind in ("attach", "keepalive", "revoke") and granted:
+            lid = granted[op[2 if kind == "attach" else 1] % len(granted)]
+        if kind == "grant":
+            lid = c.grant(op[1], op[2])
+            assert lid not in m.deadlines and home_of(lid) == op[1]
+            granted.append(lid)
+            m.deadlines[lid], m.ttl[lid] = c.now + op[2], op[2]
+        elif kind == "attach" and lid is not None:
+            res = c.attach(op[1], lid)
+            assert isinstance(res, CmdError) == (not m.live(lid, c.now)), (res, op)
+            if m.live(lid, c.now):
+                m.alive[op[1]] = lid
+                m.unheard.pop(op[1], None)
+        elif kind == "keepalive" and lid is not None:
+            res = c.keepalive(lid)
+            if m.live(lid, c.now):
+                assert res[0] == m.ttl[lid]
+                m.deadlines[lid] = c.now + m.ttl[lid]
+            else:
+                assert res == CmdError("NOLEASE", f"lease {lid} not found")
+        elif kind == "revoke" and lid is not None:
+            res = c.revoke(lid, lost=op[2])
+            assert isinstance(res, CmdError) == (not m.live(lid, c.now))
+            if m.live(lid, c.now):
+                m.end(lid, c.now, revoked=True)
+                if not op[2]:  # the drops were delivered
+                    m.unheard = {k: v for k, v in m.unheard.items() if v[0] != lid}
+        elif kind == "put":
+            c.run(KEYS[op[1]], ("set", op[1], b"plain"))
+            m.alive[op[1]] = None
+            m.unheard.pop(op[1], None)
+        elif kind == "delete":
+            c.run(KEYS[op[1]], ("del", [op[1]]))
+            m.alive.pop(op[1], None)
+            m.unheard.pop(op[1], None)
+        elif kind == "advance":
+            c.advance(op[1])
+            m.advance(c.now)
+        elif kind == "sweep":
+            c.sweep()
+            m.unheard.clear()
+        elif kind == "restart":  # every shard reloads from a snapshot
+            c.shards = [KVState.restore(s.snapshot()) for s in c.shards]
+        for key in KEYS:
+            if key in m.alive:
+                assert c.alive(key), f"{key!r} died before its lease {m.alive[key]} ended, after {op}"
+            elif key not in m.unheard:
+                assert not c.alive(key), f"{key!r} outlived its lease, after {op}"
+
+
+def test_an_attach_in_flight_when_the_lease_is_revoked_is_refused() -> None:
+    """lease_use on the home shard, then the revocation and its drop, then the attach arrives: refused."""
+    c = Cluster()
+    lid = c.grant(0, 1000)
+    remaining = c.run(0, ("lease_use", lid, 1))
+    c.revoke(lid, lost=False)
+    assert c.run(1, ("lease_put", b"b0", b"v", lid, remaining)) == CmdError("NOLEASE", f"lease {lid} not found")
+    assert not c.alive(b"b0")
+    c.advance(1000 + DROPPED_GRACE_MS)  # a tombstone is kept ttl + grace of log time, then forgotten
+    c.run(1, ("lease_drop", lid + (1 << 10), 10))
+    assert list(c.shards[1].leases.dropped) == [lid + (1 << 10)]
+
+
+def test_a_lost_drop_is_delivered_by_the_sweep_and_bounded_by_the_guard() -> None:
+    c = Cluster()
+    lid = c.grant(0, 1000)
+    c.attach(b"b0", lid)
+    c.attach(b"c0", lid)
+    c.revoke(lid, lost=True)
+    assert c.alive(b"b0") and c.alive(b"c0")  # not yet told
+    assert c.shards[0].read(("lease_pending",), c.now) == ((lid, 1000, (1, 2)),)
+    c.sweep()
+    assert not c.alive(b"b0") and not c.alive(b"c0")
+    assert c.shards[0].read(("lease_pending",), c.now) == ()
+
+    lid = c.grant(0, 1000)
+    c.attach(b"b1", lid)
+    c.revoke(lid, lost=True)
+    c.advance(1000)  # no sweep ever: the mirror's guard deadline deletes it
+    assert not c.alive(b"b1")
+
+
+def test_errors_and_a_plain_write_detaches() -> None:
+    s = KVState()
+    assert s.apply(("lease_keepalive", 5 << 10), 0) == CmdError("NOLEASE", f"lease {5 << 10} not found")
+    lid = s.apply(("lease_grant", 0, 1000), 0)
+    s.apply(("lease_put", b"k", b"v", lid, None), 0)
+    assert s.apply(("lease_ttl", lid), 100) == (900, 1000, 1, ())
+    s.apply(("set", b"k", b"mine"), 200)  # detached, as a put without a lease in etcd
+    assert s.apply(("lease_ttl", lid), 300) == (700, 1000, 0, ())
+    s.apply(("noop",), 1000)
+    assert s.read(("get", b"k"), 1000) == b"mine"
+
+
+def test_a_lease_lock_keeps_its_token_for_its_holder_and_fences_the_next() -> None:
+    s = KVState()
+    a = s.apply(("lease_grant", 0, 1000), 0)
+    b = s.apply(("lease_grant", 0, 1000), 0)
+    ok, t1 = s.apply(("lease_lock", b"L", b"A", a, None), 10)
+    assert ok == 1
+    assert s.apply(("lease_lock", b"L", b"B", b, None), 20) == (0, b"A")
+    assert s.apply(("lease_lock", b"L", b"A", a, None), 30) == (1, t1)  # re-acquire: same token
+    s.apply(("lease_keepalive", b), 500)
+    ok, t2 = s.apply(("lease_lock", b"L", b"B", b, None), 1000)  # A's lease ended at 1000
+    assert ok == 1 and t2 > t1
+
+
+# -- a live cluster ------------------------------------------------------------------------------
+
+@pytest.fixture
+def lc(cluster: LocalCluster) -> LocalCluster:
+    return cluster  # the module's shared 3-node cluster (conftest)
+
+
+def _keys_on_every_shard(c: Client, prefix: str) -> list[str]:
+    keys, shards = [], set()
+    i = 0
+    while len(shards) < c.map.nshards:
+        k = f"{prefix}{i}"
+        if c.map.shard_for_key(k.encode()) not in shards:
+            shards.add(c.map.shard_for_key(k.encode()))
+            keys.append(k)
+        i += 1
+    return keys
+
+
+def _wait_gone(c: Client, keys: list[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(c.get(k) is not None for k in keys):
+        assert time.monotonic() < deadline, f"keys of an ended lease still there: {keys}"
+        time.sleep(0.1)
+
+
+def test_revoke_deletes_the_keys_of_a_lease_on_every_shard(lc: LocalCluster) -> None:
+    with Client(cluster=lc.config) as c:
+        keys = _keys_on_every_shard(c, "lease:rev")
+        with c.lease(30) as lease:
+            for k in keys:
+                c.put(k, "v", lease=lease.id)
+            assert c.lease_ttl(lease.id).keys == len(keys) and c.lease_ttl(lease.id).granted == 30
+            assert c.lease_keepalive(lease.id) == 30
+            c.put(keys[0], "mine")  # a plain write detaches
+            lid = lease.id
+        assert c.get(keys[0]) == b"mine"
+        assert [c.get(k) for k in keys[1:]] == [None] * (len(keys) - 1)  # REVOKE answers after the drops
+        with pytest.raises(RaftKVError) as e:
+            c.lease_ttl(lid)
+        assert e.value.code == "NOLEASE" and str(lid) in e.value.message
+
+
+def test_an_expired_lease_takes_its_keys_and_refuses_new_ones(lc: LocalCluster) -> None:
+    with Client(cluster=lc.config) as c:
+        keys = _keys_on_every_shard(c, "lease:exp")
+        lid = c.lease_grant(1)
+        for k in keys:
+            c.put(k, "v", lease=lid)
+        _wait_gone(c, keys)  # nobody keeps it alive
+        with pytest.raises(RaftKVError) as e:
+            c.put("lease:late", "v", lease=lid)
+        assert e.value.code == "NOLEASE"
+        assert c.get("lease:late") is None
+
+
+def test_resp_errors(lc: LocalCluster) -> None:
+    """Through redis-py (which strips an ERR code, keeps the others)."""
+    r = redis_to(lc, protocol=2)
+    for args, prefix in [(("GRANT", "0"), "RAFTKV.LEASE: ttl must be a positive integer"),
+                         (("GRANT", "x"), "RAFTKV.LEASE: ttl must be"),
+                         (("KEEPALIVE", "abc"), "RAFTKV.LEASE: the lease id must be"),
+                         (("TTL", str(99 << 10)), f"NOLEASE lease {99 << 10} not found"),  # no shard 99
+                         (("FROB", "1"), "RAFTKV.LEASE GRANT|KEEPALIVE|REVOKE|TTL")]:
+        with pytest.raises(Exception) as e:
+            r.execute_command("RAFTKV.LEASE", *args)
+        assert str(e.value).startswith(prefix), (args, str(e.value))
+    lid = int(r.execute_command("RAFTKV.LEASE", "GRANT", "10"))
+    assert r.execute_command("SET", "lease:resp", "v", "LEASE", str(lid)) is True
+    assert r.execute_command("RAFTKV.LEASE", "TTL", str(lid))[1:] == [10, 1]
+    assert r.execute_command("RAFTKV.LEASE", "REVOKE", str(lid)) == b"OK"
+    assert r.get("lease:resp") is None
+    with pytest.raises(Exception) as e:
+        r.execute_command("SET", "lease:resp", "v", "LEASE", str(lid))
+    assert str(e.value) == f"NOLEASE lease {lid} not found"
+
+
+def test_cli_lease_commands(lc: LocalCluster) -> None:
+    run = lambda *a: CliRunner().invoke(main, [*a, "--cluster", str(lc.config)])  # noqa: E731
+    res = run("lease", "grant", "20")
+    assert res.exit_code == 0, res.output
+    lid = res.output.strip()
+    assert run("put", "lease:cli", "v", "--lease", lid).exit_code == 0
+    res = run("lease", "ttl", lid)
+    assert res.exit_code == 0 and "granted 20" in res.output and "keys 1" in res.output, res.output
+    assert run("lease", "keepalive", lid).output.strip() == "20"
+    assert run("lease", "revoke", lid).exit_code == 0
+    assert run("get", "lease:cli").exit_code == 1
+    res = run("lease", "keepalive", lid)
+    assert res.exit_code == 1 and "not found" in res.output
