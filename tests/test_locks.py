@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,6 +17,7 @@ from raftkv.cli import main
 from raftkv.client import LockTimeout
 from raftkv.cluster import LocalCluster
 from raftkv.state import KVState
+from tests.conftest import ROOT
 
 
 def test_tokens_increase_strictly_and_a_lapsed_lock_goes_to_the_next_owner() -> None:
@@ -80,3 +84,39 @@ def test_cli_runs_a_command_under_the_lock(lc: LocalCluster) -> None:
     res = CliRunner().invoke(main, ["lock", "lock:cli", "--cluster", str(lc.config), "--", sys.executable, "-c",
                                     "import sys; sys.exit(7)"])
     assert res.exit_code == 7
+
+
+HOLDER = """
+import sys
+from raftkv import Client
+
+c = Client(cluster=sys.argv[1])
+lock = c.lock("lock:paused", ttl=1)
+lock.acquire()
+print(lock.token, flush=True)
+sys.stdin.readline()  # the test stops this process here, and lets it go on later
+print("written" if c.fenced_put("fenced:resource", "A", lock.token) else "refused", flush=True)
+"""
+
+
+def test_a_paused_holder_loses_the_lock_and_its_fenced_write_is_refused(lc: LocalCluster) -> None:
+    """Kleppmann's scenario: A is stopped (SIGSTOP) past its lease, B takes the lock with a larger
+    token and writes; A resumes, still believing it holds the lock, and its write is refused."""
+    a = subprocess.Popen([sys.executable, "-c", HOLDER, str(lc.config)], cwd=ROOT, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        token_a = int(a.stdout.readline())
+        os.kill(a.pid, signal.SIGSTOP)  # A and its keep-alive thread stop: its lease lapses after 1 s
+        with Client(cluster=lc.config) as c, c.lock("lock:paused", ttl=1, wait=60) as b:
+            assert b.token > token_a
+            assert c.fenced_put("fenced:resource", "B", b.token)
+            os.kill(a.pid, signal.SIGCONT)
+            out, _ = a.communicate("go\n", timeout=60)
+            assert out.strip() == "refused"
+            assert c.get("fenced:resource") == b"B"
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+            a.kill()
+        a.wait()
