@@ -9,6 +9,7 @@ sweep or its lease's deadline, never an *expired* one, and never lets a key die 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raftkv import Client, RaftKVError
+from raftkv.aio import AsyncClient
 from raftkv.cli import main
 from raftkv.cluster import LocalCluster
 from raftkv.leases import DROPPED_GRACE_MS, home_of
@@ -330,3 +332,14 @@ def test_cli_lease_commands(lc: LocalCluster) -> None:
     assert run("get", "lease:cli").exit_code == 1
     res = run("lease", "keepalive", lid)
     assert res.exit_code == 1 and "not found" in res.output
+
+
+def test_async_client_lease(lc: LocalCluster) -> None:
+    async def go() -> None:
+        async with AsyncClient(cluster=lc.config) as c:
+            async with c.lease(30, near="lease:aio") as lease:
+                await c.put("lease:aio", "v", lease=lease.id)
+                assert (await c.lease_ttl(lease.id)).keys == 1
+                assert await c.lease_keepalive(lease.id) == 30
+            assert await c.get("lease:aio") is None
+    asyncio.run(go())
