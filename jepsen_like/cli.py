@@ -95,7 +95,8 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
 
 # --- raftkv-jepsen run (jepsen_like.runner) ---------------------------------------- begin
 @main.command("run")
-@click.option("--workload", type=click.Choice(["register", "bank", "txn"]), default="register", show_default=True)
+@click.option("--workload", type=click.Choice(["register", "bank", "txn", "lock"]), default="register",
+              show_default=True, help="lock: acquire/release under leases, checked with the mutex model")
 @click.option("--nemesis", type=click.Choice(["none", "kill", "pause", "partition", "all"]), default="none",
               show_default=True, help="faults to inject on a schedule (all = kill, pause and partition)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")

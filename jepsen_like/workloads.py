@@ -24,6 +24,11 @@ correct node forwards or proves leadership first, so this changes nothing for
 the real store; a node in ``--unsafe-local-reads`` mode answers from its local
 copy, which is stale as soon as it is cut off from its shard's majority.
 
+``lock``: clients acquire and release a few locks per shard (``Client.lock``:
+the lock key held through a lease kept alive in the background), rotated every
+``key_period`` seconds.  History ops are ``acquire`` / ``release`` per lock
+name; checked per lock with the mutex model (at most one holder at a time).
+
 ``bank`` and ``txn`` need the transaction API (``Client.txn()``); in a build
 without it they raise :class:`WorkloadUnavailable`.
 """
@@ -42,7 +47,7 @@ from raftkv.connection import Connection
 
 __all__ = ["WORKLOADS", "WorkloadUnavailable", "Worker", "RegisterWorkload", "make_workload", "classify"]
 
-WORKLOADS = ("register", "bank", "txn")
+WORKLOADS = ("register", "bank", "txn", "lock")
 
 
 class WorkloadUnavailable(RuntimeError):
@@ -63,7 +68,7 @@ def _s(v: Any) -> Any:
 
 
 # Every prefix a workload's keys start with: with ``--auth`` the clients' role may write only these.
-KEY_PREFIXES = ("r", "acct", "t")
+KEY_PREFIXES = ("r", "acct", "t", "lock")
 # Credentials of the harness's clients (``--auth``: a user whose role covers only KEY_PREFIXES).
 CLIENT_AUTH: dict[str, str] = {}
 
@@ -430,6 +435,91 @@ class _TxnWorker(_TxnWorkerBase):
             return classify(e, write=f != "get" and any(m[0] == "w" for m in value)), str(e)[:200]
 
 
+class LockWorkload:
+    """acquire / release of ``keys_per_shard`` locks per shard, rotated every ``key_period`` s.
+
+    Each client alternates: acquire a random current lock (waiting at most
+    ``op_timeout``), then release it at its next op.  Outcomes:
+
+    * acquire ``ok``: held (its value is the fencing token); ``fail``: not held
+      (another holder kept it for the whole wait, or no leader); ``info``: unknown
+      (``Client.lock`` revokes its lease on the way out, so it is not held after);
+    * release ``ok``: the lease was revoked (the lock key is gone); ``info`` for
+      anything else: a revocation that failed leaves the lock to expire with its
+      lease, and a lease found *lost* (it lapsed while the client believed it held
+      the lock) is recorded as ``info`` too, so an acquire by another client
+      before the release's invocation shows up as two holders.
+
+    The lease ttl is ``lock_ttl`` s, long against the nemeses' faults (the log time
+    that expires a lease stands still while a shard has no leader), and against the
+    end of the run: a client still holding at the end abandons its lock (its lease
+    expires after the run) so that no unrecorded release races another client's
+    last acquire.  Checked with the mutex model, partitioned per lock.
+    """
+
+    name = "lock"
+    model = "mutex"
+
+    def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
+                 op_timeout: float = 4.0, lock_ttl: float = 15.0, **_: Any) -> None:
+        self.map = shardmap
+        self.keys_per_shard = keys_per_shard
+        self.key_period = key_period
+        self.op_timeout = op_timeout
+        self.lock_ttl = lock_ttl
+        self._groups: dict[int, list[str]] = {}
+
+    def locks_at(self, t: float) -> list[str]:
+        gen = int(t // self.key_period) if self.key_period > 0 else 0
+        if gen not in self._groups:
+            self._groups[gen] = _keys_per_shard(self.map, f"lock{gen}.", self.keys_per_shard)
+        return self._groups[gen]
+
+    def setup(self, rec: Any) -> None:
+        pass
+
+    def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
+        return _LockWorker(self, process, rng)
+
+    def final_ops(self) -> list[tuple[str, Any, Any]]:
+        return []
+
+    def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
+        return {"mutex": check(ops, get_model(self.model), timeout_s=timeout_s)}
+
+
+class _LockWorker(_TxnWorkerBase):
+    def __init__(self, wl: LockWorkload, process: Any, rng: random.Random) -> None:
+        super().__init__(wl, process, rng)
+        self.held: Any = None  # the raftkv.client.Lock this client holds
+
+    def next_op(self, t: float) -> tuple[str, Any, Any]:
+        if self.held is not None:
+            return "release", self.held.name.decode(), None
+        return "acquire", self.rng.choice(self.wl.locks_at(t)), None
+
+    def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
+        if f == "acquire":
+            lock = self.client.lock(key, ttl=self.wl.lock_ttl, wait=self.wl.op_timeout)
+            try:
+                token = lock.acquire()
+            except Exception as e:  # noqa: BLE001
+                return classify(e, write=True), str(e)[:200]
+            self.held = lock
+            return "ok", token
+        lock, self.held = self.held, None
+        try:
+            lock.release()
+        except Exception as e:  # noqa: BLE001 - not revoked: the lock lapses with its lease, some time later
+            return "info", str(e)[:200]
+        return ("info", "lease lost while held") if lock.lost else ("ok", None)
+
+    def close(self) -> None:
+        if self.held is not None:
+            self.held.abandon()  # its lease expires after the run (see LockWorkload)
+        super().close()
+
+
 class _Invariant:
     """A non-linearizability check result with the same surface the report uses (verdict, ok, summary)."""
 
@@ -453,4 +543,6 @@ def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> Any:
                 f"workload {name!r} is not available in this build: it needs the transaction API "
                 "(raftkv.Client.txn()), which this raftkv.Client does not have yet")
         return (BankWorkload if name == "bank" else TxnWorkload)(shardmap, seed, **kw)
+    if name == "lock":
+        return LockWorkload(shardmap, seed, **kw)
     raise ValueError(f"unknown workload {name!r} (expected one of {', '.join(WORKLOADS)})")

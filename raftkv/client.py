@@ -137,6 +137,11 @@ class Lease:
                     return
                 # unreachable or not refreshed everywhere for now: the lease lapses only after ttl
 
+    def abandon(self) -> None:
+        """Stop the keep-alive without revoking: the lease (and what it holds) lapses ``ttl`` seconds
+        after the last keep-alive, as if this process had stopped."""
+        self._stop.set()
+
     def revoke(self) -> None:
         """Stop the keep-alive and revoke the lease (its keys are deleted); a lost lease is left alone."""
         self._stop.set()
@@ -201,6 +206,10 @@ class Lock:
         except BaseException:
             self.lease.revoke()
             raise
+
+    def abandon(self) -> None:
+        """Stop keeping the lock's lease alive: the lock lapses ``ttl`` seconds later (``Lease.abandon``)."""
+        self.lease.abandon()
 
     def release(self) -> None:
         """Release the lock by revoking its lease (which deletes the lock key)."""

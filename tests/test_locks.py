@@ -70,7 +70,7 @@ def test_a_held_lock_times_out_a_waiter_then_lapses(lc: LocalCluster) -> None:
     with Client(cluster=lc.config) as c:
         first = c.lock("lock:lapse", ttl=1.0)
         first.acquire()
-        first.lease._stop.set()  # stop the keep-alive, as a paused holder would
+        first.abandon()  # stop the keep-alive, as a paused holder would
         with pytest.raises(LockTimeout):
             c.lock("lock:lapse", ttl=1.0, wait=0.2).acquire()
         with c.lock("lock:lapse", ttl=1.0, wait=10) as second:
