@@ -357,7 +357,30 @@ class _BankWorker(_TxnWorkerBase):
             return classify(e, write=isinstance(value, dict)), str(e)[:200]
 
 
-class TxnWorkload:
+class _RotatingGroups:
+    """Workloads on groups of ``keys_per_shard`` keys on every shard (named ``prefix`` + generation),
+    a fresh group every ``key_period`` seconds, so that each key's history stays small."""
+
+    prefix = ""
+
+    def __init__(self, shardmap: Any, keys_per_shard: int, key_period: float, op_timeout: float) -> None:
+        self.map = shardmap
+        self.keys_per_shard = keys_per_shard
+        self.key_period = key_period
+        self.op_timeout = op_timeout
+        self._groups: dict[int, list[str]] = {}
+
+    def group_at(self, t: float) -> list[str]:
+        gen = int(t // self.key_period) if self.key_period > 0 else 0
+        if gen not in self._groups:
+            self._groups[gen] = _keys_per_shard(self.map, f"{self.prefix}{gen}.", self.keys_per_shard)
+        return self._groups[gen]
+
+    def used_keys(self) -> list[str]:
+        return [k for g in sorted(self._groups) for k in self._groups[g]]
+
+
+class TxnWorkload(_RotatingGroups):
     """Random multi-key transactions (1-4 reads/writes, each key once) within a key group.
 
     A group is ``keys_per_shard`` keys on every shard; groups rotate every
@@ -370,23 +393,11 @@ class TxnWorkload:
     """
 
     name = "txn"
+    prefix = "t"
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
                  op_timeout: float = 4.0, **_: Any) -> None:
-        self.map = shardmap
-        self.keys_per_shard = keys_per_shard
-        self.key_period = key_period
-        self.op_timeout = op_timeout
-        self._groups: dict[int, list[str]] = {}
-
-    def group_at(self, t: float) -> list[str]:
-        gen = int(t // self.key_period) if self.key_period > 0 else 0
-        if gen not in self._groups:
-            self._groups[gen] = _keys_per_shard(self.map, f"t{gen}.", self.keys_per_shard)
-        return self._groups[gen]
-
-    def used_keys(self) -> list[str]:
-        return [k for g in sorted(self._groups) for k in self._groups[g]]
+        super().__init__(shardmap, keys_per_shard, key_period, op_timeout)
 
     def setup(self, rec: Any) -> None:
         pass
@@ -435,7 +446,7 @@ class _TxnWorker(_TxnWorkerBase):
             return classify(e, write=f != "get" and any(m[0] == "w" for m in value)), str(e)[:200]
 
 
-class LockWorkload:
+class LockWorkload(_RotatingGroups):
     """acquire / release of ``keys_per_shard`` locks per shard, rotated every ``key_period`` s.
 
     Each client alternates: acquire a random current lock (waiting at most
@@ -459,21 +470,12 @@ class LockWorkload:
 
     name = "lock"
     model = "mutex"
+    prefix = "lock"
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
                  op_timeout: float = 4.0, lock_ttl: float = 15.0, **_: Any) -> None:
-        self.map = shardmap
-        self.keys_per_shard = keys_per_shard
-        self.key_period = key_period
-        self.op_timeout = op_timeout
+        super().__init__(shardmap, keys_per_shard, key_period, op_timeout)
         self.lock_ttl = lock_ttl
-        self._groups: dict[int, list[str]] = {}
-
-    def locks_at(self, t: float) -> list[str]:
-        gen = int(t // self.key_period) if self.key_period > 0 else 0
-        if gen not in self._groups:
-            self._groups[gen] = _keys_per_shard(self.map, f"lock{gen}.", self.keys_per_shard)
-        return self._groups[gen]
 
     def setup(self, rec: Any) -> None:
         pass
@@ -496,7 +498,7 @@ class _LockWorker(_TxnWorkerBase):
     def next_op(self, t: float) -> tuple[str, Any, Any]:
         if self.held is not None:
             return "release", self.held.name.decode(), None
-        return "acquire", self.rng.choice(self.wl.locks_at(t)), None
+        return "acquire", self.rng.choice(self.wl.group_at(t)), None
 
     def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
         if f == "acquire":
