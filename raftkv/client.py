@@ -20,6 +20,7 @@ own connections and its own session (a session has one request in flight).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -204,7 +205,8 @@ class Lock:
                 time.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(0.5, delay * 2)
         except BaseException:
-            self.lease.revoke()
+            with contextlib.suppress(RaftKVError):  # not revoked: the lease lapses after ttl
+                self.lease.revoke()
             raise
 
     def abandon(self) -> None:
