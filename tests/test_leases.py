@@ -25,7 +25,7 @@ from raftkv.cluster import LocalCluster
 from raftkv.leases import DROPPED_GRACE_MS, home_of
 from raftkv.results import CmdError
 from raftkv.state import KVState
-from tests.conftest import redis_to
+from tests.conftest import redis_to, start_cluster
 
 SHARDS = 3
 KEYS = {b"a0": 0, b"a1": 0, b"b0": 1, b"b1": 1, b"c0": 2}
@@ -343,3 +343,20 @@ def test_async_client_lease(lc: LocalCluster) -> None:
                 assert await c.lease_keepalive(lease.id) == 30
             assert await c.get("lease:aio") is None
     asyncio.run(go())
+
+
+def test_keys_on_shards_no_drop_reaches_die_at_their_guard_deadline(tmp_path) -> None:
+    """Every node refuses every lease_drop (a fault point): REVOKE still answers, the home shard's key
+    goes at once, and the other shards' keys go when their guard deadline passes, with no message."""
+    lc = start_cluster(str(tmp_path / "c"), node_args=["--fault", "exec.not_applied:0:0:lease_drop"])
+    try:
+        with Client(cluster=lc.config) as c:
+            keys = _keys_on_every_shard(c, "lease:lost")
+            lid = c.lease_grant(3, near=keys[0])
+            for k in keys:
+                c.put(k, "v", lease=lid)
+            c.lease_revoke(lid)
+            assert c.get(keys[0]) is None
+            _wait_gone(c, keys[1:])
+    finally:
+        lc.stop()

@@ -39,6 +39,7 @@ from raftkv.server.conn import Conn
 
 log = logging.getLogger("raftkv.leases")
 SWEEP_PERIOD_S = 0.5  # how often a home leader re-sends the drops of ended leases not yet acknowledged
+DROP_WAIT_S = 2.0  # how long REVOKE waits for the other shards' drops before leaving them to the sweep
 
 
 def _int_arg(raw: bytes, what: str) -> int:
@@ -83,17 +84,18 @@ def attach(node: NodeAPI, shard: int, lid: int, build: Callable[[int | None], tu
     return node.run(go())
 
 
-async def _on_shards(node: NodeAPI, shards: Any, cmd: tuple) -> list[int]:
+async def _on_shards(node: NodeAPI, shards: Any, cmd: tuple, budget_s: float | None = None) -> list[int]:
     """Run ``cmd`` on every shard of ``shards`` (idempotent commands); the shards where it failed."""
     shards = list(shards)
-    results = await asyncio.gather(*(node.execute(s, cmd, idempotent=True) for s in shards),
+    results = await asyncio.gather(*(node.execute(s, cmd, idempotent=True, budget_s=budget_s) for s in shards),
                                    return_exceptions=True)
     return [s for s, r in zip(shards, results, strict=True) if _failed(r)]
 
 
-async def deliver_drops(node: NodeAPI, home: int, lid: int, ttl_ms: int, shards: Any) -> list[int]:
+async def deliver_drops(node: NodeAPI, home: int, lid: int, ttl_ms: int, shards: Any,
+                        budget_s: float | None = None) -> list[int]:
     """Tell ``shards`` that lease ``lid`` ended, acknowledge the ones that applied it; the others."""
-    failed = await _on_shards(node, shards, ("lease_drop", lid, ttl_ms))
+    failed = await _on_shards(node, shards, ("lease_drop", lid, ttl_ms), budget_s)
     done = [s for s in shards if s not in failed]
     if done:
         await node.execute(home, ("lease_dropped", lid, tuple(done)), idempotent=True)
@@ -135,7 +137,7 @@ def _revoke(node: NodeAPI, lid: int, session: Session | None) -> Any:
         if isinstance(res, Error):
             return res
         ttl_ms, shards = res
-        failed = await deliver_drops(node, home, lid, ttl_ms, shards)
+        failed = await deliver_drops(node, home, lid, ttl_ms, shards, DROP_WAIT_S)
         if failed:  # the sweep keeps trying; each shard's guard deadline bounds the wait
             log.warning("event=lease_drop_pending lease=%d shards=%s", lid, failed)
         return OK
