@@ -167,6 +167,16 @@ class LeaseTable:
         self.leases[lid] = lease
         self.deadlines.set(lid, lease.deadline_ms)  # type: ignore[arg-type]
 
+    def check(self) -> None:
+        """Assert the table's invariants (tests call it after every step)."""
+        attached = {k: lid for lid, le in self.leases.items() for k in le.keys}
+        assert attached == self.key_lease, "key_lease and the leases' key sets disagree"
+        for lid, le in self.leases.items():
+            assert self.deadlines.get(lid) == le.deadline_ms, f"lease {lid}: deadline not indexed"  # type: ignore
+            assert lid not in self.dropping and lid not in self.dropped, f"lease {lid} alive and ended"
+        assert all(shards for _, shards in self.dropping.values()), "a drop with no shard left to tell"
+        assert len(self.deadlines) == len(self.leases)
+
     # -- queries ---------------------------------------------------------------------------
     def live(self, lid: int, now_ms: int) -> Lease | None:
         """The lease (or mirror) ``lid`` if its deadline has not come at ``now_ms``."""

@@ -178,6 +178,8 @@ def test_keys_live_and_die_with_their_leases_across_shards(ops: list[tuple]) -> 
             m.unheard.clear()
         elif kind == "restart":  # every shard reloads from a snapshot
             c.shards = [KVState.restore(s.snapshot()) for s in c.shards]
+        for shard in c.shards:
+            shard.leases.check()
         for key in KEYS:
             if key in m.alive:
                 assert c.alive(key), f"{key!r} died before its lease {m.alive[key]} ended, after {op}"
