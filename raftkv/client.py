@@ -106,7 +106,7 @@ class LeaseTTL:
 
 
 class Lease:
-    """A granted lease kept alive by a background thread (``Client.lease``); revoked on exit.
+    """A granted lease kept alive in the background (``Client.lease``); revoked on exit.
 
     ``id`` goes into ``Client.put(..., lease=id)``.  ``lost`` turns True when a
     keep-alive finds the lease gone (it expired while this process could not
@@ -117,37 +117,40 @@ class Lease:
         self.client, self.ttl, self.near = client, ttl, near
         self.id: int | None = None
         self.lost = False
-        self._stop = threading.Event()
-        self._keeper: threading.Thread | None = None
+        self._stopped = False
 
     def grant(self) -> int:
         """Grant the lease and start keeping it alive every ``ttl/3`` seconds; its id."""
         self.id = self.client.lease_grant(self.ttl, near=self.near)
-        self._keeper = threading.Thread(target=self._keep_alive, daemon=True, name=f"raftkv-lease-{self.id}")
-        self._keeper.start()
+        self.client._keepalives.add(self)
         return self.id
 
-    def _keep_alive(self) -> None:
-        assert self.id is not None
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                self.client.lease_keepalive(self.id)
-            except RaftKVError as e:
-                if e.code == "NOLEASE":
-                    self.lost = True
-                    return
-                # unreachable or not refreshed everywhere for now: the lease lapses only after ttl
+    def keep_alive_once(self) -> None:
+        """Send one keep-alive now (the background thread calls this every ``ttl/3`` s).
+
+        Waits at most ``ttl/3`` (at least 1 s).  An unreachable shard is not an
+        error here: the lease lapses only ``ttl`` after the last keep-alive that
+        arrived, and the next one is due soon.
+        """
+        lid = self.id
+        if lid is None or self._stopped:
+            return
+        try:
+            self.client.lease_keepalive(lid, timeout=max(1.0, self.ttl / 3))
+        except RaftKVError as e:
+            if e.code == "NOLEASE" and not self._stopped:  # not our own revocation racing this keep-alive
+                self.lost = True
+                self.client._keepalives.remove(self)
 
     def abandon(self) -> None:
         """Stop the keep-alive without revoking: the lease (and what it holds) lapses ``ttl`` seconds
         after the last keep-alive, as if this process had stopped."""
-        self._stop.set()
+        self._stopped = True
+        self.client._keepalives.remove(self)
 
     def revoke(self) -> None:
         """Stop the keep-alive and revoke the lease (its keys are deleted); a lost lease is left alone."""
-        self._stop.set()
-        if self._keeper is not None:
-            self._keeper.join()
+        self.abandon()
         if self.id is not None and not self.lost:
             try:
                 self.client.lease_revoke(self.id)
@@ -162,6 +165,53 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.revoke()
+
+
+class _KeepAlives:
+    """Keeps every live ``Lease`` of one ``Client`` alive from one thread, each every ``ttl/3`` seconds.
+
+    etcd's client multiplexes its keep-alives the same way: one thread, and one
+    set of connections and sessions (one AUTH per node) for all leases, rather
+    than a thread and fresh connections per lease or lock.  Each keep-alive
+    waits at most ``ttl/3`` (``Lease.keep_alive_once``), so a shard that does not
+    answer delays the others' keep-alives by that much.  The thread ends when
+    no lease is left and starts again with the next one.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[Lease, float] = {}  # lease -> monotonic time its next keep-alive is due
+        self._running = False
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._due[lease] = time.monotonic() + lease.ttl / 3
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, daemon=True, name="raftkv-keepalive").start()
+            self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._cond:
+            self._due.pop(lease, None)
+            self._cond.notify()
+
+    def _next(self) -> Lease | None:
+        """The next lease due, once it is due; None when no lease is left (the thread then ends)."""
+        with self._cond:
+            while self._due:
+                lease, at = min(self._due.items(), key=lambda item: item[1])
+                wait = at - time.monotonic()
+                if wait <= 0:
+                    self._due[lease] = time.monotonic() + lease.ttl / 3
+                    return lease
+                self._cond.wait(wait)
+            self._running = False
+            return None
+
+    def _run(self) -> None:
+        while (lease := self._next()) is not None:
+            lease.keep_alive_once()
 
 
 class Lock:
@@ -254,6 +304,7 @@ class Client:
         self._client_id = uuid.uuid4().hex[:16]
         self._sessions = 0
         self._leaders: dict[int, str] = {}
+        self._keepalives = _KeepAlives()
         self._closed = False
         if isinstance(cluster, ShardMap):
             self.map: ShardMap | None = cluster
@@ -375,12 +426,13 @@ class Client:
         near = _b(near)
         return int(self._write(self._shard(near), [*args, b"FOR", near]))
 
-    def lease_keepalive(self, lease: int) -> int:
+    def lease_keepalive(self, lease: int, timeout: float | None = None) -> int:
         """Push lease ``lease``'s deadline back to its full ttl; the ttl in seconds.
 
         Raises ``RaftKVError`` with code ``NOLEASE`` when it expired or was revoked.
+        ``timeout``: seconds to keep trying (default: the client's timeout).
         """
-        return int(self._write(home_of(lease), [b"RAFTKV.LEASE", b"KEEPALIVE", str(lease).encode()]))
+        return int(self._write(home_of(lease), [b"RAFTKV.LEASE", b"KEEPALIVE", str(lease).encode()], timeout))
 
     def lease_revoke(self, lease: int) -> None:
         """End lease ``lease`` now: every key attached to it is deleted (``NOLEASE`` if it had ended)."""
@@ -489,16 +541,17 @@ class Client:
             sess = self._local.session = (f"{self._client_id}-{n}".encode(), [0])
         return sess
 
-    def _write(self, shard: int, args: list[bytes]) -> Any:
+    def _write(self, shard: int, args: list[bytes], timeout: float | None = None) -> Any:
         sid, counter = self._session()
         counter[0] += 1
-        return self._request(shard, [b"RAFTKV.REQ", sid, str(counter[0]).encode(), *args], write=True)
+        return self._request(shard, [b"RAFTKV.REQ", sid, str(counter[0]).encode(), *args], write=True,
+                             timeout=timeout)
 
     def _read(self, shard: int, args: list[bytes]) -> Any:
         return self._request(shard, args, write=False)
 
-    def _request(self, shard: int, args: list[bytes], write: bool) -> Any:
-        attempts = Attempts(shard, write, time.monotonic() + self.timeout)
+    def _request(self, shard: int, args: list[bytes], write: bool, timeout: float | None = None) -> Any:
+        attempts = Attempts(shard, write, time.monotonic() + (self.timeout if timeout is None else timeout))
         while True:
             addr = self._leader_addr(shard)
             try:

@@ -287,6 +287,21 @@ def test_revoke_deletes_the_keys_of_a_lease_on_every_shard(lc: LocalCluster) -> 
         assert e.value.code == "NOLEASE" and str(lid) in e.value.message
 
 
+def test_a_lease_is_kept_alive_in_the_background(lc: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Client(cluster=lc.config) as c:
+        answers: list[int] = []
+        keepalive = c.lease_keepalive
+        monkeypatch.setattr(c, "lease_keepalive", lambda lid, **kw: answers.append(keepalive(lid, **kw)) or 1)
+        with c.lease(3) as lease, c.lease(4) as other:  # one thread keeps both alive, every ttl/3
+            c.put("lease:kept", "v", lease=lease.id)
+            deadline = time.monotonic() + 60
+            while answers.count(3) < 5 or answers.count(4) < 1:  # past the first lease's ttl
+                assert time.monotonic() < deadline, answers
+                time.sleep(0.05)
+            assert c.get("lease:kept") == b"v" and not lease.lost and not other.lost
+        assert c.get("lease:kept") is None
+
+
 def test_an_expired_lease_takes_its_keys_and_refuses_new_ones(lc: LocalCluster) -> None:
     with Client(cluster=lc.config) as c:
         keys = _keys_on_every_shard(c, "lease:exp")
