@@ -359,6 +359,8 @@ class Node:
                 "peers": peers,
                 "leader_changes_1m": sum(1 for t in list(self.leader_changes[s]) if t > time.monotonic() - 60),
                 "txns_open": open_txns,
+                "leases": len(r.state.leases.leases),  # homed here, and mirrors (raftkv.leases)
+                "lease_drops_pending": len(r.state.leases.dropping),
                 "oldest_txn_age_s": oldest_txn,
                 "ticking": r.tick_thread_alive(),
             }
