@@ -340,8 +340,9 @@ def _holder(s: Any, lid: int, remaining: int | None, now_ms: int) -> Lease | Non
 
 def _put(s: Any, cmd: tuple, now_ms: int) -> Any:
     _, key, value, lid, remaining = cmd
-    if s.txns.lock_of(key) is not None:
-        return s.txns.lock_of(key)
+    lock = s.txns.lock_of(key)
+    if lock is not None:
+        return lock
     if _holder(s, lid, remaining, now_ms) is None:
         return no_lease(lid)
     rev = s.write(key, value)  # detaches the key from its previous lease, clears its deadline
