@@ -120,8 +120,12 @@ class Lease:
         self._stopped = False
 
     def grant(self) -> int:
-        """Grant the lease and start keeping it alive every ``ttl/3`` seconds; its id."""
+        """Grant the lease and start keeping it alive every ``ttl/3`` seconds; its id.
+
+        After ``revoke`` the same object may grant again (a ``Lock`` acquired twice does).
+        """
         self.id = self.client.lease_grant(self.ttl, near=self.near)
+        self.lost = self._stopped = False
         self.client._keepalives.add(self)
         return self.id
 

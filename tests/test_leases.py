@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -362,7 +363,7 @@ def test_async_client_lease(lc: LocalCluster) -> None:
     asyncio.run(go())
 
 
-def test_keys_on_shards_no_drop_reaches_die_at_their_guard_deadline(tmp_path) -> None:
+def test_keys_on_shards_no_drop_reaches_die_at_their_guard_deadline(tmp_path: Path) -> None:
     """Every node refuses every lease_drop (a fault point): REVOKE still answers, the home shard's key
     goes at once, and the other shards' keys go when their guard deadline passes, with no message."""
     lc = start_cluster(str(tmp_path / "c"), node_args=["--fault", "exec.not_applied:0:0:lease_drop"])

@@ -75,6 +75,9 @@ def test_a_held_lock_times_out_a_waiter_then_lapses(lc: LocalCluster) -> None:
             c.lock("lock:lapse", ttl=1.0, wait=0.2).acquire()
         with c.lock("lock:lapse", ttl=1.0, wait=10) as second:
             assert second.token > first.token  # the stale holder's token is now fenced off
+            token = second.token
+        with second:  # a Lock may be taken again once released: a new lease, kept alive again
+            assert second.token > token and second.lease.id is not None and not second.lost
 
 
 def test_cli_runs_a_command_under_the_lock(lc: LocalCluster) -> None:
