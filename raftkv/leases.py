@@ -61,7 +61,8 @@ lease's home):
 ==============================================  ====================================
 command                                         result
 ==============================================  ====================================
-``("lease_grant", shard, ttl_ms)``              the new lease id
+``("lease_grant", shard, ttl_ms)``              the new lease id (-BUSY beyond
+                                                ``LEASES_MAX``)
 ``("lease_keepalive", id)``                     ``(ttl_ms, shards)``
 ``("lease_revoke", id)``                        ``(ttl_ms, shards)`` (home keys gone)
 ``("lease_ttl", id)``                           ``(remaining_ms, ttl_ms, keys here,
@@ -95,6 +96,7 @@ SHARD_BITS = 10  # a lease id's low bits name its home shard: up to 1024 shards
 SHARD_MASK = (1 << SHARD_BITS) - 1
 TTL_S_MAX = 30 * 24 * 3600  # the longest lease a client may grant, seconds
 DROPPED_GRACE_MS = 60_000  # how long past its ttl a mirror remembers a dropped lease (log time)
+LEASES_MAX = 100_000  # live leases and mirrors on one shard; GRANT beyond it answers -BUSY
 
 
 def lease_id(seq: int, shard: int) -> int:
@@ -290,6 +292,9 @@ def _home(s: Any, lid: int, now_ms: int) -> Any:
 
 def _grant(s: Any, cmd: tuple, now_ms: int) -> Any:
     _, shard, ttl_ms = cmd
+    if len(s.leases.leases) >= LEASES_MAX:
+        return CmdError("BUSY", f"shard {shard} holds {LEASES_MAX} leases (LEASES_MAX); revoke some or wait "
+                                "for them to expire")
     return s.leases.grant(shard, ttl_ms, now_ms)
 
 

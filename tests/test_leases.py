@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raftkv import Client, RaftKVError
+from raftkv import Client, RaftKVError, leases
 from raftkv.aio import AsyncClient
 from raftkv.cli import main
 from raftkv.cluster import LocalCluster
@@ -230,6 +230,16 @@ def test_errors_and_a_plain_write_detaches() -> None:
     assert s.apply(("lease_ttl", lid), 300) == (700, 1000, 0, ())
     s.apply(("noop",), 1000)
     assert s.read(("get", b"k"), 1000) == b"mine"
+
+
+def test_grants_are_limited_per_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(leases, "LEASES_MAX", 2)
+    s = KVState()
+    first = s.apply(("lease_grant", 0, 1000), 0)
+    s.apply(("lease_grant", 0, 1000), 0)
+    assert s.apply(("lease_grant", 0, 1000), 0).code == "BUSY"
+    s.apply(("lease_revoke", first), 10)
+    assert not isinstance(s.apply(("lease_grant", 0, 1000), 20), CmdError)
 
 
 def test_a_lease_lock_keeps_its_token_for_its_holder_and_fences_the_next() -> None:
