@@ -1,8 +1,9 @@
 """Leases: the state machines of several shards against a one-table model, then a live cluster.
 
-The pure part drives three ``KVState`` shards the way nodes do (``raftkv.server.commands.leases``:
-``lease_use`` on the home shard before a remote attach, refreshes and drops fanned out to the
-shards that mirror a lease) and checks every key against a model that knows nothing of shards.
+The pure part runs three ``KVState`` shards behind the node's own lease code
+(``raftkv.server.commands.leases``: ``lease_use`` on the home shard before a remote attach,
+refreshes and drops fanned out to the shards that mirror a lease, the sweep) in one process and
+checks every key against a model that knows nothing of shards.
 Drops may be lost; the model then allows a key to outlive a *revoked* lease only until the next
 sweep or its lease's deadline, never an *expired* one, and never lets a key die early.
 """
@@ -13,6 +14,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -24,7 +27,11 @@ from raftkv.aio import AsyncClient
 from raftkv.cli import main
 from raftkv.cluster import LocalCluster
 from raftkv.leases import DROPPED_GRACE_MS, home_of
+from raftkv.protocol import OK, Error
 from raftkv.results import CmdError
+from raftkv.server.api import BadRequest
+from raftkv.server.commands.kv import cmd_set
+from raftkv.server.commands.leases import cmd_lease, sweep
 from raftkv.state import KVState
 from tests.conftest import redis_to, start_cluster
 
@@ -59,70 +66,99 @@ class Model:
         self.unheard = {k: (lid, t) for k, (lid, t) in self.unheard.items() if t > now}
 
 
+LOOP = asyncio.new_event_loop()  # the simulated node's event loop (one for every example)
+
+
 class Cluster:
-    """Three shards' state machines and the node's side of leases, with drops that may be lost."""
+    """Three shards' state machines behind the node's own lease code (``raftkv.server.commands.leases``,
+    through the ``NodeAPI`` surface it uses): every command applies at once, in one process, at log
+    time ``now``; while ``losing``, every ``lease_drop`` is refused, as a message that never arrives."""
+
+    HOME_KEYS = {shard: key for key, shard in sorted(KEYS.items(), reverse=True)}  # a key on each shard
 
     def __init__(self) -> None:
         self.shards = [KVState() for _ in range(SHARDS)]
         self.now = 1000
+        self.losing = False
+        self.map = SimpleNamespace(nshards=SHARDS)
+        self.replicas: dict = {}
+        self.loop = LOOP
 
-    def run(self, shard: int, cmd: tuple) -> object:
+    # -- the NodeAPI surface ---------------------------------------------------------------------
+    def shard_of(self, key: bytes) -> int:
+        return KEYS[key]
+
+    def check_value(self, value: bytes) -> None:
+        pass
+
+    def run(self, coro: Any) -> asyncio.Future:
+        return asyncio.ensure_future(coro)
+
+    async def execute(self, shard: int, cmd: tuple, *, read: bool = False, idempotent: bool = False,
+                      hops: int = 0, budget_s: float | None = None) -> Any:
+        if self.losing and cmd[0] == "lease_drop":
+            return Error("TRYAGAIN", "the message was lost")
+        state = self.shards[shard]
+        return state.read(cmd, self.now) if read else state.apply(cmd, self.now)
+
+    # -- driving it -------------------------------------------------------------------------------
+    def apply(self, shard: int, cmd: tuple) -> Any:
+        """One state-machine command on ``shard``, directly."""
         return self.shards[shard].apply(cmd, self.now)
 
-    def grant(self, home: int, ttl: int) -> int:
-        return self.run(home, ("lease_grant", home, ttl))
+    def request(self, handler: Any, *args: Any) -> Any:
+        """A client request through the node's handler: its reply."""
+        req = [a if isinstance(a, bytes) else str(a).encode() for a in args]
 
-    def attach(self, key: bytes, lid: int) -> object:
-        shard, home = KEYS[key], home_of(lid)
-        if shard == home:
-            return self.run(shard, ("lease_put", key, b"v", lid, None))
-        remaining = self.run(home, ("lease_use", lid, shard))
-        if isinstance(remaining, CmdError):
-            return remaining
-        return self.run(shard, ("lease_put", key, b"v", lid, remaining))
+        async def go() -> Any:
+            try:
+                reply = handler(self, None, req)
+            except BadRequest as e:
+                return e.error
+            return await reply if asyncio.isfuture(reply) else reply
+        return self.loop.run_until_complete(go())
 
-    def keepalive(self, lid: int) -> object:
-        res = self.run(home_of(lid), ("lease_keepalive", lid))
-        if not isinstance(res, CmdError):
-            for s in res[1]:
-                self.run(s, ("lease_refresh", lid, res[0]))
-        return res
+    def grant(self, home: int, ttl_s: int) -> int:
+        return self.request(cmd_lease, "RAFTKV.LEASE", "GRANT", ttl_s, "FOR", self.HOME_KEYS[home])
 
-    def deliver(self, home: int, lid: int, ttl: int, shards: tuple, lost: bool) -> None:
-        if lost:
-            return
-        for s in shards:
-            self.run(s, ("lease_drop", lid, ttl))
-        self.run(home, ("lease_dropped", lid, shards))
+    def attach(self, key: bytes, lid: int) -> Any:
+        return self.request(cmd_set, "SET", key, b"v", "LEASE", lid)
 
-    def revoke(self, lid: int, lost: bool) -> object:
-        res = self.run(home_of(lid), ("lease_revoke", lid))
-        if not isinstance(res, CmdError):
-            self.deliver(home_of(lid), lid, res[0], res[1], lost)
-        return res
+    def keepalive(self, lid: int) -> Any:
+        return self.request(cmd_lease, "RAFTKV.LEASE", "KEEPALIVE", lid)
+
+    def revoke(self, lid: int, lost: bool) -> Any:
+        self.losing = lost
+        try:
+            return self.request(cmd_lease, "RAFTKV.LEASE", "REVOKE", lid)
+        finally:
+            self.losing = False
 
     def sweep(self) -> None:
         for home in range(SHARDS):
-            for lid, ttl, shards in self.shards[home].read(("lease_pending",), self.now):
-                self.deliver(home, lid, ttl, shards, lost=False)
+            self.loop.run_until_complete(sweep(self, home))
 
     def advance(self, ms: int) -> None:
         self.now += ms
         for s in range(SHARDS):
-            self.run(s, ("noop",))  # the reaper's empty entry
+            self.apply(s, ("noop",))  # the reaper's empty entry
 
     def alive(self, key: bytes) -> bool:
         return self.shards[KEYS[key]].read(("get", key), self.now) is not None
 
 
+def no_lease(res: Any) -> bool:
+    return isinstance(res, Error) and res.code == "NOLEASE"
+
+
 lease_ops = st.one_of(
-    st.tuples(st.just("grant"), st.integers(0, SHARDS - 1), st.sampled_from([100, 250, 1000])),
+    st.tuples(st.just("grant"), st.integers(0, SHARDS - 1), st.sampled_from([1, 2, 5])),
     st.tuples(st.just("attach"), st.sampled_from(sorted(KEYS)), st.integers(0, 5)),
     st.tuples(st.just("keepalive"), st.integers(0, 5)),
     st.tuples(st.just("revoke"), st.integers(0, 5), st.booleans()),
     st.tuples(st.just("put"), st.sampled_from(sorted(KEYS))),
     st.tuples(st.just("delete"), st.sampled_from(sorted(KEYS))),
-    st.tuples(st.just("advance"), st.integers(1, 400)),
+    st.tuples(st.just("advance"), st.integers(1, 2500)),
     st.tuples(st.just("sweep")),
     st.tuples(st.just("restart")),
 )
@@ -142,33 +178,33 @@ def test_keys_live_and_die_with_their_leases_across_shards(ops: list[tuple]) -> 
             lid = c.grant(op[1], op[2])
             assert lid not in m.deadlines and home_of(lid) == op[1]
             granted.append(lid)
-            m.deadlines[lid], m.ttl[lid] = c.now + op[2], op[2]
+            m.deadlines[lid], m.ttl[lid] = c.now + op[2] * 1000, op[2] * 1000
         elif kind == "attach" and lid is not None:
             res = c.attach(op[1], lid)
-            assert isinstance(res, CmdError) == (not m.live(lid, c.now)), (res, op)
+            assert (res == OK) == m.live(lid, c.now) and (res == OK or no_lease(res)), (res, op)
             if m.live(lid, c.now):
                 m.alive[op[1]] = lid
                 m.unheard.pop(op[1], None)
         elif kind == "keepalive" and lid is not None:
             res = c.keepalive(lid)
             if m.live(lid, c.now):
-                assert res[0] == m.ttl[lid]
+                assert res == m.ttl[lid] // 1000
                 m.deadlines[lid] = c.now + m.ttl[lid]
             else:
-                assert res == CmdError("NOLEASE", f"lease {lid} not found")
+                assert res == Error("NOLEASE", f"lease {lid} not found")
         elif kind == "revoke" and lid is not None:
             res = c.revoke(lid, lost=op[2])
-            assert isinstance(res, CmdError) == (not m.live(lid, c.now))
+            assert (res == OK) == m.live(lid, c.now) and (res == OK or no_lease(res)), (res, op)
             if m.live(lid, c.now):
                 m.end(lid, c.now, revoked=True)
                 if not op[2]:  # the drops were delivered
                     m.unheard = {k: v for k, v in m.unheard.items() if v[0] != lid}
         elif kind == "put":
-            c.run(KEYS[op[1]], ("set", op[1], b"plain"))
+            c.apply(KEYS[op[1]], ("set", op[1], b"plain"))
             m.alive[op[1]] = None
             m.unheard.pop(op[1], None)
         elif kind == "delete":
-            c.run(KEYS[op[1]], ("del", [op[1]]))
+            c.apply(KEYS[op[1]], ("del", [op[1]]))
             m.alive.pop(op[1], None)
             m.unheard.pop(op[1], None)
         elif kind == "advance":
@@ -191,19 +227,19 @@ def test_keys_live_and_die_with_their_leases_across_shards(ops: list[tuple]) -> 
 def test_an_attach_in_flight_when_the_lease_is_revoked_is_refused() -> None:
     """lease_use on the home shard, then the revocation and its drop, then the attach arrives: refused."""
     c = Cluster()
-    lid = c.grant(0, 1000)
-    remaining = c.run(0, ("lease_use", lid, 1))
+    lid = c.grant(0, 1)
+    remaining = c.apply(0, ("lease_use", lid, 1))
     c.revoke(lid, lost=False)
-    assert c.run(1, ("lease_put", b"b0", b"v", lid, remaining)) == CmdError("NOLEASE", f"lease {lid} not found")
+    assert c.apply(1, ("lease_put", b"b0", b"v", lid, remaining)) == CmdError("NOLEASE", f"lease {lid} not found")
     assert not c.alive(b"b0")
     c.advance(1000 + DROPPED_GRACE_MS)  # a tombstone is kept ttl + grace of log time, then forgotten
-    c.run(1, ("lease_drop", lid + (1 << 10), 10))
+    c.apply(1, ("lease_drop", lid + (1 << 10), 10))
     assert list(c.shards[1].leases.dropped) == [lid + (1 << 10)]
 
 
 def test_a_lost_drop_is_delivered_by_the_sweep_and_bounded_by_the_guard() -> None:
     c = Cluster()
-    lid = c.grant(0, 1000)
+    lid = c.grant(0, 1)
     c.attach(b"b0", lid)
     c.attach(b"c0", lid)
     c.revoke(lid, lost=True)
@@ -213,7 +249,7 @@ def test_a_lost_drop_is_delivered_by_the_sweep_and_bounded_by_the_guard() -> Non
     assert not c.alive(b"b0") and not c.alive(b"c0")
     assert c.shards[0].read(("lease_pending",), c.now) == ()
 
-    lid = c.grant(0, 1000)
+    lid = c.grant(0, 1)
     c.attach(b"b1", lid)
     c.revoke(lid, lost=True)
     c.advance(1000)  # no sweep ever: the mirror's guard deadline deletes it
