@@ -36,6 +36,7 @@ without it they raise :class:`WorkloadUnavailable`.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from jepsen_like import elle
@@ -121,7 +122,7 @@ class RegisterWorkload:
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 2, key_period: float = 5.0,
                  op_timeout: float = 4.0, read_any_node: bool = False,
-                 mix: tuple[float, float, float] = (0.4, 0.3, 0.3)) -> None:
+                 mix: tuple[float, float, float] = (0.4, 0.3, 0.3), **_: Any) -> None:
         self.map = shardmap
         self.seed = seed
         self.keys_per_shard = keys_per_shard
@@ -466,16 +467,25 @@ class LockWorkload(_RotatingGroups):
     end of the run: a client still holding at the end abandons its lock (its lease
     expires after the run) so that no unrecorded release races another client's
     last acquire.  Checked with the mutex model, partitioned per lock.
+
+    ``unsafe_lock_lapse`` (``--unsafe-lock-lapse``) is the negative control on a real
+    cluster: holders take a 1 s lease, stop its keep-alive at once and wait
+    ``LAPSE_HOLD_S`` before releasing, as a holder paused past its lease would; the
+    lock goes to the next client meanwhile, which the mutex check must report.
     """
+
+    LAPSE_HOLD_S = 2.5
 
     name = "lock"
     model = "mutex"
     prefix = "lock"
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
-                 op_timeout: float = 4.0, lock_ttl: float = 15.0, **_: Any) -> None:
+                 op_timeout: float = 4.0, lock_ttl: float = 15.0, unsafe_lock_lapse: bool = False,
+                 **_: Any) -> None:
         super().__init__(shardmap, keys_per_shard, key_period, op_timeout)
-        self.lock_ttl = lock_ttl
+        self.lapse = unsafe_lock_lapse
+        self.lock_ttl = 1.0 if unsafe_lock_lapse else lock_ttl
 
     def setup(self, rec: Any) -> None:
         pass
@@ -497,6 +507,8 @@ class _LockWorker(_TxnWorkerBase):
 
     def next_op(self, t: float) -> tuple[str, Any, Any]:
         if self.held is not None:
+            if self.wl.lapse:  # hold past the lease, between the acquire's return and the release's invocation
+                time.sleep(self.wl.LAPSE_HOLD_S)
             return "release", self.held.name.decode(), None
         return "acquire", self.rng.choice(self.wl.group_at(t)), None
 
@@ -507,6 +519,8 @@ class _LockWorker(_TxnWorkerBase):
                 token = lock.acquire()
             except Exception as e:  # noqa: BLE001
                 return classify(e, write=True), str(e)[:200]
+            if self.wl.lapse:
+                lock.abandon()
             self.held = lock
             return "ok", token
         lock, self.held = self.held, None

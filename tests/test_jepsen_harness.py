@@ -174,6 +174,17 @@ def test_lock_workload_is_a_mutex_under_kills(tmp_path: Path) -> None:
     assert res["counts"]["ok"] > 20
 
 
+@pytest.mark.slow
+def test_lock_holders_past_their_lease_are_caught(tmp_path: Path) -> None:
+    """The negative control on a real cluster: holders stop their keep-alives and hold past the lease, so
+    a lock lapses under its holder and goes to the next client; the mutex check must say so."""
+    rc, res, out = harness(tmp_path, "--workload", "lock", "--unsafe-lock-lapse", "--keys-per-shard", "1",
+                           "--time", "7", "--clients", "8", "--rate", "80", "--seed", "3")
+    assert rc == 1, f"expected the mutex check to fail, exit {rc}:\n{out[-4000:]}"
+    mutex = res["checks"]["mutex"]
+    assert mutex["valid"] is False and mutex["failing_ops"], mutex
+
+
 def test_partition_without_namespace_is_reported_unavailable(tmp_path: Path) -> None:
     rc, res, out = harness(tmp_path, "--nemesis", "partition", "--netns", "off", "--time", "1")
     assert rc == 3
