@@ -179,12 +179,21 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
 @click.option("--ttl", type=click.FloatRange(min=0.001), default=None, help="expire the key after this many seconds")
 @click.option("--lease", "lease_id", type=int, default=None, metavar="ID",
               help="attach the key to lease ID: it is deleted when the lease expires or is revoked")
+@click.option("--fencing-token", "token", type=int, default=None, metavar="N",
+              help="a lock holder's write: refused (exit 1) if a holder with a larger token wrote KEY first "
+                   "(e.g. --fencing-token $RAFTKV_FENCING_TOKEN under 'raftkv lock')")
 @cluster_option
-def put(key: str, value: str, ttl: float | None, lease_id: int | None, cluster_file: str | None) -> None:
+def put(key: str, value: str, ttl: float | None, lease_id: int | None, token: int | None,
+        cluster_file: str | None) -> None:
     """Set KEY to VALUE (durable on a majority when this returns)."""
-    if ttl is not None and lease_id is not None:
-        raise click.UsageError("give --ttl or --lease, not both")
-    _with_lease(cluster_file, lambda c: c.put(key, value, ttl=ttl, lease=lease_id))
+    if sum(x is not None for x in (ttl, lease_id, token)) > 1:
+        raise click.UsageError("give at most one of --ttl, --lease, --fencing-token")
+    if token is not None:
+        if not _with_client(cluster_file, lambda c: c.fenced_put(key, value, token)):
+            click.echo(f"raftkv: refused: a holder with a token above {token} wrote {key!r} first", err=True)
+            sys.exit(1)
+    else:
+        _with_lease(cluster_file, lambda c: c.put(key, value, ttl=ttl, lease=lease_id))
     click.echo("OK")
 
 

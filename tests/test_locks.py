@@ -89,6 +89,17 @@ def test_cli_runs_a_command_under_the_lock(lc: LocalCluster) -> None:
     assert res.exit_code == 7
 
 
+def test_cli_fenced_put_refuses_a_lower_token(lc: LocalCluster) -> None:
+    put = lambda token: CliRunner().invoke(main, ["put", "fenced:cli", f"by-{token}", "--fencing-token",  # noqa: E731
+                                                  str(token), "--cluster", str(lc.config)])
+    assert put(5).exit_code == 0
+    assert put(7).exit_code == 0
+    res = put(6)
+    assert res.exit_code == 1 and "refused" in res.output
+    with Client(cluster=lc.config) as c:
+        assert c.get("fenced:cli") == b"by-7"
+
+
 HOLDER = """
 import sys
 from raftkv import Client
