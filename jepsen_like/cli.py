@@ -95,7 +95,8 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
 
 # --- raftkv-jepsen run (jepsen_like.runner) ---------------------------------------- begin
 @main.command("run")
-@click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn"]), default="register", show_default=True)
+@click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock"]), default="register",
+              show_default=True, help="lock: acquire/release under leases, checked with the mutex model")
 @click.option("--nemesis", type=click.Choice(["none", "kill", "pause", "partition", "all"]), default="none",
               show_default=True, help="faults to inject on a schedule (all = kill, pause and partition)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
@@ -128,6 +129,9 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
 @click.option("--quiet-max", type=float, default=4.0, show_default=True)
 @click.option("--partition-shapes", default="halves,isolate-leader,majority-ring", show_default=True,
               help="comma-separated partition shapes the partition nemesis picks from")
+@click.option("--unsafe-lock-lapse", is_flag=True,
+              help="lock workload, deliberately unsafe: holders stop their keep-alives and hold past the lease "
+                   "(1 s), so the lock lapses under them: the mutex check must fail")
 @click.option("--auth", is_flag=True,
               help="run with authentication and roles: the clients' user may only read and write the workloads' keys")
 def run_cmd(time_s: float, **kw: object) -> None:

@@ -20,7 +20,8 @@ Two more hooks feed the checker:
 
 Models: :class:`KVModel` (register / per-key map with get/put/cas/delete and
 append; ``None`` = absent), the etcd register of the corpus and the corpus kv
-append model are instances of it; :class:`TxnModel` for multi-key transactions.
+append model are instances of it; :class:`TxnModel` for multi-key transactions;
+:class:`MutexModel` for locks (acquire / release, as Knossos's mutex).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "Model",
     "KVModel",
     "TxnModel",
+    "MutexModel",
     "MODEL_NAMES",
     "get_model",
     "default_model_for",
@@ -59,6 +61,14 @@ def freeze(v: Any) -> Any:
     if isinstance(v, dict):
         return tuple(sorted((k, freeze(x)) for k, x in v.items()))
     return v
+
+
+def by_key(ops: Sequence[Op]) -> list[list[Op]]:
+    """The sub-histories of each key (P-compositionality for objects that are one per key)."""
+    parts: dict[Any, list[Op]] = {}
+    for op in ops:
+        parts.setdefault(freeze(op.key), []).append(op)
+    return list(parts.values())
 
 
 class Model:
@@ -129,10 +139,7 @@ class KVModel(Model):
     def partition(self, ops: Sequence[Op]) -> list[list[Op]]:
         if not self.partitioned:
             return super().partition(ops)
-        parts: dict[Any, list[Op]] = {}
-        for op in ops:
-            parts.setdefault(freeze(op.key), []).append(op)
-        return list(parts.values())
+        return by_key(ops)
 
     def encode(self, op: Op) -> tuple[Any, Any] | None:
         if op.status == "fail":
@@ -326,9 +333,54 @@ class TxnModel(Model):
         return cond
 
 
+# ---------------------------------------------------------------- locks
+
+
+class MutexModel(Model):
+    """A mutex per key (Knossos's ``mutex``, with owners): ``acquire`` and ``release``.
+
+    The state is the holding process, or ``None``.  A completed ``acquire`` needs
+    the mutex free and takes it; a completed ``release`` needs the caller to hold
+    it and frees it.  So two ``ok`` acquires by different processes with no
+    release between them cannot be linearized: two holders at once.  An
+    indeterminate acquire takes the mutex only if it is free, an indeterminate
+    release frees it only if the caller holds it (either may also never happen,
+    which the search covers by linearizing it last).  A holder that lost its lock
+    without releasing it (a lease that lapsed) records its release as ``info``:
+    the mutex is free only from the release's invocation on, so an acquire by
+    someone else before that is the violation it is.
+    """
+
+    name = "mutex"
+
+    def init(self) -> Any:
+        return None
+
+    def partition(self, ops: Sequence[Op]) -> list[list[Op]]:
+        return by_key(ops)
+
+    def encode(self, op: Op) -> tuple[Any, Any] | None:
+        if op.status == "fail":
+            return None
+        if op.f not in ("acquire", "release"):
+            raise ValueError(f"mutex model: unsupported operation {op.f!r} in {op.describe()}")
+        return (op.f, freeze(op.client)), (UNKNOWN if op.status != "ok" else True)
+
+    def compile(self, input: Any, output: Any) -> Transition:
+        kind, who = input
+        illegal = ILLEGAL
+        if kind == "acquire":
+            if output is UNKNOWN:
+                return lambda s: who if s is None else s
+            return lambda s: who if s is None else illegal
+        if output is UNKNOWN:
+            return lambda s: None if s == who else s
+        return lambda s: None if s == who else illegal
+
+
 # ---------------------------------------------------------------- registry
 
-MODEL_NAMES = ("register", "kv", "kv-append", "etcd", "txn")
+MODEL_NAMES = ("register", "kv", "kv-append", "etcd", "txn", "mutex")
 
 
 def get_model(name: str) -> Model:
@@ -343,6 +395,8 @@ def get_model(name: str) -> Model:
         return KVModel("etcd", None, partitioned=False)
     if name == "txn":
         return TxnModel()
+    if name == "mutex":
+        return MutexModel()
     raise ValueError(f"unknown model {name!r} (expected one of {', '.join(MODEL_NAMES)})")
 
 

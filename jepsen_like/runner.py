@@ -88,6 +88,7 @@ class RunConfig:
     quiet_max: float = 4.0
     partition_shapes: str = "halves,isolate-leader,majority-ring"
     auth: bool = False
+    unsafe_lock_lapse: bool = False
 
     def to_argv(self) -> list[str]:
         """Command-line options reproducing this config (for the re-exec inside the namespace)."""
@@ -216,7 +217,7 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     try:
         workload = make_workload(cfg.workload, shardmap, cfg.seed, keys_per_shard=cfg.keys_per_shard,
                                  key_period=cfg.key_period, op_timeout=cfg.op_timeout,
-                                 read_any_node=cfg.read_any_node)
+                                 read_any_node=cfg.read_any_node, unsafe_lock_lapse=cfg.unsafe_lock_lapse)
     except WorkloadUnavailable as e:
         _say(f"raftkv-jepsen: {e}")
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -232,7 +233,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     mode = ("private netns, node i on 127.0.0.i, iptables: " + os.environ.get(netns.ENV_MARK, "")) if inside \
         else "host loopback 127.0.0.1 (no partitions)"
     _say(f"raftkv-jepsen: {cfg.workload} / nemesis {cfg.nemesis} for {cfg.time:g} s, seed {cfg.seed}, "
-         f"{cfg.nodes} nodes x {cfg.shards} shards{', UNSAFE local reads' if cfg.unsafe_local_reads else ''}; "
+         f"{cfg.nodes} nodes x {cfg.shards} shards{', UNSAFE local reads' if cfg.unsafe_local_reads else ''}"
+         f"{', UNSAFE lock holders past their lease' if cfg.unsafe_lock_lapse else ''}; "
          f"{mode}; writing {run_dir}")
     rec = Recorder()
     rng = random.Random(cfg.seed)

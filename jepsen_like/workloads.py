@@ -35,6 +35,11 @@ answer moves on to the next node. Checked per key for linearizability
 (``kv`` model) and by ``lost-update``: each counter's final value lies between
 the acknowledged increments and those plus the indeterminate ones.
 
+``lock``: clients acquire and release a few locks per shard (``Client.lock``:
+the lock key held through a lease kept alive in the background), rotated every
+``key_period`` seconds.  History ops are ``acquire`` / ``release`` per lock
+name; checked per lock with the mutex model (at most one holder at a time).
+
 ``bank`` and ``txn`` need the transaction API (``Client.txn()``); in a build
 without it they raise :class:`WorkloadUnavailable`.
 """
@@ -42,6 +47,7 @@ without it they raise :class:`WorkloadUnavailable`.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from jepsen_like import elle
@@ -53,7 +59,7 @@ from raftkv.connection import Connection
 
 __all__ = ["WORKLOADS", "WorkloadUnavailable", "Worker", "RegisterWorkload", "make_workload", "classify"]
 
-WORKLOADS = ("register", "counter", "bank", "txn")
+WORKLOADS = ("register", "counter", "bank", "txn", "lock")
 
 
 class WorkloadUnavailable(RuntimeError):
@@ -74,7 +80,7 @@ def _s(v: Any) -> Any:
 
 
 # Every prefix a workload's keys start with: with ``--auth`` the clients' role may write only these.
-KEY_PREFIXES = ("r", "c", "acct", "t")
+KEY_PREFIXES = ("r", "c", "acct", "t", "lock")
 # Credentials of the harness's clients (``--auth``: a user whose role covers only KEY_PREFIXES).
 CLIENT_AUTH: dict[str, str] = {}
 
@@ -129,7 +135,7 @@ class RegisterWorkload:
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 2, key_period: float = 5.0,
                  op_timeout: float = 4.0, read_any_node: bool = False,
-                 mix: tuple[float, float, float] = (0.4, 0.3, 0.3)) -> None:
+                 mix: tuple[float, float, float] = (0.4, 0.3, 0.3), **_: Any) -> None:
         self.map = shardmap
         self.seed = seed
         self.keys_per_shard = keys_per_shard
@@ -365,7 +371,30 @@ class _BankWorker(_TxnWorkerBase):
             return classify(e, write=isinstance(value, dict)), str(e)[:200]
 
 
-class TxnWorkload:
+class _RotatingGroups:
+    """Workloads on groups of ``keys_per_shard`` keys on every shard (named ``prefix`` + generation),
+    a fresh group every ``key_period`` seconds, so that each key's history stays small."""
+
+    prefix = ""
+
+    def __init__(self, shardmap: Any, keys_per_shard: int, key_period: float, op_timeout: float) -> None:
+        self.map = shardmap
+        self.keys_per_shard = keys_per_shard
+        self.key_period = key_period
+        self.op_timeout = op_timeout
+        self._groups: dict[int, list[str]] = {}
+
+    def group_at(self, t: float) -> list[str]:
+        gen = int(t // self.key_period) if self.key_period > 0 else 0
+        if gen not in self._groups:
+            self._groups[gen] = _keys_per_shard(self.map, f"{self.prefix}{gen}.", self.keys_per_shard)
+        return self._groups[gen]
+
+    def used_keys(self) -> list[str]:
+        return [k for g in sorted(self._groups) for k in self._groups[g]]
+
+
+class TxnWorkload(_RotatingGroups):
     """Random multi-key transactions (1-4 reads/writes, each key once) within a key group.
 
     A group is ``keys_per_shard`` keys on every shard; groups rotate every
@@ -378,23 +407,11 @@ class TxnWorkload:
     """
 
     name = "txn"
+    prefix = "t"
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
                  op_timeout: float = 4.0, **_: Any) -> None:
-        self.map = shardmap
-        self.keys_per_shard = keys_per_shard
-        self.key_period = key_period
-        self.op_timeout = op_timeout
-        self._groups: dict[int, list[str]] = {}
-
-    def group_at(self, t: float) -> list[str]:
-        gen = int(t // self.key_period) if self.key_period > 0 else 0
-        if gen not in self._groups:
-            self._groups[gen] = _keys_per_shard(self.map, f"t{gen}.", self.keys_per_shard)
-        return self._groups[gen]
-
-    def used_keys(self) -> list[str]:
-        return [k for g in sorted(self._groups) for k in self._groups[g]]
+        super().__init__(shardmap, keys_per_shard, key_period, op_timeout)
 
     def setup(self, rec: Any) -> None:
         pass
@@ -443,27 +460,15 @@ class _TxnWorker(_TxnWorkerBase):
             return classify(e, write=f != "get" and any(m[0] == "w" for m in value)), str(e)[:200]
 
 
-class CounterWorkload:
+class CounterWorkload(_RotatingGroups):
     """WATCH/MULTI/EXEC increments of one counter per shard, a fresh set every ``key_period`` s (module doc)."""
 
     name = "counter"
+    prefix = "c"
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
                  op_timeout: float = 4.0, **_: Any) -> None:
-        self.map = shardmap
-        self.keys_per_shard = keys_per_shard
-        self.key_period = key_period
-        self.op_timeout = op_timeout
-        self._keys: dict[int, list[str]] = {}
-
-    def keys_at(self, t: float) -> list[str]:
-        gen = int(t // self.key_period) if self.key_period > 0 else 0
-        if gen not in self._keys:
-            self._keys[gen] = _keys_per_shard(self.map, f"c{gen}.", self.keys_per_shard)
-        return self._keys[gen]
-
-    def used_keys(self) -> list[str]:
-        return [k for g in sorted(self._keys) for k in self._keys[g]]
+        super().__init__(shardmap, keys_per_shard, key_period, op_timeout)
 
     def setup(self, rec: Any) -> None:
         pass
@@ -515,7 +520,7 @@ class _CounterWorker(Worker):
         if self.watched is not None:
             key, seen = self.watched
             return "cas", key, [seen, str(int(seen or 0) + 1)]
-        return "get", self.rng.choice(self.wl.keys_at(t)), None
+        return "get", self.rng.choice(self.wl.group_at(t)), None
 
     def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
         if self.client is not None:  # final reads: the routing client, no WATCH
@@ -549,6 +554,95 @@ class _CounterWorker(Worker):
             self.client.close()
 
 
+class LockWorkload(_RotatingGroups):
+    """acquire / release of ``keys_per_shard`` locks per shard, rotated every ``key_period`` s.
+
+    Each client alternates: acquire a random current lock (waiting at most
+    ``op_timeout``), then release it at its next op.  Outcomes:
+
+    * acquire ``ok``: held (its value is the fencing token); ``fail``: not held
+      (another holder kept it for the whole wait, or no leader); ``info``: unknown
+      (``Client.lock`` revokes its lease on the way out, so it is not held after);
+    * release ``ok``: the lease was revoked (the lock key is gone); ``info`` for
+      anything else: a revocation that failed leaves the lock to expire with its
+      lease, and a lease found *lost* (it lapsed while the client believed it held
+      the lock) is recorded as ``info`` too, so an acquire by another client
+      before the release's invocation shows up as two holders.
+
+    The lease ttl is ``lock_ttl`` s, long against the nemeses' faults (the log time
+    that expires a lease stands still while a shard has no leader), and against the
+    end of the run: a client still holding at the end abandons its lock (its lease
+    expires after the run) so that no unrecorded release races another client's
+    last acquire.  Checked with the mutex model, partitioned per lock.
+
+    ``unsafe_lock_lapse`` (``--unsafe-lock-lapse``) is the negative control on a real
+    cluster: holders take a 1 s lease, stop its keep-alive at once and wait
+    ``LAPSE_HOLD_S`` before releasing, as a holder paused past its lease would; the
+    lock goes to the next client meanwhile, which the mutex check must report.
+    """
+
+    LAPSE_HOLD_S = 2.5
+
+    name = "lock"
+    model = "mutex"
+    prefix = "lock"
+
+    def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
+                 op_timeout: float = 4.0, lock_ttl: float = 15.0, unsafe_lock_lapse: bool = False,
+                 **_: Any) -> None:
+        super().__init__(shardmap, keys_per_shard, key_period, op_timeout)
+        self.lapse = unsafe_lock_lapse
+        self.lock_ttl = 1.0 if unsafe_lock_lapse else lock_ttl
+
+    def setup(self, rec: Any) -> None:
+        pass
+
+    def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
+        return _LockWorker(self, process, rng)
+
+    def final_ops(self) -> list[tuple[str, Any, Any]]:
+        return []
+
+    def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
+        return {"mutex": check(ops, get_model(self.model), timeout_s=timeout_s)}
+
+
+class _LockWorker(_TxnWorkerBase):
+    def __init__(self, wl: LockWorkload, process: Any, rng: random.Random) -> None:
+        super().__init__(wl, process, rng)
+        self.held: Any = None  # the raftkv.client.Lock this client holds
+
+    def next_op(self, t: float) -> tuple[str, Any, Any]:
+        if self.held is not None:
+            if self.wl.lapse:  # hold past the lease, between the acquire's return and the release's invocation
+                time.sleep(self.wl.LAPSE_HOLD_S)
+            return "release", self.held.name.decode(), None
+        return "acquire", self.rng.choice(self.wl.group_at(t)), None
+
+    def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
+        if f == "acquire":
+            lock = self.client.lock(key, ttl=self.wl.lock_ttl, wait=self.wl.op_timeout)
+            try:
+                token = lock.acquire()
+            except Exception as e:  # noqa: BLE001
+                return classify(e, write=True), str(e)[:200]
+            if self.wl.lapse:
+                lock.abandon()
+            self.held = lock
+            return "ok", token
+        lock, self.held = self.held, None
+        try:
+            lock.release()
+        except Exception as e:  # noqa: BLE001 - not revoked: the lock lapses with its lease, some time later
+            return "info", str(e)[:200]
+        return ("info", "lease lost while held") if lock.lost else ("ok", None)
+
+    def close(self) -> None:
+        if self.held is not None:
+            self.held.abandon()  # its lease expires after the run (see LockWorkload)
+        super().close()
+
+
 class _Invariant:
     """A non-linearizability check result with the same surface the report uses (verdict, ok, summary)."""
 
@@ -574,4 +668,6 @@ def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> Any:
                 f"workload {name!r} is not available in this build: it needs the transaction API "
                 "(raftkv.Client.txn()), which this raftkv.Client does not have yet")
         return (BankWorkload if name == "bank" else TxnWorkload)(shardmap, seed, **kw)
+    if name == "lock":
+        return LockWorkload(shardmap, seed, **kw)
     raise ValueError(f"unknown workload {name!r} (expected one of {', '.join(WORKLOADS)})")

@@ -28,7 +28,8 @@ import uuid
 from typing import Any
 
 from raftkv.aioconnection import AsyncConnection, ConnectionLost
-from raftkv.client import Attempts, Bytesish, RaftKVError, UnavailableError, _b, _parse_addr
+from raftkv.client import Attempts, Bytesish, LeaseTTL, RaftKVError, UnavailableError, _b, _parse_addr
+from raftkv.leases import home_of
 from raftkv.protocol import ReplyError
 from shards.shardmap import ShardMap
 
@@ -79,10 +80,14 @@ class AsyncClient:
         """Values of several keys (each linearizable; not one snapshot across shards)."""
         return list(await asyncio.gather(*(self.get(k) for k in keys)))
 
-    async def put(self, key: Bytesish, value: Bytesish) -> None:
-        """Write ``value``; returns once it is committed and durable on a majority."""
+    async def put(self, key: Bytesish, value: Bytesish, lease: int | None = None) -> None:
+        """Write ``value``; returns once it is committed and durable on a majority.
+
+        ``lease``: attach the key to that lease (deleted when it ends; ``NOLEASE`` if it has).
+        """
         key = _b(key)
-        await self._write(self._shard(key), [b"SET", key, _b(value)])
+        extra = [] if lease is None else [b"LEASE", str(lease).encode()]
+        await self._write(self._shard(key), [b"SET", key, _b(value), *extra])
 
     async def delete(self, key: Bytesish) -> bool:
         """Delete ``key``; True if it existed."""
@@ -106,6 +111,34 @@ class AsyncClient:
         args = [x for k, v in mapping.items() for x in (_b(k), _b(v))]
         shard = self._shard(args[0])
         await self._request(shard, [b"MSET", *args], write=True)
+
+    # -- leases (raftkv.leases; the same requests as raftkv.Client's) -----------------------------
+    async def lease_grant(self, ttl: int, near: Bytesish | None = None) -> int:
+        """Grant a lease of ``ttl`` whole seconds (homed on ``near``'s shard if given); its id."""
+        args = [b"RAFTKV.LEASE", b"GRANT", str(int(ttl)).encode()]
+        if near is None:
+            assert self.map is not None
+            return int(await self._write(random.randrange(self.map.nshards), args))
+        near = _b(near)
+        return int(await self._write(self._shard(near), [*args, b"FOR", near]))
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """Push the lease's deadline back to its full ttl; the ttl (``NOLEASE`` once it ended)."""
+        return int(await self._write(home_of(lease), [b"RAFTKV.LEASE", b"KEEPALIVE", str(lease).encode()]))
+
+    async def lease_revoke(self, lease: int) -> None:
+        """End the lease now; its keys are deleted."""
+        await self._write(home_of(lease), [b"RAFTKV.LEASE", b"REVOKE", str(lease).encode()])
+
+    async def lease_ttl(self, lease: int) -> LeaseTTL:
+        """Seconds left, the granted ttl and the number of attached keys."""
+        reply = await self._request(home_of(lease), [b"RAFTKV.LEASE", b"TTL", str(lease).encode()], write=False)
+        return LeaseTTL(*(int(x) for x in reply))
+
+    def lease(self, ttl: int, near: Bytesish | None = None) -> AsyncLease:
+        """``async with client.lease(ttl) as lease:``: granted, kept alive by a task every ``ttl/3``
+        seconds, revoked on exit (``raftkv.client.Lease`` is the threaded twin)."""
+        return AsyncLease(self, int(ttl), None if near is None else _b(near))
 
     # -- routing and retries ------------------------------------------------------------------
     def _shard(self, key: bytes) -> int:
@@ -186,3 +219,39 @@ class AsyncClient:
         if isinstance(reply, ReplyError):
             conn.close()
             raise RaftKVError(reply.code, reply.message)
+
+
+class AsyncLease:
+    """A lease kept alive by a task while an ``async with`` block runs (``AsyncClient.lease``)."""
+
+    def __init__(self, client: AsyncClient, ttl: int, near: bytes | None) -> None:
+        self.client, self.ttl, self.near = client, ttl, near
+        self.id: int | None = None
+        self.lost = False
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> AsyncLease:
+        self.id = await self.client.lease_grant(self.ttl, near=self.near)
+        self._task = asyncio.create_task(self._keep_alive(self.id))
+        return self
+
+    async def _keep_alive(self, lid: int) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self.client.lease_keepalive(lid)
+            except RaftKVError as e:
+                if e.code == "NOLEASE":
+                    self.lost = True
+                    return
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.id is not None and not self.lost:
+            try:
+                await self.client.lease_revoke(self.id)
+            except RaftKVError as e:
+                if e.code != "NOLEASE":
+                    raise
+        self.id = None

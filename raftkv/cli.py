@@ -177,10 +177,23 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
 @click.argument("key")
 @click.argument("value")
 @click.option("--ttl", type=click.FloatRange(min=0.001), default=None, help="expire the key after this many seconds")
+@click.option("--lease", "lease_id", type=int, default=None, metavar="ID",
+              help="attach the key to lease ID: it is deleted when the lease expires or is revoked")
+@click.option("--fencing-token", "token", type=int, default=None, metavar="N",
+              help="a lock holder's write: refused (exit 1) if a holder with a larger token wrote KEY first "
+                   "(e.g. --fencing-token $RAFTKV_FENCING_TOKEN under 'raftkv lock')")
 @cluster_option
-def put(key: str, value: str, ttl: float | None, cluster_file: str | None) -> None:
+def put(key: str, value: str, ttl: float | None, lease_id: int | None, token: int | None,
+        cluster_file: str | None) -> None:
     """Set KEY to VALUE (durable on a majority when this returns)."""
-    _with_client(cluster_file, lambda c: c.put(key, value, ttl=ttl))
+    if sum(x is not None for x in (ttl, lease_id, token)) > 1:
+        raise click.UsageError("give at most one of --ttl, --lease, --fencing-token")
+    if token is not None:
+        if not _with_client(cluster_file, lambda c: c.fenced_put(key, value, token)):
+            click.echo(f"raftkv: refused: a holder with a token above {token} wrote {key!r} first", err=True)
+            sys.exit(1)
+    else:
+        _with_lease(cluster_file, lambda c: c.put(key, value, ttl=ttl, lease=lease_id))
     click.echo("OK")
 
 
@@ -261,6 +274,70 @@ def ttl(key: str, cluster_file: str | None) -> None:
 def keys(pattern: str | None, cluster_file: str | None) -> None:
     """List the keys (matching the Redis glob PATTERN), one per line, by SCAN."""
     _with_client(cluster_file, lambda c: [click.echo(k.decode(errors="replace")) for k in c.keys(pattern)])
+
+
+# -- leases (raftkv.leases) --------------------------------------------------------------
+
+def _with_lease(cluster_file: str | None, op: Callable[[Client], Any]) -> Any:
+    """``_with_client``, but an unknown, expired or revoked lease exits 1 ("not found")."""
+    def run(c: Client) -> Any:
+        try:
+            return op(c)
+        except RaftKVError as e:
+            if e.code != "NOLEASE":
+                raise
+            click.echo(f"raftkv: {e.message}", err=True)
+            sys.exit(1)
+    return _with_client(cluster_file, run)
+
+
+@main.group()
+def lease() -> None:
+    """Leases: grant one, attach keys to it (put --lease ID), keep it alive, revoke it.
+
+    An unknown, expired or revoked lease exits 1.
+    """
+
+
+@lease.command("grant")
+@click.argument("ttl", type=click.IntRange(min=1))
+@click.option("--near", default=None, metavar="KEY", help="home the lease on KEY's shard")
+@cluster_option
+def lease_grant(ttl: int, near: str | None, cluster_file: str | None) -> None:
+    """Grant a lease of TTL seconds and print its id."""
+    click.echo(str(_with_client(cluster_file, lambda c: c.lease_grant(ttl, near=near))))
+
+
+@lease.command("keepalive")
+@click.argument("lease_id", metavar="ID", type=int)
+@click.option("--forever", is_flag=True, help="keep sending keep-alives every ttl/3 seconds until interrupted")
+@cluster_option
+def lease_keepalive(lease_id: int, forever: bool, cluster_file: str | None) -> None:
+    """Push lease ID's deadline back to its full ttl; print the ttl (seconds)."""
+    while True:
+        ttl = _with_lease(cluster_file, lambda c: c.lease_keepalive(lease_id))
+        click.echo(str(ttl))
+        if not forever:
+            return
+        time.sleep(max(ttl / 3, 0.1))
+
+
+@lease.command("revoke")
+@click.argument("lease_id", metavar="ID", type=int)
+@cluster_option
+def lease_revoke(lease_id: int, cluster_file: str | None) -> None:
+    """Revoke lease ID now: every key attached to it is deleted."""
+    _with_lease(cluster_file, lambda c: c.lease_revoke(lease_id))
+    click.echo("OK")
+
+
+@lease.command("ttl")
+@click.argument("lease_id", metavar="ID", type=int)
+@cluster_option
+def lease_ttl(lease_id: int, cluster_file: str | None) -> None:
+    """Print lease ID's remaining and granted ttl (seconds) and how many keys are attached."""
+    info = _with_lease(cluster_file, lambda c: c.lease_ttl(lease_id))
+    click.echo(f"remaining {info.remaining} granted {info.granted} keys {info.keys}")
 
 
 # -- status ------------------------------------------------------------------------------
@@ -386,14 +463,18 @@ def txn(ifs: tuple[str, ...], thens: tuple[str, ...], elses: tuple[str, ...], do
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--ttl", default=10.0, show_default=True, help="seconds the lock outlives its last refresh")
+@click.option("--ttl", default=10.0, show_default=True,
+              help="seconds the lock's lease outlives its last keep-alive (rounded up to whole seconds)")
 @click.option("--wait", default=None, type=float, help="seconds to wait for the lock (default: forever)")
 @cluster_option
 def lock(name: str, command: tuple[str, ...], ttl: float, wait: float | None, cluster_file: str | None) -> None:
     """Run COMMAND while holding lock NAME (raftkv lock NAME -- cmd args...).
 
-    The command gets the fencing token in RAFTKV_FENCING_TOKEN; the exit status is the command's
-    (3 if the lock was lost while it ran, 4 if it could not be acquired in time).
+    The lock is held through a lease kept alive in the background: if this process dies or
+    stops, the lock is released TTL seconds later and the next holder gets a larger token.
+    The command gets the fencing token in RAFTKV_FENCING_TOKEN and should pass it to what it
+    writes (docs/leases.md); the exit status is the command's (3 if the lock was lost while
+    it ran, 4 if it could not be acquired in time).
     """
     import subprocess
 

@@ -20,6 +20,7 @@ own connections and its own session (a session has one request in flight).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -28,16 +29,19 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from raftkv.connection import Connection
 from raftkv.errors import IndeterminateError, LockTimeout, RaftKVError, UnavailableError
+from raftkv.leases import home_of
 from raftkv.protocol import ReplyError
 from raftkv.txnclient import Txn
 from shards.shardmap import ShardMap
 
 Bytesish = bytes | str
-__all__ = ["Client", "IndeterminateError", "Lock", "LockTimeout", "RaftKVError", "UnavailableError"]
+__all__ = ["Client", "IndeterminateError", "Lease", "LeaseTTL", "Lock", "LockTimeout", "RaftKVError",
+           "UnavailableError"]
 
 # Error codes after which the same request may be sent again unchanged.
 _RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY"}
@@ -92,57 +96,180 @@ def _b(x: Bytesish) -> bytes:
     return x.encode() if isinstance(x, str) else x
 
 
+@dataclass(frozen=True)
+class LeaseTTL:
+    """``Client.lease_ttl``: seconds left, the granted ttl in seconds, and the keys attached."""
+
+    remaining: int
+    granted: int
+    keys: int
+
+
+class Lease:
+    """A granted lease kept alive in the background (``Client.lease``); revoked on exit.
+
+    ``id`` goes into ``Client.put(..., lease=id)``.  ``lost`` turns True when a
+    keep-alive finds the lease gone (it expired while this process could not
+    refresh it, or someone revoked it): the keys attached to it are gone too.
+    """
+
+    def __init__(self, client: Client, ttl: int, near: bytes | None = None) -> None:
+        self.client, self.ttl, self.near = client, ttl, near
+        self.id: int | None = None
+        self.lost = False
+        self._stopped = False
+
+    def grant(self) -> int:
+        """Grant the lease and start keeping it alive every ``ttl/3`` seconds; its id.
+
+        After ``revoke`` the same object may grant again (a ``Lock`` acquired twice does).
+        """
+        self.id = self.client.lease_grant(self.ttl, near=self.near)
+        self.lost = self._stopped = False
+        self.client._keepalives.add(self)
+        return self.id
+
+    def keep_alive_once(self) -> None:
+        """Send one keep-alive now (the background thread calls this every ``ttl/3`` s).
+
+        Waits at most ``ttl/3`` (at least 1 s).  An unreachable shard is not an
+        error here: the lease lapses only ``ttl`` after the last keep-alive that
+        arrived, and the next one is due soon.
+        """
+        lid = self.id
+        if lid is None or self._stopped:
+            return
+        try:
+            self.client.lease_keepalive(lid, timeout=max(1.0, self.ttl / 3))
+        except RaftKVError as e:
+            if e.code == "NOLEASE" and not self._stopped:  # not our own revocation racing this keep-alive
+                self.lost = True
+                self.client._keepalives.remove(self)
+
+    def abandon(self) -> None:
+        """Stop the keep-alive without revoking: the lease (and what it holds) lapses ``ttl`` seconds
+        after the last keep-alive, as if this process had stopped."""
+        self._stopped = True
+        self.client._keepalives.remove(self)
+
+    def revoke(self) -> None:
+        """Stop the keep-alive and revoke the lease (its keys are deleted); a lost lease is left alone."""
+        self.abandon()
+        if self.id is not None and not self.lost:
+            try:
+                self.client.lease_revoke(self.id)
+            except RaftKVError as e:
+                if e.code != "NOLEASE":
+                    raise
+        self.id = None
+
+    def __enter__(self) -> Lease:
+        self.grant()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.revoke()
+
+
+class _KeepAlives:
+    """Keeps every live ``Lease`` of one ``Client`` alive from one thread, each every ``ttl/3`` seconds.
+
+    etcd's client multiplexes its keep-alives the same way: one thread, and one
+    set of connections and sessions (one AUTH per node) for all leases, rather
+    than a thread and fresh connections per lease or lock.  Each keep-alive
+    waits at most ``ttl/3`` (``Lease.keep_alive_once``), so a shard that does not
+    answer delays the others' keep-alives by that much.  The thread ends when
+    no lease is left and starts again with the next one.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[Lease, float] = {}  # lease -> monotonic time its next keep-alive is due
+        self._running = False
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._due[lease] = time.monotonic() + lease.ttl / 3
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, daemon=True, name="raftkv-keepalive").start()
+            self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._cond:
+            self._due.pop(lease, None)
+            self._cond.notify()
+
+    def _next(self) -> Lease | None:
+        """The next lease due, once it is due; None when no lease is left (the thread then ends)."""
+        with self._cond:
+            while self._due:
+                lease, at = min(self._due.items(), key=lambda item: item[1])
+                wait = at - time.monotonic()
+                if wait <= 0:
+                    self._due[lease] = time.monotonic() + lease.ttl / 3
+                    return lease
+                self._cond.wait(wait)
+            self._running = False
+            return None
+
+    def _run(self) -> None:
+        while (lease := self._next()) is not None:
+            lease.keep_alive_once()
+
+
 class Lock:
-    """A held lock (``Client.lock``): ``token`` fences, ``lost`` says a refresh found another holder."""
+    """A held lock (``Client.lock``): ``token`` fences, ``lost`` says the lock's lease was lost.
+
+    The lock key is attached to a lease granted on the lock's own shard and kept
+    alive in the background; a holder that dies or stops (SIGSTOP, a long GC
+    pause, a partition) loses the lock ``ttl`` seconds after its last keep-alive,
+    and the next holder's token is larger.
+    """
 
     def __init__(self, client: Client, name: bytes, ttl: float, wait: float | None) -> None:
         self.client, self.name, self.ttl, self.wait = client, name, ttl, wait
         self.owner = uuid.uuid4().hex.encode()
         self.token: int | None = None
-        self.lost = False
-        self._stop = threading.Event()
-        self._refresher: threading.Thread | None = None
+        self.lease = Lease(client, max(1, math.ceil(ttl)), near=name)
 
-    def _try(self) -> tuple[int, Any]:
-        shard = self.client._shard(self.name)
-        ok, value = self.client._write(shard, [b"RAFTKV.LOCK", self.name, self.owner,
-                                               str(int(self.ttl * 1000)).encode()])
+    @property
+    def lost(self) -> bool:
+        """True once the lock's lease was found gone: another holder may have the lock."""
+        return self.lease.lost
+
+    def _try(self, lid: int) -> tuple[int, Any]:
+        ok, value = self.client._write(self.client._shard(self.name),
+                                       [b"RAFTKV.LOCK", self.name, self.owner, b"LEASE", str(lid).encode()])
         return int(ok), value
 
     def acquire(self) -> int:
         """Block until held (or ``wait`` runs out); the fencing token."""
         deadline = None if self.wait is None else time.monotonic() + self.wait
+        lid = self.lease.grant()
         delay = 0.01
-        while True:
-            ok, value = self._try()
-            if ok:
-                self.token = int(value)
-                self._refresher = threading.Thread(target=self._refresh, daemon=True,
-                                                   name=f"raftkv-lock-{self.name!r}")
-                self._refresher.start()
-                return self.token
-            if deadline is not None and time.monotonic() >= deadline:
-                raise LockTimeout("LOCKTIMEOUT", f"lock {self.name!r} is held by {value!r}")
-            time.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(0.5, delay * 2)
+        try:
+            while True:
+                ok, value = self._try(lid)
+                if ok:
+                    self.token = int(value)
+                    return self.token
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise LockTimeout("LOCKTIMEOUT", f"lock {self.name!r} is held by {value!r}")
+                time.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(0.5, delay * 2)
+        except BaseException:
+            with contextlib.suppress(RaftKVError):  # not revoked: the lease lapses after ttl
+                self.lease.revoke()
+            raise
 
-    def _refresh(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                ok, _ = self._try()
-            except RaftKVError:
-                continue  # unreachable for now: the lock lapses only after ttl
-            if not ok:
-                self.lost = True
-                return
+    def abandon(self) -> None:
+        """Stop keeping the lock's lease alive: the lock lapses ``ttl`` seconds later (``Lease.abandon``)."""
+        self.lease.abandon()
 
     def release(self) -> None:
-        self._stop.set()
-        if self._refresher is not None:
-            self._refresher.join()
-        if self.token is not None and not self.lost:
-            shard = self.client._shard(self.name)
-            self.client._write(shard, [b"RAFTKV.UNLOCK", self.name, self.owner])
+        """Release the lock by revoking its lease (which deletes the lock key)."""
+        self.lease.revoke()
         self.token = None
 
     def __enter__(self) -> Lock:
@@ -181,6 +308,7 @@ class Client:
         self._client_id = uuid.uuid4().hex[:16]
         self._sessions = 0
         self._leaders: dict[int, str] = {}
+        self._keepalives = _KeepAlives()
         self._closed = False
         if isinstance(cluster, ShardMap):
             self.map: ShardMap | None = cluster
@@ -224,13 +352,19 @@ class Client:
         """Linearizable read of each key (not one atomic snapshot across shards; use txn for that)."""
         return [self.get(k) for k in keys]
 
-    def put(self, key: Bytesish, value: Bytesish, ttl: float | None = None) -> None:
+    def put(self, key: Bytesish, value: Bytesish, ttl: float | None = None, lease: int | None = None) -> None:
         """Write ``value``; returns once it is committed and durable on a majority.
 
         ``ttl``: seconds after which the key expires (in the shard's log time).
+        ``lease``: a lease id (``lease_grant``, ``Client.lease``): the key is deleted when
+        the lease expires or is revoked; raises ``RaftKVError`` (code ``NOLEASE``) if it has.
         """
         key = _b(key)
+        if ttl is not None and lease is not None:
+            raise ValueError("put: give ttl or lease, not both")
         extra = [] if ttl is None else [b"PX", str(max(1, int(ttl * 1000))).encode()]
+        if lease is not None:
+            extra = [b"LEASE", str(lease).encode()]
         self._write(self._shard(key), [b"SET", key, _b(value), *extra])
 
     set = put
@@ -285,16 +419,76 @@ class Client:
             if cursor == b"0":
                 return
 
+    # -- leases (raftkv.leases) --------------------------------------------------------
+    def lease_grant(self, ttl: int, near: Bytesish | None = None) -> int:
+        """Grant a lease of ``ttl`` whole seconds; its id.  ``near``: a key whose shard becomes the
+        lease's home (attaching that key then takes one log entry); else any shard."""
+        args = [b"RAFTKV.LEASE", b"GRANT", str(int(ttl)).encode()]
+        if near is None:
+            assert self.map is not None
+            return int(self._write(random.randrange(self.map.nshards), args))
+        near = _b(near)
+        return int(self._write(self._shard(near), [*args, b"FOR", near]))
+
+    def lease_keepalive(self, lease: int, timeout: float | None = None) -> int:
+        """Push lease ``lease``'s deadline back to its full ttl; the ttl in seconds.
+
+        Raises ``RaftKVError`` with code ``NOLEASE`` when it expired or was revoked.
+        ``timeout``: seconds to keep trying (default: the client's timeout).
+        """
+        return int(self._write(home_of(lease), [b"RAFTKV.LEASE", b"KEEPALIVE", str(lease).encode()], timeout))
+
+    def lease_revoke(self, lease: int) -> None:
+        """End lease ``lease`` now: every key attached to it is deleted (``NOLEASE`` if it had ended)."""
+        self._write(home_of(lease), [b"RAFTKV.LEASE", b"REVOKE", str(lease).encode()])
+
+    def lease_ttl(self, lease: int) -> LeaseTTL:
+        """Seconds left, the granted ttl and the number of attached keys (``NOLEASE`` if it ended)."""
+        remaining, granted, keys = self._read(home_of(lease), [b"RAFTKV.LEASE", b"TTL", str(lease).encode()])
+        return LeaseTTL(int(remaining), int(granted), int(keys))
+
+    def lease(self, ttl: int, near: Bytesish | None = None) -> Lease:
+        """A lease kept alive while the ``with`` block runs and revoked after it::
+
+            with client.lease(10) as lease:
+                client.put("service/n1", "10.0.0.1:80", lease=lease.id)
+
+        A background thread sends a keep-alive every ``ttl/3`` seconds; if this
+        process stops (crash, SIGSTOP, partition) the lease expires ``ttl``
+        seconds after the last one and the attached keys are deleted.
+        """
+        return Lease(self, int(ttl), None if near is None else _b(near))
+
     def lock(self, name: Bytesish, ttl: float = 10.0, wait: float | None = None) -> Lock:
         """Acquire lock ``name`` (a key): a context manager whose ``token`` is the fencing token.
 
-        The lock lapses ``ttl`` seconds after the last refresh; a background thread
-        refreshes it every ``ttl/3`` while held and sets ``lost`` if it ever finds
-        another holder.  ``wait``: seconds to keep trying (None: forever).  Raises
-        ``LockTimeout`` when it could not be acquired in time.  Pass ``token`` to
-        whatever the lock protects and have it refuse lower tokens (``raftkv.locks``).
+        The lock key is attached to a lease of ``ttl`` seconds (rounded up to whole
+        seconds) that a background thread keeps alive every ``ttl/3``; a holder that
+        dies or stops loses the lock ``ttl`` seconds after its last keep-alive, and
+        ``lost`` turns True when it notices.  ``wait``: seconds to keep trying (None:
+        forever); raises ``LockTimeout`` when it could not be acquired in time.  Pass
+        ``token`` to whatever the lock protects and have it refuse lower tokens
+        (``fenced_put``, docs/leases.md).
         """
         return Lock(self, _b(name), ttl, wait)
+
+    def fenced_put(self, key: Bytesish, value: Bytesish, token: int, fence: Bytesish | None = None) -> bool:
+        """Write ``key`` on behalf of a lock holder with fencing ``token``, unless a holder with a larger
+        token wrote first (Kleppmann's fencing); True if written.
+
+        The highest token seen is kept in ``fence`` (default ``key + b".fence"``); the write and the new
+        fence commit together in one transaction that compares the fence it read, so a stale holder
+        that resumes after a pause is refused however late its write arrives.
+        """
+        key = _b(key)
+        fence_key = key + b".fence" if fence is None else _b(fence)
+        while True:
+            seen = self.get(fence_key)
+            if seen is not None and int(seen) > token:
+                return False
+            t = self.txn().if_value(fence_key, seen).then_put(fence_key, str(token)).then_put(key, value)
+            if t.commit(retries=10).succeeded:
+                return True
 
     # -- transactions (raftkv.txnclient) ---------------------------------------------
     def txn(self) -> Txn:
@@ -351,16 +545,17 @@ class Client:
             sess = self._local.session = (f"{self._client_id}-{n}".encode(), [0])
         return sess
 
-    def _write(self, shard: int, args: list[bytes]) -> Any:
+    def _write(self, shard: int, args: list[bytes], timeout: float | None = None) -> Any:
         sid, counter = self._session()
         counter[0] += 1
-        return self._request(shard, [b"RAFTKV.REQ", sid, str(counter[0]).encode(), *args], write=True)
+        return self._request(shard, [b"RAFTKV.REQ", sid, str(counter[0]).encode(), *args], write=True,
+                             timeout=timeout)
 
     def _read(self, shard: int, args: list[bytes]) -> Any:
         return self._request(shard, args, write=False)
 
-    def _request(self, shard: int, args: list[bytes], write: bool) -> Any:
-        attempts = Attempts(shard, write, time.monotonic() + self.timeout)
+    def _request(self, shard: int, args: list[bytes], write: bool, timeout: float | None = None) -> Any:
+        attempts = Attempts(shard, write, time.monotonic() + (self.timeout if timeout is None else timeout))
         while True:
             addr = self._leader_addr(shard)
             try:

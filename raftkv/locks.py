@@ -9,6 +9,11 @@ the protected resource refuses a token lower than the highest it has seen, so a
 holder that paused past its deadline (GC, swap, partition) cannot clobber the
 work of the next holder even though it still believes it holds the lock.
 
+``Client.lock`` holds the key through a lease instead (``("lease_lock", ...)``
+in ``raftkv.leases``): the same key, owner and token, but kept by a lease's
+keep-alives and released by revoking the lease.  The commands below are the
+older form, a deadline the holder refreshes by acquiring again.
+
 ========================================  ======================================
 command                                   result
 ========================================  ======================================

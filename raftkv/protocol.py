@@ -33,6 +33,7 @@ ERROR_CODES = {
     "MOVED": "this node does not lead the key's shard; the reply names the leader",
     "TXNCONFLICT": "a transaction conflicted with another one and was aborted; retry",
     "LOCKED": "the key is locked by an unresolved transaction; retry",
+    "NOLEASE": "the lease does not exist: never granted, expired or revoked (its keys are gone)",
     "NOAUTH": "authentication required",
     "WRONGPASS": "invalid password",
     "BUSY": "the node is at a configured limit (connections, pipeline depth)",

@@ -62,7 +62,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftkv import backup_state, expiry, keyspace, locks, strings, txn
+from raftkv import backup_state, expiry, keyspace, leases, locks, strings, txn
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
@@ -172,6 +172,8 @@ class KVState:
     del_rev: int = 0
     # key deadlines in log time (raftkv.expiry)
     expiries: expiry.Expiries = field(default_factory=expiry.Expiries)
+    # leases and the keys attached to them, in log time (raftkv.leases)
+    leases: leases.LeaseTable = field(default_factory=leases.LeaseTable)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, Store):
@@ -189,6 +191,8 @@ class KVState:
             self.log_ms = now_ms
         if self.expiries:
             self._reap(now_ms)
+        if self.leases:
+            leases.reap(self, now_ms)
         self.applied += 1
         op = cmd[0]
         handler = _HANDLERS.get(op)
@@ -218,6 +222,8 @@ class KVState:
         """``(value, revision)`` of ``key`` at log time ``now_ms``: None if missing or expired."""
         entry = self.data.get(key)
         if entry is not None and self.expiries and self.expiries.expired(key, now_ms):
+            return None
+        if entry is not None and self.leases and self.leases.expired(key, now_ms):
             return None
         return entry
 
@@ -267,7 +273,8 @@ class KVState:
 
     def extra(self) -> dict:
         """State added in snapshot version 3, as a dict so later additions load the same way."""
-        return {"log_ms": self.log_ms, "del_rev": self.del_rev, "expires": self.expiries.dump()}
+        return {"log_ms": self.log_ms, "del_rev": self.del_rev, "expires": self.expiries.dump(),
+                "leases": self.leases.dump()}
 
     def load_extra(self, extra: dict | None) -> None:
         """Inverse of ``extra``.  A version 1/2 snapshot lacks it: derive safe values.
@@ -279,6 +286,7 @@ class KVState:
         if extra is not None:
             self.log_ms, self.del_rev = int(extra["log_ms"]), int(extra["del_rev"])
             self.expiries = expiry.Expiries(extra.get("expires"))  # snapshots before expiry have none
+            self.leases = leases.LeaseTable(extra.get("leases"))  # nor before leases
             return
         self.del_rev = self.revision
         self.log_ms = max([self.txns.newest_ms(), *(t for _, _, t in self.sessions.values())], default=0)
@@ -319,6 +327,8 @@ class KVState:
         self.revision += 1
         if self.expiries and not (keep_ttl and value is not None):
             self.expiries.clear(key)
+        if self.leases:
+            self.leases.detach(key)  # a write without LEASE detaches the key, as in etcd
         if value is None:
             if self.data.pop(key, None) is not None:
                 self.del_rev = self.revision
@@ -493,8 +503,10 @@ _HANDLERS = {
     **expiry.HANDLERS,
     # locks with fencing tokens
     **locks.HANDLERS,
+    # leases (grant, keepalive, revoke, attached keys, cross-shard mirrors)
+    **leases.HANDLERS,
 }
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists,
                   "entries": _entries,
-                  **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS}
+                  **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS, **leases.READ_HANDLERS}

@@ -497,3 +497,25 @@ def test_timeline_marks_info_and_failing_ops():
     assert "t &lt;x&gt;" in page
     assert page.count("class='op info' style='left") == 1 and page.count("class='op bad' style='left") == 1
     assert page.count("class='op fail' style='left") == 1 and "key &#x27;j&#x27;" in page
+
+
+# ---------------------------------------------------------------- mutex (the lock workload)
+
+
+@st.composite
+def mutex_histories(draw, max_ops: int = 7):
+    """Random acquire / release ops of three processes on two locks, any intervals and outcomes."""
+    ops = []
+    for i in range(draw(st.integers(1, max_ops))):
+        call = draw(st.integers(0, 20))
+        ops.append(mk(i, draw(st.sampled_from(["acquire", "release"])), draw(st.sampled_from(["L", "M"])), None,
+                      True, call, call + draw(st.integers(0, 10)), draw(STATUS), client=draw(st.integers(0, 2))))
+    return ops
+
+
+@FAST
+@given(mutex_histories())
+def test_mutex_model_agrees_with_brute_force(ops):
+    model = get_model("mutex")
+    expected = LINEARIZABLE if brute_force(ops, model, keyed=True) else NOT_LINEARIZABLE
+    assert check(ops, model).verdict == expected

@@ -11,6 +11,7 @@ reason on a developer machine and fail under ``CI=true``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -163,6 +164,28 @@ def test_transactional_workloads(tmp_path: Path, workload: str) -> None:
         assert "event=audit action=raftkv.user user=default" in logs  # the harness created the restricted user
 
 
+@pytest.mark.slow
+def test_lock_workload_is_a_mutex_under_kills(tmp_path: Path) -> None:
+    """Clients take and release leased locks while leaders are killed; the mutex model finds one holder
+    at a time (the negative control below shows it would see two)."""
+    rc, res, out = harness(tmp_path, "--workload", "lock", "--nemesis", "kill", "--time", "7", "--clients", "8",
+                           "--rate", "80", "--seed", "15")
+    assert rc == 0, f"expected a passing run, exit {rc}:\n{out[-4000:]}"
+    assert res["checks"]["mutex"]["valid"] is True, res["checks"]
+    assert res["counts"]["ok"] > 20
+
+
+@pytest.mark.slow
+def test_lock_holders_past_their_lease_are_caught(tmp_path: Path) -> None:
+    """The negative control on a real cluster: holders stop their keep-alives and hold past the lease, so
+    a lock lapses under its holder and goes to the next client; the mutex check must say so."""
+    rc, res, out = harness(tmp_path, "--workload", "lock", "--unsafe-lock-lapse", "--keys-per-shard", "1",
+                           "--time", "7", "--clients", "8", "--rate", "80", "--seed", "3")
+    assert rc == 1, f"expected the mutex check to fail, exit {rc}:\n{out[-4000:]}"
+    mutex = res["checks"]["mutex"]
+    assert mutex["valid"] is False and mutex["failing_ops"], mutex
+
+
 def test_partition_without_namespace_is_reported_unavailable(tmp_path: Path) -> None:
     rc, res, out = harness(tmp_path, "--nemesis", "partition", "--netns", "off", "--time", "1")
     assert rc == 3
@@ -244,6 +267,32 @@ def test_partition_shapes(n: int) -> None:
 
 def _op(i: int, call: float, ret: float, status: str) -> Op:
     return Op(i, 0, "get", "k", None, None, call, ret, status)
+
+
+def _lock_op(i: int, p: int, f: str, call: float, ret: float, status: str = "ok") -> Op:
+    return Op(i, p, f, "L", None, None if status != "ok" else True, call, ret, status)
+
+
+@pytest.mark.parametrize("history, verdict", [
+    # one holder after the other: a mutex
+    ([(0, "acquire", 0, 1), (0, "release", 2, 3), (1, "acquire", 2.5, 4), (1, "release", 5, 6)], "linearizable"),
+    # negative control: p1 acquires while p0 holds and has not begun to release: two holders
+    ([(0, "acquire", 0, 1), (1, "acquire", 2, 3), (0, "release", 4, 5)], "not_linearizable"),
+    # a release that cannot be confirmed (info) frees the mutex from its invocation on, not before
+    ([(0, "acquire", 0, 1), (0, "release", 1.5, None), (1, "acquire", 2, 3)], "linearizable"),
+    ([(0, "acquire", 0, 1), (1, "acquire", 2, 3), (0, "release", 4, None)], "not_linearizable"),
+    # an acquire with an unknown outcome may never have happened; a failed one did not
+    ([(0, "acquire", 0, None), (1, "acquire", 2, 3), (2, "acquire", 3.5, 4, "fail")], "linearizable"),
+    # releasing a mutex held by someone else is not a release
+    ([(0, "acquire", 0, 1), (1, "release", 2, 3), (2, "acquire", 4, 5)], "not_linearizable"),
+])
+def test_mutex_model_sees_two_holders(history: list[tuple], verdict: str) -> None:
+    from jepsen_like.checker import check
+    from jepsen_like.models import get_model
+
+    ops = [_lock_op(i, p, f, call, math.inf if ret is None else ret, "info" if ret is None else (rest or ["ok"])[0])
+           for i, (p, f, call, ret, *rest) in enumerate(history)]
+    assert check(ops, get_model("mutex")).verdict == verdict
 
 
 def test_availability_windows_and_verdict() -> None:

@@ -38,6 +38,7 @@ from raftkv.security import Security, check_bind
 from raftkv.server import commands
 from raftkv.server.api import BadRequest, Command, Faults, Limits, Timing, admin_access
 from raftkv.server.balancer import balance_loop
+from raftkv.server.commands.leases import sweep_loop as lease_sweep_loop
 from raftkv.server.conn import Conn, serve_connection
 from raftkv.server.coordinator import TxnService
 from raftkv.server.metrics import NodeMetrics, disk_free_ratio, serve_http, txn_summary
@@ -119,6 +120,7 @@ class Node:
                      self.metrics_port)
         self._tasks.append(asyncio.create_task(self.txns.recovery_loop()))
         self._tasks.append(asyncio.create_task(self._reap_loop()))
+        self._tasks.append(asyncio.create_task(lease_sweep_loop(self)))
         if self.map.shard_for_key(ACL_KEY) not in self._replicas:
             self._tasks.append(asyncio.create_task(self._fetch_acl_loop()))
         if self.timing.balance_period_s > 0:
@@ -148,7 +150,8 @@ class Node:
         while True:
             await asyncio.sleep(REAP_PERIOD_S)
             for shard, replica in self._replicas.items():
-                due = replica.state.expiries.earliest()
+                due = min((t for t in (replica.state.expiries.earliest(), replica.state.leases.earliest())
+                           if t is not None), default=None)  # a key's deadline or a lease's (raftkv.leases)
                 if due is not None and replica.is_leader() and due <= replica.log_now_ms():
                     await self.execute(shard, ("noop",))
 
@@ -359,6 +362,8 @@ class Node:
                 "peers": peers,
                 "leader_changes_1m": sum(1 for t in list(self.leader_changes[s]) if t > time.monotonic() - 60),
                 "txns_open": open_txns,
+                "leases": len(r.state.leases.leases),  # homed here, and mirrors (raftkv.leases)
+                "lease_drops_pending": len(r.state.leases.dropping),
                 "oldest_txn_age_s": oldest_txn,
                 "ticking": r.tick_thread_alive(),
             }

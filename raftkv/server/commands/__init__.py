@@ -6,6 +6,7 @@
 ``expiry``     EXPIRE PEXPIRE EXPIREAT PEXPIREAT TTL PTTL PERSIST (and SET's EX/PX/EXAT/PXAT/KEEPTTL)
 ``keyspace``   SCAN KEYS
 ``locks``      RAFTKV.LOCK RAFTKV.UNLOCK
+``leases``     RAFTKV.LEASE (and SET's LEASE)
 ``txn``        MSET RAFTKV.TXN WATCH MULTI EXEC DISCARD UNWATCH RAFTKV.TXSTATS
 ``admin``      PING ECHO HELLO AUTH INFO READONLY ... RAFTKV.STATUS/SHARDS/CLUSTER/TRANSFER
 ``backup``     RAFTKV.BACKUP
@@ -28,6 +29,7 @@ from raftkv.server.commands import (
     internal,
     keyspace,
     kv,
+    leases,
     locks,
     member,
     strings,
@@ -35,7 +37,7 @@ from raftkv.server.commands import (
 )
 
 COMMANDS: dict[bytes, Command] = {}
-for _module in (kv, strings, expiry, keyspace, locks, txn, admin, backup, member, acl, internal):
+for _module in (kv, strings, expiry, keyspace, locks, leases, txn, admin, backup, member, acl, internal):
     _clash = COMMANDS.keys() & _module.COMMANDS.keys()
     assert not _clash, f"command defined twice: {_clash}"
     COMMANDS.update(_module.COMMANDS)

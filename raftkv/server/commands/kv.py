@@ -65,8 +65,16 @@ def cmd_staleget(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     return node.run(node.stale_read(node.shard_of(key), ("get", key)))
 
 
+# SET options served by other modules, taking the whole request: ``SET key value OPTION arg``
+# (``LEASE id``: raftkv.server.commands.leases).
+SET_EXTENSIONS: dict[bytes, Callable[[NodeAPI, list[bytes], Session | None], Any]] = {}
+
+
 def cmd_set(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None = None) -> Any:
     if len(req) != 3:
+        extension = SET_EXTENSIONS.get(req[3].upper())
+        if extension is not None:
+            return extension(node, req, session) if len(req) == 5 else Error("ERR", "syntax error")
         return _set_with_options(node, req, session)
     key, value = req[1], req[2]
     shard = node.shard_of(key)

@@ -1,0 +1,418 @@
+"""Leases with etcd semantics, in replicated log time, across shards.  Pure: no I/O, no clock.
+
+Theory of operation
+-------------------
+A lease is a deadline that clients push back (KEEPALIVE) and keys attached to
+it (``SET key value LEASE id``); when the deadline passes, or the lease is
+revoked, every attached key is deleted.  Deadlines are points in a shard's
+*log time* (``raftkv.logclock``), exactly as key expiry (``raftkv.expiry``):
+every entry applied at log time ``t`` first deletes what the leases whose
+deadline is ``<= t`` hold, so every replica deletes the same keys at the same
+log position and never on its own clock; between entries, reads see a key of an
+expired lease as missing at once.
+
+*Home shard.*  A lease lives on the shard that granted it; its id carries that
+shard in its low ``SHARD_BITS`` bits (``lease_id(seq, shard)``, ``home_of``),
+so any node routes KEEPALIVE / REVOKE / TTL to it without a lookup.  The home
+record holds the granted ttl, the deadline, the attached keys of the home shard
+and ``shards``: every other shard that may hold keys of the lease.
+
+*Keys on other shards.*  Keys are hash-sharded, so a lease must cover keys on
+shards that know nothing of it.  Attaching a key on shard K != home is two
+log entries, in this order:
+
+1. on the home shard, ``lease_use``: the lease must be alive; K joins
+   ``shards`` and the remaining ttl ``r`` is returned.  From this entry on, the
+   home shard will tell K when the lease ends.
+2. on K, ``lease_put`` with ``r``: K keeps a *mirror* of the lease (its keys
+   there and a guard deadline ``now_K + r``) and writes the key.
+
+When the lease ends on its home (deadline or REVOKE) the home record becomes a
+*drop*: ``(ttl, shards still to tell)``.  The home leader's node sends
+``lease_drop`` to each of those shards (through each shard's log, via the
+node's internal RPC) and acknowledges each success with ``lease_dropped``;
+drops are replicated state, so a new leader carries on, and the sweep repeats
+until every shard has acknowledged (a lost message is sent again).
+``lease_drop`` is idempotent: it deletes the mirror's keys and leaves a
+tombstone, so a ``lease_put`` that was still in flight (step 1 done before the
+revocation, step 2 applied after the drop) is refused instead of creating a
+key nobody would delete.  A tombstone is kept ``ttl + DROPPED_GRACE_MS`` of
+log time; a ``lease_put`` delayed longer than that is bounded by its own guard
+deadline.
+
+The guard deadline is the fallback that never needs the home shard: a
+mirror's keys die when its guard passes even if no drop ever arrives (home
+shard partitioned away, messages lost).  KEEPALIVE pushes the guards back
+(``lease_refresh`` on every shard in ``shards``; the node answers -TRYAGAIN
+when one could not be refreshed, so the caller keeps trying).  Guards only
+grow (``max``), so a late refresh never shortens one.
+
+Hazards, named: a mirror's guard is measured in K's log time, which may lag
+real time while K has no leader, so on K alone a key may outlive its lease by
+K's leaderless time plus one message; the drop normally deletes it first.  A
+refresh that cannot reach K for ``ttl`` lets K delete its keys early (the
+KEEPALIVE said -TRYAGAIN meanwhile).  A lock held through a lease is attached
+on the lease's home shard (``Client.lock`` grants it ``FOR`` the lock name), so
+locks never depend on either.
+
+Commands (``HANDLERS``; ``remaining`` is ``None`` when the key's shard is the
+lease's home):
+
+==============================================  ====================================
+command                                         result
+==============================================  ====================================
+``("lease_grant", shard, ttl_ms)``              the new lease id (-BUSY beyond
+                                                ``LEASES_MAX``)
+``("lease_keepalive", id)``                     ``(ttl_ms, shards)``
+``("lease_revoke", id)``                        ``(ttl_ms, shards)`` (home keys gone)
+``("lease_ttl", id)``                           ``(remaining_ms, ttl_ms, keys here,
+                                                shards)`` (also a read)
+``("lease_use", id, shard)``                    remaining ms; ``shard`` recorded
+``("lease_put", key, value, id, remaining)``    the key's new revision
+``("lease_lock", key, owner, id, remaining)``   ``(1, token)`` or ``(0, holder)``
+``("lease_refresh", id, remaining)``            1 if this shard mirrors the lease
+``("lease_drop", id, ttl_ms)``                  number of keys deleted here
+``("lease_dropped", id, shards)``               shards still to tell
+``("lease_keys", id)``                          keys attached here (also a read)
+``("lease_pending",)``                          ``((id, ttl_ms, shards), ...)``
+                                                drops to deliver (also a read)
+==============================================  ====================================
+
+An unknown, expired or revoked lease is ``CmdError("NOLEASE", "lease N not
+found")``.  A key locked by a prepared transaction answers ``Locked`` for a
+write; when its lease ends it is deleted as soon as the lock is gone (through
+``raftkv.expiry``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from raftkv.expiry import Expiries
+from raftkv.results import CmdError
+
+SHARD_BITS = 10  # a lease id's low bits name its home shard: up to 1024 shards
+SHARD_MASK = (1 << SHARD_BITS) - 1
+TTL_S_MAX = 30 * 24 * 3600  # the longest lease a client may grant, seconds
+DROPPED_GRACE_MS = 60_000  # how long past its ttl a mirror remembers a dropped lease (log time)
+LEASES_MAX = 100_000  # live leases and mirrors on one shard; GRANT beyond it answers -BUSY
+
+
+def lease_id(seq: int, shard: int) -> int:
+    """The id of the ``seq``-th lease granted by ``shard`` (``seq >= 1``)."""
+    assert seq >= 1 and 0 <= shard <= SHARD_MASK, (seq, shard)
+    return (seq << SHARD_BITS) | shard
+
+
+def home_of(lid: int) -> int:
+    """The home shard of lease ``lid``."""
+    return lid & SHARD_MASK
+
+
+def no_lease(lid: int) -> CmdError:
+    """The error for an unknown, expired or revoked lease (stable code ``NOLEASE``)."""
+    return CmdError("NOLEASE", f"lease {lid} not found")
+
+
+@dataclass
+class Lease:
+    """A lease on its home shard (``shards`` is a set) or a mirror on another shard (``shards`` None)."""
+
+    ttl_ms: int  # home: the granted ttl; mirror: the longest remaining it was told
+    deadline_ms: int
+    keys: set[bytes] = field(default_factory=set)
+    shards: set[int] | None = None
+
+    @property
+    def home(self) -> bool:
+        return self.shards is not None
+
+
+class LeaseTable:
+    """One shard's leases, mirrors, pending drops and tombstones; the bookkeeping only.
+
+    The handlers below change keys through the state (``KVState.write``); this
+    table never touches the data.  Invariant: ``key_lease[k] == lid`` exactly
+    when ``k in leases[lid].keys``, and every lease in ``leases`` has its
+    deadline in ``deadlines``.
+    """
+
+    def __init__(self, dump: dict | None = None) -> None:
+        self.leases: dict[int, Lease] = {}
+        self.key_lease: dict[bytes, int] = {}
+        self.deadlines = Expiries()  # lease id -> deadline (the key type of Expiries is any hashable)
+        self.dropping: dict[int, tuple[int, set[int]]] = {}  # home: ended lease -> (ttl_ms, shards to tell)
+        self.dropped: dict[int, int] = {}  # mirror tombstones: lease id -> log time to forget it
+        self.seq = 0
+        if dump:
+            self.seq = dump["seq"]
+            self.dropping = {lid: (ttl, set(shards)) for lid, (ttl, shards) in dump["dropping"].items()}
+            self.dropped = dict(dump["dropped"])
+            for lid, (ttl, deadline, keys, shards) in dump["leases"].items():
+                self._add(lid, Lease(ttl, deadline, set(keys), None if shards is None else set(shards)))
+                for k in keys:
+                    self.key_lease[k] = lid
+
+    def __bool__(self) -> bool:
+        return bool(self.leases)
+
+    def dump(self) -> dict:
+        """Plain data for a snapshot (``LeaseTable(dump)`` rebuilds the table)."""
+        return {"seq": self.seq, "dropped": dict(self.dropped),
+                "dropping": {lid: (ttl, sorted(shards)) for lid, (ttl, shards) in self.dropping.items()},
+                "leases": {lid: (le.ttl_ms, le.deadline_ms, sorted(le.keys),
+                                 None if le.shards is None else sorted(le.shards))
+                           for lid, le in self.leases.items()}}
+
+    def _add(self, lid: int, lease: Lease) -> None:
+        self.leases[lid] = lease
+        self.deadlines.set(lid, lease.deadline_ms)  # type: ignore[arg-type]
+
+    def check(self) -> None:
+        """Assert the table's invariants (tests call it after every step)."""
+        attached = {k: lid for lid, le in self.leases.items() for k in le.keys}
+        assert attached == self.key_lease, "key_lease and the leases' key sets disagree"
+        for lid, le in self.leases.items():
+            assert self.deadlines.get(lid) == le.deadline_ms, f"lease {lid}: deadline not indexed"  # type: ignore
+            assert lid not in self.dropping and lid not in self.dropped, f"lease {lid} alive and ended"
+        assert all(shards for _, shards in self.dropping.values()), "a drop with no shard left to tell"
+        assert len(self.deadlines) == len(self.leases)
+
+    # -- queries ---------------------------------------------------------------------------
+    def live(self, lid: int, now_ms: int) -> Lease | None:
+        """The lease (or mirror) ``lid`` if its deadline has not come at ``now_ms``."""
+        lease = self.leases.get(lid)
+        return lease if lease is not None and lease.deadline_ms > now_ms else None
+
+    def expired(self, key: bytes, now_ms: int) -> bool:
+        """Whether ``key`` is attached to a lease whose deadline has come (no entry deleted it yet)."""
+        lid = self.key_lease.get(key)
+        return lid is not None and self.leases[lid].deadline_ms <= now_ms
+
+    def earliest(self) -> int | None:
+        """A lower bound of the next lease deadline (safe from another thread, like ``Expiries.earliest``)."""
+        return self.deadlines.earliest()
+
+    # -- changes ----------------------------------------------------------------------------
+    def grant(self, shard: int, ttl_ms: int, now_ms: int) -> int:
+        """A new home lease of ``shard`` lasting ``ttl_ms``; its id."""
+        assert ttl_ms > 0
+        self.seq += 1
+        lid = lease_id(self.seq, shard)
+        self._add(lid, Lease(ttl_ms, now_ms + ttl_ms, set(), set()))
+        return lid
+
+    def push_back(self, lease: Lease, lid: int, deadline_ms: int) -> None:
+        """Move ``lease``'s deadline to ``deadline_ms`` if that is later (deadlines never shrink)."""
+        if deadline_ms > lease.deadline_ms:
+            lease.deadline_ms = deadline_ms
+            self.deadlines.set(lid, deadline_ms)  # type: ignore[arg-type]
+
+    def mirror(self, lid: int, remaining_ms: int, now_ms: int) -> Lease | None:
+        """The mirror of remote lease ``lid`` with its guard at least ``now + remaining``; None if dropped."""
+        if lid in self.dropped:
+            return None
+        lease = self.leases.get(lid)
+        if lease is not None and lease.home:  # the key's shard is the lease's home after all
+            return lease if lease.deadline_ms > now_ms else None
+        if lease is None:
+            lease = Lease(remaining_ms, now_ms + remaining_ms)
+            self._add(lid, lease)
+        else:
+            lease.ttl_ms = max(lease.ttl_ms, remaining_ms)
+            self.push_back(lease, lid, now_ms + remaining_ms)
+        return lease
+
+    def attach(self, key: bytes, lid: int) -> None:
+        """Attach ``key`` (already detached from any other lease) to lease ``lid``."""
+        assert key not in self.key_lease, key
+        self.leases[lid].keys.add(key)
+        self.key_lease[key] = lid
+
+    def detach(self, key: bytes) -> None:
+        """``key`` was written or deleted: it no longer belongs to its lease (if any)."""
+        lid = self.key_lease.pop(key, None)
+        if lid is not None:
+            self.leases[lid].keys.discard(key)
+
+    def end(self, lid: int, now_ms: int) -> list[bytes]:
+        """Forget lease ``lid`` (expired, revoked or dropped); the keys to delete.
+
+        A home lease with keys on other shards becomes a pending drop; a mirror
+        leaves a tombstone so a late ``lease_put`` cannot bring it back.
+        """
+        lease = self.leases.pop(lid)
+        self.deadlines.clear(lid)  # type: ignore[arg-type]
+        for key in lease.keys:
+            del self.key_lease[key]
+        if lease.shards:
+            self.dropping[lid] = (lease.ttl_ms, set(lease.shards))
+        elif not lease.home:
+            self.tombstone(lid, lease.ttl_ms, now_ms)
+        return sorted(lease.keys)
+
+    def tombstone(self, lid: int, ttl_ms: int, now_ms: int) -> None:
+        """Remember that lease ``lid`` ended here; forget old tombstones."""
+        self.dropped[lid] = max(self.dropped.get(lid, 0), now_ms + ttl_ms + DROPPED_GRACE_MS)
+        for old in [x for x, until in self.dropped.items() if until <= now_ms]:
+            del self.dropped[old]
+
+    def due(self, now_ms: int) -> list[int]:
+        """Leases and mirrors whose deadline is ``<= now_ms``, in deadline order."""
+        return [lid for lid in self.deadlines.due(now_ms) if lid in self.leases]  # type: ignore[misc]
+
+
+# -- the state-machine side --------------------------------------------------------------------
+# ``s`` is a ``raftkv.state.KVState``: ``s.leases`` (a LeaseTable), ``s.write``, ``s.lookup``,
+# ``s.txns.lock_of`` and ``s.expiries``.
+
+def delete_keys(s: Any, keys: list[bytes], now_ms: int) -> int:
+    """Delete the keys of an ended lease; one held by a prepared transaction expires once it is free."""
+    n = 0
+    for key in keys:
+        if s.txns.lock_of(key) is not None:
+            s.expiries.set(key, now_ms)  # raftkv.expiry deletes it as soon as the lock is gone
+        elif key in s.data:
+            s.write(key, None)
+            n += 1
+    return n
+
+
+def reap(s: Any, now_ms: int) -> None:
+    """End every lease and mirror whose deadline has come (each entry does, before its commands run)."""
+    for lid in s.leases.due(now_ms):
+        delete_keys(s, s.leases.end(lid, now_ms), now_ms)
+
+
+def _home(s: Any, lid: int, now_ms: int) -> Any:
+    lease = s.leases.live(lid, now_ms)
+    return lease if lease is not None and lease.home else None
+
+
+def _grant(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, shard, ttl_ms = cmd
+    if len(s.leases.leases) >= LEASES_MAX:
+        return CmdError("BUSY", f"shard {shard} holds {LEASES_MAX} leases (LEASES_MAX); revoke some or wait "
+                                "for them to expire")
+    return s.leases.grant(shard, ttl_ms, now_ms)
+
+
+def _keepalive(s: Any, cmd: tuple, now_ms: int) -> Any:
+    lid = cmd[1]
+    lease = _home(s, lid, now_ms)
+    if lease is None:
+        return no_lease(lid)
+    s.leases.push_back(lease, lid, now_ms + lease.ttl_ms)
+    return (lease.ttl_ms, tuple(sorted(lease.shards)))
+
+
+def _revoke(s: Any, cmd: tuple, now_ms: int) -> Any:
+    lid = cmd[1]
+    lease = _home(s, lid, now_ms)
+    if lease is None:
+        return no_lease(lid)
+    shards = tuple(sorted(lease.shards))
+    delete_keys(s, s.leases.end(lid, now_ms), now_ms)
+    return (lease.ttl_ms, shards)
+
+
+def _ttl(s: Any, cmd: tuple, now_ms: int) -> Any:
+    lid = cmd[1]
+    lease = _home(s, lid, now_ms)
+    if lease is None:
+        return no_lease(lid)
+    return (lease.deadline_ms - now_ms, lease.ttl_ms, len(lease.keys), tuple(sorted(lease.shards)))
+
+
+def _use(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, lid, shard = cmd
+    lease = _home(s, lid, now_ms)
+    if lease is None:
+        return no_lease(lid)
+    lease.shards.add(shard)
+    return lease.deadline_ms - now_ms
+
+
+def _holder(s: Any, lid: int, remaining: int | None, now_ms: int) -> Lease | None:
+    """The lease (home) or mirror (``remaining`` given) a key may be attached to now; None: NOLEASE."""
+    if remaining is None:
+        return _home(s, lid, now_ms)
+    if remaining <= 0:
+        return None
+    return s.leases.mirror(lid, remaining, now_ms)
+
+
+def _put(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, key, value, lid, remaining = cmd
+    lock = s.txns.lock_of(key)
+    if lock is not None:
+        return lock
+    if _holder(s, lid, remaining, now_ms) is None:
+        return no_lease(lid)
+    rev = s.write(key, value)  # detaches the key from its previous lease, clears its deadline
+    s.leases.attach(key, lid)
+    return rev
+
+
+def _lock(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, key, owner, lid, remaining = cmd
+    lock = s.txns.lock_of(key)
+    if lock is not None:
+        return lock
+    entry = s.lookup(key, now_ms)
+    if entry is not None and entry[0] != owner:
+        return (0, entry[0])
+    if _holder(s, lid, remaining, now_ms) is None:
+        return no_lease(lid)
+    if entry is None or s.leases.key_lease.get(key) != lid:
+        s.write(key, owner)
+        s.leases.attach(key, lid)
+    return (1, s.data[key][1])
+
+
+def _refresh(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, lid, remaining = cmd
+    lease = s.leases.leases.get(lid)
+    if lease is None or lease.home:
+        return 0
+    s.leases.mirror(lid, remaining, now_ms)
+    return 1
+
+
+def _drop(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, lid, ttl_ms = cmd
+    lease = s.leases.leases.get(lid)
+    if lease is not None and lease.home:
+        return 0  # a home lease is ended by its own revoke / deadline, never by a drop
+    if lease is None:
+        s.leases.tombstone(lid, ttl_ms, now_ms)
+        return 0
+    return delete_keys(s, s.leases.end(lid, now_ms), now_ms)
+
+
+def _dropped(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, lid, shards = cmd
+    pending = s.leases.dropping.get(lid)
+    if pending is None:
+        return 0
+    pending[1].difference_update(shards)
+    if not pending[1]:
+        del s.leases.dropping[lid]
+        return 0
+    return len(pending[1])
+
+
+def _keys(s: Any, cmd: tuple, now_ms: int) -> Any:
+    lease = s.leases.live(cmd[1], now_ms)
+    return 0 if lease is None else len(lease.keys)
+
+
+def _pending(s: Any, cmd: tuple, now_ms: int) -> Any:
+    return tuple((lid, ttl, tuple(sorted(shards))) for lid, (ttl, shards) in sorted(s.leases.dropping.items()))
+
+
+HANDLERS = {"lease_grant": _grant, "lease_keepalive": _keepalive, "lease_revoke": _revoke, "lease_ttl": _ttl,
+            "lease_use": _use, "lease_put": _put, "lease_lock": _lock, "lease_refresh": _refresh,
+            "lease_drop": _drop, "lease_dropped": _dropped, "lease_keys": _keys, "lease_pending": _pending}
+READ_HANDLERS = {"lease_ttl": _ttl, "lease_keys": _keys, "lease_pending": _pending}
