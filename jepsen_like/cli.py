@@ -132,6 +132,9 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
 @click.option("--unsafe-lock-lapse", is_flag=True,
               help="lock workload, deliberately unsafe: holders stop their keep-alives and hold past the lease "
                    "(1 s), so the lock lapses under them: the mutex check must fail")
+@click.option("--compact-every", type=click.IntRange(1), default=None,
+              help="nodes compact each shard's Raft log every N commands (default: the node's): small values force "
+                   "compactions and snapshot installs to lagging or restarted followers during the faults")
 @click.option("--auth", is_flag=True,
               help="run with authentication and roles: the clients' user may only read and write the workloads' keys")
 def run_cmd(time_s: float, **kw: object) -> None:

@@ -89,6 +89,7 @@ class RunConfig:
     partition_shapes: str = "halves,isolate-leader,majority-ring"
     auth: bool = False
     unsafe_lock_lapse: bool = False
+    compact_every: int | None = None
 
     def to_argv(self) -> list[str]:
         """Command-line options reproducing this config (for the re-exec inside the namespace)."""
@@ -229,6 +230,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         env["PYTHONPATH"] = str(shim) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env[netns.BIND_ENV] = ",".join(f"{n}={i.host}" for n, i in shardmap.nodes.items())
     node_args = ["--unsafe-local-reads"] if cfg.unsafe_local_reads else []
+    if cfg.compact_every:
+        node_args += ["--compact-every", str(cfg.compact_every)]
     cluster = LocalCluster(node_dir, shardmap, node_args=node_args, env=env)
     mode = ("private netns, node i on 127.0.0.i, iptables: " + os.environ.get(netns.ENV_MARK, "")) if inside \
         else "host loopback 127.0.0.1 (no partitions)"
