@@ -143,6 +143,13 @@ class Engine:
         """A copy of the commit counters."""
         return dataclasses.replace(self._stats)
 
+    def size_bytes(self) -> int:
+        """Bytes the environment's data file takes on disk (0 once closed)."""
+        try:
+            return os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
+        except OSError:
+            return 0
+
     # ---- committed reads -------------------------------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:

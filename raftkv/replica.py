@@ -195,10 +195,6 @@ class ShardReplica(SafeSyncObj):
         return leader is not None and (leader.id == self.selfNode.id or self.isNodeConnected(leader))
 
     @property
-    def journal_file(self) -> str:
-        return self.conf.journalFile
-
-    @property
     def snapshot_file(self) -> str:
         return self.conf.fullDumpFile
 

@@ -87,7 +87,6 @@ class _RaftCollector:
         peer_up = GaugeMetricFamily("raftkv_raft_peer_connected", "1 if the Raft connection to a peer is up",
                                     labels=["shard", "peer"])
         keys = GaugeMetricFamily("raftkv_keys", "Keys stored in this replica", labels=["shard"])
-        journal = GaugeMetricFamily("raftkv_journal_bytes", "Size of the Raft journal file", labels=["shard"])
         snap = GaugeMetricFamily("raftkv_snapshot_bytes", "Size of the last snapshot file", labels=["shard"])
         open_txns = GaugeMetricFamily("raftkv_txn_open", "Cross-shard transactions open in this shard "
                                       "(coordinator records not finished + prepared locks held)", labels=["shard"])
@@ -119,7 +118,6 @@ class _RaftCollector:
                 match = st.get(f"match_idx_server_{addr}")
                 if st["state"] == 2 and match is not None:
                     lag.add_metric([sh, n.name], max(0, st["commit_idx"] - match))
-            journal.add_metric([sh], _size(r.journal_file))
             snap.add_metric([sh], _size(r.snapshot_file))
             n_open, oldest = txn_summary(r.state.txns, r.log_now_ms())
             open_txns.add_metric([sh], n_open)
@@ -129,11 +127,28 @@ class _RaftCollector:
             fsync_sum.add_metric([sh], fs.total_s)
             fsync_max.add_metric([sh], fs.max_s)
             ticking.add_metric([sh], 1 if r.tick_thread_alive() else 0)
-        yield from (role, is_leader, has_leader, term, commit, applied, lag, peer_up, keys, journal, snap,
+        yield from (role, is_leader, has_leader, term, commit, applied, lag, peer_up, keys, snap,
                     open_txns, txn_age, fsync_count, fsync_sum, fsync_max, ticking)
+        yield from _engine_metrics(node.engine)
         disk = GaugeMetricFamily("raftkv_disk_free_ratio", "Free fraction of the data directory's filesystem")
         disk.add_metric([], disk_free_ratio(node.map.node_data_dir(node.name)))
         yield disk
+
+
+def _engine_metrics(engine: Any) -> Iterator[Any]:
+    """The node's storage engine: its size and its durable commits (one per flush, covering every shard)."""
+    st = engine.stats()
+    size = GaugeMetricFamily("raftkv_engine_bytes", "Size of the node's storage engine file (all shards' Raft logs)")
+    size.add_metric([], engine.size_bytes())
+    commits = CounterMetricFamily("raftkv_engine_commits", "Durable commits of the node's storage engine")
+    commits.add_metric([], st.count)
+    ops = CounterMetricFamily("raftkv_engine_commit_ops", "Writes carried by those commits (all shards)")
+    ops.add_metric([], st.ops)
+    secs = CounterMetricFamily("raftkv_engine_commit_seconds", "Total time spent in durable engine commits")
+    secs.add_metric([], st.total_s)
+    slowest = GaugeMetricFamily("raftkv_engine_commit_max_seconds", "Slowest durable engine commit so far")
+    slowest.add_metric([], st.max_s)
+    yield from (size, commits, ops, secs, slowest)
 
 
 def _size(path: str | None) -> int:
