@@ -39,6 +39,8 @@ command                                   result
                                           for ``TOMBSTONE_TTL_MS`` of log time
 ``("session", client, seq, command)``     the command's result, once per seq
 ``("noop",)``                             ``None`` (a read barrier)
+``("changes", key, prefix, after, n)``    recent changes, for watchers
+                                          (``raftkv.changelog``)
 ========================================  ======================================
 
 Retried commands are de-duplicated through *sessions*: a client wraps a command
@@ -62,7 +64,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftkv import backup_state, expiry, keyspace, locks, strings, txn
+from raftkv import backup_state, changelog, expiry, keyspace, locks, strings, txn
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
@@ -172,6 +174,8 @@ class KVState:
     del_rev: int = 0
     # key deadlines in log time (raftkv.expiry)
     expiries: expiry.Expiries = field(default_factory=expiry.Expiries)
+    # the newest changes, for watchers (raftkv.changelog)
+    changes: changelog.ChangeLog = field(default_factory=changelog.ChangeLog)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, Store):
@@ -267,7 +271,8 @@ class KVState:
 
     def extra(self) -> dict:
         """State added in snapshot version 3, as a dict so later additions load the same way."""
-        return {"log_ms": self.log_ms, "del_rev": self.del_rev, "expires": self.expiries.dump()}
+        return {"log_ms": self.log_ms, "del_rev": self.del_rev, "expires": self.expiries.dump(),
+                "changes": self.changes.dump()}
 
     def load_extra(self, extra: dict | None) -> None:
         """Inverse of ``extra``.  A version 1/2 snapshot lacks it: derive safe values.
@@ -279,7 +284,9 @@ class KVState:
         if extra is not None:
             self.log_ms, self.del_rev = int(extra["log_ms"]), int(extra["del_rev"])
             self.expiries = expiry.Expiries(extra.get("expires"))  # snapshots before expiry have none
+            self.changes = changelog.ChangeLog.load(extra.get("changes"), self.revision)  # none before watch
             return
+        self.changes = changelog.ChangeLog.load(None, self.revision)
         self.del_rev = self.revision
         self.log_ms = max([self.txns.newest_ms(), *(t for _, _, t in self.sessions.values())], default=0)
 
@@ -314,7 +321,8 @@ class KVState:
     def write(self, key: bytes, value: bytes | None, keep_ttl: bool = False) -> int:
         """Set (or delete, when ``value`` is None) ``key``; returns the new revision.
 
-        A write clears the key's deadline (as in Redis) unless ``keep_ttl``.
+        A write clears the key's deadline (as in Redis) unless ``keep_ttl``.  Every change is
+        recorded in the change log (deleting a missing key changes nothing and is not).
         """
         self.revision += 1
         if self.expiries and not (keep_ttl and value is not None):
@@ -322,8 +330,10 @@ class KVState:
         if value is None:
             if self.data.pop(key, None) is not None:
                 self.del_rev = self.revision
+                self.changes.record(self.revision, key, None)
         else:
             self.data[key] = (value, self.revision)
+            self.changes.record(self.revision, key, value)
         return self.revision
 
     def lock_of(self, key: bytes) -> Locked | None:
@@ -497,4 +507,4 @@ _HANDLERS = {
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists,
                   "entries": _entries,
-                  **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS}
+                  **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS, **changelog.READ_HANDLERS}

@@ -1,0 +1,127 @@
+"""The change feed of a shard (raftkv.changelog): what is retained, what a cursor gets, what is refused."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raftkv.changelog import ChangeLog
+from raftkv.results import CmdError
+from raftkv.state import KVState
+
+KEYS = [b"a", b"ab", b"b"]
+changes = st.lists(st.tuples(st.sampled_from(KEYS), st.one_of(st.none(), st.sampled_from([b"", b"x", b"xyz"]))),
+                   max_size=40)
+
+
+def match_for(key: bytes, prefix: bool):
+    return (lambda k: k.startswith(key)) if prefix else (lambda k: k == key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes, st.integers(1, 6), st.integers(1, 12), st.integers(0, 45), st.sampled_from(KEYS), st.booleans(),
+       st.integers(1, 5))
+def test_the_log_answers_like_the_full_history_or_refuses(writes, events_max, bytes_max, after, key, prefix,
+                                                          count) -> None:
+    log = ChangeLog(events_max=events_max, bytes_max=bytes_max)
+    history = []  # every change ever, the model
+    for rev, (k, v) in enumerate(writes, start=1):
+        log.record(rev, k, v)
+        history.append((rev, k, v))
+    revision = len(writes)
+    # Retained: exactly the newest changes, everything after the floor, within both limits.
+    assert list(log.events) == [e for e in history if e[0] > log.floor]
+    assert len(log.events) <= events_max and log.bytes <= bytes_max
+    assert log.bytes == sum(len(k) + len(v or b"") for _, k, v in log.events)
+
+    got = log.since(min(after, revision), match_for(key, prefix), count, revision)
+    after = min(after, revision)
+    if after < log.floor:
+        assert isinstance(got, CmdError) and got.code == "COMPACTED"
+        assert got.message.startswith(f"oldest={log.floor}:")
+        return
+    want = [e for e in history if e[0] > after and match_for(key, prefix)(e[1])]
+    events, cursor = got
+    assert events == want[:count]
+    # The cursor covers exactly what was answered: nothing matching between the last event and it.
+    assert cursor == (want[count - 1][0] if len(want) > count else revision)
+
+
+@settings(max_examples=200, deadline=None)
+@given(changes, st.lists(st.integers(1, 4), min_size=1, max_size=30))
+def test_a_watcher_that_keeps_up_sees_every_change_once_in_order(writes, counts) -> None:
+    log, cursor, seen = ChangeLog(events_max=4, bytes_max=1 << 20), 0, []
+    pending = list(enumerate(writes, start=1))
+    for count in counts:
+        for rev, (k, v) in pending[:2]:  # two changes between polls: never more than the window
+            log.record(rev, k, v)
+        pending = pending[2:]
+        got = log.since(cursor, match_for(b"", True), count, len(writes) - len(pending))
+        assert not isinstance(got, CmdError), got
+        events, cursor = got
+        seen += events
+    applied = len(writes) - len(pending)
+    while cursor < applied:  # drain what is left
+        events, cursor = log.since(cursor, match_for(b"", True), 4, applied)
+        seen += events
+    assert seen == [(rev, k, v) for rev, (k, v) in enumerate(writes[:applied], start=1)]
+
+
+def test_a_cursor_ahead_of_the_shard_is_refused() -> None:
+    got = ChangeLog().since(5, match_for(b"k", False), 10, revision=3)
+    assert isinstance(got, CmdError) and got.code == "ERR"
+
+
+# -- inside the state machine ---------------------------------------------------------------------
+
+state_commands = st.lists(st.one_of(
+    st.tuples(st.just("set"), st.sampled_from(KEYS), st.sampled_from([b"1", b"2"])),
+    st.tuples(st.just("del"), st.lists(st.sampled_from(KEYS), min_size=1, max_size=2)),
+    st.tuples(st.just("incrby"), st.sampled_from(KEYS), st.just(1)),
+    st.tuples(st.just("txn"), st.just(()), st.tuples(st.tuples(st.just("put"), st.sampled_from(KEYS), st.just(b"t")),
+                                                      st.tuples(st.just("del"), st.sampled_from(KEYS))), st.just(())),
+    st.tuples(st.just("expire"), st.sampled_from(KEYS), st.integers(-1, 3), st.just(False), st.just(None)),
+    st.tuples(st.just("noop")),
+), max_size=40)
+
+
+def replay(events) -> dict:
+    data: dict = {}
+    for _rev, k, v in events:
+        if v is None:
+            assert k in data, "a deletion event for a key that did not exist"
+            del data[k]
+        else:
+            data[k] = v
+    return data
+
+
+@settings(max_examples=200, deadline=None)
+@given(state_commands, st.integers(0, 40))
+def test_replaying_the_feed_rebuilds_the_data_and_survives_snapshots(cmds, cut) -> None:
+    s = KVState()
+    for i, cmd in enumerate(cmds[:cut]):
+        s.apply(cmd, now_ms=i)
+    s = KVState.restore(s.snapshot())  # a restarted replica serves the same history
+    for i, cmd in enumerate(cmds[cut:], start=cut):
+        s.apply(cmd, now_ms=i)
+    s.apply(("noop",), now_ms=10_000)  # reap every key whose deadline passed
+    events, cursor = s.read(("changes", b"", True, 0, 10_000), now_ms=10_000)
+    assert cursor == s.revision
+    assert replay(events) == {k: v for k, (v, _rev) in s.data.items()}
+    newest = {k: rev for rev, k, _v in events}
+    assert all(newest[k] == rev for k, (_v, rev) in s.data.items()), "a key's revision is its newest change"
+
+
+def test_old_snapshots_and_backup_loads_have_no_history_before_them() -> None:
+    s = KVState()
+    s.apply(("set", b"k", b"1"), 0)
+    s.apply(("bk_load", [(b"restored", b"v", 7)], 7), 1)
+    got = s.read(("changes", b"k", False, 0, 10))
+    assert isinstance(got, CmdError) and got.message.startswith("oldest=7")
+    assert s.read(("changes", b"k", False, 7, 10)) == ([], 7)
+    legacy = KVState()
+    legacy.apply(("set", b"k", b"1"), 0)
+    legacy.load_extra(None)  # what a version 1/2 snapshot restores to
+    assert isinstance(legacy.read(("changes", b"k", False, 0, 10)), CmdError)
+    assert legacy.read(("changes", b"k", False, None, 10)) == ([], 1)
