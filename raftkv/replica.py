@@ -66,6 +66,7 @@ class ShardReplica(SafeSyncObj):
         on_role_change: Callable[[int, int, int], None] | None = None,
         conf_overrides: dict | None = None,
         compact_every_cmds: int | None = None,
+        on_applied: Callable[[int], None] | None = None,
     ) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.shard = shard
@@ -79,6 +80,7 @@ class ShardReplica(SafeSyncObj):
         self._snap_generation = 0
         self._cmds_since_compaction = 0
         self._on_role_change = on_role_change
+        self._on_applied = on_applied
         base = os.path.join(data_dir, f"shard-{shard}")
         conf = tuned_conf(
             journalFile=base + ".journal",
@@ -104,7 +106,10 @@ class ShardReplica(SafeSyncObj):
         if self._cmds_since_compaction >= self.compact_every_cmds and self._followers_caught_up():
             self._cmds_since_compaction = 0
             self.forceLogCompaction()
-        return self.state.apply_batch(cmds, now_ms)
+        results = self.state.apply_batch(cmds, now_ms)
+        if self._on_applied is not None:
+            self._on_applied(self.shard)  # wakes long-polling watchers (raftkv.server.feed); must not block
+        return results
 
     def _followers_caught_up(self) -> bool:
         """On a leader: every follower holds the log up to what this replica applied.

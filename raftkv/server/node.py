@@ -39,6 +39,7 @@ from raftkv.server.api import BadRequest, Command, Faults, Limits, Timing, admin
 from raftkv.server.balancer import balance_loop
 from raftkv.server.conn import Conn, serve_connection
 from raftkv.server.coordinator import TxnService
+from raftkv.server.feed import AppliedWaiters
 from raftkv.server.metrics import NodeMetrics, disk_free_ratio, serve_http, txn_summary
 from raftkv.server.router import Router
 from shards.shardmap import ShardMap
@@ -72,13 +73,14 @@ class Node:
         if self.security.secret:
             raft_overrides = {**(raft_overrides or {}), "password": self.security.secret}
         self._replicas: dict[int, ShardReplica] = {}
+        self.feed = AppliedWaiters()
         data_dir = shardmap.node_data_dir(name)
         for shard in shardmap.shards_on(name):
             peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
             self._replicas[shard] = ShardReplica(
                 shard, self.info.raft_addr(shard), peers, os.path.join(data_dir, f"shard-{shard}"),
                 on_role_change=self._role_changed, conf_overrides=raft_overrides,
-                compact_every_cmds=compact_every_cmds)
+                compact_every_cmds=compact_every_cmds, on_applied=self.feed.applied)
         self.clients = 0
         self.started = time.time()
         self.stats = {"commands": 0, "errors": 0}
@@ -110,6 +112,7 @@ class Node:
         """Serve until SIGTERM/SIGINT."""
         loop = asyncio.get_running_loop()
         self.router.start(loop)
+        self.feed.start(loop)
         if self.metrics_port:
             await serve_http(self, self.metrics, self.info.host, self.metrics_port)
             log.info("event=metrics node=%s addr=http://%s:%d/metrics", self.name, self.info.host,
@@ -301,6 +304,9 @@ class Node:
 
     async def rpc(self, target: str, message: tuple, timeout: float) -> Any:
         return await self.router.link(target).rpc(message, timeout)
+
+    async def wait_applied(self, revisions: dict[int, int], timeout: float) -> None:
+        await self.feed.wait(revisions, self._replicas, timeout)
 
     async def stale_read(self, shard: int, cmd: tuple) -> Any:
         return await self.router.stale_read(shard, cmd)

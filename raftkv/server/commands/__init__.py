@@ -5,6 +5,7 @@
 ``strings``    INCR INCRBY DECR DECRBY APPEND GETDEL SETNX MSETNX STRLEN
 ``expiry``     EXPIRE PEXPIRE EXPIREAT PEXPIREAT TTL PTTL PERSIST (and SET's EX/PX/EXAT/PXAT/KEEPTTL)
 ``keyspace``   SCAN KEYS
+``watch``      RAFTKV.WATCH (the change feed)
 ``locks``      RAFTKV.LOCK RAFTKV.UNLOCK
 ``txn``        MSET RAFTKV.TXN WATCH MULTI EXEC DISCARD UNWATCH RAFTKV.TXSTATS
 ``admin``      PING ECHO HELLO AUTH INFO READONLY ... RAFTKV.STATUS/SHARDS/CLUSTER/TRANSFER
@@ -32,10 +33,11 @@ from raftkv.server.commands import (
     member,
     strings,
     txn,
+    watch,
 )
 
 COMMANDS: dict[bytes, Command] = {}
-for _module in (kv, strings, expiry, keyspace, locks, txn, admin, backup, member, acl, internal):
+for _module in (kv, strings, expiry, keyspace, watch, locks, txn, admin, backup, member, acl, internal):
     _clash = COMMANDS.keys() & _module.COMMANDS.keys()
     assert not _clash, f"command defined twice: {_clash}"
     COMMANDS.update(_module.COMMANDS)
