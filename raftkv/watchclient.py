@@ -113,6 +113,6 @@ class Watch:
                 for e in reversed(events):
                     self.cursors[e.shard] = e.revision - 1
             for e in events:
+                self.cursors[e.shard] = e.revision  # before handing it out: a consumer may stop at e
                 yield e
-                self.cursors[e.shard] = e.revision  # a consumer that stops here resumes after e
             self.cursors = after
