@@ -54,12 +54,13 @@ class Watch:
     (``{shard: revision}``: every watched change up to it has been handed out; None until the first
     reply of a watch started from now).
 
-    ``call(args)`` sends one read request with the client's retries and raises ``RaftKVError``;
+    ``call(args)`` sends one read request with the client's retries and raises ``RaftKVError``
+    (None: an asyncio subclass sends them);
     ``shards`` are the shards watched (the key's, or all for a prefix).  ``start``: None (from now),
     a revision (every watched shard's) or ``{shard: revision}``.
     """
 
-    def __init__(self, call: Callable[[list[bytes]], Any], subject: bytes, prefix: bool, shards: list[int],
+    def __init__(self, call: Callable[[list[bytes]], Any] | None, subject: bytes, prefix: bool, shards: list[int],
                  start: Start, block_s: float, count: int = 1000) -> None:
         self.call = call
         self.subject = subject
@@ -81,38 +82,52 @@ class Watch:
             return str(self.cursors[self.shards[0]]).encode()
         return ",".join(f"{s}={r}" for s, r in sorted(self.cursors.items())).encode()
 
-    def fetch(self, block: bool = True) -> tuple[list[WatchEvent], dict[int, int]]:
-        """One poll: the new events and the cursors after them (``cursors`` is not moved)."""
+    def request(self, block: bool) -> list[bytes]:
+        """The ``RAFTKV.WATCH`` request from the current cursors."""
         args = [b"RAFTKV.WATCH", b"PREFIX" if self.prefix else b"KEY", self.subject, b"FROM", self._from(),
                 b"COUNT", str(self.count).encode()]
-        if block:
-            args += [b"BLOCK", str(self.block_ms).encode()]
-        try:
-            token, rows = self.call(args)
-        except RaftKVError as e:
-            if e.code == "COMPACTED":
-                raise CompactedError(e.message) from None
-            raise
+        return args + [b"BLOCK", str(self.block_ms).encode()] if block else args
+
+    def parse(self, reply: Any) -> tuple[list[WatchEvent], dict[int, int]]:
+        """A ``RAFTKV.WATCH`` reply as the events and the cursors after them."""
+        token, rows = reply
         events = [WatchEvent(key, value, int(rev), int(shard)) for shard, rev, _kind, key, value in rows]
         if self.prefix:
             return events, {int(s): int(r) for s, r in (part.split(b"=") for part in token.split(b","))}
         return events, {self.shards[0]: int(token)}
+
+    @staticmethod
+    def refusal(error: RaftKVError) -> RaftKVError:
+        """The error to raise for an error reply (``CompactedError`` for COMPACTED)."""
+        return CompactedError(error.message) if error.code == "COMPACTED" else error
+
+    def fetch(self, block: bool = True) -> tuple[list[WatchEvent], dict[int, int]]:
+        """One poll: the new events and the cursors after them (``cursors`` is not moved)."""
+        assert self.call is not None, "no blocking transport: poll it from asyncio (raftkv.aio.AsyncWatch)"
+        try:
+            return self.parse(self.call(self.request(block)))
+        except RaftKVError as e:
+            raise self.refusal(e) from None
 
     def poll(self, block: bool = True) -> list[WatchEvent]:
         """The next batch of events (empty when the wait ran out quietly); moves ``cursors`` past it."""
         events, self.cursors = self.fetch(block)
         return events
 
+    def handing_out(self, events: list[WatchEvent], after: dict[int, int]) -> Iterator[WatchEvent]:
+        """``events`` one by one, the cursors moved past each before it is handed out (a consumer may
+        stop at any event and resume after it), then to ``after``."""
+        if self.cursors is None:
+            # Started from now: a shard's cursor is just before its first event (nothing it
+            # watches changed in between), or where the reply left it.
+            self.cursors = dict(after)
+            for e in reversed(events):
+                self.cursors[e.shard] = e.revision - 1
+        for e in events:
+            self.cursors[e.shard] = e.revision
+            yield e
+        self.cursors = after
+
     def __iter__(self) -> Iterator[WatchEvent]:
         while True:
-            events, after = self.fetch()
-            if self.cursors is None:
-                # Started from now: a shard's cursor is just before its first event (nothing it
-                # watches changed in between), or where the reply left it.
-                self.cursors = dict(after)
-                for e in reversed(events):
-                    self.cursors[e.shard] = e.revision - 1
-            for e in events:
-                self.cursors[e.shard] = e.revision  # before handing it out: a consumer may stop at e
-                yield e
-            self.cursors = after
+            yield from self.handing_out(*self.fetch())

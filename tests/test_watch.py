@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import redis
 
 from raftkv import Client, IndeterminateError, RaftKVError
+from raftkv.aio import AsyncClient
 from raftkv.client import CompactedError, WatchEvent
 from raftkv.cluster import LocalCluster
 from tests.conftest import redis_to
@@ -86,6 +88,30 @@ def test_a_prefix_watch_spans_shards_in_order_per_shard(lc: LocalCluster) -> Non
     for key in {k for k, _ in ops}:  # per key: exactly its changes, in the order they were made
         assert [e.value for e in seen if e.key == key] == [v for k, v in ops if k == key]
     assert w.poll(block=False) == []  # nothing left over, nothing repeated
+
+
+def test_async_watch_long_polls_beside_the_shared_connections(lc: LocalCluster) -> None:
+    async def main() -> list[WatchEvent]:
+        async with AsyncClient(cluster=lc.config) as c:
+            w = c.watch("aw:", prefix=True, block=30.0)
+            assert await w.apoll(block=False) == []
+            seen: list[WatchEvent] = []
+
+            async def follow() -> None:
+                async for e in w:
+                    seen.append(e)
+                    if len(seen) == 6:
+                        return
+            follower = asyncio.create_task(follow())
+            for i in range(3):  # while the watch waits on its own connection, these are answered
+                await c.put(f"aw:{i}", str(i))
+                await c.delete(f"aw:{i}")
+            await asyncio.wait_for(follower, 60)
+            await w.aclose()
+            return seen
+    seen = asyncio.run(main())
+    assert [(e.key, e.value) for e in sorted(seen, key=lambda e: (e.key, e.revision))] == [
+        (f"aw:{i}".encode(), v) for i in range(3) for v in (str(i).encode(), None)]
 
 
 def test_range_get_prefix_and_an_exact_dbsize(lc: LocalCluster) -> None:
