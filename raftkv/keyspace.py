@@ -1,5 +1,5 @@
 """Walking the key space: ``("scan", after, count, pattern)``, ``("keys", pattern)``,
-``("range", start, end, limit)`` and ``("dbsize", hidden)``.  Pure reads.
+``("range", start, end, limit, hidden)`` and ``("dbsize", hidden)``.  Pure reads.
 
 A scan cursor is a position in key order (the last key returned), not an index,
 so keys inserted or deleted meanwhile never make a scan skip a key that was
@@ -12,8 +12,10 @@ A range is ``[start, end)`` in byte order (``end`` None: no upper bound) and
 answers the ``limit`` smallest live keys in it with their values.  Keys are
 hashed to shards, so a range is a question to every shard (each answers from
 one pass over its keys) and the node merges the answers: the cost of hash
-sharding, which spreads load evenly but scatters neighbouring keys.
-``dbsize`` counts the live keys, less the ``hidden`` ones (the cluster's own).
+sharding, which spreads load evenly but scatters neighbouring keys.  Keys
+starting with ``hidden`` (the cluster's own) are never part of a range: left
+out by the shard, they cannot crowd a key of the range out of its ``limit``.
+``dbsize`` counts the live keys, less the ``hidden`` ones.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def prefix_end(prefix: bytes) -> bytes | None:
 
 
 def _range(s: Any, cmd: tuple, now_ms: int) -> Any:
-    _, start, end, limit = cmd
-    live = (k for k in s.data if start <= k and (end is None or k < end) and s.lookup(k, now_ms) is not None)
+    _, start, end, limit, hidden = cmd
+    live = (k for k in s.data if start <= k and (end is None or k < end) and not k.startswith(hidden)
+            and s.lookup(k, now_ms) is not None)
     return [(k, s.data[k][0]) for k in heapq.nsmallest(limit, live)]
 
 

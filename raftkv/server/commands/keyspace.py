@@ -123,18 +123,16 @@ def cmd_range(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
             return Error("ERR", "value is not an integer or out of range")
         if not 1 <= limit <= SCAN_COUNT_MAX:
             return Error("ERR", f"LIMIT must be 1..{SCAN_COUNT_MAX}")
-    if start.startswith(RESERVED_PREFIX):
-        start = prefix_end(RESERVED_PREFIX) or b""  # the cluster's own keys are never listed
 
     async def go() -> Any:
-        parts = await asyncio.gather(*(node.execute(s, ("range", start, end, limit), read=True)
-                                       for s in range(node.map.nshards)))
+        cmd = ("range", start, end, limit, RESERVED_PREFIX)  # the cluster's own keys are never listed
+        parts = await asyncio.gather(*(node.execute(s, cmd, read=True) for s in range(node.map.nshards)))
         pairs: list = []
         for p in parts:
             p = to_reply(p)
             if isinstance(p, Error):
                 return p
-            pairs += [kv for kv in p if not kv[0].startswith(RESERVED_PREFIX)]
+            pairs += p
         pairs = sorted(pairs)[:limit]
         if sum(len(k) + len(v) for k, v in pairs) > RANGE_REPLY_BYTES_MAX:
             return Error("TOOBIG", f"the range holds over {RANGE_REPLY_BYTES_MAX} bytes in {limit} keys; "
