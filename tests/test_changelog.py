@@ -48,8 +48,10 @@ def test_the_log_answers_like_the_full_history_or_refuses(writes, events_max, by
 
 
 @settings(max_examples=200, deadline=None)
-@given(changes, st.lists(st.integers(1, 4), min_size=1, max_size=30))
+@given(changes, st.lists(st.integers(2, 4), min_size=1, max_size=30))
 def test_a_watcher_that_keeps_up_sees_every_change_once_in_order(writes, counts) -> None:
+    """Keeping up: it takes at least as many events per poll as are written between polls (2), and the
+    window (4) holds what is written between two polls: then it is never refused."""
     log, cursor, seen = ChangeLog(events_max=4, bytes_max=1 << 20), 0, []
     pending = list(enumerate(writes, start=1))
     for count in counts:
@@ -125,3 +127,88 @@ def test_old_snapshots_and_backup_loads_have_no_history_before_them() -> None:
     legacy.load_extra(None)  # what a version 1/2 snapshot restores to
     assert isinstance(legacy.read(("changes", b"k", False, 0, 10)), CmdError)
     assert legacy.read(("changes", b"k", False, None, 10)) == ([], 1)
+
+
+# -- delivery: the client's cursors over replicas that lag, lose replies and change leaders -------------
+
+SHARD_OF = {b"a": 0, b"ab": 1, b"b": 1}
+
+
+class FakeShards:
+    """Two shards of three replicas each, applying one log per shard at their own pace; a poll is answered
+    by any replica that has applied the cursor it is asked about (as after a leader change), and a reply
+    may be lost on its way (the client then sends the same request again)."""
+
+    def __init__(self, rng) -> None:
+        self.rng = rng
+        self.logs: dict[int, list[tuple]] = {0: [], 1: []}
+        self.replicas = {s: [(KVState(), [0]) for _ in range(3)] for s in (0, 1)}
+
+    def write(self, key: bytes, value: bytes | None) -> None:
+        self.logs[SHARD_OF[key]].append(("set", key, value) if value is not None else ("del", [key]))
+        for shard, replicas in self.replicas.items():
+            for state, applied in replicas:  # each replica catches up by a random amount
+                target = self.rng.randint(applied[0], len(self.logs[shard]))
+                for i in range(applied[0], target):
+                    state.apply(self.logs[shard][i], now_ms=i)
+                applied[0] = target
+
+    def caught_up(self, shard: int) -> KVState:
+        state, applied = self.replicas[shard][0]
+        for i in range(applied[0], len(self.logs[shard])):
+            state.apply(self.logs[shard][i], now_ms=i)
+        applied[0] = len(self.logs[shard])
+        return state
+
+    def call(self, args: list[bytes]) -> object:
+        from raftkv.server.commands.watch import decode_cursor, encode_cursor, event_rows
+
+        while True:
+            _, kind, subject, _, raw, _, count = args[:7]
+            prefix = kind == b"PREFIX"
+            shards = [0, 1] if prefix else [SHARD_OF[subject]]
+            cursors, rows = decode_cursor(raw, shards), []
+            for s in shards:
+                fresh = [st for st, _ in self.replicas[s] if cursors[s] is None or st.revision >= cursors[s]]
+                state = self.rng.choice(fresh or [self.caught_up(s)])
+                events, cursors[s] = state.read(("changes", subject, prefix, cursors[s], int(count)))
+                rows += event_rows(s, events)
+            if self.rng.random() < 0.7:  # else the reply is lost: the client retries the same request
+                return [encode_cursor(cursors, prefix), rows]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(KEYS), st.one_of(st.none(), st.sampled_from([b"1", b"2"]))), max_size=30),
+       st.sampled_from([(b"", True), (b"a", True), (b"b", False)]), st.integers(0, 2**32), st.integers(1, 3))
+def test_a_watch_hands_out_every_change_once_however_it_is_served_and_resumed(writes, subject, seed,
+                                                                           count) -> None:
+    import random
+
+    from raftkv.watchclient import Watch
+
+    key, prefix = subject
+    shards_of_watch = [0, 1] if prefix else [SHARD_OF[key]]
+    rng = random.Random(seed)
+    cluster = FakeShards(rng)
+    w = Watch(cluster.call, key, prefix, shards_of_watch, 0, block_s=0, count=count)
+    seen, expected = [], []
+    for k, v in writes:
+        cluster.write(k, v)
+        if rng.random() < 0.4:  # the consumer takes a few events, stops, and resumes from its cursors
+            stop_after = rng.randint(1, 3)
+            for n, e in enumerate(w.handing_out(*w.fetch(block=False)), start=1):  # one step of iter(w)
+                seen.append(e)
+                if n >= stop_after:
+                    break
+            w = Watch(cluster.call, key, prefix, shards_of_watch, dict(w.cursors), block_s=0, count=count)
+    for s in shards_of_watch:  # drain
+        cluster.caught_up(s)
+    while any(w.cursors is None or w.cursors[s] < cluster.caught_up(s).revision for s in shards_of_watch):
+        seen += w.poll(block=False)
+    for s in shards_of_watch:
+        events, _ = cluster.caught_up(s).read(("changes", key, prefix, 0, 10_000))
+        expected += [(s, rev, k, v) for rev, k, v in events]
+    assert sorted((e.shard, e.revision, e.key, e.value) for e in seen) == sorted(expected)  # all, once
+    for s in shards_of_watch:
+        revs = [e.revision for e in seen if e.shard == s]
+        assert revs == sorted(revs), "out of order within a shard"

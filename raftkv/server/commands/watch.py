@@ -69,6 +69,12 @@ def decode_cursor(raw: bytes, shards: list[int]) -> dict[int, int | None]:
     return dict(pairs)
 
 
+def event_rows(shard: int, batch: Any) -> list[list]:
+    """A shard's ``(revision, key, value)`` events as reply rows; the cluster's own keys left out."""
+    return [[shard, rev, b"put" if value is not None else b"del", key, value]
+            for rev, key, value in batch if not key.startswith(RESERVED_PREFIX)]
+
+
 def _int_option(raw: bytes, low: int, high: int, name: str) -> int:
     try:
         n = int(raw)
@@ -114,8 +120,7 @@ def cmd_watch(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
                 if isinstance(res, Error):
                     return res
                 batch, cursors[s] = res
-                events += [[s, rev, b"put" if value is not None else b"del", key, value]
-                           for rev, key, value in batch if not key.startswith(RESERVED_PREFIX)]
+                events += event_rows(s, batch)
             left = deadline - loop.time()
             if events or left <= 0:
                 return [encode_cursor(cursors, prefix), events]  # type: ignore[arg-type]
