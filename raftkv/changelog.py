@@ -143,3 +143,18 @@ def _changes(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 READ_HANDLERS = {"changes": _changes}
+
+
+# -- cursors on the wire (RAFTKV.WATCH's FROM and its reply; raftkv.watchclient) --------------------
+
+def encode_cursor(cursors: dict[int, int], prefix: bool) -> bytes:
+    """A key watch's cursor is its one shard's revision; a prefix watch's lists every shard's."""
+    if not prefix:
+        (rev,) = cursors.values()
+        return str(rev).encode()
+    return ",".join(f"{s}={r}" for s, r in sorted(cursors.items())).encode()
+
+
+def decode_cursors(raw: bytes) -> dict[int, int]:
+    """``s=rev,s=rev,...`` as ``{shard: revision}``; raises ``ValueError`` on anything else."""
+    return {int(s): int(r) for s, r in (part.split(b"=") for part in raw.split(b","))}

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from raftkv.changelog import decode_cursors, encode_cursor
 from raftkv.errors import RaftKVError
 
 
@@ -76,11 +77,7 @@ class Watch:
             self.cursors = None if start is None else dict.fromkeys(shards, start)
 
     def _from(self) -> bytes:
-        if self.cursors is None:
-            return b"$"
-        if not self.prefix:
-            return str(self.cursors[self.shards[0]]).encode()
-        return ",".join(f"{s}={r}" for s, r in sorted(self.cursors.items())).encode()
+        return b"$" if self.cursors is None else encode_cursor(self.cursors, self.prefix)
 
     def request(self, block: bool) -> list[bytes]:
         """The ``RAFTKV.WATCH`` request from the current cursors."""
@@ -92,9 +89,7 @@ class Watch:
         """A ``RAFTKV.WATCH`` reply as the events and the cursors after them."""
         token, rows = reply
         events = [WatchEvent(key, value, int(rev), int(shard)) for shard, rev, _kind, key, value in rows]
-        if self.prefix:
-            return events, {int(s): int(r) for s, r in (part.split(b"=") for part in token.split(b","))}
-        return events, {self.shards[0]: int(token)}
+        return events, decode_cursors(token) if self.prefix else {self.shards[0]: int(token)}
 
     @staticmethod
     def refusal(error: RaftKVError) -> RaftKVError:

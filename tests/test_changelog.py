@@ -161,7 +161,8 @@ class FakeShards:
         return state
 
     def call(self, args: list[bytes]) -> object:
-        from raftkv.server.commands.watch import decode_cursor, encode_cursor, event_rows
+        from raftkv.changelog import encode_cursor
+        from raftkv.server.commands.watch import decode_cursor, event_rows
 
         while True:
             _, kind, subject, _, raw, _, count = args[:7]

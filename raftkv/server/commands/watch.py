@@ -31,7 +31,7 @@ import asyncio
 from typing import Any
 
 from raftkv.acl import RESERVED_PREFIX, Access
-from raftkv.changelog import COUNT_MAX
+from raftkv.changelog import COUNT_MAX, decode_cursors, encode_cursor
 from raftkv.protocol import Error
 from raftkv.server.api import BadRequest, Command, NodeAPI
 from raftkv.server.commands.kv import to_reply
@@ -41,14 +41,6 @@ from raftkv.server.feed import RECHECK_S
 BLOCK_MS_MAX = 60_000
 COUNT_DEFAULT = 1000
 _SYNTAX = Error("ERR", "syntax error: RAFTKV.WATCH KEY k|PREFIX p FROM rev|$ [BLOCK ms] [COUNT n]")
-
-
-def encode_cursor(cursors: dict[int, int], prefix: bool) -> bytes:
-    """A key watch's cursor is its shard's revision; a prefix watch's lists every shard's."""
-    if not prefix:
-        (rev,) = cursors.values()
-        return str(rev).encode()
-    return ",".join(f"{s}={r}" for s, r in sorted(cursors.items())).encode()
 
 
 def decode_cursor(raw: bytes, shards: list[int]) -> dict[int, int | None]:
@@ -61,7 +53,7 @@ def decode_cursor(raw: bytes, shards: list[int]) -> dict[int, int | None]:
             if rev < 0:
                 raise ValueError
             return dict.fromkeys(shards, rev)
-        pairs = dict((int(s), int(r)) for s, r in (part.split(b"=") for part in raw.split(b",")))
+        pairs = decode_cursors(raw)
     except ValueError:
         raise BadRequest(Error("ERR", f"FROM: not a cursor: {raw[:100]!r}")) from None
     if sorted(pairs) != shards or min(pairs.values()) < 0:
