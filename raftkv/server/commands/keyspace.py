@@ -25,7 +25,7 @@ from raftkv.acl import RESERVED_PREFIX, Access
 from raftkv.keyspace import prefix_end
 from raftkv.protocol import Error
 from raftkv.server.api import Command, NodeAPI
-from raftkv.server.commands.kv import to_reply
+from raftkv.server.commands.kv import int_option, to_reply
 from raftkv.server.conn import Conn
 
 SCAN_COUNT_DEFAULT = 10
@@ -117,12 +117,7 @@ def cmd_range(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     if len(req) not in (3, 5) or (len(req) == 5 and req[3].upper() != b"LIMIT"):
         return Error("ERR", "syntax error: RAFTKV.RANGE start end [LIMIT n]")
     if len(req) == 5:
-        try:
-            limit = int(req[4])
-        except ValueError:
-            return Error("ERR", "value is not an integer or out of range")
-        if not 1 <= limit <= SCAN_COUNT_MAX:
-            return Error("ERR", f"LIMIT must be 1..{SCAN_COUNT_MAX}")
+        limit = int_option(req[4], 1, SCAN_COUNT_MAX, "LIMIT")
 
     async def go() -> Any:
         cmd = ("range", start, end, limit, RESERVED_PREFIX)  # the cluster's own keys are never listed

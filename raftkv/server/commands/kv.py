@@ -77,6 +77,17 @@ def cmd_set(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None
 TTL_OPTIONS = {b"EX": ("in", 1000), b"PX": ("in", 1), b"EXAT": ("at", 1000), b"PXAT": ("at", 1)}
 
 
+def int_option(raw: bytes, low: int, high: int, name: str) -> int:
+    """An integer option in ``[low, high]`` (raises ``BadRequest`` with Redis's error for a non-integer)."""
+    try:
+        n = int(raw)
+    except ValueError:
+        raise BadRequest(Error("ERR", "value is not an integer or out of range")) from None
+    if not low <= n <= high:
+        raise BadRequest(Error("ERR", f"{name} must be {low}..{high}"))
+    return n
+
+
 def ttl_ms(option: bytes, amount: bytes, command: str) -> int:
     """Milliseconds from now for ``EX|PX|EXAT|PXAT amount`` (raises ``BadRequest`` with Redis's errors).
 

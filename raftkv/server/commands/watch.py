@@ -34,7 +34,7 @@ from raftkv.acl import RESERVED_PREFIX, Access
 from raftkv.changelog import COUNT_MAX, decode_cursors, encode_cursor
 from raftkv.protocol import Error
 from raftkv.server.api import BadRequest, Command, NodeAPI
-from raftkv.server.commands.kv import to_reply
+from raftkv.server.commands.kv import int_option, to_reply
 from raftkv.server.conn import Conn
 from raftkv.server.feed import RECHECK_S
 
@@ -67,16 +67,6 @@ def event_rows(shard: int, batch: Any) -> list[list]:
             for rev, key, value in batch if not key.startswith(RESERVED_PREFIX)]
 
 
-def _int_option(raw: bytes, low: int, high: int, name: str) -> int:
-    try:
-        n = int(raw)
-    except ValueError:
-        raise BadRequest(Error("ERR", "value is not an integer or out of range")) from None
-    if not low <= n <= high:
-        raise BadRequest(Error("ERR", f"{name} must be {low}..{high}"))
-    return n
-
-
 def cmd_watch(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     kind, subject = req[1].upper(), req[2]
     if kind not in (b"KEY", b"PREFIX") or len(req) % 2 == 0 or req[3].upper() != b"FROM":
@@ -89,9 +79,9 @@ def cmd_watch(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     for name, value in zip(req[5::2], req[6::2], strict=True):
         name = name.upper()
         if name == b"BLOCK":
-            block_ms = _int_option(value, 0, BLOCK_MS_MAX, "BLOCK") or BLOCK_MS_MAX
+            block_ms = int_option(value, 0, BLOCK_MS_MAX, "BLOCK") or BLOCK_MS_MAX
         elif name == b"COUNT":
-            count = _int_option(value, 1, COUNT_MAX, "COUNT")
+            count = int_option(value, 1, COUNT_MAX, "COUNT")
         else:
             return _SYNTAX
 
