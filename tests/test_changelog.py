@@ -213,3 +213,13 @@ def test_a_watch_hands_out_every_change_once_however_it_is_served_and_resumed(wr
     for s in shards_of_watch:
         revs = [e.revision for e in seen if e.shard == s]
         assert revs == sorted(revs), "out of order within a shard"
+
+
+def test_the_replicas_snapshot_format_keeps_the_change_log() -> None:
+    s = KVState()
+    for i in range(5):
+        s.apply(("set", b"k%d" % i, b"v"), now_ms=i)
+    s.apply(("del", [b"k0"]), now_ms=9)
+    loaded = KVState.from_chunks(s.freeze().chunks(keys_per_chunk=2))  # what ShardReplica writes and reads
+    assert loaded.read(("changes", b"k", True, 0, 100)) == s.read(("changes", b"k", True, 0, 100))
+    assert loaded.changes.floor == s.changes.floor == 0
