@@ -25,12 +25,14 @@ import random
 import ssl
 import tomllib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from raftkv.aioconnection import AsyncConnection, ConnectionLost
 from raftkv.client import Attempts, Bytesish, LeaseTTL, RaftKVError, UnavailableError, _b, _parse_addr
 from raftkv.leases import home_of
 from raftkv.protocol import ReplyError
+from raftkv.watchclient import Start, Watch, WatchEvent
 from shards.shardmap import ShardMap
 
 
@@ -140,6 +142,16 @@ class AsyncClient:
         seconds, revoked on exit (``raftkv.client.Lease`` is the threaded twin)."""
         return AsyncLease(self, int(ttl), None if near is None else _b(near))
 
+    def watch(self, key_or_prefix: Bytesish, prefix: bool = False, start_revision: Start = None,
+              block: float | None = None) -> AsyncWatch:
+        """``Client.watch`` for asyncio: ``async for event in client.watch(...)``.  The watch long-polls
+        on connections of its own; ``await w.aclose()`` closes them."""
+        subject = _b(key_or_prefix)
+        assert self.map is not None, "use 'async with AsyncClient(...)' (it fetches the cluster map)"
+        shards = list(range(self.map.nshards)) if prefix else [self._shard(subject)]
+        block_s = min(5.0, self.timeout / 2) if block is None else block
+        return AsyncWatch(self, subject, prefix, shards, start_revision, block_s)
+
     # -- routing and retries ------------------------------------------------------------------
     def _shard(self, key: bytes) -> int:
         assert self.map is not None, "use 'async with AsyncClient(...)' (it fetches the cluster map)"
@@ -158,13 +170,16 @@ class AsyncClient:
         self._sessions += 1
         return f"{self._client_id}-a{self._sessions}".encode(), 0
 
-    async def _request(self, shard: int, args: list[bytes], write: bool) -> Any:
+    async def _request(self, shard: int, args: list[bytes], write: bool,
+                       conns: dict[tuple[str, int], AsyncConnection] | None = None) -> Any:
+        """``args`` to ``shard``'s leader with retries; ``conns``: connections of the caller's own
+        (a long poll must not hold up the replies of the shared, pipelined ones)."""
         loop = asyncio.get_running_loop()
         attempts = Attempts(shard, write, loop.time() + self.timeout)
         while True:
             addr = await self._leader_addr(shard)
             try:
-                return await self._call(addr, args, attempts.remaining(loop.time()))
+                return await self._call(addr, args, attempts.remaining(loop.time()), conns)
             except (OSError, ConnectionError, ConnectionLost) as e:
                 attempts.transport_failed(addr, e, sent=getattr(e, "sent", not isinstance(e, ConnectionRefusedError)))
             except ReplyError as e:
@@ -202,10 +217,12 @@ class AsyncClient:
             return ShardMap.from_dict(tomllib.loads(text.decode()))
         raise UnavailableError("UNAVAILABLE", f"no node reachable to fetch the cluster map from {self._seeds}")
 
-    async def _call(self, addr: tuple[str, int], args: list[bytes], timeout: float) -> Any:
-        conn = self._conns.get(addr)
+    async def _call(self, addr: tuple[str, int], args: list[bytes], timeout: float,
+                    conns: dict[tuple[str, int], AsyncConnection] | None = None) -> Any:
+        conns = self._conns if conns is None else conns
+        conn = conns.get(addr)
         if conn is None:
-            conn = self._conns[addr] = AsyncConnection(addr[0], addr[1], self.tls, opening=self._login)
+            conn = conns[addr] = AsyncConnection(addr[0], addr[1], self.tls, opening=self._login)
         reply = await conn.call(*args, timeout=timeout)
         if isinstance(reply, ReplyError):
             raise reply
@@ -255,3 +272,36 @@ class AsyncLease:
                 if e.code != "NOLEASE":
                     raise
         self.id = None
+
+class AsyncWatch(Watch):
+    """``raftkv.watchclient.Watch`` driven from asyncio (same cursors, same guarantees)."""
+
+    def __init__(self, client: AsyncClient, subject: bytes, prefix: bool, shards: list[int], start: Start,
+                 block_s: float) -> None:
+        super().__init__(None, subject, prefix, shards, start, block_s)  # polled with apoll / async for
+        self.client = client
+        self.conns: dict[tuple[str, int], AsyncConnection] = {}
+
+    async def afetch(self, block: bool = True) -> tuple[list[WatchEvent], dict[int, int]]:
+        """One poll: the new events and the cursors after them (``cursors`` is not moved)."""
+        try:
+            reply = await self.client._request(self.shards[0], self.request(block), write=False, conns=self.conns)
+        except RaftKVError as e:
+            raise self.refusal(e) from None
+        return self.parse(reply)
+
+    async def apoll(self, block: bool = True) -> list[WatchEvent]:
+        """The next batch of events (empty when the wait ran out quietly); moves ``cursors`` past it."""
+        events, self.cursors = await self.afetch(block)
+        return events
+
+    async def __aiter__(self) -> AsyncIterator[WatchEvent]:
+        while True:
+            events, after = await self.afetch()
+            for e in self.handing_out(events, after):
+                yield e
+
+    async def aclose(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+        self.conns.clear()

@@ -87,6 +87,7 @@ def bk_load(s: Any, cmd: tuple, now_ms: int) -> Any:
         s.data[key] = (value, rev)
         top = max(top, rev)
     s.revision = max(s.revision, top)
+    s.changes.compact_to(s.revision)  # loaded keys are not changes a watcher saw: history restarts here
     return len(rows)
 
 

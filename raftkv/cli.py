@@ -200,9 +200,17 @@ def put(key: str, value: str, ttl: float | None, lease_id: int | None, token: in
 @main.command()
 @click.argument("key")
 @click.option("--stale", is_flag=True, help="read any replica's local copy (may be stale)")
+@click.option("--prefix", is_flag=True, help="every key starting with KEY, in byte order: 'key value' lines")
 @cluster_option
-def get(key: str, stale: bool, cluster_file: str | None) -> None:
+def get(key: str, stale: bool, prefix: bool, cluster_file: str | None) -> None:
     """Print the value of KEY (exit 1 if it does not exist)."""
+    if prefix:
+        if stale:
+            raise click.UsageError("--prefix reads are linearizable; --stale does not apply")
+        found = _with_client(cluster_file, lambda c: [click.echo(f"{k.decode(errors='replace')} "
+                                                                 f"{v.decode(errors='replace')}")
+                                                      for k, v in c.get_prefix(key)])
+        sys.exit(0 if found else 1)
     value = _with_client(cluster_file, lambda c: c.stale_get(key) if stale else c.get(key))
     if value is None:
         click.echo(f"raftkv: key {key!r} not found", err=True)
@@ -338,6 +346,32 @@ def lease_ttl(lease_id: int, cluster_file: str | None) -> None:
     """Print lease ID's remaining and granted ttl (seconds) and how many keys are attached."""
     info = _with_lease(cluster_file, lambda c: c.lease_ttl(lease_id))
     click.echo(f"remaining {info.remaining} granted {info.granted} keys {info.keys}")
+
+@main.command()
+@click.argument("key")
+@click.option("--prefix", is_flag=True, help="watch every key starting with KEY (all shards)")
+@click.option("--rev", "rev", type=click.IntRange(0), default=None,
+              help="start after this revision (each shard's, for --prefix); default: from now")
+@click.option("--count", type=click.IntRange(1), default=None, help="exit after this many changes")
+@cluster_option
+def watch(key: str, prefix: bool, rev: int | None, count: int | None, cluster_file: str | None) -> None:
+    """Print every change of KEY as it happens: 'SHARD:REV PUT key value' or 'SHARD:REV DEL key'.
+
+    Runs until interrupted (or --count changes); survives leader changes without missing or
+    repeating a change.  Revisions are per shard: order holds within a shard, not across shards.
+    """
+
+    def follow(c: Client) -> None:
+        for n, e in enumerate(c.watch(key, prefix=prefix, start_revision=rev), start=1):
+            line = f"{e.shard}:{e.revision} {'DEL' if e.deleted else 'PUT'} {e.key.decode(errors='replace')}"
+            click.echo(line if e.value is None else f"{line} {e.value.decode(errors='replace')}")
+            sys.stdout.flush()
+            if count is not None and n >= count:
+                return
+    try:
+        _with_client(cluster_file, follow)
+    except KeyboardInterrupt:
+        pass
 
 
 # -- status ------------------------------------------------------------------------------

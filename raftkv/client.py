@@ -34,14 +34,16 @@ from typing import Any
 
 from raftkv.connection import Connection
 from raftkv.errors import IndeterminateError, LockTimeout, RaftKVError, UnavailableError
+from raftkv.keyspace import prefix_end
 from raftkv.leases import home_of
 from raftkv.protocol import ReplyError
 from raftkv.txnclient import Txn
+from raftkv.watchclient import CompactedError, Start, Watch, WatchEvent
 from shards.shardmap import ShardMap
 
 Bytesish = bytes | str
-__all__ = ["Client", "IndeterminateError", "Lease", "LeaseTTL", "Lock", "LockTimeout", "RaftKVError",
-           "UnavailableError"]
+__all__ = ["Client", "CompactedError", "IndeterminateError", "Lease", "LeaseTTL", "Lock", "LockTimeout", "RaftKVError",
+           "UnavailableError", "Watch", "WatchEvent"]
 
 # Error codes after which the same request may be sent again unchanged.
 _RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY"}
@@ -458,6 +460,48 @@ class Client:
         seconds after the last one and the attached keys are deleted.
         """
         return Lease(self, int(ttl), None if near is None else _b(near))
+
+    def range(self, start: Bytesish, end: Bytesish | None = None, limit: int | None = None,
+              page: int = 256) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, value)`` for every key in ``[start, end)`` in byte order (``end`` None: to the last
+        key), at most ``limit``, fetched ``page`` keys at a time with ``RAFTKV.RANGE``.
+
+        Each page asks every shard (keys are hashed, not ordered, across shards) and each shard's
+        read is linearizable; the pages are not one snapshot.
+        """
+        lower, upper = _b(start), b"" if end is None else _b(end)
+        left = math.inf if limit is None else limit
+        while left > 0:
+            n = int(min(page, left))
+            flat = self._read(0, [b"RAFTKV.RANGE", lower, upper, b"LIMIT", str(n).encode()])  # any node fans out
+            pairs = list(zip(flat[0::2], flat[1::2], strict=True))
+            yield from pairs
+            left -= len(pairs)
+            if len(pairs) < n:
+                return
+            lower = pairs[-1][0] + b"\x00"  # the smallest key after the last one
+
+    def get_prefix(self, prefix: Bytesish, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, value)`` for every key starting with ``prefix``, in byte order (see ``range``)."""
+        p = _b(prefix)
+        return self.range(p, prefix_end(p), limit)
+
+    def watch(self, key_or_prefix: Bytesish, prefix: bool = False, start_revision: Start = None,
+              block: float | None = None) -> Watch:
+        """Every change of a key (or of every key under a prefix) from now, or after ``start_revision``.
+
+        Iterate the result for ``WatchEvent`` s, forever, each change once, in revision order per
+        shard (a prefix spans shards: no order between them).  ``start_revision``: a revision
+        (each watched shard's), ``{shard: revision}`` (``Watch.cursors`` of an earlier watch, to
+        resume without a gap), or None (from now).  Lost connections and leader changes are retried
+        within ``timeout``; a revision the shard no longer retains raises ``CompactedError``.
+        ``block``: seconds one long poll waits on the node (default: half the timeout, at most 5).
+        """
+        subject = _b(key_or_prefix)
+        assert self.map is not None
+        shards = list(range(self.map.nshards)) if prefix else [self._shard(subject)]
+        block_s = min(5.0, self.timeout / 2) if block is None else block
+        return Watch(lambda args: self._read(shards[0], args), subject, prefix, shards, start_revision, block_s)
 
     def lock(self, name: Bytesish, ttl: float = 10.0, wait: float | None = None) -> Lock:
         """Acquire lock ``name`` (a key): a context manager whose ``token`` is the fencing token.

@@ -23,6 +23,8 @@ command                                   result
                                           a deadline not in the future deletes
 ``("pttl", key)``                         ms left; -1 no deadline; -2 missing
 ``("persist", key)``                      1 if a deadline was removed, else 0
+``("getttl", key)``                       ``(value, revision, ms left or None)``
+                                          or ``None`` if missing (a read)
 ========================================  ======================================
 """
 
@@ -130,5 +132,13 @@ def _persist(s: Any, cmd: tuple, entry: Any, now_ms: int) -> Any:
     return 1 if entry is not None and s.expiries.clear(cmd[1]) else 0
 
 
+@on_live_key
+def _getttl(s: Any, cmd: tuple, entry: Any, now_ms: int) -> Any:
+    if entry is None:
+        return None
+    deadline = s.expiries.get(cmd[1])
+    return (entry[0], entry[1], None if deadline is None else deadline - now_ms)
+
+
 HANDLERS = {"expire": _expire, "pttl": _pttl, "persist": _persist}
-READ_HANDLERS = {"pttl": _pttl}
+READ_HANDLERS = {"pttl": _pttl, "getttl": _getttl}

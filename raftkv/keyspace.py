@@ -1,4 +1,5 @@
-"""Walking the key space: ``("scan", after, count, pattern)`` and ``("keys", pattern)``. Pure reads.
+"""Walking the key space: ``("scan", after, count, pattern)``, ``("keys", pattern)``,
+``("range", start, end, limit, hidden)`` and ``("dbsize", hidden)``.  Pure reads.
 
 A scan cursor is a position in key order (the last key returned), not an index,
 so keys inserted or deleted meanwhile never make a scan skip a key that was
@@ -6,6 +7,15 @@ present the whole time (Redis' guarantee).  Shards keep keys in a hash table,
 so each step picks the ``count`` smallest keys above the cursor in one pass over
 the shard: O(keys in shard) per step, fine for operators' tools, not a query path.
 Expired keys are skipped; patterns are Redis globs (``*``, ``?``, ``[...]``).
+
+A range is ``[start, end)`` in byte order (``end`` None: no upper bound) and
+answers the ``limit`` smallest live keys in it with their values.  Keys are
+hashed to shards, so a range is a question to every shard (each answers from
+one pass over its keys) and the node merges the answers: the cost of hash
+sharding, which spreads load evenly but scatters neighbouring keys.  Keys
+starting with ``hidden`` (the cluster's own) are never part of a range: left
+out by the shard, they cannot crowd a key of the range out of its ``limit``.
+``dbsize`` counts the live keys, less the ``hidden`` ones.
 """
 
 from __future__ import annotations
@@ -35,4 +45,22 @@ def _keys(s: Any, cmd: tuple, now_ms: int) -> Any:
     return sorted(k for k in s.data if glob_matches(pattern, k) and s.lookup(k, now_ms) is not None)
 
 
-READ_HANDLERS = {"scan": _scan, "keys": _keys}
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key above every key starting with ``prefix`` (None: there is none, no upper bound)."""
+    trimmed = prefix.rstrip(b"\xff")
+    return None if not trimmed else trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def _range(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, start, end, limit, hidden = cmd
+    live = (k for k in s.data if start <= k and (end is None or k < end) and not k.startswith(hidden)
+            and s.lookup(k, now_ms) is not None)
+    return [(k, s.data[k][0]) for k in heapq.nsmallest(limit, live)]
+
+
+def _dbsize(s: Any, cmd: tuple, now_ms: int) -> Any:
+    expired = sum(1 for k, t in s.expiries.deadlines.items() if t <= now_ms and k in s.data) if s.expiries else 0
+    return len(s.data) - expired - sum(1 for k in cmd[1] if s.lookup(k, now_ms) is not None)
+
+
+READ_HANDLERS = {"scan": _scan, "keys": _keys, "range": _range, "dbsize": _dbsize}

@@ -69,6 +69,7 @@ class ShardReplica(SafeSyncObj):
         conf_overrides: dict | None = None,
         compact_every_cmds: int | None = None,
         engine: Engine | None = None,
+        on_applied: Callable[[int], None] | None = None,
     ) -> None:
         os.makedirs(data_dir, exist_ok=True)
         # The log and hard state live in the node's engine (one commit per flush for all its groups); a replica
@@ -86,6 +87,7 @@ class ShardReplica(SafeSyncObj):
         self._snap_generation = 0
         self._cmds_since_compaction = 0
         self._on_role_change = on_role_change
+        self._on_applied = on_applied
         base = os.path.join(data_dir, f"shard-{shard}")
         conf = tuned_conf(
             journalFile=base + ".journal",
@@ -117,7 +119,10 @@ class ShardReplica(SafeSyncObj):
         if self._cmds_since_compaction >= self.compact_every_cmds and self._followers_caught_up():
             self._cmds_since_compaction = 0
             self.forceLogCompaction()
-        return self.state.apply_batch(cmds, now_ms)
+        results = self.state.apply_batch(cmds, now_ms)
+        if self._on_applied is not None:
+            self._on_applied(self.shard)  # wakes long-polling watchers (raftkv.server.feed); must not block
+        return results
 
     def _followers_caught_up(self) -> bool:
         """On a leader: every follower holds the log up to what this replica applied.

@@ -39,6 +39,8 @@ command                                   result
                                           for ``TOMBSTONE_TTL_MS`` of log time
 ``("session", client, seq, command)``     the command's result, once per seq
 ``("noop",)``                             ``None`` (a read barrier)
+``("changes", key, prefix, after, n)``    recent changes, for watchers
+                                          (``raftkv.changelog``)
 ========================================  ======================================
 
 Retried commands are de-duplicated through *sessions*: a client wraps a command
@@ -62,7 +64,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftkv import backup_state, expiry, keyspace, leases, locks, strings, txn
+from raftkv import backup_state, changelog, expiry, keyspace, leases, locks, strings, txn
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
@@ -174,6 +176,8 @@ class KVState:
     expiries: expiry.Expiries = field(default_factory=expiry.Expiries)
     # leases and the keys attached to them, in log time (raftkv.leases)
     leases: leases.LeaseTable = field(default_factory=leases.LeaseTable)
+    # the newest changes, for watchers (raftkv.changelog)
+    changes: changelog.ChangeLog = field(default_factory=changelog.ChangeLog)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, Store):
@@ -274,7 +278,7 @@ class KVState:
     def extra(self) -> dict:
         """State added in snapshot version 3, as a dict so later additions load the same way."""
         return {"log_ms": self.log_ms, "del_rev": self.del_rev, "expires": self.expiries.dump(),
-                "leases": self.leases.dump()}
+                "leases": self.leases.dump(), "changes": self.changes.dump()}
 
     def load_extra(self, extra: dict | None) -> None:
         """Inverse of ``extra``.  A version 1/2 snapshot lacks it: derive safe values.
@@ -287,7 +291,9 @@ class KVState:
             self.log_ms, self.del_rev = int(extra["log_ms"]), int(extra["del_rev"])
             self.expiries = expiry.Expiries(extra.get("expires"))  # snapshots before expiry have none
             self.leases = leases.LeaseTable(extra.get("leases"))  # nor before leases
+            self.changes = changelog.ChangeLog.load(extra.get("changes"), self.revision)  # none before watch
             return
+        self.changes = changelog.ChangeLog.load(None, self.revision)
         self.del_rev = self.revision
         self.log_ms = max([self.txns.newest_ms(), *(t for _, _, t in self.sessions.values())], default=0)
 
@@ -322,7 +328,8 @@ class KVState:
     def write(self, key: bytes, value: bytes | None, keep_ttl: bool = False) -> int:
         """Set (or delete, when ``value`` is None) ``key``; returns the new revision.
 
-        A write clears the key's deadline (as in Redis) unless ``keep_ttl``.
+        A write clears the key's deadline (as in Redis) unless ``keep_ttl``.  Every change is
+        recorded in the change log (deleting a missing key changes nothing and is not).
         """
         self.revision += 1
         if self.expiries and not (keep_ttl and value is not None):
@@ -332,8 +339,10 @@ class KVState:
         if value is None:
             if self.data.pop(key, None) is not None:
                 self.del_rev = self.revision
+                self.changes.record(self.revision, key, None)
         else:
             self.data[key] = (value, self.revision)
+            self.changes.record(self.revision, key, value)
         return self.revision
 
     def lock_of(self, key: bytes) -> Locked | None:
@@ -509,4 +518,5 @@ _HANDLERS = {
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists,
                   "entries": _entries,
-                  **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS, **leases.READ_HANDLERS}
+                  **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS, **leases.READ_HANDLERS,
+                  **changelog.READ_HANDLERS}

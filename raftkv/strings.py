@@ -13,16 +13,28 @@ command                                   result
                                           is ``None``, ``"nx"`` or ``"xx"``;
                                           ``ttl``: ``("in", ms)``, ``("at", ms)``
                                           (log time) or ``"keep"``
+``("incrbyfloat", key, increment)``       the new value (bytes, as Redis prints
+                                          it); the deadline stays
+``("getex", key, ttl)``                   the value, or ``None``; ``ttl``:
+                                          ``None`` (unchanged), ``("in", ms)``
+                                          or ``"persist"``
 ========================================  ======================================
 
 A key locked by a prepared transaction answers ``Locked`` (the node waits).
 Errors follow Redis: a value that is not a base-10 64-bit integer, or an
 increment that overflows, is ``ERR``.
+
+INCRBYFLOAT computes in decimal with 19 significant digits (what Redis's
+``long double`` holds) and prints the result as Redis does (``%.17Lf`` with
+trailing zeros cut: ``10.5 + 0.1`` is ``10.6``, ``5.0e3 + 200`` is ``5200``),
+deterministically on every replica, which C floats on different machines are
+not guaranteed to be.
 """
 
 from __future__ import annotations
 
 import re
+from decimal import Context, Decimal
 from typing import Any
 
 from raftkv.expiry import on_live_key
@@ -84,4 +96,61 @@ def _setopt(s: Any, cmd: tuple, entry: Any, now_ms: int) -> Any:
     return (True, before)
 
 
-HANDLERS = {"incrby": _incrby, "append": _append, "getdel": _getdel, "setopt": _setopt}
+_FLOAT = re.compile(rb"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_INFINITIES = {b"inf", b"+inf", b"-inf", b"infinity", b"+infinity", b"-infinity"}
+_LONG_DOUBLE = Context(prec=19)  # significant digits of the x87 long double Redis computes in
+_LONG_DOUBLE_MAX = Decimal("1.18973149535723176502e4932")
+_PRINT = Context(prec=6000)  # room for every digit of the largest long double and 17 decimals
+FLOAT_BYTES_MAX = 5000  # Redis refuses longer numbers (MAX_LONG_DOUBLE_CHARS)
+
+
+def parse_float(raw: bytes) -> Decimal | str:
+    """A float as Redis reads one (``strtold``, no spaces, no NaN), or the Redis error text."""
+    if raw.lower() in _INFINITIES:
+        return "increment would produce NaN or Infinity"
+    if len(raw) > FLOAT_BYTES_MAX or not _FLOAT.fullmatch(raw):
+        return "value is not a valid float"
+    return Decimal(raw.decode())
+
+
+def format_float(value: Decimal) -> bytes:
+    """As Redis prints a long double for humans: 17 decimals, then trailing zeros and the point cut."""
+    text = format(value.quantize(Decimal(1).scaleb(-17), context=_PRINT), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return b"0" if text in ("-0", "") else text.encode()
+
+
+@on_live_key
+def _incrbyfloat(s: Any, cmd: tuple, entry: Any, now_ms: int) -> Any:
+    _, key, raw_increment = cmd
+    current = Decimal(0) if entry is None else parse_float(entry[0])
+    increment = parse_float(raw_increment)
+    for parsed in (current, increment):
+        if isinstance(parsed, str):
+            return CmdError("ERR", parsed)
+    new = _LONG_DOUBLE.add(current, increment)
+    if abs(new) > _LONG_DOUBLE_MAX:
+        return CmdError("ERR", "increment would produce NaN or Infinity")
+    value = format_float(new)
+    s.write(key, value, keep_ttl=True)  # Redis keeps the deadline of a key it increments
+    return value
+
+
+@on_live_key
+def _getex(s: Any, cmd: tuple, entry: Any, now_ms: int) -> Any:
+    _, key, ttl = cmd
+    if entry is None:
+        return None
+    if ttl == "persist":
+        s.expiries.clear(key)
+    elif ttl is not None:
+        if ttl[1] <= 0:  # an absolute time already past: Redis deletes the key, and answers its value
+            s.write(key, None)
+        else:
+            s.expiries.set(key, now_ms + ttl[1])
+    return entry[0]
+
+
+HANDLERS = {"incrby": _incrby, "append": _append, "getdel": _getdel, "setopt": _setopt,
+            "incrbyfloat": _incrbyfloat, "getex": _getex}

@@ -12,6 +12,8 @@ every compare holds, else the *else* ops.
   compare holds only if the key was not written or deleted since).
 * op: ``("put", key, value)``, ``("del", key)`` or ``("get", key)``.  Ops of a
   branch run in order; a ``get`` after a ``put`` of the same key sees the put.
+  ``("put", key, value, ttl_ms)`` also gives the key a deadline ``ttl_ms`` after
+  the log time it is applied at (COPY and RENAME carry a key's time to live).
 
 When all keys live on one shard the whole transaction is one Raft entry
 (``("txn_once", txid, compares, then_ops, else_ops)``): its result is kept in
@@ -78,6 +80,8 @@ class KVState(Protocol):
     data: Any  # key -> (value, revision)
     del_rev: int
     txns: TxnTable
+    log_ms: int  # the log time of the entry being applied
+    expiries: Any  # raftkv.expiry.Expiries
 
     def write(self, key: bytes, value: bytes | None) -> int: ...
 
@@ -120,8 +124,9 @@ def validate(compares: list, then_ops: list, else_ops: list) -> str | None:
     for op in list(then_ops) + list(else_ops):
         if not op or op[0] not in OP_KINDS or not isinstance(op[1], bytes):
             return f"bad op {op!r}: want (put key value) / (del key) / (get key)"
-        if op[0] == "put" and (len(op) != 3 or not isinstance(op[2], bytes)):
-            return f"bad put {op!r}: want (put key value)"
+        if op[0] == "put" and (len(op) not in (3, 4) or not isinstance(op[2], bytes)
+                               or (len(op) == 4 and (type(op[3]) is not int or op[3] < 1))):
+            return f"bad put {op!r}: want (put key value [ttl_ms >= 1])"
     if len(keys_of(compares, then_ops, else_ops)) > TXN_KEYS_MAX:
         return f"transaction touches more than {TXN_KEYS_MAX} keys (TXN_KEYS_MAX)"
     return None
@@ -208,6 +213,8 @@ def _apply_ops(s: KVState, ops: Any) -> list:
             results.append(None if entry is None else entry[0])
         elif kind == "put":
             results.append(s.write(key, op[2]))
+            if len(op) > 3:
+                s.expiries.set(key, s.log_ms + op[3])
         else:  # del
             existed = key in s.data
             if existed:

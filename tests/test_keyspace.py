@@ -1,4 +1,5 @@
-"""SCAN and KEYS: a scan returns every key present for the whole scan, whatever changes meanwhile."""
+"""SCAN and KEYS: a scan returns every key present for the whole scan, whatever changes meanwhile;
+RAFTKV.RANGE: every shard's smallest keys of a range, merged, are the range's smallest keys."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raftkv.cluster import LocalCluster
-from raftkv.server.commands.keyspace import decode_cursor, encode_cursor
+from raftkv.keyspace import prefix_end
+from raftkv.server.commands.keyspace import decode_cursor, encode_cursor, range_prefix
 from raftkv.state import KVState
 from tests.conftest import redis_to
 
@@ -59,3 +61,30 @@ def test_scan_and_keys_on_a_live_cluster(lc: LocalCluster) -> None:
     assert list(r.scan_iter(_type="hash")) == []
     with pytest.raises(redis.ResponseError, match="invalid cursor"):
         r.scan(cursor=12345678901234567890)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=3), max_size=40), st.binary(max_size=3), st.one_of(st.none(), st.binary(max_size=3)),
+       st.integers(1, 10), st.integers(1, 4))
+def test_a_range_merged_from_every_shard_is_the_smallest_keys_in_it(keys, start, end, limit, nshards) -> None:
+    shards = [KVState() for _ in range(nshards)]
+    hidden = b"\x00h"
+    for i, k in enumerate([*keys, hidden + b"1"]):  # one key of the cluster's own, never listed
+        shards[hash(k) % nshards].apply(("set", k, b"v" + k), now_ms=i)
+    answers = [s.read(("range", start, end, limit, hidden)) for s in shards]
+    merged = sorted(kv for a in answers for kv in a)[:limit]
+    want = sorted(k for k in set(keys) if start <= k and (end is None or k < end) and not k.startswith(hidden))
+    assert merged == [(k, b"v" + k) for k in want[:limit]]
+
+
+@pytest.mark.parametrize(("prefix", "end"), [(b"user:", b"user;"), (b"a\xff", b"b"), (b"\xff\xff", None), (b"", None)])
+def test_prefix_end_is_the_first_key_after_the_prefix(prefix: bytes, end: bytes | None) -> None:
+    assert prefix_end(prefix) == end
+
+
+def test_a_range_needs_read_permission_on_the_prefix_that_holds_it() -> None:
+    assert range_prefix(b"user:", b"user;") == b"user:"
+    assert range_prefix(b"user:10", b"user:2") == b"user:1"  # every key in it starts with user:1
+    assert range_prefix(b"user:10", b"user:3") == b"user:"
+    assert range_prefix(b"a", b"c") == b""  # spans first bytes: every key
+    assert range_prefix(b"user:", None) == b""

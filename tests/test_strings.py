@@ -119,3 +119,100 @@ def test_client_counters_apply_once(lc: LocalCluster) -> None:
     for _ in range(3):
         assert lc.call("n1", "RAFTKV.REQ", "strings-s1", "1", "INCR", "dedup") == 1
     assert lc.call("n3", "GET", "dedup") == b"1"
+
+
+# -- INCRBYFLOAT, GETSET, GETEX, COPY, RENAME, RENAMENX ---------------------------------------------
+
+@pytest.mark.parametrize(("before", "increment", "after"), [
+    (b"10.50", b"0.1", b"10.6"),  # the examples of Redis's documentation
+    (b"10.6", b"-5", b"5.6"),
+    (b"5.0e3", b"2.0e2", b"5200"),
+    (b"0.1", b"0.2", b"0.3"),  # decimal with a long double's digits, not binary doubles
+    (None, b"3", b"3"),
+    (b"1", b"-1", b"0"),
+    (b"7", b"1e-18", b"7"),  # below the 17 decimals printed
+    (b"-.5", b"+1.25", b"0.75"),
+])
+def test_incrbyfloat_prints_what_redis_prints(before: bytes | None, increment: bytes, after: bytes) -> None:
+    s = KVState()
+    if before is not None:
+        s.apply(("set", b"f", before), 0)
+    assert s.apply(("incrbyfloat", b"f", increment), 0) == after
+    assert s.data[b"f"][0] == after
+
+
+@pytest.mark.parametrize(("value", "increment", "error"), [
+    (b"abc", b"1", "value is not a valid float"),
+    (b"1", b"1 ", "value is not a valid float"),
+    (b"1", b"nan", "value is not a valid float"),
+    (b"1", b"inf", "increment would produce NaN or Infinity"),
+    (b"1e4932", b"1e4932", "increment would produce NaN or Infinity"),
+])
+def test_incrbyfloat_refuses_like_redis(value: bytes, increment: bytes, error: str) -> None:
+    s = KVState()
+    s.apply(("set", b"f", value), 0)
+    got = s.apply(("incrbyfloat", b"f", increment), 0)
+    assert isinstance(got, CmdError) and (got.code, got.message) == ("ERR", error)
+    assert s.data[b"f"][0] == value  # unchanged
+
+
+def test_incrbyfloat_keeps_and_getex_sets_or_clears_the_deadline() -> None:
+    s = KVState()
+    s.apply(("setopt", b"k", b"1", None, ("in", 1000)), 0)
+    s.apply(("incrbyfloat", b"k", b"0.5"), 10)
+    assert s.apply(("pttl", b"k"), 10) == 990
+    assert s.apply(("getex", b"k", "persist"), 20) == b"1.5" and s.apply(("pttl", b"k"), 20) == -1
+    assert s.apply(("getex", b"k", ("in", 50)), 30) == b"1.5" and s.apply(("pttl", b"k"), 30) == 50
+    assert s.apply(("getex", b"k", ("in", -1)), 40) == b"1.5" and b"k" not in s.data  # a past EXAT deletes
+    assert s.apply(("getex", b"missing", ("in", 50)), 50) is None and b"missing" not in s.expiries.deadlines
+
+
+def test_redis_getset_getex_incrbyfloat(lc: LocalCluster) -> None:
+    r = redis_to(lc, "n1")
+    assert r.getset("gs", "a") is None and r.getset("gs", "b") == b"a" and r.get("gs") == b"b"
+    r.set("gx", "v")
+    assert r.getex("gx") == b"v" and r.ttl("gx") == -1
+    assert r.getex("gx", ex=100) == b"v" and 0 < r.ttl("gx") <= 100
+    assert r.getex("gx", persist=True) == b"v" and r.ttl("gx") == -1
+    assert r.getex("gx", pxat=1) == b"v" and r.get("gx") is None  # a time long past deletes the key
+    assert r.getex("nothing", ex=5) is None
+    with pytest.raises(redis.ResponseError, match="invalid expire time in 'getex' command"):
+        r.execute_command("GETEX", "gx", "EX", "0")
+    with pytest.raises(redis.ResponseError, match="syntax error"):
+        r.execute_command("GETEX", "gx", "EX", "1", "PERSIST")
+    r.set("fl", "10.50")
+    assert r.incrbyfloat("fl", 0.1) == 10.6 and r.get("fl") == b"10.6"
+    r.set("fl", "x")
+    with pytest.raises(redis.ResponseError, match="value is not a valid float"):
+        r.incrbyfloat("fl", 1)
+
+
+def _on_other_shards(lc: LocalCluster, prefix: str) -> tuple[str, str]:
+    keys = [f"{prefix}{i}" for i in range(50)]
+    a = keys[0]
+    b = next(k for k in keys if lc.map.shard_for_key(k.encode()) != lc.map.shard_for_key(a.encode()))
+    return a, b
+
+
+def test_redis_copy_rename_renamenx_across_shards(lc: LocalCluster) -> None:
+    r = redis_to(lc, "n2")
+    src, dst = _on_other_shards(lc, "mv")
+    r.set(src, "payload", ex=1000)
+    assert r.copy(src, dst) is True and r.get(dst) == b"payload" and 0 < r.ttl(dst) <= 1000
+    assert r.copy(src, dst) is False  # the destination exists
+    r.set(src, "newer")
+    assert r.copy(src, dst, replace=True) is True and r.get(dst) == b"newer" and r.ttl(dst) == -1
+    assert r.copy("no-such-key", dst) is False
+    with pytest.raises(redis.ResponseError, match="source and destination objects are the same"):
+        r.copy(src, src)
+    r.expire(src, 500)
+    assert r.rename(src, dst) is True
+    assert r.get(src) is None and r.get(dst) == b"newer" and 0 < r.ttl(dst) <= 500
+    with pytest.raises(redis.ResponseError, match="no such key"):
+        r.rename(src, dst)
+    assert r.rename(dst, dst) is True and r.renamenx(dst, dst) is False  # the same key: Redis's no-ops
+    r.set(src, "other")
+    assert r.renamenx(src, dst) is False and r.get(src) == b"other"
+    assert r.renamenx(dst, "mv-fresh") is True and r.get("mv-fresh") == b"newer" and r.get(dst) is None
+    with pytest.raises(redis.ResponseError, match="no such key"):
+        r.renamenx("no-such-key", "mv-x")

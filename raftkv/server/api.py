@@ -198,6 +198,11 @@ class NodeAPI(Protocol):
         """One internal RPC to node ``target`` (``raftkv.server.rpc``); raises ``PeerUnreachable``."""
         ...
 
+    async def wait_applied(self, revisions: dict[int, int], timeout: float) -> None:
+        """Return once a local replica of a shard in ``revisions`` (shard -> revision) applied a newer
+        revision, or after ``timeout`` seconds: a hint to read again, never an answer (``server.feed``)."""
+        ...
+
     async def stale_read(self, shard: int, cmd: tuple) -> Any:
         """Read the local replica's copy without proving leadership (asked for explicitly)."""
         ...

@@ -41,6 +41,7 @@ from raftkv.server.balancer import balance_loop
 from raftkv.server.commands.leases import sweep_loop as lease_sweep_loop
 from raftkv.server.conn import Conn, serve_connection
 from raftkv.server.coordinator import TxnService
+from raftkv.server.feed import AppliedWaiters
 from raftkv.server.metrics import NodeMetrics, disk_free_ratio, serve_http, txn_summary
 from raftkv.server.router import Router
 from shards.shardmap import ShardMap
@@ -74,6 +75,7 @@ class Node:
         if self.security.secret:
             raft_overrides = {**(raft_overrides or {}), "password": self.security.secret}
         self._replicas: dict[int, ShardReplica] = {}
+        self.feed = AppliedWaiters()
         data_dir = shardmap.node_data_dir(name)
         # One storage engine for every group on this node: one durable commit covers all their log writes.
         self.engine = Engine(os.path.join(data_dir, ENGINE_DIR))
@@ -82,7 +84,7 @@ class Node:
             self._replicas[shard] = ShardReplica(
                 shard, self.info.raft_addr(shard), peers, os.path.join(data_dir, f"shard-{shard}"),
                 on_role_change=self._role_changed, conf_overrides=raft_overrides,
-                compact_every_cmds=compact_every_cmds, engine=self.engine)
+                compact_every_cmds=compact_every_cmds, engine=self.engine, on_applied=self.feed.applied)
         self.clients = 0
         self.started = time.time()
         self.stats = {"commands": 0, "errors": 0}
@@ -114,6 +116,7 @@ class Node:
         """Serve until SIGTERM/SIGINT."""
         loop = asyncio.get_running_loop()
         self.router.start(loop)
+        self.feed.start(loop)
         if self.metrics_port:
             await serve_http(self, self.metrics, self.info.host, self.metrics_port)
             log.info("event=metrics node=%s addr=http://%s:%d/metrics", self.name, self.info.host,
@@ -307,6 +310,9 @@ class Node:
 
     async def rpc(self, target: str, message: tuple, timeout: float) -> Any:
         return await self.router.link(target).rpc(message, timeout)
+
+    async def wait_applied(self, revisions: dict[int, int], timeout: float) -> None:
+        await self.feed.wait(revisions, self._replicas, timeout)
 
     async def stale_read(self, shard: int, cmd: tuple) -> Any:
         return await self.router.stale_read(shard, cmd)

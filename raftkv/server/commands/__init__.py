@@ -2,9 +2,11 @@
 
 =============  ==================================================================
 ``kv``         GET SET DEL EXISTS MGET CAS RAFTKV.CASNX RAFTKV.STALEGET RAFTKV.REQ
-``strings``    INCR INCRBY DECR DECRBY APPEND GETDEL SETNX MSETNX STRLEN
+``strings``    INCR INCRBY DECR DECRBY INCRBYFLOAT APPEND GETDEL GETSET GETEX SETNX MSETNX STRLEN
+``rename``     COPY RENAME RENAMENX (one transaction across shards)
 ``expiry``     EXPIRE PEXPIRE EXPIREAT PEXPIREAT TTL PTTL PERSIST (and SET's EX/PX/EXAT/PXAT/KEEPTTL)
-``keyspace``   SCAN KEYS
+``keyspace``   SCAN KEYS RAFTKV.RANGE
+``watch``      RAFTKV.WATCH (the change feed)
 ``locks``      RAFTKV.LOCK RAFTKV.UNLOCK
 ``leases``     RAFTKV.LEASE (and SET's LEASE)
 ``txn``        MSET RAFTKV.TXN WATCH MULTI EXEC DISCARD UNWATCH RAFTKV.TXSTATS
@@ -32,12 +34,15 @@ from raftkv.server.commands import (
     leases,
     locks,
     member,
+    rename,
     strings,
     txn,
+    watch,
 )
 
 COMMANDS: dict[bytes, Command] = {}
-for _module in (kv, strings, expiry, keyspace, locks, leases, txn, admin, backup, member, acl, internal):
+for _module in (kv, strings, rename, expiry, keyspace, watch, locks, leases, txn, admin, backup, member, acl,
+                internal):
     _clash = COMMANDS.keys() & _module.COMMANDS.keys()
     assert not _clash, f"command defined twice: {_clash}"
     COMMANDS.update(_module.COMMANDS)

@@ -8,10 +8,11 @@ import json
 from typing import Any
 
 from raftkv import protocol
-from raftkv.acl import verify_password
+from raftkv.acl import ACL_KEY, verify_password
 from raftkv.protocol import OK, PONG, Error
 from raftkv.replica import ShardReplica
 from raftkv.server.api import BadRequest, Command, NodeAPI, admin_access
+from raftkv.server.commands.kv import to_reply
 from raftkv.server.conn import Conn
 
 
@@ -132,7 +133,16 @@ def cmd_config(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
 
 def cmd_dbsize(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
-    return sum(len(r.state) for r in node.replicas.values()) // max(1, node.map.replication)
+    """The number of live keys in the cluster: every shard's count (a linearizable read each, not
+    one snapshot), less expired keys not yet deleted and the cluster's own keys."""
+
+    async def go() -> Any:
+        parts = await asyncio.gather(*(node.execute(s, ("dbsize", (ACL_KEY,)), read=True)
+                                       for s in range(node.map.nshards)))
+        counts = [to_reply(p) for p in parts]
+        errors = [c for c in counts if isinstance(c, Error)]
+        return errors[0] if errors else sum(counts)
+    return node.run(go())
 
 
 def cmd_auth(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
@@ -206,7 +216,7 @@ COMMANDS: dict[bytes, Command] = {
     b"CONFIG": Command(-2, cmd_config),
     b"CLIENT": Command(-2, cmd_ok),
     b"SELECT": Command(2, cmd_ok),
-    b"DBSIZE": Command(1, cmd_dbsize),
+    b"DBSIZE": Command(1, cmd_dbsize, read=True),
     b"QUIT": Command(1, cmd_ok, no_auth=True),
     b"HELLO": Command(-1, cmd_hello, no_auth=True),
     b"AUTH": Command(-2, cmd_auth, no_auth=True),

@@ -1,10 +1,19 @@
-"""SCAN and KEYS over every shard (state-machine side: ``raftkv.keyspace``).
+"""SCAN, KEYS and RAFTKV.RANGE over every shard (state-machine side: ``raftkv.keyspace``).
 
 ``SCAN cursor [MATCH pattern] [COUNT n] [TYPE string]``: each call reads one
 shard (linearizably) from the cursor's position; the cursor is an integer that
 encodes the shard and the last key returned, ``0`` starts and ends a scan.
 ``KEYS pattern`` reads every shard.  Keys reserved for the cluster are never
 listed.  Both need read permission on every key (a key's name is data too).
+
+``RAFTKV.RANGE start end [LIMIT n]`` answers the keys in ``[start, end)`` in
+byte order with their values, as a flat array ``key value key value ...``
+(``end`` empty: no upper bound), at most ``n`` (default ``RANGE_LIMIT_DEFAULT``)
+pairs.  Hash sharding scatters neighbouring keys, so every range asks every
+shard in parallel (each a linearizable read of one pass over its keys, as
+SCAN) and merges their answers; like MGET, shards are read one by one, not as
+one snapshot.  It needs read permission on the narrowest prefix that holds
+the whole range.  Continue a long range from the last key + ``\\x00``.
 """
 
 from __future__ import annotations
@@ -13,13 +22,16 @@ import asyncio
 from typing import Any
 
 from raftkv.acl import RESERVED_PREFIX, Access
+from raftkv.keyspace import prefix_end
 from raftkv.protocol import Error
 from raftkv.server.api import Command, NodeAPI
-from raftkv.server.commands.kv import to_reply
+from raftkv.server.commands.kv import int_option, to_reply
 from raftkv.server.conn import Conn
 
 SCAN_COUNT_DEFAULT = 10
 SCAN_COUNT_MAX = 10_000
+RANGE_LIMIT_DEFAULT = 1000
+RANGE_REPLY_BYTES_MAX = 64 * 1024 * 1024  # keys and values in one RAFTKV.RANGE reply
 
 
 def encode_cursor(nshards: int, shard: int, after: bytes | None) -> int:
@@ -99,6 +111,46 @@ def cmd_keys(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     return node.run(go())
 
 
+def cmd_range(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    start, end = req[1], req[2] or None
+    limit = RANGE_LIMIT_DEFAULT
+    if len(req) not in (3, 5) or (len(req) == 5 and req[3].upper() != b"LIMIT"):
+        return Error("ERR", "syntax error: RAFTKV.RANGE start end [LIMIT n]")
+    if len(req) == 5:
+        limit = int_option(req[4], 1, SCAN_COUNT_MAX, "LIMIT")
+
+    async def go() -> Any:
+        cmd = ("range", start, end, limit, RESERVED_PREFIX)  # the cluster's own keys are never listed
+        parts = await asyncio.gather(*(node.execute(s, cmd, read=True) for s in range(node.map.nshards)))
+        pairs: list = []
+        for p in parts:
+            p = to_reply(p)
+            if isinstance(p, Error):
+                return p
+            pairs += p
+        pairs = sorted(pairs)[:limit]
+        if sum(len(k) + len(v) for k, v in pairs) > RANGE_REPLY_BYTES_MAX:
+            return Error("TOOBIG", f"the range holds over {RANGE_REPLY_BYTES_MAX} bytes in {limit} keys; "
+                                   "ask for fewer (LIMIT)")
+        return [x for kv in pairs for x in kv]
+    return node.run(go())
+
+
+def range_prefix(start: bytes, end: bytes | None) -> bytes:
+    """The longest prefix every key in ``[start, end)`` starts with (b"": no common prefix)."""
+    if end is None:
+        return b""
+    for n in range(len(start), 0, -1):
+        bound = prefix_end(start[:n])
+        if bound is not None and end <= bound:
+            return start[:n]
+    return b""
+
+
+def _range_access(req: list[bytes]) -> Access:
+    return Access("read", (range_prefix(req[1], req[2] or None),))
+
+
 def _all_keys(req: list[bytes]) -> Access:
     return Access("read", (b"",))  # allowed only to a role that may read every key
 
@@ -106,4 +158,5 @@ def _all_keys(req: list[bytes]) -> Access:
 COMMANDS: dict[bytes, Command] = {
     b"SCAN": Command(-2, cmd_scan, read=True, access=_all_keys),
     b"KEYS": Command(2, cmd_keys, read=True, access=_all_keys),
+    b"RAFTKV.RANGE": Command(-3, cmd_range, read=True, access=_range_access),
 }

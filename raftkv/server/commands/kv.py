@@ -17,7 +17,7 @@ from typing import Any
 from raftkv.acl import Access
 from raftkv.protocol import OK, Error
 from raftkv.results import CmdError
-from raftkv.server.api import Command, NodeAPI
+from raftkv.server.api import BadRequest, Command, NodeAPI
 from raftkv.server.conn import Conn
 
 Session = tuple[bytes, int]
@@ -82,7 +82,33 @@ def cmd_set(node: NodeAPI, conn: Conn, req: list[bytes], session: Session | None
     return write(node, shard, ("set", key, value), session, lambda _rev: OK)
 
 
-_TTL_OPTIONS = {b"EX": ("in", 1000), b"PX": ("in", 1), b"EXAT": ("at", 1000), b"PXAT": ("at", 1)}
+TTL_OPTIONS = {b"EX": ("in", 1000), b"PX": ("in", 1), b"EXAT": ("at", 1000), b"PXAT": ("at", 1)}
+
+
+def int_option(raw: bytes, low: int, high: int, name: str) -> int:
+    """An integer option in ``[low, high]`` (raises ``BadRequest`` with Redis's error for a non-integer)."""
+    try:
+        n = int(raw)
+    except ValueError:
+        raise BadRequest(Error("ERR", "value is not an integer or out of range")) from None
+    if not low <= n <= high:
+        raise BadRequest(Error("ERR", f"{name} must be {low}..{high}"))
+    return n
+
+
+def ttl_ms(option: bytes, amount: bytes, command: str) -> int:
+    """Milliseconds from now for ``EX|PX|EXAT|PXAT amount`` (raises ``BadRequest`` with Redis's errors).
+
+    An absolute time becomes "from now" by this node's clock: deadlines live in log time.
+    """
+    kind, unit = TTL_OPTIONS[option]
+    try:
+        n = int(amount)
+    except ValueError:
+        raise BadRequest(Error("ERR", "value is not an integer or out of range")) from None
+    if n <= 0:
+        raise BadRequest(Error("ERR", f"invalid expire time in '{command}' command"))
+    return n * unit - (int(time.time() * 1000) if kind == "at" else 0)
 
 
 def _set_with_options(node: NodeAPI, req: list[bytes], session: Session | None) -> Any:
@@ -103,18 +129,8 @@ def _set_with_options(node: NodeAPI, req: list[bytes], session: Session | None) 
             get = True
         elif opt == b"KEEPTTL" and ttl is None:
             ttl = "keep"
-        elif opt in _TTL_OPTIONS and ttl is None and i + 1 < len(opts):
-            kind, unit = _TTL_OPTIONS[opt]
-            try:
-                amount = int(req[3 + i + 1])
-            except ValueError:
-                return Error("ERR", "value is not an integer or out of range")
-            if amount <= 0:
-                return Error("ERR", "invalid expire time in 'set' command")
-            ms = amount * unit
-            if kind == "at":  # a Unix time: "from now" by this node's clock (deadlines are in log time)
-                ms -= int(time.time() * 1000)
-            ttl = ("in", ms)
+        elif opt in TTL_OPTIONS and ttl is None and i + 1 < len(opts):
+            ttl = ("in", ttl_ms(opt, req[3 + i + 1], "set"))
             i += 1
         else:
             return Error("ERR", "syntax error")
