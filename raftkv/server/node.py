@@ -3,6 +3,9 @@
 Theory of operation
 -------------------
 A node hosts one ``ShardReplica`` per shard placed on it and one client port.
+Every replica is a Raft group member driven by the node's one Raft driver thread
+(``raftkv.driver``) over the node's one Raft port (``raftkv.raftnet``: one
+connection per peer node carries every group's messages).
 The request path, one module per step:
 
 ``conn``        bytes -> requests (limits checked at each header) -> replies in order
@@ -31,7 +34,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 from raftkv.acl import ACL_KEY, RESERVED_PREFIX, AclError, AclTable, Permissions
+from raftkv.driver import RaftDriver
 from raftkv.protocol import Error
+from raftkv.raftfix import tuned_conf
+from raftkv.raftnet import RaftNetwork
 from raftkv.replica import ShardReplica
 from raftkv.security import Security, check_bind
 from raftkv.server import commands
@@ -69,16 +75,24 @@ class Node:
         self.unsafe_local_reads = unsafe_local_reads
         self.security = security or Security.from_config(shardmap.security)
         check_bind([self.info.host], self.security, insecure)
-        if self.security.secret:
-            raft_overrides = {**(raft_overrides or {}), "password": self.security.secret}
+        # One Raft port, one connection per peer node and one thread for every shard group (raftkv.driver).
+        timers = tuned_conf(**(raft_overrides or {}))
+        self.network = RaftNetwork(self.info.host, self.info.raft_port, cluster=shardmap.name,
+                                   key=self.security.raft_key(shardmap.name),
+                                   encrypt=self.security.raft_key_is_secret,
+                                   timeout_s=timers.connectionTimeout)
+        self.driver = RaftDriver(self.network, period_s=timers.autoTickPeriod, name=f"raft-{name}")
         self._replicas: dict[int, ShardReplica] = {}
         data_dir = shardmap.node_data_dir(name)
         for shard in shardmap.shards_on(name):
             peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
-            self._replicas[shard] = ShardReplica(
+            replica = ShardReplica(
                 shard, self.info.raft_addr(shard), peers, os.path.join(data_dir, f"shard-{shard}"),
                 on_role_change=self._role_changed, conf_overrides=raft_overrides,
-                compact_every_cmds=compact_every_cmds)
+                compact_every_cmds=compact_every_cmds, driver=self.driver)
+            self._replicas[shard] = replica
+            self.driver.add(replica)
+        self.driver.start()
         self.clients = 0
         self.started = time.time()
         self.stats = {"commands": 0, "errors": 0}
@@ -159,8 +173,11 @@ class Node:
             await asyncio.sleep(1.0)
 
     def close(self) -> None:
+        self.driver.stop()
         for r in self._replicas.values():
-            r.destroy()
+            r.destroy()  # the driver has stopped: destroyed here
+        self.driver.close()
+        self.network.close()
 
     # -- dispatch --------------------------------------------------------------------------------
     def dispatch(self, conn: Conn, req: list[bytes]) -> Any:
