@@ -64,11 +64,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pysyncobj.node import Node
 from pysyncobj.transport import Transport
 
-__all__ = ["MuxTransport", "RaftNetwork", "endpoint_of", "member_id"]
+__all__ = ["MuxTransport", "RaftNetwork", "endpoint_of", "member_id", "probe"]
 
 log = logging.getLogger("raftkv.raftnet")
 
@@ -561,10 +562,62 @@ class RaftNetwork:
 
     # -- crypto ---------------------------------------------------------------------------------------------------
     def _transcript(self, nonce_d: bytes, nonce_a: bytes, dialer: str, acceptor: str) -> bytes:
-        return b"|".join((self.cluster, nonce_d, nonce_a, dialer.encode(), acceptor.encode()))
+        return _transcript(self.cluster, nonce_d, nonce_a, dialer, acceptor)
 
     def _mac(self, label: bytes, transcript: bytes) -> bytes:
-        return hmac.new(self.key, _DOMAIN + label + b"|" + transcript, hashlib.sha256).digest()
+        return _mac(self.key, label, transcript)
+
+
+def _transcript(cluster: bytes, nonce_d: bytes, nonce_a: bytes, dialer: str, acceptor: str) -> bytes:
+    return b"|".join((cluster, nonce_d, nonce_a, dialer.encode(), acceptor.encode()))
+
+
+def _mac(key: bytes, label: bytes, transcript: bytes) -> bytes:
+    return hmac.new(key, _DOMAIN + label + b"|" + transcript, hashlib.sha256).digest()
+
+
+def probe(endpoint: str, *, cluster: str, key: bytes, encrypt: bool, timeout: float = 5.0,
+          claim: str = "0.0.0.0:0") -> bool:
+    """Whether the node listening on ``endpoint`` accepts ``key``: the handshake as a dialer claiming to be
+    ``claim``, then one record (a heartbeat) from the node that opens under the derived key.
+
+    False when the node proves a different key or drops us. Blocking; for tests and operators' checks.
+    """
+    host, port = endpoint.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        nonce_d = os.urandom(NONCE_BYTES)
+        hello = MAGIC + nonce_d + _ids(claim, endpoint)
+        sock.sendall(_LEN.pack(len(hello)) + hello)
+        try:
+            welcome = _recv_record(sock, HANDSHAKE_BYTES_MAX)
+            if welcome is None or len(welcome) != len(MAGIC) + NONCE_BYTES + MAC_BYTES:
+                return False
+            nonce_a = welcome[len(MAGIC):len(MAGIC) + NONCE_BYTES]
+            transcript = _transcript(cluster.encode(), nonce_d, nonce_a, claim, endpoint)
+            if not hmac.compare_digest(welcome[len(MAGIC) + NONCE_BYTES:], _mac(key, b"acc", transcript)):
+                return False
+            proof = _mac(key, b"dial", transcript)
+            sock.sendall(_LEN.pack(len(proof)) + proof)
+            record = _recv_record(sock, RECORD_BYTES_MAX)
+            if record is None:
+                return False
+            _Sealer(_mac(key, b"a2d", transcript) if encrypt else None).open(record)
+            return True
+        except (OSError, ValueError, InvalidTag):
+            return False
+
+
+def _recv_record(sock: socket.socket, limit: int) -> bytes | None:
+    """One record, read blocking (``probe``); None if the peer closed first."""
+    buf = b""
+    while len(buf) < 4 or len(buf) < 4 + _LEN.unpack_from(buf)[0]:
+        if len(buf) >= 4 and _LEN.unpack_from(buf)[0] > limit:
+            raise ValueError("record too large")
+        data = sock.recv(65536)
+        if not data:
+            return None
+        buf += data
+    return buf[4:4 + _LEN.unpack_from(buf)[0]]
 
 
 def _ids(dialer: str, acceptor: str) -> bytes:
