@@ -252,6 +252,7 @@ class RaftNetwork:
         self.stats = {"records_out": 0, "records_in": 0, "frames_out": 0, "frames_in": 0, "dials": 0,
                       "accepted": 0, "refused": 0, "lost": 0}
         self._wakers: dict[int, Callable[[], None]] = {}
+        self._wanted: set[str] | None = None  # peer endpoints some group has members on; None: recompute
 
     # -- groups ---------------------------------------------------------------------------------------------
     def transport_class(self, shard: int) -> Callable[[Any, Any, Any], MuxTransport]:
@@ -265,15 +266,18 @@ class RaftNetwork:
             raise ValueError(f"group {transport.shard} is already attached to this network")
         self.groups[transport.shard] = transport
         self.needs_sync = True
+        self._wanted = None
 
     def detach(self, transport: MuxTransport) -> None:
         if self.groups.get(transport.shard) is transport:
             del self.groups[transport.shard]
         self.needs_sync = True
+        self._wanted = None
 
     def refresh(self, transport: MuxTransport) -> None:
         """A group's members changed: dial new peers and report their state on the next poll."""
         self.needs_sync = True
+        self._wanted = None
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Also wait on ``fd`` (the driver's wake pipe); ``callback`` runs when it is readable."""
@@ -365,10 +369,11 @@ class RaftNetwork:
                 self._close(conn, "handshake timed out")
             elif now - conn.last_read > self.timeout_s:
                 self._close(conn, f"nothing read for {self.timeout_s:g} s")
-        wanted = set()
-        for transport in self.groups.values():
-            wanted |= transport.endpoints()
-        for endpoint in wanted:
+        if self._wanted is None:  # recomputed only when a group or its members changed
+            self._wanted = set()
+            for transport in self.groups.values():
+                self._wanted |= transport.endpoints()
+        for endpoint in self._wanted:
             if endpoint <= self.endpoint or endpoint in self.open or endpoint in self.dialing:
                 continue  # the larger endpoint dials; the other side waits for us
             due, _backoff = self.retry.get(endpoint, (0.0, 0.0))

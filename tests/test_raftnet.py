@@ -153,3 +153,47 @@ def test_lost_connection_is_redialed_and_groups_told(three: list[_Node]) -> None
     _wait(lambda: peer.network.stats["lost"] >= 1, timeout=10)
     _wait(lambda: peer.network.endpoint in smallest.network.open and smallest.network.endpoint in peer.network.open)
     _wait(lambda: all(smallest.replicas[s].peer_connected(member_id(peer.network.endpoint, s)) for s in range(4)))
+
+
+class _FailingGroup:
+    """A group whose durable sync fails (a disk error): the driver must send nothing after it."""
+
+    group_id = 3
+
+    def __init__(self, network: RaftNetwork) -> None:
+        self.transport = network.transport_class(self.group_id)(None, None, [])
+        self.ticks = 0
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802,N803 - pysyncobj's names
+        self.ticks += 1
+
+    def needs_flush(self) -> bool:
+        return False
+
+    def _rf_flush_if_needed(self) -> None:
+        pass
+
+    def _rf_sync(self) -> None:
+        raise OSError("EIO")
+
+    def mux_transport(self):  # noqa: ANN201
+        return self.transport
+
+    def destroy_now(self) -> None:
+        self.transport.destroy()
+
+
+def test_a_failed_sync_stops_the_driver_and_sends_nothing(tmp_path: Path) -> None:
+    (port,) = _free_ports(1)
+    network = RaftNetwork("127.0.0.1", port, cluster="t", key=KEY, encrypt=True)
+    driver = RaftDriver(network, period_s=0.01)
+    group = _FailingGroup(network)
+    driver.add(group)
+    driver.start()
+    _wait(lambda: not driver.alive(), timeout=5)
+    assert group.ticks >= 1
+    assert network.stats["records_out"] == 0
+    with pytest.raises(OSError):  # the listener is closed: peers see this node as down
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    driver.stop()
+    driver.close()
