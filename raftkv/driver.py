@@ -65,6 +65,8 @@ class Group(Protocol):
 
     def needs_flush(self) -> bool: ...
 
+    def postponeElection(self, seconds: float) -> None: ...  # noqa: N802
+
     def mux_transport(self) -> MuxTransport: ...
 
     def destroy_now(self) -> None: ...
@@ -173,6 +175,7 @@ class RaftDriver:
         due = min(self.last_tick.values(), default=now) + self.period_s
         waited = max(0.0, due - now)
         active = self.network.poll(waited)  # 1. receive (frames dispatched to groups here)
+        read_at = time.monotonic()  # frames arriving after this stay unread until the next iteration
         self._adopt()
         with self._lock:
             woken, self._woken = self._woken, set()
@@ -185,6 +188,11 @@ class RaftDriver:
                 self.last_tick[gid] = t_tick
                 ticked += 1
                 try:
+                    unread_s = time.monotonic() - read_at
+                    if unread_s > self.period_s:
+                        # Earlier groups' ticks (or the receive step's own work) kept the sockets unread: a
+                        # heartbeat may be waiting there. Never let our slowness pass for the leader's silence.
+                        group.postponeElection(unread_s)
                     group._onTick(0.0)
                 except Exception:
                     self.stats["tick_errors"] += 1

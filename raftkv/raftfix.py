@@ -809,6 +809,15 @@ class SafeSyncObj(SyncObj):
             except OSError:
                 pass  # pipe full: a wake-up is already pending
 
+    def postponeElection(self, seconds: float) -> None:  # noqa: N802 - pysyncobj style
+        """A follower or candidate waits ``seconds`` longer before it starts an election (tick thread only).
+
+        For a driver that could not read the sockets for ``seconds`` before this tick: the leader's heartbeats
+        may be sitting unread, exactly as during our own fsync (``_rf_flush_if_needed``).
+        """
+        if seconds > 0 and self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            self._SyncObj__raftElectionDeadline += seconds
+
     def appliedMembers(self) -> set[str]:  # noqa: N802 - pysyncobj style
         """Member ids of the configuration in effect at lastApplied (no uncommitted change); tick thread only."""
         others = self._rf_conf_changes[0].before if self._rf_conf_changes else self.otherNodes

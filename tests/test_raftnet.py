@@ -170,6 +170,9 @@ class _FailingGroup:
     def needs_flush(self) -> bool:
         return False
 
+    def postponeElection(self, seconds: float) -> None:  # noqa: N802
+        pass
+
     def _rf_flush_if_needed(self) -> None:
         pass
 
