@@ -249,6 +249,7 @@ class RaftNetwork:
         self.dialing: dict[str, _Conn] = {}
         self.retry: dict[str, tuple[float, float]] = {}  # endpoint -> (next dial time, current backoff)
         self.needs_sync = False  # a connection opened/closed or a group changed: report to groups
+        self.closed = False
         self.stats = {"records_out": 0, "records_in": 0, "frames_out": 0, "frames_in": 0, "dials": 0,
                       "accepted": 0, "refused": 0, "lost": 0}
         self._wakers: dict[int, Callable[[], None]] = {}
@@ -553,7 +554,10 @@ class RaftNetwork:
             log.warning("event=raftnet_refused peer=%s why=%r", conn.peer or "?", why)
 
     def close(self) -> None:
-        """Close every connection and the listener."""
+        """Close every connection and the listener (again: nothing to do)."""
+        if self.closed:
+            return
+        self.closed = True
         for conn in list(self.conns):
             self._close(conn, "shutting down", quiet=True)
         with contextlib.suppress(KeyError, ValueError):
@@ -561,9 +565,10 @@ class RaftNetwork:
         self.listener.close()
         self.selector.close()
 
-    def connected_peers(self) -> list[str]:
-        """Endpoints of the peer nodes with an open connection (racy read; for status)."""
-        return sorted(self.open)
+    def status(self) -> dict[str, Any]:
+        """Endpoint, connected peers and counters; from any thread (racy reads, for status and metrics)."""
+        return {"endpoint": self.endpoint, "encrypted": self.encrypt, "peers_connected": sorted(list(self.open)),
+                **dict(self.stats)}
 
     # -- crypto ---------------------------------------------------------------------------------------------------
     def _transcript(self, nonce_d: bytes, nonce_a: bytes, dialer: str, acceptor: str) -> bytes:

@@ -41,7 +41,11 @@ def test_many_shards_serve_with_few_threads_and_one_raft_port(tmp_path: Path) ->
             assert _listening(info.host, info.raft_port)
             assert not _listening(info.host, info.raft_port + 1), "a per-shard Raft port is still open"
         views = lc.shard_views()
+        assert sorted(views) == sorted(lc.map.nodes)
         for name, view in views.items():
+            raft = view["raft"]
+            assert raft["driver_alive"] and raft["encrypted"], raft
+            assert len(raft["peers_connected"]) == 2, raft  # one connection per peer node for all 32 groups
             for s in range(SHARDS):
                 shard = view["shards"][str(s)]
                 assert shard["ticking"], (name, s)

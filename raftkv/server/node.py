@@ -379,7 +379,8 @@ class Node:
         return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(),
                 "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),
                 "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
-                "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards}
+                "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards,
+                "raft": {**self.network.status(), "driver_alive": self.driver.alive(), **dict(self.driver.stats)}}
 
 
 def setup_logging(level: str = "INFO") -> None:
