@@ -200,11 +200,27 @@ class DurableMetaStorer(MetaStorer):
     in one term.
     """
 
-    def __init__(self, path: str, storage: Storage = DEFAULT_STORAGE) -> None:
+    def __init__(self, path: str, storage: Storage = DEFAULT_STORAGE, deferred: bool = False) -> None:
         super().__init__(path)
         self._storage = storage
+        self._deferred = deferred
+        self.pending: dict[str, Any] | None = None  # deferred: the newest meta, written by the next sync()
 
     def storeMeta(self, meta: dict[str, Any]) -> None:  # noqa: N802 - pysyncobj's name
+        if self._deferred:
+            # Group commit (SafeSyncObj(deferFlush=True)): the driver sends nothing of this tick before the
+            # journal's flush, which writes this first; one fsync per group per loop, however many term changes.
+            self.pending = dict(meta)
+            return
+        self._write(meta)
+
+    def sync(self) -> None:
+        """Deferred mode: make the newest stored meta durable (nothing to do if none is pending)."""
+        meta, self.pending = self.pending, None
+        if meta is not None:
+            self._write(meta)
+
+    def _write(self, meta: dict[str, Any]) -> None:
         path = self.getPath()
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
@@ -233,15 +249,27 @@ class DurableFileJournal(FileJournal):
       it reaches ``.meta`` once a flush has made the whole log it refers to durable.
     """
 
-    def __init__(self, journalFile: str, storage: Storage = DEFAULT_STORAGE) -> None:  # noqa: N803
+    def __init__(self, journalFile: str, storage: Storage = DEFAULT_STORAGE,  # noqa: N803
+                 defer_meta: bool = False) -> None:
         super().__init__(journalFile)
         self._path = journalFile
         self._storage = storage
-        self.needs_flush = False
+        self._needs_flush = False
         self._synced_size = -1  # forces one fsync + directory fsync on the first flush
         self._commit_pending: int | None = None  # set in memory, not yet covered by a flush
-        # Term/vote must be durable before a vote is sent: swap in the fsyncing storer.
-        self._FileJournal__metaStorer = DurableMetaStorer(journalFile + ".meta", storage)
+        # Term/vote must be durable before a vote is sent: swap in the fsyncing storer. With ``defer_meta`` it
+        # is written by the next flush() instead, for a caller that sends nothing before that flush.
+        self._meta = DurableMetaStorer(journalFile + ".meta", storage, deferred=defer_meta)
+        self._FileJournal__metaStorer = self._meta
+
+    @property
+    def needs_flush(self) -> bool:
+        """Entries, or deferred term/vote metadata, not yet durable."""
+        return self._needs_flush or self._meta.pending is not None
+
+    @needs_flush.setter
+    def needs_flush(self, value: bool) -> None:
+        self._needs_flush = value
 
     def add(self, command: bytes, idx: int, term: int) -> None:
         super().add(command, idx, term)
@@ -296,6 +324,7 @@ class DurableFileJournal(FileJournal):
         """Make every write so far durable (one call covers any number of appended entries)."""
         storage = self._storage
         storage.point("flush.before")
+        self._meta.sync()
         rfile = self._FileJournal__journalFile
         fd = rfile._ResizableFile__f.fileno()
         storage.msync(rfile, fd)
@@ -473,6 +502,26 @@ class _AnnotatingTransport:
         return getattr(self._inner, name)
 
 
+class _WakeNotifier:
+    """Stands in for pysyncobj's ``PipeNotifier`` when an external driver ticks the group."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.notify = wake
+
+
+class _NullPoller:
+    """Stands in for a group's own poller when an external driver waits on every socket for it."""
+
+    def subscribe(self, descr: Any, callback: Any, eventMask: int) -> None:  # noqa: N803
+        raise RuntimeError("a driven group has no poller of its own (use raftkv.raftnet)")
+
+    def unsubscribe(self, descr: Any) -> None:
+        pass
+
+    def poll(self, timeout: float) -> None:
+        pass
+
+
 class SafeSyncObj(SyncObj):
     """``SyncObj`` with Raft §5.3-safe AppendEntries handling and durable, group-committed acknowledgements.
 
@@ -484,6 +533,12 @@ class SafeSyncObj(SyncObj):
     * ``keepalive`` (default True): send ``raftfix_keepalive`` on idle connections (see module doc).
     * ``readIndexTimeout`` (default ``4 * raftMaxTimeout``): a ``readIndex`` not answered by then fails with
       ``MISSING_LEADER`` (no majority confirmed this leader, or its election no-op did not commit).
+    * ``deferFlush`` (default False): the tick does not end with ``_rf_sync()``; whoever drives the ticks
+      (``raftkv.driver``, with ``autoTick=False``) calls ``_rf_sync()`` after ticking every group, so one
+      durable flush can cover many groups. Safe because an ack is released only by ``_rf_sync`` after the flush,
+      and a leader still flushes before its commit computation if anything of its own is unflushed.
+    * ``wake``: called (from any thread) when a command or a read barrier is queued, instead of writing to
+      pysyncobj's per-group pipe: an external driver's loop waits on its own wake-up (``raftkv.driver``).
 
     Concurrency contract: as for ``SyncObj``, internal state is touched only on the tick thread (or the thread
     driving ``doTick`` when ``autoTick=False``); ``flushStats()`` and ``getStatus()`` are best-effort reads.
@@ -504,6 +559,8 @@ class SafeSyncObj(SyncObj):
         keepalive: bool = True,
         readIndexTimeout: float | None = None,  # noqa: N803
         storage: Storage = DEFAULT_STORAGE,
+        deferFlush: bool = False,  # noqa: N803
+        wake: Callable[[], None] | None = None,
     ) -> None:
         effective = conf if conf is not None else SyncObjConf()
         if effective.journalFile is not None and effective.fullDumpFile is None:
@@ -513,6 +570,7 @@ class SafeSyncObj(SyncObj):
         # Every attribute must exist before SyncObj.__init__ runs: it records the attribute names present at
         # its end as "internal" and pickles every *other* attribute into snapshots.
         self._rf_durable = durable
+        self._rf_defer_flush = deferFlush
         self._rf_keepalive = keepalive
         self._rf_storage = storage
         self._rf_journal_factory = journalFactory
@@ -521,6 +579,7 @@ class SafeSyncObj(SyncObj):
         self._rf_flush = FlushStats()
         self._rf_flush_lock = threading.Lock()  # guards _rf_flush copies for readers on other threads
         self._rf_last_keepalive = 0.0
+        self._rf_wake: Callable[[], None] | None = None  # set only when pysyncobj has no notifier to reroute
         self._rf_votes: tuple[int, set[Node]] = (-1, set())
         self._rf_chunk_rx: list[Any] | None = None  # [key, seq, data] of the entry being reassembled
         self._rf_snap_rx: tuple[Any, int] | None = None  # (key, seq) of the snapshot being received
@@ -545,6 +604,29 @@ class SafeSyncObj(SyncObj):
             super().__init__(selfNode, otherNodes, conf, consumers, nodeClass, transport, transportClass)
         finally:
             _pending_factory.factory = None
+        if wake is not None:
+            self._rf_use_wake(wake)
+
+    def _rf_use_wake(self, wake: Callable[[], None]) -> None:
+        """Route pysyncobj's "command queued" notification to ``wake``; drop the group's own poller and pipe.
+
+        With an external driver nothing polls this group's poller (``_onTick(0)`` only checks it), so its pipe
+        would fill up unread; the attribute names already exist, so snapshots do not pick them up.
+        """
+        if self._SyncObj__conf.autoTick:
+            raise ValueError("wake= needs autoTick=False: the group's own tick thread polls its own pipe")
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            for fd in (notifier._PipeNotifier__pipeR, notifier._PipeNotifier__pipeW):
+                os.close(fd)
+            self._SyncObj__pipeNotifier = _WakeNotifier(wake)
+        else:  # appendEntriesUseBatch: pysyncobj never notifies; readIndex still wakes the driver
+            self._rf_wake = wake
+        self._poller = _NullPoller()  # select/poll pollers hold no descriptor of their own
+
+    def raftTransport(self) -> Any:  # noqa: N802 - pysyncobj style
+        """The transport this group sends through (a driver attaches a ``raftkv.raftnet.MuxTransport``)."""
+        return self._SyncObj__transport
 
     # ---- journal / durability --------------------------------------------------------------------------------
 
@@ -554,7 +636,7 @@ class SafeSyncObj(SyncObj):
         elif journalFile is None:
             journal = TrackedMemoryJournal()
         else:
-            journal = DurableFileJournal(journalFile, self._rf_storage)
+            journal = DurableFileJournal(journalFile, self._rf_storage, defer_meta=self._rf_defer_flush)
         self._rf_journal = journal
         return journal
 
@@ -577,6 +659,11 @@ class SafeSyncObj(SyncObj):
             stats.total_s += dt
             stats.last_s = dt
             stats.max_s = max(stats.max_s, dt)
+
+    def needs_flush(self) -> bool:
+        """Something appended or stored is not durable yet (driver thread: ``raftkv.driver``)."""
+        journal = self._rf_journal
+        return self._rf_durable and journal is not None and journal.needs_flush
 
     def _rf_sync(self) -> None:
         """Flush, then release the acks that were waiting for it (in the order they were produced)."""
@@ -609,10 +696,16 @@ class SafeSyncObj(SyncObj):
         # in this poll (follower) are flushed once, and the follower's queued acks go out.
         if not self._rf_conf_loaded:
             self._rf_conf_rebuild()  # no dump: base is the constructor's members (a dump load rebuilds again)
-        self._rf_sync()
+        if not self._rf_defer_flush:
+            self._rf_sync()
+        elif self._SyncObj__raftState == _RAFT_STATE.LEADER:
+            # The driver synced every group at the end of its last loop, so this is normally a no-op; it keeps
+            # "never count an unflushed entry of our own" local to this class.
+            self._rf_flush_if_needed()
         self._rf_service_reads()
         super()._onTick(timeToWait)
-        self._rf_sync()
+        if not self._rf_defer_flush:
+            self._rf_sync()
         self._rf_service_reads()
         if self._rf_keepalive:
             self._rf_send_keepalives()
@@ -706,12 +799,24 @@ class SafeSyncObj(SyncObj):
         confirmed within ``readIndexTimeout``). A failed read did not happen; it is safe to retry anywhere.
         """
         self._rf_read_queue.append(callback)
+        if self._rf_wake is not None:
+            self._rf_wake()
+            return
         notifier = getattr(self, "_SyncObj__pipeNotifier", None)
         if notifier is not None:  # wake the poller (absent with appendEntriesUseBatch: autoTickPeriod latency)
             try:
                 notifier.notify()
             except OSError:
                 pass  # pipe full: a wake-up is already pending
+
+    def postponeElection(self, seconds: float) -> None:  # noqa: N802 - pysyncobj style
+        """A follower or candidate waits ``seconds`` longer before it starts an election (tick thread only).
+
+        For a driver that could not read the sockets for ``seconds`` before this tick: the leader's heartbeats
+        may be sitting unread, exactly as during our own fsync (``_rf_flush_if_needed``).
+        """
+        if seconds > 0 and self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            self._SyncObj__raftElectionDeadline += seconds
 
     def appliedMembers(self) -> set[str]:  # noqa: N802 - pysyncobj style
         """Member ids of the configuration in effect at lastApplied (no uncommitted change); tick thread only."""

@@ -51,9 +51,10 @@ def _hard_key(group: int) -> bytes:
 class EngineJournal(Journal):
     """The log and hard state of Raft group ``group`` in ``engine``; ``needs_flush``/``flush()`` as raftfix expects."""
 
-    def __init__(self, engine: Engine, group: int) -> None:
+    def __init__(self, engine: Engine, group: int, defer_term: bool = False) -> None:
         self._engine = engine
         self._group = group
+        self._defer_term = defer_term
         self._entries: list[tuple[bytes, int, int]] = []
         self._last_seq = 0  # engine sequence number of this group's latest buffered write
         lo, hi = _log_bounds(group)
@@ -64,9 +65,15 @@ class EngineJournal(Journal):
         self._term, self._vote, self._commit = pickle.loads(raw) if raw is not None else (0, None, 1)
 
     @classmethod
-    def open(cls, engine: Engine, group: int, legacy_journal: str | None = None) -> EngineJournal:
-        """The group's journal; first migrates ``legacy_journal`` (old-layout files) if the engine has none."""
-        journal = cls(engine, group)
+    def open(cls, engine: Engine, group: int, legacy_journal: str | None = None,
+             defer_term: bool = False) -> EngineJournal:
+        """The group's journal; first migrates ``legacy_journal`` (old-layout files) if the engine has none.
+
+        ``defer_term``: a term/vote write is made durable by the next flush instead of at once, for a driver that
+        sends nothing of a loop before that loop's flush (``raftkv.driver``); one commit then covers every
+        group's term changes, which keeps an election burst over many groups from costing a sync each.
+        """
+        journal = cls(engine, group, defer_term)
         if legacy_journal and os.path.exists(legacy_journal) and not journal._entries:
             journal._migrate(legacy_journal)
         return journal
@@ -143,7 +150,8 @@ class EngineJournal(Journal):
     def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:  # noqa: N802,N803
         self._term, self._vote = term, votedForNodeId
         self._write_hard()
-        self.flush()  # a vote must be durable before it is sent
+        if not self._defer_term:
+            self.flush()  # a vote must be durable before it is sent
 
     def getCurrentTerm(self) -> int:  # noqa: N802
         return self._term

@@ -9,7 +9,9 @@ may not take effect: only a de-duplicated retry is safe).
 Concurrency contract: ``propose`` may be called from any thread; the callback
 it takes runs on the replica's tick thread and must not block.  ``state`` is
 mutated only on the tick thread, so reading it from elsewhere is a stale read
-by definition (used only for explicitly stale GETs and for status).
+by definition (used only for explicitly stale GETs and for status).  Built with
+a ``driver`` (``raftkv.driver``), the tick thread is the node's one driver thread,
+shared by every replica of the node.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from typing import Any
 from pysyncobj import FAIL_REASON, replicated
 from pysyncobj.config import SERIALIZER_STATE
 
+from raftkv.driver import RaftDriver
 from raftkv.engine import ENGINE_DIR, Engine
 from raftkv.logclock import LogClock
 from raftkv.raftfix import SafeSyncObj, tuned_conf
 from raftkv.raftlog import EngineJournal
+from raftkv.raftnet import MuxTransport
 from raftkv.state import FrozenState, KVState
 
 log = logging.getLogger("raftkv.replica")
@@ -70,6 +74,7 @@ class ShardReplica(SafeSyncObj):
         compact_every_cmds: int | None = None,
         engine: Engine | None = None,
         on_applied: Callable[[int], None] | None = None,
+        driver: RaftDriver | None = None,
     ) -> None:
         os.makedirs(data_dir, exist_ok=True)
         # The log and hard state live in the node's engine (one commit per flush for all its groups); a replica
@@ -98,9 +103,20 @@ class ShardReplica(SafeSyncObj):
             onStateChanged=self._state_changed,
             **(conf_overrides or {}),
         )
-        super().__init__(self_addr, peer_addrs, conf,
-                         journalFactory=lambda path: EngineJournal.open(self.engine, shard, legacy_journal=path))
+        self._driver = driver
         self._tick_actions: collections.deque[Callable[[], None]] = collections.deque()
+        def journal(path: str) -> EngineJournal:
+            return EngineJournal.open(self.engine, shard, legacy_journal=path, defer_term=driver is not None)
+
+        if driver is None:  # stand-alone: pysyncobj's own tick thread, port and TCP connections
+            super().__init__(self_addr, peer_addrs, conf, journalFactory=journal)
+        else:
+            # One of many groups on the node's driver: no thread, port or flush of its own (raftkv.driver).
+            conf.autoTick = False
+            conf.password = None  # the network authenticates and encrypts every group's frames
+            super().__init__(self_addr, peer_addrs, conf, transportClass=driver.network.transport_class(shard),
+                             keepalive=False, deferFlush=True, wake=lambda: driver.wake(shard),
+                             journalFactory=journal)
         self.addOnTickCallback(self._run_tick_actions)
 
     def _doDestroy(self) -> None:  # noqa: N802 - pysyncobj's name; runs last, on the tick thread
@@ -231,6 +247,33 @@ class ShardReplica(SafeSyncObj):
     def on_tick_thread(self, action: Callable[[], None]) -> None:
         """Run ``action`` once on the tick thread (where Raft state may be touched)."""
         self._tick_actions.append(action)
+        if self._driver is not None:
+            self._driver.wake(self.shard)
+
+    # -- a group of the node's driver (raftkv.driver.Group) ----------------------
+    @property
+    def group_id(self) -> int:
+        return self.shard
+
+    def mux_transport(self) -> MuxTransport:
+        transport = self.raftTransport()
+        assert isinstance(transport, MuxTransport), "built without a driver"
+        return transport
+
+    def destroy(self) -> None:
+        """Stop this replica: on its driver's thread when it has one (its state is touched only there)."""
+        if self._driver is not None:
+            self._driver.remove(self)
+        else:
+            super().destroy()
+
+    def destroy_now(self) -> None:
+        """Destroy on the calling thread: the driver's, or any once the driver has stopped."""
+        SafeSyncObj.destroy(self)
+
+    def tick_thread_alive(self) -> bool:
+        """Whatever ticks this replica is running: its own thread, or the node's driver."""
+        return self._driver.alive() if self._driver is not None else super().tick_thread_alive()
 
     def _run_tick_actions(self) -> None:
         # Registered once: pysyncobj holds a non-reentrant lock while it calls tick

@@ -2,10 +2,13 @@
 
 Security model
 --------------
-* **Raft traffic** is pysyncobj's pickle protocol: whoever reaches a Raft port
-  can run code in the node.  With a cluster ``secret`` it is encrypted and
-  authenticated (pysyncobj's ``password``: Fernet, PBKDF2 key).  Without one,
-  a node refuses to bind anything but loopback unless ``--insecure`` is given.
+* **Raft traffic** (``raftkv.raftnet``: one connection per peer node) starts
+  with a handshake in which both ends prove the key (HMAC over fresh nonces);
+  after it every record is AES-256-GCM sealed with per-connection keys derived
+  from both nonces.  The key is the cluster ``secret``, else the ``node_key``.
+  With neither, records are plain pickle: whoever reaches the Raft port can run
+  code in the node, so without a ``secret`` a node refuses to bind anything but
+  loopback unless ``--insecure`` is given (kept even with a ``node_key``).
 * **Clients** authenticate with ``AUTH password`` (Redis ``requirepass``) or
   ``AUTH user password`` (ACL style, ``[security.users]``) when a password or
   users are configured; before that every command but AUTH/HELLO/QUIT answers
@@ -92,6 +95,15 @@ class Security:
         key = (self.node_key or self.secret or f"raftkv-public-fallback|{cluster}").encode()
         msg = b"raftkv-node-v1|" + cluster.encode() + b"|" + nonce + b"|" + name.encode()
         return hmac.new(key, msg, hashlib.sha256).hexdigest().encode()
+
+    def raft_key(self, cluster: str) -> bytes:
+        """The key the Raft network's handshake proves and its record keys derive from (``raftkv.raftnet``)."""
+        return (self.secret or self.node_key or f"raftkv-public-fallback|{cluster}").encode()
+
+    @property
+    def raft_key_is_secret(self) -> bool:
+        """Raft records are encrypted and authenticated (AES-GCM) only under a key outsiders cannot derive."""
+        return self.node_identity_is_secret
 
     def check_node(self, cluster: str, nonce: bytes, name: str, mac: bytes) -> bool:
         """Constant-time check of a node's answer to a challenge."""

@@ -18,7 +18,7 @@ A cluster is described by one TOML file (``cluster.toml``)::
     [nodes.n1]
     host = "127.0.0.1"
     client_port = 7001
-    raft_port = 7101       # shard s uses raft_port + s
+    raft_port = 7101       # the node's one Raft port; its member of shard s is named host:(raft_port + s)
     metrics_port = 7201    # optional
 
 ``ShardMap`` is the validated, immutable form of that file. Keys map to shards
@@ -28,9 +28,11 @@ explicit ``[placement]``, shard ``s`` lives on ``sorted(names)[(s + i) % N]`` fo
 ``i`` in ``range(replication)``; ``to_toml`` always writes the placement out, so a
 saved file keeps its placement even if nodes are later added to it.
 
-Every node reserves the raft ports ``raft_port .. raft_port + shards - 1`` whether
-or not it hosts each shard, so placement changes can never collide with another
-node's ports. Ports are compared per literal host string: ``127.0.0.1`` and
+A node listens for Raft on ``raft_port`` only (``raftkv.raftnet``: one connection
+per peer carries every shard group), but its member of shard ``s`` keeps the
+logical id ``host:(raft_port + s)``, so every node still reserves
+``raft_port .. raft_port + shards - 1``: those ids stay unique across nodes and
+placement changes can never make two of them collide. Ports are compared per literal host string: ``127.0.0.1`` and
 ``127.0.0.2`` may reuse port numbers (the fault harness relies on this), while
 ``localhost`` vs ``127.0.0.1`` aliases are not detected.
 
@@ -329,7 +331,7 @@ class ShardMap:
         ``include_secrets=False`` leaves out ``[security]`` (what nodes send to clients).
         """
         lines = [
-            "# raftkv cluster file (shards.shardmap); shard s listens for Raft on raft_port + s",
+            "# raftkv cluster file (shards.shardmap); raft_port is the node's Raft port, its shard s member is host:(raft_port + s)",
             "[cluster]",
             f"name = {_toml_str(self.name)}",
             f"epoch = {self.epoch}",

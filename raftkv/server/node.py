@@ -3,6 +3,9 @@
 Theory of operation
 -------------------
 A node hosts one ``ShardReplica`` per shard placed on it and one client port.
+Every replica is a Raft group member driven by the node's one Raft driver thread
+(``raftkv.driver``) over the node's one Raft port (``raftkv.raftnet``: one
+connection per peer node carries every group's messages).
 The request path, one module per step:
 
 ``conn``        bytes -> requests (limits checked at each header) -> replies in order
@@ -31,8 +34,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 from raftkv.acl import ACL_KEY, RESERVED_PREFIX, AclError, AclTable, Permissions
+from raftkv.driver import RaftDriver
 from raftkv.engine import ENGINE_DIR, Engine
 from raftkv.protocol import Error
+from raftkv.raftfix import tuned_conf
+from raftkv.raftnet import RaftNetwork
 from raftkv.replica import ShardReplica
 from raftkv.security import Security, check_bind
 from raftkv.server import commands
@@ -72,8 +78,14 @@ class Node:
         self.unsafe_local_reads = unsafe_local_reads
         self.security = security or Security.from_config(shardmap.security)
         check_bind([self.info.host], self.security, insecure)
-        if self.security.secret:
-            raft_overrides = {**(raft_overrides or {}), "password": self.security.secret}
+        # One Raft port, one connection per peer node and one thread for every shard group (raftkv.driver).
+        timers = tuned_conf(**(raft_overrides or {}))
+        self.network = RaftNetwork(self.info.host, self.info.raft_port, cluster=shardmap.name,
+                                   key=self.security.raft_key(shardmap.name),
+                                   encrypt=self.security.raft_key_is_secret,
+                                   timeout_s=timers.connectionTimeout)
+        # flush_threads=0: the groups share one storage engine, whose first flush in a loop covers them all.
+        self.driver = RaftDriver(self.network, period_s=timers.autoTickPeriod, name=f"raft-{name}", flush_threads=0)
         self._replicas: dict[int, ShardReplica] = {}
         self.feed = AppliedWaiters()
         data_dir = shardmap.node_data_dir(name)
@@ -81,10 +93,14 @@ class Node:
         self.engine = Engine(os.path.join(data_dir, ENGINE_DIR))
         for shard in shardmap.shards_on(name):
             peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
-            self._replicas[shard] = ShardReplica(
+            replica = ShardReplica(
                 shard, self.info.raft_addr(shard), peers, os.path.join(data_dir, f"shard-{shard}"),
                 on_role_change=self._role_changed, conf_overrides=raft_overrides,
-                compact_every_cmds=compact_every_cmds, engine=self.engine, on_applied=self.feed.applied)
+                compact_every_cmds=compact_every_cmds, engine=self.engine, on_applied=self.feed.applied,
+                driver=self.driver)
+            self._replicas[shard] = replica
+            self.driver.add(replica)
+        self.driver.start()
         self.clients = 0
         self.started = time.time()
         self.stats = {"commands": 0, "errors": 0}
@@ -168,8 +184,11 @@ class Node:
             await asyncio.sleep(1.0)
 
     def close(self) -> None:
+        self.driver.stop()
         for r in self._replicas.values():
-            r.destroy()
+            r.destroy()  # the driver has stopped: destroyed here
+        self.driver.close()
+        self.network.close()
 
     # -- dispatch --------------------------------------------------------------------------------
     def dispatch(self, conn: Conn, req: list[bytes]) -> Any:
@@ -376,7 +395,8 @@ class Node:
         return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(),
                 "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),
                 "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
-                "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards}
+                "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards,
+                "raft": {**self.network.status(), "driver_alive": self.driver.alive(), **dict(self.driver.stats)}}
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -1,0 +1,202 @@
+"""The node's multiplexed Raft network and driver, in one process: several nodes' worth of groups on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from raftkv.driver import RaftDriver
+from raftkv.raftnet import RaftNetwork, endpoint_of, member_id
+from raftkv.replica import APPLIED, ShardReplica
+
+KEY = b"test-cluster-key"
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class _Node:
+    """One node's network, driver and replicas, in this process."""
+
+    def __init__(self, port: int, key: bytes, data_dir: Path) -> None:
+        self.port = port
+        self.network = RaftNetwork("127.0.0.1", port, cluster="t", key=key, encrypt=True, timeout_s=1.0)
+        self.driver = RaftDriver(self.network, period_s=0.01)
+        self.replicas: dict[int, ShardReplica] = {}
+        self.data_dir = data_dir
+        self.driver.start()
+
+    def add_group(self, shard: int, ports: list[int]) -> ShardReplica:
+        peers = [member_id(f"127.0.0.1:{p}", shard) for p in ports if p != self.port]
+        r = ShardReplica(shard, member_id(f"127.0.0.1:{self.port}", shard), peers,
+                         str(self.data_dir / f"{self.port}-{shard}"), driver=self.driver)
+        self.replicas[shard] = r
+        self.driver.add(r)
+        return r
+
+    def close(self) -> None:
+        self.driver.stop()
+        for r in self.replicas.values():
+            r.destroy()
+        self.driver.close()
+        self.network.close()
+
+
+def _leaders(nodes: list[_Node], shard: int) -> list[_Node]:
+    return [n for n in nodes if shard in n.replicas and n.replicas[shard].is_leader()]
+
+
+def _wait(cond, timeout: float = 20.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _put(replica: ShardReplica, key: bytes, value: bytes) -> str:
+    done = threading.Event()
+    out: list[str] = []
+
+    def cb(kind: str, _result: object) -> None:
+        out.append(kind)
+        done.set()
+
+    replica.propose([("set", key, value)], replica.log_now_ms(), cb)
+    assert done.wait(10)
+    return out[0]
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[list[_Node]]:
+    ports = _free_ports(3)
+    nodes = [_Node(p, KEY, tmp_path) for p in ports]
+    for shard in range(4):
+        for n in nodes:
+            n.add_group(shard, ports)
+    yield nodes
+    for n in nodes:
+        n.close()
+
+
+def test_member_ids_map_to_the_node_endpoint() -> None:
+    assert endpoint_of("10.0.0.1:7105", 5) == "10.0.0.1:7100"
+    assert member_id("10.0.0.1:7100", 5) == "10.0.0.1:7105"
+    assert endpoint_of(member_id("h:9000", 63), 63) == "h:9000"
+
+
+def test_groups_elect_and_commit_over_one_connection_per_peer(three: list[_Node]) -> None:
+    _wait(lambda: all(len(_leaders(three, s)) == 1 for s in range(4)))
+    for s in range(4):
+        leader = _leaders(three, s)[0].replicas[s]
+        assert _put(leader, b"k%d" % s, b"v") == APPLIED
+    _wait(lambda: all(n.replicas[s].state.peek(b"k%d" % s) is not None for n in three for s in range(4)))
+    for n in three:
+        # Every group talks over the node's one connection per peer; nothing listens per group.
+        assert len(n.network.open) == 2
+        assert len(n.network.conns) == 2
+        assert n.network.stats["frames_in"] > n.network.stats["records_in"] > 0
+    assert sum(t.name.startswith("raft") or "Thread" in t.name for t in threading.enumerate()) < 12
+
+
+def test_group_added_and_removed_at_runtime(three: list[_Node]) -> None:
+    ports = [n.port for n in three]
+    for n in three:
+        n.add_group(7, ports)
+    _wait(lambda: len(_leaders(three, 7)) == 1)
+    assert _put(_leaders(three, 7)[0].replicas[7], b"late", b"1") == APPLIED
+    victim = three[0].replicas.pop(7)
+    victim.destroy()  # on the driver thread; the others keep a majority
+    assert 7 not in three[0].driver.groups and 7 not in three[0].network.groups
+    _wait(lambda: len(_leaders(three[1:], 7)) == 1)
+    assert _put(_leaders(three[1:], 7)[0].replicas[7], b"after", b"2") == APPLIED
+
+
+def test_a_peer_without_the_key_is_refused(tmp_path: Path, three: list[_Node]) -> None:
+    _wait(lambda: all(len(_leaders(three, s)) == 1 for s in range(4)))
+    # A node with the wrong key in a group with the others: whichever side dials, the handshake fails.
+    ports = [n.port for n in three]
+    (port,) = _free_ports(1)
+    intruder = _Node(port, b"wrong key", tmp_path / "intruder")
+    try:
+        for n in [*three, intruder]:
+            n.add_group(9, [*ports, port])
+        refused_before = sum(n.network.stats["refused"] for n in three)
+        _wait(lambda: sum(n.network.stats["refused"] for n in three) + intruder.network.stats["refused"]
+              > refused_before, timeout=10)
+        assert not intruder.network.open
+        assert all(f"127.0.0.1:{port}" not in n.network.open for n in three)
+        assert intruder.network.stats["frames_in"] == 0
+    finally:
+        intruder.close()
+
+
+def test_lost_connection_is_redialed_and_groups_told(three: list[_Node]) -> None:
+    _wait(lambda: all(len(_leaders(three, s)) == 1 for s in range(4)))
+    smallest = min(three, key=lambda n: n.network.endpoint)
+    peer = max(three, key=lambda n: n.network.endpoint)
+    # Cut the link from the side that does not dial: the larger endpoint must redial.
+    conn = smallest.network.open[peer.network.endpoint]
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    _wait(lambda: peer.network.stats["lost"] >= 1, timeout=10)
+    _wait(lambda: peer.network.endpoint in smallest.network.open and smallest.network.endpoint in peer.network.open)
+    _wait(lambda: all(smallest.replicas[s].peer_connected(member_id(peer.network.endpoint, s)) for s in range(4)))
+
+
+class _FailingGroup:
+    """A group whose durable sync fails (a disk error): the driver must send nothing after it."""
+
+    group_id = 3
+
+    def __init__(self, network: RaftNetwork) -> None:
+        self.transport = network.transport_class(self.group_id)(None, None, [])
+        self.ticks = 0
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802,N803 - pysyncobj's names
+        self.ticks += 1
+
+    def needs_flush(self) -> bool:
+        return False
+
+    def postponeElection(self, seconds: float) -> None:  # noqa: N802
+        pass
+
+    def _rf_flush_if_needed(self) -> None:
+        pass
+
+    def _rf_sync(self) -> None:
+        raise OSError("EIO")
+
+    def mux_transport(self):  # noqa: ANN201
+        return self.transport
+
+    def destroy_now(self) -> None:
+        self.transport.destroy()
+
+
+def test_a_failed_sync_stops_the_driver_and_sends_nothing(tmp_path: Path) -> None:
+    (port,) = _free_ports(1)
+    network = RaftNetwork("127.0.0.1", port, cluster="t", key=KEY, encrypt=True)
+    driver = RaftDriver(network, period_s=0.01)
+    group = _FailingGroup(network)
+    driver.add(group)
+    driver.start()
+    _wait(lambda: not driver.alive(), timeout=5)
+    assert group.ticks >= 1
+    assert network.stats["records_out"] == 0
+    with pytest.raises(OSError):  # the listener is closed: peers see this node as down
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    driver.stop()
+    driver.close()
