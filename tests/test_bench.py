@@ -67,11 +67,11 @@ def test_watch_bench_delivers_every_acknowledged_put_once(tmp_path) -> None:
     fields = {"put_ops_s", "put_p50_ms", "put_p99_ms", "events_s", "events_in_window", "delivery_p50_ms",
               "delivery_p99_ms", "delivery_p999_ms", "delivery_p99_over_put_p99", "events_total",
               "puts_acked_total", "maybe_applied", "duplicates", "every_event_once", "polls", "clock",
-              "targets", "machine"}
+              "replay_events_s", "targets", "machine"}
     assert fields <= doc.keys()
     assert doc["puts_acked_total"] > 0 and doc["events_in_window"] > 0
     assert doc["maybe_applied"] == 0 and doc["duplicates"] == 0 and doc["unstamped"] == 0
-    assert doc["events_total"] == doc["puts_acked_total"]
+    assert doc["events_total"] == doc["puts_acked_total"] == doc["replay_events"]
     assert doc["every_event_once"] is True
 
 

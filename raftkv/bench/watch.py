@@ -23,6 +23,10 @@ linearizable read, so an empty one has seen every acknowledged put).  ``events_t
 acknowledged puts (``puts_acked_total``), or lie between them and those plus the puts that may have been
 applied without an answer (``maybe_applied``, zero in a healthy run); a shard revision seen twice is
 counted in ``duplicates``.
+
+The live rate cannot exceed the writers' put rate.  To show what the watcher itself can take, the run's
+events are then read once more from the cursors pinned at the start, without blocking, as fast as polls
+go (``replay_events_s``: a backlog of up to ``COUNT`` events per shard per poll).
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class Watcher:
 
     def start(self) -> Watcher:
         self.watch.poll(block=False)  # cursors := every shard's revision now
+        self.start_cursors = dict(self.watch.cursors or {})
         self._thread.start()
         return self
 
@@ -119,11 +124,25 @@ class Watcher:
         """Catch up with every change made so far, then stop; raises what the watcher thread raised."""
         self._draining.set()
         self._thread.join(timeout)
-        self.client.close()
         if self.error is not None:
             raise self.error
         if self._thread.is_alive():
             raise TimeoutError(f"the watcher did not catch up within {timeout:g} s")
+
+    def replay(self) -> tuple[int, float]:
+        """Read the run's events again from the pinned cursors, as fast as polls go (a backlog, so never
+        waiting for writes): (events read, seconds).  The watcher's own capacity, apart from the write rate."""
+        w = self.client.watch(self.watch.subject, prefix=self.watch.prefix, start_revision=self.start_cursors)
+        n, t0 = 0, time.perf_counter()
+        while n < len(self.seen):
+            events = w.poll(block=False)
+            if not events:
+                break
+            n += len(events)
+        return n, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def say(msg: str) -> None:
@@ -146,19 +165,22 @@ def run_watch_bench(cfg: WatchBenchConfig, out: Callable[[str], None] = say) -> 
                                          procs=cfg.procs, stamp=True, drain=True)).start()
         puts = run.finish()
         watcher.finish()
+        replayed = watcher.replay()
+        watcher.close()
     finally:
         system.stop()
         if cfg.workdir is None:
             shutil.rmtree(base, ignore_errors=True)
-    doc = summarize(cfg, puts, watcher, run.measure_from, run.measure_to)
+    doc = summarize(cfg, puts, watcher, run.measure_from, run.measure_to, replayed)
     doc["machine"] = machine()
     for line in render(doc):
         out(line)
     return doc
 
 
-def summarize(cfg: WatchBenchConfig, puts: Result, watcher: Watcher, t0: float, t1: float) -> dict:
-    """The report: the puts' figures, the watcher's, the delivery check and the issue's targets."""
+def summarize(cfg: WatchBenchConfig, puts: Result, watcher: Watcher, t0: float, t1: float,
+              replayed: tuple[int, float]) -> dict:
+    """The report: the puts' figures, the watcher's, the delivery check, the replay and the issue's targets."""
     hist = Hist()
     in_window = 0
     for pc, latency in watcher.received:
@@ -193,6 +215,8 @@ def summarize(cfg: WatchBenchConfig, puts: Result, watcher: Watcher, t0: float, 
         "every_event_once": exact,
         "polls": watcher.polls,
         "events_per_poll": round(events_total / max(1, watcher.polls), 1),
+        "replay_events": replayed[0],
+        "replay_events_s": round(replayed[0] / max(1e-6, replayed[1]), 1),
         "targets": {"events_s": TARGET_EVENTS_S, "delivery_p99_over_put_p99": TARGET_P99_RATIO},
     }
 
@@ -210,6 +234,8 @@ def render(doc: dict) -> list[str]:
         f"(+{doc['maybe_applied']} maybe applied), {doc['duplicates']} duplicates: "
         + ("every change delivered once" if doc["every_event_once"] else "MISMATCH"),
         f"polls:   {doc['polls']} ({doc['events_per_poll']} events per poll); clock: {doc['clock']}",
+        f"replay:  the same {doc['replay_events']} events read again from the start: "
+        f"{doc['replay_events_s']:.0f} events/s (the watcher's capacity when events are waiting)",
     ]
 
 
