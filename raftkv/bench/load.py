@@ -70,7 +70,8 @@ class LoadParams:
     op_timeout: float = 10.0
     via: str = "raw"  # raw sockets, or "client" (raftkv.Client in threads; raftkv only)
     seed: int = 0
-    # Each put's value starts with the wall-clock time (time.time()) it was sent (the watch benchmark).
+    # Every value sent to raftkv starts with the wall-clock time (time.time()) it was sent: the watch
+    # benchmark's puts (``stamped``); the other systems ignore it.
     stamp: bool = False
     # At the end of the window stop sending and wait (up to op_timeout) for the replies still due, so that
     # every write sent is counted as acknowledged or as maybe applied (the watch benchmark's exact count).
