@@ -135,6 +135,9 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
 @click.option("--compact-every", type=click.IntRange(1), default=None,
               help="nodes compact each shard's Raft log every N commands (default: the node's): small values force "
                    "compactions and snapshot installs to lagging or restarted followers during the faults")
+@click.option("--ttl-ops", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="register: this fraction of the puts are SET k v PX ms, half with a short ttl (expires during "
+                   "the run), half with a day; checked with the kv-expiry model")
 @click.option("--auth", is_flag=True,
               help="run with authentication and roles: the clients' user may only read and write the workloads' keys")
 def run_cmd(time_s: float, **kw: object) -> None:

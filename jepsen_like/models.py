@@ -20,8 +20,10 @@ Two more hooks feed the checker:
 
 Models: :class:`KVModel` (register / per-key map with get/put/cas/delete and
 append; ``None`` = absent), the etcd register of the corpus and the corpus kv
-append model are instances of it; :class:`TxnModel` for multi-key transactions;
-:class:`MutexModel` for locks (acquire / release, as Knossos's mutex).
+append model are instances of it; :class:`ExpiringKVModel` (the same registers
+where a write may carry a time to live); :class:`TxnModel` for multi-key
+transactions; :class:`MutexModel` for locks (acquire / release, as Knossos's
+mutex).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "ILLEGAL",
     "Model",
     "KVModel",
+    "ExpiringKVModel",
     "TxnModel",
     "MutexModel",
     "MODEL_NAMES",
@@ -183,6 +186,113 @@ class KVModel(Model):
                 return lambda s: new if s == exp else illegal
             return lambda s: s if s != exp else illegal
         raise ValueError(f"unknown input {input!r}")
+
+
+# ---------------------------------------------------------------- registers with expiry
+
+# One possible state of an expiring register: (value, may_vanish); ``(None, False)`` is absent.
+_ABSENT = (None, False)
+
+
+class ExpiringKVModel(Model):
+    """Per-key registers whose writes may expire, checked without knowing when (the store's log time).
+
+    Operations are :class:`KVModel`'s (get, put, cas, delete) plus ``put-ttl`` with input
+    ``[value, ttl_ms]`` (``SET k v PX ttl_ms``).  A value put with a ttl shorter than ``forever_ms`` *may
+    vanish* at any later moment: a read may return it or ``None``, and once the key is gone it stays gone
+    until the next write.  A value put without a ttl, with a ttl of at least ``forever_ms`` (longer than any
+    run), or by a successful ``cas`` (a write clears the deadline, as in Redis) never vanishes.  A ``cas``
+    against a vanished key behaves as against an absent one.
+
+    Vanishing is a silent step, so the model tracks every state the register may be in: a state is a
+    frozenset of ``(value, may_vanish)`` pairs.  Before each operation any may-vanish pair may also have
+    become absent; the operation then keeps the pairs whose outcome matches the output (ILLEGAL if none
+    does).  So a read of ``None`` after a short-ttl put keeps only "absent", a read of the value keeps
+    only the value, and an indeterminate cas keeps both outcomes when the value may or may not have
+    vanished first.  A set holding a may-vanish pair leaves "absent" implicit (normalized away), so equal
+    possibilities are one state for the search's memo.
+    """
+
+    name = "kv-expiry"
+
+    def __init__(self, forever_ms: int = 3_600_000) -> None:
+        self.forever_ms = forever_ms
+
+    def __repr__(self) -> str:
+        return f"ExpiringKVModel(forever_ms={self.forever_ms})"
+
+    def init(self) -> Any:
+        return frozenset({_ABSENT})
+
+    def partition(self, ops: Sequence[Op]) -> list[list[Op]]:
+        return by_key(ops)
+
+    def encode(self, op: Op) -> tuple[Any, Any] | None:
+        if op.f == "put-ttl":
+            if op.status == "fail":
+                return None
+            value, ttl_ms = op.input
+            return ("put", freeze(value), ttl_ms < self.forever_ms), None
+        if op.f == "append":
+            raise ValueError(f"{self.name} model: unsupported operation {op.f!r} in {op.describe()}")
+        enc = _KV.encode(op)
+        if enc is not None and enc[0][0] == "put":
+            return ("put", enc[0][1], False), enc[1]
+        return enc
+
+    def compile(self, input: Any, output: Any) -> Transition:
+        kind = input[0]
+        if kind == "get":
+            out = output
+
+            def one(c: tuple) -> tuple | None:
+                return c if c[0] == out else None
+        elif kind == "put":
+            after = (input[1], input[2])
+
+            def one(c: tuple) -> tuple | None:
+                return after
+        elif kind == "delete":
+
+            def one(c: tuple) -> tuple | None:
+                return _ABSENT
+        elif kind == "cas":
+            exp, new = (input[1], False), (input[2], False)
+            if output is UNKNOWN:
+
+                def one(c: tuple) -> tuple | None:
+                    return new if c[0] == exp[0] else c
+            elif output:
+
+                def one(c: tuple) -> tuple | None:
+                    return new if c[0] == exp[0] else None
+            else:
+
+                def one(c: tuple) -> tuple | None:
+                    return c if c[0] != exp[0] else None
+        else:
+            raise ValueError(f"unknown input {input!r}")
+        illegal = ILLEGAL
+
+        def step(state: frozenset) -> Any:
+            maybe = set(state)
+            if any(c[1] for c in state):
+                maybe.add(_ABSENT)  # a may-vanish value may be gone by now
+            after = {n for c in maybe if (n := one(c)) is not None}
+            if not after:
+                return illegal
+            if len(after) > 1 and any(c[1] for c in after):
+                after.discard(_ABSENT)  # implied by the may-vanish pair
+            return frozenset(after)
+
+        return step
+
+    def describe_state(self, state: Any) -> str:
+        return " or ".join(sorted(("absent" if c == _ABSENT else f"{c[0]!r}" + (" (may vanish)" if c[1] else ""))
+                                  for c in state))
+
+
+_KV = KVModel()
 
 
 # ---------------------------------------------------------------- multi-key transactions
@@ -380,7 +490,7 @@ class MutexModel(Model):
 
 # ---------------------------------------------------------------- registry
 
-MODEL_NAMES = ("register", "kv", "kv-append", "etcd", "txn", "mutex")
+MODEL_NAMES = ("register", "kv", "kv-append", "kv-expiry", "etcd", "txn", "mutex")
 
 
 def get_model(name: str) -> Model:
@@ -393,6 +503,8 @@ def get_model(name: str) -> Model:
         return KVModel("kv-append", "", partitioned=True)
     if name == "etcd":
         return KVModel("etcd", None, partitioned=False)
+    if name == "kv-expiry":
+        return ExpiringKVModel()
     if name == "txn":
         return TxnModel()
     if name == "mutex":

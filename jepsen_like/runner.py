@@ -90,6 +90,7 @@ class RunConfig:
     auth: bool = False
     unsafe_lock_lapse: bool = False
     compact_every: int | None = None
+    ttl_ops: float = 0.0
 
     def to_argv(self) -> list[str]:
         """Command-line options reproducing this config (for the re-exec inside the namespace)."""
@@ -218,7 +219,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     try:
         workload = make_workload(cfg.workload, shardmap, cfg.seed, keys_per_shard=cfg.keys_per_shard,
                                  key_period=cfg.key_period, op_timeout=cfg.op_timeout,
-                                 read_any_node=cfg.read_any_node, unsafe_lock_lapse=cfg.unsafe_lock_lapse)
+                                 read_any_node=cfg.read_any_node, unsafe_lock_lapse=cfg.unsafe_lock_lapse,
+                                 ttl_ops=cfg.ttl_ops)
     except WorkloadUnavailable as e:
         _say(f"raftkv-jepsen: {e}")
         shutil.rmtree(run_dir, ignore_errors=True)

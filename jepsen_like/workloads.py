@@ -17,6 +17,12 @@ unique (``"<process>.<n>"``), so a read names the write it saw.  Keys rotate
 every ``key_period`` seconds (a fresh set of keys per shard, as Jepsen's
 ``independent`` does) so that each key's history, and so the checker's
 search, stays small.  Checked per key for linearizability (``kv`` model).
+With ``ttl_ops`` (``--ttl-ops F``) a fraction F of the puts are ``put-ttl``
+(``SET k v PX ms``): half of them with a short ttl (``SHORT_TTL_MS``, so the
+value expires while the key is still in use), half with one far longer than
+any run (``LONG_TTL_MS``); checked with the ``kv-expiry`` model, which lets a
+short-ttl value vanish at any moment after its put without knowing the
+store's log time.
 
 ``--read-any-node``: reads go over a plain RESP connection to a fixed node
 (client *i* -> node *i mod N*) instead of through the routing ``Client``.  A
@@ -60,6 +66,10 @@ from raftkv.connection import Connection
 __all__ = ["WORKLOADS", "WorkloadUnavailable", "Worker", "RegisterWorkload", "make_workload", "classify"]
 
 WORKLOADS = ("register", "counter", "bank", "txn", "lock")
+# ``register --ttl-ops``: the ttls of ``put-ttl``, short (expires during the run) and long (never does; the
+# ``kv-expiry`` model treats a ttl of an hour or more as never expiring).
+SHORT_TTL_MS = (50, 400)
+LONG_TTL_MS = 86_400_000
 
 
 class WorkloadUnavailable(RuntimeError):
@@ -135,8 +145,10 @@ class RegisterWorkload:
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 2, key_period: float = 5.0,
                  op_timeout: float = 4.0, read_any_node: bool = False,
-                 mix: tuple[float, float, float] = (0.4, 0.3, 0.3), **_: Any) -> None:
+                 mix: tuple[float, float, float] = (0.4, 0.3, 0.3), ttl_ops: float = 0.0, **_: Any) -> None:
         self.map = shardmap
+        self.ttl_ops = ttl_ops
+        self.model = "kv-expiry" if ttl_ops > 0 else "kv"
         self.seed = seed
         self.keys_per_shard = keys_per_shard
         self.key_period = key_period
@@ -202,6 +214,9 @@ class _RegisterWorker(Worker):
         self.n += 1
         new = f"{self.process}.{self.n}"
         if r < get_p + put_p:
+            if self.rng.random() < self.wl.ttl_ops:
+                short = self.rng.random() < 0.5
+                return "put-ttl", key, [new, self.rng.randint(*SHORT_TTL_MS) if short else LONG_TTL_MS]
             return "put", key, new
         return "cas", key, [self.wl.last_value.get(key), new]
 
@@ -217,6 +232,10 @@ class _RegisterWorker(Worker):
             if f == "put":
                 self.client.put(key, value)
                 self.wl.last_value[key] = value
+                return "ok", None
+            if f == "put-ttl":
+                self.client.put(key, value[0], ttl=value[1] / 1000)
+                self.wl.last_value[key] = value[0]
                 return "ok", None
             if f == "cas":
                 ok = self.client.cas(key, value[0], value[1])

@@ -1,5 +1,6 @@
-"""The benchmark's parts (histogram, HTTP parser, etcd's gRPC wire codec, ratios) and a smoke test of the
-suite: one workload, 2 clients, 2 s, raftkv only; JSON written.  No speed checks."""
+"""The benchmark's parts (histogram, HTTP parser, etcd's gRPC wire codec, ratios) and smoke tests of the
+suite (put and incr, 2 clients, 2 s, raftkv only; JSON written) and of the watch benchmark (every acknowledged
+put delivered to the watcher once).  No speed checks."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from raftkv.bench.cli import bench
 from raftkv.bench.etcd_http import HttpReader, leader_index
 from raftkv.bench.hist import Hist
 from raftkv.bench.report import add_ratios, render_table
+from raftkv.bench.workloads import NOT_APPLICABLE, applicable
 
 
 def test_hist_quantiles() -> None:
@@ -43,14 +45,46 @@ def test_http_reader_chunked_and_length() -> None:
 @pytest.mark.slow
 def test_suite_end_to_end(tmp_path) -> None:
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(bench, ["--workload", "put", "--clients", "2", "--duration", "2", "--warmup", "0.5",
-                                     "--peers", "none", "--no-redis-benchmark", "--json", str(out)])
+    res = CliRunner().invoke(bench, ["--workload", "put,incr", "--clients", "2", "--duration", "2", "--warmup",
+                                     "0.5", "--peers", "none", "--no-redis-benchmark", "--json", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
-    (row,) = doc["results"]
-    assert row["system"] == "raftkv" and row["workload"] == "put" and row["clients"] == 2
-    assert row["ops"] > 0 and row["p50_ms"] is not None
+    assert [(r["system"], r["workload"], r["clients"]) for r in doc["results"]] == [("raftkv", "put", 2),
+                                                                                     ("raftkv", "incr", 2)]
+    for row in doc["results"]:
+        assert row["ops"] > 0 and row["p50_ms"] is not None and row["errors"] == 0
     assert doc["generator"] and doc["machine"]["nproc"]
+
+
+@pytest.mark.slow
+def test_watch_bench_delivers_every_acknowledged_put_once(tmp_path) -> None:
+    """One watcher, 4 writers for 2 s: a report with every field, and as many events as acknowledged puts."""
+    out = tmp_path / "w.json"
+    res = CliRunner().invoke(bench, ["watch", "--writers", "4", "--duration", "2", "--warmup", "0.5",
+                                     "--keyspace", "50", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    fields = {"put_ops_s", "put_p50_ms", "put_p99_ms", "events_s", "events_in_window", "delivery_p50_ms",
+              "delivery_p99_ms", "delivery_p999_ms", "delivery_p99_over_put_p99", "events_total",
+              "puts_acked_total", "maybe_applied", "duplicates", "every_event_once", "polls", "clock",
+              "replay_events_s", "targets", "machine"}
+    assert fields <= doc.keys()
+    assert doc["puts_acked_total"] > 0 and doc["events_in_window"] > 0
+    assert doc["maybe_applied"] == 0 and doc["duplicates"] == 0 and doc["unstamped"] == 0
+    assert doc["events_total"] == doc["puts_acked_total"] == doc["replay_events"]
+    assert doc["every_event_once"] is True
+
+
+def test_incr_has_no_etcd_point_and_shows_a_dash() -> None:
+    row = {"workload": "incr", "clients": 32, "p50_ms": 1.0, "p99_ms": 2.0, "p999_ms": 3.0, "errors": 0,
+           "indeterminate": 0}
+    assert not applicable("incr", "etcd") and not applicable("incr", "etcd-grpc") and applicable("incr", "redis")
+    doc = {"results": [row | {"system": "raftkv", "ops_s": 3000.0}, row | {"system": "redis", "ops_s": 6000.0}],
+           "not_applicable": {"incr": {s: NOT_APPLICABLE["incr"][s] for s in ("etcd", "etcd-grpc")}}}
+    add_ratios(doc)
+    table = render_table(doc)
+    assert "| incr | 32 | raftkv | 3000 | 1.00 | 2.00 | 3.00 | 0 (0) | - | 0.50× |" in table
+    assert "| incr | - | etcd | - (not applicable: etcd has no atomic increment" in table
 
 
 def test_cli_rejects_bad_options_and_misplaced_suite_options() -> None:
@@ -61,7 +95,7 @@ def test_cli_rejects_bad_options_and_misplaced_suite_options() -> None:
     assert res.exit_code == 2 and "comma list of integers" in res.output
     res = runner.invoke(bench, ["--workload", "get", "scale", "--sizes", "10"])
     assert res.exit_code == 2 and "--workload belong to the suite" in res.output
-    for args in (["--help"], ["failover", "--help"], ["scale", "--help"]):
+    for args in (["--help"], ["failover", "--help"], ["scale", "--help"], ["watch", "--help"]):
         res = runner.invoke(bench, args)
         assert res.exit_code == 0 and "Usage:" in res.output
 

@@ -519,3 +519,140 @@ def test_mutex_model_agrees_with_brute_force(ops):
     model = get_model("mutex")
     expected = LINEARIZABLE if brute_force(ops, model, keyed=True) else NOT_LINEARIZABLE
     assert check(ops, model).verdict == expected
+
+
+# ---------------------------------------------------------------- registers with expiry (register --ttl-ops)
+
+SHORT, LONG = 200, 86_400_000  # ms: may vanish during a run / never does (the model's forever_ms is an hour)
+
+
+def brute_force_expiry(ops: list[Op]) -> bool:
+    """The reference for ``kv-expiry``, written without its set of states: every order consistent with real
+    time and, before each op, both choices for a value put with a short ttl (still there, or gone for good)."""
+    enc = [op for op in ops if op.status != "fail" and not (op.f == "get" and op.status == "info")]
+    n = len(enc)
+    must = sum(1 << i for i, op in enumerate(enc) if op.status == "ok")
+
+    def apply(op: Op, cur: tuple) -> tuple | None:
+        """The concrete register (value, may_vanish) after ``op``, or None if ``op``'s output is impossible."""
+        v, known = cur[0], op.status == "ok"
+        if op.f == "get":
+            return cur if op.output == v else None
+        if op.f == "put":
+            return op.input, False
+        if op.f == "put-ttl":
+            return op.input[0], op.input[1] < 3_600_000
+        if op.f == "delete":
+            return None, False
+        exp, new = op.input
+        if not known:
+            return (new, False) if v == exp else cur
+        if op.output:
+            return (new, False) if v == exp else None
+        return cur if v != exp else None
+
+    def dfs(done: int, states: dict) -> bool:
+        if done & must == must:
+            return True
+        for i, op in enumerate(enc):
+            if done >> i & 1 or any(not done >> j & 1 and enc[j].ret < op.call for j in range(n)):
+                continue
+            cur = states.get(op.key, (None, False))
+            for before in [cur, (None, False)] if cur[1] else [cur]:
+                after = apply(op, before)
+                if after is not None and dfs(done | 1 << i, {**states, op.key: after}):
+                    return True
+        return False
+
+    return dfs(0, {})
+
+
+@st.composite
+def expiring_histories(draw, max_ops: int = 7, keys=("a", "b")):
+    """A sequential run (op i takes effect at 10*i+5) where a value put with a short ttl may vanish
+    before any later op, as the store's expiry would make it."""
+    store: dict = {}
+    ops = []
+    for i in range(draw(st.integers(1, max_ops))):
+        f = draw(st.sampled_from(["get", "get", "put", "put-ttl", "put-ttl", "cas", "delete"]))
+        key = draw(st.sampled_from(keys))
+        status = "ok" if f == "get" else draw(STATUS)
+        applies = status == "ok" or (status == "info" and draw(st.booleans()))
+        lin = 10 * i + 5
+        call, ret = lin - draw(st.integers(0, 30)), lin + draw(st.integers(0, 30))
+        v, may_vanish = store.get(key, (None, False))
+        if may_vanish and draw(st.booleans()):
+            v, may_vanish = store[key] = (None, False)
+        if f == "get":
+            inp, out = None, v
+        elif f in ("put", "put-ttl"):
+            new = draw(st.integers(0, 2))
+            ttl = draw(st.sampled_from([SHORT, LONG]))
+            inp, out = (new, None) if f == "put" else ([new, ttl], None)
+            if applies:
+                store[key] = (new, f == "put-ttl" and ttl == SHORT)
+        elif f == "cas":
+            exp, new = draw(VALUES), draw(st.integers(0, 2))
+            inp, out = [exp, new], status != "fail" and v == exp
+            if applies and v == exp:
+                store[key] = (new, False)
+        else:
+            inp, out = None, None
+            if applies:
+                store[key] = (None, False)
+        ops.append(mk(i, f, key, inp, out, call, ret, status))
+    return ops
+
+
+@FAST
+@given(expiring_histories())
+def test_runs_with_expiry_are_linearizable(ops):
+    assert check(ops, get_model("kv-expiry")).verdict == LINEARIZABLE
+    assert brute_force_expiry(ops)
+
+
+@FAST
+@given(mutated(expiring_histories()))
+def test_mutated_runs_with_expiry_agree_with_the_explicit_reference(ops):
+    model = get_model("kv-expiry")
+    expected = LINEARIZABLE if brute_force_expiry(ops) else NOT_LINEARIZABLE
+    assert check(ops, model).verdict == expected
+    assert brute_force(ops, model, keyed=True) == (expected == LINEARIZABLE)
+
+
+def in_order(*steps: tuple) -> list[Op]:
+    """Ops one after the other (no overlap): (f, input, output) each, on one key."""
+    return [mk(i, f, "k", inp, out, 10 * i, 10 * i + 1) for i, (f, inp, out) in enumerate(steps)]
+
+
+@pytest.mark.parametrize("steps, verdict_", [
+    # A short ttl: the value may be read, then be gone; once gone it stays gone until the next write.
+    ([("put-ttl", [1, SHORT], None), ("get", None, 1), ("get", None, None)], LINEARIZABLE),
+    ([("put-ttl", [1, SHORT], None), ("get", None, None), ("get", None, 1)], NOT_LINEARIZABLE),
+    ([("put-ttl", [1, SHORT], None), ("get", None, None), ("put", 2, None), ("get", None, 2)], LINEARIZABLE),
+    # No ttl, or one far longer than the run: never vanishes.
+    ([("put", 1, None), ("get", None, None)], NOT_LINEARIZABLE),
+    ([("put-ttl", [1, LONG], None), ("get", None, None)], NOT_LINEARIZABLE),
+    # A cas compares against the vanished key as against an absent one.
+    ([("put-ttl", [1, SHORT], None), ("cas", [None, 2], True), ("get", None, 2)], LINEARIZABLE),
+    ([("put-ttl", [1, SHORT], None), ("get", None, None), ("cas", [1, 2], True)], NOT_LINEARIZABLE),
+    ([("put-ttl", [1, SHORT], None), ("cas", [1, 2], False), ("get", None, 1)], NOT_LINEARIZABLE),
+    ([("put-ttl", [1, SHORT], None), ("cas", [1, 2], False), ("get", None, None)], LINEARIZABLE),
+    # A successful cas writes without a ttl (as SET does): the new value never vanishes.
+    ([("put-ttl", [1, SHORT], None), ("cas", [1, 2], True), ("get", None, None)], NOT_LINEARIZABLE),
+])
+def test_expiry_model_semantics(steps: list[tuple], verdict_: str) -> None:
+    ops = in_order(*steps)
+    assert check(ops, get_model("kv-expiry")).verdict == verdict_
+    assert brute_force_expiry(ops) == (verdict_ == LINEARIZABLE)
+
+
+def test_expiry_model_keeps_both_outcomes_of_an_indeterminate_cas() -> None:
+    m = get_model("kv-expiry")
+    s = m.step(m.init(), *m.encode(mk(0, "put-ttl", "k", [1, SHORT], None, 0, 1)))[1]
+    assert s == frozenset({(1, True)}) and m.describe_state(s) == "1 (may vanish)"
+    ok, s2 = m.step(s, *m.encode(mk(1, "cas", "k", [1, 2], None, 2, 3, "info")))
+    assert ok and s2 == frozenset({(2, False), (None, False)})  # applied, or the value vanished first
+    assert m.step(s2, ("get",), None)[1] == frozenset({(None, False)})
+    assert m.step(s2, ("get",), 2)[1] == frozenset({(2, False)})
+    assert m.step(s2, ("get",), 1)[0] is False

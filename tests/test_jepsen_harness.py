@@ -107,12 +107,15 @@ def test_run_no_faults_passes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nemesis", ["kill", "pause"])
-def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str) -> None:
+@pytest.mark.parametrize("nemesis, ttl_ops", [("kill", "0.5"), ("pause", "0")])
+def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str, ttl_ops: str) -> None:
     """Nodes compact every 50 commands: a killed or paused node restarts from its snapshot and log, and
-    replicas compact (and load snapshots) many times while faults come and go."""
-    rc, res, out = harness(tmp_path, "--nemesis", nemesis, "--compact-every", "50", *common(12))
+    replicas compact (and load snapshots) many times while faults come and go.  The kill run also writes
+    with time to live (``--ttl-ops``): values that expire mid-run, checked with the kv-expiry model."""
+    rc, res, out = harness(tmp_path, "--nemesis", nemesis, "--compact-every", "50", "--ttl-ops", ttl_ops,
+                           *common(12))
     assert_pass(rc, res, out)
+    assert ("put-ttl" in res["counts"]["by_f"]) == (ttl_ops != "0")
     logs = "".join(p.read_text(errors="replace") for p in (Path(res["dir"]) / "nodes").glob("n*.log"))
     assert logs.count("event=snapshot ") >= 3, "no compaction happened during the run"
     # The nemesis verifies each fault (the process gone / stopped) or records an error:

@@ -14,7 +14,8 @@ Modules, one concept each:
 * ``load`` — the closed-loop, multi-process, event-driven load generator (asyncio and gRPC for etcd-grpc);
 * ``preload`` — loading the key space before measuring;
 * ``report`` — machine description, result lines, the Markdown table and the chart;
-* ``suite``, ``failover``, ``scale`` — the three benchmarks;
+* ``suite``, ``failover``, ``scale``, ``watch`` — the four benchmarks (``watch``: change-feed delivery to one
+  watcher);
 * ``cli`` — ``raftkv bench`` (click).
 
 Blocking RESP calls go through ``raftkv.connection.Connection`` like everywhere else.

@@ -1,8 +1,8 @@
 """``raftkv bench``: the benchmark's command line (click), registered on the ``raftkv`` group by ``register``.
 
-``raftkv bench [OPTIONS]`` runs the side-by-side suite; ``raftkv bench failover`` and ``raftkv bench scale``
-run the other two benchmarks (``bench/failover.py`` and ``bench/scale.py`` are these same commands).  The
-suite's ``--failover TRIALS`` and ``--scale`` switches still work and run those with the suite's options.
+``raftkv bench [OPTIONS]`` runs the side-by-side suite; ``raftkv bench failover``, ``raftkv bench scale`` and
+``raftkv bench watch`` run the other benchmarks (``bench/failover.py`` and ``bench/scale.py`` are these same
+commands).  The suite's ``--failover TRIALS`` and ``--scale`` switches still work and run those with the suite's options.
 """
 
 from __future__ import annotations
@@ -146,6 +146,25 @@ def scale_cmd(shard_counts: list[int], sizes: list[int], clients: int, duration:
     from raftkv.bench.scale import run_scale
 
     doc = run_scale(tuple(shard_counts), tuple(sizes), clients=clients, duration=duration, value_size=value_size)
+    _write_json(doc, json_path)
+
+
+@bench.command("watch")
+@click.option("--writers", type=int, default=32, show_default=True, help="closed-loop clients putting watched keys")
+@click.option("--duration", type=float, default=6.0, show_default=True, help="measured seconds")
+@click.option("--warmup", type=float, default=1.0, show_default=True, help="unmeasured seconds first")
+@click.option("--shards", type=int, default=3, show_default=True, help="raftkv shards")
+@click.option("--keyspace", type=int, default=1000, show_default=True, help="keys written (all under the watched prefix)")
+@click.option("--value-size", type=int, default=100, show_default=True, help="bytes per value")
+@click.option("--one-key", is_flag=True, help="watch one key, and every writer puts that key")
+@json_option
+def watch_cmd(writers: int, duration: float, warmup: float, shards: int, keyspace: int, value_size: int,
+              one_key: bool, json_path: str | None) -> None:
+    """One watcher, W writers: events/s delivered to the watcher, delivery p50/p99 against the puts' p99,
+    and whether every acknowledged put arrived exactly once (see raftkv/bench/watch.py)."""
+    from raftkv.bench.watch import WatchBenchConfig, run_watch_bench
+
+    doc = run_watch_bench(WatchBenchConfig(writers, duration, warmup, shards, keyspace, value_size, one_key))
     _write_json(doc, json_path)
 
 

@@ -48,7 +48,7 @@ from raftkv.bench import etcd_grpc
 from raftkv.bench.etcd_http import HttpReader, b64, find_leader, http_request, leader_index
 from raftkv.bench.hist import Hist
 from raftkv.bench.systems import System, proc_cpu_s
-from raftkv.bench.workloads import WRITES, KeyGen, key_name, make_value
+from raftkv.bench.workloads import WRITES, KeyGen, counter_name, key_name, make_value
 from raftkv.client import Client, IndeterminateError, RaftKVError
 from raftkv.connection import Connection
 from shards.shardmap import ShardMap
@@ -70,6 +70,12 @@ class LoadParams:
     op_timeout: float = 10.0
     via: str = "raw"  # raw sockets, or "client" (raftkv.Client in threads; raftkv only)
     seed: int = 0
+    # Every value sent to raftkv starts with the wall-clock time (time.time()) it was sent: the watch
+    # benchmark's puts (``stamped``); the other systems ignore it.
+    stamp: bool = False
+    # At the end of the window stop sending and wait (up to op_timeout) for the replies still due, so that
+    # every write sent is counted as acknowledged or as maybe applied (the watch benchmark's exact count).
+    drain: bool = False
 
 
 @dataclass
@@ -90,6 +96,8 @@ class Result:
     txn_retries: int = 0  # transactions resent after TXNCONFLICT/TRYAGAIN (inside one measured op)
     server_cpu: float | None = None  # CPU-seconds of the server processes per wall second in the window
     hist: dict | None = None
+    acked: int = 0  # every request that succeeded, in the window or not (warm-up and drain included)
+    maybe_applied: int = 0  # every write that may have been applied without an acknowledgement, likewise
 
     def row(self) -> dict:
         d = asdict(self)
@@ -161,6 +169,9 @@ class _Worker:
         self.errors: dict[str, int] = {}
         self.indeterminate = 0
         self.txn_retries = 0
+        self.acked = 0
+        self.maybe_applied = 0
+        self.stamps = 0
         self.stop_event = stop
         self.vcs = [_VClient(self, i) for i in client_ids]
         self.measure_from = 0.0
@@ -260,6 +271,9 @@ class _Worker:
 
     def issue(self, vc: _VClient) -> None:
         """Send ``vc``'s next request (a connection failure counts as an error, and we try again later)."""
+        if self.p.drain and time.perf_counter() >= self.measure_to:
+            vc.inflight = None  # draining: nothing new is sent
+            return
         retry = vc.txn_args is not None
         op = vc.op if retry else self.op_name()
         vc.op = op
@@ -283,7 +297,7 @@ class _Worker:
 
     def _req_raftkv(self, vc: _VClient, op: str) -> tuple[_LoadConn, bytes]:
         enc = protocol.encode_command
-        v = self.value
+        v = self.stamped() if self.p.stamp else self.value
         if op in ("mset2", "mset4", "txn"):
             # As Client.mset()/Client.txn(): RAFTKV.TXN with a fresh ID, sent to the first key's shard leader.
             if vc.txn_args is None:
@@ -301,7 +315,7 @@ class _Worker:
             vc.ctx = shard
             return vc.conn(self.leader_addr(shard, vc)), enc(b"RAFTKV.TXN", b"ID", uuid.uuid4().hex.encode(),
                                                             *vc.txn_args)
-        k = key_name(self.keys.next())
+        k = (counter_name if op == "incr" else key_name)(self.keys.next())
         shard = self.shard(k)
         vc.ctx = shard
         if op == "get":
@@ -314,6 +328,8 @@ class _Worker:
             inner: tuple = (b"SET", k, v)
         elif op == "cas":
             inner = (b"CAS", k, v, v)
+        elif op == "incr":
+            inner = (b"INCR", k)
         else:
             raise ValueError(f"unknown op {op}")
         return vc.conn(self.leader_addr(shard, vc)), enc(b"RAFTKV.REQ", vc.sid, b"%d" % vc.seq, *inner)
@@ -329,6 +345,8 @@ class _Worker:
             return c, enc(*args)
         if op == "txn":
             return c, enc(b"EVALSHA", self.cas_sha, b"2", *self.distinct_keys(2), v, v, b"txn")
+        if op == "incr":
+            return c, enc(b"INCR", counter_name(self.keys.next()))
         k = key_name(self.keys.next())
         if op == "put":
             return c, enc(b"SET", k, v)
@@ -360,11 +378,19 @@ class _Worker:
             return c, http_request(host, port, "/v3/kv/txn", body)
         raise ValueError(f"unknown op {op}")
 
+    def stamped(self) -> bytes:
+        """A value that starts with the time it is sent, ``b"%.6f <n> "`` (unique: ``n`` counts), padded with
+        the configured value to at least ``value_size`` bytes."""
+        self.stamps += 1
+        head = b"%.6f %d " % (time.time(), self.stamps)
+        return head + self.value[len(head):]
+
     # -- outcomes -------------------------------------------------------------------------------
     def in_window(self, sent: float, now: float) -> bool:
         return sent >= self.measure_from and now <= self.measure_to
 
     def error(self, code: str, vc: _VClient, maybe_applied: bool, now: float) -> None:
+        self.maybe_applied += maybe_applied
         if not self.in_window(vc.sent, now) and vc.sent:
             return
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -400,6 +426,7 @@ class _Worker:
 
     def done(self, vc: _VClient, now: float) -> None:
         """``vc``'s request succeeded: its latency counts if it was sent and answered inside the window."""
+        self.acked += 1
         if self.in_window(vc.sent, now):
             self.hist.record(now - vc.sent)
             self.ops += 1
@@ -426,7 +453,10 @@ class _Worker:
         next_check = time.perf_counter() + 0.05
         while True:
             now = time.perf_counter()
-            if now >= measure_to or (self.stop_event is not None and self.stop_event.is_set()):
+            stopped = self.stop_event is not None and self.stop_event.is_set()
+            if (now >= measure_to or stopped) and not (
+                    self.p.drain and not stopped and now < measure_to + self.p.op_timeout
+                    and any(vc.inflight is not None for vc in self.vcs)):
                 break
             for key, _ in self.sel.select(0.05):
                 c: _LoadConn = key.data
@@ -467,12 +497,14 @@ class _Worker:
                 elif self.kind == "etcd" and self.leader is None:
                     self.refresh_etcd_leader()
         for vc in self.vcs:
+            self.maybe_applied += vc.inflight is not None and vc.is_write  # still unanswered
             for c in list(vc.conns.values()):
                 vc.drop(c)
 
     def result(self) -> dict:
         return {"hist": self.hist.to_dict(), "ops": self.ops, "errors": self.errors,
-                "indeterminate": self.indeterminate, "txn_retries": self.txn_retries}
+                "indeterminate": self.indeterminate, "txn_retries": self.txn_retries, "acked": self.acked,
+                "maybe_applied": self.maybe_applied}
 
 
 class _GrpcWorker(_Worker):
@@ -601,6 +633,8 @@ def _client_thread(spec: dict, p: LoadParams, idx: int, t: dict, out: dict, lock
                 client.stale_get(k)
             elif op == "cas":
                 client.cas(k, v, v)
+            elif op == "incr":
+                client.incr(counter_name(keys.next()))
             elif op in ("mset2", "mset4"):
                 client.mset({key_name(keys.next()): v for _ in range(2 if op == "mset2" else 4)})
             elif op == "txn":
@@ -728,7 +762,8 @@ class LoadRun:
                "via": self.p.via, "cpu_s_per_s": round(cpu / (seconds + self.p.warmup), 2)}
         return Result(self.name, self.p.workload, self.p.clients, ops, round(seconds, 3), round(ops / seconds, 1),
                       _r(hist.quantile(0.5)), _r(hist.quantile(0.99)), _r(hist.quantile(0.999)),
-                      sum(errors.values()), indet, errors, gen, retries, server_cpu, hist.to_dict())
+                      sum(errors.values()), indet, errors, gen, retries, server_cpu, hist.to_dict(),
+                      sum(r.get("acked", 0) for r in results), sum(r.get("maybe_applied", 0) for r in results))
 
 
 def _r(x: float | None) -> float | None:

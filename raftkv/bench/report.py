@@ -67,14 +67,19 @@ def render_table(doc: dict) -> str:
     order = {s: i for i, s in enumerate(["raftkv", *ALL_PEERS])}
     rows = sorted(doc["results"], key=lambda r: (WORKLOADS.index(r["workload"]), r["clients"],
                                                  order.get(r["system"], 9)))
+    skipped = doc.get("not_applicable", {})
     for r in rows:
-        ratios = [f"{r[k]:.2f}×" + (f" ({r[k + '_via']})" if k + "_via" in r else "") if k in r else ""
-                  for k in ("x_etcd", "x_redis")]
+        ratios = [f"{r[k]:.2f}×" + (f" ({r[k + '_via']})" if k + "_via" in r else "") if k in r
+                  else "-" if r["system"] == "raftkv" and set(PEER_GROUPS[k[2:]]) & set(skipped.get(r["workload"], {}))
+                  else "" for k in ("x_etcd", "x_redis")]
         lines.append(f"| {r['workload']} | {r['clients']} | {r['system']} | {r['ops_s']:.0f} | "
                      f"{_fmt_ms(r['p50_ms'])} | {_fmt_ms(r['p99_ms'])} | {_fmt_ms(r['p999_ms'])} | "
                      f"{r['errors']} ({r['indeterminate']}) | {ratios[0]} | {ratios[1]} |")
     for w, why in doc.get("not_available", {}).items():
         lines.append(f"| {w} | - | raftkv | {why} | | | | | | |")
+    for w, by_system in skipped.items():
+        for system, why in by_system.items():
+            lines.append(f"| {w} | - | {system} | - (not applicable: {why}) | | | | | | |")
     rb = doc.get("redis_benchmark") or {}
     if rb:
         lines += ["", "redis-benchmark -t set,get (one node's port; raftkv forwards keys whose shard it does not lead):",

@@ -40,7 +40,7 @@ from raftkv.bench.systems import (
     System,
     found_peers,
 )
-from raftkv.bench.workloads import COMMAND_NEEDED, WORKLOADS
+from raftkv.bench.workloads import COMMAND_NEEDED, NOT_APPLICABLE, WORKLOADS, applicable
 
 
 def run_redis_benchmark(addr: tuple[str, int], clients: int, requests: int, value_size: int,
@@ -102,7 +102,7 @@ def run_suite(cfg: SuiteConfig, out: Callable[[str], None] = say) -> dict:
     doc: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv), "machine": mach,
         "config": asdict(cfg), "peers_found": peers, "peers_skipped": skipped,
-        "not_available": {},
+        "not_available": {}, "not_applicable": {},
         "systems": {}, "results": [], "redis_benchmark": {},
     }
     doc["loadavg_at_start"] = [round(x, 1) for x in os.getloadavg()]
@@ -145,7 +145,10 @@ def run_suite(cfg: SuiteConfig, out: Callable[[str], None] = say) -> dict:
             out(f"   preloaded {cfg.keyspace} keys in {secs:.1f} s")
         for w in workloads:
             for n in cfg.clients:
-                for sys_ in running.values():
+                for sname, sys_ in running.items():
+                    if not applicable(w, sname):
+                        doc["not_applicable"].setdefault(w, {})[sname] = NOT_APPLICABLE[w][sname]
+                        continue
                     p = LoadParams(w, n, cfg.duration, cfg.warmup, cfg.keyspace, cfg.value_size, cfg.dist,
                                    cfg.procs, via=cfg.via)
                     r = run_load(sys_, p)

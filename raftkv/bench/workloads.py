@@ -8,15 +8,29 @@ from __future__ import annotations
 import bisect
 import random
 
-WORKLOADS = ("put", "get", "stale_get", "mix", "cas", "mset2", "mset4", "txn")
-WRITES = {"put", "cas", "mset2", "mset4", "txn"}
+WORKLOADS = ("put", "get", "stale_get", "mix", "cas", "incr", "mset2", "mset4", "txn")
+WRITES = {"put", "cas", "incr", "mset2", "mset4", "txn"}
 # The raftkv command each multi-key workload needs; a build without it cannot run that workload.
 COMMAND_NEEDED = {"mset2": "MSET", "mset4": "MSET", "txn": "RAFTKV.TXN"}
+# Workloads a peer has no single operation for, and why: those points are not run (shown as "-").
+NOT_APPLICABLE = {"incr": {"etcd": "etcd has no atomic increment (a read then a compare-and-put txn is two round "
+                                   "trips, not the same operation)",
+                           "etcd-grpc": "etcd has no atomic increment"}}
 
 
 def key_name(i: int) -> bytes:
     """The name of key number ``i`` (fixed width, so every key is the same size)."""
     return b"key:%012d" % i
+
+
+def counter_name(i: int) -> bytes:
+    """The name of counter number ``i`` for ``incr`` (not preloaded: a missing counter counts as 0)."""
+    return b"ctr:%012d" % i
+
+
+def applicable(workload: str, system: str) -> bool:
+    """Whether ``system`` runs ``workload`` (see ``NOT_APPLICABLE``)."""
+    return system not in NOT_APPLICABLE.get(workload, {})
 
 
 def make_value(size: int) -> bytes:
