@@ -31,7 +31,7 @@ from jepsen_like.workloads import lost_updates
 from .conftest import missing_capability
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_TIME = 15
+RUN_TIME = 10  # long enough for 2+ faults per run (fault and quiet windows are 2-4 s each)
 RUN_TIMEOUT = 240
 
 _avail: netns.Availability | None = None

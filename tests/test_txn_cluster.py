@@ -398,12 +398,12 @@ def test_bank_transfers_while_leaders_are_killed(lc: LocalCluster) -> None:
         t.start()
     try:
         for _ in range(2):  # kill the leader of a shard, let the rest run, bring it back
-            time.sleep(3)
+            time.sleep(2)
             victim = lc.leader_of(random.randrange(3)) or "n1"
             lc.kill_node(victim)
-            time.sleep(4)
+            time.sleep(3)
             lc.start_node(victim)
-        time.sleep(3)
+        time.sleep(2)
     finally:
         stop.set()
         for t in threads:
