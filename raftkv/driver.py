@@ -155,10 +155,15 @@ class RaftDriver:
 
     # -- driver thread --------------------------------------------------------------------------------------------
     def _drain(self) -> None:
-        self._wake_pending = False  # before reading: a wake-up after this point writes a new byte
+        # Read first, then clear the flag. Cleared first, a wake() landing between the two would write a byte
+        # that this read swallows and leave the flag set over an empty pipe: every later wake() would then be
+        # skipped and wait for the period timer (seen: 10 ms reads after a 32-client load). Read first, a
+        # wake() in between finds the flag set and writes nothing, but its group is already in _woken, which
+        # this iteration takes after poll() returns.
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 4096):
                 pass
+        self._wake_pending = False
 
     def _run(self) -> None:
         log.info("event=driver_started groups=%d period_s=%g", len(self.groups) + len(self._adds), self.period_s)

@@ -200,3 +200,39 @@ def test_a_failed_sync_stops_the_driver_and_sends_nothing(tmp_path: Path) -> Non
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     driver.stop()
     driver.close()
+
+
+def test_a_wake_up_during_the_drain_is_never_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread that wakes the driver while it drains the wake pipe (the byte it writes is read by that very
+    drain) must not leave the driver deaf to later wake-ups: the pipe holds a byte whenever the flag says a
+    wake-up is pending. Before the fix the flag was cleared before the read, and every later wake-up waited
+    for the period timer (10 ms reads after a 32-client load)."""
+    import os
+    import select
+
+    import raftkv.driver as driver_mod
+
+    port = _free_ports(1)[0]
+    network = RaftNetwork("127.0.0.1", port, cluster="t", key=KEY, encrypt=True)
+    driver = RaftDriver(network, period_s=0.01)  # not started: the test plays the driver thread
+    try:
+        driver.wake(1)
+        real_read = os.read
+        raced = []
+
+        def read_with_a_wake_in_between(fd: int, n: int) -> bytes:
+            if not raced:
+                raced.append(True)
+                driver.wake(2)  # another thread, right as the driver reads
+            return real_read(fd, n)
+
+        monkeypatch.setattr(driver_mod.os, "read", read_with_a_wake_in_between)
+        driver._drain()
+        monkeypatch.setattr(driver_mod.os, "read", real_read)
+        assert raced
+        driver.wake(3)  # a later wake-up must reach the pipe
+        readable, _, _ = select.select([driver._wake_r], [], [], 0)
+        assert readable, "a wake-up after the drain left nothing in the pipe: the driver would sleep through it"
+    finally:
+        driver.close()
+        network.close()
