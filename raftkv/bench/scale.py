@@ -46,6 +46,16 @@ def run_scale(shard_counts: tuple[int, ...] = (1, 3, 6), sizes: tuple[int, ...] 
                 out(f"   shards={ns} " + fmt_row(r.row()))
         finally:
             s.stop()
+    if sizes:
+        _run_sizes(doc, base, sizes, clients, duration, value_size, out)
+    if workdir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return doc
+
+
+def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients: int, duration: float,
+               value_size: int, out: Callable[[str], None]) -> None:
+    """Throughput/p99 vs keys loaded, RSS per million keys, and restart catch-up at the largest size."""
     d = base / "size"
     s = RaftKVSystem(str(d), shards=3)
     try:
@@ -108,6 +118,3 @@ def run_scale(shard_counts: tuple[int, ...] = (1, 3, 6), sizes: tuple[int, ...] 
             f"{doc['restart']['caught_up_s']} s, RSS {rss} MB")
     finally:
         s.stop()
-    if workdir is None:
-        shutil.rmtree(base, ignore_errors=True)
-    return doc
