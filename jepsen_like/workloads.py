@@ -396,12 +396,16 @@ class _RotatingGroups:
 
     prefix = ""
 
-    def __init__(self, shardmap: Any, keys_per_shard: int, key_period: float, op_timeout: float) -> None:
+    def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
+                 op_timeout: float = 4.0, **_: Any) -> None:
         self.map = shardmap
         self.keys_per_shard = keys_per_shard
         self.key_period = key_period
         self.op_timeout = op_timeout
         self._groups: dict[int, list[str]] = {}
+
+    def setup(self, rec: Any) -> None:
+        """Nothing to set up: every group starts empty."""
 
     def group_at(self, t: float) -> list[str]:
         gen = int(t // self.key_period) if self.key_period > 0 else 0
@@ -427,13 +431,6 @@ class TxnWorkload(_RotatingGroups):
 
     name = "txn"
     prefix = "t"
-
-    def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
-                 op_timeout: float = 4.0, **_: Any) -> None:
-        super().__init__(shardmap, keys_per_shard, key_period, op_timeout)
-
-    def setup(self, rec: Any) -> None:
-        pass
 
     def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
         return _TxnWorker(self, process, rng)
@@ -484,13 +481,6 @@ class CounterWorkload(_RotatingGroups):
 
     name = "counter"
     prefix = "c"
-
-    def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
-                 op_timeout: float = 4.0, **_: Any) -> None:
-        super().__init__(shardmap, keys_per_shard, key_period, op_timeout)
-
-    def setup(self, rec: Any) -> None:
-        pass
 
     def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
         return _CounterWorker(self, process, rng, final)
@@ -609,12 +599,9 @@ class LockWorkload(_RotatingGroups):
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
                  op_timeout: float = 4.0, lock_ttl: float = 15.0, unsafe_lock_lapse: bool = False,
                  **_: Any) -> None:
-        super().__init__(shardmap, keys_per_shard, key_period, op_timeout)
+        super().__init__(shardmap, seed, keys_per_shard, key_period, op_timeout)
         self.lapse = unsafe_lock_lapse
         self.lock_ttl = 1.0 if unsafe_lock_lapse else lock_ttl
-
-    def setup(self, rec: Any) -> None:
-        pass
 
     def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
         return _LockWorker(self, process, rng)

@@ -307,11 +307,7 @@ class RaftNetwork:
         now = time.monotonic()
         for conn in list(self.open.values()):
             if conn.early:
-                self.stats["frames_out"] += len(conn.early)
-                body = b"".join(conn.early)
-                conn.early.clear()
-                conn.write_record(conn.tx.seal(body))
-                self.stats["records_out"] += 1
+                self._seal(conn, conn.early)
                 self._write(conn, now)
 
     def flush(self) -> None:
@@ -322,15 +318,18 @@ class RaftNetwork:
                 conn.frames[:0] = conn.early  # queued before the loop's sync step ran (no driver, or tests)
                 conn.early.clear()
             if conn.frames:
-                self.stats["frames_out"] += len(conn.frames)
-                body = b"".join(conn.frames)
-                conn.frames.clear()
-                conn.write_record(conn.tx.seal(body))
-                self.stats["records_out"] += 1
+                self._seal(conn, conn.frames)
             elif now - conn.last_write >= self.timeout_s / 4:
                 conn.write_record(conn.tx.seal(b""))  # heartbeat: the peer's read timeout measures silence
             if conn.wbuf:
                 self._write(conn, now)
+
+    def _seal(self, conn: _Conn, frames: list[bytes]) -> None:
+        """Seal ``frames`` (emptied) into one record on ``conn``'s write buffer."""
+        self.stats["frames_out"] += len(frames)
+        conn.write_record(conn.tx.seal(b"".join(frames)))
+        frames.clear()
+        self.stats["records_out"] += 1
 
     def _write(self, conn: _Conn, now: float) -> None:
         try:
