@@ -29,8 +29,10 @@ from collections.abc import Callable, Iterator
 
 import lmdb
 
-# Virtual address space reserved for the map, not disk or memory used: LMDB grows the file as data is written.
-DEFAULT_MAP_SIZE = 1 << 40
+# The map's size is the database's size limit: address space reserved (mmap), not disk or memory used, as
+# LMDB grows the file as data is written. 64 GiB holds far more Raft log than a node keeps between compactions,
+# and leaves room for many environments in one process (tests open hundreds; 2^47 bytes of address space).
+DEFAULT_MAP_SIZE = 1 << 36
 ENGINE_DIR = "engine"
 
 _PUT, _DEL, _DEL_RANGE = 0, 1, 2
