@@ -8,6 +8,11 @@ a chosen persistence step, and whose fsyncs record what they made durable. Two j
   (``raftkv.raftlog.EngineJournal``), plus pysyncobj's dump file for snapshots;
 * ``file``: raftfix's ``DurableFileJournal`` and ``.meta`` (stand-alone ``SafeSyncObj``).
 
+The engine journal also runs in *driver mode*, the way a node runs its groups (``raftkv.driver``): the group
+is built with ``deferFlush`` and its journal with ``defer_term`` (a term/vote write waits for the loop's
+commit), and whatever it sends goes to an outbox; each loop ticks, lets the leaders' AppendEntries out, runs
+``_rf_sync()`` (the engine commit, then the acks) and only then lets the rest out. A kill drops the outbox.
+
 Two crash modes:
 
 * ``kill`` (kill -9): the process is gone, the page cache is kept. The files stay exactly as they are.
@@ -140,10 +145,12 @@ class FileCluster(Cluster):
     its files left as the crash mode leaves them."""
 
     def __init__(self, net: SimNet, root: str, mode: str, safe_cls: type[SafeSyncObj] = SnapshotReplica,
-                 journal_cls: type[DurableFileJournal] | None = DurableFileJournal) -> None:
-        """``journal_cls`` None: the engine journal."""
-        self.mode, self.journal_cls = mode, journal_cls
+                 journal_cls: type[DurableFileJournal] | None = DurableFileJournal, driver: bool = False) -> None:
+        """``journal_cls`` None: the engine journal; ``driver``: in driver mode (module doc)."""
+        self.mode, self.journal_cls, self.driver = mode, journal_cls, driver
         self.engines: dict[int, Engine] = {}
+        self.outbox: dict[int, list[tuple[Any, Any]]] = {}
+        self.real_send: dict[int, Any] = {}
         self.crash_disks = {n: CrashDisk(os.path.join(root, str(n))) for n in NODE_IDS}
         self.acked_by: dict[int, tuple[int, int]] = {}  # node -> (index, term) of the last entry it acked
         self.killed: list[int] = []
@@ -157,14 +164,45 @@ class FileCluster(Cluster):
             engine = self.engines[n] = Engine(os.path.join(disk.root, ENGINE), map_size=1 << 26, point=disk.point)
 
             def factory(path: str) -> Any:
-                return EngineJournal.open(engine, 0, legacy_journal=path)
+                return EngineJournal.open(engine, 0, legacy_journal=path, defer_term=self.driver)
         else:
             def factory(path: str) -> Any:
                 return journal_cls(path, disk)
         node = self.safe_cls(n, others, conf, nodeClass=Node, transport=transport, keepalive=False,
-                             storage=disk, journalFactory=factory)
+                             storage=disk, journalFactory=factory, deferFlush=self.driver)
+        if self.driver:
+            box = self.outbox[n] = []
+            self.real_send[n] = transport.send
+
+            def queue(dst: Node, message: Any) -> bool:
+                box.append((dst, message))
+                return True
+
+            transport.send = queue  # type: ignore[method-assign]
         self._ledger(n, node, transport)
         return node
+
+    def _release(self, n: int, early: bool) -> None:
+        """Let ``n``'s queued messages out: only leaders' AppendEntries if ``early``, else all of them."""
+        box, send = self.outbox.get(n), self.real_send.get(n)
+        if box is None or send is None:
+            return
+        keep = []
+        for dst, message in box:
+            if early and message.get("type") != "append_entries":
+                keep.append((dst, message))
+            else:
+                send(dst, message)
+        box[:] = keep
+
+    def _loop(self, n: int, node: Any) -> None:
+        """One driver loop of node ``n`` (its received messages were delivered before): tick, AppendEntries out,
+        the engine commit and the acks (``_rf_sync``), then everything else out."""
+        node.doTick(0.0)
+        if self.driver:
+            self._release(n, early=True)
+            node._rf_sync()
+            self._release(n, early=False)
 
     def _ledger(self, n: int, node: Any, transport: SimTransport) -> None:
         """Record the last entry ``n`` acknowledged (success replies, when they leave after the flush)."""
@@ -182,6 +220,8 @@ class FileCluster(Cluster):
 
     def crash(self, n: int) -> None:
         super().crash(n)
+        self.outbox.pop(n, None)  # unsent: the process is gone
+        self.real_send.pop(n, None)
         engine = self.engines.pop(n, None)
         if engine is not None:
             engine.close()  # the process is gone: whatever it buffered and did not commit is lost
@@ -200,7 +240,7 @@ class FileCluster(Cluster):
             disk.armed = armed and attempt < 2
             self.start(n)
             try:
-                self.nodes[n].doTick(0.0)  # loads the dump
+                self._loop(n, self.nodes[n])  # loads the dump
                 break
             except Killed:
                 self.crash(n)
@@ -221,7 +261,7 @@ class FileCluster(Cluster):
         net.now += dt
         for n, node in list(self.nodes.items()):
             try:
-                node.doTick(0.0)
+                self._loop(n, node)
             except Killed:
                 self.kill(n)
         if net.hold:
@@ -254,11 +294,11 @@ def sim_conf_files(root: str) -> SyncObjConf:
 def run_crash_scenario(root: str, mode: str, point: str | None, every: int = 1,
                        safe_cls: type[SafeSyncObj] = SnapshotReplica,
                        journal_cls: type[DurableFileJournal] | None = DurableFileJournal,
-                       seed: int = 1) -> FileCluster:
+                       seed: int = 1, driver: bool = False) -> FileCluster:
     """See the module docstring. ``point``/``every``: where F is killed (None: never)."""
     net = SimNet(random.Random(seed))
     with sim_clock(net, seed):
-        c = FileCluster(net, root, mode, safe_cls=safe_cls, journal_cls=journal_cls)
+        c = FileCluster(net, root, mode, safe_cls=safe_cls, journal_cls=journal_cls, driver=driver)
         assert c.run(3.0, until=lambda: c.leader() is not None)
         c.run(0.2)
         lead = c.leader()
@@ -337,12 +377,13 @@ def test_killed_follower_keeps_every_acknowledged_entry(tmp_path: Any, mode: str
     assert c.crash_disks[f].kills or c.crash_disks[min(c.crash_disks)].kills, f"{point} was never reached"
 
 
+@pytest.mark.parametrize("driver", [False, True], ids=["own-tick", "driver"])
 @pytest.mark.parametrize("mode", ["kill", "power"])
 @pytest.mark.parametrize("point", sorted(ENGINE_CRASH_POINTS))
 def test_engine_journal_killed_follower_keeps_every_acknowledged_entry(tmp_path: Any, mode: str,
-                                                                      point: str) -> None:
+                                                                      point: str, driver: bool) -> None:
     every = ENGINE_CRASH_POINTS[point] if mode == "kill" else max(ENGINE_CRASH_POINTS[point], 2)
-    c = run_crash_scenario(str(tmp_path), mode, point, every, journal_cls=None)
+    c = run_crash_scenario(str(tmp_path), mode, point, every, journal_cls=None, driver=driver)
     assert sum(d.kills for d in c.crash_disks.values()), f"{point} was never reached"
 
 
