@@ -182,6 +182,12 @@ class FileCluster(Cluster):
         self._ledger(n, node, transport)
         return node
 
+    def close_engines(self) -> None:
+        """The run is over: release every engine still open (each holds descriptors and a mapping)."""
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+
     def _release(self, n: int, early: bool) -> None:
         """Let ``n``'s queued messages out: only leaders' AppendEntries if ``early``, else all of them."""
         box, send = self.outbox.get(n), self.real_send.get(n)
@@ -340,6 +346,7 @@ def run_crash_scenario(root: str, mode: str, point: str | None, every: int = 1,
             applied = c.nodes[n].applied
             lost = [cid for cid in c.acked if applied.count(cid) != 1]
             assert not lost, f"acked writes lost or doubled on {n}: {lost[:5]} (of {len(c.acked)} acked)"
+        c.close_engines()
         return c
 
 
@@ -490,6 +497,7 @@ def run_commit_ahead_of_log(root: str, journal_cls: type[DurableFileJournal] | N
         ae(3, 5, new, 3, commit=6)
         c.tick()
         c.tick()
+        c.close_engines()
         return list(c.nodes[1].applied)
 
 
