@@ -8,7 +8,7 @@ so does a power loss, given a disk that honours fsync. Pages live in the page ca
 Write path (group commit): callers buffer operations (``put``, ``delete``, ``delete_range``) from any thread;
 ``sync()`` applies everything buffered so far, by every group, in ONE write transaction with one durable
 commit. Each buffered operation gets a sequence number, so a caller knows its writes are durable once
-``synced_seq`` has reached the number it was given (``covers``): the first group to flush in a driver loop
+the last commit covered the number it was given (``covers``): the first group to flush in a driver loop
 syncs every group's entries, and the others find nothing left to do.
 
 Reads (``get``, ``scan``) see committed data only. The Raft log is also kept in memory by its journal
@@ -98,11 +98,6 @@ class Engine:
             self._pending.append((op, key, value))
             self._seq += 1
             return self._seq
-
-    @property
-    def synced_seq(self) -> int:
-        """Every buffered operation numbered up to this one is durable."""
-        return self._synced_seq
 
     def covers(self, seq: int) -> bool:
         """Whether the operation numbered ``seq`` (and all before it) is durable."""

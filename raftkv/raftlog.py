@@ -170,11 +170,6 @@ class EngineJournal(Journal):
         """This group buffered writes that no engine commit has made durable yet."""
         return not self._engine.covers(self._last_seq)
 
-    @needs_flush.setter
-    def needs_flush(self, value: bool) -> None:
-        # raftfix's generic code may reset the flag; durability is decided by the engine's sequence numbers.
-        pass
-
     def flush(self) -> None:
         """Make every write of this group durable (one engine commit covers every group's writes)."""
         if self.needs_flush:
