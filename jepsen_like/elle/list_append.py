@@ -31,7 +31,9 @@ Non-cycle anomalies: ``internal`` (a read disagrees with the transaction's own
 earlier read plus its appends since), ``G1a`` (an element appended by a failed
 transaction is read), ``G1b`` (a read ends at an element that is not its
 appender's last append to that key), ``garbage-read`` (an element nobody
-appended), ``duplicate-elements``, ``incompatible-order``, ``lost-update``,
+appended), ``duplicate-elements``, ``incompatible-order`` (two reads disagree on
+an order, or a read shows one transaction's appends out of the order it made
+them), ``lost-update``,
 ``future-read`` (a read shows an element its own transaction appends later).
 """
 
@@ -136,6 +138,16 @@ class ListAppend:
                 found.setdefault("incompatible-order", []).append(
                     {"key": k, "values": [list(v), list(longest)], "ops": [txns[i].op.describe()]})
                 ordered = False
+        if ordered:
+            # The version order must also keep each transaction's own appends in the order it made them.
+            at = {x: n for n, x in enumerate(longest)}
+            for a in sorted({w[x] for x in longest if x in w}):
+                mine = [at[x] for x in self.appends[a][k] if x in at]
+                if mine != sorted(mine):
+                    found.setdefault("incompatible-order", []).append(
+                        {"key": k, "values": [list(longest), list(self.appends[a][k])],
+                         "ops": [txns[a].op.describe()]})
+                    ordered = False
         elements = set(longest) if ordered else {x for v in seen_values for x in v}
         for x in elements - w.keys():
             kind = "G1a" if x in failed_a else "garbage-read"
