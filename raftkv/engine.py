@@ -25,7 +25,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import lmdb
 
@@ -165,11 +165,100 @@ class Engine:
                     return
                 yield key, value
 
+    def read_view(self) -> ReadView:
+        """A consistent read-only view of everything committed now; it stays the same until closed."""
+        return ReadView(self._env.begin())
+
+    def commit_now(self, write: Callable[[WriteBatch], None]) -> None:
+        """Run ``write`` in one write transaction of its own and commit it durably, now.
+
+        For large, self-contained writes (a shard's checkpoint or snapshot install) that must be atomic on
+        their own and should not wait in, or bloat, the group-commit buffer. Operations buffered by others
+        are not included (they commit with the next ``sync``); callers must not depend on their order.
+        """
+        with self._commit_lock:
+            self._point("engine.checkpoint.before")
+            t0 = time.perf_counter()
+            try:
+                with self._env.begin(write=True) as txn:
+                    write(WriteBatch(txn))
+            except lmdb.MapFullError as exc:
+                raise EngineError(f"storage engine in {self.path} is full (map size {self._env.info()['map_size']} "
+                                  f"bytes): restart the node with a larger map size") from exc
+            except lmdb.Error as exc:
+                raise EngineError(f"storage engine commit failed in {self.path}: {exc}") from exc
+            dt = time.perf_counter() - t0
+            st = self._stats
+            st.count += 1
+            st.total_s += dt
+            st.last_s = dt
+            st.max_s = max(st.max_s, dt)
+            self._point("engine.checkpoint.after")
+
     def close(self) -> None:
         """Close the environment; buffered operations that were not synced are dropped (as in a crash)."""
         if not self._closed:
             self._closed = True
             self._env.close()
+
+
+class WriteBatch:
+    """The writes of one ``Engine.commit_now`` transaction (applied in call order)."""
+
+    def __init__(self, txn: lmdb.Transaction) -> None:
+        self._txn = txn
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Set ``key``."""
+        self._txn.put(key, value)
+
+    def delete(self, key: bytes) -> None:
+        """Delete ``key`` (absent is fine)."""
+        self._txn.delete(key)
+
+    def delete_range(self, lo: bytes, hi: bytes) -> None:
+        """Delete every key in ``[lo, hi)``."""
+        _delete_range(self._txn, lo, hi)
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
+        """Set every ``(key, value)`` of ``items`` (fastest in key order); returns how many."""
+        _consumed, added = self._txn.cursor().putmulti(items)
+        return added
+
+
+class ReadView:
+    """A read-only snapshot of the engine (one LMDB read transaction); close it when done."""
+
+    def __init__(self, txn: lmdb.Transaction) -> None:
+        self._txn: lmdb.Transaction | None = txn
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value of ``key`` in this view, or None."""
+        assert self._txn is not None, "read view closed"
+        return self._txn.get(key)
+
+    def scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, value)`` pairs with ``lo <= key < hi``, in key order."""
+        assert self._txn is not None, "read view closed"
+        cursor = self._txn.cursor()
+        if not cursor.set_range(lo):
+            return
+        for key, value in cursor:
+            if key >= hi:
+                return
+            yield key, value
+
+    def close(self) -> None:
+        """End the view (LMDB may then reuse the pages it pinned)."""
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+    def __enter__(self) -> ReadView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _delete_range(txn: lmdb.Transaction, lo: bytes, hi: bytes) -> None:

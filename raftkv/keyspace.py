@@ -21,7 +21,7 @@ out by the shard, they cannot crowd a key of the range out of its ``limit``.
 from __future__ import annotations
 
 import fnmatch
-import heapq
+import itertools
 from typing import Any
 
 
@@ -34,7 +34,7 @@ def glob_matches(pattern: bytes | None, key: bytes) -> bool:
 
 def _scan(s: Any, cmd: tuple, now_ms: int) -> Any:
     _, after, count, pattern = cmd
-    batch = heapq.nsmallest(count, (k for k in s.data if after is None or k > after))
+    batch = list(itertools.islice(s.data.keys_between(b"" if after is None else after + b"\0"), count))
     last = batch[-1] if len(batch) == count else None  # None: nothing above this batch
     keys = [k for k in batch if s.lookup(k, now_ms) is not None and glob_matches(pattern, k)]
     return (keys, last)
@@ -42,7 +42,7 @@ def _scan(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 def _keys(s: Any, cmd: tuple, now_ms: int) -> Any:
     pattern = cmd[1]
-    return sorted(k for k in s.data if glob_matches(pattern, k) and s.lookup(k, now_ms) is not None)
+    return [k for k in s.data.keys_between() if glob_matches(pattern, k) and s.lookup(k, now_ms) is not None]
 
 
 def prefix_end(prefix: bytes) -> bytes | None:
@@ -53,9 +53,8 @@ def prefix_end(prefix: bytes) -> bytes | None:
 
 def _range(s: Any, cmd: tuple, now_ms: int) -> Any:
     _, start, end, limit, hidden = cmd
-    live = (k for k in s.data if start <= k and (end is None or k < end) and not k.startswith(hidden)
-            and s.lookup(k, now_ms) is not None)
-    return [(k, s.data[k][0]) for k in heapq.nsmallest(limit, live)]
+    live = (k for k in s.data.keys_between(start, end) if not k.startswith(hidden) and s.lookup(k, now_ms) is not None)
+    return [(k, s.data[k][0]) for k in itertools.islice(live, limit)]
 
 
 def _dbsize(s: Any, cmd: tuple, now_ms: int) -> Any:

@@ -489,8 +489,10 @@ class _AnnotatingTransport:
             log = owner._SyncObj__raftLog
             # After compaction (or a snapshot load) the log is [entry S-1, entry S, ...] and the dump on disk
             # covers entry S; pysyncobj's sender itself assumes this (nextIndex = log[1].idx + 1 when done).
-            message[SNAP_IDX_KEY] = log[1][1]
-            message[SNAP_TERM_KEY] = log[1][2]
+            # A serializer that streams its own consistent view says which entry that view covers.
+            tag_of = getattr(owner._SyncObj__serializer, "transmission_tag", None)
+            tag = tag_of(node) if tag_of is not None else None
+            message[SNAP_IDX_KEY], message[SNAP_TERM_KEY] = tag if tag is not None else (log[1][1], log[1][2])
             seqs = owner._rf_snap_seq
             seqs[node] = 0 if message["serialized"][1] else seqs.get(node, 0) + 1
             message[CHUNK_SEQ_KEY] = seqs[node]
@@ -586,6 +588,7 @@ class SafeSyncObj(SyncObj):
         self._rf_chunk_seq: dict[Node, int] = {}
         self._rf_snap_seq: dict[Node, int] = {}
         self._rf_warned_legacy = False
+        self._rf_dump_failed = False  # the last snapshot install failed (set by _SyncObj__loadDumpFile)
         # ReadIndex (see module doc). The deque is the only state touched outside the tick thread.
         self._rf_read_queue: collections.deque[Callable[[int | None, int], None]] = collections.deque()
         self._rf_reads: list[_PendingRead] = []  # registered, unanswered; tick thread only
@@ -1058,7 +1061,12 @@ class SafeSyncObj(SyncObj):
         try:
             data = self._SyncObj__serializer.deserialize()
         except Exception:
-            logger.exception("failed to load full dump")
+            if not clearJournal:
+                # Restart: running on without the state the log was compacted against would serve and
+                # acknowledge from a wrong state. Stop instead (the error says what is damaged).
+                raise
+            logger.exception("failed to install the snapshot received; the leader will send it again")
+            self._rf_dump_failed = True
             return
         if data[0] is not None:
             if self._SyncObj__consumers:
@@ -1325,7 +1333,10 @@ class SafeSyncObj(SyncObj):
         self._rf_snap_rx = None
         self._rf_storage.point("install.dump_renamed")
         self._rf_sync_dump()
+        self._rf_dump_failed = False
         self._SyncObj__loadDumpFile(clearJournal=True)
+        if self._rf_dump_failed:
+            return  # not installed: acknowledging it would let the leader skip what we lack
         # The snapshot is applied state, hence committed; the journal now holds its last two entries.
         self._rf_set_commit(self._SyncObj__raftLastApplied)
         self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=snap_idx + 1, success=True)

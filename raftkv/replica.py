@@ -17,19 +17,13 @@ shared by every replica of the node.
 from __future__ import annotations
 
 import collections
-import contextlib
-import itertools
 import logging
 import os
-import pickle
-import threading
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import FAIL_REASON, replicated
-from pysyncobj.config import SERIALIZER_STATE
 
 from raftkv.driver import RaftDriver
 from raftkv.engine import ENGINE_DIR, Engine
@@ -37,7 +31,8 @@ from raftkv.logclock import LogClock
 from raftkv.raftfix import SafeSyncObj, tuned_conf
 from raftkv.raftlog import EngineJournal
 from raftkv.raftnet import MuxTransport
-from raftkv.state import FrozenState, KVState
+from raftkv.snapshot import ShardSnapshots
+from raftkv.state import KVState
 
 log = logging.getLogger("raftkv.replica")
 
@@ -54,7 +49,7 @@ _NOT_APPLIED = {
     FAIL_REASON.REQUEST_DENIED,
 }
 
-SNAPSHOT_MAGIC = b"RKVSNAP2"
+SNAPSHOT_CHUNK_BYTES = 1 << 20  # a snapshot streams to a follower in chunks of this size
 COMPACT_EVERY_CMDS = 50_000  # default; 'raftkv serve --compact-every' sets it per node
 
 Outcome = Callable[[str, Any], None]
@@ -83,13 +78,7 @@ class ShardReplica(SafeSyncObj):
         self.engine = engine if engine is not None else Engine(os.path.join(data_dir, ENGINE_DIR))
         self.shard = shard
         self.compact_every_cmds = compact_every_cmds or COMPACT_EVERY_CMDS
-        self.state = KVState()
         self.log_clock = LogClock()
-        self._snap_status = SERIALIZER_STATE.NOT_SERIALIZING
-        # A background dump may be renamed over the dump file only if no snapshot was installed from the
-        # leader since it started: the lock makes "check the generation, rename" atomic against the bump.
-        self._snap_lock = threading.Lock()
-        self._snap_generation = 0
         self._cmds_since_compaction = 0
         self._on_role_change = on_role_change
         self._on_applied = on_applied
@@ -97,12 +86,17 @@ class ShardReplica(SafeSyncObj):
         conf = tuned_conf(
             journalFile=base + ".journal",
             fullDumpFile=base + ".snapshot",
-            serializer=self._write_snapshot,
-            deserializer=self._read_snapshot,
-            serializeChecker=self._snapshot_status,
+            serializer=_replaced,  # non-None: pysyncobj then leaves the state to us (ShardSnapshots below)
+            deserializer=_replaced,
             onStateChanged=self._state_changed,
             **(conf_overrides or {}),
         )
+        # Checkpoints, restarts and snapshot transfers go through the engine (raftkv.snapshot); the data is
+        # read from the engine, with the writes since the last checkpoint in memory (raftkv.kvstore).
+        self.snapshots = ShardSnapshots(self.engine, shard, base + ".snapshot",
+                                        max(conf.logCompactionBatchSize, SNAPSHOT_CHUNK_BYTES),
+                                        lambda: self.state, self._set_state)
+        self.state = self.snapshots.open_state()
         self._driver = driver
         self._tick_actions: collections.deque[Callable[[], None]] = collections.deque()
         def journal(path: str) -> EngineJournal:
@@ -117,10 +111,15 @@ class ShardReplica(SafeSyncObj):
             super().__init__(self_addr, peer_addrs, conf, transportClass=driver.network.transport_class(shard),
                              keepalive=False, deferFlush=True, wake=lambda: driver.wake(shard),
                              journalFactory=journal)
+        self._SyncObj__serializer = self.snapshots  # before the first tick, which loads the checkpoint
         self.addOnTickCallback(self._run_tick_actions)
+
+    def _set_state(self, state: KVState) -> None:
+        self.state = state
 
     def _doDestroy(self) -> None:  # noqa: N802 - pysyncobj's name; runs last, on the tick thread
         super()._doDestroy()
+        self.snapshots.close()
         if self._own_engine:
             self.engine.close()
 
@@ -295,122 +294,12 @@ class ShardReplica(SafeSyncObj):
         if self._on_role_change is not None:
             self._on_role_change(self.shard, old, new)
 
-    # -- snapshots: our own format, written in the background -------------------
-    #
-    # pysyncobj calls the serializer on the tick thread at the applied index that
-    # ``raft_data`` names, renames ``path`` over the dump right after it returns,
-    # and asks ``serializeChecker`` when the dump is complete before it drops the
-    # log entries the dump covers.  Serializing a large shard takes hundreds of
-    # milliseconds, longer than an election timeout, so only a cheap copy of the
-    # state is taken here; a thread writes it in slices (yielding between them)
-    # and renames it into place, and the checker reports SUCCESS only after that.
-    # Meanwhile ``path`` is a hard link to the current dump, so pysyncobj's rename
-    # changes nothing.  The first dump (no current one) is written in place.
-    #
-    # A snapshot installed from the leader meanwhile is newer than the dump being
-    # written (it covers entries past our applied index): the background writer
-    # must then drop its dump, or a restart would load the older state with a
-    # journal that starts after it.  ``snapshotInstalling`` bumps a generation the
-    # writer checks, under a lock, right before its rename.
-    def _write_snapshot(self, path: str, raft_data: Any) -> None:
-        frozen = self.state.freeze()
-        final = self.conf.fullDumpFile
-        if not os.path.exists(final):
-            self._write_snapshot_file(path, frozen, raft_data, yield_between=False)
-            self._snap_status = SERIALIZER_STATE.SUCCESS
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.link(final, path)
-        self._snap_status = SERIALIZER_STATE.SERIALIZING
-        with self._snap_lock:
-            generation = self._snap_generation
-        threading.Thread(target=self._write_snapshot_bg, args=(final, path, frozen, raft_data, generation),
-                         name=f"snapshot-{self.shard}", daemon=True).start()
-
-    def snapshotInstalling(self) -> None:  # noqa: N802 - raftfix/pysyncobj naming
-        with self._snap_lock:
-            self._snap_generation += 1  # a background dump started before this must not be renamed in
-
-    def _write_snapshot_bg(self, final: str, link: str, frozen: FrozenState, raft_data: Any,
-                           generation: int) -> None:
-        tmp = final + ".bg"
-        try:
-            self._write_snapshot_file(tmp, frozen, raft_data, yield_between=True)
-            with self._snap_lock:
-                superseded = generation != self._snap_generation
-                if not superseded:
-                    os.replace(tmp, final)
-            if superseded:
-                os.unlink(tmp)
-                log.info("event=snapshot_superseded shard=%d", self.shard)
-                # Reported as done: pysyncobj then drops journal entries up to this dump's index, all of which
-                # are below the installed snapshot's journal start (a no-op).
-                self._snap_status = SERIALIZER_STATE.SUCCESS
-                return
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(link)  # the hard link to the previous dump
-            dir_fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except Exception:
-            log.exception("event=snapshot_failed shard=%d", self.shard)
-            self._snap_status = SERIALIZER_STATE.FAILED
-            return
-        self._snap_status = SERIALIZER_STATE.SUCCESS
-
-    def _snapshot_status(self) -> int:
-        status = self._snap_status
-        if status in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
-            self._snap_status = SERIALIZER_STATE.NOT_SERIALIZING  # reported once
-        return status
-
-    def _write_snapshot_file(self, path: str, frozen: FrozenState, raft_data: Any, yield_between: bool) -> None:
-        # MAGIC, CRC-32 of the body, then length-prefixed blobs: raft_data, then the state's chunks.
-        crc = 0
-        size = 0
-        with open(path, "wb") as f:
-            f.write(SNAPSHOT_MAGIC + b"\0\0\0\0")
-            blobs = itertools.chain([pickle.dumps(raft_data, protocol=pickle.HIGHEST_PROTOCOL)], frozen.chunks())
-            for blob in blobs:
-                record = len(blob).to_bytes(8, "big") + blob
-                f.write(record)
-                crc = zlib.crc32(record, crc)
-                size += len(record)
-                if yield_between:
-                    time.sleep(0)  # let the Raft tick threads run between slices
-            f.seek(len(SNAPSHOT_MAGIC))
-            f.write(crc.to_bytes(4, "big"))
-            f.flush()
-            os.fsync(f.fileno())
-        log.info("event=snapshot shard=%d keys=%d bytes=%d", self.shard, len(frozen.data), size)
-
-    def _read_snapshot(self, path: str) -> Any:
-        with open(path, "rb") as f:
-            blob = f.read()
-        if blob[:8] != SNAPSHOT_MAGIC:
-            raise ValueError(f"{path}: not a raftkv snapshot")
-        body = memoryview(blob)[12:]
-        if zlib.crc32(body).to_bytes(4, "big") != blob[8:12]:
-            raise ValueError(f"{path}: snapshot checksum mismatch")
-        records = _records(body)
-        raft_data = pickle.loads(next(records))
-        self.state = KVState.from_chunks(records)
-        log.info("event=snapshot_loaded shard=%d keys=%d", self.shard, len(self.state))
-        return raft_data
-
-
-def _records(body: memoryview) -> Any:
-    pos = 0
-    while pos < len(body):
-        n = int.from_bytes(body[pos:pos + 8], "big")
-        yield body[pos + 8:pos + 8 + n]
-        pos += 8 + n
-
 
 _ROLE = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+def _replaced(*_args: Any) -> None:
+    raise AssertionError("ShardSnapshots replaces pysyncobj's serializer")
 
 
 def _reason(err: Any) -> str:

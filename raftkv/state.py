@@ -70,6 +70,8 @@ from raftkv.results import CmdError, Locked
 SNAPSHOT_CHUNK_KEYS = 20_000
 # 3: adds log time and the deletion revision; 2: data as a Store (packed values); 1 and 2 still load
 SNAPSHOT_VERSION = 3
+# the non-data state of a checkpoint (``meta``/``from_meta``), stored beside the data in the engine
+META_VERSION = 1
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
 
@@ -113,6 +115,14 @@ class Store(dict):
 
     def __reduce__(self) -> Any:
         return (_store_from_packed, (dict.copy(self),))
+
+    def keys_between(self, lo: bytes = b"", hi: bytes | None = None) -> Iterator[bytes]:
+        """Keys ``k`` with ``lo <= k < hi`` (no upper bound when ``hi`` is None), in byte order."""
+        return iter(sorted(k for k in dict.keys(self) if lo <= k and (hi is None or k < hi)))
+
+    def view(self) -> Store:
+        """A point-in-time copy to read on another thread (``raftkv.kvstore.EngineStore.view``'s twin)."""
+        return self.copy()
 
     @classmethod
     def of(cls, entries: dict[bytes, tuple[bytes, int]]) -> Store:
@@ -180,7 +190,7 @@ class KVState:
     changes: changelog.ChangeLog = field(default_factory=changelog.ChangeLog)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.data, Store):
+        if isinstance(self.data, dict) and not isinstance(self.data, Store):
             self.data = Store.of(self.data)
         if self.txns is None:
             self.txns = txn.TxnTable()
@@ -273,6 +283,22 @@ class KVState:
         s = cls(data=data, revision=revision, sessions=sessions, txns=txn.TxnTable.load(txns), applied=applied,
                 fences=fences)
         s.load_extra(parts[7] if len(parts) > 7 else None)
+        return s
+
+    def meta(self) -> tuple:
+        """Everything but the key-value data, as plain values (what a checkpoint stores beside the data)."""
+        return (META_VERSION, self.revision, self.sessions, self.txns.dump(), self.applied, self.fences, len(self.data),
+                self.extra())
+
+    @classmethod
+    def from_meta(cls, meta: tuple, data: Any) -> KVState:
+        """A state of ``meta`` (from ``meta()``) over ``data``, a store that already holds its keys."""
+        if not isinstance(meta, tuple) or meta[0] != META_VERSION:
+            raise ValueError(f"unsupported state format {meta[0] if isinstance(meta, tuple) else meta!r}")
+        _, revision, sessions, txns, applied, fences, _count, extra = meta
+        s = cls(data=data, revision=revision, sessions=sessions, txns=txn.TxnTable.load(txns), applied=applied,
+                fences=dict(fences))
+        s.load_extra(extra)
         return s
 
     def extra(self) -> dict:

@@ -75,7 +75,7 @@ async def _dump(node: NodeAPI, shard: int, bid: str, req: list[bytes], hops: int
             elif prepared or st.txns.prepared:
                 out = Error("TRYAGAIN", f"shard {shard}: {prepared} transaction(s) still prepared; retry")
             else:
-                out = (st.revision, st.data.copy())  # decoded off the tick thread, below
+                out = (st.revision, st.data.view())  # a point-in-time view, read off the tick thread below
         loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
 
     replica.propose([("bk_check", bid)], replica.log_now_ms(), done)

@@ -1,0 +1,199 @@
+"""A shard's key-value data in the node's storage engine, with the writes since the last checkpoint in memory.
+
+``KVState`` (raftkv.state) sees its data through the mapping interface of ``raftkv.state.Store``:
+``key -> (value, mod_revision)``.  ``EngineStore`` gives the same interface over the node's engine:
+
+* **committed part**: every key of shard S as of the shard's last checkpoint, under
+  ``b"D" + u32 S + key`` with the value packed as ``u64 revision (little-endian) + value`` (the in-memory
+  ``Store``'s packing).  A checkpoint commits the writes below together with the rest of the shard's state
+  and its applied index in one engine transaction (``raftkv.snapshot``), so the committed data always
+  matches the applied index stored beside it: a restart loads no data at all, and replays the log above
+  that index.
+* **overlay**: the keys written since that checkpoint (the packed value, or None for a deletion), in a
+  dict, bounded by how often the replica checkpoints.  Reads look here first, then in the engine.
+
+Data larger than memory is the point: only the overlay and the engine's page cache (file-backed, which the
+kernel may drop) hold keys.  Keys of one shard are contiguous and in byte order in the engine, so a shard,
+or a range of keys inside it, scans in order (``keys_between``).
+
+Concurrency contract: writes (``__setitem__``, ``pop``, ``checkpoint``) happen on the one thread applying the
+shard's log.  Other threads may read (``get``, ``peek``-style stale reads, ``len``); they see either side of a
+checkpoint, never a mix that did not exist, because the overlay is cleared only after the engine commit that
+holds its writes.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from typing import Any
+
+from raftkv.engine import Engine, ReadView, WriteBatch
+
+_MISSING = object()
+
+
+def data_prefix(shard: int) -> bytes:
+    """Engine key prefix of shard ``shard``'s data."""
+    return b"D" + shard.to_bytes(4, "big")
+
+
+def data_range(shard: int) -> tuple[bytes, bytes]:
+    """``[lo, hi)`` covering every data key of ``shard`` in the engine."""
+    return data_prefix(shard), b"D" + (shard + 1).to_bytes(4, "big")
+
+
+def pack(entry: tuple[bytes, int]) -> bytes:
+    """``(value, revision)`` as stored: u64 revision (little-endian), then the value."""
+    value, rev = entry
+    return rev.to_bytes(8, "little") + value
+
+
+def unpack(raw: bytes) -> tuple[bytes, int]:
+    """Inverse of ``pack``."""
+    return raw[8:], int.from_bytes(raw[:8], "little")
+
+
+class EngineStore:
+    """``key -> (value, revision)`` of one shard: committed in ``engine``, newer writes in memory (module doc)."""
+
+    def __init__(self, engine: Engine, shard: int, count: int = 0) -> None:
+        self._engine = engine
+        self.shard = shard
+        self._prefix = data_prefix(shard)
+        self._lo, self._hi = data_range(shard)
+        self._overlay: dict[bytes, bytes | None] = {}
+        self._count = count  # live keys, committed and overlay together
+
+    # ---- reads -----------------------------------------------------------------------------------------------
+
+    def _raw(self, key: bytes) -> bytes | None:
+        raw = self._overlay.get(key, _MISSING)
+        if raw is _MISSING:
+            return self._engine.get(self._prefix + key)
+        return raw  # type: ignore[return-value]
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        """``(value, revision)`` of ``key``, or ``default``."""
+        raw = self._raw(key)
+        return default if raw is None else unpack(raw)
+
+    def __getitem__(self, key: bytes) -> tuple[bytes, int]:
+        raw = self._raw(key)
+        if raw is None:
+            raise KeyError(key)
+        return unpack(raw)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self._raw(key) is not None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def keys_between(self, lo: bytes = b"", hi: bytes | None = None) -> Iterator[bytes]:
+        """Live keys ``k`` with ``lo <= k < hi`` (no upper bound when ``hi`` is None), in byte order."""
+        overlay = self._overlay.copy()  # a consistent copy: the applying thread may write meanwhile
+        mine = sorted(k for k in overlay if lo <= k and (hi is None or k < hi))
+        n = len(self._prefix)
+        end = self._hi if hi is None else self._prefix + hi
+        committed = (k[n:] for k, _ in self._engine.scan(self._prefix + lo, end))
+        last = None
+        for key in heapq.merge(committed, mine):
+            if key == last:
+                continue  # in both: the overlay's entry decides
+            last = key
+            if overlay.get(key, _MISSING) is None:
+                continue  # deleted since the checkpoint
+            yield key
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.keys_between()
+
+    def items(self) -> Iterator[tuple[bytes, tuple[bytes, int]]]:
+        """``(key, (value, revision))`` in key order (reads each key: for tools and tests, not hot paths)."""
+        for key in self.keys_between():
+            entry = self.get(key)
+            if entry is not None:
+                yield key, entry
+
+    # ---- writes (the applying thread only) -------------------------------------------------------------------
+
+    def __setitem__(self, key: bytes, entry: tuple[bytes, int]) -> None:
+        if self._raw(key) is None:
+            self._count += 1
+        self._overlay[key] = pack(entry)
+
+    def pop(self, key: bytes, *default: Any) -> Any:
+        """Delete ``key``; returns its ``(value, revision)``, else ``default`` (KeyError without one)."""
+        raw = self._raw(key)
+        if raw is None:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        self._overlay[key] = None
+        self._count -= 1
+        return unpack(raw)
+
+    def __delitem__(self, key: bytes) -> None:
+        self.pop(key)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Keys written since the last checkpoint."""
+        return len(self._overlay)
+
+    def write_checkpoint(self, batch: WriteBatch) -> None:
+        """Add the overlay's writes to ``batch`` (one engine transaction; ``checkpointed`` after it commits)."""
+        prefix = self._prefix
+        for key, raw in self._overlay.items():
+            if raw is None:
+                batch.delete(prefix + key)
+            else:
+                batch.put(prefix + key, raw)
+
+    def checkpointed(self) -> None:
+        """The transaction holding ``write_checkpoint``'s writes committed: forget them here."""
+        self._overlay = {}
+
+    def view(self) -> StoreView:
+        """A point-in-time, read-only copy for another thread (backups): the engine as of now plus the overlay."""
+        return StoreView(self._engine.read_view(), self.shard, self._overlay.copy(), self._count)
+
+
+class StoreView:
+    """A frozen ``EngineStore``: ``items()`` in key order, ``len``; call ``close`` (or exhaust ``items``)."""
+
+    def __init__(self, view: ReadView, shard: int, overlay: dict[bytes, bytes | None], count: int) -> None:
+        self._view = view
+        self._lo, self._hi = data_range(shard)
+        self._overlay = overlay
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def items(self) -> Iterator[tuple[bytes, tuple[bytes, int]]]:
+        """Every live ``(key, (value, revision))`` in key order; closes the view at the end."""
+        try:
+            n = len(self._lo)
+            overlay = self._overlay
+            committed = ((k[n:], raw) for k, raw in self._view.scan(self._lo, self._hi))
+            mine = sorted(overlay.items())
+            last = None
+            for key, raw in heapq.merge(committed, mine, key=lambda kv: kv[0]):
+                if key == last:
+                    continue
+                last = key
+                raw = overlay.get(key, raw)
+                if raw is not None:
+                    yield key, unpack(raw)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the engine snapshot."""
+        self._view.close()

@@ -1,0 +1,386 @@
+"""Checkpoints and snapshots of one shard replica, kept in the node's storage engine.
+
+pysyncobj compacts its log and ships state to lagging followers through a *serializer* object: ``serialize``
+at the applied index when it compacts, ``checkSerializing`` before it drops the log prefix, ``deserialize`` on
+restart and after a snapshot install, and ``getTransmissionData`` / ``setTransmissionData`` to move a snapshot
+in chunks.  ``ShardSnapshots`` takes its place for a ``ShardReplica`` (raftkv.replica):
+
+* **Checkpoint** (``serialize``): the writes applied since the last checkpoint (the ``EngineStore`` overlay),
+  the shard's other state (``KVState.meta``: revision, sessions, transactions, leases, ...) and pysyncobj's
+  snapshot data (the last two applied entries and the members) go into ONE engine transaction with one durable
+  commit.  Its cost is the keys written since the last checkpoint, not the shard's size.  Only after it has
+  committed does pysyncobj drop the log prefix it covers (a later commit), so at every instant the engine
+  holds a checkpoint at some index S and the log holds every entry after S: a crash anywhere restarts from
+  S and replays the rest.
+* **Restart** (``deserialize``): reads the checkpoint's metadata; the data stays in the engine.  Nothing is
+  loaded into memory and nothing below S is replayed, whatever the data size.
+* **Snapshot to a follower** (``getTransmissionData``): a consistent engine read view (LMDB MVCC, so the
+  stream is the checkpoint as of its start even if the leader checkpoints again meanwhile) streamed as
+  records: a header (format, pysyncobj data, state metadata), then the keys in order in slices, then an end
+  record.  Each record carries its length and a CRC-32.
+* **Install** (``setTransmissionData`` + ``deserialize``): the follower writes the stream to a file beside its
+  data; once complete, ONE engine transaction replaces the shard's data and checkpoint with it.  A crash
+  before that commit leaves the old checkpoint, and the leaftover file is ignored (nothing was acknowledged:
+  the leader sends the snapshot again); a crash after it leaves the new one.
+
+pysyncobj checks for a "dump file" to decide whether to load a snapshot at start-up; here that file is a small
+marker that says "the checkpoint is in the engine".  It exists whenever the engine holds a checkpoint of the
+shard (``ensure_marker`` at start-up and after the first checkpoint).  A dump of the old format
+(``RKVSNAP2``: the whole state in the file) found there is moved into the engine once, then replaced by the
+marker.
+
+Threads: everything here runs on the thread that ticks the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+
+from pysyncobj.config import SERIALIZER_STATE
+
+from raftkv.engine import Engine, EngineError, WriteBatch
+from raftkv.kvstore import EngineStore, data_range, pack
+from raftkv.state import KVState
+
+log = logging.getLogger("raftkv.snapshot")
+
+MARKER = b"RKVENGN1 the shard's state is in the node's storage engine\n"
+LEGACY_MAGIC = b"RKVSNAP2"
+STREAM_MAGIC = b"RKVSTRM1"
+FORMAT = 1
+KEYS_PER_RECORD = 2_000
+_REC_HEAD = 8  # u32 length + u32 CRC-32 of the payload
+
+
+def meta_key(shard: int) -> bytes:
+    """Engine key of shard ``shard``'s checkpoint metadata."""
+    return b"M" + shard.to_bytes(4, "big")
+
+
+def _record(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + zlib.crc32(payload).to_bytes(4, "big") + payload
+
+
+class SnapshotError(ValueError):
+    """A snapshot stream or file is damaged or of an unknown format."""
+
+
+class ShardSnapshots:
+    """pysyncobj's serializer for one shard replica, backed by the engine (module doc)."""
+
+    def __init__(self, engine: Engine, shard: int, marker_path: str, batch_bytes: int,
+                 get_state: Callable[[], KVState], set_state: Callable[[KVState], None]) -> None:
+        self._engine = engine
+        self.shard = shard
+        self._marker = marker_path
+        self._received = marker_path + ".recv"
+        self._batch = max(64 * 1024, batch_bytes)
+        self._get_state = get_state
+        self._set_state = set_state
+        self._status = SERIALIZER_STATE.NOT_SERIALIZING
+        self._status_id: int | None = None
+        self._tx: dict[Any, _Transmission] = {}
+        self._incoming: BinaryIO | None = None
+        self._installable = False
+        self.stats = {"checkpoints": 0, "checkpoint_keys": 0, "checkpoint_s": 0.0, "installs": 0, "sent": 0}
+
+    # ---- start-up --------------------------------------------------------------------------------------------
+
+    def open_state(self) -> KVState:
+        """The state to start from before any dump load: an empty state over this shard's engine data.
+
+        Also restores the invariant "marker present iff the engine holds a checkpoint" that pysyncobj's start-up
+        relies on, and removes a partly received snapshot (never acknowledged, so safe to drop).
+        """
+        if os.path.exists(self._received):
+            os.unlink(self._received)
+        if self._engine.get(meta_key(self.shard)) is not None:
+            self._write_marker()
+        elif os.path.exists(self._marker) and not self._is_legacy(self._marker):
+            raise EngineError(f"{self._marker} says shard {self.shard}'s state is in the engine, but the engine "
+                              f"in {self._engine.path} holds no checkpoint of it: the data directory is "
+                              "inconsistent (engine directory lost or replaced?); restore it from a backup")
+        return KVState(data=EngineStore(self._engine, self.shard))
+
+    # ---- checkpoint (pysyncobj: serialize / checkSerializing) ------------------------------------------------
+
+    def serialize(self, data: tuple, id: int) -> None:  # noqa: A002 - pysyncobj's name
+        """Checkpoint the state at the applied entry ``data[1]`` (pysyncobj's compaction)."""
+        raft_data = data[1:]
+        state = self._get_state()
+        store = state.data
+        t0 = time.perf_counter()
+        pending = store.pending()
+        blob = pickle.dumps((FORMAT, raft_data, state.meta()), protocol=pickle.HIGHEST_PROTOCOL)
+
+        def write(batch: WriteBatch) -> None:
+            store.write_checkpoint(batch)
+            batch.put(meta_key(self.shard), blob)
+
+        try:
+            self._engine.commit_now(write)
+        except EngineError:
+            log.exception("event=checkpoint_failed shard=%d", self.shard)
+            self._status, self._status_id = SERIALIZER_STATE.FAILED, id
+            return
+        store.checkpointed()
+        self._write_marker()
+        dt = time.perf_counter() - t0
+        self.stats["checkpoints"] += 1
+        self.stats["checkpoint_keys"] += pending
+        self.stats["checkpoint_s"] += dt
+        log.info("event=checkpoint shard=%d index=%d keys_written=%d meta_bytes=%d ms=%.1f", self.shard,
+                 raft_data[0][1], pending, len(blob), dt * 1000)
+        self._status, self._status_id = SERIALIZER_STATE.SUCCESS, id
+
+    def checkSerializing(self) -> tuple[int, int | None]:  # noqa: N802 - pysyncobj's name
+        """SUCCESS (or FAILED) once after a checkpoint, with its index; NOT_SERIALIZING otherwise."""
+        status, sid = self._status, self._status_id
+        if status != SERIALIZER_STATE.NOT_SERIALIZING:
+            self._status, self._status_id = SERIALIZER_STATE.NOT_SERIALIZING, None
+        return status, sid
+
+    # ---- restart and install (pysyncobj: deserialize) ----------------------------------------------------
+
+    def deserialize(self) -> tuple:
+        """``(None, last, before, members)`` of the checkpoint now in effect; sets the replica's state.
+
+        After a complete snapshot transfer, first installs it (one engine commit); a dump of the old format
+        is moved into the engine first too.
+        """
+        if self._installable:
+            self._installable = False
+            try:
+                self._install_stream(self._received)
+            finally:
+                os.unlink(self._received)
+        elif self._is_legacy(self._marker):
+            self._migrate_legacy(self._marker)
+        blob = self._engine.get(meta_key(self.shard))
+        if blob is None:
+            raise EngineError(f"shard {self.shard}: no checkpoint in the engine in {self._engine.path}")
+        fmt, raft_data, meta = pickle.loads(blob)
+        if fmt != FORMAT:
+            raise SnapshotError(f"shard {self.shard}: unknown checkpoint format {fmt!r}")
+        state = KVState.from_meta(meta, EngineStore(self._engine, self.shard, count=meta[6]))
+        self._set_state(state)
+        log.info("event=checkpoint_loaded shard=%d index=%d keys=%d", self.shard, raft_data[0][1], len(state))
+        return (None, *raft_data)
+
+    def _install_stream(self, path: str) -> None:
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            if f.read(len(STREAM_MAGIC)) != STREAM_MAGIC:
+                raise SnapshotError(f"{path}: not a raftkv snapshot stream")
+            records = _read_records(f)
+            head = pickle.loads(next(records))
+            if not isinstance(head, tuple) or head[0] != FORMAT:
+                raise SnapshotError(f"{path}: unknown snapshot format")
+            _fmt, raft_data, meta = head
+            lo, hi = data_range(self.shard)
+            prefix = lo
+            keys = 0
+
+            def items() -> Iterator[tuple[bytes, bytes]]:
+                nonlocal keys
+                for rec in records:
+                    for key, raw in pickle.loads(rec):
+                        keys += 1
+                        yield prefix + key, raw
+
+            def write(batch: WriteBatch) -> None:
+                batch.delete_range(lo, hi)
+                batch.put_many(items())
+                if keys != meta[6]:
+                    raise SnapshotError(f"{path}: snapshot holds {keys} keys, its header says {meta[6]}")
+                batch.put(meta_key(self.shard), pickle.dumps((FORMAT, raft_data, meta),
+                                                             protocol=pickle.HIGHEST_PROTOCOL))
+
+            self._engine.commit_now(write)
+        self._write_marker()
+        self.stats["installs"] += 1
+        log.info("event=snapshot_installed shard=%d index=%d keys=%d ms=%.1f", self.shard, raft_data[0][1], keys,
+                 (time.perf_counter() - t0) * 1000)
+
+    def _is_legacy(self, path: str) -> bool:
+        try:
+            with open(path, "rb") as f:
+                return f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
+        except FileNotFoundError:
+            return False
+
+    def _migrate_legacy(self, path: str) -> None:
+        """Move an old-format dump (the whole state in one file, before the engine held data) into the engine."""
+        with open(path, "rb") as f:
+            blob = f.read()
+        body = memoryview(blob)[12:]
+        if zlib.crc32(body).to_bytes(4, "big") != blob[8:12]:
+            raise SnapshotError(f"{path}: snapshot checksum mismatch")
+        pos, parts = 0, []
+        while pos < len(body):
+            n = int.from_bytes(body[pos:pos + 8], "big")
+            parts.append(body[pos + 8:pos + 8 + n])
+            pos += 8 + n
+        raft_data = pickle.loads(parts[0])
+        old = KVState.from_chunks(iter(parts[1:]))
+        lo, hi = data_range(self.shard)
+        meta = old.meta()
+
+        def write(batch: WriteBatch) -> None:
+            batch.delete_range(lo, hi)
+            batch.put_many((lo + k, pack(entry)) for k, entry in sorted(old.data.items()))
+            batch.put(meta_key(self.shard), pickle.dumps((FORMAT, raft_data, meta), protocol=pickle.HIGHEST_PROTOCOL))
+
+        self._engine.commit_now(write)
+        os.rename(path, path + ".migrated")
+        self._write_marker()
+        log.warning("event=snapshot_migrated shard=%d keys=%d from=%s (old layout: the state now lives in the "
+                    "storage engine; the old file was kept as %s.migrated)", self.shard, len(old), path, path)
+
+    def _write_marker(self) -> None:
+        if os.path.exists(self._marker) and not self._is_legacy(self._marker):
+            return
+        tmp = self._marker + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(MARKER)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._marker)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(self._marker)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # ---- sending (leader) --------------------------------------------------------------------------------
+
+    def getTransmissionData(self, node: Any) -> tuple[bytes, bool, bool] | None:  # noqa: N802 - pysyncobj's
+        """The next chunk of the snapshot stream for ``node``: ``(data, is_first, is_last)``; None if none yet."""
+        tx = self._tx.get(node)
+        if tx is None:
+            tx = _Transmission.open(self._engine, self.shard)
+            if tx is None:
+                return None
+            self._tx[node] = tx
+            self.stats["sent"] += 1
+        data = tx.read(self._batch)
+        is_first = tx.first
+        tx.first = False
+        if not data:
+            tx.close()
+            del self._tx[node]
+            return b"", is_first, True
+        return data, is_first, False
+
+    def transmission_tag(self, node: Any) -> tuple[int, int] | None:
+        """``(index, term)`` of the last entry the snapshot being sent to ``node`` covers."""
+        tx = self._tx.get(node)
+        return None if tx is None else tx.tag
+
+    def cancelTransmisstion(self, node: Any) -> None:  # noqa: N802 - pysyncobj's (misspelt) name
+        """Drop the transfer to ``node`` (disconnected); the next one starts from a fresh view."""
+        tx = self._tx.pop(node, None)
+        if tx is not None:
+            tx.close()
+
+    def close(self) -> None:
+        """Release every open transfer's engine view (the group is being destroyed)."""
+        for node in list(self._tx):
+            self.cancelTransmisstion(node)
+        if self._incoming is not None:
+            self._incoming.close()
+            self._incoming = None
+
+    # ---- receiving (follower) ----------------------------------------------------------------------------
+
+    def setTransmissionData(self, chunk: tuple[bytes, bool, bool] | None) -> bool:  # noqa: N802
+        """Append a received chunk to the incoming file; True once the last chunk arrived (then deserialize)."""
+        if chunk is None:
+            return False
+        data, is_first, is_last = chunk
+        if is_first:
+            if self._incoming is not None:
+                self._incoming.close()
+            self._installable = False
+            self._incoming = open(self._received, "wb")  # noqa: SIM115 - spans many calls
+        elif self._incoming is None:
+            return False
+        self._incoming.write(data)
+        if not is_last:
+            return False
+        self._incoming.close()
+        self._incoming = None
+        self._installable = True
+        return True
+
+
+class _Transmission:
+    """One snapshot stream being sent: a read view of the engine turned into records, read in chunks."""
+
+    def __init__(self, view: Any, head: bytes, tag: tuple[int, int], shard: int) -> None:
+        self.first = True
+        self.tag = tag
+        self._view = view
+        self._records = self._generate(view, head, shard)
+        self._buf = bytearray(STREAM_MAGIC)
+
+    @classmethod
+    def open(cls, engine: Engine, shard: int) -> _Transmission | None:
+        view = engine.read_view()
+        blob = view.get(meta_key(shard))
+        if blob is None:
+            view.close()
+            return None
+        _fmt, raft_data, _meta = pickle.loads(blob)
+        last = raft_data[0]
+        return cls(view, blob, (last[1], last[2]), shard)
+
+    @staticmethod
+    def _generate(view: Any, head: bytes, shard: int) -> Iterator[bytes]:
+        yield _record(head)
+        lo, hi = data_range(shard)
+        n = len(lo)
+        rows: list[tuple[bytes, bytes]] = []
+        for key, raw in view.scan(lo, hi):
+            rows.append((key[n:], raw))
+            if len(rows) >= KEYS_PER_RECORD:
+                yield _record(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+                rows = []
+        if rows:
+            yield _record(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+        yield _record(b"")  # the end: a stream cut short is refused
+
+    def read(self, size: int) -> bytes:
+        buf = self._buf
+        while len(buf) < size:
+            rec = next(self._records, None)
+            if rec is None:
+                break
+            buf += rec
+        out = bytes(buf[:size])
+        del buf[:size]
+        return out
+
+    def close(self) -> None:
+        self._view.close()
+
+
+def _read_records(f: BinaryIO) -> Iterator[bytes]:
+    """The payloads of a stream's records up to its end record; SnapshotError if damaged or cut short."""
+    while True:
+        head = f.read(_REC_HEAD)
+        if len(head) < _REC_HEAD:
+            raise SnapshotError("snapshot stream cut short (no end record)")
+        n, crc = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+        payload = f.read(n)
+        if len(payload) < n or zlib.crc32(payload) != crc:
+            raise SnapshotError("snapshot stream damaged (record checksum mismatch)")
+        if n == 0:
+            return
+        yield payload
