@@ -37,14 +37,17 @@ import heapq
 import os
 import pickle
 import random
+import socket
 import stat
+import subprocess
+import sys
+import threading
 import time
 from typing import Any
 
 import pytest
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj import syncobj as _so
-from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.journal import FileJournal
 from pysyncobj.node import Node
 
@@ -63,7 +66,6 @@ from .test_raftfix import (
     sim_clock,
     sim_conf,
 )
-from .test_snapshot import _hold_background_dumps
 
 COMPACT_ENTRIES = 8  # pysyncobj compacts when the log holds more entries than this
 ENGINE = "engine"  # the engine's directory inside a replica's directory
@@ -516,33 +518,71 @@ def test_old_commit_index_at_term_change_applies_uncommitted_entries(tmp_path: A
 
 
 # --------------------------------------------------------------------------------------------------------------
-# raftkv.replica: a background dump never replaces a snapshot installed meanwhile
+# raftkv.snapshot: a node killed at every step of a checkpoint (and of the log compaction after it) keeps every
+# acknowledged write. A real process (LMDB environments cannot be opened twice in one process), killed as
+# ``kill -9`` would: the engine keeps what it committed.
 # --------------------------------------------------------------------------------------------------------------
 
+_CHECKPOINT_CHILD = """
+import os, sys, threading, time
+from raftkv.engine import Engine
+from raftkv.replica import APPLIED, ShardReplica
+point, data, addr = sys.argv[1:4]
+armed = False
+def hook(name):
+    if armed and name == point:
+        os._exit(9)
+eng = Engine(os.path.join(data, "engine"), point=hook)
+r = ShardReplica(0, addr, [], data, engine=eng, compact_every_cmds=10**9)
+def put(cmds):
+    done = threading.Event(); out = []
+    r.propose(cmds, int(time.time() * 1000), lambda kind, res: (out.append(kind), done.set()))
+    assert done.wait(30) and out == [APPLIED], out
+while not r.is_leader():
+    time.sleep(0.01)
+for b in range(4):
+    put([("set", b"a%d-%d" % (b, i), b"one") for i in range(250)])
+r.forceLogCompaction()
+while r.snapshots.stats["checkpoints"] < 1:
+    time.sleep(0.01)
+put([("set", b"a0-%d" % i, b"two") for i in range(100)] + [("del", [b"a1-%d" % i for i in range(50)])])
+put([("set", b"b%d" % i, b"three") for i in range(300)])
+print("acked", flush=True)
+armed = True
+r.forceLogCompaction()
+for _ in range(40):  # the log compaction after the checkpoint commits with the next log write
+    put([("noop",)])
+print("survived", flush=True)
+os._exit(0)
+"""
 
-@pytest.mark.parametrize("told", [pytest.param(False, id="old", marks=OLD), pytest.param(True, id="fixed")])
-def test_background_dump_never_replaces_an_installed_snapshot(tmp_path: Any, monkeypatch: Any, told: bool) -> None:
-    """A follower's background dump (applied index 10) is still being written when the leader's snapshot
-    (index 50) is installed. Renaming the older dump in afterwards would pair it, on restart, with a journal
-    that starts at 49. ``told=False`` is the writer before the fix: nothing told it about the install."""
-    r = ShardReplica(0, "127.0.0.1:1", [], str(tmp_path), conf_overrides={"autoTick": False})
+
+@pytest.mark.parametrize("point", ["engine.checkpoint.before", "engine.checkpoint.after", "engine.commit.before",
+                                   "engine.commit.after"])
+def test_a_kill_at_any_checkpoint_step_keeps_every_acknowledged_write(tmp_path: Any, point: str) -> None:
+    data = str(tmp_path / "shard-0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    out = subprocess.run([sys.executable, "-c", _CHECKPOINT_CHILD, point, data, addr], capture_output=True,
+                         text=True, timeout=120)
+    assert "acked" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == 9 and "survived" not in out.stdout, f"never reached {point}: {out.stderr[-2000:]}"
+    expected = {b"a%d-%d" % (b, i): b"one" for b in range(4) for i in range(250)}
+    expected.update({b"a0-%d" % i: b"two" for i in range(100)})
+    for i in range(50):
+        del expected[b"a1-%d" % i]
+    expected.update({b"b%d" % i: b"three" for i in range(300)})
+    r = ShardReplica(0, addr, [], data)
     try:
-        final = r.snapshot_file
-        r._write_snapshot_file(final, r.state.freeze(), (("c", 2, 1), ("c", 1, 1), set()), False)
-        started, release = _hold_background_dumps(monkeypatch)
-        r._write_snapshot(final + ".tmp", (("c", 10, 1), ("c", 9, 1), set()))
-        assert started.wait(10)
-        if told:
-            r.snapshotInstalling()
-        installed = (("c", 50, 2), ("c", 49, 2), set())
-        r._write_snapshot_file(final + ".1.tmp", r.state.freeze(), installed, False)
-        os.replace(final + ".1.tmp", final)  # what pysyncobj's serializer does with the leader's chunks
-        release.set()
-        deadline = time.monotonic() + 10
-        while r._snap_status == SERIALIZER_STATE.SERIALIZING and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert r._snapshot_status() == SERIALIZER_STATE.SUCCESS
-        assert r._read_snapshot(final)[0] == installed[0], "an older dump replaced the installed snapshot"
-        assert not os.path.exists(final + ".bg")
+        deadline = time.monotonic() + 30
+        while not (r.is_leader() and r.raftLastApplied >= r.raftCommitIndex > 1):
+            assert time.monotonic() < deadline, "restarted replica did not catch up"
+            time.sleep(0.02)
+        done = threading.Event()
+        r.propose([("noop",)], 0, lambda kind, res: done.set())  # everything before it is applied
+        assert done.wait(30)
+        assert {k: v for k, (v, _rev) in r.state.data.items()} == expected
+        assert len(r.state) == len(expected)
     finally:
         r.destroy()

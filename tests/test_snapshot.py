@@ -1,4 +1,5 @@
-"""Snapshots of a shard replica: written off the Raft thread, loaded back exactly."""
+"""Checkpoints and snapshots of a shard replica: the data stays in the engine, a checkpoint writes what changed,
+a restart loads no data, a snapshot streams to a follower and installs atomically (raftkv.snapshot)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import socket
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from raftkv.replica import APPLIED, ShardReplica
 
@@ -98,3 +101,70 @@ def test_log_is_compacted_by_commands_not_only_by_entries(tmp_path: Path, monkey
         assert len(r.state) == 30_000
     finally:
         r.destroy()
+
+
+# ---- streaming a checkpoint to a follower (raftkv.snapshot.ShardSnapshots, no network) --------------------------
+
+
+def _snapshots(engine, path: Path, holder: dict):  # noqa: ANN001, ANN202
+    from raftkv.snapshot import ShardSnapshots
+
+    snaps = ShardSnapshots(engine, 3, str(path), 4096, lambda: holder["state"],
+                           lambda s: holder.__setitem__("state", s))
+    holder["state"] = snaps.open_state()
+    return snaps
+
+
+def _checkpoint_at(snaps, holder: dict, index: int) -> None:  # noqa: ANN001
+    raft_data = (("c", index, 1), ("c", index - 1, 1), set())
+    snaps.serialize((None, *raft_data), index)
+    assert snaps.checkSerializing() == (2, index)  # SERIALIZER_STATE.SUCCESS, once
+
+
+def _transfer(sender, receiver, node: str = "f", corrupt_at: int | None = None):  # noqa: ANN001, ANN202
+    tags, n = set(), 0
+    while True:
+        chunk = sender.getTransmissionData(node)
+        tags.add(sender.transmission_tag(node))
+        data, first, last = chunk
+        if corrupt_at is not None and n == corrupt_at and data:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        n += 1
+        if receiver.setTransmissionData((data, first, last)):
+            return tags - {None}
+
+
+def test_a_checkpoint_streams_to_a_follower_and_installs_atomically(tmp_path: Path) -> None:
+    from raftkv.engine import Engine
+    from raftkv.snapshot import SnapshotError
+
+    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
+    lh, fh = {}, {}
+    try:
+        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+        for i in range(10_000):
+            lh["state"].apply(("set", b"k%05d" % i, b"v%d" % i), 1000)
+        _checkpoint_at(leader, lh, 40)
+        expected = dict(lh["state"].data.items())
+        # The follower holds an older state of its own: the install replaces it whole.
+        fh["state"].apply(("set", b"stale", b"x"), 5)
+        _checkpoint_at(follower, fh, 3)
+        first = leader.getTransmissionData("f")
+        # The leader checkpoints again while the transfer is under way: the stream stays the view it started on.
+        lh["state"].apply(("set", b"k00000", b"newer"), 2000)
+        _checkpoint_at(leader, lh, 41)
+        follower.setTransmissionData(first)
+        assert _transfer(leader, follower) == {(40, 1)}
+        assert follower.deserialize()[1] == ("c", 40, 1)
+        got = fh["state"]
+        assert dict(got.data.items()) == expected and len(got) == 10_000 and got.revision == 10_000
+        # A damaged stream is refused and changes nothing.
+        with pytest.raises(SnapshotError):
+            _transfer(leader, follower, corrupt_at=3)
+            follower.deserialize()
+        follower.deserialize()
+        assert dict(fh["state"].data.items()) == expected
+        assert not os.path.exists(str(tmp_path / "f.snapshot") + ".recv")
+    finally:
+        le.close()
+        fe.close()
