@@ -131,7 +131,10 @@ class ShardReplica(SafeSyncObj):
         # commands (batching): also compact by commands, so the log kept in memory
         # and in the journal stays bounded.  A local decision, not replicated state.
         self._cmds_since_compaction += len(cmds)
-        if self._cmds_since_compaction >= self.compact_every_cmds and self._followers_caught_up():
+        due = self._cmds_since_compaction >= self.compact_every_cmds
+        # A follower that is down or far behind would hold the log (and the writes since the last checkpoint,
+        # in memory) back forever: past 4 thresholds, checkpoint anyway; it catches up from the snapshot.
+        if due and (self._followers_caught_up() or self._cmds_since_compaction >= 4 * self.compact_every_cmds):
             self._cmds_since_compaction = 0
             self.forceLogCompaction()
         results = self.state.apply_batch(cmds, now_ms)

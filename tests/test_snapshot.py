@@ -168,3 +168,43 @@ def test_a_checkpoint_streams_to_a_follower_and_installs_atomically(tmp_path: Pa
     finally:
         le.close()
         fe.close()
+
+
+def _legacy_dump(path: str, state, raft_data: tuple) -> None:  # noqa: ANN001
+    """A dump as nodes wrote it before the engine held the data: RKVSNAP2, CRC-32, length-prefixed pickles."""
+    import pickle
+    import zlib
+
+    body = b"".join(len(b).to_bytes(8, "big") + b
+                    for b in [pickle.dumps(raft_data), *state.freeze().chunks(keys_per_chunk=7)])
+    with open(path, "wb") as f:
+        f.write(b"RKVSNAP2" + zlib.crc32(body).to_bytes(4, "big") + body)
+
+
+def test_a_dump_of_the_old_layout_moves_into_the_engine_once(tmp_path: Path) -> None:
+    from pysyncobj import syncobj as _so
+
+    from raftkv.state import KVState
+
+    old = KVState()
+    for i in range(50):
+        old.apply(("set", b"k%02d" % i, b"v%d" % i), 1000 + i)
+    old.apply(("session", b"client-1", 7, ("set", b"s", b"once")), 2000)
+    noop = bytes([_so._COMMAND_TYPE.NO_OP])
+    data = tmp_path / "shard-0"
+    os.makedirs(data)
+    dump = str(data / "shard-0.snapshot")
+    _legacy_dump(dump, old, ((noop, 60, 1), (noop, 59, 1), set()))
+    addr = f"127.0.0.1:{_free_port()}"
+    for _restart in range(2):
+        r = ShardReplica(0, addr, [], str(data))
+        try:
+            _wait(lambda r=r: r.is_leader() and r.raftLastApplied >= 60)
+            assert dict(r.state.data.items()) == dict(old.data.items())
+            assert r.state.revision == old.revision and r.state.sessions == old.sessions
+            assert os.path.exists(dump + ".migrated")
+            with open(dump, "rb") as f:
+                assert f.read(8) == b"RKVENGN1"  # now only a marker: the state is in the engine
+        finally:
+            r.destroy()
+            time.sleep(0.2)
