@@ -50,7 +50,7 @@ def test_every_metric_the_alert_rules_use_is_exported(cluster: LocalCluster) -> 
     assert wanted <= exported, f"alert rules use metrics no node exports: {sorted(wanted - exported)}"
     for name in ("raftkv_raft_term", "raftkv_raft_commit_index", "raftkv_raft_applied_index",
                  "raftkv_request_duration_seconds_bucket", "raftkv_proposals_total", "raftkv_connections",
-                 "raftkv_engine_bytes", "raftkv_engine_commits_total", "raftkv_snapshot_bytes", "raftkv_txn_open", "raftkv_txn_outcomes_total",
+                 "raftkv_engine_bytes", "raftkv_engine_commits_total", "raftkv_checkpoints_total", "raftkv_keys_since_checkpoint", "raftkv_txn_open", "raftkv_txn_outcomes_total",
                  "raftkv_fsync_seconds_total", "raftkv_raft_replica_lag_entries"):
         assert name in exported, name
 

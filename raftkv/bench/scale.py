@@ -69,13 +69,15 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
             loaded = size
             time.sleep(1.0)
             rss = {n: proc_rss_mb(p) for n, p in s.node_pids().items() if p}
-            entry: dict[str, Any] = {"keys": size, "load_s": round(secs, 1), "rss_mb": rss}
+            anon = {n: proc_rss_mb(p, "RssAnon") for n, p in s.node_pids().items() if p}
+            entry: dict[str, Any] = {"keys": size, "load_s": round(secs, 1), "rss_mb": rss, "rss_anon_mb": anon}
             for w in ("put", "get"):
                 r = run_load(s, LoadParams(w, clients, duration, keyspace=size, value_size=value_size))
                 entry[w] = r.row()
                 out(f"   keys={size} " + fmt_row(r.row()))
             doc["by_size"].append(entry)
-            out(f"   keys={size}: RSS per node (MB) " + ", ".join(f"{n} {v:.0f}" for n, v in rss.items() if v))
+            out(f"   keys={size}: RSS per node (MB) " + ", ".join(f"{n} {v:.0f}" for n, v in rss.items() if v)
+                + "; of which anonymous " + ", ".join(f"{n} {v:.0f}" for n, v in anon.items() if v))
         last = doc["by_size"][-1]
         per_m = {n: round((last["rss_mb"][n] - (rss0.get(n) or 0)) / (last["keys"] / 1e6), 1)
                  for n in last["rss_mb"] if last["rss_mb"][n]}
@@ -110,11 +112,13 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
                 break
             time.sleep(0.05)
         rss = proc_rss_mb(lc.pid(victim) or 0)
+        anon_after = proc_rss_mb(lc.pid(victim) or 0, "RssAnon")
         doc["restart"] = {"keys": loaded + extra, "written_while_down": extra, "node": victim,
                           "answers_status_s": None if serving_at is None else round(serving_at, 2),
-                          "caught_up_s": None if caught_at is None else round(caught_at, 2), "rss_mb_after": rss}
+                          "caught_up_s": None if caught_at is None else round(caught_at, 2), "rss_mb_after": rss,
+                          "rss_anon_mb_after": anon_after}
         out(f"   restart of {victim} with {loaded + extra} keys ({extra} written while down): answers after "
             f"{doc['restart']['answers_status_s']} s, caught up (last_applied >= leaders' commit index) after "
-            f"{doc['restart']['caught_up_s']} s, RSS {rss} MB")
+            f"{doc['restart']['caught_up_s']} s, RSS {rss} MB (anonymous {anon_after} MB)")
     finally:
         s.stop()

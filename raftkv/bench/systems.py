@@ -68,12 +68,16 @@ def proc_cpu_s(pid: int) -> float:
         return 0.0
 
 
-def proc_rss_mb(pid: int) -> float | None:
-    """Resident memory of ``pid`` in MB, None once it is gone."""
+def proc_rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """Resident memory of ``pid`` in MB, None once it is gone.
+
+    ``field="RssAnon"``: the anonymous part only (heap: what the process itself holds), without the pages of
+    files it maps (the storage engine's data file), which the kernel may drop under memory pressure.
+    """
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass

@@ -87,7 +87,17 @@ class _RaftCollector:
         peer_up = GaugeMetricFamily("raftkv_raft_peer_connected", "1 if the Raft connection to a peer is up",
                                     labels=["shard", "peer"])
         keys = GaugeMetricFamily("raftkv_keys", "Keys stored in this replica", labels=["shard"])
-        snap = GaugeMetricFamily("raftkv_snapshot_bytes", "Size of the last snapshot file", labels=["shard"])
+        ckpts = CounterMetricFamily("raftkv_checkpoints", "Checkpoints of the shard's state into the engine",
+                                    labels=["shard"])
+        ckpt_keys = CounterMetricFamily("raftkv_checkpoint_keys", "Keys written to the engine by checkpoints",
+                                        labels=["shard"])
+        pending = GaugeMetricFamily("raftkv_keys_since_checkpoint",
+                                    "Keys written since the last checkpoint (held in memory until the next)",
+                                    labels=["shard"])
+        snaps_sent = CounterMetricFamily("raftkv_snapshots_sent", "Snapshot transfers started to lagging followers",
+                                         labels=["shard"])
+        snaps_installed = CounterMetricFamily("raftkv_snapshots_installed",
+                                              "Snapshots received from a leader and installed", labels=["shard"])
         open_txns = GaugeMetricFamily("raftkv_txn_open", "Cross-shard transactions open in this shard "
                                       "(coordinator records not finished + prepared locks held)", labels=["shard"])
         txn_age = GaugeMetricFamily("raftkv_txn_oldest_age_seconds",
@@ -118,7 +128,12 @@ class _RaftCollector:
                 match = st.get(f"match_idx_server_{addr}")
                 if st["state"] == 2 and match is not None:
                     lag.add_metric([sh, n.name], max(0, st["commit_idx"] - match))
-            snap.add_metric([sh], _size(r.snapshot_file))
+            sn = r.snapshots.stats
+            ckpts.add_metric([sh], sn["checkpoints"])
+            ckpt_keys.add_metric([sh], sn["checkpoint_keys"])
+            pending.add_metric([sh], r.state.data.pending())
+            snaps_sent.add_metric([sh], sn["sent"])
+            snaps_installed.add_metric([sh], sn["installs"])
             n_open, oldest = txn_summary(r.state.txns, r.log_now_ms())
             open_txns.add_metric([sh], n_open)
             txn_age.add_metric([sh], oldest)
@@ -127,7 +142,8 @@ class _RaftCollector:
             fsync_sum.add_metric([sh], fs.total_s)
             fsync_max.add_metric([sh], fs.max_s)
             ticking.add_metric([sh], 1 if r.tick_thread_alive() else 0)
-        yield from (role, is_leader, has_leader, term, commit, applied, lag, peer_up, keys, snap,
+        yield from (role, is_leader, has_leader, term, commit, applied, lag, peer_up, keys, ckpts, ckpt_keys,
+                    pending, snaps_sent, snaps_installed,
                     open_txns, txn_age, fsync_count, fsync_sum, fsync_max, ticking)
         yield from _engine_metrics(node.engine)
         disk = GaugeMetricFamily("raftkv_disk_free_ratio", "Free fraction of the data directory's filesystem")
@@ -138,7 +154,8 @@ class _RaftCollector:
 def _engine_metrics(engine: Any) -> Iterator[Any]:
     """The node's storage engine: its size and its durable commits (one per flush, covering every shard)."""
     st = engine.stats()
-    size = GaugeMetricFamily("raftkv_engine_bytes", "Size of the node's storage engine file (all shards' Raft logs)")
+    size = GaugeMetricFamily("raftkv_engine_bytes",
+                             "Size of the node's storage engine file (all shards' data and Raft logs)")
     size.add_metric([], engine.size_bytes())
     commits = CounterMetricFamily("raftkv_engine_commits", "Durable commits of the node's storage engine")
     commits.add_metric([], st.count)
@@ -149,13 +166,6 @@ def _engine_metrics(engine: Any) -> Iterator[Any]:
     slowest = GaugeMetricFamily("raftkv_engine_commit_max_seconds", "Slowest durable engine commit so far")
     slowest.add_metric([], st.max_s)
     yield from (size, commits, ops, secs, slowest)
-
-
-def _size(path: str | None) -> int:
-    try:
-        return os.path.getsize(path) if path else 0
-    except OSError:
-        return 0
 
 
 def txn_summary(txns: Any, now_ms: int) -> tuple[int, float]:
