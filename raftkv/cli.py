@@ -126,8 +126,9 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--balance-period", type=click.FloatRange(0.05), default=5.0, show_default=True,
               help="seconds between the leader balancer's checks (with --balance-leaders)")
 @click.option("--compact-every", type=click.IntRange(1), default=None,
-              help="compact a shard's Raft log every N commands (default 50,000): lower saves memory, "
-                   "higher loads faster")
+              help="checkpoint a shard's state into the engine and compact its Raft log every N commands "
+                   "(default 10,000): each checkpoint writes the keys changed since the last one, so lower means "
+                   "shorter pauses and less held in memory, higher coalesces more overwrites")
 @click.option("--fault", "faults", multiple=True, metavar="POINT[:VALUE[:COUNT[:MATCH]]]",
               help="TESTING ONLY: arm a fault point (see raftkv.server.api.FAULT_POINTS); repeatable")
 @click.option("--unsafe-local-reads", is_flag=True,
