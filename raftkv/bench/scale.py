@@ -1,5 +1,6 @@
 """The scale benchmark: put/get throughput and p99 vs shard count and vs keys loaded, RSS per node per
-million keys, and how long a node killed at the largest size takes to answer and to catch up after restart.
+million keys, how long a node killed at the largest size takes to answer and to catch up after restart, and how
+fast a new follower (its data directory removed) catches up from the leaders' snapshots.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from raftkv.bench.preload import preload
 from raftkv.bench.report import fmt_row, machine
 from raftkv.bench.suite import say
 from raftkv.bench.systems import RaftKVSystem, proc_rss_mb
+from raftkv.bench.workloads import key_name
 from raftkv.cluster import LocalCluster
 
 
@@ -92,25 +94,7 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
         preload_after.lc, preload_after.shards = lc, s.shards
         lc.wait_ready(60, nodes=[n for n in lc.map.nodes if n != victim])
         preload(preload_after, loaded + extra, value_size, start=loaded)
-        target = {}
-        for n in lc.map.nodes:
-            if n == victim:
-                continue
-            st = _status(lc, n) or {"shards": {}}
-            for sh, v in st["shards"].items():
-                target[sh] = max(target.get(sh, 0), v["commit_idx"])
-        t0 = time.monotonic()
-        lc.start_node(victim)
-        serving_at = caught_at = None
-        while time.monotonic() - t0 < 300:
-            st = _status(lc, victim)
-            if st is not None and serving_at is None:
-                serving_at = time.monotonic() - t0
-            if st is not None and all(sh in st["shards"] and st["shards"][sh]["last_applied"] >= idx
-                                      for sh, idx in target.items()):
-                caught_at = time.monotonic() - t0
-                break
-            time.sleep(0.05)
+        serving_at, caught_at = _restart_and_catch_up(lc, victim)
         rss = proc_rss_mb(lc.pid(victim) or 0)
         anon_after = proc_rss_mb(lc.pid(victim) or 0, "RssAnon")
         doc["restart"] = {"keys": loaded + extra, "written_while_down": extra, "node": victim,
@@ -120,5 +104,41 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
         out(f"   restart of {victim} with {loaded + extra} keys ({extra} written while down): answers after "
             f"{doc['restart']['answers_status_s']} s, caught up (last_applied >= leaders' commit index) after "
             f"{doc['restart']['caught_up_s']} s, RSS {rss} MB (anonymous {anon_after} MB)")
+        # A new follower: the same node with its data directory gone catches up from the leaders' snapshots
+        # (their logs were compacted long ago). Logical bytes: keys, values and revisions, not the engine's pages.
+        lc.kill_node(victim)
+        shutil.rmtree(lc.map.node_data_dir(victim))
+        _, caught_at = _restart_and_catch_up(lc, victim)
+        logical = (loaded + extra) * (len(key_name(0)) + value_size + 8)
+        rate = None if not caught_at else round(logical / caught_at / 1e6, 1)
+        doc["snapshot_catch_up"] = {"keys": loaded + extra, "logical_mb": round(logical / 1e6, 1),
+                                    "caught_up_s": None if caught_at is None else round(caught_at, 2),
+                                    "logical_mb_per_s": rate}
+        out(f"   new follower {victim} (data directory removed) with {loaded + extra} keys: caught up by snapshot "
+            f"after {doc['snapshot_catch_up']['caught_up_s']} s ({rate} MB/s of keys and values)")
     finally:
         s.stop()
+
+
+def _restart_and_catch_up(lc: LocalCluster, victim: str) -> tuple[float | None, float | None]:
+    """Start ``victim``; seconds until it answers status, and until it applied the others' commit indexes."""
+    target: dict[str, int] = {}
+    for n in lc.map.nodes:
+        if n == victim:
+            continue
+        st = _status(lc, n) or {"shards": {}}
+        for sh, v in st["shards"].items():
+            target[sh] = max(target.get(sh, 0), v["commit_idx"])
+    t0 = time.monotonic()
+    lc.start_node(victim)
+    serving_at = caught_at = None
+    while time.monotonic() - t0 < 300:
+        st = _status(lc, victim)
+        if st is not None and serving_at is None:
+            serving_at = time.monotonic() - t0
+        if st is not None and all(sh in st["shards"] and st["shards"][sh]["last_applied"] >= idx
+                                  for sh, idx in target.items()):
+            caught_at = time.monotonic() - t0
+            break
+        time.sleep(0.05)
+    return serving_at, caught_at
