@@ -129,6 +129,9 @@ def cluster_down(directory: str, purge: bool) -> None:
               help="checkpoint a shard's state into the engine and compact its Raft log every N commands "
                    "(default 10,000): each checkpoint writes the keys changed since the last one, so lower means "
                    "shorter pauses and less held in memory, higher coalesces more overwrites")
+@click.option("--engine-map-gib", type=click.IntRange(1), default=64, show_default=True,
+              help="the storage engine's size limit in GiB (address space reserved, not disk or memory used); "
+                   "a node whose engine is full stops with an error saying so: restart it with a larger value")
 @click.option("--fault", "faults", multiple=True, metavar="POINT[:VALUE[:COUNT[:MATCH]]]",
               help="TESTING ONLY: arm a fault point (see raftkv.server.api.FAULT_POINTS); repeatable")
 @click.option("--unsafe-local-reads", is_flag=True,
@@ -147,7 +150,7 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--idle-timeout", type=click.FloatRange(0), default=0.0, show_default=True,
               help="close client connections idle this many seconds (0 = never)")
 def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, balance_period: float,
-          compact_every: int | None, faults: tuple[str, ...], unsafe_local_reads: bool, metrics_port: int | None,
+          compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
           pipeline_depth: int, idle_timeout: float) -> None:
     """Run one node in the foreground."""
@@ -165,7 +168,7 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
     try:
         run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level,
                  metrics_port=metrics_port, insecure=insecure, limits=limits, timing=timing, faults=armed,
-                 compact_every_cmds=compact_every)
+                 compact_every_cmds=compact_every, engine_map_size=engine_map_gib << 30)
     except InsecureBindError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:

@@ -122,6 +122,9 @@ class Engine:
                             txn.delete(key)
                         else:
                             _delete_range(txn, key, value)  # type: ignore[arg-type]
+            except lmdb.MapFullError as exc:
+                raise EngineError(f"storage engine in {self.path} is full (map size {self._env.info()['map_size']} "
+                                  f"bytes): restart the node with a larger --engine-map-gib") from exc
             except lmdb.Error as exc:
                 # The batch is lost with the aborted transaction, and callers must not ack what it held: the node
                 # cannot go on safely without it.
@@ -184,7 +187,7 @@ class Engine:
                     write(WriteBatch(txn))
             except lmdb.MapFullError as exc:
                 raise EngineError(f"storage engine in {self.path} is full (map size {self._env.info()['map_size']} "
-                                  f"bytes): restart the node with a larger map size") from exc
+                                  f"bytes): restart the node with a larger --engine-map-gib") from exc
             except lmdb.Error as exc:
                 raise EngineError(f"storage engine commit failed in {self.path}: {exc}") from exc
             dt = time.perf_counter() - t0

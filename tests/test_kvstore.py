@@ -65,3 +65,22 @@ def test_engine_store_is_a_dict_that_survives_crashes_as_of_its_last_checkpoint(
         assert other.get(b"a") == (b"neighbour", 1) and len(other) == 1
     finally:
         engine.close()
+
+
+def test_a_full_engine_says_so_and_how_to_fix_it(tmp_path: Path) -> None:
+    import pytest
+
+    from raftkv.engine import EngineError
+
+    engine = Engine(str(tmp_path / "small"), map_size=1 << 20)
+    try:
+        store = EngineStore(engine, 0)
+        for i in range(20_000):
+            store[b"k%06d" % i] = (b"v" * 100, i)
+        with pytest.raises(EngineError, match="is full .* larger --engine-map-gib"):
+            engine.commit_now(store.write_checkpoint)
+        engine.put(b"x", b"y" * 2_000_000)
+        with pytest.raises(EngineError, match="is full .* larger --engine-map-gib"):
+            engine.sync()
+    finally:
+        engine.close()

@@ -35,7 +35,7 @@ from typing import Any
 
 from raftkv.acl import ACL_KEY, RESERVED_PREFIX, AclError, AclTable, Permissions
 from raftkv.driver import RaftDriver
-from raftkv.engine import ENGINE_DIR, Engine
+from raftkv.engine import DEFAULT_MAP_SIZE, ENGINE_DIR, Engine
 from raftkv.protocol import Error
 from raftkv.raftfix import tuned_conf
 from raftkv.raftnet import RaftNetwork
@@ -64,7 +64,7 @@ class Node:
                  timing: Timing | None = None, unsafe_local_reads: bool = False,
                  raft_overrides: dict | None = None, metrics_port: int | None = None,
                  security: Security | None = None, insecure: bool = False, faults: Faults | None = None,
-                 compact_every_cmds: int | None = None) -> None:
+                 compact_every_cmds: int | None = None, engine_map_size: int = DEFAULT_MAP_SIZE) -> None:
         if name not in shardmap.nodes:
             raise ValueError(f"node {name!r} is not in the cluster file (nodes: {', '.join(shardmap.nodes)})")
         self.map = shardmap
@@ -90,7 +90,7 @@ class Node:
         self.feed = AppliedWaiters()
         data_dir = shardmap.node_data_dir(name)
         # One storage engine for every group on this node: one durable commit covers all their log writes.
-        self.engine = Engine(os.path.join(data_dir, ENGINE_DIR))
+        self.engine = Engine(os.path.join(data_dir, ENGINE_DIR), map_size=engine_map_size)
         for shard in shardmap.shards_on(name):
             peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
             replica = ShardReplica(
@@ -409,12 +409,14 @@ def setup_logging(level: str = "INFO") -> None:
 
 def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_level: str = "INFO",
              limits: Limits | None = None, timing: Timing | None = None, metrics_port: int | None = None,
-             insecure: bool = False, faults: Faults | None = None, compact_every_cmds: int | None = None) -> None:
+             insecure: bool = False, faults: Faults | None = None, compact_every_cmds: int | None = None,
+             engine_map_size: int = DEFAULT_MAP_SIZE) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT."""
     setup_logging(log_level)
     shardmap = ShardMap.load(config)
     node = Node(shardmap, name, limits=limits, timing=timing, unsafe_local_reads=unsafe_local_reads,
-                metrics_port=metrics_port, insecure=insecure, faults=faults, compact_every_cmds=compact_every_cmds)
+                metrics_port=metrics_port, insecure=insecure, faults=faults, compact_every_cmds=compact_every_cmds,
+                engine_map_size=engine_map_size)
     if unsafe_local_reads:
         log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
     if not node.security.node_identity_is_secret:
