@@ -586,3 +586,62 @@ def test_a_kill_at_any_checkpoint_step_keeps_every_acknowledged_write(tmp_path: 
         assert len(r.state) == len(expected)
     finally:
         r.destroy()
+
+
+_INSTALL_CHILD = """
+import os, sys
+from raftkv.engine import Engine
+from raftkv.snapshot import ShardSnapshots
+point, root = sys.argv[1:3]
+def open_side(name, hook=lambda n: None):
+    eng = Engine(os.path.join(root, name), point=hook)
+    held = {}
+    snaps = ShardSnapshots(eng, 5, os.path.join(root, name + ".snapshot"), 4096, lambda: held["s"],
+                           lambda s: held.__setitem__("s", s))
+    held["s"] = snaps.open_state()
+    return snaps, held
+def checkpoint(snaps, held, index, values):
+    for k, v in values.items():
+        held["s"].apply(("set", k, v), 1000)
+    snaps.serialize((None, ("c", index, 1), ("c", index - 1, 1), set()), index)
+armed = False
+def hook(name):
+    if armed and name == point:
+        os._exit(9)
+leader, lh = open_side("leader")
+follower, fh = open_side("follower", hook)
+checkpoint(follower, fh, 7, {b"old%d" % i: b"o" for i in range(300)})
+checkpoint(leader, lh, 90, {b"new%d" % i: b"n" for i in range(3000)})
+armed = True
+while True:
+    if follower.setTransmissionData(leader.getTransmissionData("f")):
+        break
+follower.deserialize()
+print("installed", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("point", ["engine.checkpoint.before", "engine.checkpoint.after"])
+def test_a_kill_during_snapshot_install_leaves_the_old_or_the_new_state_whole(tmp_path: Any, point: str) -> None:
+    out = subprocess.run([sys.executable, "-c", _INSTALL_CHILD, point, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 9 and "installed" not in out.stdout, f"never reached {point}: {out.stderr[-2000:]}"
+    from raftkv.snapshot import ShardSnapshots
+
+    engine = Engine(str(tmp_path / "follower"))
+    try:
+        held: dict = {}
+        snaps = ShardSnapshots(engine, 5, str(tmp_path / "follower.snapshot"), 4096, lambda: held["s"],
+                               lambda s: held.__setitem__("s", s))
+        held["s"] = snaps.open_state()
+        last = snaps.deserialize()[1]
+        got = {k: v for k, (v, _rev) in held["s"].data.items()}
+        if point.endswith("before"):
+            assert last[1] == 7 and got == {b"old%d" % i: b"o" for i in range(300)}
+        else:
+            assert last[1] == 90 and got == {b"new%d" % i: b"n" for i in range(3000)}
+        assert len(held["s"]) == len(got)
+        assert not os.path.exists(str(tmp_path / "follower.snapshot") + ".recv")  # the partial transfer is gone
+    finally:
+        engine.close()
