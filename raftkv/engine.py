@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import lmdb
 
@@ -36,6 +37,7 @@ DEFAULT_MAP_SIZE = 1 << 36
 ENGINE_DIR = "engine"
 
 _PUT, _DEL, _DEL_RANGE = 0, 1, 2
+T = TypeVar("T")
 
 
 class EngineError(Exception):
@@ -172,19 +174,21 @@ class Engine:
         """A consistent read-only view of everything committed now; it stays the same until closed."""
         return ReadView(self._env.begin())
 
-    def commit_now(self, write: Callable[[WriteBatch], None]) -> None:
+    def commit_now(self, write: Callable[[WriteBatch], T], name: str = "checkpoint") -> T:
         """Run ``write`` in one write transaction of its own and commit it durably, now.
 
         For large, self-contained writes (a shard's checkpoint or snapshot install) that must be atomic on
         their own and should not wait in, or bloat, the group-commit buffer. Operations buffered by others
         are not included (they commit with the next ``sync``); callers must not depend on their order.
+        ``name`` names the crash points around the commit: ``engine.<name>.before`` / ``.after``. Returns what
+        ``write`` returned.
         """
         with self._commit_lock:
-            self._point("engine.checkpoint.before")
+            self._point(f"engine.{name}.before")
             t0 = time.perf_counter()
             try:
                 with self._env.begin(write=True) as txn:
-                    write(WriteBatch(txn))
+                    result = write(WriteBatch(txn))
             except lmdb.MapFullError as exc:
                 raise EngineError(f"storage engine in {self.path} is full (map size {self._env.info()['map_size']} "
                                   f"bytes): restart the node with a larger --engine-map-gib") from exc
@@ -196,7 +200,8 @@ class Engine:
             st.total_s += dt
             st.last_s = dt
             st.max_s = max(st.max_s, dt)
-            self._point("engine.checkpoint.after")
+            self._point(f"engine.{name}.after")
+            return result
 
     def close(self) -> None:
         """Close the environment; buffered operations that were not synced are dropped (as in a crash)."""
@@ -222,6 +227,18 @@ class WriteBatch:
     def delete_range(self, lo: bytes, hi: bytes) -> None:
         """Delete every key in ``[lo, hi)``."""
         _delete_range(self._txn, lo, hi)
+
+    def delete_first(self, lo: bytes, hi: bytes, limit: int) -> int:
+        """Delete the first ``limit`` keys in ``[lo, hi)``; returns how many were deleted (0: none left)."""
+        cursor = self._txn.cursor()
+        n = 0
+        if not cursor.set_range(lo):
+            return 0
+        while n < limit and cursor.key() and cursor.key() < hi:
+            if not cursor.delete():
+                break
+            n += 1
+        return n
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """Set every ``(key, value)`` of ``items`` (fastest in key order); returns how many."""

@@ -4,7 +4,8 @@
 ``key -> (value, mod_revision)``.  ``EngineStore`` gives the same interface over the node's engine:
 
 * **committed part**: every key of shard S as of the shard's last checkpoint, under
-  ``b"D" + u32 S + key`` with the value packed as ``u64 revision (little-endian) + value`` (the in-memory
+  ``b"D" + u32 S + u32 generation + key`` (a snapshot install writes a new generation beside the current one
+  and switches to it in one small commit: ``raftkv.snapshot``) with the value packed as ``u64 revision (little-endian) + value`` (the in-memory
   ``Store``'s packing).  A checkpoint commits the writes below together with the rest of the shard's state
   and its applied index in one engine transaction (``raftkv.snapshot``), so the committed data always
   matches the applied index stored beside it: a restart loads no data at all, and replays the log above
@@ -33,14 +34,19 @@ from raftkv.engine import Engine, ReadView, WriteBatch
 _MISSING = object()
 
 
-def data_prefix(shard: int) -> bytes:
-    """Engine key prefix of shard ``shard``'s data."""
-    return b"D" + shard.to_bytes(4, "big")
+def data_prefix(shard: int, gen: int = 0) -> bytes:
+    """Engine key prefix of shard ``shard``'s data in generation ``gen``."""
+    return b"D" + shard.to_bytes(4, "big") + gen.to_bytes(4, "big")
 
 
-def data_range(shard: int) -> tuple[bytes, bytes]:
-    """``[lo, hi)`` covering every data key of ``shard`` in the engine."""
-    return data_prefix(shard), b"D" + (shard + 1).to_bytes(4, "big")
+def data_range(shard: int, gen: int = 0) -> tuple[bytes, bytes]:
+    """``[lo, hi)`` covering every data key of ``shard`` in generation ``gen``."""
+    return data_prefix(shard, gen), data_prefix(shard, gen + 1)
+
+
+def shard_range(shard: int) -> tuple[bytes, bytes]:
+    """``[lo, hi)`` covering every data key of ``shard``, all generations."""
+    return b"D" + shard.to_bytes(4, "big"), b"D" + (shard + 1).to_bytes(4, "big")
 
 
 def pack(entry: tuple[bytes, int]) -> bytes:
@@ -57,11 +63,12 @@ def unpack(raw: bytes) -> tuple[bytes, int]:
 class EngineStore:
     """``key -> (value, revision)`` of one shard: committed in ``engine``, newer writes in memory (module doc)."""
 
-    def __init__(self, engine: Engine, shard: int, count: int = 0) -> None:
+    def __init__(self, engine: Engine, shard: int, count: int = 0, gen: int = 0) -> None:
         self._engine = engine
         self.shard = shard
-        self._prefix = data_prefix(shard)
-        self._lo, self._hi = data_range(shard)
+        self.gen = gen
+        self._prefix = data_prefix(shard, gen)
+        self._lo, self._hi = data_range(shard, gen)
         self._overlay: dict[bytes, bytes | None] = {}
         self._count = count  # live keys, committed and overlay together
 
@@ -161,15 +168,15 @@ class EngineStore:
 
     def view(self) -> StoreView:
         """A point-in-time, read-only copy for another thread (backups): the engine as of now plus the overlay."""
-        return StoreView(self._engine.read_view(), self.shard, self._overlay.copy(), self._count)
+        return StoreView(self._engine.read_view(), self.shard, self.gen, self._overlay.copy(), self._count)
 
 
 class StoreView:
     """A frozen ``EngineStore``: ``items()`` in key order, ``len``; call ``close`` (or exhaust ``items``)."""
 
-    def __init__(self, view: ReadView, shard: int, overlay: dict[bytes, bytes | None], count: int) -> None:
+    def __init__(self, view: ReadView, shard: int, gen: int, overlay: dict[bytes, bytes | None], count: int) -> None:
         self._view = view
-        self._lo, self._hi = data_range(shard)
+        self._lo, self._hi = data_range(shard, gen)
         self._overlay = overlay
         self._count = count
 

@@ -282,6 +282,7 @@ class ShardReplica(SafeSyncObj):
         # callbacks, so a callback must never add or remove callbacks itself.
         while self._tick_actions:
             self._tick_actions.popleft()()
+        self.snapshots.tidy()  # a slice of an old generation's keys, if an install left one
 
     def status(self) -> dict:
         """pysyncobj's status plus ours; safe to call from any thread (racy reads)."""

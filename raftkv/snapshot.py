@@ -18,14 +18,17 @@ in chunks.  ``ShardSnapshots`` takes its place for a ``ShardReplica`` (raftkv.re
   stream is the checkpoint as of its start even if the leader checkpoints again meanwhile) streamed as
   records: a header (format, pysyncobj data, state metadata), then the keys in order in slices, then an end
   record.  Each record carries its length and a CRC-32.
-* **Install** (``setTransmissionData`` + ``deserialize``): the follower writes the stream to a file beside its
-  data; once complete, ONE engine transaction replaces the shard's data and checkpoint with it.  A crash
-  before that commit leaves the old checkpoint, and the leaftover file is ignored (nothing was acknowledged:
-  the leader sends the snapshot again); a crash after it leaves the new one.
+* **Install** (``setTransmissionData`` + ``deserialize``): the follower writes each received chunk's keys,
+  as it arrives, into the shard's NEXT generation (data keys carry a generation number: ``raftkv.kvstore``),
+  one engine commit per chunk, while it goes on serving from the current one.  Once the end record arrived
+  and every record's checksum and the key count agree, one small commit writes the snapshot's metadata naming
+  the new generation: that is the switch.  The old generation's keys are then deleted a slice per tick
+  (``tidy``).  A crash before the switch leaves the old state (the partial generation is deleted later); a
+  crash after it, the new one; a damaged or cut stream is refused, never acknowledged, and sent again.
 
 pysyncobj checks for a "dump file" to decide whether to load a snapshot at start-up; here that file is a small
 marker that says "the checkpoint is in the engine".  It exists whenever the engine holds a checkpoint of the
-shard (``ensure_marker`` at start-up and after the first checkpoint).  A dump of the old format
+shard (``open_state`` at start-up, and after the first checkpoint).  A dump of the old format
 (``RKVSNAP2``: the whole state in the file) found there is moved into the engine once, then replaced by the
 marker.
 
@@ -40,12 +43,12 @@ import pickle
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 from pysyncobj.config import SERIALIZER_STATE
 
 from raftkv.engine import Engine, EngineError, WriteBatch
-from raftkv.kvstore import EngineStore, data_range, pack
+from raftkv.kvstore import EngineStore, data_range, pack, shard_range
 from raftkv.state import KVState
 
 log = logging.getLogger("raftkv.snapshot")
@@ -86,8 +89,9 @@ class ShardSnapshots:
         self._status = SERIALIZER_STATE.NOT_SERIALIZING
         self._status_id: int | None = None
         self._tx: dict[Any, _Transmission] = {}
-        self._incoming: BinaryIO | None = None
-        self._installable = False
+        self._gen = 0  # generation of the shard's data in use (a snapshot install moves to the next)
+        self._rx: _Receiving | None = None
+        self._stale: list[int] = []  # generations whose keys are still to be deleted (tidy)
         self.stats = {"checkpoints": 0, "checkpoint_keys": 0, "checkpoint_s": 0.0, "installs": 0, "sent": 0}
 
     # ---- start-up --------------------------------------------------------------------------------------------
@@ -96,17 +100,32 @@ class ShardSnapshots:
         """The state to start from before any dump load: an empty state over this shard's engine data.
 
         Also restores the invariant "marker present iff the engine holds a checkpoint" that pysyncobj's start-up
-        relies on, and removes a partly received snapshot (never acknowledged, so safe to drop).
+        relies on, and drops every generation of the shard's data but the current one (a transfer cut short, or
+        the old generation of an install whose clean-up did not finish).
         """
-        if os.path.exists(self._received):
-            os.unlink(self._received)
-        if self._engine.get(meta_key(self.shard)) is not None:
+        blob = self._engine.get(meta_key(self.shard))
+        if blob is not None:
             self._write_marker()
         elif os.path.exists(self._marker) and not self._is_legacy(self._marker):
             raise EngineError(f"{self._marker} says shard {self.shard}'s state is in the engine, but the engine "
                               f"in {self._engine.path} holds no checkpoint of it: the data directory is "
                               "inconsistent (engine directory lost or replaced?); restore it from a backup")
-        return KVState(data=EngineStore(self._engine, self.shard))
+        self._gen = 0 if blob is None else _load_meta(blob, self.shard)[3]
+        self._stale = [g for g in self._generations() if g != self._gen]
+        return KVState(data=EngineStore(self._engine, self.shard, gen=self._gen))
+
+    def _generations(self) -> list[int]:
+        """Generations with keys in the engine (one seek each)."""
+        lo, hi = shard_range(self.shard)
+        gens: list[int] = []
+        with self._engine.read_view() as view:
+            while True:
+                first = next(view.scan(lo, hi), None)
+                if first is None:
+                    return gens
+                gen = int.from_bytes(first[0][5:9], "big")
+                gens.append(gen)
+                lo = data_range(self.shard, gen)[1]
 
     # ---- checkpoint (pysyncobj: serialize / checkSerializing) ------------------------------------------------
 
@@ -117,7 +136,7 @@ class ShardSnapshots:
         store = state.data
         t0 = time.perf_counter()
         pending = store.pending()
-        blob = pickle.dumps((FORMAT, raft_data, state.meta()), protocol=pickle.HIGHEST_PROTOCOL)
+        blob = _dump_meta(raft_data, state.meta(), store.gen)
 
         def write(batch: WriteBatch) -> None:
             store.write_checkpoint(batch)
@@ -151,62 +170,48 @@ class ShardSnapshots:
     def deserialize(self) -> tuple:
         """``(None, last, before, members)`` of the checkpoint now in effect; sets the replica's state.
 
-        After a complete snapshot transfer, first installs it (one engine commit); a dump of the old format
-        is moved into the engine first too.
+        After a complete snapshot transfer, first switches to the generation it wrote (one small commit); a dump
+        of the old format is moved into the engine first too.
         """
-        if self._installable:
-            self._installable = False
-            try:
-                self._install_stream(self._received)
-            finally:
-                os.unlink(self._received)
+        if self._rx is not None and self._rx.complete:
+            self._flip(self._rx)
+            self._rx = None
         elif self._is_legacy(self._marker):
             self._migrate_legacy(self._marker)
         blob = self._engine.get(meta_key(self.shard))
         if blob is None:
             raise EngineError(f"shard {self.shard}: no checkpoint in the engine in {self._engine.path}")
-        fmt, raft_data, meta = pickle.loads(blob)
-        if fmt != FORMAT:
-            raise SnapshotError(f"shard {self.shard}: unknown checkpoint format {fmt!r}")
-        state = KVState.from_meta(meta, EngineStore(self._engine, self.shard, count=meta[6]))
+        raft_data, meta, _count, gen = _load_meta(blob, self.shard)
+        self._gen = gen
+        state = KVState.from_meta(meta, EngineStore(self._engine, self.shard, count=meta[6], gen=gen))
         self._set_state(state)
-        log.info("event=checkpoint_loaded shard=%d index=%d keys=%d", self.shard, raft_data[0][1], len(state))
+        log.info("event=checkpoint_loaded shard=%d index=%d keys=%d gen=%d", self.shard, raft_data[0][1],
+                 len(state), gen)
         return (None, *raft_data)
 
-    def _install_stream(self, path: str) -> None:
-        t0 = time.perf_counter()
-        with open(path, "rb") as f:
-            if f.read(len(STREAM_MAGIC)) != STREAM_MAGIC:
-                raise SnapshotError(f"{path}: not a raftkv snapshot stream")
-            records = _read_records(f)
-            head = pickle.loads(next(records))
-            if not isinstance(head, tuple) or head[0] != FORMAT:
-                raise SnapshotError(f"{path}: unknown snapshot format")
-            _fmt, raft_data, meta = head
-            lo, hi = data_range(self.shard)
-            prefix = lo
-            keys = 0
-
-            def items() -> Iterator[tuple[bytes, bytes]]:
-                nonlocal keys
-                for rec in records:
-                    for key, raw in pickle.loads(rec):
-                        keys += 1
-                        yield prefix + key, raw
-
-            def write(batch: WriteBatch) -> None:
-                batch.delete_range(lo, hi)
-                batch.put_many(items())
-                if keys != meta[6]:
-                    raise SnapshotError(f"{path}: snapshot holds {keys} keys, its header says {meta[6]}")
-                batch.put(meta_key(self.shard), pickle.dumps((FORMAT, raft_data, meta),
-                                                             protocol=pickle.HIGHEST_PROTOCOL))
-
-            self._engine.commit_now(write)
+    def _flip(self, rx: _Receiving) -> None:
+        """Make the fully received generation current: the snapshot's metadata, one small commit."""
+        blob = _dump_meta(rx.raft_data, rx.meta, rx.gen)
+        self._engine.commit_now(lambda b: b.put(meta_key(self.shard), blob), "install.flip")
+        old, self._gen = self._gen, rx.gen
+        self._stale.append(old)  # its keys are deleted a slice at a time (tidy)
         self._write_marker()
         self.stats["installs"] += 1
-        log.info("event=snapshot_installed shard=%d index=%d keys=%d ms=%.1f", self.shard, raft_data[0][1], keys,
-                 (time.perf_counter() - t0) * 1000)
+        log.info("event=snapshot_installed shard=%d index=%d keys=%d gen=%d ms=%.1f", self.shard,
+                 rx.raft_data[0][1], rx.keys, rx.gen, (time.perf_counter() - rx.t0) * 1000)
+
+    def tidy(self, max_keys: int = 5_000) -> int:
+        """Delete up to ``max_keys`` keys of generations no longer in use (one commit); returns how many.
+
+        Called between ticks, so dropping a large shard's old generation never holds the driver for long.
+        """
+        if not self._stale:
+            return 0
+        lo, hi = data_range(self.shard, self._stale[0])
+        n = self._engine.commit_now(lambda b: b.delete_first(lo, hi, max_keys), "tidy")
+        if not n:
+            self._stale.pop(0)
+        return n or 0
 
     def _is_legacy(self, path: str) -> bool:
         try:
@@ -229,13 +234,13 @@ class ShardSnapshots:
             pos += 8 + n
         raft_data = pickle.loads(parts[0])
         old = KVState.from_chunks(iter(parts[1:]))
-        lo, hi = data_range(self.shard)
-        meta = old.meta()
+        lo, hi = data_range(self.shard, self._gen)
+        blob = _dump_meta(raft_data, old.meta(), self._gen)
 
         def write(batch: WriteBatch) -> None:
             batch.delete_range(lo, hi)
             batch.put_many((lo + k, pack(entry)) for k, entry in sorted(old.data.items()))
-            batch.put(meta_key(self.shard), pickle.dumps((FORMAT, raft_data, meta), protocol=pickle.HIGHEST_PROTOCOL))
+            batch.put(meta_key(self.shard), blob)
 
         self._engine.commit_now(write)
         os.rename(path, path + ".migrated")
@@ -293,41 +298,108 @@ class ShardSnapshots:
         """Release every open transfer's engine view (the group is being destroyed)."""
         for node in list(self._tx):
             self.cancelTransmisstion(node)
-        if self._incoming is not None:
-            self._incoming.close()
-            self._incoming = None
 
     # ---- receiving (follower) ----------------------------------------------------------------------------
 
     def setTransmissionData(self, chunk: tuple[bytes, bool, bool] | None) -> bool:  # noqa: N802
-        """Append a received chunk to the incoming file; True once the last chunk arrived (then deserialize)."""
+        """Write a received chunk's keys into the next generation (one commit per chunk); True once the last
+        chunk arrived whole (then ``deserialize`` switches to it).  A damaged or out-of-place chunk ends the
+        transfer: nothing is acknowledged and the leader sends the snapshot again."""
         if chunk is None:
             return False
         data, is_first, is_last = chunk
         if is_first:
-            if self._incoming is not None:
-                self._incoming.close()
-            self._installable = False
-            self._incoming = open(self._received, "wb")  # noqa: SIM115 - spans many calls
-        elif self._incoming is None:
+            gen = self._gen + 1
+            if gen in self._stale:
+                self._stale.remove(gen)  # cleared right here: tidy must not delete the keys written next
+            self._rx = _Receiving(self.shard, gen)
+            lo, hi = data_range(self.shard, gen)
+            self._engine.commit_now(lambda b: b.delete_range(lo, hi), "install.chunk")  # leftovers of a cut one
+        rx = self._rx
+        if rx is None:
             return False
-        self._incoming.write(data)
-        if not is_last:
+        try:
+            rows = rx.feed(data, is_last)
+            if rows:
+                self._engine.commit_now(lambda b: b.put_many(rows), "install.chunk")
+        except SnapshotError:
+            log.warning("event=snapshot_refused shard=%d", self.shard, exc_info=True)
+            self._rx = None
+            self._stale.append(rx.gen)
             return False
-        self._incoming.close()
-        self._incoming = None
-        self._installable = True
-        return True
+        return is_last and rx.complete
+
+
+class _Receiving:
+    """A snapshot stream being received: records parsed as they arrive, keys bound for generation ``gen``."""
+
+    def __init__(self, shard: int, gen: int) -> None:
+        self.gen = gen
+        self.prefix = data_range(shard, gen)[0]
+        self.t0 = time.perf_counter()
+        self.buf = bytearray()
+        self.magic_seen = False
+        self.raft_data: Any = None
+        self.meta: Any = None
+        self.keys = 0
+        self.complete = False
+
+    def feed(self, data: bytes, is_last: bool) -> list[tuple[bytes, bytes]]:
+        """The engine rows of the records completed by ``data``; SnapshotError if the stream is damaged."""
+        if self.complete:
+            if data:
+                raise SnapshotError("data after the snapshot stream's end record")
+            return []
+        buf = self.buf
+        buf += data
+        rows: list[tuple[bytes, bytes]] = []
+        if not self.magic_seen:
+            if len(buf) < len(STREAM_MAGIC):
+                return rows
+            if bytes(buf[:len(STREAM_MAGIC)]) != STREAM_MAGIC:
+                raise SnapshotError("not a raftkv snapshot stream")
+            del buf[:len(STREAM_MAGIC)]
+            self.magic_seen = True
+        pos = 0
+        while len(buf) - pos >= _REC_HEAD:
+            n = int.from_bytes(buf[pos:pos + 4], "big")
+            if len(buf) - pos - _REC_HEAD < n:
+                break
+            payload = bytes(buf[pos + _REC_HEAD:pos + _REC_HEAD + n])
+            if zlib.crc32(payload) != int.from_bytes(buf[pos + 4:pos + 8], "big"):
+                raise SnapshotError("snapshot stream damaged (record checksum mismatch)")
+            pos += _REC_HEAD + n
+            if n == 0:
+                if self.meta is None or self.keys != self.meta[6]:
+                    raise SnapshotError(f"snapshot holds {self.keys} keys, its header says "
+                                        f"{None if self.meta is None else self.meta[6]}")
+                self.complete = True
+                if pos != len(buf):
+                    raise SnapshotError("data after the snapshot stream's end record")
+            elif self.meta is None:
+                head = pickle.loads(payload)
+                if not isinstance(head, tuple) or head[0] != FORMAT:
+                    raise SnapshotError("unknown snapshot format")
+                self.raft_data, self.meta = head[1], head[2]
+            else:
+                prefix = self.prefix
+                batch = pickle.loads(payload)
+                rows.extend((prefix + k, raw) for k, raw in batch)
+                self.keys += len(batch)
+        del buf[:pos]
+        if is_last and not self.complete:
+            raise SnapshotError("snapshot stream cut short (no end record)")
+        return rows
 
 
 class _Transmission:
     """One snapshot stream being sent: a read view of the engine turned into records, read in chunks."""
 
-    def __init__(self, view: Any, head: bytes, tag: tuple[int, int], shard: int) -> None:
+    def __init__(self, view: Any, head: bytes, tag: tuple[int, int], shard: int, gen: int) -> None:
         self.first = True
         self.tag = tag
         self._view = view
-        self._records = self._generate(view, head, shard)
+        self._records = self._generate(view, head, shard, gen)
         self._buf = bytearray(STREAM_MAGIC)
 
     @classmethod
@@ -337,14 +409,15 @@ class _Transmission:
         if blob is None:
             view.close()
             return None
-        _fmt, raft_data, _meta = pickle.loads(blob)
+        raft_data, meta, _count, gen = _load_meta(blob, shard)
         last = raft_data[0]
-        return cls(view, blob, (last[1], last[2]), shard)
+        head = pickle.dumps((FORMAT, raft_data, meta), protocol=pickle.HIGHEST_PROTOCOL)
+        return cls(view, head, (last[1], last[2]), shard, gen)
 
     @staticmethod
-    def _generate(view: Any, head: bytes, shard: int) -> Iterator[bytes]:
+    def _generate(view: Any, head: bytes, shard: int, gen: int) -> Iterator[bytes]:
         yield _record(head)
-        lo, hi = data_range(shard)
+        lo, hi = data_range(shard, gen)
         n = len(lo)
         rows: list[tuple[bytes, bytes]] = []
         for key, raw in view.scan(lo, hi):
@@ -371,16 +444,14 @@ class _Transmission:
         self._view.close()
 
 
-def _read_records(f: BinaryIO) -> Iterator[bytes]:
-    """The payloads of a stream's records up to its end record; SnapshotError if damaged or cut short."""
-    while True:
-        head = f.read(_REC_HEAD)
-        if len(head) < _REC_HEAD:
-            raise SnapshotError("snapshot stream cut short (no end record)")
-        n, crc = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
-        payload = f.read(n)
-        if len(payload) < n or zlib.crc32(payload) != crc:
-            raise SnapshotError("snapshot stream damaged (record checksum mismatch)")
-        if n == 0:
-            return
-        yield payload
+def _dump_meta(raft_data: Any, meta: tuple, gen: int) -> bytes:
+    return pickle.dumps((FORMAT, raft_data, meta, gen), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _load_meta(blob: bytes, shard: int) -> tuple[Any, tuple, int, int]:
+    """``(raft_data, state meta, key count, generation)`` of a stored checkpoint."""
+    parts = pickle.loads(blob)
+    if not isinstance(parts, tuple) or parts[0] != FORMAT:
+        raise SnapshotError(f"shard {shard}: unknown checkpoint format {parts[0] if isinstance(parts, tuple) else parts!r}")
+    _fmt, raft_data, meta, gen = parts
+    return raft_data, meta, meta[6], gen

@@ -9,8 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from raftkv.replica import APPLIED, ShardReplica
 
 
@@ -121,22 +119,23 @@ def _checkpoint_at(snaps, holder: dict, index: int) -> None:  # noqa: ANN001
     assert snaps.checkSerializing() == (2, index)  # SERIALIZER_STATE.SUCCESS, once
 
 
-def _transfer(sender, receiver, node: str = "f", corrupt_at: int | None = None):  # noqa: ANN001, ANN202
+def _transfer(sender, receiver, node: str = "f", corrupt_at: int | None = None) -> tuple[bool, set]:  # noqa: ANN001
+    """Send the whole stream; (whether the receiver accepted it, the snapshot tags the sender gave)."""
     tags, n = set(), 0
     while True:
-        chunk = sender.getTransmissionData(node)
+        data, first, last = sender.getTransmissionData(node)
         tags.add(sender.transmission_tag(node))
-        data, first, last = chunk
         if corrupt_at is not None and n == corrupt_at and data:
             data = data[:-1] + bytes([data[-1] ^ 1])
         n += 1
-        if receiver.setTransmissionData((data, first, last)):
-            return tags - {None}
+        accepted = receiver.setTransmissionData((data, first, last))
+        if last:
+            return accepted, tags - {None}
 
 
 def test_a_checkpoint_streams_to_a_follower_and_installs_atomically(tmp_path: Path) -> None:
     from raftkv.engine import Engine
-    from raftkv.snapshot import SnapshotError
+    from raftkv.kvstore import shard_range
 
     le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
     lh, fh = {}, {}
@@ -154,17 +153,25 @@ def test_a_checkpoint_streams_to_a_follower_and_installs_atomically(tmp_path: Pa
         lh["state"].apply(("set", b"k00000", b"newer"), 2000)
         _checkpoint_at(leader, lh, 41)
         follower.setTransmissionData(first)
-        assert _transfer(leader, follower) == {(40, 1)}
+        assert _transfer(leader, follower) == (True, {(40, 1)})
+        # Until the switch the follower still serves its own state (the new keys sit in the next generation).
+        assert {k: v for k, (v, _rev) in fh["state"].data.items()} == {b"stale": b"x"}
         assert follower.deserialize()[1] == ("c", 40, 1)
         got = fh["state"]
         assert dict(got.data.items()) == expected and len(got) == 10_000 and got.revision == 10_000
-        # A damaged stream is refused and changes nothing.
-        with pytest.raises(SnapshotError):
-            _transfer(leader, follower, corrupt_at=3)
-            follower.deserialize()
+        # The old generation's keys go a slice at a time.
+        while follower.tidy(max_keys=1_000):
+            pass
+        lo, hi = shard_range(3)
+        assert sum(1 for _ in fe.scan(lo, hi)) == 10_000
+        # A damaged stream is refused and changes nothing; the next full transfer is accepted.
+        for corrupt_at in (0, 3, 6):  # the stream is 8 chunks of 64 KiB
+            accepted, _ = _transfer(leader, follower, corrupt_at=corrupt_at)
+            assert not accepted
+            assert dict(fh["state"].data.items()) == expected
+        assert _transfer(leader, follower)[0]
         follower.deserialize()
-        assert dict(fh["state"].data.items()) == expected
-        assert not os.path.exists(str(tmp_path / "f.snapshot") + ".recv")
+        assert fh["state"].data.get(b"k00000") == (b"newer", 10_001)
     finally:
         le.close()
         fe.close()
