@@ -208,7 +208,9 @@ def test_clients_vanishing_mid_pipeline_do_not_flood_the_log(lc: LocalCluster) -
     for n in lc.map.nodes:
         with open(lc.log_file(n), "rb") as f:
             f.seek(log_sizes[n])
-            new = [ln for ln in f.read().decode(errors="replace").splitlines() if "event=role_change" not in ln]
+            # Role changes and slow driver loops come from the machine's load, not from the vanished clients.
+            new = [ln for ln in f.read().decode(errors="replace").splitlines()
+                   if "event=role_change" not in ln and "event=driver_slow_iteration" not in ln]
         assert not any("socket.send" in ln or "Traceback" in ln for ln in new), "\n".join(new[-20:])
         assert len(new) < 5, f"{n} logged {len(new)} lines for vanished clients:\n" + "\n".join(new[-20:])
 
