@@ -150,12 +150,16 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(hosts: list[str], sec: Security, insecure: bool) -> None:
-    """Refuse to listen beyond loopback without a Raft secret (pysyncobj unpickles what it receives)."""
-    if sec.secret or insecure:
+    """Refuse to listen beyond loopback unless Raft traffic is authenticated (pysyncobj unpickles what it receives).
+
+    Either key authenticates it: the cluster secret, or the node key (the Raft network's handshake proves it and
+    its records are sealed under keys derived from it, ``raftkv.raftnet``).
+    """
+    if sec.raft_key_is_secret or insecure:
         return
     exposed = sorted({h for h in hosts if not is_loopback(h)})
     if exposed:
         raise InsecureBindError(
-            f"refusing to listen on {', '.join(exposed)} without a cluster secret: Raft traffic is "
-            "unauthenticated pickle (anyone who reaches the port can run code). Set [security] secret in "
-            "the cluster file or RAFTKV_SECRET, or pass --insecure if the network is trusted.")
+            f"refusing to listen on {', '.join(exposed)} without a cluster secret or node key: Raft traffic is "
+            "then unauthenticated pickle (anyone who reaches the port can run code). Set [security] node_key "
+            "or secret in the cluster file (or RAFTKV_SECRET), or pass --insecure if the network is trusted.")

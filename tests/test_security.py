@@ -127,6 +127,7 @@ def test_non_loopback_listen_without_secret_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InsecureBindError):
         check_bind(["10.1.2.3"], Security(), insecure=False)
     check_bind(["10.1.2.3"], Security(secret="s"), insecure=False)
+    check_bind(["10.1.2.3"], Security(node_key="k"), insecure=False)  # the node key authenticates Raft too
     check_bind(["10.1.2.3"], Security(), insecure=True)
     check_bind(["127.0.0.1", "127.0.0.7", "localhost"], Security(), insecure=False)
 
