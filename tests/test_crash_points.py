@@ -650,3 +650,87 @@ def test_a_kill_during_snapshot_install_leaves_the_old_or_the_new_state_whole(tm
         assert sum(1 for _ in engine.scan(lo, hi)) == len(got)
     finally:
         engine.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vote safety in driver mode: a voter killed around the commit that carries its vote never votes twice in a term
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VoteLedgerCluster(FileCluster):
+    """Records every vote as it leaves a node (pysyncobj answers ``response_vote`` only to grant one), and every
+    leader per term."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.granted: dict[tuple[int, int], set[Any]] = collections.defaultdict(set)  # (voter, term) -> candidates
+        self.leaders: dict[int, set[int]] = collections.defaultdict(set)  # term -> nodes that led in it
+        super().__init__(*args, **kwargs)
+
+    def make_node(self, n: int, others: list[int], transport: SimTransport) -> Any:
+        node = super().make_node(n, others, transport)
+        send = self.real_send[n]
+
+        def recorded(dst: Node, message: Any) -> bool:
+            if message.get("type") == "response_vote":
+                self.granted[(n, message["term"])].add(dst.id)
+            return send(dst, message)
+
+        self.real_send[n] = recorded
+        return node
+
+    def tick(self, dt: float = 0.005) -> None:
+        super().tick(dt)
+        for n, node in self.nodes.items():
+            if node._isLeader():
+                self.leaders[node.raftCurrentTerm].add(n)
+
+
+class EarlyVoteCluster(VoteLedgerCluster):
+    """A broken driver: everything a loop produced leaves before the loop's engine commit, votes included."""
+
+    def _release(self, n: int, early: bool) -> None:
+        super()._release(n, early=False)
+
+
+def run_vote_scenario(root: str, point: str, cls: type[VoteLedgerCluster], seed: int) -> VoteLedgerCluster:
+    """Leaders are cut off one after another, so the others elect; every voter dies at ``point`` every other time
+    it is reached (every third time: a commit carrying its new term and vote, among others) and restarts at once."""
+    net = SimNet(random.Random(seed))
+    with sim_clock(net, seed):
+        c = cls(net, root, "kill", journal_cls=None, driver=True)
+        assert c.run(3.0, until=lambda: c.leader() is not None)
+        for disk in c.crash_disks.values():
+            disk.kill_point, disk.kill_every, disk.armed = point, 3, True
+        for _round in range(8):
+            lead = c.leader()
+            if lead is not None:
+                c.submit(lead, f"w{_round}")
+                net.blocked.add(lead)
+            c.run(3.0, until=lambda old=lead: c.leader() not in (None, old))
+            net.blocked.clear()
+            c.run(0.5)
+        for disk in c.crash_disks.values():
+            disk.armed = False
+        c.close_engines()
+        return c
+
+
+@pytest.mark.parametrize("point", ["engine.commit.before", "engine.commit.after"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_voter_killed_around_its_vote_commit_never_votes_twice_in_a_term(tmp_path: Any, point: str,
+                                                                            seed: int) -> None:
+    c = run_vote_scenario(str(tmp_path), point, VoteLedgerCluster, seed)
+    assert len(c.leaders) >= 4, f"too few elections to mean anything: {dict(c.leaders)}"
+    double = {k: v for k, v in c.granted.items() if len(v) > 1}
+    assert not double, f"a node voted for two candidates in one term: {double}"
+    assert all(len(v) == 1 for v in c.leaders.values()), f"two leaders in one term: {dict(c.leaders)}"
+
+
+def test_votes_sent_before_their_commit_are_caught(tmp_path: Any) -> None:
+    """Negative control: with votes leaving before the commit that records them, a voter killed before that
+    commit forgets its vote and grants another in the same term; the ledger above sees it."""
+    for seed in range(1, 9):
+        c = run_vote_scenario(str(tmp_path / str(seed)), "engine.commit.before", EarlyVoteCluster, seed)
+        if any(len(v) > 1 for v in c.granted.values()):
+            return
+    pytest.fail("no double vote in 8 runs with votes sent before their commit")
