@@ -16,10 +16,10 @@ from pathlib import Path
 
 import click
 
-from . import elle
+from . import edn, elle
 from .checker import LINEARIZABLE, NOT_LINEARIZABLE, check_file
-from .history import FORMATS, HistoryError, read_history
-from .models import MODEL_NAMES
+from .history import FORMATS, HistoryError, detect_format, read_history
+from .models import KNOSSOS_MODEL_NAMES, MODEL_NAMES, knossos_model
 from .timeline import write_timeline
 
 EXIT_CODES = {LINEARIZABLE: 0, NOT_LINEARIZABLE: 1}
@@ -47,14 +47,25 @@ def main() -> None:
               type=click.Choice(elle.MODEL_NAMES), help="Elle only: the model(s) to check "
               "(repeatable; default strict-serializable).")
 @click.option("--json", "as_json", is_flag=True, help="Elle only: print the result as JSON.")
+@click.option("--initial", default="0", show_default=True,
+              help="knossos-edn only: the registers' initial value, in EDN (nil for Knossos's CLI default).")
 def check_cmd(history: Path, model: str | None, fmt: str, timeout_s: float | None,
               max_states: int | None, html_path: Path | None, consistency_models: tuple[str, ...],
-              as_json: bool) -> None:
+              as_json: bool, initial: str) -> None:
     """Check HISTORY for linearizability (or, with an elle-* model, for transactional anomalies);
-    exit 0 (yes), 1 (no) or 2 (unknown)."""
+    exit 0 (yes), 1 (no) or 2 (unknown).
+
+    A Knossos EDN history (--format knossos-edn, detected when the file starts with '[') is checked with
+    Knossos's semantics: --model cas-register (default), multi-register or mutex."""
     if model in ELLE_MODELS:
         _check_elle(history, ELLE_MODELS[model], fmt, consistency_models or ("strict-serializable",), as_json)
     try:
+        if fmt == "knossos-edn" or (fmt == "auto" and detect_format(history.read_text(encoding="utf-8"),
+                                                                   history.name) == "knossos-edn"):
+            if model not in (None, *KNOSSOS_MODEL_NAMES):
+                raise ValueError(f"a Knossos EDN history is checked with one of Knossos's models "
+                                 f"({', '.join(KNOSSOS_MODEL_NAMES)}), not {model!r}")
+            model = knossos_model(model or "cas-register", edn.loads(initial))  # type: ignore[assignment]
         res, ops, fmt = check_file(history, model=model, fmt=fmt, timeout_s=timeout_s, max_states=max_states)
     except (HistoryError, ValueError, OSError) as e:
         click.echo(f"error: cannot check {history}: {e}", err=True)
