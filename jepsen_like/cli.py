@@ -105,11 +105,22 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
 
 
 # --- raftkv-jepsen run (jepsen_like.runner) ---------------------------------------- begin
+def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    from .nemesis import parse_nemesis
+
+    try:
+        parse_nemesis(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @main.command("run")
 @click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock"]), default="register",
               show_default=True, help="lock: acquire/release under leases, checked with the mutex model")
-@click.option("--nemesis", type=click.Choice(["none", "kill", "pause", "partition", "all"]), default="none",
-              show_default=True, help="faults to inject on a schedule (all = kill, pause and partition)")
+@click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
+              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock; "
+                   "or a comma-separated mix, e.g. kill,member)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
 @click.option("--clients", type=click.IntRange(1, 200), default=10, show_default=True)
 @click.option("--rate", type=float, default=100.0, show_default=True,
@@ -151,6 +162,10 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
                    "the run), half with a day; checked with the kv-expiry model")
 @click.option("--auth", is_flag=True,
               help="run with authentication and roles: the clients' user may only read and write the workloads' keys")
+@click.option("--edn-out", type=click.Path(file_okay=False), default=None,
+              help="also write the history as Knossos EDN into this directory (register: one cas-register "
+                   "history per key, lock: one mutex history per lock, txn: one multi-register history), "
+                   "for `raftkv-jepsen check --format knossos-edn` or Knossos itself")
 def run_cmd(time_s: float, **kw: object) -> None:
     """Start a fresh cluster, run a workload under faults, check it; exit 0 only if every check passed.
 

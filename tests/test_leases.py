@@ -362,6 +362,40 @@ def test_an_expired_lease_takes_its_keys_and_refuses_new_ones(lc: LocalCluster) 
         assert c.get("lease:late") is None
 
 
+def test_a_clock_step_back_is_harmless_and_one_forward_ends_leases_early(lc: LocalCluster) -> None:
+    """The ``clock.skew_ms`` fault point reaches log time (what the harness's clock nemeses rely on).
+
+    A leader whose clock steps back 60 s keeps the lease's deadline where it was (log time stands
+    still, never goes back); the step forward that follows (the offset set back to 0) advances its log
+    time by 60 s at once, which ends a 30 s lease early: the hazard logclock's assumption (monotonic
+    clocks tick at the real rate) excludes, shown here so that it stays known."""
+    with Client(cluster=lc.config) as c:
+        key = "lease:clock"
+        lid = c.lease_grant(30, near=key)
+        leader = lc.leader_of(c.map.shard_for_key(key.encode()))
+        assert leader is not None
+        try:
+            assert lc.call(leader, "RAFTKV.FAULT", "CLOCK.SKEW_MS", "-60000") == 0
+            c.put(key, "after the step back")  # an entry stamped with the stepped clock
+            assert c.lease_ttl(lid).remaining >= 25
+            assert lc.call(leader, "RAFTKV.FAULT", "CLOCK.SKEW_MS", "0") == -60000
+            deadline = time.monotonic() + 10
+            while True:
+                c.put(key, "after the step forward")
+                try:
+                    c.lease_ttl(lid)
+                except RaftKVError as e:
+                    assert e.code == "NOLEASE"
+                    break
+                assert time.monotonic() < deadline, "a 60 s step forward did not end a 30 s lease"
+                time.sleep(0.1)
+        finally:
+            for name in lc.map.nodes:
+                lc.call(name, "RAFTKV.FAULT", "CLOCK.SKEW_MS", "0")
+        refused = lc.call(leader, "RAFTKV.FAULT", "DISK.FULL", "1")
+        assert "unknown fault 'DISK.FULL'; known: CLOCK.SKEW_MS" in str(refused), refused
+
+
 def test_resp_errors(lc: LocalCluster) -> None:
     """Through redis-py (which strips an ERR code, keeps the others)."""
     r = redis_to(lc, protocol=2)
