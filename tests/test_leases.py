@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -293,9 +294,17 @@ def test_a_lease_lock_keeps_its_token_for_its_holder_and_fences_the_next() -> No
 
 # -- a live cluster ------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The module's shared 3-node cluster, with the clock fault point armed (offset 0 until a test sets it)."""
+    lc = start_cluster(str(tmp_path_factory.mktemp("cluster")), node_args=["--fault", "clock.skew_ms:0"])
+    yield lc
+    lc.stop()
+
+
 @pytest.fixture
 def lc(cluster: LocalCluster) -> LocalCluster:
-    return cluster  # the module's shared 3-node cluster (conftest)
+    return cluster
 
 
 def _keys_on_every_shard(c: Client, prefix: str) -> list[str]:
@@ -394,6 +403,20 @@ def test_a_clock_step_back_is_harmless_and_one_forward_ends_leases_early(lc: Loc
                 lc.call(name, "RAFTKV.FAULT", "CLOCK.SKEW_MS", "0")
         refused = lc.call(leader, "RAFTKV.FAULT", "DISK.FULL", "1")
         assert "unknown fault 'DISK.FULL'; known: CLOCK.SKEW_MS" in str(refused), refused
+
+
+def test_clock_faults_are_refused_unless_armed() -> None:
+    from raftkv.server.api import Faults
+    from raftkv.server.commands.admin import cmd_fault
+
+    node = SimpleNamespace(name="n1", faults=Faults())
+    with pytest.raises(BadRequest, match="fault injection is off on this node"):
+        cmd_fault(node, None, [b"RAFTKV.FAULT", b"CLOCK.SKEW_MS", b"5000"])
+    node.faults = Faults.parse(["clock.skew_ms:0"])
+    with pytest.raises(BadRequest, match="want an integer"):
+        cmd_fault(node, None, [b"RAFTKV.FAULT", b"CLOCK.SKEW_MS", b"soon"])
+    with pytest.raises(BadRequest, match="beyond"):
+        cmd_fault(node, None, [b"RAFTKV.FAULT", b"CLOCK.SKEW_MS", str(10**10).encode()])
 
 
 def test_resp_errors(lc: LocalCluster) -> None:

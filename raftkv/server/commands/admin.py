@@ -211,8 +211,12 @@ CLOCK_SKEW_MS_MAX = 24 * 3600 * 1000
 
 
 def cmd_fault(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
-    """``RAFTKV.FAULT CLOCK.SKEW_MS ms``: set this node's clock offset for log time (fault injection only;
-    ``raftkv.logclock``).  Replies the previous offset."""
+    """``RAFTKV.FAULT CLOCK.SKEW_MS ms``: set this node's clock offset for log time (``raftkv.logclock``).
+    Replies the previous offset.  Refused unless the node was started with the fault point armed
+    (``raftkv serve --fault clock.skew_ms:0``): a production node never lets a client move its log time."""
+    if not any(f.point == "clock.skew_ms" for f in node.faults.armed):
+        raise BadRequest(Error("ERR", "RAFTKV.FAULT: fault injection is off on this node (start it with "
+                                      "--fault clock.skew_ms:0 to allow clock faults)"))
     if req[1].upper() != b"CLOCK.SKEW_MS":
         raise BadRequest(Error("ERR", f"RAFTKV.FAULT: unknown fault {req[1].decode(errors='replace')!r}; "
                                       "known: CLOCK.SKEW_MS"))
