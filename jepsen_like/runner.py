@@ -201,7 +201,29 @@ def _restrict_clients(config: Path) -> None:
         op.command(*args)
         op.command("RAFTKV.USER", "ADD", "jepsen", "jepsen-client", "jepsen-clients")
     CLIENT_AUTH.update(username="jepsen", password="jepsen-client")
+    _wait_user_everywhere(config, "jepsen", "jepsen-client")
     _say("raftkv-jepsen: clients authenticate as 'jepsen', allowed keys " + ", ".join(p + "*" for p in KEY_PREFIXES))
+
+
+def _wait_user_everywhere(config: Path, user: str, password: str, timeout_s: float = 30.0) -> None:
+    """Until every node accepts ``user``'s AUTH: a node checks passwords against its own replica of the
+    user table, so a follower that has not applied the new user yet would refuse the first clients."""
+    from raftkv.cluster import call
+    from raftkv.protocol import ReplyError
+    from shards.shardmap import ShardMap
+
+    deadline = time.monotonic() + timeout_s
+    for name, info in ShardMap.load(config).nodes.items():
+        while True:
+            try:
+                reply = call(info.client_addr, "PING", auth=[b"AUTH", user.encode(), password.encode()])
+            except (OSError, ConnectionError) as e:
+                reply = e
+            if not isinstance(reply, ReplyError | OSError | ConnectionError):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} still refuses user {user!r} {timeout_s:g} s after it was added: {reply}")
+            time.sleep(0.1)
 
 
 def _run_here(cfg: RunConfig, note: str) -> int:
