@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from jepsen_like import netns
-from jepsen_like.history import Event, Op, ops_from_events
+from jepsen_like.checker import LINEARIZABLE, check
+from jepsen_like.history import Event, Op, ops_from_events, parse_knossos_edn
+from jepsen_like.models import CASRegister
 from jepsen_like.nemesis import FAULT_KINDS, Nemesis, make_schedule, parse_nemesis, partition_edges
 from jepsen_like.report import availability_windows, verdict_of
 from jepsen_like.runner import RunConfig
@@ -102,9 +104,16 @@ def assert_pass(rc: int, res: dict, out: str) -> None:
 
 @pytest.mark.slow
 def test_run_no_faults_passes(tmp_path: Path) -> None:
-    rc, res, out = harness(tmp_path, "--nemesis", "none", *common(11))
+    """Also writes the history as Knossos EDN (``--edn-out``): one cas-register history per key, each
+    passing Knossos's semantics from the nil it starts at."""
+    rc, res, out = harness(tmp_path, "--nemesis", "none", "--edn-out", str(tmp_path / "edn"), *common(11))
     assert_pass(rc, res, out)
     assert res["faults"] == []
+    files = sorted((tmp_path / "edn").glob("*.edn"))
+    assert files and [str(f) for f in files] == sorted(res["edn_files"])
+    assert sum(len(parse_knossos_edn(f.read_text())) for f in files) == res["counts"]["total"]
+    assert all(check(parse_knossos_edn(f.read_text()), CASRegister(initial=None)).verdict == LINEARIZABLE
+               for f in files)
 
 
 @pytest.mark.slow
