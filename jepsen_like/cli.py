@@ -16,10 +16,10 @@ from pathlib import Path
 
 import click
 
-from . import elle
+from . import edn, elle
 from .checker import LINEARIZABLE, NOT_LINEARIZABLE, check_file
-from .history import FORMATS, HistoryError, read_history
-from .models import MODEL_NAMES
+from .history import FORMATS, HistoryError, detect_format, read_history
+from .models import KNOSSOS_MODEL_NAMES, MODEL_NAMES, knossos_model
 from .timeline import write_timeline
 
 EXIT_CODES = {LINEARIZABLE: 0, NOT_LINEARIZABLE: 1}
@@ -47,14 +47,25 @@ def main() -> None:
               type=click.Choice(elle.MODEL_NAMES), help="Elle only: the model(s) to check "
               "(repeatable; default strict-serializable).")
 @click.option("--json", "as_json", is_flag=True, help="Elle only: print the result as JSON.")
+@click.option("--initial", default="0", show_default=True,
+              help="knossos-edn only: the registers' initial value, in EDN (nil for Knossos's CLI default).")
 def check_cmd(history: Path, model: str | None, fmt: str, timeout_s: float | None,
               max_states: int | None, html_path: Path | None, consistency_models: tuple[str, ...],
-              as_json: bool) -> None:
+              as_json: bool, initial: str) -> None:
     """Check HISTORY for linearizability (or, with an elle-* model, for transactional anomalies);
-    exit 0 (yes), 1 (no) or 2 (unknown)."""
+    exit 0 (yes), 1 (no) or 2 (unknown).
+
+    A Knossos EDN history (--format knossos-edn, detected when the file starts with '[') is checked with
+    Knossos's semantics: --model cas-register (default), multi-register or mutex."""
     if model in ELLE_MODELS:
         _check_elle(history, ELLE_MODELS[model], fmt, consistency_models or ("strict-serializable",), as_json)
     try:
+        if fmt == "knossos-edn" or (fmt == "auto" and detect_format(history.read_text(encoding="utf-8"),
+                                                                   history.name) == "knossos-edn"):
+            if model not in (None, *KNOSSOS_MODEL_NAMES):
+                raise ValueError(f"a Knossos EDN history is checked with one of Knossos's models "
+                                 f"({', '.join(KNOSSOS_MODEL_NAMES)}), not {model!r}")
+            model = knossos_model(model or "cas-register", edn.loads(initial))  # type: ignore[assignment]
         res, ops, fmt = check_file(history, model=model, fmt=fmt, timeout_s=timeout_s, max_states=max_states)
     except (HistoryError, ValueError, OSError) as e:
         click.echo(f"error: cannot check {history}: {e}", err=True)
@@ -94,11 +105,22 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
 
 
 # --- raftkv-jepsen run (jepsen_like.runner) ---------------------------------------- begin
+def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    from .nemesis import parse_nemesis
+
+    try:
+        parse_nemesis(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @main.command("run")
 @click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock"]), default="register",
               show_default=True, help="lock: acquire/release under leases, checked with the mutex model")
-@click.option("--nemesis", type=click.Choice(["none", "kill", "pause", "partition", "all"]), default="none",
-              show_default=True, help="faults to inject on a schedule (all = kill, pause and partition)")
+@click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
+              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock; "
+                   "or a comma-separated mix, e.g. kill,member)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
 @click.option("--clients", type=click.IntRange(1, 200), default=10, show_default=True)
 @click.option("--rate", type=float, default=100.0, show_default=True,
@@ -140,6 +162,10 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
                    "the run), half with a day; checked with the kv-expiry model")
 @click.option("--auth", is_flag=True,
               help="run with authentication and roles: the clients' user may only read and write the workloads' keys")
+@click.option("--edn-out", type=click.Path(file_okay=False), default=None,
+              help="also write the history as Knossos EDN into this directory (register: one cas-register "
+                   "history per key, lock: one mutex history per lock, txn: one multi-register history), "
+                   "for `raftkv-jepsen check --format knossos-edn` or Knossos itself")
 def run_cmd(time_s: float, **kw: object) -> None:
     """Start a fresh cluster, run a workload under faults, check it; exit 0 only if every check passed.
 

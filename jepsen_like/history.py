@@ -21,6 +21,10 @@ Supported formats:
 
 * ``jepsen-log``: Jepsen 0.0.x text logs (``porcupine/jepsen/etcd_NNN.log``).
 * ``porcupine-kv``: one EDN map per line (``porcupine/kv/cNN-*.txt``).
+* ``knossos-edn``: Knossos's / Jepsen's EDN history, a vector of op maps or a
+  sequence of them (``{:process 0, :type :invoke, :f :read, :value nil}``);
+  ops of non-integer processes (``:nemesis``) are left out, as Knossos does;
+  line order is the clock.
 
 Parsers are pure (text in, ops out); :func:`read_history` is the one helper
 that touches the file system.
@@ -36,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .edn import EdnError, loads_all
+
 __all__ = [
     "UNKNOWN",
     "Event",
@@ -47,12 +53,13 @@ __all__ = [
     "parse_jsonl",
     "parse_jepsen_log",
     "parse_porcupine_kv",
+    "parse_knossos_edn",
     "parse_history",
     "read_history",
     "to_jsonl",
 ]
 
-FORMATS = ("jsonl", "jepsen-log", "porcupine-kv")
+FORMATS = ("jsonl", "jepsen-log", "porcupine-kv", "knossos-edn")
 
 
 class _Unknown:
@@ -267,9 +274,48 @@ def parse_porcupine_kv(text: str) -> list[Op]:
     return ops_from_events(events)
 
 
+# ---------------------------------------------------------------- knossos / jepsen EDN
+
+_KNOSSOS_TYPES = ("invoke", "ok", "fail", "info")
+
+
+def parse_knossos_edn(text: str) -> list[Op]:
+    """Parse a Knossos EDN history as Knossos reads it (``knossos.cli/read-history``).
+
+    The text is one vector (or list) of op maps, or op maps one after another.  Each map needs
+    ``:process``, ``:type`` (``:invoke`` / ``:ok`` / ``:fail`` / ``:info``) and ``:f``; ``:value`` is
+    optional; other keys (``:time``, ``:index``, ``:error``) are ignored.  Ops of processes that are
+    not integers (the ``:nemesis``) are not client operations and are left out.  Keywords become
+    strings equal to their names; vectors become lists.  Positions are line order (Knossos ignores
+    ``:time``).
+    """
+    try:
+        forms = list(loads_all(text))
+    except EdnError as e:
+        raise HistoryError(str(e)) from e
+    if len(forms) == 1 and isinstance(forms[0], list | tuple):
+        forms = list(forms[0])
+    events = []
+    for n, m in enumerate(forms):
+        if not isinstance(m, dict):
+            raise HistoryError(f"op {n}: expected an op map {{:process .., :type .., :f ..}}, got {m!r}")
+        missing = [k for k in ("process", "type", "f") if k not in m]
+        if missing:
+            raise HistoryError(f"op {n}: missing {', '.join(':' + k for k in missing)} in {m!r}")
+        process, typ = m["process"], m["type"]
+        if not isinstance(process, int) or isinstance(process, bool):
+            continue
+        if typ not in _KNOSSOS_TYPES:
+            raise HistoryError(f"op {n}: :type must be one of {', '.join(':' + t for t in _KNOSSOS_TYPES)}, "
+                               f"not {typ!r}")
+        events.append(Event(process, str(typ), str(m["f"]), None, m.get("value")))
+    return ops_from_events(events)
+
+
 # ---------------------------------------------------------------- detection / files
 
-_PARSERS = {"jsonl": parse_jsonl, "jepsen-log": parse_jepsen_log, "porcupine-kv": parse_porcupine_kv}
+_PARSERS = {"jsonl": parse_jsonl, "jepsen-log": parse_jepsen_log, "porcupine-kv": parse_porcupine_kv,
+            "knossos-edn": parse_knossos_edn}
 
 
 def detect_format(text: str, name: str = "") -> str:
@@ -284,6 +330,8 @@ def detect_format(text: str, name: str = "") -> str:
             return "porcupine-kv"
         if line.startswith("{"):
             return "jsonl"
+        if line.startswith(("[", "(")):
+            return "knossos-edn"
         break
     if name.endswith((".jsonl", ".json")):
         return "jsonl"

@@ -24,6 +24,15 @@ append model are instances of it; :class:`ExpiringKVModel` (the same registers
 where a write may carry a time to live); :class:`TxnModel` for multi-key
 transactions; :class:`MutexModel` for locks (acquire / release, as Knossos's
 mutex).
+
+Knossos's models, with Knossos's semantics (for histories read from its EDN
+format, :func:`knossos_model`): :class:`CASRegister` (``cas-register``: one
+register, read / write / cas, starts at 0), :class:`MultiRegister`
+(``multi-register``: transactions of reads and writes over several registers,
+every register starts at 0) and :class:`MutexModel` without owners.  In all of
+them an ``ok`` read of ``nil`` constrains nothing (Knossos: "we don't know
+what the read was"), a ``fail`` op had no effect, an ``info`` op may or may not
+have taken effect, and an ``ok`` op's value is its completion's value.
 """
 
 from __future__ import annotations
@@ -40,7 +49,11 @@ __all__ = [
     "ExpiringKVModel",
     "TxnModel",
     "MutexModel",
+    "CASRegister",
+    "MultiRegister",
     "MODEL_NAMES",
+    "KNOSSOS_MODEL_NAMES",
+    "knossos_model",
     "get_model",
     "default_model_for",
 ]
@@ -463,6 +476,13 @@ class MutexModel(Model):
 
     name = "mutex"
 
+    def __init__(self, owners: bool = True) -> None:
+        # Knossos's mutex has no owners: any process may release a held mutex.
+        self.owners = owners
+
+    def __repr__(self) -> str:
+        return f"MutexModel(owners={self.owners})"
+
     def init(self) -> Any:
         return None
 
@@ -474,7 +494,8 @@ class MutexModel(Model):
             return None
         if op.f not in ("acquire", "release"):
             raise ValueError(f"mutex model: unsupported operation {op.f!r} in {op.describe()}")
-        return (op.f, freeze(op.client)), (UNKNOWN if op.status != "ok" else True)
+        who = freeze(op.client) if self.owners else "held"
+        return (op.f, who), (UNKNOWN if op.status != "ok" else True)
 
     def compile(self, input: Any, output: Any) -> Transition:
         kind, who = input
@@ -488,9 +509,134 @@ class MutexModel(Model):
         return lambda s: None if s == who else illegal
 
 
+# ---------------------------------------------------------------- Knossos's registers
+
+
+def _completed_value(op: Op) -> Any:
+    """Knossos's value of an op: the completion's for an ``ok`` op, else the invocation's."""
+    return op.output if op.status == "ok" else op.input
+
+
+class CASRegister(KVModel):
+    """Knossos's ``cas-register``: one register with ``read``, ``write`` and ``cas [old new]``.
+
+    It starts at ``initial`` (0, as ``(cas-register 0)`` in Knossos's tests and Jepsen's register
+    tests).  An ``ok`` read of ``nil`` constrains nothing; an ``ok`` cas succeeded (a cas whose
+    compare failed is recorded as ``fail``, which had no effect); an ``info`` write or cas may or may
+    not have happened.  Keys are ignored: a Knossos history is one object.
+    """
+
+    def __init__(self, initial: Any = 0) -> None:
+        super().__init__("cas-register", freeze(initial), partitioned=False)
+
+    def __repr__(self) -> str:
+        return f"CASRegister(initial={self.initial!r})"
+
+    def encode(self, op: Op) -> tuple[Any, Any] | None:
+        if op.status == "fail":
+            return None
+        value = freeze(_completed_value(op))
+        known = op.status == "ok"
+        if op.f in _READ:
+            return (("get",), value) if known and value is not None else None
+        if op.f in _WRITE:
+            return ("put", value), None
+        if op.f == "cas":
+            if not (isinstance(value, tuple) and len(value) == 2):
+                raise ValueError(f"cas-register: a cas value is [old new], not {value!r} in {op.describe()}")
+            return ("cas", value[0], value[1]), (True if known else UNKNOWN)
+        raise ValueError(f"cas-register model: unsupported operation {op.f!r} in {op.describe()} "
+                         "(read, write, cas)")
+
+
+def _mops(op: Op, value: Any) -> tuple[tuple[bool, Any, Any], ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"multi-register: a transaction is a list of [f k v], not {value!r} in {op.describe()}")
+    out = []
+    for m in value:
+        if not (isinstance(m, list | tuple) and len(m) == 3):
+            raise ValueError(f"multi-register: micro-op {m!r} is not [f k v] in {op.describe()}")
+        f, k, v = m
+        if f in ("r", "read"):
+            out.append((False, freeze(k), freeze(v)))
+        elif f in ("w", "write"):
+            out.append((True, freeze(k), freeze(v)))
+        else:
+            raise ValueError(f"multi-register: micro-op {m!r} is neither a read nor a write in {op.describe()}")
+    return tuple(out)
+
+
+class MultiRegister(TxnModel):
+    """Knossos's ``multi-register``: transactions of ``[:read k v]`` / ``[:write k v]`` (or ``:r`` / ``:w``).
+
+    Every register starts at ``initial`` (0).  A read sees the transaction's own earlier writes; a read of
+    ``nil`` constrains nothing; an indeterminate transaction's reads constrain nothing (its writes may or
+    may not have happened).  The op's ``f`` does not matter (``:txn`` in Knossos, ``:read`` / ``:write``
+    in some Jepsen tests).  Partitions: connected components of the registers ops touch together.  State:
+    a frozenset of ``(key, value)`` pairs of the registers written so far.
+    """
+
+    name = "multi-register"
+
+    def __init__(self, initial: Any = 0) -> None:
+        self.initial = freeze(initial)
+
+    def __repr__(self) -> str:
+        return f"MultiRegister(initial={self.initial!r})"
+
+    def init(self) -> Any:
+        return frozenset()
+
+    def keys(self, op: Op) -> set[Any]:
+        return {m[1] for m in _mops(op, _completed_value(op))}
+
+    def encode(self, op: Op) -> tuple[Any, Any] | None:
+        if op.status == "fail":
+            return None
+        known = op.status == "ok"
+        micro = tuple(m for m in _mops(op, _completed_value(op)) if m[0] or (known and m[2] is not None))
+        if not micro:
+            return None
+        return ("txn", micro), (None if known else UNKNOWN)
+
+    def compile(self, input: Any, output: Any) -> Transition:
+        micro = input[1]
+        initial = self.initial
+        illegal = ILLEGAL
+
+        def step(state: frozenset) -> Any:
+            d = dict(state)
+            for is_write, k, v in micro:
+                if is_write:
+                    d[k] = v
+                elif d.get(k, initial) != v:
+                    return illegal
+            return frozenset(d.items())
+
+        return step
+
+    def describe_state(self, state: Any) -> str:
+        d = dict(state)
+        return "{" + ", ".join(f"{k!r}: {d[k]!r}" for k in sorted(d, key=repr)) + f"}} (others {self.initial!r})"
+
+
+KNOSSOS_MODEL_NAMES = ("cas-register", "multi-register", "mutex")
+
+
+def knossos_model(name: str, initial: Any = 0) -> Model:
+    """A model with Knossos's semantics (for histories in its EDN format); ``initial`` for the registers."""
+    if name == "cas-register":
+        return CASRegister(initial)
+    if name == "multi-register":
+        return MultiRegister(initial)
+    if name == "mutex":
+        return MutexModel(owners=False)
+    raise ValueError(f"no Knossos model {name!r} (expected one of {', '.join(KNOSSOS_MODEL_NAMES)})")
+
+
 # ---------------------------------------------------------------- registry
 
-MODEL_NAMES = ("register", "kv", "kv-append", "kv-expiry", "etcd", "txn", "mutex")
+MODEL_NAMES = ("register", "kv", "kv-append", "kv-expiry", "etcd", "txn", "mutex", "cas-register", "multi-register")
 
 
 def get_model(name: str) -> Model:
@@ -509,6 +655,8 @@ def get_model(name: str) -> Model:
         return TxnModel()
     if name == "mutex":
         return MutexModel()
+    if name in ("cas-register", "multi-register"):
+        return knossos_model(name)
     raise ValueError(f"unknown model {name!r} (expected one of {', '.join(MODEL_NAMES)})")
 
 

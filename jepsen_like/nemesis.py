@@ -1,4 +1,5 @@
-"""Faults: kill -9 and restart, SIGSTOP/SIGCONT pauses, network partitions, on a seeded schedule.
+"""Faults: kill -9 and restart, SIGSTOP/SIGCONT pauses, network partitions, membership changes and
+clock steps, on a seeded schedule.
 
 Theory of operation
 ===================
@@ -25,10 +26,34 @@ Partition shapes (node addresses, via :class:`jepsen_like.netns.Firewall`):
   one: nodes on a shuffled ring keep links to their nearest neighbours only.
   With 3 or 4 nodes that rule cuts nothing, so one random link is cut instead
   (Jepsen's "bridge": the middle node sees everyone, the two ends only it).
+
+``member``: a membership change under load, with the cluster's own operator
+code (:class:`raftkv.membership.Operator`, what ``raftkv node remove|add``
+run): a random node (or a shard leader: leadership moves away first) is
+removed from every shard group and stopped; at the window's end its data
+directory is emptied and it is added back under the same name and address,
+as a new empty member that catches up from the leaders (log or snapshot).
+The Operator starts and stops nodes through the harness's cluster, so the
+nodes keep the run's options and network namespace.
+
+``clock``: ``RAFTKV.FAULT CLOCK.SKEW_MS`` steps a random node's clock for
+log time (:mod:`raftkv.logclock`) *back* by ``CLOCK_SKEW_S`` seconds (1 s to
+2 min).  Steps only ever go back (a node's offset only decreases; a restarted
+node is at 0, above any offset the nemesis set), because that is the fault
+log time is built to tolerate: monotonic clocks never jump forward, and log
+time stands still rather than go back.  The window's end undoes nothing (a
+clock that is behind stays behind).
+
+``clock-forward`` (not in ``all``): steps of +/- ``CLOCK_SKEW_S`` seconds, set
+back to 0 at the window's end, so every fault includes a *forward* step: the
+node's log time jumps ahead, which the design excludes (logclock's
+assumption: monotonic clocks tick at the real rate) and which expires leases
+early on the shards that node leads.  It shows that hazard (docs/jepsen.md).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -36,11 +61,30 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "PARTITION_SHAPES", "make_schedule", "partition_edges"]
+__all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "PARTITION_SHAPES", "make_schedule", "parse_nemesis",
+           "partition_edges"]
 
-FAULT_KINDS = ("kill", "pause", "partition")
-NEMESES = ("none", *FAULT_KINDS, "all")
+FAULT_KINDS = ("kill", "pause", "partition", "member", "clock")
+EXTRA_KINDS = ("clock-forward",)
+"""Fault kinds outside the design's fault model: named explicitly, never part of ``all``."""
+NEMESES = ("none", *FAULT_KINDS, *EXTRA_KINDS, "all")
 PARTITION_SHAPES = ("halves", "isolate-leader", "majority-ring")
+CLOCK_SKEW_S = (1.0, 120.0)
+"""Size range of a clock step (seconds)."""
+
+
+def parse_nemesis(spec: str) -> list[str]:
+    """The fault kinds of ``--nemesis``: ``none``, ``all``, or a comma-separated mix such as ``kill,member``."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(FAULT_KINDS)
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FAULT_KINDS + EXTRA_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"unknown nemesis {', '.join(bad) or spec!r}: use none, all, or a comma-separated mix of "
+                         f"{', '.join(FAULT_KINDS + EXTRA_KINDS)}")
+    return list(dict.fromkeys(kinds))
 
 
 @dataclass
@@ -125,7 +169,7 @@ class Nemesis:
 
     def __init__(self, cluster: Any, rng: random.Random, clock: Callable[[], float],
                  firewall: Any | None = None, log: Callable[[str], None] | None = None,
-                 shapes: tuple[str, ...] = PARTITION_SHAPES) -> None:
+                 shapes: tuple[str, ...] = PARTITION_SHAPES, client_kw: dict | None = None) -> None:
         bad = [x for x in shapes if x not in PARTITION_SHAPES]
         if bad or not shapes:
             raise ValueError(f"unknown partition shape(s) {bad} (expected some of {', '.join(PARTITION_SHAPES)})")
@@ -135,7 +179,9 @@ class Nemesis:
         self.clock = clock
         self.firewall = firewall
         self.log = log or (lambda msg: None)
+        self.client_kw = client_kw or {}  # how the membership operator logs in (--auth runs)
         self.faults: list[Fault] = []
+        self.skews: dict[str, int] = {}  # clock offsets (ms) the nemesis set, per node
         self._lock = threading.RLock()
         self.nodes = list(cluster.map.nodes)
 
@@ -185,6 +231,24 @@ class Nemesis:
                     if not self.firewall.drops(self._host(a), self._host(b), port):
                         self.firewall.heal()
                         raise RuntimeError(f"partition not in effect: a connection from {a} to {b} got through")
+            elif kind == "member":
+                node, why = self._target()
+                f = Fault("member", f"remove {node} ({why}) from every shard group", [node], self.clock())
+                try:
+                    self._operator().remove(node, stop=True)
+                except Exception as e:  # noqa: BLE001 - it may have left some groups: the window's end
+                    f.error = f"remove failed: {e}"  # (or the heal) adds it back, which is idempotent
+            elif kind in ("clock", "clock-forward"):
+                node, why = self._target()
+                step_ms = round(self.rng.uniform(*CLOCK_SKEW_S) * 1000)
+                if kind == "clock":
+                    skew_ms = self.skews.get(node, 0) - step_ms
+                else:
+                    step_ms = skew_ms = step_ms * self.rng.choice((1, -1))
+                    step_ms -= self.skews.get(node, 0)
+                f = Fault(kind, f"clock of {node} ({why}) stepped {(-step_ms if kind == 'clock' else step_ms) / 1000:+.1f} s "
+                          f"(offset {skew_ms / 1000:+.1f} s)", [node], self.clock())
+                self._set_skew(node, skew_ms)
             else:
                 raise ValueError(f"unknown fault kind {kind!r}")
             self.faults.append(f)
@@ -202,6 +266,12 @@ class Nemesis:
                         self.cluster.resume_node(n)
                 elif f.kind == "partition" and self.firewall is not None:
                     self.firewall.heal()
+                elif f.kind == "member":
+                    for n in f.nodes:
+                        self._add_back(n)
+                elif f.kind == "clock-forward":
+                    for n in f.nodes:
+                        self._set_skew(n, 0)
             except Exception as e:  # noqa: BLE001 - recorded; heal_all retries
                 f.error = f"undo failed: {e}"
             f.end = self.clock()
@@ -219,6 +289,20 @@ class Nemesis:
                     done.append(f"network heal failed: {e}")
             for n in self.nodes:
                 self.cluster.signal_node(n, signal.SIGCONT)
+            for f in self.faults:
+                if f.kind == "member" and f.nodes and (f.end is None or f.error):
+                    try:
+                        self._add_back(f.nodes[0])
+                        done.append(f"{f.nodes[0]} added back")
+                    except Exception as e:  # noqa: BLE001
+                        done.append(f"adding {f.nodes[0]} back failed: {e}")
+            for f in self.faults:  # a forward-step fault still open: set its clock back to 0 (clocks the
+                if f.kind == "clock-forward" and f.end is None:  # clock nemesis set back stay back)
+                    try:
+                        self._set_skew(f.nodes[0], 0)
+                        done.append(f"clock of {f.nodes[0]} reset")
+                    except Exception:  # noqa: BLE001 - a node that does not answer is restarted below, at 0
+                        pass
             for n in self.nodes:
                 if self.cluster.pid(n) is None:
                     self.cluster.start_node(n)
@@ -228,6 +312,37 @@ class Nemesis:
                 if f.end is None:
                     f.end = now
         return done
+
+    def _set_skew(self, node: str, skew_ms: int) -> None:
+        """Set ``node``'s clock offset; raises unless the node confirms (it replies the previous offset)."""
+        reply = self.cluster.call(node, "RAFTKV.FAULT", "CLOCK.SKEW_MS", str(skew_ms))
+        if not isinstance(reply, int) or isinstance(reply, bool):
+            raise RuntimeError(f"{node} refused RAFTKV.FAULT CLOCK.SKEW_MS {skew_ms}: {reply}")
+        self.skews[node] = skew_ms
+
+    def _operator(self) -> Any:
+        """The cluster's membership operator, starting and stopping nodes through the harness's cluster."""
+        from raftkv.membership import Operator
+
+        cluster = self.cluster
+
+        class HarnessOperator(Operator):
+            def _local_cluster(self) -> Any:
+                return cluster
+
+        return HarnessOperator(cluster.config, timeout=30.0, say=lambda m: self.log(f"nemesis: member: {m}"),
+                               client_kw=self.client_kw)
+
+    def _add_back(self, node: str) -> None:
+        """Add a removed ``node`` back under its old name and address, with an empty data directory."""
+        import shutil
+
+        info = self.cluster.map.nodes[node]
+        op = self._operator()
+        if node not in op.map.nodes:  # removed: it comes back as a new, empty member
+            shutil.rmtree(os.path.join(op.map.data_dir, node), ignore_errors=True)
+        # else the removal stopped half-way (the file is written last): adding is idempotent, finish it
+        op.add(f"{info.host}:{info.client_port}", name=node, raft_port=info.raft_port, start=True)
 
     # -- the schedule ------------------------------------------------------------------
     def run(self, schedule: list[tuple[float, str, float]], stop: threading.Event) -> None:

@@ -53,7 +53,7 @@ from typing import Any
 
 from jepsen_like import netns
 from jepsen_like.history import Event, ops_from_events
-from jepsen_like.nemesis import FAULT_KINDS, Nemesis, make_schedule
+from jepsen_like.nemesis import Nemesis, make_schedule, parse_nemesis
 from jepsen_like.report import availability_windows, check_to_dict, op_counts, verdict_of, write_report
 from jepsen_like.workloads import CLIENT_AUTH, KEY_PREFIXES, WorkloadUnavailable, make_workload
 
@@ -91,6 +91,7 @@ class RunConfig:
     unsafe_lock_lapse: bool = False
     compact_every: int | None = None
     ttl_ops: float = 0.0
+    edn_out: str | None = None
 
     def to_argv(self) -> list[str]:
         """Command-line options reproducing this config (for the re-exec inside the namespace)."""
@@ -137,20 +138,27 @@ def run(cfg: RunConfig) -> int:
     """Run once; returns the exit code (see the module docstring)."""
     if cfg.seed is None:
         cfg.seed = random.SystemRandom().randrange(1 << 31)
+    if cfg.edn_out:
+        cfg.edn_out = str(Path(cfg.edn_out).resolve())
     note = ""
     if cfg.netns != "off" and not netns.inside():
         avail = netns.probe()
         if avail.ok:
             return _reexec(avail, cfg)
         note = f"no private network namespace ({avail.reason}): partition nemesis skipped, all nodes on 127.0.0.1"
-        if cfg.netns == "require" or cfg.nemesis == "partition":
+        if cfg.netns == "require" or _wants_partition(cfg):
             _say(f"raftkv-jepsen: partition nemesis unavailable: {avail.reason}")
             return EXIT_UNAVAILABLE
         _say(f"raftkv-jepsen: note: {note}")
-    elif cfg.netns == "off" and cfg.nemesis == "partition":
+    elif cfg.netns == "off" and _wants_partition(cfg):
         _say("raftkv-jepsen: partition nemesis needs the network namespace (--netns off given)")
         return EXIT_UNAVAILABLE
     return _run_here(cfg, note)
+
+
+def _wants_partition(cfg: RunConfig) -> bool:
+    """Partitions named explicitly (``all`` runs without them where no namespace can be made)."""
+    return cfg.nemesis != "all" and "partition" in parse_nemesis(cfg.nemesis)
 
 
 def _reexec(avail: netns.Availability, cfg: RunConfig) -> int:
@@ -193,7 +201,29 @@ def _restrict_clients(config: Path) -> None:
         op.command(*args)
         op.command("RAFTKV.USER", "ADD", "jepsen", "jepsen-client", "jepsen-clients")
     CLIENT_AUTH.update(username="jepsen", password="jepsen-client")
+    _wait_user_everywhere(config, "jepsen", "jepsen-client")
     _say("raftkv-jepsen: clients authenticate as 'jepsen', allowed keys " + ", ".join(p + "*" for p in KEY_PREFIXES))
+
+
+def _wait_user_everywhere(config: Path, user: str, password: str, timeout_s: float = 30.0) -> None:
+    """Until every node accepts ``user``'s AUTH: a node checks passwords against its own replica of the
+    user table, so a follower that has not applied the new user yet would refuse the first clients."""
+    from raftkv.cluster import call
+    from raftkv.protocol import ReplyError
+    from shards.shardmap import ShardMap
+
+    deadline = time.monotonic() + timeout_s
+    for name, info in ShardMap.load(config).nodes.items():
+        while True:
+            try:
+                reply = call(info.client_addr, "PING", auth=[b"AUTH", user.encode(), password.encode()])
+            except (OSError, ConnectionError) as e:
+                reply = e
+            if not isinstance(reply, ReplyError | OSError | ConnectionError):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} still refuses user {user!r} {timeout_s:g} s after it was added: {reply}")
+            time.sleep(0.1)
 
 
 def _run_here(cfg: RunConfig, note: str) -> int:
@@ -206,7 +236,7 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         netns.setup_inside()
         firewall = netns.Firewall()
         firewall.heal()
-    kinds = list(FAULT_KINDS) if cfg.nemesis == "all" else ([] if cfg.nemesis == "none" else [cfg.nemesis])
+    kinds = parse_nemesis(cfg.nemesis)
     if firewall is None and "partition" in kinds:
         kinds.remove("partition")
     run_dir = _run_dir(cfg.store, cfg.workload)
@@ -234,6 +264,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     node_args = ["--unsafe-local-reads"] if cfg.unsafe_local_reads else []
     if cfg.compact_every:
         node_args += ["--compact-every", str(cfg.compact_every)]
+    if {"clock", "clock-forward"} & set(kinds):  # nodes refuse RAFTKV.FAULT unless the point is armed
+        node_args += ["--fault", "clock.skew_ms:0"]
     cluster = LocalCluster(node_dir, shardmap, node_args=node_args, env=env)
     mode = ("private netns, node i on 127.0.0.i, iptables: " + os.environ.get(netns.ENV_MARK, "")) if inside \
         else "host loopback 127.0.0.1 (no partitions)"
@@ -244,7 +276,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     rec = Recorder()
     rng = random.Random(cfg.seed)
     nemesis = Nemesis(cluster, random.Random(rng.random()), rec.now, firewall, log=_say,
-                      shapes=tuple(x.strip() for x in cfg.partition_shapes.split(",") if x.strip()))
+                      shapes=tuple(x.strip() for x in cfg.partition_shapes.split(",") if x.strip()),
+                      client_kw={"password": OPERATOR_PASSWORD} if cfg.auth else None)
     stop = threading.Event()
     threads: list[threading.Thread] = []
     results: dict[str, Any] = {}
@@ -336,9 +369,25 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         "harness_error": harness_error,
         "command": "raftkv-jepsen run " + " ".join(cfg.to_argv()),
     })
+    if cfg.edn_out:
+        results["edn_files"] = _export_edn(ops, cfg)
     text = write_report(run_dir, results, ops, checks_raw, info_done)
     _say(text)
     return {"pass": EXIT_PASS, "fail": EXIT_FAIL}.get(results["verdict"], EXIT_UNKNOWN)
+
+
+def _export_edn(ops: list, cfg: RunConfig) -> list[str]:
+    """``--edn-out``: the history as Knossos EDN files (one per object); a workload Knossos has no model
+    for is reported, not an error of the run."""
+    from jepsen_like.knossos import export_history
+
+    try:
+        files = export_history(ops, cfg.workload, cfg.edn_out or ".")
+    except ValueError as e:
+        _say(f"raftkv-jepsen: no EDN export: {e}")
+        return []
+    _say(f"raftkv-jepsen: wrote {len(files)} Knossos EDN histor{'y' if len(files) == 1 else 'ies'} to {cfg.edn_out}")
+    return [str(f) for f in files]
 
 
 def _wait_started(cluster: Any, timeout: float) -> None:

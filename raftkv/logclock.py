@@ -34,6 +34,13 @@ Log time may *lag* real time (while no leader is elected it stands still), and
 that only makes horizons later: memory is kept a little longer, locks are
 resolved a little later.  It assumes monotonic clocks tick at the real rate
 (they drift by parts per million).
+
+Clock faults: :attr:`LogClock.skew_ms` is added to every monotonic reading of
+the process (one node = one process = one clock).  It is 0 except under fault
+injection (``raftkv serve --fault clock.skew_ms:MS``, or ``RAFTKV.FAULT
+CLOCK.SKEW_MS ms`` at run time, which the harness's ``clock`` nemesis sends):
+changing it steps the node's clock by the difference, which the argument above
+does not allow for a forward step (docs/jepsen.md, "clock").
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ from __future__ import annotations
 
 class LogClock:
     """A replica's source of log time for the entries it proposes (see the module doc)."""
+
+    skew_ms = 0
+    """The node's clock offset (ms) under fault injection, class-wide: every replica of a node reads one clock."""
 
     def __init__(self) -> None:
         # (term, log time, monotonic ms) at the last re-base; one tuple, so a reader on another
@@ -50,6 +60,7 @@ class LogClock:
     def now_ms(self, term: int, mono_ms: int, applied_log_ms: int) -> int:
         """Log time to stamp now, in Raft ``term``: ``mono_ms`` from a monotonic clock,
         ``applied_log_ms`` the replica's applied log time (``KVState.log_ms``)."""
+        mono_ms += LogClock.skew_ms
         base = self.base
         if base is None or base[0] != term or base[1] + (mono_ms - base[2]) < applied_log_ms:
             base = self.base = (term, applied_log_ms, mono_ms)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -22,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from jepsen_like import netns
-from jepsen_like.history import Event, Op, ops_from_events
-from jepsen_like.nemesis import make_schedule, partition_edges
+from jepsen_like.checker import LINEARIZABLE, check
+from jepsen_like.history import Event, Op, ops_from_events, parse_knossos_edn
+from jepsen_like.models import CASRegister
+from jepsen_like.nemesis import FAULT_KINDS, Nemesis, make_schedule, parse_nemesis, partition_edges
 from jepsen_like.report import availability_windows, verdict_of
 from jepsen_like.runner import RunConfig
 from jepsen_like.workloads import lost_updates
@@ -101,29 +104,44 @@ def assert_pass(rc: int, res: dict, out: str) -> None:
 
 @pytest.mark.slow
 def test_run_no_faults_passes(tmp_path: Path) -> None:
-    rc, res, out = harness(tmp_path, "--nemesis", "none", *common(11))
+    """Also writes the history as Knossos EDN (``--edn-out``): one cas-register history per key, each
+    passing Knossos's semantics from the nil it starts at."""
+    rc, res, out = harness(tmp_path, "--nemesis", "none", "--edn-out", str(tmp_path / "edn"), *common(11))
     assert_pass(rc, res, out)
     assert res["faults"] == []
+    files = sorted((tmp_path / "edn").glob("*.edn"))
+    assert files and [str(f) for f in files] == sorted(res["edn_files"])
+    assert sum(len(parse_knossos_edn(f.read_text())) for f in files) == res["counts"]["total"]
+    assert all(check(parse_knossos_edn(f.read_text()), CASRegister(initial=None)).verdict == LINEARIZABLE
+               for f in files)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nemesis, ttl_ops", [("kill", "0.5"), ("pause", "0")])
-def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str, ttl_ops: str) -> None:
+@pytest.mark.parametrize("nemesis, ttl_ops, seed", [("kill", "0.5", 12), ("pause,member", "0", 34)])
+def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str, ttl_ops: str, seed: int) -> None:
     """Nodes compact every 50 commands: a killed or paused node restarts from its snapshot and log, and
     replicas compact (and load snapshots) many times while faults come and go.  The kill run also writes
-    with time to live (``--ttl-ops``): values that expire mid-run, checked with the kv-expiry model."""
+    with time to live (``--ttl-ops``): values that expire mid-run, checked with the kv-expiry model.  The
+    second run's schedule (seed 34) is a pause, then a membership change: a node removed from every
+    shard group and added back empty, catching up from the leaders' snapshots."""
     rc, res, out = harness(tmp_path, "--nemesis", nemesis, "--compact-every", "50", "--ttl-ops", ttl_ops,
-                           *common(12))
+                           *common(seed))
     assert_pass(rc, res, out)
     assert ("put-ttl" in res["counts"]["by_f"]) == (ttl_ops != "0")
-    logs = "".join(p.read_text(errors="replace") for p in (Path(res["dir"]) / "nodes").glob("n*.log"))
+    nodes = Path(res["dir"]) / "nodes"
+    logs = "".join(p.read_text(errors="replace") for p in nodes.glob("n*.log"))
     assert logs.count("event=checkpoint ") >= 3, "no compaction (checkpoint) happened during the run"
-    # The nemesis verifies each fault (the process gone / stopped) or records an error:
-    # every scheduled fault must have happened.
+    # The nemesis verifies each fault (the process gone / stopped / the membership change committed) or
+    # records an error: every scheduled fault must have happened, each kind of the mix at least once.
+    kinds = nemesis.split(",")
     faults = res["faults"]
-    assert faults and all(f["kind"] == nemesis and f["end"] is not None and not f["error"]
+    assert faults and all(f["kind"] in kinds and f["end"] is not None and not f["error"]
                           for f in faults), faults
-    assert any(w["window"] == nemesis for w in res["availability"])
+    assert {f["kind"] for f in faults} == set(kinds), faults
+    assert {w["window"] for w in res["availability"]} >= set(kinds)
+    if "member" in kinds:  # each removal and each re-add wrote a new cluster file (epoch + 1)
+        epoch = int(re.search(r"^epoch = (\d+)", (nodes / "cluster.toml").read_text(), re.M).group(1))
+        assert epoch >= 1 + 2 * sum(f["kind"] == "member" for f in faults), epoch
 
 
 @pytest.mark.slow
@@ -172,14 +190,20 @@ def test_transactional_workloads(tmp_path: Path, workload: str) -> None:
 
 
 @pytest.mark.slow
-def test_lock_workload_is_a_mutex_under_kills(tmp_path: Path) -> None:
-    """Clients take and release leased locks while leaders are killed; the mutex model finds one holder
-    at a time (the negative control below shows it would see two)."""
-    rc, res, out = harness(tmp_path, "--workload", "lock", "--nemesis", "kill", "--time", "7", "--clients", "8",
-                           "--rate", "80", "--seed", "15")
+def test_lock_workload_is_a_mutex_under_kills_and_clock_steps(tmp_path: Path) -> None:
+    """Clients take and release leased locks while a leader is killed, then a node's clock for log time
+    steps back (seed 34: kill, then clock); the mutex model finds one holder at a time (the negative
+    control below shows it would see two)."""
+    rc, res, out = harness(tmp_path, "--workload", "lock", "--nemesis", "kill,clock", "--time", "7",
+                           "--clients", "8", "--rate", "80", "--seed", "34", "--fault-min", "1", "--fault-max", "2",
+                           "--quiet-min", "1", "--quiet-max", "2")
     assert rc == 0, f"expected a passing run, exit {rc}:\n{out[-4000:]}"
     assert res["checks"]["mutex"]["valid"] is True, res["checks"]
     assert res["counts"]["ok"] > 20
+    assert [f["kind"] for f in res["faults"]] == ["kill", "clock"] and not any(f["error"] for f in res["faults"])
+    clock = res["faults"][1]
+    logs = (Path(res["dir"]) / "nodes" / f"{clock['nodes'][0]}.log").read_text(errors="replace")
+    assert re.search(r"event=fault node=\w+ point=clock.skew_ms value=-\d+ previous=0", logs), "no clock step"
 
 
 @pytest.mark.slow
@@ -235,6 +259,64 @@ def test_sysdeps_fails_loudly_when_apt_fails(tmp_path: Path) -> None:
                          timeout=60)
     assert out.returncode != 0, out
     assert "Unable to locate package" in out.stderr and "redis-tools" in out.stderr, out.stderr
+
+
+def test_nemesis_names() -> None:
+    assert parse_nemesis("none") == [] and parse_nemesis("all") == list(FAULT_KINDS)
+    assert {"member", "clock"} <= set(FAULT_KINDS) and "clock-forward" not in FAULT_KINDS
+    assert parse_nemesis("kill, member,kill") == ["kill", "member"]
+    assert parse_nemesis("clock-forward") == ["clock-forward"]
+    for bad in ("kil", "kill,bogus", ","):
+        with pytest.raises(ValueError, match="use none, all, or a comma-separated mix"):
+            parse_nemesis(bad)
+
+
+class ClockOnlyCluster:
+    """Just what the clock nemesis and the heal touch: nodes, shards, leaders, processes (all running)
+    and RAFTKV.FAULT, recorded."""
+
+    def __init__(self) -> None:
+        self.map = type("Map", (), {"nodes": {"n1": None, "n2": None, "n3": None}, "nshards": 3})()
+        self.skew = {n: 0 for n in self.map.nodes}
+        self.sent: list[tuple[str, int]] = []
+
+    def leaders(self) -> dict[int, str]:
+        return {0: "n1", 1: "n2", 2: "n1"}
+
+    def signal_node(self, node: str, sig: int) -> bool:  # the heal resumes every node: all are running
+        return True
+
+    def pid(self, node: str) -> int:
+        return 1
+
+    def call(self, node: str, *args: str) -> int:
+        assert args[:2] == ("RAFTKV.FAULT", "CLOCK.SKEW_MS"), args
+        before, self.skew[node] = self.skew[node], int(args[2])
+        self.sent.append((node, int(args[2]) - before))
+        return before
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_clock_nemesis_steps_only_back_and_clock_forward_steps_both_ways(seed: int) -> None:
+    """``clock`` (in ``all``) never steps a clock forward, nor undoes its steps (that would be a forward
+    step); ``clock-forward`` steps 1-120 s either way and sets the clock back to 0 when its window ends."""
+    cluster = ClockOnlyCluster()
+    nem = Nemesis(cluster, random.Random(seed), clock=lambda: 0.0)
+    for _ in range(6):
+        nem.end_fault(nem.start_fault("clock"))
+    assert len(cluster.sent) == 6 and all(-120_000 <= step <= -1_000 for _, step in cluster.sent), cluster.sent
+    nem.heal_all()
+    assert len(cluster.sent) == 6  # healing leaves clocks that are behind where they are
+    cluster.sent.clear()
+    f = nem.start_fault("clock-forward")
+    node, first = cluster.sent[0]
+    assert 1_000 <= abs(cluster.skew[node]) <= 120_000 and "stepped" in f.detail
+    nem.end_fault(f)
+    assert cluster.skew[node] == 0 and not f.error
+    nem.heal_all()  # an open clock-forward fault is set back to 0 by the heal
+    g = nem.start_fault("clock-forward")
+    nem.heal_all()
+    assert cluster.skew[g.nodes[0]] == 0
 
 
 def test_schedule_is_seeded_and_within_the_run() -> None:

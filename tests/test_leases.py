@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -293,9 +294,17 @@ def test_a_lease_lock_keeps_its_token_for_its_holder_and_fences_the_next() -> No
 
 # -- a live cluster ------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The module's shared 3-node cluster, with the clock fault point armed (offset 0 until a test sets it)."""
+    lc = start_cluster(str(tmp_path_factory.mktemp("cluster")), node_args=["--fault", "clock.skew_ms:0"])
+    yield lc
+    lc.stop()
+
+
 @pytest.fixture
 def lc(cluster: LocalCluster) -> LocalCluster:
-    return cluster  # the module's shared 3-node cluster (conftest)
+    return cluster
 
 
 def _keys_on_every_shard(c: Client, prefix: str) -> list[str]:
@@ -360,6 +369,54 @@ def test_an_expired_lease_takes_its_keys_and_refuses_new_ones(lc: LocalCluster) 
             c.put("lease:late", "v", lease=lid)
         assert e.value.code == "NOLEASE"
         assert c.get("lease:late") is None
+
+
+def test_a_clock_step_back_is_harmless_and_one_forward_ends_leases_early(lc: LocalCluster) -> None:
+    """The ``clock.skew_ms`` fault point reaches log time (what the harness's clock nemeses rely on).
+
+    A leader whose clock steps back 60 s keeps the lease's deadline where it was (log time stands
+    still, never goes back); the step forward that follows (the offset set back to 0) advances its log
+    time by 60 s at once, which ends a 30 s lease early: the hazard logclock's assumption (monotonic
+    clocks tick at the real rate) excludes, shown here so that it stays known."""
+    with Client(cluster=lc.config) as c:
+        key = "lease:clock"
+        lid = c.lease_grant(30, near=key)
+        leader = lc.leader_of(c.map.shard_for_key(key.encode()))
+        assert leader is not None
+        try:
+            assert lc.call(leader, "RAFTKV.FAULT", "CLOCK.SKEW_MS", "-60000") == 0
+            c.put(key, "after the step back")  # an entry stamped with the stepped clock
+            assert c.lease_ttl(lid).remaining >= 25
+            assert lc.call(leader, "RAFTKV.FAULT", "CLOCK.SKEW_MS", "0") == -60000
+            deadline = time.monotonic() + 10
+            while True:
+                c.put(key, "after the step forward")
+                try:
+                    c.lease_ttl(lid)
+                except RaftKVError as e:
+                    assert e.code == "NOLEASE"
+                    break
+                assert time.monotonic() < deadline, "a 60 s step forward did not end a 30 s lease"
+                time.sleep(0.1)
+        finally:
+            for name in lc.map.nodes:
+                lc.call(name, "RAFTKV.FAULT", "CLOCK.SKEW_MS", "0")
+        refused = lc.call(leader, "RAFTKV.FAULT", "DISK.FULL", "1")
+        assert "unknown fault 'DISK.FULL'; known: CLOCK.SKEW_MS" in str(refused), refused
+
+
+def test_clock_faults_are_refused_unless_armed() -> None:
+    from raftkv.server.api import Faults
+    from raftkv.server.commands.admin import cmd_fault
+
+    node = SimpleNamespace(name="n1", faults=Faults())
+    with pytest.raises(BadRequest, match="fault injection is off on this node"):
+        cmd_fault(node, None, [b"RAFTKV.FAULT", b"CLOCK.SKEW_MS", b"5000"])
+    node.faults = Faults.parse(["clock.skew_ms:0"])
+    with pytest.raises(BadRequest, match="want an integer"):
+        cmd_fault(node, None, [b"RAFTKV.FAULT", b"CLOCK.SKEW_MS", b"soon"])
+    with pytest.raises(BadRequest, match="beyond"):
+        cmd_fault(node, None, [b"RAFTKV.FAULT", b"CLOCK.SKEW_MS", str(10**10).encode()])
 
 
 def test_resp_errors(lc: LocalCluster) -> None:

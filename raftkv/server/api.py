@@ -80,6 +80,8 @@ FAULT_POINTS = {
     "txn.after_decide": "coordinator sleeps VALUE seconds once the decision is applied",
     "exec.unknown": "a local proposal is applied, then reported as an unknown outcome",
     "exec.not_applied": "a local proposal is refused (not proposed, reported as not applied)",
+    "clock.skew_ms": "the node's clock for log time (leases, expiry) reads VALUE ms ahead (negative: behind); "
+                     "RAFTKV.FAULT CLOCK.SKEW_MS changes it at run time",
 }
 
 

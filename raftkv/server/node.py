@@ -36,6 +36,7 @@ from typing import Any
 from raftkv.acl import ACL_KEY, RESERVED_PREFIX, AclError, AclTable, Permissions
 from raftkv.driver import RaftDriver
 from raftkv.engine import DEFAULT_MAP_SIZE, ENGINE_DIR, Engine
+from raftkv.logclock import LogClock
 from raftkv.protocol import Error
 from raftkv.raftfix import tuned_conf
 from raftkv.raftnet import RaftNetwork
@@ -425,6 +426,9 @@ def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_le
     if node.faults.armed:
         log.warning("event=faults_armed node=%s faults=%s", name,
                     ",".join(f"{f.point}:{f.value:g}:{f.count}:{f.match}" for f in node.faults.armed))
+        skew = node.faults.fire("clock.skew_ms", "")
+        if skew is not None:
+            LogClock.skew_ms = int(skew.value)
     try:
         asyncio.run(node.serve())
     finally:

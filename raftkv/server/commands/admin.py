@@ -1,14 +1,17 @@
 """Connection, introspection and operator commands: PING, HELLO, AUTH, INFO, RAFTKV.STATUS,
-RAFTKV.SHARDS, RAFTKV.CLUSTER, RAFTKV.TRANSFER, and the few Redis commands clients send at start-up."""
+RAFTKV.SHARDS, RAFTKV.CLUSTER, RAFTKV.TRANSFER, RAFTKV.FAULT (fault injection), and the few Redis
+commands clients send at start-up."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from raftkv import protocol
 from raftkv.acl import ACL_KEY, verify_password
+from raftkv.logclock import LogClock
 from raftkv.protocol import OK, PONG, Error
 from raftkv.replica import ShardReplica
 from raftkv.server.api import BadRequest, Command, NodeAPI, admin_access
@@ -202,6 +205,32 @@ def _hello(conn: Conn, req: list[bytes]) -> Any:
                          b"id", 1, b"mode", b"standalone", b"role", b"master", b"modules", []))
 
 
+log = logging.getLogger("raftkv.node")
+
+CLOCK_SKEW_MS_MAX = 24 * 3600 * 1000
+
+
+def cmd_fault(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """``RAFTKV.FAULT CLOCK.SKEW_MS ms``: set this node's clock offset for log time (``raftkv.logclock``).
+    Replies the previous offset.  Refused unless the node was started with the fault point armed
+    (``raftkv serve --fault clock.skew_ms:0``): a production node never lets a client move its log time."""
+    if not any(f.point == "clock.skew_ms" for f in node.faults.armed):
+        raise BadRequest(Error("ERR", "RAFTKV.FAULT: fault injection is off on this node (start it with "
+                                      "--fault clock.skew_ms:0 to allow clock faults)"))
+    if req[1].upper() != b"CLOCK.SKEW_MS":
+        raise BadRequest(Error("ERR", f"RAFTKV.FAULT: unknown fault {req[1].decode(errors='replace')!r}; "
+                                      "known: CLOCK.SKEW_MS"))
+    try:
+        ms = int(req[2])
+    except ValueError:
+        raise BadRequest(Error("ERR", "RAFTKV.FAULT CLOCK.SKEW_MS: want an integer number of milliseconds")) from None
+    if abs(ms) > CLOCK_SKEW_MS_MAX:
+        raise BadRequest(Error("ERR", f"RAFTKV.FAULT CLOCK.SKEW_MS: {ms} ms is beyond +/- {CLOCK_SKEW_MS_MAX} ms"))
+    before, LogClock.skew_ms = LogClock.skew_ms, ms
+    log.warning("event=fault node=%s point=clock.skew_ms value=%d previous=%d", node.name, ms, before)
+    return before
+
+
 COMMANDS: dict[bytes, Command] = {
     b"PING": Command(-1, cmd_ping),
     b"ECHO": Command(2, cmd_echo),
@@ -209,6 +238,7 @@ COMMANDS: dict[bytes, Command] = {
     b"RAFTKV.SHARDS": Command(1, cmd_shards),
     b"RAFTKV.CLUSTER": Command(1, cmd_cluster),
     b"RAFTKV.TRANSFER": Command(-2, cmd_transfer, leader_only=True, access=admin_access),
+    b"RAFTKV.FAULT": Command(3, cmd_fault, access=admin_access),
     b"READONLY": Command(1, cmd_readonly),
     b"READWRITE": Command(1, cmd_readwrite),
     b"INFO": Command(-1, cmd_info),
