@@ -498,7 +498,9 @@ _HANDLERS = {
     "watchrev": _watchrev,
     # cross-shard transaction messages, see raftkv.txn
     "tx_begin": _txn_layer,
+    "tx_stage": _txn_layer,
     "tx_prepare": _txn_layer,
+    "tx_refuse": _txn_layer,
     "tx_decide": _txn_layer,
     "tx_finish": _txn_layer,
     "tx_resolve": _txn_layer,

@@ -51,6 +51,7 @@ from raftkv.txn import (
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
+    STAGING,
     TxnResult,
     TxnRun,
     answer_read_only,
@@ -186,17 +187,31 @@ async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else
         except TxnCallFailed as e:
             return e.error
     decided = asyncio.get_running_loop().create_future()
-    node.txns.spawn(plan.txid, _drive(node, TxnRun(plan), decided))
+    node.txns.spawn(plan.txid, _drive(node, new_run(node, plan), decided))
     try:
         return await asyncio.wait_for(asyncio.shield(decided), node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
     except TimeoutError:
         return Error("UNKNOWN", f"transaction {plan.txid}: no decision yet; it may still commit")
 
 
+def new_run(node: NodeAPI, plan: Any) -> TxnRun:
+    """Parallel commits when this node has a replica of the home shard to read its log time from
+    (the coordinator normally leads it) and the node runs them; else classic 2PC, whose record
+    gives the start time (and which nodes of earlier versions understand, for rolling upgrades)."""
+    replica = node.replicas.get(plan.home)
+    if node.timing.txn_parallel_commits and replica is not None:
+        return TxnRun.parallel(plan, replica.log_now_ms())
+    return TxnRun(plan)
+
+
 def _answer(run: TxnRun) -> TxnResult | Error:
-    state, branch, results, reason = run.decision[:4]  # type: ignore[index]
+    state, branch, results, reason = run.answer  # type: ignore[misc]
     if state == COMMITTED:
-        return TxnResult(bool(branch), tuple(results or ()))
+        if results is None:  # committed by recovery, which knows the branch but not the op results
+            ops = run.plan.n_then if branch else run.plan.n_else
+            return Error("UNKNOWN", f"transaction {run.plan.txid} committed ({'then' if branch else 'else'} "
+                                    f"branch, {ops} ops) by recovery; its op results are not kept")
+        return TxnResult(bool(branch), tuple(results))
     if reason == REASON_CONFLICT:
         key = run.conflict[0] if run.conflict else b"?"
         other = run.conflict[1] if run.conflict else "?"
@@ -219,14 +234,21 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
     prepare_deadline = start + PREPARE_TIMEOUT_S
     backoff = 0.01
     counted = run.decision is not None  # a recovery run resends an outcome counted before
+    partial = run.phase == "stage"  # the txn.partial_prepare fault point is checked once
     while run.phase != "done" and loop.time() - start < DRIVE_BUDGET_S:
-        if run.phase in ("begin", "prepare") and loop.time() > prepare_deadline:
+        if run.phase in ("begin", "prepare", "stage") and loop.time() > prepare_deadline:
             run.expire()
         phase_before = run.phase
         cmds = run.commands()
         timeout = MESSAGE_TIMEOUT_S
-        if run.phase in ("begin", "prepare"):
+        if run.phase in ("begin", "prepare", "stage"):
             timeout = max(0.05, min(timeout, prepare_deadline - loop.time()))
+        hold = None
+        if partial:
+            partial = False
+            hold = node.faults.fire("txn.partial_prepare", run.plan.txid)
+            if hold is not None:  # the record and the home's PREPARE only, then a pause
+                cmds = [(s, c) for s, c in cmds if s == run.plan.home]
         results = await asyncio.gather(*[tx_call(node, s, c, timeout) for s, c in cmds], return_exceptions=True)
         progressed = False
         for (s, c), r in zip(cmds, results, strict=True):
@@ -239,13 +261,17 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
             progressed = True
         if run.conflict is not None:
             _maybe_resolve_conflict(node, run.conflict)
-        if phase_before == "prepare" and run.phase == "decide":
+        if run.answer is not None and decided is not None and not decided.done():
+            decided.set_result(_answer(run))  # parallel commits: possibly before the decision is written
+        if hold is not None and hold.value > 0:
+            log.warning("event=fault_pause point=txn.partial_prepare txid=%s secs=%g", run.plan.txid, hold.value)
+            await asyncio.sleep(hold.value)
+        if phase_before in ("prepare", "stage") and run.phase == "decide":
             await _pause_at(node, "txn.after_prepare", run.plan.txid)
         if run.decision is not None and not counted:
             counted = True
             node.metrics.txn_outcomes.labels(str(run.decision[0]).lower()).inc()
-        if run.decision is not None and decided is not None and not decided.done():
-            decided.set_result(_answer(run))
+        if phase_before == "decide" and run.decision is not None and decided is not None:
             await _pause_at(node, "txn.after_decide", run.plan.txid)
         if progressed:
             backoff = 0.01
@@ -253,7 +279,7 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
             await asyncio.sleep(backoff)
             backoff = min(0.5, backoff * 2)
     if decided is not None and not decided.done():
-        if run.phase in ("begin", "prepare"):
+        if run.phase in ("begin", "prepare"):  # classic: nothing can commit without this run's decision
             decided.set_result(Error("TRYAGAIN", f"transaction {run.plan.txid} not committed; retry"))
         else:
             decided.set_result(Error("UNKNOWN", f"transaction {run.plan.txid}: decision unknown"))
@@ -273,6 +299,10 @@ async def resolve_lock(node: NodeAPI, shard: int, lock: Locked) -> None:
     try:
         ans = await tx_call(node, lock.home_shard, ("tx_resolve", lock.txid, PENDING_TIMEOUT_MS))
         if ans[0] == PENDING:
+            return
+        if ans[0] == STAGING:  # parallel commits: only the participants can tell; settle it from here
+            if lock.txid not in node.txns.tasks:
+                await _drive(node, TxnRun.recover(lock.txid, lock.home_shard, ans))
             return
         start_ms = ans[5] if len(ans) > 5 else None  # older homes answer without it
         await tx_call(node, shard, ("tx_finish", lock.txid, ans[0], ans[1], lock.home_shard, start_ms))
