@@ -38,6 +38,7 @@ it at that moment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -186,6 +187,10 @@ async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else
             return await tx_call(node, plan.home, cmd, node.timing.request_timeout_s)
         except TxnCallFailed as e:
             return e.error
+    # Parallel commits answer before the locks are released: a transaction that follows one this
+    # node answered (the same client's next MSET, say) waits for it to finish instead of meeting
+    # its lock and aborting.
+    await node.txns.wait_settled(keys_of(compares, then_ops, else_ops), PREPARE_TIMEOUT_S)
     decided = asyncio.get_running_loop().create_future()
     node.txns.spawn(plan.txid, _drive(node, new_run(node, plan), decided))
     try:
@@ -263,6 +268,10 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
             _maybe_resolve_conflict(node, run.conflict)
         if run.answer is not None and decided is not None and not decided.done():
             decided.set_result(_answer(run))  # parallel commits: possibly before the decision is written
+            if run.phase in ("decide", "finish"):
+                node.txns.settling(run.plan.txid, keys_of(*_ops_of(run.plan)))
+        if run.phase in ("ack", "done"):
+            node.txns.settled(run.plan.txid)
         if hold is not None and hold.value > 0:
             log.warning("event=fault_pause point=txn.partial_prepare txid=%s secs=%g", run.plan.txid, hold.value)
             await asyncio.sleep(hold.value)
@@ -278,11 +287,24 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
         else:
             await asyncio.sleep(backoff)
             backoff = min(0.5, backoff * 2)
+    node.txns.settled(run.plan.txid)
     if decided is not None and not decided.done():
         if run.phase in ("begin", "prepare"):  # classic: nothing can commit without this run's decision
             decided.set_result(Error("TRYAGAIN", f"transaction {run.plan.txid} not committed; retry"))
         else:
             decided.set_result(Error("UNKNOWN", f"transaction {run.plan.txid}: decision unknown"))
+
+
+def _ops_of(plan: Any) -> tuple[list, list, list]:
+    """Every compare and op of ``plan`` (all its shards' parts together)."""
+    c: list = []
+    t: list = []
+    e: list = []
+    for pc, pt, pe in plan.parts.values():
+        c += pc
+        t += pt
+        e += pe
+    return c, t, e
 
 
 def _maybe_resolve_conflict(node: NodeAPI, conflict: tuple) -> None:
@@ -302,7 +324,10 @@ async def resolve_lock(node: NodeAPI, shard: int, lock: Locked) -> None:
             return
         if ans[0] == STAGING:  # parallel commits: only the participants can tell; settle it from here
             if lock.txid not in node.txns.tasks:
-                await _drive(node, TxnRun.recover(lock.txid, lock.home_shard, ans))
+                run = TxnRun.recover(lock.txid, lock.home_shard, ans)
+                await _drive(node, run)
+                log.info("event=txn_lock_settled txid=%s shard=%d outcome=%s", lock.txid, shard,
+                         None if run.decision is None else run.decision[0])
             return
         start_ms = ans[5] if len(ans) > 5 else None  # older homes answer without it
         await tx_call(node, shard, ("tx_finish", lock.txid, ans[0], ans[1], lock.home_shard, start_ms))
@@ -331,14 +356,49 @@ class TxnService:
         self.tasks: dict[str, asyncio.Task] = {}  # txid -> the run driving it on this node
         self.resolving: dict[tuple[int, str], asyncio.Task] = {}
         self.last_gc = 0.0
+        # Runs answered but still releasing their locks: key -> txid, txid -> set when released.
+        self._settling_keys: dict[bytes, str] = {}
+        self._settling: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
                          hops: int = 0) -> TxnResult | Error:
         """Run a client transaction (see ``coordinate``)."""
         return await coordinate(self.node, txid, compares, then_ops, else_ops, hops)
 
+    def settling(self, txid: str, keys: list[bytes]) -> None:
+        """The run of ``txid`` was answered and is releasing the locks on ``keys``."""
+        if txid not in self._settling:
+            self._settling[txid] = (asyncio.Event(), list(keys))
+            for k in keys:
+                self._settling_keys[k] = txid
+
+    def settled(self, txid: str) -> None:
+        """The run of ``txid`` released its locks (or stopped trying)."""
+        entry = self._settling.pop(txid, None)
+        if entry is not None:
+            for k in entry[1]:
+                if self._settling_keys.get(k) == txid:
+                    del self._settling_keys[k]
+            entry[0].set()
+
+    async def wait_settled(self, keys: list[bytes], timeout: float) -> None:
+        """Wait (at most ``timeout``) for the answered runs holding any of ``keys`` to release them."""
+        if not self._settling_keys:
+            return
+        events = {self._settling[t][0] for k in keys if (t := self._settling_keys.get(k)) is not None}
+        if events:
+            waits = [asyncio.ensure_future(e.wait()) for e in events]
+            _, late = await asyncio.wait(waits, timeout=timeout)
+            for w in late:
+                w.cancel()
+
     async def wait_for_lock(self, shard: int, lock: Locked, remaining_s: float) -> None:
         """A command met ``lock``: wait a little, resolving the lock first once it is old."""
+        entry = self._settling.get(lock.txid)
+        if entry is not None:  # answered by this node and releasing: its finish is on the way
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry[0].wait(), max(0.05, remaining_s))
+            return
         if lock_is_old(self.node, shard, lock):
             await asyncio.wait([self.resolve_soon(shard, lock)], timeout=max(0.05, remaining_s))
         await asyncio.sleep(self.node.timing.retry_sleep_s)
