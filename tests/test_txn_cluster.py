@@ -277,6 +277,19 @@ def _paused_txn(lc: LocalCluster, node: str, txid: str, a: str, b: str, value: s
     return t
 
 
+def _paused_on_n1(lc: LocalCluster, tag: str, point: str) -> tuple[str, str, threading.Thread, dict]:
+    """Keys ``a`` (shard 0, led by n1) and ``b`` (shard 1, led by n2) set to "old"; a transaction
+    ``pause-<tag>`` writing "new" to both, coordinated by n1, is now paused at fault ``point``."""
+    a, b = keys_on(lc, 0, 1, f"{tag}a")[0], keys_on(lc, 1, 1, f"{tag}b")[0]
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        c.mset({a: "old", b: "old"})
+    place_leaders(lc, {0: "n1", 1: "n2"})
+    out: dict = {}
+    t = _paused_txn(lc, "n1", f"pause-{tag}", a, b, "new", out)
+    wait_log(lc, "n1", f"point={point} txid=pause-{tag}")
+    return a, b, t, out
+
+
 def _read_pair(lc: LocalCluster, a: str, b: str) -> tuple:
     with Client(cluster=lc.config, timeout=30.0) as c:
         return c.get(a), c.get(b)
@@ -312,13 +325,7 @@ def test_kill_coordinator_after_the_record_before_a_participants_prepare(lc: Loc
     other PREPARE (fault txn.partial_prepare).  The client heard nothing.  A reader of the locked
     home key settles the record: the other participant refuses for good, so it aborts, and
     neither key changes."""
-    a, b = keys_on(lc, 0, 1, "k4a")[0], keys_on(lc, 1, 1, "k4b")[0]
-    with Client(cluster=lc.config, timeout=20.0) as c:
-        c.mset({a: "old", b: "old"})
-    place_leaders(lc, {0: "n1", 1: "n2"})
-    out: dict = {}
-    t = _paused_txn(lc, "n1", "pause-k4", a, b, "new", out)
-    wait_log(lc, "n1", "point=txn.partial_prepare txid=pause-k4")
+    a, b, t, out = _paused_on_n1(lc, "k4", "txn.partial_prepare")
     lc.kill_node("n1")
     t.join(10)
     assert "reply" not in out  # the client never heard an outcome
@@ -352,13 +359,7 @@ def test_kill_coordinator_after_decision_before_resolution(lc: LocalCluster) -> 
 
 
 def test_kill_participant_leader_after_it_voted(lc: LocalCluster) -> None:
-    a, b = keys_on(lc, 0, 1, "k3a")[0], keys_on(lc, 1, 1, "k3b")[0]
-    with Client(cluster=lc.config, timeout=20.0) as c:
-        c.mset({a: "old", b: "old"})
-    place_leaders(lc, {0: "n1", 1: "n2"})
-    out: dict = {}
-    t = _paused_txn(lc, "n1", "pause-k3", a, b, "new", out)
-    wait_log(lc, "n1", "point=txn.after_prepare txid=pause-k3")
+    a, b, t, out = _paused_on_n1(lc, "k3", "txn.after_prepare")
     lc.kill_node("n2")  # the participant leader of shard 1, which voted YES
     t.join(60)
     # The prepare was replicated, so COMMIT lands on shard 1's new leader.  (Only if the
