@@ -502,6 +502,7 @@ _HANDLERS = {
     "tx_prepare": _txn_layer,
     "tx_refuse": _txn_layer,
     "tx_decide": _txn_layer,
+    "tx_settle": _txn_layer,
     "tx_finish": _txn_layer,
     "tx_resolve": _txn_layer,
     "tx_gc": _txn_layer,

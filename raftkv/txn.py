@@ -385,6 +385,17 @@ class TxnTable:
             rec.reason = reason if outcome == ABORTED else ""
         return rec.answer()
 
+    def _settle(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        # Parallel commits: the decision, and when the home shard is a participant too (home is
+        # not None), its finish, in one entry: the home never holds an outcome before its record.
+        _, txid, outcome, branch, results, reason, home, start_ms = cmd
+        answer = self._decide(s, ("tx_decide", txid, outcome, branch, results, reason), now_ms)
+        if home is not None and answer[0] in OUTCOMES:
+            done = self._finish(s, ("tx_finish", txid, answer[0], answer[1], home, start_ms), now_ms)
+            if isinstance(done, CmdError):
+                return done
+        return answer
+
     def _resolve(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
         _, txid, abort_after_ms = cmd
         rec = self.records.get(txid)
@@ -539,6 +550,7 @@ _TX_HANDLERS: dict[str, Callable[..., Any]] = {
     "tx_begin": TxnTable._begin,
     "tx_stage": TxnTable._stage,
     "tx_decide": TxnTable._decide,
+    "tx_settle": TxnTable._settle,
     "tx_resolve": TxnTable._resolve,
     "tx_ack": TxnTable._ack,
     "tx_prepare": TxnTable._prepare,
@@ -685,12 +697,13 @@ class TxnRun:
         # the transaction's start on the home shard (home log time), in every PREPARE and tombstone
         self.start_ms: int | None = None if decision is None else _start_of(decision)
         self.record: str | None = None  # the record's state as the stage answered it (parallel runs)
+        self.parallel = False  # parallel commits: decide with tx_settle (the home finishes in the same entry)
 
     @classmethod
     def parallel(cls, plan: Plan, start_ms: int) -> TxnRun:
         """A parallel-commit run; ``start_ms``: the home shard's log time now (the coordinator's view)."""
         run = cls(plan, "stage")
-        run.start_ms = start_ms
+        run.start_ms, run.parallel = start_ms, True
         return run
 
     @classmethod
@@ -705,7 +718,7 @@ class TxnRun:
             return run
         if state == STAGING:
             run = cls(plan, "refuse")
-            run.start_ms, run.record = start_ms, STAGING
+            run.start_ms, run.record, run.parallel = start_ms, STAGING, True
             return run
         return cls(plan, "finish" if participants else "ack", tuple(record))
 
@@ -723,6 +736,10 @@ class TxnRun:
         if self.phase == "decide":
             d = self.proposal
             assert d is not None
+            if self.parallel:
+                here = p.home if p.home in p.participants else None
+                return [(p.home, ("tx_settle", p.txid, d.outcome, d.branch, d.results, d.reason, here,
+                                  self.start_ms))]
             return [(p.home, ("tx_decide", p.txid, d.outcome, d.branch, d.results, d.reason))]
         if self.phase == "finish":
             assert self.decision is not None
@@ -769,7 +786,9 @@ class TxnRun:
                 # Every participant holds its prepare: committed if the record is STAGING (the CAS
                 # below finds it so), aborted if the record was never written (a tombstone results).
                 self._propose(decide(self.plan, self.votes))
-        elif op == "tx_decide" and self.phase == "decide":
+        elif op in ("tx_decide", "tx_settle") and self.phase == "decide":
+            if op == "tx_settle" and cmd[6] is not None:
+                self.finished.add(shard)  # the home finished in the same entry
             self._decided(result)
         elif op == "tx_finish" and self.phase == "finish":
             self.finished.add(shard)
@@ -812,7 +831,7 @@ class TxnRun:
         if self.start_ms is None:
             self.start_ms = _start_of(record)
         # A tombstone (no participants recorded) still finishes on the planned participants.
-        self.phase = "finish" if self.plan.participants else "ack"
+        self.phase = "finish" if set(self.plan.participants) - self.finished else "ack"
 
 
 def _start_of(record: tuple) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 import raftkv.txn
 from raftkv.state import CmdError, KVState, Locked
@@ -357,7 +358,7 @@ class Sim:
         res = self.shards[shard].apply(cmd, self.now)
         if fate == "dup":
             res = self.shards[shard].apply(cmd, self.now)
-        if cmd[0] == "tx_refuse" and res[0] == "no":
+        if cmd[0] == "tx_refuse" and res[0] == "no" and currently_in_test_context():
             event(f"recovery made a participant refuse ({res[1]})")
         if fate == "noreply":
             return
@@ -684,6 +685,17 @@ def test_refuse_returns_a_prepared_vote_and_refuses_otherwise() -> None:
     assert s.apply(("tx_refuse", "p", 0, T0), T0) == vote and "p" in s.txns.prepared
     assert s.apply(("tx_refuse", "q", 0, T0), T0) == ("no", REASON_REFUSED, None)
     assert s.apply(prep("q", [], [("put", b"a", b"3")]), T0)[0] == "done" and "q" not in s.txns.prepared
+    s.txns.check_invariants()
+
+
+def test_settle_decides_and_finishes_the_home_participant_in_one_entry() -> None:
+    s = fresh(a=b"1")
+    s.apply(("tx_stage", "t", (0, 1), T0), T0)
+    s.apply(prep("t", [], [("put", b"a", b"2")]), T0)
+    settle = ("tx_settle", "t", COMMITTED, True, (True,), "", 0, T0)
+    assert s.apply(settle, T0)[0] == COMMITTED
+    assert s.peek(b"a")[0] == b"2" and not s.txns.locks and s.txns.done["t"][0] == COMMITTED
+    assert s.apply(settle, T0)[0] == COMMITTED and s.peek(b"a")[0] == b"2"  # a resend changes nothing
     s.txns.check_invariants()
 
 
