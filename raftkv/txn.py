@@ -19,9 +19,29 @@ When all keys live on one shard the whole transaction is one Raft entry
 (``("txn_once", txid, compares, then_ops, else_ops)``): its result is kept in
 ``TxnTable.once`` under its id for ``TOMBSTONE_TTL_MS`` of log time, apart from
 the clients' sessions, so a retry finds it however busy the shard is.  Otherwise it
-runs two-phase commit (2PC) over the shards' Raft groups:
+runs *parallel commits* over the shards' Raft groups (one consensus round before
+the client is answered; docs/transactions.md has the protocol and its recovery
+argument):
 
-1. ``tx_begin`` on the *home* shard (the shard of the first key) replicates a
+P1. ``tx_stage`` on the *home* shard (the shard of the first key) replicates a
+    record in state STAGING listing the participants and ``start_ms`` (the
+    home's log time as the coordinator read it), *in parallel with* every
+    ``tx_prepare`` (step 2, carrying the same ``start_ms``).  A STAGING record
+    whose participants all hold their prepare is committed: the client is
+    answered then.  A NO vote is final, so the client hears the abort at once.
+P2. ``tx_settle`` on the home writes the decision down (the CAS of step 3) and,
+    when the home is a participant, finishes it there in the same entry; then
+    ``tx_finish`` on the others and ``tx_ack`` (step 4).
+P3. Recovery of a STAGING record (its home leader after ``PENDING_TIMEOUT_MS``,
+    or a reader whose ``tx_resolve`` answered STAGING: resolve never decides
+    one) sends ``tx_refuse`` to every participant: a prepared one answers its
+    vote; any other records an ABORTED tombstone (STALE below its
+    ``prepare_floor``) and can never prepare.  All YES: commit; else abort.
+
+Classic 2PC (three rounds; nodes of earlier versions speak only this, see
+``--txn-classic-2pc``) is the steps below:
+
+1. ``tx_begin`` on the *home* shard replicates a
    transaction record in state PENDING, before any participant hears of it.
 2. ``tx_prepare`` on every participant (it carries the record's creation time
    on the home shard, ``start_ms``, in the home's log time): a PREPARE that
@@ -60,8 +80,14 @@ with real Raft writes, the tests drive it through a lossy simulation.
 Legal record transitions (anything else is refused and leaves state as is)::
 
     (none) --begin--> PENDING --decide--> COMMITTED | ABORTED
-    (none) --resolve/decide--> ABORTED (tombstone)
+    (none) --stage--> STAGING --decide/settle--> COMMITTED | ABORTED
+    (none) --resolve/decide/settle--> ABORTED (tombstone)
     PENDING --resolve (older than timeout)--> ABORTED
+
+Participant transitions: (none) --prepare--> prepared (YES) | tombstone (NO);
+(none) --refuse--> tombstone; prepared --finish/settle--> tombstone.  A refuse
+never touches a prepared transaction, and a prepare never gets past a tombstone
+(or, once GC forgot it, past ``prepare_floor``).
 """
 
 from __future__ import annotations

@@ -12,17 +12,22 @@ sent again.
 
 * ``coordinate``: a client transaction (MSET, RAFTKV.TXN, EXEC) is handed
   to the node leading its home shard (the internal RPC's ``txn`` message), which drives a
-  ``TxnRun`` there: begin, prepare in parallel, decide, answer the client,
-  then finish and ack in the background.  One-shard transactions are one Raft
-  entry, wrapped in a session keyed by the transaction id so a retry cannot
-  apply twice.
+  ``TxnRun`` there: the STAGING record and every PREPARE in one round (parallel
+  commits), answer the client once they are all in, then settle, finish and
+  ack in the background (classic 2PC with ``--txn-classic-2pc``: begin, prepare,
+  decide, answer).  Until an answered run has released its locks, a transaction
+  or single-key command on its keys waits for that (``wait_settled``) instead of
+  meeting the lock.  One-shard transactions are one Raft entry (``txn_once``),
+  applied at most once per transaction id.
 * ``recovery_loop``: for every shard this node leads, every ~100 ms: abort
-  PENDING records older than ``PENDING_TIMEOUT_MS``, re-send the outcome of
+  PENDING records and settle STAGING ones (``tx_refuse`` to the participants)
+  older than ``PENDING_TIMEOUT_MS``, re-send the outcome of
   decided but unfinished records, resolve locks older than
   ``LOCK_TIMEOUT_MS`` (ask the home shard with a Raft write, then finish here)
   and garbage-collect finished state now and then.
 * ``wait_for_lock``: called by the router when a command meets a lock; an
-  old lock is resolved at once, so a reader never waits on a dead coordinator for long.
+  old lock is resolved at once (a STAGING record is settled from here), so a
+  reader never waits on a dead coordinator for long.
 
 Ages here (locks, PENDING records) are log time (``raftkv.logclock``): the
 replica's ``log_now_ms()`` compared with the log times stamped into its
@@ -32,7 +37,8 @@ later, never unsafe, because every decision is a CAS in the home shard's log.
 Fault points (``raftkv.server.api.Faults``, armed only by tests and the fault
 harness with ``raftkv serve --fault``): ``txn.after_prepare`` and
 ``txn.after_decide`` make a coordinator sleep there, so a test can ``kill -9``
-it at that moment.
+it at that moment; ``txn.partial_prepare`` sends only the record and the home's
+PREPARE before sleeping.
 """
 
 from __future__ import annotations
