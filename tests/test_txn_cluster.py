@@ -313,6 +313,14 @@ def test_kill_coordinator_between_prepare_and_decision(lc: LocalCluster) -> None
     lc.wait_ready(60, nodes=[n for n in lc.map.nodes if n != home])
     assert _read_pair(lc, a, b) == (b"new", b"new")  # STAGING + every PREPARE -> committed
     wait_no_txn_state(lc)
+    # A client that missed the answer resends the same ID: it finds the commit, applies nothing again.
+    survivor = next(n for n in lc.map.nodes if n != home)
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        c.put(a, "later")
+    again = redis_on(lc, survivor).execute_command("RAFTKV.TXN", "ID", "pause-k1", 0, 2, "PUT", a, "new", "PUT", b,
+                                                   "new", 0)
+    assert again == [1, [b"OK", b"OK"]]
+    assert _read_pair(lc, a, b) == (b"later", b"new")
     restart(lc, home)
     wait_no_txn_state(lc)
     with Client(cluster=lc.config, timeout=20.0) as c:  # still serving, and the keys are writable
@@ -333,6 +341,9 @@ def test_kill_coordinator_after_the_record_before_a_participants_prepare(lc: Loc
         assert c.get(b) == b"old"  # never locked: the PREPARE was not sent
         assert c.get(a) == b"old"  # locked; the reader's resolver aborts it (shard 1 refuses)
     wait_no_txn_state(lc)
+    with pytest.raises(redis.ResponseError, match="aborted"):  # the same ID again: the abort stands
+        redis_on(lc, "n2").execute_command("RAFTKV.TXN", "ID", "pause-k4", 0, 2, "PUT", a, "new", "PUT", b, "new", 0)
+    assert _read_pair(lc, a, b) == (b"old", b"old")
     restart(lc, "n1")
     wait_no_txn_state(lc)
     with Client(cluster=lc.config, timeout=20.0) as c:

@@ -220,6 +220,9 @@ def _answer(run: TxnRun) -> TxnResult | Error:
     if state == COMMITTED:
         if results is None:  # committed by recovery, which knows the branch but not the op results
             ops = run.plan.n_then if branch else run.plan.n_else
+            mine = [op for part in run.plan.parts.values() for op in part[1 if branch else 2]]
+            if len(mine) == ops and all(op[0] == "put" for op in mine):  # MSET: every result is OK
+                return TxnResult(bool(branch), (True,) * ops)
             return Error("UNKNOWN", f"transaction {run.plan.txid} committed ({'then' if branch else 'else'} "
                                     f"branch, {ops} ops) by recovery; its op results are not kept")
         return TxnResult(bool(branch), tuple(results))
