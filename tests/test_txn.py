@@ -795,3 +795,23 @@ def test_single_shard_txn_id_outlives_session_eviction(monkeypatch: pytest.Monke
         s.apply(("session", f"client{i}".encode(), 1, ("get", b"c")), T0 + i)
     assert s.apply(cmd, T0 + 100) == first
     assert s.apply(cmd, T0 + TOMBSTONE_TTL_MS - 1) == first  # for the whole documented window
+
+
+def test_coordinator_runs_parallel_commits_unless_told_classic_or_without_the_home_replica() -> None:
+    """``--txn-classic-2pc`` (rolling upgrades) and a coordinator without a replica of the home
+    shard run classic 2PC, whose messages nodes of earlier versions understand."""
+    from types import SimpleNamespace
+
+    from raftkv.server.api import Timing
+    from raftkv.server.coordinator import new_run
+
+    plan = plan_txn("t", [], [("put", b"a", b"1"), ("put", b"b", b"1")], [], SHARD.__getitem__)
+    home = SimpleNamespace(log_now_ms=lambda: T0)
+
+    def first_messages(timing: Timing, replicas: dict) -> list[str]:
+        run = new_run(SimpleNamespace(timing=timing, replicas=replicas), plan)  # type: ignore[arg-type]
+        return [c[0] for _, c in run.commands()]
+
+    assert first_messages(Timing(), {0: home}) == ["tx_stage", "tx_prepare", "tx_prepare"]
+    assert first_messages(Timing(txn_parallel_commits=False), {0: home}) == ["tx_begin"]
+    assert first_messages(Timing(), {1: home}) == ["tx_begin"]
