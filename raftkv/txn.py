@@ -790,6 +790,9 @@ class TxnRun:
                 self._decided(result)
                 return
             self.record = result[0]
+            # A record another coordinator of this id staged first: its start is the transaction's,
+            # for every message from now on (tombstones and the prepare floor go by it).
+            self.start_ms = _start_of(result) if _start_of(result) is not None else self.start_ms
             self._settle()
         elif op == "tx_prepare" and self.phase in ("prepare", "stage"):
             self.votes.setdefault(shard, result)
