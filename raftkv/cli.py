@@ -149,10 +149,13 @@ def cluster_down(directory: str, purge: bool) -> None:
               help="commands in flight per connection before -BUSY")
 @click.option("--idle-timeout", type=click.FloatRange(0), default=0.0, show_default=True,
               help="close client connections idle this many seconds (0 = never)")
+@click.option("--txn-classic-2pc", is_flag=True,
+              help="coordinate cross-shard writes with classic 2PC (three consensus rounds) instead of parallel "
+                   "commits (one): needed while any node of a version before parallel commits still runs")
 def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, balance_period: float,
           compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
-          pipeline_depth: int, idle_timeout: float) -> None:
+          pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool) -> None:
     """Run one node in the foreground."""
     from raftkv.security import InsecureBindError
     from raftkv.server import Faults, Limits, Timing, run_node
@@ -160,7 +163,8 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
     limits = Limits(request_bytes_max=max_request_bytes, key_bytes_max=max_key_bytes,
                     value_bytes_max=max_value_bytes, clients_max=max_clients, pipeline_depth_max=pipeline_depth,
                     idle_timeout_s=idle_timeout)
-    timing = Timing(balance_period_s=balance_period if balance_leaders else 0.0)
+    timing = Timing(balance_period_s=balance_period if balance_leaders else 0.0,
+                    txn_parallel_commits=not txn_classic_2pc)
     try:
         armed = Faults.parse(faults)
     except ValueError as e:

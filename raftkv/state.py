@@ -524,8 +524,11 @@ _HANDLERS = {
     "watchrev": _watchrev,
     # cross-shard transaction messages, see raftkv.txn
     "tx_begin": _txn_layer,
+    "tx_stage": _txn_layer,
     "tx_prepare": _txn_layer,
+    "tx_refuse": _txn_layer,
     "tx_decide": _txn_layer,
+    "tx_settle": _txn_layer,
     "tx_finish": _txn_layer,
     "tx_resolve": _txn_layer,
     "tx_gc": _txn_layer,

@@ -19,9 +19,29 @@ When all keys live on one shard the whole transaction is one Raft entry
 (``("txn_once", txid, compares, then_ops, else_ops)``): its result is kept in
 ``TxnTable.once`` under its id for ``TOMBSTONE_TTL_MS`` of log time, apart from
 the clients' sessions, so a retry finds it however busy the shard is.  Otherwise it
-runs two-phase commit (2PC) over the shards' Raft groups:
+runs *parallel commits* over the shards' Raft groups (one consensus round before
+the client is answered; docs/transactions.md has the protocol and its recovery
+argument):
 
-1. ``tx_begin`` on the *home* shard (the shard of the first key) replicates a
+P1. ``tx_stage`` on the *home* shard (the shard of the first key) replicates a
+    record in state STAGING listing the participants and ``start_ms`` (the
+    home's log time as the coordinator read it), *in parallel with* every
+    ``tx_prepare`` (step 2, carrying the same ``start_ms``).  A STAGING record
+    whose participants all hold their prepare is committed: the client is
+    answered then.  A NO vote is final, so the client hears the abort at once.
+P2. ``tx_settle`` on the home writes the decision down (the CAS of step 3) and,
+    when the home is a participant, finishes it there in the same entry; then
+    ``tx_finish`` on the others and ``tx_ack`` (step 4).
+P3. Recovery of a STAGING record (its home leader after ``PENDING_TIMEOUT_MS``,
+    or a reader whose ``tx_resolve`` answered STAGING: resolve never decides
+    one) sends ``tx_refuse`` to every participant: a prepared one answers its
+    vote; any other records an ABORTED tombstone (STALE below its
+    ``prepare_floor``) and can never prepare.  All YES: commit; else abort.
+
+Classic 2PC (three rounds; nodes of earlier versions speak only this, see
+``--txn-classic-2pc``) is the steps below:
+
+1. ``tx_begin`` on the *home* shard replicates a
    transaction record in state PENDING, before any participant hears of it.
 2. ``tx_prepare`` on every participant (it carries the record's creation time
    on the home shard, ``start_ms``, in the home's log time): a PREPARE that
@@ -60,8 +80,14 @@ with real Raft writes, the tests drive it through a lossy simulation.
 Legal record transitions (anything else is refused and leaves state as is)::
 
     (none) --begin--> PENDING --decide--> COMMITTED | ABORTED
-    (none) --resolve/decide--> ABORTED (tombstone)
+    (none) --stage--> STAGING --decide/settle--> COMMITTED | ABORTED
+    (none) --resolve/decide/settle--> ABORTED (tombstone)
     PENDING --resolve (older than timeout)--> ABORTED
+
+Participant transitions: (none) --prepare--> prepared (YES) | tombstone (NO);
+(none) --refuse--> tombstone; prepared --finish/settle--> tombstone.  A refuse
+never touches a prepared transaction, and a prepare never gets past a tombstone
+(or, once GC forgot it, past ``prepare_floor``).
 """
 
 from __future__ import annotations
@@ -89,6 +115,7 @@ COMPARE_KINDS = ("value", "rev", "exists", "missing", "watch")
 OP_KINDS = ("put", "del", "get")
 
 PENDING = "PENDING"
+STAGING = "STAGING"  # a parallel-commit record: committed as soon as every participant holds its prepare
 COMMITTED = "COMMITTED"
 ABORTED = "ABORTED"
 OUTCOMES = (COMMITTED, ABORTED)
@@ -98,6 +125,7 @@ REASON_CONFLICT = "conflict"  # a participant met another transaction's lock (-T
 REASON_TIMEOUT = "timeout"  # a participant did not vote in time, or a resolver aborted (-TRYAGAIN)
 REASON_UNKNOWN = "unknown"  # no record (garbage-collected or never begun): aborted by tombstone
 REASON_STALE = "stale"  # a PREPARE older than the participant's GC horizon (-TRYAGAIN)
+REASON_REFUSED = "refused"  # recovery made a participant refuse the PREPARE it had not yet applied (-TRYAGAIN)
 # The tombstone of a refused stale PREPARE: the transaction's outcome is unknown here (it may
 # have committed with this shard's writes long ago), so any later outcome is accepted, as a no-op.
 STALE = "STALE"
@@ -259,10 +287,15 @@ class Record:
     reason: str = ""
     acked: bool = False  # every participant has applied tx_finish
     finished_ms: int | None = None
+    # A STAGING record's start as its coordinator stamped it (home log time, also in its PREPAREs);
+    # None for a PENDING one, whose start is its creation.  (Old snapshots lack the field: the
+    # class default None applies.)
+    start_ms: int | None = None
 
     def answer(self) -> tuple:
-        """What begin/decide/resolve reply: ``(state, branch, results, reason, participants, created_ms)``."""
-        return (self.state, self.branch, self.results, self.reason, self.participants, self.created_ms)
+        """What stage/begin/decide/resolve reply: ``(state, branch, results, reason, participants, start_ms)``."""
+        start = self.created_ms if self.start_ms is None else self.start_ms
+        return (self.state, self.branch, self.results, self.reason, self.participants, start)
 
 
 @dataclass
@@ -349,6 +382,20 @@ class TxnTable:
         rec = self.records[txid] = Record(PENDING, tuple(participants), now_ms)
         return rec.answer()
 
+    def _stage(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        _, txid, participants, start_ms = cmd
+        rec = self.records.get(txid)
+        if rec is not None:  # a duplicate, a second coordinator, or a record aborted first: it stands
+            return rec.answer()
+        if len(self.records) >= TXN_RECORDS_MAX:
+            return CmdError("BUSY", f"too many transaction records on this shard ({TXN_RECORDS_MAX})")
+        if not participants:
+            raise ValueError("no participants")
+        if type(start_ms) is not int:
+            raise ValueError(f"bad start {start_ms!r}")
+        rec = self.records[txid] = Record(STAGING, tuple(participants), now_ms, start_ms=start_ms)
+        return rec.answer()
+
     def _decide(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
         _, txid, outcome, branch, results, reason = cmd
         if outcome not in OUTCOMES:
@@ -357,12 +404,23 @@ class TxnTable:
         if rec is None:
             # Never begun here or long forgotten: only abort is safe (see module doc).
             return self._tombstone(txid, now_ms).answer()
-        if rec.state == PENDING:
+        if rec.state in (PENDING, STAGING):
             rec.state = outcome
             rec.branch = branch if outcome == COMMITTED else None
             rec.results = results if outcome == COMMITTED else None
             rec.reason = reason if outcome == ABORTED else ""
         return rec.answer()
+
+    def _settle(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        # Parallel commits: the decision, and when the home shard is a participant too (home is
+        # not None), its finish, in one entry: the home never holds an outcome before its record.
+        _, txid, outcome, branch, results, reason, home, start_ms = cmd
+        answer = self._decide(s, ("tx_decide", txid, outcome, branch, results, reason), now_ms)
+        if home is not None and answer[0] in OUTCOMES:
+            done = self._finish(s, ("tx_finish", txid, answer[0], answer[1], home, start_ms), now_ms)
+            if isinstance(done, CmdError):
+                return done
+        return answer
 
     def _resolve(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
         _, txid, abort_after_ms = cmd
@@ -371,6 +429,8 @@ class TxnTable:
             return self._tombstone(txid, now_ms).answer()
         if rec.state == PENDING and now_ms - rec.created_ms >= abort_after_ms:
             rec.state, rec.reason = ABORTED, REASON_TIMEOUT
+        # A STAGING record is never decided here: it may be committed already (every participant
+        # prepared), which only the participants can tell.  The caller runs recovery (TxnRun.recover).
         return rec.answer()
 
     def _tombstone(self, txid: str, now_ms: int) -> Record:
@@ -383,7 +443,7 @@ class TxnTable:
         rec = self.records.get(txid)
         if rec is None:
             return False
-        if rec.state == PENDING:
+        if rec.state in (PENDING, STAGING):
             raise ValueError("ack of an undecided transaction")
         if not rec.acked:
             rec.acked, rec.finished_ms = True, now_ms
@@ -421,6 +481,27 @@ class TxnTable:
             self.locks[k] = Locked(k, txid, home, now_ms)
         self.prepared[txid] = Prepared(home, keys, tuple(then_ops), tuple(else_ops), vote, now_ms, start_ms)
         return vote
+
+    def _refuse(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        # Recovery of a STAGING record asks every participant: "your vote, or refuse for good".
+        _, txid, home, start_ms = cmd
+        done = self.done.get(txid)
+        if done is not None:
+            return ("done", done[0])
+        prep = self.prepared.get(txid)
+        if prep is not None:  # prepared: the vote stands (and the locks stay until the outcome)
+            return prep.vote
+        floor = self.prepare_floor.get(home)
+        if floor is not None and start_ms <= floor:
+            # Older than a forgotten tombstone: this refusal was delayed past GC, and the transaction
+            # may have committed here long ago.  A PREPARE would be refused as stale, so say that,
+            # with a STALE tombstone, which takes whatever outcome is re-sent as a no-op.
+            self.done[txid] = (STALE, now_ms, home, start_ms)
+            return ("no", REASON_STALE, None)
+        # Not prepared: it never will be.  The tombstone turns a later PREPARE away, and when GC
+        # forgets it, prepare_floor does (start_ms is the record's, as in the PREPAREs).
+        self.done[txid] = (ABORTED, now_ms, home, start_ms)
+        return ("no", REASON_REFUSED, None)
 
     def _finish(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
         # (home, start_ms) name the transaction's start for its tombstone when nothing was prepared
@@ -487,17 +568,20 @@ class TxnTable:
             for k in prep.keys:
                 assert self.locks[k].txid == t, f"prepared {t} lost its lock on {k!r}"
         for t, rec in self.records.items():
-            assert rec.state in (PENDING, *OUTCOMES)
-            assert not (rec.acked and rec.state == PENDING), f"{t} acked while pending"
+            assert rec.state in (PENDING, STAGING, *OUTCOMES)
+            assert not (rec.acked and rec.state in (PENDING, STAGING)), f"{t} acked while undecided"
 
 
 _TX_HANDLERS: dict[str, Callable[..., Any]] = {
     "tx_begin": TxnTable._begin,
+    "tx_stage": TxnTable._stage,
     "tx_decide": TxnTable._decide,
+    "tx_settle": TxnTable._settle,
     "tx_resolve": TxnTable._resolve,
     "tx_ack": TxnTable._ack,
     "tx_prepare": TxnTable._prepare,
     "tx_finish": TxnTable._finish,
+    "tx_refuse": TxnTable._refuse,
     "tx_gc": TxnTable._gc,
 }
 
@@ -560,17 +644,28 @@ class Decision:
     reason: str
 
 
+def abort_for(vote: tuple) -> Decision:
+    """The abort one non-YES vote (or refusal) implies, with its reason."""
+    if vote[0] == "no" and vote[1] in (REASON_STALE, REASON_REFUSED):
+        return Decision(ABORTED, None, None, vote[1])
+    return Decision(ABORTED, None, None, REASON_CONFLICT if vote[0] == "no" else REASON_UNKNOWN)
+
+
 def decide(plan: Plan, votes: dict[int, tuple]) -> Decision:
-    """COMMIT iff every participant voted YES; the then-branch iff every compare held."""
+    """COMMIT iff every participant voted YES; the then-branch iff every compare held.
+
+    A recovery run's plan knows the participants but not the ops (``parts`` is empty): its
+    COMMIT carries the branch and no results.
+    """
     for s in plan.participants:
         v = votes.get(s)
         if v is None:
             return Decision(ABORTED, None, None, REASON_TIMEOUT)
         if v[0] != "yes":
-            if v[0] != "no":
-                return Decision(ABORTED, None, None, REASON_UNKNOWN)
-            return Decision(ABORTED, None, None, REASON_STALE if v[1] == REASON_STALE else REASON_CONFLICT)
+            return abort_for(v)
     branch = all(votes[s][1] for s in plan.participants)
+    if not plan.parts:
+        return Decision(COMMITTED, branch, None, "")
     results: list = [None] * (plan.n_then if branch else plan.n_else)
     pos = plan.then_pos if branch else plan.else_pos
     for s in plan.participants:
@@ -594,10 +689,26 @@ class TxnRun:
     ``commands()`` lists the ``(shard, command)`` messages outstanding in the
     current phase; the driver sends them (again and again if their outcome is
     unknown: every message is idempotent) and feeds each applied result to
-    ``on_result``.  ``expire()`` tells the run that the prepare phase timed
-    out (missing votes count as NO).  Phases: begin, prepare, decide, finish,
-    ack, done.  ``decision`` is set once the home shard has applied one; the
-    client may be answered from then on.
+    ``on_result``.  ``expire()`` tells the run that its votes did not all come
+    in time.  ``answer`` is what the client may be told, as soon as it is known
+    (``(state, branch, results, reason)``); ``decision`` is the record's
+    decision once the home shard has applied one.
+
+    Two protocols (see docs/transactions.md):
+
+    * parallel commits (``TxnRun.parallel``): phase ``stage`` sends the STAGING
+      record and every PREPARE at once.  Once the record is STAGING and every
+      vote is YES the transaction is committed (``answer`` is set at once);
+      ``decide`` then writes that down.  A NO vote is final (the participant
+      keeps a tombstone), so the answer is "aborted" at once.  On ``expire``
+      the run goes to ``refuse``: every participant that has not voted is
+      asked for its vote or to refuse for good, and the outcome follows from
+      the answers.  ``TxnRun.recover`` of a STAGING record starts there too.
+    * classic 2PC (the default ``TxnRun(plan)``, which nodes of earlier versions
+      speak): ``begin`` (PENDING record), ``prepare``, ``decide``; the answer
+      is the decision.
+
+    Both then ``finish`` on the participants and ``ack`` the record.
     """
 
     def __init__(self, plan: Plan, phase: str = "begin", decision: tuple | None = None) -> None:
@@ -606,14 +717,24 @@ class TxnRun:
         self.votes: dict[int, tuple] = {}
         self.finished: set[int] = set()
         self.proposal: Decision | None = None
-        self.decision: tuple | None = decision  # (state, branch, results, reason, participants, created_ms)
+        self.decision: tuple | None = decision  # (state, branch, results, reason, participants, start_ms)
+        self.answer: tuple | None = None if decision is None else tuple(decision[:4])
         self.conflict: tuple | None = None
-        # the record's creation time on the home shard (home log time), from its first answer
+        # the transaction's start on the home shard (home log time), in every PREPARE and tombstone
         self.start_ms: int | None = None if decision is None else _start_of(decision)
+        self.record: str | None = None  # the record's state as the stage answered it (parallel runs)
+        self.parallel = False  # parallel commits: decide with tx_settle (the home finishes in the same entry)
+
+    @classmethod
+    def parallel(cls, plan: Plan, start_ms: int) -> TxnRun:
+        """A parallel-commit run; ``start_ms``: the home shard's log time now (the coordinator's view)."""
+        run = cls(plan, "stage")
+        run.start_ms, run.parallel = start_ms, True
+        return run
 
     @classmethod
     def recover(cls, txid: str, home: int, record: tuple) -> TxnRun:
-        """A run that finishes an existing record: abort if PENDING, else resend the outcome."""
+        """A run that finishes an existing record: abort if PENDING, settle if STAGING, else resend the outcome."""
         state, participants, start_ms = record[0], record[4], _start_of(record)
         plan = Plan(txid, home, tuple(participants), {}, {}, {}, 0, 0)
         if state == PENDING:
@@ -621,17 +742,30 @@ class TxnRun:
             run.start_ms = start_ms
             run.proposal = Decision(ABORTED, None, None, REASON_TIMEOUT)
             return run
+        if state == STAGING:
+            run = cls(plan, "refuse")
+            run.start_ms, run.record, run.parallel = start_ms, STAGING, True
+            return run
         return cls(plan, "finish" if participants else "ack", tuple(record))
 
     def commands(self) -> list[tuple[int, tuple]]:
         p = self.plan
         if self.phase == "begin":
             return [(p.home, ("tx_begin", p.txid, p.participants))]
+        if self.phase == "stage":
+            stage = [] if self.record is not None else [(p.home, ("tx_stage", p.txid, p.participants, self.start_ms))]
+            return stage + [(s, p.prepare_cmd(s, self.start_ms)) for s in p.participants if s not in self.votes]
         if self.phase == "prepare":
             return [(s, p.prepare_cmd(s, self.start_ms)) for s in p.participants if s not in self.votes]
+        if self.phase == "refuse":
+            return [(s, ("tx_refuse", p.txid, p.home, self.start_ms)) for s in p.participants if s not in self.votes]
         if self.phase == "decide":
             d = self.proposal
             assert d is not None
+            if self.parallel:
+                here = p.home if p.home in p.participants else None
+                return [(p.home, ("tx_settle", p.txid, d.outcome, d.branch, d.results, d.reason, here,
+                                  self.start_ms))]
             return [(p.home, ("tx_decide", p.txid, d.outcome, d.branch, d.results, d.reason))]
         if self.phase == "finish":
             assert self.decision is not None
@@ -651,14 +785,39 @@ class TxnRun:
                 self.phase = "prepare"
             else:  # decided already (a retry of a known txid): skip straight to finishing
                 self._decided(result)
-        elif op == "tx_prepare" and self.phase == "prepare":
+        elif op == "tx_stage" and self.phase == "stage" and self.record is None:
+            if result[0] in OUTCOMES:  # decided already: a retry, or aborted by a resolver first
+                self._decided(result)
+                return
+            self.record = result[0]
+            # A record another coordinator of this id staged first: its start is the transaction's,
+            # for every message from now on (tombstones and the prepare floor go by it).
+            self.start_ms = _start_of(result) if _start_of(result) is not None else self.start_ms
+            self._settle()
+        elif op == "tx_prepare" and self.phase in ("prepare", "stage"):
             self.votes.setdefault(shard, result)
             if result[0] != "yes":  # one NO decides: abort without waiting for the others
                 self.conflict = conflict_of({shard: result})
+                d = abort_for(result)
+                if result[0] == "no" and self.phase == "stage":
+                    # A NO vote is final (a tombstone): the transaction can never be committed.
+                    self.answer = (d.outcome, d.branch, d.results, d.reason)
+                self._propose(d if self.phase == "stage" else decide(self.plan, self.votes))
+            elif self.phase == "prepare" and len(self.votes) == len(self.plan.participants):
                 self._propose(decide(self.plan, self.votes))
+            else:
+                self._settle()
+        elif op == "tx_refuse" and self.phase == "refuse":
+            self.votes.setdefault(shard, result)
+            if result[0] != "yes":  # refused (or finished, or voted NO): never committed by implication
+                self._propose(abort_for(result))
             elif len(self.votes) == len(self.plan.participants):
+                # Every participant holds its prepare: committed if the record is STAGING (the CAS
+                # below finds it so), aborted if the record was never written (a tombstone results).
                 self._propose(decide(self.plan, self.votes))
-        elif op == "tx_decide" and self.phase == "decide":
+        elif op in ("tx_decide", "tx_settle") and self.phase == "decide":
+            if op == "tx_settle" and cmd[6] is not None:
+                self.finished.add(shard)  # the home finished in the same entry
             self._decided(result)
         elif op == "tx_finish" and self.phase == "finish":
             self.finished.add(shard)
@@ -667,10 +826,27 @@ class TxnRun:
         elif op == "tx_ack" and self.phase == "ack":
             self.phase = "done"
 
+    def _settle(self) -> None:
+        """Parallel commits: a STAGING record and every vote YES is a committed transaction."""
+        if self.phase != "stage" or len(self.votes) < len(self.plan.participants):
+            return
+        if any(v[0] != "yes" for v in self.votes.values()):
+            return
+        d = decide(self.plan, self.votes)
+        if self.record == STAGING:
+            self.answer = (d.outcome, d.branch, d.results, d.reason)
+            self._propose(d)
+        elif self.record is not None:  # a PENDING record of the same id (a classic run): its CAS decides
+            self._propose(d)
+
     def expire(self) -> None:
-        """The prepare phase ran out of time: decide ABORTED for the missing votes."""
+        """The votes did not all come in time: abort (classic), or ask the silent participants (parallel)."""
         if self.phase in ("begin", "prepare"):
             self._propose(Decision(ABORTED, None, None, REASON_TIMEOUT))
+        elif self.phase == "stage":
+            self.phase = "refuse"
+            if len(self.votes) == len(self.plan.participants):  # all YES; the record's answer was missing
+                self._propose(decide(self.plan, self.votes))
 
     def _propose(self, d: Decision) -> None:
         self.proposal = d
@@ -679,10 +855,12 @@ class TxnRun:
     def _decided(self, record: tuple) -> None:
         assert record[0] in OUTCOMES, f"decision {record!r} is not final"
         self.decision = tuple(record)
+        if self.answer is None:
+            self.answer = tuple(record[:4])
         if self.start_ms is None:
             self.start_ms = _start_of(record)
         # A tombstone (no participants recorded) still finishes on the planned participants.
-        self.phase = "finish" if self.plan.participants else "ack"
+        self.phase = "finish" if set(self.plan.participants) - self.finished else "ack"
 
 
 def _start_of(record: tuple) -> int | None:
@@ -691,9 +869,15 @@ def _start_of(record: tuple) -> int | None:
 
 
 def recovery_action(record: Record, now_ms: int, pending_timeout_ms: int) -> str | None:
-    """What a home-shard leader should do about a record: ``"abort"``, ``"finish"`` or None."""
+    """What a home-shard leader should do about a record: ``"abort"``, ``"settle"``, ``"finish"`` or None.
+
+    ``"settle"``: a STAGING record whose coordinator has had its time; ``TxnRun.recover`` asks the
+    participants (commit if all hold their prepare, else make the others refuse and abort).
+    """
     if record.state == PENDING:
         return "abort" if now_ms - record.created_ms >= pending_timeout_ms else None
+    if record.state == STAGING:
+        return "settle" if now_ms - record.created_ms >= pending_timeout_ms else None
     if not record.acked:
         return "finish"
     return None

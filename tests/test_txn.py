@@ -9,19 +9,24 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
+import raftkv.txn
 from raftkv.state import CmdError, KVState, Locked
 from raftkv.txn import (
     ABORTED,
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
+    REASON_REFUSED,
     REASON_TIMEOUT,
     REASON_UNKNOWN,
+    STAGING,
     TOMBSTONE_TTL_MS,
     Decision,
     Record,
     TxnRun,
+    TxnTable,
     decide,
     plan_txn,
     recovery_action,
@@ -32,6 +37,8 @@ from raftkv.txn import (
 
 T0 = 1_000_000
 SIM_EXAMPLES = 200
+# The two protocols' atomicity properties share what one of them used to run (make test's budget).
+SIM_EXAMPLES_EACH = 100
 
 
 def fresh(**data: bytes) -> KVState:
@@ -300,7 +307,9 @@ class Shard:
 
 
 class Sim:
-    def __init__(self) -> None:
+    def __init__(self, parallel: bool = False) -> None:
+        self.parallel = parallel  # coordinators run parallel commits (else classic 2PC)
+        self.answers: dict[str, tuple] = {}  # txid -> what its coordinator told the client
         self.now = T0
         self.shards = [Shard() for _ in range(NSHARDS)]
         for k in ACCOUNTS:
@@ -331,7 +340,7 @@ class Sim:
         self.ntx += 1
         plan = plan_txn(f"tx{self.ntx}", compares, then_ops, else_ops, ACCOUNT_SHARD.__getitem__)
         self.homes[plan.txid] = plan.home
-        self.runs.append(TxnRun(plan))
+        self.runs.append(TxnRun.parallel(plan, self.now) if self.parallel else TxnRun(plan))
 
     def deliver(self, run: TxnRun, i: int, fate: str) -> None:
         cmds = run.commands()
@@ -343,12 +352,14 @@ class Sim:
         if fate == "delay":  # sits in a buffer; delivered (again) after every shard's GC, see late()
             # Participant messages only: a begin or decide replayed after its record's GC starts the
             # id afresh (documented: same id after GC is a new transaction), outside this property.
-            if cmd[0] in ("tx_prepare", "tx_finish"):
+            if cmd[0] in ("tx_prepare", "tx_finish", "tx_refuse"):
                 self.delayed.append((shard, cmd))
             return
         res = self.shards[shard].apply(cmd, self.now)
         if fate == "dup":
             res = self.shards[shard].apply(cmd, self.now)
+        if cmd[0] == "tx_refuse" and res[0] == "no" and currently_in_test_context():
+            event(f"recovery made a participant refuse ({res[1]})")
         if fate == "noreply":
             return
         assert not isinstance(res, CmdError), (cmd, res)
@@ -356,11 +367,17 @@ class Sim:
         self._observe(run)
 
     def _observe(self, run: TxnRun) -> None:
-        if run.decision is None:
-            return
         txid = run.plan.txid
         if txid in self.forgotten:  # a message after GC finds no record: documented, a new transaction
             return
+        if run.answer is not None and run.plan.parts:  # a client's coordinator (not a recovery run)
+            prev = self.answers.setdefault(txid, run.answer[:3])
+            assert prev == run.answer[:3], f"{txid}: the client was told two things: {prev} vs {run.answer}"
+        if run.decision is None:
+            return
+        if txid in self.answers:  # told before the decision was written (parallel commits): it must agree
+            assert self.answers[txid][0] == run.decision[0], f"{txid}: told {self.answers[txid]}, decided " \
+                                                             f"{run.decision}"
         prev = self.replies.setdefault(txid, run.decision[:3])
         assert prev == run.decision[:3], f"{txid}: two decisions reported: {prev} vs {run.decision}"
         if run.decision[0] == COMMITTED and run.plan.n_then == len(ACCOUNTS) and run.decision[2]:
@@ -375,7 +392,9 @@ class Sim:
         for lock in list(st.txns.locks.values()):
             if self.now - lock.since_ms >= LOCK_TIMEOUT_MS:
                 ans = self.shards[lock.home_shard].apply(("tx_resolve", lock.txid, PENDING_TIMEOUT_MS), self.now)
-                if ans[0] != PENDING:
+                if ans[0] == STAGING:  # the resolver settles it by asking the participants (a run, lossy too)
+                    self.runs.append(TxnRun.recover(lock.txid, lock.home_shard, ans))
+                elif ans[0] != PENDING:
                     res = self.shards[shard].apply(("tx_finish", lock.txid, ans[0], ans[1], lock.home_shard,
                                                     ans[5]), self.now)
                     assert not isinstance(res, CmdError), res
@@ -423,19 +442,22 @@ class Sim:
             outcomes = {sh.state.txns.done[txid][0] for sh in self.shards if txid in sh.state.txns.done}
             if rec is None:  # never begun: nothing may have happened anywhere
                 assert outcomes <= {ABORTED}, (txid, outcomes)
+                assert self.answers.get(txid, (ABORTED,))[0] == ABORTED, (txid, self.answers[txid])
                 continue
-            assert rec.state != PENDING
+            assert rec.state not in (PENDING, STAGING)
             assert outcomes <= {rec.state}, f"{txid}: home says {rec.state}, participants {outcomes}"
             if rec.state == COMMITTED:
                 for s in rec.participants:
                     assert self.shards[s].state.txns.done[txid][0] == COMMITTED
             if txid in self.replies:
                 assert self.replies[txid][0] == rec.state
+            if txid in self.answers:  # acknowledged COMMITTED means committed; ABORTED, never applied
+                assert self.answers[txid][0] == rec.state, f"{txid}: told {self.answers[txid]}, record {rec.state}"
         # GC after the horizon forgets everything that is finished.
         self.now += TOMBSTONE_TTL_MS + 1
         for sh in self.shards:
             sh.apply(("tx_gc",), self.now)
-            assert all(r.state != PENDING for r in sh.state.txns.records.values())
+            assert all(r.state not in (PENDING, STAGING) for r in sh.state.txns.records.values())
             assert not sh.state.txns.done and not sh.state.txns.records
 
 
@@ -460,8 +482,8 @@ ACTIONS = st.sampled_from([k for k, w in _ACTION_WEIGHTS.items() for _ in range(
     lambda kind: _ACTION_ARGS[kind].map(lambda args: (kind, *args)))
 
 
-def run_simulation(actions: list) -> None:
-    sim = Sim()
+def run_simulation(actions: list, parallel: bool = False) -> None:
+    sim = Sim(parallel)
     for act in actions:
         kind = act[0]
         live = [r for r in sim.runs if r.commands()]
@@ -474,7 +496,8 @@ def run_simulation(actions: list) -> None:
             for fate in act[3] if kind == "step" else ["die"]:
                 if fate == "die":  # the coordinator's process dies here, whatever phase it is in
                     sim.runs.remove(run)
-                    event(f"a coordinator crashed in phase {run.phase}")
+                    told = "" if run.answer is None else f", client told {run.answer[0]}"
+                    event(f"a coordinator crashed in phase {run.phase}{told}")
                     break
                 sim.deliver(run, act[2], fate)
         elif kind == "expire" and live:
@@ -492,7 +515,7 @@ def run_simulation(actions: list) -> None:
     sim.check()
 
 
-@settings(max_examples=SIM_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=SIM_EXAMPLES_EACH, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ACTIONS, min_size=20, max_size=100))
 def test_simulation_atomicity(actions: list) -> None:
     """Every transaction is applied on all its shards or on none; no lock outlives recovery.
@@ -502,8 +525,22 @@ def test_simulation_atomicity(actions: list) -> None:
     and 55 % 10+; a coordinator dies before its first message in ~70 %, during prepare in
     ~60 %, after every vote but before the decision in ~50 %, after the decision in ~50 %.
     (The old generator: 7 of 300 examples had 20+ actions, ~10 % crashed after prepare.)
+    Classic 2PC, which coordinators run while older nodes remain (``--txn-classic-2pc``).
     """
     run_simulation(actions)
+
+
+@settings(max_examples=SIM_EXAMPLES_EACH, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ACTIONS, min_size=20, max_size=100))
+def test_parallel_commits_simulation(actions: list) -> None:
+    """Parallel commits under the same lossy, crashing, late-message world: every transaction is
+    applied on all its shards or none, and a client told COMMITTED (before the decision was
+    written) or ABORTED (on a NO vote) is told the truth, however PREPAREs, refusals, recovery
+    runs and resolvers interleave.  Measured over 100 examples (``--hypothesis-show-statistics``):
+    a coordinator dies after telling the client COMMITTED and before writing the decision in ~25 %,
+    recovery makes a participant refuse in 40-48 % (a refusal delayed past GC, answered stale:
+    ~14 %)."""
+    run_simulation(actions, parallel=True)
 
 
 def test_simulation_catches_a_recovery_that_presumes_commit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -529,6 +566,148 @@ def test_simulation_catches_a_recovery_that_presumes_commit(monkeypatch: pytest.
 
     with pytest.raises((AssertionError, ExceptionGroup)):
         prop()
+
+
+def _parallel_sim_fails() -> bool:
+    @settings(max_examples=SIM_EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(ACTIONS, min_size=20, max_size=100))
+    def prop(actions: list) -> None:
+        run_simulation(actions, parallel=True)
+
+    try:
+        prop()
+    except (AssertionError, ExceptionGroup):
+        return True
+    return False
+
+
+def test_parallel_simulation_catches_a_recovery_that_presumes_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: recovery of a STAGING record that commits without asking the participants
+    (a participant whose PREPARE never arrived then "commits" nothing while the others apply)."""
+    real = TxnRun.recover.__func__
+
+    def presume_commit(cls: type, txid: str, home: int, record: tuple) -> TxnRun:
+        run = real(cls, txid, home, record)
+        if record[0] == STAGING:
+            run.proposal, run.phase = Decision(COMMITTED, True, None, ""), "decide"
+        return run
+
+    monkeypatch.setattr(TxnRun, "recover", classmethod(presume_commit))
+    assert _parallel_sim_fails()
+
+
+def _refusal_race() -> Sim:
+    """Parallel commits, scripted: the PREPARE to shard 1 is lost; recovery finds the STAGING
+    record, shard 1 refuses, recovery aborts; then the live coordinator's re-sent PREPARE arrives."""
+    sim = Sim(parallel=True)
+    sim.start_transfer(ACCOUNTS[0], ACCOUNTS[1])  # shard 0 (home) and shard 1
+    run = sim.runs[0]
+    sim.deliver(run, 0, "ok")  # the STAGING record
+    sim.deliver(run, 0, "ok")  # shard 0's PREPARE: YES
+    sim.deliver(run, 0, "lost")  # shard 1's PREPARE
+    assert run.phase == "stage" and run.answer is None
+    sim.now += PENDING_TIMEOUT_MS
+    sim.recover(0)
+    rec_run = sim.runs[1]
+    assert rec_run.phase == "refuse"
+    for _ in range(2):  # shard 1 refuses, which decides: the abort (its finishes stay in flight)
+        sim.deliver(rec_run, 1, "ok")
+    assert rec_run.decision[0] == ABORTED and rec_run.decision[3] == REASON_REFUSED
+    sim.deliver(run, 0, "ok")  # the coordinator re-sends shard 1's PREPARE
+    return sim
+
+
+def test_parallel_refused_participant_stays_refused() -> None:
+    """Recovery that found a participant without its PREPARE aborts only after that participant
+    refused for good: the coordinator's late PREPARE then meets the refusal, and the client is
+    never told COMMITTED for an aborted transaction."""
+    sim = _refusal_race()
+    assert sim.runs[0].answer is None or sim.runs[0].answer[0] == ABORTED
+    sim.quiesce()
+    sim.check()
+    assert (sim.value(ACCOUNTS[0]), sim.value(ACCOUNTS[1])) == (START, START)
+
+
+def test_parallel_refusal_race_catches_a_forgotten_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control for the test above: a participant that answers "refused" but keeps no
+    tombstone lets the late PREPARE vote YES, and the client is told COMMITTED although the
+    record says ABORTED."""
+    real = TxnTable._refuse
+
+    def forgetful(self: TxnTable, s: KVState, cmd: tuple, now_ms: int) -> object:
+        res = real(self, s, cmd, now_ms)
+        if res[0] == "no" and res[1] == REASON_REFUSED:
+            del self.done[cmd[1]]
+        return res
+
+    monkeypatch.setitem(raftkv.txn._TX_HANDLERS, "tx_refuse", forgetful)
+    sim = _refusal_race()
+    assert sim.runs[0].answer[0] == COMMITTED
+    with pytest.raises(AssertionError, match="told"):
+        sim.quiesce()
+        sim.check()
+
+
+def test_parallel_implicit_commit_survives_the_coordinator() -> None:
+    """The coordinator answers COMMITTED once the record is STAGING and both PREPAREs are in, and
+    dies before writing the decision: a reader's resolver (or the home's recovery) commits it."""
+    sim = Sim(parallel=True)
+    sim.start_transfer(ACCOUNTS[0], ACCOUNTS[1])
+    run = sim.runs[0]
+    for _ in range(3):  # record + both PREPAREs, one round
+        sim.deliver(run, 0, "ok")
+    assert run.answer[0] == COMMITTED and run.decision is None and run.phase == "decide"
+    sim.runs.clear()  # kill -9 before the decision
+    assert isinstance(sim.shards[1].state.apply(("get", ACCOUNTS[1]), sim.now), Locked)
+    sim.now += LOCK_TIMEOUT_MS
+    sim.recover(1)  # shard 1's lock resolver: tx_resolve answers STAGING, so it settles the record
+    assert sim.runs and sim.runs[0].phase == "refuse"
+    sim.quiesce()
+    sim.check()
+    assert (sim.value(ACCOUNTS[0]), sim.value(ACCOUNTS[1])) == (START - 1, START + 1)
+
+
+def test_parallel_no_vote_answers_at_once_and_stage_after_abort_stays_aborted() -> None:
+    plan = plan_txn("t", [], [("put", b"a", b"1"), ("put", b"b", b"1")], [], SHARD.__getitem__)
+    run = TxnRun.parallel(plan, T0)
+    cmds = run.commands()
+    assert [c[0] for _, c in cmds] == ["tx_stage", "tx_prepare", "tx_prepare"]
+    run.on_result(1, cmds[2][1], ("no", REASON_CONFLICT, (b"b", "u", 1, T0)))
+    assert run.answer[0] == ABORTED and run.phase == "decide"  # answered before any record exists
+    s = fresh()
+    assert s.apply(("tx_decide", "t", ABORTED, None, None, REASON_CONFLICT), T0)[0] == ABORTED
+    assert s.apply(cmds[0][1], T0)[0] == ABORTED  # a stage that arrives late finds the abort
+
+
+def test_refuse_returns_a_prepared_vote_and_refuses_otherwise() -> None:
+    s = fresh(a=b"1")
+    vote = s.apply(prep("p", [], [("put", b"a", b"2")]), T0)
+    assert s.apply(("tx_refuse", "p", 0, T0), T0) == vote and "p" in s.txns.prepared
+    assert s.apply(("tx_refuse", "q", 0, T0), T0) == ("no", REASON_REFUSED, None)
+    assert s.apply(prep("q", [], [("put", b"a", b"3")]), T0)[0] == "done" and "q" not in s.txns.prepared
+    s.txns.check_invariants()
+
+
+def test_settle_decides_and_finishes_the_home_participant_in_one_entry() -> None:
+    s = fresh(a=b"1")
+    s.apply(("tx_stage", "t", (0, 1), T0), T0)
+    s.apply(prep("t", [], [("put", b"a", b"2")]), T0)
+    settle = ("tx_settle", "t", COMMITTED, True, (True,), "", 0, T0)
+    assert s.apply(settle, T0)[0] == COMMITTED
+    assert s.peek(b"a")[0] == b"2" and not s.txns.locks and s.txns.done["t"][0] == COMMITTED
+    assert s.apply(settle, T0)[0] == COMMITTED and s.peek(b"a")[0] == b"2"  # a resend changes nothing
+    s.txns.check_invariants()
+
+
+def test_staging_record_is_never_decided_by_resolve_or_acked() -> None:
+    s = fresh()
+    assert s.apply(("tx_stage", "t", (0, 1), T0 - 5), T0) == (STAGING, None, None, "", (0, 1), T0 - 5)
+    assert s.apply(("tx_resolve", "t", 0), T0 + 10**6)[0] == STAGING
+    assert isinstance(s.apply(("tx_ack", "t"), T0), CmdError)
+    assert recovery_action(s.txns.records["t"], T0 + PENDING_TIMEOUT_MS, PENDING_TIMEOUT_MS) == "settle"
+    assert s.apply(("tx_decide", "t", COMMITTED, True, None, ""), T0)[0] == COMMITTED
+    assert s.apply(("tx_stage", "t", (0, 1), T0), T0)[0] == COMMITTED
 
 
 def test_simulation_crash_after_prepare_then_recovery() -> None:
@@ -617,3 +796,23 @@ def test_single_shard_txn_id_outlives_session_eviction(monkeypatch: pytest.Monke
         s.apply(("session", f"client{i}".encode(), 1, ("get", b"c")), T0 + i)
     assert s.apply(cmd, T0 + 100) == first
     assert s.apply(cmd, T0 + TOMBSTONE_TTL_MS - 1) == first  # for the whole documented window
+
+
+def test_coordinator_runs_parallel_commits_unless_told_classic_or_without_the_home_replica() -> None:
+    """``--txn-classic-2pc`` (rolling upgrades) and a coordinator without a replica of the home
+    shard run classic 2PC, whose messages nodes of earlier versions understand."""
+    from types import SimpleNamespace
+
+    from raftkv.server.api import Timing
+    from raftkv.server.coordinator import new_run
+
+    plan = plan_txn("t", [], [("put", b"a", b"1"), ("put", b"b", b"1")], [], SHARD.__getitem__)
+    home = SimpleNamespace(log_now_ms=lambda: T0)
+
+    def first_messages(timing: Timing, replicas: dict) -> list[str]:
+        run = new_run(SimpleNamespace(timing=timing, replicas=replicas), plan)  # type: ignore[arg-type]
+        return [c[0] for _, c in run.commands()]
+
+    assert first_messages(Timing(), {0: home}) == ["tx_stage", "tx_prepare", "tx_prepare"]
+    assert first_messages(Timing(txn_parallel_commits=False), {0: home}) == ["tx_begin"]
+    assert first_messages(Timing(), {1: home}) == ["tx_begin"]

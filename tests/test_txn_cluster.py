@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     faults = ["--fault", "txn.after_prepare:60:1:pause-k1", "--fault", "txn.after_decide:60:1:pause-k2",
-              "--fault", "txn.after_prepare:0.5:1:pause-k3", "--fault", "txn.after_prepare:2:0:hold-w"]
+              "--fault", "txn.after_prepare:0.5:1:pause-k3", "--fault", "txn.after_prepare:2:0:hold-w",
+              "--fault", "txn.partial_prepare:60:1:pause-k4"]
     with running(LocalCluster.create(str(tmp_path_factory.mktemp("txn")), nodes=3, shards=3, node_args=faults)) as c:
         yield c
 
@@ -276,12 +277,29 @@ def _paused_txn(lc: LocalCluster, node: str, txid: str, a: str, b: str, value: s
     return t
 
 
+def _paused_on_n1(lc: LocalCluster, tag: str, point: str) -> tuple[str, str, threading.Thread, dict]:
+    """Keys ``a`` (shard 0, led by n1) and ``b`` (shard 1, led by n2) set to "old"; a transaction
+    ``pause-<tag>`` writing "new" to both, coordinated by n1, is now paused at fault ``point``."""
+    a, b = keys_on(lc, 0, 1, f"{tag}a")[0], keys_on(lc, 1, 1, f"{tag}b")[0]
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        c.mset({a: "old", b: "old"})
+    place_leaders(lc, {0: "n1", 1: "n2"})
+    out: dict = {}
+    t = _paused_txn(lc, "n1", f"pause-{tag}", a, b, "new", out)
+    wait_log(lc, "n1", f"point={point} txid=pause-{tag}")
+    return a, b, t, out
+
+
 def _read_pair(lc: LocalCluster, a: str, b: str) -> tuple:
     with Client(cluster=lc.config, timeout=30.0) as c:
         return c.get(a), c.get(b)
 
 
 def test_kill_coordinator_between_prepare_and_decision(lc: LocalCluster) -> None:
+    """Parallel commits: once the STAGING record and both PREPAREs are durable the transaction is
+    committed, and the client is told so before the decision is written.  The coordinator dies
+    there; a later reader meets the lock and settles the record (every participant holds its
+    PREPARE, so it commits), or the new home leader does."""
     a, b = keys_on(lc, 0, 1, "k1a")[0], keys_on(lc, 1, 1, "k1b")[0]
     with Client(cluster=lc.config, timeout=20.0) as c:
         c.mset({a: "old", b: "old"})
@@ -289,15 +307,46 @@ def test_kill_coordinator_between_prepare_and_decision(lc: LocalCluster) -> None
     out: dict = {}
     t = _paused_txn(lc, home, "pause-k1", a, b, "new", out)
     wait_log(lc, home, "point=txn.after_prepare txid=pause-k1")
-    lc.kill_node(home)
     t.join(10)
-    assert "reply" not in out  # the client never heard a decision
+    assert out.get("reply") == [1, [b"OK", b"OK"]], out  # answered in one round, before the decision
+    lc.kill_node(home)
     lc.wait_ready(60, nodes=[n for n in lc.map.nodes if n != home])
-    assert _read_pair(lc, a, b) == (b"old", b"old")  # PENDING -> ABORTED by the new home leader
+    assert _read_pair(lc, a, b) == (b"new", b"new")  # STAGING + every PREPARE -> committed
     wait_no_txn_state(lc)
+    # A client that missed the answer resends the same ID: it finds the commit, applies nothing again.
+    survivor = next(n for n in lc.map.nodes if n != home)
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        c.put(a, "later")
+    again = redis_on(lc, survivor).execute_command("RAFTKV.TXN", "ID", "pause-k1", 0, 2, "PUT", a, "new", "PUT", b,
+                                                   "new", 0)
+    assert again == [1, [b"OK", b"OK"]]
+    assert _read_pair(lc, a, b) == (b"later", b"new")
     restart(lc, home)
     wait_no_txn_state(lc)
     with Client(cluster=lc.config, timeout=20.0) as c:  # still serving, and the keys are writable
+        c.mset({a: "after", b: "after"})
+        assert (c.get(a), c.get(b)) == (b"after", b"after")
+
+
+def test_kill_coordinator_after_the_record_before_a_participants_prepare(lc: LocalCluster) -> None:
+    """The coordinator wrote the STAGING record and the home shard's PREPARE, then died before the
+    other PREPARE (fault txn.partial_prepare).  The client heard nothing.  A reader of the locked
+    home key settles the record: the other participant refuses for good, so it aborts, and
+    neither key changes."""
+    a, b, t, out = _paused_on_n1(lc, "k4", "txn.partial_prepare")
+    lc.kill_node("n1")
+    t.join(10)
+    assert "reply" not in out  # the client never heard an outcome
+    with Client(cluster=lc.config, timeout=30.0) as c:
+        assert c.get(b) == b"old"  # never locked: the PREPARE was not sent
+        assert c.get(a) == b"old"  # locked; the reader's resolver aborts it (shard 1 refuses)
+    wait_no_txn_state(lc)
+    with pytest.raises(redis.ResponseError, match="aborted"):  # the same ID again: the abort stands
+        redis_on(lc, "n2").execute_command("RAFTKV.TXN", "ID", "pause-k4", 0, 2, "PUT", a, "new", "PUT", b, "new", 0)
+    assert _read_pair(lc, a, b) == (b"old", b"old")
+    restart(lc, "n1")
+    wait_no_txn_state(lc)
+    with Client(cluster=lc.config, timeout=20.0) as c:
         c.mset({a: "after", b: "after"})
         assert (c.get(a), c.get(b)) == (b"after", b"after")
 
@@ -321,13 +370,7 @@ def test_kill_coordinator_after_decision_before_resolution(lc: LocalCluster) -> 
 
 
 def test_kill_participant_leader_after_it_voted(lc: LocalCluster) -> None:
-    a, b = keys_on(lc, 0, 1, "k3a")[0], keys_on(lc, 1, 1, "k3b")[0]
-    with Client(cluster=lc.config, timeout=20.0) as c:
-        c.mset({a: "old", b: "old"})
-    place_leaders(lc, {0: "n1", 1: "n2"})
-    out: dict = {}
-    t = _paused_txn(lc, "n1", "pause-k3", a, b, "new", out)
-    wait_log(lc, "n1", "point=txn.after_prepare txid=pause-k3")
+    a, b, t, out = _paused_on_n1(lc, "k3", "txn.after_prepare")
     lc.kill_node("n2")  # the participant leader of shard 1, which voted YES
     t.join(60)
     # The prepare was replicated, so COMMIT lands on shard 1's new leader.  (Only if the

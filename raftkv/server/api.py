@@ -44,6 +44,9 @@ class Timing:
     leader_wait_s: float = 3.0  # how long to wait for a shard to elect a leader
     retry_sleep_s: float = 0.02
     balance_period_s: float = 0.0  # leader balancer period; 0 = off
+    # Cross-shard writes in one consensus round (parallel commits).  Off: classic 2PC in three rounds,
+    # the only protocol nodes of earlier versions understand (turn off while any such node remains).
+    txn_parallel_commits: bool = True
 
 
 class BadRequest(Exception):
@@ -78,6 +81,8 @@ def admin_access(req: list[bytes]) -> Access:
 FAULT_POINTS = {
     "txn.after_prepare": "coordinator sleeps VALUE seconds once every participant voted",
     "txn.after_decide": "coordinator sleeps VALUE seconds once the decision is applied",
+    "txn.partial_prepare": "a parallel-commit coordinator sends the record and the home shard's PREPARE only, "
+                           "then sleeps VALUE seconds before the other PREPAREs",
     "exec.unknown": "a local proposal is applied, then reported as an unknown outcome",
     "exec.not_applied": "a local proposal is refused (not proposed, reported as not applied)",
     "clock.skew_ms": "the node's clock for log time (leases, expiry) reads VALUE ms ahead (negative: behind); "
@@ -135,9 +140,17 @@ class Faults:
 class TxnsAPI(Protocol):
     """The node's transaction service as plug-ins use it (``raftkv.server.coordinator.TxnService``)."""
 
+    tasks: dict[str, asyncio.Task]  # txid -> the run this node drives for it
+
     def spawn(self, txid: str, coro: Any) -> None: ...
 
     def resolve_soon(self, shard: int, lock: Locked) -> asyncio.Task: ...
+
+    def settling(self, txid: str, keys: list[bytes]) -> None: ...
+
+    def settled(self, txid: str) -> None: ...
+
+    async def wait_settled(self, keys: list[bytes], timeout: float) -> None: ...
 
     async def wait_for_lock(self, shard: int, lock: Locked, remaining_s: float) -> None: ...
 

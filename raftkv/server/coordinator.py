@@ -12,17 +12,22 @@ sent again.
 
 * ``coordinate``: a client transaction (MSET, RAFTKV.TXN, EXEC) is handed
   to the node leading its home shard (the internal RPC's ``txn`` message), which drives a
-  ``TxnRun`` there: begin, prepare in parallel, decide, answer the client,
-  then finish and ack in the background.  One-shard transactions are one Raft
-  entry, wrapped in a session keyed by the transaction id so a retry cannot
-  apply twice.
+  ``TxnRun`` there: the STAGING record and every PREPARE in one round (parallel
+  commits), answer the client once they are all in, then settle, finish and
+  ack in the background (classic 2PC with ``--txn-classic-2pc``: begin, prepare,
+  decide, answer).  Until an answered run has released its locks, a transaction
+  or single-key command on its keys waits for that (``wait_settled``) instead of
+  meeting the lock.  One-shard transactions are one Raft entry (``txn_once``),
+  applied at most once per transaction id.
 * ``recovery_loop``: for every shard this node leads, every ~100 ms: abort
-  PENDING records older than ``PENDING_TIMEOUT_MS``, re-send the outcome of
+  PENDING records and settle STAGING ones (``tx_refuse`` to the participants)
+  older than ``PENDING_TIMEOUT_MS``, re-send the outcome of
   decided but unfinished records, resolve locks older than
   ``LOCK_TIMEOUT_MS`` (ask the home shard with a Raft write, then finish here)
   and garbage-collect finished state now and then.
 * ``wait_for_lock``: called by the router when a command meets a lock; an
-  old lock is resolved at once, so a reader never waits on a dead coordinator for long.
+  old lock is resolved at once (a STAGING record is settled from here), so a
+  reader never waits on a dead coordinator for long.
 
 Ages here (locks, PENDING records) are log time (``raftkv.logclock``): the
 replica's ``log_now_ms()`` compared with the log times stamped into its
@@ -32,12 +37,14 @@ later, never unsafe, because every decision is a CAS in the home shard's log.
 Fault points (``raftkv.server.api.Faults``, armed only by tests and the fault
 harness with ``raftkv serve --fault``): ``txn.after_prepare`` and
 ``txn.after_decide`` make a coordinator sleep there, so a test can ``kill -9``
-it at that moment.
+it at that moment; ``txn.partial_prepare`` sends only the record and the home's
+PREPARE before sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -51,6 +58,7 @@ from raftkv.txn import (
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
+    STAGING,
     TxnResult,
     TxnRun,
     answer_read_only,
@@ -185,18 +193,39 @@ async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else
             return await tx_call(node, plan.home, cmd, node.timing.request_timeout_s)
         except TxnCallFailed as e:
             return e.error
+    # Parallel commits answer before the locks are released: a transaction that follows one this
+    # node answered (the same client's next MSET, say) waits for it to finish instead of meeting
+    # its lock and aborting.
+    await node.txns.wait_settled(keys_of(compares, then_ops, else_ops), PREPARE_TIMEOUT_S)
     decided = asyncio.get_running_loop().create_future()
-    node.txns.spawn(plan.txid, _drive(node, TxnRun(plan), decided))
+    node.txns.spawn(plan.txid, _drive(node, new_run(node, plan), decided))
     try:
         return await asyncio.wait_for(asyncio.shield(decided), node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
     except TimeoutError:
         return Error("UNKNOWN", f"transaction {plan.txid}: no decision yet; it may still commit")
 
 
+def new_run(node: NodeAPI, plan: Any) -> TxnRun:
+    """Parallel commits when this node has a replica of the home shard to read its log time from
+    (the coordinator normally leads it) and the node runs them; else classic 2PC, whose record
+    gives the start time (and which nodes of earlier versions understand, for rolling upgrades)."""
+    replica = node.replicas.get(plan.home)
+    if node.timing.txn_parallel_commits and replica is not None:
+        return TxnRun.parallel(plan, replica.log_now_ms())
+    return TxnRun(plan)
+
+
 def _answer(run: TxnRun) -> TxnResult | Error:
-    state, branch, results, reason = run.decision[:4]  # type: ignore[index]
+    state, branch, results, reason = run.answer  # type: ignore[misc]
     if state == COMMITTED:
-        return TxnResult(bool(branch), tuple(results or ()))
+        if results is None:  # committed by recovery, which knows the branch but not the op results
+            ops = run.plan.n_then if branch else run.plan.n_else
+            mine = [op for part in run.plan.parts.values() for op in part[1 if branch else 2]]
+            if len(mine) == ops and all(op[0] == "put" for op in mine):  # MSET: every result is OK
+                return TxnResult(bool(branch), (True,) * ops)
+            return Error("UNKNOWN", f"transaction {run.plan.txid} committed ({'then' if branch else 'else'} "
+                                    f"branch, {ops} ops) by recovery; its op results are not kept")
+        return TxnResult(bool(branch), tuple(results))
     if reason == REASON_CONFLICT:
         key = run.conflict[0] if run.conflict else b"?"
         other = run.conflict[1] if run.conflict else "?"
@@ -219,14 +248,21 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
     prepare_deadline = start + PREPARE_TIMEOUT_S
     backoff = 0.01
     counted = run.decision is not None  # a recovery run resends an outcome counted before
+    partial = run.phase == "stage"  # the txn.partial_prepare fault point is checked once
     while run.phase != "done" and loop.time() - start < DRIVE_BUDGET_S:
-        if run.phase in ("begin", "prepare") and loop.time() > prepare_deadline:
+        if run.phase in ("begin", "prepare", "stage") and loop.time() > prepare_deadline:
             run.expire()
         phase_before = run.phase
         cmds = run.commands()
         timeout = MESSAGE_TIMEOUT_S
-        if run.phase in ("begin", "prepare"):
+        if run.phase in ("begin", "prepare", "stage"):
             timeout = max(0.05, min(timeout, prepare_deadline - loop.time()))
+        hold = None
+        if partial:
+            partial = False
+            hold = node.faults.fire("txn.partial_prepare", run.plan.txid)
+            if hold is not None:  # the record and the home's PREPARE only, then a pause
+                cmds = [(s, c) for s, c in cmds if s == run.plan.home]
         results = await asyncio.gather(*[tx_call(node, s, c, timeout) for s, c in cmds], return_exceptions=True)
         progressed = False
         for (s, c), r in zip(cmds, results, strict=True):
@@ -239,24 +275,45 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
             progressed = True
         if run.conflict is not None:
             _maybe_resolve_conflict(node, run.conflict)
-        if phase_before == "prepare" and run.phase == "decide":
+        if run.answer is not None and decided is not None and not decided.done():
+            decided.set_result(_answer(run))  # parallel commits: possibly before the decision is written
+            if run.phase in ("decide", "finish"):
+                node.txns.settling(run.plan.txid, keys_of(*_ops_of(run.plan)))
+        if run.phase in ("ack", "done"):
+            node.txns.settled(run.plan.txid)
+        if hold is not None and hold.value > 0:
+            log.warning("event=fault_pause point=txn.partial_prepare txid=%s secs=%g", run.plan.txid, hold.value)
+            await asyncio.sleep(hold.value)
+        if phase_before in ("prepare", "stage") and run.phase == "decide":
             await _pause_at(node, "txn.after_prepare", run.plan.txid)
         if run.decision is not None and not counted:
             counted = True
             node.metrics.txn_outcomes.labels(str(run.decision[0]).lower()).inc()
-        if run.decision is not None and decided is not None and not decided.done():
-            decided.set_result(_answer(run))
+        if phase_before == "decide" and run.decision is not None and decided is not None:
             await _pause_at(node, "txn.after_decide", run.plan.txid)
         if progressed:
             backoff = 0.01
         else:
             await asyncio.sleep(backoff)
             backoff = min(0.5, backoff * 2)
+    node.txns.settled(run.plan.txid)
     if decided is not None and not decided.done():
-        if run.phase in ("begin", "prepare"):
+        if run.phase in ("begin", "prepare"):  # classic: nothing can commit without this run's decision
             decided.set_result(Error("TRYAGAIN", f"transaction {run.plan.txid} not committed; retry"))
         else:
             decided.set_result(Error("UNKNOWN", f"transaction {run.plan.txid}: decision unknown"))
+
+
+def _ops_of(plan: Any) -> tuple[list, list, list]:
+    """Every compare and op of ``plan`` (all its shards' parts together)."""
+    c: list = []
+    t: list = []
+    e: list = []
+    for pc, pt, pe in plan.parts.values():
+        c += pc
+        t += pt
+        e += pe
+    return c, t, e
 
 
 def _maybe_resolve_conflict(node: NodeAPI, conflict: tuple) -> None:
@@ -273,6 +330,13 @@ async def resolve_lock(node: NodeAPI, shard: int, lock: Locked) -> None:
     try:
         ans = await tx_call(node, lock.home_shard, ("tx_resolve", lock.txid, PENDING_TIMEOUT_MS))
         if ans[0] == PENDING:
+            return
+        if ans[0] == STAGING:  # parallel commits: only the participants can tell; settle it from here
+            if lock.txid not in node.txns.tasks:
+                run = TxnRun.recover(lock.txid, lock.home_shard, ans)
+                await _drive(node, run)
+                log.info("event=txn_lock_settled txid=%s shard=%d outcome=%s", lock.txid, shard,
+                         None if run.decision is None else run.decision[0])
             return
         start_ms = ans[5] if len(ans) > 5 else None  # older homes answer without it
         await tx_call(node, shard, ("tx_finish", lock.txid, ans[0], ans[1], lock.home_shard, start_ms))
@@ -301,14 +365,49 @@ class TxnService:
         self.tasks: dict[str, asyncio.Task] = {}  # txid -> the run driving it on this node
         self.resolving: dict[tuple[int, str], asyncio.Task] = {}
         self.last_gc = 0.0
+        # Runs answered but still releasing their locks: key -> txid, txid -> set when released.
+        self._settling_keys: dict[bytes, str] = {}
+        self._settling: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
                          hops: int = 0) -> TxnResult | Error:
         """Run a client transaction (see ``coordinate``)."""
         return await coordinate(self.node, txid, compares, then_ops, else_ops, hops)
 
+    def settling(self, txid: str, keys: list[bytes]) -> None:
+        """The run of ``txid`` was answered and is releasing the locks on ``keys``."""
+        if txid not in self._settling:
+            self._settling[txid] = (asyncio.Event(), list(keys))
+            for k in keys:
+                self._settling_keys[k] = txid
+
+    def settled(self, txid: str) -> None:
+        """The run of ``txid`` released its locks (or stopped trying)."""
+        entry = self._settling.pop(txid, None)
+        if entry is not None:
+            for k in entry[1]:
+                if self._settling_keys.get(k) == txid:
+                    del self._settling_keys[k]
+            entry[0].set()
+
+    async def wait_settled(self, keys: list[bytes], timeout: float) -> None:
+        """Wait (at most ``timeout``) for the answered runs holding any of ``keys`` to release them."""
+        if not self._settling_keys:
+            return
+        events = {self._settling[t][0] for k in keys if (t := self._settling_keys.get(k)) is not None}
+        if events:
+            waits = [asyncio.ensure_future(e.wait()) for e in events]
+            _, late = await asyncio.wait(waits, timeout=timeout)
+            for w in late:
+                w.cancel()
+
     async def wait_for_lock(self, shard: int, lock: Locked, remaining_s: float) -> None:
         """A command met ``lock``: wait a little, resolving the lock first once it is old."""
+        entry = self._settling.get(lock.txid)
+        if entry is not None:  # answered by this node and releasing: its finish is on the way
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry[0].wait(), max(0.05, remaining_s))
+            return
         if lock_is_old(self.node, shard, lock):
             await asyncio.wait([self.resolve_soon(shard, lock)], timeout=max(0.05, remaining_s))
         await asyncio.sleep(self.node.timing.retry_sleep_s)
