@@ -15,6 +15,10 @@ by ``flush()`` (``Engine.sync``: one commit for every group of the node), with t
 * truncation (tail or prefix), clearing and ``replace_entries`` are range deletions in that same buffer: a
   crash leaves the log as of the last commit, never half rewritten.
 
+With a pipelined engine (``Engine.start_committer``) ``request_flush()`` asks for that commit without waiting
+for it; ``unsynced_seq``/``covers`` tell raftfix what the group's outgoing messages must wait for, and
+``durable_index`` how far a leader may count itself.
+
 A group whose data dir still holds the journal files of the old layout (``shard-N.journal`` and ``.meta``)
 is migrated on open: the entries and the hard state are copied into the engine in one commit, then the old
 files are renamed ``*.migrated``.
@@ -22,6 +26,7 @@ files are renamed ``*.migrated``.
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import struct
@@ -57,6 +62,8 @@ class EngineJournal(Journal):
         self._defer_term = defer_term
         self._entries: list[tuple[bytes, int, int]] = []
         self._last_seq = 0  # engine sequence number of this group's latest buffered write
+        # (seq, index) of appended entries not yet known durable, oldest first (durable_index)
+        self._unsynced: collections.deque[tuple[int, int]] = collections.deque()
         lo, hi = _log_bounds(group)
         for key, value in engine.scan(lo, hi):
             idx = struct.unpack(">Q", key[-8:])[0]
@@ -100,9 +107,11 @@ class EngineJournal(Journal):
     def add(self, command: bytes, idx: int, term: int) -> None:
         self._entries.append((command, idx, term))
         self._last_seq = self._engine.put(_log_key(self._group, idx), _TERM.pack(term) + command)
+        self._unsynced.append((self._last_seq, idx))
 
     def clear(self) -> None:
         self._entries = []
+        self._unsynced.clear()
         self._last_seq = self._engine.delete_range(*_log_bounds(self._group))
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802,N803 - pysyncobj's names
@@ -111,6 +120,9 @@ class EngineJournal(Journal):
             return
         first = self._entries[entryFrom][1]
         del self._entries[entryFrom:]
+        unsynced = self._unsynced
+        while unsynced and unsynced[-1][1] >= first:
+            unsynced.pop()  # gone from the log: whatever replaces them is appended (and tracked) anew
         self._last_seq = self._engine.delete_range(_log_key(self._group, first), _log_bounds(self._group)[1])
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802,N803
@@ -122,6 +134,9 @@ class EngineJournal(Journal):
             return
         keep_from = self._entries[entryTo][1]
         self._entries = self._entries[entryTo:]
+        unsynced = self._unsynced
+        while unsynced and unsynced[0][1] < keep_from:
+            unsynced.popleft()
         self._last_seq = self._engine.delete_range(_log_bounds(self._group)[0], _log_key(self._group, keep_from))
 
     def replace_entries(self, entries: list[tuple[bytes, int, int]]) -> None:
@@ -174,3 +189,26 @@ class EngineJournal(Journal):
         """Make every write of this group durable (one engine commit covers every group's writes)."""
         if self.needs_flush:
             self._engine.sync()
+
+    def request_flush(self) -> None:
+        """Have this group's writes made durable: without waiting if the engine is pipelined (see ``covers``)."""
+        if self.needs_flush:
+            self._engine.request_commit()
+
+    def unsynced_seq(self) -> int:
+        """0 if every write of this group is durable, else the sequence number a commit must cover first."""
+        seq = self._last_seq
+        return 0 if self._engine.covers(seq) else seq
+
+    def covers(self, seq: int) -> bool:
+        """Whether the writes up to ``seq`` (an ``unsynced_seq`` value) are durable."""
+        return self._engine.covers(seq)
+
+    def durable_index(self) -> int:
+        """The log index up to which every entry in the log is durable (the leader counts itself that far)."""
+        unsynced = self._unsynced
+        while unsynced and self._engine.covers(unsynced[0][0]):
+            unsynced.popleft()
+        if unsynced:
+            return unsynced[0][1] - 1
+        return self._entries[-1][1] if self._entries else 0

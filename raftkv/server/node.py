@@ -91,6 +91,9 @@ class Node:
         data_dir = shardmap.node_data_dir(name)
         # One storage engine for every group on this node: one durable commit covers all their log writes.
         self.engine = Engine(os.path.join(data_dir, ENGINE_DIR))
+        # Pipelined commits: the driver requests each loop's commit and goes on; the committer thread wakes it
+        # when the commit is durable (raftkv.driver, docs/engine.md).
+        self.engine.start_committer(self.driver.on_durable)
         for shard in shardmap.shards_on(name):
             peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
             replica = ShardReplica(
@@ -189,6 +192,7 @@ class Node:
             r.destroy()  # the driver has stopped: destroyed here
         self.driver.close()
         self.network.close()
+        self.engine.close()  # after the groups: stops the committer
 
     # -- dispatch --------------------------------------------------------------------------------
     def dispatch(self, conn: Conn, req: list[bytes]) -> Any:
