@@ -190,9 +190,9 @@ class Node:
         self.driver.stop()
         for r in self._replicas.values():
             r.destroy()  # the driver has stopped: destroyed here
+        self.engine.close()  # stops the committer (whose on_commit wakes the driver) before the driver closes
         self.driver.close()
         self.network.close()
-        self.engine.close()  # after the groups: stops the committer
 
     # -- dispatch --------------------------------------------------------------------------------
     def dispatch(self, conn: Conn, req: list[bytes]) -> Any:
