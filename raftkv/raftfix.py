@@ -617,6 +617,7 @@ class SafeSyncObj(SyncObj):
         self._rf_held: list[tuple[Node, dict[str, Any], int]] = []  # (to, message, seq to be covered first)
         self._rf_counting = False  # the leader's commit computation is running: count the durable log only
         self._rf_counted = 0  # log index up to which the last commit computation could count this leader
+        self._rf_gate: _DurableGate | None = None
         self._rf_flush = FlushStats()
         self._rf_flush_lock = threading.Lock()  # guards _rf_flush copies for readers on other threads
         self._rf_last_keepalive = 0.0
@@ -648,7 +649,8 @@ class SafeSyncObj(SyncObj):
         if wake is not None:
             self._rf_use_wake(wake)
         if self._rf_gated:
-            self._SyncObj__transport = _DurableGate(self._SyncObj__transport, self)
+            self._rf_gate = _DurableGate(self._SyncObj__transport, self)
+            self._SyncObj__transport = self._rf_gate
 
     def _rf_use_wake(self, wake: Callable[[], None]) -> None:
         """Route pysyncobj's "command queued" notification to ``wake``; drop the group's own poller and pipe.
@@ -743,7 +745,9 @@ class SafeSyncObj(SyncObj):
             n += 1
         if n:
             release, self._rf_held = held[:n], held[n:]
-            inner = self._SyncObj__transport.inner
+            gate = self._rf_gate  # not the transport attribute: an AppendEntries send may wrap it
+            assert gate is not None, "messages are held only behind the gate"
+            inner = gate.inner
             for node, message, _seq in release:
                 inner.send(node, message)
 
