@@ -13,10 +13,18 @@ it, and so does every socket operation of the network. One loop iteration:
    whose last tick is ``period_s`` old (so ``period_s``, pysyncobj's ``autoTickPeriod``, stays the upper
    bound between two ticks of a group);
 3. **sync**: first the leaders' AppendEntries leave (``RaftNetwork.flush_early``: a leader may replicate
-   entries before its own copy is durable, it only may not count itself), then ``group._rf_sync()`` for every group: the first durable flush covers every group's appends (a
-   node-wide storage engine) or each group flushes its own journal, then each group releases the acks that
-   waited for it;
+   entries before its own copy is durable, it only may not count itself), then ``group._rf_sync()`` for every
+   group: the first durable flush covers every group's appends (a node-wide storage engine) or each group
+   flushes its own journal, then each group releases the acks that waited for it;
 4. **send**: the network seals each connection's queued frames into one record and writes it.
+
+Pipelined commits (a node-wide ``Engine`` with ``start_committer(driver.on_durable)``): step 3 only *requests*
+the commit; the engine's committer thread runs it while this loop goes on receiving, ticking and sending.
+What must wait for durability waits inside each group (raftfix's gate: acks, votes and vote requests are held
+until a commit covers the writes they vouch for; a leader counts itself only for its durable entries), so
+nothing the network sends needs the loop's commit. When a commit completes, ``on_durable`` wakes the loop;
+step 3 then releases what it covers, and the groups that asked for it (leaders whose own entries became
+countable) are ticked so their commit index moves at once.
 
 A thread that proposes a command or a read barrier to a group (``SafeSyncObj``'s ``wake`` hook) or queues a
 tick action calls ``wake(shard)``: the group is ticked in the next iteration and the wait is cut short (one
@@ -60,7 +68,7 @@ class Group(Protocol):
 
     def _onTick(self, timeToWait: float = 0.0) -> None: ...  # noqa: N802,N803 - pysyncobj's names
 
-    def _rf_sync(self) -> None: ...
+    def _rf_sync(self) -> bool | None: ...
 
     def _rf_flush_if_needed(self) -> None: ...
 
@@ -91,6 +99,8 @@ class RaftDriver:
         self._adds: list[Any] = []
         self._removes: list[tuple[Any, threading.Event]] = []
         self._wake_pending = False
+        self._awaiting: set[int] = set()  # groups to tick after the next completed commit (driver thread)
+        self._durable = False  # a commit completed since the last iteration took the flag
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -126,6 +136,12 @@ class RaftDriver:
             self._wake_pending = True
             with contextlib.suppress(BlockingIOError):  # pipe full: a wake-up is pending anyway
                 os.write(self._wake_w, b"w")
+
+    def on_durable(self) -> None:
+        """A pipelined engine commit completed (any thread): release what it covers in the next iteration."""
+        with self._lock:
+            self._durable = True
+        self.wake()
 
     def start(self) -> None:
         """Start the driver thread (once)."""
@@ -185,7 +201,11 @@ class RaftDriver:
         self._adopt()
         with self._lock:
             woken, self._woken = self._woken, set()
+            durable, self._durable = self._durable, False  # taken before the groups look at the engine
         active |= woken
+        if durable:
+            active |= self._awaiting
+            self._awaiting = set()
         t_tick = time.monotonic()
         groups = self.groups
         ticked = 0
@@ -208,8 +228,10 @@ class RaftDriver:
         try:
             if self._flushers is not None:
                 self._flush_in_parallel(groups)
-            for group in list(groups.values()):  # 3. one durable sync, then each group's queued acks
-                group._rf_sync()
+            awaiting = self._awaiting
+            for gid, group in list(groups.items()):  # 3. one durable sync (or a request), then the acks
+                if group._rf_sync():
+                    awaiting.add(gid)
         except Exception:
             # Frames queued this loop may acknowledge what just failed to reach the disk: never send them.
             # A failed fsync cannot be retried safely either (the page cache may have dropped the data).

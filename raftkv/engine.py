@@ -6,22 +6,39 @@ killed at any instant leaves the database as of the last completed commit, and w
 so does a power loss, given a disk that honours fsync. Pages live in the page cache, not in Python memory.
 
 Write path (group commit): callers buffer operations (``put``, ``delete``, ``delete_range``) from any thread;
-``sync()`` applies everything buffered so far, by every group, in ONE write transaction with one durable
-commit. Each buffered operation gets a sequence number, so a caller knows its writes are durable once
-the last commit covered the number it was given (``covers``): the first group to flush in a driver loop
-syncs every group's entries, and the others find nothing left to do.
+a commit applies everything buffered so far, by every group, in ONE write transaction with one durable
+commit. Each buffered operation gets a sequence number, so a caller knows its writes are durable once a
+commit covered the number it was given (``covers``). Two ways to commit:
+
+* ``sync()``: commit now, on the calling thread, and return once durable (blocking);
+* pipelined, after ``start_committer(on_commit)``: ``request_commit()`` returns at once and a committer thread
+  commits in the background (py-lmdb releases the GIL for the transaction's writes and fsyncs), then calls
+  ``on_commit()``; the caller (the node's Raft driver) goes on receiving, ticking and sending meanwhile and
+  releases whatever waited for durability once ``covers`` says so. A commit requested while one runs starts
+  as soon as it completes and carries everything buffered by then (the batch grows with the load).
+
+Both keep buffer order: commits are serialised (``_commit_lock``), each takes the whole buffer.
+
+``metasync=False`` (LMDB's MDB_NOMETASYNC) makes a commit one ``fdatasync`` (the data pages) instead of two
+(data, then the meta page): a kill -9 still loses nothing committed, but a power loss may undo the LAST
+commit, whose meta page is only flushed by the next commit's ``fdatasync`` (or an explicit ``env.sync``).
+The engine accounts for that honestly: ``covers`` counts a commit's operations durable only once a later
+commit (or a meta flush) completed, and a committer with nothing more to commit flushes the meta page at once.
 
 Reads (``get``, ``scan``) see committed data only. The Raft log is also kept in memory by its journal
 (``raftkv.raftlog``); the engine is read at start-up.
 
 Crash points: ``point(name)`` is called at ``engine.commit.before`` (operations taken from the buffer, nothing
-committed) and ``engine.commit.after`` (committed and durable, the callers not yet told); tests pass a function
-that kills the node there (tests/test_crash_points.py).
+committed), ``engine.commit.written`` (``metasync=False`` only: committed, safe from kill -9, a power loss may
+still undo it; the commit before it is now durable) and ``engine.commit.after`` (everything committed so far is
+durable, the callers not yet told); tests pass a function that kills the node there
+(tests/test_crash_points.py), or blocks a commit there (tests/test_raftnet.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -36,6 +53,8 @@ import lmdb
 DEFAULT_MAP_SIZE = 1 << 36
 ENGINE_DIR = "engine"
 
+log = logging.getLogger("raftkv.engine")
+
 _PUT, _DEL, _DEL_RANGE = 0, 1, 2
 T = TypeVar("T")
 
@@ -46,40 +65,59 @@ class EngineError(Exception):
 
 @dataclasses.dataclass
 class SyncStats:
-    """Durable commits: how many, how many operations they carried, and their time in seconds."""
+    """Durable commits: how many, how many operations they carried, and their time in seconds.
+
+    ``meta_flushes``: with ``metasync=False``, the meta-page flushes forced when nothing else was to commit
+    (their time is in ``total_s`` too).
+    """
 
     count: int = 0
     ops: int = 0
     total_s: float = 0.0
     last_s: float = 0.0
     max_s: float = 0.0
+    meta_flushes: int = 0
 
 
 def _no_point(name: str) -> None:
     """The production crash-point hook: does nothing."""
 
 
+def _no_commit_callback() -> None:
+    """Until ``start_committer``: nobody to tell."""
+
+
 class Engine:
     """One LMDB environment in ``path`` (a directory, created if missing), shared by all groups of a node."""
 
     def __init__(self, path: str, *, map_size: int = DEFAULT_MAP_SIZE,
-                 point: Callable[[str], None] = _no_point) -> None:
+                 point: Callable[[str], None] = _no_point, metasync: bool = True) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = path
         try:
-            # sync/metasync on: a completed commit is durable. max_readers: reads are short and few threads read.
-            self._env = lmdb.open(path, map_size=map_size, subdir=True, sync=True, metasync=True,
+            # sync on: a commit fsyncs. metasync on: the commit is durable when it returns; off: see module doc.
+            # max_readers: reads are short and few threads read.
+            self._env = lmdb.open(path, map_size=map_size, subdir=True, sync=True, metasync=metasync,
                                   max_dbs=0, max_readers=64, lock=True)
         except lmdb.Error as exc:
             raise EngineError(f"cannot open the storage engine in {path}: {exc}") from exc
+        self.metasync = metasync
         self._point = point
         self._lock = threading.Lock()  # guards _pending and _seq (any thread may buffer)
         self._commit_lock = threading.Lock()  # one writer at a time, in buffer order
         self._pending: list[tuple[int, bytes, bytes | None]] = []
         self._seq = 0  # number of the last buffered operation
-        self._synced_seq = 0  # every operation numbered <= this is durable
+        self._written_seq = 0  # every operation numbered <= this is committed (survives kill -9)
+        self._synced_seq = 0  # every operation numbered <= this is durable (survives power loss too)
         self._stats = SyncStats()
         self._closed = False
+        # The committer (pipelined commits): a thread, its wake-up and what it reports.
+        self._committer: threading.Thread | None = None
+        self._on_commit: Callable[[], None] = _no_commit_callback
+        self._wanted = threading.Condition(threading.Lock())  # guards _requested and _stopping
+        self._requested = False
+        self._stopping = False
+        self._failure: EngineError | None = None
 
     # ---- buffered writes -------------------------------------------------------------------------------------
 
@@ -106,40 +144,138 @@ class Engine:
         return seq <= self._synced_seq
 
     def sync(self) -> None:
-        """Commit everything buffered so far (by any caller) in one durable transaction; returns when durable."""
+        """Commit everything buffered before this call (by any caller) and return once it is durable.
+
+        Blocking, on the calling thread; with a committer running it waits for the commit in progress (if any)
+        and commits what is left. Raises ``EngineError`` if this commit, or an earlier background one, failed.
+        """
         with self._commit_lock:
-            with self._lock:
-                ops, self._pending = self._pending, []
-                seq = self._seq
-            if not ops:
-                return
-            self._point("engine.commit.before")
-            t0 = time.perf_counter()
+            self._raise_failure()
+            self._commit_buffered()
+            if self._written_seq > self._synced_seq:
+                self._flush_meta()
+
+    # ---- pipelined commits -----------------------------------------------------------------------------------
+
+    def start_committer(self, on_commit: Callable[[], None]) -> None:
+        """Commit in the background from now on (``request_commit``); ``on_commit()`` runs on the committer
+        thread after each commit completes or fails (it must not block: the driver's ``wake`` is what fits)."""
+        if self._committer is not None:
+            raise RuntimeError("the committer is already running")
+        self._on_commit = on_commit
+        self._committer = threading.Thread(target=self._commit_loop, name="engine-commit", daemon=True)
+        self._committer.start()
+
+    @property
+    def pipelined(self) -> bool:
+        """A committer thread commits in the background: ``request_commit`` does not wait for the disk."""
+        return self._committer is not None
+
+    def request_commit(self) -> None:
+        """Have everything buffered so far committed: in the background if pipelined (returns at once; watch
+        ``covers``), else now (``sync``). Raises ``EngineError`` if a background commit failed."""
+        if self._committer is None:
+            self.sync()
+            return
+        self._raise_failure()
+        with self._wanted:
+            if not self._requested:
+                self._requested = True
+                self._wanted.notify()
+
+    def _commit_loop(self) -> None:
+        wanted = self._wanted
+        while True:
+            with wanted:
+                while not self._requested and not self._stopping:
+                    wanted.wait()
+                if self._stopping:
+                    return
+                self._requested = False
+            synced = self._synced_seq
             try:
-                with self._env.begin(write=True) as txn:
-                    for op, key, value in ops:
-                        if op == _PUT:
-                            txn.put(key, value)
-                        elif op == _DEL:
-                            txn.delete(key)
-                        else:
-                            _delete_range(txn, key, value)  # type: ignore[arg-type]
-            except lmdb.MapFullError as exc:
-                raise EngineError(f"storage engine in {self.path} is full (map size {self._env.info()['map_size']} "
-                                  f"bytes): restart the node with a larger --engine-map-gib") from exc
-            except lmdb.Error as exc:
-                # The batch is lost with the aborted transaction, and callers must not ack what it held: the node
-                # cannot go on safely without it.
-                raise EngineError(f"storage engine commit failed in {self.path}: {exc}") from exc
-            dt = time.perf_counter() - t0
-            self._synced_seq = seq
-            st = self._stats
-            st.count += 1
-            st.ops += len(ops)
-            st.total_s += dt
-            st.last_s = dt
-            st.max_s = max(st.max_s, dt)
+                with self._commit_lock:
+                    committed = self._commit_buffered()
+                    # Without metasync this commit is not durable until the next one's fsync: when no further
+                    # commit is already asked for, flush the meta page now rather than leave acks waiting.
+                    if self._written_seq > self._synced_seq and (not committed or not self._requested):
+                        self._flush_meta()
+            except EngineError as exc:
+                self._failure = exc  # covers() never moves again; the next request_commit/sync raises it
+                log.critical("event=engine_commit_failed path=%s error=%s", self.path, exc)
+            if self._synced_seq == synced and self._failure is None:
+                continue  # nothing became durable: nobody to tell
+            try:
+                self._on_commit()
+            except Exception:
+                log.exception("event=engine_on_commit_failed")
+            if self._failure is not None:
+                return
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise EngineError(f"an earlier storage engine commit failed in {self.path}: {self._failure}")
+
+    def _commit_buffered(self) -> bool:
+        """Commit the whole buffer in one write transaction (``_commit_lock`` held); False if it was empty."""
+        with self._lock:
+            ops, self._pending = self._pending, []
+            seq = self._seq
+        if not ops:
+            return False
+        self._point("engine.commit.before")
+        t0 = time.perf_counter()
+        try:
+            with self._env.begin(write=True) as txn:
+                for op, key, value in ops:
+                    if op == _PUT:
+                        txn.put(key, value)
+                    elif op == _DEL:
+                        txn.delete(key)
+                    else:
+                        _delete_range(txn, key, value)  # type: ignore[arg-type]
+        except lmdb.MapFullError as exc:
+            self._failure = EngineError(f"storage engine in {self.path} is full (map size "
+                                        f"{self._env.info()['map_size']} bytes): restart the node with a larger "
+                                        "--engine-map-gib")
+            raise self._failure from exc
+        except lmdb.Error as exc:
+            # The batch is lost with the aborted transaction, and callers must not ack what it held: the node
+            # cannot go on safely without it.
+            self._failure = EngineError(f"storage engine commit failed in {self.path}: {exc}")
+            raise self._failure from exc
+        dt = time.perf_counter() - t0
+        self._count(dt, len(ops))
+        if self.metasync:
+            self._written_seq = self._synced_seq = seq
             self._point("engine.commit.after")
+        else:
+            # This commit's fdatasync flushed the previous commit's meta page: that one is durable now.
+            self._synced_seq = self._written_seq
+            self._written_seq = seq
+            self._point("engine.commit.written")
+        return True
+
+    def _flush_meta(self) -> None:
+        """Make the last commit durable (``metasync=False``): one fdatasync of the meta page it wrote."""
+        t0 = time.perf_counter()
+        try:
+            self._env.sync(True)
+        except lmdb.Error as exc:
+            self._failure = EngineError(f"storage engine sync failed in {self.path}: {exc}")
+            raise self._failure from exc
+        self._stats.meta_flushes += 1
+        self._stats.total_s += time.perf_counter() - t0
+        self._synced_seq = self._written_seq
+        self._point("engine.commit.after")
+
+    def _count(self, dt: float, ops: int) -> None:
+        st = self._stats
+        st.count += 1
+        st.ops += ops
+        st.total_s += dt
+        st.last_s = dt
+        st.max_s = max(st.max_s, dt)
 
     def stats(self) -> SyncStats:
         """A copy of the commit counters."""
@@ -194,20 +330,25 @@ class Engine:
                                   f"bytes): restart the node with a larger --engine-map-gib") from exc
             except lmdb.Error as exc:
                 raise EngineError(f"storage engine commit failed in {self.path}: {exc}") from exc
-            dt = time.perf_counter() - t0
-            st = self._stats
-            st.count += 1
-            st.total_s += dt
-            st.last_s = dt
-            st.max_s = max(st.max_s, dt)
+            self._count(time.perf_counter() - t0, 0)
+            if not self.metasync:
+                self._flush_meta()  # durable on return, like every commit_now (it also covers earlier commits)
             self._point(f"engine.{name}.after")
             return result
 
     def close(self) -> None:
-        """Close the environment; buffered operations that were not synced are dropped (as in a crash)."""
-        if not self._closed:
-            self._closed = True
-            self._env.close()
+        """Stop the committer (after the commit in progress, if any) and close the environment; buffered
+        operations that were not committed are dropped (as in a crash)."""
+        if self._committer is not None:
+            with self._wanted:
+                self._stopping = True
+                self._wanted.notify()
+            if threading.current_thread() is not self._committer:
+                self._committer.join()
+        with self._commit_lock:
+            if not self._closed:
+                self._closed = True
+                self._env.close()
 
 
 class WriteBatch:

@@ -43,6 +43,16 @@ election's no-op, so it never counts an unflushed entry of its own toward a majo
 fsynced before the vote is sent. This relies on storage being durable: with ``durable=False`` an OS crash can
 forget acknowledged entries, exactly as stock pysyncobj does.
 
+Pipelined durability (``deferFlush`` with a sequenced journal, ``raftkv.raftlog.EngineJournal``): the flush is
+only *requested* at the end of a driver loop (``_rf_sync``); with a pipelined engine it completes on another
+thread while the driver goes on. Everything the group sends, except a leader's AppendEntries, passes a gate
+(``_DurableGate``): a message sent while the group has writes that are not durable yet (entries, truncations,
+term/vote, commit index) is held, with the engine sequence number that covers them, and released in send
+order by ``_rf_release`` once a completed commit covers it. So acks, votes and vote requests never leave
+before what they vouch for is durable. The leader counts itself toward a majority only up to the journal's
+``durable_index()`` (its commit computation sees the log clamped there, ``_rf_counting``) and asks the
+driver for a tick once a commit may have made more of its entries countable (``_rf_sync`` returns True).
+
 Crash windows (docs/pysyncobj-patches.md §11): a restart keeps the journal entries above the dump instead of
 discarding the journal when a crash fell between the dump rename and the journal compaction; the journal is
 rewritten by writing a new file and renaming it (never cleared and refilled in place); the commit index reaches
@@ -504,6 +514,33 @@ class _AnnotatingTransport:
         return getattr(self._inner, name)
 
 
+class _DurableGate:
+    """A pipelined group's transport (module doc): holds back what must not leave before a commit covers it.
+
+    A leader's AppendEntries pass at once (Raft lets the leader replicate entries before its own copy is
+    durable: it only may not count itself, ``_rf_counting``; its term was durable before it could be elected).
+    Anything else is held while the group has writes that are not durable, or while earlier messages are held
+    (so messages leave in the order they were sent); ``SafeSyncObj._rf_release`` lets them out.
+    """
+
+    def __init__(self, inner: Any, owner: SafeSyncObj) -> None:
+        self.inner = inner
+        self._owner = owner
+
+    def send(self, node: Node, message: dict[str, Any]) -> bool:
+        owner = self._owner
+        if message.get("type") == "append_entries":
+            return self.inner.send(node, message)
+        seq = owner._rf_journal.unsynced_seq()
+        if seq or owner._rf_held:
+            owner._rf_held.append((node, message, seq))
+            return True
+        return self.inner.send(node, message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 class _WakeNotifier:
     """Stands in for pysyncobj's ``PipeNotifier`` when an external driver ticks the group."""
 
@@ -578,6 +615,11 @@ class SafeSyncObj(SyncObj):
         self._rf_journal_factory = journalFactory
         self._rf_journal: Any = None
         self._rf_pending_acks: list[tuple[Node, dict[str, Any]]] = []
+        self._rf_gated = False  # pipelined durability (module doc): set by _rf_make_journal
+        self._rf_held: list[tuple[Node, dict[str, Any], int]] = []  # (to, message, seq to be covered first)
+        self._rf_counting = False  # the leader's commit computation is running: count the durable log only
+        self._rf_counted = 0  # log index up to which the last commit computation could count this leader
+        self._rf_gate: _DurableGate | None = None
         self._rf_flush = FlushStats()
         self._rf_flush_lock = threading.Lock()  # guards _rf_flush copies for readers on other threads
         self._rf_last_keepalive = 0.0
@@ -609,6 +651,9 @@ class SafeSyncObj(SyncObj):
             _pending_factory.factory = None
         if wake is not None:
             self._rf_use_wake(wake)
+        if self._rf_gated:
+            self._rf_gate = _DurableGate(self._SyncObj__transport, self)
+            self._SyncObj__transport = self._rf_gate
 
     def _rf_use_wake(self, wake: Callable[[], None]) -> None:
         """Route pysyncobj's "command queued" notification to ``wake``; drop the group's own poller and pipe.
@@ -629,7 +674,8 @@ class SafeSyncObj(SyncObj):
 
     def raftTransport(self) -> Any:  # noqa: N802 - pysyncobj style
         """The transport this group sends through (a driver attaches a ``raftkv.raftnet.MuxTransport``)."""
-        return self._SyncObj__transport
+        transport = self._SyncObj__transport
+        return transport.inner if isinstance(transport, _DurableGate) else transport
 
     # ---- journal / durability --------------------------------------------------------------------------------
 
@@ -641,6 +687,7 @@ class SafeSyncObj(SyncObj):
         else:
             journal = DurableFileJournal(journalFile, self._rf_storage, defer_meta=self._rf_defer_flush)
         self._rf_journal = journal
+        self._rf_gated = self._rf_defer_flush and self._rf_durable and hasattr(journal, "request_flush")
         return journal
 
     def _rf_flush_if_needed(self) -> None:
@@ -668,14 +715,44 @@ class SafeSyncObj(SyncObj):
         journal = self._rf_journal
         return self._rf_durable and journal is not None and journal.needs_flush
 
-    def _rf_sync(self) -> None:
-        """Flush, then release the acks that were waiting for it (in the order they were produced)."""
+    def _rf_sync(self) -> bool:
+        """Flush, then release the acks that were waiting for it (in the order they were produced).
+
+        Pipelined (module doc): request the flush, release what earlier commits cover, and return True if this
+        group wants a tick after the next commit completes (a leader with entries it could not count yet).
+        """
+        if self._rf_gated:
+            journal = self._rf_journal
+            journal.request_flush()
+            self._rf_release()
+            return (self._SyncObj__raftState == _RAFT_STATE.LEADER
+                    and self._rf_counted < self._SyncObj__raftLog[-1][1])
         self._rf_flush_if_needed()
         if self._rf_pending_acks:
             acks, self._rf_pending_acks = self._rf_pending_acks, []
             transport = self._SyncObj__transport
             for node, message in acks:
                 transport.send(node, message)
+        return False
+
+    def _rf_release(self) -> None:
+        """Send the held messages (in order) up to the first one whose writes are not durable yet."""
+        held = self._rf_held
+        if not held:
+            return
+        journal = self._rf_journal
+        n = 0
+        for _node, _message, seq in held:
+            if seq and not journal.covers(seq):
+                break
+            n += 1
+        if n:
+            release, self._rf_held = held[:n], held[n:]
+            gate = self._rf_gate  # not the transport attribute: an AppendEntries send may wrap it
+            assert gate is not None, "messages are held only behind the gate"
+            inner = gate.inner
+            for node, message, _seq in release:
+                inner.send(node, message)
 
     def flushStats(self) -> FlushStats:  # noqa: N802 - pysyncobj naming style
         """A copy of the flush counters (count, total/last/max seconds)."""
@@ -701,12 +778,17 @@ class SafeSyncObj(SyncObj):
             self._rf_conf_rebuild()  # no dump: base is the constructor's members (a dump load rebuilds again)
         if not self._rf_defer_flush:
             self._rf_sync()
-        elif self._SyncObj__raftState == _RAFT_STATE.LEADER:
+        elif self._SyncObj__raftState == _RAFT_STATE.LEADER and not self._rf_gated:
             # The driver synced every group at the end of its last loop, so this is normally a no-op; it keeps
             # "never count an unflushed entry of our own" local to this class.
             self._rf_flush_if_needed()
         self._rf_service_reads()
-        super()._onTick(timeToWait)
+        # Gated: the leader counts only its durable log (cleared once the commit computation is done).
+        self._rf_counting = self._rf_gated and self._SyncObj__raftState == _RAFT_STATE.LEADER
+        try:
+            super()._onTick(timeToWait)
+        finally:
+            self._rf_counting = False
         if not self._rf_defer_flush:
             self._rf_sync()
         self._rf_service_reads()
@@ -725,8 +807,14 @@ class SafeSyncObj(SyncObj):
     def _SyncObj__onBecomeLeader(self) -> None:  # noqa: N802
         self._rf_round_acks = {}  # acks count per term; a new term starts from nothing
         SyncObj._SyncObj__onBecomeLeader(self)
-        # The election's no-op may be counted in this very tick (single-member group): make it durable now.
-        self._rf_flush_if_needed()
+        # The election's no-op may be counted in this very tick (single-member group).
+        if not self._rf_gated:
+            self._rf_flush_if_needed()  # make it durable now
+        elif not self._SyncObj__otherNodes:
+            # Elected by our own vote inside _onTick, whose commit computation comes next: count only the
+            # durable log (cleared by the apply step right after it). Never set outside that window: the
+            # clamped index would also number new entries.
+            self._rf_counting = True
 
     def _SyncObj__deleteEntriesTo(self, toIDx: int) -> None:  # noqa: N802,N803
         # Only log compaction calls this, a tick after the new dump was renamed into place (without fsync).
@@ -761,7 +849,7 @@ class SafeSyncObj(SyncObj):
         if self._rf_echo_round is not None:
             # Set only while handling an AppendEntries whose term we accepted (now our term, in TERM_KEY).
             message[ROUND_KEY] = self._rf_echo_round
-        if self._rf_durable:
+        if self._rf_durable and not self._rf_gated:
             # Queued until the end-of-tick flush: an ack must never leave before the entries it covers are on
             # disk. Failure replies are queued too, so replies leave in the order they were produced.
             self._rf_pending_acks.append((node, message))
@@ -782,7 +870,17 @@ class SafeSyncObj(SyncObj):
             self._SyncObj__transport = real
             self._rf_tx_round = None
 
+    def _SyncObj__getCurrentLogIndex(self) -> int:  # noqa: N802
+        last = self._SyncObj__raftLog[-1][1]
+        if self._rf_counting:
+            # The leader's commit computation (pysyncobj's _onTick counts the leader for every index up to
+            # this): never count an entry of our own that is not durable yet.
+            last = self._rf_counted = min(last, self._rf_journal.durable_index())
+        return last
+
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802
+        # pysyncobj applies right after the leader's commit computation: that is where counting ends.
+        self._rf_counting = False
         # Reads waiting only for lastApplied >= readIndex are answered in the tick that applies it.
         result = SyncObj._SyncObj__applyLogEntries(self)
         self._rf_conf_prune()

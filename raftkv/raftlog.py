@@ -11,9 +11,16 @@ by ``flush()`` (``Engine.sync``: one commit for every group of the node), with t
 
 * the term and vote are durable before ``setCurrentTerm`` returns, so before a vote can be sent;
 * the commit index is written in the same buffer as the entries it covers, after them, so a commit that
-  carries it carries them: the durable commit index never names an entry the durable log lacks;
+  carries it carries them: the durable commit index never names an entry the durable log lacks. A change of
+  the commit index alone asks for no commit (``needs_flush`` stays false): Raft needs the commit index only
+  as a hint after a restart (an older one is safe), so it rides along with the next commit that carries
+  entries or a term instead of costing each node one more commit per write;
 * truncation (tail or prefix), clearing and ``replace_entries`` are range deletions in that same buffer: a
   crash leaves the log as of the last commit, never half rewritten.
+
+With a pipelined engine (``Engine.start_committer``) ``request_flush()`` asks for that commit without waiting
+for it; ``unsynced_seq``/``covers`` tell raftfix what the group's outgoing messages must wait for, and
+``durable_index`` how far a leader may count itself.
 
 A group whose data dir still holds the journal files of the old layout (``shard-N.journal`` and ``.meta``)
 is migrated on open: the entries and the hard state are copied into the engine in one commit, then the old
@@ -22,6 +29,7 @@ files are renamed ``*.migrated``.
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import struct
@@ -56,7 +64,10 @@ class EngineJournal(Journal):
         self._group = group
         self._defer_term = defer_term
         self._entries: list[tuple[bytes, int, int]] = []
-        self._last_seq = 0  # engine sequence number of this group's latest buffered write
+        self._last_seq = 0  # engine sequence number of this group's latest write that acks/votes depend on
+        self._buffered_seq = 0  # ... of its latest write of any kind (a commit index change included)
+        # (seq, index) of appended entries not yet known durable, oldest first (durable_index)
+        self._unsynced: collections.deque[tuple[int, int]] = collections.deque()
         lo, hi = _log_bounds(group)
         for key, value in engine.scan(lo, hi):
             idx = struct.unpack(">Q", key[-8:])[0]
@@ -99,11 +110,13 @@ class EngineJournal(Journal):
 
     def add(self, command: bytes, idx: int, term: int) -> None:
         self._entries.append((command, idx, term))
-        self._last_seq = self._engine.put(_log_key(self._group, idx), _TERM.pack(term) + command)
+        self._wrote(self._engine.put(_log_key(self._group, idx), _TERM.pack(term) + command))
+        self._unsynced.append((self._last_seq, idx))
 
     def clear(self) -> None:
         self._entries = []
-        self._last_seq = self._engine.delete_range(*_log_bounds(self._group))
+        self._unsynced.clear()
+        self._wrote(self._engine.delete_range(*_log_bounds(self._group)))
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802,N803 - pysyncobj's names
         """Drop the entries at positions ``entryFrom`` and later (a tail truncation)."""
@@ -111,7 +124,10 @@ class EngineJournal(Journal):
             return
         first = self._entries[entryFrom][1]
         del self._entries[entryFrom:]
-        self._last_seq = self._engine.delete_range(_log_key(self._group, first), _log_bounds(self._group)[1])
+        unsynced = self._unsynced
+        while unsynced and unsynced[-1][1] >= first:
+            unsynced.pop()  # gone from the log: whatever replaces them is appended (and tracked) anew
+        self._wrote(self._engine.delete_range(_log_key(self._group, first), _log_bounds(self._group)[1]))
 
     def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802,N803
         """Drop the entries before position ``entryTo`` (log compaction)."""
@@ -122,7 +138,10 @@ class EngineJournal(Journal):
             return
         keep_from = self._entries[entryTo][1]
         self._entries = self._entries[entryTo:]
-        self._last_seq = self._engine.delete_range(_log_bounds(self._group)[0], _log_key(self._group, keep_from))
+        unsynced = self._unsynced
+        while unsynced and unsynced[0][1] < keep_from:
+            unsynced.popleft()
+        self._wrote(self._engine.delete_range(_log_bounds(self._group)[0], _log_key(self._group, keep_from)))
 
     def replace_entries(self, entries: list[tuple[bytes, int, int]]) -> None:
         """Make ``entries`` the whole log, atomically and durably (one engine commit)."""
@@ -142,7 +161,7 @@ class EngineJournal(Journal):
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802,N803
         self._commit = raftCommitIndex
-        self._write_hard()
+        self._write_hard(must_sync=False)
 
     def getRaftCommitIndex(self) -> int:  # noqa: N802
         return min(self._commit, self._entries[-1][1]) if self._entries else self._commit
@@ -159,18 +178,47 @@ class EngineJournal(Journal):
     def getVotedForNodeId(self) -> Any:  # noqa: N802
         return self._vote
 
-    def _write_hard(self) -> None:
+    def _write_hard(self, must_sync: bool = True) -> None:
         record = pickle.dumps((self._term, self._vote, self._commit), protocol=pickle.HIGHEST_PROTOCOL)
-        self._last_seq = self._engine.put(_hard_key(self._group), record)
+        self._wrote(self._engine.put(_hard_key(self._group), record), must_sync)
+
+    def _wrote(self, seq: int, must_sync: bool = True) -> None:
+        self._buffered_seq = seq
+        if must_sync:
+            self._last_seq = seq
 
     # ---- raftfix durability interface ------------------------------------------------------------------------
 
     @property
     def needs_flush(self) -> bool:
-        """This group buffered writes that no engine commit has made durable yet."""
+        """This group buffered writes that acks or votes depend on and no commit has made durable yet."""
         return not self._engine.covers(self._last_seq)
 
     def flush(self) -> None:
-        """Make every write of this group durable (one engine commit covers every group's writes)."""
-        if self.needs_flush:
+        """Make every write of this group durable, a commit index change included (one engine commit covers
+        every group's writes)."""
+        if not self._engine.covers(self._buffered_seq):
             self._engine.sync()
+
+    def request_flush(self) -> None:
+        """Have this group's writes made durable: without waiting if the engine is pipelined (see ``covers``)."""
+        if self.needs_flush:
+            self._engine.request_commit()
+
+    def unsynced_seq(self) -> int:
+        """0 if every write of this group is durable, else the sequence number a commit must cover first."""
+        seq = self._last_seq
+        return 0 if self._engine.covers(seq) else seq
+
+    def covers(self, seq: int) -> bool:
+        """Whether the writes up to ``seq`` (an ``unsynced_seq`` value) are durable."""
+        return self._engine.covers(seq)
+
+    def durable_index(self) -> int:
+        """The log index up to which every entry in the log is durable (the leader counts itself that far)."""
+        unsynced = self._unsynced
+        while unsynced and self._engine.covers(unsynced[0][0]):
+            unsynced.popleft()
+        if unsynced:
+            return unsynced[0][1] - 1
+        return self._entries[-1][1] if self._entries else 0

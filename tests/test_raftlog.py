@@ -130,3 +130,89 @@ def test_old_layout_journal_is_migrated_once(tmp_path: Any) -> None:
         assert len(again) == 5
     finally:
         engine.close()
+
+
+def test_a_commit_index_change_alone_asks_for_no_commit_and_rides_along(tmp_path: Any) -> None:
+    """Raft needs the commit index only as a hint after a restart: setting it must not cost a commit of its own
+    (nothing an ack or a vote depends on changed), yet the next commit carries it, after the entries it covers."""
+    engine, journal = _open(str(tmp_path))
+    try:
+        journal.add(b"a", 1, 1)
+        journal.flush()
+        commits = engine.stats().count
+        journal.setRaftCommitIndex(1)
+        assert not journal.needs_flush and journal.unsynced_seq() == 0
+        journal.request_flush()
+        assert engine.stats().count == commits, "a commit index change alone was committed"
+        journal.add(b"b", 2, 1)
+        assert journal.needs_flush
+        journal.request_flush()  # not pipelined: commits now
+        assert engine.stats().count == commits + 1
+        engine.close()
+        engine, journal = _open(str(tmp_path))
+        assert journal.getRaftCommitIndex() == 1 and len(journal) == 2
+    finally:
+        engine.close()
+
+
+def test_durable_index_is_the_end_of_the_durable_prefix(tmp_path: Any) -> None:
+    """What a leader may count itself for: entries up to the first one not yet committed."""
+    engine, journal = _open(str(tmp_path))
+    try:
+        for i in (1, 2):
+            journal.add(b"e", i, 1)
+        assert journal.durable_index() == 0
+        journal.flush()
+        journal.add(b"e", 3, 1)
+        assert journal.durable_index() == 2
+        journal.deleteEntriesFrom(2)  # entry 3 gone, its replacement not yet durable
+        journal.add(b"f", 3, 2)
+        assert journal.durable_index() == 2
+        journal.flush()
+        assert journal.durable_index() == 3
+    finally:
+        engine.close()
+
+
+def test_without_metasync_a_commit_is_durable_only_once_a_later_flush_completed(tmp_path: Any) -> None:
+    """``metasync=False``: a commit's meta page is flushed by the next commit's fsync, so the engine counts the
+    commit durable only then (or after an explicit meta flush: what ``sync`` and an idle committer do)."""
+    points: list[str] = []
+    engine = Engine(str(tmp_path), map_size=1 << 24, metasync=False, point=points.append)
+    try:
+        # A committer with more to commit skips the meta flush: the step it repeats, played here by hand.
+        first = engine.put(b"k1", b"v")
+        with engine._commit_lock:
+            engine._commit_buffered()
+        assert not engine.covers(first), "counted durable while a power loss could still undo it"
+        second = engine.put(b"k2", b"v")
+        with engine._commit_lock:
+            engine._commit_buffered()
+        assert engine.covers(first) and not engine.covers(second)
+        engine.sync()
+        assert engine.covers(second)
+        assert points == ["engine.commit.before", "engine.commit.written"] * 2 + ["engine.commit.after"]
+        third = engine.put(b"k3", b"v")
+        engine.sync()  # commit + meta flush
+        assert engine.covers(third) and engine.stats().meta_flushes == 2
+    finally:
+        engine.close()
+
+
+def test_a_pipelined_engine_commits_in_the_background_and_says_when(tmp_path: Any) -> None:
+    """``request_commit`` returns at once; the committer thread commits and calls back; ``sync`` still blocks
+    until everything buffered before it is durable."""
+    import threading
+
+    engine = Engine(str(tmp_path), map_size=1 << 24)
+    done = threading.Event()
+    engine.start_committer(done.set)
+    try:
+        seq = engine.put(b"k", b"v")
+        engine.request_commit()
+        assert done.wait(10) and engine.covers(seq)
+        seq = engine.put(b"k", b"w")
+        engine.sync()
+        assert engine.covers(seq) and engine.get(b"k") == b"w"
+    finally:
+        engine.close()

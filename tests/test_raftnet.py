@@ -7,10 +7,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from raftkv.driver import RaftDriver
+from raftkv.engine import Engine
 from raftkv.raftnet import RaftNetwork, endpoint_of, member_id
 from raftkv.replica import APPLIED, ShardReplica
 
@@ -29,20 +31,28 @@ def _free_ports(n: int) -> list[int]:
 
 
 class _Node:
-    """One node's network, driver and replicas, in this process."""
+    """One node's network, driver and replicas, in this process.
 
-    def __init__(self, port: int, key: bytes, data_dir: Path) -> None:
+    ``commit_point``: the groups share one pipelined engine (as ``raftkv.server.node`` runs them) whose
+    crash-point hook is this; without it each replica opens a private engine that commits synchronously.
+    """
+
+    def __init__(self, port: int, key: bytes, data_dir: Path, commit_point: Any = None) -> None:
         self.port = port
         self.network = RaftNetwork("127.0.0.1", port, cluster="t", key=key, encrypt=True, timeout_s=1.0)
         self.driver = RaftDriver(self.network, period_s=0.01)
         self.replicas: dict[int, ShardReplica] = {}
         self.data_dir = data_dir
+        self.engine: Engine | None = None
+        if commit_point is not None:
+            self.engine = Engine(str(data_dir / f"{port}-engine"), map_size=1 << 26, point=commit_point)
+            self.engine.start_committer(self.driver.on_durable)
         self.driver.start()
 
     def add_group(self, shard: int, ports: list[int]) -> ShardReplica:
         peers = [member_id(f"127.0.0.1:{p}", shard) for p in ports if p != self.port]
         r = ShardReplica(shard, member_id(f"127.0.0.1:{self.port}", shard), peers,
-                         str(self.data_dir / f"{self.port}-{shard}"), driver=self.driver)
+                         str(self.data_dir / f"{self.port}-{shard}"), driver=self.driver, engine=self.engine)
         self.replicas[shard] = r
         self.driver.add(r)
         return r
@@ -51,6 +61,8 @@ class _Node:
         self.driver.stop()
         for r in self.replicas.values():
             r.destroy()
+        if self.engine is not None:
+            self.engine.close()  # stops the committer, whose on_commit wakes the driver
         self.driver.close()
         self.network.close()
 
@@ -66,7 +78,7 @@ def _wait(cond, timeout: float = 20.0) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
-def _put(replica: ShardReplica, key: bytes, value: bytes) -> str:
+def _propose(replica: ShardReplica, key: bytes, value: bytes) -> tuple[threading.Event, list[str]]:
     done = threading.Event()
     out: list[str] = []
 
@@ -75,6 +87,11 @@ def _put(replica: ShardReplica, key: bytes, value: bytes) -> str:
         done.set()
 
     replica.propose([("set", key, value)], replica.log_now_ms(), cb)
+    return done, out
+
+
+def _put(replica: ShardReplica, key: bytes, value: bytes) -> str:
+    done, out = _propose(replica, key, value)
     assert done.wait(10)
     return out[0]
 
@@ -237,3 +254,73 @@ def test_a_wake_up_during_the_drain_is_never_lost(monkeypatch: pytest.MonkeyPatc
     finally:
         driver.close()
         network.close()
+
+
+class _CommitGate:
+    """An engine crash-point hook that holds every commit at ``engine.commit.before`` while closed."""
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self.holding = threading.Event()  # a commit is being held right now
+
+    def close(self) -> None:
+        self.holding.clear()
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def __call__(self, name: str) -> None:
+        if name == "engine.commit.before" and not self._open.is_set():
+            self.holding.set()
+            self._open.wait(30)
+
+
+HELD_S = 0.5  # how long a commit is held; well under leaderFallbackTimeout (1 s), so the leader stays
+
+
+def test_pipelined_commits_release_nothing_before_it_is_durable(tmp_path: Path) -> None:
+    """With one pipelined engine per node, a commit held on the committer thread holds back exactly what
+    depends on it: a follower's ack (so no majority), and the leader's own vote for its entry, while every
+    driver keeps looping (receiving, ticking, sending) meanwhile. Released, the write commits."""
+    ports = _free_ports(3)
+    gates = {p: _CommitGate() for p in ports}
+    nodes = [_Node(p, KEY, tmp_path, commit_point=gates[p]) for p in ports]
+    try:
+        for n in nodes:
+            n.add_group(0, ports)
+        _wait(lambda: len(_leaders(nodes, 0)) == 1)
+        leader = _leaders(nodes, 0)[0]
+        a, b = [n for n in nodes if n is not leader]
+        assert _put(leader.replicas[0], b"k", b"0") == APPLIED
+
+        # 1. Both followers' commits held: the leader's copy alone is durable, no majority acked.
+        gates[a.port].close()
+        gates[b.port].close()
+        loops = [n.driver.stats["loops"] for n in (a, b)]
+        done, out = _propose(leader.replicas[0], b"k", b"1")
+        assert gates[a.port].holding.wait(10) and gates[b.port].holding.wait(10)
+        assert not done.wait(HELD_S), "applied while no follower's copy was durable"
+        assert all(n.driver.stats["loops"] > before + 5 for n, before in zip((a, b), loops, strict=True)), (
+            "a driver sat idle while its commit was held")
+        gates[a.port].open()
+        assert done.wait(10) and out == [APPLIED]
+        gates[b.port].open()
+
+        # 2. The leader's own commit held, one follower's too: the other follower's durable ack plus the
+        # leader's non-durable copy is not a majority.
+        _wait(lambda: all((n.replicas[0].state.peek(b"k") or (None,))[0] == b"1" for n in (leader, a)))
+        gates[leader.port].close()
+        gates[b.port].close()
+        done, out = _propose(leader.replicas[0], b"k", b"2")
+        assert gates[leader.port].holding.wait(10)
+        assert not done.wait(HELD_S), "the leader counted its own entry before it was durable"
+        gates[leader.port].open()
+        assert done.wait(10) and out == [APPLIED]
+        gates[b.port].open()
+    finally:
+        for g in gates.values():
+            g.open()
+        for n in nodes:
+            n.close()
