@@ -740,11 +740,11 @@ def test_replay_seed() -> None:
 
 def test_stress_finds_divergence_on_stock() -> None:
     """The stress harness has teeth: the same fault schedules break stock pysyncobj (run with the stock
-    journal made crash-safe, so that every failure is the protocol's, not a lost page cache)."""
-    failing = []
+    journal made crash-safe, so that every failure is the protocol's, not a lost page cache).
+    One failing seed is the proof, so the search stops there (seed 5 today: 6 runs, not 40)."""
     for seed in range(40):
         try:
             run_stress(seed, safe=False)
         except AssertionError:
-            failing.append(seed)
-    assert failing, "expected stock pysyncobj to diverge or lose acknowledged commands on some seed"
+            return
+    pytest.fail("expected stock pysyncobj to diverge or lose acknowledged commands on some seed of 0-39")
