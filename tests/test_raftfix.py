@@ -31,6 +31,8 @@ from pysyncobj.transport import Transport
 from raftkv import raftfix
 from raftkv.raftfix import SafeSyncObj
 
+from .conftest import examples
+
 # Raft protocol messages may be duplicated by the simulated network. Client forwarding (apply_command and its
 # response) is only dropped/delayed: pysyncobj has no client sessions, so a duplicated apply_command is a
 # second submission, whose dedup is the application's job (notes §4), not a Raft safety property.
@@ -725,7 +727,7 @@ def check_prefixes(c: Cluster, seed: int) -> None:
             assert long_[: len(short)] == short, f"seed {seed}: applied sequences diverged"
 
 
-@settings(max_examples=int(os.environ.get("RAFTFIX_EXAMPLES", "150")), deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("RAFTFIX_EXAMPLES", examples(150))), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_stress_random_faults(seed: int) -> None:

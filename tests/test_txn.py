@@ -30,6 +30,8 @@ from raftkv.txn import (
     watch_read,
 )
 
+from .conftest import examples
+
 T0 = 1_000_000
 SIM_EXAMPLES = 200
 
@@ -492,7 +494,7 @@ def run_simulation(actions: list) -> None:
     sim.check()
 
 
-@settings(max_examples=SIM_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(SIM_EXAMPLES), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ACTIONS, min_size=20, max_size=100))
 def test_simulation_atomicity(actions: list) -> None:
     """Every transaction is applied on all its shards or on none; no lock outlives recovery.
