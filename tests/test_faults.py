@@ -118,7 +118,10 @@ def test_kill_leader_under_writes_fails_over_and_loses_nothing(fresh_cluster: Lo
     w = PutWriter(lc.config, _keys_on(lc, shard, "fo"), timeout=5.0)
     w.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while len(w.acked) < 20:  # the writer is under way before the kill
+            assert time.monotonic() < deadline, "fewer than 20 writes acknowledged in 30 s before the kill"
+            time.sleep(0.02)
         victim = lc.leader_of(shard)
         assert victim is not None
         before = len(w.acked)
