@@ -85,6 +85,16 @@ def redis_to(lc: LocalCluster, node: str = "n1", **kw: object) -> Any:
     return redis.Redis(host=host, port=port, **{"protocol": 3, **kw})
 
 
+def no_retry() -> Any:
+    """``retry=`` for a redis-py client whose request is expected to be refused (bad password, no AUTH,
+    plain text to a TLS port): redis-py 6+ retries a connection error, and an AuthenticationError is
+    one, up to 10 times with backoff (~5 s here) before raising the same error."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 0)
+
+
 def dump_logs(lc: LocalCluster, lines: int = 40) -> None:
     for name in lc.map.nodes:
         path = lc.log_file(name)

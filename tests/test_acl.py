@@ -24,7 +24,7 @@ from raftkv.acl import ACL_KEY, CATEGORIES, AclError, AclTable, Permissions, has
 from raftkv.cluster import LocalCluster
 from raftkv.protocol import encode_command
 from raftkv.server.commands import COMMANDS
-from tests.conftest import running
+from tests.conftest import no_retry, running
 
 KEYS = [b"a", b"ab", b"b", b"ba", b"c"]
 PREFIXES = [b"", b"a", b"ab", b"b", b"c"]
@@ -194,7 +194,7 @@ def test_reserved_keys_and_wrong_passwords(lc: LocalCluster) -> None:
     with pytest.raises(redis.exceptions.NoPermissionError):
         admin.set(ACL_KEY, "x")
     with pytest.raises(redis.AuthenticationError):
-        r(lc, username="alice", password="wrong").ping()
+        r(lc, username="alice", password="wrong", retry=no_retry()).ping()
 
 
 def test_admin_actions_and_refusals_are_audited(lc: LocalCluster) -> None:
