@@ -175,11 +175,18 @@ class LocalCluster:
 
     def stop_node(self, name: str, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``."""
-        if self.signal_node(name, signal.SIGCONT) and self.signal_node(name, signal.SIGTERM):
-            if not self._reap(name, timeout):
-                self.signal_node(name, signal.SIGKILL)
-                self._reap(name, 5.0)
+        if self._terminate(name):
+            self._await_exit(name, timeout)
         self.pid_file(name).unlink(missing_ok=True)
+
+    def _terminate(self, name: str) -> bool:
+        """SIGCONT (a paused node could not act on it) and SIGTERM; False if ``name`` is not running."""
+        return self.signal_node(name, signal.SIGCONT) and self.signal_node(name, signal.SIGTERM)
+
+    def _await_exit(self, name: str, timeout: float) -> None:
+        if not self._reap(name, timeout):
+            self.signal_node(name, signal.SIGKILL)
+            self._reap(name, 5.0)
 
     def _reap(self, name: str, timeout: float) -> bool:
         pid = self.pid(name)
@@ -195,8 +202,13 @@ class LocalCluster:
         return False
 
     def stop(self) -> None:
+        """Stop every node: SIGTERM to all first, so they shut down side by side, then wait for each
+        (SIGKILL after 10 s), as :meth:`stop_node` does for one."""
+        terminated = [name for name in self.map.nodes if self._terminate(name)]
         for name in self.map.nodes:
-            self.stop_node(name)
+            if name in terminated:
+                self._await_exit(name, 10.0)
+            self.pid_file(name).unlink(missing_ok=True)
 
     def running(self) -> list[str]:
         return [n for n in self.map.nodes if self.pid(n) is not None]

@@ -26,6 +26,21 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
+#: Under ``CI=true`` the heavy property tests run this share of their examples (see :func:`examples`).
+CI_EXAMPLES_SHARE = 1 / 3
+
+
+def examples(local: int) -> int:
+    """``max_examples`` for a heavy property test: ``local`` on a developer machine (``make test``), a third of
+    it (at least 10) under ``CI=true``, which keeps the CI job inside its time budget.
+
+    Hypothesis loads its own ``ci`` profile there (derandomized, no example database), so CI checks the same
+    fixed examples on every run, a regression set; the full, random count runs on every local ``make test``.
+    Negative controls (a broken build that must be caught) keep their full count: fewer examples could miss it.
+    """
+    return min(local, max(10, round(local * CI_EXAMPLES_SHARE))) if in_ci() else local
+
+
 def missing_capability(reason: str) -> NoReturn:
     """A system capability a test needs is missing: skip with the reason on a developer
     machine, fail under CI, where installing it is part of the job (``make sysdeps``)."""
@@ -68,6 +83,16 @@ def redis_to(lc: LocalCluster, node: str = "n1", **kw: object) -> Any:
 
     host, port = lc.map.nodes[node].client_addr
     return redis.Redis(host=host, port=port, **{"protocol": 3, **kw})
+
+
+def no_retry() -> Any:
+    """``retry=`` for a redis-py client whose request is expected to be refused (bad password, no AUTH,
+    plain text to a TLS port): redis-py 6+ retries a connection error, and an AuthenticationError is
+    one, up to 10 times with backoff (~5 s here) before raising the same error."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 0)
 
 
 def dump_logs(lc: LocalCluster, lines: int = 40) -> None:

@@ -68,7 +68,11 @@ def test_backup_under_load_restores_acked_writes_and_no_partial_transaction(busy
     for w in puts + msets:
         w.start()
     try:
-        time.sleep(1.5)
+        # Load first: enough puts and MSETs acknowledged for the checks below (more than 20 and 3).
+        deadline = time.monotonic() + 60
+        while sum(len(w.acked) for w in puts) <= 20 or sum(len(w.acked) for w in msets) <= 3:
+            assert time.monotonic() < deadline, "too few writes acknowledged in 60 s before the backup"
+            time.sleep(0.05)
         started = time.monotonic()
         with Client(cluster=lc.config, timeout=30.0) as c:
             header = take_backup(c, tmp_path / "b1.rkvb")

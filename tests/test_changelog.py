@@ -9,6 +9,8 @@ from raftkv.changelog import ChangeLog
 from raftkv.results import CmdError
 from raftkv.state import KVState
 
+from .conftest import examples
+
 KEYS = [b"a", b"ab", b"b"]
 changes = st.lists(st.tuples(st.sampled_from(KEYS), st.one_of(st.none(), st.sampled_from([b"", b"x", b"xyz"]))),
                    max_size=40)
@@ -18,7 +20,7 @@ def match_for(key: bytes, prefix: bool):
     return (lambda k: k.startswith(key)) if prefix else (lambda k: k == key)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(changes, st.integers(1, 6), st.integers(1, 12), st.integers(0, 45), st.sampled_from(KEYS), st.booleans(),
        st.integers(1, 5))
 def test_the_log_answers_like_the_full_history_or_refuses(writes, events_max, bytes_max, after, key, prefix,
@@ -47,7 +49,7 @@ def test_the_log_answers_like_the_full_history_or_refuses(writes, events_max, by
     assert cursor == (want[count - 1][0] if len(want) >= count else revision)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(changes, st.lists(st.integers(2, 4), min_size=1, max_size=30))
 def test_a_watcher_that_keeps_up_sees_every_change_once_in_order(writes, counts) -> None:
     """Keeping up: it takes at least as many events per poll as are written between polls (2), and the
@@ -98,7 +100,7 @@ def replay(events) -> dict:
     return data
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(state_commands, st.integers(0, 40))
 def test_replaying_the_feed_rebuilds_the_data_and_survives_snapshots(cmds, cut) -> None:
     s = KVState()
@@ -178,7 +180,7 @@ class FakeShards:
                 return [encode_cursor(cursors, prefix), rows]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(KEYS), st.one_of(st.none(), st.sampled_from([b"1", b"2"]))), max_size=30),
        st.sampled_from([(b"", True), (b"a", True), (b"b", False)]), st.integers(0, 2**32), st.integers(1, 3))
 def test_a_watch_hands_out_every_change_once_however_it_is_served_and_resumed(writes, subject, seed,

@@ -28,6 +28,8 @@ from jepsen_like.history import (
 from jepsen_like.models import ILLEGAL, KVModel, TxnModel, get_model
 from jepsen_like.timeline import render_timeline
 
+from .conftest import examples
+
 INF = math.inf
 
 
@@ -191,7 +193,7 @@ def txn_mutated(draw):
     return ops
 
 
-FAST = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=examples(250), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FAST

@@ -30,6 +30,8 @@ from hypothesis import strategies as st
 from jepsen_like.elle import check
 from jepsen_like.history import Op
 
+from .conftest import examples
+
 KEYS = ("x", "y", "z")
 
 
@@ -173,7 +175,7 @@ def _agree(ops: list[Op], workload: str) -> None:
                 op.describe() for op in ops)
 
 
-_SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = settings(max_examples=examples(250), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_SETTINGS

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from raftkv.cluster import LocalCluster
 from raftkv.expiry import Expiries
 from raftkv.state import KVState
-from tests.conftest import redis_to
+from tests.conftest import examples, redis_to
 
 KEYS = [b"a", b"b"]
 
@@ -74,7 +74,7 @@ commands = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.lists(st.tuples(commands, st.integers(0, 10), st.booleans()), max_size=30))
 def test_expiry_matches_a_model(steps: list) -> None:
     """Each step: a command at a later log time, sometimes read between entries (the ReadIndex path)."""

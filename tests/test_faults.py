@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -106,9 +107,16 @@ def test_nemesis_records_a_fault_only_when_it_happened(stand_in, tmp_path: Path,
     assert len(nem.faults) == 1 and "partition not in effect" in nem.faults[0].error, nem.faults
 
 
+def _put_all(c: Client, keys: list[str]) -> None:
+    """``put(k, k)`` for every key, six in flight at a time (the leaders batch them into fewer fsyncs);
+    returns once every write was acknowledged, and raises if one was not."""
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda k: c.put(k, k), keys))
+
+
 def _all_readable(lc: LocalCluster, keys: list[str]) -> None:
-    with Client(cluster=lc.config, timeout=30.0) as c:
-        missing = [k for k in keys if c.get(k) != k.encode()]
+    with Client(cluster=lc.config, timeout=30.0) as c, ThreadPoolExecutor(6) as pool:
+        missing = [k for k, v in zip(keys, pool.map(c.get, keys), strict=True) if v != k.encode()]
     assert missing == [], f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
 
 
@@ -118,7 +126,10 @@ def test_kill_leader_under_writes_fails_over_and_loses_nothing(fresh_cluster: Lo
     w = PutWriter(lc.config, _keys_on(lc, shard, "fo"), timeout=5.0)
     w.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while len(w.acked) < 20:  # the writer is under way before the kill
+            assert time.monotonic() < deadline, "fewer than 20 writes acknowledged in 30 s before the kill"
+            time.sleep(0.02)
         victim = lc.leader_of(shard)
         assert victim is not None
         before = len(w.acked)
@@ -150,11 +161,8 @@ def test_kill_leader_under_writes_fails_over_and_loses_nothing(fresh_cluster: Lo
 def test_acknowledged_writes_survive_kill_9_of_every_node(fresh_cluster: LocalCluster) -> None:
     lc = fresh_cluster
     keys = [f"durable-{i}" for i in range(300)]
-    acked = []
     with Client(cluster=lc.config) as c:
-        for k in keys:
-            c.put(k, k)
-            acked.append(k)
+        _put_all(c, keys)  # all 300 acknowledged
     for name in lc.map.nodes:  # as close to simultaneous as a test can make it
         lc.signal_node(name, 9)
     for name in lc.map.nodes:
@@ -166,7 +174,7 @@ def test_acknowledged_writes_survive_kill_9_of_every_node(fresh_cluster: LocalCl
     except Exception:
         dump_logs(lc)
         raise
-    _all_readable(lc, acked)
+    _all_readable(lc, keys)
 
 
 def test_restarted_node_catches_up_and_later_leads(fresh_cluster: LocalCluster) -> None:
@@ -176,8 +184,7 @@ def test_restarted_node_catches_up_and_later_leads(fresh_cluster: LocalCluster) 
         c.put("before-crash", "1")
         lc.kill_node(victim)
         written = [f"while-down-{i}" for i in range(200)]
-        for k in written:
-            c.put(k, k)
+        _put_all(c, written)
     lc.start_node(victim)
     # It catches up from the leaders' logs (or snapshots) and then leads every shard.
     # A shard handed over can still move on (an election right after a transfer),

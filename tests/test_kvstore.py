@@ -13,6 +13,8 @@ from raftkv.engine import Engine
 from raftkv.kvstore import EngineStore
 from raftkv.state import Store
 
+from .conftest import examples
+
 KEYS = st.sampled_from([b"", b"a", b"ab", b"b", b"k\x00", b"k\xff", b"z" * 40])
 OPS = st.lists(
     st.one_of(
@@ -31,7 +33,7 @@ def _checkpoint(engine: Engine, store: EngineStore) -> None:
     store.checkpointed()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS, lo=KEYS, hi=st.one_of(st.none(), KEYS))
 def test_engine_store_is_a_dict_that_survives_crashes_as_of_its_last_checkpoint(
         tmp_path: Path, ops: list, lo: bytes, hi: bytes | None) -> None:

@@ -34,7 +34,7 @@ from raftkv.server.api import BadRequest
 from raftkv.server.commands.kv import cmd_set
 from raftkv.server.commands.leases import cmd_lease, sweep
 from raftkv.state import KVState
-from tests.conftest import redis_to, start_cluster
+from tests.conftest import examples, redis_to, start_cluster
 
 SHARDS = 3
 KEYS = {b"a0": 0, b"a1": 0, b"b0": 1, b"b1": 1, b"c0": 2}
@@ -165,7 +165,7 @@ lease_ops = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(lease_ops, max_size=40))
 def test_keys_live_and_die_with_their_leases_across_shards(ops: list[tuple]) -> None:
     c, m = Cluster(), Model()

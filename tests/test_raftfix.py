@@ -31,6 +31,8 @@ from pysyncobj.transport import Transport
 from raftkv import raftfix
 from raftkv.raftfix import SafeSyncObj
 
+from .conftest import examples
+
 # Raft protocol messages may be duplicated by the simulated network. Client forwarding (apply_command and its
 # response) is only dropped/delayed: pysyncobj has no client sessions, so a duplicated apply_command is a
 # second submission, whose dedup is the application's job (notes §4), not a Raft safety property.
@@ -725,7 +727,7 @@ def check_prefixes(c: Cluster, seed: int) -> None:
             assert long_[: len(short)] == short, f"seed {seed}: applied sequences diverged"
 
 
-@settings(max_examples=int(os.environ.get("RAFTFIX_EXAMPLES", "150")), deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("RAFTFIX_EXAMPLES", examples(150))), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_stress_random_faults(seed: int) -> None:
@@ -740,11 +742,11 @@ def test_replay_seed() -> None:
 
 def test_stress_finds_divergence_on_stock() -> None:
     """The stress harness has teeth: the same fault schedules break stock pysyncobj (run with the stock
-    journal made crash-safe, so that every failure is the protocol's, not a lost page cache)."""
-    failing = []
+    journal made crash-safe, so that every failure is the protocol's, not a lost page cache).
+    One failing seed is the proof, so the search stops there (seed 5 today: 6 runs, not 40)."""
     for seed in range(40):
         try:
             run_stress(seed, safe=False)
         except AssertionError:
-            failing.append(seed)
-    assert failing, "expected stock pysyncobj to diverge or lose acknowledged commands on some seed"
+            return
+    pytest.fail("expected stock pysyncobj to diverge or lose acknowledged commands on some seed of 0-39")

@@ -25,6 +25,7 @@ from pysyncobj.node import Node
 
 from raftkv.raftfix import _ConfChange
 
+from .conftest import examples
 from .test_raftfix import (
     NODE_IDS,
     Cluster,
@@ -364,7 +365,7 @@ def run_member_stress(seed: int, steps: int = 500, safe_cls: type[SafeReplica] =
     return stats
 
 
-@settings(max_examples=int(os.environ.get("RAFTFIX_MEMBER_EXAMPLES", "25")), deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("RAFTFIX_MEMBER_EXAMPLES", examples(25))), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_membership_churn_keeps_election_safety_and_committed_entries(seed: int) -> None:

@@ -40,6 +40,8 @@ from tests.test_raftfix import (
     sim_conf,
 )
 
+from .conftest import examples
+
 SUCCESS = FAIL_REASON.SUCCESS
 
 
@@ -479,7 +481,7 @@ def run_read_stress(seed: int, cls: type = SafeReplica, fault_s: float = 3.0) ->
     return counts
 
 
-@settings(max_examples=int(os.environ.get("READINDEX_EXAMPLES", "100")), deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("READINDEX_EXAMPLES", examples(100))), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_reads_linearizable_under_random_faults(seed: int) -> None:

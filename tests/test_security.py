@@ -19,7 +19,7 @@ from raftkv.cluster import LocalCluster, free_base_port
 from raftkv.security import InsecureBindError, Security, check_bind
 from shards.shardmap import local_cluster
 
-from .conftest import dump_logs
+from .conftest import dump_logs, no_retry
 
 
 def _start(directory: Path, security: dict, node_args: list[str] | None = None, nodes: int = 3) -> LocalCluster:
@@ -45,11 +45,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory):
 
 def test_auth_is_required_and_checked(secured: LocalCluster) -> None:
     node = secured.map.nodes["n1"]
-    anon = redis.Redis(host=node.host, port=node.client_port, protocol=2)
+    anon = redis.Redis(host=node.host, port=node.client_port, protocol=2, retry=no_retry())
     with pytest.raises(redis.AuthenticationError, match="Authentication required"):  # -NOAUTH
         anon.get("k")
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(host=node.host, port=node.client_port, protocol=2, password="wrong").get("k")
+        redis.Redis(host=node.host, port=node.client_port, protocol=2, password="wrong", retry=no_retry()).get("k")
     with socket.create_connection((node.host, node.client_port), timeout=5) as raw:
         raw.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$3\r\nbad\r\n"
                     b"*2\r\n$4\r\nAUTH\r\n$6\r\ns3cret\r\n*2\r\n$3\r\nGET\r\n$6\r\nauth-k\r\n")
@@ -163,7 +163,7 @@ def test_tls_client_port_with_redis_py_and_client(tmp_path: Path) -> None:
         assert r.set(key_name, "secure") and r.get(key_name) == b"secure"
         with Client(cluster=lc.config, tls=True) as c:
             assert c.get(key_name) == b"secure"
-        plain = redis.Redis(host=node.host, port=node.client_port, protocol=2, socket_timeout=2)
+        plain = redis.Redis(host=node.host, port=node.client_port, protocol=2, socket_timeout=2, retry=no_retry())
         with pytest.raises(redis.ConnectionError):
             plain.get(key_name)
     finally:

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from raftkv.state import CmdError, KVState
 from raftkv.txn import TxnResult
 
+from .conftest import examples
+
 keys = st.sampled_from([b"a", b"b", b"c", b"d"])
 values = st.sampled_from([b"1", b"2", b"3"])
 maybe_values = st.one_of(st.none(), values)
@@ -116,7 +118,7 @@ def _session_outcome(m: Model, cmd: tuple) -> str:
     return "retry of the latest" if cmd[2] == last else "stale duplicate"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(plain, max_size=60))
 def test_plain_commands_match_a_dict(cmds: list[tuple]) -> None:
     s, m = KVState(), Model()
@@ -127,7 +129,7 @@ def test_plain_commands_match_a_dict(cmds: list[tuple]) -> None:
     assert {k: r for k, (_, r) in s.data.items()} == {k: m.rev[k] for k in m.d}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(session_commands())
 def test_retries_never_apply_twice_and_return_the_first_result(cmds: list[tuple]) -> None:
     """How often each branch is reached, measured over two runs of 300 examples: a stale
@@ -171,7 +173,7 @@ def test_a_state_machine_that_applies_stale_duplicates_is_caught(monkeypatch) ->
         prop()
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(session_commands(), st.integers(0, 40))
 def test_snapshot_restore_is_the_same_state(cmds: list[tuple], cut: int) -> None:
     s = KVState()

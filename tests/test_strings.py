@@ -12,7 +12,7 @@ from raftkv.cluster import LocalCluster
 from raftkv.results import CmdError
 from raftkv.state import KVState
 from raftkv.strings import INT64_MAX, INT64_MIN
-from tests.conftest import redis_to
+from tests.conftest import examples, redis_to
 
 KEYS = [b"a", b"b"]
 VALUES = [b"0", b"7", b"-3", b"x", b"", b"007", b"+1", b" 1", str(INT64_MAX).encode(), str(INT64_MIN).encode()]
@@ -60,7 +60,7 @@ commands = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(commands, max_size=30))
 def test_string_commands_match_a_dict_model(cmds: list[tuple]) -> None:
     state, model = KVState(), {}

@@ -35,6 +35,8 @@ from raftkv.txn import (
     watch_read,
 )
 
+from .conftest import examples
+
 T0 = 1_000_000
 SIM_EXAMPLES = 200
 # The two protocols' atomicity properties share what one of them used to run (make test's budget).
@@ -515,7 +517,7 @@ def run_simulation(actions: list, parallel: bool = False) -> None:
     sim.check()
 
 
-@settings(max_examples=SIM_EXAMPLES_EACH, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(SIM_EXAMPLES_EACH), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ACTIONS, min_size=20, max_size=100))
 def test_simulation_atomicity(actions: list) -> None:
     """Every transaction is applied on all its shards or on none; no lock outlives recovery.
@@ -530,7 +532,7 @@ def test_simulation_atomicity(actions: list) -> None:
     run_simulation(actions)
 
 
-@settings(max_examples=SIM_EXAMPLES_EACH, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(SIM_EXAMPLES_EACH), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ACTIONS, min_size=20, max_size=100))
 def test_parallel_commits_simulation(actions: list) -> None:
     """Parallel commits under the same lossy, crashing, late-message world: every transaction is
