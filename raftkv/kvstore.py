@@ -156,11 +156,14 @@ class EngineStore:
     def write_checkpoint(self, batch: WriteBatch) -> None:
         """Add the overlay's writes to ``batch`` (one engine transaction; ``checkpointed`` after it commits)."""
         prefix = self._prefix
+        puts = []
         for key, raw in self._overlay.items():
             if raw is None:
                 batch.delete(prefix + key)
             else:
-                batch.put(prefix + key, raw)
+                puts.append((prefix + key, raw))
+        puts.sort()  # in key order LMDB's C loop fills pages in sequence: about half the time of one put per call
+        batch.put_many(puts)
 
     def checkpointed(self) -> None:
         """The transaction holding ``write_checkpoint``'s writes committed: forget them here."""
