@@ -38,11 +38,19 @@ def test_every_metric_the_alert_rules_use_is_exported(cluster: LocalCluster) -> 
     with Client(cluster=cluster.config) as c:
         c.put("metrics-key", "v")  # so request and proposal series exist
         c.mset({f"metrics-{i}": "v" for i in range(6)})  # a cross-shard transaction: 2PC outcome series
-    exported: set[str] = set()
-    for node in cluster.map.nodes.values():  # per-leader series (lag) live on the leaders
-        status, body = _get(f"http://{node.host}:{node.metrics_port}/metrics")
-        assert status == 200
-        exported |= set(re.findall(r"^(raftkv_[a-z_]+)", body, re.M))
+
+    def scrape() -> set[str]:
+        names: set[str] = set()
+        for node in cluster.map.nodes.values():  # per-leader series (lag) live on the leaders
+            status, body = _get(f"http://{node.host}:{node.metrics_port}/metrics")
+            assert status == 200
+            names |= set(re.findall(r"^(raftkv_[a-z_]+)", body, re.M))
+        return names
+
+    # With parallel commits the client is answered before the decision is written (and counted): wait for it.
+    deadline = time.monotonic() + 15
+    while "raftkv_txn_outcomes_total" not in (exported := scrape()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     wanted = set(re.findall(r"\b(raftkv_[a-z_]+)", RULES.read_text()))
     # errors_total appears once an error was counted; count one.
     wanted.discard("raftkv_errors_total")
@@ -50,7 +58,8 @@ def test_every_metric_the_alert_rules_use_is_exported(cluster: LocalCluster) -> 
     assert wanted <= exported, f"alert rules use metrics no node exports: {sorted(wanted - exported)}"
     for name in ("raftkv_raft_term", "raftkv_raft_commit_index", "raftkv_raft_applied_index",
                  "raftkv_request_duration_seconds_bucket", "raftkv_proposals_total", "raftkv_connections",
-                 "raftkv_engine_bytes", "raftkv_engine_commits_total", "raftkv_checkpoints_total", "raftkv_keys_since_checkpoint", "raftkv_txn_open", "raftkv_txn_outcomes_total",
+                 "raftkv_engine_bytes", "raftkv_engine_commits_total", "raftkv_checkpoints_total",
+                 "raftkv_keys_since_checkpoint", "raftkv_txn_open", "raftkv_txn_outcomes_total",
                  "raftkv_fsync_seconds_total", "raftkv_raft_replica_lag_entries"):
         assert name in exported, name
 
