@@ -68,7 +68,8 @@ class SyncStats:
     """Durable commits: how many, how many operations they carried, and their time in seconds.
 
     ``meta_flushes``: with ``metasync=False``, the meta-page flushes forced when nothing else was to commit
-    (their time is in ``total_s`` too).
+    (their time is in ``total_s`` too). ``deferred``: commit requests that found the writer busy (a checkpoint
+    committing on its own thread) and were left to the next driver loop.
     """
 
     count: int = 0
@@ -77,6 +78,7 @@ class SyncStats:
     last_s: float = 0.0
     max_s: float = 0.0
     meta_flushes: int = 0
+    deferred: int = 0
 
 
 def _no_point(name: str) -> None:
@@ -150,10 +152,13 @@ class Engine:
         and commits what is left. Raises ``EngineError`` if this commit, or an earlier background one, failed.
         """
         with self._commit_lock:
-            self._raise_failure()
-            self._commit_buffered()
-            if self._written_seq > self._synced_seq:
-                self._flush_meta()
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        self._raise_failure()
+        self._commit_buffered()
+        if self._written_seq > self._synced_seq:
+            self._flush_meta()
 
     # ---- pipelined commits -----------------------------------------------------------------------------------
 
@@ -175,7 +180,15 @@ class Engine:
         """Have everything buffered so far committed: in the background if pipelined (returns at once; watch
         ``covers``), else now (``sync``). Raises ``EngineError`` if a background commit failed."""
         if self._committer is None:
-            self.sync()
+            # A checkpoint or an install holds LMDB's one writer: do not wait for it on the driver thread. What
+            # depends on this commit waits in raftfix's gate, and the driver's next loop asks again.
+            if not self._commit_lock.acquire(blocking=False):
+                self._stats.deferred += 1
+                return
+            try:
+                self._sync_locked()
+            finally:
+                self._commit_lock.release()
             return
         self._raise_failure()
         with self._wanted:

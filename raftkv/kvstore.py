@@ -11,16 +11,19 @@
   matches the applied index stored beside it: a restart loads no data at all, and replays the log above
   that index.
 * **overlay**: the keys written since that checkpoint (the packed value, or None for a deletion), in a
-  dict, bounded by how often the replica checkpoints.  Reads look here first, then in the engine.
+  dict, bounded by how often the replica checkpoints.  Reads look here first, then in the engine.  While a
+  checkpoint commits (on another thread), its writes are *frozen*: still read, between the overlay and the
+  engine, until the commit holding them completes.
 
 Data larger than memory is the point: only the overlay and the engine's page cache (file-backed, which the
 kernel may drop) hold keys.  Keys of one shard are contiguous and in byte order in the engine, so a shard,
 or a range of keys inside it, scans in order (``keys_between``).
 
-Concurrency contract: writes (``__setitem__``, ``pop``, ``checkpoint``) happen on the one thread applying the
-shard's log.  Other threads may read (``get``, ``peek``-style stale reads, ``len``); they see either side of a
-checkpoint, never a mix that did not exist, because the overlay is cleared only after the engine commit that
-holds its writes.
+Concurrency contract: writes (``__setitem__``, ``pop``, ``freeze``, ``thaw``) happen on the one thread applying
+the shard's log; ``write_checkpoint`` and ``checkpointed`` may run on the thread committing the checkpoint.
+Other threads may read (``get``, ``peek``-style stale reads, ``len``); they see either side of a checkpoint,
+never a mix that did not exist, because frozen writes are dropped only after the engine commit that holds
+them.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class EngineStore:
         self._prefix = data_prefix(shard, gen)
         self._lo, self._hi = data_range(shard, gen)
         self._overlay: dict[bytes, bytes | None] = {}
+        # The overlay of a checkpoint being committed (``freeze``): read after the overlay, before the engine.
+        self._frozen: dict[bytes, bytes | None] = {}
         self._count = count  # live keys, committed and overlay together
 
     # ---- reads -----------------------------------------------------------------------------------------------
@@ -77,7 +82,9 @@ class EngineStore:
     def _raw(self, key: bytes) -> bytes | None:
         raw = self._overlay.get(key, _MISSING)
         if raw is _MISSING:
-            return self._engine.get(self._prefix + key)
+            raw = self._frozen.get(key, _MISSING)
+            if raw is _MISSING:
+                return self._engine.get(self._prefix + key)
         return raw  # type: ignore[return-value]
 
     def get(self, key: bytes, default: Any = None) -> Any:
@@ -102,7 +109,7 @@ class EngineStore:
 
     def keys_between(self, lo: bytes = b"", hi: bytes | None = None) -> Iterator[bytes]:
         """Live keys ``k`` with ``lo <= k < hi`` (no upper bound when ``hi`` is None), in byte order."""
-        overlay = self._overlay.copy()  # a consistent copy: the applying thread may write meanwhile
+        overlay = self._merged()  # a consistent copy: the applying thread may write meanwhile
         mine = sorted(k for k in overlay if lo <= k and (hi is None or k < hi))
         n = len(self._prefix)
         end = self._hi if hi is None else self._prefix + hi
@@ -150,14 +157,33 @@ class EngineStore:
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
     def pending(self) -> int:
-        """Keys written since the last checkpoint."""
-        return len(self._overlay)
+        """Keys written since the last completed checkpoint."""
+        return len(self._merged())
 
-    def write_checkpoint(self, batch: WriteBatch) -> None:
-        """Add the overlay's writes to ``batch`` (one engine transaction; ``checkpointed`` after it commits)."""
+    def _merged(self) -> dict[bytes, bytes | None]:
+        frozen, overlay = self._frozen, self._overlay  # read once: both may be replaced meanwhile
+        if not frozen:
+            return overlay.copy()
+        merged = frozen.copy()
+        merged.update(overlay)
+        return merged
+
+    def freeze(self) -> dict[bytes, bytes | None]:
+        """Start a checkpoint: the writes so far become the frozen set (still read, no longer written) and new
+        writes go to a fresh overlay. Returns the frozen set, to pass to ``write_checkpoint``."""
+        if self._frozen:
+            raise RuntimeError("a checkpoint is already being committed")
+        self._frozen, self._overlay = self._overlay, {}
+        return self._frozen
+
+    def write_checkpoint(self, batch: WriteBatch, frozen: dict[bytes, bytes | None] | None = None) -> None:
+        """Add ``frozen``'s writes (default: ``freeze()`` now) to ``batch``, one engine transaction; call
+        ``checkpointed`` once it committed (``thaw`` if it failed)."""
+        if frozen is None:
+            frozen = self.freeze()
         prefix = self._prefix
         puts = []
-        for key, raw in self._overlay.items():
+        for key, raw in frozen.items():
             if raw is None:
                 batch.delete(prefix + key)
             else:
@@ -166,12 +192,18 @@ class EngineStore:
         batch.put_many(puts)
 
     def checkpointed(self) -> None:
-        """The transaction holding ``write_checkpoint``'s writes committed: forget them here."""
-        self._overlay = {}
+        """The transaction holding the frozen writes committed: the engine has them now."""
+        self._frozen = {}
+
+    def thaw(self) -> None:
+        """The checkpoint failed: its writes go back under the newer ones (the applying thread only)."""
+        frozen, self._frozen = self._frozen, {}
+        frozen.update(self._overlay)
+        self._overlay = frozen
 
     def view(self) -> StoreView:
         """A point-in-time, read-only copy for another thread (backups): the engine as of now plus the overlay."""
-        return StoreView(self._engine.read_view(), self.shard, self.gen, self._overlay.copy(), self._count)
+        return StoreView(self._engine.read_view(), self.shard, self.gen, self._merged(), self._count)
 
 
 class StoreView:

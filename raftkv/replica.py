@@ -95,7 +95,7 @@ class ShardReplica(SafeSyncObj):
         # read from the engine, with the writes since the last checkpoint in memory (raftkv.kvstore).
         self.snapshots = ShardSnapshots(self.engine, shard, base + ".snapshot",
                                         max(conf.logCompactionBatchSize, SNAPSHOT_CHUNK_BYTES),
-                                        lambda: self.state, self._set_state)
+                                        lambda: self.state, self._set_state, background=driver is not None)
         self.state = self.snapshots.open_state()
         self._driver = driver
         self._tick_actions: collections.deque[Callable[[], None]] = collections.deque()

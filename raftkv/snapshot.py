@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -78,7 +79,8 @@ class ShardSnapshots:
     """pysyncobj's serializer for one shard replica, backed by the engine (module doc)."""
 
     def __init__(self, engine: Engine, shard: int, marker_path: str, batch_bytes: int,
-                 get_state: Callable[[], KVState], set_state: Callable[[KVState], None]) -> None:
+                 get_state: Callable[[], KVState], set_state: Callable[[KVState], None],
+                 background: bool = False) -> None:
         self._engine = engine
         self.shard = shard
         self._marker = marker_path
@@ -88,6 +90,9 @@ class ShardSnapshots:
         self._set_state = set_state
         self._status = SERIALIZER_STATE.NOT_SERIALIZING
         self._status_id: int | None = None
+        self._background = background  # checkpoints commit on a thread of their own (serialize)
+        self._committing: threading.Thread | None = None
+        self._done: tuple | None = None  # (ok, index, store, keys, seconds) of the checkpoint just committed
         self._tx: dict[Any, _Transmission] = {}
         self._gen = 0  # generation of the shard's data in use (a snapshot install moves to the next)
         self._rx: _Receiving | None = None
@@ -130,40 +135,80 @@ class ShardSnapshots:
     # ---- checkpoint (pysyncobj: serialize / checkSerializing) ------------------------------------------------
 
     def serialize(self, data: tuple, id: int) -> None:  # noqa: A002 - pysyncobj's name
-        """Checkpoint the state at the applied entry ``data[1]`` (pysyncobj's compaction)."""
+        """Checkpoint the state at the applied entry ``data[1]`` (pysyncobj's compaction).
+
+        On the applying thread: the writes so far are frozen and the metadata is taken, as of this index. A
+        thread then commits them (LMDB's one writer: the driver's own log commits wait their turn meanwhile,
+        and everything that depends on them waits in raftfix's gate, while the driver goes on receiving,
+        ticking and sending heartbeats, so a long checkpoint is not mistaken for a dead leader).
+        ``checkSerializing`` reports SERIALIZING until it is done; the log prefix is dropped only after.
+        """
         raft_data = data[1:]
         state = self._get_state()
         store = state.data
         t0 = time.perf_counter()
-        pending = store.pending()
+        frozen = store.freeze()
         blob = _dump_meta(raft_data, state.meta(), store.gen)
 
         def write(batch: WriteBatch) -> None:
-            store.write_checkpoint(batch)
+            store.write_checkpoint(batch, frozen)
             batch.put(meta_key(self.shard), blob)
 
-        try:
-            self._engine.commit_now(write)
-        except EngineError:
-            log.exception("event=checkpoint_failed shard=%d", self.shard)
-            self._status, self._status_id = SERIALIZER_STATE.FAILED, id
-            return
-        store.checkpointed()
-        self._write_marker()
-        dt = time.perf_counter() - t0
-        self.stats["checkpoints"] += 1
-        self.stats["checkpoint_keys"] += pending
-        self.stats["checkpoint_s"] += dt
-        log.info("event=checkpoint shard=%d index=%d keys_written=%d meta_bytes=%d ms=%.1f", self.shard,
-                 raft_data[0][1], pending, len(blob), dt * 1000)
-        self._status, self._status_id = SERIALIZER_STATE.SUCCESS, id
+        def commit() -> None:
+            try:
+                self._engine.commit_now(write)
+                store.checkpointed()
+                self._write_marker()
+            except Exception:  # the applying thread thaws the frozen writes (checkSerializing)
+                log.exception("event=checkpoint_failed shard=%d", self.shard)
+                self._done = (False, id, store, 0, 0.0)
+                return
+            dt = time.perf_counter() - t0
+            log.info("event=checkpoint shard=%d index=%d keys_written=%d meta_bytes=%d ms=%.1f", self.shard,
+                     raft_data[0][1], len(frozen), len(blob), dt * 1000)
+            self._done = (True, id, store, len(frozen), dt)
+
+        self._done = None
+        self._status, self._status_id = SERIALIZER_STATE.SERIALIZING, id
+        if self._background:
+            self._committing = threading.Thread(target=commit, name=f"checkpoint-{self.shard}", daemon=True)
+            self._committing.start()
+        else:
+            commit()
 
     def checkSerializing(self) -> tuple[int, int | None]:  # noqa: N802 - pysyncobj's name
-        """SUCCESS (or FAILED) once after a checkpoint, with its index; NOT_SERIALIZING otherwise."""
+        """SERIALIZING while a checkpoint commits; then SUCCESS (or FAILED) once, with its index;
+        NOT_SERIALIZING otherwise. Runs on the applying thread, which is where a failed one is undone."""
+        if self._status == SERIALIZER_STATE.SERIALIZING:
+            done = self._done
+            if done is None:
+                return SERIALIZER_STATE.SERIALIZING, self._status_id
+            self._finish(done)
         status, sid = self._status, self._status_id
         if status != SERIALIZER_STATE.NOT_SERIALIZING:
             self._status, self._status_id = SERIALIZER_STATE.NOT_SERIALIZING, None
         return status, sid
+
+    def _finish(self, done: tuple) -> None:
+        ok, sid, store, keys, dt = done
+        self._done, self._committing = None, None
+        if ok:
+            self.stats["checkpoints"] += 1
+            self.stats["checkpoint_keys"] += keys
+            self.stats["checkpoint_s"] += dt
+            self._status = SERIALIZER_STATE.SUCCESS
+        else:
+            store.thaw()
+            self._status = SERIALIZER_STATE.FAILED
+        self._status_id = sid
+
+    def wait_checkpoint(self) -> None:
+        """Block until a checkpoint being committed is done (before replacing the state it belongs to)."""
+        thread = self._committing
+        if thread is not None:
+            thread.join()
+        if self._done is not None:
+            self._finish(self._done)
 
     # ---- restart and install (pysyncobj: deserialize) ----------------------------------------------------
 
@@ -173,6 +218,7 @@ class ShardSnapshots:
         After a complete snapshot transfer, first switches to the generation it wrote (one small commit); a dump
         of the old format is moved into the engine first too.
         """
+        self.wait_checkpoint()  # its commit must not land after the state it belongs to is replaced
         if self._rx is not None and self._rx.complete:
             self._flip(self._rx)
             self._rx = None
@@ -298,6 +344,7 @@ class ShardSnapshots:
         """Release every open transfer's engine view (the group is being destroyed)."""
         for node in list(self._tx):
             self.cancelTransmisstion(node)
+        self.wait_checkpoint()
 
     # ---- receiving (follower) ----------------------------------------------------------------------------
 
@@ -309,6 +356,7 @@ class ShardSnapshots:
             return False
         data, is_first, is_last = chunk
         if is_first:
+            self.wait_checkpoint()
             gen = self._gen + 1
             if gen in self._stale:
                 self._stale.remove(gen)  # cleared right here: tidy must not delete the keys written next

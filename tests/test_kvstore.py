@@ -86,3 +86,30 @@ def test_a_full_engine_says_so_and_how_to_fix_it(tmp_path: Path) -> None:
             engine.sync()
     finally:
         engine.close()
+
+
+def test_a_commit_request_never_waits_for_a_checkpoint_holding_the_writer(tmp_path: Path) -> None:
+    """The driver asks for its loop's commit with ``request_commit``: while a checkpoint commits on its own
+    thread the request returns at once (what depends on it waits in raftfix's gate) and a later one commits."""
+    import threading
+
+    engine = Engine(str(tmp_path / "e"))
+    try:
+        seq = engine.put(b"L1", b"entry")
+        held, release = threading.Event(), threading.Event()
+
+        def slow_checkpoint(batch: object) -> None:
+            held.set()
+            assert release.wait(30)
+
+        t = threading.Thread(target=engine.commit_now, args=(slow_checkpoint,))
+        t.start()
+        assert held.wait(30)
+        engine.request_commit()  # returns although the writer is busy
+        assert not engine.covers(seq) and engine.stats().deferred == 1
+        release.set()
+        t.join()
+        engine.request_commit()
+        assert engine.covers(seq) and engine.get(b"L1") == b"entry"
+    finally:
+        engine.close()

@@ -9,7 +9,11 @@ import threading
 import time
 from pathlib import Path
 
+from pysyncobj.config import SERIALIZER_STATE
+
 from raftkv.replica import APPLIED, ShardReplica
+
+SERIALIZING, SUCCESS = SERIALIZER_STATE.SERIALIZING, SERIALIZER_STATE.SUCCESS
 
 
 def _free_port() -> int:
@@ -215,3 +219,44 @@ def test_a_dump_of_the_old_layout_moves_into_the_engine_once(tmp_path: Path) -> 
         finally:
             r.destroy()
             time.sleep(0.2)
+
+
+def test_a_checkpoint_commits_on_its_own_thread_while_writes_go_on(tmp_path: Path) -> None:
+    """In a node (``background``): the writes up to the checkpoint's index are frozen and committed by a thread;
+    writes applied meanwhile stay readable and are not part of it; a crash after it keeps exactly its state."""
+    from raftkv.engine import Engine
+    from raftkv.kvstore import EngineStore
+    from raftkv.snapshot import ShardSnapshots
+
+    held, release = threading.Event(), threading.Event()
+
+    def point(name: str) -> None:
+        if name == "engine.checkpoint.before":
+            held.set()
+            assert release.wait(30)
+
+    engine = Engine(str(tmp_path / "e"), point=point)
+    box: dict = {}
+    try:
+        snaps = ShardSnapshots(engine, 2, str(tmp_path / "m.snapshot"), 4096, lambda: box["s"],
+                               lambda s: box.__setitem__("s", s), background=True)
+        box["s"] = snaps.open_state()
+        state = box["s"]
+        for i in range(100):
+            state.apply(("set", b"k%03d" % i, b"v1"), 1000)
+        snaps.serialize((None, ("c", 9, 1), ("c", 8, 1), set()), 9)
+        assert held.wait(30)
+        assert snaps.checkSerializing() == (SERIALIZING, 9)
+        state.apply(("set", b"k000", b"v2"), 1001)  # applied while the checkpoint commits
+        state.apply(("del", [b"k001"]), 1001)
+        assert state.data.get(b"k000")[0] == b"v2" and state.data.get(b"k002")[0] == b"v1"
+        assert state.data.get(b"k001") is None and len(state) == 99
+        release.set()
+        snaps.wait_checkpoint()
+        assert snaps.checkSerializing() == (SUCCESS, 9)
+        assert state.data.pending() == 2  # only the two writes after the checkpoint
+        crashed = EngineStore(engine, 2, count=100)  # what a restart finds: the checkpoint, whole
+        assert crashed.get(b"k000")[0] == b"v1" and crashed.get(b"k001")[0] == b"v1" and len(crashed) == 100
+    finally:
+        release.set()
+        engine.close()

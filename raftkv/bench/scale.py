@@ -66,13 +66,17 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
         doc["rss_empty_mb"] = rss0
         loaded = 0
         for size in sizes:
+            elections = _leader_changes(s.lc)
             secs = preload(s, size, value_size, start=loaded)
-            out(f"   loaded keys {loaded}..{size} in {secs:.1f} s ({(size - loaded) / secs:.0f} keys/s)")
+            elections = _leader_changes(s.lc) - elections
+            out(f"   loaded keys {loaded}..{size} in {secs:.1f} s ({(size - loaded) / secs:.0f} keys/s; "
+                f"{elections} shard leader changes meanwhile)")
             loaded = size
             time.sleep(1.0)
             rss = {n: proc_rss_mb(p) for n, p in s.node_pids().items() if p}
             anon = {n: proc_rss_mb(p, "RssAnon") for n, p in s.node_pids().items() if p}
-            entry: dict[str, Any] = {"keys": size, "load_s": round(secs, 1), "rss_mb": rss, "rss_anon_mb": anon}
+            entry: dict[str, Any] = {"keys": size, "load_s": round(secs, 1), "rss_mb": rss, "rss_anon_mb": anon,
+                                     "leader_changes_during_load": elections}
             for w in ("put", "get"):
                 r = run_load(s, LoadParams(w, clients, duration, keyspace=size, value_size=value_size))
                 entry[w] = r.row()
@@ -118,6 +122,17 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
             f"after {doc['snapshot_catch_up']['caught_up_s']} s ({rate} MB/s of keys and values)")
     finally:
         s.stop()
+
+
+def _leader_changes(lc: LocalCluster) -> int:
+    """Times a replica became a shard leader, over every node's log so far."""
+    total = 0
+    for name in lc.map.nodes:
+        try:
+            total += lc.log_file(name).read_text(errors="replace").count("new=leader")
+        except OSError:
+            pass
+    return total
 
 
 def _restart_and_catch_up(lc: LocalCluster, victim: str) -> tuple[float | None, float | None]:
