@@ -119,7 +119,7 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 @click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock"]), default="register",
               show_default=True, help="lock: acquire/release under leases, checked with the mutex model")
 @click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
-              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock; "
+              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk; "
                    "or a comma-separated mix, e.g. kill,member)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
 @click.option("--clients", type=click.IntRange(1, 200), default=10, show_default=True)

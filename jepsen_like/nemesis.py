@@ -1,5 +1,5 @@
-"""Faults: kill -9 and restart, SIGSTOP/SIGCONT pauses, network partitions, membership changes and
-clock steps, on a seeded schedule.
+"""Faults: kill -9 and restart, SIGSTOP/SIGCONT pauses, network partitions, membership changes,
+clock steps and slow disks, on a seeded schedule.
 
 Theory of operation
 ===================
@@ -44,6 +44,13 @@ log time is built to tolerate: monotonic clocks never jump forward, and log
 time stands still rather than go back.  The window's end undoes nothing (a
 clock that is behind stays behind).
 
+``slow-disk``: ``RAFTKV.FAULT DISK.SLOW_MS`` makes every durable commit of a
+random node's storage engine (:mod:`raftkv.engine`) take ``SLOW_DISK_MS`` (20 to
+400 ms) longer, as an fsync that slow would; the window's end sets it back to 0.
+The node's engine commit counters (``RAFTKV.STATUS`` ``engine``), read at both
+ends of the window, go into the fault's detail: the mean commit time during the
+window shows the fault was in effect.
+
 ``clock-forward`` (not in ``all``): steps of +/- ``CLOCK_SKEW_S`` seconds, set
 back to 0 at the window's end, so every fault includes a *forward* step: the
 node's log time jumps ahead, which the design excludes (logclock's
@@ -53,6 +60,7 @@ early on the shards that node leads.  It shows that hazard (docs/jepsen.md).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -64,13 +72,15 @@ from typing import Any
 __all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "PARTITION_SHAPES", "make_schedule", "parse_nemesis",
            "partition_edges"]
 
-FAULT_KINDS = ("kill", "pause", "partition", "member", "clock")
+FAULT_KINDS = ("kill", "pause", "partition", "member", "clock", "slow-disk")
 EXTRA_KINDS = ("clock-forward",)
 """Fault kinds outside the design's fault model: named explicitly, never part of ``all``."""
 NEMESES = ("none", *FAULT_KINDS, *EXTRA_KINDS, "all")
 PARTITION_SHAPES = ("halves", "isolate-leader", "majority-ring")
 CLOCK_SKEW_S = (1.0, 120.0)
 """Size range of a clock step (seconds)."""
+SLOW_DISK_MS = (20, 400)
+"""Range of the latency a ``slow-disk`` fault adds to each durable commit (milliseconds)."""
 
 
 def parse_nemesis(spec: str) -> list[str]:
@@ -182,6 +192,7 @@ class Nemesis:
         self.client_kw = client_kw or {}  # how the membership operator logs in (--auth runs)
         self.faults: list[Fault] = []
         self.skews: dict[str, int] = {}  # clock offsets (ms) the nemesis set, per node
+        self._engine_before: dict[int, tuple[int, float] | None] = {}  # slow-disk fault -> counters at its start
         self._lock = threading.RLock()
         self.nodes = list(cluster.map.nodes)
 
@@ -249,6 +260,12 @@ class Nemesis:
                 f = Fault(kind, f"clock of {node} ({why}) stepped {(-step_ms if kind == 'clock' else step_ms) / 1000:+.1f} s "
                           f"(offset {skew_ms / 1000:+.1f} s)", [node], self.clock())
                 self._set_skew(node, skew_ms)
+            elif kind == "slow-disk":
+                node, why = self._target()
+                ms = round(self.rng.uniform(*SLOW_DISK_MS))
+                f = Fault(kind, f"disk of {node} ({why}) slowed: +{ms} ms per durable commit", [node], self.clock())
+                self._set_slow_disk(node, ms)  # then read the counters, so the window's commits are all slowed
+                self._engine_before[id(f)] = self._engine_counters(node)
             else:
                 raise ValueError(f"unknown fault kind {kind!r}")
             self.faults.append(f)
@@ -272,6 +289,11 @@ class Nemesis:
                 elif f.kind == "clock-forward":
                     for n in f.nodes:
                         self._set_skew(n, 0)
+                elif f.kind == "slow-disk":
+                    after = self._engine_counters(f.nodes[0])  # before the undo, for the same reason
+                    for n in f.nodes:
+                        self._set_slow_disk(n, 0)
+                    f.detail += _commit_summary(self._engine_before.pop(id(f), None), after)
             except Exception as e:  # noqa: BLE001 - recorded; heal_all retries
                 f.error = f"undo failed: {e}"
             f.end = self.clock()
@@ -303,6 +325,13 @@ class Nemesis:
                         done.append(f"clock of {f.nodes[0]} reset")
                     except Exception:  # noqa: BLE001 - a node that does not answer is restarted below, at 0
                         pass
+            for f in self.faults:  # a slow disk still open: back to normal speed (a restart also is)
+                if f.kind == "slow-disk" and f.nodes and f.end is None:
+                    try:
+                        self._set_slow_disk(f.nodes[0], 0)
+                        done.append(f"disk of {f.nodes[0]} back to normal speed")
+                    except Exception:  # noqa: BLE001 - a node that does not answer is restarted below, at 0
+                        pass
             for n in self.nodes:
                 if self.cluster.pid(n) is None:
                     self.cluster.start_node(n)
@@ -319,6 +348,20 @@ class Nemesis:
         if not isinstance(reply, int) or isinstance(reply, bool):
             raise RuntimeError(f"{node} refused RAFTKV.FAULT CLOCK.SKEW_MS {skew_ms}: {reply}")
         self.skews[node] = skew_ms
+
+    def _set_slow_disk(self, node: str, ms: int) -> None:
+        """Set ``node``'s injected commit latency; raises unless the node confirms."""
+        reply = self.cluster.call(node, "RAFTKV.FAULT", "DISK.SLOW_MS", str(ms))
+        if not isinstance(reply, int) or isinstance(reply, bool):
+            raise RuntimeError(f"{node} refused RAFTKV.FAULT DISK.SLOW_MS {ms}: {reply}")
+
+    def _engine_counters(self, node: str) -> tuple[int, float] | None:
+        """``(durable commits, seconds in them)`` of ``node``'s engine, None if it does not answer."""
+        try:
+            eng = json.loads(self.cluster.call(node, "RAFTKV.STATUS"))["engine"]
+            return int(eng["commits"]), float(eng["commit_s"])
+        except Exception:  # noqa: BLE001 - only the fault's detail loses its figure
+            return None
 
     def _operator(self) -> Any:
         """The cluster's membership operator, starting and stopping nodes through the harness's cluster."""
@@ -361,6 +404,16 @@ class Nemesis:
             self.end_fault(f)
             if stop.is_set():
                 return
+
+
+def _commit_summary(before: tuple[int, float] | None, after: tuple[int, float] | None) -> str:
+    """Pure: the fault detail's note on the engine commits made between two counter readings."""
+    if before is None or after is None or after[0] < before[0]:
+        return " (commit times unknown: the node did not answer, or restarted)"
+    n = after[0] - before[0]
+    if n == 0:
+        return " (no durable commit in the window)"
+    return f" (mean durable commit {(after[1] - before[1]) / n * 1000:.0f} ms over {n} commits)"
 
 
 def _wait_until(clock: Callable[[], float], t: float, stop: threading.Event) -> bool:

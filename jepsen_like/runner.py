@@ -266,6 +266,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         node_args += ["--compact-every", str(cfg.compact_every)]
     if {"clock", "clock-forward"} & set(kinds):  # nodes refuse RAFTKV.FAULT unless the point is armed
         node_args += ["--fault", "clock.skew_ms:0"]
+    if "slow-disk" in kinds:
+        node_args += ["--fault", "disk.slow_ms:0"]
     cluster = LocalCluster(node_dir, shardmap, node_args=node_args, env=env)
     mode = ("private netns, node i on 127.0.0.i, iptables: " + os.environ.get(netns.ENV_MARK, "")) if inside \
         else "host loopback 127.0.0.1 (no partitions)"

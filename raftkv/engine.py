@@ -17,6 +17,11 @@ Reads (``get``, ``scan``) see committed data only. The Raft log is also kept in 
 Crash points: ``point(name)`` is called at ``engine.commit.before`` (operations taken from the buffer, nothing
 committed) and ``engine.commit.after`` (committed and durable, the callers not yet told); tests pass a function
 that kills the node there (tests/test_crash_points.py).
+
+Slow-disk fault: ``delay_s`` (0 in production) is added to every durable commit, after LMDB's own sync and
+before the callers learn it is durable, as a disk whose fsync takes that much longer would. The node sets it
+from the ``disk.slow_ms`` fault point (``raftkv serve --fault disk.slow_ms:MS``, ``RAFTKV.FAULT DISK.SLOW_MS``
+at run time), which the fault harness's ``slow-disk`` nemesis sends; the commit-time metrics include it.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Engine:
         self._synced_seq = 0  # every operation numbered <= this is durable
         self._stats = SyncStats()
         self._closed = False
+        self.delay_s = 0.0  # injected sync latency (the disk.slow_ms fault point); 0 in production
 
     # ---- buffered writes -------------------------------------------------------------------------------------
 
@@ -131,6 +137,7 @@ class Engine:
                 # The batch is lost with the aborted transaction, and callers must not ack what it held: the node
                 # cannot go on safely without it.
                 raise EngineError(f"storage engine commit failed in {self.path}: {exc}") from exc
+            self._slow_disk()
             dt = time.perf_counter() - t0
             self._synced_seq = seq
             st = self._stats
@@ -140,6 +147,12 @@ class Engine:
             st.last_s = dt
             st.max_s = max(st.max_s, dt)
             self._point("engine.commit.after")
+
+    def _slow_disk(self) -> None:
+        # Holding the commit lock, as a slow fsync holds the one writer: later commits queue behind it.
+        delay = self.delay_s
+        if delay > 0:
+            time.sleep(delay)
 
     def stats(self) -> SyncStats:
         """A copy of the commit counters."""
@@ -194,6 +207,7 @@ class Engine:
                                   f"bytes): restart the node with a larger --engine-map-gib") from exc
             except lmdb.Error as exc:
                 raise EngineError(f"storage engine commit failed in {self.path}: {exc}") from exc
+            self._slow_disk()
             dt = time.perf_counter() - t0
             st = self._stats
             st.count += 1

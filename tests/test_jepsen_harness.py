@@ -117,12 +117,13 @@ def test_run_no_faults_passes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nemesis, ttl_ops, seed", [("kill", "0.5", 12), ("pause,member", "0", 34)])
+@pytest.mark.parametrize("nemesis, ttl_ops, seed", [("kill,slow-disk", "0.5", 43), ("pause,member", "0", 34)])
 def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str, ttl_ops: str, seed: int) -> None:
     """Nodes compact every 50 commands: a killed or paused node restarts from its snapshot and log, and
     replicas compact (and load snapshots) many times while faults come and go.  The kill run also writes
     with time to live (``--ttl-ops``): values that expire mid-run, checked with the kv-expiry model.  The
-    second run's schedule (seed 34) is a pause, then a membership change: a node removed from every
+    first run's schedule (seed 43) is a kill, then a slow disk (every durable commit of one node slowed by
+    tens to hundreds of ms). The second run's schedule (seed 34) is a pause, then a membership change: a node removed from every
     shard group and added back empty, catching up from the leaders' snapshots."""
     rc, res, out = harness(tmp_path, "--nemesis", nemesis, "--compact-every", "50", "--ttl-ops", ttl_ops,
                            *common(seed))
@@ -139,6 +140,11 @@ def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str, ttl_ops: s
                           for f in faults), faults
     assert {f["kind"] for f in faults} == set(kinds), faults
     assert {w["window"] for w in res["availability"]} >= set(kinds)
+    for f in faults:  # a slowed disk: the node's own commit counters show the added latency
+        if f["kind"] == "slow-disk":
+            added = int(re.search(r"\+(\d+) ms per durable commit", f["detail"]).group(1))
+            mean = re.search(r"mean durable commit (\d+) ms over \d+ commits", f["detail"])
+            assert mean and int(mean.group(1)) >= added / 2, f["detail"]  # /2: a commit racing the switch
     if "member" in kinds:  # each removal and each re-add wrote a new cluster file (epoch + 1)
         epoch = int(re.search(r"^epoch = (\d+)", (nodes / "cluster.toml").read_text(), re.M).group(1))
         assert epoch >= 1 + 2 * sum(f["kind"] == "member" for f in faults), epoch
@@ -317,6 +323,39 @@ def test_clock_nemesis_steps_only_back_and_clock_forward_steps_both_ways(seed: i
     g = nem.start_fault("clock-forward")
     nem.heal_all()
     assert cluster.skew[g.nodes[0]] == 0
+
+
+class SlowDiskOnlyCluster(ClockOnlyCluster):
+    """RAFTKV.FAULT DISK.SLOW_MS recorded, and RAFTKV.STATUS's engine counters (10 commits of 0.1 s per call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = {n: 0 for n in self.map.nodes}
+        self.commits = {n: (0, 0.0) for n in self.map.nodes}
+
+    def call(self, node: str, *args: str) -> int | str:
+        if args == ("RAFTKV.STATUS",):
+            n, s = self.commits[node]
+            self.commits[node] = (n + 10, s + 1.0)
+            return json.dumps({"engine": {"commits": n, "commit_s": s}})
+        assert args[:2] == ("RAFTKV.FAULT", "DISK.SLOW_MS"), args
+        before, self.slow[node] = self.slow[node], int(args[2])
+        return before
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_slow_disk_nemesis_slows_one_node_for_its_window_and_reports_commit_times(seed: int) -> None:
+    cluster = SlowDiskOnlyCluster()
+    nem = Nemesis(cluster, random.Random(seed), clock=lambda: 0.0)
+    f = nem.start_fault("slow-disk")
+    (node,) = f.nodes
+    assert 20 <= cluster.slow[node] <= 400 and all(v == 0 for n, v in cluster.slow.items() if n != node)
+    nem.end_fault(f)
+    assert cluster.slow[node] == 0 and not f.error
+    assert f.detail.endswith("(mean durable commit 100 ms over 10 commits)"), f.detail
+    g = nem.start_fault("slow-disk")
+    nem.heal_all()  # an open slow-disk fault is undone by the heal
+    assert all(v == 0 for v in cluster.slow.values()) and g.end is not None
 
 
 def test_schedule_is_seeded_and_within_the_run() -> None:

@@ -397,7 +397,13 @@ class Node:
                 "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),
                 "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
                 "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards,
-                "raft": {**self.network.status(), "driver_alive": self.driver.alive(), **dict(self.driver.stats)}}
+                "raft": {**self.network.status(), "driver_alive": self.driver.alive(), **dict(self.driver.stats)},
+                "engine": self._engine_status()}
+
+    def _engine_status(self) -> dict:
+        st = self.engine.stats()
+        return {"commits": st.count, "commit_s": round(st.total_s, 6), "commit_max_ms": round(st.max_s * 1000, 3),
+                "injected_delay_ms": round(self.engine.delay_s * 1000, 3)}
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -429,6 +435,9 @@ def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_le
         skew = node.faults.fire("clock.skew_ms", "")
         if skew is not None:
             LogClock.skew_ms = int(skew.value)
+        slow = node.faults.fire("disk.slow_ms", "")
+        if slow is not None:
+            node.engine.delay_s = slow.value / 1000
     try:
         asyncio.run(node.serve())
     finally:
