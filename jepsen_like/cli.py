@@ -119,7 +119,7 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 @click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock"]), default="register",
               show_default=True, help="lock: acquire/release under leases, checked with the mutex model")
 @click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
-              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk; "
+              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk; "
                    "or a comma-separated mix, e.g. kill,member)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
 @click.option("--clients", type=click.IntRange(1, 200), default=10, show_default=True)
@@ -166,6 +166,9 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
               help="also write the history as Knossos EDN into this directory (register: one cas-register "
                    "history per key, lock: one mutex history per lock, txn: one multi-register history), "
                    "for `raftkv-jepsen check --format knossos-edn` or Knossos itself")
+@click.option("--disk-mib", type=click.IntRange(4, 1024), default=32, show_default=True,
+              help="disk nemesis: size of the tmpfs each node's data directory is mounted on (it vanishes with "
+                   "the run's namespace, --keep-data included)")
 def run_cmd(time_s: float, **kw: object) -> None:
     """Start a fresh cluster, run a workload under faults, check it; exit 0 only if every check passed.
 

@@ -22,11 +22,21 @@ from pathlib import Path
 
 import pytest
 
+from jepsen_like import nemesis as nemesis_mod
 from jepsen_like import netns
 from jepsen_like.checker import LINEARIZABLE, check
 from jepsen_like.history import Event, Op, ops_from_events, parse_knossos_edn
 from jepsen_like.models import CASRegister
-from jepsen_like.nemesis import FAULT_KINDS, Nemesis, make_schedule, parse_nemesis, partition_edges
+from jepsen_like.nemesis import (
+    FAULT_KINDS,
+    Nemesis,
+    engine_failure,
+    fill_disk,
+    is_small_tmpfs,
+    make_schedule,
+    parse_nemesis,
+    partition_edges,
+)
 from jepsen_like.report import availability_windows, verdict_of
 from jepsen_like.runner import RunConfig
 from jepsen_like.workloads import lost_updates
@@ -356,6 +366,88 @@ def test_slow_disk_nemesis_slows_one_node_for_its_window_and_reports_commit_time
     g = nem.start_fault("slow-disk")
     nem.heal_all()  # an open slow-disk fault is undone by the heal
     assert all(v == 0 for v in cluster.slow.values()) and g.end is not None
+
+
+class DiskOnlyCluster(ClockOnlyCluster):
+    """Nodes with data dirs and log files under ``root``; a node whose disk was filled stops its Raft driver
+    (as a real node does on a failed commit) and logs the engine's error; restarts are recorded."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+        self.map.node_data_dir = lambda n: str(root / "data" / n)
+        self.driver_alive = {n: True for n in self.map.nodes}
+        self.restarted: list[str] = []
+        for n in self.map.nodes:
+            (root / "data" / n).mkdir(parents=True)
+            self.log_file(n).write_text("ts=... event=node_started\n")
+
+    def log_file(self, node: str) -> Path:
+        return self.root / f"{node}.log"
+
+    def call(self, node: str, *args: str) -> str:
+        assert args == ("RAFTKV.STATUS",), args
+        return json.dumps({"raft": {"driver_alive": self.driver_alive[node]}})
+
+    def kill_node(self, node: str) -> None:
+        self.driver_alive[node] = False
+
+    def start_node(self, node: str) -> None:
+        self.driver_alive[node] = True
+        self.restarted.append(node)
+
+
+def test_disk_nemesis_fills_frees_and_restarts_only_the_nodes_it_stopped(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = DiskOnlyCluster(tmp_path)
+    full: set[str] = set()
+
+    def fill(path: str) -> int:
+        node = Path(path).name
+        full.add(node)
+        if node == "n2":  # n2's engine had free pages: it serves on
+            return 1 << 20
+        cluster.driver_alive[node] = False
+        with open(cluster.log_file(node), "a") as log:
+            log.write("raftkv.engine.EngineError: storage engine commit failed in /d/engine: "
+                      "mdb_txn_commit: No space left on device\n")
+        return 1 << 20
+
+    monkeypatch.setattr(nemesis_mod, "fill_disk", fill)
+    monkeypatch.setattr(nemesis_mod, "free_disk", lambda path: full.discard(Path(path).name))
+    sizes = set()
+    for seed in range(12):
+        nem = Nemesis(cluster, random.Random(seed), clock=lambda: 0.0)
+        f = nem.start_fault("disk")
+        sizes.add(len(f.nodes))
+        assert set(f.nodes) == full and f.detail.startswith("filled the disk of ")
+        cluster.restarted.clear()
+        nem.end_fault(f)
+        assert not full and not f.error and all(cluster.driver_alive.values())
+        assert cluster.restarted == [n for n in f.nodes if n != "n2"], (cluster.restarted, f.detail)
+        for n in cluster.restarted:
+            assert f"{n} restarted (its Raft driver stopped: No space left on device)" in f.detail, f.detail
+        if "n2" in f.nodes:
+            assert "n2 served on" in f.detail
+    assert sizes == {1, 3}  # one node, or every node
+    nem = Nemesis(cluster, random.Random(0), clock=lambda: 0.0)
+    nem.start_fault("disk")
+    assert full
+    nem.heal_all()  # an open disk fault: freed by the heal, its stopped nodes restarted
+    assert not full and all(cluster.driver_alive.values())
+
+
+def test_engine_failure_is_read_from_the_node_log_and_only_tmpfs_is_filled(tmp_path: Path) -> None:
+    prefix = "raftkv.engine.EngineError: storage engine "
+    assert engine_failure("nothing\n") == ""
+    assert engine_failure(f"{prefix}commit failed in /d/n1/engine: mdb_txn_commit: No space left on device\n"
+                          f"{prefix}commit failed in /d/n1/engine: mdb_txn_commit: Input/output error\n") \
+        == "Input/output error"
+    assert engine_failure(f"{prefix}in /d/engine is full (map size 4096 bytes): restart the node\n") == "map full"
+    assert not is_small_tmpfs(str(tmp_path))  # the test's own disk: never filled
+    with pytest.raises(RuntimeError, match="refusing to fill .*: not a tmpfs"):
+        fill_disk(str(tmp_path))
+    assert not list(tmp_path.iterdir())
 
 
 def test_schedule_is_seeded_and_within_the_run() -> None:
