@@ -180,5 +180,39 @@ def run_cmd(time_s: float, **kw: object) -> None:
 # --- raftkv-jepsen run ------------------------------------------------------------------ end
 
 
+def _list_option(choices: tuple[str, ...]) -> object:
+    def parse(_ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise click.BadParameter(f"unknown {', '.join(bad) or repr(value)}; choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+@main.command("soak")
+@click.option("--minutes", type=click.FloatRange(0.1), required=True, help="how long to keep starting runs")
+@click.option("--run-time", type=click.FloatRange(3), default=20.0, show_default=True, help="seconds of load per run")
+@click.option("--workloads", default="register,counter,bank,txn,lock", show_default=True,
+              callback=_list_option(("register", "counter", "bank", "txn", "lock")))
+@click.option("--nemeses", default="kill,pause,partition,member,clock,slow-disk,disk,all", show_default=True,
+              callback=_list_option(("none", "kill", "pause", "partition", "member", "clock", "slow-disk", "disk",
+                                     "all")),
+              help="each run uses one of these --nemesis values")
+@click.option("--store", type=click.Path(file_okay=False), default="store", show_default=True,
+              help="the soak goes to STORE/soak-<timestamp>/ (each run's directory, runs.log, soak.json, summary.md)")
+@click.option("--seed", type=int, default=None, help="seed of the rotation and the runs' seeds (default: random)")
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
+def soak_cmd(minutes: float, run_time: float, workloads: list[str], nemeses: list[str], store: str,
+             seed: int | None, run_args: tuple[str, ...]) -> None:
+    """Rotate workloads x nemeses in back-to-back runs (fresh seeds) for MINUTES; write one summary table.
+
+    Extra arguments after -- go to every `raftkv-jepsen run` (e.g. -- --clients 8 --rate 80).
+    Exit 0 if every run passed, 1 if a check failed, 2 if a run was inconclusive or a harness error."""
+    from .soak import soak
+
+    raise SystemExit(soak(minutes, run_time, store, workloads, nemeses, seed, list(run_args)))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

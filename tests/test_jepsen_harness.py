@@ -39,6 +39,7 @@ from jepsen_like.nemesis import (
 )
 from jepsen_like.report import availability_windows, verdict_of
 from jepsen_like.runner import RunConfig
+from jepsen_like.soak import render, rotation, run_record, summarize
 from jepsen_like.workloads import lost_updates
 
 from .conftest import missing_capability
@@ -559,3 +560,46 @@ def test_lost_update_check_catches_a_lost_increment() -> None:
     lost = lost_updates(_counter_history("2", ["ok", "ok", "ok"]))
     assert not lost.ok and lost.bad == [("c", 2, 3, 0)]
     assert not lost_updates(_counter_history("5", ["ok", "ok", "ok"])).ok  # more than was ever tried
+
+
+def test_soak_rotation_covers_every_pair_each_round_with_fresh_seeds() -> None:
+    rot = rotation(["register", "lock"], ["kill", "disk", "all"], random.Random(1))
+    rounds = [[next(rot) for _ in range(6)] for _ in range(3)]
+    for r in rounds:
+        assert sorted((w, n) for w, n, _ in r) == sorted(
+            (w, n) for w in ("register", "lock") for n in ("kill", "disk", "all"))
+    seeds = [s for r in rounds for _, _, s in r]
+    assert len(set(seeds)) == len(seeds)
+    again = rotation(["register", "lock"], ["kill", "disk", "all"], random.Random(1))
+    assert [next(again) for _ in range(6)] == rounds[0]  # seeded
+
+
+def test_soak_summary_counts_runs_operations_anomalies_by_class_and_availability() -> None:
+    def res(verdict: str, checks: dict, windows: list[tuple[str, int, int]], faults: int = 1) -> dict:
+        return {"verdict": verdict, "dir": f"/s/{verdict}", "checks": checks,
+                "counts": {"total": sum(w[1] for w in windows), "ok": sum(w[2] for w in windows), "fail": 1,
+                           "info": sum(w[1] - w[2] for w in windows) - 1},
+                "availability": [{"window": k, "ops": n, "ok": ok} for k, n, ok in windows],
+                "faults": [{"error": ""}] * faults, "harness_error": ""}
+
+    ok = {"linearizable": {"valid": True}, "recovered": {"valid": True}}
+    records = [
+        run_record("register", "kill", 1, 0, res("pass", ok, [("quiet", 100, 100), ("kill", 50, 40)])),
+        run_record("txn", "disk", 2, 1, res("fail", {"elle": {"valid": False, "anomaly_types": ["G-single", "G1c"]},
+                                                     "linearizable": {"valid": False}},
+                                            [("quiet", 10, 10), ("disk", 10, 0)])),
+        run_record("lock", "disk", 3, 2, res("unknown", {"mutex": {"valid": None}}, [("quiet", 20, 19)], 0)),
+        run_record("bank", "kill", 4, 3, {}),
+    ]
+    assert records[3]["verdict"] == "unavailable" and records[3]["ops"] == 0
+    s = summarize(records)
+    t = s["total"]
+    assert t["runs"] == 4 and t["ops"] == 190 and t["ok"] == 169 and t["window_ops"] == 60 and t["window_ok"] == 40
+    assert t["anomalies"] == {"G-single": 1, "G1c": 1, "linearizable": 1} and t["unknown"] == {"unknown:mutex": 1}
+    assert s["by_nemesis"]["disk"]["runs"] == 2 and s["by_nemesis"]["kill"]["anomalies"] == {}
+    assert [r["seed"] for r in s["not_passed"]] == [2, 3]
+    text = render(s, "Soak of 1 min")
+    assert "| kill | 2 | 1 pass, 1 unavailable | 150 | 140 / 1 / 9 | 0 | 93.3 % | 80.0 % | 1 (0 not injected) |" \
+        in text, text
+    assert "| **total** | 4 |" in text and "G-single 1, G1c 1, linearizable 1" in text
+    assert "- txn / disk seed 2: fail (G-single, G1c, linearizable) /s/fail" in text

@@ -192,6 +192,10 @@ class NodeAPI(Protocol):
     @property
     def replicas(self) -> dict[int, ShardReplica]: ...
 
+    def storage_failure(self) -> str | None:
+        """Why this node's Raft groups stopped (a durable commit of its storage engine failed), or None."""
+        ...
+
     def shard_of(self, key: bytes) -> int:
         """The key's shard; raises ``BadRequest`` (TOOBIG) for an oversize key."""
         ...

@@ -122,6 +122,9 @@ class Node:
     def replicas(self) -> dict[int, ShardReplica]:
         return self._replicas
 
+    def storage_failure(self) -> str | None:
+        return self.driver.failure
+
     def _role_changed(self, shard: int, old: int, new: int) -> None:
         # Runs on the shard's tick thread: only thread-safe work here (deque.append is atomic).
         if new == 2 or old == 2:
@@ -397,7 +400,8 @@ class Node:
                 "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),
                 "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
                 "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards,
-                "raft": {**self.network.status(), "driver_alive": self.driver.alive(), **dict(self.driver.stats)},
+                "raft": {**self.network.status(), "driver_alive": self.driver.alive(),
+                         "driver_failure": self.driver.failure, **dict(self.driver.stats)},
                 "engine": self._engine_status()}
 
     def _engine_status(self) -> dict:
