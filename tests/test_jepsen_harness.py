@@ -163,12 +163,18 @@ def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str, ttl_ops: s
 
 @pytest.mark.slow
 def test_run_with_partitions_passes(tmp_path: Path) -> None:
+    """Seed 43: a partition, then a full disk (the nodes' data dirs are tmpfs mounts in the run's mount
+    namespace): the filled node's next engine commit fails, its Raft driver stops, and once the filler is
+    gone the nemesis restarts it; the run still passes."""
     needs_netns()
-    rc, res, out = harness(tmp_path, "--nemesis", "partition", *common(13))
+    rc, res, out = harness(tmp_path, "--nemesis", "partition,disk", *common(43))
     assert_pass(rc, res, out)
     assert res["network"]["node_hosts"] == {"n1": "127.0.0.1", "n2": "127.0.0.2", "n3": "127.0.0.3"}
     # Each partition was verified by a dropped probe connection, or recorded with an error.
-    assert res["faults"] and all(f["kind"] == "partition" and not f["error"] for f in res["faults"]), res["faults"]
+    faults = res["faults"]
+    assert [f["kind"] for f in faults] == ["partition", "disk"] and not any(f["error"] for f in faults), faults
+    assert re.search(r"of filler; freed: .*n\d restarted \(its Raft driver stopped: "
+                     r"(No space left on device|Input/output error)\)", faults[1]["detail"]), faults[1]
 
 
 @pytest.mark.slow
