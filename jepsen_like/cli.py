@@ -119,7 +119,7 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 @click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock"]), default="register",
               show_default=True, help="lock: acquire/release under leases, checked with the mutex model")
 @click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
-              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock; "
+              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk; "
                    "or a comma-separated mix, e.g. kill,member)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
 @click.option("--clients", type=click.IntRange(1, 200), default=10, show_default=True)
@@ -166,6 +166,9 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
               help="also write the history as Knossos EDN into this directory (register: one cas-register "
                    "history per key, lock: one mutex history per lock, txn: one multi-register history), "
                    "for `raftkv-jepsen check --format knossos-edn` or Knossos itself")
+@click.option("--disk-mib", type=click.IntRange(4, 1024), default=32, show_default=True,
+              help="disk nemesis: size of the tmpfs each node's data directory is mounted on (it vanishes with "
+                   "the run's namespace, --keep-data included)")
 def run_cmd(time_s: float, **kw: object) -> None:
     """Start a fresh cluster, run a workload under faults, check it; exit 0 only if every check passed.
 
@@ -175,6 +178,40 @@ def run_cmd(time_s: float, **kw: object) -> None:
 
     raise SystemExit(run(RunConfig(time=time_s, **kw)))  # type: ignore[arg-type]
 # --- raftkv-jepsen run ------------------------------------------------------------------ end
+
+
+def _list_option(choices: tuple[str, ...]) -> object:
+    def parse(_ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise click.BadParameter(f"unknown {', '.join(bad) or repr(value)}; choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+@main.command("soak")
+@click.option("--minutes", type=click.FloatRange(0.1), required=True, help="how long to keep starting runs")
+@click.option("--run-time", type=click.FloatRange(3), default=20.0, show_default=True, help="seconds of load per run")
+@click.option("--workloads", default="register,counter,bank,txn,lock", show_default=True,
+              callback=_list_option(("register", "counter", "bank", "txn", "lock")))
+@click.option("--nemeses", default="kill,pause,partition,member,clock,slow-disk,disk,all", show_default=True,
+              callback=_list_option(("none", "kill", "pause", "partition", "member", "clock", "slow-disk", "disk",
+                                     "all")),
+              help="each run uses one of these --nemesis values")
+@click.option("--store", type=click.Path(file_okay=False), default="store", show_default=True,
+              help="the soak goes to STORE/soak-<timestamp>/ (each run's directory, runs.log, soak.json, summary.md)")
+@click.option("--seed", type=int, default=None, help="seed of the rotation and the runs' seeds (default: random)")
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
+def soak_cmd(minutes: float, run_time: float, workloads: list[str], nemeses: list[str], store: str,
+             seed: int | None, run_args: tuple[str, ...]) -> None:
+    """Rotate workloads x nemeses in back-to-back runs (fresh seeds) for MINUTES; write one summary table.
+
+    Extra arguments after -- go to every `raftkv-jepsen run` (e.g. -- --clients 8 --rate 80).
+    Exit 0 if every run passed, 1 if a check failed, 2 if a run was inconclusive or a harness error."""
+    from .soak import soak
+
+    raise SystemExit(soak(minutes, run_time, store, workloads, nemeses, seed, list(run_args)))
 
 
 if __name__ == "__main__":  # pragma: no cover

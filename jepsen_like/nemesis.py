@@ -1,5 +1,5 @@
-"""Faults: kill -9 and restart, SIGSTOP/SIGCONT pauses, network partitions, membership changes and
-clock steps, on a seeded schedule.
+"""Faults: kill -9 and restart, SIGSTOP/SIGCONT pauses, network partitions, membership changes,
+clock steps, slow disks and full disks, on a seeded schedule.
 
 Theory of operation
 ===================
@@ -44,6 +44,28 @@ log time is built to tolerate: monotonic clocks never jump forward, and log
 time stands still rather than go back.  The window's end undoes nothing (a
 clock that is behind stays behind).
 
+``slow-disk``: ``RAFTKV.FAULT DISK.SLOW_MS`` makes every durable commit of a
+random node's storage engine (:mod:`raftkv.engine`) take ``SLOW_DISK_MS`` (20 to
+400 ms) longer, as an fsync that slow would; the window's end sets it back to 0.
+The node's engine commit counters (``RAFTKV.STATUS`` ``engine``), read at both
+ends of the window, go into the fault's detail: the mean commit time during the
+window shows the fault was in effect.
+
+``disk``: a full disk.  Runs with this nemesis put each node's data directory
+on a tmpfs of ``--disk-mib`` MiB (mounted by the runner inside the run's private
+mount namespace, :func:`jepsen_like.netns.mount_tmpfs`).  The fault fills one
+node's file system (a random node or a shard leader; a quarter of the time every
+node's) with a filler file until ``ENOSPC``, so the next storage-engine commit
+that needs a new page fails: "No space left on device", or "Input/output error"
+when a page write was cut short (LMDB reports a short write as ``EIO``).  By design a failed
+durable commit stops the node's Raft driver (raftkv/driver.py: a failed fsync
+cannot be retried safely, and the frames that would acknowledge it are never
+sent); the node's RESP server stays up.  At the window's end the filler is
+removed, and every filled node whose driver stopped (or whose process died) is
+restarted from its data directory; the fault's detail says which nodes stopped
+with that error in their log.  The nemesis refuses to fill a directory that is
+not a small tmpfs mount point.
+
 ``clock-forward`` (not in ``all``): steps of +/- ``CLOCK_SKEW_S`` seconds, set
 back to 0 at the window's end, so every fault includes a *forward* step: the
 node's log time jumps ahead, which the design excludes (logclock's
@@ -53,8 +75,11 @@ early on the shards that node leads.  It shows that hazard (docs/jepsen.md).
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -64,13 +89,19 @@ from typing import Any
 __all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "PARTITION_SHAPES", "make_schedule", "parse_nemesis",
            "partition_edges"]
 
-FAULT_KINDS = ("kill", "pause", "partition", "member", "clock")
+FAULT_KINDS = ("kill", "pause", "partition", "member", "clock", "slow-disk", "disk")
 EXTRA_KINDS = ("clock-forward",)
 """Fault kinds outside the design's fault model: named explicitly, never part of ``all``."""
 NEMESES = ("none", *FAULT_KINDS, *EXTRA_KINDS, "all")
 PARTITION_SHAPES = ("halves", "isolate-leader", "majority-ring")
 CLOCK_SKEW_S = (1.0, 120.0)
 """Size range of a clock step (seconds)."""
+SLOW_DISK_MS = (20, 400)
+"""Range of the latency a ``slow-disk`` fault adds to each durable commit (milliseconds)."""
+FILLER = "jepsen-disk-filler"
+"""Name of the file the ``disk`` nemesis fills a node's data directory with."""
+FILL_LIMIT_BYTES = 1 << 30
+"""The ``disk`` nemesis refuses to fill a file system larger than this (it must be the run's small tmpfs)."""
 
 
 def parse_nemesis(spec: str) -> list[str]:
@@ -182,6 +213,8 @@ class Nemesis:
         self.client_kw = client_kw or {}  # how the membership operator logs in (--auth runs)
         self.faults: list[Fault] = []
         self.skews: dict[str, int] = {}  # clock offsets (ms) the nemesis set, per node
+        self._engine_before: dict[int, tuple[int, float] | None] = {}  # slow-disk fault -> counters at its start
+        self._log_at: dict[int, dict[str, int]] = {}  # disk fault -> its nodes' log sizes when it started
         self._lock = threading.RLock()
         self.nodes = list(cluster.map.nodes)
 
@@ -249,6 +282,22 @@ class Nemesis:
                 f = Fault(kind, f"clock of {node} ({why}) stepped {(-step_ms if kind == 'clock' else step_ms) / 1000:+.1f} s "
                           f"(offset {skew_ms / 1000:+.1f} s)", [node], self.clock())
                 self._set_skew(node, skew_ms)
+            elif kind == "slow-disk":
+                node, why = self._target()
+                ms = round(self.rng.uniform(*SLOW_DISK_MS))
+                f = Fault(kind, f"disk of {node} ({why}) slowed: +{ms} ms per durable commit", [node], self.clock())
+                self._set_slow_disk(node, ms)  # then read the counters, so the window's commits are all slowed
+                self._engine_before[id(f)] = self._engine_counters(node)
+            elif kind == "disk":
+                if self.rng.random() < 0.25:
+                    nodes, why = list(self.nodes), "every node"
+                else:
+                    node, why = self._target()
+                    nodes, why = [node], f"{node} ({why})"
+                f = Fault("disk", f"filled the disk of {why}", nodes, self.clock())
+                self._log_at[id(f)] = {n: _size(self.cluster.log_file(n)) for n in nodes}
+                filled = [fill_disk(self.cluster.map.node_data_dir(n)) for n in nodes]
+                f.detail += f": {sum(filled) / 2**20:.1f} MiB of filler"
             else:
                 raise ValueError(f"unknown fault kind {kind!r}")
             self.faults.append(f)
@@ -272,6 +321,13 @@ class Nemesis:
                 elif f.kind == "clock-forward":
                     for n in f.nodes:
                         self._set_skew(n, 0)
+                elif f.kind == "disk":
+                    self._free_disk(f)
+                elif f.kind == "slow-disk":
+                    after = self._engine_counters(f.nodes[0])  # before the undo, for the same reason
+                    for n in f.nodes:
+                        self._set_slow_disk(n, 0)
+                    f.detail += _commit_summary(self._engine_before.pop(id(f), None), after)
             except Exception as e:  # noqa: BLE001 - recorded; heal_all retries
                 f.error = f"undo failed: {e}"
             f.end = self.clock()
@@ -303,6 +359,20 @@ class Nemesis:
                         done.append(f"clock of {f.nodes[0]} reset")
                     except Exception:  # noqa: BLE001 - a node that does not answer is restarted below, at 0
                         pass
+            for f in self.faults:  # a slow disk still open: back to normal speed (a restart also is)
+                if f.kind == "slow-disk" and f.nodes and f.end is None:
+                    try:
+                        self._set_slow_disk(f.nodes[0], 0)
+                        done.append(f"disk of {f.nodes[0]} back to normal speed")
+                    except Exception:  # noqa: BLE001 - a node that does not answer is restarted below, at 0
+                        pass
+            for f in self.faults:  # a disk still full: free it, restart the nodes it stopped
+                if f.kind == "disk" and f.nodes and f.end is None:
+                    try:
+                        self._free_disk(f)
+                        done.append(f"disk of {', '.join(f.nodes)} freed")
+                    except Exception as e:  # noqa: BLE001
+                        done.append(f"freeing the disk of {', '.join(f.nodes)} failed: {e}")
             for n in self.nodes:
                 if self.cluster.pid(n) is None:
                     self.cluster.start_node(n)
@@ -319,6 +389,46 @@ class Nemesis:
         if not isinstance(reply, int) or isinstance(reply, bool):
             raise RuntimeError(f"{node} refused RAFTKV.FAULT CLOCK.SKEW_MS {skew_ms}: {reply}")
         self.skews[node] = skew_ms
+
+    def _set_slow_disk(self, node: str, ms: int) -> None:
+        """Set ``node``'s injected commit latency; raises unless the node confirms."""
+        reply = self.cluster.call(node, "RAFTKV.FAULT", "DISK.SLOW_MS", str(ms))
+        if not isinstance(reply, int) or isinstance(reply, bool):
+            raise RuntimeError(f"{node} refused RAFTKV.FAULT DISK.SLOW_MS {ms}: {reply}")
+
+    def _free_disk(self, f: Fault) -> None:
+        """Remove the filler of ``f``'s nodes, then restart each one whose Raft driver stopped (or that died)."""
+        log_at = self._log_at.pop(id(f), {})
+        for n in f.nodes:
+            free_disk(self.cluster.map.node_data_dir(n))
+        notes = []
+        for n in f.nodes:
+            failure = engine_failure(_read_from(self.cluster.log_file(n), log_at.get(n, 0)))
+            if self._driver_alive(n):
+                notes.append(f"{n} served on" + (f" (a commit failed: {failure})" if failure else ""))
+                continue
+            self.cluster.kill_node(n)
+            self.cluster.start_node(n)
+            why = f"its Raft driver stopped: {failure}" if failure else "it stopped, no engine error in its log"
+            notes.append(f"{n} restarted ({why})")
+        f.detail += "; freed: " + "; ".join(notes)
+
+    def _driver_alive(self, node: str) -> bool:
+        """Whether ``node`` runs and its Raft driver is alive (RAFTKV.STATUS)."""
+        if self.cluster.pid(node) is None:
+            return False
+        try:
+            return bool(json.loads(self.cluster.call(node, "RAFTKV.STATUS"))["raft"]["driver_alive"])
+        except Exception:  # noqa: BLE001 - not answering counts as stopped: a restart is what it needs
+            return False
+
+    def _engine_counters(self, node: str) -> tuple[int, float] | None:
+        """``(durable commits, seconds in them)`` of ``node``'s engine, None if it does not answer."""
+        try:
+            eng = json.loads(self.cluster.call(node, "RAFTKV.STATUS"))["engine"]
+            return int(eng["commits"]), float(eng["commit_s"])
+        except Exception:  # noqa: BLE001 - only the fault's detail loses its figure
+            return None
 
     def _operator(self) -> Any:
         """The cluster's membership operator, starting and stopping nodes through the harness's cluster."""
@@ -361,6 +471,82 @@ class Nemesis:
             self.end_fault(f)
             if stop.is_set():
                 return
+
+
+def is_small_tmpfs(path: str) -> bool:
+    """Whether ``path`` is a mount point of a tmpfs no larger than :data:`FILL_LIMIT_BYTES` (what the runner
+    mounts for the ``disk`` nemesis): the only kind of file system the nemesis will fill."""
+    try:
+        st = os.statvfs(path)
+        with open("/proc/self/mounts") as mounts:
+            fstype = {fields[1]: fields[2] for fields in (line.split() for line in mounts) if len(fields) > 2}
+    except OSError:
+        return False
+    return fstype.get(os.path.realpath(path)) == "tmpfs" and st.f_blocks * st.f_frsize <= FILL_LIMIT_BYTES
+
+
+def fill_disk(path: str, chunk: int = 1 << 20) -> int:
+    """Write a filler file in ``path`` until its file system is full (``ENOSPC``); returns the bytes written."""
+    if not is_small_tmpfs(path):
+        raise RuntimeError(f"refusing to fill {path}: not a tmpfs of at most {FILL_LIMIT_BYTES >> 20} MiB "
+                           "(run the disk nemesis inside the harness's namespace, which mounts one)")
+    written = 0
+    block = b"\0" * chunk
+    with open(os.path.join(path, FILLER), "ab", buffering=0) as out:
+        while chunk >= 4096:
+            try:
+                written += out.write(block[:chunk])
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                chunk //= 2  # down to single pages: leave nothing a commit could use
+    return written
+
+
+def free_disk(path: str) -> None:
+    """Remove the filler from ``path`` (absent is fine)."""
+    try:
+        os.remove(os.path.join(path, FILLER))
+    except FileNotFoundError:
+        pass
+
+
+_ENGINE_FAILURE = re.compile(r"EngineError: storage engine (?:commit failed in \S+: (?:mdb_txn_commit: )?(.+)|in \S+ is full.*)")
+
+
+def engine_failure(log_text: str) -> str:
+    """Pure: the last storage-engine commit error in a node's log text ("" if none), e.g. "No space left on
+    device", or "Input/output error" (what LMDB reports for a short write on a full file system)."""
+    found = _ENGINE_FAILURE.findall(log_text)
+    if not found:
+        return ""
+    return found[-1].strip() or "map full"
+
+
+def _size(path: Any) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _read_from(path: Any, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _commit_summary(before: tuple[int, float] | None, after: tuple[int, float] | None) -> str:
+    """Pure: the fault detail's note on the engine commits made between two counter readings."""
+    if before is None or after is None or after[0] < before[0]:
+        return " (commit times unknown: the node did not answer, or restarted)"
+    n = after[0] - before[0]
+    if n == 0:
+        return " (no durable commit in the window)"
+    return f" (mean durable commit {(after[1] - before[1]) / n * 1000:.0f} ms over {n} commits)"
 
 
 def _wait_until(clock: Callable[[], float], t: float, stop: threading.Event) -> bool:

@@ -5,9 +5,10 @@ Theory of operation
 
 Partitions must be real (packets dropped by the kernel) without touching the
 host's network.  So ``raftkv-jepsen run`` re-executes itself under
-``unshare -n`` (``unshare --net --map-root-user`` when not root): the new
-process has a network namespace of its own with only a loopback device, which
-it brings up.  Every node gets its own loopback address (node *i* listens on
+``unshare -n -m`` (``unshare --net --mount --map-root-user`` when not root): the
+new process has a network namespace of its own with only a loopback device,
+which it brings up, and a mount namespace of its own, where the ``disk``
+nemesis's small tmpfs data directories are mounted (:func:`mount_tmpfs`).  Every node gets its own loopback address (node *i* listens on
 ``127.0.0.i``) and ``iptables`` rules on ``lo`` drop traffic between two node
 addresses in both directions (``INPUT`` and ``OUTPUT``, ``-s``/``-d``).
 Healing flushes those two chains.  The namespace, its rules and every node
@@ -50,6 +51,8 @@ __all__ = [
     "probe",
     "inside",
     "in_private_netns",
+    "in_private_mountns",
+    "mount_tmpfs",
     "reexec_command",
     "setup_inside",
     "Firewall",
@@ -99,9 +102,10 @@ def _unshare_prefix() -> tuple[str, ...] | None:
     unshare = _which("unshare")
     if unshare is None:
         return None
+    # A mount namespace too: the disk nemesis mounts size-limited tmpfs data dirs that nobody else sees.
     if os.geteuid() == 0:
-        return (unshare, "-n")
-    return (unshare, "--net", "--map-root-user")
+        return (unshare, "-n", "-m")
+    return (unshare, "--net", "--mount", "--map-root-user")
 
 
 def probe(timeout: float = 10.0) -> Availability:
@@ -177,6 +181,23 @@ def setup_inside() -> None:
     for dst in ("127.0.0.0/8", "127.0.0.1"):
         _run([ip, "route", "change", "table", "local", "local", dst, "dev", "lo", "proto", "kernel",
               "scope", "host", "src", HARNESS_ADDR])
+
+
+def in_private_mountns() -> bool:
+    """True when this process's mount namespace differs from PID 1's (or PID 1's is unreadable)."""
+    try:
+        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        return bool(os.environ.get(ENV_MARK))
+
+
+def mount_tmpfs(path: str | Path, size_mib: int) -> None:
+    """Mount a tmpfs of ``size_mib`` MiB on ``path`` (created if missing); only inside a private mount namespace,
+    so the mount vanishes with the run and the host never sees it."""
+    if not in_private_mountns():
+        raise NetnsError(f"refusing to mount a tmpfs on {path}: not inside a private mount namespace")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    _run([_which("mount") or "mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", str(path)])
 
 
 class Firewall:

@@ -92,6 +92,7 @@ class RunConfig:
     compact_every: int | None = None
     ttl_ops: float = 0.0
     edn_out: str | None = None
+    disk_mib: int = 32
 
     def to_argv(self) -> list[str]:
         """Command-line options reproducing this config (for the re-exec inside the namespace)."""
@@ -239,6 +240,11 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     kinds = parse_nemesis(cfg.nemesis)
     if firewall is None and "partition" in kinds:
         kinds.remove("partition")
+    if "disk" in kinds and not inside:  # data dirs on a small tmpfs need the run's private mount namespace
+        if cfg.nemesis != "all":
+            _say("raftkv-jepsen: disk nemesis needs the harness's private namespace (a tmpfs per data dir)")
+            return EXIT_UNAVAILABLE
+        kinds.remove("disk")
     run_dir = _run_dir(cfg.store, cfg.workload)
     node_dir = run_dir / "nodes"
     base = 7001 if inside else free_base_port(cfg.nodes, cfg.shards)
@@ -266,6 +272,11 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         node_args += ["--compact-every", str(cfg.compact_every)]
     if {"clock", "clock-forward"} & set(kinds):  # nodes refuse RAFTKV.FAULT unless the point is armed
         node_args += ["--fault", "clock.skew_ms:0"]
+    if "slow-disk" in kinds:
+        node_args += ["--fault", "disk.slow_ms:0"]
+    if "disk" in kinds:  # every node's data dir on a tmpfs of its own, which the disk nemesis fills
+        for name in shardmap.nodes:
+            netns.mount_tmpfs(shardmap.node_data_dir(name), cfg.disk_mib)
     cluster = LocalCluster(node_dir, shardmap, node_args=node_args, env=env)
     mode = ("private netns, node i on 127.0.0.i, iptables: " + os.environ.get(netns.ENV_MARK, "")) if inside \
         else "host loopback 127.0.0.1 (no partitions)"

@@ -107,6 +107,7 @@ class RaftDriver:
         self.network.add_reader(self._wake_r, self._drain)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.failure: str | None = None  # why a failed durable sync stopped the driver (None: it did not)
 
     # -- any thread ---------------------------------------------------------------------------------------------
     def add(self, group: Any) -> None:
@@ -232,9 +233,10 @@ class RaftDriver:
             for gid, group in list(groups.items()):  # 3. one durable sync (or a request), then the acks
                 if group._rf_sync():
                     awaiting.add(gid)
-        except Exception:
+        except Exception as exc:
             # Frames queued this loop may acknowledge what just failed to reach the disk: never send them.
             # A failed fsync cannot be retried safely either (the page cache may have dropped the data).
+            self.failure = str(exc) or type(exc).__name__
             log.critical("event=driver_sync_failed msg='stopping every group of this node'", exc_info=True)
             self.network.close()
             self._stopping = True

@@ -33,6 +33,11 @@ committed), ``engine.commit.written`` (``metasync=False`` only: committed, safe 
 still undo it; the commit before it is now durable) and ``engine.commit.after`` (everything committed so far is
 durable, the callers not yet told); tests pass a function that kills the node there
 (tests/test_crash_points.py), or blocks a commit there (tests/test_raftnet.py).
+
+Slow-disk fault: ``delay_s`` (0 in production) is added to every durable commit, after LMDB's own sync and
+before the callers learn it is durable, as a disk whose fsync takes that much longer would. The node sets it
+from the ``disk.slow_ms`` fault point (``raftkv serve --fault disk.slow_ms:MS``, ``RAFTKV.FAULT DISK.SLOW_MS``
+at run time), which the fault harness's ``slow-disk`` nemesis sends; the commit-time metrics include it.
 """
 
 from __future__ import annotations
@@ -120,6 +125,7 @@ class Engine:
         self._requested = False
         self._stopping = False
         self._failure: EngineError | None = None
+        self.delay_s = 0.0  # injected sync latency (the disk.slow_ms fault point); 0 in production
 
     # ---- buffered writes -------------------------------------------------------------------------------------
 
@@ -257,6 +263,7 @@ class Engine:
             # cannot go on safely without it.
             self._failure = EngineError(f"storage engine commit failed in {self.path}: {exc}")
             raise self._failure from exc
+        self._slow_disk()
         dt = time.perf_counter() - t0
         self._count(dt, len(ops))
         if self.metasync:
@@ -289,6 +296,12 @@ class Engine:
         st.total_s += dt
         st.last_s = dt
         st.max_s = max(st.max_s, dt)
+
+    def _slow_disk(self) -> None:
+        # Holding the commit lock, as a slow fsync holds the one writer: later commits queue behind it.
+        delay = self.delay_s
+        if delay > 0:
+            time.sleep(delay)
 
     def stats(self) -> SyncStats:
         """A copy of the commit counters."""
@@ -343,6 +356,7 @@ class Engine:
                                   f"bytes): restart the node with a larger --engine-map-gib") from exc
             except lmdb.Error as exc:
                 raise EngineError(f"storage engine commit failed in {self.path}: {exc}") from exc
+            self._slow_disk()
             self._count(time.perf_counter() - t0, 0)
             if not self.metasync:
                 self._flush_meta()  # durable on return, like every commit_now (it also covers earlier commits)

@@ -22,13 +22,24 @@ from pathlib import Path
 
 import pytest
 
+from jepsen_like import nemesis as nemesis_mod
 from jepsen_like import netns
 from jepsen_like.checker import LINEARIZABLE, check
 from jepsen_like.history import Event, Op, ops_from_events, parse_knossos_edn
 from jepsen_like.models import CASRegister
-from jepsen_like.nemesis import FAULT_KINDS, Nemesis, make_schedule, parse_nemesis, partition_edges
+from jepsen_like.nemesis import (
+    FAULT_KINDS,
+    Nemesis,
+    engine_failure,
+    fill_disk,
+    is_small_tmpfs,
+    make_schedule,
+    parse_nemesis,
+    partition_edges,
+)
 from jepsen_like.report import availability_windows, verdict_of
 from jepsen_like.runner import RunConfig
+from jepsen_like.soak import render, rotation, run_record, summarize
 from jepsen_like.workloads import lost_updates
 
 from .conftest import missing_capability
@@ -119,12 +130,13 @@ def test_run_no_faults_passes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nemesis, ttl_ops, seed", [("kill", "0.5", 12), ("pause,member", "0", 34)])
+@pytest.mark.parametrize("nemesis, ttl_ops, seed", [("kill,slow-disk", "0.5", 43), ("pause,member", "0", 34)])
 def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str, ttl_ops: str, seed: int) -> None:
     """Nodes compact every 50 commands: a killed or paused node restarts from its snapshot and log, and
     replicas compact (and load snapshots) many times while faults come and go.  The kill run also writes
     with time to live (``--ttl-ops``): values that expire mid-run, checked with the kv-expiry model.  The
-    second run's schedule (seed 34) is a pause, then a membership change: a node removed from every
+    first run's schedule (seed 43) is a kill, then a slow disk (every durable commit of one node slowed by
+    tens to hundreds of ms). The second run's schedule (seed 34) is a pause, then a membership change: a node removed from every
     shard group and added back empty, catching up from the leaders' snapshots."""
     rc, res, out = harness(tmp_path, "--nemesis", nemesis, "--compact-every", "50", "--ttl-ops", ttl_ops,
                            *common(seed))
@@ -141,6 +153,11 @@ def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str, ttl_ops: s
                           for f in faults), faults
     assert {f["kind"] for f in faults} == set(kinds), faults
     assert {w["window"] for w in res["availability"]} >= set(kinds)
+    for f in faults:  # a slowed disk: the node's own commit counters show the added latency
+        if f["kind"] == "slow-disk":
+            added = int(re.search(r"\+(\d+) ms per durable commit", f["detail"]).group(1))
+            mean = re.search(r"mean durable commit (\d+) ms over \d+ commits", f["detail"])
+            assert mean and int(mean.group(1)) >= added / 2, f["detail"]  # /2: a commit racing the switch
     if "member" in kinds:  # each removal and each re-add wrote a new cluster file (epoch + 1)
         epoch = int(re.search(r"^epoch = (\d+)", (nodes / "cluster.toml").read_text(), re.M).group(1))
         assert epoch >= 1 + 2 * sum(f["kind"] == "member" for f in faults), epoch
@@ -148,12 +165,18 @@ def test_run_with_process_faults_passes(tmp_path: Path, nemesis: str, ttl_ops: s
 
 @pytest.mark.slow
 def test_run_with_partitions_passes(tmp_path: Path) -> None:
+    """Seed 43: a partition, then a full disk (the nodes' data dirs are tmpfs mounts in the run's mount
+    namespace): the filled node's next engine commit fails, its Raft driver stops, and once the filler is
+    gone the nemesis restarts it; the run still passes."""
     needs_netns()
-    rc, res, out = harness(tmp_path, "--nemesis", "partition", *common(13))
+    rc, res, out = harness(tmp_path, "--nemesis", "partition,disk", *common(43))
     assert_pass(rc, res, out)
     assert res["network"]["node_hosts"] == {"n1": "127.0.0.1", "n2": "127.0.0.2", "n3": "127.0.0.3"}
     # Each partition was verified by a dropped probe connection, or recorded with an error.
-    assert res["faults"] and all(f["kind"] == "partition" and not f["error"] for f in res["faults"]), res["faults"]
+    faults = res["faults"]
+    assert [f["kind"] for f in faults] == ["partition", "disk"] and not any(f["error"] for f in faults), faults
+    assert re.search(r"of filler; freed: .*n\d restarted \(its Raft driver stopped: "
+                     r"(No space left on device|Input/output error)\)", faults[1]["detail"]), faults[1]
 
 
 @pytest.mark.slow
@@ -321,6 +344,121 @@ def test_clock_nemesis_steps_only_back_and_clock_forward_steps_both_ways(seed: i
     assert cluster.skew[g.nodes[0]] == 0
 
 
+class SlowDiskOnlyCluster(ClockOnlyCluster):
+    """RAFTKV.FAULT DISK.SLOW_MS recorded, and RAFTKV.STATUS's engine counters (10 commits of 0.1 s per call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = {n: 0 for n in self.map.nodes}
+        self.commits = {n: (0, 0.0) for n in self.map.nodes}
+
+    def call(self, node: str, *args: str) -> int | str:
+        if args == ("RAFTKV.STATUS",):
+            n, s = self.commits[node]
+            self.commits[node] = (n + 10, s + 1.0)
+            return json.dumps({"engine": {"commits": n, "commit_s": s}})
+        assert args[:2] == ("RAFTKV.FAULT", "DISK.SLOW_MS"), args
+        before, self.slow[node] = self.slow[node], int(args[2])
+        return before
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_slow_disk_nemesis_slows_one_node_for_its_window_and_reports_commit_times(seed: int) -> None:
+    cluster = SlowDiskOnlyCluster()
+    nem = Nemesis(cluster, random.Random(seed), clock=lambda: 0.0)
+    f = nem.start_fault("slow-disk")
+    (node,) = f.nodes
+    assert 20 <= cluster.slow[node] <= 400 and all(v == 0 for n, v in cluster.slow.items() if n != node)
+    nem.end_fault(f)
+    assert cluster.slow[node] == 0 and not f.error
+    assert f.detail.endswith("(mean durable commit 100 ms over 10 commits)"), f.detail
+    g = nem.start_fault("slow-disk")
+    nem.heal_all()  # an open slow-disk fault is undone by the heal
+    assert all(v == 0 for v in cluster.slow.values()) and g.end is not None
+
+
+class DiskOnlyCluster(ClockOnlyCluster):
+    """Nodes with data dirs and log files under ``root``; a node whose disk was filled stops its Raft driver
+    (as a real node does on a failed commit) and logs the engine's error; restarts are recorded."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+        self.map.node_data_dir = lambda n: str(root / "data" / n)
+        self.driver_alive = {n: True for n in self.map.nodes}
+        self.restarted: list[str] = []
+        for n in self.map.nodes:
+            (root / "data" / n).mkdir(parents=True)
+            self.log_file(n).write_text("ts=... event=node_started\n")
+
+    def log_file(self, node: str) -> Path:
+        return self.root / f"{node}.log"
+
+    def call(self, node: str, *args: str) -> str:
+        assert args == ("RAFTKV.STATUS",), args
+        return json.dumps({"raft": {"driver_alive": self.driver_alive[node]}})
+
+    def kill_node(self, node: str) -> None:
+        self.driver_alive[node] = False
+
+    def start_node(self, node: str) -> None:
+        self.driver_alive[node] = True
+        self.restarted.append(node)
+
+
+def test_disk_nemesis_fills_frees_and_restarts_only_the_nodes_it_stopped(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = DiskOnlyCluster(tmp_path)
+    full: set[str] = set()
+
+    def fill(path: str) -> int:
+        node = Path(path).name
+        full.add(node)
+        if node == "n2":  # n2's engine had free pages: it serves on
+            return 1 << 20
+        cluster.driver_alive[node] = False
+        with open(cluster.log_file(node), "a") as log:
+            log.write("raftkv.engine.EngineError: storage engine commit failed in /d/engine: "
+                      "mdb_txn_commit: No space left on device\n")
+        return 1 << 20
+
+    monkeypatch.setattr(nemesis_mod, "fill_disk", fill)
+    monkeypatch.setattr(nemesis_mod, "free_disk", lambda path: full.discard(Path(path).name))
+    sizes = set()
+    for seed in range(12):
+        nem = Nemesis(cluster, random.Random(seed), clock=lambda: 0.0)
+        f = nem.start_fault("disk")
+        sizes.add(len(f.nodes))
+        assert set(f.nodes) == full and f.detail.startswith("filled the disk of ")
+        cluster.restarted.clear()
+        nem.end_fault(f)
+        assert not full and not f.error and all(cluster.driver_alive.values())
+        assert cluster.restarted == [n for n in f.nodes if n != "n2"], (cluster.restarted, f.detail)
+        for n in cluster.restarted:
+            assert f"{n} restarted (its Raft driver stopped: No space left on device)" in f.detail, f.detail
+        if "n2" in f.nodes:
+            assert "n2 served on" in f.detail
+    assert sizes == {1, 3}  # one node, or every node
+    nem = Nemesis(cluster, random.Random(0), clock=lambda: 0.0)
+    nem.start_fault("disk")
+    assert full
+    nem.heal_all()  # an open disk fault: freed by the heal, its stopped nodes restarted
+    assert not full and all(cluster.driver_alive.values())
+
+
+def test_engine_failure_is_read_from_the_node_log_and_only_tmpfs_is_filled(tmp_path: Path) -> None:
+    prefix = "raftkv.engine.EngineError: storage engine "
+    assert engine_failure("nothing\n") == ""
+    assert engine_failure(f"{prefix}commit failed in /d/n1/engine: mdb_txn_commit: No space left on device\n"
+                          f"{prefix}commit failed in /d/n1/engine: mdb_txn_commit: Input/output error\n") \
+        == "Input/output error"
+    assert engine_failure(f"{prefix}in /d/engine is full (map size 4096 bytes): restart the node\n") == "map full"
+    assert not is_small_tmpfs(str(tmp_path))  # the test's own disk: never filled
+    with pytest.raises(RuntimeError, match="refusing to fill .*: not a tmpfs"):
+        fill_disk(str(tmp_path))
+    assert not list(tmp_path.iterdir())
+
+
 def test_schedule_is_seeded_and_within_the_run() -> None:
     a = make_schedule(["kill", "pause"], 60, random.Random(7))
     assert a == make_schedule(["kill", "pause"], 60, random.Random(7))
@@ -430,3 +568,46 @@ def test_lost_update_check_catches_a_lost_increment() -> None:
     lost = lost_updates(_counter_history("2", ["ok", "ok", "ok"]))
     assert not lost.ok and lost.bad == [("c", 2, 3, 0)]
     assert not lost_updates(_counter_history("5", ["ok", "ok", "ok"])).ok  # more than was ever tried
+
+
+def test_soak_rotation_covers_every_pair_each_round_with_fresh_seeds() -> None:
+    rot = rotation(["register", "lock"], ["kill", "disk", "all"], random.Random(1))
+    rounds = [[next(rot) for _ in range(6)] for _ in range(3)]
+    for r in rounds:
+        assert sorted((w, n) for w, n, _ in r) == sorted(
+            (w, n) for w in ("register", "lock") for n in ("kill", "disk", "all"))
+    seeds = [s for r in rounds for _, _, s in r]
+    assert len(set(seeds)) == len(seeds)
+    again = rotation(["register", "lock"], ["kill", "disk", "all"], random.Random(1))
+    assert [next(again) for _ in range(6)] == rounds[0]  # seeded
+
+
+def test_soak_summary_counts_runs_operations_anomalies_by_class_and_availability() -> None:
+    def res(verdict: str, checks: dict, windows: list[tuple[str, int, int]], faults: int = 1) -> dict:
+        return {"verdict": verdict, "dir": f"/s/{verdict}", "checks": checks,
+                "counts": {"total": sum(w[1] for w in windows), "ok": sum(w[2] for w in windows), "fail": 1,
+                           "info": sum(w[1] - w[2] for w in windows) - 1},
+                "availability": [{"window": k, "ops": n, "ok": ok} for k, n, ok in windows],
+                "faults": [{"error": ""}] * faults, "harness_error": ""}
+
+    ok = {"linearizable": {"valid": True}, "recovered": {"valid": True}}
+    records = [
+        run_record("register", "kill", 1, 0, res("pass", ok, [("quiet", 100, 100), ("kill", 50, 40)])),
+        run_record("txn", "disk", 2, 1, res("fail", {"elle": {"valid": False, "anomaly_types": ["G-single", "G1c"]},
+                                                     "linearizable": {"valid": False}},
+                                            [("quiet", 10, 10), ("disk", 10, 0)])),
+        run_record("lock", "disk", 3, 2, res("unknown", {"mutex": {"valid": None}}, [("quiet", 20, 19)], 0)),
+        run_record("bank", "kill", 4, 3, {}),
+    ]
+    assert records[3]["verdict"] == "unavailable" and records[3]["ops"] == 0
+    s = summarize(records)
+    t = s["total"]
+    assert t["runs"] == 4 and t["ops"] == 190 and t["ok"] == 169 and t["window_ops"] == 60 and t["window_ok"] == 40
+    assert t["anomalies"] == {"G-single": 1, "G1c": 1, "linearizable": 1} and t["unknown"] == {"unknown:mutex": 1}
+    assert s["by_nemesis"]["disk"]["runs"] == 2 and s["by_nemesis"]["kill"]["anomalies"] == {}
+    assert [r["seed"] for r in s["not_passed"]] == [2, 3]
+    text = render(s, "Soak of 1 min")
+    assert "| kill | 2 | 1 pass, 1 unavailable | 150 | 140 / 1 / 9 | 0 | 93.3 % | 80.0 % | 1 (0 not injected) |" \
+        in text, text
+    assert "| **total** | 4 |" in text and "G-single 1, G1c 1, linearizable 1" in text
+    assert "- txn / disk seed 2: fail (G-single, G1c, linearizable) /s/fail" in text

@@ -419,6 +419,26 @@ def test_clock_faults_are_refused_unless_armed() -> None:
         cmd_fault(node, None, [b"RAFTKV.FAULT", b"CLOCK.SKEW_MS", str(10**10).encode()])
 
 
+def test_slow_disk_faults_are_refused_unless_armed_and_set_the_engine_delay() -> None:
+    from raftkv.server.api import Faults
+    from raftkv.server.commands.admin import cmd_fault
+
+    node = SimpleNamespace(name="n1", faults=Faults.parse(["clock.skew_ms:0"]), engine=SimpleNamespace(delay_s=0.0))
+    with pytest.raises(BadRequest, match=r"DISK.SLOW_MS: not armed on this node \(start it with --fault disk.slow_ms:0"):
+        cmd_fault(node, None, [b"RAFTKV.FAULT", b"DISK.SLOW_MS", b"100"])
+    node.faults = Faults.parse(["disk.slow_ms:0"])
+    with pytest.raises(BadRequest, match="CLOCK.SKEW_MS: not armed"):
+        cmd_fault(node, None, [b"RAFTKV.FAULT", b"CLOCK.SKEW_MS", b"100"])
+    with pytest.raises(BadRequest, match="unknown fault 'DISK.FULL'; known: CLOCK.SKEW_MS, DISK.SLOW_MS"):
+        cmd_fault(node, None, [b"RAFTKV.FAULT", b"DISK.FULL", b"1"])
+    for bad in (b"-1", b"60001"):
+        with pytest.raises(BadRequest, match="beyond 0..60000 ms"):
+            cmd_fault(node, None, [b"RAFTKV.FAULT", b"DISK.SLOW_MS", bad])
+    assert cmd_fault(node, None, [b"RAFTKV.FAULT", b"disk.slow_ms", b"250"]) == 0
+    assert node.engine.delay_s == 0.25
+    assert cmd_fault(node, None, [b"RAFTKV.FAULT", b"DISK.SLOW_MS", b"0"]) == 250 and node.engine.delay_s == 0
+
+
 def test_resp_errors(lc: LocalCluster) -> None:
     """Through redis-py (which strips an ERR code, keeps the others)."""
     r = redis_to(lc, protocol=2)

@@ -216,3 +216,25 @@ def test_a_pipelined_engine_commits_in_the_background_and_says_when(tmp_path: An
         assert engine.covers(seq) and engine.get(b"k") == b"w"
     finally:
         engine.close()
+
+
+def test_injected_sync_latency_delays_every_durable_commit_and_is_counted(tmp_path: Any) -> None:
+    """The slow-disk fault (``Engine.delay_s``): group commits and ``commit_now`` each take at least the delay,
+    the commit-time counters include it, and a commit with nothing buffered does not wait; 0 turns it off."""
+    eng = Engine(str(tmp_path / "engine"))
+    try:
+        eng.delay_s = 0.05
+        eng.sync()  # nothing buffered: no commit, no delay
+        assert eng.stats().count == 0
+        seq = eng.put(b"k", b"v")
+        eng.sync()
+        assert eng.covers(seq) and eng.get(b"k") == b"v"
+        eng.commit_now(lambda batch: batch.put(b"k2", b"v2"))
+        st = eng.stats()
+        assert st.count == 2 and st.last_s >= 0.05 and st.total_s >= 0.1
+        eng.delay_s = 0.0
+        eng.put(b"k", b"w")
+        eng.sync()
+        assert eng.get(b"k") == b"w" and eng.stats().count == 3
+    finally:
+        eng.close()

@@ -17,6 +17,7 @@ from raftkv.protocol import Error
 from raftkv.results import Locked
 
 if TYPE_CHECKING:
+    from raftkv.engine import Engine
     from raftkv.replica import ShardReplica
     from raftkv.security import Security
     from shards.shardmap import NodeInfo, ShardMap
@@ -87,6 +88,8 @@ FAULT_POINTS = {
     "exec.not_applied": "a local proposal is refused (not proposed, reported as not applied)",
     "clock.skew_ms": "the node's clock for log time (leases, expiry) reads VALUE ms ahead (negative: behind); "
                      "RAFTKV.FAULT CLOCK.SKEW_MS changes it at run time",
+    "disk.slow_ms": "every durable commit of the node's storage engine takes VALUE ms longer (a slow fsync); "
+                    "RAFTKV.FAULT DISK.SLOW_MS changes it at run time",
 }
 
 
@@ -184,9 +187,14 @@ class NodeAPI(Protocol):
     metrics: MetricsAPI
     txns: TxnsAPI
     unsafe_local_reads: bool
+    engine: Engine  # the node's one storage engine (only the fault command touches it)
 
     @property
     def replicas(self) -> dict[int, ShardReplica]: ...
+
+    def storage_failure(self) -> str | None:
+        """Why this node's Raft groups stopped (a durable commit of its storage engine failed), or None."""
+        ...
 
     def shard_of(self, key: bytes) -> int:
         """The key's shard; raises ``BadRequest`` (TOOBIG) for an oversize key."""

@@ -132,6 +132,9 @@ class Node:
     def replicas(self) -> dict[int, ShardReplica]:
         return self._replicas
 
+    def storage_failure(self) -> str | None:
+        return self.driver.failure
+
     def _role_changed(self, shard: int, old: int, new: int) -> None:
         # Runs on the shard's tick thread: only thread-safe work here (deque.append is atomic).
         if new == 2 or old == 2:
@@ -408,7 +411,14 @@ class Node:
                 "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),
                 "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
                 "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards,
-                "raft": {**self.network.status(), "driver_alive": self.driver.alive(), **dict(self.driver.stats)}}
+                "raft": {**self.network.status(), "driver_alive": self.driver.alive(),
+                         "driver_failure": self.driver.failure, **dict(self.driver.stats)},
+                "engine": self._engine_status()}
+
+    def _engine_status(self) -> dict:
+        st = self.engine.stats()
+        return {"commits": st.count, "commit_s": round(st.total_s, 6), "commit_max_ms": round(st.max_s * 1000, 3),
+                "injected_delay_ms": round(self.engine.delay_s * 1000, 3)}
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -440,6 +450,9 @@ def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_le
         skew = node.faults.fire("clock.skew_ms", "")
         if skew is not None:
             LogClock.skew_ms = int(skew.value)
+        slow = node.faults.fire("disk.slow_ms", "")
+        if slow is not None:
+            node.engine.delay_s = slow.value / 1000
     try:
         asyncio.run(node.serve())
     finally:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 HOPS_MAX = 2  # origin -> a replica node -> its leader; never further, so forwarding cannot loop
 # Errors a forwarded attempt answers when nothing ran there: retry (after re-resolving the leader).
-_NOT_RUN = {"MOVED", "TRYAGAIN", "NOQUORUM"}
+_NOT_RUN = {"MOVED", "TRYAGAIN", "NOQUORUM", "STORAGE"}
 
 
 class Attempts:
@@ -139,6 +139,10 @@ class Router:
                 return acc.give_up("TRYAGAIN", f"shard {shard}: not applied ({acc.last}); retry")
             replica = node.replicas.get(shard)
             if replica is not None and replica.is_leader():
+                failure = node.storage_failure()
+                if failure is not None:  # a frozen leader: its groups stopped, nothing proposed here would commit
+                    return Error("STORAGE", f"node {node.name} stopped its Raft groups: {failure}; not applied "
+                                            "(free disk space and restart the node)")
                 no_leader_since = None
                 kind, res = await self._local(shard, cmd, read, deadline - now)
                 if kind == APPLIED:

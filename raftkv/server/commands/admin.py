@@ -208,26 +208,55 @@ def _hello(conn: Conn, req: list[bytes]) -> Any:
 log = logging.getLogger("raftkv.node")
 
 CLOCK_SKEW_MS_MAX = 24 * 3600 * 1000
+DISK_SLOW_MS_MAX = 60 * 1000
+
+
+def _set_clock_skew(node: NodeAPI, ms: int) -> int:
+    before, LogClock.skew_ms = LogClock.skew_ms, ms
+    return before
+
+
+def _set_disk_slow(node: NodeAPI, ms: int) -> int:
+    before = round(node.engine.delay_s * 1000)
+    node.engine.delay_s = ms / 1000
+    return before
+
+
+# Faults a client may change at run time: name -> (fault point that must be armed, (min, max) ms, setter).
+RUNTIME_FAULTS = {
+    b"CLOCK.SKEW_MS": ("clock.skew_ms", (-CLOCK_SKEW_MS_MAX, CLOCK_SKEW_MS_MAX), _set_clock_skew),
+    b"DISK.SLOW_MS": ("disk.slow_ms", (0, DISK_SLOW_MS_MAX), _set_disk_slow),
+}
 
 
 def cmd_fault(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
-    """``RAFTKV.FAULT CLOCK.SKEW_MS ms``: set this node's clock offset for log time (``raftkv.logclock``).
-    Replies the previous offset.  Refused unless the node was started with the fault point armed
-    (``raftkv serve --fault clock.skew_ms:0``): a production node never lets a client move its log time."""
-    if not any(f.point == "clock.skew_ms" for f in node.faults.armed):
+    """``RAFTKV.FAULT CLOCK.SKEW_MS ms``: set this node's clock offset for log time (``raftkv.logclock``);
+    ``RAFTKV.FAULT DISK.SLOW_MS ms``: add ``ms`` to every durable commit of its storage engine (``raftkv.engine``).
+    Replies the previous value.  Each is refused unless the node was started with its fault point armed
+    (``raftkv serve --fault clock.skew_ms:0`` / ``--fault disk.slow_ms:0``): a production node never lets a
+    client move its log time or slow its disk."""
+    armed = {f.point for f in node.faults.armed}
+    if not armed & {point for point, _, _ in RUNTIME_FAULTS.values()}:
         raise BadRequest(Error("ERR", "RAFTKV.FAULT: fault injection is off on this node (start it with "
-                                      "--fault clock.skew_ms:0 to allow clock faults)"))
-    if req[1].upper() != b"CLOCK.SKEW_MS":
+                                      "--fault clock.skew_ms:0 to allow clock faults, --fault disk.slow_ms:0 "
+                                      "for slow-disk faults)"))
+    name = req[1].upper()
+    if name not in RUNTIME_FAULTS:
         raise BadRequest(Error("ERR", f"RAFTKV.FAULT: unknown fault {req[1].decode(errors='replace')!r}; "
-                                      "known: CLOCK.SKEW_MS"))
+                                      f"known: {', '.join(k.decode() for k in RUNTIME_FAULTS)}"))
+    point, (lo, hi), setter = RUNTIME_FAULTS[name]
+    label = name.decode()
+    if point not in armed:
+        raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: not armed on this node (start it with "
+                                      f"--fault {point}:0)"))
     try:
         ms = int(req[2])
     except ValueError:
-        raise BadRequest(Error("ERR", "RAFTKV.FAULT CLOCK.SKEW_MS: want an integer number of milliseconds")) from None
-    if abs(ms) > CLOCK_SKEW_MS_MAX:
-        raise BadRequest(Error("ERR", f"RAFTKV.FAULT CLOCK.SKEW_MS: {ms} ms is beyond +/- {CLOCK_SKEW_MS_MAX} ms"))
-    before, LogClock.skew_ms = LogClock.skew_ms, ms
-    log.warning("event=fault node=%s point=clock.skew_ms value=%d previous=%d", node.name, ms, before)
+        raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: want an integer number of milliseconds")) from None
+    if not lo <= ms <= hi:
+        raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: {ms} ms is beyond {lo}..{hi} ms"))
+    before = setter(node, ms)
+    log.warning("event=fault node=%s point=%s value=%d previous=%d", node.name, point, ms, before)
     return before
 
 
