@@ -108,20 +108,37 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
         out(f"   restart of {victim} with {loaded + extra} keys ({extra} written while down): answers after "
             f"{doc['restart']['answers_status_s']} s, caught up (last_applied >= leaders' commit index) after "
             f"{doc['restart']['caught_up_s']} s, RSS {rss} MB (anonymous {anon_after} MB)")
-        # A new follower: the same node with its data directory gone catches up from the leaders' snapshots
-        # (their logs were compacted long ago). Logical bytes: keys, values and revisions, not the engine's pages.
-        lc.kill_node(victim)
+        # A new follower: the node is removed from every shard group (as `raftkv node remove` does), its data
+        # directory deleted, and added back empty (`raftkv node add`): it catches up from the leaders' snapshots
+        # (their logs were compacted long ago). Only wiping and restarting it would not do: the leaders remember
+        # the old copy's progress, and Raft never takes back what a follower acknowledged.
+        op = _operator(lc)
+        info = lc.map.nodes[victim]
+        op.remove(victim, stop=True)
         shutil.rmtree(lc.map.node_data_dir(victim))
+        op.add(f"{info.host}:{info.client_port}", name=victim, raft_port=info.raft_port, start=False)
+        lc.map = op.map
         _, caught_at = _restart_and_catch_up(lc, victim)
         logical = (loaded + extra) * (len(key_name(0)) + value_size + 8)
         rate = None if not caught_at else round(logical / caught_at / 1e6, 1)
         doc["snapshot_catch_up"] = {"keys": loaded + extra, "logical_mb": round(logical / 1e6, 1),
                                     "caught_up_s": None if caught_at is None else round(caught_at, 2),
                                     "logical_mb_per_s": rate}
-        out(f"   new follower {victim} (data directory removed) with {loaded + extra} keys: caught up by snapshot "
+        out(f"   new follower {victim} (removed, data deleted, added back) with {loaded + extra} keys: caught up by snapshot "
             f"after {doc['snapshot_catch_up']['caught_up_s']} s ({rate} MB/s of keys and values)")
     finally:
         s.stop()
+
+
+def _operator(lc: LocalCluster) -> Any:
+    """The cluster's membership operator (what `raftkv node add/remove` run), starting nodes through ``lc``."""
+    from raftkv.membership import Operator
+
+    class BenchOperator(Operator):
+        def _local_cluster(self) -> Any:
+            return lc
+
+    return BenchOperator(lc.config, timeout=60.0)
 
 
 def _leader_changes(lc: LocalCluster) -> int:
