@@ -116,10 +116,12 @@ def cmd_msetnx(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
         node.check_value(v)
 
     async def go() -> Any:
-        from raftkv.server.coordinator import new_txid
+        from raftkv.server.commands.txn import with_conflict_retries
 
-        res = await node.coordinate_at_home(new_txid(), [(k, "missing", None) for k in keys],
-                                            [("put", k, v) for k, v in zip(keys, values, strict=True)], [])
+        # Like MSET: a key still locked by a transaction another node just answered (parallel commits) is
+        # retried, not turned into an error a Redis client does not know.
+        res = await with_conflict_retries(node, [(k, "missing", None) for k in keys],
+                                          [("put", k, v) for k, v in zip(keys, values, strict=True)], [])
         if isinstance(res, Error):
             return res
         assert isinstance(res, TxnResult)

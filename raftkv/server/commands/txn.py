@@ -115,7 +115,9 @@ def op_replies(ops: list, results: tuple) -> list:
     return out
 
 
-async def _with_retries(node: NodeAPI, compares: list, then_ops: list, else_ops: list, retries: int) -> Any:
+async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, else_ops: list,
+                                retries: int = CONFLICT_RETRIES) -> Any:
+    """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more times."""
     delay = 0.005
     for attempt in range(retries + 1):
         res = await node.coordinate_at_home(coordinator.new_txid(), compares, then_ops, else_ops)
@@ -141,7 +143,7 @@ def cmd_mset(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     _check(node, args[0::2], args[1::2])
 
     async def go() -> Any:
-        res = await _with_retries(node, [], puts, [], CONFLICT_RETRIES)
+        res = await with_conflict_retries(node, [], puts, [], CONFLICT_RETRIES)
         return res if isinstance(res, Error) else OK
     return node.run(go())
 
@@ -277,7 +279,7 @@ def cmd_exec(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
         then_ops = [op for _, ops in t.queued for op in ops]
         if not then_ops and not compares:
             return []
-        res = await _with_retries(node, compares, then_ops, [], CONFLICT_RETRIES)
+        res = await with_conflict_retries(node, compares, then_ops, [], CONFLICT_RETRIES)
         if isinstance(res, Error):
             return res
         if not res.succeeded:
