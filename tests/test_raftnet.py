@@ -96,8 +96,13 @@ def _put(replica: ShardReplica, key: bytes, value: bytes) -> str:
     return out[0]
 
 
+_THREADS_BEFORE: set[threading.Thread] = set()
+
+
 @pytest.fixture
 def three(tmp_path: Path) -> Iterator[list[_Node]]:
+    global _THREADS_BEFORE
+    _THREADS_BEFORE = set(threading.enumerate())  # threads earlier tests left behind are not these nodes'
     ports = _free_ports(3)
     nodes = [_Node(p, KEY, tmp_path) for p in ports]
     for shard in range(4):
@@ -125,7 +130,8 @@ def test_groups_elect_and_commit_over_one_connection_per_peer(three: list[_Node]
         assert len(n.network.open) == 2
         assert len(n.network.conns) == 2
         assert n.network.stats["frames_in"] > n.network.stats["records_in"] > 0
-    assert sum(t.name.startswith("raft") or "Thread" in t.name for t in threading.enumerate()) < 12
+    ours = set(threading.enumerate()) - _THREADS_BEFORE
+    assert sum(t.name.startswith("raft") or "Thread" in t.name for t in ours) < 12, sorted(t.name for t in ours)
 
 
 def test_group_added_and_removed_at_runtime(three: list[_Node]) -> None:
