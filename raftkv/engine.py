@@ -323,14 +323,8 @@ class Engine:
 
     def scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Committed ``(key, value)`` pairs with ``lo <= key < hi``, in key order (one read snapshot)."""
-        with self._env.begin() as txn:
-            cursor = txn.cursor()
-            if not cursor.set_range(lo):
-                return
-            for key, value in cursor:
-                if key >= hi:
-                    return
-                yield key, value
+        with self.read_view() as view:
+            yield from view.scan(lo, hi)
 
     def read_view(self) -> ReadView:
         """A consistent read-only view of everything committed now; it stays the same until closed."""
