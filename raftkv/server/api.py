@@ -218,7 +218,8 @@ class NodeAPI(Protocol):
         ...
 
     async def rpc(self, target: str, message: tuple, timeout: float) -> Any:
-        """One internal RPC to node ``target`` (``raftkv.server.rpc``); raises ``PeerUnreachable``."""
+        """One internal RPC to node ``target`` (``raftkv.server.rpc``); raises ``PeerUnreachable`` (no reply) or
+        ``PeerRefused`` (the peer refused the RPC itself, so nothing ran)."""
         ...
 
     async def wait_applied(self, revisions: dict[int, int], timeout: float) -> None:

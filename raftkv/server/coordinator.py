@@ -53,7 +53,7 @@ from typing import Any
 from raftkv.protocol import Error
 from raftkv.results import CmdError, Locked
 from raftkv.server.api import NodeAPI
-from raftkv.server.peer import PeerUnreachable
+from raftkv.server.peer import PeerRefused, PeerUnreachable
 from raftkv.txn import (
     COMMITTED,
     PENDING,
@@ -131,7 +131,7 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
         try:
             reply = await node.rpc(target, ("txn", txid, tuple(compares), tuple(then_ops), tuple(else_ops), hops + 1),
                                    node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
-        except PeerUnreachable:
+        except (PeerUnreachable, PeerRefused):  # refused: not run there (e.g. its map does not know us yet)
             reply = None
         if isinstance(reply, TxnResult):
             return reply

@@ -17,7 +17,20 @@ from raftkv.aioconnection import AsyncConnection
 from raftkv.aioconnection import ConnectionLost as PeerUnreachable
 from raftkv.server import rpc
 
-__all__ = ["PeerLink", "PeerUnreachable"]
+__all__ = ["PeerLink", "PeerRefused", "PeerUnreachable"]
+
+
+class PeerRefused(Exception):
+    """The peer refused the RPC before running it (identity, limits): nothing ran there.
+
+    Raised, not returned, so that no caller can mistake the refusal for the answer of the
+    command it carried (a removed node forwarding to a leader that no longer knows it gets
+    ``NOPERM`` here; that says nothing about a write an earlier attempt may have applied).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code, self.message = code, message
 
 
 class PeerLink:
@@ -28,10 +41,13 @@ class PeerLink:
         self.conn = AsyncConnection(host, port, ssl_ctx, opening=self._handshake)
 
     async def rpc(self, message: tuple, timeout: float) -> Any:
-        """Send one RPC message; its decoded reply (an ``Error`` reply comes back as an ``Error``)."""
+        """Send one RPC message; its decoded reply (the command's own ``Error`` comes back as an ``Error``).
+
+        Raises ``PeerUnreachable`` (no reply) or ``PeerRefused`` (the peer refused the RPC itself: not run).
+        """
         reply = await self.conn.call(rpc.COMMAND, rpc.encode(message), timeout=timeout)
         if isinstance(reply, protocol.ReplyError):  # refused before it ran (identity, limits)
-            return protocol.Error(reply.code, reply.message)
+            raise PeerRefused(reply.code, reply.message)
         try:
             return rpc.decode(reply)
         except rpc.MalformedMessage as e:

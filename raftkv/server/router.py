@@ -33,7 +33,7 @@ from raftkv.protocol import Error
 from raftkv.replica import APPLIED, NOT_APPLIED, UNKNOWN
 from raftkv.results import Locked
 from raftkv.server.batch import Proposer, Reader
-from raftkv.server.peer import PeerLink, PeerUnreachable
+from raftkv.server.peer import PeerLink, PeerRefused, PeerUnreachable
 
 if TYPE_CHECKING:
     from raftkv.server.api import NodeAPI
@@ -178,6 +178,16 @@ class Router:
                     acc.not_applied(f"{target}: {reply}")
                 elif isinstance(reply, Error) and reply.code == "LOCKED":
                     return acc.give_up("LOCKED", reply.message)
+                elif isinstance(reply, PeerRefused):
+                    # Nothing ran there, and re-sending cannot help until the nodes' maps agree (this node
+                    # was just removed, or added and the leader has not heard yet): the client goes to the
+                    # leader itself.  An earlier attempt may still have applied.
+                    acc.not_applied(f"{target} refused the forwarded request: {reply}")
+                    return acc.give_up("TRYAGAIN", f"shard {shard}: not applied: leader {target} refused this "
+                                                   f"node's forwarded request ({reply}); retry on the leader")
+                elif isinstance(reply, Error) and acc.maybe_applied:
+                    # The leader's refusal covers this attempt only: an earlier one may have applied.
+                    return acc.give_up(reply.code, reply.message)
                 else:
                     return reply
                 await asyncio.sleep(timing.retry_sleep_s)
@@ -216,7 +226,7 @@ class Router:
         budget = max(0.05, timeout * 0.9 - 0.02)
         try:
             return await self.link(target).rpc(("exec", shard, cmd, read, idempotent, hops + 1, budget), timeout)
-        except PeerUnreachable as e:
+        except (PeerUnreachable, PeerRefused) as e:
             return e
 
     # -- commands that must act on the leader's replica itself --------------------------------
@@ -242,6 +252,9 @@ class Router:
                 except PeerUnreachable as e:
                     code = "UNKNOWN" if e.sent else "TRYAGAIN"
                     return Error(code, f"shard {shard}: leader {leader} unreachable ({e}); retry")
+                except PeerRefused as e:
+                    return Error("TRYAGAIN", f"shard {shard}: not run: leader {leader} refused this node's "
+                                             f"forwarded request ({e}); retry on the leader")
             if loop.time() > deadline:
                 return Error("NOQUORUM", f"shard {shard} has no leader; retry")
             await asyncio.sleep(0.05)
