@@ -45,8 +45,10 @@ Bytesish = bytes | str
 __all__ = ["Client", "CompactedError", "IndeterminateError", "Lease", "LeaseTTL", "Lock", "LockTimeout", "RaftKVError",
            "UnavailableError", "Watch", "WatchEvent"]
 
-# Error codes after which the same request may be sent again unchanged.
-_RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY"}
+# Error codes after which the same request may be sent again unchanged.  ``STORAGE``: that node's engine
+# failed (a full disk) and it stopped its Raft groups without proposing; the shard's other replicas elect a
+# leader, so the request goes to them.
+_RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY", "STORAGE"}
 
 
 class Attempts:

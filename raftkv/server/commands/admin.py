@@ -91,12 +91,19 @@ def cmd_cluster(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
 
 def cmd_shards(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
-    """Per shard: [id, leader node or nil, term] as this node believes."""
+    """Per shard: [id, leader node or nil, term] as this node believes.
+
+    A node whose storage engine failed stopped its groups: what it last heard is stale (its own replicas
+    may still say they lead), so it names no leader and clients ask another node."""
     out = []
+    frozen = node.storage_failure() is not None
     for s in range(node.map.nshards):
         r = node.replicas.get(s)
         if r is None:
             out.append([s, None, -1])
+            continue
+        if frozen:
+            out.append([s, None, r.term()])
             continue
         addr = r.leader_addr()
         leader = None if addr is None else node.map.node_for_raft_addr(addr)
