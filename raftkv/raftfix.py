@@ -34,6 +34,8 @@ it replaces. Doors closed:
   ever raises ``matchIndex``/``nextIndex``; a rejection at or below ``matchIndex`` is stale and ignored
   (etcd's ``maybeDecrTo`` rule).
 * ``response_vote``: votes are counted as a set of voters per term.
+* Elections: pre-vote first (``raftkv.prevote``), and an AppendEntries of an earlier term is answered with our
+  term, so its leader steps down (docs/pysyncobj-patches.md §12).
 
 Durability (group commit): the journal records whether it holds unflushed writes. With ``durable=True`` a
 follower's ``next_node_idx`` replies are queued, and released after one flush (msync + fsync) at the end of
@@ -120,6 +122,8 @@ from pysyncobj.node import Node, TCPNode
 from pysyncobj.pickle import to_bytes
 from pysyncobj.syncobj import SyncObj
 from pysyncobj.transport import TCPTransport
+
+from raftkv import prevote
 
 SUPPORTED_PYSYNCOBJ_VERSION = "0.3.17"
 
@@ -600,6 +604,7 @@ class SafeSyncObj(SyncObj):
         storage: Storage = DEFAULT_STORAGE,
         deferFlush: bool = False,  # noqa: N803
         wake: Callable[[], None] | None = None,
+        preVote: bool = True,  # noqa: N803
     ) -> None:
         effective = conf if conf is not None else SyncObjConf()
         if effective.journalFile is not None and effective.fullDumpFile is None:
@@ -611,6 +616,11 @@ class SafeSyncObj(SyncObj):
         self._rf_durable = durable
         self._rf_defer_flush = deferFlush
         self._rf_keepalive = keepalive
+        # Pre-vote (raftkv.prevote): the round asked for, the term it won, when a leader was last heard.
+        self._rf_prevote_on = preVote
+        self._rf_prevote: prevote.Round | None = None
+        self._rf_prevote_won = -1
+        self._rf_leader_seen: float | None = None
         self._rf_storage = storage
         self._rf_journal_factory = journalFactory
         self._rf_journal: Any = None
@@ -783,6 +793,8 @@ class SafeSyncObj(SyncObj):
             # "never count an unflushed entry of our own" local to this class.
             self._rf_flush_if_needed()
         self._rf_service_reads()
+        if self._rf_prevote_on:
+            self._rf_maybe_prevote()
         # Gated: the leader counts only its durable log (cleared once the commit computation is done).
         self._rf_counting = self._rf_gated and self._SyncObj__raftState == _RAFT_STATE.LEADER
         try:
@@ -794,6 +806,64 @@ class SafeSyncObj(SyncObj):
         self._rf_service_reads()
         if self._rf_keepalive:
             self._rf_send_keepalives()
+
+    # ---- pre-vote (raftkv.prevote) -----------------------------------------------------------------------------
+
+    def _rf_maybe_prevote(self) -> None:
+        """Where stock would start an election this tick, ask for pre-votes instead, unless a round for the
+        next term was already won (then stock's election goes ahead) or a transfer asked for it."""
+        if self._SyncObj__raftState == _RAFT_STATE.LEADER or self._SyncObj__selfNode is None:
+            return
+        now = _so.monotonicTime()
+        if self._SyncObj__raftElectionDeadline >= now or not self._SyncObj__connectedToAnyone():
+            return
+        term = self._SyncObj__raftCurrentTerm + 1
+        if self._SyncObj__transferInProgress or self._rf_prevote_won == term:
+            return
+        others = self._SyncObj__otherNodes
+        self._rf_prevote = prevote.Round(term, len(others) + 1)
+        if self._rf_prevote.won():  # a single-member group: its own grant is a majority
+            self._rf_prevote_won = term
+            return
+        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+        self._SyncObj__raftLeader = None  # presumed gone; followers of a live one refuse (prevote.grants)
+        message = {"type": prevote.REQUEST, "term": term, "last_log_index": self._SyncObj__getCurrentLogIndex(),
+                   "last_log_term": self._SyncObj__getCurrentLogTerm()}
+        transport = self.raftTransport()  # changes nothing durable: no need to wait in the gate
+        for node in others:
+            transport.send(node, message)
+
+    def _rf_on_prevote(self, node: Node, message: dict[str, Any]) -> None:
+        if node not in self._SyncObj__otherNodes:
+            return
+        seen = self._rf_leader_seen
+        leader_alive = self._SyncObj__raftLeader is not None and seen is not None
+        granted = prevote.grants(
+            prevote.Request(message["term"], message["last_log_index"], message["last_log_term"]),
+            term=self._SyncObj__raftCurrentTerm, last_log_index=self._SyncObj__getCurrentLogIndex(),
+            last_log_term=self._SyncObj__getCurrentLogTerm(),
+            is_leader=self._SyncObj__raftState == _RAFT_STATE.LEADER,
+            leader_silent_s=(_so.monotonicTime() - seen) if leader_alive else None,
+            min_timeout_s=self.conf.raftMinTimeout)
+        self.raftTransport().send(node, {"type": prevote.REPLY, "term": message["term"], "granted": granted,
+                                         "voter_term": self._SyncObj__raftCurrentTerm})
+
+    def _rf_on_prevote_reply(self, node: Node, message: dict[str, Any]) -> None:
+        if node not in self._SyncObj__otherNodes or self._SyncObj__raftState == _RAFT_STATE.LEADER:
+            return
+        if message["voter_term"] > self._SyncObj__raftCurrentTerm:
+            # Behind in terms (as on any message of a higher term): catch up, so the next round asks for a
+            # term the others can grant.  No vote is cast.
+            self._SyncObj__setCurrentTerm(message["voter_term"], None)
+            self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+            self._rf_prevote = None
+            return
+        rnd = self._rf_prevote
+        if rnd is None or not message["granted"] or rnd.term != self._SyncObj__raftCurrentTerm + 1:
+            return
+        if rnd.add(node, message["term"]):
+            self._rf_prevote, self._rf_prevote_won = None, rnd.term
+            self._SyncObj__raftElectionDeadline = 0.0  # campaign in the next tick
 
     def _rf_send_keepalives(self) -> None:
         transport = self._SyncObj__transport
@@ -1233,7 +1303,11 @@ class SafeSyncObj(SyncObj):
             return
         if mtype == "append_entries":
             if message["term"] < self._SyncObj__raftCurrentTerm:
-                return  # from a deposed leader (Raft §5.1); stock ignores these too; no reply, no round echo
+                # From a leader of an earlier term (Raft §5.1: reply with our term, it steps down). Stock sends
+                # nothing, so a member that moved to a later term (an election it could not win) would never
+                # rejoin a leader that goes on in the old one: with pre-vote nothing else raises terms.
+                self._SyncObj__sendNextNodeIdx(node, success=False)
+                return
             self._rf_echo_round = message.get(ROUND_KEY)
             try:
                 self._rf_dispatch_append_entries(node, message)
@@ -1245,6 +1319,12 @@ class SafeSyncObj(SyncObj):
             return
         if mtype == "response_vote":
             self._rf_on_response_vote(node, message)
+            return
+        if mtype == prevote.REQUEST:
+            self._rf_on_prevote(node, message)
+            return
+        if mtype == prevote.REPLY:
+            self._rf_on_prevote_reply(node, message)
             return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
@@ -1272,6 +1352,7 @@ class SafeSyncObj(SyncObj):
         if self._SyncObj__raftLeader != node:
             self._SyncObj__onLeaderChanged()
         self._SyncObj__raftLeader = node
+        self._rf_leader_seen = _so.monotonicTime()
         if term > self._SyncObj__raftCurrentTerm:
             self._SyncObj__setCurrentTerm(term, None)
         self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
@@ -1455,6 +1536,13 @@ class SafeSyncObj(SyncObj):
             if not self._rf_warned_legacy:
                 logger.warning("peer %r runs unpatched pysyncobj: its replies carry no term", node.id)
                 self._rf_warned_legacy = True
+        elif term > self._SyncObj__raftCurrentTerm:
+            # A member is in a later term (it started an election we did not hear of): step down (Raft §5.1),
+            # so that the group elects a leader it can follow.
+            self._SyncObj__setCurrentTerm(term, None)
+            self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+            self._SyncObj__raftLeader = None
+            return
         elif term != self._SyncObj__raftCurrentTerm:
             return  # a reply to an earlier leader (ours or someone else's): says nothing about this term
         match_index = self._SyncObj__raftMatchIndex

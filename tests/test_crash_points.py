@@ -182,7 +182,9 @@ class FileCluster(Cluster):
         self.crash_disks = {n: CrashDisk(os.path.join(root, str(n))) for n in NODE_IDS}
         self.acked_by: dict[int, tuple[int, int]] = {}  # node -> (index, term) of the last entry it acked
         self.killed: list[int] = []
-        super().__init__(net, safe=True, safe_cls=safe_cls)
+        # Pre-vote off: a replica back from a cut-off then starts real elections, so every scenario drives its
+        # term/vote writes (meta.written, replace.renamed) through the crash points; pre-vote has its own tests.
+        super().__init__(net, safe=True, safe_cls=safe_cls, pre_vote=False)
 
     def make_node(self, n: int, others: list[int], transport: SimTransport) -> Any:
         disk = self.crash_disks[n]
@@ -199,7 +201,7 @@ class FileCluster(Cluster):
             def factory(path: str) -> Any:
                 return journal_cls(path, disk)
         node = self.safe_cls(n, others, conf, nodeClass=Node, transport=transport, keepalive=False,
-                             storage=disk, journalFactory=factory, deferFlush=self.driver)
+                             storage=disk, journalFactory=factory, deferFlush=self.driver, preVote=self.pre_vote)
         if self.driver:
             box = self.outbox[n] = []
             self.real_send[n] = transport.send

@@ -288,8 +288,10 @@ class Cluster:
     ``start(n, others)`` boots one with the members it is told about (membership tests)."""
 
     def __init__(self, net: SimNet, safe: bool, durable: bool = True, batch: bool = False,
-                 safe_cls: type[SafeSyncObj] | None = None, spares: tuple[int, ...] = ()) -> None:
+                 safe_cls: type[SafeSyncObj] | None = None, spares: tuple[int, ...] = (),
+                 pre_vote: bool = True) -> None:
         self.net, self.safe, self.durable, self.batch = net, safe, durable, batch
+        self.pre_vote = pre_vote
         self.safe_cls = safe_cls or SafeReplica
         self.all_ids = NODE_IDS + spares
         self.disks = {n: SimDisk() for n in self.all_ids}
@@ -322,7 +324,8 @@ class Cluster:
                 return journal_box[0]
 
             node = self.safe_cls(n, others, sim_conf(self.batch), nodeClass=Node, transport=transport,
-                                 durable=self.durable, journalFactory=factory, keepalive=False)
+                                 durable=self.durable, journalFactory=factory, keepalive=False,
+                                 preVote=self.pre_vote)
             journal_box[0].owner = node
             transport.journal = journal_box[0]  # type: ignore[attr-defined]
             return node
