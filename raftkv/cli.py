@@ -152,11 +152,16 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--txn-classic-2pc", is_flag=True,
               help="coordinate cross-shard writes with classic 2PC (three consensus rounds) instead of parallel "
                    "commits (one): needed while any node of a version before parallel commits still runs")
+@click.option("--election-timeout", default="120-300", show_default=True, metavar="MIN-MAX",
+              help="milliseconds of silence from a leader before a follower asks for an election (random in "
+                   "the range); raise it (e.g. 500-1000) where slow disks or a loaded machine cause needless "
+                   "leader changes; every node of a cluster should use the same")
 def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, balance_period: float,
           compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
-          pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool) -> None:
+          pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, election_timeout: str) -> None:
     """Run one node in the foreground."""
+    from raftkv.raftfix import election_timeouts
     from raftkv.security import InsecureBindError
     from raftkv.server import Faults, Limits, Timing, run_node
 
@@ -170,9 +175,14 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--fault") from None
     try:
+        lo, hi = election_timeouts(election_timeout)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--election-timeout") from None
+    try:
         run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level,
                  metrics_port=metrics_port, insecure=insecure, limits=limits, timing=timing, faults=armed,
-                 compact_every_cmds=compact_every, engine_map_size=engine_map_gib << 30)
+                 compact_every_cmds=compact_every, engine_map_size=engine_map_gib << 30,
+                 raft_overrides={"raftMinTimeout": lo, "raftMaxTimeout": hi})
     except InsecureBindError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:

@@ -416,6 +416,23 @@ _so.createJournal = _dispatch_create_journal
 # --------------------------------------------------------------------------------------------------------------
 
 
+def election_timeouts(text: str) -> tuple[float, float]:
+    """``"MIN-MAX"`` in milliseconds (``raftkv serve --election-timeout``) as seconds; ValueError says why not.
+
+    A follower starts an election after a random silence in [MIN, MAX]. MIN must leave room for several
+    heartbeats (every 25 ms) and MAX must exceed MIN, or split votes repeat.
+    """
+    lo_s, sep, hi_s = text.partition("-")
+    try:
+        lo, hi = int(lo_s), int(hi_s)
+    except ValueError:
+        raise ValueError(f"election timeout {text!r}: want MIN-MAX in milliseconds, e.g. 120-300") from None
+    if not sep or lo < 100 or hi < lo + 50 or hi > 60_000:
+        raise ValueError(f"election timeout {text!r}: want 100 <= MIN, MIN + 50 <= MAX <= 60000 (ms), e.g. "
+                         "120-300 (the default) or 500-1000 on a loaded machine")
+    return lo / 1000, hi / 1000
+
+
 def tuned_conf(**overrides: Any) -> SyncObjConf:
     """A per-group ``SyncObjConf`` tuned for fast failover and low write latency (notes §5).
 

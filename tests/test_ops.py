@@ -130,3 +130,29 @@ def test_report_healthy_cluster_has_no_alerts() -> None:
     report = cluster_report(m, statuses)
     assert report["verdict"] == "ok" and report["alerts"] == []
     assert [s["leader"] for s in report["shards"]] == ["n1", "n2"]
+
+
+def test_election_timeout_is_a_setting_with_clear_limits(tmp_path: Path) -> None:
+    """``raftkv serve --election-timeout MIN-MAX`` (ms) reaches every group, shows in RAFTKV.STATUS, and a
+    value that would make elections flap is refused before the node starts."""
+    from raftkv.raftfix import election_timeouts
+    from tests.conftest import running
+
+    assert election_timeouts("120-300") == (0.12, 0.3)
+    for bad in ("300", "300-200", "50-300", "120-150", "a-b", "500-90000"):
+        try:
+            election_timeouts(bad)
+        except ValueError as e:
+            assert "MIN" in str(e) and bad in str(e)
+        else:
+            raise AssertionError(f"{bad!r} accepted")
+    lc = LocalCluster.create(str(tmp_path / "c"), nodes=3, shards=1, node_args=["--election-timeout", "400-800"])
+    bad = subprocess.run([sys.executable, "-m", "raftkv", "serve", "--config", str(lc.config), "--node", "n1",
+                          "--election-timeout", "300-200"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--election-timeout" in bad.stderr, bad.stderr
+    with running(lc):
+        status = json.loads(lc.call("n1", "RAFTKV.STATUS"))
+        assert status["raft"]["election_timeout_ms"] == [400, 800]
+        with Client(cluster=lc.config) as c:
+            c.put("k", "v")
+            assert c.get("k") == b"v"

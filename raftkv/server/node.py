@@ -87,6 +87,7 @@ class Node:
         check_bind([self.info.host], self.security, insecure)
         # One Raft port, one connection per peer node and one thread for every shard group (raftkv.driver).
         timers = tuned_conf(**(raft_overrides or {}))
+        self.election_timeout_ms = [round(timers.raftMinTimeout * 1000), round(timers.raftMaxTimeout * 1000)]
         self.network = RaftNetwork(self.info.host, self.info.raft_port, cluster=shardmap.name,
                                    key=self.security.raft_key(shardmap.name),
                                    encrypt=self.security.raft_key_is_secret,
@@ -412,6 +413,7 @@ class Node:
                 "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
                 "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards,
                 "raft": {**self.network.status(), "driver_alive": self.driver.alive(),
+                         "election_timeout_ms": self.election_timeout_ms,
                          "driver_failure": self.driver.failure, **dict(self.driver.stats)},
                 "engine": self._engine_status()}
 
@@ -432,13 +434,13 @@ def setup_logging(level: str = "INFO") -> None:
 def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_level: str = "INFO",
              limits: Limits | None = None, timing: Timing | None = None, metrics_port: int | None = None,
              insecure: bool = False, faults: Faults | None = None, compact_every_cmds: int | None = None,
-             engine_map_size: int = DEFAULT_MAP_SIZE) -> None:
-    """Run one node in the foreground until SIGTERM/SIGINT."""
+             engine_map_size: int = DEFAULT_MAP_SIZE, raft_overrides: dict | None = None) -> None:
+    """Run one node in the foreground until SIGTERM/SIGINT (``raft_overrides``: ``SyncObjConf`` timers)."""
     setup_logging(log_level)
     shardmap = ShardMap.load(config)
     node = Node(shardmap, name, limits=limits, timing=timing, unsafe_local_reads=unsafe_local_reads,
                 metrics_port=metrics_port, insecure=insecure, faults=faults, compact_every_cmds=compact_every_cmds,
-                engine_map_size=engine_map_size)
+                engine_map_size=engine_map_size, raft_overrides=raft_overrides)
     if unsafe_local_reads:
         log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
     if not node.security.node_identity_is_secret:
