@@ -331,6 +331,7 @@ def _run_here(cfg: RunConfig, note: str) -> int:
                          "summary": f"every shard served reads {rec.now() - t_heal:.1f} s after the heal"}
         except Exception as e:  # noqa: BLE001
             recovered = {"valid": False, "verdict": "not recovered", "summary": str(e)}
+            _write_not_recovered(cluster, run_dir / "not-recovered.json")
         final = _final_reads(workload, rec, cfg)
     except KeyboardInterrupt:
         harness_error = "interrupted"
@@ -399,6 +400,30 @@ def _export_edn(ops: list, cfg: RunConfig) -> list[str]:
         return []
     _say(f"raftkv-jepsen: wrote {len(files)} Knossos EDN histor{'y' if len(files) == 1 else 'ies'} to {cfg.edn_out}")
     return [str(f) for f in files]
+
+
+def _write_not_recovered(cluster: Any, path: Path) -> None:
+    """What each node says when the cluster did not recover: its status and a read of one key per shard
+    through it (the failing check reads through the first node), for the report's reader."""
+    from raftkv.cluster import _key_on_shard
+
+    out: dict[str, Any] = {}
+    for name in cluster.map.nodes:
+        entry: dict[str, Any] = {}
+        try:
+            entry["status"] = json.loads(cluster.call(name, "RAFTKV.STATUS", timeout=5.0))
+        except Exception as e:  # noqa: BLE001 - what failed is the finding
+            entry["status_error"] = f"{type(e).__name__}: {e}"
+        reads = {}
+        for s in range(cluster.map.nshards):
+            try:
+                reply = cluster.call(name, "GET", _key_on_shard(cluster.map, s), timeout=5.0)
+                reads[str(s)] = repr(reply)[:300]
+            except Exception as e:  # noqa: BLE001
+                reads[str(s)] = f"{type(e).__name__}: {e}"
+        entry["reads"] = reads
+        out[name] = entry
+    path.write_text(json.dumps(out, indent=1, default=str))
 
 
 def _wait_started(cluster: Any, timeout: float) -> None:
