@@ -281,6 +281,10 @@ def test_run_aborts_on_first_no_and_on_expiry() -> None:
 NSHARDS = 3
 ACCOUNTS = [f"acct{i}".encode() for i in range(6)]
 ACCOUNT_SHARD = {k: i % NSHARDS for i, k in enumerate(ACCOUNTS)}
+# Each transfer also APPENDs its id to both accounts' journals (on the accounts' shards, so no new
+# conflicts): a journal must list every transfer applied to its account once, matching the balance.
+JOURNAL = {k: b"log-" + k for k in ACCOUNTS}
+KEY_SHARD = {**ACCOUNT_SHARD, **{JOURNAL[k]: s for k, s in ACCOUNT_SHARD.items()}}
 START = 10
 PENDING_TIMEOUT_MS = 50
 LOCK_TIMEOUT_MS = 80
@@ -327,6 +331,7 @@ class Sim:
         self.homes: dict[str, int] = {}
         self.delayed: list[tuple[int, tuple]] = []  # messages held in a network buffer
         self.forgotten: set[str] = set()  # records garbage-collected mid-run: only balances tell
+        self.transfers: dict[str, tuple[bytes, bytes]] = {}  # txid -> (from, to)
 
     def value(self, k: bytes) -> int:
         entry = self.shards[ACCOUNT_SHARD[k]].state.data.get(k)
@@ -336,15 +341,19 @@ class Sim:
         va, vb = self.value(a), self.value(b)  # a possibly stale read: the compares decide
         if va <= 0:
             return
+        txid = f"tx{self.ntx + 1}"
+        self.transfers[txid] = (a, b)
         self._start([(a, "value", str(va).encode()), (b, "value", str(vb).encode())],
-                    [("put", a, str(va - 1).encode()), ("put", b, str(vb + 1).encode())], [("get", a)])
+                    [("put", a, str(va - 1).encode()), ("put", b, str(vb + 1).encode()),
+                     ("append", JOURNAL[a], txid.encode() + b",", 1 << 20),
+                     ("append", JOURNAL[b], txid.encode() + b",", 1 << 20)], [("get", a)])
 
     def start_read_all(self) -> None:
         self._start([], [("get", k) for k in ACCOUNTS], [])
 
     def _start(self, compares: list, then_ops: list, else_ops: list) -> None:
         self.ntx += 1
-        plan = plan_txn(f"tx{self.ntx}", compares, then_ops, else_ops, ACCOUNT_SHARD.__getitem__)
+        plan = plan_txn(f"tx{self.ntx}", compares, then_ops, else_ops, KEY_SHARD.__getitem__)
         self.homes[plan.txid] = plan.home
         self.runs.append(TxnRun.parallel(plan, self.now) if self.parallel else TxnRun(plan))
 
@@ -433,12 +442,28 @@ class Sim:
                 return
         raise AssertionError("the simulation did not settle")
 
+    def check_journals(self) -> None:
+        """Every applied transfer appended its id once to both accounts' journals, and nothing else did."""
+        seen: dict[str, list[bytes]] = {}
+        for k in ACCOUNTS:
+            entry = self.shards[ACCOUNT_SHARD[k]].state.data.get(JOURNAL[k])
+            log = entry[0].decode().split(",")[:-1] if entry else []
+            assert len(log) == len(set(log)), f"{k!r}: a transfer appended twice: {log}"
+            assert self.value(k) == START + sum(-1 if self.transfers[t][0] == k else 1 for t in log), (k, log)
+            for t in log:
+                seen.setdefault(t, []).append(k)
+        for t, ks in seen.items():
+            assert sorted(ks) == sorted(self.transfers[t]), f"{t} appended to {ks} only"
+            if t not in self.forgotten and t in self.replies:
+                assert self.replies[t][0] == COMMITTED, f"{t} appended, decided {self.replies[t]}"
+
     def check(self) -> None:
         balances = [self.value(k) for k in ACCOUNTS]
         assert sum(balances) == START * len(ACCOUNTS), balances
         assert min(balances) >= 0, balances
         for read in self.reads:
             assert sum(int(v) for v in read) == START * len(ACCOUNTS), read
+        self.check_journals()
         for sh in self.shards:
             assert sh.state.txns.locks == {} and sh.state.txns.prepared == {}
         for txid, home in self.homes.items():
