@@ -116,8 +116,10 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 
 
 @main.command("run")
-@click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock"]), default="register",
-              show_default=True, help="lock: acquire/release under leases, checked with the mutex model")
+@click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock", "append"]),
+              default="register", show_default=True,
+              help="lock: acquire/release under leases, checked with the mutex model; append: Elle list-append "
+                   "transactions")
 @click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
               help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk; "
                    "or a comma-separated mix, e.g. kill,member)")
@@ -193,8 +195,8 @@ def _list_option(choices: tuple[str, ...]) -> object:
 @main.command("soak")
 @click.option("--minutes", type=click.FloatRange(0.1), required=True, help="how long to keep starting runs")
 @click.option("--run-time", type=click.FloatRange(3), default=20.0, show_default=True, help="seconds of load per run")
-@click.option("--workloads", default="register,counter,bank,txn,lock", show_default=True,
-              callback=_list_option(("register", "counter", "bank", "txn", "lock")))
+@click.option("--workloads", default="register,counter,bank,txn,lock,append", show_default=True,
+              callback=_list_option(("register", "counter", "bank", "txn", "lock", "append")))
 @click.option("--nemeses", default="kill,pause,partition,member,clock,slow-disk,disk,all", show_default=True,
               callback=_list_option(("none", "kill", "pause", "partition", "member", "clock", "slow-disk", "disk",
                                      "all")),

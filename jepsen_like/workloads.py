@@ -46,8 +46,22 @@ the lock key held through a lease kept alive in the background), rotated every
 ``key_period`` seconds.  History ops are ``acquire`` / ``release`` per lock
 name; checked per lock with the mutex model (at most one holder at a time).
 
-``bank`` and ``txn`` need the transaction API (``Client.txn()``); in a build
-without it they raise :class:`WorkloadUnavailable`.
+``append``: Elle's list-append over the transaction API.  Each transaction is
+1-4 micro-ops ``["append", k, x]`` (``x`` unique in the run: ``"<process>.<n>"``)
+or ``["r", k, None]`` on the current key group (keys on every shard, rotated
+every ``key_period`` seconds like ``txn``, so each list stays short).  An
+append is ``APPEND k "x,"`` inside ``RAFTKV.TXN`` (computed under the
+transaction's lock on ``k``); a read is a ``GET`` in the same transaction, its
+value split on ``,`` into the list (as Jepsen's Redis list-append test does with
+strings; a value not ending in ``,`` keeps its tail as an element, which Elle
+reports as a garbage read).  Checked by ``elle.check(ops, "list-append")``:
+G0, G1a/b/c, G-single, G2-item, lost update, internal, duplicate elements, ...
+named with their cycles.  The final reads are one read-only transaction per
+key group.
+
+``bank``, ``txn`` and ``append`` need the transaction API (``Client.txn()``; for
+``append``, its ``then_append``); in a build without it they raise
+:class:`WorkloadUnavailable`.
 """
 
 from __future__ import annotations
@@ -62,10 +76,11 @@ from jepsen_like.models import get_model
 from raftkv import protocol
 from raftkv.client import Client, IndeterminateError, RaftKVError
 from raftkv.connection import Connection
+from raftkv.txnclient import Txn
 
 __all__ = ["WORKLOADS", "WorkloadUnavailable", "Worker", "RegisterWorkload", "make_workload", "classify"]
 
-WORKLOADS = ("register", "counter", "bank", "txn", "lock")
+WORKLOADS = ("register", "counter", "bank", "txn", "lock", "append")
 # ``register --ttl-ops``: the ttls of ``put-ttl``, short (expires during the run) and long (never does; the
 # ``kv-expiry`` model treats a ttl of an hour or more as never expiring).
 SHORT_TTL_MS = (50, 400)
@@ -90,7 +105,7 @@ def _s(v: Any) -> Any:
 
 
 # Every prefix a workload's keys start with: with ``--auth`` the clients' role may write only these.
-KEY_PREFIXES = ("r", "c", "acct", "t", "lock")
+KEY_PREFIXES = ("r", "c", "acct", "t", "lock", "ap")
 # Credentials of the harness's clients (``--auth``: a user whose role covers only KEY_PREFIXES).
 CLIENT_AUTH: dict[str, str] = {}
 
@@ -442,28 +457,31 @@ class TxnWorkload(_RotatingGroups):
         return {"linearizable": check(ops, get_model("txn"), timeout_s=timeout_s), "elle": _elle(ops)}
 
 
-def _elle(ops: list) -> Any:
-    """The Elle rw-register check; a history it cannot read is an unknown verdict, not a crash."""
+def _elle(ops: list, workload: str = "rw-register") -> Any:
+    """The Elle check; a history it cannot read is an unknown verdict, not a crash."""
     try:
-        return elle.check(ops, "rw-register")
+        return elle.check(ops, workload)
     except elle.ElleError as e:
-        return elle.ElleResult(verdict=elle.UNKNOWN_VERDICT, workload="rw-register",
+        return elle.ElleResult(verdict=elle.UNKNOWN_VERDICT, workload=workload,
                                models=("strict-serializable",), reason=f"cannot check: {e}")
 
 
 class _TxnWorker(_TxnWorkerBase):
     n = 0
+    write = "w"  # the micro-op kind of a write
+
+    def keys(self, group: list[str]) -> list[str]:
+        """The keys of the next transaction: 1-4 of the group, each at most once."""
+        return self.rng.sample(group, self.rng.randint(1, min(4, len(group))))
 
     def next_op(self, t: float) -> tuple[str, Any, Any]:
-        group = self.wl.group_at(t)
-        keys = self.rng.sample(group, self.rng.randint(1, min(4, len(group))))
         micro = []
-        for k in keys:
+        for k in self.keys(self.wl.group_at(t)):
             if self.rng.random() < 0.5:
                 micro.append(["r", k, None])
             else:
                 self.n += 1
-                micro.append(["w", k, f"{self.process}.{self.n}"])
+                micro.append([self.write, k, f"{self.process}.{self.n}"])
         return "txn", None, micro
 
     def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
@@ -474,6 +492,55 @@ class _TxnWorker(_TxnWorkerBase):
             return "ok", done
         except Exception as e:  # noqa: BLE001
             return classify(e, write=f != "get" and any(m[0] == "w" for m in value)), str(e)[:200]
+
+
+class AppendWorkload(_RotatingGroups):
+    """Elle list-append transactions within a rotating key group (module doc)."""
+
+    name = "append"
+    prefix = "ap"
+
+    def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
+        return _AppendWorker(self, process, rng)
+
+    def final_ops(self) -> list[tuple[str, Any, Any]]:
+        return [("txn", None, [["r", k, None] for k in self._groups[g]]) for g in sorted(self._groups)]
+
+    def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
+        return {"elle": _elle(ops, "list-append")}
+
+
+def parse_list(value: Any) -> list[str]:
+    """A list-append key's value (``"x1,x2,"``) as its list; missing is empty.  A tail without its
+    ``,`` stays an element (Elle flags an element nobody appended as a garbage read)."""
+    if value is None:
+        return []
+    parts = _s(value).split(",")
+    if parts[-1] == "":
+        parts.pop()
+    return parts
+
+
+class _AppendWorker(_TxnWorker):
+    write = "append"
+
+    def keys(self, group: list[str]) -> list[str]:
+        """1-4 keys of the group, a key possibly more than once (Elle checks reads after own appends)."""
+        return [self.rng.choice(group) for _ in range(self.rng.randint(1, 4))]
+
+    def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
+        t = self.client.txn()
+        for kind, k, x in value:
+            if kind == "r":
+                t.then_get(k)
+            else:
+                t.then_append(k, f"{x},")
+        try:
+            r = t.commit(retries=5)
+        except Exception as e:  # noqa: BLE001 - every outcome goes into the history
+            return classify(e, write=any(m[0] == "append" for m in value)), str(e)[:200]
+        return "ok", [[kind, k, parse_list(res) if kind == "r" else x]
+                      for (kind, k, x), res in zip(value, r.results, strict=True)]
 
 
 class CounterWorkload(_RotatingGroups):
@@ -668,12 +735,12 @@ def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> Any:
         return RegisterWorkload(shardmap, seed, **kw)
     if name == "counter":
         return CounterWorkload(shardmap, seed, **kw)
-    if name in ("bank", "txn"):
-        if not _txn_api_available():
+    if name in ("bank", "txn", "append"):
+        if not _txn_api_available() or (name == "append" and not callable(getattr(Txn, "then_append", None))):
             raise WorkloadUnavailable(
                 f"workload {name!r} is not available in this build: it needs the transaction API "
-                "(raftkv.Client.txn()), which this raftkv.Client does not have yet")
-        return (BankWorkload if name == "bank" else TxnWorkload)(shardmap, seed, **kw)
+                "(raftkv.Client.txn(), with then_append for 'append'), which this raftkv.Client does not have yet")
+        return {"bank": BankWorkload, "txn": TxnWorkload, "append": AppendWorkload}[name](shardmap, seed, **kw)
     if name == "lock":
         return LockWorkload(shardmap, seed, **kw)
     raise ValueError(f"unknown workload {name!r} (expected one of {', '.join(WORKLOADS)})")

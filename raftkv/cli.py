@@ -473,8 +473,8 @@ def mset(pairs: tuple[str, ...], cluster_file: str | None) -> None:
 
 @main.command()
 @click.option("--if", "ifs", multiple=True, metavar="'KEY = V'|'KEY rev N'|'KEY exists'|'KEY missing'")
-@click.option("--then", "thens", multiple=True, metavar="'put K V'|'del K'|'get K'")
-@click.option("--else", "elses", multiple=True, metavar="'put K V'|'del K'|'get K'")
+@click.option("--then", "thens", multiple=True, metavar="'put K V'|'del K'|'get K'|'append K S'")
+@click.option("--else", "elses", multiple=True, metavar="'put K V'|'del K'|'get K'|'append K S'")
 @click.option("--file", "doc", type=click.File("r"), default=None,
               help='JSON {"if": [...], "then": [...], "else": [...]} of the same strings; - for stdin')
 @click.option("--retries", default=5, show_default=True, help="retries after a TXNCONFLICT/TRYAGAIN abort")

@@ -10,10 +10,22 @@ every compare holds, else the *else* ops.
   means absent), ``"exists"``, ``"missing"``, or ``"watch"`` (internal, for
   EXEC: ``arg`` is what ``("watchrev", key)`` answered at WATCH, and the
   compare holds only if the key was not written or deleted since).
-* op: ``("put", key, value)``, ``("del", key)`` or ``("get", key)``.  Ops of a
-  branch run in order; a ``get`` after a ``put`` of the same key sees the put.
+* op: ``("put", key, value)``, ``("del", key)``, ``("get", key)`` or
+  ``("append", key, suffix, len_max)``.  Ops of a branch run in order; a
+  ``get`` after a ``put`` of the same key sees the put.
   ``("put", key, value, ttl_ms)`` also gives the key a deadline ``ttl_ms`` after
   the log time it is applied at (COPY and RENAME carry a key's time to live).
+  ``append`` sets the key to its current value (empty if missing) + ``suffix``,
+  keeps its deadline (as Redis's APPEND does) and answers the new length.  Its
+  new value depends on the current one, which is why it is safe only under the
+  key's lock: a participant computes the result at PREPARE, when it takes the
+  lock, and applies ``current + suffix`` at COMMIT; nothing can write a locked
+  key in between (every single-key write, expiry and lease end waits for the
+  lock), so the value COMMIT appends to is the one PREPARE saw.  A transaction
+  where an append in *either* branch would make a value longer than
+  ``len_max`` (the node's ``value_bytes_max``) is refused before anything is
+  applied: the one-shard path answers ``TOOBIG``, a participant votes NO
+  (``REASON_TOOBIG``) -- at PREPARE the branch that will run is not known yet.
 
 When all keys live on one shard the whole transaction is one Raft entry
 (``("txn_once", txid, compares, then_ops, else_ops)``): its result is kept in
@@ -112,7 +124,7 @@ class KVState(Protocol):
     def write(self, key: bytes, value: bytes | None) -> int: ...
 
 COMPARE_KINDS = ("value", "rev", "exists", "missing", "watch")
-OP_KINDS = ("put", "del", "get")
+OP_KINDS = ("put", "del", "get", "append")
 
 PENDING = "PENDING"
 STAGING = "STAGING"  # a parallel-commit record: committed as soon as every participant holds its prepare
@@ -126,6 +138,7 @@ REASON_TIMEOUT = "timeout"  # a participant did not vote in time, or a resolver 
 REASON_UNKNOWN = "unknown"  # no record (garbage-collected or never begun): aborted by tombstone
 REASON_STALE = "stale"  # a PREPARE older than the participant's GC horizon (-TRYAGAIN)
 REASON_REFUSED = "refused"  # recovery made a participant refuse the PREPARE it had not yet applied (-TRYAGAIN)
+REASON_TOOBIG = "toobig"  # an APPEND would make a value longer than its len_max (-TOOBIG)
 # The tombstone of a refused stale PREPARE: the transaction's outcome is unknown here (it may
 # have committed with this shard's writes long ago), so any later outcome is accepted, as a no-op.
 STALE = "STALE"
@@ -155,6 +168,9 @@ def validate(compares: list, then_ops: list, else_ops: list) -> str | None:
         if op[0] == "put" and (len(op) not in (3, 4) or not isinstance(op[2], bytes)
                                or (len(op) == 4 and (type(op[3]) is not int or op[3] < 1))):
             return f"bad put {op!r}: want (put key value [ttl_ms >= 1])"
+        if op[0] == "append" and (len(op) != 4 or not isinstance(op[2], bytes) or type(op[3]) is not int
+                                  or op[3] < 0):
+            return f"bad append {op!r}: want (append key suffix len_max >= 0)"
     if len(keys_of(compares, then_ops, else_ops)) > TXN_KEYS_MAX:
         return f"transaction touches more than {TXN_KEYS_MAX} keys (TXN_KEYS_MAX)"
     return None
@@ -222,12 +238,15 @@ def single_shard_cmd(txid: str, compares: Any, then_ops: Any, else_ops: Any) -> 
     return ("txn_once", txid, tuple(compares), tuple(then_ops), tuple(else_ops))
 
 
-def apply_local_txn(s: KVState, compares: list, then_ops: list, else_ops: list) -> TxnResult | Locked:
+def apply_local_txn(s: KVState, compares: list, then_ops: list, else_ops: list) -> TxnResult | Locked | CmdError:
     """Run a single-shard transaction atomically against ``s``."""
     for key in keys_of(compares, then_ops, else_ops):
         lock = s.txns.lock_of(key)
         if lock is not None:
             return lock
+    too_big = _append_too_big(s.data, then_ops) or _append_too_big(s.data, else_ops)
+    if too_big is not None:
+        return CmdError("TOOBIG", too_big)
     ok = all(compare_holds(s.data.get(k), kind, arg, s.del_rev) for k, kind, arg in compares)
     return TxnResult(ok, tuple(_apply_ops(s, then_ops if ok else else_ops)))
 
@@ -243,12 +262,26 @@ def _apply_ops(s: KVState, ops: Any) -> list:
             results.append(s.write(key, op[2]))
             if len(op) > 3:
                 s.expiries.set(key, s.log_ms + op[3])
+        elif kind == "append":  # under the key's lock since PREPARE (cross-shard) or in this entry (one shard)
+            entry = s.data.get(key)
+            value = (b"" if entry is None else entry[0]) + op[2]
+            s.write(key, value, keep_ttl=True)
+            results.append(len(value))
         else:  # del
             existed = key in s.data
             if existed:
                 s.write(key, None)
             results.append(1 if existed else 0)
     return results
+
+
+def _append_too_big(data: Any, ops: Any) -> str | None:
+    """Why an append of ``ops`` would make a value longer than its ``len_max``, or None."""
+    for op, length in zip(ops, _simulate_ops(data, ops), strict=True):
+        if op[0] == "append" and length > op[3]:
+            return (f"APPEND to {op[1]!r} would make a value of {length} bytes, over value_bytes_max={op[3]}; "
+                    "nothing applied")
+    return None
 
 
 def _simulate_ops(data: dict, ops: Any) -> tuple:
@@ -267,6 +300,9 @@ def _simulate_ops(data: dict, ops: Any) -> tuple:
         elif kind == "put":
             overlay[key] = op[2]
             out.append(True)
+        elif kind == "append":
+            overlay[key] = (cur or b"") + op[2]
+            out.append(len(overlay[key]))  # type: ignore[arg-type]
         else:
             out.append(1 if cur is not None else 0)
             overlay[key] = None
@@ -475,6 +511,10 @@ class TxnTable:
                 # No-wait: vote NO, lock nothing, and remember the abort (this vote is final).
                 self.done[txid] = (ABORTED, now_ms, home, start_ms)
                 return ("no", REASON_CONFLICT, (k, other.txid, other.home_shard, other.since_ms))
+        if _append_too_big(s.data, then_ops) or _append_too_big(s.data, else_ops):
+            # Refused for good (a NO vote is final): nothing locked, nothing staged.
+            self.done[txid] = (ABORTED, now_ms, home, start_ms)
+            return ("no", REASON_TOOBIG, None)
         ok = all(compare_holds(s.data.get(k), kind, arg, s.del_rev) for k, kind, arg in compares)
         vote = ("yes", ok, _simulate_ops(s.data, then_ops), _simulate_ops(s.data, else_ops))
         for k in keys:
@@ -646,7 +686,7 @@ class Decision:
 
 def abort_for(vote: tuple) -> Decision:
     """The abort one non-YES vote (or refusal) implies, with its reason."""
-    if vote[0] == "no" and vote[1] in (REASON_STALE, REASON_REFUSED):
+    if vote[0] == "no" and vote[1] in (REASON_STALE, REASON_REFUSED, REASON_TOOBIG):
         return Decision(ABORTED, None, None, vote[1])
     return Decision(ABORTED, None, None, REASON_CONFLICT if vote[0] == "no" else REASON_UNKNOWN)
 

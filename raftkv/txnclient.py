@@ -32,7 +32,7 @@ def _b(x: bytes | str) -> bytes:
 @dataclass(frozen=True)
 class TxnResponse:
     """``succeeded``: the compares held (then-branch ran); ``results``: one per op of that branch
-    (``put`` -> True, ``delete`` -> 1/0, ``get`` -> value or None)."""
+    (``put`` -> True, ``delete`` -> 1/0, ``get`` -> value or None, ``append`` -> the new length)."""
 
     succeeded: bool
     results: list
@@ -83,6 +83,12 @@ class Txn:
         self.then_ops.append([b"GET", _b(key)])
         return self
 
+    def then_append(self, key: bytes | str, suffix: bytes | str) -> Txn:
+        """``key`` := its value (empty if missing) + ``suffix``, under the transaction's lock on
+        ``key``; the result is the new length, as Redis's APPEND."""
+        self.then_ops.append([b"APPEND", _b(key), _b(suffix)])
+        return self
+
     def else_put(self, key: bytes | str, value: bytes | str) -> Txn:
         self.else_ops.append([b"PUT", _b(key), _b(value)])
         return self
@@ -93,6 +99,10 @@ class Txn:
 
     def else_get(self, key: bytes | str) -> Txn:
         self.else_ops.append([b"GET", _b(key)])
+        return self
+
+    def else_append(self, key: bytes | str, suffix: bytes | str) -> Txn:
+        self.else_ops.append([b"APPEND", _b(key), _b(suffix)])
         return self
 
     def args(self, txid: str) -> list[bytes]:
@@ -134,7 +144,7 @@ def _response(txn: Txn, reply: Any) -> TxnResponse:
     ops = txn.then_ops if ok else txn.else_ops
     results = []
     for op, r in zip(ops, reply[1], strict=True):
-        results.append(True if op[0] == b"PUT" else (int(r) if op[0] == b"DEL" else r))
+        results.append(True if op[0] == b"PUT" else (int(r) if op[0] in (b"DEL", b"APPEND") else r))
     return TxnResponse(ok, results)
 
 
@@ -142,7 +152,7 @@ def build_from_spec(txn: Txn, ifs: list[str], thens: list[str], elses: list[str]
     """Fill ``txn`` from the CLI's strings (shell-quoted tokens).
 
     compare: ``KEY = VALUE`` | ``KEY rev N`` | ``KEY exists`` | ``KEY missing``;
-    op: ``put KEY VALUE`` | ``del KEY`` | ``get KEY``.  Raises ValueError on bad input.
+    op: ``put KEY VALUE`` | ``del KEY`` | ``get KEY`` | ``append KEY SUFFIX``.  Raises ValueError on bad input.
     """
     import shlex
 
@@ -158,8 +168,8 @@ def build_from_spec(txn: Txn, ifs: list[str], thens: list[str], elses: list[str]
             txn.if_missing(t[0])
         else:
             raise ValueError(f"bad compare {spec!r}: want 'KEY = VALUE', 'KEY rev N', 'KEY exists' or 'KEY missing'")
-    for specs, put, delete, get in ((thens, txn.then_put, txn.then_delete, txn.then_get),
-                                    (elses, txn.else_put, txn.else_delete, txn.else_get)):
+    for specs, put, delete, get, append in ((thens, txn.then_put, txn.then_delete, txn.then_get, txn.then_append),
+                                            (elses, txn.else_put, txn.else_delete, txn.else_get, txn.else_append)):
         for spec in specs:
             t = shlex.split(spec)
             kind = t[0].lower() if t else ""
@@ -169,6 +179,8 @@ def build_from_spec(txn: Txn, ifs: list[str], thens: list[str], elses: list[str]
                 delete(t[1])
             elif kind == "get" and len(t) == 2:
                 get(t[1])
+            elif kind == "append" and len(t) == 3:
+                append(t[1], t[2])
             else:
-                raise ValueError(f"bad op {spec!r}: want 'put KEY VALUE', 'del KEY' or 'get KEY'")
+                raise ValueError(f"bad op {spec!r}: want 'put KEY VALUE', 'del KEY', 'get KEY' or 'append KEY SUFFIX'")
     return txn

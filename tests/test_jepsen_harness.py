@@ -40,7 +40,7 @@ from jepsen_like.nemesis import (
 from jepsen_like.report import availability_windows, verdict_of
 from jepsen_like.runner import RunConfig
 from jepsen_like.soak import render, rotation, run_record, summarize
-from jepsen_like.workloads import lost_updates
+from jepsen_like.workloads import AppendWorkload, lost_updates, parse_list
 
 from .conftest import missing_capability
 
@@ -200,14 +200,22 @@ def test_unsafe_local_reads_are_caught(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workload", ["bank", "txn", "counter"])
+@pytest.mark.parametrize("workload", ["bank", "txn", "counter", "append"])
 def test_transactional_workloads(tmp_path: Path, workload: str) -> None:
-    """bank runs with --auth: its clients log in as a user whose role may only touch the workloads' keys."""
+    """bank runs with --auth: its clients log in as a user whose role may only touch the workloads' keys.
+    append (Elle list-append: APPENDs inside RAFTKV.TXN) must show no anomaly, with lists read back."""
     auth = ["--auth"] if workload == "bank" else []
     rc, res, out = harness(tmp_path, "--workload", workload, "--nemesis", "kill", *auth, *common(14))
     if rc == 3 and "not available in this build" in out:
         pytest.skip(out.strip().splitlines()[-1])
     assert_pass(rc, res, out)
+    if workload == "append":
+        elle_res = res["checks"]["elle"]
+        assert elle_res["workload"] == "list-append" and elle_res["anomalies"] == {}, elle_res
+        assert res["faults"], "the kill nemesis never fired"
+        final = [json.loads(line) for line in (Path(res["dir"]) / "history.jsonl").read_text().splitlines()]
+        read_back = [m[2] for e in final if e["process"] == "final" and e["type"] == "ok" for m in e["value"]]
+        assert any(read_back), "no appended element was read back"
     if auth:
         assert "clients authenticate as 'jepsen'" in out
         logs = "".join(p.read_text(errors="replace") for p in (Path(res["dir"]) / "nodes").glob("n*.log"))
@@ -611,3 +619,23 @@ def test_soak_summary_counts_runs_operations_anomalies_by_class_and_availability
         in text, text
     assert "| **total** | 4 |" in text and "G-single 1, G1c 1, linearizable 1" in text
     assert "- txn / disk seed 2: fail (G-single, G1c, linearizable) /s/fail" in text
+
+
+# -- the append workload's list-append check (negative control) ------------------------------
+
+def _append_history(read_after: list[str]) -> list:
+    """Process 0 appends "0.1" to ``k`` (acknowledged); afterwards process 1 reads ``k`` as ``read_after``."""
+    events = [Event(0, "invoke", "txn", None, [["append", "k", "0.1"]], 0.0),
+              Event(0, "ok", "txn", None, [["append", "k", "0.1"]], 0.1),
+              Event(1, "invoke", "txn", None, [["r", "k", None]], 0.2),
+              Event(1, "ok", "txn", None, [["r", "k", read_after]], 0.3)]
+    return ops_from_events(events)
+
+
+def test_append_workload_check_catches_a_lost_append() -> None:
+    wl = AppendWorkload(None, 0)
+    assert wl.check(_append_history(["0.1"]), None)["elle"].ok
+    lost = wl.check(_append_history([]), None)["elle"]  # acknowledged, then missing from a later read
+    assert not lost.ok and lost.anomalies
+    assert parse_list(None) == [] and parse_list(b"") == [] and parse_list(b"0.1,2.3,") == ["0.1", "2.3"]
+    assert parse_list(b"0.1,junk") == ["0.1", "junk"]  # a tail without its comma stays, for Elle to flag

@@ -20,17 +20,21 @@ from raftkv.txn import (
     REASON_CONFLICT,
     REASON_REFUSED,
     REASON_TIMEOUT,
+    REASON_TOOBIG,
     REASON_UNKNOWN,
     STAGING,
     TOMBSTONE_TTL_MS,
     Decision,
     Record,
+    TxnResult,
     TxnRun,
     TxnTable,
+    abort_for,
     decide,
     plan_txn,
     recovery_action,
     single_shard_cmd,
+    validate,
     watch_compare,
     watch_read,
 )
@@ -277,6 +281,10 @@ def test_run_aborts_on_first_no_and_on_expiry() -> None:
 NSHARDS = 3
 ACCOUNTS = [f"acct{i}".encode() for i in range(6)]
 ACCOUNT_SHARD = {k: i % NSHARDS for i, k in enumerate(ACCOUNTS)}
+# Each transfer also APPENDs its id to both accounts' journals (on the accounts' shards, so no new
+# conflicts): a journal must list every transfer applied to its account once, matching the balance.
+JOURNAL = {k: b"log-" + k for k in ACCOUNTS}
+KEY_SHARD = {**ACCOUNT_SHARD, **{JOURNAL[k]: s for k, s in ACCOUNT_SHARD.items()}}
 START = 10
 PENDING_TIMEOUT_MS = 50
 LOCK_TIMEOUT_MS = 80
@@ -323,6 +331,7 @@ class Sim:
         self.homes: dict[str, int] = {}
         self.delayed: list[tuple[int, tuple]] = []  # messages held in a network buffer
         self.forgotten: set[str] = set()  # records garbage-collected mid-run: only balances tell
+        self.transfers: dict[str, tuple[bytes, bytes]] = {}  # txid -> (from, to)
 
     def value(self, k: bytes) -> int:
         entry = self.shards[ACCOUNT_SHARD[k]].state.data.get(k)
@@ -332,15 +341,19 @@ class Sim:
         va, vb = self.value(a), self.value(b)  # a possibly stale read: the compares decide
         if va <= 0:
             return
+        txid = f"tx{self.ntx + 1}"
+        self.transfers[txid] = (a, b)
         self._start([(a, "value", str(va).encode()), (b, "value", str(vb).encode())],
-                    [("put", a, str(va - 1).encode()), ("put", b, str(vb + 1).encode())], [("get", a)])
+                    [("put", a, str(va - 1).encode()), ("put", b, str(vb + 1).encode()),
+                     ("append", JOURNAL[a], txid.encode() + b",", 1 << 20),
+                     ("append", JOURNAL[b], txid.encode() + b",", 1 << 20)], [("get", a)])
 
     def start_read_all(self) -> None:
         self._start([], [("get", k) for k in ACCOUNTS], [])
 
     def _start(self, compares: list, then_ops: list, else_ops: list) -> None:
         self.ntx += 1
-        plan = plan_txn(f"tx{self.ntx}", compares, then_ops, else_ops, ACCOUNT_SHARD.__getitem__)
+        plan = plan_txn(f"tx{self.ntx}", compares, then_ops, else_ops, KEY_SHARD.__getitem__)
         self.homes[plan.txid] = plan.home
         self.runs.append(TxnRun.parallel(plan, self.now) if self.parallel else TxnRun(plan))
 
@@ -429,12 +442,28 @@ class Sim:
                 return
         raise AssertionError("the simulation did not settle")
 
+    def check_journals(self) -> None:
+        """Every applied transfer appended its id once to both accounts' journals, and nothing else did."""
+        seen: dict[str, list[bytes]] = {}
+        for k in ACCOUNTS:
+            entry = self.shards[ACCOUNT_SHARD[k]].state.data.get(JOURNAL[k])
+            log = entry[0].decode().split(",")[:-1] if entry else []
+            assert len(log) == len(set(log)), f"{k!r}: a transfer appended twice: {log}"
+            assert self.value(k) == START + sum(-1 if self.transfers[t][0] == k else 1 for t in log), (k, log)
+            for t in log:
+                seen.setdefault(t, []).append(k)
+        for t, ks in seen.items():
+            assert sorted(ks) == sorted(self.transfers[t]), f"{t} appended to {ks} only"
+            if t not in self.forgotten and t in self.replies:
+                assert self.replies[t][0] == COMMITTED, f"{t} appended, decided {self.replies[t]}"
+
     def check(self) -> None:
         balances = [self.value(k) for k in ACCOUNTS]
         assert sum(balances) == START * len(ACCOUNTS), balances
         assert min(balances) >= 0, balances
         for read in self.reads:
             assert sum(int(v) for v in read) == START * len(ACCOUNTS), read
+        self.check_journals()
         for sh in self.shards:
             assert sh.state.txns.locks == {} and sh.state.txns.prepared == {}
         for txid, home in self.homes.items():
@@ -818,3 +847,90 @@ def test_coordinator_runs_parallel_commits_unless_told_classic_or_without_the_ho
     assert first_messages(Timing(), {0: home}) == ["tx_stage", "tx_prepare", "tx_prepare"]
     assert first_messages(Timing(txn_parallel_commits=False), {0: home}) == ["tx_begin"]
     assert first_messages(Timing(), {1: home}) == ["tx_begin"]
+
+
+# -- APPEND inside transactions (issue 13: Elle's list-append workload on the real store) -------
+
+LEN_MAX = 8  # value_bytes_max as the node passes it in each APPEND op: small, so the limit is reached
+
+
+def app(key: bytes, suffix: bytes, len_max: int = LEN_MAX) -> tuple:
+    return ("append", key, suffix, len_max)
+
+
+def test_append_in_a_one_shard_transaction_answers_the_new_lengths() -> None:
+    s = fresh(a=b"1,")
+    res = s.apply(single_shard_cmd("t", [], [app(b"a", b"2,"), ("get", b"a"), app(b"n", b"x,"), app(b"n", b"y,")],
+                                   []), T0)
+    assert res == TxnResult(True, (4, b"1,2,", 2, 4))
+    assert s.peek(b"a")[0] == b"1,2," and s.peek(b"n")[0] == b"x,y,"
+
+
+def test_prepared_append_is_computed_under_the_lock_and_applied_at_commit() -> None:
+    s = fresh(a=b"1,")
+    vote = s.apply(prep("t", then_ops=[app(b"a", b"2,"), ("get", b"a")], else_ops=[app(b"a", b"e,")]), T0)
+    assert vote == ("yes", True, (4, b"1,2,"), (4,))
+    assert s.peek(b"a")[0] == b"1,"  # staged, not applied
+    # Nothing can change the value the append was computed from until the outcome.
+    for cmd in [("set", b"a", b"x"), ("append", b"a", b"9,", LEN_MAX), ("del", [b"a"])]:
+        assert isinstance(s.apply(cmd, T0 + 1), Locked), cmd
+    assert s.apply(prep("u", then_ops=[app(b"a", b"3,")]), T0 + 1)[:2] == ("no", REASON_CONFLICT)
+    assert s.apply(("tx_finish", "t", COMMITTED, True), T0 + 2) == COMMITTED
+    assert s.peek(b"a")[0] == b"1,2,"
+    assert s.apply(("tx_finish", "t", COMMITTED, True), T0 + 3) == COMMITTED  # duplicate: appended once
+    s.apply(prep("v", then_ops=[app(b"a", b"3,")]), T0 + 4)
+    s.apply(("tx_finish", "v", ABORTED, None), T0 + 5)
+    assert s.peek(b"a")[0] == b"1,2,"  # an aborted append leaves nothing
+    s.txns.check_invariants()
+
+
+def test_append_in_a_transaction_keeps_the_key_deadline() -> None:
+    """As Redis's APPEND does (a PUT replaces the key and its deadline)."""
+    s = fresh(a=b"1,")
+    s.apply(("expire", b"a", 5000, False, None), T0)
+    s.apply(single_shard_cmd("t", [], [app(b"a", b"2,")], []), T0 + 1)
+    assert s.expiries.get(b"a") == T0 + 5000
+    s.apply(prep("p", then_ops=[app(b"a", b"3,")]), T0 + 2)
+    s.apply(("tx_finish", "p", COMMITTED, True), T0 + 3)
+    assert s.expiries.get(b"a") == T0 + 5000 and s.peek(b"a")[0] == b"1,2,3,"
+
+
+def test_append_over_the_value_limit_is_refused_in_either_branch_and_changes_nothing() -> None:
+    s = fresh(a=b"123")
+    res = s.apply(single_shard_cmd("t", [(b"a", "exists", None)], [("put", b"b", b"x")], [app(b"a", b"456789")]),
+                  T0)
+    assert isinstance(res, CmdError) and res.code == "TOOBIG"
+    assert s.peek(b"b") is None and s.peek(b"a")[0] == b"123"
+    vote = s.apply(prep("p", then_ops=[app(b"a", b"4")], else_ops=[app(b"a", b"456789")]), T0)
+    assert vote == ("no", REASON_TOOBIG, None) and s.txns.locks == {}
+    assert s.apply(prep("p", then_ops=[app(b"a", b"4")]), T0 + 1) == ("done", ABORTED)  # final, like any NO
+    assert abort_for(vote).reason == REASON_TOOBIG
+
+
+def test_validate_knows_append() -> None:
+    assert validate([], [app(b"a", b"x")], []) is None
+    for bad in [("append", b"a"), ("append", b"a", "x", 8), ("append", b"a", b"x", -1), ("append", b"a", b"x")]:
+        assert validate([], [bad], []) is not None, bad
+
+
+_KEYS = st.sampled_from([b"a", b"b"])
+_VALS = st.binary(min_size=1, max_size=3)
+_OPS = st.one_of(st.tuples(st.just("put"), _KEYS, _VALS), st.tuples(st.just("del"), _KEYS),
+                 st.tuples(st.just("get"), _KEYS), st.tuples(st.just("append"), _KEYS, _VALS, st.just(LEN_MAX)))
+
+
+@given(st.lists(_OPS, max_size=6))
+@settings(max_examples=examples(200), deadline=None)
+def test_a_prepared_vote_answers_what_its_append_commit_applies(ops: list) -> None:
+    """The results a participant votes at PREPARE (computed under its locks) are those the one-shard
+    path gets applying the same ops, and COMMIT leaves the same data (or both refuse: TOOBIG)."""
+    one, two = fresh(a=b"1,"), fresh(a=b"1,")
+    res = one.apply(single_shard_cmd("t", [], ops, []), T0)
+    vote = two.apply(prep("t", then_ops=ops), T0)
+    if isinstance(res, CmdError):
+        assert res.code == "TOOBIG" and vote == ("no", REASON_TOOBIG, None)
+        assert one.peek(b"a")[0] == two.peek(b"a")[0] == b"1," and one.peek(b"b") is None
+        return
+    assert vote[2] == tuple(True if op[0] == "put" else r for op, r in zip(ops, res.results, strict=True))
+    two.apply(("tx_finish", "t", COMMITTED, True), T0 + 1)
+    assert dict(one.data.items()) == dict(two.data.items())

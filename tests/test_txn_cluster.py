@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -259,6 +260,50 @@ def test_concurrent_conflicting_txns_never_both_commit(lc: LocalCluster) -> None
     assert len(winners) == 1, winners
     with Client(cluster=lc.config) as c:
         assert c.get(a) == c.get(b) == f"owner{winners[0]}".encode()
+    wait_no_txn_state(lc)
+
+
+def test_append_inside_transactions_across_shards(lc: LocalCluster, client: Client) -> None:
+    """APPEND in RAFTKV.TXN, Client.txn() and MULTI/EXEC answers the new length; concurrent
+    cross-shard appends to the same two keys leave both lists with the same elements in the
+    same order (each append ran under its transaction's locks, all or nothing)."""
+    a, b, c = keys_on(lc, 0, 1, "apa")[0], keys_on(lc, 1, 1, "apb")[0], keys_on(lc, 2, 1, "apc")[0]
+    r = redis_on(lc, "n2")
+    assert r.execute_command("RAFTKV.TXN", 0, 3, "APPEND", a, "x,", "APPEND", b, "yy,", "APPEND", a, "z,", 0) == \
+        [1, [2, 3, 4]]
+    got = client.txn().if_missing(c).then_append(c, "1,").then_get(a).else_get(c).commit()
+    assert got.succeeded and got.results == [2, b"x,z,"]
+    with r.pipeline() as p:
+        p.watch(c)
+        p.multi()
+        p.append(c, "2,")
+        p.append(b, "w,")
+        p.get(c)
+        assert p.execute() == [4, 5, b"1,2,"]
+    with pytest.raises(redis.ResponseError, match="TOOBIG"):
+        r.execute_command("RAFTKV.TXN", 0, 2, "APPEND", a, "q", "APPEND", b, "v" * (1 << 20), 0)
+    assert r.mget([a, b, c]) == [b"x,z,", b"yy,w,", b"1,2,"]  # the refused one applied nothing
+
+    acked: list[str] = []
+    errors: list[Exception] = []
+
+    def appender(i: int) -> None:
+        with Client(cluster=lc.config, timeout=20.0) as cl:
+            for n in range(6):
+                e = f"{i}.{n},"
+                try:
+                    cl.txn().then_append(a, e).then_append(b, e).commit(retries=50)
+                except RaftKVError as err:
+                    errors.append(err)
+                    continue
+                acked.append(e[:-1])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(appender, range(4)))
+    assert not errors, errors
+    la, lb = (client.get(k).decode().split(",")[:-1] for k in (a, b))
+    assert la[:2] == ["x", "z"] and lb[:2] == ["yy", "w"]
+    assert la[2:] == lb[2:] and sorted(la[2:]) == sorted(acked) and len(acked) == 24
     wait_no_txn_state(lc)
 
 

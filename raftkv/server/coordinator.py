@@ -58,6 +58,7 @@ from raftkv.txn import (
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
+    REASON_TOOBIG,
     STAGING,
     TxnResult,
     TxnRun,
@@ -226,6 +227,9 @@ def _answer(run: TxnRun) -> TxnResult | Error:
             return Error("UNKNOWN", f"transaction {run.plan.txid} committed ({'then' if branch else 'else'} "
                                     f"branch, {ops} ops) by recovery; its op results are not kept")
         return TxnResult(bool(branch), tuple(results))
+    if reason == REASON_TOOBIG:
+        return Error("TOOBIG", f"transaction {run.plan.txid} refused: an APPEND would make a value longer than "
+                               "value_bytes_max; nothing applied")
     if reason == REASON_CONFLICT:
         key = run.conflict[0] if run.conflict else b"?"
         other = run.conflict[1] if run.conflict else "?"

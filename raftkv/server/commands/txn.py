@@ -4,10 +4,13 @@
 
     RAFTKV.TXN [ID txid] <ncompares> <compare>... <nthen> <op>... <nelse> <op>...
     compare := key VALUE v | key REV n | key EXISTS | key MISSING
-    op      := PUT key value | DEL key | GET key
+    op      := PUT key value | DEL key | GET key | APPEND key suffix
 
 The reply is ``[succeeded (1|0), [result...]]``, one result per op of the
-branch that ran: ``PUT`` -> ``OK``, ``DEL`` -> 1/0, ``GET`` -> value or nil.
+branch that ran: ``PUT`` -> ``OK``, ``DEL`` -> 1/0, ``GET`` -> value or nil,
+``APPEND`` -> the value's new length (as Redis's APPEND).  An APPEND carries
+this node's ``value_bytes_max``: a transaction where one would make a longer
+value is refused with ``-TOOBIG`` (see ``raftkv.txn``).
 ``ID`` names the transaction (1-64 characters): resending the same ID after an
 unknown outcome finds the first attempt instead of running twice.
 
@@ -19,7 +22,7 @@ EXEC (the read, waiting on a lock, could apply after that write).  Because
 WATCH's reply is then this connection's newest write-like future, a read
 pipelined after it waits for it and sees at least the state WATCH saw.
 ``MULTI`` starts queueing (``SET``, ``DEL``, ``GET``,
-``MSET`` answer ``+QUEUED``); ``EXEC`` runs the queue as ONE transaction whose
+``MSET``, ``APPEND`` answer ``+QUEUED``); ``EXEC`` runs the queue as ONE transaction whose
 compares are "revision unchanged since WATCH" and returns the array of
 replies, or a nil array when a watched key changed.  ``MSET`` and ``EXEC``
 retry a no-wait conflict internally (with backoff) before answering
@@ -46,8 +49,11 @@ class _Syntax(Exception):
     pass
 
 
-def parse_txn(args: list[bytes]) -> tuple[str | None, list, list, list]:
-    """``RAFTKV.TXN`` arguments (without the command name) -> (txid, compares, then, else)."""
+def parse_txn(args: list[bytes], value_bytes_max: int) -> tuple[str | None, list, list, list]:
+    """``RAFTKV.TXN`` arguments (without the command name) -> (txid, compares, then, else).
+
+    ``value_bytes_max`` goes into each APPEND op: the state machine refuses one that would pass it.
+    """
     pos = 0
     txid = None
 
@@ -99,8 +105,11 @@ def parse_txn(args: list[bytes]) -> tuple[str | None, list, list, list]:
                 ops.append(("del", take()))
             elif kind == b"GET":
                 ops.append(("get", take()))
+            elif kind == b"APPEND":
+                key = take()
+                ops.append(("append", key, take(), value_bytes_max))
             else:
-                raise _Syntax(f"unknown op {kind!r}: want PUT, DEL or GET")
+                raise _Syntax(f"unknown op {kind!r}: want PUT, DEL, GET or APPEND")
         branches.append(ops)
     if pos != len(args):
         raise _Syntax(f"{len(args) - pos} extra argument(s)")
@@ -108,10 +117,11 @@ def parse_txn(args: list[bytes]) -> tuple[str | None, list, list, list]:
 
 
 def op_replies(ops: list, results: tuple) -> list:
-    """Results of a branch's ops as RESP replies (PUT -> OK whatever the shard count)."""
+    """Results of a branch's ops as RESP replies (PUT -> OK whatever the shard count; DEL and APPEND
+    -> integers)."""
     out = []
     for op, r in zip(ops, results, strict=True):
-        out.append(OK if op[0] == "put" else (int(r) if op[0] == "del" else r))
+        out.append(OK if op[0] == "put" else (int(r) if op[0] in ("del", "append") else r))
     return out
 
 
@@ -150,13 +160,13 @@ def cmd_mset(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
 def cmd_txn(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     try:
-        txid, compares, then_ops, else_ops = parse_txn(req[1:])
+        txid, compares, then_ops, else_ops = parse_txn(req[1:], node.limits.value_bytes_max)
     except _Syntax as e:
         return Error("ERR", f"RAFTKV.TXN syntax: {e} (see 'RAFTKV.TXN [ID id] n key VALUE v ... n PUT k v ... n ...')")
     keys = [c[0] for c in compares] + [op[1] for op in then_ops + else_ops]
     if not keys:
         return Error("ERR", "RAFTKV.TXN: a transaction needs at least one key")
-    _check(node, keys, [op[2] for op in then_ops + else_ops if op[0] == "put"])
+    _check(node, keys, [op[2] for op in then_ops + else_ops if op[0] in ("put", "append")])
 
     async def go() -> Any:
         res = await node.coordinate_at_home(txid or coordinator.new_txid(), compares, then_ops, else_ops)
@@ -205,11 +215,13 @@ def queue(node: NodeAPI, conn: Conn, req: list[bytes], name: bytes) -> Any:
         ops = [("del", k) for k in args]
     elif name == b"GET" and len(args) == 1:
         ops = [("get", args[0])]
+    elif name == b"APPEND" and len(args) == 2:
+        ops = [("append", args[0], args[1], node.limits.value_bytes_max)]
     else:
         t.dirty = f"{name.decode(errors='replace')} is not supported inside MULTI"
-        return Error("ERR", f"{t.dirty} (raftkv queues SET, MSET, DEL and GET)")
+        return Error("ERR", f"{t.dirty} (raftkv queues SET, MSET, DEL, GET and APPEND)")
     try:
-        _check(node, [op[1] for op in ops], [op[2] for op in ops if op[0] == "put"])
+        _check(node, [op[1] for op in ops], [op[2] for op in ops if op[0] in ("put", "append")])
     except BadRequest as e:
         t.dirty = str(e)
         return e.error
@@ -314,7 +326,7 @@ def _mset_access(req: list[bytes]) -> Access:
 
 def _txn_access(req: list[bytes]) -> Access:
     try:
-        _txid, compares, then_ops, else_ops = parse_txn(req[1:])
+        _txid, compares, then_ops, else_ops = parse_txn(req[1:], 0)  # keys only: the limit plays no part
     except _Syntax:
         return Access("txn")  # refused by the handler anyway
     ops = then_ops + else_ops
