@@ -150,6 +150,19 @@ class KeyMovement:
         """The fraction of the ring (and so, in expectation, of the keys) that moves."""
         return self.moved_hashes / HASH_SPACE
 
+    def describe(self, list_arcs: bool = False) -> list[str]:
+        """Human-readable lines: arcs and share of the ring, one line per flow (and per arc if asked)."""
+        head = f"{len(self.arcs)} moving arc(s), {_pct(self.moved_hashes)} of the ring"
+        if abs(len(self.new) - len(self.old)) == 1:
+            n = max(len(self.new), len(self.old))
+            head += f" (an even share: 1/{n} = {100 / n:.2f}%)"
+        lines = [head]
+        for (src, dst), (count, size) in self.flows().items():
+            lines.append(f"  shard {src} -> shard {dst}: {count} arc(s), {_pct(size)} of the ring")
+        if list_arcs:
+            lines += [f"    [{a.lo:#018x}, {a.hi:#018x}) {a.src} -> {a.dst}" for a in self.arcs]
+        return lines
+
     def flows(self) -> dict[tuple[int, int], tuple[int, int]]:
         """``(src, dst) -> (arc count, hash values)``, sorted by ``(src, dst)``."""
         out: dict[tuple[int, int], tuple[int, int]] = {}
@@ -157,6 +170,10 @@ class KeyMovement:
             n, size = out.get((a.src, a.dst), (0, 0))
             out[(a.src, a.dst)] = (n + 1, size + a.size)
         return dict(sorted(out.items()))
+
+
+def _pct(hashes: int) -> str:
+    return f"{100 * hashes / HASH_SPACE:.2f}%"
 
 
 def key_movement(old: Ring, new: Ring) -> KeyMovement:

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shards.flow import FlowNetwork
 from shards.plan import (
     Arc,
     KeyMovement,
@@ -329,3 +330,17 @@ def test_placement_plans_refuse_impossible_inputs() -> None:
         apply_step({0: ("n1",)}, ReplicaStep(0, "add", "n1"))
     with pytest.raises(PlanError, match="shard 0 is not on n2"):
         apply_step({0: ("n1",)}, ReplicaStep(0, "remove", "n2"))
+
+
+def test_flow_network_takes_the_cheapest_of_the_maximum_flows() -> None:
+    # s -> a -> t costs 3, s -> a -> b -> t costs 1, s -> b -> t costs 2 + 1: the cheapest flow of 2
+    # sends both units through a (cost 4), not one through b (cost 6).
+    s, a, b, t = range(4)
+    net = FlowNetwork(4)
+    sa, sb = net.edge(s, a, 2), net.edge(s, b, 1, cost=2)
+    at, ab, bt = net.edge(a, t, 1, cost=3), net.edge(a, b, 1), net.edge(b, t, 1, cost=1)
+    assert net.max_flow(s, t) == 2
+    assert [net.flow(e) for e in (sa, sb, at, ab, bt)] == [2, 0, 1, 1, 1]
+    assert net.max_flow(s, t) == 0, "a maximum flow has no augmenting path left"
+    with pytest.raises(ValueError, match=">= 0"):
+        net.edge(a, b, -1)
