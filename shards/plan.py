@@ -274,14 +274,13 @@ def apply_step(placement: Placement, step: ReplicaStep) -> dict[int, tuple[str, 
 
 @dataclass(frozen=True)
 class PlacementPlan:
-    """The steps from ``before`` to ``after``, and the targets they reach."""
+    """The steps from ``before`` to ``after`` (every shard on ``replication`` of ``nodes``, balanced)."""
 
     before: dict[int, tuple[str, ...]]
     after: dict[int, tuple[str, ...]]
     nodes: tuple[str, ...]
     drained: tuple[str, ...]
     replication: int
-    targets: dict[str, int]
     steps: tuple[ReplicaStep, ...]
 
     @property
@@ -346,7 +345,7 @@ def _check_inputs(placement: Placement, nodes: Sequence[str], replication: int |
 
 
 def _targets(kept: Mapping[int, set[str]], nodes: Sequence[str], r: int) -> dict[str, int]:
-    """floor or ceil of the mean per node; the ceil ones are those holding most now (fewest moves)."""
+    """The least demanding balanced loads for ``kept``: floor or ceil of the mean, ceil on the nodes holding most."""
     total = len(kept) * r
     q, extra = divmod(total, len(nodes))
     load = _loads(kept, nodes)
@@ -390,24 +389,27 @@ def _balanced_placement(before: Mapping[int, tuple[str, ...]], nodes: Sequence[s
     return {s: {n for n in nodes if net.flow(holds[(s, n)])} for s in shards}
 
 
-def _steps_for_shard(shard: int, before: tuple[str, ...], after: set[str], r: int) -> list[ReplicaStep]:
-    """Adds and removes that keep the shard at >= min(len(before), r) replicas, <= max(len(before), r + 1).
+def _steps_for_shard(shard: int, before: tuple[str, ...], after: set[str], r: int,
+                     drained: Iterable[str]) -> list[ReplicaStep]:
+    """Adds and removes that keep the shard between ``min(len(before), r)`` and ``max(len(before), r + 1)``.
 
-    Removes come only while the shard has more than ``r`` replicas, so a replaced
-    replica is removed after its replacement was added.
+    A remove comes only while the shard has more than ``r`` replicas, so a replaced
+    replica is removed after its replacement was added; drained replicas go first.
     """
-    adds = sorted(set(after) - set(before))
-    removes = [n for n in before if n not in after]
+    adds = sorted(after - set(before))
+    removes = sorted((n for n in before if n not in after), key=lambda n: n not in drained)
     count = len(before)
     steps: list[ReplicaStep] = []
     while adds or removes:
-        if removes and (count > r or not adds):
+        # Only removes left means count = r + len(removes) > r; with adds left, add until above r.
+        if removes and count > r:
             steps.append(ReplicaStep(shard, "remove", removes.pop(0)))
             count -= 1
         else:
             steps.append(ReplicaStep(shard, "add", adds.pop(0)))
             count += 1
-        assert count >= min(len(before), r), f"shard {shard} would drop to {count} replicas"
+        assert min(len(before), r) <= count <= max(len(before), r + 1), f"shard {shard}: {count} replicas"
+    assert count == r
     return steps
 
 
@@ -433,8 +435,8 @@ def plan_replicas(placement: Placement, nodes: Iterable[str], replication: int |
 
     steps: list[ReplicaStep] = []
     for s in sorted(before, key=lambda s: (phase(s), s)):
-        steps += _steps_for_shard(s, before[s], kept[s], r)
+        steps += _steps_for_shard(s, before[s], kept[s], r, drained)
     # As apply_step leaves it: the surviving replicas in their order, then the new ones in step order.
     after = {s: tuple([n for n in before[s] if n in kept[s]] + sorted(kept[s] - original[s])) for s in before}
     return PlacementPlan(before=before, after=after, nodes=target_nodes, drained=drained, replication=r,
-                         targets=_loads(after, target_nodes), steps=tuple(steps))
+                         steps=tuple(steps))
