@@ -211,7 +211,8 @@ _NOT_BUILT = "online execution is not built yet (issue 15), nothing was changed"
               help="replicas per shard wanted [default: min(3, nodes left)]")
 @cluster_option
 @_membership_errors
-def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None, cluster_file: str | None) -> None:
+def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None,
+                  cluster_file: str | None) -> None:
     """Plan replica moves that put every shard on REPLICATION nodes, each node within one of the mean.
 
     Each move adds the new replica before it removes the old one, so no shard ever

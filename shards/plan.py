@@ -346,7 +346,7 @@ def _check_inputs(placement: Placement, nodes: Sequence[str], replication: int |
 
 
 def _targets(kept: Mapping[int, set[str]], nodes: Sequence[str], r: int) -> dict[str, int]:
-    """The least demanding balanced loads for ``kept``: floor or ceil of the mean, ceil on the nodes holding most."""
+    """The least demanding balanced loads: floor or ceil of the mean, ceil on the nodes holding most."""
     total = len(kept) * r
     q, extra = divmod(total, len(nodes))
     load = _loads(kept, nodes)
@@ -372,7 +372,8 @@ def _balanced_placement(before: Mapping[int, tuple[str, ...]], nodes: Sequence[s
     node_v = {n: 3 + len(shards) + i for i, n in enumerate(nodes)}
     net = FlowNetwork(3 + len(shards) + len(nodes))
     feed = {s: net.edge(src, shard_v[s], r) for s in shards}
-    holds = {(s, n): net.edge(shard_v[s], node_v[n], 1, 0 if n in before[s] else 1) for s in shards for n in nodes}
+    holds = {(s, n): net.edge(shard_v[s], node_v[n], 1, 0 if n in before[s] else 1)
+             for s in shards for n in nodes}
     floor = {n: net.edge(node_v[n], sink, q) for n in nodes}
     plus = {n: net.edge(node_v[n], extra_v, 1) for n in nodes}
     extra_e = net.edge(extra_v, sink, extra)
@@ -414,7 +415,8 @@ def _steps_for_shard(shard: int, before: tuple[str, ...], after: set[str], r: in
     return steps
 
 
-def plan_replicas(placement: Placement, nodes: Iterable[str], replication: int | None = None) -> PlacementPlan:
+def plan_replicas(placement: Placement, nodes: Iterable[str],
+                  replication: int | None = None) -> PlacementPlan:
     """Steps that place every shard on ``replication`` of ``nodes``, balanced; see the module doc.
 
     ``placement`` maps every shard to the nodes holding it now (all of them live).

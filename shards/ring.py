@@ -125,7 +125,7 @@ class Ring:
         return self._owners[i] if i < len(self._points) else self._owners[0]
 
     def arcs(self) -> list[tuple[int, int, int]]:
-        """The ring as ``(lo, hi, shard)`` half-open hash ranges ``[lo, hi)``, ascending, covering ``[0, HASH_SPACE)``.
+        """The ring as ``(lo, hi, shard)``: half-open hash ranges ``[lo, hi)`` covering ``[0, HASH_SPACE)``.
 
         A point ``p`` owns the hashes after its predecessor up to and including ``p``,
         so its range ends at ``p + 1``; the range after the largest point wraps round

@@ -96,22 +96,25 @@ def assert_exact_and_maximal(movement: KeyMovement, hashes: Iterable[int]) -> No
 def test_arcs_are_exact_at_their_boundaries_and_maximal(change: tuple[Ring, bool, int]) -> None:
     old, add, pick = change
     movement = key_movement(old, change_of(old, add, pick)[0])
-    assert_exact_and_maximal(movement, (h for a in movement.arcs[:50] for h in (a.lo - 1, a.lo, a.hi - 1, a.hi)))
+    edges = (h for a in movement.arcs[:50] for h in (a.lo - 1, a.lo, a.hi - 1, a.hi))
+    assert_exact_and_maximal(movement, edges)
 
 
 @settings(max_examples=30, deadline=None)
 @given(old_ids=st.lists(st.integers(0, 20), min_size=1, max_size=6, unique=True),
        new_ids=st.lists(st.integers(0, 20), min_size=1, max_size=6, unique=True),
        vnodes=st.integers(1, 8))
-def test_any_two_rings_differ_exactly_on_their_arcs(old_ids: list[int], new_ids: list[int], vnodes: int) -> None:
+def test_any_two_rings_differ_exactly_on_their_arcs(old_ids: list[int], new_ids: list[int],
+                                                     vnodes: int) -> None:
     old, new = Ring(old_ids, vnodes), Ring(new_ids, vnodes)
     boundaries = [lo for lo, _, _ in old.arcs() + new.arcs()]
-    assert_exact_and_maximal(key_movement(old, new), boundaries + [b - 1 for b in boundaries] + [HASH_SPACE - 1])
+    hashes = boundaries + [b - 1 for b in boundaries] + [HASH_SPACE - 1]
+    assert_exact_and_maximal(key_movement(old, new), hashes)
 
 
 @settings(max_examples=30, deadline=None)
 @given(change=ring_changes)
-def test_moved_fraction_is_the_added_or_removed_shards_share_of_the_ring(change: tuple[Ring, bool, int]) -> None:
+def test_moved_fraction_is_the_changed_shards_share_of_the_ring(change: tuple[Ring, bool, int]) -> None:
     old, add, pick = change
     new, shard = change_of(old, add, pick)
     movement = key_movement(old, new)
@@ -143,7 +146,8 @@ def test_adding_any_shard_id_moves_about_1_over_n_plus_1_with_enough_vnodes(ids:
 def test_adding_then_removing_a_shard_moves_the_same_arcs_back() -> None:
     ring = Ring(range(4), 32)
     grow, shrink = plan_shard_add(ring), plan_shard_remove(ring.with_shard(4), 4)
-    assert [(a.lo, a.hi, a.src, a.dst) for a in grow.arcs] == [(a.lo, a.hi, a.dst, a.src) for a in shrink.arcs]
+    back = [(a.lo, a.hi, a.dst, a.src) for a in shrink.arcs]
+    assert [(a.lo, a.hi, a.src, a.dst) for a in grow.arcs] == back
 
 
 def test_key_movement_spec_one_shard_to_two() -> None:
@@ -254,8 +258,8 @@ def test_plans_are_deterministic_whatever_the_node_order(cluster, seed: int) -> 
 def test_no_balanced_placement_needs_fewer_new_replicas(data: st.DataObject, n: int, shards: int) -> None:
     nodes = [f"n{i}" for i in range(1, n + 1)]
     pool = [*nodes, "d1"]
-    placement = {s: tuple(data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=len(pool), unique=True)))
-                 for s in range(shards)}
+    replica_sets = st.lists(st.sampled_from(pool), min_size=1, max_size=len(pool), unique=True)
+    placement = {s: tuple(data.draw(replica_sets)) for s in range(shards)}
     r = data.draw(st.integers(1, n), label="R")
     best = min(
         sum(len(set(choice) - set(placement[s])) for s, choice in enumerate(combo))
@@ -291,7 +295,8 @@ def test_spec_draining_a_node_moves_each_of_its_replicas_to_the_node_missing_tha
 
 
 def test_spec_a_balanced_cluster_has_nothing_to_do() -> None:
-    plan = plan_replicas(even_placement(["n1", "n2", "n3", "n4", "n5"], 10, 3), ["n1", "n2", "n3", "n4", "n5"])
+    nodes = ["n1", "n2", "n3", "n4", "n5"]
+    plan = plan_replicas(even_placement(nodes, 10, 3), nodes)
     assert plan.steps == ()
     assert plan.describe() == ["balanced: nothing to move (replicas per node: n1=6, n2=6, n3=6, n4=6, n5=6)"]
 

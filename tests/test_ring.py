@@ -158,7 +158,7 @@ def test_golden_placement(key: bytes | str, shard3: int, shard16: int, hashed: i
     vnodes=st.sampled_from([1, 3, 16, DEFAULT_VNODES]),
     keys=st.lists(st.binary(max_size=24), max_size=200),
 )
-def test_arcs_tile_the_hash_space_and_agree_with_lookup(ids: list[int], vnodes: int, keys: list[bytes]) -> None:
+def test_arcs_tile_the_hash_space_and_match_lookup(ids: list[int], vnodes: int, keys: list[bytes]) -> None:
     ring = Ring(ids, vnodes)
     arcs = ring.arcs()
     assert arcs[0][0] == 0 and arcs[-1][1] == HASH_SPACE
