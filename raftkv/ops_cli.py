@@ -213,10 +213,11 @@ _NOT_BUILT = "online execution is not built yet (issue 15), nothing was changed"
 @_membership_errors
 def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None,
                   cluster_file: str | None) -> None:
-    """Plan replica moves that put every shard on REPLICATION nodes, each node within one of the mean.
+    """Plan (--dry-run only, for now) moves that put each shard on REPLICATION nodes, evenly.
 
-    Each move adds the new replica before it removes the old one, so no shard ever
-    has fewer than REPLICATION replicas (a majority) along the way.
+    Every node ends within one replica of the mean. Each move adds the new replica
+    before it removes the old one, so no shard drops below REPLICATION replicas
+    (or below what it has, if fewer) along the way.
     """
     from shards.plan import plan_replicas
     from shards.shardmap import ShardMap
