@@ -23,7 +23,8 @@ Why it is built this way:
 
 Equal points (a 64-bit collision, practically never) are ordered by shard id, so
 the tie-break is deterministic too. A ``Ring`` is immutable; ``with_shard`` and
-``without_shard`` return new rings.
+``without_shard`` return new rings. ``arcs`` gives the same ownership as hash
+ranges, which is how ``shards.plan`` finds the ranges a ring change moves.
 """
 
 from __future__ import annotations
@@ -132,23 +133,22 @@ class Ring:
         to the first point's shard (it is listed last, as its own range: ranges never
         wrap). Adjacent ranges of one shard are merged. Empty ring: ``[]``.
         """
+        if not self._points:
+            return []
         out: list[tuple[int, int, int]] = []
         lo = 0
-        for p, s in zip(self._points, self._owners, strict=True):
+        # A last point at the top of the space, owned by the first point's shard, closes the circle.
+        points = [*self._points, HASH_SPACE - 1]
+        owners = [*self._owners, self._owners[0]]
+        for p, s in zip(points, owners, strict=True):
             hi = p + 1
-            if hi <= lo:  # an equal point (64-bit collision): the lower shard id already owns it
+            if hi <= lo:  # an equal point (a 64-bit collision): the lower shard id already owns it
                 continue
             if out and out[-1][2] == s:
                 out[-1] = (out[-1][0], hi, s)
             else:
                 out.append((lo, hi, s))
             lo = hi
-        if out and lo < HASH_SPACE:
-            s = self._owners[0]
-            if out[-1][2] == s:
-                out[-1] = (out[-1][0], HASH_SPACE, s)
-            else:
-                out.append((lo, HASH_SPACE, s))
         return out
 
     def with_shard(self, shard_id: int) -> Ring:
