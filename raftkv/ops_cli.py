@@ -247,24 +247,32 @@ def shard_group() -> None:
 @shard_group.command("plan")
 @click.argument("action", type=click.Choice(["add", "remove"]))
 @click.argument("shard_id", metavar="[ID]", type=int, required=False)
+@click.option("--count", default=1, show_default=True, help="add: how many shards, ID on (remove: 1 only)")
 @click.option("--arcs", "list_arcs", is_flag=True, help="also list every moving hash range")
 @cluster_option
 @_membership_errors
-def shard_plan(action: str, shard_id: int | None, list_arcs: bool, cluster_file: str | None) -> None:
+def shard_plan(action: str, shard_id: int | None, count: int, list_arcs: bool,
+               cluster_file: str | None) -> None:
     """Print which ring arcs (key hash ranges) would move if shard ID were added or removed.
 
     ID defaults to the next shard id (add) or the last one (remove): the ids a
-    shard map, which numbers shards 0..shards-1, can add or remove.
+    shard map, which numbers shards 0..shards-1, can add or remove. With --count N,
+    add plans shards ID..ID+N-1 at once.
     """
     from shards.plan import plan_shard_add, plan_shard_remove
     from shards.shardmap import ShardMap
 
+    if action == "remove" and count != 1:
+        _die("shard plan remove takes one shard at a time (--count 1)")
     path = cluster_path(cluster_file)
     m = ShardMap.load(path)
-    movement = (plan_shard_add if action == "add" else plan_shard_remove)(m.ring, shard_id)
-    (changed,) = set(movement.old.shards) ^ set(movement.new.shards)
-    click.echo(f"{path} (epoch {m.epoch}): {action} shard {changed}: shards 0..{m.nshards - 1} -> "
-               f"{len(movement.new)} shard(s), {m.vnodes} vnodes each")
+    if action == "add":
+        movement = plan_shard_add(m.ring, shard_id, count)
+    else:
+        movement = plan_shard_remove(m.ring, shard_id)
+    changed = ", ".join(map(str, sorted(set(movement.old.shards) ^ set(movement.new.shards))))
+    click.echo(f"{path} (epoch {m.epoch}): {action} shard{'s' * (count > 1)} {changed}: "
+               f"shards 0..{m.nshards - 1} -> {len(movement.new)} shard(s), {m.vnodes} vnodes each")
     for line in movement.describe(list_arcs):
         click.echo(line)
     click.echo(f"plan only: {_NOT_BUILT}")

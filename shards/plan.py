@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 REPLICATION_DEFAULT_MAX = 3  # R = min(3, N) unless the caller says otherwise
+SHARDS_ADD_MAX = 1024  # a limit on everything: shards added in one plan (the shard map's own limit)
 
 
 class PlanError(ValueError):
@@ -154,9 +155,11 @@ class KeyMovement:
     def describe(self, list_arcs: bool = False) -> list[str]:
         """Human-readable lines: arcs and share of the ring, one line per flow (and per arc if asked)."""
         head = f"{len(self.arcs)} moving arc(s), {_pct(self.moved_hashes)} of the ring"
-        if abs(len(self.new) - len(self.old)) == 1:
-            n = max(len(self.new), len(self.old))
-            head += f" (an even share: 1/{n} = {100 / n:.2f}%)"
+        old, new = set(self.old.shards), set(self.new.shards)
+        added, removed = new - old, old - new
+        if bool(added) != bool(removed):  # only added or only removed: k of n shards' even share
+            k, n = len(added | removed), max(len(self.new), len(self.old))
+            head += f" (an even share: {k}/{n} = {100 * k / n:.2f}%)"
         lines = [head]
         for (src, dst), (count, size) in self.flows().items():
             lines.append(f"  shard {src} -> shard {dst}: {count} arc(s), {_pct(size)} of the ring")
@@ -203,14 +206,23 @@ def key_movement(old: Ring, new: Ring) -> KeyMovement:
     return KeyMovement(old, new, tuple(arcs))
 
 
-def plan_shard_add(ring: Ring, shard_id: int | None = None) -> KeyMovement:
-    """Adding ``shard_id`` (default: one past the largest id) to ``ring``; every arc goes to it."""
-    if shard_id is None:
-        shard_id = max(ring.shards, default=-1) + 1
+def plan_shard_add(ring: Ring, shard_id: int | None = None, count: int = 1) -> KeyMovement:
+    """Adding shards ``shard_id .. shard_id + count - 1`` to ``ring``; every arc goes to one of them.
+
+    ``shard_id`` defaults to one past the largest id on the ring (a shard map's
+    ids are ``0..shards-1``, so the new ones continue the numbering).
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= SHARDS_ADD_MAX:
+        raise PlanError(f"count must be an int in 1..{SHARDS_ADD_MAX}, got {count!r}")
+    first = max(ring.shards, default=-1) + 1 if shard_id is None else shard_id
+    ids = range(first, first + count)
+    clash = [i for i in ids if i in ring.shards]
+    if clash:
+        raise PlanError(f"cannot add shard {clash[0]}: shard {clash[0]} is already on the ring")
     try:
-        new = ring.with_shard(shard_id)
+        new = Ring((*ring.shards, *ids), ring.vnodes)
     except ValueError as e:
-        raise PlanError(f"cannot add shard {shard_id}: {e}") from None
+        raise PlanError(f"cannot add shard(s) {list(ids)}: {e}") from None
     return key_movement(ring, new)
 
 

@@ -133,6 +133,16 @@ def test_adding_shard_n_to_a_cluster_map_moves_about_1_over_n_plus_1(n: int) -> 
     assert MOVE_FACTOR_MIN <= factor <= MOVE_FACTOR_MAX, f"{n} -> {n + 1} shards moved {factor:.3f} x 1/(n+1)"
 
 
+@pytest.mark.parametrize(("n", "k"), [(1, 2), (3, 3), (4, 4), (8, 2), (16, 4), (31, 3)])
+def test_adding_k_shards_at_once_moves_keys_only_onto_them_about_k_over_n_plus_k(n: int, k: int) -> None:
+    movement = plan_shard_add(Ring(range(n)), count=k)
+    assert movement.new == Ring(range(n + k))
+    assert all(a.src < n <= a.dst for a in movement.arcs), "keys move only from old shards to new ones"
+    assert {dst for _, dst in movement.flows()} == set(range(n, n + k))
+    factor = movement.fraction / (k / (n + k))  # measured 0.93..1.07 for n in 1..32, k in 2..4
+    assert MOVE_FACTOR_MIN <= factor <= MOVE_FACTOR_MAX
+
+
 @settings(max_examples=12, deadline=None)
 @given(ids=st.lists(st.integers(0, 1023), min_size=2, max_size=17, unique=True))
 def test_adding_any_shard_id_moves_about_1_over_n_plus_1_with_enough_vnodes(ids: list[int]) -> None:
@@ -163,6 +173,10 @@ def test_key_movement_refuses_impossible_changes() -> None:
         plan_shard_remove(Ring([3]))
     with pytest.raises(PlanError, match="cannot add shard 1: shard 1 is already on the ring"):
         plan_shard_add(Ring([0, 1]), 1)
+    with pytest.raises(PlanError, match="cannot add shard 3: shard 3 is already on the ring"):
+        plan_shard_add(Ring([0, 3]), 1, count=3)
+    with pytest.raises(PlanError, match=r"count must be an int in 1\.\.1024, got 0"):
+        plan_shard_add(Ring([0]), count=0)
     with pytest.raises(PlanError, match="cannot remove shard 7"):
         plan_shard_remove(Ring([0, 1]), 7)
     with pytest.raises(PlanError, match="at least one shard"):

@@ -93,6 +93,16 @@ def test_shard_plan_add_prints_the_arcs_going_to_the_next_shard(four_nodes: str)
     assert "not built yet" in r.output
 
 
+def test_shard_plan_add_count_plans_several_new_shards_at_once(four_nodes: str) -> None:
+    r = run("shard", "plan", "add", "--count", "2", "--cluster", four_nodes)
+    assert r.exit_code == 0, r.output
+    assert "add shards 4, 5: shards 0..3 -> 6 shard(s)" in r.output
+    assert "(an even share: 2/6 = 33.33%)" in r.output
+    assert {f"shard {s} -> shard {d}: " in r.output for s in range(4) for d in (4, 5)} == {True}
+    r = run("shard", "plan", "remove", "--count", "2", "--cluster", four_nodes)
+    assert r.exit_code == 2 and "one shard at a time" in r.output
+
+
 def test_shard_plan_remove_defaults_to_the_last_shard_and_can_list_arcs(four_nodes: str) -> None:
     r = run("shard", "plan", "remove", "--arcs", "--cluster", four_nodes)
     assert r.exit_code == 0, r.output
