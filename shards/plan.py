@@ -47,8 +47,8 @@ tests/test_plan.py), and removes exactly the replicas it does not keep. The
 steps are the difference between the current and the final placement, shard by
 shard. ``PlacementPlan.adds_lower_bound`` is a simple bound; the
 tests check the plan meets it for node adds and drains of evenly placed
-clusters (on odd inputs no plan can). ``bench/plan_bench.py`` times it: 7 ms
-for 100 shards on 9 nodes, about 0.6 s for 1024 shards (the shard map's limit)
+clusters (on odd inputs no plan can). ``bench/plan_bench.py`` times it: 6-8 ms
+for 100 shards on 9 nodes, 0.5-0.9 s for 1024 shards (the shard map's limit)
 on 16, on a shared 2-core machine.
 
 Leader spread is ``raftkv.membership.plan_balance``'s job, run after a placement
