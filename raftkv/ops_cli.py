@@ -1,4 +1,5 @@
-"""Operations commands of the ``raftkv`` CLI: backup, restore, node add/remove/replace, leaders balance.
+"""Operations commands of the ``raftkv`` CLI: backup, restore, node add/remove/replace, leaders balance,
+and the scale-out plans (``rebalance --dry-run``, ``shard plan``).
 
 ``raftkv.cli`` calls ``register(main)``; the commands live here so the main CLI
 module stays small.  Exit status: 0 success, 2 error (the message says why).
@@ -113,11 +114,12 @@ def _membership_errors(fn):
     def wrapper(*a, **kw):
         from raftkv.cluster import ClusterError
         from raftkv.membership import MembershipError
+        from shards.plan import PlanError
         from shards.shardmap import ShardMapError
 
         try:
             return fn(*a, **kw)
-        except (MembershipError, ShardMapError, ClusterError) as e:
+        except (MembershipError, ShardMapError, ClusterError, PlanError) as e:
             _die(str(e))
     return wrapper
 
@@ -194,6 +196,86 @@ def leaders_balance(timeout: float, cluster_file: str | None) -> None:
             counts[n] = counts.get(n, 0) + 1
     click.echo(f"{len(moves)} leadership move(s); leaders per node: "
                + ", ".join(f"{n}={counts.get(n, 0)}" for n in sorted(op.map.nodes)))
+
+
+# -- scale-out plans (shards.plan; the online executor is not built yet: issue 15) -------------------
+
+_NOT_BUILT = "online execution is not built yet (issue 15), nothing was changed"
+
+
+@click.command("rebalance")
+@click.option("--dry-run", is_flag=True, help="print the replica moves; change nothing (required for now)")
+@click.option("--drain", multiple=True, metavar="NODE",
+              help="plan the drain before 'node remove NODE': every replica moves off it (repeatable)")
+@click.option("--replication", type=int, default=None,
+              help="replicas per shard wanted [default: min(3, nodes left)]")
+@cluster_option
+@_membership_errors
+def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None,
+                  cluster_file: str | None) -> None:
+    """Plan (--dry-run only, for now) moves that put each shard on REPLICATION nodes, evenly.
+
+    Every node ends within one replica of the mean. Each move adds the new replica
+    before it removes the old one, so no shard drops below REPLICATION replicas
+    (or below what it has, if fewer) along the way.
+    """
+    from shards.plan import plan_replicas
+    from shards.shardmap import ShardMap
+
+    if not dry_run:
+        _die("online rebalancing is not built yet (issue 15), nothing was changed; "
+             "'raftkv rebalance --dry-run' prints the moves it would make")
+    path = cluster_path(cluster_file)
+    m = ShardMap.load(path)
+    unknown = sorted(set(drain) - set(m.nodes))
+    if unknown:
+        _die(f"--drain names unknown node(s) {unknown} (nodes: {', '.join(sorted(m.nodes))})")
+    plan = plan_replicas(m.placement, [n for n in m.nodes if n not in drain], replication)
+    drains = f", draining {', '.join(plan.drained)}" if plan.drained else ""
+    click.echo(f"{path} (epoch {m.epoch}): {m.nshards} shard(s) on {len(plan.nodes)} node(s){drains}, "
+               f"replication {m.replication} -> {plan.replication}")
+    for line in plan.describe():
+        click.echo(line)
+    click.echo(f"dry run: {_NOT_BUILT}")
+
+
+@click.group("shard")
+def shard_group() -> None:
+    """Shards of the ring (plans only for now: online shard add/remove is not built yet)."""
+
+
+@shard_group.command("plan")
+@click.argument("action", type=click.Choice(["add", "remove"]))
+@click.argument("shard_id", metavar="[ID]", type=int, required=False)
+@click.option("--count", default=1, show_default=True, help="add: how many shards, ID on (remove: 1 only)")
+@click.option("--arcs", "list_arcs", is_flag=True, help="also list every moving hash range")
+@cluster_option
+@_membership_errors
+def shard_plan(action: str, shard_id: int | None, count: int, list_arcs: bool,
+               cluster_file: str | None) -> None:
+    """Print which ring arcs (key hash ranges) would move if shard ID were added or removed.
+
+    ID defaults to the next shard id (add) or the last one (remove): the ids a
+    shard map, which numbers shards 0..shards-1, can add or remove. With --count N,
+    add plans shards ID..ID+N-1 at once.
+    """
+    from shards.plan import plan_shard_add, plan_shard_remove
+    from shards.shardmap import ShardMap
+
+    if action == "remove" and count != 1:
+        _die("shard plan remove takes one shard at a time (--count 1)")
+    path = cluster_path(cluster_file)
+    m = ShardMap.load(path)
+    if action == "add":
+        movement = plan_shard_add(m.ring, shard_id, count)
+    else:
+        movement = plan_shard_remove(m.ring, shard_id)
+    changed = ", ".join(map(str, sorted(set(movement.old.shards) ^ set(movement.new.shards))))
+    click.echo(f"{path} (epoch {m.epoch}): {action} shard{'s' * (count > 1)} {changed}: "
+               f"shards 0..{m.nshards - 1} -> {len(movement.new)} shard(s), {m.vnodes} vnodes each")
+    for line in movement.describe(list_arcs):
+        click.echo(line)
+    click.echo(f"plan only: {_NOT_BUILT}")
 
 
 # -- users and roles (raftkv.acl; RAFTKV.USER / RAFTKV.ROLE) ---------------------------------------
@@ -293,3 +375,5 @@ def register(main: click.Group) -> None:
     main.add_command(restore_cmd)
     main.add_command(node_group)
     main.add_command(leaders_group)
+    main.add_command(rebalance_cmd)
+    main.add_command(shard_group)

@@ -23,7 +23,8 @@ Why it is built this way:
 
 Equal points (a 64-bit collision, practically never) are ordered by shard id, so
 the tie-break is deterministic too. A ``Ring`` is immutable; ``with_shard`` and
-``without_shard`` return new rings.
+``without_shard`` return new rings. ``arcs`` gives the same ownership as hash
+ranges, which is how ``shards.plan`` finds the ranges a ring change moves.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from functools import lru_cache
 
 import mmh3
 
-__all__ = ["DEFAULT_VNODES", "Ring", "key_hash"]
+__all__ = ["DEFAULT_VNODES", "HASH_SPACE", "Ring", "key_hash"]
 
 # Measured exactly (arc lengths, shards 0..n-1 for n in 3..16): at 256 vnodes the
 # busiest shard owns <= 1.161x the mean arc and adding shard n moves <= 1.100 / (n+1)
@@ -43,6 +44,8 @@ __all__ = ["DEFAULT_VNODES", "Ring", "key_hash"]
 DEFAULT_VNODES: int = 256
 
 VNODES_MAX = 4096  # a limit on everything: S * V points are held in memory
+
+HASH_SPACE: int = 1 << 64  # key hashes and ring points are ints in [0, HASH_SPACE)
 
 # mmh3.hash128 (x64 variant, seed 0) as one int has hash64(...)[0] in its low 64 bits;
 # masking it is ~30 ns faster than indexing the tuple hash64 returns (hot path).
@@ -111,6 +114,42 @@ class Ring:
         i = bisect_left(points, mmh3.hash128(key) & _MASK64)
         # Past the largest point the circle wraps around to the first one.
         return self._owners[i] if i < len(points) else self._owners[0]
+
+    def shard_for_hash(self, h: int) -> int:
+        """The shard owning key hash ``h`` (an int in ``[0, HASH_SPACE)``, as ``key_hash`` gives)."""
+        if not 0 <= h < HASH_SPACE:
+            raise ValueError(f"a key hash is an int in [0, 2**64), got {h!r}")
+        if not self._points:
+            raise ValueError("cannot look up a key in an empty ring (no shards)")
+        # The same rule as shard_for, which inlines it because it is the hot path.
+        i = bisect_left(self._points, h)
+        return self._owners[i] if i < len(self._points) else self._owners[0]
+
+    def arcs(self) -> list[tuple[int, int, int]]:
+        """The ring as ``(lo, hi, shard)``: half-open hash ranges ``[lo, hi)`` covering ``[0, HASH_SPACE)``.
+
+        A point ``p`` owns the hashes after its predecessor up to and including ``p``,
+        so its range ends at ``p + 1``; the range after the largest point wraps round
+        to the first point's shard (it is listed last, as its own range: ranges never
+        wrap). Adjacent ranges of one shard are merged. Empty ring: ``[]``.
+        """
+        if not self._points:
+            return []
+        out: list[tuple[int, int, int]] = []
+        lo = 0
+        # A last point at the top of the space, owned by the first point's shard, closes the circle.
+        points = [*self._points, HASH_SPACE - 1]
+        owners = [*self._owners, self._owners[0]]
+        for p, s in zip(points, owners, strict=True):
+            hi = p + 1
+            if hi <= lo:  # an equal point (a 64-bit collision): the lower shard id already owns it
+                continue
+            if out and out[-1][2] == s:
+                out[-1] = (out[-1][0], hi, s)
+            else:
+                out.append((lo, hi, s))
+            lo = hi
+        return out
 
     def with_shard(self, shard_id: int) -> Ring:
         """A new ring with ``shard_id`` added; raises ValueError if it is already present."""

@@ -7,6 +7,7 @@ in every example; hypothesis varies the key sets (random bytes, sequential names
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from collections import Counter
 
 import mmh3
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shards.ring import DEFAULT_VNODES, Ring, key_hash
+from shards.ring import DEFAULT_VNODES, HASH_SPACE, Ring, key_hash
 
 KEYS_N = 100_000
 SHARDS_MIN, SHARDS_MAX = 3, 16
@@ -146,6 +147,45 @@ def test_golden_placement(key: bytes | str, shard3: int, shard16: int, hashed: i
     assert key_hash(key) == hashed
     assert Ring(range(3)).shard_for(key) == shard3
     assert Ring(range(16)).shard_for(key) == shard16
+
+
+# -- ranges: the ring as hash intervals (what the scale-out planner overlays) --------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 100), min_size=1, max_size=8, unique=True),
+    vnodes=st.sampled_from([1, 3, 16, DEFAULT_VNODES]),
+    keys=st.lists(st.binary(max_size=24), max_size=200),
+)
+def test_arcs_tile_the_hash_space_and_match_lookup(ids: list[int], vnodes: int, keys: list[bytes]) -> None:
+    ring = Ring(ids, vnodes)
+    arcs = ring.arcs()
+    assert arcs[0][0] == 0 and arcs[-1][1] == HASH_SPACE
+    for (_, hi, s), (lo, _, t) in zip(arcs, arcs[1:], strict=False):
+        assert hi == lo, "no gap, no overlap"
+        assert s != t, "adjacent ranges of one shard are merged"
+    for lo, hi, s in arcs:
+        assert lo < hi and ring.shard_for_hash(lo) == s and ring.shard_for_hash(hi - 1) == s
+    los = [lo for lo, _, _ in arcs]
+    for k in keys:
+        h = key_hash(k)
+        assert ring.shard_for_hash(h) == ring.shard_for(k)
+        assert arcs[bisect_right(los, h) - 1][2] == ring.shard_for(k)
+
+
+def test_a_point_owns_its_own_hash_and_the_wrap_goes_to_the_first_point() -> None:
+    ring = Ring([0, 1], vnodes=2)
+    arcs = ring.arcs()
+    first_point = arcs[0][1] - 1
+    assert ring.shard_for_hash(first_point) == ring.shard_for_hash(0) == arcs[0][2]
+    assert ring.shard_for_hash(HASH_SPACE - 1) == arcs[0][2], "past the last point the circle wraps"
+    assert arcs[-1][2] == arcs[0][2], "the range after the last point is listed last, not wrapped"
+    assert Ring([5]).arcs() == [(0, HASH_SPACE, 5)]
+    assert Ring([]).arcs() == []
+    for bad in (-1, HASH_SPACE):
+        with pytest.raises(ValueError, match="key hash"):
+            ring.shard_for_hash(bad)
 
 
 # -- API and errors -----------------------------------------------------------
