@@ -55,6 +55,9 @@ before what they vouch for is durable. The leader counts itself toward a majorit
 ``durable_index()`` (its commit computation sees the log clamped there, ``_rf_counting``) and asks the
 driver for a tick once a commit may have made more of its entries countable (``_rf_sync`` returns True).
 
+The file journal, its ``.meta`` and the ``Storage`` primitives live in ``raftkv.filejournal`` (a node's groups
+use the engine journal, ``raftkv.raftlog``); this module wires whichever journal it is given into pysyncobj.
+
 Crash windows (docs/pysyncobj-patches.md §11): a restart keeps the journal entries above the dump instead of
 discarding the journal when a crash fell between the dump rename and the journal compaction; the journal is
 rewritten by writing a new file and renaming it (never cleared and refilled in place); the commit index reaches
@@ -68,37 +71,9 @@ every connection every ``connectionTimeout / 4``; pysyncobj (stock or patched) i
 All members of a group must run ``SafeSyncObj``: a stock follower's untagged replies are still accepted, but
 then a very late ack from an earlier term cannot be told apart (door 2 stays open for that peer).
 
-ReadIndex (Raft thesis §6.4, etcd's ``ReadOnlySafe``): ``readIndex(callback)`` gives linearizable reads without
-a log append. Any thread enqueues the callback (a deque, plus pysyncobj's pipe notifier to wake the poller);
-the tick thread serves it in ``_rf_service_reads`` (start of tick, right after log entries are applied, end of
-tick). Only a leader that has committed an entry of its current term (its election no-op) fixes
-``readIndex = commitIndex``; reads registered before that wait for it (bounded by ``readIndexTimeout``). Each
-read is bound to the next heartbeat *round*: while reads await confirmation, every ``__sendAppendEntries``
-call is a new round and the ``_AnnotatingTransport`` tags its AppendEntries with ``raftfix_round``; all reads
-registered between two sends share one round, and a new read forces a send in the same tick. A follower
-echoes the round in its ``next_node_idx`` reply (success or rejection: either way it accepted this leader for
-that term), and only for an AppendEntries it accepted (term >= its own; stale ones get no reply at all). The
-leader keeps, per follower, the highest round acked *in its current term* (``raftfix_term`` already tags each
-reply; rounds are process-wide monotonic and reset per term), so a late or duplicated ack of an earlier round
-or term cannot confirm a later read. A read is confirmed once a majority (the leader included) acked a round
->= its own, and answered ``callback(readIndex, SUCCESS)`` on the tick thread as soon as ``lastApplied >=
-readIndex``: the caller reads the state machine inside the callback. Leadership lost or term changed first:
-``LEADER_CHANGED`` (not leader at registration: ``NOT_LEADER``); not confirmed within ``readIndexTimeout``:
-``MISSING_LEADER``. Every failure means the read did not happen and may be retried anywhere.
-
-Membership (single-server changes, Raft thesis §4.1): pysyncobj applies a configuration entry when it is
-appended, as Raft requires, but (a) its one-change-at-a-time check is dead code (``__changeClusterIDx`` is never
-set), so a second change is appended while the first is uncommitted and {A,B,OLD} and {A,B,NEW} get disjoint
-majorities; (b) a restarted node re-applies changes only as their entries commit, so it ignores newer
-configurations already in its log; (c) a follower re-applies each change again on commit and undoes a truncated
-change by reversing it, both wrong when a later or no-op change is involved. ``SafeSyncObj`` keeps the
-configuration a function of the log: ``_rf_conf_changes`` lists the configuration entries above lastApplied with
-the members each replaced; an entry takes effect when appended (leader or follower) or replayed from the journal
-on load (above the dump); truncation restores the members in effect before the first deleted entry; applying an
-entry changes nothing; a dump stores the members in effect at its own index. A leader admits a change only when
-its election no-op is applied and no other change is pending (above lastApplied); otherwise ``REQUEST_DENIED``
-(not applied: retry), except that a retry identical to the pending change (same kind and node) is answered by
-that entry, when it commits.
+ReadIndex (linearizable reads without a log entry) is ``raftkv.readindex.ReadIndex``; membership changes, one at a
+time with the configuration a function of the log, are ``raftkv.confchange.ConfChanges``: both are mixed into
+``SafeSyncObj`` and documented in their modules.
 """
 
 from __future__ import annotations
@@ -107,23 +82,30 @@ import collections
 import dataclasses
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable
-from queue import Empty as QueueEmpty
 from typing import Any
 
 import pysyncobj.version
 from pysyncobj import syncobj as _so
-from pysyncobj.config import FAIL_REASON, SyncObjConf
-from pysyncobj.journal import FileJournal, Journal, MemoryJournal, MetaStorer, ResizableFile
+from pysyncobj.config import SyncObjConf
+from pysyncobj.journal import Journal
 from pysyncobj.node import Node, TCPNode
-from pysyncobj.pickle import to_bytes
 from pysyncobj.syncobj import SyncObj
 from pysyncobj.transport import TCPTransport
 
 from raftkv import prevote
+from raftkv.confchange import ConfChange, ConfChanges
+from raftkv.filejournal import (
+    DEFAULT_STORAGE,
+    DurableFileJournal,
+    Storage,
+    TrackedMemoryJournal,
+    pending_factory,
+    replace_journal,
+)
+from raftkv.readindex import PendingRead, ReadIndex
 
 SUPPORTED_PYSYNCOBJ_VERSION = "0.3.17"
 
@@ -158,257 +140,6 @@ CHUNK_SEQ_KEY = "raftfix_seq"  # on chunked entries / snapshot chunks: 0 for the
 SNAP_IDX_KEY = "raftfix_snap_idx"  # on snapshot chunks: index of the snapshot's last entry
 SNAP_TERM_KEY = "raftfix_snap_term"  # on snapshot chunks: term of the snapshot's last entry
 ROUND_KEY = "raftfix_round"  # on append_entries: the ReadIndex heartbeat round; echoed on next_node_idx
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Journals
-# --------------------------------------------------------------------------------------------------------------
-
-
-class Storage:
-    """The durability primitives raftfix uses, and named crash points between them.
-
-    One object per node, passed in (``SafeSyncObj(storage=...)``); the default is the real thing. Tests substitute
-    a subclass that records which bytes a completed fsync made durable (to model power loss) and whose
-    ``point(name)`` kills the node at a chosen step (tests/test_crash_points.py). Points are named
-    ``area.step``; each marks a state the files can be left in by a process crash.
-    """
-
-    def fsync(self, fd: int) -> None:
-        """Make the file (or directory) open as ``fd`` durable."""
-        os.fsync(fd)
-
-    def msync(self, mapped: Any, fd: int) -> None:
-        """Make the writes through the mapping ``mapped`` (a pysyncobj ``ResizableFile`` on ``fd``) durable."""
-        mapped.flush()  # mmap.flush() == msync(MS_SYNC)
-
-    def point(self, name: str) -> None:
-        """A crash point: the files are in a state a process crash can leave them in. Does nothing here."""
-
-    def fsync_path(self, path: str) -> None:
-        """fsync an existing file or directory by name."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            self.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def fsync_dir(self, path: str) -> None:
-        """fsync the directory holding ``path`` so a create/rename in it survives power loss."""
-        self.fsync_path(os.path.dirname(os.path.abspath(path)) or ".")
-
-    def replace(self, tmp: str, path: str) -> None:
-        """Atomically and durably put ``tmp`` (already fsynced) in place of ``path``."""
-        os.replace(tmp, path)
-        self.point("replace.renamed")  # renamed in the page cache, the directory entry not yet durable
-        self.fsync_dir(path)
-
-
-DEFAULT_STORAGE = Storage()
-
-
-class DurableMetaStorer(MetaStorer):
-    """``MetaStorer`` whose write is durable: fsync the temp file, rename, fsync the directory.
-
-    Stock only ``f.flush()``es Python's buffer, so after power loss a node could forget its vote and vote twice
-    in one term.
-    """
-
-    def __init__(self, path: str, storage: Storage = DEFAULT_STORAGE, deferred: bool = False) -> None:
-        super().__init__(path)
-        self._storage = storage
-        self._deferred = deferred
-        self.pending: dict[str, Any] | None = None  # deferred: the newest meta, written by the next sync()
-
-    def storeMeta(self, meta: dict[str, Any]) -> None:  # noqa: N802 - pysyncobj's name
-        if self._deferred:
-            # Group commit (SafeSyncObj(deferFlush=True)): the driver sends nothing of this tick before the
-            # journal's flush, which writes this first; one fsync per group per loop, however many term changes.
-            self.pending = dict(meta)
-            return
-        self._write(meta)
-
-    def sync(self) -> None:
-        """Deferred mode: make the newest stored meta durable (nothing to do if none is pending)."""
-        meta, self.pending = self.pending, None
-        if meta is not None:
-            self._write(meta)
-
-    def _write(self, meta: dict[str, Any]) -> None:
-        path = self.getPath()
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(_so.pickle.dumps(meta))
-            f.flush()
-            self._storage.fsync(f.fileno())
-        self._storage.point("meta.written")
-        self._storage.replace(tmp, path)
-
-
-class DurableFileJournal(FileJournal):
-    """pysyncobj's mmap ``FileJournal`` plus a dirty flag, a real ``flush()`` and crash-safe rewrites.
-
-    ``flush()`` msyncs the mapping (MS_SYNC: data and the size needed to read it back on Linux) and, when the
-    file size changed since the last flush (the mapping was resized/extended), also ``os.fsync``s the file.
-    The directory is fsynced once, on the first flush, so the file's creation is durable.
-
-    Two stock hazards closed here (docs/pysyncobj-patches.md §7):
-
-    * ``deleteEntriesTo`` (log compaction) clears the file and re-adds the kept entries in place, so a crash in
-      the middle leaves only some of them. Here the kept entries are written to a new file, fsynced, and
-      renamed over the journal (then the directory is fsynced): a crash leaves the old or the new journal.
-    * The commit index is kept in ``.meta``, which is written (and fsynced) whenever the term changes, possibly
-      before the entries the commit index covers are flushed. After power loss the journal can then hold an
-      older, never-committed entry at a "committed" index. Here ``setRaftCommitIndex`` only records the value;
-      it reaches ``.meta`` once a flush has made the whole log it refers to durable.
-    """
-
-    def __init__(self, journalFile: str, storage: Storage = DEFAULT_STORAGE,  # noqa: N803
-                 defer_meta: bool = False) -> None:
-        super().__init__(journalFile)
-        self._path = journalFile
-        self._storage = storage
-        self._needs_flush = False
-        self._synced_size = -1  # forces one fsync + directory fsync on the first flush
-        self._commit_pending: int | None = None  # set in memory, not yet covered by a flush
-        # Term/vote must be durable before a vote is sent: swap in the fsyncing storer. With ``defer_meta`` it
-        # is written by the next flush() instead, for a caller that sends nothing before that flush.
-        self._meta = DurableMetaStorer(journalFile + ".meta", storage, deferred=defer_meta)
-        self._FileJournal__metaStorer = self._meta
-
-    @property
-    def needs_flush(self) -> bool:
-        """Entries, or deferred term/vote metadata, not yet durable."""
-        return self._needs_flush or self._meta.pending is not None
-
-    @needs_flush.setter
-    def needs_flush(self, value: bool) -> None:
-        self._needs_flush = value
-
-    def add(self, command: bytes, idx: int, term: int) -> None:
-        super().add(command, idx, term)
-        self.needs_flush = True
-        self._storage.point("journal.append")
-
-    def clear(self) -> None:
-        super().clear()
-        self.needs_flush = True
-
-    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802,N803
-        super().deleteEntriesFrom(entryFrom)
-        self.needs_flush = True
-
-    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N802,N803
-        self.replace_entries(self[entryTo:])
-
-    def replace_entries(self, entries: list[tuple[bytes, int, int]]) -> None:
-        """Atomically make ``entries`` the whole journal (durable on return): new file, fsync, rename, fsync dir.
-
-        Everything in the old journal that is not in ``entries`` is dropped, so callers pass a suffix of the
-        log (compaction) or a snapshot's entries (install). Unflushed writes of the old journal are moot: the
-        new file holds every entry we keep, and is flushed.
-        """
-        storage = self._storage
-        tmp = self._path + ".rewrite"
-        header = self._FileJournal__getDefaultHeader()
-        body = bytearray()
-        for command, idx, term in entries:
-            record = struct.pack("<QQ", idx, term) + to_bytes(command)
-            size = struct.pack("<I", len(record))
-            body += size + record + size
-        offset = len(header) + len(body)
-        # LAST_RECORD_OFFSET is the header's last 4 bytes; stock writes FIRST_RECORD_OFFSET there.
-        data = header[:-4] + struct.pack("<I", offset) + bytes(body)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            storage.fsync(f.fileno())
-        storage.point("rewrite.written")
-        old = self._FileJournal__journalFile
-        storage.replace(tmp, self._path)
-        old._destroy()  # the old inode: its mapping is no longer the journal
-        self._FileJournal__journalFile = ResizableFile(self._path)
-        self._FileJournal__journal = list(entries)
-        self._FileJournal__currentOffset = offset
-        self._synced_size = os.path.getsize(self._path)
-        self.needs_flush = False
-        self._promote_commit()
-
-    def flush(self) -> None:
-        """Make every write so far durable (one call covers any number of appended entries)."""
-        storage = self._storage
-        storage.point("flush.before")
-        self._meta.sync()
-        rfile = self._FileJournal__journalFile
-        fd = rfile._ResizableFile__f.fileno()
-        storage.msync(rfile, fd)
-        size = os.fstat(fd).st_size
-        if size != self._synced_size:
-            storage.fsync(fd)  # belt and braces for the resize/extend paths (ftruncate / append + remap)
-            if self._synced_size < 0:
-                storage.fsync_dir(self._path)
-            self._synced_size = size
-        self.needs_flush = False
-        self._promote_commit()
-        storage.point("flush.after")
-
-    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:  # noqa: N802,N803
-        self._commit_pending = raftCommitIndex
-        if not self.needs_flush:
-            self._promote_commit()  # the whole log is durable already (a leader flushes before committing)
-
-    def _promote_commit(self) -> None:
-        if self._commit_pending is not None:
-            super().setRaftCommitIndex(self._commit_pending)  # saved with the next .meta write
-            self._commit_pending = None
-
-    def getRaftCommitIndex(self) -> int:  # noqa: N802
-        # A defence in depth for .meta files written by older builds: a commit index past the log would make
-        # the follower refuse legitimate truncations.
-        stored = super().getRaftCommitIndex()
-        return min(stored, self[-1][1]) if len(self) else stored
-
-
-def replace_journal(journal: Journal, entries: list[tuple[bytes, int, int]]) -> None:
-    """Make ``entries`` the whole of ``journal``: atomically where the journal supports it."""
-    replace = getattr(journal, "replace_entries", None)
-    if replace is not None:
-        replace(entries)
-        return
-    journal.clear()
-    for entry in entries:
-        journal.add(*entry)
-
-
-class TrackedMemoryJournal(MemoryJournal):
-    """In-memory journal with the same ``needs_flush``/``flush()`` interface (flush is a no-op)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.needs_flush = False
-
-    def flush(self) -> None:
-        """Nothing to make durable; kept so ``SafeSyncObj`` treats every journal the same way."""
-        self.needs_flush = False
-
-
-# pysyncobj builds its journal with ``createJournal(conf.journalFile)`` inside ``SyncObj.__init__``. We replace
-# the module-level name once, with a dispatcher that uses the factory a ``SafeSyncObj`` constructor registered
-# on *this thread* and falls back to stock otherwise, so stock ``SyncObj`` instances are unaffected and
-# concurrent constructions in other threads cannot pick up our factory.
-_stock_create_journal = _so.createJournal
-_pending_factory = threading.local()
-
-
-def _dispatch_create_journal(journalFile: str | None = None) -> Journal:  # noqa: N803
-    factory = getattr(_pending_factory, "factory", None)
-    if factory is None:
-        return _stock_create_journal(journalFile)
-    _pending_factory.factory = None
-    return factory(journalFile)
-
-
-_so.createJournal = _dispatch_create_journal
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -476,29 +207,6 @@ class FlushStats:
     total_s: float = 0.0
     last_s: float = 0.0
     max_s: float = 0.0
-
-
-@dataclasses.dataclass(eq=False)
-class _PendingRead:
-    """One ``readIndex`` call being served by a leader (tick thread only)."""
-
-    callback: Callable[[int | None, int], None]
-    term: int  # the leader's term when the read was registered; it must still lead in it to answer
-    deadline: float  # monotonicTime() after which the read fails with MISSING_LEADER
-    index: int | None = None  # commitIndex once an entry of ``term`` is committed
-    round: int | None = None  # heartbeat round that must be acked by a majority (sent after ``index`` is set)
-    confirmed: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class _ConfChange:
-    """A configuration (membership) entry in this node's log, with the configuration it replaced."""
-
-    idx: int
-    term: int
-    kind: str  # 'add' | 'rem' (pysyncobj's request[0])
-    node_id: Any  # pysyncobj's request[1]
-    before: frozenset[Node]  # the other members in effect just before this entry (restored on truncation)
 
 
 class _AnnotatingTransport:
@@ -582,7 +290,7 @@ class _NullPoller:
         pass
 
 
-class SafeSyncObj(SyncObj):
+class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
     """``SyncObj`` with Raft §5.3-safe AppendEntries handling and durable, group-committed acknowledgements.
 
     Same constructor as ``SyncObj`` plus keyword-only options:
@@ -660,7 +368,7 @@ class SafeSyncObj(SyncObj):
         self._rf_dump_failed = False  # the last snapshot install failed (set by _SyncObj__loadDumpFile)
         # ReadIndex (see module doc). The deque is the only state touched outside the tick thread.
         self._rf_read_queue: collections.deque[Callable[[int | None, int], None]] = collections.deque()
-        self._rf_reads: list[_PendingRead] = []  # registered, unanswered; tick thread only
+        self._rf_reads: list[PendingRead] = []  # registered, unanswered; tick thread only
         self._rf_read_timeout = (readIndexTimeout if readIndexTimeout is not None
                                  else 4 * effective.raftMaxTimeout)
         self._rf_round = 0  # last heartbeat round sent (monotonic for the life of this object)
@@ -669,13 +377,13 @@ class SafeSyncObj(SyncObj):
         self._rf_echo_round: int | None = None  # follower: round of the AppendEntries being handled
         self._rf_read_stats = {"rounds": 0, "served": 0, "failed": 0}
         # Membership (see module doc): the configuration entries in the log above lastApplied, oldest first.
-        self._rf_conf_changes: list[_ConfChange] = []
+        self._rf_conf_changes: list[ConfChange] = []
         self._rf_conf_loaded = False  # journal's configuration entries replayed (first tick)
-        _pending_factory.factory = self._rf_make_journal
+        pending_factory.factory = self._rf_make_journal
         try:
             super().__init__(selfNode, otherNodes, conf, consumers, nodeClass, transport, transportClass)
         finally:
-            _pending_factory.factory = None
+            pending_factory.factory = None
         if wake is not None:
             self._rf_use_wake(wake)
         if self._rf_gated:
@@ -976,27 +684,6 @@ class SafeSyncObj(SyncObj):
 
     # ---- ReadIndex -------------------------------------------------------------------------------------------
 
-    def readIndex(self, callback: Callable[[int | None, int], None]) -> None:  # noqa: N802 - pysyncobj style
-        """Linearizable read barrier (Raft ReadIndex); callable from any thread, never blocks.
-
-        ``callback(readIndex, FAIL_REASON.SUCCESS)`` runs on the tick thread once a majority has confirmed this
-        node's leadership by acking a heartbeat sent after the call, and ``lastApplied >= readIndex``: the state
-        machine, read *inside* the callback, reflects every write acknowledged before the call. Otherwise
-        ``callback(None, reason)``, also on the tick thread: ``NOT_LEADER`` (not leader when served),
-        ``LEADER_CHANGED`` (stepped down or term changed before confirmation) or ``MISSING_LEADER`` (not
-        confirmed within ``readIndexTimeout``). A failed read did not happen; it is safe to retry anywhere.
-        """
-        self._rf_read_queue.append(callback)
-        if self._rf_wake is not None:
-            self._rf_wake()
-            return
-        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
-        if notifier is not None:  # wake the poller (absent with appendEntriesUseBatch: autoTickPeriod latency)
-            try:
-                notifier.notify()
-            except OSError:
-                pass  # pipe full: a wake-up is already pending
-
     def postponeElection(self, seconds: float) -> None:  # noqa: N802 - pysyncobj style
         """A follower or candidate waits ``seconds`` longer before it starts an election (tick thread only).
 
@@ -1011,227 +698,12 @@ class SafeSyncObj(SyncObj):
         others = self._rf_conf_changes[0].before if self._rf_conf_changes else self.otherNodes
         return {n.id for n in others} | {self.selfNode.id}
 
-    def readIndexStats(self) -> dict[str, int]:  # noqa: N802
-        """Counters (best effort from other threads): heartbeat rounds sent for reads, reads served, failed."""
-        return dict(self._rf_read_stats)
-
     def _rf_term_at(self, idx: int) -> int | None:
         log = self._SyncObj__raftLog
         first = log[0][1]
         if first <= idx <= log[-1][1]:
             return log[idx - first][2]
         return None
-
-    def _rf_confirmed_round(self) -> int:
-        """Highest round acked by a majority (the leader included) in the current term."""
-        others = self._SyncObj__otherNodes
-        need = (len(others) + 1) // 2  # followers needed besides the leader for a majority of the voters
-        if need == 0:
-            return self._rf_round + 1  # single-node group: the leader alone is the majority
-        acks = sorted((self._rf_round_acks.get(node, 0) for node in others), reverse=True)
-        return acks[need - 1]
-
-    def _rf_service_reads(self) -> None:
-        """Register queued reads, fix their readIndex, confirm, answer or fail them (tick thread)."""
-        queue, reads = self._rf_read_queue, self._rf_reads
-        if not queue and not reads:
-            return
-        term = self._SyncObj__raftCurrentTerm
-        leader = self._SyncObj__raftState == _RAFT_STATE.LEADER
-        now = _so.monotonicTime()
-        answers: list[tuple[Callable[[int | None, int], None], int | None, int]] = []
-        while queue:
-            callback = queue.popleft()
-            if leader:
-                reads.append(_PendingRead(callback, term, now + self._rf_read_timeout))
-            else:
-                answers.append((callback, None, FAIL_REASON.NOT_LEADER))
-        if reads:
-            if not leader or any(r.term != term for r in reads):
-                # Leadership of the reads' term ended before they were confirmed (a node leaves a term's
-                # leadership only by stepping down or by a term change; it never regains the same term).
-                keep = [r for r in reads if leader and r.term == term]
-                answers.extend((r.callback, None, FAIL_REASON.LEADER_CHANGED) for r in reads if r not in keep)
-                reads = keep
-            if reads:
-                answers.extend(self._rf_progress_reads(reads, term, now))
-        self._rf_reads = reads
-        stats = self._rf_read_stats
-        for callback, index, err in answers:
-            stats["served" if err == FAIL_REASON.SUCCESS else "failed"] += 1
-            try:
-                callback(index, err)
-            except Exception:
-                logger.exception("readIndex callback failed")
-
-    def _rf_progress_reads(
-        self, reads: list[_PendingRead], term: int, now: float,
-    ) -> list[tuple[Callable[[int | None, int], None], int | None, int]]:
-        """Advance still-valid reads of the current term; removes answered ones from ``reads``."""
-        commit = self._SyncObj__raftCommitIndex
-        if self._rf_term_at(commit) == term:
-            # Thesis §6.4 step 1: once an entry of this term is committed, commitIndex covers every entry
-            # committed in earlier terms (Leader Completeness) and every write this leader acknowledged.
-            fresh = False
-            for r in reads:
-                if r.index is None:
-                    r.index, r.round = commit, self._rf_round + 1  # the next round goes out after this
-                    fresh = True
-            if fresh:
-                self._SyncObj__newAppendEntriesTime = 0.0  # heartbeat in this tick, not after the period
-        confirmed = self._rf_confirmed_round()
-        applied = self._SyncObj__raftLastApplied
-        answers = []
-        keep = []
-        for r in reads:
-            if r.round is not None and r.round <= confirmed:
-                r.confirmed = True
-            if r.confirmed and applied >= r.index:
-                answers.append((r.callback, r.index, FAIL_REASON.SUCCESS))
-            elif now > r.deadline:
-                answers.append((r.callback, None, FAIL_REASON.MISSING_LEADER))
-            else:
-                keep.append(r)
-        reads[:] = keep
-        return answers
-
-    # ---- membership ------------------------------------------------------------------------------------------
-
-    def _checkCommandsToApply(self) -> None:  # noqa: N802 - pysyncobj's name
-        """Stock 0.3.17's submission loop, except that a leader admits membership changes one at a time
-        (``_rf_admit_change``) and answers a retried identical change with the pending entry."""
-        start = _so.monotonicTime()
-        queue = self._SyncObj__commandsQueue
-        while _so.monotonicTime() - start < self.conf.appendEntriesPeriod:
-            if self._SyncObj__raftLeader is None and self.conf.commandsWaitLeader:
-                break
-            try:
-                command, callback = queue.get_nowait()
-            except QueueEmpty:
-                break
-            if self._SyncObj__raftState == _RAFT_STATE.LEADER:
-                self._rf_leader_submit(command, callback)
-            elif self._SyncObj__raftLeader is None:
-                self._SyncObj__callErrCallback(FAIL_REASON.MISSING_LEADER, callback)
-            elif isinstance(callback, tuple):  # forwarded to us, but we are not the leader: no second hop
-                self._SyncObj__callErrCallback(FAIL_REASON.NOT_LEADER, callback)
-            else:
-                message: dict[str, Any] = {"type": "apply_command", "command": command}
-                if callback is not None:
-                    self._SyncObj__commandsLocalCounter += 1
-                    self._SyncObj__commandsWaitingReply[self._SyncObj__commandsLocalCounter] = callback
-                    message["request_id"] = self._SyncObj__commandsLocalCounter
-                self._SyncObj__transport.send(self._SyncObj__raftLeader, message)
-
-    def _rf_leader_submit(self, command: bytes, callback: Any) -> None:
-        """Append ``command`` (or join a pending identical membership change) and arrange the answer.
-
-        ``callback`` is a local callable, None, or ``(node, request_id)`` for a command a follower forwarded.
-        """
-        idx, term = self._SyncObj__getCurrentLogIndex() + 1, self._SyncObj__raftCurrentTerm
-        request = (self._SyncObj__parseChangeClusterRequest(command)
-                   if self.conf.dynamicMembershipChange else None)
-        answer_at: tuple[int, int] | None = (idx, term)
-        if request is not None:
-            answer_at = self._rf_admit_change(request, idx, term)
-        if answer_at is None:
-            self._SyncObj__callErrCallback(FAIL_REASON.REQUEST_DENIED, callback)
-            return
-        if answer_at == (idx, term):
-            self._SyncObj__raftLog.add(command, idx, term)
-        if isinstance(callback, tuple):
-            self._SyncObj__transport.send(callback[0], {
-                "type": "apply_command_response", "request_id": callback[1],
-                "log_idx": answer_at[0], "log_term": answer_at[1],
-            })
-        elif callback is not None:
-            self._SyncObj__commandsWaitingCommit[answer_at[0]].append((answer_at[1], callback))
-        if answer_at == (idx, term) and not self.conf.appendEntriesUseBatch:
-            self._SyncObj__sendAppendEntries()
-
-    def _rf_admit_change(self, request: Any, idx: int, term: int) -> tuple[int, int] | None:
-        """Leader: admit membership change ``request`` as entry ``(idx, term)``, or answer it with the pending
-        identical change's ``(idx, term)``, or refuse it (None).
-
-        Raft's single-server changes are safe only one at a time: a change may be appended only once the
-        previous one is committed, so that old and new configurations always share a majority. Stock 0.3.17
-        has this check but never records the pending index (``__changeClusterIDx`` stays None), so a second
-        change was appended at once. The pending change is read from the log itself, so it survives a
-        restart and covers changes appended by an earlier leader (committed with this leader's no-op).
-        """
-        applied = self._SyncObj__raftLastApplied
-        noop = self._SyncObj__noopIDx
-        if noop is None or applied < noop:
-            return None  # earlier terms' entries (maybe a change) not known committed yet (stock's rule)
-        pending = self._rf_conf_changes[-1] if self._rf_conf_changes else None
-        if pending is not None and pending.idx > applied:
-            if (pending.kind, pending.node_id) == (request[0], request[1]):
-                return pending.idx, pending.term  # a retry: answered when the first one commits
-            return None
-        before = frozenset(self._SyncObj__otherNodes)
-        if not self._SyncObj__doChangeCluster(request):
-            return None  # a no-op (adding a member, removing a non-member or ourselves): refused, as stock
-        self._rf_conf_changes.append(_ConfChange(idx, term, request[0], request[1], before))
-        return idx, term
-
-    def _rf_conf_on_append(self, entries: list[Any]) -> None:
-        """Follower: a configuration entry takes effect as soon as it is in the log (Raft §6, thesis §4.1)."""
-        if not self.conf.dynamicMembershipChange:
-            return
-        for entry in entries:
-            request = self._SyncObj__parseChangeClusterRequest(entry[0])
-            if request is not None:
-                before = frozenset(self._SyncObj__otherNodes)
-                self._SyncObj__doChangeCluster(request)  # a no-op change is recorded too: it may be truncated
-                self._rf_conf_changes.append(_ConfChange(entry[1], entry[2], request[0], request[1], before))
-
-    def _rf_conf_truncate(self, idx: int) -> None:
-        """Entries >= idx are being deleted: restore the configuration in effect before the first of them.
-
-        Stock reverses each deleted change (``reverse=True``), which is wrong for a change that was a no-op
-        when appended (reversing 'rem X' for a non-member X adds X).
-        """
-        changes = self._rf_conf_changes
-        k = next((i for i, c in enumerate(changes) if c.idx >= idx), None)
-        if k is None:
-            return
-        restore = changes[k].before
-        del changes[k:]
-        logger.info("configuration entries from %d undone; members back to %s", idx,
-                    sorted(n.id for n in restore))
-        self._SyncObj__updateClusterConfiguration(list(restore))
-
-    def _rf_conf_prune(self) -> None:
-        """Forget applied configuration entries: they can no longer be truncated."""
-        applied = self._SyncObj__raftLastApplied
-        changes = self._rf_conf_changes
-        while changes and changes[0].idx <= applied:
-            changes.pop(0)
-
-    def _rf_conf_rebuild(self) -> None:
-        """Replay the configuration entries in the log above lastApplied (the snapshot, if one was loaded).
-
-        A server uses the latest configuration in its log, committed or not (Raft thesis §4.1). Stock only
-        re-applies a change when its entry is applied, so a restarted node ignored newer configurations it
-        had persisted (and acknowledged) until it learned they were committed.
-        """
-        self._rf_conf_loaded = True
-        first = self._SyncObj__raftLastApplied + 1
-        self._rf_conf_prune()
-        self._rf_conf_truncate(first)  # idempotent: undo what was already replayed or appended, then replay
-        if not self.conf.dynamicMembershipChange:
-            return
-        self._rf_conf_on_append(self._SyncObj__getEntries(first))
-        if self._rf_conf_changes:
-            logger.info("replayed %d configuration entries from the log; members %s",
-                        len(self._rf_conf_changes), sorted(n.id for n in self._SyncObj__otherNodes))
-
-    def _rf_conf_at(self, idx: int) -> frozenset[Node]:
-        """The other members in effect at log index ``idx`` (>= lastApplied)."""
-        for change in self._rf_conf_changes:
-            if change.idx > idx:
-                return change.before
-        return frozenset(self._SyncObj__otherNodes)
 
     def _SyncObj__doApplyCommand(self, command: bytes) -> Any:  # noqa: N802
         # Configuration entries took effect when appended (or replayed at load). Stock applies them again on

@@ -28,7 +28,7 @@ from pysyncobj.journal import Journal
 from pysyncobj.node import Node
 from pysyncobj.transport import Transport
 
-from raftkv import raftfix
+from raftkv import filejournal, raftfix
 from raftkv.raftfix import SafeSyncObj
 
 from .conftest import examples
@@ -331,7 +331,7 @@ class Cluster:
             return node
         # Stock SyncObj takes no journal argument; raftfix's createJournal dispatcher (thread-local, one
         # shot) lets the test hand it a write-through SimDiskJournal so that restarts keep its log.
-        raftfix._pending_factory.factory = lambda _path: SimDiskJournal(disk, write_through=True)
+        filejournal.pending_factory.factory = lambda _path: SimDiskJournal(disk, write_through=True)
         return StockReplica(n, others, sim_conf(self.batch), nodeClass=Node, transport=transport)
 
     def _watch_acks(self, transport: SimTransport) -> None:

@@ -23,7 +23,7 @@ from pysyncobj import syncobj as _so
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.node import Node
 
-from raftkv.raftfix import _ConfChange
+from raftkv.confchange import ConfChange
 
 from .conftest import examples
 from .test_raftfix import (
@@ -293,7 +293,7 @@ class UnserializedReplica(SafeReplica):
         before = frozenset(self._SyncObj__otherNodes)
         if not self._SyncObj__doChangeCluster(request):
             return None
-        self._rf_conf_changes.append(_ConfChange(idx, term, request[0], request[1], before))
+        self._rf_conf_changes.append(ConfChange(idx, term, request[0], request[1], before))
         return idx, term
 
 
