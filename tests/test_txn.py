@@ -24,19 +24,21 @@ from raftkv.txn import (
     REASON_UNKNOWN,
     STAGING,
     TOMBSTONE_TTL_MS,
-    Decision,
     Record,
     TxnResult,
-    TxnRun,
     TxnTable,
-    abort_for,
-    decide,
-    plan_txn,
-    recovery_action,
     single_shard_cmd,
     validate,
     watch_compare,
     watch_read,
+)
+from raftkv.txnrun import (
+    Decision,
+    TxnRun,
+    abort_for,
+    decide,
+    plan_txn,
+    recovery_action,
 )
 
 from .conftest import examples

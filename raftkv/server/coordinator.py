@@ -61,15 +61,13 @@ from raftkv.txn import (
     REASON_TOOBIG,
     STAGING,
     TxnResult,
-    TxnRun,
     answer_read_only,
     is_read_only,
     keys_of,
-    plan_txn,
-    recovery_action,
     single_shard_cmd,
     validate,
 )
+from raftkv.txnrun import TxnRun, plan_txn, recovery_action
 
 log = logging.getLogger("raftkv.txn")
 
