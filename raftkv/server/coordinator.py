@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from typing import Any
@@ -70,6 +71,8 @@ from raftkv.txn import (
 from raftkv.txnrun import TxnRun, plan_txn, recovery_action
 
 log = logging.getLogger("raftkv.txn")
+
+CONFLICT_RETRIES = 8  # a transaction that meets another's lock is re-run with a new id this many more times
 
 LOCK_TIMEOUT_MS = 1500  # a lock older than this is resolved at its home shard
 PENDING_TIMEOUT_MS = 2000  # a PENDING record older than this is aborted by its home leader
@@ -109,6 +112,19 @@ async def tx_call(node: NodeAPI, shard: int, cmd: tuple, timeout: float = MESSAG
 
 def new_txid() -> str:
     return uuid.uuid4().hex
+
+
+async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, else_ops: list,
+                                retries: int = CONFLICT_RETRIES) -> Any:
+    """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more times."""
+    delay = 0.005
+    for attempt in range(retries + 1):
+        res = await node.coordinate_at_home(new_txid(), compares, then_ops, else_ops)
+        if not (isinstance(res, Error) and res.code == "TXNCONFLICT") or attempt == retries:
+            return res
+        await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(0.2, delay * 2)
+    return res
 
 
 async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, else_ops: Any,

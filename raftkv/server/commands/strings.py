@@ -12,6 +12,7 @@ from typing import Any
 
 from raftkv.acl import Access
 from raftkv.protocol import Error
+from raftkv.server import coordinator
 from raftkv.server.api import BadRequest, Command, NodeAPI
 from raftkv.server.commands.kv import SESSION_WRITES, TTL_OPTIONS, Session, to_reply, ttl_ms, write
 from raftkv.server.conn import Conn
@@ -116,11 +117,9 @@ def cmd_msetnx(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
         node.check_value(v)
 
     async def go() -> Any:
-        from raftkv.server.commands.txn import with_conflict_retries
-
         # Like MSET: a key still locked by a transaction another node just answered (parallel commits) is
         # retried, not turned into an error a Redis client does not know.
-        res = await with_conflict_retries(node, [(k, "missing", None) for k in keys],
+        res = await coordinator.with_conflict_retries(node, [(k, "missing", None) for k in keys],
                                           [("put", k, v) for k, v in zip(keys, values, strict=True)], [])
         if isinstance(res, Error):
             return res

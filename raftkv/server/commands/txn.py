@@ -32,7 +32,6 @@ retry a no-wait conflict internally (with backoff) before answering
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import Any
 
 from raftkv.acl import Access
@@ -41,8 +40,6 @@ from raftkv.server import coordinator
 from raftkv.server.api import BadRequest, Command, NodeAPI, admin_access
 from raftkv.server.conn import Conn
 from raftkv.txn import PENDING, TxnResult, watch_compare, watch_read
-
-CONFLICT_RETRIES = 8
 
 
 class _Syntax(Exception):
@@ -125,19 +122,6 @@ def op_replies(ops: list, results: tuple) -> list:
     return out
 
 
-async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, else_ops: list,
-                                retries: int = CONFLICT_RETRIES) -> Any:
-    """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more times."""
-    delay = 0.005
-    for attempt in range(retries + 1):
-        res = await node.coordinate_at_home(coordinator.new_txid(), compares, then_ops, else_ops)
-        if not (isinstance(res, Error) and res.code == "TXNCONFLICT") or attempt == retries:
-            return res
-        await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-        delay = min(0.2, delay * 2)
-    return res
-
-
 def _check(node: NodeAPI, keys: list[bytes], values: list[bytes]) -> None:
     for k in keys:
         node.shard_of(k)  # raises the node's TOOBIG error for oversize keys
@@ -153,7 +137,7 @@ def cmd_mset(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     _check(node, args[0::2], args[1::2])
 
     async def go() -> Any:
-        res = await with_conflict_retries(node, [], puts, [], CONFLICT_RETRIES)
+        res = await coordinator.with_conflict_retries(node, [], puts, [])
         return res if isinstance(res, Error) else OK
     return node.run(go())
 
@@ -291,7 +275,7 @@ def cmd_exec(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
         then_ops = [op for _, ops in t.queued for op in ops]
         if not then_ops and not compares:
             return []
-        res = await with_conflict_retries(node, compares, then_ops, [], CONFLICT_RETRIES)
+        res = await coordinator.with_conflict_retries(node, compares, then_ops, [])
         if isinstance(res, Error):
             return res
         if not res.succeeded:
