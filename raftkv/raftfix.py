@@ -599,6 +599,14 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         for node in self._SyncObj__otherNodes:
             transport.send(node, {"type": KEEPALIVE_TYPE})
 
+    def _SyncObj__setState(self, newState: int) -> None:  # noqa: N802,N803
+        if newState == _RAFT_STATE.FOLLOWER and self._SyncObj__raftState == _RAFT_STATE.LEADER:
+            # A deposed leader starts a fresh election timer (etcd's becomeFollower does the same). Stock keeps
+            # the deadline it last had as a follower, long past, so it would ask for an election at once against
+            # the leader that just replaced it: after every leadership transfer, for one.
+            self._SyncObj__raftElectionDeadline = _so.monotonicTime() + self._SyncObj__generateRaftTimeout()
+        SyncObj._SyncObj__setState(self, newState)
+
     def _SyncObj__onBecomeLeader(self) -> None:  # noqa: N802
         self._rf_round_acks = {}  # acks count per term; a new term starts from nothing
         SyncObj._SyncObj__onBecomeLeader(self)

@@ -7,6 +7,7 @@ control: there the returning replica's inflated term deposes the leader.
 
 from __future__ import annotations
 
+import pickle
 import random
 
 from hypothesis import given
@@ -117,3 +118,31 @@ def test_a_transfer_still_elects_its_target_at_once() -> None:
         c.nodes[lead].transferLeadership(peer)
         c.run(0.05)
         assert c.run(0.5, until=lambda: c.leader() == target)
+
+
+def test_a_deposed_leader_does_not_campaign_at_once() -> None:
+    """A leader deposed by a candidate it does not vote for (its own log is ahead: it went on appending after
+    a transfer's timeout_now) becomes a follower with a fresh election timer.  Stock keeps the deadline it
+    had as a follower, long past, so it asked for pre-votes in its very next tick, which a member that had
+    heard from no leader yet (a replica just added) granted: seen in the member nemesis, where the old leader
+    took the shard back from the transfer's target within 15 ms."""
+    net = SimNet(random.Random(9))
+    with sim_clock(net, 9):
+        c = Cluster(net, safe=True)
+        assert c.run(3.0, until=lambda: c.leader() is not None)
+        c.run(2.0)  # leading for a while: the timer it had as a follower is long past
+        lead = c.leader()
+        assert lead is not None
+        target = next(n for n in NODE_IDS if n != lead)
+        old = c.nodes[lead]
+        term = old.raftCurrentTerm
+        net.hold = True
+        net.drop_all()
+        behind = {"type": "request_vote", "term": term + 1, "last_log_index": 1, "last_log_term": 0}
+        net.deliver((net.now, 0, target, lead, pickle.dumps(behind)))
+        assert not old._isLeader() and old.raftCurrentTerm == term + 1
+        assert old._SyncObj__votedForNodeId is None  # the candidate's log is behind: no vote
+        assert old._SyncObj__raftElectionDeadline - net.now >= old.conf.raftMinTimeout
+        for _ in range(int(old.conf.raftMinTimeout / 0.005) - 2):
+            c.tick()
+            assert old._rf_prevote is None and old._SyncObj__raftState != 1, "the deposed leader campaigned"
