@@ -180,7 +180,7 @@ class FileCluster(Cluster):
         self.outbox: dict[int, list[tuple[Any, Any]]] = {}
         self.real_send: dict[int, Any] = {}
         self.crash_disks = {n: CrashDisk(os.path.join(root, str(n))) for n in NODE_IDS}
-        self.acked_by: dict[int, tuple[int, int]] = {}  # node -> (index, term) of the last entry it acked
+        self.acked_by: dict[int, tuple[int, int]] = {}  # node -> (index, term) of the newest entry it acked
         self.killed: list[int] = []
         # Pre-vote off: a replica back from a cut-off then starts real elections, so every scenario drives its
         # term/vote writes (meta.written, replace.renamed) through the crash points; pre-vote has its own tests.
@@ -253,7 +253,10 @@ class FileCluster(Cluster):
             if message.get("type") == "next_node_idx" and message["success"]:
                 idx = message["next_node_idx"] - 1
                 term = node._rf_term_at(idx)
-                if term is not None and idx > self.acked_by.get(n, (0, 0))[0]:
+                prev = self.acked_by.get(n, (0, 0))
+                if term is not None and (term, idx) > (prev[1], prev[0]):
+                    # Ordered by the entry's term first: a later leader may replace an acknowledged but
+                    # uncommitted entry (same index or lower, newer term), and the node's log then holds that.
                     self.acked_by[n] = (idx, term)
             return inner_send(dst, message)
 
