@@ -111,21 +111,31 @@ def map_add(m: Any, info: Any) -> Any:
 
 
 def map_remove(m: Any, name: str) -> Any:
-    """The map without ``name`` (replication - 1), epoch + 1; refuses if placement would be uneven."""
+    """The map without ``name``, epoch + 1.
+
+    A drained node (no replica left, ``raftkv rebalance --drain``) just leaves: replication stays. A
+    node holding every shard leaves every group: replication - 1. A node holding some shards is
+    refused: removing it would leave those shards with fewer replicas than the others.
+    """
     from shards.shardmap import ShardMapError
 
     if name not in m.nodes:
         raise ShardMapError(f"unknown node {name!r} (nodes: {', '.join(sorted(m.nodes))})")
     if len(m.nodes) == 1:
         raise ShardMapError("cannot remove the last node")
-    missing = [s for s, names in m.placement.items() if name not in names]
-    if missing:
-        raise ShardMapError(f"{name} holds no replica of shard(s) {missing}: removing it would leave shards with "
-                            "different replica counts; use 'raftkv node replace' to swap it for a new node")
+    held = [s for s, names in m.placement.items() if name in names]
+    if held and len(held) != len(m.placement):
+        raise ShardMapError(f"{name} still holds replicas of shard(s) {held}: move them off first with "
+                            f"'raftkv rebalance --drain {name}', or swap the node for a new one with "
+                            "'raftkv node replace'")
+    if any(names == (name,) for names in m.placement.values()):
+        raise ShardMapError(f"{name} holds the only replica of a shard: add replicas elsewhere first "
+                            "('raftkv rebalance')")
     nodes = {n: i for n, i in m.nodes.items() if n != name}
     placement = {s: tuple(n for n in names if n != name) for s, names in m.placement.items()}
+    replication = min(m.replication - 1 if held else m.replication, len(nodes))
     return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes, placement=placement,
-                               replication=m.replication - 1)
+                               replication=max(1, replication))
 
 
 def map_replace(m: Any, old: str, info: Any) -> Any:
@@ -198,12 +208,13 @@ class Operator:
 
         return Client(cluster=self.map, timeout=self.timeout, **self.client_kw)
 
-    def _save(self, m: Any) -> None:
+    def _save(self, m: Any, verbose: bool = True) -> None:
         m.save(self.path)
         self.map = m
-        self.say(f"cluster file {self.path}: epoch {m.epoch}")
+        if verbose:
+            self.say(f"cluster file {self.path}: epoch {m.epoch}")
 
-    def _member(self, shard: int, action: str, addr: str) -> None:
+    def _member(self, shard: int, action: str, addr: str, verbose: bool = True) -> None:
         from raftkv.client import RaftKVError
 
         with self._client() as c:
@@ -213,23 +224,34 @@ class Operator:
             except RaftKVError as e:
                 raise MembershipError(f"shard {shard}: {action.lower()} {addr} failed: {e}; the command is "
                                       "idempotent, run it again") from None
-        self.say(f"shard {shard}: {action.lower()} {addr}: committed")
+        if verbose:
+            self.say(f"shard {shard}: {action.lower()} {addr}: committed")
 
     def members(self, shard: int) -> list[str]:
         with self._client() as c:
             return sorted(x.decode() for x in c._request(shard, [b"RAFTKV.MEMBER", str(shard).encode(),
                                                                  b"LIST"], write=False))
 
-    def push_map(self) -> None:
-        """Install the current map in every reachable node."""
+    def push_map(self, verbose: bool = True) -> list[str]:
+        """Install the current map in every reachable node; returns the nodes that could not be reached.
+
+        A node starts or stops its shard groups as the map's placement says (``Node.install_map``).
+        """
+        from raftkv.protocol import ReplyError
 
         text = self._public_map().to_toml()
+        missed = []
         for name, info in self.map.nodes.items():
             try:
-                reply = self._call(info.client_addr, "RAFTKV.MAP", text, timeout=3.0)
+                reply = self._call(info.client_addr, "RAFTKV.MAP", text, timeout=15.0)
+            except (OSError, ConnectionError) as e:
+                reply = e
+            if isinstance(reply, (OSError, ConnectionError, ReplyError)):
+                missed.append(name)
+                self.say(f"{name}: map not installed ({reply}); it reads the cluster file when it starts")
+            elif verbose:
                 self.say(f"{name}: map epoch {reply}")
-            except (OSError, ConnectionError):
-                self.say(f"{name}: unreachable (it reads the cluster file when it starts)")
+        return missed
 
     def _public_map(self) -> Any:
         if getattr(self.map, "security", None):
@@ -286,6 +308,7 @@ class Operator:
             self.wait_caught_up(name)
 
     def remove(self, name: str, stop: bool = True) -> None:
+        """Remove ``name``: from every shard group if it holds every shard, else it must be drained."""
         new = map_remove(self.map, name)
         info = self.map.nodes[name]
         for s in self.map.shards_on(name):
