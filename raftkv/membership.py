@@ -25,8 +25,13 @@ drives the change; the shard leaders apply it:
   (3 -> 4 members: quorum 3, all old members are up), start it (local
   clusters) with the existing members as peers, push the map, wait until it
   has caught up.
-* ``node remove NAME``: remove it from every shard group (leadership moves
-  away first), write the file (replication - 1), push the map, stop it.
+* ``node add HOST:PORT --empty`` (``join=False``): the node joins no group; it is
+  written into the file, started and sent the map; ``raftkv rebalance``
+  (``raftkv.rebalance``) then moves replicas onto it.
+* ``node remove NAME``: a node holding every shard leaves every shard group
+  (leadership moves away first); the file is written (replication - 1), the
+  map pushed, the node stopped.  A node holding no replica (after
+  ``raftkv rebalance --drain NAME``) only leaves the file and is stopped.
 * ``node replace OLD HOST:PORT`` (a dead machine): per shard, remove OLD first
   (3 -> 2 members, both up: quorum 2) then add NEW (2 -> 3, quorum 2, so the
   group stays writable even before NEW has caught up); the file is written
@@ -98,13 +103,16 @@ def plan_balance(leaders: Mapping[int, str | None], placement: Mapping[int, tupl
         count[dst] += 1
 
 
-def map_add(m: Any, info: Any) -> Any:
-    """The map with node ``info`` added to every shard (replication + 1), epoch + 1."""
+def map_add(m: Any, info: Any, join: bool = True) -> Any:
+    """The map with node ``info`` added, epoch + 1: to every shard (replication + 1) if ``join``,
+    else to no shard (``raftkv rebalance`` then moves replicas onto it)."""
     from shards.shardmap import ShardMapError
 
     if info.name in m.nodes:
         raise ShardMapError(f"node {info.name} is already in the cluster file")
     nodes = {**m.nodes, info.name: info}
+    if not join:
+        return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes)
     placement = {s: (*names, info.name) for s, names in m.placement.items()}
     return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes, placement=placement,
                                replication=m.replication + 1)
@@ -285,11 +293,12 @@ class Operator:
 
     # -- the operations -----------------------------------------------------------------------------
     def add(self, address: str, name: str | None = None, raft_port: int | None = None,
-            metrics_port: int | None = None, start: bool = True) -> str:
+            metrics_port: int | None = None, start: bool = True, join: bool = True) -> str:
+        """Add a node: a member of every shard group, or (``join=False``) of none until a rebalance."""
         info = _new_node_info(self.map, address, name, raft_port, metrics_port)
         existing = self.map.nodes.get(info.name)
         if existing is None:
-            self._save(map_add(self.map, info))
+            self._save(map_add(self.map, info, join))
         elif (existing.host, existing.client_port) != (info.host, info.client_port):
             raise MembershipError(f"{info.name} is already in the cluster file with another address")
         info = self.map.nodes[info.name]
@@ -302,6 +311,9 @@ class Operator:
         """After a node joined the groups: start it here (if asked), push the map, wait for it."""
         if start:
             self._local_cluster().start_node(name)
+            deadline = time.monotonic() + self.timeout
+            while not self._reachable(name) and time.monotonic() < deadline:
+                time.sleep(0.1)  # it reads the file when it starts; the push below is for the others
             self.say(f"{name}: started")
         self.push_map()
         if start:

@@ -1,5 +1,5 @@
 """Operations commands of the ``raftkv`` CLI: backup, restore, node add/remove/replace, leaders balance,
-and the scale-out plans (``rebalance --dry-run``, ``shard plan``).
+replica rebalancing (``rebalance``) and the key-movement plans (``shard plan``).
 
 ``raftkv.cli`` calls ``register(main)``; the commands live here so the main CLI
 module stays small.  Exit status: 0 success, 2 error (the message says why).
@@ -134,15 +134,17 @@ _timeout_option = click.option("--timeout", default=30.0, show_default=True, hel
 @click.argument("address", metavar="HOST:CLIENT_PORT")
 @click.option("--name", default=None, help="node name (default: the next free nN)")
 @click.option("--raft-port", type=int, default=None, help="first Raft port (default: a free block)")
+@click.option("--empty", is_flag=True,
+              help="join no shard group: 'raftkv rebalance' then moves replicas onto the node")
 @_start_option
 @_timeout_option
 @cluster_option
 @_membership_errors
-def node_add(address: str, name: str | None, raft_port: int | None, start: bool, timeout: float,
+def node_add(address: str, name: str | None, raft_port: int | None, empty: bool, start: bool, timeout: float,
              cluster_file: str | None) -> None:
-    """Add a node at ADDRESS to every shard group (replication grows by one)."""
+    """Add a node at ADDRESS to every shard group (replication grows by one), or with --empty to none."""
     op = _operator(cluster_file, timeout)
-    added = op.add(address, name=name, raft_port=raft_port, start=start)
+    added = op.add(address, name=name, raft_port=raft_port, start=start, join=not empty)
     click.echo(f"added {added}: member of shards {op.map.shards_on(added)} (epoch {op.map.epoch})")
 
 

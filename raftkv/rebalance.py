@@ -166,6 +166,9 @@ class Rebalancer:
                 self.say(f"shard {s}: the map said {list(m.placement[s])}, the group has {list(placement[s])}: "
                          "map updated (an earlier run stopped half-way)")
         self._publish(dataclasses.replace(m, epoch=m.epoch + 1, placement=placement))
+        for s in sorted(placement):  # members nobody waited for: as an add step would, before going on
+            for node in sorted(set(placement[s]) - set(m.placement[s])):
+                self._wait_caught_up(s, node, self._leader(s)[1])
         return True
 
     def _publish(self, new: Any) -> None:
@@ -229,10 +232,14 @@ class Rebalancer:
         _leader, commit = self._leader(step.shard)
         placement = {**m.placement, step.shard: (*m.placement[step.shard], step.node)}
         self._publish(dataclasses.replace(m, epoch=m.epoch + 1, placement=placement))
+        self._wait_caught_up(step.shard, step.node, commit)
+
+    def _wait_caught_up(self, shard: int, node: str, commit: int) -> None:
+        """Until ``node``'s replica of ``shard`` has applied index ``commit`` (a snapshot install included)."""
         deadline = time.monotonic() + self.step_timeout
-        while (self.applied(self.statuses(), step.node, step.shard) or -1) < commit:
+        while (self.applied(self.statuses(), node, shard) or -1) < commit:
             if time.monotonic() > deadline:
-                raise MembershipError(f"shard {step.shard}: {step.node} did not catch up to index {commit} within "
+                raise MembershipError(f"shard {shard}: {node} did not catch up to index {commit} within "
                                       f"{self.step_timeout:.0f} s (see its log); it is a member: run "
                                       "'raftkv rebalance' again once it has")
             time.sleep(POLL_S)

@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 Everything here is pure: values in, a plan out, no I/O, clocks or threads. The
-executor that carries a plan out online (freeze a range, stream it, flip the
-map; add a learner, catch up, promote, remove) is a separate, later piece; the
-plans say *what* moves, never *how*.
+plans say *what* moves, never *how*: ``raftkv.rebalance`` carries replica plans
+out online (add, catch up, remove), using the two pure decisions at the end of
+this module (``step_blocker``: may a step start; ``reconcile_placement``: the
+map after an interrupted run). Nothing carries key movement out yet (freeze a
+range, stream it, flip the map: issue 15).
 
 **Key movement** (``key_movement``, ``plan_shard_add``, ``plan_shard_remove``).
 A ``Ring`` is a list of half-open hash ranges ``[lo, hi)`` on ``[0, 2**64)``, each
