@@ -13,6 +13,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from raftkv import Client
 from raftkv.cluster import LocalCluster
 from raftkv.connection import Connection
 from raftkv.membership import Operator
@@ -21,7 +22,7 @@ from raftkv.security import Security
 from shards.plan import ReplicaStep, reconcile_placement, step_blocker
 from shards.shardmap import ShardMap
 
-from .conftest import free_port, start_cluster, wait_for_writes, writers_running
+from .conftest import dump_logs, free_port, start_cluster, wait_for_writes, writers_running
 
 NODES = [f"n{i}" for i in range(1, 7)]
 
@@ -123,3 +124,32 @@ def _assert_readable_through_every_node(lc: LocalCluster, keys: list[str]) -> No
                    for v in conn.pipeline([("GET", k) for k in keys[i:i + 500]])]
         wrong = [(k, v) for k, v in zip(keys, got, strict=True) if v != k.encode()]
         assert wrong == [], f"through {name}: {len(wrong)} acknowledged writes not read back, e.g. {wrong[:3]}"
+
+
+def test_cli_node_add_then_rebalance_returns_to_three_replicas_per_shard(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from raftkv.cli import main
+
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=3)
+    try:
+        with Client(cluster=lc.config, timeout=10.0) as c:
+            for i in range(30):
+                c.put(f"k{i}", f"v{i}")
+        cfg = str(lc.config)
+        r = CliRunner().invoke(main, ["node", "add", f"127.0.0.1:{free_port()}", "--cluster", cfg])
+        assert r.exit_code == 0, r.output  # n4 joined every group: replication 4
+        r = CliRunner().invoke(main, ["rebalance", "--cluster", cfg])
+        assert r.exit_code == 0, r.output
+        assert "replication 4 -> 3" in r.output and "step 3/3: shard 2: remove" in r.output
+        m = ShardMap.load(cfg)
+        assert m.replication == 3 and all(len(names) == 3 for names in m.placement.values())
+        assert sorted(len(m.shards_on(n)) for n in m.nodes) == [2, 2, 2, 3]  # 9 replicas on 4 nodes
+        with Client(cluster=cfg, timeout=10.0) as c:
+            assert [c.get(f"k{i}") for i in range(30)] == [f"v{i}".encode() for i in range(30)]
+    except Exception:
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        LocalCluster(lc.dir).stop()
+        lc.stop()
