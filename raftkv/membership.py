@@ -271,25 +271,57 @@ class Operator:
 
         return LocalCluster(os.path.dirname(os.path.abspath(self.path)))
 
-    def wait_caught_up(self, name: str, timeout: float | None = None) -> None:
-        """Until ``name`` reports a leader for each of its shards and has applied what the leader had."""
+    def statuses(self) -> dict[str, dict]:
+        """Node name -> its ``RAFTKV.STATUS`` (unreachable nodes are left out)."""
         import json
 
-
-        deadline = time.monotonic() + (timeout or self.timeout)
-        info = self.map.nodes[name]
-        while True:
+        out = {}
+        for name, info in self.map.nodes.items():
             try:
-                st = json.loads(self._call(info.client_addr, "RAFTKV.STATUS", timeout=2.0))  # type: ignore[arg-type]
-                shards = st["shards"]
-                if all(shards.get(str(s), {}).get("leader") for s in self.map.shards_on(name)):
-                    return
-            except (OSError, ConnectionError, ValueError, KeyError, TypeError):
-                pass
+                out[name] = json.loads(self._call(info.client_addr, "RAFTKV.STATUS", timeout=2.0))  # type: ignore[arg-type]
+            except (OSError, ConnectionError, ValueError, TypeError):
+                continue
+        return out
+
+    @staticmethod
+    def leader_view(statuses: dict[str, dict], shard: int) -> tuple[str, int] | None:
+        """``(leader node, its commit index)`` of ``shard`` in the highest term reported, or None."""
+        best: tuple[int, str, int] | None = None
+        for name, st in statuses.items():
+            sh = st.get("shards", {}).get(str(shard))
+            if sh and sh.get("role") == "leader" and (best is None or sh["term"] > best[0]):
+                best = (sh["term"], name, sh["commit_idx"])
+        return None if best is None else (best[1], best[2])
+
+    @staticmethod
+    def applied(statuses: dict[str, dict], node: str, shard: int) -> int | None:
+        """``node``'s applied index of ``shard`` (None: unreachable, or it does not host the shard)."""
+        sh = statuses.get(node, {}).get("shards", {}).get(str(shard))
+        return None if sh is None else sh.get("last_applied")
+
+    def wait_caught_up(self, name: str, timeout: float | None = None) -> None:
+        """Until ``name`` has applied, for each of its shards, the leader's commit index as of this call.
+
+        Knowing a leader is not enough: a member still installing a snapshot cannot help a majority
+        commit, so a change that counts on it (removing another member) would stall the group.
+        """
+        deadline = time.monotonic() + (timeout or self.timeout)
+        shards = self.map.shards_on(name)
+        targets: dict[int, int] = {}
+        while True:
+            st = self.statuses()
+            for s in shards:
+                view = self.leader_view(st, s)
+                if s not in targets and view is not None:
+                    targets[s] = view[1]
+            if name in st and len(targets) == len(shards) and all(
+                    (self.applied(st, name, s) or -1) >= targets[s] for s in shards):
+                return
             if time.monotonic() > deadline:
+                behind = sorted(s for s in shards if (self.applied(st, name, s) or -1) < targets.get(s, 1 << 62))
                 raise MembershipError(f"{name} did not catch up within {timeout or self.timeout:.0f} s "
-                                      f"(see its log)")
-            time.sleep(0.2)
+                                      f"(shards {behind}; see its log)")
+            time.sleep(0.1)
 
     # -- the operations -----------------------------------------------------------------------------
     def add(self, address: str, name: str | None = None, raft_port: int | None = None,

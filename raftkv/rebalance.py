@@ -37,7 +37,6 @@ running it at once are not detected (issue 15's replicated shard map is not buil
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -70,42 +69,15 @@ class Rebalancer:
         self.step_timeout = step_timeout
         self.say = say or op.say
 
-    # -- observing the cluster ----------------------------------------------------------------------
-    def statuses(self) -> dict[str, dict]:
-        """Node name -> its ``RAFTKV.STATUS`` (unreachable nodes are left out)."""
-        out = {}
-        for name, info in self.op.map.nodes.items():
-            try:
-                reply = self.op._call(info.client_addr, "RAFTKV.STATUS", timeout=2.0)
-                out[name] = json.loads(reply)  # type: ignore[arg-type]
-            except (OSError, ConnectionError, ValueError, TypeError):
-                continue
-        return out
-
-    @staticmethod
-    def leader_view(statuses: dict[str, dict], shard: int) -> tuple[str, int] | None:
-        """``(leader node, its commit index)`` of ``shard`` in the highest term reported, or None."""
-        best: tuple[int, str, int] | None = None
-        for name, st in statuses.items():
-            sh = st.get("shards", {}).get(str(shard))
-            if sh and sh.get("role") == "leader" and (best is None or sh["term"] > best[0]):
-                best = (sh["term"], name, sh["commit_idx"])
-        return None if best is None else (best[1], best[2])
-
-    @staticmethod
-    def applied(statuses: dict[str, dict], node: str, shard: int) -> int | None:
-        """``node``'s applied index of ``shard`` (None: unreachable, or it does not host the shard)."""
-        sh = statuses.get(node, {}).get("shards", {}).get(str(shard))
-        return None if sh is None else sh.get("last_applied")
-
+    # -- observing the cluster (Operator.statuses / leader_view / applied) -----------------------------
     def _caught_up(self, before: dict[str, dict], now: dict[str, dict], shard: int) -> set[str] | str:
         """Members of ``shard`` whose applied index now reached the leader's commit index ``before``."""
-        view = self.leader_view(before, shard)
+        view = self.op.leader_view(before, shard)
         if view is None:
             return f"shard {shard}: no leader"
         _leader, commit = view
         return {n for n in self.op.map.placement[shard]
-                if (self.applied(now, n, shard) or 0) >= commit}
+                if (self.op.applied(now, n, shard) or 0) >= commit}
 
     def _blockers(self, before: dict[str, dict], now: dict[str, dict], step: ReplicaStep | None) -> list[str]:
         problems = []
@@ -125,10 +97,10 @@ class Rebalancer:
     def wait_safe(self, step: ReplicaStep | None = None) -> None:
         """Until every shard has a caught-up majority, and ``step``'s shard keeps one after ``step``."""
         deadline = time.monotonic() + self.step_timeout
-        before = self.statuses()
+        before = self.op.statuses()
         while True:
             time.sleep(POLL_S)
-            now = self.statuses()
+            now = self.op.statuses()
             problems = self._blockers(before, now, step)
             if not problems:
                 return
@@ -217,7 +189,7 @@ class Rebalancer:
     def _leader(self, shard: int) -> tuple[str, int]:
         deadline = time.monotonic() + self.step_timeout
         while True:
-            view = self.leader_view(self.statuses(), shard)
+            view = self.op.leader_view(self.op.statuses(), shard)
             if view is not None:
                 return view
             if time.monotonic() > deadline:
@@ -237,7 +209,7 @@ class Rebalancer:
     def _wait_caught_up(self, shard: int, node: str, commit: int) -> None:
         """Until ``node``'s replica of ``shard`` has applied index ``commit`` (a snapshot install included)."""
         deadline = time.monotonic() + self.step_timeout
-        while (self.applied(self.statuses(), node, shard) or -1) < commit:
+        while (self.op.applied(self.op.statuses(), node, shard) or -1) < commit:
             if time.monotonic() > deadline:
                 raise MembershipError(f"shard {shard}: {node} did not catch up to index {commit} within "
                                       f"{self.step_timeout:.0f} s (see its log); it is a member: run "
