@@ -25,8 +25,13 @@ drives the change; the shard leaders apply it:
   (3 -> 4 members: quorum 3, all old members are up), start it (local
   clusters) with the existing members as peers, push the map, wait until it
   has caught up.
-* ``node remove NAME``: remove it from every shard group (leadership moves
-  away first), write the file (replication - 1), push the map, stop it.
+* ``node add HOST:PORT --empty`` (``join=False``): the node joins no group; it is
+  written into the file, started and sent the map; ``raftkv rebalance``
+  (``raftkv.rebalance``) then moves replicas onto it.
+* ``node remove NAME``: a node holding every shard leaves every shard group
+  (leadership moves away first); the file is written (replication - 1), the
+  map pushed, the node stopped.  A node holding no replica (after
+  ``raftkv rebalance --drain NAME``) only leaves the file and is stopped.
 * ``node replace OLD HOST:PORT`` (a dead machine): per shard, remove OLD first
   (3 -> 2 members, both up: quorum 2) then add NEW (2 -> 3, quorum 2, so the
   group stays writable even before NEW has caught up); the file is written
@@ -98,34 +103,47 @@ def plan_balance(leaders: Mapping[int, str | None], placement: Mapping[int, tupl
         count[dst] += 1
 
 
-def map_add(m: Any, info: Any) -> Any:
-    """The map with node ``info`` added to every shard (replication + 1), epoch + 1."""
+def map_add(m: Any, info: Any, join: bool = True) -> Any:
+    """The map with node ``info`` added, epoch + 1: to every shard (replication + 1) if ``join``,
+    else to no shard (``raftkv rebalance`` then moves replicas onto it)."""
     from shards.shardmap import ShardMapError
 
     if info.name in m.nodes:
         raise ShardMapError(f"node {info.name} is already in the cluster file")
     nodes = {**m.nodes, info.name: info}
+    if not join:
+        return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes)
     placement = {s: (*names, info.name) for s, names in m.placement.items()}
     return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes, placement=placement,
                                replication=m.replication + 1)
 
 
 def map_remove(m: Any, name: str) -> Any:
-    """The map without ``name`` (replication - 1), epoch + 1; refuses if placement would be uneven."""
+    """The map without ``name``, epoch + 1.
+
+    A drained node (no replica left, ``raftkv rebalance --drain``) just leaves: replication stays. A
+    node holding every shard leaves every group: replication - 1. A node holding some shards is
+    refused: removing it would leave those shards with fewer replicas than the others.
+    """
     from shards.shardmap import ShardMapError
 
     if name not in m.nodes:
         raise ShardMapError(f"unknown node {name!r} (nodes: {', '.join(sorted(m.nodes))})")
     if len(m.nodes) == 1:
         raise ShardMapError("cannot remove the last node")
-    missing = [s for s, names in m.placement.items() if name not in names]
-    if missing:
-        raise ShardMapError(f"{name} holds no replica of shard(s) {missing}: removing it would leave shards with "
-                            "different replica counts; use 'raftkv node replace' to swap it for a new node")
+    held = [s for s, names in m.placement.items() if name in names]
+    if held and len(held) != len(m.placement):
+        raise ShardMapError(f"{name} still holds replicas of shard(s) {held}: move them off first with "
+                            f"'raftkv rebalance --drain {name}', or swap the node for a new one with "
+                            "'raftkv node replace'")
+    if any(names == (name,) for names in m.placement.values()):
+        raise ShardMapError(f"{name} holds the only replica of a shard: add replicas elsewhere first "
+                            "('raftkv rebalance')")
     nodes = {n: i for n, i in m.nodes.items() if n != name}
     placement = {s: tuple(n for n in names if n != name) for s, names in m.placement.items()}
+    replication = min(m.replication - 1 if held else m.replication, len(nodes))
     return dataclasses.replace(m, epoch=m.epoch + 1, nodes=nodes, placement=placement,
-                               replication=m.replication - 1)
+                               replication=max(1, replication))
 
 
 def map_replace(m: Any, old: str, info: Any) -> Any:
@@ -198,12 +216,13 @@ class Operator:
 
         return Client(cluster=self.map, timeout=self.timeout, **self.client_kw)
 
-    def _save(self, m: Any) -> None:
+    def _save(self, m: Any, verbose: bool = True) -> None:
         m.save(self.path)
         self.map = m
-        self.say(f"cluster file {self.path}: epoch {m.epoch}")
+        if verbose:
+            self.say(f"cluster file {self.path}: epoch {m.epoch}")
 
-    def _member(self, shard: int, action: str, addr: str) -> None:
+    def _member(self, shard: int, action: str, addr: str, verbose: bool = True) -> None:
         from raftkv.client import RaftKVError
 
         with self._client() as c:
@@ -213,23 +232,34 @@ class Operator:
             except RaftKVError as e:
                 raise MembershipError(f"shard {shard}: {action.lower()} {addr} failed: {e}; the command is "
                                       "idempotent, run it again") from None
-        self.say(f"shard {shard}: {action.lower()} {addr}: committed")
+        if verbose:
+            self.say(f"shard {shard}: {action.lower()} {addr}: committed")
 
     def members(self, shard: int) -> list[str]:
         with self._client() as c:
             return sorted(x.decode() for x in c._request(shard, [b"RAFTKV.MEMBER", str(shard).encode(),
                                                                  b"LIST"], write=False))
 
-    def push_map(self) -> None:
-        """Install the current map in every reachable node."""
+    def push_map(self, verbose: bool = True) -> list[str]:
+        """Install the current map in every reachable node; returns the nodes that could not be reached.
+
+        A node starts or stops its shard groups as the map's placement says (``Node.install_map``).
+        """
+        from raftkv.protocol import ReplyError
 
         text = self._public_map().to_toml()
+        missed = []
         for name, info in self.map.nodes.items():
             try:
-                reply = self._call(info.client_addr, "RAFTKV.MAP", text, timeout=3.0)
+                reply = self._call(info.client_addr, "RAFTKV.MAP", text, timeout=15.0)
+            except (OSError, ConnectionError) as e:
+                reply = e
+            if isinstance(reply, (OSError, ConnectionError, ReplyError)):
+                missed.append(name)
+                self.say(f"{name}: map not installed ({reply}); it reads the cluster file when it starts")
+            elif verbose:
                 self.say(f"{name}: map epoch {reply}")
-            except (OSError, ConnectionError):
-                self.say(f"{name}: unreachable (it reads the cluster file when it starts)")
+        return missed
 
     def _public_map(self) -> Any:
         if getattr(self.map, "security", None):
@@ -241,33 +271,66 @@ class Operator:
 
         return LocalCluster(os.path.dirname(os.path.abspath(self.path)))
 
-    def wait_caught_up(self, name: str, timeout: float | None = None) -> None:
-        """Until ``name`` reports a leader for each of its shards and has applied what the leader had."""
+    def statuses(self) -> dict[str, dict]:
+        """Node name -> its ``RAFTKV.STATUS`` (unreachable nodes are left out)."""
         import json
 
-
-        deadline = time.monotonic() + (timeout or self.timeout)
-        info = self.map.nodes[name]
-        while True:
+        out = {}
+        for name, info in self.map.nodes.items():
             try:
-                st = json.loads(self._call(info.client_addr, "RAFTKV.STATUS", timeout=2.0))  # type: ignore[arg-type]
-                shards = st["shards"]
-                if all(shards.get(str(s), {}).get("leader") for s in self.map.shards_on(name)):
-                    return
-            except (OSError, ConnectionError, ValueError, KeyError, TypeError):
-                pass
+                out[name] = json.loads(self._call(info.client_addr, "RAFTKV.STATUS", timeout=2.0))  # type: ignore[arg-type]
+            except (OSError, ConnectionError, ValueError, TypeError):
+                continue
+        return out
+
+    @staticmethod
+    def leader_view(statuses: dict[str, dict], shard: int) -> tuple[str, int] | None:
+        """``(leader node, its commit index)`` of ``shard`` in the highest term reported, or None."""
+        best: tuple[int, str, int] | None = None
+        for name, st in statuses.items():
+            sh = st.get("shards", {}).get(str(shard))
+            if sh and sh.get("role") == "leader" and (best is None or sh["term"] > best[0]):
+                best = (sh["term"], name, sh["commit_idx"])
+        return None if best is None else (best[1], best[2])
+
+    @staticmethod
+    def applied(statuses: dict[str, dict], node: str, shard: int) -> int | None:
+        """``node``'s applied index of ``shard`` (None: unreachable, or it does not host the shard)."""
+        sh = statuses.get(node, {}).get("shards", {}).get(str(shard))
+        return None if sh is None else sh.get("last_applied")
+
+    def wait_caught_up(self, name: str, timeout: float | None = None) -> None:
+        """Until ``name`` has applied, for each of its shards, the leader's commit index as of this call.
+
+        Knowing a leader is not enough: a member still installing a snapshot cannot help a majority
+        commit, so a change that counts on it (removing another member) would stall the group.
+        """
+        deadline = time.monotonic() + (timeout or self.timeout)
+        shards = self.map.shards_on(name)
+        targets: dict[int, int] = {}
+        while True:
+            st = self.statuses()
+            for s in shards:
+                view = self.leader_view(st, s)
+                if s not in targets and view is not None:
+                    targets[s] = view[1]
+            if name in st and len(targets) == len(shards) and all(
+                    (self.applied(st, name, s) or -1) >= targets[s] for s in shards):
+                return
             if time.monotonic() > deadline:
+                behind = sorted(s for s in shards if (self.applied(st, name, s) or -1) < targets.get(s, 1 << 62))
                 raise MembershipError(f"{name} did not catch up within {timeout or self.timeout:.0f} s "
-                                      f"(see its log)")
-            time.sleep(0.2)
+                                      f"(shards {behind}; see its log)")
+            time.sleep(0.1)
 
     # -- the operations -----------------------------------------------------------------------------
     def add(self, address: str, name: str | None = None, raft_port: int | None = None,
-            metrics_port: int | None = None, start: bool = True) -> str:
+            metrics_port: int | None = None, start: bool = True, join: bool = True) -> str:
+        """Add a node: a member of every shard group, or (``join=False``) of none until a rebalance."""
         info = _new_node_info(self.map, address, name, raft_port, metrics_port)
         existing = self.map.nodes.get(info.name)
         if existing is None:
-            self._save(map_add(self.map, info))
+            self._save(map_add(self.map, info, join))
         elif (existing.host, existing.client_port) != (info.host, info.client_port):
             raise MembershipError(f"{info.name} is already in the cluster file with another address")
         info = self.map.nodes[info.name]
@@ -280,12 +343,16 @@ class Operator:
         """After a node joined the groups: start it here (if asked), push the map, wait for it."""
         if start:
             self._local_cluster().start_node(name)
+            deadline = time.monotonic() + self.timeout
+            while not self._reachable(name) and time.monotonic() < deadline:
+                time.sleep(0.1)  # it reads the file when it starts; the push below is for the others
             self.say(f"{name}: started")
         self.push_map()
         if start:
             self.wait_caught_up(name)
 
     def remove(self, name: str, stop: bool = True) -> None:
+        """Remove ``name``: from every shard group if it holds every shard, else it must be drained."""
         new = map_remove(self.map, name)
         info = self.map.nodes[name]
         for s in self.map.shards_on(name):

@@ -1,5 +1,5 @@
 """Operations commands of the ``raftkv`` CLI: backup, restore, node add/remove/replace, leaders balance,
-and the scale-out plans (``rebalance --dry-run``, ``shard plan``).
+replica rebalancing (``rebalance``) and the key-movement plans (``shard plan``).
 
 ``raftkv.cli`` calls ``register(main)``; the commands live here so the main CLI
 module stays small.  Exit status: 0 success, 2 error (the message says why).
@@ -134,15 +134,17 @@ _timeout_option = click.option("--timeout", default=30.0, show_default=True, hel
 @click.argument("address", metavar="HOST:CLIENT_PORT")
 @click.option("--name", default=None, help="node name (default: the next free nN)")
 @click.option("--raft-port", type=int, default=None, help="first Raft port (default: a free block)")
+@click.option("--empty", is_flag=True,
+              help="join no shard group: 'raftkv rebalance' then moves replicas onto the node")
 @_start_option
 @_timeout_option
 @cluster_option
 @_membership_errors
-def node_add(address: str, name: str | None, raft_port: int | None, start: bool, timeout: float,
+def node_add(address: str, name: str | None, raft_port: int | None, empty: bool, start: bool, timeout: float,
              cluster_file: str | None) -> None:
-    """Add a node at ADDRESS to every shard group (replication grows by one)."""
+    """Add a node at ADDRESS to every shard group (replication grows by one), or with --empty to none."""
     op = _operator(cluster_file, timeout)
-    added = op.add(address, name=name, raft_port=raft_port, start=start)
+    added = op.add(address, name=name, raft_port=raft_port, start=start, join=not empty)
     click.echo(f"added {added}: member of shards {op.map.shards_on(added)} (epoch {op.map.epoch})")
 
 
@@ -198,45 +200,51 @@ def leaders_balance(timeout: float, cluster_file: str | None) -> None:
                + ", ".join(f"{n}={counts.get(n, 0)}" for n in sorted(op.map.nodes)))
 
 
-# -- scale-out plans (shards.plan; the online executor is not built yet: issue 15) -------------------
+# -- scale-out: replica rebalancing (raftkv.rebalance) and plans (shards.plan) -----------------------
 
 _NOT_BUILT = "online execution is not built yet (issue 15), nothing was changed"
 
 
 @click.command("rebalance")
-@click.option("--dry-run", is_flag=True, help="print the replica moves; change nothing (required for now)")
+@click.option("--dry-run", is_flag=True, help="print the replica moves; change nothing")
 @click.option("--drain", multiple=True, metavar="NODE",
-              help="plan the drain before 'node remove NODE': every replica moves off it (repeatable)")
+              help="move every replica off NODE (then 'raftkv node remove NODE'; repeatable)")
 @click.option("--replication", type=int, default=None,
               help="replicas per shard wanted [default: min(3, nodes left)]")
+@click.option("--timeout", default=120.0, show_default=True,
+              help="seconds a step may wait (for a caught-up majority, a leader, a new replica to catch up)")
 @cluster_option
 @_membership_errors
-def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None,
+def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None, timeout: float,
                   cluster_file: str | None) -> None:
-    """Plan (--dry-run only, for now) moves that put each shard on REPLICATION nodes, evenly.
+    """Move replicas, online, until each shard is on REPLICATION nodes, evenly.
 
-    Every node ends within one replica of the mean. Each move adds the new replica
-    before it removes the old one, so no shard drops below REPLICATION replicas
-    (or below what it has, if fewer) along the way.
+    Every node ends within one replica of the mean. Each move adds the new replica,
+    waits until it has caught up, and only then removes the old one, so no shard drops
+    below REPLICATION replicas (or below what it has, if fewer) along the way. Safe to
+    run again after a failure: the plan is made again from the cluster as it is.
     """
-    from shards.plan import plan_replicas
-    from shards.shardmap import ShardMap
+    from raftkv.rebalance import Rebalancer
 
-    if not dry_run:
-        _die("online rebalancing is not built yet (issue 15), nothing was changed; "
-             "'raftkv rebalance --dry-run' prints the moves it would make")
     path = cluster_path(cluster_file)
-    m = ShardMap.load(path)
-    unknown = sorted(set(drain) - set(m.nodes))
-    if unknown:
-        _die(f"--drain names unknown node(s) {unknown} (nodes: {', '.join(sorted(m.nodes))})")
-    plan = plan_replicas(m.placement, [n for n in m.nodes if n not in drain], replication)
+    op = _operator(path, timeout)
+    rb = Rebalancer(op, step_timeout=timeout, say=lambda msg: click.echo(msg))
+    if not dry_run:
+        rb.reconcile()
+    plan = rb.plan(drain, replication)
+    m = op.map
     drains = f", draining {', '.join(plan.drained)}" if plan.drained else ""
     click.echo(f"{path} (epoch {m.epoch}): {m.nshards} shard(s) on {len(plan.nodes)} node(s){drains}, "
                f"replication {m.replication} -> {plan.replication}")
     for line in plan.describe():
         click.echo(line)
-    click.echo(f"dry run: {_NOT_BUILT}")
+    if dry_run:
+        click.echo("dry run: nothing was changed")
+        return
+    result = rb.run(drain, replication)
+    loads = ", ".join(f"{n}={len(op.map.shards_on(n))}" for n in sorted(op.map.nodes))
+    click.echo(f"done: {len(result.step_seconds)} step(s) in {result.seconds:.1f} s, "
+               f"{result.leader_moves} leadership move(s); replicas per node: {loads} (epoch {op.map.epoch})")
 
 
 @click.group("shard")

@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 Everything here is pure: values in, a plan out, no I/O, clocks or threads. The
-executor that carries a plan out online (freeze a range, stream it, flip the
-map; add a learner, catch up, promote, remove) is a separate, later piece; the
-plans say *what* moves, never *how*.
+plans say *what* moves, never *how*: ``raftkv.rebalance`` carries replica plans
+out online (add, catch up, remove), using the two pure decisions at the end of
+this module (``step_blocker``: may a step start; ``reconcile_placement``: the
+map after an interrupted run). Nothing carries key movement out yet (freeze a
+range, stream it, flip the map: issue 15).
 
 **Key movement** (``key_movement``, ``plan_shard_add``, ``plan_shard_remove``).
 A ``Ring`` is a list of half-open hash ranges ``[lo, hi)`` on ``[0, 2**64)``, each
@@ -76,6 +78,8 @@ __all__ = [
     "plan_replicas",
     "plan_shard_add",
     "plan_shard_remove",
+    "reconcile_placement",
+    "step_blocker",
 ]
 
 REPLICATION_DEFAULT_MAX = 3  # R = min(3, N) unless the caller says otherwise
@@ -455,3 +459,54 @@ def plan_replicas(placement: Placement, nodes: Iterable[str],
     after = {s: tuple([n for n in before[s] if n in kept[s]] + sorted(kept[s] - original[s])) for s in before}
     return PlacementPlan(before=before, after=after, nodes=target_nodes, drained=drained, replication=r,
                          steps=tuple(steps))
+
+
+# -- executing a placement plan: the pure decisions (raftkv.rebalance runs them) ------------------
+
+
+def reconcile_placement(placement: Placement, members: Mapping[int, Iterable[str]]) -> dict[int, tuple[str, ...]]:
+    """The placement that agrees with the shard groups' committed ``members`` (node names per shard).
+
+    A group's membership is replicated by Raft; the map is written after each change, so a run that
+    stopped between the two leaves them apart. The groups win: names still members keep their
+    place, new members go last (sorted), names no longer members leave. Shards without an entry in
+    ``members`` keep their placement.
+    """
+    out = {s: tuple(names) for s, names in placement.items()}
+    for s, names in members.items():
+        if s not in out:
+            raise PlanError(f"shard {s} is not in the placement")
+        now = set(names)
+        if not now:
+            raise PlanError(f"shard {s} reports no member")
+        kept = [n for n in out[s] if n in now]
+        out[s] = (*kept, *sorted(now - set(kept)))
+    return out
+
+
+def step_blocker(step: ReplicaStep, members: Iterable[str], caught_up: Iterable[str]) -> str | None:
+    """Why ``step`` must not start yet, or None if it may.
+
+    ``members`` is the shard's group now, ``caught_up`` those of them whose applied index has reached
+    the leader's commit index. A membership change is safe to start only if a majority of the group
+    after it is caught up: a majority that includes a replica still catching up (receiving a
+    snapshot, say) cannot commit, and the leader steps down. So before adding a replica (which is
+    not caught up until it has caught up) the old members must hold a majority of the new group,
+    and before removing one, the members that stay must.
+    """
+    group = set(members)
+    if step.action == "add":
+        if step.node in group:
+            return f"shard {step.shard}: {step.node} is already a member"
+        after = group | {step.node}
+    else:
+        if step.node not in group:
+            return f"shard {step.shard}: {step.node} is not a member"
+        after = group - {step.node}
+    ready = set(caught_up) & after
+    need = len(after) // 2 + 1
+    if len(ready) < need:
+        lagging = ", ".join(sorted(after - ready - {step.node} if step.action == "add" else after - ready))
+        return (f"shard {step.shard}: {len(ready)} of the {len(after)} members after '{step}' are caught up, "
+                f"{need} needed (lagging: {lagging or '-'})")
+    return None

@@ -26,7 +26,10 @@ through a consistent-hash ring (``shards.ring.Ring``, built once per map); shard
 map to an ordered tuple of replica node names (the *placement*). Without an
 explicit ``[placement]``, shard ``s`` lives on ``sorted(names)[(s + i) % N]`` for
 ``i`` in ``range(replication)``; ``to_toml`` always writes the placement out, so a
-saved file keeps its placement even if nodes are later added to it.
+saved file keeps its placement even if nodes are later added to it. ``replication``
+is the number of replicas a shard should have; a placement may differ from it
+shard by shard (``raftkv rebalance`` changes one replica of one shard at a time,
+and a map is saved after each change), so only an empty shard is refused.
 
 A node listens for Raft on ``raft_port`` only (``raftkv.raftnet``: one connection
 per peer carries every shard group), but its member of shard ``s`` keeps the
@@ -184,10 +187,10 @@ class ShardMap:
             )
         known = ", ".join(sorted(nodes))
         for s, names in placement.items():
-            if len(names) != self.replication:
-                raise ShardMapError(
-                    f"placement.{s} has {len(names)} replicas but cluster.replication = {self.replication}"
-                )
+            # ``replication`` is the target; while ``raftkv rebalance`` moves replicas (one Raft membership
+            # change at a time) a shard holds one more or fewer than the others, so only emptiness is an error.
+            if not names:
+                raise ShardMapError(f"placement.{s} is empty: every shard needs at least one replica")
             if len(set(names)) != len(names):
                 raise ShardMapError(f"placement.{s} lists a node twice: {list(names)}")
             for n in names:

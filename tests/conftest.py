@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import sys
 import threading
 import time
@@ -166,3 +167,40 @@ class PutWriter(threading.Thread):
         assert phantom == [], f"{len(phantom)} writes reported failed were applied, e.g. {phantom[:5]}"
         return (f"{len(self.acked)} acked (none lost), {len(self.failed)} failed (none applied), "
                 f"{len(self.unknown)} unknown ({len(applied)} applied)")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a node added to a running cluster)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_writes(writers: list[PutWriter], count: int, when: str, timeout: float = 60.0) -> None:
+    """Until ``count`` more writes are acknowledged (over all writers)."""
+    want = sum(len(w.acked) for w in writers) + count
+    deadline = time.monotonic() + timeout
+    while sum(len(w.acked) for w in writers) < want:
+        assert time.monotonic() < deadline, f"fewer than {count} writes acknowledged in {timeout:g} s {when}"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def writers_running(lc: LocalCluster, count: int) -> Iterator[list[PutWriter]]:
+    """``count`` PutWriters (keys ``w0-0``, ``w1-0``, ...) writing while the block runs; stopped after it.
+
+    If the block fails, the nodes' logs (of the cluster file as it is then) are printed first.
+    """
+    writers = [PutWriter(lc.config, unique_keys(f"w{i}")) for i in range(count)]
+    for w in writers:
+        w.start()
+    try:
+        yield writers
+    except Exception:
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        for w in writers:
+            w.stop.set()
+        for w in writers:
+            w.join(30)

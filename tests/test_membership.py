@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from raftkv.cluster import LocalCluster
 from raftkv.membership import Operator, map_add, map_remove, map_replace, plan_balance
 from shards.shardmap import NodeInfo, ShardMapError, local_cluster
 
-from .conftest import PutWriter, dump_logs, start_cluster, unique_keys
+from .conftest import dump_logs, free_port, start_cluster, wait_for_writes, writers_running
 
 # -- pure -------------------------------------------------------------------------------------
 
@@ -60,12 +59,6 @@ def test_map_changes() -> None:
 
 # -- real processes ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_replace_killed_node_under_load_loses_no_acked_write(tmp_path: Path) -> None:
     lc = start_cluster(str(tmp_path / "c"))
     try:
@@ -75,29 +68,17 @@ def test_replace_killed_node_under_load_loses_no_acked_write(tmp_path: Path) -> 
         lc.stop()
 
 
-def _wait_for_writes(writers: list[PutWriter], count: int, when: str, timeout: float = 60.0) -> None:
-    """Until ``count`` more writes are acknowledged (over all writers)."""
-    want = sum(len(w.acked) for w in writers) + count
-    deadline = time.monotonic() + timeout
-    while sum(len(w.acked) for w in writers) < want:
-        assert time.monotonic() < deadline, f"fewer than {count} writes acknowledged in {timeout:g} s {when}"
-        time.sleep(0.05)
-
-
 def _replace_under_load(lc: LocalCluster) -> None:
-    writers = [PutWriter(lc.config, unique_keys(f"w{i}")) for i in range(3)]
-    for w in writers:
-        w.start()
-    try:
-        _wait_for_writes(writers, 20, "before the kill")
+    with writers_running(lc, 3) as writers:
+        wait_for_writes(writers, 20, "before the kill")
         lc.kill_node("n3")  # the machine dies
-        _wait_for_writes(writers, 20, "with n3 down")
+        wait_for_writes(writers, 20, "with n3 down")
         op = Operator(lc.config, timeout=30.0, say=print)
-        new = op.replace("n3", f"127.0.0.1:{_free_port()}")
+        new = op.replace("n3", f"127.0.0.1:{free_port()}")
         assert new == "n4"
         for s in range(lc.map.nshards):
             assert op.members(s) == sorted(op.map.nodes[n].raft_addr(s) for n in ("n1", "n2", "n4"))
-        _wait_for_writes(writers, 20, "after the replace")
+        wait_for_writes(writers, 20, "after the replace")
         # n4 is a real voting member that holds the data: with n2 down too, n1 + n4 are the majority.
         # Every writer (their keys span all shards, including those n2 led) must get a write
         # acknowledged that it sent after n2 died: the failover must happen, however long it takes.
@@ -107,14 +88,6 @@ def _replace_under_load(lc: LocalCluster) -> None:
         while not all(any(sent > killed_at for _, sent, _ in w.acked) for w in writers):
             assert time.monotonic() < deadline, "no write succeeded within 60 s with n2 and n3 gone"
             time.sleep(0.05)
-    except Exception:
-        dump_logs(LocalCluster(lc.dir))
-        raise
-    finally:
-        for w in writers:
-            w.stop.set()
-        for w in writers:
-            w.join(30)
     assert sum(len(w.acked) for w in writers) > 50
     for w in writers:  # acked writes kept, failed ones absent
         print("replace under load:", w.check(lc.config))

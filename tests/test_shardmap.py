@@ -280,8 +280,8 @@ ERRORS = [
         r"placement\.0 lists a node twice",
     ),
     (
-        _set("placement", {"0": ["n1", "n2"], "1": ["n1", "n2", "n3"], "2": ["n1", "n2", "n3"]}),
-        r"placement\.0 has 2 replicas but cluster\.replication = 3",
+        _set("placement", {"0": [], "1": ["n1", "n2", "n3"], "2": ["n1", "n2", "n3"]}),
+        r"placement\.0 is empty: every shard needs at least one replica",
     ),
     (
         _set("placement", {"0": ["n1"], "1": ["n1"], "2": ["n1"], "3": ["n2"]}),

@@ -103,25 +103,18 @@ class Node:
             # The driver requests each loop's commit and goes on; the committer thread wakes it when the commit
             # is durable (raftkv.driver, docs/engine.md).
             self.engine.start_committer(self.driver.on_durable)
+        self._raft_overrides = raft_overrides
+        self._compact_every_cmds = compact_every_cmds
+        self.leader_changes: dict[int, collections.deque[float]] = {}
+        self.metrics = NodeMetrics(self)
+        self.router = Router(self)
         for shard in shardmap.shards_on(name):
-            peers = [n.raft_addr(shard) for n in shardmap.replicas(shard) if n.name != name]
-            replica = ShardReplica(
-                shard, self.info.raft_addr(shard), peers, os.path.join(data_dir, f"shard-{shard}"),
-                on_role_change=self._role_changed, conf_overrides=raft_overrides,
-                compact_every_cmds=compact_every_cmds, engine=self.engine, on_applied=self.feed.applied,
-                driver=self.driver)
-            self._replicas[shard] = replica
-            self.driver.add(replica)
+            self._start_replica(shard)
         self.driver.start()
         self.clients = 0
         self.started = time.time()
         self.stats = {"commands": 0, "errors": 0}
-        self.metrics = NodeMetrics(self)
-        self.router = Router(self)
         self.txns = TxnService(self)
-        self.leader_changes = {s: collections.deque(maxlen=64) for s in self._replicas}
-        for shard in self._replicas:
-            self.metrics.leader_changes.labels(str(shard))  # export 0 before the first change
         self.metrics_port = metrics_port if metrics_port is not None else self.info.metrics_port
         self._tasks: list[asyncio.Task] = []
         self._acl = AclTable()
@@ -132,6 +125,30 @@ class Node:
     @property
     def replicas(self) -> dict[int, ShardReplica]:
         return self._replicas
+
+    def _start_replica(self, shard: int) -> None:
+        """Build this node's member of ``shard``'s group (peers: the map's other replicas) and tick it."""
+        peers = [n.raft_addr(shard) for n in self.map.replicas(shard) if n.name != self.name]
+        replica = ShardReplica(
+            shard, self.info.raft_addr(shard), peers,
+            os.path.join(self.map.node_data_dir(self.name), f"shard-{shard}"),
+            on_role_change=self._role_changed, conf_overrides=self._raft_overrides,
+            compact_every_cmds=self._compact_every_cmds, engine=self.engine, on_applied=self.feed.applied,
+            driver=self.driver)
+        self._replicas[shard] = replica
+        self.leader_changes.setdefault(shard, collections.deque(maxlen=64))
+        self.metrics.leader_changes.labels(str(shard))  # export 0 before the first change
+        self.router.adopt(shard, replica)
+        self.driver.add(replica)
+
+    def _stop_replica(self, shard: int) -> None:
+        """Stop and destroy this node's member of ``shard``'s group (it was removed from the group).
+
+        Its data stays in the node's engine: a later re-add starts from it as a lagging follower would.
+        """
+        replica = self._replicas.pop(shard)
+        self.router.drop(shard)
+        replica.destroy()  # on the driver thread; waits for one driver iteration
 
     def storage_failure(self) -> str | None:
         return self.driver.failure
@@ -155,8 +172,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self.txns.recovery_loop()))
         self._tasks.append(asyncio.create_task(self._reap_loop()))
         self._tasks.append(asyncio.create_task(lease_sweep_loop(self)))
-        if self.map.shard_for_key(ACL_KEY) not in self._replicas:
-            self._tasks.append(asyncio.create_task(self._fetch_acl_loop()))
+        self._tasks.append(asyncio.create_task(self._fetch_acl_loop()))
         if self.timing.balance_period_s > 0:
             self._tasks.append(asyncio.create_task(balance_loop(self, self.timing.balance_period_s)))
             log.info("event=leader_balancer node=%s period_s=%g", self.name, self.timing.balance_period_s)
@@ -183,7 +199,7 @@ class Node:
         their own clocks)."""
         while True:
             await asyncio.sleep(REAP_PERIOD_S)
-            for shard, replica in self._replicas.items():
+            for shard, replica in list(self._replicas.items()):  # groups come and go (install_map)
                 due = min((t for t in (replica.state.expiries.earliest(), replica.state.leases.earliest())
                            if t is not None), default=None)  # a key's deadline or a lease's (raftkv.leases)
                 if due is not None and replica.is_leader() and due <= replica.log_now_ms():
@@ -193,9 +209,10 @@ class Node:
         """Keep a copy of the user/role table when its shard lives on other nodes."""
         shard = self.map.shard_for_key(ACL_KEY)
         while True:
-            res = await self.execute(shard, ("get", ACL_KEY), read=True)
-            if res is None or isinstance(res, bytes):
-                self._acl_fetched = res
+            if shard not in self._replicas:  # checked each time: a rebalance moves replicas on and off
+                res = await self.execute(shard, ("get", ACL_KEY), read=True)
+                if res is None or isinstance(res, bytes):
+                    self._acl_fetched = res
             await asyncio.sleep(1.0)
 
     def close(self) -> None:
@@ -374,7 +391,18 @@ class Node:
             new = dataclasses.replace(new, security=self.map.security)
         self.map = new
         self.info = new.nodes[self.name]
-        log.info("event=map_installed node=%s epoch=%d", self.name, new.epoch)
+        # The map's placement says which groups this node is a member of: a rebalance adds this node to a
+        # group (RAFTKV.MEMBER ADD on its leader) before pushing the map that places the shard here, and
+        # removes it from the group before pushing the map that no longer does.
+        want = set(new.shards_on(self.name))
+        started = sorted(want - set(self._replicas))
+        stopped = sorted(set(self._replicas) - want)
+        for shard in started:
+            self._start_replica(shard)
+        for shard in stopped:
+            self._stop_replica(shard)
+        log.info("event=map_installed node=%s epoch=%d started=%s stopped=%s", self.name, new.epoch,
+                 started, stopped)
 
     def status(self) -> dict:
         shards = {}

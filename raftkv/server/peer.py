@@ -58,6 +58,10 @@ class PeerLink:
         if not isinstance(nonce, bytes):
             conn.close()
             raise ConnectionRefusedError(f"node handshake refused: {nonce}")
-        # Pipelined ahead of the first RPC; a refusal shows as that RPC's -NOPERM.
-        answered = conn.send(*self.identify(nonce))
-        answered.add_done_callback(lambda f: f.cancelled() or f.exception())  # a lost link is the RPC's error
+        # Awaited, not pipelined ahead of the first RPC: a peer that does not know this node yet (it was
+        # just added, and the peer's map comes a moment later) refuses, and an unauthenticated link kept
+        # open would refuse every later RPC too. Refused, the link is dropped and the next RPC reconnects.
+        answered = await conn.send(*self.identify(nonce))
+        if isinstance(answered, protocol.ReplyError):
+            conn.close()
+            raise ConnectionRefusedError(f"node handshake refused: {answered}")

@@ -36,6 +36,7 @@ from raftkv.server.batch import Proposer, Reader
 from raftkv.server.peer import PeerLink, PeerRefused, PeerUnreachable
 
 if TYPE_CHECKING:
+    from raftkv.replica import ShardReplica
     from raftkv.server.api import NodeAPI
 
 HOPS_MAX = 2  # origin -> a replica node -> its leader; never further, so forwarding cannot loop
@@ -85,12 +86,25 @@ class Router:
         self.readers: dict[int, Reader] = {}
         self.peers: dict[str, PeerLink] = {}
         self.forwarded = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        node = self.node
-        self.proposers = {s: Proposer(r, loop, node.limits.batch_cmds_max, node.metrics.proposals)
-                          for s, r in node.replicas.items()}
-        self.readers = {s: Reader(r, loop, node.limits.batch_cmds_max) for s, r in node.replicas.items()}
+        self.loop = loop
+        for s, r in self.node.replicas.items():
+            self.adopt(s, r)
+
+    def adopt(self, shard: int, replica: ShardReplica) -> None:
+        """Batch ``shard``'s commands through ``replica`` (a group started here); before ``start``, ``start`` does it."""
+        if self.loop is None:
+            return
+        limit = self.node.limits.batch_cmds_max
+        self.proposers[shard] = Proposer(replica, self.loop, limit, self.node.metrics.proposals)
+        self.readers[shard] = Reader(replica, self.loop, limit)
+
+    def drop(self, shard: int) -> None:
+        """Forget ``shard``'s batchers (its group stopped here): its commands go to its leader's node."""
+        self.proposers.pop(shard, None)
+        self.readers.pop(shard, None)
 
     # -- leaders ----------------------------------------------------------------------------
     def leader_node(self, shard: int) -> str | None:
