@@ -65,7 +65,7 @@ de-duplicated write) and reads the whole set: a ``GET`` of every key, one after 
 routing ``Client`` or, with ``--read-any-node``, over plain RESP to the client's pinned node (the read's
 ``key`` in the history names that node).  The default operation timeout is short (``SET_OP_TIMEOUT_S``),
 so adds caught in a failover come back indeterminate (``info``) and the final reads decide them.  The final
-reads, after the heal, read the whole set once through the routing client and once through every node.
+reads, after the heal, read the whole set through every node and last through the routing client.
 Checked per element by :func:`jepsen_like.sets.check_set` (lost, stale, unexpected, duplicated); a set
 spread over shards is read key by key, not as one snapshot, which a per-element check does not need.
 
@@ -774,8 +774,9 @@ class SetWorkload:
         return _SetWorker(self, process, rng, via)
 
     def final_ops(self) -> list[tuple[str, Any, Any]]:
-        """The whole set through the routing client, then through every node."""
-        return [("read", None, None)] + [("read", name, None) for name in sorted(self.map.nodes)]
+        """The whole set through every node, then through the routing client: that linearizable read is the
+        last, so an element it misses is lost, and one only a node's read missed is a stale read."""
+        return [("read", name, None) for name in sorted(self.map.nodes)] + [("read", None, None)]
 
     def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
         try:
