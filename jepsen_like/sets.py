@@ -135,7 +135,7 @@ def _some(d: dict[Any, Any], n: int = 50) -> dict[str, Any]:
 class _Element:
     add: Op | None = None
     first_present_ret: float = math.inf  # the earliest completion of a read that showed it
-    present: set[int] = field(default_factory=set)  # indexes (into the reads) of the reads that showed it
+    present: list[int] = field(default_factory=list)  # positions (in the sorted reads) of the reads showing it
 
 
 def _reads_and_adds(ops: Sequence[Op]) -> tuple[list[Op], dict[Hashable, Op]]:
@@ -167,14 +167,20 @@ def check_set(ops: Sequence[Op], linearizable: bool = True) -> SetResult:
         ([max(reads, key=lambda r: (r.ret, r.index))] if reads else [])
     res.final_reads = len(finals)
     elements: dict[Hashable, _Element] = {e: _Element(add=a) for e, a in adds.items()}
-    for i, r in enumerate(reads):
-        counts = Counter(r.output)
-        for e, n in counts.items():
-            if n > 1:
-                res.duplicated[e] = max(n, res.duplicated.get(e, 0))
-            st = elements.setdefault(e, _Element())
-            st.present.add(i)
-            st.first_present_ret = min(st.first_present_ret, r.ret)
+    for i, r in enumerate(reads):  # the inner loop runs once per element of every read: keep it lean
+        shown = set(r.output)
+        if len(shown) != len(r.output):
+            for e, n in Counter(r.output).items():
+                if n > 1:
+                    res.duplicated[e] = max(n, res.duplicated.get(e, 0))
+        ret = r.ret
+        for e in shown:
+            st = elements.get(e)
+            if st is None:
+                st = elements[e] = _Element()
+            st.present.append(i)  # in increasing order: reads go by invocation
+            if ret < st.first_present_ret:
+                st.first_present_ret = ret
     final_sets = [set(r.output) for r in finals]
     for e, st in elements.items():
         _judge(e, st, reads, res)
@@ -193,16 +199,16 @@ def check_set(ops: Sequence[Op], linearizable: bool = True) -> SetResult:
 def _judge(e: Hashable, st: _Element, reads: list[Op], res: SetResult) -> None:
     add = st.add
     if st.present:
-        first = reads[min(st.present)]
+        first = reads[st.present[0]]
         if add is None:
-            res.unexpected[e] = f"read by {first.describe()}, but nobody tried to add it"
+            res.unexpected[e] = f"read by {_read(first)}, but nobody tried to add it"
             return
         if add.status == "fail":
-            res.unexpected[e] = f"read by {first.describe()}, but its add failed: {add.describe()}"
+            res.unexpected[e] = f"read by {_read(first)}, but its add failed: {add.describe()}"
             return
         if st.first_present_ret < add.call:
             early = min((reads[i] for i in st.present), key=lambda r: r.ret)
-            res.unexpected[e] = f"read by {early.describe()}, before its add was invoked: {add.describe()}"
+            res.unexpected[e] = f"read by {_read(early)}, before its add was invoked: {add.describe()}"
             return
     assert add is not None
     known = min(add.ret if add.status == "ok" else math.inf, st.first_present_ret)
@@ -215,20 +221,26 @@ def _judge(e: Hashable, st: _Element, reads: list[Op], res: SetResult) -> None:
             res.never_read.append(e)
         return
     why = (f"{'acknowledged' if add.status == 'ok' and add.ret == known else 'seen by a read'} at {known:.6g}, "
-           f"missing from {last_absent.describe()}")
-    last_present = reads[max(st.present)] if st.present else None
-    if last_present is not None and max(st.present) > i_absent:  # shown again later: it came back
+           f"missing from {_read(last_absent)}")
+    last_present = reads[st.present[-1]] if st.present else None
+    if last_present is not None and st.present[-1] > i_absent:  # shown again later: it came back
         res.stable += 1
-        res.stale[e] = why + f"; read again by {last_present.describe()}"
+        res.stale[e] = why + f"; read again by {_read(last_present)}"
         res.stale_latency_s_max = max(res.stale_latency_s_max, last_absent.call - known)
     else:
-        res.lost[e] = why + ("" if last_present is None else f" (last seen by {last_present.describe()})")
+        res.lost[e] = why + ("" if last_present is None else f" (last seen by {_read(last_present)})")
+
+
+def _read(r: Op) -> str:
+    """A read in one line: which, through which node (its ``key``, if any), how many elements, when."""
+    via = "" if r.key is None else f" via {r.key}"
+    return f"#{r.index} p{r.client} read{via} of {len(r.output)} elements [{r.call:.6g}, {r.ret:.6g}]"
 
 
 def _last_absent(st: _Element, n_reads: int) -> int:
     """Position of the latest-invoked read that did not show the element (-1: none); reads are sorted by
     invocation, so this walks back at most ``len(present) + 1`` steps."""
-    i = n_reads - 1
-    while i >= 0 and i in st.present:
-        i -= 1
+    i, j = n_reads - 1, len(st.present) - 1
+    while j >= 0 and st.present[j] == i:
+        i, j = i - 1, j - 1
     return i
