@@ -12,11 +12,13 @@ elle-rw`` / ``elle-append`` the history is checked by the Elle checker
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from . import edn, elle
+from . import edn, elle, sets
 from .checker import LINEARIZABLE, NOT_LINEARIZABLE, check_file
 from .history import FORMATS, HistoryError, detect_format, read_history
 from .models import KNOSSOS_MODEL_NAMES, MODEL_NAMES, knossos_model
@@ -35,9 +37,10 @@ def main() -> None:
 
 @main.command("check")
 @click.argument("history", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--model", type=click.Choice([*MODEL_NAMES, *ELLE_MODELS]), default=None,
+@click.option("--model", type=click.Choice([*MODEL_NAMES, *ELLE_MODELS, "set"]), default=None,
               help="Model (default: etcd for jepsen-log, kv-append for porcupine-kv, kv for jsonl); "
-                   "elle-rw / elle-append: transactions checked by the Elle checker.")
+                   "elle-rw / elle-append: transactions checked by the Elle checker; set: add/read histories "
+                   "checked per element (lost, stale, unexpected, duplicated).")
 @click.option("--format", "fmt", type=click.Choice(["auto", *FORMATS]), default="auto", show_default=True)
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Give up (verdict unknown) after S seconds.")
 @click.option("--max-states", type=int, default=None, help="Give up (verdict unknown) after N search states.")
@@ -59,6 +62,8 @@ def check_cmd(history: Path, model: str | None, fmt: str, timeout_s: float | Non
     Knossos's semantics: --model cas-register (default), multi-register or mutex."""
     if model in ELLE_MODELS:
         _check_elle(history, ELLE_MODELS[model], fmt, consistency_models or ("strict-serializable",), as_json)
+    if model == "set":
+        _check_set(history, fmt, as_json)
     try:
         if fmt == "knossos-edn" or (fmt == "auto" and detect_format(history.read_text(encoding="utf-8"),
                                                                    history.name) == "knossos-edn"):
@@ -88,9 +93,20 @@ def check_cmd(history: Path, model: str | None, fmt: str, timeout_s: float | Non
 
 
 def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...], as_json: bool) -> None:
+    _check_whole(history, fmt, as_json, f"elle {workload}, checking {', '.join(models)}",
+                 lambda ops: elle.check(ops, workload, models=models))
+
+
+def _check_set(history: Path, fmt: str, as_json: bool) -> None:
+    _check_whole(history, fmt, as_json, "set (linearizable)", sets.check_set)
+
+
+def _check_whole(history: Path, fmt: str, as_json: bool, label: str, checker: Callable[[list], Any]) -> None:
+    """Check with a checker whose result has ``verdict`` (valid / invalid / unknown), ``summary()``,
+    ``lines()`` and ``to_dict()`` (Elle, set); exit 0 valid, 1 invalid, 2 unknown, 3 unreadable."""
     try:
         ops, fmt = read_history(history, fmt)
-        res = elle.check(ops, workload, models=models)
+        res = checker(ops)
     except (HistoryError, ValueError, OSError) as e:
         click.echo(f"error: cannot check {history}: {e}", err=True)
         raise SystemExit(EXIT_BAD_INPUT) from e
@@ -98,10 +114,10 @@ def _check_elle(history: Path, workload: str, fmt: str, models: tuple[str, ...],
         click.echo(json.dumps(res.to_dict(), indent=1, default=repr))
     else:
         click.echo(f"{history}: {res.verdict.upper()}")
-        click.echo(f"  format {fmt}, elle {workload}, checking {', '.join(models)}; {res.summary()}")
+        click.echo(f"  format {fmt}, {label}; {res.summary()}")
         for line in res.lines():
             click.echo(f"  {line}")
-    raise SystemExit({elle.VALID: 0, elle.INVALID: 1}.get(res.verdict, EXIT_UNKNOWN))
+    raise SystemExit({"valid": 0, "invalid": 1}.get(res.verdict, EXIT_UNKNOWN))
 
 
 # --- raftkv-jepsen run (jepsen_like.runner) ---------------------------------------- begin
@@ -116,10 +132,10 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 
 
 @main.command("run")
-@click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock", "append"]),
+@click.option("--workload", type=click.Choice(["register", "counter", "bank", "txn", "lock", "append", "set"]),
               default="register", show_default=True,
               help="lock: acquire/release under leases, checked with the mutex model; append: Elle list-append "
-                   "transactions")
+                   "transactions; set: unique adds and whole-set reads, checked per element (lost, stale, ...)")
 @click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
               help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk; "
                    "or a comma-separated mix, e.g. kill,member)")
@@ -135,8 +151,9 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 @click.option("--unsafe-local-reads", is_flag=True,
               help="start the nodes in the deliberately unsafe mode (reads from the local copy)")
 @click.option("--read-any-node", is_flag=True,
-              help="register reads over plain RESP to a fixed node per client instead of the routing Client")
-@click.option("--op-timeout", type=float, default=4.0, show_default=True, help="client timeout per op (s)")
+              help="register and set reads over plain RESP to a fixed node per client instead of the routing Client")
+@click.option("--op-timeout", type=float, default=None,
+              help="client timeout per op (s); default 4, set: 1 (adds caught in a failover end indeterminate)")
 @click.option("--recovery", type=float, default=30.0, show_default=True,
               help="max seconds to wait for the cluster (and final reads) after the heal")
 @click.option("--keys-per-shard", type=click.IntRange(1, 100), default=2, show_default=True)
@@ -195,8 +212,8 @@ def _list_option(choices: tuple[str, ...]) -> object:
 @main.command("soak")
 @click.option("--minutes", type=click.FloatRange(0.1), required=True, help="how long to keep starting runs")
 @click.option("--run-time", type=click.FloatRange(3), default=20.0, show_default=True, help="seconds of load per run")
-@click.option("--workloads", default="register,counter,bank,txn,lock,append", show_default=True,
-              callback=_list_option(("register", "counter", "bank", "txn", "lock", "append")))
+@click.option("--workloads", default="register,counter,bank,txn,lock,append,set", show_default=True,
+              callback=_list_option(("register", "counter", "bank", "txn", "lock", "append", "set")))
 @click.option("--nemeses", default="kill,pause,partition,member,clock,slow-disk,disk,all", show_default=True,
               callback=_list_option(("none", "kill", "pause", "partition", "member", "clock", "slow-disk", "disk",
                                      "all")),

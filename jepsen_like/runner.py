@@ -55,7 +55,13 @@ from jepsen_like import netns
 from jepsen_like.history import Event, ops_from_events
 from jepsen_like.nemesis import Nemesis, make_schedule, parse_nemesis
 from jepsen_like.report import availability_windows, check_to_dict, op_counts, verdict_of, write_report
-from jepsen_like.workloads import CLIENT_AUTH, KEY_PREFIXES, WorkloadUnavailable, make_workload
+from jepsen_like.workloads import (
+    CLIENT_AUTH,
+    KEY_PREFIXES,
+    WorkloadUnavailable,
+    default_op_timeout,
+    make_workload,
+)
 
 __all__ = ["RunConfig", "run", "EXIT_PASS", "EXIT_FAIL", "EXIT_UNKNOWN", "EXIT_UNAVAILABLE"]
 
@@ -75,7 +81,7 @@ class RunConfig:
     store: str = "store"
     unsafe_local_reads: bool = False
     read_any_node: bool = False
-    op_timeout: float = 4.0
+    op_timeout: float | None = None  # None: the workload's default (workloads.default_op_timeout)
     recovery: float = 30.0
     keys_per_shard: int = 2
     key_period: float = 5.0
@@ -139,6 +145,8 @@ def run(cfg: RunConfig) -> int:
     """Run once; returns the exit code (see the module docstring)."""
     if cfg.seed is None:
         cfg.seed = random.SystemRandom().randrange(1 << 31)
+    if cfg.op_timeout is None:
+        cfg.op_timeout = default_op_timeout(cfg.workload)
     if cfg.edn_out:
         cfg.edn_out = str(Path(cfg.edn_out).resolve())
     note = ""
@@ -319,7 +327,7 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         stop.set()
         t_load_end = rec.now()
         for t in threads:
-            t.join(timeout=cfg.op_timeout + 10)
+            t.join(timeout=(cfg.op_timeout or 0) + 10)
         nem_t.join(timeout=30)
         healed = nemesis.heal_all()
         _say(f"raftkv-jepsen: load stopped at {t_load_end:.1f} s; healed ({', '.join(healed) or 'nothing to do'}); "

@@ -37,7 +37,7 @@ from .nemesis import FAULT_KINDS
 
 __all__ = ["WORKLOADS", "DEFAULT_NEMESES", "rotation", "run_record", "summarize", "render", "soak"]
 
-WORKLOADS = ("register", "counter", "bank", "txn", "lock", "append")
+WORKLOADS = ("register", "counter", "bank", "txn", "lock", "append", "set")
 DEFAULT_NEMESES = (*FAULT_KINDS, "all")
 RUN_OVERHEAD_S = 15.0
 """Seconds a run takes beyond its load (cluster start, recovery, checks), for planning the last run."""

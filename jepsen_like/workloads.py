@@ -59,6 +59,16 @@ G0, G1a/b/c, G-single, G2-item, lost update, internal, duplicate elements, ...
 named with their cycles.  The final reads are one read-only transaction per
 key group.
 
+``set``: Jepsen's set.  Each client adds unique elements (``"<process>.<n>"``) with ``APPEND k "e,"`` on
+one of ``keys_per_shard`` fixed keys per shard (the store has no set type; ``Client.append``, a
+de-duplicated write) and reads the whole set: a ``GET`` of every key, one after another, through the
+routing ``Client`` or, with ``--read-any-node``, over plain RESP to the client's pinned node (the read's
+``key`` in the history names that node).  The default operation timeout is short (``SET_OP_TIMEOUT_S``),
+so adds caught in a failover come back indeterminate (``info``) and the final reads decide them.  The final
+reads, after the heal, read the whole set through every node and last through the routing client.
+Checked per element by :func:`jepsen_like.sets.check_set` (lost, stale, unexpected, duplicated); a set
+spread over shards is read key by key, not as one snapshot, which a per-element check does not need.
+
 ``bank``, ``txn`` and ``append`` need the transaction API (``Client.txn()``; for
 ``append``, its ``then_append``); in a build without it they raise
 :class:`WorkloadUnavailable`.
@@ -70,7 +80,7 @@ import random
 import time
 from typing import Any
 
-from jepsen_like import elle
+from jepsen_like import elle, sets
 from jepsen_like.checker import check
 from jepsen_like.models import get_model
 from raftkv import protocol
@@ -78,9 +88,14 @@ from raftkv.client import Client, IndeterminateError, RaftKVError
 from raftkv.connection import Connection
 from raftkv.txnclient import Txn
 
-__all__ = ["WORKLOADS", "WorkloadUnavailable", "Worker", "RegisterWorkload", "make_workload", "classify"]
+__all__ = ["WORKLOADS", "WorkloadUnavailable", "Worker", "RegisterWorkload", "SetWorkload", "make_workload",
+           "default_op_timeout", "classify"]
 
-WORKLOADS = ("register", "counter", "bank", "txn", "lock", "append")
+WORKLOADS = ("register", "counter", "bank", "txn", "lock", "append", "set")
+# Client timeout per operation (``--op-timeout``) when not given: ``set`` keeps it short so that adds in flight
+# during a failover end indeterminate, as Jepsen's clients' do; the others wait through most failovers.
+OP_TIMEOUT_S = 4.0
+SET_OP_TIMEOUT_S = 1.0
 # ``register --ttl-ops``: the ttls of ``put-ttl``, short (expires during the run) and long (never does; the
 # ``kv-expiry`` model treats a ttl of an hour or more as never expiring).
 SHORT_TTL_MS = (50, 400)
@@ -105,7 +120,7 @@ def _s(v: Any) -> Any:
 
 
 # Every prefix a workload's keys start with: with ``--auth`` the clients' role may write only these.
-KEY_PREFIXES = ("r", "c", "acct", "t", "lock", "ap")
+KEY_PREFIXES = ("r", "c", "acct", "t", "lock", "ap", "set")
 # Credentials of the harness's clients (``--auth``: a user whose role covers only KEY_PREFIXES).
 CLIENT_AUTH: dict[str, str] = {}
 
@@ -729,6 +744,95 @@ class _Invariant:
         return f"{self.what}: " + ("all hold" if self.ok else f"{len(self.bad)} violate it")
 
 
+def default_op_timeout(workload: str) -> float:
+    """``--op-timeout`` when the user gave none."""
+    return SET_OP_TIMEOUT_S if workload == "set" else OP_TIMEOUT_S
+
+
+class SetWorkload:
+    """Jepsen's set: unique adds (APPEND of ``"e,"``) and whole-set reads over fixed keys (module doc)."""
+
+    name = "set"
+    prefix = "set"
+    READ_SHARE = 0.25
+
+    def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 2, op_timeout: float = SET_OP_TIMEOUT_S,
+                 read_any_node: bool = False, **_: Any) -> None:
+        self.map = shardmap
+        self.op_timeout = op_timeout
+        self.read_any_node = read_any_node
+        self.keys = _keys_per_shard(shardmap, self.prefix, keys_per_shard)
+
+    def setup(self, rec: Any) -> None:
+        """Nothing to set up: the set starts empty."""
+
+    def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
+        via = None
+        if self.read_any_node and not final:
+            names = sorted(self.map.nodes)
+            via = names[int(process) % len(names)]
+        return _SetWorker(self, process, rng, via)
+
+    def final_ops(self) -> list[tuple[str, Any, Any]]:
+        """The whole set through every node, then through the routing client: that linearizable read is the
+        last, so an element it misses is lost, and one only a node's read missed is a stale read."""
+        return [("read", name, None) for name in sorted(self.map.nodes)] + [("read", None, None)]
+
+    def check(self, ops: list, timeout_s: float | None) -> dict[str, Any]:
+        try:
+            return {"set": sets.check_set(ops, linearizable=True)}
+        except sets.SetHistoryError as e:
+            return {"set": sets.SetResult(verdict=sets.UNKNOWN_VERDICT, linearizable=True,
+                                          reason=f"cannot check: {e}")}
+
+
+class _SetWorker(Worker):
+    def __init__(self, wl: SetWorkload, process: Any, rng: random.Random, via: str | None) -> None:
+        self.wl = wl
+        self.process = process
+        self.rng = rng
+        self.via = via
+        self.n = 0
+        self.client = Client(cluster=wl.map, timeout=wl.op_timeout, **CLIENT_AUTH)
+        self.nodes: dict[str, NodeConn] = {}
+
+    def next_op(self, t: float) -> tuple[str, Any, Any]:
+        if self.rng.random() < self.wl.READ_SHARE:
+            return "read", self.via, None
+        self.n += 1
+        return "add", self.rng.choice(self.wl.keys), f"{self.process}.{self.n}"
+
+    def invoke(self, f: str, key: Any, value: Any) -> tuple[str, Any]:
+        try:
+            if f == "add":
+                self.client.append(key, f"{value},")
+                return "ok", None
+            if f == "read":
+                return "ok", self._read(key)
+        except Exception as e:  # noqa: BLE001 - every outcome goes into the history
+            if key in self.nodes:
+                self.nodes.pop(key).close()  # a fresh connection next time
+            return classify(e, write=f == "add"), str(e)[:200]
+        raise ValueError(f"unknown set op {f!r}")
+
+    def _read(self, via: str | None) -> list[str]:
+        """Every key's elements, key after key, through the routing client or the node ``via``."""
+        out: list[str] = []
+        for k in self.wl.keys:
+            if via is None:
+                out += parse_list(self.client.get(k))
+                continue
+            if via not in self.nodes:
+                self.nodes[via] = NodeConn(self.wl.map.nodes[via].client_addr, self.wl.op_timeout)
+            out += parse_list(self.nodes[via].call("GET", k))
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+        for conn in self.nodes.values():
+            conn.close()
+
+
 def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> Any:
     """The workload ``name``; raises :class:`WorkloadUnavailable` when this build cannot run it."""
     if name == "register":
@@ -743,4 +847,6 @@ def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> Any:
         return {"bank": BankWorkload, "txn": TxnWorkload, "append": AppendWorkload}[name](shardmap, seed, **kw)
     if name == "lock":
         return LockWorkload(shardmap, seed, **kw)
+    if name == "set":
+        return SetWorkload(shardmap, seed, **kw)
     raise ValueError(f"unknown workload {name!r} (expected one of {', '.join(WORKLOADS)})")
