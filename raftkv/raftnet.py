@@ -213,9 +213,18 @@ class MuxTransport(Transport):
         return {endpoint_of(member, self.shard) for member in self.nodes}
 
     def deliver(self, endpoint: str, message: Any) -> None:
-        node = self.nodes.get(member_id(endpoint, self.shard))
-        if node is not None:  # not (or no longer) a member of this group: drop, as TCPTransport would
-            self._onMessageReceived(node, message)
+        member = member_id(endpoint, self.shard)
+        node = self.nodes.get(member)
+        if node is None:
+            # Not a member in our configuration. Raft processes a leader's AppendEntries whatever the receiver's
+            # configuration says (thesis 4.1): ours may hold an uncommitted change that removed that leader,
+            # which only its entries can truncate (seen in the member nemesis: a follower whose log removed the
+            # leader of a later term dropped everything it sent, and the group could not commit again).
+            # Everything else from a non-member (votes, pre-votes, replies) is dropped, as TCPTransport would.
+            if not (isinstance(message, dict) and message.get("type") == "append_entries"):
+                return
+            node = Node(member)
+        self._onMessageReceived(node, message)
 
     def sync_connected(self, is_open: Callable[[str], bool]) -> None:
         """Report every member whose node's connection opened or closed since the last call."""

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pysyncobj.node import Node
 
 from raftkv.driver import RaftDriver
 from raftkv.engine import Engine
-from raftkv.raftnet import RaftNetwork, endpoint_of, member_id
+from raftkv.raftnet import MuxTransport, RaftNetwork, endpoint_of, member_id
 from raftkv.replica import APPLIED, ShardReplica
 
 KEY = b"test-cluster-key"
@@ -117,6 +118,27 @@ def test_member_ids_map_to_the_node_endpoint() -> None:
     assert endpoint_of("10.0.0.1:7105", 5) == "10.0.0.1:7100"
     assert member_id("10.0.0.1:7100", 5) == "10.0.0.1:7105"
     assert endpoint_of(member_id("h:9000", 63), 63) == "h:9000"
+
+
+def test_a_groups_transport_takes_appendentries_from_a_non_member_and_nothing_else() -> None:
+    """Raft processes a leader's AppendEntries whatever the receiver's configuration says (thesis 4.1): a
+    follower whose log holds an uncommitted change removing the leader of a later term must still hear it,
+    or that change is never truncated and the group cannot commit again. Votes, pre-votes and replies from a
+    non-member are still dropped."""
+
+    class Net:
+        def refresh(self, transport: Any) -> None:
+            pass
+
+    member = Node(member_id("127.0.0.2:9000", 1))
+    transport = MuxTransport(Net(), 1, None, Node(member_id("127.0.0.1:9000", 1)), [member])  # type: ignore[arg-type]
+    got: list[tuple[str, str]] = []
+    transport.setOnMessageReceivedCallback(lambda node, message: got.append((node.id, message["type"])))
+    stranger = "127.0.0.3:9000"
+    for mtype in ("append_entries", "request_vote", "raftfix_prevote", "next_node_idx", "response_vote"):
+        transport.deliver(stranger, {"type": mtype, "term": 5})
+    transport.deliver("127.0.0.2:9000", {"type": "request_vote", "term": 5})
+    assert got == [(member_id(stranger, 1), "append_entries"), (member.id, "request_vote")]
 
 
 def test_groups_elect_and_commit_over_one_connection_per_peer(three: list[_Node]) -> None:
