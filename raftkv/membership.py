@@ -323,6 +323,33 @@ class Operator:
                                       f"(shards {behind}; see its log)")
             time.sleep(0.1)
 
+    def wait_others_caught_up(self, name: str, timeout: float | None = None) -> None:
+        """Until, in every shard ``name`` holds, a majority of the *other* members has applied the leader's
+        commit index as of this call: removing ``name`` while one of them still installs a snapshot leaves a
+        configuration whose majority cannot commit (its leader steps down; seen in the member nemesis)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        shards = self.map.shards_on(name)
+        targets: dict[int, int] = {}
+        while True:
+            st = self.statuses()
+            behind = []
+            for s in shards:
+                view = self.leader_view(st, s)
+                if s not in targets and view is not None:
+                    targets[s] = view[1]
+                rest = [n for n in self.map.placement[s] if n != name]
+                caught = [n for n in rest if (self.applied(st, n, s) or -1) >= targets.get(s, 1 << 62)]
+                if len(caught) <= len(rest) // 2:
+                    behind.append(s)
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise MembershipError(f"not removing {name}: in shard(s) {behind} fewer than a majority of the "
+                                      f"other members caught up within {timeout or self.timeout:.0f} s (see "
+                                      "'raftkv status' and the nodes' logs); the command is idempotent, run it "
+                                      "again")
+            time.sleep(0.1)
+
     # -- the operations -----------------------------------------------------------------------------
     def add(self, address: str, name: str | None = None, raft_port: int | None = None,
             metrics_port: int | None = None, start: bool = True, join: bool = True) -> str:
@@ -355,6 +382,7 @@ class Operator:
         """Remove ``name``: from every shard group if it holds every shard, else it must be drained."""
         new = map_remove(self.map, name)
         info = self.map.nodes[name]
+        self.wait_others_caught_up(name)
         for s in self.map.shards_on(name):
             self._member(s, "REMOVE", info.raft_addr(s))
         self._save(new)

@@ -26,6 +26,39 @@ def _spread(leaders: dict, moves: list) -> dict:
     return counts
 
 
+class _ScriptedOperator(Operator):
+    """An Operator whose view of the nodes' RAFTKV.STATUS comes from ``views``, one per poll (the last repeats)."""
+
+    def __init__(self, path: Path, views: list[dict]) -> None:
+        super().__init__(path, timeout=0.5)
+        self.views = views
+
+    def statuses(self) -> dict[str, dict]:
+        return self.views.pop(0) if len(self.views) > 1 else self.views[0]
+
+
+def _status(role: str, commit: int, applied: int, term: int = 3) -> dict:
+    return {"shards": {"0": {"role": role, "term": term, "commit_idx": commit, "last_applied": applied}}}
+
+
+def test_removal_waits_until_a_majority_of_the_other_members_caught_up(tmp_path: Path) -> None:
+    """Removing n1 leaves {n2, n3}: both must have applied what the leader had committed, or the new
+    configuration's majority cannot commit (a replica still installing a snapshot does not count)."""
+    path = tmp_path / "cluster.toml"
+    local_cluster(3, 1, data_dir=str(tmp_path / "data")).save(path)
+    installing = {"n1": _status("leader", 50, 50), "n2": _status("follower", 50, 50),
+                  "n3": _status("follower", 0, 0)}
+    caught = {**installing, "n3": _status("follower", 50, 50)}
+    op = _ScriptedOperator(path, [installing, installing, caught])
+    op.wait_others_caught_up("n1")  # returns once n3 caught up
+    assert op.views == [caught]
+    with pytest.raises(Exception, match="not removing n1: in shard.s. \\[0\\] fewer than a majority"):
+        _ScriptedOperator(path, [installing]).wait_others_caught_up("n1")
+    down = {k: v for k, v in installing.items() if k != "n3"}  # n3 unreachable: not caught up either
+    with pytest.raises(Exception, match="not removing n1"):
+        _ScriptedOperator(path, [down]).wait_others_caught_up("n1")
+
+
 def test_plan_balance_spreads_leaders() -> None:
     full = {s: ("n1", "n2", "n3") for s in range(3)}
     moves = plan_balance({0: "n1", 1: "n1", 2: "n1"}, full, ["n1", "n2", "n3"])
