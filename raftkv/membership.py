@@ -57,7 +57,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 log = logging.getLogger("raftkv.membership")
@@ -299,56 +299,52 @@ class Operator:
         sh = statuses.get(node, {}).get("shards", {}).get(str(shard))
         return None if sh is None else sh.get("last_applied")
 
+    def _wait_applied(self, shards: list[int], enough: Callable[[dict[str, dict], int, int], bool],
+                      timeout: float, failure: Callable[[list[int]], str]) -> None:
+        """Poll the nodes until ``enough(statuses, shard, target)`` holds for every shard, ``target`` being the
+        shard leader's commit index first seen after this call; else raise ``MembershipError(failure(behind))``.
+        """
+        deadline = time.monotonic() + timeout
+        targets: dict[int, int] = {}
+        while True:
+            st = self.statuses()
+            for s in shards:
+                view = self.leader_view(st, s)
+                if s not in targets and view is not None:
+                    targets[s] = view[1]
+            behind = sorted(s for s in shards if s not in targets or not enough(st, s, targets[s]))
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise MembershipError(failure(behind))
+            time.sleep(0.1)
+
     def wait_caught_up(self, name: str, timeout: float | None = None) -> None:
         """Until ``name`` has applied, for each of its shards, the leader's commit index as of this call.
 
         Knowing a leader is not enough: a member still installing a snapshot cannot help a majority
         commit, so a change that counts on it (removing another member) would stall the group.
         """
-        deadline = time.monotonic() + (timeout or self.timeout)
-        shards = self.map.shards_on(name)
-        targets: dict[int, int] = {}
-        while True:
-            st = self.statuses()
-            for s in shards:
-                view = self.leader_view(st, s)
-                if s not in targets and view is not None:
-                    targets[s] = view[1]
-            if name in st and len(targets) == len(shards) and all(
-                    (self.applied(st, name, s) or -1) >= targets[s] for s in shards):
-                return
-            if time.monotonic() > deadline:
-                behind = sorted(s for s in shards if (self.applied(st, name, s) or -1) < targets.get(s, 1 << 62))
-                raise MembershipError(f"{name} did not catch up within {timeout or self.timeout:.0f} s "
-                                      f"(shards {behind}; see its log)")
-            time.sleep(0.1)
+        limit = timeout or self.timeout
+        self._wait_applied(
+            self.map.shards_on(name), lambda st, s, target: (self.applied(st, name, s) or -1) >= target, limit,
+            lambda behind: f"{name} did not catch up within {limit:.0f} s (shards {behind}; see its log)")
 
     def wait_others_caught_up(self, name: str, timeout: float | None = None) -> None:
         """Until, in every shard ``name`` holds, a majority of the *other* members has applied the leader's
         commit index as of this call: removing ``name`` while one of them still installs a snapshot leaves a
         configuration whose majority cannot commit (its leader steps down; seen in the member nemesis)."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        shards = self.map.shards_on(name)
-        targets: dict[int, int] = {}
-        while True:
-            st = self.statuses()
-            behind = []
-            for s in shards:
-                view = self.leader_view(st, s)
-                if s not in targets and view is not None:
-                    targets[s] = view[1]
-                rest = [n for n in self.map.placement[s] if n != name]
-                caught = [n for n in rest if (self.applied(st, n, s) or -1) >= targets.get(s, 1 << 62)]
-                if len(caught) <= len(rest) // 2:
-                    behind.append(s)
-            if not behind:
-                return
-            if time.monotonic() > deadline:
-                raise MembershipError(f"not removing {name}: in shard(s) {behind} fewer than a majority of the "
-                                      f"other members caught up within {timeout or self.timeout:.0f} s (see "
-                                      "'raftkv status' and the nodes' logs); the command is idempotent, run it "
-                                      "again")
-            time.sleep(0.1)
+        limit = timeout or self.timeout
+
+        def majority(st: dict[str, dict], s: int, target: int) -> bool:
+            rest = [n for n in self.map.placement[s] if n != name]
+            return sum((self.applied(st, n, s) or -1) >= target for n in rest) > len(rest) // 2
+
+        self._wait_applied(
+            self.map.shards_on(name), majority, limit,
+            lambda behind: f"not removing {name}: in shard(s) {behind} fewer than a majority of the other members "
+                           f"caught up within {limit:.0f} s (see 'raftkv status' and the nodes' logs); the command "
+                           "is idempotent, run it again")
 
     # -- the operations -----------------------------------------------------------------------------
     def add(self, address: str, name: str | None = None, raft_port: int | None = None,
