@@ -137,7 +137,7 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
               help="lock: acquire/release under leases, checked with the mutex model; append: Elle list-append "
                    "transactions; set: unique adds and whole-set reads, checked per element (lost, stale, ...)")
 @click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
-              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk; "
+              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk, power; "
                    "or a comma-separated mix, e.g. kill,member)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
 @click.option("--clients", type=click.IntRange(1, 200), default=10, show_default=True)
@@ -185,6 +185,9 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
               help="also write the history as Knossos EDN into this directory (register: one cas-register "
                    "history per key, lock: one mutex history per lock, txn: one multi-register history), "
                    "for `raftkv-jepsen check --format knossos-edn` or Knossos itself")
+@click.option("--unsafe-no-sync", is_flag=True,
+              help="start the nodes in the deliberately unsafe mode that never fsyncs (a negative control for the "
+                   "power nemesis: a power loss must lose acknowledged writes, and the checks must see it)")
 @click.option("--disk-mib", type=click.IntRange(4, 1024), default=32, show_default=True,
               help="disk nemesis: size of the tmpfs each node's data directory is mounted on (it vanishes with "
                    "the run's namespace, --keep-data included)")

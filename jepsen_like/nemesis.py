@@ -66,6 +66,16 @@ restarted from its data directory; the fault's detail says which nodes stopped
 with that error in their log.  The nemesis refuses to fill a directory that is
 not a small tmpfs mount point.
 
+``power``: a power loss (:mod:`jepsen_like.power`). Runs with this nemesis start
+every node with a preloaded shim that keeps an undo log of the writes each node
+has not yet fsynced. The fault cuts the power of one node (a random one or a
+shard leader), of a majority with that node in it, or of every node, a third
+of the time each: kill -9 of each, then every unsynced write undone, so the
+nodes restart from what their disks would hold. The fault's detail says how
+many writes (and KiB) were undone per node, which shows the fault was real;
+with ``--unsafe-no-sync`` (nodes that never fsync) it undoes acknowledged
+writes, and the checks must catch it. The window's end restarts the nodes.
+
 ``clock-forward`` (not in ``all``): steps of +/- ``CLOCK_SKEW_S`` seconds, set
 back to 0 at the window's end, so every fault includes a *forward* step: the
 node's log time jumps ahead, which the design excludes (logclock's
@@ -86,10 +96,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from jepsen_like import power
+
 __all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "PARTITION_SHAPES", "make_schedule", "parse_nemesis",
            "partition_edges"]
 
-FAULT_KINDS = ("kill", "pause", "partition", "member", "clock", "slow-disk", "disk")
+FAULT_KINDS = ("kill", "pause", "partition", "member", "clock", "slow-disk", "disk", "power")
 EXTRA_KINDS = ("clock-forward",)
 """Fault kinds outside the design's fault model: named explicitly, never part of ``all``."""
 NEMESES = ("none", *FAULT_KINDS, *EXTRA_KINDS, "all")
@@ -200,7 +212,8 @@ class Nemesis:
 
     def __init__(self, cluster: Any, rng: random.Random, clock: Callable[[], float],
                  firewall: Any | None = None, log: Callable[[str], None] | None = None,
-                 shapes: tuple[str, ...] = PARTITION_SHAPES, client_kw: dict | None = None) -> None:
+                 shapes: tuple[str, ...] = PARTITION_SHAPES, client_kw: dict | None = None,
+                 power_log: str | os.PathLike | None = None) -> None:
         bad = [x for x in shapes if x not in PARTITION_SHAPES]
         if bad or not shapes:
             raise ValueError(f"unknown partition shape(s) {bad} (expected some of {', '.join(PARTITION_SHAPES)})")
@@ -211,6 +224,7 @@ class Nemesis:
         self.firewall = firewall
         self.log = log or (lambda msg: None)
         self.client_kw = client_kw or {}  # how the membership operator logs in (--auth runs)
+        self.power_log = power_log  # the nodes' undo logs (jepsen_like.power), when they run with the shim
         self.faults: list[Fault] = []
         self.skews: dict[str, int] = {}  # clock offsets (ms) the nemesis set, per node
         self._engine_before: dict[int, tuple[int, float] | None] = {}  # slow-disk fault -> counters at its start
@@ -230,6 +244,19 @@ class Nemesis:
             if leader is not None:
                 return leader, f"leader of shard {shard}"
         return self.rng.choice(self.nodes), "random node"
+
+    def _power_targets(self) -> tuple[list[str], str]:
+        """Who loses power: one node (a third of the time), a majority with a shard leader in it, or every node."""
+        r = self.rng.random()
+        if r < 1 / 3:
+            node, why = self._target()
+            return [node], f"{node} ({why})"
+        if r < 2 / 3:
+            node, why = self._target()
+            others = [n for n in self.nodes if n != node]
+            nodes = sorted([node, *self.rng.sample(others, len(self.nodes) // 2)])
+            return nodes, f"a majority {nodes} (with {node}, {why})"
+        return list(self.nodes), "every node"
 
     def _leaders(self) -> dict[int, str | None]:
         try:
@@ -298,6 +325,16 @@ class Nemesis:
                 self._log_at[id(f)] = {n: _size(self.cluster.log_file(n)) for n in nodes}
                 filled = [fill_disk(self.cluster.map.node_data_dir(n)) for n in nodes]
                 f.detail += f": {sum(filled) / 2**20:.1f} MiB of filler"
+            elif kind == "power":
+                if self.power_log is None:
+                    raise RuntimeError("power nemesis unavailable (the nodes run without the power-loss shim)")
+                nodes, why = self._power_targets()
+                f = Fault("power", f"power loss on {why}", nodes, self.clock())
+                for n in nodes:  # every process dead first: a rollback under a live node would be torn
+                    self.cluster.kill_node(n)
+                cuts = [f"{n}: {power.rollback(self.power_log, self.cluster.map.node_data_dir(n)).summary()}"
+                        for n in nodes]
+                f.detail += " (" + "; ".join(cuts) + ")"
             else:
                 raise ValueError(f"unknown fault kind {kind!r}")
             self.faults.append(f)
@@ -307,7 +344,7 @@ class Nemesis:
     def end_fault(self, f: Fault) -> None:
         with self._lock:
             try:
-                if f.kind == "kill":
+                if f.kind in ("kill", "power"):
                     for n in f.nodes:
                         self.cluster.start_node(n)
                 elif f.kind == "pause":
@@ -451,6 +488,8 @@ class Nemesis:
         op = self._operator()
         if node not in op.map.nodes:  # removed: it comes back as a new, empty member
             shutil.rmtree(os.path.join(op.map.data_dir, node), ignore_errors=True)
+            if self.power_log is not None:  # its files are gone: their undo logs must not meet a reused inode
+                power.forget_under(self.power_log, os.path.join(op.map.data_dir, node))
         # else the removal stopped half-way (the file is written last): adding is idempotent, finish it
         op.add(f"{info.host}:{info.client_port}", name=node, raft_port=info.raft_port, start=True)
 

@@ -51,7 +51,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jepsen_like import netns
+from jepsen_like import netns, power
 from jepsen_like.history import Event, ops_from_events
 from jepsen_like.nemesis import Nemesis, make_schedule, parse_nemesis
 from jepsen_like.report import availability_windows, check_to_dict, op_counts, verdict_of, write_report
@@ -99,6 +99,7 @@ class RunConfig:
     ttl_ops: float = 0.0
     edn_out: str | None = None
     disk_mib: int = 32
+    unsafe_no_sync: bool = False
 
     def to_argv(self) -> list[str]:
         """Command-line options reproducing this config (for the re-exec inside the namespace)."""
@@ -253,6 +254,11 @@ def _run_here(cfg: RunConfig, note: str) -> int:
             _say("raftkv-jepsen: disk nemesis needs the harness's private namespace (a tmpfs per data dir)")
             return EXIT_UNAVAILABLE
         kinds.remove("disk")
+    if "power" in kinds and power.shim_error():
+        _say(f"raftkv-jepsen: power nemesis unavailable: {power.shim_error()}")
+        if cfg.nemesis != "all":
+            return EXIT_UNAVAILABLE
+        kinds.remove("power")
     run_dir = _run_dir(cfg.store, cfg.workload)
     node_dir = run_dir / "nodes"
     base = 7001 if inside else free_base_port(cfg.nodes, cfg.shards)
@@ -276,6 +282,14 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         env["PYTHONPATH"] = str(shim) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env[netns.BIND_ENV] = ",".join(f"{n}={i.host}" for n, i in shardmap.nodes.items())
     node_args = ["--unsafe-local-reads"] if cfg.unsafe_local_reads else []
+    if cfg.unsafe_no_sync:
+        node_args.append("--unsafe-no-sync")
+    power_log = None
+    if "power" in kinds:  # every node loads the shim that logs its unsynced writes, for the power cut to undo
+        power_log = node_dir / "power-undo"
+        shim = power.build_shim(node_dir / "power-shim")
+        env = dict(os.environ) if env is None else env
+        env.update(power.shim_env(shim, root=node_dir / "data", log_dir=power_log))
     if cfg.compact_every:
         node_args += ["--compact-every", str(cfg.compact_every)]
     if {"clock", "clock-forward"} & set(kinds):  # nodes refuse RAFTKV.FAULT unless the point is armed
@@ -290,13 +304,14 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         else "host loopback 127.0.0.1 (no partitions)"
     _say(f"raftkv-jepsen: {cfg.workload} / nemesis {cfg.nemesis} for {cfg.time:g} s, seed {cfg.seed}, "
          f"{cfg.nodes} nodes x {cfg.shards} shards{', UNSAFE local reads' if cfg.unsafe_local_reads else ''}"
-         f"{', UNSAFE lock holders past their lease' if cfg.unsafe_lock_lapse else ''}; "
+         f"{', UNSAFE lock holders past their lease' if cfg.unsafe_lock_lapse else ''}"
+         f"{', UNSAFE no fsync' if cfg.unsafe_no_sync else ''}; "
          f"{mode}; writing {run_dir}")
     rec = Recorder()
     rng = random.Random(cfg.seed)
     nemesis = Nemesis(cluster, random.Random(rng.random()), rec.now, firewall, log=_say,
                       shapes=tuple(x.strip() for x in cfg.partition_shapes.split(",") if x.strip()),
-                      client_kw={"password": OPERATOR_PASSWORD} if cfg.auth else None)
+                      client_kw={"password": OPERATOR_PASSWORD} if cfg.auth else None, power_log=power_log)
     stop = threading.Event()
     threads: list[threading.Thread] = []
     results: dict[str, Any] = {}

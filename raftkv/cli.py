@@ -136,6 +136,9 @@ def cluster_down(directory: str, purge: bool) -> None:
               help="TESTING ONLY: arm a fault point (see raftkv.server.api.FAULT_POINTS); repeatable")
 @click.option("--unsafe-local-reads", is_flag=True,
               help="DANGEROUS, for fault-injection demos only: answer reads from the local copy")
+@click.option("--unsafe-no-sync", is_flag=True,
+              help="DANGEROUS, for fault-injection demos only: never fsync the storage engine, yet acknowledge "
+                   "writes (a power loss loses them)")
 @click.option("--metrics-port", type=int, default=None,
               help="Prometheus /metrics, /health, /ready port (default: the node's metrics_port in the "
                    "cluster file; 0 disables)")
@@ -159,7 +162,8 @@ def cluster_down(directory: str, purge: bool) -> None:
 def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, balance_period: float,
           compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
-          pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, election_timeout: str) -> None:
+          pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, election_timeout: str,
+          unsafe_no_sync: bool) -> None:
     """Run one node in the foreground."""
     from raftkv.raftfix import election_timeouts
     from raftkv.security import InsecureBindError
@@ -182,7 +186,7 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
         run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level,
                  metrics_port=metrics_port, insecure=insecure, limits=limits, timing=timing, faults=armed,
                  compact_every_cmds=compact_every, engine_map_size=engine_map_gib << 30,
-                 raft_overrides={"raftMinTimeout": lo, "raftMaxTimeout": hi})
+                 raft_overrides={"raftMinTimeout": lo, "raftMaxTimeout": hi}, unsafe_no_sync=unsafe_no_sync)
     except InsecureBindError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:

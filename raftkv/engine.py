@@ -98,17 +98,19 @@ class Engine:
     """One LMDB environment in ``path`` (a directory, created if missing), shared by all groups of a node."""
 
     def __init__(self, path: str, *, map_size: int = DEFAULT_MAP_SIZE,
-                 point: Callable[[str], None] = _no_point, metasync: bool = True) -> None:
+                 point: Callable[[str], None] = _no_point, metasync: bool = True, sync: bool = True) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = path
         try:
             # sync on: a commit fsyncs. metasync on: the commit is durable when it returns; off: see module doc.
-            # max_readers: reads are short and few threads read.
-            self._env = lmdb.open(path, map_size=map_size, subdir=True, sync=True, metasync=metasync,
+            # sync off (raftkv serve --unsafe-no-sync, a negative control for the harness's power nemesis): no
+            # fsync at all, yet every commit is counted durable. max_readers: reads are short and few threads read.
+            self._env = lmdb.open(path, map_size=map_size, subdir=True, sync=sync, metasync=metasync,
                                   max_dbs=0, max_readers=64, lock=True)
         except lmdb.Error as exc:
             raise EngineError(f"cannot open the storage engine in {path}: {exc}") from exc
         self.metasync = metasync
+        self.synced = sync  # False only in the unsafe no-sync mode
         self._point = point
         self._lock = threading.Lock()  # guards _pending and _seq (any thread may buffer)
         self._commit_lock = threading.Lock()  # one writer at a time, in buffer order

@@ -71,7 +71,8 @@ class Node:
                  timing: Timing | None = None, unsafe_local_reads: bool = False,
                  raft_overrides: dict | None = None, metrics_port: int | None = None,
                  security: Security | None = None, insecure: bool = False, faults: Faults | None = None,
-                 compact_every_cmds: int | None = None, engine_map_size: int = DEFAULT_MAP_SIZE) -> None:
+                 compact_every_cmds: int | None = None, engine_map_size: int = DEFAULT_MAP_SIZE,
+                 unsafe_no_sync: bool = False) -> None:
         if name not in shardmap.nodes:
             raise ValueError(f"node {name!r} is not in the cluster file (nodes: {', '.join(shardmap.nodes)})")
         self.map = shardmap
@@ -98,7 +99,9 @@ class Node:
         self.feed = AppliedWaiters()
         data_dir = shardmap.node_data_dir(name)
         # One storage engine for every group on this node: one durable commit covers all their log writes.
-        self.engine = Engine(os.path.join(data_dir, ENGINE_DIR), map_size=engine_map_size)
+        # unsafe_no_sync: a deliberately broken mode for the fault harness (acknowledges writes that a power loss
+        # undoes); never for real data.
+        self.engine = Engine(os.path.join(data_dir, ENGINE_DIR), map_size=engine_map_size, sync=not unsafe_no_sync)
         if PIPELINED_COMMITS:
             # The driver requests each loop's commit and goes on; the committer thread wakes it when the commit
             # is durable (raftkv.driver, docs/engine.md).
@@ -448,7 +451,8 @@ class Node:
     def _engine_status(self) -> dict:
         st = self.engine.stats()
         return {"commits": st.count, "commit_s": round(st.total_s, 6), "commit_max_ms": round(st.max_s * 1000, 3),
-                "injected_delay_ms": round(self.engine.delay_s * 1000, 3)}
+                "injected_delay_ms": round(self.engine.delay_s * 1000, 3),
+                "fsync": self.engine.synced}  # False: the unsafe no-sync mode (a negative control)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -462,15 +466,19 @@ def setup_logging(level: str = "INFO") -> None:
 def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_level: str = "INFO",
              limits: Limits | None = None, timing: Timing | None = None, metrics_port: int | None = None,
              insecure: bool = False, faults: Faults | None = None, compact_every_cmds: int | None = None,
-             engine_map_size: int = DEFAULT_MAP_SIZE, raft_overrides: dict | None = None) -> None:
+             engine_map_size: int = DEFAULT_MAP_SIZE, raft_overrides: dict | None = None,
+             unsafe_no_sync: bool = False) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT (``raft_overrides``: ``SyncObjConf`` timers)."""
     setup_logging(log_level)
     shardmap = ShardMap.load(config)
     node = Node(shardmap, name, limits=limits, timing=timing, unsafe_local_reads=unsafe_local_reads,
                 metrics_port=metrics_port, insecure=insecure, faults=faults, compact_every_cmds=compact_every_cmds,
-                engine_map_size=engine_map_size, raft_overrides=raft_overrides)
+                engine_map_size=engine_map_size, raft_overrides=raft_overrides, unsafe_no_sync=unsafe_no_sync)
     if unsafe_local_reads:
         log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
+    if unsafe_no_sync:
+        log.warning("event=unsafe_mode node=%s msg='storage engine never fsyncs: a power loss loses acknowledged "
+                    "writes'", name)
     if not node.security.node_identity_is_secret:
         log.warning("event=insecure_node_identity node=%s msg='no [security] node_key or secret in the cluster "
                     "file: node identity is not secret, so clients can forge internal commands'", name)
