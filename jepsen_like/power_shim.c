@@ -176,15 +176,13 @@ static void forget(struct tracked *t) {
     t->state = 0;
 }
 
-/* Record the bytes [off, off+len) hold now, before a write there. */
-static void log_write(struct tracked *t, off_t off, size_t len, off_t size) {
-    size_t n = 0;
-    if (off < size) n = (size_t)(size - off) < len ? (size_t)(size - off) : len;
+/* Append one undo record: kind, off, the file's size, and the n bytes the file holds at off now. */
+static void log_record(struct tracked *t, char kind, off_t off, off_t size, size_t n) {
     char *buf = malloc(21 + n);
     if (!buf) abort();
     uint64_t o = (uint64_t)off, s = (uint64_t)size;
     uint32_t n32 = (uint32_t)n;
-    buf[0] = 'W';
+    buf[0] = kind;
     memcpy(buf + 1, &o, 8);
     memcpy(buf + 9, &s, 8);
     memcpy(buf + 17, &n32, 4);
@@ -199,24 +197,16 @@ static void log_write(struct tracked *t, off_t off, size_t len, off_t size) {
     free(buf);
 }
 
+/* Before a write of len bytes at off: the old bytes there (those below the size). */
+static void log_write(struct tracked *t, off_t off, size_t len, off_t size) {
+    size_t n = 0;
+    if (off < size) n = (size_t)(size - off) < len ? (size_t)(size - off) : len;
+    log_record(t, 'W', off, size, n);
+}
+
+/* Before a truncation to len: the bytes it cuts off, if it shrinks the file. */
 static void log_truncate(struct tracked *t, off_t len, off_t size) {
-    size_t n = len < size ? (size_t)(size - len) : 0;
-    char *buf = malloc(21 + n);
-    if (!buf) abort();
-    uint64_t l = (uint64_t)len, s = (uint64_t)size;
-    uint32_t n32 = (uint32_t)n;
-    buf[0] = 'T';
-    memcpy(buf + 1, &l, 8);
-    memcpy(buf + 9, &s, 8);
-    memcpy(buf + 17, &n32, 4);
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = pread(t->read_fd, buf + 21 + got, n - got, len + (off_t)got);
-        if (r <= 0) break;
-        got += (size_t)r;
-    }
-    put_all(t->undo_fd, buf, 21 + got);
-    free(buf);
+    log_record(t, 'T', len, size, len < size ? (size_t)(size - len) : 0);
 }
 
 static size_t iov_len(const struct iovec *iov, int cnt) {
