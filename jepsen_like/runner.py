@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from jepsen_like import netns, power
+from jepsen_like import replicas as replicas_check
 from jepsen_like.history import Event, ops_from_events
 from jepsen_like.nemesis import Nemesis, make_schedule, parse_nemesis
 from jepsen_like.report import availability_windows, check_to_dict, op_counts, verdict_of, write_report
@@ -238,7 +239,7 @@ def _wait_user_everywhere(config: Path, user: str, password: str, timeout_s: flo
 
 def _run_here(cfg: RunConfig, note: str) -> int:
     from raftkv.cluster import LocalCluster, free_base_port
-    from shards.shardmap import local_cluster
+    from shards.shardmap import ShardMap, local_cluster
 
     inside = netns.inside()
     firewall = None
@@ -318,6 +319,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     harness_error = ""
     recovered: dict[str, Any] = {"valid": False, "verdict": "not reached", "summary": "not reached"}
     final: dict[str, Any] = {"valid": False, "verdict": "not reached", "summary": "not reached"}
+    replicas: dict[str, Any] = {"valid": False, "verdict": "not reached", "summary": "not reached (the cluster "
+                                                                                     "did not recover)"}
     schedule: list = []
     t_load_end = 0.0
     try:
@@ -356,6 +359,10 @@ def _run_here(cfg: RunConfig, note: str) -> int:
             recovered = {"valid": False, "verdict": "not recovered", "summary": str(e)}
             _write_not_recovered(cluster, run_dir / "not-recovered.json")
         final = _final_reads(workload, rec, cfg)
+        if recovered["valid"]:  # every replica of a shard, at one revision, holds the same data
+            placement = ShardMap.load(cluster.config).placement
+            replicas = replicas_check.check(replicas_check.ask_node(cluster),
+                                            {s: list(placement[s]) for s in range(shardmap.nshards)})
     except KeyboardInterrupt:
         harness_error = "interrupted"
         stop.set()
@@ -384,6 +391,7 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         checks = {name: check_to_dict(r) for name, r in checks_raw.items()}
         checks["recovered"] = recovered
         checks["final-reads"] = final
+        checks["replicas"] = replicas
     else:
         checks["harness"] = {"valid": None, "verdict": "unknown", "summary": f"harness error: {harness_error}"}
     faults = [f.to_dict() for f in nemesis.faults]

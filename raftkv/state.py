@@ -58,9 +58,10 @@ that the node can wait for, or resolve, the lock.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,19 @@ from raftkv import backup_state, changelog, expiry, keyspace, leases, locks, str
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
+
+
+def hash_kv(revision: int, items: Iterable[tuple[bytes, tuple[bytes, int]]]) -> str:
+    """A digest of a shard's data as of ``revision``: every ``(key, (value, mod_revision))`` in key order.
+
+    Two replicas of a shard at the same revision have applied the same writes, so their digests must be
+    equal; a difference is divergence (etcd's HashKV check does the same). Length-prefixed, so no two
+    different contents hash alike by concatenation.
+    """
+    h = hashlib.sha256(b"raftkv-hashkv-1|%d|" % revision)
+    for key, (value, rev) in sorted(items):  # stores differ in iteration order (a dict, or the engine's key order)
+        h.update(b"%d:%s%d:%s%d|" % (len(key), key, len(value), value, rev))
+    return h.hexdigest()
 # 3: adds log time and the deletion revision; 2: data as a Store (packed values); 1 and 2 still load
 SNAPSHOT_VERSION = 3
 # the non-data state of a checkpoint (``meta``/``from_meta``), stored beside the data in the engine

@@ -1,5 +1,6 @@
 """Connection, introspection and operator commands: PING, HELLO, AUTH, INFO, RAFTKV.STATUS,
-RAFTKV.SHARDS, RAFTKV.CLUSTER, RAFTKV.TRANSFER, RAFTKV.FAULT (fault injection), and the few Redis
+RAFTKV.SHARDS, RAFTKV.CLUSTER, RAFTKV.TRANSFER, RAFTKV.FAULT (fault injection), RAFTKV.HASHKV (a replica's
+digest), and the few Redis
 commands clients send at start-up."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from raftkv.replica import ShardReplica
 from raftkv.server.api import BadRequest, Command, NodeAPI, admin_access
 from raftkv.server.commands.kv import to_reply
 from raftkv.server.conn import Conn
+from raftkv.state import hash_kv
 
 
 def cmd_ping(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
@@ -267,6 +269,36 @@ def cmd_fault(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     return before
 
 
+def cmd_hashkv(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.HASHKV shard: ``[revision, digest]`` of THIS node's replica of the shard (``raftkv.state.hash_kv``).
+
+    Answered by the local replica, leader or not, so an operator (or the fault harness's replicas check) can
+    compare every replica of a shard at the same revision: equal digests, or the replicas diverged."""
+    shard = parse_shard(node, "RAFTKV.HASHKV", req[1])
+    replica = node.replicas.get(shard)
+    if replica is None:
+        return Error("ERR", f"RAFTKV.HASHKV: {node.name} holds no replica of shard {shard}")
+
+    async def digest() -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def take() -> None:  # on the tick thread, between two applied entries
+            st = replica.state
+            out = (st.revision, st.data.view())
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
+
+        replica.on_tick_thread(take)
+        try:
+            revision, view = await asyncio.wait_for(fut, node.timing.request_timeout_s)
+        except TimeoutError:
+            return Error("TRYAGAIN", f"RAFTKV.HASHKV: shard {shard}'s replica on {node.name} did not answer "
+                                     "(its Raft driver is busy or stopped); retry")
+        return [revision, (await loop.run_in_executor(None, hash_kv, revision, view.items())).encode()]
+
+    return node.run(digest())
+
+
 COMMANDS: dict[bytes, Command] = {
     b"PING": Command(-1, cmd_ping),
     b"ECHO": Command(2, cmd_echo),
@@ -275,6 +307,7 @@ COMMANDS: dict[bytes, Command] = {
     b"RAFTKV.CLUSTER": Command(1, cmd_cluster),
     b"RAFTKV.TRANSFER": Command(-2, cmd_transfer, leader_only=True, access=admin_access),
     b"RAFTKV.FAULT": Command(3, cmd_fault, access=admin_access),
+    b"RAFTKV.HASHKV": Command(2, cmd_hashkv, access=admin_access),
     b"READONLY": Command(1, cmd_readonly),
     b"READWRITE": Command(1, cmd_readwrite),
     b"INFO": Command(-1, cmd_info),
