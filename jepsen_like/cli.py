@@ -22,6 +22,7 @@ from . import edn, elle, sets
 from .checker import LINEARIZABLE, NOT_LINEARIZABLE, check_file
 from .history import FORMATS, HistoryError, detect_format, read_history
 from .models import KNOSSOS_MODEL_NAMES, MODEL_NAMES, knossos_model
+from .nemesis import FAULT_KINDS
 from .timeline import write_timeline
 
 EXIT_CODES = {LINEARIZABLE: 0, NOT_LINEARIZABLE: 1}
@@ -137,7 +138,8 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
               help="lock: acquire/release under leases, checked with the mutex model; append: Elle list-append "
                    "transactions; set: unique adds and whole-set reads, checked per element (lost, stale, ...)")
 @click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
-              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk, power; "
+              help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk, "
+                   "compaction, power; "
                    "or a comma-separated mix, e.g. kill,member)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
 @click.option("--clients", type=click.IntRange(1, 200), default=10, show_default=True)
@@ -217,9 +219,8 @@ def _list_option(choices: tuple[str, ...]) -> object:
 @click.option("--run-time", type=click.FloatRange(3), default=20.0, show_default=True, help="seconds of load per run")
 @click.option("--workloads", default="register,counter,bank,txn,lock,append,set", show_default=True,
               callback=_list_option(("register", "counter", "bank", "txn", "lock", "append", "set")))
-@click.option("--nemeses", default="kill,pause,partition,member,clock,slow-disk,disk,all", show_default=True,
-              callback=_list_option(("none", "kill", "pause", "partition", "member", "clock", "slow-disk", "disk",
-                                     "all")),
+@click.option("--nemeses", default=",".join((*FAULT_KINDS, "all")), show_default=True,
+              callback=_list_option(("none", *FAULT_KINDS, "all")),
               help="each run uses one of these --nemesis values")
 @click.option("--store", type=click.Path(file_okay=False), default="store", show_default=True,
               help="the soak goes to STORE/soak-<timestamp>/ (each run's directory, runs.log, soak.json, summary.md)")

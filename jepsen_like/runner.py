@@ -297,6 +297,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         node_args += ["--fault", "clock.skew_ms:0"]
     if "slow-disk" in kinds:
         node_args += ["--fault", "disk.slow_ms:0"]
+    if "compaction" in kinds:  # RAFTKV.FAULT COMPACT.NOW forces checkpoints and log compactions
+        node_args += ["--fault", "compact.now:0"]
     if "disk" in kinds:  # every node's data dir on a tmpfs of its own, which the disk nemesis fills
         for name in shardmap.nodes:
             netns.mount_tmpfs(shardmap.node_data_dir(name), cfg.disk_mib)

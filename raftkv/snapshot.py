@@ -170,6 +170,8 @@ class ShardSnapshots:
 
         self._done = None
         self._status, self._status_id = SERIALIZER_STATE.SERIALIZING, id
+        # with event=checkpoint (logged once committed): a crash between the two was a crash in a checkpoint
+        log.info("event=checkpoint_begin shard=%d index=%d keys=%d", self.shard, raft_data[0][1], len(frozen))
         if self._background:
             self._committing = threading.Thread(target=commit, name=f"checkpoint-{self.shard}", daemon=True)
             self._committing.start()
@@ -361,6 +363,7 @@ class ShardSnapshots:
             if gen in self._stale:
                 self._stale.remove(gen)  # cleared right here: tidy must not delete the keys written next
             self._rx = _Receiving(self.shard, gen)
+            log.info("event=snapshot_receiving shard=%d gen=%d", self.shard, gen)  # then snapshot_installed
             lo, hi = data_range(self.shard, gen)
             self._engine.commit_now(lambda b: b.delete_range(lo, hi), "install.chunk")  # leftovers of a cut one
         rx = self._rx

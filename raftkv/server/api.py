@@ -90,6 +90,8 @@ FAULT_POINTS = {
                      "RAFTKV.FAULT CLOCK.SKEW_MS changes it at run time",
     "disk.slow_ms": "every durable commit of the node's storage engine takes VALUE ms longer (a slow fsync); "
                     "RAFTKV.FAULT DISK.SLOW_MS changes it at run time",
+    "compact.now": "allows RAFTKV.FAULT COMPACT.NOW SHARD: the node's replica of SHARD (-1: every replica) "
+                   "checkpoints and compacts its log at its next tick, caught-up followers or not (VALUE unused)",
 }
 
 

@@ -438,6 +438,11 @@ class Node:
                 "lease_drops_pending": len(r.state.leases.dropping),
                 "oldest_txn_age_s": oldest_txn,
                 "ticking": r.tick_thread_alive(),
+                # since this process started: checkpoints (each one a log compaction), snapshots sent to
+                # followers and installed from a leader (the compaction nemesis reads them)
+                "checkpoints": r.snapshots.stats["checkpoints"],
+                "snapshots_sent": r.snapshots.stats["sent"],
+                "snapshots_installed": r.snapshots.stats["installs"],
             }
         return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(),
                 "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),

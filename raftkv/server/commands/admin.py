@@ -231,24 +231,40 @@ def _set_disk_slow(node: NodeAPI, ms: int) -> int:
     return before
 
 
+def _compact_now(node: NodeAPI, shard: int) -> int:
+    """Force a checkpoint and log compaction of ``shard``'s replica (-1: every replica of the node) at its next
+    tick, without waiting for followers to catch up (a follower behind the cut then needs a snapshot): what the
+    fault harness's ``compaction`` nemesis kills nodes during.  Returns how many replicas were told."""
+    replicas = node.replicas
+    if shard != -1 and shard not in replicas:
+        raise BadRequest(Error("ERR", f"RAFTKV.FAULT COMPACT.NOW: no replica of shard {shard} on this node"))
+    targets = list(replicas.values()) if shard == -1 else [replicas[shard]]
+    for r in targets:
+        r.on_tick_thread(r.forceLogCompaction)  # a flag pysyncobj reads on the tick thread
+    return len(targets)
+
+
 # Faults a client may change at run time: name -> (fault point that must be armed, (min, max) ms, setter).
 RUNTIME_FAULTS = {
     b"CLOCK.SKEW_MS": ("clock.skew_ms", (-CLOCK_SKEW_MS_MAX, CLOCK_SKEW_MS_MAX), _set_clock_skew),
     b"DISK.SLOW_MS": ("disk.slow_ms", (0, DISK_SLOW_MS_MAX), _set_disk_slow),
+    b"COMPACT.NOW": ("compact.now", (-1, 1 << 16), _compact_now),  # the value is a shard, not ms
 }
 
 
 def cmd_fault(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     """``RAFTKV.FAULT CLOCK.SKEW_MS ms``: set this node's clock offset for log time (``raftkv.logclock``);
     ``RAFTKV.FAULT DISK.SLOW_MS ms``: add ``ms`` to every durable commit of its storage engine (``raftkv.engine``).
-    Replies the previous value.  Each is refused unless the node was started with its fault point armed
-    (``raftkv serve --fault clock.skew_ms:0`` / ``--fault disk.slow_ms:0``): a production node never lets a
-    client move its log time or slow its disk."""
+    Replies the previous value.  ``RAFTKV.FAULT COMPACT.NOW shard``: force a checkpoint and log compaction of
+    the node's replica of ``shard`` (-1: all of them); replies how many replicas were told.  Each is refused
+    unless the node was started with its fault point armed (``raftkv serve --fault clock.skew_ms:0`` /
+    ``--fault disk.slow_ms:0`` / ``--fault compact.now:0``): a production node never lets a client move its
+    log time, slow its disk or force compactions."""
     armed = {f.point for f in node.faults.armed}
     if not armed & {point for point, _, _ in RUNTIME_FAULTS.values()}:
         raise BadRequest(Error("ERR", "RAFTKV.FAULT: fault injection is off on this node (start it with "
                                       "--fault clock.skew_ms:0 to allow clock faults, --fault disk.slow_ms:0 "
-                                      "for slow-disk faults)"))
+                                      "for slow-disk faults, --fault compact.now:0 for forced compactions)"))
     name = req[1].upper()
     if name not in RUNTIME_FAULTS:
         raise BadRequest(Error("ERR", f"RAFTKV.FAULT: unknown fault {req[1].decode(errors='replace')!r}; "
@@ -261,7 +277,7 @@ def cmd_fault(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     try:
         ms = int(req[2])
     except ValueError:
-        raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: want an integer number of milliseconds")) from None
+        raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: want an integer (milliseconds; a shard for COMPACT.NOW)")) from None
     if not lo <= ms <= hi:
         raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: {ms} ms is beyond {lo}..{hi} ms"))
     before = setter(node, ms)
