@@ -51,7 +51,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jepsen_like import netns, power
+from jepsen_like import elections, netns, power
 from jepsen_like import replicas as replicas_check
 from jepsen_like.history import Event, ops_from_events
 from jepsen_like.nemesis import Nemesis, make_schedule, parse_nemesis
@@ -394,6 +394,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         checks["recovered"] = recovered
         checks["final-reads"] = final
         checks["replicas"] = replicas
+        checks["elections"] = elections.judge(
+            e for n in shardmap.nodes for e in elections.leaders_in(n, _log_lines(cluster.log_file(n))))
     else:
         checks["harness"] = {"valid": None, "verdict": "unknown", "summary": f"harness error: {harness_error}"}
     faults = [f.to_dict() for f in nemesis.faults]
@@ -419,6 +421,14 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     text = write_report(run_dir, results, ops, checks_raw, info_done)
     _say(text)
     return {"pass": EXIT_PASS, "fail": EXIT_FAIL}.get(results["verdict"], EXIT_UNKNOWN)
+
+
+def _log_lines(path: Path) -> list[str]:
+    """A node's log (every start of the node appends to it), or nothing if it never started."""
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
 
 
 def _export_edn(ops: list, cfg: RunConfig) -> list[str]:
