@@ -124,6 +124,10 @@ NEMESES = ("none", *FAULT_KINDS, *EXTRA_KINDS, "all")
 PARTITION_SHAPES = ("halves", "isolate-leader", "majority-ring")
 CLOCK_SKEW_S = (1.0, 120.0)
 """Size range of a clock step (seconds)."""
+CLOCK_RATE_SLOW_PCT = (25, 90)
+"""Range of a ``clock`` rate fault (percent of real time): slow clocks only make log time lag."""
+CLOCK_RATE_FAST_PCT = (110, 400)
+"""Range of a ``clock-forward`` rate fault: fast clocks advance log time too soon, like a forward step."""
 SLOW_DISK_MS = (20, 400)
 """Range of the latency a ``slow-disk`` fault adds to each durable commit (milliseconds)."""
 FILLER = "jepsen-disk-filler"
@@ -258,6 +262,7 @@ class Nemesis:
         self.power_log = power_log  # the nodes' undo logs (jepsen_like.power), when they run with the shim
         self.faults: list[Fault] = []
         self.skews: dict[str, int] = {}  # clock offsets (ms) the nemesis set, per node
+        self._rates: dict[int, str] = {}  # clock-rate fault -> its node (the other clock faults are steps)
         self._engine_before: dict[int, tuple[int, float] | None] = {}  # slow-disk fault -> counters at its start
         self._log_at: dict[int, dict[str, int]] = {}  # disk fault -> its nodes' log sizes when it started
         self._compaction_turn: int | None = None  # which compaction variant comes next (first one: random)
@@ -330,6 +335,12 @@ class Nemesis:
                     self._operator().remove(node, stop=True)
                 except Exception as e:  # noqa: BLE001 - it may have left some groups: the window's end
                     f.error = f"remove failed: {e}"  # (or the heal) adds it back, which is idempotent
+            elif kind in ("clock", "clock-forward") and self.rng.random() < 0.5:
+                node, why = self._target()
+                pct = round(self.rng.uniform(*(CLOCK_RATE_SLOW_PCT if kind == "clock" else CLOCK_RATE_FAST_PCT)))
+                f = Fault(kind, f"clock of {node} ({why}) runs at {pct} % of real time", [node], self.clock())
+                self._set_rate(node, pct)
+                self._rates[id(f)] = node
             elif kind in ("clock", "clock-forward"):
                 node, why = self._target()
                 step_ms = round(self.rng.uniform(*CLOCK_SKEW_S) * 1000)
@@ -389,6 +400,8 @@ class Nemesis:
                 elif f.kind == "member":
                     for n in f.nodes:
                         self._add_back(n)
+                elif id(f) in self._rates:  # a rate fault (clock or clock-forward): back to real time
+                    self._set_rate(self._rates[id(f)], 100)
                 elif f.kind == "clock-forward":
                     for n in f.nodes:
                         self._set_skew(n, 0)
@@ -423,8 +436,16 @@ class Nemesis:
                         done.append(f"{f.nodes[0]} added back")
                     except Exception as e:  # noqa: BLE001
                         done.append(f"adding {f.nodes[0]} back failed: {e}")
-            for f in self.faults:  # a forward-step fault still open: set its clock back to 0 (clocks the
-                if f.kind == "clock-forward" and f.end is None:  # clock nemesis set back stay back)
+            for f in self.faults:  # a clock rate still changed: back to real time (no step, so always safe)
+                if id(f) in self._rates and f.end is None:
+                    try:
+                        self._set_rate(self._rates[id(f)], 100)
+                        done.append(f"clock of {f.nodes[0]} back to real time")
+                    except Exception:  # noqa: BLE001 - a node that does not answer is restarted below, at 100 %
+                        pass
+            # A forward-step fault still open: its clock back to 0 (clocks the clock nemesis set back stay back).
+            for f in self.faults:
+                if f.kind == "clock-forward" and f.end is None and id(f) not in self._rates:
                     try:
                         self._set_skew(f.nodes[0], 0)
                         done.append(f"clock of {f.nodes[0]} reset")
@@ -460,6 +481,12 @@ class Nemesis:
         if not isinstance(reply, int) or isinstance(reply, bool):
             raise RuntimeError(f"{node} refused RAFTKV.FAULT CLOCK.SKEW_MS {skew_ms}: {reply}")
         self.skews[node] = skew_ms
+
+    def _set_rate(self, node: str, pct: int) -> None:
+        """Set ``node``'s clock rate (percent of real time); raises unless the node confirms."""
+        reply = self.cluster.call(node, "RAFTKV.FAULT", "CLOCK.RATE_PCT", str(pct))
+        if not isinstance(reply, int) or isinstance(reply, bool):
+            raise RuntimeError(f"{node} refused RAFTKV.FAULT CLOCK.RATE_PCT {pct}: {reply}")
 
     def _set_slow_disk(self, node: str, ms: int) -> None:
         """Set ``node``'s injected commit latency; raises unless the node confirms."""

@@ -40,7 +40,11 @@ the process (one node = one process = one clock).  It is 0 except under fault
 injection (``raftkv serve --fault clock.skew_ms:MS``, or ``RAFTKV.FAULT
 CLOCK.SKEW_MS ms`` at run time, which the harness's ``clock`` nemesis sends):
 changing it steps the node's clock by the difference, which the argument above
-does not allow for a forward step (docs/jepsen.md, "clock").
+does not allow for a forward step (docs/jepsen.md, "clock").  :attr:`LogClock.rate`
+makes the node's monotonic clock tick at that rate from the moment it is set
+(:meth:`LogClock.set_rate`, continuous: no step): ``RAFTKV.FAULT CLOCK.RATE_PCT``.
+A clock that runs slow (rate < 1) only makes log time lag real time, which the
+argument allows; one that runs fast advances it too soon, like a forward step.
 """
 
 from __future__ import annotations
@@ -51,6 +55,23 @@ class LogClock:
 
     skew_ms = 0
     """The node's clock offset (ms) under fault injection, class-wide: every replica of a node reads one clock."""
+    rate = 1.0
+    """The node's clock rate under fault injection (1.0: real time), class-wide like ``skew_ms``."""
+    _anchor = (0, 0.0)  # (monotonic ms, clock ms) when the rate last changed: the clock is continuous there
+
+    @classmethod
+    def set_rate(cls, rate: float, mono_ms: int) -> None:
+        """From ``mono_ms`` on, the node's clock ticks ``rate`` ms per real ms (no step at the change)."""
+        if rate <= 0:
+            raise ValueError(f"clock rate must be positive, not {rate}")
+        cls._anchor = (mono_ms, cls.clock_ms(mono_ms))
+        cls.rate = rate
+
+    @classmethod
+    def clock_ms(cls, mono_ms: int) -> float:
+        """The node's (faulty) monotonic clock at real monotonic ``mono_ms``, before the skew."""
+        m0, c0 = cls._anchor
+        return c0 + (mono_ms - m0) * cls.rate
 
     def __init__(self) -> None:
         # (term, log time, monotonic ms) at the last re-base; one tuple, so a reader on another
@@ -60,6 +81,8 @@ class LogClock:
     def now_ms(self, term: int, mono_ms: int, applied_log_ms: int) -> int:
         """Log time to stamp now, in Raft ``term``: ``mono_ms`` from a monotonic clock,
         ``applied_log_ms`` the replica's applied log time (``KVState.log_ms``)."""
+        if LogClock.rate != 1.0 or LogClock._anchor != (0, 0.0):
+            mono_ms = int(LogClock.clock_ms(mono_ms))
         mono_ms += LogClock.skew_ms
         base = self.base
         if base is None or base[0] != term or base[1] + (mono_ms - base[2]) < applied_log_ms:

@@ -370,7 +370,9 @@ class ClockOnlyCluster:
     def __init__(self) -> None:
         self.map = type("Map", (), {"nodes": {"n1": None, "n2": None, "n3": None}, "nshards": 3})()
         self.skew = {n: 0 for n in self.map.nodes}
+        self.rate = {n: 100 for n in self.map.nodes}
         self.sent: list[tuple[str, int]] = []
+        self.rates_sent: list[tuple[str, int]] = []
 
     def leaders(self) -> dict[int, str]:
         return {0: "n1", 1: "n2", 2: "n1"}
@@ -382,6 +384,10 @@ class ClockOnlyCluster:
         return 1
 
     def call(self, node: str, *args: str) -> int:
+        if args[:2] == ("RAFTKV.FAULT", "CLOCK.RATE_PCT"):
+            before, self.rate[node] = self.rate[node], int(args[2])
+            self.rates_sent.append((node, int(args[2])))
+            return before
         assert args[:2] == ("RAFTKV.FAULT", "CLOCK.SKEW_MS"), args
         before, self.skew[node] = self.skew[node], int(args[2])
         self.sent.append((node, int(args[2]) - before))
@@ -391,24 +397,40 @@ class ClockOnlyCluster:
 @pytest.mark.parametrize("seed", range(5))
 def test_clock_nemesis_steps_only_back_and_clock_forward_steps_both_ways(seed: int) -> None:
     """``clock`` (in ``all``) never steps a clock forward, nor undoes its steps (that would be a forward
-    step); ``clock-forward`` steps 1-120 s either way and sets the clock back to 0 when its window ends."""
+    step), and slows clocks to 25-90 % of real time for a window; ``clock-forward`` steps 1-120 s either way
+    and sets the clock back to 0 when its window ends, or runs it at 110-400 %. Rates always end at 100 %."""
     cluster = ClockOnlyCluster()
     nem = Nemesis(cluster, random.Random(seed), clock=lambda: 0.0)
-    for _ in range(6):
-        nem.end_fault(nem.start_fault("clock"))
-    assert len(cluster.sent) == 6 and all(-120_000 <= step <= -1_000 for _, step in cluster.sent), cluster.sent
+    for _ in range(12):
+        f = nem.start_fault("clock")
+        if "runs at" in f.detail:
+            assert 25 <= cluster.rate[f.nodes[0]] <= 90
+        nem.end_fault(f)
+        assert all(r == 100 for r in cluster.rate.values()) and not f.error
+    assert cluster.sent and all(-120_000 <= step <= -1_000 for _, step in cluster.sent), cluster.sent
+    assert len(cluster.sent) + len(cluster.rates_sent) // 2 == 12
+    steps = len(cluster.sent)
     nem.heal_all()
-    assert len(cluster.sent) == 6  # healing leaves clocks that are behind where they are
+    assert len(cluster.sent) == steps  # healing leaves clocks that are behind where they are
     cluster.sent.clear()
-    f = nem.start_fault("clock-forward")
-    node, first = cluster.sent[0]
-    assert 1_000 <= abs(cluster.skew[node]) <= 120_000 and "stepped" in f.detail
-    nem.end_fault(f)
-    assert cluster.skew[node] == 0 and not f.error
-    nem.heal_all()  # an open clock-forward fault is set back to 0 by the heal
-    g = nem.start_fault("clock-forward")
+    for _ in range(8):
+        skews = dict(cluster.skew)
+        f = nem.start_fault("clock-forward")
+        node = f.nodes[0]
+        rate = "runs at" in f.detail
+        if rate:
+            assert 110 <= cluster.rate[node] <= 400 and cluster.skew == skews
+        else:
+            assert 1_000 <= abs(cluster.skew[node]) <= 120_000 and "stepped" in f.detail
+        nem.end_fault(f)
+        assert cluster.skew[node] == (skews[node] if rate else 0) and cluster.rate[node] == 100 and not f.error
     nem.heal_all()
-    assert cluster.skew[g.nodes[0]] == 0
+    for _ in range(6):  # an open clock-forward fault, step or rate, is undone by the heal
+        before = dict(cluster.skew)
+        g = nem.start_fault("clock-forward")
+        nem.heal_all()
+        expect = before[g.nodes[0]] if "runs at" in g.detail else 0
+        assert cluster.skew[g.nodes[0]] == expect and cluster.rate[g.nodes[0]] == 100
 
 
 class SlowDiskOnlyCluster(ClockOnlyCluster):

@@ -402,7 +402,28 @@ def test_a_clock_step_back_is_harmless_and_one_forward_ends_leases_early(lc: Loc
             for name in lc.map.nodes:
                 lc.call(name, "RAFTKV.FAULT", "CLOCK.SKEW_MS", "0")
         refused = lc.call(leader, "RAFTKV.FAULT", "DISK.FULL", "1")
-        assert "unknown fault 'DISK.FULL'; known: CLOCK.SKEW_MS" in str(refused), refused
+        assert "unknown fault 'DISK.FULL'; known: CLOCK.SKEW_MS, CLOCK.RATE_PCT" in str(refused), refused
+
+
+def test_a_slow_clock_makes_log_time_lag_and_a_ttl_last_longer(lc: LocalCluster) -> None:
+    """``CLOCK.RATE_PCT`` reaches log time: with every node's clock at 25 % of real time, a key written with
+    a 1 s ttl is still there 1.5 s later (log time advanced ~0.4 s), and it expires once the clocks are back
+    at real time and that much more time has passed. Slow clocks are inside the fault model (log time may lag)."""
+    with Client(cluster=lc.config) as c:
+        key = "ttl:slow-clock"
+        try:
+            for name in lc.map.nodes:
+                assert lc.call(name, "RAFTKV.FAULT", "CLOCK.RATE_PCT", "25") == 100
+            c.put(key, "v", ttl=1.0)
+            time.sleep(1.5)
+            assert c.get(key) == b"v"
+        finally:
+            for name in lc.map.nodes:
+                assert lc.call(name, "RAFTKV.FAULT", "CLOCK.RATE_PCT", "100") == 25
+        deadline = time.monotonic() + 10
+        while c.get(key) is not None:
+            assert time.monotonic() < deadline, "the key never expired once the clocks ran at real time"
+            time.sleep(0.1)
 
 
 def test_clock_faults_are_refused_unless_armed() -> None:

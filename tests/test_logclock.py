@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,3 +84,20 @@ def test_log_time_and_deletion_revision_survive_snapshots() -> None:
     for r in (KVState.restore(s.snapshot()), KVState.from_chunks(s.freeze().chunks())):
         assert (r.log_ms, r.del_rev, r.revision) == (T0 + 9, 2, 2)
         assert r.apply(("noop",), T0) is None and r.log_ms == T0 + 9  # clamped after restore, too
+
+
+def test_a_clock_rate_change_is_continuous_and_sets_the_slope() -> None:
+    """CLOCK.RATE_PCT's model: no step when the rate changes, ``rate`` ms of clock per real ms after it."""
+    saved = (LogClock.rate, LogClock._anchor)
+    try:
+        clock = LogClock()
+        assert clock.now_ms(1, 10_000, 0) == 0  # first stamp of a term: the applied log time
+        LogClock.set_rate(0.5, 12_000)
+        assert clock.now_ms(1, 12_000, 0) == 2_000  # continuous at the change
+        assert clock.now_ms(1, 14_000, 0) == 3_000  # then half speed: log time lags real time
+        LogClock.set_rate(1.0, 14_000)
+        assert clock.now_ms(1, 15_000, 0) == 4_000  # back to real time, no step forward to catch up
+        with pytest.raises(ValueError, match="positive"):
+            LogClock.set_rate(0, 15_000)
+    finally:
+        LogClock.rate, LogClock._anchor = saved

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from raftkv import protocol
@@ -225,6 +226,12 @@ def _set_clock_skew(node: NodeAPI, ms: int) -> int:
     return before
 
 
+def _set_clock_rate(node: NodeAPI, pct: int) -> int:
+    before = round(LogClock.rate * 100)
+    LogClock.set_rate(pct / 100, int(time.monotonic() * 1000))
+    return before
+
+
 def _set_disk_slow(node: NodeAPI, ms: int) -> int:
     before = round(node.engine.delay_s * 1000)
     node.engine.delay_s = ms / 1000
@@ -247,6 +254,7 @@ def _compact_now(node: NodeAPI, shard: int) -> int:
 # Faults a client may change at run time: name -> (fault point that must be armed, (min, max) ms, setter).
 RUNTIME_FAULTS = {
     b"CLOCK.SKEW_MS": ("clock.skew_ms", (-CLOCK_SKEW_MS_MAX, CLOCK_SKEW_MS_MAX), _set_clock_skew),
+    b"CLOCK.RATE_PCT": ("clock.skew_ms", (1, 1000), _set_clock_rate),  # percent of real time; armed with the skew
     b"DISK.SLOW_MS": ("disk.slow_ms", (0, DISK_SLOW_MS_MAX), _set_disk_slow),
     b"COMPACT.NOW": ("compact.now", (-1, 1 << 16), _compact_now),  # the value is a shard, not ms
 }
@@ -255,6 +263,7 @@ RUNTIME_FAULTS = {
 def cmd_fault(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     """``RAFTKV.FAULT CLOCK.SKEW_MS ms``: set this node's clock offset for log time (``raftkv.logclock``);
     ``RAFTKV.FAULT DISK.SLOW_MS ms``: add ``ms`` to every durable commit of its storage engine (``raftkv.engine``).
+    ``RAFTKV.FAULT CLOCK.RATE_PCT pct``: make that clock tick at ``pct`` % of real time from now on.
     Replies the previous value.  ``RAFTKV.FAULT COMPACT.NOW shard``: force a checkpoint and log compaction of
     the node's replica of ``shard`` (-1: all of them); replies how many replicas were told.  Each is refused
     unless the node was started with its fault point armed (``raftkv serve --fault clock.skew_ms:0`` /
@@ -279,7 +288,8 @@ def cmd_fault(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     except ValueError:
         raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: want an integer (milliseconds; a shard for COMPACT.NOW)")) from None
     if not lo <= ms <= hi:
-        raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: {ms} ms is beyond {lo}..{hi} ms"))
+        unit = "%" if label == "CLOCK.RATE_PCT" else " ms"
+        raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: {ms}{unit} is beyond {lo}..{hi}{unit}"))
     before = setter(node, ms)
     log.warning("event=fault node=%s point=%s value=%d previous=%d", node.name, point, ms, before)
     return before
