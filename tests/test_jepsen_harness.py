@@ -37,7 +37,7 @@ from jepsen_like.nemesis import (
     parse_nemesis,
     partition_edges,
 )
-from jepsen_like.report import availability_windows, verdict_of
+from jepsen_like.report import availability_windows, check_to_dict, verdict_of
 from jepsen_like.runner import RunConfig
 from jepsen_like.soak import render, rotation, run_record, summarize
 from jepsen_like.workloads import AppendWorkload, SetWorkload, lost_updates, parse_list
@@ -635,6 +635,15 @@ def test_lost_update_check_catches_a_lost_increment() -> None:
     lost = lost_updates(_counter_history("2", ["ok", "ok", "ok"]))
     assert not lost.ok and lost.bad == [("c", 2, 3, 0)]
     assert not lost_updates(_counter_history("5", ["ok", "ok", "ok"])).ok  # more than was ever tried
+
+
+def test_a_failed_lost_update_check_goes_into_the_report() -> None:
+    """Its violations are counters, not ops: results.json names each (a run that caught a lost
+    update used to end in a traceback instead of a report)."""
+    d = check_to_dict(lost_updates(_counter_history("2", ["ok", "ok", "ok"])))
+    assert d["valid"] is False and d["violations"] == 1
+    assert d["failing_ops"] == ["c: final value 2, expected 3 acknowledged increments (+ up to 0 indeterminate)"]
+    assert verdict_of({"lost-update": d}) == "fail"
 
 
 def test_soak_rotation_covers_every_pair_each_round_with_fresh_seeds() -> None:
