@@ -197,6 +197,8 @@ def summary_text(results: dict[str, Any]) -> str:
     lines = [
         f"raftkv-jepsen: {results['workload']} / nemesis {cfg['nemesis']}"
         f"{' / UNSAFE LOCAL READS' if cfg.get('unsafe_local_reads') else ''}"
+        f"{' / UNSAFE SKIP LOCKS' if cfg.get('unsafe_skip_locks') else ''}"
+        f"{' / UNSAFE WATCH MISS' if cfg.get('unsafe_watch_miss') else ''}"
         f"{' / read-any-node' if cfg.get('read_any_node') else ''}: {results['verdict'].upper()}",
         f"  run {results['duration_s']:.1f} s ({cfg['time']} s of load), {cfg['clients']} clients, "
         f"{cfg['nodes']} nodes x {cfg['shards']} shards, seed {cfg['seed']}, "

@@ -252,6 +252,33 @@ def test_lock_holders_past_their_lease_are_caught(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_one_shard_writes_through_transaction_locks_are_caught(tmp_path: Path) -> None:
+    """The negative control of 2PC isolation: nodes with ``--unsafe-skip-locks`` let one-shard
+    transactions of the append workload write keys that a prepared cross-shard transaction holds;
+    its COMMIT lands on top of what it did not read, and Elle names the cycle."""
+    rc, res, out = harness(tmp_path, "--workload", "append", "--unsafe-skip-locks", "--time", "10",
+                           "--clients", "10", "--rate", "100", "--seed", "1")
+    assert rc == 1, f"expected the Elle check to fail, exit {rc}:\n{out[-4000:]}"
+    elle = res["checks"]["elle"]
+    assert elle["valid"] is False, elle
+    named = set(elle["anomaly_types"])  # e.g. G-single, G0-realtime, G2-item, incompatible-order
+    assert named and all(a.startswith(("G", "lost-update", "incompatible-order", "internal")) for a in named), elle
+    assert res["config"]["unsafe_skip_locks"] is True
+
+
+@pytest.mark.slow
+def test_exec_missing_watched_writes_is_caught(tmp_path: Path) -> None:
+    """The negative control of WATCH: nodes with ``--unsafe-watch-miss`` run an EXEC whose watched
+    counter changed after WATCH; the counter workload's final values fall short of the acknowledged
+    increments (lost-update)."""
+    rc, res, out = harness(tmp_path, "--workload", "counter", "--unsafe-watch-miss", "--time", "7",
+                           "--clients", "8", "--rate", "80", "--seed", "1")
+    assert rc == 1, f"expected the lost-update check to fail, exit {rc}:\n{out[-4000:]}"
+    lost = res["checks"]["lost-update"]
+    assert lost["valid"] is False, lost
+
+
+@pytest.mark.slow
 def test_set_workload_loses_nothing_under_kills(tmp_path: Path) -> None:
     """Jepsen's set on the real store: unique elements APPENDed to keys on every shard while nodes are
     killed, whole-set reads through pinned nodes (``--read-any-node``), adds with the set's short
@@ -611,6 +638,10 @@ def test_config_round_trips_through_argv() -> None:
 
     params = run_cmd.make_context("run", argv).params  # the CLI accepts every option the re-exec passes
     assert params["time_s"] == 12.5 and params["nemesis"] == "all" and params["unsafe_local_reads"] is True
+    for flag in ("unsafe_skip_locks", "unsafe_watch_miss"):  # the other negative controls, each on its own
+        argv = RunConfig(**{flag: True}).to_argv()
+        params = run_cmd.make_context("run", argv).params
+        assert params[flag] is True and not params["unsafe_local_reads"]
 
 
 # -- the counter workload's lost-update check (negative control) ----------------------------
