@@ -175,7 +175,8 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
                    "(1 s), so the lock lapses under them: the mutex check must fail")
 @click.option("--unsafe-skip-locks", is_flag=True,
               help="DANGEROUS negative control: start every node with `raftkv serve --unsafe-skip-locks` (one-shard "
-                   "writes ignore cross-shard transactions' locks): the append/txn workloads' Elle check must fail")
+                   "writes ignore cross-shard transactions' locks): the append workload's Elle check (txn: its linearizable check) "
+                   "must fail")
 @click.option("--unsafe-watch-miss", is_flag=True,
               help="DANGEROUS negative control: start every node with `raftkv serve --unsafe-watch-miss` (EXEC "
                    "misses writes after WATCH): the counter workload's lost-update check must fail")
