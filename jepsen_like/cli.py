@@ -175,6 +175,13 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 @click.option("--unsafe-lock-lapse", is_flag=True,
               help="lock workload, deliberately unsafe: holders stop their keep-alives and hold past the lease "
                    "(1 s), so the lock lapses under them: the mutex check must fail")
+@click.option("--unsafe-skip-locks", is_flag=True,
+              help="DANGEROUS negative control: start every node with `raftkv serve --unsafe-skip-locks` (one-shard "
+                   "writes ignore cross-shard transactions' locks): the append workload's Elle check (txn: its linearizable check) "
+                   "must fail")
+@click.option("--unsafe-watch-miss", is_flag=True,
+              help="DANGEROUS negative control: start every node with `raftkv serve --unsafe-watch-miss` (EXEC "
+                   "misses writes after WATCH): the counter workload's lost-update check must fail")
 @click.option("--compact-every", type=click.IntRange(1), default=None,
               help="nodes compact each shard's Raft log every N commands (default: the node's): small values force "
                    "compactions and snapshot installs to lagging or restarted followers during the faults")

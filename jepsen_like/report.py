@@ -156,13 +156,13 @@ def write_plots(directory: Path, ops: Sequence[Op], faults: Sequence[dict[str, A
 
 def check_to_dict(res: Any) -> dict[str, Any]:
     """A check's outcome for results.json: a linearizability :class:`CheckResult`, or an invariant
-    with ``ok``, ``verdict``, ``summary()`` and ``bad`` (the ops that violate it), or anything
-    with its own ``to_dict()`` (an :class:`jepsen_like.elle.ElleResult`)."""
+    with ``ok``, ``verdict``, ``summary()``, ``bad`` (what violates it) and ``describe_bad(n)``, or
+    anything with its own ``to_dict()`` (an :class:`jepsen_like.elle.ElleResult`)."""
     if hasattr(res, "to_dict"):
         return res.to_dict()
     if not isinstance(res, CheckResult):
         return {"verdict": res.verdict, "valid": res.ok, "summary": res.summary(),
-                "violations": len(res.bad), "failing_ops": [op.describe() for op in res.bad[:10]]}
+                "violations": len(res.bad), "failing_ops": res.describe_bad(10)}
     d: dict[str, Any] = {
         "verdict": res.verdict,
         "valid": res.ok,
@@ -197,6 +197,8 @@ def summary_text(results: dict[str, Any]) -> str:
     lines = [
         f"raftkv-jepsen: {results['workload']} / nemesis {cfg['nemesis']}"
         f"{' / UNSAFE LOCAL READS' if cfg.get('unsafe_local_reads') else ''}"
+        f"{' / UNSAFE SKIP LOCKS' if cfg.get('unsafe_skip_locks') else ''}"
+        f"{' / UNSAFE WATCH MISS' if cfg.get('unsafe_watch_miss') else ''}"
         f"{' / read-any-node' if cfg.get('read_any_node') else ''}: {results['verdict'].upper()}",
         f"  run {results['duration_s']:.1f} s ({cfg['time']} s of load), {cfg['clients']} clients, "
         f"{cfg['nodes']} nodes x {cfg['shards']} shards, seed {cfg['seed']}, "

@@ -96,6 +96,8 @@ class RunConfig:
     partition_shapes: str = "halves,isolate-leader,majority-ring"
     auth: bool = False
     unsafe_lock_lapse: bool = False
+    unsafe_skip_locks: bool = False  # negative control: every node with `raftkv serve --unsafe-skip-locks`
+    unsafe_watch_miss: bool = False  # negative control: every node with `raftkv serve --unsafe-watch-miss`
     compact_every: int | None = None
     ttl_ops: float = 0.0
     edn_out: str | None = None
@@ -283,6 +285,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         env["PYTHONPATH"] = str(shim) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env[netns.BIND_ENV] = ",".join(f"{n}={i.host}" for n, i in shardmap.nodes.items())
     node_args = ["--unsafe-local-reads"] if cfg.unsafe_local_reads else []
+    node_args += ["--unsafe-skip-locks"] if cfg.unsafe_skip_locks else []
+    node_args += ["--unsafe-watch-miss"] if cfg.unsafe_watch_miss else []
     if cfg.unsafe_no_sync:
         node_args.append("--unsafe-no-sync")
     power_log = None
@@ -308,7 +312,9 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     _say(f"raftkv-jepsen: {cfg.workload} / nemesis {cfg.nemesis} for {cfg.time:g} s, seed {cfg.seed}, "
          f"{cfg.nodes} nodes x {cfg.shards} shards{', UNSAFE local reads' if cfg.unsafe_local_reads else ''}"
          f"{', UNSAFE lock holders past their lease' if cfg.unsafe_lock_lapse else ''}"
-         f"{', UNSAFE no fsync' if cfg.unsafe_no_sync else ''}; "
+         f"{', UNSAFE no fsync' if cfg.unsafe_no_sync else ''}"
+         f"{', UNSAFE skip locks' if cfg.unsafe_skip_locks else ''}"
+         f"{', UNSAFE watch miss' if cfg.unsafe_watch_miss else ''}; "
          f"{mode}; writing {run_dir}")
     rec = Recorder()
     rng = random.Random(cfg.seed)

@@ -139,6 +139,12 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--unsafe-no-sync", is_flag=True,
               help="DANGEROUS, for fault-injection demos only: never fsync the storage engine, yet acknowledge "
                    "writes (a power loss loses them)")
+@click.option("--unsafe-skip-locks", is_flag=True,
+              help="DANGEROUS, TESTING ONLY (a negative control for raftkv-jepsen): one-shard writes ignore the "
+                   "locks of cross-shard transactions, losing updates; every node must have the same setting")
+@click.option("--unsafe-watch-miss", is_flag=True,
+              help="DANGEROUS, TESTING ONLY (a negative control for raftkv-jepsen): EXEC misses writes to a "
+                   "watched key made after WATCH, losing updates")
 @click.option("--metrics-port", type=int, default=None,
               help="Prometheus /metrics, /health, /ready port (default: the node's metrics_port in the "
                    "cluster file; 0 disables)")
@@ -160,7 +166,8 @@ def cluster_down(directory: str, purge: bool) -> None:
                    "the range); raise it (e.g. 500-1000) where slow disks or a loaded machine cause needless "
                    "leader changes; every node of a cluster should use the same")
 def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, balance_period: float,
-          compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool, metrics_port: int | None,
+          compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool,
+          unsafe_skip_locks: bool, unsafe_watch_miss: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
           pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, election_timeout: str,
           unsafe_no_sync: bool) -> None:
@@ -186,7 +193,8 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
         run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level,
                  metrics_port=metrics_port, insecure=insecure, limits=limits, timing=timing, faults=armed,
                  compact_every_cmds=compact_every, engine_map_size=engine_map_gib << 30,
-                 raft_overrides={"raftMinTimeout": lo, "raftMaxTimeout": hi}, unsafe_no_sync=unsafe_no_sync)
+                 raft_overrides={"raftMinTimeout": lo, "raftMaxTimeout": hi}, unsafe_no_sync=unsafe_no_sync,
+                 unsafe_skip_locks=unsafe_skip_locks, unsafe_watch_miss=unsafe_watch_miss)
     except InsecureBindError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:

@@ -70,6 +70,7 @@ class ShardReplica(SafeSyncObj):
         engine: Engine | None = None,
         on_applied: Callable[[int], None] | None = None,
         driver: RaftDriver | None = None,
+        unsafe_skip_locks: bool = False,
     ) -> None:
         os.makedirs(data_dir, exist_ok=True)
         # The log and hard state live in the node's engine (one commit per flush for all its groups); a replica
@@ -96,7 +97,10 @@ class ShardReplica(SafeSyncObj):
         self.snapshots = ShardSnapshots(self.engine, shard, base + ".snapshot",
                                         max(conf.logCompactionBatchSize, SNAPSHOT_CHUNK_BYTES),
                                         lambda: self.state, self._set_state, background=driver is not None)
+        # DANGEROUS, testing only (raftkv.state's module doc): one-shard writes ignore transactions' locks
+        self.unsafe_skip_locks = unsafe_skip_locks
         self.state = self.snapshots.open_state()
+        self.state.unsafe_skip_locks = unsafe_skip_locks
         self._driver = driver
         self._tick_actions: collections.deque[Callable[[], None]] = collections.deque()
         def journal(path: str) -> EngineJournal:
@@ -115,6 +119,7 @@ class ShardReplica(SafeSyncObj):
         self.addOnTickCallback(self._run_tick_actions)
 
     def _set_state(self, state: KVState) -> None:
+        state.unsafe_skip_locks = self.unsafe_skip_locks  # a node setting: a snapshot does not carry it
         self.state = state
 
     def _doDestroy(self) -> None:  # noqa: N802 - pysyncobj's name; runs last, on the tick thread

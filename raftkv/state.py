@@ -54,6 +54,14 @@ Errors are returned, not raised (every replica must reach the same state):
 ``CmdError(code, message)`` with a stable code.  Keys locked by a prepared
 cross-shard transaction (``raftkv.txn``) answer ``Locked`` instead of a value so
 that the node can wait for, or resolve, the lock.
+
+``unsafe_skip_locks`` is a DELIBERATELY BROKEN mode, a negative control for the
+fault harness (``raftkv serve --unsafe-skip-locks``): the one-shard writes in
+``SKIP_LOCK_OPS`` (plain SET/DEL/APPEND/INCR... and one-shard transactions)
+ignore those locks and write under a prepared transaction, whose COMMIT then
+lands on top (lost updates, G-single).  It is a node setting, not replicated
+state, so it keeps replicas in step only when every node of the cluster has the
+same setting (the harness starts them all with it).
 """
 
 from __future__ import annotations
@@ -88,6 +96,9 @@ SNAPSHOT_VERSION = 3
 META_VERSION = 1
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
+# The one-shard writes that ``KVState.unsafe_skip_locks`` lets through prepared transactions' locks.
+SKIP_LOCK_OPS = frozenset({"set", "del", "cas", "txn", "txn_once", "incrby", "append", "getdel", "setopt",
+                           "incrbyfloat", "getex"})
 
 
 class Store(dict):
@@ -202,6 +213,9 @@ class KVState:
     leases: leases.LeaseTable = field(default_factory=leases.LeaseTable)
     # the newest changes, for watchers (raftkv.changelog)
     changes: changelog.ChangeLog = field(default_factory=changelog.ChangeLog)
+    # DANGEROUS, testing only (module doc): one-shard writes ignore prepared transactions' locks.
+    # A node setting (never in a snapshot): ShardReplica sets it on every state it applies to.
+    unsafe_skip_locks: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict) and not isinstance(self.data, Store):
@@ -226,7 +240,17 @@ class KVState:
         handler = _HANDLERS.get(op)
         if handler is None:
             return CmdError("ERR", f"unknown state machine command {op!r}")
+        if self.unsafe_skip_locks and op in SKIP_LOCK_OPS:
+            return self._apply_blind(handler, cmd, now_ms)
         return handler(self, cmd, now_ms)
+
+    def _apply_blind(self, handler: Any, cmd: tuple, now_ms: int) -> Any:
+        """The deliberately broken path (``unsafe_skip_locks``): ``handler`` sees no lock on any key."""
+        blind, self.txns.blind = self.txns.blind, True
+        try:
+            return handler(self, cmd, now_ms)
+        finally:
+            self.txns.blind = blind
 
     def apply_batch(self, cmds: list, now_ms: int) -> list:
         """Apply a batch of commands (one Raft entry) in order."""

@@ -232,6 +232,13 @@ def watch_compare(key: bytes, seen: Any) -> tuple:
     return (key, "watch", tuple(seen))
 
 
+def watch_compare_missing_writes(key: bytes, seen: Any) -> tuple:
+    """DELIBERATELY BROKEN ``watch_compare``, for ``raftkv serve --unsafe-watch-miss`` only (a negative
+    control for the fault harness): a key WATCH saw present is only checked to still exist, so a write
+    to it between WATCH and EXEC is missed (a lost update).  A key WATCH saw missing is checked as usual."""
+    return (key, "exists", None) if tuple(seen)[0] == "rev" else watch_compare(key, seen)
+
+
 def single_shard_cmd(txid: str, compares: Any, then_ops: Any, else_ops: Any) -> tuple:
     """A one-shard transaction as one state-machine command, applied at most once per ``txid``."""
     return ("txn_once", txid, tuple(compares), tuple(then_ops), tuple(else_ops))
@@ -359,10 +366,13 @@ class TxnTable:
     prepare_floor: dict[int, int] = field(default_factory=dict)
     # one-shard transactions: txid -> (result, log time)
     once: dict[str, tuple] = field(default_factory=dict)
+    # True only while KVState's DELIBERATELY BROKEN ``unsafe_skip_locks`` mode applies a one-shard write:
+    # lock_of then sees no lock (never in a snapshot; raftkv.state's module doc)
+    blind: bool = field(default=False, compare=False, repr=False)
 
     def lock_of(self, key: bytes) -> Locked | None:
         """The lock held on ``key`` by a prepared transaction, if any."""
-        if not self.locks:
+        if not self.locks or self.blind:
             return None
         return self.locks.get(key)
 

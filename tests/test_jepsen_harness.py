@@ -37,7 +37,7 @@ from jepsen_like.nemesis import (
     parse_nemesis,
     partition_edges,
 )
-from jepsen_like.report import availability_windows, verdict_of
+from jepsen_like.report import availability_windows, check_to_dict, verdict_of
 from jepsen_like.runner import RunConfig
 from jepsen_like.soak import render, rotation, run_record, summarize
 from jepsen_like.workloads import AppendWorkload, SetWorkload, lost_updates, parse_list
@@ -249,6 +249,33 @@ def test_lock_holders_past_their_lease_are_caught(tmp_path: Path) -> None:
     assert rc == 1, f"expected the mutex check to fail, exit {rc}:\n{out[-4000:]}"
     mutex = res["checks"]["mutex"]
     assert mutex["valid"] is False and mutex["failing_ops"], mutex
+
+
+@pytest.mark.slow
+def test_one_shard_writes_through_transaction_locks_are_caught(tmp_path: Path) -> None:
+    """The negative control of 2PC isolation: nodes with ``--unsafe-skip-locks`` let one-shard
+    transactions of the append workload write keys that a prepared cross-shard transaction holds;
+    its COMMIT lands on top of what it did not read, and Elle names the cycle."""
+    rc, res, out = harness(tmp_path, "--workload", "append", "--unsafe-skip-locks", "--time", "10",
+                           "--clients", "10", "--rate", "100", "--seed", "1")
+    assert rc == 1, f"expected the Elle check to fail, exit {rc}:\n{out[-4000:]}"
+    elle = res["checks"]["elle"]
+    assert elle["valid"] is False, elle
+    named = set(elle["anomaly_types"])  # e.g. G-single, G0-realtime, G2-item, incompatible-order
+    assert named and all(a.startswith(("G", "lost-update", "incompatible-order", "internal")) for a in named), elle
+    assert res["config"]["unsafe_skip_locks"] is True
+
+
+@pytest.mark.slow
+def test_exec_missing_watched_writes_is_caught(tmp_path: Path) -> None:
+    """The negative control of WATCH: nodes with ``--unsafe-watch-miss`` run an EXEC whose watched
+    counter changed after WATCH; the counter workload's final values fall short of the acknowledged
+    increments (lost-update)."""
+    rc, res, out = harness(tmp_path, "--workload", "counter", "--unsafe-watch-miss", "--time", "7",
+                           "--clients", "8", "--rate", "80", "--seed", "1")
+    assert rc == 1, f"expected the lost-update check to fail, exit {rc}:\n{out[-4000:]}"
+    lost = res["checks"]["lost-update"]
+    assert lost["valid"] is False, lost
 
 
 @pytest.mark.slow
@@ -633,6 +660,10 @@ def test_config_round_trips_through_argv() -> None:
 
     params = run_cmd.make_context("run", argv).params  # the CLI accepts every option the re-exec passes
     assert params["time_s"] == 12.5 and params["nemesis"] == "all" and params["unsafe_local_reads"] is True
+    for flag in ("unsafe_skip_locks", "unsafe_watch_miss"):  # the other negative controls, each on its own
+        argv = RunConfig(**{flag: True}).to_argv()
+        params = run_cmd.make_context("run", argv).params
+        assert params[flag] is True and not params["unsafe_local_reads"]
 
 
 # -- the counter workload's lost-update check (negative control) ----------------------------
@@ -657,6 +688,15 @@ def test_lost_update_check_catches_a_lost_increment() -> None:
     lost = lost_updates(_counter_history("2", ["ok", "ok", "ok"]))
     assert not lost.ok and lost.bad == [("c", 2, 3, 0)]
     assert not lost_updates(_counter_history("5", ["ok", "ok", "ok"])).ok  # more than was ever tried
+
+
+def test_a_failed_lost_update_check_goes_into_the_report() -> None:
+    """Its violations are counters, not ops: results.json names each (a run that caught a lost
+    update used to end in a traceback instead of a report)."""
+    d = check_to_dict(lost_updates(_counter_history("2", ["ok", "ok", "ok"])))
+    assert d["valid"] is False and d["violations"] == 1
+    assert d["failing_ops"] == ["c: final value 2, expected 3 acknowledged increments (+ up to 0 indeterminate)"]
+    assert verdict_of({"lost-update": d}) == "fail"
 
 
 def test_soak_rotation_covers_every_pair_each_round_with_fresh_seeds() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 from raftkv import protocol
@@ -157,14 +158,20 @@ class _RotatingGroups:
 class _Invariant:
     """A non-linearizability check result with the same surface the report uses (verdict, ok, summary)."""
 
-    def __init__(self, what: str, bad: list) -> None:
+    def __init__(self, what: str, bad: list, explain: Callable[[Any], str] | None = None) -> None:
         self.bad = bad
         self.ok = not bad
         self.verdict = "valid" if self.ok else "invalid"
         self.what = what
+        self._explain = explain
 
     def summary(self) -> str:
         return f"{self.what}: " + ("all hold" if self.ok else f"{len(self.bad)} violate it")
+
+    def describe_bad(self, n: int) -> list[str]:
+        """The first ``n`` violations as text: ``explain`` of each when given (violations that are not
+        ops, e.g. a counter's totals), else each op's own description."""
+        return [self._explain(b) if self._explain else b.describe() for b in self.bad[:n]]
 
 
 def default_op_timeout(workload: str) -> float:

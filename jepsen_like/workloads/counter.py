@@ -52,7 +52,9 @@ def lost_updates(ops: list) -> _Invariant:
             final[op.key] = int(op.output or 0)
     bad = [(k, v, acked.get(k, 0), maybe.get(k, 0)) for k, v in sorted(final.items())
            if not acked.get(k, 0) <= v <= acked.get(k, 0) + maybe.get(k, 0)]
-    return _Invariant(f"{len(final)} counters, {sum(acked.values())} acknowledged increments", bad)
+    return _Invariant(f"{len(final)} counters, {sum(acked.values())} acknowledged increments", bad,
+                      lambda b: f"{b[0]}: final value {b[1]}, expected {b[2]} acknowledged increments "
+                                f"(+ up to {b[3]} indeterminate)")
 
 
 class _CounterWorker(Worker):

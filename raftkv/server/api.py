@@ -189,6 +189,7 @@ class NodeAPI(Protocol):
     metrics: MetricsAPI
     txns: TxnsAPI
     unsafe_local_reads: bool
+    unsafe_watch_miss: bool  # DANGEROUS, testing only: EXEC misses writes to watched keys
     engine: Engine  # the node's one storage engine (only the fault command touches it)
 
     @property

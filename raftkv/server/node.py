@@ -72,7 +72,8 @@ class Node:
                  raft_overrides: dict | None = None, metrics_port: int | None = None,
                  security: Security | None = None, insecure: bool = False, faults: Faults | None = None,
                  compact_every_cmds: int | None = None, engine_map_size: int = DEFAULT_MAP_SIZE,
-                 unsafe_no_sync: bool = False) -> None:
+                 unsafe_no_sync: bool = False, unsafe_skip_locks: bool = False,
+                 unsafe_watch_miss: bool = False) -> None:
         if name not in shardmap.nodes:
             raise ValueError(f"node {name!r} is not in the cluster file (nodes: {', '.join(shardmap.nodes)})")
         self.map = shardmap
@@ -84,6 +85,11 @@ class Node:
         # Deliberately unsafe mode for the fault harness: serve reads from the
         # local copy without proving leadership.  Never use it for real data.
         self.unsafe_local_reads = unsafe_local_reads
+        # Two more deliberately broken modes, negative controls for the harness (never for real data):
+        # one-shard writes ignore transactions' locks (every node of the cluster must have the same
+        # setting: it changes what the state machine does), and EXEC misses writes to watched keys.
+        self.unsafe_skip_locks = unsafe_skip_locks
+        self.unsafe_watch_miss = unsafe_watch_miss
         self.security = security or Security.from_config(shardmap.security)
         check_bind([self.info.host], self.security, insecure)
         # One Raft port, one connection per peer node and one thread for every shard group (raftkv.driver).
@@ -137,7 +143,7 @@ class Node:
             os.path.join(self.map.node_data_dir(self.name), f"shard-{shard}"),
             on_role_change=self._role_changed, conf_overrides=self._raft_overrides,
             compact_every_cmds=self._compact_every_cmds, engine=self.engine, on_applied=self.feed.applied,
-            driver=self.driver)
+            driver=self.driver, unsafe_skip_locks=self.unsafe_skip_locks)
         self._replicas[shard] = replica
         self.leader_changes.setdefault(shard, collections.deque(maxlen=64))
         self.metrics.leader_changes.labels(str(shard))  # export 0 before the first change
@@ -472,18 +478,26 @@ def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_le
              limits: Limits | None = None, timing: Timing | None = None, metrics_port: int | None = None,
              insecure: bool = False, faults: Faults | None = None, compact_every_cmds: int | None = None,
              engine_map_size: int = DEFAULT_MAP_SIZE, raft_overrides: dict | None = None,
-             unsafe_no_sync: bool = False) -> None:
+             unsafe_no_sync: bool = False, unsafe_skip_locks: bool = False,
+             unsafe_watch_miss: bool = False) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT (``raft_overrides``: ``SyncObjConf`` timers)."""
     setup_logging(log_level)
     shardmap = ShardMap.load(config)
     node = Node(shardmap, name, limits=limits, timing=timing, unsafe_local_reads=unsafe_local_reads,
                 metrics_port=metrics_port, insecure=insecure, faults=faults, compact_every_cmds=compact_every_cmds,
-                engine_map_size=engine_map_size, raft_overrides=raft_overrides, unsafe_no_sync=unsafe_no_sync)
+                engine_map_size=engine_map_size, raft_overrides=raft_overrides, unsafe_no_sync=unsafe_no_sync,
+                unsafe_skip_locks=unsafe_skip_locks, unsafe_watch_miss=unsafe_watch_miss)
     if unsafe_local_reads:
         log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
     if unsafe_no_sync:
         log.warning("event=unsafe_mode node=%s msg='storage engine never fsyncs: a power loss loses acknowledged "
                     "writes'", name)
+    if unsafe_skip_locks:
+        log.warning("event=unsafe_mode node=%s msg='one-shard writes ignore transaction locks; NOT serializable, "
+                    "testing only'", name)
+    if unsafe_watch_miss:
+        log.warning("event=unsafe_mode node=%s msg='EXEC misses writes to watched keys; lost updates, testing "
+                    "only'", name)
     if not node.security.node_identity_is_secret:
         log.warning("event=insecure_node_identity node=%s msg='no [security] node_key or secret in the cluster "
                     "file: node identity is not secret, so clients can forge internal commands'", name)

@@ -39,7 +39,7 @@ from raftkv.protocol import NIL_ARRAY, OK, QUEUED, Error
 from raftkv.server import coordinator
 from raftkv.server.api import BadRequest, Command, NodeAPI, admin_access
 from raftkv.server.conn import Conn
-from raftkv.txn import PENDING, TxnResult, watch_compare, watch_read
+from raftkv.txn import PENDING, TxnResult, watch_compare, watch_compare_missing_writes, watch_read
 
 
 class _Syntax(Exception):
@@ -264,6 +264,9 @@ def cmd_exec(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
             f.cancel()
         return Error("EXECABORT", f"Transaction discarded because of previous errors: {t.dirty}")
 
+    # --unsafe-watch-miss: the deliberately broken compare (a negative control for the fault harness)
+    compare = watch_compare_missing_writes if node.unsafe_watch_miss else watch_compare
+
     async def go() -> Any:
         compares = []
         for key, fut in t.watches:
@@ -271,7 +274,7 @@ def cmd_exec(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
                 entry = await fut
             except coordinator.TxnCallFailed as e:
                 return Error("EXECABORT", f"WATCH {key!r} could not be read: {e}")
-            compares.append(watch_compare(key, entry))
+            compares.append(compare(key, entry))
         then_ops = [op for _, ops in t.queued for op in ops]
         if not then_ops and not compares:
             return []
