@@ -154,6 +154,13 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
               help="start the nodes in the deliberately unsafe mode (reads from the local copy)")
 @click.option("--read-any-node", is_flag=True,
               help="register and set reads over plain RESP to a fixed node per client instead of the routing Client")
+@click.option("--read-routing", type=click.Choice(["own", "shared"]), default="own", show_default=True,
+              help="register and set reads through the routing Client: own = each client reads through a Client of "
+                   "its own whose leader cache only its reads refresh; shared = through the client's write Client, "
+                   "whose failed writes re-route the reads too")
+@click.option("--attempt-timeout", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="register and set: seconds one attempt (one node's reply) may take before the routing Client "
+                   "re-routes the request within --op-timeout; 0 = an attempt may take the whole op timeout")
 @click.option("--op-timeout", type=float, default=None,
               help="client timeout per op (s); default 4, set: 1 (adds caught in a failover end indeterminate)")
 @click.option("--recovery", type=float, default=30.0, show_default=True,

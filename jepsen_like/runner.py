@@ -82,6 +82,8 @@ class RunConfig:
     store: str = "store"
     unsafe_local_reads: bool = False
     read_any_node: bool = False
+    read_routing: str = "own"
+    attempt_timeout: float = 1.0  # register/set: seconds one attempt may wait (0: the whole op timeout)
     op_timeout: float | None = None  # None: the workload's default (workloads.default_op_timeout)
     recovery: float = 30.0
     keys_per_shard: int = 2
@@ -272,7 +274,9 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     try:
         workload = make_workload(cfg.workload, shardmap, cfg.seed, keys_per_shard=cfg.keys_per_shard,
                                  key_period=cfg.key_period, op_timeout=cfg.op_timeout,
-                                 read_any_node=cfg.read_any_node, unsafe_lock_lapse=cfg.unsafe_lock_lapse,
+                                 read_any_node=cfg.read_any_node, read_routing=cfg.read_routing,
+                                 attempt_timeout=cfg.attempt_timeout or None,
+                                 unsafe_lock_lapse=cfg.unsafe_lock_lapse,
                                  ttl_ops=cfg.ttl_ops)
     except WorkloadUnavailable as e:
         _say(f"raftkv-jepsen: {e}")

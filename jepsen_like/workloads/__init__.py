@@ -30,6 +30,18 @@ correct node forwards or proves leadership first, so this changes nothing for
 the real store; a node in ``--unsafe-local-reads`` mode answers from its local
 copy, which is stale as soon as it is cut off from its shard's majority.
 
+``--read-routing own|shared`` (default ``own``): without ``--read-any-node``,
+register and set reads go through the routing ``Client``.  ``own``: each
+worker reads through a second ``Client`` of its own, whose leader cache only
+its reads' failures refresh, as a process that only reads would; ``shared``:
+through the worker's write client, where a write that fails on a deposed
+leader re-routes the reads after it too.  Under a partition a shared client
+leaves a deposed leader at its next write on that shard (about a second after
+the cut, when the old leader steps down and the write fails), before the new
+leader has acknowledged much, so a node that wrongly serves reads is rarely
+read at the moment it is stale; an own read client stays with it until a read
+fails, which a correct node makes happen and an unsafe one never does.
+
 ``counter``: the classic lost-update check through Redis's optimistic
 transactions. Each increment is ``WATCH k; GET k`` (recorded as a ``get``)
 then ``MULTI; SET k v+1; EXEC`` (recorded as ``cas [v, v+1]``: EXEC commits
@@ -82,6 +94,7 @@ from jepsen_like.workloads.bank import BankWorkload
 from jepsen_like.workloads.base import (
     CLIENT_AUTH,
     KEY_PREFIXES,
+    READ_ROUTINGS,
     Worker,
     WorkloadUnavailable,
     _txn_api_available,
@@ -98,13 +111,15 @@ from raftkv.txnclient import Txn
 
 __all__ = ["WORKLOADS", "WorkloadUnavailable", "Worker", "RegisterWorkload", "SetWorkload", "make_workload",
            "default_op_timeout", "classify", "CLIENT_AUTH", "KEY_PREFIXES", "AppendWorkload", "BankWorkload",
-           "CounterWorkload", "LockWorkload", "TxnWorkload", "lost_updates", "parse_list"]
+           "CounterWorkload", "LockWorkload", "TxnWorkload", "lost_updates", "parse_list", "READ_ROUTINGS"]
 
 WORKLOADS = ("register", "counter", "bank", "txn", "lock", "append", "set")
 
 
 def make_workload(name: str, shardmap: Any, seed: int, **kw: Any) -> Any:
     """The workload ``name``; raises :class:`WorkloadUnavailable` when this build cannot run it."""
+    if kw.get("read_routing", "own") not in READ_ROUTINGS:
+        raise ValueError(f"unknown read routing {kw['read_routing']!r} (expected one of {', '.join(READ_ROUTINGS)})")
     if name == "register":
         return RegisterWorkload(shardmap, seed, **kw)
     if name == "counter":

@@ -69,6 +69,58 @@ class NodeConn:
         self.conn = None
 
 
+# ``--attempt-timeout`` when not given: long enough for a commit on a loaded machine, short against a fault window.
+ATTEMPT_TIMEOUT_S = 1.0
+
+# ``--read-routing``: how a worker's reads reach the cluster when they go through the routing ``Client``.
+READ_ROUTINGS = ("own", "shared")
+
+
+class HarnessClient(Client):
+    """The routing ``Client`` with every attempt (one node's reply) bounded by ``attempt_timeout`` seconds.
+
+    The operation's ``timeout`` still bounds the whole call.  Without the bound, one attempt may use all of
+    it: a request sent to a leader that was cut off from its majority gets no reply, so the client waits out
+    the operation's timeout there (4 s, as long as a fault window) instead of re-routing to the new leader.
+    With it, the attempt fails after ``attempt_timeout``, the client forgets that leader and retries
+    elsewhere; a retried write keeps its session sequence number, so it is applied at most once.
+    ``None`` or 0: no bound.
+    """
+
+    def __init__(self, *args: Any, attempt_timeout: float | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.attempt_timeout = attempt_timeout
+
+    def _call_node(self, addr: tuple[str, int], args: list[bytes], timeout: float) -> Any:
+        return super()._call_node(addr, args, attempt_budget(timeout, self.attempt_timeout))
+
+
+def attempt_budget(remaining: float, attempt_timeout: float | None) -> float:
+    """Seconds one attempt may wait: what is left of the operation, at most ``attempt_timeout`` (if set)."""
+    return min(remaining, attempt_timeout) if attempt_timeout else remaining
+
+
+def routing_client(wl: Any) -> HarnessClient:
+    """A worker's routing client: the workload's map, operation timeout, attempt bound and credentials."""
+    return HarnessClient(cluster=wl.map, timeout=wl.op_timeout, attempt_timeout=wl.attempt_timeout, **CLIENT_AUTH)
+
+
+def read_client(write_client: Client, routing: str, wl: Any) -> Client:
+    """The routing ``Client`` a worker reads through (``--read-routing``).
+
+    ``shared``: the worker's write client, so a write that fails on a deposed leader re-routes the reads
+    that follow it too.  ``own``: a second client whose leader cache only the reads' own failures
+    refresh, as in a process that only reads: it keeps reading where it last found a leader until a
+    read there fails, so a node that answers reads it should refuse (a deposed leader serving its local
+    copy) is read from for as long as it keeps answering.
+    """
+    if routing == "shared":
+        return write_client
+    if routing == "own":
+        return routing_client(wl)
+    raise ValueError(f"unknown read routing {routing!r} (expected one of {', '.join(READ_ROUTINGS)})")
+
+
 class Worker:
     """One client process: ``next_op`` proposes, ``invoke`` performs; ``close`` at the end."""
 

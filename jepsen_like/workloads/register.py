@@ -8,13 +8,14 @@ from typing import Any
 from jepsen_like.checker import check
 from jepsen_like.models import get_model
 from jepsen_like.workloads.base import (
-    CLIENT_AUTH,
+    ATTEMPT_TIMEOUT_S,
     NodeConn,
     Worker,
     _s,
     classify,
+    read_client,
+    routing_client,
 )
-from raftkv.client import Client
 
 # ``register --ttl-ops``: the ttls of ``put-ttl``, short (expires during the run) and long (never does; the
 # ``kv-expiry`` model treats a ttl of an hour or more as never expiring).
@@ -31,7 +32,9 @@ class RegisterWorkload:
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 2, key_period: float = 5.0,
                  op_timeout: float = 4.0, read_any_node: bool = False,
-                 mix: tuple[float, float, float] = (0.4, 0.3, 0.3), ttl_ops: float = 0.0, **_: Any) -> None:
+                 mix: tuple[float, float, float] = (0.4, 0.3, 0.3), ttl_ops: float = 0.0,
+                 read_routing: str = "own",
+                 attempt_timeout: float | None = ATTEMPT_TIMEOUT_S, **_: Any) -> None:
         self.map = shardmap
         self.ttl_ops = ttl_ops
         self.model = "kv-expiry" if ttl_ops > 0 else "kv"
@@ -40,6 +43,8 @@ class RegisterWorkload:
         self.key_period = key_period
         self.op_timeout = op_timeout
         self.read_any_node = read_any_node
+        self.read_routing = read_routing
+        self.attempt_timeout = attempt_timeout
         self.mix = mix
         self._keys: dict[int, list[str]] = {}
         self.last_value: dict[str, str | None] = {}  # last value any client saw or wrote, per key
@@ -83,7 +88,8 @@ class _RegisterWorker(Worker):
         self.process = process
         self.rng = rng
         self.n = 0
-        self.client = Client(cluster=wl.map, timeout=wl.op_timeout, **CLIENT_AUTH)
+        self.client = routing_client(wl)
+        self.reader = read_client(self.client, wl.read_routing, wl)
         self.node: NodeConn | None = None
         if pinned:
             names = sorted(wl.map.nodes)
@@ -112,7 +118,7 @@ class _RegisterWorker(Worker):
                 if self.node is not None:
                     out = _s(self.node.call("GET", key))
                 else:
-                    out = _s(self.client.get(key))
+                    out = _s(self.reader.get(key))
                 self.wl.last_value[key] = out
                 return "ok", out
             if f == "put":
@@ -134,5 +140,7 @@ class _RegisterWorker(Worker):
 
     def close(self) -> None:
         self.client.close()
+        if self.reader is not self.client:
+            self.reader.close()
         if self.node is not None:
             self.node.close()

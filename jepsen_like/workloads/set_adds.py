@@ -7,15 +7,16 @@ from typing import Any
 
 from jepsen_like import sets
 from jepsen_like.workloads.base import (
-    CLIENT_AUTH,
+    ATTEMPT_TIMEOUT_S,
     SET_OP_TIMEOUT_S,
     NodeConn,
     Worker,
     _keys_per_shard,
     classify,
     parse_list,
+    read_client,
+    routing_client,
 )
-from raftkv.client import Client
 
 
 class SetWorkload:
@@ -26,10 +27,13 @@ class SetWorkload:
     READ_SHARE = 0.25
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 2, op_timeout: float = SET_OP_TIMEOUT_S,
-                 read_any_node: bool = False, **_: Any) -> None:
+                 read_any_node: bool = False, read_routing: str = "own",
+                 attempt_timeout: float | None = ATTEMPT_TIMEOUT_S, **_: Any) -> None:
         self.map = shardmap
         self.op_timeout = op_timeout
         self.read_any_node = read_any_node
+        self.read_routing = read_routing
+        self.attempt_timeout = attempt_timeout
         self.keys = _keys_per_shard(shardmap, self.prefix, keys_per_shard)
 
     def setup(self, rec: Any) -> None:
@@ -62,7 +66,8 @@ class _SetWorker(Worker):
         self.rng = rng
         self.via = via
         self.n = 0
-        self.client = Client(cluster=wl.map, timeout=wl.op_timeout, **CLIENT_AUTH)
+        self.client = routing_client(wl)
+        self.reader = read_client(self.client, wl.read_routing, wl)
         self.nodes: dict[str, NodeConn] = {}
 
     def next_op(self, t: float) -> tuple[str, Any, Any]:
@@ -89,7 +94,7 @@ class _SetWorker(Worker):
         out: list[str] = []
         for k in self.wl.keys:
             if via is None:
-                out += parse_list(self.client.get(k))
+                out += parse_list(self.reader.get(k))
                 continue
             if via not in self.nodes:
                 self.nodes[via] = NodeConn(self.wl.map.nodes[via].client_addr, self.wl.op_timeout)
@@ -98,5 +103,7 @@ class _SetWorker(Worker):
 
     def close(self) -> None:
         self.client.close()
+        if self.reader is not self.client:
+            self.reader.close()
         for conn in self.nodes.values():
             conn.close()
