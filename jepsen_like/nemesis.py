@@ -20,6 +20,11 @@ calls it when the schedule ends, and on any error.
 Partition shapes (node addresses, via :class:`jepsen_like.netns.Firewall`):
 
 * ``halves``: the nodes shuffled and split into a minority and a majority;
+  half the time the minority holds the leader of a random shard (as the
+  process faults pick their target), else it is random: with 3 nodes whose
+  shards all elected the same leader, a random minority holds it only a
+  third of the time, and no other shape deposes it (a 3-node bridge leaves
+  every node a majority);
 * ``isolate-leader``: the leader of a random shard (``LocalCluster.leaders()``)
   alone against the rest (the classic stale-leader setup);
 * ``majority-ring``: every node still sees a majority, but no two see the same
@@ -211,8 +216,12 @@ def partition_edges(shape: str, nodes: list[str], rng: random.Random,
     if shape == "halves":
         rng.shuffle(nodes)
         k = len(nodes) // 2
+        if leader in nodes:  # the leader first: in the minority
+            nodes.remove(leader)
+            nodes.insert(0, leader)
         groups = [sorted(nodes[:k]), sorted(nodes[k:])]
-        return _between(groups), groups, f"halves {groups[0]} | {groups[1]}"
+        how = f" (leader {leader} in the minority)" if leader in nodes else ""
+        return _between(groups), groups, f"halves {groups[0]} | {groups[1]}{how}"
     if shape == "isolate-leader":
         target = leader if leader in nodes else rng.choice(nodes)
         rest = sorted(n for n in nodes if n != target)
@@ -316,7 +325,7 @@ class Nemesis:
                     raise RuntimeError("partition nemesis unavailable (no network namespace / iptables)")
                 shape = self.rng.choice(self.shapes)
                 leader = None
-                if shape == "isolate-leader":
+                if shape == "isolate-leader" or (shape == "halves" and self.rng.random() < 0.5):
                     leader = self._leaders().get(self.rng.randrange(self.cluster.map.nshards))
                 edges, groups, detail = partition_edges(shape, self.nodes, self.rng, leader)
                 f = Fault("partition", f"{shape}: {detail}", sorted({n for e in edges for n in e}),

@@ -610,6 +610,17 @@ def test_partition_shapes(n: int) -> None:
     assert len(views) > 1  # not everyone sees the same majority
 
 
+@pytest.mark.parametrize("n", [3, 5])
+def test_halves_with_a_leader_puts_it_in_the_minority(n: int) -> None:
+    nodes = [f"n{i}" for i in range(1, n + 1)]
+    for seed in range(20):
+        edges, groups, detail = partition_edges("halves", nodes, random.Random(seed), leader="n3")
+        assert "n3" in groups[0] and len(groups[0]) == n // 2 and "leader n3 in the minority" in detail
+        assert len(edges) == (n // 2) * (n - n // 2)
+    minorities = {tuple(partition_edges("halves", nodes, random.Random(seed))[1][0]) for seed in range(20)}
+    assert len(minorities) > 1  # without a leader: a random minority, as before
+
+
 def _op(i: int, call: float, ret: float, status: str) -> Op:
     return Op(i, 0, "get", "k", None, None, call, ret, status)
 
