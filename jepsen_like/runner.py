@@ -81,7 +81,7 @@ class RunConfig:
     seed: int | None = None
     store: str = "store"
     unsafe_local_reads: bool = False
-    read_any_node: bool = False
+    read_any_node: bool = True
     read_routing: str = "own"
     attempt_timeout: float = 1.0  # register/set: seconds one attempt may wait (0: the whole op timeout)
     op_timeout: float | None = None  # None: the workload's default (workloads.default_op_timeout)
@@ -113,8 +113,8 @@ class RunConfig:
             v = getattr(self, f.name)
             opt = "--" + f.name.replace("_", "-")
             if isinstance(v, bool):
-                if v:
-                    out.append(opt)
+                if v != f.default:  # flags on by default are turned off with --no-NAME
+                    out.append(opt if v else "--no-" + opt[2:])
             elif v is not None:
                 out += [opt, str(v)]
         return out

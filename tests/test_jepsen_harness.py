@@ -662,10 +662,18 @@ def test_availability_windows_and_verdict() -> None:
     assert verdict_of({"a": {"valid": False, "verdict": "unknown"}}) == "unknown"
 
 
+def run_cmd_params(argv: list[str]) -> dict:
+    from jepsen_like.cli import run_cmd
+
+    return run_cmd.make_context("run", argv).params
+
+
 def test_config_round_trips_through_argv() -> None:
     cfg = RunConfig(nemesis="all", time=12.5, seed=3, unsafe_local_reads=True)
     argv = cfg.to_argv()
-    assert "--unsafe-local-reads" in argv and "--read-any-node" not in argv
+    assert "--unsafe-local-reads" in argv and "--read-any-node" not in argv  # on by default
+    assert "--no-read-any-node" in RunConfig(read_any_node=False).to_argv()
+    assert run_cmd_params(RunConfig(read_any_node=False).to_argv())["read_any_node"] is False
     assert argv[argv.index("--time") + 1] == "12.5"
     from jepsen_like.cli import run_cmd
 

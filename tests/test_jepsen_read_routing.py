@@ -115,3 +115,29 @@ def test_workers_route_through_clients_that_bound_each_attempt(tmp_path: Path,
     unbounded = HarnessClient(cluster=_map(tmp_path), timeout=4.0, attempt_timeout=None)
     unbounded._call_node(("127.0.0.1", 1), [b"PING"], 3.5)
     assert waits[-1] == 3.5
+
+
+def test_a_bound_client_sends_every_attempt_to_its_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--read-any-node (the default): a register client's writes go to its own node too, whichever node the
+    routing client means to reach; that node forwards them (the session makes a forwarded retry apply once)."""
+    m = _map(tmp_path)
+    w = RegisterWorkload(m, 1, read_any_node=True).worker(2, random.Random(0))
+    sent = []
+    monkeypatch.setattr(Client, "_call_node", lambda self, addr, args, timeout: sent.append(addr) or b"OK")
+    try:
+        assert w.client.pin == m.nodes["n3"].client_addr  # client 2 -> node n3
+        for addr in (m.nodes["n1"].client_addr, m.nodes["n2"].client_addr):
+            w.client._call_node(addr, [b"PING"], 1.0)
+        assert sent == [m.nodes["n3"].client_addr] * 2
+    finally:
+        w.close()
+    unbound = RegisterWorkload(m, 1, read_any_node=False).worker(2, random.Random(0))
+    try:
+        assert unbound.client.pin is None and unbound.node is None
+    finally:
+        unbound.close()
+
+
+def test_reading_any_node_is_the_default() -> None:
+    assert RunConfig().read_any_node is True
+    assert run_cmd.make_context("run", []).params["read_any_node"] is True

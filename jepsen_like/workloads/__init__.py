@@ -24,11 +24,14 @@ any run (``LONG_TTL_MS``); checked with the ``kv-expiry`` model, which lets a
 short-ttl value vanish at any moment after its put without knowing the
 store's log time.
 
-``--read-any-node``: reads go over a plain RESP connection to a fixed node
-(client *i* -> node *i mod N*) instead of through the routing ``Client``.  A
-correct node forwards or proves leadership first, so this changes nothing for
-the real store; a node in ``--unsafe-local-reads`` mode answers from its local
-copy, which is stale as soon as it is cut off from its shard's majority.
+``--read-any-node`` (on by default; ``--no-read-any-node`` turns it off): each
+client is bound to a fixed node (client *i* -> node *i mod N*): reads go over a
+plain RESP connection to it, writes are session writes the routing client sends
+to that node only (``HarnessClient(pin=...)``), which forwards what it does not
+lead.  A correct node forwards or proves leadership first, so this changes
+nothing for the real store; a node in ``--unsafe-local-reads`` mode answers
+from its local copy, which is stale as soon as it is cut off from its shard's
+majority.
 
 ``--read-routing own|shared`` (default ``own``): without ``--read-any-node``,
 register and set reads go through the routing ``Client``.  ``own``: each

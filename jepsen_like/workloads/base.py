@@ -85,14 +85,21 @@ class HarnessClient(Client):
     With it, the attempt fails after ``attempt_timeout``, the client forgets that leader and retries
     elsewhere; a retried write keeps its session sequence number, so it is applied at most once.
     ``None`` or 0: no bound.
+
+    ``pin``: send every attempt to this one node, whichever node the client means to reach (``--read-any-node``
+    writes): the node forwards what it does not lead, as it would for any Redis client, and the client's
+    session (``RAFTKV.REQ``) makes a retried write apply at most once through that forwarding too. A client
+    bound to one node, as Jepsen binds its clients: when that node is down or cut off, its operations fail.
     """
 
-    def __init__(self, *args: Any, attempt_timeout: float | None = None, **kw: Any) -> None:
+    def __init__(self, *args: Any, attempt_timeout: float | None = None, pin: tuple[str, int] | None = None,
+                 **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.attempt_timeout = attempt_timeout
+        self.pin = pin
 
     def _call_node(self, addr: tuple[str, int], args: list[bytes], timeout: float) -> Any:
-        return super()._call_node(addr, args, attempt_budget(timeout, self.attempt_timeout))
+        return super()._call_node(self.pin or addr, args, attempt_budget(timeout, self.attempt_timeout))
 
 
 def attempt_budget(remaining: float, attempt_timeout: float | None) -> float:
@@ -100,9 +107,17 @@ def attempt_budget(remaining: float, attempt_timeout: float | None) -> float:
     return min(remaining, attempt_timeout) if attempt_timeout else remaining
 
 
-def routing_client(wl: Any) -> HarnessClient:
-    """A worker's routing client: the workload's map, operation timeout, attempt bound and credentials."""
-    return HarnessClient(cluster=wl.map, timeout=wl.op_timeout, attempt_timeout=wl.attempt_timeout, **CLIENT_AUTH)
+def routing_client(wl: Any, pin: tuple[str, int] | None = None) -> HarnessClient:
+    """A worker's routing client: the workload's map, operation timeout, attempt bound and credentials;
+    ``pin``: every request to that node instead (see ``HarnessClient``)."""
+    return HarnessClient(cluster=wl.map, timeout=wl.op_timeout, attempt_timeout=wl.attempt_timeout, pin=pin,
+                         **CLIENT_AUTH)
+
+
+def pinned_node(shardmap: Any, process: Any) -> Any:
+    """The node client ``process`` is bound to under ``--read-any-node``: client i -> node i mod N."""
+    names = sorted(shardmap.nodes)
+    return shardmap.nodes[names[int(process) % len(names)]]
 
 
 def read_client(write_client: Client, routing: str, wl: Any) -> Client:

@@ -13,6 +13,7 @@ from jepsen_like.workloads.base import (
     Worker,
     _s,
     classify,
+    pinned_node,
     read_client,
     routing_client,
 )
@@ -88,14 +89,15 @@ class _RegisterWorker(Worker):
         self.process = process
         self.rng = rng
         self.n = 0
-        self.client = routing_client(wl)
-        self.reader = read_client(self.client, wl.read_routing, wl)
         self.node: NodeConn | None = None
-        if pinned:
-            names = sorted(wl.map.nodes)
-            info = wl.map.nodes[names[int(process) % len(names)]]
+        if pinned:  # reads (plain GET) and writes (session writes) all through one node, which forwards
+            info = pinned_node(wl.map, process)
             self.node = NodeConn(info.client_addr, wl.op_timeout)
             self.node_name = info.name
+            self.client = routing_client(wl, pin=info.client_addr)
+        else:
+            self.client = routing_client(wl)
+        self.reader = read_client(self.client, wl.read_routing, wl)
 
     def next_op(self, t: float) -> tuple[str, Any, Any]:
         key = self.rng.choice(self.wl.keys_at(t))

@@ -66,7 +66,8 @@ class _SetWorker(Worker):
         self.rng = rng
         self.via = via
         self.n = 0
-        self.client = routing_client(wl)
+        # Bound to a node (--read-any-node): its adds go through that node too, which forwards them.
+        self.client = routing_client(wl, pin=wl.map.nodes[via].client_addr if via else None)
         self.reader = read_client(self.client, wl.read_routing, wl)
         self.nodes: dict[str, NodeConn] = {}
 
