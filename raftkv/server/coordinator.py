@@ -83,6 +83,8 @@ RECOVERY_PERIOD_S = 0.1
 GC_PERIOD_S = 5.0
 
 _RETRY = {"UNKNOWN", "TRYAGAIN", "NOQUORUM", "MOVED", "LOCKED", "BUSY"}
+# Answers that say "nothing ran here": after a hand-over that may have run, they cannot be the answer.
+_NOT_RUN_HERE = {"TRYAGAIN", "NOQUORUM", "MOVED", "LOCKED", "BUSY", "STORAGE", "UNAVAILABLE"}
 
 
 class TxnCallFailed(Exception):
@@ -141,12 +143,15 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
     replica = node.replicas.get(plan.home)
     leading = replica is not None and replica.is_leader()
     target = None if leading or hops > 0 else node.leader_node(plan.home)
+    handed_over = False  # the home leader may have run it: then "not applied" is no answer (see below)
     if target is not None and target != node.name:
         # The coordinator is the home shard's leader: hand the transaction over.
         try:
             reply = await node.rpc(target, ("txn", txid, tuple(compares), tuple(then_ops), tuple(else_ops), hops + 1),
                                    node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
-        except (PeerUnreachable, PeerRefused):  # refused: not run there (e.g. its map does not know us yet)
+        except PeerUnreachable as e:
+            reply, handed_over = None, e.sent
+        except PeerRefused:  # not run there (e.g. its map does not know us yet)
             reply = None
         if isinstance(reply, TxnResult):
             return reply
@@ -154,7 +159,13 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
             return reply
         # Unreachable leader (maybe after it began): coordinate here with the same
         # txid; every message is idempotent, so two coordinators cannot disagree.
-    return await _run_here(node, plan, compares, then_ops, else_ops)
+    res = await _run_here(node, plan, compares, then_ops, else_ops)
+    if handed_over and isinstance(res, Error) and res.code in _NOT_RUN_HERE:
+        # The leader may have committed it before its reply was lost; this node's own attempt not running (no
+        # leader reachable from here: e.g. it is being removed from the group) says nothing about that one.
+        return Error("UNKNOWN", f"transaction {txid}: outcome unknown: it was handed over to {target}, whose "
+                                f"reply was lost, and could not be run from here ({res.code} {res.message})")
+    return res
 
 
 async def read_only(node: NodeAPI, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error:
