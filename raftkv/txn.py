@@ -454,6 +454,12 @@ class TxnTable:
                 else:
                     del self.reserved[k]
 
+    def _ahead(self, keys: tuple, prio: tuple, now_ms: int) -> int:
+        """How many waiters of other lineages are older than ``prio`` on its most crowded key: a NO
+        vote says it, so the loser retries about when its turn comes (soon when 0)."""
+        return max((sum(1 for p, _ in self.waiters(k, now_ms) if p < prio and p[1] != prio[1]) for k in keys),
+                   default=0)
+
     def _older_reservation(self, keys: tuple, prio: tuple, now_ms: int) -> bytes | None:
         """A key of ``keys`` with a live waiter older than ``prio`` (of another lineage), if any."""
         for k in keys:
@@ -610,15 +616,17 @@ class TxnTable:
                 # No-wait: vote NO, lock nothing, and remember the abort (this vote is final).  With a
                 # priority, the transaction queues for its keys: its retry (same priority) goes first.
                 self.done[txid] = (ABORTED, now_ms, home, start_ms)
-                if prio is not None:
-                    self._reserve(keys, prio, now_ms)
-                return ("no", REASON_CONFLICT, (k, other.txid, other.home_shard, other.since_ms))
+                conflict = (k, other.txid, other.home_shard, other.since_ms)
+                if prio is None:
+                    return ("no", REASON_CONFLICT, conflict)
+                self._reserve(keys, prio, now_ms)
+                return ("no", REASON_CONFLICT, conflict, self._ahead(keys, prio, now_ms))
         if prio is not None and self._older_reservation(keys, prio, now_ms) is not None:
             # Wait-die: an older transaction lost on one of these keys and retries; this one dies
             # (final, as any NO) so that the older one finds the key free.
             self.done[txid] = (ABORTED, now_ms, home, start_ms)
             self._reserve(keys, prio, now_ms)
-            return ("no", REASON_RESERVED, None)
+            return ("no", REASON_RESERVED, None, self._ahead(keys, prio, now_ms))
         if _append_too_big(s.data, then_ops) or _append_too_big(s.data, else_ops):
             # Refused for good (a NO vote is final): nothing locked, nothing staged.
             self.done[txid] = (ABORTED, now_ms, home, start_ms)

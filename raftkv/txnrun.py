@@ -41,13 +41,18 @@ from raftkv.txn import (
     keys_of,
 )
 
-__all__ = ["Decision", "Plan", "TxnRun", "abort_for", "clamp_prio", "conflict_of", "decide", "new_prio",
-           "parse_prio_token", "plan_txn", "prio_token", "prio_token_of", "recovery_action"]
+__all__ = ["Decision", "Plan", "TxnRun", "abort_for", "ahead_of", "clamp_prio", "conflict_of", "decide", "new_prio",
+           "parse_prio_token", "plan_txn", "prio_token", "prio_token_of", "recovery_action", "retry_delay_s"]
 
 PRIO_AGE_MAX_MS = 60_000  # a priority handed in (a retry's) counts as at most this old
+# A queued transaction retries this long per older waiter ahead of it: about one hot-key commit.
+# (Measured with bench/hotkey_bench.py, 8 writers on a loaded 2-core machine: 10 ms made waiters
+# poll a still-locked key, 40 ms left it idle; 20 ms gave the most commits.)
+QUEUE_STEP_S = 0.02
 
 _TOKEN = re.compile(r"(\d{1,15}):([0-9a-f]{16})")
 _TOKEN_IN_TEXT = re.compile(r"PRIO (\d{1,15}:[0-9a-f]{16})")
+_AHEAD_IN_TEXT = re.compile(r"PRIO \S+ \((\d+) ahead\)")
 
 
 def new_prio(txid: str, wall_ms: int) -> tuple[int, str]:
@@ -73,6 +78,22 @@ def parse_prio_token(token: str) -> tuple[int, str]:
     if m is None:
         raise ValueError(f"bad PRIO token {token!r}: want MS:LINEAGE (as a -TXNCONFLICT error quotes it)")
     return (int(m.group(1)), m.group(2))
+
+
+def ahead_of(message: str) -> int | None:
+    """How many older waiters a ``-TXNCONFLICT`` error says are queued before the transaction."""
+    m = _AHEAD_IN_TEXT.search(message)
+    return None if m is None else int(m.group(1))
+
+
+def retry_delay_s(ahead: int | None, attempt: int, backoff_s: float, cap_s: float,
+                  step_s: float = QUEUE_STEP_S) -> float:
+    """How long to wait before retrying a conflict, before jitter: about when its turn comes
+    (``step_s`` per older waiter ahead of it, so the first in line comes back soon) when the error
+    said, else exponential backoff from ``backoff_s``."""
+    if ahead is not None:
+        return min(cap_s, step_s * (ahead + 1))
+    return min(cap_s, backoff_s * 2 ** attempt)
 
 
 def prio_token_of(message: str) -> str | None:
@@ -220,6 +241,7 @@ class TxnRun:
         self.record: str | None = None  # the record's state as the stage answered it (parallel runs)
         self.parallel = False  # parallel commits: decide with tx_settle (the home finishes in the same entry)
         self.prio: tuple | None = None  # the wait-die priority its PREPAREs carry (None: the older shape)
+        self.ahead: int | None = None  # on a NO vote with a priority: older waiters queued before it there
 
     @classmethod
     def parallel(cls, plan: Plan, start_ms: int, prio: tuple | None = None) -> TxnRun:
@@ -297,6 +319,8 @@ class TxnRun:
             self.votes.setdefault(shard, result)
             if result[0] != "yes":  # one NO decides: abort without waiting for the others
                 self.conflict = conflict_of({shard: result})
+                if result[0] == "no" and len(result) > 3 and self.ahead is None:
+                    self.ahead = result[3]
                 d = abort_for(result)
                 if result[0] == "no" and self.phase == "stage":
                     # A NO vote is final (a tombstone): the transaction can never be committed.

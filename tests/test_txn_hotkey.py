@@ -24,12 +24,14 @@ from raftkv.txn import (
 from raftkv.txnrun import (
     PRIO_AGE_MAX_MS,
     TxnRun,
+    ahead_of,
     clamp_prio,
     new_prio,
     parse_prio_token,
     plan_txn,
     prio_token,
     prio_token_of,
+    retry_delay_s,
 )
 
 from .conftest import examples
@@ -58,7 +60,7 @@ def test_an_older_loser_waits_and_wins_next_while_a_younger_dies() -> None:
     assert s.txns.reservation(b"h", T0) == OLD
     s.apply(("tx_finish", "holder", COMMITTED, True), T0 + 1)
     # The lock is gone, but the key is the older transaction's next: a younger PREPARE dies ...
-    assert s.apply(prep("young-1", prio=YOUNG), T0 + 2) == ("no", REASON_RESERVED, None)
+    assert s.apply(prep("young-1", prio=YOUNG), T0 + 2) == ("no", REASON_RESERVED, None, 1)  # 1 ahead of it
     assert s.txns.locks == {} and s.txns.done["young-1"][0] == ABORTED
     # ... and the older one's retry (a new id, the same priority) locks it.
     assert s.apply(prep("old-2", prio=OLD), T0 + 3)[0] == "yes"
@@ -167,6 +169,37 @@ def test_snapshots_keep_reservations() -> None:
     assert TxnTable.load({}).reserved == {}  # a snapshot from before reservations
 
 
+def test_a_no_vote_says_how_many_older_waiters_are_ahead() -> None:
+    s = locked_by_holder()
+    assert s.apply(prep("mid", prio=MID), T0)[3] == 0  # first in line
+    assert s.apply(prep("young", prio=YOUNG), T0)[3] == 1
+    assert s.apply(prep("old", prio=OLD), T0)[3] == 0  # an older one goes to the front
+    assert s.apply(prep("young-2", prio=YOUNG), T0)[3] == 2
+    assert len(s.apply(prep("older-shape"), T0)) == 3  # no priority: the vote of earlier versions
+
+
+def test_retry_delays_follow_the_queue() -> None:
+    assert retry_delay_s(0, 7, 0.01, 0.2, 0.02) == 0.02  # first in line: back soon, however often it lost
+    assert retry_delay_s(3, 0, 0.01, 0.2, 0.02) == 0.08
+    assert retry_delay_s(100, 0, 0.01, 0.2) == 0.2
+    assert retry_delay_s(None, 3, 0.01, 0.2) == 0.08  # not told: exponential backoff
+    assert ahead_of("...; retry with PRIO 12:0123456789abcdef (3 ahead)") == 3
+    assert ahead_of("...; retry with PRIO 12:0123456789abcdef") is None
+
+
+def test_raftkv_txn_takes_a_prio_token() -> None:
+    from raftkv.server.commands.txn import _Syntax, parse_txn, take_prio
+    tok = prio_token(OLD)
+    for args, rest in [([b"PRIO", tok.encode(), b"0", b"1", b"GET", b"k", b"0"], [b"0", b"1", b"GET", b"k", b"0"]),
+                       ([b"ID", b"x", b"prio", tok.encode(), b"0", b"0", b"0"], [b"ID", b"x", b"0", b"0", b"0"])]:
+        prio, left = take_prio(args)
+        assert prio == OLD and left == rest
+        parse_txn(left, 100)
+    assert take_prio([b"0", b"0", b"0"]) == (None, [b"0", b"0", b"0"])
+    with pytest.raises(_Syntax):
+        take_prio([b"PRIO", b"nonsense", b"0", b"0", b"0"])
+
+
 def test_priorities_tokens_and_clamping() -> None:
     p = new_prio("some id", 12345)
     assert p[0] == 12345 and p == new_prio("some id", 12345) and p != new_prio("other id", 12345)
@@ -258,3 +291,25 @@ def test_without_priorities_the_oldest_writer_can_lose_every_round() -> None:
     assert starved[0] == [-1] and all(not a or a == [-1] for w, a in starved.items() if w != WRITERS - 1)
     fair = hot_key_rounds(youngest_first, priorities=True)
     assert all(fair[w] and max(a for a in fair[w] if a > 0) <= BOUND for w in range(WRITERS))
+
+
+def test_coordinator_gives_prepares_a_priority_unless_told_not_to() -> None:
+    """A first attempt gets a new priority, a retry keeps its own (clamped), and
+    ``--txn-no-priorities`` (rolling upgrades) sends the PREPARE shape earlier versions understand."""
+    from types import SimpleNamespace
+
+    from raftkv.server.api import Timing
+    from raftkv.server.coordinator import new_run
+
+    plan = plan_txn("t", [], [("put", b"a", b"1"), ("put", b"b", b"1")], [], {b"a": 0, b"b": 1}.__getitem__)
+    home = {0: SimpleNamespace(log_now_ms=lambda: T0)}
+
+    def prepares(timing: Timing, prio: tuple | None = None) -> list[tuple]:
+        run = new_run(SimpleNamespace(timing=timing, replicas=home), plan, prio)  # type: ignore[arg-type]
+        return [c for _, c in run.commands() if c[0] == "tx_prepare"]
+
+    first = prepares(Timing())
+    assert len(first) == 2 and all(len(c) == 8 and c[7][1] == new_prio("t", 0)[1] for c in first)
+    kept = prepares(Timing(), OLD)
+    assert all(c[7][1] == OLD[1] for c in kept)  # the retry's lineage; its time clamped to a minute ago
+    assert all(len(c) == 7 for c in prepares(Timing(txn_priorities=False), OLD))

@@ -59,6 +59,7 @@ from raftkv.txn import (
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
+    REASON_RESERVED,
     REASON_TOOBIG,
     STAGING,
     TxnResult,
@@ -68,11 +69,24 @@ from raftkv.txn import (
     single_shard_cmd,
     validate,
 )
-from raftkv.txnrun import TxnRun, plan_txn, recovery_action
+from raftkv.txnrun import (
+    TxnRun,
+    ahead_of,
+    clamp_prio,
+    new_prio,
+    parse_prio_token,
+    plan_txn,
+    prio_token,
+    prio_token_of,
+    recovery_action,
+    retry_delay_s,
+)
 
 log = logging.getLogger("raftkv.txn")
 
 CONFLICT_RETRIES = 8  # a transaction that meets another's lock is re-run with a new id this many more times
+CONFLICT_BACKOFF_S = 0.005  # first backoff of a conflict retry not told its place in a queue (doubling)
+CONFLICT_DELAY_MAX_S = 0.2
 
 LOCK_TIMEOUT_MS = 1500  # a lock older than this is resolved at its home shard
 PENDING_TIMEOUT_MS = 2000  # a PENDING record older than this is aborted by its home leader
@@ -116,20 +130,39 @@ def new_txid() -> str:
 
 async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, else_ops: list,
                                 retries: int = CONFLICT_RETRIES) -> Any:
-    """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more times."""
-    delay = 0.005
-    for attempt in range(retries + 1):
-        res = await node.coordinate_at_home(new_txid(), compares, then_ops, else_ops)
-        if not (isinstance(res, Error) and res.code == "TXNCONFLICT") or attempt == retries:
+    """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more
+    times; while it is queued for its keys (wait-die), until the request timeout instead.
+
+    Every retry keeps the wait-die priority its first attempt was given (the error quotes it), so
+    it queues for the keys it lost on and, once it is the oldest waiter there, goes first; it comes
+    back about when its turn comes (the error says how many older waiters are ahead of it).  A queued
+    transaction is waiting, not losing: the count of attempts does not end it, time does.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + node.timing.request_timeout_s
+    prio = None
+    attempt = 0
+    while True:
+        res = await node.coordinate_at_home(new_txid(), compares, then_ops, else_ops, prio=prio)
+        if not (isinstance(res, Error) and res.code == "TXNCONFLICT"):
             return res
+        ahead = ahead_of(res.message)
+        if attempt >= retries and (ahead is None or loop.time() > deadline):
+            return res
+        if prio is None:
+            token = prio_token_of(res.message)
+            prio = None if token is None else parse_prio_token(token)
+        delay = retry_delay_s(ahead, attempt, CONFLICT_BACKOFF_S, CONFLICT_DELAY_MAX_S)
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-        delay = min(0.2, delay * 2)
-    return res
+        attempt += 1
 
 
 async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, else_ops: Any,
-                     hops: int = 0) -> TxnResult | Error:
-    """Run a transaction; answer once the home shard has applied its decision."""
+                     hops: int = 0, prio: tuple | None = None) -> TxnResult | Error:
+    """Run a transaction; answer once the home shard has applied its decision.
+
+    ``prio``: an earlier attempt's wait-die priority (a retry), else the run gets a new one.
+    """
     why = validate(compares, then_ops, else_ops)
     if why is not None:
         return Error("ERR", why)
@@ -143,9 +176,11 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
     target = None if leading or hops > 0 else node.leader_node(plan.home)
     if target is not None and target != node.name:
         # The coordinator is the home shard's leader: hand the transaction over.
+        msg = ("txn", txid, tuple(compares), tuple(then_ops), tuple(else_ops), hops + 1)
+        if prio is not None and node.timing.txn_priorities:  # nodes without priorities refuse a 7th field
+            msg += (prio,)
         try:
-            reply = await node.rpc(target, ("txn", txid, tuple(compares), tuple(then_ops), tuple(else_ops), hops + 1),
-                                   node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
+            reply = await node.rpc(target, msg, node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
         except (PeerUnreachable, PeerRefused):  # refused: not run there (e.g. its map does not know us yet)
             reply = None
         if isinstance(reply, TxnResult):
@@ -154,7 +189,7 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
             return reply
         # Unreachable leader (maybe after it began): coordinate here with the same
         # txid; every message is idempotent, so two coordinators cannot disagree.
-    return await _run_here(node, plan, compares, then_ops, else_ops)
+    return await _run_here(node, plan, compares, then_ops, else_ops, prio)
 
 
 async def read_only(node: NodeAPI, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error:
@@ -201,7 +236,8 @@ async def read_only(node: NodeAPI, compares: Any, then_ops: Any, else_ops: Any) 
     return before
 
 
-async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error:
+async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else_ops: Any,
+                    prio: tuple | None = None) -> TxnResult | Error:
     if len(plan.participants) == 1:
         cmd = single_shard_cmd(plan.txid, compares, then_ops, else_ops)
         try:
@@ -213,20 +249,28 @@ async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else
     # its lock and aborting.
     await node.txns.wait_settled(keys_of(compares, then_ops, else_ops), PREPARE_TIMEOUT_S)
     decided = asyncio.get_running_loop().create_future()
-    node.txns.spawn(plan.txid, _drive(node, new_run(node, plan), decided))
+    node.txns.spawn(plan.txid, _drive(node, new_run(node, plan, prio), decided))
     try:
         return await asyncio.wait_for(asyncio.shield(decided), node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
     except TimeoutError:
         return Error("UNKNOWN", f"transaction {plan.txid}: no decision yet; it may still commit")
 
 
-def new_run(node: NodeAPI, plan: Any) -> TxnRun:
+def new_run(node: NodeAPI, plan: Any, prio: tuple | None = None) -> TxnRun:
     """Parallel commits when this node has a replica of the home shard to read its log time from
     (the coordinator normally leads it) and the node runs them; else classic 2PC, whose record
-    gives the start time (and which nodes of earlier versions understand, for rolling upgrades)."""
+    gives the start time (and which nodes of earlier versions understand, for rolling upgrades).
+
+    A parallel run's PREPAREs carry a wait-die priority unless the node runs without them: the
+    retry's ``prio`` (at most ``PRIO_AGE_MAX_MS`` old), else a new one from this node's wall clock
+    (only an order between transactions: a skewed clock is unfair by its skew, never unsafe)."""
     replica = node.replicas.get(plan.home)
     if node.timing.txn_parallel_commits and replica is not None:
-        return TxnRun.parallel(plan, replica.log_now_ms())
+        if not node.timing.txn_priorities:
+            return TxnRun.parallel(plan, replica.log_now_ms())
+        wall_ms = int(time.time() * 1000)
+        mine = new_prio(plan.txid, wall_ms) if prio is None else clamp_prio(prio, wall_ms)
+        return TxnRun.parallel(plan, replica.log_now_ms(), mine)
     return TxnRun(plan)
 
 
@@ -244,11 +288,18 @@ def _answer(run: TxnRun) -> TxnResult | Error:
     if reason == REASON_TOOBIG:
         return Error("TOOBIG", f"transaction {run.plan.txid} refused: an APPEND would make a value longer than "
                                "value_bytes_max; nothing applied")
+    # A retry that sends the PRIO token back keeps this transaction's place (wait-die, raftkv.txn).
+    again = "retry" if run.prio is None else f"retry with PRIO {prio_token(run.prio)}"
+    if run.prio is not None and run.ahead is not None:
+        again += f" ({run.ahead} ahead)"
+    if reason == REASON_RESERVED:
+        return Error("TXNCONFLICT", f"transaction {run.plan.txid} aborted: a key is reserved for an older "
+                                    f"transaction; {again}")
     if reason == REASON_CONFLICT:
         key = run.conflict[0] if run.conflict else b"?"
         other = run.conflict[1] if run.conflict else "?"
         return Error("TXNCONFLICT", f"transaction {run.plan.txid} aborted: key {key!r} is locked by "
-                                    f"transaction {other}; retry")
+                                    f"transaction {other}; {again}")
     return Error("TRYAGAIN", f"transaction {run.plan.txid} aborted ({reason}); not applied, retry")
 
 
@@ -388,9 +439,9 @@ class TxnService:
         self._settling: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
-                         hops: int = 0) -> TxnResult | Error:
+                         hops: int = 0, prio: tuple | None = None) -> TxnResult | Error:
         """Run a client transaction (see ``coordinate``)."""
-        return await coordinate(self.node, txid, compares, then_ops, else_ops, hops)
+        return await coordinate(self.node, txid, compares, then_ops, else_ops, hops, prio)
 
     def settling(self, txid: str, keys: list[bytes]) -> None:
         """The run of ``txid`` was answered and is releasing the locks on ``keys``."""
