@@ -19,6 +19,10 @@ sent again.
   or single-key command on its keys waits for that (``wait_settled``) instead of
   meeting the lock.  One-shard transactions are one Raft entry (``txn_once``),
   applied at most once per transaction id.
+* ``with_conflict_retries`` (MSET, EXEC, MSETNX): a transaction that lost
+  on a conflict runs again with a new id and its first attempt's wait-die
+  priority (``raftkv.txn``, hot keys), which ``new_run`` puts in every
+  PREPARE; it comes back about when its turn in the keys' queues comes.
 * ``recovery_loop``: for every shard this node leads, every ~100 ms: abort
   PENDING records and settle STAGING ones (``tx_refuse`` to the participants)
   older than ``PENDING_TIMEOUT_MS``, re-send the outcome of
@@ -246,9 +250,12 @@ async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else
             return e.error
     # Parallel commits answer before the locks are released: a transaction that follows one this
     # node answered (the same client's next MSET, say) waits for it to finish instead of meeting
-    # its lock and aborting.
-    await node.txns.wait_settled(keys_of(compares, then_ops, else_ops), PREPARE_TIMEOUT_S)
+    # its lock and aborting.  A retry (it has a priority) waits as well for a run this node drives
+    # on its keys, answered or not: that is the lock it lost on, and its turn comes when it ends.
+    keys = keys_of(compares, then_ops, else_ops)
+    await node.txns.wait_settled(keys, PREPARE_TIMEOUT_S, in_flight=prio is not None)
     decided = asyncio.get_running_loop().create_future()
+    node.txns.starting(plan.txid, keys)
     node.txns.spawn(plan.txid, _drive(node, new_run(node, plan, prio), decided))
     try:
         return await asyncio.wait_for(asyncio.shield(decided), node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
@@ -437,6 +444,9 @@ class TxnService:
         # Runs answered but still releasing their locks: key -> txid, txid -> set when released.
         self._settling_keys: dict[bytes, str] = {}
         self._settling: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
+        # Runs started and not answered yet: key -> the first such txid, txid -> set when it ends.
+        self._running_keys: dict[bytes, str] = {}
+        self._running: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
                          hops: int = 0, prio: tuple | None = None) -> TxnResult | Error:
@@ -446,24 +456,40 @@ class TxnService:
     def settling(self, txid: str, keys: list[bytes]) -> None:
         """The run of ``txid`` was answered and is releasing the locks on ``keys``."""
         if txid not in self._settling:
-            self._settling[txid] = (asyncio.Event(), list(keys))
+            running = self._running.pop(txid, None)  # its waiters keep waiting, on the same event
+            if running is not None:
+                for k in running[1]:
+                    if self._running_keys.get(k) == txid:
+                        del self._running_keys[k]
+            self._settling[txid] = (asyncio.Event() if running is None else running[0], list(keys))
             for k in keys:
                 self._settling_keys[k] = txid
 
+    def starting(self, txid: str, keys: list[bytes]) -> None:
+        """The run of ``txid`` is about to PREPARE ``keys`` (a retry may wait for it: ``wait_settled``)."""
+        if txid not in self._settling:
+            self._running[txid] = (asyncio.Event(), list(keys))
+            for k in keys:
+                self._running_keys.setdefault(k, txid)
+
     def settled(self, txid: str) -> None:
         """The run of ``txid`` released its locks (or stopped trying)."""
-        entry = self._settling.pop(txid, None)
-        if entry is not None:
-            for k in entry[1]:
-                if self._settling_keys.get(k) == txid:
-                    del self._settling_keys[k]
-            entry[0].set()
+        for runs, by_key in ((self._settling, self._settling_keys), (self._running, self._running_keys)):
+            entry = runs.pop(txid, None)
+            if entry is not None:
+                for k in entry[1]:
+                    if by_key.get(k) == txid:
+                        del by_key[k]
+                entry[0].set()
 
-    async def wait_settled(self, keys: list[bytes], timeout: float) -> None:
-        """Wait (at most ``timeout``) for the answered runs holding any of ``keys`` to release them."""
-        if not self._settling_keys:
+    async def wait_settled(self, keys: list[bytes], timeout: float, in_flight: bool = False) -> None:
+        """Wait (at most ``timeout``) for the answered runs holding any of ``keys`` to release them;
+        ``in_flight``: for the runs this node started on them and has not answered yet, too."""
+        if not self._settling_keys and not (in_flight and self._running_keys):
             return
-        events = {self._settling[t][0] for k in keys if (t := self._settling_keys.get(k)) is not None}
+        events = {e[0] for k in keys if (e := self._settling.get(self._settling_keys.get(k, ""))) is not None}
+        if in_flight:
+            events |= {e[0] for k in keys if (e := self._running.get(self._running_keys.get(k, ""))) is not None}
         if events:
             waits = [asyncio.ensure_future(e.wait()) for e in events]
             _, late = await asyncio.wait(waits, timeout=timeout)
