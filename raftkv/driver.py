@@ -16,7 +16,9 @@ it, and so does every socket operation of the network. One loop iteration:
    entries before its own copy is durable, it only may not count itself), then ``group._rf_sync()`` for every
    group: the first durable flush covers every group's appends (a node-wide storage engine) or each group
    flushes its own journal, then each group releases the acks that waited for it;
-4. **send**: the network seals each connection's queued frames into one record and writes it.
+4. **send**: the network seals each connection's queued frames into one record and writes it;
+5. **chores**: node work that is not any group's, in bounded slices (``add_chore``: deleting the engine data
+   of a group this node no longer hosts, ``raftkv.reclaim``), after the frames of the loop have left.
 
 Pipelined commits (a node-wide ``Engine`` with ``start_committer(driver.on_durable)``): step 3 only *requests*
 the commit; the engine's committer thread runs it while this loop goes on receiving, ticking and sending.
@@ -46,6 +48,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from raftkv.raftnet import MuxTransport, RaftNetwork
@@ -98,6 +101,7 @@ class RaftDriver:
         self._woken: set[int] = set()
         self._adds: list[Any] = []
         self._removes: list[tuple[Any, threading.Event]] = []
+        self._chores: list[Callable[[], bool]] = []
         self._wake_pending = False
         self._awaiting: set[int] = set()  # groups to tick after the next completed commit (driver thread)
         self._durable = False  # a commit completed since the last iteration took the flag
@@ -127,6 +131,16 @@ class RaftDriver:
         self.wake(group.group_id)
         if not done.wait(timeout):
             log.warning("event=driver_remove_timeout group=%s", group.group_id)
+
+    def add_chore(self, chore: Callable[[], bool]) -> None:
+        """Call ``chore()`` on the driver thread once per loop, after the send (step 5 of the module doc).
+
+        It must do a bounded slice of work (a few ms: every group's heartbeat waits for it) and return whether
+        more is left (informative: the loop runs every ``period_s`` at least, whatever the groups do).
+        """
+        with self._lock:
+            self._chores = [*self._chores, chore]
+        self.wake()
 
     def wake(self, group_id: int | None = None) -> None:
         """Tick ``group_id`` (if given) in the next iteration, and cut the current wait short."""
@@ -243,6 +257,12 @@ class RaftDriver:
             return
         t_send = time.monotonic()
         self.network.flush()  # 4. send
+        t_chores = time.monotonic()
+        for chore in self._chores:  # 5. chores
+            try:
+                chore()
+            except Exception:
+                log.exception("event=driver_chore_failed")
         end = time.monotonic()
         self.stats["loops"] += 1
         self.stats["ticks"] += ticked
@@ -250,8 +270,9 @@ class RaftDriver:
         if busy > SLOW_ITERATION_S:
             # Every group's heartbeats wait for this loop: a slow one is what turns into spurious elections.
             log.warning("event=driver_slow_iteration busy_ms=%.0f receive_ms=%.0f tick_ms=%.0f ticked=%d "
-                        "sync_ms=%.0f send_ms=%.0f", busy * 1000, (t_tick - now) * 1000,
-                        (t_sync - t_tick) * 1000, ticked, (t_send - t_sync) * 1000, (end - t_send) * 1000)
+                        "sync_ms=%.0f send_ms=%.0f chores_ms=%.0f", busy * 1000, (t_tick - now) * 1000,
+                        (t_sync - t_tick) * 1000, ticked, (t_send - t_sync) * 1000, (t_chores - t_send) * 1000,
+                        (end - t_chores) * 1000)
 
     def _flush_in_parallel(self, groups: dict[int, Any]) -> None:
         """While every group has journal files of its own, their fsyncs overlap on a few threads.

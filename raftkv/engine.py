@@ -305,6 +305,10 @@ class Engine:
         if delay > 0:
             time.sleep(delay)
 
+    def writer_busy(self) -> bool:
+        """A commit holds LMDB's one writer now (a racy hint: for callers that would rather not wait)."""
+        return self._commit_lock.locked()
+
     def stats(self) -> SyncStats:
         """A copy of the commit counters."""
         return dataclasses.replace(self._stats)
@@ -315,6 +319,14 @@ class Engine:
             return os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
         except OSError:
             return 0
+
+    def usage(self) -> dict[str, int]:
+        """What the environment holds now: ``keys`` (every group's), ``bytes_in_use`` (the B+tree's pages) and
+        ``file_bytes`` (the data file on disk). Pages freed by deletions are reused by later writes; the file
+        itself never shrinks (LMDB), so ``bytes_in_use`` is what a deletion gives back."""
+        st = self._env.stat()
+        pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return {"keys": st["entries"], "bytes_in_use": pages * st["psize"], "file_bytes": self.size_bytes()}
 
     # ---- committed reads -------------------------------------------------------------------------------------
 
@@ -394,15 +406,20 @@ class WriteBatch:
 
     def delete_first(self, lo: bytes, hi: bytes, limit: int) -> int:
         """Delete the first ``limit`` keys in ``[lo, hi)``; returns how many were deleted (0: none left)."""
+        return self.delete_first_sized(lo, hi, limit)[0]
+
+    def delete_first_sized(self, lo: bytes, hi: bytes, limit: int) -> tuple[int, int]:
+        """``delete_first``, also returning the bytes of the keys and values deleted: ``(keys, bytes)``."""
         cursor = self._txn.cursor()
-        n = 0
+        n = size = 0
         if not cursor.set_range(lo):
-            return 0
+            return 0, 0
         while n < limit and cursor.key() and cursor.key() < hi:
+            size += len(cursor.key()) + len(cursor.value())
             if not cursor.delete():
                 break
             n += 1
-        return n
+        return n, size
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """Set every ``(key, value)`` of ``items`` (fastest in key order); returns how many."""

@@ -146,6 +146,14 @@ class _RaftCollector:
                     pending, snaps_sent, snaps_installed,
                     open_txns, txn_age, fsync_count, fsync_sum, fsync_max, ticking)
         yield from _engine_metrics(node.engine)
+        rc = node.reclaimer.stats()
+        reclaimed = CounterMetricFamily("raftkv_engine_reclaimed_bytes", "Keys and values deleted from the engine "
+                                        "for groups this node stopped hosting (raftkv.reclaim)")
+        reclaimed.add_metric([], rc.bytes)
+        reclaiming = GaugeMetricFamily("raftkv_engine_reclaims_pending", "Stopped groups whose engine data is "
+                                       "still being deleted")
+        reclaiming.add_metric([], len(node.reclaimer.pending()))
+        yield from (reclaimed, reclaiming)
         disk = GaugeMetricFamily("raftkv_disk_free_ratio", "Free fraction of the data directory's filesystem")
         disk.add_metric([], disk_free_ratio(node.map.node_data_dir(node.name)))
         yield disk

@@ -40,6 +40,7 @@ from raftkv.logclock import LogClock
 from raftkv.protocol import Error
 from raftkv.raftfix import tuned_conf
 from raftkv.raftnet import RaftNetwork
+from raftkv.reclaim import Reclaimer
 from raftkv.replica import ShardReplica
 from raftkv.security import Security, check_bind
 from raftkv.server import commands
@@ -117,6 +118,10 @@ class Node:
         self.leader_changes: dict[int, collections.deque[float]] = {}
         self.metrics = NodeMetrics(self)
         self.router = Router(self)
+        # The engine data of groups this node stopped hosting is deleted in chunks on the driver thread; a reclaim
+        # cut short by a crash resumes here (raftkv.reclaim).
+        self.reclaimer = Reclaimer(self.engine, self._group_dir)
+        self.driver.add_chore(lambda: self.reclaimer.step(self.driver.groups))
         for shard in shardmap.shards_on(name):
             self._start_replica(shard)
         self.driver.start()
@@ -135,12 +140,22 @@ class Node:
     def replicas(self) -> dict[int, ShardReplica]:
         return self._replicas
 
+    def _group_dir(self, shard: int) -> str:
+        return os.path.join(self.map.node_data_dir(self.name), f"shard-{shard}")
+
     def _start_replica(self, shard: int) -> None:
-        """Build this node's member of ``shard``'s group (peers: the map's other replicas) and tick it."""
+        """Build this node's member of ``shard``'s group (peers: the map's other replicas) and tick it.
+
+        A member this node hosted before and stopped starts clean, as a new member: whatever of its old data is
+        still being reclaimed is deleted first (it never starts from those leftovers).
+        """
+        if shard in self.reclaimer.pending():
+            t0 = time.perf_counter()
+            self.reclaimer.finish(shard)
+            log.info("event=reclaim_finished_before_start shard=%d ms=%.1f", shard, (time.perf_counter() - t0) * 1000)
         peers = [n.raft_addr(shard) for n in self.map.replicas(shard) if n.name != self.name]
         replica = ShardReplica(
-            shard, self.info.raft_addr(shard), peers,
-            os.path.join(self.map.node_data_dir(self.name), f"shard-{shard}"),
+            shard, self.info.raft_addr(shard), peers, self._group_dir(shard),
             on_role_change=self._role_changed, conf_overrides=self._raft_overrides,
             compact_every_cmds=self._compact_every_cmds, engine=self.engine, on_applied=self.feed.applied,
             driver=self.driver, unsafe_skip_locks=self.unsafe_skip_locks)
@@ -151,10 +166,13 @@ class Node:
         self.driver.add(replica)
 
     def _stop_replica(self, shard: int) -> None:
-        """Stop and destroy this node's member of ``shard``'s group (it was removed from the group).
+        """Stop and destroy this node's member of ``shard``'s group (it was removed from the group), and have
+        everything it stored in the node's engine deleted (``raftkv.reclaim``).
 
-        Its data stays in the node's engine: a later re-add starts from it as a lagging follower would.
+        The mark comes first, durably: from then on a restart neither loads the group nor forgets to finish
+        deleting it. The deletion itself runs in chunks on the driver thread once the group is gone from it.
         """
+        self.reclaimer.mark(shard)
         replica = self._replicas.pop(shard)
         self.router.drop(shard)
         replica.destroy()  # on the driver thread; waits for one driver iteration
@@ -461,9 +479,16 @@ class Node:
 
     def _engine_status(self) -> dict:
         st = self.engine.stats()
+        rc = self.reclaimer.stats()
         return {"commits": st.count, "commit_s": round(st.total_s, 6), "commit_max_ms": round(st.max_s * 1000, 3),
                 "injected_delay_ms": round(self.engine.delay_s * 1000, 3),
-                "fsync": self.engine.synced}  # False: the unsafe no-sync mode (a negative control)
+                "fsync": self.engine.synced,  # False: the unsafe no-sync mode (a negative control)
+                **self.engine.usage(),
+                # groups no longer hosted here: deleted since this process started, still being deleted, and
+                # the keys the engine still holds of groups it does not host (per group, counted up to 10,000)
+                "reclaim": {"groups": rc.groups, "keys": rc.keys, "bytes": rc.bytes, "chunks": rc.chunks,
+                            "pending": self.reclaimer.pending(), "failure": self.reclaimer.failure},
+                "unhosted_keys": {str(g): n for g, n in sorted(self.reclaimer.leftover(set(self._replicas)).items())}}
 
 
 def setup_logging(level: str = "INFO") -> None:
