@@ -65,6 +65,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from raftkv.filejournal import DEFAULT_STORAGE
+
 MAGIC = b"RAFTKVBK"
 FORMAT_VERSION = 1
 DEFAULT_FENCE_TTL_S = 60.0
@@ -213,11 +215,7 @@ def _write_file(path: str | os.PathLike, header: dict, blocks: list[bytes]) -> N
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    DEFAULT_STORAGE.fsync_dir(path)
 
 
 # -- reading and verifying a backup file ---------------------------------------------------------

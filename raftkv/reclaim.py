@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Container
 
 from raftkv.engine import Engine, EngineError, WriteBatch
+from raftkv.filejournal import DEFAULT_STORAGE
 
 log = logging.getLogger("raftkv.reclaim")
 
@@ -194,11 +195,7 @@ class Reclaimer:
         if not os.path.exists(path):
             return
         shutil.rmtree(path)
-        parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(parent)
-        finally:
-            os.close(parent)
+        DEFAULT_STORAGE.fsync_dir(path)  # the removal is durable: its checkpoint marker cannot come back
 
     def leftover(self, hosted: Container[int], cap: int = LEFTOVER_CAP) -> dict[int, int]:
         """Engine keys of groups not in ``hosted``, per group (at most ``cap`` counted per group): what a
