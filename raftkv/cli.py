@@ -161,9 +161,6 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--txn-classic-2pc", is_flag=True,
               help="coordinate cross-shard writes with classic 2PC (three consensus rounds) instead of parallel "
                    "commits (one): needed while any node of a version before parallel commits still runs")
-@click.option("--txn-no-priorities", is_flag=True,
-              help="send PREPAREs without wait-die priorities (hot keys may starve a transaction): needed while any "
-                   "node of a version before them still runs")
 @click.option("--election-timeout", default="120-300", show_default=True, metavar="MIN-MAX",
               help="milliseconds of silence from a leader before a follower asks for an election (random in "
                    "the range); raise it (e.g. 500-1000) where slow disks or a loaded machine cause needless "
@@ -172,8 +169,7 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
           compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool,
           unsafe_skip_locks: bool, unsafe_watch_miss: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
-          pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, txn_no_priorities: bool,
-          election_timeout: str,
+          pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, election_timeout: str,
           unsafe_no_sync: bool) -> None:
     """Run one node in the foreground."""
     from raftkv.raftfix import election_timeouts
@@ -184,7 +180,7 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
                     value_bytes_max=max_value_bytes, clients_max=max_clients, pipeline_depth_max=pipeline_depth,
                     idle_timeout_s=idle_timeout)
     timing = Timing(balance_period_s=balance_period if balance_leaders else 0.0,
-                    txn_parallel_commits=not txn_classic_2pc, txn_priorities=not txn_no_priorities)
+                    txn_parallel_commits=not txn_classic_2pc)
     try:
         armed = Faults.parse(faults)
     except ValueError as e:

@@ -84,30 +84,6 @@ Classic 2PC (three rounds; nodes of earlier versions speak only this, see
    nothing staged.  Only the home's own log times are compared, so no clock
    skew between shards matters.
 
-Hot keys (wait-die).  No-wait alone can starve: a transaction that meets a
-lock dies, and its retry (a new id) may meet the next one, again and again.  So
-a PREPARE also carries a *priority* ``(ms, lineage)`` (``check_prio``), the
-start of the transaction's first attempt and a name its retries share:
-
-W1. a PREPARE refused on a lock *queues* for each of its keys here: the key's
-    waiters, in priority order, keep the ``RESERVATION_QUEUE_MAX`` oldest (a
-    lineage has one place, which its retries refresh);
-W2. a PREPARE that meets no lock but a key with a live waiter older than it
-    (of another lineage) is refused as well (``REASON_RESERVED``): the younger
-    dies, and queues like W1.  The oldest waiter is the key's *reservation*;
-W3. a prepared transaction that is aborted queues like W1 (it lost on another
-    shard and will retry); one that commits leaves the queues of its keys, so
-    the next oldest waiter is first;
-W4. a waiter lapses ``RESERVATION_TTL_MS`` of log time after it last tried the
-    key, and ``tx_gc`` drops it, so a lineage that stops retrying holds a key
-    back for that long at most.
-
-Reservations only ever add NO votes, which are final and safe, so every
-guarantee above is kept; docs/transactions.md has why the oldest waiter
-commits next.  A PREPARE without a priority (older versions, classic 2PC)
-neither reads nor writes reservations, so old log entries replay as they did.
-One-shard transactions (one entry, no lock held) ignore them.
-
 Every message is idempotent by transaction id, so the I/O layer retries any
 message whose outcome is unknown.  The coordinator's side (the plan, the
 decision, the sans-IO run and recovery) is ``raftkv.txnrun``.
@@ -162,7 +138,6 @@ REASON_UNKNOWN = "unknown"  # no record (garbage-collected or never begun): abor
 REASON_STALE = "stale"  # a PREPARE older than the participant's GC horizon (-TRYAGAIN)
 REASON_REFUSED = "refused"  # recovery made a participant refuse the PREPARE it had not yet applied (-TRYAGAIN)
 REASON_TOOBIG = "toobig"  # an APPEND would make a value longer than its len_max (-TOOBIG)
-REASON_RESERVED = "reserved"  # a key is reserved for an older transaction (wait-die: -TXNCONFLICT)
 # The tombstone of a refused stale PREPARE: the transaction's outcome is unknown here (it may
 # have committed with this shard's writes long ago), so any later outcome is accepted, as a no-op.
 STALE = "STALE"
@@ -171,10 +146,6 @@ TOMBSTONE_TTL_MS = 10 * 60 * 1000  # keep finished records/tombstones this long 
 TXN_RECORDS_MAX = 100_000  # open + finished records on one home shard
 TXN_KEYS_MAX = 10_000  # keys in one transaction
 TXN_IDS_MAX = 500_000  # remembered one-shard transaction ids on one shard (~830/s for the whole TTL)
-# A key's reservation lapses this long (log time) after the reserving transaction last tried the key,
-# so a coordinator that gave up or vanished holds a hot key back for at most this long.
-RESERVATION_TTL_MS = 2000
-RESERVATION_QUEUE_MAX = 16  # waiters queued per key (the oldest); a younger one beyond them just dies
 
 
 @dataclass(frozen=True)
@@ -380,20 +351,6 @@ class Prepared:
     vote: tuple
     since_ms: int
     start_ms: int | None = None  # the record's creation on the home shard (home log time)
-    prio: tuple | None = None  # its wait-die priority (see ``check_prio``); None from older coordinators
-
-
-def check_prio(prio: Any) -> tuple:
-    """A PREPARE's priority, checked: ``(ms, lineage)``, smaller is older.
-
-    ``ms`` is when the transaction's *first* attempt began (its coordinator's wall clock: only an
-    order, never a deadline) and ``lineage`` names the attempts of one transaction (the first
-    attempt's id, hashed); a retry keeps both.  Only compared, never read as a time here.
-    """
-    if (type(prio) is not tuple or len(prio) != 2 or type(prio[0]) is not int or type(prio[1]) is not str
-            or not prio[1]):
-        raise ValueError(f"bad priority {prio!r}: want (ms, lineage)")
-    return prio
 
 
 @dataclass
@@ -409,9 +366,6 @@ class TxnTable:
     prepare_floor: dict[int, int] = field(default_factory=dict)
     # one-shard transactions: txid -> (result, log time)
     once: dict[str, tuple] = field(default_factory=dict)
-    # wait-die: key -> its waiters ((priority, log time) ..., oldest priority first): transactions
-    # refused or aborted on the key lately; a PREPARE younger than a live waiter is refused
-    reserved: dict[bytes, tuple] = field(default_factory=dict)
     # True only while KVState's DELIBERATELY BROKEN ``unsafe_skip_locks`` mode applies a one-shard write:
     # lock_of then sees no lock (never in a snapshot; raftkv.state's module doc)
     blind: bool = field(default=False, compare=False, repr=False)
@@ -421,54 +375,6 @@ class TxnTable:
         if not self.locks or self.blind:
             return None
         return self.locks.get(key)
-
-    def waiters(self, key: bytes, now_ms: int) -> tuple:
-        """The live ``(priority, log time)`` waiters queued for ``key``, oldest priority first."""
-        q = self.reserved.get(key) if self.reserved else None
-        if not q:
-            return ()
-        return tuple(e for e in q if now_ms - e[1] < RESERVATION_TTL_MS)
-
-    def reservation(self, key: bytes, now_ms: int) -> tuple | None:
-        """The priority ``key`` is reserved for at log time ``now_ms`` (its oldest live waiter), or None."""
-        q = self.waiters(key, now_ms)
-        return q[0][0] if q else None
-
-    def _reserve(self, keys: tuple, prio: tuple, now_ms: int) -> None:
-        """``prio`` lost on ``keys``: queue it (or refresh its lineage's place) among each key's waiters,
-        which are kept in priority order, the ``RESERVATION_QUEUE_MAX`` oldest only."""
-        for k in keys:
-            q = [e for e in self.waiters(k, now_ms) if e[0][1] != prio[1]]
-            q.append((prio, now_ms))
-            q.sort()
-            self.reserved[k] = tuple(q[:RESERVATION_QUEUE_MAX])
-
-    def _unreserve(self, keys: tuple, lineage: str) -> None:
-        """The transaction of ``lineage`` committed: it leaves the queues of ``keys``."""
-        for k in keys:
-            q = self.reserved.get(k)
-            if q is not None:
-                rest = tuple(e for e in q if e[0][1] != lineage)
-                if rest:
-                    self.reserved[k] = rest
-                else:
-                    del self.reserved[k]
-
-    def _ahead(self, keys: tuple, prio: tuple, now_ms: int) -> int:
-        """How many waiters of other lineages are older than ``prio`` on its most crowded key: a NO
-        vote says it, so the loser retries about when its turn comes (soon when 0)."""
-        return max((sum(1 for p, _ in self.waiters(k, now_ms) if p < prio and p[1] != prio[1]) for k in keys),
-                   default=0)
-
-    def _older_reservation(self, keys: tuple, prio: tuple, now_ms: int) -> bytes | None:
-        """A key of ``keys`` with a live waiter older than ``prio`` (of another lineage), if any."""
-        for k in keys:
-            for p, _ in self.waiters(k, now_ms):
-                if p >= prio:
-                    break
-                if p[1] != prio[1]:
-                    return k
-        return None
 
     def apply_once(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
         """``("txn_once", txid, compares, then, else)``: a one-shard transaction, applied once per id."""
@@ -590,12 +496,10 @@ class TxnTable:
 
     # -- participant side ----------------------------------------------------------------
     def _prepare(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
-        # start_ms is absent in PREPAREs logged by older versions, and prio in those of versions
-        # without wait-die: they replay as they did (no reservation is read or written for them).
+        # start_ms is absent in PREPAREs logged by older versions: they replay as they did.
         _, txid, home, compares, then_ops, else_ops, *rest = cmd
         start_ms = rest[0] if rest else None
-        prio = check_prio(rest[1]) if len(rest) > 1 else None
-        if len(rest) > 2:
+        if len(rest) > 1:
             raise ValueError("too many fields")
         done = self.done.get(txid)
         if done is not None:  # finished here already: a late or duplicate PREPARE
@@ -613,20 +517,9 @@ class TxnTable:
         for k in keys:
             other = self.locks.get(k)
             if other is not None:
-                # No-wait: vote NO, lock nothing, and remember the abort (this vote is final).  With a
-                # priority, the transaction queues for its keys: its retry (same priority) goes first.
+                # No-wait: vote NO, lock nothing, and remember the abort (this vote is final).
                 self.done[txid] = (ABORTED, now_ms, home, start_ms)
-                conflict = (k, other.txid, other.home_shard, other.since_ms)
-                if prio is None:
-                    return ("no", REASON_CONFLICT, conflict)
-                self._reserve(keys, prio, now_ms)
-                return ("no", REASON_CONFLICT, conflict, self._ahead(keys, prio, now_ms))
-        if prio is not None and self._older_reservation(keys, prio, now_ms) is not None:
-            # Wait-die: an older transaction lost on one of these keys and retries; this one dies
-            # (final, as any NO) so that the older one finds the key free.
-            self.done[txid] = (ABORTED, now_ms, home, start_ms)
-            self._reserve(keys, prio, now_ms)
-            return ("no", REASON_RESERVED, None, self._ahead(keys, prio, now_ms))
+                return ("no", REASON_CONFLICT, (k, other.txid, other.home_shard, other.since_ms))
         if _append_too_big(s.data, then_ops) or _append_too_big(s.data, else_ops):
             # Refused for good (a NO vote is final): nothing locked, nothing staged.
             self.done[txid] = (ABORTED, now_ms, home, start_ms)
@@ -635,7 +528,7 @@ class TxnTable:
         vote = ("yes", ok, _simulate_ops(s.data, then_ops), _simulate_ops(s.data, else_ops))
         for k in keys:
             self.locks[k] = Locked(k, txid, home, now_ms)
-        self.prepared[txid] = Prepared(home, keys, tuple(then_ops), tuple(else_ops), vote, now_ms, start_ms, prio)
+        self.prepared[txid] = Prepared(home, keys, tuple(then_ops), tuple(else_ops), vote, now_ms, start_ms)
         return vote
 
     def _refuse(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
@@ -682,11 +575,6 @@ class TxnTable:
                     del self.locks[k]
             if outcome == COMMITTED:
                 _apply_ops(s, prep.then_ops if branch else prep.else_ops)
-            if prep.prio is not None:
-                if outcome == COMMITTED:  # it got its turn: it leaves the queues, the next waiter is first
-                    self._unreserve(prep.keys, prep.prio[1])
-                else:  # it lost elsewhere and will retry: hold its keys here for that retry
-                    self._reserve(prep.keys, prep.prio, now_ms)
             home, start_ms = prep.home, prep.start_ms
         self.done[txid] = (outcome, now_ms, home, start_ms)
         return outcome
@@ -701,23 +589,14 @@ class TxnTable:
             d = self.done.pop(t)
             if len(d) > 3 and d[2] is not None and d[3] is not None:
                 self.prepare_floor[d[2]] = max(self.prepare_floor.get(d[2], d[3]), d[3])
-        lapsed = 0
-        for k in list(self.reserved):
-            live = self.waiters(k, now_ms)
-            lapsed += len(self.reserved[k]) - len(live)
-            if live:
-                self.reserved[k] = live
-            else:
-                del self.reserved[k]
-        return len(old_records) + len(old_done) + lapsed + self._forget_once(horizon)
+        return len(old_records) + len(old_done) + self._forget_once(horizon)
 
     # -- snapshots -------------------------------------------------------------------------
     def dump(self) -> Any:
         """Picklable form for snapshots (everything: locks, staged writes, records, tombstones)."""
         return {"locks": dict(self.locks), "prepared": {t: replace(p) for t, p in self.prepared.items()},
                 "done": dict(self.done), "records": {t: replace(r) for t, r in self.records.items()},
-                "prepare_floor": dict(self.prepare_floor), "once": dict(self.once),
-                "reserved": dict(self.reserved)}
+                "prepare_floor": dict(self.prepare_floor), "once": dict(self.once)}
 
     @classmethod
     def load(cls, blob: Any) -> TxnTable:
@@ -726,8 +605,7 @@ class TxnTable:
                    prepared={t: replace(p) for t, p in blob.get("prepared", {}).items()},
                    done=dict(blob.get("done", {})),
                    records={t: replace(r) for t, r in blob.get("records", {}).items()},
-                   prepare_floor=dict(blob.get("prepare_floor", {})), once=dict(blob.get("once", {})),
-                   reserved=dict(blob.get("reserved", {})))
+                   prepare_floor=dict(blob.get("prepare_floor", {})), once=dict(blob.get("once", {})))
 
     def check_invariants(self) -> None:
         """Assert the table's internal consistency (tests call this after every step)."""

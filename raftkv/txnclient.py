@@ -8,9 +8,7 @@ resend after an unknown outcome finds the first attempt's record instead of
 running the transaction twice.  ``commit(retries=n)`` retries a transaction
 that was definitely aborted (``TXNCONFLICT``: a no-wait conflict;
 ``TRYAGAIN``: a participant did not vote in time) with a fresh id and
-exponential backoff with jitter, sending back the ``PRIO`` token a conflict
-error quotes: the retry keeps its first attempt's wait-die priority, so under
-contention on a hot key it queues instead of starting last each time.
+exponential backoff with jitter.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from raftkv.errors import RaftKVError
-from raftkv.txnrun import ahead_of, prio_token_of, retry_delay_s
 
 RETRYABLE = ("TXNCONFLICT", "TRYAGAIN")
 
@@ -108,12 +105,9 @@ class Txn:
         self.else_ops.append([b"APPEND", _b(key), _b(suffix)])
         return self
 
-    def args(self, txid: str, prio: str | None = None) -> list[bytes]:
-        """The ``RAFTKV.TXN`` command for this transaction (``prio``: a conflict error's PRIO token)."""
-        out = [b"RAFTKV.TXN", b"ID", txid.encode()]
-        if prio is not None:
-            out += [b"PRIO", prio.encode()]
-        out.append(str(len(self.compares)).encode())
+    def args(self, txid: str) -> list[bytes]:
+        """The ``RAFTKV.TXN`` command for this transaction."""
+        out = [b"RAFTKV.TXN", b"ID", txid.encode(), str(len(self.compares)).encode()]
         for c in self.compares:
             out += c
         for ops in (self.then_ops, self.else_ops):
@@ -133,18 +127,14 @@ class Txn:
         """Run it; on TXNCONFLICT/TRYAGAIN retry up to ``retries`` times with a fresh id."""
         home = self._shard_of(self.first_key())
         attempt = 0
-        prio = None  # the first attempt's wait-die priority, once a conflict quoted it
         while True:
             try:
-                reply = self._request(home, self.args(uuid.uuid4().hex, prio))
+                reply = self._request(home, self.args(uuid.uuid4().hex))
             except RaftKVError as e:
                 if e.code not in RETRYABLE or attempt >= retries:
                     raise
-                prio = prio or prio_token_of(e.message)
                 attempt += 1
-                delay = retry_delay_s(ahead_of(e.message) if e.code == "TXNCONFLICT" else None, attempt, backoff_s,
-                                      backoff_max_s)
-                time.sleep(delay * random.uniform(0.5, 1.5))
+                time.sleep(min(backoff_max_s, backoff_s * 2 ** attempt) * random.uniform(0.5, 1.5))
                 continue
             return _response(self, reply)
 

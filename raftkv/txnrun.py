@@ -10,16 +10,11 @@ tombstones); this module is what a coordinator decides from their answers:
 * ``TxnRun`` is the coordinator as a sans-IO state machine: commands out, results in, for parallel commits
   and for classic 2PC.  ``raftkv.server.coordinator`` drives it with real Raft writes; tests/test_txn.py drives
   it through a lossy simulation;
-* ``recovery_action`` says what a home leader does with an old record (docs/transactions.md: recovery);
-* ``new_prio``, ``clamp_prio``, ``prio_token`` and ``parse_prio_token``: a transaction's wait-die priority
-  (``raftkv.txn``: hot keys), which its retries keep, and its text form in ``-TXNCONFLICT`` errors and
-  ``RAFTKV.TXN ... PRIO token``.
+* ``recovery_action`` says what a home leader does with an old record (docs/transactions.md: recovery).
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +26,6 @@ from raftkv.txn import (
     PENDING,
     REASON_CONFLICT,
     REASON_REFUSED,
-    REASON_RESERVED,
     REASON_STALE,
     REASON_TIMEOUT,
     REASON_TOOBIG,
@@ -41,65 +35,7 @@ from raftkv.txn import (
     keys_of,
 )
 
-__all__ = ["Decision", "Plan", "TxnRun", "abort_for", "ahead_of", "clamp_prio", "conflict_of", "decide", "new_prio",
-           "parse_prio_token", "plan_txn", "prio_token", "prio_token_of", "recovery_action", "retry_delay_s"]
-
-PRIO_AGE_MAX_MS = 60_000  # a priority handed in (a retry's) counts as at most this old
-# A queued transaction retries this long per older waiter ahead of it: about one hot-key commit.
-# (Measured with bench/hotkey_bench.py, 8 writers on a loaded 2-core machine: 10 ms made waiters
-# poll a still-locked key, 40 ms left it idle; 20 ms gave the most commits.)
-QUEUE_STEP_S = 0.02
-
-_TOKEN = re.compile(r"(\d{1,15}):([0-9a-f]{16})")
-_TOKEN_IN_TEXT = re.compile(r"PRIO (\d{1,15}:[0-9a-f]{16})")
-_AHEAD_IN_TEXT = re.compile(r"PRIO \S+ \((\d+) ahead\)")
-
-
-def new_prio(txid: str, wall_ms: int) -> tuple[int, str]:
-    """The priority of a transaction's first attempt: ``wall_ms`` (its coordinator's wall clock: an
-    order between transactions, never a deadline) and a lineage named after ``txid``."""
-    return (wall_ms, hashlib.blake2b(txid.encode(), digest_size=8).hexdigest())
-
-
-def clamp_prio(prio: tuple[int, str], wall_ms: int) -> tuple[int, str]:
-    """A retry's priority as a coordinator accepts it: at most ``PRIO_AGE_MAX_MS`` older than now, so
-    a forged or very old token buys no more than a transaction retrying for a minute."""
-    return (max(prio[0], wall_ms - PRIO_AGE_MAX_MS), prio[1])
-
-
-def prio_token(prio: tuple[int, str]) -> str:
-    """The text form of a priority (``ms:lineage``), as errors quote it and ``PRIO`` takes it."""
-    return f"{prio[0]}:{prio[1]}"
-
-
-def parse_prio_token(token: str) -> tuple[int, str]:
-    """Inverse of ``prio_token``; ValueError on anything else."""
-    m = _TOKEN.fullmatch(token)
-    if m is None:
-        raise ValueError(f"bad PRIO token {token!r}: want MS:LINEAGE (as a -TXNCONFLICT error quotes it)")
-    return (int(m.group(1)), m.group(2))
-
-
-def ahead_of(message: str) -> int | None:
-    """How many older waiters a ``-TXNCONFLICT`` error says are queued before the transaction."""
-    m = _AHEAD_IN_TEXT.search(message)
-    return None if m is None else int(m.group(1))
-
-
-def retry_delay_s(ahead: int | None, attempt: int, backoff_s: float, cap_s: float,
-                  step_s: float = QUEUE_STEP_S) -> float:
-    """How long to wait before retrying a conflict, before jitter: about when its turn comes
-    (``step_s`` per older waiter ahead of it, so the first in line comes back soon) when the error
-    said, else exponential backoff from ``backoff_s``."""
-    if ahead is not None:
-        return min(cap_s, step_s * (ahead + 1))
-    return min(cap_s, backoff_s * 2 ** attempt)
-
-
-def prio_token_of(message: str) -> str | None:
-    """The ``PRIO`` token a ``-TXNCONFLICT`` error message quotes, if any (a retry sends it back)."""
-    m = _TOKEN_IN_TEXT.search(message)
-    return None if m is None else m.group(1)
+__all__ = ["Decision", "Plan", "TxnRun", "abort_for", "conflict_of", "decide", "plan_txn", "recovery_action"]
 
 
 @dataclass(frozen=True)
@@ -115,13 +51,11 @@ class Plan:
     n_then: int
     n_else: int
 
-    def prepare_cmd(self, shard: int, start_ms: int | None, prio: tuple | None = None) -> tuple:
+    def prepare_cmd(self, shard: int, start_ms: int | None) -> tuple:
         c, t, e = self.parts[shard]
         if start_ms is None:  # the home answered in the older form (no creation time)
             return ("tx_prepare", self.txid, self.home, c, t, e)
-        if prio is None:  # no wait-die priority: the shape versions without it understand
-            return ("tx_prepare", self.txid, self.home, c, t, e, start_ms)
-        return ("tx_prepare", self.txid, self.home, c, t, e, start_ms, prio)
+        return ("tx_prepare", self.txid, self.home, c, t, e, start_ms)
 
 
 def plan_txn(txid: str, compares: list, then_ops: list, else_ops: list,
@@ -162,7 +96,7 @@ class Decision:
 
 def abort_for(vote: tuple) -> Decision:
     """The abort one non-YES vote (or refusal) implies, with its reason."""
-    if vote[0] == "no" and vote[1] in (REASON_STALE, REASON_REFUSED, REASON_TOOBIG, REASON_RESERVED):
+    if vote[0] == "no" and vote[1] in (REASON_STALE, REASON_REFUSED, REASON_TOOBIG):
         return Decision(ABORTED, None, None, vote[1])
     return Decision(ABORTED, None, None, REASON_CONFLICT if vote[0] == "no" else REASON_UNKNOWN)
 
@@ -240,16 +174,12 @@ class TxnRun:
         self.start_ms: int | None = None if decision is None else _start_of(decision)
         self.record: str | None = None  # the record's state as the stage answered it (parallel runs)
         self.parallel = False  # parallel commits: decide with tx_settle (the home finishes in the same entry)
-        self.prio: tuple | None = None  # the wait-die priority its PREPAREs carry (None: the older shape)
-        self.ahead: int | None = None  # on a NO vote with a priority: older waiters queued before it there
 
     @classmethod
-    def parallel(cls, plan: Plan, start_ms: int, prio: tuple | None = None) -> TxnRun:
-        """A parallel-commit run; ``start_ms``: the home shard's log time now (the coordinator's view);
-        ``prio``: its wait-die priority (``new_prio``, kept across retries), or None for PREPAREs in
-        the shape of versions without priorities."""
+    def parallel(cls, plan: Plan, start_ms: int) -> TxnRun:
+        """A parallel-commit run; ``start_ms``: the home shard's log time now (the coordinator's view)."""
         run = cls(plan, "stage")
-        run.start_ms, run.parallel, run.prio = start_ms, True, prio
+        run.start_ms, run.parallel = start_ms, True
         return run
 
     @classmethod
@@ -274,10 +204,9 @@ class TxnRun:
             return [(p.home, ("tx_begin", p.txid, p.participants))]
         if self.phase == "stage":
             stage = [] if self.record is not None else [(p.home, ("tx_stage", p.txid, p.participants, self.start_ms))]
-            return stage + [(s, p.prepare_cmd(s, self.start_ms, self.prio)) for s in p.participants
-                            if s not in self.votes]
+            return stage + [(s, p.prepare_cmd(s, self.start_ms)) for s in p.participants if s not in self.votes]
         if self.phase == "prepare":
-            return [(s, p.prepare_cmd(s, self.start_ms, self.prio)) for s in p.participants if s not in self.votes]
+            return [(s, p.prepare_cmd(s, self.start_ms)) for s in p.participants if s not in self.votes]
         if self.phase == "refuse":
             return [(s, ("tx_refuse", p.txid, p.home, self.start_ms)) for s in p.participants if s not in self.votes]
         if self.phase == "decide":
@@ -319,8 +248,6 @@ class TxnRun:
             self.votes.setdefault(shard, result)
             if result[0] != "yes":  # one NO decides: abort without waiting for the others
                 self.conflict = conflict_of({shard: result})
-                if result[0] == "no" and len(result) > 3 and self.ahead is None:
-                    self.ahead = result[3]
                 d = abort_for(result)
                 if result[0] == "no" and self.phase == "stage":
                     # A NO vote is final (a tombstone): the transaction can never be committed.

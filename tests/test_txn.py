@@ -19,7 +19,6 @@ from raftkv.txn import (
     PENDING,
     REASON_CONFLICT,
     REASON_REFUSED,
-    REASON_RESERVED,
     REASON_TIMEOUT,
     REASON_TOOBIG,
     REASON_UNKNOWN,
@@ -38,7 +37,6 @@ from raftkv.txnrun import (
     TxnRun,
     abort_for,
     decide,
-    new_prio,
     plan_txn,
     recovery_action,
 )
@@ -336,43 +334,30 @@ class Sim:
         self.delayed: list[tuple[int, tuple]] = []  # messages held in a network buffer
         self.forgotten: set[str] = set()  # records garbage-collected mid-run: only balances tell
         self.transfers: dict[str, tuple[bytes, bytes]] = {}  # txid -> (from, to)
-        self.prios: dict[str, tuple] = {}  # txid -> its wait-die priority (parallel transfers)
-        self.lost: dict[str, tuple] = {}  # transfers aborted on a conflict, not yet retried: txid -> prio
 
     def value(self, k: bytes) -> int:
         entry = self.shards[ACCOUNT_SHARD[k]].state.data.get(k)
         return int(entry[0]) if entry else 0
 
-    def start_transfer(self, a: bytes, b: bytes, prio: tuple | None = None) -> None:
+    def start_transfer(self, a: bytes, b: bytes) -> None:
         va, vb = self.value(a), self.value(b)  # a possibly stale read: the compares decide
         if va <= 0:
             return
         txid = f"tx{self.ntx + 1}"
         self.transfers[txid] = (a, b)
-        # Parallel transfers carry wait-die priorities (a retry keeps its first attempt's); read-alls
-        # send the older PREPARE shape, so both shapes meet on the same keys.
         self._start([(a, "value", str(va).encode()), (b, "value", str(vb).encode())],
                     [("put", a, str(va - 1).encode()), ("put", b, str(vb + 1).encode()),
                      ("append", JOURNAL[a], txid.encode() + b",", 1 << 20),
-                     ("append", JOURNAL[b], txid.encode() + b",", 1 << 20)], [("get", a)],
-                    prio or new_prio(txid, self.now))
-
-    def retry_lost(self, i: int) -> None:
-        """A transfer that lost on a conflict runs again: a new id, its first attempt's priority."""
-        if self.lost:
-            txid = sorted(self.lost)[i % len(self.lost)]
-            self.start_transfer(*self.transfers[txid], self.lost.pop(txid))
+                     ("append", JOURNAL[b], txid.encode() + b",", 1 << 20)], [("get", a)])
 
     def start_read_all(self) -> None:
         self._start([], [("get", k) for k in ACCOUNTS], [])
 
-    def _start(self, compares: list, then_ops: list, else_ops: list, prio: tuple | None = None) -> None:
+    def _start(self, compares: list, then_ops: list, else_ops: list) -> None:
         self.ntx += 1
         plan = plan_txn(f"tx{self.ntx}", compares, then_ops, else_ops, KEY_SHARD.__getitem__)
         self.homes[plan.txid] = plan.home
-        if prio is not None:
-            self.prios[plan.txid] = prio
-        self.runs.append(TxnRun.parallel(plan, self.now, prio) if self.parallel else TxnRun(plan))
+        self.runs.append(TxnRun.parallel(plan, self.now) if self.parallel else TxnRun(plan))
 
     def deliver(self, run: TxnRun, i: int, fate: str) -> None:
         cmds = run.commands()
@@ -392,11 +377,6 @@ class Sim:
             res = self.shards[shard].apply(cmd, self.now)
         if cmd[0] == "tx_refuse" and res[0] == "no" and currently_in_test_context():
             event(f"recovery made a participant refuse ({res[1]})")
-        if cmd[0] == "tx_prepare" and res[0] == "no" and res[1] == REASON_RESERVED and currently_in_test_context():
-            event("a PREPARE died on a key reserved for an older transaction")
-        if cmd[0] == "tx_prepare" and len(cmd) > 7 and res[0] == "yes" and currently_in_test_context() \
-                and any(sh.state.txns.reserved for sh in self.shards):
-            event("a PREPARE with a priority locked while some key was reserved")
         if fate == "noreply":
             return
         assert not isinstance(res, CmdError), (cmd, res)
@@ -408,9 +388,6 @@ class Sim:
         if txid in self.forgotten:  # a message after GC finds no record: documented, a new transaction
             return
         if run.answer is not None and run.plan.parts:  # a client's coordinator (not a recovery run)
-            if (txid not in self.answers and run.answer[3] in (REASON_CONFLICT, REASON_RESERVED)
-                    and txid in self.prios):
-                self.lost[txid] = self.prios[txid]
             prev = self.answers.setdefault(txid, run.answer[:3])
             assert prev == run.answer[:3], f"{txid}: the client was told two things: {prev} vs {run.answer}"
         if run.decision is None:
@@ -514,13 +491,12 @@ class Sim:
         for sh in self.shards:
             sh.apply(("tx_gc",), self.now)
             assert all(r.state not in (PENDING, STAGING) for r in sh.state.txns.records.values())
-            assert not sh.state.txns.done and not sh.state.txns.records and not sh.state.txns.reserved
+            assert not sh.state.txns.done and not sh.state.txns.records
 
 
 _ACTION_ARGS = {
     "transfer": st.tuples(st.sampled_from(ACCOUNTS), st.integers(1, len(ACCOUNTS) - 1)),  # to another account
     "read_all": st.tuples(),
-    "retry": st.tuples(st.integers(0, 7)),  # a transfer that lost on a conflict, again (its priority)
     "step": st.tuples(st.integers(0, 7), st.integers(0, 3),
                       st.lists(st.sampled_from(["ok"] * 5 + ["lost", "noreply", "dup", "delay", "die"]), min_size=1,
                                max_size=8)),
@@ -533,7 +509,7 @@ _ACTION_ARGS = {
 }
 # Weighted toward the interesting interleavings: many transfers in flight, messages moving
 # them along, coordinators crashing in whatever phase they are in, recovery racing them.
-_ACTION_WEIGHTS = {"transfer": 5, "read_all": 1, "retry": 2, "step": 12, "crash": 1, "expire": 1, "restart": 1,
+_ACTION_WEIGHTS = {"transfer": 5, "read_all": 1, "step": 12, "crash": 1, "expire": 1, "restart": 1,
                    "recover": 3, "tick": 3, "late": 1}
 ACTIONS = st.sampled_from([k for k, w in _ACTION_WEIGHTS.items() for _ in range(w)]).flatmap(
     lambda kind: _ACTION_ARGS[kind].map(lambda args: (kind, *args)))
@@ -548,8 +524,6 @@ def run_simulation(actions: list, parallel: bool = False) -> None:
             sim.start_transfer(act[1], ACCOUNTS[(ACCOUNTS.index(act[1]) + act[2]) % len(ACCOUNTS)])
         elif kind == "read_all":
             sim.start_read_all()
-        elif kind == "retry":
-            sim.retry_lost(act[1])
         elif kind in ("step", "crash") and live:
             run = live[act[1] % len(live)]
             for fate in act[3] if kind == "step" else ["die"]:

@@ -22,7 +22,6 @@ import redis
 from raftkv.client import Client, IndeterminateError, RaftKVError, UnavailableError
 from raftkv.cluster import LocalCluster, call
 from raftkv.txnclient import Txn
-from raftkv.txnrun import ahead_of, prio_token_of, retry_delay_s
 from tests.conftest import running
 
 pytestmark = pytest.mark.slow
@@ -261,59 +260,6 @@ def test_concurrent_conflicting_txns_never_both_commit(lc: LocalCluster) -> None
     assert len(winners) == 1, winners
     with Client(cluster=lc.config) as c:
         assert c.get(a) == c.get(b) == f"owner{winners[0]}".encode()
-    wait_no_txn_state(lc)
-
-
-HOT_WRITERS, HOT_TXNS = 6, 4
-
-
-def test_every_writer_of_a_hot_key_commits(lc: LocalCluster) -> None:
-    """Starvation: writers hammer one key (plus a key of their own on another shard), each through
-    another node, with MSET (the node retries conflicts: a queued transaction until the request
-    timeout) and RAFTKV.TXN (the writer retries with a new ID, sending back the PRIO token and
-    waiting as many steps as the error says are ahead of it, as ``Txn.commit`` does).  Every
-    transaction commits: no MSET gives up with -TXNCONFLICT, and each RAFTKV.TXN within 40 attempts.
-    (Against main, no-wait alone, one run of this test saw 2 of the 24 MSETs give up; with 8
-    writers for 10 s, bench/hotkey_bench.py, 27-38 did: docs/transactions.md, "Hot keys".)"""
-    hot = keys_on(lc, 0, 1, "hot")[0]
-    nodes = sorted(lc.map.nodes)
-    attempts: dict[int, list[int]] = {}
-    failures: list[str] = []
-
-    def writer(w: int) -> None:
-        mine = keys_on(lc, 1, 1, f"hw{w}_")[0]
-        r = redis_on(lc, nodes[w % len(nodes)])
-        mine_attempts = attempts.setdefault(w, [])
-        for i in range(HOT_TXNS):
-            try:
-                r.execute_command("MSET", hot, f"m{w}.{i}", mine, f"m{w}.{i}")
-            except redis.ResponseError as e:
-                failures.append(f"MSET by writer {w}: {e}")
-            prio = None
-            for a in range(1, 41):
-                v = f"t{w}.{i}"
-                args = ["RAFTKV.TXN", "ID", f"hot-{w}-{i}-{a}"] + (["PRIO", prio] if prio else [])
-                try:
-                    r.execute_command(*args, "0", "2", "PUT", hot, v, "PUT", mine, v, "0")
-                except redis.ResponseError as e:
-                    if not str(e).startswith(("TXNCONFLICT", "TRYAGAIN")):
-                        failures.append(f"TXN by writer {w}: {e}")
-                        break
-                    prio = prio or prio_token_of(str(e))
-                    time.sleep(retry_delay_s(ahead_of(str(e)), a, 0.01, 0.5) * random.uniform(0.5, 1.5))
-                    continue
-                mine_attempts.append(a)
-                break
-            else:
-                failures.append(f"TXN by writer {w}: not committed in 40 attempts")
-        assert r.get(mine) == f"t{w}.{HOT_TXNS - 1}".encode()
-
-    with ThreadPoolExecutor(HOT_WRITERS) as pool:
-        for f in [pool.submit(writer, w) for w in range(HOT_WRITERS)]:
-            f.result()
-    assert not failures, failures
-    assert all(len(a) == HOT_TXNS for a in attempts.values()), attempts
-    print(f"attempts per RAFTKV.TXN by writer: {attempts}; the unluckiest needed {max(map(max, attempts.values()))}")
     wait_no_txn_state(lc)
 
 

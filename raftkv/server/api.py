@@ -48,9 +48,6 @@ class Timing:
     # Cross-shard writes in one consensus round (parallel commits).  Off: classic 2PC in three rounds,
     # the only protocol nodes of earlier versions understand (turn off while any such node remains).
     txn_parallel_commits: bool = True
-    # Wait-die priorities in PREPAREs (hot keys make progress).  Off: PREPAREs in the shape of versions
-    # without them (turn off while any such node remains: their replicas refuse the new shape).
-    txn_priorities: bool = True
 
 
 class BadRequest(Exception):
@@ -242,9 +239,8 @@ class NodeAPI(Protocol):
         ...
 
     async def coordinate_at_home(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
-                                 hops: int = 0, prio: tuple | None = None) -> Any:
-        """Run a transaction, handing it to its home shard's leader node when that is elsewhere;
-        ``prio``: the wait-die priority of an earlier attempt (a retry keeps it)."""
+                                 hops: int = 0) -> Any:
+        """Run a transaction, handing it to its home shard's leader node when that is elsewhere."""
         ...
 
     async def run_forwarded(self, req: list[bytes], hops: int, peer: str) -> Any:

@@ -19,10 +19,6 @@ sent again.
   or single-key command on its keys waits for that (``wait_settled``) instead of
   meeting the lock.  One-shard transactions are one Raft entry (``txn_once``),
   applied at most once per transaction id.
-* ``with_conflict_retries`` (MSET, EXEC, MSETNX): a transaction that lost
-  on a conflict runs again with a new id and its first attempt's wait-die
-  priority (``raftkv.txn``, hot keys), which ``new_run`` puts in every
-  PREPARE; it comes back about when its turn in the keys' queues comes.
 * ``recovery_loop``: for every shard this node leads, every ~100 ms: abort
   PENDING records and settle STAGING ones (``tx_refuse`` to the participants)
   older than ``PENDING_TIMEOUT_MS``, re-send the outcome of
@@ -63,7 +59,6 @@ from raftkv.txn import (
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
-    REASON_RESERVED,
     REASON_TOOBIG,
     STAGING,
     TxnResult,
@@ -73,24 +68,11 @@ from raftkv.txn import (
     single_shard_cmd,
     validate,
 )
-from raftkv.txnrun import (
-    TxnRun,
-    ahead_of,
-    clamp_prio,
-    new_prio,
-    parse_prio_token,
-    plan_txn,
-    prio_token,
-    prio_token_of,
-    recovery_action,
-    retry_delay_s,
-)
+from raftkv.txnrun import TxnRun, plan_txn, recovery_action
 
 log = logging.getLogger("raftkv.txn")
 
 CONFLICT_RETRIES = 8  # a transaction that meets another's lock is re-run with a new id this many more times
-CONFLICT_BACKOFF_S = 0.005  # first backoff of a conflict retry not told its place in a queue (doubling)
-CONFLICT_DELAY_MAX_S = 0.2
 
 LOCK_TIMEOUT_MS = 1500  # a lock older than this is resolved at its home shard
 PENDING_TIMEOUT_MS = 2000  # a PENDING record older than this is aborted by its home leader
@@ -136,39 +118,20 @@ def new_txid() -> str:
 
 async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, else_ops: list,
                                 retries: int = CONFLICT_RETRIES) -> Any:
-    """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more
-    times; while it is queued for its keys (wait-die), until the request timeout instead.
-
-    Every retry keeps the wait-die priority its first attempt was given (the error quotes it), so
-    it queues for the keys it lost on and, once it is the oldest waiter there, goes first; it comes
-    back about when its turn comes (the error says how many older waiters are ahead of it).  A queued
-    transaction is waiting, not losing: the count of attempts does not end it, time does.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + node.timing.request_timeout_s
-    prio = None
-    attempt = 0
-    while True:
-        res = await node.coordinate_at_home(new_txid(), compares, then_ops, else_ops, prio=prio)
-        if not (isinstance(res, Error) and res.code == "TXNCONFLICT"):
+    """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more times."""
+    delay = 0.005
+    for attempt in range(retries + 1):
+        res = await node.coordinate_at_home(new_txid(), compares, then_ops, else_ops)
+        if not (isinstance(res, Error) and res.code == "TXNCONFLICT") or attempt == retries:
             return res
-        ahead = ahead_of(res.message)
-        if attempt >= retries and (ahead is None or loop.time() > deadline):
-            return res
-        if prio is None:
-            token = prio_token_of(res.message)
-            prio = None if token is None else parse_prio_token(token)
-        delay = retry_delay_s(ahead, attempt, CONFLICT_BACKOFF_S, CONFLICT_DELAY_MAX_S)
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-        attempt += 1
+        delay = min(0.2, delay * 2)
+    return res
 
 
 async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, else_ops: Any,
-                     hops: int = 0, prio: tuple | None = None) -> TxnResult | Error:
-    """Run a transaction; answer once the home shard has applied its decision.
-
-    ``prio``: an earlier attempt's wait-die priority (a retry), else the run gets a new one.
-    """
+                     hops: int = 0) -> TxnResult | Error:
+    """Run a transaction; answer once the home shard has applied its decision."""
     why = validate(compares, then_ops, else_ops)
     if why is not None:
         return Error("ERR", why)
@@ -183,11 +146,9 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
     handed_over = False  # the home leader may have run it: then "not applied" is no answer (see below)
     if target is not None and target != node.name:
         # The coordinator is the home shard's leader: hand the transaction over.
-        msg = ("txn", txid, tuple(compares), tuple(then_ops), tuple(else_ops), hops + 1)
-        if prio is not None and node.timing.txn_priorities:  # nodes without priorities refuse a 7th field
-            msg += (prio,)
         try:
-            reply = await node.rpc(target, msg, node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
+            reply = await node.rpc(target, ("txn", txid, tuple(compares), tuple(then_ops), tuple(else_ops), hops + 1),
+                                   node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
         except PeerUnreachable as e:
             reply, handed_over = None, e.sent
         except PeerRefused:  # not run there (e.g. its map does not know us yet)
@@ -198,7 +159,7 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
             return reply
         # Unreachable leader (maybe after it began): coordinate here with the same
         # txid; every message is idempotent, so two coordinators cannot disagree.
-    res = await _run_here(node, plan, compares, then_ops, else_ops, prio)
+    res = await _run_here(node, plan, compares, then_ops, else_ops)
     if handed_over and isinstance(res, Error) and res.code in _NOT_RUN_HERE:
         # The leader may have committed it before its reply was lost; this node's own attempt not running (no
         # leader reachable from here: e.g. it is being removed from the group) says nothing about that one.
@@ -251,8 +212,7 @@ async def read_only(node: NodeAPI, compares: Any, then_ops: Any, else_ops: Any) 
     return before
 
 
-async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else_ops: Any,
-                    prio: tuple | None = None) -> TxnResult | Error:
+async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else_ops: Any) -> TxnResult | Error:
     if len(plan.participants) == 1:
         cmd = single_shard_cmd(plan.txid, compares, then_ops, else_ops)
         try:
@@ -261,34 +221,23 @@ async def _run_here(node: NodeAPI, plan: Any, compares: Any, then_ops: Any, else
             return e.error
     # Parallel commits answer before the locks are released: a transaction that follows one this
     # node answered (the same client's next MSET, say) waits for it to finish instead of meeting
-    # its lock and aborting.  A retry (it has a priority) waits as well for a run this node drives
-    # on its keys, answered or not: that is the lock it lost on, and its turn comes when it ends.
-    keys = keys_of(compares, then_ops, else_ops)
-    await node.txns.wait_settled(keys, PREPARE_TIMEOUT_S, in_flight=prio is not None)
+    # its lock and aborting.
+    await node.txns.wait_settled(keys_of(compares, then_ops, else_ops), PREPARE_TIMEOUT_S)
     decided = asyncio.get_running_loop().create_future()
-    node.txns.starting(plan.txid, keys)
-    node.txns.spawn(plan.txid, _drive(node, new_run(node, plan, prio), decided))
+    node.txns.spawn(plan.txid, _drive(node, new_run(node, plan), decided))
     try:
         return await asyncio.wait_for(asyncio.shield(decided), node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
     except TimeoutError:
         return Error("UNKNOWN", f"transaction {plan.txid}: no decision yet; it may still commit")
 
 
-def new_run(node: NodeAPI, plan: Any, prio: tuple | None = None) -> TxnRun:
+def new_run(node: NodeAPI, plan: Any) -> TxnRun:
     """Parallel commits when this node has a replica of the home shard to read its log time from
     (the coordinator normally leads it) and the node runs them; else classic 2PC, whose record
-    gives the start time (and which nodes of earlier versions understand, for rolling upgrades).
-
-    A parallel run's PREPAREs carry a wait-die priority unless the node runs without them: the
-    retry's ``prio`` (at most ``PRIO_AGE_MAX_MS`` old), else a new one from this node's wall clock
-    (only an order between transactions: a skewed clock is unfair by its skew, never unsafe)."""
+    gives the start time (and which nodes of earlier versions understand, for rolling upgrades)."""
     replica = node.replicas.get(plan.home)
     if node.timing.txn_parallel_commits and replica is not None:
-        if not node.timing.txn_priorities:
-            return TxnRun.parallel(plan, replica.log_now_ms())
-        wall_ms = int(time.time() * 1000)
-        mine = new_prio(plan.txid, wall_ms) if prio is None else clamp_prio(prio, wall_ms)
-        return TxnRun.parallel(plan, replica.log_now_ms(), mine)
+        return TxnRun.parallel(plan, replica.log_now_ms())
     return TxnRun(plan)
 
 
@@ -306,18 +255,11 @@ def _answer(run: TxnRun) -> TxnResult | Error:
     if reason == REASON_TOOBIG:
         return Error("TOOBIG", f"transaction {run.plan.txid} refused: an APPEND would make a value longer than "
                                "value_bytes_max; nothing applied")
-    # A retry that sends the PRIO token back keeps this transaction's place (wait-die, raftkv.txn).
-    again = "retry" if run.prio is None else f"retry with PRIO {prio_token(run.prio)}"
-    if run.prio is not None and run.ahead is not None:
-        again += f" ({run.ahead} ahead)"
-    if reason == REASON_RESERVED:
-        return Error("TXNCONFLICT", f"transaction {run.plan.txid} aborted: a key is reserved for an older "
-                                    f"transaction; {again}")
     if reason == REASON_CONFLICT:
         key = run.conflict[0] if run.conflict else b"?"
         other = run.conflict[1] if run.conflict else "?"
         return Error("TXNCONFLICT", f"transaction {run.plan.txid} aborted: key {key!r} is locked by "
-                                    f"transaction {other}; {again}")
+                                    f"transaction {other}; retry")
     return Error("TRYAGAIN", f"transaction {run.plan.txid} aborted ({reason}); not applied, retry")
 
 
@@ -455,52 +397,33 @@ class TxnService:
         # Runs answered but still releasing their locks: key -> txid, txid -> set when released.
         self._settling_keys: dict[bytes, str] = {}
         self._settling: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
-        # Runs started and not answered yet: key -> the first such txid, txid -> set when it ends.
-        self._running_keys: dict[bytes, str] = {}
-        self._running: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
-                         hops: int = 0, prio: tuple | None = None) -> TxnResult | Error:
+                         hops: int = 0) -> TxnResult | Error:
         """Run a client transaction (see ``coordinate``)."""
-        return await coordinate(self.node, txid, compares, then_ops, else_ops, hops, prio)
+        return await coordinate(self.node, txid, compares, then_ops, else_ops, hops)
 
     def settling(self, txid: str, keys: list[bytes]) -> None:
         """The run of ``txid`` was answered and is releasing the locks on ``keys``."""
         if txid not in self._settling:
-            running = self._running.pop(txid, None)  # its waiters keep waiting, on the same event
-            if running is not None:
-                for k in running[1]:
-                    if self._running_keys.get(k) == txid:
-                        del self._running_keys[k]
-            self._settling[txid] = (asyncio.Event() if running is None else running[0], list(keys))
+            self._settling[txid] = (asyncio.Event(), list(keys))
             for k in keys:
                 self._settling_keys[k] = txid
 
-    def starting(self, txid: str, keys: list[bytes]) -> None:
-        """The run of ``txid`` is about to PREPARE ``keys`` (a retry may wait for it: ``wait_settled``)."""
-        if txid not in self._settling:
-            self._running[txid] = (asyncio.Event(), list(keys))
-            for k in keys:
-                self._running_keys.setdefault(k, txid)
-
     def settled(self, txid: str) -> None:
         """The run of ``txid`` released its locks (or stopped trying)."""
-        for runs, by_key in ((self._settling, self._settling_keys), (self._running, self._running_keys)):
-            entry = runs.pop(txid, None)
-            if entry is not None:
-                for k in entry[1]:
-                    if by_key.get(k) == txid:
-                        del by_key[k]
-                entry[0].set()
+        entry = self._settling.pop(txid, None)
+        if entry is not None:
+            for k in entry[1]:
+                if self._settling_keys.get(k) == txid:
+                    del self._settling_keys[k]
+            entry[0].set()
 
-    async def wait_settled(self, keys: list[bytes], timeout: float, in_flight: bool = False) -> None:
-        """Wait (at most ``timeout``) for the answered runs holding any of ``keys`` to release them;
-        ``in_flight``: for the runs this node started on them and has not answered yet, too."""
-        if not self._settling_keys and not (in_flight and self._running_keys):
+    async def wait_settled(self, keys: list[bytes], timeout: float) -> None:
+        """Wait (at most ``timeout``) for the answered runs holding any of ``keys`` to release them."""
+        if not self._settling_keys:
             return
-        events = {e[0] for k in keys if (e := self._settling.get(self._settling_keys.get(k, ""))) is not None}
-        if in_flight:
-            events |= {e[0] for k in keys if (e := self._running.get(self._running_keys.get(k, ""))) is not None}
+        events = {self._settling[t][0] for k in keys if (t := self._settling_keys.get(k)) is not None}
         if events:
             waits = [asyncio.ensure_future(e.wait()) for e in events]
             _, late = await asyncio.wait(waits, timeout=timeout)

@@ -11,10 +11,9 @@ session wrapper, transaction message and all.  There are three messages:
     ``Router.execute`` on the leader; the reply is the command's result
     (a state-machine value, ``CmdError``) or an ``Error`` (``UNKNOWN``,
     ``TRYAGAIN``, ...), which the origin accounts for like its own attempts.
-``("txn", txid, compares, then_ops, else_ops, hops[, prio])``
+``("txn", txid, compares, then_ops, else_ops, hops)``
     coordinate a transaction on its home shard's leader; the reply is a
-    ``TxnResult`` or an ``Error``.  ``prio`` (a retry's wait-die priority)
-    is sent only by nodes that run priorities, to nodes that do too.
+    ``TxnResult`` or an ``Error``.
 ``("leader", shard, request, hops)``
     run an operator command (transfer, backup dump, membership) on the
     shard's leader node; the reply is the command's reply value.

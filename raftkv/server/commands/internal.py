@@ -17,7 +17,6 @@ from raftkv.protocol import OK, Error
 from raftkv.server import rpc
 from raftkv.server.api import Command, NodeAPI
 from raftkv.server.conn import Conn
-from raftkv.txn import check_prio
 
 
 def cmd_rpc(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
@@ -43,12 +42,8 @@ async def _handle(node: NodeAPI, conn: Conn, msg: tuple) -> Any:
         return await node.execute(int(shard), tuple(cmd), read=bool(read), idempotent=bool(idempotent),
                                   hops=int(hops), budget_s=float(budget_s))
     if kind == "txn":
-        # A retry's wait-die priority is a seventh field (sent only to nodes that run priorities).
-        _, txid, compares, then_ops, else_ops, hops, *prio = msg
-        if len(prio) > 1:
-            raise ValueError("too many fields")
-        return await node.coordinate_at_home(str(txid), compares, then_ops, else_ops, int(hops),
-                                             check_prio(tuple(prio[0])) if prio and prio[0] is not None else None)
+        _, txid, compares, then_ops, else_ops, hops = msg
+        return await node.coordinate_at_home(str(txid), compares, then_ops, else_ops, int(hops))
     # "leader": an operator command, run here on behalf of a node that does not lead the shard
     _, _shard, request, hops = msg
     return await node.run_forwarded([bytes(a) for a in request], int(hops), conn.peer)

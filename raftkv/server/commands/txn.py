@@ -2,7 +2,7 @@
 
 ``RAFTKV.TXN`` grammar (tokens are bulk strings, keywords case-insensitive)::
 
-    RAFTKV.TXN [ID txid] [PRIO token] <ncompares> <compare>... <nthen> <op>... <nelse> <op>...
+    RAFTKV.TXN [ID txid] <ncompares> <compare>... <nthen> <op>... <nelse> <op>...
     compare := key VALUE v | key REV n | key EXISTS | key MISSING
     op      := PUT key value | DEL key | GET key | APPEND key suffix
 
@@ -13,10 +13,6 @@ this node's ``value_bytes_max``: a transaction where one would make a longer
 value is refused with ``-TOOBIG`` (see ``raftkv.txn``).
 ``ID`` names the transaction (1-64 characters): resending the same ID after an
 unknown outcome finds the first attempt instead of running twice.
-``PRIO`` hands back the token a ``-TXNCONFLICT`` error quoted ("retry with
-PRIO ms:lineage"): the retry (a new ID) keeps the first attempt's wait-die
-priority, so it queues for the keys it lost on instead of starting last
-(``raftkv.txn``, hot keys); ``Txn.commit`` does this.
 
 Per connection, ``WATCH`` records each key's modification revision (a
 linearizable read; for a missing key, the shard's revision, checked against its
@@ -44,26 +40,10 @@ from raftkv.server import coordinator
 from raftkv.server.api import BadRequest, Command, NodeAPI, admin_access
 from raftkv.server.conn import Conn
 from raftkv.txn import PENDING, TxnResult, watch_compare, watch_compare_missing_writes, watch_read
-from raftkv.txnrun import parse_prio_token
 
 
 class _Syntax(Exception):
     pass
-
-
-def take_prio(args: list[bytes]) -> tuple[tuple | None, list[bytes]]:
-    """``RAFTKV.TXN`` arguments -> (the ``PRIO`` priority or None, the arguments without it).
-
-    ``PRIO token`` comes first or right after ``ID txid``, where the grammar has a count otherwise.
-    """
-    at = 2 if args and args[0].upper() == b"ID" else 0
-    if len(args) > at + 1 and args[at].upper() == b"PRIO":
-        try:
-            prio = parse_prio_token(args[at + 1].decode(errors="replace"))
-        except ValueError as e:
-            raise _Syntax(str(e)) from None
-        return prio, args[:at] + args[at + 2:]
-    return None, args
 
 
 def parse_txn(args: list[bytes], value_bytes_max: int) -> tuple[str | None, list, list, list]:
@@ -164,19 +144,16 @@ def cmd_mset(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
 def cmd_txn(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     try:
-        prio, args = take_prio(req[1:])
-        txid, compares, then_ops, else_ops = parse_txn(args, node.limits.value_bytes_max)
+        txid, compares, then_ops, else_ops = parse_txn(req[1:], node.limits.value_bytes_max)
     except _Syntax as e:
-        return Error("ERR", f"RAFTKV.TXN syntax: {e} (see 'RAFTKV.TXN [ID id] [PRIO token] n key VALUE v ... "
-                            "n PUT k v ... n ...')")
+        return Error("ERR", f"RAFTKV.TXN syntax: {e} (see 'RAFTKV.TXN [ID id] n key VALUE v ... n PUT k v ... n ...')")
     keys = [c[0] for c in compares] + [op[1] for op in then_ops + else_ops]
     if not keys:
         return Error("ERR", "RAFTKV.TXN: a transaction needs at least one key")
     _check(node, keys, [op[2] for op in then_ops + else_ops if op[0] in ("put", "append")])
 
     async def go() -> Any:
-        res = await node.coordinate_at_home(txid or coordinator.new_txid(), compares, then_ops, else_ops,
-                                            prio=prio)
+        res = await node.coordinate_at_home(txid or coordinator.new_txid(), compares, then_ops, else_ops)
         if isinstance(res, Error):
             return res
         assert isinstance(res, TxnResult)
@@ -336,7 +313,7 @@ def _mset_access(req: list[bytes]) -> Access:
 
 def _txn_access(req: list[bytes]) -> Access:
     try:
-        _txid, compares, then_ops, else_ops = parse_txn(take_prio(req[1:])[1], 0)  # keys only: no limit
+        _txid, compares, then_ops, else_ops = parse_txn(req[1:], 0)  # keys only: the limit plays no part
     except _Syntax:
         return Access("txn")  # refused by the handler anyway
     ops = then_ops + else_ops
