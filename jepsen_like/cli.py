@@ -153,9 +153,9 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 @click.option("--unsafe-local-reads", is_flag=True,
               help="start the nodes in the deliberately unsafe mode (reads from the local copy)")
 @click.option("--read-any-node/--no-read-any-node", default=True, show_default=True,
-              help="each client bound to a fixed node (client i -> node i mod N): register and set reads as plain "
-                   "RESP GETs, every write, transaction and lock command sent to it, which forwards what it does "
-                   "not lead; --no-read-any-node: everything through the routing Client")
+              help="register and set: each client bound to a fixed node (client i -> node i mod N), reads as plain "
+                   "RESP GETs and writes as session writes through it, which forwards what it does not lead; "
+                   "--no-read-any-node: everything through the routing Client")
 @click.option("--read-routing", type=click.Choice(["own", "shared"]), default="own", show_default=True,
               help="register and set reads through the routing Client: own = each client reads through a Client of "
                    "its own whose leader cache only its reads refresh; shared = through the client's write Client, "

@@ -141,17 +141,3 @@ def test_a_bound_client_sends_every_attempt_to_its_node(tmp_path: Path, monkeypa
 def test_reading_any_node_is_the_default() -> None:
     assert RunConfig().read_any_node is True
     assert run_cmd.make_context("run", []).params["read_any_node"] is True
-
-
-@pytest.mark.parametrize("name", ["bank", "txn", "append", "lock"])
-def test_transaction_and_lock_clients_are_bound_to_their_node_too(tmp_path: Path, name: str) -> None:
-    m = _map(tmp_path)
-    bound = make_workload(name, m, 1, read_any_node=True)
-    w, final = bound.worker(1, random.Random(0)), bound.worker("final", random.Random(0), final=True)
-    unbound = make_workload(name, m, 1, read_any_node=False).worker(1, random.Random(0))
-    try:
-        assert w.client.pin == m.nodes["n2"].client_addr  # client 1 -> node n2: it hands the work over
-        assert final.client.pin is None and unbound.client.pin is None  # final reads: the routing client
-    finally:
-        for x in (w, final, unbound):
-            x.close()

@@ -38,9 +38,8 @@ class BankWorkload:
     name = "bank"
 
     def __init__(self, shardmap: Any, seed: int, accounts_per_shard: int = 2, balance: int = 100,
-                 op_timeout: float = 4.0, read_any_node: bool = False, **_: Any) -> None:
+                 op_timeout: float = 4.0, **_: Any) -> None:
         self.map = shardmap
-        self.read_any_node = read_any_node
         self.op_timeout = op_timeout
         self.balance = balance
         self.accounts = _keys_per_shard(shardmap, "acct", accounts_per_shard)
@@ -54,7 +53,7 @@ class BankWorkload:
         rec.add("setup", "ok", "txn", None, micro)
 
     def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
-        return _BankWorker(self, process, rng, final)
+        return _BankWorker(self, process, rng)
 
     def final_ops(self) -> list[tuple[str, Any, Any]]:
         return [("txn", None, [["r", a, None] for a in self.accounts])]
@@ -74,8 +73,8 @@ class BankWorkload:
 
 
 class _BankWorker(_TxnWorkerBase):
-    def __init__(self, wl: BankWorkload, process: Any, rng: random.Random, final: bool = False) -> None:
-        super().__init__(wl, process, rng, final)
+    def __init__(self, wl: BankWorkload, process: Any, rng: random.Random) -> None:
+        super().__init__(wl, process, rng)
         self.pending: tuple[str, str, int] | None = None
         self.seen: dict[str, str] = {}
 

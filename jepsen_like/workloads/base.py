@@ -185,14 +185,11 @@ def _commit(client: Client, micro: list[list[Any]], compares: list[list[Any]] | 
 
 
 class _TxnWorkerBase(Worker):
-    def __init__(self, wl: Any, process: Any, rng: random.Random, final: bool = False) -> None:
+    def __init__(self, wl: Any, process: Any, rng: random.Random) -> None:
         self.wl = wl
         self.process = process
         self.rng = rng
-        # --read-any-node: the client is bound to its node, which hands each transaction (or lock command)
-        # over to the leader that coordinates it; the final reads go through the routing client.
-        pin = pinned_node(wl.map, process).client_addr if wl.read_any_node and not final else None
-        self.client = HarnessClient(cluster=wl.map, timeout=wl.op_timeout, pin=pin, **CLIENT_AUTH)
+        self.client = Client(cluster=wl.map, timeout=wl.op_timeout, **CLIENT_AUTH)
 
     def close(self) -> None:
         self.client.close()
@@ -205,9 +202,8 @@ class _RotatingGroups:
     prefix = ""
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
-                 op_timeout: float = 4.0, read_any_node: bool = False, **_: Any) -> None:
+                 op_timeout: float = 4.0, **_: Any) -> None:
         self.map = shardmap
-        self.read_any_node = read_any_node
         self.keys_per_shard = keys_per_shard
         self.key_period = key_period
         self.op_timeout = op_timeout

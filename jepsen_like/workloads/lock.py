@@ -51,13 +51,13 @@ class LockWorkload(_RotatingGroups):
 
     def __init__(self, shardmap: Any, seed: int, keys_per_shard: int = 1, key_period: float = 5.0,
                  op_timeout: float = 4.0, lock_ttl: float = 15.0, unsafe_lock_lapse: bool = False,
-                 read_any_node: bool = False, **_: Any) -> None:
-        super().__init__(shardmap, seed, keys_per_shard, key_period, op_timeout, read_any_node)
+                 **_: Any) -> None:
+        super().__init__(shardmap, seed, keys_per_shard, key_period, op_timeout)
         self.lapse = unsafe_lock_lapse
         self.lock_ttl = 1.0 if unsafe_lock_lapse else lock_ttl
 
     def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
-        return _LockWorker(self, process, rng, final)
+        return _LockWorker(self, process, rng)
 
     def final_ops(self) -> list[tuple[str, Any, Any]]:
         return []
@@ -67,8 +67,8 @@ class LockWorkload(_RotatingGroups):
 
 
 class _LockWorker(_TxnWorkerBase):
-    def __init__(self, wl: LockWorkload, process: Any, rng: random.Random, final: bool = False) -> None:
-        super().__init__(wl, process, rng, final)
+    def __init__(self, wl: LockWorkload, process: Any, rng: random.Random) -> None:
+        super().__init__(wl, process, rng)
         self.held: Any = None  # the raftkv.client.Lock this client holds
 
     def next_op(self, t: float) -> tuple[str, Any, Any]:

@@ -35,7 +35,7 @@ class TxnWorkload(_RotatingGroups):
     prefix = "t"
 
     def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
-        return _TxnWorker(self, process, rng, final)
+        return _TxnWorker(self, process, rng)
 
     def final_ops(self) -> list[tuple[str, Any, Any]]:
         return [("get", k, None) for k in self.used_keys()]
@@ -88,7 +88,7 @@ class AppendWorkload(_RotatingGroups):
     prefix = "ap"
 
     def worker(self, process: Any, rng: random.Random, final: bool = False) -> Worker:
-        return _AppendWorker(self, process, rng, final)
+        return _AppendWorker(self, process, rng)
 
     def final_ops(self) -> list[tuple[str, Any, Any]]:
         return [("txn", None, [["r", k, None] for k in self._groups[g]]) for g in sorted(self._groups)]
