@@ -135,6 +135,8 @@ CLOCK_RATE_FAST_PCT = (110, 400)
 """Range of a ``clock-forward`` rate fault: fast clocks advance log time too soon, like a forward step."""
 SLOW_DISK_MS = (20, 400)
 """Range of the latency a ``slow-disk`` fault adds to each durable commit (milliseconds)."""
+FAULT_CALL_WAIT_S = 10.0
+"""How long a fault that needs a node's RAFTKV.FAULT waits for a node that is still starting."""
 FILLER = "jepsen-disk-filler"
 """Name of the file the ``disk`` nemesis fills a node's data directory with."""
 FILL_LIMIT_BYTES = 1 << 30
@@ -486,20 +488,32 @@ class Nemesis:
 
     def _set_skew(self, node: str, skew_ms: int) -> None:
         """Set ``node``'s clock offset; raises unless the node confirms (it replies the previous offset)."""
-        reply = self.cluster.call(node, "RAFTKV.FAULT", "CLOCK.SKEW_MS", str(skew_ms))
+        reply = self._fault_call(node, "CLOCK.SKEW_MS", str(skew_ms))
         if not isinstance(reply, int) or isinstance(reply, bool):
             raise RuntimeError(f"{node} refused RAFTKV.FAULT CLOCK.SKEW_MS {skew_ms}: {reply}")
         self.skews[node] = skew_ms
 
+    def _fault_call(self, node: str, *args: str, wait_s: float = FAULT_CALL_WAIT_S) -> object:
+        """``RAFTKV.FAULT args`` to ``node``, waiting up to ``wait_s`` for a node that is still starting (a kill
+        or power window just restarted it) to accept connections; the last failure is raised."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.cluster.call(node, "RAFTKV.FAULT", *args)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
     def _set_rate(self, node: str, pct: int) -> None:
         """Set ``node``'s clock rate (percent of real time); raises unless the node confirms."""
-        reply = self.cluster.call(node, "RAFTKV.FAULT", "CLOCK.RATE_PCT", str(pct))
+        reply = self._fault_call(node, "CLOCK.RATE_PCT", str(pct))
         if not isinstance(reply, int) or isinstance(reply, bool):
             raise RuntimeError(f"{node} refused RAFTKV.FAULT CLOCK.RATE_PCT {pct}: {reply}")
 
     def _set_slow_disk(self, node: str, ms: int) -> None:
         """Set ``node``'s injected commit latency; raises unless the node confirms."""
-        reply = self.cluster.call(node, "RAFTKV.FAULT", "DISK.SLOW_MS", str(ms))
+        reply = self._fault_call(node, "DISK.SLOW_MS", str(ms))
         if not isinstance(reply, int) or isinstance(reply, bool):
             raise RuntimeError(f"{node} refused RAFTKV.FAULT DISK.SLOW_MS {ms}: {reply}")
 

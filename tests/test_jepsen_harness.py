@@ -779,3 +779,29 @@ def test_append_workload_check_catches_a_lost_append() -> None:
     assert not lost.ok and lost.anomalies
     assert parse_list(None) == [] and parse_list(b"") == [] and parse_list(b"0.1,2.3,") == ["0.1", "2.3"]
     assert parse_list(b"0.1,junk") == ["0.1", "junk"]  # a tail without its comma stays, for Elle to flag
+
+
+class StartingNodeCluster(SlowDiskOnlyCluster):
+    """A node that refuses connections for its first ``refusals`` calls, as one a kill window just restarted."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+
+    def call(self, node: str, *args: str) -> int | str:
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise ConnectionRefusedError(111, "Connection refused")
+        return super().call(node, *args)
+
+
+def test_a_fault_waits_for_a_node_that_is_still_starting() -> None:
+    """Seen in CI: a slow-disk window right after a kill window met the restarted node before it listened and
+    was recorded as 'could not inject'. A fault's RAFTKV.FAULT now waits for the node (up to 10 s)."""
+    cluster = StartingNodeCluster(refusals=3)
+    nem = Nemesis(cluster, random.Random(1), clock=lambda: 0.0)
+    f = nem.start_fault("slow-disk")
+    assert not f.error and 20 <= cluster.slow[f.nodes[0]] <= 400
+    never = StartingNodeCluster(refusals=10**6)
+    with pytest.raises(OSError):
+        Nemesis(never, random.Random(1), clock=lambda: 0.0)._fault_call("n1", "DISK.SLOW_MS", "5", wait_s=0.2)
