@@ -291,7 +291,7 @@ def cmd_fault(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
         unit = "%" if label == "CLOCK.RATE_PCT" else " ms"
         raise BadRequest(Error("ERR", f"RAFTKV.FAULT {label}: {ms}{unit} is beyond {lo}..{hi}{unit}"))
     before = setter(node, ms)
-    log.warning("event=fault node=%s point=%s value=%d previous=%d", node.name, point, ms, before)
+    log.warning("event=fault node=%s fault=%s point=%s value=%d previous=%d", node.name, label, point, ms, before)
     return before
 
 
