@@ -450,7 +450,7 @@ def test_slow_disk_faults_are_refused_unless_armed_and_set_the_engine_delay() ->
     node.faults = Faults.parse(["disk.slow_ms:0"])
     with pytest.raises(BadRequest, match="CLOCK.SKEW_MS: not armed"):
         cmd_fault(node, None, [b"RAFTKV.FAULT", b"CLOCK.SKEW_MS", b"100"])
-    with pytest.raises(BadRequest, match="unknown fault 'DISK.FULL'; known: CLOCK.SKEW_MS, DISK.SLOW_MS"):
+    with pytest.raises(BadRequest, match="unknown fault 'DISK.FULL'; known: CLOCK.SKEW_MS, CLOCK.RATE_PCT, DISK.SLOW_MS"):
         cmd_fault(node, None, [b"RAFTKV.FAULT", b"DISK.FULL", b"1"])
     for bad in (b"-1", b"60001"):
         with pytest.raises(BadRequest, match="beyond 0..60000 ms"):
