@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from raftkv.bulk import parse_lines
 from raftkv.client import Client, IndeterminateError, RaftKVError
 from raftkv.cluster import DEFAULT_DIR, ClusterError, LocalCluster
 from raftkv.ops_cli import client_kw, cluster_path
@@ -481,6 +482,40 @@ def mset(pairs: tuple[str, ...], cluster_file: str | None) -> None:
         except RaftKVError as e:
             _fail(e)
     click.echo("OK")
+
+
+@main.command()
+@click.argument("source", type=click.File("rb"))
+@click.option("--format", "fmt", type=click.Choice(["tsv", "jsonl"]), default="tsv", show_default=True,
+              help="tsv: KEY<TAB>VALUE per line; jsonl: {\"key\": ..., \"value\": ...} per line")
+@click.option("--parallel", default=12, show_default=True, help="batches in flight")
+@cluster_option
+def load(source, fmt: str, parallel: int, cluster_file: str | None) -> None:
+    """Bulk-load keys from SOURCE (a file, or - for stdin), fast: one-shard batches of up to 500 keys.
+
+    Each batch is atomic and applied once; the load as a whole is not atomic: after a failure, run it
+    again (it writes the same values again). Progress goes to stderr.
+    """
+    t0 = time.monotonic()
+    shown = [t0]
+
+    def progress(n: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 1.0:
+            shown[0] = now
+            click.echo(f"loaded {n:,} keys ({n / (now - t0):,.0f} keys/s)", err=True)
+
+    with _client(cluster_file) as c:
+        try:
+            n = c.put_many(parse_lines(source, fmt), parallel=parallel, progress=progress)
+        except ValueError as e:
+            click.echo(f"raftkv: error: {source.name}: {e} (batches before it were written; fix the file "
+                       "and load it again)", err=True)
+            sys.exit(2)
+        except RaftKVError as e:
+            _fail(e)
+    took = time.monotonic() - t0
+    click.echo(f"loaded {n:,} keys in {took:.1f} s ({n / max(took, 1e-9):,.0f} keys/s)")
 
 
 @main.command()

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from raftkv import bulk
 from raftkv.connection import Connection
 from raftkv.errors import IndeterminateError, LockTimeout, RaftKVError, UnavailableError
 from raftkv.keyspace import prefix_end
@@ -547,6 +548,23 @@ class Client:
         for k, v in mapping.items():
             t.then_put(k, v)
         t.commit(retries=retries)
+
+    def put_many(self, items: Any, parallel: int = 12,
+                 progress: Any = None) -> int:
+        """Write many keys fast (``items``: a mapping or an iterable of ``(key, value)`` pairs); returns
+        how many were written.
+
+        Keys are grouped by shard into one-shard transactions of up to 500 keys, ``parallel`` of them in
+        flight (``raftkv.bulk``): each batch is atomic and applied once, the whole is not atomic. If it
+        raises, some batches may have been applied; writing the same items again is safe.
+        ``progress(n)`` is called with the running count after each batch.
+        """
+        pairs = items.items() if hasattr(items, "items") else items
+        return bulk.load(self, ((_b(k), _b(v)) for k, v in pairs), parallel=parallel, progress=progress)
+
+    def shard_of(self, key: Bytesish) -> int:
+        """The shard ``key`` belongs to (the ring of the client's shard map)."""
+        return self._shard(_b(key))
 
     def command(self, *args: Bytesish) -> Any:
         """Run one operator command (``RAFTKV.USER``, ``RAFTKV.ROLE``, ...) on the first node that answers.

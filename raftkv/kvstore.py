@@ -160,6 +160,10 @@ class EngineStore:
         """Keys written since the last completed checkpoint."""
         return len(self._merged())
 
+    def written(self) -> int:
+        """Keys written since the checkpoint in progress (or the last one) began: cheap, for the trigger."""
+        return len(self._overlay)
+
     def _merged(self) -> dict[bytes, bytes | None]:
         frozen, overlay = self._frozen, self._overlay  # read once: both may be replaced meanwhile
         if not frozen:

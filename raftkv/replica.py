@@ -135,11 +135,15 @@ class ShardReplica(SafeSyncObj):
         # pysyncobj compacts every 5,000 entries, but an entry can carry thousands of
         # commands (batching): also compact by commands, so the log kept in memory
         # and in the journal stays bounded.  A local decision, not replicated state.
+        # A one-shard transaction (a bulk load's batch) is one command writing hundreds of keys, which wait in
+        # memory until the next checkpoint: count the keys written as well, so memory stays bounded.
         self._cmds_since_compaction += len(cmds)
-        due = self._cmds_since_compaction >= self.compact_every_cmds
+        written = getattr(self.state.data, "written", None)
+        work = max(self._cmds_since_compaction, written() if written is not None else 0)
+        due = work >= self.compact_every_cmds
         # A follower that is down or far behind would hold the log (and the writes since the last checkpoint,
         # in memory) back forever: past 4 thresholds, checkpoint anyway; it catches up from the snapshot.
-        if due and (self._followers_caught_up() or self._cmds_since_compaction >= 4 * self.compact_every_cmds):
+        if due and (self._followers_caught_up() or work >= 4 * self.compact_every_cmds):
             self._cmds_since_compaction = 0
             self.forceLogCompaction()
         results = self.state.apply_batch(cmds, now_ms)

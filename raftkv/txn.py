@@ -283,6 +283,8 @@ def _apply_ops(s: KVState, ops: Any) -> list:
 
 def _append_too_big(data: Any, ops: Any) -> str | None:
     """Why an append of ``ops`` would make a value longer than its ``len_max``, or None."""
+    if not any(op[0] == "append" for op in ops):
+        return None  # only appends can grow a value past the limit: no need to read every key
     for op, length in zip(ops, _simulate_ops(data, ops), strict=True):
         if op[0] == "append" and length > op[3]:
             return (f"APPEND to {op[1]!r} would make a value of {length} bytes, over value_bytes_max={op[3]}; "
