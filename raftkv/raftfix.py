@@ -108,6 +108,7 @@ from raftkv.filejournal import (
 from raftkv.readindex import PendingRead, ReadIndex
 
 SUPPORTED_PYSYNCOBJ_VERSION = "0.3.17"
+APPLY_BUDGET_S = 0.01  # applying committed entries in one tick stops after this (at least one entry is applied)
 
 # Refuse to patch internals we have not read: every override below mirrors 0.3.17's private code.
 if pysyncobj.version.VERSION != SUPPORTED_PYSYNCOBJ_VERSION:
@@ -270,6 +271,14 @@ class _DurableGate:
         return getattr(self.inner, name)
 
 
+def _until(entries: list, deadline: float) -> Any:
+    """``entries`` one by one, stopping once ``deadline`` (monotonic) has passed; the first always comes."""
+    for i, entry in enumerate(entries):
+        if i and time.monotonic() >= deadline:
+            return
+        yield entry
+
+
 class _WakeNotifier:
     """Stands in for pysyncobj's ``PipeNotifier`` when an external driver ticks the group."""
 
@@ -359,6 +368,8 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         self._rf_flush_lock = threading.Lock()  # guards _rf_flush copies for readers on other threads
         self._rf_last_keepalive = 0.0
         self._rf_wake: Callable[[], None] | None = None  # set only when pysyncobj has no notifier to reroute
+        self._rf_wake_driver = wake  # an external driver: asked for another tick when applying is cut short
+        self._rf_apply_deadline: float | None = None  # set while the apply loop takes its entries
         self._rf_votes: tuple[int, set[Node]] = (-1, set())
         self._rf_chunk_rx: list[Any] | None = None  # [key, seq, data] of the entry being reassembled
         self._rf_snap_rx: tuple[Any, int] | None = None  # (key, seq) of the snapshot being received
@@ -684,11 +695,29 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802
         # pysyncobj applies right after the leader's commit computation: that is where counting ends.
         self._rf_counting = False
+        # Stock applies everything committed in one go: behind a bulk load that is hundreds of milliseconds in
+        # which this node's driver sends no heartbeat for any group. Its loop takes the entries from
+        # __getEntries; handed a generator that stops at the deadline (``_SyncObj__getEntries``), it applies
+        # what it got and leaves lastApplied there. The rest is applied next tick, which is asked for at once.
+        self._rf_apply_deadline = time.monotonic() + APPLY_BUDGET_S
+        try:
+            result = SyncObj._SyncObj__applyLogEntries(self)
+        finally:
+            self._rf_apply_deadline = None
+        if self._SyncObj__raftLastApplied < self._SyncObj__raftCommitIndex and self._rf_wake_driver is not None:
+            self._rf_wake_driver()
         # Reads waiting only for lastApplied >= readIndex are answered in the tick that applies it.
-        result = SyncObj._SyncObj__applyLogEntries(self)
         self._rf_conf_prune()
         self._rf_service_reads()
         return result
+
+    def _SyncObj__getEntries(self, fromIDx: int, count: int | None = None,  # noqa: N802,N803
+                             maxSizeBytes: int | None = None) -> Any:  # noqa: N803
+        entries = SyncObj._SyncObj__getEntries(self, fromIDx, count, maxSizeBytes)
+        deadline, self._rf_apply_deadline = self._rf_apply_deadline, None  # only the apply loop's own call
+        if deadline is None or len(entries) <= 1:
+            return entries
+        return _until(entries, deadline)
 
     # ---- ReadIndex -------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pysyncobj.config import SERIALIZER_STATE
 
+from raftkv.raftfix import SafeSyncObj
 from raftkv.replica import APPLIED, ShardReplica
 
 SERIALIZING, SUCCESS = SERIALIZER_STATE.SERIALIZING, SERIALIZER_STATE.SUCCESS
@@ -80,7 +81,9 @@ def test_checkpoint_compacts_the_log_and_a_restart_loads_no_data(tmp_path: Path,
         time.sleep(0.3)
     again = ShardReplica(0, addr, [], data)
     try:
-        _wait(lambda: again.is_leader() and again.raftLastApplied >= again.raftCommitIndex > 1)
+        # Leader, and its own first entry (the last in its log) applied: everything before it is, too. (A leader
+        # may not have committed that entry yet: its commit index, from the hard state, can be older.)
+        _wait(lambda: again.is_leader() and again.raftLastApplied >= again._SyncObj__raftLog[-1][1] > 1)
         # Only the entries after the checkpoint were applied again: their 7 keys are the whole overlay.
         assert again.state.data.pending() == 7
         _put_all(again, [(b"after", b"restart")])  # applied after everything restored
@@ -260,3 +263,43 @@ def test_a_checkpoint_commits_on_its_own_thread_while_writes_go_on(tmp_path: Pat
     finally:
         release.set()
         engine.close()
+
+
+def test_applying_is_bounded_per_tick_and_still_applies_everything_in_order(tmp_path: Path, monkeypatch) -> None:
+    """With no time to spare (budget 0) each tick applies one committed entry and leaves the rest to the next
+    ticks (a driver loop is never held for long by a backlog): the replica still applies every entry, in
+    order, live and when replaying its log after a restart."""
+    monkeypatch.setattr("raftkv.raftfix.APPLY_BUDGET_S", 0.0)
+    monkeypatch.setattr("raftkv.replica.COMPACT_EVERY_CMDS", 10**9)
+    addr = f"127.0.0.1:{_free_port()}"
+    data = str(tmp_path / "shard-0")
+    r = ShardReplica(0, addr, [], data)
+    expected = {}
+    try:
+        _wait(r.is_leader)
+        for batch in range(30):
+            items = [(b"k%d" % (i % 7), b"v%d-%d" % (batch, i)) for i in range(20)]
+            _put_all(r, items)
+            expected.update(items)
+        assert {k: v for k, (v, _rev) in r.state.data.items()} == expected
+    finally:
+        r.destroy()
+        time.sleep(0.3)
+    per_tick: list[int] = []  # entries applied by each tick of the restarted replica
+    stock = SafeSyncObj._SyncObj__applyLogEntries
+
+    def counting(self) -> bool:  # noqa: ANN001
+        before = self.raftLastApplied
+        result = stock(self)
+        per_tick.append(self.raftLastApplied - before)
+        return result
+
+    monkeypatch.setattr(SafeSyncObj, "_SyncObj__applyLogEntries", counting)
+    again = ShardReplica(0, addr, [], data)
+    try:
+        _wait(lambda: again.is_leader() and again.raftLastApplied >= again._SyncObj__raftLog[-1][1] > 30)
+        assert max(per_tick) == 1 and sum(per_tick) >= 30  # the replay of 30 entries took 30 ticks or more
+        assert {k: v for k, (v, _rev) in again.state.data.items()} == expected
+        assert again.state.revision == 30 * 20
+    finally:
+        again.destroy()
