@@ -156,6 +156,38 @@ class TxnResult:
     results: tuple
 
 
+@dataclass(frozen=True)
+class ResultRun:
+    """A ``TxnResult`` whose results are consecutive integers, kept as its first and count.
+
+    What the id table remembers of a bulk load's batch (a put's result is its revision, and a batch's puts
+    take consecutive revisions): two integers instead of one per key for the table's whole window. Lossless:
+    ``expand`` gives the same ``TxnResult`` back."""
+
+    succeeded: bool
+    first: int
+    count: int
+
+    @staticmethod
+    def of(result: Any) -> Any:
+        """``result`` in its remembered form: a ``ResultRun`` when that is exact, else itself."""
+        if not isinstance(result, TxnResult) or len(result.results) < 8:
+            return result
+        r = result.results
+        if any(type(x) is not int for x in r) or r[-1] - r[0] != len(r) - 1:
+            return result
+        if any(b - a != 1 for a, b in zip(r, r[1:], strict=False)):
+            return result
+        return ResultRun(result.succeeded, r[0], len(r))
+
+    @staticmethod
+    def expand(kept: Any) -> Any:
+        """The result that ``of`` was given."""
+        if isinstance(kept, ResultRun):
+            return TxnResult(kept.succeeded, tuple(range(kept.first, kept.first + kept.count)))
+        return kept
+
+
 def validate(compares: list, then_ops: list, else_ops: list) -> str | None:
     """Why the transaction is malformed, or None.  Run at the edge, before the log."""
     for c in compares:
@@ -383,14 +415,14 @@ class TxnTable:
         _, txid, compares, then_ops, else_ops = cmd
         known = self.once.get(txid)
         if known is not None:
-            return known[0]
+            return ResultRun.expand(known[0])
         if len(self.once) >= TXN_IDS_MAX:
             self._forget_once(now_ms - TOMBSTONE_TTL_MS)
             if len(self.once) >= TXN_IDS_MAX:  # refuse rather than evict: evicting shrinks the window
                 return CmdError("BUSY", f"too many transaction ids remembered on this shard ({TXN_IDS_MAX})")
         result = apply_local_txn(s, compares, then_ops, else_ops)
         if not isinstance(result, Locked):  # not applied: the caller retries once the lock clears
-            self.once[txid] = (result, now_ms)
+            self.once[txid] = (ResultRun.of(result), now_ms)
         return result
 
     def _forget_once(self, horizon: int) -> int:

@@ -25,6 +25,7 @@ from raftkv.txn import (
     STAGING,
     TOMBSTONE_TTL_MS,
     Record,
+    ResultRun,
     TxnResult,
     TxnTable,
     single_shard_cmd,
@@ -829,6 +830,29 @@ def test_single_shard_txn_id_outlives_session_eviction(monkeypatch: pytest.Monke
         s.apply(("session", f"client{i}".encode(), 1, ("get", b"c")), T0 + i)
     assert s.apply(cmd, T0 + 100) == first
     assert s.apply(cmd, T0 + TOMBSTONE_TTL_MS - 1) == first  # for the whole documented window
+
+
+@given(st.booleans(), st.lists(st.one_of(st.integers(-3, 40), st.binary(max_size=3), st.none(), st.booleans()),
+                              max_size=30))
+def test_a_remembered_result_expands_to_exactly_the_result(succeeded: bool, results: list) -> None:
+    r = TxnResult(succeeded, tuple(results))
+    assert ResultRun.expand(ResultRun.of(r)) == r
+    run = TxnResult(succeeded, tuple(range(7, 7 + len(results))))
+    assert ResultRun.expand(ResultRun.of(run)) == run
+
+
+def test_a_bulk_batch_is_remembered_in_two_integers_and_a_retry_gets_every_revision() -> None:
+    """A one-shard transaction of 500 puts (a bulk load's batch) keeps (first revision, count) in the id table,
+    not 500 revisions for the whole window; the same id again answers the same 500 revisions."""
+    s = fresh()
+    s.apply(("set", b"before", b"x"), T0)
+    cmd = single_shard_cmd("bulk-1", [], [("put", b"k%03d" % i, b"v") for i in range(500)], [])
+    first = s.apply(cmd, T0 + 1)
+    assert first == TxnResult(True, tuple(range(2, 502)))
+    assert s.txns.once["bulk-1"][0] == ResultRun(True, 2, 500)
+    assert s.apply(cmd, T0 + 2) == first and s.revision == 501
+    again = KVState.restore(s.snapshot())
+    assert again.apply(cmd, T0 + 3) == first
 
 
 def test_coordinator_runs_parallel_commits_unless_told_classic_or_without_the_home_replica() -> None:
