@@ -42,7 +42,9 @@ at run time), which the fault harness's ``slow-disk`` nemesis sends; the commit-
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -448,6 +450,25 @@ class ReadView:
             if key >= hi:
                 return
             yield key, value
+
+    def scan_batches(self, lo: bytes, hi: bytes, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
+        """``scan(lo, hi)`` in lists of at most ``size`` pairs, read by the cursor's own iterator (no Python step
+        per key: for streaming a whole shard)."""
+        assert self._txn is not None, "read view closed"
+        cursor = self._txn.cursor()
+        if not cursor.set_range(lo):
+            return
+        rows = cursor.iternext(keys=True, values=True)
+        while True:
+            batch = list(itertools.islice(rows, size))
+            if not batch:
+                return
+            if batch[-1][0] >= hi:  # the range ends inside this batch: keep what is below hi
+                del batch[bisect.bisect_left(batch, (hi,)):]
+                if batch:
+                    yield batch
+                return
+            yield batch
 
     def close(self) -> None:
         """End the view (LMDB may then reuse the pages it pinned)."""

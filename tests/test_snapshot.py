@@ -9,10 +9,13 @@ import threading
 import time
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pysyncobj.config import SERIALIZER_STATE
 
 from raftkv.raftfix import SafeSyncObj
 from raftkv.replica import APPLIED, ShardReplica
+from tests.conftest import examples
 
 SERIALIZING, SUCCESS = SERIALIZER_STATE.SERIALIZING, SERIALIZER_STATE.SUCCESS
 
@@ -303,3 +306,52 @@ def test_applying_is_bounded_per_tick_and_still_applies_everything_in_order(tmp_
         assert again.state.revision == 30 * 20
     finally:
         again.destroy()
+
+
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sets(st.binary(min_size=1, max_size=3), max_size=60), st.binary(max_size=3), st.binary(max_size=3),
+       st.integers(1, 7))
+def test_scan_batches_is_scan_cut_into_lists(tmp_path: Path, keys: set, lo: bytes, hi: bytes, size: int) -> None:
+    from raftkv.engine import Engine
+
+    engine = Engine(str(tmp_path / f"e{len(os.listdir(tmp_path))}"), map_size=1 << 22)
+    try:
+        engine.commit_now(lambda b: b.put_many(sorted((k, k + b"!") for k in keys)))
+        with engine.read_view() as view:
+            batches = list(view.scan_batches(lo, hi, size))
+            assert all(0 < len(b) <= size for b in batches)
+            assert [row for b in batches for row in b] == list(view.scan(lo, hi))
+    finally:
+        engine.close()
+
+
+def test_a_version_1_stream_still_installs(tmp_path: Path) -> None:
+    """A leader of an earlier build streams rows as (key, value) lists (format 1): this build installs them."""
+    import pickle
+
+    from raftkv.engine import Engine
+    from raftkv.kvstore import data_range
+    from raftkv.snapshot import FORMAT, STREAM_MAGIC, _load_meta, _record, meta_key
+
+    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
+    lh, fh = {}, {}
+    try:
+        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+        for i in range(5_000):
+            lh["state"].apply(("set", b"k%05d" % i, b"v%d" % i), 1000)
+        _checkpoint_at(leader, lh, 40)
+        expected = dict(lh["state"].data.items())
+        raft_data, meta, _count, gen = _load_meta(le.get(meta_key(3)), 3)
+        lo, hi = data_range(3, gen)
+        rows = [(k[len(lo):], v) for k, v in le.scan(lo, hi)]
+        stream = STREAM_MAGIC + _record(pickle.dumps((FORMAT, raft_data, meta)))
+        stream += b"".join(_record(pickle.dumps(rows[i:i + 700])) for i in range(0, len(rows), 700)) + _record(b"")
+        chunks = [stream[i:i + 20_000] for i in range(0, len(stream), 20_000)]
+        for i, chunk in enumerate(chunks):
+            accepted = follower.setTransmissionData((chunk, i == 0, i == len(chunks) - 1))
+        assert accepted
+        follower.deserialize()
+        assert dict(fh["state"].data.items()) == expected
+    finally:
+        le.close()
+        fe.close()
