@@ -110,6 +110,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 import time
@@ -725,8 +726,6 @@ class Nemesis:
 
     def _add_back(self, node: str) -> None:
         """Add a removed ``node`` back under its old name and address, with an empty data directory."""
-        import shutil
-
         info = self.cluster.map.nodes[node]
         op = self._operator()
         if node not in op.map.nodes:  # removed: it comes back as a new, empty member

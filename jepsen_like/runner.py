@@ -458,7 +458,7 @@ def _export_edn(ops: list, cfg: RunConfig) -> list[str]:
 def _write_not_recovered(cluster: Any, path: Path) -> None:
     """What each node says when the cluster did not recover: its status and a read of one key per shard
     through it (the failing check reads through the first node), for the report's reader."""
-    from raftkv.cluster import _key_on_shard
+    from raftkv.cluster import key_on_shard
 
     out: dict[str, Any] = {}
     for name in cluster.map.nodes:
@@ -470,7 +470,7 @@ def _write_not_recovered(cluster: Any, path: Path) -> None:
         reads = {}
         for s in range(cluster.map.nshards):
             try:
-                reply = cluster.call(name, "GET", _key_on_shard(cluster.map, s), timeout=5.0)
+                reply = cluster.call(name, "GET", key_on_shard(cluster.map, s), timeout=5.0)
                 reads[str(s)] = repr(reply)[:300]
             except Exception as e:  # noqa: BLE001
                 reads[str(s)] = f"{type(e).__name__}: {e}"

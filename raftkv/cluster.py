@@ -271,7 +271,7 @@ class LocalCluster:
         # shard has a leader that can commit.
         name = names[0]
         for s in range(self.map.nshards):
-            key = _key_on_shard(self.map, s)
+            key = key_on_shard(self.map, s)
             try:
                 reply = self.call(name, "GET", key, timeout=5.0)
             except (OSError, ConnectionError):
@@ -281,7 +281,8 @@ class LocalCluster:
         return True
 
 
-def _key_on_shard(m: ShardMap, shard: int) -> bytes:
+def key_on_shard(m: ShardMap, shard: int) -> bytes:
+    """A key of ``shard`` under map ``m`` (``__probe<i>`` for the smallest such i): probes, tests, benchmarks."""
     for i in range(100000):
         k = f"__probe{i}".encode()
         if m.shard_for_key(k) == shard:

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 from raftkv import Client
-from raftkv.cluster import _key_on_shard
+from raftkv.cluster import key_on_shard
 
 from .conftest import start_cluster
 
@@ -28,7 +28,7 @@ def _listening(host: str, port: int) -> bool:
 def test_many_shards_serve_with_few_threads_and_one_raft_port(tmp_path: Path) -> None:
     lc = start_cluster(str(tmp_path / "c"), shards=SHARDS, timeout=120.0)
     try:
-        keys = {s: _key_on_shard(lc.map, s) for s in range(SHARDS)}
+        keys = {s: key_on_shard(lc.map, s) for s in range(SHARDS)}
         with Client(cluster=lc.config) as c:
             for s, key in keys.items():
                 c.put(key, b"v%d" % s)

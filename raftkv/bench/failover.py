@@ -25,12 +25,12 @@ from raftkv.bench.preload import preload
 from raftkv.bench.report import machine
 from raftkv.bench.suite import say
 from raftkv.bench.systems import FAILOVER_PEERS, EtcdSystem, RaftKVSystem, System, found_peers
-from raftkv.cluster import LocalCluster, _key_on_shard
+from raftkv.cluster import LocalCluster, key_on_shard
 
 
 def _probe_write_raftkv(lc: LocalCluster, shard: int, exclude: str, deadline: float) -> tuple[float | None, int]:
     """Retry a session write to ``shard`` via the surviving nodes until it succeeds; (success time, attempts)."""
-    key = _key_on_shard(lc.map, shard)
+    key = key_on_shard(lc.map, shard)
     sid = f"probe-{uuid.uuid4().hex[:8]}".encode()
     survivors = [n for n in lc.map.nodes if n != exclude]
     attempts = 0
