@@ -47,8 +47,9 @@ __all__ = ["Client", "CompactedError", "IndeterminateError", "Lease", "LeaseTTL"
 
 # Error codes after which the same request may be sent again unchanged.  ``STORAGE``: that node's engine
 # failed (a full disk) and it stopped its Raft groups without proposing; the shard's other replicas elect a
-# leader, so the request goes to them.
-_RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY", "STORAGE"}
+# leader, so the request goes to them.  ``MOVING``: the key is being moved to a new shard (``raftkv shard
+# add``); ``WRONGSHARD``: it lives on another shard now: the client adopts a newer map before it retries.
+_RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY", "STORAGE", "MOVING", "WRONGSHARD"}
 
 
 class Attempts:
@@ -610,6 +611,8 @@ class Client:
                 attempts.transport_failed(addr, e, sent=not isinstance(e, ConnectionRefusedError))
             except ReplyError as e:
                 attempts.refused(e)
+                if e.code == "WRONGSHARD":
+                    self._reload_map()  # the key moved shard: route by the map that says so (once nodes have it)
             self._forget_leader(shard)
             time.sleep(attempts.backoff(time.monotonic()))
 
