@@ -188,6 +188,7 @@ class Resharder:
                     self.call(s, "mv_handoff", epoch)
             times["copy"] = time.monotonic() - t
             self.call(dest, "mv_open", epoch)
+        self.say(f"shard {dest} open; every source handed off: the map of epoch {epoch} puts it on the ring")
         t = time.monotonic()
         m = dataclasses.replace(self.op.map, epoch=epoch, nshards=dest + 1, adding=None)
         self._publish(m)

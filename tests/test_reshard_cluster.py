@@ -11,6 +11,9 @@ is within 1.25x of 1/3, and every shard's replicas hold the same data (HASHKV).
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +23,7 @@ from raftkv.cluster import LocalCluster, call
 from raftkv.errors import IndeterminateError, RaftKVError
 from raftkv.membership import Operator
 from raftkv.resharder import Resharder
-from shards.ring import Ring
+from shards.ring import DEFAULT_VNODES, Ring
 from shards.shardmap import ShardMap
 
 from .conftest import dump_logs, start_cluster
@@ -102,60 +105,201 @@ def _shard_key_counts(m: ShardMap) -> dict[int, int]:
     return counts
 
 
+def _load(lc: LocalCluster) -> list[str]:
+    keys = [f"key-{i}" for i in range(LOADED)]
+    with Client(cluster=lc.config, timeout=15.0) as c:
+        for i in range(0, LOADED, 500):
+            c.mset({k: f"{k}:0" for k in keys[i:i + 500]})
+    return keys
+
+
+def _start_writers(lc: LocalCluster, keys: list[str], count: int = 3) -> list[Overwriter]:
+    writers = [Overwriter(str(lc.config), keys[i::count], seed=i) for i in range(count)]
+    for w in writers:
+        w.start()
+    return writers
+
+
+def _stop(writers: list[Overwriter]) -> None:
+    for w in writers:
+        w.stop.set()
+    for w in writers:
+        w.join(30)
+
+
+def _check_after_add(lc: LocalCluster, keys: list[str], writers: list[Overwriter], shards: int) -> None:
+    """Every acknowledged write readable, no stale read, each key stored once, replicas agree."""
+    m = ShardMap.load(lc.config)
+    assert (m.nshards, m.adding) == (shards, None)
+    stale = [s for w in writers for s in w.stale]
+    assert stale == [], f"reads that missed their own thread's acknowledged write: {stale[:5]}"
+    errors = [e for w in writers for e in w.errors]
+    assert errors == [], f"errors surfaced to the clients: {errors[:5]}"
+    assert all(w.writes > 0 for w in writers), [w.writes for w in writers]
+    with Client(cluster=lc.config, timeout=15.0) as c:
+        values = c.mget(keys)
+    expected: dict[str, bytes] = {k: f"{k}:0".encode() for k in keys}
+    maybe: dict[str, list[bytes]] = {}
+    for w in writers:
+        expected.update(w.last)
+        for k, vs in w.maybe.items():
+            maybe.setdefault(k, []).extend(vs)
+    wrong = [(k, v) for k, v in zip(keys, values, strict=True) if v != expected[k] and v not in maybe.get(k, [])]
+    assert wrong == [], f"{len(wrong)} keys do not hold their latest acknowledged write: {wrong[:5]}"
+    counts = _shard_key_counts(m)
+    assert sorted(counts) == list(range(shards))
+    # every key is readable (above), so the counts adding up to the number of keys means none is stored twice
+    assert sum(counts.values()) == len(keys), f"a key is stored on two shards: {counts}"
+    for s in range(shards):
+        _hashkv_agree(m, s)
+
+
 def test_shard_add_moves_keys_under_writes_and_reads(tmp_path: Path) -> None:
     lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
     writers: list[Overwriter] = []
     try:
-        keys = [f"key-{i}" for i in range(LOADED)]
-        with Client(cluster=lc.config, timeout=15.0) as c:
-            for i in range(0, LOADED, 500):
-                c.mset({k: f"{k}:0" for k in keys[i:i + 500]})
-        writers = [Overwriter(str(lc.config), keys[i::3], seed=i) for i in range(3)]
-        for w in writers:
-            w.start()
+        keys = _load(lc)
+        writers = _start_writers(lc, keys)
         time.sleep(1.0)
         op = Operator(lc.config, timeout=30.0, say=print)
         result = Resharder(op, step_timeout=60.0, say=print).run()
         time.sleep(1.0)
-        for w in writers:
-            w.stop.set()
-        for w in writers:
-            w.join(30)
-
-        m = ShardMap.load(lc.config)
-        assert (m.nshards, m.adding, result.shard) == (3, None, 2)
+        _stop(writers)
         share = 1 / 3
         print(f"moved {result.moved} of {result.total} keys: {result.fraction:.4f} (1/3 = {share:.4f}); "
-              f"steps {result.seconds}; writes during the move: {[w.writes for w in writers]}")
+              f"steps {result.seconds}; writes during the run: {[w.writes for w in writers]}")
+        assert result.shard == 2 and result.total == LOADED
         assert share / 1.25 <= result.fraction <= share * 1.25
-        # the keys moved are exactly the ones the new ring gives shard 2
-        assert result.moved == sum(1 for k in keys if Ring(range(3), m.vnodes).shard_for(k) == 2)
+        # the keys moved are exactly the ones the new ring gives shard 2, and they left the sources
+        assert result.moved == sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
         assert result.purged == result.moved
-        stale = [s for w in writers for s in w.stale]
-        assert stale == [], f"reads that missed their own thread's acknowledged write: {stale[:5]}"
-        errors = [e for w in writers for e in w.errors]
-        assert errors == [], f"errors surfaced to the clients: {errors[:5]}"
-        assert sum(w.writes for w in writers) > 0
-        with Client(cluster=lc.config, timeout=15.0) as c:
-            values = c.mget(keys)
-        expected: dict[str, bytes] = {k: f"{k}:0".encode() for k in keys}
-        maybe: dict[str, list[bytes]] = {}
-        for w in writers:
-            expected.update(w.last)
-            for k, vs in w.maybe.items():
-                maybe.setdefault(k, []).extend(vs)
-        wrong = [(k, v) for k, v in zip(keys, values, strict=True)
-                 if v != expected[k] and v not in maybe.get(k, [])]
-        assert wrong == [], f"{len(wrong)} keys do not hold their latest acknowledged write: {wrong[:5]}"
-        counts = _shard_key_counts(m)
-        assert sorted(counts) == [0, 1, 2]
-        assert sum(counts.values()) == LOADED, f"a key is stored on two shards: {counts}"
-        for s in range(3):
-            _hashkv_agree(m, s)
+        _check_after_add(lc, keys, writers, 3)
     except BaseException:
-        for w in writers:
-            w.stop.set()
+        _stop(writers)
         dump_logs(LocalCluster(lc.dir))
         raise
     finally:
+        lc.stop()
+
+
+def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) -> None:
+    """Between the hand-off and the new map, a moved key answers -WRONGSHARD; the client holding the map
+    of before the add refreshes it, retries, and its write succeeds once the map is out."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    try:
+        old = ShardMap.load(lc.config)
+        new_ring = Ring(range(3), old.vnodes)
+        key = next(k for k in (f"moved-{i}" for i in range(1000)) if new_ring.shard_for(k) == 2)
+        with Client(cluster=lc.config, timeout=15.0) as c:
+            c.put(key, "before")
+        client = Client(cluster=old, timeout=20.0)
+        reloads: list[int] = []
+        reload = client._reload_map
+
+        def counting_reload() -> None:
+            reloads.append(client.map.epoch)  # type: ignore[union-attr]
+            reload()
+        client._reload_map = counting_reload  # type: ignore[method-assign]
+        outcome: list[object] = []
+
+        def say(msg: str) -> None:
+            print(msg)
+            if "puts it on the ring" in msg:  # handed off and open, the map not out yet
+                writer = threading.Thread(target=lambda: outcome.append(client.put(key, "after")), daemon=True)
+                writer.start()
+                time.sleep(1.5)  # the write meets -WRONGSHARD meanwhile
+                assert outcome == [], "a write of a moved key succeeded before the map went out"
+
+        Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=say).run()
+        deadline = time.monotonic() + 20
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outcome == [None], outcome  # put returns None: no error surfaced
+        assert reloads and reloads[0] == old.epoch  # it was told to refresh its map
+        assert client.get(key) == b"after"
+        # it adopted a newer map (the one placing shard 2, or the one with it on the ring): nodes route by
+        # their own map, so a map a step behind costs a forwarding hop, never an error
+        assert client.map.epoch > old.epoch  # type: ignore[union-attr]
+        client.close()
+    except BaseException:
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        lc.stop()
+
+
+def test_shard_add_killed_mid_copy_is_finished_by_running_it_again(tmp_path: Path) -> None:
+    """kill -9 of ``raftkv shard add`` while it copies keys; a second run finishes the add, under writes."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    writers: list[Overwriter] = []
+    try:
+        keys = _load(lc)
+        writers = _start_writers(lc, keys, count=2)
+        time.sleep(0.5)
+        proc = subprocess.Popen([sys.executable, "-m", "raftkv", "shard", "add", "--chunk", "50",
+                                 "--cluster", str(lc.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line.rstrip())
+            if line.startswith("frozen:"):
+                time.sleep(0.3)  # into the copy of shard 0's keys (50 a chunk)
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(10)
+        print("first run, killed:", seen)
+        assert any(line.startswith("frozen:") for line in seen), seen
+        assert ShardMap.load(lc.config).adding == 2  # it died before the new ring went out
+        result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
+        assert result.shard == 2
+        time.sleep(1.0)
+        _stop(writers)
+        _check_after_add(lc, keys, writers, 3)
+        # the move is over everywhere: the next run adds shard 3, moving keys off shard 2 as well
+        result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
+        assert result.shard == 3 and result.total == LOADED
+        _check_after_add(lc, keys, writers, 4)
+    except BaseException:
+        _stop(writers)
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        lc.stop()
+
+
+def test_shard_add_survives_a_source_leader_killed_mid_move(tmp_path: Path) -> None:
+    """kill -9 of shard 0's leader once the sources are frozen: the run goes on with the new leader, the
+    killed node restarts and catches up, and every invariant holds, replicas included."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    writers: list[Overwriter] = []
+    killed: list[str] = []
+    try:
+        keys = _load(lc)
+        writers = _start_writers(lc, keys, count=2)
+        time.sleep(0.5)
+        op = Operator(lc.config, timeout=30.0, say=print)
+
+        def say(msg: str) -> None:
+            print(msg)
+            if msg.startswith("frozen:") and not killed:
+                view = op.leader_view(op.statuses(), 0)
+                assert view is not None
+                killed.append(view[0])
+                lc.kill_node(view[0])
+                print(f"killed {view[0]}, shard 0's leader")
+
+        result = Resharder(op, step_timeout=60.0, chunk=200, say=say).run()
+        assert killed and result.shard == 2
+        lc.start_node(killed[0])
+        LocalCluster(lc.dir).wait_ready(60)
+        time.sleep(1.0)
+        _stop(writers)
+        _check_after_add(lc, keys, writers, 3)
+    except BaseException:
+        _stop(writers)
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        LocalCluster(lc.dir).stop()
         lc.stop()
