@@ -65,6 +65,9 @@ FROZEN, HANDOFF, INCOMING = "frozen", "handoff", "incoming"
 PHASES = (FROZEN, HANDOFF, INCOMING)
 SCAN_LIMIT_MAX = 10_000  # moving keys per mv_scan / sessions per mv_sessions answer
 SCAN_WORK_FACTOR = 50  # an mv_scan looks at up to this many keys per key it may return
+# Keys and values per mv_scan answer: the next mv_install carries them in one request, which must stay under
+# the node's request limit (1.5 MiB); one key and value alone may exceed this (a value is at most 1 MiB).
+SCAN_BYTES_MAX = 1024 * 1024
 
 
 @lru_cache(maxsize=16)
@@ -316,24 +319,27 @@ def _status(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def _scan(s: Any, cmd: tuple, now_ms: int) -> Any:
-    """``(items, cursor)``: up to ``limit`` moving keys after ``after`` as ``(key, value, deadline or None)``;
-    ``cursor`` None once the whole shard was looked at."""
+    """``(items, cursor)``: up to ``limit`` moving keys after ``after`` as ``(key, value, deadline or None)``,
+    of ``SCAN_BYTES_MAX`` bytes at most (or one key); ``cursor`` None once the whole shard was looked at."""
     _, epoch, after, limit = cmd
     move = s.move
     if move is None or move.epoch != epoch or move.phase == INCOMING:
         return CmdError("ERR", f"mv_scan: no outgoing move of epoch {epoch} here")
     limit = max(1, min(int(limit), SCAN_LIMIT_MAX))
     items: list[tuple] = []
-    looked = 0
+    looked = size = 0
     last = None
     for key in s.data.keys_between(b"" if after is None else after + b"\0"):
         looked += 1
-        last = key
         if move.moving(key):
             value, _rev = s.data[key]
+            if items and size + len(key) + len(value) > SCAN_BYTES_MAX:
+                return items, last  # this key starts the next answer
+            size += len(key) + len(value)
             items.append((key, value, s.expiries.get(key) if s.expiries else None))
             if len(items) >= limit:
                 return items, key
+        last = key
         if looked >= limit * SCAN_WORK_FACTOR:
             return items, last
     return items, None

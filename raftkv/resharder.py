@@ -119,8 +119,8 @@ class Resharder:
         self.op._save(new, verbose=False)
         missed = self.op.push_map(verbose=False)
         if missed:
-            self.say(f"map epoch {new.epoch}: not installed on {', '.join(missed)} (unreachable); they get it "
-                     "when 'raftkv shard add' runs again")
+            self.say(f"map epoch {new.epoch}: not installed on {', '.join(missed)} (unreachable); a node reads "
+                     "the cluster file when it starts (until it has this map, it answers -WRONGSHARD for moved keys)")
 
     def _wait_leader(self, shard: int) -> str:
         deadline = time.monotonic() + self.step_timeout
@@ -150,6 +150,7 @@ class Resharder:
             if unfinished is not None:
                 self.say(f"finishing the move of epoch {unfinished.epoch} to shard {unfinished.dest} "
                          "(an earlier run stopped before the cleanup ended)")
+                self.op.push_map(verbose=False)  # that run may have died between saving the map and pushing it
                 purged = self._cleanup(unfinished.epoch, times)
                 return ReshardResult(unfinished.dest, unfinished.epoch, 0, 0, purged, times)
             dest = m.nshards

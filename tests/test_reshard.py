@@ -253,3 +253,21 @@ def test_reshard_handlers_are_registered_in_the_state_machine() -> None:
 
     assert set(reshard.HANDLERS) <= set(state._HANDLERS)
     assert set(reshard.READ_HANDLERS) <= set(state._READ_HANDLERS)
+
+
+def test_a_scan_returns_every_moving_key_once_in_answers_of_bounded_size() -> None:
+    s = KVState()
+    big = b"x" * (300 * 1024)
+    for i in range(40):
+        s.apply(("set", b"k%d" % i, big if i % 2 else b"small"), 0)
+    s.apply(("mv_freeze", 3, 0, 1, V), 0)
+    seen: list[bytes] = []
+    after = None
+    while True:
+        items, after = s.read(("mv_scan", 3, after, 1000))
+        assert sum(len(k) + len(v) for k, v, _ in items) <= reshard.SCAN_BYTES_MAX
+        seen += [k for k, _, _ in items]
+        if after is None:
+            break
+    expected = sorted(k for k in s.data.keys_between() if s.move.moving(k))  # type: ignore[union-attr]
+    assert seen == expected and len(expected) > 5
