@@ -302,16 +302,15 @@ def _open(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def status(s: Any) -> tuple:
-    """``(owner, move, moving keys held, moving keys locked by transactions, moving keys on leases,
-    keys held, revision)``; owner and move as plain tuples or None."""
+    """``(owner, move, moving keys locked by transactions, moving keys on leases, keys held, revision)``;
+    owner and move as plain tuples or None.  Cheap: it never walks the keys (the poll of step 2 runs it)."""
     move = s.move
-    held = locked = leased = 0
+    locked = leased = 0
     if move is not None and move.phase != INCOMING:
-        held = sum(1 for k in s.data.keys_between() if move.moving(k))
         locked = sum(1 for k in s.txns.locks if move.moving(k))
         leased = sum(1 for k in s.leases.key_lease if move.moving(k))
-    return (None if s.owner is None else s.owner.dump(), None if move is None else move.dump(), held, locked,
-            leased, len(s.data), s.revision)
+    return (None if s.owner is None else s.owner.dump(), None if move is None else move.dump(), locked, leased,
+            len(s.data), s.revision)
 
 
 def _status(s: Any, cmd: tuple, now_ms: int) -> Any:

@@ -111,9 +111,9 @@ class Resharder:
         return res
 
     def status(self, shard: int) -> dict:
-        owner, move, held, locked, leased, keys, revision = self.call(shard, "mv_status")
-        return {"owner": owner, "move": None if move is None else reshard.Move(*move), "held": held,
-                "locked": locked, "leased": leased, "keys": keys, "revision": revision}
+        owner, move, locked, leased, keys, revision = self.call(shard, "mv_status")
+        return {"owner": owner, "move": None if move is None else reshard.Move(*move), "locked": locked,
+                "leased": leased, "keys": keys, "revision": revision}
 
     def _publish(self, new: Any) -> None:
         self.op._save(new, verbose=False)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from raftkv import reshard
 from raftkv.protocol import Error
 from raftkv.replica import APPLIED, NOT_APPLIED, UNKNOWN
 from raftkv.results import CmdError, Locked
@@ -293,7 +294,12 @@ class Router:
         replica = self.node.replicas.get(shard)
         if replica is None:
             return await self.execute(shard, cmd, read=True)
-        entry = replica.state.lookup(cmd[1], replica.log_now_ms())
+        state = replica.state
+        if state.owner is not None or state.move is not None:  # moved to another shard: no value, even stale
+            refused = reshard.refusal(state.owner, state.move, cmd[1], write=False)
+            if refused is not None and refused.code == "WRONGSHARD":
+                return Error(refused.code, refused.message)
+        entry = state.lookup(cmd[1], replica.log_now_ms())
         if cmd[0] == "get":
             return None if entry is None else entry[0]
         return entry

@@ -30,7 +30,12 @@ def cmd_reshard(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
     async def go() -> Any:
         res = await node.execute(shard, cmd, read=read, idempotent=True)
-        return res if isinstance(res, Error) else rpc.encode(res)
+        if isinstance(res, Error):
+            return res
+        try:
+            return rpc.encode(res)
+        except (TypeError, ValueError) as e:  # a value the codec does not carry (a session's stored result)
+            return Error("ERR", f"RAFTKV.RESHARD: cannot send the result of {cmd[0]}: {e}")
     return node.run(go())
 
 
