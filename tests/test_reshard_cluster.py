@@ -184,14 +184,19 @@ def test_shard_add_moves_keys_under_writes_and_reads(tmp_path: Path) -> None:
 
 def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) -> None:
     """Between the hand-off and the new map, a moved key answers -WRONGSHARD; the client holding the map
-    of before the add refreshes it, retries, and its write succeeds once the map is out."""
+    of before the add refreshes it, retries, and its write succeeds once the map is out. (Values of
+    300 KiB move too, several copy chunks of them.)"""
     lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
     try:
         old = ShardMap.load(lc.config)
         new_ring = Ring(range(3), old.vnodes)
         key = next(k for k in (f"moved-{i}" for i in range(1000)) if new_ring.shard_for(k) == 2)
+        # large values too: a copy chunk holds at most 1 MiB of them, under the node's 1.5 MiB request limit
+        big = {f"big-{i}": bytes([i]) * (300 * 1024) for i in range(24)}
         with Client(cluster=lc.config, timeout=15.0) as c:
             c.put(key, "before")
+            for k, v in big.items():
+                c.put(k, v)
         client = Client(cluster=old, timeout=20.0)
         reloads: list[int] = []
         reload = client._reload_map
@@ -217,6 +222,7 @@ def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) ->
         assert outcome == [None], outcome  # put returns None: no error surfaced
         assert reloads and reloads[0] == old.epoch  # it was told to refresh its map
         assert client.get(key) == b"after"
+        assert client.mget(list(big)) == list(big.values())
         # it adopted a newer map (the one placing shard 2, or the one with it on the ring): nodes route by
         # their own map, so a map a step behind costs a forwarding hop, never an error
         assert client.map.epoch > old.epoch  # type: ignore[union-attr]
