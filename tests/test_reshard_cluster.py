@@ -10,6 +10,7 @@ is within 1.25x of 1/3, and every shard's replicas hold the same data (HASHKV).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from raftkv import Client
+from raftkv.aio import AsyncClient
 from raftkv.cluster import LocalCluster, call
 from raftkv.errors import IndeterminateError, RaftKVError
 from raftkv.membership import Operator
@@ -190,7 +192,7 @@ def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) ->
     try:
         old = ShardMap.load(lc.config)
         new_ring = Ring(range(3), old.vnodes)
-        key = next(k for k in (f"moved-{i}" for i in range(1000)) if new_ring.shard_for(k) == 2)
+        key, aio_key = [k for k in (f"moved-{i}" for i in range(1000)) if new_ring.shard_for(k) == 2][:2]
         # large values too: a copy chunk holds at most 1 MiB of them, under the node's 1.5 MiB request limit
         big = {f"big-{i}": bytes([i]) * (300 * 1024) for i in range(24)}
         with Client(cluster=lc.config, timeout=15.0) as c:
@@ -206,23 +208,34 @@ def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) ->
             reload()
         client._reload_map = counting_reload  # type: ignore[method-assign]
         outcome: list[object] = []
+        aio_outcome: list[object] = []
+
+        async def aio_put() -> None:  # the asyncio client, with the old map as well
+            async with AsyncClient(cluster=old, timeout=20.0) as ac:
+                await ac.put(aio_key, "after")
+                aio_outcome.append(ac.map.epoch)  # type: ignore[union-attr]
 
         def say(msg: str) -> None:
             print(msg)
             if "puts it on the ring" in msg:  # handed off and open, the map not out yet
                 writer = threading.Thread(target=lambda: outcome.append(client.put(key, "after")), daemon=True)
                 writer.start()
-                time.sleep(1.5)  # the write meets -WRONGSHARD meanwhile
-                assert outcome == [], "a write of a moved key succeeded before the map went out"
+                threading.Thread(target=lambda: asyncio.run(aio_put()), daemon=True).start()
+                time.sleep(1.5)  # the writes meet -WRONGSHARD meanwhile
+                assert outcome == [] and aio_outcome == [], "a moved key was written before the map went out"
 
         Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=say).run()
         deadline = time.monotonic() + 20
         while not outcome and time.monotonic() < deadline:
             time.sleep(0.05)
+        while not aio_outcome and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert outcome == [None], outcome  # put returns None: no error surfaced
+        assert aio_outcome and aio_outcome[0] > old.epoch  # type: ignore[operator]  # it fetched a newer map
         assert reloads and reloads[0] == old.epoch  # it was told to refresh its map
         assert client.get(key) == b"after"
         assert client.mget(list(big)) == list(big.values())
+        assert client.get(aio_key) == b"after"
         # it adopted a newer map (the one placing shard 2, or the one with it on the ring): nodes route by
         # their own map, so a map a step behind costs a forwarding hop, never an error
         assert client.map.epoch > old.epoch  # type: ignore[union-attr]
