@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from raftkv import Client
 from raftkv.aio import AsyncClient
 from raftkv.cluster import LocalCluster, call
@@ -247,8 +249,10 @@ def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) ->
         lc.stop()
 
 
-def test_shard_add_killed_mid_copy_is_finished_by_running_it_again(tmp_path: Path) -> None:
-    """kill -9 of ``raftkv shard add`` while it copies keys; a second run finishes the add, under writes."""
+@pytest.mark.parametrize("kill_at", ["frozen:", "epoch 3: shard 2 is on the ring"], ids=["copy", "cleanup"])
+def test_shard_add_killed_is_finished_by_running_it_again(tmp_path: Path, kill_at: str) -> None:
+    """kill -9 of ``raftkv shard add`` while it copies keys (or once the new map is out, as the cleanup
+    starts); the next run finishes the add, under writes."""
     lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
     writers: list[Overwriter] = []
     try:
@@ -262,23 +266,28 @@ def test_shard_add_killed_mid_copy_is_finished_by_running_it_again(tmp_path: Pat
         seen = []
         for line in proc.stdout:
             seen.append(line.rstrip())
-            if line.startswith("frozen:"):
-                time.sleep(0.3)  # into the copy of shard 0's keys (50 a chunk)
-                proc.send_signal(signal.SIGKILL)
+            if line.startswith(kill_at):
+                proc.send_signal(signal.SIGKILL)  # the copy (50 keys a chunk) or the cleanup has just begun
                 break
         proc.wait(10)
         print("first run, killed:", seen)
-        assert any(line.startswith("frozen:") for line in seen), seen
-        assert ShardMap.load(lc.config).adding == 2  # it died before the new ring went out
-        result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
-        assert result.shard == 2
+        assert any(line.startswith(kill_at) for line in seen), seen
+        rerun = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print)
+        if kill_at == "frozen:":
+            assert ShardMap.load(lc.config).adding == 2  # it died before the new ring went out
+            assert rerun.run().shard == 2
+        elif rerun._unfinished_cleanup() is not None:  # (unless the kill came after the last chunk)
+            result = rerun.run()
+            assert (result.shard, result.moved) == (2, 0) and result.purged > 0  # only the cleanup was left
+        rerun.close()
         time.sleep(1.0)
         _stop(writers)
         _check_after_add(lc, keys, writers, 3)
-        # the move is over everywhere: the next run adds shard 3, moving keys off shard 2 as well
-        result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
-        assert result.shard == 3 and result.total == LOADED
-        _check_after_add(lc, keys, writers, 4)
+        if kill_at == "frozen:":
+            # the move is over everywhere: the next run adds shard 3, moving keys off shard 2 as well
+            result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
+            assert result.shard == 3 and result.total == LOADED
+            _check_after_add(lc, keys, writers, 4)
     except BaseException:
         _stop(writers)
         dump_logs(LocalCluster(lc.dir))
