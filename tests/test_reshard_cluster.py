@@ -105,6 +105,8 @@ def _shard_key_counts(m: ShardMap) -> dict[int, int]:
         st = json.loads(call(info.client_addr, "RAFTKV.STATUS", timeout=5.0))
         for s, sh in st["shards"].items():
             if sh["role"] == "leader":
+                # every shard took part in the move, which is over: no move left, each owns its part of the ring
+                assert (sh["move"], sh["ring_shards"]) == (None, m.nshards), (info.name, s, sh)
                 counts[int(s)] = sh["keys"]
     return counts
 
