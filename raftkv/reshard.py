@@ -54,12 +54,14 @@ twice and no read is stale.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from raftkv.results import CmdError
-from shards.ring import Ring
+from shards.ring import VNODES_MAX, Ring
 
 FROZEN, HANDOFF, INCOMING = "frozen", "handoff", "incoming"
 PHASES = (FROZEN, HANDOFF, INCOMING)
@@ -207,8 +209,21 @@ def check(s: Any, cmd: tuple) -> CmdError | None:
 # -- the state-machine commands ----------------------------------------------------------------
 
 
+def _valid_move(epoch: Any, shard: Any, dest: Any, vnodes: Any) -> None:
+    """Raise ValueError unless these make a move every later check can use (a bad marker would make
+    every command of the shard fail)."""
+    for name, v in (("epoch", epoch), ("shard", shard), ("dest", dest), ("vnodes", vnodes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    if not (shard <= dest and 1 <= vnodes <= VNODES_MAX):
+        raise ValueError(f"want shard <= dest and vnodes in 1..{VNODES_MAX}, got {shard}, {dest}, {vnodes}")
+
+
 def _freeze(s: Any, cmd: tuple, now_ms: int) -> Any:
     _, epoch, shard, dest, vnodes = cmd
+    _valid_move(epoch, shard, dest, vnodes)
+    if shard == dest:
+        raise ValueError("a source shard is not the new shard")
     move = s.move
     if move is not None:
         if move.epoch == epoch and move.phase != INCOMING:
@@ -267,6 +282,17 @@ def _abort(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 def _install(s: Any, cmd: tuple, now_ms: int) -> Any:
     _, epoch, dest, vnodes, revision, items, sessions = cmd
+    _valid_move(epoch, dest, dest, vnodes)
+    items, sessions = tuple(items), tuple(sessions)
+    for row in items:
+        if len(row) != 3 or not isinstance(row[0], bytes) or not isinstance(row[1], bytes) \
+                or not (row[2] is None or (isinstance(row[2], int) and not isinstance(row[2], bool))):
+            raise ValueError("items must be (key bytes, value bytes, deadline int or None)")
+    for row in sessions:
+        if len(row) != 3 or not isinstance(row[0], bytes) or isinstance(row[1], bool) or not isinstance(row[1], int):
+            raise ValueError("sessions must be (client bytes, seq int, result)")
+    if isinstance(revision, bool) or not isinstance(revision, int):
+        raise ValueError("revision must be an int")
     move = s.move
     if move is None:
         if s.owner is not None and s.owner.epoch >= epoch:
@@ -353,7 +379,20 @@ def _sessions(s: Any, cmd: tuple, now_ms: int) -> Any:
     return rows, (ids[-1] if len(ids) == limit else None)
 
 
-HANDLERS = {"mv_freeze": _freeze, "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done,
-            "mv_abort": _abort, "mv_install": _install, "mv_open": _open, "mv_status": _status}
-READ_HANDLERS = {"mv_status": _status, "mv_scan": _scan, "mv_sessions": _sessions}
+def _checked(handler: Callable[[Any, tuple, int], Any]) -> Callable[[Any, tuple, int], Any]:
+    """A malformed command (an operator's RAFTKV.RESHARD payload) is refused, the same on every replica."""
+    @functools.wraps(handler)
+    def run(s: Any, cmd: tuple, now_ms: int) -> Any:
+        try:
+            return handler(s, cmd, now_ms)
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            return CmdError("ERR", f"{cmd[0]}: malformed command: {e}")
+    return run
+
+
+HANDLERS = {name: _checked(h) for name, h in {
+    "mv_freeze": _freeze, "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done, "mv_abort": _abort,
+    "mv_install": _install, "mv_open": _open, "mv_status": _status}.items()}
+READ_HANDLERS = {name: _checked(h) for name, h in {
+    "mv_status": _status, "mv_scan": _scan, "mv_sessions": _sessions}.items()}
 WRITE_OPS = frozenset(HANDLERS) - {"mv_status"}

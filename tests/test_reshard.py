@@ -271,3 +271,19 @@ def test_a_scan_returns_every_moving_key_once_in_answers_of_bounded_size() -> No
             break
     expected = sorted(k for k in s.data.keys_between() if s.move.moving(k))  # type: ignore[union-attr]
     assert seen == expected and len(expected) > 5
+
+
+@pytest.mark.parametrize("cmd", [("mv_freeze", 3), ("mv_install", 3, 1, V, 0, ((b"k",),), ()),
+                                 ("mv_purge", 3, None), ("mv_freeze", 3, 0, 1, "x")])
+def test_a_malformed_move_command_is_refused_and_changes_nothing(cmd: tuple) -> None:
+    s = KVState()
+    s.apply(("set", b"a", b"1"), 0)
+    before = s.snapshot()
+    res = s.apply(cmd, 0)
+    if cmd[0] == "mv_purge":  # nothing under way: nothing to do, whatever the keys
+        assert res == 0
+    else:
+        assert isinstance(res, CmdError) and res.code == "ERR", res
+    s.applied -= 1
+    s.log_ms = KVState.restore(before).log_ms
+    assert s.snapshot() == before
