@@ -540,7 +540,9 @@ class Client:
     # -- transactions (raftkv.txnclient) ---------------------------------------------
     def txn(self) -> Txn:
         """An etcd-style conditional transaction builder, atomic across shards."""
-        return Txn(self._shard, lambda shard, args: self._request(shard, args, write=True))
+        # -MOVING answers a transaction id aborted for good: Txn.commit retries with a fresh id, not _request
+        return Txn(self._shard, lambda shard, args: self._request(shard, args, write=True, final=("MOVING",)),
+                   moving_wait_s=self.timeout)
 
     def mset(self, mapping: dict, retries: int = 10) -> None:
         """Write every key of ``mapping`` atomically (all or none), across shards."""
@@ -601,7 +603,9 @@ class Client:
     def _read(self, shard: int, args: list[bytes]) -> Any:
         return self._request(shard, args, write=False)
 
-    def _request(self, shard: int, args: list[bytes], write: bool, timeout: float | None = None) -> Any:
+    def _request(self, shard: int, args: list[bytes], write: bool, timeout: float | None = None,
+                 final: tuple[str, ...] = ()) -> Any:
+        """``args`` to ``shard``'s leader with retries; error codes in ``final`` are raised at once."""
         attempts = Attempts(shard, write, time.monotonic() + (self.timeout if timeout is None else timeout))
         while True:
             addr = self._leader_addr(shard)
@@ -610,6 +614,8 @@ class Client:
             except (OSError, ConnectionError) as e:
                 attempts.transport_failed(addr, e, sent=not isinstance(e, ConnectionRefusedError))
             except ReplyError as e:
+                if e.code in final:
+                    raise RaftKVError(e.code, e.message) from None
                 attempts.refused(e)
                 if e.code == "WRONGSHARD":
                     self._reload_map()  # the key moved shard: route by the map that says so (once nodes have it)

@@ -264,7 +264,7 @@ class KVState:
         if txid in self.txns.prepared or txid in self.txns.done:
             return self.txns.apply(self, cmd, now_ms)
         self.txns.done[txid] = (txn.ABORTED, now_ms, cmd[2], cmd[6] if len(cmd) > 6 else None)
-        return ("no", txn.REASON_CONFLICT, None)
+        return ("no", txn.REASON_MOVING, None)
 
     def _apply_blind(self, handler: Any, cmd: tuple, now_ms: int) -> Any:
         """The deliberately broken path (``unsafe_skip_locks``): ``handler`` sees no lock on any key."""

@@ -36,7 +36,8 @@ LOADED = 3000
 
 
 class Overwriter(threading.Thread):
-    """Overwrites its own keys with increasing values and reads each back at once.
+    """Overwrites its own keys with increasing values (session PUTs, and every fourth time an MSET of two
+    keys) and reads each back at once.
 
     ``last[key]``: the value of the newest acknowledged write; ``maybe[key]``: values whose write
     ended unknown (the key may hold one of them instead, if it was written after the last ack).
@@ -58,27 +59,33 @@ class Overwriter(threading.Thread):
     def run(self) -> None:
         i = 0
         while not self.stop.is_set():
-            key = self.rng.choice(self.keys)
             i += 1
-            value = f"{key}:{i}".encode()
+            # every fourth write is an MSET of two keys (a transaction, across shards when they differ)
+            batch = {k: f"{k}:{i}".encode() for k in self.rng.sample(self.keys, 2 if i % 4 == 0 else 1)}
             try:
-                self.client.put(key, value)
+                if len(batch) == 1:
+                    self.client.put(*next(iter(batch.items())))
+                else:
+                    self.client.mset(batch)
             except IndeterminateError:
-                self.maybe.setdefault(key, []).append(value)
+                for key, value in batch.items():
+                    self.maybe.setdefault(key, []).append(value)
                 continue
             except RaftKVError as e:
-                self.errors.append(f"put {key}: {e}")
+                self.errors.append(f"write {list(batch)}: {e}")
                 continue
-            self.last[key] = value
-            self.maybe.pop(key, None)
+            for key, value in batch.items():
+                self.last[key] = value
+                self.maybe.pop(key, None)
             self.writes += 1
-            try:
-                got = self.client.get(key)
-            except RaftKVError as e:
-                self.errors.append(f"get {key}: {e}")
-                continue
-            if got != value:
-                self.stale.append((key, value, got))
+            for key, value in batch.items():
+                try:
+                    got = self.client.get(key)
+                except RaftKVError as e:
+                    self.errors.append(f"get {key}: {e}")
+                    continue
+                if got != value:
+                    self.stale.append((key, value, got))
         self.client.close()
 
 
@@ -196,7 +203,8 @@ def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) ->
     try:
         old = ShardMap.load(lc.config)
         new_ring = Ring(range(3), old.vnodes)
-        key, aio_key = [k for k in (f"moved-{i}" for i in range(1000)) if new_ring.shard_for(k) == 2][:2]
+        key, aio_key, txn_key = [k for k in (f"moved-{i}" for i in range(1000)) if new_ring.shard_for(k) == 2][:3]
+        stay_key = next(k for k in (f"stay-{i}" for i in range(1000)) if new_ring.shard_for(k) == 0)
         # large values too: a copy chunk holds at most 1 MiB of them, under the node's 1.5 MiB request limit
         big = {f"big-{i}": bytes([i]) * (300 * 1024) for i in range(24)}
         with Client(cluster=lc.config, timeout=15.0) as c:
@@ -213,6 +221,7 @@ def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) ->
         client._reload_map = counting_reload  # type: ignore[method-assign]
         outcome: list[object] = []
         aio_outcome: list[object] = []
+        txn_outcome: list[object] = []
 
         async def aio_put() -> None:  # the asyncio client, with the old map as well
             async with AsyncClient(cluster=old, timeout=20.0) as ac:
@@ -225,21 +234,27 @@ def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) ->
                 writer = threading.Thread(target=lambda: outcome.append(client.put(key, "after")), daemon=True)
                 writer.start()
                 threading.Thread(target=lambda: asyncio.run(aio_put()), daemon=True).start()
-                time.sleep(1.5)  # the writes meet -WRONGSHARD meanwhile
-                assert outcome == [] and aio_outcome == [], "a moved key was written before the map went out"
+                # a transaction across a moved key and one that stays: its PREPARE at the source votes NO,
+                # the coordinator answers -MOVING, the client retries it
+                threading.Thread(target=lambda: txn_outcome.append(client.mset({txn_key: "t", stay_key: "t"})),
+                                 daemon=True).start()
+                time.sleep(3.5)  # the writes meet -WRONGSHARD (the MSET -MOVING) meanwhile, past MSET's 10 retries
+                assert outcome == aio_outcome == txn_outcome == [], "a moved key was written before the new map"
 
         Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=say).run()
         deadline = time.monotonic() + 20
         while not outcome and time.monotonic() < deadline:
             time.sleep(0.05)
-        while not aio_outcome and time.monotonic() < deadline:
+        while not (aio_outcome and txn_outcome) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert txn_outcome == [None], txn_outcome
         assert outcome == [None], outcome  # put returns None: no error surfaced
         assert aio_outcome and aio_outcome[0] > old.epoch  # type: ignore[operator]  # it fetched a newer map
         assert reloads and reloads[0] == old.epoch  # it was told to refresh its map
         assert client.get(key) == b"after"
         assert client.mget(list(big)) == list(big.values())
         assert client.get(aio_key) == b"after"
+        assert client.mget([txn_key, stay_key]) == [b"t", b"t"]
         # it adopted a newer map (the one placing shard 2, or the one with it on the ring): nodes route by
         # their own map, so a map a step behind costs a forwarding hop, never an error
         assert client.map.epoch > old.epoch  # type: ignore[union-attr]
