@@ -184,6 +184,8 @@ class AsyncClient:
                 attempts.transport_failed(addr, e, sent=getattr(e, "sent", not isinstance(e, ConnectionRefusedError)))
             except ReplyError as e:
                 attempts.refused(e)
+                if e.code == "WRONGSHARD":
+                    await self._reload_map()  # the key moved shard: route by the map that says so
             self._leaders.pop(shard, None)
             await asyncio.sleep(attempts.backoff(loop.time()))
 
@@ -207,6 +209,15 @@ class AsyncClient:
                 if leader is not None:
                     self._leaders[shard] = leader.decode()
             return
+
+    async def _reload_map(self) -> None:
+        """Adopt a newer shard map (higher epoch) from the nodes, if one is there."""
+        try:
+            new = await self._fetch_map()
+        except RaftKVError:
+            return
+        if self.map is None or new.epoch > self.map.epoch:
+            self.map = new
 
     async def _fetch_map(self) -> ShardMap:
         for addr in self._seeds:

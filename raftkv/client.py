@@ -48,8 +48,9 @@ __all__ = ["Client", "CompactedError", "IndeterminateError", "Lease", "LeaseTTL"
 
 # Error codes after which the same request may be sent again unchanged.  ``STORAGE``: that node's engine
 # failed (a full disk) and it stopped its Raft groups without proposing; the shard's other replicas elect a
-# leader, so the request goes to them.
-_RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY", "STORAGE"}
+# leader, so the request goes to them.  ``MOVING``: the key is being moved to a new shard (``raftkv shard
+# add``); ``WRONGSHARD``: it lives on another shard now: the client adopts a newer map before it retries.
+_RETRY_CODES = {"MOVED", "TRYAGAIN", "NOQUORUM", "LOCKED", "BUSY", "STORAGE", "MOVING", "WRONGSHARD"}
 
 
 class Attempts:
@@ -540,7 +541,9 @@ class Client:
     # -- transactions (raftkv.txnclient) ---------------------------------------------
     def txn(self) -> Txn:
         """An etcd-style conditional transaction builder, atomic across shards."""
-        return Txn(self._shard, lambda shard, args: self._request(shard, args, write=True))
+        # -MOVING answers a transaction id aborted for good: Txn.commit retries with a fresh id, not _request
+        return Txn(self._shard, lambda shard, args: self._request(shard, args, write=True, final=("MOVING",)),
+                   moving_wait_s=self.timeout)
 
     def mset(self, mapping: dict, retries: int = 10) -> None:
         """Write every key of ``mapping`` atomically (all or none), across shards."""
@@ -618,7 +621,9 @@ class Client:
     def _read(self, shard: int, args: list[bytes]) -> Any:
         return self._request(shard, args, write=False)
 
-    def _request(self, shard: int, args: list[bytes], write: bool, timeout: float | None = None) -> Any:
+    def _request(self, shard: int, args: list[bytes], write: bool, timeout: float | None = None,
+                 final: tuple[str, ...] = ()) -> Any:
+        """``args`` to ``shard``'s leader with retries; error codes in ``final`` are raised at once."""
         attempts = Attempts(shard, write, time.monotonic() + (self.timeout if timeout is None else timeout))
         while True:
             addr = self._leader_addr(shard)
@@ -627,7 +632,11 @@ class Client:
             except (OSError, ConnectionError) as e:
                 attempts.transport_failed(addr, e, sent=not isinstance(e, ConnectionRefusedError))
             except ReplyError as e:
+                if e.code in final:
+                    raise RaftKVError(e.code, e.message) from None
                 attempts.refused(e)
+                if e.code == "WRONGSHARD":
+                    self._reload_map()  # the key moved shard: route by the map that says so (once nodes have it)
             self._forget_leader(shard)
             time.sleep(attempts.backoff(time.monotonic()))
 

@@ -1,6 +1,9 @@
 """The errors the client libraries raise (``raftkv.Client``, ``raftkv.aio``, the transaction builder).
 
 ``code`` is the stable error code (see ``raftkv.protocol.ERROR_CODES``); people read the message.
+The clients retry the codes that promise "not applied" themselves, among them ``MOVING`` (the key is
+being copied to a new shard by ``raftkv shard add``) and ``WRONGSHARD`` (it belongs to another shard
+now: the client fetches a newer map first); those reach the caller only when the request's time is up.
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ def leaders_balance(timeout: float, cluster_file: str | None) -> None:
 
 # -- scale-out: replica rebalancing (raftkv.rebalance) and plans (shards.plan) -----------------------
 
-_NOT_BUILT = "online execution is not built yet (issue 15), nothing was changed"
+_NOT_BUILT = "nothing was changed ('raftkv shard add' adds one shard online; removing one is not built)"
 
 
 @click.command("rebalance")
@@ -228,6 +228,8 @@ def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None
 
     path = cluster_path(cluster_file)
     op = _operator(path, timeout)
+    if op.map.adding is not None:
+        _die(f"{path}: shard {op.map.adding} is being added; finish that first ('raftkv shard add')")
     rb = Rebalancer(op, step_timeout=timeout, say=lambda msg: click.echo(msg))
     if not dry_run:
         rb.reconcile()
@@ -249,7 +251,36 @@ def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None
 
 @click.group("shard")
 def shard_group() -> None:
-    """Shards of the ring (plans only for now: online shard add/remove is not built yet)."""
+    """Shards of the ring: add one online (its keys move to it), or plan an add/remove."""
+
+
+@shard_group.command("add")
+@click.option("--timeout", default=120.0, show_default=True,
+              help="seconds a step may wait (a leader, transactions holding moving keys)")
+@click.option("--chunk", default=1000, show_default=True, help="keys copied (or deleted) per Raft entry")
+@cluster_option
+@_membership_errors
+def shard_add(timeout: float, chunk: int, cluster_file: str | None) -> None:
+    """Add shard N (N = the shard count) online and move to it the keys the new ring gives it.
+
+    The cluster serves throughout: writes of moving keys wait (-MOVING) while they are copied,
+    then every node and client is sent to the new shard (-WRONGSHARD, a newer map). Safe to run
+    again after a failure: it finishes the add that stopped (docs/scale-out.md).
+    """
+    from raftkv.resharder import Resharder
+
+    path = cluster_path(cluster_file)
+    op = _operator(path, timeout)
+    n = op.map.nshards
+    result = Resharder(op, step_timeout=timeout, chunk=chunk, say=lambda msg: click.echo(msg)).run()
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    if result.total:
+        click.echo(f"moved {result.moved} of {result.total} keys to shard {result.shard} "
+                   f"({result.fraction:.2%}; an even share 1/{n + 1} = {1 / (n + 1):.2%}); "
+                   f"{result.purged} deleted from the sources; {steps} (epoch {result.epoch})")
+    else:
+        click.echo(f"shard {result.shard} added (epoch {result.epoch}); {result.purged} moved keys deleted from "
+                   f"the sources; {steps}")
 
 
 @shard_group.command("plan")

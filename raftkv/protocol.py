@@ -31,6 +31,9 @@ ERROR_CODES = {
     "TRYAGAIN": "the request was not applied (leader changed or overloaded); safe to retry",
     "UNKNOWN": "the outcome is unknown: the write may or may not have been applied",
     "MOVED": "this node does not lead the key's shard; the reply names the leader",
+    "MOVING": "the key is being moved to a new shard (raftkv shard add); not applied, retry",
+    "WRONGSHARD": "the key now belongs to another shard (`-WRONGSHARD epoch shard ...`); not applied: refresh "
+                  "the map (RAFTKV.CLUSTER) and retry",
     "TXNCONFLICT": "a transaction conflicted with another one and was aborted; retry",
     "LOCKED": "the key is locked by an unresolved transaction; retry",
     "NOLEASE": "the lease does not exist: never granted, expired or revoked (its keys are gone)",

@@ -73,7 +73,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftkv import backup_state, changelog, expiry, keyspace, leases, locks, strings, txn
+from raftkv import backup_state, changelog, expiry, keyspace, leases, locks, reshard, strings, txn
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
@@ -213,6 +213,10 @@ class KVState:
     leases: leases.LeaseTable = field(default_factory=leases.LeaseTable)
     # the newest changes, for watchers (raftkv.changelog)
     changes: changelog.ChangeLog = field(default_factory=changelog.ChangeLog)
+    # online resharding (raftkv.reshard): the ring this shard serves under since its last move, and the move
+    # under way; both None on a shard that never took part in one (nothing is checked then)
+    owner: reshard.Owner | None = None
+    move: reshard.Move | None = None
     # DANGEROUS, testing only (module doc): one-shard writes ignore prepared transactions' locks.
     # A node setting (never in a snapshot): ShardReplica sets it on every state it applies to.
     unsafe_skip_locks: bool = field(default=False, compare=False)
@@ -240,9 +244,27 @@ class KVState:
         handler = _HANDLERS.get(op)
         if handler is None:
             return CmdError("ERR", f"unknown state machine command {op!r}")
+        if self.owner is not None or self.move is not None:
+            refused = reshard.check(self, cmd)
+            if refused is not None:
+                return self._refuse_moved(cmd, refused, now_ms)
         if self.unsafe_skip_locks and op in SKIP_LOCK_OPS:
             return self._apply_blind(handler, cmd, now_ms)
         return handler(self, cmd, now_ms)
+
+    def _refuse_moved(self, cmd: tuple, refused: CmdError, now_ms: int) -> Any:
+        """A command touching a key this shard does not serve now (``raftkv.reshard``): nothing applies.
+
+        A PREPARE of a transaction this shard has not seen votes NO and is remembered as aborted, as under
+        a backup fence (a duplicate of one prepared before the freeze gets its first vote back).
+        """
+        if cmd[0] != "tx_prepare":
+            return refused
+        txid = cmd[1]
+        if txid in self.txns.prepared or txid in self.txns.done:
+            return self.txns.apply(self, cmd, now_ms)
+        self.txns.done[txid] = (txn.ABORTED, now_ms, cmd[2], cmd[6] if len(cmd) > 6 else None)
+        return ("no", txn.REASON_MOVING, None)
 
     def _apply_blind(self, handler: Any, cmd: tuple, now_ms: int) -> Any:
         """The deliberately broken path (``unsafe_skip_locks``): ``handler`` sees no lock on any key."""
@@ -268,7 +290,15 @@ class KVState:
         handler = _READ_HANDLERS.get(cmd[0])
         if handler is None:
             return CmdError("ERR", f"{cmd[0]!r} is not a read-only command")
+        if self.owner is not None or self.move is not None:
+            refused = reshard.check(self, cmd)
+            if refused is not None:
+                return refused
         return handler(self, cmd, max(now_ms, self.log_ms))
+
+    def serves(self, key: bytes) -> bool:
+        """Is ``key`` this shard's to read now (``raftkv.reshard``)?  Scans leave the others out."""
+        return (self.owner is None and self.move is None) or reshard.serves(self.owner, self.move, key)
 
     def lookup(self, key: bytes, now_ms: int) -> tuple[bytes, int] | None:
         """``(value, revision)`` of ``key`` at log time ``now_ms``: None if missing or expired."""
@@ -341,8 +371,12 @@ class KVState:
 
     def extra(self) -> dict:
         """State added in snapshot version 3, as a dict so later additions load the same way."""
-        return {"log_ms": self.log_ms, "del_rev": self.del_rev, "expires": self.expiries.dump(),
-                "leases": self.leases.dump(), "changes": self.changes.dump()}
+        out = {"log_ms": self.log_ms, "del_rev": self.del_rev, "expires": self.expiries.dump(),
+               "leases": self.leases.dump(), "changes": self.changes.dump()}
+        if self.owner is not None or self.move is not None:  # only shards that took part in a move
+            out["owner"] = None if self.owner is None else self.owner.dump()
+            out["move"] = None if self.move is None else self.move.dump()
+        return out
 
     def load_extra(self, extra: dict | None) -> None:
         """Inverse of ``extra``.  A version 1/2 snapshot lacks it: derive safe values.
@@ -356,6 +390,7 @@ class KVState:
             self.expiries = expiry.Expiries(extra.get("expires"))  # snapshots before expiry have none
             self.leases = leases.LeaseTable(extra.get("leases"))  # nor before leases
             self.changes = changelog.ChangeLog.load(extra.get("changes"), self.revision)  # none before watch
+            self.owner, self.move = reshard.load(extra)  # none before resharding
             return
         self.changes = changelog.ChangeLog.load(None, self.revision)
         self.del_rev = self.revision
@@ -412,6 +447,23 @@ class KVState:
     def lock_of(self, key: bytes) -> Locked | None:
         """The lock a prepared transaction holds on ``key``, if any."""
         return self.txns.lock_of(key)
+
+    def drop_key(self, key: bytes) -> None:
+        """Forget ``key`` that moved to another shard: no revision, no change a watcher sees (it was not
+        deleted, it lives elsewhere now)."""
+        self.data.pop(key, None)
+        if self.expiries:
+            self.expiries.clear(key)
+
+    def install_key(self, key: bytes, value: bytes, deadline_ms: int | None) -> None:
+        """Store ``key`` moved here from another shard, with its deadline (log time), at a new revision."""
+        self.revision += 1
+        self.data[key] = (value, self.revision)
+        if deadline_ms is None:
+            if self.expiries:
+                self.expiries.clear(key)
+        else:
+            self.expiries.set(key, deadline_ms)
 
 
 def _get(s: KVState, cmd: tuple, now_ms: int) -> Any:
@@ -581,9 +633,11 @@ _HANDLERS = {
     **locks.HANDLERS,
     # leases (grant, keepalive, revoke, attached keys, cross-shard mirrors)
     **leases.HANDLERS,
+    # moving keys to a new shard (raftkv shard add)
+    **reshard.HANDLERS,
 }
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists,
                   "entries": _entries,
                   **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS, **leases.READ_HANDLERS,
-                  **changelog.READ_HANDLERS}
+                  **changelog.READ_HANDLERS, **reshard.READ_HANDLERS}

@@ -138,6 +138,7 @@ REASON_UNKNOWN = "unknown"  # no record (garbage-collected or never begun): abor
 REASON_STALE = "stale"  # a PREPARE older than the participant's GC horizon (-TRYAGAIN)
 REASON_REFUSED = "refused"  # recovery made a participant refuse the PREPARE it had not yet applied (-TRYAGAIN)
 REASON_TOOBIG = "toobig"  # an APPEND would make a value longer than its len_max (-TOOBIG)
+REASON_MOVING = "moving"  # a key is being moved to a new shard, or lives on another one now (-MOVING)
 # The tombstone of a refused stale PREPARE: the transaction's outcome is unknown here (it may
 # have committed with this shard's writes long ago), so any later outcome is accepted, as a no-op.
 STALE = "STALE"

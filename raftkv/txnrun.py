@@ -25,6 +25,7 @@ from raftkv.txn import (
     OUTCOMES,
     PENDING,
     REASON_CONFLICT,
+    REASON_MOVING,
     REASON_REFUSED,
     REASON_STALE,
     REASON_TIMEOUT,
@@ -96,7 +97,7 @@ class Decision:
 
 def abort_for(vote: tuple) -> Decision:
     """The abort one non-YES vote (or refusal) implies, with its reason."""
-    if vote[0] == "no" and vote[1] in (REASON_STALE, REASON_REFUSED, REASON_TOOBIG):
+    if vote[0] == "no" and vote[1] in (REASON_STALE, REASON_REFUSED, REASON_TOOBIG, REASON_MOVING):
         return Decision(ABORTED, None, None, vote[1])
     return Decision(ABORTED, None, None, REASON_CONFLICT if vote[0] == "no" else REASON_UNKNOWN)
 

@@ -11,6 +11,8 @@ A cluster is described by one TOML file (``cluster.toml``)::
     vnodes = 256           # optional, default shards.ring.DEFAULT_VNODES
     replication = 3        # optional, default min(3, number of nodes)
     data_dir = "/abs/path/.raftkv/data"   # node n uses data_dir/n/; relative = relative to this file
+    # adding = 3           # only while `raftkv shard add` runs: shard 3's group is placed and hosted
+                           # but not on the ring yet, so no key maps to it (raftkv.reshard)
 
     [placement]            # optional; default below
     "0" = ["n1", "n2", "n3"]
@@ -64,7 +66,7 @@ NODES_MAX = 256
 PORT_MIN, PORT_MAX = 1, 65535
 _NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a node name is also a directory name
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_CLUSTER_KEYS = ("name", "epoch", "shards", "vnodes", "replication", "data_dir")
+_CLUSTER_KEYS = ("name", "epoch", "shards", "vnodes", "replication", "data_dir", "adding")
 _NODE_KEYS = ("host", "client_port", "raft_port", "metrics_port")
 
 
@@ -145,6 +147,9 @@ class ShardMap:
     # [security]: secret (Raft encryption), node_key (node identity on node-to-node links),
     # password / users (client AUTH), tls_cert / tls_key.
     security: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # ``raftkv shard add`` under way: shard ``nshards``'s group is placed (and hosted) but not on the ring
+    # yet, so no key maps to it until the map whose ring includes it (``raftkv.reshard``). None otherwise.
+    adding: int | None = None
     ring: Ring = field(init=False, compare=False, repr=False)
     _raft_addr_index: Mapping[str, str] = field(init=False, compare=False, repr=False)
 
@@ -156,6 +161,9 @@ class ShardMap:
         _check_int(self.nshards, "cluster.shards", 1, SHARDS_MAX)
         _check_int(self.vnodes, "cluster.vnodes", 1, VNODES_MAX)
         _check_str(self.data_dir, "cluster.data_dir")
+        if self.adding is not None:
+            _check_int(self.adding, "cluster.adding", self.nshards, self.nshards)
+            _check_int(self.nshards + 1, "cluster.shards + 1 (with adding)", 1, SHARDS_MAX)
         nodes = dict(self.nodes)
         if not nodes:
             raise ShardMapError("no nodes: add at least one [nodes.<name>] table")
@@ -173,16 +181,16 @@ class ShardMap:
         set_(self, "security", MappingProxyType(dict(self.security)))
         set_(self, "placement", MappingProxyType(dict(sorted(placement.items()))))
         set_(self, "ring", Ring(range(self.nshards), self.vnodes))
-        index = {n.raft_addr(s): n.name for n in nodes.values() for s in range(self.nshards)}
+        index = {n.raft_addr(s): n.name for n in nodes.values() for s in self.groups}
         set_(self, "_raft_addr_index", MappingProxyType(index))
 
     def _check_placement(self, placement: dict[int, tuple[str, ...]], nodes: dict[str, NodeInfo]) -> None:
-        expected = set(range(self.nshards))
+        expected = set(self.groups)
         if set(placement) != expected:
             missing = sorted(expected - set(placement))
             extra = sorted(set(placement) - expected, key=repr)
             raise ShardMapError(
-                f"placement must list every shard 0..{self.nshards - 1} exactly once"
+                f"placement must list every shard 0..{len(self.groups) - 1} exactly once"
                 f" (missing: {missing}, unknown: {extra})"
             )
         known = ", ".join(sorted(nodes))
@@ -199,15 +207,16 @@ class ShardMap:
 
     def _check_ports(self, nodes: dict[str, NodeInfo]) -> None:
         used: dict[tuple[str, int], str] = {}
+        groups = len(self.groups)
         for info in sorted(nodes.values(), key=lambda n: n.name):
-            last = info.raft_port + self.nshards - 1
+            last = info.raft_port + groups - 1
             if last > PORT_MAX:
                 raise ShardMapError(
-                    f"nodes.{info.name}.raft_port = {info.raft_port} leaves no room for {self.nshards}"
-                    f" shards (needs raft_port + {self.nshards - 1} <= {PORT_MAX})"
+                    f"nodes.{info.name}.raft_port = {info.raft_port} leaves no room for {groups}"
+                    f" shards (needs raft_port + {groups - 1} <= {PORT_MAX})"
                 )
             claims = [(info.client_port, "client_port")]
-            claims += [(info.raft_port + s, f"raft_port + {s} (shard {s})") for s in range(self.nshards)]
+            claims += [(info.raft_port + s, f"raft_port + {s} (shard {s})") for s in self.groups]
             if info.metrics_port is not None:
                 claims.append((info.metrics_port, "metrics_port"))
             for port, what in claims:
@@ -215,10 +224,15 @@ class ShardMap:
                 if owner != f"nodes.{info.name}.{what}":
                     raise ShardMapError(
                         f"port {info.host}:{port} is used twice: by {owner} and nodes.{info.name}.{what}"
-                        f" (each node reserves raft_port..raft_port+{self.nshards - 1})"
+                        f" (each node reserves raft_port..raft_port+{groups - 1})"
                     )
 
     # -- queries ----------------------------------------------------------------
+
+    @property
+    def groups(self) -> range:
+        """Every shard id with a group: the ring's ``0..nshards-1``, and ``adding`` while a shard is added."""
+        return range(self.nshards + (self.adding is not None))
 
     def shard_for_key(self, key: bytes | str) -> int:
         """The shard owning ``key`` (consistent hashing over shards 0..nshards-1)."""
@@ -228,7 +242,7 @@ class ShardMap:
         """The nodes holding ``shard``, in placement order."""
         names = self.placement.get(shard)
         if names is None:
-            raise ShardMapError(f"unknown shard {shard!r}: shards are 0..{self.nshards - 1}")
+            raise ShardMapError(f"unknown shard {shard!r}: shards are 0..{len(self.groups) - 1}")
         return [self.nodes[n] for n in names]
 
     def shards_on(self, node: str) -> list[int]:
@@ -287,6 +301,7 @@ class ShardMap:
         nodes = {name: _node_from_dict(name, raw) for name, raw in raw_nodes.items()}
         nshards = _check_int(_required(cluster, "shards", "cluster"), "cluster.shards", 1, SHARDS_MAX)
         placement = _placement_from_dict(_table(d, "placement", required=False))
+        adding = cluster.get("adding")
         if "replication" in cluster:
             replication = cluster["replication"]
         elif placement and len({len(v) for v in placement.values()}) == 1:
@@ -300,6 +315,8 @@ class ShardMap:
             )
         if not placement:
             placement = _default_placement(list(nodes), nshards, replication)
+            if adding is not None:
+                raise ShardMapError("cluster.adding needs an explicit [placement] for the shard being added")
         data_dir = _check_str(_required(cluster, "data_dir", "cluster"), "cluster.data_dir")
         if base_dir is not None and not os.path.isabs(data_dir):
             data_dir = os.path.normpath(os.path.join(base_dir, data_dir))
@@ -313,6 +330,7 @@ class ShardMap:
             nodes=nodes,
             placement=placement,
             security=security,
+            adding=adding,
         )
 
     @classmethod
@@ -342,6 +360,10 @@ class ShardMap:
             f"vnodes = {self.vnodes}",
             f"replication = {self.replication}",
             f"data_dir = {_toml_str(self.data_dir)}",
+        ]
+        if self.adding is not None:
+            lines.append(f"adding = {self.adding}")
+        lines += [
             "",
             "[placement]",
         ]

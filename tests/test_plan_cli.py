@@ -90,7 +90,7 @@ def test_shard_plan_add_prints_the_arcs_going_to_the_next_shard(four_nodes: str)
             "(an even share: 1/5 = 20.00%)") in r.output
     for src in range(4):
         assert f"shard {src} -> shard 4: " in r.output
-    assert "not built yet" in r.output
+    assert "plan only: nothing was changed" in r.output
 
 
 def test_shard_plan_add_count_plans_several_new_shards_at_once(four_nodes: str) -> None:
@@ -123,3 +123,12 @@ def test_shard_plan_refuses_impossible_changes(tmp_path: Path, four_nodes: str) 
     assert r.exit_code == 2 and "cannot remove the last shard" in r.output
     r = run("shard", "plan", "add", "--cluster", str(tmp_path / "missing.toml"))
     assert r.exit_code != 0 and "no cluster file" in r.output
+
+
+def test_rebalance_refuses_while_a_shard_is_being_added(tmp_path: Path) -> None:
+    m = local_cluster(3, 2, data_dir=str(tmp_path / "data"))
+    path = cluster_file(tmp_path, ShardMap(**{**{f.name: getattr(m, f.name) for f in m.__dataclass_fields__.values()
+                                                 if f.init}, "adding": 2,
+                                              "placement": {**m.placement, 2: ("n1", "n2", "n3")}}))
+    r = run("rebalance", "--cluster", path)
+    assert r.exit_code == 2 and "shard 2 is being added; finish that first ('raftkv shard add')" in r.output

@@ -333,3 +333,32 @@ def test_local_cluster_argument_errors() -> None:
         local_cluster(replication=4)
     with pytest.raises(ShardMapError, match="base_port"):
         local_cluster(base_port=65000)
+
+
+# -- a shard being added (raftkv shard add) ----------------------------------------------------
+
+
+def test_a_map_adding_a_shard_hosts_its_group_but_keeps_it_off_the_ring() -> None:
+    m = local_cluster(3, 2, data_dir="/d")
+    adding = dataclasses.replace(m, epoch=2, adding=2, placement={**m.placement, 2: ("n1", "n2", "n3")})
+    assert adding.nshards == 2 and list(adding.groups) == [0, 1, 2]
+    assert adding.ring == m.ring  # no key maps to shard 2 yet
+    assert adding.shards_on("n1") == [0, 1, 2]
+    assert adding.node_for_raft_addr(adding.nodes["n1"].raft_addr(2)) == "n1"
+    back = ShardMap.from_dict(tomllib.loads(adding.to_toml()))
+    assert back == adding and back.adding == 2
+    on_ring = dataclasses.replace(adding, epoch=3, nshards=3, adding=None)
+    assert on_ring.ring == Ring(range(3), on_ring.vnodes) and "adding" not in on_ring.to_toml()
+    assert ShardMap.from_dict(tomllib.loads(m.to_toml())).adding is None  # files of before load as they did
+
+
+def test_adding_must_be_the_next_shard_id_with_a_placement() -> None:
+    m = local_cluster(3, 2, data_dir="/d")
+    with pytest.raises(ShardMapError, match=r"cluster\.adding must be in 2\.\.2"):
+        dataclasses.replace(m, adding=3, placement={**m.placement, 3: ("n1",)})
+    with pytest.raises(ShardMapError, match=r"placement must list every shard 0\.\.2"):
+        dataclasses.replace(m, adding=2)
+    d = base_dict()
+    d["cluster"]["adding"] = 3
+    with pytest.raises(ShardMapError, match="cluster.adding needs an explicit"):
+        ShardMap.from_dict(d)

@@ -59,6 +59,7 @@ from raftkv.txn import (
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
+    REASON_MOVING,
     REASON_TOOBIG,
     STAGING,
     TxnResult,
@@ -118,15 +119,21 @@ def new_txid() -> str:
 
 async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, else_ops: list,
                                 retries: int = CONFLICT_RETRIES) -> Any:
-    """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more times."""
+    """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more times;
+    and each time a key is being moved to a new shard (``-MOVING``, not counted) until the request timeout."""
     delay = 0.005
-    for attempt in range(retries + 1):
+    attempt = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + node.timing.request_timeout_s
+    while True:
         res = await node.coordinate_at_home(new_txid(), compares, then_ops, else_ops)
-        if not (isinstance(res, Error) and res.code == "TXNCONFLICT") or attempt == retries:
-            return res
+        moving = isinstance(res, Error) and res.code == "MOVING" and loop.time() < deadline
+        if not moving:
+            if not (isinstance(res, Error) and res.code == "TXNCONFLICT") or attempt == retries:
+                return res
+            attempt += 1
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
         delay = min(0.2, delay * 2)
-    return res
 
 
 async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, else_ops: Any,
@@ -260,6 +267,9 @@ def _answer(run: TxnRun) -> TxnResult | Error:
         other = run.conflict[1] if run.conflict else "?"
         return Error("TXNCONFLICT", f"transaction {run.plan.txid} aborted: key {key!r} is locked by "
                                     f"transaction {other}; retry")
+    if reason == REASON_MOVING:  # the clients retry it until their timeout (raftkv shard add, raftkv.reshard)
+        return Error("MOVING", f"transaction {run.plan.txid} aborted: a key is being moved to a new shard (or lives "
+                               "on another one now); not applied, retry")
     return Error("TRYAGAIN", f"transaction {run.plan.txid} aborted ({reason}); not applied, retry")
 
 

@@ -467,6 +467,11 @@ class Node:
                 "checkpoints": r.snapshots.stats["checkpoints"],
                 "snapshots_sent": r.snapshots.stats["sent"],
                 "snapshots_installed": r.snapshots.stats["installs"],
+                # raftkv shard add (raftkv.reshard): the move under way here, and the ring this shard serves under
+                # since its last move (null on a shard that never took part in one)
+                "move": None if r.state.move is None else {"epoch": r.state.move.epoch, "dest": r.state.move.dest,
+                                                           "phase": r.state.move.phase},
+                "ring_shards": None if r.state.owner is None else r.state.owner.nshards,
             }
         return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(),
                 "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),

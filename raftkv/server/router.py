@@ -21,7 +21,12 @@ The answer accounts for every attempt, not just the last:
   promise "not applied, safe to retry".
 
 Keys locked by a prepared transaction make a command wait (and resolve the
-lock at its home shard once it is old), up to the request timeout.
+lock at its home shard once it is old), up to the request timeout.  So do keys
+being moved to a new shard (``-MOVING``, ``raftkv.reshard``): nothing was
+applied, and the move ends soon.  ``-WRONGSHARD`` (the key lives on another
+shard now) is answered at once: the command must be routed again with a newer
+map; like every refusal, it becomes ``-UNKNOWN`` if an earlier attempt may have
+applied.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from raftkv import reshard
 from raftkv.protocol import Error
 from raftkv.replica import APPLIED, NOT_APPLIED, UNKNOWN
-from raftkv.results import Locked
+from raftkv.results import CmdError, Locked
 from raftkv.server.batch import Proposer, Reader
 from raftkv.server.peer import PeerLink, PeerRefused, PeerUnreachable
 
@@ -42,6 +48,8 @@ if TYPE_CHECKING:
 HOPS_MAX = 2  # origin -> a replica node -> its leader; never further, so forwarding cannot loop
 # Errors a forwarded attempt answers when nothing ran there: retry (after re-resolving the leader).
 _NOT_RUN = {"MOVED", "TRYAGAIN", "NOQUORUM", "STORAGE"}
+# State-machine refusals of a key being moved between shards (raftkv.reshard): nothing was applied.
+_MOVE_CODES = {"MOVING", "WRONGSHARD"}
 
 
 class Attempts:
@@ -165,6 +173,12 @@ class Router:
                             return acc.give_up("LOCKED", f"key {res.key!r} is locked by transaction {res.txid}")
                         await node.txns.wait_for_lock(shard, res, deadline - loop.time())
                         continue
+                    if isinstance(res, CmdError) and res.code in _MOVE_CODES:
+                        acc.not_applied(f"{res.code} {res.message}")
+                        if res.code == "WRONGSHARD" or loop.time() + timing.retry_sleep_s > deadline:
+                            return acc.give_up(res.code, res.message)
+                        await asyncio.sleep(timing.retry_sleep_s)  # the freeze ends when the keys have moved
+                        continue
                     return res
                 if kind == UNKNOWN:
                     answer = acc.unknown(str(res))
@@ -192,6 +206,8 @@ class Router:
                     acc.not_applied(f"{target}: {reply}")
                 elif isinstance(reply, Error) and reply.code == "LOCKED":
                     return acc.give_up("LOCKED", reply.message)
+                elif isinstance(reply, (Error, CmdError)) and reply.code in _MOVE_CODES:
+                    return acc.give_up(reply.code, reply.message)  # the leader waited out MOVING already
                 elif isinstance(reply, PeerRefused):
                     # Nothing ran there, and re-sending cannot help until the nodes' maps agree (this node
                     # was just removed, or added and the leader has not heard yet): the client goes to the
@@ -278,7 +294,12 @@ class Router:
         replica = self.node.replicas.get(shard)
         if replica is None:
             return await self.execute(shard, cmd, read=True)
-        entry = replica.state.lookup(cmd[1], replica.log_now_ms())
+        state = replica.state
+        if state.owner is not None or state.move is not None:  # moved to another shard: no value, even stale
+            refused = reshard.refusal(state.owner, state.move, cmd[1], write=False)
+            if refused is not None and refused.code == "WRONGSHARD":
+                return Error(refused.code, refused.message)
+        entry = state.lookup(cmd[1], replica.log_now_ms())
         if cmd[0] == "get":
             return None if entry is None else entry[0]
         return entry

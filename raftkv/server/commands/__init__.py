@@ -13,6 +13,7 @@
 ``admin``      PING ECHO HELLO AUTH INFO READONLY ... RAFTKV.STATUS/SHARDS/CLUSTER/TRANSFER
 ``backup``     RAFTKV.BACKUP
 ``member``     RAFTKV.MEMBER RAFTKV.MAP
+``reshard``    RAFTKV.RESHARD (moving keys to a new shard, raftkv.reshard)
 ``acl``        RAFTKV.USER RAFTKV.ROLE
 ``internal``   RAFTKV.CHALLENGE RAFTKV.NODEAUTH RAFTKV.RPC (node to node)
 =============  ==================================================================
@@ -35,13 +36,14 @@ from raftkv.server.commands import (
     locks,
     member,
     rename,
+    reshard,
     strings,
     txn,
     watch,
 )
 
 COMMANDS: dict[bytes, Command] = {}
-for _module in (kv, strings, rename, expiry, keyspace, watch, locks, leases, txn, admin, backup, member, acl,
+for _module in (kv, strings, rename, expiry, keyspace, watch, locks, leases, txn, admin, backup, member, reshard, acl,
                 internal):
     _clash = COMMANDS.keys() & _module.COMMANDS.keys()
     assert not _clash, f"command defined twice: {_clash}"

@@ -50,7 +50,7 @@ def parse_shard(node: NodeAPI, command: str, arg: bytes) -> int:
         shard = int(arg)
     except ValueError:
         raise BadRequest(Error("ERR", f"{command}: shard must be an integer")) from None
-    if not 0 <= shard < node.map.nshards:
+    if shard not in node.map.groups:  # a shard being added (not on the ring yet) has a group too
         raise BadRequest(Error("ERR", f"{command}: no shard {shard}"))
     return shard
 
@@ -100,7 +100,7 @@ def cmd_shards(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     may still say they lead), so it names no leader and clients ask another node."""
     out = []
     frozen = node.storage_failure() is not None
-    for s in range(node.map.nshards):
+    for s in node.map.groups:
         r = node.replicas.get(s)
         if r is None:
             out.append([s, None, -1])

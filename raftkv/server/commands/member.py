@@ -82,8 +82,10 @@ def cmd_map(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
         new = ShardMap.from_dict(tomllib.loads(req[1].decode()), source="RAFTKV.MAP")
     except (ShardMapError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         return Error("ERR", f"RAFTKV.MAP: {e}")
-    if new.nshards != node.map.nshards or new.vnodes != node.map.vnodes:
-        return Error("ERR", "RAFTKV.MAP: shard count and vnodes cannot change")
+    # The shard count only grows, through `raftkv shard add` (raftkv.reshard): the map that places the new
+    # shard's group first, then the one whose ring includes it.
+    if new.nshards < node.map.nshards or new.vnodes != node.map.vnodes:
+        return Error("ERR", "RAFTKV.MAP: vnodes cannot change and the shard count cannot shrink")
     if node.name not in new.nodes:
         return Error("ERR", f"RAFTKV.MAP: this node ({node.name}) is not in the new map")
     if new.epoch > node.map.epoch:

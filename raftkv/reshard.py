@@ -1,0 +1,398 @@
+"""Moving keys to a new shard (``raftkv shard add``): which keys move, and what a shard refuses when.
+
+Theory of operation
+-------------------
+Adding shard ``N`` to a ring of shards ``0..N-1`` moves to it exactly the keys
+the new ring (``0..N``, same vnodes) gives it; no other key changes shard
+(``shards.ring``: adding a shard only inserts ring points).  Every shard's part
+runs through its own Raft log, as replicated state of its ``KVState``:
+
+* ``owner`` (``Owner``): the ring this shard serves under since its last move.
+  A key the ring does not give this shard is refused with ``-WRONGSHARD``: a
+  client or node with an old map can never read or write it here again.
+  ``None`` on a shard that never took part in a move (nothing is checked).
+* ``move`` (``Move``): the move under way, keyed by the map ``epoch`` whose
+  ring includes the new shard.  A source shard goes ``frozen`` -> ``handoff``
+  -> (done: ``owner`` becomes the new ring, ``move`` None); the new shard is
+  ``incoming`` until it opens (``owner`` = the new ring, ``move`` None).
+
+What each phase refuses (``refusal``; ``moving(key)``: the new ring gives the
+key to the new shard):
+
+=============  ========================================  =====================
+phase          reads of a moving key                     writes of a moving key
+=============  ========================================  =====================
+(none)         served                                    served
+``frozen``     served (the value no longer changes)      ``-MOVING`` (retry)
+``handoff``    ``-WRONGSHARD epoch shard``               ``-WRONGSHARD ...``
+``incoming``   ``-MOVING`` (every key: not open yet)     ``-MOVING``
+=============  ========================================  =====================
+
+A 2PC PREPARE of a new transaction touching a refused key votes NO (a
+retryable conflict), and is remembered as aborted, as under a backup fence.
+The state-machine commands (handlers below, replicated, idempotent by epoch):
+
+=================================================  ==================================================
+``("mv_freeze", epoch, shard, dest, vnodes)``      source: start refusing writes of moving keys
+``("mv_handoff", epoch)``                          source: refuse reads of moving keys too
+``("mv_purge", epoch, keys)``                      source, after handoff: delete those moving keys
+``("mv_done", epoch)``                             source: the new ring is now the owner
+``("mv_abort", epoch)``                            source, while frozen: forget the move
+``("mv_install", epoch, dest, vnodes, revision,    destination: store moved keys and merge the
+items, sessions)``                                 sources' client sessions (higher seq wins)
+``("mv_open", epoch)``                             destination: serve (the new ring is the owner)
+``("mv_status",)`` (read)                          ``status`` below
+``("mv_scan", epoch, after, limit)`` (read)        moving keys after ``after``, with value, deadline
+``("mv_sessions", after, limit)`` (read)           client sessions after ``after``
+=================================================  ==================================================
+
+Everything here is pure and deterministic: ``KVState`` calls it while applying
+entries.  ``raftkv.resharder`` is the edge that runs the steps against a live
+cluster; docs/scale-out.md has the protocol and why no write is lost or applied
+twice and no read is stale.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from raftkv.results import CmdError
+from shards.ring import VNODES_MAX, Ring
+
+FROZEN, HANDOFF, INCOMING = "frozen", "handoff", "incoming"
+PHASES = (FROZEN, HANDOFF, INCOMING)
+SCAN_LIMIT_MAX = 10_000  # moving keys per mv_scan / sessions per mv_sessions answer
+SCAN_WORK_FACTOR = 50  # an mv_scan looks at up to this many keys per key it may return
+# Keys and values per mv_scan answer: the next mv_install carries them in one request, which must stay under
+# the node's request limit (1.5 MiB); one key and value alone may exceed this (a value is at most 1 MiB).
+SCAN_BYTES_MAX = 1024 * 1024
+
+
+@lru_cache(maxsize=16)
+def ring_of(nshards: int, vnodes: int) -> Ring:
+    """The ring of shards ``0..nshards-1`` (cached: every move check of a command uses one)."""
+    return Ring(range(nshards), vnodes)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ring shard ``shard`` serves under (``0..nshards-1``), since map ``epoch``."""
+
+    shard: int
+    nshards: int
+    vnodes: int
+    epoch: int
+
+    def owns(self, key: bytes) -> bool:
+        return ring_of(self.nshards, self.vnodes).shard_for(key) == self.shard
+
+    def dump(self) -> tuple:
+        return (self.shard, self.nshards, self.vnodes, self.epoch)
+
+
+@dataclass(frozen=True)
+class Move:
+    """A move under way on one shard: ``shard`` gives keys to ``dest`` (the ring becomes ``0..dest``)."""
+
+    epoch: int
+    shard: int
+    dest: int
+    vnodes: int
+    phase: str
+
+    def moving(self, key: bytes) -> bool:
+        """Does the new ring give ``key`` to the new shard?"""
+        return ring_of(self.dest + 1, self.vnodes).shard_for(key) == self.dest
+
+    def new_owner(self) -> Owner:
+        return Owner(self.shard, self.dest + 1, self.vnodes, self.epoch)
+
+    def dump(self) -> tuple:
+        return (self.epoch, self.shard, self.dest, self.vnodes, self.phase)
+
+
+def load(extra: dict | None) -> tuple[Owner | None, Move | None]:
+    """``(owner, move)`` from a snapshot's extra state (absent before resharding existed: none)."""
+    if not extra:
+        return None, None
+    owner, move = extra.get("owner"), extra.get("move")
+    return (None if owner is None else Owner(*owner)), (None if move is None else Move(*move))
+
+
+# -- which keys a command touches --------------------------------------------------------------
+
+# Commands whose cmd[1] is the one key they touch (reads and writes); READS are the ones that change nothing.
+_ONE_KEY = frozenset({"get", "getrev", "watchrev", "set", "cas", "incrby", "append", "getdel", "setopt",
+                      "incrbyfloat", "getex", "expire", "pttl", "persist", "getttl", "lock", "unlock",
+                      "lease_put", "lease_lock"})
+_KEY_LIST = frozenset({"mget", "exists", "del", "entries"})
+_READS = frozenset({"get", "getrev", "watchrev", "pttl", "getttl", "mget", "exists", "entries"})
+
+
+def _txn_keys(compares: Any, then_ops: Any, else_ops: Any) -> list[bytes]:
+    keys = [c[0] for c in compares]
+    keys += [op[1] for op in (*then_ops, *else_ops)]
+    return keys
+
+
+def keys_of(cmd: tuple) -> tuple[list[bytes], bool]:
+    """``(keys, write)``: the keys a state-machine command reads or writes, and whether it may write.
+
+    Commands that name no key (leases' own, 2PC outcomes, backups, ``mv_*``) answer ``([], False)``:
+    nothing of theirs is refused.  ``tx_prepare`` answers its keys as a write.
+    """
+    op = cmd[0] if cmd else None
+    try:
+        if op in _ONE_KEY:
+            return [cmd[1]], op not in _READS
+        if op in _KEY_LIST:
+            return list(cmd[1]), op not in _READS
+        if op == "session":
+            return keys_of(cmd[3])
+        if op == "txn":
+            return _txn_keys(cmd[1], cmd[2], cmd[3]), True
+        if op == "txn_once":
+            return _txn_keys(cmd[2], cmd[3], cmd[4]), True
+        if op == "tx_prepare":
+            return _txn_keys(cmd[3], cmd[4], cmd[5]), True
+    except (IndexError, TypeError):
+        return [], False  # malformed: its own handler refuses it
+    return [], False
+
+
+# -- what is refused ---------------------------------------------------------------------------
+
+
+def moving_error(epoch: int) -> CmdError:
+    return CmdError("MOVING", f"the key is moving to a new shard (map epoch {epoch}); not applied, retry")
+
+
+def wrong_shard(epoch: int, shard: int) -> CmdError:
+    return CmdError("WRONGSHARD", f"{epoch} {shard} the key now belongs to shard {shard} (map epoch {epoch}); "
+                                  "not applied: refresh the map and retry")
+
+
+def refusal(owner: Owner | None, move: Move | None, key: bytes, write: bool) -> CmdError | None:
+    """Why this shard refuses to read (``write`` False) or write ``key`` now; None: it serves it."""
+    if owner is not None and not owner.owns(key):
+        return wrong_shard(owner.epoch, ring_of(owner.nshards, owner.vnodes).shard_for(key))
+    if move is None:
+        return None
+    if move.phase == INCOMING:
+        return moving_error(move.epoch)
+    if not move.moving(key):
+        return None
+    if move.phase == FROZEN:
+        return moving_error(move.epoch) if write else None
+    return wrong_shard(move.epoch, move.dest)
+
+
+def serves(owner: Owner | None, move: Move | None, key: bytes) -> bool:
+    """Is ``key`` this shard's to read now?  (Scans and ranges leave the others out.)"""
+    return refusal(owner, move, key, write=False) is None
+
+
+def check(s: Any, cmd: tuple) -> CmdError | None:
+    """The refusal of ``cmd`` on state ``s`` (a ``KVState`` with ``owner``/``move``), or None."""
+    keys, write = keys_of(cmd)
+    for key in keys:
+        why = refusal(s.owner, s.move, key, write)
+        if why is not None:
+            return why
+    return None
+
+
+# -- the state-machine commands ----------------------------------------------------------------
+
+
+def _valid_move(epoch: Any, shard: Any, dest: Any, vnodes: Any) -> None:
+    """Raise ValueError unless these make a move every later check can use (a bad marker would make
+    every command of the shard fail)."""
+    for name, v in (("epoch", epoch), ("shard", shard), ("dest", dest), ("vnodes", vnodes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    if not (shard <= dest and 1 <= vnodes <= VNODES_MAX):
+        raise ValueError(f"want shard <= dest and vnodes in 1..{VNODES_MAX}, got {shard}, {dest}, {vnodes}")
+
+
+def _freeze(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, epoch, shard, dest, vnodes = cmd
+    _valid_move(epoch, shard, dest, vnodes)
+    if shard == dest:
+        raise ValueError("a source shard is not the new shard")
+    move = s.move
+    if move is not None:
+        if move.epoch == epoch and move.phase != INCOMING:
+            return move.phase  # a re-run: where it stands
+        return CmdError("ERR", f"mv_freeze: another move (epoch {move.epoch}, {move.phase}) is under way")
+    if s.owner is not None and s.owner.epoch >= epoch:
+        return "done"  # this move finished here already (a re-run after mv_done)
+    s.move = Move(epoch, shard, dest, vnodes, FROZEN)
+    return FROZEN
+
+
+def _handoff(s: Any, cmd: tuple, now_ms: int) -> Any:
+    move = s.move
+    if move is None or move.epoch != cmd[1]:
+        return "done" if s.owner is not None and s.owner.epoch >= cmd[1] else CmdError(
+            "ERR", f"mv_handoff: no move of epoch {cmd[1]} here")
+    if move.phase == FROZEN:
+        s.move = Move(move.epoch, move.shard, move.dest, move.vnodes, HANDOFF)
+    return s.move.phase
+
+
+def _purge(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, epoch, keys = cmd
+    move = s.move
+    if move is None or move.epoch != epoch or move.phase != HANDOFF:
+        return 0
+    n = 0
+    for key in keys:
+        # Only keys the new ring gives away: the purge never touches a key this shard keeps.
+        if move.moving(key) and key in s.data:
+            s.drop_key(key)
+            n += 1
+    return n
+
+
+def _done(s: Any, cmd: tuple, now_ms: int) -> Any:
+    move = s.move
+    if move is None or move.epoch != cmd[1]:
+        return "done" if s.owner is not None and s.owner.epoch >= cmd[1] else CmdError(
+            "ERR", f"mv_done: no move of epoch {cmd[1]} here")
+    if move.phase != HANDOFF:
+        return CmdError("ERR", f"mv_done: the move is {move.phase}, not handed off")
+    s.owner, s.move = move.new_owner(), None
+    return "done"
+
+
+def _abort(s: Any, cmd: tuple, now_ms: int) -> Any:
+    move = s.move
+    if move is None or move.epoch != cmd[1]:
+        return "none"
+    if move.phase != FROZEN:
+        return CmdError("ERR", f"mv_abort: the move is {move.phase}; only a frozen move can be abandoned")
+    s.move = None
+    return "aborted"
+
+
+def _install(s: Any, cmd: tuple, now_ms: int) -> Any:
+    _, epoch, dest, vnodes, revision, items, sessions = cmd
+    _valid_move(epoch, dest, dest, vnodes)
+    items, sessions = tuple(items), tuple(sessions)
+    for row in items:
+        if len(row) != 3 or not isinstance(row[0], bytes) or not isinstance(row[1], bytes) \
+                or not (row[2] is None or (isinstance(row[2], int) and not isinstance(row[2], bool))):
+            raise ValueError("items must be (key bytes, value bytes, deadline int or None)")
+    for row in sessions:
+        if len(row) != 3 or not isinstance(row[0], bytes) or isinstance(row[1], bool) or not isinstance(row[1], int):
+            raise ValueError("sessions must be (client bytes, seq int, result)")
+    if isinstance(revision, bool) or not isinstance(revision, int):
+        raise ValueError("revision must be an int")
+    move = s.move
+    if move is None:
+        if s.owner is not None and s.owner.epoch >= epoch:
+            return CmdError("ERR", f"mv_install: shard {dest} is open already (epoch {s.owner.epoch})")
+        if len(s.data):
+            return CmdError("ERR", f"mv_install: shard {dest} holds keys and no incoming move")
+        s.move = move = Move(epoch, dest, dest, vnodes, INCOMING)
+    elif move.epoch != epoch or move.phase != INCOMING:
+        return CmdError("ERR", f"mv_install: shard {dest} has another move ({move.epoch}, {move.phase})")
+    # Every revision here exceeds every revision the sources had: a WATCH taken there can never match.
+    if revision > s.revision:
+        s.revision = revision
+    for key, value, deadline in items:
+        s.install_key(key, value, deadline)
+    for client, seq, result in sessions:
+        known = s.sessions.get(client)
+        if known is None or known[0] < seq:
+            s.sessions[client] = (seq, result, now_ms)
+    s.del_rev = max(s.del_rev, s.revision)
+    s.changes.compact_to(s.revision)  # moved keys are not changes a watcher here saw
+    return len(items)
+
+
+def _open(s: Any, cmd: tuple, now_ms: int) -> Any:
+    move = s.move
+    if move is None or move.epoch != cmd[1]:
+        return "open" if s.owner is not None and s.owner.epoch >= cmd[1] else CmdError(
+            "ERR", f"mv_open: no incoming move of epoch {cmd[1]} here")
+    if move.phase != INCOMING:
+        return CmdError("ERR", f"mv_open: the move here is {move.phase}")
+    s.owner, s.move = move.new_owner(), None
+    return "open"
+
+
+def status(s: Any) -> tuple:
+    """``(owner, move, moving keys locked by transactions, moving keys on leases, keys held, revision)``;
+    owner and move as plain tuples or None.  Cheap: it never walks the keys (the poll of step 2 runs it)."""
+    move = s.move
+    locked = leased = 0
+    if move is not None and move.phase != INCOMING:
+        locked = sum(1 for k in s.txns.locks if move.moving(k))
+        leased = sum(1 for k in s.leases.key_lease if move.moving(k))
+    return (None if s.owner is None else s.owner.dump(), None if move is None else move.dump(), locked, leased,
+            len(s.data), s.revision)
+
+
+def _status(s: Any, cmd: tuple, now_ms: int) -> Any:
+    return status(s)
+
+
+def _scan(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``(items, cursor)``: up to ``limit`` moving keys after ``after`` as ``(key, value, deadline or None)``,
+    of ``SCAN_BYTES_MAX`` bytes at most (or one key); ``cursor`` None once the whole shard was looked at."""
+    _, epoch, after, limit = cmd
+    move = s.move
+    if move is None or move.epoch != epoch or move.phase == INCOMING:
+        return CmdError("ERR", f"mv_scan: no outgoing move of epoch {epoch} here")
+    limit = max(1, min(int(limit), SCAN_LIMIT_MAX))
+    items: list[tuple] = []
+    looked = size = 0
+    last = None
+    for key in s.data.keys_between(b"" if after is None else after + b"\0"):
+        looked += 1
+        if move.moving(key):
+            value, _rev = s.data[key]
+            if items and size + len(key) + len(value) > SCAN_BYTES_MAX:
+                return items, last  # this key starts the next answer
+            size += len(key) + len(value)
+            items.append((key, value, s.expiries.get(key) if s.expiries else None))
+            if len(items) >= limit:
+                return items, key
+        last = key
+        if looked >= limit * SCAN_WORK_FACTOR:
+            return items, last
+    return items, None
+
+
+def _sessions(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``(rows, cursor)``: up to ``limit`` sessions after ``after`` as ``(client, seq, result)``."""
+    _, after, limit = cmd
+    limit = max(1, min(int(limit), SCAN_LIMIT_MAX))
+    ids = sorted(c for c in s.sessions if after is None or c > after)[:limit]
+    rows = [(c, s.sessions[c][0], s.sessions[c][1]) for c in ids]
+    return rows, (ids[-1] if len(ids) == limit else None)
+
+
+def _checked(handler: Callable[[Any, tuple, int], Any]) -> Callable[[Any, tuple, int], Any]:
+    """A malformed command (an operator's RAFTKV.RESHARD payload) is refused, the same on every replica."""
+    @functools.wraps(handler)
+    def run(s: Any, cmd: tuple, now_ms: int) -> Any:
+        try:
+            return handler(s, cmd, now_ms)
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            return CmdError("ERR", f"{cmd[0]}: malformed command: {e}")
+    return run
+
+
+HANDLERS = {name: _checked(h) for name, h in {
+    "mv_freeze": _freeze, "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done, "mv_abort": _abort,
+    "mv_install": _install, "mv_open": _open, "mv_status": _status}.items()}
+READ_HANDLERS = {name: _checked(h) for name, h in {
+    "mv_status": _status, "mv_scan": _scan, "mv_sessions": _sessions}.items()}
+WRITE_OPS = frozenset(HANDLERS) - {"mv_status"}

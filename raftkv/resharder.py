@@ -1,0 +1,276 @@
+"""``raftkv shard add``: add one shard to a live cluster and move its keys to it (the edge of ``raftkv.reshard``).
+
+Theory of operation
+-------------------
+The per-key rules and the replicated commands are pure (``raftkv.reshard``); this module runs them,
+in order, against the cluster of a cluster file, through ``RAFTKV.RESHARD`` (one ``mv_*`` command on
+one shard's leader), ``RAFTKV.MAP`` pushes and ``RAFTKV.STATUS``. With ``E`` the map's epoch and
+``N`` its shard count:
+
+1. map ``E+1``: shard ``N``'s group is placed on the ``replication`` least loaded nodes (``adding =
+   N``: hosted, not on the ring), saved and pushed; the nodes start the group. Once it has a
+   leader, ``mv_install`` with no keys marks it ``incoming`` (it refuses every key).
+2. every source shard ``0..N-1``: ``mv_freeze`` (writes of moving keys refused from that entry on),
+   then wait until no prepared transaction holds a moving key (new PREPAREs are refused).
+3. every source: its moving keys, in chunks (``mv_scan``, linearizable reads), into the new shard
+   (``mv_install``, through its log), then its client sessions likewise (higher sequence wins).
+4. every source: ``mv_handoff`` (reads of moving keys refused too, with ``-WRONGSHARD``).
+5. the new shard: ``mv_open``; then map ``E+2`` (``shards = N+1``: the ring includes it) is saved
+   and pushed.
+6. every source: the moved keys are deleted in chunks (``mv_purge``), then ``mv_done``: the new
+   ring owns the shard's keys from then on (a key it does not own is refused for good).
+
+Every command is idempotent and keyed by epoch ``E+2``, and every step reads where the shard stands
+first, so a run that died anywhere is finished by running ``raftkv shard add`` again: the map still
+says ``adding`` (steps 1-5 resume), or a source still has its move in ``handoff`` (step 6 resumes).
+A move whose keys are attached to leases is abandoned before any key is copied (``mv_abort``): moving
+leases is not built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from raftkv import reshard
+from raftkv.client import Client, RaftKVError
+from raftkv.membership import MembershipError, Operator
+from raftkv.results import CmdError
+from raftkv.server import rpc
+
+__all__ = ["ReshardError", "ReshardResult", "Resharder"]
+
+CHUNK_KEYS = 1_000  # keys (or sessions) per mv_install entry
+POLL_S = 0.1
+
+
+class ReshardError(MembershipError):
+    """``shard add`` could not go on; the message says why and what to do (usually: run it again)."""
+
+
+@dataclasses.dataclass
+class ReshardResult:
+    """What a run did: the new shard, keys moved, keys the sources held, per-step seconds."""
+
+    shard: int
+    epoch: int
+    moved: int
+    total: int
+    purged: int
+    seconds: dict[str, float]
+
+    @property
+    def fraction(self) -> float:
+        return self.moved / self.total if self.total else 0.0
+
+
+def place(m: Any) -> tuple[str, ...]:
+    """The nodes for a new shard: the ``replication`` nodes holding fewest replicas (ties: by name)."""
+    load = sorted(m.nodes, key=lambda n: (len(m.shards_on(n)), n))
+    return tuple(load[: m.replication])
+
+
+class Resharder:
+    """Runs ``shard add`` against the cluster of ``op`` (see module doc)."""
+
+    def __init__(self, op: Operator, step_timeout: float = 120.0, chunk: int = CHUNK_KEYS,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.op = op
+        self.step_timeout = step_timeout
+        self.chunk = chunk
+        self.say = say or op.say
+        self._client: Client | None = None
+        self._client_epoch = -1
+
+    # -- talking to shards ------------------------------------------------------------------------------
+    def _c(self) -> Client:
+        if self._client is None or self._client_epoch != self.op.map.epoch:
+            if self._client is not None:
+                self._client.close()
+            self._client = Client(cluster=self.op.map, timeout=self.step_timeout, **self.op.client_kw)
+            self._client_epoch = self.op.map.epoch
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def call(self, shard: int, *cmd: Any) -> Any:
+        """One ``mv_*`` command on ``shard`` (its leader; retried while it has none): its result."""
+        payload = rpc.encode(tuple(cmd))
+        try:
+            raw = self._c()._request(shard, [b"RAFTKV.RESHARD", str(shard).encode(), payload], write=False)
+        except RaftKVError as e:
+            raise ReshardError(f"shard {shard}: {cmd[0]} failed: {e}; run 'raftkv shard add' again") from None
+        res = rpc.decode(raw)
+        if isinstance(res, CmdError):
+            raise ReshardError(f"shard {shard}: {cmd[0]}: {res.code} {res.message}")
+        return res
+
+    def status(self, shard: int) -> dict:
+        owner, move, locked, leased, keys, revision = self.call(shard, "mv_status")
+        return {"owner": owner, "move": None if move is None else reshard.Move(*move), "locked": locked,
+                "leased": leased, "keys": keys, "revision": revision}
+
+    def _publish(self, new: Any) -> None:
+        self.op._save(new, verbose=False)
+        missed = self.op.push_map(verbose=False)
+        if missed:
+            self.say(f"map epoch {new.epoch}: not installed on {', '.join(missed)} (unreachable); a node reads "
+                     "the cluster file when it starts (until it has this map, it answers -WRONGSHARD for moved keys)")
+
+    def _wait_leader(self, shard: int) -> str:
+        deadline = time.monotonic() + self.step_timeout
+        while True:
+            view = self.op.leader_view(self.op.statuses(), shard)
+            if view is not None:
+                return view[0]
+            if time.monotonic() > deadline:
+                raise ReshardError(f"shard {shard}: no leader after {self.step_timeout:.0f} s; check the nodes "
+                                   "and run 'raftkv shard add' again")
+            time.sleep(POLL_S)
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def run(self) -> ReshardResult:
+        """Add shard N (or finish the add a failed run left), moving its keys; see the module doc."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> ReshardResult:
+        times: dict[str, float] = {}
+        t = time.monotonic()
+        m = self.op.map
+        if m.adding is None:
+            unfinished = self._unfinished_cleanup()
+            if unfinished is not None:
+                self.say(f"finishing the move of epoch {unfinished.epoch} to shard {unfinished.dest} "
+                         "(an earlier run stopped before the cleanup ended)")
+                self.op.push_map(verbose=False)  # that run may have died between saving the map and pushing it
+                purged = self._cleanup(unfinished.epoch, times)
+                return ReshardResult(unfinished.dest, unfinished.epoch, 0, 0, purged, times)
+            dest = m.nshards
+            nodes = place(m)
+            m = dataclasses.replace(m, epoch=m.epoch + 1, adding=dest, placement={**m.placement, dest: nodes})
+            self._publish(m)
+            self.say(f"epoch {m.epoch}: shard {dest}'s group placed on {', '.join(nodes)} (not on the ring yet)")
+        else:
+            dest = m.adding
+            self.say(f"resuming the add of shard {dest} (epoch {m.epoch}: its group is placed, not on the ring)")
+            self.op.push_map(verbose=False)
+        epoch = m.epoch + 1  # the map whose ring includes the new shard; every mv_* command is keyed by it
+        self._wait_leader(dest)
+        sources = list(range(m.nshards))
+        # The destination refuses every key until it opens, whatever map a node has.
+        opened = self._mark_incoming(epoch, dest, m.vnodes)
+        times["place"] = time.monotonic() - t
+        moved = total = 0
+        if not opened:
+            t = time.monotonic()
+            phases = {s: self.call(s, "mv_freeze", epoch, s, dest, m.vnodes) for s in sources}
+            self.say(f"frozen: {', '.join(f'shard {s} {p}' for s, p in phases.items())}")
+            frozen = [s for s, p in phases.items() if p == reshard.FROZEN]
+            stats = self._wait_unlocked(epoch, frozen)
+            times["freeze"] = time.monotonic() - t
+            t = time.monotonic()
+            for s in frozen:
+                n, sessions = self._stream(s, epoch, dest, m.vnodes, stats[s]["revision"])
+                moved += n
+                total += stats[s]["keys"]
+                self.say(f"shard {s} -> shard {dest}: {n} of {stats[s]['keys']} keys copied, {sessions} "
+                         "session(s)")
+                self.call(s, "mv_handoff", epoch)
+            for s in sources:  # the ones a failed run froze and streamed already: handed off now if not yet
+                if phases[s] != reshard.FROZEN:
+                    self.call(s, "mv_handoff", epoch)
+            times["copy"] = time.monotonic() - t
+            self.call(dest, "mv_open", epoch)
+        self.say(f"shard {dest} open; every source handed off: the map of epoch {epoch} puts it on the ring")
+        t = time.monotonic()
+        m = dataclasses.replace(self.op.map, epoch=epoch, nshards=dest + 1, adding=None)
+        self._publish(m)
+        times["map"] = time.monotonic() - t
+        self.say(f"epoch {epoch}: shard {dest} is on the ring ({dest + 1} shards)")
+        purged = self._cleanup(epoch, times)
+        return ReshardResult(dest, epoch, moved, total, purged, times)
+
+    def _mark_incoming(self, epoch: int, dest: int, vnodes: int) -> bool:
+        """Make the new shard refuse every key until it opens; True if it is open already (a re-run)."""
+        st = self.status(dest)
+        if st["owner"] is not None and st["owner"][3] >= epoch:
+            return True
+        self.call(dest, "mv_install", epoch, dest, vnodes, 0, (), ())
+        return False
+
+    def _wait_unlocked(self, epoch: int, frozen: list[int]) -> dict[int, dict]:
+        """Until no prepared transaction holds a moving key of a frozen source; abandons the move if a
+        moving key is attached to a lease (not built). Returns each source's last status."""
+        deadline = time.monotonic() + self.step_timeout
+        while True:
+            stats = {s: self.status(s) for s in frozen}
+            leased = {s: st["leased"] for s, st in stats.items() if st["leased"]}
+            if leased:
+                for s in frozen:
+                    self.call(s, "mv_abort", epoch)
+                raise ReshardError(f"moving keys are attached to leases ({leased}); moving leased keys is not "
+                                   "built, so the move was abandoned (nothing was copied); revoke those leases "
+                                   "or let them expire, then run 'raftkv shard add' again")
+            locked = {s: st["locked"] for s, st in stats.items() if st["locked"]}
+            if not locked:
+                return stats
+            if time.monotonic() > deadline:
+                raise ReshardError(f"transactions still hold moving keys ({locked}) after {self.step_timeout:.0f}"
+                                   " s; run 'raftkv shard add' again")
+            time.sleep(POLL_S)
+
+    def _stream(self, source: int, epoch: int, dest: int, vnodes: int, revision: int) -> tuple[int, int]:
+        """Copy ``source``'s moving keys, then its client sessions, into ``dest``; (keys, sessions)."""
+        keys = 0
+        after = None
+        while True:
+            items, after = self.call(source, "mv_scan", epoch, after, self.chunk)
+            if items:
+                self.call(dest, "mv_install", epoch, dest, vnodes, revision, tuple(items), ())
+                keys += len(items)
+            if after is None:
+                break
+        sessions = 0
+        after = None
+        while True:
+            rows, after = self.call(source, "mv_sessions", after, self.chunk)
+            if rows:
+                self.call(dest, "mv_install", epoch, dest, vnodes, revision, (), tuple(rows))
+                sessions += len(rows)
+            if after is None:
+                return keys, sessions
+
+    def _unfinished_cleanup(self) -> reshard.Move | None:
+        """A source whose move was handed off but not cleaned up (a run died after the map went out)."""
+        for s in range(self.op.map.nshards):
+            move = self.status(s)["move"]
+            if move is not None and move.phase == reshard.HANDOFF:
+                return move
+        return None
+
+    def _cleanup(self, epoch: int, times: dict[str, float]) -> int:
+        """Delete the moved keys from every source, then make the new ring their owner; keys deleted."""
+        t = time.monotonic()
+        purged = 0
+        for s in range(self.op.map.nshards):
+            move = self.status(s)["move"]
+            if move is None or move.epoch != epoch or move.phase != reshard.HANDOFF:
+                continue
+            after = None
+            while True:
+                items, after = self.call(s, "mv_scan", epoch, after, self.chunk)
+                if items:
+                    purged += self.call(s, "mv_purge", epoch, tuple(k for k, _v, _d in items))
+                if after is None:
+                    break
+            self.call(s, "mv_done", epoch)
+        times["cleanup"] = time.monotonic() - t
+        return purged

@@ -1,0 +1,350 @@
+"""``raftkv shard add`` on real node processes: keys move to the new shard while clients write and read.
+
+3 nodes, 2 shards, a few thousand keys loaded, then shard 2 is added while client threads keep
+overwriting keys (session writes through ``raftkv.Client``) and reading each one back right after
+its write. Afterwards: every acknowledged write's value is the one read, every read during the move
+saw its thread's own latest write (no stale read), no key is stored on two shards (the shards' key
+counts add up to the number of distinct keys, every one of which is readable), the moved fraction
+is within 1.25x of 1/3, and every shard's replicas hold the same data (HASHKV).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from raftkv import Client
+from raftkv.aio import AsyncClient
+from raftkv.cluster import LocalCluster, call
+from raftkv.errors import IndeterminateError, RaftKVError
+from raftkv.membership import Operator
+from raftkv.resharder import Resharder
+from shards.ring import DEFAULT_VNODES, Ring
+from shards.shardmap import ShardMap
+
+from .conftest import dump_logs, start_cluster
+
+LOADED = 3000
+
+
+class Overwriter(threading.Thread):
+    """Overwrites its own keys with increasing values (session PUTs, and every fourth time an MSET of two
+    keys) and reads each back at once.
+
+    ``last[key]``: the value of the newest acknowledged write; ``maybe[key]``: values whose write
+    ended unknown (the key may hold one of them instead, if it was written after the last ack).
+    ``stale``: reads that did not return the value this thread had just written.
+    """
+
+    def __init__(self, cluster_file: str, keys: list[str], seed: int) -> None:
+        super().__init__(daemon=True)
+        self.client = Client(cluster=cluster_file, timeout=15.0)
+        self.keys = keys
+        self.rng = random.Random(seed)
+        self.last: dict[str, bytes] = {}
+        self.maybe: dict[str, list[bytes]] = {}
+        self.stale: list[tuple[str, bytes, bytes | None]] = []
+        self.errors: list[str] = []
+        self.writes = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            # every fourth write is an MSET of two keys (a transaction, across shards when they differ)
+            batch = {k: f"{k}:{i}".encode() for k in self.rng.sample(self.keys, 2 if i % 4 == 0 else 1)}
+            try:
+                if len(batch) == 1:
+                    self.client.put(*next(iter(batch.items())))
+                else:
+                    self.client.mset(batch)
+            except IndeterminateError:
+                for key, value in batch.items():
+                    self.maybe.setdefault(key, []).append(value)
+                continue
+            except RaftKVError as e:
+                self.errors.append(f"write {list(batch)}: {e}")
+                continue
+            for key, value in batch.items():
+                self.last[key] = value
+                self.maybe.pop(key, None)
+            self.writes += 1
+            for key, value in batch.items():
+                try:
+                    got = self.client.get(key)
+                except RaftKVError as e:
+                    self.errors.append(f"get {key}: {e}")
+                    continue
+                if got != value:
+                    self.stale.append((key, value, got))
+        self.client.close()
+
+
+def _hashkv_agree(m: ShardMap, shard: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        answers = {}
+        for name in m.placement[shard]:
+            rev, digest = call(m.nodes[name].client_addr, "RAFTKV.HASHKV", str(shard), timeout=10.0)
+            answers[name] = (rev, digest)
+        if len({a[0] for a in answers.values()}) == 1:
+            assert len({a[1] for a in answers.values()}) == 1, f"shard {shard}: replicas diverged: {answers}"
+            return
+        assert time.monotonic() < deadline, f"shard {shard}: replicas never at one revision: {answers}"
+        time.sleep(0.2)
+
+
+def _shard_key_counts(m: ShardMap) -> dict[int, int]:
+    """Keys each shard's leader holds (moved-away keys not yet deleted included)."""
+    import json
+
+    counts: dict[int, int] = {}
+    for info in m.nodes.values():
+        st = json.loads(call(info.client_addr, "RAFTKV.STATUS", timeout=5.0))
+        for s, sh in st["shards"].items():
+            if sh["role"] == "leader":
+                # every shard took part in the move, which is over: no move left, each owns its part of the ring
+                assert (sh["move"], sh["ring_shards"]) == (None, m.nshards), (info.name, s, sh)
+                counts[int(s)] = sh["keys"]
+    return counts
+
+
+def _load(lc: LocalCluster) -> list[str]:
+    keys = [f"key-{i}" for i in range(LOADED)]
+    with Client(cluster=lc.config, timeout=15.0) as c:
+        for i in range(0, LOADED, 500):
+            c.mset({k: f"{k}:0" for k in keys[i:i + 500]})
+    return keys
+
+
+def _start_writers(lc: LocalCluster, keys: list[str], count: int = 3) -> list[Overwriter]:
+    writers = [Overwriter(str(lc.config), keys[i::count], seed=i) for i in range(count)]
+    for w in writers:
+        w.start()
+    return writers
+
+
+def _stop(writers: list[Overwriter]) -> None:
+    for w in writers:
+        w.stop.set()
+    for w in writers:
+        w.join(30)
+
+
+def _check_after_add(lc: LocalCluster, keys: list[str], writers: list[Overwriter], shards: int) -> None:
+    """Every acknowledged write readable, no stale read, each key stored once, replicas agree."""
+    m = ShardMap.load(lc.config)
+    assert (m.nshards, m.adding) == (shards, None)
+    stale = [s for w in writers for s in w.stale]
+    assert stale == [], f"reads that missed their own thread's acknowledged write: {stale[:5]}"
+    errors = [e for w in writers for e in w.errors]
+    assert errors == [], f"errors surfaced to the clients: {errors[:5]}"
+    assert all(w.writes > 0 for w in writers), [w.writes for w in writers]
+    with Client(cluster=lc.config, timeout=15.0) as c:
+        values = c.mget(keys)
+    expected: dict[str, bytes] = {k: f"{k}:0".encode() for k in keys}
+    maybe: dict[str, list[bytes]] = {}
+    for w in writers:
+        expected.update(w.last)
+        for k, vs in w.maybe.items():
+            maybe.setdefault(k, []).extend(vs)
+    wrong = [(k, v) for k, v in zip(keys, values, strict=True) if v != expected[k] and v not in maybe.get(k, [])]
+    assert wrong == [], f"{len(wrong)} keys do not hold their latest acknowledged write: {wrong[:5]}"
+    counts = _shard_key_counts(m)
+    assert sorted(counts) == list(range(shards))
+    # every key is readable (above), so the counts adding up to the number of keys means none is stored twice
+    assert sum(counts.values()) == len(keys), f"a key is stored on two shards: {counts}"
+    for s in range(shards):
+        _hashkv_agree(m, s)
+
+
+def test_shard_add_moves_keys_under_writes_and_reads(tmp_path: Path) -> None:
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    writers: list[Overwriter] = []
+    try:
+        keys = _load(lc)
+        writers = _start_writers(lc, keys)
+        time.sleep(1.0)
+        op = Operator(lc.config, timeout=30.0, say=print)
+        result = Resharder(op, step_timeout=60.0, say=print).run()
+        time.sleep(1.0)
+        _stop(writers)
+        share = 1 / 3
+        print(f"moved {result.moved} of {result.total} keys: {result.fraction:.4f} (1/3 = {share:.4f}); "
+              f"steps {result.seconds}; writes during the run: {[w.writes for w in writers]}")
+        assert result.shard == 2 and result.total == LOADED
+        assert share / 1.25 <= result.fraction <= share * 1.25
+        # the keys moved are exactly the ones the new ring gives shard 2, and they left the sources
+        assert result.moved == sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
+        assert result.purged == result.moved
+        _check_after_add(lc, keys, writers, 3)
+    except BaseException:
+        _stop(writers)
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        lc.stop()
+
+
+def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) -> None:
+    """Between the hand-off and the new map, a moved key answers -WRONGSHARD; the client holding the map
+    of before the add refreshes it, retries, and its write succeeds once the map is out. (Values of
+    300 KiB move too, several copy chunks of them.)"""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    try:
+        old = ShardMap.load(lc.config)
+        new_ring = Ring(range(3), old.vnodes)
+        key, aio_key, txn_key = [k for k in (f"moved-{i}" for i in range(1000)) if new_ring.shard_for(k) == 2][:3]
+        stay_key = next(k for k in (f"stay-{i}" for i in range(1000)) if new_ring.shard_for(k) == 0)
+        # large values too: a copy chunk holds at most 1 MiB of them, under the node's 1.5 MiB request limit
+        big = {f"big-{i}": bytes([i]) * (300 * 1024) for i in range(24)}
+        with Client(cluster=lc.config, timeout=15.0) as c:
+            c.put(key, "before")
+            for k, v in big.items():
+                c.put(k, v)
+        client = Client(cluster=old, timeout=20.0)
+        reloads: list[int] = []
+        reload = client._reload_map
+
+        def counting_reload() -> None:
+            reloads.append(client.map.epoch)  # type: ignore[union-attr]
+            reload()
+        client._reload_map = counting_reload  # type: ignore[method-assign]
+        outcome: list[object] = []
+        aio_outcome: list[object] = []
+        txn_outcome: list[object] = []
+
+        async def aio_put() -> None:  # the asyncio client, with the old map as well
+            async with AsyncClient(cluster=old, timeout=20.0) as ac:
+                await ac.put(aio_key, "after")
+                aio_outcome.append(ac.map.epoch)  # type: ignore[union-attr]
+
+        def say(msg: str) -> None:
+            print(msg)
+            if "puts it on the ring" in msg:  # handed off and open, the map not out yet
+                writer = threading.Thread(target=lambda: outcome.append(client.put(key, "after")), daemon=True)
+                writer.start()
+                threading.Thread(target=lambda: asyncio.run(aio_put()), daemon=True).start()
+                # a transaction across a moved key and one that stays: its PREPARE at the source votes NO,
+                # the coordinator answers -MOVING, the client retries it
+                threading.Thread(target=lambda: txn_outcome.append(client.mset({txn_key: "t", stay_key: "t"})),
+                                 daemon=True).start()
+                time.sleep(3.5)  # the writes meet -WRONGSHARD (the MSET -MOVING) meanwhile, past MSET's 10 retries
+                assert outcome == aio_outcome == txn_outcome == [], "a moved key was written before the new map"
+
+        Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=say).run()
+        deadline = time.monotonic() + 20
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while not (aio_outcome and txn_outcome) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert txn_outcome == [None], txn_outcome
+        assert outcome == [None], outcome  # put returns None: no error surfaced
+        assert aio_outcome and aio_outcome[0] > old.epoch  # type: ignore[operator]  # it fetched a newer map
+        assert reloads and reloads[0] == old.epoch  # it was told to refresh its map
+        assert client.get(key) == b"after"
+        assert client.mget(list(big)) == list(big.values())
+        assert client.get(aio_key) == b"after"
+        assert client.mget([txn_key, stay_key]) == [b"t", b"t"]
+        # it adopted a newer map (the one placing shard 2, or the one with it on the ring): nodes route by
+        # their own map, so a map a step behind costs a forwarding hop, never an error
+        assert client.map.epoch > old.epoch  # type: ignore[union-attr]
+        client.close()
+    except BaseException:
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        lc.stop()
+
+
+@pytest.mark.parametrize("kill_at", ["frozen:", "epoch 3: shard 2 is on the ring"], ids=["copy", "cleanup"])
+def test_shard_add_killed_is_finished_by_running_it_again(tmp_path: Path, kill_at: str) -> None:
+    """kill -9 of ``raftkv shard add`` while it copies keys (or once the new map is out, as the cleanup
+    starts); the next run finishes the add, under writes."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    writers: list[Overwriter] = []
+    try:
+        keys = _load(lc)
+        writers = _start_writers(lc, keys, count=2)
+        time.sleep(0.5)
+        proc = subprocess.Popen([sys.executable, "-m", "raftkv", "shard", "add", "--chunk", "50",
+                                 "--cluster", str(lc.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line.rstrip())
+            if line.startswith(kill_at):
+                proc.send_signal(signal.SIGKILL)  # the copy (50 keys a chunk) or the cleanup has just begun
+                break
+        proc.wait(10)
+        print("first run, killed:", seen)
+        assert any(line.startswith(kill_at) for line in seen), seen
+        rerun = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print)
+        if kill_at == "frozen:":
+            assert ShardMap.load(lc.config).adding == 2  # it died before the new ring went out
+            assert rerun.run().shard == 2
+        elif rerun._unfinished_cleanup() is not None:  # (unless the kill came after the last chunk)
+            result = rerun.run()
+            assert (result.shard, result.moved) == (2, 0) and result.purged > 0  # only the cleanup was left
+        rerun.close()
+        time.sleep(1.0)
+        _stop(writers)
+        _check_after_add(lc, keys, writers, 3)
+        if kill_at == "frozen:":
+            # the move is over everywhere: the next run adds shard 3, moving keys off shard 2 as well
+            result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
+            assert result.shard == 3 and result.total == LOADED
+            _check_after_add(lc, keys, writers, 4)
+    except BaseException:
+        _stop(writers)
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        lc.stop()
+
+
+def test_shard_add_survives_a_source_leader_killed_mid_move(tmp_path: Path) -> None:
+    """kill -9 of shard 0's leader once the sources are frozen: the run goes on with the new leader, the
+    killed node restarts and catches up, and every invariant holds, replicas included."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    writers: list[Overwriter] = []
+    killed: list[str] = []
+    try:
+        keys = _load(lc)
+        writers = _start_writers(lc, keys, count=2)
+        time.sleep(0.5)
+        op = Operator(lc.config, timeout=30.0, say=print)
+
+        def say(msg: str) -> None:
+            print(msg)
+            if msg.startswith("frozen:") and not killed:
+                view = op.leader_view(op.statuses(), 0)
+                assert view is not None
+                killed.append(view[0])
+                lc.kill_node(view[0])
+                print(f"killed {view[0]}, shard 0's leader")
+
+        result = Resharder(op, step_timeout=60.0, chunk=200, say=say).run()
+        assert killed and result.shard == 2
+        lc.start_node(killed[0])
+        LocalCluster(lc.dir).wait_ready(60)
+        time.sleep(1.0)
+        _stop(writers)
+        _check_after_add(lc, keys, writers, 3)
+    except BaseException:
+        _stop(writers)
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        LocalCluster(lc.dir).stop()
+        lc.stop()
