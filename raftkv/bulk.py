@@ -77,15 +77,16 @@ def batches(items: Iterable[tuple[bytes, bytes]], shard_of: Callable[[bytes], in
     for key, value in items:
         shard = shard_of(key)
         batch = open_.setdefault(shard, {})
+        old = batch.pop(key, None)  # a repeated key: the later value replaces it (and goes last)
+        if old is not None:
+            sizes[shard] -= len(key) + len(old)
         size = len(key) + len(value)
-        if batch and (len(batch) >= keys_max or sizes[shard] + size > bytes_max) and key not in batch:
+        if batch and (len(batch) >= keys_max or sizes[shard] + size > bytes_max):
             yield shard, list(batch.items())
             batch = open_[shard] = {}
             sizes[shard] = 0
-        old = batch.get(key)
-        sizes[shard] = sizes.get(shard, 0) + size - (0 if old is None else len(key) + len(old))
-        batch.pop(key, None)  # re-inserted last: the batch keeps input order of last occurrences
         batch[key] = value
+        sizes[shard] = sizes.get(shard, 0) + size
     for shard, batch in open_.items():
         if batch:
             yield shard, list(batch.items())
