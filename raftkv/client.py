@@ -541,9 +541,11 @@ class Client:
     # -- transactions (raftkv.txnclient) ---------------------------------------------
     def txn(self) -> Txn:
         """An etcd-style conditional transaction builder, atomic across shards."""
-        # -MOVING answers a transaction id aborted for good: Txn.commit retries with a fresh id, not _request
-        return Txn(self._shard, lambda shard, args: self._request(shard, args, write=True, final=("MOVING",)),
-                   moving_wait_s=self.timeout)
+        # -MOVING and -TRYAGAIN may answer a transaction id aborted for good: Txn.commit retries with a fresh
+        # id; _request would resend the same one and meet the same abort until its timeout
+        return Txn(self._shard, lambda shard, args: self._request(shard, args, write=True,
+                                                                  final=("MOVING", "TRYAGAIN")),
+                   wait_s=self.timeout)
 
     def mset(self, mapping: dict, retries: int = 10) -> None:
         """Write every key of ``mapping`` atomically (all or none), across shards."""

@@ -42,12 +42,13 @@ class Txn:
     """An etcd-style conditional transaction; build it, then ``commit()``."""
 
     def __init__(self, shard_of: Callable[[bytes], int], request: Callable[[int, list[bytes]], Any],
-                 moving_wait_s: float = 10.0) -> None:
+                 wait_s: float = 10.0) -> None:
         # The client's routing and its retrying, de-duplicated write path (``Client.txn()`` passes them).
-        # ``request`` must raise -MOVING at once: the transaction id it carries is aborted for good.
+        # ``request`` must raise -MOVING and -TRYAGAIN at once: the transaction id it carries may be aborted for
+        # good (a retry with it meets the same abort), so ``commit`` retries with a fresh one.
         self._shard_of = shard_of
         self._request = request
-        self._moving_wait_s = moving_wait_s
+        self._wait_s = wait_s
         self.compares: list[list[bytes]] = []
         self.then_ops: list[list[bytes]] = []
         self.else_ops: list[list[bytes]] = []
@@ -127,18 +128,19 @@ class Txn:
         raise ValueError("a transaction needs at least one key")
 
     def commit(self, retries: int = 0, backoff_s: float = 0.01, backoff_max_s: float = 0.5) -> TxnResponse:
-        """Run it; on TXNCONFLICT/TRYAGAIN retry up to ``retries`` times with a fresh id, and on MOVING (a key
-        is being moved to a new shard, ``raftkv shard add``) for up to ``moving_wait_s`` seconds, not counted."""
+        """Run it; on TXNCONFLICT retry up to ``retries`` times with a fresh id. On TRYAGAIN (not applied: a
+        leader change, or an abort that spent its id) and MOVING (a key is being moved to a new shard, ``raftkv
+        shard add``) retry with a fresh id for up to ``wait_s`` seconds, not counted against ``retries``."""
         home = self._shard_of(self.first_key())
-        attempt = moving = 0
-        moving_until = time.monotonic() + self._moving_wait_s
+        attempt = waited = 0
+        until = time.monotonic() + self._wait_s
         while True:
             try:
                 reply = self._request(home, self.args(uuid.uuid4().hex))
             except RaftKVError as e:
-                if e.code == "MOVING" and time.monotonic() < moving_until:
-                    moving += 1
-                    time.sleep(min(backoff_max_s, backoff_s * 2 ** min(moving, 6)) * random.uniform(0.5, 1.0))
+                if e.code in ("MOVING", "TRYAGAIN") and time.monotonic() < until:
+                    waited += 1
+                    time.sleep(min(backoff_max_s, backoff_s * 2 ** min(waited, 6)) * random.uniform(0.5, 1.0))
                     continue
                 if e.code not in RETRYABLE or attempt >= retries:
                     raise

@@ -960,3 +960,32 @@ def test_a_prepared_vote_answers_what_its_append_commit_applies(ops: list) -> No
     assert vote[2] == tuple(True if op[0] == "put" else r for op, r in zip(ops, res.results, strict=True))
     two.apply(("tx_finish", "t", COMMITTED, True), T0 + 1)
     assert dict(one.data.items()) == dict(two.data.items())
+
+
+def test_a_transaction_aborted_with_tryagain_is_retried_with_a_fresh_id() -> None:
+    """-TRYAGAIN may answer an id whose transaction aborted for good (stale, refused, timed out): resending that
+    id meets the same abort until the deadline. Txn.commit retries with a fresh id instead, whatever ``retries``
+    says, and Client.txn() hands -TRYAGAIN straight back to it."""
+    from raftkv.client import Client
+    from raftkv.errors import RaftKVError
+    from raftkv.txnclient import Txn
+
+    spent: set[bytes] = set()
+
+    def request(shard: int, args: list[bytes]) -> object:
+        txid = args[2]
+        if not spent:  # the first id aborts, and stays aborted
+            spent.add(txid)
+        if txid in spent:
+            raise RaftKVError("TRYAGAIN", "transaction aborted (stale); not applied, retry")
+        return [1, [b"OK"]]
+
+    t = Txn(lambda k: 0, request, wait_s=5.0).then_put("k", "v")
+    assert t.commit().succeeded and len(spent) == 1
+    from shards.shardmap import local_cluster
+
+    with Client(cluster=local_cluster(), timeout=0.1) as c:
+        captured: list = []
+        c._request = lambda shard, args, **kw: captured.append(kw) or [1, [b"OK"]]  # type: ignore[method-assign]
+        c.txn().then_put("k", "v").commit()
+        assert "TRYAGAIN" in captured[0]["final"] and "MOVING" in captured[0]["final"]
