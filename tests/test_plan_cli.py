@@ -5,7 +5,9 @@ No servers: the commands only read the cluster file (written here by ShardMap).
 
 from __future__ import annotations
 
+import random
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,28 @@ def run(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
 
 
+def _free_client_ports(n: int) -> int:
+    """A base port whose next ``n`` ports nothing listens on now: "no node reachable" must hold whatever else
+    runs on this machine (a local cluster on 7001-7003, say)."""
+    for _ in range(100):
+        base = random.randrange(20_000, 60_000)
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free run of ports")
+
+
 @pytest.fixture
 def four_nodes(tmp_path: Path) -> str:
-    return cluster_file(tmp_path, local_cluster(4, 4, data_dir=str(tmp_path / "data")))
+    return cluster_file(tmp_path, local_cluster(4, 4, base_port=_free_client_ports(4),
+                                                data_dir=str(tmp_path / "data")))
 
 
 def test_rebalance_with_no_node_reachable_fails_and_changes_nothing(four_nodes: str) -> None:
