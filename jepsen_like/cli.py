@@ -140,7 +140,8 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 @click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
               help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk, "
                    "compaction, power; "
-                   "or a comma-separated mix, e.g. kill,member)")
+                   "or a comma-separated mix, e.g. kill,member; reshard (one 'raftkv shard add' per window) and "
+                   "clock-forward are never part of all)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
 @click.option("--clients", type=click.IntRange(1, 200), default=10, show_default=True)
 @click.option("--rate", type=float, default=100.0, show_default=True,

@@ -96,6 +96,18 @@ many writes (and KiB) were undone per node, which shows the fault was real;
 with ``--unsafe-no-sync`` (nodes that never fsync) it undoes acknowledged
 writes, and the checks must catch it. The window's end restarts the nodes.
 
+``reshard`` (not in ``all``): one ``raftkv shard add`` per window, against the live cluster and with
+its own code (:class:`raftkv.resharder.Resharder` behind a :class:`raftkv.membership.Operator`, what the
+CLI runs), so successive windows grow the cluster 3 -> 4 -> 5 ... shards, up to ``RESHARD_MAX_SHARDS``.
+Half the windows run the add in the nemesis's thread to its end; the other half run the CLI itself
+(``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after its ``RESHARD_CUT_LINES``-th line
+of progress, 1 to 5 (placed, frozen, a source copied, the new shard open, the new map out), so it stops
+between steps: moving keys stay refused (``-MOVING`` / ``-WRONGSHARD``, both "not applied") until the next
+window's run, which finishes that add first (``Resharder`` resumes from where the shards stand), or the
+heal, which finishes any add left before the final reads.  No add is ever left half-done at the end of a
+run.  After each add the harness's ``LocalCluster`` adopts the new cluster file (its shard count), so the
+nemeses' leader picks, the recovery wait and the replicas check cover the new shards.
+
 ``clock-forward`` (not in ``all``): steps of +/- ``CLOCK_SKEW_S`` seconds, set
 back to 0 at the window's end, so every fault includes a *forward* step: the
 node's log time jumps ahead, which the design excludes (logclock's
@@ -112,21 +124,26 @@ import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jepsen_like import power
 
-__all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "PARTITION_SHAPES", "make_schedule", "parse_nemesis",
+__all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "OPTIONAL_KINDS", "PARTITION_SHAPES", "make_schedule", "parse_nemesis",
            "partition_edges"]
 
 FAULT_KINDS = ("kill", "pause", "partition", "member", "clock", "slow-disk", "disk", "compaction", "power")
 EXTRA_KINDS = ("clock-forward",)
 """Fault kinds outside the design's fault model: named explicitly, never part of ``all``."""
-NEMESES = ("none", *FAULT_KINDS, *EXTRA_KINDS, "all")
+OPTIONAL_KINDS = ("reshard",)
+"""Fault kinds inside the fault model that are not (yet) part of ``all``: named explicitly."""
+NEMESES = ("none", *FAULT_KINDS, *OPTIONAL_KINDS, *EXTRA_KINDS, "all")
 PARTITION_SHAPES = ("halves", "isolate-leader", "majority-ring")
 CLOCK_SKEW_S = (1.0, 120.0)
 """Size range of a clock step (seconds)."""
@@ -157,6 +174,15 @@ COMPACTION_WAIT_S = 5.0
 """The longest the ``compaction`` nemesis waits for those commits, for forced checkpoints to begin or commit."""
 COMPACTION_INSTALL_WAIT_S = 10.0
 """The longest it waits for the restarted node to receive its first snapshot chunk (start-up included)."""
+RESHARD_MAX_SHARDS = 8
+"""The ``reshard`` nemesis adds shards up to this many; windows past it only finish an add left half-done."""
+RESHARD_STEP_TIMEOUT_S = 30.0
+"""``shard add --timeout``: the longest one step of an add waits (a leader, transactions holding moving keys)."""
+RESHARD_CUT_LINES = (1, 5)
+"""A cut ``shard add`` is killed right after this many lines of its progress (drawn uniformly): 1 placed the
+group, 2 froze the sources, 3 copied the first source, 4 opened the new shard (with 3 sources: 5, 6), ..."""
+RESHARD_CLI_WAIT_S = 60.0
+"""The longest the nemesis waits for a cut ``shard add`` process to reach its line (it is killed then)."""
 
 
 def parse_nemesis(spec: str) -> list[str]:
@@ -166,10 +192,10 @@ def parse_nemesis(spec: str) -> list[str]:
     if spec == "all":
         return list(FAULT_KINDS)
     kinds = [k.strip() for k in spec.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in FAULT_KINDS + EXTRA_KINDS]
+    bad = [k for k in kinds if k not in FAULT_KINDS + OPTIONAL_KINDS + EXTRA_KINDS]
     if bad or not kinds:
         raise ValueError(f"unknown nemesis {', '.join(bad) or spec!r}: use none, all, or a comma-separated mix of "
-                         f"{', '.join(FAULT_KINDS + EXTRA_KINDS)}")
+                         f"{', '.join(FAULT_KINDS + OPTIONAL_KINDS + EXTRA_KINDS)}")
     return list(dict.fromkeys(kinds))
 
 
@@ -392,6 +418,8 @@ class Nemesis:
                 f.detail += " (" + "; ".join(cuts) + ")"
             elif kind == "compaction":
                 f = self._compaction_fault()
+            elif kind == "reshard":
+                f = self._reshard_fault()
             else:
                 raise ValueError(f"unknown fault kind {kind!r}")
             self.faults.append(f)
@@ -481,6 +509,10 @@ class Nemesis:
                 if self.cluster.pid(n) is None:
                     self.cluster.start_node(n)
                     done.append(f"restarted {n}")
+            if any(f.kind == "reshard" for f in self.faults):
+                done.append(self._finish_reshard())
+                if "failed" in done[-1]:  # e.g. a node still starting: once more
+                    done.append(self._finish_reshard())
             now = self.clock()
             for f in self.faults:
                 if f.end is None:
@@ -734,6 +766,120 @@ class Nemesis:
                 power.forget_under(self.power_log, os.path.join(op.map.data_dir, node))
         # else the removal stopped half-way (the file is written last): adding is idempotent, finish it
         op.add(f"{info.host}:{info.client_port}", name=node, raft_port=info.raft_port, start=True)
+
+    # -- reshard: raftkv shard add under load ---------------------------------------------
+    def _resharder(self, op: Any) -> Any:
+        from raftkv.resharder import Resharder
+
+        return Resharder(op, step_timeout=RESHARD_STEP_TIMEOUT_S,
+                         say=lambda m: self.log(f"nemesis: reshard: {m}"))
+
+    def _adopt_map(self) -> Any:
+        """The cluster file as ``shard add`` left it, adopted by the harness's cluster (its shard count: leader
+        picks, the recovery wait and the replicas check then cover the new shards); returns it."""
+        from shards.shardmap import ShardMap
+
+        m = ShardMap.load(self.cluster.config)
+        self.cluster.map = m
+        return m
+
+    def _reshard_fault(self) -> Fault:
+        """One ``shard add`` per window: an add an earlier window left half-done is finished first (that is the
+        window's add); else shard N is added, half the time in this thread to its end, half the time by the
+        CLI killed after a few lines of progress (left for the next window or the heal).  Past
+        ``RESHARD_MAX_SHARDS`` shards a window adds nothing."""
+        f = Fault("reshard", "shard add", [], self.clock())
+        op = self._operator()
+        m = op.map
+        resharder = self._resharder(op)
+        try:
+            pending = m.adding is not None or resharder._unfinished_cleanup() is not None
+            if not pending and m.nshards >= RESHARD_MAX_SHARDS:
+                f.detail = f"no shard add: the cluster has {m.nshards} shards (the nemesis's cap)"
+            elif not pending and self.rng.random() < 0.5:
+                self._cut_shard_add(f, m.nshards)
+            else:
+                self._shard_add(f, resharder, m.nshards, pending)
+        except Exception as e:  # noqa: BLE001 - a failed add is recorded; the next window or the heal re-runs it
+            f.error = f"{type(e).__name__}: {e}"
+            f.detail += " failed (the next reshard window or the heal runs it again)"
+        finally:
+            resharder.close()
+            after = self._adopt_map()
+            f.nodes = sorted(after.placement.get(after.adding if after.adding is not None else after.nshards - 1,
+                                                 ()))
+        return f
+
+    def _shard_add(self, f: Fault, resharder: Any, nshards: int, pending: bool) -> None:
+        """Run ``shard add`` in this thread to its end; the detail says what it moved."""
+        f.detail = (f"shard add: finished the add an earlier window left ({nshards} shards on the ring)" if pending
+                    else f"shard add: {nshards} -> {nshards + 1} shards")
+        res = resharder.run()
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items())
+        if res.total:
+            f.detail += (f": shard {res.shard} (epoch {res.epoch}) got {res.moved} of {res.total} keys "
+                         f"({res.fraction:.1%}; an even share 1/{res.shard + 1} = {1 / (res.shard + 1):.1%}), "
+                         f"{res.purged} deleted from the sources; {steps}")
+        else:
+            f.detail += (f": shard {res.shard} (epoch {res.epoch}) on the ring, {res.purged} moved keys deleted "
+                         f"from the sources; {steps}")
+
+    def _cut_shard_add(self, f: Fault, nshards: int) -> None:
+        """Run the CLI (``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after its k-th line of
+        progress, k drawn from ``RESHARD_CUT_LINES``; the detail quotes that line."""
+        k = self.rng.randint(*RESHARD_CUT_LINES)
+        f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI, cut"
+        auth = []
+        if self.client_kw.get("password"):
+            auth = ["--password", str(self.client_kw["password"])]
+        cmd = [sys.executable, "-m", "raftkv", *auth, "shard", "add", "--chunk", "1",
+               "--timeout", f"{RESHARD_STEP_TIMEOUT_S:g}", "--cluster", str(self.cluster.config)]
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                text=True, env=env, start_new_session=True)
+        timer = threading.Timer(RESHARD_CLI_WAIT_S, proc.kill)  # a hung add must not hang the nemesis
+        timer.start()
+        lines: list[str] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                self.log(f"nemesis: reshard (cli): {lines[-1]}")
+                if len(lines) >= k:
+                    proc.kill()  # SIGKILL: no cleanup of its own, as a crash of the operator's shell would be
+                    break
+            rc = proc.wait(10)
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if len(lines) >= k and rc == -signal.SIGKILL:
+            f.detail += f": kill -9 after line {k}: {lines[-1]!r} (left for the next window or the heal)"
+        elif rc == 0:
+            f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI (ended before line {k}): {lines[-1]!r}"
+        else:
+            raise RuntimeError(f"raftkv shard add exited {rc} after {len(lines)} lines: {lines[-3:]}")
+
+    def _finish_reshard(self) -> str:
+        """The heal: finish an add a window left half-done (none is started); what was done."""
+        try:
+            op = self._operator()
+            resharder = self._resharder(op)
+            try:
+                if op.map.adding is None and resharder._unfinished_cleanup() is None:
+                    return f"no shard add left half-done ({op.map.nshards} shards)"
+                res = resharder.run()
+            finally:
+                resharder.close()
+                self._adopt_map()
+            return f"finished the add of shard {res.shard} (epoch {res.epoch}, {res.purged} moved keys deleted)"
+        except Exception as e:  # noqa: BLE001 - reported; the recovery wait and the checks will show what is left
+            return f"finishing the shard add failed: {type(e).__name__}: {e}"
 
     # -- the schedule ------------------------------------------------------------------
     def run(self, schedule: list[tuple[float, str, float]], stop: threading.Event) -> None:

@@ -372,9 +372,10 @@ def _run_here(cfg: RunConfig, note: str) -> int:
             _write_not_recovered(cluster, run_dir / "not-recovered.json")
         final = _final_reads(workload, rec, cfg)
         if recovered["valid"]:  # every replica of a shard, at one revision, holds the same data
-            placement = ShardMap.load(cluster.config).placement
+            # the cluster file as it is now: the reshard nemesis adds shards (and the member nemesis moves nodes)
+            now_map = ShardMap.load(cluster.config)
             replicas = replicas_check.check(replicas_check.ask_node(cluster),
-                                            {s: list(placement[s]) for s in range(shardmap.nshards)})
+                                            {s: list(now_map.placement[s]) for s in range(now_map.nshards)})
     except KeyboardInterrupt:
         harness_error = "interrupted"
         stop.set()
