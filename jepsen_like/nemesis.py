@@ -100,8 +100,8 @@ writes, and the checks must catch it. The window's end restarts the nodes.
 its own code (:class:`raftkv.resharder.Resharder` behind a :class:`raftkv.membership.Operator`, what the
 CLI runs), so successive windows grow the cluster 3 -> 4 -> 5 ... shards, up to ``RESHARD_MAX_SHARDS``.
 Half the windows run the add in the nemesis's thread to its end; the other half run the CLI itself
-(``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after its ``RESHARD_CUT_LINES``-th line
-of progress, 1 to 5 (placed, frozen, a source copied, the new shard open, the new map out), so it stops
+(``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after a line of progress drawn from
+``RESHARD_CUT_POINTS`` (placed, frozen, a source copied, the new shard open, the new map out), so it stops
 between steps: moving keys stay refused (``-MOVING`` / ``-WRONGSHARD``, both "not applied") until the next
 window's run, which finishes that add first (``Resharder`` resumes from where the shards stand), or the
 heal, which finishes any add left before the final reads.  No add is ever left half-done at the end of a
@@ -135,7 +135,8 @@ from typing import Any
 
 from jepsen_like import power
 
-__all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "OPTIONAL_KINDS", "PARTITION_SHAPES", "make_schedule", "parse_nemesis",
+__all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "OPTIONAL_KINDS", "PARTITION_SHAPES", "make_schedule",
+           "moves_left", "parse_nemesis",
            "partition_edges"]
 
 FAULT_KINDS = ("kill", "pause", "partition", "member", "clock", "slow-disk", "disk", "compaction", "power")
@@ -178,9 +179,12 @@ RESHARD_MAX_SHARDS = 8
 """The ``reshard`` nemesis adds shards up to this many; windows past it only finish an add left half-done."""
 RESHARD_STEP_TIMEOUT_S = 30.0
 """``shard add --timeout``: the longest one step of an add waits (a leader, transactions holding moving keys)."""
-RESHARD_CUT_LINES = (1, 5)
-"""A cut ``shard add`` is killed right after this many lines of its progress (drawn uniformly): 1 placed the
-group, 2 froze the sources, 3 copied the first source, 4 opened the new shard (with 3 sources: 5, 6), ..."""
+RESHARD_CUT_POINTS = {"placed": "group placed on", "frozen": "frozen: ", "copying": " keys copied, ",
+                      "open": " open; every source handed off", "new map": " is on the ring ("}
+"""Where a cut ``shard add`` is killed (one drawn uniformly): right after the first line of its progress that
+holds the text: the new group placed (not on the ring), the sources frozen (writes of moving keys refused),
+the first source copied, the new shard open with every source handed off (moved keys refused by the sources,
+the map not out yet), the new map out (the sources' cleanup not done)."""
 RESHARD_CLI_WAIT_S = 60.0
 """The longest the nemesis waits for a cut ``shard add`` process to reach its line (it is killed then)."""
 
@@ -825,10 +829,11 @@ class Nemesis:
                          f"from the sources; {steps}")
 
     def _cut_shard_add(self, f: Fault, nshards: int) -> None:
-        """Run the CLI (``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after its k-th line of
-        progress, k drawn from ``RESHARD_CUT_LINES``; the detail quotes that line."""
-        k = self.rng.randint(*RESHARD_CUT_LINES)
-        f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI, cut"
+        """Run the CLI (``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after its line of
+        progress that marks a point drawn from ``RESHARD_CUT_POINTS``; the detail quotes that line."""
+        point = self.rng.choice(sorted(RESHARD_CUT_POINTS))
+        needle = RESHARD_CUT_POINTS[point]
+        f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI, cut when {point}"
         auth = []
         if self.client_kw.get("password"):
             auth = ["--password", str(self.client_kw["password"])]
@@ -842,13 +847,15 @@ class Nemesis:
         timer = threading.Timer(RESHARD_CLI_WAIT_S, proc.kill)  # a hung add must not hang the nemesis
         timer.start()
         lines: list[str] = []
+        cut = False
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 lines.append(line.rstrip())
                 self.log(f"nemesis: reshard (cli): {lines[-1]}")
-                if len(lines) >= k:
-                    proc.kill()  # SIGKILL: no cleanup of its own, as a crash of the operator's shell would be
+                if needle in line:
+                    proc.kill()  # SIGKILL: no cleanup of its own, as when the operator's machine dies
+                    cut = True
                     break
             rc = proc.wait(10)
         finally:
@@ -858,10 +865,11 @@ class Nemesis:
                 proc.wait(10)
             if proc.stdout is not None:
                 proc.stdout.close()
-        if len(lines) >= k and rc == -signal.SIGKILL:
-            f.detail += f": kill -9 after line {k}: {lines[-1]!r} (left for the next window or the heal)"
+        last = lines[-1] if lines else ""
+        if cut and rc == -signal.SIGKILL:
+            f.detail += f": kill -9 after {last!r} (left for the next window or the heal)"
         elif rc == 0:
-            f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI (ended before line {k}): {lines[-1]!r}"
+            f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI (ended before the cut): {last!r}"
         else:
             raise RuntimeError(f"raftkv shard add exited {rc} after {len(lines)} lines: {lines[-3:]}")
 
@@ -898,6 +906,22 @@ class Nemesis:
             self.end_fault(f)
             if stop.is_set():
                 return
+
+
+def moves_left(m: Any, statuses: dict[str, dict]) -> list[str]:
+    """Pure: what a ``shard add`` left half-done, from the cluster file ``m`` and every node's ``RAFTKV.STATUS``
+    (name -> status): the file still placing a shard that is not on the ring, a replica with a move under way,
+    or one serving under a ring older than the file's (a shard that took part in a move and missed its end).
+    Empty: no move is left."""
+    left = [f"the cluster file still adds shard {m.adding}"] if m.adding is not None else []
+    for name, st in sorted(statuses.items()):
+        for shard, sh in sorted((st.get("shards") or {}).items(), key=lambda kv: int(kv[0])):
+            if sh.get("move") is not None:
+                left.append(f"{name} shard {shard}: move {sh['move']}")
+            ring = sh.get("ring_shards")
+            if ring is not None and ring != m.nshards:
+                left.append(f"{name} shard {shard}: serves a ring of {ring} shards (the file: {m.nshards})")
+    return left
 
 
 def is_small_tmpfs(path: str) -> bool:
