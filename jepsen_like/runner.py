@@ -374,10 +374,11 @@ def _run_here(cfg: RunConfig, note: str) -> int:
             _write_not_recovered(cluster, run_dir / "not-recovered.json")
         final = _final_reads(workload, rec, cfg)
         if recovered["valid"]:  # every replica of a shard, at one revision, holds the same data
-            # the cluster file as it is now: the reshard nemesis adds shards (and the member nemesis moves nodes)
+            # the cluster file as it is now: the reshard nemesis adds shards (a shard still being added included)
             now_map = ShardMap.load(cluster.config)
+            shards = [*range(now_map.nshards), *([] if now_map.adding is None else [now_map.adding])]
             replicas = replicas_check.check(replicas_check.ask_node(cluster),
-                                            {s: list(now_map.placement[s]) for s in range(now_map.nshards)})
+                                            {s: list(now_map.placement[s]) for s in shards})
             if "reshard" in kinds:
                 moves = _moves_check(cluster)
     except KeyboardInterrupt:
