@@ -22,7 +22,7 @@ from . import edn, elle, sets
 from .checker import LINEARIZABLE, NOT_LINEARIZABLE, check_file
 from .history import FORMATS, HistoryError, detect_format, read_history
 from .models import KNOSSOS_MODEL_NAMES, MODEL_NAMES, knossos_model
-from .nemesis import FAULT_KINDS
+from .nemesis import FAULT_KINDS, OPTIONAL_KINDS
 from .timeline import write_timeline
 
 EXIT_CODES = {LINEARIZABLE: 0, NOT_LINEARIZABLE: 1}
@@ -140,7 +140,8 @@ def _nemesis_option(_ctx: click.Context, _param: click.Parameter, value: str) ->
 @click.option("--nemesis", default="none", show_default=True, callback=_nemesis_option,
               help="faults to inject on a schedule (all = every kind: kill, pause, partition, member, clock, slow-disk, disk, "
                    "compaction, power; "
-                   "or a comma-separated mix, e.g. kill,member)")
+                   "or a comma-separated mix, e.g. kill,member; reshard (one 'raftkv shard add' per window) and "
+                   "clock-forward are never part of all)")
 @click.option("--time", "time_s", type=float, default=60.0, show_default=True, help="seconds of load")
 @click.option("--clients", type=click.IntRange(1, 200), default=10, show_default=True)
 @click.option("--rate", type=float, default=100.0, show_default=True,
@@ -236,8 +237,8 @@ def _list_option(choices: tuple[str, ...]) -> object:
 @click.option("--workloads", default="register,counter,bank,txn,lock,append,set", show_default=True,
               callback=_list_option(("register", "counter", "bank", "txn", "lock", "append", "set")))
 @click.option("--nemeses", default=",".join((*FAULT_KINDS, "all")), show_default=True,
-              callback=_list_option(("none", *FAULT_KINDS, "all")),
-              help="each run uses one of these --nemesis values")
+              callback=_list_option(("none", *FAULT_KINDS, *OPTIONAL_KINDS, "all")),
+              help="each run uses one of these --nemesis values (reshard too, when named)")
 @click.option("--store", type=click.Path(file_okay=False), default="store", show_default=True,
               help="the soak goes to STORE/soak-<timestamp>/ (each run's directory, runs.log, soak.json, summary.md)")
 @click.option("--seed", type=int, default=None, help="seed of the rotation and the runs' seeds (default: random)")

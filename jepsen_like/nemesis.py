@@ -96,6 +96,18 @@ many writes (and KiB) were undone per node, which shows the fault was real;
 with ``--unsafe-no-sync`` (nodes that never fsync) it undoes acknowledged
 writes, and the checks must catch it. The window's end restarts the nodes.
 
+``reshard`` (not in ``all``): one ``raftkv shard add`` per window, against the live cluster and with
+its own code (:class:`raftkv.resharder.Resharder` behind a :class:`raftkv.membership.Operator`, what the
+CLI runs), so successive windows grow the cluster 3 -> 4 -> 5 ... shards, up to ``RESHARD_MAX_SHARDS``.
+Half the windows run the add in the nemesis's thread to its end; the other half run the CLI itself
+(``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after a line of progress drawn from
+``RESHARD_CUT_POINTS`` (placed, frozen, a source copied, the new shard open, the new map out), so it stops
+between steps: moving keys stay refused (``-MOVING`` / ``-WRONGSHARD``, both "not applied") until the next
+window's run, which finishes that add first (``Resharder`` resumes from where the shards stand), or the
+heal, which finishes any add left before the final reads.  No add is ever left half-done at the end of a
+run.  After each add the harness's ``LocalCluster`` adopts the new cluster file (its shard count), so the
+nemeses' leader picks, the recovery wait and the replicas check cover the new shards.
+
 ``clock-forward`` (not in ``all``): steps of +/- ``CLOCK_SKEW_S`` seconds, set
 back to 0 at the window's end, so every fault includes a *forward* step: the
 node's log time jumps ahead, which the design excludes (logclock's
@@ -112,21 +124,27 @@ import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jepsen_like import power
 
-__all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "PARTITION_SHAPES", "make_schedule", "parse_nemesis",
+__all__ = ["Fault", "Nemesis", "NEMESES", "FAULT_KINDS", "OPTIONAL_KINDS", "PARTITION_SHAPES", "make_schedule",
+           "moves_left", "parse_nemesis",
            "partition_edges"]
 
 FAULT_KINDS = ("kill", "pause", "partition", "member", "clock", "slow-disk", "disk", "compaction", "power")
 EXTRA_KINDS = ("clock-forward",)
 """Fault kinds outside the design's fault model: named explicitly, never part of ``all``."""
-NEMESES = ("none", *FAULT_KINDS, *EXTRA_KINDS, "all")
+OPTIONAL_KINDS = ("reshard",)
+"""Fault kinds inside the fault model that are not (yet) part of ``all``: named explicitly."""
+NEMESES = ("none", *FAULT_KINDS, *OPTIONAL_KINDS, *EXTRA_KINDS, "all")
 PARTITION_SHAPES = ("halves", "isolate-leader", "majority-ring")
 CLOCK_SKEW_S = (1.0, 120.0)
 """Size range of a clock step (seconds)."""
@@ -157,6 +175,18 @@ COMPACTION_WAIT_S = 5.0
 """The longest the ``compaction`` nemesis waits for those commits, for forced checkpoints to begin or commit."""
 COMPACTION_INSTALL_WAIT_S = 10.0
 """The longest it waits for the restarted node to receive its first snapshot chunk (start-up included)."""
+RESHARD_MAX_SHARDS = 8
+"""The ``reshard`` nemesis adds shards up to this many; windows past it only finish an add left half-done."""
+RESHARD_STEP_TIMEOUT_S = 30.0
+"""``shard add --timeout``: the longest one step of an add waits (a leader, transactions holding moving keys)."""
+RESHARD_CUT_POINTS = {"placed": "group placed on", "frozen": "frozen: ", "copying": " keys copied, ",
+                      "open": " open; every source handed off", "new map": " is on the ring ("}
+"""Where a cut ``shard add`` is killed (one drawn uniformly): right after the first line of its progress that
+holds the text: the new group placed (not on the ring), the sources frozen (writes of moving keys refused),
+the first source copied, the new shard open with every source handed off (moved keys refused by the sources,
+the map not out yet), the new map out (the sources' cleanup not done)."""
+RESHARD_CLI_WAIT_S = 60.0
+"""The longest the nemesis waits for a cut ``shard add`` process to reach its line (it is killed then)."""
 
 
 def parse_nemesis(spec: str) -> list[str]:
@@ -166,10 +196,10 @@ def parse_nemesis(spec: str) -> list[str]:
     if spec == "all":
         return list(FAULT_KINDS)
     kinds = [k.strip() for k in spec.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in FAULT_KINDS + EXTRA_KINDS]
+    bad = [k for k in kinds if k not in FAULT_KINDS + OPTIONAL_KINDS + EXTRA_KINDS]
     if bad or not kinds:
         raise ValueError(f"unknown nemesis {', '.join(bad) or spec!r}: use none, all, or a comma-separated mix of "
-                         f"{', '.join(FAULT_KINDS + EXTRA_KINDS)}")
+                         f"{', '.join(FAULT_KINDS + OPTIONAL_KINDS + EXTRA_KINDS)}")
     return list(dict.fromkeys(kinds))
 
 
@@ -392,6 +422,8 @@ class Nemesis:
                 f.detail += " (" + "; ".join(cuts) + ")"
             elif kind == "compaction":
                 f = self._compaction_fault()
+            elif kind == "reshard":
+                f = self._reshard_fault()
             else:
                 raise ValueError(f"unknown fault kind {kind!r}")
             self.faults.append(f)
@@ -481,6 +513,10 @@ class Nemesis:
                 if self.cluster.pid(n) is None:
                     self.cluster.start_node(n)
                     done.append(f"restarted {n}")
+            if any(f.kind == "reshard" for f in self.faults):
+                done.append(self._finish_reshard())
+                if "failed" in done[-1]:  # e.g. a node still starting: once more
+                    done.append(self._finish_reshard())
             now = self.clock()
             for f in self.faults:
                 if f.end is None:
@@ -735,6 +771,124 @@ class Nemesis:
         # else the removal stopped half-way (the file is written last): adding is idempotent, finish it
         op.add(f"{info.host}:{info.client_port}", name=node, raft_port=info.raft_port, start=True)
 
+    # -- reshard: raftkv shard add under load ---------------------------------------------
+    def _resharder(self, op: Any) -> Any:
+        from raftkv.resharder import Resharder
+
+        return Resharder(op, step_timeout=RESHARD_STEP_TIMEOUT_S,
+                         say=lambda m: self.log(f"nemesis: reshard: {m}"))
+
+    def _adopt_map(self) -> Any:
+        """The cluster file as ``shard add`` left it, adopted by the harness's cluster (its shard count: leader
+        picks, the recovery wait and the replicas check then cover the new shards); returns it."""
+        from shards.shardmap import ShardMap
+
+        m = ShardMap.load(self.cluster.config)
+        self.cluster.map = m
+        return m
+
+    def _reshard_fault(self) -> Fault:
+        """One ``shard add`` per window: an add an earlier window left half-done is finished first (that is the
+        window's add); else shard N is added, half the time in this thread to its end, half the time by the
+        CLI killed after a few lines of progress (left for the next window or the heal).  Past
+        ``RESHARD_MAX_SHARDS`` shards a window adds nothing."""
+        f = Fault("reshard", "shard add", [], self.clock())
+        op = self._operator()
+        m = op.map
+        resharder = self._resharder(op)
+        try:
+            pending = m.adding is not None or resharder._unfinished_cleanup() is not None
+            if not pending and m.nshards >= RESHARD_MAX_SHARDS:
+                f.detail = f"no shard add: the cluster has {m.nshards} shards (the nemesis's cap)"
+            elif not pending and self.rng.random() < 0.5:
+                self._cut_shard_add(f, m.nshards)
+            else:
+                self._shard_add(f, resharder, m.nshards, pending)
+        except Exception as e:  # noqa: BLE001 - a failed add is recorded; the next window or the heal re-runs it
+            f.error = f"{type(e).__name__}: {e}"
+            f.detail += " failed (the next reshard window or the heal runs it again)"
+        finally:
+            resharder.close()
+            after = self._adopt_map()
+            f.nodes = sorted(after.placement.get(after.adding if after.adding is not None else after.nshards - 1,
+                                                 ()))
+        return f
+
+    def _shard_add(self, f: Fault, resharder: Any, nshards: int, pending: bool) -> None:
+        """Run ``shard add`` in this thread to its end; the detail says what it moved."""
+        f.detail = (f"shard add: finished the add an earlier window left ({nshards} shards on the ring)" if pending
+                    else f"shard add: {nshards} -> {nshards + 1} shards")
+        res = resharder.run()
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items())
+        if res.total:
+            f.detail += (f": shard {res.shard} (epoch {res.epoch}) got {res.moved} of {res.total} keys "
+                         f"({res.fraction:.1%}; an even share 1/{res.shard + 1} = {1 / (res.shard + 1):.1%}), "
+                         f"{res.purged} deleted from the sources; {steps}")
+        else:
+            f.detail += (f": shard {res.shard} (epoch {res.epoch}) on the ring, {res.purged} moved keys deleted "
+                         f"from the sources; {steps}")
+
+    def _cut_shard_add(self, f: Fault, nshards: int) -> None:
+        """Run the CLI (``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after its line of
+        progress that marks a point drawn from ``RESHARD_CUT_POINTS``; the detail quotes that line."""
+        point = self.rng.choice(sorted(RESHARD_CUT_POINTS))
+        needle = RESHARD_CUT_POINTS[point]
+        f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI, cut when {point}"
+        auth = []
+        if self.client_kw.get("password"):
+            auth = ["--password", str(self.client_kw["password"])]
+        cmd = [sys.executable, "-m", "raftkv", *auth, "shard", "add", "--chunk", "1",
+               "--timeout", f"{RESHARD_STEP_TIMEOUT_S:g}", "--cluster", str(self.cluster.config)]
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                text=True, env=env, start_new_session=True)
+        timer = threading.Timer(RESHARD_CLI_WAIT_S, proc.kill)  # a hung add must not hang the nemesis
+        timer.start()
+        lines: list[str] = []
+        cut = False
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                self.log(f"nemesis: reshard (cli): {lines[-1]}")
+                if needle in line:
+                    proc.kill()  # SIGKILL: no cleanup of its own, as when the operator's machine dies
+                    cut = True
+                    break
+            rc = proc.wait(10)
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        last = lines[-1] if lines else ""
+        if cut and rc == -signal.SIGKILL:
+            f.detail += f": kill -9 after {last!r} (left for the next window or the heal)"
+        elif rc == 0:
+            f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI (ended before the cut): {last!r}"
+        else:
+            raise RuntimeError(f"raftkv shard add exited {rc} after {len(lines)} lines: {lines[-3:]}")
+
+    def _finish_reshard(self) -> str:
+        """The heal: finish an add a window left half-done (none is started); what was done."""
+        try:
+            op = self._operator()
+            resharder = self._resharder(op)
+            try:
+                if op.map.adding is None and resharder._unfinished_cleanup() is None:
+                    return f"no shard add left half-done ({op.map.nshards} shards)"
+                res = resharder.run()
+            finally:
+                resharder.close()
+                self._adopt_map()
+            return f"finished the add of shard {res.shard} (epoch {res.epoch}, {res.purged} moved keys deleted)"
+        except Exception as e:  # noqa: BLE001 - reported; the recovery wait and the checks will show what is left
+            return f"finishing the shard add failed: {type(e).__name__}: {e}"
+
     # -- the schedule ------------------------------------------------------------------
     def run(self, schedule: list[tuple[float, str, float]], stop: threading.Event) -> None:
         """Execute ``schedule`` (offsets on ``clock``) until done or ``stop`` is set."""
@@ -752,6 +906,22 @@ class Nemesis:
             self.end_fault(f)
             if stop.is_set():
                 return
+
+
+def moves_left(m: Any, statuses: dict[str, dict]) -> list[str]:
+    """Pure: what a ``shard add`` left half-done, from the cluster file ``m`` and every node's ``RAFTKV.STATUS``
+    (name -> status): the file still placing a shard that is not on the ring, a replica with a move under way,
+    or one serving under a ring older than the file's (a shard that took part in a move and missed its end).
+    Empty: no move is left."""
+    left = [f"the cluster file still adds shard {m.adding}"] if m.adding is not None else []
+    for name, st in sorted(statuses.items()):
+        for shard, sh in sorted((st.get("shards") or {}).items(), key=lambda kv: int(kv[0])):
+            if sh.get("move") is not None:
+                left.append(f"{name} shard {shard}: move {sh['move']}")
+            ring = sh.get("ring_shards")
+            if ring is not None and ring != m.nshards:
+                left.append(f"{name} shard {shard}: serves a ring of {ring} shards (the file: {m.nshards})")
+    return left
 
 
 def is_small_tmpfs(path: str) -> bool:

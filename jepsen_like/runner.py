@@ -54,7 +54,7 @@ from typing import Any
 from jepsen_like import elections, netns, power
 from jepsen_like import replicas as replicas_check
 from jepsen_like.history import Event, ops_from_events
-from jepsen_like.nemesis import Nemesis, make_schedule, parse_nemesis
+from jepsen_like.nemesis import Nemesis, make_schedule, moves_left, parse_nemesis
 from jepsen_like.report import availability_windows, check_to_dict, op_counts, verdict_of, write_report
 from jepsen_like.workloads import (
     CLIENT_AUTH,
@@ -333,6 +333,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
     final: dict[str, Any] = {"valid": False, "verdict": "not reached", "summary": "not reached"}
     replicas: dict[str, Any] = {"valid": False, "verdict": "not reached", "summary": "not reached (the cluster "
                                                                                      "did not recover)"}
+    moves: dict[str, Any] = {"valid": False, "verdict": "not reached", "summary": "not reached (the cluster did "
+                                                                               "not recover)"}
     schedule: list = []
     t_load_end = 0.0
     try:
@@ -372,9 +374,13 @@ def _run_here(cfg: RunConfig, note: str) -> int:
             _write_not_recovered(cluster, run_dir / "not-recovered.json")
         final = _final_reads(workload, rec, cfg)
         if recovered["valid"]:  # every replica of a shard, at one revision, holds the same data
-            placement = ShardMap.load(cluster.config).placement
+            # the cluster file as it is now: the reshard nemesis adds shards (a shard still being added included)
+            now_map = ShardMap.load(cluster.config)
+            shards = [*range(now_map.nshards), *([] if now_map.adding is None else [now_map.adding])]
             replicas = replicas_check.check(replicas_check.ask_node(cluster),
-                                            {s: list(placement[s]) for s in range(shardmap.nshards)})
+                                            {s: list(now_map.placement[s]) for s in shards})
+            if "reshard" in kinds:
+                moves = _moves_check(cluster)
     except KeyboardInterrupt:
         harness_error = "interrupted"
         stop.set()
@@ -404,6 +410,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         checks["recovered"] = recovered
         checks["final-reads"] = final
         checks["replicas"] = replicas
+        if "reshard" in kinds:  # the heal finished every shard add: no move is left half-done anywhere
+            checks["shard-moves"] = moves
         checks["elections"] = elections.judge(
             e for n in shardmap.nodes for e in elections.leaders_in(n, _log_lines(cluster.log_file(n))))
     else:
@@ -453,6 +461,33 @@ def _export_edn(ops: list, cfg: RunConfig) -> list[str]:
         return []
     _say(f"raftkv-jepsen: wrote {len(files)} Knossos EDN histor{'y' if len(files) == 1 else 'ies'} to {cfg.edn_out}")
     return [str(f) for f in files]
+
+
+def _moves_check(cluster: Any, timeout: float = 20.0) -> dict[str, Any]:
+    """The ``shard-moves`` check (reshard runs): no ``shard add`` left half-done, in the cluster file or on any
+    replica (``nemesis.moves_left``); asked again until it holds or ``timeout`` s passed (a follower may still
+    be applying the end of a move)."""
+    from shards.shardmap import ShardMap
+
+    deadline = time.monotonic() + timeout
+    while True:
+        m = ShardMap.load(cluster.config)
+        statuses = {}
+        for name in m.nodes:
+            try:
+                statuses[name] = json.loads(cluster.call(name, "RAFTKV.STATUS", timeout=5.0))
+            except Exception:  # noqa: BLE001 - a silent node is reported below if it stays silent
+                pass
+        left = moves_left(m, statuses)
+        missing = sorted(set(m.nodes) - set(statuses))
+        if not left and not missing:
+            return {"valid": True, "verdict": "ok",
+                    "summary": f"{m.nshards} shards on the ring (epoch {m.epoch}); no move left on any replica"}
+        if time.monotonic() > deadline:
+            if left:
+                return {"valid": False, "verdict": "moves left", "summary": "; ".join(left)}
+            return {"valid": None, "verdict": "unknown", "summary": f"no status from {', '.join(missing)}"}
+        time.sleep(0.3)
 
 
 def _write_not_recovered(cluster: Any, path: Path) -> None:

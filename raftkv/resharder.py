@@ -162,8 +162,8 @@ class Resharder:
             dest = m.adding
             self.say(f"resuming the add of shard {dest} (epoch {m.epoch}: its group is placed, not on the ring)")
             self.op.push_map(verbose=False)
-        epoch = m.epoch + 1  # the map whose ring includes the new shard; every mv_* command is keyed by it
         self._wait_leader(dest)
+        epoch = self._move_epoch(m, dest)  # every mv_* command of this add is keyed by it
         sources = list(range(m.nshards))
         # The destination refuses every key until it opens, whatever map a node has.
         opened = self._mark_incoming(epoch, dest, m.vnodes)
@@ -191,12 +191,32 @@ class Resharder:
             self.call(dest, "mv_open", epoch)
         self.say(f"shard {dest} open; every source handed off: the map of epoch {epoch} puts it on the ring")
         t = time.monotonic()
-        m = dataclasses.replace(self.op.map, epoch=epoch, nshards=dest + 1, adding=None)
+        # The map whose ring includes the new shard: at the move's epoch, unless another change of the cluster
+        # file (a node added or removed while the add was stopped) took the file past it: a map never goes back.
+        m = dataclasses.replace(self.op.map, epoch=max(epoch, self.op.map.epoch + 1), nshards=dest + 1,
+                                adding=None)
         self._publish(m)
         times["map"] = time.monotonic() - t
-        self.say(f"epoch {epoch}: shard {dest} is on the ring ({dest + 1} shards)")
+        self.say(f"epoch {m.epoch}: shard {dest} is on the ring ({dest + 1} shards)")
         purged = self._cleanup(epoch, times)
-        return ReshardResult(dest, epoch, moved, total, purged, times)
+        return ReshardResult(dest, m.epoch, moved, total, purged, times)
+
+    def _move_epoch(self, m: Any, dest: int) -> int:
+        """The epoch keying the add of ``dest`` that map ``m`` places: the one the shards already took part
+        under (an earlier run stopped after marking the new shard or freezing a source), else ``m.epoch + 1``
+        (nothing started yet: the map that puts the new shard on the ring). Not simply ``m.epoch + 1``: another
+        change of the cluster file since that run (a node added or removed) raised the file's epoch, and a move
+        keyed by a new epoch would re-mark an open new shard incoming and be refused by the frozen sources."""
+        st = self.status(dest)
+        if st["owner"] is not None:
+            return st["owner"][3]
+        if st["move"] is not None:
+            return st["move"].epoch
+        for s in range(m.nshards):
+            move = self.status(s)["move"]
+            if move is not None and move.dest == dest:
+                return move.epoch
+        return m.epoch + 1
 
     def _mark_incoming(self, epoch: int, dest: int, vnodes: int) -> bool:
         """Make the new shard refuse every key until it opens; True if it is open already (a re-run)."""

@@ -348,3 +348,53 @@ def test_shard_add_survives_a_source_leader_killed_mid_move(tmp_path: Path) -> N
     finally:
         LocalCluster(lc.dir).stop()
         lc.stop()
+
+
+def test_a_half_done_add_is_finished_after_another_change_of_the_cluster_file(tmp_path: Path) -> None:
+    """``shard add`` stops once the new shard is open and every source has handed off (the map that puts the
+    shard on the ring not written yet), as a crash of the command there would; then the cluster file changes
+    for another reason (``node add --empty``: a node in no shard group, epoch + 1; the fault harness found it
+    with ``node remove`` / ``node add``, epoch + 2). Running ``shard add`` again must finish the add: the moved
+    keys readable again (they are refused until then), the file with 3 shards and no add under way, every
+    replica done with the move."""
+    import socket
+
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    try:
+        keys = _load(lc)
+
+        class Crash(Exception):
+            pass
+
+        def say(msg: str) -> None:
+            print(msg)
+            if " open; every source handed off" in msg:
+                raise Crash(msg)
+
+        with pytest.raises(Crash):
+            Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=say).run()
+        with socket.socket() as s:  # a port for the new node's address (it is never started)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        Operator(lc.config, timeout=30.0, say=print).add(f"127.0.0.1:{port}", name="n4", start=False, join=False)
+        Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=20.0, say=print).run()
+        m = ShardMap.load(lc.config)
+        assert (m.nshards, m.adding) == (3, None) and m.epoch > 3  # never back below the file's epoch
+        with Client(cluster=lc.config, timeout=15.0) as c:
+            assert c.mget(keys) == [f"{k}:0".encode() for k in keys]
+        import json
+
+        def replicas() -> dict[str, set]:  # (n4 never ran) each node's replicas: (move, ring shards)
+            return {name: {(sh["move"], sh["ring_shards"]) for sh in json.loads(call(
+                m.nodes[name].client_addr, "RAFTKV.STATUS", timeout=5.0))["shards"].values()}
+                for name in ("n1", "n2", "n3")}
+
+        deadline = time.monotonic() + 20  # a follower may still be applying the end of the move
+        while (seen := replicas()) != {"n1": {(None, 3)}, "n2": {(None, 3)}, "n3": {(None, 3)}}:
+            assert time.monotonic() < deadline, f"a move is left on some replica: {seen}"
+            time.sleep(0.2)
+    except BaseException:
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        lc.stop()
