@@ -236,9 +236,9 @@ def _list_option(choices: tuple[str, ...]) -> object:
 @click.option("--run-time", type=click.FloatRange(3), default=20.0, show_default=True, help="seconds of load per run")
 @click.option("--workloads", default="register,counter,bank,txn,lock,append,set", show_default=True,
               callback=_list_option(("register", "counter", "bank", "txn", "lock", "append", "set")))
-@click.option("--nemeses", default=",".join((*FAULT_KINDS, "all")), show_default=True,
+@click.option("--nemeses", default=",".join((*FAULT_KINDS, *OPTIONAL_KINDS, "all")), show_default=True,
               callback=_list_option(("none", *FAULT_KINDS, *OPTIONAL_KINDS, "all")),
-              help="each run uses one of these --nemesis values (reshard too, when named)")
+              help="each run uses one of these --nemesis values")
 @click.option("--store", type=click.Path(file_okay=False), default="store", show_default=True,
               help="the soak goes to STORE/soak-<timestamp>/ (each run's directory, runs.log, soak.json, summary.md)")
 @click.option("--seed", type=int, default=None, help="seed of the rotation and the runs' seeds (default: random)")

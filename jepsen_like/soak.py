@@ -33,12 +33,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .nemesis import FAULT_KINDS
+from .nemesis import FAULT_KINDS, OPTIONAL_KINDS
 
 __all__ = ["WORKLOADS", "DEFAULT_NEMESES", "rotation", "run_record", "summarize", "render", "soak"]
 
 WORKLOADS = ("register", "counter", "bank", "txn", "lock", "append", "set")
-DEFAULT_NEMESES = (*FAULT_KINDS, "all")
+DEFAULT_NEMESES = (*FAULT_KINDS, *OPTIONAL_KINDS, "all")  # reshard rotates in, though not part of ``all``
 RUN_OVERHEAD_S = 15.0
 """Seconds a run takes beyond its load (cluster start, recovery, checks), for planning the last run."""
 
