@@ -33,16 +33,35 @@ class ClusterError(RuntimeError):
 
 
 def free_base_port(n_nodes: int = 3, n_shards: int = 3, host: str = "127.0.0.1") -> int:
-    """A base port whose client, metrics and raft ports (see ``local_cluster``) are all free now."""
+    """A base port whose client, metrics and raft ports (see ``local_cluster``) are all free now.
+
+    Chosen below the kernel's ephemeral port range when there is room: a port in that range that is free now
+    can be taken a moment later as the local port of any outgoing connection, and the node's bind then fails
+    (seen in the test suite beside other clusters' traffic)."""
     import random
 
+    span = 1000 + (n_nodes - 1) * 100 + n_shards
+    lo, hi = 20000, 50000
+    ephemeral_lo = _ephemeral_range()[0]
+    if ephemeral_lo - span > 10000 + 2000:
+        lo, hi = 10000, ephemeral_lo - span
     for _ in range(200):
-        base = random.randrange(20000, 50000)
+        base = random.randrange(lo, hi)
         ports = [base + i for i in range(n_nodes)] + [base + 500 + i for i in range(n_nodes)]
         ports += [base + 1000 + i * 100 + s for i in range(n_nodes) for s in range(n_shards)]
         if all(_port_free(host, p) for p in ports):
             return base
     raise ClusterError("no free port range found")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux; IANA's 49152-65535 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -308,3 +308,14 @@ def test_put_writer_check_catches_a_failed_write_that_was_applied(cluster: Local
     assert broken.failed == ["pw-broken-2"]
     with pytest.raises(AssertionError, match="1 writes reported failed were applied"):
         broken.check(cluster.config)
+
+
+def test_free_base_port_stays_below_the_ephemeral_range() -> None:
+    """A node's port inside the kernel's ephemeral range can be taken by any outgoing connection between the
+    check and the node's bind (a test cluster's node once failed to start so)."""
+    from raftkv.cluster import _ephemeral_range, free_base_port
+
+    lo = _ephemeral_range()[0]
+    for _ in range(20):
+        base = free_base_port(3, 3)
+        assert base + 1000 + 2 * 100 + 3 < lo or lo < 13_000
