@@ -15,6 +15,7 @@ pass). Equal revisions with different digests fail the check, naming the shard a
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,8 +47,12 @@ def judge(answers: dict[int, dict[str, Answer]]) -> dict[str, Any] | None:
 
 
 def check(ask: Callable[[str, int], Answer], placement: dict[int, list[str]], timeout: float = 20.0,
-          sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
-    """Ask every replica (``ask(node, shard)``) in rounds until :func:`judge` settles or ``timeout`` passes."""
+          sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+          describe: Callable[[str, int], str] | None = None) -> dict[str, Any]:
+    """Ask every replica (``ask(node, shard)``) in rounds until :func:`judge` settles or ``timeout`` passes.
+
+    When it does not settle, ``describe(node, shard)`` (e.g. the replica's Raft status) is added for every
+    replica of the unsettled shards: what a reader needs to tell a stuck follower from a slow one."""
     start = clock()
     deadline = start + timeout
     rounds = 0
@@ -61,8 +66,11 @@ def check(ask: Callable[[str, int], Answer], placement: dict[int, list[str]], ti
         if clock() > deadline:
             unsettled = {s: {n: (a if isinstance(a, str) else f"revision {a[0]}") for n, a in b.items()}
                          for s, b in answers.items() if judge({s: b}) is None}
-            return {"valid": None, "verdict": "unknown",
-                    "summary": f"replicas did not settle on one revision per shard in {timeout:g} s: {unsettled}"}
+            summary = f"replicas did not settle on one revision per shard in {timeout:g} s: {unsettled}"
+            if describe is not None:
+                summary += "; " + "; ".join(f"shard {s} {n}: {describe(n, s)}" for s in sorted(unsettled)
+                                            for n in sorted(unsettled[s]))
+            return {"valid": None, "verdict": "unknown", "summary": summary}
         sleep(0.3)
 
 
@@ -80,3 +88,18 @@ def ask_node(cluster: Any) -> Callable[[str, int], Answer]:
         return f"unexpected reply {reply!r}"
 
     return ask
+
+
+def describe_node(cluster: Any) -> Callable[[str, int], str]:
+    """``describe`` for :func:`check`: a replica's Raft status (role, term, leader, commit, applied, log)."""
+
+    def describe(node: str, shard: int) -> str:
+        try:
+            status = json.loads(cluster.call(node, "RAFTKV.STATUS", timeout=5.0))
+            st = status["shards"][str(shard)]
+        except Exception as e:  # noqa: BLE001 - described as it failed
+            return f"status unavailable ({type(e).__name__}: {e})"
+        keys = ("role", "term", "leader", "commit_idx", "last_applied", "log_len")
+        return " ".join(f"{k}={st.get(k)}" for k in keys)
+
+    return describe

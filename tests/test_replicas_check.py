@@ -49,6 +49,10 @@ def test_replicas_that_never_settle_are_unknown_never_a_pass() -> None:
     res = check(lambda n, s: (4, A) if n == "n1" else (3, B), {0: ["n1", "n2"]}, timeout=2,
                 sleep=lambda d: t.__setitem__(0, t[0] + d), clock=lambda: t[0])
     assert res["valid"] is None and res["verdict"] == "unknown" and "revision 3" in res["summary"]
+    described = check(lambda n, s: (4, A) if n == "n1" else (3, B), {0: ["n1", "n2"]}, timeout=2,
+                      sleep=lambda d: t.__setitem__(0, t[0] + d), clock=lambda: t[0],
+                      describe=lambda n, s: f"{n}-status")
+    assert "shard 0 n1: n1-status; shard 0 n2: n2-status" in described["summary"]  # who is stuck, and how
 
 
 entries = st.dictionaries(st.binary(max_size=6), st.tuples(st.binary(max_size=6), st.integers(0, 50)), max_size=12)
