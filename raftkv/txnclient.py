@@ -5,10 +5,12 @@
 
 Every commit carries a client-chosen transaction id (``RAFTKV.TXN ID ...``): a
 resend after an unknown outcome finds the first attempt's record instead of
-running the transaction twice.  ``commit(retries=n)`` retries a transaction
-that was definitely aborted (``TXNCONFLICT``: a no-wait conflict;
-``TRYAGAIN``: a participant did not vote in time) with a fresh id and
-exponential backoff with jitter.
+running the transaction twice.  A transaction that was definitely not applied
+is retried with a fresh id and exponential backoff with jitter: after
+``TRYAGAIN`` (a leader change, or an abort that spent its id: a participant did
+not vote in time) and ``MOVING`` (a key is being moved to a new shard) until
+the client's timeout; after ``TXNCONFLICT`` (a no-wait conflict) up to
+``commit(retries=n)`` times.
 """
 
 from __future__ import annotations
