@@ -202,7 +202,7 @@ def leaders_balance(timeout: float, cluster_file: str | None) -> None:
 
 # -- scale-out: replica rebalancing (raftkv.rebalance) and plans (shards.plan) -----------------------
 
-_NOT_BUILT = "nothing was changed ('raftkv shard add' adds one shard online; removing one is not built)"
+_NOT_BUILT = "nothing was changed ('raftkv shard add' adds one shard online, 'raftkv shard remove' removes the last)"
 
 
 @click.command("rebalance")
@@ -230,6 +230,9 @@ def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None
     op = _operator(path, timeout)
     if op.map.adding is not None:
         _die(f"{path}: shard {op.map.adding} is being added; finish that first ('raftkv shard add')")
+    if op.map.removing is not None:
+        _die(f"{path}: shard {op.map.removing} is being removed; finish that first "
+             f"('raftkv shard remove {op.map.removing}')")
     rb = Rebalancer(op, step_timeout=timeout, say=lambda msg: click.echo(msg))
     if not dry_run:
         rb.reconcile()
@@ -251,7 +254,7 @@ def rebalance_cmd(dry_run: bool, drain: tuple[str, ...], replication: int | None
 
 @click.group("shard")
 def shard_group() -> None:
-    """Shards of the ring: add one online (its keys move to it), or plan an add/remove."""
+    """Shards of the ring: add one or remove the last, online (the keys move), or plan an add/remove."""
 
 
 @shard_group.command("add")
@@ -281,6 +284,36 @@ def shard_add(timeout: float, chunk: int, cluster_file: str | None) -> None:
     else:
         click.echo(f"shard {result.shard} added (epoch {result.epoch}); {result.purged} moved keys deleted from "
                    f"the sources; {steps}")
+
+
+@shard_group.command("remove")
+@click.argument("shard_id", metavar="[ID]", type=int, required=False)
+@click.option("--timeout", default=120.0, show_default=True,
+              help="seconds a step may wait (a leader, transactions holding moving keys)")
+@click.option("--chunk", default=1000, show_default=True, help="keys copied per Raft entry")
+@cluster_option
+@_membership_errors
+def shard_remove(shard_id: int | None, timeout: float, chunk: int, cluster_file: str | None) -> None:
+    """Remove the last shard (ID: it, default the last) online, moving its keys to the others.
+
+    Only the last shard can go: shard ids stay 0..N-2. Every key of it moves to the shard the ring
+    without it gives it; no other key changes shard. The cluster serves throughout: writes of its
+    keys wait (-MOVING) while they are copied. Safe to run again after a failure, with the same ID:
+    it finishes the removal that stopped, or says it is done (docs/scale-out.md).
+    """
+    from raftkv.resharder import Resharder
+
+    path = cluster_path(cluster_file)
+    op = _operator(path, timeout)
+    n = op.map.nshards
+    result = Resharder(op, step_timeout=timeout, chunk=chunk, say=lambda msg: click.echo(msg)).remove(shard_id)
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    if result.total:
+        click.echo(f"moved {result.moved} of {result.total} keys off shard {result.shard} "
+                   f"({result.moved / max(1, result.total):.0%} of its keys; it held about 1/{n} of the ring); "
+                   f"{steps} (epoch {result.epoch})")
+    else:
+        click.echo(f"shard {result.shard} removed (epoch {result.epoch}); {steps}")
 
 
 @shard_group.command("plan")

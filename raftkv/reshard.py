@@ -1,23 +1,34 @@
-"""Moving keys to a new shard (``raftkv shard add``): which keys move, and what a shard refuses when.
+"""Moving keys between shards when one is added or removed (``raftkv shard add|remove``): which keys
+move, and what a shard refuses when.
 
 Theory of operation
 -------------------
 Adding shard ``N`` to a ring of shards ``0..N-1`` moves to it exactly the keys
 the new ring (``0..N``, same vnodes) gives it; no other key changes shard
-(``shards.ring``: adding a shard only inserts ring points).  Every shard's part
-runs through its own Raft log, as replicated state of its ``KVState``:
+(``shards.ring``: adding a shard only inserts ring points).  Removing the last
+shard ``S = N-1`` is the mirror image: every key of ``S`` moves to the shard
+the ring ``0..N-2`` gives it, and no other key changes shard (removing a shard
+only deletes its ring points).  A move is one ring change seen from one shard:
+a *source* gives keys away (every source of an add; the removed shard of a
+removal), a *destination* receives them (the new shard of an add; every
+remaining shard of a removal).  Every shard's part runs through its own Raft
+log, as replicated state of its ``KVState``:
 
 * ``owner`` (``Owner``): the ring this shard serves under since its last move.
   A key the ring does not give this shard is refused with ``-WRONGSHARD``: a
   client or node with an old map can never read or write it here again.
   ``None`` on a shard that never took part in a move (nothing is checked).
 * ``move`` (``Move``): the move under way, keyed by the map ``epoch`` whose
-  ring includes the new shard.  A source shard goes ``frozen`` -> ``handoff``
-  -> (done: ``owner`` becomes the new ring, ``move`` None); the new shard is
-  ``incoming`` until it opens (``owner`` = the new ring, ``move`` None).
+  ring is the new one.  A source shard goes ``frozen`` -> ``handoff``
+  -> (done: ``owner`` becomes the new ring, ``move`` None; a removed shard's
+  group is deleted instead); a destination is ``incoming`` until it opens
+  (``owner`` = the new ring, ``move`` None).
 
-What each phase refuses (``refusal``; ``moving(key)``: the new ring gives the
-key to the new shard):
+What each phase refuses (``refusal``).  On a source, ``moving(key)``: the new
+ring takes the key away from it (an add: gives it to the new shard; a removal:
+every key of the removed shard).  On a destination, ``arriving(key)``: the key
+is one it receives (an add: every key, the new shard has none of its own; a
+removal: the keys the removed shard held; its own keys stay served):
 
 =============  ========================================  =====================
 phase          reads of a moving key                     writes of a moving key
@@ -25,12 +36,19 @@ phase          reads of a moving key                     writes of a moving key
 (none)         served                                    served
 ``frozen``     served (the value no longer changes)      ``-MOVING`` (retry)
 ``handoff``    ``-WRONGSHARD epoch shard``               ``-WRONGSHARD ...``
-``incoming``   ``-MOVING`` (every key: not open yet)     ``-MOVING``
+``incoming``   ``-MOVING`` (arriving keys: not open yet)  ``-MOVING``
 =============  ========================================  =====================
 
 A 2PC PREPARE of a new transaction touching a refused key votes NO (a
 retryable conflict), and is remembered as aborted, as under a backup fence.
 The state-machine commands (handlers below, replicated, idempotent by epoch):
+
+A removal's commands carry one more element, ``removing`` (True): ``mv_freeze``
+``(..., vnodes, True)`` with ``shard == dest`` (the removed shard freezes
+itself), ``mv_install`` ``(..., sessions, removed)`` where ``dest`` is the
+installing shard and ``removed`` the shard going away.  Commands without it
+are an add's, as before removals existed (logs and snapshots written then
+replay and load unchanged).
 
 =================================================  ==================================================
 ``("mv_freeze", epoch, shard, dest, vnodes)``      source: start refusing writes of moving keys
@@ -54,6 +72,7 @@ twice and no read is stale.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,23 +115,49 @@ class Owner:
 
 @dataclass(frozen=True)
 class Move:
-    """A move under way on one shard: ``shard`` gives keys to ``dest`` (the ring becomes ``0..dest``)."""
+    """A move under way on shard ``shard``, keyed by ``epoch``.
+
+    ``dest`` is the shard the ring changes by: the one added (the ring goes ``0..dest-1`` -> ``0..dest``)
+    or, with ``removing``, the one removed (``0..dest`` -> ``0..dest-1``).  The phase says which side this
+    shard is on: ``frozen``/``handoff`` a source, ``incoming`` a destination.
+    """
 
     epoch: int
     shard: int
     dest: int
     vnodes: int
     phase: str
+    removing: bool = False
+
+    @property
+    def old_shards(self) -> int:
+        """Shards in the ring before the move."""
+        return self.dest + 1 if self.removing else self.dest
+
+    @property
+    def new_shards(self) -> int:
+        """Shards in the ring after the move."""
+        return self.dest if self.removing else self.dest + 1
 
     def moving(self, key: bytes) -> bool:
-        """Does the new ring give ``key`` to the new shard?"""
+        """(A source.) Does the new ring take ``key`` away from this shard?  An add: it gives it to the new
+        shard.  A removal: every key of the removed shard."""
+        if self.removing:
+            return self.shard == self.dest or ring_of(self.dest, self.vnodes).shard_for(key) != self.shard
         return ring_of(self.dest + 1, self.vnodes).shard_for(key) == self.dest
 
+    def arriving(self, key: bytes) -> bool:
+        """(A destination.) Is ``key`` one this shard receives, refused until it opens?  An add: every key
+        (the new shard has none of its own).  A removal: the keys the removed shard held."""
+        return not self.removing or ring_of(self.dest + 1, self.vnodes).shard_for(key) == self.dest
+
     def new_owner(self) -> Owner:
-        return Owner(self.shard, self.dest + 1, self.vnodes, self.epoch)
+        return Owner(self.shard, self.new_shards, self.vnodes, self.epoch)
 
     def dump(self) -> tuple:
-        return (self.epoch, self.shard, self.dest, self.vnodes, self.phase)
+        # An add's move dumps as before removals existed: snapshots and status replies keep their form.
+        base = (self.epoch, self.shard, self.dest, self.vnodes, self.phase)
+        return (*base, True) if self.removing else base
 
 
 def load(extra: dict | None) -> tuple[Owner | None, Move | None]:
@@ -121,6 +166,25 @@ def load(extra: dict | None) -> tuple[Owner | None, Move | None]:
         return None, None
     owner, move = extra.get("owner"), extra.get("move")
     return (None if owner is None else Owner(*owner)), (None if move is None else Move(*move))
+
+
+def removal_refusal(nshards: int, shard: int | None) -> str | None:
+    """Why shard ``shard`` (None: the last) cannot be removed from a ring of ``nshards`` shards; None: it can.
+
+    Only the last shard: shard ids are ``0..nshards-1`` (the ring, the map and the nodes' Raft ports number
+    shards by position), so removing another id would renumber a shard, which would mean moving every key of
+    it, and the keys of every shard whose id changes, not just the removed shard's.
+    """
+    if nshards < 2:
+        return "the cluster has one shard: its keys would have nowhere to go"
+    last = nshards - 1
+    if shard is None or shard == last:
+        return None
+    if shard < 0 or shard > last:
+        return f"there is no shard {shard} (shards 0..{last})"
+    return (f"only the last shard ({last}) can be removed: shard ids must stay 0..{last - 1} afterwards (the ring "
+            f"and every node's Raft ports number shards by position), so removing shard {shard} would renumber "
+            f"shard {last}; to shrink the cluster, remove shard {last} (its keys go to the others)")
 
 
 # -- which keys a command touches --------------------------------------------------------------
@@ -168,7 +232,7 @@ def keys_of(cmd: tuple) -> tuple[list[bytes], bool]:
 
 
 def moving_error(epoch: int) -> CmdError:
-    return CmdError("MOVING", f"the key is moving to a new shard (map epoch {epoch}); not applied, retry")
+    return CmdError("MOVING", f"the key is moving to another shard (map epoch {epoch}); not applied, retry")
 
 
 def wrong_shard(epoch: int, shard: int) -> CmdError:
@@ -183,12 +247,13 @@ def refusal(owner: Owner | None, move: Move | None, key: bytes, write: bool) -> 
     if move is None:
         return None
     if move.phase == INCOMING:
-        return moving_error(move.epoch)
+        return moving_error(move.epoch) if move.arriving(key) else None
     if not move.moving(key):
         return None
     if move.phase == FROZEN:
         return moving_error(move.epoch) if write else None
-    return wrong_shard(move.epoch, move.dest)
+    return wrong_shard(move.epoch, move.dest if not move.removing
+                       else ring_of(move.new_shards, move.vnodes).shard_for(key))
 
 
 def serves(owner: Owner | None, move: Move | None, key: bytes) -> bool:
@@ -209,7 +274,7 @@ def check(s: Any, cmd: tuple) -> CmdError | None:
 # -- the state-machine commands ----------------------------------------------------------------
 
 
-def _valid_move(epoch: Any, shard: Any, dest: Any, vnodes: Any) -> None:
+def _valid_move(epoch: Any, shard: Any, dest: Any, vnodes: Any, removing: Any = False) -> None:
     """Raise ValueError unless these make a move every later check can use (a bad marker would make
     every command of the shard fail)."""
     for name, v in (("epoch", epoch), ("shard", shard), ("dest", dest), ("vnodes", vnodes)):
@@ -217,12 +282,21 @@ def _valid_move(epoch: Any, shard: Any, dest: Any, vnodes: Any) -> None:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     if not (shard <= dest and 1 <= vnodes <= VNODES_MAX):
         raise ValueError(f"want shard <= dest and vnodes in 1..{VNODES_MAX}, got {shard}, {dest}, {vnodes}")
+    if not isinstance(removing, bool):
+        raise ValueError(f"removing must be a bool, got {removing!r}")
+    if removing and dest < 1:
+        raise ValueError("the last shard of a ring cannot be removed")
 
 
 def _freeze(s: Any, cmd: tuple, now_ms: int) -> Any:
-    _, epoch, shard, dest, vnodes = cmd
-    _valid_move(epoch, shard, dest, vnodes)
-    if shard == dest:
+    if len(cmd) not in (5, 6):
+        raise ValueError("want (mv_freeze, epoch, shard, dest, vnodes[, removing])")
+    _, epoch, shard, dest, vnodes, *rest = cmd
+    removing = rest[0] if rest else False
+    _valid_move(epoch, shard, dest, vnodes, removing)
+    if removing and shard != dest:
+        raise ValueError("a removal freezes the removed shard only")
+    if not removing and shard == dest:
         raise ValueError("a source shard is not the new shard")
     move = s.move
     if move is not None:
@@ -231,7 +305,7 @@ def _freeze(s: Any, cmd: tuple, now_ms: int) -> Any:
         return CmdError("ERR", f"mv_freeze: another move (epoch {move.epoch}, {move.phase}) is under way")
     if s.owner is not None and s.owner.epoch >= epoch:
         return "done"  # this move finished here already (a re-run after mv_done)
-    s.move = Move(epoch, shard, dest, vnodes, FROZEN)
+    s.move = Move(epoch, shard, dest, vnodes, FROZEN, removing)
     return FROZEN
 
 
@@ -241,7 +315,7 @@ def _handoff(s: Any, cmd: tuple, now_ms: int) -> Any:
         return "done" if s.owner is not None and s.owner.epoch >= cmd[1] else CmdError(
             "ERR", f"mv_handoff: no move of epoch {cmd[1]} here")
     if move.phase == FROZEN:
-        s.move = Move(move.epoch, move.shard, move.dest, move.vnodes, HANDOFF)
+        s.move = dataclasses.replace(move, phase=HANDOFF)
     return s.move.phase
 
 
@@ -252,7 +326,7 @@ def _purge(s: Any, cmd: tuple, now_ms: int) -> Any:
         return 0
     n = 0
     for key in keys:
-        # Only keys the new ring gives away: the purge never touches a key this shard keeps.
+        # Only keys the new ring takes away: the purge never touches a key this shard keeps.
         if move.moving(key) and key in s.data:
             s.drop_key(key)
             n += 1
@@ -281,13 +355,24 @@ def _abort(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def _install(s: Any, cmd: tuple, now_ms: int) -> Any:
-    _, epoch, dest, vnodes, revision, items, sessions = cmd
-    _valid_move(epoch, dest, dest, vnodes)
+    if len(cmd) not in (7, 8):
+        raise ValueError("want (mv_install, epoch, dest, vnodes, revision, items, sessions[, removed])")
+    epoch, shard, vnodes, revision, items, sessions = cmd[1:7]
+    removed = cmd[7] if len(cmd) == 8 else None
+    # An add installs into the new shard (the move's dest); a removal into a remaining shard, from ``removed``.
+    want = (Move(epoch, shard, shard, vnodes, INCOMING) if removed is None
+            else Move(epoch, shard, removed, vnodes, INCOMING, True))
+    _valid_move(epoch, want.shard, want.dest, vnodes, want.removing)
+    if want.removing and shard == removed:
+        raise ValueError("the removed shard receives no keys")
     items, sessions = tuple(items), tuple(sessions)
+    new_ring = ring_of(want.new_shards, vnodes)
     for row in items:
         if len(row) != 3 or not isinstance(row[0], bytes) or not isinstance(row[1], bytes) \
                 or not (row[2] is None or (isinstance(row[2], int) and not isinstance(row[2], bool))):
             raise ValueError("items must be (key bytes, value bytes, deadline int or None)")
+        if want.removing and not (want.arriving(row[0]) and new_ring.shard_for(row[0]) == shard):
+            raise ValueError(f"key {row[0]!r} does not move from shard {removed} to shard {shard}")
     for row in sessions:
         if len(row) != 3 or not isinstance(row[0], bytes) or isinstance(row[1], bool) or not isinstance(row[1], int):
             raise ValueError("sessions must be (client bytes, seq int, result)")
@@ -296,12 +381,12 @@ def _install(s: Any, cmd: tuple, now_ms: int) -> Any:
     move = s.move
     if move is None:
         if s.owner is not None and s.owner.epoch >= epoch:
-            return CmdError("ERR", f"mv_install: shard {dest} is open already (epoch {s.owner.epoch})")
-        if len(s.data):
-            return CmdError("ERR", f"mv_install: shard {dest} holds keys and no incoming move")
-        s.move = move = Move(epoch, dest, dest, vnodes, INCOMING)
-    elif move.epoch != epoch or move.phase != INCOMING:
-        return CmdError("ERR", f"mv_install: shard {dest} has another move ({move.epoch}, {move.phase})")
+            return CmdError("ERR", f"mv_install: shard {shard} is open already (epoch {s.owner.epoch})")
+        if not want.removing and len(s.data):
+            return CmdError("ERR", f"mv_install: shard {shard} holds keys and no incoming move")
+        s.move = move = want
+    elif move != want:
+        return CmdError("ERR", f"mv_install: shard {shard} has another move ({move.epoch}, {move.phase})")
     # Every revision here exceeds every revision the sources had: a WATCH taken there can never match.
     if revision > s.revision:
         s.revision = revision

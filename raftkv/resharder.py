@@ -1,4 +1,5 @@
-"""``raftkv shard add``: add one shard to a live cluster and move its keys to it (the edge of ``raftkv.reshard``).
+"""``raftkv shard add|remove``: add one shard to a live cluster, or remove the last one, moving the keys the ring
+change moves (the edge of ``raftkv.reshard``).
 
 Theory of operation
 -------------------
@@ -25,6 +26,26 @@ first, so a run that died anywhere is finished by running ``raftkv shard add`` a
 says ``adding`` (steps 1-5 resume), or a source still has its move in ``handoff`` (step 6 resumes).
 A move whose keys are attached to leases is abandoned before any key is copied (``mv_abort``): moving
 leases is not built.
+
+Removing the last shard ``S = N-1`` (``remove``) is the mirror image, keyed the same way by epoch ``E+2``:
+
+1. map ``E+1``: ``removing = S`` (the ring still includes ``S``), saved and pushed.
+2. every remaining shard ``d`` in ``0..S-1``: ``mv_install`` with no keys and ``removed = S`` marks it
+   ``incoming`` for the keys arriving from ``S`` (refused until it opens); its own keys stay served.
+3. ``S``: ``mv_freeze`` (every key of it is moving: writes refused), then wait until no prepared
+   transaction holds one of its keys.
+4. every ``d``: an empty ``mv_install`` carrying ``S``'s revision first (so every key installed there
+   gets a revision above any ``S`` had), then ``S``'s keys in chunks, each to the shard the ring
+   without ``S`` gives it, then ``S``'s client sessions into every ``d``.
+5. ``S``: ``mv_handoff`` (every key refused with ``-WRONGSHARD``); every ``d``: ``mv_open``; then map
+   ``E+2`` (``shards = N-1``, ``S``'s placement dropped) is saved and pushed: the nodes stop ``S``'s
+   group and reclaim its data (``Node.install_map``; a node accepts the smaller map only from one that
+   marks the removal, ``member.shrink_allowed``).
+
+A run that died anywhere is finished by running ``raftkv shard remove S`` again: while the map says
+``removing`` steps 2-5 resume where the shards stand; once the map of ``E+2`` was saved, ``remove S``
+finds ``S`` gone, pushes that map again and stops (without an id, a re-run would remove the next
+last shard). Nothing is undone: a removal only goes forward.
 """
 
 from __future__ import annotations
@@ -73,7 +94,7 @@ def place(m: Any) -> tuple[str, ...]:
 
 
 class Resharder:
-    """Runs ``shard add`` against the cluster of ``op`` (see module doc)."""
+    """Runs ``shard add`` (``run``) or ``shard remove`` (``remove``) against the cluster of ``op`` (module doc)."""
 
     def __init__(self, op: Operator, step_timeout: float = 120.0, chunk: int = CHUNK_KEYS,
                  say: Callable[[str], None] | None = None) -> None:
@@ -83,6 +104,7 @@ class Resharder:
         self.say = say or op.say
         self._client: Client | None = None
         self._client_epoch = -1
+        self.rerun = "raftkv shard add"  # the command that finishes what a failed run left (said in errors)
 
     # -- talking to shards ------------------------------------------------------------------------------
     def _c(self) -> Client:
@@ -104,7 +126,7 @@ class Resharder:
         try:
             raw = self._c()._request(shard, [b"RAFTKV.RESHARD", str(shard).encode(), payload], write=False)
         except RaftKVError as e:
-            raise ReshardError(f"shard {shard}: {cmd[0]} failed: {e}; run 'raftkv shard add' again") from None
+            raise ReshardError(f"shard {shard}: {cmd[0]} failed: {e}; run '{self.rerun}' again") from None
         res = rpc.decode(raw)
         if isinstance(res, CmdError):
             raise ReshardError(f"shard {shard}: {cmd[0]}: {res.code} {res.message}")
@@ -130,7 +152,7 @@ class Resharder:
                 return view[0]
             if time.monotonic() > deadline:
                 raise ReshardError(f"shard {shard}: no leader after {self.step_timeout:.0f} s; check the nodes "
-                                   "and run 'raftkv shard add' again")
+                                   f"and run '{self.rerun}' again")
             time.sleep(POLL_S)
 
     # -- the run ----------------------------------------------------------------------------------------
@@ -145,6 +167,9 @@ class Resharder:
         times: dict[str, float] = {}
         t = time.monotonic()
         m = self.op.map
+        if m.removing is not None:
+            raise ReshardError(f"shard {m.removing} is being removed; finish that first ('raftkv shard remove "
+                               f"{m.removing}')")
         if m.adding is None:
             unfinished = self._unfinished_cleanup()
             if unfinished is not None:
@@ -178,7 +203,9 @@ class Resharder:
             times["freeze"] = time.monotonic() - t
             t = time.monotonic()
             for s in frozen:
-                n, sessions = self._stream(s, epoch, dest, m.vnodes, stats[s]["revision"])
+                n, sessions = self._stream(
+                    s, epoch, stats[s]["revision"], lambda _key: dest, [dest],
+                    lambda d, rev, items, rows: ("mv_install", epoch, d, m.vnodes, rev, items, rows))
                 moved += n
                 total += stats[s]["keys"]
                 self.say(f"shard {s} -> shard {dest}: {n} of {stats[s]['keys']} keys copied, {sessions} "
@@ -200,6 +227,110 @@ class Resharder:
         self.say(f"epoch {m.epoch}: shard {dest} is on the ring ({dest + 1} shards)")
         purged = self._cleanup(epoch, times)
         return ReshardResult(dest, m.epoch, moved, total, purged, times)
+
+    def remove(self, shard: int | None = None) -> ReshardResult:
+        """Remove the last shard (``shard``: it, or None), moving its keys to the others, or finish the removal
+        a failed run left; see the module doc."""
+        try:
+            return self._remove(shard)
+        finally:
+            self.close()
+
+    def _remove(self, want: int | None) -> ReshardResult:
+        times: dict[str, float] = {}
+        t = time.monotonic()
+        m = self.op.map
+        if m.adding is not None:
+            raise ReshardError(f"shard {m.adding} is being added; finish that first ('raftkv shard add')")
+        if m.removing is None:
+            if want is not None and want == m.nshards:
+                self.op.push_map(verbose=False)  # the run that removed it may have died before pushing this map
+                self.say(f"shard {want} was removed already (epoch {m.epoch}: {m.nshards} shard(s)); map pushed")
+                return ReshardResult(want, m.epoch, 0, 0, 0, times)
+            why = reshard.removal_refusal(m.nshards, want)
+            if why is not None:
+                raise ReshardError(f"cannot remove shard {want if want is not None else m.nshards - 1}: {why}")
+            if self._unfinished_cleanup() is not None:
+                raise ReshardError("an earlier 'raftkv shard add' stopped before its cleanup ended; run "
+                                   "'raftkv shard add' again to finish it first")
+            gone = m.nshards - 1
+            m = dataclasses.replace(m, epoch=m.epoch + 1, removing=gone)
+            self.rerun = f"raftkv shard remove {gone}"
+            self._publish(m)
+            self.say(f"epoch {m.epoch}: shard {gone} is being removed (still on the ring while its keys move)")
+        else:
+            gone = m.removing
+            self.rerun = f"raftkv shard remove {gone}"
+            if want is not None and want != gone:
+                raise ReshardError(f"shard {gone} is being removed; finish that first ('{self.rerun}')")
+            self.say(f"resuming the removal of shard {gone} (epoch {m.epoch})")
+            self.op.push_map(verbose=False)
+        dests = list(range(gone))
+        vnodes = m.vnodes
+        epoch = self._removal_epoch(m, gone)  # every mv_* command of this removal is keyed by it
+
+        def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
+            return ("mv_install", epoch, d, vnodes, rev, items, rows, gone)
+
+        # The remaining shards refuse the keys arriving from the removed one until they open, whatever map a
+        # node or client has; their own keys stay served.
+        opened = {d for d in dests if self._is_open(d, epoch)}
+        for d in dests:
+            if d not in opened:
+                self.call(d, *install(d, 0, (), ()))
+        times["mark"] = time.monotonic() - t
+        moved = total = 0
+        t = time.monotonic()
+        phase = self.call(gone, "mv_freeze", epoch, gone, gone, vnodes, True)
+        self.say(f"frozen: shard {gone} {phase}")
+        if phase == reshard.FROZEN:
+            stats = self._wait_unlocked(epoch, [gone])
+            times["freeze"] = time.monotonic() - t
+            t = time.monotonic()
+            revision = stats[gone]["revision"]
+            for d in dests:  # revisions above the removed shard's before any key lands
+                if d not in opened:
+                    self.call(d, *install(d, revision, (), ()))
+            ring = reshard.ring_of(gone, vnodes)
+            moved, sessions = self._stream(gone, epoch, revision, ring.shard_for, dests, install)
+            total = stats[gone]["keys"]
+            self.say(f"shard {gone} -> shards 0..{gone - 1}: {moved} of {total} keys copied, {sessions} session(s)")
+            self.call(gone, "mv_handoff", epoch)
+            times["copy"] = time.monotonic() - t
+        elif phase != reshard.HANDOFF:
+            raise ReshardError(f"shard {gone}: mv_freeze answered {phase!r}; run '{self.rerun}' again")
+        t = time.monotonic()
+        for d in dests:
+            self.call(d, "mv_open", epoch)
+        self.say(f"shard {gone} handed off; shards 0..{gone - 1} open: the map of epoch {epoch} drops it")
+        # Nodes take the smaller map only from the one marking the removal: give it again to any that missed it.
+        self.op.push_map(verbose=False)
+        placement = {s: names for s, names in self.op.map.placement.items() if s != gone}
+        m = dataclasses.replace(self.op.map, epoch=max(epoch, self.op.map.epoch + 1), nshards=gone, removing=None,
+                                placement=placement)
+        self._publish(m)
+        times["map"] = time.monotonic() - t
+        self.say(f"epoch {m.epoch}: shard {gone} removed ({gone} shard(s)); its group stops on every node")
+        return ReshardResult(gone, m.epoch, moved, total, 0, times)
+
+    def _removal_epoch(self, m: Any, gone: int) -> int:
+        """The epoch keying the removal of ``gone`` that map ``m`` marks: the one the shards already took part
+        under (an earlier run stopped after marking a remaining shard or freezing the removed one), else
+        ``m.epoch + 1`` (see ``_move_epoch``)."""
+        move = self.status(gone)["move"]
+        if move is not None and move.removing:
+            return move.epoch
+        for d in range(gone):
+            st = self.status(d)
+            if st["move"] is not None and st["move"].removing and st["move"].dest == gone:
+                return st["move"].epoch
+        # (A remaining shard opens only after the removed one handed off, which keeps its move until its group
+        # is gone with the map of that epoch: so no open shard is missed here.)
+        return m.epoch + 1
+
+    def _is_open(self, shard: int, epoch: int) -> bool:
+        owner = self.status(shard)["owner"]
+        return owner is not None and owner[3] >= epoch
 
     def _move_epoch(self, m: Any, dest: int) -> int:
         """The epoch keying the add of ``dest`` that map ``m`` places: the one the shards already took part
@@ -238,24 +369,30 @@ class Resharder:
                     self.call(s, "mv_abort", epoch)
                 raise ReshardError(f"moving keys are attached to leases ({leased}); moving leased keys is not "
                                    "built, so the move was abandoned (nothing was copied); revoke those leases "
-                                   "or let them expire, then run 'raftkv shard add' again")
+                                   f"or let them expire, then run '{self.rerun}' again")
             locked = {s: st["locked"] for s, st in stats.items() if st["locked"]}
             if not locked:
                 return stats
             if time.monotonic() > deadline:
                 raise ReshardError(f"transactions still hold moving keys ({locked}) after {self.step_timeout:.0f}"
-                                   " s; run 'raftkv shard add' again")
+                                   f" s; run '{self.rerun}' again")
             time.sleep(POLL_S)
 
-    def _stream(self, source: int, epoch: int, dest: int, vnodes: int, revision: int) -> tuple[int, int]:
-        """Copy ``source``'s moving keys, then its client sessions, into ``dest``; (keys, sessions)."""
+    def _stream(self, source: int, epoch: int, revision: int, dest_of: Callable[[bytes], int], dests: list[int],
+                install: Callable[[int, int, tuple, tuple], tuple]) -> tuple[int, int]:
+        """Copy ``source``'s moving keys (each to ``dest_of(key)``), then its client sessions (to every shard of
+        ``dests``); (keys, sessions). ``install(dest, revision, items, sessions)`` is the ``mv_install``
+        command of this move."""
         keys = 0
         after = None
         while True:
             items, after = self.call(source, "mv_scan", epoch, after, self.chunk)
-            if items:
-                self.call(dest, "mv_install", epoch, dest, vnodes, revision, tuple(items), ())
-                keys += len(items)
+            batches: dict[int, list] = {}
+            for item in items:
+                batches.setdefault(dest_of(item[0]), []).append(tuple(item))
+            for dest, rows in sorted(batches.items()):
+                self.call(dest, *install(dest, revision, tuple(rows), ()))
+                keys += len(rows)
             if after is None:
                 break
         sessions = 0
@@ -263,7 +400,8 @@ class Resharder:
         while True:
             rows, after = self.call(source, "mv_sessions", after, self.chunk)
             if rows:
-                self.call(dest, "mv_install", epoch, dest, vnodes, revision, (), tuple(rows))
+                for dest in dests:
+                    self.call(dest, *install(dest, revision, (), tuple(rows)))
                 sessions += len(rows)
             if after is None:
                 return keys, sessions

@@ -13,6 +13,8 @@ A cluster is described by one TOML file (``cluster.toml``)::
     data_dir = "/abs/path/.raftkv/data"   # node n uses data_dir/n/; relative = relative to this file
     # adding = 3           # only while `raftkv shard add` runs: shard 3's group is placed and hosted
                            # but not on the ring yet, so no key maps to it (raftkv.reshard)
+    # removing = 2         # only while `raftkv shard remove` runs: the last shard (2) is still on the ring
+                           # and hosted while its keys move to the others (raftkv.reshard)
 
     [placement]            # optional; default below
     "0" = ["n1", "n2", "n3"]
@@ -66,7 +68,7 @@ NODES_MAX = 256
 PORT_MIN, PORT_MAX = 1, 65535
 _NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a node name is also a directory name
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_CLUSTER_KEYS = ("name", "epoch", "shards", "vnodes", "replication", "data_dir", "adding")
+_CLUSTER_KEYS = ("name", "epoch", "shards", "vnodes", "replication", "data_dir", "adding", "removing")
 _NODE_KEYS = ("host", "client_port", "raft_port", "metrics_port")
 
 
@@ -150,6 +152,9 @@ class ShardMap:
     # ``raftkv shard add`` under way: shard ``nshards``'s group is placed (and hosted) but not on the ring
     # yet, so no key maps to it until the map whose ring includes it (``raftkv.reshard``). None otherwise.
     adding: int | None = None
+    # ``raftkv shard remove`` under way: shard ``nshards - 1`` (the last) is still on the ring and hosted while its
+    # keys move to the others; the next map has one shard less and no group for it. None otherwise.
+    removing: int | None = None
     ring: Ring = field(init=False, compare=False, repr=False)
     _raft_addr_index: Mapping[str, str] = field(init=False, compare=False, repr=False)
 
@@ -164,6 +169,10 @@ class ShardMap:
         if self.adding is not None:
             _check_int(self.adding, "cluster.adding", self.nshards, self.nshards)
             _check_int(self.nshards + 1, "cluster.shards + 1 (with adding)", 1, SHARDS_MAX)
+        if self.removing is not None:
+            _check_int(self.removing, "cluster.removing", self.nshards - 1, self.nshards - 1)
+            if self.nshards < 2 or self.adding is not None:
+                raise ShardMapError("cluster.removing needs at least 2 shards and no shard being added")
         nodes = dict(self.nodes)
         if not nodes:
             raise ShardMapError("no nodes: add at least one [nodes.<name>] table")
@@ -302,6 +311,7 @@ class ShardMap:
         nshards = _check_int(_required(cluster, "shards", "cluster"), "cluster.shards", 1, SHARDS_MAX)
         placement = _placement_from_dict(_table(d, "placement", required=False))
         adding = cluster.get("adding")
+        removing = cluster.get("removing")
         if "replication" in cluster:
             replication = cluster["replication"]
         elif placement and len({len(v) for v in placement.values()}) == 1:
@@ -331,6 +341,7 @@ class ShardMap:
             placement=placement,
             security=security,
             adding=adding,
+            removing=removing,
         )
 
     @classmethod
@@ -363,6 +374,8 @@ class ShardMap:
         ]
         if self.adding is not None:
             lines.append(f"adding = {self.adding}")
+        if self.removing is not None:
+            lines.append(f"removing = {self.removing}")
         lines += [
             "",
             "[placement]",

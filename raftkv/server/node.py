@@ -122,6 +122,12 @@ class Node:
         # cut short by a crash resumes here (raftkv.reclaim).
         self.reclaimer = Reclaimer(self.engine, self._group_dir)
         self.driver.add_chore(lambda: self.reclaimer.step(self.driver.groups))
+        # A shard the ring lost while this node was down (`raftkv shard remove`: its keys moved to the others
+        # and no map has a group for it any more): its data is reclaimed as a moved-away replica's would be, so
+        # a later `shard add` of that id never starts from it.
+        for group in self.reclaimer.leftover(range(len(shardmap.groups)), cap=1):
+            log.info("event=removed_shard_reclaim group=%d", group)
+            self.reclaimer.mark(group)
         for shard in shardmap.shards_on(name):
             self._start_replica(shard)
         self.driver.start()
@@ -467,10 +473,12 @@ class Node:
                 "checkpoints": r.snapshots.stats["checkpoints"],
                 "snapshots_sent": r.snapshots.stats["sent"],
                 "snapshots_installed": r.snapshots.stats["installs"],
-                # raftkv shard add (raftkv.reshard): the move under way here, and the ring this shard serves under
-                # since its last move (null on a shard that never took part in one)
+                # raftkv shard add|remove (raftkv.reshard): the move under way here (dest: the shard added,
+                # or removed when "removing"), and the ring this shard serves under since its last move (null on
+                # a shard that never took part in one)
                 "move": None if r.state.move is None else {"epoch": r.state.move.epoch, "dest": r.state.move.dest,
-                                                           "phase": r.state.move.phase},
+                                                           "phase": r.state.move.phase,
+                                                           **({"removing": True} if r.state.move.removing else {})},
                 "ring_shards": None if r.state.owner is None else r.state.owner.nshards,
             }
         return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(),

@@ -76,16 +76,28 @@ async def _member(node: NodeAPI, shard: int, action: bytes, addr: str, req: list
                                 "(it is idempotent)")
 
 
+def shrink_allowed(old: ShardMap, new: ShardMap) -> bool:
+    """May a node holding ``old`` install ``new`` with fewer shards?  Only one less, the one ``old`` marks
+    as being removed (``raftkv shard remove`` moved its keys before writing ``new``)."""
+    return old.removing is not None and new.nshards == old.nshards - 1 == old.removing and new.epoch > old.epoch
+
+
 def cmd_map(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     """RAFTKV.MAP toml: install a newer shard map (routing, status); answers the node's epoch."""
     try:
         new = ShardMap.from_dict(tomllib.loads(req[1].decode()), source="RAFTKV.MAP")
     except (ShardMapError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         return Error("ERR", f"RAFTKV.MAP: {e}")
-    # The shard count only grows, through `raftkv shard add` (raftkv.reshard): the map that places the new
-    # shard's group first, then the one whose ring includes it.
-    if new.nshards < node.map.nshards or new.vnodes != node.map.vnodes:
-        return Error("ERR", "RAFTKV.MAP: vnodes cannot change and the shard count cannot shrink")
+    # The shard count changes only through `raftkv shard add|remove` (raftkv.reshard): an add pushes the map
+    # that places the new shard's group, then the one whose ring includes it; a removal pushes the map that
+    # marks the last shard as being removed, then (its keys moved) the one without it. So a map with fewer
+    # shards is taken only from a map marking the removal of exactly the shard it drops.
+    if new.vnodes != node.map.vnodes:
+        return Error("ERR", "RAFTKV.MAP: vnodes cannot change")
+    if new.nshards < node.map.nshards and not shrink_allowed(node.map, new):
+        return Error("ERR", f"RAFTKV.MAP: the shard count cannot shrink ({node.map.nshards} -> {new.nshards}) "
+                            "unless this node's map marks the removal of that shard ('raftkv shard remove' "
+                            "pushes that map first; run it again)")
     if node.name not in new.nodes:
         return Error("ERR", f"RAFTKV.MAP: this node ({node.name}) is not in the new map")
     if new.epoch > node.map.epoch:
