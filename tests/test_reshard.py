@@ -1,7 +1,9 @@
-"""Moving keys to a new shard (raftkv.reshard): the per-key rules, and the whole protocol on state machines.
+"""Moving keys when a shard is added or removed (raftkv.reshard): the per-key rules, and the whole protocol
+on state machines.
 
-The protocol test runs ``shard add`` step by step on ``KVState`` objects (the sources and the new
-shard), as ``raftkv.resharder`` orders it, with client increments and reads in every gap: clients
+The protocol tests run ``shard add`` and ``shard remove`` step by step on ``KVState`` objects (the
+sources and the destinations), as ``raftkv.resharder`` orders them, with client increments and reads
+in every gap: clients
 with the old map or the new one, replies lost and the same session sequence number retried later
 (maybe on the other shard), and protocol steps run twice (a re-run after a crash). At every point
 at most one shard serves a key, every read a shard serves is the latest write, and at the end
@@ -65,6 +67,80 @@ def test_at_most_one_of_the_old_and_new_owner_serves_a_key_in_every_phase(
         assert serving == [n]
 
 
+@given(st.integers(2, 5), keys_st, st.sampled_from([None, FROZEN, HANDOFF]),
+       st.sampled_from([None, INCOMING, "open"]), st.booleans(), st.booleans())
+def test_at_most_one_shard_serves_a_key_in_every_phase_of_a_removal(
+        n: int, key: bytes, gone_phase: str | None, dest_phase: str | None, write: bool, moved_before: bool) -> None:
+    """Shard ``n-1`` is removed; ``d`` is the shard the ring without it gives ``key``. ``moved_before``: the
+    shards took part in an earlier move (they have an owner), else they never did."""
+    gone = n - 1
+    old_owner, d = Ring(range(n), V).shard_for(key), Ring(range(gone), V).shard_for(key)
+    # the orchestrator marks every remaining shard before it freezes the removed one, and opens them only
+    # once it has handed off
+    if (dest_phase is None and gone_phase is not None) or (dest_phase == "open" and gone_phase != HANDOFF):
+        return
+    src_owner = Owner(old_owner, n, V, 3) if moved_before else None
+    src_move = Move(5, gone, gone, V, gone_phase, True) if gone_phase is not None else None
+    dst_owner = Owner(d, gone, V, 5) if dest_phase == "open" else Owner(d, n, V, 3) if moved_before else None
+    dst_move = Move(5, d, gone, V, INCOMING, True) if dest_phase == INCOMING else None
+    serving = set()
+    if refusal(src_owner if old_owner != gone else None, src_move if old_owner == gone else None, key,
+               write) is None:
+        serving.add(old_owner)
+    if old_owner == d or dest_phase is not None:  # (before it is marked, no map sends an arriving key to d)
+        if refusal(dst_owner, dst_move, key, write) is None:
+            serving.add(d)
+    if old_owner == d:  # the key does not move: its shard serves it throughout
+        assert serving == {d}
+        return
+    assert len(serving) <= 1, serving
+    if gone_phase is None or (gone_phase == FROZEN and not write):
+        assert serving == {gone}
+    if dest_phase == "open":
+        assert serving == {d}
+
+
+def test_only_the_last_shard_can_be_removed() -> None:
+    assert reshard.removal_refusal(3, None) is None and reshard.removal_refusal(3, 2) is None
+    assert "only the last shard (2)" in reshard.removal_refusal(3, 0)  # type: ignore[operator]
+    assert "renumber" in reshard.removal_refusal(3, 1)  # type: ignore[operator]
+    assert "no shard 7" in reshard.removal_refusal(3, 7)  # type: ignore[operator]
+    assert "one shard" in reshard.removal_refusal(1, None)  # type: ignore[operator]
+
+
+def test_a_removal_move_dumps_with_its_mark_and_an_add_move_as_before() -> None:
+    """Snapshots of add moves keep their 5-tuple (old snapshots load unchanged); removals carry the mark."""
+    add = Move(4, 0, 2, V, FROZEN)
+    assert add.dump() == (4, 0, 2, V, FROZEN) and reshard.load({"move": add.dump()})[1] == add
+    rem = Move(4, 2, 2, V, FROZEN, True)
+    assert rem.dump() == (4, 2, 2, V, FROZEN, True) and reshard.load({"move": rem.dump()})[1] == rem
+    assert (rem.old_shards, rem.new_shards, add.old_shards, add.new_shards) == (3, 2, 2, 3)
+    assert all(rem.moving(b"k%d" % i) for i in range(50))  # every key of the removed shard moves
+
+
+def test_a_remaining_shard_refuses_only_the_keys_arriving_from_the_removed_one() -> None:
+    s = KVState()
+    old, new = Ring(range(3), V), Ring(range(2), V)
+    own = next(k for k in (b"o%d" % i for i in range(1000)) if old.shard_for(k) == 0)
+    arriving = next(k for k in (b"a%d" % i for i in range(1000)) if old.shard_for(k) == 2 and new.shard_for(k) == 0)
+    elsewhere = next(k for k in (b"e%d" % i for i in range(1000)) if old.shard_for(k) == 2
+                     and new.shard_for(k) == 1)
+    s.apply(("set", own, b"mine"), 0)
+    assert s.apply(("mv_install", 6, 0, V, 0, (), (), 2), 1) == 0  # marked incoming: it keeps its keys
+    assert s.apply(("get", own), 2) == b"mine" and s.apply(("set", own, b"2"), 3) == 2  # its revision
+    assert s.apply(("get", arriving), 4).code == "MOVING"  # type: ignore[union-attr]
+    # a key for another remaining shard is refused as a malformed install, changing nothing
+    assert s.apply(("mv_install", 6, 0, V, 50, ((elsewhere, b"x", None),), (), 2), 5).code == "ERR"  # type: ignore[union-attr]
+    assert s.revision < 50
+    assert s.apply(("mv_install", 6, 0, V, 50, ((arriving, b"x", None),), (), 2), 6) == 1
+    assert s.data[arriving][1] > 50  # above every revision the removed shard had
+    back = KVState.restore(s.snapshot())  # the mark survives a snapshot
+    assert back.move == s.move == Move(6, 0, 2, V, INCOMING, True)
+    assert s.apply(("mv_open", 6), 7) == "open" and s.owner == Owner(0, 2, V, 6)
+    assert s.apply(("get", arriving), 8) == b"x"
+    assert s.apply(("get", elsewhere), 9).code == "WRONGSHARD"  # type: ignore[union-attr]
+
+
 def test_phase_table_examples() -> None:
     move = Move(7, 0, 1, V, FROZEN)
     key = next(k for k in (f"k{i}".encode() for i in range(1000)) if move.moving(k))
@@ -124,13 +200,19 @@ NKEYS = 12
 
 
 class World:
-    """Sources ``0..n-1`` and the new shard ``n`` as ``KVState``s; the clients' model of every key."""
+    """The shards of a ring change as ``KVState``s, and the clients' model of every key.
 
-    def __init__(self, n: int) -> None:
+    An add: sources ``0..n-1`` and the new shard ``n``.  A removal (``removing``): shards ``0..n-1``, the
+    last of which (``n-1``) goes; the others receive its keys.
+    """
+
+    def __init__(self, n: int, removing: bool = False) -> None:
         self.n = n
-        self.shards = {s: KVState() for s in range(n + 1)}
-        self.old, self.new = Ring(range(n), V), Ring(range(n + 1), V)
-        self.published = False  # the map whose ring has the new shard is out
+        self.removing = removing
+        self.gone = n - 1 if removing else None
+        self.shards = {s: KVState() for s in range(n if removing else n + 1)}
+        self.old, self.new = Ring(range(n), V), Ring(range(n - 1 if removing else n + 1), V)
+        self.published = False  # the map with the new ring is out
         self.now = 0
         self.model: dict[bytes, int] = {}  # increments applied per key
         # client -> (seq, key, counted) in flight: refused (not counted yet) or its reply lost (counted)
@@ -145,7 +227,12 @@ class World:
         return self.shards[shard].read(cmd, self.now)
 
     def route(self, key: bytes, new_map: bool) -> int:
-        return (self.new if new_map and self.published else self.old).shard_for(key)
+        """A client with the new map (once it is out) goes by the new ring; so does one that follows the
+        ``-WRONGSHARD epoch shard`` its key's old shard answers once handed off, before the map is out."""
+        old = self.old.shard_for(key)
+        move = self.shards[old].move
+        told = move is not None and move.phase == HANDOFF and move.moving(key)
+        return (self.new if new_map and (self.published or told) else self.old).shard_for(key)
 
     def client_op(self, client: int, key: bytes, new_map: bool, lose_reply: bool) -> None:
         inflight = self.pending.get(client)
@@ -179,6 +266,9 @@ class World:
 
     # the steps of raftkv.resharder, in its order
     def steps(self) -> list[Callable[[], None]]:
+        return self._remove_steps() if self.removing else self._add_steps()
+
+    def _add_steps(self) -> list[Callable[[], None]]:
         n, out = self.n, []
         out.append(lambda: self.apply(n, ("mv_install", EPOCH, n, V, 0, (), ())))
         for s in range(n):
@@ -193,17 +283,39 @@ class World:
             out.append(lambda s=s: self.apply(s, ("mv_done", EPOCH)))
         return out
 
+    def _remove_steps(self) -> list[Callable[[], None]]:
+        gone, out = self.n - 1, []
+        for d in range(gone):  # the remaining shards refuse the arriving keys until they open
+            out.append(lambda d=d: self.apply(d, ("mv_install", EPOCH, d, V, 0, (), (), gone)))
+        out.append(lambda: self.apply(gone, ("mv_freeze", EPOCH, gone, gone, V, True)))
+        for d in range(gone):  # revisions above the removed shard's first
+            out.append(lambda d=d: self.apply(d, ("mv_install", EPOCH, d, V, self.shards[gone].revision, (), (),
+                                                  gone)))
+        out.append(lambda: self._stream(gone))
+        out.append(lambda: self.apply(gone, ("mv_handoff", EPOCH)))
+        for d in range(gone):
+            out.append(lambda d=d: self.apply(d, ("mv_open", EPOCH)))
+        out.append(lambda: setattr(self, "published", True))  # and the removed shard's group stops
+        return out
+
+    def _install(self, dest: int, revision: int, items: tuple, sessions: tuple) -> None:
+        extra = (self.gone,) if self.removing else ()
+        assert self.apply(dest, ("mv_install", EPOCH, dest, V, revision, items, sessions, *extra)) == len(items)
+
     def _stream(self, s: int) -> None:
         if self.shards[s].move is None or self.shards[s].move.phase != FROZEN:  # type: ignore[union-attr]
             return  # a re-run: handed off already
+        dests = range(self.n - 1) if self.removing else [self.n]
         after = None
         while True:
             items, after = self.read(s, ("mv_scan", EPOCH, after, 3))  # type: ignore[misc]
-            self.apply(self.n, ("mv_install", EPOCH, self.n, V, self.shards[s].revision, tuple(items), ()))
+            for d in dests:
+                self._install(d, self.shards[s].revision, tuple(i for i in items if self.new.shard_for(i[0]) == d), ())
             if after is None:
                 break
         rows, _ = self.read(s, ("mv_sessions", None, 1000))  # type: ignore[misc]
-        self.apply(self.n, ("mv_install", EPOCH, self.n, V, 0, (), tuple(rows)))
+        for d in dests:
+            self._install(d, 0, (), tuple(rows))
 
     def _purge(self, s: int) -> None:
         move = self.shards[s].move
@@ -211,6 +323,39 @@ class World:
             return
         items, _ = self.read(s, ("mv_scan", EPOCH, None, 1000))  # type: ignore[misc]
         self.apply(s, ("mv_purge", EPOCH, tuple(k for k, _, _ in items)))
+
+    def run(self, gaps: list[list[tuple[int, int, bool, bool]]], twice: set[int]) -> None:
+        """Every key written, then the steps with client operations before each, some steps run twice; then
+        every client finishes its request with the new map."""
+        for i in range(NKEYS):  # every key exists before the move
+            self.client_op(9, b"key%d" % i, new_map=False, lose_reply=False)
+        for i, step in enumerate(self.steps()):
+            for client, k, new_map, lose in gaps[i % len(gaps)]:
+                self.client_op(client, b"key%d" % k, new_map, lose)
+                self.check_one_server()
+            step()
+            if i in twice:
+                step()  # a re-run after a crash: idempotent
+            self.check_one_server()
+        for client in list(self.pending):
+            while self.pending.get(client) is not None:
+                self.client_op(client, b"", new_map=True, lose_reply=False)
+
+    def check_end(self) -> None:
+        """Each key once, on the shard the new ring gives it, with every increment counted once."""
+        stored: dict[bytes, int] = {}
+        for s, state in self.shards.items():
+            if s == self.gone:
+                assert state.move is not None and state.move.phase == HANDOFF  # its group is deleted now
+                continue
+            assert state.move is None and state.owner == Owner(s, len(self.new), V, EPOCH)
+            for key in state.data.keys_between():
+                assert key not in stored, f"{key!r} stored on shards {stored[key]} and {s}"
+                stored[key] = s
+        assert set(stored) == set(self.model)
+        for key, count in self.model.items():
+            assert stored[key] == self.new.shard_for(key)
+            assert self.read(stored[key], ("get", key)) == str(count).encode(), "an increment lost or applied twice"
 
 
 op_st = st.tuples(st.integers(0, 2), st.integers(0, NKEYS - 1), st.booleans(), st.booleans())
@@ -222,30 +367,18 @@ op_st = st.tuples(st.integers(0, 2), st.integers(0, NKEYS - 1), st.booleans(), s
 def test_shard_add_protocol_loses_no_write_applies_none_twice_and_reads_no_stale_value(
         n: int, gaps: list[list[tuple[int, int, bool, bool]]], twice: set[int]) -> None:
     w = World(n)
-    for i in range(NKEYS):  # every key exists before the move
-        w.client_op(9, b"key%d" % i, new_map=False, lose_reply=False)
-    steps = w.steps()
-    for i, step in enumerate(steps):
-        for client, k, new_map, lose in gaps[i % len(gaps)]:
-            w.client_op(client, b"key%d" % k, new_map, lose)
-            w.check_one_server()
-        step()
-        if i in twice:
-            step()  # a re-run after a crash: idempotent
-        w.check_one_server()
-    for client in list(w.pending):  # every client finishes its request with the new map
-        while w.pending.get(client) is not None:
-            w.client_op(client, b"", new_map=True, lose_reply=False)
-    stored = {}
-    for s, state in w.shards.items():
-        assert state.move is None and state.owner == Owner(s, n + 1, V, EPOCH)
-        for key in state.data.keys_between():
-            assert key not in stored, f"{key!r} stored on shards {stored[key]} and {s}"
-            stored[key] = s
-    assert set(stored) == set(w.model)
-    for key, count in w.model.items():
-        assert stored[key] == w.new.shard_for(key)
-        assert w.read(stored[key], ("get", key)) == str(count).encode(), "an increment lost or applied twice"
+    w.run(gaps, twice)
+    w.check_end()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(2, 4), st.lists(st.lists(op_st, max_size=6), min_size=20, max_size=20),
+       st.sets(st.integers(0, 19)))
+def test_shard_remove_protocol_loses_no_write_applies_none_twice_and_reads_no_stale_value(
+        n: int, gaps: list[list[tuple[int, int, bool, bool]]], twice: set[int]) -> None:
+    w = World(n, removing=True)
+    w.run(gaps, twice)
+    w.check_end()
 
 
 def test_reshard_handlers_are_registered_in_the_state_machine() -> None:
