@@ -80,6 +80,7 @@ from functools import lru_cache
 from typing import Any
 
 from raftkv.results import CmdError
+from raftkv.txn import COMMITTED
 from shards.ring import VNODES_MAX, Ring
 
 FROZEN, HANDOFF, INCOMING = "frozen", "handoff", "incoming"
@@ -413,15 +414,36 @@ def _open(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def status(s: Any) -> tuple:
-    """``(owner, move, moving keys locked by transactions, moving keys on leases, keys held, revision)``;
-    owner and move as plain tuples or None.  Cheap: it never walks the keys (the poll of step 2 runs it)."""
+    """``(owner, move, moving keys locked by transactions, moving keys on leases, keys held, revision,
+    committed transactions homed here not yet finished everywhere)``; owner and move as plain tuples or
+    None.  Cheap: it never walks the keys (the poll of step 2 runs it).
+
+    On a shard being removed, every lease it holds counts as on a moving key (a lease homed there would
+    lose its home), and the last number is what must reach 0 before it hands off (``home_removed``).
+    """
     move = s.move
     locked = leased = 0
     if move is not None and move.phase != INCOMING:
         locked = sum(1 for k in s.txns.locks if move.moving(k))
         leased = sum(1 for k in s.leases.key_lease if move.moving(k))
+        if move.removing:
+            leased += len(s.leases.leases)
+    unsettled = sum(1 for r in s.txns.records.values() if r.state == COMMITTED and not r.acked)
     return (None if s.owner is None else s.owner.dump(), None if move is None else move.dump(), locked, leased,
-            len(s.data), s.revision)
+            len(s.data), s.revision, unsettled)
+
+
+def home_removed(owner: Owner | None, move: Move | None, home: int) -> bool:
+    """Is ``home`` (a transaction's home shard, the shard of its first key) a shard this shard's ring lost?
+
+    Then a lock this shard holds for that transaction can be finished as ABORTED without asking the home:
+    the removed shard refused every PREPARE from its freeze on (every key of it was moving), and a removal
+    opens the remaining shards only once the removed one held no lock and every transaction it committed
+    had finished everywhere (``status``).  So no transaction homed there that is still unfinished here can
+    have committed.  Only after this shard opened under the smaller ring (no move under way): during an add
+    a source's ring is the old one until its move ends, and a transaction homed at the new shard is real.
+    """
+    return move is None and owner is not None and home >= owner.nshards
 
 
 def _status(s: Any, cmd: tuple, now_ms: int) -> Any:

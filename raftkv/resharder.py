@@ -133,9 +133,9 @@ class Resharder:
         return res
 
     def status(self, shard: int) -> dict:
-        owner, move, locked, leased, keys, revision = self.call(shard, "mv_status")
+        owner, move, locked, leased, keys, revision, *rest = self.call(shard, "mv_status")
         return {"owner": owner, "move": None if move is None else reshard.Move(*move), "locked": locked,
-                "leased": leased, "keys": keys, "revision": revision}
+                "leased": leased, "keys": keys, "revision": revision, "unsettled": rest[0] if rest else 0}
 
     def _publish(self, new: Any) -> None:
         self.op._save(new, verbose=False)
@@ -371,11 +371,17 @@ class Resharder:
                                    "built, so the move was abandoned (nothing was copied); revoke those leases "
                                    f"or let them expire, then run '{self.rerun}' again")
             locked = {s: st["locked"] for s, st in stats.items() if st["locked"]}
-            if not locked:
+            # A removed shard is the home of the transactions whose first key it held: every one it committed
+            # must have finished on all its shards first (after the removal a lock of one is finished as
+            # aborted, reshard.home_removed).
+            unsettled = {s: st["unsettled"] for s, st in stats.items()
+                         if st["unsettled"] and st["move"] is not None and st["move"].removing}
+            if not locked and not unsettled:
                 return stats
             if time.monotonic() > deadline:
-                raise ReshardError(f"transactions still hold moving keys ({locked}) after {self.step_timeout:.0f}"
-                                   f" s; run '{self.rerun}' again")
+                raise ReshardError(f"transactions still hold moving keys ({locked}) or are committed and not yet "
+                                   f"finished everywhere ({unsettled}) after {self.step_timeout:.0f} s; run "
+                                   f"'{self.rerun}' again")
             time.sleep(POLL_S)
 
     def _stream(self, source: int, epoch: int, revision: int, dest_of: Callable[[bytes], int], dests: list[int],

@@ -398,3 +398,113 @@ def test_a_half_done_add_is_finished_after_another_change_of_the_cluster_file(tm
         raise
     finally:
         lc.stop()
+
+
+# -- removing the last shard (Resharder.remove) ------------------------------------------------------------
+
+def _wait_reclaimed(m: ShardMap, shard: int, timeout: float = 30.0) -> None:
+    """Every node dropped ``shard``'s group and deleted what it stored (engine keys and its directory)."""
+    import json
+    import os
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {}
+        for name, info in m.nodes.items():
+            st = json.loads(call(info.client_addr, "RAFTKV.STATUS", timeout=5.0))
+            assert str(shard) not in st["shards"], (name, st["shards"].keys())
+            engine = st["engine"]
+            if engine["unhosted_keys"] or engine["reclaim"]["pending"] \
+                    or os.path.exists(os.path.join(m.node_data_dir(name), f"shard-{shard}")):
+                left[name] = (engine["unhosted_keys"], engine["reclaim"]["pending"])
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"shard {shard}'s data is still on {left}"
+        time.sleep(0.2)
+
+
+def test_shard_remove_moves_the_last_shards_keys_under_writes_and_reads(tmp_path: Path) -> None:
+    """3 nodes x 3 shards; shard 2 is removed while clients overwrite and read back keys: every acknowledged
+    write readable, no stale read, no key stored twice, replicas agree, exactly shard 2's keys moved; its group
+    is gone from every node with its data, and a node restarted afterwards comes back with 2 shards."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=3)
+    writers: list[Overwriter] = []
+    try:
+        keys = _load(lc)
+        writers = _start_writers(lc, keys)
+        time.sleep(1.0)
+        result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).remove()
+        time.sleep(1.0)
+        _stop(writers)
+        print(f"moved {result.moved} of {result.total} keys; steps {result.seconds}; writes during the run: "
+              f"{[w.writes for w in writers]}")
+        held = sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
+        assert (result.shard, result.moved, result.total) == (2, held, held)
+        assert ShardMap.load(lc.config).removing is None
+        _check_after_add(lc, keys, writers, 2)
+        m = ShardMap.load(lc.config)
+        assert sorted(m.placement) == [0, 1]
+        _wait_reclaimed(m, 2)
+        lc.kill_node("n1")  # a restart after the removal: no group for shard 2, nothing left to trip over
+        lc.start_node("n1")
+        LocalCluster(lc.dir).wait_ready(60)
+        with Client(cluster=lc.config, timeout=15.0) as c:
+            assert c.mget(keys[:200]) == [w for w in c.mget(keys[:200])] and None not in c.mget(keys)
+        for s in (0, 1):
+            _hashkv_agree(m, s)
+    except BaseException:
+        _stop(writers)
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        LocalCluster(lc.dir).stop()
+        lc.stop()
+
+
+def test_shard_remove_killed_mid_copy_is_finished_by_running_it_again_then_a_shard_add_works(
+        tmp_path: Path) -> None:
+    """kill -9 of ``raftkv shard remove`` while it copies shard 2's keys (50 a chunk), under writes; running
+    ``remove 2`` again finishes it, a third run says it is done, another id is refused, and ``shard add``
+    brings shard 2 back (a new, empty group) with the keys the ring gives it."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=3)
+    writers: list[Overwriter] = []
+    try:
+        keys = _load(lc)
+        writers = _start_writers(lc, keys, count=2)
+        time.sleep(0.5)
+        proc = subprocess.Popen([sys.executable, "-m", "raftkv", "shard", "remove", "--chunk", "50",
+                                 "--cluster", str(lc.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line.rstrip())
+            if line.startswith("frozen:"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(10)
+        print("first run, killed:", seen)
+        assert any(line.startswith("frozen:") for line in seen), seen
+        assert ShardMap.load(lc.config).removing == 2  # it died before the smaller map went out
+        with pytest.raises(Exception, match="shard 2 is being removed"):
+            Resharder(Operator(lc.config, timeout=30.0, say=print)).run()  # no add meanwhile
+        result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).remove(2)
+        assert result.shard == 2
+        again = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).remove(2)
+        assert (again.shard, again.moved) == (2, 0)  # removed already: nothing done
+        with pytest.raises(Exception, match="only the last shard"):
+            Resharder(Operator(lc.config, timeout=30.0, say=print)).remove(0)
+        time.sleep(1.0)
+        _stop(writers)
+        _check_after_add(lc, keys, writers, 2)
+        _wait_reclaimed(ShardMap.load(lc.config), 2)
+        added = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
+        assert added.shard == 2 and added.total == LOADED
+        assert added.moved == sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
+        _check_after_add(lc, keys, writers, 3)
+    except BaseException:
+        _stop(writers)
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        lc.stop()

@@ -51,11 +51,13 @@ import time
 import uuid
 from typing import Any
 
+from raftkv import reshard
 from raftkv.protocol import Error
 from raftkv.results import CmdError, Locked
 from raftkv.server.api import NodeAPI
 from raftkv.server.peer import PeerRefused, PeerUnreachable
 from raftkv.txn import (
+    ABORTED,
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
@@ -365,8 +367,18 @@ def _maybe_resolve_conflict(node: NodeAPI, conflict: tuple) -> None:
 
 
 async def resolve_lock(node: NodeAPI, shard: int, lock: Locked) -> None:
-    """Ask the lock's home shard for the outcome (a Raft write there), then finish it here."""
+    """Ask the lock's home shard for the outcome (a Raft write there), then finish it here.
+
+    A lock whose home shard was removed (``raftkv shard remove``) is finished as aborted here: no
+    transaction homed there that is unfinished here can have committed (``reshard.home_removed``).
+    """
     try:
+        replica = node.replicas.get(shard)
+        if replica is not None and reshard.home_removed(replica.state.owner, replica.state.move, lock.home_shard):
+            await tx_call(node, shard, ("tx_finish", lock.txid, ABORTED, None, lock.home_shard, None))
+            log.info("event=txn_lock_resolved txid=%s shard=%d outcome=%s home_removed=%d", lock.txid, shard,
+                     ABORTED, lock.home_shard)
+            return
         ans = await tx_call(node, lock.home_shard, ("tx_resolve", lock.txid, PENDING_TIMEOUT_MS))
         if ans[0] == PENDING:
             return

@@ -155,6 +155,10 @@ class Router:
         deadline = loop.time() + budget
         acc = Attempts(shard, read, idempotent)
         no_leader_since: float | None = None
+        if shard not in node.map.groups and shard not in node.replicas:
+            # (a transaction's home shard that `raftkv shard remove` took away, named by an older message)
+            return Error("WRONGSHARD", f"{node.map.epoch} {shard} shard {shard} is not in this node's map "
+                                       f"(epoch {node.map.epoch}: shards 0..{len(node.map.groups) - 1}); not applied")
         while True:
             now = loop.time()
             if now > deadline:
