@@ -1,11 +1,12 @@
-"""Time one online shard add: 3 nodes, 2 -> 3 shards, N keys preloaded, a writer running.
+"""Time one online shard add (3 nodes, 2 -> 3 shards) or removal (``--remove``: 3 -> 2 shards), N keys
+preloaded, a writer running.
 
-Usage: ``python bench/reshard_bench.py [--keys N] [--value-size B] [--dir DIR]``
+Usage: ``python bench/reshard_bench.py [--remove] [--keys N] [--value-size B] [--dir DIR]``
 
-Creates a loopback cluster (3 nodes, 2 shards), preloads N keys, starts one client thread that
-overwrites preloaded keys one after another (session writes through ``raftkv.Client``), runs ``raftkv
-shard add`` and reports its wall time, its own summary line (keys moved, per-step seconds) and the
-writer's latencies before and during the add (median, p99, max). Afterwards each shard's replicas
+Creates a loopback cluster (3 nodes, 2 shards; 3 with ``--remove``), preloads N keys, starts one client
+thread that overwrites preloaded keys one after another (session writes through ``raftkv.Client``), runs
+``raftkv shard add`` (or ``raftkv shard remove``) and reports its wall time, its own summary line (keys
+moved, per-step seconds) and the writer's latencies before and during the command (median, p99, max). Afterwards each shard's replicas
 must report the same key count, and the counts must add up to N. All nodes run on this one machine.
 """
 
@@ -41,9 +42,11 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=50_000)
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--dir", default=None, help="cluster directory (default: a temporary one)")
+    ap.add_argument("--remove", action="store_true", help="remove shard 2 of 3 instead of adding shard 2")
     a = ap.parse_args()
+    action, before, after = ("remove", 3, 2) if a.remove else ("add", 2, 3)
     with tempfile.TemporaryDirectory(prefix="reshard-bench-") as tmp:
-        system = RaftKVSystem(a.dir or tmp, shards=2, nodes=3)
+        system = RaftKVSystem(a.dir or tmp, shards=before, nodes=3)
         lc = system.lc
         try:
             loaded = preload(system, a.keys, a.value_size)
@@ -63,22 +66,23 @@ def main() -> None:
             writer.start()
             time.sleep(2.0)
             t0 = time.monotonic()
-            done = subprocess.run([sys.executable, "-m", "raftkv", "shard", "add", "--cluster", str(lc.config)],
+            done = subprocess.run([sys.executable, "-m", "raftkv", "shard", action, "--cluster", str(lc.config)],
                                   capture_output=True, text=True, check=False)
             took = time.monotonic() - t0
             stop.set()
             writer.join(30)
             if done.returncode != 0:
-                raise SystemExit(f"raftkv shard add failed:\n{done.stdout}{done.stderr}")
+                raise SystemExit(f"raftkv shard {action} failed:\n{done.stdout}{done.stderr}")
             print(done.stdout.strip())
-            print(f"raftkv shard add: {took:.1f} s wall ({a.keys} keys, 2 -> 3 shards, 3 nodes)")
-            print("writer before the add:", _summary([d for t, d in samples if t < t0]))
-            print("writer during the add:", _summary([d for t, d in samples if t0 <= t <= t0 + took]))
+            print(f"raftkv shard {action}: {took:.1f} s wall ({a.keys} keys, {before} -> {after} shards, 3 nodes)")
+            print(f"writer before the {action}:", _summary([d for t, d in samples if t < t0]))
+            print(f"writer during the {action}:", _summary([d for t, d in samples if t0 <= t <= t0 + took]))
             counts: dict[int, set[int]] = {}
             for _name, st in LocalCluster(lc.dir).shard_views().items():
                 for s, sh in st["shards"].items():
                     counts.setdefault(int(s), set()).add(sh["keys"])
             print("keys per shard on its replicas:", json.dumps({s: sorted(v) for s, v in sorted(counts.items())}))
+            assert sorted(counts) == list(range(after)), f"shards left: {sorted(counts)}"
             assert all(len(v) == 1 for v in counts.values()), "replicas disagree"
             assert sum(next(iter(v)) for v in counts.values()) == a.keys, "keys lost or stored twice"
         finally:
