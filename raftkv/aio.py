@@ -196,7 +196,8 @@ class AsyncClient:
         name = self._leaders.get(shard)
         if name is not None and name in self.map.nodes:
             return self.map.nodes[name].client_addr
-        replicas = self.map.replicas(shard)
+        # (A shard the map no longer has, `raftkv shard remove`: any node routes the request by its own map.)
+        replicas = self.map.replicas(shard) if shard in self.map.groups else []
         return random.choice(replicas).client_addr if replicas else random.choice(self._seeds)
 
     async def _refresh_leaders(self) -> None:

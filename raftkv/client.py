@@ -651,7 +651,8 @@ class Client:
         if name is not None and name in self.map.nodes:
             return self.map.nodes[name].client_addr
         # No leader known: any replica of the shard forwards (or says NOQUORUM).
-        replicas = self.map.replicas(shard)
+        # (A shard the map no longer has, `raftkv shard remove`: any node routes the request by its own map.)
+        replicas = self.map.replicas(shard) if shard in self.map.groups else []
         return random.choice(replicas).client_addr if replicas else random.choice(self._seeds)
 
     def _forget_leader(self, shard: int) -> None:

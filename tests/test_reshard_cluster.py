@@ -57,6 +57,13 @@ class Overwriter(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # a thread that dies must fail the test, not just stop writing
+            self.errors.append(f"writer crashed: {type(e).__name__}: {e}")
+            self.client.close()
+
+    def _run(self) -> None:
         i = 0
         while not self.stop.is_set():
             i += 1

@@ -122,7 +122,9 @@ class Router:
         if replica is not None:
             addr = replica.leader_addr()
             return None if addr is None else node.map.node_for_raft_addr(addr)
-        # Not hosted here: a replica node forwards on to its leader.
+        # Not hosted here: a replica node forwards on to its leader (none: a shard the map no longer has).
+        if shard not in node.map.groups:
+            return None
         names = [n.name for n in node.map.replicas(shard)]
         return names[0] if names else None
 
@@ -155,10 +157,6 @@ class Router:
         deadline = loop.time() + budget
         acc = Attempts(shard, read, idempotent)
         no_leader_since: float | None = None
-        if shard not in node.map.groups and shard not in node.replicas:
-            # (a transaction's home shard that `raftkv shard remove` took away, named by an older message)
-            return Error("WRONGSHARD", f"{node.map.epoch} {shard} shard {shard} is not in this node's map "
-                                       f"(epoch {node.map.epoch}: shards 0..{len(node.map.groups) - 1}); not applied")
         while True:
             now = loop.time()
             if now > deadline:
@@ -228,6 +226,10 @@ class Router:
                 continue
             if hops >= HOPS_MAX or (target == node.name and replica is None):
                 return acc.give_up("MOVED", f"{shard} this node does not lead shard {shard}")
+            if replica is None and shard not in node.map.groups:
+                # (a transaction's home shard that `raftkv shard remove` took away, named by an older message)
+                return acc.give_up("WRONGSHARD", f"{node.map.epoch} {shard} shard {shard} is not in this node's "
+                                                 f"map (epoch {node.map.epoch}); not applied")
             # No leader known (an election is under way, or no majority).
             if no_leader_since is None:
                 no_leader_since = now
