@@ -96,17 +96,19 @@ many writes (and KiB) were undone per node, which shows the fault was real;
 with ``--unsafe-no-sync`` (nodes that never fsync) it undoes acknowledged
 writes, and the checks must catch it. The window's end restarts the nodes.
 
-``reshard`` (not in ``all``): one ``raftkv shard add`` per window, against the live cluster and with
-its own code (:class:`raftkv.resharder.Resharder` behind a :class:`raftkv.membership.Operator`, what the
-CLI runs), so successive windows grow the cluster 3 -> 4 -> 5 ... shards, up to ``RESHARD_MAX_SHARDS``.
-Half the windows run the add in the nemesis's thread to its end; the other half run the CLI itself
-(``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after a line of progress drawn from
-``RESHARD_CUT_POINTS`` (placed, frozen, a source copied, the new shard open, the new map out), so it stops
-between steps: moving keys stay refused (``-MOVING`` / ``-WRONGSHARD``, both "not applied") until the next
-window's run, which finishes that add first (``Resharder`` resumes from where the shards stand), or the
-heal, which finishes any add left before the final reads.  No add is ever left half-done at the end of a
-run.  After each add the harness's ``LocalCluster`` adopts the new cluster file (its shard count), so the
-nemeses' leader picks, the recovery wait and the replicas check cover the new shards.
+``reshard`` (not in ``all``): one ``raftkv shard add`` or ``raftkv shard remove`` per window, alternating
+(an add when the cluster has ``RESHARD_MIN_SHARDS`` shards, a removal at ``RESHARD_MAX_SHARDS``), against the
+live cluster and with its own code (:class:`raftkv.resharder.Resharder` behind a
+:class:`raftkv.membership.Operator`, what the CLI runs), so successive windows go 3 -> 4 -> 3 -> 4 ...
+shards. Half the windows run the command in the nemesis's thread to its end; the other half run the CLI
+itself (``python -m raftkv shard add --chunk 1`` / ``shard remove ID --chunk 1``) and ``kill -9`` it right
+after a line of progress drawn from ``RESHARD_CUT_POINTS`` (or ``REMOVE_CUT_POINTS``: marked, frozen, copied,
+handed off and open, the new map out), so it stops between steps: moving keys stay refused (``-MOVING`` /
+``-WRONGSHARD``, both "not applied") until the next window's run, which finishes that add or removal first
+(``Resharder`` resumes from where the shards stand), or the heal, which finishes any left before the final
+reads.  No move is ever left half-done at the end of a run.  After each window the harness's
+``LocalCluster`` adopts the new cluster file (its shard count), so the nemeses' leader picks, the recovery
+wait and the replicas check cover the shards the ring has.
 
 ``clock-forward`` (not in ``all``): steps of +/- ``CLOCK_SKEW_S`` seconds, set
 back to 0 at the window's end, so every fault includes a *forward* step: the
@@ -176,7 +178,9 @@ COMPACTION_WAIT_S = 5.0
 COMPACTION_INSTALL_WAIT_S = 10.0
 """The longest it waits for the restarted node to receive its first snapshot chunk (start-up included)."""
 RESHARD_MAX_SHARDS = 8
-"""The ``reshard`` nemesis adds shards up to this many; windows past it only finish an add left half-done."""
+"""The ``reshard`` nemesis adds shards up to this many (at this many, a window removes one)."""
+RESHARD_MIN_SHARDS = 2
+"""... and removes shards down to this many (at this many, a window adds one)."""
 RESHARD_STEP_TIMEOUT_S = 30.0
 """``shard add --timeout``: the longest one step of an add waits (a leader, transactions holding moving keys)."""
 RESHARD_CUT_POINTS = {"placed": "group placed on", "frozen": "frozen: ", "copying": " keys copied, ",
@@ -185,6 +189,10 @@ RESHARD_CUT_POINTS = {"placed": "group placed on", "frozen": "frozen: ", "copyin
 holds the text: the new group placed (not on the ring), the sources frozen (writes of moving keys refused),
 the first source copied, the new shard open with every source handed off (moved keys refused by the sources,
 the map not out yet), the new map out (the sources' cleanup not done)."""
+REMOVE_CUT_POINTS = {"marked": " is being removed (still on", "frozen": "frozen: ", "copying": " keys copied, ",
+                     "open": " handed off; shards ", "new map": " removed ("}
+"""Where a cut ``shard remove`` is killed: the removal marked in the map, the last shard frozen, its keys
+copied, it handed off and the others open (the map not out yet), the map without it out."""
 RESHARD_CLI_WAIT_S = 60.0
 """The longest the nemesis waits for a cut ``shard add`` process to reach its line (it is killed then)."""
 
@@ -308,6 +316,7 @@ class Nemesis:
         self._engine_before: dict[int, tuple[int, float] | None] = {}  # slow-disk fault -> counters at its start
         self._log_at: dict[int, dict[str, int]] = {}  # disk fault -> its nodes' log sizes when it started
         self._compaction_turn: int | None = None  # which compaction variant comes next (first one: random)
+        self._last_reshard = "remove"  # the reshard nemesis alternates: an add first, then a removal, ...
         self._lock = threading.RLock()
         self.nodes = list(cluster.map.nodes)
 
@@ -788,23 +797,30 @@ class Nemesis:
         return m
 
     def _reshard_fault(self) -> Fault:
-        """One ``shard add`` per window: an add an earlier window left half-done is finished first (that is the
-        window's add); else shard N is added, half the time in this thread to its end, half the time by the
-        CLI killed after a few lines of progress (left for the next window or the heal).  Past
-        ``RESHARD_MAX_SHARDS`` shards a window adds nothing."""
-        f = Fault("reshard", "shard add", [], self.clock())
+        """One ``shard add`` or ``shard remove`` per window: a move an earlier window left half-done is finished
+        first (that is the window's move); else the other of the last window's (an add at
+        ``RESHARD_MIN_SHARDS`` shards, a removal at ``RESHARD_MAX_SHARDS``), half the time in this thread to its
+        end, half the time by the CLI killed after a line of progress (left for the next window or the heal)."""
+        f = Fault("reshard", "shard move", [], self.clock())
         op = self._operator()
         m = op.map
         resharder = self._resharder(op)
         try:
-            pending = m.adding is not None or resharder._unfinished_cleanup() is not None
-            if not pending and m.nshards >= RESHARD_MAX_SHARDS:
-                f.detail = f"no shard add: the cluster has {m.nshards} shards (the nemesis's cap)"
-            elif not pending and self.rng.random() < 0.5:
-                self._cut_shard_add(f, m.nshards)
+            if m.removing is not None:
+                self._shard_remove(f, resharder, m.nshards, pending=True)
+            elif m.adding is not None or resharder._unfinished_cleanup() is not None:
+                self._shard_add(f, resharder, m.nshards, pending=True)
             else:
-                self._shard_add(f, resharder, m.nshards, pending)
-        except Exception as e:  # noqa: BLE001 - a failed add is recorded; the next window or the heal re-runs it
+                remove = m.nshards >= RESHARD_MAX_SHARDS or (
+                    m.nshards > RESHARD_MIN_SHARDS and self._last_reshard == "add")
+                self._last_reshard = "remove" if remove else "add"
+                if self.rng.random() < 0.5:
+                    self._cut_reshard(f, m.nshards, remove)
+                elif remove:
+                    self._shard_remove(f, resharder, m.nshards, pending=False)
+                else:
+                    self._shard_add(f, resharder, m.nshards, pending=False)
+        except Exception as e:  # noqa: BLE001 - a failed move is recorded; the next window or the heal re-runs it
             f.error = f"{type(e).__name__}: {e}"
             f.detail += " failed (the next reshard window or the heal runs it again)"
         finally:
@@ -813,6 +829,14 @@ class Nemesis:
             f.nodes = sorted(after.placement.get(after.adding if after.adding is not None else after.nshards - 1,
                                                  ()))
         return f
+
+    def _shard_remove(self, f: Fault, resharder: Any, nshards: int, pending: bool) -> None:
+        """Run ``shard remove`` of the last shard in this thread to its end; the detail says what it moved."""
+        f.detail = (f"shard remove: finished the removal of shard {nshards - 1} an earlier window left" if pending
+                    else f"shard remove: {nshards} -> {nshards - 1} shards")
+        res = resharder.remove(nshards - 1)
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items())
+        f.detail += f": shard {res.shard} (epoch {res.epoch}) gave {res.moved} of {res.total} keys away; {steps}"
 
     def _shard_add(self, f: Fault, resharder: Any, nshards: int, pending: bool) -> None:
         """Run ``shard add`` in this thread to its end; the detail says what it moved."""
@@ -828,16 +852,20 @@ class Nemesis:
             f.detail += (f": shard {res.shard} (epoch {res.epoch}) on the ring, {res.purged} moved keys deleted "
                          f"from the sources; {steps}")
 
-    def _cut_shard_add(self, f: Fault, nshards: int) -> None:
-        """Run the CLI (``python -m raftkv shard add --chunk 1``) and ``kill -9`` it right after its line of
-        progress that marks a point drawn from ``RESHARD_CUT_POINTS``; the detail quotes that line."""
-        point = self.rng.choice(sorted(RESHARD_CUT_POINTS))
-        needle = RESHARD_CUT_POINTS[point]
-        f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI, cut when {point}"
+    def _cut_reshard(self, f: Fault, nshards: int, remove: bool) -> None:
+        """Run the CLI (``python -m raftkv shard add --chunk 1``, or ``shard remove ID --chunk 1``) and
+        ``kill -9`` it right after its line of progress that marks a point drawn from ``RESHARD_CUT_POINTS``
+        (``REMOVE_CUT_POINTS``); the detail quotes that line."""
+        points = REMOVE_CUT_POINTS if remove else RESHARD_CUT_POINTS
+        point = self.rng.choice(sorted(points))
+        needle = points[point]
+        what, after = ("remove", nshards - 1) if remove else ("add", nshards + 1)
+        f.detail = f"shard {what} {nshards} -> {after} shards by the CLI, cut when {point}"
         auth = []
         if self.client_kw.get("password"):
             auth = ["--password", str(self.client_kw["password"])]
-        cmd = [sys.executable, "-m", "raftkv", *auth, "shard", "add", "--chunk", "1",
+        cmd = [sys.executable, "-m", "raftkv", *auth, "shard", what, *([str(nshards - 1)] if remove else []),
+               "--chunk", "1",
                "--timeout", f"{RESHARD_STEP_TIMEOUT_S:g}", "--cluster", str(self.cluster.config)]
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])
@@ -869,25 +897,28 @@ class Nemesis:
         if cut and rc == -signal.SIGKILL:
             f.detail += f": kill -9 after {last!r} (left for the next window or the heal)"
         elif rc == 0:
-            f.detail = f"shard add {nshards} -> {nshards + 1} shards by the CLI (ended before the cut): {last!r}"
+            f.detail = f"shard {what} {nshards} -> {after} shards by the CLI (ended before the cut): {last!r}"
         else:
-            raise RuntimeError(f"raftkv shard add exited {rc} after {len(lines)} lines: {lines[-3:]}")
+            raise RuntimeError(f"raftkv shard {what} exited {rc} after {len(lines)} lines: {lines[-3:]}")
 
     def _finish_reshard(self) -> str:
-        """The heal: finish an add a window left half-done (none is started); what was done."""
+        """The heal: finish an add or removal a window left half-done (none is started); what was done."""
         try:
             op = self._operator()
             resharder = self._resharder(op)
             try:
+                if op.map.removing is not None:
+                    res = resharder.remove(op.map.removing)
+                    return f"finished the removal of shard {res.shard} (epoch {res.epoch}, {res.moved} keys moved)"
                 if op.map.adding is None and resharder._unfinished_cleanup() is None:
-                    return f"no shard add left half-done ({op.map.nshards} shards)"
+                    return f"no shard add or removal left half-done ({op.map.nshards} shards)"
                 res = resharder.run()
             finally:
                 resharder.close()
                 self._adopt_map()
             return f"finished the add of shard {res.shard} (epoch {res.epoch}, {res.purged} moved keys deleted)"
         except Exception as e:  # noqa: BLE001 - reported; the recovery wait and the checks will show what is left
-            return f"finishing the shard add failed: {type(e).__name__}: {e}"
+            return f"finishing the shard move failed: {type(e).__name__}: {e}"
 
     # -- the schedule ------------------------------------------------------------------
     def run(self, schedule: list[tuple[float, str, float]], stop: threading.Event) -> None:
@@ -909,11 +940,13 @@ class Nemesis:
 
 
 def moves_left(m: Any, statuses: dict[str, dict]) -> list[str]:
-    """Pure: what a ``shard add`` left half-done, from the cluster file ``m`` and every node's ``RAFTKV.STATUS``
+    """Pure: what a ``shard add`` or ``shard remove`` left half-done, from the cluster file ``m`` and every node's ``RAFTKV.STATUS``
     (name -> status): the file still placing a shard that is not on the ring, a replica with a move under way,
     or one serving under a ring older than the file's (a shard that took part in a move and missed its end).
     Empty: no move is left."""
     left = [f"the cluster file still adds shard {m.adding}"] if m.adding is not None else []
+    if getattr(m, "removing", None) is not None:
+        left.append(f"the cluster file still removes shard {m.removing}")
     for name, st in sorted(statuses.items()):
         for shard, sh in sorted((st.get("shards") or {}).items(), key=lambda kv: int(kv[0])):
             if sh.get("move") is not None:

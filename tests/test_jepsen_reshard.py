@@ -1,4 +1,4 @@
-"""The ``reshard`` nemesis: ``raftkv shard add`` under load in the fault harness, and how the harness's clients
+"""The ``reshard`` nemesis: ``raftkv shard add`` and ``raftkv shard remove`` under load in the fault harness, and how the harness's clients
 record the two refusals a move produces (``-MOVING``, ``-WRONGSHARD epoch shard``: both "not applied").
 
 The run test is one short seeded harness run (~12 s of load, ~25 s wall on an idle machine); the rest is pure.
@@ -92,6 +92,52 @@ def test_moves_left_names_every_half_done_move() -> None:
     left = moves_left(m, {"n2": _status(s0=({"epoch": 5, "dest": 4, "phase": "handoff"}, 4), s3=(None, 3))})
     assert left == ["n2 shard 0: move {'epoch': 5, 'dest': 4, 'phase': 'handoff'}",
                     "n2 shard 3: serves a ring of 3 shards (the file: 4)"]
+    removing = dataclasses.replace(m, removing=3)
+    assert moves_left(removing, {}) == ["the cluster file still removes shard 3"]
+
+
+def test_the_nemesis_alternates_adds_and_removals_within_its_bounds() -> None:
+    """From 3 shards: add, remove, add, ...; at the cap only removals, at the floor only adds."""
+    import random
+    from types import SimpleNamespace
+
+    from jepsen_like import nemesis as nem
+
+    n = nem.Nemesis(SimpleNamespace(map=local_cluster(3, 3, base_port=7001)), random.Random(1), lambda: 0.0)
+    calls: list[tuple[str, int]] = []
+    shards = [3]
+
+    class FakeResharder:
+        def close(self) -> None:
+            pass
+
+        def _unfinished_cleanup(self) -> None:
+            return None
+
+    def fake_map() -> ShardMap:
+        return local_cluster(3, shards[0], base_port=7001)
+
+    n._operator = lambda: SimpleNamespace(map=fake_map())  # type: ignore[method-assign]
+    n._resharder = lambda op: FakeResharder()  # type: ignore[method-assign]
+    n._adopt_map = fake_map  # type: ignore[method-assign]
+
+    def move(f: object, resharder: object, nshards: int, remove: bool, pending: bool = False) -> None:
+        calls.append(("remove" if remove else "add", nshards))
+        shards[0] += -1 if remove else 1
+    n._cut_reshard = lambda f, nshards, remove: move(f, None, nshards, remove)  # type: ignore[method-assign]
+    n._shard_add = lambda f, r, nshards, pending: move(f, r, nshards, False)  # type: ignore[method-assign]
+    n._shard_remove = lambda f, r, nshards, pending: move(f, r, nshards, True)  # type: ignore[method-assign]
+    for _ in range(4):
+        n._reshard_fault()
+    assert calls == [("add", 3), ("remove", 4), ("add", 3), ("remove", 4)]
+    shards[0], calls[:] = nem.RESHARD_MAX_SHARDS, []
+    n._last_reshard = "remove"
+    n._reshard_fault()
+    assert calls == [("remove", nem.RESHARD_MAX_SHARDS)]
+    shards[0], calls[:] = nem.RESHARD_MIN_SHARDS, []
+    n._last_reshard = "add"
+    n._reshard_fault()
+    assert calls == [("add", nem.RESHARD_MIN_SHARDS)]
 
 
 # -- a real run ----------------------------------------------------------------------------------------------
@@ -99,17 +145,18 @@ def test_moves_left_names_every_half_done_move() -> None:
 @pytest.mark.slow
 def test_run_with_reshard_passes(tmp_path: Path) -> None:
     """Seed 1: the first window adds shard 3 to its end (3 -> 4 shards, some of the register keys move);
-    the second runs ``raftkv shard add`` as a process and kills it -9 right after it placed shard 4's
-    group, which the heal finishes before the final reads. The run passes, with the ``shard-moves`` check
-    (no move left on any replica), and the cluster file ends with 5 shards."""
+    the second runs ``raftkv shard remove 3`` as a process and kills it -9 right after shard 3 handed off and
+    the others opened (the map without it not out), which the heal finishes before the final reads. The run
+    passes, with the ``shard-moves`` check (no move left on any replica), and the cluster file ends with 3
+    shards."""
     rc, res, out = harness(tmp_path, "--nemesis", "reshard", *common(1, 12))
     assert_pass(rc, res, out)
     faults = res["faults"]
     assert [f["kind"] for f in faults] == ["reshard", "reshard"] and not any(f["error"] for f in faults), faults
     assert re.match(r"shard add: 3 -> 4 shards: shard 3 \(epoch 3\) got \d+ of \d+ keys", faults[0]["detail"])
-    assert "by the CLI, cut when placed: kill -9 after" in faults[1]["detail"], faults[1]
-    assert "finished the add of shard 4" in out
+    assert "shard remove 4 -> 3 shards by the CLI, cut when open: kill -9 after" in faults[1]["detail"], faults[1]
+    assert "finished the removal of shard 3" in out
     assert res["checks"]["shard-moves"]["valid"] is True
     final = ShardMap.load(Path(res["dir"]) / "nodes" / "cluster.toml")
-    assert (final.nshards, final.adding) == (5, None)
-    assert "replicas of 5 shards" in res["checks"]["replicas"]["summary"]
+    assert (final.nshards, final.adding, final.removing) == (3, None, None)
+    assert "replicas of 3 shards" in res["checks"]["replicas"]["summary"]
