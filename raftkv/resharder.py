@@ -245,7 +245,8 @@ class Resharder:
         if m.removing is None:
             if want is not None and want == m.nshards:
                 self.op.push_map(verbose=False)  # the run that removed it may have died before pushing this map
-                self.say(f"shard {want} was removed already (epoch {m.epoch}: {m.nshards} shard(s)); map pushed")
+                self.say(f"there is no shard {want} (epoch {m.epoch}: shards 0..{m.nshards - 1}): removed already "
+                         "(the map without it pushed again), or never added")
                 return ReshardResult(want, m.epoch, 0, 0, 0, times)
             why = reshard.removal_refusal(m.nshards, want)
             if why is not None:

@@ -362,3 +362,29 @@ def test_adding_must_be_the_next_shard_id_with_a_placement() -> None:
     d["cluster"]["adding"] = 3
     with pytest.raises(ShardMapError, match="cluster.adding needs an explicit"):
         ShardMap.from_dict(d)
+
+
+def test_a_removal_mark_round_trips_and_only_the_last_shard_can_be_marked() -> None:
+    m = local_cluster(3, 3, base_port=7001)
+    marked = dataclasses.replace(m, epoch=m.epoch + 1, removing=2)
+    assert ShardMap.from_dict(tomllib.loads(marked.to_toml())) == marked
+    assert "removing = 2" in marked.to_toml() and "removing" not in m.to_toml()
+    assert list(marked.groups) == [0, 1, 2] and marked.ring == m.ring  # still on the ring, still hosted
+    for bad in (0, 1, 3):
+        with pytest.raises(ShardMapError):
+            dataclasses.replace(m, removing=bad)
+    with pytest.raises(ShardMapError):
+        dataclasses.replace(local_cluster(3, 1, base_port=7001), removing=0)  # the only shard
+
+
+def test_a_node_takes_a_smaller_map_only_from_one_marking_that_removal() -> None:
+    from raftkv.server.commands.member import shrink_allowed
+
+    m = local_cluster(3, 3, base_port=7001)
+    marked = dataclasses.replace(m, epoch=2, removing=2)
+    smaller = dataclasses.replace(local_cluster(3, 2, base_port=7001), epoch=3)
+    assert shrink_allowed(marked, smaller)
+    assert not shrink_allowed(m, smaller)  # no removal marked
+    assert not shrink_allowed(marked, dataclasses.replace(smaller, epoch=2))  # not newer
+    assert not shrink_allowed(dataclasses.replace(local_cluster(3, 4, base_port=7001), removing=3),
+                              dataclasses.replace(local_cluster(3, 2, base_port=7001), epoch=9))  # two less
