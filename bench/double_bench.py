@@ -86,9 +86,13 @@ def _throughput(system: RaftKVSystem, a: argparse.Namespace, label: str) -> dict
     return out
 
 
-def _sources() -> dict[str, int]:
-    """Established TCP connections in this network namespace by local IPv4 address (``/proc/net/tcp`` is
-    per namespace): nodes that talk from their own ``127.0.0.i`` show up under it."""
+def _node_links(hosts: list[str]) -> dict[str, int]:
+    """Established TCP connections in this network namespace (``/proc/net/tcp`` is per namespace) between two
+    different node addresses, per pair, both ends counted: non-empty only if nodes connect from their own
+    ``127.0.0.i`` (the bind shim), not from the harness's :data:`jepsen_like.netns.HARNESS_ADDR`."""
+    def ip(field: str) -> str:
+        return ".".join(str(b) for b in reversed(bytes.fromhex(field.split(":")[0])))
+
     out: dict[str, int] = {}
     try:
         with open("/proc/net/tcp") as f:
@@ -96,10 +100,11 @@ def _sources() -> dict[str, int]:
     except OSError:
         return out
     for row in rows:
-        local, state = row.split()[1], row.split()[3]
-        if state == "01":  # ESTABLISHED
-            ip = ".".join(str(b) for b in reversed(bytes.fromhex(local.split(":")[0])))
-            out[ip] = out.get(ip, 0) + 1
+        cols = row.split()
+        a, b = ip(cols[1]), ip(cols[2])
+        if cols[3] == "01" and a != b and a in hosts and b in hosts:  # 01: ESTABLISHED
+            pair = "<->".join(sorted((a, b)))
+            out[pair] = out.get(pair, 0) + 1
     return dict(sorted(out.items()))
 
 
@@ -211,8 +216,8 @@ def run(a: argparse.Namespace, tmp: str, in_ns: bool, note: str) -> dict[str, An
         lc = system.lc = LocalCluster(lc.dir)  # the map as the rebalance left it, the added nodes' pids
         lc.wait_ready(60)
         if in_ns:
-            summary["established_tcp_by_local_address"] = _sources()
-            _say(f"established TCP connections by local address: {_fmt(summary['established_tcp_by_local_address'])}")
+            links = summary["node_to_node_tcp"] = _node_links([host(i) for i in range(1, NODES_AFTER + 1)])
+            _say(f"established TCP connections between node addresses ({len(links)} pairs): {_fmt(links)}")
         summary["after"] = _spread(lc, "after")
         summary["agreement"] = _agreement(lc, a.keys)
         t0 = time.monotonic()
