@@ -253,7 +253,7 @@ def main() -> None:
     ap.add_argument("--netns", choices=("auto", "require", "off"), default="auto")
     ap.add_argument("--dir", default=None, help="cluster directory (default: a temporary one)")
     a = ap.parse_args()
-    note = ""
+    note = "--netns off"
     if a.netns != "off" and not netns.inside():
         avail = netns.probe()
         if avail.ok:
