@@ -24,6 +24,7 @@ import time
 
 from raftkv import Client
 from raftkv.bench.preload import preload
+from raftkv.bench.scaleout import keys_per_shard
 from raftkv.bench.systems import RaftKVSystem
 from raftkv.bench.workloads import key_name
 from raftkv.cluster import LocalCluster
@@ -77,14 +78,11 @@ def main() -> None:
             print(f"raftkv shard {action}: {took:.1f} s wall ({a.keys} keys, {before} -> {after} shards, 3 nodes)")
             print(f"writer before the {action}:", _summary([d for t, d in samples if t < t0]))
             print(f"writer during the {action}:", _summary([d for t, d in samples if t0 <= t <= t0 + took]))
-            counts: dict[int, set[int]] = {}
-            for _name, st in LocalCluster(lc.dir).shard_views().items():
-                for s, sh in st["shards"].items():
-                    counts.setdefault(int(s), set()).add(sh["keys"])
-            print("keys per shard on its replicas:", json.dumps({s: sorted(v) for s, v in sorted(counts.items())}))
+            counts = keys_per_shard(LocalCluster(lc.dir))
+            print("keys per shard on its replicas:", json.dumps(counts))
             assert sorted(counts) == list(range(after)), f"shards left: {sorted(counts)}"
             assert all(len(v) == 1 for v in counts.values()), "replicas disagree"
-            assert sum(next(iter(v)) for v in counts.values()) == a.keys, "keys lost or stored twice"
+            assert sum(v[0] for v in counts.values()) == a.keys, "keys lost or stored twice"
         finally:
             LocalCluster(lc.dir).stop()
             lc.stop()

@@ -39,8 +39,8 @@ Removing the last shard ``S = N-1`` (``remove``) is the mirror image, keyed the 
    without ``S`` gives it, then ``S``'s client sessions into every ``d``.
 5. ``S``: ``mv_handoff`` (every key refused with ``-WRONGSHARD``); every ``d``: ``mv_open``; then map
    ``E+2`` (``shards = N-1``, ``S``'s placement dropped) is saved and pushed: the nodes stop ``S``'s
-   group and reclaim its data (``Node.install_map``; a node accepts the smaller map only from one that
-   marks the removal, ``member.shrink_allowed``).
+   group and reclaim its data (``Node.install_map``; a node takes the smaller map only once the removal
+   was marked, ``member.shrink_allowed``).
 
 A run that died anywhere is finished by running ``raftkv shard remove S`` again: while the map says
 ``removing`` steps 2-5 resume where the shards stand; once the map of ``E+2`` was saved, ``remove S``

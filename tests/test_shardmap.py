@@ -386,5 +386,8 @@ def test_a_node_takes_a_smaller_map_only_from_one_marking_that_removal() -> None
     assert shrink_allowed(marked, smaller)
     assert not shrink_allowed(m, smaller)  # no removal marked
     assert not shrink_allowed(marked, dataclasses.replace(smaller, epoch=2))  # not newer
+    # a node that missed the marking map: its replica opened under the 2-shard ring (epoch 3) is the proof
+    assert shrink_allowed(m, smaller, opened=[(2, 3)])
+    assert not shrink_allowed(m, smaller, opened=[(2, 1), (3, 1)])  # an older owner of 2 shards proves nothing
     assert not shrink_allowed(dataclasses.replace(local_cluster(3, 4, base_port=7001), removing=3),
                               dataclasses.replace(local_cluster(3, 2, base_port=7001), epoch=9))  # two less
