@@ -22,6 +22,7 @@ from raftkv import reshard
 from raftkv.reshard import FROZEN, HANDOFF, INCOMING, Move, Owner, keys_of, refusal
 from raftkv.results import CmdError
 from raftkv.state import KVState
+from raftkv.txn import COMMITTED, Record
 from shards.ring import Ring
 
 V = 32  # vnodes: small rings keep the properties fast; the rules do not depend on it
@@ -420,3 +421,24 @@ def test_a_malformed_move_command_is_refused_and_changes_nothing(cmd: tuple) -> 
     s.applied -= 1
     s.log_ms = KVState.restore(before).log_ms
     assert s.snapshot() == before
+
+
+def test_a_lock_is_finished_as_aborted_without_its_home_only_once_the_home_left_the_ring() -> None:
+    """``home_removed``: a shard opened under the 2-shard ring may abort a lock homed at shard 2; never while a
+    move is under way (a source of an add keeps the old ring until it is done), nor for a home on its ring."""
+    opened = Owner(0, 2, V, 9)
+    assert reshard.home_removed(opened, None, 2) and reshard.home_removed(opened, None, 5)
+    assert not reshard.home_removed(opened, None, 1)
+    assert not reshard.home_removed(None, None, 2)  # never took part in a move: nothing is known
+    assert not reshard.home_removed(opened, Move(10, 0, 2, V, HANDOFF), 2)  # an add of shard 2 under way
+    assert not reshard.home_removed(Owner(0, 2, V, 9), Move(9, 0, 2, V, INCOMING, True), 2)  # not open yet
+
+
+def test_a_removed_shard_counts_committed_transactions_not_yet_finished_everywhere() -> None:
+    """``mv_status``'s last field, which the removal waits to see at 0 before the hand-off."""
+    s = KVState()
+    assert s.read(("mv_status",))[6] == 0
+    s.txns.records["t"] = record = Record(COMMITTED, (0, 2), 0)
+    assert s.read(("mv_status",))[6] == 1
+    record.acked = True
+    assert s.read(("mv_status",))[6] == 0
