@@ -55,7 +55,8 @@ replay and load unchanged).
 ``("mv_handoff", epoch)``                          source: refuse reads of moving keys too
 ``("mv_purge", epoch, keys)``                      source, after handoff: delete those moving keys
 ``("mv_done", epoch)``                             source: the new ring is now the owner
-``("mv_abort", epoch)``                            source, while frozen: forget the move
+``("mv_abort", epoch)``                            source, while frozen: forget the move (also a
+                                                   removal's destination holding none of its keys)
 ``("mv_install", epoch, dest, vnodes, revision,    destination: store moved keys and merge the
 items, sessions)``                                 sources' client sessions (higher seq wins)
 ``("mv_open", epoch)``                             destination: serve (the new ring is the owner)
@@ -349,8 +350,18 @@ def _abort(s: Any, cmd: tuple, now_ms: int) -> Any:
     move = s.move
     if move is None or move.epoch != cmd[1]:
         return "none"
+    if move.phase == INCOMING and move.removing:
+        # A remaining shard of a removal given up before the copy: nothing of the removed shard is here (it
+        # would be stale once that shard serves again), so it just stops refusing those keys. Walks the keys:
+        # a rare command.
+        if any(move.arriving(k) for k in s.data.keys_between()):
+            return CmdError("ERR", "mv_abort: keys of the removed shard were copied here already; the removal "
+                                   "can only be finished")
+        s.move = None
+        return "aborted"
     if move.phase != FROZEN:
-        return CmdError("ERR", f"mv_abort: the move is {move.phase}; only a frozen move can be abandoned")
+        return CmdError("ERR", f"mv_abort: the move is {move.phase}; only a frozen move (or a removal's "
+                               "destination before the copy) can be abandoned")
     s.move = None
     return "aborted"
 
@@ -419,11 +430,14 @@ def status(s: Any) -> tuple:
     None.  Cheap: it never walks the keys (the poll of step 2 runs it).
 
     On a shard being removed, every lease it holds counts as on a moving key (a lease homed there would
-    lose its home), and the last number is what must reach 0 before it hands off (``home_removed``).
+    lose its home), and the last number is what must reach 0 before it hands off (``home_removed``).  On a
+    shard with no move, the leases count is every lease and leased key it holds (what a removal would meet).
     """
     move = s.move
     locked = leased = 0
-    if move is not None and move.phase != INCOMING:
+    if move is None:
+        leased = len(s.leases.leases) + len(s.leases.key_lease)
+    elif move.phase != INCOMING:
         locked = sum(1 for k in s.txns.locks if move.moving(k))
         leased = sum(1 for k in s.leases.key_lease if move.moving(k))
         if move.removing:

@@ -45,7 +45,8 @@ Removing the last shard ``S = N-1`` (``remove``) is the mirror image, keyed the 
 A run that died anywhere is finished by running ``raftkv shard remove S`` again: while the map says
 ``removing`` steps 2-5 resume where the shards stand; once the map of ``E+2`` was saved, ``remove S``
 finds ``S`` gone, pushes that map again and stops (without an id, a re-run would remove the next
-last shard). Nothing is undone: a removal only goes forward.
+last shard). The one undo: leases on ``S`` found in step 3 (before any key is copied) abandon the
+removal: ``S`` and every destination ``mv_abort``, and a map without the mark is saved.
 """
 
 from __future__ import annotations
@@ -255,6 +256,10 @@ class Resharder:
                 raise ReshardError("an earlier 'raftkv shard add' stopped before its cleanup ended; run "
                                    "'raftkv shard add' again to finish it first")
             gone = m.nshards - 1
+            leased = self.status(gone)["leased"]
+            if leased:  # (on a shard with no move: every lease and leased key it holds)
+                raise ReshardError(f"shard {gone} holds keys on leases ({leased}); moving leased keys is not built: "
+                                   "revoke those leases or let them expire, then run it again (nothing changed)")
             m = dataclasses.replace(m, epoch=m.epoch + 1, removing=gone)
             self.rerun = f"raftkv shard remove {gone}"
             self._publish(m)
@@ -284,8 +289,14 @@ class Resharder:
         t = time.monotonic()
         phase = self.call(gone, "mv_freeze", epoch, gone, gone, vnodes, True)
         self.say(f"frozen: shard {gone} {phase}")
+        def undo() -> None:  # before any key is copied: the destinations stop refusing, the mark goes
+            for d in dests:
+                self.call(d, "mv_abort", epoch)
+            self._publish(dataclasses.replace(self.op.map, epoch=self.op.map.epoch + 1, removing=None))
+            self.say(f"epoch {self.op.map.epoch}: the removal of shard {gone} was given up; nothing changed")
+
         if phase == reshard.FROZEN:
-            stats = self._wait_unlocked(epoch, [gone])
+            stats = self._wait_unlocked(epoch, [gone], undo)
             times["freeze"] = time.monotonic() - t
             t = time.monotonic()
             revision = stats[gone]["revision"]
@@ -358,9 +369,10 @@ class Resharder:
         self.call(dest, "mv_install", epoch, dest, vnodes, 0, (), ())
         return False
 
-    def _wait_unlocked(self, epoch: int, frozen: list[int]) -> dict[int, dict]:
+    def _wait_unlocked(self, epoch: int, frozen: list[int],
+                       undo: Callable[[], None] | None = None) -> dict[int, dict]:
         """Until no prepared transaction holds a moving key of a frozen source; abandons the move if a
-        moving key is attached to a lease (not built). Returns each source's last status."""
+        moving key is attached to a lease (not built), then runs ``undo``. Returns each source's last status."""
         deadline = time.monotonic() + self.step_timeout
         while True:
             stats = {s: self.status(s) for s in frozen}
@@ -368,6 +380,8 @@ class Resharder:
             if leased:
                 for s in frozen:
                     self.call(s, "mv_abort", epoch)
+                if undo is not None:
+                    undo()
                 raise ReshardError(f"moving keys are attached to leases ({leased}); moving leased keys is not "
                                    "built, so the move was abandoned (nothing was copied); revoke those leases "
                                    f"or let them expire, then run '{self.rerun}' again")

@@ -442,3 +442,17 @@ def test_a_removed_shard_counts_committed_transactions_not_yet_finished_everywhe
     assert s.read(("mv_status",))[6] == 1
     record.acked = True
     assert s.read(("mv_status",))[6] == 0
+
+
+def test_a_removal_given_up_before_the_copy_leaves_the_remaining_shards_as_they_were() -> None:
+    """``mv_abort`` on a removal's destination: it stops refusing the arriving keys, unless one was copied
+    there already (then the removal can only be finished)."""
+    old, new = Ring(range(3), V), Ring(range(2), V)
+    arriving = next(k for k in (b"a%d" % i for i in range(1000)) if old.shard_for(k) == 2 and new.shard_for(k) == 0)
+    s = KVState()
+    s.apply(("mv_install", 6, 0, V, 0, (), (), 2), 0)
+    assert s.apply(("get", arriving), 1).code == "MOVING"  # type: ignore[union-attr]
+    assert s.apply(("mv_abort", 6), 2) == "aborted" and s.move is None and s.owner is None
+    assert s.apply(("get", arriving), 3) is None  # as before the removal (no map sends it here)
+    s.apply(("mv_install", 8, 0, V, 0, ((arriving, b"x", None),), (), 2), 4)
+    assert s.apply(("mv_abort", 8), 5).code == "ERR" and s.move is not None  # type: ignore[union-attr]

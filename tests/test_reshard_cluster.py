@@ -505,6 +505,16 @@ def test_shard_remove_killed_mid_copy_is_finished_by_running_it_again_then_a_sha
         assert added.shard == 2 and added.total == LOADED
         assert added.moved == sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
         _check_after_add(lc, keys, writers, 3)
+        # a key of shard 2 on a lease: the removal is refused before anything changes (moving leases: not built)
+        leased_key = next(k for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
+        epoch = ShardMap.load(lc.config).epoch
+        with Client(cluster=lc.config, timeout=15.0) as c:
+            lease = c.lease_grant(60, near=leased_key)
+            c.put(leased_key, "leased", lease=lease)
+            with pytest.raises(Exception, match="leases"):
+                Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0).remove(2)
+            assert (ShardMap.load(lc.config).epoch, ShardMap.load(lc.config).removing) == (epoch, None)
+            c.lease_revoke(lease)
     except BaseException:
         _stop(writers)
         dump_logs(LocalCluster(lc.dir))
