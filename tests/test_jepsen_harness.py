@@ -265,8 +265,9 @@ def test_lock_holders_past_their_lease_are_caught(tmp_path: Path) -> None:
 def test_one_shard_writes_through_transaction_locks_are_caught(tmp_path: Path) -> None:
     """The negative control of 2PC isolation: nodes with ``--unsafe-skip-locks`` let one-shard
     transactions of the append workload write keys that a prepared cross-shard transaction holds;
-    its COMMIT lands on top of what it did not read, and Elle names the cycle."""
-    rc, res, out = harness(tmp_path, "--workload", "append", "--unsafe-skip-locks", "--time", "10",
+    its COMMIT lands on top of what it did not read, and Elle names the cycle (7 s of load: caught in 5 of 5
+    runs on a loaded 2-core machine, 10 s before)."""
+    rc, res, out = harness(tmp_path, "--workload", "append", "--unsafe-skip-locks", "--time", "7",
                            "--clients", "10", "--rate", "100", "--seed", "1")
     assert rc == 1, f"expected the Elle check to fail, exit {rc}:\n{out[-4000:]}"
     elle = res["checks"]["elle"]
