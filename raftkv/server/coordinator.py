@@ -70,6 +70,15 @@ from raftkv.txn import (
     validate,
 )
 from raftkv.txnrun import TxnRun, plan_txn, recovery_action
+from raftkv.waitdie import (
+    LOCKED_BY,
+    attempt_txid,
+    conflict_charged,
+    gate,
+    holder_of,
+    new_priority,
+    priority_of,
+)
 
 log = logging.getLogger("raftkv.txn")
 
@@ -81,6 +90,12 @@ PREPARE_TIMEOUT_S = 1.5  # how long a coordinator waits for votes before abortin
 MESSAGE_TIMEOUT_S = 2.0  # one attempt of one 2PC message
 DRIVE_BUDGET_S = 60.0  # a coordinator gives up after this; the recovery loop takes over
 RECOVERY_PERIOD_S = 0.1
+# Wait-die (raftkv.waitdie): how long a PREPARE may be held back for younger holders (a few lock lifetimes;
+# under the coordinator's PREPARE_TIMEOUT_S, so the vote still arrives in time), and how often the held
+# PREPAREs of a shard re-check its locks.
+WAIT_MAX_S = 1.0
+WAIT_MARGIN_S = 0.3
+WAIT_POLL_S = 0.002
 GC_PERIOD_S = 5.0
 
 _RETRY = {"UNKNOWN", "TRYAGAIN", "NOQUORUM", "MOVED", "LOCKED", "BUSY"}
@@ -120,17 +135,30 @@ def new_txid() -> str:
 async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, else_ops: list,
                                 retries: int = CONFLICT_RETRIES) -> Any:
     """A new transaction each time it meets another's lock (``-TXNCONFLICT``), up to ``retries`` more times;
-    and each time a key is being moved to a new shard (``-MOVING``, not counted) until the request timeout."""
+    and each time a key is being moved to a new shard (``-MOVING``, not counted) until the request timeout.
+
+    With wait-die on (the default, ``raftkv.waitdie``) every attempt carries the priority of the first, and
+    an abort by an older transaction (a *die*) is retried without counting, until the request timeout."""
     delay = 0.005
-    attempt = 0
+    attempt = tries = 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + node.timing.request_timeout_s
+    prio = new_priority(int(time.time() * 1000)) if node.timing.txn_wait_die else None
     while True:
-        res = await node.coordinate_at_home(new_txid(), compares, then_ops, else_ops)
-        moving = isinstance(res, Error) and res.code == "MOVING" and loop.time() < deadline
+        txid = new_txid() if prio is None else attempt_txid(prio, tries)
+        tries += 1
+        res = await node.coordinate_at_home(txid, compares, then_ops, else_ops)
+        in_time = loop.time() < deadline
+        moving = isinstance(res, Error) and res.code == "MOVING" and in_time
         if not moving:
-            if not (isinstance(res, Error) and res.code == "TXNCONFLICT") or attempt == retries:
+            if not (isinstance(res, Error) and res.code == "TXNCONFLICT"):
                 return res
+            charged = conflict_charged(txid, holder_of(res.message))
+            if (charged and attempt == retries) or (not charged and not in_time):
+                return res
+            if not charged:  # a die: the older holder is committing; come back soon, with the same priority
+                await asyncio.sleep(0.005 * 2 ** min(tries, 3) * random.uniform(0.5, 1.5))
+                continue
             attempt += 1
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
         delay = min(0.2, delay * 2)
@@ -265,8 +293,8 @@ def _answer(run: TxnRun) -> TxnResult | Error:
     if reason == REASON_CONFLICT:
         key = run.conflict[0] if run.conflict else b"?"
         other = run.conflict[1] if run.conflict else "?"
-        return Error("TXNCONFLICT", f"transaction {run.plan.txid} aborted: key {key!r} is locked by "
-                                    f"transaction {other}; retry")
+        return Error("TXNCONFLICT", f"transaction {run.plan.txid} aborted: key {key!r} {LOCKED_BY}"
+                                    f"{other}; retry")
     if reason == REASON_MOVING:  # the clients retry it until their timeout (raftkv shard add, raftkv.reshard)
         return Error("MOVING", f"transaction {run.plan.txid} aborted: a key is being moved to a new shard (or lives "
                                "on another one now); not applied, retry")
@@ -407,6 +435,10 @@ class TxnService:
         # Runs answered but still releasing their locks: key -> txid, txid -> set when released.
         self._settling_keys: dict[bytes, str] = {}
         self._settling: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
+        # Wait-die: PREPAREs held back at this node (it leads their shard) until younger holders let go.
+        self._held: dict[int, list[_Held]] = {}
+        self._pollers: dict[int, asyncio.Task] = {}
+        self.held_total = 0  # PREPAREs ever held back here (tests, RAFTKV.TXSTATS readers)
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
                          hops: int = 0) -> TxnResult | Error:
@@ -450,6 +482,72 @@ class TxnService:
         if lock_is_old(self.node, shard, lock):
             await asyncio.wait([self.resolve_soon(shard, lock)], timeout=max(0.05, remaining_s))
         await asyncio.sleep(self.node.timing.retry_sleep_s)
+
+    async def gate_prepare(self, shard: int, cmd: tuple, remaining_s: float) -> None:
+        """Wait-die at ``shard``'s leader, before it proposes ``cmd`` (a ``tx_prepare``): return at once, or
+        once no younger transaction holds its keys any more, or after a bound (``raftkv.waitdie``).
+
+        Only the moment of the proposal changes: the state machine still votes NO on any lock it meets, so
+        a held PREPARE is just a PREPARE delayed in transit, which the protocol already allows."""
+        if not self.node.timing.txn_wait_die or cmd[0] != "tx_prepare":
+            return
+        txid = cmd[1]
+        mine = priority_of(txid)
+        bound = min(WAIT_MAX_S, remaining_s - WAIT_MARGIN_S)
+        if mine is None or bound <= 0:
+            return
+        try:
+            keys = keys_of(cmd[3], cmd[4], cmd[5])
+        except (IndexError, TypeError):  # malformed: the state machine refuses it
+            return
+        if self._verdict(shard, txid, mine, keys) == "go":
+            return
+        held = _Held(txid, mine, keys, asyncio.get_running_loop().create_future())
+        self._held.setdefault(shard, []).append(held)
+        self.held_total += 1
+        if shard not in self._pollers:
+            self._pollers[shard] = asyncio.ensure_future(self._poll_held(shard))
+        try:
+            await asyncio.wait_for(held.released, bound)
+        except TimeoutError:
+            log.info("event=txn_wait_bound txid=%s shard=%d secs=%g", txid, shard, bound)
+        finally:
+            waiting = self._held.get(shard, [])
+            if held in waiting:
+                waiting.remove(held)
+
+    def _verdict(self, shard: int, txid: str, mine: Any, keys: list[bytes]) -> str:
+        replica = self.node.replicas.get(shard)
+        if replica is None or not replica.is_leader():
+            return "go"  # proposing tells it where the leader went
+        txns = replica.state.txns  # a racy read: only a trigger, the state machine decides
+        if txid in txns.prepared or txid in txns.done:
+            return "go"  # a duplicate: answered from the state
+        holders = [lock for k in keys if (lock := txns.locks.get(k)) is not None and lock.txid != txid]
+        verdict = gate(mine, [priority_of(lock.txid) for lock in holders])
+        if verdict == "wait":
+            for lock in holders:  # a dead holder's lock is resolved as a reader's would be
+                if lock.txid not in self.tasks and lock_is_old(self.node, shard, lock):
+                    self.resolve_soon(shard, lock)
+        return verdict
+
+    async def _poll_held(self, shard: int) -> None:
+        """Re-check the held PREPAREs of ``shard`` every ``WAIT_POLL_S``, releasing them oldest first: they
+        resume (and are proposed, in one batch) in that order, so the oldest gets a freed key."""
+        try:
+            while self._held.get(shard):
+                await asyncio.sleep(WAIT_POLL_S)
+                for held in sorted(self._held.get(shard, []), key=lambda h: h.prio):
+                    if held.released.done():
+                        continue
+                    try:
+                        verdict = self._verdict(shard, held.txid, held.prio, held.keys)
+                    except RuntimeError:  # the state changed under the read: next time
+                        continue
+                    if verdict == "go":
+                        held.released.set_result(None)
+        finally:
+            self._pollers.pop(shard, None)
 
     def spawn(self, txid: str, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -499,6 +597,15 @@ class TxnService:
                     self.resolve_soon(shard, lock)
             if gc and (records or has_done):
                 self.spawn(f"gc-{shard}", _gc(self.node, shard))
+
+
+class _Held:
+    """A PREPARE held back by wait-die; ``released`` is set when it may be proposed."""
+
+    __slots__ = ("txid", "prio", "keys", "released")
+
+    def __init__(self, txid: str, prio: Any, keys: list[bytes], released: asyncio.Future) -> None:
+        self.txid, self.prio, self.keys, self.released = txid, prio, keys, released
 
 
 async def _gc(node: NodeAPI, shard: int) -> None:

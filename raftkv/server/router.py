@@ -166,6 +166,9 @@ class Router:
                     return Error("STORAGE", f"node {node.name} stopped its Raft groups: {failure}; not applied "
                                             "(free disk space and restart the node)")
                 no_leader_since = None
+                if cmd[0] == "tx_prepare":  # wait-die: held back while younger transactions hold its keys
+                    await node.txns.gate_prepare(shard, cmd, deadline - now)
+                    now = loop.time()
                 kind, res = await self._local(shard, cmd, read, deadline - now)
                 if kind == APPLIED:
                     if isinstance(res, Locked):

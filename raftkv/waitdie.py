@@ -1,0 +1,108 @@
+"""Wait-die priorities for cross-shard transactions on a hot key: pure, no I/O, no clock.
+
+Theory of operation
+-------------------
+Conflicts stay no-wait in the state machine: a PREPARE that meets another
+transaction's lock votes NO.  What changes is *when* a PREPARE is proposed, at
+the edge (the participant shard's leader, before it proposes), for transactions
+that carry a priority:
+
+* A transaction's *priority* is the start of its first attempt (wall-clock
+  milliseconds where the retry loop runs, plus a random tag that breaks ties),
+  kept across every retry.  Smaller is older.  It travels inside the
+  transaction id (``wd.<ms hex>.<tag>.<attempt>``), so no message, command or
+  state changes shape: a node of an earlier version passes it along as an
+  opaque id, and ids without it (old clients, ``RAFTKV.TXN ID x``) have no
+  priority.
+* *Wait-die*: a PREPARE whose keys are locked only by younger transactions (or
+  by ones without a priority, or by an earlier attempt of its own) is held
+  back, not proposed, until the locks are gone or a bound passes
+  (``gate``: "wait").  A PREPARE that meets an older holder, or that has no
+  priority, is proposed at once and votes NO as before ("go": it dies).  Waits
+  only ever go from older to younger, so no cycle of waits can form
+  (``waits_for`` / the property test in ``tests/test_waitdie.py``).
+* A retry loop keeps the priority and does not charge a *die* (losing to an
+  older transaction) against its conflict budget: the older one is making
+  progress, and the loser becomes the oldest contender once the ones older
+  than it have finished, after which it only waits (bounded) and never dies.
+  The budget still counts conflicts wait-die could not settle (no priority on
+  either side, or a wait that reached its bound).  Every loop stays bounded by
+  its deadline.
+
+Priorities need no agreement between machines: any total order a transaction
+keeps across its retries keeps the waits acyclic.  A skewed clock only makes
+one machine's transactions look older (unfair, never unsafe), and a client
+that forges an old priority in its ``ID`` only gets to wait, bounded.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+__all__ = ["Priority", "attempt_txid", "conflict_charged", "gate", "holder_of", "must_wait", "new_priority",
+           "priority_of", "waits_for"]
+
+Priority = tuple[int, str]  # (first attempt's start in ms, random tag): smaller is older
+
+_TXID = re.compile(r"^wd\.([0-9a-f]{1,16})\.([0-9a-f]{1,16})\.([0-9]{1,6})$")
+# The TXNCONFLICT message names the holder this way (raftkv.server.coordinator._answer).
+LOCKED_BY = "is locked by transaction "
+_HOLDER = re.compile(re.escape(LOCKED_BY) + r"([^\s;]+)")
+
+
+def new_priority(now_ms: int, tag: str | None = None) -> Priority:
+    """The priority of a transaction whose first attempt starts at ``now_ms``."""
+    return (max(0, int(now_ms)), tag if tag is not None else secrets.token_hex(8))
+
+
+def attempt_txid(prio: Priority, attempt: int) -> str:
+    """The id of attempt number ``attempt`` (0, 1, ...) of a transaction of priority ``prio``: unique per attempt,
+    and carrying the priority (at most 44 characters)."""
+    return f"wd.{prio[0]:x}.{prio[1]}.{attempt % 1_000_000}"
+
+
+def priority_of(txid: str) -> Priority | None:
+    """The priority ``txid`` carries, or None (ids of old clients, ids a client chose)."""
+    m = _TXID.match(txid) if isinstance(txid, str) else None
+    return None if m is None else (int(m.group(1), 16), m.group(2))
+
+
+def must_wait(waiter: Priority | None, holder: Priority | None) -> bool:
+    """Wait-die: does a PREPARE of priority ``waiter`` wait for a lock held by priority ``holder``?
+
+    Only a transaction with a priority waits, and only for a younger holder, a holder without a priority
+    (which itself never waits) or an earlier attempt of its own (equal priority: that attempt is aborted and
+    only releasing).  An older holder makes it die."""
+    if waiter is None:
+        return False
+    return holder is None or waiter <= holder
+
+
+def gate(mine: Priority | None, holders: list[Priority | None]) -> str:
+    """What the edge does with a PREPARE whose keys are locked by ``holders`` (not counting itself):
+    ``"go"`` (propose now: it locks, or it dies with a NO vote) or ``"wait"``."""
+    if not holders:
+        return "go"
+    return "wait" if all(must_wait(mine, h) for h in holders) else "go"
+
+
+def waits_for(mine: Priority | None, holders: list[Priority | None]) -> list[Priority | None]:
+    """The holders a waiting PREPARE waits for (the edges of the waits-for graph it adds)."""
+    return list(holders) if gate(mine, holders) == "wait" else []
+
+
+def holder_of(message: str) -> str | None:
+    """The holder's id named in a ``-TXNCONFLICT`` message, if any."""
+    found = _HOLDER.findall(message or "")  # the last one: the key's repr comes first and could hold the phrase
+    return found[-1] if found else None
+
+
+def conflict_charged(mine_txid: str, holder_txid: str | None) -> bool:
+    """Does a conflict abort of ``mine_txid`` by ``holder_txid`` count against the retry budget?
+
+    Not when it is a wait-die *die*: both have priorities and the holder is strictly older (the transaction
+    keeps its priority and will be the oldest contender eventually).  Every other conflict counts, as before."""
+    mine = priority_of(mine_txid)
+    holder = priority_of(holder_txid) if holder_txid is not None else None
+    return not (mine is not None and holder is not None and holder < mine)
