@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 
 __all__ = ["Priority", "attempt_txid", "conflict_charged", "gate", "holder_of", "must_wait", "new_priority",
            "priority_of", "waits_for"]
@@ -79,17 +80,34 @@ def must_wait(waiter: Priority | None, holder: Priority | None) -> bool:
     return holder is None or waiter <= holder
 
 
-def gate(mine: Priority | None, holders: list[Priority | None]) -> str:
-    """What the edge does with a PREPARE whose keys are locked by ``holders`` (not counting itself):
-    ``"go"`` (propose now: it locks, or it dies with a NO vote) or ``"wait"``."""
-    if not holders:
+def gate(mine: Priority | None, locks: Sequence[Priority | None], claims: Sequence[Priority | None] = (),
+         queued: Sequence[Priority] = ()) -> str:
+    """What the edge does with a PREPARE of priority ``mine``, given the priorities of the transactions that
+    lock its keys (``locks``), that have a PREPARE for them on its way into the log from this edge
+    (``claims``), and whose PREPAREs for them are held back at this edge (``queued``), none counting itself:
+
+    * ``"refuse"``: an older transaction is about to lock one of its keys, or waits for one; taking the
+      key ahead of it would starve it, so this one dies without locking anything (the edge proposes the
+      refusal recovery uses);
+    * ``"wait"``: a PREPARE it may wait for (``must_wait``) is on its way in (whether that one locks the
+      key or dies decides what this one meets), or every lock is held by one it may wait for;
+    * ``"go"``: propose now (it locks the keys, or meets an older lock and dies with a NO vote)."""
+    if any(q is not None and (mine is None or q < mine) for q in list(claims) + list(queued)):
+        return "refuse"
+    if any(must_wait(mine, c) for c in claims):
+        return "wait"
+    if not locks and not claims:
         return "go"
-    return "wait" if all(must_wait(mine, h) for h in holders) else "go"
+    return "wait" if all(must_wait(mine, h) for h in list(locks) + list(claims)) else "go"
 
 
-def waits_for(mine: Priority | None, holders: list[Priority | None]) -> list[Priority | None]:
-    """The holders a waiting PREPARE waits for (the edges of the waits-for graph it adds)."""
-    return list(holders) if gate(mine, holders) == "wait" else []
+def waits_for(mine: Priority | None, locks: Sequence[Priority | None], claims: Sequence[Priority | None] = (),
+              queued: Sequence[Priority] = ()) -> list[Priority | None]:
+    """The transactions a PREPARE held back by ``gate`` waits for: the edges it adds to the waits-for graph
+    (it is released when they are gone, or re-judged when a claim turns into a lock or vanishes)."""
+    if gate(mine, locks, claims, queued) != "wait":
+        return []
+    return [h for h in list(locks) + list(claims) if must_wait(mine, h)]
 
 
 def holder_of(message: str) -> str | None:

@@ -49,9 +49,11 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from raftkv.protocol import Error
+from raftkv.replica import APPLIED
 from raftkv.results import CmdError, Locked
 from raftkv.server.api import NodeAPI
 from raftkv.server.peer import PeerRefused, PeerUnreachable
@@ -60,6 +62,7 @@ from raftkv.txn import (
     PENDING,
     REASON_CONFLICT,
     REASON_MOVING,
+    REASON_REFUSED,
     REASON_TOOBIG,
     STAGING,
     TxnResult,
@@ -438,6 +441,7 @@ class TxnService:
         # Wait-die: PREPAREs held back at this node (it leads their shard) until younger holders let go.
         self._held: dict[int, list[_Held]] = {}
         self._pollers: dict[int, asyncio.Task] = {}
+        self._claims: dict[int, dict[bytes, list[str]]] = {}  # shard -> key -> txids whose PREPARE is proposing
         self.held_total = 0  # PREPAREs ever held back here (tests, RAFTKV.TXSTATS readers)
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
@@ -483,48 +487,110 @@ class TxnService:
             await asyncio.wait([self.resolve_soon(shard, lock)], timeout=max(0.05, remaining_s))
         await asyncio.sleep(self.node.timing.retry_sleep_s)
 
-    async def gate_prepare(self, shard: int, cmd: tuple, remaining_s: float) -> None:
-        """Wait-die at ``shard``'s leader, before it proposes ``cmd`` (a ``tx_prepare``): return at once, or
-        once no younger transaction holds its keys any more, or after a bound (``raftkv.waitdie``).
+    async def gate_prepare(self, shard: int, cmd: tuple, remaining_s: float) -> tuple[tuple, Any]:
+        """Wait-die at ``shard``'s leader, before it proposes ``cmd`` (a ``tx_prepare``; ``raftkv.waitdie``).
 
-        Only the moment of the proposal changes: the state machine still votes NO on any lock it meets, so
-        a held PREPARE is just a PREPARE delayed in transit, which the protocol already allows."""
+        Returns ``(command to propose, claim)``; hand the claim and the outcome to ``ungate``.  The command is
+        ``cmd``, proposed at once or once no younger transaction holds (or is proposing a PREPARE for) its
+        keys, or after a bound; or, when an older PREPARE is held back here for one of its keys, the
+        ``tx_refuse`` recovery sends, so that it cannot take the key ahead of the older one.
+
+        The state machine is unchanged: it still votes NO on any lock it meets.  A held PREPARE is a PREPARE
+        delayed in transit, and a refusal is one recovery could have made at any moment; the protocol
+        allows both (docs/transactions.md, "Wait-die")."""
         if not self.node.timing.txn_wait_die or cmd[0] != "tx_prepare":
-            return
+            return cmd, None
         txid = cmd[1]
-        mine = priority_of(txid)
-        bound = min(WAIT_MAX_S, remaining_s - WAIT_MARGIN_S)
-        if mine is None or bound <= 0:
-            return
         try:
             keys = keys_of(cmd[3], cmd[4], cmd[5])
         except (IndexError, TypeError):  # malformed: the state machine refuses it
-            return
-        if self._verdict(shard, txid, mine, keys) == "go":
-            return
-        held = _Held(txid, mine, keys, asyncio.get_running_loop().create_future())
-        self._held.setdefault(shard, []).append(held)
-        self.held_total += 1
-        if shard not in self._pollers:
-            self._pollers[shard] = asyncio.ensure_future(self._poll_held(shard))
-        try:
-            await asyncio.wait_for(held.released, bound)
-        except TimeoutError:
-            log.info("event=txn_wait_bound txid=%s shard=%d secs=%g", txid, shard, bound)
-        finally:
-            waiting = self._held.get(shard, [])
-            if held in waiting:
-                waiting.remove(held)
+            return cmd, None
+        mine = priority_of(txid)
+        bound = min(WAIT_MAX_S, remaining_s - WAIT_MARGIN_S)
+        verdict = self._verdict(shard, txid, mine, keys)
+        if verdict == "wait" and bound > 0:
+            held = _Held(txid, mine, keys, cmd[2], asyncio.get_running_loop().create_future())
+            self._held.setdefault(shard, []).append(held)
+            self.held_total += 1
+            if shard not in self._pollers:
+                self._pollers[shard] = asyncio.ensure_future(self._poll_held(shard))
+            try:
+                await asyncio.wait_for(held.released, bound)
+            except TimeoutError:
+                log.info("event=txn_wait_bound txid=%s shard=%d secs=%g", txid, shard, bound)
+            except BaseException:  # cancelled by the caller: drop what the poller claimed for it
+                if held.preclaimed:
+                    self._unclaim(shard, txid, keys)
+                raise
+            finally:
+                waiting = self._held.get(shard, [])
+                if held in waiting:
+                    waiting.remove(held)
+            if held.preclaimed:
+                return cmd, (shard, txid, keys, None)
+            verdict = held.released.result() if held.released.done() and not held.released.cancelled() else "go"
+        return self._claim(shard, cmd, keys, verdict)
 
-    def _verdict(self, shard: int, txid: str, mine: Any, keys: list[bytes]) -> str:
+    def _claim(self, shard: int, cmd: tuple, keys: list[bytes], verdict: Any) -> tuple[tuple, Any]:
+        """What to propose for ``cmd`` after ``verdict``, and mark it as being proposed: until it is applied
+        its keys count as held by it (two PREPAREs that find a key free in the same moment must not both
+        go ahead of an older one)."""
+        if isinstance(verdict, _Ahead):  # an older transaction is about to lock, or waits for, one of these keys
+            if self.node.timing.txn_parallel_commits and len(cmd) == 7:
+                # (nodes without tx_refuse run classic 2PC: there the PREPARE goes ahead, as before)
+                refuse = ("tx_refuse", cmd[1], cmd[2], cmd[6])
+                return refuse, (shard, cmd[1], [], verdict)
+        self._add_claim(shard, cmd[1], keys)
+        return cmd, (shard, cmd[1], keys, None)
+
+    def _add_claim(self, shard: int, txid: str, keys: list[bytes]) -> None:
+        claims = self._claims.setdefault(shard, {})
+        for k in keys:
+            claims.setdefault(k, []).append(txid)
+
+    def _unclaim(self, shard: int, txid: str, keys: list[bytes]) -> None:
+        claims = self._claims.get(shard, {})
+        for k in keys:
+            owners = claims.get(k)
+            if owners is not None and txid in owners:
+                owners.remove(txid)
+                if not owners:
+                    del claims[k]
+
+    def ungate(self, claim: Any, kind: str | None = None, result: Any = None) -> Any:
+        """The command ``gate_prepare`` returned with ``claim`` was applied (``kind``, ``result``), refused
+        or lost: drop the claim; the result to answer (a refusal in an older one's favour is answered as
+        the conflict it stands for: the same final NO, naming the older transaction)."""
+        if claim is None:
+            return result
+        shard, txid, keys, older = claim
+        self._unclaim(shard, txid, keys)
+        if older is not None and kind == APPLIED and result == ("no", REASON_REFUSED, None):
+            replica = self.node.replicas.get(shard)
+            since = replica.log_now_ms() if replica is not None else 0
+            return ("no", REASON_CONFLICT, (older.key, older.txid, older.home, since))
+        return result
+
+    def _verdict(self, shard: int, txid: str, mine: Any, keys: list[bytes]) -> Any:
+        """``"go"``, ``"wait"``, or the older transaction (an ``_Ahead``) that ``txid`` must not overtake."""
         replica = self.node.replicas.get(shard)
         if replica is None or not replica.is_leader():
             return "go"  # proposing tells it where the leader went
         txns = replica.state.txns  # a racy read: only a trigger, the state machine decides
         if txid in txns.prepared or txid in txns.done:
             return "go"  # a duplicate: answered from the state
+        wanted = set(keys)
+        queued = [h for h in self._held.get(shard, ()) if h.txid != txid and not h.released.done()
+                  and not wanted.isdisjoint(h.keys)]
         holders = [lock for k in keys if (lock := txns.locks.get(k)) is not None and lock.txid != txid]
-        verdict = gate(mine, [priority_of(lock.txid) for lock in holders])
+        claims = self._claims.get(shard, {})
+        claimed = [(k, t) for k in keys for t in claims.get(k, ()) if t != txid]
+        verdict = gate(mine, [priority_of(lock.txid) for lock in holders], [priority_of(t) for _, t in claimed],
+                       [h.prio for h in queued])
+        if verdict == "refuse":  # name the oldest one it yields to
+            ahead = [(h.prio, h.txid, h.home, next(k for k in keys if k in h.keys)) for h in queued]
+            ahead += [(p, t, None, k) for k, t in claimed if (p := priority_of(t)) is not None]
+            return _Ahead(*min(ahead))
         if verdict == "wait":
             for lock in holders:  # a dead holder's lock is resolved as a reader's would be
                 if lock.txid not in self.tasks and lock_is_old(self.node, shard, lock):
@@ -532,8 +598,9 @@ class TxnService:
         return verdict
 
     async def _poll_held(self, shard: int) -> None:
-        """Re-check the held PREPAREs of ``shard`` every ``WAIT_POLL_S``, releasing them oldest first: they
-        resume (and are proposed, in one batch) in that order, so the oldest gets a freed key."""
+        """Re-check the held PREPAREs of ``shard`` every ``WAIT_POLL_S``, oldest first.  One released here
+        is claimed at once (``gate_prepare`` resumes in this order and proposes in one batch), so a younger
+        one behind it in the same pass meets that claim instead of racing it to the freed key."""
         try:
             while self._held.get(shard):
                 await asyncio.sleep(WAIT_POLL_S)
@@ -544,8 +611,11 @@ class TxnService:
                         verdict = self._verdict(shard, held.txid, held.prio, held.keys)
                     except RuntimeError:  # the state changed under the read: next time
                         continue
-                    if verdict == "go":
-                        held.released.set_result(None)
+                    if verdict != "wait":
+                        held.released.set_result(verdict)
+                        if verdict == "go":  # claim it now, for the younger ones after it in this pass
+                            self._add_claim(shard, held.txid, held.keys)
+                            held.preclaimed = True
         finally:
             self._pollers.pop(shard, None)
 
@@ -599,13 +669,24 @@ class TxnService:
                 self.spawn(f"gc-{shard}", _gc(self.node, shard))
 
 
+@dataclass(frozen=True)
+class _Ahead:
+    """The older transaction a refused PREPARE yields to (named in its NO vote)."""
+
+    prio: Any
+    txid: str
+    home: int | None
+    key: bytes
+
+
 class _Held:
-    """A PREPARE held back by wait-die; ``released`` is set when it may be proposed."""
+    """A PREPARE held back by wait-die; ``released`` gets its verdict when it may be proposed."""
 
-    __slots__ = ("txid", "prio", "keys", "released")
+    __slots__ = ("txid", "prio", "keys", "home", "released", "preclaimed")
 
-    def __init__(self, txid: str, prio: Any, keys: list[bytes], released: asyncio.Future) -> None:
-        self.txid, self.prio, self.keys, self.released = txid, prio, keys, released
+    def __init__(self, txid: str, prio: Any, keys: list[bytes], home: int, released: asyncio.Future) -> None:
+        self.txid, self.prio, self.keys, self.home, self.released = txid, prio, keys, home, released
+        self.preclaimed = False  # the poller claimed its keys when it released it
 
 
 async def _gc(node: NodeAPI, shard: int) -> None:

@@ -167,9 +167,15 @@ class Router:
                                             "(free disk space and restart the node)")
                 no_leader_since = None
                 if cmd[0] == "tx_prepare":  # wait-die: held back while younger transactions hold its keys
-                    await node.txns.gate_prepare(shard, cmd, deadline - now)
-                    now = loop.time()
-                kind, res = await self._local(shard, cmd, read, deadline - now)
+                    sent, claim = await node.txns.gate_prepare(shard, cmd, deadline - now)
+                    try:
+                        kind, res = await self._local(shard, sent, read, deadline - loop.time())
+                    except BaseException:
+                        node.txns.ungate(claim)
+                        raise
+                    res = node.txns.ungate(claim, kind, res)
+                else:
+                    kind, res = await self._local(shard, cmd, read, deadline - now)
                 if kind == APPLIED:
                     if isinstance(res, Locked):
                         if loop.time() > deadline:
