@@ -144,7 +144,8 @@ class Txn:
         shard add``) retry with a fresh id for up to ``wait_s`` seconds, not counted against ``retries``.
 
         ``wait_die``: every attempt carries the first one's priority (``raftkv.waitdie``); a TXNCONFLICT from
-        an older transaction (a *die*) is retried for up to ``wait_s`` seconds, not counted either."""
+        an older transaction (a *die*) is retried for up to ``wait_s`` seconds, not counted either (after
+        that it counts like any conflict)."""
         home = self._shard_of(self.first_key())
         attempt = waited = tries = 0
         until = time.monotonic() + self._wait_s
@@ -160,9 +161,8 @@ class Txn:
                     waited += 1
                     time.sleep(min(backoff_max_s, backoff_s * 2 ** min(waited, 6)) * random.uniform(0.5, 1.0))
                     continue
-                if e.code == "TXNCONFLICT" and not waitdie.conflict_charged(txid, waitdie.holder_of(e.message)):
-                    if not in_time:
-                        raise
+                if (e.code == "TXNCONFLICT" and in_time
+                        and not waitdie.conflict_charged(txid, waitdie.holder_of(e.message))):
                     # a die: the older holder is committing; come back soon, with the same priority
                     time.sleep(min(backoff_max_s, backoff_s * 2 ** min(tries, 3)) * random.uniform(0.5, 1.5))
                     continue

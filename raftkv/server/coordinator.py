@@ -97,6 +97,7 @@ RECOVERY_PERIOD_S = 0.1
 # under the coordinator's PREPARE_TIMEOUT_S, so the vote still arrives in time), and how often the held
 # PREPAREs of a shard re-check its locks.
 WAIT_MAX_S = 1.0
+DIE_WINDOW_S = 2.0  # MSET/EXEC retry dies uncounted for this long (the client's own deadline is unknown here)
 WAIT_MARGIN_S = 0.3
 WAIT_POLL_S = 0.002
 GC_PERIOD_S = 5.0
@@ -141,27 +142,29 @@ async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, e
     and each time a key is being moved to a new shard (``-MOVING``, not counted) until the request timeout.
 
     With wait-die on (the default, ``raftkv.waitdie``) every attempt carries the priority of the first, and
-    an abort by an older transaction (a *die*) is retried without counting, until the request timeout."""
+    an abort by an older transaction (a *die*) is retried without counting for ``DIE_WINDOW_S`` (then it
+    counts like any conflict): the node does not know its client's deadline, so it stays well inside the
+    usual ones instead of retrying until its own request timeout."""
     delay = 0.005
     attempt = tries = 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + node.timing.request_timeout_s
+    die_until = loop.time() + min(DIE_WINDOW_S, node.timing.request_timeout_s)
     prio = new_priority(int(time.time() * 1000)) if node.timing.txn_wait_die else None
     while True:
         txid = new_txid() if prio is None else attempt_txid(prio, tries)
         tries += 1
         res = await node.coordinate_at_home(txid, compares, then_ops, else_ops)
-        in_time = loop.time() < deadline
-        moving = isinstance(res, Error) and res.code == "MOVING" and in_time
+        moving = isinstance(res, Error) and res.code == "MOVING" and loop.time() < deadline
         if not moving:
             if not (isinstance(res, Error) and res.code == "TXNCONFLICT"):
                 return res
-            charged = conflict_charged(txid, holder_of(res.message))
-            if (charged and attempt == retries) or (not charged and not in_time):
-                return res
-            if not charged:  # a die: the older holder is committing; come back soon, with the same priority
+            if not conflict_charged(txid, holder_of(res.message)) and loop.time() < die_until:
+                # a die: the older holder is committing; come back soon, with the same priority
                 await asyncio.sleep(0.005 * 2 ** min(tries, 3) * random.uniform(0.5, 1.5))
                 continue
+            if attempt == retries:
+                return res
             attempt += 1
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
         delay = min(0.2, delay * 2)
