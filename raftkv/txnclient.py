@@ -162,9 +162,10 @@ class Txn:
                     time.sleep(min(backoff_max_s, backoff_s * 2 ** min(waited, 6)) * random.uniform(0.5, 1.0))
                     continue
                 if (e.code == "TXNCONFLICT" and in_time
-                        and not waitdie.conflict_charged(txid, waitdie.holder_of(e.message))):
-                    # a die: the older holder is committing; come back soon, with the same priority
-                    time.sleep(min(backoff_max_s, backoff_s * 2 ** min(tries, 3)) * random.uniform(0.5, 1.5))
+                        and not waitdie.conflict_charged(txid, waitdie.holder_of(e.message), e.message)):
+                    # a die or a queued loss: come back soon, with the same priority (a queued place is kept
+                    # only while its owner keeps coming back, and it keeps younger ones off the key meanwhile)
+                    time.sleep(min(backoff_max_s, backoff_s) * random.uniform(0.5, 1.5))
                     continue
                 if e.code not in RETRYABLE or attempt >= retries:
                     raise

@@ -41,14 +41,19 @@ import re
 import secrets
 from collections.abc import Sequence
 
-__all__ = ["Priority", "attempt_txid", "conflict_charged", "gate", "holder_of", "must_wait", "new_priority",
-           "priority_of", "waits_for"]
+__all__ = ["QUEUED", "QUEUED_NOTE", "Priority", "attempt_of", "attempt_txid", "conflict_charged", "gate", "holder_of", "must_wait", "new_priority",
+           "patient", "priority_of", "waits_for"]
 
 Priority = tuple[int, str]  # (first attempt's start in ms, random tag): smaller is older
+
+WAIT_AFTER_LOSSES = 1  # attempts a transaction loses before its PREPAREs may wait (see ``patient``)
 
 _TXID = re.compile(r"^wd\.([0-9a-f]{1,16})\.([0-9a-f]{1,16})\.([0-9]{1,6})$")
 # The TXNCONFLICT message names the holder this way (raftkv.server.coordinator._answer).
 LOCKED_BY = "is locked by transaction "
+# A NO vote's fourth field, and a note in its TXNCONFLICT message: the loser has a place in the key's queue.
+QUEUED = "queued"
+QUEUED_NOTE = "(queued for the key: not counted)"
 _HOLDER = re.compile(re.escape(LOCKED_BY) + r"([^\s;]+)")
 
 
@@ -69,6 +74,21 @@ def priority_of(txid: str) -> Priority | None:
     return None if m is None else (int(m.group(1), 16), m.group(2))
 
 
+def attempt_of(txid: str) -> int | None:
+    """The attempt number (0, 1, ...) a priority id carries, or None."""
+    m = _TXID.match(txid) if isinstance(txid, str) else None
+    return None if m is None else int(m.group(3))
+
+
+def patient(txid: str) -> bool:
+    """May ``txid``'s PREPAREs wait?  Only a transaction that already lost ``WAIT_AFTER_LOSSES`` attempts:
+    a first attempt is no-wait, as before wait-die, because a PREPARE held at one shard keeps the
+    transaction's locks on its other shards meanwhile, which stalls everyone else on them (a convoy); a
+    transaction that keeps losing is worth that, a first try is not."""
+    attempt = attempt_of(txid)
+    return attempt is not None and attempt >= WAIT_AFTER_LOSSES
+
+
 def must_wait(waiter: Priority | None, holder: Priority | None) -> bool:
     """Wait-die: does a PREPARE of priority ``waiter`` wait for a lock held by priority ``holder``?
 
@@ -81,7 +101,7 @@ def must_wait(waiter: Priority | None, holder: Priority | None) -> bool:
 
 
 def gate(mine: Priority | None, locks: Sequence[Priority | None], claims: Sequence[Priority | None] = (),
-         queued: Sequence[Priority] = ()) -> str:
+         queued: Sequence[Priority] = (), may_wait: bool = True) -> str:
     """What the edge does with a PREPARE of priority ``mine``, given the priorities of the transactions that
     lock its keys (``locks``), that have a PREPARE for them on its way into the log from this edge
     (``claims``), and whose PREPAREs for them are held back at this edge (``queued``), none counting itself:
@@ -91,9 +111,13 @@ def gate(mine: Priority | None, locks: Sequence[Priority | None], claims: Sequen
       refusal recovery uses);
     * ``"wait"``: a PREPARE it may wait for (``must_wait``) is on its way in (whether that one locks the
       key or dies decides what this one meets), or every lock is held by one it may wait for;
-    * ``"go"``: propose now (it locks the keys, or meets an older lock and dies with a NO vote)."""
+    * ``"go"``: propose now (it locks the keys, or meets an older lock and dies with a NO vote).
+
+    ``may_wait`` False (a first attempt, ``patient``): never ``"wait"``, ``"go"`` instead (no-wait)."""
     if any(q is not None and (mine is None or q < mine) for q in list(claims) + list(queued)):
         return "refuse"
+    if not may_wait:
+        return "go"
     if any(must_wait(mine, c) for c in claims):
         return "wait"
     if not locks and not claims:
@@ -116,11 +140,17 @@ def holder_of(message: str) -> str | None:
     return found[-1] if found else None
 
 
-def conflict_charged(mine_txid: str, holder_txid: str | None) -> bool:
-    """Does a conflict abort of ``mine_txid`` by ``holder_txid`` count against the retry budget?
+def conflict_charged(mine_txid: str, holder_txid: str | None, message: str = "") -> bool:
+    """Does a conflict abort of ``mine_txid`` by ``holder_txid`` (``message``: the ``-TXNCONFLICT`` text)
+    count against the retry budget?
 
-    Not when it is a wait-die *die*: both have priorities and the holder is strictly older (the transaction
-    keeps its priority and will be the oldest contender eventually).  Every other conflict counts, as before."""
+    Not when ``mine_txid`` has a priority and either the holder is strictly older (a *die*: the
+    transaction keeps its priority and becomes the oldest contender eventually) or the edge queued it
+    (``QUEUED_NOTE``: younger ones may not take the key ahead of it now).  Every other conflict counts."""
     mine = priority_of(mine_txid)
+    if mine is None:
+        return True
+    if QUEUED_NOTE in (message or ""):
+        return False
     holder = priority_of(holder_txid) if holder_txid is not None else None
-    return not (mine is not None and holder is not None and holder < mine)
+    return not (holder is not None and holder < mine)

@@ -75,11 +75,14 @@ from raftkv.txn import (
 from raftkv.txnrun import TxnRun, plan_txn, recovery_action
 from raftkv.waitdie import (
     LOCKED_BY,
+    QUEUED,
+    QUEUED_NOTE,
     attempt_txid,
     conflict_charged,
     gate,
     holder_of,
     new_priority,
+    patient,
     priority_of,
 )
 
@@ -93,13 +96,11 @@ PREPARE_TIMEOUT_S = 1.5  # how long a coordinator waits for votes before abortin
 MESSAGE_TIMEOUT_S = 2.0  # one attempt of one 2PC message
 DRIVE_BUDGET_S = 60.0  # a coordinator gives up after this; the recovery loop takes over
 RECOVERY_PERIOD_S = 0.1
-# Wait-die (raftkv.waitdie): how long a PREPARE may be held back for younger holders (a few lock lifetimes;
-# under the coordinator's PREPARE_TIMEOUT_S, so the vote still arrives in time), and how often the held
-# PREPAREs of a shard re-check its locks.
-WAIT_MAX_S = 1.0
+# Wait-die (raftkv.waitdie): how long a PREPARE may wait for younger holders (a few lock lifetimes; under the
+# coordinator's PREPARE_TIMEOUT_S, so the vote still arrives in time), and how often a local one re-checks.
+QUEUE_TTL_S = 0.25  # a queued transaction that has not come back for this long loses its place
+QUEUE_MAX_S = 3.0  # nor does it keep its place longer than this (a stuck or lying one cannot block a key)
 DIE_WINDOW_S = 2.0  # MSET/EXEC retry dies uncounted for this long (the client's own deadline is unknown here)
-WAIT_MARGIN_S = 0.3
-WAIT_POLL_S = 0.002
 GC_PERIOD_S = 5.0
 
 _RETRY = {"UNKNOWN", "TRYAGAIN", "NOQUORUM", "MOVED", "LOCKED", "BUSY"}
@@ -159,9 +160,9 @@ async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, e
         if not moving:
             if not (isinstance(res, Error) and res.code == "TXNCONFLICT"):
                 return res
-            if not conflict_charged(txid, holder_of(res.message)) and loop.time() < die_until:
-                # a die: the older holder is committing; come back soon, with the same priority
-                await asyncio.sleep(0.005 * 2 ** min(tries, 3) * random.uniform(0.5, 1.5))
+            if not conflict_charged(txid, holder_of(res.message), res.message) and loop.time() < die_until:
+                # a die or a queued loss: come back soon, with the same priority (see Txn.commit)
+                await asyncio.sleep(0.005 * random.uniform(0.5, 1.5))
                 continue
             if attempt == retries:
                 return res
@@ -299,8 +300,9 @@ def _answer(run: TxnRun) -> TxnResult | Error:
     if reason == REASON_CONFLICT:
         key = run.conflict[0] if run.conflict else b"?"
         other = run.conflict[1] if run.conflict else "?"
+        note = f" {QUEUED_NOTE}" if run.queued else ""
         return Error("TXNCONFLICT", f"transaction {run.plan.txid} aborted: key {key!r} {LOCKED_BY}"
-                                    f"{other}; retry")
+                                    f"{other}; retry{note}")
     if reason == REASON_MOVING:  # the clients retry it until their timeout (raftkv shard add, raftkv.reshard)
         return Error("MOVING", f"transaction {run.plan.txid} aborted: a key is being moved to a new shard (or lives "
                                "on another one now); not applied, retry")
@@ -392,6 +394,8 @@ def _ops_of(plan: Any) -> tuple[list, list, list]:
 def _maybe_resolve_conflict(node: NodeAPI, conflict: tuple) -> None:
     """A NO vote met an old lock: resolve it now rather than wait for the lock's shard."""
     key, txid, home, since_ms = conflict
+    if home is None or since_ms is None:  # not a lock (a node's refusal in an older transaction's favour)
+        return
     shard = node.shard_of(key)
     lock = Locked(key, txid, home, since_ms)
     if lock_is_old(node, shard, lock):
@@ -441,11 +445,10 @@ class TxnService:
         # Runs answered but still releasing their locks: key -> txid, txid -> set when released.
         self._settling_keys: dict[bytes, str] = {}
         self._settling: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
-        # Wait-die: PREPAREs held back at this node (it leads their shard) until younger holders let go.
-        self._held: dict[int, list[_Held]] = {}
-        self._pollers: dict[int, asyncio.Task] = {}
-        self._claims: dict[int, dict[bytes, list[str]]] = {}  # shard -> key -> txids whose PREPARE is proposing
-        self.held_total = 0  # PREPAREs ever held back here (tests, RAFTKV.TXSTATS readers)
+        # Wait-die: transactions queued at this node (it leads their shard) behind younger lock holders.
+        self._queued: dict[int, dict[Any, _Waiter]] = {}  # shard -> priority -> its place in the queue
+        self._claims: dict[int, dict[bytes, list[tuple[str, int]]]] = {}  # shard -> key -> (txid, home) proposing
+        self.waits_total = 0  # transactions ever queued here
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
                          hops: int = 0) -> TxnResult | Error:
@@ -490,17 +493,20 @@ class TxnService:
             await asyncio.wait([self.resolve_soon(shard, lock)], timeout=max(0.05, remaining_s))
         await asyncio.sleep(self.node.timing.retry_sleep_s)
 
-    async def gate_prepare(self, shard: int, cmd: tuple, remaining_s: float) -> tuple[tuple, Any]:
+    def gate_prepare(self, shard: int, cmd: tuple) -> tuple[tuple, Any]:
         """Wait-die at ``shard``'s leader, before it proposes ``cmd`` (a ``tx_prepare``; ``raftkv.waitdie``).
 
-        Returns ``(command to propose, claim)``; hand the claim and the outcome to ``ungate``.  The command is
-        ``cmd``, proposed at once or once no younger transaction holds (or is proposing a PREPARE for) its
-        keys, or after a bound; or, when an older PREPARE is held back here for one of its keys, the
-        ``tx_refuse`` recovery sends, so that it cannot take the key ahead of the older one.
+        Returns ``(command to propose, claim)``: hand the claim and the outcome to ``ungate``.  The command
+        is ``cmd``, or, when an older transaction has a place in the queue of one of its keys or is about to
+        lock one, the ``tx_refuse`` recovery sends (a final NO that locks nothing), so that a younger one
+        cannot take the key ahead of it.  A PREPARE that ``waitdie.gate`` lets wait is *not* held here
+        (it would keep the transaction's locks on its other shards meanwhile, and stall everyone on them):
+        it takes a place in its keys' queue instead, one per transaction across its attempts, and is
+        proposed at once; it meets the younger holder and loses, or gets the key if the holder let go
+        first.  Its NO vote says it is queued, so its retry loop does not count it.
 
-        The state machine is unchanged: it still votes NO on any lock it meets.  A held PREPARE is a PREPARE
-        delayed in transit, and a refusal is one recovery could have made at any moment; the protocol
-        allows both (docs/transactions.md, "Wait-die")."""
+        The state machine is unchanged: it still votes NO on any lock it meets.  A refusal is one recovery
+        could have made at any moment, which the protocol allows (docs/transactions.md, "Hot keys")."""
         if not self.node.timing.txn_wait_die or cmd[0] != "tx_prepare":
             return cmd, None
         txid = cmd[1]
@@ -508,31 +514,21 @@ class TxnService:
             keys = keys_of(cmd[3], cmd[4], cmd[5])
         except (IndexError, TypeError):  # malformed: the state machine refuses it
             return cmd, None
+        now = time.monotonic()
+        queue = self._queued.setdefault(shard, {})
+        for p in [p for p, w in queue.items() if now - w.seen > QUEUE_TTL_S or now - w.since > QUEUE_MAX_S]:
+            del queue[p]  # its retries stopped, or it has had its turn long enough
         mine = priority_of(txid)
-        bound = min(WAIT_MAX_S, remaining_s - WAIT_MARGIN_S)
         verdict = self._verdict(shard, txid, mine, keys)
-        if verdict == "wait" and bound > 0:
-            held = _Held(txid, mine, keys, cmd[2], asyncio.get_running_loop().create_future())
-            self._held.setdefault(shard, []).append(held)
-            self.held_total += 1
-            if shard not in self._pollers:
-                self._pollers[shard] = asyncio.ensure_future(self._poll_held(shard))
-            try:
-                await asyncio.wait_for(held.released, bound)
-            except TimeoutError:
-                log.info("event=txn_wait_bound txid=%s shard=%d secs=%g", txid, shard, bound)
-            except BaseException:  # cancelled by the caller: drop what the poller claimed for it
-                if held.preclaimed:
-                    self._unclaim(shard, txid, keys)
-                raise
-            finally:
-                waiting = self._held.get(shard, [])
-                if held in waiting:
-                    waiting.remove(held)
-            if held.preclaimed:
-                return cmd, (shard, txid, keys, None)
-            verdict = held.released.result() if held.released.done() and not held.released.cancelled() else "go"
-        return self._claim(shard, cmd, keys, verdict)
+        if verdict != "wait":
+            return self._claim(shard, cmd, keys, verdict)
+        place = queue.get(mine)
+        if place is None:
+            place = queue[mine] = _Waiter(mine, keys, cmd[2], now)
+            self.waits_total += 1
+        place.seen, place.txid = now, txid
+        sent, claim = self._claim(shard, cmd, keys, "go")
+        return sent, (*claim[:4], True)
 
     def _claim(self, shard: int, cmd: tuple, keys: list[bytes], verdict: Any) -> tuple[tuple, Any]:
         """What to propose for ``cmd`` after ``verdict``, and mark it as being proposed: until it is applied
@@ -542,21 +538,22 @@ class TxnService:
             if self.node.timing.txn_parallel_commits and len(cmd) == 7:
                 # (nodes without tx_refuse run classic 2PC: there the PREPARE goes ahead, as before)
                 refuse = ("tx_refuse", cmd[1], cmd[2], cmd[6])
-                return refuse, (shard, cmd[1], [], verdict)
-        self._add_claim(shard, cmd[1], keys)
-        return cmd, (shard, cmd[1], keys, None)
+                return refuse, (shard, cmd[1], [], verdict, False)
+        self._add_claim(shard, cmd[1], cmd[2], keys)
+        return cmd, (shard, cmd[1], keys, None, False)
 
-    def _add_claim(self, shard: int, txid: str, keys: list[bytes]) -> None:
+    def _add_claim(self, shard: int, txid: str, home: int, keys: list[bytes]) -> None:
         claims = self._claims.setdefault(shard, {})
         for k in keys:
-            claims.setdefault(k, []).append(txid)
+            claims.setdefault(k, []).append((txid, home))
 
     def _unclaim(self, shard: int, txid: str, keys: list[bytes]) -> None:
         claims = self._claims.get(shard, {})
         for k in keys:
             owners = claims.get(k)
-            if owners is not None and txid in owners:
-                owners.remove(txid)
+            mine = [o for o in owners or () if o[0] == txid]
+            if mine:
+                owners.remove(mine[0])
                 if not owners:
                     del claims[k]
 
@@ -566,16 +563,22 @@ class TxnService:
         the conflict it stands for: the same final NO, naming the older transaction)."""
         if claim is None:
             return result
-        shard, txid, keys, older = claim
+        shard, txid, keys, older, queued = claim
         self._unclaim(shard, txid, keys)
+        if kind == APPLIED and isinstance(result, tuple) and result and result[0] == "yes":
+            self._queued.get(shard, {}).pop(priority_of(txid), None)  # it holds the keys: its turn came
+        if queued and kind == APPLIED and isinstance(result, tuple) and result[:2] == ("no", REASON_CONFLICT):
+            return (*result[:3], QUEUED)  # (nodes of earlier versions read the first three fields only)
         if older is not None and kind == APPLIED and result == ("no", REASON_REFUSED, None):
+            # The "lock" it names is the older transaction's, stamped now: not old, so no coordinator
+            # (of this version or an earlier one) sets out to resolve it.
             replica = self.node.replicas.get(shard)
-            since = replica.log_now_ms() if replica is not None else 0
-            return ("no", REASON_CONFLICT, (older.key, older.txid, older.home, since))
+            if replica is not None:
+                return ("no", REASON_CONFLICT, (older.key, older.txid, older.home, replica.log_now_ms()))
         return result
 
     def _verdict(self, shard: int, txid: str, mine: Any, keys: list[bytes]) -> Any:
-        """``"go"``, ``"wait"``, or the older transaction (an ``_Ahead``) that ``txid`` must not overtake."""
+        """``"go"``, ``"wait"`` (queue), or the older transaction (an ``_Ahead``) ``txid`` must not overtake."""
         replica = self.node.replicas.get(shard)
         if replica is None or not replica.is_leader():
             return "go"  # proposing tells it where the leader went
@@ -583,44 +586,22 @@ class TxnService:
         if txid in txns.prepared or txid in txns.done:
             return "go"  # a duplicate: answered from the state
         wanted = set(keys)
-        queued = [h for h in self._held.get(shard, ()) if h.txid != txid and not h.released.done()
-                  and not wanted.isdisjoint(h.keys)]
+        queued = [(w.txid, w) for p, w in self._queued.get(shard, {}).items()
+                  if p != mine and not wanted.isdisjoint(w.keys)]
         holders = [lock for k in keys if (lock := txns.locks.get(k)) is not None and lock.txid != txid]
         claims = self._claims.get(shard, {})
-        claimed = [(k, t) for k in keys for t in claims.get(k, ()) if t != txid]
-        verdict = gate(mine, [priority_of(lock.txid) for lock in holders], [priority_of(t) for _, t in claimed],
-                       [h.prio for h in queued])
+        claimed = [(k, t, home) for k in keys for t, home in claims.get(k, ()) if t != txid]
+        verdict = gate(mine, [priority_of(lock.txid) for lock in holders], [priority_of(t) for _, t, _ in claimed],
+                       [w.prio for _, w in queued], may_wait=patient(txid))
         if verdict == "refuse":  # name the oldest one it yields to
-            ahead = [(h.prio, h.txid, h.home, next(k for k in keys if k in h.keys)) for h in queued]
-            ahead += [(p, t, None, k) for k, t in claimed if (p := priority_of(t)) is not None]
+            ahead = [(w.prio, t, w.home, next(k for k in keys if k in w.keys)) for t, w in queued]
+            ahead += [(p, t, home, k) for k, t, home in claimed if (p := priority_of(t)) is not None]
             return _Ahead(*min(ahead))
         if verdict == "wait":
             for lock in holders:  # a dead holder's lock is resolved as a reader's would be
                 if lock.txid not in self.tasks and lock_is_old(self.node, shard, lock):
                     self.resolve_soon(shard, lock)
         return verdict
-
-    async def _poll_held(self, shard: int) -> None:
-        """Re-check the held PREPAREs of ``shard`` every ``WAIT_POLL_S``, oldest first.  One released here
-        is claimed at once (``gate_prepare`` resumes in this order and proposes in one batch), so a younger
-        one behind it in the same pass meets that claim instead of racing it to the freed key."""
-        try:
-            while self._held.get(shard):
-                await asyncio.sleep(WAIT_POLL_S)
-                for held in sorted(self._held.get(shard, []), key=lambda h: h.prio):
-                    if held.released.done():
-                        continue
-                    try:
-                        verdict = self._verdict(shard, held.txid, held.prio, held.keys)
-                    except RuntimeError:  # the state changed under the read: next time
-                        continue
-                    if verdict != "wait":
-                        held.released.set_result(verdict)
-                        if verdict == "go":  # claim it now, for the younger ones after it in this pass
-                            self._add_claim(shard, held.txid, held.keys)
-                            held.preclaimed = True
-        finally:
-            self._pollers.pop(shard, None)
 
     def spawn(self, txid: str, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -678,18 +659,19 @@ class _Ahead:
 
     prio: Any
     txid: str
-    home: int | None
+    home: int
     key: bytes
 
 
-class _Held:
-    """A PREPARE held back by wait-die; ``released`` gets its verdict when it may be proposed."""
+class _Waiter:
+    """A transaction's place in the queue of some keys at their shard's leader (kept across its attempts
+    while it keeps coming back)."""
 
-    __slots__ = ("txid", "prio", "keys", "home", "released", "preclaimed")
+    __slots__ = ("prio", "keys", "home", "since", "seen", "txid")
 
-    def __init__(self, txid: str, prio: Any, keys: list[bytes], home: int, released: asyncio.Future) -> None:
-        self.txid, self.prio, self.keys, self.home, self.released = txid, prio, keys, home, released
-        self.preclaimed = False  # the poller claimed its keys when it released it
+    def __init__(self, prio: Any, keys: list[bytes], home: int, now: float) -> None:
+        self.prio, self.keys, self.home, self.since, self.seen = prio, keys, home, now, now
+        self.txid = ""  # its latest attempt (named in the NO votes of those it makes yield)
 
 
 async def _gc(node: NodeAPI, shard: int) -> None:

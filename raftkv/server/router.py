@@ -166,8 +166,8 @@ class Router:
                     return Error("STORAGE", f"node {node.name} stopped its Raft groups: {failure}; not applied "
                                             "(free disk space and restart the node)")
                 no_leader_since = None
-                if cmd[0] == "tx_prepare":  # wait-die: held back while younger transactions hold its keys
-                    sent, claim = await node.txns.gate_prepare(shard, cmd, deadline - now)
+                if cmd[0] == "tx_prepare":  # wait-die: a younger one may not overtake an older (raftkv.waitdie)
+                    sent, claim = node.txns.gate_prepare(shard, cmd)
                     try:
                         kind, res = await self._local(shard, sent, read, deadline - loop.time())
                     except BaseException:
