@@ -3,9 +3,8 @@
 Theory of operation
 -------------------
 Conflicts stay no-wait in the state machine: a PREPARE that meets another
-transaction's lock votes NO.  What changes is *when* a PREPARE is proposed, at
-the edge (the participant shard's leader, before it proposes), for transactions
-that carry a priority:
+transaction's lock votes NO.  What changes is what the participant shard's
+leader proposes, at the edge, for transactions that carry a priority:
 
 * A transaction's *priority* is the start of its first attempt (wall-clock
   milliseconds where the retry loop runs, plus a random tag that breaks ties),
@@ -14,25 +13,32 @@ that carry a priority:
   state changes shape: a node of an earlier version passes it along as an
   opaque id, and ids without it (old clients, ``RAFTKV.TXN ID x``) have no
   priority.
-* *Wait-die*: a PREPARE whose keys are locked only by younger transactions (or
-  by ones without a priority, or by an earlier attempt of its own) is held
-  back, not proposed, until the locks are gone or a bound passes
-  (``gate``: "wait").  A PREPARE that meets an older holder, or that has no
-  priority, is proposed at once and votes NO as before ("go": it dies).  Waits
-  only ever go from older to younger, so no cycle of waits can form
-  (``waits_for`` / the property test in ``tests/test_waitdie.py``).
+* Wait-die, without holding anything: where classic wait-die would make an
+  older PREPARE wait for younger lock holders (``gate``: ``"queue"``), the edge
+  gives the transaction a place in the queue of those keys instead and
+  proposes it at once (it loses to the holder, or gets the key if that one
+  let go first).  While an older transaction has a place in a key's queue, or
+  has a PREPARE for it on its way into the log, a younger PREPARE for the key
+  is refused (``"refuse"``: a final NO that locks nothing), so the younger
+  cannot take the key ahead of it.  A PREPARE that meets an older holder, or
+  that has no priority, is proposed as before (``"go"``: it dies with a NO
+  vote if the key is locked).  Nothing is held back, so nothing waits while
+  holding locks on other shards, and no cycle of waits can exist; the
+  "waits-for" relation (``waits_for``: who is queued behind whom) still only
+  goes from older to younger.
 * A retry loop keeps the priority and does not charge a *die* (losing to an
-  older transaction) against its conflict budget: the older one is making
-  progress, and the loser becomes the oldest contender once the ones older
-  than it have finished, after which it only waits (bounded) and never dies.
-  The budget still counts conflicts wait-die could not settle (no priority on
-  either side, or a wait that reached its bound).  Every loop stays bounded by
-  its deadline.
+  older transaction) or a *queued* loss (its vote says ``QUEUED``) against its
+  conflict budget: the older one is making progress, or the loser holds its
+  place; the loser becomes the oldest contender once the ones older than it
+  have finished, and then gets the key as soon as the holders present when it
+  queued let go.  The budget still counts every other conflict (no priority on
+  either side, a first attempt, which does not queue: ``patient``).  Every
+  loop stays bounded by its deadline.
 
 Priorities need no agreement between machines: any total order a transaction
-keeps across its retries keeps the waits acyclic.  A skewed clock only makes
-one machine's transactions look older (unfair, never unsafe), and a client
-that forges an old priority in its ``ID`` only gets to wait, bounded.
+keeps across its retries will do.  A skewed clock only makes one machine's
+transactions look older (unfair, never unsafe), and a client that forges an
+old priority in its ``ID`` keeps a place for at most a few seconds.
 """
 
 from __future__ import annotations
@@ -81,16 +87,17 @@ def attempt_of(txid: str) -> int | None:
 
 
 def patient(txid: str) -> bool:
-    """May ``txid``'s PREPAREs wait?  Only a transaction that already lost ``WAIT_AFTER_LOSSES`` attempts:
-    a first attempt is no-wait, as before wait-die, because a PREPARE held at one shard keeps the
-    transaction's locks on its other shards meanwhile, which stalls everyone else on them (a convoy); a
-    transaction that keeps losing is worth that, a first try is not."""
+    """May ``txid`` take a place in a key's queue?  Only a transaction that already lost
+    ``WAIT_AFTER_LOSSES`` attempts: a place keeps every younger transaction off the key (refused) until its
+    owner comes back, even while the key is free, which costs throughput; a transaction that keeps
+    losing is worth that, a first try is not (it is no-wait, as before)."""
     attempt = attempt_of(txid)
     return attempt is not None and attempt >= WAIT_AFTER_LOSSES
 
 
 def must_wait(waiter: Priority | None, holder: Priority | None) -> bool:
-    """Wait-die: does a PREPARE of priority ``waiter`` wait for a lock held by priority ``holder``?
+    """Wait-die: would a PREPARE of priority ``waiter`` wait for (here: queue behind) a lock held by
+    priority ``holder``?
 
     Only a transaction with a priority waits, and only for a younger holder, a holder without a priority
     (which itself never waits) or an earlier attempt of its own (equal priority: that attempt is aborted and
@@ -106,30 +113,31 @@ def gate(mine: Priority | None, locks: Sequence[Priority | None], claims: Sequen
     lock its keys (``locks``), that have a PREPARE for them on its way into the log from this edge
     (``claims``), and whose PREPAREs for them are held back at this edge (``queued``), none counting itself:
 
-    * ``"refuse"``: an older transaction is about to lock one of its keys, or waits for one; taking the
-      key ahead of it would starve it, so this one dies without locking anything (the edge proposes the
-      refusal recovery uses);
-    * ``"wait"``: a PREPARE it may wait for (``must_wait``) is on its way in (whether that one locks the
-      key or dies decides what this one meets), or every lock is held by one it may wait for;
+    * ``"refuse"``: an older transaction is about to lock one of its keys, or has a place in its queue;
+      taking the key ahead of it would starve it, so this one dies without locking anything (the edge
+      proposes the refusal recovery uses);
+    * ``"queue"``: a PREPARE it may queue behind (``must_wait``) is on its way in (whether that one locks
+      the key or dies decides what this one meets), or every lock is held by one it may queue behind: it
+      takes a place in the keys' queue, and is proposed;
     * ``"go"``: propose now (it locks the keys, or meets an older lock and dies with a NO vote).
 
-    ``may_wait`` False (a first attempt, ``patient``): never ``"wait"``, ``"go"`` instead (no-wait)."""
+    ``may_wait`` False (a first attempt, ``patient``): never ``"queue"``, ``"go"`` instead (no-wait)."""
     if any(q is not None and (mine is None or q < mine) for q in list(claims) + list(queued)):
         return "refuse"
     if not may_wait:
         return "go"
     if any(must_wait(mine, c) for c in claims):
-        return "wait"
+        return "queue"
     if not locks and not claims:
         return "go"
-    return "wait" if all(must_wait(mine, h) for h in list(locks) + list(claims)) else "go"
+    return "queue" if all(must_wait(mine, h) for h in list(locks) + list(claims)) else "go"
 
 
 def waits_for(mine: Priority | None, locks: Sequence[Priority | None], claims: Sequence[Priority | None] = (),
               queued: Sequence[Priority] = ()) -> list[Priority | None]:
-    """The transactions a PREPARE held back by ``gate`` waits for: the edges it adds to the waits-for graph
-    (it is released when they are gone, or re-judged when a claim turns into a lock or vanishes)."""
-    if gate(mine, locks, claims, queued) != "wait":
+    """The transactions a PREPARE that ``gate`` queues is queued behind: the edges it adds to the waits-for
+    graph (edges of order only: nothing blocks on them)."""
+    if gate(mine, locks, claims, queued) != "queue":
         return []
     return [h for h in list(locks) + list(claims) if must_wait(mine, h)]
 

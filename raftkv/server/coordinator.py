@@ -520,7 +520,7 @@ class TxnService:
             del queue[p]  # its retries stopped, or it has had its turn long enough
         mine = priority_of(txid)
         verdict = self._verdict(shard, txid, mine, keys)
-        if verdict != "wait":
+        if verdict != "queue":
             return self._claim(shard, cmd, keys, verdict)
         place = queue.get(mine)
         if place is None:
@@ -578,7 +578,7 @@ class TxnService:
         return result
 
     def _verdict(self, shard: int, txid: str, mine: Any, keys: list[bytes]) -> Any:
-        """``"go"``, ``"wait"`` (queue), or the older transaction (an ``_Ahead``) ``txid`` must not overtake."""
+        """``"go"``, ``"queue"`` (queue), or the older transaction (an ``_Ahead``) ``txid`` must not overtake."""
         replica = self.node.replicas.get(shard)
         if replica is None or not replica.is_leader():
             return "go"  # proposing tells it where the leader went
@@ -597,7 +597,7 @@ class TxnService:
             ahead = [(w.prio, t, w.home, next(k for k in keys if k in w.keys)) for t, w in queued]
             ahead += [(p, t, home, k) for k, t, home in claimed if (p := priority_of(t)) is not None]
             return _Ahead(*min(ahead))
-        if verdict == "wait":
+        if verdict == "queue":
             for lock in holders:  # a dead holder's lock is resolved as a reader's would be
                 if lock.txid not in self.tasks and lock_is_old(self.node, shard, lock):
                     self.resolve_soon(shard, lock)
