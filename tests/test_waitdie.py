@@ -52,7 +52,7 @@ def test_gate_verdicts() -> None:
     assert gate(MID, [], claims=[YOUNG]) == "queue"  # see whether the younger one locks or dies first
     assert gate(MID, [OLD], claims=[YOUNG]) == "queue"
     assert gate(MID, [], claims=[OLD]) == "refuse"  # an older PREPARE is on its way in: do not overtake it
-    assert gate(MID, [], queued=[OLD]) == "refuse"  # an older one waits for the key: do not take it first
+    assert gate(MID, [], queued=[OLD]) == "refuse"  # an older one has a place for the key: do not take it
     assert gate(MID, [YOUNG], queued=[YOUNG]) == "queue"
     assert gate(None, [YOUNG]) == "go"  # no priority: no-wait
     assert gate(None, []) == "go"
@@ -85,10 +85,11 @@ prios = st.one_of(st.none(), st.builds(new_priority, st.integers(0, 20), st.samp
 @given(st.data())
 def test_no_cycle_of_waits_can_form(data: st.DataObject) -> None:
     """Any state of an edge: transactions (distinct priorities, or none) hold locks on its keys, have
-    PREPAREs on their way in, and have PREPAREs held back, and each asks the gate about a set of keys.
-    Every wait the gate allows goes from a transaction to a strictly younger one or to one without a
-    priority, which never waits: so the waits-for graph (over every edge of the cluster: the same rule
-    holds at each) has no cycle, and nothing deadlocks."""
+    PREPAREs on their way in, and have places in the keys' queues, and each asks the gate about a set of
+    keys.  Every "queued behind" the gate allows goes from a transaction to a strictly younger one or to
+    one without a priority, which never queues: so that graph (over every edge of the cluster: the same
+    rule holds at each) has no cycle.  (Nothing blocks on it anyway: a queued PREPARE is proposed at once;
+    this is the classic wait-die property, which would keep even a blocking edge free of deadlock.)"""
     n = data.draw(st.integers(2, 8))
     # distinct priorities (two attempts of one transaction share one, but the earlier is only releasing)
     ages = data.draw(st.permutations(range(n)))
