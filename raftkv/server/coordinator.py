@@ -25,6 +25,12 @@ sent again.
   decided but unfinished records, resolve locks older than
   ``LOCK_TIMEOUT_MS`` (ask the home shard with a Raft write, then finish here)
   and garbage-collect finished state now and then.
+* ``gate_prepare``: called by the router just before this node, as a shard's
+  leader, proposes a PREPARE: wait-die (``raftkv.waitdie``) refuses a younger
+  transaction a key an older one is queued for or about to lock, and gives a
+  transaction that keeps losing a place in its keys' queue.  Nothing is held
+  back.  ``with_conflict_retries`` (MSET, EXEC) keeps one priority over its
+  attempts and does not count dies and queued losses (for ``DIE_WINDOW_S``).
 * ``wait_for_lock``: called by the router when a command meets a lock; an
   old lock is resolved at once (a STAGING record is settled from here), so a
   reader never waits on a dead coordinator for long.
