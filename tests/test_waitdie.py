@@ -219,3 +219,96 @@ def test_hot_key_simulation_no_transaction_is_charged_twice() -> None:
 
     assert longest < _simulate(no_refusals)[1]
     assert _simulate(lambda *args, **kw: "go")[0] > 1  # no-wait: charged again and again
+
+
+# -- the edge: TxnService.gate_prepare at a shard's leader (no I/O: a fake replica) ---------------------
+
+class _Replica:
+    def __init__(self) -> None:
+        from raftkv.txn import TxnTable
+
+        self.state = type("S", (), {})()
+        self.state.txns = TxnTable()
+
+    def is_leader(self) -> bool:
+        return True
+
+    def log_now_ms(self) -> int:
+        return 5000
+
+
+def _edge(wait_die: bool = True) -> tuple:
+    from raftkv.server.api import Timing
+    from raftkv.server.coordinator import TxnService
+
+    node = type("N", (), {})()
+    node.timing = Timing(txn_wait_die=wait_die)
+    node.replicas = {0: _Replica()}
+    return TxnService(node), node.replicas[0]
+
+
+def _prepare(txid: str, key: bytes = b"hot") -> tuple:
+    return ("tx_prepare", txid, 0, (), (("put", key, b"v"),), (), 123)
+
+
+def _lock(replica: _Replica, key: bytes, txid: str) -> None:
+    from raftkv.results import Locked
+
+    replica.state.txns.locks[key] = Locked(key, txid, 0, 5000)
+
+
+def test_edge_queues_a_loser_and_refuses_younger_ones_the_key() -> None:
+    from raftkv.replica import APPLIED
+
+    edge, replica = _edge()
+    old, young, holder = new_priority(1, "a"), new_priority(5, "b"), new_priority(9, "c")
+    _lock(replica, b"hot", attempt_txid(holder, 0))
+    # the older one, after a first loss, queues behind the younger holder; it is proposed (and loses)
+    sent, claim = edge.gate_prepare(0, _prepare(attempt_txid(old, 1)))
+    assert sent[0] == "tx_prepare"
+    vote = edge.ungate(claim, APPLIED, ("no", "conflict", (b"hot", attempt_txid(holder, 0), 0, 5000)))
+    assert vote[3] == "queued"  # its loop does not count this loss
+    # the holder lets go; a younger newcomer finds the key free but may not take it ahead of the queued one
+    del replica.state.txns.locks[b"hot"]
+    sent, claim = edge.gate_prepare(0, _prepare(attempt_txid(young, 0)))
+    assert sent == ("tx_refuse", attempt_txid(young, 0), 0, 123)  # the refusal recovery sends
+    vote = edge.ungate(claim, APPLIED, ("no", "refused", None))
+    assert vote[:2] == ("no", "conflict") and vote[2][1] == attempt_txid(old, 1)  # a die, naming the older
+    assert not conflict_charged(attempt_txid(young, 0), vote[2][1])
+    # the queued one comes back and gets the key; its place ends
+    sent, claim = edge.gate_prepare(0, _prepare(attempt_txid(old, 2)))
+    assert sent[0] == "tx_prepare"
+    edge.ungate(claim, APPLIED, ("yes", True, (True,), ()))
+    sent, _ = edge.gate_prepare(0, _prepare(attempt_txid(young, 1), b"other"))
+    assert sent[0] == "tx_prepare"
+
+
+def test_edge_first_attempts_and_plain_ids_are_no_wait() -> None:
+    from raftkv.replica import APPLIED
+
+    edge, replica = _edge()
+    _lock(replica, b"hot", attempt_txid(YOUNG, 0))
+    for txid in (attempt_txid(OLD, 0), uuid.uuid4().hex):  # a first attempt; an id without priority
+        sent, claim = edge.gate_prepare(0, _prepare(txid))
+        assert sent[0] == "tx_prepare"
+        assert len(edge.ungate(claim, APPLIED, ("no", "conflict", (b"hot", "x", 0, 1)))) == 3  # not queued
+    assert not edge._queued.get(0)
+
+
+def test_edge_a_prepare_on_its_way_in_counts_as_a_holder() -> None:
+    edge, _ = _edge()
+    sent, first = edge.gate_prepare(0, _prepare(attempt_txid(MID, 0)))  # proposed, not applied yet
+    assert sent[0] == "tx_prepare"
+    assert edge.gate_prepare(0, _prepare(attempt_txid(YOUNG, 0)))[0][0] == "tx_refuse"  # an older one is coming
+    sent, claim = edge.gate_prepare(0, _prepare(attempt_txid(OLD, 1)))  # a younger one is coming: queue
+    assert sent[0] == "tx_prepare" and claim[4] is True
+    edge.ungate(first)
+    edge.ungate(claim)
+    assert not edge._claims.get(0)
+
+
+def test_edge_off_changes_nothing() -> None:
+    edge, replica = _edge(wait_die=False)
+    _lock(replica, b"hot", attempt_txid(YOUNG, 0))
+    cmd = _prepare(attempt_txid(OLD, 3))
+    assert edge.gate_prepare(0, cmd) == (cmd, None)
