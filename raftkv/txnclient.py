@@ -163,9 +163,10 @@ class Txn:
                     continue
                 if (e.code == "TXNCONFLICT" and in_time
                         and not waitdie.conflict_charged(txid, waitdie.holder_of(e.message), e.message)):
-                    # a die or a queued loss: come back soon, with the same priority (a queued place is kept
-                    # only while its owner keeps coming back, and it keeps younger ones off the key meanwhile)
-                    time.sleep(min(backoff_max_s, backoff_s) * random.uniform(0.5, 1.5))
+                    # a die or a queued loss: come back in about a lock's life, with the same priority (a
+                    # queued place is kept only while its owner keeps coming back, 0.25 s, and keeps younger
+                    # ones off the key meanwhile; sooner, and most attempts would meet the holder again)
+                    time.sleep(min(backoff_max_s, 5 * backoff_s) * random.uniform(0.5, 1.5))
                     continue
                 if e.code not in RETRYABLE or attempt >= retries:
                     raise

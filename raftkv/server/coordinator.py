@@ -106,6 +106,7 @@ RECOVERY_PERIOD_S = 0.1
 # coordinator's PREPARE_TIMEOUT_S, so the vote still arrives in time), and how often a local one re-checks.
 QUEUE_TTL_S = 0.25  # a queued transaction that has not come back for this long loses its place
 QUEUE_MAX_S = 3.0  # nor does it keep its place longer than this (a stuck or lying one cannot block a key)
+DIE_SLEEP_S = 0.05  # after a die or a queued loss: about a lock's life here (its place waits 0.25 s for it)
 DIE_WINDOW_S = 2.0  # MSET/EXEC retry dies uncounted for this long (the client's own deadline is unknown here)
 GC_PERIOD_S = 5.0
 
@@ -168,7 +169,7 @@ async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, e
                 return res
             if not conflict_charged(txid, holder_of(res.message), res.message) and loop.time() < die_until:
                 # a die or a queued loss: come back soon, with the same priority (see Txn.commit)
-                await asyncio.sleep(0.005 * random.uniform(0.5, 1.5))
+                await asyncio.sleep(DIE_SLEEP_S * random.uniform(0.5, 1.5))
                 continue
             if attempt == retries:
                 return res
