@@ -144,11 +144,14 @@ class Txn:
         shard add``) retry with a fresh id for up to ``wait_s`` seconds, not counted against ``retries``.
 
         ``wait_die``: every attempt carries the first one's priority (``raftkv.waitdie``); a TXNCONFLICT from
-        an older transaction (a *die*) is retried for up to ``wait_s`` seconds, not counted either (after
-        that it counts like any conflict)."""
+        an older transaction (a *die*), or one the key's leader queued, is retried for up to half of
+        ``wait_s``, not counted either (after that it counts like any conflict)."""
         home = self._shard_of(self.first_key())
         attempt = waited = tries = 0
         until = time.monotonic() + self._wait_s
+        # uncounted dies stop at half the timeout: the counted retries after them, and the attempt in flight,
+        # still end inside it (a last attempt cut off by the timeout would leave its outcome unknown)
+        dies_until = time.monotonic() + self._wait_s / 2
         prio = waitdie.new_priority(int(time.time() * 1000)) if wait_die else None
         while True:
             txid = uuid.uuid4().hex if prio is None else waitdie.attempt_txid(prio, tries)
@@ -161,7 +164,7 @@ class Txn:
                     waited += 1
                     time.sleep(min(backoff_max_s, backoff_s * 2 ** min(waited, 6)) * random.uniform(0.5, 1.0))
                     continue
-                if (e.code == "TXNCONFLICT" and in_time
+                if (e.code == "TXNCONFLICT" and time.monotonic() < dies_until
                         and not waitdie.conflict_charged(txid, waitdie.holder_of(e.message), e.message)):
                     # a die or a queued loss: come back in about a lock's life, with the same priority (a
                     # queued place is kept only while its owner keeps coming back, 0.25 s, and keeps younger
