@@ -15,7 +15,7 @@ the client's timeout; after ``TXNCONFLICT`` (a no-wait conflict) up to
 Every attempt carries the priority of the first (wait-die, ``raftkv.waitdie``):
 its PREPAREs wait, bounded, for younger lock holders instead of aborting, and
 an abort by an *older* transaction is retried without counting against
-``retries`` (it is bounded by the timeout instead), so a transaction that keeps
+``retries`` (for up to half the timeout instead), so a transaction that keeps
 losing on a hot key becomes the oldest contender and commits.
 ``commit(wait_die=False)`` sends plain ids: no-wait only, as before.
 """
