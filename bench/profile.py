@@ -63,13 +63,14 @@ def main() -> int:
     ap.add_argument("--workload", default="put")
     ap.add_argument("--out", default="bench/results/profile")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--shards", type=int, default=3, help="shards of the 3-node cluster")
     a = ap.parse_args()
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(spy):
         print("py-spy not found (pip install py-spy); nothing to do")
         return 1
     d = tempfile.mkdtemp(prefix="raftkv-profile-")
-    s = RaftKVSystem(d)
+    s = RaftKVSystem(d, shards=a.shards)
     try:
         preload(s, 10_000)
         run = LoadRun(s, LoadParams(a.workload, a.clients, a.seconds + 3, warmup=1.0)).start()

@@ -6,29 +6,20 @@ Creates a loopback cluster (3 nodes, 4 shards, replication 3), preloads N keys, 
 with no replica (``raftkv node add --empty``), then runs ``raftkv rebalance`` and reports its wall
 time and per-step lines (each add waits until the new replica has caught up, by log or snapshot).
 Afterwards it checks that every shard's replicas report the same key count. All nodes run on this
-one machine, so the copy competes with the nodes for its cores.
+one machine, so the copy competes with the nodes for its cores. Doubling 3 -> 6 nodes, each on its own
+loopback address, with throughput before and after: bench/double_bench.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 
 from raftkv.bench.preload import preload
+from raftkv.bench.scaleout import keys_per_shard, run_cli
 from raftkv.bench.systems import RaftKVSystem
 from raftkv.cluster import LocalCluster, free_base_port
-
-
-def raftkv(*args: str) -> tuple[float, str]:
-    t = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "raftkv", *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"raftkv {' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
-    return time.monotonic() - t, done.stdout + done.stderr
 
 
 def main() -> None:
@@ -45,17 +36,12 @@ def main() -> None:
             print(f"preloaded {a.keys} keys of {a.value_size} B in {loaded:.1f} s")
             port = free_base_port(1, 1)
             cfg = str(lc.config)
-            _, out = raftkv("node", "add", f"127.0.0.1:{port}", "--empty", "--cluster", cfg)
+            _, out = run_cli("node", "add", f"127.0.0.1:{port}", "--empty", "--cluster", cfg)
             print(out.strip().splitlines()[-1])
-            took, out = raftkv("rebalance", "--cluster", cfg)
+            took, out = run_cli("rebalance", "--cluster", cfg)
             print(out.strip())
             print(f"raftkv rebalance: {took:.1f} s wall ({a.keys} keys, 3 -> 4 nodes, 4 shards)")
-            now = LocalCluster(lc.dir)
-            keys: dict[int, set[int]] = {}
-            for _name, st in now.shard_views().items():
-                for s, sh in st["shards"].items():
-                    keys.setdefault(int(s), set()).add(sh["keys"])
-            print("keys per shard on its replicas:", json.dumps({s: sorted(v) for s, v in sorted(keys.items())}))
+            print("keys per shard on its replicas:", json.dumps(keys_per_shard(LocalCluster(lc.dir))))
         finally:
             LocalCluster(lc.dir).stop()
             lc.stop()

@@ -23,6 +23,7 @@ import time
 
 from raftkv import Client
 from raftkv.bench.preload import preload
+from raftkv.bench.scaleout import keys_per_shard
 from raftkv.bench.systems import RaftKVSystem
 from raftkv.bench.workloads import key_name
 from raftkv.cluster import LocalCluster
@@ -74,13 +75,10 @@ def main() -> None:
             print(f"raftkv shard add: {took:.1f} s wall ({a.keys} keys, 2 -> 3 shards, 3 nodes)")
             print("writer before the add:", _summary([d for t, d in samples if t < t0]))
             print("writer during the add:", _summary([d for t, d in samples if t0 <= t <= t0 + took]))
-            counts: dict[int, set[int]] = {}
-            for _name, st in LocalCluster(lc.dir).shard_views().items():
-                for s, sh in st["shards"].items():
-                    counts.setdefault(int(s), set()).add(sh["keys"])
-            print("keys per shard on its replicas:", json.dumps({s: sorted(v) for s, v in sorted(counts.items())}))
+            counts = keys_per_shard(LocalCluster(lc.dir))
+            print("keys per shard on its replicas:", json.dumps(counts))
             assert all(len(v) == 1 for v in counts.values()), "replicas disagree"
-            assert sum(next(iter(v)) for v in counts.values()) == a.keys, "keys lost or stored twice"
+            assert sum(v[0] for v in counts.values()) == a.keys, "keys lost or stored twice"
         finally:
             LocalCluster(lc.dir).stop()
             lc.stop()

@@ -54,6 +54,7 @@ __all__ = [
     "in_private_mountns",
     "mount_tmpfs",
     "reexec_command",
+    "reexec_python",
     "setup_inside",
     "Firewall",
     "write_bind_shim",
@@ -154,6 +155,12 @@ def in_private_netns() -> bool:
 
 def reexec_command(avail: Availability, argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """Command and environment that run ``python -m jepsen_like.cli <argv>`` inside a new namespace."""
+    return reexec_python(avail, ["-m", "jepsen_like.cli", *argv])
+
+
+def reexec_python(avail: Availability, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Command and environment that run ``python <args>`` (a module or a script) inside a new namespace,
+    with :data:`ENV_MARK` set so that :func:`inside` is true there (bench/double_bench.py uses it too)."""
     import sys
 
     if not avail.ok:
@@ -162,7 +169,7 @@ def reexec_command(avail: Availability, argv: list[str]) -> tuple[list[str], dic
     env[ENV_MARK] = avail.iptables
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return [*avail.unshare, "--", sys.executable, "-m", "jepsen_like.cli", *argv], env
+    return [*avail.unshare, "--", sys.executable, *args], env
 
 
 def _run(cmd: list[str]) -> str:

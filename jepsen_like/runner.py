@@ -379,7 +379,8 @@ def _run_here(cfg: RunConfig, note: str) -> int:
             shards = [*range(now_map.nshards), *([] if now_map.adding is None else [now_map.adding])]
             replicas = replicas_check.check(replicas_check.ask_node(cluster),
                                             {s: list(now_map.placement[s]) for s in shards},
-                                            describe=replicas_check.describe_node(cluster))
+                                            describe=replicas_check.describe_node(cluster),
+                                            progress=replicas_check.progress_of(cluster))
             if "reshard" in kinds:
                 moves = _moves_check(cluster)
     except KeyboardInterrupt:

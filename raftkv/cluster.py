@@ -117,11 +117,14 @@ class LocalCluster:
 
     @classmethod
     def create(cls, directory: str | os.PathLike, nodes: int = 3, shards: int = 3,
-               base_port: int | None = None, **kw: object) -> LocalCluster:
-        """Write a fresh loopback cluster file into ``directory``."""
+               base_port: int | None = None, per_node_hosts: bool = False, **kw: object) -> LocalCluster:
+        """Write a fresh loopback cluster file into ``directory``.
+
+        ``per_node_hosts``: node *i* on ``127.0.0.i`` (inside a private network namespace, where every
+        loopback address is ours; see ``jepsen_like.netns``), else every node on ``127.0.0.1``."""
         d = Path(directory).resolve()
         base = base_port if base_port is not None else free_base_port(nodes, shards)
-        m = local_cluster(nodes, shards, base_port=base, data_dir=str(d / "data"))
+        m = local_cluster(nodes, shards, base_port=base, data_dir=str(d / "data"), per_node_hosts=per_node_hosts)
         return cls(d, m, **kw)  # type: ignore[arg-type]
 
     # -- processes ---------------------------------------------------------------

@@ -202,6 +202,7 @@ class Operator:
         self.timeout = timeout
         self.say = say or (lambda _msg: None)
         self.client_kw = client_kw or {}
+        self._refresh()
 
     def _call(self, addr: tuple[str, int], *args: Any, timeout: float = 2.0) -> Any:
         """One command to one node, authenticated (and over TLS) as the cluster file says."""
@@ -217,10 +218,70 @@ class Operator:
         return Client(cluster=self.map, timeout=self.timeout, **self.client_kw)
 
     def _save(self, m: Any, verbose: bool = True) -> None:
+        """Make ``m`` the cluster's map: a compare-and-set on the epoch this command read
+        (``raftkv.mapregister``), then the cluster file (a cache the next command starts from)."""
+        self._cas(m)
         m.save(self.path)
         self.map = m
         if verbose:
             self.say(f"cluster file {self.path}: epoch {m.epoch}")
+
+    def _register(self) -> Any:
+        """The cluster's map register through the first node that answers: ``(epoch, text)``, None (empty),
+        or ``False`` (no node answered, or they predate the register)."""
+        from raftkv.protocol import ReplyError
+
+        for info in self.map.nodes.values():
+            try:
+                reply = self._call(info.client_addr, "RAFTKV.MAPGET", timeout=5.0)
+            except (OSError, ConnectionError):
+                continue
+            if not isinstance(reply, ReplyError):
+                return None if reply is None else (int(reply[0]), reply[1].decode())  # type: ignore[index]
+        return False
+
+    def _refresh(self) -> None:
+        """Start from the cluster's map, not the file, when they differ: the register is the authority."""
+        from shards.shardmap import ShardMap
+
+        reg = self._register()
+        if not reg or reg[1] == self._public_map(self.map).to_toml():
+            return
+        import tomllib
+
+        m = ShardMap.from_dict(tomllib.loads(reg[1]), os.path.dirname(os.path.abspath(self.path)),
+                               source="the cluster's map")
+        m = dataclasses.replace(m, security=self.map.security)  # the register never holds secrets
+        self.say(f"{self.path} is at epoch {self.map.epoch}, the cluster's map at epoch {m.epoch}: using the "
+                 "cluster's (the file is rewritten)")
+        m.save(self.path)
+        self.map = m
+
+    def _cas(self, m: Any) -> None:
+        from raftkv.protocol import ReplyError
+
+        text = self._public_map(m).to_toml()
+        deadline = time.monotonic() + self.timeout
+        last: object = "no node reachable"
+        while time.monotonic() < deadline:
+            for info in self.map.nodes.values():
+                try:
+                    reply = self._call(info.client_addr, "RAFTKV.MAPCAS", str(self.map.epoch), text, timeout=15.0)
+                except (OSError, ConnectionError) as e:
+                    last = e
+                    continue
+                if not isinstance(reply, ReplyError):
+                    return
+                if reply.code == "MAPCHANGED":
+                    raise MembershipError(f"not changed: {reply.message.partition(' ')[2]}") from None
+                if reply.code == "ERR" and "unknown command" in reply.message.lower():
+                    self.say("the nodes predate the replicated shard map: the change is saved to the cluster "
+                             "file only (upgrade every node, then run the command again)")
+                    return
+                last = reply  # no leader of the map's shard yet, or an unknown outcome: resend (idempotent)
+            time.sleep(0.2)
+        raise MembershipError(f"could not change the cluster's map to epoch {m.epoch} ({last}); nothing else was "
+                              "changed by this step: run the command again")
 
     def _member(self, shard: int, action: str, addr: str, verbose: bool = True) -> None:
         from raftkv.client import RaftKVError
@@ -261,10 +322,11 @@ class Operator:
                 self.say(f"{name}: map epoch {reply}")
         return missed
 
-    def _public_map(self) -> Any:
-        if getattr(self.map, "security", None):
-            return dataclasses.replace(self.map, security={})
-        return self.map
+    def _public_map(self, m: Any = None) -> Any:
+        m = self.map if m is None else m
+        if getattr(m, "security", None):
+            return dataclasses.replace(m, security={})
+        return m
 
     def _local_cluster(self) -> Any:
         from raftkv.cluster import LocalCluster

@@ -151,13 +151,18 @@ def node_add(address: str, name: str | None, raft_port: int | None, empty: bool,
 @node_group.command("remove")
 @click.argument("name")
 @click.option("--stop/--no-stop", default=True, show_default=True, help="stop the node afterwards (local)")
+@click.option("--drain/--no-drain", default=True, show_default=True,
+              help="move its replicas to the other nodes first when they can hold them all")
 @_timeout_option
 @cluster_option
 @_membership_errors
-def node_remove(name: str, stop: bool, timeout: float, cluster_file: str | None) -> None:
-    """Remove node NAME from every shard group (replication shrinks by one)."""
+def node_remove(name: str, stop: bool, drain: bool, timeout: float, cluster_file: str | None) -> None:
+    """Remove node NAME: its replicas move to the other nodes first when they can hold them all (the
+    replication stays), else it leaves every shard group (replication shrinks by one)."""
+    from raftkv.rebalance import Rebalancer
+
     op = _operator(cluster_file, timeout)
-    op.remove(name, stop=stop)
+    Rebalancer(op, step_timeout=timeout, say=lambda msg: click.echo(msg)).remove_node(name, stop=stop, drain=drain)
     click.echo(f"removed {name} (epoch {op.map.epoch})")
 
 

@@ -34,6 +34,8 @@ ERROR_CODES = {
     "MOVING": "the key is being moved to a new shard (raftkv shard add); not applied, retry",
     "WRONGSHARD": "the key now belongs to another shard (`-WRONGSHARD epoch shard ...`); not applied: refresh "
                   "the map (RAFTKV.CLUSTER) and retry",
+    "MAPCHANGED": "RAFTKV.MAPCAS: the cluster's shard map is at another epoch (`-MAPCHANGED epoch ...`): another "
+                  "command changed it; nothing was changed: re-read the map and retry",
     "TXNCONFLICT": "a transaction conflicted with another one and was aborted; retry",
     "LOCKED": "the key is locked by an unresolved transaction; retry",
     "NOLEASE": "the lease does not exist: never granted, expired or revoked (its keys are gone)",

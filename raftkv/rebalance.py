@@ -30,8 +30,11 @@ reached its leader's ``commit_idx`` of the previous round.
 Re-running after a failure is safe: a run starts by making the map agree with the groups'
 committed membership (``RAFTKV.MEMBER shard LIST``; ``shards.plan.reconcile_placement``), since a
 run that died between a membership change and the map save leaves them apart, and then plans again
-from that map. The map is a file written by this command and pushed to the nodes; two operators
-running it at once are not detected (issue 15's replicated shard map is not built).
+from that map. Every map change is a compare-and-set on the cluster's map (``raftkv.mapregister``): a
+rebalance and another command run at once cannot both change it (the later one stops; run it again).
+
+``raftkv node remove NODE`` drains the node first (``remove_node``) when the other nodes can hold every
+shard's replicas, so the replication stays.
 """
 
 from __future__ import annotations
@@ -142,6 +145,20 @@ class Rebalancer:
             for node in sorted(set(placement[s]) - set(m.placement[s])):
                 self._wait_caught_up(s, node, self._leader(s)[1])
         return True
+
+    def remove_node(self, name: str, stop: bool = True, drain: bool = True) -> RebalanceResult | None:
+        """``raftkv node remove``: first move ``name``'s replicas to the other nodes (a run with ``--drain``)
+        when they are enough to hold every shard's replicas, so the replication stays; then take it out of
+        the map (``Operator.remove``, which otherwise has it leave every group: replication - 1)."""
+        m = self.op.map
+        if name not in m.nodes:
+            raise MembershipError(f"unknown node {name!r} (nodes: {', '.join(sorted(m.nodes))})")
+        result = None
+        if drain and m.shards_on(name) and len(m.nodes) - 1 >= m.replication:
+            self.say(f"draining {name}: its replicas move to the other nodes first")
+            result = self.run(drain=[name])
+        self.op.remove(name, stop=stop)
+        return result
 
     def _publish(self, new: Any) -> None:
         self.op._save(new, verbose=False)

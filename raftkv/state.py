@@ -73,7 +73,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftkv import backup_state, changelog, expiry, keyspace, leases, locks, reshard, strings, txn
+from raftkv import (
+    backup_state,
+    changelog,
+    expiry,
+    keyspace,
+    leases,
+    locks,
+    mapregister,
+    reshard,
+    strings,
+    txn,
+)
 from raftkv.results import CmdError, Locked
 
 SNAPSHOT_CHUNK_KEYS = 20_000
@@ -217,6 +228,8 @@ class KVState:
     # under way; both None on a shard that never took part in one (nothing is checked then)
     owner: reshard.Owner | None = None
     move: reshard.Move | None = None
+    # shard 0 only: the cluster's authoritative shard map, (epoch, text) (raftkv.mapregister); None: empty
+    map_register: tuple[int, str] | None = None
     # DANGEROUS, testing only (module doc): one-shard writes ignore prepared transactions' locks.
     # A node setting (never in a snapshot): ShardReplica sets it on every state it applies to.
     unsafe_skip_locks: bool = field(default=False, compare=False)
@@ -376,6 +389,8 @@ class KVState:
         if self.owner is not None or self.move is not None:  # only shards that took part in a move
             out["owner"] = None if self.owner is None else self.owner.dump()
             out["move"] = None if self.move is None else self.move.dump()
+        if self.map_register is not None:
+            out["map"] = list(self.map_register)
         return out
 
     def load_extra(self, extra: dict | None) -> None:
@@ -391,6 +406,8 @@ class KVState:
             self.leases = leases.LeaseTable(extra.get("leases"))  # nor before leases
             self.changes = changelog.ChangeLog.load(extra.get("changes"), self.revision)  # none before watch
             self.owner, self.move = reshard.load(extra)  # none before resharding
+            reg = extra.get("map")  # none before the replicated shard map
+            self.map_register = None if reg is None else (int(reg[0]), str(reg[1]))
             return
         self.changes = changelog.ChangeLog.load(None, self.revision)
         self.del_rev = self.revision
@@ -635,9 +652,12 @@ _HANDLERS = {
     **leases.HANDLERS,
     # moving keys to a new shard (raftkv shard add)
     **reshard.HANDLERS,
+    # the cluster's shard map, on shard 0 (raftkv.mapregister)
+    **mapregister.HANDLERS,
 }
 
 _READ_HANDLERS = {"get": _get, "getrev": _getrev, "watchrev": _watchrev, "mget": _mget, "exists": _exists,
                   "entries": _entries,
                   **expiry.READ_HANDLERS, **keyspace.READ_HANDLERS, **leases.READ_HANDLERS,
-                  **changelog.READ_HANDLERS, **reshard.READ_HANDLERS}
+                  **changelog.READ_HANDLERS, **reshard.READ_HANDLERS,
+                  **mapregister.READ_HANDLERS}

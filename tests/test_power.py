@@ -213,6 +213,11 @@ def test_forget_under_drops_only_that_directory(shim: Path, tmp_path: Path) -> N
 
 # -- the nemesis in the harness --------------------------------------------------------------------
 
+#: Seed 1's schedule in 7 s of load: one power window from 2 s, cutting every node's power (the nemesis draws
+#: its targets from its own generator, so the window is the first of the 10 s schedule, without the second).
+POWER_RUN_TIME = 7
+
+
 def test_power_is_a_fault_kind_in_all() -> None:
     assert "power" in FAULT_KINDS and "power" in parse_nemesis("all")
 
@@ -220,7 +225,7 @@ def test_power_is_a_fault_kind_in_all() -> None:
 @pytest.mark.slow
 def test_power_loss_run_passes_on_the_real_build(shim: Path, tmp_path: Path) -> None:
     needs_netns()
-    rc, res, out = harness(tmp_path, "--nemesis", "power", *common(1))
+    rc, res, out = harness(tmp_path, "--nemesis", "power", *common(1, POWER_RUN_TIME))
     assert_pass(rc, res, out)
     faults = [f for f in res["faults"] if f["kind"] == "power"]
     assert faults and all("unsynced writes" in f["detail"] and not f["error"] for f in faults), faults
@@ -231,7 +236,7 @@ def test_power_loss_catches_nodes_that_acknowledge_before_fsync(shim: Path, tmp_
     """The negative control: nodes that never fsync must lose acknowledged writes to a power loss, and the
     checks must say so (seed 1: the first fault cuts every node's power)."""
     needs_netns()
-    rc, res, out = harness(tmp_path, "--nemesis", "power", "--unsafe-no-sync", *common(1))
+    rc, res, out = harness(tmp_path, "--nemesis", "power", "--unsafe-no-sync", *common(1, POWER_RUN_TIME))
     assert rc == 1 and res["verdict"] == "fail", out[-4000:]
     assert any(c["valid"] is False for c in res["checks"].values()), res["checks"]
     undone = [int(n) for f in res["faults"] for n in re.findall(r"(\d+) unsynced writes", f["detail"])]

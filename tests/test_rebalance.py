@@ -146,6 +146,16 @@ def test_cli_node_add_then_rebalance_returns_to_three_replicas_per_shard(tmp_pat
         assert sorted(len(m.shards_on(n)) for n in m.nodes) == [2, 2, 2, 3]  # 9 replicas on 4 nodes
         with Client(cluster=cfg, timeout=10.0) as c:
             assert [c.get(f"k{i}") for i in range(30)] == [f"v{i}".encode() for i in range(30)]
+        # node remove drains first: n4's replicas move to n1..n3, so every shard keeps 3 replicas
+        held = len(m.shards_on("n4"))
+        r = CliRunner().invoke(main, ["node", "remove", "n4", "--cluster", cfg])
+        assert r.exit_code == 0, r.output
+        assert "draining n4" in r.output and f"step {2 * held}/{2 * held}" in r.output
+        m = ShardMap.load(cfg)
+        assert "n4" not in m.nodes and m.replication == 3
+        assert all(sorted(names) == ["n1", "n2", "n3"] for names in m.placement.values())
+        with Client(cluster=cfg, timeout=10.0) as c:
+            assert [c.get(f"k{i}") for i in range(30)] == [f"v{i}".encode() for i in range(30)]
     except Exception:
         dump_logs(LocalCluster(lc.dir))
         raise

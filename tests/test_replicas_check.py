@@ -55,6 +55,34 @@ def test_replicas_that_never_settle_are_unknown_never_a_pass() -> None:
     assert "shard 0 n1: n1-status; shard 0 n2: n2-status" in described["summary"]  # who is stuck, and how
 
 
+def test_replicas_that_stop_moving_are_given_up_on_before_the_timeout() -> None:
+    """A follower stuck behind its leader (same answer, same Raft progress) is reported after ``stall`` s,
+    not after the whole timeout; still unknown, never a pass."""
+    t = [0.0]
+    res = check(lambda n, s: (4, A) if n == "n1" else (3, B), {0: ["n1", "n2"]}, timeout=20, stall=5,
+                sleep=lambda d: t.__setitem__(0, t[0] + d), clock=lambda: t[0],
+                progress=lambda n, s: ("follower", 1, "n1", 3 if n == "n2" else 4))
+    assert res["valid"] is None and res["verdict"] == "unknown" and "none of them moved in 5." in res["summary"]
+    assert 5 <= t[0] < 6
+
+
+def test_a_replica_that_still_moves_or_does_not_answer_is_waited_for() -> None:
+    """Raft progress without a new revision yet (entries arriving, a snapshot being installed) restarts the
+    stall clock, and so does a replica that does not answer (a node still starting): both settle later."""
+    t = [0.0]
+    clock = lambda: t[0]  # noqa: E731
+    sleep = lambda d: t.__setitem__(0, t[0] + d)  # noqa: E731
+    behind_until = 9.0  # n2 catches up at 9 s, its log growing all along
+    res = check(lambda n, s: (4, A) if n == "n1" or t[0] >= behind_until else (3, B), {0: ["n1", "n2"]},
+                timeout=20, stall=2, sleep=sleep, clock=clock,
+                progress=lambda n, s: (n, round(t[0], 1) if n == "n2" else 4))
+    assert res["valid"] is True and t[0] >= behind_until
+    t[0] = 0.0
+    res = check(lambda n, s: (4, A) if n == "n1" or t[0] >= behind_until else "ConnectionRefusedError: ...",
+                {0: ["n1", "n2"]}, timeout=20, stall=2, sleep=sleep, clock=clock, progress=lambda n, s: 1)
+    assert res["valid"] is True and t[0] >= behind_until
+
+
 entries = st.dictionaries(st.binary(max_size=6), st.tuples(st.binary(max_size=6), st.integers(0, 50)), max_size=12)
 
 

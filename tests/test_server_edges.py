@@ -32,12 +32,29 @@ FAULTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+#: ``raftkv serve --request-timeout`` of the cluster the unknown-outcome tests use: each of their requests keeps
+#: being refused until the node gives up, so they last as long as this (the default, 5 s, for the others).
+SHORT_REQUEST_TIMEOUT_S = 1.5
+
+
+def _fault_args() -> list[str]:
     args: list[str] = []
     for f in FAULTS:
         args += ["--fault", f]
-    with running(LocalCluster.create(str(tmp_path_factory.mktemp("edges")), node_args=args)) as c:
+    return args
+
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with running(LocalCluster.create(str(tmp_path_factory.mktemp("edges")), node_args=_fault_args())) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def lc_short(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The same fault points, nodes that give up on a request after ``SHORT_REQUEST_TIMEOUT_S``."""
+    args = [*_fault_args(), "--request-timeout", str(SHORT_REQUEST_TIMEOUT_S)]
+    with running(LocalCluster.create(str(tmp_path_factory.mktemp("edges-short")), node_args=args)) as c:
         yield c
 
 
@@ -113,9 +130,10 @@ def test_session_writes_through_non_leaders_while_leaders_move(lc: LocalCluster)
 
 # -- bug 2: an unknown outcome is never later reported as "not applied" -----------------------------
 
-def test_an_unknown_attempt_is_never_reported_as_not_applied(lc: LocalCluster) -> None:
+def test_an_unknown_attempt_is_never_reported_as_not_applied(lc_short: LocalCluster) -> None:
     """First attempt: applied, reported unknown.  Every later attempt: refused.  The node
     must answer UNKNOWN (the write happened), not TRYAGAIN ("not applied, safe to retry")."""
+    lc = lc_short
     key = key_on(lc, "fx-req", 2)
     via = non_leader(lc, 2)
     reply = call(lc, via, "RAFTKV.REQ", "edge-session-3", "1", "SET", key, "applied", timeout=30)
@@ -123,21 +141,27 @@ def test_an_unknown_attempt_is_never_reported_as_not_applied(lc: LocalCluster) -
     assert call(lc, via, "GET", key) == b"applied"  # it was applied, so UNKNOWN was the truthful answer
 
 
-def test_a_single_shard_mset_after_an_unknown_attempt_answers_unknown(lc: LocalCluster) -> None:
+def test_a_single_shard_mset_after_an_unknown_attempt_answers_unknown(lc_short: LocalCluster) -> None:
     """A single-shard MSET is one session-wrapped entry retried internally; a Redis client
     that heard TRYAGAIN would resend it with a new transaction id and apply it twice."""
+    lc = lc_short
     key = key_on(lc, "fx-mset", 0)
     reply = call(lc, "n1", "MSET", key, "m1", timeout=30)
     assert isinstance(reply, ReplyError) and reply.code == "UNKNOWN", reply
     assert call(lc, "n1", "GET", key) == b"m1"
 
 
-def test_client_library_raises_indeterminate_not_unavailable(lc: LocalCluster) -> None:
+def test_client_library_raises_indeterminate_not_unavailable(lc_short: LocalCluster) -> None:
+    """The client's first attempt is answered UNKNOWN when the node gives up on it, its second TRYAGAIN
+    (every later proposal is refused); a client that trusted the TRYAGAIN would raise "unavailable"."""
+    lc = lc_short
     key = key_on(lc, "fx-client", 1)
-    with Client(cluster=lc.config, timeout=12.0) as c:
-        with pytest.raises(IndeterminateError):
+    # Long enough for two whole attempts (the UNKNOWN, then a TRYAGAIN) with room to spare on a loaded machine.
+    with Client(cluster=lc.config, timeout=4 * SHORT_REQUEST_TIMEOUT_S) as c:
+        with pytest.raises(IndeterminateError) as raised:
             c.put(key, "c1")
         assert c.get(key) == b"c1"
+    assert "after 1 attempts" not in str(raised.value), raised.value  # it did not end at the first attempt
 
 
 # -- bug 3: declared sizes are checked at the header -------------------------------------------------

@@ -508,6 +508,13 @@ def test_kill_participant_leader_after_it_voted(lc: LocalCluster) -> None:
 
 # -- the bank --------------------------------------------------------------------------------
 
+#: Transfers that must commit, and reads of every account (each checks the total) that must succeed, in each
+#: phase of the bank test: before each kill, while the killed node is down (every transfer touches two of the
+#: three shards, so most need the failed-over leader), after the last restart. Five phases: at least 75
+#: transfers and 10 checked reads (a 12 s run of fixed sleeps did ~290 and ~14 here).
+PHASE_TRANSFERS, PHASE_READS = 15, 2
+
+
 def test_bank_transfers_while_leaders_are_killed(lc: LocalCluster) -> None:
     accounts = [k for s in range(3) for k in keys_on(lc, s, 3, "acct")]
     start, total = 100, 100 * len(accounts)
@@ -560,14 +567,26 @@ def test_bank_transfers_while_leaders_are_killed(lc: LocalCluster) -> None:
     threads.append(threading.Thread(target=reader))
     for t in threads:
         t.start()
+
+    def committed(when: str, timeout: float = 60.0) -> None:
+        """Until PHASE_TRANSFERS more transfers commit and PHASE_READS more reads of every account check the
+        total (each phase is measured in work done, not in seconds)."""
+        want = (stats["transfers"] + PHASE_TRANSFERS, stats["reads"] + PHASE_READS)
+        deadline = time.monotonic() + timeout
+        while stats["transfers"] < want[0] or stats["reads"] < want[1]:
+            assert not problems, problems[:5]
+            assert time.monotonic() < deadline, (f"fewer than {PHASE_TRANSFERS} transfers and {PHASE_READS} reads "
+                                                 f"in {timeout:g} s {when}: {stats}")
+            time.sleep(0.05)
+
     try:
         for _ in range(2):  # kill the leader of a shard, let the rest run, bring it back
-            time.sleep(2)
+            committed("before a kill")
             victim = lc.leader_of(random.randrange(3)) or "n1"
             lc.kill_node(victim)
-            time.sleep(3)
+            committed(f"while {victim} was down")  # the other two carried on
             lc.start_node(victim)
-        time.sleep(2)
+        committed("after the last restart")
     finally:
         stop.set()
         for t in threads:

@@ -105,8 +105,12 @@ class System:
 class RaftKVSystem(System):
     name = "raftkv"
 
-    def __init__(self, directory: str, shards: int = 3, nodes: int = 3) -> None:
-        self.lc = LocalCluster.create(directory, nodes=nodes, shards=shards)
+    def __init__(self, directory: str, shards: int = 3, nodes: int = 3, *, base_port: int | None = None,
+                 per_node_hosts: bool = False) -> None:
+        """Start ``nodes`` x ``shards`` and wait until every shard serves; ``per_node_hosts``: node *i* on
+        ``127.0.0.i`` (only inside a private network namespace: bench/double_bench.py)."""
+        self.lc = LocalCluster.create(directory, nodes=nodes, shards=shards, base_port=base_port,
+                                      per_node_hosts=per_node_hosts)
         self.lc.start()
         try:
             self.lc.wait_ready(60)

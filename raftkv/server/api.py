@@ -41,7 +41,7 @@ class Limits:
 class Timing:
     """How long a node waits for things; every wait ends with an answer."""
 
-    request_timeout_s: float = 5.0  # give up (unknown/noquorum) after this long
+    request_timeout_s: float = 5.0  # give up (unknown/noquorum) after this long (`raftkv serve --request-timeout`)
     leader_wait_s: float = 3.0  # how long to wait for a shard to elect a leader
     retry_sleep_s: float = 0.02
     balance_period_s: float = 0.0  # leader balancer period; 0 = off

@@ -47,6 +47,7 @@ from raftkv.server import commands
 from raftkv.server.api import BadRequest, Command, Faults, Limits, Timing, admin_access
 from raftkv.server.balancer import balance_loop
 from raftkv.server.commands.leases import sweep_loop as lease_sweep_loop
+from raftkv.server.commands.member import map_poll_loop
 from raftkv.server.conn import Conn, serve_connection
 from raftkv.server.coordinator import TxnService
 from raftkv.server.feed import AppliedWaiters
@@ -200,6 +201,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self._reap_loop()))
         self._tasks.append(asyncio.create_task(lease_sweep_loop(self)))
         self._tasks.append(asyncio.create_task(self._fetch_acl_loop()))
+        self._tasks.append(asyncio.create_task(map_poll_loop(self)))
         if self.timing.balance_period_s > 0:
             self._tasks.append(asyncio.create_task(balance_loop(self, self.timing.balance_period_s)))
             log.info("event=leader_balancer node=%s period_s=%g", self.name, self.timing.balance_period_s)

@@ -1,4 +1,5 @@
-"""``RAFTKV.MEMBER`` and ``RAFTKV.MAP``: the node side of membership changes (see ``raftkv.membership``)."""
+"""``RAFTKV.MEMBER``, ``RAFTKV.MAP``, ``RAFTKV.MAPCAS`` and ``RAFTKV.MAPGET``: the node side of membership
+changes (``raftkv.membership``) and of the cluster's replicated shard map (``raftkv.mapregister``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import logging
 import tomllib
 from typing import Any
 
+from raftkv import mapregister
 from raftkv.protocol import OK, Error
 from raftkv.replica import ShardReplica
+from raftkv.results import CmdError
 from raftkv.server.api import Command, NodeAPI, admin_access
 from raftkv.server.commands.admin import leader_replica, parse_shard
 from raftkv.server.conn import Conn
@@ -76,26 +79,112 @@ async def _member(node: NodeAPI, shard: int, action: bytes, addr: str, req: list
                                 "(it is idempotent)")
 
 
-def cmd_map(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
-    """RAFTKV.MAP toml: install a newer shard map (routing, status); answers the node's epoch."""
+def parse_map(text: bytes | str, where: str) -> ShardMap | Error:
+    """A pushed or replicated map's text, parsed and checked (no secrets: nodes keep their own)."""
     try:
-        new = ShardMap.from_dict(tomllib.loads(req[1].decode()), source="RAFTKV.MAP")
+        raw = text.decode() if isinstance(text, bytes) else text
+        return ShardMap.from_dict(tomllib.loads(raw), source=where)
     except (ShardMapError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        return Error("ERR", f"RAFTKV.MAP: {e}")
+        return Error("ERR", f"{where}: {e}")
+
+
+def map_refusal(node: NodeAPI, new: ShardMap, where: str) -> Error | None:
+    """Why this node will not take ``new`` as its map (whatever its epoch); None: it may."""
     # The shard count only grows, through `raftkv shard add` (raftkv.reshard): the map that places the new
     # shard's group first, then the one whose ring includes it.
     if new.nshards < node.map.nshards or new.vnodes != node.map.vnodes:
-        return Error("ERR", "RAFTKV.MAP: vnodes cannot change and the shard count cannot shrink")
+        return Error("ERR", f"{where}: vnodes cannot change and the shard count cannot shrink")
     if node.name not in new.nodes:
-        return Error("ERR", f"RAFTKV.MAP: this node ({node.name}) is not in the new map")
-    if new.epoch > node.map.epoch:
+        return Error("ERR", f"{where}: this node ({node.name}) is not in the new map")
+    return None
+
+
+def adopt_map(node: NodeAPI, new: ShardMap, where: str) -> Error | None:
+    """Install ``new`` if it is newer than the node's map and acceptable; None, or why not."""
+    refused = map_refusal(node, new, where)
+    if refused is None and new.epoch > node.map.epoch:
         node.install_map(new)
-    return node.map.epoch
+    return refused
+
+
+MAP_POLL_S = 2.0  # how often a node reads the cluster's map register (a missed push is installed by then)
+
+
+async def map_poll_loop(node: NodeAPI) -> None:
+    """Install the cluster's map whenever its register holds a newer one than this node's (at start-up too:
+    a node started from an old cluster file, or one no push reached, catches up within ``MAP_POLL_S``)."""
+    while True:
+        try:
+            await _poll_map(node)
+        except Exception:  # noqa: BLE001 - a background loop must outlive one bad round; it says why
+            log.exception("event=map_poll_failed node=%s", node.name)
+        await asyncio.sleep(MAP_POLL_S)
+
+
+async def _poll_map(node: NodeAPI) -> None:
+    replica = node.replicas.get(mapregister.MAP_SHARD)
+    if replica is not None:  # this node's own replica: maybe behind, never wrong (epochs only grow)
+        reg: Any = replica.state.map_register
+    else:
+        reg = await node.execute(mapregister.MAP_SHARD, ("map_get",), read=True)
+    if isinstance(reg, (tuple, list)) and len(reg) == 2 and reg[0] > node.map.epoch:  # the codec makes lists
+        new = parse_map(reg[1], "the cluster's map register")
+        refused = new if isinstance(new, Error) else adopt_map(node, new, "the cluster's map register")
+        if refused is not None:
+            log.warning("event=map_not_installed node=%s epoch=%d reason=%s", node.name, reg[0], refused.message)
+
+
+def cmd_map(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.MAP toml: install a newer shard map (routing, status); answers the node's epoch."""
+    new = parse_map(req[1], "RAFTKV.MAP")
+    if isinstance(new, Error):
+        return new
+    return adopt_map(node, new, "RAFTKV.MAP") or node.map.epoch
+
+
+def cmd_mapcas(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.MAPCAS expected_epoch toml: make ``toml`` the cluster's map if the register is at
+    ``expected_epoch`` (``raftkv.mapregister``); answers the new epoch, or ``-MAPCHANGED epoch ...``."""
+    try:
+        expected = int(req[1])
+    except ValueError:
+        return Error("ERR", "RAFTKV.MAPCAS: expected epoch must be an integer")
+    new = parse_map(req[2], "RAFTKV.MAPCAS")
+    if isinstance(new, Error):
+        return new
+    if new.security:
+        return Error("ERR", "RAFTKV.MAPCAS: the map must not carry [security] (it is readable by every node)")
+
+    async def go() -> Any:
+        res = await node.execute(mapregister.MAP_SHARD, ("map_cas", expected, new.epoch, req[2].decode()),
+                                 idempotent=True)  # a retry of the same change answers as the first did
+        if isinstance(res, CmdError):
+            return Error(res.code, res.message)
+        if isinstance(res, Error):
+            return res
+        adopt_map(node, new, "RAFTKV.MAPCAS")  # the others learn it from the push, or their next poll
+        return res
+    return node.run(go())
+
+
+def cmd_mapget(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
+    """RAFTKV.MAPGET: ``[epoch, toml]`` of the cluster's map (a linearizable read), or nil if it was never
+    changed since the cluster file bootstrapped it."""
+    async def go() -> Any:
+        res = await node.execute(mapregister.MAP_SHARD, ("map_get",), read=True)
+        if isinstance(res, CmdError):
+            return Error(res.code, res.message)
+        if res is None or isinstance(res, Error):
+            return res
+        return [res[0], res[1].encode()]
+    return node.run(go())
 
 
 COMMANDS: dict[bytes, Command] = {
     b"RAFTKV.MEMBER": Command(-3, cmd_member, leader_only=True, access=admin_access),
     b"RAFTKV.MAP": Command(2, cmd_map, access=admin_access),
+    b"RAFTKV.MAPCAS": Command(3, cmd_mapcas, access=admin_access),
+    b"RAFTKV.MAPGET": Command(1, cmd_mapget, access=admin_access),
 }
 
 
