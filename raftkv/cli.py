@@ -162,6 +162,9 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--txn-classic-2pc", is_flag=True,
               help="coordinate cross-shard writes with classic 2PC (three consensus rounds) instead of parallel "
                    "commits (one): needed while any node of a version before parallel commits still runs")
+@click.option("--txn-no-wait-die", is_flag=True,
+              help="no wait-die for cross-shard transactions: a PREPARE that meets a lock votes NO at once, "
+                   "whatever the transactions' ages, and MSET/EXEC retries carry no priority (as before)")
 @click.option("--request-timeout", type=click.FloatRange(0.1), default=5.0, show_default=True,
               help="seconds a node works on one client request (retries included) before it answers that the "
                    "outcome is unknown or that it was not applied; a client that waits longer sees that answer")
@@ -173,8 +176,8 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
           compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool,
           unsafe_skip_locks: bool, unsafe_watch_miss: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
-          pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, election_timeout: str,
-          unsafe_no_sync: bool, request_timeout: float) -> None:
+          pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, txn_no_wait_die: bool,
+          election_timeout: str, unsafe_no_sync: bool, request_timeout: float) -> None:
     """Run one node in the foreground."""
     from raftkv.raftfix import election_timeouts
     from raftkv.security import InsecureBindError
@@ -184,7 +187,8 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
                     value_bytes_max=max_value_bytes, clients_max=max_clients, pipeline_depth_max=pipeline_depth,
                     idle_timeout_s=idle_timeout)
     timing = Timing(balance_period_s=balance_period if balance_leaders else 0.0,
-                    txn_parallel_commits=not txn_classic_2pc, request_timeout_s=request_timeout)
+                    txn_parallel_commits=not txn_classic_2pc, txn_wait_die=not txn_no_wait_die,
+                    request_timeout_s=request_timeout)
     try:
         armed = Faults.parse(faults)
     except ValueError as e:

@@ -11,6 +11,13 @@ is retried with a fresh id and exponential backoff with jitter: after
 not vote in time) and ``MOVING`` (a key is being moved to a new shard) until
 the client's timeout; after ``TXNCONFLICT`` (a no-wait conflict) up to
 ``commit(retries=n)`` times.
+
+Every attempt carries the priority of the first (wait-die, ``raftkv.waitdie``):
+its PREPAREs wait, bounded, for younger lock holders instead of aborting, and
+an abort by an *older* transaction is retried without counting against
+``retries`` (for up to half the timeout instead), so a transaction that keeps
+losing on a hot key becomes the oldest contender and commits.
+``commit(wait_die=False)`` sends plain ids: no-wait only, as before.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from raftkv import waitdie
 from raftkv.errors import RaftKVError
 
 RETRYABLE = ("TXNCONFLICT", "TRYAGAIN")
@@ -129,20 +137,39 @@ class Txn:
             return op[1]
         raise ValueError("a transaction needs at least one key")
 
-    def commit(self, retries: int = 0, backoff_s: float = 0.01, backoff_max_s: float = 0.5) -> TxnResponse:
+    def commit(self, retries: int = 0, backoff_s: float = 0.01, backoff_max_s: float = 0.5,
+               wait_die: bool = True) -> TxnResponse:
         """Run it; on TXNCONFLICT retry up to ``retries`` times with a fresh id. On TRYAGAIN (not applied: a
         leader change, or an abort that spent its id) and MOVING (a key is being moved to a new shard, ``raftkv
-        shard add``) retry with a fresh id for up to ``wait_s`` seconds, not counted against ``retries``."""
+        shard add``) retry with a fresh id for up to ``wait_s`` seconds, not counted against ``retries``.
+
+        ``wait_die``: every attempt carries the first one's priority (``raftkv.waitdie``); a TXNCONFLICT from
+        an older transaction (a *die*), or one the key's leader queued, is retried for up to half of
+        ``wait_s``, not counted either (after that it counts like any conflict)."""
         home = self._shard_of(self.first_key())
-        attempt = waited = 0
+        attempt = waited = tries = 0
         until = time.monotonic() + self._wait_s
+        # uncounted dies stop at half the timeout: the counted retries after them, and the attempt in flight,
+        # still end inside it (a last attempt cut off by the timeout would leave its outcome unknown)
+        dies_until = time.monotonic() + self._wait_s / 2
+        prio = waitdie.new_priority(int(time.time() * 1000)) if wait_die else None
         while True:
+            txid = uuid.uuid4().hex if prio is None else waitdie.attempt_txid(prio, tries)
+            tries += 1
             try:
-                reply = self._request(home, self.args(uuid.uuid4().hex))
+                reply = self._request(home, self.args(txid))
             except RaftKVError as e:
-                if e.code in ("MOVING", "TRYAGAIN") and time.monotonic() < until:
+                in_time = time.monotonic() < until
+                if e.code in ("MOVING", "TRYAGAIN") and in_time:
                     waited += 1
                     time.sleep(min(backoff_max_s, backoff_s * 2 ** min(waited, 6)) * random.uniform(0.5, 1.0))
+                    continue
+                if (e.code == "TXNCONFLICT" and time.monotonic() < dies_until
+                        and not waitdie.conflict_charged(txid, waitdie.holder_of(e.message), e.message)):
+                    # a die or a queued loss: come back in about a lock's life, with the same priority (a
+                    # queued place is kept only while its owner keeps coming back, 0.25 s, and keeps younger
+                    # ones off the key meanwhile; sooner, and most attempts would meet the holder again)
+                    time.sleep(min(backoff_max_s, 5 * backoff_s) * random.uniform(0.5, 1.5))
                     continue
                 if e.code not in RETRYABLE or attempt >= retries:
                     raise

@@ -35,6 +35,7 @@ from raftkv.txn import (
     Record,
     keys_of,
 )
+from raftkv.waitdie import QUEUED
 
 __all__ = ["Decision", "Plan", "TxnRun", "abort_for", "conflict_of", "decide", "plan_txn", "recovery_action"]
 
@@ -171,6 +172,7 @@ class TxnRun:
         self.decision: tuple | None = decision  # (state, branch, results, reason, participants, start_ms)
         self.answer: tuple | None = None if decision is None else tuple(decision[:4])
         self.conflict: tuple | None = None
+        self.queued = False  # a NO vote said the transaction is queued for the key it lost
         # the transaction's start on the home shard (home log time), in every PREPARE and tombstone
         self.start_ms: int | None = None if decision is None else _start_of(decision)
         self.record: str | None = None  # the record's state as the stage answered it (parallel runs)
@@ -249,6 +251,8 @@ class TxnRun:
             self.votes.setdefault(shard, result)
             if result[0] != "yes":  # one NO decides: abort without waiting for the others
                 self.conflict = conflict_of({shard: result})
+                # the participant's leader queued it for the key (wait-die, raftkv.waitdie): a fourth field
+                self.queued = len(result) > 3 and result[3] == QUEUED
                 d = abort_for(result)
                 if result[0] == "no" and self.phase == "stage":
                     # A NO vote is final (a tombstone): the transaction can never be committed.

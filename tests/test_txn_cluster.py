@@ -263,6 +263,80 @@ def test_concurrent_conflicting_txns_never_both_commit(lc: LocalCluster) -> None
     wait_no_txn_state(lc)
 
 
+def test_hot_key_every_transaction_commits_with_a_small_retry_budget(lc: LocalCluster) -> None:
+    """Issue 12: 8 clients append to one hot key through cross-shard transactions (the hot key and a key of
+    their own on another shard), each allowed one conflict retry.  With no-wait alone some run out of
+    budget; with wait-die (the default) older transactions wait for younger holders and the losers keep
+    their priority, so every transaction commits and the hot key holds exactly one mark per commit."""
+    hot = keys_on(lc, 0, 1, "hot")[0]
+    mine = keys_on(lc, 1, 8, "hotside")
+    rounds = 6
+    acked: list[str] = []
+    exhausted: list[Exception] = []
+    unknown: list[Exception] = []
+
+    def worker(i: int) -> None:
+        with Client(cluster=lc.config, timeout=20.0) as c:
+            for n in range(rounds):
+                try:
+                    c.txn().then_append(hot, "x").then_put(mine[i], str(n)).commit(retries=1)
+                except IndeterminateError as e:
+                    unknown.append(e)
+                except RaftKVError as e:
+                    exhausted.append(e)
+                else:
+                    acked.append(f"{i}.{n}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        final = c.get(hot) or b""
+    assert not exhausted, f"{len(exhausted)} of {8 * rounds} transactions ran out of retries: {exhausted[:3]}"
+    assert not unknown, unknown
+    assert len(acked) == 8 * rounds
+    assert final == b"x" * len(acked)
+    wait_no_txn_state(lc)
+
+
+def test_hot_key_exec_retried_by_the_node_with_one_priority(lc: LocalCluster) -> None:
+    """The same hot key through Redis MULTI/APPEND/SET/EXEC from 8 plain Redis clients, on every node: the
+    node retries the conflicts itself (``with_conflict_retries``), every attempt with the first one's
+    priority; every EXEC succeeds and the key holds one mark per EXEC."""
+    hot = keys_on(lc, 0, 1, "hotexec")[0]
+    mine = keys_on(lc, 2, 8, "hotexecside")
+    nodes = sorted(lc.map.nodes)
+    failed: list[Exception] = []
+    done = [0]
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        r = redis_on(lc, nodes[i % len(nodes)], protocol=2)
+        for n in range(3):
+            try:
+                with r.pipeline(transaction=True) as p:
+                    p.append(hot, "x")
+                    p.set(mine[i], str(n))
+                    p.execute()
+            except redis.RedisError as e:
+                failed.append(e)
+            else:
+                with lock:
+                    done[0] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failed, failed[:3]
+    with Client(cluster=lc.config, timeout=20.0) as c:
+        assert c.get(hot) == b"x" * done[0] == b"x" * 24
+    wait_no_txn_state(lc)
+
+
 def test_append_inside_transactions_across_shards(lc: LocalCluster, client: Client) -> None:
     """APPEND in RAFTKV.TXN, Client.txn() and MULTI/EXEC answers the new length; concurrent
     cross-shard appends to the same two keys leave both lists with the same elements in the

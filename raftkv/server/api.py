@@ -48,6 +48,9 @@ class Timing:
     # Cross-shard writes in one consensus round (parallel commits).  Off: classic 2PC in three rounds,
     # the only protocol nodes of earlier versions understand (turn off while any such node remains).
     txn_parallel_commits: bool = True
+    # Wait-die for transactions that carry a priority (raftkv.waitdie): a PREPARE is held back for younger
+    # lock holders, and the node's own retries (MSET, EXEC) carry one.  Off: no-wait only, as before.
+    txn_wait_die: bool = True
 
 
 class BadRequest(Exception):
@@ -158,6 +161,10 @@ class TxnsAPI(Protocol):
     async def wait_settled(self, keys: list[bytes], timeout: float) -> None: ...
 
     async def wait_for_lock(self, shard: int, lock: Locked, remaining_s: float) -> None: ...
+
+    def gate_prepare(self, shard: int, cmd: tuple) -> tuple[tuple, Any]: ...
+
+    def ungate(self, claim: Any, kind: str | None = None, result: Any = None) -> Any: ...
 
 
 class MetricsAPI(Protocol):

@@ -168,7 +168,16 @@ class Router:
                     return Error("STORAGE", f"node {node.name} stopped its Raft groups: {failure}; not applied "
                                             "(free disk space and restart the node)")
                 no_leader_since = None
-                kind, res = await self._local(shard, cmd, read, deadline - now)
+                if cmd[0] == "tx_prepare":  # wait-die: a younger one may not overtake an older (raftkv.waitdie)
+                    sent, claim = node.txns.gate_prepare(shard, cmd)
+                    try:
+                        kind, res = await self._local(shard, sent, read, deadline - loop.time())
+                    except BaseException:
+                        node.txns.ungate(claim)
+                        raise
+                    res = node.txns.ungate(claim, kind, res)
+                else:
+                    kind, res = await self._local(shard, cmd, read, deadline - now)
                 if kind == APPLIED:
                     if isinstance(res, Locked):
                         if loop.time() > deadline:
