@@ -102,7 +102,8 @@ live cluster and with its own code (:class:`raftkv.resharder.Resharder` behind a
 :class:`raftkv.membership.Operator`, what the CLI runs), so successive windows go 3 -> 4 -> 3 -> 4 ...
 shards. Half the windows run the command in the nemesis's thread to its end; the other half run the CLI
 itself (``python -m raftkv shard add --chunk 1`` / ``shard remove ID --chunk 1``) and ``kill -9`` it right
-after a line of progress drawn from ``RESHARD_CUT_POINTS`` (or ``REMOVE_CUT_POINTS``: marked, frozen, copied,
+after a line of progress drawn from ``RESHARD_CUT_POINTS`` (placed, a source pre-copied, frozen, a source
+copied, open, the new map out) or ``REMOVE_CUT_POINTS`` (marked, frozen, copied,
 handed off and open, the new map out), so it stops between steps: moving keys stay refused (``-MOVING`` /
 ``-WRONGSHARD``, both "not applied") until the next window's run, which finishes that add or removal first
 (``Resharder`` resumes from where the shards stand), or the heal, which finishes any left before the final
@@ -183,10 +184,12 @@ RESHARD_MIN_SHARDS = 2
 """... and removes shards down to this many (at this many, a window adds one)."""
 RESHARD_STEP_TIMEOUT_S = 30.0
 """``shard add --timeout``: the longest one step of an add waits (a leader, transactions holding moving keys)."""
-RESHARD_CUT_POINTS = {"placed": "group placed on", "frozen": "frozen: ", "copying": " keys copied, ",
+RESHARD_CUT_POINTS = {"placed": "group placed on", "pre-copied": " pre-copied ", "frozen": "frozen: ",
+                      "copying": " keys copied, ",
                       "open": " open; every source handed off", "new map": " is on the ring ("}
 """Where a cut ``shard add`` is killed (one drawn uniformly): right after the first line of its progress that
-holds the text: the new group placed (not on the ring), the sources frozen (writes of moving keys refused),
+holds the text: the new group placed (not on the ring), the first source pre-copied (still serving its keys,
+a copy of them at the new shard), the sources frozen (writes of moving keys refused),
 the first source copied, the new shard open with every source handed off (moved keys refused by the sources,
 the map not out yet), the new map out (the sources' cleanup not done)."""
 REMOVE_CUT_POINTS = {"marked": " is being removed (still on", "frozen": "frozen: ", "copying": " keys copied, ",

@@ -73,8 +73,10 @@ twice and no read is stale.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -84,8 +86,8 @@ from raftkv.results import CmdError
 from raftkv.txn import COMMITTED
 from shards.ring import VNODES_MAX, Ring
 
-FROZEN, HANDOFF, INCOMING = "frozen", "handoff", "incoming"
-PHASES = (FROZEN, HANDOFF, INCOMING)
+COPYING, FROZEN, HANDOFF, INCOMING = "copying", "frozen", "handoff", "incoming"
+PHASES = (COPYING, FROZEN, HANDOFF, INCOMING)
 SCAN_LIMIT_MAX = 10_000  # moving keys per mv_scan / sessions per mv_sessions answer
 SCAN_WORK_FACTOR = 50  # an mv_scan looks at up to this many keys per key it may return
 # Keys and values per mv_scan answer: the next mv_install carries them in one request, which must stay under
@@ -250,8 +252,8 @@ def refusal(owner: Owner | None, move: Move | None, key: bytes, write: bool) -> 
         return None
     if move.phase == INCOMING:
         return moving_error(move.epoch) if move.arriving(key) else None
-    if not move.moving(key):
-        return None
+    if move.phase == COPYING or not move.moving(key):
+        return None  # a source being pre-copied refuses nothing
     if move.phase == FROZEN:
         return moving_error(move.epoch) if write else None
     return wrong_shard(move.epoch, move.dest if not move.removing
@@ -302,6 +304,9 @@ def _freeze(s: Any, cmd: tuple, now_ms: int) -> Any:
         raise ValueError("a source shard is not the new shard")
     move = s.move
     if move is not None:
+        if move.epoch == epoch and move.phase == COPYING:
+            s.move = dataclasses.replace(move, phase=FROZEN)  # the pre-copy is done: now refuse writes
+            return FROZEN
         if move.epoch == epoch and move.phase != INCOMING:
             return move.phase  # a re-run: where it stands
         return CmdError("ERR", f"mv_freeze: another move (epoch {move.epoch}, {move.phase}) is under way")
@@ -309,6 +314,24 @@ def _freeze(s: Any, cmd: tuple, now_ms: int) -> Any:
         return "done"  # this move finished here already (a re-run after mv_done)
     s.move = Move(epoch, shard, dest, vnodes, FROZEN, removing)
     return FROZEN
+
+
+def _precopy(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_precopy epoch shard dest vnodes``: an add's source is marked ``copying``: it refuses nothing, but
+    names the move, so its moving keys can be scanned and copied while it serves them."""
+    _, epoch, shard, dest, vnodes = cmd
+    _valid_move(epoch, shard, dest, vnodes)
+    if shard == dest:
+        raise ValueError("a source shard is not the new shard")
+    move = s.move
+    if move is not None:
+        if move.epoch == epoch and move.phase != INCOMING:
+            return move.phase  # a re-run: where it stands (copying, or frozen and beyond)
+        return CmdError("ERR", f"mv_precopy: another move (epoch {move.epoch}, {move.phase}) is under way")
+    if s.owner is not None and s.owner.epoch >= epoch:
+        return "done"
+    s.move = Move(epoch, shard, dest, vnodes, COPYING)
+    return COPYING
 
 
 def _handoff(s: Any, cmd: tuple, now_ms: int) -> Any:
@@ -359,9 +382,9 @@ def _abort(s: Any, cmd: tuple, now_ms: int) -> Any:
                                    "can only be finished")
         s.move = None
         return "aborted"
-    if move.phase != FROZEN:
-        return CmdError("ERR", f"mv_abort: the move is {move.phase}; only a frozen move (or a removal's "
-                               "destination before the copy) can be abandoned")
+    if move.phase not in (COPYING, FROZEN):
+        return CmdError("ERR", f"mv_abort: the move is {move.phase}; only a copying or frozen move (or a "
+                               "removal's destination before the copy) can be abandoned")
     s.move = None
     return "aborted"
 
@@ -491,6 +514,133 @@ def _scan(s: Any, cmd: tuple, now_ms: int) -> Any:
     return items, None
 
 
+# -- the final copy after a pre-copy (an add): replay the source's changes since, not every key ---------------
+
+
+def _frozen_source(s: Any, epoch: int, name: str) -> Move | CmdError:
+    move = s.move
+    if move is None or move.epoch != epoch or move.phase not in (FROZEN, HANDOFF):
+        return CmdError("ERR", f"{name}: no frozen move of epoch {epoch} here")
+    return move
+
+
+def _get(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_get epoch keys``: ``(key, value, deadline)`` of those of ``keys`` that move and are here."""
+    _, epoch, keys = cmd
+    move = _frozen_source(s, epoch, "mv_get")
+    if isinstance(move, CmdError):
+        return move
+    return [(k, s.data[k][0], s.expiries.get(k) if s.expiries else None)
+            for k in keys if move.moving(k) and k in s.data]
+
+
+def _delta(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_delta epoch since after limit``: ``(rows, cursor)``, the changes of moving keys with revisions
+    above ``after`` (at least ``since``), from the shard's change log, oldest first, as ``(key, value or None
+    for a deletion, deadline)``, up to ``limit`` rows or ``SCAN_BYTES_MAX`` bytes; ``cursor`` None at the end.
+    ``"compacted"`` when the log no longer holds every change since ``since`` (more were made than it keeps,
+    or a backup was loaded): the caller copies every key again instead."""
+    _, epoch, since, after, limit = cmd
+    move = _frozen_source(s, epoch, "mv_delta")
+    if isinstance(move, CmdError):
+        return move
+    changes = s.changes
+    if since < changes.floor:
+        return "compacted"
+    limit = max(1, min(int(limit), SCAN_LIMIT_MAX))
+    events = list(changes.events)
+    start = bisect.bisect_right(events, max(since, after), key=lambda e: e[0])
+    rows: list[tuple] = []
+    size = 0
+    prev = max(since, after)
+    for rev, key, value in itertools.islice(events, start, None):
+        if not move.moving(key):
+            continue
+        cost = len(key) + (0 if value is None else len(value))
+        if rows and (size + cost > SCAN_BYTES_MAX or len(rows) >= limit):
+            return rows, prev
+        size += cost
+        # the deadline now: a later change of the key overrides this row, and EXPIRE changes no revision
+        rows.append((key, value, None if value is None or not s.expiries else s.expiries.get(key)))
+        prev = rev
+    return rows, None
+
+
+def _ttls(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_ttls epoch``: ``(key, deadline)`` of every moving key with a deadline, or ``"too many"`` above
+    ``SCAN_LIMIT_MAX`` of them (one ``mv_ttlsync`` carries them all)."""
+    move = _frozen_source(s, cmd[1], "mv_ttls")
+    if isinstance(move, CmdError):
+        return move
+    out = [(k, t) for k, t in (s.expiries.deadlines.items() if s.expiries else ()) if move.moving(k)]
+    return "too many" if len(out) > SCAN_LIMIT_MAX else sorted(out)
+
+
+def _new_shard(s: Any, epoch: int, name: str) -> Move | CmdError:
+    move = s.move
+    if move is None or move.epoch != epoch or move.phase != INCOMING or move.removing:
+        return CmdError("ERR", f"{name}: no add of epoch {epoch} coming into this shard")
+    return move
+
+
+def _from_source(move: Move, key: bytes, source: int) -> bool:
+    """(The new shard of an add.) Did ``key`` come from ``source`` (its shard in the ring before the add)?"""
+    return ring_of(move.dest, move.vnodes).shard_for(key) == source
+
+
+def _apply_delta(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_apply epoch revision rows``: the new shard replays a frozen source's changes since its pre-copy
+    (``mv_delta``): a value is installed, a deletion drops the key."""
+    _, epoch, revision, rows = cmd
+    move = _new_shard(s, epoch, "mv_apply")
+    if isinstance(move, CmdError):
+        return move
+    if revision > s.revision:
+        s.revision = revision  # every revision here exceeds the sources': a WATCH taken there never matches
+    for key, value, deadline in rows:
+        if value is None:
+            s.drop_key(key)
+        else:
+            s.install_key(key, value, deadline)
+    s.del_rev = max(s.del_rev, s.revision)
+    s.changes.compact_to(s.revision)
+    return len(rows)
+
+
+def _ttl_sync(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_ttlsync epoch source rows``: the new shard's keys from ``source`` get exactly the deadlines of
+    ``rows`` (every moving key of the frozen source that has one: ``mv_ttls``); returns the listed keys it
+    does not hold (expired here first, on this shard's clock), whose values the caller then sends."""
+    _, epoch, source, rows = cmd
+    move = _new_shard(s, epoch, "mv_ttlsync")
+    if isinstance(move, CmdError):
+        return move
+    listed = dict(rows)
+    for key in [k for k in (s.expiries.deadlines if s.expiries else ()) if k not in listed]:
+        if _from_source(move, key, source):
+            s.expiries.clear(key)  # e.g. PERSIST at the source after the pre-copy
+    missing = []
+    for key, deadline in listed.items():
+        if key not in s.data:
+            missing.append(key)
+        elif s.expiries.get(key) != deadline:
+            s.expiries.set(key, deadline)
+    return missing
+
+
+def _discard(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_discard epoch source``: the new shard forgets every key it holds from ``source`` (a pre-copy the
+    source's change log cannot bring up to date: every key is then copied again); how many."""
+    _, epoch, source = cmd
+    move = _new_shard(s, epoch, "mv_discard")
+    if isinstance(move, CmdError):
+        return move
+    gone = [k for k in s.data.keys_between() if _from_source(move, k, source)]
+    for key in gone:
+        s.drop_key(key)
+    return len(gone)
+
+
 def _sessions(s: Any, cmd: tuple, now_ms: int) -> Any:
     """``(rows, cursor)``: up to ``limit`` sessions after ``after`` as ``(client, seq, result)``."""
     _, after, limit = cmd
@@ -512,8 +662,10 @@ def _checked(handler: Callable[[Any, tuple, int], Any]) -> Callable[[Any, tuple,
 
 
 HANDLERS = {name: _checked(h) for name, h in {
-    "mv_freeze": _freeze, "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done, "mv_abort": _abort,
-    "mv_install": _install, "mv_open": _open, "mv_status": _status}.items()}
+    "mv_precopy": _precopy, "mv_freeze": _freeze, "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done,
+    "mv_abort": _abort, "mv_install": _install, "mv_apply": _apply_delta, "mv_ttlsync": _ttl_sync,
+    "mv_discard": _discard, "mv_open": _open, "mv_status": _status}.items()}
 READ_HANDLERS = {name: _checked(h) for name, h in {
-    "mv_status": _status, "mv_scan": _scan, "mv_sessions": _sessions}.items()}
+    "mv_status": _status, "mv_scan": _scan, "mv_get": _get, "mv_delta": _delta, "mv_ttls": _ttls,
+    "mv_sessions": _sessions}.items()}
 WRITE_OPS = frozenset(HANDLERS) - {"mv_status"}

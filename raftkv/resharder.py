@@ -11,19 +11,26 @@ one shard's leader), ``RAFTKV.MAP`` pushes and ``RAFTKV.STATUS``. With ``E`` the
 1. map ``E+1``: shard ``N``'s group is placed on the ``replication`` least loaded nodes (``adding =
    N``: hosted, not on the ring), saved and pushed; the nodes start the group. Once it has a
    leader, ``mv_install`` with no keys marks it ``incoming`` (it refuses every key).
-2. every source shard ``0..N-1``: ``mv_freeze`` (writes of moving keys refused from that entry on),
+2. every source: ``mv_precopy`` (``copying``: it refuses nothing), its revision ``R``, then its moving
+   keys in chunks (``mv_scan``, linearizable reads) into the new shard (``mv_install``, through its
+   log), while it keeps serving them; the sources in parallel.
+3. every source shard ``0..N-1``: ``mv_freeze`` (writes of moving keys refused from that entry on),
    then wait until no prepared transaction holds a moving key (new PREPAREs are refused).
-3. every source: its moving keys, in chunks (``mv_scan``, linearizable reads), into the new shard
-   (``mv_install``, through its log), then its client sessions likewise (higher sequence wins).
-4. every source: ``mv_handoff`` (reads of moving keys refused too, with ``-WRONGSHARD``).
-5. the new shard: ``mv_open``; then map ``E+2`` (``shards = N+1``: the ring includes it) is saved
+4. every source, in parallel: the copy is made exact: its changes of moving keys since ``R``, from its
+   change log (``mv_delta``), replayed into the new shard (``mv_apply``: values written, deletions
+   dropped), then the deadlines (``mv_ttls``/``mv_ttlsync``: EXPIRE changes no revision). When the log
+   no longer holds every change since ``R``, or the source had no pre-copy to the end, the new shard
+   forgets its keys from that source (``mv_discard``) and every key is copied again. Then its client
+   sessions (higher sequence wins). Writes of moving keys wait only for this step.
+5. every source: ``mv_handoff`` (reads of moving keys refused too, with ``-WRONGSHARD``).
+6. the new shard: ``mv_open``; then map ``E+2`` (``shards = N+1``: the ring includes it) is saved
    and pushed.
-6. every source: the moved keys are deleted in chunks (``mv_purge``), then ``mv_done``: the new
+7. every source: the moved keys are deleted in chunks (``mv_purge``), then ``mv_done``: the new
    ring owns the shard's keys from then on (a key it does not own is refused for good).
 
 Every command is idempotent and keyed by epoch ``E+2``, and every step reads where the shard stands
 first, so a run that died anywhere is finished by running ``raftkv shard add`` again: the map still
-says ``adding`` (steps 1-5 resume), or a source still has its move in ``handoff`` (step 6 resumes).
+says ``adding`` (steps 1-6 resume), or a source still has its move in ``handoff`` (step 7 resumes).
 A move whose keys are attached to leases is abandoned before any key is copied (``mv_abort``): moving
 leases is not built.
 
@@ -51,6 +58,7 @@ removal: ``S`` and every destination ``mv_abort``, and a map without the mark is
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable
@@ -112,7 +120,7 @@ class Resharder:
         if self._client is None or self._client_epoch != self.op.map.epoch:
             if self._client is not None:
                 self._client.close()
-            self._client = Client(cluster=self.op.map, timeout=self.step_timeout, **self.op.client_kw)
+            self._client = self._new_client()
             self._client_epoch = self.op.map.epoch
         return self._client
 
@@ -121,11 +129,16 @@ class Resharder:
             self._client.close()
             self._client = None
 
-    def call(self, shard: int, *cmd: Any) -> Any:
-        """One ``mv_*`` command on ``shard`` (its leader; retried while it has none): its result."""
+    def _new_client(self) -> Client:
+        return Client(cluster=self.op.map, timeout=self.step_timeout, **self.op.client_kw)
+
+    def call(self, shard: int, *cmd: Any, client: Client | None = None) -> Any:
+        """One ``mv_*`` command on ``shard`` (its leader; retried while it has none): its result. ``client``:
+        a connection of a worker thread's own (the default one is the calling thread's)."""
         payload = rpc.encode(tuple(cmd))
         try:
-            raw = self._c()._request(shard, [b"RAFTKV.RESHARD", str(shard).encode(), payload], write=False)
+            raw = (client or self._c())._request(shard, [b"RAFTKV.RESHARD", str(shard).encode(), payload],
+                                                 write=False)
         except RaftKVError as e:
             raise ReshardError(f"shard {shard}: {cmd[0]} failed: {e}; run '{self.rerun}' again") from None
         res = rpc.decode(raw)
@@ -197,21 +210,27 @@ class Resharder:
         moved = total = 0
         if not opened:
             t = time.monotonic()
+            since = self._precopy(epoch, dest, m.vnodes, sources)
+            times["precopy"] = time.monotonic() - t
+            t = time.monotonic()
             phases = {s: self.call(s, "mv_freeze", epoch, s, dest, m.vnodes) for s in sources}
             self.say(f"frozen: {', '.join(f'shard {s} {p}' for s, p in phases.items())}")
             frozen = [s for s, p in phases.items() if p == reshard.FROZEN]
             stats = self._wait_unlocked(epoch, frozen)
             times["freeze"] = time.monotonic() - t
             t = time.monotonic()
-            for s in frozen:
-                n, sessions = self._stream(
-                    s, epoch, stats[s]["revision"], lambda _key: dest, [dest],
-                    lambda d, rev, items, rows: ("mv_install", epoch, d, m.vnodes, rev, items, rows))
-                moved += n
-                total += stats[s]["keys"]
-                self.say(f"shard {s} -> shard {dest}: {n} of {stats[s]['keys']} keys copied, {sessions} "
-                         "session(s)")
-                self.call(s, "mv_handoff", epoch)
+
+            def finish(s: int) -> None:  # one source on a connection of its own: the sources go in parallel
+                with self._new_client() as client:
+                    how = self._catch_up(s, epoch, dest, m.vnodes, stats[s]["revision"], since.get(s), client)
+                    self.say(f"shard {s} -> shard {dest}: {how}")
+                    self.call(s, "mv_handoff", epoch, client=client)
+
+            if frozen:  # moving keys wait for the slowest source's final copy, not for the sum of them
+                with concurrent.futures.ThreadPoolExecutor(len(frozen)) as pool:
+                    list(pool.map(finish, frozen))
+                moved = self.status(dest)["keys"]  # the new shard holds exactly the keys moved so far
+                total = sum(stats[s]["keys"] for s in frozen)
             for s in sources:  # the ones a failed run froze and streamed already: handed off now if not yet
                 if phases[s] != reshard.FROZEN:
                     self.call(s, "mv_handoff", epoch)
@@ -399,33 +418,121 @@ class Resharder:
                                    f"'{self.rerun}' again")
             time.sleep(POLL_S)
 
+    # -- an add's copy: before the freeze, then what changed since ------------------------------------------
+    def _precopy(self, epoch: int, dest: int, vnodes: int, sources: list[int]) -> dict[int, int]:
+        """Copy every source's moving keys into ``dest`` while the source still serves them (``copying``), so
+        that once it is frozen only what changed since is sent. Returns, per source copied to the end here,
+        the revision read before its copy began. The sources are copied in parallel, and each one's next
+        chunk is read while the last is installed."""
+        marked = {s: self.call(s, "mv_precopy", epoch, s, dest, vnodes) for s in sources}
+        # (a source frozen or handed off by an earlier run is copied in full, once frozen)
+        since = {s: self.status(s)["revision"] for s, phase in marked.items() if phase == reshard.COPYING}
+
+        def copy(s: int) -> None:
+            started = time.monotonic()
+            copied = size = 0
+            with self._new_client() as scanner, self._new_client() as installer, \
+                    concurrent.futures.ThreadPoolExecutor(1) as pool:
+                after = None
+                pending: concurrent.futures.Future | None = None
+                while True:
+                    items, after = self.call(s, "mv_scan", epoch, after, self.chunk, client=scanner)
+                    if pending is not None:
+                        pending.result()
+                    if items:
+                        pending = pool.submit(self.call, dest, "mv_install", epoch, dest, vnodes, since[s],
+                                              tuple(items), (), client=installer)
+                        copied += len(items)
+                        size += sum(len(k) + len(v) for k, v, _d in items)
+                    if after is None:
+                        break
+                if pending is not None:
+                    pending.result()
+            took = time.monotonic() - started
+            self.say(f"shard {s} -> shard {dest}: pre-copied {copied} keys, {size / 1e6:.1f} MB of keys and values "
+                     f"in {took:.1f} s ({size / 1e6 / max(took, 1e-3):.1f} MB/s; still serving them)")
+
+        if since:
+            with concurrent.futures.ThreadPoolExecutor(len(since)) as pool:
+                list(pool.map(copy, since))
+        return since
+
+    def _catch_up(self, source: int, epoch: int, dest: int, vnodes: int, revision: int, since: int | None,
+                  client: Client) -> str:
+        """Make ``dest``'s copy of frozen ``source``'s moving keys exact, and merge its sessions; what was done.
+
+        After a pre-copy (``since``), replay the source's changes since then; else (no pre-copy to the end,
+        or changes the log no longer holds) forget whatever ``dest`` holds from ``source`` and copy every key."""
+        def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
+            return ("mv_install", epoch, d, vnodes, rev, items, rows)
+
+        replayed = None if since is None else self._replay(source, epoch, dest, revision, since, client)
+        if isinstance(replayed, int):
+            sessions = self._sessions(source, revision, [dest], install, client)
+            return f"keys copied, {replayed} change(s) since the pre-copy replayed, {sessions} session(s)"
+        dropped = self.call(dest, "mv_discard", epoch, source, client=client)
+        n, sessions = self._stream(source, epoch, revision, lambda _key: dest, [dest], install, client)
+        why = "" if since is None else f" ({replayed}: {dropped} pre-copied key(s) dropped first)"
+        return f"{n} keys copied{why}, {sessions} session(s)"
+
+    def _replay(self, source: int, epoch: int, dest: int, revision: int, since: int,
+                client: Client) -> int | str:
+        """Replay into ``dest`` the frozen ``source``'s changes of moving keys since ``since`` (its change log:
+        ``mv_delta``, ``mv_apply``), then give ``dest``'s keys from it the source's deadlines (``mv_ttlsync``:
+        EXPIRE and PERSIST change no revision). The rows replayed, or why not: ``"compacted"`` (the log no
+        longer holds every change since), ``"too many"`` deadlines for one command."""
+        after = since
+        replayed = 0
+        while after is not None:
+            got = self.call(source, "mv_delta", epoch, since, after, reshard.SCAN_LIMIT_MAX, client=client)
+            if got == "compacted":
+                return got
+            rows, after = got
+            if rows:
+                self.call(dest, "mv_apply", epoch, revision, tuple(rows), client=client)
+                replayed += len(rows)
+        ttls = self.call(source, "mv_ttls", epoch, client=client)
+        if ttls == "too many":
+            return ttls
+        missing = self.call(dest, "mv_ttlsync", epoch, source, tuple(ttls), client=client)
+        if missing:  # pre-copied, then expired at dest before the source: its value, from the frozen source
+            rows = self.call(source, "mv_get", epoch, tuple(missing), client=client)
+            self.call(dest, "mv_apply", epoch, revision, tuple(rows), client=client)
+        return replayed
+
     def _stream(self, source: int, epoch: int, revision: int, dest_of: Callable[[bytes], int], dests: list[int],
-                install: Callable[[int, int, tuple, tuple], tuple]) -> tuple[int, int]:
+                install: Callable[[int, int, tuple, tuple], tuple],
+                client: Client | None = None) -> tuple[int, int]:
         """Copy ``source``'s moving keys (each to ``dest_of(key)``), then its client sessions (to every shard of
         ``dests``); (keys, sessions). ``install(dest, revision, items, sessions)`` is the ``mv_install``
         command of this move."""
         keys = 0
         after = None
         while True:
-            items, after = self.call(source, "mv_scan", epoch, after, self.chunk)
+            items, after = self.call(source, "mv_scan", epoch, after, self.chunk, client=client)
             batches: dict[int, list] = {}
             for item in items:
                 batches.setdefault(dest_of(item[0]), []).append(tuple(item))
             for dest, rows in sorted(batches.items()):
-                self.call(dest, *install(dest, revision, tuple(rows), ()))
+                self.call(dest, *install(dest, revision, tuple(rows), ()), client=client)
                 keys += len(rows)
             if after is None:
                 break
+        return keys, self._sessions(source, revision, dests, install, client)
+
+    def _sessions(self, source: int, revision: int, dests: list[int],
+                  install: Callable[[int, int, tuple, tuple], tuple], client: Client | None) -> int:
+        """Merge ``source``'s client sessions into every shard of ``dests`` (higher sequence wins); how many."""
         sessions = 0
         after = None
         while True:
-            rows, after = self.call(source, "mv_sessions", after, self.chunk)
+            rows, after = self.call(source, "mv_sessions", after, self.chunk, client=client)
             if rows:
                 for dest in dests:
-                    self.call(dest, *install(dest, revision, (), tuple(rows)))
+                    self.call(dest, *install(dest, revision, (), tuple(rows)), client=client)
                 sessions += len(rows)
             if after is None:
-                return keys, sessions
+                return sessions
 
     def _unfinished_cleanup(self) -> reshard.Move | None:
         """A source whose move was handed off but not cleaned up (a run died after the map went out)."""

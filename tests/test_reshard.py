@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raftkv import reshard
-from raftkv.reshard import FROZEN, HANDOFF, INCOMING, Move, Owner, keys_of, refusal
+from raftkv.reshard import COPYING, FROZEN, HANDOFF, INCOMING, Move, Owner, keys_of, refusal
 from raftkv.results import CmdError
 from raftkv.state import KVState
 from raftkv.txn import COMMITTED, Record
@@ -207,7 +207,7 @@ class World:
     last of which (``n-1``) goes; the others receive its keys.
     """
 
-    def __init__(self, n: int, removing: bool = False) -> None:
+    def __init__(self, n: int, removing: bool = False, log_events: int = 10_000) -> None:
         self.n = n
         self.removing = removing
         self.gone = n - 1 if removing else None
@@ -215,10 +215,16 @@ class World:
         self.old, self.new = Ring(range(n), V), Ring(range(n - 1 if removing else n + 1), V)
         self.published = False  # the map with the new ring is out
         self.now = 0
-        self.model: dict[bytes, int] = {}  # increments applied per key
-        # client -> (seq, key, counted) in flight: refused (not counted yet) or its reply lost (counted)
-        self.pending: dict[int, tuple[int, bytes, bool] | None] = {}
+        self.model: dict[bytes, int] = {}  # the value of every key that exists (increments since created)
+        # client -> (seq, key, delete, counted) in flight: refused (not applied yet) or its reply lost (applied)
+        self.pending: dict[int, tuple[int, bytes, bool, bool] | None] = {}
         self.seqs: dict[int, int] = {}
+        # an add's pre-copy: the revision each source's began at, where it stands, the sources copied to the end
+        self.since: dict[int, int] = {}
+        self.cursor: dict[int, bytes | None] = {}
+        self.precopied: set[int] = set()
+        for src in range(n if not removing else 0):  # a short change log: the final copy copies every key again
+            self.shards[src].changes.events_max = log_events
 
     def apply(self, shard: int, cmd: tuple) -> object:
         self.now += 1
@@ -235,27 +241,32 @@ class World:
         told = move is not None and move.phase == HANDOFF and move.moving(key)
         return (self.new if new_map and (self.published or told) else self.old).shard_for(key)
 
-    def client_op(self, client: int, key: bytes, new_map: bool, lose_reply: bool) -> None:
+    def client_op(self, client: int, key: bytes, new_map: bool, lose_reply: bool, delete: bool = False) -> None:
         inflight = self.pending.get(client)
         counted = False
         if inflight is None:
             self.seqs[client] = seq = self.seqs.get(client, 0) + 1
         else:
-            seq, key, counted = inflight
+            seq, key, delete, counted = inflight
         shard = self.route(key, new_map)
-        res = self.apply(shard, ("session", b"c%d" % client, seq, ("incrby", key, 1)))
+        res = self.apply(shard, ("session", b"c%d" % client, seq, ("del", [key]) if delete else ("incrby", key, 1)))
         if isinstance(res, CmdError):
             assert res.code in ("MOVING", "WRONGSHARD"), res
-            self.pending[client] = (seq, key, counted)  # not applied: the client retries the same request
+            self.pending[client] = (seq, key, delete, counted)  # not applied: the client retries the same request
             return
         assert isinstance(res, int)
-        if not counted:
-            self.model[key] = self.model.get(key, 0) + 1
-        assert res == self.model[key] or counted  # a retry of an applied request gets its first answer back
-        self.pending[client] = (seq, key, True) if lose_reply else None
+        if not counted:  # (a retry of an applied request gets its first answer back: not checked again)
+            if delete:
+                assert res == (1 if key in self.model else 0), "a delete saw another state than the model's"
+                self.model.pop(key, None)
+            else:
+                self.model[key] = self.model.get(key, 0) + 1
+                assert res == self.model[key]
+        self.pending[client] = (seq, key, delete, True) if lose_reply else None
         got = self.read(shard, ("get", key))
         if not isinstance(got, CmdError):
-            assert got == str(self.model[key]).encode(), "a served read missed the latest write"
+            want = self.model.get(key)
+            assert got == (None if want is None else str(want).encode()), "a served read missed the latest write"
 
     def check_one_server(self) -> None:
         for i in range(NKEYS):
@@ -272,6 +283,10 @@ class World:
     def _add_steps(self) -> list[Callable[[], None]]:
         n, out = self.n, []
         out.append(lambda: self.apply(n, ("mv_install", EPOCH, n, V, 0, (), ())))
+        for s in range(n):
+            out.append(lambda s=s: self._precopy_begin(s))
+            for _ in range(4):  # the pre-copy in chunks (maybe cut short), clients writing and deleting between
+                out.append(lambda s=s: self._precopy_chunk(s))
         for s in range(n):
             out.append(lambda s=s: self.apply(s, ("mv_freeze", EPOCH, s, n, V)))
         for s in range(n):
@@ -303,9 +318,49 @@ class World:
         extra = (self.gone,) if self.removing else ()
         assert self.apply(dest, ("mv_install", EPOCH, dest, V, revision, items, sessions, *extra)) == len(items)
 
+    def _precopy_begin(self, s: int) -> None:
+        if self.apply(s, ("mv_precopy", EPOCH, s, self.n, V)) == COPYING:
+            self.since[s] = self.shards[s].revision  # read before the copy begins, as the resharder does
+            self.cursor[s] = None
+
+    def _precopy_chunk(self, s: int) -> None:
+        if s not in self.cursor or self.shards[s].move is None or self.shards[s].move.phase != COPYING:
+            return  # done, or a source an earlier run froze
+        items, cursor = self.read(s, ("mv_scan", EPOCH, self.cursor[s], 2))  # type: ignore[misc]
+        if items:
+            self._install(self.n, self.since[s], tuple(items), ())
+        if cursor is None:
+            del self.cursor[s]  # the whole shard was looked at
+            self.precopied.add(s)
+        else:
+            self.cursor[s] = cursor
+
+    def _replay(self, s: int) -> bool:
+        """The final copy of an add after a pre-copy: the source's changes since (False: the log lost some)."""
+        since, rev = self.since[s], self.shards[s].revision
+        after: object = since
+        while after is not None:
+            got = self.read(s, ("mv_delta", EPOCH, since, after, 2))
+            if got == "compacted":
+                return False
+            rows, after = got  # type: ignore[misc]
+            if rows:
+                self.apply(self.n, ("mv_apply", EPOCH, rev, tuple(rows)))
+        missing = self.apply(self.n, ("mv_ttlsync", EPOCH, s, tuple(self.read(s, ("mv_ttls", EPOCH)))))  # type: ignore[arg-type]
+        if missing:
+            rows = self.read(s, ("mv_get", EPOCH, tuple(missing)))  # type: ignore[arg-type]
+            self.apply(self.n, ("mv_apply", EPOCH, rev, tuple(rows)))  # type: ignore[arg-type]
+        return True
+
     def _stream(self, s: int) -> None:
         if self.shards[s].move is None or self.shards[s].move.phase != FROZEN:  # type: ignore[union-attr]
             return  # a re-run: handed off already
+        if not self.removing:
+            if s in self.precopied and self._replay(s):
+                rows, _ = self.read(s, ("mv_sessions", None, 1000))  # type: ignore[misc]
+                self._install(self.n, 0, (), tuple(rows))
+                return
+            self.apply(self.n, ("mv_discard", EPOCH, s))  # a pre-copy cut short, or one the log cannot update
         dests = range(self.n - 1) if self.removing else [self.n]
         after = None
         while True:
@@ -325,14 +380,14 @@ class World:
         items, _ = self.read(s, ("mv_scan", EPOCH, None, 1000))  # type: ignore[misc]
         self.apply(s, ("mv_purge", EPOCH, tuple(k for k, _, _ in items)))
 
-    def run(self, gaps: list[list[tuple[int, int, bool, bool]]], twice: set[int]) -> None:
+    def run(self, gaps: list[list[tuple[int, int, bool, bool, bool]]], twice: set[int]) -> None:
         """Every key written, then the steps with client operations before each, some steps run twice; then
         every client finishes its request with the new map."""
         for i in range(NKEYS):  # every key exists before the move
             self.client_op(9, b"key%d" % i, new_map=False, lose_reply=False)
         for i, step in enumerate(self.steps()):
-            for client, k, new_map, lose in gaps[i % len(gaps)]:
-                self.client_op(client, b"key%d" % k, new_map, lose)
+            for client, k, new_map, lose, delete in gaps[i % len(gaps)]:
+                self.client_op(client, b"key%d" % k, new_map, lose, delete)
                 self.check_one_server()
             step()
             if i in twice:
@@ -353,21 +408,25 @@ class World:
             for key in state.data.keys_between():
                 assert key not in stored, f"{key!r} stored on shards {stored[key]} and {s}"
                 stored[key] = s
-        assert set(stored) == set(self.model)
+        assert set(stored) == set(self.model), "a deleted key came back, or a key was lost"
         for key, count in self.model.items():
             assert stored[key] == self.new.shard_for(key)
             assert self.read(stored[key], ("get", key)) == str(count).encode(), "an increment lost or applied twice"
 
 
-op_st = st.tuples(st.integers(0, 2), st.integers(0, NKEYS - 1), st.booleans(), st.booleans())
+op_st = st.tuples(st.integers(0, 2), st.integers(0, NKEYS - 1), st.booleans(), st.booleans(),
+                  st.sampled_from([False, False, False, True]))
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 3), st.lists(st.lists(op_st, max_size=6), min_size=20, max_size=20),
-       st.sets(st.integers(0, 19)))
+       st.sets(st.integers(0, 40)), st.sampled_from([10_000, 10_000, 3]))
 def test_shard_add_protocol_loses_no_write_applies_none_twice_and_reads_no_stale_value(
-        n: int, gaps: list[list[tuple[int, int, bool, bool]]], twice: set[int]) -> None:
-    w = World(n)
+        n: int, gaps: list[list[tuple[int, int, bool, bool, bool]]], twice: set[int], log_events: int) -> None:
+    """Clients increment and delete keys in every gap (the pre-copy's chunks included): the copy made once
+    the sources froze must replay what changed and forget what was deleted since the pre-copy (from the
+    change log; with a log too short to hold every change since, by copying every key again)."""
+    w = World(n, log_events=log_events)
     w.run(gaps, twice)
     w.check_end()
 
@@ -376,7 +435,7 @@ def test_shard_add_protocol_loses_no_write_applies_none_twice_and_reads_no_stale
 @given(st.integers(2, 4), st.lists(st.lists(op_st, max_size=6), min_size=20, max_size=20),
        st.sets(st.integers(0, 19)))
 def test_shard_remove_protocol_loses_no_write_applies_none_twice_and_reads_no_stale_value(
-        n: int, gaps: list[list[tuple[int, int, bool, bool]]], twice: set[int]) -> None:
+        n: int, gaps: list[list[tuple[int, int, bool, bool, bool]]], twice: set[int]) -> None:
     w = World(n, removing=True)
     w.run(gaps, twice)
     w.check_end()
@@ -456,3 +515,47 @@ def test_a_removal_given_up_before_the_copy_leaves_the_remaining_shards_as_they_
     assert s.apply(("get", arriving), 3) is None  # as before the removal (no map sends it here)
     s.apply(("mv_install", 8, 0, V, 0, ((arriving, b"x", None),), (), 2), 4)
     assert s.apply(("mv_abort", 8), 5).code == "ERR" and s.move is not None  # type: ignore[union-attr]
+
+
+def test_the_final_copy_brings_deadlines_changed_without_a_revision_and_keys_expired_early_at_the_new_shard(
+        ) -> None:
+    """EXPIRE and PERSIST change no revision, so the change log does not show them: ``mv_ttlsync`` gives the
+    new shard's keys the frozen source's deadlines; a key that expired at the new shard first (its clock) is
+    reported missing and sent again (``mv_get``)."""
+    src, dst = KVState(), KVState()
+    move = Move(3, 0, 1, V, FROZEN)
+    a, b, c = [k for k in (f"k{i}".encode() for i in range(1000)) if move.moving(k)][:3]
+    for key, value in ((a, b"1"), (b, b"2"), (c, b"3")):
+        src.apply(("set", key, value), 10)
+    src.apply(("expire", a, 10_000, True, None), 10)
+    src.apply(("expire", c, 50, True, None), 10)  # c: a deadline at log time 50
+    dst.apply(("mv_install", 3, 1, V, 0, (), ()), 10)
+    assert src.apply(("mv_precopy", 3, 0, 1, V), 10) == COPYING
+    since = src.revision
+    items, _ = src.read(("mv_scan", 3, None, 100))  # type: ignore[misc]
+    dst.apply(("mv_install", 3, 1, V, since, tuple(items), ()), 10)
+    src.apply(("persist", a), 20)  # no revision, no change in the log
+    src.apply(("expire", b, 20_000, True, None), 20)
+    assert src.apply(("mv_freeze", 3, 0, 1, V), 20) == FROZEN
+    dst.apply(("noop",), 60)  # the new shard's clock passes c's deadline first: c expires there
+    assert c not in dst.data and c in src.data
+    assert src.read(("mv_delta", 3, since, since, 100)) == ([], None)  # no value changed since the pre-copy
+    missing = dst.apply(("mv_ttlsync", 3, 0, tuple(src.read(("mv_ttls", 3)))), 60)  # type: ignore[arg-type]
+    assert missing == [c]
+    dst.apply(("mv_apply", 3, src.revision, tuple(src.read(("mv_get", 3, tuple(missing))))), 60)  # type: ignore[arg-type]
+    assert dst.expiries.get(a) is None and dst.expiries.get(b) == 20_000 and dst.expiries.get(c) == 50
+    assert [dst.data[k][0] for k in (a, b, c)] == [b"1", b"2", b"3"]
+
+
+def test_a_source_being_pre_copied_refuses_nothing_and_only_then_freezes() -> None:
+    s = KVState()
+    move = Move(3, 0, 1, V, FROZEN)
+    key = next(k for k in (f"k{i}".encode() for i in range(1000)) if move.moving(k))
+    assert s.apply(("mv_precopy", 3, 0, 1, V), 0) == COPYING
+    assert not isinstance(s.apply(("set", key, b"v"), 1), CmdError)  # a write of a moving key is served
+    assert s.read(("mv_delta", 3, 0, 0, 10)).code == "ERR"  # type: ignore[union-attr]  # not frozen yet
+    assert s.apply(("mv_precopy", 3, 0, 1, V), 2) == COPYING  # a re-run
+    assert s.apply(("mv_freeze", 3, 0, 1, V), 3) == FROZEN
+    assert s.apply(("mv_precopy", 3, 0, 1, V), 4) == FROZEN  # never back
+    assert refusal(None, s.move, key, write=True).code == "MOVING"  # type: ignore[union-attr]
+    assert s.apply(("mv_abort", 3), 5) == "aborted"
