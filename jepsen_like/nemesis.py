@@ -103,7 +103,7 @@ live cluster and with its own code (:class:`raftkv.resharder.Resharder` behind a
 shards. Half the windows run the command in the nemesis's thread to its end; the other half run the CLI
 itself (``python -m raftkv shard add --chunk 1`` / ``shard remove ID --chunk 1``) and ``kill -9`` it right
 after a line of progress drawn from ``RESHARD_CUT_POINTS`` (placed, a source pre-copied, frozen, a source
-copied, open, the new map out) or ``REMOVE_CUT_POINTS`` (marked, frozen, copied,
+copied, open, the new map out) or ``REMOVE_CUT_POINTS`` (marked, pre-copied, frozen, copied,
 handed off and open, the new map out), so it stops between steps: moving keys stay refused (``-MOVING`` /
 ``-WRONGSHARD``, both "not applied") until the next window's run, which finishes that add or removal first
 (``Resharder`` resumes from where the shards stand), or the heal, which finishes any left before the final
@@ -192,10 +192,11 @@ holds the text: the new group placed (not on the ring), the first source pre-cop
 a copy of them at the new shard), the sources frozen (writes of moving keys refused),
 the first source copied, the new shard open with every source handed off (moved keys refused by the sources,
 the map not out yet), the new map out (the sources' cleanup not done)."""
-REMOVE_CUT_POINTS = {"marked": " is being removed (still on", "frozen": "frozen: ", "copying": " keys copied, ",
-                     "open": " handed off; shards ", "new map": " removed ("}
-"""Where a cut ``shard remove`` is killed: the removal marked in the map, the last shard frozen, its keys
-copied, it handed off and the others open (the map not out yet), the map without it out."""
+REMOVE_CUT_POINTS = {"marked": " is being removed (still on", "pre-copied": " pre-copied ", "frozen": "frozen: ",
+                     "copying": " keys copied, ", "open": " handed off; shards ", "new map": " removed ("}
+"""Where a cut ``shard remove`` is killed: the removal marked in the map, the last shard pre-copied (still
+serving its keys), frozen, its keys copied, it handed off and the others open (the map not out yet), the map
+without it out."""
 RESHARD_CLI_WAIT_S = 60.0
 """The longest the nemesis waits for a cut ``shard add`` process to reach its line (it is killed then)."""
 

@@ -317,11 +317,17 @@ def _freeze(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def _precopy(s: Any, cmd: tuple, now_ms: int) -> Any:
-    """``mv_precopy epoch shard dest vnodes``: an add's source is marked ``copying``: it refuses nothing, but
-    names the move, so its moving keys can be scanned and copied while it serves them."""
-    _, epoch, shard, dest, vnodes = cmd
-    _valid_move(epoch, shard, dest, vnodes)
-    if shard == dest:
+    """``mv_precopy epoch shard dest vnodes [removing]``: a source (an add's, or the shard a removal takes
+    away) is marked ``copying``: it refuses nothing, but names the move, so its moving keys can be scanned and
+    copied while it serves them."""
+    if len(cmd) not in (5, 6):
+        raise ValueError("want (mv_precopy, epoch, shard, dest, vnodes[, removing])")
+    _, epoch, shard, dest, vnodes, *rest = cmd
+    removing = rest[0] if rest else False
+    _valid_move(epoch, shard, dest, vnodes, removing)
+    if removing and shard != dest:
+        raise ValueError("a removal pre-copies the removed shard only")
+    if not removing and shard == dest:
         raise ValueError("a source shard is not the new shard")
     move = s.move
     if move is not None:
@@ -330,7 +336,7 @@ def _precopy(s: Any, cmd: tuple, now_ms: int) -> Any:
         return CmdError("ERR", f"mv_precopy: another move (epoch {move.epoch}, {move.phase}) is under way")
     if s.owner is not None and s.owner.epoch >= epoch:
         return "done"
-    s.move = Move(epoch, shard, dest, vnodes, COPYING)
+    s.move = Move(epoch, shard, dest, vnodes, COPYING, removing)
     return COPYING
 
 
@@ -576,25 +582,31 @@ def _ttls(s: Any, cmd: tuple, now_ms: int) -> Any:
     return "too many" if len(out) > SCAN_LIMIT_MAX else sorted(out)
 
 
-def _new_shard(s: Any, epoch: int, name: str) -> Move | CmdError:
+def _receiving(s: Any, epoch: int, name: str) -> Move | CmdError:
     move = s.move
-    if move is None or move.epoch != epoch or move.phase != INCOMING or move.removing:
-        return CmdError("ERR", f"{name}: no add of epoch {epoch} coming into this shard")
+    if move is None or move.epoch != epoch or move.phase != INCOMING:
+        return CmdError("ERR", f"{name}: no move of epoch {epoch} coming into this shard")
     return move
 
 
 def _from_source(move: Move, key: bytes, source: int) -> bool:
-    """(The new shard of an add.) Did ``key`` come from ``source`` (its shard in the ring before the add)?"""
+    """(A destination.) Did ``key`` come here from ``source``?  An add's new shard: ``source`` is the key's
+    shard in the ring before the add.  A removal's remaining shard: ``source`` is the removed shard and the
+    key one of those arriving from it."""
+    if move.removing:
+        return source == move.dest and move.arriving(key)
     return ring_of(move.dest, move.vnodes).shard_for(key) == source
 
 
 def _apply_delta(s: Any, cmd: tuple, now_ms: int) -> Any:
-    """``mv_apply epoch revision rows``: the new shard replays a frozen source's changes since its pre-copy
+    """``mv_apply epoch revision rows``: a destination replays a frozen source's changes since its pre-copy
     (``mv_delta``): a value is installed, a deletion drops the key."""
     _, epoch, revision, rows = cmd
-    move = _new_shard(s, epoch, "mv_apply")
+    move = _receiving(s, epoch, "mv_apply")
     if isinstance(move, CmdError):
         return move
+    if move.removing and not all(move.arriving(row[0]) for row in rows):
+        raise ValueError("a row of a key that does not arrive from the removed shard")
     if revision > s.revision:
         s.revision = revision  # every revision here exceeds the sources': a WATCH taken there never matches
     for key, value, deadline in rows:
@@ -608,11 +620,11 @@ def _apply_delta(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def _ttl_sync(s: Any, cmd: tuple, now_ms: int) -> Any:
-    """``mv_ttlsync epoch source rows``: the new shard's keys from ``source`` get exactly the deadlines of
-    ``rows`` (every moving key of the frozen source that has one: ``mv_ttls``); returns the listed keys it
+    """``mv_ttlsync epoch source rows``: a destination's keys from ``source`` get exactly the deadlines of
+    ``rows`` (every key it receives from the frozen source that has one: ``mv_ttls``); returns the listed keys it
     does not hold (expired here first, on this shard's clock), whose values the caller then sends."""
     _, epoch, source, rows = cmd
-    move = _new_shard(s, epoch, "mv_ttlsync")
+    move = _receiving(s, epoch, "mv_ttlsync")
     if isinstance(move, CmdError):
         return move
     listed = dict(rows)
@@ -629,10 +641,11 @@ def _ttl_sync(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def _discard(s: Any, cmd: tuple, now_ms: int) -> Any:
-    """``mv_discard epoch source``: the new shard forgets every key it holds from ``source`` (a pre-copy the
-    source's change log cannot bring up to date: every key is then copied again); how many."""
+    """``mv_discard epoch source``: a destination forgets every key it holds from ``source`` (a pre-copy the
+    source's change log cannot bring up to date, or a removal given up: every key is then copied again, or
+    none); how many."""
     _, epoch, source = cmd
-    move = _new_shard(s, epoch, "mv_discard")
+    move = _receiving(s, epoch, "mv_discard")
     if isinstance(move, CmdError):
         return move
     gone = [k for k in s.data.keys_between() if _from_source(move, k, source)]

@@ -220,9 +220,13 @@ class Resharder:
             times["freeze"] = time.monotonic() - t
             t = time.monotonic()
 
+            def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
+                return ("mv_install", epoch, d, m.vnodes, rev, items, rows)
+
             def finish(s: int) -> None:  # one source on a connection of its own: the sources go in parallel
                 with self._new_client() as client:
-                    how = self._catch_up(s, epoch, dest, m.vnodes, stats[s]["revision"], since.get(s), client)
+                    how = self._catch_up(s, epoch, [dest], lambda _key: dest, install, stats[s]["revision"],
+                                         since.get(s), client)
                     self.say(f"shard {s} -> shard {dest}: {how}")
                     self.call(s, "mv_handoff", epoch, client=client)
 
@@ -305,11 +309,20 @@ class Resharder:
                 self.call(d, *install(d, 0, (), ()))
         times["mark"] = time.monotonic() - t
         moved = total = 0
+        ring = reshard.ring_of(gone, vnodes)
+        t = time.monotonic()
+        # Copy the removed shard's keys while it still serves them; once frozen, only what changed since is sent.
+        since = None
+        if self.call(gone, "mv_precopy", epoch, gone, gone, vnodes, True) == reshard.COPYING:
+            since = self.status(gone)["revision"]
+            self._precopy_source(gone, epoch, since, ring.shard_for, install, f"shard {gone} -> shards 0..{gone - 1}")
+        times["precopy"] = time.monotonic() - t
         t = time.monotonic()
         phase = self.call(gone, "mv_freeze", epoch, gone, gone, vnodes, True)
         self.say(f"frozen: shard {gone} {phase}")
-        def undo() -> None:  # before any key is copied: the destinations stop refusing, the mark goes
+        def undo() -> None:  # the destinations forget what was pre-copied and stop refusing; the mark goes
             for d in dests:
+                self.call(d, "mv_discard", epoch, gone)
                 self.call(d, "mv_abort", epoch)
             self._publish(dataclasses.replace(self.op.map, epoch=self.op.map.epoch + 1, removing=None))
             self.say(f"epoch {self.op.map.epoch}: the removal of shard {gone} was given up; nothing changed")
@@ -322,10 +335,11 @@ class Resharder:
             for d in dests:  # revisions above the removed shard's before any key lands
                 if d not in opened:
                     self.call(d, *install(d, revision, (), ()))
-            ring = reshard.ring_of(gone, vnodes)
-            moved, sessions = self._stream(gone, epoch, revision, ring.shard_for, dests, install)
+            with self._new_client() as client:
+                how = self._catch_up(gone, epoch, dests, ring.shard_for, install, revision, since, client)
             total = stats[gone]["keys"]
-            self.say(f"shard {gone} -> shards 0..{gone - 1}: {moved} of {total} keys copied, {sessions} session(s)")
+            moved = total  # every key of the removed shard moves
+            self.say(f"shard {gone} -> shards 0..{gone - 1}: {how}")
             self.call(gone, "mv_handoff", epoch)
             times["copy"] = time.monotonic() - t
         elif phase != reshard.HANDOFF:
@@ -420,67 +434,87 @@ class Resharder:
 
     # -- an add's copy: before the freeze, then what changed since ------------------------------------------
     def _precopy(self, epoch: int, dest: int, vnodes: int, sources: list[int]) -> dict[int, int]:
-        """Copy every source's moving keys into ``dest`` while the source still serves them (``copying``), so
-        that once it is frozen only what changed since is sent. Returns, per source copied to the end here,
-        the revision read before its copy began. The sources are copied in parallel, and each one's next
-        chunk is read while the last is installed."""
+        """An add's sources, copied into ``dest`` while they still serve their keys (``copying``), so that once
+        they are frozen only what changed since is sent. Returns, per source copied to the end here, the
+        revision read before its copy began. The sources are copied in parallel."""
         marked = {s: self.call(s, "mv_precopy", epoch, s, dest, vnodes) for s in sources}
         # (a source frozen or handed off by an earlier run is copied in full, once frozen)
         since = {s: self.status(s)["revision"] for s, phase in marked.items() if phase == reshard.COPYING}
 
+        def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
+            return ("mv_install", epoch, d, vnodes, rev, items, rows)
+
         def copy(s: int) -> None:
-            started = time.monotonic()
-            copied = size = 0
-            with self._new_client() as scanner, self._new_client() as installer, \
-                    concurrent.futures.ThreadPoolExecutor(1) as pool:
-                after = None
-                pending: concurrent.futures.Future | None = None
-                while True:
-                    items, after = self.call(s, "mv_scan", epoch, after, self.chunk, client=scanner)
-                    if pending is not None:
-                        pending.result()
-                    if items:
-                        pending = pool.submit(self.call, dest, "mv_install", epoch, dest, vnodes, since[s],
-                                              tuple(items), (), client=installer)
-                        copied += len(items)
-                        size += sum(len(k) + len(v) for k, v, _d in items)
-                    if after is None:
-                        break
-                if pending is not None:
-                    pending.result()
-            took = time.monotonic() - started
-            self.say(f"shard {s} -> shard {dest}: pre-copied {copied} keys, {size / 1e6:.1f} MB of keys and values "
-                     f"in {took:.1f} s ({size / 1e6 / max(took, 1e-3):.1f} MB/s; still serving them)")
+            self._precopy_source(s, epoch, since[s], lambda _key: dest, install, f"shard {s} -> shard {dest}")
 
         if since:
             with concurrent.futures.ThreadPoolExecutor(len(since)) as pool:
                 list(pool.map(copy, since))
         return since
 
-    def _catch_up(self, source: int, epoch: int, dest: int, vnodes: int, revision: int, since: int | None,
+    def _precopy_source(self, source: int, epoch: int, revision: int, dest_of: Callable[[bytes], int],
+                        install: Callable[[int, int, tuple, tuple], tuple], what: str) -> None:
+        """Copy ``source``'s moving keys (each to ``dest_of(key)``) while it serves them, reading its next chunk
+        while the last is installed; says how much, and how fast."""
+        started = time.monotonic()
+        copied = size = 0
+
+        def put(batches: dict[int, list], client: Client) -> None:
+            for d, rows in sorted(batches.items()):
+                self.call(d, *install(d, revision, tuple(rows), ()), client=client)
+
+        with self._new_client() as scanner, self._new_client() as installer, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            after = None
+            pending: concurrent.futures.Future | None = None
+            while True:
+                items, after = self.call(source, "mv_scan", epoch, after, self.chunk, client=scanner)
+                if pending is not None:
+                    pending.result()
+                if items:
+                    batches: dict[int, list] = {}
+                    for item in items:
+                        batches.setdefault(dest_of(item[0]), []).append(tuple(item))
+                    pending = pool.submit(put, batches, installer)
+                    copied += len(items)
+                    size += sum(len(k) + len(v) for k, v, _d in items)
+                if after is None:
+                    break
+            if pending is not None:
+                pending.result()
+        took = time.monotonic() - started
+        self.say(f"{what}: pre-copied {copied} keys, {size / 1e6:.1f} MB of keys and values in {took:.1f} s "
+                 f"({size / 1e6 / max(took, 1e-3):.1f} MB/s; still serving them)")
+
+    def _catch_up(self, source: int, epoch: int, dests: list[int], dest_of: Callable[[bytes], int],
+                  install: Callable[[int, int, tuple, tuple], tuple], revision: int, since: int | None,
                   client: Client) -> str:
-        """Make ``dest``'s copy of frozen ``source``'s moving keys exact, and merge its sessions; what was done.
-
-        After a pre-copy (``since``), replay the source's changes since then; else (no pre-copy to the end,
-        or changes the log no longer holds) forget whatever ``dest`` holds from ``source`` and copy every key."""
-        def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
-            return ("mv_install", epoch, d, vnodes, rev, items, rows)
-
-        replayed = None if since is None else self._replay(source, epoch, dest, revision, since, client)
+        """Make the destinations' copy of frozen ``source``'s moving keys exact, and merge its sessions into
+        them; what was done. After a pre-copy (``since``), replay the source's changes since then; else (no
+        pre-copy to the end, or changes the log no longer holds) the destinations forget what they hold from
+        ``source`` and every key is copied again."""
+        replayed = None if since is None else self._replay(source, epoch, dests, dest_of, revision, since, client)
         if isinstance(replayed, int):
-            sessions = self._sessions(source, revision, [dest], install, client)
+            sessions = self._sessions(source, revision, dests, install, client)
             return f"keys copied, {replayed} change(s) since the pre-copy replayed, {sessions} session(s)"
-        dropped = self.call(dest, "mv_discard", epoch, source, client=client)
-        n, sessions = self._stream(source, epoch, revision, lambda _key: dest, [dest], install, client)
+        dropped = sum(self.call(d, "mv_discard", epoch, source, client=client) for d in dests)
+        n, sessions = self._stream(source, epoch, revision, dest_of, dests, install, client)
         why = "" if since is None else f" ({replayed}: {dropped} pre-copied key(s) dropped first)"
         return f"{n} keys copied{why}, {sessions} session(s)"
 
-    def _replay(self, source: int, epoch: int, dest: int, revision: int, since: int,
-                client: Client) -> int | str:
-        """Replay into ``dest`` the frozen ``source``'s changes of moving keys since ``since`` (its change log:
-        ``mv_delta``, ``mv_apply``), then give ``dest``'s keys from it the source's deadlines (``mv_ttlsync``:
-        EXPIRE and PERSIST change no revision). The rows replayed, or why not: ``"compacted"`` (the log no
-        longer holds every change since), ``"too many"`` deadlines for one command."""
+    def _replay(self, source: int, epoch: int, dests: list[int], dest_of: Callable[[bytes], int], revision: int,
+                since: int, client: Client) -> int | str:
+        """Replay into the destinations the frozen ``source``'s changes of moving keys since ``since`` (its
+        change log: ``mv_delta``, ``mv_apply``), then give their keys from it the source's deadlines
+        (``mv_ttlsync``: EXPIRE and PERSIST change no revision). The rows replayed, or why not: ``"compacted"``
+        (the log no longer holds every change since), ``"too many"`` deadlines for one command."""
+        def apply(rows: list) -> None:
+            batches: dict[int, list] = {}
+            for row in rows:
+                batches.setdefault(dest_of(row[0]), []).append(tuple(row))
+            for d, part in sorted(batches.items()):
+                self.call(d, "mv_apply", epoch, revision, tuple(part), client=client)
+
         after = since
         replayed = 0
         while after is not None:
@@ -488,16 +522,17 @@ class Resharder:
             if got == "compacted":
                 return got
             rows, after = got
-            if rows:
-                self.call(dest, "mv_apply", epoch, revision, tuple(rows), client=client)
-                replayed += len(rows)
+            apply(rows)
+            replayed += len(rows)
         ttls = self.call(source, "mv_ttls", epoch, client=client)
         if ttls == "too many":
             return ttls
-        missing = self.call(dest, "mv_ttlsync", epoch, source, tuple(ttls), client=client)
-        if missing:  # pre-copied, then expired at dest before the source: its value, from the frozen source
-            rows = self.call(source, "mv_get", epoch, tuple(missing), client=client)
-            self.call(dest, "mv_apply", epoch, revision, tuple(rows), client=client)
+        missing: list = []
+        for d in dests:  # every destination, even with none listed: it may hold deadlines the source dropped
+            mine = tuple(tuple(row) for row in ttls if dest_of(row[0]) == d)
+            missing += self.call(d, "mv_ttlsync", epoch, source, mine, client=client)
+        if missing:  # copied, then expired at a destination before the source: its value, from the frozen source
+            apply(self.call(source, "mv_get", epoch, tuple(missing), client=client))
         return replayed
 
     def _stream(self, source: int, epoch: int, revision: int, dest_of: Callable[[bytes], int], dests: list[int],

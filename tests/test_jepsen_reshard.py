@@ -145,8 +145,8 @@ def test_the_nemesis_alternates_adds_and_removals_within_its_bounds() -> None:
 @pytest.mark.slow
 def test_run_with_reshard_passes(tmp_path: Path) -> None:
     """Seed 1: the first window adds shard 3 to its end (3 -> 4 shards, some of the register keys move);
-    the second runs ``raftkv shard remove 3`` as a process and kills it -9 right after shard 3 handed off and
-    the others opened (the map without it not out), which the heal finishes before the final reads. The run
+    the second runs ``raftkv shard remove 3`` as a process and kills it -9 right after it pre-copied shard 3's
+    keys to the others (shard 3 still serving them), which the heal finishes before the final reads. The run
     passes, with the ``shard-moves`` check (no move left on any replica), and the cluster file ends with 3
     shards."""
     rc, res, out = harness(tmp_path, "--nemesis", "reshard", *common(1, 12))
@@ -154,7 +154,8 @@ def test_run_with_reshard_passes(tmp_path: Path) -> None:
     faults = res["faults"]
     assert [f["kind"] for f in faults] == ["reshard", "reshard"] and not any(f["error"] for f in faults), faults
     assert re.match(r"shard add: 3 -> 4 shards: shard 3 \(epoch 3\) got \d+ of \d+ keys", faults[0]["detail"])
-    assert "shard remove 4 -> 3 shards by the CLI, cut when open: kill -9 after" in faults[1]["detail"], faults[1]
+    assert "shard remove 4 -> 3 shards by the CLI, cut when pre-copied: kill -9 after" in faults[1]["detail"], \
+        faults[1]
     assert "finished the removal of shard 3" in out
     assert res["checks"]["shard-moves"]["valid"] is True
     final = ShardMap.load(Path(res["dir"]) / "nodes" / "cluster.toml")
