@@ -292,52 +292,34 @@ def _valid_move(epoch: Any, shard: Any, dest: Any, vnodes: Any, removing: Any = 
         raise ValueError("the last shard of a ring cannot be removed")
 
 
-def _freeze(s: Any, cmd: tuple, now_ms: int) -> Any:
-    if len(cmd) not in (5, 6):
-        raise ValueError("want (mv_freeze, epoch, shard, dest, vnodes[, removing])")
-    _, epoch, shard, dest, vnodes, *rest = cmd
-    removing = rest[0] if rest else False
-    _valid_move(epoch, shard, dest, vnodes, removing)
-    if removing and shard != dest:
-        raise ValueError("a removal freezes the removed shard only")
-    if not removing and shard == dest:
-        raise ValueError("a source shard is not the new shard")
-    move = s.move
-    if move is not None:
-        if move.epoch == epoch and move.phase == COPYING:
-            s.move = dataclasses.replace(move, phase=FROZEN)  # the pre-copy is done: now refuse writes
-            return FROZEN
-        if move.epoch == epoch and move.phase != INCOMING:
-            return move.phase  # a re-run: where it stands
-        return CmdError("ERR", f"mv_freeze: another move (epoch {move.epoch}, {move.phase}) is under way")
-    if s.owner is not None and s.owner.epoch >= epoch:
-        return "done"  # this move finished here already (a re-run after mv_done)
-    s.move = Move(epoch, shard, dest, vnodes, FROZEN, removing)
-    return FROZEN
-
-
-def _precopy(s: Any, cmd: tuple, now_ms: int) -> Any:
-    """``mv_precopy epoch shard dest vnodes [removing]``: a source (an add's, or the shard a removal takes
-    away) is marked ``copying``: it refuses nothing, but names the move, so its moving keys can be scanned and
-    copied while it serves them."""
-    if len(cmd) not in (5, 6):
-        raise ValueError("want (mv_precopy, epoch, shard, dest, vnodes[, removing])")
-    _, epoch, shard, dest, vnodes, *rest = cmd
-    removing = rest[0] if rest else False
-    _valid_move(epoch, shard, dest, vnodes, removing)
-    if removing and shard != dest:
-        raise ValueError("a removal pre-copies the removed shard only")
-    if not removing and shard == dest:
-        raise ValueError("a source shard is not the new shard")
-    move = s.move
-    if move is not None:
-        if move.epoch == epoch and move.phase != INCOMING:
-            return move.phase  # a re-run: where it stands (copying, or frozen and beyond)
-        return CmdError("ERR", f"mv_precopy: another move (epoch {move.epoch}, {move.phase}) is under way")
-    if s.owner is not None and s.owner.epoch >= epoch:
-        return "done"
-    s.move = Move(epoch, shard, dest, vnodes, COPYING, removing)
-    return COPYING
+def _source_step(phase: str, name: str) -> Callable[[Any, tuple, int], Any]:
+    """``mv_precopy`` / ``mv_freeze epoch shard dest vnodes [removing]``: mark a source (an add's, or the shard
+    a removal takes away) ``copying`` (it refuses nothing, but names the move, so its moving keys can be
+    scanned and copied while it serves them) or ``frozen`` (writes of moving keys refused). A phase only goes
+    forward, so a re-run answers where the source stands."""
+    def run(s: Any, cmd: tuple, now_ms: int) -> Any:
+        if len(cmd) not in (5, 6):
+            raise ValueError(f"want ({name}, epoch, shard, dest, vnodes[, removing])")
+        _, epoch, shard, dest, vnodes, *rest = cmd
+        removing = rest[0] if rest else False
+        _valid_move(epoch, shard, dest, vnodes, removing)
+        if removing and shard != dest:
+            raise ValueError("a removal moves the removed shard's keys only")
+        if not removing and shard == dest:
+            raise ValueError("a source shard is not the new shard")
+        move = s.move
+        if move is not None:
+            if move.epoch == epoch and move.phase == COPYING and phase == FROZEN:
+                s.move = dataclasses.replace(move, phase=FROZEN)  # the pre-copy is done: now refuse writes
+                return FROZEN
+            if move.epoch == epoch and move.phase != INCOMING:
+                return move.phase  # a re-run: where it stands
+            return CmdError("ERR", f"{name}: another move (epoch {move.epoch}, {move.phase}) is under way")
+        if s.owner is not None and s.owner.epoch >= epoch:
+            return "done"  # this move finished here already (a re-run after mv_done)
+        s.move = Move(epoch, shard, dest, vnodes, phase, removing)
+        return phase
+    return run
 
 
 def _handoff(s: Any, cmd: tuple, now_ms: int) -> Any:
@@ -675,7 +657,8 @@ def _checked(handler: Callable[[Any, tuple, int], Any]) -> Callable[[Any, tuple,
 
 
 HANDLERS = {name: _checked(h) for name, h in {
-    "mv_precopy": _precopy, "mv_freeze": _freeze, "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done,
+    "mv_precopy": _source_step(COPYING, "mv_precopy"), "mv_freeze": _source_step(FROZEN, "mv_freeze"),
+    "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done,
     "mv_abort": _abort, "mv_install": _install, "mv_apply": _apply_delta, "mv_ttlsync": _ttl_sync,
     "mv_discard": _discard, "mv_open": _open, "mv_status": _status}.items()}
 READ_HANDLERS = {name: _checked(h) for name, h in {
