@@ -109,7 +109,11 @@ handed off and open, the new map out), so it stops between steps: moving keys st
 (``Resharder`` resumes from where the shards stand), or the heal, which finishes any left before the final
 reads.  No move is ever left half-done at the end of a run.  After each window the harness's
 ``LocalCluster`` adopts the new cluster file (its shard count), so the nemeses' leader picks, the recovery
-wait and the replicas check cover the shards the ring has.
+wait and the replicas check cover the shards the ring has. Every ``RESHARD_NODE_EVERY``-th window moves a
+node instead: ``raftkv node add --empty`` of a new node (on ``127.0.0.k`` in the namespace) then ``raftkv
+rebalance`` onto it, or, when the nemesis added one before, ``raftkv node remove`` of it, which drains its
+replicas to the others first. Only that node comes and goes; the run's own nodes (the other nemeses'
+targets) stay.
 
 ``clock-forward`` (not in ``all``): steps of +/- ``CLOCK_SKEW_S`` seconds, set
 back to 0 at the window's end, so every fault includes a *forward* step: the
@@ -180,6 +184,9 @@ COMPACTION_INSTALL_WAIT_S = 10.0
 """The longest it waits for the restarted node to receive its first snapshot chunk (start-up included)."""
 RESHARD_MAX_SHARDS = 8
 """The ``reshard`` nemesis adds shards up to this many (at this many, a window removes one)."""
+RESHARD_NODE_EVERY = 3
+"""Every this many ``reshard`` windows (when no shard move is left half-done) the window adds a node and
+rebalances onto it, or removes the node it added (drained first), instead of moving a shard."""
 RESHARD_MIN_SHARDS = 2
 """... and removes shards down to this many (at this many, a window adds one)."""
 RESHARD_STEP_TIMEOUT_S = 30.0
@@ -321,6 +328,7 @@ class Nemesis:
         self._log_at: dict[int, dict[str, int]] = {}  # disk fault -> its nodes' log sizes when it started
         self._compaction_turn: int | None = None  # which compaction variant comes next (first one: random)
         self._last_reshard = "remove"  # the reshard nemesis alternates: an add first, then a removal, ...
+        self._reshard_windows = 0  # ... and every third window moves a node instead (RESHARD_NODE_EVERY)
         self._lock = threading.RLock()
         self.nodes = list(cluster.map.nodes)
 
@@ -809,8 +817,12 @@ class Nemesis:
         op = self._operator()
         m = op.map
         resharder = self._resharder(op)
+        self._reshard_windows += 1
         try:
-            if m.removing is not None:
+            pending = m.removing is not None or m.adding is not None or resharder._unfinished_cleanup() is not None
+            if not pending and self._reshard_windows % RESHARD_NODE_EVERY == 0:
+                self._node_step(f, op)
+            elif m.removing is not None:
                 self._shard_remove(f, resharder, m.nshards, pending=True)
             elif m.adding is not None or resharder._unfinished_cleanup() is not None:
                 self._shard_add(f, resharder, m.nshards, pending=True)
@@ -830,9 +842,54 @@ class Nemesis:
         finally:
             resharder.close()
             after = self._adopt_map()
-            f.nodes = sorted(after.placement.get(after.adding if after.adding is not None else after.nshards - 1,
-                                                 ()))
+            if not f.nodes:  # a shard move: the nodes of the shard it added (or of the last one)
+                f.nodes = sorted(after.placement.get(after.adding if after.adding is not None
+                                                     else after.nshards - 1, ()))
         return f
+
+    def _node_step(self, f: Fault, op: Any) -> None:
+        """Grow or shrink the cluster by a node, as an operator would: ``raftkv node add --empty`` of a new node
+        then ``raftkv rebalance`` (replicas move onto it, one at a time, each caught up before the next), or,
+        when the nemesis added one before, ``raftkv node remove`` of it (its replicas are drained to the others
+        first). The run's own nodes are never removed (the other nemeses and the checks count on them)."""
+        from raftkv.rebalance import Rebalancer
+
+        say = lambda m: self.log(f"nemesis: reshard (node): {m}")  # noqa: E731
+        rebalancer = Rebalancer(op, step_timeout=RESHARD_STEP_TIMEOUT_S, say=say)
+        added = sorted(n for n in op.map.nodes if n not in self.nodes)
+        if added:
+            name = added[0]
+            f.detail = f"node remove {name}: drained, then removed"
+            f.nodes = [name]
+            res = rebalancer.remove_node(name, stop=True)
+            f.detail += f" ({len(res.plan.steps) if res else 0} replica step(s))"
+            return
+        m = op.map
+        first = m.nodes[self.nodes[0]]
+        per_host = len({i.host for i in m.nodes.values()}) > 1  # node i on 127.0.0.i (a private namespace)
+        k = len(m.nodes) + 1
+        name = f"n{k}"
+        while name in m.nodes:
+            k += 1
+            name = f"n{k}"
+        data = os.path.join(m.data_dir, name)
+        shutil.rmtree(data, ignore_errors=True)  # an earlier window's node of that name left its files
+        if self.power_log is not None:
+            power.forget_under(self.power_log, data)
+        if per_host:
+            host, port, raft_port = f"127.0.0.{k}", first.client_port, first.raft_port
+        else:
+            from raftkv.cluster import free_base_port
+
+            host = "127.0.0.1"
+            base = free_base_port(1, RESHARD_MAX_SHARDS + 1)  # its client port, and room for every shard's group
+            port, raft_port = base, base + 1000
+        f.detail = f"node add {name} ({host}) --empty, then rebalance"
+        f.nodes = [name]
+        op.add(f"{host}:{port}", name=name, raft_port=raft_port, start=True, join=False)
+        res = rebalancer.run()
+        f.detail += (f": {res.plan.adds} replica(s) onto {name}, {len(res.plan.steps) - res.plan.adds} removed "
+                     f"from the others, {res.leader_moves} leadership move(s), {res.seconds:.1f} s")
 
     def _shard_remove(self, f: Fault, resharder: Any, nshards: int, pending: bool) -> None:
         """Run ``shard remove`` of the last shard in this thread to its end; the detail says what it moved."""

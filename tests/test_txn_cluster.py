@@ -528,8 +528,8 @@ def test_bank_transfers_while_leaders_are_killed(lc: LocalCluster) -> None:
         t: Txn = c.txn()
         for k in accounts:
             t.then_get(k)
-        # A read of every account needs all of them unlocked at once; with parallel commits a transfer's locks
-        # outlive its answer, so under contention the read-all may need many attempts (no wait-die yet: #12).
+        # A read of every account takes no locks, but its two rounds must agree: while transfers keep changing
+        # the accounts, it may need many attempts.
         r = t.commit(retries=60)
         return [int(v) for v in r.results]
 
