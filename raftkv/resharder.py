@@ -314,6 +314,8 @@ class Resharder:
         # Copy the removed shard's keys while it still serves them; once frozen, only what changed since is sent.
         since = None
         if self.call(gone, "mv_precopy", epoch, gone, gone, vnodes, True) == reshard.COPYING:
+            for d in dests:  # what an earlier run's pre-copy left may hold keys deleted since
+                self.call(d, "mv_discard", epoch, gone)
             since = self.status(gone)["revision"]
             self._precopy_source(gone, epoch, since, ring.shard_for, install, f"shard {gone} -> shards 0..{gone - 1}")
         times["precopy"] = time.monotonic() - t
@@ -438,8 +440,12 @@ class Resharder:
         they are frozen only what changed since is sent. Returns, per source copied to the end here, the
         revision read before its copy began. The sources are copied in parallel."""
         marked = {s: self.call(s, "mv_precopy", epoch, s, dest, vnodes) for s in sources}
-        # (a source frozen or handed off by an earlier run is copied in full, once frozen)
-        since = {s: self.status(s)["revision"] for s, phase in marked.items() if phase == reshard.COPYING}
+        copying = [s for s, phase in marked.items() if phase == reshard.COPYING]
+        # (a source frozen or handed off by an earlier run is copied in full, once frozen.) An earlier run's
+        # pre-copy may have left keys the source deleted since: the new shard forgets them before this one.
+        for s in copying:
+            self.call(dest, "mv_discard", epoch, s)
+        since = {s: self.status(s)["revision"] for s in copying}
 
         def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
             return ("mv_install", epoch, d, vnodes, rev, items, rows)

@@ -284,9 +284,7 @@ class World:
         n, out = self.n, []
         out.append(lambda: self.apply(n, ("mv_install", EPOCH, n, V, 0, (), ())))
         for s in range(n):
-            out.append(lambda s=s: self._precopy_begin(s))
-            for _ in range(4):  # the pre-copy in chunks (maybe cut short), clients writing and deleting between
-                out.append(lambda s=s: self._precopy_chunk(s))
+            out += self._precopy_steps(s)
         for s in range(n):
             out.append(lambda s=s: self.apply(s, ("mv_freeze", EPOCH, s, n, V)))
         for s in range(n):
@@ -303,9 +301,7 @@ class World:
         gone, out = self.n - 1, []
         for d in range(gone):  # the remaining shards refuse the arriving keys until they open
             out.append(lambda d=d: self.apply(d, ("mv_install", EPOCH, d, V, 0, (), (), gone)))
-        out.append(lambda: self._precopy_begin(gone))
-        for _ in range(4):  # the pre-copy in chunks (maybe cut short), clients writing and deleting between
-            out.append(lambda: self._precopy_chunk(gone))
+        out += self._precopy_steps(gone)
         out.append(lambda: self.apply(gone, ("mv_freeze", EPOCH, gone, gone, V, True)))
         for d in range(gone):  # revisions above the removed shard's first
             out.append(lambda d=d: self.apply(d, ("mv_install", EPOCH, d, V, self.shards[gone].revision, (), (),
@@ -321,9 +317,17 @@ class World:
         extra = (self.gone,) if self.removing else ()
         assert self.apply(dest, ("mv_install", EPOCH, dest, V, revision, items, sessions, *extra)) == len(items)
 
+    def _precopy_steps(self, s: int) -> list[Callable[[], None]]:
+        """A source's pre-copy in chunks, clients writing and deleting between them; a second run starts it
+        over part-way (the first one died), and the last chunks may not reach the end (then no ``since``)."""
+        return [lambda: self._precopy_begin(s), lambda: self._precopy_chunk(s), lambda: self._precopy_chunk(s),
+                lambda: self._precopy_begin(s), *[lambda: self._precopy_chunk(s)] * 4]
+
     def _precopy_begin(self, s: int) -> None:
         cmd = ("mv_precopy", EPOCH, s, s, V, True) if self.removing else ("mv_precopy", EPOCH, s, self.n, V)
         if self.apply(s, cmd) == COPYING:
+            for d in self._dests():  # what an earlier run's pre-copy left may hold keys deleted since
+                self.apply(d, ("mv_discard", EPOCH, s))
             self.since[s] = self.shards[s].revision  # read before the copy begins, as the resharder does
             self.cursor[s] = None
 
