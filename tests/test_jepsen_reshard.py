@@ -97,7 +97,8 @@ def test_moves_left_names_every_half_done_move() -> None:
 
 
 def test_the_nemesis_alternates_adds_and_removals_within_its_bounds() -> None:
-    """From 3 shards: add, remove, add, ...; at the cap only removals, at the floor only adds."""
+    """From 3 shards: add, remove, add, ...; every third window a node step instead; at the cap only removals,
+    at the floor only adds."""
     import random
     from types import SimpleNamespace
 
@@ -127,15 +128,17 @@ def test_the_nemesis_alternates_adds_and_removals_within_its_bounds() -> None:
     n._cut_reshard = lambda f, nshards, remove: move(f, None, nshards, remove)  # type: ignore[method-assign]
     n._shard_add = lambda f, r, nshards, pending: move(f, r, nshards, False)  # type: ignore[method-assign]
     n._shard_remove = lambda f, r, nshards, pending: move(f, r, nshards, True)  # type: ignore[method-assign]
-    for _ in range(4):
+    n._node_step = lambda f, op: calls.append(("node", shards[0]))  # type: ignore[method-assign]
+    for _ in range(5):
         n._reshard_fault()
-    assert calls == [("add", 3), ("remove", 4), ("add", 3), ("remove", 4)]
+    assert nem.RESHARD_NODE_EVERY == 3
+    assert calls == [("add", 3), ("remove", 4), ("node", 3), ("add", 3), ("remove", 4)]
     shards[0], calls[:] = nem.RESHARD_MAX_SHARDS, []
-    n._last_reshard = "remove"
+    n._last_reshard, n._reshard_windows = "remove", 0
     n._reshard_fault()
     assert calls == [("remove", nem.RESHARD_MAX_SHARDS)]
     shards[0], calls[:] = nem.RESHARD_MIN_SHARDS, []
-    n._last_reshard = "add"
+    n._last_reshard, n._reshard_windows = "add", 0
     n._reshard_fault()
     assert calls == [("add", nem.RESHARD_MIN_SHARDS)]
 
