@@ -415,7 +415,7 @@ def _run_here(cfg: RunConfig, note: str) -> int:
         if "reshard" in kinds:  # the heal finished every shard add: no move is left half-done anywhere
             checks["shard-moves"] = moves
         checks["elections"] = elections.judge(
-            e for n in shardmap.nodes for e in elections.leaders_in(n, _log_lines(cluster.log_file(n))))
+            elections.elected({n: list(_log_lines(cluster.log_file(n))) for n in shardmap.nodes}))
     else:
         checks["harness"] = {"valid": None, "verdict": "unknown", "summary": f"harness error: {harness_error}"}
     faults = [f.to_dict() for f in nemesis.faults]

@@ -214,8 +214,8 @@ class Node:
         server = await asyncio.start_server(lambda r, w: serve_connection(self, r, w), self.info.host,
                                             self.info.client_port, limit=1 << 20, backlog=1024,
                                             ssl=self.security.server_ssl())
-        log.info("event=serving node=%s addr=%s:%d shards=%s", self.name, self.info.host,
-                 self.info.client_port, sorted(self._replicas))
+        log.info("event=serving node=%s addr=%s:%d shards=%s epoch=%d", self.name, self.info.host,
+                 self.info.client_port, sorted(self._replicas), self.map.epoch)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -436,8 +436,8 @@ class Node:
             self._start_replica(shard)
         for shard in stopped:
             self._stop_replica(shard)
-        log.info("event=map_installed node=%s epoch=%d started=%s stopped=%s", self.name, new.epoch,
-                 started, stopped)
+        log.info("event=map_installed node=%s epoch=%d started=%s stopped=%s groups=%d", self.name, new.epoch,
+                 started, stopped, len(new.groups))
 
     def status(self) -> dict:
         shards = {}
