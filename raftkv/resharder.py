@@ -102,6 +102,15 @@ def place(m: Any) -> tuple[str, ...]:
     return tuple(load[: m.replication])
 
 
+def _by_dest(rows: list, dest_of: Callable[[bytes], int]) -> list[tuple[int, tuple]]:
+    """``rows`` (each a key first) grouped by the shard ``dest_of`` their key goes to, in shard order, each
+    group a tuple of tuples (what an ``mv_install``/``mv_apply`` carries)."""
+    batches: dict[int, list] = {}
+    for row in rows:
+        batches.setdefault(dest_of(row[0]), []).append(tuple(row))
+    return [(d, tuple(part)) for d, part in sorted(batches.items())]
+
+
 class Resharder:
     """Runs ``shard add`` (``run``) or ``shard remove`` (``remove``) against the cluster of ``op`` (module doc)."""
 
@@ -465,9 +474,9 @@ class Resharder:
         started = time.monotonic()
         copied = size = 0
 
-        def put(batches: dict[int, list], client: Client) -> None:
-            for d, rows in sorted(batches.items()):
-                self.call(d, *install(d, revision, tuple(rows), ()), client=client)
+        def put(batches: list[tuple[int, tuple]], client: Client) -> None:
+            for d, rows in batches:
+                self.call(d, *install(d, revision, rows, ()), client=client)
 
         with self._new_client() as scanner, self._new_client() as installer, \
                 concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -478,10 +487,7 @@ class Resharder:
                 if pending is not None:
                     pending.result()
                 if items:
-                    batches: dict[int, list] = {}
-                    for item in items:
-                        batches.setdefault(dest_of(item[0]), []).append(tuple(item))
-                    pending = pool.submit(put, batches, installer)
+                    pending = pool.submit(put, _by_dest(items, dest_of), installer)
                     copied += len(items)
                     size += sum(len(k) + len(v) for k, v, _d in items)
                 if after is None:
@@ -515,11 +521,8 @@ class Resharder:
         (``mv_ttlsync``: EXPIRE and PERSIST change no revision). The rows replayed, or why not: ``"compacted"``
         (the log no longer holds every change since), ``"too many"`` deadlines for one command."""
         def apply(rows: list) -> None:
-            batches: dict[int, list] = {}
-            for row in rows:
-                batches.setdefault(dest_of(row[0]), []).append(tuple(row))
-            for d, part in sorted(batches.items()):
-                self.call(d, "mv_apply", epoch, revision, tuple(part), client=client)
+            for d, part in _by_dest(rows, dest_of):
+                self.call(d, "mv_apply", epoch, revision, part, client=client)
 
         after = since
         replayed = 0
@@ -551,11 +554,8 @@ class Resharder:
         after = None
         while True:
             items, after = self.call(source, "mv_scan", epoch, after, self.chunk, client=client)
-            batches: dict[int, list] = {}
-            for item in items:
-                batches.setdefault(dest_of(item[0]), []).append(tuple(item))
-            for dest, rows in sorted(batches.items()):
-                self.call(dest, *install(dest, revision, tuple(rows), ()), client=client)
+            for dest, rows in _by_dest(items, dest_of):
+                self.call(dest, *install(dest, revision, rows, ()), client=client)
                 keys += len(rows)
             if after is None:
                 break
