@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from jepsen_like import nemesis as nemesis_mod
 from jepsen_like import netns
 from jepsen_like.checker import LINEARIZABLE, check
 from jepsen_like.history import Event, Op, ops_from_events, parse_knossos_edn
@@ -37,6 +36,7 @@ from jepsen_like.nemesis import (
     parse_nemesis,
     partition_edges,
 )
+from jepsen_like.nemesis import disk as nemesis_disk
 from jepsen_like.report import availability_windows, check_to_dict, verdict_of
 from jepsen_like.runner import RunConfig
 from jepsen_like.soak import render, rotation, run_record, summarize
@@ -549,8 +549,8 @@ def test_disk_nemesis_fills_frees_and_restarts_only_the_nodes_it_stopped(tmp_pat
                       "mdb_txn_commit: No space left on device\n")
         return 1 << 20
 
-    monkeypatch.setattr(nemesis_mod, "fill_disk", fill)
-    monkeypatch.setattr(nemesis_mod, "free_disk", lambda path: full.discard(Path(path).name))
+    monkeypatch.setattr(nemesis_disk, "fill_disk", fill)
+    monkeypatch.setattr(nemesis_disk, "free_disk", lambda path: full.discard(Path(path).name))
     sizes = set()
     for seed in range(12):
         nem = Nemesis(cluster, random.Random(seed), clock=lambda: 0.0)

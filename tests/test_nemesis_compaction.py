@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from jepsen_like import nemesis as nemesis_mod
 from jepsen_like.nemesis import FAULT_KINDS, Nemesis, parse_nemesis
+from jepsen_like.nemesis import compaction as nemesis_compaction
 from raftkv.server.api import BadRequest, Faults
 from raftkv.server.commands.admin import cmd_fault
 
@@ -133,7 +133,7 @@ def fake_time(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     def sleep(s: float) -> None:
         now[0] += s
 
-    monkeypatch.setattr(nemesis_mod, "_sleep", sleep)
+    monkeypatch.setattr(nemesis_compaction, "_sleep", sleep)
     return now
 
 
