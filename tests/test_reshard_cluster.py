@@ -11,12 +11,14 @@ is within 1.25x of 1/3, and every shard's replicas hold the same data (HASHKV).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -174,13 +176,28 @@ def _check_after_add(lc: LocalCluster, keys: list[str], writers: list[Overwriter
         _hashkv_agree(m, s)
 
 
-def test_shard_add_moves_keys_under_writes_and_reads(tmp_path: Path) -> None:
-    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+@contextlib.contextmanager
+def _loaded_under_writes(tmp_path: Path, shards: int, count: int = 2,
+                         settle: float = 0.5) -> Iterator[tuple[LocalCluster, list[str], list[Overwriter]]]:
+    """3 nodes x ``shards`` shards, ``LOADED`` keys, ``count`` writer threads running for ``settle`` s: yields
+    ``(cluster, keys, writers)``; on a failure stops the writers and dumps the logs; stops the cluster."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=shards)
     writers: list[Overwriter] = []
     try:
         keys = _load(lc)
-        writers = _start_writers(lc, keys)
-        time.sleep(1.0)
+        writers = _start_writers(lc, keys, count=count)
+        time.sleep(settle)
+        yield lc, keys, writers
+    except BaseException:
+        _stop(writers)
+        dump_logs(LocalCluster(lc.dir))
+        raise
+    finally:
+        lc.stop()
+
+
+def test_shard_add_moves_keys_under_writes_and_reads(tmp_path: Path) -> None:
+    with _loaded_under_writes(tmp_path, shards=2, count=3, settle=1.0) as (lc, keys, writers):
         op = Operator(lc.config, timeout=30.0, say=print)
         result = Resharder(op, step_timeout=60.0, say=print).run()
         time.sleep(1.0)
@@ -194,12 +211,6 @@ def test_shard_add_moves_keys_under_writes_and_reads(tmp_path: Path) -> None:
         assert result.moved == sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
         assert result.purged == result.moved
         _check_after_add(lc, keys, writers, 3)
-    except BaseException:
-        _stop(writers)
-        dump_logs(LocalCluster(lc.dir))
-        raise
-    finally:
-        lc.stop()
 
 
 def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) -> None:
@@ -273,29 +284,30 @@ def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) ->
         lc.stop()
 
 
+def _shard_cli_killed_at(lc: LocalCluster, command: str, kill_at: str) -> None:
+    """Run ``raftkv shard COMMAND --chunk 50`` and kill -9 it at its first line of progress that starts
+    with ``kill_at`` (which it must print)."""
+    proc = subprocess.Popen([sys.executable, "-m", "raftkv", "shard", command, "--chunk", "50",
+                             "--cluster", str(lc.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line.rstrip())
+        if line.startswith(kill_at):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(10)
+    print("first run, killed:", seen)
+    assert any(line.startswith(kill_at) for line in seen), seen
+
+
 @pytest.mark.parametrize("kill_at", ["frozen:", "epoch 3: shard 2 is on the ring"], ids=["copy", "cleanup"])
 def test_shard_add_killed_is_finished_by_running_it_again(tmp_path: Path, kill_at: str) -> None:
     """kill -9 of ``raftkv shard add`` while it copies keys (or once the new map is out, as the cleanup
     starts); the next run finishes the add, under writes."""
-    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
-    writers: list[Overwriter] = []
-    try:
-        keys = _load(lc)
-        writers = _start_writers(lc, keys, count=2)
-        time.sleep(0.5)
-        proc = subprocess.Popen([sys.executable, "-m", "raftkv", "shard", "add", "--chunk", "50",
-                                 "--cluster", str(lc.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        assert proc.stdout is not None
-        seen = []
-        for line in proc.stdout:
-            seen.append(line.rstrip())
-            if line.startswith(kill_at):
-                proc.send_signal(signal.SIGKILL)  # the copy (50 keys a chunk) or the cleanup has just begun
-                break
-        proc.wait(10)
-        print("first run, killed:", seen)
-        assert any(line.startswith(kill_at) for line in seen), seen
+    with _loaded_under_writes(tmp_path, shards=2) as (lc, keys, writers):
+        _shard_cli_killed_at(lc, "add", kill_at)  # the copy (50 keys a chunk) or the cleanup has just begun
         rerun = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print)
         if kill_at == "frozen:":
             assert ShardMap.load(lc.config).adding == 2  # it died before the new ring went out
@@ -312,12 +324,6 @@ def test_shard_add_killed_is_finished_by_running_it_again(tmp_path: Path, kill_a
             result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
             assert result.shard == 3 and result.total == LOADED
             _check_after_add(lc, keys, writers, 4)
-    except BaseException:
-        _stop(writers)
-        dump_logs(LocalCluster(lc.dir))
-        raise
-    finally:
-        lc.stop()
 
 
 def test_shard_add_survives_a_source_leader_killed_mid_move(tmp_path: Path) -> None:
@@ -469,25 +475,8 @@ def test_shard_remove_killed_mid_copy_is_finished_by_running_it_again_then_a_sha
     """kill -9 of ``raftkv shard remove`` while it copies shard 2's keys (50 a chunk), under writes; running
     ``remove 2`` again finishes it, a third run says it is done, another id is refused, and ``shard add``
     brings shard 2 back (a new, empty group) with the keys the ring gives it."""
-    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=3)
-    writers: list[Overwriter] = []
-    try:
-        keys = _load(lc)
-        writers = _start_writers(lc, keys, count=2)
-        time.sleep(0.5)
-        proc = subprocess.Popen([sys.executable, "-m", "raftkv", "shard", "remove", "--chunk", "50",
-                                 "--cluster", str(lc.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        assert proc.stdout is not None
-        seen = []
-        for line in proc.stdout:
-            seen.append(line.rstrip())
-            if line.startswith("frozen:"):
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(10)
-        print("first run, killed:", seen)
-        assert any(line.startswith("frozen:") for line in seen), seen
+    with _loaded_under_writes(tmp_path, shards=3) as (lc, keys, writers):
+        _shard_cli_killed_at(lc, "remove", "frozen:")
         assert ShardMap.load(lc.config).removing == 2  # it died before the smaller map went out
         with pytest.raises(Exception, match="shard 2 is being removed"):
             Resharder(Operator(lc.config, timeout=30.0, say=print)).run()  # no add meanwhile
@@ -515,9 +504,3 @@ def test_shard_remove_killed_mid_copy_is_finished_by_running_it_again_then_a_sha
                 Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0).remove(2)
             assert (ShardMap.load(lc.config).epoch, ShardMap.load(lc.config).removing) == (epoch, None)
             c.lease_revoke(lease)
-    except BaseException:
-        _stop(writers)
-        dump_logs(LocalCluster(lc.dir))
-        raise
-    finally:
-        lc.stop()
