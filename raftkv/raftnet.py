@@ -39,9 +39,9 @@ dropped, replayed, reordered or altered record fails to open and closes the conn
 (no secret: the node then listens on loopback only, ``raftkv.security.check_bind``) records are plain.
 
 Wire format: every message on a connection is a *record*: a 4-byte big-endian length, then the body (sealed
-or plain). A record's plaintext after the handshake is zero or more *frames*: ``u32 group``, ``u32 length``,
-``pickle(message)``. The driver sends one record per connection per loop, holding every frame queued in it;
-an empty record is a heartbeat.
+or plain). A record's plaintext after the handshake is zero or more *frames*: ``u32 tag`` (the group and its
+incarnation, ``wire_tag``), ``u32 length``, ``pickle(message)``. The driver sends one record per connection
+per loop, holding every frame queued in it; an empty record is a heartbeat.
 
 Concurrency contract: after ``start`` every method is called on the one driver thread (``raftkv.driver``),
 which also runs every pysyncobj callback this module makes. Nothing here blocks: sockets are non-blocking,
@@ -167,6 +167,20 @@ class _Conn:
         return body
 
 
+def wire_tag(shard: int, incarnation: int = 0) -> int:
+    """The u32 a frame of group ``shard`` of ``incarnation`` (``ShardMap.born``) carries.
+
+    Groups of the cluster's first map (incarnation 0) carry the bare shard id, as before incarnations existed.
+    A shard removed and added again is a new group: its frames carry the incarnation in the high 16 bits, so a
+    node still running the old group (it missed the maps) can neither vote in the new one nor feed it its old
+    log, and the new one's frames do not reach the old (frames with a tag no group here has are dropped).
+    Incarnations 65,535 epochs apart share a tag.
+    """
+    if not 0 <= shard < 1 << 16:
+        raise ValueError(f"shard id {shard} out of range")
+    return shard if incarnation == 0 else shard | (((incarnation - 1) % 0xFFFF + 1) << 16)
+
+
 class MuxTransport(Transport):
     """pysyncobj ``Transport`` of one group (shard) on a ``RaftNetwork``.
 
@@ -175,10 +189,11 @@ class MuxTransport(Transport):
     """
 
     def __init__(self, network: RaftNetwork, shard: int, syncObj: Any, selfNode: Node | None,  # noqa: N803
-                 otherNodes: Iterable[Node]) -> None:  # noqa: N803 - pysyncobj's signature
+                 otherNodes: Iterable[Node], incarnation: int = 0) -> None:  # noqa: N803 - pysyncobj's signature
         super().__init__(syncObj, selfNode, otherNodes)
         self.network = network
         self.shard = shard
+        self.tag = wire_tag(shard, incarnation)
         self.nodes: dict[str, Node] = {n.id: n for n in otherNodes}
         self.reported: set[Node] = set()  # members we told pysyncobj are connected
 
@@ -203,7 +218,7 @@ class MuxTransport(Transport):
         self.network.refresh(self)
 
     def send(self, node: Node, message: Any) -> bool:
-        return self.network.send(self.shard, endpoint_of(node.id, self.shard), message)
+        return self.network.send(self.tag, endpoint_of(node.id, self.shard), message)
 
     def destroy(self) -> None:
         self.network.detach(self)
@@ -266,22 +281,22 @@ class RaftNetwork:
         self._wanted: set[str] | None = None  # peer endpoints some group has members on; None: recompute
 
     # -- groups ---------------------------------------------------------------------------------------------
-    def transport_class(self, shard: int) -> Callable[[Any, Any, Any], MuxTransport]:
-        """What to pass as pysyncobj's ``transportClass`` for group ``shard``."""
+    def transport_class(self, shard: int, incarnation: int = 0) -> Callable[[Any, Any, Any], MuxTransport]:
+        """What to pass as pysyncobj's ``transportClass`` for group ``shard`` of ``incarnation``."""
         return lambda sync_obj, self_node, other_nodes: MuxTransport(self, shard, sync_obj, self_node,
-                                                                     other_nodes)
+                                                                     other_nodes, incarnation)
 
     def attach(self, transport: MuxTransport) -> None:
-        """Route group ``transport.shard``'s frames to ``transport`` (driver thread)."""
-        if transport.shard in self.groups and self.groups[transport.shard] is not transport:
+        """Route the frames tagged ``transport.tag`` (``wire_tag``) to ``transport`` (driver thread)."""
+        if transport.tag in self.groups and self.groups[transport.tag] is not transport:
             raise ValueError(f"group {transport.shard} is already attached to this network")
-        self.groups[transport.shard] = transport
+        self.groups[transport.tag] = transport
         self.needs_sync = True
         self._wanted = None
 
     def detach(self, transport: MuxTransport) -> None:
-        if self.groups.get(transport.shard) is transport:
-            del self.groups[transport.shard]
+        if self.groups.get(transport.tag) is transport:
+            del self.groups[transport.tag]
         self.needs_sync = True
         self._wanted = None
 
@@ -296,13 +311,14 @@ class RaftNetwork:
         self.selector.register(fd, selectors.EVENT_READ, callback)
 
     # -- sending ----------------------------------------------------------------------------------------------
-    def send(self, shard: int, endpoint: str, message: Any) -> bool:
-        """Queue ``message`` for group ``shard`` on ``endpoint``; False if that node is not connected."""
+    def send(self, tag: int, endpoint: str, message: Any) -> bool:
+        """Queue ``message`` for the group tagged ``tag`` (``wire_tag``) on ``endpoint``; False if that node is
+        not connected."""
         conn = self.open.get(endpoint)
         if conn is None:
             return False
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        frame = _FRAME.pack(shard, len(data)) + data
+        frame = _FRAME.pack(tag, len(data)) + data
         # A leader's AppendEntries may leave before its own entries are durable (Raft lets the leader write its
         # log in parallel with replicating it: it counts itself only once they are, raftfix), so the follower's
         # fsync overlaps the leader's. Everything else waits for the loop's sync: votes and terms (written by
@@ -550,19 +566,19 @@ class RaftNetwork:
         view = memoryview(plaintext)
         pos = 0
         while pos < len(view):
-            shard, n = _FRAME.unpack_from(view, pos)
+            tag, n = _FRAME.unpack_from(view, pos)
             data = view[pos + _FRAME.size:pos + _FRAME.size + n]
             if len(data) != n:
                 raise ValueError("truncated frame")
             pos += _FRAME.size + n
             self.stats["frames_in"] += 1
-            transport = self.groups.get(shard)
+            transport = self.groups.get(tag)
             if transport is None:
-                continue  # a group this node does not host (yet): Raft retries
+                continue  # a group this node does not host (yet), or another incarnation of it: Raft retries
             # Safe to unpickle: the record was authenticated (or, without a secret, the node listens on
             # loopback only, as with pysyncobj's TCPTransport).
             transport.deliver(peer, pickle.loads(data))
-            active.add(shard)
+            active.add(transport.shard)
 
     # -- teardown -------------------------------------------------------------------------------------------------
     def _close(self, conn: _Conn, why: str, quiet: bool = False) -> None:

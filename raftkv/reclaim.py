@@ -49,9 +49,15 @@ CHUNK_KEYS = 2_000
 LEFTOVER_CAP = 10_000
 #: Every engine key of group G is one of these prefixes + u32 G + ...: ``H`` hard state, ``L`` log entries
 #: (raftkv.raftlog), ``M`` checkpoint metadata (raftkv.snapshot), ``D`` data keys of every generation
-#: (raftkv.kvstore).
-GROUP_PREFIXES = (b"D", b"H", b"L", b"M")
+#: (raftkv.kvstore), ``I`` the group's incarnation (``Reclaimer.adopt``).
+GROUP_PREFIXES = (b"D", b"H", b"I", b"L", b"M")
 _MARK = b"R"
+_INCARNATION = b"I"
+
+
+def incarnation_key(group: int) -> bytes:
+    """Engine key holding the incarnation (``ShardMap.born``) of the group whose data the node holds; absent: 0."""
+    return _INCARNATION + group.to_bytes(4, "big")
 
 
 def mark_key(group: int) -> bytes:
@@ -148,6 +154,43 @@ class Reclaimer:
             return any(g not in in_use for g in self._pending)
         finally:
             self._lock.release()
+
+    def incarnation(self, group: int) -> int | None:
+        """The incarnation of ``group`` whose data this engine holds (None: none recorded, i.e. 0 or no data)."""
+        value = self._engine.get(incarnation_key(group))
+        return None if value is None else int.from_bytes(value, "big")
+
+    def holds(self, group: int) -> bool:
+        """Whether the engine holds any log entry, hard state, checkpoint or data key of ``group``."""
+        g = group.to_bytes(4, "big")
+        with self._engine.read_view() as view:
+            return any(next(view.scan(p + g, p + (group + 1).to_bytes(4, "big")), None) is not None
+                       for p in GROUP_PREFIXES if p != _INCARNATION)
+
+    def adopt(self, group: int, incarnation: int) -> bool:
+        """Before a member of incarnation ``incarnation`` of ``group`` starts on this node: whatever the engine
+        holds of another incarnation (a shard removed while this node was down or cut off, then added again)
+        is reclaimed first, and the incarnation is recorded durably. True if old data was reclaimed.
+
+        A group's data is only ever that of one incarnation: a member never starts from another group's log
+        (whose terms and entries the new group's leader could take for its own).
+        """
+        with self._lock:
+            stale = False
+            if group not in self._pending and (self.incarnation(group) or 0) != incarnation and self.holds(group):
+                log.warning("event=stale_incarnation group=%d held=%s want=%d msg='reclaiming the data of an "
+                            "earlier group of this shard id before the new one starts'", group,
+                            self.incarnation(group) or 0, incarnation)
+                self.mark(group)
+                stale = True
+            self.finish(group)
+            if self.incarnation(group) != (incarnation or None):
+                if incarnation:
+                    self._engine.put(incarnation_key(group), incarnation.to_bytes(8, "big"))
+                else:
+                    self._engine.delete(incarnation_key(group))
+                self._engine.sync()
+            return stale
 
     def finish(self, group: int) -> None:
         """Reclaim ``group`` to the end now, if it is marked (before a new member of it starts here)."""

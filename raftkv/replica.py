@@ -71,6 +71,7 @@ class ShardReplica(SafeSyncObj):
         on_applied: Callable[[int], None] | None = None,
         driver: RaftDriver | None = None,
         unsafe_skip_locks: bool = False,
+        incarnation: int = 0,
     ) -> None:
         os.makedirs(data_dir, exist_ok=True)
         # The log and hard state live in the node's engine (one commit per flush for all its groups); a replica
@@ -78,6 +79,7 @@ class ShardReplica(SafeSyncObj):
         self._own_engine = engine is None
         self.engine = engine if engine is not None else Engine(os.path.join(data_dir, ENGINE_DIR))
         self.shard = shard
+        self.incarnation = incarnation  # ShardMap.born: which group of this shard id (frames tagged with it)
         self.compact_every_cmds = compact_every_cmds or COMPACT_EVERY_CMDS
         self.log_clock = LogClock()
         self._cmds_since_compaction = 0
@@ -112,9 +114,9 @@ class ShardReplica(SafeSyncObj):
             # One of many groups on the node's driver: no thread, port or flush of its own (raftkv.driver).
             conf.autoTick = False
             conf.password = None  # the network authenticates and encrypts every group's frames
-            super().__init__(self_addr, peer_addrs, conf, transportClass=driver.network.transport_class(shard),
-                             keepalive=False, deferFlush=True, wake=lambda: driver.wake(shard),
-                             journalFactory=journal)
+            transport = driver.network.transport_class(shard, incarnation)
+            super().__init__(self_addr, peer_addrs, conf, transportClass=transport, keepalive=False,
+                             deferFlush=True, wake=lambda: driver.wake(shard), journalFactory=journal)
         self._SyncObj__serializer = self.snapshots  # before the first tick, which loads the checkpoint
         self.addOnTickCallback(self._run_tick_actions)
 

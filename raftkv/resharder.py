@@ -203,7 +203,9 @@ class Resharder:
                 return ReshardResult(unfinished.dest, unfinished.epoch, 0, 0, purged, times)
             dest = m.nshards
             nodes = place(m)
-            m = dataclasses.replace(m, epoch=m.epoch + 1, adding=dest, placement={**m.placement, dest: nodes})
+            # born: a new group, never one a node may still hold from an earlier shard of this id
+            m = dataclasses.replace(m, epoch=m.epoch + 1, adding=dest, placement={**m.placement, dest: nodes},
+                                    born={**m.born, dest: m.epoch + 1})
             self._publish(m)
             self.say(f"epoch {m.epoch}: shard {dest}'s group placed on {', '.join(nodes)} (not on the ring yet)")
         else:
@@ -362,8 +364,9 @@ class Resharder:
         # Nodes take the smaller map only from the one marking the removal: give it again to any that missed it.
         self.op.push_map(verbose=False)
         placement = {s: names for s, names in self.op.map.placement.items() if s != gone}
+        born = {s: b for s, b in self.op.map.born.items() if s != gone}
         m = dataclasses.replace(self.op.map, epoch=max(epoch, self.op.map.epoch + 1), nshards=gone, removing=None,
-                                placement=placement)
+                                placement=placement, born=born)
         self._publish(m)
         times["map"] = time.monotonic() - t
         self.say(f"epoch {m.epoch}: shard {gone} removed ({gone} shard(s)); its group stops on every node")

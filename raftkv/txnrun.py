@@ -281,6 +281,28 @@ class TxnRun:
         elif op == "tx_ack" and self.phase == "ack":
             self.phase = "done"
 
+    def on_shard_gone(self, shard: int, cmd: tuple) -> None:
+        """Answer ``cmd`` for ``shard``, a shard ``raftkv shard remove`` took out of the cluster.
+
+        A removed shard refused every PREPARE from its freeze on, and handed off only once it held no lock and
+        every transaction it committed had finished on all its shards (``raftkv.reshard.home_removed``, the
+        participants' side of the same rule). So a transaction still unfinished that touches it never
+        committed: the shard votes NO, an ABORTED decision needs no record there, and nothing is left to finish
+        or acknowledge there. A COMMITTED proposal (impossible by the rule above) is left alone: the message
+        keeps failing until the coordinator's budget ends, as before.
+        """
+        op = cmd[0]
+        aborted = (ABORTED, None, None, REASON_MOVING, (), self.start_ms)
+        if op in ("tx_prepare", "tx_refuse"):
+            self.on_result(shard, cmd, ("no", REASON_MOVING, None))
+        elif op in ("tx_begin", "tx_stage"):
+            self.on_result(shard, cmd, aborted)
+        elif op in ("tx_decide", "tx_settle") and self.proposal is not None and self.proposal.outcome == ABORTED:
+            self.on_result(shard, cmd[:6] + (None,) + cmd[7:] if op == "tx_settle" else cmd,
+                           (ABORTED, None, None, self.proposal.reason, (), self.start_ms))
+        elif op in ("tx_finish", "tx_ack"):
+            self.on_result(shard, cmd, None)
+
     def _settle(self) -> None:
         """Parallel commits: a STAGING record and every vote YES is a committed transaction."""
         if self.phase != "stage" or len(self.votes) < len(self.plan.participants):

@@ -19,6 +19,10 @@ A cluster is described by one TOML file (``cluster.toml``)::
     [placement]            # optional; default below
     "0" = ["n1", "n2", "n3"]
 
+    [born]                 # only for shards `raftkv shard add` created: the epoch of the map that did
+    "3" = 12
+
+
     [nodes.n1]
     host = "127.0.0.1"
     client_port = 7001
@@ -155,6 +159,11 @@ class ShardMap:
     # ``raftkv shard remove`` under way: shard ``nshards - 1`` (the last) is still on the ring and hosted while its
     # keys move to the others; the next map has one shard less and no group for it. None otherwise.
     removing: int | None = None
+    # The epoch at which ``raftkv shard add`` created each shard's group (its *incarnation*); a shard absent
+    # here was in the cluster's first map (0). A shard removed and added again is a new group with a new
+    # incarnation: nodes never start it from the old one's data, and its Raft frames are told apart on the
+    # wire (``raftkv.raftnet.wire_tag``).
+    born: Mapping[int, int] = field(default_factory=dict)
     ring: Ring = field(init=False, compare=False, repr=False)
     _raft_addr_index: Mapping[str, str] = field(init=False, compare=False, repr=False)
 
@@ -185,10 +194,16 @@ class ShardMap:
         placement = {s: tuple(names) for s, names in self.placement.items()}
         self._check_placement(placement, nodes)
         self._check_ports(nodes)
+        born = {s: b for s, b in self.born.items() if b}
+        for s, b in born.items():
+            if s not in self.groups:
+                raise ShardMapError(f"born.{s}: shard {s} is not in the map (shards 0..{len(self.groups) - 1})")
+            _check_int(b, f"born.{s}", 1, self.epoch)
         set_ = object.__setattr__  # frozen: normalise to read-only views once, here
         set_(self, "nodes", MappingProxyType(nodes))
         set_(self, "security", MappingProxyType(dict(self.security)))
         set_(self, "placement", MappingProxyType(dict(sorted(placement.items()))))
+        set_(self, "born", MappingProxyType(dict(sorted(born.items()))))
         set_(self, "ring", Ring(range(self.nshards), self.vnodes))
         index = {n.raft_addr(s): n.name for n in nodes.values() for s in self.groups}
         set_(self, "_raft_addr_index", MappingProxyType(index))
@@ -243,6 +258,10 @@ class ShardMap:
         """Every shard id with a group: the ring's ``0..nshards-1``, and ``adding`` while a shard is added."""
         return range(self.nshards + (self.adding is not None))
 
+    def incarnation(self, shard: int) -> int:
+        """The epoch at which ``shard``'s group was created (``born``; 0: in the cluster's first map)."""
+        return self.born.get(shard, 0)
+
     def shard_for_key(self, key: bytes | str) -> int:
         """The shard owning ``key`` (consistent hashing over shards 0..nshards-1)."""
         return self.ring.shard_for(key)
@@ -293,7 +312,7 @@ class ShardMap:
 
     @classmethod
     def _from_dict(cls, d: Mapping[str, Any], base_dir: str | None) -> ShardMap:
-        _reject_unknown(d, ("cluster", "nodes", "placement", "security"), "")
+        _reject_unknown(d, ("cluster", "nodes", "placement", "security", "born"), "")
         security = dict(_table(d, "security", required=False))
         _reject_unknown(security, _SECURITY_KEYS, "security")
         for key in ("secret", "node_key", "password", "tls_cert", "tls_key"):
@@ -310,6 +329,7 @@ class ShardMap:
         nodes = {name: _node_from_dict(name, raw) for name, raw in raw_nodes.items()}
         nshards = _check_int(_required(cluster, "shards", "cluster"), "cluster.shards", 1, SHARDS_MAX)
         placement = _placement_from_dict(_table(d, "placement", required=False))
+        born = _born_from_dict(_table(d, "born", required=False))
         adding = cluster.get("adding")
         removing = cluster.get("removing")
         if "replication" in cluster:
@@ -342,6 +362,7 @@ class ShardMap:
             security=security,
             adding=adding,
             removing=removing,
+            born=born,
         )
 
     @classmethod
@@ -383,6 +404,8 @@ class ShardMap:
         lines += [
             f'"{s}" = [{", ".join(_toml_str(n) for n in names)}]' for s, names in self.placement.items()
         ]
+        if self.born:
+            lines += ["", "[born]"] + [f'"{s}" = {b}' for s, b in self.born.items()]
         for info in sorted(self.nodes.values(), key=lambda n: n.name):
             lines += ["", f"[nodes.{_toml_key(info.name)}]", f"host = {_toml_str(info.host)}"]
             lines += [f"client_port = {info.client_port}", f"raft_port = {info.raft_port}"]
@@ -469,6 +492,17 @@ def _placement_from_dict(raw: Mapping[str, Any]) -> dict[int, tuple[str, ...]]:
             raise ShardMapError(f"placement.{key} must be a list of node names, got {names!r}")
         placement[int(key)] = tuple(names)
     return placement
+
+
+def _born_from_dict(raw: Mapping[str, Any]) -> dict[int, int]:
+    born: dict[int, int] = {}
+    for key, epoch in raw.items():
+        if not re.fullmatch(r"[0-9]+", key):
+            raise ShardMapError(f'born key {key!r} must be a shard id such as "3"')
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise ShardMapError(f"born.{key} must be an epoch (an integer), got {epoch!r}")
+        born[int(key)] = epoch
+    return born
 
 
 # -- TOML writing helpers (a tiny subset: strings, ints, string arrays) ----------

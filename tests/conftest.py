@@ -15,7 +15,8 @@ from typing import Any, NoReturn
 import pytest
 
 from raftkv import Client, IndeterminateError, RaftKVError
-from raftkv.cluster import LocalCluster
+from raftkv.cluster import LocalCluster, call
+from shards.shardmap import ShardMap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -204,3 +205,21 @@ def writers_running(lc: LocalCluster, count: int) -> Iterator[list[PutWriter]]:
             w.stop.set()
         for w in writers:
             w.join(30)
+
+
+def replicas_agree(m: ShardMap, shard: int, timeout: float = 20.0) -> None:
+    """Every replica of ``shard`` in map ``m`` reaches one revision with one digest (``RAFTKV.HASHKV``);
+    fails on two digests at one revision (diverged replicas) or when they never meet within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answers = {}
+        for name in m.placement[shard]:
+            try:
+                answers[name] = tuple(call(m.nodes[name].client_addr, "RAFTKV.HASHKV", str(shard), timeout=10.0))
+            except (OSError, RaftKVError) as e:  # a node still starting, or its member not yet built
+                answers[name] = (None, str(e))
+        if len({a[0] for a in answers.values()}) == 1 and None not in {a[0] for a in answers.values()}:
+            assert len({a[1] for a in answers.values()}) == 1, f"shard {shard}: replicas diverged: {answers}"
+            return
+        assert time.monotonic() < deadline, f"shard {shard}: replicas never at one revision: {answers}"
+        time.sleep(0.2)

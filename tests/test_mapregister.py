@@ -92,6 +92,36 @@ def _wait_epoch(lc: LocalCluster, name: str, epoch: int, timeout: float = 30.0) 
         time.sleep(0.2)
 
 
+def test_a_node_with_no_replica_left_takes_a_removal_it_missed_from_the_register_not_from_a_push() -> None:
+    """A node added --empty (no replica yet) that missed the map marking shard 2's removal: a pushed 2-shard map
+    could be a wrong shrink (nothing on the node shows the removal done), but the register holds the smaller
+    map only once the removal is over, so the poll installs it."""
+    import asyncio
+    import dataclasses
+    from types import SimpleNamespace
+
+    from raftkv.protocol import Error
+    from raftkv.server.commands.member import _poll_map, cmd_map
+    from shards.shardmap import local_cluster
+
+    old = dataclasses.replace(local_cluster(4, 3, base_port=7001), placement={
+        s: ("n1", "n2", "n3") for s in range(3)})
+    removed = dataclasses.replace(local_cluster(4, 2, base_port=7001), epoch=3, placement={
+        s: ("n1", "n2", "n3") for s in range(2)})
+    installed: list[int] = []
+
+    async def execute(shard: int, cmd: tuple, read: bool = False) -> tuple[int, str]:
+        assert (shard, cmd, read) == (0, ("map_get",), True)
+        return (removed.epoch, removed.to_toml())
+
+    node = SimpleNamespace(name="n4", map=old, replicas={}, execute=execute,
+                           install_map=lambda m: installed.append(m.epoch))
+    refused = cmd_map(node, None, [b"RAFTKV.MAP", removed.to_toml().encode()])  # type: ignore[arg-type]
+    assert isinstance(refused, Error) and "cannot shrink" in refused.message and installed == []
+    asyncio.run(_poll_map(node))  # type: ignore[arg-type]
+    assert installed == [3]
+
+
 def test_the_cluster_map_is_changed_by_compare_and_set_and_learnt_by_every_node(tmp_path: Path) -> None:
     lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
     try:

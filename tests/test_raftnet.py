@@ -14,7 +14,7 @@ from pysyncobj.node import Node
 
 from raftkv.driver import RaftDriver
 from raftkv.engine import Engine
-from raftkv.raftnet import MuxTransport, RaftNetwork, endpoint_of, member_id
+from raftkv.raftnet import _FRAME, MuxTransport, RaftNetwork, endpoint_of, member_id, wire_tag
 from raftkv.replica import APPLIED, ShardReplica
 
 KEY = b"test-cluster-key"
@@ -139,6 +139,35 @@ def test_a_groups_transport_takes_appendentries_from_a_non_member_and_nothing_el
         transport.deliver(stranger, {"type": mtype, "term": 5})
     transport.deliver("127.0.0.2:9000", {"type": "request_vote", "term": 5})
     assert got == [(member_id(stranger, 1), "append_entries"), (member.id, "request_vote")]
+
+
+def test_frames_reach_only_the_incarnation_of_a_shard_they_were_sent_by() -> None:
+    """A shard removed and added again is a new group (``ShardMap.born``): a node still running the old one
+    must not vote in it or feed it the old log, so each incarnation's frames carry a tag of their own."""
+    import pickle
+    from types import SimpleNamespace
+
+    assert wire_tag(3) == 3  # groups of the first map: the bare shard id, as before incarnations existed
+    tags = {wire_tag(3, born) for born in (0, 4, 5, 65535, 65536)}
+    assert len(tags) == 5 and all(t & 0xFFFF == 3 for t in tags)
+    network = RaftNetwork("127.0.0.1", 1, cluster="t", key=KEY, encrypt=True)  # never started
+    try:
+        new = network.transport_class(3, 5)(None, None, [])
+        network.attach(new)
+        got: list[Any] = []
+        new.deliver = lambda endpoint, message: got.append(message)  # type: ignore[method-assign]
+
+        def frame(tag: int, message: Any) -> bytes:
+            data = pickle.dumps(message)
+            return _FRAME.pack(tag, len(data)) + data
+
+        active: set[int] = set()
+        conn = SimpleNamespace(peer="127.0.0.2:9000")
+        network._on_record(conn, frame(wire_tag(3), "old group") + frame(wire_tag(3, 5), "new group"),
+                           active)  # type: ignore[arg-type]
+        assert got == ["new group"] and active == {3}
+    finally:
+        network.close()
 
 
 def test_groups_elect_and_commit_over_one_connection_per_peer(three: list[_Node]) -> None:

@@ -21,7 +21,7 @@ from raftkv.kvstore import data_prefix, pack
 from raftkv.membership import Operator
 from raftkv.raftlog import _hard_key, _log_key
 from raftkv.rebalance import Rebalancer
-from raftkv.reclaim import Reclaimer, group_ranges, mark_key
+from raftkv.reclaim import Reclaimer, group_ranges, incarnation_key, mark_key
 from raftkv.replica import ShardReplica
 from raftkv.snapshot import meta_key
 from shards.shardmap import ShardMap
@@ -61,6 +61,30 @@ def test_the_ranges_cover_every_key_a_group_stores_and_no_other_groups() -> None
         assert sum(lo <= key < hi for lo, hi in group_ranges(5)) == 1, key
         assert not any(lo <= key < hi for g in (4, 6) for lo, hi in group_ranges(g)), key
     assert not any(lo <= mark_key(5) < hi for lo, hi in group_ranges(5))  # the mark outlives the data
+
+
+def test_a_member_never_starts_from_the_data_of_another_incarnation_of_its_shard(tmp_path: Path) -> None:
+    """``adopt`` before a member starts: data recorded for another incarnation (``ShardMap.born``) of the shard
+    id is reclaimed and the new incarnation recorded durably; data of the same incarnation stays."""
+    engine = _engine(tmp_path)
+    for group in (2, 3):
+        _fill(engine, group, data_keys=50, log_entries=10)
+    rc = Reclaimer(engine)
+    stored = _keys_of(engine, 3)
+    assert rc.holds(3) and rc.incarnation(3) is None  # data of before incarnations: incarnation 0
+    assert rc.adopt(3, 0) is False and _keys_of(engine, 3) == stored  # the same group: kept
+    others = {k: v for k, v in _everything(engine).items() if not any(lo <= k < hi for lo, hi in group_ranges(3))}
+    assert rc.adopt(3, 7) is True  # removed and added again while this node held the old group's data
+    assert not rc.holds(3) and rc.incarnation(3) == 7 and rc.pending() == []
+    assert {k: v for k, v in _everything(engine).items() if k != incarnation_key(3)} == others  # group 2 intact
+    _fill(engine, 3, data_keys=5, log_entries=2)  # the new member's own data
+    engine.close()
+    engine = _engine(tmp_path)  # the record is durable
+    rc = Reclaimer(engine)
+    assert rc.incarnation(3) == 7 and rc.adopt(3, 7) is False and rc.holds(3)
+    assert rc.adopt(3, 9) is True and rc.incarnation(3) == 9 and not rc.holds(3)
+    assert rc.adopt(3, 0) is False and rc.incarnation(3) is None  # nothing held: only the record changes
+    engine.close()
 
 
 def test_a_group_is_deleted_in_chunks_and_other_groups_are_untouched(tmp_path: Path) -> None:

@@ -82,3 +82,46 @@ def test_the_leaders_error_is_the_answer_when_no_earlier_attempt_may_have_applie
 def test_a_write_applied_on_a_retry_answers_its_result() -> None:
     reply = run(ScriptedRouter([Error("UNKNOWN", "leader changed"), b"OK"]))
     assert reply == b"OK"
+
+
+def test_commands_waiting_on_a_group_that_stops_here_are_answered_at_once() -> None:
+    """A group stopped on this node (a removed shard, a replica moved off) never calls back the commands it was
+    given: they are answered when the router drops it, not at their request timeout (seen: writes held 5 s
+    during ``raftkv shard remove``). A proposed write may still commit elsewhere: unknown; a read did not
+    happen: not applied. Commands arriving afterwards are answered the same way at once."""
+    from raftkv.replica import NOT_APPLIED, UNKNOWN
+    from raftkv.server.batch import Proposer, Reader
+
+    class Silent:  # a replica whose answers never come
+        shard = 2
+
+        def log_now_ms(self) -> int:
+            return 0
+
+        def propose(self, cmds: list, now_ms: int, done: Any) -> None:
+            pass
+
+        def read_barrier(self, confirmed: Any) -> None:
+            pass
+
+    async def scenario() -> tuple[Any, ...]:
+        loop = asyncio.get_running_loop()
+        node = SimpleNamespace(name="n3", replicas={}, limits=SimpleNamespace(batch_cmds_max=10),
+                               metrics=SimpleNamespace(proposals=None), timing=Timing())
+        router = Router(node)  # type: ignore[arg-type]
+        router.loop = loop
+        router.proposers[2] = Proposer(Silent(), loop, 10)  # type: ignore[arg-type]
+        router.readers[2] = Reader(Silent(), loop, 10)  # type: ignore[arg-type]
+        write = router.proposers[2].submit(("set", b"k", b"v"))
+        read = router.readers[2].submit(("get", b"k"))
+        queued = router.proposers[2].submit(("set", b"k", b"w"))  # not yet handed to the replica
+        await asyncio.sleep(0)  # this turn's batch goes to the replica
+        stale_proposer = router.proposers[2]
+        router.drop(2)
+        later = stale_proposer.submit(("set", b"k", b"x"))
+        return write.done() and write.result(), read.done() and read.result(), queued.result(), later.result()
+
+    write, read, queued, later = asyncio.run(scenario())
+    assert write[0] == UNKNOWN and "stopped on node n3" in write[1]
+    assert read[0] == NOT_APPLIED
+    assert queued[0] == UNKNOWN and later[0] == UNKNOWN

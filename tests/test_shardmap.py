@@ -377,6 +377,23 @@ def test_a_removal_mark_round_trips_and_only_the_last_shard_can_be_marked() -> N
         dataclasses.replace(local_cluster(3, 1, base_port=7001), removing=0)  # the only shard
 
 
+def test_born_records_the_epoch_an_added_shard_was_created_and_round_trips() -> None:
+    m = local_cluster(3, 2, base_port=7001)
+    assert m.incarnation(0) == m.incarnation(1) == 0 and "[born]" not in m.to_toml()  # files of before
+    grown = dataclasses.replace(m, epoch=5, nshards=3, placement={**m.placement, 2: ("n1", "n2", "n3")},
+                                born={2: 4})
+    assert grown.incarnation(2) == 4 and grown.incarnation(0) == 0
+    assert ShardMap.from_dict(tomllib.loads(grown.to_toml())) == grown
+    with pytest.raises(ShardMapError, match=r"born\.3: shard 3 is not in the map"):
+        dataclasses.replace(grown, born={3: 4})
+    with pytest.raises(ShardMapError, match=r"born\.2 must be in 1\.\.5"):
+        dataclasses.replace(grown, born={2: 6})  # created after the map that holds it: impossible
+    d = tomllib.loads(grown.to_toml())
+    d["born"] = {"x": 1}
+    with pytest.raises(ShardMapError, match="born key 'x' must be a shard id"):
+        ShardMap.from_dict(d)
+
+
 def test_a_node_takes_a_smaller_map_only_from_one_marking_that_removal() -> None:
     from raftkv.server.commands.member import shrink_allowed
 

@@ -18,6 +18,7 @@ from raftkv.txn import (
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
+    REASON_MOVING,
     REASON_REFUSED,
     REASON_TIMEOUT,
     REASON_TOOBIG,
@@ -277,6 +278,49 @@ def test_run_aborts_on_first_no_and_on_expiry() -> None:
     run3.on_result(0, run3.commands()[0][1], (PENDING, None, None, "", (0, 1)))
     run3.expire()
     assert run3.proposal.reason == REASON_TIMEOUT
+
+
+def _answer_gone(run: TxnRun, gone: int) -> list[tuple[int, tuple]]:
+    """What the coordinator does (``coordinator._commands``): answer the messages for a removed shard, until
+    the run has messages for live shards only."""
+    for _ in range(8):
+        phase, cmds = run.phase, run.commands()
+        for s, c in cmds:
+            if s == gone:
+                run.on_shard_gone(s, c)
+        if run.phase == phase:
+            return [(s, c) for s, c in cmds if s != gone]
+    raise AssertionError("the run never settled")
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "classic"])
+def test_a_run_whose_home_was_removed_aborts_and_releases_its_other_shards(parallel: bool) -> None:
+    """Home shard 2 was removed (``raftkv shard remove``) while a run had prepared shard 0: the removed shard
+    votes NO and needs no record, so the run finishes ABORTED at shard 0 (releasing its lock) and ends, instead
+    of resending to shard 2 until its budget runs out."""
+    plan = plan_txn("t", [], [("put", b"c", b"1"), ("put", b"a", b"1")], [], SHARD.__getitem__)
+    assert plan.home == 2 and plan.participants == (0, 2)
+    run = TxnRun.parallel(plan, T0) if parallel else TxnRun(plan)
+    if not parallel:
+        run.on_result(2, run.commands()[0][1], (PENDING, None, None, "", (0, 2), T0))  # begun before the freeze
+    prepare = next(c for s, c in run.commands() if s == 0)
+    run.on_result(0, prepare, ("yes", True, (True,), ()))  # shard 0 holds its lock
+    left = _answer_gone(run, 2)
+    assert run.phase == "finish" and [(s, c[0], c[2]) for s, c in left] == [(0, "tx_finish", ABORTED)]
+    assert run.answer is not None and run.answer[0] == ABORTED
+    assert abort_for(("no", REASON_MOVING, None)).reason == REASON_MOVING  # the client retries (-MOVING)
+    run.on_result(0, left[0][1], None)
+    assert _answer_gone(run, 2) == [] and run.phase == "done"
+
+
+def test_a_committed_proposal_is_never_settled_for_a_removed_home() -> None:
+    plan = plan_txn("t", [], [("put", b"c", b"1"), ("put", b"a", b"1")], [], SHARD.__getitem__)
+    run = TxnRun(plan)
+    run.on_result(2, run.commands()[0][1], (PENDING, None, None, "", (0, 2), T0))
+    for s, c in run.commands():
+        run.on_result(s, c, ("yes", True, (True,), ()))
+    assert run.phase == "decide" and run.proposal.outcome == COMMITTED
+    assert [s for s, _ in _answer_gone(run, 2)] == [] and run.phase == "decide"  # left as it was
 
 
 # -- the simulation: several shards, lossy messages, coordinator crashes, leader restarts ---

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from raftkv.replica import APPLIED, NOT_APPLIED, ShardReplica
+from raftkv.replica import APPLIED, NOT_APPLIED, UNKNOWN, ShardReplica
 
 # (kind, result-or-reason), set on each command's future
 Outcome = tuple[str, Any]
@@ -29,11 +29,16 @@ class Proposer:
         self.loop = loop
         self.batch_max = batch_max
         self.pending: list[tuple[tuple, asyncio.Future]] = []
+        self.inflight: set[asyncio.Future] = set()  # handed to the replica, not answered yet
         self.scheduled = False
+        self.closed: tuple[str, str] | None = None
 
     def submit(self, cmd: tuple) -> asyncio.Future:
         """A future of ``(kind, result)`` for ``cmd``, proposed with this turn's batch."""
         fut = self.loop.create_future()
+        if self.closed is not None:
+            fut.set_result(self.closed)
+            return fut
         self.pending.append((cmd, fut))
         if not self.scheduled:
             self.scheduled = True
@@ -46,6 +51,9 @@ class Proposer:
             batch, self.pending = self.pending[: self.batch_max], self.pending[self.batch_max:]
             cmds = [c for c, _ in batch]
             futs = [f for _, f in batch]
+            for f in futs:
+                self.inflight.add(f)
+                f.add_done_callback(self.inflight.discard)
 
             def done(kind: str, res: Any, futs: list = futs) -> None:
                 if self.outcomes is not None:
@@ -56,6 +64,14 @@ class Proposer:
 
     def _send(self, cmds: list, done: Callable[[str, Any], None]) -> None:
         self.replica.propose(cmds, self.replica.log_now_ms(), done)
+
+    def close(self, reason: str) -> None:
+        """The group stopped on this node (event loop only): its callbacks will never come, so every command
+        still waiting is answered now, instead of at its request timeout. A proposed command may still commit
+        through the group's other members (a replica moved off a leader): its outcome is unknown."""
+        self.closed = (UNKNOWN, reason)
+        _resolve([f for _, f in self.pending] + list(self.inflight), *self.closed)
+        self.pending = []
 
 
 class Reader(Proposer):
@@ -78,6 +94,12 @@ class Reader(Proposer):
                 done(NOT_APPLIED, reason)  # the read did not happen; safe to retry
 
         replica.read_barrier(confirmed)
+
+    def close(self, reason: str) -> None:
+        """As ``Proposer.close``, but a read that was not answered did not happen: safe to run elsewhere."""
+        self.closed = (NOT_APPLIED, reason)
+        _resolve([f for _, f in self.pending] + list(self.inflight), *self.closed)
+        self.pending = []
 
 
 def _resolve(futs: list[asyncio.Future], kind: str, res: Any) -> None:

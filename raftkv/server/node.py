@@ -154,18 +154,21 @@ class Node:
         """Build this node's member of ``shard``'s group (peers: the map's other replicas) and tick it.
 
         A member this node hosted before and stopped starts clean, as a new member: whatever of its old data is
-        still being reclaimed is deleted first (it never starts from those leftovers).
+        still being reclaimed is deleted first (it never starts from those leftovers), and so is data of an
+        earlier group of the same shard id (``ShardMap.born``: the shard was removed and added again while this
+        node was down or cut off).
         """
-        if shard in self.reclaimer.pending():
-            t0 = time.perf_counter()
-            self.reclaimer.finish(shard)
+        t0 = time.perf_counter()
+        pending = shard in self.reclaimer.pending()
+        incarnation = self.map.incarnation(shard)
+        if self.reclaimer.adopt(shard, incarnation) or pending:
             log.info("event=reclaim_finished_before_start shard=%d ms=%.1f", shard, (time.perf_counter() - t0) * 1000)
         peers = [n.raft_addr(shard) for n in self.map.replicas(shard) if n.name != self.name]
         replica = ShardReplica(
             shard, self.info.raft_addr(shard), peers, self._group_dir(shard),
             on_role_change=self._role_changed, conf_overrides=self._raft_overrides,
             compact_every_cmds=self._compact_every_cmds, engine=self.engine, on_applied=self.feed.applied,
-            driver=self.driver, unsafe_skip_locks=self.unsafe_skip_locks)
+            driver=self.driver, unsafe_skip_locks=self.unsafe_skip_locks, incarnation=incarnation)
         self._replicas[shard] = replica
         self.leader_changes.setdefault(shard, collections.deque(maxlen=64))
         self.metrics.leader_changes.labels(str(shard))  # export 0 before the first change
@@ -430,6 +433,13 @@ class Node:
         # group (RAFTKV.MEMBER ADD on its leader) before pushing the map that places the shard here, and
         # removes it from the group before pushing the map that no longer does.
         want = set(new.shards_on(self.name))
+        # A group of an earlier incarnation of a shard id that this node still runs (it missed the maps that
+        # removed the shard and added it again): stopped and reclaimed, and the new group started from nothing.
+        renewed = sorted(s for s in want & set(self._replicas) if self._replicas[s].incarnation != new.incarnation(s))
+        for shard in renewed:
+            log.warning("event=group_renewed node=%s shard=%d incarnation=%d was=%d", self.name, shard,
+                        new.incarnation(shard), self._replicas[shard].incarnation)
+            self._stop_replica(shard)
         started = sorted(want - set(self._replicas))
         stopped = sorted(set(self._replicas) - want)
         for shard in started:

@@ -110,9 +110,12 @@ class Router:
         self.readers[shard] = Reader(replica, self.loop, limit)
 
     def drop(self, shard: int) -> None:
-        """Forget ``shard``'s batchers (its group stopped here): its commands go to its leader's node."""
-        self.proposers.pop(shard, None)
-        self.readers.pop(shard, None)
+        """Forget ``shard``'s batchers (its group stopped here): its commands go to its leader's node, and those
+        waiting on this node's member are answered now (they would wait for their request timeout)."""
+        for batchers in (self.proposers, self.readers):
+            batcher = batchers.pop(shard, None)
+            if batcher is not None:
+                batcher.close(f"shard {shard}'s group stopped on node {self.node.name}")
 
     # -- leaders ----------------------------------------------------------------------------
     def leader_node(self, shard: int) -> str | None:

@@ -101,15 +101,21 @@ def parse_map(text: bytes | str, where: str) -> ShardMap | Error:
         return Error("ERR", f"{where}: {e}")
 
 
-def map_refusal(node: NodeAPI, new: ShardMap, where: str) -> Error | None:
-    """Why this node will not take ``new`` as its map (whatever its epoch); None: it may."""
+def map_refusal(node: NodeAPI, new: ShardMap, where: str, from_register: bool = False) -> Error | None:
+    """Why this node will not take ``new`` as its map (whatever its epoch); None: it may.
+
+    ``from_register``: ``new`` was read from the cluster's map register (a linearizable read on shard 0, or this
+    node's own replica of it), where ``raftkv shard remove`` writes the smaller map only after the keys moved.
+    """
     # The shard count changes only through `raftkv shard add|remove` (raftkv.reshard): an add installs the map
     # that places the new shard's group, then the one whose ring includes it; a removal the map that marks the
-    # last shard as being removed, then (its keys moved) the one without it. So a map with fewer shards is
-    # taken only once the removal of exactly the shard it drops was marked (shrink_allowed).
+    # last shard as being removed, then (its keys moved) the one without it. So a pushed map with fewer shards
+    # is taken only once the removal of exactly the shard it drops was marked (shrink_allowed). The register
+    # holds only maps whose removal is over, so a node that missed the marking map (one with no replica left to
+    # show the removal done, e.g. added --empty) takes the smaller map from it.
     if new.vnodes != node.map.vnodes:
         return Error("ERR", f"{where}: vnodes cannot change")
-    if new.nshards < node.map.nshards:
+    if new.nshards < node.map.nshards and not from_register:
         opened = [(r.state.owner.nshards, r.state.owner.epoch) for r in list(node.replicas.values())
                   if r.state.owner is not None and r.state.move is None]
         if not shrink_allowed(node.map, new, opened):
@@ -121,9 +127,9 @@ def map_refusal(node: NodeAPI, new: ShardMap, where: str) -> Error | None:
     return None
 
 
-def adopt_map(node: NodeAPI, new: ShardMap, where: str) -> Error | None:
-    """Install ``new`` if it is newer than the node's map and acceptable; None, or why not."""
-    refused = map_refusal(node, new, where)
+def adopt_map(node: NodeAPI, new: ShardMap, where: str, from_register: bool = False) -> Error | None:
+    """Install ``new`` if it is newer than the node's map and acceptable (``map_refusal``); None, or why not."""
+    refused = map_refusal(node, new, where, from_register)
     if refused is None and new.epoch > node.map.epoch:
         node.install_map(new)
     return refused
@@ -151,7 +157,8 @@ async def _poll_map(node: NodeAPI) -> None:
         reg = await node.execute(mapregister.MAP_SHARD, ("map_get",), read=True)
     if isinstance(reg, (tuple, list)) and len(reg) == 2 and reg[0] > node.map.epoch:  # the codec makes lists
         new = parse_map(reg[1], "the cluster's map register")
-        refused = new if isinstance(new, Error) else adopt_map(node, new, "the cluster's map register")
+        refused = new if isinstance(new, Error) else adopt_map(node, new, "the cluster's map register",
+                                                               from_register=True)
         if refused is not None:
             log.warning("event=map_not_installed node=%s epoch=%d reason=%s", node.name, reg[0], refused.message)
 
