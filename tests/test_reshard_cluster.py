@@ -32,7 +32,7 @@ from raftkv.resharder import Resharder
 from shards.ring import DEFAULT_VNODES, Ring
 from shards.shardmap import ShardMap
 
-from .conftest import dump_logs, start_cluster
+from .conftest import dump_logs, replicas_agree, start_cluster
 
 LOADED = 3000
 
@@ -98,20 +98,6 @@ class Overwriter(threading.Thread):
         self.client.close()
 
 
-def _hashkv_agree(m: ShardMap, shard: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        answers = {}
-        for name in m.placement[shard]:
-            rev, digest = call(m.nodes[name].client_addr, "RAFTKV.HASHKV", str(shard), timeout=10.0)
-            answers[name] = (rev, digest)
-        if len({a[0] for a in answers.values()}) == 1:
-            assert len({a[1] for a in answers.values()}) == 1, f"shard {shard}: replicas diverged: {answers}"
-            return
-        assert time.monotonic() < deadline, f"shard {shard}: replicas never at one revision: {answers}"
-        time.sleep(0.2)
-
-
 def _shard_key_counts(m: ShardMap) -> dict[int, int]:
     """Keys each shard's leader holds (moved-away keys not yet deleted included)."""
     import json
@@ -173,7 +159,7 @@ def _check_after_add(lc: LocalCluster, keys: list[str], writers: list[Overwriter
     # every key is readable (above), so the counts adding up to the number of keys means none is stored twice
     assert sum(counts.values()) == len(keys), f"a key is stored on two shards: {counts}"
     for s in range(shards):
-        _hashkv_agree(m, s)
+        replicas_agree(m, s)
 
 
 @contextlib.contextmanager
