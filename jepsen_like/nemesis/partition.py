@@ -80,7 +80,9 @@ class PartitionFaults(NemesisBase):
         leader = None
         if shape == "isolate-leader" or (shape == "halves" and self.rng.random() < 0.5):
             leader = self._leaders().get(self.rng.randrange(self.cluster.map.nshards))
-        edges, groups, detail = partition_edges(shape, self.nodes, self.rng, leader)
+        # A node the reshard nemesis added (and will remove) is cut like the run's own: it hosts replicas too.
+        nodes = [*self.nodes, *sorted(n for n in self.cluster.map.nodes if n not in self.nodes)]
+        edges, groups, detail = partition_edges(shape, nodes, self.rng, leader)
         f = Fault("partition", f"{shape}: {detail}", sorted({n for e in edges for n in e}),
                   self.clock(), groups=groups)
         for a, b in edges:
