@@ -324,8 +324,7 @@ def restore(path: str | os.PathLike, directory: str | os.PathLike, config: str |
         lc.wait_ready(timeout)
         with Client(cluster=lc.config, timeout=timeout) as c:
             for s in range(target.nshards):
-                _check, _prep, keys, _rev = c._request(
-                    s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"], write=False)
+                keys = c._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"], write=False)[2]
                 if keys:
                     raise BackupError(f"shard {s} of the target cluster already holds {keys} keys")
             for s in range(target.nshards):
@@ -334,8 +333,8 @@ def restore(path: str | os.PathLike, directory: str | os.PathLike, config: str |
                     block = encode_block(s, revision, batch)
                     c._request(s, [b"RAFTKV.BACKUP", b"LOAD", str(s).encode(), str(revision).encode(), block],
                                write=False)
-                _a, _p, keys, rev = c._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"],
-                                               write=False)
+                keys, rev = c._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"],
+                                       write=False)[2:4]
                 if keys != len(rows) or rev < revision:
                     raise BackupError(f"shard {s}: after loading, {keys} keys / revision {rev}; expected "
                                       f"{len(rows)} keys / revision >= {revision}")
