@@ -23,6 +23,31 @@ the shard leaders with ``RAFTKV.BACKUP`` (below):
    so "still up" proves no PREPARE was accepted on that shard at any time
    between step 1 and step 3.  Then the fences are lifted and the file written.
 
+Shard moves (``raftkv shard add|remove``, ``raftkv.reshard``) change which
+shard holds a key while the cluster serves, so a backup either sees none of a
+move or is refused, never silently wrong:
+
+* the client starts from the nodes' newest map; one that marks a shard being
+  added or removed is refused at once;
+* ``bk_fence`` is refused (``-SHARDMOVE``) on a shard with a move under way;
+* a dump holds only the keys its shard serves (``backup_state.owned_rows``), so
+  keys a finished move's cleanup has not deleted yet never enter a backup;
+* each fence remembers the shard's ``(owner, move)``; the dump and step 3
+  refuse if it changed (a move started or ended there during the backup), and
+  step 3 also requires every shard's own ring (the one it serves under since
+  its last move) to be the map's, and the nodes' map after the backup to have
+  the same shards and vnodes as the one the backup used.
+
+Together: every shard was dumped under the ring of the map in the header, with
+no move started or ended on it between its fence and its check, so each key is
+in exactly one shard's dump, its owner's.  These refusals raise a
+``BackupError`` with ``retryable`` set: nothing was written, run the backup
+again once the move is over.  The CLI fails at once rather than waiting: a
+move takes as long as its copy (minutes for millions of keys) and one that
+failed half-way stays until an operator runs it again, so a bounded wait would
+mostly just delay the same error; a scheduler retries on the CLI's exit status
+75.  Moves are never held up by a backup (``raftkv.backup_state``).
+
 Why no transaction is half in the backup: a cross-shard transaction T commits
 only after every participant voted YES at PREPARE, and (step 3) no shard
 accepted a PREPARE between its fence and the end of the backup, so every
@@ -79,7 +104,45 @@ _U64 = struct.Struct(">Q")
 
 
 class BackupError(Exception):
-    """A backup could not be taken, or a backup file is unusable; the message says why."""
+    """A backup could not be taken, or a backup file is unusable; the message says why.
+
+    ``retryable``: nothing was written and the same backup can succeed later (a shard move was under way,
+    or a fence lapsed): run it again."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def map_move(m: Any) -> str | None:
+    """Why a map ``m`` marking a shard being added or removed cannot be backed up now; None: it can."""
+    if m.adding is not None:
+        return (f"shard {m.adding} is being added (map epoch {m.epoch}); nothing was written: run the backup "
+                "after the add (if it stopped half-way, run 'raftkv shard add' again to finish it)")
+    if m.removing is not None:
+        return (f"shard {m.removing} is being removed (map epoch {m.epoch}); nothing was written: run the backup "
+                f"after the removal (if it stopped half-way, run 'raftkv shard remove {m.removing}' again)")
+    return None
+
+
+def check_shard(s: int, reply: list, m: Any, fence_ttl_s: float) -> None:
+    """Step 3 for shard ``s``: raise ``BackupError`` unless its ``RAFTKV.BACKUP CHECK`` ``reply`` shows the
+    fence still up, no move started or ended there since, and the shard serving under the ring of ``m``."""
+    if len(reply) < 7:
+        raise BackupError(f"shard {s}: its leader does not report shard moves (an older raftkv); nothing was "
+                          "written: upgrade every node, then run the backup again")
+    active, _prepared, _keys, _rev, unchanged, ring_shards, ring_vnodes = reply[:7]
+    if not active:
+        raise BackupError(f"shard {s}: the backup fence lapsed before the backup finished (fence TTL "
+                          f"{fence_ttl_s:g} s); nothing was written, run the backup again with a larger "
+                          "--fence-ttl", retryable=True)
+    if not unchanged:
+        raise BackupError(f"shard {s}: a shard move started or ended on it during the backup; nothing was "
+                          "written: run the backup again after the move", retryable=True)
+    if ring_shards and (ring_shards, ring_vnodes) != (m.nshards, m.vnodes):
+        raise BackupError(f"shard {s} serves a ring of {ring_shards} shards (vnodes {ring_vnodes}), the map this "
+                          f"backup used {m.nshards} (vnodes {m.vnodes}, epoch {m.epoch}): a shard was added or "
+                          "removed; nothing was written: run the backup again", retryable=True)
 
 
 # -- shard blocks: a small, safe binary format (never pickle from a file) -----------------
@@ -132,7 +195,11 @@ def take_backup(client: Any, path: str | os.PathLike, fence_ttl_s: float = DEFAU
     """Write an online, consistent backup of every shard to ``path``; returns the header."""
     from raftkv.client import RaftKVError
 
+    client._reload_map()  # the nodes' newest map: a cluster file may predate a shard add or removal
     m = client.map
+    why = map_move(m)
+    if why is not None:
+        raise BackupError(f"backup refused: {why}", retryable=True)
     bid = uuid.uuid4().hex
     ttl = str(int(fence_ttl_s * 1000)).encode()
     say = log or (lambda _msg: None)
@@ -141,7 +208,14 @@ def take_backup(client: Any, path: str | os.PathLike, fence_ttl_s: float = DEFAU
     fenced: list[int] = []
     try:
         for s in range(m.nshards):
-            client._request(s, [b"RAFTKV.BACKUP", b"FENCE", str(s).encode(), bid.encode(), ttl], write=False)
+            try:
+                client._request(s, [b"RAFTKV.BACKUP", b"FENCE", str(s).encode(), bid.encode(), ttl], write=False,
+                                final=("SHARDMOVE",))
+            except RaftKVError as e:
+                if e.code != "SHARDMOVE":
+                    raise
+                raise BackupError(f"backup refused, nothing was written: shard {s}: {e.message}",
+                                  retryable=True) from None
             fenced.append(s)
         say(f"fence {bid} up on {m.nshards} shard(s)")
         for s in range(m.nshards):
@@ -149,13 +223,17 @@ def take_backup(client: Any, path: str | os.PathLike, fence_ttl_s: float = DEFAU
                                         write=False)
             say(f"shard {s}: dumped {len(blocks[s])} bytes")
         for s in range(m.nshards):
-            active = client._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), bid.encode()],
-                                     write=False)[0]
-            if not active:
-                raise BackupError(f"shard {s}: the backup fence lapsed before the backup finished (fence TTL "
-                                  f"{fence_ttl_s:g} s); nothing was written, run the backup again with a "
-                                  "larger --fence-ttl")
+            check_shard(s, client._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), bid.encode()],
+                                           write=False), m, fence_ttl_s)
+        client._reload_map()
+        after = client.map
+        if (after.nshards, after.vnodes) != (m.nshards, m.vnodes):
+            raise BackupError(f"the shard map changed during the backup ({m.nshards} shards at epoch {m.epoch}, "
+                              f"{after.nshards} at epoch {after.epoch}); nothing was written: run the backup "
+                              "again", retryable=True)
     except RaftKVError as e:
+        if e.code in ("SHARDMOVE", "FENCELOST"):
+            raise BackupError(f"backup refused, nothing was written: {e}", retryable=True) from None
         raise BackupError(f"backup failed, nothing was written: {e}") from None
     finally:
         for s in fenced:
@@ -324,8 +402,7 @@ def restore(path: str | os.PathLike, directory: str | os.PathLike, config: str |
         lc.wait_ready(timeout)
         with Client(cluster=lc.config, timeout=timeout) as c:
             for s in range(target.nshards):
-                _check, _prep, keys, _rev = c._request(
-                    s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"], write=False)
+                keys = c._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"], write=False)[2]
                 if keys:
                     raise BackupError(f"shard {s} of the target cluster already holds {keys} keys")
             for s in range(target.nshards):
@@ -334,8 +411,8 @@ def restore(path: str | os.PathLike, directory: str | os.PathLike, config: str |
                     block = encode_block(s, revision, batch)
                     c._request(s, [b"RAFTKV.BACKUP", b"LOAD", str(s).encode(), str(revision).encode(), block],
                                write=False)
-                _a, _p, keys, rev = c._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"],
-                                               write=False)
+                keys, rev = c._request(s, [b"RAFTKV.BACKUP", b"CHECK", str(s).encode(), b"restore"],
+                                       write=False)[2:4]
                 if keys != len(rows) or rev < revision:
                     raise BackupError(f"shard {s}: after loading, {keys} keys / revision {rev}; expected "
                                       f"{len(rows)} keys / revision >= {revision}")

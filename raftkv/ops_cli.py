@@ -2,7 +2,8 @@
 replica rebalancing (``rebalance``) and the key-movement plans (``shard plan``).
 
 ``raftkv.cli`` calls ``register(main)``; the commands live here so the main CLI
-module stays small.  Exit status: 0 success, 2 error (the message says why).
+module stays small.  Exit status: 0 success, 2 error (the message says why); ``backup`` exits 75 (EX_TEMPFAIL)
+when it was refused for now and can simply be run again later (a shard move under way, a fence that lapsed).
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ def client_kw() -> dict:
     return {"password": opts.get("password"), "username": opts.get("user"), "tls": opts.get("tls", False)}
 
 
-def _die(msg: str) -> None:
+EXIT_RETRY = 75  # EX_TEMPFAIL: refused for now, nothing changed; run the same command again later
+
+
+def _die(msg: str, status: int = 2) -> None:
     click.echo(f"raftkv: error: {msg}", err=True)
-    sys.exit(2)
+    sys.exit(status)
 
 
 cluster_option = click.option(
@@ -52,6 +56,8 @@ def backup_cmd(file: str, cluster_file: str | None, fence_ttl: float, timeout: f
 
     Consistent per shard (a linearizable snapshot) and across shards (no transaction is half in it);
     the file carries a header (format version, shard map, time, key counts) and a SHA-256 checksum.
+    Refused, with exit status 75 and nothing written, while a shard is being added or removed (or if
+    one starts or ends during the backup): run it again after the move.
     """
     from raftkv.backup import BackupError, take_backup
     from raftkv.client import Client
@@ -60,7 +66,7 @@ def backup_cmd(file: str, cluster_file: str | None, fence_ttl: float, timeout: f
         try:
             hdr = take_backup(c, file, fence_ttl_s=fence_ttl, log=lambda m: click.echo(m, err=True))
         except BackupError as e:
-            _die(str(e))
+            _die(str(e), EXIT_RETRY if e.retryable else 2)
     click.echo(f"backup {file}: {hdr['key_count']} keys in {hdr['shards']} shards, "
                f"{hdr['body_bytes']} bytes, taken in {hdr['duration_s']} s")
 

@@ -36,6 +36,8 @@ ERROR_CODES = {
                   "the map (RAFTKV.CLUSTER) and retry",
     "MAPCHANGED": "RAFTKV.MAPCAS: the cluster's shard map is at another epoch (`-MAPCHANGED epoch ...`): another "
                   "command changed it; nothing was changed: re-read the map and retry",
+    "SHARDMOVE": "RAFTKV.BACKUP: a shard move (raftkv shard add|remove) is under way on the shard, or started or "
+                 "ended during the backup; nothing was written: run the backup again after the move",
     "TXNCONFLICT": "a transaction conflicted with another one and was aborted; retry",
     "LOCKED": "the key is locked by an unresolved transaction; retry",
     "NOLEASE": "the lease does not exist: never granted, expired or revoked (its keys are gone)",

@@ -214,6 +214,8 @@ class KVState:
     applied: int = 0
     # backup fences (raftkv.backup_state): backup id -> log time (ms) the fence lapses
     fences: dict[str, int] = field(default_factory=dict)
+    # what each fence saw of this shard's move state when it went up: backup id -> (owner, move) as tuples
+    fence_marks: dict[str, tuple] = field(default_factory=dict)
     # log time of the newest applied entry: log time never goes below it (raftkv.logclock)
     log_ms: int = 0
     # revision of the newest deletion on this shard (WATCH of a missing key compares it)
@@ -391,6 +393,8 @@ class KVState:
             out["move"] = None if self.move is None else self.move.dump()
         if self.map_register is not None:
             out["map"] = list(self.map_register)
+        if self.fence_marks:  # only while a backup runs
+            out["fence_marks"] = dict(self.fence_marks)
         return out
 
     def load_extra(self, extra: dict | None) -> None:
@@ -408,6 +412,7 @@ class KVState:
             self.owner, self.move = reshard.load(extra)  # none before resharding
             reg = extra.get("map")  # none before the replicated shard map
             self.map_register = None if reg is None else (int(reg[0]), str(reg[1]))
+            self.fence_marks = backup_state.load_marks(extra.get("fence_marks"))  # none before marks
             return
         self.changes = changelog.ChangeLog.load(None, self.revision)
         self.del_rev = self.revision

@@ -8,12 +8,14 @@ import struct
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from raftkv import Client, IndeterminateError, RaftKVError
-from raftkv.backup import MAGIC, BackupError, read_backup, restore, take_backup
+from raftkv.backup import MAGIC, BackupError, check_shard, map_move, read_backup, restore, take_backup
 from raftkv.cluster import LocalCluster
+from raftkv.server import rpc
 from shards.shardmap import local_cluster
 
 from .conftest import PutWriter, dump_logs, start_cluster, unique_keys
@@ -177,3 +179,79 @@ def test_corrupt_truncated_and_mismatched_backups_are_refused(cluster: LocalClus
     assert r.exit_code == 2 and "checksum mismatch" in r.output
     r = CliRunner().invoke(main, ["restore", str(good), "--check"])
     assert r.exit_code == 0 and "OK" in r.output
+
+
+def test_a_backup_is_refused_unless_every_shard_was_fenced_and_dumped_under_the_maps_ring(tmp_path: Path) -> None:
+    m = local_cluster(3, 2, base_port=41000, data_dir=str(tmp_path / "data"))
+    up = [1, 0, 5, 9, 1]  # fence up, nothing prepared, 5 keys, revision 9, no move started or ended since
+    check_shard(0, [*up, 2, m.vnodes], m, 60)  # serves the map's ring
+    check_shard(0, [*up, 0, 0], m, 60)  # never took part in a move: the map's ring is its own
+    for reply, says in (([*up, 3, m.vnodes], "serves a ring of 3 shards"),  # an add ended before it was fenced
+                        ([1, 0, 5, 9, 0, 2, m.vnodes], "a shard move started or ended on it during the backup"),
+                        ([0, 0, 5, 9, 0, 2, m.vnodes], "fence lapsed"),
+                        ([1, 0, 5, 9], "older raftkv")):
+        with pytest.raises(BackupError, match=says):
+            check_shard(0, reply, m, 60)
+    assert map_move(m) is None
+    adding = SimpleNamespace(adding=2, removing=None, epoch=4)
+    assert "shard 2 is being added (map epoch 4)" in map_move(adding)
+    assert "run 'raftkv shard remove 1' again" in map_move(SimpleNamespace(adding=None, removing=1, epoch=4))
+
+
+def _reshard(c: Client, shard: int, *cmd) -> object:
+    """One ``mv_*`` state-machine command on ``shard``'s leader (what ``raftkv shard add`` sends)."""
+    return rpc.decode(c._request(shard, [b"RAFTKV.RESHARD", str(shard).encode(), rpc.encode(cmd)], write=False))
+
+
+class MoveStartsDuring:
+    """A client whose backup meets a shard move: shard 0 starts giving keys away just before the first
+    ``RAFTKV.BACKUP <step>`` (after every fence went up)."""
+
+    def __init__(self, client: Client, step: bytes, move: tuple) -> None:
+        self.client, self.step, self.move = client, step, move
+        self.started = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.client, name)
+
+    def _request(self, shard: int, args: list[bytes], write: bool, **kw) -> object:
+        if args[:2] == [b"RAFTKV.BACKUP", self.step] and not self.started:
+            self.started = True
+            assert _reshard(self.client, 0, *self.move) == "copying"
+        return self.client._request(shard, args, write, **kw)
+
+
+def test_a_backup_during_a_shard_move_is_refused_or_discarded_never_written(cluster: LocalCluster,
+                                                                            tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from raftkv.cli import main
+
+    n, vnodes = cluster.map.nshards, cluster.map.vnodes
+    move = ("mv_precopy", 1000, 0, n, vnodes)  # shard 0 starts a move of its keys to a new shard n
+    with Client(cluster=cluster.config, timeout=20.0) as c:
+        for i in range(30):
+            c.put(f"mv-{i}", f"v{i}")
+        # a move under way when the backup starts: refused at the fence, retryable (the CLI exits 75)
+        assert _reshard(c, 0, *move) == "copying"
+        try:
+            with pytest.raises(BackupError, match="shard 0: a shard move is under way") as err:
+                take_backup(c, tmp_path / "b")
+            assert err.value.retryable and not (tmp_path / "b").exists()
+            r = CliRunner().invoke(main, ["backup", str(tmp_path / "b"), "--cluster", str(cluster.config)])
+            assert r.exit_code == 75 and "run the backup after the move" in r.output
+        finally:
+            assert _reshard(c, 0, "mv_abort", 1000) == "aborted"
+        # a move that starts after the fences went up: the dump or the final check notices, nothing written
+        for step, says in ((b"DUMP", "started or ended here since backup fence"),
+                           (b"CHECK", "started or ended on it during the backup")):
+            try:
+                with pytest.raises(BackupError, match=says) as err:
+                    take_backup(MoveStartsDuring(c, step, move), tmp_path / "b")
+                assert err.value.retryable and not (tmp_path / "b").exists()
+            finally:
+                assert _reshard(c, 0, "mv_abort", 1000) == "aborted"
+        # no move: the backup is taken, every key in it once
+        header = take_backup(c, tmp_path / "b")
+        rows = [k for _, shard_rows in read_backup(tmp_path / "b").shards.values() for k, _, _ in shard_rows]
+        assert len(rows) == len(set(rows)) == header["key_count"] and b"mv-7" in rows

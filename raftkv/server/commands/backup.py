@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from raftkv.backup import BackupError, decode_block, encode_block
+from raftkv.backup_state import owned_rows
 from raftkv.protocol import OK, Error
 from raftkv.replica import APPLIED, ShardReplica
 from raftkv.server.api import Command, NodeAPI, admin_access
@@ -27,7 +28,7 @@ def cmd_backup(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
             return Error("ERR", "RAFTKV.BACKUP FENCE: ttl_ms must be an integer")
         return node.run(_sm(node, shard, ("bk_fence", arg, ttl_ms), lambda _r: OK))
     if action == b"CHECK" and len(req) == 4:
-        return node.run(_sm(node, shard, ("bk_check", arg), lambda r: [int(x) for x in r]))
+        return node.run(_sm(node, shard, ("bk_check", arg), check_reply))
     if action == b"LIFT" and len(req) == 4:
         return node.run(_sm(node, shard, ("bk_lift", arg), lambda r: int(r)))
     if action == b"DUMP" and len(req) == 4:
@@ -46,6 +47,13 @@ def cmd_backup(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
         return node.run(_sm(node, shard, ("bk_load", rows, revision), lambda r: int(r)))
     return Error("ERR", "usage: RAFTKV.BACKUP FENCE shard id ttl_ms | CHECK shard id | LIFT shard id | "
                         "DUMP shard id | LOAD shard revision block")
+
+
+def check_reply(res: tuple) -> list[int]:
+    """``bk_check``'s result as integers: fence up, prepared, keys, revision, unchanged since the fence, then
+    the shard's own ring as shards and vnodes (0 0: it never took part in a move)."""
+    active, prepared, keys, revision, unchanged, ring = res
+    return [int(active), prepared, keys, revision, int(unchanged), *(ring or (0, 0))]
 
 
 async def _sm(node: NodeAPI, shard: int, cmd: tuple, convert: Callable[[Any], Any]) -> Any:
@@ -67,15 +75,19 @@ async def _dump(node: NodeAPI, shard: int, bid: str, req: list[bytes], hops: int
         if kind != APPLIED:
             out = Error("TRYAGAIN", f"shard {shard}: dump not applied ({res}); retry")
         else:
-            active, prepared, _keys, _rev = res[0]
+            active, prepared, _keys, _rev, unchanged, _ring = res[0]
             st = replica.state
             if not active:
                 out = Error("FENCELOST", f"shard {shard}: backup fence {bid} is not up (expired or never "
                                          "raised); start the backup again")
+            elif not unchanged:
+                out = Error("SHARDMOVE", f"shard {shard}: a shard move started or ended here since backup "
+                                         f"fence {bid} went up; run the backup again after the move")
             elif prepared or st.txns.prepared:
                 out = Error("TRYAGAIN", f"shard {shard}: {prepared} transaction(s) still prepared; retry")
             else:
-                out = (st.revision, st.data.view())  # a point-in-time view, read off the tick thread below
+                # a point-in-time view, read off the tick thread below; owner and move are immutable values
+                out = (st.revision, st.data.view(), st.owner, st.move)
         loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
 
     replica.propose([("bk_check", bid)], replica.log_now_ms(), done)
@@ -85,9 +97,13 @@ async def _dump(node: NodeAPI, shard: int, bid: str, req: list[bytes], hops: int
         return Error("TRYAGAIN", f"shard {shard}: dump timed out; retry")
     if isinstance(out, Error):
         return out
-    revision, data = out
-    rows = [(k, v, r) for k, (v, r) in data.items()]
-    return await loop.run_in_executor(None, encode_block, shard, revision, rows)
+    revision, data, owner, move = out
+    return await loop.run_in_executor(None, _block, shard, revision, data, owner, move)
+
+
+def _block(shard: int, revision: int, data: Any, owner: Any, move: Any) -> bytes:
+    """The dump's block: only the keys the shard serves (keys awaiting a move's cleanup belong elsewhere)."""
+    return encode_block(shard, revision, list(owned_rows(data.items(), owner, move)))
 
 
 COMMANDS: dict[bytes, Command] = {b"RAFTKV.BACKUP": Command(-4, cmd_backup, leader_only=True, access=admin_access)}
