@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--dir", default=None, help="cluster directory (default: a temporary one)")
     ap.add_argument("--remove", action="store_true", help="remove shard 2 of 3 instead of adding shard 2")
+    ap.add_argument("--chunk", type=int, default=None, help="raftkv shard add/remove --chunk (default: its own)")
+    ap.add_argument("--pace", type=float, default=None, help="raftkv shard add/remove --pace (default: its own)")
     a = ap.parse_args()
     action, before, after = ("remove", 3, 2) if a.remove else ("add", 2, 3)
     with tempfile.TemporaryDirectory(prefix="reshard-bench-") as tmp:
@@ -67,8 +69,9 @@ def main() -> None:
             writer.start()
             time.sleep(2.0)
             t0 = time.monotonic()
-            done = subprocess.run([sys.executable, "-m", "raftkv", "shard", action, "--cluster", str(lc.config)],
-                                  capture_output=True, text=True, check=False)
+            tuning = [*(["--chunk", str(a.chunk)] if a.chunk else []), *(["--pace", str(a.pace)] if a.pace else [])]
+            done = subprocess.run([sys.executable, "-m", "raftkv", "shard", action, *tuning,
+                                   "--cluster", str(lc.config)], capture_output=True, text=True, check=False)
             took = time.monotonic() - t0
             stop.set()
             writer.join(30)

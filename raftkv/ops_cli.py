@@ -271,22 +271,28 @@ def shard_group() -> None:
 @shard_group.command("add")
 @click.option("--timeout", default=120.0, show_default=True,
               help="seconds a step may wait (a leader, transactions holding moving keys)")
-@click.option("--chunk", default=1000, show_default=True, help="keys copied (or deleted) per Raft entry")
+@click.option("--chunk", type=click.IntRange(1), default=None,
+              help="keys copied (or deleted) per Raft entry while they are served (default 250; smaller: lower "
+                   "client latency during the move, longer move)")
+@click.option("--pace", default=1.0, show_default=True, type=click.FloatRange(0.05, 1.0),
+              help="the pre-copy and the cleanup keep the cluster busy at most this fraction of the time, "
+                   "resting between chunks (1: no rest; clients' latency against the move's length)")
 @cluster_option
 @_membership_errors
-def shard_add(timeout: float, chunk: int, cluster_file: str | None) -> None:
+def shard_add(timeout: float, chunk: int | None, pace: float, cluster_file: str | None) -> None:
     """Add shard N (N = the shard count) online and move to it the keys the new ring gives it.
 
     The cluster serves throughout: writes of moving keys wait (-MOVING) while they are copied,
     then every node and client is sent to the new shard (-WRONGSHARD, a newer map). Safe to run
     again after a failure: it finishes the add that stopped (docs/scale-out.md).
     """
-    from raftkv.resharder import Resharder
+    from raftkv.resharder import CHUNK_KEYS, Resharder
 
     path = cluster_path(cluster_file)
     op = _operator(path, timeout)
     n = op.map.nshards
-    result = Resharder(op, step_timeout=timeout, chunk=chunk, say=lambda msg: click.echo(msg)).run()
+    result = Resharder(op, step_timeout=timeout, chunk=chunk or CHUNK_KEYS, say=lambda msg: click.echo(msg),
+                       pace=pace).run()
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     if result.total:
         click.echo(f"moved {result.moved} of {result.total} keys to shard {result.shard} "
@@ -301,10 +307,14 @@ def shard_add(timeout: float, chunk: int, cluster_file: str | None) -> None:
 @click.argument("shard_id", metavar="[ID]", type=int, required=False)
 @click.option("--timeout", default=120.0, show_default=True,
               help="seconds a step may wait (a leader, transactions holding moving keys)")
-@click.option("--chunk", default=1000, show_default=True, help="keys copied per Raft entry")
+@click.option("--chunk", type=click.IntRange(1), default=None,
+              help="keys copied per Raft entry while they are served (default 250)")
+@click.option("--pace", default=1.0, show_default=True, type=click.FloatRange(0.05, 1.0),
+              help="the pre-copy keeps the cluster busy at most this fraction of the time, resting between "
+                   "chunks (1: no rest)")
 @cluster_option
 @_membership_errors
-def shard_remove(shard_id: int | None, timeout: float, chunk: int, cluster_file: str | None) -> None:
+def shard_remove(shard_id: int | None, timeout: float, chunk: int | None, pace: float, cluster_file: str | None) -> None:
     """Remove the last shard (ID: it, default the last) online, moving its keys to the others.
 
     Only the last shard can go: shard ids stay 0..N-2. Every key of it moves to the shard the ring
@@ -312,12 +322,13 @@ def shard_remove(shard_id: int | None, timeout: float, chunk: int, cluster_file:
     keys wait (-MOVING) while they are copied. Safe to run again after a failure, with the same ID:
     it finishes the removal that stopped, or says it is done (docs/scale-out.md).
     """
-    from raftkv.resharder import Resharder
+    from raftkv.resharder import CHUNK_KEYS, Resharder
 
     path = cluster_path(cluster_file)
     op = _operator(path, timeout)
     n = op.map.nshards
-    result = Resharder(op, step_timeout=timeout, chunk=chunk, say=lambda msg: click.echo(msg)).remove(shard_id)
+    result = Resharder(op, step_timeout=timeout, chunk=chunk or CHUNK_KEYS, say=lambda msg: click.echo(msg),
+                       pace=pace).remove(shard_id)
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     if result.total:
         click.echo(f"moved {result.moved} of {result.total} keys off shard {result.shard} "

@@ -72,7 +72,13 @@ from raftkv.server import rpc
 
 __all__ = ["ReshardError", "ReshardResult", "Resharder"]
 
-CHUNK_KEYS = 1_000  # keys (or sessions) per mv_install entry
+#: Keys per Raft entry of the parts of a move that run while the keys are served (the pre-copy, the cleanup).
+#: Every replica applies an entry on its node's one driver thread, holding that node's other requests: a
+#: 1,000-key entry held them for tens of ms (the clients' p99 during a 50,000-key add: 7-14x steady state),
+#: a 250-key one a quarter of that (docs/scale-out.md, "Measured").
+CHUNK_KEYS = 250
+#: Keys (or sessions) per entry while moving keys are frozen (writes of them wait): fewer, larger entries.
+FROZEN_CHUNK_KEYS = 1_000
 POLL_S = 0.1
 
 
@@ -111,14 +117,34 @@ def _by_dest(rows: list, dest_of: Callable[[bytes], int]) -> list[tuple[int, tup
     return [(d, tuple(part)) for d, part in sorted(batches.items())]
 
 
+class Pacer:
+    """How long the background parts of a move (the pre-copy, the cleanup) rest between chunks, so that they
+    keep the cluster busy at most ``duty`` of the time (1: never rest). Pure: the caller measures.
+
+    Each chunk is a Raft entry every replica applies on its node's one driver thread: while it applies, that
+    node's other requests wait. Resting as long as the chunk took (``duty`` 0.5) leaves the clients every
+    other slice; what waits for the frozen part of a move (the replay) is never paced.
+    """
+
+    def __init__(self, duty: float = 1.0) -> None:
+        if not 0 < duty <= 1:
+            raise ValueError(f"pace must be in (0, 1], got {duty}")
+        self.duty = duty
+
+    def rest(self, busy_s: float) -> float:
+        """Seconds to rest after a chunk that took ``busy_s``."""
+        return max(0.0, busy_s) * (1 - self.duty) / self.duty
+
+
 class Resharder:
     """Runs ``shard add`` (``run``) or ``shard remove`` (``remove``) against the cluster of ``op`` (module doc)."""
 
     def __init__(self, op: Operator, step_timeout: float = 120.0, chunk: int = CHUNK_KEYS,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None, pace: float = 1.0) -> None:
         self.op = op
         self.step_timeout = step_timeout
         self.chunk = chunk
+        self.pacer = Pacer(pace)
         self.say = say or op.say
         self._client: Client | None = None
         self._client_epoch = -1
@@ -486,9 +512,11 @@ class Resharder:
             after = None
             pending: concurrent.futures.Future | None = None
             while True:
+                t0 = time.monotonic()
                 items, after = self.call(source, "mv_scan", epoch, after, self.chunk, client=scanner)
                 if pending is not None:
                     pending.result()
+                    time.sleep(self.pacer.rest(time.monotonic() - t0))
                 if items:
                     pending = pool.submit(put, _by_dest(items, dest_of), installer)
                     copied += len(items)
@@ -556,7 +584,8 @@ class Resharder:
         keys = 0
         after = None
         while True:
-            items, after = self.call(source, "mv_scan", epoch, after, self.chunk, client=client)
+            items, after = self.call(source, "mv_scan", epoch, after, max(self.chunk, FROZEN_CHUNK_KEYS),
+                                     client=client)
             for dest, rows in _by_dest(items, dest_of):
                 self.call(dest, *install(dest, revision, rows, ()), client=client)
                 keys += len(rows)
@@ -570,7 +599,8 @@ class Resharder:
         sessions = 0
         after = None
         while True:
-            rows, after = self.call(source, "mv_sessions", after, self.chunk, client=client)
+            rows, after = self.call(source, "mv_sessions", after, max(self.chunk, FROZEN_CHUNK_KEYS),
+                                    client=client)
             if rows:
                 for dest in dests:
                     self.call(dest, *install(dest, revision, (), tuple(rows)), client=client)
@@ -596,11 +626,13 @@ class Resharder:
                 continue
             after = None
             while True:
+                t0 = time.monotonic()
                 items, after = self.call(s, "mv_scan", epoch, after, self.chunk)
                 if items:
                     purged += self.call(s, "mv_purge", epoch, tuple(k for k, _v, _d in items))
                 if after is None:
                     break
+                time.sleep(self.pacer.rest(time.monotonic() - t0))
             self.call(s, "mv_done", epoch)
         times["cleanup"] = time.monotonic() - t
         return purged

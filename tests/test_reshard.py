@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from raftkv import reshard
 from raftkv.reshard import COPYING, FROZEN, HANDOFF, INCOMING, Move, Owner, keys_of, refusal
+from raftkv.resharder import Pacer
 from raftkv.results import CmdError
 from raftkv.state import KVState
 from raftkv.txn import COMMITTED, Record
@@ -584,3 +585,15 @@ def test_a_source_being_pre_copied_refuses_nothing_and_only_then_freezes() -> No
     assert s.apply(("mv_precopy", 3, 0, 1, V), 4) == FROZEN  # never back
     assert refusal(None, s.move, key, write=True).code == "MOVING"  # type: ignore[union-attr]
     assert s.apply(("mv_abort", 3), 5) == "aborted"
+
+
+@settings(deadline=None)
+@given(st.floats(0.05, 1.0), st.floats(0.0, 10.0, allow_subnormal=False))
+def test_a_paced_move_keeps_the_cluster_busy_at_most_its_duty(duty: float, busy: float) -> None:
+    """``Pacer``: after each chunk of the pre-copy or the cleanup, rest so that busy / (busy + rest) <= duty;
+    at 1, never rest."""
+    rest = Pacer(duty).rest(busy)
+    assert rest >= 0 and (busy == 0 or busy / (busy + rest) <= duty + 1e-9)
+    assert Pacer(1.0).rest(busy) == 0
+    with pytest.raises(ValueError):
+        Pacer(0)
