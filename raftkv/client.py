@@ -544,8 +544,8 @@ class Client:
         # -MOVING and -TRYAGAIN may answer a transaction id aborted for good: Txn.commit retries with a fresh
         # id; _request would resend the same one and meet the same abort until its timeout
         return Txn(self._shard, lambda shard, args: self._request(shard, args, write=True,
-                                                                  final=("MOVING", "TRYAGAIN")),
-                   wait_s=self.timeout)
+                                                                  final=("MOVING", "TRYAGAIN", "RINGCHANGED")),
+                   wait_s=self.timeout, ring=lambda: None if self.map is None else self.map.ring_tag)
 
     def mset(self, mapping: dict, retries: int = 10) -> None:
         """Write every key of ``mapping`` atomically (all or none), across shards."""
@@ -634,6 +634,12 @@ class Client:
             except (OSError, ConnectionError) as e:
                 attempts.transport_failed(addr, e, sent=not isinstance(e, ConnectionRefusedError))
             except ReplyError as e:
+                if e.code == "RINGCHANGED":
+                    self._reload_map()  # the next attempt (a new id) is planned under the new ring
+                    if attempts.maybe_applied:
+                        # an earlier send of this id may have run under the old ring: that outcome stands unseen
+                        raise IndeterminateError("UNKNOWN", f"shard {shard}: outcome unknown: an earlier attempt "
+                                                            f"may have run before the ring changed ({e})") from None
                 if e.code in final:
                     raise RaftKVError(e.code, e.message) from None
                 attempts.refused(e)

@@ -34,6 +34,9 @@ ERROR_CODES = {
     "MOVING": "the key is being moved to a new shard (raftkv shard add); not applied, retry",
     "WRONGSHARD": "the key now belongs to another shard (`-WRONGSHARD epoch shard ...`); not applied: refresh "
                   "the map (RAFTKV.CLUSTER) and retry",
+    "RINGCHANGED": "RAFTKV.TXN ... RING tag: the cluster's ring is not the one the transaction was planned under "
+                   "(a shard was added or removed); this request was not run: plan it again with a new id "
+                   "(if an earlier send of the same id may have run, its outcome is unknown)",
     "MAPCHANGED": "RAFTKV.MAPCAS: the cluster's shard map is at another epoch (`-MAPCHANGED epoch ...`): another "
                   "command changed it; nothing was changed: re-read the map and retry",
     "SHARDMOVE": "RAFTKV.BACKUP: a shard move (raftkv shard add|remove) is under way on the shard, or started or "

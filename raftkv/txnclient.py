@@ -52,13 +52,15 @@ class Txn:
     """An etcd-style conditional transaction; build it, then ``commit()``."""
 
     def __init__(self, shard_of: Callable[[bytes], int], request: Callable[[int, list[bytes]], Any],
-                 wait_s: float = 10.0) -> None:
+                 wait_s: float = 10.0, ring: Callable[[], str | None] = lambda: None) -> None:
         # The client's routing and its retrying, de-duplicated write path (``Client.txn()`` passes them).
-        # ``request`` must raise -MOVING and -TRYAGAIN at once: the transaction id it carries may be aborted for
-        # good (a retry with it meets the same abort), so ``commit`` retries with a fresh one.
+        # ``request`` must raise -MOVING, -TRYAGAIN and -RINGCHANGED at once: the transaction id it carries may be
+        # aborted for good (a retry with it meets the same abort), or planned under another ring, so ``commit``
+        # retries with a fresh one. ``ring``: the ring tag of the map the client routes by (``RING``).
         self._shard_of = shard_of
         self._request = request
         self._wait_s = wait_s
+        self._ring = ring
         self.compares: list[list[bytes]] = []
         self.then_ops: list[list[bytes]] = []
         self.else_ops: list[list[bytes]] = []
@@ -121,7 +123,9 @@ class Txn:
 
     def args(self, txid: str) -> list[bytes]:
         """The ``RAFTKV.TXN`` command for this transaction."""
-        out = [b"RAFTKV.TXN", b"ID", txid.encode(), str(len(self.compares)).encode()]
+        ring = self._ring()
+        out = [b"RAFTKV.TXN", b"ID", txid.encode(), *([b"RING", ring.encode()] if ring else []),
+               str(len(self.compares)).encode()]
         for c in self.compares:
             out += c
         for ops in (self.then_ops, self.else_ops):
@@ -140,13 +144,14 @@ class Txn:
     def commit(self, retries: int = 0, backoff_s: float = 0.01, backoff_max_s: float = 0.5,
                wait_die: bool = True) -> TxnResponse:
         """Run it; on TXNCONFLICT retry up to ``retries`` times with a fresh id. On TRYAGAIN (not applied: a
-        leader change, or an abort that spent its id) and MOVING (a key is being moved to a new shard, ``raftkv
-        shard add``) retry with a fresh id for up to ``wait_s`` seconds, not counted against ``retries``.
+        leader change, or an abort that spent its id), MOVING (a key is being moved to a new shard, ``raftkv
+        shard add``) and RINGCHANGED (a shard was added or removed: planned again under the new map) retry with
+        a fresh id for up to ``wait_s`` seconds, not counted against ``retries``. A RINGCHANGED after a send
+        whose outcome is unknown raises ``IndeterminateError``: that send may have run under the old ring.
 
         ``wait_die``: every attempt carries the first one's priority (``raftkv.waitdie``); a TXNCONFLICT from
         an older transaction (a *die*), or one the key's leader queued, is retried for up to half of
         ``wait_s``, not counted either (after that it counts like any conflict)."""
-        home = self._shard_of(self.first_key())
         attempt = waited = tries = 0
         until = time.monotonic() + self._wait_s
         # uncounted dies stop at half the timeout: the counted retries after them, and the attempt in flight,
@@ -157,10 +162,11 @@ class Txn:
             txid = uuid.uuid4().hex if prio is None else waitdie.attempt_txid(prio, tries)
             tries += 1
             try:
-                reply = self._request(home, self.args(txid))
+                # routed (and, with RING, planned) by the client's map as of this attempt
+                reply = self._request(self._shard_of(self.first_key()), self.args(txid))
             except RaftKVError as e:
                 in_time = time.monotonic() < until
-                if e.code in ("MOVING", "TRYAGAIN") and in_time:
+                if e.code in ("MOVING", "TRYAGAIN", "RINGCHANGED") and in_time:
                     waited += 1
                     time.sleep(min(backoff_max_s, backoff_s * 2 ** min(waited, 6)) * random.uniform(0.5, 1.0))
                     continue

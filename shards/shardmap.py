@@ -258,6 +258,15 @@ class ShardMap:
         """Every shard id with a group: the ring's ``0..nshards-1``, and ``adding`` while a shard is added."""
         return range(self.nshards + (self.adding is not None))
 
+    @property
+    def ring_tag(self) -> str:
+        """Names the ring and the groups its shards are: ``"<shards>.<newest incarnation among them>"``.
+
+        Equal tags mean the same shard for every key and the same groups, so a transaction planned under one
+        (its home shard, where its record lives, and its participants) is planned the same way under the
+        other (``RAFTKV.TXN ... RING tag``, raftkv.server.commands.txn)."""
+        return f"{self.nshards}.{max((self.born.get(s, 0) for s in range(self.nshards)), default=0)}"
+
     def incarnation(self, shard: int) -> int:
         """The epoch at which ``shard``'s group was created (``born``; 0: in the cluster's first map)."""
         return self.born.get(shard, 0)

@@ -148,6 +148,57 @@ def test_client_txn_builder_and_mset(lc: LocalCluster, client: Client) -> None:
     assert [client.get(k) for k in (a, b, c)] == [b"2", b"3", b"back"]
 
 
+def test_a_transaction_planned_under_another_ring_is_refused_and_runs_nowhere(lc: LocalCluster,
+                                                                            client: Client) -> None:
+    """A transaction's record lives on the home shard its ring gives its first key: the same id planned under
+    another ring (after ``raftkv shard add|remove``) would find no record and could run a second time (seen in
+    the harness: a resend after an unknown outcome committed twice, with reads of the second run). ``RING`` names
+    the ring the client planned under; a node with another one refuses (-RINGCHANGED), on the node the client
+    chose and on the home leader it hands over to. The client sends it."""
+    a, b = keys_on(lc, 0, 1, "ring-a")[0], keys_on(lc, 1, 1, "ring-b")[0]
+    tag = client.map.ring_tag
+    assert tag == "3.0"
+    r = redis_on(lc, "n3")
+    for node in ("n1", "n2", "n3"):  # whichever node gets it: the node itself, or the home leader it hands to
+        with pytest.raises(redis.ResponseError, match=r"RINGCHANGED 3\.0 .* not 4\.7"):
+            redis_on(lc, node).execute_command("RAFTKV.TXN", "ID", f"t-{node}", "RING", "4.7", 0, 2, "PUT", a, "x",
+                                               "PUT", b, "y", 0)
+    assert r.mget([a, b]) == [None, None]  # run nowhere
+    assert r.execute_command("RAFTKV.TXN", "ID", "t-ok", "RING", tag, 0, 2, "PUT", a, "1", "PUT", b, "2", 0) == \
+        [1, [b"OK", b"OK"]]
+    assert client.txn().then_get(a).then_get(b).then_put(a, "3").commit().results == [b"1", b"2", True]
+    sent: list[list[bytes]] = []
+    t = client.txn().then_put(a, "4")
+    t._request = lambda shard, args: sent.append(args) or [1, [b"OK"]]  # type: ignore[method-assign]
+    t.commit()
+    assert sent[0][3:5] == [b"RING", tag.encode()]
+
+
+def test_a_resend_refused_for_another_ring_after_an_unknown_outcome_is_unknown() -> None:
+    """The first send of a transaction timed out (it may have run), the resend of the same id meets a ring
+    change: that first send may have committed under the old ring, so the answer is unknown, not a retry
+    under a new id (which could run it twice)."""
+
+    from raftkv.protocol import ReplyError
+    from shards.shardmap import local_cluster
+
+    m = local_cluster(3, 3, base_port=17001)
+    c = Client(cluster=m, timeout=2.0)
+    replies: list[BaseException] = [TimeoutError("timed out"),
+                                    ReplyError("RINGCHANGED 4.9 the cluster's ring is 4.9, not 3.0: not run")]
+
+    def call_node(addr: tuple[str, int], args: list[bytes], timeout: float) -> None:
+        if args[0] in (b"RAFTKV.SHARDS", b"RAFTKV.CLUSTER"):
+            raise ConnectionRefusedError("no node here")
+        raise replies.pop(0)
+
+    c._call_node = call_node  # type: ignore[method-assign]
+    c._leaders = {s: "n1" for s in range(3)}
+    with pytest.raises(IndeterminateError, match="before the ring changed"):
+        c.txn().then_put("k", "v").commit()
+    assert replies == []
+
+
 def test_single_shard_txn_is_one_entry(lc: LocalCluster, client: Client) -> None:
     k1, k2 = keys_on(lc, 1, 2, "one")
 

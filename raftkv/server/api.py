@@ -246,8 +246,9 @@ class NodeAPI(Protocol):
         ...
 
     async def coordinate_at_home(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
-                                 hops: int = 0) -> Any:
-        """Run a transaction, handing it to its home shard's leader node when that is elsewhere."""
+                                 hops: int = 0, ring: str | None = None) -> Any:
+        """Run a transaction, handing it to its home shard's leader node when that is elsewhere (``ring``: the
+        ``ShardMap.ring_tag`` it must be planned under, if the client named one)."""
         ...
 
     async def run_forwarded(self, req: list[bytes], hops: int, peer: str) -> Any:

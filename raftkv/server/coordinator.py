@@ -165,7 +165,8 @@ async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, e
         txid = new_txid() if prio is None else attempt_txid(prio, tries)
         tries += 1
         res = await node.coordinate_at_home(txid, compares, then_ops, else_ops)
-        moving = isinstance(res, Error) and res.code == "MOVING" and loop.time() < deadline
+        # -RINGCHANGED: this attempt ran nowhere (its id was fresh), so a new one under the new ring is safe
+        moving = isinstance(res, Error) and res.code in ("MOVING", "RINGCHANGED") and loop.time() < deadline
         if not moving:
             if not (isinstance(res, Error) and res.code == "TXNCONFLICT"):
                 return res
@@ -180,14 +181,29 @@ async def with_conflict_retries(node: NodeAPI, compares: list, then_ops: list, e
         delay = min(0.2, delay * 2)
 
 
+def ring_changed(node: NodeAPI, ring: str) -> Error:
+    """The refusal of a transaction planned under ring ``ring`` (``ShardMap.ring_tag``) by a node whose ring
+    differs: nothing was run."""
+    now = node.map.ring_tag
+    return Error("RINGCHANGED", f"{now} the cluster's ring is {now}, not {ring} (a shard was added or removed): "
+                                "not run; plan the transaction again under the new map, with a new id")
+
+
 async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, else_ops: Any,
-                     hops: int = 0) -> TxnResult | Error:
-    """Run a transaction; answer once the home shard has applied its decision."""
+                     hops: int = 0, ring: str | None = None) -> TxnResult | Error:
+    """Run a transaction; answer once the home shard has applied its decision.
+
+    A transaction id is planned under one ring only (``ring``, else this node's): a record lives on the home
+    shard the ring gives its first key, so the same id planned under another ring would find no record and
+    could run twice. Every node it is handed to checks the ring (``-RINGCHANGED``)."""
     why = validate(compares, then_ops, else_ops)
     if why is not None:
         return Error("ERR", why)
     if not txid or len(txid) > 64:
         return Error("ERR", "transaction id must be 1-64 characters")
+    tag = node.map.ring_tag
+    if ring is not None and ring != tag:
+        return ring_changed(node, ring)
     plan = plan_txn(txid, compares, then_ops, else_ops, node.shard_of)
     if len(plan.participants) > 1 and is_read_only(then_ops, else_ops):
         return await read_only(node, compares, then_ops, else_ops)
@@ -198,8 +214,8 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
     if target is not None and target != node.name:
         # The coordinator is the home shard's leader: hand the transaction over.
         try:
-            reply = await node.rpc(target, ("txn", txid, tuple(compares), tuple(then_ops), tuple(else_ops), hops + 1),
-                                   node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
+            reply = await node.rpc(target, ("txn", txid, tuple(compares), tuple(then_ops), tuple(else_ops), hops + 1,
+                                            tag), node.timing.request_timeout_s + PREPARE_TIMEOUT_S)
         except PeerUnreachable as e:
             reply, handed_over = None, e.sent
         except PeerRefused:  # not run there (e.g. its map does not know us yet)
@@ -209,7 +225,12 @@ async def coordinate(node: NodeAPI, txid: str, compares: Any, then_ops: Any, els
         if isinstance(reply, Error) and reply.code not in ("MOVED", "NOQUORUM"):
             return reply
         # Unreachable leader (maybe after it began): coordinate here with the same
-        # txid; every message is idempotent, so two coordinators cannot disagree.
+        # txid; every message is idempotent, so two coordinators cannot disagree (under one ring).
+        if node.map.ring_tag != tag:
+            if handed_over:
+                return Error("UNKNOWN", f"transaction {txid}: outcome unknown: it was handed over to {target}, "
+                                        "whose reply was lost, and the ring has changed since")
+            return ring_changed(node, tag)
     res = await _run_here(node, plan, compares, then_ops, else_ops)
     if handed_over and isinstance(res, Error) and res.code in _NOT_RUN_HERE:
         # The leader may have committed it before its reply was lost; this node's own attempt not running (no
@@ -497,9 +518,9 @@ class TxnService:
         self.waits_total = 0  # transactions ever queued here
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
-                         hops: int = 0) -> TxnResult | Error:
+                         hops: int = 0, ring: str | None = None) -> TxnResult | Error:
         """Run a client transaction (see ``coordinate``)."""
-        return await coordinate(self.node, txid, compares, then_ops, else_ops, hops)
+        return await coordinate(self.node, txid, compares, then_ops, else_ops, hops, ring)
 
     def settling(self, txid: str, keys: list[bytes]) -> None:
         """The run of ``txid`` was answered and is releasing the locks on ``keys``."""

@@ -411,8 +411,8 @@ class Node:
         return await self.router.leader_elsewhere(shard, req, hops)
 
     async def coordinate_at_home(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
-                                 hops: int = 0) -> Any:
-        return await self.txns.coordinate(txid, compares, then_ops, else_ops, hops)
+                                 hops: int = 0, ring: str | None = None) -> Any:
+        return await self.txns.coordinate(txid, compares, then_ops, else_ops, hops, ring)
 
     async def run_forwarded(self, req: list[bytes], hops: int, peer: str) -> Any:
         spec = commands.COMMANDS.get(req[0].upper())

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from raftkv.protocol import OK, Error
-from raftkv.server import rpc
+from raftkv.server import coordinator, rpc
 from raftkv.server.api import Command, NodeAPI
 from raftkv.server.conn import Conn
 
@@ -42,8 +42,11 @@ async def _handle(node: NodeAPI, conn: Conn, msg: tuple) -> Any:
         return await node.execute(int(shard), tuple(cmd), read=bool(read), idempotent=bool(idempotent),
                                   hops=int(hops), budget_s=float(budget_s))
     if kind == "txn":
-        _, txid, compares, then_ops, else_ops, hops = msg
-        return await node.coordinate_at_home(str(txid), compares, then_ops, else_ops, int(hops))
+        txid, compares, then_ops, else_ops, hops, *rest = msg[1:]
+        ring = rest[0] if rest else None  # absent from nodes of before ring tags
+        if ring is not None and ring != node.map.ring_tag:
+            return coordinator.ring_changed(node, str(ring))
+        return await node.coordinate_at_home(str(txid), compares, then_ops, else_ops, int(hops), ring=ring)
     # "leader": an operator command, run here on behalf of a node that does not lead the shard
     _, _shard, request, hops = msg
     return await node.run_forwarded([bytes(a) for a in request], int(hops), conn.peer)

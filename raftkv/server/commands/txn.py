@@ -2,7 +2,7 @@
 
 ``RAFTKV.TXN`` grammar (tokens are bulk strings, keywords case-insensitive)::
 
-    RAFTKV.TXN [ID txid] <ncompares> <compare>... <nthen> <op>... <nelse> <op>...
+    RAFTKV.TXN [ID txid] [RING tag] <ncompares> <compare>... <nthen> <op>... <nelse> <op>...
     compare := key VALUE v | key REV n | key EXISTS | key MISSING
     op      := PUT key value | DEL key | GET key | APPEND key suffix
 
@@ -12,7 +12,13 @@ branch that ran: ``PUT`` -> ``OK``, ``DEL`` -> 1/0, ``GET`` -> value or nil,
 this node's ``value_bytes_max``: a transaction where one would make a longer
 value is refused with ``-TOOBIG`` (see ``raftkv.txn``).
 ``ID`` names the transaction (1-64 characters): resending the same ID after an
-unknown outcome finds the first attempt instead of running twice.
+unknown outcome finds the first attempt instead of running twice. That holds only
+while the ring stays the same: a transaction's record lives on its home shard (the
+shard of its first key), and after ``raftkv shard add|remove`` the same ID would be
+planned afresh, with another home, and could run a second time. ``RING tag``
+(``ShardMap.ring_tag`` of the map the client routes by) makes the node refuse with
+``-RINGCHANGED`` (not run) when its ring differs; the client library sends it, and
+treats that refusal after an unknown outcome as unknown.
 
 Per connection, ``WATCH`` records each key's modification revision (a
 linearizable read; for a missing key, the shard's revision, checked against its
@@ -46,8 +52,8 @@ class _Syntax(Exception):
     pass
 
 
-def parse_txn(args: list[bytes], value_bytes_max: int) -> tuple[str | None, list, list, list]:
-    """``RAFTKV.TXN`` arguments (without the command name) -> (txid, compares, then, else).
+def parse_txn(args: list[bytes], value_bytes_max: int) -> tuple[str | None, str | None, list, list, list]:
+    """``RAFTKV.TXN`` arguments (without the command name) -> (txid, ring tag, compares, then, else).
 
     ``value_bytes_max`` goes into each APPEND op: the state machine refuses one that would pass it.
     """
@@ -71,9 +77,13 @@ def parse_txn(args: list[bytes], value_bytes_max: int) -> tuple[str | None, list
             raise _Syntax(f"bad count {n}")
         return n
 
+    ring = None
     if args and args[0].upper() == b"ID":
         take()
         txid = take().decode(errors="replace")
+    if pos < len(args) and args[pos].upper() == b"RING":
+        take()
+        ring = take().decode(errors="replace")
     compares = []
     for _ in range(count()):
         key, kind = take(), take().upper()
@@ -110,7 +120,7 @@ def parse_txn(args: list[bytes], value_bytes_max: int) -> tuple[str | None, list
         branches.append(ops)
     if pos != len(args):
         raise _Syntax(f"{len(args) - pos} extra argument(s)")
-    return txid, compares, branches[0], branches[1]
+    return txid, ring, compares, branches[0], branches[1]
 
 
 def op_replies(ops: list, results: tuple) -> list:
@@ -144,16 +154,20 @@ def cmd_mset(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
 
 def cmd_txn(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     try:
-        txid, compares, then_ops, else_ops = parse_txn(req[1:], node.limits.value_bytes_max)
+        txid, ring, compares, then_ops, else_ops = parse_txn(req[1:], node.limits.value_bytes_max)
     except _Syntax as e:
-        return Error("ERR", f"RAFTKV.TXN syntax: {e} (see 'RAFTKV.TXN [ID id] n key VALUE v ... n PUT k v ... n ...')")
+        return Error("ERR", f"RAFTKV.TXN syntax: {e} (see 'RAFTKV.TXN [ID id] [RING tag] n key VALUE v ... n PUT k v "
+                            "... n ...')")
+    if ring is not None and ring != node.map.ring_tag:
+        return coordinator.ring_changed(node, ring)
     keys = [c[0] for c in compares] + [op[1] for op in then_ops + else_ops]
     if not keys:
         return Error("ERR", "RAFTKV.TXN: a transaction needs at least one key")
     _check(node, keys, [op[2] for op in then_ops + else_ops if op[0] in ("put", "append")])
 
     async def go() -> Any:
-        res = await node.coordinate_at_home(txid or coordinator.new_txid(), compares, then_ops, else_ops)
+        res = await node.coordinate_at_home(txid or coordinator.new_txid(), compares, then_ops, else_ops,
+                                            ring=ring)
         if isinstance(res, Error):
             return res
         assert isinstance(res, TxnResult)
@@ -313,7 +327,7 @@ def _mset_access(req: list[bytes]) -> Access:
 
 def _txn_access(req: list[bytes]) -> Access:
     try:
-        _txid, compares, then_ops, else_ops = parse_txn(req[1:], 0)  # keys only: the limit plays no part
+        _txid, _ring, compares, then_ops, else_ops = parse_txn(req[1:], 0)  # keys only: the limit plays no part
     except _Syntax:
         return Access("txn")  # refused by the handler anyway
     ops = then_ops + else_ops
