@@ -32,7 +32,7 @@ def _node(handover: Any) -> SimpleNamespace:
         return handover
 
     return SimpleNamespace(name="n3", replicas={}, timing=Timing(request_timeout_s=2.0), shard_of=lambda k: 0,
-                           leader_node=lambda shard: "n1", rpc=rpc)
+                           leader_node=lambda shard: "n1", rpc=rpc, map=SimpleNamespace(ring_tag="3.0"))
 
 
 def _exec(node: SimpleNamespace, here: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -65,3 +65,27 @@ def test_a_handover_that_did_not_run_leaves_the_local_answer_as_it_is(
         handover: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     here = Error("NOQUORUM", "shard 0 has no leader (waited 3.0 s)")
     assert _exec(_node(handover), here, monkeypatch) == here
+
+
+@pytest.mark.parametrize("sent", [True, False], ids=["lost-after-sending", "never-sent"])
+def test_a_handover_that_failed_while_the_ring_changed_is_not_run_again_here(
+        sent: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same id must not be planned under two rings (its record lives on the home shard of its ring): when
+    the ring changed while the handover failed, the node does not run it itself. If the handover may have run
+    it, the outcome is unknown; if it was never sent, nothing ran (-RINGCHANGED: retry with a new id)."""
+    node = _node(None)
+
+    async def rpc(target: str, msg: tuple, timeout: float) -> Any:
+        assert msg[-1] == "3.0"  # the ring the transaction was planned under travels with it
+        node.map.ring_tag = "4.9"  # a shard add lands meanwhile
+        raise PeerUnreachable("127.0.0.1:7001: connection reset", sent=sent)
+
+    node.rpc = rpc
+    reply = _exec(node, TxnResult(True, (True,)), monkeypatch)  # (a local run would have "succeeded")
+    assert isinstance(reply, Error) and reply.code == ("UNKNOWN" if sent else "RINGCHANGED"), reply
+
+
+def test_a_transaction_for_another_ring_is_refused_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    node = _node(AssertionError("never handed over"))
+    reply = asyncio.run(coordinator.coordinate(node, "tx1", [], [("put", b"k", b"2")], [], ring="2.0"))
+    assert isinstance(reply, Error) and reply.code == "RINGCHANGED" and "not 2.0" in reply.message
