@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -268,15 +269,32 @@ def shard_group() -> None:
     """Shards of the ring: add one or remove the last, online (the keys move), or plan an add/remove."""
 
 
+def _move_options(f: Any) -> Any:
+    """The options ``shard add`` and ``shard remove`` share: how long a step waits, and how the keys are copied
+    while they are served."""
+    for option in reversed((
+        click.option("--timeout", default=120.0, show_default=True,
+                     help="seconds a step may wait (a leader, transactions holding moving keys)"),
+        click.option("--chunk", type=click.IntRange(1), default=None,
+                     help="keys copied (or deleted) per Raft entry while they are served (default 250; smaller: "
+                          "lower client latency during the move, longer move)"),
+        click.option("--pace", default=1.0, show_default=True, type=click.FloatRange(0.05, 1.0),
+                     help="the pre-copy and the cleanup keep the cluster busy at most this fraction of the time, "
+                          "resting between chunks (1: no rest; clients' latency against the move's length)"),
+    )):
+        f = option(f)
+    return f
+
+
+def _resharder(cluster_file: str | None, timeout: float, chunk: int | None, pace: float) -> Any:
+    from raftkv.resharder import CHUNK_KEYS, Resharder
+
+    op = _operator(cluster_path(cluster_file), timeout)
+    return Resharder(op, step_timeout=timeout, chunk=chunk or CHUNK_KEYS, say=lambda msg: click.echo(msg), pace=pace)
+
+
 @shard_group.command("add")
-@click.option("--timeout", default=120.0, show_default=True,
-              help="seconds a step may wait (a leader, transactions holding moving keys)")
-@click.option("--chunk", type=click.IntRange(1), default=None,
-              help="keys copied (or deleted) per Raft entry while they are served (default 250; smaller: lower "
-                   "client latency during the move, longer move)")
-@click.option("--pace", default=1.0, show_default=True, type=click.FloatRange(0.05, 1.0),
-              help="the pre-copy and the cleanup keep the cluster busy at most this fraction of the time, "
-                   "resting between chunks (1: no rest; clients' latency against the move's length)")
+@_move_options
 @cluster_option
 @_membership_errors
 def shard_add(timeout: float, chunk: int | None, pace: float, cluster_file: str | None) -> None:
@@ -286,13 +304,9 @@ def shard_add(timeout: float, chunk: int | None, pace: float, cluster_file: str 
     then every node and client is sent to the new shard (-WRONGSHARD, a newer map). Safe to run
     again after a failure: it finishes the add that stopped (docs/scale-out.md).
     """
-    from raftkv.resharder import CHUNK_KEYS, Resharder
-
-    path = cluster_path(cluster_file)
-    op = _operator(path, timeout)
-    n = op.map.nshards
-    result = Resharder(op, step_timeout=timeout, chunk=chunk or CHUNK_KEYS, say=lambda msg: click.echo(msg),
-                       pace=pace).run()
+    resharder = _resharder(cluster_file, timeout, chunk, pace)
+    n = resharder.op.map.nshards
+    result = resharder.run()
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     if result.total:
         click.echo(f"moved {result.moved} of {result.total} keys to shard {result.shard} "
@@ -305,13 +319,7 @@ def shard_add(timeout: float, chunk: int | None, pace: float, cluster_file: str 
 
 @shard_group.command("remove")
 @click.argument("shard_id", metavar="[ID]", type=int, required=False)
-@click.option("--timeout", default=120.0, show_default=True,
-              help="seconds a step may wait (a leader, transactions holding moving keys)")
-@click.option("--chunk", type=click.IntRange(1), default=None,
-              help="keys copied per Raft entry while they are served (default 250)")
-@click.option("--pace", default=1.0, show_default=True, type=click.FloatRange(0.05, 1.0),
-              help="the pre-copy keeps the cluster busy at most this fraction of the time, resting between "
-                   "chunks (1: no rest)")
+@_move_options
 @cluster_option
 @_membership_errors
 def shard_remove(shard_id: int | None, timeout: float, chunk: int | None, pace: float, cluster_file: str | None) -> None:
@@ -322,13 +330,9 @@ def shard_remove(shard_id: int | None, timeout: float, chunk: int | None, pace: 
     keys wait (-MOVING) while they are copied. Safe to run again after a failure, with the same ID:
     it finishes the removal that stopped, or says it is done (docs/scale-out.md).
     """
-    from raftkv.resharder import CHUNK_KEYS, Resharder
-
-    path = cluster_path(cluster_file)
-    op = _operator(path, timeout)
-    n = op.map.nshards
-    result = Resharder(op, step_timeout=timeout, chunk=chunk or CHUNK_KEYS, say=lambda msg: click.echo(msg),
-                       pace=pace).remove(shard_id)
+    resharder = _resharder(cluster_file, timeout, chunk, pace)
+    n = resharder.op.map.nshards
+    result = resharder.remove(shard_id)
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     if result.total:
         click.echo(f"moved {result.moved} of {result.total} keys off shard {result.shard} "
