@@ -98,6 +98,12 @@ class Attempts:
         return min(0.5, 0.01 * 2 ** min(self.count, 6)) * random.uniform(0.5, 1.0)
 
 
+def _wrongshard_owner(message: str) -> int | None:
+    """The shard a ``-WRONGSHARD epoch shard ...`` reply says the key belongs to now (None if it names none)."""
+    parts = message.split(maxsplit=2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+
 def _b(x: Bytesish) -> bytes:
     return x.encode() if isinstance(x, str) else x
 
@@ -645,6 +651,10 @@ class Client:
                 attempts.refused(e)
                 if e.code == "WRONGSHARD":
                     self._reload_map()  # the key moved shard: route by the map that says so (once nodes have it)
+                    owner = _wrongshard_owner(e.message)
+                    if owner is not None and owner != shard and self.map is not None and owner in self.map.groups:
+                        shard = owner  # straight to the shard that has it now: no backoff, the route changed
+                        continue
             self._forget_leader(shard)
             time.sleep(attempts.backoff(time.monotonic()))
 

@@ -673,3 +673,31 @@ def test_cli_mset_and_txn(lc: LocalCluster) -> None:
     assert (p.returncode, p.stdout.split()) == (1, ["FAILED", "10", "1"]), p.stderr
     p = cli("txn", "--if", f"{a} bogus")
     assert p.returncode == 2 and "bad compare" in p.stderr
+
+
+def test_a_moved_key_is_sent_straight_to_the_shard_the_refusal_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-WRONGSHARD epoch shard``: the key now lives on ``shard``; the client's next attempt goes to that
+    shard's leader at once, without the backoff meant for a busy one (a third of a writer's keys during a
+    shard removal met it)."""
+    import raftkv.client as client_mod
+    from raftkv.protocol import ReplyError
+    from shards.shardmap import local_cluster
+
+    c = Client(cluster=local_cluster(3, 3, base_port=17101), timeout=2.0)
+    c._leaders = {0: "n1", 1: "n2", 2: "n3"}
+    sent: list[tuple[str, int]] = []
+
+    def call_node(addr: tuple[str, int], args: list[bytes], timeout: float) -> bytes:
+        if args[0] in (b"RAFTKV.SHARDS", b"RAFTKV.CLUSTER"):
+            raise ConnectionRefusedError("no node here")
+        sent.append(addr)
+        if len(sent) == 1:
+            raise ReplyError("WRONGSHARD 5 1 the key now belongs to shard 1 (map epoch 5); refresh the map")
+        return b"OK"
+
+    slept: list[float] = []
+    monkeypatch.setattr(client_mod.time, "sleep", slept.append)
+    c._call_node = call_node  # type: ignore[method-assign]
+    assert c._request(2, [b"SET", b"k", b"v"], write=True) == b"OK"
+    assert sent == [c.map.nodes["n3"].client_addr, c.map.nodes["n2"].client_addr] and slept == []
+    assert client_mod._wrongshard_owner("5 shard 9 ...") is None
