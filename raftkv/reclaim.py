@@ -177,10 +177,10 @@ class Reclaimer:
         """
         with self._lock:
             stale = False
-            if group not in self._pending and (self.incarnation(group) or 0) != incarnation and self.holds(group):
+            held = self.incarnation(group) or 0
+            if group not in self._pending and held != incarnation and self.holds(group):
                 log.warning("event=stale_incarnation group=%d held=%s want=%d msg='reclaiming the data of an "
-                            "earlier group of this shard id before the new one starts'", group,
-                            self.incarnation(group) or 0, incarnation)
+                            "earlier group of this shard id before the new one starts'", group, held, incarnation)
                 self.mark(group)
                 stale = True
             self.finish(group)

@@ -33,6 +33,10 @@ class Proposer:
         self.scheduled = False
         self.closed: tuple[str, str] | None = None
 
+    #: What a command still waiting gets when the group stops here (``close``): a proposed one may still
+    #: commit through the group's other members (a replica moved off a leader), so its outcome is unknown.
+    closed_kind = UNKNOWN
+
     def submit(self, cmd: tuple) -> asyncio.Future:
         """A future of ``(kind, result)`` for ``cmd``, proposed with this turn's batch."""
         fut = self.loop.create_future()
@@ -67,9 +71,8 @@ class Proposer:
 
     def close(self, reason: str) -> None:
         """The group stopped on this node (event loop only): its callbacks will never come, so every command
-        still waiting is answered now, instead of at its request timeout. A proposed command may still commit
-        through the group's other members (a replica moved off a leader): its outcome is unknown."""
-        self.closed = (UNKNOWN, reason)
+        still waiting is answered now (``closed_kind``), instead of at its request timeout."""
+        self.closed = (self.closed_kind, reason)
         _resolve([f for _, f in self.pending] + list(self.inflight), *self.closed)
         self.pending = []
 
@@ -77,10 +80,14 @@ class Proposer:
 class Reader(Proposer):
     """Batches linearizable reads for one shard behind one ReadIndex round (no log entry).
 
+    A read not answered when the group stops did not happen: safe to run elsewhere (``closed_kind``).
+
     The replica confirms its leadership with a majority after the reads arrived
     and waits until everything committed before is applied; the reads then run
     against the state on the tick thread, where it is consistent.
     """
+
+    closed_kind = NOT_APPLIED
 
     def _send(self, cmds: list, done: Callable[[str, Any], None]) -> None:
         replica = self.replica
@@ -94,12 +101,6 @@ class Reader(Proposer):
                 done(NOT_APPLIED, reason)  # the read did not happen; safe to retry
 
         replica.read_barrier(confirmed)
-
-    def close(self, reason: str) -> None:
-        """As ``Proposer.close``, but a read that was not answered did not happen: safe to run elsewhere."""
-        self.closed = (NOT_APPLIED, reason)
-        _resolve([f for _, f in self.pending] + list(self.inflight), *self.closed)
-        self.pending = []
 
 
 def _resolve(futs: list[asyncio.Future], kind: str, res: Any) -> None:
