@@ -281,6 +281,23 @@ class TxnRun:
         elif op == "tx_ack" and self.phase == "ack":
             self.phase = "done"
 
+    def live_commands(self, gone: Callable[[int], bool]) -> tuple[list[tuple[int, tuple]], list[tuple[int, tuple]]]:
+        """``(messages to send, messages answered)``: the run's messages after answering every one for a shard
+        ``gone`` says was removed (``on_shard_gone``), phase after phase, until only live shards are left."""
+        answered: list[tuple[int, tuple]] = []
+        for _ in range(8):  # each answer moves the run on by a phase, and it has fewer than 8
+            cmds = self.commands()
+            dead = [(s, c) for s, c in cmds if gone(s)]
+            if not dead:
+                return cmds, answered
+            phase = self.phase
+            for s, c in dead:
+                self.on_shard_gone(s, c)
+            answered += dead
+            if self.phase == phase:  # nothing moved (a COMMITTED proposal): send the rest
+                return [(s, c) for s, c in cmds if (s, c) not in dead], answered
+        return self.commands(), answered
+
     def on_shard_gone(self, shard: int, cmd: tuple) -> None:
         """Answer ``cmd`` for ``shard``, a shard ``raftkv shard remove`` took out of the cluster.
 

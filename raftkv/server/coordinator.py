@@ -422,18 +422,10 @@ def _commands(node: NodeAPI, run: TxnRun) -> list[tuple[int, tuple]]:
     """``run``'s messages to send, after answering those for removed shards (``TxnRun.on_shard_gone``); without
     this a run whose home was removed resent them until its budget ran out, holding its locks (seen: writes
     of keys it had prepared stalled for a minute after ``raftkv shard remove``)."""
-    for _ in range(8):  # each answer moves the run on by a phase, and it has fewer than 8
-        cmds = run.commands()
-        gone = [(s, c) for s, c in cmds if _removed(node, s)]
-        if not gone:
-            return cmds
-        phase = run.phase
-        for s, c in gone:
-            log.info("event=txn_shard_gone txid=%s shard=%d cmd=%s", run.plan.txid, s, c[0])
-            run.on_shard_gone(s, c)
-        if run.phase == phase:
-            return [(s, c) for s, c in cmds if (s, c) not in gone]
-    return run.commands()
+    cmds, answered = run.live_commands(lambda s: _removed(node, s))
+    for s, c in answered:
+        log.info("event=txn_shard_gone txid=%s shard=%d cmd=%s", run.plan.txid, s, c[0])
+    return cmds
 
 
 def _ops_of(plan: Any) -> tuple[list, list, list]:
