@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from raftkv.protocol import OK, Error
-from raftkv.server import coordinator, rpc
+from raftkv.server import rpc
 from raftkv.server.api import Command, NodeAPI
 from raftkv.server.conn import Conn
 
@@ -43,9 +43,7 @@ async def _handle(node: NodeAPI, conn: Conn, msg: tuple) -> Any:
                                   hops=int(hops), budget_s=float(budget_s))
     if kind == "txn":
         txid, compares, then_ops, else_ops, hops, *rest = msg[1:]
-        ring = rest[0] if rest else None  # absent from nodes of before ring tags
-        if ring is not None and ring != node.map.ring_tag:
-            return coordinator.ring_changed(node, str(ring))
+        ring = rest[0] if rest else None  # absent from nodes of before ring tags; coordinate() checks it
         return await node.coordinate_at_home(str(txid), compares, then_ops, else_ops, int(hops), ring=ring)
     # "leader": an operator command, run here on behalf of a node that does not lead the shard
     _, _shard, request, hops = msg

@@ -158,8 +158,6 @@ def cmd_txn(node: NodeAPI, conn: Conn, req: list[bytes]) -> Any:
     except _Syntax as e:
         return Error("ERR", f"RAFTKV.TXN syntax: {e} (see 'RAFTKV.TXN [ID id] [RING tag] n key VALUE v ... n PUT k v "
                             "... n ...')")
-    if ring is not None and ring != node.map.ring_tag:
-        return coordinator.ring_changed(node, ring)
     keys = [c[0] for c in compares] + [op[1] for op in then_ops + else_ops]
     if not keys:
         return Error("ERR", "RAFTKV.TXN: a transaction needs at least one key")
