@@ -920,12 +920,19 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
             if prev_idx > last_idx:
                 self._SyncObj__sendNextNodeIdx(node, reset=True, nextNodeIdx=last_idx + 1)
                 return
-            if log[prev_idx - first_idx][2] != prev_term:
+            held = log[prev_idx - first_idx][2]
+            if held != prev_term:
                 if prev_idx <= committed:
                     logger.critical(
                         "leader %r disagrees with committed entry %d (term %d, leader says %d)",
-                        node.id, prev_idx, log[prev_idx - first_idx][2], prev_term)
-                self._SyncObj__sendNextNodeIdx(node, reset=True, nextNodeIdx=prev_idx)
+                        node.id, prev_idx, held, prev_term)
+                # Hint: the first entry of the conflicting term (etcd's findConflictByTerm), never at or below
+                # our commit index (those match every later leader). A deposed leader's whole uncommitted tail
+                # is then skipped in one round trip instead of one entry per round trip.
+                hint = prev_idx
+                while hint - 1 > max(committed, first_idx) and log[hint - 1 - first_idx][2] == held:
+                    hint -= 1
+                self._SyncObj__sendNextNodeIdx(node, reset=True, nextNodeIdx=hint)
                 return
 
         # 2. Find the first entry that is new or conflicts; entries already held with the same term are kept.
@@ -1095,8 +1102,13 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         elif message["reset"]:
             # A rejection at or below matchIndex is stale (that prefix was acked in this term). Requires
             # durable storage on the follower, as in etcd's maybeDecrTo.
+            # A rejection only ever lowers nextIndex. The leader pipelines (each send moves nextIndex past what
+            # it sent), so after a conflict the follower also rejects every later message in flight, as beyond
+            # its log (hint: its last index + 1). Taken in turn, those hints put nextIndex back above the
+            # conflict and the leader re-sent the same messages forever (found by the harness: a deposed
+            # leader's replica never caught up). A current rejection's hint is always below nextIndex.
             if reply_next > match_index[node]:
-                next_index[node] = min(reply_next, last_idx + 1)
+                next_index[node] = min(reply_next, next_index[node], last_idx + 1)
         self._SyncObj__lastResponseTime[node] = _so.monotonicTime()
 
     def _rf_on_response_vote(self, node: Node, message: dict[str, Any]) -> None:

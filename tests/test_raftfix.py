@@ -513,6 +513,41 @@ def test_conflicting_suffix_is_truncated_but_never_committed_entries() -> None:
         assert f.raftCommitIndex == 2
 
 
+def test_a_deposed_leaders_uncommitted_tail_is_replaced_when_the_new_leader_is_far_ahead() -> None:
+    """Found by the harness (txn / partition): a leader cut off with entries it could not commit came back to
+    a new leader that had written more than one AppendEntries' worth since. The new leader pipelines: each
+    send moves nextIndex past what it sent. The returning follower rejects the first message on the
+    conflicting term (hint: the entry before) and every later one as beyond its log (hint: its last index +
+    1); taken in turn, the later hints put nextIndex back above the conflict, the leader sent the same
+    messages again, and the follower never caught up (its commit index stayed where it was cut off)."""
+    net = SimNet(random.Random(5))
+    with sim_clock(net, 5):
+        c = Cluster(net, safe=True)
+        assert c.run(3.0, until=lambda: c.leader() is not None)
+        old = c.leader()
+        assert old is not None
+        c.submit(old, "committed")
+        assert c.run(1.0, until=lambda: all("committed" in c.nodes[n].applied for n in NODE_IDS))
+        net.blocked.add(old)
+        for i in range(5):
+            c.submit(old, f"lost{i}")  # appended by the cut-off leader only: never committed
+        c.tick()
+        assert c.run(5.0, until=lambda: c.leader() not in (None, old))
+        new = c.leader()
+        big = "x" * 2000  # ~70 entries per AppendEntries (64 KiB batches): 300 need several
+        for i in range(300):
+            c.submit(new, f"new{i}-{big}")
+            if i % 20 == 19:
+                c.tick()
+        other = next(n for n in NODE_IDS if n not in (old, new))
+        assert c.run(5.0, until=lambda: sum(a.startswith("new") for a in c.nodes[other].applied) == 300)
+        net.blocked.discard(old)
+        assert c.run(10.0, until=lambda: c.log_of(old) == c.log_of(new)), (
+            f"the returning replica is stuck at {c.log_of(old)[-1]}, the leader is at {c.log_of(new)[-1]}")
+        assert c.run(2.0, until=lambda: c.nodes[old].applied == c.nodes[new].applied)
+        assert not any(a.startswith("lost") for a in c.nodes[old].applied)
+
+
 class SnapshotReplica(_AppliedLog, SafeSyncObj):
     """State set *after* SyncObj.__init__ is what pysyncobj puts in snapshots."""
 
