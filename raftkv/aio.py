@@ -29,7 +29,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from raftkv.aioconnection import AsyncConnection, ConnectionLost
-from raftkv.client import Attempts, Bytesish, LeaseTTL, RaftKVError, UnavailableError, _b, _parse_addr
+from raftkv.client import (
+    Attempts,
+    Bytesish,
+    LeaseTTL,
+    RaftKVError,
+    UnavailableError,
+    _b,
+    _parse_addr,
+    _wrongshard_owner,
+)
 from raftkv.leases import home_of
 from raftkv.protocol import ReplyError
 from raftkv.watchclient import Start, Watch, WatchEvent
@@ -186,6 +195,10 @@ class AsyncClient:
                 attempts.refused(e)
                 if e.code == "WRONGSHARD":
                     await self._reload_map()  # the key moved shard: route by the map that says so
+                    owner = _wrongshard_owner(e.message)
+                    if owner is not None and owner != shard and self.map is not None and owner in self.map.groups:
+                        shard = owner  # straight to the shard that has it now: no backoff, the route changed
+                        continue
             self._leaders.pop(shard, None)
             await asyncio.sleep(attempts.backoff(loop.time()))
 
