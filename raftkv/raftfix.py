@@ -141,6 +141,7 @@ CHUNK_SEQ_KEY = "raftfix_seq"  # on chunked entries / snapshot chunks: 0 for the
 SNAP_IDX_KEY = "raftfix_snap_idx"  # on snapshot chunks: index of the snapshot's last entry
 SNAP_TERM_KEY = "raftfix_snap_term"  # on snapshot chunks: term of the snapshot's last entry
 ROUND_KEY = "raftfix_round"  # on append_entries: the ReadIndex heartbeat round; echoed on next_node_idx
+REJECTED_KEY = "raftfix_rejected"  # on a rejecting next_node_idx: the prevLogIdx of the refused AppendEntries
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -386,6 +387,7 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         self._rf_tx_round: int | None = None  # round tagged on the AppendEntries being sent right now
         self._rf_round_acks: dict[Node, int] = {}  # follower -> highest round it acked in the current term
         self._rf_echo_round: int | None = None  # follower: round of the AppendEntries being handled
+        self._rf_rejected: int | None = None  # follower: prevLogIdx of the AppendEntries being refused
         self._rf_read_stats = {"rounds": 0, "served": 0, "failed": 0}
         # Membership (see module doc): the configuration entries in the log above lastApplied, oldest first.
         self._rf_conf_changes: list[ConfChange] = []
@@ -663,6 +665,8 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         if self._rf_echo_round is not None:
             # Set only while handling an AppendEntries whose term we accepted (now our term, in TERM_KEY).
             message[ROUND_KEY] = self._rf_echo_round
+        if self._rf_rejected is not None:
+            message[REJECTED_KEY] = self._rf_rejected
         if self._rf_durable and not self._rf_gated:
             # Queued until the end-of-tick flush: an ack must never leave before the entries it covers are on
             # disk. Failure replies are queued too, so replies leave in the order they were produced.
@@ -918,7 +922,7 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         #    committed entries are in every later leader's log (Leader Completeness), so they match.
         if prev_idx >= first_idx:
             if prev_idx > last_idx:
-                self._SyncObj__sendNextNodeIdx(node, reset=True, nextNodeIdx=last_idx + 1)
+                self._rf_reject(node, last_idx + 1, prev_idx)
                 return
             held = log[prev_idx - first_idx][2]
             if held != prev_term:
@@ -932,7 +936,7 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
                 hint = prev_idx
                 while hint - 1 > max(committed, first_idx) and log[hint - 1 - first_idx][2] == held:
                     hint -= 1
-                self._SyncObj__sendNextNodeIdx(node, reset=True, nextNodeIdx=hint)
+                self._rf_reject(node, hint, prev_idx)
                 return
 
         # 2. Find the first entry that is new or conflicts; entries already held with the same term are kept.
@@ -970,6 +974,14 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         matched = prev_idx + len(entries)
         self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=matched + 1, success=True)
         self._rf_set_commit(min(message["commit_index"], matched))
+
+    def _rf_reject(self, node: Node, hint: int, prev_idx: int) -> None:
+        """Refuse an AppendEntries: resend from ``hint``; the leader judges staleness by ``prev_idx``."""
+        self._rf_rejected = prev_idx
+        try:
+            self._SyncObj__sendNextNodeIdx(node, reset=True, nextNodeIdx=hint)
+        finally:
+            self._rf_rejected = None
 
     def _rf_truncate_from(self, idx: int) -> None:
         """Delete entries >= idx (all uncommitted), restoring the configuration in effect before them."""
@@ -1100,16 +1112,26 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
                 match_index[node] = acked
             next_index[node] = max(next_index[node], reply_next)
         elif message["reset"]:
-            # A rejection at or below matchIndex is stale (that prefix was acked in this term). Requires
-            # durable storage on the follower, as in etcd's maybeDecrTo.
-            # A rejection only ever lowers nextIndex. The leader pipelines (each send moves nextIndex past what
-            # it sent), so after a conflict the follower also rejects every later message in flight, as beyond
-            # its log (hint: its last index + 1). Taken in turn, those hints put nextIndex back above the
-            # conflict and the leader re-sent the same messages forever (found by the harness: a deposed
-            # leader's replica never caught up). A current rejection's hint is always below nextIndex.
-            if reply_next > match_index[node]:
-                next_index[node] = min(reply_next, next_index[node], last_idx + 1)
+            # A rejection of an AppendEntries whose prevLogIdx is at or below matchIndex is stale (that prefix
+            # was acked in this term). Requires durable storage on the follower, as in etcd's maybeDecrTo.
+            # (A peer that does not name the refused prevLogIdx: its hint at or below matchIndex counts as stale.)
+            rejected = message.get(REJECTED_KEY)
+            if (reply_next if rejected is None else rejected) > match_index[node]:
+                self._rf_lower_next_index(node, reply_next, last_idx)
         self._SyncObj__lastResponseTime[node] = _so.monotonicTime()
+
+    def _rf_lower_next_index(self, node: Node, hint: int, last_idx: int) -> None:
+        """A current rejection: resend from the follower's hint, which only ever lowers nextIndex.
+
+        The leader pipelines (each send moves nextIndex past what it sent), so after a conflict the follower
+        also rejects every later message in flight, as beyond its log (hint: its last index + 1). Taken in turn,
+        those hints put nextIndex back above the conflict and the leader re-sent the same messages forever
+        (found by the harness: a deposed leader's replica never caught up). A current rejection's hint is
+        always below nextIndex. Never at or below matchIndex either: a term-skip hint may reach below what the
+        follower already acknowledged in this term (its entries there are ours).
+        """
+        next_index = self._SyncObj__raftNextIndex
+        next_index[node] = max(self._SyncObj__raftMatchIndex[node] + 1, min(hint, next_index[node], last_idx + 1))
 
     def _rf_on_response_vote(self, node: Node, message: dict[str, Any]) -> None:
         """Count each voter once per term (stock counts messages, so a duplicate is a second vote)."""

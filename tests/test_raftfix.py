@@ -548,6 +548,72 @@ def test_a_deposed_leaders_uncommitted_tail_is_replaced_when_the_new_leader_is_f
         assert not any(a.startswith("lost") for a in c.nodes[old].applied)
 
 
+def test_a_rejection_never_leaves_next_index_above_a_conflict_nor_at_or_below_match_index() -> None:
+    """The leader's rule for rejections (``reset``), on crafted replies in its term:
+
+    - a rejection of an AppendEntries whose prevLogIdx is at or below matchIndex is stale: ignored;
+    - otherwise nextIndex becomes the hint, if lower, but never at or below matchIndex: a follower's hint skips
+      its whole conflicting term, which may reach below what it already acknowledged in this term (its entries
+      there are the leader's own), and a hint at or below matchIndex would otherwise be taken for a stale
+      reply and ignored, leaving nextIndex above the conflict forever;
+    - a later rejection with a higher hint (a message the leader pipelined before the first was refused)
+      does not raise it again."""
+    net = SimNet(random.Random(9))
+    with sim_clock(net, 9):
+        c = Cluster(net, safe=True)
+        assert c.run(3.0, until=lambda: c.leader() is not None)
+        lead = c.leader()
+        for i in range(8):
+            c.submit(lead, f"w{i}")
+        assert c.run(2.0, until=lambda: len(c.acked) == 8)
+        node = c.nodes[lead]
+        f = next(n for n in NODE_IDS if n != lead)
+        fnode = next(n for n in node.otherNodes if n.id == f)
+        last = node._SyncObj__raftLog[-1][1]
+        match, nxt = node._SyncObj__raftMatchIndex, node._SyncObj__raftNextIndex
+        net.hold = True
+
+        def reject(hint: int, prev: int) -> None:
+            node._SyncObj__onMessageReceived(fnode, {
+                "type": "next_node_idx", "next_node_idx": hint, "reset": True, "success": False,
+                raftfix.TERM_KEY: node.raftCurrentTerm, raftfix.REJECTED_KEY: prev})
+
+        match[fnode], nxt[fnode] = 5, last + 1
+        reject(hint=4, prev=5)  # prevLogIdx 5 <= matchIndex: stale
+        assert nxt[fnode] == last + 1
+        reject(hint=3, prev=7)  # a term-skip hint below matchIndex: resend from matchIndex + 1
+        assert nxt[fnode] == 6
+        reject(hint=last + 1, prev=last)  # pipelined before: refused as beyond the follower's log
+        assert nxt[fnode] == 6
+        reject(hint=7, prev=8)
+        assert nxt[fnode] == 6
+
+
+def test_a_follower_hints_the_first_entry_of_its_conflicting_term_above_its_commit_index() -> None:
+    net = SimNet(random.Random(3))
+    with sim_clock(net, 3):
+        c = Cluster(net, safe=True)
+        net.hold = True
+        f = c.nodes[1]
+        noop = b"\x01"
+
+        def ae(prev_idx: int, prev_term: int, entries: list[tuple[bytes, int, int]], commit: int) -> dict:
+            msg = {"type": "append_entries", "term": 5, "commit_index": commit, "entries": entries,
+                   "prevLogIdx": prev_idx, "prevLogTerm": prev_term}
+            net.deliver((net.now, 0, 2, 1, pickle.dumps(msg)))
+            f.doTick(0.0)
+            return pickle.loads(net.take(1, 2, "next_node_idx")[-1][4])
+
+        # entries 2..3 of term 2, 4..8 of term 3; commit index 2
+        ae(1, 0, [(noop, 2, 2), (noop, 3, 2)] + [(noop, i, 3) for i in range(4, 9)], commit=2)
+        reply = ae(7, 4, [], commit=2)  # the leader has term 4 at 7: skip back over term 3, to 4
+        assert reply["reset"] and reply["next_node_idx"] == 4 and reply[raftfix.REJECTED_KEY] == 7
+        reply = ae(3, 4, [], commit=2)  # term 2 at 3, committed up to 2: the hint stops at 3
+        assert reply["reset"] and reply["next_node_idx"] == 3
+        reply = ae(12, 4, [], commit=2)  # beyond our log: our last index + 1
+        assert reply["reset"] and reply["next_node_idx"] == 9 and reply[raftfix.REJECTED_KEY] == 12
+
+
 class SnapshotReplica(_AppliedLog, SafeSyncObj):
     """State set *after* SyncObj.__init__ is what pysyncobj puts in snapshots."""
 
