@@ -99,8 +99,8 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
         lc.wait_ready(60, nodes=[n for n in lc.map.nodes if n != victim])
         preload(preload_after, loaded + extra, value_size, start=loaded)
         serving_at, caught_at = _restart_and_catch_up(lc, victim)
-        rss = proc_rss_mb(lc.pid(victim) or 0)
-        anon_after = proc_rss_mb(lc.pid(victim) or 0, "RssAnon")
+        rss = round(proc_rss_mb(lc.pid(victim) or 0) or 0)
+        anon_after = round(proc_rss_mb(lc.pid(victim) or 0, "RssAnon") or 0)
         doc["restart"] = {"keys": loaded + extra, "written_while_down": extra, "node": victim,
                           "answers_status_s": None if serving_at is None else round(serving_at, 2),
                           "caught_up_s": None if caught_at is None else round(caught_at, 2), "rss_mb_after": rss,
@@ -124,8 +124,9 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
         doc["snapshot_catch_up"] = {"keys": loaded + extra, "logical_mb": round(logical / 1e6, 1),
                                     "caught_up_s": None if caught_at is None else round(caught_at, 2),
                                     "logical_mb_per_s": rate}
-        out(f"   new follower {victim} (removed, data deleted, added back) with {loaded + extra} keys: caught up by snapshot "
-            f"after {doc['snapshot_catch_up']['caught_up_s']} s ({rate} MB/s of keys and values)")
+        said = (f"caught up by snapshot after {doc['snapshot_catch_up']['caught_up_s']} s ({rate} MB/s of keys and "
+                "values)" if caught_at else f"NOT caught up by snapshot within {CATCH_UP_TIMEOUT_S:g} s")
+        out(f"   new follower {victim} (removed, data deleted, added back) with {loaded + extra} keys: {said}")
     finally:
         s.stop()
 
@@ -152,6 +153,10 @@ def _leader_changes(lc: LocalCluster) -> int:
     return total
 
 
+#: How long a restarted or new node gets to catch up before the bench gives up on it (and says so).
+CATCH_UP_TIMEOUT_S = 300.0
+
+
 def _restart_and_catch_up(lc: LocalCluster, victim: str) -> tuple[float | None, float | None]:
     """Start ``victim``; seconds until it answers status, and until it applied the others' commit indexes."""
     target: dict[str, int] = {}
@@ -164,7 +169,7 @@ def _restart_and_catch_up(lc: LocalCluster, victim: str) -> tuple[float | None, 
     t0 = time.monotonic()
     lc.start_node(victim)
     serving_at = caught_at = None
-    while time.monotonic() - t0 < 300:
+    while time.monotonic() - t0 < CATCH_UP_TIMEOUT_S:
         st = _status(lc, victim)
         if st is not None and serving_at is None:
             serving_at = time.monotonic() - t0
