@@ -223,6 +223,10 @@ class MuxTransport(Transport):
     def destroy(self) -> None:
         self.network.detach(self)
 
+    def unsent(self, node: Node) -> int:
+        """Bytes queued for ``node``'s node that its socket has not taken yet (every group's frames)."""
+        return self.network.unsent(endpoint_of(node.id, self.shard))
+
     # -- from the network -----------------------------------------------------------------------------------
     def endpoints(self) -> set[str]:
         return {endpoint_of(member, self.shard) for member in self.nodes}
@@ -326,6 +330,15 @@ class RaftNetwork:
         (conn.early if isinstance(message, dict) and message.get("type") == "append_entries"
          else conn.frames).append(frame)
         return True
+
+    def unsent(self, endpoint: str) -> int:
+        """Bytes queued for ``endpoint`` not yet taken by its socket (0 if not connected): a sender of bulk
+        data (a snapshot) waits while this is large, so what it queues never delays the frames behind it
+        (heartbeats, votes) by more than that much."""
+        conn = self.open.get(endpoint)
+        if conn is None:
+            return 0
+        return len(conn.wbuf) + sum(map(len, conn.early)) + sum(map(len, conn.frames))
 
     def flush_early(self) -> None:
         """Send the frames that need no sync first (``send``): the driver calls it before the loop's sync."""

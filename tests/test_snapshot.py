@@ -261,7 +261,7 @@ def test_a_checkpoint_commits_on_its_own_thread_while_writes_go_on(tmp_path: Pat
         snaps.wait_checkpoint()
         assert snaps.checkSerializing() == (SUCCESS, 9)
         assert state.data.pending() == 2  # only the two writes after the checkpoint
-        crashed = EngineStore(engine, 2, count=100)  # what a restart finds: the checkpoint, whole
+        crashed = EngineStore(engine, 2, count=100, gen=state.data.gen)  # what a restart finds: the checkpoint, whole
         assert crashed.get(b"k000")[0] == b"v1" and crashed.get(b"k001")[0] == b"v1" and len(crashed) == 100
     finally:
         release.set()

@@ -1,0 +1,175 @@
+"""How fast a new follower catches up by snapshot: MB/s of keys and values, and where the time went.
+
+Usage::
+
+    python bench/catchup_bench.py [--keys N] [--shards S] [--value-size B] [--rounds R]
+                                  [--tree NAME=DIR ...] [--workdir DIR] [--json FILE]
+
+Preloads N keys of B bytes (``Client.put_many``) into a 3-node cluster of S shards once, stops it and keeps a
+copy of its directory.  Each trial restores that copy, starts the cluster, removes the last node from every
+group (``raftkv node remove``), deletes its data directory, adds it back empty (``raftkv node add``) and
+times from its start until it applied the others' commit indexes, as ``raftkv bench scale`` does (so the
+figure includes the process start and the elections).  The rate is (keys x (key + value + 8 B)) / seconds,
+the same "MB/s of keys and values" as the scale bench.  From the new node's log it also reports when its
+first snapshot chunk arrived and each shard's install time (``event=snapshot_receiving`` /
+``event=snapshot_installed``).
+
+``--tree NAME=DIR`` (repeatable) runs the trials with the raftkv code of DIR (e.g. an export of another
+commit): the trees alternate within each round, so a comparison sees the same machine load.  Without it the
+code of this checkout is measured.  Every node runs on this one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+
+
+def preload_cluster(base: Path, keys: int, shards: int, value_size: int) -> float:
+    """A stopped 3-node cluster in ``base`` holding ``keys`` keys; returns the load's seconds."""
+    from raftkv.bench.preload import preload
+    from raftkv.bench.systems import RaftKVSystem
+
+    system = RaftKVSystem(str(base), shards=shards, nodes=3)
+    try:
+        took = preload(system, keys, value_size)
+        # Let every leader checkpoint and compact what the load wrote, so a new follower needs a snapshot.
+        time.sleep(3.0)
+    finally:
+        system.stop()
+    return took
+
+
+def trial(run: Path, keys: int, value_size: int) -> dict[str, Any]:
+    """One catch-up of a new follower in the cluster in ``run`` (runs with whatever raftkv is importable)."""
+    from raftkv.bench.scale import _operator, _restart_and_catch_up
+    from raftkv.bench.workloads import key_name
+    from raftkv.cluster import LocalCluster
+
+    lc = LocalCluster(run)
+    lc.start()
+    try:
+        lc.wait_ready(120)
+        victim = sorted(lc.map.nodes)[-1]
+        op = _operator(lc)
+        info = lc.map.nodes[victim]
+        op.remove(victim, stop=True)
+        shutil.rmtree(lc.map.node_data_dir(victim))
+        log_file = lc.log_file(victim)
+        log_file.unlink(missing_ok=True)
+        op.add(f"{info.host}:{info.client_port}", name=victim, raft_port=info.raft_port, start=False)
+        lc.map = op.map
+        t0 = time.time()
+        serving, caught = _restart_and_catch_up(lc, victim)
+        time.sleep(0.5)  # the log lines of the last install
+        logical = keys * (len(key_name(0)) + value_size + 8)
+        out: dict[str, Any] = {"caught_up_s": caught, "answers_s": serving, "logical_mb": logical / 1e6,
+                               "mb_per_s": None if not caught else logical / caught / 1e6}
+        out.update(_log_breakdown(log_file.read_text(errors="replace"), t0))
+        return out
+    finally:
+        lc.stop()
+
+
+_TS = re.compile(r"^ts=(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+)")
+
+
+def _log_breakdown(text: str, t0: float) -> dict[str, Any]:
+    """First chunk arrival (s after start) and per-shard install ms from the new node's log."""
+    import datetime as dt
+
+    def when(line: str) -> float | None:
+        m = _TS.match(line)
+        if not m:
+            return None
+        s = m.group(1).replace(",", ".").replace("T", " ")
+        return dt.datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+    first = last = None
+    installs = []
+    for line in text.splitlines():
+        if "event=snapshot_receiving" in line and first is None:
+            first = when(line)
+        if "event=snapshot_installed" in line:
+            last = when(line)
+            m = re.search(r"ms=([\d.]+)", line)
+            if m:
+                installs.append(float(m.group(1)))
+    return {"first_chunk_s": None if first is None else round(first - t0, 2),
+            "last_install_s": None if last is None else round(last - t0, 2),
+            "install_ms": installs}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keys", type=int, default=1_000_000)
+    ap.add_argument("--shards", type=int, default=3)
+    ap.add_argument("--value-size", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tree", action="append", default=[], help="NAME=DIR: measure the raftkv code of DIR")
+    ap.add_argument("--workdir", default=None, help="keep the preloaded cluster here (reused if present)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--trial", default=None, help=argparse.SUPPRESS)  # internal: one trial in this directory
+    a = ap.parse_args()
+    if a.trial:
+        print(json.dumps(trial(Path(a.trial), a.keys, a.value_size)))
+        return 0
+    trees = dict(t.split("=", 1) for t in a.tree) or {"this": str(REPO)}
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="catchup-"))
+    pristine, run = work / "pristine", work / "run"
+    if not (pristine / "cluster.toml").exists():
+        took = preload_cluster(pristine, a.keys, a.shards, a.value_size)
+        print(f"preloaded {a.keys} keys of {a.value_size} B on {a.shards} shards in {took:.1f} s", flush=True)
+    results: dict[str, list[dict]] = {name: [] for name in trees}
+    for r in range(a.rounds):
+        for name, tree in trees.items():
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(pristine, run, symlinks=True)
+            _retarget(pristine, run)
+            env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+            p = subprocess.run([sys.executable, str(HERE), "--trial", str(run), "--keys", str(a.keys),
+                                "--value-size", str(a.value_size)], env=env, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(p.stdout, p.stderr, file=sys.stderr)
+                return 1
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+            res["loadavg_1m"] = os.getloadavg()[0]
+            results[name].append(res)
+            print(f"round {r + 1} {name}: caught up in {res['caught_up_s']:.2f} s = {res['mb_per_s']:.1f} MB/s "
+                  f"(first chunk at {res['first_chunk_s']} s, last install at {res['last_install_s']} s, "
+                  f"installs ms {res['install_ms']}, load {res['loadavg_1m']:.1f})", flush=True)
+    summary = {"keys": a.keys, "shards": a.shards, "value_size": a.value_size, "results": results, "median": {}}
+    for name, rs in results.items():
+        secs = [x["caught_up_s"] for x in rs if x["caught_up_s"]]
+        if secs:
+            med = statistics.median(secs)
+            summary["median"][name] = {"caught_up_s": round(med, 2), "mb_per_s": round(rs[0]["logical_mb"] / med, 1)}
+            print(f"{name}: median {med:.2f} s = {rs[0]['logical_mb'] / med:.1f} MB/s over {len(secs)} runs")
+    if a.json:
+        Path(a.json).write_text(json.dumps(summary, indent=1))
+    if a.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _retarget(pristine: Path, run: Path) -> None:
+    """The copied cluster file names the pristine directory's paths: point them at the copy."""
+    cfg = run / "cluster.toml"
+    cfg.write_text(cfg.read_text().replace(str(pristine.resolve()), str(run.resolve())))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
