@@ -84,6 +84,47 @@ def trial(run: Path, keys: int, value_size: int) -> dict[str, Any]:
         lc.stop()
 
 
+def local_trial(engine_dir: Path, shard: int) -> dict[str, Any]:
+    """Stream ``shard`` of a copy of the engine in ``engine_dir`` to a new follower engine, in this process,
+    calling the leader's and the follower's serializer in turn (no network, no Raft): the CPU seconds each
+    side spent, and the wall time."""
+    from raftkv.engine import Engine
+    from raftkv.snapshot import ShardSnapshots
+
+    tmp = Path(tempfile.mkdtemp(prefix="catchup-local-"))
+    try:
+        shutil.copytree(engine_dir, tmp / "leader")
+        engines = [Engine(str(tmp / "leader")), Engine(str(tmp / "follower"))]
+        held: list[dict] = [{}, {}]
+        sides = []
+        for i, engine in enumerate(engines):
+            snaps = ShardSnapshots(engine, shard, str(tmp / f"{i}.snapshot"), 1 << 20,
+                                   lambda h=held[i]: h["s"], lambda st, h=held[i]: h.__setitem__("s", st))
+            held[i]["s"] = snaps.open_state()
+            sides.append(snaps)
+        leader, follower = sides
+        cpu_leader = cpu_follower = 0.0
+        wall = time.perf_counter()
+        while True:
+            a = time.thread_time()
+            chunk = leader.getTransmissionData("f")
+            b = time.thread_time()
+            follower.setTransmissionData(chunk)
+            if chunk[2]:
+                follower.deserialize()
+            c = time.thread_time()
+            cpu_leader, cpu_follower = cpu_leader + b - a, cpu_follower + c - b
+            if chunk[2]:
+                break
+        wall = time.perf_counter() - wall
+        keys = len(held[1]["s"])
+        for engine in engines:
+            engine.close()
+        return {"keys": keys, "leader_cpu_s": cpu_leader, "follower_cpu_s": cpu_follower, "wall_s": wall}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 _TS = re.compile(r"^ts=(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+)")
 
 
@@ -122,10 +163,17 @@ def main() -> int:
     ap.add_argument("--tree", action="append", default=[], help="NAME=DIR: measure the raftkv code of DIR")
     ap.add_argument("--workdir", default=None, help="keep the preloaded cluster here (reused if present)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--local", action="store_true",
+                    help="no cluster: stream shard 0 of the preloaded first node's engine to a new engine in one "
+                         "process, and report each side's CPU time (less sensitive to the machine's load)")
     ap.add_argument("--trial", default=None, help=argparse.SUPPRESS)  # internal: one trial in this directory
+    ap.add_argument("--local-trial", default=None, help=argparse.SUPPRESS)  # internal: one local trial
     a = ap.parse_args()
     if a.trial:
         print(json.dumps(trial(Path(a.trial), a.keys, a.value_size)))
+        return 0
+    if a.local_trial:
+        print(json.dumps(local_trial(Path(a.local_trial), 0)))
         return 0
     trees = dict(t.split("=", 1) for t in a.tree) or {"this": str(REPO)}
     work = Path(a.workdir or tempfile.mkdtemp(prefix="catchup-"))
@@ -134,6 +182,8 @@ def main() -> int:
         took = preload_cluster(pristine, a.keys, a.shards, a.value_size)
         print(f"preloaded {a.keys} keys of {a.value_size} B on {a.shards} shards in {took:.1f} s", flush=True)
     results: dict[str, list[dict]] = {name: [] for name in trees}
+    if a.local:
+        return _local(a, trees, pristine / "data" / "n1" / "engine")
     for r in range(a.rounds):
         for name, tree in trees.items():
             shutil.rmtree(run, ignore_errors=True)
@@ -162,6 +212,38 @@ def main() -> int:
         Path(a.json).write_text(json.dumps(summary, indent=1))
     if a.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _local(a: argparse.Namespace, trees: dict[str, str], engine_dir: Path) -> int:
+    """``--local``: the in-process stream of one shard, the trees alternating within each round."""
+    from raftkv.bench.workloads import key_name
+
+    results: dict[str, list[dict]] = {name: [] for name in trees}
+    for r in range(a.rounds):
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+            p = subprocess.run([sys.executable, str(HERE), "--local-trial", str(engine_dir)], env=env,
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                print(p.stdout, p.stderr, file=sys.stderr)
+                return 1
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+            mb = res["keys"] * (len(key_name(0)) + a.value_size + 8) / 1e6
+            res.update(mb=mb, loadavg_1m=os.getloadavg()[0])
+            results[name].append(res)
+            print(f"round {r + 1} {name}: {res['keys']} keys, leader CPU {res['leader_cpu_s']:.2f} s "
+                  f"({mb / res['leader_cpu_s']:.0f} MB/s), follower CPU {res['follower_cpu_s']:.2f} s "
+                  f"({mb / res['follower_cpu_s']:.0f} MB/s), wall {res['wall_s']:.2f} s "
+                  f"(load {res['loadavg_1m']:.1f})", flush=True)
+    summary: dict[str, Any] = {"local": True, "results": results, "median": {}}
+    for name, rs in results.items():
+        med = {k: round(statistics.median(x[k] for x in rs), 3) for k in ("leader_cpu_s", "follower_cpu_s", "wall_s")}
+        summary["median"][name] = med
+        print(f"{name}: median leader CPU {med['leader_cpu_s']:.2f} s, follower CPU {med['follower_cpu_s']:.2f} s, "
+              f"wall {med['wall_s']:.2f} s over {len(rs)} runs")
+    if a.json:
+        Path(a.json).write_text(json.dumps(summary, indent=1))
     return 0
 
 

@@ -77,7 +77,7 @@ INSTALL_COMMIT_BYTES = 8 << 20
 #: A leader sends the next chunk to a follower only while less than this is queued for that follower's node
 #: and not yet taken by its socket: a snapshot never queues more than that in front of the heartbeats,
 #: votes and acks that share the connection.
-SEND_BACKLOG_BYTES = 2 << 20
+SEND_BACKLOG_BYTES = 4 << 20
 FRESH_GENS = 1 << 31  # a replica with no checkpoint takes a generation below this at random (open_state)
 
 
@@ -284,13 +284,13 @@ class ShardSnapshots:
 
         Called between ticks, so dropping a large shard's old generation never holds the driver for long.
         """
-        if not self._stale:
-            return 0
-        lo, hi = data_range(self.shard, self._stale[0])
-        n = self._engine.commit_now(lambda b: b.delete_first(lo, hi, max_keys), "tidy")
-        if not n:
-            self._stale.pop(0)
-        return n or 0
+        while self._stale:
+            lo, hi = data_range(self.shard, self._stale[0])
+            n = self._engine.commit_now(lambda b, lo=lo, hi=hi: b.delete_first(lo, hi, max_keys), "tidy")
+            if n:
+                return n
+            self._stale.pop(0)  # that generation is gone: on to the next, if any
+        return 0
 
     def _is_legacy(self, path: str) -> bool:
         try:
