@@ -80,7 +80,7 @@ ID_BYTES_MAX = 255
 RECORD_BYTES_MAX = 256 << 20  # a snapshot chunk or a large AppendEntries batch fits; a forged length does not
 HANDSHAKE_BYTES_MAX = 1024
 RECV_BYTES = 256 << 10
-RECV_PER_POLL_MAX = 8 << 20  # one connection may not starve the others within one loop
+RECV_PER_POLL_MAX = 2 << 20  # one connection may not starve the others within one loop (nor a snapshot hold it long)
 UNSENT_BYTES_MAX = 256 << 20  # a peer that stopped reading is dropped rather than buffered forever
 RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 1.0
@@ -414,6 +414,12 @@ class RaftNetwork:
                     self._on_readable(target, active)
             else:
                 target()
+        # Silence is judged after the sockets were read: judged before, a loop of ours that was busy for longer
+        # than the timeout (a large snapshot chunk installed) dropped peers whose frames were waiting unread.
+        now = time.monotonic()
+        for conn in list(self.conns):
+            if conn.state != "connecting" and now - conn.last_read > self.timeout_s:
+                self._close(conn, f"nothing read for {self.timeout_s:g} s")
         if self.needs_sync:
             self.needs_sync = False
             for transport in list(self.groups.values()):
@@ -427,8 +433,6 @@ class RaftNetwork:
                 self._close(conn, "connect timed out")
             elif conn.state != "open" and now - conn.opened_at > 2 * self.timeout_s:
                 self._close(conn, "handshake timed out")
-            elif now - conn.last_read > self.timeout_s:
-                self._close(conn, f"nothing read for {self.timeout_s:g} s")
         if self._wanted is None:  # recomputed only when a group or its members changed
             self._wanted = set()
             for transport in self.groups.values():

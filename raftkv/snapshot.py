@@ -73,7 +73,7 @@ KEYS_PER_RECORD = 2_000
 _REC_HEAD = 8  # u32 length + u32 CRC-32 of the payload
 #: A follower commits the keys received so far once this many bytes of stream are waiting (and at the end),
 #: not per chunk: each commit is a durable one (an fsync), and the install needs durability only at its end.
-INSTALL_COMMIT_BYTES = 8 << 20
+INSTALL_COMMIT_BYTES = 4 << 20
 #: A leader sends the next chunk to a follower only while less than this is queued for that follower's node
 #: and not yet taken by its socket: a snapshot never queues more than that in front of the heartbeats,
 #: votes and acks that share the connection.
