@@ -76,7 +76,8 @@ def trial(run: Path, keys: int, value_size: int) -> dict[str, Any]:
         serving, caught = _restart_and_catch_up(lc, victim)
         time.sleep(0.5)  # the log lines of the last install
         logical = keys * (len(key_name(0)) + value_size + 8)
-        out: dict[str, Any] = {"caught_up_s": caught, "answers_s": serving, "logical_mb": logical / 1e6,
+        out: dict[str, Any] = {"raftkv": str(Path(__import__("raftkv").__file__).parent),
+                               "caught_up_s": caught, "answers_s": serving, "logical_mb": logical / 1e6,
                                "mb_per_s": None if not caught else logical / caught / 1e6}
         out.update(_log_breakdown(log_file.read_text(errors="replace"), t0))
         return out
@@ -190,15 +191,17 @@ def main() -> int:
             shutil.copytree(pristine, run, symlinks=True)
             _retarget(pristine, run)
             env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+            # cwd: not a checkout, or the nodes (python -m raftkv) would import its raftkv instead of the tree's
             p = subprocess.run([sys.executable, str(HERE), "--trial", str(run), "--keys", str(a.keys),
-                                "--value-size", str(a.value_size)], env=env, capture_output=True, text=True)
+                                "--value-size", str(a.value_size)], env=env, capture_output=True, text=True,
+                               cwd=work)
             if p.returncode != 0:
                 print(p.stdout, p.stderr, file=sys.stderr)
                 return 1
             res = json.loads(p.stdout.strip().splitlines()[-1])
             res["loadavg_1m"] = os.getloadavg()[0]
             results[name].append(res)
-            print(f"round {r + 1} {name}: caught up in {res['caught_up_s']:.2f} s = {res['mb_per_s']:.1f} MB/s "
+            print(f"round {r + 1} {name} ({res['raftkv']}): caught up in {res['caught_up_s']:.2f} s = {res['mb_per_s']:.1f} MB/s "
                   f"(first chunk at {res['first_chunk_s']} s, last install at {res['last_install_s']} s, "
                   f"installs ms {res['install_ms']}, load {res['loadavg_1m']:.1f})", flush=True)
     summary = {"keys": a.keys, "shards": a.shards, "value_size": a.value_size, "results": results, "median": {}}
@@ -224,7 +227,7 @@ def _local(a: argparse.Namespace, trees: dict[str, str], engine_dir: Path) -> in
         for name, tree in trees.items():
             env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
             p = subprocess.run([sys.executable, str(HERE), "--local-trial", str(engine_dir)], env=env,
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, cwd=engine_dir.parents[2])
             if p.returncode != 0:
                 print(p.stdout, p.stderr, file=sys.stderr)
                 return 1

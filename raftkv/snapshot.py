@@ -16,15 +16,24 @@ in chunks.  ``ShardSnapshots`` takes its place for a ``ShardReplica`` (raftkv.re
   loaded into memory and nothing below S is replayed, whatever the data size.
 * **Snapshot to a follower** (``getTransmissionData``): a consistent engine read view (LMDB MVCC, so the
   stream is the checkpoint as of its start even if the leader checkpoints again meanwhile) streamed as
-  records: a header (format, pysyncobj data, state metadata), then the keys in order in slices, then an end
-  record.  Each record carries its length and a CRC-32.
-* **Install** (``setTransmissionData`` + ``deserialize``): the follower writes each received chunk's keys,
-  as it arrives, into the shard's NEXT generation (data keys carry a generation number: ``raftkv.kvstore``),
-  one engine commit per chunk, while it goes on serving from the current one.  Once the end record arrived
-  and every record's checksum and the key count agree, one small commit writes the snapshot's metadata naming
-  the new generation: that is the switch.  The old generation's keys are then deleted a slice per tick
-  (``tidy``).  A crash before the switch leaves the old state (the partial generation is deleted later); a
-  crash after it, the new one; a damaged or cut stream is refused, never acknowledged, and sent again.
+  records: a header (format, pysyncobj data, state metadata, the leader's generation), then the keys in
+  order in slices of ``KEYS_PER_RECORD`` (the cursor's own ``(key, value)`` rows, marshalled: no Python step
+  per key), then an end record.  Each record carries its length and a CRC-32.  While more than
+  ``SEND_BACKLOG_BYTES`` wait to leave for the follower's node (``unsent``) no chunk is made, so a transfer
+  never queues much in front of the heartbeats, votes and acks sharing the connection (and raftfix bounds
+  the time a leader spends making chunks per send).
+* **Install** (``setTransmissionData`` + ``deserialize``): the follower writes the received keys into a
+  generation it does not serve from (data keys carry a generation number: ``raftkv.kvstore``): the leader's,
+  so they are stored exactly as received, unless the follower serves from that one (it installed from this
+  leader before), then the next one, each key re-prefixed.  It commits them per ``INSTALL_COMMIT_BYTES`` of
+  stream and at the end, while it goes on serving from the current generation.  Once the end record arrived,
+  every record's checksum and the key count agree and the last keys are committed (durably: every engine
+  commit is), one small commit writes the snapshot's metadata naming the new generation: that is the switch.
+  The old generation's keys are then deleted a slice per tick (``tidy``).  A crash before the switch leaves
+  the old state (the partial generation is deleted at start-up); a crash after it, the new one; a damaged,
+  cut or out-of-order stream (records' keys must lie in the leader's range and ascend) is refused, never
+  acknowledged, and sent again.  A replica with no checkpoint yet draws its generation at random, so a new
+  follower takes the first, faster path.
 
 pysyncobj checks for a "dump file" to decide whether to load a snapshot at start-up; here that file is a small
 marker that says "the checkpoint is in the engine".  It exists whenever the engine holds a checkpoint of the
