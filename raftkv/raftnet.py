@@ -162,7 +162,8 @@ class _Conn:
             raise ValueError(f"record of {n} bytes exceeds {limit}")
         if len(buf) - 4 < n:
             return None
-        body = bytes(buf[4:4 + n])
+        with memoryview(buf) as whole:  # one copy (slicing the bytearray would make two)
+            body = bytes(whole[4:4 + n])
         del buf[:4 + n]
         return body
 

@@ -557,7 +557,8 @@ class _Receiving:
             n = int.from_bytes(buf[pos:pos + 4], "big")
             if len(buf) - pos - _REC_HEAD < n:
                 break
-            payload = bytes(buf[pos + _REC_HEAD:pos + _REC_HEAD + n])
+            with memoryview(buf) as whole:  # one copy of the record (slicing the bytearray would make two)
+                payload = bytes(whole[pos + _REC_HEAD:pos + _REC_HEAD + n])
             if zlib.crc32(payload) != int.from_bytes(buf[pos + 4:pos + 8], "big"):
                 raise SnapshotError("snapshot stream damaged (record checksum mismatch)")
             pos += _REC_HEAD + n
@@ -620,7 +621,8 @@ class _Transmission:
             if rec is None:
                 break
             buf += rec
-        out = bytes(buf[:size])
+        with memoryview(buf) as whole:
+            out = bytes(whole[:size])
         del buf[:size]
         return out
 
