@@ -73,10 +73,16 @@ def trial(run: Path, keys: int, value_size: int) -> dict[str, Any]:
         op.add(f"{info.host}:{info.client_port}", name=victim, raft_port=info.raft_port, start=False)
         lc.map = op.map
         t0 = time.time()
+        others = {n: lc.pid(n) for n in lc.map.nodes if n != victim}
+        cpu0 = {n: _cpu_s(pid) for n, pid in others.items()}
         serving, caught = _restart_and_catch_up(lc, victim)
+        # CPU seconds each node spent from the new node's start until it caught up (the new node's include its
+        # start-up): what the catch-up costs, whatever share of the machine the processes got
+        cpu = {n: round(_cpu_s(pid) - cpu0[n], 2) for n, pid in others.items()}
+        cpu[victim] = round(_cpu_s(lc.pid(victim)), 2)
         time.sleep(0.5)  # the log lines of the last install
         logical = keys * (len(key_name(0)) + value_size + 8)
-        out: dict[str, Any] = {"raftkv": str(Path(__import__("raftkv").__file__).parent),
+        out: dict[str, Any] = {"raftkv": str(Path(__import__("raftkv").__file__).parent), "cpu_s": cpu,
                                "caught_up_s": caught, "answers_s": serving, "logical_mb": logical / 1e6,
                                "mb_per_s": None if not caught else logical / caught / 1e6}
         out.update(_log_breakdown(log_file.read_text(errors="replace"), t0))
@@ -126,6 +132,15 @@ def local_trial(engine_dir: Path, shard: int) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 _TS = re.compile(r"^ts=(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+)")
 
 
@@ -150,7 +165,9 @@ def _log_breakdown(text: str, t0: float) -> dict[str, Any]:
             m = re.search(r"ms=([\d.]+)", line)
             if m:
                 installs.append(float(m.group(1)))
-    return {"first_chunk_s": None if first is None else round(first - t0, 2),
+    return {"transfers_begun": text.count("event=snapshot_receiving"),  # more than the shards: some restarted
+            "silence_drops": text.count("why='nothing read"),
+            "first_chunk_s": None if first is None else round(first - t0, 2),
             "last_install_s": None if last is None else round(last - t0, 2),
             "install_ms": installs}
 
@@ -203,14 +220,19 @@ def main() -> int:
             results[name].append(res)
             print(f"round {r + 1} {name} ({res['raftkv']}): caught up in {res['caught_up_s']:.2f} s = {res['mb_per_s']:.1f} MB/s "
                   f"(first chunk at {res['first_chunk_s']} s, last install at {res['last_install_s']} s, "
-                  f"installs ms {res['install_ms']}, load {res['loadavg_1m']:.1f})", flush=True)
+                  f"installs ms {res['install_ms']}, transfers begun {res['transfers_begun']}, "
+                  f"connections dropped for silence {res['silence_drops']}, CPU s {res['cpu_s']}, "
+                  f"load {res['loadavg_1m']:.1f})", flush=True)
     summary = {"keys": a.keys, "shards": a.shards, "value_size": a.value_size, "results": results, "median": {}}
     for name, rs in results.items():
         secs = [x["caught_up_s"] for x in rs if x["caught_up_s"]]
         if secs:
             med = statistics.median(secs)
-            summary["median"][name] = {"caught_up_s": round(med, 2), "mb_per_s": round(rs[0]["logical_mb"] / med, 1)}
-            print(f"{name}: median {med:.2f} s = {rs[0]['logical_mb'] / med:.1f} MB/s over {len(secs)} runs")
+            cpu = statistics.median(sum(x["cpu_s"].values()) for x in rs)
+            summary["median"][name] = {"caught_up_s": round(med, 2), "mb_per_s": round(rs[0]["logical_mb"] / med, 1),
+                                       "cpu_s_all_nodes": round(cpu, 2)}
+            print(f"{name}: median {med:.2f} s = {rs[0]['logical_mb'] / med:.1f} MB/s over {len(secs)} runs; "
+                  f"median CPU of the three nodes {cpu:.2f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
     if a.workdir is None:

@@ -431,11 +431,15 @@ class ShardSnapshots:
                 self._stale.remove(rx.gen)  # cleared by the first commit: tidy must not delete what is written next
             if rx.gen is not None and (is_last or rx.pending_bytes >= INSTALL_COMMIT_BYTES):
                 self._commit_received(rx)
-        except SnapshotError:
-            log.warning("event=snapshot_refused shard=%d", self.shard, exc_info=True)
+        except Exception as exc:
+            # Refused (SnapshotError) or not written (an engine error, raised on): either way this transfer is
+            # over, and what it wrote is deleted; the leader sends the snapshot again.
             self._rx = None
             if rx.gen is not None and rx.gen not in self._stale:
                 self._stale.append(rx.gen)
+            if not isinstance(exc, SnapshotError):
+                raise
+            log.warning("event=snapshot_refused shard=%d", self.shard, exc_info=True)
             return False
         return is_last and rx.complete
 
