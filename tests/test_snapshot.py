@@ -357,6 +357,39 @@ def test_a_version_1_stream_still_installs(tmp_path: Path) -> None:
         fe.close()
 
 
+def test_a_version_2_stream_still_installs(tmp_path: Path) -> None:
+    """A leader of the previous build streams ([keys without the prefix], (values,)) records (format 2)."""
+    import pickle
+
+    from raftkv.engine import Engine
+    from raftkv.kvstore import data_range
+    from raftkv.snapshot import STREAM_MAGIC, _load_meta, _record, meta_key
+
+    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
+    lh, fh = {}, {}
+    try:
+        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+        _rich_state(lh, 5_000)
+        _checkpoint_at(leader, lh, 40)
+        raft_data, meta, _count, gen = _load_meta(le.get(meta_key(3)), 3)
+        lo, hi = data_range(3, gen)
+        rows = [(k[len(lo):], v) for k, v in le.scan(lo, hi)]
+        stream = STREAM_MAGIC + _record(pickle.dumps((2, raft_data, meta)))
+        for i in range(0, len(rows), 700):
+            keys, values = zip(*rows[i:i + 700], strict=True)
+            stream += _record(pickle.dumps((list(keys), values)))
+        stream += _record(b"")
+        chunks = [stream[i:i + 20_000] for i in range(0, len(stream), 20_000)]
+        for i, chunk in enumerate(chunks):
+            accepted = follower.setTransmissionData((chunk, i == 0, i == len(chunks) - 1))
+        assert accepted
+        follower.deserialize()
+        _same_state(le, lh, leader, fe, fh, follower)
+    finally:
+        le.close()
+        fe.close()
+
+
 def _rich_state(holder: dict, n: int) -> None:
     """Keys set and deleted, keys with a TTL, a one-shard transaction remembered by id, a session."""
     s = holder["state"]
