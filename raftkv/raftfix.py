@@ -137,6 +137,9 @@ _RAFT_STATE = _so._RAFT_STATE
 KEEPALIVE_TYPE = "raftfix_keepalive"
 #: Extra keys added to stock messages. Stock peers ignore unknown keys.
 TERM_KEY = "raftfix_term"  # on next_node_idx: the follower's term when it answered
+#: While a leader streams a snapshot, each AppendEntries send of a group stops sending chunks after this long
+#: (stock: ``appendEntriesPeriod``) and the group sends again at the driver's next loop (``_SyncObj__sendAppendEntries``).
+SNAPSHOT_SEND_BUDGET_S = 0.008
 CHUNK_SEQ_KEY = "raftfix_seq"  # on chunked entries / snapshot chunks: 0 for the first chunk, then +1
 SNAP_IDX_KEY = "raftfix_snap_idx"  # on snapshot chunks: index of the snapshot's last entry
 SNAP_TERM_KEY = "raftfix_snap_term"  # on snapshot chunks: term of the snapshot's last entry
@@ -237,6 +240,12 @@ class _AnnotatingTransport:
             seqs = owner._rf_snap_seq
             seqs[node] = 0 if message["serialized"][1] else seqs.get(node, 0) + 1
             message[CHUNK_SEQ_KEY] = seqs[node]
+            owner._rf_chunks_sent += 1
+        elif "serialized" in message and owner._rf_streaming:
+            # No chunk (the serializer holds it back while the connection has a backlog): stock would go on
+            # asking, and sending one such heartbeat after another, until its time budget ran out. This
+            # makes that budget spent, so it moves on to the next follower after this one message.
+            owner._SyncObj__conf.appendEntriesPeriod = -1.0
         if owner._rf_tx_round is not None:
             message[ROUND_KEY] = owner._rf_tx_round
         return self._inner.send(node, message)
@@ -375,6 +384,8 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         self._rf_chunk_rx: list[Any] | None = None  # [key, seq, data] of the entry being reassembled
         self._rf_snap_rx: tuple[Any, int] | None = None  # (key, seq) of the snapshot being received
         self._rf_chunk_seq: dict[Node, int] = {}
+        self._rf_chunks_sent = 0  # snapshot chunks sent by the current _SyncObj__sendAppendEntries call
+        self._rf_streaming = False  # that call sends a snapshot to some follower (its time budget is short)
         self._rf_snap_seq: dict[Node, int] = {}
         self._rf_warned_legacy = False
         self._rf_dump_failed = False  # the last snapshot install failed (set by _SyncObj__loadDumpFile)
@@ -682,11 +693,34 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
             self._rf_round += 1
             self._rf_tx_round = self._rf_round
             self._rf_read_stats["rounds"] += 1
+        conf = self._SyncObj__conf
+        period = conf.appendEntriesPeriod
+        streaming = self._rf_sending_snapshot()
+        if streaming:
+            # Stock goes on sending snapshot chunks to a follower for a whole appendEntriesPeriod per call, and
+            # calls once per period: a driver hosting several leaders then spent tens of ms per group per loop
+            # (heartbeats to the other followers late enough for elections) and idled in between. Instead: a
+            # short budget per call, and the next call at the next loop (below), while chunks go out.
+            conf.appendEntriesPeriod = min(period, SNAPSHOT_SEND_BUDGET_S)
+        self._rf_chunks_sent = 0
+        self._rf_streaming = streaming
         try:
             SyncObj._SyncObj__sendAppendEntries(self)
         finally:
             self._SyncObj__transport = real
             self._rf_tx_round = None
+            self._rf_streaming = False
+            conf.appendEntriesPeriod = period
+        if streaming and self._rf_chunks_sent:
+            self._SyncObj__newAppendEntriesTime = 0.0  # due again at this group's next tick
+            if self._rf_wake_driver is not None:
+                self._rf_wake_driver()  # ... which is the driver's next loop
+
+    def _rf_sending_snapshot(self) -> bool:
+        """A connected follower is sent a snapshot (its next index is at or below the log's first entry)."""
+        first = self._SyncObj__raftLog[0][1]
+        nxt = self._SyncObj__raftNextIndex
+        return any(nxt.get(node, first + 1) <= first for node in self._SyncObj__connectedNodes)
 
     def _SyncObj__getCurrentLogIndex(self) -> int:  # noqa: N802
         last = self._SyncObj__raftLog[-1][1]

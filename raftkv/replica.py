@@ -117,6 +117,7 @@ class ShardReplica(SafeSyncObj):
             transport = driver.network.transport_class(shard, incarnation)
             super().__init__(self_addr, peer_addrs, conf, transportClass=transport, keepalive=False,
                              deferFlush=True, wake=lambda: driver.wake(shard), journalFactory=journal)
+            self.snapshots.unsent = self.mux_transport().unsent  # paces a snapshot to what the socket takes
         self._SyncObj__serializer = self.snapshots  # before the first tick, which loads the checkpoint
         self.addOnTickCallback(self._run_tick_actions)
 

@@ -16,15 +16,24 @@ in chunks.  ``ShardSnapshots`` takes its place for a ``ShardReplica`` (raftkv.re
   loaded into memory and nothing below S is replayed, whatever the data size.
 * **Snapshot to a follower** (``getTransmissionData``): a consistent engine read view (LMDB MVCC, so the
   stream is the checkpoint as of its start even if the leader checkpoints again meanwhile) streamed as
-  records: a header (format, pysyncobj data, state metadata), then the keys in order in slices, then an end
-  record.  Each record carries its length and a CRC-32.
-* **Install** (``setTransmissionData`` + ``deserialize``): the follower writes each received chunk's keys,
-  as it arrives, into the shard's NEXT generation (data keys carry a generation number: ``raftkv.kvstore``),
-  one engine commit per chunk, while it goes on serving from the current one.  Once the end record arrived
-  and every record's checksum and the key count agree, one small commit writes the snapshot's metadata naming
-  the new generation: that is the switch.  The old generation's keys are then deleted a slice per tick
-  (``tidy``).  A crash before the switch leaves the old state (the partial generation is deleted later); a
-  crash after it, the new one; a damaged or cut stream is refused, never acknowledged, and sent again.
+  records: a header (format, pysyncobj data, state metadata, the leader's generation), then the keys in
+  order in slices of ``KEYS_PER_RECORD`` (the cursor's own ``(key, value)`` rows, marshalled: no Python step
+  per key), then an end record.  Each record carries its length and a CRC-32.  While more than
+  ``SEND_BACKLOG_BYTES`` wait to leave for the follower's node (``unsent``) no chunk is made, so a transfer
+  never queues much in front of the heartbeats, votes and acks sharing the connection (and raftfix bounds
+  the time a leader spends making chunks per send).
+* **Install** (``setTransmissionData`` + ``deserialize``): the follower writes the received keys into a
+  generation it does not serve from (data keys carry a generation number: ``raftkv.kvstore``): the leader's,
+  so they are stored exactly as received, unless the follower serves from that one (it installed from this
+  leader before), then the next one, each key re-prefixed.  It commits them per ``INSTALL_COMMIT_BYTES`` of
+  stream and at the end, while it goes on serving from the current generation.  Once the end record arrived,
+  every record's checksum and the key count agree and the last keys are committed (durably: every engine
+  commit is), one small commit writes the snapshot's metadata naming the new generation: that is the switch.
+  The old generation's keys are then deleted a slice per tick (``tidy``).  A crash before the switch leaves
+  the old state (the partial generation is deleted at start-up); a crash after it, the new one; a damaged,
+  cut or out-of-order stream (records' keys must lie in the leader's range and ascend) is refused, never
+  acknowledged, and sent again.  A replica with no checkpoint yet draws its generation at random, so a new
+  follower takes the first, faster path.
 
 pysyncobj checks for a "dump file" to decide whether to load a snapshot at start-up; here that file is a small
 marker that says "the checkpoint is in the engine".  It exists whenever the engine holds a checkpoint of the
@@ -38,9 +47,10 @@ Threads: everything here runs on the thread that ticks the group.
 from __future__ import annotations
 
 import logging
-import operator
+import marshal
 import os
 import pickle
+import secrets
 import threading
 import time
 import zlib
@@ -59,13 +69,25 @@ MARKER = b"RKVENGN1 the shard's state is in the node's storage engine\n"
 LEGACY_MAGIC = b"RKVSNAP2"
 STREAM_MAGIC = b"RKVSTRM1"
 FORMAT = 1  # of checkpoint metadata, and of version-1 streams (records are lists of (key, value) rows)
-# Version-2 streams: a record is ([keys without the shard's prefix], (values,)), built and taken apart by C code
-# (a cursor's iterator, zip, map) with no Python step per key. Receivers take both versions; a receiver of an
-# older build refuses a version-2 stream as an unknown format (nothing installed), as it must.
-STREAM_FORMAT = 2
-STREAM_FORMATS = (FORMAT, STREAM_FORMAT)
+# Version-2 streams: a record is ([keys without the shard's prefix], (values,)), pickled.
+# Version-3 streams (sent now): the header also names the leader's generation, and a record is the rows exactly
+# as the leader's cursor read them (whole engine keys, values as stored) in marshal's format 4: no Python step
+# per key on the leader, and on a follower that installs into the generation the leader's keys already name,
+# none either (``_Receiving``). Receivers take every version; a receiver of an older build refuses a newer
+# stream as an unknown format (nothing installed), as it must.
+STREAM_FORMAT = 3
+STREAM_FORMATS = (FORMAT, 2, STREAM_FORMAT)
+MARSHAL_VERSION = 4  # the format of version-3 records (stable since Python 3.4)
 KEYS_PER_RECORD = 2_000
 _REC_HEAD = 8  # u32 length + u32 CRC-32 of the payload
+#: A follower commits the keys received so far once this many bytes of stream are waiting (and at the end),
+#: not per chunk: each commit is a durable one (an fsync), and the install needs durability only at its end.
+INSTALL_COMMIT_BYTES = 4 << 20
+#: A leader sends the next chunk to a follower only while less than this is queued for that follower's node
+#: and not yet taken by its socket: a snapshot never queues more than that in front of the heartbeats,
+#: votes and acks that share the connection.
+SEND_BACKLOG_BYTES = 4 << 20
+FRESH_GENS = 1 << 31  # a replica with no checkpoint takes a generation below this at random (open_state)
 
 
 def meta_key(shard: int) -> bytes:
@@ -104,6 +126,8 @@ class ShardSnapshots:
         self._rx: _Receiving | None = None
         self._stale: list[int] = []  # generations whose keys are still to be deleted (tidy)
         self.stats = {"checkpoints": 0, "checkpoint_keys": 0, "checkpoint_s": 0.0, "installs": 0, "sent": 0}
+        #: bytes queued for a node and not yet sent (``MuxTransport.unsent``): paces a transfer (leader)
+        self.unsent: Callable[[Any], int] | None = None
 
     # ---- start-up --------------------------------------------------------------------------------------------
 
@@ -121,8 +145,15 @@ class ShardSnapshots:
             raise EngineError(f"{self._marker} says shard {self.shard}'s state is in the engine, but the engine "
                               f"in {self._engine.path} holds no checkpoint of it: the data directory is "
                               "inconsistent (engine directory lost or replaced?); restore it from a backup")
-        self._gen = 0 if blob is None else _load_meta(blob, self.shard)[3]
-        self._stale = [g for g in self._generations() if g != self._gen]
+        gens = self._generations()
+        if blob is None:
+            # No checkpoint yet: any generation not holding keys will do, and one drawn at random is almost
+            # never the one a leader's snapshot names, so such a snapshot's keys are stored as they arrive
+            # (``_Receiving``: the follower installs into the leader's generation unless it serves from it).
+            self._gen = next(g for g in iter(lambda: secrets.randbelow(FRESH_GENS), None) if g not in gens)
+        else:
+            self._gen = _load_meta(blob, self.shard)[3]
+        self._stale = [g for g in gens if g != self._gen]
         return KVState(data=EngineStore(self._engine, self.shard, gen=self._gen))
 
     def _generations(self) -> list[int]:
@@ -251,21 +282,24 @@ class ShardSnapshots:
         self._stale.append(old)  # its keys are deleted a slice at a time (tidy)
         self._write_marker()
         self.stats["installs"] += 1
-        log.info("event=snapshot_installed shard=%d index=%d keys=%d gen=%d ms=%.1f", self.shard,
-                 rx.raft_data[0][1], rx.keys, rx.gen, (time.perf_counter() - rx.t0) * 1000)
+        # where the time went: parsing the records, committing their keys (commits: how many), the rest
+        # (waiting for the next chunk, and everything else the driver did meanwhile)
+        log.info("event=snapshot_installed shard=%d index=%d keys=%d gen=%d ms=%.1f parse_ms=%.0f commit_ms=%.0f "
+                 "commits=%d", self.shard, rx.raft_data[0][1], rx.keys, rx.gen, (time.perf_counter() - rx.t0) * 1000,
+                 rx.parse_s * 1000, rx.commit_s * 1000, rx.commits)
 
     def tidy(self, max_keys: int = 5_000) -> int:
         """Delete up to ``max_keys`` keys of generations no longer in use (one commit); returns how many.
 
         Called between ticks, so dropping a large shard's old generation never holds the driver for long.
         """
-        if not self._stale:
-            return 0
-        lo, hi = data_range(self.shard, self._stale[0])
-        n = self._engine.commit_now(lambda b: b.delete_first(lo, hi, max_keys), "tidy")
-        if not n:
-            self._stale.pop(0)
-        return n or 0
+        while self._stale:
+            lo, hi = data_range(self.shard, self._stale[0])
+            n = self._engine.commit_now(lambda b, lo=lo, hi=hi: b.delete_first(lo, hi, max_keys), "tidy")
+            if n:
+                return n
+            self._stale.pop(0)  # that generation is gone: on to the next, if any
+        return 0
 
     def _is_legacy(self, path: str) -> bool:
         try:
@@ -320,21 +354,34 @@ class ShardSnapshots:
     # ---- sending (leader) --------------------------------------------------------------------------------
 
     def getTransmissionData(self, node: Any) -> tuple[bytes, bool, bool] | None:  # noqa: N802 - pysyncobj's
-        """The next chunk of the snapshot stream for ``node``: ``(data, is_first, is_last)``; None if none yet."""
+        """The next chunk of the snapshot stream for ``node``: ``(data, is_first, is_last)``; None if none yet,
+        or while more than ``SEND_BACKLOG_BYTES`` wait to leave for ``node`` (``unsent``: pysyncobj then sends a
+        plain heartbeat, and asks again at its next send)."""
         tx = self._tx.get(node)
+        if self.unsent is not None and self.unsent(node) > SEND_BACKLOG_BYTES:
+            if tx is not None:
+                tx.held += 1
+            return None
         if tx is None:
             tx = _Transmission.open(self._engine, self.shard)
             if tx is None:
                 return None
             self._tx[node] = tx
             self.stats["sent"] += 1
+        t0 = time.perf_counter()
         data = tx.read(self._batch)
+        tx.read_s += time.perf_counter() - t0
         is_first = tx.first
         tx.first = False
         if not data:
             tx.close()
             del self._tx[node]
+            # read_ms: making the chunks; held: times a chunk waited for the connection's backlog to drain
+            log.info("event=snapshot_sent shard=%d node=%s index=%d chunks=%d ms=%.1f read_ms=%.0f held=%d",
+                     self.shard, getattr(node, "id", node), tx.tag[0], tx.chunks,
+                     (time.perf_counter() - tx.t0) * 1000, tx.read_s * 1000, tx.held)
             return b"", is_first, True
+        tx.chunks += 1
         return data, is_first, False
 
     def transmission_tag(self, node: Any) -> tuple[int, int] | None:
@@ -357,42 +404,82 @@ class ShardSnapshots:
     # ---- receiving (follower) ----------------------------------------------------------------------------
 
     def setTransmissionData(self, chunk: tuple[bytes, bool, bool] | None) -> bool:  # noqa: N802
-        """Write a received chunk's keys into the next generation (one commit per chunk); True once the last
-        chunk arrived whole (then ``deserialize`` switches to it).  A damaged or out-of-place chunk ends the
-        transfer: nothing is acknowledged and the leader sends the snapshot again."""
+        """Take a received chunk; True once the last chunk arrived whole and everything received is committed
+        (then ``deserialize`` switches to it).  The keys go into a generation not in use, in a commit per
+        ``INSTALL_COMMIT_BYTES`` of stream (none of them is read before the switch, and a crash before it
+        deletes them at start-up, so they need no commit of their own per chunk).  A damaged or out-of-place
+        chunk ends the transfer: nothing is acknowledged and the leader sends the snapshot again."""
         if chunk is None:
             return False
         data, is_first, is_last = chunk
         if is_first:
             self.wait_checkpoint()
-            gen = self._gen + 1
-            if gen in self._stale:
-                self._stale.remove(gen)  # cleared right here: tidy must not delete the keys written next
-            self._rx = _Receiving(self.shard, gen)
-            log.info("event=snapshot_receiving shard=%d gen=%d", self.shard, gen)  # then snapshot_installed
-            lo, hi = data_range(self.shard, gen)
-            self._engine.commit_now(lambda b: b.delete_range(lo, hi), "install.chunk")  # leftovers of a cut one
+            cut = self._rx
+            if cut is not None and cut.gen is not None and cut.gen != self._gen and cut.gen not in self._stale:
+                self._stale.append(cut.gen)  # a transfer cut short by this new one: its keys go (tidy)
+            self._rx = _Receiving(self.shard, self._gen)
+            log.info("event=snapshot_receiving shard=%d", self.shard)  # then snapshot_installed
         rx = self._rx
         if rx is None:
             return False
         try:
-            rows = rx.feed(data, is_last)
-            if rows:
-                self._engine.commit_now(lambda b: b.put_many(rows), "install.chunk")
-        except SnapshotError:
-            log.warning("event=snapshot_refused shard=%d", self.shard, exc_info=True)
+            had_gen = rx.gen is not None
+            t0 = time.perf_counter()
+            rx.feed(data, is_last)
+            rx.parse_s += time.perf_counter() - t0
+            if not had_gen and rx.gen is not None and rx.gen in self._stale:
+                self._stale.remove(rx.gen)  # cleared by the first commit: tidy must not delete what is written next
+            if rx.gen is not None and (is_last or rx.pending_bytes >= INSTALL_COMMIT_BYTES):
+                self._commit_received(rx)
+        except Exception as exc:
+            # Refused (SnapshotError) or not written (an engine error, raised on): either way this transfer is
+            # over, and what it wrote is deleted; the leader sends the snapshot again.
             self._rx = None
-            self._stale.append(rx.gen)
+            if rx.gen is not None and rx.gen not in self._stale:
+                self._stale.append(rx.gen)
+            if not isinstance(exc, SnapshotError):
+                raise
+            log.warning("event=snapshot_refused shard=%d", self.shard, exc_info=True)
             return False
         return is_last and rx.complete
 
+    def _commit_received(self, rx: _Receiving) -> None:
+        """Commit the rows received so far into generation ``rx.gen`` (emptied first by the transfer's first
+        commit: a transfer cut short may have left keys there)."""
+        batches, rx.pending, rx.pending_bytes = rx.pending, [], 0
+        clear, (lo, hi) = rx.clear, data_range(self.shard, rx.gen)
+
+        def write(batch: WriteBatch) -> None:
+            if clear:
+                batch.delete_range(lo, hi)
+            for rows in batches:
+                batch.put_many(rows)
+
+        t0 = time.perf_counter()
+        try:
+            self._engine.commit_now(write, "install.chunk")
+        except (TypeError, ValueError) as exc:  # rows that are not (bytes, bytes) pairs: a damaged stream
+            raise SnapshotError(f"snapshot record damaged ({exc})") from exc
+        rx.clear = False
+        rx.commits += 1
+        rx.commit_s += time.perf_counter() - t0
+
 
 class _Receiving:
-    """A snapshot stream being received: records parsed as they arrive, keys bound for generation ``gen``."""
+    """A snapshot stream being received: records parsed as they arrive, their engine rows kept until committed.
 
-    def __init__(self, shard: int, gen: int) -> None:
-        self.gen = gen
-        self.prefix = data_range(shard, gen)[0]
+    The generation the keys go to (``gen``) is known once the header is: the leader's own if that is not the
+    one the follower serves from (its keys are then stored as received), else the next one (each key gets the
+    follower's prefix, one Python step per key).
+    """
+
+    def __init__(self, shard: int, current_gen: int) -> None:
+        self.shard = shard
+        self.current_gen = current_gen
+        self.gen: int | None = None
+        self.prefix = b""
+        self.src: tuple[bytes, bytes] | None = None  # the leader's data range (version 3)
+        self.last_key = b""  # the last key of the records so far (version 3: each record's keys come after it)
         self.t0 = time.perf_counter()
         self.buf = bytearray()
         self.magic_seen = False
@@ -401,19 +488,70 @@ class _Receiving:
         self.meta: Any = None
         self.keys = 0
         self.complete = False
+        self.clear = True  # the first commit empties the generation
+        self.pending: list[list[tuple[bytes, bytes]]] = []
+        self.pending_bytes = 0
+        self.parse_s = self.commit_s = 0.0  # time spent parsing records and committing keys
+        self.commits = 0
 
-    def feed(self, data: bytes, is_last: bool) -> list[tuple[bytes, bytes]]:
-        """The engine rows of the records completed by ``data``; SnapshotError if the stream is damaged."""
+    def _header(self, head: Any) -> None:
+        if not isinstance(head, tuple) or head[0] not in STREAM_FORMATS:
+            raise SnapshotError("unknown snapshot format")
+        self.format, self.raft_data, self.meta = head[0], head[1], head[2]
+        if self.format == STREAM_FORMAT:
+            src_gen = head[3]
+            self.src = data_range(self.shard, src_gen)
+            self.gen = src_gen if src_gen != self.current_gen else self.current_gen + 1
+        else:
+            self.gen = self.current_gen + 1
+        self.prefix = data_range(self.shard, self.gen)[0]
+
+    def _rows(self, payload: bytes) -> list[tuple[bytes, bytes]]:
+        """The engine rows of one data record (``payload``) of the stream's version."""
+        prefix = self.prefix
+        if self.format == STREAM_FORMAT:
+            try:
+                rows = marshal.loads(payload)
+            except (EOFError, ValueError, TypeError) as exc:
+                raise SnapshotError(f"snapshot record damaged ({exc})") from exc
+            assert self.src is not None
+            lo, hi = self.src
+            # The leader's cursor read them in order from its range: check the ends (and the order across
+            # records); the record's CRC-32 vouches for what is between.
+            try:
+                ordered = (isinstance(rows, list) and len(rows) > 0
+                           and lo <= rows[0][0] <= rows[-1][0] < hi and rows[0][0] > self.last_key)
+            except (IndexError, TypeError, KeyError):
+                ordered = False
+            if not ordered:
+                raise SnapshotError("snapshot record damaged (keys outside the leader's range or out of order)")
+            self.last_key = rows[-1][0]
+            if prefix != lo:
+                n = len(lo)
+                try:
+                    rows = [(prefix + k[n:], v) for k, v in rows]
+                except (TypeError, ValueError) as exc:
+                    raise SnapshotError(f"snapshot record damaged ({exc})") from exc
+            return rows
+        if self.format == 2:
+            keys, values = pickle.loads(payload)
+            if len(keys) != len(values):
+                raise SnapshotError("snapshot record damaged (keys and values differ in number)")
+            return list(zip(map(prefix.__add__, keys), values, strict=True))
+        return [(prefix + k, raw) for k, raw in pickle.loads(payload)]
+
+    def feed(self, data: bytes, is_last: bool) -> None:
+        """Parse ``data``: the rows of the records it completes join ``pending``; SnapshotError if the stream
+        is damaged."""
         if self.complete:
             if data:
                 raise SnapshotError("data after the snapshot stream's end record")
-            return []
+            return
         buf = self.buf
         buf += data
-        rows: list[tuple[bytes, bytes]] = []
         if not self.magic_seen:
             if len(buf) < len(STREAM_MAGIC):
-                return rows
+                return
             if bytes(buf[:len(STREAM_MAGIC)]) != STREAM_MAGIC:
                 raise SnapshotError("not a raftkv snapshot stream")
             del buf[:len(STREAM_MAGIC)]
@@ -423,7 +561,8 @@ class _Receiving:
             n = int.from_bytes(buf[pos:pos + 4], "big")
             if len(buf) - pos - _REC_HEAD < n:
                 break
-            payload = bytes(buf[pos + _REC_HEAD:pos + _REC_HEAD + n])
+            with memoryview(buf) as whole:  # one copy of the record (slicing the bytearray would make two)
+                payload = bytes(whole[pos + _REC_HEAD:pos + _REC_HEAD + n])
             if zlib.crc32(payload) != int.from_bytes(buf[pos + 4:pos + 8], "big"):
                 raise SnapshotError("snapshot stream damaged (record checksum mismatch)")
             pos += _REC_HEAD + n
@@ -435,25 +574,15 @@ class _Receiving:
                 if pos != len(buf):
                     raise SnapshotError("data after the snapshot stream's end record")
             elif self.meta is None:
-                head = pickle.loads(payload)
-                if not isinstance(head, tuple) or head[0] not in STREAM_FORMATS:
-                    raise SnapshotError("unknown snapshot format")
-                self.format, self.raft_data, self.meta = head[0], head[1], head[2]
-            elif self.format == STREAM_FORMAT:
-                keys, values = pickle.loads(payload)
-                if len(keys) != len(values):
-                    raise SnapshotError("snapshot record damaged (keys and values differ in number)")
-                rows.extend(zip(map(self.prefix.__add__, keys), values, strict=True))
-                self.keys += len(keys)
+                self._header(pickle.loads(payload))
             else:
-                prefix = self.prefix
-                batch = pickle.loads(payload)
-                rows.extend((prefix + k, raw) for k, raw in batch)
-                self.keys += len(batch)
+                rows = self._rows(payload)
+                self.pending.append(rows)
+                self.pending_bytes += n
+                self.keys += len(rows)
         del buf[:pos]
         if is_last and not self.complete:
             raise SnapshotError("snapshot stream cut short (no end record)")
-        return rows
 
 
 class _Transmission:
@@ -462,6 +591,9 @@ class _Transmission:
     def __init__(self, view: Any, head: bytes, tag: tuple[int, int], shard: int, gen: int) -> None:
         self.first = True
         self.tag = tag
+        self.t0 = time.perf_counter()
+        self.read_s = 0.0
+        self.chunks = self.held = 0
         self._view = view
         self._records = self._generate(view, head, shard, gen)
         self._buf = bytearray(STREAM_MAGIC)
@@ -475,17 +607,15 @@ class _Transmission:
             return None
         raft_data, meta, _count, gen = _load_meta(blob, shard)
         last = raft_data[0]
-        head = pickle.dumps((STREAM_FORMAT, raft_data, meta), protocol=pickle.HIGHEST_PROTOCOL)
+        head = pickle.dumps((STREAM_FORMAT, raft_data, meta, gen), protocol=pickle.HIGHEST_PROTOCOL)
         return cls(view, head, (last[1], last[2]), shard, gen)
 
     @staticmethod
     def _generate(view: Any, head: bytes, shard: int, gen: int) -> Iterator[bytes]:
         yield _record(head)
         lo, hi = data_range(shard, gen)
-        strip = operator.itemgetter(slice(len(lo), None))  # the shard's prefix off each key, in C
-        for batch in view.scan_batches(lo, hi, KEYS_PER_RECORD):
-            keys, values = zip(*batch, strict=True)
-            yield _record(pickle.dumps((list(map(strip, keys)), values), protocol=pickle.HIGHEST_PROTOCOL))
+        for rows in view.scan_batches(lo, hi, KEYS_PER_RECORD):
+            yield _record(marshal.dumps(rows, MARSHAL_VERSION))  # the cursor's (key, value) tuples as they are
         yield _record(b"")  # the end: a stream cut short is refused
 
     def read(self, size: int) -> bytes:
@@ -495,7 +625,8 @@ class _Transmission:
             if rec is None:
                 break
             buf += rec
-        out = bytes(buf[:size])
+        with memoryview(buf) as whole:
+            out = bytes(whole[:size])
         del buf[:size]
         return out
 

@@ -662,6 +662,61 @@ def test_snapshot_install_and_stale_snapshot_ignored() -> None:
         assert (c.nodes[f].applied, c.log_of(f)) == before
 
 
+class _HeldSerializer:
+    """The leader's serializer, holding every chunk back while ``held`` (as ``ShardSnapshots`` does while the
+    follower's connection has a backlog); counts how often it was asked."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.held, self.asked = inner, True, 0
+
+    def getTransmissionData(self, node: Any) -> Any:  # noqa: N802 - pysyncobj's name
+        self.asked += 1
+        assert self.asked < 1_000, "asked again and again for a chunk it holds back"
+        return None if self.held else self.inner.getTransmissionData(node)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_held_back_snapshot_chunk_ends_the_send_and_the_transfer_resumes() -> None:
+    """While the serializer holds chunks back, one send to the lagging follower is one heartbeat (stock asked
+    again and sent a heartbeat per answer until its time budget ran out, which a frozen clock never does); then
+    the transfer goes on and the follower catches up."""
+    net = SimNet(random.Random(5))
+    with sim_clock(net, 5):
+        c = Cluster(net, safe=True, safe_cls=SnapshotReplica)
+        assert c.run(3.0, until=lambda: c.leader() is not None)
+        c.run(0.2)
+        lead = c.leader()
+        f = next(n for n in NODE_IDS if n != lead)
+        net.blocked.add(f)
+        for i in range(30):
+            c.submit(lead, f"s{i}")
+        assert c.run(2.0, until=lambda: len(c.acked) == 30)
+        leader = c.nodes[lead]
+        leader.forceLogCompaction()
+        c.run(0.2)
+        serializer = _HeldSerializer(leader._SyncObj__serializer)
+        leader._SyncObj__serializer = serializer
+        net.blocked.discard(f)
+        # f rejects what it is sent next (it lacks the prefix); the leader then finds f below its log: a snapshot
+        assert c.run(1.0, until=lambda: leader._SyncObj__raftNextIndex[Node(f)] <= leader._SyncObj__raftLog[0][1])
+        serializer.asked = 0
+        sent: list[Any] = []
+        inner_send = net.send
+
+        def tap(src: int, dst: int, message: Any) -> None:
+            if src == lead and dst == f:
+                sent.append(message)
+            inner_send(src, dst, message)
+
+        net.send = tap  # type: ignore[method-assign]
+        leader._SyncObj__sendAppendEntries()
+        assert serializer.asked == 1 and [m.get("serialized", "?") for m in sent] == [None]
+        serializer.held = False
+        assert c.run(3.0, until=lambda: c.nodes[f].applied == leader.applied)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2. Durability: flush ordering and group commit
 # --------------------------------------------------------------------------------------------------------------

@@ -381,3 +381,35 @@ def test_pipelined_commits_release_nothing_before_it_is_durable(tmp_path: Path) 
             g.open()
         for n in nodes:
             n.close()
+
+
+def test_a_loop_of_ours_busy_past_the_timeout_does_not_drop_a_peer_whose_frames_wait_unread() -> None:
+    """Silence is the peer's only if, once we read its socket, nothing had come for ``timeout_s``: a loop that
+    spent longer than that on other work (installing a snapshot chunk) finds the frames waiting and keeps it."""
+    ports = _free_ports(2)
+    nets = [RaftNetwork("127.0.0.1", p, cluster="t", key=KEY, encrypt=True, timeout_s=0.5) for p in ports]
+    received: list[Any] = []
+    transports = []
+    for net, me in zip(nets, ports, strict=True):
+        (peer,) = [p for p in ports if p != me]
+        t = net.transport_class(0)(None, None, [Node(member_id(f"127.0.0.1:{peer}", 0))])
+        t.setOnMessageReceivedCallback(lambda _node, msg: received.append(msg))
+        net.attach(t)
+        transports.append(t)
+    try:
+        a, b = nets
+        deadline = time.monotonic() + 10
+        while not (a.open and b.open):
+            assert time.monotonic() < deadline, "never connected"
+            for net in nets:
+                net.poll(0.01)
+                net.flush()
+        (a_to_b,) = a.open
+        a.send(wire_tag(0), a_to_b, {"type": "hello"})
+        a.flush()
+        time.sleep(0.8)  # b is busy elsewhere for longer than its timeout; a's frame waits in b's socket
+        b.poll(0.0)
+        assert received == [{"type": "hello"}] and b.open and b.stats["lost"] == 0
+    finally:
+        for net in nets:
+            net.close()

@@ -261,7 +261,7 @@ def test_a_checkpoint_commits_on_its_own_thread_while_writes_go_on(tmp_path: Pat
         snaps.wait_checkpoint()
         assert snaps.checkSerializing() == (SUCCESS, 9)
         assert state.data.pending() == 2  # only the two writes after the checkpoint
-        crashed = EngineStore(engine, 2, count=100)  # what a restart finds: the checkpoint, whole
+        crashed = EngineStore(engine, 2, count=100, gen=state.data.gen)  # what a restart finds: the checkpoint, whole
         assert crashed.get(b"k000")[0] == b"v1" and crashed.get(b"k001")[0] == b"v1" and len(crashed) == 100
     finally:
         release.set()
@@ -352,6 +352,193 @@ def test_a_version_1_stream_still_installs(tmp_path: Path) -> None:
         assert accepted
         follower.deserialize()
         assert dict(fh["state"].data.items()) == expected
+    finally:
+        le.close()
+        fe.close()
+
+
+def test_a_version_2_stream_still_installs(tmp_path: Path) -> None:
+    """A leader of the previous build streams ([keys without the prefix], (values,)) records (format 2)."""
+    import pickle
+
+    from raftkv.engine import Engine
+    from raftkv.kvstore import data_range
+    from raftkv.snapshot import STREAM_MAGIC, _load_meta, _record, meta_key
+
+    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
+    lh, fh = {}, {}
+    try:
+        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+        _rich_state(lh, 5_000)
+        _checkpoint_at(leader, lh, 40)
+        raft_data, meta, _count, gen = _load_meta(le.get(meta_key(3)), 3)
+        lo, hi = data_range(3, gen)
+        rows = [(k[len(lo):], v) for k, v in le.scan(lo, hi)]
+        stream = STREAM_MAGIC + _record(pickle.dumps((2, raft_data, meta)))
+        for i in range(0, len(rows), 700):
+            keys, values = zip(*rows[i:i + 700], strict=True)
+            stream += _record(pickle.dumps((list(keys), values)))
+        stream += _record(b"")
+        chunks = [stream[i:i + 20_000] for i in range(0, len(stream), 20_000)]
+        for i, chunk in enumerate(chunks):
+            accepted = follower.setTransmissionData((chunk, i == 0, i == len(chunks) - 1))
+        assert accepted
+        follower.deserialize()
+        _same_state(le, lh, leader, fe, fh, follower)
+    finally:
+        le.close()
+        fe.close()
+
+
+def _rich_state(holder: dict, n: int) -> None:
+    """Keys set and deleted, keys with a TTL, a one-shard transaction remembered by id, a session."""
+    s = holder["state"]
+    for i in range(n):
+        s.apply(("set", b"k%05d" % i, b"v%d" % i), 1000)
+    s.apply(("del", [b"k%05d" % i for i in range(0, n, 7)]), 1001)
+    for i in range(1, n, 11):
+        s.apply(("expire", b"k%05d" % i, 60_000, False, None), 1002)
+    s.apply(("txn_once", b"tx1", [], [("set", b"t1", b"x")], []), 1003)
+    s.apply(("session", b"c1", 1, ("set", b"s", b"v")), 1004)
+
+
+def _same_state(le, lh: dict, leader, fe, fh: dict, follower) -> None:  # noqa: ANN001
+    """The follower holds what the leader checkpointed: data, metadata, and the engine rows themselves."""
+    from raftkv.kvstore import data_range
+
+    got, want = fh["state"], lh["state"]
+    assert dict(got.data.items()) == dict(want.data.items())
+    assert got.meta() == want.meta()
+    assert got.txns.dump() == want.txns.dump() and got.expiries.dump() == want.expiries.dump()
+
+    def rows(engine, gen: int) -> list:  # noqa: ANN001
+        lo, hi = data_range(3, gen)
+        return [(k[len(lo):], v) for k, v in engine.scan(lo, hi)]
+
+    assert rows(fe, follower._gen) == rows(le, leader._gen)
+
+
+def test_a_stream_installs_the_same_state_into_the_leaders_generation_or_the_next(tmp_path: Path) -> None:
+    """Version-3 streams carry the leader's own rows: a follower that does not serve from the leader's generation
+    stores them as they are; one that does (it installed from this leader before) re-prefixes them into the next."""
+    from raftkv.engine import Engine
+
+    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
+    lh, fh = {}, {}
+    try:
+        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+        _rich_state(lh, 6_000)
+        _checkpoint_at(leader, lh, 50)
+        assert follower._gen != leader._gen  # fresh replicas draw their generation at random
+        assert _transfer(leader, follower)[0]
+        follower.deserialize()
+        assert follower._gen == leader._gen
+        _same_state(le, lh, leader, fe, fh, follower)
+        lh["state"].apply(("set", b"k00001", b"newer"), 2000)
+        lh["state"].apply(("del", [b"k00002"]), 2001)
+        _checkpoint_at(leader, lh, 51)
+        assert _transfer(leader, follower)[0]
+        follower.deserialize()
+        assert follower._gen == leader._gen + 1
+        _same_state(le, lh, leader, fe, fh, follower)
+        while follower.tidy():
+            pass
+        from raftkv.kvstore import shard_range
+
+        assert sum(1 for _ in fe.scan(*shard_range(3))) == len(fh["state"])
+    finally:
+        le.close()
+        fe.close()
+
+
+def _records(engine) -> list[bytes]:  # noqa: ANN001
+    """Shard 3's whole version-3 stream cut into its records (length and CRC-32 included)."""
+    from raftkv.snapshot import STREAM_MAGIC, _Transmission
+
+    tx = _Transmission.open(engine, 3)
+    stream = tx.read(1 << 30)
+    tx.close()
+    assert stream.startswith(STREAM_MAGIC)
+    out, pos = [], len(STREAM_MAGIC)
+    while pos < len(stream):
+        n = int.from_bytes(stream[pos:pos + 4], "big")
+        out.append(stream[pos:pos + 8 + n])
+        pos += 8 + n
+    return out
+
+
+def test_a_record_replayed_reordered_or_out_of_range_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    import marshal
+
+    from raftkv.engine import Engine
+    from raftkv.kvstore import data_prefix, shard_range
+    from raftkv.snapshot import STREAM_MAGIC, _record
+
+    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
+    lh, fh = {}, {}
+    try:
+        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+        _rich_state(lh, 9_000)  # 5 records of 2,000 keys or fewer
+        _checkpoint_at(leader, lh, 50)
+        fh["state"].apply(("set", b"mine", b"old"), 5)
+        _checkpoint_at(follower, fh, 3)
+        head, *data, end = _records(le)
+        assert len(data) >= 4
+        foreign = _record(marshal.dumps([(data_prefix(4, leader._gen) + b"k", b"v")], 4))  # shard 4's key
+        triples = _record(marshal.dumps([(data_prefix(3, leader._gen) + b"\xff", b"v", b"x")], 4))
+        variants = {
+            "a record twice": [head, *data[:2], data[1], *data[2:], end],
+            "two records swapped": [head, data[1], data[0], *data[2:], end],
+            "a record missing": [head, *data[1:], end],
+            "a key of another shard": [head, *data, foreign, end],
+            "rows that are not pairs": [head, *data, triples, end],
+        }
+        for name, records in variants.items():
+            stream = STREAM_MAGIC + b"".join(records)
+            chunks = [stream[i:i + 50_000] for i in range(0, len(stream), 50_000)]
+            accepted = [follower.setTransmissionData((c, i == 0, i == len(chunks) - 1)) for i, c in enumerate(chunks)]
+            assert not any(accepted), name
+            assert {k: v for k, (v, _rev) in fh["state"].data.items()} == {b"mine": b"old"}, name
+        stream = STREAM_MAGIC + b"".join([head, *data, end])
+        chunk = stream[:50_000]  # a chunk delivered twice splices the stream
+        assert not follower.setTransmissionData((chunk, True, False))
+        assert not follower.setTransmissionData((chunk, False, False))
+        assert not follower.setTransmissionData((stream[50_000:], False, True))
+        while follower.tidy():  # what the refused transfers wrote goes; the old state stays whole
+            pass
+        assert [k for k, _ in fe.scan(*shard_range(3))] == [data_prefix(3, follower._gen) + b"mine"]
+        assert _transfer(leader, follower)[0]
+        follower.deserialize()
+        _same_state(le, lh, leader, fe, fh, follower)
+    finally:
+        le.close()
+        fe.close()
+
+
+def test_the_sender_holds_chunks_back_while_the_connection_has_a_backlog(tmp_path: Path) -> None:
+    from raftkv.engine import Engine
+    from raftkv.snapshot import SEND_BACKLOG_BYTES
+
+    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
+    lh, fh = {}, {}
+    try:
+        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+        _rich_state(lh, 3_000)
+        _checkpoint_at(leader, lh, 50)
+        backlog = {"f": 0}
+        leader.unsent = backlog.__getitem__
+        chunks, held = [], 0
+        while not chunks or not chunks[-1][2]:
+            backlog["f"] = SEND_BACKLOG_BYTES + 1 if len(chunks) % 2 and not held % 3 == 2 else 0
+            got = leader.getTransmissionData("f")
+            if got is None:
+                held += 1
+                continue
+            chunks.append(got)
+        assert held > 0
+        assert [follower.setTransmissionData(c) for c in chunks][-1]
+        follower.deserialize()
+        _same_state(le, lh, leader, fe, fh, follower)
     finally:
         le.close()
         fe.close()
