@@ -92,6 +92,7 @@ from pysyncobj import syncobj as _so
 from pysyncobj.config import SyncObjConf
 from pysyncobj.journal import Journal
 from pysyncobj.node import Node, TCPNode
+from pysyncobj.serializer import Serializer as _StockSerializer
 from pysyncobj.syncobj import SyncObj
 from pysyncobj.transport import TCPTransport
 
@@ -99,6 +100,7 @@ from raftkv import prevote
 from raftkv.confchange import ConfChange, ConfChanges
 from raftkv.filejournal import (
     DEFAULT_STORAGE,
+    DurableDumpSerializer,
     DurableFileJournal,
     Storage,
     TrackedMemoryJournal,
@@ -403,6 +405,7 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         # Membership (see module doc): the configuration entries in the log above lastApplied, oldest first.
         self._rf_conf_changes: list[ConfChange] = []
         self._rf_conf_loaded = False  # journal's configuration entries replayed (first tick)
+        self._rf_dump_checked = False  # the stock dump serializer swapped for the durable one (first tick)
         pending_factory.factory = self._rf_make_journal
         try:
             super().__init__(selfNode, otherNodes, conf, consumers, nodeClass, transport, transportClass)
@@ -413,6 +416,18 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         if self._rf_gated:
             self._rf_gate = _DurableGate(self._SyncObj__transport, self)
             self._SyncObj__transport = self._rf_gate
+
+    def _rf_use_durable_dumps(self) -> None:
+        """On the first tick (before any compaction, on the tick thread): dumps in pysyncobj's own format are
+        written by ``DurableDumpSerializer``, which fsyncs them before the rename. A serializer the application
+        set (or one replaced after construction, as ``raftkv.replica`` does) is left alone."""
+        self._rf_dump_checked = True
+        conf = self._SyncObj__conf
+        if (self._rf_durable and conf.fullDumpFile is not None and conf.serializer is None
+                and type(self._SyncObj__serializer) is _StockSerializer):
+            self._SyncObj__serializer = DurableDumpSerializer(
+                self._rf_storage, conf.fullDumpFile, conf.logCompactionBatchSize, conf.useFork,
+                conf.serializeChecker)
 
     def _rf_use_wake(self, wake: Callable[[], None]) -> None:
         """Route pysyncobj's "command queued" notification to ``wake``; drop the group's own poller and pipe.
@@ -533,6 +548,8 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         # Before: the leader's commit computation (first thing in SyncObj._onTick) counts the leader itself,
         # so its own entries must be durable first. After: entries appended this tick (leader) or received
         # in this poll (follower) are flushed once, and the follower's queued acks go out.
+        if not self._rf_dump_checked:
+            self._rf_use_durable_dumps()
         if not self._rf_conf_loaded:
             self._rf_conf_rebuild()  # no dump: base is the constructor's members (a dump load rebuilds again)
         if not self._rf_defer_flush:
