@@ -218,7 +218,9 @@ def main() -> int:
             res = json.loads(p.stdout.strip().splitlines()[-1])
             res["loadavg_1m"] = os.getloadavg()[0]
             results[name].append(res)
-            print(f"round {r + 1} {name} ({res['raftkv']}): caught up in {res['caught_up_s']:.2f} s = {res['mb_per_s']:.1f} MB/s "
+            took = (f"caught up in {res['caught_up_s']:.2f} s = {res['mb_per_s']:.1f} MB/s" if res["caught_up_s"]
+                    else "NOT caught up in the time the bench allows (raftkv.bench.scale.CATCH_UP_TIMEOUT_S)")
+            print(f"round {r + 1} {name} ({res['raftkv']}): {took} "
                   f"(first chunk at {res['first_chunk_s']} s, last install at {res['last_install_s']} s, "
                   f"installs ms {res['install_ms']}, transfers begun {res['transfers_begun']}, "
                   f"connections dropped for silence {res['silence_drops']}, CPU s {res['cpu_s']}, "
