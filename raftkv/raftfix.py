@@ -108,6 +108,7 @@ from raftkv.filejournal import (
 from raftkv.readindex import PendingRead, ReadIndex
 
 SUPPORTED_PYSYNCOBJ_VERSION = "0.3.17"
+APPEND_BATCH_BYTES = 2 << 20  # bytes of entries per AppendEntries message (tuned_conf)
 APPLY_BUDGET_S = 0.01  # applying committed entries in one tick stops after this (at least one entry is applied)
 
 # Refuse to patch internals we have not read: every override below mirrors 0.3.17's private code.
@@ -185,6 +186,11 @@ def tuned_conf(**overrides: Any) -> SyncObjConf:
         "commandsWaitLeader": False,
         "appendEntriesUseBatch": False,
         "dynamicMembershipChange": True,
+        # Bytes of entries per AppendEntries message (stock: 64 KiB). An entry larger than this is cut into
+        # pieces of this size, each a message the follower answers and reassembles: a 1 MiB entry (a chunk of a
+        # shard move, raftkv.reshard.SCAN_BYTES_MAX) was 17 messages and 17 answers per follower. At 2 MiB it
+        # travels whole; the messages carry no more in all (a leader sends everything outstanding at once).
+        "appendEntriesBatchSizeBytes": APPEND_BATCH_BYTES,
     }
     params.update(overrides)
     conf = SyncObjConf(**params)
@@ -371,7 +377,7 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         self._rf_wake_driver = wake  # an external driver: asked for another tick when applying is cut short
         self._rf_apply_deadline: float | None = None  # set while the apply loop takes its entries
         self._rf_votes: tuple[int, set[Node]] = (-1, set())
-        self._rf_chunk_rx: list[Any] | None = None  # [key, seq, data] of the entry being reassembled
+        self._rf_chunk_rx: list[Any] | None = None  # [key, seq, chunks] of the entry being reassembled
         self._rf_snap_rx: tuple[Any, int] | None = None  # (key, seq) of the snapshot being received
         self._rf_chunk_seq: dict[Node, int] = {}
         self._rf_snap_seq: dict[Node, int] = {}
@@ -982,19 +988,19 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         seq = message.get(CHUNK_SEQ_KEY)
         kind = message["transmission"]
         if kind == "start":
-            self._rf_chunk_rx = [key, 0, message["data"]]
+            self._rf_chunk_rx = [key, 0, [message["data"]]]
         else:
             rx = self._rf_chunk_rx
             if rx is None or rx[0] != key or (seq is not None and seq != rx[1] + 1):
                 self._rf_chunk_rx = None  # duplicated, reordered or foreign chunk: drop the transfer
                 return None
             rx[1] += 1
-            rx[2] += message["data"]
+            rx[2].append(message["data"])  # joined once at the end: appending to bytes copied it all each time
             if kind == "finish":
                 # Stock flags 'finish' by the command length, not the pickled length, so a final short chunk
                 # can follow it; a truncated pickle fails to load and we keep collecting.
                 try:
-                    entry = _so.pickle.loads(rx[2])
+                    entry = _so.pickle.loads(b"".join(rx[2]))
                 except Exception:
                     return None
                 self._rf_chunk_rx = None
