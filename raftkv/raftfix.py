@@ -108,7 +108,6 @@ from raftkv.filejournal import (
 from raftkv.readindex import PendingRead, ReadIndex
 
 SUPPORTED_PYSYNCOBJ_VERSION = "0.3.17"
-APPEND_BATCH_BYTES = 2 << 20  # bytes of entries per AppendEntries message (tuned_conf)
 APPLY_BUDGET_S = 0.01  # applying committed entries in one tick stops after this (at least one entry is applied)
 
 # Refuse to patch internals we have not read: every override below mirrors 0.3.17's private code.
@@ -186,11 +185,6 @@ def tuned_conf(**overrides: Any) -> SyncObjConf:
         "commandsWaitLeader": False,
         "appendEntriesUseBatch": False,
         "dynamicMembershipChange": True,
-        # Bytes of entries per AppendEntries message (stock: 64 KiB). An entry larger than this is cut into
-        # pieces of this size, each a message the follower answers and reassembles: a 1 MiB entry (a chunk of a
-        # shard move, raftkv.reshard.SCAN_BYTES_MAX) was 17 messages and 17 answers per follower. At 2 MiB it
-        # travels whole; the messages carry no more in all (a leader sends everything outstanding at once).
-        "appendEntriesBatchSizeBytes": APPEND_BATCH_BYTES,
     }
     params.update(overrides)
     conf = SyncObjConf(**params)
