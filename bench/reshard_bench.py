@@ -1,7 +1,7 @@
 """Time one online shard add (3 nodes, 2 -> 3 shards) or removal (``--remove``: 3 -> 2 shards), N keys
 preloaded, a writer running.
 
-Usage: ``python bench/reshard_bench.py [--remove] [--keys N] [--value-size B] [--dir DIR] [--profile DIR]``
+Usage: ``python bench/reshard_bench.py [--remove] [--keys N] [--value-size B] [--chunk K] [--pace F] [--depth N] [--dir DIR] [--profile DIR]``
 
 Creates a loopback cluster (3 nodes, 2 shards; 3 with ``--remove``), preloads N keys, starts one client
 thread that overwrites preloaded keys one after another (session writes through ``raftkv.Client``), runs
