@@ -8,6 +8,8 @@ thread that overwrites preloaded keys one after another (session writes through 
 ``raftkv shard add`` (or ``raftkv shard remove``) and reports its wall time, its own summary line (keys
 moved, per-step seconds) and the writer's latencies before and during the command (median, p99, max). Afterwards each shard's replicas
 must report the same key count, and the counts must add up to N. All nodes run on this one machine.
+When the pre-copy ends it prints, per node, the storage engine's commits and their seconds, the bytes the
+process wrote to disk and its CPU seconds during the pre-copy (Linux ``/proc``).
 ``--profile DIR`` samples every node with py-spy during the pre-copy (``DIR/n1.txt``...: collapsed stacks,
 one line per stack with its sample count; py-spy must be on PATH or next to the interpreter).
 """

@@ -87,8 +87,7 @@ class ShardReplica(SafeSyncObj):
         # majority, and every other group on those nodes waited too. So the i-th of n members (by id) takes its
         # first checkpoint after (i + 1) / n of the interval, then one every interval: a third of an interval
         # apart in a group of 3, one replica checkpoints while the other two still form a majority.
-        members = sorted({self_addr, *peer_addrs})
-        self._compact_at = max(1, self.compact_every_cmds * (members.index(self_addr) + 1) // len(members))
+        self._compact_at = first_checkpoint(self.compact_every_cmds, self_addr, peer_addrs)
         self.log_clock = LogClock()
         self._cmds_since_compaction = 0
         self._on_role_change = on_role_change
@@ -320,6 +319,13 @@ class ShardReplica(SafeSyncObj):
 
 
 _ROLE = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+def first_checkpoint(interval: int, self_addr: str, peer_addrs: list[str]) -> int:
+    """Work (commands or keys written) after which a replica takes its first checkpoint: the i-th of the group's n
+    members, by id, after (i + 1) / n of ``interval``, so that the members' checkpoints fall apart."""
+    members = sorted({self_addr, *peer_addrs})
+    return max(1, interval * (members.index(self_addr) + 1) // len(members))
 
 
 def _replaced(*_args: Any) -> None:
