@@ -451,6 +451,17 @@ class ReadView:
                 return
             yield key, value
 
+    def keys(self, lo: bytes, hi: bytes) -> Iterator[bytes]:
+        """The keys ``lo <= key < hi``, in key order (no value is read)."""
+        assert self._txn is not None, "read view closed"
+        cursor = self._txn.cursor()
+        if not cursor.set_range(lo):
+            return
+        for key in cursor.iternext(keys=True, values=False):
+            if key >= hi:
+                return
+            yield key
+
     def scan_batches(self, lo: bytes, hi: bytes, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
         """``scan(lo, hi)`` in lists of at most ``size`` pairs, read by the cursor's own iterator (no Python step
         per key: for streaming a whole shard)."""

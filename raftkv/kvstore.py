@@ -29,7 +29,7 @@ them.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from raftkv.engine import Engine, ReadView, WriteBatch
@@ -122,6 +122,32 @@ class EngineStore:
             if overlay.get(key, _MISSING) is None:
                 continue  # deleted since the checkpoint
             yield key
+
+    def values_where(self, want: Callable[[bytes], bool], lo: bytes = b"") -> Iterator[tuple[bytes, bytes | None]]:
+        """Every live key ``k >= lo`` in byte order, with its value (no revision) where ``want(k)``, else None.
+
+        One engine read view for the whole walk, and no value read that is not wanted (a move's scan,
+        ``raftkv.reshard``, wants a third of a shard's keys): ``keys_between`` then a ``get`` per key opened a
+        read transaction per key."""
+        overlay = self._merged()  # a consistent copy, taken before the view (see ``keys_between``)
+        mine = sorted(k for k in overlay if lo <= k)
+        prefix = self._prefix
+        n = len(prefix)
+        with self._engine.read_view() as view:
+            last = None
+            for key in heapq.merge((k[n:] for k in view.keys(prefix + lo, self._hi)), mine):
+                if key == last:
+                    continue  # in both: the overlay's entry decides
+                last = key
+                raw = overlay.get(key, _MISSING)
+                if raw is None:
+                    continue  # deleted since the checkpoint
+                if not want(key):
+                    yield key, None
+                    continue
+                if raw is _MISSING:
+                    raw = view.get(prefix + key)  # listed by this very view: present
+                yield key, raw[8:]  # type: ignore[index]
 
     def __iter__(self) -> Iterator[bytes]:
         return self.keys_between()

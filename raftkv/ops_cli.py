@@ -281,30 +281,33 @@ def _move_options(f: Any) -> Any:
         click.option("--pace", default=1.0, show_default=True, type=click.FloatRange(0.05, 1.0),
                      help="the pre-copy and the cleanup keep the cluster busy at most this fraction of the time, "
                           "resting between chunks (1: no rest; clients' latency against the move's length)"),
+        click.option("--depth", type=click.IntRange(1, 16), default=None,
+                     help="chunks of one source's pre-copy being installed at once (default 1)"),
     )):
         f = option(f)
     return f
 
 
-def _resharder(cluster_file: str | None, timeout: float, chunk: int | None, pace: float) -> Any:
-    from raftkv.resharder import CHUNK_KEYS, Resharder
+def _resharder(cluster_file: str | None, timeout: float, chunk: int | None, pace: float, depth: int | None) -> Any:
+    from raftkv.resharder import CHUNK_KEYS, PRECOPY_DEPTH, Resharder
 
     op = _operator(cluster_path(cluster_file), timeout)
-    return Resharder(op, step_timeout=timeout, chunk=chunk or CHUNK_KEYS, say=lambda msg: click.echo(msg), pace=pace)
+    return Resharder(op, step_timeout=timeout, chunk=chunk or CHUNK_KEYS, say=lambda msg: click.echo(msg), pace=pace,
+                     depth=depth or PRECOPY_DEPTH)
 
 
 @shard_group.command("add")
 @_move_options
 @cluster_option
 @_membership_errors
-def shard_add(timeout: float, chunk: int | None, pace: float, cluster_file: str | None) -> None:
+def shard_add(timeout: float, chunk: int | None, pace: float, depth: int | None, cluster_file: str | None) -> None:
     """Add shard N (N = the shard count) online and move to it the keys the new ring gives it.
 
     The cluster serves throughout: writes of moving keys wait (-MOVING) while they are copied,
     then every node and client is sent to the new shard (-WRONGSHARD, a newer map). Safe to run
     again after a failure: it finishes the add that stopped (docs/scale-out.md).
     """
-    resharder = _resharder(cluster_file, timeout, chunk, pace)
+    resharder = _resharder(cluster_file, timeout, chunk, pace, depth)
     n = resharder.op.map.nshards
     result = resharder.run()
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
@@ -322,7 +325,8 @@ def shard_add(timeout: float, chunk: int | None, pace: float, cluster_file: str 
 @_move_options
 @cluster_option
 @_membership_errors
-def shard_remove(shard_id: int | None, timeout: float, chunk: int | None, pace: float, cluster_file: str | None) -> None:
+def shard_remove(shard_id: int | None, timeout: float, chunk: int | None, pace: float, depth: int | None,
+                 cluster_file: str | None) -> None:
     """Remove the last shard (ID: it, default the last) online, moving its keys to the others.
 
     Only the last shard can go: shard ids stay 0..N-2. Every key of it moves to the shard the ring
@@ -330,7 +334,7 @@ def shard_remove(shard_id: int | None, timeout: float, chunk: int | None, pace: 
     keys wait (-MOVING) while they are copied. Safe to run again after a failure, with the same ID:
     it finishes the removal that stopped, or says it is done (docs/scale-out.md).
     """
-    resharder = _resharder(cluster_file, timeout, chunk, pace)
+    resharder = _resharder(cluster_file, timeout, chunk, pace, depth)
     n = resharder.op.map.nshards
     result = resharder.remove(shard_id)
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())

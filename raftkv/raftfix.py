@@ -383,7 +383,7 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         self._rf_wake_driver = wake  # an external driver: asked for another tick when applying is cut short
         self._rf_apply_deadline: float | None = None  # set while the apply loop takes its entries
         self._rf_votes: tuple[int, set[Node]] = (-1, set())
-        self._rf_chunk_rx: list[Any] | None = None  # [key, seq, data] of the entry being reassembled
+        self._rf_chunk_rx: list[Any] | None = None  # [key, seq, chunks] of the entry being reassembled
         self._rf_snap_rx: tuple[Any, int] | None = None  # (key, seq) of the snapshot being received
         self._rf_chunk_seq: dict[Node, int] = {}
         self._rf_chunks_sent = 0  # snapshot chunks sent by the current _SyncObj__sendAppendEntries call
@@ -1045,19 +1045,19 @@ class SafeSyncObj(ReadIndex, ConfChanges, SyncObj):
         seq = message.get(CHUNK_SEQ_KEY)
         kind = message["transmission"]
         if kind == "start":
-            self._rf_chunk_rx = [key, 0, message["data"]]
+            self._rf_chunk_rx = [key, 0, [message["data"]]]
         else:
             rx = self._rf_chunk_rx
             if rx is None or rx[0] != key or (seq is not None and seq != rx[1] + 1):
                 self._rf_chunk_rx = None  # duplicated, reordered or foreign chunk: drop the transfer
                 return None
             rx[1] += 1
-            rx[2] += message["data"]
+            rx[2].append(message["data"])  # joined once at the end: appending to bytes copied it all each time
             if kind == "finish":
                 # Stock flags 'finish' by the command length, not the pickled length, so a final short chunk
                 # can follow it; a truncated pickle fails to load and we keep collecting.
                 try:
-                    entry = _so.pickle.loads(rx[2])
+                    entry = _so.pickle.loads(b"".join(rx[2]))
                 except Exception:
                     return None
                 self._rf_chunk_rx = None

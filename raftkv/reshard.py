@@ -486,10 +486,9 @@ def _scan(s: Any, cmd: tuple, now_ms: int) -> Any:
     items: list[tuple] = []
     looked = size = 0
     last = None
-    for key in s.data.keys_between(b"" if after is None else after + b"\0"):
+    for key, value in s.data.values_where(move.moving, b"" if after is None else after + b"\0"):
         looked += 1
-        if move.moving(key):
-            value, _rev = s.data[key]
+        if value is not None:  # a moving key
             if items and size + len(key) + len(value) > SCAN_BYTES_MAX:
                 return items, last  # this key starts the next answer
             size += len(key) + len(value)

@@ -58,8 +58,12 @@ removal: ``S`` and every destination ``mv_abort``, and a map without the mark is
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import queue
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -79,6 +83,11 @@ __all__ = ["ReshardError", "ReshardResult", "Resharder"]
 CHUNK_KEYS = 250
 #: Keys (or sessions) per entry while moving keys are frozen (writes of them wait): fewer, larger entries.
 FROZEN_CHUNK_KEYS = 1_000
+#: Chunks of one source's pre-copy being installed at once (each on a connection of its own) while the next is
+#: read; the chunks hold distinct keys, so their order does not matter (the replay after the freeze makes the copy
+#: exact whatever it was). 1: the next chunk is read while the last is installed. Deeper did not copy faster on
+#: the shared 2-core machine (its disk and cores were the bound) and raised the clients' p99 (docs/scale-out.md).
+PRECOPY_DEPTH = 1
 POLL_S = 0.1
 
 
@@ -117,6 +126,10 @@ def _by_dest(rows: list, dest_of: Callable[[bytes], int]) -> list[tuple[int, tup
     return [(d, tuple(part)) for d, part in sorted(batches.items())]
 
 
+def _median_ms(seconds: list[float]) -> str:
+    return f"{statistics.median(seconds) * 1000:.0f} ms" if seconds else "-"
+
+
 class Pacer:
     """How long the background parts of a move (the pre-copy, the cleanup) rest between chunks, so that they
     keep the cluster busy at most ``duty`` of the time (1: never rest). Pure: the caller measures.
@@ -140,10 +153,13 @@ class Resharder:
     """Runs ``shard add`` (``run``) or ``shard remove`` (``remove``) against the cluster of ``op`` (module doc)."""
 
     def __init__(self, op: Operator, step_timeout: float = 120.0, chunk: int = CHUNK_KEYS,
-                 say: Callable[[str], None] | None = None, pace: float = 1.0) -> None:
+                 say: Callable[[str], None] | None = None, pace: float = 1.0, depth: int = PRECOPY_DEPTH) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
         self.op = op
         self.step_timeout = step_timeout
         self.chunk = chunk
+        self.depth = depth
         self.pacer = Pacer(pace)
         self.say = say or op.say
         self._client: Client | None = None
@@ -502,32 +518,47 @@ class Resharder:
         while the last is installed; says how much, and how fast."""
         started = time.monotonic()
         copied = size = 0
+        scans: list[float] = []  # seconds per mv_scan answer
+        installs: list[float] = []  # seconds per chunk installed (its mv_install commands)
 
-        def put(batches: list[tuple[int, tuple]], client: Client) -> None:
-            for d, rows in batches:
-                self.call(d, *install(d, revision, rows, ()), client=client)
+        idle: queue.SimpleQueue[Client] = queue.SimpleQueue()  # the installers' connections not in use
 
-        with self._new_client() as scanner, self._new_client() as installer, \
-                concurrent.futures.ThreadPoolExecutor(1) as pool:
+        def put(batches: list[tuple[int, tuple]]) -> None:
+            client = idle.get()
+            try:
+                t0 = time.monotonic()
+                for d, rows in batches:
+                    self.call(d, *install(d, revision, rows, ()), client=client)
+                installs.append(time.monotonic() - t0)
+            finally:
+                idle.put(client)
+
+        with contextlib.ExitStack() as stack:
+            scanner = stack.enter_context(self._new_client())
+            for _ in range(self.depth):
+                idle.put(stack.enter_context(self._new_client()))
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(self.depth))
             after = None
-            pending: concurrent.futures.Future | None = None
+            pending: collections.deque[concurrent.futures.Future] = collections.deque()
             while True:
                 t0 = time.monotonic()
                 items, after = self.call(source, "mv_scan", epoch, after, self.chunk, client=scanner)
-                if pending is not None:
-                    pending.result()
+                scans.append(time.monotonic() - t0)
+                if len(pending) >= self.depth:  # at most ``depth`` chunks in flight: wait for the oldest
+                    pending.popleft().result()
                     time.sleep(self.pacer.rest(time.monotonic() - t0))
                 if items:
-                    pending = pool.submit(put, _by_dest(items, dest_of), installer)
+                    pending.append(pool.submit(put, _by_dest(items, dest_of)))
                     copied += len(items)
                     size += sum(len(k) + len(v) for k, v, _d in items)
                 if after is None:
                     break
-            if pending is not None:
-                pending.result()
+            while pending:
+                pending.popleft().result()
         took = time.monotonic() - started
         self.say(f"{what}: pre-copied {copied} keys, {size / 1e6:.1f} MB of keys and values in {took:.1f} s "
-                 f"({size / 1e6 / max(took, 1e-3):.1f} MB/s; still serving them)")
+                 f"({size / 1e6 / max(took, 1e-3):.1f} MB/s; still serving them); {len(installs)} chunk(s), "
+                 f"median scan {_median_ms(scans)}, install {_median_ms(installs)}")
 
     def _catch_up(self, source: int, epoch: int, dests: list[int], dest_of: Callable[[bytes], int],
                   install: Callable[[int, int, tuple, tuple], tuple], revision: int, since: int | None,

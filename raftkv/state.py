@@ -69,7 +69,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +155,12 @@ class Store(dict):
     def keys_between(self, lo: bytes = b"", hi: bytes | None = None) -> Iterator[bytes]:
         """Keys ``k`` with ``lo <= k < hi`` (no upper bound when ``hi`` is None), in byte order."""
         return iter(sorted(k for k in dict.keys(self) if lo <= k and (hi is None or k < hi)))
+
+    def values_where(self, want: Callable[[bytes], bool], lo: bytes = b"") -> Iterator[tuple[bytes, bytes | None]]:
+        """Every key ``k >= lo`` in byte order, with its value where ``want(k)``, else None
+        (``raftkv.kvstore.EngineStore.values_where``'s twin)."""
+        for key in self.keys_between(lo):
+            yield key, dict.__getitem__(self, key)[8:] if want(key) else None
 
     def view(self) -> Store:
         """A point-in-time copy to read on another thread (``raftkv.kvstore.EngineStore.view``'s twin)."""

@@ -60,6 +60,11 @@ def test_engine_store_is_a_dict_that_survives_crashes_as_of_its_last_checkpoint(
             assert store.get(key) == model.get(key)
             assert (key in store) == (key in model)
         assert list(store.keys_between(lo, hi)) == list(model.keys_between(lo, hi))
+        # a move's scan: every key from lo on, with the value of the wanted ones only
+        def want(k: bytes) -> bool:
+            return len(k) % 2 == 0
+        expected = [(k, model[k][0] if want(k) else None) for k in model.keys_between(lo)]
+        assert list(store.values_where(want, lo)) == list(model.values_where(want, lo)) == expected
         assert dict(store.items()) == dict(model.items())
         view = store.view()
         store[b"after-view"] = (b"x", 1)  # a view is frozen at its creation

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pysyncobj.config import SERIALIZER_STATE
 
 from raftkv.raftfix import SafeSyncObj
-from raftkv.replica import APPLIED, ShardReplica
+from raftkv.replica import APPLIED, ShardReplica, first_checkpoint
 from tests.conftest import examples
 
 SERIALIZING, SUCCESS = SERIALIZER_STATE.SERIALIZING, SERIALIZER_STATE.SUCCESS
@@ -109,6 +109,17 @@ def test_log_is_compacted_by_commands_not_only_by_entries(tmp_path: Path, monkey
         assert len(r.state) == 30_000
     finally:
         r.destroy()
+
+
+def test_the_replicas_of_a_group_take_their_first_checkpoints_apart() -> None:
+    """A checkpoint holds its node's engine writer: were all replicas of a group to begin one at the same entry,
+    none could make an entry durable meanwhile. Each member, by id, starts at its own fraction of the interval
+    (the same on every member, whatever order it lists its peers in); a group of one keeps the interval."""
+    members = ["127.0.0.1:7102", "127.0.0.1:7002", "127.0.0.1:7202"]
+    firsts = {m: first_checkpoint(10_000, m, [p for p in reversed(members) if p != m]) for m in members}
+    assert firsts == {"127.0.0.1:7002": 3_333, "127.0.0.1:7102": 6_666, "127.0.0.1:7202": 10_000}
+    assert first_checkpoint(10_000, "127.0.0.1:7002", []) == 10_000
+    assert first_checkpoint(1, "127.0.0.1:7002", members[:1]) == 1  # never 0: every entry would checkpoint
 
 
 # ---- streaming a checkpoint to a follower (raftkv.snapshot.ShardSnapshots, no network) --------------------------
