@@ -292,7 +292,7 @@ def test_edge_first_attempts_and_plain_ids_are_no_wait() -> None:
         sent, claim = edge.gate_prepare(0, _prepare(txid))
         assert sent[0] == "tx_prepare"
         assert len(edge.ungate(claim, APPLIED, ("no", "conflict", (b"hot", "x", 0, 1)))) == 3  # not queued
-    assert not edge._queued.get(0)
+    assert not edge.gate._queued.get(0)
 
 
 def test_edge_a_prepare_on_its_way_in_counts_as_a_holder() -> None:
@@ -304,7 +304,7 @@ def test_edge_a_prepare_on_its_way_in_counts_as_a_holder() -> None:
     assert sent[0] == "tx_prepare" and claim[4] is True
     edge.ungate(first)
     edge.ungate(claim)
-    assert not edge._claims.get(0)
+    assert not edge.gate._claims.get(0)
 
 
 def test_edge_off_changes_nothing() -> None:

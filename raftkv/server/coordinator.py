@@ -25,11 +25,9 @@ sent again.
   decided but unfinished records, resolve locks older than
   ``LOCK_TIMEOUT_MS`` (ask the home shard with a Raft write, then finish here)
   and garbage-collect finished state now and then.
-* ``gate_prepare``: called by the router just before this node, as a shard's
-  leader, proposes a PREPARE: wait-die (``raftkv.waitdie``) refuses a younger
-  transaction a key an older one is queued for or about to lock, and gives a
-  transaction that keeps losing a place in its keys' queue.  Nothing is held
-  back.  ``with_conflict_retries`` (MSET, EXEC) keeps one priority over its
+* ``gate_prepare``/``ungate`` (``raftkv.server.waitgate``): called by the router
+  around this node's proposal of a PREPARE, as a shard's leader: wait-die.
+  ``with_conflict_retries`` (MSET, EXEC) keeps one priority over its
   attempts and does not count dies and queued losses (for ``DIE_WINDOW_S``).
 * ``wait_for_lock``: called by the router when a command meets a lock; an
   old lock is resolved at once (a STAGING record is settled from here), so a
@@ -55,22 +53,20 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from raftkv import reshard
 from raftkv.protocol import Error
-from raftkv.replica import APPLIED
 from raftkv.results import CmdError, Locked
 from raftkv.server.api import NodeAPI
 from raftkv.server.peer import PeerRefused, PeerUnreachable
+from raftkv.server.waitgate import WaitDieGate
 from raftkv.txn import (
     ABORTED,
     COMMITTED,
     PENDING,
     REASON_CONFLICT,
     REASON_MOVING,
-    REASON_REFUSED,
     REASON_TOOBIG,
     STAGING,
     TxnResult,
@@ -83,15 +79,11 @@ from raftkv.txn import (
 from raftkv.txnrun import TxnRun, plan_txn, recovery_action
 from raftkv.waitdie import (
     LOCKED_BY,
-    QUEUED,
     QUEUED_NOTE,
     attempt_txid,
     conflict_charged,
-    gate,
     holder_of,
     new_priority,
-    patient,
-    priority_of,
 )
 
 log = logging.getLogger("raftkv.txn")
@@ -104,10 +96,7 @@ PREPARE_TIMEOUT_S = 1.5  # how long a coordinator waits for votes before abortin
 MESSAGE_TIMEOUT_S = 2.0  # one attempt of one 2PC message
 DRIVE_BUDGET_S = 60.0  # a coordinator gives up after this; the recovery loop takes over
 RECOVERY_PERIOD_S = 0.1
-# Wait-die (raftkv.waitdie): how long a PREPARE may wait for younger holders (a few lock lifetimes; under the
-# coordinator's PREPARE_TIMEOUT_S, so the vote still arrives in time), and how often a local one re-checks.
-QUEUE_TTL_S = 0.25  # a queued transaction that has not come back for this long loses its place
-QUEUE_MAX_S = 3.0  # nor does it keep its place longer than this (a stuck or lying one cannot block a key)
+# Wait-die (raftkv.waitdie; its queues are raftkv.server.waitgate's) at the coordinator's end:
 DIE_SLEEP_S = 0.05  # after a die or a queued loss: about a lock's life here (its place waits 0.25 s for it)
 DIE_WINDOW_S = 2.0  # MSET/EXEC retry dies uncounted for this long (the client's own deadline is unknown here)
 GC_PERIOD_S = 5.0
@@ -504,10 +493,10 @@ class TxnService:
         # Runs answered but still releasing their locks: key -> txid, txid -> set when released.
         self._settling_keys: dict[bytes, str] = {}
         self._settling: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
-        # Wait-die: transactions queued at this node (it leads their shard) behind younger lock holders.
-        self._queued: dict[int, dict[Any, _Waiter]] = {}  # shard -> priority -> its place in the queue
-        self._claims: dict[int, dict[bytes, list[tuple[str, int]]]] = {}  # shard -> key -> (txid, home) proposing
-        self.waits_total = 0  # transactions ever queued here
+        # Wait-die at the shards this node leads, before a PREPARE is proposed (raftkv.server.waitgate).
+        self.gate = WaitDieGate(node, self)
+        self.gate_prepare = self.gate.gate_prepare
+        self.ungate = self.gate.ungate
 
     async def coordinate(self, txid: str, compares: Any, then_ops: Any, else_ops: Any,
                          hops: int = 0, ring: str | None = None) -> TxnResult | Error:
@@ -552,121 +541,16 @@ class TxnService:
             await asyncio.wait([self.resolve_soon(shard, lock)], timeout=max(0.05, remaining_s))
         await asyncio.sleep(self.node.timing.retry_sleep_s)
 
-    def gate_prepare(self, shard: int, cmd: tuple) -> tuple[tuple, Any]:
-        """Wait-die at ``shard``'s leader, before it proposes ``cmd`` (a ``tx_prepare``; ``raftkv.waitdie``).
-
-        Returns ``(command to propose, claim)``: hand the claim and the outcome to ``ungate``.  The command
-        is ``cmd``, or, when an older transaction has a place in the queue of one of its keys or is about to
-        lock one, the ``tx_refuse`` recovery sends (a final NO that locks nothing), so that a younger one
-        cannot take the key ahead of it.  A PREPARE that ``waitdie.gate`` lets wait is *not* held here
-        (it would keep the transaction's locks on its other shards meanwhile, and stall everyone on them):
-        it takes a place in its keys' queue instead, one per transaction across its attempts, and is
-        proposed at once; it meets the younger holder and loses, or gets the key if the holder let go
-        first.  Its NO vote says it is queued, so its retry loop does not count it.
-
-        The state machine is unchanged: it still votes NO on any lock it meets.  A refusal is one recovery
-        could have made at any moment, which the protocol allows (docs/transactions.md, "Hot keys")."""
-        if not self.node.timing.txn_wait_die or cmd[0] != "tx_prepare":
-            return cmd, None
-        txid = cmd[1]
-        try:
-            keys = keys_of(cmd[3], cmd[4], cmd[5])
-        except (IndexError, TypeError):  # malformed: the state machine refuses it
-            return cmd, None
-        now = time.monotonic()
-        queue = self._queued.setdefault(shard, {})
-        for p in [p for p, w in queue.items() if now - w.seen > QUEUE_TTL_S or now - w.since > QUEUE_MAX_S]:
-            del queue[p]  # its retries stopped, or it has had its turn long enough
-        mine = priority_of(txid)
-        verdict = self._verdict(shard, txid, mine, keys)
-        if verdict != "queue":
-            return self._claim(shard, cmd, keys, verdict)
-        place = queue.get(mine)
-        if place is None:
-            place = queue[mine] = _Waiter(mine, keys, cmd[2], now)
-            self.waits_total += 1
-        place.seen, place.txid = now, txid
-        sent, claim = self._claim(shard, cmd, keys, "go")
-        return sent, (*claim[:4], True)
-
-    def _claim(self, shard: int, cmd: tuple, keys: list[bytes], verdict: Any) -> tuple[tuple, Any]:
-        """What to propose for ``cmd`` after ``verdict``, and mark it as being proposed: until it is applied
-        its keys count as held by it (two PREPAREs that find a key free in the same moment must not both
-        go ahead of an older one)."""
-        if isinstance(verdict, _Ahead):  # an older transaction is about to lock, or waits for, one of these keys
-            if self.node.timing.txn_parallel_commits and len(cmd) == 7:
-                # (nodes without tx_refuse run classic 2PC: there the PREPARE goes ahead, as before)
-                refuse = ("tx_refuse", cmd[1], cmd[2], cmd[6])
-                return refuse, (shard, cmd[1], [], verdict, False)
-        self._add_claim(shard, cmd[1], cmd[2], keys)
-        return cmd, (shard, cmd[1], keys, None, False)
-
-    def _add_claim(self, shard: int, txid: str, home: int, keys: list[bytes]) -> None:
-        claims = self._claims.setdefault(shard, {})
-        for k in keys:
-            claims.setdefault(k, []).append((txid, home))
-
-    def _unclaim(self, shard: int, txid: str, keys: list[bytes]) -> None:
-        claims = self._claims.get(shard, {})
-        for k in keys:
-            owners = claims.get(k)
-            mine = [o for o in owners or () if o[0] == txid]
-            if mine:
-                owners.remove(mine[0])
-                if not owners:
-                    del claims[k]
-
-    def ungate(self, claim: Any, kind: str | None = None, result: Any = None) -> Any:
-        """The command ``gate_prepare`` returned with ``claim`` was applied (``kind``, ``result``), refused
-        or lost: drop the claim; the result to answer (a refusal in an older one's favour is answered as
-        the conflict it stands for: the same final NO, naming the older transaction)."""
-        if claim is None:
-            return result
-        shard, txid, keys, older, queued = claim
-        self._unclaim(shard, txid, keys)
-        if kind == APPLIED and isinstance(result, tuple) and result and result[0] == "yes":
-            self._queued.get(shard, {}).pop(priority_of(txid), None)  # it holds the keys: its turn came
-        if queued and kind == APPLIED and isinstance(result, tuple) and result[:2] == ("no", REASON_CONFLICT):
-            return (*result[:3], QUEUED)  # (nodes of earlier versions read the first three fields only)
-        if older is not None and kind == APPLIED and result == ("no", REASON_REFUSED, None):
-            # The "lock" it names is the older transaction's, stamped now: not old, so no coordinator
-            # (of this version or an earlier one) sets out to resolve it.
-            replica = self.node.replicas.get(shard)
-            if replica is not None:
-                return ("no", REASON_CONFLICT, (older.key, older.txid, older.home, replica.log_now_ms()))
-        return result
-
-    def _verdict(self, shard: int, txid: str, mine: Any, keys: list[bytes]) -> Any:
-        """``"go"``, ``"queue"`` (queue), or the older transaction (an ``_Ahead``) ``txid`` must not overtake."""
-        replica = self.node.replicas.get(shard)
-        if replica is None or not replica.is_leader():
-            return "go"  # proposing tells it where the leader went
-        txns = replica.state.txns  # a racy read: only a trigger, the state machine decides
-        if txid in txns.prepared or txid in txns.done:
-            return "go"  # a duplicate: answered from the state
-        wanted = set(keys)
-        queued = [(w.txid, w) for p, w in self._queued.get(shard, {}).items()
-                  if p != mine and not wanted.isdisjoint(w.keys)]
-        holders = [lock for k in keys if (lock := txns.locks.get(k)) is not None and lock.txid != txid]
-        claims = self._claims.get(shard, {})
-        claimed = [(k, t, home) for k in keys for t, home in claims.get(k, ()) if t != txid]
-        verdict = gate(mine, [priority_of(lock.txid) for lock in holders], [priority_of(t) for _, t, _ in claimed],
-                       [w.prio for _, w in queued], may_wait=patient(txid))
-        if verdict == "refuse":  # name the oldest one it yields to
-            ahead = [(w.prio, t, w.home, next(k for k in keys if k in w.keys)) for t, w in queued]
-            ahead += [(p, t, home, k) for k, t, home in claimed if (p := priority_of(t)) is not None]
-            return _Ahead(*min(ahead))
-        if verdict == "queue":
-            for lock in holders:  # a dead holder's lock is resolved as a reader's would be
-                if lock.txid not in self.tasks and lock_is_old(self.node, shard, lock):
-                    self.resolve_soon(shard, lock)
-        return verdict
-
     def spawn(self, txid: str, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks[txid] = task
         task.add_done_callback(lambda t, txid=txid: self.tasks.pop(txid, None) if self.tasks.get(txid) is t
                                else None)
+
+    def resolve_if_abandoned(self, shard: int, lock: Locked) -> None:
+        """Resolve ``lock`` at its home if it is old and no run on this node is driving its transaction."""
+        if lock.txid not in self.tasks and lock_is_old(self.node, shard, lock):
+            self.resolve_soon(shard, lock)
 
     def resolve_soon(self, shard: int, lock: Locked) -> asyncio.Task:
         key = (shard, lock.txid)
@@ -710,27 +594,6 @@ class TxnService:
                     self.resolve_soon(shard, lock)
             if gc and (records or has_done):
                 self.spawn(f"gc-{shard}", _gc(self.node, shard))
-
-
-@dataclass(frozen=True)
-class _Ahead:
-    """The older transaction a refused PREPARE yields to (named in its NO vote)."""
-
-    prio: Any
-    txid: str
-    home: int
-    key: bytes
-
-
-class _Waiter:
-    """A transaction's place in the queue of some keys at their shard's leader (kept across its attempts
-    while it keeps coming back)."""
-
-    __slots__ = ("prio", "keys", "home", "since", "seen", "txid")
-
-    def __init__(self, prio: Any, keys: list[bytes], home: int, now: float) -> None:
-        self.prio, self.keys, self.home, self.since, self.seen = prio, keys, home, now, now
-        self.txid = ""  # its latest attempt (named in the NO votes of those it makes yield)
 
 
 async def _gc(node: NodeAPI, shard: int) -> None:
