@@ -10,6 +10,8 @@ attempt had applied it.)
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -125,3 +127,62 @@ def test_commands_waiting_on_a_group_that_stops_here_are_answered_at_once() -> N
     assert write[0] == UNKNOWN and "stopped on node n3" in write[1]
     assert read[0] == NOT_APPLIED
     assert queued[0] == UNKNOWN and later[0] == UNKNOWN
+
+
+def test_a_forwarded_request_is_answered_while_a_write_of_a_frozen_key_waits(tmp_path: Any) -> None:
+    """A node forwards every request for a shard it does not lead over its one link to the leader's node,
+    whose replies come back in order. A write of a key frozen by a move waits until the move hands the key
+    off; it must wait where it came in, not at the leader: there it held every later reply on the link.
+
+    Seen in ``bench/reshard_bench.py`` (about 1 run in 20): after a leadership change, the writer and
+    ``raftkv shard add`` both still sent to the old leader, which forwarded. Once shard 0 was frozen, the
+    writer's write of one of its moving keys waited at the new leader for its whole budget (4.5 s), and the
+    freeze of shard 1, forwarded behind it, was answered only then: the freeze step took 4.2-4.6 s.
+
+    Here n1 leads both shards and requests go through n2; the nodes' request timeout is 20 s, so the write
+    waits far longer than the freeze may take."""
+    from raftkv.cluster import call
+    from raftkv.reshard import Move
+    from raftkv.server import rpc
+
+    from .conftest import dump_logs, start_cluster
+
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2, node_args=["--request-timeout", "20"])
+    try:
+        for shard in (0, 1):
+            lc.transfer_leader(shard, "n1")
+        epoch, vnodes = lc.map.epoch + 1, lc.map.vnodes
+
+        def reshard(node: str, shard: int, *cmd: Any) -> Any:
+            return rpc.decode(lc.call(node, "RAFTKV.RESHARD", str(shard), rpc.encode(cmd), timeout=10.0))
+
+        move = Move(epoch, 0, 2, vnodes, "frozen", False)
+        moving = next(k for i in range(100_000) if lc.map.shard_for_key(k := f"k{i}".encode()) == 0
+                      and move.moving(k))
+        assert reshard("n1", 0, "mv_freeze", epoch, 0, 2, vnodes) == "frozen"
+        written: list[Any] = []
+        n2 = lc.map.nodes["n2"].client_addr
+
+        def write() -> None:  # a session write of a frozen key, through n2: waits until the move ends
+            try:
+                written.append(call(n2, "RAFTKV.REQ", b"frozen-writer", b"1", "SET", moving, "v", timeout=60.0))
+            except Exception as e:  # noqa: BLE001 - the test checks what came back
+                written.append(e)
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        time.sleep(1.0)  # the write reaches the leader and waits there (or at n2)
+        assert writer.is_alive() and not written, written
+        # The freeze of the other source, through the same node: answered while the write still waits.
+        assert reshard("n2", 1, "mv_freeze", epoch, 1, 2, vnodes) == "frozen"
+        assert writer.is_alive() and not written, written
+        # The move given up: the write goes through.
+        for shard in (0, 1):
+            assert reshard("n1", shard, "mv_abort", epoch) == "aborted"
+        writer.join(30.0)
+        assert written == [b"OK"]
+    except BaseException:
+        dump_logs(lc)
+        raise
+    finally:
+        lc.stop()

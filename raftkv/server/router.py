@@ -27,6 +27,15 @@ applied, and the move ends soon.  ``-WRONGSHARD`` (the key lives on another
 shard now) is answered at once: the command must be routed again with a newer
 map; like every refusal, it becomes ``-UNKNOWN`` if an earlier attempt may have
 applied.
+
+A command waits for ``-MOVING`` keys on the node it came in to, not on the
+leader it was forwarded to: the leader answers a forwarded one at once and the
+first node sends it again (after ``retry_sleep_s``) until the move ends or its
+time is up.  A node forwards all its commands for one peer over one link, whose
+replies come back in order (``raftkv.server.conn``): a command waiting seconds
+at the leader held the reply of every command forwarded after it (seen: a
+shard add's freeze of one source, forwarded behind a write of a key another
+source had just frozen, answered 4.5 s later, when that write's time ran out).
 """
 
 from __future__ import annotations
@@ -189,7 +198,8 @@ class Router:
                         continue
                     if isinstance(res, CmdError) and res.code in _MOVE_CODES:
                         acc.not_applied(f"{res.code} {res.message}")
-                        if res.code == "WRONGSHARD" or loop.time() + timing.retry_sleep_s > deadline:
+                        # A forwarded command waits at the node it came in to (see module doc), never here.
+                        if res.code == "WRONGSHARD" or hops > 0 or loop.time() + timing.retry_sleep_s > deadline:
                             return acc.give_up(res.code, res.message)
                         await asyncio.sleep(timing.retry_sleep_s)  # the freeze ends when the keys have moved
                         continue
@@ -221,7 +231,11 @@ class Router:
                 elif isinstance(reply, Error) and reply.code == "LOCKED":
                     return acc.give_up("LOCKED", reply.message)
                 elif isinstance(reply, (Error, CmdError)) and reply.code in _MOVE_CODES:
-                    return acc.give_up(reply.code, reply.message)  # the leader waited out MOVING already
+                    acc.not_applied(f"{target}: {reply.code} {reply.message}")
+                    # MOVING: wait here, where the command came in (it is re-sent until the move ends or time is
+                    # up); a node that was itself forwarded to answers at once, as the leader did.
+                    if reply.code == "WRONGSHARD" or hops > 0 or loop.time() + timing.retry_sleep_s > deadline:
+                        return acc.give_up(reply.code, reply.message)
                 elif isinstance(reply, PeerRefused):
                     # Nothing ran there, and re-sending cannot help until the nodes' maps agree (this node
                     # was just removed, or added and the leader has not heard yet): the client goes to the
