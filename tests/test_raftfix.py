@@ -622,22 +622,30 @@ class SnapshotReplica(_AppliedLog, SafeSyncObj):
         self.applied = []
 
 
+def _compacted_while_away(c: Cluster) -> tuple[int, int]:
+    """Elect a leader, cut a follower off, write 30 entries and compact the leader's log past them:
+    the follower can only catch up by snapshot (still cut off on return). Returns (leader, follower)."""
+    assert c.run(3.0, until=lambda: c.leader() is not None)
+    c.run(0.2)
+    lead = c.leader()
+    assert lead is not None
+    f = next(n for n in NODE_IDS if n != lead)
+    c.net.blocked.add(f)
+    for i in range(30):
+        c.submit(lead, f"s{i}")
+    assert c.run(2.0, until=lambda: len(c.acked) == 30)
+    c.nodes[lead].forceLogCompaction()
+    c.run(0.2)
+    return lead, f
+
+
 def test_snapshot_install_and_stale_snapshot_ignored() -> None:
     """A follower that missed compacted entries catches up by snapshot (chunked path kept working); replaying
     that snapshot later, when the follower knows more is committed, changes nothing."""
     net = SimNet(random.Random(5))
     with sim_clock(net, 5):
         c = Cluster(net, safe=True, safe_cls=SnapshotReplica)
-        assert c.run(3.0, until=lambda: c.leader() is not None)
-        c.run(0.2)
-        lead = c.leader()
-        f = next(n for n in NODE_IDS if n != lead)
-        net.blocked.add(f)
-        for i in range(30):
-            c.submit(lead, f"s{i}")
-        assert c.run(2.0, until=lambda: len(c.acked) == 30)
-        c.nodes[lead].forceLogCompaction()
-        c.run(0.2)
+        lead, f = _compacted_while_away(c)
         assert c.nodes[lead]._SyncObj__raftLog[0][1] > 2, "setup: leader must have compacted"
 
         snapshots: list[tuple[float, int, int, int, bytes]] = []
@@ -685,17 +693,8 @@ def test_a_held_back_snapshot_chunk_ends_the_send_and_the_transfer_resumes() -> 
     net = SimNet(random.Random(5))
     with sim_clock(net, 5):
         c = Cluster(net, safe=True, safe_cls=SnapshotReplica)
-        assert c.run(3.0, until=lambda: c.leader() is not None)
-        c.run(0.2)
-        lead = c.leader()
-        f = next(n for n in NODE_IDS if n != lead)
-        net.blocked.add(f)
-        for i in range(30):
-            c.submit(lead, f"s{i}")
-        assert c.run(2.0, until=lambda: len(c.acked) == 30)
+        lead, f = _compacted_while_away(c)
         leader = c.nodes[lead]
-        leader.forceLogCompaction()
-        c.run(0.2)
         serializer = _HeldSerializer(leader._SyncObj__serializer)
         leader._SyncObj__serializer = serializer
         net.blocked.discard(f)
