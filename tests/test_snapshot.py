@@ -3,6 +3,7 @@ a restart loads no data, a snapshot streams to a follower and installs atomicall
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -140,6 +141,23 @@ def _checkpoint_at(snaps, holder: dict, index: int) -> None:  # noqa: ANN001
     assert snaps.checkSerializing() == (2, index)  # SERIALIZER_STATE.SUCCESS, once
 
 
+@contextlib.contextmanager
+def _leader_and_follower(tmp_path: Path):  # noqa: ANN202
+    """Two engines, the leader's and the follower's, each with a ``ShardSnapshots`` of shard 3 and the holder
+    of its state; closed afterwards. Yields (leader engine, follower engine, leader, its holder, follower, its
+    holder)."""
+    from raftkv.engine import Engine
+
+    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
+    lh: dict = {}
+    fh: dict = {}
+    try:
+        yield le, fe, _snapshots(le, tmp_path / "l.snapshot", lh), lh, _snapshots(fe, tmp_path / "f.snapshot", fh), fh
+    finally:
+        le.close()
+        fe.close()
+
+
 def _transfer(sender, receiver, node: str = "f", corrupt_at: int | None = None) -> tuple[bool, set]:  # noqa: ANN001
     """Send the whole stream; (whether the receiver accepted it, the snapshot tags the sender gave)."""
     tags, n = set(), 0
@@ -155,13 +173,9 @@ def _transfer(sender, receiver, node: str = "f", corrupt_at: int | None = None) 
 
 
 def test_a_checkpoint_streams_to_a_follower_and_installs_atomically(tmp_path: Path) -> None:
-    from raftkv.engine import Engine
     from raftkv.kvstore import shard_range
 
-    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
-    lh, fh = {}, {}
-    try:
-        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+    with _leader_and_follower(tmp_path) as (le, fe, leader, lh, follower, fh):
         for i in range(10_000):
             lh["state"].apply(("set", b"k%05d" % i, b"v%d" % i), 1000)
         _checkpoint_at(leader, lh, 40)
@@ -193,9 +207,6 @@ def test_a_checkpoint_streams_to_a_follower_and_installs_atomically(tmp_path: Pa
         assert _transfer(leader, follower)[0]
         follower.deserialize()
         assert fh["state"].data.get(b"k00000") == (b"newer", 10_001)
-    finally:
-        le.close()
-        fe.close()
 
 
 def _legacy_dump(path: str, state, raft_data: tuple) -> None:  # noqa: ANN001
@@ -340,14 +351,10 @@ def test_a_version_1_stream_still_installs(tmp_path: Path) -> None:
     """A leader of an earlier build streams rows as (key, value) lists (format 1): this build installs them."""
     import pickle
 
-    from raftkv.engine import Engine
     from raftkv.kvstore import data_range
     from raftkv.snapshot import FORMAT, STREAM_MAGIC, _load_meta, _record, meta_key
 
-    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
-    lh, fh = {}, {}
-    try:
-        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+    with _leader_and_follower(tmp_path) as (le, fe, leader, lh, follower, fh):
         for i in range(5_000):
             lh["state"].apply(("set", b"k%05d" % i, b"v%d" % i), 1000)
         _checkpoint_at(leader, lh, 40)
@@ -363,23 +370,16 @@ def test_a_version_1_stream_still_installs(tmp_path: Path) -> None:
         assert accepted
         follower.deserialize()
         assert dict(fh["state"].data.items()) == expected
-    finally:
-        le.close()
-        fe.close()
 
 
 def test_a_version_2_stream_still_installs(tmp_path: Path) -> None:
     """A leader of the previous build streams ([keys without the prefix], (values,)) records (format 2)."""
     import pickle
 
-    from raftkv.engine import Engine
     from raftkv.kvstore import data_range
     from raftkv.snapshot import STREAM_MAGIC, _load_meta, _record, meta_key
 
-    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
-    lh, fh = {}, {}
-    try:
-        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+    with _leader_and_follower(tmp_path) as (le, fe, leader, lh, follower, fh):
         _rich_state(lh, 5_000)
         _checkpoint_at(leader, lh, 40)
         raft_data, meta, _count, gen = _load_meta(le.get(meta_key(3)), 3)
@@ -396,9 +396,6 @@ def test_a_version_2_stream_still_installs(tmp_path: Path) -> None:
         assert accepted
         follower.deserialize()
         _same_state(le, lh, leader, fe, fh, follower)
-    finally:
-        le.close()
-        fe.close()
 
 
 def _rich_state(holder: dict, n: int) -> None:
@@ -432,12 +429,8 @@ def _same_state(le, lh: dict, leader, fe, fh: dict, follower) -> None:  # noqa: 
 def test_a_stream_installs_the_same_state_into_the_leaders_generation_or_the_next(tmp_path: Path) -> None:
     """Version-3 streams carry the leader's own rows: a follower that does not serve from the leader's generation
     stores them as they are; one that does (it installed from this leader before) re-prefixes them into the next."""
-    from raftkv.engine import Engine
 
-    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
-    lh, fh = {}, {}
-    try:
-        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+    with _leader_and_follower(tmp_path) as (le, fe, leader, lh, follower, fh):
         _rich_state(lh, 6_000)
         _checkpoint_at(leader, lh, 50)
         assert follower._gen != leader._gen  # fresh replicas draw their generation at random
@@ -457,9 +450,6 @@ def test_a_stream_installs_the_same_state_into_the_leaders_generation_or_the_nex
         from raftkv.kvstore import shard_range
 
         assert sum(1 for _ in fe.scan(*shard_range(3))) == len(fh["state"])
-    finally:
-        le.close()
-        fe.close()
 
 
 def _records(engine) -> list[bytes]:  # noqa: ANN001
@@ -481,14 +471,10 @@ def _records(engine) -> list[bytes]:  # noqa: ANN001
 def test_a_record_replayed_reordered_or_out_of_range_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     import marshal
 
-    from raftkv.engine import Engine
     from raftkv.kvstore import data_prefix, shard_range
     from raftkv.snapshot import STREAM_MAGIC, _record
 
-    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
-    lh, fh = {}, {}
-    try:
-        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+    with _leader_and_follower(tmp_path) as (le, fe, leader, lh, follower, fh):
         _rich_state(lh, 9_000)  # 5 records of 2,000 keys or fewer
         _checkpoint_at(leader, lh, 50)
         fh["state"].apply(("set", b"mine", b"old"), 5)
@@ -521,19 +507,12 @@ def test_a_record_replayed_reordered_or_out_of_range_is_refused_and_changes_noth
         assert _transfer(leader, follower)[0]
         follower.deserialize()
         _same_state(le, lh, leader, fe, fh, follower)
-    finally:
-        le.close()
-        fe.close()
 
 
 def test_the_sender_holds_chunks_back_while_the_connection_has_a_backlog(tmp_path: Path) -> None:
-    from raftkv.engine import Engine
     from raftkv.snapshot import SEND_BACKLOG_BYTES
 
-    le, fe = Engine(str(tmp_path / "leader")), Engine(str(tmp_path / "follower"))
-    lh, fh = {}, {}
-    try:
-        leader, follower = _snapshots(le, tmp_path / "l.snapshot", lh), _snapshots(fe, tmp_path / "f.snapshot", fh)
+    with _leader_and_follower(tmp_path) as (le, fe, leader, lh, follower, fh):
         _rich_state(lh, 3_000)
         _checkpoint_at(leader, lh, 50)
         backlog = {"f": 0}
@@ -550,6 +529,3 @@ def test_the_sender_holds_chunks_back_while_the_connection_has_a_backlog(tmp_pat
         assert [follower.setTransmissionData(c) for c in chunks][-1]
         follower.deserialize()
         _same_state(le, lh, leader, fe, fh, follower)
-    finally:
-        le.close()
-        fe.close()
