@@ -397,9 +397,15 @@ def _child(conn, engine: str, kind: str, arg, a, path: str) -> None:
 
 
 def run_job(engine: str, kind: str, arg, a) -> dict:
-    """One measurement in a forked child, on a fresh directory removed afterwards."""
+    """One measurement in a child process of its own, on a fresh directory removed afterwards.
+
+    Spawned, not forked: a parent that has opened a RocksDB store (raftkv's default engine) runs RocksDB's
+    background threads, and a forked child can inherit a lock one of them held and wait on it forever."""
     path = tempfile.mkdtemp(prefix=f".engine-bench-{engine}-", dir=a.dir)
-    ctx = multiprocessing.get_context("fork")
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)  # the spawned child imports this module by name
+    ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(child, engine, kind, arg, a, path))
     try:

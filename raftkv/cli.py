@@ -131,7 +131,7 @@ def cluster_down(directory: str, purge: bool) -> None:
                    "(default 10,000): each checkpoint writes the keys changed since the last one, so lower means "
                    "shorter pauses and less held in memory, higher coalesces more overwrites")
 @click.option("--engine-map-gib", type=click.IntRange(1), default=64, show_default=True,
-              help="the storage engine's size limit in GiB (address space reserved, not disk or memory used); "
+              help="LMDB engine only: its size limit in GiB (address space reserved, not disk or memory used); "
                    "a node whose engine is full stops with an error saying so: restart it with a larger value")
 @click.option("--fault", "faults", multiple=True, metavar="POINT[:VALUE[:COUNT[:MATCH]]]",
               help="TESTING ONLY: arm a fault point (see raftkv.server.api.FAULT_POINTS); repeatable")
@@ -168,6 +168,9 @@ def cluster_down(directory: str, purge: bool) -> None:
 @click.option("--request-timeout", type=click.FloatRange(0.1), default=5.0, show_default=True,
               help="seconds a node works on one client request (retries included) before it answers that the "
                    "outcome is unknown or that it was not applied; a client that waits longer sees that answer")
+@click.option("--engine", "engine_kind", type=click.Choice(["rocksdb", "lmdb"]), default=None,
+              help="storage engine for a new data directory (default rocksdb); an existing one keeps its own, "
+                   "and naming another is an error")
 @click.option("--election-timeout", default="120-300", show_default=True, metavar="MIN-MAX",
               help="milliseconds of silence from a leader before a follower asks for an election (random in "
                    "the range); raise it (e.g. 500-1000) where slow disks or a loaded machine cause needless "
@@ -177,7 +180,7 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
           unsafe_skip_locks: bool, unsafe_watch_miss: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
           pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, txn_no_wait_die: bool,
-          election_timeout: str, unsafe_no_sync: bool, request_timeout: float) -> None:
+          election_timeout: str, unsafe_no_sync: bool, request_timeout: float, engine_kind: str | None) -> None:
     """Run one node in the foreground."""
     from raftkv.raftfix import election_timeouts
     from raftkv.security import InsecureBindError
@@ -200,7 +203,7 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
     try:
         run_node(config, node_name, unsafe_local_reads=unsafe_local_reads, log_level=log_level,
                  metrics_port=metrics_port, insecure=insecure, limits=limits, timing=timing, faults=armed,
-                 compact_every_cmds=compact_every, engine_map_size=engine_map_gib << 30,
+                 compact_every_cmds=compact_every, engine_map_size=engine_map_gib << 30, engine_kind=engine_kind,
                  raft_overrides={"raftMinTimeout": lo, "raftMaxTimeout": hi}, unsafe_no_sync=unsafe_no_sync,
                  unsafe_skip_locks=unsafe_skip_locks, unsafe_watch_miss=unsafe_watch_miss)
     except InsecureBindError as e:

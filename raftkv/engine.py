@@ -1,9 +1,10 @@
-"""The node's storage engine: one LMDB environment holds every Raft group's log and hard state.
+"""The node's storage engine: one store holds every Raft group's log, hard state and key-value data.
 
-Why LMDB (docs/engine.md has the measurements): a write transaction is a copy-on-write B+tree commit that
-becomes visible and durable atomically, with no write-ahead log of our own and no rename windows: a process
-killed at any instant leaves the database as of the last completed commit, and with ``sync`` on (the default)
-so does a power loss, given a disk that honours fsync. Pages live in the page cache, not in Python memory.
+The store (``raftkv.store``) is RocksDB (``raftkv.rocksstore``, the default for a new data directory) or LMDB
+(``raftkv.lmdbstore``); an existing directory keeps the store it was created with (``store_kind``). Either
+commits a batch atomically and, with ``sync`` on (the default), durably: a process killed at any instant, or a
+power loss, leaves the database as of the last completed commit, given a disk that honours fsync, with no
+write-ahead log or rename window of our own. docs/engine.md has the measurements behind the choice.
 
 Write path (group commit): callers buffer operations (``put``, ``delete``, ``delete_range``) from any thread;
 a commit applies everything buffered so far, by every group, in ONE write transaction with one durable
@@ -12,14 +13,14 @@ commit covered the number it was given (``covers``). Two ways to commit:
 
 * ``sync()``: commit now, on the calling thread, and return once durable (blocking);
 * pipelined, after ``start_committer(on_commit)``: ``request_commit()`` returns at once and a committer thread
-  commits in the background (py-lmdb releases the GIL for the transaction's writes and fsyncs), then calls
+  commits in the background (both stores release the GIL while they write and fsync), then calls
   ``on_commit()``; the caller (the node's Raft driver) goes on receiving, ticking and sending meanwhile and
   releases whatever waited for durability once ``covers`` says so. A commit requested while one runs starts
   as soon as it completes and carries everything buffered by then (the batch grows with the load).
 
 Both keep buffer order: commits are serialised (``_commit_lock``), each takes the whole buffer.
 
-``metasync=False`` (LMDB's MDB_NOMETASYNC) makes a commit one ``fdatasync`` (the data pages) instead of two
+``metasync=False`` (LMDB only: MDB_NOMETASYNC) makes a commit one ``fdatasync`` (the data pages) instead of two
 (data, then the meta page): a kill -9 still loses nothing committed, but a power loss may undo the LAST
 commit, whose meta page is only flushed by the next commit's ``fdatasync`` (or an explicit ``env.sync``).
 The engine accounts for that honestly: ``covers`` counts a commit's operations durable only once a later
@@ -42,17 +43,15 @@ at run time), which the fault harness's ``slow-disk`` nemesis sends; the commit-
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-import lmdb
+from raftkv.store import DEL, DEL_RANGE, PUT, ReadView, Store, StoreError, WriteBatch
 
 # The map's size is the database's size limit: address space reserved (mmap), not disk or memory used, as
 # LMDB grows the file as data is written. 64 GiB holds far more Raft log than a node keeps between compactions,
@@ -62,12 +61,48 @@ ENGINE_DIR = "engine"
 
 log = logging.getLogger("raftkv.engine")
 
-_PUT, _DEL, _DEL_RANGE = 0, 1, 2
 T = TypeVar("T")
+#: Store kinds, and the one a new data directory gets (``RAFTKV_ENGINE`` in the environment overrides it, for
+#: running the test suite on either).
+STORE_KINDS = ("rocksdb", "lmdb")
+DEFAULT_STORE = os.environ.get("RAFTKV_ENGINE") or "rocksdb"
 
 
 class EngineError(Exception):
     """The storage engine could not be opened or written (message says what and where)."""
+
+
+def store_kind(path: str) -> str | None:
+    """The kind of store an existing engine directory holds (None: none yet)."""
+    from raftkv.lmdbstore import is_lmdb_dir
+    from raftkv.rocksstore import is_rocks_dir
+
+    if is_lmdb_dir(path):
+        return "lmdb"
+    if is_rocks_dir(path):
+        return "rocksdb"
+    return None
+
+
+def open_store(path: str, kind: str | None, *, map_size: int, sync: bool, metasync: bool) -> Store:
+    """Open the store in ``path``: the kind it already holds, else ``kind`` (None: ``DEFAULT_STORE``)."""
+    found = store_kind(path)
+    if found is not None and kind is not None and found != kind:
+        raise EngineError(f"{path} holds a {found} store, not {kind}: start the node with --engine {found} "
+                          "(or move the data directory aside to start empty)")
+    # metasync=False is LMDB's one-fsync mode: asking for it asks for LMDB.
+    kind = found or kind or ("lmdb" if not metasync else DEFAULT_STORE)
+    if kind == "lmdb":
+        from raftkv.lmdbstore import LmdbStore
+
+        return LmdbStore(path, map_size=map_size, sync=sync, metasync=metasync)
+    if kind == "rocksdb":
+        if not metasync:
+            raise EngineError("metasync=False is an LMDB setting: a RocksDB commit syncs once already")
+        from raftkv.rocksstore import RocksStore
+
+        return RocksStore(path, sync=sync)
+    raise EngineError(f"unknown storage engine {kind!r}: one of {', '.join(STORE_KINDS)}")
 
 
 @dataclasses.dataclass
@@ -97,20 +132,24 @@ def _no_commit_callback() -> None:
 
 
 class Engine:
-    """One LMDB environment in ``path`` (a directory, created if missing), shared by all groups of a node."""
+    """One store in ``path`` (a directory, created if missing), shared by all groups of a node.
+
+    ``kind``: the store for a new directory (None: ``DEFAULT_STORE``); ``map_size``: LMDB's size limit.
+    """
 
     def __init__(self, path: str, *, map_size: int = DEFAULT_MAP_SIZE,
-                 point: Callable[[str], None] = _no_point, metasync: bool = True, sync: bool = True) -> None:
+                 point: Callable[[str], None] = _no_point, metasync: bool = True, sync: bool = True,
+                 kind: str | None = None) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = path
         try:
             # sync on: a commit fsyncs. metasync on: the commit is durable when it returns; off: see module doc.
             # sync off (raftkv serve --unsafe-no-sync, a negative control for the harness's power nemesis): no
-            # fsync at all, yet every commit is counted durable. max_readers: reads are short and few threads read.
-            self._env = lmdb.open(path, map_size=map_size, subdir=True, sync=sync, metasync=metasync,
-                                  max_dbs=0, max_readers=64, lock=True)
-        except lmdb.Error as exc:
-            raise EngineError(f"cannot open the storage engine in {path}: {exc}") from exc
+            # fsync at all, yet every commit is counted durable.
+            self._store = open_store(path, kind, map_size=map_size, sync=sync, metasync=metasync)
+        except StoreError as exc:
+            raise EngineError(str(exc)) from exc
+        self.kind = self._store.kind
         self.metasync = metasync
         self.synced = sync  # False only in the unsafe no-sync mode
         self._point = point
@@ -135,15 +174,15 @@ class Engine:
 
     def put(self, key: bytes, value: bytes) -> int:
         """Buffer ``key = value``; returns the operation's sequence number."""
-        return self._buffer(_PUT, key, value)
+        return self._buffer(PUT, key, value)
 
     def delete(self, key: bytes) -> int:
         """Buffer the deletion of ``key`` (absent is fine)."""
-        return self._buffer(_DEL, key, None)
+        return self._buffer(DEL, key, None)
 
     def delete_range(self, lo: bytes, hi: bytes) -> int:
         """Buffer the deletion of every key in ``[lo, hi)``."""
-        return self._buffer(_DEL_RANGE, lo, hi)
+        return self._buffer(DEL_RANGE, lo, hi)
 
     def _buffer(self, op: int, key: bytes, value: bytes | None) -> int:
         with self._lock:
@@ -249,23 +288,11 @@ class Engine:
         self._point("engine.commit.before")
         t0 = time.perf_counter()
         try:
-            with self._env.begin(write=True) as txn:
-                for op, key, value in ops:
-                    if op == _PUT:
-                        txn.put(key, value)
-                    elif op == _DEL:
-                        txn.delete(key)
-                    else:
-                        _delete_range(txn, key, value)  # type: ignore[arg-type]
-        except lmdb.MapFullError as exc:
-            self._failure = EngineError(f"storage engine in {self.path} is full (map size "
-                                        f"{self._env.info()['map_size']} bytes): restart the node with a larger "
-                                        "--engine-map-gib")
-            raise self._failure from exc
-        except lmdb.Error as exc:
-            # The batch is lost with the aborted transaction, and callers must not ack what it held: the node
-            # cannot go on safely without it.
-            self._failure = EngineError(f"storage engine commit failed in {self.path}: {exc}")
+            self._store.commit(ops)
+        except StoreError as exc:
+            # The batch is lost with the failed commit, and callers must not ack what it held: the node cannot
+            # go on safely without it.
+            self._failure = EngineError(str(exc))
             raise self._failure from exc
         self._slow_disk()
         dt = time.perf_counter() - t0
@@ -284,9 +311,9 @@ class Engine:
         """Make the last commit durable (``metasync=False``): one fdatasync of the meta page it wrote."""
         t0 = time.perf_counter()
         try:
-            self._env.sync(True)
-        except lmdb.Error as exc:
-            self._failure = EngineError(f"storage engine sync failed in {self.path}: {exc}")
+            self._store.flush_meta()
+        except StoreError as exc:
+            self._failure = EngineError(str(exc))
             raise self._failure from exc
         self._stats.meta_flushes += 1
         self._stats.total_s += time.perf_counter() - t0
@@ -308,7 +335,7 @@ class Engine:
             time.sleep(delay)
 
     def writer_busy(self) -> bool:
-        """A commit holds LMDB's one writer now (a racy hint: for callers that would rather not wait)."""
+        """A commit holds the store's one writer now (a racy hint: for callers that would rather not wait)."""
         return self._commit_lock.locked()
 
     def stats(self) -> SyncStats:
@@ -316,26 +343,19 @@ class Engine:
         return dataclasses.replace(self._stats)
 
     def size_bytes(self) -> int:
-        """Bytes the environment's data file takes on disk (0 once closed)."""
-        try:
-            return os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
-        except OSError:
-            return 0
+        """Bytes the store's files take on disk (0 once closed)."""
+        return self._store.size_bytes()
 
     def usage(self) -> dict[str, int]:
-        """What the environment holds now: ``keys`` (every group's), ``bytes_in_use`` (the B+tree's pages) and
-        ``file_bytes`` (the data file on disk). Pages freed by deletions are reused by later writes; the file
-        itself never shrinks (LMDB), so ``bytes_in_use`` is what a deletion gives back."""
-        st = self._env.stat()
-        pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-        return {"keys": st["entries"], "bytes_in_use": pages * st["psize"], "file_bytes": self.size_bytes()}
+        """What the store holds now: ``keys`` (every group's), ``bytes_in_use`` (live data) and ``file_bytes``
+        (on disk); see the store's own ``usage`` for how each is counted."""
+        return self._store.usage()
 
     # ---- committed reads -------------------------------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:
         """The committed value of ``key``, or None."""
-        with self._env.begin() as txn:
-            return txn.get(key)
+        return self._store.get(key)
 
     def scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Committed ``(key, value)`` pairs with ``lo <= key < hi``, in key order (one read snapshot)."""
@@ -344,10 +364,10 @@ class Engine:
 
     def read_view(self) -> ReadView:
         """A consistent read-only view of everything committed now; it stays the same until closed."""
-        return ReadView(self._env.begin())
+        return self._store.read_view()
 
     def commit_now(self, write: Callable[[WriteBatch], T], name: str = "checkpoint") -> T:
-        """Run ``write`` in one write transaction of its own and commit it durably, now.
+        """Run ``write`` on one write batch of its own and commit it durably, now.
 
         For large, self-contained writes (a shard's checkpoint or snapshot install) that must be atomic on
         their own and should not wait in, or bloat, the group-commit buffer. Operations buffered by others
@@ -359,13 +379,9 @@ class Engine:
             self._point(f"engine.{name}.before")
             t0 = time.perf_counter()
             try:
-                with self._env.begin(write=True) as txn:
-                    result = write(WriteBatch(txn))
-            except lmdb.MapFullError as exc:
-                raise EngineError(f"storage engine in {self.path} is full (map size {self._env.info()['map_size']} "
-                                  f"bytes): restart the node with a larger --engine-map-gib") from exc
-            except lmdb.Error as exc:
-                raise EngineError(f"storage engine commit failed in {self.path}: {exc}") from exc
+                result = self._store.commit_with(write)
+            except StoreError as exc:
+                raise EngineError(str(exc)) from exc
             self._slow_disk()
             self._count(time.perf_counter() - t0, 0)
             if not self.metasync:
@@ -374,7 +390,7 @@ class Engine:
             return result
 
     def close(self) -> None:
-        """Stop the committer (after the commit in progress, if any) and close the environment; buffered
+        """Stop the committer (after the commit in progress, if any) and close the store; buffered
         operations that were not committed are dropped (as in a crash)."""
         if self._committer is not None:
             with self._wanted:
@@ -385,119 +401,4 @@ class Engine:
         with self._commit_lock:
             if not self._closed:
                 self._closed = True
-                self._env.close()
-
-
-class WriteBatch:
-    """The writes of one ``Engine.commit_now`` transaction (applied in call order)."""
-
-    def __init__(self, txn: lmdb.Transaction) -> None:
-        self._txn = txn
-
-    def put(self, key: bytes, value: bytes) -> None:
-        """Set ``key``."""
-        self._txn.put(key, value)
-
-    def delete(self, key: bytes) -> None:
-        """Delete ``key`` (absent is fine)."""
-        self._txn.delete(key)
-
-    def delete_range(self, lo: bytes, hi: bytes) -> None:
-        """Delete every key in ``[lo, hi)``."""
-        _delete_range(self._txn, lo, hi)
-
-    def delete_first(self, lo: bytes, hi: bytes, limit: int) -> int:
-        """Delete the first ``limit`` keys in ``[lo, hi)``; returns how many were deleted (0: none left)."""
-        return self.delete_first_sized(lo, hi, limit)[0]
-
-    def delete_first_sized(self, lo: bytes, hi: bytes, limit: int) -> tuple[int, int]:
-        """``delete_first``, also returning the bytes of the keys and values deleted: ``(keys, bytes)``."""
-        cursor = self._txn.cursor()
-        n = size = 0
-        if not cursor.set_range(lo):
-            return 0, 0
-        while n < limit and cursor.key() and cursor.key() < hi:
-            size += len(cursor.key()) + len(cursor.value())
-            if not cursor.delete():
-                break
-            n += 1
-        return n, size
-
-    def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
-        """Set every ``(key, value)`` of ``items`` (fastest in key order); returns how many."""
-        _consumed, added = self._txn.cursor().putmulti(items)
-        return added
-
-
-class ReadView:
-    """A read-only snapshot of the engine (one LMDB read transaction); close it when done."""
-
-    def __init__(self, txn: lmdb.Transaction) -> None:
-        self._txn: lmdb.Transaction | None = txn
-
-    def get(self, key: bytes) -> bytes | None:
-        """The value of ``key`` in this view, or None."""
-        assert self._txn is not None, "read view closed"
-        return self._txn.get(key)
-
-    def scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """``(key, value)`` pairs with ``lo <= key < hi``, in key order."""
-        assert self._txn is not None, "read view closed"
-        cursor = self._txn.cursor()
-        if not cursor.set_range(lo):
-            return
-        for key, value in cursor:
-            if key >= hi:
-                return
-            yield key, value
-
-    def keys(self, lo: bytes, hi: bytes) -> Iterator[bytes]:
-        """The keys ``lo <= key < hi``, in key order (no value is read)."""
-        assert self._txn is not None, "read view closed"
-        cursor = self._txn.cursor()
-        if not cursor.set_range(lo):
-            return
-        for key in cursor.iternext(keys=True, values=False):
-            if key >= hi:
-                return
-            yield key
-
-    def scan_batches(self, lo: bytes, hi: bytes, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
-        """``scan(lo, hi)`` in lists of at most ``size`` pairs, read by the cursor's own iterator (no Python step
-        per key: for streaming a whole shard)."""
-        assert self._txn is not None, "read view closed"
-        cursor = self._txn.cursor()
-        if not cursor.set_range(lo):
-            return
-        rows = cursor.iternext(keys=True, values=True)
-        while True:
-            batch = list(itertools.islice(rows, size))
-            if not batch:
-                return
-            if batch[-1][0] >= hi:  # the range ends inside this batch: keep what is below hi
-                del batch[bisect.bisect_left(batch, (hi,)):]
-                if batch:
-                    yield batch
-                return
-            yield batch
-
-    def close(self) -> None:
-        """End the view (LMDB may then reuse the pages it pinned)."""
-        if self._txn is not None:
-            self._txn.abort()
-            self._txn = None
-
-    def __enter__(self) -> ReadView:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _delete_range(txn: lmdb.Transaction, lo: bytes, hi: bytes) -> None:
-    cursor = txn.cursor()
-    if not cursor.set_range(lo):
-        return
-    while cursor.key() and cursor.key() < hi:
-        if not cursor.delete():
-            break
+                self._store.close()

@@ -38,6 +38,7 @@ others'. Old behaviours are rebuilt as test subclasses and shown to fail (strict
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import os
 import pickle
@@ -135,9 +136,28 @@ class CrashDisk(Storage):
             raise Killed(name)
 
     def _image_engine(self) -> dict[str, bytes]:
+        """The engine's files as of now. RocksDB's background flushes and compactions add and delete files
+        while we read: copy until a copy saw no file change name, size or time, as a power loss takes the
+        directory at one instant."""
         path = os.path.join(self.root, ENGINE)
-        return {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)
-                if name != "lock.mdb"}
+
+        def listing() -> dict[str, tuple[int, int]]:
+            out = {}
+            for name in os.listdir(path):
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(os.path.join(path, name))
+                    out[name] = (st.st_size, st.st_mtime_ns)
+            return out
+
+        while True:
+            before = listing()
+            try:
+                image = {name: open(os.path.join(path, name), "rb").read() for name in before
+                         if name not in ("lock.mdb", "LOCK")}
+            except FileNotFoundError:
+                continue
+            if listing() == before:
+                return image
 
     def power_loss(self) -> None:
         """Throw away everything no completed fsync covered."""

@@ -6,12 +6,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("engine_bench", os.path.join(ROOT, "bench", "engine_bench.py"))
 engine_bench = importlib.util.module_from_spec(_spec)
+sys.modules["engine_bench"] = engine_bench  # its measurements run in spawned children, which import it by name
 _spec.loader.exec_module(engine_bench)
 
 METRICS = [

@@ -79,7 +79,7 @@ def test_a_full_engine_says_so_and_how_to_fix_it(tmp_path: Path) -> None:
 
     from raftkv.engine import EngineError
 
-    engine = Engine(str(tmp_path / "small"), map_size=1 << 20)
+    engine = Engine(str(tmp_path / "small"), map_size=1 << 20, kind="lmdb")  # the map size is LMDB's limit
     try:
         store = EngineStore(engine, 0)
         for i in range(20_000):

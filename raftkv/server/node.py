@@ -75,7 +75,7 @@ class Node:
                  security: Security | None = None, insecure: bool = False, faults: Faults | None = None,
                  compact_every_cmds: int | None = None, engine_map_size: int = DEFAULT_MAP_SIZE,
                  unsafe_no_sync: bool = False, unsafe_skip_locks: bool = False,
-                 unsafe_watch_miss: bool = False) -> None:
+                 unsafe_watch_miss: bool = False, engine_kind: str | None = None) -> None:
         if name not in shardmap.nodes:
             raise ValueError(f"node {name!r} is not in the cluster file (nodes: {', '.join(shardmap.nodes)})")
         self.map = shardmap
@@ -109,7 +109,8 @@ class Node:
         # One storage engine for every group on this node: one durable commit covers all their log writes.
         # unsafe_no_sync: a deliberately broken mode for the fault harness (acknowledges writes that a power loss
         # undoes); never for real data.
-        self.engine = Engine(os.path.join(data_dir, ENGINE_DIR), map_size=engine_map_size, sync=not unsafe_no_sync)
+        self.engine = Engine(os.path.join(data_dir, ENGINE_DIR), map_size=engine_map_size, sync=not unsafe_no_sync,
+                             kind=engine_kind)
         if PIPELINED_COMMITS:
             # The driver requests each loop's commit and goes on; the committer thread wakes it when the commit
             # is durable (raftkv.driver, docs/engine.md).
@@ -507,7 +508,7 @@ class Node:
         rc = self.reclaimer.stats()
         return {"commits": st.count, "commit_s": round(st.total_s, 6), "commit_max_ms": round(st.max_s * 1000, 3),
                 "injected_delay_ms": round(self.engine.delay_s * 1000, 3),
-                "fsync": self.engine.synced,  # False: the unsafe no-sync mode (a negative control)
+                "kind": self.engine.kind, "fsync": self.engine.synced,  # False: the unsafe no-sync mode (a negative control)
                 **self.engine.usage(),
                 # groups no longer hosted here: deleted since this process started, still being deleted, and
                 # the keys the engine still holds of groups it does not host (per group, counted up to 10,000)
@@ -529,14 +530,14 @@ def run_node(config: str, name: str, *, unsafe_local_reads: bool = False, log_le
              insecure: bool = False, faults: Faults | None = None, compact_every_cmds: int | None = None,
              engine_map_size: int = DEFAULT_MAP_SIZE, raft_overrides: dict | None = None,
              unsafe_no_sync: bool = False, unsafe_skip_locks: bool = False,
-             unsafe_watch_miss: bool = False) -> None:
+             unsafe_watch_miss: bool = False, engine_kind: str | None = None) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT (``raft_overrides``: ``SyncObjConf`` timers)."""
     setup_logging(log_level)
     shardmap = ShardMap.load(config)
     node = Node(shardmap, name, limits=limits, timing=timing, unsafe_local_reads=unsafe_local_reads,
                 metrics_port=metrics_port, insecure=insecure, faults=faults, compact_every_cmds=compact_every_cmds,
                 engine_map_size=engine_map_size, raft_overrides=raft_overrides, unsafe_no_sync=unsafe_no_sync,
-                unsafe_skip_locks=unsafe_skip_locks, unsafe_watch_miss=unsafe_watch_miss)
+                unsafe_skip_locks=unsafe_skip_locks, unsafe_watch_miss=unsafe_watch_miss, engine_kind=engine_kind)
     if unsafe_local_reads:
         log.warning("event=unsafe_mode node=%s msg='reads served from the local copy; NOT linearizable'", name)
     if unsafe_no_sync:
