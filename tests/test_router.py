@@ -209,7 +209,7 @@ def test_a_forwarded_request_is_answered_while_a_read_of_a_locked_key_waits(tmp_
     coordinating a transfer forwarded its PREPARE for another shard to that shard's leader over the link
     that also carried its clients' reads of the same accounts. A read that met the lock (taken by that very
     PREPARE) held the vote's reply, so the coordinator heard nothing until its prepare timeout (1.5 s) and
-    every transfer and read of those accounts stalled with it, again and again: 85-120 ok operations in 8 s
+    every transfer and read of those accounts stalled with it, again and again: 85-140 ok operations in 8 s
     instead of 400-600.
 
     Here n1 leads both shards and requests go through n2; a transaction on n1 is paused after its PREPAREs
