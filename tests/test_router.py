@@ -186,3 +186,71 @@ def test_a_forwarded_request_is_answered_while_a_write_of_a_frozen_key_waits(tmp
         raise
     finally:
         lc.stop()
+
+
+def test_a_command_the_leader_answered_locked_waits_at_the_node_it_came_in_to() -> None:
+    """The leader answers a forwarded command that meets a transaction's lock ``-LOCKED`` at once (see the
+    next test); the node it came in to sends it again until the lock is gone or its time is up."""
+    locked = Error("LOCKED", "key b'k' is locked by transaction t1")
+    router = ScriptedRouter([locked, locked, b"v"])
+    assert run(router, read=True) == b"v"
+    assert len(router.sent) == 3
+    router = ScriptedRouter([locked] * 10_000)  # never unlocked: LOCKED when its time is up (not applied)
+    reply = run(router, read=True)
+    assert isinstance(reply, Error) and reply.code == "LOCKED", reply
+
+
+def test_a_forwarded_request_is_answered_while_a_read_of_a_locked_key_waits(tmp_path: Any) -> None:
+    """A read of a key locked by a prepared transaction waits for the lock; it must wait where it came in,
+    not at the leader, whose replies on the link from that node come back in order: waiting there, it held
+    every later reply on the link, the PREPARE votes of the transaction holding the lock among them.
+
+    Seen in the fault harness's bank workload (8 clients transferring between 6 accounts): a node
+    coordinating a transfer forwarded its PREPARE for another shard to that shard's leader over the link
+    that also carried its clients' reads of the same accounts. A read that met the lock (taken by that very
+    PREPARE) held the vote's reply, so the coordinator heard nothing until its prepare timeout (1.5 s) and
+    every transfer and read of those accounts stalled with it, again and again: 85-140 ok operations in 8 s
+    instead of 400-600.
+
+    Here n1 leads both shards and requests go through n2; a transaction on n1 is paused after its PREPAREs
+    (fault point ``txn.after_prepare``) for longer than the test, holding its keys' locks, and the nodes'
+    request timeout is 60 s: the read waits all that time. Another request through n2 gets 10 s (it takes
+    milliseconds): held behind the read, it got its answer only when the read's time ran out."""
+    from raftkv.cluster import call
+
+    from .conftest import dump_logs, start_cluster
+
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2,
+                       node_args=["--request-timeout", "60", "--fault", "txn.after_prepare:600:1:hold-lock"])
+    try:
+        for shard in (0, 1):
+            lc.transfer_leader(shard, "n1")
+
+        def key_on(shard: int, prefix: str) -> str:
+            return next(k for i in range(10_000) if lc.map.shard_for_key((k := f"{prefix}{i}").encode()) == shard)
+
+        a, b, free = key_on(0, "a"), key_on(1, "b"), key_on(0, "free")
+        n1, n2 = lc.map.nodes["n1"].client_addr, lc.map.nodes["n2"].client_addr
+        # Answered once both PREPAREs are in (parallel commits); the coordinator then pauses, a and b locked.
+        assert call(n1, "RAFTKV.TXN", "ID", "hold-lock", "0", "2", "PUT", a, "1", "PUT", b, "1", "0",
+                    timeout=20.0) is not None
+        read: list[Any] = []
+
+        def read_a() -> None:  # a read of a locked key, through n2: waits until the lock goes or its time is up
+            try:
+                read.append(call(n2, "GET", a, timeout=120.0))
+            except Exception as e:  # noqa: BLE001 - the test checks what came back
+                read.append(e)
+
+        reader = threading.Thread(target=read_a, daemon=True)
+        reader.start()
+        time.sleep(1.0)  # the read reaches the leader and waits there (or at n2)
+        assert reader.is_alive() and not read, read
+        # Another key of the same shard, through the same node: answered while the read still waits.
+        assert call(n2, "SET", free, "v", timeout=10.0) == b"OK"
+        assert reader.is_alive() and not read, read
+    except BaseException:
+        dump_logs(lc)
+        raise
+    finally:
+        lc.stop()

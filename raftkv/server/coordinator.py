@@ -31,7 +31,9 @@ sent again.
   attempts and does not count dies and queued losses (for ``DIE_WINDOW_S``).
 * ``wait_for_lock``: called by the router when a command meets a lock; an
   old lock is resolved at once (a STAGING record is settled from here), so a
-  reader never waits on a dead coordinator for long.
+  reader never waits on a dead coordinator for long.  ``lock_met``: the same
+  resolution, without the wait, for a forwarded command, which the router
+  answers ``-LOCKED`` at once (it waits at the node it came in to).
 
 Ages here (locks, PENDING records) are log time (``raftkv.logclock``): the
 replica's ``log_now_ms()`` compared with the log times stamped into its
@@ -540,6 +542,12 @@ class TxnService:
         if lock_is_old(self.node, shard, lock):
             await asyncio.wait([self.resolve_soon(shard, lock)], timeout=max(0.05, remaining_s))
         await asyncio.sleep(self.node.timing.retry_sleep_s)
+
+    def lock_met(self, shard: int, lock: Locked) -> None:
+        """A command met ``lock`` and does not wait for it on this node (a forwarded one waits where it came
+        in, ``raftkv.server.router``): start resolving the lock if it is old, as ``wait_for_lock`` would."""
+        if lock.txid not in self._settling and lock_is_old(self.node, shard, lock):
+            self.resolve_soon(shard, lock)
 
     def spawn(self, txid: str, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -23,19 +23,24 @@ The answer accounts for every attempt, not just the last:
 Keys locked by a prepared transaction make a command wait (and resolve the
 lock at its home shard once it is old), up to the request timeout.  So do keys
 being moved to a new shard (``-MOVING``, ``raftkv.reshard``): nothing was
-applied, and the move ends soon.  ``-WRONGSHARD`` (the key lives on another
+applied, and the move ends soon (``-LOCKED`` too: nothing was applied).  ``-WRONGSHARD`` (the key lives on another
 shard now) is answered at once: the command must be routed again with a newer
 map; like every refusal, it becomes ``-UNKNOWN`` if an earlier attempt may have
 applied.
 
-A command waits for ``-MOVING`` keys on the node it came in to, not on the
-leader it was forwarded to: the leader answers a forwarded one at once and the
-first node sends it again (after ``retry_sleep_s``) until the move ends or its
-time is up.  A node forwards all its commands for one peer over one link, whose
-replies come back in order (``raftkv.server.conn``): a command waiting seconds
-at the leader held the reply of every command forwarded after it (seen: a
-shard add's freeze of one source, forwarded behind a write of a key another
-source had just frozen, answered 4.5 s later, when that write's time ran out).
+A command waits for ``-MOVING`` keys, and for locked keys, on the node it came
+in to, not on the leader it was forwarded to: the leader answers a forwarded
+one at once (``-MOVING``, ``-LOCKED``; it still starts resolving an old lock)
+and the first node sends it again (after ``retry_sleep_s``) until the move
+ends, the lock goes, or its time is up.  A node forwards all its commands for
+one peer over one link, whose replies come back in order
+(``raftkv.server.conn``): a command waiting seconds at the leader held the
+reply of every command forwarded after it (seen: a shard add's freeze of one
+source, forwarded behind a write of a key another source had just frozen,
+answered 4.5 s later, when that write's time ran out; and a transaction's
+PREPARE vote, forwarded behind a read of a key that very PREPARE had locked:
+the coordinator heard nothing until its prepare timeout, 1.5 s, and every
+command on those keys waited with it).
 """
 
 from __future__ import annotations
@@ -192,8 +197,13 @@ class Router:
                     kind, res = await self._local(shard, cmd, read, deadline - now)
                 if kind == APPLIED:
                     if isinstance(res, Locked):
+                        locked = f"key {res.key!r} is locked by transaction {res.txid}"
+                        if hops > 0:  # a forwarded command waits at the node it came in to (see module doc)
+                            node.txns.lock_met(shard, res)  # an old lock is resolved from here all the same
+                            acc.not_applied(locked)
+                            return acc.give_up("LOCKED", locked)
                         if loop.time() > deadline:
-                            return acc.give_up("LOCKED", f"key {res.key!r} is locked by transaction {res.txid}")
+                            return acc.give_up("LOCKED", locked)
                         await node.txns.wait_for_lock(shard, res, deadline - loop.time())
                         continue
                     if isinstance(res, CmdError) and res.code in _MOVE_CODES:
@@ -229,7 +239,11 @@ class Router:
                 elif isinstance(reply, Error) and reply.code in _NOT_RUN:
                     acc.not_applied(f"{target}: {reply}")
                 elif isinstance(reply, Error) and reply.code == "LOCKED":
-                    return acc.give_up("LOCKED", reply.message)
+                    acc.not_applied(f"{target}: LOCKED {reply.message}")
+                    # Locked: wait here, where the command came in (re-sent until the lock goes or time is up),
+                    # as for MOVING; a node that was itself forwarded to answers at once, as the leader did.
+                    if hops > 0 or loop.time() + timing.retry_sleep_s > deadline:
+                        return acc.give_up("LOCKED", reply.message)
                 elif isinstance(reply, (Error, CmdError)) and reply.code in _MOVE_CODES:
                     acc.not_applied(f"{target}: {reply.code} {reply.message}")
                     # MOVING: wait here, where the command came in (it is re-sent until the move ends or time is
