@@ -17,6 +17,10 @@ applied index ``b"A" + u32 group``, data ``u32 shard + key``, all big-endian):
   ticks/s, entries/s, p50/p99 tick latency (building the batch included), and the bytes the
   process wrote to the disk per entry (``/proc/self/io``; RocksDB's memtable flush and
   compactions come later than a short run, so its figure is the WAL's).
+* ``tick_G{n}``: what a node's driver loop commits: 24 client writes spread over G groups, each as a
+  200 B log entry, a 100 B data key and a 30 B session record at random places, plus every touched
+  group's hard state and applied index, in ONE durable commit; ticks/s and p50/p99 latency.
+  RocksDB runs with raftkv's own settings (``raftkv.rocksstore.options``) in every workload.
 * ``apply_sync`` / ``apply_nosync``: 100 random data keys of 100 B plus the group's applied
   index in one atomic commit, durable or not; keys/s.
 * ``prefix_delete``: the group log holds ``--log-entries`` entries of 200 B; the first half
@@ -56,7 +60,7 @@ ENGINES = ("lmdb", "rocksdb")
 # not in the default set: LMDB without the meta-page fdatasync (one sync per commit instead of two; the last
 # commit can be lost on power loss, so not durable enough for a Raft log, measured only to size that sync)
 VARIANTS = ("lmdb-nometasync",)
-WORKLOADS = ("group_commit", "apply", "prefix_delete", "dataset")
+WORKLOADS = ("group_commit", "tick", "apply", "prefix_delete", "dataset")
 
 _U32 = struct.Struct(">I")
 _LOGKEY = struct.Struct(">cIQ")
@@ -146,8 +150,10 @@ class RocksEngine:
     def __init__(self, path: str, sync: bool, map_size: int) -> None:
         import rocksdict
 
+        from raftkv.rocksstore import options
+
         self._r = rocksdict
-        self.db = rocksdict.Rdict(path, rocksdict.Options(raw_mode=True))
+        self.db = rocksdict.Rdict(path, options())  # raftkv's own settings (raftkv/rocksstore.py)
         self.wo = rocksdict.WriteOptions()
         self.wo.sync = sync
 
@@ -285,6 +291,43 @@ def job_group_commit(eng, a, groups: int) -> dict:
     }
 
 
+def job_tick(eng, a, groups: int) -> dict:
+    """A node's driver-loop commit: 24 client writes spread over ``groups`` groups, each as a 200 B log entry,
+    a 100 B data key at a random place, a 30 B session record at a random place, plus every touched group's
+    hard state and applied index, in ONE durable commit."""
+    rng = random.Random(groups)
+    next_index = [1] * groups
+    lat: list[float] = []
+    t_end = time.perf_counter() + a.duration
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        if t0 >= t_end and lat:
+            break
+        puts = []
+        touched = set()
+        for _ in range(24):
+            g = rng.randrange(groups)
+            touched.add(g)
+            i = next_index[g]
+            next_index[g] = i + 1
+            puts.append((log_key(g, i), payload(i, 200)))
+            puts.append((data_key(g, rng.randrange(1 << 30)), payload(i, 100)))
+            puts.append((_GROUPKEY.pack(b"S", g) + rng.randbytes(8), payload(i, 30)))
+        for g in touched:
+            puts.append((_GROUPKEY.pack(b"H", g), _HARD.pack(7, 1, next_index[g] - 1)))
+            puts.append((_GROUPKEY.pack(b"A", g), (next_index[g] - 1).to_bytes(8, "big")))
+        eng.commit(puts)
+        lat.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - start
+    lat.sort()
+    return {
+        f"tick_G{groups}_per_s": len(lat) / wall,
+        f"tick_G{groups}_p50_ms": quantile(lat, 0.50) * 1e3,
+        f"tick_G{groups}_p99_ms": quantile(lat, 0.99) * 1e3,
+    }
+
+
 def job_apply(eng, a, sync: bool) -> dict:
     rng = random.Random(5)
     applied = 0
@@ -380,6 +423,8 @@ def _child(conn, engine: str, kind: str, arg, a, path: str) -> None:
         try:
             if kind == "group_commit":
                 out = job_group_commit(eng, a, arg)
+            elif kind == "tick":
+                out = job_tick(eng, a, arg)
             elif kind == "apply":
                 out = job_apply(eng, a, arg)
             elif kind == "prefix_delete":
@@ -474,6 +519,7 @@ def versions() -> dict:
 
 def plan(a) -> list[tuple[str, object]]:
     jobs: list[tuple[str, object]] = [("group_commit", g) for g in a.groups]
+    jobs += [("tick", g) for g in a.groups]
     jobs += [("apply", True), ("apply", False), ("prefix_delete", None), ("dataset", None)]
     return [(kind, arg) for kind, arg in jobs if kind in a.workloads]
 

@@ -169,8 +169,8 @@ def cluster_down(directory: str, purge: bool) -> None:
               help="seconds a node works on one client request (retries included) before it answers that the "
                    "outcome is unknown or that it was not applied; a client that waits longer sees that answer")
 @click.option("--engine", "engine_kind", type=click.Choice(["rocksdb", "lmdb"]), default=None,
-              help="storage engine for a new data directory (default rocksdb); an existing one keeps its own, "
-                   "and naming another is an error")
+              help="storage engine for a new data directory (default lmdb; docs/engine.md compares them); an "
+                   "existing one keeps its own, and naming another is an error")
 @click.option("--election-timeout", default="120-300", show_default=True, metavar="MIN-MAX",
               help="milliseconds of silence from a leader before a follower asks for an election (random in "
                    "the range); raise it (e.g. 500-1000) where slow disks or a loaded machine cause needless "

@@ -1,7 +1,8 @@
 """The node's storage engine: one store holds every Raft group's log, hard state and key-value data.
 
-The store (``raftkv.store``) is RocksDB (``raftkv.rocksstore``, the default for a new data directory) or LMDB
-(``raftkv.lmdbstore``); an existing directory keeps the store it was created with (``store_kind``). Either
+The store (``raftkv.store``) is LMDB (``raftkv.lmdbstore``, the default for a new data directory) or RocksDB
+(``raftkv.rocksstore``, ``raftkv serve --engine rocksdb``); an existing directory keeps the store it was
+created with (``store_kind``). Either
 commits a batch atomically and, with ``sync`` on (the default), durably: a process killed at any instant, or a
 power loss, leaves the database as of the last completed commit, given a disk that honours fsync, with no
 write-ahead log or rename window of our own. docs/engine.md has the measurements behind the choice.
@@ -65,7 +66,7 @@ T = TypeVar("T")
 #: Store kinds, and the one a new data directory gets (``RAFTKV_ENGINE`` in the environment overrides it, for
 #: running the test suite on either).
 STORE_KINDS = ("rocksdb", "lmdb")
-DEFAULT_STORE = os.environ.get("RAFTKV_ENGINE") or "rocksdb"
+DEFAULT_STORE = os.environ.get("RAFTKV_ENGINE") or "lmdb"
 
 
 class EngineError(Exception):

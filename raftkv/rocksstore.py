@@ -68,7 +68,8 @@ def _shared_cache() -> Cache:
         return _cache
 
 
-def _options() -> Options:
+def options() -> Options:
+    """raftkv's RocksDB settings (module doc)."""
     o = Options(raw_mode=True)
     o.create_if_missing(True)
     o.set_compression_type(DBCompressionType.none())
@@ -92,7 +93,7 @@ class RocksStore:
 
     def __init__(self, path: str, *, sync: bool) -> None:
         try:
-            self._db = Rdict(path, options=_options())
+            self._db = Rdict(path, options=options())
         except Exception as exc:  # rocksdict raises plain exceptions (e.g. the lock held by another process)
             raise StoreError(f"cannot open the storage engine in {path}: {exc}") from exc
         self.path = path
