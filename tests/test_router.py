@@ -200,6 +200,22 @@ def test_a_command_the_leader_answered_locked_waits_at_the_node_it_came_in_to() 
     assert isinstance(reply, Error) and reply.code == "LOCKED", reply
 
 
+def test_time_running_out_while_a_lock_is_waited_out_is_answered_locked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry sleep after a LOCKED answer can end past the request's deadline (a busy machine oversleeps):
+    the answer is still LOCKED, not TRYAGAIN. Seen in CI: the test above got TRYAGAIN."""
+    real_sleep = asyncio.sleep
+
+    async def oversleep(seconds: float) -> None:
+        await real_sleep(seconds + 0.1)  # past the whole budget below
+
+    monkeypatch.setattr("raftkv.server.router.asyncio.sleep", oversleep)
+    router = ScriptedRouter([Error("LOCKED", "key b'k' is locked by transaction t1")] * 10)
+    router.node.timing = Timing(request_timeout_s=0.05, retry_sleep_s=0.001)
+    reply = run(router, read=True)
+    assert isinstance(reply, Error) and reply.code == "LOCKED" and "locked by transaction t1" in reply.message, reply
+    assert len(router.sent) == 1
+
+
 def test_a_forwarded_request_is_answered_while_a_read_of_a_locked_key_waits(tmp_path: Any) -> None:
     """A read of a key locked by a prepared transaction waits for the lock; it must wait where it came in,
     not at the leader, whose replies on the link from that node come back in order: waiting there, it held

@@ -174,9 +174,12 @@ class Router:
         deadline = loop.time() + budget
         acc = Attempts(shard, read, idempotent)
         no_leader_since: float | None = None
+        locked: str | None = None  # the leader's LOCKED message while the last attempt met a lock
         while True:
             now = loop.time()
             if now > deadline:
+                if locked is not None:  # time ran out waiting for a lock (the sleep overshot): say so
+                    return acc.give_up("LOCKED", locked)
                 return acc.give_up("TRYAGAIN", f"shard {shard}: not applied ({acc.last}); retry")
             replica = node.replicas.get(shard)
             if replica is not None and replica.is_leader():
@@ -195,6 +198,7 @@ class Router:
                     res = node.txns.ungate(claim, kind, res)
                 else:
                     kind, res = await self._local(shard, cmd, read, deadline - now)
+                locked = None
                 if kind == APPLIED:
                     if isinstance(res, Locked):
                         locked = f"key {res.key!r} is locked by transaction {res.txid}"
@@ -226,6 +230,7 @@ class Router:
             if target is not None and target != node.name and hops < HOPS_MAX:
                 no_leader_since = None
                 reply = await self._forward(target, shard, cmd, read, idempotent, hops, deadline - now)
+                locked = None
                 if isinstance(reply, PeerUnreachable):
                     if reply.sent:
                         answer = acc.unknown(f"lost contact with leader {target} after sending: {reply}")
@@ -240,6 +245,7 @@ class Router:
                     acc.not_applied(f"{target}: {reply}")
                 elif isinstance(reply, Error) and reply.code == "LOCKED":
                     acc.not_applied(f"{target}: LOCKED {reply.message}")
+                    locked = reply.message
                     # Locked: wait here, where the command came in (re-sent until the lock goes or time is up),
                     # as for MOVING; a node that was itself forwarded to answers at once, as the leader did.
                     if hops > 0 or loop.time() + timing.retry_sleep_s > deadline:
