@@ -14,7 +14,7 @@ commit covered the number it was given (``covers``). Two ways to commit:
 
 * ``sync()``: commit now, on the calling thread, and return once durable (blocking);
 * pipelined, after ``start_committer(on_commit)``: ``request_commit()`` returns at once and a committer thread
-  commits in the background (both stores release the GIL while they write and fsync), then calls
+  commits in the background (py-lmdb releases the GIL while it writes and fsyncs; rocksdict holds it), then calls
   ``on_commit()``; the caller (the node's Raft driver) goes on receiving, ticking and sending meanwhile and
   releases whatever waited for durability once ``covers`` says so. A commit requested while one runs starts
   as soon as it completes and carries everything buffered by then (the batch grows with the load).

@@ -10,6 +10,7 @@ whose fsync cost grows with the pages it writes, that is most of a commit's time
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -44,35 +45,33 @@ class LmdbStore:
             raise StoreError(f"cannot open the storage engine in {path}: {exc}") from exc
         self.path = path
 
-    def _full(self, exc: Exception) -> StoreFull:
-        return StoreFull(f"storage engine in {self.path} is full (map size {self._env.info()['map_size']} "
-                         "bytes): restart the node with a larger --engine-map-gib")
+    @contextlib.contextmanager
+    def _write_txn(self) -> Iterator[lmdb.Transaction]:
+        """One write transaction, committed on leaving; LMDB's errors become the store's."""
+        try:
+            with self._env.begin(write=True) as txn:
+                yield txn
+        except lmdb.MapFullError as exc:
+            raise StoreFull(f"storage engine in {self.path} is full (map size {self._env.info()['map_size']} "
+                            "bytes): restart the node with a larger --engine-map-gib") from exc
+        except lmdb.Error as exc:
+            raise StoreError(f"storage engine commit failed in {self.path}: {exc}") from exc
 
     def commit(self, ops: list[tuple[int, bytes, bytes | None]]) -> None:
         """Apply ``ops`` (``(PUT|DEL|DEL_RANGE, key, value-or-hi)``) in one transaction and commit it."""
-        try:
-            with self._env.begin(write=True) as txn:
-                for op, key, value in ops:
-                    if op == PUT:
-                        txn.put(key, value)
-                    elif op == DEL:
-                        txn.delete(key)
-                    else:
-                        _delete_range(txn, key, value)  # type: ignore[arg-type]
-        except lmdb.MapFullError as exc:
-            raise self._full(exc) from exc
-        except lmdb.Error as exc:
-            raise StoreError(f"storage engine commit failed in {self.path}: {exc}") from exc
+        with self._write_txn() as txn:
+            for op, key, value in ops:
+                if op == PUT:
+                    txn.put(key, value)
+                elif op == DEL:
+                    txn.delete(key)
+                else:
+                    _delete_range(txn, key, value)  # type: ignore[arg-type]
 
     def commit_with(self, write: Callable[[LmdbWriteBatch], T]) -> T:
         """Run ``write`` in one write transaction and commit it; returns what ``write`` returned."""
-        try:
-            with self._env.begin(write=True) as txn:
-                return write(LmdbWriteBatch(txn))
-        except lmdb.MapFullError as exc:
-            raise self._full(exc) from exc
-        except lmdb.Error as exc:
-            raise StoreError(f"storage engine commit failed in {self.path}: {exc}") from exc
+        with self._write_txn() as txn:
+            return write(LmdbWriteBatch(txn))
 
     def flush_meta(self) -> None:
         """``metasync=False``: make the last commit durable (one fdatasync of the meta page it wrote)."""

@@ -159,7 +159,7 @@ class RocksStore:
 
         keys = prop("rocksdb.estimate-num-keys")
         if keys <= EXACT_COUNT_MAX:
-            keys = sum(1 for _ in _keys_in(self._db, b"", b"\xff" * 16))
+            keys = sum(1 for _ in _keys_in(self._db, b"", b"\xff" * 16))  # every key prefix is below 0xff
         return {"keys": keys,
                 "bytes_in_use": prop("rocksdb.estimate-live-data-size") + prop("rocksdb.cur-size-all-mem-tables"),
                 "file_bytes": self.size_bytes()}
@@ -168,11 +168,17 @@ class RocksStore:
         self._db.close()
 
 
-def _keys_in(db_or_snap: object, lo: bytes, hi: bytes) -> Iterator[bytes]:
+def _bounded(db: Rdict, lo: bytes, hi: bytes) -> RdictIter:
+    """An iterator over the live database at the first key >= ``lo``, ending before ``hi``."""
     ro = ReadOptions()
     ro.set_iterate_upper_bound(hi)
-    it = db_or_snap.iter(ro)  # type: ignore[attr-defined]
+    it = db.iter(ro)
     it.seek(lo)
+    return it
+
+
+def _keys_in(db: Rdict, lo: bytes, hi: bytes) -> Iterator[bytes]:
+    it = _bounded(db, lo, hi)
     while it.valid():
         yield it.key()
         it.next()
@@ -212,10 +218,7 @@ class RocksWriteBatch:
 
     def delete_first_sized(self, lo: bytes, hi: bytes, limit: int) -> tuple[int, int]:
         """``delete_first``, also returning the bytes of the keys and values deleted: ``(keys, bytes)``."""
-        ro = ReadOptions()
-        ro.set_iterate_upper_bound(hi)
-        it = self._db.iter(ro)
-        it.seek(lo)
+        it = _bounded(self._db, lo, hi)
         n = size = 0
         while n < limit and it.valid():
             key = it.key()

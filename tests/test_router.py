@@ -42,6 +42,21 @@ class ScriptedRouter(Router):
         return self.script.pop(0) if self.script else Error("TRYAGAIN", "no leader")
 
 
+def in_background(request: Any) -> tuple[threading.Thread, list[Any]]:
+    """Start ``request()`` on a thread of its own: the thread, and the list its reply (or exception) lands in."""
+    out: list[Any] = []
+
+    def go() -> None:
+        try:
+            out.append(request())
+        except Exception as e:  # noqa: BLE001 - the test checks what came back
+            out.append(e)
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread, out
+
+
 def run(router: Router, *, read: bool = False, idempotent: bool = True) -> Any:
     return asyncio.run(router.execute(0, ("set", b"k", b"v"), read=read, idempotent=idempotent))
 
@@ -160,17 +175,10 @@ def test_a_forwarded_request_is_answered_while_a_write_of_a_frozen_key_waits(tmp
         moving = next(k for i in range(100_000) if lc.map.shard_for_key(k := f"k{i}".encode()) == 0
                       and move.moving(k))
         assert reshard("n1", 0, "mv_freeze", epoch, 0, 2, vnodes) == "frozen"
-        written: list[Any] = []
         n2 = lc.map.nodes["n2"].client_addr
-
-        def write() -> None:  # a session write of a frozen key, through n2: waits until the move ends
-            try:
-                written.append(call(n2, "RAFTKV.REQ", b"frozen-writer", b"1", "SET", moving, "v", timeout=60.0))
-            except Exception as e:  # noqa: BLE001 - the test checks what came back
-                written.append(e)
-
-        writer = threading.Thread(target=write, daemon=True)
-        writer.start()
+        # a session write of a frozen key, through n2: waits until the move ends
+        writer, written = in_background(
+            lambda: call(n2, "RAFTKV.REQ", b"frozen-writer", b"1", "SET", moving, "v", timeout=60.0))
         time.sleep(1.0)  # the write reaches the leader and waits there (or at n2)
         assert writer.is_alive() and not written, written
         # The freeze of the other source, through the same node: answered while the write still waits.
@@ -250,16 +258,8 @@ def test_a_forwarded_request_is_answered_while_a_read_of_a_locked_key_waits(tmp_
         # Answered once both PREPAREs are in (parallel commits); the coordinator then pauses, a and b locked.
         assert call(n1, "RAFTKV.TXN", "ID", "hold-lock", "0", "2", "PUT", a, "1", "PUT", b, "1", "0",
                     timeout=20.0) is not None
-        read: list[Any] = []
-
-        def read_a() -> None:  # a read of a locked key, through n2: waits until the lock goes or its time is up
-            try:
-                read.append(call(n2, "GET", a, timeout=120.0))
-            except Exception as e:  # noqa: BLE001 - the test checks what came back
-                read.append(e)
-
-        reader = threading.Thread(target=read_a, daemon=True)
-        reader.start()
+        # a read of a locked key, through n2: waits until the lock goes or its time is up
+        reader, read = in_background(lambda: call(n2, "GET", a, timeout=120.0))
         time.sleep(1.0)  # the read reaches the leader and waits there (or at n2)
         assert reader.is_alive() and not read, read
         # Another key of the same shard, through the same node: answered while the read still waits.

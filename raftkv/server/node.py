@@ -508,7 +508,8 @@ class Node:
         rc = self.reclaimer.stats()
         return {"commits": st.count, "commit_s": round(st.total_s, 6), "commit_max_ms": round(st.max_s * 1000, 3),
                 "injected_delay_ms": round(self.engine.delay_s * 1000, 3),
-                "kind": self.engine.kind, "fsync": self.engine.synced,  # False: the unsafe no-sync mode (a negative control)
+                "kind": self.engine.kind,
+                "fsync": self.engine.synced,  # False: the unsafe no-sync mode (a negative control)
                 **self.engine.usage(),
                 # groups no longer hosted here: deleted since this process started, still being deleted, and
                 # the keys the engine still holds of groups it does not host (per group, counted up to 10,000)
