@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# System tools the tests use (iptables for partitions, redis-tools for redis-cli).
+# System tools the tests use (iptables for partitions, redis-tools for redis-cli, etcd-server and
+# redis-server for the side-by-side benchmarks).
 # Installed with apt-get only when missing and only when we are root (as in CI).
 sysdeps:
 	@.ci/sysdeps
