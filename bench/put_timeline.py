@@ -1,0 +1,225 @@
+"""Where one put's time goes: the median timeline of a single-client put across the three node processes.
+
+    .venv/bin/python bench/put_timeline.py --seconds 8 [--engine lmdb|rocksdb] [--node-arg=--unsafe-no-sync]
+
+Starts a local 3-node cluster whose node processes record timestamps at a few points of the write path (a
+``sitecustomize`` wraps the functions below; nothing in raftkv changes), sends ``SET`` to each key's shard
+leader from one client, one request at a time, and prints for the median request when each step happened,
+in ms after the client sent it. ``CLOCK_MONOTONIC`` is one clock for every process of the machine, so the
+nodes' timestamps and the client's line up.
+
+Steps recorded (leader = the node that got the request, from its proposal on; follower = the one whose ack came
+first, from the leader's AppendEntries on):
+
+* ``propose``: the request's batch handed to the shard's Raft group (the asyncio thread, ``Proposer._flush``);
+* ``loop``: the Raft driver's ``poll`` returned (woken by the proposal, or by frames);
+* ``send``: frames sealed for a peer (``RaftNetwork._seal``); on the leader first the AppendEntries, on the
+  follower the ack;
+* ``recv``: a record read from a peer (``RaftNetwork._on_record``);
+* ``commit``/``commit done``: the storage engine's commit (write + fsync) began / ended;
+* ``apply``: the state machine applied a batch (``KVState.apply_batch``);
+* ``reply``: the reply future resolved on the asyncio thread (``batch._resolve``); the client has the reply
+  at the end (the median total).
+
+Other traffic (heartbeats of idle groups every 25 ms) is recorded too; a median over many requests smooths it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from raftkv import protocol  # noqa: E402
+from raftkv.cluster import LocalCluster  # noqa: E402
+
+HOOKS = r'''
+import os, sys, threading, time
+_dir = os.environ.get("RAFTKV_TIMELINE")
+if _dir:
+    sys.path.insert(0, {root!r})
+    _ev = []
+    _out = os.path.join(_dir, "%d.tl" % os.getpid())
+
+    def _rec(name):
+        _ev.append((time.monotonic_ns(), name))
+
+    def _dump():
+        while True:
+            time.sleep(0.2)
+            n = len(_ev)
+            if n:
+                chunk = _ev[:n]
+                del _ev[:n]
+                with open(_out, "a") as f:
+                    f.writelines("%d %s\n" % e for e in chunk)
+
+    threading.Thread(target=_dump, daemon=True).start()
+    import raftkv.driver, raftkv.engine, raftkv.raftnet, raftkv.server.batch, raftkv.state
+
+    def _wrap(owner, attr, before=None, after=None, cond=None):
+        orig = getattr(owner, attr)
+
+        def f(*a, **k):
+            on = cond is None or cond(a)
+            if before and on:
+                _rec(before)
+            r = orig(*a, **k)
+            if after and on:
+                _rec(after)
+            return r
+
+        setattr(owner, attr, f)
+
+    b = raftkv.server.batch
+    _wrap(b.Proposer, "_flush", before="propose", cond=lambda a: type(a[0]) is b.Proposer and a[0].pending)
+    _wrap(b, "_resolve", before="reply")
+    _wrap(raftkv.engine.Engine, "_commit_buffered", before="commit", after="commit_done")
+    _wrap(raftkv.raftnet.RaftNetwork, "_on_record", before="recv")
+    _wrap(raftkv.raftnet.RaftNetwork, "_seal", before="send")
+    _wrap(raftkv.raftnet.RaftNetwork, "poll", after="loop")
+    _wrap(raftkv.state.KVState, "apply_batch", before="apply")
+'''
+
+
+def _leaders(lc: LocalCluster) -> dict[int, str]:
+    for name in lc.map.nodes:
+        rows = lc.call(name, "RAFTKV.SHARDS")
+        if not isinstance(rows, protocol.ReplyError):
+            leaders = {s: leader.decode() for s, leader, _term in rows if leader is not None}
+            if len(leaders) == lc.map.nshards:
+                return leaders
+    raise RuntimeError("not every shard has a leader")
+
+
+def drive(lc: LocalCluster, seconds: float, keyspace: int = 1000) -> list[tuple[int, int]]:
+    """One client, one SET at a time to its shard's leader, for ``seconds``: ``(sent_ns, replied_ns)`` each."""
+    leaders = _leaders(lc)
+    socks = {n: socket.create_connection(lc.map.nodes[n].client_addr) for n in lc.map.nodes}
+    for s in socks.values():
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rng = random.Random(1)
+    value = b"v" * 100
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        key = b"k%d" % rng.randrange(keyspace)
+        sock = socks[leaders[lc.map.shard_for_key(key)]]
+        req = protocol.encode_command(b"SET", key, value)
+        t0 = time.monotonic_ns()
+        sock.sendall(req)
+        reply = sock.recv(64)
+        t1 = time.monotonic_ns()
+        if reply != b"+OK\r\n":
+            raise RuntimeError(f"unexpected reply {reply!r}")
+        out.append((t0, t1))
+    for s in socks.values():
+        s.close()
+    return out
+
+
+def load_events(directory: str) -> dict[str, list[tuple[int, str]]]:
+    ev: dict[str, list[tuple[int, str]]] = {}
+    for fn in glob.glob(os.path.join(directory, "*.tl")):
+        rows = []
+        for line in open(fn):
+            t, name = line.split()
+            rows.append((int(t), name))
+        rows.sort()
+        ev[os.path.basename(fn)[:-3]] = rows
+    return ev
+
+
+def timeline(requests: list[tuple[int, int]], ev: dict[str, list[tuple[int, str]]]) -> tuple[list, float, int]:
+    """Median offset (ms after the client sent) of each (role, step, occurrence) seen in most requests."""
+    import bisect
+
+    times = {pid: [t for t, _ in rows] for pid, rows in ev.items()}
+    offsets: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    used = 0
+    for t0, t1 in requests:
+        window = {}
+        for pid, rows in ev.items():
+            lo, hi = bisect.bisect_left(times[pid], t0), bisect.bisect_right(times[pid], t1)
+            window[pid] = rows[lo:hi]
+        leader = next((pid for pid, rows in window.items() if any(n == "propose" for _, n in rows)), None)
+        if leader is None:
+            continue
+        t_prop = next(t for t, n in window[leader] if n == "propose")
+        lead = [(t, n) for t, n in window[leader] if t >= t_prop]
+        t_ae = next((t for t, n in lead if n == "send"), None)
+        if t_ae is None:
+            continue
+        # The follower that counted: the earliest to send after a commit of its own that began after the
+        # leader's AppendEntries left (its ack). Earlier events (heartbeats, the previous entry) are left out.
+        acks = {}
+        for pid, rows in window.items():
+            if pid == leader:
+                continue
+            after = [(t, n) for t, n in rows if t >= t_ae]
+            done = next((t for t, n in after if n == "commit_done"), None)
+            ack = None if done is None else next((t for t, n in after if n == "send" and t >= done), None)
+            if ack is not None:
+                acks[pid] = (ack, after)
+        if not acks:
+            continue
+        follower = min(acks, key=lambda pid: acks[pid][0])
+        used += 1
+        for role, events in (("leader", lead), ("follower", acks[follower][1])):
+            seen: collections.Counter = collections.Counter()
+            for t, name in events:
+                seen[name] += 1
+                offsets[(role, f"{name}#{seen[name]}")].append((t - t0) / 1e6)
+    rows = [(statistics.median(v), role, step, len(v)) for (role, step), v in offsets.items() if len(v) > used * 0.6]
+    total = statistics.median((t1 - t0) / 1e6 for t0, t1 in requests)
+    return sorted(rows), total, used
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--shards", type=int, default=3)
+    ap.add_argument("--engine", choices=["lmdb", "rocksdb"], default=None, help="store of the new cluster")
+    ap.add_argument("--node-arg", action="append", default=[], help="extra 'raftkv serve' argument (repeatable)")
+    args = ap.parse_args()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory(prefix="raftkv-timeline-") as d:
+        hooks_dir, ev_dir = os.path.join(d, "hooks"), os.path.join(d, "events")
+        os.makedirs(hooks_dir)
+        os.makedirs(ev_dir)
+        with open(os.path.join(hooks_dir, "sitecustomize.py"), "w") as f:
+            f.write(HOOKS.format(root=root))
+        env = dict(os.environ, RAFTKV_TIMELINE=ev_dir,
+                   PYTHONPATH=hooks_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        node_args = list(args.node_arg) + (["--engine", args.engine] if args.engine else [])
+        lc = LocalCluster.create(os.path.join(d, "cluster"), nodes=3, shards=args.shards, node_args=node_args,
+                                 env=env)
+        lc.start()
+        try:
+            lc.wait_ready(60)
+            drive(lc, 1.0)  # warm-up: connections made, first entries of each term committed
+            for fn in glob.glob(os.path.join(ev_dir, "*.tl")):
+                os.truncate(fn, 0)
+            time.sleep(0.5)
+            requests = drive(lc, args.seconds)
+            time.sleep(0.5)  # the nodes write their events every 0.2 s
+        finally:
+            lc.stop()
+        rows, total, used = timeline(requests, load_events(ev_dir))
+    print(f"{len(requests)} puts, one at a time; client-measured median {total:.3f} ms; "
+          f"timeline of {used} requests (median ms after the client sent; steps seen in > 60 % of them):")
+    for ms, role, step, n in rows:
+        print(f"  {ms:7.3f}  {role:8s} {step:16s} (in {n} requests)")
+
+
+if __name__ == "__main__":
+    main()
