@@ -101,8 +101,10 @@ def _leaders(lc: LocalCluster) -> dict[int, str]:
     raise RuntimeError("not every shard has a leader")
 
 
-def drive(lc: LocalCluster, seconds: float, keyspace: int = 1000) -> list[tuple[int, int]]:
-    """One client, one SET at a time to its shard's leader, for ``seconds``: ``(sent_ns, replied_ns)`` each."""
+def drive(lc: LocalCluster, seconds: float, keyspace: int = 1000, mset: bool = False) -> list[tuple[int, int]]:
+    """One client, one request at a time to its (first) key's shard leader, for ``seconds``: a ``SET``, or with
+    ``mset`` a two-key transaction over two shards (``RAFTKV.TXN``, as ``Client.mset`` sends it).
+    Returns ``(sent_ns, replied_ns)`` per request."""
     leaders = _leaders(lc)
     socks = {n: socket.create_connection(lc.map.nodes[n].client_addr) for n in lc.map.nodes}
     for s in socks.values():
@@ -114,12 +116,19 @@ def drive(lc: LocalCluster, seconds: float, keyspace: int = 1000) -> list[tuple[
     while time.monotonic() < end:
         key = b"k%d" % rng.randrange(keyspace)
         sock = socks[leaders[lc.map.shard_for_key(key)]]
-        req = protocol.encode_command(b"SET", key, value)
+        if mset:
+            other = key
+            while lc.map.shard_for_key(other) == lc.map.shard_for_key(key):
+                other = b"k%d" % rng.randrange(keyspace)
+            req = protocol.encode_command(b"RAFTKV.TXN", b"ID", b"%x" % rng.getrandbits(64), b"0", b"2",
+                                          b"PUT", key, value, b"PUT", other, value, b"0")
+        else:
+            req = protocol.encode_command(b"SET", key, value)
         t0 = time.monotonic_ns()
         sock.sendall(req)
-        reply = sock.recv(64)
+        reply = sock.recv(4096)
         t1 = time.monotonic_ns()
-        if reply != b"+OK\r\n":
+        if not reply.startswith(b"*" if mset else b"+OK"):
             raise RuntimeError(f"unexpected reply {reply!r}")
         out.append((t0, t1))
     for s in socks.values():
@@ -184,12 +193,41 @@ def timeline(requests: list[tuple[int, int]], ev: dict[str, list[tuple[int, str]
     return sorted(rows), total, used
 
 
+def timeline_all(requests: list[tuple[int, int]], ev: dict[str, list[tuple[int, str]]]) -> tuple[list, float, int]:
+    """Like ``timeline``, for every process: ``entry`` (where the first proposal came from) and the others."""
+    import bisect
+
+    times = {pid: [t for t, _ in rows] for pid, rows in ev.items()}
+    offsets: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    used = 0
+    for t0, t1 in requests:
+        window = {}
+        for pid, rows in ev.items():
+            lo, hi = bisect.bisect_left(times[pid], t0), bisect.bisect_right(times[pid], t1)
+            window[pid] = rows[lo:hi]
+        entry = next((pid for pid, rows in window.items() if any(n == "propose" for _, n in rows)), None)
+        if entry is None:
+            continue
+        used += 1
+        others = sorted(pid for pid in window if pid != entry)
+        for role, pid in [("entry", entry)] + [(f"other-{i + 1}", p) for i, p in enumerate(others)]:
+            seen: collections.Counter = collections.Counter()
+            for t, name in window[pid]:
+                seen[name] += 1
+                offsets[(role, f"{name}#{seen[name]}")].append((t - t0) / 1e6)
+    rows = [(statistics.median(v), role, step, len(v)) for (role, step), v in offsets.items() if len(v) > used * 0.6]
+    total = statistics.median((t1 - t0) / 1e6 for t0, t1 in requests)
+    return sorted(rows), total, used
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--engine", choices=["lmdb", "rocksdb"], default=None, help="store of the new cluster")
     ap.add_argument("--node-arg", action="append", default=[], help="extra 'raftkv serve' argument (repeatable)")
+    ap.add_argument("--mset", action="store_true",
+                    help="a two-key transaction over two shards instead of a SET; every process's steps are shown")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory(prefix="raftkv-timeline-") as d:
@@ -206,16 +244,16 @@ def main() -> None:
         lc.start()
         try:
             lc.wait_ready(60)
-            drive(lc, 1.0)  # warm-up: connections made, first entries of each term committed
+            drive(lc, 1.0, mset=args.mset)  # warm-up: connections made, first entries of each term committed
             for fn in glob.glob(os.path.join(ev_dir, "*.tl")):
                 os.truncate(fn, 0)
             time.sleep(0.5)
-            requests = drive(lc, args.seconds)
+            requests = drive(lc, args.seconds, mset=args.mset)
             time.sleep(0.5)  # the nodes write their events every 0.2 s
         finally:
             lc.stop()
-        rows, total, used = timeline(requests, load_events(ev_dir))
-    print(f"{len(requests)} puts, one at a time; client-measured median {total:.3f} ms; "
+        rows, total, used = (timeline_all if args.mset else timeline)(requests, load_events(ev_dir))
+    print(f"{len(requests)} {'transactions' if args.mset else 'puts'}, one at a time; client-measured median {total:.3f} ms; "
           f"timeline of {used} requests (median ms after the client sent; steps seen in > 60 % of them):")
     for ms, role, step, n in rows:
         print(f"  {ms:7.3f}  {role:8s} {step:16s} (in {n} requests)")
