@@ -220,6 +220,23 @@ def timeline_all(requests: list[tuple[int, int]], ev: dict[str, list[tuple[int, 
     return sorted(rows), total, used
 
 
+def show(requests: list[tuple[int, int]], ev: dict[str, list[tuple[int, str]]], count: int) -> None:
+    """Print every recorded step of ``count`` requests from the middle of the run, in time order."""
+    import bisect
+
+    times = {pid: [t for t, _ in rows] for pid, rows in ev.items()}
+    names = {pid: f"node-{i + 1}" for i, pid in enumerate(sorted(ev))}
+    mid = len(requests) // 2
+    for t0, t1 in requests[mid:mid + count]:
+        print(f"-- one request, {(t1 - t0) / 1e6:.3f} ms (ms after the client sent, process, step)")
+        steps = []
+        for pid, rows in ev.items():
+            lo, hi = bisect.bisect_left(times[pid], t0), bisect.bisect_right(times[pid], t1)
+            steps += [(t, names[pid], n) for t, n in rows[lo:hi]]
+        for t, who, name in sorted(steps):
+            print(f"  {(t - t0) / 1e6:7.3f}  {who}  {name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -228,6 +245,7 @@ def main() -> None:
     ap.add_argument("--node-arg", action="append", default=[], help="extra 'raftkv serve' argument (repeatable)")
     ap.add_argument("--mset", action="store_true",
                     help="a two-key transaction over two shards instead of a SET; every process's steps are shown")
+    ap.add_argument("--show", type=int, default=0, metavar="N", help="also print every step of N single requests")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory(prefix="raftkv-timeline-") as d:
@@ -252,7 +270,10 @@ def main() -> None:
             time.sleep(0.5)  # the nodes write their events every 0.2 s
         finally:
             lc.stop()
-        rows, total, used = (timeline_all if args.mset else timeline)(requests, load_events(ev_dir))
+        events = load_events(ev_dir)
+        rows, total, used = (timeline_all if args.mset else timeline)(requests, events)
+        if args.show:
+            show(requests, events, args.show)
     print(f"{len(requests)} {'transactions' if args.mset else 'puts'}, one at a time; client-measured median {total:.3f} ms; "
           f"timeline of {used} requests (median ms after the client sent; steps seen in > 60 % of them):")
     for ms, role, step, n in rows:
