@@ -27,6 +27,7 @@ Other traffic (heartbeats of idle groups every 25 ms) is recorded too; a median 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import glob
 import os
@@ -36,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -137,6 +139,7 @@ def drive(lc: LocalCluster, seconds: float, keyspace: int = 1000, mset: bool = F
 
 
 def load_events(directory: str) -> dict[str, list[tuple[int, str]]]:
+    """Every node process's recorded steps: ``{pid: [(time ns, step), ...]}`` in time order."""
     ev: dict[str, list[tuple[int, str]]] = {}
     for fn in glob.glob(os.path.join(directory, "*.tl")):
         rows = []
@@ -148,42 +151,67 @@ def load_events(directory: str) -> dict[str, list[tuple[int, str]]]:
     return ev
 
 
-def timeline(requests: list[tuple[int, int]], ev: dict[str, list[tuple[int, str]]]) -> tuple[list, float, int]:
-    """Median offset (ms after the client sent) of each (role, step, occurrence) seen in most requests."""
-    import bisect
+Events = dict[str, list[tuple[int, str]]]  # process id -> (time ns, step), in time order
 
+
+def windows(requests: list[tuple[int, int]], ev: Events) -> Iterator[tuple[int, int, Events]]:
+    """Each request's ``(sent, replied, every process's steps between the two)``."""
     times = {pid: [t for t, _ in rows] for pid, rows in ev.items()}
+    for t0, t1 in requests:
+        yield t0, t1, {pid: rows[bisect.bisect_left(times[pid], t0):bisect.bisect_right(times[pid], t1)]
+                       for pid, rows in ev.items()}
+
+
+def _proposer(window: Events) -> str | None:
+    return next((pid for pid, rows in window.items() if any(n == "propose" for _, n in rows)), None)
+
+
+def leader_and_follower(window: Events) -> list[tuple[str, list[tuple[int, str]]]]:
+    """A put's roles: the leader (from its proposal on) and the follower whose ack counted (from the leader's
+    AppendEntries on); empty if the request's window lacks them."""
+    leader = _proposer(window)
+    if leader is None:
+        return []
+    t_prop = next(t for t, n in window[leader] if n == "propose")
+    lead = [(t, n) for t, n in window[leader] if t >= t_prop]
+    t_ae = next((t for t, n in lead if n == "send"), None)
+    if t_ae is None:
+        return []
+    # The follower that counted: the earliest to send after a commit of its own that began after the
+    # leader's AppendEntries left (its ack). Earlier events (heartbeats, the previous entry) are left out.
+    acks = {}
+    for pid, rows in window.items():
+        if pid == leader:
+            continue
+        after = [(t, n) for t, n in rows if t >= t_ae]
+        done = next((t for t, n in after if n == "commit_done"), None)
+        ack = None if done is None else next((t for t, n in after if n == "send" and t >= done), None)
+        if ack is not None:
+            acks[pid] = (ack, after)
+    if not acks:
+        return []
+    follower = min(acks, key=lambda pid: acks[pid][0])
+    return [("leader", lead), ("follower", acks[follower][1])]
+
+
+def every_process(window: Events) -> list[tuple[str, list[tuple[int, str]]]]:
+    """A transaction's roles: ``entry`` (where the first proposal came from) and the other processes."""
+    entry = _proposer(window)
+    if entry is None:
+        return []
+    others = sorted(pid for pid in window if pid != entry)
+    return [("entry", window[entry])] + [(f"other-{i + 1}", window[p]) for i, p in enumerate(others)]
+
+
+def timeline(requests: list[tuple[int, int]], ev: Events,
+             roles: Callable[[Events], list] = leader_and_follower) -> tuple[list, float, int]:
+    """Median offset (ms after the client sent) of each (role, step, occurrence) seen in most requests."""
     offsets: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     used = 0
-    for t0, t1 in requests:
-        window = {}
-        for pid, rows in ev.items():
-            lo, hi = bisect.bisect_left(times[pid], t0), bisect.bisect_right(times[pid], t1)
-            window[pid] = rows[lo:hi]
-        leader = next((pid for pid, rows in window.items() if any(n == "propose" for _, n in rows)), None)
-        if leader is None:
-            continue
-        t_prop = next(t for t, n in window[leader] if n == "propose")
-        lead = [(t, n) for t, n in window[leader] if t >= t_prop]
-        t_ae = next((t for t, n in lead if n == "send"), None)
-        if t_ae is None:
-            continue
-        # The follower that counted: the earliest to send after a commit of its own that began after the
-        # leader's AppendEntries left (its ack). Earlier events (heartbeats, the previous entry) are left out.
-        acks = {}
-        for pid, rows in window.items():
-            if pid == leader:
-                continue
-            after = [(t, n) for t, n in rows if t >= t_ae]
-            done = next((t for t, n in after if n == "commit_done"), None)
-            ack = None if done is None else next((t for t, n in after if n == "send" and t >= done), None)
-            if ack is not None:
-                acks[pid] = (ack, after)
-        if not acks:
-            continue
-        follower = min(acks, key=lambda pid: acks[pid][0])
-        used += 1
-        for role, events in (("leader", lead), ("follower", acks[follower][1])):
+    for t0, _t1, window in windows(requests, ev):
+        chosen = roles(window)
+        used += bool(chosen)
+        for role, events in chosen:
             seen: collections.Counter = collections.Counter()
             for t, name in events:
                 seen[name] += 1
@@ -193,47 +221,14 @@ def timeline(requests: list[tuple[int, int]], ev: dict[str, list[tuple[int, str]
     return sorted(rows), total, used
 
 
-def timeline_all(requests: list[tuple[int, int]], ev: dict[str, list[tuple[int, str]]]) -> tuple[list, float, int]:
-    """Like ``timeline``, for every process: ``entry`` (where the first proposal came from) and the others."""
-    import bisect
-
-    times = {pid: [t for t, _ in rows] for pid, rows in ev.items()}
-    offsets: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-    used = 0
-    for t0, t1 in requests:
-        window = {}
-        for pid, rows in ev.items():
-            lo, hi = bisect.bisect_left(times[pid], t0), bisect.bisect_right(times[pid], t1)
-            window[pid] = rows[lo:hi]
-        entry = next((pid for pid, rows in window.items() if any(n == "propose" for _, n in rows)), None)
-        if entry is None:
-            continue
-        used += 1
-        others = sorted(pid for pid in window if pid != entry)
-        for role, pid in [("entry", entry)] + [(f"other-{i + 1}", p) for i, p in enumerate(others)]:
-            seen: collections.Counter = collections.Counter()
-            for t, name in window[pid]:
-                seen[name] += 1
-                offsets[(role, f"{name}#{seen[name]}")].append((t - t0) / 1e6)
-    rows = [(statistics.median(v), role, step, len(v)) for (role, step), v in offsets.items() if len(v) > used * 0.6]
-    total = statistics.median((t1 - t0) / 1e6 for t0, t1 in requests)
-    return sorted(rows), total, used
-
-
-def show(requests: list[tuple[int, int]], ev: dict[str, list[tuple[int, str]]], count: int) -> None:
+def show(requests: list[tuple[int, int]], ev: Events, count: int) -> None:
     """Print every recorded step of ``count`` requests from the middle of the run, in time order."""
-    import bisect
-
-    times = {pid: [t for t, _ in rows] for pid, rows in ev.items()}
     names = {pid: f"node-{i + 1}" for i, pid in enumerate(sorted(ev))}
     mid = len(requests) // 2
-    for t0, t1 in requests[mid:mid + count]:
+    for t0, t1, window in windows(requests[mid:mid + count], ev):
         print(f"-- one request, {(t1 - t0) / 1e6:.3f} ms (ms after the client sent, process, step)")
-        steps = []
-        for pid, rows in ev.items():
-            lo, hi = bisect.bisect_left(times[pid], t0), bisect.bisect_right(times[pid], t1)
-            steps += [(t, names[pid], n) for t, n in rows[lo:hi]]
-        for t, who, name in sorted(steps):
+        steps = sorted((t, names[pid], n) for pid, rows in window.items() for t, n in rows)
+        for t, who, name in steps:
             print(f"  {(t - t0) / 1e6:7.3f}  {who}  {name}")
 
 
@@ -271,7 +266,7 @@ def main() -> None:
         finally:
             lc.stop()
         events = load_events(ev_dir)
-        rows, total, used = (timeline_all if args.mset else timeline)(requests, events)
+        rows, total, used = timeline(requests, events, every_process if args.mset else leader_and_follower)
         if args.show:
             show(requests, events, args.show)
     print(f"{len(requests)} {'transactions' if args.mset else 'puts'}, one at a time; client-measured median {total:.3f} ms; "
