@@ -191,6 +191,26 @@ def removal_refusal(nshards: int, shard: int | None) -> str | None:
             f"shard {last}; to shrink the cluster, remove shard {last} (its keys go to the others)")
 
 
+def version_refusal(versions: dict[str, int | None]) -> str | None:
+    """Why keys must not move while the nodes report these state machine versions (node -> version, None: the
+    node reports none, as one older than the field does); None: they may.
+
+    A move runs commands through every replica of the shards it touches, and replicas of one group stay alike
+    only if they apply them alike; during a rolling upgrade they may not (``raftkv.state.STATE_MACHINE_VERSION``).
+    """
+    old = sorted(n for n, v in versions.items() if v is None)
+    if old:
+        return (f"node(s) {', '.join(old)} report no state machine version: they run a raftkv older than the "
+                "others, and replicas of different versions may apply a move's commands differently; upgrade "
+                "every node to one version first, then run it again (nothing changed)")
+    if len(set(versions.values())) > 1:
+        seen = ", ".join(f"{n}: {v}" for n, v in sorted(versions.items()))
+        return (f"the nodes run different state machine versions ({seen}), as during a rolling upgrade; replicas "
+                "of different versions may apply a move's commands differently: finish the upgrade (every node on "
+                "one version), then run it again (nothing changed)")
+    return None
+
+
 # -- which keys a command touches --------------------------------------------------------------
 
 # Commands whose cmd[1] is the one key they touch (reads and writes); READS are the ones that change nothing.

@@ -32,7 +32,8 @@ Every command is idempotent and keyed by epoch ``E+2``, and every step reads whe
 first, so a run that died anywhere is finished by running ``raftkv shard add`` again: the map still
 says ``adding`` (steps 1-6 resume), or a source still has its move in ``handoff`` (step 7 resumes).
 A move whose keys are attached to leases is abandoned before any key is copied (``mv_abort``): moving
-leases is not built.
+leases is not built. Neither an add nor a removal starts (or resumes) while the nodes reachable report different
+state machine versions, or one reports none (``reshard.version_refusal``): a rolling upgrade is finished first.
 
 Removing the last shard ``S = N-1`` (``remove``) is the mirror image, keyed the same way by epoch ``E+2``:
 
@@ -228,9 +229,20 @@ class Resharder:
         finally:
             self.close()
 
+    def _check_versions(self) -> None:
+        """Refuse to move keys unless every node reachable runs one state machine version (``reshard``)."""
+        statuses = self.op.statuses()
+        unreached = sorted(set(self.op.map.nodes) - set(statuses))
+        if unreached:
+            self.say(f"could not check the state machine version of {', '.join(unreached)} (unreachable)")
+        why = reshard.version_refusal({n: st.get("state_machine_version") for n, st in statuses.items()})
+        if why is not None:
+            raise ReshardError(why)
+
     def _run(self) -> ReshardResult:
         times: dict[str, float] = {}
         t = time.monotonic()
+        self._check_versions()
         m = self.op.map
         if m.removing is not None:
             raise ReshardError(f"shard {m.removing} is being removed; finish that first ('raftkv shard remove "
@@ -316,6 +328,7 @@ class Resharder:
     def _remove(self, want: int | None) -> ReshardResult:
         times: dict[str, float] = {}
         t = time.monotonic()
+        self._check_versions()
         m = self.op.map
         if m.adding is not None:
             raise ReshardError(f"shard {m.adding} is being added; finish that first ('raftkv shard add')")

@@ -105,6 +105,10 @@ def hash_kv(revision: int, items: Iterable[tuple[bytes, tuple[bytes, int]]]) -> 
 SNAPSHOT_VERSION = 3
 # the non-data state of a checkpoint (``meta``/``from_meta``), stored beside the data in the engine
 META_VERSION = 1
+#: The command set this state machine applies: raised whenever a command is added or what one does changes.
+#: Replicas of a group apply its log alike only if they agree on it, so moving keys between shards (which
+#: exercises the newest commands) runs only while every node reports the same version (``raftkv.resharder``).
+STATE_MACHINE_VERSION = 1
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
 # The one-shard writes that ``KVState.unsafe_skip_locks`` lets through prepared transactions' locks.

@@ -110,6 +110,15 @@ def test_only_the_last_shard_can_be_removed() -> None:
     assert "one shard" in reshard.removal_refusal(1, None)  # type: ignore[operator]
 
 
+def test_keys_move_only_while_every_node_reports_one_state_machine_version() -> None:
+    assert reshard.version_refusal({"n1": 1, "n2": 1, "n3": 1}) is None
+    assert reshard.version_refusal({}) is None  # nobody reachable to disagree (the move's own steps then fail)
+    why = reshard.version_refusal({"n1": 1, "n2": 2, "n3": 1})
+    assert why is not None and "n1: 1, n2: 2, n3: 1" in why and "rolling upgrade" in why
+    why = reshard.version_refusal({"n1": 1, "n2": None, "n3": 1})
+    assert why is not None and "n2" in why and "n1" not in why.split(":")[0] and "upgrade" in why
+
+
 def test_a_removal_move_dumps_with_its_mark_and_an_add_move_as_before() -> None:
     """Snapshots of add moves keep their 5-tuple (old snapshots load unchanged); removals carry the mark."""
     add = Move(4, 0, 2, V, FROZEN)

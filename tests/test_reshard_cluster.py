@@ -28,7 +28,7 @@ from raftkv.aio import AsyncClient
 from raftkv.cluster import LocalCluster, call
 from raftkv.errors import IndeterminateError, RaftKVError
 from raftkv.membership import Operator
-from raftkv.resharder import Resharder
+from raftkv.resharder import Resharder, ReshardError
 from shards.ring import DEFAULT_VNODES, Ring
 from shards.shardmap import ShardMap
 
@@ -197,6 +197,48 @@ def test_shard_add_moves_keys_under_writes_and_reads(tmp_path: Path) -> None:
         assert result.moved == sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
         assert result.purged == result.moved
         _check_after_add(lc, keys, writers, 3)
+
+
+def _wait_answers(lc: LocalCluster, name: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lc.call(name, "PING", timeout=1.0)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_no_key_moves_while_a_node_runs_another_state_machine_version(tmp_path: Path) -> None:
+    """A rolling upgrade under way (one node reporting another state machine version, then one reporting none,
+    as a node older than the field does): `shard add` and `shard remove` refuse before changing anything."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    try:
+        with Client(cluster=lc.config, timeout=15.0) as c:
+            c.put("k", "v")
+        epoch = lc.map.epoch
+        for fault, remove, expect in (("2", False, "n1: 1, n2: 1, n3: 2"), ("-1", True, "n3 report no")):
+            lc.stop_node("n3")
+            lc.node_args = ["--fault", f"status.state_machine_version:{fault}"]
+            lc.start_node("n3")
+            lc.node_args = []
+            lc.wait_ready(60)
+            _wait_answers(lc, "n3")  # an unreachable node is reported and skipped, not refused
+            op = Operator(lc.config, timeout=30.0, say=print)
+            rs = Resharder(op, step_timeout=30.0, say=print)
+            with pytest.raises(ReshardError, match=expect):
+                rs.remove() if remove else rs.run()
+            m = ShardMap.load(lc.config)
+            assert (m.epoch, m.nshards, m.adding, m.removing) == (epoch, 2, None, None)
+        with Client(cluster=lc.config, timeout=15.0) as c:
+            assert c.get("k") == b"v"
+    except BaseException:
+        dump_logs(lc)
+        raise
+    finally:
+        lc.stop()
 
 
 def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) -> None:

@@ -95,6 +95,8 @@ FAULT_POINTS = {
                     "RAFTKV.FAULT DISK.SLOW_MS changes it at run time",
     "compact.now": "allows RAFTKV.FAULT COMPACT.NOW SHARD: the node's replica of SHARD (-1: every replica) "
                    "checkpoints and compacts its log at its next tick, caught-up followers or not (VALUE unused)",
+    "status.state_machine_version": "RAFTKV.STATUS reports state machine version VALUE (negative: none, as a node "
+                                    "older than the field does), as a node of another version would",
 }
 
 

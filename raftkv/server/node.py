@@ -53,6 +53,7 @@ from raftkv.server.coordinator import TxnService
 from raftkv.server.feed import AppliedWaiters
 from raftkv.server.metrics import NodeMetrics, disk_free_ratio, serve_http, txn_summary
 from raftkv.server.router import Router
+from raftkv.state import STATE_MACHINE_VERSION
 from shards.shardmap import ShardMap
 
 log = logging.getLogger("raftkv.node")
@@ -494,7 +495,7 @@ class Node:
                                                            **({"removing": True} if r.state.move.removing else {})},
                 "ring_shards": None if r.state.owner is None else r.state.owner.nshards,
             }
-        return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(),
+        return {"node": self.name, "epoch": self.map.epoch, "pid": os.getpid(), **self._version_status(),
                 "disk_free_ratio": round(disk_free_ratio(self.map.node_data_dir(self.name)), 4),
                 "uptime_s": round(time.time() - self.started, 1), "clients": self.clients,
                 "stats": {**self.stats, "forwarded": self.router.forwarded}, "shards": shards,
@@ -502,6 +503,13 @@ class Node:
                          "election_timeout_ms": self.election_timeout_ms,
                          "driver_failure": self.driver.failure, **dict(self.driver.stats)},
                 "engine": self._engine_status()}
+
+    def _version_status(self) -> dict:
+        """``state_machine_version`` (``raftkv.state``): what ``raftkv shard add|remove`` compares across nodes."""
+        fault = self.faults.fire("status.state_machine_version", "")
+        if fault is None:
+            return {"state_machine_version": STATE_MACHINE_VERSION}
+        return {} if fault.value < 0 else {"state_machine_version": int(fault.value)}
 
     def _engine_status(self) -> dict:
         st = self.engine.stats()
