@@ -19,25 +19,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raftkv.bench.systems import proc_cpu_s  # noqa: E402
-from raftkv.cluster import LocalCluster  # noqa: E402
+from raftkv.bench.systems import RaftKVSystem, proc_cpu_s  # noqa: E402
 
 
 def idle_cpu(shards: int, seconds: float) -> list[float]:
     """Each node's CPU-seconds per second while idle, on a fresh 3-node cluster of ``shards`` shards."""
     d = tempfile.mkdtemp(prefix="raftkv-idle-")
-    lc = LocalCluster.create(d, nodes=3, shards=shards)
-    lc.start()
+    system = RaftKVSystem(d, shards=shards)
     try:
-        lc.wait_ready(120)
         time.sleep(3)
-        pids = [lc.pid(n) for n in lc.map.nodes]
+        pids = system.pids()
         before = [proc_cpu_s(p) for p in pids]
         time.sleep(seconds)
         after = [proc_cpu_s(p) for p in pids]
         return [round((b - a) / seconds, 3) for a, b in zip(before, after, strict=True)]
     finally:
-        lc.stop()
+        system.stop()
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -26,9 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from raftkv.bench.load import LoadParams, run_load  # noqa: E402
 from raftkv.bench.preload import preload  # noqa: E402
-from raftkv.bench.scale import _status  # noqa: E402
 from raftkv.bench.systems import RaftKVSystem  # noqa: E402
-from raftkv.cluster import LocalCluster  # noqa: E402
 
 CHECKPOINT = re.compile(r"event=checkpoint shard=(\d+) index=\d+ keys_written=(\d+) meta_bytes=\d+ ms=([\d.]+)")
 
@@ -43,24 +41,21 @@ def main() -> None:
     args = ap.parse_args()
     d = tempfile.mkdtemp(prefix="raftkv-loaded-")
     try:
-        lc = LocalCluster.create(d, nodes=3, shards=3, node_args=args.node_arg)
-        lc.start()
-        s = RaftKVSystem.__new__(RaftKVSystem)  # the benchmarks' handle on a cluster started here
-        s.lc, s.shards = lc, 3
+        s = RaftKVSystem(d, shards=3, node_args=args.node_arg)
+        lc = s.lc
         try:
-            lc.wait_ready(60)
             secs = preload(s, args.keys, 100)
             print(f"loaded {args.keys} keys in {secs:.1f} s ({args.keys / secs:.0f} keys/s)", flush=True)
             time.sleep(2)
             marks = {f: os.path.getsize(f) for f in glob.glob(os.path.join(d, "*.log"))}
             for rnd in range(args.rounds):
-                before = {n: _status(lc, n)["engine"] for n in lc.map.nodes}
+                before = {n: st["engine"] for n, st in lc.shard_views().items()}
                 t0 = time.monotonic()
                 r = run_load(s, LoadParams("put", args.clients, args.seconds, keyspace=args.keys)).row()
                 wall = time.monotonic() - t0
-                after = {n: _status(lc, n)["engine"] for n in lc.map.nodes}
+                after = {n: st["engine"] for n, st in lc.shard_views().items()}
                 per = []
-                for n in lc.map.nodes:
+                for n in sorted(before.keys() & after.keys()):
                     c = after[n]["commits"] - before[n]["commits"]
                     t = after[n]["commit_s"] - before[n]["commit_s"]
                     per.append(f"{n} {c} commits, mean {1000 * t / max(c, 1):.2f} ms, {t / wall:.0%} of the time")
@@ -74,7 +69,7 @@ def main() -> None:
                 print(f"{os.path.basename(f)[:-4]}: checkpoints during the rounds: {', '.join(cps) or 'none'}; "
                       f"driver iterations over 50 ms: {len(slow)}, longest {max(slow, default=0)} ms")
         finally:
-            lc.stop()
+            s.stop()
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

@@ -93,21 +93,13 @@ if _dir:
 '''
 
 
-def _leaders(lc: LocalCluster) -> dict[int, str]:
-    for name in lc.map.nodes:
-        rows = lc.call(name, "RAFTKV.SHARDS")
-        if not isinstance(rows, protocol.ReplyError):
-            leaders = {s: leader.decode() for s, leader, _term in rows if leader is not None}
-            if len(leaders) == lc.map.nshards:
-                return leaders
-    raise RuntimeError("not every shard has a leader")
-
-
 def drive(lc: LocalCluster, seconds: float, keyspace: int = 1000, mset: bool = False) -> list[tuple[int, int]]:
     """One client, one request at a time to its (first) key's shard leader, for ``seconds``: a ``SET``, or with
     ``mset`` a two-key transaction over two shards (``RAFTKV.TXN``, as ``Client.mset`` sends it).
     Returns ``(sent_ns, replied_ns)`` per request."""
-    leaders = _leaders(lc)
+    leaders = lc.leaders()
+    if None in leaders.values():
+        raise RuntimeError(f"not every shard has a leader: {leaders}")
     socks = {n: socket.create_connection(lc.map.nodes[n].client_addr) for n in lc.map.nodes}
     for s in socks.values():
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

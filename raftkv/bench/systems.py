@@ -106,11 +106,12 @@ class RaftKVSystem(System):
     name = "raftkv"
 
     def __init__(self, directory: str, shards: int = 3, nodes: int = 3, *, base_port: int | None = None,
-                 per_node_hosts: bool = False) -> None:
+                 per_node_hosts: bool = False, node_args: list[str] | None = None) -> None:
         """Start ``nodes`` x ``shards`` and wait until every shard serves; ``per_node_hosts``: node *i* on
-        ``127.0.0.i`` (only inside a private network namespace: bench/double_bench.py)."""
+        ``127.0.0.i`` (only inside a private network namespace: bench/double_bench.py); ``node_args``: extra
+        ``raftkv serve`` arguments for every node."""
         self.lc = LocalCluster.create(directory, nodes=nodes, shards=shards, base_port=base_port,
-                                      per_node_hosts=per_node_hosts)
+                                      per_node_hosts=per_node_hosts, node_args=node_args)
         self.lc.start()
         try:
             self.lc.wait_ready(60)
