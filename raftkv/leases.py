@@ -40,6 +40,12 @@ key nobody would delete.  A tombstone is kept ``ttl + DROPPED_GRACE_MS`` of
 log time; a ``lease_put`` delayed longer than that is bounded by its own guard
 deadline.
 
+*Keys that move.*  ``raftkv shard add`` moves keys with their leases the same way
+(``raftkv.reshard``: ``mv_leaseuse`` is ``lease_use`` for the new shard, run on
+the home; ``mv_attach`` makes the new shard's mirror, ``attach_moved`` below)
+while the old shard is frozen; a key whose lease has ended is forgotten at the
+new shard, where it was never served.
+
 The guard deadline is the fallback that never needs the home shard: a
 mirror's keys die when its guard passes even if no drop ever arrives (home
 shard partitioned away, messages lost).  KEEPALIVE pushes the guards back
@@ -288,6 +294,35 @@ def reap(s: Any, now_ms: int) -> None:
 def _home(s: Any, lid: int, now_ms: int) -> Any:
     lease = s.leases.live(lid, now_ms)
     return lease if lease is not None and lease.home else None
+
+
+def use_for(s: Any, lid: int, shard: int, now_ms: int) -> int | None:
+    """On ``lid``'s home: ``shard`` is told when the lease ends from now on; the ms it has left, or None if it is
+    not alive here (``lease_use`` without the error: a move's keys of an ended lease are simply not kept)."""
+    lease = _home(s, lid, now_ms)
+    if lease is None:
+        return None
+    lease.shards.add(shard)
+    return lease.deadline_ms - now_ms
+
+
+def attach_moved(s: Any, lid: int, remaining: int | None, keys: list[bytes], now_ms: int) -> int:
+    """Attach ``keys``, moved to this shard, to lease ``lid`` with ``remaining`` ms left (its home's answer to
+    ``use_for`` for this shard); how many.
+
+    A lease that has ended (``remaining`` None, or a drop already reached this shard: its tombstone) takes
+    its keys with it: they are forgotten here, never served, as the lease's end deletes them at the source.
+    Attaching again is harmless (the guard only grows), which a move's second round relies on."""
+    lease = None if remaining is None or remaining <= 0 else s.leases.mirror(lid, remaining, now_ms)
+    for key in keys:
+        s.leases.detach(key)
+    if lease is None:
+        for key in keys:
+            s.drop_key(key)
+        return 0
+    for key in keys:
+        s.leases.attach(key, lid)
+    return len(keys)
 
 
 def _grant(s: Any, cmd: tuple, now_ms: int) -> Any:

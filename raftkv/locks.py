@@ -3,8 +3,9 @@
 A lock is an ordinary key holding its owner's id, with a deadline in log time
 (``raftkv.expiry``), so a crashed holder's lock lapses by itself.  Acquiring
 it returns a *fencing token*: the key's modification revision, which the shard's
-revision counter makes strictly larger than every earlier acquisition's (the
-key never moves shards).  A holder passes the token to whatever it protects;
+revision counter makes strictly larger than every earlier acquisition's (a key
+moved by ``raftkv shard add`` gets a revision of its new shard above every
+revision its old shard had, so tokens only grow through a move too).  A holder passes the token to whatever it protects;
 the protected resource refuses a token lower than the highest it has seen, so a
 holder that paused past its deadline (GC, swap, partition) cannot clobber the
 work of the next holder even though it still believes it holds the lock.

@@ -63,6 +63,12 @@ items, sessions)``                                 sources' client sessions (hig
 ``("mv_status",)`` (read)                          ``status`` below
 ``("mv_scan", epoch, after, limit)`` (read)        moving keys after ``after``, with value, deadline
 ``("mv_sessions", after, limit)`` (read)           client sessions after ``after``
+``("mv_leases", epoch, after, limit)`` (read)      frozen source: moving keys on leases, with the lease
+``("mv_leaseuse", pairs)``                         a lease's home: tell each ``(lease, shard)`` pair's
+                                                   shard when the lease ends; the ms each has left
+``("mv_attach", epoch, source, rows)``             destination: attach moved keys to their leases
+                                                   (a mirror, as ``lease_put`` makes); a key of an
+                                                   ended lease is forgotten
 =================================================  ==================================================
 
 Everything here is pure and deterministic: ``KVState`` calls it while applying
@@ -82,6 +88,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from raftkv import leases
 from raftkv.results import CmdError
 from raftkv.txn import COMMITTED
 from shards.ring import VNODES_MAX, Ring
@@ -349,6 +356,10 @@ def _handoff(s: Any, cmd: tuple, now_ms: int) -> Any:
             "ERR", f"mv_handoff: no move of epoch {cmd[1]} here")
     if move.phase == FROZEN:
         s.move = dataclasses.replace(move, phase=HANDOFF)
+        # The moving keys' leases now reach them at their new shard (mv_attach): a lease ending here must not
+        # delete this shard's stale copies (a change no reader of the key should see twice).
+        for key in [k for k in s.leases.key_lease if move.moving(k)]:
+            s.leases.detach(key)
     return s.move.phase
 
 
@@ -655,6 +666,48 @@ def _discard(s: Any, cmd: tuple, now_ms: int) -> Any:
     return len(gone)
 
 
+def _leased(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_leases epoch after limit`` (a frozen source): ``(rows, cursor)``, its moving keys attached to leases
+    after ``after``, in key order, as ``(key, lease id)``; ``cursor`` None at the end."""
+    _, epoch, after, limit = cmd
+    move = _frozen_source(s, epoch, "mv_leases")
+    if isinstance(move, CmdError):
+        return move
+    limit = max(1, min(int(limit), SCAN_LIMIT_MAX))
+    keys = sorted(k for k in s.leases.key_lease if (after is None or k > after) and move.moving(k))
+    rows = [(k, s.leases.key_lease[k]) for k in keys[:limit]]
+    return rows, (keys[limit - 1] if len(keys) > limit else None)
+
+
+def _lease_use(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_leaseuse pairs``: on the leases' home shard, for each ``(lease id, shard)``, ``shard`` is told when
+    the lease ends from now on; the ms each has left, None for one not alive here (``leases.use_for``)."""
+    _, pairs = cmd
+    out = []
+    for lid, shard in pairs:
+        if isinstance(lid, bool) or not isinstance(lid, int) or isinstance(shard, bool) or not isinstance(shard, int):
+            raise ValueError("pairs must be (lease id int, shard int)")
+        out.append(leases.use_for(s, lid, shard, now_ms))
+    return tuple(out)
+
+
+def _attach(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_attach epoch source rows``: a destination attaches the keys it received from ``source`` to their
+    leases, rows ``(lease id, ms left or None, keys)`` (``mv_leases`` at the source, ``mv_leaseuse`` at each
+    lease's home); a key of a lease that has ended is forgotten (``leases.attach_moved``). Keys attached."""
+    _, epoch, source, rows = cmd
+    move = _receiving(s, epoch, "mv_attach")
+    if isinstance(move, CmdError):
+        return move
+    n = 0
+    for lid, remaining, keys in rows:
+        if remaining is not None and (isinstance(remaining, bool) or not isinstance(remaining, int)):
+            raise ValueError("remaining must be an int or None")
+        mine = [k for k in keys if _from_source(move, k, source) and k in s.data]
+        n += leases.attach_moved(s, lid, remaining, mine, now_ms)
+    return n
+
+
 def _sessions(s: Any, cmd: tuple, now_ms: int) -> Any:
     """``(rows, cursor)``: up to ``limit`` sessions after ``after`` as ``(client, seq, result)``."""
     _, after, limit = cmd
@@ -679,8 +732,9 @@ HANDLERS = {name: _checked(h) for name, h in {
     "mv_precopy": _source_step(COPYING, "mv_precopy"), "mv_freeze": _source_step(FROZEN, "mv_freeze"),
     "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done,
     "mv_abort": _abort, "mv_install": _install, "mv_apply": _apply_delta, "mv_ttlsync": _ttl_sync,
-    "mv_discard": _discard, "mv_open": _open, "mv_status": _status}.items()}
+    "mv_discard": _discard, "mv_open": _open, "mv_status": _status, "mv_leaseuse": _lease_use,
+    "mv_attach": _attach}.items()}
 READ_HANDLERS = {name: _checked(h) for name, h in {
     "mv_status": _status, "mv_scan": _scan, "mv_get": _get, "mv_delta": _delta, "mv_ttls": _ttls,
-    "mv_sessions": _sessions}.items()}
+    "mv_sessions": _sessions, "mv_leases": _leased}.items()}
 WRITE_OPS = frozenset(HANDLERS) - {"mv_status"}

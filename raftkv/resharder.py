@@ -20,8 +20,10 @@ one shard's leader), ``RAFTKV.MAP`` pushes and ``RAFTKV.STATUS``. With ``E`` the
    change log (``mv_delta``), replayed into the new shard (``mv_apply``: values written, deletions
    dropped), then the deadlines (``mv_ttls``/``mv_ttlsync``: EXPIRE changes no revision). When the log
    no longer holds every change since ``R``, or the source had no pre-copy to the end, the new shard
-   forgets its keys from that source (``mv_discard``) and every key is copied again. Then its client
-   sessions (higher sequence wins). Writes of moving keys wait only for this step.
+   forgets its keys from that source (``mv_discard``) and every key is copied again. Then its moving keys
+   on leases are attached to their leases in the new shard (``mv_leases``, ``mv_leaseuse`` at each lease's
+   home, ``mv_attach``), then its client sessions (higher sequence wins). Writes of moving keys wait only
+   for this step.
 5. every source: ``mv_handoff`` (reads of moving keys refused too, with ``-WRONGSHARD``).
 6. the new shard: ``mv_open``; then map ``E+2`` (``shards = N+1``: the ring includes it) is saved
    and pushed.
@@ -31,8 +33,9 @@ one shard's leader), ``RAFTKV.MAP`` pushes and ``RAFTKV.STATUS``. With ``E`` the
 Every command is idempotent and keyed by epoch ``E+2``, and every step reads where the shard stands
 first, so a run that died anywhere is finished by running ``raftkv shard add`` again: the map still
 says ``adding`` (steps 1-6 resume), or a source still has its move in ``handoff`` (step 7 resumes).
-A move whose keys are attached to leases is abandoned before any key is copied (``mv_abort``): moving
-leases is not built. Neither an add nor a removal starts (or resumes) while the nodes reachable report different
+Keys attached to leases move with their leases (step 4, ``_leases``): each lease's home shard is told
+the new shard (so the lease's end reaches it) and the new shard keeps a mirror of the lease with those keys,
+as ``SET ... LEASE`` makes on a shard other than the lease's home. Neither an add nor a removal starts (or resumes) while the nodes reachable report different
 state machine versions, or one reports none (``reshard.version_refusal``): a rolling upgrade is finished first.
 
 Removing the last shard ``S = N-1`` (``remove``) is the mirror image, keyed the same way by epoch ``E+2``:
@@ -69,7 +72,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from raftkv import reshard
+from raftkv import leases, reshard
 from raftkv.client import Client, RaftKVError
 from raftkv.membership import MembershipError, Operator
 from raftkv.results import CmdError
@@ -125,6 +128,25 @@ def _by_dest(rows: list, dest_of: Callable[[bytes], int]) -> list[tuple[int, tup
     for row in rows:
         batches.setdefault(dest_of(row[0]), []).append(tuple(row))
     return [(d, tuple(part)) for d, part in sorted(batches.items())]
+
+
+def _batches(items: list, size: int) -> list[list]:
+    """``items`` in consecutive pieces of at most ``size``."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _batches_of_keys(rows: list[tuple], size: int) -> list[list[tuple]]:
+    """``mv_attach`` rows ``(lease, left, keys)`` in consecutive groups of about ``size`` keys at most (a row is
+    never split; each holds ``size`` keys at most), so one command stays under the request limit."""
+    groups: list[list[tuple]] = [[]]
+    count = 0
+    for row in rows:
+        if groups[-1] and count + len(row[2]) > size:
+            groups.append([])
+            count = 0
+        groups[-1].append(row)
+        count += len(row[2])
+    return groups
 
 
 def _median_ms(seconds: list[float]) -> str:
@@ -347,8 +369,9 @@ class Resharder:
             gone = m.nshards - 1
             leased = self.status(gone)["leased"]
             if leased:  # (on a shard with no move: every lease and leased key it holds)
-                raise ReshardError(f"shard {gone} holds keys on leases ({leased}); moving leased keys is not built: "
-                                   "revoke those leases or let them expire, then run it again (nothing changed)")
+                raise ReshardError(f"shard {gone} holds leases or keys on leases ({leased}); a removal does not "
+                                   "move them (a lease's home shard cannot move): revoke those leases or let them "
+                                   "expire, then run it again (nothing changed)")
             m = dataclasses.replace(m, epoch=m.epoch + 1, removing=gone)
             self.rerun = f"raftkv shard remove {gone}"
             self._publish(m)
@@ -473,20 +496,20 @@ class Resharder:
 
     def _wait_unlocked(self, epoch: int, frozen: list[int],
                        undo: Callable[[], None] | None = None) -> dict[int, dict]:
-        """Until no prepared transaction holds a moving key of a frozen source; abandons the move if a
-        moving key is attached to a lease (not built), then runs ``undo``. Returns each source's last status."""
+        """Until no prepared transaction holds a moving key of a frozen source. A removal (``undo`` given) is
+        abandoned if its shard holds a lease or a key on one (a lease's home cannot move), running ``undo``;
+        an add moves keys on leases with them (``_leases``). Returns each source's last status."""
         deadline = time.monotonic() + self.step_timeout
         while True:
             stats = {s: self.status(s) for s in frozen}
             leased = {s: st["leased"] for s, st in stats.items() if st["leased"]}
-            if leased:
+            if leased and undo is not None:
                 for s in frozen:
                     self.call(s, "mv_abort", epoch)
-                if undo is not None:
-                    undo()
-                raise ReshardError(f"moving keys are attached to leases ({leased}); moving leased keys is not "
-                                   "built, so the move was abandoned (nothing was copied); revoke those leases "
-                                   f"or let them expire, then run '{self.rerun}' again")
+                undo()
+                raise ReshardError(f"the removed shard holds leases or keys on leases ({leased}); a lease's home "
+                                   "shard cannot move, so the removal was abandoned (nothing was copied); revoke "
+                                   f"those leases or let them expire, then run '{self.rerun}' again")
             locked = {s: st["locked"] for s, st in stats.items() if st["locked"]}
             # A removed shard is the home of the transactions whose first key it held: every one it committed
             # must have finished on all its shards first (after the removal a lock of one is finished as
@@ -582,12 +605,58 @@ class Resharder:
         ``source`` and every key is copied again."""
         replayed = None if since is None else self._replay(source, epoch, dests, dest_of, revision, since, client)
         if isinstance(replayed, int):
+            leased = self._leases(source, epoch, dest_of, client)
             sessions = self._sessions(source, revision, dests, install, client)
-            return f"keys copied, {replayed} change(s) since the pre-copy replayed, {sessions} session(s)"
+            return (f"keys copied, {replayed} change(s) since the pre-copy replayed, {leased}, "
+                    f"{sessions} session(s)")
         dropped = sum(self.call(d, "mv_discard", epoch, source, client=client) for d in dests)
         n, sessions = self._stream(source, epoch, revision, dest_of, dests, install, client)
+        leased = self._leases(source, epoch, dest_of, client)
         why = "" if since is None else f" ({replayed}: {dropped} pre-copied key(s) dropped first)"
-        return f"{n} keys copied{why}, {sessions} session(s)"
+        return f"{n} keys copied{why}, {leased}, {sessions} session(s)"
+
+    def _leases(self, source: int, epoch: int, dest_of: Callable[[bytes], int], client: Client) -> str:
+        """Attach the frozen ``source``'s moving keys that are on leases to the same leases at their destinations;
+        what was done.
+
+        Per lease and destination: the lease's home shard records the destination (from then on the lease's end
+        reaches it, as for a key attached there by ``SET ... LEASE``) and says how long the lease has left; the
+        destination then keeps a mirror of the lease with those keys (``mv_attach``; a key of a lease that has
+        ended is forgotten, as its end deletes it at the source). Twice: a KEEPALIVE between the first
+        ``mv_leaseuse`` and the first ``mv_attach`` could not refresh a mirror that did not exist yet; one after
+        the first ``mv_attach`` refreshes it, and the second ``mv_leaseuse`` comes after that, so the mirror's
+        guard is never behind the lease."""
+        keys_of: dict[tuple[int, int], list[bytes]] = collections.defaultdict(list)  # (lease, dest) -> keys
+        after = None
+        while True:
+            rows, after = self.call(source, "mv_leases", epoch, after, reshard.SCAN_LIMIT_MAX, client=client)
+            for key, lid in rows:
+                keys_of[(lid, dest_of(key))].append(key)
+            if after is None:
+                break
+        if not keys_of:
+            return "no key on a lease"
+        attached = 0
+        for _round in range(2):
+            by_home: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+            for lid, d in keys_of:
+                by_home[leases.home_of(lid)].append((lid, d))
+            left: dict[tuple[int, int], int | None] = {}
+            for home, pairs in by_home.items():
+                for part in _batches(pairs, FROZEN_CHUNK_KEYS):
+                    left.update(zip(part, self.call(home, "mv_leaseuse", tuple(part), client=client), strict=True))
+            by_dest: dict[int, list[tuple]] = collections.defaultdict(list)
+            for (lid, d), keys in keys_of.items():
+                for part in _batches(keys, FROZEN_CHUNK_KEYS):
+                    by_dest[d].append((lid, left[(lid, d)], tuple(part)))
+            attached = 0
+            for d, rows in by_dest.items():
+                for part in _batches_of_keys(rows, FROZEN_CHUNK_KEYS):
+                    attached += self.call(d, "mv_attach", epoch, source, tuple(part), client=client)
+        moved = sum(len(k) for k in keys_of.values())
+        ended = len({lid for (lid, _d), v in left.items() if v is None})
+        return (f"{attached} of {moved} moving key(s) on {len({lid for lid, _d in keys_of})} lease(s) attached "
+                f"at the destination" + (f" ({ended} lease(s) had ended: their keys go with them)" if ended else ""))
 
     def _replay(self, source: int, epoch: int, dests: list[int], dest_of: Callable[[bytes], int], revision: int,
                 since: int, client: Client) -> int | str:

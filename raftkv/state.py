@@ -108,7 +108,9 @@ META_VERSION = 1
 #: The command set this state machine applies: raised whenever a command is added or what one does changes.
 #: Replicas of a group apply its log alike only if they agree on it, so moving keys between shards (which
 #: exercises the newest commands) runs only while every node reports the same version (``raftkv.resharder``).
-STATE_MACHINE_VERSION = 1
+#: 2: keys attached to leases move with a shard add (``mv_leases``, ``mv_leaseuse``, ``mv_attach``; a moved key
+#: leaves its lease at the source, ``drop_key``/``install_key``).
+STATE_MACHINE_VERSION = 2
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
 # The one-shard writes that ``KVState.unsafe_skip_locks`` lets through prepared transactions' locks.
@@ -486,10 +488,16 @@ class KVState:
         self.data.pop(key, None)
         if self.expiries:
             self.expiries.clear(key)
+        if self.leases:
+            self.leases.detach(key)  # the lease's end must not reach a key that lives elsewhere
 
     def install_key(self, key: bytes, value: bytes, deadline_ms: int | None) -> None:
-        """Store ``key`` moved here from another shard, with its deadline (log time), at a new revision."""
+        """Store ``key`` moved here from another shard, with its deadline (log time), at a new revision.
+
+        Not attached to any lease: a move attaches the keys it moved on leases afterwards (``mv_attach``)."""
         self.revision += 1
+        if self.leases:
+            self.leases.detach(key)
         self.data[key] = (value, self.revision)
         if deadline_ms is None:
             if self.expiries:

@@ -606,3 +606,93 @@ def test_a_paced_move_keeps_the_cluster_busy_at_most_its_duty(duty: float, busy:
     assert Pacer(1.0).rest(busy) == 0
     with pytest.raises(ValueError):
         Pacer(0)
+
+
+def test_keys_on_leases_move_with_their_leases_and_die_with_them_at_the_new_shard() -> None:
+    """Shard 2 joins shards 0 and 1. Moving keys on leases are attached to their leases at the new shard:
+    each lease's home records shard 2 (``mv_leaseuse``), shard 2 keeps a mirror (``mv_attach``); a key of a
+    lease that ended before (its home answers None) or during the move (its drop reached shard 2 first) is
+    forgotten there. Afterwards KEEPALIVE refreshes shard 2's mirror, REVOKE's drop deletes the moved keys,
+    and a source's stale copies leave their leases at the hand-off (a lease's end no longer touches them)."""
+    shards = {s: KVState() for s in range(3)}
+    move = Move(EPOCH, 0, 2, V, FROZEN)
+    moving = [k for k in (f"k{i}".encode() for i in range(2000)) if move.moving(k)]
+    old = Ring(range(2), V)
+    on0 = [k for k in moving if old.shard_for(k) == 0]
+    on1 = [k for k in moving if old.shard_for(k) == 1]
+    staying = next(k for k in (f"s{i}".encode() for i in range(100)) if old.shard_for(k) == 0 and not move.moving(k))
+    t = 100
+
+    def put(shard: int, key: bytes, lid: int) -> None:  # what SET key value LEASE lid does (raftkv.leases)
+        home = lid & 1023
+        left = None if home == shard else shards[home].apply(("lease_use", lid, shard), t)
+        assert not isinstance(shards[shard].apply(("lease_put", key, b"v", lid, left), t), CmdError)
+
+    kept = shards[0].apply(("lease_grant", 0, 60_000), t)  # homed at 0; keys on 0 (moving and not) and on 1
+    put(0, on0[0], kept)
+    put(0, staying, kept)
+    put(1, on1[0], kept)
+    during = shards[1].apply(("lease_grant", 1, 60_000), t)  # homed at 1, its key on 0: revoked mid-move
+    put(0, on0[1], during)
+    before = shards[1].apply(("lease_grant", 1, 60_000), t)  # homed at 1, its key on 0: revoked before the use
+    put(0, on0[2], before)
+    shards[2].apply(("mv_install", EPOCH, 2, V, 0, (), ()), t)
+    for s in (0, 1):
+        assert shards[s].apply(("mv_freeze", EPOCH, s, 2, V), t) == FROZEN
+        items, _ = shards[s].read(("mv_scan", EPOCH, None, 100), t)  # type: ignore[misc]
+        shards[2].apply(("mv_install", EPOCH, 2, V, shards[s].revision, tuple(items), ()), t)
+    assert shards[1].apply(("lease_revoke", before), t)[1] == (0,)  # type: ignore[index]  # 0's drop: not yet
+    rows = {s: shards[s].read(("mv_leases", EPOCH, None, 100), t) for s in (0, 1)}
+    assert rows[0] == (sorted([(on0[0], kept), (on0[1], during), (on0[2], before)]), None)
+    assert rows[1] == ([(on1[0], kept)], None)
+    assert shards[0].read(("mv_leases", EPOCH, None, 2), t)[1] is not None  # type: ignore[index]  # pages
+    t += 10
+    assert shards[0].apply(("mv_leaseuse", ((kept, 2),)), t) == (60_000 - 10,)
+    assert shards[1].apply(("mv_leaseuse", ((during, 2), (before, 2))), t) == (60_000 - 10, None)
+    assert shards[1].apply(("lease_revoke", during), t)[1] == (0, 2)  # type: ignore[index]
+    assert shards[2].apply(("lease_drop", during, 60_000), t) == 0  # reaches 2 before its attach: a tombstone
+    attach0 = ((kept, 60_000 - 10, (on0[0],)), (during, 60_000 - 10, (on0[1],)), (before, None, (on0[2],)))
+    assert shards[2].apply(("mv_attach", EPOCH, 0, attach0), t) == 1
+    assert shards[2].apply(("mv_attach", EPOCH, 1, ((kept, 60_000 - 10, (on1[0],)),)), t) == 1
+    assert shards[2].apply(("mv_attach", EPOCH, 0, attach0), t) == 1  # the second round: the same
+    dest = shards[2]
+    assert on0[0] in dest.data and on1[0] in dest.data and on0[1] not in dest.data and on0[2] not in dest.data
+    assert dest.leases.key_lease == {on0[0]: kept, on1[0]: kept}
+    dest.leases.check()
+    for s in (0, 1):
+        shards[s].apply(("mv_handoff", EPOCH), t)
+        assert all(not move.moving(k) for k in shards[s].leases.key_lease)  # left their leases at the hand-off
+        shards[s].leases.check()
+    dest.apply(("mv_open", EPOCH), t)
+    # KEEPALIVE at the home refreshes every shard it names, the new one included
+    ttl, told = shards[0].apply(("lease_keepalive", kept), t + 1000)  # type: ignore[misc]
+    assert told == (1, 2) and dest.apply(("lease_refresh", kept, ttl), t + 1000) == 1
+    # REVOKE: the home deletes its own keys, the drop deletes the moved ones; the sources' stale copies stay
+    # for the cleanup (mv_purge), untouched by the lease's end
+    assert shards[0].apply(("lease_revoke", kept), t + 2000)[1] == (1, 2)  # type: ignore[index]
+    assert staying not in shards[0].data and on0[0] in shards[0].data
+    assert dest.apply(("lease_drop", kept, 60_000), t + 2000) == 2
+    assert on0[0] not in dest.data and on1[0] not in dest.data and not dest.leases.key_lease
+    dest.leases.check()
+
+
+def test_a_moved_key_dies_at_its_leases_guard_on_the_new_shard_when_no_drop_comes() -> None:
+    """The mirror's guard deadline (the home's remaining time, in the new shard's log time) deletes the moved
+    key even if the lease's home never reaches the new shard again."""
+    src, dst = KVState(), KVState()
+    move = Move(EPOCH, 0, 1, V, FROZEN)
+    key = next(k for k in (f"k{i}".encode() for i in range(1000)) if move.moving(k))
+    lid = src.apply(("lease_grant", 0, 5_000), 0)
+    src.apply(("lease_put", key, b"v", lid, None), 0)
+    dst.apply(("mv_install", EPOCH, 1, V, 0, (), ()), 0)
+    src.apply(("mv_freeze", EPOCH, 0, 1, V), 0)
+    dst.apply(("mv_install", EPOCH, 1, V, src.revision, tuple(src.read(("mv_scan", EPOCH, None, 10), 0)[0]), ()),
+              0)
+    left = src.apply(("mv_leaseuse", ((lid, 1),)), 1_000)
+    assert left == (4_000,)
+    assert dst.apply(("mv_attach", EPOCH, 0, ((lid, 4_000, (key,)),)), 1_000) == 1
+    dst.apply(("mv_open", EPOCH), 1_000)
+    assert dst.read(("get", key), 4_999) == b"v"
+    assert dst.read(("get", key), 5_000) is None  # the guard passed: gone for readers at once
+    dst.apply(("noop",), 5_000)
+    assert key not in dst.data and not dst.leases.key_lease

@@ -29,6 +29,7 @@ from raftkv.cluster import LocalCluster, call
 from raftkv.errors import IndeterminateError, RaftKVError
 from raftkv.membership import Operator
 from raftkv.resharder import Resharder, ReshardError
+from raftkv.state import STATE_MACHINE_VERSION
 from shards.ring import DEFAULT_VNODES, Ring
 from shards.shardmap import ShardMap
 
@@ -207,7 +208,9 @@ def test_no_key_moves_while_a_node_runs_another_state_machine_version(tmp_path: 
         with Client(cluster=lc.config, timeout=15.0) as c:
             c.put("k", "v")
         epoch = lc.map.epoch
-        for fault, remove, expect in (("2", False, "n1: 1, n2: 1, n3: 2"), ("-1", True, "n3 report no")):
+        v = STATE_MACHINE_VERSION
+        for fault, remove, expect in ((str(v + 1), False, f"n1: {v}, n2: {v}, n3: {v + 1}"),
+                                      ("-1", True, "n3 report no")):
             lc.stop_node("n3")
             lc.node_args = ["--fault", f"status.state_machine_version:{fault}"]
             lc.start_node("n3")
@@ -519,3 +522,42 @@ def test_shard_remove_killed_mid_copy_is_finished_by_running_it_again_then_a_sha
                 Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0).remove(2)
             assert (ShardMap.load(lc.config).epoch, ShardMap.load(lc.config).removing) == (epoch, None)
             c.lease_revoke(lease)
+
+
+def test_keys_on_leases_move_with_their_leases_and_end_with_them(tmp_path: Path) -> None:
+    """``shard add`` with keys on leases (on both shards, about a third of them moving): the add completes, and
+    afterwards every lease still covers all of its keys, moved or not: TTL counts them, KEEPALIVE keeps the
+    moved ones alive past the time the new shard was first told, REVOKE deletes them, and a lease no longer
+    kept alive takes them with it when it runs out."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
+    try:
+        after = Ring(range(3), DEFAULT_VNODES)
+        groups = {g: [f"{g}/{i}" for i in range(24)] for g in ("revoked", "kept", "lapsed")}
+        assert all(any(after.shard_for(k.encode()) == 2 for k in ks) for ks in groups.values())
+        with Client(cluster=lc.config, timeout=15.0) as c, c.lease(4) as kept, c.lease(4) as lapsed:
+            ids = {"revoked": c.lease_grant(60), "kept": kept.id, "lapsed": lapsed.id}
+            for g, ks in groups.items():
+                for k in ks:
+                    c.put(k, g, lease=ids[g])
+            c.put("plain", "v")
+            result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
+            assert result.shard == 2
+            time.sleep(5.0)  # longer than the 4 s leases: only keep-alives reaching the new shard keep its keys
+            for g, ks in groups.items():
+                assert c.mget(ks) == [g.encode()] * len(ks), g
+                assert c.lease_ttl(ids[g]).keys == len(ks), g
+            c.lease_revoke(ids["revoked"])
+            assert c.mget(groups["revoked"]) == [None] * len(groups["revoked"])
+            lapsed.abandon()  # no more keep-alives: it lapses 4 s after the last one
+            time.sleep(6.0)
+            assert c.mget(groups["lapsed"]) == [None] * len(groups["lapsed"])
+            assert c.mget(groups["kept"]) == [b"kept"] * len(groups["kept"])
+            assert c.get("plain") == b"v"
+        m = ShardMap.load(lc.config)
+        for s in range(3):
+            replicas_agree(m, s)
+    except BaseException:
+        dump_logs(lc)
+        raise
+    finally:
+        lc.stop()
