@@ -17,6 +17,7 @@ keys written: none lost, none stored twice. Every node runs on this one machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -113,11 +114,18 @@ def main() -> int:
     ap.add_argument("--writers", type=int, default=2)
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the summary here")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="run the cluster in DIR (created; kept afterwards, with the nodes' logs) instead of a "
+                         "temporary directory")
+    ap.add_argument("--node-arg", action="append", default=[], metavar="ARG",
+                    help="an extra 'raftkv serve' argument for every node (repeat: --node-arg=--compact-every "
+                         "--node-arg=2500)")
     a = ap.parse_args()
     path = [int(x) for x in a.path.split(",")]
-    summary: dict[str, Any] = {"keys": a.keys, "path": path, "value_size": a.value_size, "steps": []}
-    with tempfile.TemporaryDirectory(prefix="reshard-path-") as tmp:
-        system = RaftKVSystem(tmp, shards=path[0], nodes=3)
+    summary: dict[str, Any] = {"keys": a.keys, "path": path, "value_size": a.value_size, "node_args": a.node_arg,
+                               "steps": []}
+    with (contextlib.nullcontext(a.keep) if a.keep else tempfile.TemporaryDirectory(prefix="reshard-path-")) as tmp:
+        system = RaftKVSystem(tmp, shards=path[0], nodes=3, node_args=a.node_arg or None)
         lc = system.lc
         config = str(lc.config)
         try:

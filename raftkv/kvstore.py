@@ -29,7 +29,7 @@ them.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from raftkv.engine import Engine, ReadView, WriteBatch
@@ -61,6 +61,16 @@ def pack(entry: tuple[bytes, int]) -> bytes:
 def unpack(raw: bytes) -> tuple[bytes, int]:
     """Inverse of ``pack``."""
     return raw[8:], int.from_bytes(raw[:8], "little")
+
+
+def _in_order(keys: Iterable[bytes]) -> Iterator[bytes]:
+    """``keys`` in byte order, sorted lazily (a heap): a scan that stops after a chunk (a move's ``mv_scan``)
+    pays for the keys it took, not for sorting every key written since the last checkpoint (up to 10,000:
+    that sort was most of a chunk's scan)."""
+    heap = list(keys)
+    heapq.heapify(heap)
+    while heap:
+        yield heapq.heappop(heap)
 
 
 class EngineStore:
@@ -110,7 +120,7 @@ class EngineStore:
     def keys_between(self, lo: bytes = b"", hi: bytes | None = None) -> Iterator[bytes]:
         """Live keys ``k`` with ``lo <= k < hi`` (no upper bound when ``hi`` is None), in byte order."""
         overlay = self._merged()  # a consistent copy: the applying thread may write meanwhile
-        mine = sorted(k for k in overlay if lo <= k and (hi is None or k < hi))
+        mine = _in_order(k for k in overlay if lo <= k and (hi is None or k < hi))
         n = len(self._prefix)
         end = self._hi if hi is None else self._prefix + hi
         committed = (k[n:] for k, _ in self._engine.scan(self._prefix + lo, end))
@@ -123,14 +133,16 @@ class EngineStore:
                 continue  # deleted since the checkpoint
             yield key
 
-    def values_where(self, want: Callable[[bytes], bool], lo: bytes = b"") -> Iterator[tuple[bytes, bytes | None]]:
-        """Every live key ``k >= lo`` in byte order, with its value (no revision) where ``want(k)``, else None.
+    def values_where(self, want: Callable[[bytes], bool], lo: bytes = b"",
+                     values: bool = True) -> Iterator[tuple[bytes, bytes | None]]:
+        """Every live key ``k >= lo`` in byte order, with its value (no revision) where ``want(k)``, else None
+        (``values`` False: ``b""`` where ``want(k)``, no value read: a move's cleanup wants keys only).
 
         One engine read view for the whole walk, and no value read that is not wanted (a move's scan,
         ``raftkv.reshard``, wants a third of a shard's keys): ``keys_between`` then a ``get`` per key opened a
         read transaction per key."""
         overlay = self._merged()  # a consistent copy, taken before the view (see ``keys_between``)
-        mine = sorted(k for k in overlay if lo <= k)
+        mine = _in_order(k for k in overlay if lo <= k)
         prefix = self._prefix
         n = len(prefix)
         with self._engine.read_view() as view:
@@ -144,6 +156,9 @@ class EngineStore:
                     continue  # deleted since the checkpoint
                 if not want(key):
                     yield key, None
+                    continue
+                if not values:
+                    yield key, b""
                     continue
                 if raw is _MISSING:
                     raw = view.get(prefix + key)  # listed by this very view: present

@@ -276,11 +276,12 @@ def _move_options(f: Any) -> Any:
         click.option("--timeout", default=120.0, show_default=True,
                      help="seconds a step may wait (a leader, transactions holding moving keys)"),
         click.option("--chunk", type=click.IntRange(1), default=None,
-                     help="keys copied (or deleted) per Raft entry while they are served (default 250; smaller: "
+                     help="keys copied (or deleted) per Raft entry while they are served (default 100; smaller: "
                           "lower client latency during the move, longer move)"),
-        click.option("--pace", default=1.0, show_default=True, type=click.FloatRange(0.05, 1.0),
+        click.option("--pace", default=0.5, show_default=True, type=click.FloatRange(0.05, 1.0),
                      help="the pre-copy and the cleanup keep the cluster busy at most this fraction of the time, "
-                          "resting between chunks (1: no rest; clients' latency against the move's length)"),
+                          "resting between chunks (1: no rest, the fastest move; clients' latency against the "
+                          "move's length)"),
         click.option("--depth", type=click.IntRange(1, 16), default=None,
                      help="chunks of one source's pre-copy being installed at once (default 1)"),
     )):

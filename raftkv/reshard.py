@@ -62,6 +62,7 @@ items, sessions)``                                 sources' client sessions (hig
 ``("mv_open", epoch)``                             destination: serve (the new ring is the owner)
 ``("mv_status",)`` (read)                          ``status`` below
 ``("mv_scan", epoch, after, limit)`` (read)        moving keys after ``after``, with value, deadline
+``("mv_keys", epoch, after, limit)`` (read)        the same, keys only (a cleanup's)
 ``("mv_sessions", after, limit)`` (read)           client sessions after ``after``
 ``("mv_leases", epoch, after, limit)`` (read)      frozen source: moving keys on leases, with the lease
 ``("mv_leaseuse", pairs)``                         a lease's home: tell each ``(lease, shard)`` pair's
@@ -509,21 +510,32 @@ def _status(s: Any, cmd: tuple, now_ms: int) -> Any:
 def _scan(s: Any, cmd: tuple, now_ms: int) -> Any:
     """``(items, cursor)``: up to ``limit`` moving keys after ``after`` as ``(key, value, deadline or None)``,
     of ``SCAN_BYTES_MAX`` bytes at most (or one key); ``cursor`` None once the whole shard was looked at."""
+    return _walk(s, cmd, "mv_scan", True)
+
+
+def _keys(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_keys epoch after limit``: ``(keys, cursor)``, ``mv_scan`` without the values (a cleanup purges
+    keys: reading their values was most of its scan with large values)."""
+    got = _walk(s, cmd, "mv_keys", False)
+    return got if isinstance(got, CmdError) else ([k for k, _v, _d in got[0]], got[1])
+
+
+def _walk(s: Any, cmd: tuple, name: str, values: bool) -> Any:
     _, epoch, after, limit = cmd
     move = s.move
     if move is None or move.epoch != epoch or move.phase == INCOMING:
-        return CmdError("ERR", f"mv_scan: no outgoing move of epoch {epoch} here")
+        return CmdError("ERR", f"{name}: no outgoing move of epoch {epoch} here")
     limit = max(1, min(int(limit), SCAN_LIMIT_MAX))
     items: list[tuple] = []
     looked = size = 0
     last = None
-    for key, value in s.data.values_where(move.moving, b"" if after is None else after + b"\0"):
+    for key, value in s.data.values_where(move.moving, b"" if after is None else after + b"\0", values):
         looked += 1
         if value is not None:  # a moving key
             if items and size + len(key) + len(value) > SCAN_BYTES_MAX:
                 return items, last  # this key starts the next answer
             size += len(key) + len(value)
-            items.append((key, value, s.expiries.get(key) if s.expiries else None))
+            items.append((key, value, s.expiries.get(key) if values and s.expiries else None))
             if len(items) >= limit:
                 return items, key
         last = key
@@ -736,5 +748,5 @@ HANDLERS = {name: _checked(h) for name, h in {
     "mv_attach": _attach}.items()}
 READ_HANDLERS = {name: _checked(h) for name, h in {
     "mv_status": _status, "mv_scan": _scan, "mv_get": _get, "mv_delta": _delta, "mv_ttls": _ttls,
-    "mv_sessions": _sessions, "mv_leases": _leased}.items()}
+    "mv_sessions": _sessions, "mv_leases": _leased, "mv_keys": _keys}.items()}
 WRITE_OPS = frozenset(HANDLERS) - {"mv_status"}

@@ -84,7 +84,12 @@ __all__ = ["ReshardError", "ReshardResult", "Resharder"]
 #: Every replica applies an entry on its node's one driver thread, holding that node's other requests: a
 #: 1,000-key entry held them for tens of ms (the clients' p99 during a 50,000-key add: 7-14x steady state),
 #: a 250-key one a quarter of that (docs/scale-out.md, "Measured").
-CHUNK_KEYS = 250
+CHUNK_KEYS = 100
+#: The fraction of the time the pre-copy and the cleanup keep the cluster busy (``Pacer``): with 100-key
+#: chunks, resting as long as each took kept the writers' p99 during a 40,000-key add within 1.8-2.6x of
+#: before it, against 6.6-7.0x for 250-key chunks without rest; the add took 14-18 s instead of 5-6 s
+#: (docs/scale-out.md, "Measured"). ``raftkv shard add --pace 1 --chunk 250`` moves faster.
+PACE = 0.5
 #: Keys (or sessions) per entry while moving keys are frozen (writes of them wait): fewer, larger entries.
 FROZEN_CHUNK_KEYS = 1_000
 #: Chunks of one source's pre-copy being installed at once (each on a connection of its own) while the next is
@@ -176,7 +181,7 @@ class Resharder:
     """Runs ``shard add`` (``run``) or ``shard remove`` (``remove``) against the cluster of ``op`` (module doc)."""
 
     def __init__(self, op: Operator, step_timeout: float = 120.0, chunk: int = CHUNK_KEYS,
-                 say: Callable[[str], None] | None = None, pace: float = 1.0, depth: int = PRECOPY_DEPTH) -> None:
+                 say: Callable[[str], None] | None = None, pace: float = PACE, depth: int = PRECOPY_DEPTH) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.op = op
@@ -740,9 +745,9 @@ class Resharder:
             after = None
             while True:
                 t0 = time.monotonic()
-                items, after = self.call(s, "mv_scan", epoch, after, self.chunk)
-                if items:
-                    purged += self.call(s, "mv_purge", epoch, tuple(k for k, _v, _d in items))
+                keys, after = self.call(s, "mv_keys", epoch, after, self.chunk)
+                if keys:
+                    purged += self.call(s, "mv_purge", epoch, tuple(keys))
                 if after is None:
                     break
                 time.sleep(self.pacer.rest(time.monotonic() - t0))

@@ -162,11 +162,12 @@ class Store(dict):
         """Keys ``k`` with ``lo <= k < hi`` (no upper bound when ``hi`` is None), in byte order."""
         return iter(sorted(k for k in dict.keys(self) if lo <= k and (hi is None or k < hi)))
 
-    def values_where(self, want: Callable[[bytes], bool], lo: bytes = b"") -> Iterator[tuple[bytes, bytes | None]]:
-        """Every key ``k >= lo`` in byte order, with its value where ``want(k)``, else None
-        (``raftkv.kvstore.EngineStore.values_where``'s twin)."""
+    def values_where(self, want: Callable[[bytes], bool], lo: bytes = b"",
+                     values: bool = True) -> Iterator[tuple[bytes, bytes | None]]:
+        """Every key ``k >= lo`` in byte order, with its value where ``want(k)``, else None; ``values`` False:
+        ``b""`` instead of the value (``raftkv.kvstore.EngineStore.values_where``'s twin)."""
         for key in self.keys_between(lo):
-            yield key, dict.__getitem__(self, key)[8:] if want(key) else None
+            yield key, (dict.__getitem__(self, key)[8:] if values else b"") if want(key) else None
 
     def view(self) -> Store:
         """A point-in-time copy to read on another thread (``raftkv.kvstore.EngineStore.view``'s twin)."""

@@ -1,0 +1,102 @@
+"""Clients' write latency in each phase of one ``raftkv shard add``, against their latency before it.
+
+    .venv/bin/python bench/move_phases.py --keys 200000 [--shards 4] [--chunk K] [--pace F] [--runs 1]
+
+Creates a loopback cluster (3 nodes, ``--shards`` shards), preloads ``--keys`` keys of 100 B, starts two writer
+threads (``bench/reshard_path.py``'s: each overwrites its own 500 keys, one write at a time), measures them for
+3 s, then runs one shard add in this process (``raftkv.resharder.Resharder``, what the CLI runs) and splits the
+writes by the phase they began in: the pre-copy (the sources still serve their moving keys), the frozen part
+(replay, hand-off, open, the new map) and the cleanup (the sources delete the moved keys). Prints, per phase, its
+length and the writes' p50 / p99 / max, and the p99 during the add over the p99 before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from reshard_path import Writer  # noqa: E402
+
+from raftkv import resharder  # noqa: E402
+from raftkv.bench.preload import preload  # noqa: E402
+from raftkv.bench.systems import RaftKVSystem  # noqa: E402
+from raftkv.membership import Operator  # noqa: E402
+
+
+def _lat(samples: list[tuple[float, float]], t0: float, t1: float) -> dict:
+    lat = sorted(latency for start, latency in samples if t0 <= start < t1)
+    if not lat:
+        return {"writes": 0}
+    return {"writes": len(lat), "p50_ms": round(statistics.median(lat) * 1000, 1),
+            "p99_ms": round(lat[math.ceil(0.99 * len(lat)) - 1] * 1000, 1), "max_ms": round(lat[-1] * 1000, 1)}
+
+
+def one_add(a: argparse.Namespace) -> dict:
+    """One cluster, one add; per-phase seconds and writer latency."""
+    with tempfile.TemporaryDirectory(prefix="move-phases-") as tmp:
+        system = RaftKVSystem(tmp, shards=a.shards, nodes=3)
+        try:
+            preload(system, a.keys, 100)
+            stop = threading.Event()
+            writers = [Writer(i, str(system.lc.config), stop) for i in range(2)]
+            for w in writers:
+                w.start()
+            time.sleep(3.0)
+            marks: list[tuple[float, str]] = [(time.monotonic(), "start")]
+            rs = resharder.Resharder(Operator(str(system.lc.config), timeout=30.0, say=lambda _m: None),
+                                     chunk=a.chunk, pace=a.pace, say=lambda m: marks.append((time.monotonic(), m)))
+            rs.run()
+            end = time.monotonic()
+            time.sleep(0.5)
+            stop.set()
+            for w in writers:
+                w.join(30)
+            samples = [s for w in writers for s in w.samples]
+            start = marks[0][0]
+            placed = next(t for t, m in marks if "placed on" in m)
+            frozen = next(t for t, m in marks if m.startswith("frozen"))
+            on_ring = next(t for t, m in marks if "is on the ring" in m)
+            phases = {"pre-copy": (placed, frozen), "frozen": (frozen, on_ring), "cleanup": (on_ring, end),
+                      "whole add": (start, end)}
+            out = {"before": _lat(samples, 0.0, start)}
+            for name, (t0, t1) in phases.items():
+                out[name] = {"seconds": round(t1 - t0, 1), **_lat(samples, t0, t1)}
+            return out
+        finally:
+            system.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keys", type=int, default=200_000)
+    ap.add_argument("--shards", type=int, default=4, help="shards before the add")
+    ap.add_argument("--chunk", type=int, default=resharder.CHUNK_KEYS,
+                    help="keys per entry of the pre-copy and the cleanup (raftkv shard add --chunk)")
+    ap.add_argument("--pace", type=float, default=resharder.PACE, help="raftkv shard add --pace")
+    ap.add_argument("--runs", type=int, default=1)
+    a = ap.parse_args()
+    for run in range(a.runs):
+        r = one_add(a)
+        before = r["before"]
+        print(f"run {run + 1}: before the add: p50 {before['p50_ms']} / p99 {before['p99_ms']} ms "
+              f"({before['writes']} writes)")
+        for name in ("pre-copy", "frozen", "cleanup", "whole add"):
+            p = r[name]
+            lat = (f"p50 {p['p50_ms']} / p99 {p['p99_ms']} / max {p['max_ms']} ms ({p['writes']} writes)"
+                   if p["writes"] else "no write began")
+            ratio = f", p99 {p['p99_ms'] / before['p99_ms']:.1f}x before" if p["writes"] else ""
+            print(f"  {name:9s} {p['seconds']:5.1f} s: {lat}{ratio}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
