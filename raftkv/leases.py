@@ -302,8 +302,26 @@ def use_for(s: Any, lid: int, shard: int, now_ms: int) -> int | None:
     lease = _home(s, lid, now_ms)
     if lease is None:
         return None
-    lease.shards.add(shard)
+    if shard != home_of(lid):  # keys moved to the home itself join its own keys (``attach_moved``)
+        lease.shards.add(shard)
     return lease.deadline_ms - now_ms
+
+
+def forget_shard(s: Any, shard: int) -> int:
+    """This shard's leases (and pending drops) stop telling ``shard``, which a removal took away after every
+    key it held on a lease moved with its lease; how many leases and drops named it."""
+    n = 0
+    for lease in s.leases.leases.values():
+        if lease.shards and shard in lease.shards:
+            lease.shards.discard(shard)
+            n += 1
+    for lid, (_ttl, shards) in list(s.leases.dropping.items()):
+        if shard in shards:
+            shards.discard(shard)
+            n += 1
+            if not shards:
+                del s.leases.dropping[lid]
+    return n
 
 
 def attach_moved(s: Any, lid: int, remaining: int | None, keys: list[bytes], now_ms: int) -> int:

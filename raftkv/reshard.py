@@ -70,6 +70,8 @@ items, sessions)``                                 sources' client sessions (hig
 ``("mv_attach", epoch, source, rows)``             destination: attach moved keys to their leases
                                                    (a mirror, as ``lease_put`` makes); a key of an
                                                    ended lease is forgotten
+``("mv_leaseforget", epoch, shard)``               every shard that stays, once a removed ``shard``
+                                                   handed off: its leases stop telling ``shard``
 =================================================  ==================================================
 
 Everything here is pure and deterministic: ``KVState`` calls it while applying
@@ -472,22 +474,27 @@ def status(s: Any) -> tuple:
     committed transactions homed here not yet finished everywhere)``; owner and move as plain tuples or
     None.  Cheap: it never walks the keys (the poll of step 2 runs it).
 
-    On a shard being removed, every lease it holds counts as on a moving key (a lease homed there would
-    lose its home), and the last number is what must reach 0 before it hands off (``home_removed``).  On a
-    shard with no move, the leases count is every lease and leased key it holds (what a removal would meet).
+    On a shard being removed, and on a shard with no move (what a removal would meet), the leases count is
+    the leases homed there, alive or still telling other shards of their end: a lease's home cannot move, so
+    they stop a removal (its keys on leases homed elsewhere move with their leases).  The last number is what
+    must reach 0 before a removed shard hands off (``home_removed``).
     """
     move = s.move
     locked = leased = 0
-    if move is None:
-        leased = len(s.leases.leases) + len(s.leases.key_lease)
-    elif move.phase != INCOMING:
+    if move is None or move.removing:
+        leased = homed_leases(s)
+    if move is not None and move.phase != INCOMING:
         locked = sum(1 for k in s.txns.locks if move.moving(k))
-        leased = sum(1 for k in s.leases.key_lease if move.moving(k))
-        if move.removing:
-            leased += len(s.leases.leases)
+        if not move.removing:
+            leased = sum(1 for k in s.leases.key_lease if move.moving(k))
     unsettled = sum(1 for r in s.txns.records.values() if r.state == COMMITTED and not r.acked)
     return (None if s.owner is None else s.owner.dump(), None if move is None else move.dump(), locked, leased,
             len(s.data), s.revision, unsettled)
+
+
+def homed_leases(s: Any) -> int:
+    """Leases whose home is this shard: alive, or ended with shards still to tell (a removal waits for them)."""
+    return sum(1 for le in s.leases.leases.values() if le.home) + len(s.leases.dropping)
 
 
 def home_removed(owner: Owner | None, move: Move | None, home: int) -> bool:
@@ -703,6 +710,16 @@ def _lease_use(s: Any, cmd: tuple, now_ms: int) -> Any:
     return tuple(out)
 
 
+def _lease_forget(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_leaseforget epoch shard``: on every shard that stays, after ``shard`` (removed) handed off: its leases
+    stop telling ``shard`` of their end (KEEPALIVE, REVOKE, expiry), which holds nothing of theirs any more
+    (its keys on leases moved with them, ``mv_attach``); leases and drops touched."""
+    _, _epoch, shard = cmd
+    if isinstance(shard, bool) or not isinstance(shard, int):
+        raise ValueError("shard must be an int")
+    return leases.forget_shard(s, shard)
+
+
 def _attach(s: Any, cmd: tuple, now_ms: int) -> Any:
     """``mv_attach epoch source rows``: a destination attaches the keys it received from ``source`` to their
     leases, rows ``(lease id, ms left or None, keys)`` (``mv_leases`` at the source, ``mv_leaseuse`` at each
@@ -745,7 +762,7 @@ HANDLERS = {name: _checked(h) for name, h in {
     "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done,
     "mv_abort": _abort, "mv_install": _install, "mv_apply": _apply_delta, "mv_ttlsync": _ttl_sync,
     "mv_discard": _discard, "mv_open": _open, "mv_status": _status, "mv_leaseuse": _lease_use,
-    "mv_attach": _attach}.items()}
+    "mv_attach": _attach, "mv_leaseforget": _lease_forget}.items()}
 READ_HANDLERS = {name: _checked(h) for name, h in {
     "mv_status": _status, "mv_scan": _scan, "mv_get": _get, "mv_delta": _delta, "mv_ttls": _ttls,
     "mv_sessions": _sessions, "mv_leases": _leased, "mv_keys": _keys}.items()}

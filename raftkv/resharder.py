@@ -48,16 +48,18 @@ Removing the last shard ``S = N-1`` (``remove``) is the mirror image, keyed the 
 4. every ``d``: an empty ``mv_install`` carrying ``S``'s revision first (so every key installed there
    gets a revision above any ``S`` had), then ``S``'s keys in chunks, each to the shard the ring
    without ``S`` gives it, then ``S``'s client sessions into every ``d``.
-5. ``S``: ``mv_handoff`` (every key refused with ``-WRONGSHARD``); every ``d``: ``mv_open``; then map
-   ``E+2`` (``shards = N-1``, ``S``'s placement dropped) is saved and pushed: the nodes stop ``S``'s
+5. ``S``: ``mv_handoff`` (every key refused with ``-WRONGSHARD``); every ``d``: ``mv_open``, then
+   ``mv_leaseforget`` (its leases stop telling ``S`` of their end: ``S``'s keys on leases moved with their
+   leases in step 4, as an add's do); then map ``E+2`` (``shards = N-1``, ``S``'s placement dropped) is saved
+   and pushed: the nodes stop ``S``'s
    group and reclaim its data (``Node.install_map``; a node takes the smaller map only once the removal
    was marked, ``member.shrink_allowed``).
 
 A run that died anywhere is finished by running ``raftkv shard remove S`` again: while the map says
 ``removing`` steps 2-5 resume where the shards stand; once the map of ``E+2`` was saved, ``remove S``
 finds ``S`` gone, pushes that map again and stops (without an id, a re-run would remove the next
-last shard). The one undo: leases on ``S`` found in step 3 (before any key is copied) abandon the
-removal: ``S`` and every destination ``mv_abort``, and a map without the mark is saved.
+last shard). The one undo: leases homed on ``S`` (a lease's home cannot move) found in step 3 (before any key
+is copied) abandon the removal: ``S`` and every destination ``mv_abort``, and a map without the mark is saved.
 """
 
 from __future__ import annotations
@@ -373,10 +375,10 @@ class Resharder:
                                    "'raftkv shard add' again to finish it first")
             gone = m.nshards - 1
             leased = self.status(gone)["leased"]
-            if leased:  # (on a shard with no move: every lease and leased key it holds)
-                raise ReshardError(f"shard {gone} holds leases or keys on leases ({leased}); a removal does not "
-                                   "move them (a lease's home shard cannot move): revoke those leases or let them "
-                                   "expire, then run it again (nothing changed)")
+            if leased:  # (on a shard with no move: the leases homed there)
+                raise ReshardError(f"shard {gone} is the home of {leased} lease(s) (alive, or telling other shards "
+                                   "of their end); a lease's home shard cannot move: revoke those leases or let "
+                                   "them expire, then run it again (nothing changed)")
             m = dataclasses.replace(m, epoch=m.epoch + 1, removing=gone)
             self.rerun = f"raftkv shard remove {gone}"
             self._publish(m)
@@ -443,7 +445,11 @@ class Resharder:
         t = time.monotonic()
         for d in dests:
             self.call(d, "mv_open", epoch)
-        self.say(f"shard {gone} handed off; shards 0..{gone - 1} open: the map of epoch {epoch} drops it")
+        # Its keys on leases moved with their leases: no lease need tell the removed shard of its end any more.
+        forgot = sum(self.call(d, "mv_leaseforget", epoch, gone) for d in dests)
+        self.say(f"shard {gone} handed off; shards 0..{gone - 1} open"
+                 + (f" ({forgot} lease(s) no longer tell it of their end)" if forgot else "")
+                 + f": the map of epoch {epoch} drops it")
         # Nodes take the smaller map only from the one marking the removal: give it again to any that missed it.
         self.op.push_map(verbose=False)
         placement = {s: names for s, names in self.op.map.placement.items() if s != gone}
@@ -502,8 +508,8 @@ class Resharder:
     def _wait_unlocked(self, epoch: int, frozen: list[int],
                        undo: Callable[[], None] | None = None) -> dict[int, dict]:
         """Until no prepared transaction holds a moving key of a frozen source. A removal (``undo`` given) is
-        abandoned if its shard holds a lease or a key on one (a lease's home cannot move), running ``undo``;
-        an add moves keys on leases with them (``_leases``). Returns each source's last status."""
+        abandoned if its shard is the home of a lease (a lease's home cannot move), running ``undo``; keys on
+        leases move with their leases (``_leases``). Returns each source's last status."""
         deadline = time.monotonic() + self.step_timeout
         while True:
             stats = {s: self.status(s) for s in frozen}
@@ -512,9 +518,9 @@ class Resharder:
                 for s in frozen:
                     self.call(s, "mv_abort", epoch)
                 undo()
-                raise ReshardError(f"the removed shard holds leases or keys on leases ({leased}); a lease's home "
-                                   "shard cannot move, so the removal was abandoned (nothing was copied); revoke "
-                                   f"those leases or let them expire, then run '{self.rerun}' again")
+                raise ReshardError(f"the removed shard is the home of leases ({leased}); a lease's home shard "
+                                   "cannot move, so the removal was abandoned (nothing was copied); revoke those "
+                                   f"leases or let them expire, then run '{self.rerun}' again")
             locked = {s: st["locked"] for s, st in stats.items() if st["locked"]}
             # A removed shard is the home of the transactions whose first key it held: every one it committed
             # must have finished on all its shards first (after the removal a lock of one is finished as

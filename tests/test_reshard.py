@@ -696,3 +696,47 @@ def test_a_moved_key_dies_at_its_leases_guard_on_the_new_shard_when_no_drop_come
     assert dst.read(("get", key), 5_000) is None  # the guard passed: gone for readers at once
     dst.apply(("noop",), 5_000)
     assert key not in dst.data and not dst.leases.key_lease
+
+
+def test_a_removal_moves_keys_on_leases_homed_elsewhere_and_their_homes_forget_the_removed_shard() -> None:
+    """Removing shard 2 of 0..2: its keys on a lease homed at shard 0 move with the lease (to the shard the
+    ring without 2 gives each); once 2 handed off, shard 0's lease stops naming it (``mv_leaseforget``), so
+    KEEPALIVE and the lease's end no longer go to a shard that is gone. A lease homed at 2 is what stops a
+    removal (``status``)."""
+    shards = {s: KVState() for s in range(3)}
+    after = Ring(range(2), V)
+    on2 = [k for k in (f"k{i}".encode() for i in range(3000)) if Ring(range(3), V).shard_for(k) == 2][:6]
+    lid = shards[0].apply(("lease_grant", 0, 60_000), 0)
+    for key in on2:
+        left = shards[0].apply(("lease_use", lid, 2), 0)
+        shards[2].apply(("lease_put", key, b"v", lid, left), 0)
+    assert reshard.status(shards[2])[3] == 0  # a mirror, no lease homed at 2: nothing stops the removal
+    homed = shards[2].apply(("lease_grant", 2, 60_000), 0)
+    assert reshard.status(shards[2])[3] == 1  # a lease homed at 2 does
+    shards[2].apply(("lease_revoke", homed), 0)
+    assert reshard.status(shards[2])[3] == 0
+    for d in (0, 1):
+        shards[d].apply(("mv_install", EPOCH, d, V, 0, (), (), 2), 0)
+    assert shards[2].apply(("mv_freeze", EPOCH, 2, 2, V, True), 0) == FROZEN
+    items, _ = shards[2].read(("mv_scan", EPOCH, None, 100), 0)  # type: ignore[misc]
+    for d in (0, 1):
+        mine = tuple(row for row in items if after.shard_for(row[0]) == d)
+        shards[d].apply(("mv_install", EPOCH, d, V, shards[2].revision, mine, (), 2), 0)
+    rows, _ = shards[2].read(("mv_leases", EPOCH, None, 100), 0)  # type: ignore[misc]
+    assert sorted(k for k, _lid in rows) == sorted(on2)
+    dests = sorted({after.shard_for(k) for k in on2})
+    left = shards[0].apply(("mv_leaseuse", tuple((lid, d) for d in dests)), 0)
+    for d, remaining in zip(dests, left, strict=True):  # type: ignore[arg-type]
+        keys = tuple(k for k in on2 if after.shard_for(k) == d)
+        assert shards[d].apply(("mv_attach", EPOCH, 2, ((lid, remaining, keys),)), 0) == len(keys)
+    shards[2].apply(("mv_handoff", EPOCH), 0)
+    for d in (0, 1):
+        shards[d].apply(("mv_open", EPOCH), 0)
+    assert shards[0].leases.leases[lid].shards == {2, *dests} - {0}
+    assert [shards[d].apply(("mv_leaseforget", EPOCH, 2), 0) for d in (0, 1)] == [1, 0]
+    assert shards[0].apply(("mv_leaseforget", EPOCH, 2), 0) == 0  # again: nothing left to forget
+    assert 2 not in shards[0].apply(("lease_keepalive", lid), 0)[1]  # type: ignore[index]
+    assert shards[0].apply(("lease_revoke", lid), 0)[1] == tuple(d for d in dests if d != 0)  # type: ignore[index]
+    if 1 in dests:
+        assert shards[1].apply(("lease_drop", lid, 60_000), 0) == sum(1 for k in on2 if after.shard_for(k) == 1)
+    assert not any(k in shards[d].data for d in (0, 1) for k in on2)

@@ -512,13 +512,13 @@ def test_shard_remove_killed_mid_copy_is_finished_by_running_it_again_then_a_sha
         assert added.shard == 2 and added.total == LOADED
         assert added.moved == sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
         _check_after_add(lc, keys, writers, 3)
-        # a key of shard 2 on a lease: the removal is refused before anything changes (moving leases: not built)
+        # a lease homed at shard 2: the removal is refused before anything changes (a lease's home cannot move)
         leased_key = next(k for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
         epoch = ShardMap.load(lc.config).epoch
         with Client(cluster=lc.config, timeout=15.0) as c:
             lease = c.lease_grant(60, near=leased_key)
             c.put(leased_key, "leased", lease=lease)
-            with pytest.raises(Exception, match="leases"):
+            with pytest.raises(Exception, match="home of 1 lease"):
                 Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0).remove(2)
             assert (ShardMap.load(lc.config).epoch, ShardMap.load(lc.config).removing) == (epoch, None)
             c.lease_revoke(lease)
@@ -528,7 +528,8 @@ def test_keys_on_leases_move_with_their_leases_and_end_with_them(tmp_path: Path)
     """``shard add`` with keys on leases (on both shards, about a third of them moving): the add completes, and
     afterwards every lease still covers all of its keys, moved or not: TTL counts them, KEEPALIVE keeps the
     moved ones alive past the time the new shard was first told, REVOKE deletes them, and a lease no longer
-    kept alive takes them with it when it runs out."""
+    kept alive takes them with it when it runs out. Then ``shard remove`` of the new shard moves its keys on
+    leases back, and the leases keep covering them."""
     lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=2)
     try:
         after = Ring(range(3), DEFAULT_VNODES)
@@ -553,8 +554,21 @@ def test_keys_on_leases_move_with_their_leases_and_end_with_them(tmp_path: Path)
             assert c.mget(groups["lapsed"]) == [None] * len(groups["lapsed"])
             assert c.mget(groups["kept"]) == [b"kept"] * len(groups["kept"])
             assert c.get("plain") == b"v"
+            m = ShardMap.load(lc.config)
+            for s in range(3):
+                replicas_agree(m, s)
+            # Removing shard 2 again moves its keys on leases (homed at 0 or 1) back with their leases, and the
+            # homes stop naming shard 2: KEEPALIVE reaches every shard it names (no -TRYAGAIN) and keeps them.
+            removed = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).remove()
+            assert removed.shard == 2
+            c.lease_keepalive(kept.id)
+            time.sleep(5.0)
+            assert c.mget(groups["kept"]) == [b"kept"] * len(groups["kept"])
+            assert c.lease_ttl(kept.id).keys == len(groups["kept"])
+            c.lease_revoke(kept.id)
+            assert c.mget(groups["kept"]) == [None] * len(groups["kept"])
         m = ShardMap.load(lc.config)
-        for s in range(3):
+        for s in range(2):
             replicas_agree(m, s)
     except BaseException:
         dump_logs(lc)
