@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -193,3 +195,34 @@ def test_etcd_grpc_driver_against_etcd(tmp_path) -> None:
             assert r.system == "etcd-grpc" and r.ops > 0 and r.errors == 0, r.row()
     finally:
         es.stop()
+
+
+def test_a_memory_limit_holds_a_node_process_to_it() -> None:
+    """``raftkv bench scale --memory-limit-mb``: a process placed in its node's cgroup is held to the limit (one
+    that asks for more anonymous memory than the limit is killed), and the cgroups go away afterwards."""
+    from raftkv.bench.memlimit import MemoryLimit, MemoryLimitError
+
+    try:
+        limit = MemoryLimit(64)
+    except MemoryLimitError as e:
+        pytest.skip(str(e))
+    # each child allocates (and touches) its memory only once told to, after it was placed
+    grab = "import sys; sys.stdin.readline(); x = bytearray(%d); x[::4096] = b'1' * len(x[::4096])"
+    try:
+        small = subprocess.Popen([sys.executable, "-c", grab % (8 << 20)], stdin=subprocess.PIPE)
+        big = subprocess.Popen([sys.executable, "-c", grab % (256 << 20)], stdin=subprocess.PIPE)
+        try:
+            limit.place("n1", small.pid)
+            limit.place("n2", big.pid)
+        except OSError as e:
+            small.kill()
+            big.kill()
+            pytest.skip(f"cannot move a process into a memory cgroup here: {e}")
+        small.communicate(b"go\n", timeout=30)
+        big.communicate(b"go\n", timeout=30)
+        assert big.returncode != 0  # killed by the cgroup's OOM killer
+        assert small.returncode == 0
+        assert limit.usage_mb("n1") is not None and limit.usage_mb("missing") is None
+    finally:
+        limit.close()
+    assert not limit.dirs

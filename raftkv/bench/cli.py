@@ -139,13 +139,17 @@ def failover_cmd(trials: int, peers: str, shards: int, load_clients: int, settle
 @click.option("--clients", type=int, default=32, show_default=True)
 @click.option("--duration", type=float, default=8.0, show_default=True, help="measured seconds per point")
 @click.option("--value-size", type=int, default=100, show_default=True, help="bytes per value")
+@click.option("--memory-limit-mb", type=click.IntRange(16), default=None,
+              help="run each node of the keys-loaded part in a memory cgroup of this many MB (Linux, root): what it "
+                   "needs, not what the kernel lets it keep mapped")
 @json_option
 def scale_cmd(shard_counts: list[int], sizes: list[int], clients: int, duration: float, value_size: int,
-              json_path: str | None) -> None:
+              memory_limit_mb: int | None, json_path: str | None) -> None:
     """Throughput and p99 vs shards and vs keys loaded; RSS per million keys; restart catch-up time."""
     from raftkv.bench.scale import run_scale
 
-    doc = run_scale(tuple(shard_counts), tuple(sizes), clients=clients, duration=duration, value_size=value_size)
+    doc = run_scale(tuple(shard_counts), tuple(sizes), clients=clients, duration=duration, value_size=value_size,
+                    memory_limit_mb=memory_limit_mb)
     _write_json(doc, json_path)
 
 

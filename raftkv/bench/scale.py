@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raftkv.bench.load import LoadParams, run_load
+from raftkv.bench.memlimit import MemoryLimit
 from raftkv.bench.preload import preload
 from raftkv.bench.report import fmt_row, machine
 from raftkv.bench.suite import say
@@ -31,10 +32,13 @@ def _status(lc: LocalCluster, node: str) -> dict | None:
 
 def run_scale(shard_counts: tuple[int, ...] = (1, 3, 6), sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
               clients: int = 32, duration: float = 8.0, value_size: int = 100, out: Callable[[str], None] = say,
-              workdir: str | None = None) -> dict:
-    """Throughput/p99 vs shards and vs data size; RSS per million keys; restart catch-up time at the largest size."""
+              workdir: str | None = None, memory_limit_mb: int | None = None) -> dict:
+    """Throughput/p99 vs shards and vs data size; RSS per million keys; restart catch-up time at the largest size.
+
+    ``memory_limit_mb``: the nodes of the data-size part run in memory cgroups of that size (``memlimit``)."""
     doc: dict[str, Any] = {"machine": machine(), "clients": clients, "duration_s": duration,
-                           "value_size": value_size, "by_shards": [], "by_size": [], "restart": None}
+                           "value_size": value_size, "memory_limit_mb": memory_limit_mb, "by_shards": [],
+                           "by_size": [], "restart": None}
     base = Path(workdir or tempfile.mkdtemp(prefix="raftkv-scale-"))
     out(f"scale: put and get at {clients} clients, {duration:g} s per point")
     for ns in shard_counts:
@@ -49,19 +53,28 @@ def run_scale(shard_counts: tuple[int, ...] = (1, 3, 6), sizes: tuple[int, ...] 
         finally:
             s.stop()
     if sizes:
-        _run_sizes(doc, base, sizes, clients, duration, value_size, out)
+        limit = None if memory_limit_mb is None else MemoryLimit(memory_limit_mb)
+        try:
+            _run_sizes(doc, base, sizes, clients, duration, value_size, out, limit)
+        finally:
+            if limit is not None:
+                limit.close()
     if workdir is None:
         shutil.rmtree(base, ignore_errors=True)
     return doc
 
 
 def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients: int, duration: float,
-               value_size: int, out: Callable[[str], None]) -> None:
+               value_size: int, out: Callable[[str], None], limit: MemoryLimit | None = None) -> None:
     """Throughput/p99 vs keys loaded, RSS per million keys, and restart catch-up at the largest size."""
     d = base / "size"
     s = RaftKVSystem(str(d), shards=3)
     try:
         pids = s.node_pids()
+        if limit is not None:
+            for n, p in pids.items():
+                limit.place(n, p)  # type: ignore[arg-type]
+            out(f"   every node in a memory cgroup of {limit.limit >> 20} MB (anonymous memory and page cache)")
         rss0 = {n: proc_rss_mb(p) for n, p in pids.items() if p}
         doc["rss_empty_mb"] = rss0
         loaded = 0
@@ -98,7 +111,7 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
         preload_after.lc, preload_after.shards = lc, s.shards
         lc.wait_ready(60, nodes=[n for n in lc.map.nodes if n != victim])
         preload(preload_after, loaded + extra, value_size, start=loaded)
-        serving_at, caught_at = _restart_and_catch_up(lc, victim)
+        serving_at, caught_at = _restart_and_catch_up(lc, victim, limit)
         rss = round(proc_rss_mb(lc.pid(victim) or 0) or 0)
         anon_after = round(proc_rss_mb(lc.pid(victim) or 0, "RssAnon") or 0)
         doc["restart"] = {"keys": loaded + extra, "written_while_down": extra, "node": victim,
@@ -118,7 +131,7 @@ def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients:
         shutil.rmtree(lc.map.node_data_dir(victim))
         op.add(f"{info.host}:{info.client_port}", name=victim, raft_port=info.raft_port, start=False)
         lc.map = op.map
-        _, caught_at = _restart_and_catch_up(lc, victim)
+        _, caught_at = _restart_and_catch_up(lc, victim, limit)
         logical = (loaded + extra) * (len(key_name(0)) + value_size + 8)
         rate = None if not caught_at else round(logical / caught_at / 1e6, 1)
         doc["snapshot_catch_up"] = {"keys": loaded + extra, "logical_mb": round(logical / 1e6, 1),
@@ -157,7 +170,8 @@ def _leader_changes(lc: LocalCluster) -> int:
 CATCH_UP_TIMEOUT_S = 300.0
 
 
-def _restart_and_catch_up(lc: LocalCluster, victim: str) -> tuple[float | None, float | None]:
+def _restart_and_catch_up(lc: LocalCluster, victim: str,
+                          limit: MemoryLimit | None = None) -> tuple[float | None, float | None]:
     """Start ``victim``; seconds until it answers status, and until it applied the others' commit indexes."""
     target: dict[str, int] = {}
     for n in lc.map.nodes:
@@ -168,6 +182,8 @@ def _restart_and_catch_up(lc: LocalCluster, victim: str) -> tuple[float | None, 
             target[sh] = max(target.get(sh, 0), v["commit_idx"])
     t0 = time.monotonic()
     lc.start_node(victim)
+    if limit is not None:
+        limit.place(victim, lc.pid(victim))  # type: ignore[arg-type]
     serving_at = caught_at = None
     while time.monotonic() - t0 < CATCH_UP_TIMEOUT_S:
         st = _status(lc, victim)
