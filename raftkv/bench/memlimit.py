@@ -50,15 +50,25 @@ class MemoryLimit:
         if d is None:
             d = self.root / f"{self.prefix}-{node}"
             try:
+                if self.v2:  # children get memory.max only once their parent delegates the controller
+                    with contextlib.suppress(OSError):
+                        (self.root / "cgroup.subtree_control").write_text("+memory")
                 d.mkdir(exist_ok=True)
                 if self.v2:
                     (d / "memory.max").write_text(str(self.limit))
                 else:
                     (d / "memory.limit_in_bytes").write_text(str(self.limit))
+                # No swapping past the limit either (where the kernel accounts swap): the node gets no more.
+                with contextlib.suppress(OSError):
+                    (d / ("memory.swap.max" if self.v2 else "memory.memsw.limit_in_bytes")).write_text(
+                        "0" if self.v2 else str(self.limit))
             except OSError as e:
                 raise MemoryLimitError(f"cannot make memory cgroup {d}: {e}") from e
             self.dirs[node] = d
-        (d / "cgroup.procs").write_text(str(pid))
+        try:
+            (d / "cgroup.procs").write_text(str(pid))
+        except OSError as e:
+            raise MemoryLimitError(f"cannot move process {pid} into {d}: {e}") from e
 
     def usage_mb(self, node: str) -> float | None:
         """Memory charged to the node's cgroup now (anonymous and page cache), MB."""
