@@ -72,7 +72,17 @@ class Conn:
 
 
 async def serve_connection(node: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Serve one client connection until it closes, breaks a limit or sends garbage."""
+    """Serve one client connection until it closes, breaks a limit or sends garbage (or the node stops)."""
+    try:
+        await _serve(node, reader, writer)
+    except asyncio.CancelledError:
+        # The node is stopping. Ending here rather than cancelled keeps Python 3.11's stream protocol from
+        # logging every open connection as an error ("Exception in callback ... CancelledError": its
+        # done-callback asks a cancelled task for its exception; 3.12 checks first).
+        pass
+
+
+async def _serve(node: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     peername = writer.get_extra_info("peername")
     conn = Conn(f"{peername[0]}:{peername[1]}" if peername else "?", not node.auth_required())
     limits = node.limits
