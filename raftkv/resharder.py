@@ -555,8 +555,12 @@ class Resharder:
         def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
             return ("mv_install", epoch, d, vnodes, rev, items, rows)
 
+        # Every source installs into the one new shard: together they keep it busy at most ``pace`` of the time.
+        pacer = Pacer(self.pacer.duty / max(1, len(since)))
+
         def copy(s: int) -> None:
-            self._precopy_source(s, epoch, since[s], lambda _key: dest, install, f"shard {s} -> shard {dest}")
+            self._precopy_source(s, epoch, since[s], lambda _key: dest, install, f"shard {s} -> shard {dest}",
+                                 pacer=pacer)
 
         if since:
             with concurrent.futures.ThreadPoolExecutor(len(since)) as pool:
@@ -565,7 +569,7 @@ class Resharder:
 
     def _precopy_source(self, source: int, epoch: int, revision: int, dest_of: Callable[[bytes], int],
                         install: Callable[[int, int, tuple, tuple], tuple], what: str,
-                        per_answer: int | None = None) -> None:
+                        per_answer: int | None = None, pacer: Pacer | None = None) -> None:
         """Copy ``source``'s moving keys (each to ``dest_of(key)``) while it serves them, reading its next chunk
         while the last is installed; says how much, and how fast."""
         started = time.monotonic()
@@ -598,7 +602,7 @@ class Resharder:
                 scans.append(time.monotonic() - t0)
                 if len(pending) >= self.depth:  # at most ``depth`` chunks in flight: wait for the oldest
                     pending.popleft().result()
-                    time.sleep(self.pacer.rest(time.monotonic() - t0))
+                    time.sleep((pacer or self.pacer).rest(time.monotonic() - t0))
                 if items:
                     pending.append(pool.submit(put, _by_dest(items, dest_of)))
                     copied += len(items)
