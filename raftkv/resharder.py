@@ -88,8 +88,9 @@ __all__ = ["ReshardError", "ReshardResult", "Resharder"]
 #: a 250-key one a quarter of that (docs/scale-out.md, "Measured").
 CHUNK_KEYS = 100
 #: The fraction of the time the pre-copy and the cleanup keep the cluster busy (``Pacer``): with 100-key
-#: chunks, resting as long as each took kept the writers' p99 during a 40,000-key add within 1.8-2.6x of
-#: before it, against 6.6-7.0x for 250-key chunks without rest; the add took 14-18 s instead of 5-6 s
+#: chunks, resting as long as each took (an add's sources sharing it) kept the writers' p99 during a 40,000-key
+#: add within 1.8-1.9x of before it, against 6.6-7.0x for 250-key chunks without rest; the add took 18-21 s
+#: instead of 5-6 s
 #: (docs/scale-out.md, "Measured"). ``raftkv shard add --pace 1 --chunk 250`` moves faster.
 PACE = 0.5
 #: Keys (or sessions) per entry while moving keys are frozen (writes of them wait): fewer, larger entries.
