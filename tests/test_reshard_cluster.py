@@ -303,9 +303,10 @@ def test_a_client_with_the_old_map_is_redirected_and_succeeds(tmp_path: Path) ->
 
 
 def _shard_cli_killed_at(lc: LocalCluster, command: str, kill_at: str) -> None:
-    """Run ``raftkv shard COMMAND --chunk 50`` and kill -9 it at its first line of progress that starts
-    with ``kill_at`` (which it must print)."""
-    proc = subprocess.Popen([sys.executable, "-m", "raftkv", "shard", command, "--chunk", "50",
+    """Run ``raftkv shard COMMAND --chunk 50 --pace 1`` and kill -9 it at its first line of progress that starts
+    with ``kill_at`` (which it must print). (No rest between chunks: these tests are about where it is cut; the
+    other tests here run the paced defaults.)"""
+    proc = subprocess.Popen([sys.executable, "-m", "raftkv", "shard", command, "--chunk", "50", "--pace", "1",
                              "--cluster", str(lc.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     assert proc.stdout is not None
@@ -326,7 +327,7 @@ def test_shard_add_killed_is_finished_by_running_it_again(tmp_path: Path, kill_a
     starts); the next run finishes the add, under writes."""
     with _loaded_under_writes(tmp_path, shards=2) as (lc, keys, writers):
         _shard_cli_killed_at(lc, "add", kill_at)  # the copy (50 keys a chunk) or the cleanup has just begun
-        rerun = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print)
+        rerun = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print, pace=1.0)
         if kill_at == "frozen:":
             assert ShardMap.load(lc.config).adding == 2  # it died before the new ring went out
             assert rerun.run().shard == 2
@@ -339,7 +340,7 @@ def test_shard_add_killed_is_finished_by_running_it_again(tmp_path: Path, kill_a
         _check_after_add(lc, keys, writers, 3)
         if kill_at == "frozen:":
             # the move is over everywhere: the next run adds shard 3, moving keys off shard 2 as well
-            result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
+            result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print, pace=1.0).run()
             assert result.shard == 3 and result.total == LOADED
             _check_after_add(lc, keys, writers, 4)
 
@@ -497,18 +498,18 @@ def test_shard_remove_killed_mid_copy_is_finished_by_running_it_again_then_a_sha
         _shard_cli_killed_at(lc, "remove", "frozen:")
         assert ShardMap.load(lc.config).removing == 2  # it died before the smaller map went out
         with pytest.raises(Exception, match="shard 2 is being removed"):
-            Resharder(Operator(lc.config, timeout=30.0, say=print)).run()  # no add meanwhile
-        result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).remove(2)
+            Resharder(Operator(lc.config, timeout=30.0, say=print), pace=1.0).run()  # no add meanwhile
+        result = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print, pace=1.0).remove(2)
         assert result.shard == 2
-        again = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).remove(2)
+        again = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print, pace=1.0).remove(2)
         assert (again.shard, again.moved) == (2, 0)  # removed already: nothing done
         with pytest.raises(Exception, match="only the last shard"):
-            Resharder(Operator(lc.config, timeout=30.0, say=print)).remove(0)
+            Resharder(Operator(lc.config, timeout=30.0, say=print), pace=1.0).remove(0)
         time.sleep(1.0)
         _stop(writers)
         _check_after_add(lc, keys, writers, 2)
         _wait_reclaimed(ShardMap.load(lc.config), 2)
-        added = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run()
+        added = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print, pace=1.0).run()
         assert added.shard == 2 and added.total == LOADED
         assert added.moved == sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
         _check_after_add(lc, keys, writers, 3)
@@ -519,7 +520,7 @@ def test_shard_remove_killed_mid_copy_is_finished_by_running_it_again_then_a_sha
             lease = c.lease_grant(60, near=leased_key)
             c.put(leased_key, "leased", lease=lease)
             with pytest.raises(Exception, match="home of 1 lease"):
-                Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0).remove(2)
+                Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, pace=1.0).remove(2)
             assert (ShardMap.load(lc.config).epoch, ShardMap.load(lc.config).removing) == (epoch, None)
             c.lease_revoke(lease)
 
