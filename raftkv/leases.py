@@ -40,11 +40,12 @@ key nobody would delete.  A tombstone is kept ``ttl + DROPPED_GRACE_MS`` of
 log time; a ``lease_put`` delayed longer than that is bounded by its own guard
 deadline.
 
-*Keys that move.*  ``raftkv shard add`` moves keys with their leases the same way
-(``raftkv.reshard``: ``mv_leaseuse`` is ``lease_use`` for the new shard, run on
-the home; ``mv_attach`` makes the new shard's mirror, ``attach_moved`` below)
-while the old shard is frozen; a key whose lease has ended is forgotten at the
-new shard, where it was never served.
+*Keys that move.*  ``raftkv shard add`` and ``shard remove`` move keys with their
+leases the same way (``raftkv.reshard``: ``mv_leaseuse`` is ``lease_use`` for the
+key's new shard, run on the home; ``mv_attach`` makes that shard's mirror,
+``attach_moved`` below) while the old shard is frozen; a key whose lease has
+ended is forgotten at the new shard, where it was never served.  After a
+removal the homes forget the removed shard (``forget_shard``).
 
 The guard deadline is the fallback that never needs the home shard: a
 mirror's keys die when its guard passes even if no drop ever arrives (home

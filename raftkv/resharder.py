@@ -657,11 +657,11 @@ class Resharder:
                 break
         if not keys_of:
             return "no key on a lease"
+        by_home: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+        for lid, d in keys_of:
+            by_home[leases.home_of(lid)].append((lid, d))
         attached = 0
         for _round in range(2):
-            by_home: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
-            for lid, d in keys_of:
-                by_home[leases.home_of(lid)].append((lid, d))
             left: dict[tuple[int, int], int | None] = {}
             for home, pairs in by_home.items():
                 for part in _batches(pairs, FROZEN_CHUNK_KEYS):
