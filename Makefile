@@ -3,6 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench clean down sysdeps
 
@@ -38,7 +39,9 @@ test: install sysdeps
 	@# Cached bytecode: the suite starts hundreds of node processes, and where PYTHONDONTWRITEBYTECODE is set
 	@# (as on our build machines) each would compile raftkv from source again (about 0.3 s of CPU per start).
 	$(BIN)/python -m compileall -q raftkv shards jepsen_like >/dev/null
-	$(BIN)/python -m pytest -q -x --durations=20 tests
+	@# Two workers, one test file at a time each (a file's module fixtures stay in one process); TEST_WORKERS=0
+	@# runs everything in this process.
+	$(BIN)/python -m pytest -q -x --durations=20 -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: install
 	$(BIN)/ruff check raftkv shards jepsen_like tests bench
