@@ -13,9 +13,7 @@ length and the writes' p50 / p99 / max, and the p99 during the add over the p99 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -27,17 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reshard_path import Writer  # noqa: E402
 
 from raftkv import resharder  # noqa: E402
+from raftkv.bench.hist import summary_ms  # noqa: E402
 from raftkv.bench.preload import preload  # noqa: E402
 from raftkv.bench.systems import RaftKVSystem  # noqa: E402
 from raftkv.membership import Operator  # noqa: E402
 
 
 def _lat(samples: list[tuple[float, float]], t0: float, t1: float) -> dict:
-    lat = sorted(latency for start, latency in samples if t0 <= start < t1)
-    if not lat:
-        return {"writes": 0}
-    return {"writes": len(lat), "p50_ms": round(statistics.median(lat) * 1000, 1),
-            "p99_ms": round(lat[math.ceil(0.99 * len(lat)) - 1] * 1000, 1), "max_ms": round(lat[-1] * 1000, 1)}
+    return summary_ms(latency for start, latency in samples if t0 <= start < t1)
 
 
 def one_add(a: argparse.Namespace) -> dict:

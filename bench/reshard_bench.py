@@ -29,6 +29,7 @@ import threading
 import time
 
 from raftkv import Client
+from raftkv.bench.hist import nearest_rank
 from raftkv.bench.preload import preload
 from raftkv.bench.scaleout import keys_per_shard
 from raftkv.bench.systems import RaftKVSystem
@@ -41,7 +42,7 @@ def _summary(lat: list[float]) -> str:
         return "no writes"
     lat = sorted(lat)
     return (f"{len(lat)} writes, median {statistics.median(lat) * 1000:.1f} ms, "
-            f"p99 {lat[int(0.99 * (len(lat) - 1))] * 1000:.1f} ms, max {lat[-1] * 1000:.1f} ms")
+            f"p99 {nearest_rank(lat, 0.99) * 1000:.1f} ms, max {lat[-1] * 1000:.1f} ms")
 
 
 def _profile(lc: LocalCluster, out: str) -> list[subprocess.Popen]:

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import random
-import statistics
 import sys
 import tempfile
 import threading
@@ -28,6 +27,7 @@ import time
 from typing import Any
 
 from raftkv import Client
+from raftkv.bench.hist import summary_ms
 from raftkv.bench.preload import preload
 from raftkv.bench.scaleout import keys_per_shard, read_back, run_cli
 from raftkv.bench.systems import RaftKVSystem
@@ -99,11 +99,7 @@ class Reader(threading.Thread):
 
 
 def _lat(samples: list[tuple[float, float]], lo: float, hi: float) -> dict[str, float]:
-    lat = sorted(d for t, d in samples if lo <= t < hi)
-    if not lat:
-        return {"writes": 0}
-    return {"writes": len(lat), "p50_ms": round(statistics.median(lat) * 1000, 1),
-            "p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 1), "max_ms": round(lat[-1] * 1000, 1)}
+    return summary_ms(d for t, d in samples if lo <= t < hi)
 
 
 def main() -> int:

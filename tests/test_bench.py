@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from raftkv.bench import etcd_grpc as eg
 from raftkv.bench.cli import bench
 from raftkv.bench.etcd_http import HttpReader, leader_index
-from raftkv.bench.hist import Hist
+from raftkv.bench.hist import Hist, nearest_rank, summary_ms
 from raftkv.bench.report import add_ratios, render_table
 from raftkv.bench.workloads import NOT_APPLICABLE, applicable
 
@@ -33,6 +33,23 @@ def test_hist_quantiles() -> None:
     h2 = Hist.from_dict(json.loads(json.dumps(h.to_dict())))
     h2.merge(h)
     assert h2.n == 200 and h2.quantile(0.5) == h.quantile(0.5)
+
+
+@given(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=300),
+       st.floats(0.01, 1.0, allow_nan=False))
+def test_nearest_rank_is_the_smallest_sample_with_q_of_the_samples_at_or_below_it(xs: list[float],
+                                                                                   q: float) -> None:
+    xs.sort()
+    want = min(x for x in xs if sum(y <= x for y in xs) >= q * len(xs))
+    assert nearest_rank(xs, q) == want
+
+
+def test_summary_reads_p99_by_nearest_rank_so_a_small_sample_does_not_hide_its_slowest() -> None:
+    # 50 samples: the lower-index formula (int(0.99 * 49) = 48) gave the second slowest; 0.99 of 50 is 49.5,
+    # so the p99 is the slowest.
+    got = summary_ms([0.001] * 48 + [0.002, 0.5])
+    assert got == {"writes": 50, "p50_ms": 1.0, "p99_ms": 500.0, "max_ms": 500.0}
+    assert summary_ms([]) == {"writes": 0}
 
 
 def test_http_reader_chunked_and_length() -> None:

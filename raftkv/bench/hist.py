@@ -1,12 +1,32 @@
 """Latency histograms for the load generator: log-bucketed (about 1 % wide, HDR-like), mergeable, JSON-able.
 
 Each worker process records into its own ``Hist``; the parent merges them (``to_dict``/``from_dict`` carry
-them across the process boundary).
+them across the process boundary). ``nearest_rank`` and ``summary_ms`` are the exact counterparts for a
+benchmark that keeps every sample.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Iterable
+
+
+def nearest_rank(sorted_xs: list[float], q: float) -> float:
+    """The ``q`` quantile of ascending ``sorted_xs`` by the nearest rank: the smallest sample with at least
+    ``q`` of the samples at or below it (never an interpolation, and never low for a small sample)."""
+    if not sorted_xs:
+        raise ValueError("no samples")
+    return sorted_xs[max(1, math.ceil(q * len(sorted_xs))) - 1]
+
+
+def summary_ms(seconds: Iterable[float], count: str = "writes") -> dict[str, float]:
+    """Count, median, p99 (nearest rank) and maximum of latencies in seconds, as milliseconds (0.1 ms)."""
+    lat = sorted(seconds)
+    if not lat:
+        return {count: 0}
+    return {count: len(lat), "p50_ms": round(statistics.median(lat) * 1000, 1),
+            "p99_ms": round(nearest_rank(lat, 0.99) * 1000, 1), "max_ms": round(lat[-1] * 1000, 1)}
 
 
 class Hist:
