@@ -99,7 +99,12 @@ class Reader(threading.Thread):
 
 
 def _lat(samples: list[tuple[float, float]], lo: float, hi: float) -> dict[str, float]:
-    return summary_ms(d for t, d in samples if lo <= t < hi)
+    """Latency of the writes begun in [lo, hi), and when the slowest began (s after ``lo``)."""
+    inside = [(t, d) for t, d in samples if lo <= t < hi]
+    out = summary_ms(d for _t, d in inside)
+    if inside:
+        out["max_at_s"] = round(max(inside, key=lambda td: td[1])[0] - lo, 2)
+    return out
 
 
 def main() -> int:

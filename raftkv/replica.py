@@ -36,6 +36,9 @@ from raftkv.state import KVState
 
 log = logging.getLogger("raftkv.replica")
 
+#: An entry whose commands take longer than this to apply is logged (``slow_apply``).
+SLOW_APPLY_S = 0.05
+
 APPLIED = "applied"
 NOT_APPLIED = "not_applied"
 UNKNOWN = "unknown"
@@ -157,7 +160,14 @@ class ShardReplica(SafeSyncObj):
             self._cmds_since_compaction = 0
             self._compact_at = self.compact_every_cmds
             self.forceLogCompaction()
+        t0 = time.perf_counter()
         results = self.state.apply_batch(cmds, now_ms)
+        took = time.perf_counter() - t0
+        if took > SLOW_APPLY_S:
+            # The driver thread applies: this long, every group of the node went without heartbeats.
+            names = collections.Counter(c[0] if isinstance(c, tuple) and c else "?" for c in cmds)
+            log.warning("event=slow_apply shard=%s ms=%.0f cmds=%s", self.shard, took * 1000,
+                        ",".join(f"{n}x{k}" for n, k in names.most_common(4)))
         if self._on_applied is not None:
             self._on_applied(self.shard)  # wakes long-polling watchers (raftkv.server.feed); must not block
         return results

@@ -59,6 +59,7 @@ replay and load unchanged).
                                                    removal's destination holding none of its keys)
 ``("mv_install", epoch, dest, vnodes, revision,    destination: store moved keys and merge the
 items, sessions)``                                 sources' client sessions (higher seq wins)
+``("mv_discard", epoch, source, after, limit)``   destination: forget keys from ``source`` (a slice)
 ``("mv_open", epoch)``                             destination: serve (the new ring is the owner)
 ``("mv_status",)`` (read)                          ``status`` below
 ``("mv_scan", epoch, after, limit)`` (read)        moving keys after ``after``, with value, deadline
@@ -99,6 +100,7 @@ from shards.ring import VNODES_MAX, Ring
 COPYING, FROZEN, HANDOFF, INCOMING = "copying", "frozen", "handoff", "incoming"
 PHASES = (COPYING, FROZEN, HANDOFF, INCOMING)
 SCAN_LIMIT_MAX = 10_000  # moving keys per mv_scan / sessions per mv_sessions answer
+DISCARD_LOOK_MAX = 5_000  # keys one mv_discard entry looks at (about 10 ms of the driver thread)
 SCAN_WORK_FACTOR = 50  # an mv_scan looks at up to this many keys per key it may return
 # Keys and values per mv_scan answer: the next mv_install carries them in one request, which must stay under
 # the node's request limit (1.5 MiB); one key and value alone may exceed this (a value is at most 1 MiB).
@@ -672,17 +674,31 @@ def _ttl_sync(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def _discard(s: Any, cmd: tuple, now_ms: int) -> Any:
-    """``mv_discard epoch source``: a destination forgets every key it holds from ``source`` (a pre-copy the
-    source's change log cannot bring up to date, or a removal given up: every key is then copied again, or
-    none); how many."""
-    _, epoch, source = cmd
+    """``mv_discard epoch source after limit``: a destination forgets the keys it holds from ``source`` (what
+    an earlier run's pre-copy left, a pre-copy the source's change log cannot bring up to date, or a removal
+    given up: every key is then copied again, or none), looking at ``limit`` keys after ``after`` (None: from
+    the first) at most; ``(forgotten, cursor)``, ``cursor`` None once every key was looked at.
+
+    In slices because a removal's destination walks its own keys too: one walk over all of them in one entry
+    held the node's driver thread, so every group's heartbeats, for 110-180 ms per 67,000 keys, long enough
+    for elections (``raftMinTimeout`` 120 ms) and a second-long write at the start of every removal.  The
+    form without ``after limit`` (version 2) walks every key and answers the count."""
+    if len(cmd) == 3:
+        (_, epoch, source), after, limit = cmd, None, None
+    else:
+        _, epoch, source, after, limit = cmd
+        limit = max(1, min(int(limit), DISCARD_LOOK_MAX))
     move = _receiving(s, epoch, "mv_discard")
     if isinstance(move, CmdError):
         return move
-    gone = [k for k in s.data.keys_between() if _from_source(move, k, source)]
+    walk = s.data.keys_between(b"" if after is None else after + b"\0")
+    looked = list(walk if limit is None else itertools.islice(walk, limit))
+    gone = [k for k in looked if _from_source(move, k, source)]
     for key in gone:
         s.drop_key(key)
-    return len(gone)
+    if limit is None:
+        return len(gone)
+    return len(gone), (looked[-1] if len(looked) == limit else None)
 
 
 def _leased(s: Any, cmd: tuple, now_ms: int) -> Any:

@@ -412,7 +412,7 @@ class Resharder:
         since = None
         if self.call(gone, "mv_precopy", epoch, gone, gone, vnodes, True) == reshard.COPYING:
             for d in dests:  # what an earlier run's pre-copy left may hold keys deleted since
-                self.call(d, "mv_discard", epoch, gone)
+                self._discard(d, epoch, gone)
             since = self.status(gone)["revision"]
             # One answer's keys go to every remaining shard: read as many per answer as there are shards, so that
             # each install still carries about a chunk (at one chunk per answer the removal's pre-copy ran 10x
@@ -425,7 +425,7 @@ class Resharder:
         self.say(f"frozen: shard {gone} {phase}")
         def undo() -> None:  # the destinations forget what was pre-copied and stop refusing; the mark goes
             for d in dests:
-                self.call(d, "mv_discard", epoch, gone)
+                self._discard(d, epoch, gone)
                 self.call(d, "mv_abort", epoch)
             self._publish(dataclasses.replace(self.op.map, epoch=self.op.map.epoch + 1, removing=None))
             self.say(f"epoch {self.op.map.epoch}: the removal of shard {gone} was given up; nothing changed")
@@ -550,7 +550,7 @@ class Resharder:
         # (a source frozen or handed off by an earlier run is copied in full, once frozen.) An earlier run's
         # pre-copy may have left keys the source deleted since: the new shard forgets them before this one.
         for s in copying:
-            self.call(dest, "mv_discard", epoch, s)
+            self._discard(dest, epoch, s)
         since = {s: self.status(s)["revision"] for s in copying}
 
         def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
@@ -630,11 +630,22 @@ class Resharder:
             sessions = self._sessions(source, revision, dests, install, client)
             return (f"keys copied, {replayed} change(s) since the pre-copy replayed, {leased}, "
                     f"{sessions} session(s)")
-        dropped = sum(self.call(d, "mv_discard", epoch, source, client=client) for d in dests)
+        dropped = sum(self._discard(d, epoch, source, client) for d in dests)
         n, sessions = self._stream(source, epoch, revision, dest_of, dests, install, client)
         leased = self._leases(source, epoch, dest_of, client)
         why = "" if since is None else f" ({replayed}: {dropped} pre-copied key(s) dropped first)"
         return f"{n} keys copied{why}, {leased}, {sessions} session(s)"
+
+    def _discard(self, dest: int, epoch: int, source: int, client: Client | None = None) -> int:
+        """``dest`` forgets every key it holds from ``source``, one ``mv_discard`` slice per entry (a removal's
+        destination walks its own keys too); how many it forgot."""
+        n, after = 0, None
+        while True:
+            dropped, after = self.call(dest, "mv_discard", epoch, source, after, reshard.DISCARD_LOOK_MAX,
+                                       client=client)
+            n += dropped
+            if after is None:
+                return n
 
     def _leases(self, source: int, epoch: int, dest_of: Callable[[bytes], int], client: Client) -> str:
         """Attach the frozen ``source``'s moving keys that are on leases to the same leases at their destinations;

@@ -110,7 +110,8 @@ META_VERSION = 1
 #: exercises the newest commands) runs only while every node reports the same version (``raftkv.resharder``).
 #: 2: keys attached to leases move with a shard add (``mv_leases``, ``mv_leaseuse``, ``mv_attach``; a moved key
 #: leaves its lease at the source, ``drop_key``/``install_key``).
-STATE_MACHINE_VERSION = 2
+#: 3: ``mv_discard`` walks a destination's keys in slices (``after limit``, answers a cursor).
+STATE_MACHINE_VERSION = 3
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
 # The one-shard writes that ``KVState.unsafe_skip_locks`` lets through prepared transactions' locks.

@@ -333,11 +333,19 @@ class World:
         return [lambda: self._precopy_begin(s), lambda: self._precopy_chunk(s), lambda: self._precopy_chunk(s),
                 lambda: self._precopy_begin(s), *[lambda: self._precopy_chunk(s)] * 4]
 
+    def _discard(self, d: int, s: int) -> None:
+        """``mv_discard`` in slices of 3 keys, as the resharder does (with bigger slices)."""
+        after = None
+        while True:
+            _n, after = self.apply(d, ("mv_discard", EPOCH, s, after, 3))
+            if after is None:
+                return
+
     def _precopy_begin(self, s: int) -> None:
         cmd = ("mv_precopy", EPOCH, s, s, V, True) if self.removing else ("mv_precopy", EPOCH, s, self.n, V)
         if self.apply(s, cmd) == COPYING:
             for d in self._dests():  # what an earlier run's pre-copy left may hold keys deleted since
-                self.apply(d, ("mv_discard", EPOCH, s))
+                self._discard(d, s)
             self.since[s] = self.shards[s].revision  # read before the copy begins, as the resharder does
             self.cursor[s] = None
 
@@ -393,7 +401,7 @@ class World:
                 self._install(d, 0, (), tuple(rows))
             return
         for d in self._dests():  # a pre-copy cut short, or one the log cannot bring up to date
-            self.apply(d, ("mv_discard", EPOCH, s))
+            self._discard(d, s)
         dests = self._dests()
         after = None
         while True:
@@ -550,6 +558,38 @@ def test_a_removal_given_up_before_the_copy_leaves_the_remaining_shards_as_they_
     assert s.apply(("get", arriving), 3) is None  # as before the removal (no map sends it here)
     s.apply(("mv_install", 8, 0, V, 0, ((arriving, b"x", None),), (), 2), 4)
     assert s.apply(("mv_abort", 8), 5).code == "ERR" and s.move is not None  # type: ignore[union-attr]
+
+
+def test_a_discard_walks_a_removal_destinations_keys_in_bounded_slices_and_forgets_only_the_arrived_ones(
+        ) -> None:
+    """``mv_discard ... after limit``: each entry looks at ``limit`` keys at most (a remaining shard of a removal
+    holds keys of its own: one walk over all of them held the node's driver for long enough to cost
+    elections); the slices together forget exactly what the whole walk (the older form) forgets."""
+    old, new = Ring(range(3), V), Ring(range(2), V)
+    keys = [b"k%04d" % i for i in range(600)]
+    own = [k for k in keys if old.shard_for(k) == 0]
+    arrived = [k for k in keys if old.shard_for(k) == 2 and new.shard_for(k) == 0]
+
+    def destination() -> KVState:
+        s = KVState()
+        for k in own:
+            s.apply(("set", k, b"mine"), 0)
+        s.apply(("mv_install", 6, 0, V, 0, tuple((k, b"moved", None) for k in arrived), (), 2), 0)
+        return s
+
+    whole, sliced = destination(), destination()
+    assert whole.apply(("mv_discard", 6, 2), 1) == len(arrived) > 0
+    after, slices, forgotten = None, 0, 0
+    while True:
+        looked_before = len(sliced.data)
+        n, after = sliced.apply(("mv_discard", 6, 2, after, 50), 1)
+        assert n <= 50 and looked_before - len(sliced.data) == n
+        forgotten, slices = forgotten + n, slices + 1
+        if after is None:
+            break
+    assert forgotten == len(arrived) and slices >= (len(own) + len(arrived)) // 50
+    assert sorted(sliced.data.keys_between()) == sorted(whole.data.keys_between()) == sorted(own)
+    assert sliced.apply(("mv_discard", 6, 2, None, 50), 2) == (0, own[49])  # again: nothing left to forget
 
 
 def test_the_final_copy_brings_deadlines_changed_without_a_revision_and_keys_expired_early_at_the_new_shard(
