@@ -119,3 +119,25 @@ def test_put_many_and_the_load_command_write_every_key(cluster, tmp_path: Path) 
         bad.write_bytes(b"ok:1\tx\nthis line has no tab\n")
         done = subprocess.run([*cli[:4], str(bad), *cli[5:]], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "line 2: expected KEY<TAB>VALUE" in done.stderr
+
+
+def test_an_entry_slow_to_apply_is_logged_with_its_commands(tmp_path: Path, monkeypatch, caplog) -> None:
+    """``event=slow_apply``: the driver thread applies every group's entries, so an entry slow to apply delays
+    every group's heartbeats; the log names the shard and the commands (here every apply counts as slow)."""
+    monkeypatch.setattr("raftkv.replica.SLOW_APPLY_S", 0.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = ShardReplica(0, f"127.0.0.1:{port}", [], str(tmp_path / "shard-0"))
+    try:
+        deadline = time.monotonic() + 30
+        while not r.is_leader():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        caplog.set_level("WARNING", logger="raftkv.replica")
+        puts = tuple(("put", b"k%03d" % i, b"v") for i in range(100))
+        assert _propose(r, ("txn_once", "t1", (), puts, ())) == APPLIED
+        lines = [rec.getMessage() for rec in caplog.records if "event=slow_apply" in rec.getMessage()]
+        assert any("shard=0" in m and "cmds=txn_oncex1" in m for m in lines), lines
+    finally:
+        r.destroy()
