@@ -99,11 +99,11 @@ class Reader(threading.Thread):
 
 
 def _lat(samples: list[tuple[float, float]], lo: float, hi: float) -> dict[str, float]:
-    """Latency of the writes begun in [lo, hi), and when the slowest began (s after ``lo``)."""
+    """Latency of the writes begun in [lo, hi), and when the slowest began (s after the window's first write)."""
     inside = [(t, d) for t, d in samples if lo <= t < hi]
     out = summary_ms(d for _t, d in inside)
     if inside:
-        out["max_at_s"] = round(max(inside, key=lambda td: td[1])[0] - lo, 2)
+        out["max_at_s"] = round(max(inside, key=lambda td: td[1])[0] - min(t for t, _d in inside), 2)
     return out
 
 
