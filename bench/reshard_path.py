@@ -115,6 +115,8 @@ def main() -> int:
     ap.add_argument("--writers", type=int, default=2)
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the summary here")
+    ap.add_argument("--move-arg", action="append", default=[], metavar="ARG",
+                    help="an extra 'raftkv shard add|remove' argument (repeat: --move-arg=--pace --move-arg=0.3)")
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="run the cluster in DIR (created; kept afterwards, with the nodes' logs) instead of a "
                          "temporary directory")
@@ -123,7 +125,7 @@ def main() -> int:
                          "--node-arg=2500)")
     a = ap.parse_args()
     path = [int(x) for x in a.path.split(",")]
-    summary: dict[str, Any] = {"keys": a.keys, "path": path, "value_size": a.value_size, "node_args": a.node_arg,
+    summary: dict[str, Any] = {"keys": a.keys, "path": path, "value_size": a.value_size, "node_args": a.node_arg, "move_args": a.move_arg,
                                "steps": []}
     with (contextlib.nullcontext(a.keep) if a.keep else tempfile.TemporaryDirectory(prefix="reshard-path-")) as tmp:
         system = RaftKVSystem(tmp, shards=path[0], nodes=3, node_args=a.node_arg or None)
@@ -145,7 +147,7 @@ def main() -> int:
                 while (n := ShardMap.load(config).nshards) != target:
                     verb = "add" if n < target else "remove"
                     t0 = time.monotonic()
-                    took, out = run_cli("shard", verb, "--cluster", config)
+                    took, out = run_cli("shard", verb, "--cluster", config, *a.move_arg)
                     line = out.strip().splitlines()[-1]
                     step = {"command": f"shard {verb}", "from": n, "to": ShardMap.load(config).nshards,
                             "seconds": round(took, 1), "summary": line, "writers": _lat(samples(), t0, t0 + took)}
