@@ -125,8 +125,8 @@ def main() -> int:
                          "--node-arg=2500)")
     a = ap.parse_args()
     path = [int(x) for x in a.path.split(",")]
-    summary: dict[str, Any] = {"keys": a.keys, "path": path, "value_size": a.value_size, "node_args": a.node_arg, "move_args": a.move_arg,
-                               "steps": []}
+    summary: dict[str, Any] = {"keys": a.keys, "path": path, "value_size": a.value_size, "node_args": a.node_arg,
+                               "move_args": a.move_arg, "steps": []}
     with (contextlib.nullcontext(a.keep) if a.keep else tempfile.TemporaryDirectory(prefix="reshard-path-")) as tmp:
         system = RaftKVSystem(tmp, shards=path[0], nodes=3, node_args=a.node_arg or None)
         lc = system.lc

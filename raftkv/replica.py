@@ -36,8 +36,18 @@ from raftkv.state import KVState
 
 log = logging.getLogger("raftkv.replica")
 
-#: An entry whose commands take longer than this to apply is logged (``slow_apply``).
+#: An entry whose commands (or a batch of reads) take longer than this to run is logged (``log_if_slow``).
 SLOW_APPLY_S = 0.05
+
+
+def log_if_slow(event: str, shard: int, seconds: float, cmds: list) -> None:
+    """Log ``event`` (``slow_apply``, ``slow_read``) if running ``cmds`` on the driver thread took longer than
+    ``SLOW_APPLY_S``: for that long, no group of the node sent heartbeats. Names the commands and their counts."""
+    if seconds > SLOW_APPLY_S:
+        names = collections.Counter(c[0] if isinstance(c, tuple) and c else "?" for c in cmds)
+        log.warning("event=%s shard=%s ms=%.0f cmds=%s", event, shard, seconds * 1000,
+                    ",".join(f"{n}x{k}" for n, k in names.most_common(4)))
+
 
 APPLIED = "applied"
 NOT_APPLIED = "not_applied"
@@ -162,12 +172,7 @@ class ShardReplica(SafeSyncObj):
             self.forceLogCompaction()
         t0 = time.perf_counter()
         results = self.state.apply_batch(cmds, now_ms)
-        took = time.perf_counter() - t0
-        if took > SLOW_APPLY_S:
-            # The driver thread applies: this long, every group of the node went without heartbeats.
-            names = collections.Counter(c[0] if isinstance(c, tuple) and c else "?" for c in cmds)
-            log.warning("event=slow_apply shard=%s ms=%.0f cmds=%s", self.shard, took * 1000,
-                        ",".join(f"{n}x{k}" for n, k in names.most_common(4)))
+        log_if_slow("slow_apply", self.shard, time.perf_counter() - t0, cmds)
         if self._on_applied is not None:
             self._on_applied(self.shard)  # wakes long-polling watchers (raftkv.server.feed); must not block
         return results

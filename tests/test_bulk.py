@@ -3,11 +3,13 @@ transactions, each atomic and applied once, and every key written."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,23 @@ def test_parse_lines_reads_tsv_and_jsonl_and_names_a_bad_line() -> None:
         list(parse_lines([], "csv"))
 
 
+@contextlib.contextmanager
+def _lone_leader(tmp_path: Path) -> Iterator[ShardReplica]:
+    """A one-member group of shard 0 in this process, once it leads; destroyed afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = ShardReplica(0, f"127.0.0.1:{port}", [], str(tmp_path / "shard-0"))
+    try:
+        deadline = time.monotonic() + 30
+        while not r.is_leader():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        yield r
+    finally:
+        r.destroy()
+
+
 def _propose(r: ShardReplica, cmd: tuple) -> str:
     done = threading.Event()
     out: list[str] = []
@@ -79,15 +98,7 @@ def test_a_checkpoint_is_taken_by_keys_written_not_only_by_commands(tmp_path: Pa
     """One command writing thousands of keys (a bulk batch) counts by its keys: the writes held in memory until
     a checkpoint stay bounded by the checkpoint interval."""
     monkeypatch.setattr("raftkv.replica.COMPACT_EVERY_CMDS", 2_000)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = ShardReplica(0, f"127.0.0.1:{port}", [], str(tmp_path / "shard-0"))
-    try:
-        deadline = time.monotonic() + 30
-        while not r.is_leader():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+    with _lone_leader(tmp_path) as r:
         for batch in range(6):  # 6 commands of 1,000 keys: far below 2,000 commands
             puts = tuple(("put", b"k%06d" % (batch * 1000 + i), b"v") for i in range(1000))
             assert _propose(r, ("txn_once", f"t{batch}", (), puts, ())) == APPLIED
@@ -96,8 +107,6 @@ def test_a_checkpoint_is_taken_by_keys_written_not_only_by_commands(tmp_path: Pa
             assert time.monotonic() < deadline, r.snapshots.stats
             time.sleep(0.05)
         assert r.state.data.written() < 4_000
-    finally:
-        r.destroy()
 
 
 def test_put_many_and_the_load_command_write_every_key(cluster, tmp_path: Path) -> None:
@@ -125,19 +134,9 @@ def test_an_entry_slow_to_apply_is_logged_with_its_commands(tmp_path: Path, monk
     """``event=slow_apply``: the driver thread applies every group's entries, so an entry slow to apply delays
     every group's heartbeats; the log names the shard and the commands (here every apply counts as slow)."""
     monkeypatch.setattr("raftkv.replica.SLOW_APPLY_S", 0.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = ShardReplica(0, f"127.0.0.1:{port}", [], str(tmp_path / "shard-0"))
-    try:
-        deadline = time.monotonic() + 30
-        while not r.is_leader():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+    with _lone_leader(tmp_path) as r:
         caplog.set_level("WARNING", logger="raftkv.replica")
         puts = tuple(("put", b"k%03d" % i, b"v") for i in range(100))
         assert _propose(r, ("txn_once", "t1", (), puts, ())) == APPLIED
         lines = [rec.getMessage() for rec in caplog.records if "event=slow_apply" in rec.getMessage()]
         assert any("shard=0" in m and "cmds=txn_oncex1" in m for m in lines), lines
-    finally:
-        r.destroy()

@@ -10,16 +10,11 @@ back with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
-import collections
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from raftkv import replica as replica_mod
-from raftkv.replica import APPLIED, NOT_APPLIED, UNKNOWN, ShardReplica
-
-log = logging.getLogger("raftkv.replica")
+from raftkv.replica import APPLIED, NOT_APPLIED, UNKNOWN, ShardReplica, log_if_slow
 
 # (kind, result-or-reason), set on each command's future
 Outcome = tuple[str, Any]
@@ -104,11 +99,7 @@ class Reader(Proposer):
                 now_ms = replica.log_now_ms()  # expired keys read as missing at once
                 t0 = time.perf_counter()
                 results = [state.read(c, now_ms) for c in cmds]
-                took = time.perf_counter() - t0
-                if took > replica_mod.SLOW_APPLY_S:  # on the driver thread too: as long without heartbeats
-                    names = collections.Counter(c[0] if isinstance(c, tuple) and c else "?" for c in cmds)
-                    log.warning("event=slow_read shard=%s ms=%.0f cmds=%s", replica.shard, took * 1000,
-                                ",".join(f"{n}x{k}" for n, k in names.most_common(4)))
+                log_if_slow("slow_read", replica.shard, time.perf_counter() - t0, cmds)  # the driver thread too
                 done(APPLIED, results)
             else:
                 done(NOT_APPLIED, reason)  # the read did not happen; safe to retry
