@@ -75,8 +75,15 @@ FORMAT = 1  # of checkpoint metadata, and of version-1 streams (records are list
 # per key on the leader, and on a follower that installs into the generation the leader's keys already name,
 # none either (``_Receiving``). Receivers take every version; a receiver of an older build refuses a newer
 # stream as an unknown format (nothing installed), as it must.
-STREAM_FORMAT = 3
-STREAM_FORMATS = (FORMAT, 2, STREAM_FORMAT)
+# Version-4 streams: as version 3, and the header's transaction table sends its history as pickled segments
+# (raftkv.retained), which a version-3 receiver would not read: it refuses the stream instead.
+STREAM_FORMAT = 4
+STREAM_FORMATS = (FORMAT, 2, 3, STREAM_FORMAT)
+ROWS_FORMATS = (3, STREAM_FORMAT)  # streams whose records are marshalled engine rows
+# Checkpoint metadata whose transaction-history segments are engine rows of their own (``history_key``),
+# written when a segment changes, not with every checkpoint: a shard keeps ten minutes of finished
+# transactions, and one metadata value holding them all grew to megabytes rewritten every checkpoint.
+CHECKPOINT_FORMAT = 4
 MARSHAL_VERSION = 4  # the format of version-3 records (stable since Python 3.4)
 KEYS_PER_RECORD = 2_000
 _REC_HEAD = 8  # u32 length + u32 CRC-32 of the payload
@@ -93,6 +100,16 @@ FRESH_GENS = 1 << 31  # a replica with no checkpoint takes a generation below th
 def meta_key(shard: int) -> bytes:
     """Engine key of shard ``shard``'s checkpoint metadata."""
     return b"M" + shard.to_bytes(4, "big")
+
+
+def history_key(shard: int, n: int) -> bytes:
+    """Engine key of row ``n`` of shard ``shard``'s transaction history (a pickled segment, raftkv.retained)."""
+    return meta_key(shard) + b"h" + n.to_bytes(8, "big")
+
+
+def history_range(shard: int) -> tuple[bytes, bytes]:
+    """``[lo, hi)`` of every history row of ``shard`` (inside the group's ``M`` range, so reclaim deletes them)."""
+    return meta_key(shard) + b"h", meta_key(shard) + b"i"
 
 
 def _record(payload: bytes) -> bytes:
@@ -125,6 +142,12 @@ class ShardSnapshots:
         self._gen = 0  # generation of the shard's data in use (a snapshot install moves to the next)
         self._rx: _Receiving | None = None
         self._stale: list[int] = []  # generations whose keys are still to be deleted (tidy)
+        # The history segments the engine holds as of the last committed checkpoint: id(blob) -> (blob, row).
+        # Holding each blob keeps its id from being reused; ``Retained`` hands back the same bytes object while
+        # a segment is unchanged, so a checkpoint writes only the segments it has not seen.
+        self._rows: dict[int, tuple[bytes, int]] = {}
+        self._next_row = 0
+        self._rows_pending: dict[int, tuple[bytes, int]] | None = None
         self.stats = {"checkpoints": 0, "checkpoint_keys": 0, "checkpoint_s": 0.0, "installs": 0, "sent": 0}
         #: bytes queued for a node and not yet sent (``MuxTransport.unsent``): paces a transfer (leader)
         self.unsent: Callable[[Any], int] | None = None
@@ -152,7 +175,7 @@ class ShardSnapshots:
             # (``_Receiving``: the follower installs into the leader's generation unless it serves from it).
             self._gen = next(g for g in iter(lambda: secrets.randbelow(FRESH_GENS), None) if g not in gens)
         else:
-            self._gen = _load_meta(blob, self.shard)[3]
+            self._gen = _load_meta(blob, self.shard, None)[3]
         self._stale = [g for g in gens if g != self._gen]
         return KVState(data=EngineStore(self._engine, self.shard, gen=self._gen))
 
@@ -185,10 +208,15 @@ class ShardSnapshots:
         store = state.data
         t0 = time.perf_counter()
         frozen = store.freeze()
-        blob = _dump_meta(raft_data, state.meta(), store.gen)
+        meta, puts, deletes = self._split_history(state.meta())
+        blob = _dump_meta(raft_data, meta, store.gen, CHECKPOINT_FORMAT)
 
         def write(batch: WriteBatch) -> None:
             store.write_checkpoint(batch, frozen)
+            for key in deletes:
+                batch.delete(key)
+            for key, seg in puts:
+                batch.put(key, seg)
             batch.put(meta_key(self.shard), blob)
 
         def commit() -> None:
@@ -228,9 +256,37 @@ class ShardSnapshots:
             self._status, self._status_id = SERIALIZER_STATE.NOT_SERIALIZING, None
         return status, sid
 
+    def _split_history(self, meta: tuple) -> tuple[tuple, list[tuple[bytes, bytes]], list[bytes]]:
+        """``meta`` with its transaction-history segments replaced by row numbers, the rows to write (segments
+        the engine does not hold yet) and the rows to delete (segments gone since the last checkpoint)."""
+        dump = meta[3]
+        segments = dump.get("segments")
+        rows: dict[int, tuple[bytes, int]] = {}
+        puts: list[tuple[bytes, bytes]] = []
+        refs: dict[str, list[int]] = {}
+        for name, blobs in segments.items():
+            ns = refs[name] = []
+            for seg in blobs:
+                known = self._rows.get(id(seg))
+                if known is None or known[0] is not seg:
+                    known = (seg, self._next_row)
+                    self._next_row += 1
+                    puts.append((history_key(self.shard, known[1]), seg))
+                rows[id(seg)] = known
+                ns.append(known[1])
+        deletes = [history_key(self.shard, n) for i, (_, n) in self._rows.items() if i not in rows]
+        self._rows_pending = rows
+        light = {k: v for k, v in dump.items() if k != "segments"}
+        light["segment_rows"] = refs
+        return (*meta[:3], light, *meta[4:]), puts, deletes
+
     def _finish(self, done: tuple) -> None:
         ok, sid, store, keys, dt = done
         self._done, self._committing = None, None
+        if self._rows_pending is not None:
+            if ok:  # the engine holds exactly these segments now
+                self._rows = self._rows_pending
+            self._rows_pending = None
         if ok:
             self.stats["checkpoints"] += 1
             self.stats["checkpoint_keys"] += keys
@@ -266,8 +322,11 @@ class ShardSnapshots:
         blob = self._engine.get(meta_key(self.shard))
         if blob is None:
             raise EngineError(f"shard {self.shard}: no checkpoint in the engine in {self._engine.path}")
-        raft_data, meta, _count, gen = _load_meta(blob, self.shard)
+        raft_data, meta, _count, gen = _load_meta(blob, self.shard, self._engine.get)
         self._gen = gen
+        rows = _history_rows(blob)
+        self._rows = _rows_of(meta, rows)
+        self._next_row = max(rows, default=-1) + 1
         state = KVState.from_meta(meta, EngineStore(self._engine, self.shard, count=meta[6], gen=gen))
         self._set_state(state)
         log.info("event=checkpoint_loaded shard=%d index=%d keys=%d gen=%d", self.shard, raft_data[0][1],
@@ -277,7 +336,14 @@ class ShardSnapshots:
     def _flip(self, rx: _Receiving) -> None:
         """Make the fully received generation current: the snapshot's metadata, one small commit."""
         blob = _dump_meta(rx.raft_data, rx.meta, rx.gen)
-        self._engine.commit_now(lambda b: b.put(meta_key(self.shard), blob), "install.flip")
+        lo, hi = history_range(self.shard)
+
+        def write(batch: WriteBatch) -> None:
+            batch.delete_range(lo, hi)  # the history now comes with the metadata; the next checkpoint splits it
+            batch.put(meta_key(self.shard), blob)
+
+        self._engine.commit_now(write, "install.flip")
+        self._rows = {}
         old, self._gen = self._gen, rx.gen
         self._stale.append(old)  # its keys are deleted a slice at a time (tidy)
         self._write_marker()
@@ -498,7 +564,7 @@ class _Receiving:
         if not isinstance(head, tuple) or head[0] not in STREAM_FORMATS:
             raise SnapshotError("unknown snapshot format")
         self.format, self.raft_data, self.meta = head[0], head[1], head[2]
-        if self.format == STREAM_FORMAT:
+        if self.format in ROWS_FORMATS:
             src_gen = head[3]
             self.src = data_range(self.shard, src_gen)
             self.gen = src_gen if src_gen != self.current_gen else self.current_gen + 1
@@ -509,7 +575,7 @@ class _Receiving:
     def _rows(self, payload: bytes) -> list[tuple[bytes, bytes]]:
         """The engine rows of one data record (``payload``) of the stream's version."""
         prefix = self.prefix
-        if self.format == STREAM_FORMAT:
+        if self.format in ROWS_FORMATS:
             try:
                 rows = marshal.loads(payload)
             except (EOFError, ValueError, TypeError) as exc:
@@ -605,7 +671,7 @@ class _Transmission:
         if blob is None:
             view.close()
             return None
-        raft_data, meta, _count, gen = _load_meta(blob, shard)
+        raft_data, meta, _count, gen = _load_meta(blob, shard, view.get)
         last = raft_data[0]
         head = pickle.dumps((STREAM_FORMAT, raft_data, meta, gen), protocol=pickle.HIGHEST_PROTOCOL)
         return cls(view, head, (last[1], last[2]), shard, gen)
@@ -634,14 +700,46 @@ class _Transmission:
         self._view.close()
 
 
-def _dump_meta(raft_data: Any, meta: tuple, gen: int) -> bytes:
-    return pickle.dumps((FORMAT, raft_data, meta, gen), protocol=pickle.HIGHEST_PROTOCOL)
+def _dump_meta(raft_data: Any, meta: tuple, gen: int, fmt: int = FORMAT) -> bytes:
+    return pickle.dumps((fmt, raft_data, meta, gen), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _load_meta(blob: bytes, shard: int) -> tuple[Any, tuple, int, int]:
-    """``(raft_data, state meta, key count, generation)`` of a stored checkpoint."""
+def _load_meta(blob: bytes, shard: int, get: Callable[[bytes], bytes | None] | None) -> tuple[Any, tuple, int, int]:
+    """``(raft_data, state meta, key count, generation)`` of a stored checkpoint.
+
+    ``get`` reads the history rows a ``CHECKPOINT_FORMAT`` checkpoint names (from the same engine view); with
+    None they are not read, and the meta's transaction table is not usable (for the generation only)."""
     parts = pickle.loads(blob)
-    if not isinstance(parts, tuple) or parts[0] != FORMAT:
+    if not isinstance(parts, tuple) or parts[0] not in (FORMAT, CHECKPOINT_FORMAT):
         raise SnapshotError(f"shard {shard}: unknown checkpoint format {parts[0] if isinstance(parts, tuple) else parts!r}")
     _fmt, raft_data, meta, gen = parts
+    if _fmt == CHECKPOINT_FORMAT and get is not None:
+        dump = dict(meta[3])
+        segments = {}
+        for name, ns in dump.pop("segment_rows").items():
+            segs = segments[name] = []
+            for n in ns:
+                seg = get(history_key(shard, n))
+                if seg is None:
+                    raise SnapshotError(f"shard {shard}: checkpoint names history row {n}, which the engine lacks")
+                segs.append(seg)
+        dump["segments"] = segments
+        meta = (*meta[:3], dump, *meta[4:])
     return raft_data, meta, meta[6], gen
+
+
+def _history_rows(blob: bytes) -> list[int]:
+    """The history row numbers a stored checkpoint names, in the order of its segments."""
+    parts = pickle.loads(blob)
+    if parts[0] != CHECKPOINT_FORMAT:
+        return []
+    return [n for ns in parts[2][3]["segment_rows"].values() for n in ns]
+
+
+def _rows_of(meta: tuple, rows: list[int]) -> dict[int, tuple[bytes, int]]:
+    """``ShardSnapshots._rows`` for a state loaded from ``meta`` (its segments, resolved, in row order)."""
+    segments = meta[3].get("segments") if isinstance(meta[3], dict) else None
+    if not segments or not rows:
+        return {}
+    blobs = [seg for name in segments for seg in segments[name]]
+    return {id(seg): (seg, n) for seg, n in zip(blobs, rows, strict=True)}

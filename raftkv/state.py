@@ -101,8 +101,10 @@ def hash_kv(revision: int, items: Iterable[tuple[bytes, tuple[bytes, int]]]) -> 
     for key, (value, rev) in sorted(items):  # stores differ in iteration order (a dict, or the engine's key order)
         h.update(b"%d:%s%d:%s%d|" % (len(key), key, len(value), value, rev))
     return h.hexdigest()
-# 3: adds log time and the deletion revision; 2: data as a Store (packed values); 1 and 2 still load
-SNAPSHOT_VERSION = 3
+# 4: the transaction table's history as pickled segments (raftkv.retained; an older build refuses it rather
+# than load an empty history); 3: adds log time and the deletion revision; 2: data as a Store (packed
+# values); 1, 2 and 3 still load
+SNAPSHOT_VERSION = 4
 # the non-data state of a checkpoint (``meta``/``from_meta``), stored beside the data in the engine
 META_VERSION = 1
 #: The command set this state machine applies: raised whenever a command is added or what one does changes.
@@ -373,7 +375,7 @@ class KVState:
         """Rebuild a state from ``snapshot()`` output; refuses unknown versions."""
 
         parts = pickle.loads(blob)
-        if not isinstance(parts, tuple) or parts[0] not in (1, 2, SNAPSHOT_VERSION):
+        if not isinstance(parts, tuple) or parts[0] not in (1, 2, 3, SNAPSHOT_VERSION):
             raise ValueError(f"unsupported snapshot version {parts[0] if parts else None!r}")
         _, data, revision, sessions, txns, applied = parts[:6]
         fences = dict(parts[6]) if len(parts) > 6 else {}  # backup fences (older snapshots have none)
@@ -446,7 +448,7 @@ class KVState:
         """Rebuild a state from ``FrozenState.chunks()`` output; refuses unknown formats."""
 
         head = pickle.loads(next(blobs))
-        if not isinstance(head, tuple) or head[:2] not in (("raftkv-state", 2), ("raftkv-state", SNAPSHOT_VERSION)):
+        if not isinstance(head, tuple) or head[:2] not in {("raftkv-state", v) for v in (2, 3, SNAPSHOT_VERSION)}:
             raise ValueError(f"unsupported snapshot format {head[:2] if isinstance(head, tuple) else head!r}")
         _, _, revision, sessions, txns, applied, fences, nkeys = head[:8]
         data = Store()

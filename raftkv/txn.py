@@ -108,6 +108,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from raftkv.results import CmdError, Locked
+from raftkv.retained import Retained
 
 
 class KVState(Protocol):
@@ -388,6 +389,56 @@ class Prepared:
     start_ms: int | None = None  # the record's creation on the home shard (home log time)
 
 
+def _older(table: dict[str, tuple], horizon: int) -> list[str]:
+    """The ids of ``table`` (``txid -> (_, log time, ...)``, in log-time order) older than ``horizon``."""
+    old = []
+    for t, entry in table.items():
+        if entry[1] >= horizon:
+            break
+        old.append(t)
+    return old
+
+
+class Records(Retained):
+    """A home shard's transaction records (``Retained``), indexed by whether they are acked.
+
+    ``unacked``: the records that are open, or decided with participants still to finish, the
+    only ones the recovery loop (ten times a second) has anything to do about.  Kept by every
+    write of the dict; a record acked in place leaves the index at the next ``touch``."""
+
+    def __init__(self, items: Any = (), /) -> None:
+        self.unacked: set[str] = set()
+        super().__init__(items)
+
+    def __setitem__(self, key: str, value: Record) -> None:
+        super().__setitem__(key, value)
+        self._index(key, value)
+
+    def touch(self, key: str) -> None:
+        """As ``Retained.touch``, and re-index the record."""
+        super().touch(key)
+        if key in self:
+            self._index(key, self[key])
+
+    def clear(self) -> None:
+        """As ``dict.clear``."""
+        super().clear()
+        self.unacked = set()
+
+    def _index(self, key: str, rec: Record) -> None:
+        if rec.acked:
+            self.unacked.discard(key)
+        else:
+            self.unacked.add(key)
+
+    def _forget(self, key: str) -> None:
+        super()._forget(key)
+        self.unacked.discard(key)
+
+    def _loaded(self) -> None:
+        self.unacked = {t for t, r in self.items() if not r.acked}
+
+
 @dataclass
 class TxnTable:
     """Cross-shard transaction state of one shard (locks, staged writes, records)."""
@@ -395,15 +446,23 @@ class TxnTable:
     locks: dict[bytes, Any] = field(default_factory=dict)  # key -> Locked
     prepared: dict[str, Prepared] = field(default_factory=dict)
     # participant tombstones: txid -> (outcome, log time, home, start_ms); older ones lack the last two
-    done: dict[str, tuple] = field(default_factory=dict)
-    records: dict[str, Record] = field(default_factory=dict)
+    # (done, records and once hold ten minutes of history: raftkv.retained keeps their snapshots cheap)
+    done: dict[str, tuple] = field(default_factory=Retained)
+    records: Records = field(default_factory=lambda: Records())
     # home shard -> newest start_ms of a forgotten tombstone: PREPAREs started no later are refused
     prepare_floor: dict[int, int] = field(default_factory=dict)
     # one-shard transactions: txid -> (result, log time)
-    once: dict[str, tuple] = field(default_factory=dict)
+    once: dict[str, tuple] = field(default_factory=Retained)
     # True only while KVState's DELIBERATELY BROKEN ``unsafe_skip_locks`` mode applies a one-shard write:
     # lock_of then sees no lock (never in a snapshot; raftkv.state's module doc)
     blind: bool = field(default=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.records, Records):
+            self.records = Records(self.records)
+        for name in ("done", "once"):
+            if not isinstance(getattr(self, name), Retained):
+                setattr(self, name, Retained(getattr(self, name)))
 
     def lock_of(self, key: bytes) -> Locked | None:
         """The lock held on ``key`` by a prepared transaction, if any."""
@@ -427,7 +486,7 @@ class TxnTable:
         return result
 
     def _forget_once(self, horizon: int) -> int:
-        old = [t for t, (_, at) in self.once.items() if at < horizon]
+        old = _older(self.once, horizon)
         for t in old:
             del self.once[t]
         return len(old)
@@ -489,6 +548,7 @@ class TxnTable:
             rec.branch = branch if outcome == COMMITTED else None
             rec.results = results if outcome == COMMITTED else None
             rec.reason = reason if outcome == ABORTED else ""
+            self.records.touch(txid)
         return rec.answer()
 
     def _settle(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
@@ -509,6 +569,7 @@ class TxnTable:
             return self._tombstone(txid, now_ms).answer()
         if rec.state == PENDING and now_ms - rec.created_ms >= abort_after_ms:
             rec.state, rec.reason = ABORTED, REASON_TIMEOUT
+            self.records.touch(txid)
         # A STAGING record is never decided here: it may be committed already (every participant
         # prepared), which only the participants can tell.  The caller runs recovery (TxnRun.recover).
         return rec.answer()
@@ -527,6 +588,7 @@ class TxnTable:
             raise ValueError("ack of an undecided transaction")
         if not rec.acked:
             rec.acked, rec.finished_ms = True, now_ms
+            self.records.touch(txid)
         return True
 
     # -- participant side ----------------------------------------------------------------
@@ -615,11 +677,19 @@ class TxnTable:
         return outcome
 
     def _gc(self, s: KVState, cmd: tuple, now_ms: int) -> Any:
+        # Every table is in log-time order (entries are added at the log time of their entry, and log
+        # time never goes back), so each walk stops at the first entry young enough to keep: a GC costs
+        # what it forgets, not the ten minutes of history it keeps.
         horizon = now_ms - TOMBSTONE_TTL_MS
-        old_records = [t for t, r in self.records.items() if r.finished_ms is not None and r.finished_ms < horizon]
+        old_records = []
+        for t, r in self.records.items():
+            if r.created_ms >= horizon:  # finished no earlier than created: nothing after it is old
+                break
+            if r.finished_ms is not None and r.finished_ms < horizon:
+                old_records.append(t)
         for t in old_records:
             del self.records[t]
-        old_done = [t for t, d in self.done.items() if d[1] < horizon]
+        old_done = _older(self.done, horizon)
         for t in old_done:
             d = self.done.pop(t)
             if len(d) > 3 and d[2] is not None and d[3] is not None:
@@ -628,19 +698,29 @@ class TxnTable:
 
     # -- snapshots -------------------------------------------------------------------------
     def dump(self) -> Any:
-        """Picklable form for snapshots (everything: locks, staged writes, records, tombstones)."""
+        """Picklable form for snapshots (everything: locks, staged writes, records, tombstones).
+
+        The history (``done``, ``records``, ``once``) goes as pickled segments, of which only those
+        changed since the previous dump are pickled again (raftkv.retained)."""
         return {"locks": dict(self.locks), "prepared": {t: replace(p) for t, p in self.prepared.items()},
-                "done": dict(self.done), "records": {t: replace(r) for t, r in self.records.items()},
-                "prepare_floor": dict(self.prepare_floor), "once": dict(self.once)}
+                "prepare_floor": dict(self.prepare_floor),
+                "segments": {"done": self.done.segments(), "records": self.records.segments(),
+                             "once": self.once.segments()}}
 
     @classmethod
     def load(cls, blob: Any) -> TxnTable:
-        """Inverse of ``dump``."""
+        """Inverse of ``dump`` (and of the plain-dict form of versions before segments)."""
+        segs = blob.get("segments")
+        if segs is not None:
+            history = {"done": Retained.from_segments(segs["done"]), "records": Records.from_segments(segs["records"]),
+                       "once": Retained.from_segments(segs["once"])}
+        else:
+            history = {"done": Retained(blob.get("done", {})),
+                       "records": Records({t: replace(r) for t, r in blob.get("records", {}).items()}),
+                       "once": Retained(blob.get("once", {}))}
         return cls(locks=dict(blob.get("locks", {})),
                    prepared={t: replace(p) for t, p in blob.get("prepared", {}).items()},
-                   done=dict(blob.get("done", {})),
-                   records={t: replace(r) for t, r in blob.get("records", {}).items()},
-                   prepare_floor=dict(blob.get("prepare_floor", {})), once=dict(blob.get("once", {})))
+                   prepare_floor=dict(blob.get("prepare_floor", {})), **history)
 
     def check_invariants(self) -> None:
         """Assert the table's internal consistency (tests call this after every step)."""

@@ -359,7 +359,7 @@ def test_a_version_1_stream_still_installs(tmp_path: Path) -> None:
             lh["state"].apply(("set", b"k%05d" % i, b"v%d" % i), 1000)
         _checkpoint_at(leader, lh, 40)
         expected = dict(lh["state"].data.items())
-        raft_data, meta, _count, gen = _load_meta(le.get(meta_key(3)), 3)
+        raft_data, meta, _count, gen = _load_meta(le.get(meta_key(3)), 3, le.get)
         lo, hi = data_range(3, gen)
         rows = [(k[len(lo):], v) for k, v in le.scan(lo, hi)]
         stream = STREAM_MAGIC + _record(pickle.dumps((FORMAT, raft_data, meta)))
@@ -382,7 +382,7 @@ def test_a_version_2_stream_still_installs(tmp_path: Path) -> None:
     with _leader_and_follower(tmp_path) as (le, fe, leader, lh, follower, fh):
         _rich_state(lh, 5_000)
         _checkpoint_at(leader, lh, 40)
-        raft_data, meta, _count, gen = _load_meta(le.get(meta_key(3)), 3)
+        raft_data, meta, _count, gen = _load_meta(le.get(meta_key(3)), 3, le.get)
         lo, hi = data_range(3, gen)
         rows = [(k[len(lo):], v) for k, v in le.scan(lo, hi)]
         stream = STREAM_MAGIC + _record(pickle.dumps((2, raft_data, meta)))
@@ -529,3 +529,82 @@ def test_the_sender_holds_chunks_back_while_the_connection_has_a_backlog(tmp_pat
         assert [follower.setTransmissionData(c) for c in chunks][-1]
         follower.deserialize()
         _same_state(le, lh, leader, fe, fh, follower)
+
+
+# ---- the transaction history: segments as rows of their own (raftkv.retained, snapshot.history_key) --------
+
+
+def _history(engine) -> dict:  # noqa: ANN001
+    from raftkv.snapshot import history_range
+
+    lo, hi = history_range(3)
+    return dict(engine.scan(lo, hi))
+
+
+def _finish_txns(state, first: int, count: int, at_ms: int) -> None:
+    """``count`` two-shard transactions whose home is shard 3 (this one), prepared, decided and acked here."""
+    for i in range(first, first + count):
+        txid = f"t{i:06d}"
+        state.apply(("tx_stage", txid, (3, 4), at_ms), at_ms)
+        state.apply(("tx_prepare", txid, 3, [], [("set", b"k%06d" % i, b"v")], [], at_ms), at_ms)
+        state.apply(("tx_settle", txid, "COMMITTED", True, None, "", 3, at_ms), at_ms)
+        state.apply(("tx_ack", txid), at_ms)
+
+
+def test_a_checkpoint_writes_only_the_history_segments_that_changed_and_a_restart_reads_them_back(
+        tmp_path: Path, monkeypatch) -> None:
+    """Ten minutes of finished transactions are kept per shard: a checkpoint must cost what changed since the
+    last one, not all of them, and every path that reads a checkpoint (restart, a transfer to a follower)
+    gets the whole history back."""
+    from raftkv import retained
+    from raftkv.engine import Engine
+    from raftkv.txn import TOMBSTONE_TTL_MS
+
+    monkeypatch.setattr(retained, "SEGMENT", 50)
+    with _leader_and_follower(tmp_path) as (le, fe, leader, lh, follower, fh):
+        _finish_txns(lh["state"], 0, 390, 1_000)  # records and tombstones: 8 segments each, the last 40 full
+        _checkpoint_at(leader, lh, 40)
+        first = _history(le)
+        assert len(first) == 16
+        assert len(le.get(b"M" + (3).to_bytes(4, "big"))) < 10_000  # the metadata itself stays small
+
+        _finish_txns(lh["state"], 390, 30, 2_000)  # each table's last segment fills up, and one more starts
+        _checkpoint_at(leader, lh, 80)
+        second = _history(le)
+        assert len(second) == 18
+        kept = set(first) & set(second)
+        assert len(kept) == 14 and all(first[k] == second[k] for k in kept)  # the full ones are not rewritten
+
+        # A restart reads the history back from the rows, and writes nothing new while nothing changes.
+        want = lh["state"].txns
+        restarted: dict = {}
+        again = _snapshots(le, tmp_path / "l.snapshot", restarted)
+        again.deserialize()
+        assert restarted["state"].txns == want and len(want.records) == 420 and len(want.done) == 420
+        _checkpoint_at(again, restarted, 81)
+        assert _history(le) == second
+
+        # A follower that takes the checkpoint by transfer has the same history, inline at first, in rows
+        # at its own next checkpoint.
+        accepted, _ = _transfer(again, follower)
+        assert accepted
+        follower.deserialize()
+        assert fh["state"].txns == want and _history(fe) == {}
+        _checkpoint_at(follower, fh, 82)
+        assert len(_history(fe)) == 18
+
+        # GC of the oldest transactions deletes their rows at the next checkpoint.
+        s = restarted["state"]
+        s.apply(("tx_gc",), 1_500 + TOMBSTONE_TTL_MS)
+        assert len(s.txns.records) == 30 and len(s.txns.done) == 30
+        _checkpoint_at(again, restarted, 90)
+        assert len(_history(le)) == 4  # per table: the segment shared by both batches, and the newest
+
+    # And from a cold start of the engine files.
+    le = Engine(str(tmp_path / "leader"))
+    try:
+        cold: dict = {}
+        _snapshots(le, tmp_path / "l.snapshot", cold).deserialize()
+        assert sorted(cold["state"].txns.records) == [f"t{i:06d}" for i in range(390, 420)]
+    finally:
+        le.close()

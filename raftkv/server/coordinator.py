@@ -586,7 +586,8 @@ class TxnService:
             now_ms = replica.log_now_ms()
             txns = replica.state.txns
             try:  # a racy read of the replica's state: only a trigger, every action is a Raft write
-                records = list(txns.records.items())
+                # only the records not yet acked: the others (kept ten minutes) need nothing
+                records = [(t, r) for t in list(txns.records.unacked) if (r := txns.records.get(t)) is not None]
                 locks = list(txns.locks.values())
                 has_done = bool(txns.done)
             except RuntimeError:
