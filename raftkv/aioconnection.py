@@ -57,7 +57,8 @@ class AsyncConnection:
         except (OSError, TimeoutError) as e:
             raise ConnectionLost(f"{self.host}:{self.port}: {e or type(e).__name__}", sent=False) from None
         try:
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError as e:
             # A request given up on must not sit in a socket buffer and arrive minutes later,
             # after its caller re-sent it: reset the connection, the next call reconnects.

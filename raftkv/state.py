@@ -114,7 +114,8 @@ META_VERSION = 1
 #: leaves its lease at the source, ``drop_key``/``install_key``).
 #: 3: ``mv_discard`` walks a destination's keys in slices (``after limit``, answers a cursor).
 #: 4: a home shard keeps up to 500,000 transaction records (``TXN_RECORDS_MAX``, was 100,000: ten minutes of
-#: finished ones at 167 transactions a second filled it); ``tx_gc`` walks each table in log-time order.
+#: finished ones at 167 transactions a second filled it); ``tx_gc`` walks each table in log-time order;
+#: ``tx_batch`` carries many transactions' tail messages in one command.
 STATE_MACHINE_VERSION = 4
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
@@ -645,6 +646,22 @@ def _txn_layer(s: KVState, cmd: tuple, now_ms: int) -> Any:
     return s.txns.apply(s, cmd, now_ms)
 
 
+# The messages a ``tx_batch`` may carry: transactions' tails (raftkv.server.tailbatch), which name no key.
+TX_BATCHABLE = frozenset({"tx_settle", "tx_finish", "tx_ack"})
+
+
+def _tx_batch(s: KVState, cmd: tuple, now_ms: int) -> Any:
+    """``("tx_batch", (msg, ...))``: each message applied as if alone, in order; one result each."""
+    out = []
+    for msg in cmd[1]:
+        if not isinstance(msg, tuple) or not msg or msg[0] not in TX_BATCHABLE:
+            out.append(CmdError("ERR", f"tx_batch carries only {', '.join(sorted(TX_BATCHABLE))}"))
+            continue
+        out.append(s.apply(msg, now_ms))
+        s.applied -= 1  # the message is part of this entry
+    return tuple(out)
+
+
 _HANDLERS = {
     "get": _get,
     "getrev": _getrev,
@@ -669,6 +686,7 @@ _HANDLERS = {
     "tx_resolve": _txn_layer,
     "tx_gc": _txn_layer,
     "tx_ack": _txn_layer,
+    "tx_batch": _tx_batch,
     # backup fence and restore load; tx_prepare honours the fence (it replaces the entry above)
     **backup_state.HANDLERS,
     # counters, append, conditional set (Redis string commands)

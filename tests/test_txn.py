@@ -1026,3 +1026,30 @@ def test_a_transaction_aborted_with_tryagain_is_retried_with_a_fresh_id() -> Non
         c._request = lambda shard, args, **kw: captured.append(kw) or [1, [b"OK"]]  # type: ignore[method-assign]
         c.txn().then_put("k", "v").commit()
         assert "TRYAGAIN" in captured[0]["final"] and "MOVING" in captured[0]["final"]
+
+
+def test_a_tx_batch_applies_each_tail_message_as_if_alone_and_refuses_anything_else() -> None:
+    """``tx_batch`` (raftkv.server.tailbatch): one command, one result per message, the same state as the
+    messages sent one by one; a PREPARE (which names keys, checked at the edge) never rides in one."""
+    def run(batched: bool) -> KVState:
+        s = KVState()
+        for t in ("a", "b"):
+            s.apply(("tx_stage", t, (0, 1), T0), T0)
+            s.apply(("tx_prepare", t, 0, [], [("put", t.encode(), b"v")], [], T0), T0)
+        tail = [("tx_settle", "a", COMMITTED, True, None, "", 0, T0), ("tx_settle", "b", ABORTED, None, None, "x", 0, T0),
+                ("tx_ack", "a"), ("tx_ack", "b")]
+        if batched:
+            out = s.apply(("tx_batch", tuple(tail)), T0 + 1)
+            assert [r[0] if isinstance(r, tuple) else r for r in out] == [COMMITTED, ABORTED, True, True]
+        else:
+            for m in tail:
+                s.apply(m, T0 + 1)
+        return s
+
+    one, many = run(False), run(True)
+    assert one.txns == many.txns and dict(one.data.items()) == dict(many.data.items())
+    assert many.read(("get", b"a")) == b"v" and many.read(("get", b"b")) is None
+    assert many.txns.records.unacked == set()
+    s = KVState()
+    out = s.apply(("tx_batch", (("tx_prepare", "c", 0, [], [("put", b"c", b"v")], [], T0), ("tx_ack", "zz"))), T0)
+    assert isinstance(out[0], CmdError) and out[1] is False and s.txns.locks == {}

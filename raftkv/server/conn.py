@@ -98,7 +98,8 @@ async def _serve(node: Server, reader: asyncio.StreamReader, writer: asyncio.Str
     try:
         while True:
             try:
-                data = await asyncio.wait_for(reader.read(65536), idle)
+                async with asyncio.timeout(idle):  # (wait_for would wrap every read in a task of its own)
+                    data = await reader.read(65536)
             except TimeoutError:
                 await replies.put(Error("ERR", f"idle for more than {idle:g} s (idle_timeout_s); closing"))
                 break

@@ -62,6 +62,7 @@ from raftkv.protocol import Error
 from raftkv.results import CmdError, Locked
 from raftkv.server.api import NodeAPI
 from raftkv.server.peer import PeerRefused, PeerUnreachable
+from raftkv.server.tailbatch import TAIL, TailBatcher
 from raftkv.server.waitgate import WaitDieGate
 from raftkv.txn import (
     ABORTED,
@@ -120,8 +121,8 @@ async def tx_call(node: NodeAPI, shard: int, cmd: tuple, timeout: float = MESSAG
                   read: bool = False) -> Any:
     """Run one 2PC message (or a read) on ``shard``'s leader; raises ``TxnCallFailed`` (resend it)."""
     try:
-        res = await asyncio.wait_for(node.execute(shard, cmd, read=read, idempotent=True, budget_s=timeout),
-                                     timeout + 0.5)
+        async with asyncio.timeout(timeout + 0.5):  # (no task of its own, as wait_for would make)
+            res = await node.execute(shard, cmd, read=read, idempotent=True, budget_s=timeout)
     except TimeoutError:
         raise TxnCallFailed(Error("UNKNOWN", f"shard {shard}: {cmd[0]} timed out")) from None
     if isinstance(res, CmdError):
@@ -359,7 +360,7 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
             hold = node.faults.fire("txn.partial_prepare", run.plan.txid)
             if hold is not None:  # the record and the home's PREPARE only, then a pause
                 cmds = [(s, c) for s, c in cmds if s == run.plan.home]
-        results = await asyncio.gather(*[tx_call(node, s, c, timeout) for s, c in cmds], return_exceptions=True)
+        results = await asyncio.gather(*[_send(node, s, c, timeout) for s, c in cmds], return_exceptions=True)
         progressed = False
         for (s, c), r in zip(cmds, results, strict=True):
             if isinstance(r, TxnCallFailed):
@@ -398,6 +399,13 @@ async def _drive(node: NodeAPI, run: TxnRun, decided: asyncio.Future | None = No
             decided.set_result(Error("TRYAGAIN", f"transaction {run.plan.txid} not committed; retry"))
         else:
             decided.set_result(Error("UNKNOWN", f"transaction {run.plan.txid}: decision unknown"))
+
+
+def _send(node: NodeAPI, shard: int, cmd: tuple, timeout: float) -> Any:
+    """One message of a run: a tail message joins its shard's batch (raftkv.server.tailbatch), the others go alone."""
+    if cmd[0] in TAIL and node.timing.txn_parallel_commits:
+        return node.txns.tail.call(shard, cmd, timeout)
+    return tx_call(node, shard, cmd, timeout)
 
 
 def _removed(node: NodeAPI, shard: int) -> bool:
@@ -497,6 +505,8 @@ class TxnService:
         self._settling: dict[str, tuple[asyncio.Event, list[bytes]]] = {}
         # Wait-die at the shards this node leads, before a PREPARE is proposed (raftkv.server.waitgate).
         self.gate = WaitDieGate(node, self)
+        # The tail messages of the runs that reach it in one event-loop turn, one message per shard.
+        self.tail = TailBatcher(lambda shard, cmd, timeout: tx_call(node, shard, cmd, timeout), TxnCallFailed)
         self.gate_prepare = self.gate.gate_prepare
         self.ungate = self.gate.ungate
 

@@ -294,7 +294,8 @@ class Router:
             return NOT_APPLIED, "fault point exec.not_applied"
         fut = (self.readers if read else self.proposers)[shard].submit(cmd)
         try:
-            kind, res = await asyncio.wait_for(fut, max(0.05, timeout))
+            async with asyncio.timeout(max(0.05, timeout)):  # on expiry the reply future is cancelled
+                kind, res = await fut
         except TimeoutError:
             return UNKNOWN, "timeout"
         if kind == APPLIED and report_unknown:
