@@ -146,6 +146,13 @@ class _RaftCollector:
                     pending, snaps_sent, snaps_installed,
                     open_txns, txn_age, fsync_count, fsync_sum, fsync_max, ticking)
         yield from _engine_metrics(node.engine)
+        tail = node.txns.tail
+        batches = CounterMetricFamily("raftkv_txn_tail_batches", "tx_batch commands sent: the tail messages "
+                                      "(settle, finish, ack) of several transactions to one shard")
+        batches.add_metric([], tail.batches)
+        batched = CounterMetricFamily("raftkv_txn_tail_batched_messages", "Tail messages sent inside those")
+        batched.add_metric([], tail.messages)
+        yield from (batches, batched)
         rc = node.reclaimer.stats()
         reclaimed = CounterMetricFamily("raftkv_engine_reclaimed_bytes", "Keys and values deleted from the engine "
                                         "for groups this node stopped hosting (raftkv.reclaim)")
