@@ -608,3 +608,45 @@ def test_a_checkpoint_writes_only_the_history_segments_that_changed_and_a_restar
         assert sorted(cold["state"].txns.records) == [f"t{i:06d}" for i in range(390, 420)]
     finally:
         le.close()
+
+
+def test_a_checkpoint_of_the_previous_build_loads_and_its_history_moves_into_rows(tmp_path: Path) -> None:
+    """A node upgraded over a data directory whose checkpoint holds the history in the metadata (format 1,
+    the transaction table as plain dicts) loads it whole, and its next checkpoint writes it as rows."""
+    import pickle
+    from dataclasses import replace
+
+    from raftkv.engine import Engine
+    from raftkv.snapshot import FORMAT, meta_key
+
+    engine = Engine(str(tmp_path / "leader"))
+    try:
+        holder: dict = {}
+        snaps = _snapshots(engine, tmp_path / "l.snapshot", holder)
+        _finish_txns(holder["state"], 0, 300, 1_000)
+        holder["state"].apply(("txn_once", "once-1", [], [("put", b"o", b"1")], []), 1_001)
+        want = holder["state"].txns
+        _checkpoint_at(snaps, holder, 40)
+        # Rewrite the stored checkpoint as the previous build wrote it: format 1, the history inline as dicts.
+        parts = pickle.loads(engine.get(meta_key(3)))
+        meta = parts[2]
+        t = want
+        old_txns = {"locks": dict(t.locks), "prepared": {k: replace(p) for k, p in t.prepared.items()},
+                    "done": dict(t.done), "records": {k: replace(r) for k, r in t.records.items()},
+                    "prepare_floor": dict(t.prepare_floor), "once": dict(t.once)}
+        old_meta = (*meta[:3], old_txns, *meta[4:])
+        blob = pickle.dumps((FORMAT, parts[1], old_meta, parts[3]), protocol=pickle.HIGHEST_PROTOCOL)
+        engine.commit_now(lambda b: b.put(meta_key(3), blob))
+
+        upgraded: dict = {}
+        again = _snapshots(engine, tmp_path / "l.snapshot", upgraded)
+        again.deserialize()
+        assert upgraded["state"].txns == want and "once-1" in upgraded["state"].txns.once
+        _checkpoint_at(again, upgraded, 41)
+        assert len(_history(engine)) == 3  # done, records, once: one segment each (2,048 entries per segment)
+        assert pickle.loads(engine.get(meta_key(3)))[0] == 4  # CHECKPOINT_FORMAT
+        cold: dict = {}
+        _snapshots(engine, tmp_path / "l.snapshot", cold).deserialize()
+        assert cold["state"].txns == want
+    finally:
+        engine.close()
