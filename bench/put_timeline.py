@@ -106,6 +106,7 @@ def drive(lc: LocalCluster, seconds: float, keyspace: int = 1000, mset: bool = F
     rng = random.Random(1)
     value = b"v" * 100
     out = []
+    conflicts = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         key = b"k%d" % rng.randrange(keyspace)
@@ -122,11 +123,18 @@ def drive(lc: LocalCluster, seconds: float, keyspace: int = 1000, mset: bool = F
         sock.sendall(req)
         reply = sock.recv(4096)
         t1 = time.monotonic_ns()
+        if mset and reply.startswith(b"-TXNCONFLICT"):
+            # the previous transaction's locks, still being released at a participant whose leader is not
+            # the next coordinator: a retryable answer, left out of the timeline (and counted)
+            conflicts += 1
+            continue
         if not reply.startswith(b"*" if mset else b"+OK"):
             raise RuntimeError(f"unexpected reply {reply!r}")
         out.append((t0, t1))
     for s in socks.values():
         s.close()
+    if conflicts:
+        print(f"{conflicts} transactions answered TXNCONFLICT (left out)")
     return out
 
 
