@@ -137,7 +137,7 @@ class ShardSnapshots:
         self._status_id: int | None = None
         self._background = background  # checkpoints commit on a thread of their own (serialize)
         self._committing: threading.Thread | None = None
-        self._done: tuple | None = None  # (ok, index, store, keys, seconds) of the checkpoint just committed
+        self._done: tuple | None = None  # (ok, index, store, keys, seconds, history rows) of the checkpoint just committed
         self._tx: dict[Any, _Transmission] = {}
         self._gen = 0  # generation of the shard's data in use (a snapshot install moves to the next)
         self._rx: _Receiving | None = None
@@ -147,7 +147,6 @@ class ShardSnapshots:
         # a segment is unchanged, so a checkpoint writes only the segments it has not seen.
         self._rows: dict[int, tuple[bytes, int]] = {}
         self._next_row = 0
-        self._rows_pending: dict[int, tuple[bytes, int]] | None = None
         self.stats = {"checkpoints": 0, "checkpoint_keys": 0, "checkpoint_s": 0.0, "installs": 0, "sent": 0}
         #: bytes queued for a node and not yet sent (``MuxTransport.unsent``): paces a transfer (leader)
         self.unsent: Callable[[Any], int] | None = None
@@ -208,7 +207,7 @@ class ShardSnapshots:
         store = state.data
         t0 = time.perf_counter()
         frozen = store.freeze()
-        meta, puts, deletes = self._split_history(state.meta())
+        meta, rows, puts, deletes = self._split_history(state.meta())
         blob = _dump_meta(raft_data, meta, store.gen, CHECKPOINT_FORMAT)
 
         def write(batch: WriteBatch) -> None:
@@ -226,12 +225,12 @@ class ShardSnapshots:
                 self._write_marker()
             except Exception:  # the applying thread thaws the frozen writes (checkSerializing)
                 log.exception("event=checkpoint_failed shard=%d", self.shard)
-                self._done = (False, id, store, 0, 0.0)
+                self._done = (False, id, store, 0, 0.0, None)
                 return
             dt = time.perf_counter() - t0
             log.info("event=checkpoint shard=%d index=%d keys_written=%d meta_bytes=%d ms=%.1f", self.shard,
                      raft_data[0][1], len(frozen), len(blob), dt * 1000)
-            self._done = (True, id, store, len(frozen), dt)
+            self._done = (True, id, store, len(frozen), dt, rows)
 
         self._done = None
         self._status, self._status_id = SERIALIZER_STATE.SERIALIZING, id
@@ -256,9 +255,10 @@ class ShardSnapshots:
             self._status, self._status_id = SERIALIZER_STATE.NOT_SERIALIZING, None
         return status, sid
 
-    def _split_history(self, meta: tuple) -> tuple[tuple, list[tuple[bytes, bytes]], list[bytes]]:
-        """``meta`` with its transaction-history segments replaced by row numbers, the rows to write (segments
-        the engine does not hold yet) and the rows to delete (segments gone since the last checkpoint)."""
+    def _split_history(self, meta: tuple) -> tuple[tuple, dict, list[tuple[bytes, bytes]], list[bytes]]:
+        """``meta`` with its transaction-history segments replaced by row numbers, what ``_rows`` becomes once
+        the checkpoint is committed, the rows to write (segments the engine does not hold yet) and the rows to
+        delete (segments gone since the last checkpoint)."""
         dump = meta[3]
         segments = dump.get("segments")
         rows: dict[int, tuple[bytes, int]] = {}
@@ -275,18 +275,15 @@ class ShardSnapshots:
                 rows[id(seg)] = known
                 ns.append(known[1])
         deletes = [history_key(self.shard, n) for i, (_, n) in self._rows.items() if i not in rows]
-        self._rows_pending = rows
         light = {k: v for k, v in dump.items() if k != "segments"}
         light["segment_rows"] = refs
-        return (*meta[:3], light, *meta[4:]), puts, deletes
+        return (*meta[:3], light, *meta[4:]), rows, puts, deletes
 
     def _finish(self, done: tuple) -> None:
-        ok, sid, store, keys, dt = done
+        ok, sid, store, keys, dt, rows = done
         self._done, self._committing = None, None
-        if self._rows_pending is not None:
-            if ok:  # the engine holds exactly these segments now
-                self._rows = self._rows_pending
-            self._rows_pending = None
+        if ok:  # the engine holds exactly these history segments now
+            self._rows = rows
         if ok:
             self.stats["checkpoints"] += 1
             self.stats["checkpoint_keys"] += keys
