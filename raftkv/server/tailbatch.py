@@ -37,6 +37,7 @@ class TailBatcher:
         self._send = send
         self._fail = fail_type
         self._pending: dict[int, list[tuple[tuple, asyncio.Future]]] = {}
+        self._sending: set[asyncio.Task] = set()  # held: the loop keeps only weak references to tasks
         self.batches = 0  # sent with more than one message (status, tests)
         self.messages = 0  # messages sent in those
 
@@ -53,7 +54,9 @@ class TailBatcher:
 
     def _flush(self, shard: int, timeout: float) -> None:
         queue = self._pending.pop(shard)
-        asyncio.ensure_future(self._run(shard, queue, timeout))
+        task = asyncio.ensure_future(self._run(shard, queue, timeout))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _run(self, shard: int, queue: list[tuple[tuple, asyncio.Future]], timeout: float) -> None:
         if len(queue) == 1:
