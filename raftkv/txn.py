@@ -736,6 +736,8 @@ class TxnTable:
         for t, rec in self.records.items():
             assert rec.state in (PENDING, STAGING, *OUTCOMES)
             assert not (rec.acked and rec.state in (PENDING, STAGING)), f"{t} acked while undecided"
+        unacked = {t for t, rec in self.records.items() if not rec.acked}
+        assert self.records.unacked == unacked, f"unacked index {self.records.unacked} != {unacked}"
 
 
 _TX_HANDLERS: dict[str, Callable[..., Any]] = {
