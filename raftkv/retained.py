@@ -18,7 +18,7 @@ Values must not be changed in place behind its back: replace them (``d[k] = v``)
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 SEGMENT = 2048  # keys per segment: a dirty segment costs a few ms to pickle again
@@ -152,9 +152,3 @@ class Retained(dict):
     def copy(self) -> Retained:
         """A new dict of this type with the same items."""
         return type(self)(self)
-
-    def iter_segment_keys(self) -> Iterator[list]:
-        """Each segment's live keys (tests)."""
-        for seg in self._segs:
-            yield [k for k in seg.keys if self._where.get(k) is seg]
-

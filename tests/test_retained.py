@@ -27,7 +27,6 @@ def test_a_retained_dict_is_a_dict_and_its_segments_rebuild_it_at_every_moment(o
     try:
         model: dict = {}
         r = Retained()
-        last: list[bytes] = []
         for kind, k, v in ops:
             if kind == "set":
                 r[k] = [v]
@@ -48,11 +47,9 @@ def test_a_retained_dict_is_a_dict_and_its_segments_rebuild_it_at_every_moment(o
                 assert rebuilt == model and list(rebuilt) == list(r)  # same items, same order
                 again = r.segments()
                 assert all(a is b for a, b in zip(now, again, strict=True))  # unchanged: not pickled again
-                last = now
             assert r == model
         assert Retained.from_segments(r.segments()) == model
         assert pickle.loads(pickle.dumps(r)) == model and isinstance(pickle.loads(pickle.dumps(r)), Retained)
-        del last
     finally:
         retained.SEGMENT = old
 
