@@ -39,7 +39,7 @@ from raftkv.client import (
     _parse_addr,
     _wrongshard_owner,
 )
-from raftkv.leases import home_of
+from raftkv.leases import home_in
 from raftkv.protocol import ReplyError
 from raftkv.watchclient import Start, Watch, WatchEvent
 from shards.shardmap import ShardMap
@@ -133,17 +133,21 @@ class AsyncClient:
         near = _b(near)
         return int(await self._write(self._shard(near), [*args, b"FOR", near]))
 
+    def _lease_home(self, lease: int) -> int:
+        """The shard holding ``lease`` by this client's map (only where to send: the node routes by its own)."""
+        return home_in(lease, self.map.leases_moved if self.map is not None else {})
+
     async def lease_keepalive(self, lease: int) -> int:
         """Push the lease's deadline back to its full ttl; the ttl (``NOLEASE`` once it ended)."""
-        return int(await self._write(home_of(lease), [b"RAFTKV.LEASE", b"KEEPALIVE", str(lease).encode()]))
+        return int(await self._write(self._lease_home(lease), [b"RAFTKV.LEASE", b"KEEPALIVE", str(lease).encode()]))
 
     async def lease_revoke(self, lease: int) -> None:
         """End the lease now; its keys are deleted."""
-        await self._write(home_of(lease), [b"RAFTKV.LEASE", b"REVOKE", str(lease).encode()])
+        await self._write(self._lease_home(lease), [b"RAFTKV.LEASE", b"REVOKE", str(lease).encode()])
 
     async def lease_ttl(self, lease: int) -> LeaseTTL:
         """Seconds left, the granted ttl and the number of attached keys."""
-        reply = await self._request(home_of(lease), [b"RAFTKV.LEASE", b"TTL", str(lease).encode()], write=False)
+        reply = await self._request(self._lease_home(lease), [b"RAFTKV.LEASE", b"TTL", str(lease).encode()], write=False)
         return LeaseTTL(*(int(x) for x in reply))
 
     def lease(self, ttl: int, near: Bytesish | None = None) -> AsyncLease:

@@ -36,7 +36,7 @@ from raftkv import bulk
 from raftkv.connection import Connection
 from raftkv.errors import IndeterminateError, LockTimeout, RaftKVError, UnavailableError
 from raftkv.keyspace import prefix_end
-from raftkv.leases import home_of
+from raftkv.leases import home_in
 from raftkv.protocol import ReplyError
 from raftkv.txnclient import Txn
 from raftkv.watchclient import CompactedError, Start, Watch, WatchEvent
@@ -442,21 +442,25 @@ class Client:
         near = _b(near)
         return int(self._write(self._shard(near), [*args, b"FOR", near]))
 
+    def _lease_home(self, lease: int) -> int:
+        """The shard holding ``lease`` by this client's map (only where to send: the node routes by its own)."""
+        return home_in(lease, self.map.leases_moved if self.map is not None else {})
+
     def lease_keepalive(self, lease: int, timeout: float | None = None) -> int:
         """Push lease ``lease``'s deadline back to its full ttl; the ttl in seconds.
 
         Raises ``RaftKVError`` with code ``NOLEASE`` when it expired or was revoked.
         ``timeout``: seconds to keep trying (default: the client's timeout).
         """
-        return int(self._write(home_of(lease), [b"RAFTKV.LEASE", b"KEEPALIVE", str(lease).encode()], timeout))
+        return int(self._write(self._lease_home(lease), [b"RAFTKV.LEASE", b"KEEPALIVE", str(lease).encode()], timeout))
 
     def lease_revoke(self, lease: int) -> None:
         """End lease ``lease`` now: every key attached to it is deleted (``NOLEASE`` if it had ended)."""
-        self._write(home_of(lease), [b"RAFTKV.LEASE", b"REVOKE", str(lease).encode()])
+        self._write(self._lease_home(lease), [b"RAFTKV.LEASE", b"REVOKE", str(lease).encode()])
 
     def lease_ttl(self, lease: int) -> LeaseTTL:
         """Seconds left, the granted ttl and the number of attached keys (``NOLEASE`` if it ended)."""
-        remaining, granted, keys = self._read(home_of(lease), [b"RAFTKV.LEASE", b"TTL", str(lease).encode()])
+        remaining, granted, keys = self._read(self._lease_home(lease), [b"RAFTKV.LEASE", b"TTL", str(lease).encode()])
         return LeaseTTL(int(remaining), int(granted), int(keys))
 
     def lease(self, ttl: int, near: Bytesish | None = None) -> Lease:

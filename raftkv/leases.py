@@ -47,6 +47,20 @@ key's new shard, run on the home; ``mv_attach`` makes that shard's mirror,
 ended is forgotten at the new shard, where it was never served.  After a
 removal the homes forget the removed shard (``forget_shard``).
 
+*Homes that move.*  A removal takes its shard ``S`` away with the leases it is
+the home of: once ``S`` handed off (it refuses every lease command from then
+on, ``-WRONGSHARD``), its home records and pending drops are read
+(``homes``) and *adopted* by shard 0 (``ADOPTIVE_HOME``, which no removal
+takes away): each becomes a home lease there with the time it had left (a
+mirror shard 0 already held of it becomes its home keys), or a drop shard 0
+delivers.  The lease keeps its id; the map's ``leases_moved`` says, per removed
+shard, the last sequence number it granted, and ``home_in`` routes every id
+of that shard up to that number to shard 0.  A shard added again later with
+the same number grants from above it (``lease_grant``'s floor), so ids never
+collide.  An adoption runs in chunks and is idempotent: shard 0 remembers the
+leases of an adoption under way (so a re-run never brings back one that ended
+meanwhile) and the epoch of each finished one.
+
 The guard deadline is the fallback that never needs the home shard: a
 mirror's keys die when its guard passes even if no drop ever arrives (home
 shard partitioned away, messages lost).  KEEPALIVE pushes the guards back
@@ -68,8 +82,9 @@ lease's home):
 ==============================================  ====================================
 command                                         result
 ==============================================  ====================================
-``("lease_grant", shard, ttl_ms)``              the new lease id (-BUSY beyond
-                                                ``LEASES_MAX``)
+``("lease_grant", shard, ttl_ms[, floor])``     the new lease id (-BUSY beyond
+                                                ``LEASES_MAX``); its sequence
+                                                number above ``floor``
 ``("lease_keepalive", id)``                     ``(ttl_ms, shards)``
 ``("lease_revoke", id)``                        ``(ttl_ms, shards)`` (home keys gone)
 ``("lease_ttl", id)``                           ``(remaining_ms, ttl_ms, keys here,
@@ -93,6 +108,7 @@ write; when its lease ends it is deleted as soon as the lock is gone (through
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +120,7 @@ SHARD_MASK = (1 << SHARD_BITS) - 1
 TTL_S_MAX = 30 * 24 * 3600  # the longest lease a client may grant, seconds
 DROPPED_GRACE_MS = 60_000  # how long past its ttl a mirror remembers a dropped lease (log time)
 LEASES_MAX = 100_000  # live leases and mirrors on one shard; GRANT beyond it answers -BUSY
+ADOPTIVE_HOME = 0  # a removed shard's leases move here: no removal takes shard 0 away
 
 
 def lease_id(seq: int, shard: int) -> int:
@@ -115,6 +132,15 @@ def lease_id(seq: int, shard: int) -> int:
 def home_of(lid: int) -> int:
     """The home shard of lease ``lid``."""
     return lid & SHARD_MASK
+
+
+def home_in(lid: int, moved: Mapping[int, int]) -> int:
+    """The shard holding lease ``lid`` now: ``home_of(lid)``, or ``ADOPTIVE_HOME`` when a removal took that
+    shard away after granting it. ``moved`` is a map's ``leases_moved``: removed shard -> the last sequence
+    number it had granted."""
+    born = lid & SHARD_MASK
+    last = moved.get(born)
+    return ADOPTIVE_HOME if last is not None and lid >> SHARD_BITS <= last else born
 
 
 def no_lease(lid: int) -> CmdError:
@@ -152,8 +178,14 @@ class LeaseTable:
         self.dropping: dict[int, tuple[int, set[int]]] = {}  # home: ended lease -> (ttl_ms, shards to tell)
         self.dropped: dict[int, int] = {}  # mirror tombstones: lease id -> log time to forget it
         self.seq = 0
+        # shard 0: a removed shard -> (epoch, leases taken so far) while its leases are adopted here, and the
+        # epoch of the last adoption finished (``adopt``)
+        self.adopting: dict[int, tuple[int, set[int]]] = {}
+        self.adopted: dict[int, int] = {}
         if dump:
             self.seq = dump["seq"]
+            self.adopting = {o: (e, set(lids)) for o, (e, lids) in dump.get("adopting", {}).items()}
+            self.adopted = dict(dump.get("adopted", {}))
             self.dropping = {lid: (ttl, set(shards)) for lid, (ttl, shards) in dump["dropping"].items()}
             self.dropped = dict(dump["dropped"])
             for lid, (ttl, deadline, keys, shards) in dump["leases"].items():
@@ -166,7 +198,11 @@ class LeaseTable:
 
     def dump(self) -> dict:
         """Plain data for a snapshot (``LeaseTable(dump)`` rebuilds the table)."""
-        return {"seq": self.seq, "dropped": dict(self.dropped),
+        out: dict = {}
+        if self.adopting or self.adopted:  # (absent before any removal moved leases: older dumps alike)
+            out = {"adopting": {o: (e, sorted(lids)) for o, (e, lids) in self.adopting.items()},
+                   "adopted": dict(self.adopted)}
+        return out | {"seq": self.seq, "dropped": dict(self.dropped),
                 "dropping": {lid: (ttl, sorted(shards)) for lid, (ttl, shards) in self.dropping.items()},
                 "leases": {lid: (le.ttl_ms, le.deadline_ms, sorted(le.keys),
                                  None if le.shards is None else sorted(le.shards))
@@ -202,10 +238,10 @@ class LeaseTable:
         return self.deadlines.earliest()
 
     # -- changes ----------------------------------------------------------------------------
-    def grant(self, shard: int, ttl_ms: int, now_ms: int) -> int:
-        """A new home lease of ``shard`` lasting ``ttl_ms``; its id."""
+    def grant(self, shard: int, ttl_ms: int, now_ms: int, floor: int = 0) -> int:
+        """A new home lease of ``shard`` lasting ``ttl_ms``, numbered above ``floor``; its id."""
         assert ttl_ms > 0
-        self.seq += 1
+        self.seq = max(self.seq, floor) + 1
         lid = lease_id(self.seq, shard)
         self._add(lid, Lease(ttl_ms, now_ms + ttl_ms, set(), set()))
         return lid
@@ -297,13 +333,14 @@ def _home(s: Any, lid: int, now_ms: int) -> Any:
     return lease if lease is not None and lease.home else None
 
 
-def use_for(s: Any, lid: int, shard: int, now_ms: int) -> int | None:
-    """On ``lid``'s home: ``shard`` is told when the lease ends from now on; the ms it has left, or None if it is
-    not alive here (``lease_use`` without the error: a move's keys of an ended lease are simply not kept)."""
+def use_for(s: Any, lid: int, shard: int, now_ms: int, home: int | None = None) -> int | None:
+    """On ``lid``'s home (``home``; None: the shard its id names): ``shard`` is told when the lease ends from now
+    on; the ms it has left, or None if it is not alive here (``lease_use`` without the error: a move's keys of an
+    ended lease are simply not kept)."""
     lease = _home(s, lid, now_ms)
     if lease is None:
         return None
-    if shard != home_of(lid):  # keys moved to the home itself join its own keys (``attach_moved``)
+    if shard != (home_of(lid) if home is None else home):  # keys moved to the home join its own keys
         lease.shards.add(shard)
     return lease.deadline_ms - now_ms
 
@@ -322,6 +359,67 @@ def forget_shard(s: Any, shard: int) -> int:
             n += 1
             if not shards:
                 del s.leases.dropping[lid]
+    return n
+
+
+def homes(s: Any, after: int | None, limit: int, now_ms: int) -> tuple[tuple, int, int | None]:
+    """This shard's home leases and pending drops with ids above ``after``, at most ``limit`` of them, in id
+    order, as ``(lease id, ttl ms, ms left or None for a drop, shards to tell)``; then the last sequence number
+    this shard granted, and the cursor (None at the end). What a removal hands to ``ADOPTIVE_HOME``."""
+    t = s.leases
+    ids = sorted(lid for lid in (*[x for x, le in t.leases.items() if le.home], *t.dropping)
+                 if after is None or lid > after)
+    rows = []
+    for lid in ids[:limit]:
+        lease = t.leases.get(lid)
+        if lease is not None:
+            rows.append((lid, lease.ttl_ms, lease.deadline_ms - now_ms, tuple(sorted(lease.shards))))
+        else:
+            ttl, shards = t.dropping[lid]
+            rows.append((lid, ttl, None, tuple(sorted(shards))))
+    return tuple(rows), t.seq, (ids[limit - 1] if len(ids) > limit else None)
+
+
+def adopt(s: Any, epoch: int, origin: int, rows: Any, last: bool, now_ms: int) -> int:
+    """On ``ADOPTIVE_HOME``: take the leases of ``origin``, which the removal of ``epoch`` takes away (rows of
+    ``homes``); ``last``: the adoption is complete. How many leases (alive or ending) were taken.
+
+    A lease alive there becomes a home lease here with the time it had left (its deadline only later, never
+    earlier, than there); a mirror of it here becomes its home keys. One that had ended, or has no time left,
+    is a pending drop here (this shard tells the shards that may hold its keys) and its mirror here ends.
+    Neither ``origin`` nor this shard is among the shards to tell. A lease already taken by this adoption is
+    never taken again, so a re-run cannot bring back one that ended here meanwhile."""
+    t = s.leases
+    if t.adopted.get(origin, -1) >= epoch:
+        return 0  # finished already: a re-run
+    taking = t.adopting.get(origin)
+    if taking is None or taking[0] != epoch:
+        taking = t.adopting[origin] = (epoch, set())
+    n = 0
+    for lid, ttl_ms, remaining, shards in rows:
+        if lid in taking[1]:
+            continue
+        taking[1].add(lid)
+        n += 1
+        tell = set(shards) - {origin, ADOPTIVE_HOME}
+        here = t.leases.get(lid)
+        if here is not None and here.home:
+            continue  # (cannot happen: ids of other shards are never granted here)
+        if remaining is None or remaining <= 0 or lid in t.dropped:
+            if here is not None:  # its mirror here ends with it
+                delete_keys(s, t.end(lid, now_ms), now_ms)
+            if tell:
+                ttl, pending = t.dropping.get(lid, (ttl_ms, set()))
+                t.dropping[lid] = (ttl, pending | tell)
+            continue
+        if here is None:
+            t._add(lid, Lease(ttl_ms, now_ms + remaining, set(), tell))
+        else:  # the mirror becomes the home: its keys are the lease's keys here
+            here.ttl_ms, here.shards = ttl_ms, tell
+            t.push_back(here, lid, now_ms + remaining)
+    if last:
+        t.adopted[origin] = epoch
+        del t.adopting[origin]
     return n
 
 
@@ -345,11 +443,11 @@ def attach_moved(s: Any, lid: int, remaining: int | None, keys: list[bytes], now
 
 
 def _grant(s: Any, cmd: tuple, now_ms: int) -> Any:
-    _, shard, ttl_ms = cmd
+    _, shard, ttl_ms, *floor = cmd  # floor: the last id an earlier shard of this number granted (``home_in``)
     if len(s.leases.leases) >= LEASES_MAX:
         return CmdError("BUSY", f"shard {shard} holds {LEASES_MAX} leases (LEASES_MAX); revoke some or wait "
                                 "for them to expire")
-    return s.leases.grant(shard, ttl_ms, now_ms)
+    return s.leases.grant(shard, ttl_ms, now_ms, floor[0] if floor else 0)
 
 
 def _keepalive(s: Any, cmd: tuple, now_ms: int) -> Any:

@@ -66,13 +66,17 @@ items, sessions)``                                 sources' client sessions (hig
 ``("mv_keys", epoch, after, limit)`` (read)        the same, keys only (a cleanup's)
 ``("mv_sessions", after, limit)`` (read)           client sessions after ``after``
 ``("mv_leases", epoch, after, limit)`` (read)      frozen source: moving keys on leases, with the lease
-``("mv_leaseuse", pairs)``                         a lease's home: tell each ``(lease, shard)`` pair's
+``("mv_leaseuse", pairs[, home])``                 a lease's home: tell each ``(lease, shard)`` pair's
                                                    shard when the lease ends; the ms each has left
 ``("mv_attach", epoch, source, rows)``             destination: attach moved keys to their leases
                                                    (a mirror, as ``lease_put`` makes); a key of an
                                                    ended lease is forgotten
 ``("mv_leaseforget", epoch, shard)``               every shard that stays, once a removed ``shard``
                                                    handed off: its leases stop telling ``shard``
+``("mv_leasehomes", epoch, after, limit)`` (read)  the removed shard, handed off: its home leases and
+                                                   pending drops (``leases.homes``)
+``("mv_leaseadopt", epoch, origin, rows, last)``   shard 0: take the removed ``origin``'s leases
+                                                   (``leases.adopt``)
 =================================================  ==================================================
 
 Everything here is pure and deterministic: ``KVState`` calls it while applying
@@ -297,8 +301,20 @@ def serves(owner: Owner | None, move: Move | None, key: bytes) -> bool:
     return refusal(owner, move, key, write=False) is None
 
 
+# What a removed shard refuses once it handed off: its leases are adopted by ``leases.ADOPTIVE_HOME`` from then on.
+LEASE_HOME_OPS = frozenset({"lease_grant", "lease_keepalive", "lease_revoke", "lease_ttl", "lease_use",
+                            "lease_pending", "lease_dropped"})
+
+
 def check(s: Any, cmd: tuple) -> CmdError | None:
     """The refusal of ``cmd`` on state ``s`` (a ``KVState`` with ``owner``/``move``), or None."""
+    move = s.move
+    if move is not None and move.removing and move.phase == HANDOFF and move.shard == move.dest:
+        inner = cmd[3] if cmd and cmd[0] == "session" and len(cmd) > 3 else cmd
+        if inner and inner[0] in LEASE_HOME_OPS:
+            return CmdError("WRONGSHARD", f"{move.epoch} {leases.ADOPTIVE_HOME} shard {move.shard} is being "
+                                          f"removed: its leases live on shard {leases.ADOPTIVE_HOME} from map epoch "
+                                          f"{move.epoch} on; send it again with that map")
     keys, write = keys_of(cmd)
     for key in keys:
         why = refusal(s.owner, s.move, key, write)
@@ -477,8 +493,8 @@ def status(s: Any) -> tuple:
     None.  Cheap: it never walks the keys (the poll of step 2 runs it).
 
     On a shard being removed, and on a shard with no move (what a removal would meet), the leases count is
-    the leases homed there, alive or still telling other shards of their end: a lease's home cannot move, so
-    they stop a removal (its keys on leases homed elsewhere move with their leases).  The last number is what
+    the leases homed there, alive or still telling other shards of their end: a removal moves them to shard 0
+    (``mv_leasehomes``/``mv_leaseadopt``; before state machine version 5 they stopped it).  The last number is what
     must reach 0 before a removed shard hands off (``home_removed``).
     """
     move = s.move
@@ -715,15 +731,42 @@ def _leased(s: Any, cmd: tuple, now_ms: int) -> Any:
 
 
 def _lease_use(s: Any, cmd: tuple, now_ms: int) -> Any:
-    """``mv_leaseuse pairs``: on the leases' home shard, for each ``(lease id, shard)``, ``shard`` is told when
-    the lease ends from now on; the ms each has left, None for one not alive here (``leases.use_for``)."""
-    _, pairs = cmd
+    """``mv_leaseuse pairs [home]``: on the leases' home shard (``home``, this shard; without it, the shard each
+    id names), for each ``(lease id, shard)``, ``shard`` is told when the lease ends from now on; the ms each has
+    left, None for one not alive here (``leases.use_for``)."""
+    _, pairs, *home = cmd
     out = []
     for lid, shard in pairs:
         if isinstance(lid, bool) or not isinstance(lid, int) or isinstance(shard, bool) or not isinstance(shard, int):
             raise ValueError("pairs must be (lease id int, shard int)")
-        out.append(leases.use_for(s, lid, shard, now_ms))
+        out.append(leases.use_for(s, lid, shard, now_ms, home[0] if home else None))
     return tuple(out)
+
+
+def _lease_homes(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_leasehomes epoch after limit`` (the removed shard, handed off): ``(rows, seq, cursor)``, its home
+    leases and pending drops for ``leases.ADOPTIVE_HOME`` to adopt (``leases.homes``)."""
+    _, epoch, after, limit = cmd
+    move = s.move
+    if move is None or move.epoch != epoch or move.phase != HANDOFF or not move.removing or move.shard != move.dest:
+        return CmdError("ERR", f"mv_leasehomes: this shard is not the handed-off shard of removal {epoch}")
+    return leases.homes(s, after, max(1, min(int(limit), SCAN_LIMIT_MAX)), now_ms)
+
+
+def _lease_adopt(s: Any, cmd: tuple, now_ms: int) -> Any:
+    """``mv_leaseadopt epoch origin rows last``: ``leases.ADOPTIVE_HOME`` takes the removed ``origin``'s leases
+    (rows of ``mv_leasehomes``; ``last``: the adoption is complete); how many were taken (``leases.adopt``)."""
+    _, epoch, origin, rows, last = cmd
+    for v in (epoch, origin):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError("epoch and origin must be non-negative ints")
+    if origin == leases.ADOPTIVE_HOME:
+        raise ValueError(f"shard {leases.ADOPTIVE_HOME} adopts the others' leases, never its own")
+    for lid, ttl_ms, remaining, shards in rows:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lid, ttl_ms, *shards)) or not (
+                remaining is None or isinstance(remaining, int) and not isinstance(remaining, bool)):
+            raise ValueError("rows must be (lease id, ttl ms, ms left or None, shards)")
+    return leases.adopt(s, epoch, origin, rows, bool(last), now_ms)
 
 
 def _lease_forget(s: Any, cmd: tuple, now_ms: int) -> Any:
@@ -778,8 +821,8 @@ HANDLERS = {name: _checked(h) for name, h in {
     "mv_handoff": _handoff, "mv_purge": _purge, "mv_done": _done,
     "mv_abort": _abort, "mv_install": _install, "mv_apply": _apply_delta, "mv_ttlsync": _ttl_sync,
     "mv_discard": _discard, "mv_open": _open, "mv_status": _status, "mv_leaseuse": _lease_use,
-    "mv_attach": _attach, "mv_leaseforget": _lease_forget}.items()}
+    "mv_attach": _attach, "mv_leaseforget": _lease_forget, "mv_leaseadopt": _lease_adopt}.items()}
 READ_HANDLERS = {name: _checked(h) for name, h in {
     "mv_status": _status, "mv_scan": _scan, "mv_get": _get, "mv_delta": _delta, "mv_ttls": _ttls,
-    "mv_sessions": _sessions, "mv_leases": _leased, "mv_keys": _keys}.items()}
+    "mv_sessions": _sessions, "mv_leases": _leased, "mv_keys": _keys, "mv_leasehomes": _lease_homes}.items()}
 WRITE_OPS = frozenset(HANDLERS) - {"mv_status"}

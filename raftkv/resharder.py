@@ -79,6 +79,7 @@ from raftkv.client import Client, RaftKVError
 from raftkv.membership import MembershipError, Operator
 from raftkv.results import CmdError
 from raftkv.server import rpc
+from raftkv.state import LEASE_HOMES_VERSION
 
 __all__ = ["ReshardError", "ReshardResult", "Resharder"]
 
@@ -189,6 +190,7 @@ class Resharder:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.op = op
         self.step_timeout = step_timeout
+        self.version = LEASE_HOMES_VERSION  # the nodes' state machine version (``_check_versions``)
         self.chunk = chunk
         self.depth = depth
         self.pacer = Pacer(pace)
@@ -265,9 +267,11 @@ class Resharder:
         unreached = sorted(set(self.op.map.nodes) - set(statuses))
         if unreached:
             self.say(f"could not check the state machine version of {', '.join(unreached)} (unreachable)")
-        why = reshard.version_refusal({n: st.get("state_machine_version") for n, st in statuses.items()})
+        versions = {n: st.get("state_machine_version") for n, st in statuses.items()}
+        why = reshard.version_refusal(versions)
         if why is not None:
             raise ReshardError(why)
+        self.version = min((v for v in versions.values() if v is not None), default=LEASE_HOMES_VERSION)
 
     def _run(self) -> ReshardResult:
         times: dict[str, float] = {}
@@ -376,7 +380,7 @@ class Resharder:
                                    "'raftkv shard add' again to finish it first")
             gone = m.nshards - 1
             leased = self.status(gone)["leased"]
-            if leased:  # (on a shard with no move: the leases homed there)
+            if leased and self.version < LEASE_HOMES_VERSION:  # (on a shard with no move: the leases homed there)
                 raise ReshardError(f"shard {gone} is the home of {leased} lease(s) (alive, or telling other shards "
                                    "of their end); a lease's home shard cannot move: revoke those leases or let "
                                    "them expire, then run it again (nothing changed)")
@@ -448,6 +452,7 @@ class Resharder:
         elif phase != reshard.HANDOFF:
             raise ReshardError(f"shard {gone}: mv_freeze answered {phase!r}; run '{self.rerun}' again")
         t = time.monotonic()
+        adopted, last_seq = self._adopt_leases(epoch, gone)
         for d in dests:
             self.call(d, "mv_open", epoch)
         # Its keys on leases moved with their leases: no lease need tell the removed shard of its end any more.
@@ -459,12 +464,29 @@ class Resharder:
         self.op.push_map(verbose=False)
         placement = {s: names for s, names in self.op.map.placement.items() if s != gone}
         born = {s: b for s, b in self.op.map.born.items() if s != gone}
+        moved = dict(self.op.map.leases_moved)
+        if last_seq > moved.get(gone, 0):  # ids it granted up to here live on shard 0 (raftkv.leases.home_in)
+            moved[gone] = last_seq
         m = dataclasses.replace(self.op.map, epoch=max(epoch, self.op.map.epoch + 1), nshards=gone, removing=None,
-                                placement=placement, born=born)
+                                placement=placement, born=born, leases_moved=moved)
         self._publish(m)
         times["map"] = time.monotonic() - t
-        self.say(f"epoch {m.epoch}: shard {gone} removed ({gone} shard(s)); its group stops on every node")
+        self.say(f"epoch {m.epoch}: shard {gone} removed ({gone} shard(s)); its group stops on every node"
+                 + (f"; its {adopted} lease(s) live on shard {leases.ADOPTIVE_HOME}" if adopted else ""))
         return ReshardResult(gone, m.epoch, moved, total, 0, times)
+
+    def _adopt_leases(self, epoch: int, gone: int) -> tuple[int, int]:
+        """Once ``gone`` handed off (it refuses lease commands from then on), shard 0 adopts its home leases and
+        pending drops, in chunks; returns how many were taken and the last sequence number ``gone`` granted (the
+        new map's ``leases_moved``). Idempotent: a re-run takes none twice (``raftkv.leases.adopt``)."""
+        if self.version < LEASE_HOMES_VERSION:
+            return 0, 0
+        after, taken, seq = None, 0, 0
+        while True:
+            rows, seq, after = self.call(gone, "mv_leasehomes", epoch, after, FROZEN_CHUNK_KEYS)
+            taken += self.call(leases.ADOPTIVE_HOME, "mv_leaseadopt", epoch, gone, rows, after is None)
+            if after is None:
+                return taken, seq
 
     def _removal_epoch(self, m: Any, gone: int) -> int:
         """The epoch keying the removal of ``gone`` that map ``m`` marks: the one the shards already took part
@@ -519,7 +541,7 @@ class Resharder:
         while True:
             stats = {s: self.status(s) for s in frozen}
             leased = {s: st["leased"] for s, st in stats.items() if st["leased"]}
-            if leased and undo is not None:
+            if leased and undo is not None and self.version < LEASE_HOMES_VERSION:
                 for s in frozen:
                     self.call(s, "mv_abort", epoch)
                 undo()
@@ -670,13 +692,14 @@ class Resharder:
             return "no key on a lease"
         by_home: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         for lid, d in keys_of:
-            by_home[leases.home_of(lid)].append((lid, d))
+            by_home[leases.home_in(lid, self.op.map.leases_moved)].append((lid, d))
         attached = 0
         for _round in range(2):
             left: dict[tuple[int, int], int | None] = {}
             for home, pairs in by_home.items():
                 for part in _batches(pairs, FROZEN_CHUNK_KEYS):
-                    left.update(zip(part, self.call(home, "mv_leaseuse", tuple(part), client=client), strict=True))
+                    cmd = ("mv_leaseuse", tuple(part)) + ((home,) if self.version >= LEASE_HOMES_VERSION else ())
+                    left.update(zip(part, self.call(home, *cmd, client=client), strict=True))
             by_dest: dict[int, list[tuple]] = collections.defaultdict(list)
             for (lid, d), keys in keys_of.items():
                 for part in _batches(keys, FROZEN_CHUNK_KEYS):

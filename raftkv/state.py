@@ -116,7 +116,11 @@ META_VERSION = 1
 #: 4: a home shard keeps up to 500,000 transaction records (``TXN_RECORDS_MAX``, was 100,000: ten minutes of
 #: finished ones at 167 transactions a second filled it); ``tx_gc`` walks each table in log-time order;
 #: ``tx_batch`` carries many transactions' tail messages in one command.
-STATE_MACHINE_VERSION = 4
+#: 5: a removal moves the removed shard's leases to shard 0 (``mv_leasehomes``, ``mv_leaseadopt``; ``mv_leaseuse``
+#: names the home; ``lease_grant`` takes a floor for its ids; a handed-off removed shard refuses lease commands).
+STATE_MACHINE_VERSION = 5
+#: The first version whose removals move leases' homes (an older one refuses to remove a shard that homes one).
+LEASE_HOMES_VERSION = 5
 SESSION_TTL_MS = 10 * 60 * 1000
 SESSIONS_MAX = 100_000
 # The one-shard writes that ``KVState.unsafe_skip_locks`` lets through prepared transactions' locks.

@@ -22,6 +22,9 @@ A cluster is described by one TOML file (``cluster.toml``)::
     [born]                 # only for shards `raftkv shard add` created: the epoch of the map that did
     "3" = 12
 
+    [leases_moved]         # only after `raftkv shard remove` took away a shard that granted leases: the last
+    "3" = 41               # sequence number it granted; those leases live on shard 0 now (raftkv.leases)
+
 
     [nodes.n1]
     host = "127.0.0.1"
@@ -164,6 +167,9 @@ class ShardMap:
     # incarnation: nodes never start it from the old one's data, and its Raft frames are told apart on the
     # wire (``raftkv.raftnet.wire_tag``).
     born: Mapping[int, int] = field(default_factory=dict)
+    # Removed shards whose leases moved to shard 0: shard -> the last sequence number it had granted
+    # (``raftkv.leases.home_in`` routes a lease id by it). Kept while the shard is added again and removed again.
+    leases_moved: Mapping[int, int] = field(default_factory=dict)
     ring: Ring = field(init=False, compare=False, repr=False)
     _raft_addr_index: Mapping[str, str] = field(init=False, compare=False, repr=False)
 
@@ -199,11 +205,15 @@ class ShardMap:
             if s not in self.groups:
                 raise ShardMapError(f"born.{s}: shard {s} is not in the map (shards 0..{len(self.groups) - 1})")
             _check_int(b, f"born.{s}", 1, self.epoch)
+        for s, last in self.leases_moved.items():
+            _check_int(s, "leases_moved shard", 1, SHARDS_MAX - 1)
+            _check_int(last, f"leases_moved.{s}", 0, 2**63 - 1)
         set_ = object.__setattr__  # frozen: normalise to read-only views once, here
         set_(self, "nodes", MappingProxyType(nodes))
         set_(self, "security", MappingProxyType(dict(self.security)))
         set_(self, "placement", MappingProxyType(dict(sorted(placement.items()))))
         set_(self, "born", MappingProxyType(dict(sorted(born.items()))))
+        set_(self, "leases_moved", MappingProxyType(dict(sorted(self.leases_moved.items()))))
         set_(self, "ring", Ring(range(self.nshards), self.vnodes))
         index = {n.raft_addr(s): n.name for n in nodes.values() for s in self.groups}
         set_(self, "_raft_addr_index", MappingProxyType(index))
@@ -321,7 +331,7 @@ class ShardMap:
 
     @classmethod
     def _from_dict(cls, d: Mapping[str, Any], base_dir: str | None) -> ShardMap:
-        _reject_unknown(d, ("cluster", "nodes", "placement", "security", "born"), "")
+        _reject_unknown(d, ("cluster", "nodes", "placement", "security", "born", "leases_moved"), "")
         security = dict(_table(d, "security", required=False))
         _reject_unknown(security, _SECURITY_KEYS, "security")
         for key in ("secret", "node_key", "password", "tls_cert", "tls_key"):
@@ -339,6 +349,7 @@ class ShardMap:
         nshards = _check_int(_required(cluster, "shards", "cluster"), "cluster.shards", 1, SHARDS_MAX)
         placement = _placement_from_dict(_table(d, "placement", required=False))
         born = _born_from_dict(_table(d, "born", required=False))
+        leases_moved = _shard_ints(_table(d, "leases_moved", required=False), "leases_moved", "a sequence number")
         adding = cluster.get("adding")
         removing = cluster.get("removing")
         if "replication" in cluster:
@@ -372,6 +383,7 @@ class ShardMap:
             adding=adding,
             removing=removing,
             born=born,
+            leases_moved=leases_moved,
         )
 
     @classmethod
@@ -415,6 +427,8 @@ class ShardMap:
         ]
         if self.born:
             lines += ["", "[born]"] + [f'"{s}" = {b}' for s, b in self.born.items()]
+        if self.leases_moved:
+            lines += ["", "[leases_moved]"] + [f'"{s}" = {n}' for s, n in self.leases_moved.items()]
         for info in sorted(self.nodes.values(), key=lambda n: n.name):
             lines += ["", f"[nodes.{_toml_key(info.name)}]", f"host = {_toml_str(info.host)}"]
             lines += [f"client_port = {info.client_port}", f"raft_port = {info.raft_port}"]
@@ -504,14 +518,19 @@ def _placement_from_dict(raw: Mapping[str, Any]) -> dict[int, tuple[str, ...]]:
 
 
 def _born_from_dict(raw: Mapping[str, Any]) -> dict[int, int]:
-    born: dict[int, int] = {}
-    for key, epoch in raw.items():
+    return _shard_ints(raw, "born", "an epoch")
+
+
+def _shard_ints(raw: Mapping[str, Any], table: str, what: str) -> dict[int, int]:
+    """A table of shard id -> integer (``[born]``, ``[leases_moved]``)."""
+    out: dict[int, int] = {}
+    for key, n in raw.items():
         if not re.fullmatch(r"[0-9]+", key):
-            raise ShardMapError(f'born key {key!r} must be a shard id such as "3"')
-        if not isinstance(epoch, int) or isinstance(epoch, bool):
-            raise ShardMapError(f"born.{key} must be an epoch (an integer), got {epoch!r}")
-        born[int(key)] = epoch
-    return born
+            raise ShardMapError(f'{table} key {key!r} must be a shard id such as "3"')
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise ShardMapError(f"{table}.{key} must be {what} (an integer), got {n!r}")
+        out[int(key)] = n
+    return out
 
 
 # -- TOML writing helpers (a tiny subset: strings, ints, string arrays) ----------

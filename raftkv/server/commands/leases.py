@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from raftkv.acl import Access
-from raftkv.leases import TTL_S_MAX, home_of, no_lease
+from raftkv.leases import TTL_S_MAX, home_in, no_lease
 from raftkv.protocol import OK, Error
 from raftkv.results import CmdError
 from raftkv.server.api import BadRequest, Command, NodeAPI
@@ -52,10 +52,16 @@ def _int_arg(raw: bytes, what: str) -> int:
     return n
 
 
+def home(node: NodeAPI, lid: int) -> int:
+    """The shard holding lease ``lid`` by this node's map (its granting shard, or shard 0 after a removal took
+    that one away: ``raftkv.leases.home_in``)."""
+    return home_in(lid, node.map.leases_moved)
+
+
 def parse_lease_id(node: NodeAPI, raw: bytes) -> int:
     """A lease id from a request; ``BadRequest`` (ERR) if not an integer, (NOLEASE) if no shard is its home."""
     lid = _int_arg(raw, "the lease id")
-    if home_of(lid) >= node.map.nshards:
+    if home(node, lid) >= node.map.nshards:
         raise BadRequest(to_reply(no_lease(lid)))
     return lid
 
@@ -72,12 +78,12 @@ def attach(node: NodeAPI, shard: int, lid: int, build: Callable[[int | None], tu
     home shard first records ``shard`` (so the lease's end reaches it) and says
     how long the lease has left, then ``shard`` applies the command.
     """
-    home = home_of(lid)
-    if home == shard:
+    at = home(node, lid)
+    if at == shard:
         return write(node, shard, build(None), session, convert)
 
     async def go() -> Any:
-        remaining = await node.execute(home, ("lease_use", lid, shard), idempotent=True)
+        remaining = await node.execute(at, ("lease_use", lid, shard), idempotent=True)
         if _failed(remaining):
             return to_reply(remaining)
         return await write(node, shard, build(int(remaining)), session, convert)
@@ -109,16 +115,18 @@ def _grant(node: NodeAPI, req: list[bytes], session: Session | None) -> Any:
     if ttl_s > TTL_S_MAX:
         return Error("ERR", f"RAFTKV.LEASE: ttl must be at most {TTL_S_MAX} seconds")
     if len(req) == 5:
-        home = node.shard_of(req[4])
+        at = node.shard_of(req[4])
     else:  # a shard this node leads saves a hop; any shard will do
-        led = [s for s, r in node.replicas.items() if r.is_leader()]
-        home = random.choice(led or range(node.map.nshards))
-    return write(node, home, ("lease_grant", home, ttl_s * 1000), session)
+        led = [s for s, r in node.replicas.items() if r.is_leader() and s < node.map.nshards]
+        at = random.choice(led or range(node.map.nshards))
+    floor = node.map.leases_moved.get(at)  # a shard of this number was removed: its ids live on shard 0
+    cmd = ("lease_grant", at, ttl_s * 1000) + ((floor,) if floor else ())
+    return write(node, at, cmd, session)
 
 
 def _keepalive(node: NodeAPI, lid: int, session: Session | None) -> Any:
     async def go() -> Any:
-        res = await write(node, home_of(lid), ("lease_keepalive", lid), session, tuple)
+        res = await write(node, home(node, lid), ("lease_keepalive", lid), session, tuple)
         if isinstance(res, Error):
             return res
         ttl_ms, shards = res
@@ -132,12 +140,12 @@ def _keepalive(node: NodeAPI, lid: int, session: Session | None) -> Any:
 
 def _revoke(node: NodeAPI, lid: int, session: Session | None) -> Any:
     async def go() -> Any:
-        home = home_of(lid)
-        res = await write(node, home, ("lease_revoke", lid), session, tuple)
+        at = home(node, lid)
+        res = await write(node, at, ("lease_revoke", lid), session, tuple)
         if isinstance(res, Error):
             return res
         ttl_ms, shards = res
-        failed = await deliver_drops(node, home, lid, ttl_ms, shards, DROP_WAIT_S)
+        failed = await deliver_drops(node, at, lid, ttl_ms, shards, DROP_WAIT_S)
         if failed:  # the sweep keeps trying; each shard's guard deadline bounds the wait
             log.warning("event=lease_drop_pending lease=%d shards=%s", lid, failed)
         return OK
@@ -146,7 +154,7 @@ def _revoke(node: NodeAPI, lid: int, session: Session | None) -> Any:
 
 def _ttl(node: NodeAPI, lid: int) -> Any:
     async def go() -> Any:
-        res = to_reply(await node.execute(home_of(lid), ("lease_ttl", lid), read=True))
+        res = to_reply(await node.execute(home(node, lid), ("lease_ttl", lid), read=True))
         if isinstance(res, Error):
             return res
         remaining_ms, ttl_ms, keys, shards = res
