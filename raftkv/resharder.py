@@ -48,9 +48,12 @@ Removing the last shard ``S = N-1`` (``remove``) is the mirror image, keyed the 
 4. every ``d``: an empty ``mv_install`` carrying ``S``'s revision first (so every key installed there
    gets a revision above any ``S`` had), then ``S``'s keys in chunks, each to the shard the ring
    without ``S`` gives it, then ``S``'s client sessions into every ``d``.
-5. ``S``: ``mv_handoff`` (every key refused with ``-WRONGSHARD``); every ``d``: ``mv_open``, then
+5. ``S``: ``mv_handoff`` (every key refused with ``-WRONGSHARD``, and every lease command); shard 0 adopts
+   the leases ``S`` granted and the drops it owed (``mv_leasehomes`` on ``S``, ``mv_leaseadopt`` on 0, in
+   chunks; ``_adopt_leases``); every ``d``: ``mv_open``, then
    ``mv_leaseforget`` (its leases stop telling ``S`` of their end: ``S``'s keys on leases moved with their
-   leases in step 4, as an add's do); then map ``E+2`` (``shards = N-1``, ``S``'s placement dropped) is saved
+   leases in step 4, as an add's do); then map ``E+2`` (``shards = N-1``, ``S``'s placement dropped, and in
+   ``leases_moved`` the last lease id ``S`` granted: those ids now live on shard 0) is saved
    and pushed: the nodes stop ``S``'s
    group and reclaim its data (``Node.install_map``; a node takes the smaller map only once the removal
    was marked, ``member.shrink_allowed``).
@@ -58,8 +61,9 @@ Removing the last shard ``S = N-1`` (``remove``) is the mirror image, keyed the 
 A run that died anywhere is finished by running ``raftkv shard remove S`` again: while the map says
 ``removing`` steps 2-5 resume where the shards stand; once the map of ``E+2`` was saved, ``remove S``
 finds ``S`` gone, pushes that map again and stops (without an id, a re-run would remove the next
-last shard). The one undo: leases homed on ``S`` (a lease's home cannot move) found in step 3 (before any key
-is copied) abandon the removal: ``S`` and every destination ``mv_abort``, and a map without the mark is saved.
+last shard). The one undo, only while a node runs a state machine older than version 5 (which cannot move a
+lease's home): leases homed on ``S`` found in step 3 (before any key is copied) abandon the removal: ``S`` and
+every destination ``mv_abort``, and a map without the mark is saved.
 """
 
 from __future__ import annotations

@@ -741,8 +741,8 @@ def test_a_moved_key_dies_at_its_leases_guard_on_the_new_shard_when_no_drop_come
 def test_a_removal_moves_keys_on_leases_homed_elsewhere_and_their_homes_forget_the_removed_shard() -> None:
     """Removing shard 2 of 0..2: its keys on a lease homed at shard 0 move with the lease (to the shard the
     ring without 2 gives each); once 2 handed off, shard 0's lease stops naming it (``mv_leaseforget``), so
-    KEEPALIVE and the lease's end no longer go to a shard that is gone. A lease homed at 2 is what stops a
-    removal (``status``)."""
+    KEEPALIVE and the lease's end no longer go to a shard that is gone. ``status`` counts the leases homed at
+    2 (what shard 0 adopts, below)."""
     shards = {s: KVState() for s in range(3)}
     after = Ring(range(2), V)
     on2 = [k for k in (f"k{i}".encode() for i in range(3000)) if Ring(range(3), V).shard_for(k) == 2][:6]
@@ -780,3 +780,96 @@ def test_a_removal_moves_keys_on_leases_homed_elsewhere_and_their_homes_forget_t
     if 1 in dests:
         assert shards[1].apply(("lease_drop", lid, 60_000), 0) == sum(1 for k in on2 if after.shard_for(k) == 1)
     assert not any(k in shards[d].data for d in (0, 1) for k in on2)
+
+
+def _remove_shard_2_with_its_leases(shards: dict[int, KVState], now: int) -> list[bytes]:
+    """Removing shard 2 of 0..2 as the resharder does (pure): its keys move (with their leases, homed at 2:
+    ``mv_leaseuse`` there), it hands off; returns its keys."""
+    after = Ring(range(2), V)
+    for d in (0, 1):
+        shards[d].apply(("mv_install", EPOCH, d, V, 0, (), (), 2), now)
+    assert shards[2].apply(("mv_freeze", EPOCH, 2, 2, V, True), now) == FROZEN
+    items, _ = shards[2].read(("mv_scan", EPOCH, None, 1000), now)  # type: ignore[misc]
+    for d in (0, 1):
+        mine = tuple(row for row in items if after.shard_for(row[0]) == d)
+        shards[d].apply(("mv_install", EPOCH, d, V, shards[2].revision, mine, (), 2), now)
+    rows, _ = shards[2].read(("mv_leases", EPOCH, None, 1000), now)  # type: ignore[misc]
+    pairs = sorted({(lid, after.shard_for(k)) for k, lid in rows})
+    left = dict(zip(pairs, shards[2].apply(("mv_leaseuse", tuple(pairs), 2), now), strict=True))  # type: ignore
+    for (lid, d), remaining in left.items():
+        keys = tuple(k for k, x in rows if x == lid and after.shard_for(k) == d)
+        shards[d].apply(("mv_attach", EPOCH, 2, ((lid, remaining, keys),)), now)
+    assert shards[2].apply(("mv_handoff", EPOCH), now) == HANDOFF
+    return [row[0] for row in items]
+
+
+def test_a_removal_moves_the_leases_homed_on_the_removed_shard_to_shard_0() -> None:
+    """Shard 2 is the home of leases with keys on 0, 1 and 2, one of them with a pending drop; once it handed
+    off it refuses every lease command (``-WRONGSHARD`` naming shard 0, session-wrapped too), and shard 0 adopts
+    its leases from ``mv_leasehomes`` in chunks: each alive one a home lease there with at least the time it had
+    left, a mirror it held becoming its home keys, the ended one a drop for the shards that hold its keys.
+    KEEPALIVE, TTL and REVOKE then work on shard 0 and reach the other shards; a re-run of the adoption, even
+    after one adopted lease ended on shard 0, takes nothing twice and brings nothing back."""
+    shards = {s: KVState() for s in range(3)}
+    ring = Ring(range(3), V)
+    on = {s: [k for k in (f"k{i}".encode() for i in range(400)) if ring.shard_for(k) == s][:4] for s in range(3)}
+    ids = [shards[2].apply(("lease_grant", 2, ttl), 0) for ttl in (60_000, 60_000, 30_000)]
+    kept, ended, short = ids
+    for lid in ids:  # keys on every shard: on 2 at home, elsewhere as mirrors (lease_use, lease_put)
+        for s, keys in on.items():
+            for key in keys[ids.index(lid)::3]:
+                left = None if s == 2 else shards[2].apply(("lease_use", lid, s), 0)
+                assert isinstance(shards[s].apply(("lease_put", key, b"v", lid, left), 0), int)
+    shards[2].apply(("lease_revoke", ended), 1_000)  # a drop still owed to 0 and 1
+    assert set(shards[2].leases.dropping) == {ended}
+    moved = _remove_shard_2_with_its_leases(shards, 2_000)
+    refused = shards[2].apply(("lease_keepalive", kept), 2_000)
+    assert isinstance(refused, CmdError) and refused.code == "WRONGSHARD" and refused.message.startswith(f"{EPOCH} 0")
+    wrapped = shards[2].apply(("session", b"c1", 1, ("lease_keepalive", kept)), 2_000)
+    assert isinstance(wrapped, CmdError) and wrapped.code == "WRONGSHARD"
+    assert isinstance(shards[2].read(("lease_ttl", kept), 2_000), CmdError)
+    # shard 0 adopts, one lease per chunk, with a re-run of the first chunk
+    after, chunks = None, []
+    while True:
+        rows, seq, after = shards[2].read(("mv_leasehomes", EPOCH, after, 1), 3_000)  # type: ignore[misc]
+        chunks.append(rows)
+        if after is None:
+            break
+    assert seq == 3 and sorted(r[0] for c in chunks for r in c) == sorted(ids)
+    assert [shards[0].apply(("mv_leaseadopt", EPOCH, 2, c, False), 3_000) for c in chunks[:2]] == [1, 1]
+    assert shards[0].apply(("mv_leaseadopt", EPOCH, 2, chunks[0], False), 3_000) == 0  # taken already
+    assert shards[0].apply(("mv_leaseadopt", EPOCH, 2, chunks[2], True), 3_000) == 1
+    zero = shards[0].leases
+    zero.check()
+    assert zero.adopted == {2: EPOCH} and not zero.adopting
+    for lid, ttl in ((kept, 60_000), (short, 30_000)):
+        lease = zero.leases[lid]
+        assert lease.home and lease.ttl_ms == ttl and lease.deadline_ms >= 3_000 + (ttl - 3_000)
+        assert lease.shards == {1}  # 2 is gone; 0 is the home itself
+        i = ids.index(lid)  # its keys on 0: those put there, and those of 2 the ring without 2 gave to 0
+        assert lease.keys == set(on[0][i::3]) | {k for k in on[2][i::3] if Ring(range(2), V).shard_for(k) == 0}
+        assert all(k in moved for k in on[2][i::3])
+    assert zero.dropping[ended][1] == {1} and ended not in zero.leases
+    assert not any(k in shards[0].data for k in on[0][1::3])  # the ended lease's mirror keys on 0 went with it
+    # the leases work on their new home: KEEPALIVE names the other shards to refresh, REVOKE the ones to drop
+    assert shards[0].apply(("lease_keepalive", kept), 4_000) == (60_000, (1,))
+    assert shards[0].read(("lease_ttl", kept), 4_000)[0] == 60_000  # type: ignore[index]
+    assert shards[0].apply(("lease_revoke", short), 4_000) == (30_000, (1,))
+    # after the short lease ended on 0, a re-run of the adoption brings nothing back
+    assert shards[0].apply(("mv_leaseadopt", EPOCH, 2, chunks[2], True), 5_000) == 0
+    assert short not in zero.leases
+    zero.check()
+
+
+def test_lease_ids_of_a_removed_shard_route_to_shard_0_and_a_shard_added_again_numbers_above_them() -> None:
+    """``home_in``: ids a removed shard granted up to the recorded sequence number live on shard 0, later ones
+    (a shard added again with the same number grants above the floor its map gives ``lease_grant``) on it."""
+    from raftkv.leases import home_in, lease_id
+
+    moved = {2: 7}
+    assert [home_in(lease_id(seq, 2), moved) for seq in (1, 7, 8)] == [0, 0, 2]
+    assert home_in(lease_id(3, 1), moved) == 1 and home_in(lease_id(3, 2), {}) == 2
+    again = KVState()
+    lid = again.apply(("lease_grant", 2, 1_000, 7), 0)
+    assert lid == lease_id(8, 2) and home_in(lid, moved) == 2
+    assert again.apply(("lease_grant", 2, 1_000, 7), 0) == lease_id(9, 2)  # the floor only ever lifts the count

@@ -26,7 +26,7 @@ import pytest
 from raftkv import Client
 from raftkv.aio import AsyncClient
 from raftkv.cluster import LocalCluster, call
-from raftkv.errors import IndeterminateError, RaftKVError
+from raftkv.errors import IndeterminateError, LockTimeout, RaftKVError
 from raftkv.membership import Operator
 from raftkv.resharder import Resharder, ReshardError
 from raftkv.state import STATE_MACHINE_VERSION
@@ -513,16 +513,75 @@ def test_shard_remove_killed_mid_copy_is_finished_by_running_it_again_then_a_sha
         assert added.shard == 2 and added.total == LOADED
         assert added.moved == sum(1 for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
         _check_after_add(lc, keys, writers, 3)
-        # a lease homed at shard 2: the removal is refused before anything changes (a lease's home cannot move)
-        leased_key = next(k for k in keys if Ring(range(3), DEFAULT_VNODES).shard_for(k) == 2)
-        epoch = ShardMap.load(lc.config).epoch
+
+
+def test_a_removal_moves_the_leases_homed_on_the_removed_shard_to_shard_0_and_they_keep_working(
+        tmp_path: Path) -> None:
+    """3 shards; shard 2 is the home of a lease kept alive by a client's keep-alive thread throughout, one left
+    to lapse, one revoked afterwards (24 keys each, on every shard) and of a held lock. ``shard remove`` moves
+    them to shard 0 (the map's ``leases_moved`` routes their ids there): afterwards TTL counts every key of
+    each, the kept one's keys outlive its 4 s ttl, the lapsed one's die with it, REVOKE deletes the revoked
+    one's, the lock is still held (not lost, refused to another client) and, once released, taken with a larger
+    token. ``shard add`` brings a shard 2 back, whose new lease is numbered above the moved ones and lives
+    there, while the moved ones still answer on shard 0; removing it again moves that lease too."""
+    lc = start_cluster(str(tmp_path / "c"), nodes=3, shards=3)
+    try:
+        ring = Ring(range(3), DEFAULT_VNODES)
+        on2 = [k for k in (f"lk/{i}" for i in range(200)) if ring.shard_for(k.encode()) == 2]
+        groups = {g: [f"{g}/{i}" for i in range(24)] for g in ("revoked", "kept", "lapsed")}
+        assert all({ring.shard_for(k.encode()) for k in ks} == {0, 1, 2} for ks in groups.values())
+        with Client(cluster=lc.config, timeout=15.0) as c, c.lease(4, near=on2[0]) as kept, \
+                c.lease(4, near=on2[1]) as lapsed, c.lock(on2[2], ttl=4) as lock:
+            ids = {"revoked": c.lease_grant(60, near=on2[3]), "kept": kept.id, "lapsed": lapsed.id}
+            for g, ks in groups.items():
+                for k in ks:
+                    c.put(k, g, lease=ids[g])
+            long = c.lease_grant(60, near=on2[5])
+            c.put(on2[5], "long", lease=long)
+            removed = Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).remove()
+            assert removed.shard == 2
+            m = ShardMap.load(lc.config)
+            assert m.nshards == 2 and m.leases_moved.get(2, 0) >= max(i >> 10 for i in ids.values())
+            time.sleep(5.0)  # longer than the 4 s leases: only keep-alives reaching shard 0 keep them
+            for g, ks in groups.items():
+                assert c.mget(ks) == [g.encode()] * len(ks), g
+                assert c.lease_ttl(ids[g]).keys == len(ks), g
+            assert not kept.lost and not lock.lost
+            with Client(cluster=lc.config, timeout=15.0) as other, pytest.raises(LockTimeout):
+                other.lock(on2[2], ttl=4, wait=0.5).__enter__()
+            c.lease_revoke(ids["revoked"])
+            assert c.mget(groups["revoked"]) == [None] * len(groups["revoked"])
+            lapsed.abandon()
+            time.sleep(6.0)
+            assert c.mget(groups["lapsed"]) == [None] * len(groups["lapsed"])
+            assert c.mget(groups["kept"]) == [b"kept"] * len(groups["kept"])
+            first_token = lock.token
         with Client(cluster=lc.config, timeout=15.0) as c:
-            lease = c.lease_grant(60, near=leased_key)
-            c.put(leased_key, "leased", lease=lease)
-            with pytest.raises(Exception, match="home of 1 lease"):
-                Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, pace=1.0).remove(2)
-            assert (ShardMap.load(lc.config).epoch, ShardMap.load(lc.config).removing) == (epoch, None)
-            c.lease_revoke(lease)
+            with c.lock(on2[2], ttl=4, wait=10) as again:
+                assert again.token > first_token
+            m = ShardMap.load(lc.config)
+            for s in range(2):
+                replicas_agree(m, s)
+            # shard 2 again: its leases are numbered above the moved ones, and both kinds work
+            assert Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).run().shard == 2
+            fresh = c.lease_grant(60, near=on2[4])
+            assert fresh & 1023 == 2 and fresh >> 10 > ShardMap.load(lc.config).leases_moved[2]
+            c.put(on2[4], "fresh", lease=fresh)
+            assert c.lease_keepalive(long) == 60 and c.lease_ttl(long).keys == 1 and c.get(on2[5]) == b"long"
+            assert c.lease_ttl(fresh).keys == 1
+            with pytest.raises(RaftKVError, match="NOLEASE"):
+                c.lease_ttl(ids["kept"])  # revoked as its with-block ended, on shard 0
+            assert Resharder(Operator(lc.config, timeout=30.0, say=print), step_timeout=60.0, say=print).remove().shard == 2
+            assert ShardMap.load(lc.config).leases_moved[2] >= fresh >> 10
+            assert c.lease_ttl(fresh).keys == 1 and c.get(on2[4]) == b"fresh"
+            c.lease_revoke(fresh)
+            c.lease_revoke(long)
+            assert c.get(on2[4]) is None and c.get(on2[5]) is None
+    except BaseException:
+        dump_logs(lc)
+        raise
+    finally:
+        lc.stop()
 
 
 def test_keys_on_leases_move_with_their_leases_and_end_with_them(tmp_path: Path) -> None:
