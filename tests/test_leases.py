@@ -81,7 +81,7 @@ class Cluster:
         self.shards = [KVState() for _ in range(SHARDS)]
         self.now = 1000
         self.losing = False
-        self.map = SimpleNamespace(nshards=SHARDS, leases_moved={})
+        self.map = SimpleNamespace(nshards=SHARDS, leases_moved={}, removing=None)
         self.replicas: dict = {}
         self.loop = LOOP
 

@@ -117,8 +117,9 @@ def _grant(node: NodeAPI, req: list[bytes], session: Session | None) -> Any:
     if len(req) == 5:
         at = node.shard_of(req[4])
     else:  # a shard this node leads saves a hop; any shard will do
-        led = [s for s, r in node.replicas.items() if r.is_leader() and s < node.map.nshards]
-        at = random.choice(led or range(node.map.nshards))
+        usable = [s for s in range(node.map.nshards) if s != node.map.removing]  # (a shard going away: no)
+        led = [s for s in usable if s in node.replicas and node.replicas[s].is_leader()]
+        at = random.choice(led or usable)
     floor = node.map.leases_moved.get(at)  # a shard of this number was removed: its ids live on shard 0
     cmd = ("lease_grant", at, ttl_s * 1000) + ((floor,) if floor else ())
     return write(node, at, cmd, session)
