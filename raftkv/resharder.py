@@ -468,11 +468,11 @@ class Resharder:
         self.op.push_map(verbose=False)
         placement = {s: names for s, names in self.op.map.placement.items() if s != gone}
         born = {s: b for s, b in self.op.map.born.items() if s != gone}
-        moved = dict(self.op.map.leases_moved)
-        if last_seq > moved.get(gone, 0):  # ids it granted up to here live on shard 0 (raftkv.leases.home_in)
-            moved[gone] = last_seq
+        homes = dict(self.op.map.leases_moved)
+        if last_seq > homes.get(gone, 0):  # ids it granted up to here live on shard 0 (raftkv.leases.home_in)
+            homes[gone] = last_seq
         m = dataclasses.replace(self.op.map, epoch=max(epoch, self.op.map.epoch + 1), nshards=gone, removing=None,
-                                placement=placement, born=born, leases_moved=moved)
+                                placement=placement, born=born, leases_moved=homes)
         self._publish(m)
         times["map"] = time.monotonic() - t
         self.say(f"epoch {m.epoch}: shard {gone} removed ({gone} shard(s)); its group stops on every node"
