@@ -1,13 +1,17 @@
-"""Clients' write latency in each phase of one ``raftkv shard add``, against their latency before it.
+"""Clients' write latency in each phase of one ``raftkv shard add`` (or ``shard remove``), against their latency
+before it.
 
-    .venv/bin/python bench/move_phases.py --keys 200000 [--shards 4] [--chunk K] [--pace F] [--runs 1]
+    .venv/bin/python bench/move_phases.py --keys 200000 [--shards 4] [--chunk K] [--pace F] [--runs 1] [--remove]
 
 Creates a loopback cluster (3 nodes, ``--shards`` shards), preloads ``--keys`` keys of 100 B, starts two writer
 threads (``bench/reshard_path.py``'s: each overwrites its own 500 keys, one write at a time), measures them for
 3 s, then runs one shard add in this process (``raftkv.resharder.Resharder``, what the CLI runs) and splits the
 writes by the phase they began in: the pre-copy (the sources still serve their moving keys), the frozen part
 (replay, hand-off, open, the new map) and the cleanup (the sources delete the moved keys). Prints, per phase, its
-length and the writes' p50 / p99 / max, and the p99 during the add over the p99 before it.
+length and the writes' p50 / p99 / max, and the p99 during the add over the p99 before it. With ``--remove`` the
+move is the removal of the last shard, split into its mark (the remaining shards told what arrives, and told to
+forget what an earlier run may have copied), its pre-copy (the removed shard still serves), and the frozen part
+(freeze, the rest of the copy, the hand-off, the opening and the new map).
 """
 
 from __future__ import annotations
@@ -45,11 +49,11 @@ def one_add(a: argparse.Namespace) -> dict:
             writers = [Writer(i, str(system.lc.config), stop) for i in range(2)]
             for w in writers:
                 w.start()
-            time.sleep(3.0)
+            time.sleep(a.before)
             marks: list[tuple[float, str]] = [(time.monotonic(), "start")]
             rs = resharder.Resharder(Operator(str(system.lc.config), timeout=30.0, say=lambda _m: None),
                                      chunk=a.chunk, pace=a.pace, say=lambda m: marks.append((time.monotonic(), m)))
-            rs.run()
+            rs.remove() if a.remove else rs.run()
             end = time.monotonic()
             time.sleep(0.5)
             stop.set()
@@ -57,12 +61,18 @@ def one_add(a: argparse.Namespace) -> dict:
                 w.join(30)
             samples = [s for w in writers for s in w.samples]
             start = marks[0][0]
-            placed = next(t for t, m in marks if "placed on" in m)
             frozen = next(t for t, m in marks if m.startswith("frozen"))
-            on_ring = next(t for t, m in marks if "is on the ring" in m)
-            phases = {"pre-copy": (placed, frozen), "frozen": (frozen, on_ring), "cleanup": (on_ring, end),
-                      "whole add": (start, end)}
-            out = {"before": _lat(samples, 0.0, start)}
+            if a.remove:
+                marked = next(t for t, m in marks if "is being removed" in m)
+                phases = {"mark": (start, marked), "pre-copy": (marked, frozen), "frozen": (frozen, end),
+                          "whole removal": (start, end)}
+                out = {"before": _lat(samples, 0.0, start)}
+            else:
+                placed = next(t for t, m in marks if "placed on" in m)
+                on_ring = next(t for t, m in marks if "is on the ring" in m)
+                phases = {"pre-copy": (placed, frozen), "frozen": (frozen, on_ring), "cleanup": (on_ring, end),
+                          "whole add": (start, end)}
+                out = {"before": _lat(samples, 0.0, start)}
             for name, (t0, t1) in phases.items():
                 out[name] = {"seconds": round(t1 - t0, 1), **_lat(samples, t0, t1)}
             return out
@@ -78,13 +88,17 @@ def main() -> int:
                     help="keys per entry of the pre-copy and the cleanup (raftkv shard add --chunk)")
     ap.add_argument("--pace", type=float, default=resharder.PACE, help="raftkv shard add --pace")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--remove", action="store_true", help="remove the last shard instead of adding one")
+    ap.add_argument("--before", type=float, default=3.0, help="seconds of writes measured before the move")
     a = ap.parse_args()
     for run in range(a.runs):
         r = one_add(a)
         before = r["before"]
-        print(f"run {run + 1}: before the add: p50 {before['p50_ms']} / p99 {before['p99_ms']} ms "
-              f"({before['writes']} writes)")
-        for name in ("pre-copy", "frozen", "cleanup", "whole add"):
+        print(f"run {run + 1}: before the {'removal' if a.remove else 'add'}: p50 {before['p50_ms']} / "
+              f"p99 {before['p99_ms']} ms ({before['writes']} writes)")
+        names = ("mark", "pre-copy", "frozen", "whole removal") if a.remove else (
+            "pre-copy", "frozen", "cleanup", "whole add")
+        for name in names:
             p = r[name]
             lat = (f"p50 {p['p50_ms']} / p99 {p['p99_ms']} / max {p['max_ms']} ms ({p['writes']} writes)"
                    if p["writes"] else "no write began")
