@@ -17,6 +17,7 @@ forget what an earlier run may have copied), its pre-copy (the removed shard sti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -41,7 +42,7 @@ def _lat(samples: list[tuple[float, float]], t0: float, t1: float) -> dict:
 
 def one_add(a: argparse.Namespace) -> dict:
     """One cluster, one add; per-phase seconds and writer latency."""
-    with tempfile.TemporaryDirectory(prefix="move-phases-") as tmp:
+    with (contextlib.nullcontext(a.keep) if a.keep else tempfile.TemporaryDirectory(prefix="move-phases-")) as tmp:
         system = RaftKVSystem(tmp, shards=a.shards, nodes=3)
         try:
             preload(system, a.keys, 100)
@@ -73,6 +74,7 @@ def one_add(a: argparse.Namespace) -> dict:
                 phases = {"pre-copy": (placed, frozen), "frozen": (frozen, on_ring), "cleanup": (on_ring, end),
                           "whole add": (start, end)}
                 out = {"before": _lat(samples, 0.0, start)}
+            out["copy"] = [m for _t, m in marks if "pre-copied" in m]
             for name, (t0, t1) in phases.items():
                 out[name] = {"seconds": round(t1 - t0, 1), **_lat(samples, t0, t1)}
             return out
@@ -89,6 +91,7 @@ def main() -> int:
     ap.add_argument("--pace", type=float, default=resharder.PACE, help="raftkv shard add --pace")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--remove", action="store_true", help="remove the last shard instead of adding one")
+    ap.add_argument("--keep", metavar="DIR", help="run the cluster in DIR and keep it (the nodes' logs) after")
     ap.add_argument("--before", type=float, default=3.0, help="seconds of writes measured before the move")
     a = ap.parse_args()
     for run in range(a.runs):
@@ -98,6 +101,8 @@ def main() -> int:
               f"p99 {before['p99_ms']} ms ({before['writes']} writes)")
         names = ("mark", "pre-copy", "frozen", "whole removal") if a.remove else (
             "pre-copy", "frozen", "cleanup", "whole add")
+        for line in r["copy"]:
+            print(f"  {line}")
         for name in names:
             p = r[name]
             lat = (f"p50 {p['p50_ms']} / p99 {p['p99_ms']} / max {p['max_ms']} ms ({p['writes']} writes)"
