@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +34,6 @@ from raftkv import resharder  # noqa: E402
 from raftkv.bench.hist import summary_ms  # noqa: E402
 from raftkv.bench.preload import preload  # noqa: E402
 from raftkv.bench.systems import RaftKVSystem  # noqa: E402
-from raftkv.membership import Operator  # noqa: E402
 
 
 def _lat(samples: list[tuple[float, float]], t0: float, t1: float) -> dict:
@@ -52,17 +52,25 @@ def one_add(a: argparse.Namespace) -> dict:
                 w.start()
             time.sleep(a.before)
             marks: list[tuple[float, str]] = [(time.monotonic(), "start")]
-            rs = resharder.Resharder(Operator(str(system.lc.config), timeout=30.0, say=lambda _m: None),
-                                     chunk=a.chunk, pace=a.pace, say=lambda m: marks.append((time.monotonic(), m)))
-            rs.remove() if a.remove else rs.run()
+            # The command in a process of its own, as an operator runs it: in this one its threads would take the
+            # GIL from the writers' threads and count in their latency.
+            cmd = [sys.executable, "-m", "raftkv", "shard", "remove" if a.remove else "add", "--cluster",
+                   str(system.lc.config), "--chunk", str(a.chunk), "--pace", str(a.pace)]
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) as proc:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    marks.append((time.monotonic(), line.strip()))
             end = time.monotonic()
+            if proc.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd[2:4])} failed:\n" + "\n".join(m for _t, m in marks))
             time.sleep(0.5)
             stop.set()
             for w in writers:
                 w.join(30)
             samples = [s for w in writers for s in w.samples]
             start = marks[0][0]
-            frozen = next(t for t, m in marks if m.startswith("frozen"))
+            frozen = next(t for t, m in marks if "frozen:" in m)
             if a.remove:
                 marked = next(t for t, m in marks if "is being removed" in m)
                 phases = {"mark": (start, marked), "pre-copy": (marked, frozen), "frozen": (frozen, end),
@@ -74,7 +82,7 @@ def one_add(a: argparse.Namespace) -> dict:
                 phases = {"pre-copy": (placed, frozen), "frozen": (frozen, on_ring), "cleanup": (on_ring, end),
                           "whole add": (start, end)}
                 out = {"before": _lat(samples, 0.0, start)}
-            out["copy"] = [m for _t, m in marks if "pre-copied" in m]
+            out["copy"] = [m[m.index("shard"):] for _t, m in marks if "pre-copied" in m]
             for name, (t0, t1) in phases.items():
                 out[name] = {"seconds": round(t1 - t0, 1), **_lat(samples, t0, t1)}
             return out

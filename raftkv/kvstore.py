@@ -221,19 +221,26 @@ class EngineStore:
         self._frozen, self._overlay = self._overlay, {}
         return self._frozen
 
-    def write_checkpoint(self, batch: WriteBatch, frozen: dict[bytes, bytes | None] | None = None) -> None:
-        """Add ``frozen``'s writes (default: ``freeze()`` now) to ``batch``, one engine transaction; call
-        ``checkpointed`` once it committed (``thaw`` if it failed)."""
-        if frozen is None:
-            frozen = self.freeze()
+    def checkpoint_rows(self, frozen: dict[bytes, bytes | None]) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+        """``frozen``'s writes as engine rows: ``(keys to delete, (key, value) rows to put in key order)``.
+
+        Built before the checkpoint's transaction: that one holds the engine's only writer, and every group's
+        log commit on the node waits behind it (building these rows for 10,000 keys inside it held the writer
+        for the milliseconds of Python it took, and the GIL waits of a busy node on top)."""
         prefix = self._prefix
-        puts = []
-        for key, raw in frozen.items():
-            if raw is None:
-                batch.delete(prefix + key)
-            else:
-                puts.append((prefix + key, raw))
-        puts.sort()  # in key order LMDB's C loop fills pages in sequence: about half the time of one put per call
+        deletes = [prefix + key for key, raw in frozen.items() if raw is None]
+        puts = sorted((prefix + key, raw) for key, raw in frozen.items() if raw is not None)
+        return deletes, puts  # (in key order LMDB's C loop fills pages in sequence: half the time of one by one)
+
+    def write_checkpoint(self, batch: WriteBatch, frozen: dict[bytes, bytes | None] | None = None,
+                         rows: tuple[list[bytes], list[tuple[bytes, bytes]]] | None = None) -> None:
+        """Add ``frozen``'s writes (default: ``freeze()`` now; or its ``checkpoint_rows``, built beforehand) to
+        ``batch``, one engine transaction; call ``checkpointed`` once it committed (``thaw`` if it failed)."""
+        if rows is None:
+            rows = self.checkpoint_rows(self.freeze() if frozen is None else frozen)
+        deletes, puts = rows
+        for key in deletes:
+            batch.delete(key)
         batch.put_many(puts)
 
     def checkpointed(self) -> None:

@@ -415,9 +415,9 @@ def _abort(s: Any, cmd: tuple, now_ms: int) -> Any:
         return "none"
     if move.phase == INCOMING and move.removing:
         # A remaining shard of a removal given up before the copy: nothing of the removed shard is here (it
-        # would be stale once that shard serves again), so it just stops refusing those keys. Walks the keys:
-        # a rare command.
-        if any(move.arriving(k) for k in s.data.keys_between()):
+        # would be stale once that shard serves again), so it just stops refusing those keys. Walks the keys
+        # (a rare command), unless none ever arrived.
+        if s.arrived != 0 and any(move.arriving(k) for k in s.data.keys_between()):
             return CmdError("ERR", "mv_abort: keys of the removed shard were copied here already; the removal "
                                    "can only be finished")
         s.move = None
@@ -460,6 +460,7 @@ def _install(s: Any, cmd: tuple, now_ms: int) -> Any:
         if not want.removing and len(s.data):
             return CmdError("ERR", f"mv_install: shard {shard} holds keys and no incoming move")
         s.move = move = want
+        s.arrived = 0  # nothing received yet: a discard has nothing to look for (``_discard``)
     elif move != want:
         return CmdError("ERR", f"mv_install: shard {shard} has another move ({move.epoch}, {move.phase})")
     # Every revision here exceeds every revision the sources had: a WATCH taken there can never match.
@@ -707,6 +708,8 @@ def _discard(s: Any, cmd: tuple, now_ms: int) -> Any:
     move = _receiving(s, epoch, "mv_discard")
     if isinstance(move, CmdError):
         return move
+    if s.arrived == 0:  # no key was installed since the move began here: none to forget, no walk (a removal's
+        return 0 if limit is None else (0, None)  # destination would walk all of its own keys for nothing)
     walk = s.data.keys_between(b"" if after is None else after + b"\0")
     looked = list(walk if limit is None else itertools.islice(walk, limit))
     gone = [k for k in looked if _from_source(move, k, source)]

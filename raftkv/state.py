@@ -117,7 +117,8 @@ META_VERSION = 1
 #: finished ones at 167 transactions a second filled it); ``tx_gc`` walks each table in log-time order;
 #: ``tx_batch`` carries many transactions' tail messages in one command.
 #: 5: a removal moves the removed shard's leases to shard 0 (``mv_leasehomes``, ``mv_leaseadopt``; ``mv_leaseuse``
-#: names the home; ``lease_grant`` takes a floor for its ids; a handed-off removed shard refuses lease commands).
+#: names the home; ``lease_grant`` takes a floor for its ids; a handed-off removed shard refuses lease commands);
+#: a destination counts the keys it received (``arrived``) and ``mv_discard`` answers at once when there are none.
 STATE_MACHINE_VERSION = 5
 #: The first version whose removals move leases' homes (an older one refuses to remove a shard that homes one).
 LEASE_HOMES_VERSION = 5
@@ -253,6 +254,9 @@ class KVState:
     # under way; both None on a shard that never took part in one (nothing is checked then)
     owner: reshard.Owner | None = None
     move: reshard.Move | None = None
+    # keys installed here (``install_key``) since this shard's incoming move began; None: not known (no move
+    # here, or a snapshot from before the count). 0 lets ``mv_discard`` answer without walking the shard's keys.
+    arrived: int | None = None
     # shard 0 only: the cluster's authoritative shard map, (epoch, text) (raftkv.mapregister); None: empty
     map_register: tuple[int, str] | None = None
     # DANGEROUS, testing only (module doc): one-shard writes ignore prepared transactions' locks.
@@ -414,6 +418,8 @@ class KVState:
         if self.owner is not None or self.move is not None:  # only shards that took part in a move
             out["owner"] = None if self.owner is None else self.owner.dump()
             out["move"] = None if self.move is None else self.move.dump()
+            if self.arrived is not None:
+                out["arrived"] = self.arrived
         if self.map_register is not None:
             out["map"] = list(self.map_register)
         if self.fence_marks:  # only while a backup runs
@@ -433,6 +439,7 @@ class KVState:
             self.leases = leases.LeaseTable(extra.get("leases"))  # nor before leases
             self.changes = changelog.ChangeLog.load(extra.get("changes"), self.revision)  # none before watch
             self.owner, self.move = reshard.load(extra)  # none before resharding
+            self.arrived = extra.get("arrived")  # unknown before the count: a discard then walks
             reg = extra.get("map")  # none before the replicated shard map
             self.map_register = None if reg is None else (int(reg[0]), str(reg[1]))
             self.fence_marks = backup_state.load_marks(extra.get("fence_marks"))  # none before marks
@@ -507,6 +514,8 @@ class KVState:
 
         Not attached to any lease: a move attaches the keys it moved on leases afterwards (``mv_attach``)."""
         self.revision += 1
+        if self.arrived is not None:
+            self.arrived += 1
         if self.leases:
             self.leases.detach(key)
         self.data[key] = (value, self.revision)

@@ -13,6 +13,7 @@ every increment counted once, and no key is stored twice.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -873,3 +874,51 @@ def test_lease_ids_of_a_removed_shard_route_to_shard_0_and_a_shard_added_again_n
     lid = again.apply(("lease_grant", 2, 1_000, 7), 0)
     assert lid == lease_id(8, 2) and home_in(lid, moved) == 2
     assert again.apply(("lease_grant", 2, 1_000, 7), 0) == lease_id(9, 2)  # the floor only ever lifts the count
+
+
+def test_a_destination_that_received_nothing_answers_a_discard_without_walking_its_keys() -> None:
+    """A removal's destination counts the keys installed since its move began (``arrived``, kept in a
+    snapshot): with none, ``mv_discard`` and a given-up removal's ``mv_abort`` answer without walking the
+    shard's own keys (every removal's first discard used to walk them all, stalling the node's driver); once
+    keys arrived, a discard walks and forgets exactly those; a snapshot without the count walks."""
+    ring = Ring(range(3), V)
+    d = KVState()
+    own = [k for k in (f"k{i}".encode() for i in range(600)) if ring.shard_for(k) == 0][:50]
+    for k in own:
+        d.apply(("set", k, b"mine"), 0)
+    d.apply(("mv_install", EPOCH, 0, V, 0, (), (), 2), 0)
+    assert d.arrived == 0
+
+    class Unwalkable:  # the shard's keys, refusing to be walked
+        def __init__(self, data: Any) -> None:
+            self.data = data
+
+        def keys_between(self, *a: Any) -> Any:
+            raise AssertionError("walked the keys")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.data, name)
+
+    real, d.data = d.data, Unwalkable(d.data)  # type: ignore[assignment]
+    assert d.apply(("mv_discard", EPOCH, 2, None, 100), 0) == (0, None)
+    assert d.apply(("mv_discard", EPOCH, 2), 0) == 0
+    d.data = real
+    arriving = [k for k in (f"a{i}".encode() for i in range(600))
+                if ring.shard_for(k) == 2 and Ring(range(2), V).shard_for(k) == 0][:7]
+    d.apply(("mv_install", EPOCH, 0, V, 0, tuple((k, b"moved", None) for k in arriving), (), 2), 0)
+    assert d.arrived == len(arriving)
+    copy = KVState()
+    copy.load_extra(d.extra())
+    assert copy.arrived == len(arriving)
+    extra = d.extra()
+    del extra["arrived"]
+    copy.load_extra(extra)
+    assert copy.arrived is None  # a snapshot from before the count: unknown, so a discard walks
+    forgotten, cursor = 0, None
+    while True:
+        n, cursor = d.apply(("mv_discard", EPOCH, 2, cursor, 10), 0)  # type: ignore[misc]
+        forgotten += n
+        if cursor is None:
+            break
+    assert forgotten == len(arriving) and all(k in d.data for k in own) and not any(k in d.data for k in arriving)
+    assert d.apply(("mv_abort", EPOCH), 0) == "aborted"
