@@ -243,7 +243,7 @@ class AsyncClient:
                 text = await self._call(addr, [b"RAFTKV.CLUSTER"], 2.0)
             except (OSError, ConnectionError, ConnectionLost, ReplyError):
                 continue
-            return ShardMap.from_dict(tomllib.loads(text.decode()))
+            return ShardMap.from_dict(tomllib.loads(text.decode()), newer_tables=True)
         raise UnavailableError("UNAVAILABLE", f"no node reachable to fetch the cluster map from {self._seeds}")
 
     async def _call(self, addr: tuple[str, int], args: list[bytes], timeout: float,

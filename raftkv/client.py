@@ -711,7 +711,7 @@ class Client:
                 text = self._call_node(addr, [b"RAFTKV.CLUSTER"], 2.0)
             except (OSError, ConnectionError, ReplyError):
                 continue
-            return ShardMap.from_dict(tomllib.loads(text.decode()))
+            return ShardMap.from_dict(tomllib.loads(text.decode()), newer_tables=True)
         raise UnavailableError("UNAVAILABLE", f"no node reachable to fetch the cluster map from {self._seeds}")
 
     def _call_node(self, addr: tuple[str, int], args: list[bytes], timeout: float) -> Any:

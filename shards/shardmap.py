@@ -77,6 +77,7 @@ _NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a node name is also
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _CLUSTER_KEYS = ("name", "epoch", "shards", "vnodes", "replication", "data_dir", "adding", "removing")
 _NODE_KEYS = ("host", "client_port", "raft_port", "metrics_port")
+_TABLES = ("cluster", "nodes", "placement", "security", "born", "leases_moved")
 
 
 class ShardMapError(ValueError):
@@ -318,12 +319,18 @@ class ShardMap:
 
     @classmethod
     def from_dict(
-        cls, d: Mapping[str, Any], base_dir: str | None = None, *, source: str = "cluster.toml"
+        cls, d: Mapping[str, Any], base_dir: str | None = None, *, source: str = "cluster.toml",
+        newer_tables: bool = False,
     ) -> ShardMap:
         """Build from a parsed cluster file; a relative ``data_dir`` is joined to ``base_dir`` if given.
 
-        ``source`` prefixes error messages (``load`` passes the file path).
+        ``source`` prefixes error messages (``load`` passes the file path). ``newer_tables``: leave out top-level
+        tables this build does not know instead of refusing the map: for a client reading a node's map, to which
+        a newer build may have added one (clients only route by the map; the node they reach routes by its own).
+        A file an operator wrote stays strict: a misspelt table is an error there.
         """
+        if newer_tables:
+            d = {k: v for k, v in d.items() if k in _TABLES}
         try:
             return cls._from_dict(d, base_dir)
         except ShardMapError as e:
@@ -331,7 +338,7 @@ class ShardMap:
 
     @classmethod
     def _from_dict(cls, d: Mapping[str, Any], base_dir: str | None) -> ShardMap:
-        _reject_unknown(d, ("cluster", "nodes", "placement", "security", "born", "leases_moved"), "")
+        _reject_unknown(d, _TABLES, "")
         security = dict(_table(d, "security", required=False))
         _reject_unknown(security, _SECURITY_KEYS, "security")
         for key in ("secret", "node_key", "password", "tls_cert", "tls_key"):

@@ -408,3 +408,17 @@ def test_a_node_takes_a_smaller_map_only_from_one_marking_that_removal() -> None
     assert not shrink_allowed(m, smaller, opened=[(2, 1), (3, 1)])  # an older owner of 2 shards proves nothing
     assert not shrink_allowed(dataclasses.replace(local_cluster(3, 4, base_port=7001), removing=3),
                               dataclasses.replace(local_cluster(3, 2, base_port=7001), epoch=9))  # two less
+
+
+def test_moved_leases_round_trip_and_a_client_reads_a_map_with_tables_it_does_not_know() -> None:
+    """``[leases_moved]`` (a removal moved a shard's leases to shard 0) survives the file; an operator's file
+    with an unknown table is refused, while a client reading a node's map (``newer_tables``) leaves it out."""
+    m = dataclasses.replace(local_cluster(3, 3), leases_moved={3: 41})
+    parsed = tomllib.loads(m.to_toml())
+    assert ShardMap.from_dict(parsed) == m and ShardMap.from_dict(parsed).leases_moved == {3: 41}
+    newer = {**parsed, "from_the_future": {"x": 1}}
+    with pytest.raises(ShardMapError, match="from_the_future"):
+        ShardMap.from_dict(newer)
+    assert ShardMap.from_dict(newer, newer_tables=True) == m
+    with pytest.raises(ShardMapError, match="leases_moved"):
+        ShardMap.from_dict({**parsed, "leases_moved": {"0": 5}})  # shard 0 is never removed
