@@ -538,9 +538,10 @@ class Resharder:
 
     def _wait_unlocked(self, epoch: int, frozen: list[int],
                        undo: Callable[[], None] | None = None) -> dict[int, dict]:
-        """Until no prepared transaction holds a moving key of a frozen source. A removal (``undo`` given) is
-        abandoned if its shard is the home of a lease (a lease's home cannot move), running ``undo``; keys on
-        leases move with their leases (``_leases``). Returns each source's last status."""
+        """Until no prepared transaction holds a moving key of a frozen source. On nodes older than state machine
+        version 5 a removal (``undo`` given) is abandoned if its shard is the home of a lease, running ``undo``;
+        from version 5 its leases move to shard 0 (``_adopt_leases``); keys on leases move with their leases
+        (``_leases``). Returns each source's last status."""
         deadline = time.monotonic() + self.step_timeout
         while True:
             stats = {s: self.status(s) for s in frozen}
