@@ -133,6 +133,40 @@ def test_a_data_directory_keeps_its_store_and_a_mismatch_says_how_to_start(tmp_p
         engine.close()
 
 
+
+def _map_flags(path: str) -> set[str]:
+    """The kernel's VmFlags of this process's mapping of ``path`` (``/proc/self/smaps``)."""
+    found = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 6:
+                found = fields[-1] == path
+            elif found and line.startswith("VmFlags:"):
+                return set(fields[1:])
+    raise AssertionError(f"{path} is not mapped")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_an_lmdb_engine_reads_pages_without_readahead_except_while_it_streams_a_range(tmp_path: Path) -> None:
+    # Random gets and checkpoints fault single pages in; with the kernel's readahead each fault read 32 pages,
+    # which a node whose data outgrew its memory could not afford. A whole-range stream reads ahead again.
+    engine = Engine(str(tmp_path / "e"), kind="lmdb")
+    try:
+        engine.commit_now(lambda batch: [batch.put(b"k%05d" % i, b"v" * 100) for i in range(2_000)])
+        data = os.path.realpath(str(tmp_path / "e" / "data.mdb"))
+        assert "rr" in _map_flags(data)  # MADV_RANDOM: the faulting page only
+        with engine.read_view() as one, engine.read_view() as two:
+            first, second = one.scan_batches(b"k", b"l", 500), two.scan_batches(b"k", b"l", 500)
+            assert len(next(first)) == 500 and "rr" not in _map_flags(data)
+            assert len(next(second)) == 500
+            assert sum(map(len, first)) == 1_500 and "rr" not in _map_flags(data)  # the other stream goes on
+            assert sum(map(len, second)) == 1_500
+            assert "rr" in _map_flags(data)  # both done: random again
+            assert engine.get(b"k01999") == b"v" * 100
+    finally:
+        engine.close()
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_killed_process_keeps_every_commit_sync_returned_from(tmp_path: Path, kind: str) -> None:
     path = tmp_path / "e"
