@@ -180,15 +180,17 @@ class LmdbReadView:
             yield key, value
 
     def keys(self, lo: bytes, hi: bytes) -> Iterator[bytes]:
-        """The keys ``lo <= key < hi``, in key order (no value is read)."""
+        """The keys ``lo <= key < hi``, in key order (no value is read; a walk of a shard's keys, as a move's
+        scan makes: the kernel reads ahead meanwhile, as for ``scan_batches``)."""
         assert self._txn is not None, "read view closed"
         cursor = self._txn.cursor()
         if not cursor.set_range(lo):
             return
-        for key in cursor.iternext(keys=True, values=False):
-            if key >= hi:
-                return
-            yield key
+        with self._readahead or contextlib.nullcontext():
+            for key in cursor.iternext(keys=True, values=False):
+                if key >= hi:
+                    return
+                yield key
 
     def scan_batches(self, lo: bytes, hi: bytes, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
         """``scan(lo, hi)`` in lists of at most ``size`` pairs, read by the cursor's own iterator (no Python step
@@ -234,6 +236,7 @@ class Readahead:
         self._file = os.path.realpath(data_file)
         self._lock = threading.Lock()
         self._holders = 0
+        self._span: tuple[int, int] | None = None  # the map's (address, length): fixed while the env is open
 
     def __enter__(self) -> Readahead:
         with self._lock:
@@ -249,7 +252,7 @@ class Readahead:
                 self._advise(_MADV_RANDOM)
 
     def _advise(self, advice: int) -> None:
-        span = _mapping(self._file)
+        span = self._span = self._span or _mapping(self._file)
         if span is None:
             return
         if _madvise is None or _madvise(span[0], span[1], advice) != 0:

@@ -163,6 +163,10 @@ def test_an_lmdb_engine_reads_pages_without_readahead_except_while_it_streams_a_
             assert sum(map(len, first)) == 1_500 and "rr" not in _map_flags(data)  # the other stream goes on
             assert sum(map(len, second)) == 1_500
             assert "rr" in _map_flags(data)  # both done: random again
+            walk = one.keys(b"k", b"l")  # a walk of the keys (a move's scan) reads ahead too, until it ends
+            assert next(walk) == b"k00000" and "rr" not in _map_flags(data)
+            walk.close()
+            assert "rr" in _map_flags(data)
             assert engine.get(b"k01999") == b"v" * 100
     finally:
         engine.close()
