@@ -92,8 +92,8 @@ __all__ = ["ReshardError", "ReshardResult", "Resharder"]
 #: 1,000-key entry held them for tens of ms (the clients' p99 during a 50,000-key add: 7-14x steady state),
 #: a 250-key one a quarter of that (docs/scale-out.md, "Measured").
 CHUNK_KEYS = 100
-#: The fraction of the time the pre-copy and the cleanup keep the cluster busy (``Pacer``): with 100-key
-#: chunks, resting as long as each took (an add's sources sharing it) kept the writers' p99 during a 40,000-key
+#: The fraction of the time the pre-copy and the cleanup keep the cluster busy (``Pacer``; one source at a
+#: time): with 100-key chunks, resting as long as each took kept the writers' p99 during a 40,000-key
 #: add within 1.8-1.9x of before it, against 6.6-7.0x for 250-key chunks without rest; the add took 18-21 s
 #: instead of 5-6 s
 #: (docs/scale-out.md, "Measured"). ``raftkv shard add --pace 1 --chunk 250`` moves faster.
@@ -571,7 +571,12 @@ class Resharder:
     def _precopy(self, epoch: int, dest: int, vnodes: int, sources: list[int]) -> dict[int, int]:
         """An add's sources, copied into ``dest`` while they still serve their keys (``copying``), so that once
         they are frozen only what changed since is sent. Returns, per source copied to the end here, the
-        revision read before its copy began. The sources are copied in parallel."""
+        revision read before its copy began.
+
+        The sources are copied one after another, each at the move's pace: every chunk lands on the one new
+        shard, so copied in parallel they queued behind each other there, and each source, resting in
+        proportion to a chunk's time including that queueing, left the new shard idle most of the time
+        (docs/scale-out.md, "One source at a time")."""
         marked = {s: self.call(s, "mv_precopy", epoch, s, dest, vnodes) for s in sources}
         copying = [s for s, phase in marked.items() if phase == reshard.COPYING]
         # (a source frozen or handed off by an earlier run is copied in full, once frozen.) An earlier run's
@@ -583,21 +588,13 @@ class Resharder:
         def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
             return ("mv_install", epoch, d, vnodes, rev, items, rows)
 
-        # Every source installs into the one new shard: together they keep it busy at most ``pace`` of the time.
-        pacer = Pacer(self.pacer.duty / max(1, len(since)))
-
-        def copy(s: int) -> None:
-            self._precopy_source(s, epoch, since[s], lambda _key: dest, install, f"shard {s} -> shard {dest}",
-                                 pacer=pacer)
-
-        if since:
-            with concurrent.futures.ThreadPoolExecutor(len(since)) as pool:
-                list(pool.map(copy, since))
+        for s in since:
+            self._precopy_source(s, epoch, since[s], lambda _key: dest, install, f"shard {s} -> shard {dest}")
         return since
 
     def _precopy_source(self, source: int, epoch: int, revision: int, dest_of: Callable[[bytes], int],
                         install: Callable[[int, int, tuple, tuple], tuple], what: str,
-                        per_answer: int | None = None, pacer: Pacer | None = None) -> None:
+                        per_answer: int | None = None) -> None:
         """Copy ``source``'s moving keys (each to ``dest_of(key)``) while it serves them, reading its next chunk
         while the last is installed; says how much, and how fast."""
         started = time.monotonic()
@@ -630,7 +627,7 @@ class Resharder:
                 scans.append(time.monotonic() - t0)
                 if len(pending) >= self.depth:  # at most ``depth`` chunks in flight: wait for the oldest
                     pending.popleft().result()
-                    time.sleep((pacer or self.pacer).rest(time.monotonic() - t0))
+                    time.sleep(self.pacer.rest(time.monotonic() - t0))
                 if items:
                     pending.append(pool.submit(put, _by_dest(items, dest_of)))
                     copied += len(items)
