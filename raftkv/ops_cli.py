@@ -290,11 +290,20 @@ def _move_options(f: Any) -> Any:
 
 
 def _resharder(cluster_file: str | None, timeout: float, chunk: int | None, pace: float, depth: int | None) -> Any:
+    from raftkv.progress import ProgressLine
     from raftkv.resharder import CHUNK_KEYS, PRECOPY_DEPTH, Resharder
 
     op = _operator(cluster_path(cluster_file), timeout)
-    return Resharder(op, step_timeout=timeout, chunk=chunk or CHUNK_KEYS, say=lambda msg: click.echo(msg), pace=pace,
-                     depth=depth or PRECOPY_DEPTH)
+    # How far each source's copy and clean-up have come: a line redrawn on a terminal, one every 10 s in a log
+    # (stderr); erased before each message the command prints.
+    line = ProgressLine(click.get_text_stream("stderr"))
+
+    def say(msg: str) -> None:
+        line.end()
+        click.echo(msg)
+
+    return Resharder(op, step_timeout=timeout, chunk=chunk or CHUNK_KEYS, say=say, pace=pace,
+                     depth=depth or PRECOPY_DEPTH, progress=line)
 
 
 @shard_group.command("add")

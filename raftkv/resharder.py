@@ -81,9 +81,11 @@ from typing import Any
 from raftkv import leases, reshard
 from raftkv.client import Client, RaftKVError
 from raftkv.membership import MembershipError, Operator
+from raftkv.progress import Progress
 from raftkv.results import CmdError
 from raftkv.server import rpc
 from raftkv.state import LEASE_HOMES_VERSION
+from shards.plan import key_movement
 
 __all__ = ["ReshardError", "ReshardResult", "Resharder"]
 
@@ -189,7 +191,8 @@ class Resharder:
     """Runs ``shard add`` (``run``) or ``shard remove`` (``remove``) against the cluster of ``op`` (module doc)."""
 
     def __init__(self, op: Operator, step_timeout: float = 120.0, chunk: int = CHUNK_KEYS,
-                 say: Callable[[str], None] | None = None, pace: float = PACE, depth: int = PRECOPY_DEPTH) -> None:
+                 say: Callable[[str], None] | None = None, pace: float = PACE, depth: int = PRECOPY_DEPTH,
+                 progress: Callable[[Progress], None] | None = None) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.op = op
@@ -199,6 +202,9 @@ class Resharder:
         self.depth = depth
         self.pacer = Pacer(pace)
         self.say = say or op.say
+        #: told how far each source's copy and clean-up have come, after every chunk (``raftkv.progress``)
+        self.progress = progress
+        self._copied: dict[int, int] = {}  # keys pre-copied per source in this run (the clean-up's estimate)
         self._client: Client | None = None
         self._client_epoch = -1
         self.rerun = "raftkv shard add"  # the command that finishes what a failed run left (said in errors)
@@ -238,6 +244,10 @@ class Resharder:
         owner, move, locked, leased, keys, revision, *rest = self.call(shard, "mv_status")
         return {"owner": owner, "move": None if move is None else reshard.Move(*move), "locked": locked,
                 "leased": leased, "keys": keys, "revision": revision, "unsettled": rest[0] if rest else 0}
+
+    def _report(self, what: str, done: int, total: int | None, nbytes: int, started: float) -> None:
+        if self.progress is not None:
+            self.progress(Progress(what, done, total, nbytes, time.monotonic() - started))
 
     def _publish(self, new: Any) -> None:
         self.op._save(new, verbose=False)
@@ -421,12 +431,13 @@ class Resharder:
         if self.call(gone, "mv_precopy", epoch, gone, gone, vnodes, True) == reshard.COPYING:
             for d in dests:  # what an earlier run's pre-copy left may hold keys deleted since
                 self._discard(d, epoch, gone)
-            since = self.status(gone)["revision"]
+            gone_status = self.status(gone)
+            since = gone_status["revision"]
             # One answer's keys go to every remaining shard: read as many per answer as there are shards, so that
             # each install still carries about a chunk (at one chunk per answer the removal's pre-copy ran 10x
             # slower: six round trips of ~17 keys each per answer).
             self._precopy_source(gone, epoch, since, ring.shard_for, install, f"shard {gone} -> shards 0..{gone - 1}",
-                                 per_answer=self.chunk * len(dests))
+                                 per_answer=self.chunk * len(dests), expect=gone_status["keys"])
         times["precopy"] = time.monotonic() - t
         t = time.monotonic()
         phase = self.call(gone, "mv_freeze", epoch, gone, gone, vnodes, True)
@@ -583,18 +594,22 @@ class Resharder:
         # pre-copy may have left keys the source deleted since: the new shard forgets them before this one.
         for s in copying:
             self._discard(dest, epoch, s)
-        since = {s: self.status(s)["revision"] for s in copying}
+        status = {s: self.status(s) for s in copying}
+        since = {s: st["revision"] for s, st in status.items()}
+        old = reshard.ring_of(dest, vnodes)
+        shares = key_movement(old, old.with_shard(dest)).source_shares()
 
         def install(d: int, rev: int, items: tuple, rows: tuple) -> tuple:
             return ("mv_install", epoch, d, vnodes, rev, items, rows)
 
         for s in since:
-            self._precopy_source(s, epoch, since[s], lambda _key: dest, install, f"shard {s} -> shard {dest}")
+            self._precopy_source(s, epoch, since[s], lambda _key: dest, install, f"shard {s} -> shard {dest}",
+                                 expect=round(status[s]["keys"] * shares.get(s, 0.0)))
         return since
 
     def _precopy_source(self, source: int, epoch: int, revision: int, dest_of: Callable[[bytes], int],
                         install: Callable[[int, int, tuple, tuple], tuple], what: str,
-                        per_answer: int | None = None) -> None:
+                        per_answer: int | None = None, expect: int | None = None) -> None:
         """Copy ``source``'s moving keys (each to ``dest_of(key)``) while it serves them, reading its next chunk
         while the last is installed; says how much, and how fast."""
         started = time.monotonic()
@@ -632,11 +647,13 @@ class Resharder:
                     pending.append(pool.submit(put, _by_dest(items, dest_of)))
                     copied += len(items)
                     size += sum(len(k) + len(v) for k, v, _d in items)
+                    self._report(what, copied, expect, size, started)
                 if after is None:
                     break
             while pending:
                 pending.popleft().result()
         took = time.monotonic() - started
+        self._copied[source] = copied
         self.say(f"{what}: pre-copied {copied} keys, {size / 1e6:.1f} MB of keys and values in {took:.1f} s "
                  f"({size / 1e6 / max(took, 1e-3):.1f} MB/s; still serving them); {len(installs)} chunk(s), "
                  f"median scan {_median_ms(scans)}, install {_median_ms(installs)}")
@@ -795,11 +812,14 @@ class Resharder:
             if move is None or move.epoch != epoch or move.phase != reshard.HANDOFF:
                 continue
             after = None
+            started, deleted = time.monotonic(), 0
             while True:
                 t0 = time.monotonic()
                 keys, after = self.call(s, "mv_keys", epoch, after, self.chunk)
                 if keys:
                     purged += self.call(s, "mv_purge", epoch, tuple(keys))
+                    deleted += len(keys)
+                    self._report(f"shard {s}: deleting moved keys", deleted, self._copied.get(s), 0, started)
                 if after is None:
                     break
                 time.sleep(self.pacer.rest(time.monotonic() - t0))

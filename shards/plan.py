@@ -156,6 +156,17 @@ class KeyMovement:
         """The fraction of the ring (and so, in expectation, of the keys) that moves."""
         return self.moved_hashes / HASH_SPACE
 
+    def source_shares(self) -> dict[int, float]:
+        """Per source shard, the fraction of its own part of the old ring that moves: in expectation, the
+        fraction of its keys (a progress estimate's denominator)."""
+        owned: dict[int, int] = {}
+        for lo, hi, shard in self.old.arcs():
+            owned[shard] = owned.get(shard, 0) + hi - lo
+        moved: dict[int, int] = {}
+        for a in self.arcs:
+            moved[a.src] = moved.get(a.src, 0) + a.size
+        return {s: moved[s] / owned[s] for s in sorted(moved)}
+
     def describe(self, list_arcs: bool = False) -> list[str]:
         """Human-readable lines: arcs and share of the ring, one line per flow (and per arc if asked)."""
         head = f"{len(self.arcs)} moving arc(s), {_pct(self.moved_hashes)} of the ring"

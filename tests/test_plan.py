@@ -126,6 +126,22 @@ def test_moved_fraction_is_the_changed_shards_share_of_the_ring(change: tuple[Ri
     assert sum(n for n, _ in movement.flows().values()) == len(movement.arcs)
 
 
+@settings(max_examples=40, deadline=None)
+@given(change=ring_changes)
+def test_each_sources_share_is_the_part_of_its_own_arcs_that_moves(change: tuple[Ring, bool, int]) -> None:
+    # (the denominator of a move's progress estimate: a source's keys times its share)
+    old, add, pick = change
+    new, shard = change_of(old, add, pick)
+    movement = key_movement(old, new)
+    shares = movement.source_shares()
+    owned = {s: sum(hi - lo for lo, hi, o in old.arcs() if o == s) for s in old.shards}
+    assert set(shares) == {src for src, _dst in movement.flows()}
+    assert all(0 < f <= 1 for f in shares.values())
+    assert sum(round(shares[s] * owned[s]) for s in shares) == pytest.approx(movement.moved_hashes, rel=1e-9)
+    if len(new) < len(old):  # a removal: every hash of the removed shard moves, nobody else's
+        assert shares == {shard: 1.0}
+
+
 @pytest.mark.parametrize("n", range(1, 33))
 def test_adding_shard_n_to_a_cluster_map_moves_about_1_over_n_plus_1(n: int) -> None:
     # Shard maps number shards 0..n-1 and grow by n: exact fractions, measured max 1.100x (n = 15).

@@ -28,6 +28,7 @@ from raftkv.aio import AsyncClient
 from raftkv.cluster import LocalCluster, call
 from raftkv.errors import IndeterminateError, LockTimeout, RaftKVError
 from raftkv.membership import Operator
+from raftkv.progress import Progress
 from raftkv.resharder import Resharder, ReshardError
 from raftkv.state import STATE_MACHINE_VERSION
 from shards.ring import DEFAULT_VNODES, Ring
@@ -186,10 +187,20 @@ def _loaded_under_writes(tmp_path: Path, shards: int, count: int = 2,
 def test_shard_add_moves_keys_under_writes_and_reads(tmp_path: Path) -> None:
     with _loaded_under_writes(tmp_path, shards=2, count=3, settle=1.0) as (lc, keys, writers):
         op = Operator(lc.config, timeout=30.0, say=print)
-        result = Resharder(op, step_timeout=60.0, say=print).run()
+        reports: list[Progress] = []
+        result = Resharder(op, step_timeout=60.0, say=print, progress=reports.append).run()
         time.sleep(1.0)
         _stop(writers)
         share = 1 / 3
+        # progress after every chunk: each source's copy, then each source's clean-up, counted up to the end
+        last = {p.what: p for p in reports}
+        copies = {w: p for w, p in last.items() if "->" in w}
+        assert sorted(copies) == ["shard 0 -> shard 2", "shard 1 -> shard 2"]
+        assert sum(p.done for p in copies.values()) >= result.moved  # (plus keys written since, replayed later)
+        for p in copies.values():  # the estimate: the source's keys times its share of the ring that moves
+            assert p.total is not None and 0.5 * p.done <= p.total <= 1.5 * p.done and p.nbytes > 0
+        deletes = [p for w, p in last.items() if w.endswith("deleting moved keys")]
+        assert sum(p.done for p in deletes) == result.purged
         print(f"moved {result.moved} of {result.total} keys: {result.fraction:.4f} (1/3 = {share:.4f}); "
               f"steps {result.seconds}; writes during the run: {[w.writes for w in writers]}")
         assert result.shard == 2 and result.total == LOADED
