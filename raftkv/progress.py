@@ -22,27 +22,29 @@ BAR_WIDTH = 24
 
 @dataclass(frozen=True)
 class Progress:
-    """``done`` of about ``total`` keys (None: unknown) of ``what``, ``nbytes`` of keys and values so far,
-    ``elapsed`` seconds since it began."""
+    """``done`` of about ``total`` keys (None: unknown) of ``what``, ``nbytes`` of keys and values so far
+    (None: not counted, as for deletions), ``elapsed`` seconds since it began."""
 
     what: str
     done: int
     total: int | None
-    nbytes: int
+    nbytes: int | None
     elapsed: float
 
 
 def render(p: Progress, width: int = BAR_WIDTH) -> str:
     """One line: a bar and a percentage when the total is known (an estimate: capped at 99 % until it is
     ``done``), the keys and bytes so far, and the rate."""
-    rate = p.nbytes / 1e6 / p.elapsed if p.elapsed > 0 else 0.0
-    size = f"{p.nbytes / 1e6:.1f} MB, {rate:.1f} MB/s"
+    size = ""
+    if p.nbytes is not None:
+        rate = p.nbytes / 1e6 / p.elapsed if p.elapsed > 0 else 0.0
+        size = f", {p.nbytes / 1e6:.1f} MB, {rate:.1f} MB/s"
     if not p.total:
-        return f"{p.what}: {p.done:,} keys, {size}"
+        return f"{p.what}: {p.done:,} keys{size}"
     frac = min(p.done / p.total, 0.99)
     filled = int(frac * width)
     bar = "#" * filled + "-" * (width - filled)
-    return f"[{bar}] {frac * 100:3.0f}% {p.what}: {p.done:,} of ~{p.total:,} keys, {size}"
+    return f"[{bar}] {frac * 100:3.0f}% {p.what}: {p.done:,} of ~{p.total:,} keys{size}"
 
 
 class ProgressLine:

@@ -245,7 +245,7 @@ class Resharder:
         return {"owner": owner, "move": None if move is None else reshard.Move(*move), "locked": locked,
                 "leased": leased, "keys": keys, "revision": revision, "unsettled": rest[0] if rest else 0}
 
-    def _report(self, what: str, done: int, total: int | None, nbytes: int, started: float) -> None:
+    def _report(self, what: str, done: int, total: int | None, nbytes: int | None, started: float) -> None:
         if self.progress is not None:
             self.progress(Progress(what, done, total, nbytes, time.monotonic() - started))
 
@@ -819,7 +819,7 @@ class Resharder:
                 if keys:
                     purged += self.call(s, "mv_purge", epoch, tuple(keys))
                     deleted += len(keys)
-                    self._report(f"shard {s}: deleting moved keys", deleted, self._copied.get(s), 0, started)
+                    self._report(f"shard {s}: deleting moved keys", deleted, self._copied.get(s), None, started)
                 if after is None:
                     break
                 time.sleep(self.pacer.rest(time.monotonic() - t0))

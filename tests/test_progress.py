@@ -14,7 +14,8 @@ from raftkv.progress import Progress, ProgressLine, render
 def test_a_known_total_draws_a_bar_and_an_unknown_one_counts() -> None:
     line = render(Progress("shard 0 -> shard 3", 5_000, 20_000, 2_000_000, 2.0), width=10)
     assert line == "[##--------]  25% shard 0 -> shard 3: 5,000 of ~20,000 keys, 2.0 MB, 1.0 MB/s"
-    assert render(Progress("deleting", 700, None, 0, 1.0)) == "deleting: 700 keys, 0.0 MB, 0.0 MB/s"
+    assert render(Progress("copy", 700, None, 350_000, 1.0)) == "copy: 700 keys, 0.3 MB, 0.3 MB/s"
+    assert render(Progress("deleting", 700, 1_400, None, 1.0), width=4) == "[##--]  50% deleting: 700 of ~1,400 keys"
 
 
 @given(done=st.integers(0, 10**7), total=st.integers(1, 10**7), width=st.integers(1, 60))
