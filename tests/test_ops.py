@@ -82,7 +82,12 @@ def test_status_and_alerts_name_the_shard_that_lost_quorum(fresh_cluster: LocalC
     ok = _cli(lc, "status")
     assert ok.returncode == 0 and "cluster: OK" in ok.stdout
     lc.kill_node("n3")
+    # A shard n3 led has no leader until the other two elect one ("election in progress"): wait for that.
+    deadline = time.monotonic() + 30
     degraded = _cli(lc, "status")
+    while "no replica leads" in degraded.stdout and time.monotonic() < deadline:
+        time.sleep(0.5)
+        degraded = _cli(lc, "status")
     assert degraded.returncode == 2
     assert "bare_majority" in degraded.stdout and "node_down" in degraded.stdout
     lc.kill_node("n2")
