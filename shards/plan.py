@@ -163,8 +163,8 @@ class KeyMovement:
         for lo, hi, shard in self.old.arcs():
             owned[shard] = owned.get(shard, 0) + hi - lo
         moved: dict[int, int] = {}
-        for a in self.arcs:
-            moved[a.src] = moved.get(a.src, 0) + a.size
+        for (src, _dst), (_count, size) in self.flows().items():
+            moved[src] = moved.get(src, 0) + size
         return {s: moved[s] / owned[s] for s in sorted(moved)}
 
     def describe(self, list_arcs: bool = False) -> list[str]:
