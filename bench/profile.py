@@ -64,6 +64,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/profile")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--shards", type=int, default=3, help="shards of the 3-node cluster")
+    ap.add_argument("--gil", action="store_true",
+                    help="sample only threads holding the GIL: where the nodes' Python CPU goes, without waits")
     a = ap.parse_args()
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(spy):
@@ -83,7 +85,8 @@ def main() -> int:
             path = f"{a.out}-{name}.txt"
             paths.append(path)
             procs.append(subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(a.seconds)), "-r", "200",
-                                           "-f", "raw", "-o", path, "--threads", "--nonblocking"],
+                                           "-f", "raw", "-o", path, "--threads", "--nonblocking",
+                                           *(["--gil"] if a.gil else [])],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         for p in procs:
             _, err = p.communicate()

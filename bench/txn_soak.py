@@ -5,7 +5,8 @@
 Starts a fresh local 3-node cluster (3 shards), preloads the keyspace, then runs the workload in back-to-back
 windows on the same cluster and prints one line per window (ops/s, p50/p99/p99.9, errors), then what the nodes
 logged over the whole run: leader elections won after start-up, driver iterations over 50 ms (and how many of
-those were a slow engine commit), and the last checkpoint's metadata size per shard. A 10-second benchmark
+those were a slow engine commit), the last checkpoint's metadata size per shard, and each node's garbage
+collections (``raftkv.heap``: how many full ones, the longest pause, objects frozen). A 10-second benchmark
 point cannot show state that grows with every transaction (the ten minutes of history a shard keeps); this can.
 """
 
@@ -50,6 +51,17 @@ def log_summary(directory: str) -> str:
             f"engine commit); last checkpoint metadata: {sizes or 'none'}")
 
 
+def heap_summary(views: dict[str, dict]) -> str:
+    """Per node: full garbage collections, their longest pause, and the objects frozen (``raftkv.heap``)."""
+    parts = []
+    for name, st in sorted(views.items()):
+        heap = st.get("heap")
+        if heap:
+            parts.append(f"{name}: {heap['collections'][2]} full, longest {heap['max_pause_ms'][2]:.0f} ms "
+                         f"(young {max(heap['max_pause_ms'][:2]):.0f} ms), frozen {heap['frozen_objects']:,}")
+    return "garbage collections: " + ("; ".join(parts) or "not reported")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="mset2")
@@ -58,15 +70,19 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=10.0, help="seconds per window")
     ap.add_argument("--keyspace", type=int, default=10_000)
     ap.add_argument("--keep", action="store_true", help="keep the cluster directory (node logs) and print it")
+    ap.add_argument("--serve-arg", action="append", default=[],
+                    help="an extra `raftkv serve` argument for every node (repeat: --serve-arg=--gc-freeze-period "
+                         "--serve-arg=0)")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="raftkv-soak-")
-    s = RaftKVSystem(d, shards=3)
+    s = RaftKVSystem(d, shards=3, node_args=a.serve_arg)
     try:
         preload(s, a.keyspace)
         t0 = time.monotonic()
         for _ in range(a.windows):
             r = LoadRun(s, LoadParams(a.workload, a.clients, a.window, warmup=0.5, keyspace=a.keyspace)).start().finish()
             print(f"{time.monotonic() - t0:6.0f} s  {fmt_row(r.row())}", flush=True)
+        print(heap_summary(s.lc.shard_views()))
     finally:
         s.stop()
     print(log_summary(d))

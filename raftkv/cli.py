@@ -175,8 +175,12 @@ def cluster_down(directory: str, purge: bool) -> None:
               help="milliseconds of silence from a leader before a follower asks for an election (random in "
                    "the range); raise it (e.g. 500-1000) where slow disks or a loaded machine cause needless "
                    "leader changes; every node of a cluster should use the same")
+@click.option("--gc-freeze-period", type=click.FloatRange(0), default=10.0, show_default=True, metavar="SECONDS",
+              help="move the objects that survived until now out of the garbage collector's reach this often, so "
+                   "that a full collection walks only what is newer (long pauses stop every shard group's "
+                   "heartbeats); 0: never (a reference cycle frozen while alive is never collected)")
 def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, balance_period: float,
-          compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool,
+          gc_freeze_period: float, compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool,
           unsafe_skip_locks: bool, unsafe_watch_miss: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
           pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, txn_no_wait_die: bool,
@@ -191,7 +195,7 @@ def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, ba
                     idle_timeout_s=idle_timeout)
     timing = Timing(balance_period_s=balance_period if balance_leaders else 0.0,
                     txn_parallel_commits=not txn_classic_2pc, txn_wait_die=not txn_no_wait_die,
-                    request_timeout_s=request_timeout)
+                    request_timeout_s=request_timeout, gc_freeze_period_s=gc_freeze_period)
     try:
         armed = Faults.parse(faults)
     except ValueError as e:

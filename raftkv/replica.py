@@ -40,12 +40,15 @@ log = logging.getLogger("raftkv.replica")
 SLOW_APPLY_S = 0.05
 
 
-def log_if_slow(event: str, shard: int, seconds: float, cmds: list) -> None:
+def log_if_slow(event: str, shard: int, seconds: float, cmds: list, cpu_s: float | None = None) -> None:
     """Log ``event`` (``slow_apply``, ``slow_read``) if running ``cmds`` on the driver thread took longer than
-    ``SLOW_APPLY_S``: for that long, no group of the node sent heartbeats. Names the commands and their counts."""
+    ``SLOW_APPLY_S``: for that long, no group of the node sent heartbeats. Names the commands and their counts,
+    and (``cpu_s``, the thread's CPU time meanwhile) how much of it was spent computing rather than waiting for
+    the GIL or the disk."""
     if seconds > SLOW_APPLY_S:
         names = collections.Counter(c[0] if isinstance(c, tuple) and c else "?" for c in cmds)
-        log.warning("event=%s shard=%s ms=%.0f cmds=%s", event, shard, seconds * 1000,
+        log.warning("event=%s shard=%s ms=%.0f%s cmds=%s", event, shard, seconds * 1000,
+                    "" if cpu_s is None else f" cpu_ms={cpu_s * 1000:.0f}",
                     ",".join(f"{n}x{k}" for n, k in names.most_common(4)))
 
 
@@ -170,9 +173,9 @@ class ShardReplica(SafeSyncObj):
             self._cmds_since_compaction = 0
             self._compact_at = self.compact_every_cmds
             self.forceLogCompaction()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         results = self.state.apply_batch(cmds, now_ms)
-        log_if_slow("slow_apply", self.shard, time.perf_counter() - t0, cmds)
+        log_if_slow("slow_apply", self.shard, time.perf_counter() - t0, cmds, time.thread_time() - c0)
         if self._on_applied is not None:
             self._on_applied(self.shard)  # wakes long-polling watchers (raftkv.server.feed); must not block
         return results

@@ -61,7 +61,8 @@ def test_every_metric_the_alert_rules_use_is_exported(cluster: LocalCluster) -> 
                  "raftkv_engine_bytes", "raftkv_engine_commits_total", "raftkv_checkpoints_total",
                  "raftkv_keys_since_checkpoint", "raftkv_txn_open", "raftkv_txn_outcomes_total",
                  "raftkv_fsync_seconds_total", "raftkv_raft_replica_lag_entries", "raftkv_txn_tail_batches_total",
-                 "raftkv_txn_tail_batched_messages_total"):
+                 "raftkv_txn_tail_batched_messages_total", "raftkv_gc_collections_total",
+                 "raftkv_gc_pause_seconds_total", "raftkv_gc_pause_max_seconds", "raftkv_gc_frozen_objects"):
         assert name in exported, name
 
 

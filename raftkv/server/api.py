@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from raftkv.acl import Access, AclTable
+from raftkv.heap import FREEZE_PERIOD_S
 from raftkv.protocol import Error
 from raftkv.results import Locked
 
@@ -51,6 +52,9 @@ class Timing:
     # Wait-die for transactions that carry a priority (raftkv.waitdie): a PREPARE is held back for younger
     # lock holders, and the node's own retries (MSET, EXEC) carry one.  Off: no-wait only, as before.
     txn_wait_die: bool = True
+    # Freeze the survivors of the garbage collector this often (raftkv.heap: short full collections in a node
+    # with a large long-lived heap; `raftkv serve --gc-freeze-period`); 0: never.
+    gc_freeze_period_s: float = FREEZE_PERIOD_S
 
 
 class BadRequest(Exception):

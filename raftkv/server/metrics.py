@@ -164,6 +164,7 @@ class _RaftCollector:
         disk = GaugeMetricFamily("raftkv_disk_free_ratio", "Free fraction of the data directory's filesystem")
         disk.add_metric([], disk_free_ratio(node.map.node_data_dir(node.name)))
         yield disk
+        yield from _gc_metrics(node.heap.stats())
 
 
 def _engine_metrics(engine: Any) -> Iterator[Any]:
@@ -195,6 +196,22 @@ def txn_summary(txns: Any, now_ms: int) -> tuple[int, float]:
     if not starts:
         return 0, 0.0
     return len(starts), max(0.0, (now_ms - min(starts)) / 1000.0) if now_ms else 0.0
+
+
+def _gc_metrics(heap: dict) -> Iterator[Any]:
+    """The garbage collector's work in this node process (``raftkv.heap``)."""
+    runs = CounterMetricFamily("raftkv_gc_collections", "Garbage collections by generation", labels=["generation"])
+    pause = CounterMetricFamily("raftkv_gc_pause_seconds", "Time every thread stood still in garbage collections, "
+                                "by generation", labels=["generation"])
+    longest = GaugeMetricFamily("raftkv_gc_pause_max_seconds", "Longest garbage collection so far, by generation",
+                                labels=["generation"])
+    for gen in range(3):
+        runs.add_metric([str(gen)], heap["collections"][gen])
+        pause.add_metric([str(gen)], heap["pause_s"][gen])
+        longest.add_metric([str(gen)], heap["max_pause_ms"][gen] / 1000)
+    frozen = GaugeMetricFamily("raftkv_gc_frozen_objects", "Objects moved out of the garbage collector's reach")
+    frozen.add_metric([], heap["frozen_objects"])
+    yield from (runs, pause, longest, frozen)
 
 
 def disk_free_ratio(path: str) -> float:

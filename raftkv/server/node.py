@@ -36,6 +36,7 @@ from typing import Any
 from raftkv.acl import ACL_KEY, RESERVED_PREFIX, AclError, AclTable, Permissions
 from raftkv.driver import RaftDriver
 from raftkv.engine import DEFAULT_MAP_SIZE, ENGINE_DIR, Engine
+from raftkv.heap import HeapFreezer
 from raftkv.logclock import LogClock
 from raftkv.protocol import Error
 from raftkv.raftfix import tuned_conf
@@ -104,6 +105,7 @@ class Node:
                                    timeout_s=timers.connectionTimeout)
         # flush_threads=0: the groups share one storage engine, whose first flush in a loop covers them all.
         self.driver = RaftDriver(self.network, period_s=timers.autoTickPeriod, name=f"raft-{name}", flush_threads=0)
+        self.heap = HeapFreezer()
         self._replicas: dict[int, ShardReplica] = {}
         self.feed = AppliedWaiters()
         data_dir = shardmap.node_data_dir(name)
@@ -202,6 +204,9 @@ class Node:
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Serve until SIGTERM/SIGINT."""
         loop = asyncio.get_running_loop()
+        self.heap.install()
+        if self.timing.gc_freeze_period_s > 0:
+            self._tasks.append(asyncio.create_task(self.heap.run(self.timing.gc_freeze_period_s)))
         self.router.start(loop)
         self.feed.start(loop)
         if self.metrics_port:
@@ -256,6 +261,7 @@ class Node:
             await asyncio.sleep(1.0)
 
     def close(self) -> None:
+        self.heap.uninstall()
         self.driver.stop()
         for r in self._replicas.values():
             r.destroy()  # the driver has stopped: destroyed here
@@ -502,7 +508,7 @@ class Node:
                 "raft": {**self.network.status(), "driver_alive": self.driver.alive(),
                          "election_timeout_ms": self.election_timeout_ms,
                          "driver_failure": self.driver.failure, **dict(self.driver.stats)},
-                "engine": self._engine_status()}
+                "engine": self._engine_status(), "heap": self.heap.stats()}
 
     def _version_status(self) -> dict:
         """``state_machine_version`` (``raftkv.state``): what ``raftkv shard add|remove`` compares across nodes."""
