@@ -17,6 +17,7 @@ import glob
 import os
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -30,9 +31,11 @@ from raftkv.bench.systems import RaftKVSystem  # noqa: E402
 
 
 def log_summary(directory: str) -> str:
-    """Elections won after the first leaders, slow driver iterations, last checkpoint metadata per shard."""
+    """Elections won after the first leaders, slow driver iterations, last checkpoint metadata per shard, and
+    the time checkpoints took on the applying thread (``prep_ms``)."""
     won = slow = slow_sync = 0
     meta: dict[str, str] = {}
+    prep: list[float] = []
     for path in glob.glob(os.path.join(directory, "*.log")):
         for line in open(path, errors="replace"):
             if "event=role_change" in line and "new=leader" in line and " term=1" not in line:
@@ -42,13 +45,19 @@ def log_summary(directory: str) -> str:
                 m = re.search(r"sync_ms=(\d+)", line)
                 if m and int(m.group(1)) >= 50:
                     slow_sync += 1
+            elif "event=checkpoint_begin" in line:
+                m = re.search(r"prep_ms=([\d.]+)", line)
+                if m:
+                    prep.append(float(m.group(1)))
             elif "event=checkpoint " in line:
                 m = re.search(r"shard=(\d+).*meta_bytes=(\d+)", line)
                 if m:
                     meta[m.group(1)] = m.group(2)
     sizes = ", ".join(f"shard {s}: {int(b):,} B" for s, b in sorted(meta.items()))
+    preps = (f"; checkpoints' time on the applying thread: median {statistics.median(prep):.1f} ms, max "
+             f"{max(prep):.1f} ms over {len(prep)}" if prep else "")
     return (f"leader elections after start-up: {won}; driver iterations over 50 ms: {slow} ({slow_sync} in an "
-            f"engine commit); last checkpoint metadata: {sizes or 'none'}")
+            f"engine commit); last checkpoint metadata: {sizes or 'none'}{preps}")
 
 
 def heap_summary(views: dict[str, dict]) -> str:

@@ -372,6 +372,14 @@ class Record:
     # class default None applies.)
     start_ms: int | None = None
 
+    def __reduce__(self) -> tuple:
+        # Pickled as the constructor's positional arguments, not the default (class, attribute dict): a
+        # checkpoint pickles again every history segment with a new or changed record, thousands of records
+        # (raftkv.retained), and this is about 3x faster per record (3.5 -> 1.3 ms per 2,048). The builds
+        # before this one load it too (same fields, same order); ``tests/test_txn.py`` checks every field is here.
+        return (Record, (self.state, self.participants, self.created_ms, self.branch, self.results, self.reason,
+                         self.acked, self.finished_ms, self.start_ms))
+
     def answer(self) -> tuple:
         """What stage/begin/decide/resolve reply: ``(state, branch, results, reason, participants, start_ms)``."""
         start = self.created_ms if self.start_ms is None else self.start_ms

@@ -225,3 +225,61 @@ def test_the_replicas_snapshot_format_keeps_the_change_log() -> None:
     loaded = KVState.from_chunks(s.freeze().chunks(keys_per_chunk=2))  # what ShardReplica writes and reads
     assert loaded.read(("changes", b"k", True, 0, 100)) == s.read(("changes", b"k", True, 0, 100))
     assert loaded.changes.floor == s.changes.floor == 0
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(changes, st.integers(1, 6), st.integers(1, 12), st.lists(st.integers(0, 40), max_size=6),
+       st.integers(1, 4))
+def test_a_dump_loads_back_to_the_same_ring_and_pickles_only_changed_pieces(writes, events_max, bytes_max, dumps_at,
+                                                                             piece_revs) -> None:
+    import raftkv.changelog as changelog
+
+    original, pickled = changelog.PIECE_REVISIONS, []
+    real_dumps = changelog.pickle.dumps
+    changelog.PIECE_REVISIONS = piece_revs  # small pieces, so that a few writes span several
+    try:
+        log = ChangeLog(events_max=events_max, bytes_max=bytes_max)
+        changelog.pickle.dumps = lambda obj, protocol=None: pickled.append(obj) or real_dumps(obj, protocol)
+        for rev, (k, v) in enumerate(writes, start=1):
+            log.record(rev, k, v)
+            if rev in dumps_at or rev == len(writes):
+                pickled.clear()
+                blob = log.dump()
+                back = ChangeLog.load(blob, rev)
+                assert (list(back.events), back.floor) == (list(log.events), log.floor)
+                # Every replica with this ring dumps the same pieces: the copy does too.
+                assert back.dump() == blob
+                pickled.clear()
+                assert log.dump() == blob and pickled == [], "an unchanged ring was pickled again"
+        # One more change pickles at most the newest piece and the oldest (which lost events).
+        if writes:
+            log.dump()
+            pickled.clear()
+            log.record(len(writes) + 1, b"a", b"x")
+            log.dump()
+            assert len(pickled) <= 2
+    finally:
+        changelog.PIECE_REVISIONS = original
+        changelog.pickle.dumps = real_dumps
+
+
+def test_a_ring_dumped_by_an_older_node_still_loads_and_snapshots_carry_the_older_form() -> None:
+    old_form = (3, [(4, b"a", b"x"), (5, b"b", None)])
+    log = ChangeLog.load(old_form, 5)
+    assert list(log.events) == [(4, b"a", b"x"), (5, b"b", None)] and log.floor == 3
+    assert ChangeLog.load(log.dump(), 5).events == log.events
+    # What a follower is sent: the form every build loads (one not upgraded yet unpacks ``floor, events``).
+    assert ChangeLog.plain(log.dump()) == old_form
+
+
+def test_a_snapshot_stream_carries_the_ring_in_the_form_earlier_builds_read() -> None:
+    from raftkv.snapshot import _portable
+
+    s = KVState()
+    for i in range(5):
+        s.apply(("set", b"k%d" % i, b"v"), 1000)
+    meta = s.meta()
+    assert meta[7]["changes"][1] == "pieces"
+    floor, events = _portable(meta)[7]["changes"]
+    assert (floor, events) == (s.changes.floor, list(s.changes.events)) and len(events) == 5
+    assert _portable(meta)[:7] == meta[:7]

@@ -1053,3 +1053,18 @@ def test_a_tx_batch_applies_each_tail_message_as_if_alone_and_refuses_anything_e
     s = KVState()
     out = s.apply(("tx_batch", (("tx_prepare", "c", 0, [], [("put", b"c", b"v")], [], T0), ("tx_ack", "zz"))), T0)
     assert isinstance(out[0], CmdError) and out[1] is False and s.txns.locks == {}
+
+
+def test_a_record_pickles_every_field_and_records_of_earlier_builds_still_load(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+    import pickle
+
+    rec = Record(COMMITTED, (0, 2), 5, True, ((1, b"OK"),), "why", True, 9, 4)
+    assert len(rec.__reduce__()[1]) == len(dataclasses.fields(Record)), "a Record field is not pickled"
+    assert pickle.loads(pickle.dumps(rec, protocol=pickle.HIGHEST_PROTOCOL)) == rec
+    with monkeypatch.context() as m:  # what an earlier build wrote: the class and the attribute dict
+        m.delattr(Record, "__reduce__")
+        earlier = pickle.dumps(rec, protocol=pickle.HIGHEST_PROTOCOL)
+    assert earlier != pickle.dumps(rec, protocol=pickle.HIGHEST_PROTOCOL)
+    assert pickle.loads(earlier) == rec
