@@ -24,14 +24,6 @@ restarted node serves the same history as the leader did.  The limits are
 constants of the state machine, not settings: every replica must drop the same
 events at the same revision.
 
-A snapshot stores the ring as pickled *pieces*, the events of each range of
-``PIECE_REVISIONS`` revisions (``dump``).  A piece is pickled again only when
-its events changed (the newest piece grows, the oldest loses events), so a
-checkpoint pickles one or two pieces, not the whole ring: 10,000 events of
-100-byte values took 16-24 ms of the applying thread per checkpoint under a
-transaction load.  Pieces depend only on the events, so every replica with the
-same ring dumps the same pieces.
-
 State-machine command (a read, ``KVState.read``):
 
 =============================================  ======================================
@@ -53,8 +45,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import itertools
-import pickle
 from typing import Any
 
 from raftkv.results import CmdError
@@ -63,8 +53,6 @@ EVENTS_MAX = 10_000  # events kept per shard
 EVENT_BYTES_MAX = 8 * 1024 * 1024  # key and value bytes kept per shard
 COUNT_MAX = 10_000  # events in one answer
 SCAN_MAX = EVENTS_MAX  # events examined by one read (a prefix that matches little scans the window)
-PIECE_REVISIONS = 1_000  # revisions per pickled piece of a dump
-_PIECES = "pieces"  # marks the pieces form of ``dump`` (the older form is ``(floor, events)``)
 
 Event = tuple[int, bytes, "bytes | None"]  # (revision, key, value or None for a deletion)
 
@@ -76,7 +64,7 @@ def _size(event: Event) -> int:
 class ChangeLog:
     """The newest changes of one shard, oldest first, bounded in count and bytes (see module doc)."""
 
-    __slots__ = ("events", "floor", "bytes", "events_max", "bytes_max", "_counts", "_pieces")
+    __slots__ = ("events", "floor", "bytes", "events_max", "bytes_max")
 
     def __init__(self, events: list[Event] | None = None, floor: int = 0, events_max: int = EVENTS_MAX,
                  bytes_max: int = EVENT_BYTES_MAX) -> None:
@@ -86,12 +74,6 @@ class ChangeLog:
         self.bytes = sum(_size(e) for e in self.events)
         self.events_max = events_max
         self.bytes_max = bytes_max
-        # piece number -> how many of ``events`` it holds, oldest piece first; and the pickled pieces of the
-        # last dump, with the count and the first revision each was pickled at
-        self._counts: dict[int, int] = {}
-        for e in self.events:
-            self._counts[e[0] // PIECE_REVISIONS] = self._counts.get(e[0] // PIECE_REVISIONS, 0) + 1
-        self._pieces: dict[int, tuple[bytes, int, int]] = {}
         assert all(a[0] < b[0] for a, b in zip(self.events, list(self.events)[1:], strict=False))
         assert not self.events or self.events[0][0] > floor
 
@@ -103,26 +85,16 @@ class ChangeLog:
         event = (revision, key, value)
         self.events.append(event)
         self.bytes += _size(event)
-        piece = revision // PIECE_REVISIONS
-        self._counts[piece] = self._counts.get(piece, 0) + 1
         while self.events and (len(self.events) > self.events_max or self.bytes > self.bytes_max):
-            self.floor = self._drop_oldest()[0]
-
-    def _drop_oldest(self) -> Event:
-        dropped = self.events.popleft()
-        self.bytes -= _size(dropped)
-        piece = dropped[0] // PIECE_REVISIONS
-        if self._counts[piece] == 1:
-            del self._counts[piece]
-        else:
-            self._counts[piece] -= 1
-        return dropped
+            dropped = self.events.popleft()
+            self.bytes -= _size(dropped)
+            self.floor = dropped[0]
 
     def compact_to(self, revision: int) -> None:
         """Forget the history up to ``revision`` (state changed outside the log of changes, e.g. a
         backup loaded): watchers with an older cursor get ``COMPACTED``."""
         while self.events and self.events[0][0] <= revision:
-            self._drop_oldest()
+            self.bytes -= _size(self.events.popleft())
         self.floor = max(self.floor, revision)
 
     def since(self, after: int, match: Any, count: int, revision: int) -> tuple[list[Event], int] | CmdError:
@@ -149,43 +121,15 @@ class ChangeLog:
                 return out, event[0]
         return out, revision
 
-    def dump(self) -> tuple[int, str, list[bytes]]:
-        """Picklable form for snapshots: ``(floor, "pieces", pieces)``, each piece the pickled list of the
-        events of one range of ``PIECE_REVISIONS`` revisions, oldest first; only pieces whose events changed
-        since the last dump are pickled again (see module doc)."""
-        pieces: list[bytes] = []
-        kept: dict[int, tuple[bytes, int, int]] = {}
-        offset = 0
-        for piece, count in self._counts.items():
-            done = self._pieces.get(piece)
-            # Events join the newest piece and leave the oldest (one piece can be both): its first revision and
-            # its count say whether it holds the events it held when pickled.
-            first = self.events[offset][0]
-            if done is None or done[1] != count or done[2] != first:
-                events = list(itertools.islice(self.events, offset, offset + count))
-                done = (pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL), count, first)
-            kept[piece] = done
-            pieces.append(done[0])
-            offset += count
-        self._pieces = kept
-        return self.floor, _PIECES, pieces
+    def dump(self) -> tuple[int, list[Event]]:
+        """Picklable form for snapshots."""
+        return self.floor, list(self.events)
 
     @classmethod
-    def plain(cls, blob: tuple) -> tuple[int, list[Event]]:
-        """``blob`` (``dump``'s) in the ``(floor, events)`` form that builds before pieces load: what a
-        snapshot sent to a follower carries, since the follower may not be upgraded yet."""
-        log = cls.load(blob, 0)
-        return log.floor, list(log.events)
-
-    @classmethod
-    def load(cls, blob: tuple | None, revision: int) -> ChangeLog:
-        """Inverse of ``dump`` (and of the older ``(floor, events)`` form); ``None`` (a snapshot older than
-        change logs): no history before ``revision``."""
+    def load(cls, blob: tuple[int, list[Event]] | None, revision: int) -> ChangeLog:
+        """Inverse of ``dump``; ``None`` (a snapshot older than change logs): no history before ``revision``."""
         if blob is None:
             return cls(floor=revision)
-        if len(blob) == 3 and blob[1] == _PIECES:
-            floor, _, pieces = blob
-            return cls([tuple(e) for piece in pieces for e in pickle.loads(piece)], floor)  # type: ignore[misc]
         floor, events = blob
         return cls([tuple(e) for e in events], floor)  # type: ignore[misc]
 
