@@ -180,8 +180,8 @@ def cluster_down(directory: str, purge: bool) -> None:
                    "that a full collection walks only what is newer (long pauses stop every shard group's "
                    "heartbeats); 0: never (a reference cycle frozen while alive is never collected)")
 def serve(config: str, node_name: str, log_level: str, balance_leaders: bool, balance_period: float,
-          gc_freeze_period: float, compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...], unsafe_local_reads: bool,
-          unsafe_skip_locks: bool, unsafe_watch_miss: bool, metrics_port: int | None,
+          gc_freeze_period: float, compact_every: int | None, engine_map_gib: int, faults: tuple[str, ...],
+          unsafe_local_reads: bool, unsafe_skip_locks: bool, unsafe_watch_miss: bool, metrics_port: int | None,
           insecure: bool, max_clients: int, max_request_bytes: int, max_key_bytes: int, max_value_bytes: int,
           pipeline_depth: int, idle_timeout: float, txn_classic_2pc: bool, txn_no_wait_die: bool,
           election_timeout: str, unsafe_no_sync: bool, request_timeout: float, engine_kind: str | None) -> None:

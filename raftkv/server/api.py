@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from raftkv.acl import Access, AclTable
-from raftkv.heap import FREEZE_PERIOD_S
+from raftkv.heap import FREEZE_PERIOD_S, HeapFreezer
 from raftkv.protocol import Error
 from raftkv.results import Locked
 
@@ -206,6 +206,7 @@ class NodeAPI(Protocol):
     unsafe_local_reads: bool
     unsafe_watch_miss: bool  # DANGEROUS, testing only: EXEC misses writes to watched keys
     engine: Engine  # the node's one storage engine (only the fault command touches it)
+    heap: HeapFreezer  # the process's garbage collections, timed (metrics read its stats)
 
     @property
     def replicas(self) -> dict[int, ShardReplica]: ...
