@@ -58,3 +58,32 @@ def test_every_collection_is_counted_timed_and_a_slow_one_logged(freezer: HeapFr
     freezer.uninstall()
     gc.collect()
     assert freezer.stats()["collections"][2] == st["collections"][2], "counted after uninstall"
+
+
+@pytest.mark.parametrize("period", ["0.2", "0"])
+def test_a_node_freezes_on_its_period_and_reports_its_collections(tmp_path, period: str) -> None:  # noqa: ANN001
+    import time
+
+    from .conftest import start_cluster
+
+    lc = start_cluster(str(tmp_path / "c"), nodes=1, shards=1, node_args=["--gc-freeze-period", period])
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            heap = lc.shard_views()["n1"]["heap"]
+            if period == "0" or heap["freezes"] >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if period == "0":
+            from raftkv import Client
+
+            with Client(cluster=lc.config) as c:  # allocations enough for the collector to run by itself
+                for i in range(300):
+                    c.put(f"k{i}", "v")
+            heap = lc.shard_views()["n1"]["heap"]
+            assert heap["freezes"] == 0 and heap["frozen_objects"] == 0
+        else:
+            assert heap["freezes"] >= 3 and heap["frozen_objects"] > 10_000, heap
+        assert sum(heap["collections"]) > 0 and len(heap["max_pause_ms"]) == 3, heap
+    finally:
+        lc.stop()
