@@ -9,32 +9,53 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import ssl
 import struct
 import weakref
 
 import pytest
 
-from raftkv.server.conn import _release
+from raftkv.server.conn import _release, transports_of
 
 
-async def _closed_transport(reset: bool) -> weakref.ref:
-    """Serve one connection that the client closes (or resets); return a weak reference to its transport."""
+async def _closed_transport(reset: bool, tls: tuple[str, str] | None = None) -> list[weakref.ref]:
+    """Serve one connection that the client closes (or resets); return weak references to its transport (with
+    TLS: and to the socket's transport beneath it)."""
     refs: list[weakref.ref] = []
     done = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        refs.append(weakref.ref(writer.transport))
+        transports = transports_of(writer)
+        refs.extend(weakref.ref(t) for t in transports)
+        assert len(transports) == (2 if tls else 1)
         try:
             await reader.read(100)
         except ConnectionError:
             pass
         writer.close()
-        await _release(writer)
+        await _release(writer, transports)
+        del transports
         done.set()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server_ctx = None
+    if tls is not None:
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(*tls)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
     port = server.sockets[0].getsockname()[1]
     sock = socket.create_connection(("127.0.0.1", port))
+    if tls is not None:
+        client_ctx = ssl.create_default_context()
+        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+        sock.setblocking(False)
+        sock = client_ctx.wrap_socket(sock, do_handshake_on_connect=False)
+        while True:  # the handshake needs the server's loop to run
+            try:
+                sock.do_handshake()
+                break
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                await asyncio.sleep(0.01)
+        sock.setblocking(True)
     if reset:  # close with an RST: the server's read fails with ConnectionResetError
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     else:
@@ -46,16 +67,20 @@ async def _closed_transport(reset: bool) -> weakref.ref:
     await server.wait_closed()
     for _ in range(3):
         await asyncio.sleep(0)  # let the loop drop its last handles
-    return refs[0]
+    return refs
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
-def test_a_closed_connection_needs_no_cyclic_collection(reset: bool) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_closed_connection_needs_no_cyclic_collection(reset: bool, tls: bool, tmp_path) -> None:  # noqa: ANN001
+    from .test_security import _self_signed
+
+    cert = _self_signed(tmp_path) if tls else None
     gc.collect()
     gc.disable()  # only reference counting from here on
     try:
-        ref = asyncio.run(_closed_transport(reset))
-        assert ref() is None, f"the transport of a {'reset' if reset else 'closed'} connection is still alive: " \
-                              f"{[type(r).__name__ for r in gc.get_referrers(ref())]}"
+        refs = asyncio.run(_closed_transport(reset, cert))
+        alive = [type(r()).__name__ for r in refs if r() is not None]
+        assert not alive, f"still alive after the {'reset' if reset else 'close'}: {alive}"
     finally:
         gc.enable()

@@ -83,6 +83,7 @@ async def serve_connection(node: Server, reader: asyncio.StreamReader, writer: a
 
 
 async def _serve(node: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    transports = transports_of(writer)
     peername = writer.get_extra_info("peername")
     conn = Conn(f"{peername[0]}:{peername[1]}" if peername else "?", not node.auth_required())
     limits = node.limits
@@ -139,7 +140,7 @@ async def _serve(node: Server, reader: asyncio.StreamReader, writer: asyncio.Str
             pass
         writer.close()
         node.clients -= 1
-        await _release(writer)
+        await _release(writer, transports)
 
 
 #: How long a closed connection may take to finish closing (a TLS shutdown, unsent replies) before its
@@ -147,10 +148,18 @@ async def _serve(node: Server, reader: asyncio.StreamReader, writer: asyncio.Str
 CLOSE_WAIT_S = 5.0
 
 
-async def _release(writer: asyncio.StreamWriter) -> None:
+def transports_of(writer: asyncio.StreamWriter) -> list[asyncio.BaseTransport]:
+    """The connection's transports: the stream's and, with TLS, the socket's beneath it (asyncio drops its own
+    reference to that one when the connection is lost: take it while the connection is open)."""
+    inner = getattr(getattr(writer.transport, "_ssl_protocol", None), "_transport", None)
+    return [writer.transport] if inner is None else [writer.transport, inner]
+
+
+async def _release(writer: asyncio.StreamWriter, transports: list[asyncio.BaseTransport]) -> None:
     """Once the connection has closed, break the reference cycle Python 3.11's socket transport keeps to itself
     (its read callback is one of its own bound methods), so that reference counting frees it: a connection
-    that was open at one of ``raftkv.heap``'s freezes is out of the cyclic collector's reach for good."""
+    that was open at one of ``raftkv.heap``'s freezes is out of the cyclic collector's reach for good.
+    ``transports``: ``transports_of(writer)``, taken while it was open."""
     try:
         async with asyncio.timeout(CLOSE_WAIT_S):
             await writer.wait_closed()
@@ -158,10 +167,8 @@ async def _release(writer: asyncio.StreamWriter) -> None:
         return  # still closing: left to the collector
     except (ConnectionError, OSError) as exc:  # closed by the peer's reset: the error's frames refer back to it
         exc.__traceback__ = None
-    transport = writer.transport
-    inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)  # TLS: the socket's transport
-    for t in (transport, inner):
-        if t is not None and t.is_closing() and getattr(t, "_read_ready_cb", None) is not None:
+    for t in transports:
+        if t.is_closing() and getattr(t, "_read_ready_cb", None) is not None:
             t._read_ready_cb = None  # closed: never read again
 
 
