@@ -20,6 +20,7 @@ from typing import Any
 import hiredis
 
 from raftkv import protocol
+from raftkv.heap import release_closed, transports_of
 
 
 class ConnectionLost(Exception):
@@ -97,12 +98,12 @@ class AsyncConnection:
         # Each connection has its own queue of waiting callers: a connection dropped after a timeout
         # fails only its own callers, never those of the one that replaced it.
         self.writer, self.waiting = writer, []
-        asyncio.create_task(self._pump(reader, writer, self.waiting))
+        asyncio.create_task(self._pump(reader, writer, self.waiting, transports_of(writer)))
         if self.opening is not None:
             await self.opening(self)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    waiting: list[asyncio.Future]) -> None:
+                    waiting: list[asyncio.Future], transports: list[asyncio.BaseTransport]) -> None:
         parser = protocol.reply_reader()
         try:
             while True:
@@ -123,3 +124,4 @@ class AsyncConnection:
             writer.close()
             if self.writer is writer:
                 self.writer = None
+            await release_closed(writer, transports)  # a node's links outlive its GC freezes (raftkv.heap)

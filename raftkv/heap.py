@@ -13,8 +13,10 @@ and then moves every object still alive out of the collector's reach (``gc.freez
 (``run``), a full collection only walks what was created since the last freeze.
 
 The price: a reference cycle that is alive at a freeze and becomes garbage later is never collected.
-Reference counting frees everything else as before, and asyncio breaks its transports' and protocols' cycles
-when a connection closes. ``stats()`` reports how many objects are frozen and what every collection cost
+Reference counting frees everything else as before. A closed connection is the one such cycle found: Python
+3.11's socket transport keeps its read callback as one of its own bound methods, so every connection that is
+open at a freeze would stay in memory once closed. ``release_closed`` breaks that cycle (the node's client
+connections and its links to other nodes call it). ``stats()`` reports how many objects are frozen and what every collection cost
 (status ``heap``, metrics ``raftkv_gc_*``); ``bench/txn_soak.py`` reports both (``--serve-arg=--gc-freeze-period
 --serve-arg=0`` for a run without freezing).
 """
@@ -27,7 +29,7 @@ import logging
 import time
 from typing import Any
 
-__all__ = ["FREEZE_PERIOD_S", "SLOW_GC_S", "HeapFreezer"]
+__all__ = ["CLOSE_WAIT_S", "FREEZE_PERIOD_S", "SLOW_GC_S", "HeapFreezer", "release_closed", "transports_of"]
 
 log = logging.getLogger("raftkv.heap")
 
@@ -35,6 +37,9 @@ log = logging.getLogger("raftkv.heap")
 FREEZE_PERIOD_S = 10.0
 #: A collection longer than this is logged (``event=slow_gc``): every thread of the node stood still.
 SLOW_GC_S = 0.05
+#: How long a closed connection may take to finish closing (a TLS shutdown, unsent bytes) before its transport
+#: is left to the garbage collector (``release_closed``).
+CLOSE_WAIT_S = 5.0
 
 
 class HeapFreezer:
@@ -101,3 +106,26 @@ class HeapFreezer:
         if dt > self.slow_s:
             log.warning("event=slow_gc generation=%d ms=%.0f collected=%d frozen=%d", gen, dt * 1000,
                         info.get("collected", 0), gc.get_freeze_count())
+
+
+def transports_of(writer: asyncio.StreamWriter) -> list[asyncio.BaseTransport]:
+    """A connection's transports: the stream's and, with TLS, the socket's beneath it (asyncio drops its own
+    reference to that one when the connection is lost: take it while the connection is open)."""
+    inner = getattr(getattr(writer.transport, "_ssl_protocol", None), "_transport", None)
+    return [writer.transport] if inner is None else [writer.transport, inner]
+
+
+async def release_closed(writer: asyncio.StreamWriter, transports: list[asyncio.BaseTransport]) -> None:
+    """After ``writer.close()``: once the connection has closed, break the reference cycle each socket
+    transport keeps to itself, so that reference counting frees it, frozen or not (module doc).
+    ``transports``: ``transports_of(writer)``, taken while the connection was open."""
+    try:
+        async with asyncio.timeout(CLOSE_WAIT_S):
+            await writer.wait_closed()
+    except TimeoutError:
+        return  # still closing: left to the collector
+    except (ConnectionError, OSError) as exc:  # closed by the peer's reset: the error's frames refer back to it
+        exc.__traceback__ = None
+    for t in transports:
+        if t.is_closing() and getattr(t, "_read_ready_cb", None) is not None:
+            t._read_ready_cb = None  # closed: never read again

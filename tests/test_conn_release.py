@@ -1,4 +1,4 @@
-"""A closed client connection is freed by reference counting alone (raftkv.server.conn._release).
+"""A closed connection is freed by reference counting alone (raftkv.heap.release_closed).
 
 raftkv.heap freezes every object alive every few seconds, so a connection open at a freeze is out of the cyclic
 collector's reach for good: if its transport were still in a reference cycle once closed, it would never be freed.
@@ -15,7 +15,7 @@ import weakref
 
 import pytest
 
-from raftkv.server.conn import _release, transports_of
+from raftkv.heap import release_closed, transports_of
 
 
 async def _closed_transport(reset: bool, tls: tuple[str, str] | None = None) -> list[weakref.ref]:
@@ -33,7 +33,7 @@ async def _closed_transport(reset: bool, tls: tuple[str, str] | None = None) -> 
         except ConnectionError:
             pass
         writer.close()
-        await _release(writer, transports)
+        await release_closed(writer, transports)
         del transports
         done.set()
 
@@ -82,5 +82,39 @@ def test_a_closed_connection_needs_no_cyclic_collection(reset: bool, tls: bool, 
         refs = asyncio.run(_closed_transport(reset, cert))
         alive = [type(r()).__name__ for r in refs if r() is not None]
         assert not alive, f"still alive after the {'reset' if reset else 'close'}: {alive}"
+    finally:
+        gc.enable()
+
+
+def test_a_link_to_another_node_that_closes_needs_no_cyclic_collection() -> None:
+    """A node's forwarding link (``AsyncConnection``) whose peer closes it: its transport goes with it."""
+    from raftkv.aioconnection import AsyncConnection
+
+    async def run() -> weakref.ref:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(100)  # the PING
+            writer.write(b"+PONG\r\n")
+            await writer.drain()
+            writer.close()  # then the peer goes away
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        conn = AsyncConnection("127.0.0.1", server.sockets[0].getsockname()[1])
+        assert await conn.call("PING", timeout=5) == b"PONG"
+        ref = weakref.ref(conn.writer.transport)
+        for _ in range(100):  # the link notices the close and lets go of it
+            if conn.writer is None:
+                break
+            await asyncio.sleep(0.02)
+        server.close()
+        await server.wait_closed()
+        for _ in range(20):
+            await asyncio.sleep(0.01)  # its reader task finishes the release
+        return ref
+
+    gc.collect()
+    gc.disable()
+    try:
+        ref = asyncio.run(run())
+        assert ref() is None, "the closed link's transport is still alive"
     finally:
         gc.enable()

@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from raftkv import protocol
+from raftkv.heap import release_closed, transports_of
 from raftkv.protocol import Error
 from raftkv.server.api import Limits, MetricsAPI
 
@@ -140,36 +141,7 @@ async def _serve(node: Server, reader: asyncio.StreamReader, writer: asyncio.Str
             pass
         writer.close()
         node.clients -= 1
-        await _release(writer, transports)
-
-
-#: How long a closed connection may take to finish closing (a TLS shutdown, unsent replies) before its
-#: transport is left for the garbage collector.
-CLOSE_WAIT_S = 5.0
-
-
-def transports_of(writer: asyncio.StreamWriter) -> list[asyncio.BaseTransport]:
-    """The connection's transports: the stream's and, with TLS, the socket's beneath it (asyncio drops its own
-    reference to that one when the connection is lost: take it while the connection is open)."""
-    inner = getattr(getattr(writer.transport, "_ssl_protocol", None), "_transport", None)
-    return [writer.transport] if inner is None else [writer.transport, inner]
-
-
-async def _release(writer: asyncio.StreamWriter, transports: list[asyncio.BaseTransport]) -> None:
-    """Once the connection has closed, break the reference cycle Python 3.11's socket transport keeps to itself
-    (its read callback is one of its own bound methods), so that reference counting frees it: a connection
-    that was open at one of ``raftkv.heap``'s freezes is out of the cyclic collector's reach for good.
-    ``transports``: ``transports_of(writer)``, taken while it was open."""
-    try:
-        async with asyncio.timeout(CLOSE_WAIT_S):
-            await writer.wait_closed()
-    except TimeoutError:
-        return  # still closing: left to the collector
-    except (ConnectionError, OSError) as exc:  # closed by the peer's reset: the error's frames refer back to it
-        exc.__traceback__ = None
-    for t in transports:
-        if t.is_closing() and getattr(t, "_read_ready_cb", None) is not None:
-            t._read_ready_cb = None  # closed: never read again
+        await release_closed(writer, transports)
 
 
 async def _write_replies(node: Server, replies: asyncio.Queue, writer: asyncio.StreamWriter, conn: Conn) -> None:
