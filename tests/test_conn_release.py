@@ -15,7 +15,10 @@ import weakref
 
 import pytest
 
+from raftkv.aioconnection import AsyncConnection
 from raftkv.heap import release_closed, transports_of
+
+from .test_security import _self_signed
 
 
 async def _closed_transport(reset: bool, tls: tuple[str, str] | None = None) -> list[weakref.ref]:
@@ -73,8 +76,6 @@ async def _closed_transport(reset: bool, tls: tuple[str, str] | None = None) -> 
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_a_closed_connection_needs_no_cyclic_collection(reset: bool, tls: bool, tmp_path) -> None:  # noqa: ANN001
-    from .test_security import _self_signed
-
     cert = _self_signed(tmp_path) if tls else None
     gc.collect()
     gc.disable()  # only reference counting from here on
@@ -88,8 +89,6 @@ def test_a_closed_connection_needs_no_cyclic_collection(reset: bool, tls: bool, 
 
 def test_a_link_to_another_node_that_closes_needs_no_cyclic_collection() -> None:
     """A node's forwarding link (``AsyncConnection``) whose peer closes it: its transport goes with it."""
-    from raftkv.aioconnection import AsyncConnection
-
     async def run() -> weakref.ref:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader.read(100)  # the PING

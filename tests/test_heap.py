@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import weakref
 from collections.abc import Iterator
 
 import pytest
 
+from raftkv import Client
 from raftkv.heap import HeapFreezer
+
+from .conftest import start_cluster
 
 
 @pytest.fixture
@@ -62,10 +66,6 @@ def test_every_collection_is_counted_timed_and_a_slow_one_logged(freezer: HeapFr
 
 @pytest.mark.parametrize("period", ["0.2", "0"])
 def test_a_node_freezes_on_its_period_and_reports_its_collections(tmp_path, period: str) -> None:  # noqa: ANN001
-    import time
-
-    from .conftest import start_cluster
-
     lc = start_cluster(str(tmp_path / "c"), nodes=1, shards=1, node_args=["--gc-freeze-period", period])
     try:
         deadline = time.monotonic() + 20
@@ -75,8 +75,6 @@ def test_a_node_freezes_on_its_period_and_reports_its_collections(tmp_path, peri
                 break
             time.sleep(0.2)
         if period == "0":
-            from raftkv import Client
-
             with Client(cluster=lc.config) as c:  # allocations enough for the collector to run by itself
                 for i in range(300):
                     c.put(f"k{i}", "v")

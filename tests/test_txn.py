@@ -6,6 +6,9 @@ in-memory "log"; time is an integer the test advances.
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
+
 import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
@@ -1057,9 +1060,6 @@ def test_a_tx_batch_applies_each_tail_message_as_if_alone_and_refuses_anything_e
 
 def test_a_record_pickles_every_field_and_records_of_earlier_builds_still_load(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import dataclasses
-    import pickle
-
     rec = Record(COMMITTED, (0, 2), 5, True, ((1, b"OK"),), "why", True, 9, 4)
     assert len(rec.__reduce__()[1]) == len(dataclasses.fields(Record)), "a Record field is not pickled"
     assert pickle.loads(pickle.dumps(rec, protocol=pickle.HIGHEST_PROTOCOL)) == rec
