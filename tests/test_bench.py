@@ -19,7 +19,7 @@ from raftkv.bench import etcd_grpc as eg
 from raftkv.bench.cli import bench
 from raftkv.bench.etcd_http import HttpReader, leader_index
 from raftkv.bench.hist import Hist, nearest_rank, summary_ms
-from raftkv.bench.report import add_ratios, render_table
+from raftkv.bench.report import add_ratios, merge_rounds, render_table
 from raftkv.bench.workloads import NOT_APPLICABLE, applicable
 
 
@@ -64,14 +64,17 @@ def test_http_reader_chunked_and_length() -> None:
 @pytest.mark.slow
 def test_suite_end_to_end(tmp_path) -> None:
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(bench, ["--workload", "put,incr", "--clients", "2", "--duration", "2", "--warmup",
-                                     "0.5", "--peers", "none", "--no-redis-benchmark", "--json", str(out)])
+    res = CliRunner().invoke(bench, ["--workload", "put,incr", "--clients", "2", "--duration", "1", "--warmup",
+                                     "0.5", "--peers", "none", "--no-redis-benchmark", "--rounds", "2",
+                                     "--json", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert [(r["system"], r["workload"], r["clients"]) for r in doc["results"]] == [("raftkv", "put", 2),
                                                                                      ("raftkv", "incr", 2)]
     for row in doc["results"]:
         assert row["ops"] > 0 and row["p50_ms"] is not None and row["errors"] == 0
+        assert len(row["rounds"]) == 2 and all(r["ops_s"] > 0 for r in row["rounds"])
+    assert "(round 2 of 2)" in res.output
     assert doc["generator"] and doc["machine"]["nproc"]
 
 
@@ -243,3 +246,28 @@ def test_a_memory_limit_holds_a_node_process_to_it() -> None:
     finally:
         limit.close()
     assert not limit.dirs
+
+
+def test_rounds_merge_to_medians_and_the_ratio_is_the_median_of_each_rounds_ratio() -> None:
+    """Three rounds of one point: each figure is the median of the rounds, counts are summed, and raftkv's ratio
+    pairs each round with the same round of the peer (not the ratio of the medians)."""
+    def rows(system: str, ops: list[float], p50: list[float]) -> list[dict]:
+        return [{"system": system, "workload": "put", "clients": 32, "ops": int(o * 5), "ops_s": o, "p50_ms": p,
+                 "p99_ms": 2 * p, "p999_ms": 3 * p, "server_cpu": 1.0, "errors": 1, "indeterminate": 0}
+                for o, p in zip(ops, p50, strict=True)]
+
+    raftkv = merge_rounds(rows("raftkv", [3000.0, 1000.0, 2000.0], [1.0, 3.0, 2.0]))
+    assert (raftkv["ops_s"], raftkv["p50_ms"], raftkv["p99_ms"]) == (2000.0, 2.0, 4.0)
+    assert (raftkv["ops"], raftkv["errors"]) == (30_000, 3)
+    assert [r["ops_s"] for r in raftkv["rounds"]] == [3000.0, 1000.0, 2000.0]
+    # etcd's two APIs: the faster in each round counts
+    etcd = merge_rounds(rows("etcd", [1000.0, 2000.0, 1000.0], [1.0, 1.0, 1.0]))
+    grpc = merge_rounds(rows("etcd-grpc", [2000.0, 1000.0, 4000.0], [1.0, 1.0, 1.0]))
+    doc = {"results": [raftkv, etcd, grpc]}
+    add_ratios(doc)
+    # rounds: 3000/2000 = 1.5, 1000/2000 = 0.5, 2000/4000 = 0.5 -> median 0.5 (the medians' ratio would say 1.0)
+    assert raftkv["x_etcd_rounds"] == [1.5, 0.5, 0.5] and raftkv["x_etcd"] == 0.5
+    assert raftkv["x_etcd_via"] == "etcd-grpc"
+    assert "| 0.50× (etcd-grpc; rounds 1.50/0.50/0.50) |" in render_table(doc)
+    one = rows("raftkv", [1234.0], [1.0])
+    assert merge_rounds(one) is one[0] and "rounds" not in one[0]

@@ -71,6 +71,8 @@ json_option = click.option("--json", "json_path", metavar="PATH", help="write th
 @click.option("--procs", type=int, default=0, help="generator processes (default min(clients, nproc))")
 @click.option("--via", type=click.Choice(["raw", "client"]), default="raw", show_default=True,
               help="raw sockets, or raftkv.Client in threads (raftkv only)")
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
+              help="measure every point this many times per system (order rotated) and report the medians")
 @click.option("--no-redis-benchmark", is_flag=True, help="skip redis-benchmark")
 @json_option
 @click.option("--png", "png_path", metavar="PATH", help="write the chart to PATH (needs matplotlib)")
@@ -80,7 +82,7 @@ json_option = click.option("--json", "json_path", metavar="PATH", help="write th
 @click.pass_context
 def bench(ctx: click.Context, workloads: list[str], clients: list[int], duration: float, warmup: float,
           shards: int, peers: list[str], keyspace: int, value_size: int, dist: str, procs: int, via: str,
-          no_redis_benchmark: bool, json_path: str | None, png_path: str | None, failover_trials: int | None,
+          rounds: int, no_redis_benchmark: bool, json_path: str | None, png_path: str | None, failover_trials: int | None,
           scale: bool) -> None:
     """Benchmark a fresh local cluster side by side with etcd and Redis (those on PATH).
 
@@ -105,7 +107,7 @@ def bench(ctx: click.Context, workloads: list[str], clients: list[int], duration
         doc = run_scale(clients=max(clients), duration=duration, value_size=value_size)
     else:
         doc = run_suite(SuiteConfig(workloads, clients, duration, warmup, shards, peers, keyspace, value_size,
-                                    dist, procs, via, not no_redis_benchmark, png_path=png_path))
+                                    dist, procs, via, not no_redis_benchmark, png_path=png_path, rounds=rounds))
     _write_json(doc, json_path)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 from pathlib import Path
 
 from raftkv.bench.systems import ALL_PEERS, PEER_GROUPS
@@ -28,11 +29,34 @@ def machine() -> dict:
             "kernel": platform.release(), "mem_gb": round(int(mem) / 1024 / 1024, 1) if mem else None}
 
 
+#: What each round of a point keeps in the merged row (``merge_rounds``).
+ROUND_FIELDS = ("ops_s", "p50_ms", "p99_ms", "p999_ms", "server_cpu")
+
+
+def merge_rounds(rows: list[dict]) -> dict:
+    """One system's rows of one point, measured in several rounds, as one row: the median of each figure in
+    ``ROUND_FIELDS`` (a machine shared with other work makes single runs swing by tens of percent), errors and
+    operations summed, and every round's figures kept under ``rounds``. One row is returned as it is."""
+    if len(rows) == 1:
+        return rows[0]
+    merged = dict(rows[0])
+    for k in ROUND_FIELDS:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        merged[k] = round(statistics.median(vals), 2) if vals else None
+    for k in ("ops", "errors", "indeterminate", "acked", "maybe_applied", "txn_retries"):
+        if k in rows[0]:
+            merged[k] = sum(r.get(k, 0) for r in rows)
+    merged["rounds"] = [{k: r.get(k) for k in ROUND_FIELDS} for r in rows]
+    return merged
+
+
 def add_ratios(doc: dict) -> None:
     """Add ``x_<peer>`` (raftkv ops/s ÷ the peer's at the same point) to raftkv's result rows.
 
     A peer measured through several APIs (etcd: JSON gateway and gRPC) counts with the faster at that
-    point, named in ``x_<peer>_via``.
+    point, named in ``x_<peer>_via``. Points measured in rounds (``merge_rounds``) take the median of the
+    rounds' ratios, each round's raftkv figure against the same round's peer (the systems of one round ran
+    back to back, so what else loaded the machine then weighs on both).
     """
     idx = {(r["system"], r["workload"], r["clients"]): r for r in doc["results"]}
     for r in doc["results"]:
@@ -40,11 +64,19 @@ def add_ratios(doc: dict) -> None:
             continue
         for peer, apis in PEER_GROUPS.items():
             rows = [q for a in apis if (q := idx.get((a, r["workload"], r["clients"]))) and q["ops_s"]]
-            if rows:
-                q = max(rows, key=lambda q: q["ops_s"])
+            if not rows:
+                continue
+            q = max(rows, key=lambda q: q["ops_s"])
+            rounds = r.get("rounds")
+            if rounds and all(len(p.get("rounds", ())) == len(rounds) for p in rows):
+                per_round = [mine["ops_s"] / max(p["rounds"][i]["ops_s"] or 0.0 for p in rows)
+                             for i, mine in enumerate(rounds) if max(p["rounds"][i]["ops_s"] or 0.0 for p in rows)]
+                r[f"x_{peer}"] = round(statistics.median(per_round), 2)
+                r[f"x_{peer}_rounds"] = [round(x, 2) for x in per_round]
+            else:
                 r[f"x_{peer}"] = round(r["ops_s"] / q["ops_s"], 2)
-                if len(apis) > 1:
-                    r[f"x_{peer}_via"] = q["system"]
+            if len(apis) > 1:
+                r[f"x_{peer}_via"] = q["system"]
 
 
 def _fmt_ms(x: float | None) -> str:
@@ -59,6 +91,14 @@ def fmt_row(r: dict) -> str:
             f"generator cpu {r['generator'].get('cpu_s_per_s')}" + (f"  load avg {r['loadavg_1m']}" if "loadavg_1m" in r else ""))
 
 
+def _ratio_note(r: dict, k: str) -> str:
+    """`` (etcd-grpc; rounds 0.98/1.05/1.12)``: the peer's faster API and each round's ratio, when there are."""
+    notes = [r[k + "_via"]] if k + "_via" in r else []
+    if k + "_rounds" in r:
+        notes.append("rounds " + "/".join(f"{x:.2f}" for x in r[k + "_rounds"]))
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def render_table(doc: dict) -> str:
     """Markdown table: one row per (workload, clients, system), with ratios against the peers."""
     head = ("| workload | clients | system | ops/s | p50 ms | p99 ms | p99.9 ms | errors (indet.) | "
@@ -69,7 +109,7 @@ def render_table(doc: dict) -> str:
                                                  order.get(r["system"], 9)))
     skipped = doc.get("not_applicable", {})
     for r in rows:
-        ratios = [f"{r[k]:.2f}×" + (f" ({r[k + '_via']})" if k + "_via" in r else "") if k in r
+        ratios = [f"{r[k]:.2f}×" + _ratio_note(r, k) if k in r
                   else "-" if r["system"] == "raftkv" and set(PEER_GROUPS[k[2:]]) & set(skipped.get(r["workload"], {}))
                   else "" for k in ("x_etcd", "x_redis")]
         lines.append(f"| {r['workload']} | {r['clients']} | {r['system']} | {r['ops_s']:.0f} | "

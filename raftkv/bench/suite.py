@@ -9,7 +9,9 @@ and a single Redis (``appendonly yes``, ``appendfsync always``: the unreplicated
 against etcd is taken against the faster of etcd's two APIs at each point.  All of them run at once but only one is driven at a time, and the points of one (workload,
 clients) pair are measured back to back, so background load on a shared machine hits each system alike.
 Each is preloaded with the key space, then driven by ``raftkv.bench.load`` for every (workload,
-concurrency) point.  ``redis-benchmark``, when on PATH, is run against one raftkv node and against Redis.
+concurrency) point; with ``rounds`` > 1 every point is measured that many times per system, the systems'
+order rotated each round, and reported as the medians (``raftkv.bench.report.merge_rounds``), raftkv's
+ratios as the median of the rounds' ratios.  ``redis-benchmark``, when on PATH, is run against one raftkv node and against Redis.
 
 Nothing here runs at import.  Nothing is installed: peers missing from PATH are reported as skipped.
 """
@@ -30,7 +32,7 @@ from typing import Any
 
 from raftkv.bench.load import LoadParams, run_load
 from raftkv.bench.preload import preload
-from raftkv.bench.report import add_ratios, fmt_row, machine, plot, render_table
+from raftkv.bench.report import add_ratios, fmt_row, machine, merge_rounds, plot, render_table
 from raftkv.bench.systems import (
     ALL_PEERS,
     EtcdGrpcSystem,
@@ -81,6 +83,7 @@ class SuiteConfig:
     json_path: str | None = None
     png_path: str | None = None
     workdir: str | None = None
+    rounds: int = 1  # each point measured this many times per system, the systems' order rotated each round
 
 
 def say(msg: str) -> None:
@@ -145,17 +148,26 @@ def run_suite(cfg: SuiteConfig, out: Callable[[str], None] = say) -> dict:
             out(f"   preloaded {cfg.keyspace} keys in {secs:.1f} s")
         for w in workloads:
             for n in cfg.clients:
-                for sname, sys_ in running.items():
-                    if not applicable(w, sname):
+                names = []
+                for sname in running:
+                    if applicable(w, sname):
+                        names.append(sname)
+                    else:
                         doc["not_applicable"].setdefault(w, {})[sname] = NOT_APPLICABLE[w][sname]
-                        continue
-                    p = LoadParams(w, n, cfg.duration, cfg.warmup, cfg.keyspace, cfg.value_size, cfg.dist,
-                                   cfg.procs, via=cfg.via)
-                    r = run_load(sys_, p)
-                    row = r.row()
-                    row["loadavg_1m"] = round(os.getloadavg()[0], 1)
-                    doc["results"].append(row)
-                    out("   " + fmt_row(row))
+                if not names:
+                    continue
+                rows: dict[str, list[dict]] = {sname: [] for sname in names}
+                for rnd in range(cfg.rounds):
+                    # Rotate who goes first: a system measured right after another may find the CPUs warmer
+                    # or the disk busier.
+                    for sname in names[rnd % len(names):] + names[:rnd % len(names)]:
+                        p = LoadParams(w, n, cfg.duration, cfg.warmup, cfg.keyspace, cfg.value_size, cfg.dist,
+                                       cfg.procs, via=cfg.via)
+                        row = run_load(running[sname], p).row()
+                        row["loadavg_1m"] = round(os.getloadavg()[0], 1)
+                        rows[sname].append(row)
+                        out("   " + fmt_row(row) + (f"  (round {rnd + 1} of {cfg.rounds})" if cfg.rounds > 1 else ""))
+                doc["results"].extend(merge_rounds(rows[sname]) for sname in names)
         if cfg.redis_benchmark and shutil.which("redis-benchmark"):
             for n in cfg.clients:
                 for sname, sys_ in running.items():
