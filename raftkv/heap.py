@@ -37,8 +37,8 @@ log = logging.getLogger("raftkv.heap")
 FREEZE_PERIOD_S = 10.0
 #: A collection longer than this is logged (``event=slow_gc``): every thread of the node stood still.
 SLOW_GC_S = 0.05
-#: How long a closed connection may take to finish closing (a TLS shutdown, unsent bytes) before its transport
-#: is left to the garbage collector (``release_closed``).
+#: How long a closed connection may take to finish closing (a TLS shutdown, unsent bytes to a peer that does
+#: not read them) before it is aborted (``release_closed``).
 CLOSE_WAIT_S = 5.0
 
 
@@ -119,11 +119,20 @@ async def release_closed(writer: asyncio.StreamWriter, transports: list[asyncio.
     """After ``writer.close()``: once the connection has closed, break the reference cycle each socket
     transport keeps to itself, so that reference counting frees it, frozen or not (module doc).
     ``transports``: ``transports_of(writer)``, taken while the connection was open."""
+    closed = asyncio.ensure_future(writer.wait_closed())
     try:
         async with asyncio.timeout(CLOSE_WAIT_S):
-            await writer.wait_closed()
+            await asyncio.shield(closed)  # a timeout must not cancel the stream's own close waiter
     except TimeoutError:
-        return  # still closing: left to the collector
+        # Still closing: bytes the peer does not take (or a TLS shutdown it does not answer) keep it open,
+        # possibly for good. Drop them: a frozen transport left to the collector would never be freed.
+        for t in transports:
+            t.abort()
+        try:
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                await closed
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            exc.__traceback__ = None
     except (ConnectionError, OSError) as exc:  # closed by the peer's reset: the error's frames refer back to it
         exc.__traceback__ = None
     for t in transports:

@@ -11,12 +11,16 @@ import gc
 import socket
 import ssl
 import struct
+import types
 import weakref
 
 import pytest
 
+from raftkv import heap
 from raftkv.aioconnection import AsyncConnection
 from raftkv.heap import release_closed, transports_of
+from raftkv.server.api import Limits
+from raftkv.server.conn import Conn, serve_connection
 
 from .test_security import _self_signed
 
@@ -115,5 +119,100 @@ def test_a_link_to_another_node_that_closes_needs_no_cyclic_collection() -> None
     try:
         ref = asyncio.run(run())
         assert ref() is None, "the closed link's transport is still alive"
+    finally:
+        gc.enable()
+
+
+class _StubNode:
+    """What ``serve_connection`` needs of a node: limits, counters, and a dispatch that answers PONG."""
+
+    def __init__(self, clients: int = 0) -> None:
+        self.clients = clients
+        self.limits = Limits(clients_max=1)
+        self.metrics = types.SimpleNamespace(client_gone=types.SimpleNamespace(inc=lambda: None))
+        self.security = None
+
+    def auth_required(self) -> bool:
+        return False
+
+    def dispatch_ordered(self, conn: Conn, req: list[bytes]) -> bytes:
+        return b"PONG"
+
+    def count_reply(self, reply: object, name: bytes | None, started: float) -> None:
+        pass
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["served", "refused-at-clients-max"])
+def test_a_client_connection_of_the_node_is_freed_without_cyclic_collection(full: bool) -> None:
+    """The node's own connection handler frees what it served, and a connection it refused because the node
+    had ``clients_max`` clients already (which used to skip the release)."""
+    node = _StubNode(clients=1 if full else 0)
+
+    async def run() -> weakref.ref:
+        refs: list[weakref.ref] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            refs.append(weakref.ref(writer.transport))
+            await serve_connection(node, reader, writer)  # type: ignore[arg-type]
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        if not full:
+            writer.write(b"*1\r\n$4\r\nPING\r\n")
+        reply = await asyncio.wait_for(reader.readline(), 5)
+        assert reply.startswith(b"-BUSY" if full else b"$4"), reply
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(50):
+            await asyncio.sleep(0.01)  # the handler sees the close and releases
+        server.close()
+        await server.wait_closed()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return refs[0]
+
+    gc.collect()
+    gc.disable()
+    try:
+        ref = asyncio.run(run())
+        assert ref() is None, "the closed client connection's transport is still alive"
+        assert node.clients == (1 if full else 0)
+    finally:
+        gc.enable()
+
+
+def test_a_connection_whose_peer_stops_reading_is_aborted_and_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing a connection waits for its unsent bytes, which a peer that stopped reading never takes: after
+    ``CLOSE_WAIT_S`` it is aborted and freed rather than left open (and, once frozen, kept forever)."""
+    monkeypatch.setattr(heap, "CLOSE_WAIT_S", 0.3)
+
+    async def run() -> tuple[weakref.ref, socket.socket]:
+        refs: list[weakref.ref] = []
+        done = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            transports = transports_of(writer)
+            refs.extend(weakref.ref(t) for t in transports)
+            writer.write(b"x" * (64 << 20))  # far more than the socket buffers hold: most stays unsent
+            writer.close()
+            await release_closed(writer, transports)
+            del transports
+            done.set()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        sock = socket.create_connection(("127.0.0.1", server.sockets[0].getsockname()[1]))  # never reads
+        await asyncio.wait_for(done.wait(), 10)
+        server.close()
+        await server.wait_closed()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return refs[0], sock
+
+    gc.collect()
+    gc.disable()
+    try:
+        ref, sock = asyncio.run(run())
+        sock.close()
+        assert ref() is None, "the connection that could not finish closing is still alive"
     finally:
         gc.enable()

@@ -91,6 +91,7 @@ async def _serve(node: Server, reader: asyncio.StreamReader, writer: asyncio.Str
     if node.clients >= limits.clients_max:
         writer.write(protocol.encode(Error("BUSY", f"max number of clients reached ({limits.clients_max})")))
         writer.close()
+        await release_closed(writer, transports)
         return
     node.clients += 1
     parser = protocol.RequestParser(limits.request_bytes_max, limits.args_max)
