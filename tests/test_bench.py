@@ -20,6 +20,7 @@ from raftkv.bench.cli import bench
 from raftkv.bench.etcd_http import HttpReader, leader_index
 from raftkv.bench.hist import Hist, nearest_rank, summary_ms
 from raftkv.bench.report import add_ratios, merge_rounds, render_table
+from raftkv.bench.scale import shards_table
 from raftkv.bench.workloads import NOT_APPLICABLE, applicable
 
 
@@ -271,3 +272,18 @@ def test_rounds_merge_to_medians_and_the_ratio_is_the_median_of_each_rounds_rati
     assert "| 0.50× (etcd-grpc; rounds 1.50/0.50/0.50) |" in render_table(doc)
     one = rows("raftkv", [1234.0], [1.0])
     assert merge_rounds(one) is one[0] and "rounds" not in one[0]
+
+
+def test_scale_rounds_give_medians_and_each_shard_count_against_the_first_round_by_round() -> None:
+    def row(ns: int, w: str, ops: float) -> dict:
+        return {"shards": ns, "system": "raftkv", "workload": w, "clients": 32, "ops": int(ops), "ops_s": ops,
+                "p50_ms": 1.0, "p99_ms": 2.0, "p999_ms": 3.0, "server_cpu": 1.0, "errors": 0, "indeterminate": 0}
+
+    rows = {(1, "put"): [row(1, "put", 3000), row(1, "put", 2000), row(1, "put", 2500)],
+            (6, "put"): [row(6, "put", 2400), row(6, "put", 2400), row(6, "put", 2500)],
+            (1, "get"): [row(1, "get", 5000)] * 3, (6, "get"): [row(6, "get", 4000)] * 3}
+    table = shards_table(rows, (1, 6))
+    assert [(r["shards"], r["workload"]) for r in table] == [(1, "put"), (1, "get"), (6, "put"), (6, "get")]
+    six_put = table[2]
+    assert six_put["ops_s"] == 2400 and six_put["x_first_rounds"] == [0.8, 1.2, 1.0] and six_put["x_first"] == 1.0
+    assert table[0]["x_first"] == 1.0 and table[3]["x_first"] == 0.8

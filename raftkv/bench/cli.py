@@ -144,14 +144,16 @@ def failover_cmd(trials: int, peers: str, shards: int, load_clients: int, settle
 @click.option("--memory-limit-mb", type=click.IntRange(16), default=None,
               help="run each node of the keys-loaded part in a memory cgroup of this many MB (Linux, root): what it "
                    "needs, not what the kernel lets it keep mapped")
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
+              help="measure the shard counts this many times, on fresh clusters in rotated order; report medians")
 @json_option
 def scale_cmd(shard_counts: list[int], sizes: list[int], clients: int, duration: float, value_size: int,
-              memory_limit_mb: int | None, json_path: str | None) -> None:
+              memory_limit_mb: int | None, rounds: int, json_path: str | None) -> None:
     """Throughput and p99 vs shards and vs keys loaded; RSS per million keys; restart catch-up time."""
     from raftkv.bench.scale import run_scale
 
     doc = run_scale(tuple(shard_counts), tuple(sizes), clients=clients, duration=duration, value_size=value_size,
-                    memory_limit_mb=memory_limit_mb)
+                    memory_limit_mb=memory_limit_mb, rounds=rounds)
     _write_json(doc, json_path)
 
 

@@ -1,12 +1,17 @@
 """The scale benchmark: put/get throughput and p99 vs shard count and vs keys loaded, RSS per node per
 million keys, how long a node killed at the largest size takes to answer and to catch up after restart, and how
 fast a new follower (its data directory removed) catches up from the leaders' snapshots.
+
+With ``rounds`` > 1 the shard counts are measured that many times, each round on fresh clusters (so each
+round draws its own leader placement) in rotated order; each point reports the medians, and each shard
+count its throughput against the first count as the median of the rounds' ratios (``x_first``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,7 +21,7 @@ from typing import Any
 from raftkv.bench.load import LoadParams, run_load
 from raftkv.bench.memlimit import MemoryLimit
 from raftkv.bench.preload import preload
-from raftkv.bench.report import fmt_row, machine
+from raftkv.bench.report import fmt_row, machine, merge_rounds
 from raftkv.bench.suite import say
 from raftkv.bench.systems import RaftKVSystem, proc_rss_mb
 from raftkv.bench.workloads import key_name
@@ -32,26 +37,39 @@ def _status(lc: LocalCluster, node: str) -> dict | None:
 
 def run_scale(shard_counts: tuple[int, ...] = (1, 3, 6), sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
               clients: int = 32, duration: float = 8.0, value_size: int = 100, out: Callable[[str], None] = say,
-              workdir: str | None = None, memory_limit_mb: int | None = None) -> dict:
+              workdir: str | None = None, memory_limit_mb: int | None = None, rounds: int = 1) -> dict:
     """Throughput/p99 vs shards and vs data size; RSS per million keys; restart catch-up time at the largest size.
 
-    ``memory_limit_mb``: the nodes of the data-size part run in memory cgroups of that size (``memlimit``)."""
+    ``memory_limit_mb``: the nodes of the data-size part run in memory cgroups of that size (``memlimit``);
+    ``rounds``: the shard counts are measured that many times (module doc)."""
     doc: dict[str, Any] = {"machine": machine(), "clients": clients, "duration_s": duration,
                            "value_size": value_size, "memory_limit_mb": memory_limit_mb, "by_shards": [],
                            "by_size": [], "restart": None}
     base = Path(workdir or tempfile.mkdtemp(prefix="raftkv-scale-"))
     out(f"scale: put and get at {clients} clients, {duration:g} s per point")
-    for ns in shard_counts:
-        d = base / f"shards{ns}"
-        s = RaftKVSystem(str(d), shards=ns)
-        try:
-            preload(s, 10_000, value_size)
-            for w in ("put", "get"):
-                r = run_load(s, LoadParams(w, clients, duration, keyspace=10_000, value_size=value_size))
-                doc["by_shards"].append({"shards": ns, **r.row()})
-                out(f"   shards={ns} " + fmt_row(r.row()))
-        finally:
-            s.stop()
+    rows: dict[tuple[int, str], list[dict]] = {}
+    for rnd in range(rounds):
+        order = list(shard_counts[rnd % len(shard_counts):] + shard_counts[:rnd % len(shard_counts)]) \
+            if shard_counts else []
+        for ns in order:
+            d = base / f"shards{ns}-r{rnd}"
+            s = RaftKVSystem(str(d), shards=ns)
+            try:
+                preload(s, 10_000, value_size)
+                for w in ("put", "get"):
+                    r = run_load(s, LoadParams(w, clients, duration, keyspace=10_000, value_size=value_size))
+                    rows.setdefault((ns, w), []).append({"shards": ns, **r.row()})
+                    out(f"   shards={ns} " + fmt_row(r.row())
+                        + (f"  (round {rnd + 1} of {rounds})" if rounds > 1 else ""))
+            finally:
+                s.stop()
+                shutil.rmtree(d, ignore_errors=True)
+    doc["by_shards"] = shards_table(rows, shard_counts)
+    for row in doc["by_shards"]:
+        if row.get("x_first") is not None and row["shards"] != shard_counts[0]:
+            out(f"   {row['workload']} with {row['shards']} shards: {row['x_first']:.2f}x of {shard_counts[0]} "
+                f"shard(s)" + (f" (rounds {', '.join(f'{x:.2f}' for x in row['x_first_rounds'])})"
+                               if rounds > 1 else ""))
     if sizes:
         limit = None if memory_limit_mb is None else MemoryLimit(memory_limit_mb)
         try:
@@ -62,6 +80,24 @@ def run_scale(shard_counts: tuple[int, ...] = (1, 3, 6), sizes: tuple[int, ...] 
     if workdir is None:
         shutil.rmtree(base, ignore_errors=True)
     return doc
+
+
+def shards_table(rows: dict[tuple[int, str], list[dict]], shard_counts: tuple[int, ...]) -> list[dict]:
+    """One row per (shard count, workload) from its rounds (``merge_rounds``), with ``x_first``: its ops/s
+    against the first shard count's, the median of the rounds' ratios (each round's pair measured back to
+    back), and ``x_first_rounds``, each round's ratio."""
+    table = []
+    for (_ns, w), rs in rows.items():
+        row = merge_rounds(rs)
+        base = rows.get((shard_counts[0], w)) if shard_counts else None
+        if base is not None and len(base) == len(rs):
+            ratios = [r["ops_s"] / b["ops_s"] for r, b in zip(rs, base, strict=True) if b["ops_s"]]
+            if ratios:
+                row["x_first"] = round(statistics.median(ratios), 2)
+                row["x_first_rounds"] = [round(x, 2) for x in ratios]
+        table.append(row)
+    order = {ns: i for i, ns in enumerate(shard_counts)}
+    return sorted(table, key=lambda r: (order.get(r["shards"], len(order)), r["workload"] != "put"))
 
 
 def _run_sizes(doc: dict[str, Any], base: Path, sizes: tuple[int, ...], clients: int, duration: float,
