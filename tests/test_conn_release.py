@@ -181,38 +181,57 @@ def test_a_client_connection_of_the_node_is_freed_without_cyclic_collection(full
         gc.enable()
 
 
-def test_a_connection_whose_peer_stops_reading_is_aborted_and_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_connection_whose_peer_stops_reading_is_aborted_and_freed(tls: bool, tmp_path,  # noqa: ANN001
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Closing a connection waits for its unsent bytes, which a peer that stopped reading never takes: after
     ``CLOSE_WAIT_S`` it is aborted and freed rather than left open (and, once frozen, kept forever)."""
     monkeypatch.setattr(heap, "CLOSE_WAIT_S", 0.3)
+    server_ctx = None
+    if tls:
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(*_self_signed(tmp_path))
 
-    async def run() -> tuple[weakref.ref, socket.socket]:
+    async def run() -> tuple[list[weakref.ref], socket.socket]:
         refs: list[weakref.ref] = []
         done = asyncio.Event()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             transports = transports_of(writer)
+            assert len(transports) == (2 if tls else 1)
             refs.extend(weakref.ref(t) for t in transports)
-            writer.write(b"x" * (64 << 20))  # far more than the socket buffers hold: most stays unsent
+            writer.write(b"x" * (16 << 20))  # far more than the socket buffers hold: most stays unsent
             writer.close()
             await release_closed(writer, transports)
             del transports
             done.set()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        sock = socket.create_connection(("127.0.0.1", server.sockets[0].getsockname()[1]))  # never reads
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+        sock = socket.create_connection(("127.0.0.1", server.sockets[0].getsockname()[1]))
+        if tls:  # shake hands (the server's loop must run meanwhile), then never read
+            client_ctx = ssl.create_default_context()
+            client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+            sock.setblocking(False)
+            sock = client_ctx.wrap_socket(sock, do_handshake_on_connect=False)
+            while True:
+                try:
+                    sock.do_handshake()
+                    break
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    await asyncio.sleep(0.01)
         await asyncio.wait_for(done.wait(), 10)
         server.close()
         await server.wait_closed()
         for _ in range(3):
             await asyncio.sleep(0)
-        return refs[0], sock
+        return refs, sock
 
     gc.collect()
     gc.disable()
     try:
-        ref, sock = asyncio.run(run())
+        refs, sock = asyncio.run(run())
         sock.close()
-        assert ref() is None, "the connection that could not finish closing is still alive"
+        alive = [type(r()).__name__ for r in refs if r() is not None]
+        assert not alive, f"the connection that could not finish closing is still alive: {alive}"
     finally:
         gc.enable()
