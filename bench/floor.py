@@ -185,16 +185,19 @@ def load(port: int, clients: int, seconds: float, out: mp.Queue) -> None:
     out.put((len(lat) / (time.perf_counter() - t0), sorted(lat)))
 
 
-def run(kind: str, clients: int, seconds: float, base_port: int) -> tuple[float, list[float]]:
-    """Puts per second and the sorted latencies (s) of one leader, two followers and ``clients`` clients."""
-    d = tempfile.mkdtemp(prefix="raftkv-floor-", dir=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    procs = [mp.Process(target=follower, args=(base_port + i, os.path.join(d, f"f{i}"), kind)) for i in (1, 2)]
-    procs.append(mp.Process(target=leader, args=(base_port, [base_port + 1, base_port + 2], os.path.join(d, "l"),
-                                                 kind, clients)))
+def run(kind: str, clients: int, seconds: float, ports: list[int], directory: str | None = None,
+        ) -> tuple[float, list[float]]:
+    """Puts per second and the sorted latencies (s) of one leader, two followers and ``clients`` clients;
+    ``ports``: the leader's and the followers' (three), ``directory``: where the stores go (default: the
+    repository, on the disk a node's data directory would be on)."""
+    root = directory or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tempfile.mkdtemp(prefix="raftkv-floor-", dir=root)
+    procs = [mp.Process(target=follower, args=(ports[i], os.path.join(d, f"f{i}"), kind)) for i in (1, 2)]
+    procs.append(mp.Process(target=leader, args=(ports[0], ports[1:3], os.path.join(d, "l"), kind, clients)))
     for p in procs:
         p.start()
     out: mp.Queue = mp.Queue()
-    gen = mp.Process(target=load, args=(base_port, clients, seconds, out))
+    gen = mp.Process(target=load, args=(ports[0], clients, seconds, out))
     gen.start()
     try:
         return out.get(timeout=seconds + 30)
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     for kind in a.store.split(","):
         for clients in (int(c) for c in a.clients.split(",")):
-            rate, lat = run(kind, clients, a.seconds, a.base_port)
+            rate, lat = run(kind, clients, a.seconds, [a.base_port, a.base_port + 1, a.base_port + 2])
             pct = {p: 1000 * lat[min(len(lat) - 1, int(len(lat) * p / 100))] for p in (50, 99)} if lat else {}
             print(f"{kind:5s} clients {clients:3d}: {rate:8.0f} puts/s  p50 {pct.get(50, 0):.3f} ms  "
                   f"p99 {pct.get(99, 0):.3f} ms", flush=True)
