@@ -21,6 +21,7 @@ import click
 from raftkv.bulk import parse_lines
 from raftkv.client import Client, IndeterminateError, RaftKVError
 from raftkv.cluster import DEFAULT_DIR, ClusterError, LocalCluster
+from raftkv.heap import FREEZE_PERIOD_S
 from raftkv.ops_cli import client_kw, cluster_path
 
 cluster_option = click.option(
@@ -175,7 +176,7 @@ def cluster_down(directory: str, purge: bool) -> None:
               help="milliseconds of silence from a leader before a follower asks for an election (random in "
                    "the range); raise it (e.g. 500-1000) where slow disks or a loaded machine cause needless "
                    "leader changes; every node of a cluster should use the same")
-@click.option("--gc-freeze-period", type=click.FloatRange(0), default=10.0, show_default=True, metavar="SECONDS",
+@click.option("--gc-freeze-period", type=click.FloatRange(0), default=FREEZE_PERIOD_S, show_default=True, metavar="SECONDS",
               help="move the objects that survived until now out of the garbage collector's reach this often, so "
                    "that a full collection walks only what is newer (long pauses stop every shard group's "
                    "heartbeats); 0: never (a reference cycle frozen while alive is never collected)")

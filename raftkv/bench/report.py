@@ -8,7 +8,9 @@ import contextlib
 import os
 import platform
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from raftkv.bench.systems import ALL_PEERS, PEER_GROUPS
 from raftkv.bench.workloads import WORKLOADS
@@ -29,8 +31,17 @@ def machine() -> dict:
             "kernel": platform.release(), "mem_gb": round(int(mem) / 1024 / 1024, 1) if mem else None}
 
 
+T = TypeVar("T")
+
 #: What each round of a point keeps in the merged row (``merge_rounds``).
 ROUND_FIELDS = ("ops_s", "p50_ms", "p99_ms", "p999_ms", "server_cpu")
+
+
+def rotated(items: Sequence[T], k: int) -> list[T]:
+    """``items`` starting at position ``k`` (modulo its length): round ``k``'s order, so that no system or shard
+    count is always measured first."""
+    k = k % len(items) if items else 0
+    return [*items[k:], *items[:k]]
 
 
 def merge_rounds(rows: list[dict]) -> dict:
@@ -69,8 +80,8 @@ def add_ratios(doc: dict) -> None:
             q = max(rows, key=lambda q: q["ops_s"])
             rounds = r.get("rounds")
             if rounds and all(len(p.get("rounds", ())) == len(rounds) for p in rows):
-                per_round = [mine["ops_s"] / max(p["rounds"][i]["ops_s"] or 0.0 for p in rows)
-                             for i, mine in enumerate(rounds) if max(p["rounds"][i]["ops_s"] or 0.0 for p in rows)]
+                best = [max(p["rounds"][i]["ops_s"] or 0.0 for p in rows) for i in range(len(rounds))]
+                per_round = [mine["ops_s"] / peer for mine, peer in zip(rounds, best, strict=True) if peer]
                 r[f"x_{peer}"] = round(statistics.median(per_round), 2)
                 r[f"x_{peer}_rounds"] = [round(x, 2) for x in per_round]
             else:

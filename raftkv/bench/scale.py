@@ -21,7 +21,7 @@ from typing import Any
 from raftkv.bench.load import LoadParams, run_load
 from raftkv.bench.memlimit import MemoryLimit
 from raftkv.bench.preload import preload
-from raftkv.bench.report import fmt_row, machine, merge_rounds
+from raftkv.bench.report import fmt_row, machine, merge_rounds, rotated
 from raftkv.bench.suite import say
 from raftkv.bench.systems import RaftKVSystem, proc_rss_mb
 from raftkv.bench.workloads import key_name
@@ -49,9 +49,7 @@ def run_scale(shard_counts: tuple[int, ...] = (1, 3, 6), sizes: tuple[int, ...] 
     out(f"scale: put and get at {clients} clients, {duration:g} s per point")
     rows: dict[tuple[int, str], list[dict]] = {}
     for rnd in range(rounds):
-        order = list(shard_counts[rnd % len(shard_counts):] + shard_counts[:rnd % len(shard_counts)]) \
-            if shard_counts else []
-        for ns in order:
+        for ns in rotated(shard_counts, rnd):
             d = base / f"shards{ns}-r{rnd}"
             s = RaftKVSystem(str(d), shards=ns)
             try:

@@ -32,7 +32,7 @@ from typing import Any
 
 from raftkv.bench.load import LoadParams, run_load
 from raftkv.bench.preload import preload
-from raftkv.bench.report import add_ratios, fmt_row, machine, merge_rounds, plot, render_table
+from raftkv.bench.report import add_ratios, fmt_row, machine, merge_rounds, plot, render_table, rotated
 from raftkv.bench.systems import (
     ALL_PEERS,
     EtcdGrpcSystem,
@@ -160,7 +160,7 @@ def run_suite(cfg: SuiteConfig, out: Callable[[str], None] = say) -> dict:
                 for rnd in range(cfg.rounds):
                     # Rotate who goes first: a system measured right after another may find the CPUs warmer
                     # or the disk busier.
-                    for sname in names[rnd % len(names):] + names[:rnd % len(names)]:
+                    for sname in rotated(names, rnd):
                         p = LoadParams(w, n, cfg.duration, cfg.warmup, cfg.keyspace, cfg.value_size, cfg.dist,
                                        cfg.procs, via=cfg.via)
                         row = run_load(running[sname], p).row()
